@@ -1,0 +1,108 @@
+//! The demo seed of `serve --demo`: a few sites in different zones with two weeks
+//! of slots from today, so a newcomer can search and book at once. Idempotent.
+
+use chrono::{Duration, Utc};
+use chrono_tz::Tz;
+
+use crate::domain::catalog::Site;
+use crate::domain::ids::{RegionId, ServiceId, SiteId};
+use crate::domain::schedule::{Schedule, ScheduleInput};
+use crate::service::{Engine, ServiceError};
+
+pub const DEMO_DAYS: i64 = 14;
+
+struct DemoSite {
+    site_id: &'static str,
+    name: &'static str,
+    region_id: &'static str,
+    time_zone: Tz,
+    /// (service, capacity per slot)
+    services: &'static [(&'static str, u32)],
+}
+
+const DEMO_SITES: &[DemoSite] = &[
+    DemoSite {
+        site_id: "rome-termini",
+        name: "Roma Termini vaccination hub",
+        region_id: "lazio",
+        time_zone: chrono_tz::Europe::Rome,
+        services: &[("covid19-dose1", 4), ("identity-card", 2)],
+    },
+    DemoSite {
+        site_id: "amsterdam-zuid",
+        name: "GGD Amsterdam Zuid",
+        region_id: "noord-holland",
+        time_zone: chrono_tz::Europe::Amsterdam,
+        services: &[("covid19-dose1", 6)],
+    },
+    DemoSite {
+        site_id: "nyc-queens",
+        name: "Queens Community Center",
+        region_id: "new-york",
+        time_zone: chrono_tz::America::New_York,
+        services: &[("covid19-dose1", 3)],
+    },
+];
+
+/// Mondays to Fridays 09:00–13:00 and 14:00–17:00, Saturdays 09:00–12:00.
+const DEMO_HOURS: &[(u32, &str, &str)] = &[
+    (1, "09:00", "13:00"),
+    (1, "14:00", "17:00"),
+    (2, "09:00", "13:00"),
+    (2, "14:00", "17:00"),
+    (3, "09:00", "13:00"),
+    (3, "14:00", "17:00"),
+    (4, "09:00", "13:00"),
+    (4, "14:00", "17:00"),
+    (5, "09:00", "13:00"),
+    (5, "14:00", "17:00"),
+    (6, "09:00", "12:00"),
+];
+
+pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
+    let limits = engine.limits().clone();
+    let mut created = 0u32;
+    for demo in DEMO_SITES {
+        let site_id = SiteId::parse("site_id", demo.site_id, limits.id_length_max)
+            .map_err(|v| crate::domain::error::DomainError::Invalid(vec![v]))?;
+        let region_id = RegionId::parse("region_id", demo.region_id, limits.id_length_max)
+            .map_err(|v| crate::domain::error::DomainError::Invalid(vec![v]))?;
+        engine
+            .upsert_site(Site {
+                site_id: site_id.clone(),
+                name: demo.name.to_string(),
+                region_id,
+                time_zone: demo.time_zone,
+            })
+            .await?;
+        let today = Utc::now().with_timezone(&demo.time_zone).date_naive();
+        let first_day = today.format("%Y-%m-%d").to_string();
+        let last_day = (today + Duration::days(DEMO_DAYS - 1))
+            .format("%Y-%m-%d")
+            .to_string();
+        for &(service, capacity) in demo.services {
+            let service_id = ServiceId::parse("service_id", service, limits.id_length_max)
+                .map_err(|v| crate::domain::error::DomainError::Invalid(vec![v]))?;
+            let schedule = Schedule::parse(
+                &ScheduleInput {
+                    first_day: &first_day,
+                    last_day: &last_day,
+                    opening_hours: DEMO_HOURS.to_vec(),
+                    slot_minutes: 15,
+                    capacity_per_slot: capacity,
+                },
+                &limits,
+            )?;
+            created += engine
+                .publish_schedule(&site_id, &service_id, &schedule)
+                .await?
+                .slots_created;
+        }
+    }
+    tracing::info!(
+        sites = DEMO_SITES.len(),
+        slots_created = created,
+        "demo data seeded"
+    );
+    Ok(())
+}

@@ -1,0 +1,423 @@
+//! Sites and their slots, in memory: lookup, search, statistics, schedule diffs.
+//!
+//! The catalog is plain data; the service layer guards it with a read-write lock
+//! that only schedule publication writes. Admission itself happens on the slot's
+//! `SlotCounter`, outside any lock, through the `Arc<Slot>` a lookup returns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use chrono::{NaiveDate, TimeZone, Utc};
+use chrono_tz::Tz;
+
+use crate::domain::error::DomainError;
+use crate::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
+use crate::domain::schedule::PlannedSlot;
+use crate::domain::slot_counter::{CounterSnapshot, SlotCounter};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Site {
+    pub site_id: SiteId,
+    pub name: String,
+    pub region_id: RegionId,
+    pub time_zone: Tz,
+}
+
+#[derive(Debug)]
+pub struct Slot {
+    pub key: SlotKey,
+    /// End instant (seconds since the epoch); changes only when a schedule is
+    /// republished with another slot length.
+    end_unix_s: AtomicI64,
+    pub counter: SlotCounter,
+}
+
+impl Slot {
+    pub fn new(key: SlotKey, end_unix_s: i64, capacity: u32) -> Self {
+        Self {
+            key,
+            end_unix_s: AtomicI64::new(end_unix_s),
+            counter: SlotCounter::new(capacity),
+        }
+    }
+
+    pub fn end_unix_s(&self) -> i64 {
+        self.end_unix_s.load(Ordering::Acquire)
+    }
+
+    pub fn set_end_unix_s(&self, end_unix_s: i64) {
+        self.end_unix_s.store(end_unix_s, Ordering::Release);
+    }
+}
+
+struct SiteEntry {
+    site: Arc<Site>,
+    /// Keyed by (service, start): one site's schedule per service is contiguous.
+    slots: BTreeMap<(ServiceId, i64), Arc<Slot>>,
+}
+
+/// Where a search looks.
+#[derive(Clone, Debug)]
+pub enum SearchScope {
+    Site(SiteId),
+    Region(RegionId),
+}
+
+#[derive(Clone, Debug)]
+pub struct SearchQuery {
+    pub scope: SearchScope,
+    pub service_id: ServiceId,
+    pub from_unix_s: i64,
+    pub to_unix_s: i64,
+    pub only_available: bool,
+    /// Resume strictly after this slot (the previous page's last one).
+    pub after: Option<SlotKey>,
+    pub page_size: usize,
+}
+
+pub struct SearchPage {
+    pub slots: Vec<(Arc<Site>, Arc<Slot>)>,
+    /// Set when more slots match after the last one returned.
+    pub next_after: Option<SlotKey>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub slots: u32,
+    pub capacity: u64,
+    pub taken: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteStats {
+    pub totals: Totals,
+    /// Per local day of the slot's start, in day order.
+    pub by_day: Vec<(NaiveDate, Totals)>,
+}
+
+/// What publishing a schedule changes; computed before anything is applied.
+pub struct PublishPlan {
+    pub created: Vec<Slot>,
+    /// Existing slots with their new end and capacity.
+    pub updated: Vec<(Arc<Slot>, i64, u32)>,
+    pub total_capacity: u64,
+}
+
+#[derive(Default)]
+pub struct Catalog {
+    sites: BTreeMap<SiteId, SiteEntry>,
+    regions: BTreeMap<RegionId, BTreeSet<SiteId>>,
+}
+
+impl Catalog {
+    pub fn site(&self, site_id: &SiteId) -> Option<&Arc<Site>> {
+        self.sites.get(site_id).map(|entry| &entry.site)
+    }
+
+    pub fn slot(&self, key: &SlotKey) -> Option<(&Arc<Site>, &Arc<Slot>)> {
+        let entry = self.sites.get(&key.site_id)?;
+        let slot = entry
+            .slots
+            .get(&(key.service_id.clone(), key.start_unix_s))?;
+        Some((&entry.site, slot))
+    }
+
+    /// Refuses changes that would silently move existing slots in local time.
+    pub fn check_site_upsert(&self, site: &Site) -> Result<(), DomainError> {
+        match self.sites.get(&site.site_id) {
+            Some(entry) if entry.site.time_zone != site.time_zone && !entry.slots.is_empty() => {
+                Err(DomainError::invalid(
+                    "site.time_zone",
+                    "cannot change the time zone of a site that already has slots",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn upsert_site(&mut self, site: Site) {
+        let site_id = site.site_id.clone();
+        if let Some(old) = self.sites.get(&site_id) {
+            if old.site.region_id != site.region_id {
+                if let Some(members) = self.regions.get_mut(&old.site.region_id) {
+                    members.remove(&site_id);
+                }
+            }
+        }
+        self.regions
+            .entry(site.region_id.clone())
+            .or_default()
+            .insert(site_id.clone());
+        let site = Arc::new(site);
+        match self.sites.get_mut(&site_id) {
+            Some(entry) => entry.site = site,
+            None => {
+                self.sites.insert(
+                    site_id,
+                    SiteEntry {
+                        site,
+                        slots: BTreeMap::new(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Adds a slot; its site must exist (the store only holds slots of stored sites).
+    pub fn insert_slot(&mut self, slot: Slot) -> Result<(), DomainError> {
+        let entry = self
+            .sites
+            .get_mut(&slot.key.site_id)
+            .ok_or(DomainError::NotFound(crate::domain::error::Missing::Site))?;
+        entry.slots.insert(
+            (slot.key.service_id.clone(), slot.key.start_unix_s),
+            Arc::new(slot),
+        );
+        Ok(())
+    }
+
+    /// Compares a planned schedule with the slots that already exist.
+    pub fn plan_publish(
+        &self,
+        site_id: &SiteId,
+        service_id: &ServiceId,
+        planned: &[PlannedSlot],
+        capacity: u32,
+    ) -> Result<PublishPlan, DomainError> {
+        let entry = self
+            .sites
+            .get(site_id)
+            .ok_or(DomainError::NotFound(crate::domain::error::Missing::Site))?;
+        let mut plan = PublishPlan {
+            created: Vec::new(),
+            updated: Vec::new(),
+            total_capacity: 0,
+        };
+        for slot in planned {
+            plan.total_capacity += u64::from(capacity);
+            match entry.slots.get(&(service_id.clone(), slot.start_unix_s)) {
+                Some(existing) => {
+                    if existing.end_unix_s() != slot.end_unix_s
+                        || existing.counter.snapshot().capacity != capacity
+                    {
+                        plan.updated
+                            .push((Arc::clone(existing), slot.end_unix_s, capacity));
+                    }
+                }
+                None => plan.created.push(Slot::new(
+                    SlotKey {
+                        site_id: site_id.clone(),
+                        service_id: service_id.clone(),
+                        start_unix_s: slot.start_unix_s,
+                    },
+                    slot.end_unix_s,
+                    capacity,
+                )),
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The sites a search covers, in id order; unknown site or region → not found.
+    fn scope_sites(&self, scope: &SearchScope) -> Result<Vec<&SiteEntry>, DomainError> {
+        use crate::domain::error::Missing;
+        match scope {
+            SearchScope::Site(site_id) => self
+                .sites
+                .get(site_id)
+                .map(|entry| vec![entry])
+                .ok_or(DomainError::NotFound(Missing::Site)),
+            SearchScope::Region(region_id) => Ok(self
+                .regions
+                .get(region_id)
+                .map(|members| members.iter().filter_map(|id| self.sites.get(id)).collect())
+                .unwrap_or_default()),
+        }
+    }
+
+    pub fn search(&self, query: &SearchQuery) -> Result<SearchPage, DomainError> {
+        let mut page = SearchPage {
+            slots: Vec::with_capacity(query.page_size.min(1_024)),
+            next_after: None,
+        };
+        for entry in self.scope_sites(&query.scope)? {
+            let mut lower = Bound::Included((query.service_id.clone(), query.from_unix_s));
+            if let Some(after) = &query.after {
+                if entry.site.site_id < after.site_id {
+                    continue;
+                }
+                if entry.site.site_id == after.site_id
+                    && after.service_id == query.service_id
+                    && after.start_unix_s >= query.from_unix_s
+                {
+                    lower = Bound::Excluded((after.service_id.clone(), after.start_unix_s));
+                }
+            }
+            let upper = Bound::Excluded((query.service_id.clone(), query.to_unix_s));
+            for slot in entry.slots.range((lower, upper)).map(|(_, slot)| slot) {
+                if query.only_available && slot.counter.snapshot().remaining() == 0 {
+                    continue;
+                }
+                if page.slots.len() == query.page_size {
+                    page.next_after = page.slots.last().map(|(_, last)| last.key.clone());
+                    return Ok(page);
+                }
+                page.slots.push((Arc::clone(&entry.site), Arc::clone(slot)));
+            }
+        }
+        Ok(page)
+    }
+
+    pub fn site_stats(&self, site_id: &SiteId) -> Result<SiteStats, DomainError> {
+        let entry = self
+            .sites
+            .get(site_id)
+            .ok_or(DomainError::NotFound(crate::domain::error::Missing::Site))?;
+        let zone = entry.site.time_zone;
+        let mut totals = Totals::default();
+        let mut by_day: BTreeMap<NaiveDate, Totals> = BTreeMap::new();
+        for slot in entry.slots.values() {
+            let CounterSnapshot { capacity, taken } = slot.counter.snapshot();
+            let day = Utc
+                .timestamp_opt(slot.key.start_unix_s, 0)
+                .single()
+                .map(|start| start.with_timezone(&zone).date_naive())
+                .unwrap_or_default();
+            for target in [&mut totals, by_day.entry(day).or_default()] {
+                target.slots += 1;
+                target.capacity += u64::from(capacity);
+                target.taken += u64::from(taken);
+            }
+        }
+        Ok(SiteStats {
+            totals,
+            by_day: by_day.into_iter().collect(),
+        })
+    }
+
+    /// Every slot, for the recovery invariant check.
+    pub fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
+        self.sites.values().flat_map(|entry| entry.slots.values())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id<T>(
+        parse: fn(&str, &str, usize) -> Result<T, crate::domain::error::FieldViolation>,
+        v: &str,
+    ) -> T {
+        parse("id", v, 64).unwrap()
+    }
+
+    fn catalog_with_slots(sites: &[&str], starts: &[i64]) -> Catalog {
+        let mut catalog = Catalog::default();
+        for site in sites {
+            catalog.upsert_site(Site {
+                site_id: id(SiteId::parse, site),
+                name: site.to_string(),
+                region_id: id(RegionId::parse, "north"),
+                time_zone: chrono_tz::Europe::Rome,
+            });
+            for start in starts {
+                let key = SlotKey {
+                    site_id: id(SiteId::parse, site),
+                    service_id: id(ServiceId::parse, "vax"),
+                    start_unix_s: *start,
+                };
+                catalog.insert_slot(Slot::new(key, start + 600, 1)).unwrap();
+            }
+        }
+        catalog
+    }
+
+    fn query(scope: SearchScope, after: Option<SlotKey>, page_size: usize) -> SearchQuery {
+        SearchQuery {
+            scope,
+            service_id: id(ServiceId::parse, "vax"),
+            from_unix_s: 0,
+            to_unix_s: 1_000_000,
+            only_available: false,
+            after,
+            page_size,
+        }
+    }
+
+    #[test]
+    fn region_search_pages_through_every_slot_once() {
+        let catalog = catalog_with_slots(&["b", "a", "c"], &[100, 200, 300]);
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = catalog
+                .search(&query(
+                    SearchScope::Region(id(RegionId::parse, "north")),
+                    after,
+                    2,
+                ))
+                .unwrap();
+            seen.extend(page.slots.iter().map(|(_, s)| s.key.to_string()));
+            match page.next_after {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), 9);
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 9);
+        assert_eq!(seen[0], "a/vax/100");
+        assert_eq!(seen[8], "c/vax/300");
+    }
+
+    #[test]
+    fn only_available_skips_full_slots() {
+        let catalog = catalog_with_slots(&["a"], &[100, 200]);
+        let key = SlotKey {
+            site_id: id(SiteId::parse, "a"),
+            service_id: id(ServiceId::parse, "vax"),
+            start_unix_s: 100,
+        };
+        catalog.slot(&key).unwrap().1.counter.try_take().unwrap();
+        let mut q = query(SearchScope::Site(id(SiteId::parse, "a")), None, 10);
+        q.only_available = true;
+        let page = catalog.search(&q).unwrap();
+        assert_eq!(page.slots.len(), 1);
+        assert_eq!(page.slots[0].1.key.start_unix_s, 200);
+    }
+
+    #[test]
+    fn republishing_the_same_schedule_changes_nothing() {
+        let catalog = catalog_with_slots(&["a"], &[100, 200]);
+        let planned = [
+            PlannedSlot {
+                start_unix_s: 100,
+                end_unix_s: 700,
+            },
+            PlannedSlot {
+                start_unix_s: 200,
+                end_unix_s: 800,
+            },
+            PlannedSlot {
+                start_unix_s: 300,
+                end_unix_s: 900,
+            },
+        ];
+        let plan = catalog
+            .plan_publish(
+                &id(SiteId::parse, "a"),
+                &id(ServiceId::parse, "vax"),
+                &planned,
+                1,
+            )
+            .unwrap();
+        assert_eq!(plan.created.len(), 1);
+        assert_eq!(plan.updated.len(), 0);
+        assert_eq!(plan.total_capacity, 3);
+    }
+}

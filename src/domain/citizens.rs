@@ -1,0 +1,125 @@
+//! Which bookings each citizen holds per service: the citizen-limit invariant.
+//!
+//! Sharded maps with short critical sections: two requests of the same citizen meet
+//! on the same shard, so "at most N active bookings" holds even when one citizen
+//! books from two connections at once. Different citizens rarely share a shard.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use crate::domain::ids::{BookingId, CitizenKey, ServiceId};
+
+const SHARD_COUNT: usize = 64;
+
+type Shard = HashMap<(CitizenKey, ServiceId), Vec<BookingId>>;
+
+pub struct CitizenIndex {
+    shards: Box<[Mutex<Shard>]>,
+}
+
+impl Default for CitizenIndex {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARD_COUNT)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+}
+
+impl CitizenIndex {
+    fn shard(&self, citizen: &CitizenKey) -> MutexGuard<'_, Shard> {
+        let index = usize::from(citizen.0[0]) % SHARD_COUNT;
+        // A poisoned shard still holds consistent data: every critical section below
+        // is a single map operation.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records `booking_id` as active unless the citizen already holds `max` bookings
+    /// for the service; then returns the oldest of those.
+    pub fn reserve(
+        &self,
+        citizen: CitizenKey,
+        service: &ServiceId,
+        booking_id: BookingId,
+        max: u32,
+    ) -> Result<(), BookingId> {
+        let mut shard = self.shard(&citizen);
+        let active = shard.entry((citizen, service.clone())).or_default();
+        if active.len() >= max as usize {
+            return Err(active[0]);
+        }
+        active.push(booking_id);
+        Ok(())
+    }
+
+    /// Removes `booking_id`; true only for the one caller that removed it.
+    pub fn release(&self, citizen: CitizenKey, service: &ServiceId, booking_id: BookingId) -> bool {
+        let mut shard = self.shard(&citizen);
+        let key = (citizen, service.clone());
+        let Some(active) = shard.get_mut(&key) else {
+            return false;
+        };
+        let Some(position) = active.iter().position(|id| *id == booking_id) else {
+            return false;
+        };
+        active.swap_remove(position);
+        if active.is_empty() {
+            shard.remove(&key);
+        }
+        true
+    }
+
+    /// Recovery only: records a stored booking and returns how many the citizen holds.
+    pub fn insert_recovered(
+        &self,
+        citizen: CitizenKey,
+        service: &ServiceId,
+        booking_id: BookingId,
+    ) -> usize {
+        let mut shard = self.shard(&citizen);
+        let active = shard.entry((citizen, service.clone())).or_default();
+        active.push(booking_id);
+        active.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> ServiceId {
+        ServiceId::parse("s", "covid19-dose1", 64).unwrap()
+    }
+
+    #[test]
+    fn limit_holds_and_release_frees_it() {
+        let index = CitizenIndex::default();
+        let citizen = CitizenKey([7; 16]);
+        assert_eq!(index.reserve(citizen, &service(), BookingId(1), 1), Ok(()));
+        assert_eq!(
+            index.reserve(citizen, &service(), BookingId(2), 1),
+            Err(BookingId(1))
+        );
+        assert!(index.release(citizen, &service(), BookingId(1)));
+        assert!(!index.release(citizen, &service(), BookingId(1)));
+        assert_eq!(index.reserve(citizen, &service(), BookingId(2), 1), Ok(()));
+    }
+
+    #[test]
+    fn other_services_and_citizens_are_independent() {
+        let index = CitizenIndex::default();
+        let other = ServiceId::parse("s", "identity-card", 64).unwrap();
+        assert!(index
+            .reserve(CitizenKey([1; 16]), &service(), BookingId(1), 1)
+            .is_ok());
+        assert!(index
+            .reserve(CitizenKey([1; 16]), &other, BookingId(2), 1)
+            .is_ok());
+        assert!(index
+            .reserve(CitizenKey([2; 16]), &service(), BookingId(3), 1)
+            .is_ok());
+    }
+}

@@ -1,0 +1,12 @@
+//! The pure, synchronous core: identifiers, slots and their counters, citizens'
+//! limits, schedules and local-time rules.
+//!
+//! Must not import tokio, tonic or sled, and never reads the clock: time is passed in.
+
+pub mod booking;
+pub mod catalog;
+pub mod citizens;
+pub mod error;
+pub mod ids;
+pub mod schedule;
+pub mod slot_counter;

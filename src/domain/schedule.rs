@@ -1,0 +1,428 @@
+//! Turns a weekly schedule of local opening hours into slot start instants.
+//!
+//! The local-time rules of PRODUCT.md live here and nowhere else:
+//! - opening hours are wall-clock times in the site's zone;
+//! - a local start that does not exist (spring-forward gap) produces no slot;
+//! - an ambiguous local start (fall-back) uses the earlier instant, and the repeated
+//!   hour produces no second slot (wall-clock times are visited once each);
+//! - a slot ends `slot_minutes` of real time after it starts.
+
+use chrono::{Datelike, Duration, LocalResult, NaiveDate, NaiveTime, TimeZone, Weekday};
+use chrono_tz::Tz;
+
+use crate::config::Limits;
+use crate::domain::error::{DomainError, Violations};
+
+/// One weekday's opening interval, in local wall-clock time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpeningHours {
+    pub weekday: Weekday,
+    pub opens: NaiveTime,
+    pub closes: NaiveTime,
+}
+
+/// A validated weekly schedule over an inclusive range of local days.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    pub first_day: NaiveDate,
+    pub last_day: NaiveDate,
+    pub opening_hours: Vec<OpeningHours>,
+    pub slot_minutes: u32,
+    pub capacity_per_slot: u32,
+}
+
+/// The schedule as it arrives from a client, before validation.
+#[derive(Clone, Debug, Default)]
+pub struct ScheduleInput<'a> {
+    pub first_day: &'a str,
+    pub last_day: &'a str,
+    /// (ISO weekday 1..=7, "HH:MM", "HH:MM")
+    pub opening_hours: Vec<(u32, &'a str, &'a str)>,
+    pub slot_minutes: u32,
+    pub capacity_per_slot: u32,
+}
+
+/// One slot the schedule describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlannedSlot {
+    pub start_unix_s: i64,
+    pub end_unix_s: i64,
+}
+
+fn parse_day(violations: &mut Violations, field: &str, text: &str) -> Option<NaiveDate> {
+    let parsed = (text.len() == 10)
+        .then(|| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
+        .flatten();
+    if parsed.is_none() {
+        violations.push(field, "must be a date YYYY-MM-DD");
+    }
+    parsed
+}
+
+fn parse_clock(violations: &mut Violations, field: &str, text: &str) -> Option<NaiveTime> {
+    let parsed = (text.len() == 5)
+        .then(|| NaiveTime::parse_from_str(text, "%H:%M").ok())
+        .flatten();
+    if parsed.is_none() {
+        violations.push(field, "must be a local time HH:MM (00:00 to 23:59)");
+    }
+    parsed
+}
+
+impl Schedule {
+    /// Validates every field and reports all violations at once.
+    pub fn parse(input: &ScheduleInput<'_>, limits: &Limits) -> Result<Self, DomainError> {
+        let mut violations = Violations::default();
+        let first_day = parse_day(&mut violations, "first_day", input.first_day);
+        let last_day = parse_day(&mut violations, "last_day", input.last_day);
+        if let (Some(first), Some(last)) = (first_day, last_day) {
+            let days = (last - first).num_days() + 1;
+            if days < 1 {
+                violations.push("last_day", "must not be before first_day");
+            } else if days > i64::from(limits.publish_days_max) {
+                violations.push(
+                    "last_day",
+                    format!("a schedule spans at most {} days", limits.publish_days_max),
+                );
+            }
+        }
+        if input.slot_minutes == 0 || input.slot_minutes > limits.slot_minutes_max {
+            violations.push(
+                "slot_minutes",
+                format!("must be between 1 and {}", limits.slot_minutes_max),
+            );
+        }
+        if input.capacity_per_slot == 0 || input.capacity_per_slot > limits.capacity_per_slot_max {
+            violations.push(
+                "capacity_per_slot",
+                format!("must be between 1 and {}", limits.capacity_per_slot_max),
+            );
+        }
+        if input.opening_hours.is_empty() {
+            violations.push("opening_hours", "must list at least one interval");
+        }
+        if input.opening_hours.len() > limits.opening_hours_per_schedule_max {
+            violations.push(
+                "opening_hours",
+                format!(
+                    "at most {} intervals",
+                    limits.opening_hours_per_schedule_max
+                ),
+            );
+        }
+        let mut opening_hours = Vec::with_capacity(input.opening_hours.len());
+        for (index, &(weekday, opens, closes)) in input.opening_hours.iter().enumerate() {
+            let weekday = match weekday {
+                1..=7 => Weekday::try_from((weekday - 1) as u8).ok(),
+                _ => None,
+            };
+            if weekday.is_none() {
+                violations.push(
+                    format!("opening_hours[{index}].weekday"),
+                    "must be an ISO weekday 1 (Monday) to 7 (Sunday)",
+                );
+            }
+            let opens = parse_clock(
+                &mut violations,
+                &format!("opening_hours[{index}].opens"),
+                opens,
+            );
+            let closes = parse_clock(
+                &mut violations,
+                &format!("opening_hours[{index}].closes"),
+                closes,
+            );
+            if let (Some(opens), Some(closes)) = (opens, closes) {
+                if closes <= opens {
+                    violations.push(
+                        format!("opening_hours[{index}].closes"),
+                        "must be after opens",
+                    );
+                }
+            }
+            if let (Some(weekday), Some(opens), Some(closes)) = (weekday, opens, closes) {
+                opening_hours.push(OpeningHours {
+                    weekday,
+                    opens,
+                    closes,
+                });
+            }
+        }
+        for (index, hours) in opening_hours.iter().enumerate() {
+            let overlaps = opening_hours[..index].iter().any(|other| {
+                other.weekday == hours.weekday
+                    && other.opens < hours.closes
+                    && hours.opens < other.closes
+            });
+            if overlaps {
+                violations.push(
+                    format!("opening_hours[{index}]"),
+                    "overlaps another interval of the same weekday",
+                );
+            }
+        }
+        violations.finish()?;
+        match (first_day, last_day) {
+            (Some(first_day), Some(last_day)) => Ok(Self {
+                first_day,
+                last_day,
+                opening_hours,
+                slot_minutes: input.slot_minutes,
+                capacity_per_slot: input.capacity_per_slot,
+            }),
+            _ => Err(DomainError::invalid(
+                "first_day",
+                "must be a date YYYY-MM-DD",
+            )),
+        }
+    }
+
+    /// The slots of this schedule in `zone`, in start order, at most `slots_max`.
+    pub fn plan(&self, zone: Tz, slots_max: usize) -> Result<Vec<PlannedSlot>, DomainError> {
+        let step = Duration::minutes(i64::from(self.slot_minutes));
+        let mut slots = Vec::new();
+        let mut day = self.first_day;
+        while day <= self.last_day {
+            let mut intervals: Vec<&OpeningHours> = self
+                .opening_hours
+                .iter()
+                .filter(|h| h.weekday == day.weekday())
+                .collect();
+            intervals.sort_by_key(|h| h.opens);
+            for hours in intervals {
+                let mut wall = day.and_time(hours.opens);
+                let closes = day.and_time(hours.closes);
+                while wall + step <= closes {
+                    let start = match zone.from_local_datetime(&wall) {
+                        LocalResult::Single(instant) => Some(instant),
+                        LocalResult::Ambiguous(earlier, _later) => Some(earlier),
+                        LocalResult::None => None,
+                    };
+                    if let Some(start) = start {
+                        if slots.len() == slots_max {
+                            return Err(DomainError::invalid(
+                                "last_day",
+                                format!("the schedule describes more than {slots_max} slots; publish it in parts"),
+                            ));
+                        }
+                        let start_unix_s = start.timestamp();
+                        slots.push(PlannedSlot {
+                            start_unix_s,
+                            end_unix_s: start_unix_s + step.num_seconds(),
+                        });
+                    }
+                    wall += step;
+                }
+            }
+            day = match day.succ_opt() {
+                Some(next) => next,
+                None => break,
+            };
+        }
+        // Intervals are disjoint per weekday, but a fall-back fold can map two wall
+        // times onto nearby instants; keep start order and unique starts.
+        slots.sort_by_key(|s| s.start_unix_s);
+        slots.dedup_by_key(|s| s.start_unix_s);
+        Ok(slots)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_LIMITS;
+    use chrono::{SecondsFormat, Utc};
+
+    fn rome_schedule(day: &str, opens: &str, closes: &str, weekday: u32) -> Schedule {
+        Schedule::parse(
+            &ScheduleInput {
+                first_day: day,
+                last_day: day,
+                opening_hours: vec![(weekday, opens, closes)],
+                slot_minutes: 30,
+                capacity_per_slot: 2,
+            },
+            &DEFAULT_LIMITS,
+        )
+        .unwrap()
+    }
+
+    fn local_starts(schedule: &Schedule) -> Vec<String> {
+        schedule
+            .plan(chrono_tz::Europe::Rome, 1_000)
+            .unwrap()
+            .iter()
+            .map(|s| {
+                Utc.timestamp_opt(s.start_unix_s, 0)
+                    .unwrap()
+                    .with_timezone(&chrono_tz::Europe::Rome)
+                    .to_rfc3339_opts(SecondsFormat::Secs, false)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn spring_forward_gap_produces_no_slot() {
+        // 2027-03-28 is a Sunday: 02:00 jumps to 03:00 in Rome.
+        let starts = local_starts(&rome_schedule("2027-03-28", "01:00", "04:00", 7));
+        assert_eq!(
+            starts,
+            [
+                "2027-03-28T01:00:00+01:00",
+                "2027-03-28T01:30:00+01:00",
+                "2027-03-28T03:00:00+02:00",
+                "2027-03-28T03:30:00+02:00",
+            ]
+        );
+    }
+
+    #[test]
+    fn fall_back_fold_uses_earlier_instant_once() {
+        // 2027-10-31 is a Sunday: 03:00 falls back to 02:00 in Rome.
+        let starts = local_starts(&rome_schedule("2027-10-31", "01:00", "04:00", 7));
+        assert_eq!(
+            starts,
+            [
+                "2027-10-31T01:00:00+02:00",
+                "2027-10-31T01:30:00+02:00",
+                "2027-10-31T02:00:00+02:00",
+                "2027-10-31T02:30:00+02:00",
+                "2027-10-31T03:00:00+01:00",
+                "2027-10-31T03:30:00+01:00",
+            ]
+        );
+    }
+
+    #[test]
+    fn slot_end_is_real_time_after_start() {
+        let plan = rome_schedule("2027-10-31", "02:30", "03:00", 7)
+            .plan(chrono_tz::Europe::Rome, 10)
+            .unwrap();
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].end_unix_s - plan[0].start_unix_s, 30 * 60);
+    }
+
+    #[test]
+    fn bad_schedules_name_their_fields() {
+        let cases: &[(ScheduleInput<'_>, &str)] = &[
+            (
+                ScheduleInput {
+                    first_day: "2027-02-30",
+                    last_day: "2027-03-01",
+                    opening_hours: vec![(1, "09:00", "12:00")],
+                    slot_minutes: 15,
+                    capacity_per_slot: 1,
+                },
+                "first_day",
+            ),
+            (
+                ScheduleInput {
+                    first_day: "2027-03-02",
+                    last_day: "2027-03-01",
+                    opening_hours: vec![(1, "09:00", "12:00")],
+                    slot_minutes: 15,
+                    capacity_per_slot: 1,
+                },
+                "last_day",
+            ),
+            (
+                ScheduleInput {
+                    first_day: "2027-03-01",
+                    last_day: "2027-03-01",
+                    opening_hours: vec![(1, "12:00", "09:00")],
+                    slot_minutes: 15,
+                    capacity_per_slot: 1,
+                },
+                "opening_hours[0].closes",
+            ),
+            (
+                ScheduleInput {
+                    first_day: "2027-03-01",
+                    last_day: "2027-03-01",
+                    opening_hours: vec![(8, "09:00", "12:00")],
+                    slot_minutes: 15,
+                    capacity_per_slot: 1,
+                },
+                "opening_hours[0].weekday",
+            ),
+            (
+                ScheduleInput {
+                    first_day: "2027-03-01",
+                    last_day: "2027-03-01",
+                    opening_hours: vec![(1, "9:00", "12:00")],
+                    slot_minutes: 15,
+                    capacity_per_slot: 1,
+                },
+                "opening_hours[0].opens",
+            ),
+            (
+                ScheduleInput {
+                    first_day: "2027-03-01",
+                    last_day: "2027-03-01",
+                    opening_hours: vec![(1, "09:00", "12:00")],
+                    slot_minutes: 0,
+                    capacity_per_slot: 1,
+                },
+                "slot_minutes",
+            ),
+            (
+                ScheduleInput {
+                    first_day: "2027-03-01",
+                    last_day: "2027-03-01",
+                    opening_hours: vec![(1, "09:00", "12:00")],
+                    slot_minutes: 15,
+                    capacity_per_slot: 0,
+                },
+                "capacity_per_slot",
+            ),
+            (
+                ScheduleInput {
+                    first_day: "2027-01-01",
+                    last_day: "2127-01-01",
+                    opening_hours: vec![(1, "09:00", "12:00")],
+                    slot_minutes: 15,
+                    capacity_per_slot: 1,
+                },
+                "last_day",
+            ),
+            (
+                ScheduleInput {
+                    first_day: "2027-03-01",
+                    last_day: "2027-03-01",
+                    opening_hours: vec![(1, "09:00", "12:00"), (1, "11:00", "13:00")],
+                    slot_minutes: 15,
+                    capacity_per_slot: 1,
+                },
+                "opening_hours[1]",
+            ),
+        ];
+        for (input, field) in cases {
+            match Schedule::parse(input, &DEFAULT_LIMITS) {
+                Err(DomainError::Invalid(violations)) => assert!(
+                    violations.iter().any(|v| v.field == *field),
+                    "{field}: {violations:?}"
+                ),
+                other => panic!("{field}: expected a violation, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn plan_is_bounded() {
+        let schedule = Schedule::parse(
+            &ScheduleInput {
+                first_day: "2027-01-01",
+                last_day: "2027-12-31",
+                opening_hours: (1..=7).map(|d| (d, "00:00", "23:59")).collect(),
+                slot_minutes: 1,
+                capacity_per_slot: 1,
+            },
+            &DEFAULT_LIMITS,
+        )
+        .unwrap();
+        assert!(matches!(
+            schedule.plan(chrono_tz::Europe::Rome, 10_000),
+            Err(DomainError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,172 @@
+//! `prenota.v1.BookingService` handlers: validate → convert → engine → convert back.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::domain::error::Violations;
+use crate::domain::ids::check_opaque_text;
+use crate::grpc::convert;
+use crate::proto;
+use crate::proto::booking_service_server::BookingService;
+use crate::service::{BookCommand, CancelCommand, Engine};
+
+pub struct BookingApi {
+    engine: Arc<Engine>,
+}
+
+impl BookingApi {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+/// Runs a mutation in its own task: a client that disconnects cannot cancel it
+/// half-way between taking a place and making the booking durable.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, crate::service::ServiceError>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(work).await {
+        Ok(result) => result.map_err(Status::from),
+        Err(join_error) => {
+            tracing::error!(%join_error, "a mutation task failed");
+            Err(Status::internal(
+                "the request failed inside the server; retry with the same request_id",
+            ))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl BookingService for BookingApi {
+    async fn search_slots(
+        &self,
+        request: Request<proto::SearchSlotsRequest>,
+    ) -> Result<Response<proto::SearchSlotsResponse>, Status> {
+        let query = convert::search_from_proto(request.into_inner(), self.engine.limits())?;
+        let page = self.engine.search(&query)?;
+        Ok(Response::new(proto::SearchSlotsResponse {
+            slots: page
+                .slots
+                .iter()
+                .map(|(site, slot)| convert::slot_to_proto(site, slot))
+                .collect(),
+            next_page_token: page
+                .next_after
+                .map(|key| key.to_string())
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn book(
+        &self,
+        request: Request<proto::BookRequest>,
+    ) -> Result<Response<proto::BookResponse>, Status> {
+        let proto::BookRequest {
+            slot_id,
+            citizen_id,
+            request_id,
+            hold_id,
+        } = request.into_inner();
+        let limits = self.engine.limits();
+        let mut v = Violations::default();
+        let slot = v.check(convert::slot_key("slot_id", &slot_id, limits));
+        let citizen_id = v.check(convert::citizen_id(&citizen_id, limits));
+        let request_key = v.check(convert::request_key(&request_id, limits));
+        if let Some(hold_id) = &hold_id {
+            v.check(check_opaque_text(
+                "hold_id",
+                hold_id,
+                limits.request_id_length_max,
+            ));
+        }
+        v.finish()?;
+        let (Some(slot), Some(citizen_id), Some(request)) = (slot, citizen_id, request_key) else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        let engine = Arc::clone(&self.engine);
+        let view = detached(async move {
+            engine
+                .book(BookCommand {
+                    slot,
+                    citizen_id,
+                    request,
+                    hold_id,
+                })
+                .await
+        })
+        .await?;
+        Ok(Response::new(proto::BookResponse {
+            booking: Some(convert::booking_to_proto(&view)),
+        }))
+    }
+
+    async fn hold_slot(
+        &self,
+        _request: Request<proto::HoldSlotRequest>,
+    ) -> Result<Response<proto::HoldSlotResponse>, Status> {
+        Err(Status::unimplemented("HoldSlot is not implemented yet"))
+    }
+
+    async fn get_booking(
+        &self,
+        request: Request<proto::GetBookingRequest>,
+    ) -> Result<Response<proto::GetBookingResponse>, Status> {
+        let booking_id = convert::booking_id(&request.into_inner().booking_id)
+            .map_err(|v| crate::grpc::status::invalid_argument(vec![v]))?;
+        let view = self.engine.booking(booking_id)?;
+        Ok(Response::new(proto::GetBookingResponse {
+            booking: Some(convert::booking_to_proto(&view)),
+        }))
+    }
+
+    async fn cancel_booking(
+        &self,
+        request: Request<proto::CancelBookingRequest>,
+    ) -> Result<Response<proto::CancelBookingResponse>, Status> {
+        let request = request.into_inner();
+        let limits = self.engine.limits();
+        let mut v = Violations::default();
+        let booking_id = v.check(convert::booking_id(&request.booking_id));
+        let citizen_id = v.check(convert::citizen_id(&request.citizen_id, limits));
+        let request_key = v.check(convert::request_key(&request.request_id, limits));
+        v.finish()?;
+        let (Some(booking_id), Some(citizen_id), Some(request)) =
+            (booking_id, citizen_id, request_key)
+        else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        let engine = Arc::clone(&self.engine);
+        let view = detached(async move {
+            engine
+                .cancel(CancelCommand {
+                    booking_id,
+                    citizen_id,
+                    request,
+                })
+                .await
+        })
+        .await?;
+        Ok(Response::new(proto::CancelBookingResponse {
+            booking: Some(convert::booking_to_proto(&view)),
+        }))
+    }
+
+    async fn reschedule_booking(
+        &self,
+        _request: Request<proto::RescheduleBookingRequest>,
+    ) -> Result<Response<proto::RescheduleBookingResponse>, Status> {
+        Err(Status::unimplemented(
+            "RescheduleBooking is not implemented yet",
+        ))
+    }
+
+    async fn list_citizen_bookings(
+        &self,
+        _request: Request<proto::ListCitizenBookingsRequest>,
+    ) -> Result<Response<proto::ListCitizenBookingsResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListCitizenBookings is not implemented yet",
+        ))
+    }
+}

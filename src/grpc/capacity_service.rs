@@ -1,0 +1,194 @@
+//! `prenota.v1.CapacityService` handlers: validate → convert → engine → convert back.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::domain::error::Violations;
+use crate::domain::schedule::{Schedule, ScheduleInput};
+use crate::grpc::convert;
+use crate::proto;
+use crate::proto::capacity_service_server::CapacityService;
+use crate::service::{Engine, ExportScope};
+
+pub struct CapacityApi {
+    engine: Arc<Engine>,
+}
+
+impl CapacityApi {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+type ExportStream =
+    Pin<Box<dyn Stream<Item = Result<proto::ExportBookingsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CapacityService for CapacityApi {
+    async fn upsert_site(
+        &self,
+        request: Request<proto::UpsertSiteRequest>,
+    ) -> Result<Response<proto::UpsertSiteResponse>, Status> {
+        let site = convert::site_from_proto(request.into_inner().site, self.engine.limits())?;
+        let engine = Arc::clone(&self.engine);
+        let site = tokio::spawn(async move { engine.upsert_site(site).await })
+            .await
+            .map_err(|_| Status::internal("UpsertSite failed inside the server; retry"))??;
+        Ok(Response::new(proto::UpsertSiteResponse {
+            site: Some(convert::site_to_proto(&site)),
+        }))
+    }
+
+    async fn publish_schedule(
+        &self,
+        request: Request<proto::PublishScheduleRequest>,
+    ) -> Result<Response<proto::PublishScheduleResponse>, Status> {
+        let request = request.into_inner();
+        let limits = self.engine.limits();
+        let mut v = Violations::default();
+        let site_id = v.check(convert::site_id("site_id", &request.site_id, limits));
+        let service_id = v.check(convert::service_id(
+            "service_id",
+            &request.service_id,
+            limits,
+        ));
+        let schedule = Schedule::parse(
+            &ScheduleInput {
+                first_day: &request.first_day,
+                last_day: &request.last_day,
+                opening_hours: request
+                    .opening_hours
+                    .iter()
+                    .map(|h| (h.weekday, h.opens.as_str(), h.closes.as_str()))
+                    .collect(),
+                slot_minutes: request.slot_minutes,
+                capacity_per_slot: request.capacity_per_slot,
+            },
+            limits,
+        );
+        let schedule = match schedule {
+            Ok(schedule) => Some(schedule),
+            Err(crate::domain::error::DomainError::Invalid(violations)) => {
+                for violation in violations {
+                    v.push(violation.field, violation.description);
+                }
+                None
+            }
+            Err(other) => return Err(other.into()),
+        };
+        v.finish()?;
+        let (Some(site_id), Some(service_id), Some(schedule)) = (site_id, service_id, schedule)
+        else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        let engine = Arc::clone(&self.engine);
+        let outcome = tokio::spawn(async move {
+            engine
+                .publish_schedule(&site_id, &service_id, &schedule)
+                .await
+        })
+        .await
+        .map_err(|_| Status::internal("PublishSchedule failed inside the server; retry"))??;
+        Ok(Response::new(proto::PublishScheduleResponse {
+            slots_created: outcome.slots_created,
+            slots_updated: outcome.slots_updated,
+            total_capacity: outcome.total_capacity,
+        }))
+    }
+
+    async fn import_capacity(
+        &self,
+        _request: Request<Streaming<proto::ImportCapacityRequest>>,
+    ) -> Result<Response<proto::ImportCapacityResponse>, Status> {
+        Err(Status::unimplemented(
+            "ImportCapacity is not implemented yet",
+        ))
+    }
+
+    async fn set_slot_capacity(
+        &self,
+        _request: Request<proto::SetSlotCapacityRequest>,
+    ) -> Result<Response<proto::SetSlotCapacityResponse>, Status> {
+        Err(Status::unimplemented(
+            "SetSlotCapacity is not implemented yet",
+        ))
+    }
+
+    async fn close_slots(
+        &self,
+        _request: Request<proto::CloseSlotsRequest>,
+    ) -> Result<Response<proto::CloseSlotsResponse>, Status> {
+        Err(Status::unimplemented("CloseSlots is not implemented yet"))
+    }
+
+    async fn get_site_stats(
+        &self,
+        request: Request<proto::GetSiteStatsRequest>,
+    ) -> Result<Response<proto::GetSiteStatsResponse>, Status> {
+        let site_id = convert::site_id(
+            "site_id",
+            &request.into_inner().site_id,
+            self.engine.limits(),
+        )
+        .map_err(|v| crate::grpc::status::invalid_argument(vec![v]))?;
+        let (site, stats) = self.engine.site_stats(&site_id)?;
+        Ok(Response::new(proto::GetSiteStatsResponse {
+            site_id: site.site_id.to_string(),
+            slots: stats.totals.slots,
+            capacity: stats.totals.capacity,
+            booked: stats.totals.taken,
+            held: 0,
+            by_day: stats
+                .by_day
+                .into_iter()
+                .map(|(day, totals)| proto::DayStats {
+                    day: day.format("%Y-%m-%d").to_string(),
+                    slots: totals.slots,
+                    capacity: totals.capacity,
+                    booked: totals.taken,
+                    held: 0,
+                })
+                .collect(),
+        }))
+    }
+
+    type ExportBookingsStream = ExportStream;
+
+    async fn export_bookings(
+        &self,
+        request: Request<proto::ExportBookingsRequest>,
+    ) -> Result<Response<Self::ExportBookingsStream>, Status> {
+        use proto::export_bookings_request::Scope;
+        let limits = self.engine.limits();
+        let scope = match request.into_inner().scope {
+            None => ExportScope::All,
+            Some(Scope::SiteId(id)) => ExportScope::Site(
+                convert::site_id("site_id", &id, limits)
+                    .map_err(|v| crate::grpc::status::invalid_argument(vec![v]))?,
+            ),
+            Some(Scope::RegionId(id)) => ExportScope::Region(
+                convert::region_id("region_id", &id, limits)
+                    .map_err(|v| crate::grpc::status::invalid_argument(vec![v]))?,
+            ),
+        };
+        if let ExportScope::Site(site_id) = &scope {
+            if self.engine.site(site_id).is_none() {
+                return Err(crate::domain::error::DomainError::NotFound(
+                    crate::domain::error::Missing::Site,
+                )
+                .into());
+            }
+        }
+        let bookings = ReceiverStream::new(self.engine.export_bookings(scope)).map(|item| {
+            item.map(|view| proto::ExportBookingsResponse {
+                booking: Some(convert::booking_to_proto(&view)),
+            })
+            .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(bookings)))
+    }
+}

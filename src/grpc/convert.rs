@@ -1,0 +1,342 @@
+//! Proto ↔ domain conversions and request validation. Proto types stop here.
+//!
+//! Every `*_from_proto` collects all field violations of a request before refusing it.
+
+use std::str::FromStr;
+
+use chrono::{SecondsFormat, TimeZone, Utc};
+use chrono_tz::Tz;
+use prost_types::Timestamp;
+
+use crate::config::Limits;
+use crate::domain::booking::BookingState as DomainBookingState;
+use crate::domain::catalog::{SearchQuery, SearchScope, Site, Slot};
+use crate::domain::error::{DomainError, FieldViolation, Violations};
+use crate::domain::ids::{
+    check_opaque_text, BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey,
+};
+use crate::proto;
+use crate::service::{now_unix_ms, BookingView};
+
+/// Latest instant accepted on the wire: 9999-12-31T23:59:59Z.
+const TIMESTAMP_SECONDS_MAX: i64 = 253_402_300_799;
+const SECONDS_PER_DAY: i64 = 86_400;
+
+pub fn timestamp(unix_s: i64) -> Timestamp {
+    Timestamp {
+        seconds: unix_s,
+        nanos: 0,
+    }
+}
+
+fn timestamp_ms(unix_ms: i64) -> Timestamp {
+    Timestamp {
+        seconds: unix_ms.div_euclid(1_000),
+        nanos: (unix_ms.rem_euclid(1_000) * 1_000_000) as i32,
+    }
+}
+
+/// Whole seconds of a wire timestamp within 1970..=9999.
+fn unix_seconds(field: &str, value: &Timestamp) -> Result<i64, FieldViolation> {
+    if !(0..1_000_000_000).contains(&value.nanos)
+        || !(0..=TIMESTAMP_SECONDS_MAX).contains(&value.seconds)
+    {
+        return Err(FieldViolation::new(
+            field,
+            "must be a timestamp between 1970 and 9999",
+        ));
+    }
+    Ok(value.seconds)
+}
+
+/// RFC 3339 local time with offset, e.g. `2027-03-28T09:00:00+02:00`.
+pub fn local_rfc3339(unix_s: i64, zone: Tz) -> String {
+    Utc.timestamp_opt(unix_s, 0)
+        .single()
+        .map(|instant| {
+            instant
+                .with_timezone(&zone)
+                .to_rfc3339_opts(SecondsFormat::Secs, false)
+        })
+        .unwrap_or_default()
+}
+
+pub fn time_zone(field: &str, name: &str) -> Result<Tz, FieldViolation> {
+    if name.is_empty() {
+        return Err(FieldViolation::new(field, "must not be empty"));
+    }
+    Tz::from_str(name).map_err(|_| {
+        FieldViolation::new(field, "is not an IANA time zone name such as Europe/Rome")
+    })
+}
+
+pub fn request_key(value: &str, limits: &Limits) -> Result<RequestKey, FieldViolation> {
+    RequestKey::parse("request_id", value, limits.request_id_length_max)
+}
+
+pub fn citizen_id(value: &str, limits: &Limits) -> Result<String, FieldViolation> {
+    check_opaque_text("citizen_id", value, limits.citizen_id_length_max).map(|()| value.to_string())
+}
+
+pub fn site_id(field: &str, value: &str, limits: &Limits) -> Result<SiteId, FieldViolation> {
+    SiteId::parse(field, value, limits.id_length_max)
+}
+
+pub fn service_id(field: &str, value: &str, limits: &Limits) -> Result<ServiceId, FieldViolation> {
+    ServiceId::parse(field, value, limits.id_length_max)
+}
+
+pub fn region_id(field: &str, value: &str, limits: &Limits) -> Result<RegionId, FieldViolation> {
+    RegionId::parse(field, value, limits.id_length_max)
+}
+
+pub fn slot_key(field: &str, value: &str, limits: &Limits) -> Result<SlotKey, FieldViolation> {
+    SlotKey::parse(field, value, limits.id_length_max)
+}
+
+pub fn booking_id(value: &str) -> Result<BookingId, FieldViolation> {
+    BookingId::parse("booking_id", value)
+}
+
+pub fn site_from_proto(site: Option<proto::Site>, limits: &Limits) -> Result<Site, DomainError> {
+    let Some(site) = site else {
+        return Err(DomainError::invalid("site", "is required"));
+    };
+    let mut v = Violations::default();
+    let id = v.check(site_id("site.site_id", &site.site_id, limits));
+    let region = v.check(region_id("site.region_id", &site.region_id, limits));
+    let zone = v.check(time_zone("site.time_zone", &site.time_zone));
+    let name = site.name.trim();
+    if name.is_empty() {
+        v.push("site.name", "must not be empty");
+    } else if name.chars().count() > limits.site_name_length_max {
+        v.push(
+            "site.name",
+            format!("must be at most {} characters", limits.site_name_length_max),
+        );
+    } else if name.chars().any(char::is_control) {
+        v.push("site.name", "must not contain control characters");
+    }
+    v.finish()?;
+    match (id, region, zone) {
+        (Some(site_id), Some(region_id), Some(time_zone)) => Ok(Site {
+            site_id,
+            name: name.to_string(),
+            region_id,
+            time_zone,
+        }),
+        _ => Err(DomainError::invalid("site", "is invalid")),
+    }
+}
+
+pub fn site_to_proto(site: &Site) -> proto::Site {
+    proto::Site {
+        site_id: site.site_id.to_string(),
+        name: site.name.clone(),
+        region_id: site.region_id.to_string(),
+        time_zone: site.time_zone.name().to_string(),
+    }
+}
+
+pub fn search_from_proto(
+    request: proto::SearchSlotsRequest,
+    limits: &Limits,
+) -> Result<SearchQuery, DomainError> {
+    use proto::search_slots_request::Scope;
+    let mut v = Violations::default();
+    let scope = match &request.scope {
+        Some(Scope::SiteId(id)) => v
+            .check(site_id("site_id", id, limits))
+            .map(SearchScope::Site),
+        Some(Scope::RegionId(id)) => v
+            .check(region_id("region_id", id, limits))
+            .map(SearchScope::Region),
+        None => {
+            v.push("site_id", "set site_id or region_id");
+            None
+        }
+    };
+    let service = v.check(service_id("service_id", &request.service_id, limits));
+    let from = match &request.from {
+        Some(from) => v.check(unix_seconds("from", from)),
+        None => Some(now_unix_ms().div_euclid(1_000)),
+    };
+    let to = match (&request.to, from) {
+        (Some(to), _) => v.check(unix_seconds("to", to)),
+        (None, Some(from)) => {
+            Some(from + i64::from(limits.search_range_days_default) * SECONDS_PER_DAY)
+        }
+        (None, None) => None,
+    };
+    if let (Some(from), Some(to)) = (from, to) {
+        if to <= from {
+            v.push("to", "must be after from");
+        } else if to - from > i64::from(limits.search_range_days_max) * SECONDS_PER_DAY {
+            v.push(
+                "to",
+                format!(
+                    "a search spans at most {} days",
+                    limits.search_range_days_max
+                ),
+            );
+        }
+    }
+    let page_size = match request.page_size {
+        0 => Some(limits.page_size_default),
+        size if size > 0 && size as u32 <= limits.page_size_max => Some(size as u32),
+        _ => {
+            v.push(
+                "page_size",
+                format!("must be between 0 (default) and {}", limits.page_size_max),
+            );
+            None
+        }
+    };
+    let after = if request.page_token.is_empty() {
+        None
+    } else {
+        v.check(
+            slot_key("page_token", &request.page_token, limits).map_err(|_| {
+                FieldViolation::new(
+                    "page_token",
+                    "is not a next_page_token from a previous response",
+                )
+            }),
+        )
+    };
+    v.finish()?;
+    match (scope, service, from, to, page_size) {
+        (Some(scope), Some(service_id), Some(from_unix_s), Some(to_unix_s), Some(page_size)) => {
+            Ok(SearchQuery {
+                scope,
+                service_id,
+                from_unix_s,
+                to_unix_s,
+                only_available: request.only_available,
+                after,
+                page_size: page_size as usize,
+            })
+        }
+        _ => Err(DomainError::invalid("request", "is invalid")),
+    }
+}
+
+pub fn slot_to_proto(site: &Site, slot: &Slot) -> proto::Slot {
+    let counter = slot.counter.snapshot();
+    proto::Slot {
+        slot_id: slot.key.to_string(),
+        site_id: slot.key.site_id.to_string(),
+        service_id: slot.key.service_id.to_string(),
+        start: Some(timestamp(slot.key.start_unix_s)),
+        end: Some(timestamp(slot.end_unix_s())),
+        local_start: local_rfc3339(slot.key.start_unix_s, site.time_zone),
+        time_zone: site.time_zone.name().to_string(),
+        capacity: counter.capacity,
+        remaining: counter.remaining(),
+    }
+}
+
+pub fn booking_to_proto(view: &BookingView) -> proto::Booking {
+    let BookingView { booking, site } = view;
+    let (state, cancelled_at, cancel_reason) = match &booking.state {
+        DomainBookingState::Confirmed => (proto::BookingState::Confirmed, None, String::new()),
+        DomainBookingState::Cancelled {
+            at_unix_ms, reason, ..
+        } => (
+            proto::BookingState::Cancelled,
+            Some(timestamp_ms(*at_unix_ms)),
+            reason.clone(),
+        ),
+    };
+    proto::Booking {
+        booking_id: booking.booking_id.to_string(),
+        slot_id: booking.slot.to_string(),
+        site_id: booking.slot.site_id.to_string(),
+        service_id: booking.slot.service_id.to_string(),
+        start: Some(timestamp(booking.slot.start_unix_s)),
+        end: Some(timestamp(booking.end_unix_s)),
+        local_start: local_rfc3339(booking.slot.start_unix_s, site.time_zone),
+        state: state as i32,
+        created_at: Some(timestamp_ms(booking.created_at_unix_ms)),
+        time_zone: site.time_zone.name().to_string(),
+        cancelled_at,
+        cancel_reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_LIMITS;
+
+    fn fields(error: DomainError) -> Vec<String> {
+        match error {
+            DomainError::Invalid(violations) => violations.into_iter().map(|v| v.field).collect(),
+            other => panic!("expected field violations, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn search_validation_names_every_bad_field() {
+        let request = proto::SearchSlotsRequest {
+            scope: None,
+            service_id: String::new(),
+            from: Some(timestamp(2_000)),
+            to: Some(timestamp(1_000)),
+            only_available: false,
+            page_size: 100_000,
+            page_token: "nonsense".into(),
+        };
+        let fields = fields(search_from_proto(request, &DEFAULT_LIMITS).unwrap_err());
+        for field in ["site_id", "service_id", "to", "page_size", "page_token"] {
+            assert!(
+                fields.iter().any(|f| f == field),
+                "{field} missing from {fields:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn search_range_is_bounded() {
+        let request = proto::SearchSlotsRequest {
+            scope: Some(proto::search_slots_request::Scope::SiteId("a".into())),
+            service_id: "vax".into(),
+            from: Some(timestamp(0)),
+            to: Some(timestamp(400 * SECONDS_PER_DAY)),
+            ..Default::default()
+        };
+        assert_eq!(
+            fields(search_from_proto(request, &DEFAULT_LIMITS).unwrap_err()),
+            ["to"]
+        );
+    }
+
+    #[test]
+    fn local_time_carries_the_offset() {
+        // 2027-03-28T07:00:00Z is 09:00 in Rome after the spring-forward.
+        assert_eq!(
+            local_rfc3339(1_806_217_200, chrono_tz::Europe::Rome),
+            "2027-03-28T09:00:00+02:00"
+        );
+    }
+
+    #[test]
+    fn site_validation() {
+        let site = proto::Site {
+            site_id: "".into(),
+            name: " ".into(),
+            region_id: "r 1".into(),
+            time_zone: "Mars/Olympus".into(),
+        };
+        let fields = fields(site_from_proto(Some(site), &DEFAULT_LIMITS).unwrap_err());
+        assert_eq!(
+            fields,
+            [
+                "site.site_id",
+                "site.region_id",
+                "site.time_zone",
+                "site.name"
+            ]
+        );
+    }
+}

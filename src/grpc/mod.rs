@@ -1,0 +1,10 @@
+//! The gRPC edge: tonic handlers, proto ↔ domain conversions, and the one
+//! error → `Status` mapping. The only layer that sees proto types.
+
+pub mod booking_service;
+pub mod capacity_service;
+pub mod convert;
+pub mod status;
+
+pub use booking_service::BookingApi;
+pub use capacity_service::CapacityApi;

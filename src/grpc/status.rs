@@ -1,0 +1,132 @@
+//! The one mapping from engine errors to gRPC statuses, with the `ErrorInfo` reasons
+//! of PRODUCT.md. Exhaustive on purpose: a new error variant must choose its code here.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+use crate::domain::error::{DomainError, Missing};
+use crate::service::ServiceError;
+use crate::store::StoreError;
+
+/// `ErrorInfo.domain` of every error prenota raises.
+pub const ERROR_DOMAIN: &str = "prenota";
+
+/// How long a client should wait before retrying after the write queue was full.
+const OVERLOADED_RETRY_DELAY: Duration = Duration::from_millis(50);
+
+fn with_reason(
+    code: Code,
+    message: String,
+    reason: &str,
+    metadata: HashMap<String, String>,
+) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+    )
+}
+
+pub fn invalid_argument(violations: Vec<crate::domain::error::FieldViolation>) -> Status {
+    let message = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let violations: Vec<FieldViolation> = violations
+        .into_iter()
+        .map(|v| FieldViolation::new(v.field, v.description))
+        .collect();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid request: {message}"),
+        ErrorDetails::with_bad_request(violations),
+    )
+}
+
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        let message = error.to_string();
+        let none = HashMap::new;
+        match error {
+            ServiceError::Domain(domain) => match domain {
+                DomainError::Invalid(violations) => invalid_argument(violations),
+                DomainError::SlotFull(slot) => with_reason(
+                    Code::FailedPrecondition,
+                    message,
+                    "SLOT_FULL",
+                    HashMap::from([("slot_id".to_string(), slot.to_string())]),
+                ),
+                DomainError::CitizenAlreadyBooked { booking_id } => with_reason(
+                    Code::AlreadyExists,
+                    message,
+                    "CITIZEN_ALREADY_BOOKED",
+                    HashMap::from([("booking_id".to_string(), booking_id.to_string())]),
+                ),
+                DomainError::NotFound(missing) => {
+                    let reason = match missing {
+                        Missing::Site => "SITE_NOT_FOUND",
+                        Missing::Slot => "SLOT_NOT_FOUND",
+                        Missing::Booking => "BOOKING_NOT_FOUND",
+                        Missing::Hold => "HOLD_NOT_FOUND",
+                    };
+                    with_reason(Code::NotFound, message, reason, none())
+                }
+                DomainError::SlotStarted(_) => {
+                    with_reason(Code::FailedPrecondition, message, "SLOT_STARTED", none())
+                }
+                DomainError::BookingNotActive(_) => with_reason(
+                    Code::FailedPrecondition,
+                    message,
+                    "BOOKING_NOT_ACTIVE",
+                    none(),
+                ),
+                DomainError::CapacityBelowBooked { slot, taken, .. } => with_reason(
+                    Code::FailedPrecondition,
+                    message,
+                    "CAPACITY_BELOW_BOOKED",
+                    HashMap::from([
+                        ("slot_id".to_string(), slot.to_string()),
+                        ("taken".to_string(), taken.to_string()),
+                    ]),
+                ),
+                DomainError::RequestIdReused => {
+                    with_reason(Code::InvalidArgument, message, "REQUEST_ID_REUSED", none())
+                }
+            },
+            ServiceError::Store(store) => match store {
+                StoreError::Overloaded => {
+                    let mut details =
+                        ErrorDetails::with_error_info("OVERLOADED", ERROR_DOMAIN, none());
+                    details.set_retry_info(Some(OVERLOADED_RETRY_DELAY));
+                    Status::with_error_details(Code::Unavailable, message, details)
+                }
+                StoreError::Failed | StoreError::Io(_) => {
+                    with_reason(Code::Unavailable, message, "STORAGE_FAILED", none())
+                }
+                StoreError::Closed => {
+                    with_reason(Code::Unavailable, message, "SHUTTING_DOWN", none())
+                }
+                StoreError::Corrupt(_) => {
+                    with_reason(Code::Internal, message, "STORAGE_CORRUPT", none())
+                }
+            },
+            ServiceError::Recovery(_) => {
+                with_reason(Code::Internal, message, "RECOVERY_FAILED", none())
+            }
+            // Safe to retry with the same request_id: at most one booking results.
+            ServiceError::Abandoned => {
+                with_reason(Code::Aborted, message, "REQUEST_ABANDONED", none())
+            }
+        }
+    }
+}
+
+impl From<DomainError> for Status {
+    fn from(error: DomainError) -> Self {
+        ServiceError::Domain(error).into()
+    }
+}

@@ -1,0 +1,32 @@
+//! prenota: high-volume appointment booking for public services.
+//!
+//! # Layout
+//! - [`config`]: every limit in one struct, with units in the names.
+//! - [`domain`]: pure and synchronous: ids, slot counters (one CAS per admission),
+//!   citizen limits, schedules and local-time rules. Knows nothing of tokio, tonic or sled.
+//! - [`store`]: sled records and keys, the group committer (flush + fdatasync per
+//!   batch) and start-up recovery.
+//! - [`service`]: the transport-free engine wiring domain and store: book, cancel,
+//!   publish, with idempotency. Knows nothing of tonic.
+//! - [`grpc`]: tonic handlers, proto ↔ domain conversions and the one error → `Status` mapping.
+//! - [`server`]: builds the gRPC server (health, reflection, shutdown) around the engine.
+//! - [`demo`]: the demo sites seeded by `serve --demo`.
+//! - [`proto`]: generated `prenota.v1` code; proto types stop at `grpc`.
+
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod grpc;
+pub mod server;
+pub mod service;
+pub mod store;
+
+/// Generated from `proto/prenota/v1/*.proto`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("prenota.v1");
+
+    /// Encoded descriptors of every prenota proto, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/prenota_descriptor.bin"));
+}

@@ -1,0 +1,157 @@
+//! Builds the gRPC server around the engine: prenota's two services, health,
+//! reflection (v1 and v1alpha), message limits and graceful shutdown.
+//!
+//! Two steps so callers can tell "recovered" from "serving": [`Server::open`] recovers
+//! the store (and seeds the demo), [`Server::serve`] answers until `shutdown` resolves,
+//! then drains in-flight requests and lets the committer make queued writes durable.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::grpc::{BookingApi, CapacityApi};
+use crate::proto::booking_service_server::BookingServiceServer;
+use crate::proto::capacity_service_server::CapacityServiceServer;
+use crate::service::{Engine, ServiceError};
+
+const BOOKING_SERVICE_NAME: &str = "prenota.v1.BookingService";
+const CAPACITY_SERVICE_NAME: &str = "prenota.v1.CapacityService";
+/// How long shutdown waits for detached request tasks to let go of the engine.
+const ENGINE_RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the recovery task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub config: Config,
+    /// Seed the demo sites (idempotent) after recovery.
+    pub demo: bool,
+}
+
+pub struct Server {
+    engine: Arc<Engine>,
+}
+
+impl Server {
+    /// Opens the store and rebuilds memory from it; refuses broken invariants.
+    pub async fn open(options: ServeOptions) -> Result<Self, ServeError> {
+        let ServeOptions {
+            data_dir,
+            config,
+            demo,
+        } = options;
+        let engine =
+            tokio::task::spawn_blocking(move || Engine::open(&data_dir, &config)).await??;
+        let engine = Arc::new(engine);
+        if demo {
+            crate::demo::seed(&engine).await?;
+        }
+        Ok(Self { engine })
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        let engine = self.engine;
+        let limits = engine.limits().clone();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::Serving).await;
+        let health_watch = tokio::spawn(mirror_store_health(engine.store_health(), health.clone()));
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let result = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(
+                BookingServiceServer::new(BookingApi::new(Arc::clone(&engine)))
+                    .max_decoding_message_size(limits.message_size_bytes_max),
+            )
+            .add_service(
+                CapacityServiceServer::new(CapacityApi::new(Arc::clone(&engine)))
+                    .max_decoding_message_size(limits.message_size_bytes_max),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await;
+        set_health(&health, ServingStatus::NotServing).await;
+        health_watch.abort();
+        close(engine).await;
+        result.map_err(ServeError::from)
+    }
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for service in ["", BOOKING_SERVICE_NAME, CAPACITY_SERVICE_NAME] {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// A failed store refuses writes for good; health says so until restart.
+async fn mirror_store_health(
+    mut store_healthy: tokio::sync::watch::Receiver<bool>,
+    health: HealthReporter,
+) {
+    while store_healthy.changed().await.is_ok() {
+        if !*store_healthy.borrow() {
+            set_health(&health, ServingStatus::NotServing).await;
+        }
+    }
+}
+
+/// Waits (bounded) until detached request tasks release the engine, then stops the
+/// committer after it has made every queued write durable.
+async fn close(mut engine: Arc<Engine>) {
+    let deadline = tokio::time::Instant::now() + ENGINE_RELEASE_WAIT;
+    loop {
+        match Arc::try_unwrap(engine) {
+            Ok(mut owned) => {
+                tokio::task::block_in_place(|| owned.shutdown());
+                tracing::info!("store closed cleanly");
+                return;
+            }
+            Err(shared) if tokio::time::Instant::now() < deadline => {
+                engine = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "requests still hold the engine after shutdown; leaving the store to the OS"
+                );
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Idempotency: a `request_id` maps to the first outcome of its request.
+//!
+//! Successful mutations are remembered for good (rebuilt from stored bookings at
+//! start-up). A request still in flight makes its duplicates wait for its outcome, so
+//! two copies of one request racing each other book once. A refused request (slot full,
+//! bad input) is forgotten: retrying it is evaluated afresh and can still book at most once.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use tokio::sync::watch;
+
+use crate::domain::error::DomainError;
+use crate::domain::ids::{BookingId, RequestFingerprint, RequestKey};
+use crate::service::ServiceError;
+
+const SHARD_COUNT: usize = 64;
+
+pub type Outcome = Result<BookingId, ServiceError>;
+
+enum Entry {
+    Pending {
+        fingerprint: RequestFingerprint,
+        outcome: watch::Receiver<Option<Outcome>>,
+    },
+    Done {
+        fingerprint: RequestFingerprint,
+        booking_id: BookingId,
+    },
+}
+
+pub enum Begin<'a> {
+    /// First time: run the request, then `finish` the guard.
+    Fresh(RequestGuard<'a>),
+    /// Already succeeded with this booking.
+    Done(BookingId),
+    /// A copy is in flight: wait for its outcome.
+    Wait(watch::Receiver<Option<Outcome>>),
+}
+
+pub struct RequestRegistry {
+    shards: Box<[Mutex<HashMap<RequestKey, Entry>>]>,
+}
+
+impl Default for RequestRegistry {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARD_COUNT)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+}
+
+impl RequestRegistry {
+    fn shard(&self, key: &RequestKey) -> MutexGuard<'_, HashMap<RequestKey, Entry>> {
+        self.shards[usize::from(key.0[0]) % SHARD_COUNT]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn begin(
+        &self,
+        key: RequestKey,
+        fingerprint: RequestFingerprint,
+    ) -> Result<Begin<'_>, ServiceError> {
+        let mut shard = self.shard(&key);
+        match shard.get(&key) {
+            Some(Entry::Done {
+                fingerprint: first,
+                booking_id,
+            }) => {
+                if *first == fingerprint {
+                    Ok(Begin::Done(*booking_id))
+                } else {
+                    Err(DomainError::RequestIdReused.into())
+                }
+            }
+            Some(Entry::Pending {
+                fingerprint: first,
+                outcome,
+            }) => {
+                if *first == fingerprint {
+                    Ok(Begin::Wait(outcome.clone()))
+                } else {
+                    Err(DomainError::RequestIdReused.into())
+                }
+            }
+            None => {
+                let (sender, receiver) = watch::channel(None);
+                shard.insert(
+                    key,
+                    Entry::Pending {
+                        fingerprint,
+                        outcome: receiver,
+                    },
+                );
+                Ok(Begin::Fresh(RequestGuard {
+                    registry: self,
+                    key,
+                    fingerprint,
+                    sender: Some(sender),
+                }))
+            }
+        }
+    }
+
+    /// Recovery only: a stored mutation and its outcome.
+    pub fn insert_recovered(
+        &self,
+        key: RequestKey,
+        fingerprint: RequestFingerprint,
+        booking_id: BookingId,
+    ) {
+        self.shard(&key).insert(
+            key,
+            Entry::Done {
+                fingerprint,
+                booking_id,
+            },
+        );
+    }
+}
+
+/// Waits for the outcome of a copy of this request that is in flight.
+pub async fn wait(mut outcome: watch::Receiver<Option<Outcome>>) -> Outcome {
+    match outcome.wait_for(Option::is_some).await {
+        Ok(value) => value.clone().unwrap_or(Err(ServiceError::Abandoned)),
+        Err(_) => Err(ServiceError::Abandoned),
+    }
+}
+
+/// Held while a request runs; publishes its outcome to waiting duplicates.
+pub struct RequestGuard<'a> {
+    registry: &'a RequestRegistry,
+    key: RequestKey,
+    fingerprint: RequestFingerprint,
+    sender: Option<watch::Sender<Option<Outcome>>>,
+}
+
+impl RequestGuard<'_> {
+    pub fn finish(mut self, outcome: Outcome) -> Outcome {
+        self.publish(outcome.clone());
+        outcome
+    }
+
+    fn publish(&mut self, outcome: Outcome) {
+        let Some(sender) = self.sender.take() else {
+            return;
+        };
+        {
+            let mut shard = self.registry.shard(&self.key);
+            match &outcome {
+                Ok(booking_id) => {
+                    shard.insert(
+                        self.key,
+                        Entry::Done {
+                            fingerprint: self.fingerprint,
+                            booking_id: *booking_id,
+                        },
+                    );
+                }
+                Err(_) => {
+                    shard.remove(&self.key);
+                }
+            }
+        }
+        sender.send_replace(Some(outcome));
+    }
+}
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        self.publish(Err(ServiceError::Abandoned));
+    }
+}

@@ -1,0 +1,185 @@
+//! Durable state: sled records and keys, the group committer, and the scans that
+//! recovery rebuilds memory from.
+//!
+//! Must not import tonic. Knows records, not rules: invariants are checked by the
+//! service layer when it rebuilds the domain from these scans.
+
+pub mod committer;
+pub mod key_file;
+pub mod records;
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::Limits;
+use crate::domain::booking::Booking;
+use crate::domain::ids::BookingId;
+use committer::{CommitRequest, CommitterState, Durability};
+use records::{booking_key, decode_value, SiteRecord, SlotRecord, Write};
+
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("storage failed earlier; writes are refused until the server restarts")]
+    Failed,
+    #[error("storage I/O error: {0}")]
+    Io(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the write queue is full")]
+    Overloaded,
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+pub struct Store {
+    db: sled::Db,
+    state: Arc<CommitterState>,
+    /// `None` once shut down; dropping it lets the committer drain and stop.
+    requests: Option<mpsc::Sender<CommitRequest>>,
+    committer: Option<JoinHandle<()>>,
+    data_dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store under `data_dir` and starts the committer.
+    pub fn open(data_dir: &Path, limits: &Limits) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
+        let sled_dir = data_dir.join("sled");
+        let db = sled::Config::new()
+            .path(&sled_dir)
+            // Our committer flushes and fsyncs; a background flusher would only add I/O.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Io(format!(
+                        "{} is in use by another prenota process",
+                        sled_dir.display()
+                    ))
+                }
+                other => StoreError::Io(format!("opening {}: {other}", sled_dir.display())),
+            })?;
+        let db_file = OpenOptions::new()
+            .read(true)
+            .open(sled_dir.join("db"))
+            .map_err(|e| StoreError::Io(format!("opening sled's db file: {e}")))?;
+        // The files sled just created must survive a power loss too.
+        for dir in [&sled_dir, &data_dir.to_path_buf()] {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
+        }
+        let (healthy, _) = watch::channel(true);
+        let state = Arc::new(CommitterState {
+            failed: Default::default(),
+            healthy,
+        });
+        let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
+        let committer = committer::spawn(
+            Durability {
+                db: db.clone(),
+                db_file,
+            },
+            receiver,
+            Arc::clone(&state),
+            limits.commit_batch_writes_max,
+        )
+        .map_err(|e| StoreError::Io(format!("starting the committer thread: {e}")))?;
+        Ok(Self {
+            db,
+            state,
+            requests: Some(sender),
+            committer: Some(committer),
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// `true` while writes are accepted; flips to `false` for good on a storage error.
+    pub fn health(&self) -> watch::Receiver<bool> {
+        self.state.healthy.subscribe()
+    }
+
+    /// Makes `writes` durable, atomically, together with whatever else is queued.
+    /// Resolves only after the flush and fdatasync that cover them.
+    pub async fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        if self.state.failed.load(Ordering::Acquire) {
+            return Err(StoreError::Failed);
+        }
+        let encoded = writes
+            .iter()
+            .map(Write::encode)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (done, outcome) = oneshot::channel();
+        let sender = self.requests.as_ref().ok_or(StoreError::Closed)?;
+        sender
+            .try_send(CommitRequest {
+                writes: encoded,
+                done,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+            })?;
+        outcome.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub fn booking(&self, booking_id: BookingId) -> Result<Option<Booking>, StoreError> {
+        let key = booking_key(booking_id);
+        match self.db.get(key) {
+            Ok(Some(value)) => decode_value(&key, &value).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(StoreError::Io(format!("reading a booking: {e}"))),
+        }
+    }
+
+    fn scan<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: u8,
+    ) -> impl Iterator<Item = Result<T, StoreError>> + use<T> {
+        self.db.scan_prefix([prefix]).map(|item| {
+            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            decode_value(&key, &value)
+        })
+    }
+
+    pub fn sites(&self) -> impl Iterator<Item = Result<SiteRecord, StoreError>> {
+        self.scan(records::SITE_PREFIX)
+    }
+
+    pub fn slots(&self) -> impl Iterator<Item = Result<SlotRecord, StoreError>> {
+        self.scan(records::SLOT_PREFIX)
+    }
+
+    /// Every booking, all states, in booking-id order.
+    pub fn bookings(&self) -> impl Iterator<Item = Result<Booking, StoreError>> {
+        self.scan(records::BOOKING_PREFIX)
+    }
+
+    /// Stops accepting writes, lets the committer finish what is queued (each batch
+    /// flushed and synced as usual) and waits for it.
+    pub fn shutdown(&mut self) {
+        self.requests = None;
+        if let Some(thread) = self.committer.take() {
+            if thread.join().is_err() {
+                tracing::error!("the committer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
