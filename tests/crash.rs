@@ -1,0 +1,246 @@
+//! A real `prenota serve` child process is killed with SIGKILL while clients book.
+//! After each restart every acknowledged booking must be in `ExportBookings`, no slot
+//! may be over capacity, no citizen over the limit, and retrying the requests that got
+//! no answer must never book twice.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use prenota::proto;
+use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::proto::capacity_service_client::CapacityServiceClient;
+use tonic::Code;
+
+const SLOTS: usize = 4;
+const CAPACITY_PER_SLOT: u32 = 200;
+const CLIENTS: usize = 16;
+const CYCLES: usize = 3;
+/// Acknowledged bookings per cycle before the kill; the clients keep booking meanwhile.
+const ACKS_BEFORE_KILL: usize = 40;
+
+struct ChildServer {
+    child: Child,
+    url: String,
+}
+
+impl ChildServer {
+    fn start(data_dir: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_prenota"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn prenota serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let address = line
+            .trim()
+            .strip_prefix("prenota listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Self {
+            child,
+            url: format!("http://{address}"),
+        }
+    }
+
+    fn kill_9(self) {
+        // Drop does the killing, so a failing assertion never leaks a server either.
+        drop(self);
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // SIGKILL on Unix
+        let _ = self.child.wait();
+    }
+}
+
+/// One citizen's booking attempt and what the client learnt about it.
+#[derive(Clone)]
+struct Attempt {
+    citizen: String,
+    request_id: String,
+    slot_id: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_booking() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(dir.path());
+    let channel = connect(&server.url).await;
+    let mut capacity = CapacityServiceClient::new(channel.clone());
+    upsert_site(&mut capacity, "crash", "r", "Etc/UTC").await;
+    let day = day_ahead(40);
+    let minutes = 30 * SLOTS as u32;
+    let closes = format!("{:02}:{:02}", 10 + minutes / 60, minutes % 60);
+    capacity
+        .publish_schedule(publish_request(
+            "crash",
+            "vax",
+            (&day, &day),
+            ("10:00", &closes),
+            30,
+            CAPACITY_PER_SLOT,
+        ))
+        .await
+        .unwrap();
+    let slot_ids: Vec<String> = search_all(
+        &mut BookingServiceClient::new(channel.clone()),
+        "crash",
+        "vax",
+    )
+    .await
+    .into_iter()
+    .map(|s| s.slot_id)
+    .collect();
+    assert_eq!(slot_ids.len(), SLOTS);
+    drop((capacity, channel));
+
+    let acknowledged: Arc<Mutex<HashMap<String, String>>> = Arc::default(); // booking_id → citizen
+    let unanswered: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+    let mut server = Some(server);
+    let mut next_citizen = 0usize;
+
+    for cycle in 0..CYCLES {
+        let running = server
+            .take()
+            .unwrap_or_else(|| ChildServer::start(dir.path()));
+        let cycle_acks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut clients = Vec::new();
+        for client_index in 0..CLIENTS {
+            let mut client = BookingServiceClient::new(connect(&running.url).await);
+            let acknowledged = Arc::clone(&acknowledged);
+            let unanswered = Arc::clone(&unanswered);
+            let cycle_acks = Arc::clone(&cycle_acks);
+            let slot_ids = slot_ids.clone();
+            let first_citizen = next_citizen + client_index * 1_000;
+            clients.push(tokio::spawn(async move {
+                for n in 0..1_000 {
+                    let citizen = first_citizen + n;
+                    let attempt = Attempt {
+                        citizen: format!("citizen-{citizen}"),
+                        request_id: format!("request-{citizen}"),
+                        slot_id: slot_ids[citizen % SLOTS].clone(),
+                    };
+                    let request =
+                        book_request(&attempt.slot_id, &attempt.citizen, &attempt.request_id);
+                    match client.book(request).await {
+                        Ok(response) => {
+                            let booking = response.into_inner().booking.unwrap();
+                            acknowledged
+                                .lock()
+                                .unwrap()
+                                .insert(booking.booking_id, attempt.citizen);
+                            cycle_acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Err(status) if status.code() == Code::FailedPrecondition => {} // full
+                        Err(_) => {
+                            // The server died under this request: its outcome is unknown.
+                            unanswered.lock().unwrap().push(attempt);
+                            return;
+                        }
+                    }
+                }
+            }));
+        }
+        next_citizen += CLIENTS * 1_000;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while cycle_acks.load(std::sync::atomic::Ordering::SeqCst) < ACKS_BEFORE_KILL
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        running.kill_9();
+        for client in clients {
+            client.await.unwrap();
+        }
+        assert!(
+            cycle_acks.load(std::sync::atomic::Ordering::SeqCst) >= ACKS_BEFORE_KILL || cycle > 0,
+            "cycle {cycle}: the clients never got going"
+        );
+
+        let restarted = ChildServer::start(dir.path());
+        let exported = export_all(connect(&restarted.url).await).await;
+        verify(cycle, &exported, &acknowledged.lock().unwrap(), &slot_ids);
+
+        // Retry every request that got no answer: each resolves to at most one booking.
+        let mut client = BookingServiceClient::new(connect(&restarted.url).await);
+        let retries: Vec<Attempt> = unanswered.lock().unwrap().drain(..).collect();
+        for attempt in &retries {
+            let request = book_request(&attempt.slot_id, &attempt.citizen, &attempt.request_id);
+            if let Ok(response) = client.book(request.clone()).await {
+                let first = response.into_inner().booking.unwrap();
+                let again = client
+                    .book(request)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .booking
+                    .unwrap();
+                assert_eq!(first.booking_id, again.booking_id);
+                acknowledged
+                    .lock()
+                    .unwrap()
+                    .insert(first.booking_id, attempt.citizen.clone());
+            }
+        }
+        let exported = export_all(connect(&restarted.url).await).await;
+        verify(cycle, &exported, &acknowledged.lock().unwrap(), &slot_ids);
+        server = Some(restarted);
+    }
+    if let Some(server) = server {
+        server.kill_9();
+    }
+}
+
+fn verify(
+    cycle: usize,
+    exported: &[proto::Booking],
+    acknowledged: &HashMap<String, String>,
+    slot_ids: &[String],
+) {
+    let exported_ids: HashSet<&str> = exported.iter().map(|b| b.booking_id.as_str()).collect();
+    for booking_id in acknowledged.keys() {
+        assert!(
+            exported_ids.contains(booking_id.as_str()),
+            "cycle {cycle}: acknowledged booking {booking_id} lost"
+        );
+    }
+    let mut per_slot: HashMap<&str, u32> = HashMap::new();
+    for booking in exported {
+        assert_eq!(booking.state, proto::BookingState::Confirmed as i32);
+        *per_slot.entry(booking.slot_id.as_str()).or_default() += 1;
+    }
+    for slot_id in slot_ids {
+        let booked = per_slot.get(slot_id.as_str()).copied().unwrap_or(0);
+        assert!(
+            booked <= CAPACITY_PER_SLOT,
+            "cycle {cycle}: {slot_id} holds {booked} > {CAPACITY_PER_SLOT}"
+        );
+    }
+    // Every exported booking belongs to a distinct citizen (one booking each, at most).
+    let citizens: Vec<&String> = exported
+        .iter()
+        .filter_map(|b| acknowledged.get(&b.booking_id))
+        .collect();
+    let distinct: HashSet<&&String> = citizens.iter().collect();
+    assert_eq!(
+        citizens.len(),
+        distinct.len(),
+        "cycle {cycle}: a citizen holds two bookings"
+    );
+}

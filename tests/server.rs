@@ -1,0 +1,110 @@
+//! The server's generic gRPC surface: health and reflection, so grpcurl and any
+//! gRPC client work without the proto files.
+
+mod common;
+
+use common::*;
+use prost::Message;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_serving_for_every_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in [
+        "",
+        "prenota.v1.BookingService",
+        "prenota.v1.CapacityService",
+    ] {
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            response.status,
+            ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+    server.stop().await;
+}
+
+async fn reflect(server: &TestServer, request: MessageRequest) -> MessageResponse {
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    responses
+        .message()
+        .await
+        .unwrap()
+        .and_then(|r| r.message_response)
+        .expect("a reflection answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_services_and_serves_their_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let MessageResponse::ListServicesResponse(list) =
+        reflect(&server, MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "prenota.v1.BookingService",
+        "prenota.v1.CapacityService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    // grpcurl resolves a service's file and then its imports by name.
+    for (request, file) in [
+        (
+            MessageRequest::FileContainingSymbol("prenota.v1.BookingService".into()),
+            "prenota/v1/booking_service.proto",
+        ),
+        (
+            MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into()),
+            "google/protobuf/timestamp.proto",
+        ),
+    ] {
+        let MessageResponse::FileDescriptorResponse(files) = reflect(&server, request).await else {
+            panic!("expected descriptors for {file}");
+        };
+        let names: Vec<String> = files
+            .file_descriptor_proto
+            .iter()
+            .map(|bytes| {
+                prost_types::FileDescriptorProto::decode(bytes.as_slice())
+                    .unwrap()
+                    .name()
+                    .to_string()
+            })
+            .collect();
+        assert!(
+            names.iter().any(|n| n == file),
+            "{file} missing from {names:?}"
+        );
+    }
+    server.stop().await;
+}
