@@ -23,15 +23,20 @@ pub struct CommitRequest {
     pub done: oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// What the committer does to make a batch durable; sled in production.
-pub struct Durability {
+/// What the committer does to make one batch durable. sled in production; tests
+/// inject failures and stalls here to show that no write is acknowledged early.
+pub trait Durability: Send + 'static {
+    fn commit(&mut self, batch: sled::Batch) -> Result<(), StoreError>;
+}
+
+pub struct SledDurability {
     pub db: sled::Db,
     /// sled's log file, synced after every flush.
     pub db_file: File,
 }
 
-impl Durability {
-    fn commit(&self, batch: sled::Batch) -> Result<(), StoreError> {
+impl Durability for SledDurability {
+    fn commit(&mut self, batch: sled::Batch) -> Result<(), StoreError> {
         self.db
             .apply_batch(batch)
             .map_err(|e| StoreError::Io(format!("apply_batch: {e}")))?;
@@ -53,7 +58,7 @@ pub struct CommitterState {
 }
 
 pub fn spawn(
-    durability: Durability,
+    mut durability: impl Durability,
     mut requests: mpsc::Receiver<CommitRequest>,
     state: Arc<CommitterState>,
     batch_writes_max: usize,
@@ -107,4 +112,102 @@ pub fn spawn(
             }
             tracing::debug!("committer drained and stopped");
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc as std_mpsc;
+    use std::time::Duration;
+
+    /// Fails every commit, like a disk that returns EIO on fdatasync.
+    struct FailingDisk;
+
+    impl Durability for FailingDisk {
+        fn commit(&mut self, _batch: sled::Batch) -> Result<(), StoreError> {
+            Err(StoreError::Io("fdatasync: injected EIO".into()))
+        }
+    }
+
+    /// Blocks each commit until the test lets it through.
+    struct StalledDisk {
+        entered: std_mpsc::Sender<()>,
+        release: std_mpsc::Receiver<()>,
+    }
+
+    impl Durability for StalledDisk {
+        fn commit(&mut self, _batch: sled::Batch) -> Result<(), StoreError> {
+            let _ = self.entered.send(());
+            self.release
+                .recv()
+                .map_err(|_| StoreError::Io("released".into()))
+        }
+    }
+
+    fn start(
+        durability: impl Durability,
+    ) -> (
+        mpsc::Sender<CommitRequest>,
+        Arc<CommitterState>,
+        JoinHandle<()>,
+    ) {
+        let (healthy, _) = watch::channel(true);
+        let state = Arc::new(CommitterState {
+            failed: AtomicBool::new(false),
+            healthy,
+        });
+        let (sender, receiver) = mpsc::channel(16);
+        let thread = spawn(durability, receiver, Arc::clone(&state), 8).unwrap();
+        (sender, state, thread)
+    }
+
+    fn write(sender: &mpsc::Sender<CommitRequest>) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (done, outcome) = oneshot::channel();
+        sender
+            .try_send(CommitRequest {
+                writes: vec![(b"k".to_vec(), b"v".to_vec())],
+                done,
+            })
+            .unwrap();
+        outcome
+    }
+
+    #[test]
+    fn no_write_is_acknowledged_before_the_disk_says_durable() {
+        let (entered_tx, entered) = std_mpsc::channel();
+        let (release, release_rx) = std_mpsc::channel();
+        let (sender, _state, thread) = start(StalledDisk {
+            entered: entered_tx,
+            release: release_rx,
+        });
+        let mut outcome = write(&sender);
+        entered.recv_timeout(Duration::from_secs(5)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            matches!(outcome.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "acknowledged while the sync was still running"
+        );
+        release.send(()).unwrap();
+        assert_eq!(outcome.blocking_recv().unwrap(), Ok(()));
+        drop(sender);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_failed_sync_fails_its_batch_refuses_later_writes_and_turns_unhealthy() {
+        let (sender, state, thread) = start(FailingDisk);
+        let mut health = state.healthy.subscribe();
+        let first = write(&sender).blocking_recv().unwrap();
+        assert!(matches!(first, Err(StoreError::Io(_))), "{first:?}");
+        assert!(state.failed.load(Ordering::Acquire));
+        assert!(health.has_changed().unwrap());
+        assert!(!*health.borrow_and_update());
+        // Later writes are refused without touching the disk again: no silent retry.
+        assert_eq!(
+            write(&sender).blocking_recv().unwrap(),
+            Err(StoreError::Failed)
+        );
+        drop(sender);
+        thread.join().unwrap();
+    }
 }

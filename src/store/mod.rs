@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::Limits;
 use crate::domain::booking::Booking;
 use crate::domain::ids::BookingId;
-use committer::{CommitRequest, CommitterState, Durability};
+use committer::{CommitRequest, CommitterState, SledDurability};
 use records::{booking_key, decode_value, SiteRecord, SlotRecord, Write};
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -83,7 +83,7 @@ impl Store {
         });
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
         let committer = committer::spawn(
-            Durability {
+            SledDurability {
                 db: db.clone(),
                 db_file,
             },
