@@ -108,3 +108,21 @@ async fn reflection_lists_services_and_serves_their_files() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_dir_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let second = prenota::server::Server::open(prenota::server::ServeOptions {
+        data_dir: dir.path().to_path_buf(),
+        config: prenota::config::Config::default(),
+        demo: false,
+    })
+    .await;
+    let message = second.err().expect("the data dir is locked").to_string();
+    assert!(
+        message.contains("in use by another prenota process"),
+        "{message}"
+    );
+    server.stop().await;
+}

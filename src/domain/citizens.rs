@@ -72,13 +72,10 @@ impl CitizenIndex {
         true
     }
 
-    /// Recovery only: records a stored booking and returns how many the citizen holds.
-    pub fn insert_recovered(
-        &self,
-        citizen: CitizenKey,
-        service: &ServiceId,
-        booking_id: BookingId,
-    ) -> usize {
+    /// Records an active booking without the limit check and returns how many the
+    /// citizen holds: for recovery (which checks the count itself) and for undoing a
+    /// `release` whose cancel never reached the store.
+    pub fn insert(&self, citizen: CitizenKey, service: &ServiceId, booking_id: BookingId) -> usize {
         let mut shard = self.shard(&citizen);
         let active = shard.entry((citizen, service.clone())).or_default();
         active.push(booking_id);

@@ -419,9 +419,16 @@ impl Engine {
             reason: "cancelled by citizen".to_string(),
             request: Some(request),
         };
-        self.store
-            .commit(&[Write::Booking(booking.clone())])
-            .await?;
+        match self.store.commit(&[Write::Booking(booking.clone())]).await {
+            Ok(()) => {}
+            Err(StoreError::Overloaded) => {
+                // Never queued: the booking is still confirmed on disk, so it must count
+                // against the citizen's limit again.
+                self.citizens.insert(citizen, &service, booking.booking_id);
+                return Err(StoreError::Overloaded.into());
+            }
+            Err(error) => return Err(error.into()),
+        }
         if let Some((_, slot)) = self.catalog().slot(&booking.slot) {
             if slot.counter.release().is_err() {
                 tracing::error!(slot = %booking.slot, "cancel found no taken place to return");

@@ -68,7 +68,7 @@ pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
                     ))
                 })?;
                 slot.counter.take_unchecked();
-                let held = engine.citizens.insert_recovered(
+                let held = engine.citizens.insert(
                     booking.citizen,
                     &booking.slot.service_id,
                     booking.booking_id,

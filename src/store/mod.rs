@@ -58,9 +58,13 @@ impl Store {
             .flush_every_ms(None)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                // sled reports its file lock as a custom io error wrapping EWOULDBLOCK.
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
                     StoreError::Io(format!(
-                        "{} is in use by another prenota process",
+                        "{} is in use by another prenota process (its lock is held)",
                         sled_dir.display()
                     ))
                 }
