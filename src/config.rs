@@ -41,6 +41,9 @@ pub struct Limits {
     pub export_channel_depth: usize,
     /// Largest decoded gRPC request.
     pub message_size_bytes_max: usize,
+    /// How long start-up waits for the data dir's lock (a previous process, or sled's
+    /// I/O threads of a just-closed store, may still hold it) before refusing.
+    pub data_dir_lock_wait_ms: u64,
 }
 
 impl Default for Limits {
@@ -69,6 +72,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     commit_queue_depth: 65_536,
     export_channel_depth: 256,
     message_size_bytes_max: 4 * 1024 * 1024,
+    data_dir_lock_wait_ms: 5_000,
 };
 
 const _: () = {

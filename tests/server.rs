@@ -113,9 +113,11 @@ async fn reflection_lists_services_and_serves_their_files() {
 async fn a_second_server_on_the_same_data_dir_is_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
+    let mut config = prenota::config::Config::default();
+    config.limits.data_dir_lock_wait_ms = 200;
     let second = prenota::server::Server::open(prenota::server::ServeOptions {
         data_dir: dir.path().to_path_buf(),
-        config: prenota::config::Config::default(),
+        config,
         demo: false,
     })
     .await;

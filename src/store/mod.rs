@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -52,24 +53,10 @@ impl Store {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
         let sled_dir = data_dir.join("sled");
-        let db = sled::Config::new()
-            .path(&sled_dir)
-            // Our committer flushes and fsyncs; a background flusher would only add I/O.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| match e {
-                // sled reports its file lock as a custom io error wrapping EWOULDBLOCK.
-                sled::Error::Io(io)
-                    if io.kind() == std::io::ErrorKind::WouldBlock
-                        || io.to_string().contains("could not acquire lock") =>
-                {
-                    StoreError::Io(format!(
-                        "{} is in use by another prenota process (its lock is held)",
-                        sled_dir.display()
-                    ))
-                }
-                other => StoreError::Io(format!("opening {}: {other}", sled_dir.display())),
-            })?;
+        let db = open_sled(
+            &sled_dir,
+            Duration::from_millis(limits.data_dir_lock_wait_ms),
+        )?;
         let db_file = OpenOptions::new()
             .read(true)
             .open(sled_dir.join("db"))
@@ -177,6 +164,45 @@ impl Store {
         if let Some(thread) = self.committer.take() {
             if thread.join().is_err() {
                 tracing::error!("the committer thread panicked");
+            }
+        }
+    }
+}
+
+/// Opens sled, waiting up to `lock_wait` for its file lock to be released.
+fn open_sled(sled_dir: &Path, lock_wait: Duration) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + lock_wait;
+    let mut waited = false;
+    loop {
+        let opened = sled::Config::new()
+            .path(sled_dir)
+            // Our committer flushes and fsyncs; a background flusher would only add I/O.
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            // sled reports its file lock as a custom io error wrapping EWOULDBLOCK.
+            Err(sled::Error::Io(io))
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("could not acquire lock") =>
+            {
+                if Instant::now() >= deadline {
+                    return Err(StoreError::Io(format!(
+                        "{} is in use by another prenota process (its lock is held)",
+                        sled_dir.display()
+                    )));
+                }
+                if !waited {
+                    tracing::warn!(dir = %sled_dir.display(), "waiting for the data dir lock");
+                    waited = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(other) => {
+                return Err(StoreError::Io(format!(
+                    "opening {}: {other}",
+                    sled_dir.display()
+                )))
             }
         }
     }

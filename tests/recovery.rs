@@ -1,0 +1,97 @@
+//! Start-up refuses a store that breaks an invariant, with a message naming it.
+
+use prenota::config::Config;
+use prenota::domain::booking::{Booking, BookingState, RequestRecord};
+use prenota::domain::ids::{
+    BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey,
+};
+use prenota::service::{Engine, ServiceError};
+use prenota::store::records::{SiteRecord, SlotRecord, Write};
+use prenota::store::Store;
+
+fn slot_key() -> SlotKey {
+    SlotKey {
+        site_id: SiteId::parse("site_id", "broken", 64).unwrap(),
+        service_id: ServiceId::parse("service_id", "vax", 64).unwrap(),
+        start_unix_s: 4_102_444_800, // 2100-01-01
+    }
+}
+
+fn booking(id: u128, citizen: u8) -> Write {
+    Write::Booking(Booking {
+        booking_id: BookingId(id),
+        slot: slot_key(),
+        end_unix_s: 4_102_444_800 + 600,
+        citizen: CitizenKey([citizen; 16]),
+        created_at_unix_ms: 0,
+        request: RequestRecord {
+            key: RequestKey([id as u8; 16]),
+            fingerprint: RequestFingerprint([0; 16]),
+        },
+        state: BookingState::Confirmed,
+    })
+}
+
+/// Writes a site with one slot of `capacity`, plus `bookings`, straight into the store.
+async fn store_with(dir: &std::path::Path, capacity: u32, bookings: Vec<Write>) {
+    let mut store = Store::open(dir, &Config::default().limits).unwrap();
+    let mut writes = vec![
+        Write::Site(SiteRecord {
+            site_id: SiteId::parse("site_id", "broken", 64).unwrap(),
+            name: "Broken".into(),
+            region_id: RegionId::parse("region_id", "r", 64).unwrap(),
+            time_zone: "Europe/Rome".into(),
+        }),
+        Write::Slot(SlotRecord {
+            key: slot_key(),
+            end_unix_s: 4_102_444_800 + 600,
+            capacity,
+        }),
+    ];
+    writes.extend(bookings);
+    store.commit(&writes).await.unwrap();
+    store.shutdown();
+}
+
+fn open(dir: &std::path::Path) -> Result<Engine, ServiceError> {
+    Engine::open(dir, &Config::default())
+}
+
+#[tokio::test]
+async fn a_consistent_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 1, vec![booking(1, 1)]).await;
+    assert!(open(dir.path()).is_ok());
+}
+
+#[tokio::test]
+async fn an_overbooked_slot_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 1, vec![booking(1, 1), booking(2, 2)]).await;
+    match open(dir.path()) {
+        Err(ServiceError::Recovery(message)) => {
+            assert!(message.contains("broken/vax/4102444800"), "{message}");
+            assert!(
+                message.contains("2 confirmed bookings but capacity 1"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a recovery refusal, got {:?}", other.err()),
+    }
+}
+
+#[tokio::test]
+async fn a_citizen_over_the_limit_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // Room for both in the slot: only the citizen limit (one per service) is broken.
+    store_with(dir.path(), 10, vec![booking(1, 7), booking(2, 7)]).await;
+    match open(dir.path()) {
+        Err(ServiceError::Recovery(message)) => {
+            assert!(
+                message.contains("a citizen holds 2 active bookings for service vax"),
+                "{message}"
+            )
+        }
+        other => panic!("expected a recovery refusal, got {:?}", other.err()),
+    }
+}
