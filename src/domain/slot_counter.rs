@@ -55,70 +55,57 @@ impl SlotCounter {
         unpack(self.word.load(Ordering::Acquire))
     }
 
-    /// Takes one place if one is free.
-    pub fn try_take(&self) -> Result<CounterSnapshot, SlotFull> {
+    /// The one CAS loop: applies `change` to the current value until no other thread
+    /// changed it in between. Returns the value it stored.
+    fn update<E>(
+        &self,
+        change: impl Fn(CounterSnapshot) -> Result<CounterSnapshot, E>,
+    ) -> Result<CounterSnapshot, E> {
         let mut current = self.word.load(Ordering::Acquire);
         loop {
-            let snapshot = unpack(current);
-            if snapshot.taken >= snapshot.capacity {
+            let next = change(unpack(current))?;
+            match self.word.compare_exchange_weak(
+                current,
+                pack(next.capacity, next.taken),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(next),
+                Err(observed) => current = observed,
+            }
+        }
+    }
+
+    /// Takes one place if one is free; returns the counter after.
+    pub fn try_take(&self) -> Result<CounterSnapshot, SlotFull> {
+        self.update(|now| {
+            if now.taken >= now.capacity {
                 return Err(SlotFull);
             }
-            let next = pack(snapshot.capacity, snapshot.taken + 1);
-            match self.word.compare_exchange_weak(
-                current,
-                next,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(unpack(next)),
-                Err(observed) => current = observed,
-            }
-        }
+            Ok(CounterSnapshot {
+                taken: now.taken + 1,
+                ..now
+            })
+        })
     }
 
-    /// Returns one place. Returning more than was taken is a bug: it would let the
-    /// slot overbook later, so it is refused (and reported) instead of wrapping.
+    /// Returns one place; returns the counter after. Returning more than was taken is a
+    /// bug: it would let the slot overbook later, so it is refused instead of wrapping.
     pub fn release(&self) -> Result<CounterSnapshot, NothingTaken> {
-        let mut current = self.word.load(Ordering::Acquire);
-        loop {
-            let snapshot = unpack(current);
-            if snapshot.taken == 0 {
-                return Err(NothingTaken);
-            }
-            let next = pack(snapshot.capacity, snapshot.taken - 1);
-            match self.word.compare_exchange_weak(
-                current,
-                next,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(unpack(next)),
-                Err(observed) => current = observed,
-            }
-        }
+        self.update(|now| match now.taken.checked_sub(1) {
+            Some(taken) => Ok(CounterSnapshot { taken, ..now }),
+            None => Err(NothingTaken),
+        })
     }
 
-    /// Sets the capacity, refusing to go below what is taken.
+    /// Sets the capacity, refusing to go below what is taken; returns the counter after.
     pub fn set_capacity(&self, capacity: u32) -> Result<CounterSnapshot, BelowTaken> {
-        let mut current = self.word.load(Ordering::Acquire);
-        loop {
-            let snapshot = unpack(current);
-            if capacity < snapshot.taken {
-                return Err(BelowTaken {
-                    taken: snapshot.taken,
-                });
+        self.update(|now| {
+            if capacity < now.taken {
+                return Err(BelowTaken { taken: now.taken });
             }
-            let next = pack(capacity, snapshot.taken);
-            match self.word.compare_exchange_weak(
-                current,
-                next,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(snapshot),
-                Err(observed) => current = observed,
-            }
-        }
+            Ok(CounterSnapshot { capacity, ..now })
+        })
     }
 
     /// Recovery only: counts a stored booking without the capacity check, so that a

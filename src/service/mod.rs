@@ -290,21 +290,33 @@ impl Engine {
             &citizen.0,
             command.hold_id.as_deref().unwrap_or("").as_bytes(),
         ]);
-        let guard = match self.requests.begin(command.request, fingerprint)? {
+        self.once_per_request(command.request, fingerprint, |request| {
+            self.admit_and_commit(&command, citizen, request)
+        })
+        .await
+    }
+
+    /// Runs `work` once per `request_id`: a retry gets the first booking back, a copy
+    /// in flight waits for the first one's outcome, a different request is refused.
+    async fn once_per_request<Work>(
+        &self,
+        request: RequestKey,
+        fingerprint: RequestFingerprint,
+        work: impl FnOnce(RequestRecord) -> Work,
+    ) -> Result<BookingView, ServiceError>
+    where
+        Work: std::future::Future<Output = Result<Booking, ServiceError>>,
+    {
+        let guard = match self.requests.begin(request, fingerprint)? {
             Begin::Done(booking_id) => return self.booking(booking_id),
             Begin::Wait(outcome) => return self.booking(requests::wait(outcome).await?),
             Begin::Fresh(guard) => guard,
         };
-        let outcome = self
-            .admit_and_commit(
-                &command,
-                citizen,
-                RequestRecord {
-                    key: command.request,
-                    fingerprint,
-                },
-            )
-            .await;
+        let outcome = work(RequestRecord {
+            key: request,
+            fingerprint,
+        })
+        .await;
         guard.finish(outcome.as_ref().map(|b| b.booking_id).map_err(Clone::clone))?;
         outcome.and_then(|booking| self.view(booking))
     }
@@ -372,28 +384,10 @@ impl Engine {
         let citizen = self.hasher.hash(&command.citizen_id);
         let booking_text = command.booking_id.to_string();
         let fingerprint = RequestFingerprint::of(&[b"cancel", booking_text.as_bytes(), &citizen.0]);
-        let guard = match self.requests.begin(command.request, fingerprint)? {
-            Begin::Done(booking_id) => return self.booking(booking_id),
-            Begin::Wait(outcome) => return self.booking(requests::wait(outcome).await?),
-            Begin::Fresh(guard) => guard,
-        };
-        let outcome = self
-            .cancel_and_commit(
-                &command,
-                citizen,
-                RequestRecord {
-                    key: command.request,
-                    fingerprint,
-                },
-            )
-            .await;
-        guard.finish(
-            outcome
-                .as_ref()
-                .map(|_| command.booking_id)
-                .map_err(Clone::clone),
-        )?;
-        outcome.and_then(|booking| self.view(booking))
+        self.once_per_request(command.request, fingerprint, |request| {
+            self.cancel_and_commit(&command, citizen, request)
+        })
+        .await
     }
 
     async fn cancel_and_commit(
