@@ -11,11 +11,10 @@ pub struct CitizenHasher {
 }
 
 impl CitizenHasher {
-    pub fn new(key: &[u8; 32]) -> Self {
-        Self {
-            // HMAC accepts keys of any length; 32 bytes cannot fail.
-            mac: <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!()),
-        }
+    pub fn new(key: &[u8; 32]) -> Result<Self, hmac::digest::InvalidLength> {
+        Ok(Self {
+            mac: <Hmac<Sha256> as Mac>::new_from_slice(key)?,
+        })
     }
 
     pub fn hash(&self, citizen_id: &str) -> CitizenKey {
@@ -34,8 +33,8 @@ mod tests {
 
     #[test]
     fn same_id_same_key_other_key_other_hash() {
-        let a = CitizenHasher::new(&[1; 32]);
-        let b = CitizenHasher::new(&[2; 32]);
+        let a = CitizenHasher::new(&[1; 32]).unwrap();
+        let b = CitizenHasher::new(&[2; 32]).unwrap();
         assert_eq!(a.hash("RSSMRA80A01H501U"), a.hash("RSSMRA80A01H501U"));
         assert_ne!(a.hash("RSSMRA80A01H501U"), a.hash("RSSMRA80A01H501V"));
         assert_ne!(a.hash("RSSMRA80A01H501U"), b.hash("RSSMRA80A01H501U"));

@@ -112,7 +112,9 @@ impl Engine {
             catalog: RwLock::new(Catalog::default()),
             citizens: CitizenIndex::default(),
             requests: RequestRegistry::default(),
-            hasher: CitizenHasher::new(&key),
+            hasher: CitizenHasher::new(&key).map_err(|e| {
+                ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
+            })?,
             authority_writes: tokio::sync::Mutex::new(()),
         };
         recovery::rebuild(&mut engine)?;
