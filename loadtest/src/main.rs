@@ -1,189 +1,226 @@
-//! `prenota-loadtest`: measures durable booking throughput against the no-op gRPC
-//! ceiling (`grpc.health.v1.Health/Check`) of the same server, in the same run.
+//! `prenota-loadtest`: reproduces a national booking rush against a prenota server
+//! and measures it against the no-op gRPC ceiling of the same server, in the same run.
 //!
-//! First cut: one scenario (`ceiling` → `book` → `ceiling`) against a running server.
-//! The rush/mixed scenarios, `--spawn`, latency histograms and the invariant checks
-//! arrive with the load-generator issue.
+//! `--spawn` starts a server on a temp dir in this process; `--server URL` targets a
+//! running one (loopback only). After a rush the invariants are verified from
+//! `ExportBookings`, `SearchSlots` and `GetSiteStats`; a violation exits non-zero.
 
-use std::time::{Duration, Instant};
+mod report;
+mod scenario;
+mod target;
 
-use clap::Parser;
-use prenota::proto::booking_service_client::BookingServiceClient;
-use prenota::proto::capacity_service_client::CapacityServiceClient;
-use prenota::proto::{self, BookRequest};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
 use tonic::transport::Channel;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
+
+use scenario::RushShape;
+use target::Target;
 
 #[derive(Parser)]
 #[command(
     name = "prenota-loadtest",
-    about = "Durable bookings/s as a ratio of the gRPC ceiling"
+    about = "A national booking rush on one machine, measured against the gRPC ceiling"
 )]
-struct Args {
-    /// A running prenota server; only loopback addresses are accepted.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+struct Cli {
+    /// A running prenota server (loopback addresses only).
+    #[arg(
+        long,
+        conflicts_with = "spawn",
+        default_value = "http://127.0.0.1:50051"
+    )]
     server: String,
-    /// Requests per phase (ceiling, book, ceiling). Also the number of citizens booked.
-    #[arg(long, default_value_t = 100_000)]
-    requests: usize,
+    /// Start a server on a temp dir inside this process instead.
+    #[arg(long)]
+    spawn: bool,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 256)]
     in_flight: usize,
     /// HTTP/2 connections the requests are spread over.
     #[arg(long, default_value_t = 4)]
     channels: usize,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(subcommand)]
+    scenario: ScenarioArgs,
 }
 
-/// Minutes of one slot of the scenario schedule; 23 hours of 1-minute slots a day.
-const SLOTS_PER_DAY: usize = 23 * 60;
-const CAPACITY_PER_SLOT: u32 = 10_000;
+#[derive(Subcommand)]
+enum ScenarioArgs {
+    /// `grpc.health.v1.Health/Check` only: the no-op ceiling.
+    Ceiling {
+        #[arg(long, default_value_t = 200_000)]
+        requests: u64,
+    },
+    /// Opening morning: every citizen searches, then books; demand well above capacity.
+    /// Runs the ceiling first and reports the rush as a ratio of it.
+    Rush {
+        /// Distinct citizens, each trying to book once.
+        #[arg(long, default_value_t = 1_000_000)]
+        citizens: u64,
+        /// Sites, in four time zones.
+        #[arg(long, default_value_t = 4)]
+        sites: u32,
+        /// Days of slots (08:00–20:00, 10-minute slots).
+        #[arg(long, default_value_t = 5)]
+        days: u32,
+        /// Citizens per place.
+        #[arg(long, default_value_t = 4)]
+        demand_ratio: u32,
+    },
+}
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
-    let host = args
-        .server
-        .trim_start_matches("http://")
-        .split(':')
-        .next()
-        .unwrap_or_default();
-    if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
-        return Err(format!(
-            "refusing to load {}: only loopback servers are targets",
-            args.server
-        )
-        .into());
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(message) => {
+            eprintln!("prenota-loadtest: {message}");
+            ExitCode::from(2)
+        }
     }
-    if args.requests > SLOTS_PER_DAY * CAPACITY_PER_SLOT as usize {
-        return Err("at most 13,800,000 requests: the scenario has that many places".into());
+}
+
+/// `Ok(false)` when an invariant was violated.
+async fn run(cli: Cli) -> Result<bool, String> {
+    let target = if cli.spawn {
+        Target::spawn()?
+    } else {
+        Target::connect(&cli.server)?
+    };
+    let mut channels = Vec::new();
+    for _ in 0..cli.channels.max(1) {
+        channels.push(
+            Channel::from_shared(target.url.clone())
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+                .map_err(|e| format!("cannot connect to {}: {e}", target.url))?,
+        );
     }
-    let mut channels = Vec::with_capacity(args.channels.max(1));
-    for _ in 0..args.channels.max(1) {
-        channels.push(Channel::from_shared(args.server.clone())?.connect().await?);
-    }
-    let (site_id, first_start) = publish_scenario(channels[0].clone()).await?;
     println!(
-        "prenota-loadtest: {} requests per phase, {} in flight, {} connections",
-        args.requests,
-        args.in_flight,
+        "prenota-loadtest against {}{}: {} in flight over {} connections",
+        target.url,
+        if cli.spawn { " (spawned)" } else { "" },
+        cli.in_flight,
         channels.len()
     );
-    let ceiling_before = run_phase("ceiling", &args, &channels, health_check).await;
-    let run = std::process::id();
-    let book = run_phase("book", &args, &channels, move |channel, index| {
-        let slot_id = format!(
-            "{site_id}/vax/{}",
-            first_start + 60 * (index % SLOTS_PER_DAY) as i64
-        );
-        async move {
-            BookingServiceClient::new(channel)
-                .book(BookRequest {
-                    slot_id,
-                    citizen_id: format!("citizen-{run}-{index}"),
-                    request_id: format!("request-{run}-{index}"),
-                    hold_id: None,
-                })
-                .await
-                .is_ok()
+    let progress = scenario::progress_bar();
+    let result = match cli.scenario {
+        ScenarioArgs::Ceiling { requests } => {
+            let phase = scenario::ceiling(&channels, cli.in_flight, requests, &progress).await;
+            progress.finish_and_clear();
+            phase.print();
+            write_json(
+                &cli.json,
+                json!({"scenario": "ceiling", "ceiling": phase.to_json()}),
+            )?;
+            Ok(true)
         }
-    })
+        ScenarioArgs::Rush {
+            citizens,
+            sites,
+            days,
+            demand_ratio,
+        } => {
+            let shape = RushShape {
+                citizens,
+                sites: sites.max(1),
+                days: days.max(1),
+                demand_ratio,
+            };
+            run_rush(&cli, &channels, &shape, &progress).await
+        }
+    };
+    target.stop();
+    result
+}
+
+async fn run_rush(
+    cli: &Cli,
+    channels: &[Channel],
+    shape: &RushShape,
+    progress: &indicatif::ProgressBar,
+) -> Result<bool, String> {
+    let scenario = scenario::publish(channels[0].clone(), shape).await?;
+    println!(
+        "rush: {} citizens for {} places at {} sites over {} days",
+        shape.citizens,
+        scenario.total_capacity,
+        scenario.site_ids.len(),
+        shape.days
+    );
+    let ceiling = scenario::ceiling(
+        channels,
+        cli.in_flight,
+        shape.citizens.min(200_000),
+        progress,
+    )
     .await;
-    let ceiling_after = run_phase("ceiling", &args, &channels, health_check).await;
-    let ceiling = (ceiling_before + ceiling_after) / 2.0;
+    let acknowledged = scenario::Acknowledged::default();
+    let rush = scenario::rush(
+        channels,
+        cli.in_flight,
+        &scenario,
+        shape,
+        Arc::clone(&acknowledged),
+        progress,
+    )
+    .await;
+    progress.finish_and_clear();
+    ceiling.print();
+    rush.print();
+    let booked = rush.tally.count("Book OK");
+    let bookings_per_s = booked as f64 / rush.elapsed.as_secs_f64().max(1e-6);
+    let ratio = rush.requests_per_s() / ceiling.requests_per_s().max(1e-6);
     println!(
-        "durable bookings / ceiling = {:.0} / {:.0} = {:.0}%",
-        book,
-        ceiling,
-        100.0 * book / ceiling
+        "\nrush throughput: {:.0} req/s = {:.0}% of the ceiling ({:.0} req/s); {booked} durable bookings at {:.0}/s",
+        rush.requests_per_s(),
+        100.0 * ratio,
+        ceiling.requests_per_s(),
+        bookings_per_s
     );
-    Ok(())
-}
-
-/// The no-op RPC whose rate is the ceiling of this server, client and machine.
-async fn health_check(channel: Channel, _index: usize) -> bool {
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .is_ok()
-}
-
-/// A UTC site with one day of 1-minute slots, five days ahead; returns the site id and
-/// the first slot's start.
-async fn publish_scenario(channel: Channel) -> Result<(String, i64), Box<dyn std::error::Error>> {
-    let mut capacity = CapacityServiceClient::new(channel);
-    let site_id = format!("loadtest-{}", std::process::id());
-    capacity
-        .upsert_site(proto::UpsertSiteRequest {
-            site: Some(proto::Site {
-                site_id: site_id.clone(),
-                name: "Load test".into(),
-                region_id: "loadtest".into(),
-                time_zone: "Etc/UTC".into(),
-            }),
-            request_id: format!("{site_id}-site"),
-        })
-        .await?;
-    let day = (chrono::Utc::now() + chrono::Duration::days(5)).date_naive();
-    let day_text = day.format("%Y-%m-%d").to_string();
-    capacity
-        .publish_schedule(proto::PublishScheduleRequest {
-            site_id: site_id.clone(),
-            service_id: "vax".into(),
-            first_day: day_text.clone(),
-            last_day: day_text,
-            opening_hours: (1..=7)
-                .map(|weekday| proto::OpeningHours {
-                    weekday,
-                    opens: "00:00".into(),
-                    closes: "23:00".into(),
-                })
-                .collect(),
-            slot_minutes: 1,
-            capacity_per_slot: CAPACITY_PER_SLOT,
-            request_id: format!("{site_id}-schedule"),
-        })
-        .await?;
-    let first_start = day
-        .and_hms_opt(0, 0, 0)
-        .map(|t| t.and_utc().timestamp())
-        .unwrap_or_default();
-    Ok((site_id, first_start))
-}
-
-/// Sends `args.requests` requests with `args.in_flight` workers; prints and returns req/s.
-async fn run_phase<Call, Answer>(name: &str, args: &Args, channels: &[Channel], call: Call) -> f64
-where
-    Call: Fn(Channel, usize) -> Answer + Clone + Send + 'static,
-    Answer: std::future::Future<Output = bool> + Send,
-{
-    let started = Instant::now();
-    let workers: Vec<_> = (0..args.in_flight.max(1))
-        .map(|worker| {
-            let channel = channels[worker % channels.len()].clone();
-            let (requests, stride, call) = (args.requests, args.in_flight.max(1), call.clone());
-            tokio::spawn(async move {
-                let mut succeeded = 0usize;
-                for index in (worker..requests).step_by(stride) {
-                    succeeded += usize::from(call(channel.clone(), index).await);
-                }
-                succeeded
-            })
-        })
-        .collect();
-    let mut succeeded = 0;
-    for worker in workers {
-        succeeded += worker.await.unwrap_or(0);
+    let acknowledged = acknowledged.lock().await;
+    let violations = scenario::verify(channels[0].clone(), &scenario, shape, &acknowledged).await?;
+    if violations.is_empty() {
+        println!(
+            "invariants: OK ({} bookings = min(citizens, capacity); no slot over capacity; one booking per citizen; every acknowledged booking exported)",
+            acknowledged.len()
+        );
+    } else {
+        println!("invariants: {} VIOLATIONS", violations.len());
+        for violation in violations.iter().take(20) {
+            println!("  {violation}");
+        }
     }
-    let elapsed = started.elapsed().max(Duration::from_micros(1));
-    let rate = args.requests as f64 / elapsed.as_secs_f64();
-    println!(
-        "  {name:<8} {:>8} requests  {:>8} ok  {:>7.2} s  {rate:>8.0} req/s",
-        args.requests,
-        succeeded,
-        elapsed.as_secs_f64()
-    );
-    rate
+    write_json(
+        &cli.json,
+        json!({
+            "scenario": "rush",
+            "citizens": shape.citizens,
+            "capacity": scenario.total_capacity,
+            "in_flight": cli.in_flight,
+            "ceiling": ceiling.to_json(),
+            "rush": rush.to_json(),
+            "ratio_to_ceiling": ratio,
+            "bookings": booked,
+            "bookings_per_s": bookings_per_s,
+            "violations": violations,
+        }),
+    )?;
+    Ok(violations.is_empty())
+}
+
+fn write_json(path: &Option<PathBuf>, report: serde_json::Value) -> Result<(), String> {
+    if let Some(path) = path {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
 }

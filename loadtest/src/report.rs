@@ -1,0 +1,134 @@
+//! Latency histograms, outcome counts, and the final report (table + JSON).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tonic::Status;
+use tonic_types::StatusExt;
+
+/// What one worker saw; merged into the phase's totals at the end.
+pub struct Tally {
+    /// Per RPC name: latency in microseconds.
+    pub latency_us: BTreeMap<&'static str, Histogram<u64>>,
+    /// "RPC CODE[/REASON]" → count.
+    pub outcomes: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    pub fn new() -> Self {
+        Self {
+            latency_us: BTreeMap::new(),
+            outcomes: BTreeMap::new(),
+        }
+    }
+
+    pub fn record<T>(&mut self, rpc: &'static str, elapsed: Duration, result: &Result<T, Status>) {
+        let histogram = self
+            .latency_us
+            .entry(rpc)
+            // 1 µs .. 60 s at 3 significant digits.
+            .or_insert_with(|| {
+                Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant, valid bounds")
+            });
+        let _ = histogram.record((elapsed.as_micros() as u64).clamp(1, 60_000_000));
+        let outcome = match result {
+            Ok(_) => format!("{rpc} OK"),
+            Err(status) => match status.get_details_error_info() {
+                Some(info) => format!("{rpc} {:?}/{}", status.code(), info.reason),
+                None => format!("{rpc} {:?}", status.code()),
+            },
+        };
+        *self.outcomes.entry(outcome).or_default() += 1;
+    }
+
+    pub fn merge(&mut self, other: Tally) {
+        for (rpc, histogram) in other.latency_us {
+            match self.latency_us.get_mut(rpc) {
+                Some(mine) => {
+                    let _ = mine.add(&histogram);
+                }
+                None => {
+                    self.latency_us.insert(rpc, histogram);
+                }
+            }
+        }
+        for (outcome, count) in other.outcomes {
+            *self.outcomes.entry(outcome).or_default() += count;
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.outcomes.values().sum()
+    }
+
+    pub fn count(&self, outcome: &str) -> u64 {
+        self.outcomes.get(outcome).copied().unwrap_or(0)
+    }
+}
+
+/// One phase's numbers.
+pub struct Phase {
+    pub name: &'static str,
+    pub elapsed: Duration,
+    pub tally: Tally,
+}
+
+impl Phase {
+    pub fn requests_per_s(&self) -> f64 {
+        self.tally.requests() as f64 / self.elapsed.as_secs_f64().max(1e-6)
+    }
+
+    pub fn print(&self) {
+        println!(
+            "\n{}: {} requests in {:.2} s = {:.0} req/s",
+            self.name,
+            self.tally.requests(),
+            self.elapsed.as_secs_f64(),
+            self.requests_per_s()
+        );
+        println!(
+            "  {:<14} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "latency (ms)", "p50", "p90", "p99", "p99.9", "max"
+        );
+        for (rpc, histogram) in &self.tally.latency_us {
+            let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1_000.0;
+            println!(
+                "  {:<14} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                rpc,
+                ms(0.5),
+                ms(0.9),
+                ms(0.99),
+                ms(0.999),
+                histogram.max() as f64 / 1_000.0
+            );
+        }
+        println!("  {:<44} {:>10}", "outcome", "count");
+        for (outcome, count) in &self.tally.outcomes {
+            println!("  {outcome:<44} {count:>10}");
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let latency: serde_json::Map<String, Value> = self
+            .tally
+            .latency_us
+            .iter()
+            .map(|(rpc, h)| {
+                let ms = |q: f64| h.value_at_quantile(q) as f64 / 1_000.0;
+                (
+                    rpc.to_string(),
+                    json!({"p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "p99_9_ms": ms(0.999), "max_ms": h.max() as f64 / 1_000.0}),
+                )
+            })
+            .collect();
+        json!({
+            "requests": self.tally.requests(),
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "requests_per_s": self.requests_per_s(),
+            "latency": latency,
+            "outcomes": self.tally.outcomes,
+        })
+    }
+}

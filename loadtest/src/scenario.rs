@@ -1,0 +1,395 @@
+//! The scenarios: `ceiling` (the no-op RPC) and `rush` (an opening morning: every
+//! citizen searches, then books, demand well above capacity), and the checks of the
+//! invariants after a rush.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::proto::capacity_service_client::CapacityServiceClient;
+use prenota::proto::{self, search_slots_request::Scope};
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::report::{Phase, Tally};
+
+pub const SERVICE_ID: &str = "covid19-dose1";
+const ZONES: &[&str] = &[
+    "Europe/Rome",
+    "Europe/Amsterdam",
+    "America/New_York",
+    "Asia/Tokyo",
+];
+/// Every day 08:00–20:00 local, 10-minute slots: 72 slots a day per site.
+const OPENS: &str = "08:00";
+const CLOSES: &str = "20:00";
+const SLOT_MINUTES: u32 = 10;
+const SLOTS_PER_DAY: u64 = 72;
+/// Slots a citizen sees per search.
+const SEARCH_PAGE_SIZE: i32 = 20;
+/// Search-then-book rounds before a citizen gives up while slots still look free.
+const ROUNDS_MAX: usize = 1_000;
+
+#[derive(Clone, Debug)]
+pub struct RushShape {
+    pub citizens: u64,
+    pub sites: u32,
+    pub days: u32,
+    /// Citizens per place: demand / capacity.
+    pub demand_ratio: u32,
+}
+
+/// What the scenario created, to aim requests at and verify against.
+pub struct Scenario {
+    pub region_id: String,
+    pub site_ids: Vec<String>,
+    pub total_capacity: u64,
+}
+
+pub async fn publish(channel: Channel, shape: &RushShape) -> Result<Scenario, String> {
+    let mut capacity = CapacityServiceClient::new(channel);
+    let run = std::process::id();
+    let region_id = format!("rush-{run}");
+    let slots = u64::from(shape.sites) * u64::from(shape.days) * SLOTS_PER_DAY;
+    let wanted_capacity = (shape.citizens / u64::from(shape.demand_ratio.max(1))).max(1);
+    let capacity_per_slot = wanted_capacity.div_ceil(slots).clamp(1, 10_000) as u32;
+    let first = chrono::Utc::now().date_naive() + chrono::Duration::days(2);
+    let last = first + chrono::Duration::days(i64::from(shape.days.max(1)) - 1);
+    let mut scenario = Scenario {
+        region_id: region_id.clone(),
+        site_ids: Vec::new(),
+        total_capacity: 0,
+    };
+    for index in 0..shape.sites {
+        let site_id = format!("rush-{run}-{index}");
+        capacity
+            .upsert_site(proto::UpsertSiteRequest {
+                site: Some(proto::Site {
+                    site_id: site_id.clone(),
+                    name: format!("Rush site {index}"),
+                    region_id: region_id.clone(),
+                    time_zone: ZONES[index as usize % ZONES.len()].into(),
+                }),
+                request_id: format!("{site_id}-site"),
+            })
+            .await
+            .map_err(|e| format!("UpsertSite: {e}"))?;
+        let published = capacity
+            .publish_schedule(proto::PublishScheduleRequest {
+                site_id: site_id.clone(),
+                service_id: SERVICE_ID.into(),
+                first_day: first.format("%Y-%m-%d").to_string(),
+                last_day: last.format("%Y-%m-%d").to_string(),
+                opening_hours: (1..=7)
+                    .map(|weekday| proto::OpeningHours {
+                        weekday,
+                        opens: OPENS.into(),
+                        closes: CLOSES.into(),
+                    })
+                    .collect(),
+                slot_minutes: SLOT_MINUTES,
+                capacity_per_slot,
+                request_id: format!("{site_id}-schedule"),
+            })
+            .await
+            .map_err(|e| format!("PublishSchedule: {e}"))?
+            .into_inner();
+        scenario.total_capacity += published.total_capacity;
+        scenario.site_ids.push(site_id);
+    }
+    Ok(scenario)
+}
+
+/// Spreads `requests` over `in_flight` workers on the channels; each worker runs
+/// `work(channel, index, tally)` for its share of indexes, threading its tally through.
+async fn run_workers<Work, Done>(
+    name: &'static str,
+    channels: &[Channel],
+    in_flight: usize,
+    requests: u64,
+    progress: &ProgressBar,
+    work: Work,
+) -> Phase
+where
+    Work: Fn(Channel, u64, Tally) -> Done + Clone + Send + Sync + 'static,
+    Done: std::future::Future<Output = Tally> + Send,
+{
+    progress.set_length(requests);
+    progress.set_position(0);
+    progress.set_message(name);
+    let started = Instant::now();
+    let stride = in_flight.max(1) as u64;
+    let workers: Vec<_> = (0..stride)
+        .map(|worker| {
+            let channel = channels[worker as usize % channels.len()].clone();
+            let (work, progress) = (work.clone(), progress.clone());
+            tokio::spawn(async move {
+                let mut tally = Tally::new();
+                let mut index = worker;
+                while index < requests {
+                    tally = work(channel.clone(), index, tally).await;
+                    progress.inc(1);
+                    index += stride;
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut tally = Tally::new();
+    for worker in workers {
+        if let Ok(worker_tally) = worker.await {
+            tally.merge(worker_tally);
+        }
+    }
+    Phase {
+        name,
+        elapsed: started.elapsed(),
+        tally,
+    }
+}
+
+pub async fn ceiling(
+    channels: &[Channel],
+    in_flight: usize,
+    requests: u64,
+    progress: &ProgressBar,
+) -> Phase {
+    run_workers(
+        "ceiling",
+        channels,
+        in_flight,
+        requests,
+        progress,
+        |channel, _, mut tally| async move {
+            let started = Instant::now();
+            let result = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            tally.record("Health/Check", started.elapsed(), &result);
+            tally
+        },
+    )
+    .await
+}
+
+/// Bookings the harness was told about: booking id → citizen.
+pub type Acknowledged = Arc<Mutex<HashMap<String, u64>>>;
+
+pub async fn rush(
+    channels: &[Channel],
+    in_flight: usize,
+    scenario: &Scenario,
+    shape: &RushShape,
+    acknowledged: Acknowledged,
+    progress: &ProgressBar,
+) -> Phase {
+    let site_ids = Arc::new(scenario.site_ids.clone());
+    let run = std::process::id();
+    run_workers(
+        "rush",
+        channels,
+        in_flight,
+        shape.citizens,
+        progress,
+        move |channel, citizen, mut tally| {
+            let (site_ids, acknowledged) = (Arc::clone(&site_ids), Arc::clone(&acknowledged));
+            async move {
+                let mut client = BookingServiceClient::new(channel);
+                let site_id = &site_ids[(citizen % site_ids.len() as u64) as usize];
+                let citizen_id = format!("citizen-{run}-{citizen}");
+                for round in 0..ROUNDS_MAX {
+                    let started = Instant::now();
+                    let result = client
+                        .search_slots(proto::SearchSlotsRequest {
+                            scope: Some(Scope::SiteId(site_id.clone())),
+                            service_id: SERVICE_ID.into(),
+                            only_available: true,
+                            page_size: SEARCH_PAGE_SIZE,
+                            to: Some(prost_types::Timestamp {
+                                seconds: chrono::Utc::now().timestamp() + 300 * 86_400,
+                                nanos: 0,
+                            }),
+                            ..Default::default()
+                        })
+                        .await;
+                    tally.record("SearchSlots", started.elapsed(), &result);
+                    let Ok(page) = result else { return tally };
+                    let slots = page.into_inner().slots;
+                    if slots.is_empty() {
+                        return tally; // sold out for this citizen's site
+                    }
+                    // Citizens pick different free slots, like people clicking different times.
+                    let first = (citizen as usize + round) % slots.len();
+                    for slot in slots.iter().cycle().skip(first).take(slots.len()) {
+                        let started = Instant::now();
+                        let result = client
+                            .book(proto::BookRequest {
+                                slot_id: slot.slot_id.clone(),
+                                citizen_id: citizen_id.clone(),
+                                request_id: format!("{citizen_id}-{round}-{}", slot.slot_id),
+                                hold_id: None,
+                            })
+                            .await;
+                        tally.record("Book", started.elapsed(), &result);
+                        match result {
+                            Ok(response) => {
+                                if let Some(booking) = response.into_inner().booking {
+                                    acknowledged
+                                        .lock()
+                                        .await
+                                        .insert(booking.booking_id, citizen);
+                                }
+                                return tally;
+                            }
+                            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                                continue
+                            }
+                            Err(_) => return tally,
+                        }
+                    }
+                }
+                tally
+            }
+        },
+    )
+    .await
+}
+
+/// Checks the invariants from `ExportBookings`, `SearchSlots` and `GetSiteStats`;
+/// returns every violation found.
+pub async fn verify(
+    channel: Channel,
+    scenario: &Scenario,
+    shape: &RushShape,
+    acknowledged: &HashMap<String, u64>,
+) -> Result<Vec<String>, String> {
+    let mut violations = Vec::new();
+    let mut capacity = CapacityServiceClient::new(channel.clone());
+    let mut stream = capacity
+        .export_bookings(proto::ExportBookingsRequest {
+            scope: Some(proto::export_bookings_request::Scope::RegionId(
+                scenario.region_id.clone(),
+            )),
+        })
+        .await
+        .map_err(|e| format!("ExportBookings: {e}"))?
+        .into_inner();
+    let mut per_slot: HashMap<String, u64> = HashMap::new();
+    let mut exported = HashSet::new();
+    while let Some(item) = stream
+        .message()
+        .await
+        .map_err(|e| format!("ExportBookings: {e}"))?
+    {
+        let Some(booking) = item.booking else {
+            continue;
+        };
+        if booking.state == proto::BookingState::Confirmed as i32 {
+            *per_slot.entry(booking.slot_id.clone()).or_default() += 1;
+        }
+        if !acknowledged.contains_key(&booking.booking_id) {
+            violations.push(format!(
+                "booking {} was exported but never acknowledged",
+                booking.booking_id
+            ));
+        }
+        exported.insert(booking.booking_id);
+    }
+    let lost = acknowledged
+        .keys()
+        .filter(|id| !exported.contains(*id))
+        .count();
+    if lost > 0 {
+        violations.push(format!(
+            "{lost} acknowledged bookings are missing from ExportBookings"
+        ));
+    }
+    let mut citizens = HashSet::new();
+    for citizen in acknowledged.values() {
+        if !citizens.insert(*citizen) {
+            violations.push(format!("citizen {citizen} holds more than one booking"));
+        }
+    }
+    let expected = shape.citizens.min(scenario.total_capacity);
+    if exported.len() as u64 != expected {
+        violations.push(format!(
+            "{} bookings, expected min(citizens {}, capacity {}) = {expected}",
+            exported.len(),
+            shape.citizens,
+            scenario.total_capacity
+        ));
+    }
+    let mut booking = BookingServiceClient::new(channel);
+    let mut stats_booked = 0;
+    for site_id in &scenario.site_ids {
+        let stats = capacity
+            .get_site_stats(proto::GetSiteStatsRequest {
+                site_id: site_id.clone(),
+            })
+            .await
+            .map_err(|e| format!("GetSiteStats: {e}"))?
+            .into_inner();
+        stats_booked += stats.booked;
+        let mut page_token = String::new();
+        loop {
+            let page = booking
+                .search_slots(proto::SearchSlotsRequest {
+                    scope: Some(Scope::SiteId(site_id.clone())),
+                    service_id: SERVICE_ID.into(),
+                    to: Some(prost_types::Timestamp {
+                        seconds: chrono::Utc::now().timestamp() + 300 * 86_400,
+                        nanos: 0,
+                    }),
+                    page_size: 500,
+                    page_token,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("SearchSlots: {e}"))?
+                .into_inner();
+            for slot in page.slots {
+                let booked = per_slot.get(&slot.slot_id).copied().unwrap_or(0);
+                if booked > u64::from(slot.capacity) {
+                    violations.push(format!(
+                        "slot {} holds {booked} bookings for {} places",
+                        slot.slot_id, slot.capacity
+                    ));
+                }
+                if u64::from(slot.capacity - slot.remaining) != booked {
+                    violations.push(format!(
+                        "slot {} reports {} taken but {booked} bookings are exported",
+                        slot.slot_id,
+                        slot.capacity - slot.remaining
+                    ));
+                }
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+    if stats_booked != exported.len() as u64 {
+        violations.push(format!(
+            "GetSiteStats counts {stats_booked} booked, ExportBookings {}",
+            exported.len()
+        ));
+    }
+    Ok(violations)
+}
+
+pub fn progress_bar() -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}

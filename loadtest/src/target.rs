@@ -1,0 +1,103 @@
+//! The server under load: one already running (`--server`, loopback only), or one this
+//! process starts on a temp dir (`--spawn`) with its own runtime and threads.
+
+use std::thread::JoinHandle;
+
+use prenota::config::Config;
+use prenota::server::{ServeOptions, Server};
+use tokio::sync::oneshot;
+
+pub struct Target {
+    pub url: String,
+    spawned: Option<Spawned>,
+}
+
+struct Spawned {
+    stop: oneshot::Sender<()>,
+    thread: JoinHandle<()>,
+    /// Deleted when the target is dropped, after the server stopped.
+    _data_dir: tempfile::TempDir,
+}
+
+impl Target {
+    pub fn connect(url: &str) -> Result<Self, String> {
+        let host = url
+            .trim_start_matches("http://")
+            .rsplit_once(':')
+            .map(|(host, _)| host)
+            .unwrap_or_default();
+        if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+            return Err(format!(
+                "refusing to load {url}: only loopback servers are targets"
+            ));
+        }
+        Ok(Self {
+            url: url.to_string(),
+            spawned: None,
+        })
+    }
+
+    /// Starts a prenota server on 127.0.0.1:0 with a fresh temp data dir.
+    pub fn spawn() -> Result<Self, String> {
+        let data_dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+        let path = data_dir.path().to_path_buf();
+        let (ready, address) = std::sync::mpsc::channel::<Result<String, String>>();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("prenota-server".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("server runtime: {e}")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let opened = Server::open(ServeOptions {
+                        data_dir: path,
+                        config: Config::default(),
+                        demo: false,
+                    })
+                    .await;
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await;
+                    let (server, listener) = match (opened, listener) {
+                        (Ok(server), Ok(listener)) => (server, listener),
+                        (Err(e), _) => return drop(ready.send(Err(format!("server: {e}")))),
+                        (_, Err(e)) => return drop(ready.send(Err(format!("bind: {e}")))),
+                    };
+                    let url = listener
+                        .local_addr()
+                        .map(|a| format!("http://{a}"))
+                        .map_err(|e| e.to_string());
+                    let _ = ready.send(url);
+                    if let Err(e) = server.serve(listener, async { drop(stopped.await) }).await {
+                        eprintln!("prenota-loadtest: the spawned server failed: {e}");
+                    }
+                });
+            })
+            .map_err(|e| format!("server thread: {e}"))?;
+        let url = address
+            .recv()
+            .map_err(|_| "the server thread died".to_string())??;
+        Ok(Self {
+            url,
+            spawned: Some(Spawned {
+                stop,
+                thread,
+                _data_dir: data_dir,
+            }),
+        })
+    }
+
+    /// Stops a spawned server gracefully (its final flush included).
+    pub fn stop(mut self) {
+        if let Some(spawned) = self.spawned.take() {
+            let _ = spawned.stop.send(());
+            let _ = spawned.thread.join();
+        }
+    }
+}
