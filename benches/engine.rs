@@ -1,0 +1,161 @@
+//! The engine without the network: durable bookings through the group committer at
+//! several concurrency levels (the batch size follows the number in flight), and
+//! schedule generation with chrono-tz.
+//! Run: `cargo bench --bench engine`. Numbers: BENCHMARKS.md.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{Duration as Days, Utc};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use prenota::config::{Config, DEFAULT_LIMITS};
+use prenota::domain::catalog::Site;
+use prenota::domain::ids::{RegionId, RequestKey, ServiceId, SiteId, SlotKey};
+use prenota::domain::schedule::{Schedule, ScheduleInput};
+use prenota::service::{BookCommand, Engine};
+
+const BOOKINGS_PER_ITERATION: u64 = 4_096;
+const SLOTS: i64 = 23 * 60;
+
+fn schedule(
+    first_day: &str,
+    last_day: &str,
+    opens: &'static str,
+    closes: &'static str,
+    slot_minutes: u32,
+) -> Schedule {
+    Schedule::parse(
+        &ScheduleInput {
+            first_day,
+            last_day,
+            opening_hours: (1..=7).map(|weekday| (weekday, opens, closes)).collect(),
+            slot_minutes,
+            capacity_per_slot: 10_000,
+        },
+        &DEFAULT_LIMITS,
+    )
+    .expect("a valid schedule")
+}
+
+/// An engine on a temp dir with one UTC site and one day of 1-minute slots of 10,000 places.
+fn engine(runtime: &tokio::runtime::Runtime) -> (Arc<Engine>, tempfile::TempDir, i64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let engine = Arc::new(Engine::open(dir.path(), &Config::default()).expect("engine"));
+    let day = Utc::now().date_naive() + Days::days(3);
+    let day_text = day.format("%Y-%m-%d").to_string();
+    let site_id = SiteId::parse("site_id", "bench", 64).expect("id");
+    let service_id = ServiceId::parse("service_id", "vax", 64).expect("id");
+    runtime.block_on(async {
+        engine
+            .upsert_site(Site {
+                site_id: site_id.clone(),
+                name: "Bench".into(),
+                region_id: RegionId::parse("region_id", "bench", 64).expect("id"),
+                time_zone: chrono_tz::UTC,
+            })
+            .await
+            .expect("site");
+        engine
+            .publish_schedule(
+                &site_id,
+                &service_id,
+                &schedule(&day_text, &day_text, "00:00", "23:00", 1),
+            )
+            .await
+            .expect("schedule");
+    });
+    let first_start = day
+        .and_hms_opt(0, 0, 0)
+        .map(|t| t.and_utc().timestamp())
+        .unwrap_or_default();
+    (engine, dir, first_start)
+}
+
+fn durable_bookings(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("engine_durable_book");
+    group.throughput(Throughput::Elements(BOOKINGS_PER_ITERATION));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    for in_flight in [1usize, 16, 256, 1_024] {
+        let (engine, _dir, first_start) = engine(&runtime);
+        let next_citizen = Arc::new(AtomicU64::new(0));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(in_flight),
+            &in_flight,
+            |b, &in_flight| {
+                b.iter_custom(|iterations| {
+                    let mut elapsed = Duration::ZERO;
+                    for _ in 0..iterations {
+                        let first =
+                            next_citizen.fetch_add(BOOKINGS_PER_ITERATION, Ordering::Relaxed);
+                        let started = Instant::now();
+                        runtime.block_on(book_all(&engine, first, in_flight, first_start));
+                        elapsed += started.elapsed();
+                    }
+                    elapsed
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+/// Books citizens `first..first + BOOKINGS_PER_ITERATION` with `in_flight` tasks.
+async fn book_all(engine: &Arc<Engine>, first: u64, in_flight: usize, first_start: i64) {
+    let site_id = SiteId::parse("site_id", "bench", 64).expect("id");
+    let service_id = ServiceId::parse("service_id", "vax", 64).expect("id");
+    let tasks: Vec<_> = (0..in_flight as u64)
+        .map(|worker| {
+            let (engine, site_id, service_id) =
+                (Arc::clone(engine), site_id.clone(), service_id.clone());
+            tokio::spawn(async move {
+                let mut citizen = first + worker;
+                while citizen < first + BOOKINGS_PER_ITERATION {
+                    let command = BookCommand {
+                        slot: SlotKey {
+                            site_id: site_id.clone(),
+                            service_id: service_id.clone(),
+                            start_unix_s: first_start + 60 * (citizen as i64 % SLOTS),
+                        },
+                        citizen_id: format!("citizen-{citizen}"),
+                        request: RequestKey::parse(
+                            "request_id",
+                            &format!("request-{citizen}"),
+                            128,
+                        )
+                        .expect("id"),
+                        hold_id: None,
+                    };
+                    engine.book(command).await.expect("a durable booking");
+                    citizen += in_flight as u64;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("booking task");
+    }
+}
+
+fn schedule_generation(c: &mut Criterion) {
+    let mut group = c.benchmark_group("schedule");
+    // A year of 10-minute slots 08:00-20:00 every day in Rome: 26,352 slots, two DST changes.
+    let year = schedule("2027-01-01", "2027-12-31", "08:00", "20:00", 10);
+    let slots = year
+        .plan(chrono_tz::Europe::Rome, 1_000_000)
+        .expect("plan")
+        .len() as u64;
+    group.throughput(Throughput::Elements(slots));
+    group.bench_function("plan_one_year_europe_rome", |b| {
+        b.iter(|| year.plan(chrono_tz::Europe::Rome, 1_000_000).expect("plan"))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, durable_bookings, schedule_generation);
+criterion_main!(benches);
