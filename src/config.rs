@@ -41,6 +41,9 @@ pub struct Limits {
     pub export_channel_depth: usize,
     /// Largest decoded gRPC request.
     pub message_size_bytes_max: usize,
+    /// sled's page cache. sled treats it as a soft hint and its resident memory grows to a
+    /// multiple of it under heavy writes, so it is set explicitly (sled's default: 1 GiB).
+    pub store_cache_bytes: u64,
     /// How long start-up waits for the data dir's lock (a previous process, or sled's
     /// I/O threads of a just-closed store, may still hold it) before refusing.
     pub data_dir_lock_wait_ms: u64,
@@ -73,6 +76,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     export_channel_depth: 256,
     message_size_bytes_max: 4 * 1024 * 1024,
     data_dir_lock_wait_ms: 5_000,
+    store_cache_bytes: 1024 * 1024 * 1024,
 };
 
 const _: () = {

@@ -5,6 +5,7 @@
 //! running one (loopback only). After a rush the invariants are verified from
 //! `ExportBookings`, `SearchSlots` and `GetSiteStats`; a violation exits non-zero.
 
+mod footprint;
 mod report;
 mod scenario;
 mod target;
@@ -72,6 +73,16 @@ enum ScenarioArgs {
         #[arg(long, default_value_t = 4)]
         demand_ratio: u32,
     },
+    /// Resident memory per slot and per booking, and recovery time (no network, no server).
+    Footprint {
+        #[arg(long, default_value_t = 10_000_000)]
+        slots: u64,
+        #[arg(long, default_value_t = 5_000_000)]
+        bookings: u64,
+        /// Bookings in the store whose recovery is timed.
+        #[arg(long, default_value_t = 5_000_000)]
+        recovery_bookings: u64,
+    },
 }
 
 #[tokio::main]
@@ -89,6 +100,18 @@ async fn main() -> ExitCode {
 
 /// `Ok(false)` when an invariant was violated.
 async fn run(cli: Cli) -> Result<bool, String> {
+    if let ScenarioArgs::Footprint {
+        slots,
+        bookings,
+        recovery_bookings,
+    } = cli.scenario
+    {
+        return tokio::task::spawn_blocking(move || {
+            run_footprint(&cli.json, slots, bookings, recovery_bookings)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
     let target = if cli.spawn {
         Target::spawn()?
     } else {
@@ -123,6 +146,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
             )?;
             Ok(true)
         }
+        ScenarioArgs::Footprint { .. } => Ok(true), // handled above, without a server
         ScenarioArgs::Rush {
             citizens,
             sites,
@@ -215,6 +239,36 @@ async fn run_rush(
         }),
     )?;
     Ok(violations.is_empty())
+}
+
+fn run_footprint(
+    json_path: &Option<PathBuf>,
+    slots: u64,
+    bookings: u64,
+    recovery_bookings: u64,
+) -> Result<bool, String> {
+    println!("footprint: {slots} slots, {bookings} bookings in memory indexes, recovery of {recovery_bookings} bookings");
+    let (per_slot, catalog) = footprint::slots(slots.max(1))?;
+    println!("  catalog: {per_slot:.0} resident bytes per slot (target <= 64)");
+    let (per_booking, citizens, requests) = footprint::bookings(bookings.max(1))?;
+    println!("  citizen index + request registry: {per_booking:.0} resident bytes per booking (target <= 200)");
+    drop((catalog, citizens, requests));
+    let (recovery_s, recovery_rss_mib) = footprint::recovery(recovery_bookings.max(1))?;
+    println!("  recovery of {recovery_bookings} bookings: {recovery_s:.1} s (target <= 15 s); process resident afterwards: {recovery_rss_mib:.0} MiB");
+    write_json(
+        json_path,
+        json!({
+            "scenario": "footprint",
+            "slots": slots,
+            "bytes_per_slot": per_slot,
+            "bookings": bookings,
+            "bytes_per_booking": per_booking,
+            "recovery_bookings": recovery_bookings,
+            "recovery_s": recovery_s,
+            "recovery_rss_mib": recovery_rss_mib,
+        }),
+    )?;
+    Ok(true)
 }
 
 fn write_json(path: &Option<PathBuf>, report: serde_json::Value) -> Result<(), String> {

@@ -55,6 +55,7 @@ impl Store {
         let sled_dir = data_dir.join("sled");
         let db = open_sled(
             &sled_dir,
+            limits.store_cache_bytes,
             Duration::from_millis(limits.data_dir_lock_wait_ms),
         )?;
         let db_file = OpenOptions::new()
@@ -170,7 +171,11 @@ impl Store {
 }
 
 /// Opens sled, waiting up to `lock_wait` for its file lock to be released.
-fn open_sled(sled_dir: &Path, lock_wait: Duration) -> Result<sled::Db, StoreError> {
+fn open_sled(
+    sled_dir: &Path,
+    cache_bytes: u64,
+    lock_wait: Duration,
+) -> Result<sled::Db, StoreError> {
     let deadline = Instant::now() + lock_wait;
     let mut waited = false;
     loop {
@@ -178,6 +183,7 @@ fn open_sled(sled_dir: &Path, lock_wait: Duration) -> Result<sled::Db, StoreErro
             .path(sled_dir)
             // Our committer flushes and fsyncs; a background flusher would only add I/O.
             .flush_every_ms(None)
+            .cache_capacity(cache_bytes)
             .open();
         match opened {
             Ok(db) => return Ok(db),

@@ -1,0 +1,194 @@
+//! `footprint`: resident memory of the in-memory state per slot and per booking, and
+//! start-up recovery time, measured on the library directly (no network).
+
+use std::time::Instant;
+
+use prenota::config::Config;
+use prenota::domain::booking::{Booking, BookingState, RequestRecord};
+use prenota::domain::catalog::{Catalog, Site, Slot};
+use prenota::domain::citizens::CitizenIndex;
+use prenota::domain::ids::{
+    BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey,
+};
+use prenota::service::requests::RequestRegistry;
+use prenota::service::Engine;
+use prenota::store::records::{SiteRecord, SlotRecord, Write};
+use prenota::store::Store;
+
+/// Slots per site, like a year of a large vaccination hub.
+const SLOTS_PER_SITE: u64 = 100_000;
+/// Writes per commit while building the recovery store: batches of tens of thousands make
+/// sled 0.34 hold gigabytes (3.2 GB for 1M bookings at 20,000), which the server never does.
+const BUILD_BATCH: usize = 1_000;
+
+/// Resident set size of this process, from /proc (Linux).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1_024
+}
+
+fn id<T>(
+    parse: fn(&str, &str, usize) -> Result<T, prenota::domain::error::FieldViolation>,
+    value: &str,
+) -> Result<T, String> {
+    parse("id", value, 64).map_err(|v| v.description)
+}
+
+fn site(index: u64) -> Result<Site, String> {
+    Ok(Site {
+        site_id: id(SiteId::parse, &format!("site-{index}"))?,
+        name: format!("Site {index}"),
+        region_id: id(RegionId::parse, "region")?,
+        time_zone: chrono_tz::Europe::Rome,
+    })
+}
+
+fn booking(booking_id: u128, slot: SlotKey, citizen: [u8; 16]) -> Booking {
+    Booking {
+        booking_id: BookingId(booking_id),
+        end_unix_s: slot.start_unix_s + 600,
+        slot,
+        citizen: CitizenKey(citizen),
+        created_at_unix_ms: 0,
+        request: RequestRecord {
+            key: RequestKey(citizen),
+            fingerprint: RequestFingerprint([0; 16]),
+        },
+        state: BookingState::Confirmed,
+    }
+}
+
+/// Catalog bytes per slot. The catalog is returned so the caller keeps it alive while
+/// measuring the next phase: freed memory would be reused and hide that phase's growth.
+pub fn slots(count: u64) -> Result<(f64, Catalog), String> {
+    let service = id(ServiceId::parse, "covid19-dose1")?;
+    let before = rss_bytes();
+    let mut catalog = Catalog::default();
+    for site_index in 0..count.div_ceil(SLOTS_PER_SITE) {
+        let site = site(site_index)?;
+        let site_id = site.site_id.clone();
+        catalog.upsert_site(site);
+        for slot in 0..SLOTS_PER_SITE.min(count - site_index * SLOTS_PER_SITE) {
+            let key = SlotKey {
+                site_id: site_id.clone(),
+                service_id: service.clone(),
+                start_unix_s: 1_900_000_000 + 600 * slot as i64,
+            };
+            catalog
+                .insert_slot(Slot::new(key, 0, 100))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let per_slot = (rss_bytes().saturating_sub(before)) as f64 / count as f64;
+    Ok((per_slot, catalog))
+}
+
+/// Citizen index + idempotency registry bytes per booking (returned alive, as above).
+pub fn bookings(count: u64) -> Result<(f64, CitizenIndex, RequestRegistry), String> {
+    let service = id(ServiceId::parse, "covid19-dose1")?;
+    let before = rss_bytes();
+    let citizens = CitizenIndex::default();
+    let requests = RequestRegistry::default();
+    for index in 0..count {
+        let citizen: [u8; 16] = rand_bytes(index);
+        citizens.insert(CitizenKey(citizen), &service, BookingId(u128::from(index)));
+        requests.insert_recovered(
+            RequestKey(citizen),
+            RequestFingerprint([1; 16]),
+            BookingId(u128::from(index)),
+        );
+    }
+    let per_booking = (rss_bytes().saturating_sub(before)) as f64 / count as f64;
+    Ok((per_booking, citizens, requests))
+}
+
+/// Distinct, well-spread 16 bytes for `index` (what an HMAC or SHA-256 would give).
+fn rand_bytes(index: u64) -> [u8; 16] {
+    let mut x = index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut out = [0u8; 16];
+    for chunk in out.chunks_mut(8) {
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        x ^= x >> 29;
+        chunk.copy_from_slice(&x.to_be_bytes());
+    }
+    out
+}
+
+/// Builds a store with `bookings` confirmed bookings, then times `Engine::open`;
+/// returns the seconds it took and the process's resident MiB afterwards (sled's
+/// page cache included).
+pub fn recovery(bookings: u64) -> Result<(f64, f64), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let service = id(ServiceId::parse, "covid19-dose1")?;
+    let capacity_per_slot: u32 = 100;
+    let slots = bookings.div_ceil(u64::from(capacity_per_slot));
+    let build_started = Instant::now();
+    runtime.block_on(async {
+        let mut store =
+            Store::open(dir.path(), &Config::default().limits).map_err(|e| e.to_string())?;
+        let mut writes = Vec::with_capacity(BUILD_BATCH);
+        for site_index in 0..slots.div_ceil(SLOTS_PER_SITE) {
+            let site = site(site_index)?;
+            writes.push(Write::Site(SiteRecord {
+                site_id: site.site_id.clone(),
+                name: site.name,
+                region_id: site.region_id,
+                time_zone: "Europe/Rome".into(),
+            }));
+        }
+        for slot in 0..slots {
+            let key = SlotKey {
+                site_id: id(SiteId::parse, &format!("site-{}", slot / SLOTS_PER_SITE))?,
+                service_id: service.clone(),
+                start_unix_s: 1_900_000_000 + 600 * (slot % SLOTS_PER_SITE) as i64,
+            };
+            writes.push(Write::Slot(SlotRecord {
+                key: key.clone(),
+                end_unix_s: key.start_unix_s + 600,
+                capacity: capacity_per_slot,
+            }));
+            for place in 0..u64::from(capacity_per_slot) {
+                let index = slot * u64::from(capacity_per_slot) + place;
+                if index >= bookings {
+                    break;
+                }
+                writes.push(Write::Booking(booking(
+                    u128::from(index) + 1,
+                    key.clone(),
+                    rand_bytes(index),
+                )));
+            }
+            if writes.len() >= BUILD_BATCH {
+                store.commit(&writes).await.map_err(|e| e.to_string())?;
+                writes.clear();
+            }
+        }
+        store.commit(&writes).await.map_err(|e| e.to_string())?;
+        store.shutdown();
+        Ok::<(), String>(())
+    })?;
+    println!(
+        "  built a store of {bookings} bookings in {slots} slots in {:.1} s",
+        build_started.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    let engine = Engine::open(dir.path(), &Config::default()).map_err(|e| e.to_string())?;
+    let seconds = started.elapsed().as_secs_f64();
+    let rss_mib = rss_bytes() as f64 / (1024.0 * 1024.0);
+    drop(engine);
+    Ok((seconds, rss_mib))
+}
