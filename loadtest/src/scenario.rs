@@ -35,12 +35,12 @@ const SEARCH_PAGE_SIZE: i32 = 20;
 const ROUNDS_MAX: usize = 1_000;
 
 #[derive(Clone, Debug)]
-pub struct RushShape {
+pub struct Shape {
     pub citizens: u64,
     pub sites: u32,
     pub days: u32,
-    /// Citizens per place: demand / capacity.
-    pub demand_ratio: u32,
+    /// Places wanted in all; rounded up to whole places per slot.
+    pub places: u64,
 }
 
 /// What the scenario created, to aim requests at and verify against.
@@ -50,13 +50,12 @@ pub struct Scenario {
     pub total_capacity: u64,
 }
 
-pub async fn publish(channel: Channel, shape: &RushShape) -> Result<Scenario, String> {
+pub async fn publish(channel: Channel, shape: &Shape) -> Result<Scenario, String> {
     let mut capacity = CapacityServiceClient::new(channel);
     let run = std::process::id();
     let region_id = format!("rush-{run}");
     let slots = u64::from(shape.sites) * u64::from(shape.days) * SLOTS_PER_DAY;
-    let wanted_capacity = (shape.citizens / u64::from(shape.demand_ratio.max(1))).max(1);
-    let capacity_per_slot = wanted_capacity.div_ceil(slots).clamp(1, 10_000) as u32;
+    let capacity_per_slot = shape.places.max(1).div_ceil(slots).clamp(1, 10_000) as u32;
     let first = chrono::Utc::now().date_naive() + chrono::Duration::days(2);
     let last = first + chrono::Duration::days(i64::from(shape.days.max(1)) - 1);
     let mut scenario = Scenario {
@@ -178,14 +177,79 @@ pub async fn ceiling(
     .await
 }
 
-/// Bookings the harness was told about: booking id → citizen.
-pub type Acknowledged = Arc<Mutex<HashMap<String, u64>>>;
+/// What the server acknowledged to the harness about one booking.
+#[derive(Clone, Copy, Debug)]
+pub struct Ack {
+    pub citizen: u64,
+    pub cancelled: bool,
+}
+
+/// Bookings the harness was told about, by booking id.
+pub type Acknowledged = Arc<Mutex<HashMap<String, Ack>>>;
+
+/// One search of a site's free slots, recorded in the tally.
+async fn search_free(
+    client: &mut BookingServiceClient<Channel>,
+    site_id: &str,
+    tally: &mut Tally,
+) -> Option<Vec<proto::Slot>> {
+    let started = Instant::now();
+    let result = client
+        .search_slots(proto::SearchSlotsRequest {
+            scope: Some(Scope::SiteId(site_id.to_string())),
+            service_id: SERVICE_ID.into(),
+            only_available: true,
+            page_size: SEARCH_PAGE_SIZE,
+            to: Some(prost_types::Timestamp {
+                seconds: chrono::Utc::now().timestamp() + 300 * 86_400,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await;
+    tally.record("SearchSlots", started.elapsed(), &result);
+    result.ok().map(|page| page.into_inner().slots)
+}
+
+/// Books one of `slots` for the citizen, moving on after SLOT_FULL; the booking id if any.
+async fn book_one(
+    client: &mut BookingServiceClient<Channel>,
+    slots: &[proto::Slot],
+    first: usize,
+    citizen_id: &str,
+    attempt: &str,
+    tally: &mut Tally,
+) -> Option<String> {
+    for slot in slots
+        .iter()
+        .cycle()
+        .skip(first % slots.len().max(1))
+        .take(slots.len())
+    {
+        let started = Instant::now();
+        let result = client
+            .book(proto::BookRequest {
+                slot_id: slot.slot_id.clone(),
+                citizen_id: citizen_id.to_string(),
+                request_id: format!("{citizen_id}-{attempt}-{}", slot.slot_id),
+                hold_id: None,
+            })
+            .await;
+        tally.record("Book", started.elapsed(), &result);
+        match result {
+            Ok(response) => return response.into_inner().booking.map(|b| b.booking_id),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
 
 pub async fn rush(
     channels: &[Channel],
     in_flight: usize,
     scenario: &Scenario,
-    shape: &RushShape,
+    shape: &Shape,
     acknowledged: Acknowledged,
     progress: &ProgressBar,
 ) -> Phase {
@@ -204,54 +268,133 @@ pub async fn rush(
                 let site_id = &site_ids[(citizen % site_ids.len() as u64) as usize];
                 let citizen_id = format!("citizen-{run}-{citizen}");
                 for round in 0..ROUNDS_MAX {
-                    let started = Instant::now();
-                    let result = client
-                        .search_slots(proto::SearchSlotsRequest {
-                            scope: Some(Scope::SiteId(site_id.clone())),
-                            service_id: SERVICE_ID.into(),
-                            only_available: true,
-                            page_size: SEARCH_PAGE_SIZE,
-                            to: Some(prost_types::Timestamp {
-                                seconds: chrono::Utc::now().timestamp() + 300 * 86_400,
-                                nanos: 0,
-                            }),
-                            ..Default::default()
-                        })
-                        .await;
-                    tally.record("SearchSlots", started.elapsed(), &result);
-                    let Ok(page) = result else { return tally };
-                    let slots = page.into_inner().slots;
+                    let Some(slots) = search_free(&mut client, site_id, &mut tally).await else {
+                        return tally;
+                    };
                     if slots.is_empty() {
                         return tally; // sold out for this citizen's site
                     }
                     // Citizens pick different free slots, like people clicking different times.
-                    let first = (citizen as usize + round) % slots.len();
-                    for slot in slots.iter().cycle().skip(first).take(slots.len()) {
-                        let started = Instant::now();
-                        let result = client
-                            .book(proto::BookRequest {
-                                slot_id: slot.slot_id.clone(),
-                                citizen_id: citizen_id.clone(),
-                                request_id: format!("{citizen_id}-{round}-{}", slot.slot_id),
-                                hold_id: None,
-                            })
-                            .await;
-                        tally.record("Book", started.elapsed(), &result);
-                        match result {
-                            Ok(response) => {
-                                if let Some(booking) = response.into_inner().booking {
-                                    acknowledged
-                                        .lock()
-                                        .await
-                                        .insert(booking.booking_id, citizen);
-                                }
-                                return tally;
-                            }
-                            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                                continue
-                            }
-                            Err(_) => return tally,
-                        }
+                    let first = citizen as usize + round;
+                    let attempt = round.to_string();
+                    if let Some(booking_id) = book_one(
+                        &mut client,
+                        &slots,
+                        first,
+                        &citizen_id,
+                        &attempt,
+                        &mut tally,
+                    )
+                    .await
+                    {
+                        let ack = Ack {
+                            citizen,
+                            cancelled: false,
+                        };
+                        acknowledged.lock().await.insert(booking_id, ack);
+                        return tally;
+                    }
+                }
+                tally
+            }
+        },
+    )
+    .await
+}
+
+/// Searches per citizen in `mixed`: browsing several sites before choosing.
+const MIXED_SEARCHES_PER_CITIZEN: u64 = 4;
+
+/// An ordinary busy day: every citizen browses (several searches), books; one in five
+/// cancels, and one in ten of all citizens then books another slot (a change of mind).
+/// Capacity exceeds demand, so books succeed unless a slot fills between search and book.
+pub async fn mixed(
+    channels: &[Channel],
+    in_flight: usize,
+    scenario: &Scenario,
+    shape: &Shape,
+    acknowledged: Acknowledged,
+    progress: &ProgressBar,
+) -> Phase {
+    let site_ids = Arc::new(scenario.site_ids.clone());
+    let run = std::process::id();
+    run_workers(
+        "mixed",
+        channels,
+        in_flight,
+        shape.citizens,
+        progress,
+        move |channel, citizen, mut tally| {
+            let (site_ids, acknowledged) = (Arc::clone(&site_ids), Arc::clone(&acknowledged));
+            async move {
+                let mut client = BookingServiceClient::new(channel);
+                let citizen_id = format!("citizen-{run}-{citizen}");
+                let mut slots = Vec::new();
+                for search in 0..MIXED_SEARCHES_PER_CITIZEN {
+                    let site_id = &site_ids[((citizen + search) % site_ids.len() as u64) as usize];
+                    slots = search_free(&mut client, site_id, &mut tally)
+                        .await
+                        .unwrap_or_default();
+                }
+                let Some(booking_id) = book_one(
+                    &mut client,
+                    &slots,
+                    citizen as usize,
+                    &citizen_id,
+                    "first",
+                    &mut tally,
+                )
+                .await
+                else {
+                    return tally;
+                };
+                acknowledged.lock().await.insert(
+                    booking_id.clone(),
+                    Ack {
+                        citizen,
+                        cancelled: false,
+                    },
+                );
+                if citizen % 5 != 0 {
+                    return tally;
+                }
+                let started = Instant::now();
+                let result = client
+                    .cancel_booking(proto::CancelBookingRequest {
+                        booking_id: booking_id.clone(),
+                        citizen_id: citizen_id.clone(),
+                        request_id: format!("{citizen_id}-cancel"),
+                    })
+                    .await;
+                tally.record("CancelBooking", started.elapsed(), &result);
+                if result.is_err() {
+                    return tally;
+                }
+                acknowledged.lock().await.insert(
+                    booking_id,
+                    Ack {
+                        citizen,
+                        cancelled: true,
+                    },
+                );
+                if citizen % 10 == 0 {
+                    if let Some(again) = book_one(
+                        &mut client,
+                        &slots,
+                        citizen as usize + 1,
+                        &citizen_id,
+                        "second",
+                        &mut tally,
+                    )
+                    .await
+                    {
+                        acknowledged.lock().await.insert(
+                            again,
+                            Ack {
+                                citizen,
+                                cancelled: false,
+                            },
+                        );
                     }
                 }
                 tally
@@ -262,12 +405,13 @@ pub async fn rush(
 }
 
 /// Checks the invariants from `ExportBookings`, `SearchSlots` and `GetSiteStats`;
-/// returns every violation found.
+/// returns every violation found. `expected_confirmed`: the exact number of confirmed
+/// bookings the scenario must end with, when it is known (a rush fills every place).
 pub async fn verify(
     channel: Channel,
     scenario: &Scenario,
-    shape: &RushShape,
-    acknowledged: &HashMap<String, u64>,
+    acknowledged: &HashMap<String, Ack>,
+    expected_confirmed: Option<u64>,
 ) -> Result<Vec<String>, String> {
     let mut violations = Vec::new();
     let mut capacity = CapacityServiceClient::new(channel.clone());
@@ -282,6 +426,7 @@ pub async fn verify(
         .into_inner();
     let mut per_slot: HashMap<String, u64> = HashMap::new();
     let mut exported = HashSet::new();
+    let mut confirmed = 0u64;
     while let Some(item) = stream
         .message()
         .await
@@ -290,14 +435,31 @@ pub async fn verify(
         let Some(booking) = item.booking else {
             continue;
         };
-        if booking.state == proto::BookingState::Confirmed as i32 {
+        let is_confirmed = booking.state == proto::BookingState::Confirmed as i32;
+        if is_confirmed {
+            confirmed += 1;
             *per_slot.entry(booking.slot_id.clone()).or_default() += 1;
         }
-        if !acknowledged.contains_key(&booking.booking_id) {
-            violations.push(format!(
+        match acknowledged.get(&booking.booking_id) {
+            None => violations.push(format!(
                 "booking {} was exported but never acknowledged",
                 booking.booking_id
-            ));
+            )),
+            Some(ack) if ack.cancelled == is_confirmed => violations.push(format!(
+                "booking {} is exported {} but its last acknowledged state was {}",
+                booking.booking_id,
+                if is_confirmed {
+                    "confirmed"
+                } else {
+                    "cancelled"
+                },
+                if ack.cancelled {
+                    "cancelled"
+                } else {
+                    "confirmed"
+                }
+            )),
+            Some(_) => {}
         }
         exported.insert(booking.booking_id);
     }
@@ -311,19 +473,20 @@ pub async fn verify(
         ));
     }
     let mut citizens = HashSet::new();
-    for citizen in acknowledged.values() {
-        if !citizens.insert(*citizen) {
-            violations.push(format!("citizen {citizen} holds more than one booking"));
+    for ack in acknowledged.values().filter(|ack| !ack.cancelled) {
+        if !citizens.insert(ack.citizen) {
+            violations.push(format!(
+                "citizen {} holds more than one confirmed booking",
+                ack.citizen
+            ));
         }
     }
-    let expected = shape.citizens.min(scenario.total_capacity);
-    if exported.len() as u64 != expected {
-        violations.push(format!(
-            "{} bookings, expected min(citizens {}, capacity {}) = {expected}",
-            exported.len(),
-            shape.citizens,
-            scenario.total_capacity
-        ));
+    if let Some(expected) = expected_confirmed {
+        if confirmed != expected {
+            violations.push(format!(
+                "{confirmed} confirmed bookings, expected {expected}"
+            ));
+        }
     }
     let mut booking = BookingServiceClient::new(channel);
     let mut stats_booked = 0;
@@ -363,7 +526,7 @@ pub async fn verify(
                 }
                 if u64::from(slot.capacity - slot.remaining) != booked {
                     violations.push(format!(
-                        "slot {} reports {} taken but {booked} bookings are exported",
+                        "slot {} reports {} taken but {booked} confirmed bookings are exported",
                         slot.slot_id,
                         slot.capacity - slot.remaining
                     ));
@@ -375,10 +538,9 @@ pub async fn verify(
             page_token = page.next_page_token;
         }
     }
-    if stats_booked != exported.len() as u64 {
+    if stats_booked != confirmed {
         violations.push(format!(
-            "GetSiteStats counts {stats_booked} booked, ExportBookings {}",
-            exported.len()
+            "GetSiteStats counts {stats_booked} booked, ExportBookings {confirmed} confirmed"
         ));
     }
     Ok(violations)
