@@ -14,6 +14,7 @@ use prenota::domain::catalog::Site;
 use prenota::domain::ids::{RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use prenota::domain::schedule::{Schedule, ScheduleInput};
 use prenota::service::{BookCommand, Engine};
+use prenota::store::{Store, UnsyncedForBenchmarks};
 
 const BOOKINGS_PER_ITERATION: u64 = 4_096;
 const SLOTS: i64 = 23 * 60;
@@ -38,10 +39,20 @@ fn schedule(
     .expect("a valid schedule")
 }
 
-/// An engine on a temp dir with one UTC site and one day of 1-minute slots of 10,000 places.
-fn engine(runtime: &tokio::runtime::Runtime) -> (Arc<Engine>, tempfile::TempDir, i64) {
+/// An engine on a temp dir with one UTC site and one day of 1-minute slots of 10,000
+/// places; `unsynced` weakens its commits (benchmarks only).
+fn engine(
+    runtime: &tokio::runtime::Runtime,
+    unsynced: Option<UnsyncedForBenchmarks>,
+) -> (Arc<Engine>, tempfile::TempDir, i64) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let engine = Arc::new(Engine::open(dir.path(), &Config::default()).expect("engine"));
+    let config = Config::default();
+    let store = match unsynced {
+        None => Store::open(dir.path(), &config.limits),
+        Some(mode) => Store::open_unsynced_for_benchmarks(dir.path(), &config.limits, mode),
+    }
+    .expect("store");
+    let engine = Arc::new(Engine::open_with_store(store, &config).expect("engine"));
     let day = Utc::now().date_naive() + Days::days(3);
     let day_text = day.format("%Y-%m-%d").to_string();
     let site_id = SiteId::parse("site_id", "bench", 64).expect("id");
@@ -82,7 +93,7 @@ fn durable_bookings(c: &mut Criterion) {
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(10));
     for in_flight in [1usize, 16, 256, 1_024] {
-        let (engine, _dir, first_start) = engine(&runtime);
+        let (engine, _dir, first_start) = engine(&runtime, None);
         let next_citizen = Arc::new(AtomicU64::new(0));
         group.bench_with_input(
             BenchmarkId::from_parameter(in_flight),
@@ -101,6 +112,46 @@ fn durable_bookings(c: &mut Criterion) {
                 })
             },
         );
+    }
+    group.finish();
+}
+
+/// The same book path at 256 in flight with weaker commits: what durability costs.
+fn book_path_by_commit_mode(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("engine_book_path_256_in_flight");
+    group.throughput(Throughput::Elements(BOOKINGS_PER_ITERATION));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    let modes = [
+        ("fdatasync", None),
+        (
+            "flush_without_fsync",
+            Some(UnsyncedForBenchmarks::FlushWithoutFsync),
+        ),
+        (
+            "apply_only_in_memory",
+            Some(UnsyncedForBenchmarks::ApplyOnly),
+        ),
+    ];
+    for (name, mode) in modes {
+        let (engine, _dir, first_start) = engine(&runtime, mode);
+        let next_citizen = AtomicU64::new(0);
+        group.bench_function(name, |b| {
+            b.iter_custom(|iterations| {
+                let mut elapsed = Duration::ZERO;
+                for _ in 0..iterations {
+                    let first = next_citizen.fetch_add(BOOKINGS_PER_ITERATION, Ordering::Relaxed);
+                    let started = Instant::now();
+                    runtime.block_on(book_all(&engine, first, 256, first_start));
+                    elapsed += started.elapsed();
+                }
+                elapsed
+            })
+        });
     }
     group.finish();
 }
@@ -157,5 +208,10 @@ fn schedule_generation(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, durable_bookings, schedule_generation);
+criterion_group!(
+    benches,
+    durable_bookings,
+    book_path_by_commit_mode,
+    schedule_generation
+);
 criterion_main!(benches);

@@ -101,7 +101,14 @@ pub fn now_unix_ms() -> i64 {
 impl Engine {
     /// Opens the store in `data_dir` and rebuilds memory from it, checking invariants.
     pub fn open(data_dir: &std::path::Path, config: &Config) -> Result<Self, ServiceError> {
-        let store = Store::open(data_dir, &config.limits)?;
+        Self::open_with_store(Store::open(data_dir, &config.limits)?, config)
+    }
+
+    /// Rebuilds an engine over an already opened store (benchmarks pass a store with
+    /// weaker commits; see `Store::open_unsynced_for_benchmarks`).
+    pub fn open_with_store(store: Store, config: &Config) -> Result<Self, ServiceError> {
+        let data_dir = store.data_dir().to_path_buf();
+        let data_dir = data_dir.as_path();
         let key = match config.citizen_hash_key {
             Some(key) => key,
             None => crate::store::key_file::load_or_create(data_dir)?,

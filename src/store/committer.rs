@@ -49,6 +49,36 @@ impl Durability for SledDurability {
     }
 }
 
+/// Weaker commits, for benchmarks only: they show what the durability barrier costs.
+/// Never reachable from the configuration or the command line.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnsyncedForBenchmarks {
+    /// apply_batch + flush (sync_file_range), no fdatasync: not a power-loss barrier.
+    FlushWithoutFsync,
+    /// apply_batch only: in sled's memory, lost on a crash.
+    ApplyOnly,
+}
+
+pub(crate) struct SledUnsynced {
+    pub db: sled::Db,
+    pub mode: UnsyncedForBenchmarks,
+}
+
+impl Durability for SledUnsynced {
+    fn commit(&mut self, batch: sled::Batch) -> Result<(), StoreError> {
+        self.db
+            .apply_batch(batch)
+            .map_err(|e| StoreError::Io(format!("apply_batch: {e}")))?;
+        if self.mode == UnsyncedForBenchmarks::FlushWithoutFsync {
+            self.db
+                .flush()
+                .map_err(|e| StoreError::Io(format!("flush: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
 /// Shared between the committer thread and writers.
 pub struct CommitterState {
     /// Set on the first storage error; never cleared while the process lives.

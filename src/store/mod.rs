@@ -21,7 +21,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::Limits;
 use crate::domain::booking::Booking;
 use crate::domain::ids::BookingId;
-use committer::{CommitRequest, CommitterState, SledDurability};
+pub use committer::UnsyncedForBenchmarks;
+use committer::{CommitRequest, CommitterState, SledDurability, SledUnsynced};
 use records::{booking_key, decode_value, SiteRecord, SlotRecord, Write};
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -50,6 +51,25 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store under `data_dir` and starts the committer.
     pub fn open(data_dir: &Path, limits: &Limits) -> Result<Self, StoreError> {
+        Self::open_with(data_dir, limits, None)
+    }
+
+    /// Benchmarks only: a store whose commits skip fdatasync (or flush too), to measure
+    /// what durability costs. Acknowledgements from it promise nothing.
+    #[doc(hidden)]
+    pub fn open_unsynced_for_benchmarks(
+        data_dir: &Path,
+        limits: &Limits,
+        mode: UnsyncedForBenchmarks,
+    ) -> Result<Self, StoreError> {
+        Self::open_with(data_dir, limits, Some(mode))
+    }
+
+    fn open_with(
+        data_dir: &Path,
+        limits: &Limits,
+        unsynced: Option<UnsyncedForBenchmarks>,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
         let sled_dir = data_dir.join("sled");
@@ -74,15 +94,27 @@ impl Store {
             healthy,
         });
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
-        let committer = committer::spawn(
-            SledDurability {
-                db: db.clone(),
-                db_file,
-            },
-            receiver,
-            Arc::clone(&state),
-            limits.commit_batch_writes_max,
-        )
+        let batch_writes_max = limits.commit_batch_writes_max;
+        let committer = match unsynced {
+            None => committer::spawn(
+                SledDurability {
+                    db: db.clone(),
+                    db_file,
+                },
+                receiver,
+                Arc::clone(&state),
+                batch_writes_max,
+            ),
+            Some(mode) => committer::spawn(
+                SledUnsynced {
+                    db: db.clone(),
+                    mode,
+                },
+                receiver,
+                Arc::clone(&state),
+                batch_writes_max,
+            ),
+        }
         .map_err(|e| StoreError::Io(format!("starting the committer thread: {e}")))?;
         Ok(Self {
             db,
