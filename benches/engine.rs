@@ -45,8 +45,15 @@ fn engine(
     runtime: &tokio::runtime::Runtime,
     unsynced: Option<UnsyncedForBenchmarks>,
 ) -> (Arc<Engine>, tempfile::TempDir, i64) {
+    engine_with(runtime, unsynced, Config::default())
+}
+
+fn engine_with(
+    runtime: &tokio::runtime::Runtime,
+    unsynced: Option<UnsyncedForBenchmarks>,
+    config: Config,
+) -> (Arc<Engine>, tempfile::TempDir, i64) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = Config::default();
     let store = match unsynced {
         None => Store::open(dir.path(), &config.limits),
         Some(mode) => Store::open_unsynced_for_benchmarks(dir.path(), &config.limits, mode),
@@ -156,6 +163,42 @@ fn book_path_by_commit_mode(c: &mut Criterion) {
     group.finish();
 }
 
+/// Durable bookings at 1,024 in flight with the group-commit batch bounded to N writes.
+fn batch_size_bound(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("engine_commit_batch_writes_max");
+    group.throughput(Throughput::Elements(BOOKINGS_PER_ITERATION));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    for batch_max in [1usize, 8, 64, 512, 4_096] {
+        let mut config = Config::default();
+        config.limits.commit_batch_writes_max = batch_max;
+        let (engine, _dir, first_start) = engine_with(&runtime, None, config);
+        let next_citizen = AtomicU64::new(0);
+        group.bench_with_input(
+            BenchmarkId::from_parameter(batch_max),
+            &batch_max,
+            |b, _| {
+                b.iter_custom(|iterations| {
+                    let mut elapsed = Duration::ZERO;
+                    for _ in 0..iterations {
+                        let first =
+                            next_citizen.fetch_add(BOOKINGS_PER_ITERATION, Ordering::Relaxed);
+                        let started = Instant::now();
+                        runtime.block_on(book_all(&engine, first, 1_024, first_start));
+                        elapsed += started.elapsed();
+                    }
+                    elapsed
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
 /// Books citizens `first..first + BOOKINGS_PER_ITERATION` with `in_flight` tasks.
 async fn book_all(engine: &Arc<Engine>, first: u64, in_flight: usize, first_start: i64) {
     let site_id = SiteId::parse("site_id", "bench", 64).expect("id");
@@ -212,6 +255,7 @@ criterion_group!(
     benches,
     durable_bookings,
     book_path_by_commit_mode,
+    batch_size_bound,
     schedule_generation
 );
 criterion_main!(benches);
