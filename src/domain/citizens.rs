@@ -11,7 +11,57 @@ use crate::domain::ids::{BookingId, CitizenKey, ServiceId};
 
 const SHARD_COUNT: usize = 64;
 
-type Shard = HashMap<(CitizenKey, ServiceId), Vec<BookingId>>;
+type Shard = HashMap<(CitizenKey, ServiceId), Active>;
+
+/// A citizen's active bookings for one service: almost always exactly one, kept inline
+/// so millions of citizens cost no extra allocation each.
+#[derive(Debug)]
+enum Active {
+    One(BookingId),
+    Many(Vec<BookingId>),
+}
+
+impl Active {
+    fn len(&self) -> usize {
+        match self {
+            Active::One(_) => 1,
+            Active::Many(ids) => ids.len(),
+        }
+    }
+
+    fn first(&self) -> Option<BookingId> {
+        match self {
+            Active::One(id) => Some(*id),
+            Active::Many(ids) => ids.first().copied(),
+        }
+    }
+
+    fn push(&mut self, booking_id: BookingId) {
+        match self {
+            Active::One(id) => *self = Active::Many(vec![*id, booking_id]),
+            Active::Many(ids) => ids.push(booking_id),
+        }
+    }
+
+    /// Removes `booking_id`; `None` when it was not there, `Some(empty)` when nothing is left.
+    fn remove(&mut self, booking_id: BookingId) -> Option<bool> {
+        match self {
+            Active::One(id) => (*id == booking_id).then_some(true),
+            Active::Many(ids) => {
+                let position = ids.iter().position(|id| *id == booking_id)?;
+                ids.swap_remove(position);
+                match ids.as_slice() {
+                    [] => Some(true),
+                    [only] => {
+                        *self = Active::One(*only);
+                        Some(false)
+                    }
+                    _ => Some(false),
+                }
+            }
+        }
+    }
+}
 
 pub struct CitizenIndex {
     shards: Box<[Mutex<Shard>]>,
@@ -47,12 +97,18 @@ impl CitizenIndex {
         max: u32,
     ) -> Result<(), BookingId> {
         let mut shard = self.shard(&citizen);
-        let active = shard.entry((citizen, service.clone())).or_default();
-        if active.len() >= max as usize {
-            return Err(active[0]);
+        match shard.get_mut(&(citizen, service.clone())) {
+            None if max >= 1 => {
+                shard.insert((citizen, service.clone()), Active::One(booking_id));
+                Ok(())
+            }
+            Some(active) if active.len() < max as usize => {
+                active.push(booking_id);
+                Ok(())
+            }
+            Some(active) => Err(active.first().unwrap_or(booking_id)),
+            None => Err(booking_id),
         }
-        active.push(booking_id);
-        Ok(())
     }
 
     /// Removes `booking_id`; true only for the one caller that removed it.
@@ -62,14 +118,15 @@ impl CitizenIndex {
         let Some(active) = shard.get_mut(&key) else {
             return false;
         };
-        let Some(position) = active.iter().position(|id| *id == booking_id) else {
-            return false;
-        };
-        active.swap_remove(position);
-        if active.is_empty() {
-            shard.remove(&key);
+        match active.remove(booking_id) {
+            None => false,
+            Some(now_empty) => {
+                if now_empty {
+                    shard.remove(&key);
+                }
+                true
+            }
         }
-        true
     }
 
     /// Records an active booking without the limit check and returns how many the
@@ -77,9 +134,16 @@ impl CitizenIndex {
     /// `release` whose cancel never reached the store.
     pub fn insert(&self, citizen: CitizenKey, service: &ServiceId, booking_id: BookingId) -> usize {
         let mut shard = self.shard(&citizen);
-        let active = shard.entry((citizen, service.clone())).or_default();
-        active.push(booking_id);
-        active.len()
+        match shard.get_mut(&(citizen, service.clone())) {
+            Some(active) => {
+                active.push(booking_id);
+                active.len()
+            }
+            None => {
+                shard.insert((citizen, service.clone()), Active::One(booking_id));
+                1
+            }
+        }
     }
 }
 
@@ -103,6 +167,30 @@ mod tests {
         assert!(index.release(citizen, &service(), BookingId(1)));
         assert!(!index.release(citizen, &service(), BookingId(1)));
         assert_eq!(index.reserve(citizen, &service(), BookingId(2), 1), Ok(()));
+    }
+
+    #[test]
+    fn higher_limits_hold_several_and_release_each_once() {
+        let index = CitizenIndex::default();
+        let citizen = CitizenKey([9; 16]);
+        for id in 1..=3 {
+            assert_eq!(index.reserve(citizen, &service(), BookingId(id), 3), Ok(()));
+        }
+        assert_eq!(
+            index.reserve(citizen, &service(), BookingId(4), 3),
+            Err(BookingId(1))
+        );
+        assert!(index.release(citizen, &service(), BookingId(2)));
+        assert!(!index.release(citizen, &service(), BookingId(2)));
+        assert_eq!(index.reserve(citizen, &service(), BookingId(4), 3), Ok(()));
+        for id in [1, 3, 4] {
+            assert!(index.release(citizen, &service(), BookingId(id)));
+        }
+        assert_eq!(
+            index.insert(citizen, &service(), BookingId(5)),
+            1,
+            "nothing left behind"
+        );
     }
 
     #[test]

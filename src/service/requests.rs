@@ -18,15 +18,12 @@ const SHARD_COUNT: usize = 64;
 
 pub type Outcome = Result<BookingId, ServiceError>;
 
-enum Entry {
-    Pending {
-        fingerprint: RequestFingerprint,
-        outcome: watch::Receiver<Option<Outcome>>,
-    },
-    Done {
-        fingerprint: RequestFingerprint,
-        booking_id: BookingId,
-    },
+/// One shard. Finished requests (millions, kept for good) and requests in flight
+/// (bounded by the requests in flight) live apart, so a finished one costs 48 bytes.
+#[derive(Default)]
+struct Shard {
+    done: HashMap<RequestKey, (RequestFingerprint, BookingId)>,
+    pending: HashMap<RequestKey, (RequestFingerprint, watch::Receiver<Option<Outcome>>)>,
 }
 
 pub enum Begin<'a> {
@@ -39,21 +36,21 @@ pub enum Begin<'a> {
 }
 
 pub struct RequestRegistry {
-    shards: Box<[Mutex<HashMap<RequestKey, Entry>>]>,
+    shards: Box<[Mutex<Shard>]>,
 }
 
 impl Default for RequestRegistry {
     fn default() -> Self {
         Self {
             shards: (0..SHARD_COUNT)
-                .map(|_| Mutex::new(HashMap::new()))
+                .map(|_| Mutex::new(Shard::default()))
                 .collect(),
         }
     }
 }
 
 impl RequestRegistry {
-    fn shard(&self, key: &RequestKey) -> MutexGuard<'_, HashMap<RequestKey, Entry>> {
+    fn shard(&self, key: &RequestKey) -> MutexGuard<'_, Shard> {
         self.shards[usize::from(key.0[0]) % SHARD_COUNT]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -65,44 +62,28 @@ impl RequestRegistry {
         fingerprint: RequestFingerprint,
     ) -> Result<Begin<'_>, ServiceError> {
         let mut shard = self.shard(&key);
-        match shard.get(&key) {
-            Some(Entry::Done {
-                fingerprint: first,
-                booking_id,
-            }) => {
-                if *first == fingerprint {
-                    Ok(Begin::Done(*booking_id))
-                } else {
-                    Err(DomainError::RequestIdReused.into())
-                }
-            }
-            Some(Entry::Pending {
-                fingerprint: first,
-                outcome,
-            }) => {
-                if *first == fingerprint {
-                    Ok(Begin::Wait(outcome.clone()))
-                } else {
-                    Err(DomainError::RequestIdReused.into())
-                }
-            }
-            None => {
-                let (sender, receiver) = watch::channel(None);
-                shard.insert(
-                    key,
-                    Entry::Pending {
-                        fingerprint,
-                        outcome: receiver,
-                    },
-                );
-                Ok(Begin::Fresh(RequestGuard {
-                    registry: self,
-                    key,
-                    fingerprint,
-                    sender: Some(sender),
-                }))
-            }
+        if let Some((first, booking_id)) = shard.done.get(&key) {
+            return if *first == fingerprint {
+                Ok(Begin::Done(*booking_id))
+            } else {
+                Err(DomainError::RequestIdReused.into())
+            };
         }
+        if let Some((first, outcome)) = shard.pending.get(&key) {
+            return if *first == fingerprint {
+                Ok(Begin::Wait(outcome.clone()))
+            } else {
+                Err(DomainError::RequestIdReused.into())
+            };
+        }
+        let (sender, receiver) = watch::channel(None);
+        shard.pending.insert(key, (fingerprint, receiver));
+        Ok(Begin::Fresh(RequestGuard {
+            registry: self,
+            key,
+            fingerprint,
+            sender: Some(sender),
+        }))
     }
 
     /// Recovery only: a stored mutation and its outcome.
@@ -112,13 +93,7 @@ impl RequestRegistry {
         fingerprint: RequestFingerprint,
         booking_id: BookingId,
     ) {
-        self.shard(&key).insert(
-            key,
-            Entry::Done {
-                fingerprint,
-                booking_id,
-            },
-        );
+        self.shard(&key).done.insert(key, (fingerprint, booking_id));
     }
 }
 
@@ -150,19 +125,9 @@ impl RequestGuard<'_> {
         };
         {
             let mut shard = self.registry.shard(&self.key);
-            match &outcome {
-                Ok(booking_id) => {
-                    shard.insert(
-                        self.key,
-                        Entry::Done {
-                            fingerprint: self.fingerprint,
-                            booking_id: *booking_id,
-                        },
-                    );
-                }
-                Err(_) => {
-                    shard.remove(&self.key);
-                }
+            shard.pending.remove(&self.key);
+            if let Ok(booking_id) = &outcome {
+                shard.done.insert(self.key, (self.fingerprint, *booking_id));
             }
         }
         sender.send_replace(Some(outcome));
