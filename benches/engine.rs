@@ -101,24 +101,8 @@ fn durable_bookings(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(10));
     for in_flight in [1usize, 16, 256, 1_024] {
         let (engine, _dir, first_start) = engine(&runtime, None);
-        let next_citizen = Arc::new(AtomicU64::new(0));
-        group.bench_with_input(
-            BenchmarkId::from_parameter(in_flight),
-            &in_flight,
-            |b, &in_flight| {
-                b.iter_custom(|iterations| {
-                    let mut elapsed = Duration::ZERO;
-                    for _ in 0..iterations {
-                        let first =
-                            next_citizen.fetch_add(BOOKINGS_PER_ITERATION, Ordering::Relaxed);
-                        let started = Instant::now();
-                        runtime.block_on(book_all(&engine, first, in_flight, first_start));
-                        elapsed += started.elapsed();
-                    }
-                    elapsed
-                })
-            },
-        );
+        let id = BenchmarkId::from_parameter(in_flight);
+        bench_bookings(&mut group, id, &runtime, (&engine, first_start), in_flight);
     }
     group.finish();
 }
@@ -146,19 +130,8 @@ fn book_path_by_commit_mode(c: &mut Criterion) {
     ];
     for (name, mode) in modes {
         let (engine, _dir, first_start) = engine(&runtime, mode);
-        let next_citizen = AtomicU64::new(0);
-        group.bench_function(name, |b| {
-            b.iter_custom(|iterations| {
-                let mut elapsed = Duration::ZERO;
-                for _ in 0..iterations {
-                    let first = next_citizen.fetch_add(BOOKINGS_PER_ITERATION, Ordering::Relaxed);
-                    let started = Instant::now();
-                    runtime.block_on(book_all(&engine, first, 256, first_start));
-                    elapsed += started.elapsed();
-                }
-                elapsed
-            })
-        });
+        let id = BenchmarkId::from_parameter(name);
+        bench_bookings(&mut group, id, &runtime, (&engine, first_start), 256);
     }
     group.finish();
 }
@@ -177,26 +150,33 @@ fn batch_size_bound(c: &mut Criterion) {
         let mut config = Config::default();
         config.limits.commit_batch_writes_max = batch_max;
         let (engine, _dir, first_start) = engine_with(&runtime, None, config);
-        let next_citizen = AtomicU64::new(0);
-        group.bench_with_input(
-            BenchmarkId::from_parameter(batch_max),
-            &batch_max,
-            |b, _| {
-                b.iter_custom(|iterations| {
-                    let mut elapsed = Duration::ZERO;
-                    for _ in 0..iterations {
-                        let first =
-                            next_citizen.fetch_add(BOOKINGS_PER_ITERATION, Ordering::Relaxed);
-                        let started = Instant::now();
-                        runtime.block_on(book_all(&engine, first, 1_024, first_start));
-                        elapsed += started.elapsed();
-                    }
-                    elapsed
-                })
-            },
-        );
+        let id = BenchmarkId::from_parameter(batch_max);
+        bench_bookings(&mut group, id, &runtime, (&engine, first_start), 1_024);
     }
     group.finish();
+}
+
+/// Times `BOOKINGS_PER_ITERATION` fresh citizens booked with `in_flight` tasks per iteration.
+fn bench_bookings(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: BenchmarkId,
+    runtime: &tokio::runtime::Runtime,
+    (engine, first_start): (&Arc<Engine>, i64),
+    in_flight: usize,
+) {
+    let next_citizen = AtomicU64::new(0);
+    group.bench_function(id, |b| {
+        b.iter_custom(|iterations| {
+            let mut elapsed = Duration::ZERO;
+            for _ in 0..iterations {
+                let first = next_citizen.fetch_add(BOOKINGS_PER_ITERATION, Ordering::Relaxed);
+                let started = Instant::now();
+                runtime.block_on(book_all(engine, first, in_flight, first_start));
+                elapsed += started.elapsed();
+            }
+            elapsed
+        })
+    });
 }
 
 /// Books citizens `first..first + BOOKINGS_PER_ITERATION` with `in_flight` tasks.
