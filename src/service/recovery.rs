@@ -5,9 +5,13 @@ use std::str::FromStr;
 
 use chrono_tz::Tz;
 
-use crate::domain::booking::BookingState;
-use crate::domain::catalog::{Site, Slot};
+use crate::domain::booking::{Booking, BookingState};
+use crate::domain::catalog::{Catalog, Site, Slot};
+use crate::domain::citizens::CitizenIndex;
+use crate::service::requests::RequestRegistry;
 use crate::service::{Engine, ServiceError};
+use crate::store::records::decode_value;
+use crate::store::StoreError;
 
 pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let started = std::time::Instant::now();
@@ -41,48 +45,47 @@ pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let mut confirmed = 0u64;
     let mut cancelled = 0u64;
     let max_active = engine.limits.max_active_per_citizen as usize;
-    for booking in engine.store.bookings() {
-        let booking = booking?;
-        engine.requests.insert_recovered(
-            booking.request.key,
-            booking.request.fingerprint,
-            booking.booking_id,
-        );
-        match &booking.state {
-            BookingState::Cancelled { request, .. } => {
-                cancelled += 1;
-                if let Some(request) = request {
-                    engine.requests.insert_recovered(
-                        request.key,
-                        request.fingerprint,
-                        booking.booking_id,
-                    );
+    let (store, requests, citizens) = (&engine.store, &engine.requests, &engine.citizens);
+    let catalog: &Catalog = catalog;
+    // sled's scan and the decode + rebuild take about as long as each other: run them on
+    // the two cores, with a bounded number of chunks between them.
+    std::thread::scope(|scope| -> Result<(), ServiceError> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(RECOVERY_CHUNKS_IN_FLIGHT);
+        let reader = scope.spawn(move || -> Result<(), StoreError> {
+            let mut chunk = Vec::with_capacity(RECOVERY_CHUNK_RECORDS);
+            for record in store.booking_records() {
+                chunk.push(record?);
+                if chunk.len() == RECOVERY_CHUNK_RECORDS {
+                    let full =
+                        std::mem::replace(&mut chunk, Vec::with_capacity(RECOVERY_CHUNK_RECORDS));
+                    if sender.send(full).is_err() {
+                        return Ok(()); // the rebuild stopped on an error of its own
+                    }
                 }
             }
-            BookingState::Confirmed => {
-                confirmed += 1;
-                let (_, slot) = catalog.slot(&booking.slot).ok_or_else(|| {
-                    ServiceError::Recovery(format!(
-                        "booking {} is in unknown slot {}",
-                        booking.booking_id, booking.slot
-                    ))
-                })?;
-                slot.counter.take_unchecked();
-                let held = engine.citizens.insert(
-                    booking.citizen,
-                    &booking.slot.service_id,
-                    booking.booking_id,
-                );
-                if held > max_active {
-                    return Err(ServiceError::Recovery(format!(
-                        "a citizen holds {held} active bookings for service {} (limit {max_active}), \
-                         the latest being {}",
-                        booking.slot.service_id, booking.booking_id
-                    )));
+            if !chunk.is_empty() {
+                let _ = sender.send(chunk);
+            }
+            Ok(())
+        });
+        let rebuilt = (|| -> Result<(), ServiceError> {
+            for chunk in receiver {
+                for (key, value) in chunk {
+                    let booking: Booking = decode_value(&key, &value)?;
+                    match restore_booking(catalog, citizens, requests, &booking, max_active)? {
+                        true => confirmed += 1,
+                        false => cancelled += 1,
+                    }
                 }
             }
-        }
-    }
+            Ok(())
+        })();
+        let read = reader
+            .join()
+            .map_err(|_| ServiceError::Recovery("the store reader thread panicked".into()))?;
+        rebuilt?;
+        read.map_err(ServiceError::from)
+    })?;
     for slot in catalog.slots() {
         let counter = slot.counter.snapshot();
         if counter.taken > counter.capacity {
@@ -100,4 +103,54 @@ pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         "recovered state from the store"
     );
     Ok(())
+}
+
+/// Records in one chunk handed from the store reader to the rebuild.
+const RECOVERY_CHUNK_RECORDS: usize = 4_096;
+/// Chunks buffered between them: bounds recovery's extra memory.
+const RECOVERY_CHUNKS_IN_FLIGHT: usize = 8;
+
+/// Puts one stored booking back into memory; `true` when it is confirmed.
+fn restore_booking(
+    catalog: &Catalog,
+    citizens: &CitizenIndex,
+    requests: &RequestRegistry,
+    booking: &Booking,
+    max_active: usize,
+) -> Result<bool, ServiceError> {
+    requests.insert_recovered(
+        booking.request.key,
+        booking.request.fingerprint,
+        booking.booking_id,
+    );
+    match &booking.state {
+        BookingState::Cancelled { request, .. } => {
+            if let Some(request) = request {
+                requests.insert_recovered(request.key, request.fingerprint, booking.booking_id);
+            }
+            Ok(false)
+        }
+        BookingState::Confirmed => {
+            let (_, slot) = catalog.slot(&booking.slot).ok_or_else(|| {
+                ServiceError::Recovery(format!(
+                    "booking {} is in unknown slot {}",
+                    booking.booking_id, booking.slot
+                ))
+            })?;
+            slot.counter.take_unchecked();
+            let held = citizens.insert(
+                booking.citizen,
+                &booking.slot.service_id,
+                booking.booking_id,
+            );
+            if held > max_active {
+                return Err(ServiceError::Recovery(format!(
+                    "a citizen holds {held} active bookings for service {} (limit {max_active}), \
+                     the latest being {}",
+                    booking.slot.service_id, booking.booking_id
+                )));
+            }
+            Ok(true)
+        }
+    }
 }

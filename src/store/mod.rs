@@ -190,6 +190,16 @@ impl Store {
         self.scan(records::BOOKING_PREFIX)
     }
 
+    /// Every booking record undecoded (key, value), in booking-id order: recovery reads
+    /// on one thread and decodes on another.
+    pub fn booking_records(
+        &self,
+    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> {
+        self.db
+            .scan_prefix([records::BOOKING_PREFIX])
+            .map(|item| item.map_err(|e| StoreError::Io(format!("scanning: {e}"))))
+    }
+
     /// Stops accepting writes, lets the committer finish what is queued (each batch
     /// flushed and synced as usual) and waits for it.
     pub fn shutdown(&mut self) {
