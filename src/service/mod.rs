@@ -232,8 +232,12 @@ impl Engine {
             .collect();
         if !writes.is_empty() {
             if let Err(error) = self.store.commit(&writes).await {
-                for (slot, old) in lowered {
-                    let _ = slot.counter.set_capacity(old);
+                // Only a write that was never queued is certainly not on disk; after any
+                // other error the lower capacity may be stored, so memory keeps it.
+                if error == StoreError::Overloaded {
+                    for (slot, old) in lowered {
+                        let _ = slot.counter.set_capacity(old);
+                    }
                 }
                 return Err(error.into());
             }
