@@ -5,6 +5,7 @@ use chrono::{Duration, Utc};
 use chrono_tz::Tz;
 
 use crate::domain::catalog::Site;
+use crate::domain::error::DomainError;
 use crate::domain::ids::{RegionId, ServiceId, SiteId};
 use crate::domain::schedule::{Schedule, ScheduleInput};
 use crate::service::{Engine, ServiceError};
@@ -64,9 +65,9 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
     let mut created = 0u32;
     for demo in DEMO_SITES {
         let site_id = SiteId::parse("site_id", demo.site_id, limits.id_length_max)
-            .map_err(|v| crate::domain::error::DomainError::Invalid(vec![v]))?;
+            .map_err(DomainError::from)?;
         let region_id = RegionId::parse("region_id", demo.region_id, limits.id_length_max)
-            .map_err(|v| crate::domain::error::DomainError::Invalid(vec![v]))?;
+            .map_err(DomainError::from)?;
         engine
             .upsert_site(Site {
                 site_id: site_id.clone(),
@@ -82,7 +83,7 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
             .to_string();
         for &(service, capacity) in demo.services {
             let service_id = ServiceId::parse("service_id", service, limits.id_length_max)
-                .map_err(|v| crate::domain::error::DomainError::Invalid(vec![v]))?;
+                .map_err(DomainError::from)?;
             let schedule = Schedule::parse(
                 &ScheduleInput {
                     first_day: &first_day,

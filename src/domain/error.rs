@@ -55,6 +55,12 @@ pub enum DomainError {
     RequestIdReused,
 }
 
+impl From<FieldViolation> for DomainError {
+    fn from(violation: FieldViolation) -> Self {
+        Self::Invalid(vec![violation])
+    }
+}
+
 impl DomainError {
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self::Invalid(vec![FieldViolation::new(field, description)])

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::domain::error::Violations;
+use crate::domain::error::{DomainError, Violations};
 use crate::domain::ids::check_opaque_text;
 use crate::grpc::convert;
 use crate::proto;
@@ -112,8 +112,8 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::GetBookingRequest>,
     ) -> Result<Response<proto::GetBookingResponse>, Status> {
-        let booking_id = convert::booking_id(&request.into_inner().booking_id)
-            .map_err(|v| crate::grpc::status::invalid_argument(vec![v]))?;
+        let booking_id =
+            convert::booking_id(&request.into_inner().booking_id).map_err(DomainError::from)?;
         let view = self.engine.booking(booking_id)?;
         Ok(Response::new(proto::GetBookingResponse {
             booking: Some(convert::booking_to_proto(&view)),

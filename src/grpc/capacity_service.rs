@@ -7,7 +7,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::domain::error::Violations;
+use crate::domain::error::{DomainError, Missing, Violations};
 use crate::domain::schedule::{Schedule, ScheduleInput};
 use crate::grpc::convert;
 use crate::proto;
@@ -72,7 +72,7 @@ impl CapacityService for CapacityApi {
         );
         let schedule = match schedule {
             Ok(schedule) => Some(schedule),
-            Err(crate::domain::error::DomainError::Invalid(violations)) => {
+            Err(DomainError::Invalid(violations)) => {
                 for violation in violations {
                     v.push(violation.field, violation.description);
                 }
@@ -134,7 +134,7 @@ impl CapacityService for CapacityApi {
             &request.into_inner().site_id,
             self.engine.limits(),
         )
-        .map_err(|v| crate::grpc::status::invalid_argument(vec![v]))?;
+        .map_err(DomainError::from)?;
         let (site, stats) = self.engine.site_stats(&site_id)?;
         Ok(Response::new(proto::GetSiteStatsResponse {
             site_id: site.site_id.to_string(),
@@ -167,20 +167,15 @@ impl CapacityService for CapacityApi {
         let scope = match request.into_inner().scope {
             None => ExportScope::All,
             Some(Scope::SiteId(id)) => ExportScope::Site(
-                convert::site_id("site_id", &id, limits)
-                    .map_err(|v| crate::grpc::status::invalid_argument(vec![v]))?,
+                convert::site_id("site_id", &id, limits).map_err(DomainError::from)?,
             ),
             Some(Scope::RegionId(id)) => ExportScope::Region(
-                convert::region_id("region_id", &id, limits)
-                    .map_err(|v| crate::grpc::status::invalid_argument(vec![v]))?,
+                convert::region_id("region_id", &id, limits).map_err(DomainError::from)?,
             ),
         };
         if let ExportScope::Site(site_id) = &scope {
             if self.engine.site(site_id).is_none() {
-                return Err(crate::domain::error::DomainError::NotFound(
-                    crate::domain::error::Missing::Site,
-                )
-                .into());
+                return Err(DomainError::NotFound(Missing::Site).into());
             }
         }
         let bookings = ReceiverStream::new(self.engine.export_bookings(scope)).map(|item| {

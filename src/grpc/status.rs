@@ -30,7 +30,7 @@ fn with_reason(
     )
 }
 
-pub fn invalid_argument(violations: Vec<crate::domain::error::FieldViolation>) -> Status {
+fn invalid_argument(violations: Vec<crate::domain::error::FieldViolation>) -> Status {
     let message = violations
         .iter()
         .map(|v| format!("{}: {}", v.field, v.description))

@@ -108,10 +108,9 @@ impl Engine {
     /// weaker commits; see `Store::open_unsynced_for_benchmarks`).
     pub fn open_with_store(store: Store, config: &Config) -> Result<Self, ServiceError> {
         let data_dir = store.data_dir().to_path_buf();
-        let data_dir = data_dir.as_path();
         let key = match config.citizen_hash_key {
             Some(key) => key,
-            None => crate::store::key_file::load_or_create(data_dir)?,
+            None => crate::store::key_file::load_or_create(&data_dir)?,
         };
         let mut engine = Self {
             limits: config.limits.clone(),

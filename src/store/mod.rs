@@ -167,14 +167,22 @@ impl Store {
         }
     }
 
+    /// Every record of one kind, undecoded (key, value), in key order.
+    fn scan_raw(
+        &self,
+        prefix: u8,
+    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + use<> {
+        self.db
+            .scan_prefix([prefix])
+            .map(|item| item.map_err(|e| StoreError::Io(format!("scanning: {e}"))))
+    }
+
     fn scan<T: serde::de::DeserializeOwned>(
         &self,
         prefix: u8,
     ) -> impl Iterator<Item = Result<T, StoreError>> + use<T> {
-        self.db.scan_prefix([prefix]).map(|item| {
-            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
-            decode_value(&key, &value)
-        })
+        self.scan_raw(prefix)
+            .map(|item| item.and_then(|(key, value)| decode_value(&key, &value)))
     }
 
     pub fn sites(&self) -> impl Iterator<Item = Result<SiteRecord, StoreError>> {
@@ -195,9 +203,7 @@ impl Store {
     pub fn booking_records(
         &self,
     ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> {
-        self.db
-            .scan_prefix([records::BOOKING_PREFIX])
-            .map(|item| item.map_err(|e| StoreError::Io(format!("scanning: {e}"))))
+        self.scan_raw(records::BOOKING_PREFIX)
     }
 
     /// Stops accepting writes, lets the committer finish what is queued (each batch
