@@ -90,15 +90,28 @@ fn engine_with(
     (engine, dir, first_start)
 }
 
-fn durable_bookings(c: &mut Criterion) {
+/// A runtime and a group counted in bookings, with the sampling every booking bench uses
+/// (each iteration writes thousands of durable bookings, so few, long samples).
+fn booking_group<'c>(
+    c: &'c mut Criterion,
+    name: &str,
+) -> (
+    tokio::runtime::Runtime,
+    criterion::BenchmarkGroup<'c, criterion::measurement::WallTime>,
+) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let mut group = c.benchmark_group("engine_durable_book");
+    let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(BOOKINGS_PER_ITERATION));
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(10));
+    (runtime, group)
+}
+
+fn durable_bookings(c: &mut Criterion) {
+    let (runtime, mut group) = booking_group(c, "engine_durable_book");
     for in_flight in [1usize, 16, 256, 1_024] {
         let (engine, _dir, first_start) = engine(&runtime, None);
         let id = BenchmarkId::from_parameter(in_flight);
@@ -109,14 +122,7 @@ fn durable_bookings(c: &mut Criterion) {
 
 /// The same book path at 256 in flight with weaker commits: what durability costs.
 fn book_path_by_commit_mode(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let mut group = c.benchmark_group("engine_book_path_256_in_flight");
-    group.throughput(Throughput::Elements(BOOKINGS_PER_ITERATION));
-    group.sample_size(10);
-    group.measurement_time(Duration::from_secs(10));
+    let (runtime, mut group) = booking_group(c, "engine_book_path_256_in_flight");
     let modes = [
         ("fdatasync", None),
         (
@@ -138,14 +144,7 @@ fn book_path_by_commit_mode(c: &mut Criterion) {
 
 /// Durable bookings at 1,024 in flight with the group-commit batch bounded to N writes.
 fn batch_size_bound(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let mut group = c.benchmark_group("engine_commit_batch_writes_max");
-    group.throughput(Throughput::Elements(BOOKINGS_PER_ITERATION));
-    group.sample_size(10);
-    group.measurement_time(Duration::from_secs(10));
+    let (runtime, mut group) = booking_group(c, "engine_commit_batch_writes_max");
     for batch_max in [1usize, 8, 64, 512, 4_096] {
         let mut config = Config::default();
         config.limits.commit_batch_writes_max = batch_max;

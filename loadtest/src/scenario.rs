@@ -31,6 +31,8 @@ const SLOT_MINUTES: u32 = 10;
 const SLOTS_PER_DAY: u64 = 72;
 /// Slots a citizen sees per search.
 const SEARCH_PAGE_SIZE: i32 = 20;
+/// How far ahead citizens and the verification search: past every scenario slot.
+const SEARCH_HORIZON_DAYS: i64 = 300;
 /// Search-then-book rounds before a citizen gives up while slots still look free.
 const ROUNDS_MAX: usize = 1_000;
 
@@ -187,6 +189,14 @@ pub struct Ack {
 /// Bookings the harness was told about, by booking id.
 pub type Acknowledged = Arc<Mutex<HashMap<String, Ack>>>;
 
+/// The `to` of every search: `SEARCH_HORIZON_DAYS` from now.
+fn search_horizon() -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: chrono::Utc::now().timestamp() + SEARCH_HORIZON_DAYS * 86_400,
+        nanos: 0,
+    }
+}
+
 /// One search of a site's free slots, recorded in the tally.
 async fn search_free(
     client: &mut BookingServiceClient<Channel>,
@@ -200,10 +210,7 @@ async fn search_free(
             service_id: SERVICE_ID.into(),
             only_available: true,
             page_size: SEARCH_PAGE_SIZE,
-            to: Some(prost_types::Timestamp {
-                seconds: chrono::Utc::now().timestamp() + 300 * 86_400,
-                nanos: 0,
-            }),
+            to: Some(search_horizon()),
             ..Default::default()
         })
         .await;
@@ -505,10 +512,7 @@ pub async fn verify(
                 .search_slots(proto::SearchSlotsRequest {
                     scope: Some(Scope::SiteId(site_id.clone())),
                     service_id: SERVICE_ID.into(),
-                    to: Some(prost_types::Timestamp {
-                        seconds: chrono::Utc::now().timestamp() + 300 * 86_400,
-                        nanos: 0,
-                    }),
+                    to: Some(search_horizon()),
                     page_size: 500,
                     page_token,
                     ..Default::default()
