@@ -105,20 +105,8 @@ async fn a_retried_request_id_returns_the_first_booking() {
     let mut client = server.booking().await;
 
     let request = book_request(&slot_id, "citizen-a", "retry-1");
-    let first = client
-        .book(request.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .booking
-        .unwrap();
-    let second = client
-        .book(request.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .booking
-        .unwrap();
+    let first = book_ok(&mut client, request.clone()).await;
+    let second = book_ok(&mut client, request.clone()).await;
     assert_eq!(first.booking_id, second.booking_id);
     assert_eq!(first, second);
 
@@ -163,13 +151,7 @@ async fn cancel_returns_the_seat() {
     let slot_id = one_slot_site(&server, "cancel", 1).await;
     let mut client = server.booking().await;
 
-    let booking = client
-        .book(book_request(&slot_id, "citizen-a", "a-book"))
-        .await
-        .unwrap()
-        .into_inner()
-        .booking
-        .unwrap();
+    let booking = book_ok(&mut client, book_request(&slot_id, "citizen-a", "a-book")).await;
     let full = client
         .book(book_request(&slot_id, "citizen-b", "b-book"))
         .await
@@ -259,17 +241,11 @@ async fn a_restart_keeps_every_booking_and_the_same_stats() {
     let mut client = server.booking().await;
     let mut booked = Vec::new();
     for citizen in 0..4 {
-        let booking = client
-            .book(book_request(
-                &slot_id,
-                &format!("c{citizen}"),
-                &format!("r{citizen}"),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .booking
-            .unwrap();
+        let booking = book_ok(
+            &mut client,
+            book_request(&slot_id, &format!("c{citizen}"), &format!("r{citizen}")),
+        )
+        .await;
         booked.push(booking);
     }
     client
@@ -290,13 +266,7 @@ async fn a_restart_keeps_every_booking_and_the_same_stats() {
     assert_eq!(export_all(server.channel().await).await, export_before);
     let mut client = server.booking().await;
     // Idempotency and citizen limits survive the restart too.
-    let retried = client
-        .book(book_request(&slot_id, "c1", "r1"))
-        .await
-        .unwrap()
-        .into_inner()
-        .booking
-        .unwrap();
+    let retried = book_ok(&mut client, book_request(&slot_id, "c1", "r1")).await;
     assert_eq!(retried.booking_id, booked[1].booking_id);
     let limited = client
         .book(book_request(&slot_id, "c2", "another"))

@@ -184,13 +184,7 @@ async fn kill_9_loses_no_acknowledged_booking() {
             let request = book_request(&attempt.slot_id, &attempt.citizen, &attempt.request_id);
             if let Ok(response) = client.book(request.clone()).await {
                 let first = response.into_inner().booking.unwrap();
-                let again = client
-                    .book(request)
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .booking
-                    .unwrap();
+                let again = book_ok(&mut client, request).await;
                 assert_eq!(first.booking_id, again.booking_id);
                 acknowledged
                     .lock()

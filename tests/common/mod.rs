@@ -221,6 +221,20 @@ pub fn book_request(slot_id: &str, citizen_id: &str, request_id: &str) -> proto:
     }
 }
 
+/// Books and expects a booking back.
+pub async fn book_ok(
+    client: &mut BookingServiceClient<Channel>,
+    request: proto::BookRequest,
+) -> proto::Booking {
+    client
+        .book(request)
+        .await
+        .expect("a booking")
+        .into_inner()
+        .booking
+        .expect("the response carries the booking")
+}
+
 pub async fn site_stats(server: &TestServer, site_id: &str) -> proto::GetSiteStatsResponse {
     server
         .capacity()
