@@ -13,19 +13,21 @@ const CAPACITY: u32 = u32::MAX - 1;
 fn uncontended(c: &mut Criterion) {
     let mut group = c.benchmark_group("admission");
     group.throughput(Throughput::Elements(1));
-    let counter = SlotCounter::new(CAPACITY);
+    let counter = SlotCounter::new(CAPACITY, false);
     group.bench_function("take_release_one_slot_one_thread", |b| {
         b.iter(|| {
-            let _ = black_box(counter.try_take());
+            drop(black_box(counter.try_take()));
             let _ = black_box(counter.release());
         })
     });
-    let slots: Vec<SlotCounter> = (0..100_000).map(|_| SlotCounter::new(CAPACITY)).collect();
+    let slots: Vec<SlotCounter> = (0..100_000)
+        .map(|_| SlotCounter::new(CAPACITY, false))
+        .collect();
     let mut index = 0usize;
     group.bench_function("take_release_100k_slots_one_thread", |b| {
         b.iter(|| {
             index = (index + 7_919) % slots.len();
-            let _ = black_box(slots[index].try_take());
+            drop(black_box(slots[index].try_take()));
             let _ = black_box(slots[index].release());
         })
     });
@@ -37,7 +39,7 @@ fn one_hot_slot_two_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("admission");
     const PER_THREAD: u64 = 100_000;
     group.throughput(Throughput::Elements(2 * PER_THREAD));
-    let counter = Arc::new(SlotCounter::new(CAPACITY));
+    let counter = Arc::new(SlotCounter::new(CAPACITY, false));
     group.bench_function("take_release_one_slot_two_threads", |b| {
         b.iter(|| {
             std::thread::scope(|scope| {
@@ -45,7 +47,7 @@ fn one_hot_slot_two_threads(c: &mut Criterion) {
                     let counter = Arc::clone(&counter);
                     scope.spawn(move || {
                         for _ in 0..PER_THREAD {
-                            let _ = black_box(counter.try_take());
+                            drop(black_box(counter.try_take()));
                             let _ = black_box(counter.release());
                         }
                     });

@@ -44,6 +44,22 @@ pub struct Limits {
     /// sled's page cache. sled treats it as a soft hint and its resident memory grows to a
     /// multiple of it under heavy writes, so it is set explicitly (sled's default: 1 GiB).
     pub store_cache_bytes: u64,
+    /// A hold's lifetime when the request gives none.
+    pub hold_ttl_seconds_default: u32,
+    /// Longest hold a client may ask for.
+    pub hold_ttl_seconds_max: u32,
+    /// How often the sweeper returns the places of expired holds.
+    pub hold_sweep_interval_ms: u64,
+    /// Most holds one sweep expires (one group commit); the rest wait for the next tick.
+    pub hold_sweep_batch_max: usize,
+    /// Most rows in one `ImportCapacity` stream.
+    pub import_rows_max: usize,
+    /// Most slots one import may create or change in total.
+    pub import_slots_max: usize,
+    /// Most row errors reported for a refused import (the rest are counted).
+    pub import_errors_reported_max: usize,
+    /// Length of a closure's reason (characters), shown to citizens.
+    pub close_reason_length_max: usize,
     /// How long start-up waits for the data dir's lock (a previous process, or sled's
     /// I/O threads of a just-closed store, may still hold it) before refusing.
     pub data_dir_lock_wait_ms: u64,
@@ -75,6 +91,14 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     commit_queue_depth: 65_536,
     export_channel_depth: 256,
     message_size_bytes_max: 4 * 1024 * 1024,
+    hold_ttl_seconds_default: 300,
+    hold_ttl_seconds_max: 1_800,
+    hold_sweep_interval_ms: 250,
+    hold_sweep_batch_max: 4_096,
+    import_rows_max: 200_000,
+    import_slots_max: 2_000_000,
+    import_errors_reported_max: 100,
+    close_reason_length_max: 200,
     data_dir_lock_wait_ms: 5_000,
     store_cache_bytes: 1024 * 1024 * 1024,
 };
@@ -85,8 +109,12 @@ const _: () = {
     assert!(l.search_range_days_default <= l.search_range_days_max);
     assert!(l.max_active_per_citizen >= 1);
     assert!(l.commit_batch_writes_max >= 1 && l.commit_batch_writes_max <= l.commit_queue_depth);
-    // Capacity and the taken count share one 64-bit atomic word, 32 bits each.
-    assert!((l.capacity_per_slot_max as u64) < (u32::MAX as u64));
+    // Capacity, taken and pending share one 64-bit atomic word, 21 bits each.
+    assert!(l.capacity_per_slot_max <= crate::domain::slot_counter::COUNTER_FIELD_MAX);
+    assert!(
+        l.hold_ttl_seconds_default >= 1 && l.hold_ttl_seconds_default <= l.hold_ttl_seconds_max
+    );
+    assert!(l.hold_sweep_batch_max >= 1 && l.import_errors_reported_max >= 1);
     assert!(l.slot_minutes_max <= 24 * 60);
     assert!(l.export_channel_depth >= 1);
 };

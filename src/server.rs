@@ -21,6 +21,7 @@ use crate::grpc::{BookingApi, CapacityApi};
 use crate::proto::booking_service_server::BookingServiceServer;
 use crate::proto::capacity_service_server::CapacityServiceServer;
 use crate::service::{Engine, ServiceError};
+use crate::store::StoreError;
 
 const BOOKING_SERVICE_NAME: &str = "prenota.v1.BookingService";
 const CAPACITY_SERVICE_NAME: &str = "prenota.v1.CapacityService";
@@ -82,6 +83,7 @@ impl Server {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
         let health_watch = tokio::spawn(mirror_store_health(engine.store_health(), health.clone()));
+        let sweeper = tokio::spawn(sweep_holds(Arc::clone(&engine)));
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -112,6 +114,8 @@ impl Server {
             .await;
         set_health(&health, ServingStatus::NotServing).await;
         health_watch.abort();
+        sweeper.abort();
+        let _ = sweeper.await;
         close(engine).await;
         result.map_err(ServeError::from)
     }
@@ -131,6 +135,24 @@ async fn mirror_store_health(
     while store_healthy.changed().await.is_ok() {
         if !*store_healthy.borrow() {
             set_health(&health, ServingStatus::NotServing).await;
+        }
+    }
+}
+
+/// Expires holds whose time is up: one bounded batch (one group commit) per tick.
+async fn sweep_holds(engine: Arc<Engine>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        engine.limits().hold_sweep_interval_ms,
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match engine.expire_holds(crate::service::now_unix_ms()).await {
+            Ok(0) => {}
+            Ok(expired) => tracing::debug!(expired, "holds expired"),
+            // A failed store is already reported through health; retry next tick.
+            Err(ServiceError::Store(StoreError::Failed)) => {}
+            Err(error) => tracing::warn!(%error, "expiring holds failed; retrying next tick"),
         }
     }
 }

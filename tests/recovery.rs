@@ -46,6 +46,7 @@ async fn store_with(dir: &std::path::Path, capacity: u32, bookings: Vec<Write>) 
             key: slot_key(),
             end_unix_s: 4_102_444_800 + 600,
             capacity,
+            closed: false,
         }),
     ];
     writes.extend(bookings);
@@ -72,7 +73,7 @@ async fn an_overbooked_slot_refuses_to_start() {
         Err(ServiceError::Recovery(message)) => {
             assert!(message.contains("broken/vax/4102444800"), "{message}");
             assert!(
-                message.contains("2 confirmed bookings but capacity 1"),
+                message.contains("2 confirmed bookings and live holds but capacity 1"),
                 "{message}"
             );
         }

@@ -235,15 +235,80 @@ async fn bad_bookings_and_searches_are_refused_and_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn later_rpcs_say_unimplemented() {
+async fn holds_reschedules_closures_and_lists_name_every_bad_field() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    let status = server
-        .booking()
-        .await
-        .hold_slot(proto::HoldSlotRequest::default())
+    let mut booking = server.booking().await;
+    let mut capacity = server.capacity().await;
+
+    let status = booking
+        .hold_slot(proto::HoldSlotRequest {
+            ttl_seconds: 1_000_000,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        violated_fields(&status),
+        ["slot_id", "citizen_id", "request_id", "ttl_seconds"]
+    );
+
+    let status = booking
+        .reschedule_booking(proto::RescheduleBookingRequest {
+            booking_id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&status),
+        ["booking_id", "citizen_id", "new_slot_id", "request_id"]
+    );
+
+    let status = booking
+        .book(proto::BookRequest {
+            hold_id: Some("not-a-hold".into()),
+            ..book_request("a/b/1", "c", "r")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["hold_id"]);
+
+    let status = booking
+        .list_citizen_bookings(proto::ListCitizenBookingsRequest {
+            citizen_id: String::new(),
+            service_id: Some("bad id".into()),
+            page_size: -1,
+            page_token: "zz".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&status),
+        ["citizen_id", "service_id", "page_size", "page_token"]
+    );
+
+    let status = capacity
+        .close_slots(proto::CloseSlotsRequest {
+            reason: "\u{7}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&status),
+        ["site_id", "from", "to", "reason"]
+    );
+
+    let status = capacity
+        .set_slot_capacity(proto::SetSlotCapacityRequest {
+            slot_id: "x".into(),
+            capacity: 1_000_000,
+            request_id: "r".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["slot_id", "capacity"]);
     server.stop().await;
 }

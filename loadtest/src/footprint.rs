@@ -84,7 +84,7 @@ pub fn slots(count: u64) -> Result<(f64, Catalog), String> {
                 start_unix_s: 1_900_000_000 + 600 * slot as i64,
             };
             catalog
-                .insert_slot(Slot::new(key, 0, 100))
+                .insert_slot(Slot::new(key, 0, 100, false))
                 .map_err(|e| e.to_string())?;
         }
     }
@@ -160,6 +160,7 @@ pub fn recovery(bookings: u64) -> Result<(f64, f64), String> {
                 key: key.clone(),
                 end_unix_s: key.start_unix_s + 600,
                 capacity: capacity_per_slot,
+                closed: false,
             }));
             for place in 0..u64::from(capacity_per_slot) {
                 let index = slot * u64::from(capacity_per_slot) + place;

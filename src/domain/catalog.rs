@@ -4,7 +4,7 @@
 //! that only schedule publication writes. Admission itself happens on the slot's
 //! `SlotCounter`, outside any lock, through the `Arc<Slot>` a lookup returns.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -35,11 +35,11 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn new(key: SlotKey, end_unix_s: i64, capacity: u32) -> Self {
+    pub fn new(key: SlotKey, end_unix_s: i64, capacity: u32, closed: bool) -> Self {
         Self {
             key,
             end_unix_s: AtomicI64::new(end_unix_s),
-            counter: SlotCounter::new(capacity),
+            counter: SlotCounter::new(capacity, closed),
         }
     }
 
@@ -86,8 +86,14 @@ pub struct SearchPage {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
     pub slots: u32,
+    /// Closed slots; their capacity is not counted.
+    pub slots_closed: u32,
+    /// Capacity of the open slots.
     pub capacity: u64,
-    pub taken: u64,
+    /// Confirmed bookings.
+    pub booked: u64,
+    /// Live holds.
+    pub held: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,32 +184,31 @@ impl Catalog {
         Ok(())
     }
 
-    /// Compares a planned schedule with the slots that already exist.
+    /// Compares planned slots with the slots that already exist (none, for a site
+    /// not created yet). Closed slots stay closed and are left out.
     pub fn plan_publish(
         &self,
         site_id: &SiteId,
         service_id: &ServiceId,
         planned: &[PlannedSlot],
-        capacity: u32,
-    ) -> Result<PublishPlan, DomainError> {
-        let entry = self
-            .sites
-            .get(site_id)
-            .ok_or(DomainError::NotFound(crate::domain::error::Missing::Site))?;
+    ) -> PublishPlan {
+        let existing = self.sites.get(site_id).map(|entry| &entry.slots);
         let mut plan = PublishPlan {
             created: Vec::new(),
             updated: Vec::new(),
             total_capacity: 0,
         };
         for slot in planned {
-            plan.total_capacity += u64::from(capacity);
-            match entry.slots.get(&(service_id.clone(), slot.start_unix_s)) {
+            plan.total_capacity += u64::from(slot.capacity);
+            match existing.and_then(|slots| slots.get(&(service_id.clone(), slot.start_unix_s))) {
+                // A closed slot stays closed: only SetSlotCapacity reopens it.
+                Some(existing) if existing.counter.snapshot().closed => {}
                 Some(existing) => {
                     if existing.end_unix_s() != slot.end_unix_s
-                        || existing.counter.snapshot().capacity != capacity
+                        || existing.counter.snapshot().capacity != slot.capacity
                     {
                         plan.updated
-                            .push((Arc::clone(existing), slot.end_unix_s, capacity));
+                            .push((Arc::clone(existing), slot.end_unix_s, slot.capacity));
                     }
                 }
                 None => plan.created.push(Slot::new(
@@ -213,11 +218,12 @@ impl Catalog {
                         start_unix_s: slot.start_unix_s,
                     },
                     slot.end_unix_s,
-                    capacity,
+                    slot.capacity,
+                    false,
                 )),
             }
         }
-        Ok(plan)
+        plan
     }
 
     /// The sites a search covers, in id order; unknown site or region → not found.
@@ -270,7 +276,12 @@ impl Catalog {
         Ok(page)
     }
 
-    pub fn site_stats(&self, site_id: &SiteId) -> Result<SiteStats, DomainError> {
+    /// Statistics of one site; `held` gives the live holds per slot.
+    pub fn site_stats(
+        &self,
+        site_id: &SiteId,
+        held: &HashMap<SlotKey, u32>,
+    ) -> Result<SiteStats, DomainError> {
         let entry = self
             .sites
             .get(site_id)
@@ -279,7 +290,13 @@ impl Catalog {
         let mut totals = Totals::default();
         let mut by_day: BTreeMap<NaiveDate, Totals> = BTreeMap::new();
         for slot in entry.slots.values() {
-            let CounterSnapshot { capacity, taken } = slot.counter.snapshot();
+            let CounterSnapshot {
+                capacity,
+                taken,
+                closed,
+                ..
+            } = slot.counter.snapshot();
+            let held = held.get(&slot.key).copied().unwrap_or(0);
             let day = Utc
                 .timestamp_opt(slot.key.start_unix_s, 0)
                 .single()
@@ -287,14 +304,42 @@ impl Catalog {
                 .unwrap_or_default();
             for target in [&mut totals, by_day.entry(day).or_default()] {
                 target.slots += 1;
-                target.capacity += u64::from(capacity);
-                target.taken += u64::from(taken);
+                if closed {
+                    target.slots_closed += 1;
+                } else {
+                    target.capacity += u64::from(capacity);
+                }
+                target.booked += u64::from(taken.saturating_sub(held));
+                target.held += u64::from(held);
             }
         }
         Ok(SiteStats {
             totals,
             by_day: by_day.into_iter().collect(),
         })
+    }
+
+    /// The slots of one site (and one service, if given) starting in `[from, to)`.
+    pub fn slots_in_range(
+        &self,
+        site_id: &SiteId,
+        service_id: Option<&ServiceId>,
+        from_unix_s: i64,
+        to_unix_s: i64,
+    ) -> Result<Vec<Arc<Slot>>, DomainError> {
+        let entry = self
+            .sites
+            .get(site_id)
+            .ok_or(DomainError::NotFound(crate::domain::error::Missing::Site))?;
+        Ok(entry
+            .slots
+            .iter()
+            .filter(|((service, start), _)| {
+                service_id.is_none_or(|wanted| wanted == service)
+                    && (from_unix_s..to_unix_s).contains(start)
+            })
+            .map(|(_, slot)| Arc::clone(slot))
+            .collect())
     }
 
     /// Every slot, for the recovery invariant check.
@@ -329,7 +374,9 @@ mod tests {
                     service_id: id(ServiceId::parse, "vax"),
                     start_unix_s: *start,
                 };
-                catalog.insert_slot(Slot::new(key, start + 600, 1)).unwrap();
+                catalog
+                    .insert_slot(Slot::new(key, start + 600, 1, false))
+                    .unwrap();
             }
         }
         catalog
@@ -383,7 +430,7 @@ mod tests {
             service_id: id(ServiceId::parse, "vax"),
             start_unix_s: 100,
         };
-        catalog.slot(&key).unwrap().1.counter.try_take().unwrap();
+        drop(catalog.slot(&key).unwrap().1.counter.try_take().unwrap());
         let mut q = query(SearchScope::Site(id(SiteId::parse, "a")), None, 10);
         q.only_available = true;
         let page = catalog.search(&q).unwrap();
@@ -398,24 +445,24 @@ mod tests {
             PlannedSlot {
                 start_unix_s: 100,
                 end_unix_s: 700,
+                capacity: 1,
             },
             PlannedSlot {
                 start_unix_s: 200,
                 end_unix_s: 800,
+                capacity: 1,
             },
             PlannedSlot {
                 start_unix_s: 300,
                 end_unix_s: 900,
+                capacity: 1,
             },
         ];
-        let plan = catalog
-            .plan_publish(
-                &id(SiteId::parse, "a"),
-                &id(ServiceId::parse, "vax"),
-                &planned,
-                1,
-            )
-            .unwrap();
+        let plan = catalog.plan_publish(
+            &id(SiteId::parse, "a"),
+            &id(ServiceId::parse, "vax"),
+            &planned,
+        );
         assert_eq!(plan.created.len(), 1);
         assert_eq!(plan.updated.len(), 0);
         assert_eq!(plan.total_capacity, 3);

@@ -3,15 +3,26 @@
 //! Sharded maps with short critical sections: two requests of the same citizen meet
 //! on the same shard, so "at most N active bookings" holds even when one citizen
 //! books from two connections at once. Different citizens rarely share a shard.
+//!
+//! An entry leaves only after the durable write that ends it: a cancel first *claims*
+//! the entry (so one of cancel, reschedule and closure wins it), the entry keeps
+//! counting against the limit while the write is in flight, and `release` removes it
+//! once durable. So the disk never holds more active bookings for a citizen than the
+//! limit, even after a crash at any instant.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::domain::ids::{BookingId, CitizenKey, ServiceId};
 
 const SHARD_COUNT: usize = 64;
 
-type Shard = HashMap<(CitizenKey, ServiceId), Active>;
+#[derive(Default)]
+struct Shard {
+    active: HashMap<(CitizenKey, ServiceId), Active>,
+    /// Entries whose ending write is in flight (few at any time).
+    claimed: HashSet<BookingId>,
+}
 
 /// A citizen's active bookings for one service: almost always exactly one, kept inline
 /// so millions of citizens cost no extra allocation each.
@@ -33,6 +44,13 @@ impl Active {
         match self {
             Active::One(id) => Some(*id),
             Active::Many(ids) => ids.first().copied(),
+        }
+    }
+
+    fn contains(&self, booking_id: BookingId) -> bool {
+        match self {
+            Active::One(id) => *id == booking_id,
+            Active::Many(ids) => ids.contains(&booking_id),
         }
     }
 
@@ -71,7 +89,7 @@ impl Default for CitizenIndex {
     fn default() -> Self {
         Self {
             shards: (0..SHARD_COUNT)
-                .map(|_| Mutex::new(HashMap::new()))
+                .map(|_| Mutex::new(Shard::default()))
                 .collect(),
         }
     }
@@ -97,9 +115,11 @@ impl CitizenIndex {
         max: u32,
     ) -> Result<(), BookingId> {
         let mut shard = self.shard(&citizen);
-        match shard.get_mut(&(citizen, service.clone())) {
+        match shard.active.get_mut(&(citizen, service.clone())) {
             None if max >= 1 => {
-                shard.insert((citizen, service.clone()), Active::One(booking_id));
+                shard
+                    .active
+                    .insert((citizen, service.clone()), Active::One(booking_id));
                 Ok(())
             }
             Some(active) if active.len() < max as usize => {
@@ -111,36 +131,83 @@ impl CitizenIndex {
         }
     }
 
-    /// Removes `booking_id`; true only for the one caller that removed it.
+    /// Claims an active, unclaimed entry for the write that will end it; true only for
+    /// the one caller that claimed it. The entry still counts against the limit.
+    pub fn claim(&self, citizen: CitizenKey, service: &ServiceId, booking_id: BookingId) -> bool {
+        let mut shard = self.shard(&citizen);
+        let active = shard
+            .active
+            .get(&(citizen, service.clone()))
+            .is_some_and(|active| active.contains(booking_id));
+        active && shard.claimed.insert(booking_id)
+    }
+
+    /// Gives a claim back: the write that would have ended the entry never happened.
+    pub fn unclaim(&self, citizen: CitizenKey, booking_id: BookingId) {
+        self.shard(&citizen).claimed.remove(&booking_id);
+    }
+
+    /// Removes `booking_id` (and its claim); true only for the one caller that removed it.
     pub fn release(&self, citizen: CitizenKey, service: &ServiceId, booking_id: BookingId) -> bool {
         let mut shard = self.shard(&citizen);
+        shard.claimed.remove(&booking_id);
         let key = (citizen, service.clone());
-        let Some(active) = shard.get_mut(&key) else {
+        let Some(active) = shard.active.get_mut(&key) else {
             return false;
         };
         match active.remove(booking_id) {
             None => false,
             Some(now_empty) => {
                 if now_empty {
-                    shard.remove(&key);
+                    shard.active.remove(&key);
                 }
                 true
             }
         }
     }
 
-    /// Records an active booking without the limit check and returns how many the
-    /// citizen holds: for recovery (which checks the count itself) and for undoing a
-    /// `release` whose cancel never reached the store.
+    /// Swaps `old` for `new` in one step, so the citizen is never seen with zero or two
+    /// bookings (a reschedule). False when `old` was not active: someone else won it.
+    pub fn replace(
+        &self,
+        citizen: CitizenKey,
+        service: &ServiceId,
+        old: BookingId,
+        new: BookingId,
+    ) -> bool {
+        let mut shard = self.shard(&citizen);
+        if shard.claimed.contains(&old) {
+            return false;
+        }
+        let Some(active) = shard.active.get_mut(&(citizen, service.clone())) else {
+            return false;
+        };
+        let slot = match active {
+            Active::One(id) => (*id == old).then_some(id),
+            Active::Many(ids) => ids.iter_mut().find(|id| **id == old),
+        };
+        match slot {
+            Some(id) => {
+                *id = new;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Recovery only: records an active booking without the limit check and returns
+    /// how many the citizen holds (recovery checks the count itself).
     pub fn insert(&self, citizen: CitizenKey, service: &ServiceId, booking_id: BookingId) -> usize {
         let mut shard = self.shard(&citizen);
-        match shard.get_mut(&(citizen, service.clone())) {
+        match shard.active.get_mut(&(citizen, service.clone())) {
             Some(active) => {
                 active.push(booking_id);
                 active.len()
             }
             None => {
-                shard.insert((citizen, service.clone()), Active::One(booking_id));
+                shard
+                    .active
+                    .insert((citizen, service.clone()), Active::One(booking_id));
                 1
             }
         }
@@ -191,6 +258,40 @@ mod tests {
             1,
             "nothing left behind"
         );
+    }
+
+    #[test]
+    fn a_claim_keeps_counting_and_has_one_winner() {
+        let index = CitizenIndex::default();
+        let citizen = CitizenKey([5; 16]);
+        index.reserve(citizen, &service(), BookingId(1), 1).unwrap();
+        assert!(index.claim(citizen, &service(), BookingId(1)));
+        assert!(!index.claim(citizen, &service(), BookingId(1)));
+        assert!(!index.replace(citizen, &service(), BookingId(1), BookingId(9)));
+        assert_eq!(
+            index.reserve(citizen, &service(), BookingId(2), 1),
+            Err(BookingId(1)),
+            "a claimed entry still counts"
+        );
+        index.unclaim(citizen, BookingId(1));
+        assert!(index.claim(citizen, &service(), BookingId(1)));
+        assert!(index.release(citizen, &service(), BookingId(1)));
+        assert!(!index.claim(citizen, &service(), BookingId(1)));
+        assert_eq!(index.reserve(citizen, &service(), BookingId(2), 1), Ok(()));
+    }
+
+    #[test]
+    fn replace_swaps_in_one_step_and_only_once() {
+        let index = CitizenIndex::default();
+        let citizen = CitizenKey([3; 16]);
+        index.reserve(citizen, &service(), BookingId(1), 1).unwrap();
+        assert!(index.replace(citizen, &service(), BookingId(1), BookingId(2)));
+        assert!(!index.replace(citizen, &service(), BookingId(1), BookingId(3)));
+        assert_eq!(
+            index.reserve(citizen, &service(), BookingId(4), 1),
+            Err(BookingId(2))
+        );
+        assert!(index.release(citizen, &service(), BookingId(2)));
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub enum DomainError {
     CitizenAlreadyBooked { booking_id: BookingId },
     #[error("{0:?} not found")]
     NotFound(Missing),
+    #[error("slot {0} is closed")]
+    SlotClosed(SlotKey),
+    #[error("the hold has expired; its place went back to the slot")]
+    HoldExpired,
     #[error("slot {0} has already started")]
     SlotStarted(SlotKey),
     #[error("booking {0} is not active")]

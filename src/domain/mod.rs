@@ -7,6 +7,7 @@ pub mod booking;
 pub mod catalog;
 pub mod citizens;
 pub mod error;
+pub mod hold;
 pub mod ids;
 pub mod schedule;
 pub mod slot_counter;

@@ -47,6 +47,7 @@ pub struct ScheduleInput<'a> {
 pub struct PlannedSlot {
     pub start_unix_s: i64,
     pub end_unix_s: i64,
+    pub capacity: u32,
 }
 
 fn parse_day(violations: &mut Violations, field: &str, text: &str) -> Option<NaiveDate> {
@@ -209,6 +210,7 @@ impl Schedule {
                         slots.push(PlannedSlot {
                             start_unix_s,
                             end_unix_s: start_unix_s + step.num_seconds(),
+                            capacity: self.capacity_per_slot,
                         });
                     }
                     wall += step;

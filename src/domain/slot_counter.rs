@@ -1,58 +1,116 @@
-//! A slot's capacity and taken places in one atomic word: admission is a
-//! compare-and-swap, never a lock.
+//! A slot's capacity, taken places, writes in flight and closed flag in one atomic
+//! word: admission is a compare-and-swap, never a lock.
 //!
-//! Packing both halves into one `AtomicU64` means a capacity change and an admission
-//! can never interleave into an overbooking: each CAS sees both numbers at once.
+//! Packing everything into one `AtomicU64` means a capacity change, a closure and an
+//! admission can never interleave into an overbooking: each CAS sees all fields at once.
+//!
+//! Layout, low to high: taken (21 bits), pending (21 bits), capacity (21 bits), closed (1 bit).
+//! `pending` counts admissions whose write is not yet settled (committed or refused):
+//! a closure first closes the slot, then waits for `pending` to reach 0, and only then
+//! reads the store, so no booking can land in a closed slot behind its back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+const FIELD_BITS: u32 = 21;
+const FIELD_MASK: u64 = (1 << FIELD_BITS) - 1;
+/// Largest value of each field: capacity, taken and pending.
+pub const COUNTER_FIELD_MAX: u32 = FIELD_MASK as u32;
+const CLOSED_BIT: u64 = 1 << 63;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CounterSnapshot {
     pub capacity: u32,
     /// Bookings plus live holds.
     pub taken: u32,
+    /// Admissions whose write has not settled yet.
+    pub pending: u32,
+    /// Closed by an authority: admits nothing until a capacity is set again.
+    pub closed: bool,
 }
 
 impl CounterSnapshot {
     pub fn remaining(self) -> u32 {
-        self.capacity.saturating_sub(self.taken)
+        if self.closed {
+            0
+        } else {
+            self.capacity.saturating_sub(self.taken)
+        }
     }
 }
 
 #[derive(Debug)]
 pub struct SlotCounter {
-    /// High 32 bits: capacity. Low 32 bits: taken.
     word: AtomicU64,
 }
 
+/// Why a place could not be taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SlotFull;
+pub enum Refused {
+    Full,
+    Closed,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BelowTaken {
     pub taken: u32,
 }
 
-fn pack(capacity: u32, taken: u32) -> u64 {
-    (u64::from(capacity) << 32) | u64::from(taken)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NothingTaken;
+
+/// Too many places or writes at once for the counter's fields (a bug or a corrupt store).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overflow;
+
+fn pack(s: CounterSnapshot) -> u64 {
+    debug_assert!(s.capacity <= COUNTER_FIELD_MAX && s.taken <= COUNTER_FIELD_MAX);
+    (if s.closed { CLOSED_BIT } else { 0 })
+        | (u64::from(s.capacity) & FIELD_MASK) << (2 * FIELD_BITS)
+        | (u64::from(s.pending) & FIELD_MASK) << FIELD_BITS
+        | (u64::from(s.taken) & FIELD_MASK)
 }
 
 fn unpack(word: u64) -> CounterSnapshot {
     CounterSnapshot {
-        capacity: (word >> 32) as u32,
-        taken: word as u32,
+        capacity: ((word >> (2 * FIELD_BITS)) & FIELD_MASK) as u32,
+        pending: ((word >> FIELD_BITS) & FIELD_MASK) as u32,
+        taken: (word & FIELD_MASK) as u32,
+        closed: word & CLOSED_BIT != 0,
+    }
+}
+
+/// An admission whose write is in flight; settles (`pending - 1`) when dropped, whatever
+/// the write's outcome.
+#[must_use = "dropping it settles the admission at once"]
+pub struct Pending<'a> {
+    counter: &'a SlotCounter,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let _ = self.counter.update(|now| {
+            Ok::<_, ()>(CounterSnapshot {
+                pending: now.pending.saturating_sub(1),
+                ..now
+            })
+        });
     }
 }
 
 impl SlotCounter {
-    pub fn new(capacity: u32) -> Self {
+    pub fn new(capacity: u32, closed: bool) -> Self {
         Self {
-            word: AtomicU64::new(pack(capacity, 0)),
+            word: AtomicU64::new(pack(CounterSnapshot {
+                capacity: capacity.min(COUNTER_FIELD_MAX),
+                taken: 0,
+                pending: 0,
+                closed,
+            })),
         }
     }
 
     pub fn snapshot(&self) -> CounterSnapshot {
-        unpack(self.word.load(Ordering::Acquire))
+        unpack(self.word.load(Ordering::SeqCst))
     }
 
     /// The one CAS loop: applies `change` to the current value until no other thread
@@ -61,14 +119,14 @@ impl SlotCounter {
         &self,
         change: impl Fn(CounterSnapshot) -> Result<CounterSnapshot, E>,
     ) -> Result<CounterSnapshot, E> {
-        let mut current = self.word.load(Ordering::Acquire);
+        let mut current = self.word.load(Ordering::SeqCst);
         loop {
             let next = change(unpack(current))?;
             match self.word.compare_exchange_weak(
                 current,
-                pack(next.capacity, next.taken),
-                Ordering::AcqRel,
-                Ordering::Acquire,
+                pack(next),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
             ) {
                 Ok(_) => return Ok(next),
                 Err(observed) => current = observed,
@@ -76,17 +134,41 @@ impl SlotCounter {
         }
     }
 
-    /// Takes one place if one is free; returns the counter after.
-    pub fn try_take(&self) -> Result<CounterSnapshot, SlotFull> {
+    /// Takes one place if the slot is open and has one free. The place stays taken
+    /// after the returned guard settles; `release` returns it.
+    pub fn try_take(&self) -> Result<Pending<'_>, Refused> {
         self.update(|now| {
-            if now.taken >= now.capacity {
-                return Err(SlotFull);
+            if now.closed {
+                return Err(Refused::Closed);
+            }
+            if now.taken >= now.capacity || now.pending >= COUNTER_FIELD_MAX {
+                return Err(Refused::Full);
             }
             Ok(CounterSnapshot {
                 taken: now.taken + 1,
+                pending: now.pending + 1,
                 ..now
             })
-        })
+        })?;
+        Ok(Pending { counter: self })
+    }
+
+    /// Announces a write into this slot that takes no new place (a hold being
+    /// confirmed): refused once the slot is closed.
+    pub fn enter(&self) -> Result<Pending<'_>, Refused> {
+        self.update(|now| {
+            if now.closed {
+                return Err(Refused::Closed);
+            }
+            if now.pending >= COUNTER_FIELD_MAX {
+                return Err(Refused::Full);
+            }
+            Ok(CounterSnapshot {
+                pending: now.pending + 1,
+                ..now
+            })
+        })?;
+        Ok(Pending { counter: self })
     }
 
     /// Returns one place; returns the counter after. Returning more than was taken is a
@@ -98,25 +180,56 @@ impl SlotCounter {
         })
     }
 
-    /// Sets the capacity, refusing to go below what is taken; returns the counter after.
+    /// Sets the capacity and opens the slot, refusing to go below what is taken.
     pub fn set_capacity(&self, capacity: u32) -> Result<CounterSnapshot, BelowTaken> {
         self.update(|now| {
-            if capacity < now.taken {
+            if capacity < now.taken || capacity > COUNTER_FIELD_MAX {
                 return Err(BelowTaken { taken: now.taken });
             }
-            Ok(CounterSnapshot { capacity, ..now })
+            Ok(CounterSnapshot {
+                capacity,
+                closed: false,
+                ..now
+            })
         })
     }
 
-    /// Recovery only: counts a stored booking without the capacity check, so that a
-    /// store that is already over capacity is detected rather than hidden.
-    pub fn take_unchecked(&self) -> CounterSnapshot {
-        unpack(self.word.fetch_add(1, Ordering::AcqRel) + 1)
+    /// Closes the slot: from now on nothing is admitted. Returns the counter before.
+    pub fn close(&self) -> CounterSnapshot {
+        let before = self.snapshot();
+        let _ = self.update(|now| {
+            Ok::<_, ()>(CounterSnapshot {
+                closed: true,
+                ..now
+            })
+        });
+        before
+    }
+
+    /// Undoes `close` for a closure that never reached the store.
+    pub fn reopen(&self) {
+        let _ = self.update(|now| {
+            Ok::<_, ()>(CounterSnapshot {
+                closed: false,
+                ..now
+            })
+        });
+    }
+
+    /// Recovery only: counts a stored booking or hold without the capacity check, so
+    /// that a store that is already over capacity is detected rather than hidden.
+    pub fn take_unchecked(&self) -> Result<CounterSnapshot, Overflow> {
+        self.update(|now| {
+            if now.taken >= COUNTER_FIELD_MAX {
+                return Err(Overflow);
+            }
+            Ok(CounterSnapshot {
+                taken: now.taken + 1,
+                ..now
+            })
+        })
     }
 }
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NothingTaken;
 
 #[cfg(test)]
 mod tests {
@@ -125,36 +238,84 @@ mod tests {
 
     #[test]
     fn takes_up_to_capacity_then_refuses() {
-        let counter = SlotCounter::new(2);
-        assert_eq!(counter.try_take().map(|s| s.taken), Ok(1));
-        assert_eq!(counter.try_take().map(|s| s.taken), Ok(2));
-        assert_eq!(counter.try_take(), Err(SlotFull));
+        let counter = SlotCounter::new(2, false);
+        drop(counter.try_take().unwrap());
+        drop(counter.try_take().unwrap());
+        assert_eq!(counter.try_take().err(), Some(Refused::Full));
         assert_eq!(counter.release().map(|s| s.taken), Ok(1));
-        assert_eq!(counter.try_take().map(|s| s.remaining()), Ok(0));
+        drop(counter.try_take().unwrap());
+        assert_eq!(counter.snapshot().remaining(), 0);
+        assert_eq!(counter.snapshot().pending, 0);
+    }
+
+    #[test]
+    fn pending_counts_unsettled_admissions() {
+        let counter = SlotCounter::new(5, false);
+        let first = counter.try_take().unwrap();
+        let second = counter.enter().unwrap();
+        assert_eq!(counter.snapshot().pending, 2);
+        drop(first);
+        drop(second);
+        let after = counter.snapshot();
+        assert_eq!((after.pending, after.taken), (0, 1));
+    }
+
+    #[test]
+    fn a_closed_slot_admits_nothing_until_a_capacity_is_set() {
+        let counter = SlotCounter::new(3, false);
+        drop(counter.try_take().unwrap());
+        let before = counter.close();
+        assert!(!before.closed);
+        assert_eq!(counter.try_take().err(), Some(Refused::Closed));
+        assert_eq!(counter.enter().err(), Some(Refused::Closed));
+        assert_eq!(counter.snapshot().remaining(), 0);
+        assert_eq!(counter.release().map(|s| s.taken), Ok(0));
+        assert!(counter.set_capacity(1).is_ok());
+        assert!(counter.try_take().is_ok());
     }
 
     #[test]
     fn release_never_goes_below_zero() {
-        let counter = SlotCounter::new(1);
+        let counter = SlotCounter::new(1, false);
         assert_eq!(counter.release(), Err(NothingTaken));
         assert_eq!(counter.snapshot().taken, 0);
     }
 
     #[test]
     fn capacity_never_drops_below_taken() {
-        let counter = SlotCounter::new(3);
-        counter.try_take().unwrap();
-        counter.try_take().unwrap();
+        let counter = SlotCounter::new(3, false);
+        drop(counter.try_take().unwrap());
+        drop(counter.try_take().unwrap());
         assert_eq!(counter.set_capacity(1), Err(BelowTaken { taken: 2 }));
         assert!(counter.set_capacity(2).is_ok());
-        assert_eq!(counter.try_take(), Err(SlotFull));
-        assert!(counter.set_capacity(u32::MAX - 1).is_ok());
+        assert_eq!(counter.try_take().err(), Some(Refused::Full));
+        assert!(counter.set_capacity(COUNTER_FIELD_MAX).is_ok());
+        assert!(counter.set_capacity(COUNTER_FIELD_MAX + 1).is_err());
         assert_eq!(counter.snapshot().taken, 2);
     }
 
     #[test]
+    fn fields_do_not_bleed_into_each_other() {
+        let counter = SlotCounter::new(COUNTER_FIELD_MAX, true);
+        let s = counter.snapshot();
+        assert_eq!(
+            (s.capacity, s.taken, s.pending, s.closed),
+            (COUNTER_FIELD_MAX, 0, 0, true)
+        );
+        counter.reopen();
+        for _ in 0..3 {
+            counter.take_unchecked().unwrap();
+        }
+        let s = counter.snapshot();
+        assert_eq!(
+            (s.capacity, s.taken, s.pending, s.closed),
+            (COUNTER_FIELD_MAX, 3, 0, false)
+        );
+    }
+
+    #[test]
     fn racing_threads_never_overbook() {
-        let counter = Arc::new(SlotCounter::new(1_000));
+        let counter = Arc::new(SlotCounter::new(1_000, false));
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let counter = Arc::clone(&counter);
@@ -165,6 +326,7 @@ mod tests {
             .collect();
         let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
         assert_eq!(admitted, 1_000);
-        assert_eq!(counter.snapshot().taken, 1_000);
+        let s = counter.snapshot();
+        assert_eq!((s.taken, s.pending), (1_000, 0));
     }
 }

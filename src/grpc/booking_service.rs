@@ -5,11 +5,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::domain::error::{DomainError, Violations};
-use crate::domain::ids::check_opaque_text;
+use crate::domain::ids::BookingId;
 use crate::grpc::convert;
 use crate::proto;
 use crate::proto::booking_service_server::BookingService;
-use crate::service::{BookCommand, CancelCommand, Engine};
+use crate::service::{BookCommand, CancelCommand, Engine, HoldCommand, RescheduleCommand};
 
 pub struct BookingApi {
     engine: Arc<Engine>,
@@ -73,15 +73,14 @@ impl BookingService for BookingApi {
         let slot = v.check(convert::slot_key("slot_id", &slot_id, limits));
         let citizen_id = v.check(convert::citizen_id(&citizen_id, limits));
         let request_key = v.check(convert::request_key(&request_id, limits));
-        if let Some(hold_id) = &hold_id {
-            v.check(check_opaque_text(
-                "hold_id",
-                hold_id,
-                limits.request_id_length_max,
-            ));
-        }
+        let hold_id = match hold_id {
+            Some(hold_id) => v.check(BookingId::parse("hold_id", &hold_id)).map(Some),
+            None => Some(None),
+        };
         v.finish()?;
-        let (Some(slot), Some(citizen_id), Some(request)) = (slot, citizen_id, request_key) else {
+        let (Some(slot), Some(citizen_id), Some(request), Some(hold_id)) =
+            (slot, citizen_id, request_key, hold_id)
+        else {
             return Err(Status::internal("validation passed without values"));
         };
         let engine = Arc::clone(&self.engine);
@@ -103,9 +102,49 @@ impl BookingService for BookingApi {
 
     async fn hold_slot(
         &self,
-        _request: Request<proto::HoldSlotRequest>,
+        request: Request<proto::HoldSlotRequest>,
     ) -> Result<Response<proto::HoldSlotResponse>, Status> {
-        Err(Status::unimplemented("HoldSlot is not implemented yet"))
+        let request = request.into_inner();
+        let limits = self.engine.limits();
+        let mut v = Violations::default();
+        let slot = v.check(convert::slot_key("slot_id", &request.slot_id, limits));
+        let citizen_id = v.check(convert::citizen_id(&request.citizen_id, limits));
+        let request_key = v.check(convert::request_key(&request.request_id, limits));
+        let ttl_seconds = match request.ttl_seconds {
+            0 => Some(limits.hold_ttl_seconds_default),
+            ttl if ttl <= limits.hold_ttl_seconds_max => Some(ttl),
+            _ => {
+                v.push(
+                    "ttl_seconds",
+                    format!(
+                        "must be between 0 (default {}) and {}",
+                        limits.hold_ttl_seconds_default, limits.hold_ttl_seconds_max
+                    ),
+                );
+                None
+            }
+        };
+        v.finish()?;
+        let (Some(slot), Some(citizen_id), Some(request), Some(ttl_seconds)) =
+            (slot, citizen_id, request_key, ttl_seconds)
+        else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        let engine = Arc::clone(&self.engine);
+        let hold = detached(async move {
+            engine
+                .hold(HoldCommand {
+                    slot,
+                    citizen_id,
+                    request,
+                    ttl_seconds,
+                })
+                .await
+        })
+        .await?;
+        Ok(Response::new(proto::HoldSlotResponse {
+            hold: Some(convert::hold_to_proto(&hold)),
+        }))
     }
 
     async fn get_booking(
@@ -154,19 +193,60 @@ impl BookingService for BookingApi {
 
     async fn reschedule_booking(
         &self,
-        _request: Request<proto::RescheduleBookingRequest>,
+        request: Request<proto::RescheduleBookingRequest>,
     ) -> Result<Response<proto::RescheduleBookingResponse>, Status> {
-        Err(Status::unimplemented(
-            "RescheduleBooking is not implemented yet",
-        ))
+        let request = request.into_inner();
+        let limits = self.engine.limits();
+        let mut v = Violations::default();
+        let booking_id = v.check(convert::booking_id(&request.booking_id));
+        let citizen_id = v.check(convert::citizen_id(&request.citizen_id, limits));
+        let new_slot = v.check(convert::slot_key(
+            "new_slot_id",
+            &request.new_slot_id,
+            limits,
+        ));
+        let request_key = v.check(convert::request_key(&request.request_id, limits));
+        v.finish()?;
+        let (Some(booking_id), Some(citizen_id), Some(new_slot), Some(request)) =
+            (booking_id, citizen_id, new_slot, request_key)
+        else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        let engine = Arc::clone(&self.engine);
+        let view = detached(async move {
+            engine
+                .reschedule(RescheduleCommand {
+                    booking_id,
+                    citizen_id,
+                    new_slot,
+                    request,
+                })
+                .await
+        })
+        .await?;
+        Ok(Response::new(proto::RescheduleBookingResponse {
+            booking: Some(convert::booking_to_proto(&view)),
+        }))
     }
 
     async fn list_citizen_bookings(
         &self,
-        _request: Request<proto::ListCitizenBookingsRequest>,
+        request: Request<proto::ListCitizenBookingsRequest>,
     ) -> Result<Response<proto::ListCitizenBookingsResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListCitizenBookings is not implemented yet",
-        ))
+        let query =
+            convert::citizen_bookings_from_proto(request.into_inner(), self.engine.limits())?;
+        let engine = Arc::clone(&self.engine);
+        // Reads the store: keep it off the async workers.
+        let page = tokio::task::spawn_blocking(move || engine.citizen_bookings(&query))
+            .await
+            .map_err(|_| Status::internal("ListCitizenBookings failed inside the server"))??;
+        Ok(Response::new(proto::ListCitizenBookingsResponse {
+            bookings: page
+                .bookings
+                .iter()
+                .map(convert::booking_to_proto)
+                .collect(),
+            next_page_token: page.next_after.map(|id| id.to_string()).unwrap_or_default(),
+        }))
     }
 }

@@ -7,7 +7,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::domain::error::{DomainError, Missing, Violations};
+use crate::domain::error::{DomainError, FieldViolation, Missing, Violations};
 use crate::domain::schedule::{Schedule, ScheduleInput};
 use crate::grpc::convert;
 use crate::proto;
@@ -102,27 +102,113 @@ impl CapacityService for CapacityApi {
 
     async fn import_capacity(
         &self,
-        _request: Request<Streaming<proto::ImportCapacityRequest>>,
+        request: Request<Streaming<proto::ImportCapacityRequest>>,
     ) -> Result<Response<proto::ImportCapacityResponse>, Status> {
-        Err(Status::unimplemented(
-            "ImportCapacity is not implemented yet",
-        ))
+        let limits = self.engine.limits();
+        let mut stream = request.into_inner();
+        let mut rows = Vec::new();
+        let mut received = 0u64;
+        let mut violations: Vec<FieldViolation> = Vec::new();
+        let mut errors = 0usize;
+        let mut dry_run = false;
+        while let Some(message) = stream.message().await? {
+            // Any message asking for a dry run makes the whole import one.
+            dry_run |= message.dry_run;
+            for row in message.rows {
+                received += 1;
+                if received as usize > limits.import_rows_max {
+                    return Err(DomainError::invalid(
+                        "rows",
+                        format!(
+                            "an import holds at most {} rows; split the file",
+                            limits.import_rows_max
+                        ),
+                    )
+                    .into());
+                }
+                match convert::import_row(row, limits) {
+                    Ok(row) => rows.push(row),
+                    Err(found) => {
+                        errors += 1;
+                        if errors <= limits.import_errors_reported_max {
+                            violations.extend(found);
+                        }
+                    }
+                }
+            }
+        }
+        if received == 0 {
+            return Err(DomainError::invalid("rows", "the import holds no rows").into());
+        }
+        if errors > 0 {
+            if errors > limits.import_errors_reported_max {
+                violations.push(FieldViolation::new(
+                    "rows",
+                    format!(
+                        "{errors} rows have errors; only the first {} are listed",
+                        limits.import_errors_reported_max
+                    ),
+                ));
+            }
+            return Err(DomainError::Invalid(violations).into());
+        }
+        let engine = Arc::clone(&self.engine);
+        let outcome = tokio::spawn(async move { engine.import_capacity(&rows, dry_run).await })
+            .await
+            .map_err(|_| Status::internal("ImportCapacity failed inside the server; retry"))??;
+        Ok(Response::new(proto::ImportCapacityResponse {
+            rows: received,
+            sites_upserted: outcome.sites_upserted,
+            slots_created: outcome.slots_created,
+            slots_updated: outcome.slots_updated,
+            total_capacity: outcome.total_capacity,
+        }))
     }
 
     async fn set_slot_capacity(
         &self,
-        _request: Request<proto::SetSlotCapacityRequest>,
+        request: Request<proto::SetSlotCapacityRequest>,
     ) -> Result<Response<proto::SetSlotCapacityResponse>, Status> {
-        Err(Status::unimplemented(
-            "SetSlotCapacity is not implemented yet",
-        ))
+        let request = request.into_inner();
+        let limits = self.engine.limits();
+        let mut v = Violations::default();
+        let slot = v.check(convert::slot_key("slot_id", &request.slot_id, limits));
+        if request.capacity > limits.capacity_per_slot_max {
+            v.push(
+                "capacity",
+                format!("must be at most {}", limits.capacity_per_slot_max),
+            );
+        }
+        v.finish()?;
+        let Some(slot) = slot else {
+            return Err(Status::internal("validation passed without values"));
+        };
+        let engine = Arc::clone(&self.engine);
+        let (site, slot) =
+            tokio::spawn(async move { engine.set_slot_capacity(&slot, request.capacity).await })
+                .await
+                .map_err(|_| {
+                    Status::internal("SetSlotCapacity failed inside the server; retry")
+                })??;
+        Ok(Response::new(proto::SetSlotCapacityResponse {
+            slot: Some(convert::slot_to_proto(&site, &slot)),
+        }))
     }
 
     async fn close_slots(
         &self,
-        _request: Request<proto::CloseSlotsRequest>,
+        request: Request<proto::CloseSlotsRequest>,
     ) -> Result<Response<proto::CloseSlotsResponse>, Status> {
-        Err(Status::unimplemented("CloseSlots is not implemented yet"))
+        let command = convert::close_from_proto(request.into_inner(), self.engine.limits())?;
+        let engine = Arc::clone(&self.engine);
+        let outcome = tokio::spawn(async move { engine.close_slots(command).await })
+            .await
+            .map_err(|_| Status::internal("CloseSlots failed inside the server; retry"))??;
+        Ok(Response::new(proto::CloseSlotsResponse {
+            slots_closed: outcome.slots_closed,
+            cancelled_bookings: outcome.cancelled_bookings,
+            expired_holds: outcome.expired_holds,
+        }))
     }
 
     async fn get_site_stats(
@@ -140,8 +226,9 @@ impl CapacityService for CapacityApi {
             site_id: site.site_id.to_string(),
             slots: stats.totals.slots,
             capacity: stats.totals.capacity,
-            booked: stats.totals.taken,
-            held: 0,
+            booked: stats.totals.booked,
+            held: stats.totals.held,
+            slots_closed: stats.totals.slots_closed,
             by_day: stats
                 .by_day
                 .into_iter()
@@ -149,8 +236,9 @@ impl CapacityService for CapacityApi {
                     day: day.format("%Y-%m-%d").to_string(),
                     slots: totals.slots,
                     capacity: totals.capacity,
-                    booked: totals.taken,
-                    held: 0,
+                    booked: totals.booked,
+                    held: totals.held,
+                    slots_closed: totals.slots_closed,
                 })
                 .collect(),
         }))

@@ -12,11 +12,13 @@ use crate::config::Limits;
 use crate::domain::booking::BookingState as DomainBookingState;
 use crate::domain::catalog::{SearchQuery, SearchScope, Site, Slot};
 use crate::domain::error::{DomainError, FieldViolation, Violations};
+use crate::domain::hold::Hold;
 use crate::domain::ids::{
     check_opaque_text, BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey,
 };
+use crate::domain::schedule::{Schedule, ScheduleInput};
 use crate::proto;
-use crate::service::{now_unix_ms, BookingView};
+use crate::service::{now_unix_ms, BookingView, CitizenBookingsQuery, CloseCommand, ImportRow};
 
 /// Latest instant accepted on the wire: 9999-12-31T23:59:59Z.
 const TIMESTAMP_SECONDS_MAX: i64 = 253_402_300_799;
@@ -96,6 +98,18 @@ pub fn slot_key(field: &str, value: &str, limits: &Limits) -> Result<SlotKey, Fi
 
 pub fn booking_id(value: &str) -> Result<BookingId, FieldViolation> {
     BookingId::parse("booking_id", value)
+}
+
+/// A list's page size: 0 means the default.
+fn page_size(value: i32, limits: &Limits) -> Result<usize, FieldViolation> {
+    match value {
+        0 => Ok(limits.page_size_default as usize),
+        size if size > 0 && size as u32 <= limits.page_size_max => Ok(size as usize),
+        _ => Err(FieldViolation::new(
+            "page_size",
+            format!("must be between 0 (default) and {}", limits.page_size_max),
+        )),
+    }
 }
 
 pub fn site_from_proto(site: Option<proto::Site>, limits: &Limits) -> Result<Site, DomainError> {
@@ -181,17 +195,7 @@ pub fn search_from_proto(
             );
         }
     }
-    let page_size = match request.page_size {
-        0 => Some(limits.page_size_default),
-        size if size > 0 && size as u32 <= limits.page_size_max => Some(size as u32),
-        _ => {
-            v.push(
-                "page_size",
-                format!("must be between 0 (default) and {}", limits.page_size_max),
-            );
-            None
-        }
-    };
+    let page_size = v.check(page_size(request.page_size, limits));
     let after = if request.page_token.is_empty() {
         None
     } else {
@@ -214,9 +218,68 @@ pub fn search_from_proto(
                 to_unix_s,
                 only_available: request.only_available,
                 after,
-                page_size: page_size as usize,
+                page_size,
             })
         }
+        _ => Err(DomainError::invalid("request", "is invalid")),
+    }
+}
+
+pub fn close_from_proto(
+    request: proto::CloseSlotsRequest,
+    limits: &Limits,
+) -> Result<CloseCommand, DomainError> {
+    let mut v = Violations::default();
+    let site = v.check(site_id("site_id", &request.site_id, limits));
+    let service = match &request.service_id {
+        Some(id) => v.check(service_id("service_id", id, limits)).map(Some),
+        None => Some(None),
+    };
+    let from = match &request.from {
+        Some(from) => v.check(unix_seconds("from", from)),
+        None => {
+            v.push("from", "is required");
+            None
+        }
+    };
+    let to = match &request.to {
+        Some(to) => v.check(unix_seconds("to", to)),
+        None => {
+            v.push("to", "is required");
+            None
+        }
+    };
+    if let (Some(from), Some(to)) = (from, to) {
+        if to <= from {
+            v.push("to", "must be after from");
+        }
+    }
+    let reason = request.reason.trim();
+    if reason.is_empty() {
+        v.push(
+            "reason",
+            "must not be empty: citizens see it on their cancelled bookings",
+        );
+    } else if reason.chars().count() > limits.close_reason_length_max {
+        v.push(
+            "reason",
+            format!(
+                "must be at most {} characters",
+                limits.close_reason_length_max
+            ),
+        );
+    } else if reason.chars().any(char::is_control) {
+        v.push("reason", "must not contain control characters");
+    }
+    v.finish()?;
+    match (site, service, from, to) {
+        (Some(site_id), Some(service_id), Some(from_unix_s), Some(to_unix_s)) => Ok(CloseCommand {
+            site_id,
+            service_id,
+            from_unix_s,
+            to_unix_s,
+            reason: reason.to_string(),
+        }),
         _ => Err(DomainError::invalid("request", "is invalid")),
     }
 }
@@ -233,6 +296,139 @@ pub fn slot_to_proto(site: &Site, slot: &Slot) -> proto::Slot {
         time_zone: site.time_zone.name().to_string(),
         capacity: counter.capacity,
         remaining: counter.remaining(),
+        closed: counter.closed,
+    }
+}
+
+/// The CSV column a schedule field comes from, for a capacity file's errors.
+fn row_column(field: &str) -> &str {
+    match field.split(['[', '.']).collect::<Vec<_>>().as_slice() {
+        ["site", column] => column,
+        ["opening_hours", .., "opens"] => "opens",
+        ["opening_hours", .., "closes"] => "closes",
+        ["opening_hours", ..] => "weekdays",
+        _ => field,
+    }
+}
+
+/// Validates one row of a capacity file. Every violation is named
+/// `rows[LINE].COLUMN`, with the row's line in its file and the CSV column.
+pub fn import_row(
+    row: proto::CapacityRow,
+    limits: &Limits,
+) -> Result<ImportRow, Vec<FieldViolation>> {
+    let mut found: Vec<FieldViolation> = Vec::new();
+    let mut note = |violation: FieldViolation| {
+        let field = format!("rows[{}].{}", row.line, row_column(&violation.field));
+        if !found
+            .iter()
+            .any(|f| f.field == field && f.description == violation.description)
+        {
+            found.push(FieldViolation::new(field, violation.description));
+        }
+    };
+    let site = match site_from_proto(row.site.clone(), limits) {
+        Ok(site) => Some(site),
+        Err(DomainError::Invalid(violations)) => {
+            violations.into_iter().for_each(&mut note);
+            None
+        }
+        Err(other) => {
+            note(FieldViolation::new("site", other.to_string()));
+            None
+        }
+    };
+    let service = service_id("service_id", &row.service_id, limits)
+        .map_err(&mut note)
+        .ok();
+    if row.weekdays.is_empty() {
+        note(FieldViolation::new(
+            "weekdays",
+            "must list at least one ISO weekday 1 (Monday) to 7 (Sunday)",
+        ));
+    }
+    let schedule = Schedule::parse(
+        &ScheduleInput {
+            first_day: &row.first_day,
+            last_day: &row.last_day,
+            opening_hours: row
+                .weekdays
+                .iter()
+                .map(|weekday| (*weekday, row.opens.as_str(), row.closes.as_str()))
+                .collect(),
+            slot_minutes: row.slot_minutes,
+            capacity_per_slot: row.capacity_per_slot,
+        },
+        limits,
+    );
+    let schedule = match schedule {
+        Ok(schedule) => Some(schedule),
+        Err(DomainError::Invalid(violations)) => {
+            violations
+                .into_iter()
+                .filter(|v| !(row.weekdays.is_empty() && v.field == "opening_hours"))
+                .for_each(&mut note);
+            None
+        }
+        Err(other) => {
+            note(FieldViolation::new("first_day", other.to_string()));
+            None
+        }
+    };
+    match (site, service, schedule) {
+        (Some(site), Some(service_id), Some(schedule)) if found.is_empty() => Ok(ImportRow {
+            line: row.line,
+            site,
+            service_id,
+            schedule,
+        }),
+        _ => Err(found),
+    }
+}
+
+pub fn hold_to_proto(hold: &Hold) -> proto::Hold {
+    proto::Hold {
+        hold_id: hold.hold_id.to_string(),
+        slot_id: hold.slot.to_string(),
+        expires_at: Some(timestamp_ms(hold.expires_at_unix_ms)),
+    }
+}
+
+pub fn citizen_bookings_from_proto(
+    request: proto::ListCitizenBookingsRequest,
+    limits: &Limits,
+) -> Result<CitizenBookingsQuery, DomainError> {
+    let mut v = Violations::default();
+    let citizen = v.check(citizen_id(&request.citizen_id, limits));
+    let service = match &request.service_id {
+        Some(id) => v.check(service_id("service_id", id, limits)).map(Some),
+        None => Some(None),
+    };
+    let page_size = v.check(page_size(request.page_size, limits));
+    let after = if request.page_token.is_empty() {
+        Some(None)
+    } else {
+        v.check(
+            BookingId::parse("page_token", &request.page_token).map_err(|_| {
+                FieldViolation::new(
+                    "page_token",
+                    "is not a next_page_token from a previous response",
+                )
+            }),
+        )
+        .map(Some)
+    };
+    v.finish()?;
+    match (citizen, service, page_size, after) {
+        (Some(citizen_id), Some(service_id), Some(page_size), Some(after)) => {
+            Ok(CitizenBookingsQuery {
+                citizen_id,
+                service_id,
+                after,
+                page_size,
+            })
+        }
+        _ => Err(DomainError::invalid("request", "is invalid")),
     }
 }
 

@@ -17,6 +17,9 @@ pub const ERROR_DOMAIN: &str = "prenota";
 /// How long a client should wait before retrying after the write queue was full.
 const OVERLOADED_RETRY_DELAY: Duration = Duration::from_millis(50);
 
+/// Field violations spelled out in a status message; the details carry every one.
+const MESSAGE_VIOLATIONS_MAX: usize = 5;
+
 fn with_reason(
     code: Code,
     message: String,
@@ -31,11 +34,19 @@ fn with_reason(
 }
 
 fn invalid_argument(violations: Vec<crate::domain::error::FieldViolation>) -> Status {
-    let message = violations
+    // The message names the first few; the details carry them all.
+    let mut message = violations
         .iter()
+        .take(MESSAGE_VIOLATIONS_MAX)
         .map(|v| format!("{}: {}", v.field, v.description))
         .collect::<Vec<_>>()
         .join("; ");
+    if violations.len() > MESSAGE_VIOLATIONS_MAX {
+        message.push_str(&format!(
+            "; and {} more (see the BadRequest details)",
+            violations.len() - MESSAGE_VIOLATIONS_MAX
+        ));
+    }
     let violations: Vec<FieldViolation> = violations
         .into_iter()
         .map(|v| FieldViolation::new(v.field, v.description))
@@ -74,6 +85,15 @@ impl From<ServiceError> for Status {
                         Missing::Hold => "HOLD_NOT_FOUND",
                     };
                     with_reason(Code::NotFound, message, reason, none())
+                }
+                DomainError::SlotClosed(slot) => with_reason(
+                    Code::FailedPrecondition,
+                    message,
+                    "SLOT_CLOSED",
+                    HashMap::from([("slot_id".to_string(), slot.to_string())]),
+                ),
+                DomainError::HoldExpired => {
+                    with_reason(Code::FailedPrecondition, message, "HOLD_EXPIRED", none())
                 }
                 DomainError::SlotStarted(_) => {
                     with_reason(Code::FailedPrecondition, message, "SLOT_STARTED", none())

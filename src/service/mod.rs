@@ -1,36 +1,46 @@
-//! The transport-free engine: wires the domain (counters, catalog, citizen limits)
-//! to the store (group commit) and gives each command its order of steps.
+//! The transport-free engine: wires the domain (counters, catalog, citizen limits,
+//! holds) to the store (group commit) and gives each command its order of steps.
 //!
 //! Must not import tonic. Reads the clock here and passes `now` into the domain.
 //!
-//! Order of a booking: idempotency check → citizen limit (sharded index) → slot CAS →
-//! durable group commit → acknowledge. Places are taken in memory *before* the write
-//! and returned only *after* a durable cancel, so memory never shows more free places
-//! than the disk would after a crash.
+//! Every command follows one rule: places are taken in memory *before* the write and
+//! returned only *after* the durable write that frees them, so memory never shows
+//! more free places than the disk would after a crash. A write refused as
+//! `Overloaded` never reached the queue, so its in-memory effects are undone; after
+//! any other storage error the store is failed and a restart rebuilds from the disk.
+//!
+//! - `bookings`: book (also from a hold), cancel, reschedule, list a citizen's bookings.
+//! - `holds`: hold a place, expire holds (the sweeper).
+//! - `capacity`: sites, schedules, imports, slot capacity, closures, statistics.
 
+pub mod bookings;
+pub mod capacity;
 pub mod citizen_hasher;
+pub mod holds;
 pub mod recovery;
 pub mod requests;
 
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, Limits};
-use crate::domain::booking::{Booking, BookingState, RequestRecord};
-use crate::domain::catalog::{Catalog, SearchPage, SearchQuery, Site, SiteStats};
+use crate::domain::booking::{Booking, RequestRecord};
+use crate::domain::catalog::{Catalog, SearchPage, SearchQuery, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::error::{DomainError, Missing};
-use crate::domain::ids::{
-    BookingId, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey,
-};
-use crate::domain::schedule::Schedule;
-use crate::store::records::{SiteRecord, SlotRecord, Write};
+use crate::domain::hold::LiveHolds;
+use crate::domain::ids::{BookingId, RegionId, RequestFingerprint, RequestKey, SiteId, SlotKey};
+use crate::domain::slot_counter::Refused;
 use crate::store::{Store, StoreError};
 use citizen_hasher::CitizenHasher;
 use requests::{Begin, RequestRegistry};
+
+pub use bookings::{BookCommand, CancelCommand, CitizenBookingsQuery, RescheduleCommand};
+pub use capacity::{CloseCommand, CloseOutcome, ImportRow, PublishOutcome};
+pub use holds::HoldCommand;
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum ServiceError {
@@ -51,26 +61,6 @@ pub struct BookingView {
     pub site: Arc<Site>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PublishOutcome {
-    pub slots_created: u32,
-    pub slots_updated: u32,
-    pub total_capacity: u64,
-}
-
-pub struct BookCommand {
-    pub slot: SlotKey,
-    pub citizen_id: String,
-    pub request: RequestKey,
-    pub hold_id: Option<String>,
-}
-
-pub struct CancelCommand {
-    pub booking_id: BookingId,
-    pub citizen_id: String,
-    pub request: RequestKey,
-}
-
 #[derive(Clone, Debug)]
 pub enum ExportScope {
     All,
@@ -81,13 +71,16 @@ pub enum ExportScope {
 pub struct Engine {
     limits: Limits,
     store: Store,
-    /// Read on every request; written only by site upserts and schedule publication.
+    /// Read on every request; written only by authority writes.
     catalog: RwLock<Catalog>,
     citizens: CitizenIndex,
     requests: RequestRegistry,
+    /// Live holds. One mutex: each critical section is one map operation.
+    holds: Mutex<LiveHolds>,
     hasher: CitizenHasher,
-    /// Serialises authority writes (sites, schedules) so their plan and apply steps
-    /// see no other authority write in between. Never taken by bookings.
+    /// Serialises authority writes (sites, schedules, imports, capacities, closures)
+    /// so their plan and apply steps see no other authority write in between. Never
+    /// taken by bookings.
     authority_writes: tokio::sync::Mutex<()>,
 }
 
@@ -96,6 +89,14 @@ pub fn now_unix_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// A counter's refusal as the domain error a client sees.
+fn refused(refused: Refused, slot: &SlotKey) -> DomainError {
+    match refused {
+        Refused::Full => DomainError::SlotFull(slot.clone()),
+        Refused::Closed => DomainError::SlotClosed(slot.clone()),
+    }
 }
 
 impl Engine {
@@ -118,6 +119,7 @@ impl Engine {
             catalog: RwLock::new(Catalog::default()),
             citizens: CitizenIndex::default(),
             requests: RequestRegistry::default(),
+            holds: Mutex::new(LiveHolds::default()),
             hasher: CitizenHasher::new(&key).map_err(|e| {
                 ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
             })?,
@@ -145,133 +147,33 @@ impl Engine {
         self.catalog.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn live_holds(&self) -> MutexGuard<'_, LiveHolds> {
+        // Every critical section is one map operation: a poisoned lock guards sound data.
+        self.holds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn site(&self, site_id: &SiteId) -> Option<Arc<Site>> {
         self.catalog().site(site_id).cloned()
     }
 
-    pub async fn upsert_site(&self, site: Site) -> Result<Arc<Site>, ServiceError> {
-        let _authority = self.authority_writes.lock().await;
-        self.catalog().check_site_upsert(&site)?;
-        let record = SiteRecord {
-            site_id: site.site_id.clone(),
-            name: site.name.clone(),
-            region_id: site.region_id.clone(),
-            time_zone: site.time_zone.name().to_string(),
-        };
-        self.store.commit(&[Write::Site(record)]).await?;
-        let site_id = site.site_id.clone();
-        let mut catalog = self.catalog_mut();
-        catalog.upsert_site(site);
-        catalog
-            .site(&site_id)
-            .cloned()
-            .ok_or(ServiceError::Domain(DomainError::NotFound(Missing::Site)))
+    fn slot(&self, key: &SlotKey) -> Result<Arc<Slot>, DomainError> {
+        self.catalog()
+            .slot(key)
+            .map(|(_, slot)| Arc::clone(slot))
+            .ok_or(DomainError::NotFound(Missing::Slot))
     }
 
-    /// Creates the schedule's missing slots and updates changed ones, all or nothing.
-    pub async fn publish_schedule(
-        &self,
-        site_id: &SiteId,
-        service_id: &ServiceId,
-        schedule: &Schedule,
-    ) -> Result<PublishOutcome, ServiceError> {
-        let _authority = self.authority_writes.lock().await;
-        let plan = {
-            let catalog = self.catalog();
-            let site = catalog
-                .site(site_id)
-                .ok_or(DomainError::NotFound(Missing::Site))?;
-            let planned = schedule.plan(site.time_zone, self.limits.publish_slots_max)?;
-            catalog.plan_publish(site_id, service_id, &planned, schedule.capacity_per_slot)?
-        };
-        // Lower capacities first, in memory, where the CAS refuses to go below what is
-        // taken; raise them only once durable. Memory never admits more than disk allows.
-        let mut lowered = Vec::new();
-        for (slot, _, capacity) in &plan.updated {
-            let old = slot.counter.snapshot().capacity;
-            if *capacity < old {
-                match slot.counter.set_capacity(*capacity) {
-                    Ok(_) => lowered.push((Arc::clone(slot), old)),
-                    Err(below) => {
-                        for (slot, old) in lowered {
-                            let _ = slot.counter.set_capacity(old);
-                        }
-                        return Err(DomainError::CapacityBelowBooked {
-                            slot: slot.key.clone(),
-                            requested: *capacity,
-                            taken: below.taken,
-                        }
-                        .into());
-                    }
-                }
+    /// Returns one place of a slot after the durable write that freed it.
+    fn return_place(&self, key: &SlotKey) {
+        if let Ok(slot) = self.slot(key) {
+            if slot.counter.release().is_err() {
+                tracing::error!(slot = %key, "found no taken place to return");
             }
         }
-        let writes: Vec<Write> = plan
-            .created
-            .iter()
-            .map(|slot| {
-                (
-                    slot.key.clone(),
-                    slot.end_unix_s(),
-                    slot.counter.snapshot().capacity,
-                )
-            })
-            .chain(
-                plan.updated
-                    .iter()
-                    .map(|(slot, end, capacity)| (slot.key.clone(), *end, *capacity)),
-            )
-            .map(|(key, end_unix_s, capacity)| {
-                Write::Slot(SlotRecord {
-                    key,
-                    end_unix_s,
-                    capacity,
-                })
-            })
-            .collect();
-        if !writes.is_empty() {
-            if let Err(error) = self.store.commit(&writes).await {
-                // Only a write that was never queued is certainly not on disk; after any
-                // other error the lower capacity may be stored, so memory keeps it.
-                if error == StoreError::Overloaded {
-                    for (slot, old) in lowered {
-                        let _ = slot.counter.set_capacity(old);
-                    }
-                }
-                return Err(error.into());
-            }
-        }
-        let outcome = PublishOutcome {
-            slots_created: plan.created.len() as u32,
-            slots_updated: plan.updated.len() as u32,
-            total_capacity: plan.total_capacity,
-        };
-        for (slot, end, capacity) in plan.updated {
-            slot.set_end_unix_s(end);
-            if capacity > slot.counter.snapshot().capacity {
-                // Raising can only fail if someone lowered meanwhile, which the
-                // authority lock rules out.
-                let _ = slot.counter.set_capacity(capacity);
-            }
-        }
-        let mut catalog = self.catalog_mut();
-        for slot in plan.created {
-            catalog.insert_slot(slot)?;
-        }
-        Ok(outcome)
     }
 
     pub fn search(&self, query: &SearchQuery) -> Result<SearchPage, ServiceError> {
         Ok(self.catalog().search(query)?)
-    }
-
-    pub fn site_stats(&self, site_id: &SiteId) -> Result<(Arc<Site>, SiteStats), ServiceError> {
-        let catalog = self.catalog();
-        let site = catalog
-            .site(site_id)
-            .cloned()
-            .ok_or(DomainError::NotFound(Missing::Site))?;
-        Ok((site, catalog.site_stats(site_id)?))
     }
 
     fn view(&self, booking: Booking) -> Result<BookingView, ServiceError> {
@@ -284,44 +186,35 @@ impl Engine {
         Ok(BookingView { booking, site })
     }
 
-    pub fn booking(&self, booking_id: BookingId) -> Result<BookingView, ServiceError> {
-        let booking = self
+    fn stored_booking(&self, booking_id: BookingId) -> Result<Booking, ServiceError> {
+        Ok(self
             .store
             .booking(booking_id)?
-            .ok_or(DomainError::NotFound(Missing::Booking))?;
-        self.view(booking)
+            .ok_or(DomainError::NotFound(Missing::Booking))?)
     }
 
-    /// Books one place. Run it in its own task: it must finish even if the client goes away.
-    pub async fn book(&self, command: BookCommand) -> Result<BookingView, ServiceError> {
-        let citizen = self.hasher.hash(&command.citizen_id);
-        let slot_text = command.slot.to_string();
-        let fingerprint = RequestFingerprint::of(&[
-            b"book",
-            slot_text.as_bytes(),
-            &citizen.0,
-            command.hold_id.as_deref().unwrap_or("").as_bytes(),
-        ]);
-        self.once_per_request(command.request, fingerprint, |request| {
-            self.admit_and_commit(&command, citizen, request)
-        })
-        .await
+    pub fn booking(&self, booking_id: BookingId) -> Result<BookingView, ServiceError> {
+        self.view(self.stored_booking(booking_id)?)
     }
 
-    /// Runs `work` once per `request_id`: a retry gets the first booking back, a copy
-    /// in flight waits for the first one's outcome, a different request is refused.
-    async fn once_per_request<Work>(
+    /// Runs `work` once per `request_id`: a retry gets the first outcome back (through
+    /// `fetch`), a copy in flight waits for the first one's outcome, a different request
+    /// is refused. The registry keeps only the outcome's id; the fingerprint names the
+    /// command, so an id is always fetched as the kind of thing it was created as.
+    async fn once_per_request<T, Work>(
         &self,
         request: RequestKey,
         fingerprint: RequestFingerprint,
         work: impl FnOnce(RequestRecord) -> Work,
-    ) -> Result<BookingView, ServiceError>
+        id_of: impl Fn(&T) -> BookingId,
+        fetch: impl Fn(BookingId) -> Result<T, ServiceError>,
+    ) -> Result<T, ServiceError>
     where
-        Work: std::future::Future<Output = Result<Booking, ServiceError>>,
+        Work: std::future::Future<Output = Result<T, ServiceError>>,
     {
         let guard = match self.requests.begin(request, fingerprint)? {
-            Begin::Done(booking_id) => return self.booking(booking_id),
-            Begin::Wait(outcome) => return self.booking(requests::wait(outcome).await?),
+            Begin::Done(id) => return fetch(id),
+            Begin::Wait(outcome) => return fetch(requests::wait(outcome).await?),
             Begin::Fresh(guard) => guard,
         };
         let outcome = work(RequestRecord {
@@ -329,118 +222,8 @@ impl Engine {
             fingerprint,
         })
         .await;
-        guard.finish(outcome.as_ref().map(|b| b.booking_id).map_err(Clone::clone))?;
-        outcome.and_then(|booking| self.view(booking))
-    }
-
-    async fn admit_and_commit(
-        &self,
-        command: &BookCommand,
-        citizen: crate::domain::ids::CitizenKey,
-        request: RequestRecord,
-    ) -> Result<Booking, ServiceError> {
-        if command.hold_id.is_some() {
-            // Holds arrive with the holds work; until then no hold id can exist.
-            return Err(DomainError::NotFound(Missing::Hold).into());
-        }
-        let slot = self
-            .catalog()
-            .slot(&command.slot)
-            .map(|(_, slot)| Arc::clone(slot))
-            .ok_or(DomainError::NotFound(Missing::Slot))?;
-        let now_ms = now_unix_ms();
-        if slot.key.start_unix_s.saturating_mul(1_000) <= now_ms {
-            return Err(DomainError::SlotStarted(slot.key.clone()).into());
-        }
-        let booking_id = BookingId(rand::random());
-        let service = &slot.key.service_id;
-        self.citizens
-            .reserve(
-                citizen,
-                service,
-                booking_id,
-                self.limits.max_active_per_citizen,
-            )
-            .map_err(|existing| DomainError::CitizenAlreadyBooked {
-                booking_id: existing,
-            })?;
-        if slot.counter.try_take().is_err() {
-            self.citizens.release(citizen, service, booking_id);
-            return Err(DomainError::SlotFull(slot.key.clone()).into());
-        }
-        let booking = Booking {
-            booking_id,
-            slot: slot.key.clone(),
-            end_unix_s: slot.end_unix_s(),
-            citizen,
-            created_at_unix_ms: now_ms,
-            request,
-            state: BookingState::Confirmed,
-        };
-        match self.store.commit(&[Write::Booking(booking.clone())]).await {
-            Ok(()) => Ok(booking),
-            Err(StoreError::Overloaded) => {
-                // Never queued: nothing reached the disk, so the place goes back.
-                self.citizens.release(citizen, service, booking_id);
-                let _ = slot.counter.release();
-                Err(StoreError::Overloaded.into())
-            }
-            // Anything else may or may not be on disk: keep the place taken (never
-            // overbook); the store is failed and a restart rebuilds from the disk.
-            Err(error) => Err(error.into()),
-        }
-    }
-
-    /// Cancels a booking; its place returns to the slot once the cancel is durable.
-    pub async fn cancel(&self, command: CancelCommand) -> Result<BookingView, ServiceError> {
-        let citizen = self.hasher.hash(&command.citizen_id);
-        let booking_text = command.booking_id.to_string();
-        let fingerprint = RequestFingerprint::of(&[b"cancel", booking_text.as_bytes(), &citizen.0]);
-        self.once_per_request(command.request, fingerprint, |request| {
-            self.cancel_and_commit(&command, citizen, request)
-        })
-        .await
-    }
-
-    async fn cancel_and_commit(
-        &self,
-        command: &CancelCommand,
-        citizen: crate::domain::ids::CitizenKey,
-        request: RequestRecord,
-    ) -> Result<Booking, ServiceError> {
-        let mut booking = self
-            .store
-            .booking(command.booking_id)?
-            // Another citizen's booking is reported as unknown: ids are not confirmed to strangers.
-            .filter(|booking| booking.citizen == citizen)
-            .ok_or(DomainError::NotFound(Missing::Booking))?;
-        let service = booking.slot.service_id.clone();
-        // Exactly one canceller wins this removal; a second concurrent cancel stops here.
-        if !booking.is_confirmed() || !self.citizens.release(citizen, &service, booking.booking_id)
-        {
-            return Err(DomainError::BookingNotActive(booking.booking_id).into());
-        }
-        booking.state = BookingState::Cancelled {
-            at_unix_ms: now_unix_ms(),
-            reason: "cancelled by citizen".to_string(),
-            request: Some(request),
-        };
-        match self.store.commit(&[Write::Booking(booking.clone())]).await {
-            Ok(()) => {}
-            Err(StoreError::Overloaded) => {
-                // Never queued: the booking is still confirmed on disk, so it must count
-                // against the citizen's limit again.
-                self.citizens.insert(citizen, &service, booking.booking_id);
-                return Err(StoreError::Overloaded.into());
-            }
-            Err(error) => return Err(error.into()),
-        }
-        if let Some((_, slot)) = self.catalog().slot(&booking.slot) {
-            if slot.counter.release().is_err() {
-                tracing::error!(slot = %booking.slot, "cancel found no taken place to return");
-            }
-        }
-        Ok(booking)
+        guard.finish(outcome.as_ref().map(&id_of).map_err(Clone::clone))?;
+        outcome
     }
 
     /// Streams every stored booking in scope; the scan runs on a blocking thread and

@@ -8,10 +8,11 @@ use chrono_tz::Tz;
 use crate::domain::booking::{Booking, BookingState};
 use crate::domain::catalog::{Catalog, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
+use crate::domain::hold::{HoldState, LiveHolds};
 use crate::service::requests::RequestRegistry;
 use crate::service::{Engine, ServiceError};
 use crate::store::records::decode_value;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 
 pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let started = std::time::Instant::now();
@@ -36,15 +37,29 @@ pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         let record = record?;
         let key = record.key.clone();
         catalog
-            .insert_slot(Slot::new(record.key, record.end_unix_s, record.capacity))
+            .insert_slot(Slot::new(
+                record.key,
+                record.end_unix_s,
+                record.capacity,
+                record.closed,
+            ))
             .map_err(|_| {
                 ServiceError::Recovery(format!("slot {key} belongs to an unknown site"))
             })?;
         slot_count += 1;
     }
+    let max_active = engine.limits.max_active_per_citizen as usize;
+    let live = engine.holds.get_mut().unwrap_or_else(|p| p.into_inner());
+    let live_holds = restore_holds(
+        &engine.store,
+        &engine.requests,
+        &engine.citizens,
+        live,
+        catalog,
+        max_active,
+    )?;
     let mut confirmed = 0u64;
     let mut cancelled = 0u64;
-    let max_active = engine.limits.max_active_per_citizen as usize;
     let (store, requests, citizens) = (&engine.store, &engine.requests, &engine.citizens);
     let catalog: &Catalog = catalog;
     // sled's scan and the decode + rebuild take about as long as each other: run them on
@@ -90,19 +105,59 @@ pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         let counter = slot.counter.snapshot();
         if counter.taken > counter.capacity {
             return Err(ServiceError::Recovery(format!(
-                "slot {} has {} confirmed bookings but capacity {}",
+                "slot {} has {} confirmed bookings and live holds but capacity {}",
                 slot.key, counter.taken, counter.capacity
             )));
         }
     }
     tracing::info!(
         slots = slot_count,
+        live_holds,
         confirmed,
         cancelled,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered state from the store"
     );
     Ok(())
+}
+
+/// Puts live holds back (they count against capacity and their citizen's limit; the
+/// sweeper expires those whose time ran out while the server was down) and remembers
+/// every hold request for idempotency. Returns how many are live.
+fn restore_holds(
+    store: &Store,
+    requests: &RequestRegistry,
+    citizens: &CitizenIndex,
+    live: &mut LiveHolds,
+    catalog: &Catalog,
+    max_active: usize,
+) -> Result<usize, ServiceError> {
+    for hold in store.holds() {
+        let hold = hold?;
+        requests.insert_recovered(hold.request.key, hold.request.fingerprint, hold.hold_id);
+        if hold.state != HoldState::Live {
+            continue;
+        }
+        let (_, slot) = catalog.slot(&hold.slot).ok_or_else(|| {
+            ServiceError::Recovery(format!(
+                "hold {} is in unknown slot {}",
+                hold.hold_id, hold.slot
+            ))
+        })?;
+        slot.counter.take_unchecked().map_err(|_| {
+            ServiceError::Recovery(format!("slot {} has too many holds", hold.slot))
+        })?;
+        let held = citizens.insert(hold.citizen, &hold.slot.service_id, hold.hold_id);
+        if held > max_active {
+            return Err(ServiceError::Recovery(format!(
+                "a citizen holds {held} active bookings and holds for service {} \
+                 (limit {max_active}), the latest being hold {}",
+                hold.slot.service_id, hold.hold_id
+            )));
+        }
+        live.insert(hold);
+    }
+    Ok(live.len())
 }
 
 /// Records in one chunk handed from the store reader to the rebuild.
@@ -137,7 +192,9 @@ fn restore_booking(
                     booking.booking_id, booking.slot
                 ))
             })?;
-            slot.counter.take_unchecked();
+            slot.counter.take_unchecked().map_err(|_| {
+                ServiceError::Recovery(format!("slot {} has too many bookings", booking.slot))
+            })?;
             let held = citizens.insert(
                 booking.citizen,
                 &booking.slot.service_id,

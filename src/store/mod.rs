@@ -20,10 +20,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Limits;
 use crate::domain::booking::Booking;
-use crate::domain::ids::BookingId;
+use crate::domain::hold::{Hold, HoldId};
+use crate::domain::ids::{BookingId, CitizenKey};
 pub use committer::UnsyncedForBenchmarks;
 use committer::{CommitRequest, CommitterState, SledDurability, SledUnsynced};
-use records::{booking_key, decode_value, SiteRecord, SlotRecord, Write};
+use records::{booking_key, decode_value, hold_key, SiteRecord, SlotRecord, Write};
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum StoreError {
@@ -165,6 +166,51 @@ impl Store {
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::Io(format!("reading a booking: {e}"))),
         }
+    }
+
+    pub fn hold(&self, hold_id: HoldId) -> Result<Option<Hold>, StoreError> {
+        let key = hold_key(hold_id);
+        match self.db.get(key) {
+            Ok(Some(value)) => decode_value(&key, &value).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(StoreError::Io(format!("reading a hold: {e}"))),
+        }
+    }
+
+    /// Every hold, all states, in hold-id order.
+    pub fn holds(&self) -> impl Iterator<Item = Result<Hold, StoreError>> {
+        self.scan(records::HOLD_PREFIX)
+    }
+
+    /// Up to `limit` of a citizen's booking ids (all states), in id order, after `after`.
+    pub fn citizen_booking_ids(
+        &self,
+        citizen: CitizenKey,
+        after: Option<BookingId>,
+        limit: usize,
+    ) -> Result<Vec<BookingId>, StoreError> {
+        let prefix = records::citizen_prefix(citizen);
+        let start = match after {
+            // The next key after `after`: its own key with a 0 byte appended.
+            Some(after) => {
+                let mut key = records::citizen_booking_key(citizen, after).to_vec();
+                key.push(0);
+                key
+            }
+            None => prefix.to_vec(),
+        };
+        let mut ids = Vec::new();
+        for item in self.db.range(start..) {
+            let (key, _) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            if !key.starts_with(&prefix) || ids.len() == limit {
+                break;
+            }
+            let id = records::citizen_booking_id(&key).ok_or_else(|| {
+                StoreError::Corrupt("a citizen index key has the wrong length".into())
+            })?;
+            ids.push(id);
+        }
+        Ok(ids)
     }
 
     /// Every record of one kind, undecoded (key, value), in key order.

@@ -11,12 +11,17 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::booking::Booking;
-use crate::domain::ids::{BookingId, RegionId, SiteId, SlotKey};
+use crate::domain::hold::{Hold, HoldId};
+use crate::domain::ids::{BookingId, CitizenKey, RegionId, SiteId, SlotKey};
 use crate::store::StoreError;
 
 pub const SITE_PREFIX: u8 = b'S';
 pub const SLOT_PREFIX: u8 = b'L';
 pub const BOOKING_PREFIX: u8 = b'B';
+pub const HOLD_PREFIX: u8 = b'H';
+/// Index entries `C` + citizen key + booking id, with an empty value: a citizen's
+/// bookings, written in the same batch as the booking.
+pub const CITIZEN_BOOKING_PREFIX: u8 = b'C';
 
 const FORMAT_VERSION: u8 = 1;
 
@@ -34,6 +39,8 @@ pub struct SlotRecord {
     pub key: SlotKey,
     pub end_unix_s: i64,
     pub capacity: u32,
+    /// Closed by an authority (CloseSlots); reopened by SetSlotCapacity.
+    pub closed: bool,
 }
 
 /// One record to put, already chosen by the caller.
@@ -42,6 +49,12 @@ pub enum Write {
     Site(SiteRecord),
     Slot(SlotRecord),
     Booking(Booking),
+    Hold(Hold),
+    /// A new booking's entry in its citizen's index.
+    CitizenBooking {
+        citizen: CitizenKey,
+        booking_id: BookingId,
+    },
 }
 
 /// Maps an i64 to a u64 whose big-endian bytes sort like the i64.
@@ -76,6 +89,34 @@ pub fn booking_key(booking_id: BookingId) -> [u8; 17] {
     key
 }
 
+pub fn hold_key(hold_id: HoldId) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = HOLD_PREFIX;
+    key[1..].copy_from_slice(&hold_id.0.to_be_bytes());
+    key
+}
+
+/// `C` + citizen, the prefix of one citizen's index entries.
+pub fn citizen_prefix(citizen: CitizenKey) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = CITIZEN_BOOKING_PREFIX;
+    key[1..].copy_from_slice(&citizen.0);
+    key
+}
+
+pub fn citizen_booking_key(citizen: CitizenKey, booking_id: BookingId) -> [u8; 33] {
+    let mut key = [0u8; 33];
+    key[..17].copy_from_slice(&citizen_prefix(citizen));
+    key[17..].copy_from_slice(&booking_id.0.to_be_bytes());
+    key
+}
+
+/// The booking id at the end of a citizen index key.
+pub fn citizen_booking_id(key: &[u8]) -> Option<BookingId> {
+    let bytes: [u8; 16] = key.get(17..33)?.try_into().ok()?;
+    Some(BookingId(u128::from_be_bytes(bytes)))
+}
+
 pub fn encode_value<T: Serialize>(record: &T) -> Result<Vec<u8>, StoreError> {
     let value = vec![FORMAT_VERSION];
     postcard::to_extend(record, value)
@@ -105,6 +146,14 @@ impl Write {
             Write::Booking(booking) => (
                 booking_key(booking.booking_id).to_vec(),
                 encode_value(booking)?,
+            ),
+            Write::Hold(hold) => (hold_key(hold.hold_id).to_vec(), encode_value(hold)?),
+            Write::CitizenBooking {
+                citizen,
+                booking_id,
+            } => (
+                citizen_booking_key(*citizen, *booking_id).to_vec(),
+                Vec::new(),
             ),
         })
     }
@@ -148,6 +197,7 @@ mod tests {
             },
             end_unix_s: 99,
             capacity: 3,
+            closed: false,
         };
         let value = encode_value(&record).unwrap();
         assert_eq!(decode_value::<SlotRecord>(b"k", &value).unwrap(), record);

@@ -1,0 +1,190 @@
+//! Holds: a place reserved for a while, as kept on disk, and the live ones in memory.
+//!
+//! A hold's id is the id its booking gets once confirmed: one id space, so the
+//! citizen index counts a hold and the booking it becomes as the same entry.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::booking::RequestRecord;
+use crate::domain::ids::{BookingId, CitizenKey, SiteId, SlotKey};
+
+/// A hold's id; see the module docs for why it is a booking id.
+pub type HoldId = BookingId;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HoldState {
+    /// Counts against the slot's capacity until it is confirmed or expires.
+    Live,
+    /// Became the booking with the same id.
+    Confirmed { at_unix_ms: i64 },
+    /// Its place went back to the slot (timed out, or its slot was closed).
+    Expired { at_unix_ms: i64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub hold_id: HoldId,
+    pub slot: SlotKey,
+    pub citizen: CitizenKey,
+    pub created_at_unix_ms: i64,
+    pub expires_at_unix_ms: i64,
+    pub request: RequestRecord,
+    pub state: HoldState,
+}
+
+/// Why a hold cannot be confirmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotConfirmable {
+    /// No live hold with this id for this citizen and slot.
+    Unknown,
+    /// Live, but its time is up; the sweeper returns its place.
+    Expired,
+}
+
+/// The live holds, by id and by expiry. Whoever removes a hold from here owns it:
+/// the confirming booking, the sweeper or a closure, never two of them.
+#[derive(Default)]
+pub struct LiveHolds {
+    by_id: HashMap<HoldId, Hold>,
+    by_expiry: BTreeSet<(i64, HoldId)>,
+}
+
+impl LiveHolds {
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn get(&self, hold_id: HoldId) -> Option<&Hold> {
+        self.by_id.get(&hold_id)
+    }
+
+    pub fn insert(&mut self, hold: Hold) {
+        self.by_expiry
+            .insert((hold.expires_at_unix_ms, hold.hold_id));
+        self.by_id.insert(hold.hold_id, hold);
+    }
+
+    fn remove(&mut self, hold_id: HoldId) -> Option<Hold> {
+        let hold = self.by_id.remove(&hold_id)?;
+        self.by_expiry.remove(&(hold.expires_at_unix_ms, hold_id));
+        Some(hold)
+    }
+
+    /// Takes the hold for confirmation if it is this citizen's hold on this slot and
+    /// still within its time.
+    pub fn take_for_confirm(
+        &mut self,
+        hold_id: HoldId,
+        citizen: CitizenKey,
+        slot: &SlotKey,
+        now_unix_ms: i64,
+    ) -> Result<Hold, NotConfirmable> {
+        match self.by_id.get(&hold_id) {
+            Some(hold) if hold.citizen == citizen && hold.slot == *slot => {
+                if hold.expires_at_unix_ms <= now_unix_ms {
+                    return Err(NotConfirmable::Expired);
+                }
+            }
+            _ => return Err(NotConfirmable::Unknown),
+        }
+        self.remove(hold_id).ok_or(NotConfirmable::Unknown)
+    }
+
+    /// Takes up to `max` holds whose time is up, oldest first.
+    pub fn take_expired(&mut self, now_unix_ms: i64, max: usize) -> Vec<Hold> {
+        let due: Vec<HoldId> = self
+            .by_expiry
+            .iter()
+            .take_while(|(expires, _)| *expires <= now_unix_ms)
+            .take(max)
+            .map(|(_, id)| *id)
+            .collect();
+        due.into_iter().filter_map(|id| self.remove(id)).collect()
+    }
+
+    /// Takes every hold whose slot matches (a closure).
+    pub fn take_where(&mut self, mut wanted: impl FnMut(&SlotKey) -> bool) -> Vec<Hold> {
+        let ids: Vec<HoldId> = self
+            .by_id
+            .values()
+            .filter(|hold| wanted(&hold.slot))
+            .map(|hold| hold.hold_id)
+            .collect();
+        ids.into_iter().filter_map(|id| self.remove(id)).collect()
+    }
+
+    /// Live holds per slot of one site, for statistics.
+    pub fn count_by_slot(&self, site_id: &SiteId) -> HashMap<SlotKey, u32> {
+        let mut counts = HashMap::new();
+        for hold in self.by_id.values().filter(|h| h.slot.site_id == *site_id) {
+            *counts.entry(hold.slot.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId};
+
+    fn hold(id: u128, citizen: u8, expires: i64) -> Hold {
+        Hold {
+            hold_id: BookingId(id),
+            slot: SlotKey {
+                site_id: SiteId::parse("s", "a", 64).unwrap(),
+                service_id: ServiceId::parse("s", "vax", 64).unwrap(),
+                start_unix_s: 1_000,
+            },
+            citizen: CitizenKey([citizen; 16]),
+            created_at_unix_ms: 0,
+            expires_at_unix_ms: expires,
+            request: RequestRecord {
+                key: RequestKey([0; 16]),
+                fingerprint: RequestFingerprint([0; 16]),
+            },
+            state: HoldState::Live,
+        }
+    }
+
+    #[test]
+    fn only_the_holder_confirms_and_only_in_time() {
+        let mut live = LiveHolds::default();
+        live.insert(hold(1, 7, 500));
+        let slot = hold(1, 7, 500).slot;
+        assert_eq!(
+            live.take_for_confirm(BookingId(1), CitizenKey([8; 16]), &slot, 100),
+            Err(NotConfirmable::Unknown)
+        );
+        assert_eq!(
+            live.take_for_confirm(BookingId(1), CitizenKey([7; 16]), &slot, 500),
+            Err(NotConfirmable::Expired)
+        );
+        assert!(live
+            .take_for_confirm(BookingId(1), CitizenKey([7; 16]), &slot, 499)
+            .is_ok());
+        assert!(live.is_empty());
+    }
+
+    #[test]
+    fn expiry_takes_the_due_ones_oldest_first_and_bounded() {
+        let mut live = LiveHolds::default();
+        for (id, expires) in [(1, 300), (2, 100), (3, 200), (4, 900)] {
+            live.insert(hold(id, id as u8, expires));
+        }
+        let taken: Vec<u128> = live
+            .take_expired(300, 2)
+            .iter()
+            .map(|h| h.hold_id.0)
+            .collect();
+        assert_eq!(taken, [2, 3]);
+        assert_eq!(live.take_expired(300, 10).len(), 1);
+        assert_eq!(live.len(), 1);
+    }
+}

@@ -1,0 +1,495 @@
+//! Authorities' writes: sites, schedules, bulk imports, slot capacity, closures; and
+//! the statistics they read. All of them hold `authority_writes`, never a booking lock.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::domain::booking::{Booking, BookingState};
+use crate::domain::catalog::{PublishPlan, Site, SiteStats, Slot};
+use crate::domain::error::{DomainError, Missing, Violations};
+use crate::domain::hold::{Hold, HoldState};
+use crate::domain::ids::{ServiceId, SiteId, SlotKey};
+use crate::domain::schedule::{PlannedSlot, Schedule};
+use crate::service::{now_unix_ms, Engine, ServiceError};
+use crate::store::records::{SiteRecord, SlotRecord, Write};
+use crate::store::StoreError;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublishOutcome {
+    pub sites_upserted: u32,
+    pub slots_created: u32,
+    pub slots_updated: u32,
+    pub total_capacity: u64,
+}
+
+/// One validated row of a capacity file: a site and one schedule at it.
+#[derive(Clone, Debug)]
+pub struct ImportRow {
+    /// Line in the source file, named in errors.
+    pub line: u64,
+    pub site: Site,
+    pub service_id: ServiceId,
+    pub schedule: Schedule,
+}
+
+pub struct CloseCommand {
+    pub site_id: SiteId,
+    /// All services when `None`.
+    pub service_id: Option<ServiceId>,
+    pub from_unix_s: i64,
+    pub to_unix_s: i64,
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloseOutcome {
+    pub slots_closed: u32,
+    pub cancelled_bookings: u32,
+    pub expired_holds: u32,
+}
+
+/// How often a closure checks that admissions already under way have settled.
+const CLOSE_SETTLE_POLL: Duration = Duration::from_millis(1);
+
+fn site_record(site: &Site) -> SiteRecord {
+    SiteRecord {
+        site_id: site.site_id.clone(),
+        name: site.name.clone(),
+        region_id: site.region_id.clone(),
+        time_zone: site.time_zone.name().to_string(),
+    }
+}
+
+fn slot_record(slot: &Slot, end_unix_s: i64, capacity: u32, closed: bool) -> Write {
+    Write::Slot(SlotRecord {
+        key: slot.key.clone(),
+        end_unix_s,
+        capacity,
+        closed,
+    })
+}
+
+impl Engine {
+    pub async fn upsert_site(&self, site: Site) -> Result<Arc<Site>, ServiceError> {
+        let _authority = self.authority_writes.lock().await;
+        self.catalog().check_site_upsert(&site)?;
+        self.store
+            .commit(&[Write::Site(site_record(&site))])
+            .await?;
+        let site_id = site.site_id.clone();
+        let mut catalog = self.catalog_mut();
+        catalog.upsert_site(site);
+        catalog
+            .site(&site_id)
+            .cloned()
+            .ok_or(ServiceError::Domain(DomainError::NotFound(Missing::Site)))
+    }
+
+    /// Creates the schedule's missing slots and updates changed ones, all or nothing.
+    pub async fn publish_schedule(
+        &self,
+        site_id: &SiteId,
+        service_id: &ServiceId,
+        schedule: &Schedule,
+    ) -> Result<PublishOutcome, ServiceError> {
+        let _authority = self.authority_writes.lock().await;
+        let plan = {
+            let catalog = self.catalog();
+            let site = catalog
+                .site(site_id)
+                .ok_or(DomainError::NotFound(Missing::Site))?;
+            let planned = schedule.plan(site.time_zone, self.limits.publish_slots_max)?;
+            catalog.plan_publish(site_id, service_id, &planned)
+        };
+        self.apply_plans(Vec::new(), vec![plan]).await
+    }
+
+    /// Validates every row against each other and the catalog, then applies the whole
+    /// file in one atomic write, or nothing. `dry_run` stops after the validation.
+    pub async fn import_capacity(
+        &self,
+        rows: &[ImportRow],
+        dry_run: bool,
+    ) -> Result<PublishOutcome, ServiceError> {
+        let _authority = self.authority_writes.lock().await;
+        let limits = &self.limits;
+        let mut v = Violations::default();
+        let mut errors = 0usize;
+        let mut report = |v: &mut Violations, line: u64, field: &str, description: String| {
+            errors += 1;
+            if errors <= limits.import_errors_reported_max {
+                v.push(format!("rows[{line}].{field}"), description);
+            }
+        };
+        // Every row of a site must describe it the same way.
+        let mut sites: BTreeMap<SiteId, (u64, &Site)> = BTreeMap::new();
+        let mut groups: BTreeMap<(SiteId, ServiceId), Vec<PlannedSlot>> = BTreeMap::new();
+        let mut starts: HashMap<(SiteId, ServiceId, i64), u64> = HashMap::new();
+        let mut planned_total = 0usize;
+        {
+            let catalog = self.catalog();
+            for row in rows {
+                match sites.get(&row.site.site_id) {
+                    Some((first, site)) if **site != row.site => report(
+                        &mut v,
+                        row.line,
+                        "site",
+                        format!(
+                            "describes site {} differently from line {first}",
+                            site.site_id
+                        ),
+                    ),
+                    Some(_) => {}
+                    None => {
+                        if let Err(DomainError::Invalid(found)) =
+                            catalog.check_site_upsert(&row.site)
+                        {
+                            for violation in found {
+                                report(&mut v, row.line, "time_zone", violation.description);
+                            }
+                        }
+                        sites.insert(row.site.site_id.clone(), (row.line, &row.site));
+                    }
+                }
+                let planned = match row
+                    .schedule
+                    .plan(row.site.time_zone, limits.publish_slots_max)
+                {
+                    Ok(planned) => planned,
+                    Err(DomainError::Invalid(found)) => {
+                        for violation in found {
+                            report(&mut v, row.line, &violation.field, violation.description);
+                        }
+                        continue;
+                    }
+                    Err(other) => return Err(other.into()),
+                };
+                planned_total += planned.len();
+                if planned_total > limits.import_slots_max {
+                    report(
+                        &mut v,
+                        row.line,
+                        "first_day",
+                        format!(
+                            "the file describes more than {} slots; split it",
+                            limits.import_slots_max
+                        ),
+                    );
+                    break;
+                }
+                for slot in &planned {
+                    let key = (
+                        row.site.site_id.clone(),
+                        row.service_id.clone(),
+                        slot.start_unix_s,
+                    );
+                    if let Some(first) = starts.insert(key, row.line) {
+                        report(
+                            &mut v,
+                            row.line,
+                            "opens",
+                            format!("describes a slot that line {first} describes too"),
+                        );
+                        break;
+                    }
+                }
+                groups
+                    .entry((row.site.site_id.clone(), row.service_id.clone()))
+                    .or_default()
+                    .extend(planned);
+            }
+        }
+        if errors > limits.import_errors_reported_max {
+            v.push(
+                "rows",
+                format!(
+                    "{} more errors not listed",
+                    errors - limits.import_errors_reported_max
+                ),
+            );
+        }
+        v.finish()?;
+        let plans: Vec<PublishPlan> = {
+            let catalog = self.catalog();
+            groups
+                .iter()
+                .map(|((site_id, service_id), planned)| {
+                    catalog.plan_publish(site_id, service_id, planned)
+                })
+                .collect()
+        };
+        let sites: Vec<Site> = sites.into_values().map(|(_, site)| site.clone()).collect();
+        if dry_run {
+            let mut outcome = PublishOutcome {
+                sites_upserted: sites.len() as u32,
+                ..PublishOutcome::default()
+            };
+            for plan in &plans {
+                // Refuse now what the real import would refuse: capacity below what is taken.
+                for (slot, _, capacity) in &plan.updated {
+                    let taken = slot.counter.snapshot().taken;
+                    if *capacity < taken {
+                        return Err(DomainError::CapacityBelowBooked {
+                            slot: slot.key.clone(),
+                            requested: *capacity,
+                            taken,
+                        }
+                        .into());
+                    }
+                }
+                outcome.slots_created += plan.created.len() as u32;
+                outcome.slots_updated += plan.updated.len() as u32;
+                outcome.total_capacity += plan.total_capacity;
+            }
+            return Ok(outcome);
+        }
+        self.apply_plans(sites, plans).await
+    }
+
+    /// Applies site upserts and schedule plans in one atomic write. Capacities are
+    /// lowered in memory first (the CAS refuses to go below what is taken) and raised
+    /// only once durable: memory never admits more than the disk allows.
+    async fn apply_plans(
+        &self,
+        sites: Vec<Site>,
+        plans: Vec<PublishPlan>,
+    ) -> Result<PublishOutcome, ServiceError> {
+        let mut lowered: Vec<(Arc<Slot>, u32)> = Vec::new();
+        let restore = |lowered: Vec<(Arc<Slot>, u32)>| {
+            for (slot, old) in lowered {
+                let _ = slot.counter.set_capacity(old);
+            }
+        };
+        for (slot, _, capacity) in plans.iter().flat_map(|plan| &plan.updated) {
+            let old = slot.counter.snapshot().capacity;
+            if *capacity < old {
+                match slot.counter.set_capacity(*capacity) {
+                    Ok(_) => lowered.push((Arc::clone(slot), old)),
+                    Err(below) => {
+                        restore(lowered);
+                        return Err(DomainError::CapacityBelowBooked {
+                            slot: slot.key.clone(),
+                            requested: *capacity,
+                            taken: below.taken,
+                        }
+                        .into());
+                    }
+                }
+            }
+        }
+        let mut writes: Vec<Write> = sites
+            .iter()
+            .map(|site| Write::Site(site_record(site)))
+            .collect();
+        for plan in &plans {
+            for slot in &plan.created {
+                let capacity = slot.counter.snapshot().capacity;
+                writes.push(slot_record(slot, slot.end_unix_s(), capacity, false));
+            }
+            for (slot, end, capacity) in &plan.updated {
+                writes.push(slot_record(slot, *end, *capacity, false));
+            }
+        }
+        if !writes.is_empty() {
+            if let Err(error) = self.store.commit(&writes).await {
+                // Only a write that was never queued is certainly not on disk; after any
+                // other error the lower capacity may be stored, so memory keeps it.
+                if error == StoreError::Overloaded {
+                    restore(lowered);
+                }
+                return Err(error.into());
+            }
+        }
+        let mut outcome = PublishOutcome {
+            sites_upserted: sites.len() as u32,
+            ..PublishOutcome::default()
+        };
+        let mut catalog = self.catalog_mut();
+        for site in sites {
+            catalog.upsert_site(site);
+        }
+        for plan in plans {
+            outcome.slots_created += plan.created.len() as u32;
+            outcome.slots_updated += plan.updated.len() as u32;
+            outcome.total_capacity += plan.total_capacity;
+            for (slot, end, capacity) in plan.updated {
+                slot.set_end_unix_s(end);
+                if capacity > slot.counter.snapshot().capacity {
+                    // Raising can only fail if someone lowered meanwhile, which the
+                    // authority lock rules out.
+                    let _ = slot.counter.set_capacity(capacity);
+                }
+            }
+            for slot in plan.created {
+                catalog.insert_slot(slot)?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Sets one slot's capacity (never below its bookings and live holds) and opens
+    /// it if it was closed.
+    pub async fn set_slot_capacity(
+        &self,
+        key: &SlotKey,
+        capacity: u32,
+    ) -> Result<(Arc<Site>, Arc<Slot>), ServiceError> {
+        let _authority = self.authority_writes.lock().await;
+        let slot = self.slot(key)?;
+        let site = self
+            .site(&key.site_id)
+            .ok_or(DomainError::NotFound(Missing::Site))?;
+        let before = slot.counter.snapshot();
+        let below = |taken| DomainError::CapacityBelowBooked {
+            slot: key.clone(),
+            requested: capacity,
+            taken,
+        };
+        // Lower (of an open slot) first, in memory; raise or reopen once durable.
+        let lowered = !before.closed && capacity < before.capacity;
+        if lowered {
+            slot.counter
+                .set_capacity(capacity)
+                .map_err(|b| below(b.taken))?;
+        } else if capacity < before.taken {
+            return Err(below(before.taken).into());
+        }
+        let write = slot_record(&slot, slot.end_unix_s(), capacity, false);
+        if let Err(error) = self.store.commit(&[write]).await {
+            if error == StoreError::Overloaded && lowered {
+                let _ = slot.counter.set_capacity(before.capacity);
+            }
+            return Err(error.into());
+        }
+        if let Err(b) = slot.counter.set_capacity(capacity) {
+            // Places are only taken while open, and it was closed or is at most lowered.
+            tracing::error!(slot = %key, taken = b.taken, "capacity below taken after set");
+        }
+        Ok((site, slot))
+    }
+
+    /// Closes the open slots of a site (one service or all) starting in `[from, to)`:
+    /// they admit nothing from the first step, and their bookings are cancelled with
+    /// `reason` and their live holds expired, together with the closure, in one atomic
+    /// write.
+    pub async fn close_slots(
+        self: &Arc<Self>,
+        command: CloseCommand,
+    ) -> Result<CloseOutcome, ServiceError> {
+        let _authority = self.authority_writes.lock().await;
+        let slots: Vec<Arc<Slot>> = self
+            .catalog()
+            .slots_in_range(
+                &command.site_id,
+                command.service_id.as_ref(),
+                command.from_unix_s,
+                command.to_unix_s,
+            )?
+            .into_iter()
+            .filter(|slot| !slot.counter.snapshot().closed)
+            .collect();
+        if slots.is_empty() {
+            return Ok(CloseOutcome::default());
+        }
+        for slot in &slots {
+            slot.counter.close();
+        }
+        // Admissions that passed the counter before it closed are writing now; once they
+        // have settled, every booking and hold of these slots is in the store or live.
+        while slots.iter().any(|slot| slot.counter.snapshot().pending > 0) {
+            tokio::time::sleep(CLOSE_SETTLE_POLL).await;
+        }
+        let keys: HashSet<SlotKey> = slots.iter().map(|slot| slot.key.clone()).collect();
+        let engine = Arc::clone(self);
+        let scan_keys = keys.clone();
+        let confirmed: Vec<Booking> = tokio::task::spawn_blocking(move || {
+            engine
+                .store
+                .bookings()
+                .filter(|item| {
+                    item.as_ref()
+                        .map_or(true, |b| b.is_confirmed() && scan_keys.contains(&b.slot))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|_| ServiceError::Abandoned)??;
+        // Claim each booking as a cancel would; one a citizen is cancelling or
+        // rescheduling right now is theirs to finish.
+        let now_ms = now_unix_ms();
+        let claimed: Vec<Booking> = confirmed
+            .into_iter()
+            .filter(|b| {
+                self.citizens
+                    .claim(b.citizen, &b.slot.service_id, b.booking_id)
+            })
+            .map(|b| Booking {
+                state: BookingState::Cancelled {
+                    at_unix_ms: now_ms,
+                    reason: command.reason.clone(),
+                    request: None,
+                },
+                ..b
+            })
+            .collect();
+        let holds: Vec<Hold> = self.live_holds().take_where(|slot| keys.contains(slot));
+        let mut writes: Vec<Write> = slots
+            .iter()
+            .map(|slot| {
+                let capacity = slot.counter.snapshot().capacity;
+                slot_record(slot, slot.end_unix_s(), capacity, true)
+            })
+            .collect();
+        writes.extend(claimed.iter().cloned().map(Write::Booking));
+        writes.extend(holds.iter().map(|hold| {
+            Write::Hold(Hold {
+                state: HoldState::Expired { at_unix_ms: now_ms },
+                ..hold.clone()
+            })
+        }));
+        match self.store.commit(&writes).await {
+            Ok(()) => {}
+            Err(StoreError::Overloaded) => {
+                for booking in &claimed {
+                    self.citizens.unclaim(booking.citizen, booking.booking_id);
+                }
+                let mut live = self.live_holds();
+                for hold in holds {
+                    live.insert(hold);
+                }
+                for slot in &slots {
+                    slot.counter.reopen();
+                }
+                return Err(StoreError::Overloaded.into());
+            }
+            Err(error) => return Err(error.into()),
+        }
+        for booking in &claimed {
+            self.citizens.release(
+                booking.citizen,
+                &booking.slot.service_id,
+                booking.booking_id,
+            );
+            self.return_place(&booking.slot);
+        }
+        for hold in &holds {
+            self.return_hold_place(hold);
+        }
+        Ok(CloseOutcome {
+            slots_closed: slots.len() as u32,
+            cancelled_bookings: claimed.len() as u32,
+            expired_holds: holds.len() as u32,
+        })
+    }
+
+    pub fn site_stats(&self, site_id: &SiteId) -> Result<(Arc<Site>, SiteStats), ServiceError> {
+        let held = self.live_holds().count_by_slot(site_id);
+        let catalog = self.catalog();
+        let site = catalog
+            .site(site_id)
+            .cloned()
+            .ok_or(DomainError::NotFound(Missing::Site))?;
+        Ok((site, catalog.site_stats(site_id, &held)?))
+    }
+}
