@@ -11,8 +11,12 @@
 //! - [`grpc`]: tonic handlers, proto ↔ domain conversions and the one error → `Status` mapping.
 //! - [`server`]: builds the gRPC server (health, reflection, shutdown) around the engine.
 //! - [`demo`]: the demo sites seeded by `serve --demo`.
+//! - [`capacity_file`]: the CSV capacity file authorities import (shape only).
+//! - [`cli`]: the `prenota import` / `prenota export` client commands.
 //! - [`proto`]: generated `prenota.v1` code; proto types stop at `grpc`.
 
+pub mod capacity_file;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod domain;

@@ -24,6 +24,42 @@ struct Cli {
 enum Command {
     /// Run the gRPC booking service with its embedded store.
     Serve(ServeArgs),
+    /// Import a capacity file (CSV of sites and schedules) into a running server,
+    /// all or nothing.
+    Import(ImportArgs),
+    /// Write every booking (all states) of a running server as CSV to stdout.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The capacity file; see README "For authorities" for its columns.
+    file: PathBuf,
+    /// The server's gRPC URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// Bearer token sent as the `authorization` header.
+    #[arg(long)]
+    token: Option<String>,
+    /// Validate the whole file on the server and report what would change; apply nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// The server's gRPC URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// Bearer token sent as the `authorization` header.
+    #[arg(long)]
+    token: Option<String>,
+    /// Only this site's bookings.
+    #[arg(long, conflicts_with = "region")]
+    site: Option<String>,
+    /// Only the bookings of this region's sites.
+    #[arg(long)]
+    region: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -59,6 +95,25 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Import(args) => runtime.block_on(prenota::cli::import(
+            &args.file,
+            &args.server,
+            args.token.as_deref(),
+            args.dry_run,
+        )),
+        Command::Export(args) => {
+            use prenota::proto::export_bookings_request::Scope;
+            let scope = match (args.site, args.region) {
+                (Some(site), _) => Some(Scope::SiteId(site)),
+                (None, Some(region)) => Some(Scope::RegionId(region)),
+                (None, None) => None,
+            };
+            runtime.block_on(prenota::cli::export(
+                &args.server,
+                args.token.as_deref(),
+                scope,
+            ))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

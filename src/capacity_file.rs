@@ -1,0 +1,367 @@
+//! The capacity file authorities import: CSV, one site + schedule per row.
+//!
+//! ```text
+//! site_id,name,region_id,time_zone,service_id,first_day,last_day,weekdays,opens,closes,slot_minutes,capacity_per_slot
+//! rome-termini,Roma Termini,lazio,Europe/Rome,covid19-dose1,2027-03-01,2027-03-31,1-5,09:00,13:00,15,4
+//! ```
+//!
+//! `weekdays` lists ISO weekdays (1 = Monday .. 7 = Sunday) as numbers and ranges
+//! separated by `;`, e.g. `1-5` or `1;3;6-7`. Fields may be double-quoted (a name with
+//! a comma); a quote inside a quoted field is doubled. This module only checks the
+//! file's shape (columns, numbers, lengths); the server validates the values and
+//! names each bad one by line and column.
+//!
+//! Reading is bounded: a line longer than [`LINE_BYTES_MAX`] or a file with more than
+//! `rows_max` rows is refused without reading the rest into memory.
+
+use std::io::BufRead;
+
+use crate::proto;
+
+pub const COLUMNS: [&str; 12] = [
+    "site_id",
+    "name",
+    "region_id",
+    "time_zone",
+    "service_id",
+    "first_day",
+    "last_day",
+    "weekdays",
+    "opens",
+    "closes",
+    "slot_minutes",
+    "capacity_per_slot",
+];
+
+/// Longest line accepted, in bytes (a row is a few hundred bytes at most).
+pub const LINE_BYTES_MAX: usize = 4_096;
+
+/// One problem in the file, at a line and (when known) a column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileError {
+    pub line: u64,
+    pub column: Option<&'static str>,
+    pub message: String,
+}
+
+impl std::fmt::Display for FileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.column {
+            Some(column) => write!(f, "line {}, column {column}: {}", self.line, self.message),
+            None => write!(f, "line {}: {}", self.line, self.message),
+        }
+    }
+}
+
+/// The rows of a file, or every error found (up to `errors_max`, plus how many more).
+#[derive(Debug)]
+pub enum Parsed {
+    Rows(Vec<proto::CapacityRow>),
+    Errors { listed: Vec<FileError>, more: usize },
+}
+
+/// Reads a capacity file. The first line must be the header, with the columns in order.
+pub fn parse(
+    mut reader: impl BufRead,
+    rows_max: usize,
+    errors_max: usize,
+) -> std::io::Result<Parsed> {
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    let mut more = 0usize;
+    let mut note = |errors: &mut Vec<FileError>, error: FileError| {
+        if errors.len() < errors_max {
+            errors.push(error);
+        } else {
+            more += 1;
+        }
+    };
+    let mut line_number = 0u64;
+    let mut buffer = Vec::new();
+    loop {
+        buffer.clear();
+        let read = read_line_bounded(&mut reader, &mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        line_number += 1;
+        if buffer.len() > LINE_BYTES_MAX {
+            note(
+                &mut errors,
+                FileError {
+                    line: line_number,
+                    column: None,
+                    message: format!(
+                        "is longer than {LINE_BYTES_MAX} bytes; is this a capacity file?"
+                    ),
+                },
+            );
+            break;
+        }
+        let Ok(text) = std::str::from_utf8(&buffer) else {
+            note(&mut errors, line_error(line_number, "is not UTF-8 text"));
+            continue;
+        };
+        let text = text.trim_end_matches(['\n', '\r']);
+        if line_number == 1 {
+            let header: Vec<String> = match split_fields(text) {
+                Ok(fields) => fields.iter().map(|f| f.trim().to_string()).collect(),
+                Err(message) => {
+                    note(&mut errors, line_error(1, message));
+                    break;
+                }
+            };
+            if header != COLUMNS {
+                note(
+                    &mut errors,
+                    line_error(1, format!("the header must be: {}", COLUMNS.join(","))),
+                );
+                break;
+            }
+            continue;
+        }
+        if text.trim().is_empty() {
+            continue;
+        }
+        if rows.len() == rows_max {
+            note(
+                &mut errors,
+                line_error(
+                    line_number,
+                    format!("a file holds at most {rows_max} rows; split it"),
+                ),
+            );
+            break;
+        }
+        match parse_row(line_number, text) {
+            Ok(row) => rows.push(row),
+            Err(found) => found.into_iter().for_each(|e| note(&mut errors, e)),
+        }
+    }
+    if line_number == 0 {
+        note(&mut errors, line_error(1, "the file is empty"));
+    } else if rows.is_empty() && errors.is_empty() {
+        note(&mut errors, line_error(line_number, "the file has no rows"));
+    }
+    Ok(if errors.is_empty() {
+        Parsed::Rows(rows)
+    } else {
+        Parsed::Errors {
+            listed: errors,
+            more,
+        }
+    })
+}
+
+/// Reads up to and including the next `\n`, at most `LINE_BYTES_MAX + 1` bytes.
+fn read_line_bounded<R: BufRead>(reader: &mut R, buffer: &mut Vec<u8>) -> std::io::Result<usize> {
+    std::io::Read::take(reader, LINE_BYTES_MAX as u64 + 1).read_until(b'\n', buffer)
+}
+
+fn line_error(line: u64, message: impl Into<String>) -> FileError {
+    FileError {
+        line,
+        column: None,
+        message: message.into(),
+    }
+}
+
+/// Splits one CSV line into fields (RFC 4180 quoting, no line breaks inside fields).
+fn split_fields(line: &str) -> Result<Vec<String>, String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut chars = line.chars().peekable();
+    let mut quoted = false;
+    let mut at_start = true;
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (false, '"') if at_start => {
+                quoted = true;
+                at_start = false;
+            }
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                field.push('"');
+            }
+            (true, '"') => {
+                quoted = false;
+                if !matches!(chars.peek(), None | Some(',')) {
+                    return Err("a closing quote must end its field".into());
+                }
+            }
+            (false, ',') => {
+                fields.push(std::mem::take(&mut field));
+                at_start = true;
+            }
+            (_, c) => {
+                field.push(c);
+                at_start = false;
+            }
+        }
+    }
+    if quoted {
+        return Err("a quoted field is not closed".into());
+    }
+    fields.push(field);
+    Ok(fields)
+}
+
+/// Parses `1-5`, `6;7`, `1;3;6-7` into ISO weekday numbers (values checked by the server).
+fn parse_weekdays(text: &str) -> Result<Vec<u32>, String> {
+    let bad = || format!("{text:?} is not a list of ISO weekdays such as 1-5 or 1;3;6-7");
+    let mut days = Vec::new();
+    for part in text.split(';').map(str::trim) {
+        match part.split_once('-') {
+            Some((from, to)) => {
+                let from: u32 = from.trim().parse().map_err(|_| bad())?;
+                let to: u32 = to.trim().parse().map_err(|_| bad())?;
+                if from > to || to > 7 {
+                    return Err(bad());
+                }
+                days.extend(from..=to);
+            }
+            None => days.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(days)
+}
+
+fn parse_row(line: u64, text: &str) -> Result<proto::CapacityRow, Vec<FileError>> {
+    let fields = split_fields(text).map_err(|message| vec![line_error(line, message)])?;
+    if fields.len() != COLUMNS.len() {
+        return Err(vec![line_error(
+            line,
+            format!(
+                "has {} columns, expected {} ({})",
+                fields.len(),
+                COLUMNS.len(),
+                COLUMNS.join(",")
+            ),
+        )]);
+    }
+    let mut errors = Vec::new();
+    let field = |index: usize| fields[index].trim().to_string();
+    let mut number = |index: usize| -> u32 {
+        field(index).parse().unwrap_or_else(|_| {
+            errors.push(FileError {
+                line,
+                column: Some(COLUMNS[index]),
+                message: format!("{:?} is not a whole number", field(index)),
+            });
+            0
+        })
+    };
+    let slot_minutes = number(10);
+    let capacity_per_slot = number(11);
+    let weekdays = parse_weekdays(&field(7)).unwrap_or_else(|message| {
+        errors.push(FileError {
+            line,
+            column: Some("weekdays"),
+            message,
+        });
+        Vec::new()
+    });
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(proto::CapacityRow {
+        site: Some(proto::Site {
+            site_id: field(0),
+            name: field(1),
+            region_id: field(2),
+            time_zone: field(3),
+        }),
+        service_id: field(4),
+        first_day: field(5),
+        last_day: field(6),
+        weekdays,
+        opens: field(8),
+        closes: field(9),
+        slot_minutes,
+        capacity_per_slot,
+        line,
+    })
+}
+
+/// Quotes a field for CSV output when it needs it.
+pub fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "site_id,name,region_id,time_zone,service_id,first_day,last_day,weekdays,opens,closes,slot_minutes,capacity_per_slot\n";
+
+    fn parse_text(text: &str) -> Parsed {
+        parse(text.as_bytes(), 1_000, 10).unwrap()
+    }
+
+    #[test]
+    fn reads_rows_with_quotes_and_weekday_ranges() {
+        let text = format!(
+            "{HEADER}a,\"Hall \"\"A\"\", north\",r,Europe/Rome,vax,2027-01-04,2027-01-10,1-3;6,09:00,10:00,15,2\n\n"
+        );
+        let Parsed::Rows(rows) = parse_text(&text) else {
+            panic!("expected rows");
+        };
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].site.as_ref().unwrap().name, "Hall \"A\", north");
+        assert_eq!(rows[0].weekdays, [1, 2, 3, 6]);
+        assert_eq!(rows[0].line, 2);
+        assert_eq!((rows[0].slot_minutes, rows[0].capacity_per_slot), (15, 2));
+    }
+
+    #[test]
+    fn reports_every_bad_line_with_its_column() {
+        let text = format!(
+            "{HEADER}a,A,r,Europe/Rome,vax,2027-01-04,2027-01-10,1-5,09:00,10:00,x,2\n\
+             a,A,r\n\
+             a,A,r,Europe/Rome,vax,2027-01-04,2027-01-10,9-1,09:00,10:00,15,-1\n"
+        );
+        let Parsed::Errors { listed, more } = parse_text(&text) else {
+            panic!("expected errors");
+        };
+        let shown: Vec<String> = listed.iter().map(ToString::to_string).collect();
+        assert_eq!(more, 0);
+        assert_eq!(shown.len(), 4, "{shown:?}");
+        assert!(
+            shown[0].starts_with("line 2, column slot_minutes"),
+            "{shown:?}"
+        );
+        assert!(shown[1].starts_with("line 3: has 3 columns"), "{shown:?}");
+        assert!(
+            shown[2].starts_with("line 4, column capacity_per_slot"),
+            "{shown:?}"
+        );
+        assert!(shown[3].starts_with("line 4, column weekdays"), "{shown:?}");
+    }
+
+    #[test]
+    fn refuses_a_wrong_header_a_huge_line_and_too_many_rows() {
+        assert!(matches!(parse_text("a,b\n"), Parsed::Errors { .. }));
+        assert!(matches!(parse_text(""), Parsed::Errors { .. }));
+        let huge = format!("{HEADER}{}\n", "x".repeat(LINE_BYTES_MAX * 4));
+        let Parsed::Errors { listed, .. } = parse_text(&huge) else {
+            panic!("expected errors");
+        };
+        assert!(listed[0].message.contains("longer than"));
+        let row = "a,A,r,Europe/Rome,vax,2027-01-04,2027-01-10,1-5,09:00,10:00,15,2\n";
+        let text = format!("{HEADER}{row}{row}{row}");
+        let Parsed::Errors { listed, .. } = parse(text.as_bytes(), 2, 10).unwrap() else {
+            panic!("expected errors");
+        };
+        assert!(listed[0].message.contains("at most 2 rows"));
+    }
+
+    #[test]
+    fn output_fields_are_quoted_when_needed() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a, \"b\""), "\"a, \"\"b\"\"\"");
+    }
+}

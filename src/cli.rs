@@ -1,0 +1,254 @@
+//! The authorities' client commands: `prenota import` (a capacity file) and
+//! `prenota export` (bookings as CSV). They talk to a running server over gRPC.
+
+use std::io::Write as _;
+use std::path::Path;
+
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt;
+
+use crate::capacity_file::{self, csv_field, Parsed};
+use crate::config::Limits;
+use crate::proto;
+use crate::proto::capacity_service_client::CapacityServiceClient;
+
+/// Rows per streamed message: well under the server's message size limit.
+const ROWS_PER_MESSAGE: usize = 1_000;
+
+/// Adds the bearer token (if any) to every call.
+type Authorize = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Client = CapacityServiceClient<InterceptedService<Channel, Authorize>>;
+
+async fn connect(server: &str, token: Option<&str>) -> Result<Client, String> {
+    let channel = Endpoint::from_shared(server.to_string())
+        .map_err(|e| format!("{server} is not a server URL such as http://127.0.0.1:50051: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {server}: {e}"))?;
+    let header = match token {
+        Some(token) => Some(
+            MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| "the token contains characters a header cannot carry".to_string())?,
+        ),
+        None => None,
+    };
+    let authorize: Authorize = Box::new(move |mut request: Request<()>| {
+        if let Some(header) = &header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    });
+    Ok(CapacityServiceClient::with_interceptor(channel, authorize)
+        .max_decoding_message_size(Limits::default().message_size_bytes_max))
+}
+
+/// Explains a refused call, listing each bad field of a refused import by line.
+fn explain(status: &Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if status.code() == Code::InvalidArgument {
+        if let Some(bad) = status.get_details_bad_request() {
+            text = format!(
+                "the server refused the file; nothing was applied ({} problems):",
+                bad.field_violations.len()
+            );
+            for violation in &bad.field_violations {
+                text.push_str(&format!(
+                    "\n  {}: {}",
+                    describe_field(&violation.field),
+                    violation.description
+                ));
+            }
+        }
+    }
+    text
+}
+
+/// `rows[12].time_zone` → `line 12, column time_zone`.
+fn describe_field(field: &str) -> String {
+    field
+        .strip_prefix("rows[")
+        .and_then(|rest| rest.split_once("]."))
+        .map(|(line, column)| format!("line {line}, column {column}"))
+        .unwrap_or_else(|| field.to_string())
+}
+
+/// Progress on stderr: in place on a terminal, every 10% otherwise.
+struct Progress {
+    total: usize,
+    shown_tenths: usize,
+    terminal: bool,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            total,
+            shown_tenths: 0,
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn update(&mut self, sent: usize) {
+        let percent = sent * 100 / self.total.max(1);
+        if self.terminal {
+            eprint!("\rsending rows: {sent}/{} ({percent}%)", self.total);
+            if sent == self.total {
+                eprintln!();
+            }
+        } else if percent / 10 > self.shown_tenths || sent == self.total {
+            self.shown_tenths = percent / 10;
+            eprintln!("sending rows: {sent}/{} ({percent}%)", self.total);
+        }
+    }
+}
+
+/// `prenota import FILE.csv --server URL [--token T] [--dry-run]`.
+pub async fn import(
+    file: &Path,
+    server: &str,
+    token: Option<&str>,
+    dry_run: bool,
+) -> Result<(), String> {
+    let limits = Limits::default();
+    let opened =
+        std::fs::File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+    let parsed = capacity_file::parse(
+        std::io::BufReader::new(opened),
+        limits.import_rows_max,
+        limits.import_errors_reported_max,
+    )
+    .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let rows = match parsed {
+        Parsed::Rows(rows) => rows,
+        Parsed::Errors { listed, more } => {
+            let mut text = format!(
+                "{} is not a valid capacity file; nothing was sent:",
+                file.display()
+            );
+            for error in &listed {
+                text.push_str(&format!("\n  {error}"));
+            }
+            if more > 0 {
+                text.push_str(&format!("\n  … and {more} more"));
+            }
+            return Err(text);
+        }
+    };
+    let total = rows.len();
+    let mut client = connect(server, token).await?;
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let request_id = format!("import-{}", rand::random::<u64>());
+    let feeder = tokio::spawn(async move {
+        let mut progress = Progress::new(total);
+        let mut sent = 0;
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<_> = rows.by_ref().take(ROWS_PER_MESSAGE).collect();
+            sent += chunk.len();
+            let message = proto::ImportCapacityRequest {
+                rows: chunk,
+                dry_run,
+                request_id: request_id.clone(),
+            };
+            if sender.send(message).await.is_err() {
+                return; // the call ended early; its status says why
+            }
+            progress.update(sent);
+        }
+    });
+    let response = client
+        .import_capacity(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await;
+    feeder.abort();
+    let summary = response.map_err(|status| explain(&status))?.into_inner();
+    let verb = if dry_run { "would import" } else { "imported" };
+    println!(
+        "{verb} {} rows: {} sites, {} slots created, {} slots updated, total capacity {}{}",
+        summary.rows,
+        summary.sites_upserted,
+        summary.slots_created,
+        summary.slots_updated,
+        summary.total_capacity,
+        if dry_run {
+            " (dry run: nothing applied)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+pub const EXPORT_COLUMNS: [&str; 12] = [
+    "booking_id",
+    "slot_id",
+    "site_id",
+    "service_id",
+    "start",
+    "end",
+    "local_start",
+    "time_zone",
+    "state",
+    "created_at",
+    "cancelled_at",
+    "cancel_reason",
+];
+
+fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> String {
+    timestamp
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+/// `prenota export --server URL [--site S | --region R] [--token T]`: CSV on stdout.
+pub async fn export(
+    server: &str,
+    token: Option<&str>,
+    scope: Option<proto::export_bookings_request::Scope>,
+) -> Result<(), String> {
+    let mut client = connect(server, token).await?;
+    let mut stream = client
+        .export_bookings(proto::ExportBookingsRequest { scope })
+        .await
+        .map_err(|status| explain(&status))?
+        .into_inner();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let write_error = |e: std::io::Error| format!("cannot write the export: {e}");
+    writeln!(out, "{}", EXPORT_COLUMNS.join(",")).map_err(write_error)?;
+    let mut count = 0u64;
+    while let Some(message) = stream.message().await.map_err(|status| explain(&status))? {
+        let Some(b) = message.booking else { continue };
+        let state = match proto::BookingState::try_from(b.state) {
+            Ok(proto::BookingState::Confirmed) => "CONFIRMED",
+            Ok(proto::BookingState::Cancelled) => "CANCELLED",
+            _ => "UNSPECIFIED",
+        };
+        let fields = [
+            b.booking_id.clone(),
+            b.slot_id.clone(),
+            b.site_id.clone(),
+            b.service_id.clone(),
+            rfc3339(b.start.as_ref()),
+            rfc3339(b.end.as_ref()),
+            b.local_start.clone(),
+            b.time_zone.clone(),
+            state.to_string(),
+            rfc3339(b.created_at.as_ref()),
+            rfc3339(b.cancelled_at.as_ref()),
+            b.cancel_reason.clone(),
+        ];
+        let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+        writeln!(out, "{}", line.join(",")).map_err(write_error)?;
+        count += 1;
+    }
+    out.flush().map_err(write_error)?;
+    eprintln!("exported {count} bookings");
+    Ok(())
+}

@@ -1,0 +1,360 @@
+//! Holds and reschedules over gRPC, on a real server: a hold takes a place until it is
+//! confirmed or expires; a reschedule moves a booking atomically.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use prenota::proto;
+use tonic::Code;
+
+fn hold_request(
+    slot_id: &str,
+    citizen_id: &str,
+    request_id: &str,
+    ttl: u32,
+) -> proto::HoldSlotRequest {
+    proto::HoldSlotRequest {
+        slot_id: slot_id.into(),
+        citizen_id: citizen_id.into(),
+        request_id: request_id.into(),
+        ttl_seconds: ttl,
+    }
+}
+
+async fn remaining(server: &TestServer, site_id: &str) -> u32 {
+    search_all(&mut server.booking().await, site_id, "vax").await[0].remaining
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_takes_the_place_and_book_confirms_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let slot = one_slot_site(&server, "hold-site", 1).await;
+    let mut client = server.booking().await;
+
+    let hold = client
+        .hold_slot(hold_request(&slot, "alice", "h1", 0))
+        .await
+        .expect("hold")
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(hold.slot_id, slot);
+    let expires = hold.expires_at.unwrap().seconds - chrono::Utc::now().timestamp();
+    assert!(
+        (295..=301).contains(&expires),
+        "default ttl is 300 s, got {expires}"
+    );
+    assert_eq!(remaining(&server, "hold-site").await, 0);
+    let stats = site_stats(&server, "hold-site").await;
+    assert_eq!((stats.booked, stats.held), (0, 1));
+
+    // A retry returns the same hold; nobody else gets the place; the holder holds once.
+    let again = client
+        .hold_slot(hold_request(&slot, "alice", "h1", 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(again.hold_id, hold.hold_id);
+    let status = client
+        .book(book_request(&slot, "bob", "b1"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("SLOT_FULL"));
+    let status = client
+        .hold_slot(hold_request(&slot, "alice", "h2", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("CITIZEN_ALREADY_BOOKED"));
+
+    // Only the holder can confirm the hold.
+    let mut stolen = book_request(&slot, "bob", "b2");
+    stolen.hold_id = Some(hold.hold_id.clone());
+    let status = client.book(stolen).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(reason(&status).as_deref(), Some("HOLD_NOT_FOUND"));
+
+    let mut confirm = book_request(&slot, "alice", "a1");
+    confirm.hold_id = Some(hold.hold_id.clone());
+    let booking = book_ok(&mut client, confirm.clone()).await;
+    assert_eq!(
+        booking.booking_id, hold.hold_id,
+        "the booking keeps the hold's id"
+    );
+    assert_eq!(booking.state, proto::BookingState::Confirmed as i32);
+    assert_eq!(
+        book_ok(&mut client, confirm).await.booking_id,
+        booking.booking_id
+    );
+    let stats = site_stats(&server, "hold-site").await;
+    assert_eq!((stats.booked, stats.held), (1, 0));
+    assert_eq!(remaining(&server, "hold-site").await, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_hold_returns_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let slot = one_slot_site(&server, "expiry-site", 1).await;
+    let mut client = server.booking().await;
+    let hold = client
+        .hold_slot(hold_request(&slot, "alice", "h1", 1))
+        .await
+        .expect("hold")
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(remaining(&server, "expiry-site").await, 0);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while remaining(&server, "expiry-site").await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sweeper never returned the place"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = site_stats(&server, "expiry-site").await;
+    assert_eq!((stats.booked, stats.held), (0, 0));
+
+    let mut late = book_request(&slot, "alice", "a1");
+    late.hold_id = Some(hold.hold_id.clone());
+    let status = client.book(late).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&status).as_deref(), Some("HOLD_EXPIRED"));
+
+    // The place and the citizen's limit are free again.
+    book_ok(&mut client, book_request(&slot, "bob", "b1")).await;
+    client
+        .hold_slot(hold_request(&slot, "alice", "h2", 0))
+        .await
+        .map(|_| ())
+        .expect_err("the slot is full now");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_hold_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let slot = one_slot_site(&server, "durable-hold", 2).await;
+    let hold = server
+        .booking()
+        .await
+        .hold_slot(hold_request(&slot, "alice", "h1", 300))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    let stats = site_stats(&server, "durable-hold").await;
+    assert_eq!((stats.booked, stats.held), (0, 1));
+    let mut client = server.booking().await;
+    let retried = client
+        .hold_slot(hold_request(&slot, "alice", "h1", 300))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold
+        .unwrap();
+    assert_eq!(
+        retried, hold,
+        "a retry after the restart returns the same hold"
+    );
+    let mut confirm = book_request(&slot, "alice", "a1");
+    confirm.hold_id = Some(hold.hold_id.clone());
+    book_ok(&mut client, confirm).await;
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    let stats = site_stats(&server, "durable-hold").await;
+    assert_eq!((stats.booked, stats.held), (1, 0));
+    server.stop().await;
+}
+
+async fn reschedule(
+    client: &mut prenota::proto::booking_service_client::BookingServiceClient<
+        tonic::transport::Channel,
+    >,
+    booking_id: &str,
+    citizen_id: &str,
+    new_slot_id: &str,
+    request_id: &str,
+) -> Result<proto::Booking, tonic::Status> {
+    client
+        .reschedule_booking(proto::RescheduleBookingRequest {
+            booking_id: booking_id.into(),
+            citizen_id: citizen_id.into(),
+            new_slot_id: new_slot_id.into(),
+            request_id: request_id.into(),
+        })
+        .await
+        .map(|response| response.into_inner().booking.unwrap())
+}
+
+async fn citizen_bookings(server: &TestServer, citizen_id: &str) -> Vec<proto::Booking> {
+    server
+        .booking()
+        .await
+        .list_citizen_bookings(proto::ListCitizenBookingsRequest {
+            citizen_id: citizen_id.into(),
+            service_id: Some("vax".into()),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .bookings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_reschedules_into_one_last_seat_have_one_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    for round in 0..10 {
+        let source = one_slot_site(&server, &format!("from-{round}"), 2).await;
+        let target = one_slot_site(&server, &format!("to-{round}"), 1).await;
+        let mut client = server.booking().await;
+        let citizens = [format!("c{round}-a"), format!("c{round}-b")];
+        let mut booked = Vec::new();
+        for citizen in &citizens {
+            booked.push(
+                book_ok(
+                    &mut client,
+                    book_request(&source, citizen, &format!("{citizen}-book")),
+                )
+                .await,
+            );
+        }
+        let racers = citizens.iter().zip(&booked).map(|(citizen, booking)| {
+            let (mut client, target) = (client.clone(), target.clone());
+            let (citizen, booking_id) = (citizen.clone(), booking.booking_id.clone());
+            tokio::spawn(async move {
+                reschedule(
+                    &mut client,
+                    &booking_id,
+                    &citizen,
+                    &target,
+                    &format!("{citizen}-move"),
+                )
+                .await
+            })
+        });
+        let outcomes: Vec<_> = futures::future::join_all(racers)
+            .await
+            .into_iter()
+            .map(|joined| joined.unwrap())
+            .collect();
+        let winners: Vec<_> = outcomes.iter().filter(|o| o.is_ok()).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {outcomes:?}");
+        for (index, outcome) in outcomes.iter().enumerate() {
+            let old = client
+                .get_booking(proto::GetBookingRequest {
+                    booking_id: booked[index].booking_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .booking
+                .unwrap();
+            let listed = citizen_bookings(&server, &citizens[index]).await;
+            let confirmed: Vec<_> = listed
+                .iter()
+                .filter(|b| b.state == proto::BookingState::Confirmed as i32)
+                .collect();
+            assert_eq!(
+                confirmed.len(),
+                1,
+                "never zero, never two bookings: {listed:?}"
+            );
+            match outcome {
+                Ok(new) => {
+                    assert_eq!(new.slot_id, target);
+                    assert_eq!(old.state, proto::BookingState::Cancelled as i32);
+                    assert_eq!(
+                        old.cancel_reason,
+                        format!("rescheduled to booking {}", new.booking_id)
+                    );
+                    assert_eq!(confirmed[0].booking_id, new.booking_id);
+                    assert_eq!(listed.len(), 2);
+                }
+                Err(status) => {
+                    assert_eq!(reason(status).as_deref(), Some("SLOT_FULL"), "{status:?}");
+                    assert_eq!(
+                        old.state,
+                        proto::BookingState::Confirmed as i32,
+                        "the loser keeps its booking"
+                    );
+                    assert_eq!(confirmed[0].booking_id, old.booking_id);
+                }
+            }
+        }
+        assert_eq!(
+            site_stats(&server, &format!("from-{round}")).await.booked,
+            1
+        );
+        assert_eq!(site_stats(&server, &format!("to-{round}")).await.booked, 1);
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reschedule_is_idempotent_and_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let source = one_slot_site(&server, "old-place", 1).await;
+    let target = one_slot_site(&server, "new-place", 1).await;
+    let mut client = server.booking().await;
+    let booking = book_ok(&mut client, book_request(&source, "alice", "book")).await;
+
+    let status = reschedule(&mut client, &booking.booking_id, "mallory", &target, "m")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("BOOKING_NOT_FOUND"));
+    let status = reschedule(&mut client, &booking.booking_id, "alice", &source, "same")
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["new_slot_id"]);
+
+    let moved = reschedule(&mut client, &booking.booking_id, "alice", &target, "move")
+        .await
+        .unwrap();
+    let retried = reschedule(&mut client, &booking.booking_id, "alice", &target, "move")
+        .await
+        .unwrap();
+    assert_eq!(
+        retried.booking_id, moved.booking_id,
+        "a retry returns the first outcome"
+    );
+    let status = reschedule(&mut client, &booking.booking_id, "alice", &target, "again")
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("BOOKING_NOT_ACTIVE"));
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    assert_eq!(site_stats(&server, "old-place").await.booked, 0);
+    assert_eq!(site_stats(&server, "new-place").await.booked, 1);
+    let listed = citizen_bookings(&server, "alice").await;
+    assert_eq!(listed.len(), 2);
+    assert!(listed
+        .iter()
+        .any(|b| b.booking_id == moved.booking_id
+            && b.state == proto::BookingState::Confirmed as i32));
+    // The freed place can be booked by someone else.
+    book_ok(
+        &mut server.booking().await,
+        book_request(&source, "bob", "b"),
+    )
+    .await;
+    server.stop().await;
+}
