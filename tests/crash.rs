@@ -238,3 +238,167 @@ fn verify(
         "cycle {cycle}: a citizen holds two bookings"
     );
 }
+
+/// What one citizen's client knows when the server dies mid-reschedule.
+struct Mover {
+    citizen: String,
+    /// The last booking the server acknowledged (booked or rescheduled to).
+    acknowledged: String,
+    /// A reschedule sent but never answered: (request_id, target slot).
+    in_flight: Option<(String, String)>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_reschedule_leaves_every_citizen_exactly_one_booking() {
+    const MOVERS: usize = 16;
+    const RESCHEDULES_BEFORE_KILL: usize = 150;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::start(dir.path());
+    let channel = connect(&server.url).await;
+    let mut capacity = CapacityServiceClient::new(channel.clone());
+    upsert_site(&mut capacity, "moves", "r", "Etc/UTC").await;
+    let day = day_ahead(40);
+    capacity
+        .publish_schedule(publish_request(
+            "moves",
+            "vax",
+            (&day, &day),
+            ("10:00", "12:00"),
+            30,
+            64,
+        ))
+        .await
+        .unwrap();
+    let slot_ids: Vec<String> = search_all(
+        &mut BookingServiceClient::new(channel.clone()),
+        "moves",
+        "vax",
+    )
+    .await
+    .into_iter()
+    .map(|s| s.slot_id)
+    .collect();
+    assert_eq!(slot_ids.len(), 4);
+    let mut client = BookingServiceClient::new(channel);
+    let mut movers = Vec::new();
+    for index in 0..MOVERS {
+        let citizen = format!("mover-{index}");
+        let booking = book_ok(
+            &mut client,
+            book_request(&slot_ids[index % 4], &citizen, &format!("{citizen}-book")),
+        )
+        .await;
+        movers.push(Mover {
+            citizen,
+            acknowledged: booking.booking_id,
+            in_flight: None,
+        });
+    }
+
+    for cycle in 0..2 {
+        let moves = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks: Vec<_> = movers
+            .drain(..)
+            .enumerate()
+            .map(|(index, mut mover)| {
+                let url = server.url.clone();
+                let (slot_ids, moves) = (slot_ids.clone(), Arc::clone(&moves));
+                tokio::spawn(async move {
+                    let mut client = BookingServiceClient::new(connect(&url).await);
+                    for step in 0.. {
+                        let target = slot_ids[(index + step + 1 + cycle) % 4].clone();
+                        let request_id = format!("{}-move-{cycle}-{step}", mover.citizen);
+                        let sent = client
+                            .reschedule_booking(proto::RescheduleBookingRequest {
+                                booking_id: mover.acknowledged.clone(),
+                                citizen_id: mover.citizen.clone(),
+                                new_slot_id: target.clone(),
+                                request_id: request_id.clone(),
+                            })
+                            .await;
+                        match sent {
+                            Ok(response) => {
+                                mover.acknowledged =
+                                    response.into_inner().booking.unwrap().booking_id;
+                                moves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }
+                            Err(status) if status.code() == Code::FailedPrecondition => {} // full
+                            Err(_) => {
+                                mover.in_flight = Some((request_id, target));
+                                return mover;
+                            }
+                        }
+                    }
+                    unreachable!()
+                })
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while moves.load(std::sync::atomic::Ordering::SeqCst) < RESCHEDULES_BEFORE_KILL
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        server.kill_9();
+        for task in tasks {
+            movers.push(task.await.unwrap());
+        }
+        assert!(moves.load(std::sync::atomic::Ordering::SeqCst) >= RESCHEDULES_BEFORE_KILL);
+
+        // Recovery refuses a store where a citizen holds two bookings, so starting at all
+        // is the first check; then each citizen has exactly one confirmed booking: the
+        // acknowledged one, or the one its unanswered reschedule made.
+        server = ChildServer::start(dir.path());
+        let mut client = BookingServiceClient::new(connect(&server.url).await);
+        for mover in &mut movers {
+            let listed = client
+                .list_citizen_bookings(proto::ListCitizenBookingsRequest {
+                    citizen_id: mover.citizen.clone(),
+                    service_id: None,
+                    page_size: 500,
+                    page_token: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(listed.next_page_token.is_empty());
+            let confirmed: Vec<&proto::Booking> = listed
+                .bookings
+                .iter()
+                .filter(|b| b.state == proto::BookingState::Confirmed as i32)
+                .collect();
+            assert_eq!(
+                confirmed.len(),
+                1,
+                "cycle {cycle}: {} has {confirmed:?}",
+                mover.citizen
+            );
+            let current = confirmed[0];
+            if current.booking_id != mover.acknowledged {
+                let (request_id, target) = mover.in_flight.as_ref().unwrap_or_else(|| {
+                    panic!(
+                        "cycle {cycle}: {} lost its acknowledged booking",
+                        mover.citizen
+                    )
+                });
+                assert_eq!(&current.slot_id, target);
+                // Retrying the unanswered reschedule returns the booking it made.
+                let retried = client
+                    .reschedule_booking(proto::RescheduleBookingRequest {
+                        booking_id: mover.acknowledged.clone(),
+                        citizen_id: mover.citizen.clone(),
+                        new_slot_id: target.clone(),
+                        request_id: request_id.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .booking
+                    .unwrap();
+                assert_eq!(retried.booking_id, current.booking_id);
+                mover.acknowledged = current.booking_id.clone();
+            }
+            mover.in_flight = None;
+        }
+    }
+}
