@@ -12,7 +12,7 @@ use crate::domain::hold::{Hold, HoldState};
 use crate::domain::ids::{ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::{PlannedSlot, Schedule};
 use crate::service::{now_unix_ms, Engine, ServiceError};
-use crate::store::records::{SiteRecord, SlotRecord, Write};
+use crate::store::records::{ApplyJournal, SiteRecord, SlotRecord, Write};
 use crate::store::StoreError;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -48,6 +48,11 @@ pub struct CloseOutcome {
     pub cancelled_bookings: u32,
     pub expired_holds: u32,
 }
+
+/// How long a chunked authority write waits for room in a full write queue, and how
+/// many times, before giving up.
+const CHUNK_QUEUE_WAIT: Duration = Duration::from_millis(10);
+const CHUNK_QUEUE_WAITS_MAX: u32 = 500;
 
 /// How often a closure checks that admissions already under way have settled.
 const CLOSE_SETTLE_POLL: Duration = Duration::from_millis(1);
@@ -291,15 +296,13 @@ impl Engine {
                 writes.push(slot_record(slot, *end, *capacity, false));
             }
         }
-        if !writes.is_empty() {
-            if let Err(error) = self.store.commit(&writes).await {
-                // Only a write that was never queued is certainly not on disk; after any
-                // other error the lower capacity may be stored, so memory keeps it.
-                if error == StoreError::Overloaded {
-                    restore(lowered);
-                }
-                return Err(error.into());
+        if let Err(error) = self.commit_in_chunks(writes).await {
+            // Only a write that was never queued is certainly not on disk; after any
+            // other error the lower capacity may be stored, so memory keeps it.
+            if error == StoreError::Overloaded {
+                restore(lowered);
             }
+            return Err(error.into());
         }
         let mut outcome = PublishOutcome {
             sites_upserted: sites.len() as u32,
@@ -326,6 +329,59 @@ impl Engine {
             }
         }
         Ok(outcome)
+    }
+
+    /// Commits authority writes in chunks of `commit_batch_writes_max`: one huge batch
+    /// makes sled hold several times its size in memory. A write that needs more than
+    /// one chunk is journaled (see `ApplyJournal`), and a full queue is waited out
+    /// rather than refused half-way. Memory is updated by the caller only after the
+    /// last chunk is durable.
+    async fn commit_in_chunks(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let chunk = self.limits.commit_batch_writes_max;
+        if writes.len() <= chunk {
+            return match writes.is_empty() {
+                true => Ok(()),
+                false => self.store.commit(&writes).await,
+            };
+        }
+        let mut journal = ApplyJournal {
+            started_at_unix_ms: now_unix_ms(),
+            writes: writes.len() as u64,
+            finished: false,
+        };
+        self.store
+            .commit(&[Write::ApplyJournal(journal.clone())])
+            .await?;
+        journal.finished = true;
+        let chunks = writes.chunks(chunk).count();
+        for (index, part) in writes.chunks(chunk).enumerate() {
+            let mut part = part.to_vec();
+            if index + 1 == chunks {
+                part.push(Write::ApplyJournal(journal.clone()));
+            }
+            let mut waited = 0;
+            loop {
+                match self.store.commit(&part).await {
+                    Err(StoreError::Overloaded) if waited < CHUNK_QUEUE_WAITS_MAX => {
+                        waited += 1;
+                        tokio::time::sleep(CHUNK_QUEUE_WAIT).await;
+                    }
+                    // Past the first chunk a prefix is applied; the journal says so.
+                    Err(StoreError::Overloaded) if index > 0 => {
+                        return Err(StoreError::Io(
+                            "the write queue stayed full: the write is partly applied; \
+                             retry it (imports and publications are idempotent)"
+                                .into(),
+                        ))
+                    }
+                    other => {
+                        other?;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sets one slot's capacity (never below its bookings and live holds) and opens

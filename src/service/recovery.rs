@@ -110,6 +110,16 @@ pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
             )));
         }
     }
+    if let Some(journal) = engine.store.apply_journal()? {
+        if !journal.finished {
+            tracing::warn!(
+                started_at_unix_ms = journal.started_at_unix_ms,
+                writes = journal.writes,
+                "an import or schedule publication was interrupted by a crash: part of it \
+                 may be applied. Re-run the same import (imports are idempotent) to complete it"
+            );
+        }
+    }
     tracing::info!(
         slots = slot_count,
         live_holds,

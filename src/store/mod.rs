@@ -177,6 +177,15 @@ impl Store {
         }
     }
 
+    pub fn apply_journal(&self) -> Result<Option<records::ApplyJournal>, StoreError> {
+        let key = records::apply_journal_key();
+        match self.db.get(key) {
+            Ok(Some(value)) => decode_value(key, &value).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(StoreError::Io(format!("reading the apply journal: {e}"))),
+        }
+    }
+
     /// Every hold, all states, in hold-id order.
     pub fn holds(&self) -> impl Iterator<Item = Result<Hold, StoreError>> {
         self.scan(records::HOLD_PREFIX)

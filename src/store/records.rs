@@ -19,6 +19,9 @@ pub const SITE_PREFIX: u8 = b'S';
 pub const SLOT_PREFIX: u8 = b'L';
 pub const BOOKING_PREFIX: u8 = b'B';
 pub const HOLD_PREFIX: u8 = b'H';
+/// Bookkeeping records, e.g. the journal of the last multi-commit authority write.
+pub const JOURNAL_PREFIX: u8 = b'J';
+const APPLY_JOURNAL_KEY: &[u8] = b"Japply";
 /// Index entries `C` + citizen key + booking id, with an empty value: a citizen's
 /// bookings, written in the same batch as the booking.
 pub const CITIZEN_BOOKING_PREFIX: u8 = b'C';
@@ -43,6 +46,21 @@ pub struct SlotRecord {
     pub closed: bool,
 }
 
+/// Written before a site/slot write too large for one commit is applied in chunks,
+/// and again, finished, after its last chunk. Found unfinished at start-up, it means a
+/// crash interrupted the write: a prefix may be applied, and re-running the same
+/// (idempotent) import or publish completes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyJournal {
+    pub started_at_unix_ms: i64,
+    pub writes: u64,
+    pub finished: bool,
+}
+
+pub fn apply_journal_key() -> &'static [u8] {
+    APPLY_JOURNAL_KEY
+}
+
 /// One record to put, already chosen by the caller.
 #[derive(Clone, Debug)]
 pub enum Write {
@@ -50,6 +68,7 @@ pub enum Write {
     Slot(SlotRecord),
     Booking(Booking),
     Hold(Hold),
+    ApplyJournal(ApplyJournal),
     /// A new booking's entry in its citizen's index.
     CitizenBooking {
         citizen: CitizenKey,
@@ -148,6 +167,7 @@ impl Write {
                 encode_value(booking)?,
             ),
             Write::Hold(hold) => (hold_key(hold.hold_id).to_vec(), encode_value(hold)?),
+            Write::ApplyJournal(journal) => (APPLY_JOURNAL_KEY.to_vec(), encode_value(journal)?),
             Write::CitizenBooking {
                 citizen,
                 booking_id,
