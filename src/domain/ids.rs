@@ -146,6 +146,21 @@ impl fmt::Display for BookingId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CitizenKey(pub [u8; 16]);
 
+impl CitizenKey {
+    /// The first 8 bytes: groups a citizen's bookings in the store and is sealed into
+    /// their booking ids (see `service::citizen_hasher::BookingIds`).
+    pub fn tag(&self) -> CitizenTag {
+        let mut tag = [0u8; 8];
+        tag.copy_from_slice(&self.0[..8]);
+        CitizenTag(tag)
+    }
+}
+
+/// A prefix of a `CitizenKey`; several citizens may share one, so readers compare the
+/// full key after a lookup by tag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CitizenTag(pub [u8; 8]);
+
 /// Checks the printable-ASCII, bounded form shared by citizen ids and request ids.
 pub fn check_opaque_text(
     field: &str,

@@ -92,7 +92,7 @@ impl Engine {
         if slot.key.start_unix_s.saturating_mul(1_000) <= now_ms {
             return Err(DomainError::SlotStarted(slot.key.clone()).into());
         }
-        let booking_id = BookingId(rand::random());
+        let booking_id = self.ids.mint(citizen);
         let service = &slot.key.service_id;
         self.citizens
             .reserve(
@@ -120,16 +120,7 @@ impl Engine {
             request,
             state: BookingState::Confirmed,
         };
-        let written = self
-            .store
-            .commit(&[
-                Write::Booking(booking.clone()),
-                Write::CitizenBooking {
-                    citizen,
-                    booking_id,
-                },
-            ])
-            .await;
+        let written = self.store.commit(&[Write::Booking(booking.clone())]).await;
         let outcome = match written {
             Ok(()) => Ok(booking),
             Err(StoreError::Overloaded) => {
@@ -205,14 +196,7 @@ impl Engine {
         };
         let written = self
             .store
-            .commit(&[
-                Write::Booking(booking.clone()),
-                Write::Hold(confirmed),
-                Write::CitizenBooking {
-                    citizen,
-                    booking_id: hold_id,
-                },
-            ])
+            .commit(&[Write::Booking(booking.clone()), Write::Hold(confirmed)])
             .await;
         let outcome = match written {
             Ok(()) => Ok(booking),
@@ -252,7 +236,7 @@ impl Engine {
     ) -> Result<Booking, ServiceError> {
         let booking = self
             .store
-            .booking(booking_id)?
+            .booking(citizen.tag(), booking_id)?
             .filter(|booking| booking.citizen == citizen)
             .ok_or(DomainError::NotFound(Missing::Booking))?;
         if !booking.is_confirmed() {
@@ -345,7 +329,7 @@ impl Engine {
             return Err(DomainError::SlotStarted(new_slot.key.clone()).into());
         }
         let service = old.slot.service_id.clone();
-        let new_id = BookingId(rand::random());
+        let new_id = self.ids.mint(citizen);
         // The citizen's entry moves to the new id in one step: never zero, never two.
         if !self
             .citizens
@@ -378,14 +362,7 @@ impl Engine {
         };
         let written = self
             .store
-            .commit(&[
-                Write::Booking(old.clone()),
-                Write::Booking(new.clone()),
-                Write::CitizenBooking {
-                    citizen,
-                    booking_id: new_id,
-                },
-            ])
+            .commit(&[Write::Booking(old.clone()), Write::Booking(new.clone())])
             .await;
         let outcome = match written {
             Ok(()) => {
@@ -414,19 +391,21 @@ impl Engine {
             bookings: Vec::new(),
             next_after: None,
         };
+        let tag = citizen.tag();
         let mut after = query.after;
         loop {
-            let ids = self
+            let batch = self
                 .store
-                .citizen_booking_ids(citizen, after, query.page_size + 1)?;
-            let exhausted = ids.len() <= query.page_size;
-            for id in ids {
-                after = Some(id);
-                let booking = self.stored_booking(id)?;
-                if query
-                    .service_id
-                    .as_ref()
-                    .is_some_and(|service| *service != booking.slot.service_id)
+                .bookings_of_tag(tag, after, query.page_size + 1)?;
+            let exhausted = batch.len() <= query.page_size;
+            for booking in batch {
+                after = Some(booking.booking_id);
+                // Another citizen may share the tag; a service filter narrows further.
+                if booking.citizen != citizen
+                    || query
+                        .service_id
+                        .as_ref()
+                        .is_some_and(|service| *service != booking.slot.service_id)
                 {
                     continue;
                 }

@@ -8,7 +8,7 @@
 use crate::domain::booking::RequestRecord;
 use crate::domain::error::DomainError;
 use crate::domain::hold::{Hold, HoldId, HoldState};
-use crate::domain::ids::{BookingId, CitizenKey, RequestFingerprint, RequestKey, SlotKey};
+use crate::domain::ids::{CitizenKey, RequestFingerprint, RequestKey, SlotKey};
 use crate::service::{now_unix_ms, refused, Engine, ServiceError};
 use crate::store::records::Write;
 use crate::store::StoreError;
@@ -60,7 +60,7 @@ impl Engine {
         if slot.key.start_unix_s.saturating_mul(1_000) <= now_ms {
             return Err(DomainError::SlotStarted(slot.key.clone()).into());
         }
-        let hold_id = BookingId(rand::random());
+        let hold_id = self.ids.mint(citizen);
         let service = &slot.key.service_id;
         self.citizens
             .reserve(

@@ -35,7 +35,7 @@ use crate::domain::hold::LiveHolds;
 use crate::domain::ids::{BookingId, RegionId, RequestFingerprint, RequestKey, SiteId, SlotKey};
 use crate::domain::slot_counter::Refused;
 use crate::store::{Store, StoreError};
-use citizen_hasher::CitizenHasher;
+use citizen_hasher::{BookingIds, CitizenHasher};
 use requests::{Begin, RequestRegistry};
 
 pub use bookings::{BookCommand, CancelCommand, CitizenBookingsQuery, RescheduleCommand};
@@ -78,6 +78,7 @@ pub struct Engine {
     /// Live holds. One mutex: each critical section is one map operation.
     holds: Mutex<LiveHolds>,
     hasher: CitizenHasher,
+    ids: BookingIds,
     /// Serialises authority writes (sites, schedules, imports, capacities, closures)
     /// so their plan and apply steps see no other authority write in between. Never
     /// taken by bookings.
@@ -121,6 +122,9 @@ impl Engine {
             requests: RequestRegistry::default(),
             holds: Mutex::new(LiveHolds::default()),
             hasher: CitizenHasher::new(&key).map_err(|e| {
+                ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
+            })?,
+            ids: BookingIds::new(&key).map_err(|e| {
                 ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
             })?,
             authority_writes: tokio::sync::Mutex::new(()),
@@ -189,7 +193,7 @@ impl Engine {
     fn stored_booking(&self, booking_id: BookingId) -> Result<Booking, ServiceError> {
         Ok(self
             .store
-            .booking(booking_id)?
+            .booking(self.ids.tag_of(booking_id), booking_id)?
             .ok_or(DomainError::NotFound(Missing::Booking))?)
     }
 

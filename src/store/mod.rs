@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::Limits;
 use crate::domain::booking::Booking;
 use crate::domain::hold::{Hold, HoldId};
-use crate::domain::ids::{BookingId, CitizenKey};
+use crate::domain::ids::{BookingId, CitizenTag};
 pub use committer::UnsyncedForBenchmarks;
 use committer::{CommitRequest, CommitterState, SledDurability, SledUnsynced};
 use records::{booking_key, decode_value, hold_key, SiteRecord, SlotRecord, Write};
@@ -159,8 +159,13 @@ impl Store {
         outcome.await.map_err(|_| StoreError::Closed)?
     }
 
-    pub fn booking(&self, booking_id: BookingId) -> Result<Option<Booking>, StoreError> {
-        let key = booking_key(booking_id);
+    /// The booking with this id among the bookings of citizens with this tag.
+    pub fn booking(
+        &self,
+        tag: CitizenTag,
+        booking_id: BookingId,
+    ) -> Result<Option<Booking>, StoreError> {
+        let key = booking_key(tag, booking_id);
         match self.db.get(key) {
             Ok(Some(value)) => decode_value(&key, &value).map(Some),
             Ok(None) => Ok(None),
@@ -191,35 +196,33 @@ impl Store {
         self.scan(records::HOLD_PREFIX)
     }
 
-    /// Up to `limit` of a citizen's booking ids (all states), in id order, after `after`.
-    pub fn citizen_booking_ids(
+    /// Up to `limit` bookings (all states) of the citizens with this tag, in id order,
+    /// after `after`. The caller keeps those of its own citizen.
+    pub fn bookings_of_tag(
         &self,
-        citizen: CitizenKey,
+        tag: CitizenTag,
         after: Option<BookingId>,
         limit: usize,
-    ) -> Result<Vec<BookingId>, StoreError> {
-        let prefix = records::citizen_prefix(citizen);
+    ) -> Result<Vec<Booking>, StoreError> {
+        let prefix = records::citizen_bookings_prefix(tag);
         let start = match after {
             // The next key after `after`: its own key with a 0 byte appended.
             Some(after) => {
-                let mut key = records::citizen_booking_key(citizen, after).to_vec();
+                let mut key = booking_key(tag, after).to_vec();
                 key.push(0);
                 key
             }
             None => prefix.to_vec(),
         };
-        let mut ids = Vec::new();
+        let mut bookings = Vec::new();
         for item in self.db.range(start..) {
-            let (key, _) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
-            if !key.starts_with(&prefix) || ids.len() == limit {
+            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            if !key.starts_with(&prefix) || bookings.len() == limit {
                 break;
             }
-            let id = records::citizen_booking_id(&key).ok_or_else(|| {
-                StoreError::Corrupt("a citizen index key has the wrong length".into())
-            })?;
-            ids.push(id);
+            bookings.push(decode_value(&key, &value)?);
         }
-        Ok(ids)
+        Ok(bookings)
     }
 
     /// Every record of one kind, undecoded (key, value), in key order.

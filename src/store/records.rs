@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::booking::Booking;
 use crate::domain::hold::{Hold, HoldId};
-use crate::domain::ids::{BookingId, CitizenKey, RegionId, SiteId, SlotKey};
+use crate::domain::ids::{BookingId, CitizenTag, RegionId, SiteId, SlotKey};
 use crate::store::StoreError;
 
 pub const SITE_PREFIX: u8 = b'S';
@@ -22,9 +22,6 @@ pub const HOLD_PREFIX: u8 = b'H';
 /// Bookkeeping records, e.g. the journal of the last multi-commit authority write.
 pub const JOURNAL_PREFIX: u8 = b'J';
 const APPLY_JOURNAL_KEY: &[u8] = b"Japply";
-/// Index entries `C` + citizen key + booking id, with an empty value: a citizen's
-/// bookings, written in the same batch as the booking.
-pub const CITIZEN_BOOKING_PREFIX: u8 = b'C';
 
 const FORMAT_VERSION: u8 = 1;
 
@@ -69,11 +66,6 @@ pub enum Write {
     Booking(Booking),
     Hold(Hold),
     ApplyJournal(ApplyJournal),
-    /// A new booking's entry in its citizen's index.
-    CitizenBooking {
-        citizen: CitizenKey,
-        booking_id: BookingId,
-    },
 }
 
 /// Maps an i64 to a u64 whose big-endian bytes sort like the i64.
@@ -101,10 +93,20 @@ pub fn slot_key(slot: &SlotKey) -> Vec<u8> {
     key
 }
 
-pub fn booking_key(booking_id: BookingId) -> [u8; 17] {
-    let mut key = [0u8; 17];
+/// `B` + citizen tag + booking id: a citizen's bookings are one contiguous range.
+pub fn booking_key(tag: CitizenTag, booking_id: BookingId) -> [u8; 25] {
+    let mut key = [0u8; 25];
     key[0] = BOOKING_PREFIX;
-    key[1..].copy_from_slice(&booking_id.0.to_be_bytes());
+    key[1..9].copy_from_slice(&tag.0);
+    key[9..].copy_from_slice(&booking_id.0.to_be_bytes());
+    key
+}
+
+/// `B` + citizen tag: the prefix of the bookings of every citizen with this tag.
+pub fn citizen_bookings_prefix(tag: CitizenTag) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = BOOKING_PREFIX;
+    key[1..].copy_from_slice(&tag.0);
     key
 }
 
@@ -113,27 +115,6 @@ pub fn hold_key(hold_id: HoldId) -> [u8; 17] {
     key[0] = HOLD_PREFIX;
     key[1..].copy_from_slice(&hold_id.0.to_be_bytes());
     key
-}
-
-/// `C` + citizen, the prefix of one citizen's index entries.
-pub fn citizen_prefix(citizen: CitizenKey) -> [u8; 17] {
-    let mut key = [0u8; 17];
-    key[0] = CITIZEN_BOOKING_PREFIX;
-    key[1..].copy_from_slice(&citizen.0);
-    key
-}
-
-pub fn citizen_booking_key(citizen: CitizenKey, booking_id: BookingId) -> [u8; 33] {
-    let mut key = [0u8; 33];
-    key[..17].copy_from_slice(&citizen_prefix(citizen));
-    key[17..].copy_from_slice(&booking_id.0.to_be_bytes());
-    key
-}
-
-/// The booking id at the end of a citizen index key.
-pub fn citizen_booking_id(key: &[u8]) -> Option<BookingId> {
-    let bytes: [u8; 16] = key.get(17..33)?.try_into().ok()?;
-    Some(BookingId(u128::from_be_bytes(bytes)))
 }
 
 pub fn encode_value<T: Serialize>(record: &T) -> Result<Vec<u8>, StoreError> {
@@ -163,18 +144,11 @@ impl Write {
             Write::Site(site) => (site_key(&site.site_id), encode_value(site)?),
             Write::Slot(slot) => (slot_key(&slot.key), encode_value(slot)?),
             Write::Booking(booking) => (
-                booking_key(booking.booking_id).to_vec(),
+                booking_key(booking.citizen.tag(), booking.booking_id).to_vec(),
                 encode_value(booking)?,
             ),
             Write::Hold(hold) => (hold_key(hold.hold_id).to_vec(), encode_value(hold)?),
             Write::ApplyJournal(journal) => (APPLY_JOURNAL_KEY.to_vec(), encode_value(journal)?),
-            Write::CitizenBooking {
-                citizen,
-                booking_id,
-            } => (
-                citizen_booking_key(*citizen, *booking_id).to_vec(),
-                Vec::new(),
-            ),
         })
     }
 }
