@@ -89,13 +89,13 @@ impl Phase {
             self.requests_per_s()
         );
         println!(
-            "  {:<14} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "  {:<17} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "latency (ms)", "p50", "p90", "p99", "p99.9", "max"
         );
         for (rpc, histogram) in &self.tally.latency_us {
             let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1_000.0;
             println!(
-                "  {:<14} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                "  {:<17} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
                 rpc,
                 ms(0.5),
                 ms(0.9),

@@ -218,7 +218,7 @@ async fn search_free(
     result.ok().map(|page| page.into_inner().slots)
 }
 
-/// Books one of `slots` for the citizen, moving on after SLOT_FULL; the booking id if any.
+/// Books one of `slots` for the citizen, moving on after SLOT_FULL; the booking if any.
 async fn book_one(
     client: &mut BookingServiceClient<Channel>,
     slots: &[proto::Slot],
@@ -226,7 +226,7 @@ async fn book_one(
     citizen_id: &str,
     attempt: &str,
     tally: &mut Tally,
-) -> Option<String> {
+) -> Option<proto::Booking> {
     for slot in slots
         .iter()
         .cycle()
@@ -244,10 +244,55 @@ async fn book_one(
             .await;
         tally.record("Book", started.elapsed(), &result);
         match result {
-            Ok(response) => return response.into_inner().booking.map(|b| b.booking_id),
+            Ok(response) => return response.into_inner().booking,
             Err(status) if status.code() == tonic::Code::FailedPrecondition => continue,
             Err(_) => return None,
         }
+    }
+    None
+}
+
+/// Holds one of `slots` (moving on after SLOT_FULL), then confirms it with Book; the
+/// booking if any.
+async fn hold_then_book(
+    client: &mut BookingServiceClient<Channel>,
+    slots: &[proto::Slot],
+    first: usize,
+    citizen_id: &str,
+    tally: &mut Tally,
+) -> Option<proto::Booking> {
+    for slot in slots
+        .iter()
+        .cycle()
+        .skip(first % slots.len().max(1))
+        .take(slots.len())
+    {
+        let started = Instant::now();
+        let held = client
+            .hold_slot(proto::HoldSlotRequest {
+                slot_id: slot.slot_id.clone(),
+                citizen_id: citizen_id.to_string(),
+                request_id: format!("{citizen_id}-hold-{}", slot.slot_id),
+                ttl_seconds: 0,
+            })
+            .await;
+        tally.record("HoldSlot", started.elapsed(), &held);
+        let hold = match held {
+            Ok(response) => response.into_inner().hold?,
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => continue,
+            Err(_) => return None,
+        };
+        let started = Instant::now();
+        let result = client
+            .book(proto::BookRequest {
+                slot_id: slot.slot_id.clone(),
+                citizen_id: citizen_id.to_string(),
+                request_id: format!("{citizen_id}-confirm"),
+                hold_id: Some(hold.hold_id),
+            })
+            .await;
+        tally.record("Book", started.elapsed(), &result);
+        return result.ok()?.into_inner().booking;
     }
     None
 }
@@ -284,7 +329,7 @@ pub async fn rush(
                     // Citizens pick different free slots, like people clicking different times.
                     let first = citizen as usize + round;
                     let attempt = round.to_string();
-                    if let Some(booking_id) = book_one(
+                    if let Some(booking) = book_one(
                         &mut client,
                         &slots,
                         first,
@@ -298,7 +343,7 @@ pub async fn rush(
                             citizen,
                             cancelled: false,
                         };
-                        acknowledged.lock().await.insert(booking_id, ack);
+                        acknowledged.lock().await.insert(booking.booking_id, ack);
                         return tally;
                     }
                 }
@@ -312,9 +357,11 @@ pub async fn rush(
 /// Searches per citizen in `mixed`: browsing several sites before choosing.
 const MIXED_SEARCHES_PER_CITIZEN: u64 = 4;
 
-/// An ordinary busy day: every citizen browses (several searches), books; one in five
-/// cancels, and one in ten of all citizens then books another slot (a change of mind).
-/// Capacity exceeds demand, so books succeed unless a slot fills between search and book.
+/// An ordinary busy day: every citizen browses (several searches) and books; one in
+/// four books through a hold (HoldSlot, then Book with the hold_id). Then one in five
+/// cancels (and half of those book another slot), and one in five reschedules to
+/// another slot. Capacity exceeds demand, so books succeed unless a slot fills between
+/// search and book.
 pub async fn mixed(
     channels: &[Channel],
     in_flight: usize,
@@ -343,18 +390,30 @@ pub async fn mixed(
                         .await
                         .unwrap_or_default();
                 }
-                let Some(booking_id) = book_one(
-                    &mut client,
-                    &slots,
-                    citizen as usize,
-                    &citizen_id,
-                    "first",
-                    &mut tally,
-                )
-                .await
-                else {
+                let booked = if citizen % 4 == 3 {
+                    hold_then_book(
+                        &mut client,
+                        &slots,
+                        citizen as usize,
+                        &citizen_id,
+                        &mut tally,
+                    )
+                    .await
+                } else {
+                    book_one(
+                        &mut client,
+                        &slots,
+                        citizen as usize,
+                        &citizen_id,
+                        "first",
+                        &mut tally,
+                    )
+                    .await
+                };
+                let Some(booking) = booked else {
                     return tally;
                 };
+                let booking_id = booking.booking_id;
                 acknowledged.lock().await.insert(
                     booking_id.clone(),
                     Ack {
@@ -362,6 +421,41 @@ pub async fn mixed(
                         cancelled: false,
                     },
                 );
+                if citizen % 5 == 1 {
+                    let Some(target) = slots
+                        .iter()
+                        .cycle()
+                        .skip(citizen as usize + 1)
+                        .take(slots.len())
+                        .find(|slot| slot.slot_id != booking.slot_id)
+                    else {
+                        return tally;
+                    };
+                    let started = Instant::now();
+                    let result = client
+                        .reschedule_booking(proto::RescheduleBookingRequest {
+                            booking_id: booking_id.clone(),
+                            citizen_id: citizen_id.clone(),
+                            new_slot_id: target.slot_id.clone(),
+                            request_id: format!("{citizen_id}-move"),
+                        })
+                        .await;
+                    tally.record("RescheduleBooking", started.elapsed(), &result);
+                    if let Some(moved) = result.ok().and_then(|r| r.into_inner().booking) {
+                        let mut acknowledged = acknowledged.lock().await;
+                        let cancelled = Ack {
+                            citizen,
+                            cancelled: true,
+                        };
+                        acknowledged.insert(booking_id, cancelled);
+                        let confirmed = Ack {
+                            citizen,
+                            cancelled: false,
+                        };
+                        acknowledged.insert(moved.booking_id, confirmed);
+                    }
+                    return tally;
+                }
                 if citizen % 5 != 0 {
                     return tally;
                 }
@@ -396,7 +490,7 @@ pub async fn mixed(
                     .await
                     {
                         acknowledged.lock().await.insert(
-                            again,
+                            again.booking_id,
                             Ack {
                                 citizen,
                                 cancelled: false,
