@@ -327,17 +327,16 @@ async fn closing_a_day_cancels_its_bookings_with_the_reason() {
         .await
         .expect("hold");
 
-    let from = slots[0].start;
-    let to = slots[2].start;
+    let close = proto::CloseSlotsRequest {
+        site_id: "flooded".into(),
+        service_id: None,
+        from: slots[0].start,
+        to: slots[2].start,
+        reason: "site flooded".into(),
+        request_id: "close".into(),
+    };
     let closed = capacity
-        .close_slots(proto::CloseSlotsRequest {
-            site_id: "flooded".into(),
-            service_id: None,
-            from,
-            to,
-            reason: "site flooded".into(),
-            request_id: "close".into(),
-        })
+        .close_slots(close.clone())
         .await
         .expect("close")
         .into_inner();
@@ -349,6 +348,21 @@ async fn closing_a_day_cancels_its_bookings_with_the_reason() {
         ),
         (2, 3, 1)
     );
+    // A retry returns the first outcome; the same id for another closure is refused.
+    let retried = capacity
+        .close_slots(close.clone())
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(retried, closed);
+    let status = capacity
+        .close_slots(proto::CloseSlotsRequest {
+            reason: "other".into(),
+            ..close.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("REQUEST_ID_REUSED"));
 
     for cancelled in &on_day_one {
         let stored = booking
@@ -408,6 +422,14 @@ async fn closing_a_day_cancels_its_bookings_with_the_reason() {
     server.stop().await;
 
     let server = TestServer::start(dir.path()).await;
+    let retried = server
+        .capacity()
+        .await
+        .close_slots(close)
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(retried, closed, "the outcome survives a restart");
     let mut booking = server.booking().await;
     let after = search_all(&mut booking, "flooded", "vax").await;
     assert!(after[0].closed && after[1].closed && !after[2].closed);

@@ -173,6 +173,7 @@ impl CapacityService for CapacityApi {
         let limits = self.engine.limits();
         let mut v = Violations::default();
         let slot = v.check(convert::slot_key("slot_id", &request.slot_id, limits));
+        let request_key = v.check(convert::optional_request_key(&request.request_id, limits));
         if request.capacity > limits.capacity_per_slot_max {
             v.push(
                 "capacity",
@@ -180,16 +181,17 @@ impl CapacityService for CapacityApi {
             );
         }
         v.finish()?;
-        let Some(slot) = slot else {
+        let (Some(slot), Some(request_key)) = (slot, request_key) else {
             return Err(Status::internal("validation passed without values"));
         };
         let engine = Arc::clone(&self.engine);
-        let (site, slot) =
-            tokio::spawn(async move { engine.set_slot_capacity(&slot, request.capacity).await })
+        let (site, slot) = tokio::spawn(async move {
+            engine
+                .set_slot_capacity(&slot, request.capacity, request_key)
                 .await
-                .map_err(|_| {
-                    Status::internal("SetSlotCapacity failed inside the server; retry")
-                })??;
+        })
+        .await
+        .map_err(|_| Status::internal("SetSlotCapacity failed inside the server; retry"))??;
         Ok(Response::new(proto::SetSlotCapacityResponse {
             slot: Some(convert::slot_to_proto(&site, &slot)),
         }))

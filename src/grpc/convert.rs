@@ -76,6 +76,17 @@ pub fn request_key(value: &str, limits: &Limits) -> Result<RequestKey, FieldViol
     RequestKey::parse("request_id", value, limits.request_id_length_max)
 }
 
+/// An authority request's optional `request_id`: empty means none.
+pub fn optional_request_key(
+    value: &str,
+    limits: &Limits,
+) -> Result<Option<RequestKey>, FieldViolation> {
+    match value {
+        "" => Ok(None),
+        value => request_key(value, limits).map(Some),
+    }
+}
+
 pub fn citizen_id(value: &str, limits: &Limits) -> Result<String, FieldViolation> {
     check_opaque_text("citizen_id", value, limits.citizen_id_length_max).map(|()| value.to_string())
 }
@@ -254,6 +265,7 @@ pub fn close_from_proto(
             v.push("to", "must be after from");
         }
     }
+    let request_key = v.check(optional_request_key(&request.request_id, limits));
     let reason = request.reason.trim();
     if reason.is_empty() {
         v.push(
@@ -272,14 +284,17 @@ pub fn close_from_proto(
         v.push("reason", "must not contain control characters");
     }
     v.finish()?;
-    match (site, service, from, to) {
-        (Some(site_id), Some(service_id), Some(from_unix_s), Some(to_unix_s)) => Ok(CloseCommand {
-            site_id,
-            service_id,
-            from_unix_s,
-            to_unix_s,
-            reason: reason.to_string(),
-        }),
+    match (site, service, from, to, request_key) {
+        (Some(site_id), Some(service_id), Some(from_unix_s), Some(to_unix_s), Some(request)) => {
+            Ok(CloseCommand {
+                site_id,
+                service_id,
+                from_unix_s,
+                to_unix_s,
+                reason: reason.to_string(),
+                request,
+            })
+        }
         _ => Err(DomainError::invalid("request", "is invalid")),
     }
 }

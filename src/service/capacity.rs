@@ -9,10 +9,12 @@ use crate::domain::booking::{Booking, BookingState};
 use crate::domain::catalog::{PublishPlan, Site, SiteStats, Slot};
 use crate::domain::error::{DomainError, Missing, Violations};
 use crate::domain::hold::{Hold, HoldState};
-use crate::domain::ids::{ServiceId, SiteId, SlotKey};
+use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::{PlannedSlot, Schedule};
 use crate::service::{now_unix_ms, Engine, ServiceError};
-use crate::store::records::{ApplyJournal, SiteRecord, SlotRecord, Write};
+use crate::store::records::{
+    ApplyJournal, AuthorityOutcome, AuthorityRequest, SiteRecord, SlotRecord, Write,
+};
 use crate::store::StoreError;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,6 +42,8 @@ pub struct CloseCommand {
     pub from_unix_s: i64,
     pub to_unix_s: i64,
     pub reason: String,
+    /// A retry with the same id gets the first outcome back, and closes nothing again.
+    pub request: Option<RequestKey>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,6 +60,30 @@ const CHUNK_QUEUE_WAITS_MAX: u32 = 500;
 
 /// How often a closure checks that admissions already under way have settled.
 const CLOSE_SETTLE_POLL: Duration = Duration::from_millis(1);
+
+impl From<CloseOutcome> for AuthorityOutcome {
+    fn from(outcome: CloseOutcome) -> Self {
+        AuthorityOutcome::Closed {
+            slots_closed: outcome.slots_closed,
+            cancelled_bookings: outcome.cancelled_bookings,
+            expired_holds: outcome.expired_holds,
+        }
+    }
+}
+
+/// The record that remembers an authority request's outcome, if it has a `request_id`.
+fn authority_request(
+    request: Option<(RequestKey, RequestFingerprint)>,
+    outcome: AuthorityOutcome,
+) -> impl Iterator<Item = Write> {
+    request.into_iter().map(move |(key, fingerprint)| {
+        Write::AuthorityRequest(AuthorityRequest {
+            key,
+            fingerprint,
+            outcome,
+        })
+    })
+}
 
 fn site_record(site: &Site) -> SiteRecord {
     SiteRecord {
@@ -390,12 +418,25 @@ impl Engine {
         &self,
         key: &SlotKey,
         capacity: u32,
+        request: Option<RequestKey>,
     ) -> Result<(Arc<Site>, Arc<Slot>), ServiceError> {
         let _authority = self.authority_writes.lock().await;
         let slot = self.slot(key)?;
         let site = self
             .site(&key.site_id)
             .ok_or(DomainError::NotFound(Missing::Site))?;
+        let slot_text = key.to_string();
+        let request = request.map(|key| {
+            let fingerprint = RequestFingerprint::of(&[
+                b"set-capacity",
+                slot_text.as_bytes(),
+                &capacity.to_be_bytes(),
+            ]);
+            (key, fingerprint)
+        });
+        if self.authority_replay(request)?.is_some() {
+            return Ok((site, slot)); // already applied: the slot as it is now
+        }
         let before = slot.counter.snapshot();
         let below = |taken| DomainError::CapacityBelowBooked {
             slot: key.clone(),
@@ -411,8 +452,9 @@ impl Engine {
         } else if capacity < before.taken {
             return Err(below(before.taken).into());
         }
-        let write = slot_record(&slot, slot.end_unix_s(), capacity, false);
-        if let Err(error) = self.store.commit(&[write]).await {
+        let mut writes = vec![slot_record(&slot, slot.end_unix_s(), capacity, false)];
+        writes.extend(authority_request(request, AuthorityOutcome::CapacitySet));
+        if let Err(error) = self.store.commit(&writes).await {
             if error == StoreError::Overloaded && lowered {
                 let _ = slot.counter.set_capacity(before.capacity);
             }
@@ -434,6 +476,34 @@ impl Engine {
         command: CloseCommand,
     ) -> Result<CloseOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
+        let service_text = command
+            .service_id
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let request = command.request.map(|key| {
+            let fingerprint = RequestFingerprint::of(&[
+                b"close",
+                command.site_id.as_str().as_bytes(),
+                service_text.as_bytes(),
+                &command.from_unix_s.to_be_bytes(),
+                &command.to_unix_s.to_be_bytes(),
+                command.reason.as_bytes(),
+            ]);
+            (key, fingerprint)
+        });
+        if let Some(AuthorityOutcome::Closed {
+            slots_closed,
+            cancelled_bookings,
+            expired_holds,
+        }) = self.authority_replay(request)?
+        {
+            return Ok(CloseOutcome {
+                slots_closed,
+                cancelled_bookings,
+                expired_holds,
+            });
+        }
         let slots: Vec<Arc<Slot>> = self
             .catalog()
             .slots_in_range(
@@ -446,7 +516,12 @@ impl Engine {
             .filter(|slot| !slot.counter.snapshot().closed)
             .collect();
         if slots.is_empty() {
-            return Ok(CloseOutcome::default());
+            let nothing = CloseOutcome::default();
+            let record: Vec<Write> = authority_request(request, nothing.into()).collect();
+            if !record.is_empty() {
+                self.store.commit(&record).await?;
+            }
+            return Ok(nothing);
         }
         for slot in &slots {
             slot.counter.close();
@@ -504,6 +579,12 @@ impl Engine {
                 ..hold.clone()
             })
         }));
+        let outcome = CloseOutcome {
+            slots_closed: slots.len() as u32,
+            cancelled_bookings: claimed.len() as u32,
+            expired_holds: holds.len() as u32,
+        };
+        writes.extend(authority_request(request, outcome.into()));
         match self.store.commit(&writes).await {
             Ok(()) => {}
             Err(StoreError::Overloaded) => {
@@ -532,11 +613,23 @@ impl Engine {
         for hold in &holds {
             self.return_hold_place(hold);
         }
-        Ok(CloseOutcome {
-            slots_closed: slots.len() as u32,
-            cancelled_bookings: claimed.len() as u32,
-            expired_holds: holds.len() as u32,
-        })
+        Ok(outcome)
+    }
+
+    /// The stored outcome of an authority request already applied under this
+    /// `request_id`; refuses an id reused for a different request.
+    fn authority_replay(
+        &self,
+        request: Option<(RequestKey, RequestFingerprint)>,
+    ) -> Result<Option<AuthorityOutcome>, ServiceError> {
+        let Some((key, fingerprint)) = request else {
+            return Ok(None);
+        };
+        match self.store.authority_request(key)? {
+            None => Ok(None),
+            Some(stored) if stored.fingerprint == fingerprint => Ok(Some(stored.outcome)),
+            Some(_) => Err(DomainError::RequestIdReused.into()),
+        }
     }
 
     pub fn site_stats(&self, site_id: &SiteId) -> Result<(Arc<Site>, SiteStats), ServiceError> {

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::Limits;
 use crate::domain::booking::Booking;
 use crate::domain::hold::{Hold, HoldId};
-use crate::domain::ids::{BookingId, CitizenTag};
+use crate::domain::ids::{BookingId, CitizenTag, RequestKey};
 pub use committer::UnsyncedForBenchmarks;
 use committer::{CommitRequest, CommitterState, SledDurability, SledUnsynced};
 use records::{booking_key, decode_value, hold_key, SiteRecord, SlotRecord, Write};
@@ -188,6 +188,18 @@ impl Store {
             Ok(Some(value)) => decode_value(key, &value).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::Io(format!("reading the apply journal: {e}"))),
+        }
+    }
+
+    pub fn authority_request(
+        &self,
+        key: RequestKey,
+    ) -> Result<Option<records::AuthorityRequest>, StoreError> {
+        let key = records::authority_request_key(key);
+        match self.db.get(key) {
+            Ok(Some(value)) => decode_value(&key, &value).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(StoreError::Io(format!("reading a request: {e}"))),
         }
     }
 

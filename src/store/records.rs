@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::booking::Booking;
 use crate::domain::hold::{Hold, HoldId};
-use crate::domain::ids::{BookingId, CitizenTag, RegionId, SiteId, SlotKey};
+use crate::domain::ids::{
+    BookingId, CitizenTag, RegionId, RequestFingerprint, RequestKey, SiteId, SlotKey,
+};
 use crate::store::StoreError;
 
 pub const SITE_PREFIX: u8 = b'S';
@@ -22,6 +24,9 @@ pub const HOLD_PREFIX: u8 = b'H';
 /// Bookkeeping records, e.g. the journal of the last multi-commit authority write.
 pub const JOURNAL_PREFIX: u8 = b'J';
 const APPLY_JOURNAL_KEY: &[u8] = b"Japply";
+/// `R` + request digest: the outcome of an authority request (closure, capacity change),
+/// so a retry with the same `request_id` gets the first outcome back.
+pub const AUTHORITY_REQUEST_PREFIX: u8 = b'R';
 
 const FORMAT_VERSION: u8 = 1;
 
@@ -58,6 +63,30 @@ pub fn apply_journal_key() -> &'static [u8] {
     APPLY_JOURNAL_KEY
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthorityOutcome {
+    Closed {
+        slots_closed: u32,
+        cancelled_bookings: u32,
+        expired_holds: u32,
+    },
+    CapacitySet,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorityRequest {
+    pub key: RequestKey,
+    pub fingerprint: RequestFingerprint,
+    pub outcome: AuthorityOutcome,
+}
+
+pub fn authority_request_key(key: RequestKey) -> [u8; 17] {
+    let mut bytes = [0u8; 17];
+    bytes[0] = AUTHORITY_REQUEST_PREFIX;
+    bytes[1..].copy_from_slice(&key.0);
+    bytes
+}
+
 /// One record to put, already chosen by the caller.
 #[derive(Clone, Debug)]
 pub enum Write {
@@ -66,6 +95,7 @@ pub enum Write {
     Booking(Booking),
     Hold(Hold),
     ApplyJournal(ApplyJournal),
+    AuthorityRequest(AuthorityRequest),
 }
 
 /// Maps an i64 to a u64 whose big-endian bytes sort like the i64.
@@ -149,6 +179,10 @@ impl Write {
             ),
             Write::Hold(hold) => (hold_key(hold.hold_id).to_vec(), encode_value(hold)?),
             Write::ApplyJournal(journal) => (APPLY_JOURNAL_KEY.to_vec(), encode_value(journal)?),
+            Write::AuthorityRequest(request) => (
+                authority_request_key(request.key).to_vec(),
+                encode_value(request)?,
+            ),
         })
     }
 }
