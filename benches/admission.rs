@@ -8,7 +8,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use prenota::domain::slot_counter::SlotCounter;
 
 /// Places per slot: large enough that the measured loop never sees a full slot.
-const CAPACITY: u32 = u32::MAX - 1;
+const CAPACITY: u32 = prenota::domain::slot_counter::COUNTER_FIELD_MAX;
 
 fn uncontended(c: &mut Criterion) {
     let mut group = c.benchmark_group("admission");
@@ -16,7 +16,9 @@ fn uncontended(c: &mut Criterion) {
     let counter = SlotCounter::new(CAPACITY, false);
     group.bench_function("take_release_one_slot_one_thread", |b| {
         b.iter(|| {
-            drop(black_box(counter.try_take()));
+            if black_box(counter.try_take()).is_ok() {
+                counter.settle();
+            }
             let _ = black_box(counter.release());
         })
     });
@@ -27,7 +29,9 @@ fn uncontended(c: &mut Criterion) {
     group.bench_function("take_release_100k_slots_one_thread", |b| {
         b.iter(|| {
             index = (index + 7_919) % slots.len();
-            drop(black_box(slots[index].try_take()));
+            if black_box(slots[index].try_take()).is_ok() {
+                slots[index].settle();
+            }
             let _ = black_box(slots[index].release());
         })
     });
@@ -47,7 +51,9 @@ fn one_hot_slot_two_threads(c: &mut Criterion) {
                     let counter = Arc::clone(&counter);
                     scope.spawn(move || {
                         for _ in 0..PER_THREAD {
-                            drop(black_box(counter.try_take()));
+                            if black_box(counter.try_take()).is_ok() {
+                                counter.settle();
+                            }
                             let _ = black_box(counter.release());
                         }
                     });

@@ -15,7 +15,7 @@ use chrono_tz::Tz;
 use crate::domain::error::DomainError;
 use crate::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::PlannedSlot;
-use crate::domain::slot_counter::{CounterSnapshot, SlotCounter};
+use crate::domain::slot_counter::{CounterSnapshot, Refused, SlotCounter};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Site {
@@ -49,6 +49,44 @@ impl Slot {
 
     pub fn set_end_unix_s(&self, end_unix_s: i64) {
         self.end_unix_s.store(end_unix_s, Ordering::Release);
+    }
+}
+
+/// An admission into a slot whose write is in flight (a booking, a hold, a confirmed
+/// hold): the counter counts it as pending until this is dropped, whatever the write's
+/// outcome. A closure waits for pending admissions before reading the store.
+#[must_use = "dropping it settles the admission at once"]
+pub struct Admission {
+    slot: Arc<Slot>,
+}
+
+impl Admission {
+    pub fn slot(&self) -> &Arc<Slot> {
+        &self.slot
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.slot.counter.settle();
+    }
+}
+
+impl Slot {
+    /// Takes one place (see `SlotCounter::try_take`).
+    pub fn try_take(self: &Arc<Self>) -> Result<Admission, Refused> {
+        self.counter.try_take()?;
+        Ok(Admission {
+            slot: Arc::clone(self),
+        })
+    }
+
+    /// Announces a write that takes no new place (see `SlotCounter::enter`).
+    pub fn enter(self: &Arc<Self>) -> Result<Admission, Refused> {
+        self.counter.enter()?;
+        Ok(Admission {
+            slot: Arc::clone(self),
+        })
     }
 }
 
@@ -430,7 +468,7 @@ mod tests {
             service_id: id(ServiceId::parse, "vax"),
             start_unix_s: 100,
         };
-        drop(catalog.slot(&key).unwrap().1.counter.try_take().unwrap());
+        drop(catalog.slot(&key).unwrap().1.try_take().unwrap());
         let mut q = query(SearchScope::Site(id(SiteId::parse, "a")), None, 10);
         q.only_available = true;
         let page = catalog.search(&q).unwrap();

@@ -79,24 +79,6 @@ fn unpack(word: u64) -> CounterSnapshot {
     }
 }
 
-/// An admission whose write is in flight; settles (`pending - 1`) when dropped, whatever
-/// the write's outcome.
-#[must_use = "dropping it settles the admission at once"]
-pub struct Pending<'a> {
-    counter: &'a SlotCounter,
-}
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        let _ = self.counter.update(|now| {
-            Ok::<_, ()>(CounterSnapshot {
-                pending: now.pending.saturating_sub(1),
-                ..now
-            })
-        });
-    }
-}
-
 impl SlotCounter {
     pub fn new(capacity: u32, closed: bool) -> Self {
         Self {
@@ -134,9 +116,10 @@ impl SlotCounter {
         }
     }
 
-    /// Takes one place if the slot is open and has one free. The place stays taken
-    /// after the returned guard settles; `release` returns it.
-    pub fn try_take(&self) -> Result<Pending<'_>, Refused> {
+    /// Takes one place if the slot is open and has one free, counting the admission as
+    /// pending until `settle`. The place stays taken after that; `release` returns it.
+    /// (`catalog::Admission` pairs the two.)
+    pub fn try_take(&self) -> Result<CounterSnapshot, Refused> {
         self.update(|now| {
             if now.closed {
                 return Err(Refused::Closed);
@@ -149,13 +132,12 @@ impl SlotCounter {
                 pending: now.pending + 1,
                 ..now
             })
-        })?;
-        Ok(Pending { counter: self })
+        })
     }
 
     /// Announces a write into this slot that takes no new place (a hold being
-    /// confirmed): refused once the slot is closed.
-    pub fn enter(&self) -> Result<Pending<'_>, Refused> {
+    /// confirmed), pending until `settle`: refused once the slot is closed.
+    pub fn enter(&self) -> Result<CounterSnapshot, Refused> {
         self.update(|now| {
             if now.closed {
                 return Err(Refused::Closed);
@@ -167,8 +149,17 @@ impl SlotCounter {
                 pending: now.pending + 1,
                 ..now
             })
-        })?;
-        Ok(Pending { counter: self })
+        })
+    }
+
+    /// An admission's write is done (whatever its outcome).
+    pub fn settle(&self) {
+        let _ = self.update(|now| {
+            Ok::<_, ()>(CounterSnapshot {
+                pending: now.pending.saturating_sub(1),
+                ..now
+            })
+        });
     }
 
     /// Returns one place; returns the counter after. Returning more than was taken is a
@@ -236,26 +227,32 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// Takes a place and settles the admission at once.
+    fn take(counter: &SlotCounter) -> Result<CounterSnapshot, Refused> {
+        let taken = counter.try_take()?;
+        counter.settle();
+        Ok(taken)
+    }
+
     #[test]
     fn takes_up_to_capacity_then_refuses() {
         let counter = SlotCounter::new(2, false);
-        drop(counter.try_take().unwrap());
-        drop(counter.try_take().unwrap());
-        assert_eq!(counter.try_take().err(), Some(Refused::Full));
+        assert_eq!(take(&counter).map(|s| s.taken), Ok(1));
+        assert_eq!(take(&counter).map(|s| s.taken), Ok(2));
+        assert_eq!(take(&counter), Err(Refused::Full));
         assert_eq!(counter.release().map(|s| s.taken), Ok(1));
-        drop(counter.try_take().unwrap());
-        assert_eq!(counter.snapshot().remaining(), 0);
+        assert_eq!(take(&counter).map(|s| s.remaining()), Ok(0));
         assert_eq!(counter.snapshot().pending, 0);
     }
 
     #[test]
     fn pending_counts_unsettled_admissions() {
         let counter = SlotCounter::new(5, false);
-        let first = counter.try_take().unwrap();
-        let second = counter.enter().unwrap();
+        counter.try_take().unwrap();
+        counter.enter().unwrap();
         assert_eq!(counter.snapshot().pending, 2);
-        drop(first);
-        drop(second);
+        counter.settle();
+        counter.settle();
         let after = counter.snapshot();
         assert_eq!((after.pending, after.taken), (0, 1));
     }
@@ -263,15 +260,15 @@ mod tests {
     #[test]
     fn a_closed_slot_admits_nothing_until_a_capacity_is_set() {
         let counter = SlotCounter::new(3, false);
-        drop(counter.try_take().unwrap());
+        take(&counter).unwrap();
         let before = counter.close();
         assert!(!before.closed);
-        assert_eq!(counter.try_take().err(), Some(Refused::Closed));
-        assert_eq!(counter.enter().err(), Some(Refused::Closed));
+        assert_eq!(take(&counter), Err(Refused::Closed));
+        assert_eq!(counter.enter(), Err(Refused::Closed));
         assert_eq!(counter.snapshot().remaining(), 0);
         assert_eq!(counter.release().map(|s| s.taken), Ok(0));
         assert!(counter.set_capacity(1).is_ok());
-        assert!(counter.try_take().is_ok());
+        assert!(take(&counter).is_ok());
     }
 
     #[test]
@@ -284,11 +281,11 @@ mod tests {
     #[test]
     fn capacity_never_drops_below_taken() {
         let counter = SlotCounter::new(3, false);
-        drop(counter.try_take().unwrap());
-        drop(counter.try_take().unwrap());
+        take(&counter).unwrap();
+        take(&counter).unwrap();
         assert_eq!(counter.set_capacity(1), Err(BelowTaken { taken: 2 }));
         assert!(counter.set_capacity(2).is_ok());
-        assert_eq!(counter.try_take().err(), Some(Refused::Full));
+        assert_eq!(take(&counter), Err(Refused::Full));
         assert!(counter.set_capacity(COUNTER_FIELD_MAX).is_ok());
         assert!(counter.set_capacity(COUNTER_FIELD_MAX + 1).is_err());
         assert_eq!(counter.snapshot().taken, 2);
@@ -319,9 +316,7 @@ mod tests {
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let counter = Arc::clone(&counter);
-                std::thread::spawn(move || {
-                    (0..10_000).filter(|_| counter.try_take().is_ok()).count()
-                })
+                std::thread::spawn(move || (0..10_000).filter(|_| take(&counter).is_ok()).count())
             })
             .collect();
         let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();

@@ -5,13 +5,15 @@
 
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
 use crate::domain::error::{DomainError, Missing};
-use crate::domain::hold::{HoldId, HoldState, NotConfirmable};
+use crate::domain::hold::{Hold, HoldId, HoldState, NotConfirmable};
 use crate::domain::ids::{
     BookingId, CitizenKey, RequestFingerprint, RequestKey, ServiceId, SlotKey,
 };
-use crate::service::{now_unix_ms, refused, BookingView, Engine, ServiceError};
+use crate::service::{
+    check_not_started, now_unix_ms, refused, undo_if_never_queued, BookingView, Engine,
+    ServiceError,
+};
 use crate::store::records::Write;
-use crate::store::StoreError;
 
 pub struct BookCommand {
     pub slot: SlotKey,
@@ -87,30 +89,8 @@ impl Engine {
         citizen: CitizenKey,
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
-        let slot = self.slot(slot_key)?;
-        let now_ms = now_unix_ms();
-        if slot.key.start_unix_s.saturating_mul(1_000) <= now_ms {
-            return Err(DomainError::SlotStarted(slot.key.clone()).into());
-        }
-        let booking_id = self.ids.mint(citizen);
-        let service = &slot.key.service_id;
-        self.citizens
-            .reserve(
-                citizen,
-                service,
-                booking_id,
-                self.limits.max_active_per_citizen,
-            )
-            .map_err(|existing| DomainError::CitizenAlreadyBooked {
-                booking_id: existing,
-            })?;
-        let pending = match slot.counter.try_take() {
-            Ok(pending) => pending,
-            Err(refusal) => {
-                self.citizens.release(citizen, service, booking_id);
-                return Err(refused(refusal, &slot.key).into());
-            }
-        };
+        let (admission, booking_id, now_ms) = self.take_place(slot_key, citizen)?;
+        let slot = admission.slot();
         let booking = Booking {
             booking_id,
             slot: slot.key.clone(),
@@ -121,20 +101,10 @@ impl Engine {
             state: BookingState::Confirmed,
         };
         let written = self.store.commit(&[Write::Booking(booking.clone())]).await;
-        let outcome = match written {
-            Ok(()) => Ok(booking),
-            Err(StoreError::Overloaded) => {
-                // Never queued: nothing reached the disk, so the place goes back.
-                self.citizens.release(citizen, service, booking_id);
-                let _ = slot.counter.release();
-                Err(StoreError::Overloaded.into())
-            }
-            // Anything else may or may not be on disk: keep the place taken (never
-            // overbook); the store is failed and a restart rebuilds from the disk.
-            Err(error) => Err(error.into()),
-        };
-        drop(pending);
-        outcome
+        undo_if_never_queued(written, || {
+            self.untake_place(&admission, citizen, booking_id)
+        })?;
+        Ok(booking)
     }
 
     /// Turns a live hold into the booking with the same id; the hold's place (and its
@@ -148,9 +118,7 @@ impl Engine {
     ) -> Result<Booking, ServiceError> {
         let slot = self.slot(slot_key)?;
         let now_ms = now_unix_ms();
-        if slot.key.start_unix_s.saturating_mul(1_000) <= now_ms {
-            return Err(DomainError::SlotStarted(slot.key.clone()).into());
-        }
+        check_not_started(&slot, now_ms)?;
         let taken = self
             .live_holds()
             .take_for_confirm(hold_id, citizen, &slot.key, now_ms);
@@ -173,8 +141,8 @@ impl Engine {
                 .into());
             }
         };
-        let pending = match slot.counter.enter() {
-            Ok(pending) => pending,
+        let _admission = match slot.enter() {
+            Ok(admission) => admission,
             Err(refusal) => {
                 // Closing: the closure takes the hold back from the live set.
                 self.live_holds().insert(hold);
@@ -190,7 +158,7 @@ impl Engine {
             request,
             state: BookingState::Confirmed,
         };
-        let confirmed = crate::domain::hold::Hold {
+        let confirmed = Hold {
             state: HoldState::Confirmed { at_unix_ms: now_ms },
             ..hold.clone()
         };
@@ -198,16 +166,8 @@ impl Engine {
             .store
             .commit(&[Write::Booking(booking.clone()), Write::Hold(confirmed)])
             .await;
-        let outcome = match written {
-            Ok(()) => Ok(booking),
-            Err(StoreError::Overloaded) => {
-                self.live_holds().insert(hold);
-                Err(StoreError::Overloaded.into())
-            }
-            Err(error) => Err(error.into()),
-        };
-        drop(pending);
-        outcome
+        undo_if_never_queued(written, || self.live_holds().insert(hold))?;
+        Ok(booking)
     }
 
     /// Cancels a booking; its place returns to the slot once the cancel is durable.
@@ -263,15 +223,11 @@ impl Engine {
             reason: CANCELLED_BY_CITIZEN.to_string(),
             request: Some(request),
         };
-        match self.store.commit(&[Write::Booking(booking.clone())]).await {
-            Ok(()) => {}
-            Err(StoreError::Overloaded) => {
-                // Never queued: the booking is still confirmed on disk.
-                self.citizens.unclaim(citizen, booking.booking_id);
-                return Err(StoreError::Overloaded.into());
-            }
-            Err(error) => return Err(error.into()),
-        }
+        let written = self.store.commit(&[Write::Booking(booking.clone())]).await;
+        // Never queued: the booking is still confirmed on disk and keeps its entry.
+        undo_if_never_queued(written, || {
+            self.citizens.unclaim(citizen, booking.booking_id)
+        })?;
         self.citizens.release(citizen, &service, booking.booking_id);
         self.return_place(&booking.slot);
         Ok(booking)
@@ -325,9 +281,7 @@ impl Engine {
             );
         }
         let now_ms = now_unix_ms();
-        if new_slot.key.start_unix_s.saturating_mul(1_000) <= now_ms {
-            return Err(DomainError::SlotStarted(new_slot.key.clone()).into());
-        }
+        check_not_started(&new_slot, now_ms)?;
         let service = old.slot.service_id.clone();
         let new_id = self.ids.mint(citizen);
         // The citizen's entry moves to the new id in one step: never zero, never two.
@@ -337,8 +291,8 @@ impl Engine {
         {
             return Err(DomainError::BookingNotActive(old.booking_id).into());
         }
-        let pending = match new_slot.counter.try_take() {
-            Ok(pending) => pending,
+        let admission = match new_slot.try_take() {
+            Ok(admission) => admission,
             Err(refusal) => {
                 self.citizens
                     .replace(citizen, &service, new_id, old.booking_id);
@@ -364,21 +318,13 @@ impl Engine {
             .store
             .commit(&[Write::Booking(old.clone()), Write::Booking(new.clone())])
             .await;
-        let outcome = match written {
-            Ok(()) => {
-                self.return_place(&old.slot);
-                Ok(new)
-            }
-            Err(StoreError::Overloaded) => {
-                self.citizens
-                    .replace(citizen, &service, new_id, old.booking_id);
-                let _ = new_slot.counter.release();
-                Err(StoreError::Overloaded.into())
-            }
-            Err(error) => Err(error.into()),
-        };
-        drop(pending);
-        outcome
+        undo_if_never_queued(written, || {
+            self.citizens
+                .replace(citizen, &service, new_id, old.booking_id);
+            let _ = admission.slot().counter.release();
+        })?;
+        self.return_place(&old.slot);
+        Ok(new)
     }
 
     /// A citizen's bookings in every state, in booking-id order, one page at a time.

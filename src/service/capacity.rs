@@ -11,7 +11,7 @@ use crate::domain::error::{DomainError, Missing, Violations};
 use crate::domain::hold::{Hold, HoldState};
 use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::{PlannedSlot, Schedule};
-use crate::service::{now_unix_ms, Engine, ServiceError};
+use crate::service::{now_unix_ms, undo_if_never_queued, Engine, ServiceError};
 use crate::store::records::{
     ApplyJournal, AuthorityOutcome, AuthorityRequest, SiteRecord, SlotRecord, Write,
 };
@@ -324,14 +324,7 @@ impl Engine {
                 writes.push(slot_record(slot, *end, *capacity, false));
             }
         }
-        if let Err(error) = self.commit_in_chunks(writes).await {
-            // Only a write that was never queued is certainly not on disk; after any
-            // other error the lower capacity may be stored, so memory keeps it.
-            if error == StoreError::Overloaded {
-                restore(lowered);
-            }
-            return Err(error.into());
-        }
+        undo_if_never_queued(self.commit_in_chunks(writes).await, || restore(lowered))?;
         let mut outcome = PublishOutcome {
             sites_upserted: sites.len() as u32,
             ..PublishOutcome::default()
@@ -454,12 +447,11 @@ impl Engine {
         }
         let mut writes = vec![slot_record(&slot, slot.end_unix_s(), capacity, false)];
         writes.extend(authority_request(request, AuthorityOutcome::CapacitySet));
-        if let Err(error) = self.store.commit(&writes).await {
-            if error == StoreError::Overloaded && lowered {
+        undo_if_never_queued(self.store.commit(&writes).await, || {
+            if lowered {
                 let _ = slot.counter.set_capacity(before.capacity);
             }
-            return Err(error.into());
-        }
+        })?;
         if let Err(b) = slot.counter.set_capacity(capacity) {
             // Places are only taken while open, and it was closed or is at most lowered.
             tracing::error!(slot = %key, taken = b.taken, "capacity below taken after set");
@@ -585,23 +577,18 @@ impl Engine {
             expired_holds: holds.len() as u32,
         };
         writes.extend(authority_request(request, outcome.into()));
-        match self.store.commit(&writes).await {
-            Ok(()) => {}
-            Err(StoreError::Overloaded) => {
-                for booking in &claimed {
-                    self.citizens.unclaim(booking.citizen, booking.booking_id);
-                }
-                let mut live = self.live_holds();
-                for hold in holds {
-                    live.insert(hold);
-                }
-                for slot in &slots {
-                    slot.counter.reopen();
-                }
-                return Err(StoreError::Overloaded.into());
+        undo_if_never_queued(self.store.commit(&writes).await, || {
+            for booking in &claimed {
+                self.citizens.unclaim(booking.citizen, booking.booking_id);
             }
-            Err(error) => return Err(error.into()),
-        }
+            let mut live = self.live_holds();
+            for hold in &holds {
+                live.insert(hold.clone());
+            }
+            for slot in &slots {
+                slot.counter.reopen();
+            }
+        })?;
         for booking in &claimed {
             self.citizens.release(
                 booking.citizen,

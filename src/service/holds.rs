@@ -9,9 +9,8 @@ use crate::domain::booking::RequestRecord;
 use crate::domain::error::DomainError;
 use crate::domain::hold::{Hold, HoldId, HoldState};
 use crate::domain::ids::{CitizenKey, RequestFingerprint, RequestKey, SlotKey};
-use crate::service::{now_unix_ms, refused, Engine, ServiceError};
+use crate::service::{undo_if_never_queued, Engine, ServiceError};
 use crate::store::records::Write;
-use crate::store::StoreError;
 
 pub struct HoldCommand {
     pub slot: SlotKey,
@@ -55,54 +54,21 @@ impl Engine {
         citizen: CitizenKey,
         request: RequestRecord,
     ) -> Result<Hold, ServiceError> {
-        let slot = self.slot(&command.slot)?;
-        let now_ms = now_unix_ms();
-        if slot.key.start_unix_s.saturating_mul(1_000) <= now_ms {
-            return Err(DomainError::SlotStarted(slot.key.clone()).into());
-        }
-        let hold_id = self.ids.mint(citizen);
-        let service = &slot.key.service_id;
-        self.citizens
-            .reserve(
-                citizen,
-                service,
-                hold_id,
-                self.limits.max_active_per_citizen,
-            )
-            .map_err(|existing| DomainError::CitizenAlreadyBooked {
-                booking_id: existing,
-            })?;
-        let pending = match slot.counter.try_take() {
-            Ok(pending) => pending,
-            Err(refusal) => {
-                self.citizens.release(citizen, service, hold_id);
-                return Err(refused(refusal, &slot.key).into());
-            }
-        };
+        let (admission, hold_id, now_ms) = self.take_place(&command.slot, citizen)?;
         let hold = Hold {
             hold_id,
-            slot: slot.key.clone(),
+            slot: admission.slot().key.clone(),
             citizen,
             created_at_unix_ms: now_ms,
             expires_at_unix_ms: now_ms + i64::from(command.ttl_seconds) * 1_000,
             request,
             state: HoldState::Live,
         };
-        let outcome = match self.store.commit(&[Write::Hold(hold.clone())]).await {
-            Ok(()) => {
-                // Live before the admission settles, so a closure waiting for it sees it.
-                self.live_holds().insert(hold.clone());
-                Ok(hold)
-            }
-            Err(StoreError::Overloaded) => {
-                self.citizens.release(citizen, service, hold_id);
-                let _ = slot.counter.release();
-                Err(StoreError::Overloaded.into())
-            }
-            Err(error) => Err(error.into()),
-        };
-        drop(pending);
-        outcome
+        let written = self.store.commit(&[Write::Hold(hold.clone())]).await;
+        undo_if_never_queued(written, || self.untake_place(&admission, citizen, hold_id))?;
+        // Live before the admission settles, so a closure waiting for it sees it.
+        self.live_holds().insert(hold.clone());
+        Ok(hold)
     }
 
     /// The sweeper's step: expires up to `hold_sweep_batch_max` holds whose time is up,
@@ -125,23 +91,17 @@ impl Engine {
                 })
             })
             .collect();
-        match self.store.commit(&writes).await {
-            Ok(()) => {
-                for hold in &due {
-                    self.return_hold_place(hold);
-                }
-                Ok(due.len())
+        let written = self.store.commit(&writes).await;
+        undo_if_never_queued(written, || {
+            let mut live = self.live_holds();
+            for hold in &due {
+                live.insert(hold.clone());
             }
-            Err(StoreError::Overloaded) => {
-                let mut live = self.live_holds();
-                for hold in due {
-                    live.insert(hold);
-                }
-                Err(StoreError::Overloaded.into())
-            }
-            // The store is failed: the places stay taken, a restart rebuilds them.
-            Err(error) => Err(error.into()),
+        })?;
+        for hold in &due {
+            self.return_hold_place(hold);
         }
+        Ok(due.len())
     }
 
     /// Frees what a durably expired hold occupied: its citizen entry and its place.

@@ -28,11 +28,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, Limits};
 use crate::domain::booking::{Booking, RequestRecord};
-use crate::domain::catalog::{Catalog, SearchPage, SearchQuery, Site, Slot};
+use crate::domain::catalog::{Admission, Catalog, SearchPage, SearchQuery, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::LiveHolds;
-use crate::domain::ids::{BookingId, RegionId, RequestFingerprint, RequestKey, SiteId, SlotKey};
+use crate::domain::ids::{
+    BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, SiteId, SlotKey,
+};
 use crate::domain::slot_counter::Refused;
 use crate::store::{Store, StoreError};
 use citizen_hasher::{BookingIds, CitizenHasher};
@@ -90,6 +92,28 @@ pub fn now_unix_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The result of a write whose in-memory effects are undone only if it never reached the
+/// queue (`Overloaded`). After any other error the write may be on disk: memory keeps
+/// its effects (places stay taken: never overbook), and the store is failed until a
+/// restart rebuilds from the disk.
+fn undo_if_never_queued(
+    written: Result<(), StoreError>,
+    undo: impl FnOnce(),
+) -> Result<(), ServiceError> {
+    if written == Err(StoreError::Overloaded) {
+        undo();
+    }
+    Ok(written?)
+}
+
+/// A slot that has started takes no booking, hold or reschedule.
+fn check_not_started(slot: &Slot, now_unix_ms: i64) -> Result<(), DomainError> {
+    if slot.key.start_unix_s.saturating_mul(1_000) <= now_unix_ms {
+        return Err(DomainError::SlotStarted(slot.key.clone()));
+    }
+    Ok(())
 }
 
 /// A counter's refusal as the domain error a client sees.
@@ -165,6 +189,40 @@ impl Engine {
             .slot(key)
             .map(|(_, slot)| Arc::clone(slot))
             .ok_or(DomainError::NotFound(Missing::Slot))
+    }
+
+    /// The first steps of a booking or a hold: the slot exists and has not started, the
+    /// citizen is under the limit (an entry reserved under a new id), and a place is
+    /// taken. Refused steps are undone. Returns the admission, the new id and `now`.
+    fn take_place(
+        &self,
+        slot_key: &SlotKey,
+        citizen: CitizenKey,
+    ) -> Result<(Admission, BookingId, i64), ServiceError> {
+        let slot = self.slot(slot_key)?;
+        let now_ms = now_unix_ms();
+        check_not_started(&slot, now_ms)?;
+        let id = self.ids.mint(citizen);
+        let service = &slot.key.service_id;
+        self.citizens
+            .reserve(citizen, service, id, self.limits.max_active_per_citizen)
+            .map_err(|existing| DomainError::CitizenAlreadyBooked {
+                booking_id: existing,
+            })?;
+        match slot.try_take() {
+            Ok(admission) => Ok((admission, id, now_ms)),
+            Err(refusal) => {
+                self.citizens.release(citizen, service, id);
+                Err(refused(refusal, &slot.key).into())
+            }
+        }
+    }
+
+    /// Undoes `take_place` for a write that never reached the queue.
+    fn untake_place(&self, admission: &Admission, citizen: CitizenKey, id: BookingId) {
+        let slot = admission.slot();
+        self.citizens.release(citizen, &slot.key.service_id, id);
+        let _ = slot.counter.release();
     }
 
     /// Returns one place of a slot after the durable write that freed it.
