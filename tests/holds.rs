@@ -23,6 +23,22 @@ fn hold_request(
     }
 }
 
+/// Holds and expects a hold back.
+async fn hold_ok(
+    client: &mut prenota::proto::booking_service_client::BookingServiceClient<
+        tonic::transport::Channel,
+    >,
+    request: proto::HoldSlotRequest,
+) -> proto::Hold {
+    client
+        .hold_slot(request)
+        .await
+        .expect("a hold")
+        .into_inner()
+        .hold
+        .expect("the response carries the hold")
+}
+
 async fn remaining(server: &TestServer, site_id: &str) -> u32 {
     search_all(&mut server.booking().await, site_id, "vax").await[0].remaining
 }
@@ -34,13 +50,7 @@ async fn a_hold_takes_the_place_and_book_confirms_it() {
     let slot = one_slot_site(&server, "hold-site", 1).await;
     let mut client = server.booking().await;
 
-    let hold = client
-        .hold_slot(hold_request(&slot, "alice", "h1", 0))
-        .await
-        .expect("hold")
-        .into_inner()
-        .hold
-        .unwrap();
+    let hold = hold_ok(&mut client, hold_request(&slot, "alice", "h1", 0)).await;
     assert_eq!(hold.slot_id, slot);
     let expires = hold.expires_at.unwrap().seconds - chrono::Utc::now().timestamp();
     assert!(
@@ -52,13 +62,7 @@ async fn a_hold_takes_the_place_and_book_confirms_it() {
     assert_eq!((stats.booked, stats.held), (0, 1));
 
     // A retry returns the same hold; nobody else gets the place; the holder holds once.
-    let again = client
-        .hold_slot(hold_request(&slot, "alice", "h1", 0))
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
+    let again = hold_ok(&mut client, hold_request(&slot, "alice", "h1", 0)).await;
     assert_eq!(again.hold_id, hold.hold_id);
     let status = client
         .book(book_request(&slot, "bob", "b1"))
@@ -102,13 +106,7 @@ async fn an_expired_hold_returns_its_place() {
     let server = TestServer::start(dir.path()).await;
     let slot = one_slot_site(&server, "expiry-site", 1).await;
     let mut client = server.booking().await;
-    let hold = client
-        .hold_slot(hold_request(&slot, "alice", "h1", 1))
-        .await
-        .expect("hold")
-        .into_inner()
-        .hold
-        .unwrap();
+    let hold = hold_ok(&mut client, hold_request(&slot, "alice", "h1", 1)).await;
     assert_eq!(remaining(&server, "expiry-site").await, 0);
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -143,28 +141,18 @@ async fn a_live_hold_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let slot = one_slot_site(&server, "durable-hold", 2).await;
-    let hold = server
-        .booking()
-        .await
-        .hold_slot(hold_request(&slot, "alice", "h1", 300))
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
+    let hold = hold_ok(
+        &mut server.booking().await,
+        hold_request(&slot, "alice", "h1", 300),
+    )
+    .await;
     server.stop().await;
 
     let server = TestServer::start(dir.path()).await;
     let stats = site_stats(&server, "durable-hold").await;
     assert_eq!((stats.booked, stats.held), (0, 1));
     let mut client = server.booking().await;
-    let retried = client
-        .hold_slot(hold_request(&slot, "alice", "h1", 300))
-        .await
-        .unwrap()
-        .into_inner()
-        .hold
-        .unwrap();
+    let retried = hold_ok(&mut client, hold_request(&slot, "alice", "h1", 300)).await;
     assert_eq!(
         retried, hold,
         "a retry after the restart returns the same hold"

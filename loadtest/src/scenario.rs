@@ -218,13 +218,22 @@ async fn search_free(
     result.ok().map(|page| page.into_inner().slots)
 }
 
-/// Books one of `slots` for the citizen, moving on after SLOT_FULL; the booking if any.
+/// How a citizen takes a place.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Book,
+    /// HoldSlot, then Book with the hold_id.
+    Hold,
+}
+
+/// Books one of `slots` for the citizen, starting at `first` and moving on after
+/// SLOT_FULL; the booking if any.
 async fn book_one(
     client: &mut BookingServiceClient<Channel>,
     slots: &[proto::Slot],
     first: usize,
-    citizen_id: &str,
-    attempt: &str,
+    (citizen_id, attempt): (&str, &str),
+    via: Via,
     tally: &mut Tally,
 ) -> Option<proto::Booking> {
     for slot in slots
@@ -233,13 +242,32 @@ async fn book_one(
         .skip(first % slots.len().max(1))
         .take(slots.len())
     {
+        let hold_id = if via == Via::Hold {
+            let started = Instant::now();
+            let held = client
+                .hold_slot(proto::HoldSlotRequest {
+                    slot_id: slot.slot_id.clone(),
+                    citizen_id: citizen_id.to_string(),
+                    request_id: format!("{citizen_id}-{attempt}-hold-{}", slot.slot_id),
+                    ttl_seconds: 0,
+                })
+                .await;
+            tally.record("HoldSlot", started.elapsed(), &held);
+            match held {
+                Ok(response) => Some(response.into_inner().hold?.hold_id),
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => continue,
+                Err(_) => return None,
+            }
+        } else {
+            None
+        };
         let started = Instant::now();
         let result = client
             .book(proto::BookRequest {
                 slot_id: slot.slot_id.clone(),
                 citizen_id: citizen_id.to_string(),
                 request_id: format!("{citizen_id}-{attempt}-{}", slot.slot_id),
-                hold_id: None,
+                hold_id,
             })
             .await;
         tally.record("Book", started.elapsed(), &result);
@@ -248,51 +276,6 @@ async fn book_one(
             Err(status) if status.code() == tonic::Code::FailedPrecondition => continue,
             Err(_) => return None,
         }
-    }
-    None
-}
-
-/// Holds one of `slots` (moving on after SLOT_FULL), then confirms it with Book; the
-/// booking if any.
-async fn hold_then_book(
-    client: &mut BookingServiceClient<Channel>,
-    slots: &[proto::Slot],
-    first: usize,
-    citizen_id: &str,
-    tally: &mut Tally,
-) -> Option<proto::Booking> {
-    for slot in slots
-        .iter()
-        .cycle()
-        .skip(first % slots.len().max(1))
-        .take(slots.len())
-    {
-        let started = Instant::now();
-        let held = client
-            .hold_slot(proto::HoldSlotRequest {
-                slot_id: slot.slot_id.clone(),
-                citizen_id: citizen_id.to_string(),
-                request_id: format!("{citizen_id}-hold-{}", slot.slot_id),
-                ttl_seconds: 0,
-            })
-            .await;
-        tally.record("HoldSlot", started.elapsed(), &held);
-        let hold = match held {
-            Ok(response) => response.into_inner().hold?,
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => continue,
-            Err(_) => return None,
-        };
-        let started = Instant::now();
-        let result = client
-            .book(proto::BookRequest {
-                slot_id: slot.slot_id.clone(),
-                citizen_id: citizen_id.to_string(),
-                request_id: format!("{citizen_id}-confirm"),
-                hold_id: Some(hold.hold_id),
-            })
-            .await;
-        tally.record("Book", started.elapsed(), &result);
-        return result.ok()?.into_inner().booking;
     }
     None
 }
@@ -333,8 +316,8 @@ pub async fn rush(
                         &mut client,
                         &slots,
                         first,
-                        &citizen_id,
-                        &attempt,
+                        (&citizen_id, &attempt),
+                        Via::Book,
                         &mut tally,
                     )
                     .await
@@ -390,26 +373,21 @@ pub async fn mixed(
                         .await
                         .unwrap_or_default();
                 }
-                let booked = if citizen % 4 == 3 {
-                    hold_then_book(
-                        &mut client,
-                        &slots,
-                        citizen as usize,
-                        &citizen_id,
-                        &mut tally,
-                    )
-                    .await
+                // One in four takes the place through a hold first.
+                let via = if citizen % 4 == 3 {
+                    Via::Hold
                 } else {
-                    book_one(
-                        &mut client,
-                        &slots,
-                        citizen as usize,
-                        &citizen_id,
-                        "first",
-                        &mut tally,
-                    )
-                    .await
+                    Via::Book
                 };
+                let booked = book_one(
+                    &mut client,
+                    &slots,
+                    citizen as usize,
+                    (&citizen_id, "first"),
+                    via,
+                    &mut tally,
+                )
+                .await;
                 let Some(booking) = booked else {
                     return tally;
                 };
@@ -483,8 +461,8 @@ pub async fn mixed(
                         &mut client,
                         &slots,
                         citizen as usize + 1,
-                        &citizen_id,
-                        "second",
+                        (&citizen_id, "second"),
+                        Via::Book,
                         &mut tally,
                     )
                     .await

@@ -34,6 +34,26 @@ pub struct Booking {
 }
 
 impl Booking {
+    /// A new confirmed booking of `slot` (start and end) made by `request` at `now`.
+    pub fn confirmed(
+        booking_id: BookingId,
+        slot: SlotKey,
+        end_unix_s: i64,
+        citizen: CitizenKey,
+        now_unix_ms: i64,
+        request: RequestRecord,
+    ) -> Self {
+        Self {
+            booking_id,
+            slot,
+            end_unix_s,
+            citizen,
+            created_at_unix_ms: now_unix_ms,
+            request,
+            state: BookingState::Confirmed,
+        }
+    }
+
     pub fn is_confirmed(&self) -> bool {
         matches!(self.state, BookingState::Confirmed)
     }

@@ -63,19 +63,33 @@ impl Engine {
             &citizen.0,
             hold_text.as_bytes(),
         ]);
+        self.once_per_booking_request(command.request, fingerprint, |request| async move {
+            match command.hold_id {
+                Some(hold_id) => {
+                    self.confirm_hold(&command.slot, citizen, hold_id, request)
+                        .await
+                }
+                None => self.admit_and_commit(&command.slot, citizen, request).await,
+            }
+        })
+        .await
+    }
+
+    /// `once_per_request` for commands whose outcome is a booking.
+    async fn once_per_booking_request<Work>(
+        &self,
+        request: RequestKey,
+        fingerprint: RequestFingerprint,
+        work: impl FnOnce(RequestRecord) -> Work,
+    ) -> Result<BookingView, ServiceError>
+    where
+        Work: std::future::Future<Output = Result<Booking, ServiceError>>,
+    {
         let booking = self
             .once_per_request(
-                command.request,
+                request,
                 fingerprint,
-                |request| async move {
-                    match command.hold_id {
-                        Some(hold_id) => {
-                            self.confirm_hold(&command.slot, citizen, hold_id, request)
-                                .await
-                        }
-                        None => self.admit_and_commit(&command.slot, citizen, request).await,
-                    }
-                },
+                work,
                 |booking: &Booking| booking.booking_id,
                 |id| self.stored_booking(id),
             )
@@ -91,15 +105,14 @@ impl Engine {
     ) -> Result<Booking, ServiceError> {
         let (admission, booking_id, now_ms) = self.take_place(slot_key, citizen)?;
         let slot = admission.slot();
-        let booking = Booking {
+        let booking = Booking::confirmed(
             booking_id,
-            slot: slot.key.clone(),
-            end_unix_s: slot.end_unix_s(),
+            slot.key.clone(),
+            slot.end_unix_s(),
             citizen,
-            created_at_unix_ms: now_ms,
+            now_ms,
             request,
-            state: BookingState::Confirmed,
-        };
+        );
         let written = self.store.commit(&[Write::Booking(booking.clone())]).await;
         undo_if_never_queued(written, || {
             self.untake_place(&admission, citizen, booking_id)
@@ -149,15 +162,14 @@ impl Engine {
                 return Err(refused(refusal, &slot.key).into());
             }
         };
-        let booking = Booking {
-            booking_id: hold_id,
-            slot: slot.key.clone(),
-            end_unix_s: slot.end_unix_s(),
+        let booking = Booking::confirmed(
+            hold_id,
+            slot.key.clone(),
+            slot.end_unix_s(),
             citizen,
-            created_at_unix_ms: now_ms,
+            now_ms,
             request,
-            state: BookingState::Confirmed,
-        };
+        );
         let confirmed = Hold {
             state: HoldState::Confirmed { at_unix_ms: now_ms },
             ..hold.clone()
@@ -175,16 +187,10 @@ impl Engine {
         let citizen = self.hasher.hash(&command.citizen_id);
         let booking_text = command.booking_id.to_string();
         let fingerprint = RequestFingerprint::of(&[b"cancel", booking_text.as_bytes(), &citizen.0]);
-        let booking = self
-            .once_per_request(
-                command.request,
-                fingerprint,
-                |request| self.cancel_and_commit(&command, citizen, request),
-                |booking: &Booking| booking.booking_id,
-                |id| self.stored_booking(id),
-            )
-            .await?;
-        self.view(booking)
+        self.once_per_booking_request(command.request, fingerprint, |request| {
+            self.cancel_and_commit(&command, citizen, request)
+        })
+        .await
     }
 
     /// The citizen's confirmed booking, or not found (another citizen's booking is
@@ -248,16 +254,10 @@ impl Engine {
             &citizen.0,
             slot_text.as_bytes(),
         ]);
-        let booking = self
-            .once_per_request(
-                command.request,
-                fingerprint,
-                |request| self.reschedule_and_commit(&command, citizen, request),
-                |booking: &Booking| booking.booking_id,
-                |id| self.stored_booking(id),
-            )
-            .await?;
-        self.view(booking)
+        self.once_per_booking_request(command.request, fingerprint, |request| {
+            self.reschedule_and_commit(&command, citizen, request)
+        })
+        .await
     }
 
     async fn reschedule_and_commit(
@@ -299,15 +299,14 @@ impl Engine {
                 return Err(refused(refusal, &new_slot.key).into());
             }
         };
-        let new = Booking {
-            booking_id: new_id,
-            slot: new_slot.key.clone(),
-            end_unix_s: new_slot.end_unix_s(),
+        let new = Booking::confirmed(
+            new_id,
+            new_slot.key.clone(),
+            new_slot.end_unix_s(),
             citizen,
-            created_at_unix_ms: now_ms,
+            now_ms,
             request,
-            state: BookingState::Confirmed,
-        };
+        );
         old.state = BookingState::Cancelled {
             at_unix_ms: now_ms,
             reason: format!("rescheduled to booking {new_id}"),
