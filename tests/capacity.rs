@@ -466,3 +466,81 @@ async fn closing_a_day_cancels_its_bookings_with_the_reason() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closure_racing_bookings_leaves_no_confirmed_booking_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    for round in 0..20 {
+        let site = format!("racing-{round}");
+        let slot = one_slot_site(&server, &site, 2_000).await;
+        let mut booking = server.booking().await;
+        let start = search_all(&mut booking, &site, "vax").await[0].start;
+        let clients: Vec<_> = (0..16)
+            .map(|client| {
+                let (mut booking, slot) = (booking.clone(), slot.clone());
+                tokio::spawn(async move {
+                    let mut acknowledged = Vec::new();
+                    for n in 0..100 {
+                        let citizen = format!("r{round}-c{client}-{n}");
+                        match booking.book(book_request(&slot, &citizen, &citizen)).await {
+                            Ok(response) => {
+                                acknowledged.push(response.into_inner().booking.unwrap())
+                            }
+                            Err(status) => {
+                                assert_eq!(reason(&status).as_deref(), Some("SLOT_CLOSED"));
+                                break;
+                            }
+                        }
+                    }
+                    acknowledged
+                })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let closed = server
+            .capacity()
+            .await
+            .close_slots(proto::CloseSlotsRequest {
+                site_id: site.clone(),
+                service_id: None,
+                from: start,
+                to: start.map(|t| prost_types::Timestamp {
+                    seconds: t.seconds + 1,
+                    nanos: 0,
+                }),
+                reason: "closed mid-rush".into(),
+                request_id: String::new(),
+            })
+            .await
+            .expect("close")
+            .into_inner();
+        let mut acknowledged = 0;
+        for client in clients {
+            acknowledged += client.await.unwrap().len();
+        }
+        let exported: Vec<_> = export_all(server.channel().await)
+            .await
+            .into_iter()
+            .filter(|b| b.site_id == site)
+            .collect();
+        assert!(
+            acknowledged > 0 && acknowledged < 1_600,
+            "round {round}: the closure must land mid-rush ({acknowledged} booked)"
+        );
+        assert_eq!(exported.len(), acknowledged, "round {round}");
+        assert!(
+            exported
+                .iter()
+                .all(|b| b.state == proto::BookingState::Cancelled as i32
+                    && b.cancel_reason == "closed mid-rush"),
+            "round {round}: a booking survived the closure"
+        );
+        assert_eq!(
+            closed.cancelled_bookings as usize, acknowledged,
+            "round {round}"
+        );
+        assert_eq!(site_stats(&server, &site).await.booked, 0);
+    }
+    server.stop().await;
+}

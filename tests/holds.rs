@@ -346,3 +346,31 @@ async fn a_reschedule_is_idempotent_and_durable() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_that_expires_while_the_server_is_down_is_expired_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let slot = one_slot_site(&server, "down-expiry", 1).await;
+    hold_ok(
+        &mut server.booking().await,
+        hold_request(&slot, "alice", "h1", 1),
+    )
+    .await;
+    server.stop().await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    let server = TestServer::start(dir.path()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while remaining(&server, "down-expiry").await == 0 {
+        assert!(Instant::now() < deadline, "the expired hold kept its place");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(site_stats(&server, "down-expiry").await.held, 0);
+    // Expired for good: the place stays free after another restart.
+    server.stop().await;
+    let server = TestServer::start(dir.path()).await;
+    assert_eq!(remaining(&server, "down-expiry").await, 1);
+    book_ok(&mut server.booking().await, book_request(&slot, "bob", "b")).await;
+    server.stop().await;
+}
