@@ -1,9 +1,21 @@
-//! Every limit and tunable of prenota in one place, with units in the names.
+//! Every limit and tunable of prenota in one place, with units in the names, and the
+//! `prenota.toml` file that sets them (with the access tokens).
 //!
 //! Must not import tonic or sled: each layer reads the numbers it needs from here.
 
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::domain::ids::RegionId;
+
 /// Upper bounds on everything a client can make the server hold, scan or write.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// In `prenota.toml` under `[limits]`; a missing key keeps its default.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Length of site, region and service ids (characters of `[A-Za-z0-9_-]`).
     pub id_length_max: usize,
@@ -119,10 +131,331 @@ const _: () = {
     assert!(l.export_channel_depth >= 1);
 };
 
-/// Server configuration. Tokens, rate limits and TLS arrive with the admission-control work.
+impl Limits {
+    /// The checks of the defaults above, for limits read from a file: every problem.
+    pub fn problems(&self) -> Vec<String> {
+        let l = self;
+        let mut problems = Vec::new();
+        let mut need = |ok: bool, what: &str| {
+            if !ok {
+                problems.push(format!("limits: {what}"));
+            }
+        };
+        need(l.id_length_max >= 1, "id_length_max must be at least 1");
+        need(
+            l.request_id_length_max >= 1 && l.citizen_id_length_max >= 1,
+            "request_id_length_max and citizen_id_length_max must be at least 1",
+        );
+        need(
+            l.page_size_default >= 1 && l.page_size_default <= l.page_size_max,
+            "page_size_default must be between 1 and page_size_max",
+        );
+        need(
+            l.search_range_days_default >= 1
+                && l.search_range_days_default <= l.search_range_days_max,
+            "search_range_days_default must be between 1 and search_range_days_max",
+        );
+        need(
+            l.publish_days_max >= 1,
+            "publish_days_max must be at least 1",
+        );
+        need(
+            l.publish_slots_max >= 1,
+            "publish_slots_max must be at least 1",
+        );
+        need(
+            l.slot_minutes_max >= 1 && l.slot_minutes_max <= 24 * 60,
+            "slot_minutes_max must be between 1 and 1440",
+        );
+        need(
+            l.capacity_per_slot_max >= 1
+                && l.capacity_per_slot_max <= crate::domain::slot_counter::COUNTER_FIELD_MAX,
+            "capacity_per_slot_max must be between 1 and 2097151 (21 bits)",
+        );
+        need(
+            l.max_active_per_citizen >= 1,
+            "max_active_per_citizen must be at least 1",
+        );
+        need(
+            l.commit_batch_writes_max >= 1 && l.commit_batch_writes_max <= l.commit_queue_depth,
+            "commit_batch_writes_max must be between 1 and commit_queue_depth",
+        );
+        need(
+            l.export_channel_depth >= 1,
+            "export_channel_depth must be at least 1",
+        );
+        need(
+            l.message_size_bytes_max >= 64 * 1024,
+            "message_size_bytes_max must be at least 65536",
+        );
+        need(
+            l.hold_ttl_seconds_default >= 1 && l.hold_ttl_seconds_default <= l.hold_ttl_seconds_max,
+            "hold_ttl_seconds_default must be between 1 and hold_ttl_seconds_max",
+        );
+        need(
+            l.hold_sweep_interval_ms >= 10,
+            "hold_sweep_interval_ms must be at least 10",
+        );
+        need(
+            l.hold_sweep_batch_max >= 1 && l.import_errors_reported_max >= 1,
+            "hold_sweep_batch_max and import_errors_reported_max must be at least 1",
+        );
+        need(
+            l.import_rows_max >= 1 && l.import_slots_max >= 1,
+            "import_rows_max and import_slots_max must be at least 1",
+        );
+        need(
+            l.close_reason_length_max >= 1,
+            "close_reason_length_max must be at least 1",
+        );
+        problems
+    }
+}
+
+/// What a token may call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// BookingService.
+    Frontend,
+    /// CapacityService, for the sites of its `regions` only.
+    Authority,
+    /// Everything.
+    Admin,
+}
+
+/// A token as written in `prenota.toml`: never the token itself, only its SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// Who holds it, for logs and the audit trail.
+    pub name: String,
+    /// Hex SHA-256 of the token (`prenota config hash-token` prints it).
+    pub sha256: String,
+    pub role: Role,
+    /// Required for `authority`, empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+}
+
+/// A checked token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Token {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub role: Role,
+    pub regions: BTreeSet<RegionId>,
+}
+
+/// SHA-256 of a bearer token, as kept in the configuration.
+pub fn token_sha256(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_sha256(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (index, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * index..2 * index + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// `[server]` in `prenota.toml`; flags and `PRENOTA_*` variables override it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    /// Serve a non-loopback address without tokens. Never do this in production.
+    pub insecure_no_auth: bool,
+}
+
+/// The whole `prenota.toml`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfigFile {
+    pub server: ServerSection,
+    pub limits: Limits,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<TokenEntry>,
+}
+
+impl ConfigFile {
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Checks everything and builds the runtime configuration; lists every problem.
+    pub fn check(&self) -> Result<Config, Vec<String>> {
+        let mut problems = self.limits.problems();
+        let mut tokens = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut hashes = BTreeSet::new();
+        for (index, entry) in self.tokens.iter().enumerate() {
+            let at = format!("tokens[{index}] ({:?})", entry.name);
+            if entry.name.trim().is_empty() {
+                problems.push(format!("{at}: name must not be empty"));
+            } else if !names.insert(entry.name.clone()) {
+                problems.push(format!("{at}: another token has this name"));
+            }
+            let sha256 = parse_sha256(&entry.sha256);
+            match sha256 {
+                None => problems.push(format!(
+                    "{at}: sha256 must be 64 hex digits (prenota config hash-token prints it)"
+                )),
+                Some(hash) if !hashes.insert(hash) => {
+                    problems.push(format!("{at}: another token has this sha256"))
+                }
+                Some(_) => {}
+            }
+            let mut regions = BTreeSet::new();
+            for region in &entry.regions {
+                match RegionId::parse("regions", region, self.limits.id_length_max) {
+                    Ok(region) => {
+                        regions.insert(region);
+                    }
+                    Err(violation) => {
+                        problems.push(format!("{at}: region {region:?} {}", violation.description))
+                    }
+                }
+            }
+            match (entry.role, entry.regions.is_empty()) {
+                (Role::Authority, true) => {
+                    problems.push(format!("{at}: an authority token needs its regions"))
+                }
+                (Role::Frontend | Role::Admin, false) => {
+                    problems.push(format!("{at}: only authority tokens have regions"))
+                }
+                _ => {}
+            }
+            if let Some(sha256) = sha256 {
+                tokens.push(Token {
+                    name: entry.name.clone(),
+                    sha256,
+                    role: entry.role,
+                    regions,
+                });
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Config {
+            limits: self.limits.clone(),
+            citizen_hash_key: None,
+            tokens,
+        })
+    }
+}
+
+/// Protected mode: without tokens only loopback addresses are served, unless the
+/// operator insists. Returns the warning to print loudly, if any.
+pub fn check_listen(
+    listen: SocketAddr,
+    has_tokens: bool,
+    insecure_no_auth: bool,
+) -> Result<Option<String>, String> {
+    match (has_tokens, listen.ip().is_loopback(), insecure_no_auth) {
+        (true, _, _) => Ok(None),
+        (false, true, _) => Ok(Some(
+            "OPEN MODE: no tokens are configured, so anyone who can reach this loopback \
+             address may book and change capacity. Configure [[tokens]] in prenota.toml \
+             before serving anything else."
+                .to_string(),
+        )),
+        (false, false, true) => Ok(Some(format!(
+            "INSECURE: serving {listen} with no tokens (--insecure-no-auth): anyone who can \
+             reach it may book and change capacity."
+        ))),
+        (false, false, false) => Err(format!(
+            "refusing to listen on {listen}: no tokens are configured, so prenota runs in \
+             open mode and serves loopback addresses only (127.0.0.1, ::1). Configure \
+             [[tokens]] in prenota.toml, or pass --insecure-no-auth to override"
+        )),
+    }
+}
+
+/// Server configuration, checked. Rate limits and TLS arrive with the rest of the
+/// admission-control work.
 #[derive(Clone, Debug, Default)]
 pub struct Config {
     pub limits: Limits,
     /// Key of the citizen-id HMAC. `None`: generated once and kept in the data dir.
     pub citizen_hash_key: Option<[u8; 32]>,
+    /// Bearer tokens. None: open mode (loopback only).
+    pub tokens: Vec<Token>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protected_mode_serves_loopback_only_without_tokens() {
+        let public: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        let loopback: SocketAddr = "[::1]:50051".parse().unwrap();
+        assert!(check_listen(public, false, false).is_err());
+        assert!(check_listen(public, false, true).unwrap().is_some());
+        assert!(check_listen(loopback, false, false).unwrap().is_some());
+        assert_eq!(check_listen(public, true, false), Ok(None));
+    }
+
+    #[test]
+    fn a_file_sets_limits_and_tokens_and_every_problem_is_listed() {
+        let good = format!(
+            r#"
+[server]
+listen = "127.0.0.1:6000"
+
+[limits]
+page_size_max = 100
+
+[[tokens]]
+name = "lazio"
+sha256 = "{}"
+role = "authority"
+regions = ["lazio"]
+"#,
+            hex(&token_sha256("secret"))
+        );
+        let file: ConfigFile = toml::from_str(&good).unwrap();
+        let config = file.check().unwrap();
+        assert_eq!(config.limits.page_size_max, 100);
+        assert_eq!(
+            config.limits.page_size_default,
+            DEFAULT_LIMITS.page_size_default
+        );
+        assert_eq!(config.tokens[0].sha256, token_sha256("secret"));
+
+        let bad = r#"
+[limits]
+page_size_default = 900
+
+[[tokens]]
+name = "x"
+sha256 = "abc"
+role = "authority"
+
+[[tokens]]
+name = "x"
+sha256 = "abc"
+role = "frontend"
+regions = ["no such"]
+"#;
+        let problems = toml::from_str::<ConfigFile>(bad)
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert_eq!(problems.len(), 7, "{problems:#?}");
+        assert!(toml::from_str::<ConfigFile>("[limits]\nnot_a_limit = 1").is_err());
+    }
 }

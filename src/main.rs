@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use prenota::config::Config;
+use prenota::config::{check_listen, hex, token_sha256, ConfigFile};
 use prenota::server::{ServeOptions, Server};
 use tracing_subscriber::EnvFilter;
 
@@ -29,6 +29,9 @@ enum Command {
     Import(ImportArgs),
     /// Write every booking (all states) of a running server as CSV to stdout.
     Export(ExportArgs),
+    /// Check a configuration file, or hash a token for it.
+    #[command(subcommand)]
+    Config(ConfigCommand),
 }
 
 #[derive(clap::Args)]
@@ -64,15 +67,30 @@ struct ExportArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Directory of the embedded store (created if missing).
-    #[arg(long, default_value = "prenota-data")]
-    data_dir: PathBuf,
+    /// The configuration file (limits, tokens); see README "Configuration".
+    #[arg(long, env = "PRENOTA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory of the embedded store (created if missing). Default: prenota-data.
+    #[arg(long, env = "PRENOTA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Address to serve gRPC on. Without tokens only loopback addresses are allowed.
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    listen: SocketAddr,
+    /// Default: 127.0.0.1:50051.
+    #[arg(long, env = "PRENOTA_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Serve a non-loopback address without tokens. Never in production.
+    #[arg(long)]
+    insecure_no_auth: bool,
     /// Seed demo sites (Rome, Amsterdam, New York) with two weeks of slots.
     #[arg(long)]
     demo: bool,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file and print the effective values.
+    Check { file: PathBuf },
+    /// Read a token from stdin and print the sha256 to put in prenota.toml.
+    HashToken,
 }
 
 fn main() -> ExitCode {
@@ -95,6 +113,8 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Config(ConfigCommand::Check { file }) => config_check(&file),
+        Command::Config(ConfigCommand::HashToken) => hash_token(),
         Command::Import(args) => runtime.block_on(prenota::cli::import(
             &args.file,
             &args.server,
@@ -124,38 +144,93 @@ fn main() -> ExitCode {
     }
 }
 
+/// Flags and `PRENOTA_*` variables, then the file, then the defaults.
+fn effective(args: &ServeArgs) -> Result<(ConfigFile, PathBuf, SocketAddr), String> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::read(path)?,
+        None => ConfigFile::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| file.server.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let listen = args.listen.or(file.server.listen).unwrap_or(DEFAULT_LISTEN);
+    Ok((file, data_dir, listen))
+}
+
+const DEFAULT_DATA_DIR: &str = "prenota-data";
+const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50051);
+
+fn listing(problems: &[String]) -> String {
+    problems.iter().map(|p| format!("\n  {p}")).collect()
+}
+
 async fn serve(args: ServeArgs) -> Result<(), String> {
-    if !args.listen.ip().is_loopback() {
-        return Err(format!(
-            "refusing to listen on {}: no tokens are configured, so prenota runs in open mode \
-             and serves loopback addresses only (127.0.0.1, ::1)",
-            args.listen
-        ));
+    let (file, data_dir, listen) = effective(&args)?;
+    let config = file
+        .check()
+        .map_err(|problems| format!("the configuration is invalid:{}", listing(&problems)))?;
+    let insecure = args.insecure_no_auth || file.server.insecure_no_auth;
+    if let Some(warning) = check_listen(listen, !config.tokens.is_empty(), insecure)? {
+        tracing::warn!("{warning}");
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::warn!("open mode: no tokens configured; serving loopback only");
+    let tokens = config.tokens.len();
     let server = Server::open(ServeOptions {
-        data_dir: args.data_dir.clone(),
-        config: Config::default(),
+        data_dir: data_dir.clone(),
+        config,
         demo: args.demo,
     })
     .await
-    .map_err(|e| {
-        format!(
-            "cannot start with data dir {}: {e}",
-            args.data_dir.display()
-        )
-    })?;
+    .map_err(|e| format!("cannot start with data dir {}: {e}", data_dir.display()))?;
     // Tests and scripts wait for this exact line before connecting.
     println!("prenota listening on {address}");
-    tracing::info!(%address, data_dir = %args.data_dir.display(), "serving prenota.v1");
+    tracing::info!(%address, data_dir = %data_dir.display(), tokens, "serving prenota.v1");
     server
         .serve(listener, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// `prenota config check FILE`: every problem, or the effective configuration.
+fn config_check(path: &std::path::Path) -> Result<(), String> {
+    let file = ConfigFile::read(path)?;
+    file.check()
+        .map_err(|problems| format!("{} is invalid:{}", path.display(), listing(&problems)))?;
+    let mut effective = file.clone();
+    effective.server.data_dir = Some(
+        file.server
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+    );
+    effective.server.listen = Some(file.server.listen.unwrap_or(DEFAULT_LISTEN));
+    let text = toml::to_string_pretty(&effective).map_err(|e| e.to_string())?;
+    println!(
+        "# {} is valid. Effective configuration (defaults filled in):\n",
+        path.display()
+    );
+    println!("{text}");
+    Ok(())
+}
+
+/// `prenota config hash-token`: the sha256 of the token read from stdin.
+fn hash_token() -> Result<(), String> {
+    let mut token = String::new();
+    std::io::stdin()
+        .read_line(&mut token)
+        .map_err(|e| format!("cannot read the token from stdin: {e}"))?;
+    let token = token.trim();
+    if token.len() < 16 {
+        return Err("a token must be at least 16 characters; use a random one".into());
+    }
+    println!("{}", hex(&token_sha256(token)));
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

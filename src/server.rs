@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
+use crate::grpc::auth::{self, Gate};
 use crate::grpc::{BookingApi, CapacityApi};
 use crate::proto::booking_service_server::BookingServiceServer;
 use crate::proto::capacity_service_server::CapacityServiceServer;
@@ -50,6 +52,7 @@ pub struct ServeOptions {
 
 pub struct Server {
     engine: Arc<Engine>,
+    tokens: Vec<crate::config::Token>,
 }
 
 impl Server {
@@ -60,13 +63,14 @@ impl Server {
             config,
             demo,
         } = options;
+        let tokens = config.tokens.clone();
         let engine =
             tokio::task::spawn_blocking(move || Engine::open(&data_dir, &config)).await??;
         let engine = Arc::new(engine);
         if demo {
             crate::demo::seed(&engine).await?;
         }
-        Ok(Self { engine })
+        Ok(Self { engine, tokens })
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -78,7 +82,7 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let engine = self.engine;
+        let Self { engine, tokens } = self;
         let limits = engine.limits().clone();
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
@@ -98,14 +102,16 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(
+            .add_service(InterceptedService::new(
                 BookingServiceServer::new(BookingApi::new(Arc::clone(&engine)))
                     .max_decoding_message_size(limits.message_size_bytes_max),
-            )
-            .add_service(
+                Gate::new(&tokens, auth::Service::Booking),
+            ))
+            .add_service(InterceptedService::new(
                 CapacityServiceServer::new(CapacityApi::new(Arc::clone(&engine)))
                     .max_decoding_message_size(limits.message_size_bytes_max),
-            )
+                Gate::new(&tokens, auth::Service::Capacity),
+            ))
             // Without TCP_NODELAY, small responses wait on Nagle + delayed ACK (~40 ms).
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -8,7 +8,9 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::domain::error::{DomainError, FieldViolation, Missing, Violations};
+use crate::domain::ids::SiteId;
 use crate::domain::schedule::{Schedule, ScheduleInput};
+use crate::grpc::auth::Caller;
 use crate::grpc::convert;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
@@ -24,6 +26,16 @@ impl CapacityApi {
     }
 }
 
+impl CapacityApi {
+    /// The caller may act on this site's region (an unknown site is the engine's to refuse).
+    fn check_site(&self, caller: &Caller, site_id: &SiteId) -> Result<(), Status> {
+        match self.engine.site(site_id) {
+            Some(site) => caller.check_region(&site.region_id),
+            None => Ok(()),
+        }
+    }
+}
+
 type ExportStream =
     Pin<Box<dyn Stream<Item = Result<proto::ExportBookingsResponse, Status>> + Send>>;
 
@@ -33,7 +45,11 @@ impl CapacityService for CapacityApi {
         &self,
         request: Request<proto::UpsertSiteRequest>,
     ) -> Result<Response<proto::UpsertSiteResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let site = convert::site_from_proto(request.into_inner().site, self.engine.limits())?;
+        // Both the site's region and, for a move, the region it leaves.
+        caller.check_region(&site.region_id)?;
+        self.check_site(&caller, &site.site_id)?;
         let engine = Arc::clone(&self.engine);
         let site = tokio::spawn(async move { engine.upsert_site(site).await })
             .await
@@ -47,10 +63,14 @@ impl CapacityService for CapacityApi {
         &self,
         request: Request<proto::PublishScheduleRequest>,
     ) -> Result<Response<proto::PublishScheduleResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let limits = self.engine.limits();
         let mut v = Violations::default();
         let site_id = v.check(convert::site_id("site_id", &request.site_id, limits));
+        if let Some(site_id) = &site_id {
+            self.check_site(&caller, site_id)?;
+        }
         let service_id = v.check(convert::service_id(
             "service_id",
             &request.service_id,
@@ -104,6 +124,7 @@ impl CapacityService for CapacityApi {
         &self,
         request: Request<Streaming<proto::ImportCapacityRequest>>,
     ) -> Result<Response<proto::ImportCapacityResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let limits = self.engine.limits();
         let mut stream = request.into_inner();
         let mut rows = Vec::new();
@@ -137,6 +158,10 @@ impl CapacityService for CapacityApi {
                 }
             }
         }
+        for row in &rows {
+            caller.check_region(&row.site.region_id)?;
+            self.check_site(&caller, &row.site.site_id)?;
+        }
         if received == 0 {
             return Err(DomainError::invalid("rows", "the import holds no rows").into());
         }
@@ -169,10 +194,14 @@ impl CapacityService for CapacityApi {
         &self,
         request: Request<proto::SetSlotCapacityRequest>,
     ) -> Result<Response<proto::SetSlotCapacityResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let limits = self.engine.limits();
         let mut v = Violations::default();
         let slot = v.check(convert::slot_key("slot_id", &request.slot_id, limits));
+        if let Some(slot) = &slot {
+            self.check_site(&caller, &slot.site_id)?;
+        }
         let request_key = v.check(convert::optional_request_key(&request.request_id, limits));
         if request.capacity > limits.capacity_per_slot_max {
             v.push(
@@ -201,7 +230,9 @@ impl CapacityService for CapacityApi {
         &self,
         request: Request<proto::CloseSlotsRequest>,
     ) -> Result<Response<proto::CloseSlotsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let command = convert::close_from_proto(request.into_inner(), self.engine.limits())?;
+        self.check_site(&caller, &command.site_id)?;
         let engine = Arc::clone(&self.engine);
         let outcome = tokio::spawn(async move { engine.close_slots(command).await })
             .await
@@ -217,12 +248,14 @@ impl CapacityService for CapacityApi {
         &self,
         request: Request<proto::GetSiteStatsRequest>,
     ) -> Result<Response<proto::GetSiteStatsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let site_id = convert::site_id(
             "site_id",
             &request.into_inner().site_id,
             self.engine.limits(),
         )
         .map_err(DomainError::from)?;
+        self.check_site(&caller, &site_id)?;
         let (site, stats) = self.engine.site_stats(&site_id)?;
         Ok(Response::new(proto::GetSiteStatsResponse {
             site_id: site.site_id.to_string(),
@@ -253,6 +286,7 @@ impl CapacityService for CapacityApi {
         request: Request<proto::ExportBookingsRequest>,
     ) -> Result<Response<Self::ExportBookingsStream>, Status> {
         use proto::export_bookings_request::Scope;
+        let caller = Caller::of(&request)?;
         let limits = self.engine.limits();
         let scope = match request.into_inner().scope {
             None => ExportScope::All,
@@ -263,10 +297,13 @@ impl CapacityService for CapacityApi {
                 convert::region_id("region_id", &id, limits).map_err(DomainError::from)?,
             ),
         };
-        if let ExportScope::Site(site_id) = &scope {
-            if self.engine.site(site_id).is_none() {
-                return Err(DomainError::NotFound(Missing::Site).into());
-            }
+        match &scope {
+            ExportScope::All => caller.check_all_regions()?,
+            ExportScope::Region(region_id) => caller.check_region(region_id)?,
+            ExportScope::Site(site_id) => match self.engine.site(site_id) {
+                Some(site) => caller.check_region(&site.region_id)?,
+                None => return Err(DomainError::NotFound(Missing::Site).into()),
+            },
         }
         let bookings = ReceiverStream::new(self.engine.export_bookings(scope)).map(|item| {
             item.map(|view| proto::ExportBookingsResponse {

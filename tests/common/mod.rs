@@ -27,9 +27,13 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, Config::default()).await
+    }
+
+    pub async fn start_with(data_dir: &Path, config: Config) -> Self {
         let server = Server::open(ServeOptions {
             data_dir: data_dir.to_path_buf(),
-            config: Config::default(),
+            config,
             demo: false,
         })
         .await

@@ -1,0 +1,147 @@
+//! Who is calling, and may they: bearer tokens checked by an interceptor, roles per
+//! service, regions per authority token.
+//!
+//! With no tokens configured the server is in open mode (it only serves loopback, see
+//! `main.rs`) and every caller is `Caller::Open`. Tokens are kept as SHA-256 hashes
+//! and compared in constant time against every configured hash.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+use crate::config::{token_sha256, Role, Token};
+use crate::domain::ids::RegionId;
+
+/// The service a gate stands in front of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    Booking,
+    Capacity,
+}
+
+/// The authenticated caller, put in the request's extensions by the gate.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// Open mode: no tokens configured.
+    Open,
+    Token {
+        name: Arc<str>,
+        role: Role,
+        regions: Arc<BTreeSet<RegionId>>,
+    },
+}
+
+impl Caller {
+    /// Whether the caller may change and read the sites of `region`.
+    pub fn check_region(&self, region: &RegionId) -> Result<(), Status> {
+        match self {
+            Caller::Open => Ok(()),
+            Caller::Token {
+                role: Role::Admin, ..
+            } => Ok(()),
+            Caller::Token {
+                role: Role::Authority,
+                regions,
+                ..
+            } if regions.contains(region) => Ok(()),
+            Caller::Token { name, .. } => Err(Status::permission_denied(format!(
+                "token {name:?} may not act on region {region}"
+            ))),
+        }
+    }
+
+    /// Whether the caller may act on every region at once (an unscoped export).
+    pub fn check_all_regions(&self) -> Result<(), Status> {
+        match self {
+            Caller::Open
+            | Caller::Token {
+                role: Role::Admin, ..
+            } => Ok(()),
+            Caller::Token { name, .. } => Err(Status::permission_denied(format!(
+                "token {name:?} may act on its own regions only: give a region_id or site_id"
+            ))),
+        }
+    }
+
+    /// The caller the gate recorded for this request.
+    pub fn of<T>(request: &Request<T>) -> Result<Caller, Status> {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| Status::internal("the request passed no authentication gate"))
+    }
+}
+
+/// The interceptor in front of one service.
+#[derive(Clone)]
+pub struct Gate {
+    tokens: Arc<[Token]>,
+    service: Service,
+}
+
+impl Gate {
+    pub fn new(tokens: &[Token], service: Service) -> Self {
+        Self {
+            tokens: tokens.into(),
+            service,
+        }
+    }
+
+    fn authenticate(&self, request: &Request<()>) -> Result<Caller, Status> {
+        if self.tokens.is_empty() {
+            return Ok(Caller::Open);
+        }
+        let unauthenticated =
+            || Status::unauthenticated("send a valid token as `authorization: Bearer <token>`");
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .ok_or_else(unauthenticated)?;
+        let presented = header
+            .strip_prefix("Bearer ")
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .ok_or_else(unauthenticated)?;
+        let hash = token_sha256(presented);
+        // Every configured hash is compared, whatever matches first.
+        let mut found = None;
+        for token in self.tokens.iter() {
+            if bool::from(token.sha256.ct_eq(&hash)) {
+                found = Some(token);
+            }
+        }
+        let token = found.ok_or_else(unauthenticated)?;
+        Ok(Caller::Token {
+            name: token.name.as_str().into(),
+            role: token.role,
+            regions: Arc::new(token.regions.clone()),
+        })
+    }
+}
+
+impl Interceptor for Gate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = self.authenticate(&request)?;
+        if let Caller::Token { name, role, .. } = &caller {
+            let allowed = matches!(
+                (self.service, role),
+                (_, Role::Admin)
+                    | (Service::Booking, Role::Frontend)
+                    | (Service::Capacity, Role::Authority)
+            );
+            if !allowed {
+                return Err(Status::permission_denied(format!(
+                    "token {name:?} ({role:?}) may not call the {:?} service",
+                    self.service
+                )));
+            }
+        }
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}

@@ -1,0 +1,314 @@
+//! Tokens and roles on a real server: who may call which service, and which regions
+//! an authority may touch. Protected mode refuses a public address without tokens.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use prenota::config::{hex, token_sha256, ConfigFile};
+use prenota::proto;
+use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::proto::capacity_service_client::CapacityServiceClient;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+const FRONTEND: &str = "frontend-token-0123456789";
+const LAZIO: &str = "lazio-authority-0123456789";
+const ADMIN: &str = "admin-token-0123456789abcdef";
+
+fn config() -> prenota::config::Config {
+    let text = format!(
+        r#"
+[[tokens]]
+name = "web"
+sha256 = "{}"
+role = "frontend"
+
+[[tokens]]
+name = "lazio-health"
+sha256 = "{}"
+role = "authority"
+regions = ["lazio"]
+
+[[tokens]]
+name = "ops"
+sha256 = "{}"
+role = "admin"
+"#,
+        hex(&token_sha256(FRONTEND)),
+        hex(&token_sha256(LAZIO)),
+        hex(&token_sha256(ADMIN)),
+    );
+    toml::from_str::<ConfigFile>(&text)
+        .unwrap()
+        .check()
+        .expect("a valid configuration")
+}
+
+#[derive(Clone)]
+struct Bearer(Option<&'static str>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = self.0 {
+            let value = MetadataValue::try_from(format!("Bearer {token}")).unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+type Capacity = CapacityServiceClient<InterceptedService<Channel, Bearer>>;
+type Booking = BookingServiceClient<InterceptedService<Channel, Bearer>>;
+
+async fn clients(server: &TestServer, token: Option<&'static str>) -> (Booking, Capacity) {
+    let channel = server.channel().await;
+    (
+        BookingServiceClient::with_interceptor(channel.clone(), Bearer(token)),
+        CapacityServiceClient::with_interceptor(channel, Bearer(token)),
+    )
+}
+
+fn site(site_id: &str, region_id: &str) -> proto::UpsertSiteRequest {
+    proto::UpsertSiteRequest {
+        site: Some(proto::Site {
+            site_id: site_id.into(),
+            name: site_id.into(),
+            region_id: region_id.into(),
+            time_zone: "Europe/Rome".into(),
+        }),
+        request_id: String::new(),
+    }
+}
+
+fn denied<T: std::fmt::Debug>(result: Result<T, Status>) {
+    let status = result.expect_err("must be refused");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_decide_services_and_regions() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config()).await;
+    let (mut anonymous, mut anonymous_capacity) = clients(&server, None).await;
+    let (mut web, mut web_capacity) = clients(&server, Some(FRONTEND)).await;
+    let (mut lazio_booking, mut lazio) = clients(&server, Some(LAZIO)).await;
+    let (_, mut admin) = clients(&server, Some(ADMIN)).await;
+    let (_, mut forged) = clients(&server, Some("not-a-configured-token")).await;
+
+    // Health answers without a token; prenota's services do not.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health needs no token");
+    let search = proto::SearchSlotsRequest {
+        scope: Some(proto::search_slots_request::Scope::SiteId("rome".into())),
+        service_id: "vax".into(),
+        ..Default::default()
+    };
+    let status = anonymous.search_slots(search.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = forged.upsert_site(site("rome", "lazio")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = anonymous_capacity
+        .upsert_site(site("rome", "lazio"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // A frontend books, an authority manages its region, neither does the other's job.
+    denied(web_capacity.upsert_site(site("rome", "lazio")).await);
+    lazio
+        .upsert_site(site("rome", "lazio"))
+        .await
+        .expect("own region");
+    denied(lazio_booking.search_slots(search.clone()).await);
+    let status = web.search_slots(search).await;
+    assert!(status.is_ok(), "{status:?}");
+
+    // Region B is out of an authority-of-A's reach, in every capacity RPC.
+    denied(lazio.upsert_site(site("venice", "veneto")).await);
+    admin
+        .upsert_site(site("venice", "veneto"))
+        .await
+        .expect("admin");
+    denied(lazio.upsert_site(site("venice", "lazio")).await); // moving it away
+    denied(lazio.upsert_site(site("rome", "veneto")).await); // moving one's own away
+    let day = day_ahead(30);
+    let publish =
+        |site_id: &str| publish_request(site_id, "vax", (&day, &day), ("10:00", "11:00"), 30, 2);
+    admin
+        .publish_schedule(publish("venice"))
+        .await
+        .expect("admin");
+    lazio
+        .publish_schedule(publish("rome"))
+        .await
+        .expect("own region");
+    denied(lazio.publish_schedule(publish("venice")).await);
+    denied(
+        lazio
+            .get_site_stats(proto::GetSiteStatsRequest {
+                site_id: "venice".into(),
+            })
+            .await,
+    );
+    let venice_slot = web
+        .search_slots(proto::SearchSlotsRequest {
+            scope: Some(proto::search_slots_request::Scope::SiteId("venice".into())),
+            service_id: "vax".into(),
+            to: Some(prost_types::Timestamp {
+                seconds: chrono::Utc::now().timestamp() + 60 * 86_400,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .slots[0]
+        .clone();
+    denied(
+        lazio
+            .set_slot_capacity(proto::SetSlotCapacityRequest {
+                slot_id: venice_slot.slot_id.clone(),
+                capacity: 9,
+                request_id: String::new(),
+            })
+            .await,
+    );
+    denied(
+        lazio
+            .close_slots(proto::CloseSlotsRequest {
+                site_id: "venice".into(),
+                service_id: None,
+                from: venice_slot.start,
+                to: venice_slot.end,
+                reason: "not yours".into(),
+                request_id: String::new(),
+            })
+            .await,
+    );
+    use proto::export_bookings_request::Scope;
+    for scope in [
+        None,
+        Some(Scope::RegionId("veneto".into())),
+        Some(Scope::SiteId("venice".into())),
+    ] {
+        denied(
+            lazio
+                .export_bookings(proto::ExportBookingsRequest { scope })
+                .await,
+        );
+    }
+    lazio
+        .export_bookings(proto::ExportBookingsRequest {
+            scope: Some(Scope::RegionId("lazio".into())),
+        })
+        .await
+        .expect("own region");
+    let rows = vec![proto::CapacityRow {
+        site: Some(proto::Site {
+            site_id: "padua".into(),
+            name: "Padua".into(),
+            region_id: "veneto".into(),
+            time_zone: "Europe/Rome".into(),
+        }),
+        service_id: "vax".into(),
+        first_day: day.clone(),
+        last_day: day.clone(),
+        weekdays: (1..=7).collect(),
+        opens: "10:00".into(),
+        closes: "11:00".into(),
+        slot_minutes: 30,
+        capacity_per_slot: 1,
+        line: 2,
+    }];
+    denied(
+        lazio
+            .import_capacity(tokio_stream::iter(vec![proto::ImportCapacityRequest {
+                rows,
+                dry_run: false,
+                request_id: String::new(),
+            }]))
+            .await,
+    );
+    let stats = admin
+        .get_site_stats(proto::GetSiteStatsRequest {
+            site_id: "padua".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        stats.code(),
+        Code::NotFound,
+        "the refused import applied nothing"
+    );
+    let venice = admin
+        .get_site_stats(proto::GetSiteStatsRequest {
+            site_id: "venice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (venice.slots, venice.capacity, venice.slots_closed),
+        (2, 4, 0)
+    );
+
+    // The CLI sends its token.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/capacity.csv");
+    let url = server.url();
+    let import = |token: &'static str| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_prenota"))
+                .args([
+                    "import",
+                    example,
+                    "--dry-run",
+                    "--server",
+                    &url,
+                    "--token",
+                    token,
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+    let refused = import(FRONTEND).await.unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("PermissionDenied"));
+    let accepted = import(ADMIN).await.unwrap();
+    assert!(
+        accepted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&accepted.stderr)
+    );
+    server.stop().await;
+}
+
+#[test]
+fn without_tokens_a_public_address_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("serves loopback addresses only"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("sled").exists(),
+        "refused before touching the store"
+    );
+}
