@@ -72,6 +72,23 @@ pub struct Limits {
     pub import_errors_reported_max: usize,
     /// Length of a closure's reason (characters), shown to citizens.
     pub close_reason_length_max: usize,
+    /// Booking attempts (Book, HoldSlot, RescheduleBooking) one citizen may make per
+    /// minute, in a burst or spread out; 0 turns the limit off.
+    pub rate_citizen_attempts_per_min: u32,
+    /// Requests one token may make per second (burst the same); 0 turns the limit off.
+    pub rate_token_requests_per_s: u32,
+    /// How often the per-citizen limiter forgets citizens who are back to a full quota.
+    pub rate_limiter_retain_interval_ms: u64,
+    /// Requests being served at once, over every connection; beyond it requests are
+    /// refused at once with UNAVAILABLE / OVERLOADED (health is never refused).
+    pub in_flight_requests_max: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub streams_per_connection_max: u32,
+    /// Streams a client may reset before being answered, before the connection is
+    /// closed (the "rapid reset" attack).
+    pub pending_reset_streams_max: usize,
+    /// Longest time a request may take before it is answered DEADLINE_EXCEEDED.
+    pub request_timeout_ms: u64,
     /// How long start-up waits for the data dir's lock (a previous process, or sled's
     /// I/O threads of a just-closed store, may still hold it) before refusing.
     pub data_dir_lock_wait_ms: u64,
@@ -111,6 +128,13 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     import_slots_max: 2_000_000,
     import_errors_reported_max: 100,
     close_reason_length_max: 200,
+    rate_citizen_attempts_per_min: 120,
+    rate_token_requests_per_s: 0,
+    rate_limiter_retain_interval_ms: 10_000,
+    in_flight_requests_max: 4_096,
+    streams_per_connection_max: 1_024,
+    pending_reset_streams_max: 64,
+    request_timeout_ms: 30_000,
     data_dir_lock_wait_ms: 5_000,
     store_cache_bytes: 1024 * 1024 * 1024,
 };
@@ -207,6 +231,18 @@ impl Limits {
         need(
             l.close_reason_length_max >= 1,
             "close_reason_length_max must be at least 1",
+        );
+        need(
+            l.rate_limiter_retain_interval_ms >= 100,
+            "rate_limiter_retain_interval_ms must be at least 100",
+        );
+        need(
+            l.in_flight_requests_max >= 1 && l.streams_per_connection_max >= 1,
+            "in_flight_requests_max and streams_per_connection_max must be at least 1",
+        );
+        need(
+            l.request_timeout_ms >= 100,
+            "request_timeout_ms must be at least 100",
         );
         problems
     }

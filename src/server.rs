@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
@@ -19,6 +20,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::grpc::auth::{self, Gate};
+use crate::grpc::shed::Shed;
 use crate::grpc::{BookingApi, CapacityApi};
 use crate::proto::booking_service_server::BookingServiceServer;
 use crate::proto::capacity_service_server::CapacityServiceServer;
@@ -98,19 +100,31 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
+        let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
+        let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
+        let retention = tokio::spawn(retain_rate_limits(Arc::clone(&engine)));
         let result = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.streams_per_connection_max)
+            .http2_max_pending_accept_reset_streams(Some(limits.pending_reset_streams_max))
+            .timeout(Duration::from_millis(limits.request_timeout_ms))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(InterceptedService::new(
-                BookingServiceServer::new(BookingApi::new(Arc::clone(&engine)))
-                    .max_decoding_message_size(limits.message_size_bytes_max),
-                Gate::new(&tokens, auth::Service::Booking),
+                Shed::new(
+                    BookingServiceServer::new(BookingApi::new(Arc::clone(&engine)))
+                        .max_decoding_message_size(limits.message_size_bytes_max),
+                    Arc::clone(&in_flight),
+                ),
+                Gate::new(&tokens, auth::Service::Booking, token_limiter.clone()),
             ))
             .add_service(InterceptedService::new(
-                CapacityServiceServer::new(CapacityApi::new(Arc::clone(&engine)))
-                    .max_decoding_message_size(limits.message_size_bytes_max),
-                Gate::new(&tokens, auth::Service::Capacity),
+                Shed::new(
+                    CapacityServiceServer::new(CapacityApi::new(Arc::clone(&engine)))
+                        .max_decoding_message_size(limits.message_size_bytes_max),
+                    in_flight,
+                ),
+                Gate::new(&tokens, auth::Service::Capacity, token_limiter),
             ))
             // Without TCP_NODELAY, small responses wait on Nagle + delayed ACK (~40 ms).
             .serve_with_incoming_shutdown(
@@ -120,8 +134,10 @@ impl Server {
             .await;
         set_health(&health, ServingStatus::NotServing).await;
         health_watch.abort();
-        sweeper.abort();
-        let _ = sweeper.await;
+        for task in [sweeper, retention] {
+            task.abort();
+            let _ = task.await;
+        }
         close(engine).await;
         result.map_err(ServeError::from)
     }
@@ -159,6 +175,23 @@ async fn sweep_holds(engine: Arc<Engine>) {
             // A failed store is already reported through health; retry next tick.
             Err(ServiceError::Store(StoreError::Failed)) => {}
             Err(error) => tracing::warn!(%error, "expiring holds failed; retrying next tick"),
+        }
+    }
+}
+
+/// Forgets rate-limited citizens whose quota has refilled, on a timer: a flood of
+/// made-up citizen ids costs memory only until the next tick.
+async fn retain_rate_limits(engine: Arc<Engine>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        engine.limits().rate_limiter_retain_interval_ms,
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let engine = Arc::clone(&engine);
+        match tokio::task::spawn_blocking(move || engine.retain_rate_limits()).await {
+            Ok(tracked) => tracing::debug!(tracked, "citizen rate limiter retained"),
+            Err(error) => tracing::warn!(%error, "retaining the citizen rate limiter failed"),
         }
     }
 }

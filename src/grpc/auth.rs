@@ -6,14 +6,18 @@
 //! and compared in constant time against every configured hash.
 
 use std::collections::BTreeSet;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::config::{token_sha256, Role, Token};
 use crate::domain::ids::RegionId;
+use crate::service::ServiceError;
 
 /// The service a gate stands in front of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,19 +80,41 @@ impl Caller {
     }
 }
 
+/// Requests per token, shared by the gates of both services.
+pub type TokenLimiter = Option<Arc<DefaultKeyedRateLimiter<Arc<str>>>>;
+
+/// `per_second` requests per token (burst the same); 0: no limit.
+pub fn token_limiter(per_second: u32) -> TokenLimiter {
+    NonZeroU32::new(per_second)
+        .map(|n| Arc::new(RateLimiter::keyed(Quota::per_second(n).allow_burst(n))))
+}
+
 /// The interceptor in front of one service.
 #[derive(Clone)]
 pub struct Gate {
     tokens: Arc<[Token]>,
     service: Service,
+    limiter: TokenLimiter,
 }
 
 impl Gate {
-    pub fn new(tokens: &[Token], service: Service) -> Self {
+    pub fn new(tokens: &[Token], service: Service, limiter: TokenLimiter) -> Self {
         Self {
             tokens: tokens.into(),
             service,
+            limiter,
         }
+    }
+
+    /// The token's request quota (tokens are few, and all configured: no retention).
+    fn count_request(&self, name: &Arc<str>) -> Result<(), Status> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        limiter.check_key(name).map_err(|not_until| {
+            let retry_after = not_until.wait_time_from(DefaultClock::default().now());
+            Status::from(ServiceError::RateLimited { retry_after })
+        })
     }
 
     fn authenticate(&self, request: &Request<()>) -> Result<Caller, Status> {
@@ -140,6 +166,7 @@ impl Interceptor for Gate {
                     self.service
                 )));
             }
+            self.count_request(name)?;
         }
         request.extensions_mut().insert(caller);
         Ok(request)

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod booking_service;
 pub mod capacity_service;
 pub mod convert;
+pub mod shed;
 pub mod status;
 
 pub use booking_service::BookingApi;

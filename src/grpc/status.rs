@@ -141,6 +141,17 @@ impl From<ServiceError> for Status {
             ServiceError::Abandoned => {
                 with_reason(Code::Aborted, message, "REQUEST_ABANDONED", none())
             }
+            ServiceError::RateLimited { retry_after } => {
+                let mut details =
+                    ErrorDetails::with_error_info("RATE_LIMITED", ERROR_DOMAIN, none());
+                details.set_retry_info(Some(retry_after));
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
+            ServiceError::Shed => {
+                let mut details = ErrorDetails::with_error_info("OVERLOADED", ERROR_DOMAIN, none());
+                details.set_retry_info(Some(OVERLOADED_RETRY_DELAY));
+                Status::with_error_details(Code::Unavailable, message, details)
+            }
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod bookings;
 pub mod capacity;
 pub mod citizen_hasher;
 pub mod holds;
+pub mod rate_limits;
 pub mod recovery;
 pub mod requests;
 
@@ -54,6 +55,10 @@ pub enum ServiceError {
     Recovery(String),
     #[error("the request was abandoned before it finished")]
     Abandoned,
+    #[error("too many attempts: retry in {} ms", .retry_after.as_millis())]
+    RateLimited { retry_after: std::time::Duration },
+    #[error("the server is at its limit of requests in flight")]
+    Shed,
 }
 
 /// A booking with the site it belongs to (for its time zone).
@@ -81,6 +86,8 @@ pub struct Engine {
     holds: Mutex<LiveHolds>,
     hasher: CitizenHasher,
     ids: BookingIds,
+    /// Booking attempts per citizen.
+    attempts: rate_limits::CitizenLimiter,
     /// Serialises authority writes (sites, schedules, imports, capacities, closures)
     /// so their plan and apply steps see no other authority write in between. Never
     /// taken by bookings.
@@ -151,10 +158,23 @@ impl Engine {
             ids: BookingIds::new(&key).map_err(|e| {
                 ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
             })?,
+            attempts: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_attempts_per_min),
             authority_writes: tokio::sync::Mutex::new(()),
         };
         recovery::rebuild(&mut engine)?;
         Ok(engine)
+    }
+
+    /// Counts one booking attempt of this citizen against its per-minute quota.
+    fn count_attempt(&self, citizen: &CitizenKey) -> Result<(), ServiceError> {
+        self.attempts
+            .check(citizen)
+            .map_err(|retry_after| ServiceError::RateLimited { retry_after })
+    }
+
+    /// Forgets citizens whose quota has refilled; returns how many are still tracked.
+    pub fn retain_rate_limits(&self) -> usize {
+        self.attempts.retain()
     }
 
     pub fn limits(&self) -> &Limits {
