@@ -66,12 +66,15 @@ fn engine_with(
     let service_id = ServiceId::parse("service_id", "vax", 64).expect("id");
     runtime.block_on(async {
         engine
-            .upsert_site(Site {
-                site_id: site_id.clone(),
-                name: "Bench".into(),
-                region_id: RegionId::parse("region_id", "bench", 64).expect("id"),
-                time_zone: chrono_tz::UTC,
-            })
+            .upsert_site(
+                Site {
+                    site_id: site_id.clone(),
+                    name: "Bench".into(),
+                    region_id: RegionId::parse("region_id", "bench", 64).expect("id"),
+                    time_zone: chrono_tz::UTC,
+                },
+                "bench",
+            )
             .await
             .expect("site");
         engine
@@ -79,6 +82,7 @@ fn engine_with(
                 &site_id,
                 &service_id,
                 &schedule(&day_text, &day_text, "00:00", "23:00", 1),
+                "bench",
             )
             .await
             .expect("schedule");

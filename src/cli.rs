@@ -1,5 +1,5 @@
-//! The authorities' client commands: `prenota import` (a capacity file) and
-//! `prenota export` (bookings as CSV). They talk to a running server over gRPC.
+//! The authorities' client commands: `prenota import` (a capacity file),
+//! `prenota export` (bookings as CSV) and `prenota audit` (the audit log as CSV). They talk to a running server over gRPC.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -251,4 +251,30 @@ pub async fn export(
     out.flush().map_err(write_error)?;
     eprintln!("exported {count} bookings");
     Ok(())
+}
+
+/// `prenota audit --server URL [--token T]`: the audit log as CSV on stdout.
+pub async fn audit(server: &str, token: Option<&str>) -> Result<(), String> {
+    let mut client = connect(server, token).await?;
+    let mut stream = client
+        .export_audit_log(proto::ExportAuditLogRequest {})
+        .await
+        .map_err(|status| explain(&status))?
+        .into_inner();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let write_error = |e: std::io::Error| format!("cannot write the audit log: {e}");
+    writeln!(out, "at,actor,action,detail").map_err(write_error)?;
+    while let Some(message) = stream.message().await.map_err(|status| explain(&status))? {
+        let Some(entry) = message.entry else { continue };
+        let fields = [
+            rfc3339(entry.at.as_ref()),
+            entry.actor,
+            entry.action,
+            entry.detail,
+        ];
+        let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+        writeln!(out, "{}", line.join(",")).map_err(write_error)?;
+    }
+    out.flush().map_err(write_error)
 }

@@ -69,12 +69,15 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
         let region_id = RegionId::parse("region_id", demo.region_id, limits.id_length_max)
             .map_err(DomainError::from)?;
         engine
-            .upsert_site(Site {
-                site_id: site_id.clone(),
-                name: demo.name.to_string(),
-                region_id,
-                time_zone: demo.time_zone,
-            })
+            .upsert_site(
+                Site {
+                    site_id: site_id.clone(),
+                    name: demo.name.to_string(),
+                    region_id,
+                    time_zone: demo.time_zone,
+                },
+                "demo",
+            )
             .await?;
         let today = Utc::now().with_timezone(&demo.time_zone).date_naive();
         let first_day = today.format("%Y-%m-%d").to_string();
@@ -95,7 +98,7 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
                 &limits,
             )?;
             created += engine
-                .publish_schedule(&site_id, &service_id, &schedule)
+                .publish_schedule(&site_id, &service_id, &schedule, "demo")
                 .await?
                 .slots_created;
         }

@@ -29,6 +29,8 @@ enum Command {
     Import(ImportArgs),
     /// Write every booking (all states) of a running server as CSV to stdout.
     Export(ExportArgs),
+    /// Write the audit log (every capacity change: who, what, when) as CSV to stdout.
+    Audit(AuditArgs),
     /// Check a configuration file, or hash a token for it.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -47,6 +49,16 @@ struct ImportArgs {
     /// Validate the whole file on the server and report what would change; apply nothing.
     #[arg(long)]
     dry_run: bool,
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// The server's gRPC URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// An admin token, sent as the `authorization` header.
+    #[arg(long)]
+    token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -113,6 +125,9 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Audit(args) => {
+            runtime.block_on(prenota::cli::audit(&args.server, args.token.as_deref()))
+        }
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Config(ConfigCommand::HashToken) => hash_token(),
         Command::Import(args) => runtime.block_on(prenota::cli::import(

@@ -261,6 +261,38 @@ async fn tokens_decide_services_and_regions() {
         (2, 4, 0)
     );
 
+    // Every change is in the audit log with its token's name; refused ones are not.
+    denied(
+        lazio
+            .export_audit_log(proto::ExportAuditLogRequest {})
+            .await,
+    );
+    let mut log = admin
+        .export_audit_log(proto::ExportAuditLogRequest {})
+        .await
+        .expect("admin reads the audit log")
+        .into_inner();
+    let mut entries = Vec::new();
+    while let Some(item) = log.message().await.unwrap() {
+        let entry = item.entry.unwrap();
+        entries.push((entry.actor, entry.action, entry.detail));
+    }
+    let actions: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|(actor, action, _)| (actor.as_str(), action.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("lazio-health", "UpsertSite"),
+            ("ops", "UpsertSite"),
+            ("ops", "PublishSchedule"),
+            ("lazio-health", "PublishSchedule"),
+        ]
+    );
+    assert!(entries[0].2.contains("site rome"), "{entries:?}");
+    assert!(entries[2].2.contains("2 slots created"), "{entries:?}");
+
     // The CLI sends its token.
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/capacity.csv");
     let url = server.url();

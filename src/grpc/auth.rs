@@ -39,6 +39,14 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// Who the audit log names for this caller's changes.
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Open => "open-mode".to_string(),
+            Caller::Token { name, .. } => name.to_string(),
+        }
+    }
+
     /// Whether the caller may change and read the sites of `region`.
     pub fn check_region(&self, region: &RegionId) -> Result<(), Status> {
         match self {

@@ -36,6 +36,8 @@ impl CapacityApi {
     }
 }
 
+type AuditStream =
+    Pin<Box<dyn Stream<Item = Result<proto::ExportAuditLogResponse, Status>> + Send>>;
 type ExportStream =
     Pin<Box<dyn Stream<Item = Result<proto::ExportBookingsResponse, Status>> + Send>>;
 
@@ -51,7 +53,8 @@ impl CapacityService for CapacityApi {
         caller.check_region(&site.region_id)?;
         self.check_site(&caller, &site.site_id)?;
         let engine = Arc::clone(&self.engine);
-        let site = tokio::spawn(async move { engine.upsert_site(site).await })
+        let actor = caller.actor();
+        let site = tokio::spawn(async move { engine.upsert_site(site, &actor).await })
             .await
             .map_err(|_| Status::internal("UpsertSite failed inside the server; retry"))??;
         Ok(Response::new(proto::UpsertSiteResponse {
@@ -106,9 +109,10 @@ impl CapacityService for CapacityApi {
             return Err(Status::internal("validation passed without values"));
         };
         let engine = Arc::clone(&self.engine);
+        let actor = caller.actor();
         let outcome = tokio::spawn(async move {
             engine
-                .publish_schedule(&site_id, &service_id, &schedule)
+                .publish_schedule(&site_id, &service_id, &schedule, &actor)
                 .await
         })
         .await
@@ -178,9 +182,13 @@ impl CapacityService for CapacityApi {
             return Err(DomainError::Invalid(violations).into());
         }
         let engine = Arc::clone(&self.engine);
-        let outcome = tokio::spawn(async move { engine.import_capacity(&rows, dry_run).await })
-            .await
-            .map_err(|_| Status::internal("ImportCapacity failed inside the server; retry"))??;
+        let actor = caller.actor();
+        let outcome =
+            tokio::spawn(async move { engine.import_capacity(&rows, dry_run, &actor).await })
+                .await
+                .map_err(|_| {
+                    Status::internal("ImportCapacity failed inside the server; retry")
+                })??;
         Ok(Response::new(proto::ImportCapacityResponse {
             rows: received,
             sites_upserted: outcome.sites_upserted,
@@ -214,9 +222,10 @@ impl CapacityService for CapacityApi {
             return Err(Status::internal("validation passed without values"));
         };
         let engine = Arc::clone(&self.engine);
+        let actor = caller.actor();
         let (site, slot) = tokio::spawn(async move {
             engine
-                .set_slot_capacity(&slot, request.capacity, request_key)
+                .set_slot_capacity(&slot, request.capacity, request_key, &actor)
                 .await
         })
         .await
@@ -234,7 +243,8 @@ impl CapacityService for CapacityApi {
         let command = convert::close_from_proto(request.into_inner(), self.engine.limits())?;
         self.check_site(&caller, &command.site_id)?;
         let engine = Arc::clone(&self.engine);
-        let outcome = tokio::spawn(async move { engine.close_slots(command).await })
+        let actor = caller.actor();
+        let outcome = tokio::spawn(async move { engine.close_slots(command, &actor).await })
             .await
             .map_err(|_| Status::internal("CloseSlots failed inside the server; retry"))??;
         Ok(Response::new(proto::CloseSlotsResponse {
@@ -277,6 +287,23 @@ impl CapacityService for CapacityApi {
                 })
                 .collect(),
         }))
+    }
+
+    type ExportAuditLogStream = AuditStream;
+
+    async fn export_audit_log(
+        &self,
+        request: Request<proto::ExportAuditLogRequest>,
+    ) -> Result<Response<Self::ExportAuditLogStream>, Status> {
+        // Entries span every region: admins (and open mode) only.
+        Caller::of(&request)?.check_all_regions()?;
+        let entries = ReceiverStream::new(self.engine.audit_log()).map(|item| {
+            item.map(|entry| proto::ExportAuditLogResponse {
+                entry: Some(convert::audit_to_proto(&entry)),
+            })
+            .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(entries)))
     }
 
     type ExportBookingsStream = ExportStream;

@@ -401,6 +401,15 @@ pub fn import_row(
     }
 }
 
+pub fn audit_to_proto(entry: &crate::store::records::AuditEntry) -> proto::AuditEntry {
+    proto::AuditEntry {
+        at: Some(timestamp_ms(entry.at_unix_ms)),
+        actor: entry.actor.clone(),
+        action: entry.action.clone(),
+        detail: entry.detail.clone(),
+    }
+}
+
 pub fn hold_to_proto(hold: &Hold) -> proto::Hold {
     proto::Hold {
         hold_id: hold.hold_id.to_string(),

@@ -2,6 +2,7 @@
 //! the statistics they read. All of them hold `authority_writes`, never a booking lock.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId, SiteId, Slot
 use crate::domain::schedule::{PlannedSlot, Schedule};
 use crate::service::{now_unix_ms, undo_if_never_queued, Engine, ServiceError};
 use crate::store::records::{
-    ApplyJournal, AuthorityOutcome, AuthorityRequest, SiteRecord, SlotRecord, Write,
+    ApplyJournal, AuditEntry, AuthorityOutcome, AuthorityRequest, SiteRecord, SlotRecord, Write,
 };
 use crate::store::StoreError;
 
@@ -85,6 +86,24 @@ fn authority_request(
     })
 }
 
+/// The audit entry of a capacity change, stamped now: strictly after the previous
+/// entry of this process, so the log's key order is the order of the changes.
+fn audit(actor: &str, action: &str, detail: String) -> Write {
+    static LAST_MS: AtomicI64 = AtomicI64::new(i64::MIN);
+    let now = now_unix_ms();
+    let previous = LAST_MS
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+            Some(now.max(last.saturating_add(1)))
+        })
+        .unwrap_or(now);
+    Write::Audit(AuditEntry {
+        at_unix_ms: now.max(previous.saturating_add(1)),
+        actor: actor.to_string(),
+        action: action.to_string(),
+        detail,
+    })
+}
+
 fn site_record(site: &Site) -> SiteRecord {
     SiteRecord {
         site_id: site.site_id.clone(),
@@ -104,11 +123,22 @@ fn slot_record(slot: &Slot, end_unix_s: i64, capacity: u32, closed: bool) -> Wri
 }
 
 impl Engine {
-    pub async fn upsert_site(&self, site: Site) -> Result<Arc<Site>, ServiceError> {
+    pub async fn upsert_site(&self, site: Site, actor: &str) -> Result<Arc<Site>, ServiceError> {
         let _authority = self.authority_writes.lock().await;
         self.catalog().check_site_upsert(&site)?;
+        let audit = audit(
+            actor,
+            "UpsertSite",
+            format!(
+                "site {} {:?} in region {}, zone {}",
+                site.site_id,
+                site.name,
+                site.region_id,
+                site.time_zone.name()
+            ),
+        );
         self.store
-            .commit(&[Write::Site(site_record(&site))])
+            .commit(&[Write::Site(site_record(&site)), audit])
             .await?;
         let site_id = site.site_id.clone();
         let mut catalog = self.catalog_mut();
@@ -125,6 +155,7 @@ impl Engine {
         site_id: &SiteId,
         service_id: &ServiceId,
         schedule: &Schedule,
+        actor: &str,
     ) -> Result<PublishOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
         let plan = {
@@ -135,7 +166,12 @@ impl Engine {
             let planned = schedule.plan(site.time_zone, self.limits.publish_slots_max)?;
             catalog.plan_publish(site_id, service_id, &planned)
         };
-        self.apply_plans(Vec::new(), vec![plan]).await
+        let what = format!(
+            "site {site_id} service {service_id}, {} to {}",
+            schedule.first_day, schedule.last_day
+        );
+        self.apply_plans(Vec::new(), vec![plan], (actor, "PublishSchedule", what))
+            .await
     }
 
     /// Validates every row against each other and the catalog, then applies the whole
@@ -144,6 +180,7 @@ impl Engine {
         &self,
         rows: &[ImportRow],
         dry_run: bool,
+        actor: &str,
     ) -> Result<PublishOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
         let limits = &self.limits;
@@ -277,7 +314,9 @@ impl Engine {
             }
             return Ok(outcome);
         }
-        self.apply_plans(sites, plans).await
+        let what = format!("{} rows", rows.len());
+        self.apply_plans(sites, plans, (actor, "ImportCapacity", what))
+            .await
     }
 
     /// Applies site upserts and schedule plans in one atomic write. Capacities are
@@ -287,6 +326,7 @@ impl Engine {
         &self,
         sites: Vec<Site>,
         plans: Vec<PublishPlan>,
+        (actor, action, what): (&str, &str, String),
     ) -> Result<PublishOutcome, ServiceError> {
         let mut lowered: Vec<(Arc<Slot>, u32)> = Vec::new();
         let restore = |lowered: Vec<(Arc<Slot>, u32)>| {
@@ -323,6 +363,19 @@ impl Engine {
             for (slot, end, capacity) in &plan.updated {
                 writes.push(slot_record(slot, *end, *capacity, false));
             }
+        }
+        let created: usize = plans.iter().map(|plan| plan.created.len()).sum();
+        let updated: usize = plans.iter().map(|plan| plan.updated.len()).sum();
+        if !writes.is_empty() {
+            // Last, so a chunked write is audited only once it is whole.
+            writes.push(audit(
+                actor,
+                action,
+                format!(
+                    "{what}: {} sites, {created} slots created, {updated} updated",
+                    sites.len()
+                ),
+            ));
         }
         undo_if_never_queued(self.commit_in_chunks(writes).await, || restore(lowered))?;
         let mut outcome = PublishOutcome {
@@ -412,6 +465,7 @@ impl Engine {
         key: &SlotKey,
         capacity: u32,
         request: Option<RequestKey>,
+        actor: &str,
     ) -> Result<(Arc<Site>, Arc<Slot>), ServiceError> {
         let _authority = self.authority_writes.lock().await;
         let slot = self.slot(key)?;
@@ -447,6 +501,15 @@ impl Engine {
         }
         let mut writes = vec![slot_record(&slot, slot.end_unix_s(), capacity, false)];
         writes.extend(authority_request(request, AuthorityOutcome::CapacitySet));
+        writes.push(audit(
+            actor,
+            "SetSlotCapacity",
+            format!(
+                "slot {key}: capacity {}{} -> {capacity}",
+                before.capacity,
+                if before.closed { " (closed)" } else { "" }
+            ),
+        ));
         undo_if_never_queued(self.store.commit(&writes).await, || {
             if lowered {
                 let _ = slot.counter.set_capacity(before.capacity);
@@ -466,6 +529,7 @@ impl Engine {
     pub async fn close_slots(
         self: &Arc<Self>,
         command: CloseCommand,
+        actor: &str,
     ) -> Result<CloseOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
         let service_text = command
@@ -577,6 +641,25 @@ impl Engine {
             expired_holds: holds.len() as u32,
         };
         writes.extend(authority_request(request, outcome.into()));
+        writes.push(audit(
+            actor,
+            "CloseSlots",
+            format!(
+                "site {} service {} from {} to {}: {} slots closed, {} bookings cancelled, \
+                 {} holds expired; reason {:?}",
+                command.site_id,
+                command
+                    .service_id
+                    .as_ref()
+                    .map_or("(all)".to_string(), ToString::to_string),
+                command.from_unix_s,
+                command.to_unix_s,
+                outcome.slots_closed,
+                outcome.cancelled_bookings,
+                outcome.expired_holds,
+                command.reason
+            ),
+        ));
         undo_if_never_queued(self.store.commit(&writes).await, || {
             for booking in &claimed {
                 self.citizens.unclaim(booking.citizen, booking.booking_id);

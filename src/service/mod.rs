@@ -334,6 +334,25 @@ impl Engine {
         receiver
     }
 
+    /// Streams the audit log, oldest first (like `export_bookings`).
+    pub fn audit_log(
+        self: &Arc<Self>,
+    ) -> mpsc::Receiver<Result<crate::store::records::AuditEntry, ServiceError>> {
+        let (sender, receiver) = mpsc::channel(self.limits.export_channel_depth);
+        let engine = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            for entry in engine.store.audit_entries() {
+                if sender
+                    .blocking_send(entry.map_err(ServiceError::from))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        receiver
+    }
+
     /// Lets queued writes finish durably, then stops the committer.
     pub fn shutdown(&mut self) {
         self.store.shutdown();

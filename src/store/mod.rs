@@ -203,6 +203,11 @@ impl Store {
         }
     }
 
+    /// The audit log, oldest first.
+    pub fn audit_entries(&self) -> impl Iterator<Item = Result<records::AuditEntry, StoreError>> {
+        self.scan(records::AUDIT_PREFIX)
+    }
+
     /// Every hold, all states, in hold-id order.
     pub fn holds(&self) -> impl Iterator<Item = Result<Hold, StoreError>> {
         self.scan(records::HOLD_PREFIX)

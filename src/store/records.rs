@@ -24,6 +24,8 @@ pub const HOLD_PREFIX: u8 = b'H';
 /// Bookkeeping records, e.g. the journal of the last multi-commit authority write.
 pub const JOURNAL_PREFIX: u8 = b'J';
 const APPLY_JOURNAL_KEY: &[u8] = b"Japply";
+/// `A` + time (sortable) + 8 random bytes: the audit log of capacity changes, in time order.
+pub const AUDIT_PREFIX: u8 = b'A';
 /// `R` + request digest: the outcome of an authority request (closure, capacity change),
 /// so a retry with the same `request_id` gets the first outcome back.
 pub const AUTHORITY_REQUEST_PREFIX: u8 = b'R';
@@ -63,6 +65,18 @@ pub fn apply_journal_key() -> &'static [u8] {
     APPLY_JOURNAL_KEY
 }
 
+/// Who changed capacity, what, and when; written in the same batch as the change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at_unix_ms: i64,
+    /// The token's name, or `open-mode` when no tokens are configured.
+    pub actor: String,
+    /// The RPC, e.g. `CloseSlots`.
+    pub action: String,
+    /// What changed, for a person to read.
+    pub detail: String,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AuthorityOutcome {
     Closed {
@@ -96,6 +110,7 @@ pub enum Write {
     Hold(Hold),
     ApplyJournal(ApplyJournal),
     AuthorityRequest(AuthorityRequest),
+    Audit(AuditEntry),
 }
 
 /// Maps an i64 to a u64 whose big-endian bytes sort like the i64.
@@ -179,6 +194,13 @@ impl Write {
             ),
             Write::Hold(hold) => (hold_key(hold.hold_id).to_vec(), encode_value(hold)?),
             Write::ApplyJournal(journal) => (APPLY_JOURNAL_KEY.to_vec(), encode_value(journal)?),
+            Write::Audit(entry) => {
+                let mut key = Vec::with_capacity(17);
+                key.push(AUDIT_PREFIX);
+                key.extend_from_slice(&sortable(entry.at_unix_ms));
+                key.extend_from_slice(&rand::random::<[u8; 8]>());
+                (key, encode_value(entry)?)
+            }
             Write::AuthorityRequest(request) => (
                 authority_request_key(request.key).to_vec(),
                 encode_value(request)?,
