@@ -22,9 +22,29 @@ const ROWS_PER_MESSAGE: usize = 1_000;
 type Authorize = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 type Client = CapacityServiceClient<InterceptedService<Channel, Authorize>>;
 
-async fn connect(server: &str, token: Option<&str>) -> Result<Client, String> {
-    let channel = Endpoint::from_shared(server.to_string())
-        .map_err(|e| format!("{server} is not a server URL such as http://127.0.0.1:50051: {e}"))?
+/// How the CLI reaches a server: its URL, a bearer token, and for `https://` URLs the
+/// CA that signed the server's certificate.
+pub struct Target<'a> {
+    pub server: &'a str,
+    pub token: Option<&'a str>,
+    pub ca: Option<&'a Path>,
+}
+
+async fn connect(target: &Target<'_>) -> Result<Client, String> {
+    let server = target.server;
+    let mut endpoint = Endpoint::from_shared(server.to_string())
+        .map_err(|e| format!("{server} is not a server URL such as http://127.0.0.1:50051: {e}"))?;
+    if let Some(ca) = target.ca {
+        let pem = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+        endpoint = endpoint
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            )
+            .map_err(|e| format!("TLS: {e}"))?;
+    }
+    let token = target.token;
+    let channel = endpoint
         .connect()
         .await
         .map_err(|e| format!("cannot connect to {server}: {e}"))?;
@@ -109,12 +129,7 @@ impl Progress {
 }
 
 /// `prenota import FILE.csv --server URL [--token T] [--dry-run]`.
-pub async fn import(
-    file: &Path,
-    server: &str,
-    token: Option<&str>,
-    dry_run: bool,
-) -> Result<(), String> {
+pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(), String> {
     let limits = Limits::default();
     let opened =
         std::fs::File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
@@ -141,7 +156,7 @@ pub async fn import(
         }
     };
     let total = rows.len();
-    let mut client = connect(server, token).await?;
+    let mut client = connect(target).await?;
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     let request_id = format!("import-{}", rand::random::<u64>());
     let feeder = tokio::spawn(async move {
@@ -208,11 +223,10 @@ fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> String {
 
 /// `prenota export --server URL [--site S | --region R] [--token T]`: CSV on stdout.
 pub async fn export(
-    server: &str,
-    token: Option<&str>,
+    target: &Target<'_>,
     scope: Option<proto::export_bookings_request::Scope>,
 ) -> Result<(), String> {
-    let mut client = connect(server, token).await?;
+    let mut client = connect(target).await?;
     let mut stream = client
         .export_bookings(proto::ExportBookingsRequest { scope })
         .await
@@ -254,8 +268,8 @@ pub async fn export(
 }
 
 /// `prenota audit --server URL [--token T]`: the audit log as CSV on stdout.
-pub async fn audit(server: &str, token: Option<&str>) -> Result<(), String> {
-    let mut client = connect(server, token).await?;
+pub async fn audit(target: &Target<'_>) -> Result<(), String> {
+    let mut client = connect(target).await?;
     let mut stream = client
         .export_audit_log(proto::ExportAuditLogRequest {})
         .await

@@ -311,6 +311,11 @@ pub struct ServerSection {
     pub listen: Option<SocketAddr>,
     /// Serve a non-loopback address without tokens. Never do this in production.
     pub insecure_no_auth: bool,
+    /// PEM certificate chain and private key: serve TLS only.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: also require a client certificate signed by one (mTLS).
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// The whole `prenota.toml`.
@@ -389,6 +394,7 @@ impl ConfigFile {
             limits: self.limits.clone(),
             citizen_hash_key: None,
             tokens,
+            tls: None,
         })
     }
 }
@@ -420,6 +426,40 @@ pub fn check_listen(
     }
 }
 
+/// TLS material, read from the files `[server]` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPem {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    /// Client certificates must be signed by one of these (mTLS).
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl TlsPem {
+    /// Reads the files; both or neither of cert and key, a client CA only with them.
+    pub fn read(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        client_ca: Option<&Path>,
+    ) -> Result<Option<Self>, String> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        match (cert, key) {
+            (None, None) if client_ca.is_some() => {
+                Err("tls_client_ca needs tls_cert and tls_key".into())
+            }
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => Ok(Some(Self {
+                cert: read(cert)?,
+                key: read(key)?,
+                client_ca: client_ca.map(read).transpose()?,
+            })),
+            _ => Err("tls_cert and tls_key go together".into()),
+        }
+    }
+}
+
 /// Server configuration, checked. Rate limits and TLS arrive with the rest of the
 /// admission-control work.
 #[derive(Clone, Debug, Default)]
@@ -429,6 +469,8 @@ pub struct Config {
     pub citizen_hash_key: Option<[u8; 32]>,
     /// Bearer tokens. None: open mode (loopback only).
     pub tokens: Vec<Token>,
+    /// Serve TLS (and require client certificates, with a client CA).
+    pub tls: Option<TlsPem>,
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use prenota::config::{check_listen, hex, token_sha256, ConfigFile};
+use prenota::cli::Target;
+use prenota::config::{check_listen, hex, token_sha256, ConfigFile, TlsPem};
 use prenota::server::{ServeOptions, Server};
 use tracing_subscriber::EnvFilter;
 
@@ -46,6 +47,9 @@ struct ImportArgs {
     /// Bearer token sent as the `authorization` header.
     #[arg(long)]
     token: Option<String>,
+    /// For https:// servers: the PEM CA certificate that signed the server's certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// Validate the whole file on the server and report what would change; apply nothing.
     #[arg(long)]
     dry_run: bool,
@@ -59,6 +63,9 @@ struct AuditArgs {
     /// An admin token, sent as the `authorization` header.
     #[arg(long)]
     token: Option<String>,
+    /// For https:// servers: the PEM CA certificate that signed the server's certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -69,6 +76,9 @@ struct ExportArgs {
     /// Bearer token sent as the `authorization` header.
     #[arg(long)]
     token: Option<String>,
+    /// For https:// servers: the PEM CA certificate that signed the server's certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// Only this site's bookings.
     #[arg(long, conflicts_with = "region")]
     site: Option<String>,
@@ -92,6 +102,15 @@ struct ServeArgs {
     /// Serve a non-loopback address without tokens. Never in production.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// PEM certificate chain: serve TLS only (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificates: require client certificates signed by them (mTLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Seed demo sites (Rome, Amsterdam, New York) with two weeks of slots.
     #[arg(long)]
     demo: bool,
@@ -125,15 +144,20 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Audit(args) => {
-            runtime.block_on(prenota::cli::audit(&args.server, args.token.as_deref()))
-        }
+        Command::Audit(args) => runtime.block_on(prenota::cli::audit(&Target {
+            server: &args.server,
+            token: args.token.as_deref(),
+            ca: args.ca.as_deref(),
+        })),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Config(ConfigCommand::HashToken) => hash_token(),
         Command::Import(args) => runtime.block_on(prenota::cli::import(
             &args.file,
-            &args.server,
-            args.token.as_deref(),
+            &Target {
+                server: &args.server,
+                token: args.token.as_deref(),
+                ca: args.ca.as_deref(),
+            },
             args.dry_run,
         )),
         Command::Export(args) => {
@@ -143,11 +167,12 @@ fn main() -> ExitCode {
                 (None, Some(region)) => Some(Scope::RegionId(region)),
                 (None, None) => None,
             };
-            runtime.block_on(prenota::cli::export(
-                &args.server,
-                args.token.as_deref(),
-                scope,
-            ))
+            let target = Target {
+                server: &args.server,
+                token: args.token.as_deref(),
+                ca: args.ca.as_deref(),
+            };
+            runtime.block_on(prenota::cli::export(&target, scope))
         }
     };
     match result {
@@ -184,9 +209,18 @@ fn listing(problems: &[String]) -> String {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let (file, data_dir, listen) = effective(&args)?;
-    let config = file
+    let mut config = file
         .check()
         .map_err(|problems| format!("the configuration is invalid:{}", listing(&problems)))?;
+    let (cert, key, client_ca) = match &args.tls_cert {
+        Some(_) => (&args.tls_cert, &args.tls_key, &args.tls_client_ca),
+        None => (
+            &file.server.tls_cert,
+            &file.server.tls_key,
+            &file.server.tls_client_ca,
+        ),
+    };
+    config.tls = TlsPem::read(cert.as_deref(), key.as_deref(), client_ca.as_deref())?;
     let insecure = args.insecure_no_auth || file.server.insecure_no_auth;
     if let Some(warning) = check_listen(listen, !config.tokens.is_empty(), insecure)? {
         tracing::warn!("{warning}");
@@ -195,7 +229,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
-    let tokens = config.tokens.len();
+    let (tokens, tls) = (config.tokens.len(), config.tls.is_some());
     let server = Server::open(ServeOptions {
         data_dir: data_dir.clone(),
         config,
@@ -205,7 +239,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     .map_err(|e| format!("cannot start with data dir {}: {e}", data_dir.display()))?;
     // Tests and scripts wait for this exact line before connecting.
     println!("prenota listening on {address}");
-    tracing::info!(%address, data_dir = %data_dir.display(), tokens, "serving prenota.v1");
+    tracing::info!(%address, data_dir = %data_dir.display(), tokens, tls, "serving prenota.v1");
     server
         .serve(listener, shutdown_signal())
         .await

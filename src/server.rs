@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -55,6 +56,7 @@ pub struct ServeOptions {
 pub struct Server {
     engine: Arc<Engine>,
     tokens: Vec<crate::config::Token>,
+    tls: Option<crate::config::TlsPem>,
 }
 
 impl Server {
@@ -65,14 +67,18 @@ impl Server {
             config,
             demo,
         } = options;
-        let tokens = config.tokens.clone();
+        let (tokens, tls) = (config.tokens.clone(), config.tls.clone());
         let engine =
             tokio::task::spawn_blocking(move || Engine::open(&data_dir, &config)).await??;
         let engine = Arc::new(engine);
         if demo {
             crate::demo::seed(&engine).await?;
         }
-        Ok(Self { engine, tokens })
+        Ok(Self {
+            engine,
+            tokens,
+            tls,
+        })
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -84,7 +90,11 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let Self { engine, tokens } = self;
+        let Self {
+            engine,
+            tokens,
+            tls,
+        } = self;
         let limits = engine.limits().clone();
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
@@ -103,7 +113,16 @@ impl Server {
         let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
         let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
         let retention = tokio::spawn(retain_rate_limits(Arc::clone(&engine)));
-        let result = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            let mut settings =
+                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+            if let Some(client_ca) = &tls.client_ca {
+                settings = settings.client_ca_root(Certificate::from_pem(client_ca));
+            }
+            builder = builder.tls_config(settings)?;
+        }
+        let result = builder
             .max_concurrent_streams(limits.streams_per_connection_max)
             .http2_max_pending_accept_reset_streams(Some(limits.pending_reset_streams_max))
             .timeout(Duration::from_millis(limits.request_timeout_ms))
