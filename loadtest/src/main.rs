@@ -83,6 +83,23 @@ enum ScenarioArgs {
         #[arg(long, default_value_t = 5)]
         days: u32,
     },
+    /// Opening morning twice: at `--in-flight` (the server's in-flight limit when
+    /// spawned), then flooded with `factor` times as many requests in flight. Clients
+    /// honour the RetryInfo of shed answers. Reports the flooded goodput (answers that
+    /// were not shed, per second) as a ratio of the unflooded one, and admitted latency.
+    Flood {
+        #[arg(long, default_value_t = 200_000)]
+        citizens: u64,
+        /// Requests in flight during the flood, as a multiple of --in-flight.
+        #[arg(long, default_value_t = 3)]
+        factor: usize,
+        #[arg(long, default_value_t = 4)]
+        sites: u32,
+        #[arg(long, default_value_t = 5)]
+        days: u32,
+        #[arg(long, default_value_t = 4)]
+        demand_ratio: u32,
+    },
     /// Resident memory per slot and per booking, and recovery time (no network, no server).
     Footprint {
         #[arg(long, default_value_t = 10_000_000)]
@@ -123,7 +140,10 @@ async fn run(cli: Cli) -> Result<bool, String> {
         .map_err(|e| e.to_string())?;
     }
     let target = if cli.spawn {
-        Target::spawn()?
+        let mut config = prenota::config::Config::default();
+        // The spawned server sheds beyond the clients' normal concurrency.
+        config.limits.in_flight_requests_max = cli.in_flight.max(1);
+        Target::spawn(config)?
     } else {
         Target::connect(&cli.server)?
     };
@@ -168,8 +188,25 @@ async fn run(cli: Cli) -> Result<bool, String> {
                 sites: sites.max(1),
                 days: days.max(1),
                 places: citizens / u64::from(demand_ratio.max(1)),
+                tag: "rush",
             };
             run_scenario(Kind::Rush, &cli, &channels, &shape, &progress).await
+        }
+        ScenarioArgs::Flood {
+            citizens,
+            factor,
+            sites,
+            days,
+            demand_ratio,
+        } => {
+            let shape = Shape {
+                citizens,
+                sites: sites.max(1),
+                days: days.max(1),
+                places: citizens / u64::from(demand_ratio.max(1)),
+                tag: "calm",
+            };
+            run_flood(&cli, &channels, &shape, factor.max(1), &progress).await
         }
         ScenarioArgs::Mixed {
             citizens,
@@ -181,6 +218,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
                 sites: sites.max(1),
                 days: days.max(1),
                 places: citizens.saturating_mul(2),
+                tag: "mixed",
             };
             run_scenario(Kind::Mixed, &cli, &channels, &shape, &progress).await
         }
@@ -296,6 +334,98 @@ async fn run_scenario(
         }),
     )?;
     Ok(violations.is_empty())
+}
+
+/// Goodput: answers that were not shed, per second.
+fn goodput(phase: &report::Phase) -> f64 {
+    (phase.tally.requests() - phase.tally.shed()) as f64 / phase.elapsed.as_secs_f64().max(1e-6)
+}
+
+async fn run_flood(
+    cli: &Cli,
+    channels: &[Channel],
+    shape: &Shape,
+    factor: usize,
+    progress: &indicatif::ProgressBar,
+) -> Result<bool, String> {
+    let calm = scenario::publish(channels[0].clone(), shape).await?;
+    let flooded_shape = Shape {
+        tag: "flood",
+        ..shape.clone()
+    };
+    let flooded = scenario::publish(channels[0].clone(), &flooded_shape).await?;
+    println!(
+        "flood: {} citizens per phase for {} places; {} then {} requests in flight",
+        shape.citizens,
+        calm.total_capacity,
+        cli.in_flight,
+        cli.in_flight * factor
+    );
+    let mut ok = true;
+    let mut phases = Vec::new();
+    for (scenario, in_flight) in [(&calm, cli.in_flight), (&flooded, cli.in_flight * factor)] {
+        let acknowledged = scenario::Acknowledged::default();
+        let phase = scenario::rush(
+            channels,
+            in_flight,
+            scenario,
+            shape,
+            Arc::clone(&acknowledged),
+            progress,
+        )
+        .await;
+        let expected = shape.citizens.min(scenario.total_capacity);
+        let violations = scenario::verify(
+            channels[0].clone(),
+            scenario,
+            &*acknowledged.lock().await,
+            Some(expected),
+        )
+        .await?;
+        if !violations.is_empty() {
+            ok = false;
+            println!(
+                "invariants: {} VIOLATIONS in {}",
+                violations.len(),
+                scenario.region_id
+            );
+            for violation in violations.iter().take(20) {
+                println!("  {violation}");
+            }
+        }
+        phases.push(phase);
+    }
+    progress.finish_and_clear();
+    for phase in &phases {
+        phase.print();
+    }
+    let (calm_goodput, flood_goodput) = (goodput(&phases[0]), goodput(&phases[1]));
+    let ratio = flood_goodput / calm_goodput.max(1e-6);
+    println!(
+        "\nflood goodput: {flood_goodput:.0} answers/s = {:.0}% of the unflooded {calm_goodput:.0}/s; \
+         {} requests shed ({:.0}% of tries)",
+        100.0 * ratio,
+        phases[1].tally.shed(),
+        100.0 * phases[1].tally.shed() as f64 / phases[1].tally.requests().max(1) as f64
+    );
+    if ok {
+        println!("invariants: OK in both phases (bookings = min(citizens, capacity), no slot over capacity, one booking per citizen)");
+    }
+    write_json(
+        &cli.json,
+        json!({
+            "scenario": "flood",
+            "citizens": shape.citizens,
+            "in_flight": cli.in_flight,
+            "factor": factor,
+            "calm": phases[0].to_json(),
+            "flood": phases[1].to_json(),
+            "calm_goodput": calm_goodput,
+            "flood_goodput": flood_goodput,
+            "goodput_ratio": ratio,
+        }),
+    )?;
+    Ok(ok)
 }
 
 fn run_footprint(

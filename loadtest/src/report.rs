@@ -8,6 +8,25 @@ use serde_json::{json, Value};
 use tonic::Status;
 use tonic_types::StatusExt;
 
+/// The latency histogram of shed answers.
+pub const SHED: &str = "(shed)";
+
+/// An answer of a server at its in-flight limit.
+pub fn is_shed(status: &Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && status
+            .get_details_error_info()
+            .is_some_and(|info| info.reason == "OVERLOADED")
+}
+
+/// How long the server asked to wait before retrying (RetryInfo), or 50 ms.
+pub fn retry_delay(status: &Status) -> Duration {
+    status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .unwrap_or(Duration::from_millis(50))
+}
+
 /// What one worker saw; merged into the phase's totals at the end.
 pub struct Tally {
     /// Per RPC name: latency in microseconds.
@@ -25,9 +44,14 @@ impl Tally {
     }
 
     pub fn record<T>(&mut self, rpc: &'static str, elapsed: Duration, result: &Result<T, Status>) {
+        // Shed answers get their own histogram, so each RPC's is that of admitted requests.
+        let key = match result {
+            Err(status) if is_shed(status) => SHED,
+            _ => rpc,
+        };
         let histogram = self
             .latency_us
-            .entry(rpc)
+            .entry(key)
             // 1 µs .. 60 s at 3 significant digits.
             .or_insert_with(|| {
                 Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant, valid bounds")
@@ -61,6 +85,15 @@ impl Tally {
 
     pub fn requests(&self) -> u64 {
         self.outcomes.values().sum()
+    }
+
+    /// Requests the server shed (UNAVAILABLE / OVERLOADED).
+    pub fn shed(&self) -> u64 {
+        self.outcomes
+            .iter()
+            .filter(|(outcome, _)| outcome.ends_with("Unavailable/OVERLOADED"))
+            .map(|(_, count)| count)
+            .sum()
     }
 
     pub fn count(&self, outcome: &str) -> u64 {

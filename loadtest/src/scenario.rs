@@ -43,6 +43,8 @@ pub struct Shape {
     pub days: u32,
     /// Places wanted in all; rounded up to whole places per slot.
     pub places: u64,
+    /// Prefix of the scenario's region, sites and citizens: scenarios of one run differ.
+    pub tag: &'static str,
 }
 
 /// What the scenario created, to aim requests at and verify against.
@@ -55,7 +57,7 @@ pub struct Scenario {
 pub async fn publish(channel: Channel, shape: &Shape) -> Result<Scenario, String> {
     let mut capacity = CapacityServiceClient::new(channel);
     let run = std::process::id();
-    let region_id = format!("rush-{run}");
+    let region_id = format!("{}-{run}", shape.tag);
     let slots = u64::from(shape.sites) * u64::from(shape.days) * SLOTS_PER_DAY;
     let capacity_per_slot = shape.places.max(1).div_ceil(slots).clamp(1, 10_000) as u32;
     let first = chrono::Utc::now().date_naive() + chrono::Duration::days(2);
@@ -66,7 +68,7 @@ pub async fn publish(channel: Channel, shape: &Shape) -> Result<Scenario, String
         total_capacity: 0,
     };
     for index in 0..shape.sites {
-        let site_id = format!("rush-{run}-{index}");
+        let site_id = format!("{region_id}-{index}");
         capacity
             .upsert_site(proto::UpsertSiteRequest {
                 site: Some(proto::Site {
@@ -197,25 +199,50 @@ fn search_horizon() -> prost_types::Timestamp {
     }
 }
 
+/// Calls until the server admits the request, waiting the RetryInfo delay after each
+/// shed answer, as a well-behaved client does; records every try.
+async fn admitted<T, Call, Fut>(
+    tally: &mut Tally,
+    rpc: &'static str,
+    call: Call,
+) -> Result<T, tonic::Status>
+where
+    Call: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    loop {
+        let started = Instant::now();
+        let result = call().await;
+        tally.record(rpc, started.elapsed(), &result);
+        match result {
+            Err(status) if crate::report::is_shed(&status) => {
+                tokio::time::sleep(crate::report::retry_delay(&status)).await;
+            }
+            other => return other.map(tonic::Response::into_inner),
+        }
+    }
+}
+
 /// One search of a site's free slots, recorded in the tally.
 async fn search_free(
     client: &mut BookingServiceClient<Channel>,
     site_id: &str,
     tally: &mut Tally,
 ) -> Option<Vec<proto::Slot>> {
-    let started = Instant::now();
-    let result = client
-        .search_slots(proto::SearchSlotsRequest {
-            scope: Some(Scope::SiteId(site_id.to_string())),
-            service_id: SERVICE_ID.into(),
-            only_available: true,
-            page_size: SEARCH_PAGE_SIZE,
-            to: Some(search_horizon()),
-            ..Default::default()
-        })
-        .await;
-    tally.record("SearchSlots", started.elapsed(), &result);
-    result.ok().map(|page| page.into_inner().slots)
+    let request = proto::SearchSlotsRequest {
+        scope: Some(Scope::SiteId(site_id.to_string())),
+        service_id: SERVICE_ID.into(),
+        only_available: true,
+        page_size: SEARCH_PAGE_SIZE,
+        to: Some(search_horizon()),
+        ..Default::default()
+    };
+    let result = admitted(tally, "SearchSlots", || {
+        let (mut client, request) = (client.clone(), request.clone());
+        async move { client.search_slots(request).await }
+    })
+    .await;
+    result.ok().map(|page| page.slots)
 }
 
 /// How a citizen takes a place.
@@ -261,18 +288,19 @@ async fn book_one(
         } else {
             None
         };
-        let started = Instant::now();
-        let result = client
-            .book(proto::BookRequest {
-                slot_id: slot.slot_id.clone(),
-                citizen_id: citizen_id.to_string(),
-                request_id: format!("{citizen_id}-{attempt}-{}", slot.slot_id),
-                hold_id,
-            })
-            .await;
-        tally.record("Book", started.elapsed(), &result);
+        let request = proto::BookRequest {
+            slot_id: slot.slot_id.clone(),
+            citizen_id: citizen_id.to_string(),
+            request_id: format!("{citizen_id}-{attempt}-{}", slot.slot_id),
+            hold_id,
+        };
+        let result = admitted(tally, "Book", || {
+            let (mut client, request) = (client.clone(), request.clone());
+            async move { client.book(request).await }
+        })
+        .await;
         match result {
-            Ok(response) => return response.into_inner().booking,
+            Ok(response) => return response.booking,
             Err(status) if status.code() == tonic::Code::FailedPrecondition => continue,
             Err(_) => return None,
         }
@@ -289,7 +317,7 @@ pub async fn rush(
     progress: &ProgressBar,
 ) -> Phase {
     let site_ids = Arc::new(scenario.site_ids.clone());
-    let run = std::process::id();
+    let region = Arc::new(scenario.region_id.clone());
     run_workers(
         "rush",
         channels,
@@ -298,10 +326,11 @@ pub async fn rush(
         progress,
         move |channel, citizen, mut tally| {
             let (site_ids, acknowledged) = (Arc::clone(&site_ids), Arc::clone(&acknowledged));
+            let region = Arc::clone(&region);
             async move {
                 let mut client = BookingServiceClient::new(channel);
                 let site_id = &site_ids[(citizen % site_ids.len() as u64) as usize];
-                let citizen_id = format!("citizen-{run}-{citizen}");
+                let citizen_id = format!("citizen-{region}-{citizen}");
                 for round in 0..ROUNDS_MAX {
                     let Some(slots) = search_free(&mut client, site_id, &mut tally).await else {
                         return tally;
@@ -354,7 +383,7 @@ pub async fn mixed(
     progress: &ProgressBar,
 ) -> Phase {
     let site_ids = Arc::new(scenario.site_ids.clone());
-    let run = std::process::id();
+    let region = Arc::new(scenario.region_id.clone());
     run_workers(
         "mixed",
         channels,
@@ -363,9 +392,10 @@ pub async fn mixed(
         progress,
         move |channel, citizen, mut tally| {
             let (site_ids, acknowledged) = (Arc::clone(&site_ids), Arc::clone(&acknowledged));
+            let region = Arc::clone(&region);
             async move {
                 let mut client = BookingServiceClient::new(channel);
-                let citizen_id = format!("citizen-{run}-{citizen}");
+                let citizen_id = format!("citizen-{region}-{citizen}");
                 let mut slots = Vec::new();
                 for search in 0..MIXED_SEARCHES_PER_CITIZEN {
                     let site_id = &site_ids[((citizen + search) % site_ids.len() as u64) as usize];

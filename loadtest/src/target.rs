@@ -38,7 +38,7 @@ impl Target {
     }
 
     /// Starts a prenota server on 127.0.0.1:0 with a fresh temp data dir.
-    pub fn spawn() -> Result<Self, String> {
+    pub fn spawn(config: Config) -> Result<Self, String> {
         let data_dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let path = data_dir.path().to_path_buf();
         let (ready, address) = std::sync::mpsc::channel::<Result<String, String>>();
@@ -59,7 +59,7 @@ impl Target {
                 runtime.block_on(async move {
                     let opened = Server::open(ServeOptions {
                         data_dir: path,
-                        config: Config::default(),
+                        config,
                         demo: false,
                     })
                     .await;
