@@ -335,6 +335,38 @@ impl ConfigFile {
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// `PRENOTA_LIMITS_<NAME>=<value>` overrides `[limits] <name>` (e.g.
+    /// `PRENOTA_LIMITS_IN_FLIGHT_REQUESTS_MAX=512`); an unknown name or a bad value is an error.
+    pub fn apply_env(
+        &mut self,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<(), String> {
+        const PREFIX: &str = "PRENOTA_LIMITS_";
+        let mut table = toml::Table::try_from(&self.limits).map_err(|e| e.to_string())?;
+        let mut changed = false;
+        for (name, value) in vars {
+            let Some(key) = name.strip_prefix(PREFIX) else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if !table.contains_key(&key) {
+                return Err(format!("{name}: there is no limit named {key}"));
+            }
+            let parsed: toml::Value = value
+                .parse::<i64>()
+                .map(toml::Value::Integer)
+                .map_err(|_| format!("{name}: {value:?} is not a whole number"))?;
+            table.insert(key, parsed);
+            changed = true;
+        }
+        if changed {
+            self.limits = table
+                .try_into()
+                .map_err(|e: toml::de::Error| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Checks everything and builds the runtime configuration; lists every problem.
     pub fn check(&self) -> Result<Config, Vec<String>> {
         let mut problems = self.limits.problems();
@@ -476,6 +508,25 @@ pub struct Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environment_variables_override_limits() {
+        let mut file = ConfigFile::default();
+        let vars = [
+            ("PRENOTA_LIMITS_IN_FLIGHT_REQUESTS_MAX", "512"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        file.apply_env(vars.into_iter()).unwrap();
+        assert_eq!(file.limits.in_flight_requests_max, 512);
+        let typo = [("PRENOTA_LIMITS_IN_FLIGHT".to_string(), "1".to_string())];
+        assert!(file.apply_env(typo.into_iter()).is_err());
+        let bad = [(
+            "PRENOTA_LIMITS_PAGE_SIZE_MAX".to_string(),
+            "lots".to_string(),
+        )];
+        assert!(file.apply_env(bad.into_iter()).is_err());
+    }
 
     #[test]
     fn protected_mode_serves_loopback_only_without_tokens() {

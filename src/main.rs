@@ -186,10 +186,11 @@ fn main() -> ExitCode {
 
 /// Flags and `PRENOTA_*` variables, then the file, then the defaults.
 fn effective(args: &ServeArgs) -> Result<(ConfigFile, PathBuf, SocketAddr), String> {
-    let file = match &args.config {
+    let mut file = match &args.config {
         Some(path) => ConfigFile::read(path)?,
         None => ConfigFile::default(),
     };
+    file.apply_env(std::env::vars())?;
     let data_dir = args
         .data_dir
         .clone()
@@ -248,7 +249,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 
 /// `prenota config check FILE`: every problem, or the effective configuration.
 fn config_check(path: &std::path::Path) -> Result<(), String> {
-    let file = ConfigFile::read(path)?;
+    let mut file = ConfigFile::read(path)?;
+    file.apply_env(std::env::vars())?;
     file.check()
         .map_err(|problems| format!("{} is invalid:{}", path.display(), listing(&problems)))?;
     let mut effective = file.clone();
