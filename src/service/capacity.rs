@@ -371,10 +371,10 @@ impl Engine {
             writes.push(audit(
                 actor,
                 action,
-                format!(
-                    "{what}: {} sites, {created} slots created, {updated} updated",
-                    sites.len()
-                ),
+                match sites.len() {
+                    0 => format!("{what}: {created} slots created, {updated} updated"),
+                    n => format!("{what}: {n} sites, {created} slots created, {updated} updated"),
+                },
             ));
         }
         undo_if_never_queued(self.commit_in_chunks(writes).await, || restore(lowered))?;
