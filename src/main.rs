@@ -31,54 +31,51 @@ enum Command {
     /// Write every booking (all states) of a running server as CSV to stdout.
     Export(ExportArgs),
     /// Write the audit log (every capacity change: who, what, when) as CSV to stdout.
-    Audit(AuditArgs),
+    Audit(ServerArgs),
     /// Check a configuration file, or hash a token for it.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+/// How a client command reaches a running server.
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// The server's gRPC URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// Bearer token sent as the `authorization` header (audit needs an admin token).
+    #[arg(long)]
+    token: Option<String>,
+    /// For https:// servers: the PEM CA certificate that signed the server's certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    fn target(&self) -> Target<'_> {
+        Target {
+            server: &self.server,
+            token: self.token.as_deref(),
+            ca: self.ca.as_deref(),
+        }
+    }
 }
 
 #[derive(clap::Args)]
 struct ImportArgs {
     /// The capacity file; see README "For authorities" for its columns.
     file: PathBuf,
-    /// The server's gRPC URL.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    server: String,
-    /// Bearer token sent as the `authorization` header.
-    #[arg(long)]
-    token: Option<String>,
-    /// For https:// servers: the PEM CA certificate that signed the server's certificate.
-    #[arg(long)]
-    ca: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Validate the whole file on the server and report what would change; apply nothing.
     #[arg(long)]
     dry_run: bool,
 }
 
 #[derive(clap::Args)]
-struct AuditArgs {
-    /// The server's gRPC URL.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    server: String,
-    /// An admin token, sent as the `authorization` header.
-    #[arg(long)]
-    token: Option<String>,
-    /// For https:// servers: the PEM CA certificate that signed the server's certificate.
-    #[arg(long)]
-    ca: Option<PathBuf>,
-}
-
-#[derive(clap::Args)]
 struct ExportArgs {
-    /// The server's gRPC URL.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    server: String,
-    /// Bearer token sent as the `authorization` header.
-    #[arg(long)]
-    token: Option<String>,
-    /// For https:// servers: the PEM CA certificate that signed the server's certificate.
-    #[arg(long)]
-    ca: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArgs,
     /// Only this site's bookings.
     #[arg(long, conflicts_with = "region")]
     site: Option<String>,
@@ -144,20 +141,12 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Audit(args) => runtime.block_on(prenota::cli::audit(&Target {
-            server: &args.server,
-            token: args.token.as_deref(),
-            ca: args.ca.as_deref(),
-        })),
+        Command::Audit(args) => runtime.block_on(prenota::cli::audit(&args.target())),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Config(ConfigCommand::HashToken) => hash_token(),
         Command::Import(args) => runtime.block_on(prenota::cli::import(
             &args.file,
-            &Target {
-                server: &args.server,
-                token: args.token.as_deref(),
-                ca: args.ca.as_deref(),
-            },
+            &args.server.target(),
             args.dry_run,
         )),
         Command::Export(args) => {
@@ -167,12 +156,7 @@ fn main() -> ExitCode {
                 (None, Some(region)) => Some(Scope::RegionId(region)),
                 (None, None) => None,
             };
-            let target = Target {
-                server: &args.server,
-                token: args.token.as_deref(),
-                ca: args.ca.as_deref(),
-            };
-            runtime.block_on(prenota::cli::export(&target, scope))
+            runtime.block_on(prenota::cli::export(&args.server.target(), scope))
         }
     };
     match result {
