@@ -492,8 +492,7 @@ impl TlsPem {
     }
 }
 
-/// Server configuration, checked. Rate limits and TLS arrive with the rest of the
-/// admission-control work.
+/// Server configuration, checked: limits, tokens and TLS.
 #[derive(Clone, Debug, Default)]
 pub struct Config {
     pub limits: Limits,
