@@ -89,6 +89,13 @@ pub struct Limits {
     pub pending_reset_streams_max: usize,
     /// Longest time a request may take before it is answered DEADLINE_EXCEEDED.
     pub request_timeout_ms: u64,
+    /// How often the gauges (per site, live holds, store size) are refreshed.
+    pub metrics_refresh_interval_ms: u64,
+    /// Sites with their own gauges (in site-id order); bounds the metrics' label set.
+    pub metrics_site_gauges_max: usize,
+    /// Group commits an online backup may fall behind by while it scans the store; past
+    /// it the backup fails (and serving goes on untouched).
+    pub backup_changes_buffered_max: usize,
     /// How long start-up waits for the data dir's lock (a previous process, or sled's
     /// I/O threads of a just-closed store, may still hold it) before refusing.
     pub data_dir_lock_wait_ms: u64,
@@ -135,6 +142,9 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     streams_per_connection_max: 1_024,
     pending_reset_streams_max: 64,
     request_timeout_ms: 30_000,
+    metrics_refresh_interval_ms: 5_000,
+    metrics_site_gauges_max: 10_000,
+    backup_changes_buffered_max: 65_536,
     data_dir_lock_wait_ms: 5_000,
     store_cache_bytes: 1024 * 1024 * 1024,
 };
@@ -153,6 +163,7 @@ const _: () = {
     assert!(l.hold_sweep_batch_max >= 1 && l.import_errors_reported_max >= 1);
     assert!(l.slot_minutes_max <= 24 * 60);
     assert!(l.export_channel_depth >= 1);
+    assert!(l.metrics_refresh_interval_ms >= 100 && l.backup_changes_buffered_max >= 1);
 };
 
 impl Limits {
@@ -207,6 +218,14 @@ impl Limits {
         need(
             l.export_channel_depth >= 1,
             "export_channel_depth must be at least 1",
+        );
+        need(
+            l.metrics_refresh_interval_ms >= 100,
+            "metrics_refresh_interval_ms must be at least 100",
+        );
+        need(
+            l.backup_changes_buffered_max >= 1,
+            "backup_changes_buffered_max must be at least 1",
         );
         need(
             l.message_size_bytes_max >= 64 * 1024,
@@ -309,6 +328,8 @@ fn parse_sha256(text: &str) -> Option<[u8; 32]> {
 pub struct ServerSection {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
+    /// Where Prometheus scrapes `GET /metrics` (an address, or `off`).
+    pub metrics_listen: Option<String>,
     /// Serve a non-loopback address without tokens. Never do this in production.
     pub insecure_no_auth: bool,
     /// PEM certificate chain and private key: serve TLS only.

@@ -12,7 +12,8 @@
 //! - [`server`]: builds the gRPC server (health, reflection, shutdown) around the engine.
 //! - [`demo`]: the demo sites seeded by `serve --demo`.
 //! - [`capacity_file`]: the CSV capacity file authorities import (shape only).
-//! - [`cli`]: the `prenota import` / `prenota export` client commands.
+//! - [`cli`]: the `prenota import` / `export` / `audit` / `backup` client commands.
+//! - [`telemetry`]: every Prometheus metric name and bucket, and the log format.
 //! - [`proto`]: generated `prenota.v1` code; proto types stop at `grpc`.
 
 pub mod capacity_file;
@@ -24,6 +25,7 @@ pub mod grpc;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 
 /// Generated from `proto/prenota/v1/*.proto`.
 pub mod proto {

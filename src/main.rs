@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use prenota::cli::Target;
 use prenota::config::{check_listen, hex, token_sha256, ConfigFile, TlsPem};
-use prenota::server::{ServeOptions, Server};
-use tracing_subscriber::EnvFilter;
+use prenota::server::ServeOptions;
+use prenota::telemetry::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +17,15 @@ use tracing_subscriber::EnvFilter;
     about = "High-volume appointment booking for public services"
 )]
 struct Cli {
+    /// Log lines on stderr as text or one JSON object per line; RUST_LOG filters them.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "PRENOTA_LOG_FORMAT",
+        default_value_t
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -96,6 +105,10 @@ struct ServeArgs {
     /// Default: 127.0.0.1:50051.
     #[arg(long, env = "PRENOTA_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Address to serve Prometheus metrics on (GET /metrics), or `off`. Unauthenticated:
+    /// keep it on loopback or a private network. Default: 127.0.0.1:9464.
+    #[arg(long, env = "PRENOTA_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Serve a non-loopback address without tokens. Never in production.
     #[arg(long)]
     insecure_no_auth: bool,
@@ -122,13 +135,8 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    prenota::telemetry::init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -167,6 +175,18 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// `--metrics-listen`: an address, or `off`.
+fn metrics_address(text: &str) -> Result<Option<SocketAddr>, String> {
+    match text.trim() {
+        "off" => Ok(None),
+        address => address.parse().map(Some).map_err(|_| {
+            format!("metrics_listen {address:?} is neither an address (host:port) nor `off`")
+        }),
+    }
+}
+
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// Flags and `PRENOTA_*` variables, then the file, then the defaults.
 fn effective(args: &ServeArgs) -> Result<(ConfigFile, PathBuf, SocketAddr), String> {
@@ -210,25 +230,39 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(warning) = check_listen(listen, !config.tokens.is_empty(), insecure)? {
         tracing::warn!("{warning}");
     }
+    let metrics_listen = args
+        .metrics_listen
+        .as_deref()
+        .or(file.server.metrics_listen.as_deref())
+        .unwrap_or(DEFAULT_METRICS_LISTEN);
+    let metrics_listen = metrics_address(metrics_listen)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
+    if let Some(metrics_listen) = metrics_listen {
+        let metrics = prenota::telemetry::serve_metrics(metrics_listen)?;
+        if !metrics.ip().is_loopback() {
+            tracing::warn!(%metrics, "metrics are served unauthenticated beyond loopback");
+        }
+        println!("prenota metrics on http://{metrics}/metrics");
+    }
     let (tokens, tls) = (config.tokens.len(), config.tls.is_some());
-    let server = Server::open(ServeOptions {
+    // Health answers NOT_SERVING (and prenota's services RECOVERING) from here on.
+    println!("prenota recovering on {address}");
+    tracing::info!(%address, data_dir = %data_dir.display(), "recovering the store");
+    let options = ServeOptions {
         data_dir: data_dir.clone(),
         config,
         demo: args.demo,
+    };
+    prenota::server::recover_and_serve(options, listener, shutdown_signal(), || {
+        // Tests and scripts wait for this exact line before sending requests.
+        println!("prenota listening on {address}");
+        tracing::info!(%address, tokens, tls, "serving prenota.v1");
     })
     .await
-    .map_err(|e| format!("cannot start with data dir {}: {e}", data_dir.display()))?;
-    // Tests and scripts wait for this exact line before connecting.
-    println!("prenota listening on {address}");
-    tracing::info!(%address, data_dir = %data_dir.display(), tokens, tls, "serving prenota.v1");
-    server
-        .serve(listener, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    .map_err(|e| format!("data dir {}: {e}", data_dir.display()))
 }
 
 /// `prenota config check FILE`: every problem, or the effective configuration.
@@ -245,6 +279,13 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
     );
     effective.server.listen = Some(file.server.listen.unwrap_or(DEFAULT_LISTEN));
+    let metrics_listen = file
+        .server
+        .metrics_listen
+        .clone()
+        .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
+    metrics_address(&metrics_listen).map_err(|e| format!("{}: {e}", path.display()))?;
+    effective.server.metrics_listen = Some(metrics_listen);
     let text = toml::to_string_pretty(&effective).map_err(|e| e.to_string())?;
     println!(
         "# {} is valid. Effective configuration (defaults filled in):\n",

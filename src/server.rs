@@ -1,9 +1,13 @@
 //! Builds the gRPC server around the engine: prenota's two services, health,
 //! reflection (v1 and v1alpha), message limits and graceful shutdown.
 //!
-//! Two steps so callers can tell "recovered" from "serving": [`Server::open`] recovers
-//! the store (and seeds the demo), [`Server::serve`] answers until `shutdown` resolves,
-//! then drains in-flight requests and lets the committer make queued writes durable.
+//! [`recover_and_serve`] (the binary) answers from the moment it listens: health says
+//! NOT_SERVING and prenota's services RECOVERING until the store is recovered, then
+//! SERVING. Tests use two steps instead: [`Server::open`] recovers, [`Server::serve`]
+//! serves. Both answer until `shutdown` resolves, then drain in-flight requests and let
+//! the committer make queued writes durable. Every request passes the observe layer
+//! (RED metrics, request logs); background tasks sweep holds, retain rate limiters and
+//! refresh the gauges.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -21,12 +25,15 @@ use tonic_health::ServingStatus;
 
 use crate::config::Config;
 use crate::grpc::auth::{self, Gate};
+use crate::grpc::observe::ObserveLayer;
+use crate::grpc::readiness::Ready;
 use crate::grpc::shed::Shed;
 use crate::grpc::{BookingApi, CapacityApi};
 use crate::proto::booking_service_server::BookingServiceServer;
 use crate::proto::capacity_service_server::CapacityServiceServer;
 use crate::service::{Engine, ServiceError};
 use crate::store::StoreError;
+use crate::telemetry;
 
 const BOOKING_SERVICE_NAME: &str = "prenota.v1.BookingService";
 const CAPACITY_SERVICE_NAME: &str = "prenota.v1.CapacityService";
@@ -59,21 +66,17 @@ pub struct Server {
     tls: Option<crate::config::TlsPem>,
 }
 
+/// Where the engine comes from: already recovered, or recovered while serving health.
+enum Start {
+    Recovered(Arc<Engine>),
+    Recover(Box<ServeOptions>),
+}
+
 impl Server {
     /// Opens the store and rebuilds memory from it; refuses broken invariants.
     pub async fn open(options: ServeOptions) -> Result<Self, ServeError> {
-        let ServeOptions {
-            data_dir,
-            config,
-            demo,
-        } = options;
-        let (tokens, tls) = (config.tokens.clone(), config.tls.clone());
-        let engine =
-            tokio::task::spawn_blocking(move || Engine::open(&data_dir, &config)).await??;
-        let engine = Arc::new(engine);
-        if demo {
-            crate::demo::seed(&engine).await?;
-        }
+        let (tokens, tls) = (options.config.tokens.clone(), options.config.tls.clone());
+        let engine = recover(options).await?;
         Ok(Self {
             engine,
             tokens,
@@ -85,87 +88,206 @@ impl Server {
         &self.engine
     }
 
+    /// Serves the recovered engine until `shutdown` resolves.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let Self {
-            engine,
-            tokens,
-            tls,
-        } = self;
-        let limits = engine.limits().clone();
-        let (health, health_service) = tonic_health::server::health_reporter();
-        set_health(&health, ServingStatus::Serving).await;
-        let health_watch = tokio::spawn(mirror_store_health(engine.store_health(), health.clone()));
-        let sweeper = tokio::spawn(sweep_holds(Arc::clone(&engine)));
+        let limits = self.engine.limits().clone();
+        run(
+            Start::Recovered(self.engine),
+            Access {
+                tokens: self.tokens,
+                tls: self.tls,
+                limits,
+            },
+            listener,
+            shutdown,
+            || {},
+        )
+        .await
+    }
+}
 
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+/// Answers on `listener` at once, with health NOT_SERVING and prenota's services
+/// UNAVAILABLE / RECOVERING, while the store is recovered; then serves everything and
+/// calls `on_serving`. A failed recovery stops the server with its error.
+pub async fn recover_and_serve(
+    options: ServeOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    on_serving: impl FnOnce(),
+) -> Result<(), ServeError> {
+    let access = Access {
+        tokens: options.config.tokens.clone(),
+        tls: options.config.tls.clone(),
+        limits: options.config.limits.clone(),
+    };
+    run(
+        Start::Recover(Box::new(options)),
+        access,
+        listener,
+        shutdown,
+        on_serving,
+    )
+    .await
+}
 
-        let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
-        let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
-        let retention = tokio::spawn(retain_rate_limits(Arc::clone(&engine)));
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &tls {
-            let mut settings =
-                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
-            if let Some(client_ca) = &tls.client_ca {
-                settings = settings.client_ca_root(Certificate::from_pem(client_ca));
-            }
-            builder = builder.tls_config(settings)?;
-        }
-        let result = builder
-            .max_concurrent_streams(limits.streams_per_connection_max)
-            .http2_max_pending_accept_reset_streams(Some(limits.pending_reset_streams_max))
-            .timeout(Duration::from_millis(limits.request_timeout_ms))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(InterceptedService::new(
-                Shed::new(
-                    BookingServiceServer::new(BookingApi::new(Arc::clone(&engine)))
-                        .max_decoding_message_size(limits.message_size_bytes_max),
-                    Arc::clone(&in_flight),
-                ),
-                Gate::new(&tokens, auth::Service::Booking, token_limiter.clone()),
-            ))
-            .add_service(InterceptedService::new(
-                Shed::new(
-                    CapacityServiceServer::new(CapacityApi::new(Arc::clone(&engine)))
-                        .max_decoding_message_size(limits.message_size_bytes_max),
-                    in_flight,
-                ),
-                Gate::new(&tokens, auth::Service::Capacity, token_limiter),
-            ))
-            // Without TCP_NODELAY, small responses wait on Nagle + delayed ACK (~40 ms).
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown,
-            )
-            .await;
-        set_health(&health, ServingStatus::NotServing).await;
-        health_watch.abort();
-        for task in [sweeper, retention] {
+/// What the transport needs before the engine exists.
+struct Access {
+    tokens: Vec<crate::config::Token>,
+    tls: Option<crate::config::TlsPem>,
+    limits: crate::config::Limits,
+}
+
+async fn recover(options: ServeOptions) -> Result<Arc<Engine>, ServeError> {
+    let ServeOptions {
+        data_dir,
+        config,
+        demo,
+    } = options;
+    let engine = tokio::task::spawn_blocking(move || Engine::open(&data_dir, &config)).await??;
+    let engine = Arc::new(engine);
+    if demo {
+        crate::demo::seed(&engine).await?;
+    }
+    Ok(engine)
+}
+
+/// The background tasks of a serving engine.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Tasks {
+    fn start(engine: &Arc<Engine>, health: &HealthReporter) -> Self {
+        Self(vec![
+            tokio::spawn(mirror_store_health(engine.store_health(), health.clone())),
+            tokio::spawn(sweep_holds(Arc::clone(engine))),
+            tokio::spawn(retain_rate_limits(Arc::clone(engine))),
+            tokio::spawn(refresh_gauges(Arc::clone(engine))),
+        ])
+    }
+
+    async fn stop(self) {
+        for task in self.0 {
             task.abort();
             let _ = task.await;
         }
-        close(engine).await;
-        result.map_err(ServeError::from)
     }
+}
+
+async fn run(
+    start: Start,
+    access: Access,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    on_serving: impl FnOnce(),
+) -> Result<(), ServeError> {
+    let Access {
+        tokens,
+        tls,
+        limits,
+    } = access;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let (booking_gate, booking_slot) = Ready::pending();
+    let (capacity_gate, capacity_slot) = Ready::pending();
+    let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
+    let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        let mut settings = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+        if let Some(client_ca) = &tls.client_ca {
+            settings = settings.client_ca_root(Certificate::from_pem(client_ca));
+        }
+        builder = builder.tls_config(settings)?;
+    }
+    // A failed recovery stops the server; kept alive (unsent) while serving.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = builder
+        .max_concurrent_streams(limits.streams_per_connection_max)
+        .http2_max_pending_accept_reset_streams(Some(limits.pending_reset_streams_max))
+        .timeout(Duration::from_millis(limits.request_timeout_ms))
+        .layer(ObserveLayer)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(InterceptedService::new(
+            Shed::new(booking_gate, Arc::clone(&in_flight)),
+            Gate::new(&tokens, auth::Service::Booking, token_limiter.clone()),
+        ))
+        .add_service(InterceptedService::new(
+            Shed::new(capacity_gate, in_flight),
+            Gate::new(&tokens, auth::Service::Capacity, token_limiter),
+        ))
+        // Without TCP_NODELAY, small responses wait on Nagle + delayed ACK (~40 ms).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = stopped => {}
+                }
+            },
+        );
+    let starting = async {
+        let engine = match start {
+            Start::Recovered(engine) => engine,
+            Start::Recover(options) => match recover(*options).await {
+                Ok(engine) => engine,
+                Err(error) => {
+                    let _ = stop.send(());
+                    return Err(error);
+                }
+            },
+        };
+        let max_message = limits.message_size_bytes_max;
+        let _ = booking_slot.set(
+            BookingServiceServer::new(BookingApi::new(Arc::clone(&engine)))
+                .max_decoding_message_size(max_message),
+        );
+        let _ = capacity_slot.set(
+            CapacityServiceServer::new(CapacityApi::new(Arc::clone(&engine)))
+                .max_decoding_message_size(max_message),
+        );
+        let tasks = Tasks::start(&engine, &health);
+        if *engine.store_health().borrow() {
+            set_health(&health, ServingStatus::Serving).await;
+        }
+        on_serving();
+        Ok((engine, tasks, stop))
+    };
+    let (served, started) = tokio::join!(serving, starting);
+    set_health(&health, ServingStatus::NotServing).await;
+    // The services hold the engine; `close` waits until it is the last holder.
+    drop((booking_slot, capacity_slot));
+    let result = match started {
+        Ok((engine, tasks, _stop)) => {
+            tasks.stop().await;
+            close(engine).await;
+            served.map_err(ServeError::from)
+        }
+        Err(error) => Err(error),
+    };
+    result
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     for service in ["", BOOKING_SERVICE_NAME, CAPACITY_SERVICE_NAME] {
         health.set_service_status(service, status).await;
     }
+    let serving = matches!(status, ServingStatus::Serving);
+    metrics::gauge!(telemetry::SERVING).set(if serving { 1.0 } else { 0.0 });
 }
 
 /// A failed store refuses writes for good; health says so until restart.
@@ -173,8 +295,10 @@ async fn mirror_store_health(
     mut store_healthy: tokio::sync::watch::Receiver<bool>,
     health: HealthReporter,
 ) {
+    metrics::gauge!(telemetry::STORE_HEALTHY).set(if *store_healthy.borrow() { 1.0 } else { 0.0 });
     while store_healthy.changed().await.is_ok() {
         if !*store_healthy.borrow() {
+            metrics::gauge!(telemetry::STORE_HEALTHY).set(0.0);
             set_health(&health, ServingStatus::NotServing).await;
         }
     }
@@ -190,7 +314,10 @@ async fn sweep_holds(engine: Arc<Engine>) {
         tick.tick().await;
         match engine.expire_holds(crate::service::now_unix_ms()).await {
             Ok(0) => {}
-            Ok(expired) => tracing::debug!(expired, "holds expired"),
+            Ok(expired) => {
+                metrics::counter!(telemetry::HOLDS_EXPIRED).increment(expired as u64);
+                tracing::debug!(expired, "holds expired")
+            }
             // A failed store is already reported through health; retry next tick.
             Err(ServiceError::Store(StoreError::Failed)) => {}
             Err(error) => tracing::warn!(%error, "expiring holds failed; retrying next tick"),
@@ -209,8 +336,60 @@ async fn retain_rate_limits(engine: Arc<Engine>) {
         tick.tick().await;
         let engine = Arc::clone(&engine);
         match tokio::task::spawn_blocking(move || engine.retain_rate_limits()).await {
-            Ok(tracked) => tracing::debug!(tracked, "citizen rate limiter retained"),
+            Ok(tracked) => {
+                metrics::gauge!(telemetry::RATE_LIMITER_KEYS, "limiter" => "citizen")
+                    .set(tracked as f64);
+                tracing::debug!(tracked, "citizen rate limiter retained")
+            }
             Err(error) => tracing::warn!(%error, "retaining the citizen rate limiter failed"),
+        }
+    }
+}
+
+/// Refreshes the gauges that are read from memory rather than counted as they happen:
+/// per-site slots, capacity, bookings and holds, live holds and the store's size.
+async fn refresh_gauges(engine: Arc<Engine>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        engine.limits().metrics_refresh_interval_ms,
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = false;
+    loop {
+        tick.tick().await;
+        let engine = Arc::clone(&engine);
+        let refreshed = tokio::task::spawn_blocking(move || {
+            let limit = engine.limits().metrics_site_gauges_max;
+            let (sites, totals) = engine.site_totals(limit);
+            metrics::gauge!(telemetry::SITES).set(sites as f64);
+            for (site, totals) in totals {
+                let labels = [
+                    ("site_id", site.site_id.to_string()),
+                    ("region_id", site.region_id.to_string()),
+                ];
+                metrics::gauge!(telemetry::SITE_SLOTS, &labels).set(f64::from(totals.slots));
+                metrics::gauge!(telemetry::SITE_SLOTS_CLOSED, &labels)
+                    .set(f64::from(totals.slots_closed));
+                metrics::gauge!(telemetry::SITE_CAPACITY, &labels).set(totals.capacity as f64);
+                metrics::gauge!(telemetry::SITE_BOOKED, &labels).set(totals.booked as f64);
+                metrics::gauge!(telemetry::SITE_HELD, &labels).set(totals.held as f64);
+            }
+            metrics::gauge!(telemetry::HOLDS_LIVE).set(engine.holds_live() as f64);
+            if let Ok(bytes) = engine.store_disk_bytes() {
+                metrics::gauge!(telemetry::STORE_DISK_BYTES).set(bytes as f64);
+            }
+            sites > limit
+        })
+        .await;
+        match refreshed {
+            Ok(true) if !warned => {
+                warned = true;
+                tracing::warn!(
+                    "more sites than limits.metrics_site_gauges_max: only the first have \
+                     per-site gauges (prenota_sites counts them all)"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "refreshing the gauges failed"),
         }
     }
 }

@@ -6,12 +6,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::child::ChildServer;
 use common::*;
 use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
@@ -24,50 +22,6 @@ const CLIENTS: usize = 16;
 const CYCLES: usize = 3;
 /// Acknowledged bookings per cycle before the kill; the clients keep booking meanwhile.
 const ACKS_BEFORE_KILL: usize = 40;
-
-struct ChildServer {
-    child: Child,
-    url: String,
-}
-
-impl ChildServer {
-    fn start(data_dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_prenota"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn prenota serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let address = line
-            .trim()
-            .strip_prefix("prenota listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        Self {
-            child,
-            url: format!("http://{address}"),
-        }
-    }
-
-    fn kill_9(self) {
-        // Drop does the killing, so a failing assertion never leaks a server either.
-        drop(self);
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill(); // SIGKILL on Unix
-        let _ = self.child.wait();
-    }
-}
 
 /// One citizen's booking attempt and what the client learnt about it.
 #[derive(Clone)]

@@ -314,6 +314,41 @@ impl Catalog {
         Ok(page)
     }
 
+    /// Number of sites.
+    pub fn site_count(&self) -> usize {
+        self.sites.len()
+    }
+
+    /// Totals of the first `limit` sites in id order (for gauges); `held` gives the live
+    /// holds per site.
+    pub fn site_totals(
+        &self,
+        held: &HashMap<SiteId, u64>,
+        limit: usize,
+    ) -> Vec<(Arc<Site>, Totals)> {
+        self.sites
+            .values()
+            .take(limit)
+            .map(|entry| {
+                let mut totals = Totals::default();
+                let mut taken = 0u64;
+                for slot in entry.slots.values() {
+                    let counter = slot.counter.snapshot();
+                    totals.slots += 1;
+                    if counter.closed {
+                        totals.slots_closed += 1;
+                    } else {
+                        totals.capacity += u64::from(counter.capacity);
+                    }
+                    taken += u64::from(counter.taken);
+                }
+                totals.held = held.get(&entry.site.site_id).copied().unwrap_or(0);
+                totals.booked = taken.saturating_sub(totals.held);
+                (Arc::clone(&entry.site), totals)
+            })
+            .collect()
+    }
+
     /// Statistics of one site; `held` gives the live holds per slot.
     pub fn site_stats(
         &self,

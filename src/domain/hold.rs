@@ -120,6 +120,14 @@ impl LiveHolds {
     }
 
     /// Live holds per slot of one site, for statistics.
+    pub fn count_by_site(&self) -> HashMap<SiteId, u64> {
+        let mut counts = HashMap::new();
+        for hold in self.by_id.values() {
+            *counts.entry(hold.slot.site_id.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
     pub fn count_by_slot(&self, site_id: &SiteId) -> HashMap<SlotKey, u32> {
         let mut counts = HashMap::new();
         for hold in self.by_id.values().filter(|h| h.slot.site_id == *site_id) {

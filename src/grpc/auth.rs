@@ -121,6 +121,7 @@ impl Gate {
         };
         limiter.check_key(name).map_err(|not_until| {
             let retry_after = not_until.wait_time_from(DefaultClock::default().now());
+            metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => "token").increment(1);
             Status::from(ServiceError::RateLimited { retry_after })
         })
     }

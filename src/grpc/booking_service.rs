@@ -6,10 +6,11 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::error::{DomainError, Violations};
 use crate::domain::ids::BookingId;
-use crate::grpc::convert;
+use crate::grpc::{convert, status};
 use crate::proto;
 use crate::proto::booking_service_server::BookingService;
 use crate::service::{BookCommand, CancelCommand, Engine, HoldCommand, RescheduleCommand};
+use crate::telemetry;
 
 pub struct BookingApi {
     engine: Arc<Engine>,
@@ -21,13 +22,46 @@ impl BookingApi {
     }
 }
 
+/// The booking commands whose outcomes are counted (`prenota_bookings_total`,
+/// `prenota_holds_total`).
+#[derive(Clone, Copy)]
+enum Command {
+    Book,
+    Hold,
+    Cancel,
+    Reschedule,
+}
+
+fn count_outcome(command: Command, outcome: &'static str) {
+    let command = match command {
+        Command::Hold => {
+            metrics::counter!(telemetry::HOLDS, "outcome" => outcome).increment(1);
+            return;
+        }
+        Command::Book => "book",
+        Command::Cancel => "cancel",
+        Command::Reschedule => "reschedule",
+    };
+    metrics::counter!(telemetry::BOOKINGS, "command" => command, "outcome" => outcome).increment(1);
+}
+
 /// Runs a mutation in its own task: a client that disconnects cannot cancel it
-/// half-way between taking a place and making the booking durable.
+/// half-way between taking a place and making the booking durable. Counts its outcome.
 async fn detached<T: Send + 'static>(
+    command: Command,
     work: impl std::future::Future<Output = Result<T, crate::service::ServiceError>> + Send + 'static,
 ) -> Result<T, Status> {
     match tokio::spawn(work).await {
-        Ok(result) => result.map_err(Status::from),
+        Ok(result) => {
+            count_outcome(
+                command,
+                match &result {
+                    Ok(_) => "OK",
+                    Err(error) => status::reason(error),
+                },
+            );
+            result.map_err(Status::from)
+        }
         Err(join_error) => {
             tracing::error!(%join_error, "a mutation task failed");
             Err(Status::internal(
@@ -84,7 +118,7 @@ impl BookingService for BookingApi {
             return Err(Status::internal("validation passed without values"));
         };
         let engine = Arc::clone(&self.engine);
-        let view = detached(async move {
+        let view = detached(Command::Book, async move {
             engine
                 .book(BookCommand {
                     slot,
@@ -131,7 +165,7 @@ impl BookingService for BookingApi {
             return Err(Status::internal("validation passed without values"));
         };
         let engine = Arc::clone(&self.engine);
-        let hold = detached(async move {
+        let hold = detached(Command::Hold, async move {
             engine
                 .hold(HoldCommand {
                     slot,
@@ -176,7 +210,7 @@ impl BookingService for BookingApi {
             return Err(Status::internal("validation passed without values"));
         };
         let engine = Arc::clone(&self.engine);
-        let view = detached(async move {
+        let view = detached(Command::Cancel, async move {
             engine
                 .cancel(CancelCommand {
                     booking_id,
@@ -213,7 +247,7 @@ impl BookingService for BookingApi {
             return Err(Status::internal("validation passed without values"));
         };
         let engine = Arc::clone(&self.engine);
-        let view = detached(async move {
+        let view = detached(Command::Reschedule, async move {
             engine
                 .reschedule(RescheduleCommand {
                     booking_id,

@@ -5,6 +5,8 @@ pub mod auth;
 pub mod booking_service;
 pub mod capacity_service;
 pub mod convert;
+pub mod observe;
+pub mod readiness;
 pub mod shed;
 pub mod status;
 

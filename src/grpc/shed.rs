@@ -50,6 +50,7 @@ where
                 })
             }
             Err(_) => {
+                metrics::counter!(crate::telemetry::SHED).increment(1);
                 let refused = Status::from(ServiceError::Shed).into_http();
                 Box::pin(async move { Ok(refused) })
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::booking::{Booking, BookingState};
-use crate::domain::catalog::{PublishPlan, Site, SiteStats, Slot};
+use crate::domain::catalog::{PublishPlan, Site, SiteStats, Slot, Totals};
 use crate::domain::error::{DomainError, Missing, Violations};
 use crate::domain::hold::{Hold, HoldState};
 use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
@@ -700,6 +700,13 @@ impl Engine {
             Some(stored) if stored.fingerprint == fingerprint => Ok(Some(stored.outcome)),
             Some(_) => Err(DomainError::RequestIdReused.into()),
         }
+    }
+
+    /// Gauges' view: how many sites, and the totals of the first `limit` (in id order).
+    pub fn site_totals(&self, limit: usize) -> (usize, Vec<(Arc<Site>, Totals)>) {
+        let held = self.live_holds().count_by_site();
+        let catalog = self.catalog();
+        (catalog.site_count(), catalog.site_totals(&held, limit))
     }
 
     pub fn site_stats(&self, site_id: &SiteId) -> Result<(Arc<Site>, SiteStats), ServiceError> {

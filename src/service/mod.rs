@@ -59,6 +59,8 @@ pub enum ServiceError {
     RateLimited { retry_after: std::time::Duration },
     #[error("the server is at its limit of requests in flight")]
     Shed,
+    #[error("the server is starting: it is rebuilding its state from the store")]
+    Recovering,
 }
 
 /// A booking with the site it belongs to (for its time zone).
@@ -167,9 +169,10 @@ impl Engine {
 
     /// Counts one booking attempt of this citizen against its per-minute quota.
     fn count_attempt(&self, citizen: &CitizenKey) -> Result<(), ServiceError> {
-        self.attempts
-            .check(citizen)
-            .map_err(|retry_after| ServiceError::RateLimited { retry_after })
+        self.attempts.check(citizen).map_err(|retry_after| {
+            metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => "citizen").increment(1);
+            ServiceError::RateLimited { retry_after }
+        })
     }
 
     /// Forgets citizens whose quota has refilled; returns how many are still tracked.
@@ -179,6 +182,15 @@ impl Engine {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    pub fn holds_live(&self) -> usize {
+        self.live_holds().len()
+    }
+
+    /// The store's size on disk, in bytes.
+    pub fn store_disk_bytes(&self) -> Result<u64, ServiceError> {
+        Ok(self.store.size_on_disk()?)
     }
 
     /// `true` while the store accepts writes.

@@ -13,6 +13,7 @@ use crate::service::requests::RequestRegistry;
 use crate::service::{Engine, ServiceError};
 use crate::store::records::decode_value;
 use crate::store::{Store, StoreError};
+use crate::telemetry;
 
 pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let started = std::time::Instant::now();
@@ -120,12 +121,22 @@ pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
             );
         }
     }
+    let elapsed = started.elapsed();
+    metrics::gauge!(telemetry::RECOVERY_SECONDS).set(elapsed.as_secs_f64());
+    for (kind, count) in [
+        ("slots", slot_count),
+        ("live_holds", live_holds as u64),
+        ("confirmed", confirmed),
+        ("cancelled", cancelled),
+    ] {
+        metrics::gauge!(telemetry::RECOVERED_RECORDS, "kind" => kind).set(count as f64);
+    }
     tracing::info!(
         slots = slot_count,
         live_holds,
         confirmed,
         cancelled,
-        elapsed_ms = started.elapsed().as_millis() as u64,
+        elapsed_ms = elapsed.as_millis() as u64,
         "recovered state from the store"
     );
     Ok(())

@@ -9,13 +9,14 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::store::StoreError;
+use crate::telemetry;
 
 /// Writes of one caller, committed together with other callers' writes.
 pub struct CommitRequest {
@@ -37,15 +38,25 @@ pub struct SledDurability {
 
 impl Durability for SledDurability {
     fn commit(&mut self, batch: sled::Batch) -> Result<(), StoreError> {
+        let started = Instant::now();
         self.db
             .apply_batch(batch)
             .map_err(|e| StoreError::Io(format!("apply_batch: {e}")))?;
+        let applied = Instant::now();
         self.db
             .flush()
             .map_err(|e| StoreError::Io(format!("flush: {e}")))?;
+        let flushed = Instant::now();
         self.db_file
             .sync_data()
-            .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))
+            .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))?;
+        metrics::histogram!(telemetry::COMMIT_APPLY_SECONDS)
+            .record((applied - started).as_secs_f64());
+        metrics::histogram!(telemetry::COMMIT_FLUSH_SECONDS)
+            .record((flushed - applied).as_secs_f64());
+        metrics::histogram!(telemetry::COMMIT_FSYNC_SECONDS)
+            .record(flushed.elapsed().as_secs_f64());
+        Ok(())
     }
 }
 
@@ -85,6 +96,39 @@ pub struct CommitterState {
     pub failed: AtomicBool,
     /// `true` while the store accepts writes; the server mirrors it into health.
     pub healthy: watch::Sender<bool>,
+    /// While an online backup runs: a copy of every batch committed since it started.
+    /// Held by the committer across each commit, so a batch is either wholly applied
+    /// before the backup installs its tee, or copied to it.
+    pub tee: Mutex<Option<Tee>>,
+}
+
+/// Where the committer copies committed batches during an online backup.
+pub struct Tee {
+    pub batches: std::sync::mpsc::SyncSender<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// Set (and the tee dropped) when the backup fell too far behind: it must fail.
+    pub overflowed: Arc<AtomicBool>,
+}
+
+impl CommitterState {
+    pub fn new() -> Self {
+        let (healthy, _) = watch::channel(true);
+        Self {
+            failed: AtomicBool::new(false),
+            healthy,
+            tee: Mutex::new(None),
+        }
+    }
+
+    pub fn tee(&self) -> MutexGuard<'_, Option<Tee>> {
+        // Each critical section is one commit plus one send: a poisoned lock is sound.
+        self.tee.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Default for CommitterState {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 pub fn spawn(
@@ -120,7 +164,22 @@ pub fn spawn(
                         }
                     }
                     let started = Instant::now();
+                    let mut tee = state.tee();
                     let result = durability.commit(batch);
+                    if let (Ok(()), Some(copy)) = (&result, tee.as_ref()) {
+                        let writes = pending
+                            .iter()
+                            .flat_map(|request| request.writes.iter().cloned())
+                            .collect();
+                        if copy.batches.try_send(writes).is_err() {
+                            copy.overflowed.store(true, Ordering::Release);
+                            *tee = None;
+                        }
+                    }
+                    drop(tee);
+                    metrics::histogram!(telemetry::COMMIT_BATCH_WRITES).record(writes as f64);
+                    metrics::histogram!(telemetry::COMMIT_BATCH_REQUESTS)
+                        .record(pending.len() as f64);
                     tracing::trace!(
                         requests = pending.len(),
                         writes,
@@ -130,6 +189,7 @@ pub fn spawn(
                     result
                 };
                 if let Err(error) = &result {
+                    metrics::counter!(telemetry::COMMIT_FAILURES).increment(1);
                     if !state.failed.swap(true, Ordering::AcqRel) {
                         tracing::error!(%error, "storage failed: refusing all writes until restart");
                         state.healthy.send_replace(false);
@@ -181,11 +241,7 @@ mod tests {
         Arc<CommitterState>,
         JoinHandle<()>,
     ) {
-        let (healthy, _) = watch::channel(true);
-        let state = Arc::new(CommitterState {
-            failed: AtomicBool::new(false),
-            healthy,
-        });
+        let state = Arc::new(CommitterState::new());
         let (sender, receiver) = mpsc::channel(16);
         let thread = spawn(durability, receiver, Arc::clone(&state), 8).unwrap();
         (sender, state, thread)

@@ -89,11 +89,7 @@ impl Store {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
         }
-        let (healthy, _) = watch::channel(true);
-        let state = Arc::new(CommitterState {
-            failed: Default::default(),
-            healthy,
-        });
+        let state = Arc::new(CommitterState::new());
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
         let batch_writes_max = limits.commit_batch_writes_max;
         let committer = match unsynced {
@@ -128,6 +124,12 @@ impl Store {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.db
+            .size_on_disk()
+            .map_err(|e| StoreError::Io(format!("measuring the store: {e}")))
     }
 
     /// `true` while writes are accepted; flips to `false` for good on a storage error.

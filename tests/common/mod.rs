@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod child;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 

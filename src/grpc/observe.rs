@@ -1,0 +1,257 @@
+//! RED metrics and request logs for every gRPC request, as the outermost layer: it sees
+//! requests refused by authentication, shedding and start-up too.
+//!
+//! The status code is read where gRPC puts it: in the response headers for an
+//! immediate error ("trailers-only"), otherwise in the trailers at the end of the body.
+//! The request is counted when its response ends (or is dropped: `CANCELLED`).
+//! Logs carry service, method, code and latency: never headers (the `authorization`
+//! token) and never a message (citizen ids).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body::{Body, Frame, SizeHint};
+use prost::Message;
+use tonic::codegen::{http, BoxFuture, Service};
+use tonic::Code;
+use tracing::Instrument;
+
+use crate::telemetry;
+
+/// The layer for `Server::builder().layer(..)`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ObserveLayer;
+
+impl<S> tower_layer::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Observe<S> {
+    inner: S,
+}
+
+/// `(service, method)` labels of a request path. Only the methods the server declares
+/// get their own labels, so a client cannot grow the label set with made-up paths.
+fn labels(path: &str) -> (&'static str, &'static str) {
+    static KNOWN: OnceLock<HashMap<String, (&'static str, &'static str)>> = OnceLock::new();
+    KNOWN
+        .get_or_init(known_methods)
+        .get(path)
+        .copied()
+        .unwrap_or(("unknown", "unknown"))
+}
+
+/// Every method of prenota's protos, of health and of reflection, by request path.
+fn known_methods() -> HashMap<String, (&'static str, &'static str)> {
+    let mut known = HashMap::new();
+    let mut add = |service: &str, method: &str| {
+        let leaked: (&'static str, &'static str) = (
+            Box::leak(service.to_string().into_boxed_str()),
+            Box::leak(method.to_string().into_boxed_str()),
+        );
+        known.insert(format!("/{service}/{method}"), leaked);
+    };
+    for encoded in [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(encoded) else {
+            continue;
+        };
+        for file in set.file {
+            for service in &file.service {
+                let service_name = format!("{}.{}", file.package(), service.name());
+                for method in &service.method {
+                    add(&service_name, method.name());
+                }
+            }
+        }
+    }
+    for reflection in [
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        add(reflection, "ServerReflectionInfo");
+    }
+    known
+}
+
+impl<S, B> Service<http::Request<B>> for Observe<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Observed>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let (service, method) = labels(request.uri().path());
+        let span = tracing::debug_span!("request", grpc.service = service, grpc.method = method);
+        let response = self.inner.call(request).instrument(span.clone());
+        Box::pin(async move {
+            let response = response.await?;
+            let mut outcome = Outcome {
+                service,
+                method,
+                started,
+                span,
+                recorded: false,
+            };
+            if let Some(code) = grpc_status(response.headers()) {
+                outcome.record(code); // trailers-only: an immediate error
+            }
+            Ok(response.map(|body| Observed {
+                inner: body,
+                outcome,
+            }))
+        })
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?;
+    let number: i32 = value.to_str().ok()?.parse().ok()?;
+    Some(Code::from_i32(number))
+}
+
+/// Counts one request, once.
+struct Outcome {
+    service: &'static str,
+    method: &'static str,
+    started: Instant,
+    span: tracing::Span,
+    recorded: bool,
+}
+
+impl Outcome {
+    fn record(&mut self, code: Code) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let seconds = self.started.elapsed().as_secs_f64();
+        let code_name = code_name(code);
+        metrics::counter!(telemetry::GRPC_HANDLED,
+            "grpc_service" => self.service, "grpc_method" => self.method, "grpc_code" => code_name)
+        .increment(1);
+        metrics::histogram!(telemetry::GRPC_HANDLING_SECONDS,
+            "grpc_service" => self.service, "grpc_method" => self.method)
+        .record(seconds);
+        let latency_us = (seconds * 1e6) as u64;
+        let _entered = self.span.enter();
+        match code {
+            // The server's own failures: worth a line at the default level.
+            Code::Internal | Code::Unknown | Code::DataLoss => {
+                tracing::warn!(grpc.code = code_name, latency_us, "request failed")
+            }
+            _ => tracing::debug!(grpc.code = code_name, latency_us, "request answered"),
+        }
+    }
+}
+
+/// The response body, passed through untouched; reads the status from the trailers.
+pub struct Observed {
+    inner: tonic::body::Body,
+    outcome: Outcome,
+}
+
+impl Body for Observed {
+    type Data = <tonic::body::Body as Body>::Data;
+    type Error = <tonic::body::Body as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    self.outcome.record(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.outcome.record(Code::Internal),
+            // Ended without a status: gRPC clients read that as UNKNOWN.
+            Poll::Ready(None) => self.outcome.record(Code::Unknown),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        // The client went away before the response ended.
+        self.outcome.record(Code::Cancelled);
+    }
+}
+
+/// The canonical upper-case name of a code, as grpc-ecosystem exporters label it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declared_methods_get_labels_and_made_up_paths_do_not() {
+        assert_eq!(
+            labels("/prenota.v1.BookingService/Book"),
+            ("prenota.v1.BookingService", "Book")
+        );
+        assert_eq!(
+            labels("/prenota.v1.CapacityService/ImportCapacity"),
+            ("prenota.v1.CapacityService", "ImportCapacity")
+        );
+        assert_eq!(
+            labels("/grpc.health.v1.Health/Check"),
+            ("grpc.health.v1.Health", "Check")
+        );
+        assert_eq!(
+            labels("/prenota.v1.BookingService/Book-0x1234"),
+            ("unknown", "unknown")
+        );
+    }
+}

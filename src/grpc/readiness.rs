@@ -1,0 +1,75 @@
+//! Start-up: the server answers from the moment it listens, while recovery rebuilds
+//! memory from the store. Until the engine is ready, health says NOT_SERVING and
+//! prenota's services answer at once with UNAVAILABLE / RECOVERING and a RetryInfo,
+//! instead of leaving clients on a silent port.
+
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use tonic::codegen::{http, BoxFuture, Service};
+use tonic::server::NamedService;
+use tonic::Status;
+
+use crate::service::ServiceError;
+
+/// A service that exists only once recovery has finished.
+pub struct Ready<S> {
+    inner: Arc<OnceLock<S>>,
+}
+
+impl<S> Clone for Ready<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<S> Ready<S> {
+    /// A gate with no service behind it yet, and the handle that provides it.
+    pub fn pending() -> (Self, Arc<OnceLock<S>>) {
+        let inner = Arc::new(OnceLock::new());
+        (
+            Self {
+                inner: Arc::clone(&inner),
+            },
+            inner,
+        )
+    }
+
+    /// A gate that is open from the start.
+    pub fn now(service: S) -> Self {
+        Self {
+            inner: Arc::new(OnceLock::from(service)),
+        }
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for Ready<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // tonic's generated services are always ready; the clone below is too.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        match self.inner.get() {
+            Some(service) => Box::pin(service.clone().call(request)),
+            None => {
+                let refused = Status::from(ServiceError::Recovering).into_http();
+                Box::pin(async move { Ok(refused) })
+            }
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Ready<S> {
+    const NAME: &'static str = S::NAME;
+}

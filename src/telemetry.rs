@@ -1,0 +1,236 @@
+//! What operators see: the Prometheus metrics (every name, unit and bucket in one
+//! place) and the log format.
+//!
+//! Labels are bounded: gRPC service/method/code, outcome reasons, limiter names and
+//! site/region ids (at most `metrics_site_gauges_max` sites). Never a citizen, a token or
+//! a booking id.
+
+use std::net::SocketAddr;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Requests answered, by `grpc_service`, `grpc_method`, `grpc_code`.
+pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
+/// Time from a request's arrival to the end of its response, by `grpc_service`, `grpc_method`.
+pub const GRPC_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
+/// Book, CancelBooking and RescheduleBooking by `command` and `outcome`
+/// (`OK` or the `ErrorInfo` reason).
+pub const BOOKINGS: &str = "prenota_bookings_total";
+/// HoldSlot by `outcome` (`OK` or the `ErrorInfo` reason).
+pub const HOLDS: &str = "prenota_holds_total";
+/// Holds expired by the sweeper.
+pub const HOLDS_EXPIRED: &str = "prenota_holds_expired_total";
+/// Live holds right now.
+pub const HOLDS_LIVE: &str = "prenota_holds_live";
+/// Requests refused by a rate limiter, by `limiter` (`citizen`, `token`).
+pub const RATE_LIMITED: &str = "prenota_rate_limited_total";
+/// Keys a rate limiter tracks, by `limiter`.
+pub const RATE_LIMITER_KEYS: &str = "prenota_rate_limiter_keys";
+/// Requests shed at the in-flight limit (UNAVAILABLE / OVERLOADED).
+pub const SHED: &str = "prenota_shed_total";
+/// Writes in one group commit.
+pub const COMMIT_BATCH_WRITES: &str = "prenota_commit_batch_writes";
+/// Client requests (callers) in one group commit.
+pub const COMMIT_BATCH_REQUESTS: &str = "prenota_commit_batch_requests";
+/// sled `apply_batch` time per group commit.
+pub const COMMIT_APPLY_SECONDS: &str = "prenota_commit_apply_seconds";
+/// sled `flush` time per group commit.
+pub const COMMIT_FLUSH_SECONDS: &str = "prenota_commit_flush_seconds";
+/// `fdatasync` time per group commit.
+pub const COMMIT_FSYNC_SECONDS: &str = "prenota_commit_fsync_seconds";
+/// Group commits that failed (the store then refuses every write until restart).
+pub const COMMIT_FAILURES: &str = "prenota_commit_failures_total";
+/// 1 while the store accepts writes, 0 after a storage error.
+pub const STORE_HEALTHY: &str = "prenota_store_healthy";
+/// The store's size on disk.
+pub const STORE_DISK_BYTES: &str = "prenota_store_disk_bytes";
+/// 1 while health says SERVING (recovered, store healthy, not shutting down).
+pub const SERVING: &str = "prenota_serving";
+/// How long the last start-up recovery took.
+pub const RECOVERY_SECONDS: &str = "prenota_recovery_seconds";
+/// Records the last recovery rebuilt, by `kind` (`slots`, `confirmed`, `cancelled`, `live_holds`).
+pub const RECOVERED_RECORDS: &str = "prenota_recovered_records";
+/// Per site, by `site_id` and `region_id`: slots, closed slots, open capacity,
+/// confirmed bookings and live holds.
+pub const SITE_SLOTS: &str = "prenota_site_slots";
+pub const SITE_SLOTS_CLOSED: &str = "prenota_site_slots_closed";
+pub const SITE_CAPACITY: &str = "prenota_site_capacity";
+pub const SITE_BOOKED: &str = "prenota_site_booked";
+pub const SITE_HELD: &str = "prenota_site_held";
+/// Sites in the catalog (all of them, also those beyond `metrics_site_gauges_max`).
+pub const SITES: &str = "prenota_sites";
+
+/// Latency buckets (seconds) of request handling.
+const REQUEST_SECONDS_BUCKETS: &[f64] = &[
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Buckets (seconds) of the store's apply, flush and fdatasync steps.
+const DISK_SECONDS_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+/// Buckets of group-commit sizes (writes or requests per commit).
+const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0, 16384.0,
+];
+
+fn builder() -> Result<PrometheusBuilder, String> {
+    let set = |builder: PrometheusBuilder, name: &str, buckets: &[f64]| {
+        builder
+            .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
+            .map_err(|e| e.to_string())
+    };
+    let mut builder = PrometheusBuilder::new();
+    builder = set(builder, GRPC_HANDLING_SECONDS, REQUEST_SECONDS_BUCKETS)?;
+    for name in [
+        COMMIT_APPLY_SECONDS,
+        COMMIT_FLUSH_SECONDS,
+        COMMIT_FSYNC_SECONDS,
+    ] {
+        builder = set(builder, name, DISK_SECONDS_BUCKETS)?;
+    }
+    for name in [COMMIT_BATCH_WRITES, COMMIT_BATCH_REQUESTS] {
+        builder = set(builder, name, BATCH_SIZE_BUCKETS)?;
+    }
+    Ok(builder)
+}
+
+/// Installs the process-wide recorder and serves `GET /metrics` on `listen` (port 0
+/// picks a free port). Returns the address served. Must run inside the tokio runtime.
+pub fn serve_metrics(listen: SocketAddr) -> Result<SocketAddr, String> {
+    // The exporter binds by itself and cannot report the port it got: resolve port 0
+    // here first (the port is free again for the microseconds until the exporter binds).
+    let address = std::net::TcpListener::bind(listen)
+        .and_then(|probe| probe.local_addr())
+        .map_err(|e| format!("cannot serve metrics on {listen}: {e}"))?;
+    let (recorder, exporter) = builder()?
+        .with_http_listener(address)
+        .build()
+        .map_err(|e| format!("cannot serve metrics on {address}: {e}"))?;
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)
+        .map_err(|_| "a metrics recorder is already installed".to_string())?;
+    tokio::spawn(async move {
+        if let Err(error) = exporter.await {
+            tracing::error!(?error, "the metrics listener stopped");
+        }
+    });
+    spawn_upkeep(handle);
+    describe();
+    Ok(address)
+}
+
+/// Installs the process-wide recorder without a listener (the load generator renders
+/// it itself). Must run inside the tokio runtime.
+pub fn record_only() -> Result<PrometheusHandle, String> {
+    let handle = builder()?
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    spawn_upkeep(handle.clone());
+    describe();
+    Ok(handle)
+}
+
+/// Histograms keep raw samples until a scrape or an upkeep folds them into buckets:
+/// without a scraper, upkeep keeps their memory bounded.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
+fn describe() {
+    describe_counter!(
+        GRPC_HANDLED,
+        "gRPC requests answered, by service, method and status code"
+    );
+    describe_histogram!(
+        GRPC_HANDLING_SECONDS,
+        Unit::Seconds,
+        "time from a request's arrival to the end of its response"
+    );
+    describe_counter!(
+        BOOKINGS,
+        "Book, CancelBooking and RescheduleBooking by command and outcome (OK or the error reason)"
+    );
+    describe_counter!(HOLDS, "HoldSlot by outcome (OK or the error reason)");
+    describe_counter!(HOLDS_EXPIRED, "holds expired by the sweeper");
+    describe_gauge!(HOLDS_LIVE, "live holds");
+    describe_counter!(
+        RATE_LIMITED,
+        "requests refused by a rate limiter, by limiter"
+    );
+    describe_gauge!(
+        RATE_LIMITER_KEYS,
+        "keys tracked by a rate limiter, by limiter"
+    );
+    describe_counter!(SHED, "requests shed at the in-flight limit (OVERLOADED)");
+    describe_histogram!(COMMIT_BATCH_WRITES, "writes per group commit");
+    describe_histogram!(COMMIT_BATCH_REQUESTS, "client requests per group commit");
+    describe_histogram!(
+        COMMIT_APPLY_SECONDS,
+        Unit::Seconds,
+        "sled apply_batch time per group commit"
+    );
+    describe_histogram!(
+        COMMIT_FLUSH_SECONDS,
+        Unit::Seconds,
+        "sled flush time per group commit"
+    );
+    describe_histogram!(
+        COMMIT_FSYNC_SECONDS,
+        Unit::Seconds,
+        "fdatasync time per group commit"
+    );
+    describe_counter!(COMMIT_FAILURES, "group commits that failed");
+    describe_gauge!(STORE_HEALTHY, "1 while the store accepts writes");
+    describe_gauge!(STORE_DISK_BYTES, Unit::Bytes, "the store's size on disk");
+    describe_gauge!(SERVING, "1 while health says SERVING");
+    describe_gauge!(
+        RECOVERY_SECONDS,
+        Unit::Seconds,
+        "duration of the last start-up recovery"
+    );
+    describe_gauge!(
+        RECOVERED_RECORDS,
+        "records rebuilt by the last recovery, by kind"
+    );
+    describe_gauge!(SITE_SLOTS, "slots per site");
+    describe_gauge!(SITE_SLOTS_CLOSED, "closed slots per site");
+    describe_gauge!(SITE_CAPACITY, "capacity of the open slots per site");
+    describe_gauge!(SITE_BOOKED, "confirmed bookings per site");
+    describe_gauge!(SITE_HELD, "live holds per site");
+    describe_gauge!(SITES, "sites in the catalog");
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}

@@ -1,0 +1,138 @@
+//! A real `prenota serve` child process on 127.0.0.1:0, for tests that need the
+//! binary itself: SIGKILL, metrics, logs, start-up.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+pub struct ChildServer {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    /// `http://127.0.0.1:PORT` of the gRPC listener.
+    pub url: String,
+    /// `http://127.0.0.1:PORT/metrics`.
+    pub metrics_url: String,
+}
+
+/// How to start the child.
+#[derive(Default)]
+pub struct ChildOptions {
+    /// After `serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir DIR`.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Where stderr (the logs) goes; inherited when `None`.
+    pub stderr: Option<File>,
+    /// `RUST_LOG`; `warn` when `None`.
+    pub rust_log: Option<String>,
+}
+
+impl ChildServer {
+    /// Starts and waits until it serves.
+    pub fn start(data_dir: &Path) -> Self {
+        let mut server = Self::start_recovering(data_dir, ChildOptions::default());
+        server.wait_serving();
+        server
+    }
+
+    /// Starts and returns as soon as it answers (health NOT_SERVING while it recovers).
+    pub fn start_recovering(data_dir: &Path, options: ChildOptions) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_prenota"));
+        command
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(&options.args)
+            .env("RUST_LOG", options.rust_log.as_deref().unwrap_or("warn"))
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped());
+        match options.stderr {
+            Some(file) => command.stderr(Stdio::from(file)),
+            None => command.stderr(Stdio::inherit()),
+        };
+        let mut child = command.spawn().expect("spawn prenota serve");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut server = Self {
+            child,
+            stdout,
+            url: String::new(),
+            metrics_url: String::new(),
+        };
+        server.metrics_url = server
+            .read_line("prenota metrics on ")
+            .expect("the metrics line");
+        let address = server
+            .read_line("prenota recovering on ")
+            .expect("the recovering line");
+        server.url = format!("http://{address}");
+        server
+    }
+
+    /// Waits for the line that says recovery is done and everything is served.
+    pub fn wait_serving(&mut self) {
+        self.read_line("prenota listening on ")
+            .expect("the listening line");
+    }
+
+    /// The rest of the next stdout line, which must start with `prefix`; `None` at EOF.
+    fn read_line(&mut self, prefix: &str) -> Option<String> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line).expect("read stdout") == 0 {
+            return None;
+        }
+        let rest = line
+            .trim()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("expected {prefix:?}..., got {line:?}"));
+        Some(rest.to_string())
+    }
+
+    /// SIGKILL.
+    pub fn kill_9(self) {
+        // Drop does the killing, so a failing assertion never leaks a server either.
+        drop(self);
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let exit = self.child.wait().expect("wait");
+        assert!(exit.success(), "prenota exited with {exit}");
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill(); // SIGKILL on Unix
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET path` over plain HTTP/1.1 on loopback; the response body.
+pub fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http:// url");
+    let (host, path) = rest.split_once('/').expect("a path");
+    let mut stream = std::net::TcpStream::connect(host).expect("connect");
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
