@@ -41,6 +41,11 @@ enum Command {
     Export(ExportArgs),
     /// Write the audit log (every capacity change: who, what, when) as CSV to stdout.
     Audit(ServerArgs),
+    /// Write a consistent backup file: of a running server (--server, admin token), or
+    /// of a stopped server's data dir (--data-dir).
+    Backup(BackupArgs),
+    /// Restore a backup file into a new data dir, checking every invariant first.
+    Restore(RestoreArgs),
     /// Check a configuration file, or hash a token for it.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -91,6 +96,35 @@ struct ExportArgs {
     /// Only the bookings of this region's sites.
     #[arg(long)]
     region: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// The backup file to create (never overwritten; written as FILE.partial first).
+    #[arg(long)]
+    to: PathBuf,
+    /// Back up this data dir directly; the server using it must be stopped. Without
+    /// it, the backup is taken through the running server given by --server.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Limits for opening --data-dir (its cache size).
+    #[arg(long, requires = "data_dir")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The backup file.
+    #[arg(long)]
+    from: PathBuf,
+    /// The data dir to create; it must not exist or be empty.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Limits for the check that runs on the restored store.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -150,6 +184,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Audit(args) => runtime.block_on(prenota::cli::audit(&args.target())),
+        Command::Backup(args) => match &args.data_dir {
+            Some(data_dir) => offline_config(args.config.as_deref())
+                .and_then(|config| prenota::cli::backup_data_dir(data_dir, &args.to, &config)),
+            None => runtime.block_on(prenota::cli::backup_from_server(
+                &args.server.target(),
+                &args.to,
+            )),
+        },
+        Command::Restore(args) => offline_config(args.config.as_deref())
+            .and_then(|config| prenota::cli::restore(&args.from, &args.data_dir, &config)),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Config(ConfigCommand::HashToken) => hash_token(),
         Command::Import(args) => runtime.block_on(prenota::cli::import(
@@ -263,6 +307,17 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     })
     .await
     .map_err(|e| format!("data dir {}: {e}", data_dir.display()))
+}
+
+/// The configuration of a command that opens a data dir itself (limits only).
+fn offline_config(path: Option<&std::path::Path>) -> Result<prenota::config::Config, String> {
+    let mut file = match path {
+        Some(path) => ConfigFile::read(path)?,
+        None => ConfigFile::default(),
+    };
+    file.apply_env(std::env::vars())?;
+    file.check()
+        .map_err(|problems| format!("the configuration is invalid:{}", listing(&problems)))
 }
 
 /// `prenota config check FILE`: every problem, or the effective configuration.

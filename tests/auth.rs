@@ -267,6 +267,15 @@ async fn tokens_decide_services_and_regions() {
             .export_audit_log(proto::ExportAuditLogRequest {})
             .await,
     );
+    // The backup holds every region and the citizen hash key: admins only.
+    denied(lazio.export_backup(proto::ExportBackupRequest {}).await);
+    let mut backup = admin
+        .export_backup(proto::ExportBackupRequest {})
+        .await
+        .expect("admin takes a backup")
+        .into_inner();
+    let first = backup.message().await.unwrap().expect("backup bytes");
+    assert!(first.data.starts_with(b"PRENOTA-BACKUP"));
     let mut log = admin
         .export_audit_log(proto::ExportAuditLogRequest {})
         .await

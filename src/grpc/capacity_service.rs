@@ -1,5 +1,6 @@
 //! `prenota.v1.CapacityService` handlers: validate → convert → engine → convert back.
 
+use std::io::Write;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -14,7 +15,8 @@ use crate::grpc::auth::Caller;
 use crate::grpc::convert;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
-use crate::service::{Engine, ExportScope};
+use crate::service::{Engine, ExportScope, ServiceError};
+use crate::store::StoreError;
 
 pub struct CapacityApi {
     engine: Arc<Engine>,
@@ -306,6 +308,46 @@ impl CapacityService for CapacityApi {
         Ok(Response::new(Box::pin(entries)))
     }
 
+    type ExportBackupStream = std::pin::Pin<
+        Box<dyn Stream<Item = Result<proto::ExportBackupResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn export_backup(
+        &self,
+        request: Request<proto::ExportBackupRequest>,
+    ) -> Result<Response<Self::ExportBackupStream>, Status> {
+        // The whole store and the citizen hash key: admins (and open mode) only.
+        Caller::of(&request)?.check_all_regions()?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(BACKUP_CHUNKS_IN_FLIGHT);
+        let engine = Arc::clone(&self.engine);
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let mut out =
+                std::io::BufWriter::with_capacity(BACKUP_CHUNK_BYTES, ChunkSender(sender.clone()));
+            let written = engine.backup(&mut out).and_then(|summary| {
+                out.flush().map_err(|e| {
+                    ServiceError::Store(StoreError::Io(format!("sending the backup: {e}")))
+                })?;
+                Ok(summary)
+            });
+            drop(out);
+            match written {
+                Ok(summary) => tracing::info!(
+                    records = summary.records,
+                    batches_during_scan = summary.batches_during_scan,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "backup sent"
+                ),
+                Err(error) => {
+                    tracing::warn!(%error, "backup failed");
+                    let _ = sender.blocking_send(Err(Status::from(error)));
+                }
+            }
+        });
+        let chunks = ReceiverStream::new(receiver);
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
     type ExportBookingsStream = ExportStream;
 
     async fn export_bookings(
@@ -339,5 +381,31 @@ impl CapacityService for CapacityApi {
             .map_err(Status::from)
         });
         Ok(Response::new(Box::pin(bookings)))
+    }
+}
+
+/// Bytes per `ExportBackupResponse`.
+const BACKUP_CHUNK_BYTES: usize = 1 << 20;
+/// Chunks buffered for a slow backup client (the scan waits beyond that).
+const BACKUP_CHUNKS_IN_FLIGHT: usize = 8;
+
+/// Hands the backup's bytes to the response stream; a client that went away fails
+/// the backup's write, which stops it.
+struct ChunkSender(tokio::sync::mpsc::Sender<Result<proto::ExportBackupResponse, Status>>);
+
+impl std::io::Write for ChunkSender {
+    /// Sends at most one chunk's worth: messages stay far below clients' size limits.
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let sent = bytes.len().min(BACKUP_CHUNK_BYTES);
+        self.0
+            .blocking_send(Ok(proto::ExportBackupResponse {
+                data: bytes[..sent].to_vec(),
+            }))
+            .map_err(|_| std::io::Error::other("the backup client went away"))?;
+        Ok(sent)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -12,7 +12,9 @@
 //! - `bookings`: book (also from a hold), cancel, reschedule, list a citizen's bookings.
 //! - `holds`: hold a place, expire holds (the sweeper).
 //! - `capacity`: sites, schedules, imports, slot capacity, closures, statistics.
+//! - `backup`: online backups, and restores checked by a full recovery.
 
+pub mod backup;
 pub mod bookings;
 pub mod capacity;
 pub mod citizen_hasher;
@@ -88,6 +90,8 @@ pub struct Engine {
     holds: Mutex<LiveHolds>,
     hasher: CitizenHasher,
     ids: BookingIds,
+    /// The key of `hasher` and `ids`, for backups.
+    citizen_hash_key: [u8; 32],
     /// Booking attempts per citizen.
     attempts: rate_limits::CitizenLimiter,
     /// Serialises authority writes (sites, schedules, imports, capacities, closures)
@@ -160,6 +164,7 @@ impl Engine {
             ids: BookingIds::new(&key).map_err(|e| {
                 ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
             })?,
+            citizen_hash_key: key,
             attempts: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_attempts_per_min),
             authority_writes: tokio::sync::Mutex::new(()),
         };

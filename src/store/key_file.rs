@@ -29,20 +29,29 @@ pub fn load_or_create(data_dir: &Path) -> Result<[u8; KEY_LENGTH], StoreError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key: [u8; KEY_LENGTH] = rand::random();
-            let temporary = data_dir.join(format!("{KEY_FILE_NAME}.tmp"));
-            let mut options = OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options.open(&temporary).map_err(|e| io("creating", e))?;
-            file.write_all(&key).map_err(|e| io("writing", e))?;
-            file.sync_all().map_err(|e| io("syncing", e))?;
-            fs::rename(&temporary, &path).map_err(|e| io("renaming", e))?;
-            File::open(data_dir)
-                .and_then(|dir| dir.sync_all())
-                .map_err(|e| io("syncing the directory of", e))?;
+            write_new(data_dir, &key)?;
             Ok(key)
         }
         Err(e) => Err(io("opening", e)),
     }
+}
+
+/// Writes `key` as the data dir's key file (a restore brings the backup's key back).
+pub fn write_new(data_dir: &Path, key: &[u8; KEY_LENGTH]) -> Result<(), StoreError> {
+    let path = data_dir.join(KEY_FILE_NAME);
+    let io =
+        |what: &str, e: std::io::Error| StoreError::Io(format!("{what} {}: {e}", path.display()));
+    let temporary = data_dir.join(format!("{KEY_FILE_NAME}.tmp"));
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&temporary).map_err(|e| io("creating", e))?;
+    file.write_all(key).map_err(|e| io("writing", e))?;
+    file.sync_all().map_err(|e| io("syncing", e))?;
+    fs::rename(&temporary, &path).map_err(|e| io("renaming", e))?;
+    File::open(data_dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| io("syncing the directory of", e))?;
+    Ok(())
 }

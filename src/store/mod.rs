@@ -4,6 +4,7 @@
 //! Must not import tonic. Knows records, not rules: invariants are checked by the
 //! service layer when it rebuilds the domain from these scans.
 
+pub mod backup;
 pub mod committer;
 pub mod key_file;
 pub mod records;
