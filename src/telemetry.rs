@@ -234,3 +234,80 @@ pub fn init_logging(format: LogFormat) {
             .init(),
     }
 }
+
+/// Every metric name above (a test checks the dashboard in `deploy/` uses only these).
+pub const ALL: &[&str] = &[
+    GRPC_HANDLED,
+    GRPC_HANDLING_SECONDS,
+    BOOKINGS,
+    HOLDS,
+    HOLDS_EXPIRED,
+    HOLDS_LIVE,
+    RATE_LIMITED,
+    RATE_LIMITER_KEYS,
+    SHED,
+    COMMIT_BATCH_WRITES,
+    COMMIT_BATCH_REQUESTS,
+    COMMIT_APPLY_SECONDS,
+    COMMIT_FLUSH_SECONDS,
+    COMMIT_FSYNC_SECONDS,
+    COMMIT_FAILURES,
+    STORE_HEALTHY,
+    STORE_DISK_BYTES,
+    SERVING,
+    RECOVERY_SECONDS,
+    RECOVERED_RECORDS,
+    SITE_SLOTS,
+    SITE_SLOTS_CLOSED,
+    SITE_CAPACITY,
+    SITE_BOOKED,
+    SITE_HELD,
+    SITES,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dashboard_and_the_readme_name_only_metrics_that_exist() {
+        let histograms = [
+            GRPC_HANDLING_SECONDS,
+            COMMIT_BATCH_WRITES,
+            COMMIT_BATCH_REQUESTS,
+            COMMIT_APPLY_SECONDS,
+            COMMIT_FLUSH_SECONDS,
+            COMMIT_FSYNC_SECONDS,
+        ];
+        let known = |name: &str| {
+            ALL.contains(&name)
+                || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                    name.strip_suffix(suffix)
+                        .is_some_and(|base| histograms.contains(&base))
+                })
+        };
+        for (file, text) in [
+            (
+                "deploy/grafana-dashboard.json",
+                include_str!("../deploy/grafana-dashboard.json"),
+            ),
+            ("README.md", include_str!("../README.md")),
+        ] {
+            let mut used = 0;
+            for start in ["prenota_", "grpc_server_"] {
+                for (at, _) in text.match_indices(start) {
+                    let name: String = text[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+                        .collect();
+                    assert!(
+                        known(&name),
+                        "{file} names {name}, which prenota does not export"
+                    );
+                    used += 1;
+                }
+            }
+            assert!(used > 10, "{file} names only {used} metrics");
+        }
+    }
+}

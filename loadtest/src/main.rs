@@ -223,8 +223,35 @@ async fn run(cli: Cli) -> Result<bool, String> {
             run_scenario(Kind::Mixed, &cli, &channels, &shape, &progress).await
         }
     };
+    if let Some(metrics) = target.server_metrics() {
+        print_group_commits(&metrics);
+    }
     target.stop();
     result
+}
+
+/// One line from the spawned server's own metrics: how writes were grouped.
+fn print_group_commits(metrics: &str) {
+    let sample = |name: &str| {
+        metrics.lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+            value.trim().parse::<f64>().ok()
+        })
+    };
+    if let (Some(commits), Some(writes), Some(fsync_seconds)) = (
+        sample("prenota_commit_batch_writes_count"),
+        sample("prenota_commit_batch_writes_sum"),
+        sample("prenota_commit_fsync_seconds_sum"),
+    ) {
+        if commits > 0.0 {
+            println!(
+                "server: {commits} group commits, {:.1} writes per commit, fdatasync {:.2} ms \
+                 on average",
+                writes / commits,
+                fsync_seconds / commits * 1e3
+            );
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

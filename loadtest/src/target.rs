@@ -12,11 +12,17 @@ pub struct Target {
     spawned: Option<Spawned>,
 }
 
+/// Renders a spawned server's Prometheus metrics.
+type RenderMetrics = Box<dyn Fn() -> String + Send>;
+
 struct Spawned {
     stop: oneshot::Sender<()>,
     thread: JoinHandle<()>,
     /// Deleted when the target is dropped, after the server stopped.
     _data_dir: tempfile::TempDir,
+    /// The spawned server records metrics like `prenota serve` does (so their cost is
+    /// in the measurement); read at the end of a run.
+    metrics: RenderMetrics,
 }
 
 impl Target {
@@ -41,7 +47,8 @@ impl Target {
     pub fn spawn(config: Config) -> Result<Self, String> {
         let data_dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let path = data_dir.path().to_path_buf();
-        let (ready, address) = std::sync::mpsc::channel::<Result<String, String>>();
+        let (ready, address) =
+            std::sync::mpsc::channel::<Result<(String, RenderMetrics), String>>();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("prenota-server".into())
@@ -57,6 +64,10 @@ impl Target {
                     }
                 };
                 runtime.block_on(async move {
+                    let metrics = match prenota::telemetry::record_only() {
+                        Ok(handle) => handle,
+                        Err(e) => return drop(ready.send(Err(e))),
+                    };
                     let opened = Server::open(ServeOptions {
                         data_dir: path,
                         config,
@@ -71,7 +82,10 @@ impl Target {
                     };
                     let url = listener
                         .local_addr()
-                        .map(|a| format!("http://{a}"))
+                        .map(|a| {
+                            let render: RenderMetrics = Box::new(move || metrics.render());
+                            (format!("http://{a}"), render)
+                        })
                         .map_err(|e| e.to_string());
                     let _ = ready.send(url);
                     if let Err(e) = server.serve(listener, async { drop(stopped.await) }).await {
@@ -80,7 +94,7 @@ impl Target {
                 });
             })
             .map_err(|e| format!("server thread: {e}"))?;
-        let url = address
+        let (url, metrics) = address
             .recv()
             .map_err(|_| "the server thread died".to_string())??;
         Ok(Self {
@@ -89,8 +103,14 @@ impl Target {
                 stop,
                 thread,
                 _data_dir: data_dir,
+                metrics,
             }),
         })
+    }
+
+    /// The spawned server's metrics in the Prometheus text format.
+    pub fn server_metrics(&self) -> Option<String> {
+        self.spawned.as_ref().map(|spawned| (spawned.metrics)())
     }
 
     /// Stops a spawned server gracefully (its final flush included).
