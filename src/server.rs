@@ -260,10 +260,9 @@ async fn run(
             CapacityServiceServer::new(CapacityApi::new(Arc::clone(&engine)))
                 .max_decoding_message_size(max_message),
         );
+        set_health(&health, ServingStatus::Serving).await;
+        // Started after SERVING: the health mirror turns it back if the store already failed.
         let tasks = Tasks::start(&engine, &health);
-        if *engine.store_health().borrow() {
-            set_health(&health, ServingStatus::Serving).await;
-        }
         on_serving();
         Ok((engine, tasks, stop))
     };
@@ -271,15 +270,14 @@ async fn run(
     set_health(&health, ServingStatus::NotServing).await;
     // The services hold the engine; `close` waits until it is the last holder.
     drop((booking_slot, capacity_slot));
-    let result = match started {
+    match started {
         Ok((engine, tasks, _stop)) => {
             tasks.stop().await;
             close(engine).await;
             served.map_err(ServeError::from)
         }
         Err(error) => Err(error),
-    };
-    result
+    }
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
@@ -295,7 +293,11 @@ async fn mirror_store_health(
     mut store_healthy: tokio::sync::watch::Receiver<bool>,
     health: HealthReporter,
 ) {
-    metrics::gauge!(telemetry::STORE_HEALTHY).set(if *store_healthy.borrow() { 1.0 } else { 0.0 });
+    let healthy = *store_healthy.borrow_and_update();
+    metrics::gauge!(telemetry::STORE_HEALTHY).set(if healthy { 1.0 } else { 0.0 });
+    if !healthy {
+        set_health(&health, ServingStatus::NotServing).await;
+    }
     while store_healthy.changed().await.is_ok() {
         if !*store_healthy.borrow() {
             metrics::gauge!(telemetry::STORE_HEALTHY).set(0.0);

@@ -38,26 +38,64 @@ pub struct Observe<S> {
     inner: S,
 }
 
-/// `(service, method)` labels of a request path. Only the methods the server declares
-/// get their own labels, so a client cannot grow the label set with made-up paths.
-fn labels(path: &str) -> (&'static str, &'static str) {
-    static KNOWN: OnceLock<HashMap<String, (&'static str, &'static str)>> = OnceLock::new();
+/// The metric handles of one method, registered once: recording a request is then a
+/// few atomic operations, with no registry lookup.
+struct MethodMetrics {
+    service: &'static str,
+    method: &'static str,
+    handling: metrics::Histogram,
+    /// By code number (0..=16), registered the first time a code is seen.
+    handled: [OnceLock<metrics::Counter>; 17],
+}
+
+impl MethodMetrics {
+    fn new(service: &'static str, method: &'static str) -> Self {
+        Self {
+            service,
+            method,
+            handling: metrics::histogram!(telemetry::GRPC_HANDLING_SECONDS,
+                "grpc_service" => service, "grpc_method" => method),
+            handled: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn handled(&self, code: Code) -> &metrics::Counter {
+        let index = (i32::from(code) as usize).min(self.handled.len() - 1);
+        self.handled[index].get_or_init(|| {
+            metrics::counter!(telemetry::GRPC_HANDLED, "grpc_service" => self.service,
+                "grpc_method" => self.method, "grpc_code" => code_name(code))
+        })
+    }
+}
+
+/// The metrics of a request path. Only the methods the server declares get their own
+/// labels, so a client cannot grow the label set with made-up paths. Built on the first
+/// request, after the binary installed its recorder.
+fn method_metrics(path: &str) -> &'static MethodMetrics {
+    static KNOWN: OnceLock<HashMap<String, MethodMetrics>> = OnceLock::new();
+    static UNKNOWN: OnceLock<MethodMetrics> = OnceLock::new();
     KNOWN
         .get_or_init(known_methods)
         .get(path)
-        .copied()
-        .unwrap_or(("unknown", "unknown"))
+        .unwrap_or_else(|| UNKNOWN.get_or_init(|| MethodMetrics::new("unknown", "unknown")))
+}
+
+#[cfg(test)]
+fn labels(path: &str) -> (&'static str, &'static str) {
+    let metrics = method_metrics(path);
+    (metrics.service, metrics.method)
 }
 
 /// Every method of prenota's protos, of health and of reflection, by request path.
-fn known_methods() -> HashMap<String, (&'static str, &'static str)> {
+fn known_methods() -> HashMap<String, MethodMetrics> {
     let mut known = HashMap::new();
     let mut add = |service: &str, method: &str| {
-        let leaked: (&'static str, &'static str) = (
-            Box::leak(service.to_string().into_boxed_str()),
-            Box::leak(method.to_string().into_boxed_str()),
+        let service: &'static str = Box::leak(service.to_string().into_boxed_str());
+        let method: &'static str = Box::leak(method.to_string().into_boxed_str());
+        known.insert(
+            format!("/{service}/{method}"),
+            MethodMetrics::new(service, method),
         );
-        known.insert(format!("/{service}/{method}"), leaked);
     };
     for encoded in [
         crate::proto::FILE_DESCRIPTOR_SET,
@@ -100,14 +138,17 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let started = Instant::now();
-        let (service, method) = labels(request.uri().path());
-        let span = tracing::debug_span!("request", grpc.service = service, grpc.method = method);
+        let metrics = method_metrics(request.uri().path());
+        let span = tracing::debug_span!(
+            "request",
+            grpc.service = metrics.service,
+            grpc.method = metrics.method
+        );
         let response = self.inner.call(request).instrument(span.clone());
         Box::pin(async move {
             let response = response.await?;
             let mut outcome = Outcome {
-                service,
-                method,
+                metrics,
                 started,
                 span,
                 recorded: false,
@@ -131,8 +172,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
 
 /// Counts one request, once.
 struct Outcome {
-    service: &'static str,
-    method: &'static str,
+    metrics: &'static MethodMetrics,
     started: Instant,
     span: tracing::Span,
     recorded: bool,
@@ -145,12 +185,8 @@ impl Outcome {
         }
         let seconds = self.started.elapsed().as_secs_f64();
         let code_name = code_name(code);
-        metrics::counter!(telemetry::GRPC_HANDLED,
-            "grpc_service" => self.service, "grpc_method" => self.method, "grpc_code" => code_name)
-        .increment(1);
-        metrics::histogram!(telemetry::GRPC_HANDLING_SECONDS,
-            "grpc_service" => self.service, "grpc_method" => self.method)
-        .record(seconds);
+        self.metrics.handled(code).increment(1);
+        self.metrics.handling.record(seconds);
         let latency_us = (seconds * 1e6) as u64;
         let _entered = self.span.enter();
         match code {
