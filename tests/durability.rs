@@ -1,0 +1,209 @@
+//! The durability barrier, on the real binary: an LD_PRELOAD shim (tests/shim/) takes
+//! over `fdatasync`, the call prenota's committer makes after sled's flush.
+//!
+//! - While fdatasync is held, a booking is not acknowledged; it is once the sync returns.
+//! - A failed fdatasync fails the booking, turns health NOT_SERVING, and stops every later
+//!   write (no silent retry); after a restart a retry of the failed request books at most
+//!   once.
+//!
+//! The shim is compiled with the system C compiler (`cc`) when the test runs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::child::{http_get, ChildOptions, ChildServer};
+use common::*;
+use prenota::proto::booking_service_client::BookingServiceClient;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Builds the shim into `dir` and returns its path.
+fn build_shim(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/shim/fdatasync_gate.c");
+    let library = dir.join("fdatasync_gate.so");
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .expect("a C compiler (cc) builds the fdatasync shim");
+    assert!(status.success(), "cc failed on {}", source.display());
+    library
+}
+
+/// A child server whose fdatasync is controlled through files in `control`.
+fn start_with_shim(data_dir: &Path, library: &Path, control: &Path) -> ChildServer {
+    let mut server = ChildServer::start_recovering(
+        data_dir,
+        ChildOptions {
+            env: vec![
+                ("LD_PRELOAD".into(), library.display().to_string()),
+                (
+                    "PRENOTA_FSYNC_SHIM_DIR".into(),
+                    control.display().to_string(),
+                ),
+            ],
+            ..ChildOptions::default()
+        },
+    );
+    server.wait_serving();
+    server
+}
+
+async fn health(server: &ChildServer) -> ServingStatus {
+    let status = HealthClient::new(connect(&server.url).await)
+        .check(HealthCheckRequest {
+            service: "prenota.v1.BookingService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_booking_is_acknowledged_before_its_fdatasync_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = build_shim(dir.path());
+    let control = dir.path().join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    let server = start_with_shim(&dir.path().join("data"), &library, &control);
+    let channel = connect(&server.url).await;
+    let slot_id = SlotSetup::new(channel.clone()).await.slot_id;
+
+    // Hold the barrier, then book.
+    std::fs::write(control.join("gate"), b"").unwrap();
+    let mut client = BookingServiceClient::new(channel.clone());
+    let booking = tokio::spawn(async move {
+        client
+            .book(book_request(&slot_id, "citizen-gated", "gated"))
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !control.join("waiting").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the commit never reached fdatasync"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The write is applied and flushed, fdatasync is running: no answer yet.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !booking.is_finished(),
+        "the booking was acknowledged while fdatasync had not returned"
+    );
+    std::fs::remove_file(control.join("gate")).unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), booking)
+        .await
+        .expect("answered once fdatasync returned")
+        .unwrap();
+    assert!(answered.is_ok(), "{answered:?}");
+    assert_eq!(health(&server).await, ServingStatus::Serving);
+    server.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = build_shim(dir.path());
+    let control = dir.path().join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    let data_dir = dir.path().join("data");
+    let server = start_with_shim(&data_dir, &library, &control);
+    let channel = connect(&server.url).await;
+    let slot_id = SlotSetup::new(channel.clone()).await.slot_id;
+    let mut client = BookingServiceClient::new(channel.clone());
+    book_ok(
+        &mut client,
+        book_request(&slot_id, "citizen-before", "before"),
+    )
+    .await;
+
+    std::fs::write(control.join("fail"), b"").unwrap();
+    let failed = client
+        .book(book_request(&slot_id, "citizen-failed", "failed"))
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+    assert_eq!(reason(&failed).as_deref(), Some("STORAGE_FAILED"));
+    assert_eq!(health(&server).await, ServingStatus::NotServing);
+
+    // The disk is back, but the store stays failed: nothing is retried silently.
+    std::fs::remove_file(control.join("fail")).unwrap();
+    let refused = client
+        .book(book_request(&slot_id, "citizen-after", "after"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused).as_deref(), Some("STORAGE_FAILED"));
+    let metrics = http_get(&server.metrics_url);
+    assert!(metrics.contains("prenota_store_healthy 0"), "{metrics}");
+    assert!(
+        metrics.contains("prenota_commit_failures_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("prenota_serving 0"), "{metrics}");
+    server.kill_9();
+
+    // After a restart the disk decides: the failed booking may or may not be there (its
+    // flush ran), but its retry books at most once, and the refused one books now.
+    let server = start_with_shim(&data_dir, &library, &control);
+    assert_eq!(health(&server).await, ServingStatus::Serving);
+    let channel = connect(&server.url).await;
+    let mut client = BookingServiceClient::new(channel.clone());
+    let retried = book_ok(
+        &mut client,
+        book_request(&slot_id, "citizen-failed", "failed"),
+    )
+    .await;
+    let again = book_ok(
+        &mut client,
+        book_request(&slot_id, "citizen-failed", "failed"),
+    )
+    .await;
+    assert_eq!(retried.booking_id, again.booking_id);
+    book_ok(
+        &mut client,
+        book_request(&slot_id, "citizen-after", "after"),
+    )
+    .await;
+    let bookings = export_all(channel).await;
+    assert_eq!(bookings.len(), 3, "{bookings:?}");
+    server.terminate();
+}
+
+/// A UTC site with one slot of 10 places.
+struct SlotSetup {
+    slot_id: String,
+}
+
+impl SlotSetup {
+    async fn new(channel: tonic::transport::Channel) -> Self {
+        let mut capacity =
+            prenota::proto::capacity_service_client::CapacityServiceClient::new(channel.clone());
+        upsert_site(&mut capacity, "durable", "r", "Etc/UTC").await;
+        let day = day_ahead(30);
+        capacity
+            .publish_schedule(publish_request(
+                "durable",
+                "vax",
+                (&day, &day),
+                ("10:00", "10:30"),
+                30,
+                10,
+            ))
+            .await
+            .unwrap();
+        let slots = search_all(&mut BookingServiceClient::new(channel), "durable", "vax").await;
+        Self {
+            slot_id: slots[0].slot_id.clone(),
+        }
+    }
+}
