@@ -17,11 +17,21 @@ use prenota::proto::capacity_service_client::CapacityServiceClient;
 use tonic::Code;
 
 const SLOTS: usize = 4;
-const CAPACITY_PER_SLOT: u32 = 200;
+const CAPACITY_PER_SLOT: u32 = 2_000;
 const CLIENTS: usize = 16;
-const CYCLES: usize = 3;
-/// Acknowledged bookings per cycle before the kill; the clients keep booking meanwhile.
-const ACKS_BEFORE_KILL: usize = 40;
+/// Kill cycles; `PRENOTA_CRASH_CYCLES` sets more for soak runs.
+const CYCLES_DEFAULT: usize = 20;
+/// The kill comes after a random number of acknowledgements in this range, plus a
+/// random pause of up to `KILL_JITTER_MS`: anywhere in a commit's life.
+const ACKS_BEFORE_KILL: std::ops::Range<usize> = 5..80;
+const KILL_JITTER_MS: u64 = 15;
+
+fn cycles() -> usize {
+    std::env::var("PRENOTA_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CYCLES_DEFAULT)
+}
 
 /// One citizen's booking attempt and what the client learnt about it.
 #[derive(Clone)]
@@ -29,6 +39,25 @@ struct Attempt {
     citizen: String,
     request_id: String,
     slot_id: String,
+}
+
+/// A cancel that got no answer: its booking may be cancelled or not.
+#[derive(Clone)]
+struct UnansweredCancel {
+    booking_id: String,
+    citizen: String,
+    request_id: String,
+}
+
+/// What the clients were told, across cycles.
+#[derive(Default)]
+struct Told {
+    /// booking_id → citizen, for every acknowledged booking.
+    booked: HashMap<String, String>,
+    /// Bookings whose cancel was acknowledged.
+    cancelled: HashSet<String>,
+    unanswered_books: Vec<Attempt>,
+    unanswered_cancels: Vec<UnansweredCancel>,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,12 +93,12 @@ async fn kill_9_loses_no_acknowledged_booking() {
     assert_eq!(slot_ids.len(), SLOTS);
     drop((capacity, channel));
 
-    let acknowledged: Arc<Mutex<HashMap<String, String>>> = Arc::default(); // booking_id → citizen
-    let unanswered: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+    let told: Arc<Mutex<Told>> = Arc::default();
     let mut server = Some(server);
     let mut next_citizen = 0usize;
+    let cycles = cycles();
 
-    for cycle in 0..CYCLES {
+    for cycle in 0..cycles {
         let running = server
             .take()
             .unwrap_or_else(|| ChildServer::start(dir.path()));
@@ -77,12 +106,12 @@ async fn kill_9_loses_no_acknowledged_booking() {
         let mut clients = Vec::new();
         for client_index in 0..CLIENTS {
             let mut client = BookingServiceClient::new(connect(&running.url).await);
-            let acknowledged = Arc::clone(&acknowledged);
-            let unanswered = Arc::clone(&unanswered);
+            let told = Arc::clone(&told);
             let cycle_acks = Arc::clone(&cycle_acks);
             let slot_ids = slot_ids.clone();
             let first_citizen = next_citizen + client_index * 1_000;
             clients.push(tokio::spawn(async move {
+                let mut previous: Option<(String, String)> = None; // (booking, citizen)
                 for n in 0..1_000 {
                     let citizen = first_citizen + n;
                     let attempt = Attempt {
@@ -95,59 +124,117 @@ async fn kill_9_loses_no_acknowledged_booking() {
                     match client.book(request).await {
                         Ok(response) => {
                             let booking = response.into_inner().booking.unwrap();
-                            acknowledged
-                                .lock()
+                            told.lock()
                                 .unwrap()
-                                .insert(booking.booking_id, attempt.citizen);
+                                .booked
+                                .insert(booking.booking_id.clone(), attempt.citizen.clone());
                             cycle_acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            previous = Some((booking.booking_id, attempt.citizen));
                         }
                         Err(status) if status.code() == Code::FailedPrecondition => {} // full
                         Err(_) => {
                             // The server died under this request: its outcome is unknown.
-                            unanswered.lock().unwrap().push(attempt);
+                            told.lock().unwrap().unanswered_books.push(attempt);
                             return;
+                        }
+                    }
+                    // Every third citizen cancels right after booking: places come back.
+                    if n % 3 == 0 {
+                        let Some((booking_id, citizen)) = previous.take() else {
+                            continue;
+                        };
+                        let cancel = UnansweredCancel {
+                            request_id: format!("cancel-{booking_id}"),
+                            booking_id,
+                            citizen,
+                        };
+                        let sent = client
+                            .cancel_booking(proto::CancelBookingRequest {
+                                booking_id: cancel.booking_id.clone(),
+                                citizen_id: cancel.citizen.clone(),
+                                request_id: cancel.request_id.clone(),
+                            })
+                            .await;
+                        match sent {
+                            Ok(_) => {
+                                told.lock().unwrap().cancelled.insert(cancel.booking_id);
+                            }
+                            Err(_) => {
+                                told.lock().unwrap().unanswered_cancels.push(cancel);
+                                return;
+                            }
                         }
                     }
                 }
             }));
         }
         next_citizen += CLIENTS * 1_000;
+        let kill_after = rand::random_range(ACKS_BEFORE_KILL);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while cycle_acks.load(std::sync::atomic::Ordering::SeqCst) < ACKS_BEFORE_KILL
+        while cycle_acks.load(std::sync::atomic::Ordering::SeqCst) < kill_after
             && tokio::time::Instant::now() < deadline
         {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..KILL_JITTER_MS))).await;
         running.kill_9();
         for client in clients {
             client.await.unwrap();
         }
         assert!(
-            cycle_acks.load(std::sync::atomic::Ordering::SeqCst) >= ACKS_BEFORE_KILL || cycle > 0,
+            cycle_acks.load(std::sync::atomic::Ordering::SeqCst) >= kill_after,
             "cycle {cycle}: the clients never got going"
         );
 
         let restarted = ChildServer::start(dir.path());
         let exported = export_all(connect(&restarted.url).await).await;
-        verify(cycle, &exported, &acknowledged.lock().unwrap(), &slot_ids);
+        verify(cycle, &exported, &told.lock().unwrap(), &slot_ids);
 
-        // Retry every request that got no answer: each resolves to at most one booking.
+        // Retry every request that got no answer: each resolves to at most one booking,
+        // and a retried cancel leaves its booking cancelled.
         let mut client = BookingServiceClient::new(connect(&restarted.url).await);
-        let retries: Vec<Attempt> = unanswered.lock().unwrap().drain(..).collect();
-        for attempt in &retries {
+        let (books, cancels) = {
+            let mut told = told.lock().unwrap();
+            (
+                std::mem::take(&mut told.unanswered_books),
+                std::mem::take(&mut told.unanswered_cancels),
+            )
+        };
+        for attempt in &books {
             let request = book_request(&attempt.slot_id, &attempt.citizen, &attempt.request_id);
             if let Ok(response) = client.book(request.clone()).await {
                 let first = response.into_inner().booking.unwrap();
                 let again = book_ok(&mut client, request).await;
                 assert_eq!(first.booking_id, again.booking_id);
-                acknowledged
-                    .lock()
+                told.lock()
                     .unwrap()
+                    .booked
                     .insert(first.booking_id, attempt.citizen.clone());
             }
         }
+        for cancel in &cancels {
+            let request = proto::CancelBookingRequest {
+                booking_id: cancel.booking_id.clone(),
+                citizen_id: cancel.citizen.clone(),
+                request_id: cancel.request_id.clone(),
+            };
+            for _ in 0..2 {
+                let cancelled = client
+                    .cancel_booking(request.clone())
+                    .await
+                    .unwrap_or_else(|status| panic!("cycle {cycle}: retried cancel: {status:?}"))
+                    .into_inner()
+                    .booking
+                    .unwrap();
+                assert_eq!(cancelled.state(), proto::BookingState::Cancelled);
+            }
+            told.lock()
+                .unwrap()
+                .cancelled
+                .insert(cancel.booking_id.clone());
+        }
         let exported = export_all(connect(&restarted.url).await).await;
-        verify(cycle, &exported, &acknowledged.lock().unwrap(), &slot_ids);
+        verify(cycle, &exported, &told.lock().unwrap(), &slot_ids);
         server = Some(restarted);
     }
     if let Some(server) = server {
@@ -155,23 +242,38 @@ async fn kill_9_loses_no_acknowledged_booking() {
     }
 }
 
-fn verify(
-    cycle: usize,
-    exported: &[proto::Booking],
-    acknowledged: &HashMap<String, String>,
-    slot_ids: &[String],
-) {
-    let exported_ids: HashSet<&str> = exported.iter().map(|b| b.booking_id.as_str()).collect();
-    for booking_id in acknowledged.keys() {
-        assert!(
-            exported_ids.contains(booking_id.as_str()),
-            "cycle {cycle}: acknowledged booking {booking_id} lost"
-        );
+fn verify(cycle: usize, exported: &[proto::Booking], told: &Told, slot_ids: &[String]) {
+    let by_id: HashMap<&str, &proto::Booking> = exported
+        .iter()
+        .map(|b| (b.booking_id.as_str(), b))
+        .collect();
+    for booking_id in told.booked.keys() {
+        let booking = by_id
+            .get(booking_id.as_str())
+            .unwrap_or_else(|| panic!("cycle {cycle}: acknowledged booking {booking_id} lost"));
+        if told.cancelled.contains(booking_id) {
+            assert_eq!(
+                booking.state(),
+                proto::BookingState::Cancelled,
+                "cycle {cycle}: acknowledged cancel of {booking_id} lost"
+            );
+        }
     }
     let mut per_slot: HashMap<&str, u32> = HashMap::new();
+    let mut confirmed_citizens = HashSet::new();
     for booking in exported {
-        assert_eq!(booking.state, proto::BookingState::Confirmed as i32);
+        if booking.state() != proto::BookingState::Confirmed {
+            continue;
+        }
         *per_slot.entry(booking.slot_id.as_str()).or_default() += 1;
+        // Bookings of unanswered requests are not in `told` yet; their citizens are
+        // distinct from every other by construction, so those that are must be unique.
+        if let Some(citizen) = told.booked.get(&booking.booking_id) {
+            assert!(
+                confirmed_citizens.insert(citizen.clone()),
+                "cycle {cycle}: {citizen} holds two confirmed bookings"
+            );
+        }
     }
     for slot_id in slot_ids {
         let booked = per_slot.get(slot_id.as_str()).copied().unwrap_or(0);
@@ -180,17 +282,6 @@ fn verify(
             "cycle {cycle}: {slot_id} holds {booked} > {CAPACITY_PER_SLOT}"
         );
     }
-    // Every exported booking belongs to a distinct citizen (one booking each, at most).
-    let citizens: Vec<&String> = exported
-        .iter()
-        .filter_map(|b| acknowledged.get(&b.booking_id))
-        .collect();
-    let distinct: HashSet<&&String> = citizens.iter().collect();
-    assert_eq!(
-        citizens.len(),
-        distinct.len(),
-        "cycle {cycle}: a citizen holds two bookings"
-    );
 }
 
 /// What one citizen's client knows when the server dies mid-reschedule.

@@ -23,7 +23,7 @@ pub struct ChildOptions {
     pub env: Vec<(String, String)>,
     /// Where stderr (the logs) goes; inherited when `None`.
     pub stderr: Option<File>,
-    /// `RUST_LOG`; `warn` when `None`.
+    /// `RUST_LOG`; `error` when `None`.
     pub rust_log: Option<String>,
 }
 
@@ -49,7 +49,7 @@ impl ChildServer {
             ])
             .arg(data_dir)
             .args(&options.args)
-            .env("RUST_LOG", options.rust_log.as_deref().unwrap_or("warn"))
+            .env("RUST_LOG", options.rust_log.as_deref().unwrap_or("error"))
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped());
         match options.stderr {
