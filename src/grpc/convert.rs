@@ -123,6 +123,14 @@ fn page_size(value: i32, limits: &Limits) -> Result<usize, FieldViolation> {
     }
 }
 
+/// Characters refused in text shown to citizens (site names, closure reasons): control
+/// characters, and the bidirectional overrides and isolates that can make text read
+/// differently from what it holds ("Trojan Source").
+pub fn unsafe_in_display_text(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 pub fn site_from_proto(site: Option<proto::Site>, limits: &Limits) -> Result<Site, DomainError> {
     let Some(site) = site else {
         return Err(DomainError::invalid("site", "is required"));
@@ -139,8 +147,11 @@ pub fn site_from_proto(site: Option<proto::Site>, limits: &Limits) -> Result<Sit
             "site.name",
             format!("must be at most {} characters", limits.site_name_length_max),
         );
-    } else if name.chars().any(char::is_control) {
-        v.push("site.name", "must not contain control characters");
+    } else if name.chars().any(unsafe_in_display_text) {
+        v.push(
+            "site.name",
+            "must not contain control or text-direction characters",
+        );
     }
     v.finish()?;
     match (id, region, zone) {
@@ -280,8 +291,11 @@ pub fn close_from_proto(
                 limits.close_reason_length_max
             ),
         );
-    } else if reason.chars().any(char::is_control) {
-        v.push("reason", "must not contain control characters");
+    } else if reason.chars().any(unsafe_in_display_text) {
+        v.push(
+            "reason",
+            "must not contain control or text-direction characters",
+        );
     }
     v.finish()?;
     match (site, service, from, to, request_key) {
