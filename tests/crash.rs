@@ -17,7 +17,8 @@ use prenota::proto::capacity_service_client::CapacityServiceClient;
 use tonic::Code;
 
 const SLOTS: usize = 4;
-const CAPACITY_PER_SLOT: u32 = 2_000;
+/// The largest capacity a slot may have: room for about 500 cycles of bookings.
+const CAPACITY_PER_SLOT: u32 = 10_000;
 const CLIENTS: usize = 16;
 /// Kill cycles; `PRENOTA_CRASH_CYCLES` sets more for soak runs.
 const CYCLES_DEFAULT: usize = 20;

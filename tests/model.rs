@@ -29,14 +29,40 @@ const INITIAL_CAPACITY: u32 = 2;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Book { citizen: u8, slot: usize },
-    Hold { citizen: u8, slot: usize },
-    Confirm { hold: usize, citizen: u8 },
-    RetryBook { request: usize },
-    Cancel { booking: usize, citizen: u8 },
-    Reschedule { booking: usize, slot: usize },
-    SetCapacity { slot: usize, capacity: u32 },
-    Close { slot: usize },
+    Book {
+        citizen: u8,
+        slot: usize,
+    },
+    Hold {
+        citizen: u8,
+        slot: usize,
+    },
+    Confirm {
+        hold: usize,
+        citizen: u8,
+    },
+    RetryBook {
+        request: usize,
+    },
+    Cancel {
+        booking: usize,
+        citizen: u8,
+    },
+    Reschedule {
+        booking: usize,
+        slot: usize,
+    },
+    SetCapacity {
+        slot: usize,
+        capacity: u32,
+    },
+    /// Publishes the schedule again with another capacity per slot.
+    Publish {
+        capacity: u32,
+    },
+    Close {
+        slot: usize,
+    },
     ExpireHolds,
     Restart,
 }
@@ -52,6 +78,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..8usize, citizen).prop_map(|(booking, citizen)| Op::Cancel { booking, citizen }),
         2 => (0..8usize, slot.clone()).prop_map(|(booking, slot)| Op::Reschedule { booking, slot }),
         1 => (slot.clone(), 0..4u32).prop_map(|(slot, capacity)| Op::SetCapacity { slot, capacity }),
+        1 => (0..4u32).prop_map(|capacity| Op::Publish { capacity }),
         1 => slot.prop_map(|slot| Op::Close { slot }),
         1 => Just(Op::ExpireHolds),
         1 => Just(Op::Restart),
@@ -140,6 +167,7 @@ fn config() -> Config {
 
 struct Harness {
     engine: Option<Arc<Engine>>,
+    schedule: Schedule,
     dir: tempfile::TempDir,
     slots: Vec<SlotKey>,
     site_id: SiteId,
@@ -192,10 +220,11 @@ impl Harness {
             .publish_schedule(&site_id, &service, &schedule, "model")
             .await
             .unwrap();
+        let service_id = service.clone();
         let page = engine
             .search(&SearchQuery {
                 scope: SearchScope::Site(site_id.clone()),
-                service_id: service,
+                service_id,
                 from_unix_s: 0,
                 to_unix_s: i64::MAX / 2,
                 only_available: false,
@@ -207,6 +236,7 @@ impl Harness {
         assert_eq!(slots.len(), SLOTS);
         Self {
             engine: Some(engine),
+            schedule,
             dir,
             slots,
             site_id,
@@ -398,6 +428,27 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
             if check(&got.as_ref().map(|_| ()), expected, op) {
                 m.capacity[slot] = capacity;
                 m.closed[slot] = false;
+            }
+        }
+        Op::Publish { capacity } => {
+            // Closed slots keep their capacity and stay closed; the others must all fit.
+            let expected = if (0..SLOTS).any(|s| !m.closed[s] && m.taken(s) > capacity) {
+                Err("CAPACITY_BELOW_BOOKED")
+            } else {
+                Ok(())
+            };
+            let schedule = Schedule {
+                capacity_per_slot: capacity,
+                ..h.schedule.clone()
+            };
+            let service = ServiceId::parse("service_id", "vax", 64).unwrap();
+            let got = engine
+                .publish_schedule(&h.site_id, &service, &schedule, "model")
+                .await;
+            if check(&got.as_ref().map(|_| ()), expected, op) {
+                for s in (0..SLOTS).filter(|&s| !m.closed[s]) {
+                    m.capacity[s] = capacity;
+                }
             }
         }
         Op::Close { slot } => {
