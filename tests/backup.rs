@@ -28,6 +28,22 @@ fn prenota(args: &[&str]) -> Output {
         .expect("run prenota")
 }
 
+/// `prenota restore`, which must succeed.
+fn restore_ok(file: &Path, data_dir: &Path) {
+    let output = prenota(&[
+        "restore",
+        "--from",
+        path(file),
+        "--data-dir",
+        path(data_dir),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -145,18 +161,7 @@ async fn a_backup_under_load_restores_every_booking_acknowledged_before_it() {
     server.stop().await;
 
     let restored_dir = dir.path().join("restored");
-    let output = prenota(&[
-        "restore",
-        "--from",
-        path(&file),
-        "--data-dir",
-        path(&restored_dir),
-    ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    restore_ok(&file, &restored_dir);
     // Recovery of the restored store refuses overbooking and two confirmed bookings
     // of one citizen: a torn reschedule would stop it here.
     let restored = TestServer::start(&restored_dir).await;
@@ -295,18 +300,7 @@ async fn restore_refuses_damaged_files_and_non_empty_dirs_and_offline_backups_ne
     assert!(String::from_utf8_lossy(&output.stderr).contains("not empty"));
 
     let restored_dir = dir.path().join("restored");
-    let output = prenota(&[
-        "restore",
-        "--from",
-        path(&file),
-        "--data-dir",
-        path(&restored_dir),
-    ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    restore_ok(&file, &restored_dir);
     let restored = TestServer::start(&restored_dir).await;
     let mut exported = export_all(restored.channel().await).await;
     let mut original = original;

@@ -19,8 +19,6 @@ use common::*;
 use prenota::proto::booking_service_client::BookingServiceClient;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// Builds the shim into `dir` and returns its path.
 fn build_shim(dir: &Path) -> PathBuf {
@@ -57,15 +55,7 @@ fn start_with_shim(data_dir: &Path, library: &Path, control: &Path) -> ChildServ
 }
 
 async fn health(server: &ChildServer) -> ServingStatus {
-    let status = HealthClient::new(connect(&server.url).await)
-        .check(HealthCheckRequest {
-            service: "prenota.v1.BookingService".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    ServingStatus::try_from(status).unwrap()
+    health_of(connect(&server.url).await, "prenota.v1.BookingService").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

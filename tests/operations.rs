@@ -15,8 +15,6 @@ use prenota::proto::capacity_service_client::CapacityServiceClient;
 use tonic::metadata::MetadataValue;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_types::StatusExt;
 
 /// One sample of the Prometheus text format: name, labels, value.
@@ -208,19 +206,6 @@ async fn metrics_count_requests_outcomes_commits_and_sites() {
     assert!(value(&samples, "prenota_store_disk_bytes", &[]).unwrap() > 0.0);
     assert!(value(&samples, "prenota_recovery_seconds", &[]).is_some());
     server.terminate();
-}
-
-/// Health and a Book call against a child that is still recovering.
-async fn health_of(channel: tonic::transport::Channel, service: &str) -> ServingStatus {
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .expect("health answers while recovering")
-        .into_inner()
-        .status;
-    ServingStatus::try_from(status).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -285,3 +285,19 @@ pub fn violated_fields(status: &Status) -> Vec<String> {
         .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
         .unwrap_or_default()
 }
+
+/// The health status of `service` (`""` for the whole server).
+pub async fn health_of(
+    channel: Channel,
+    service: &str,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    let status = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status;
+    tonic_health::pb::health_check_response::ServingStatus::try_from(status).unwrap()
+}
