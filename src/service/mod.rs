@@ -189,10 +189,6 @@ impl Engine {
         &self.limits
     }
 
-    pub fn holds_live(&self) -> usize {
-        self.live_holds().len()
-    }
-
     /// The store's size on disk, in bytes.
     pub fn store_disk_bytes(&self) -> Result<u64, ServiceError> {
         Ok(self.store.size_on_disk()?)
