@@ -19,6 +19,7 @@ impl Engine {
     pub fn backup(&self, out: impl Write) -> Result<BackupSummary, ServiceError> {
         Ok(self.store.backup(
             &self.citizen_hash_key,
+            crate::service::now_unix_ms(),
             out,
             self.limits.backup_changes_buffered_max,
         )?)

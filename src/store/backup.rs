@@ -101,11 +101,13 @@ impl<W: Write> Writer<W> {
 
 impl Store {
     /// Writes a consistent backup of the store to `out` while writes go on (see the
-    /// module doc). Fails, leaving serving untouched, if the store changes by more than
-    /// `changes_buffered_max` group commits while the scan runs, or fails itself.
+    /// module doc), stamped `created_at_unix_ms`. Fails, leaving serving untouched, if the
+    /// store changes by more than `changes_buffered_max` group commits while the scan
+    /// runs, or fails itself.
     pub fn backup(
         &self,
         citizen_hash_key: &[u8],
+        created_at_unix_ms: i64,
         out: impl Write,
         changes_buffered_max: usize,
     ) -> Result<BackupSummary, StoreError> {
@@ -113,7 +115,7 @@ impl Store {
         let mut writer = Writer::new(out).map_err(io)?;
         writer
             .frame(&Frame::Header {
-                created_at_unix_ms: crate::service::now_unix_ms(),
+                created_at_unix_ms,
                 citizen_hash_key: citizen_hash_key.to_vec(),
             })
             .map_err(io)?;
@@ -340,7 +342,7 @@ mod tests {
             out: Vec::new(),
             writes: 0,
         };
-        let summary = store.backup(&[7; 32], &mut output, 16).unwrap();
+        let summary = store.backup(&[7; 32], 0, &mut output, 16).unwrap();
         assert_eq!(summary.batches_during_scan, 1);
         assert_eq!(summary.records, 10_002);
         let bytes = output.out;
@@ -400,7 +402,7 @@ mod tests {
             }
         }
         let failed = store
-            .backup(&[0; 32], ThreeCommitsDuringScan(&store, 0), 2)
+            .backup(&[0; 32], 0, ThreeCommitsDuringScan(&store, 0), 2)
             .unwrap_err();
         assert!(
             failed.to_string().contains("backup_changes_buffered_max"),
@@ -408,6 +410,6 @@ mod tests {
         );
         futures::executor::block_on(store.commit(&[site("s00002", "after")])).unwrap();
         // The tee is gone: a new backup may start.
-        store.backup(&[0; 32], std::io::sink(), 2).unwrap();
+        store.backup(&[0; 32], 0, std::io::sink(), 2).unwrap();
     }
 }
