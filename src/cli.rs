@@ -323,13 +323,8 @@ fn write_backup_file(
         })
         .and_then(|()| crate::service::backup::verify_backup(&partial))
         .and_then(|(_, records)| {
-            std::fs::rename(&partial, to)
+            crate::store::rename_durably(&partial, to)
                 .map_err(|e| format!("renaming {}: {e}", partial.display()))?;
-            if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::File::open(parent)
-                    .and_then(|dir| dir.sync_all())
-                    .map_err(|e| format!("syncing {}: {e}", parent.display()))?;
-            }
             Ok(records)
         });
     if written.is_err() {

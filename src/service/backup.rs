@@ -92,19 +92,13 @@ pub fn restore(path: &Path, data_dir: &Path, config: &Config) -> Result<RestoreS
             std::fs::remove_dir(data_dir)
                 .map_err(|e| format!("removing the empty {}: {e}", data_dir.display()))?;
         }
-        std::fs::rename(&staging, data_dir).map_err(|e| {
+        crate::store::rename_durably(&staging, data_dir).map_err(|e| {
             format!(
                 "renaming {} to {}: {e}",
                 staging.display(),
                 data_dir.display()
             )
-        })?;
-        if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(parent)
-                .and_then(|dir| dir.sync_all())
-                .map_err(|e| format!("syncing {}: {e}", parent.display()))?;
-        }
-        Ok(())
+        })
     });
     if let Err(error) = restored {
         let _ = std::fs::remove_dir_all(&staging);

@@ -1,6 +1,6 @@
 //! The citizen-id HMAC key, generated once and kept in the data dir.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -49,9 +49,5 @@ pub fn write_new(data_dir: &Path, key: &[u8; KEY_LENGTH]) -> Result<(), StoreErr
     let mut file = options.open(&temporary).map_err(|e| io("creating", e))?;
     file.write_all(key).map_err(|e| io("writing", e))?;
     file.sync_all().map_err(|e| io("syncing", e))?;
-    fs::rename(&temporary, &path).map_err(|e| io("renaming", e))?;
-    File::open(data_dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| io("syncing the directory of", e))?;
-    Ok(())
+    crate::store::rename_durably(&temporary, &path).map_err(|e| io("renaming", e))
 }

@@ -86,9 +86,7 @@ impl Store {
             .map_err(|e| StoreError::Io(format!("opening sled's db file: {e}")))?;
         // The files sled just created must survive a power loss too.
         for dir in [&sled_dir, &data_dir.to_path_buf()] {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
+            sync_dir(dir).map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
         }
         let state = Arc::new(CommitterState::new());
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
@@ -293,6 +291,22 @@ impl Store {
                 tracing::error!("the committer thread panicked");
             }
         }
+    }
+}
+
+/// Makes the entries of `dir` (files created, renamed or removed in it) survive a
+/// power loss.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// Renames `from` to `to` and syncs the directory holding `to`, so the rename itself
+/// survives a power loss (the classic write-temp, fsync, rename, fsync-dir sequence).
+pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    match to.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => sync_dir(Path::new(".")),
     }
 }
 
