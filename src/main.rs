@@ -234,11 +234,7 @@ const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// Flags and `PRENOTA_*` variables, then the file, then the defaults.
 fn effective(args: &ServeArgs) -> Result<(ConfigFile, PathBuf, SocketAddr), String> {
-    let mut file = match &args.config {
-        Some(path) => ConfigFile::read(path)?,
-        None => ConfigFile::default(),
-    };
-    file.apply_env(std::env::vars())?;
+    let file = read_config(args.config.as_deref())?;
     let data_dir = args
         .data_dir
         .clone()
@@ -258,9 +254,7 @@ fn listing(problems: &[String]) -> String {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let (file, data_dir, listen) = effective(&args)?;
-    let mut config = file
-        .check()
-        .map_err(|problems| format!("the configuration is invalid:{}", listing(&problems)))?;
+    let mut config = checked(&file)?;
     let (cert, key, client_ca) = match &args.tls_cert {
         Some(_) => (&args.tls_cert, &args.tls_key, &args.tls_client_ca),
         None => (
@@ -311,19 +305,28 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 
 /// The configuration of a command that opens a data dir itself (limits only).
 fn offline_config(path: Option<&std::path::Path>) -> Result<prenota::config::Config, String> {
+    checked(&read_config(path)?)
+}
+
+/// The file (or the defaults), with the `PRENOTA_LIMITS_*` overrides applied.
+fn read_config(path: Option<&std::path::Path>) -> Result<ConfigFile, String> {
     let mut file = match path {
         Some(path) => ConfigFile::read(path)?,
         None => ConfigFile::default(),
     };
     file.apply_env(std::env::vars())?;
+    Ok(file)
+}
+
+/// The runtime configuration, or every problem of the file.
+fn checked(file: &ConfigFile) -> Result<prenota::config::Config, String> {
     file.check()
         .map_err(|problems| format!("the configuration is invalid:{}", listing(&problems)))
 }
 
 /// `prenota config check FILE`: every problem, or the effective configuration.
 fn config_check(path: &std::path::Path) -> Result<(), String> {
-    let mut file = ConfigFile::read(path)?;
-    file.apply_env(std::env::vars())?;
+    let file = read_config(Some(path))?;
     file.check()
         .map_err(|problems| format!("{} is invalid:{}", path.display(), listing(&problems)))?;
     let mut effective = file.clone();
