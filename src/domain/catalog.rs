@@ -134,6 +134,21 @@ pub struct Totals {
     pub held: u64,
 }
 
+impl Totals {
+    /// Counts one slot whose counter reads `counter`, `held` of its places being live
+    /// holds (the rest of what is taken is confirmed bookings).
+    fn add_slot(&mut self, counter: &CounterSnapshot, held: u32) {
+        self.slots += 1;
+        if counter.closed {
+            self.slots_closed += 1;
+        } else {
+            self.capacity += u64::from(counter.capacity);
+        }
+        self.booked += u64::from(counter.taken.saturating_sub(held));
+        self.held += u64::from(held);
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SiteStats {
     pub totals: Totals,
@@ -331,19 +346,12 @@ impl Catalog {
             .take(limit)
             .map(|entry| {
                 let mut totals = Totals::default();
-                let mut taken = 0u64;
                 for slot in entry.slots.values() {
-                    let counter = slot.counter.snapshot();
-                    totals.slots += 1;
-                    if counter.closed {
-                        totals.slots_closed += 1;
-                    } else {
-                        totals.capacity += u64::from(counter.capacity);
-                    }
-                    taken += u64::from(counter.taken);
+                    // Holds are known per site here: counted as taken, then moved over.
+                    totals.add_slot(&slot.counter.snapshot(), 0);
                 }
                 totals.held = held.get(&entry.site.site_id).copied().unwrap_or(0);
-                totals.booked = taken.saturating_sub(totals.held);
+                totals.booked = totals.booked.saturating_sub(totals.held);
                 (Arc::clone(&entry.site), totals)
             })
             .collect()
@@ -363,12 +371,7 @@ impl Catalog {
         let mut totals = Totals::default();
         let mut by_day: BTreeMap<NaiveDate, Totals> = BTreeMap::new();
         for slot in entry.slots.values() {
-            let CounterSnapshot {
-                capacity,
-                taken,
-                closed,
-                ..
-            } = slot.counter.snapshot();
+            let counter = slot.counter.snapshot();
             let held = held.get(&slot.key).copied().unwrap_or(0);
             let day = Utc
                 .timestamp_opt(slot.key.start_unix_s, 0)
@@ -376,14 +379,7 @@ impl Catalog {
                 .map(|start| start.with_timezone(&zone).date_naive())
                 .unwrap_or_default();
             for target in [&mut totals, by_day.entry(day).or_default()] {
-                target.slots += 1;
-                if closed {
-                    target.slots_closed += 1;
-                } else {
-                    target.capacity += u64::from(capacity);
-                }
-                target.booked += u64::from(taken.saturating_sub(held));
-                target.held += u64::from(held);
+                target.add_slot(&counter, held);
             }
         }
         Ok(SiteStats {
