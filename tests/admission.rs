@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use prenota::config::{hex, token_sha256, Config, ConfigFile};
 use prenota::proto;
-use tonic::metadata::MetadataValue;
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -87,11 +86,7 @@ async fn a_token_past_its_rate_is_refused_with_the_wait() {
     let server = TestServer::start_with(dir.path(), config).await;
     let mut client = prenota::proto::booking_service_client::BookingServiceClient::with_interceptor(
         server.channel().await,
-        |mut request: tonic::Request<()>| {
-            let value = MetadataValue::try_from(format!("Bearer {TOKEN}")).unwrap();
-            request.metadata_mut().insert("authorization", value);
-            Ok(request)
-        },
+        Bearer(Some(TOKEN)),
     );
     let search = proto::SearchSlotsRequest {
         scope: Some(proto::search_slots_request::Scope::RegionId(

@@ -10,11 +10,9 @@ use prenota::config::{hex, token_sha256, ConfigFile};
 use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
 use prenota::proto::capacity_service_client::CapacityServiceClient;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 const FRONTEND: &str = "frontend-token-0123456789";
 const LAZIO: &str = "lazio-authority-0123456789";
@@ -47,19 +45,6 @@ role = "admin"
         .unwrap()
         .check()
         .expect("a valid configuration")
-}
-
-#[derive(Clone)]
-struct Bearer(Option<&'static str>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(token) = self.0 {
-            let value = MetadataValue::try_from(format!("Bearer {token}")).unwrap();
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
-    }
 }
 
 type Capacity = CapacityServiceClient<InterceptedService<Channel, Bearer>>;

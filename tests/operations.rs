@@ -12,7 +12,6 @@ use common::*;
 use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
 use prenota::proto::capacity_service_client::CapacityServiceClient;
-use tonic::metadata::MetadataValue;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
@@ -280,19 +279,6 @@ async fn health_is_not_serving_while_a_large_store_recovers_then_serving() {
     server.terminate();
 }
 
-/// A token with `Bearer` on every request.
-fn with_token(
-    token: &'static str,
-) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
-    move |mut request: tonic::Request<()>| {
-        request.metadata_mut().insert(
-            "authorization",
-            MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
-        );
-        Ok(request)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_name_method_code_and_latency_but_never_tokens_or_citizens() {
     const TOKEN: &str = "TOKEN-SECRET-9f8e7d6c5b4a3210";
@@ -326,8 +312,9 @@ async fn json_logs_name_method_code_and_latency_but_never_tokens_or_citizens() {
     );
     server.wait_serving();
     let channel = connect(&server.url).await;
-    let mut capacity = CapacityServiceClient::with_interceptor(channel.clone(), with_token(TOKEN));
-    let mut booking = BookingServiceClient::with_interceptor(channel.clone(), with_token(TOKEN));
+    let mut capacity =
+        CapacityServiceClient::with_interceptor(channel.clone(), Bearer(Some(TOKEN)));
+    let mut booking = BookingServiceClient::with_interceptor(channel.clone(), Bearer(Some(TOKEN)));
     capacity
         .upsert_site(proto::UpsertSiteRequest {
             site: Some(proto::Site {
@@ -373,10 +360,11 @@ async fn json_logs_name_method_code_and_latency_but_never_tokens_or_citizens() {
         .await
         .unwrap_err();
     assert_eq!(repeated.code(), Code::AlreadyExists);
-    let forged = BookingServiceClient::with_interceptor(channel, with_token("TOKEN-SECRET-forged"))
-        .book(book_request(&slot_id, CITIZEN, "forged"))
-        .await
-        .unwrap_err();
+    let forged =
+        BookingServiceClient::with_interceptor(channel, Bearer(Some("TOKEN-SECRET-forged")))
+            .book(book_request(&slot_id, CITIZEN, "forged"))
+            .await
+            .unwrap_err();
     assert_eq!(forged.code(), Code::Unauthenticated);
     server.terminate();
 

@@ -301,3 +301,18 @@ pub async fn health_of(
         .status;
     tonic_health::pb::health_check_response::ServingStatus::try_from(status).unwrap()
 }
+
+/// Sends `authorization: Bearer <token>` on every request (nothing when `None`).
+#[derive(Clone)]
+pub struct Bearer(pub Option<&'static str>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = self.0 {
+            let value =
+                tonic::metadata::MetadataValue::try_from(format!("Bearer {token}")).unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
