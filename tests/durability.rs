@@ -66,7 +66,7 @@ async fn no_booking_is_acknowledged_before_its_fdatasync_returns() {
     std::fs::create_dir_all(&control).unwrap();
     let server = start_with_shim(&dir.path().join("data"), &library, &control);
     let channel = connect(&server.url).await;
-    let slot_id = SlotSetup::new(channel.clone()).await.slot_id;
+    let slot_id = one_slot_site_on(channel.clone(), "durable", "r", 10).await;
 
     // Hold the barrier, then book.
     std::fs::write(control.join("gate"), b"").unwrap();
@@ -109,7 +109,7 @@ async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
     let data_dir = dir.path().join("data");
     let server = start_with_shim(&data_dir, &library, &control);
     let channel = connect(&server.url).await;
-    let slot_id = SlotSetup::new(channel.clone()).await.slot_id;
+    let slot_id = one_slot_site_on(channel.clone(), "durable", "r", 10).await;
     let mut client = BookingServiceClient::new(channel.clone());
     book_ok(
         &mut client,
@@ -167,33 +167,4 @@ async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
     let bookings = export_all(channel).await;
     assert_eq!(bookings.len(), 3, "{bookings:?}");
     server.terminate();
-}
-
-/// A UTC site with one slot of 10 places.
-struct SlotSetup {
-    slot_id: String,
-}
-
-impl SlotSetup {
-    async fn new(channel: tonic::transport::Channel) -> Self {
-        let mut capacity =
-            prenota::proto::capacity_service_client::CapacityServiceClient::new(channel.clone());
-        upsert_site(&mut capacity, "durable", "r", "Etc/UTC").await;
-        let day = day_ahead(30);
-        capacity
-            .publish_schedule(publish_request(
-                "durable",
-                "vax",
-                (&day, &day),
-                ("10:00", "10:30"),
-                30,
-                10,
-            ))
-            .await
-            .unwrap();
-        let slots = search_all(&mut BookingServiceClient::new(channel), "durable", "vax").await;
-        Self {
-            slot_id: slots[0].slot_id.clone(),
-        }
-    }
 }

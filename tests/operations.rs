@@ -90,24 +90,8 @@ async fn metrics_count_requests_outcomes_commits_and_sites() {
     );
     server.wait_serving();
     let channel = connect(&server.url).await;
-    let mut capacity = CapacityServiceClient::new(channel.clone());
-    upsert_site(&mut capacity, "metrics-site", "metrics-region", "Etc/UTC").await;
-    let day = day_ahead(30);
-    capacity
-        .publish_schedule(publish_request(
-            "metrics-site",
-            "vax",
-            (&day, &day),
-            ("10:00", "10:30"),
-            30,
-            3,
-        ))
-        .await
-        .unwrap();
+    let slot_id = one_slot_site_on(channel.clone(), "metrics-site", "metrics-region", 3).await;
     let mut booking = BookingServiceClient::new(channel.clone());
-    let slot_id = search_all(&mut booking, "metrics-site", "vax").await[0]
-        .slot_id
-        .clone();
     for n in 0..2 {
         book_ok(
             &mut booking,

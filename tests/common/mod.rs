@@ -152,8 +152,18 @@ pub fn publish_request(
 
 /// Creates a UTC site with one slot of `capacity` places, 30 days ahead; returns its slot id.
 pub async fn one_slot_site(server: &TestServer, site_id: &str, capacity: u32) -> String {
-    let mut capacity_client = server.capacity().await;
-    upsert_site(&mut capacity_client, site_id, "test-region", "Etc/UTC").await;
+    one_slot_site_on(server.channel().await, site_id, "test-region", capacity).await
+}
+
+/// `one_slot_site` over any channel (a child server's too), in region `region_id`.
+pub async fn one_slot_site_on(
+    channel: Channel,
+    site_id: &str,
+    region_id: &str,
+    capacity: u32,
+) -> String {
+    let mut capacity_client = CapacityServiceClient::new(channel.clone());
+    upsert_site(&mut capacity_client, site_id, region_id, "Etc/UTC").await;
     let day = day_ahead(30);
     capacity_client
         .publish_schedule(publish_request(
@@ -166,7 +176,7 @@ pub async fn one_slot_site(server: &TestServer, site_id: &str, capacity: u32) ->
         ))
         .await
         .expect("publish");
-    let slots = search_all(&mut server.booking().await, site_id, "vax").await;
+    let slots = search_all(&mut BookingServiceClient::new(channel), site_id, "vax").await;
     assert_eq!(slots.len(), 1);
     slots[0].slot_id.clone()
 }
