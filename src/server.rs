@@ -281,11 +281,12 @@ async fn run(
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    // The gauge first: whoever sees the new health also sees the gauge agree.
+    let serving = matches!(status, ServingStatus::Serving);
+    metrics::gauge!(telemetry::SERVING).set(if serving { 1.0 } else { 0.0 });
     for service in ["", BOOKING_SERVICE_NAME, CAPACITY_SERVICE_NAME] {
         health.set_service_status(service, status).await;
     }
-    let serving = matches!(status, ServingStatus::Serving);
-    metrics::gauge!(telemetry::SERVING).set(if serving { 1.0 } else { 0.0 });
 }
 
 /// A failed store refuses writes for good; health says so until restart.

@@ -124,7 +124,15 @@ async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
         .unwrap_err();
     assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
     assert_eq!(reason(&failed).as_deref(), Some("STORAGE_FAILED"));
-    assert_eq!(health(&server).await, ServingStatus::NotServing);
+    // Health follows the store's state through a task: it turns within moments.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&server).await != ServingStatus::NotServing {
+        assert!(
+            Instant::now() < deadline,
+            "health still SERVING after the failed fdatasync"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     // The disk is back, but the store stays failed: nothing is retried silently.
     std::fs::remove_file(control.join("fail")).unwrap();
