@@ -183,13 +183,8 @@ async fn run(cli: Cli) -> Result<bool, String> {
             days,
             demand_ratio,
         } => {
-            let shape = Shape {
-                citizens,
-                sites: sites.max(1),
-                days: days.max(1),
-                places: citizens / u64::from(demand_ratio.max(1)),
-                tag: "rush",
-            };
+            let places = citizens / u64::from(demand_ratio.max(1));
+            let shape = Shape::new(citizens, sites, days, places, "rush");
             run_scenario(Kind::Rush, &cli, &channels, &shape, &progress).await
         }
         ScenarioArgs::Flood {
@@ -199,13 +194,8 @@ async fn run(cli: Cli) -> Result<bool, String> {
             days,
             demand_ratio,
         } => {
-            let shape = Shape {
-                citizens,
-                sites: sites.max(1),
-                days: days.max(1),
-                places: citizens / u64::from(demand_ratio.max(1)),
-                tag: "calm",
-            };
+            let places = citizens / u64::from(demand_ratio.max(1));
+            let shape = Shape::new(citizens, sites, days, places, "calm");
             run_flood(&cli, &channels, &shape, factor.max(1), &progress).await
         }
         ScenarioArgs::Mixed {
@@ -213,13 +203,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
             sites,
             days,
         } => {
-            let shape = Shape {
-                citizens,
-                sites: sites.max(1),
-                days: days.max(1),
-                places: citizens.saturating_mul(2),
-                tag: "mixed",
-            };
+            let shape = Shape::new(citizens, sites, days, citizens.saturating_mul(2), "mixed");
             run_scenario(Kind::Mixed, &cli, &channels, &shape, &progress).await
         }
     };

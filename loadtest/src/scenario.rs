@@ -47,6 +47,19 @@ pub struct Shape {
     pub tag: &'static str,
 }
 
+impl Shape {
+    /// At least one site and one day; `places` as given.
+    pub fn new(citizens: u64, sites: u32, days: u32, places: u64, tag: &'static str) -> Self {
+        Self {
+            citizens,
+            sites: sites.max(1),
+            days: days.max(1),
+            places,
+            tag,
+        }
+    }
+}
+
 /// What the scenario created, to aim requests at and verify against.
 pub struct Scenario {
     pub region_id: String,
