@@ -13,7 +13,7 @@ use prenota::config::{Config, DEFAULT_LIMITS};
 use prenota::domain::catalog::Site;
 use prenota::domain::ids::{RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use prenota::domain::schedule::{Schedule, ScheduleInput};
-use prenota::service::{BookCommand, Engine};
+use prenota::service::{BookCommand, Clock, Engine};
 use prenota::store::{Store, UnsyncedForBenchmarks};
 
 const BOOKINGS_PER_ITERATION: u64 = 4_096;
@@ -59,7 +59,8 @@ fn engine_with(
         Some(mode) => Store::open_unsynced_for_benchmarks(dir.path(), &config.limits, mode),
     }
     .expect("store");
-    let engine = Arc::new(Engine::open_with_store(store, &config).expect("engine"));
+    let engine =
+        Arc::new(Engine::open_with_store(store, &config, Clock::system()).expect("engine"));
     let day = Utc::now().date_naive() + Days::days(3);
     let day_text = day.format("%Y-%m-%d").to_string();
     let site_id = SiteId::parse("site_id", "bench", 64).expect("id");

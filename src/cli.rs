@@ -390,13 +390,14 @@ pub async fn backup_from_server(target: &Target<'_>, to: &Path) -> Result<(), St
 /// (opened, and so recovered and checked, first).
 pub fn backup_data_dir(data_dir: &Path, to: &Path, config: &Config) -> Result<(), String> {
     let started = std::time::Instant::now();
-    let engine = crate::service::Engine::open(data_dir, config).map_err(|e| {
-        format!(
-            "cannot open {}: {e}. If a server is running on it, take the backup through \
+    let engine = crate::service::Engine::open(data_dir, config, crate::service::Clock::system())
+        .map_err(|e| {
+            format!(
+                "cannot open {}: {e}. If a server is running on it, take the backup through \
              the server: prenota backup --server URL --token ADMIN_TOKEN --to FILE",
-            data_dir.display()
-        )
-    })?;
+                data_dir.display()
+            )
+        })?;
     let records = write_backup_file(to, |file| {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         engine.backup(&mut out).map_err(|e| e.to_string())?;

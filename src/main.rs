@@ -293,6 +293,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         data_dir: data_dir.clone(),
         config,
         demo: args.demo,
+        clock: prenota::service::Clock::system(),
     };
     prenota::server::recover_and_serve(options, listener, shutdown_signal(), || {
         // Tests and scripts wait for this exact line before sending requests.

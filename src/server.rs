@@ -31,7 +31,7 @@ use crate::grpc::shed::Shed;
 use crate::grpc::{BookingApi, CapacityApi};
 use crate::proto::booking_service_server::BookingServiceServer;
 use crate::proto::capacity_service_server::CapacityServiceServer;
-use crate::service::{Engine, ServiceError};
+use crate::service::{Clock, Engine, ServiceError};
 use crate::store::StoreError;
 use crate::telemetry;
 
@@ -58,6 +58,8 @@ pub struct ServeOptions {
     pub config: Config,
     /// Seed the demo sites (idempotent) after recovery.
     pub demo: bool,
+    /// The engine's clock: `Clock::system()`, or a manual one in tests.
+    pub clock: Clock,
 }
 
 pub struct Server {
@@ -146,8 +148,10 @@ async fn recover(options: ServeOptions) -> Result<Arc<Engine>, ServeError> {
         data_dir,
         config,
         demo,
+        clock,
     } = options;
-    let engine = tokio::task::spawn_blocking(move || Engine::open(&data_dir, &config)).await??;
+    let engine =
+        tokio::task::spawn_blocking(move || Engine::open(&data_dir, &config, clock)).await??;
     let engine = Arc::new(engine);
     if demo {
         crate::demo::seed(&engine).await?;
@@ -309,23 +313,30 @@ async fn mirror_store_health(
 
 /// Expires holds whose time is up: one bounded batch (one group commit) per tick.
 async fn sweep_holds(engine: Arc<Engine>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(
-        engine.limits().hold_sweep_interval_ms,
-    ));
+    let period = Duration::from_millis(engine.limits().hold_sweep_interval_ms);
+    // The first sweep comes one period after start, like every later one.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match engine.expire_holds(crate::service::now_unix_ms()).await {
-            Ok(0) => {}
-            Ok(expired) => {
-                metrics::counter!(telemetry::HOLDS_EXPIRED).increment(expired as u64);
-                tracing::debug!(expired, "holds expired")
-            }
+        match sweep_holds_once(&engine).await {
+            Ok(_) => {}
             // A failed store is already reported through health; retry next tick.
             Err(ServiceError::Store(StoreError::Failed)) => {}
             Err(error) => tracing::warn!(%error, "expiring holds failed; retrying next tick"),
         }
     }
+}
+
+/// One step of the hold sweeper: expires the holds due at the engine clock's `now`,
+/// counts them, and returns how many. Tests on a manual clock call it directly.
+pub async fn sweep_holds_once(engine: &Engine) -> Result<usize, ServiceError> {
+    let expired = engine.expire_holds(engine.clock().now_unix_ms()).await?;
+    if expired > 0 {
+        metrics::counter!(telemetry::HOLDS_EXPIRED).increment(expired as u64);
+        tracing::debug!(expired, "holds expired");
+    }
+    Ok(expired)
 }
 
 /// Forgets rate-limited citizens whose quota has refilled, on a timer: a flood of

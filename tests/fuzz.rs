@@ -14,7 +14,7 @@ use prenota::grpc::{BookingApi, CapacityApi};
 use prenota::proto;
 use prenota::proto::booking_service_server::BookingService;
 use prenota::proto::capacity_service_server::CapacityService;
-use prenota::service::Engine;
+use prenota::service::{Clock, Engine};
 use proptest::prelude::*;
 use tonic::{Code, Request};
 
@@ -93,7 +93,7 @@ fn engine() -> &'static (tokio::runtime::Runtime, Arc<Engine>) {
             .build()
             .unwrap();
         let engine = runtime.block_on(async {
-            let engine = Arc::new(Engine::open(dir.path(), &config).unwrap());
+            let engine = Arc::new(Engine::open(dir.path(), &config, Clock::system()).unwrap());
             let capacity = CapacityApi::new(Arc::clone(&engine));
             capacity
                 .upsert_site(open(proto::UpsertSiteRequest {

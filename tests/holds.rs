@@ -3,10 +3,12 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
+use prenota::config::Config;
 use prenota::proto;
+use prenota::service::Clock;
 use tonic::Code;
 
 fn hold_request(
@@ -100,23 +102,31 @@ async fn a_hold_takes_the_place_and_book_confirms_it() {
     server.stop().await;
 }
 
+/// A config whose timer never sweeps during a test: the test sweeps by hand, on a
+/// manual clock, so nothing depends on real time passing.
+fn swept_by_hand() -> Config {
+    let mut config = Config::default();
+    config.limits.hold_sweep_interval_ms = 3_600_000;
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_hold_returns_its_place() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), swept_by_hand(), clock.clone()).await;
     let slot = one_slot_site(&server, "expiry-site", 1).await;
     let mut client = server.booking().await;
     let hold = hold_ok(&mut client, hold_request(&slot, "alice", "h1", 1)).await;
     assert_eq!(remaining(&server, "expiry-site").await, 0);
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while remaining(&server, "expiry-site").await == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the sweeper never returned the place"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Due at exactly its ttl, not a millisecond before.
+    clock.advance(Duration::from_millis(999));
+    assert_eq!(server.sweep_holds().await, 0);
+    assert_eq!(remaining(&server, "expiry-site").await, 0);
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(server.sweep_holds().await, 1);
+    assert_eq!(remaining(&server, "expiry-site").await, 1);
     let stats = site_stats(&server, "expiry-site").await;
     assert_eq!((stats.booked, stats.held), (0, 0));
 
@@ -350,7 +360,9 @@ async fn a_reschedule_is_idempotent_and_durable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_that_expires_while_the_server_is_down_is_expired_after_the_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(dir.path()).await;
+    let clock = Clock::manual_from_now();
+    let start = || TestServer::start_with_clock(dir.path(), swept_by_hand(), clock.clone());
+    let server = start().await;
     let slot = one_slot_site(&server, "down-expiry", 1).await;
     hold_ok(
         &mut server.booking().await,
@@ -358,18 +370,20 @@ async fn a_hold_that_expires_while_the_server_is_down_is_expired_after_the_resta
     )
     .await;
     server.stop().await;
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    clock.advance(Duration::from_millis(1_200));
 
-    let server = TestServer::start(dir.path()).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while remaining(&server, "down-expiry").await == 0 {
-        assert!(Instant::now() < deadline, "the expired hold kept its place");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let server = start().await;
+    assert_eq!(
+        remaining(&server, "down-expiry").await,
+        0,
+        "recovery restores the live hold; the first sweep expires it"
+    );
+    assert_eq!(server.sweep_holds().await, 1);
+    assert_eq!(remaining(&server, "down-expiry").await, 1);
     assert_eq!(site_stats(&server, "down-expiry").await.held, 0);
     // Expired for good: the place stays free after another restart.
     server.stop().await;
-    let server = TestServer::start(dir.path()).await;
+    let server = start().await;
     assert_eq!(remaining(&server, "down-expiry").await, 1);
     book_ok(&mut server.booking().await, book_request(&slot, "bob", "b")).await;
     server.stop().await;

@@ -18,8 +18,8 @@ use prenota::domain::error::{DomainError, Missing};
 use prenota::domain::ids::{BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use prenota::domain::schedule::{OpeningHours, Schedule};
 use prenota::service::{
-    BookCommand, CancelCommand, CloseCommand, Engine, ExportScope, HoldCommand, RescheduleCommand,
-    ServiceError,
+    BookCommand, CancelCommand, Clock, CloseCommand, Engine, ExportScope, HoldCommand,
+    RescheduleCommand, ServiceError,
 };
 use proptest::prelude::*;
 
@@ -177,7 +177,7 @@ struct Harness {
 impl Harness {
     async fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let engine = Arc::new(Engine::open(dir.path(), &config()).unwrap());
+        let engine = Arc::new(Engine::open(dir.path(), &config(), Clock::system()).unwrap());
         let site_id = SiteId::parse("site_id", "model", 64).unwrap();
         let service = ServiceId::parse("service_id", "vax", 64).unwrap();
         engine
@@ -266,7 +266,7 @@ impl Harness {
 }
 
 fn reopen(dir: &Path) -> Engine {
-    Engine::open(dir, &config()).unwrap()
+    Engine::open(dir, &config(), Clock::system()).unwrap()
 }
 
 /// Applies one step to the engine and the model; panics when they disagree.
@@ -486,7 +486,7 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
             m.closed[slot] = true;
         }
         Op::ExpireHolds => {
-            let later = prenota::service::now_unix_ms() + 3_600_000;
+            let later = engine.clock().now_unix_ms() + 3_600_000;
             let expired = engine.expire_holds(later).await.unwrap();
             let live = m.holds.iter().filter(|h| h.3 == HoldState::Live).count();
             assert_eq!(expired, live, "{op:?}");

@@ -5,7 +5,7 @@ use prenota::domain::booking::{Booking, BookingState, RequestRecord};
 use prenota::domain::ids::{
     BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey,
 };
-use prenota::service::{Engine, ServiceError};
+use prenota::service::{Clock, Engine, ServiceError};
 use prenota::store::records::{SiteRecord, SlotRecord, Write};
 use prenota::store::Store;
 
@@ -55,7 +55,7 @@ async fn store_with(dir: &std::path::Path, capacity: u32, bookings: Vec<Write>) 
 }
 
 fn open(dir: &std::path::Path) -> Result<Engine, ServiceError> {
-    Engine::open(dir, &Config::default())
+    Engine::open(dir, &Config::default(), Clock::system())
 }
 
 #[tokio::test]

@@ -119,6 +119,7 @@ async fn a_second_server_on_the_same_data_dir_is_refused_clearly() {
         data_dir: dir.path().to_path_buf(),
         config,
         demo: false,
+        clock: prenota::service::Clock::system(),
     })
     .await;
     let message = second.err().expect("the data dir is locked").to_string();

@@ -11,7 +11,7 @@ use prenota::domain::ids::{
     BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey,
 };
 use prenota::service::requests::RequestRegistry;
-use prenota::service::Engine;
+use prenota::service::{Clock, Engine};
 use prenota::store::records::{SiteRecord, SlotRecord, Write};
 use prenota::store::Store;
 
@@ -187,7 +187,8 @@ pub fn recovery(bookings: u64) -> Result<(f64, f64), String> {
         build_started.elapsed().as_secs_f64()
     );
     let started = Instant::now();
-    let engine = Engine::open(dir.path(), &Config::default()).map_err(|e| e.to_string())?;
+    let engine =
+        Engine::open(dir.path(), &Config::default(), Clock::system()).map_err(|e| e.to_string())?;
     let seconds = started.elapsed().as_secs_f64();
     let rss_mib = rss_bytes() as f64 / (1024.0 * 1024.0);
     drop(engine);

@@ -72,6 +72,7 @@ impl Target {
                         data_dir: path,
                         config,
                         demo: false,
+                        clock: prenota::service::Clock::system(),
                     })
                     .await;
                     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await;

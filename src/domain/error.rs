@@ -2,23 +2,8 @@
 
 use thiserror::Error;
 
+pub use crate::domain::field_violation::FieldViolation;
 use crate::domain::ids::{BookingId, SlotKey};
-
-/// One bad field of a request and why it is bad.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FieldViolation {
-    pub field: String,
-    pub description: String,
-}
-
-impl FieldViolation {
-    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            description: description.into(),
-        }
-    }
-}
 
 /// What was looked up and not found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,10 +83,6 @@ impl Violations {
 
     pub fn push(&mut self, field: impl Into<String>, description: impl Into<String>) {
         self.0.push(FieldViolation::new(field, description));
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 
     /// `Ok(())` when nothing was recorded.

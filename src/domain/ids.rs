@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::domain::error::FieldViolation;
+use crate::domain::field_violation::FieldViolation;
 
 /// Checks an authority-chosen id: non-empty, bounded, `[A-Za-z0-9_-]` only.
 fn check_name_id(field: &str, value: &str, length_max: usize) -> Result<Arc<str>, FieldViolation> {

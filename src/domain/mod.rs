@@ -7,6 +7,7 @@ pub mod booking;
 pub mod catalog;
 pub mod citizens;
 pub mod error;
+pub mod field_violation;
 pub mod hold;
 pub mod ids;
 pub mod schedule;

@@ -77,7 +77,9 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::SearchSlotsRequest>,
     ) -> Result<Response<proto::SearchSlotsResponse>, Status> {
-        let query = convert::search_from_proto(request.into_inner(), self.engine.limits())?;
+        let now_unix_ms = self.engine.clock().now_unix_ms();
+        let query =
+            convert::search_from_proto(request.into_inner(), self.engine.limits(), now_unix_ms)?;
         let page = self.engine.search(&query)?;
         Ok(Response::new(proto::SearchSlotsResponse {
             slots: page

@@ -18,7 +18,7 @@ use crate::domain::ids::{
 };
 use crate::domain::schedule::{Schedule, ScheduleInput};
 use crate::proto;
-use crate::service::{now_unix_ms, BookingView, CitizenBookingsQuery, CloseCommand, ImportRow};
+use crate::service::{BookingView, CitizenBookingsQuery, CloseCommand, ImportRow};
 
 /// Latest instant accepted on the wire: 9999-12-31T23:59:59Z.
 const TIMESTAMP_SECONDS_MAX: i64 = 253_402_300_799;
@@ -174,9 +174,11 @@ pub fn site_to_proto(site: &Site) -> proto::Site {
     }
 }
 
+/// A search without `from` starts at `now_unix_ms`.
 pub fn search_from_proto(
     request: proto::SearchSlotsRequest,
     limits: &Limits,
+    now_unix_ms: i64,
 ) -> Result<SearchQuery, DomainError> {
     use proto::search_slots_request::Scope;
     let mut v = Violations::default();
@@ -195,7 +197,7 @@ pub fn search_from_proto(
     let service = v.check(service_id("service_id", &request.service_id, limits));
     let from = match &request.from {
         Some(from) => v.check(unix_seconds("from", from)),
-        None => Some(now_unix_ms().div_euclid(1_000)),
+        None => Some(now_unix_ms.div_euclid(1_000)),
     };
     let to = match (&request.to, from) {
         (Some(to), _) => v.check(unix_seconds("to", to)),
@@ -521,7 +523,7 @@ mod tests {
             page_size: 100_000,
             page_token: "nonsense".into(),
         };
-        let fields = fields(search_from_proto(request, &DEFAULT_LIMITS).unwrap_err());
+        let fields = fields(search_from_proto(request, &DEFAULT_LIMITS, 0).unwrap_err());
         for field in ["site_id", "service_id", "to", "page_size", "page_token"] {
             assert!(
                 fields.iter().any(|f| f == field),
@@ -540,7 +542,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            fields(search_from_proto(request, &DEFAULT_LIMITS).unwrap_err()),
+            fields(search_from_proto(request, &DEFAULT_LIMITS, 0).unwrap_err()),
             ["to"]
         );
     }

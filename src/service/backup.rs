@@ -19,7 +19,7 @@ impl Engine {
     pub fn backup(&self, out: impl Write) -> Result<BackupSummary, ServiceError> {
         Ok(self.store.backup(
             &self.citizen_hash_key,
-            crate::service::now_unix_ms(),
+            self.now_unix_ms(),
             out,
             self.limits.backup_changes_buffered_max,
         )?)
@@ -126,7 +126,7 @@ fn build(path: &Path, staging: &Path, key: &[u8; 32], config: &Config) -> Result
         store.restore_sync().map_err(|e| e.to_string())?;
         store.shutdown();
     }
-    let mut engine = Engine::open(staging, config)
+    let mut engine = Engine::open(staging, config, crate::service::Clock::system())
         .map_err(|e| format!("the restored store fails recovery: {e}"))?;
     engine.shutdown();
     Ok(())

@@ -10,8 +10,7 @@ use crate::domain::ids::{
     BookingId, CitizenKey, RequestFingerprint, RequestKey, ServiceId, SlotKey,
 };
 use crate::service::{
-    check_not_started, now_unix_ms, refused, undo_if_never_queued, BookingView, Engine,
-    ServiceError,
+    check_not_started, refused, undo_if_never_queued, BookingView, Engine, ServiceError,
 };
 use crate::store::records::Write;
 
@@ -131,7 +130,7 @@ impl Engine {
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
         let slot = self.slot(slot_key)?;
-        let now_ms = now_unix_ms();
+        let now_ms = self.now_unix_ms();
         check_not_started(&slot, now_ms)?;
         let taken = self
             .live_holds()
@@ -226,7 +225,7 @@ impl Engine {
             return Err(DomainError::BookingNotActive(booking.booking_id).into());
         }
         booking.state = BookingState::Cancelled {
-            at_unix_ms: now_unix_ms(),
+            at_unix_ms: self.now_unix_ms(),
             reason: CANCELLED_BY_CITIZEN.to_string(),
             request: Some(request),
         };
@@ -282,7 +281,7 @@ impl Engine {
                 DomainError::invalid("new_slot_id", "is the booking's current slot").into(),
             );
         }
-        let now_ms = now_unix_ms();
+        let now_ms = self.now_unix_ms();
         check_not_started(&new_slot, now_ms)?;
         let service = old.slot.service_id.clone();
         let new_id = self.ids.mint(citizen);

@@ -2,7 +2,7 @@
 //! the statistics they read. All of them hold `authority_writes`, never a booking lock.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use crate::domain::error::{DomainError, Missing, Violations};
 use crate::domain::hold::{Hold, HoldState};
 use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::{PlannedSlot, Schedule};
-use crate::service::{now_unix_ms, undo_if_never_queued, Engine, ServiceError};
+use crate::service::{undo_if_never_queued, Engine, ServiceError};
 use crate::store::records::{
     ApplyJournal, AuditEntry, AuthorityOutcome, AuthorityRequest, SiteRecord, SlotRecord, Write,
 };
@@ -86,24 +86,6 @@ fn authority_request(
     })
 }
 
-/// The audit entry of a capacity change, stamped now: strictly after the previous
-/// entry of this process, so the log's key order is the order of the changes.
-fn audit(actor: &str, action: &str, detail: String) -> Write {
-    static LAST_MS: AtomicI64 = AtomicI64::new(i64::MIN);
-    let now = now_unix_ms();
-    let previous = LAST_MS
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
-            Some(now.max(last.saturating_add(1)))
-        })
-        .unwrap_or(now);
-    Write::Audit(AuditEntry {
-        at_unix_ms: now.max(previous.saturating_add(1)),
-        actor: actor.to_string(),
-        action: action.to_string(),
-        detail,
-    })
-}
-
 fn site_record(site: &Site) -> SiteRecord {
     SiteRecord {
         site_id: site.site_id.clone(),
@@ -123,10 +105,28 @@ fn slot_record(slot: &Slot, end_unix_s: i64, capacity: u32, closed: bool) -> Wri
 }
 
 impl Engine {
+    /// The audit entry of a capacity change, stamped now: strictly after the previous
+    /// entry of this engine, so the log's key order is the order of the changes.
+    fn audit(&self, actor: &str, action: &str, detail: String) -> Write {
+        let now = self.now_unix_ms();
+        let previous = self
+            .last_audit_unix_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+                Some(now.max(last.saturating_add(1)))
+            })
+            .unwrap_or(now);
+        Write::Audit(AuditEntry {
+            at_unix_ms: now.max(previous.saturating_add(1)),
+            actor: actor.to_string(),
+            action: action.to_string(),
+            detail,
+        })
+    }
+
     pub async fn upsert_site(&self, site: Site, actor: &str) -> Result<Arc<Site>, ServiceError> {
         let _authority = self.authority_writes.lock().await;
         self.catalog().check_site_upsert(&site)?;
-        let audit = audit(
+        let audit = self.audit(
             actor,
             "UpsertSite",
             format!(
@@ -368,7 +368,7 @@ impl Engine {
         let updated: usize = plans.iter().map(|plan| plan.updated.len()).sum();
         if !writes.is_empty() {
             // Last, so a chunked write is audited only once it is whole.
-            writes.push(audit(
+            writes.push(self.audit(
                 actor,
                 action,
                 match sites.len() {
@@ -419,7 +419,7 @@ impl Engine {
             };
         }
         let mut journal = ApplyJournal {
-            started_at_unix_ms: now_unix_ms(),
+            started_at_unix_ms: self.now_unix_ms(),
             writes: writes.len() as u64,
             finished: false,
         };
@@ -501,7 +501,7 @@ impl Engine {
         }
         let mut writes = vec![slot_record(&slot, slot.end_unix_s(), capacity, false)];
         writes.extend(authority_request(request, AuthorityOutcome::CapacitySet));
-        writes.push(audit(
+        writes.push(self.audit(
             actor,
             "SetSlotCapacity",
             format!(
@@ -604,7 +604,7 @@ impl Engine {
         .map_err(|_| ServiceError::Abandoned)??;
         // Claim each booking as a cancel would; one a citizen is cancelling or
         // rescheduling right now is theirs to finish.
-        let now_ms = now_unix_ms();
+        let now_ms = self.now_unix_ms();
         let claimed: Vec<Booking> = confirmed
             .into_iter()
             .filter(|b| {
@@ -641,7 +641,7 @@ impl Engine {
             expired_holds: holds.len() as u32,
         };
         writes.extend(authority_request(request, outcome.into()));
-        writes.push(audit(
+        writes.push(self.audit(
             actor,
             "CloseSlots",
             format!(

@@ -18,13 +18,13 @@ pub mod backup;
 pub mod bookings;
 pub mod capacity;
 pub mod citizen_hasher;
+pub mod clock;
 pub mod holds;
 pub mod rate_limits;
 pub mod recovery;
 pub mod requests;
 
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
@@ -41,6 +41,7 @@ use crate::domain::ids::{
 use crate::domain::slot_counter::Refused;
 use crate::store::{Store, StoreError};
 use citizen_hasher::{BookingIds, CitizenHasher};
+pub use clock::Clock;
 use requests::{Begin, RequestRegistry};
 
 pub use bookings::{BookCommand, CancelCommand, CitizenBookingsQuery, RescheduleCommand};
@@ -98,13 +99,10 @@ pub struct Engine {
     /// so their plan and apply steps see no other authority write in between. Never
     /// taken by bookings.
     authority_writes: tokio::sync::Mutex<()>,
-}
-
-pub fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    /// Every `now` of the engine comes from here (tests pass a manual clock).
+    clock: Clock,
+    /// The last audit entry's time, so the log's key order is the order of the changes.
+    last_audit_unix_ms: std::sync::atomic::AtomicI64,
 }
 
 /// The result of a write whose in-memory effects are undone only if it never reached the
@@ -139,13 +137,21 @@ fn refused(refused: Refused, slot: &SlotKey) -> DomainError {
 
 impl Engine {
     /// Opens the store in `data_dir` and rebuilds memory from it, checking invariants.
-    pub fn open(data_dir: &std::path::Path, config: &Config) -> Result<Self, ServiceError> {
-        Self::open_with_store(Store::open(data_dir, &config.limits)?, config)
+    pub fn open(
+        data_dir: &std::path::Path,
+        config: &Config,
+        clock: Clock,
+    ) -> Result<Self, ServiceError> {
+        Self::open_with_store(Store::open(data_dir, &config.limits)?, config, clock)
     }
 
     /// Rebuilds an engine over an already opened store (benchmarks pass a store with
     /// weaker commits; see `Store::open_unsynced_for_benchmarks`).
-    pub fn open_with_store(store: Store, config: &Config) -> Result<Self, ServiceError> {
+    pub fn open_with_store(
+        store: Store,
+        config: &Config,
+        clock: Clock,
+    ) -> Result<Self, ServiceError> {
         let data_dir = store.data_dir().to_path_buf();
         let key = match config.citizen_hash_key {
             Some(key) => key,
@@ -167,6 +173,8 @@ impl Engine {
             citizen_hash_key: key,
             attempts: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_attempts_per_min),
             authority_writes: tokio::sync::Mutex::new(()),
+            clock,
+            last_audit_unix_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         };
         recovery::rebuild(&mut engine)?;
         Ok(engine)
@@ -187,6 +195,15 @@ impl Engine {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The engine's clock (the sweeper and the handlers read `now` from it too).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    fn now_unix_ms(&self) -> i64 {
+        self.clock.now_unix_ms()
     }
 
     /// The store's size on disk, in bytes.
@@ -233,7 +250,7 @@ impl Engine {
         citizen: CitizenKey,
     ) -> Result<(Admission, BookingId, i64), ServiceError> {
         let slot = self.slot(slot_key)?;
-        let now_ms = now_unix_ms();
+        let now_ms = self.now_unix_ms();
         check_not_started(&slot, now_ms)?;
         let id = self.ids.mint(citizen);
         let service = &slot.key.service_id;

@@ -256,3 +256,180 @@ mod tests {
         assert!(decode_value::<SlotRecord>(b"k", &future).is_err());
     }
 }
+
+#[cfg(test)]
+mod golden {
+    //! Golden bytes: every record kind, encoded, against the bytes it must have on disk.
+    //! A reordered field, a renamed variant or a changed integer width fails here.
+
+    use super::*;
+    use crate::domain::booking::{BookingState, RequestRecord};
+    use crate::domain::hold::HoldState;
+    use crate::domain::ids::{CitizenKey, ServiceId};
+
+    fn slot_key() -> SlotKey {
+        SlotKey {
+            site_id: SiteId::parse("s", "rome-termini", 64).unwrap(),
+            service_id: ServiceId::parse("s", "covid19-dose1", 64).unwrap(),
+            start_unix_s: 1_800_000_000,
+        }
+    }
+
+    fn request(seed: u8) -> RequestRecord {
+        RequestRecord {
+            key: RequestKey([seed; 16]),
+            fingerprint: RequestFingerprint([seed + 1; 16]),
+        }
+    }
+
+    fn booking(state: BookingState) -> Booking {
+        Booking {
+            booking_id: BookingId(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10),
+            slot: slot_key(),
+            end_unix_s: 1_800_000_900,
+            citizen: CitizenKey([0xc1; 16]),
+            created_at_unix_ms: 1_799_000_000_123,
+            request: request(0x20),
+            state,
+        }
+    }
+
+    fn hold(state: HoldState) -> Hold {
+        Hold {
+            hold_id: BookingId(0xaabb),
+            slot: slot_key(),
+            citizen: CitizenKey([0xc2; 16]),
+            created_at_unix_ms: 1_799_000_000_000,
+            expires_at_unix_ms: 1_799_000_300_000,
+            request: request(0x30),
+            state,
+        }
+    }
+
+    fn every_kind() -> Vec<(&'static str, Write)> {
+        vec![
+            (
+                "site",
+                Write::Site(SiteRecord {
+                    site_id: SiteId::parse("s", "rome-termini", 64).unwrap(),
+                    name: "Roma Termini".into(),
+                    region_id: RegionId::parse("s", "lazio", 64).unwrap(),
+                    time_zone: "Europe/Rome".into(),
+                }),
+            ),
+            (
+                "slot",
+                Write::Slot(SlotRecord {
+                    key: slot_key(),
+                    end_unix_s: 1_800_000_900,
+                    capacity: 300,
+                    closed: true,
+                }),
+            ),
+            (
+                "booking-confirmed",
+                Write::Booking(booking(BookingState::Confirmed)),
+            ),
+            (
+                "booking-cancelled",
+                Write::Booking(booking(BookingState::Cancelled {
+                    at_unix_ms: 1_799_500_000_000,
+                    reason: "site closed".into(),
+                    request: Some(request(0x40)),
+                })),
+            ),
+            (
+                "booking-closed",
+                Write::Booking(booking(BookingState::Cancelled {
+                    at_unix_ms: -5,
+                    reason: String::new(),
+                    request: None,
+                })),
+            ),
+            ("hold-live", Write::Hold(hold(HoldState::Live))),
+            (
+                "hold-confirmed",
+                Write::Hold(hold(HoldState::Confirmed { at_unix_ms: 7 })),
+            ),
+            (
+                "hold-expired",
+                Write::Hold(hold(HoldState::Expired { at_unix_ms: 8 })),
+            ),
+            (
+                "apply-journal",
+                Write::ApplyJournal(ApplyJournal {
+                    started_at_unix_ms: 1_799_000_000_000,
+                    writes: 70_000,
+                    finished: true,
+                }),
+            ),
+            (
+                "authority-closed",
+                Write::AuthorityRequest(AuthorityRequest {
+                    key: RequestKey([0x50; 16]),
+                    fingerprint: RequestFingerprint([0x51; 16]),
+                    outcome: AuthorityOutcome::Closed {
+                        slots_closed: 3,
+                        cancelled_bookings: 200,
+                        expired_holds: 1,
+                    },
+                }),
+            ),
+            (
+                "authority-capacity",
+                Write::AuthorityRequest(AuthorityRequest {
+                    key: RequestKey([0x52; 16]),
+                    fingerprint: RequestFingerprint([0x53; 16]),
+                    outcome: AuthorityOutcome::CapacitySet,
+                }),
+            ),
+            (
+                "audit",
+                Write::Audit(AuditEntry {
+                    at_unix_ms: 1_799_000_000_000,
+                    actor: "lazio-health".into(),
+                    action: "CloseSlots".into(),
+                    detail: "site rome-termini".into(),
+                }),
+            ),
+        ]
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// (kind, key, value) as written by format version 1. The audit key ends in 8
+    /// random bytes, so only its first 9 are pinned.
+    const GOLDEN: &[(&str, &str, &str)] = &[
+    ("site", "53726f6d652d7465726d696e69", "010c726f6d652d7465726d696e690c526f6d61205465726d696e69056c617a696f0b4575726f70652f526f6d65"),
+    ("slot", "4c726f6d652d7465726d696e6900636f76696431392d646f73653100800000006b49d200", "010c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dac0201"),
+    ("booking-confirmed", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "01909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb68202020202020202020202020202020202121212121212121212121212121212100"),
+    ("booking-cancelled", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "01909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb6820202020202020202020202020202020212121212121212121212121212121210180acf7a8df680b7369746520636c6f736564014040404040404040404040404040404041414141414141414141414141414141"),
+    ("booking-closed", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "01909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb68202020202020202020202020202020202121212121212121212121212121212101090000"),
+    ("hold-live", "480000000000000000000000000000aabb", "01bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb68303030303030303030303030303030303131313131313131313131313131313100"),
+    ("hold-confirmed", "480000000000000000000000000000aabb", "01bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb683030303030303030303030303030303031313131313131313131313131313131010e"),
+    ("hold-expired", "480000000000000000000000000000aabb", "01bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb6830303030303030303030303030303030313131313131313131313131313131310210"),
+    ("apply-journal", "4a6170706c79", "0180988cccdb68f0a20401"),
+    ("authority-closed", "5250505050505050505050505050505050", "0150505050505050505050505050505050515151515151515151515151515151510003c80101"),
+    ("authority-capacity", "5252525252525252525252525252525252", "01525252525252525252525252525252525353535353535353535353535353535301"),
+    ("audit", "41800001a2dcc18600", "0180988cccdb680c6c617a696f2d6865616c74680a436c6f7365536c6f7473117369746520726f6d652d7465726d696e69"),
+];
+
+    #[test]
+    fn every_record_kind_has_its_golden_bytes() {
+        let actual: Vec<(&str, String, String)> = every_kind()
+            .into_iter()
+            .map(|(kind, write)| {
+                let (key, value) = write.encode().unwrap();
+                let key = if kind == "audit" { &key[..9] } else { &key[..] };
+                (kind, hex(key), hex(&value))
+            })
+            .collect();
+        let expected: Vec<(&str, String, String)> = GOLDEN
+            .iter()
+            .map(|(kind, key, value)| (*kind, key.to_string(), value.to_string()))
+            .collect();
+        assert_eq!(actual, expected);
+    }
+}

@@ -7,6 +7,7 @@ pub mod child;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
 
 use chrono::{Duration, Utc};
 use prenota::config::Config;
@@ -14,6 +15,7 @@ use prenota::proto::booking_service_client::BookingServiceClient;
 use prenota::proto::capacity_service_client::CapacityServiceClient;
 use prenota::proto::{self, OpeningHours};
 use prenota::server::{ServeOptions, Server};
+use prenota::service::{Clock, Engine};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -23,6 +25,8 @@ use tonic_types::StatusExt;
 pub struct TestServer {
     pub address: SocketAddr,
     pub data_dir: PathBuf,
+    /// Weak, so a graceful stop can still take the engine back and close the store.
+    engine: Weak<Engine>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -33,13 +37,20 @@ impl TestServer {
     }
 
     pub async fn start_with(data_dir: &Path, config: Config) -> Self {
+        Self::start_with_clock(data_dir, config, Clock::system()).await
+    }
+
+    /// A server whose engine reads `clock` (a manual clock lets a test move time).
+    pub async fn start_with_clock(data_dir: &Path, config: Config, clock: Clock) -> Self {
         let server = Server::open(ServeOptions {
             data_dir: data_dir.to_path_buf(),
             config,
             demo: false,
+            clock,
         })
         .await
         .expect("server opens");
+        let engine = Arc::downgrade(server.engine());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -56,6 +67,7 @@ impl TestServer {
         Self {
             address,
             data_dir: data_dir.to_path_buf(),
+            engine,
             shutdown: Some(shutdown),
             task: Some(task),
         }
@@ -69,6 +81,15 @@ impl TestServer {
         if let Some(task) = self.task.take() {
             task.await.expect("server task ends cleanly");
         }
+    }
+
+    /// Runs one step of the hold sweeper now, as its timer would; returns how many
+    /// holds it expired.
+    pub async fn sweep_holds(&self) -> usize {
+        let engine = self.engine.upgrade().expect("the server is running");
+        prenota::server::sweep_holds_once(&engine)
+            .await
+            .expect("the sweep commits")
     }
 
     pub fn url(&self) -> String {
