@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{Duration as Days, Utc};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use prenota::config::{Config, DEFAULT_LIMITS};
+use prenota::config::{schedule_bounds, Config, DEFAULT_LIMITS};
 use prenota::domain::catalog::Site;
 use prenota::domain::ids::{RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use prenota::domain::schedule::{Schedule, ScheduleInput};
@@ -34,7 +34,7 @@ fn schedule(
             slot_minutes,
             capacity_per_slot: 10_000,
         },
-        &DEFAULT_LIMITS,
+        &schedule_bounds(&DEFAULT_LIMITS),
     )
     .expect("a valid schedule")
 }

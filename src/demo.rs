@@ -95,7 +95,7 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
                     slot_minutes: 15,
                     capacity_per_slot: capacity,
                 },
-                &limits,
+                &crate::config::schedule_bounds(&limits),
             )?;
             created += engine
                 .publish_schedule(&site_id, &service_id, &schedule, "demo")

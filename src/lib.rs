@@ -1,7 +1,8 @@
 //! prenota: high-volume appointment booking for public services.
 //!
 //! # Layout
-//! - [`config`]: every limit in one struct, with units in the names.
+//! - [`limits`]: every limit in one struct, with units in the names (a leaf).
+//! - [`config`]: `prenota.toml`, tokens, flag precedence and defaults.
 //! - [`domain`]: pure and synchronous: ids, slot counters (one CAS per admission),
 //!   citizen limits, schedules and local-time rules. Knows nothing of tokio, tonic or sled.
 //! - [`store`]: sled records and keys, the group committer (flush + fdatasync per
@@ -22,6 +23,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod grpc;
+pub mod limits;
 pub mod server;
 pub mod service;
 pub mod store;

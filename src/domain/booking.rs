@@ -1,17 +1,15 @@
 //! A booking as it is kept: who (hashed), where, when, and how it ended.
 
-use serde::{Deserialize, Serialize};
-
 use crate::domain::ids::{BookingId, CitizenKey, RequestFingerprint, RequestKey, SlotKey};
 
 /// The request that produced a state change, kept so a retry finds its first outcome.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestRecord {
     pub key: RequestKey,
     pub fingerprint: RequestFingerprint,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BookingState {
     Confirmed,
     Cancelled {
@@ -22,7 +20,7 @@ pub enum BookingState {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Booking {
     pub booking_id: BookingId,
     pub slot: SlotKey,

@@ -5,15 +5,13 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use serde::{Deserialize, Serialize};
-
 use crate::domain::booking::RequestRecord;
 use crate::domain::ids::{BookingId, CitizenKey, SiteId, SlotKey};
 
 /// A hold's id; see the module docs for why it is a booking id.
 pub type HoldId = BookingId;
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HoldState {
     /// Counts against the slot's capacity until it is confirmed or expires.
     Live,
@@ -23,7 +21,7 @@ pub enum HoldState {
     Expired { at_unix_ms: i64 },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hold {
     pub hold_id: HoldId,
     pub slot: SlotKey,

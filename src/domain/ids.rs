@@ -7,7 +7,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::field_violation::FieldViolation;
@@ -38,7 +37,7 @@ fn check_name_id(field: &str, value: &str, length_max: usize) -> Result<Arc<str>
 macro_rules! name_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
         pub struct $name(Arc<str>);
 
         impl $name {
@@ -73,7 +72,7 @@ name_id!(
 
 /// Identifies a slot: one start instant at one site for one service.
 /// Ordered by site, service, then start, so ranges of a site's schedule are contiguous.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SlotKey {
     pub site_id: SiteId,
     pub service_id: ServiceId,
@@ -114,7 +113,7 @@ impl fmt::Display for SlotKey {
 }
 
 /// Server-generated booking id: 128 random bits, so ids cannot be guessed or enumerated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BookingId(pub u128);
 
 impl BookingId {
@@ -143,7 +142,7 @@ impl fmt::Display for BookingId {
 }
 
 /// A keyed hash (HMAC) of a citizen id: the only form in which a citizen is kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CitizenKey(pub [u8; 16]);
 
 impl CitizenKey {
@@ -186,7 +185,7 @@ pub fn check_opaque_text(
 }
 
 /// Digest of a client `request_id`; the id itself is not kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestKey(pub [u8; 16]);
 
 impl RequestKey {
@@ -197,7 +196,7 @@ impl RequestKey {
 }
 
 /// What a request asked for, so a reused `request_id` with a different request is caught.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RequestFingerprint(pub [u8; 16]);
 
 impl RequestFingerprint {

@@ -10,7 +10,6 @@
 use chrono::{Datelike, Duration, LocalResult, NaiveDate, NaiveTime, TimeZone, Weekday};
 use chrono_tz::Tz;
 
-use crate::config::Limits;
 use crate::domain::error::{DomainError, Violations};
 
 /// One weekday's opening interval, in local wall-clock time.
@@ -70,98 +69,121 @@ fn parse_clock(violations: &mut Violations, field: &str, text: &str) -> Option<N
     parsed
 }
 
+/// The bounds a schedule must keep (from `Limits`; the domain knows no config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScheduleBounds {
+    pub days_max: u32,
+    pub slot_minutes_max: u32,
+    pub capacity_per_slot_max: u32,
+    pub opening_hours_max: usize,
+}
+
+fn check_span(violations: &mut Violations, first: NaiveDate, last: NaiveDate, days_max: u32) {
+    let days = (last - first).num_days() + 1;
+    if days < 1 {
+        violations.push("last_day", "must not be before first_day");
+    } else if days > i64::from(days_max) {
+        violations.push(
+            "last_day",
+            format!("a schedule spans at most {days_max} days"),
+        );
+    }
+}
+
+fn check_sizes(violations: &mut Violations, input: &ScheduleInput<'_>, bounds: &ScheduleBounds) {
+    if input.slot_minutes == 0 || input.slot_minutes > bounds.slot_minutes_max {
+        violations.push(
+            "slot_minutes",
+            format!("must be between 1 and {}", bounds.slot_minutes_max),
+        );
+    }
+    if input.capacity_per_slot == 0 || input.capacity_per_slot > bounds.capacity_per_slot_max {
+        violations.push(
+            "capacity_per_slot",
+            format!("must be between 1 and {}", bounds.capacity_per_slot_max),
+        );
+    }
+    if input.opening_hours.is_empty() {
+        violations.push("opening_hours", "must list at least one interval");
+    }
+    if input.opening_hours.len() > bounds.opening_hours_max {
+        violations.push(
+            "opening_hours",
+            format!("at most {} intervals", bounds.opening_hours_max),
+        );
+    }
+}
+
+/// One opening interval, or `None` (with its violations recorded).
+fn parse_hours(
+    violations: &mut Violations,
+    index: usize,
+    (weekday, opens, closes): (u32, &str, &str),
+) -> Option<OpeningHours> {
+    let weekday = match weekday {
+        1..=7 => Weekday::try_from((weekday - 1) as u8).ok(),
+        _ => None,
+    };
+    if weekday.is_none() {
+        violations.push(
+            format!("opening_hours[{index}].weekday"),
+            "must be an ISO weekday 1 (Monday) to 7 (Sunday)",
+        );
+    }
+    let opens = parse_clock(violations, &format!("opening_hours[{index}].opens"), opens);
+    let closes = parse_clock(
+        violations,
+        &format!("opening_hours[{index}].closes"),
+        closes,
+    );
+    if let (Some(opens), Some(closes)) = (opens, closes) {
+        if closes <= opens {
+            violations.push(
+                format!("opening_hours[{index}].closes"),
+                "must be after opens",
+            );
+        }
+    }
+    Some(OpeningHours {
+        weekday: weekday?,
+        opens: opens?,
+        closes: closes?,
+    })
+}
+
+fn check_overlaps(violations: &mut Violations, opening_hours: &[OpeningHours]) {
+    for (index, hours) in opening_hours.iter().enumerate() {
+        let overlaps = opening_hours[..index].iter().any(|other| {
+            other.weekday == hours.weekday
+                && other.opens < hours.closes
+                && hours.opens < other.closes
+        });
+        if overlaps {
+            violations.push(
+                format!("opening_hours[{index}]"),
+                "overlaps another interval of the same weekday",
+            );
+        }
+    }
+}
+
 impl Schedule {
     /// Validates every field and reports all violations at once.
-    pub fn parse(input: &ScheduleInput<'_>, limits: &Limits) -> Result<Self, DomainError> {
+    pub fn parse(input: &ScheduleInput<'_>, bounds: &ScheduleBounds) -> Result<Self, DomainError> {
         let mut violations = Violations::default();
         let first_day = parse_day(&mut violations, "first_day", input.first_day);
         let last_day = parse_day(&mut violations, "last_day", input.last_day);
         if let (Some(first), Some(last)) = (first_day, last_day) {
-            let days = (last - first).num_days() + 1;
-            if days < 1 {
-                violations.push("last_day", "must not be before first_day");
-            } else if days > i64::from(limits.publish_days_max) {
-                violations.push(
-                    "last_day",
-                    format!("a schedule spans at most {} days", limits.publish_days_max),
-                );
-            }
+            check_span(&mut violations, first, last, bounds.days_max);
         }
-        if input.slot_minutes == 0 || input.slot_minutes > limits.slot_minutes_max {
-            violations.push(
-                "slot_minutes",
-                format!("must be between 1 and {}", limits.slot_minutes_max),
-            );
-        }
-        if input.capacity_per_slot == 0 || input.capacity_per_slot > limits.capacity_per_slot_max {
-            violations.push(
-                "capacity_per_slot",
-                format!("must be between 1 and {}", limits.capacity_per_slot_max),
-            );
-        }
-        if input.opening_hours.is_empty() {
-            violations.push("opening_hours", "must list at least one interval");
-        }
-        if input.opening_hours.len() > limits.opening_hours_per_schedule_max {
-            violations.push(
-                "opening_hours",
-                format!(
-                    "at most {} intervals",
-                    limits.opening_hours_per_schedule_max
-                ),
-            );
-        }
-        let mut opening_hours = Vec::with_capacity(input.opening_hours.len());
-        for (index, &(weekday, opens, closes)) in input.opening_hours.iter().enumerate() {
-            let weekday = match weekday {
-                1..=7 => Weekday::try_from((weekday - 1) as u8).ok(),
-                _ => None,
-            };
-            if weekday.is_none() {
-                violations.push(
-                    format!("opening_hours[{index}].weekday"),
-                    "must be an ISO weekday 1 (Monday) to 7 (Sunday)",
-                );
-            }
-            let opens = parse_clock(
-                &mut violations,
-                &format!("opening_hours[{index}].opens"),
-                opens,
-            );
-            let closes = parse_clock(
-                &mut violations,
-                &format!("opening_hours[{index}].closes"),
-                closes,
-            );
-            if let (Some(opens), Some(closes)) = (opens, closes) {
-                if closes <= opens {
-                    violations.push(
-                        format!("opening_hours[{index}].closes"),
-                        "must be after opens",
-                    );
-                }
-            }
-            if let (Some(weekday), Some(opens), Some(closes)) = (weekday, opens, closes) {
-                opening_hours.push(OpeningHours {
-                    weekday,
-                    opens,
-                    closes,
-                });
-            }
-        }
-        for (index, hours) in opening_hours.iter().enumerate() {
-            let overlaps = opening_hours[..index].iter().any(|other| {
-                other.weekday == hours.weekday
-                    && other.opens < hours.closes
-                    && hours.opens < other.closes
-            });
-            if overlaps {
-                violations.push(
-                    format!("opening_hours[{index}]"),
-                    "overlaps another interval of the same weekday",
-                );
-            }
-        }
+        check_sizes(&mut violations, input, bounds);
+        let opening_hours: Vec<OpeningHours> = input
+            .opening_hours
+            .iter()
+            .enumerate()
+            .filter_map(|(index, &hours)| parse_hours(&mut violations, index, hours))
+            .collect();
+        check_overlaps(&mut violations, &opening_hours);
         violations.finish()?;
         match (first_day, last_day) {
             (Some(first_day), Some(last_day)) => Ok(Self {
@@ -232,7 +254,13 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DEFAULT_LIMITS;
+    /// The default limits' bounds (`config::schedule_bounds(&DEFAULT_LIMITS)`).
+    const BOUNDS: ScheduleBounds = ScheduleBounds {
+        days_max: 366,
+        slot_minutes_max: 1_440,
+        capacity_per_slot_max: 10_000,
+        opening_hours_max: 64,
+    };
     use chrono::{SecondsFormat, Utc};
 
     fn rome_schedule(day: &str, opens: &str, closes: &str, weekday: u32) -> Schedule {
@@ -244,7 +272,7 @@ mod tests {
                 slot_minutes: 30,
                 capacity_per_slot: 2,
             },
-            &DEFAULT_LIMITS,
+            &BOUNDS,
         )
         .unwrap()
     }
@@ -399,7 +427,7 @@ mod tests {
             ),
         ];
         for (input, field) in cases {
-            match Schedule::parse(input, &DEFAULT_LIMITS) {
+            match Schedule::parse(input, &BOUNDS) {
                 Err(DomainError::Invalid(violations)) => assert!(
                     violations.iter().any(|v| v.field == *field),
                     "{field}: {violations:?}"
@@ -419,7 +447,7 @@ mod tests {
                 slot_minutes: 1,
                 capacity_per_slot: 1,
             },
-            &DEFAULT_LIMITS,
+            &BOUNDS,
         )
         .unwrap();
         assert!(matches!(

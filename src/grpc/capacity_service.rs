@@ -93,7 +93,7 @@ impl CapacityService for CapacityApi {
                 slot_minutes: request.slot_minutes,
                 capacity_per_slot: request.capacity_per_slot,
             },
-            limits,
+            &crate::config::schedule_bounds(limits),
         );
         let schedule = match schedule {
             Ok(schedule) => Some(schedule),

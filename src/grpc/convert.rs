@@ -390,7 +390,7 @@ pub fn import_row(
             slot_minutes: row.slot_minutes,
             capacity_per_slot: row.capacity_per_slot,
         },
-        limits,
+        &crate::config::schedule_bounds(limits),
     );
     let schedule = match schedule {
         Ok(schedule) => Some(schedule),

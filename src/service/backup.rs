@@ -8,7 +8,8 @@ use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
-use crate::service::{Engine, ServiceError};
+use crate::service::engine::Engine;
+use crate::service::error::ServiceError;
 use crate::store::backup::{BackupSummary, Frame, Reader};
 use crate::store::key_file::{self, KEY_LENGTH};
 use crate::store::Store;
@@ -126,7 +127,7 @@ fn build(path: &Path, staging: &Path, key: &[u8; 32], config: &Config) -> Result
         store.restore_sync().map_err(|e| e.to_string())?;
         store.shutdown();
     }
-    let mut engine = Engine::open(staging, config, crate::service::Clock::system())
+    let mut engine = Engine::open(staging, config, crate::service::clock::Clock::system())
         .map_err(|e| format!("the restored store fails recovery: {e}"))?;
     engine.shutdown();
     Ok(())

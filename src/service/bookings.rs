@@ -9,9 +9,10 @@ use crate::domain::hold::{Hold, HoldId, HoldState, NotConfirmable};
 use crate::domain::ids::{
     BookingId, CitizenKey, RequestFingerprint, RequestKey, ServiceId, SlotKey,
 };
-use crate::service::{
-    check_not_started, refused, undo_if_never_queued, BookingView, Engine, ServiceError,
+use crate::service::engine::{
+    check_not_started, refused, undo_if_never_queued, BookingView, Engine,
 };
+use crate::service::error::ServiceError;
 use crate::store::records::Write;
 
 pub struct BookCommand {

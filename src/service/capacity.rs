@@ -12,7 +12,8 @@ use crate::domain::error::{DomainError, Missing, Violations};
 use crate::domain::hold::{Hold, HoldState};
 use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::{PlannedSlot, Schedule};
-use crate::service::{undo_if_never_queued, Engine, ServiceError};
+use crate::service::engine::{undo_if_never_queued, Engine};
+use crate::service::error::ServiceError;
 use crate::store::records::{
     ApplyJournal, AuditEntry, AuthorityOutcome, AuthorityRequest, SiteRecord, SlotRecord, Write,
 };

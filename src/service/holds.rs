@@ -9,7 +9,8 @@ use crate::domain::booking::RequestRecord;
 use crate::domain::error::DomainError;
 use crate::domain::hold::{Hold, HoldId, HoldState};
 use crate::domain::ids::{CitizenKey, RequestFingerprint, RequestKey, SlotKey};
-use crate::service::{undo_if_never_queued, Engine, ServiceError};
+use crate::service::engine::{undo_if_never_queued, Engine};
+use crate::service::error::ServiceError;
 use crate::store::records::Write;
 
 pub struct HoldCommand {

@@ -9,13 +9,66 @@ use crate::domain::booking::{Booking, BookingState};
 use crate::domain::catalog::{Catalog, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::hold::{HoldState, LiveHolds};
+use std::sync::{Mutex, RwLock};
+
+use crate::config::Config;
+use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
+use crate::service::clock::Clock;
+use crate::service::engine::Engine;
+use crate::service::error::ServiceError;
+use crate::service::rate_limits;
 use crate::service::requests::RequestRegistry;
-use crate::service::{Engine, ServiceError};
-use crate::store::records::decode_value;
+use crate::store::records::Record;
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
-pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
+impl Engine {
+    /// Opens the store in `data_dir` and rebuilds memory from it, checking invariants.
+    pub fn open(
+        data_dir: &std::path::Path,
+        config: &Config,
+        clock: Clock,
+    ) -> Result<Self, ServiceError> {
+        Self::open_with_store(Store::open(data_dir, &config.limits)?, config, clock)
+    }
+
+    /// Rebuilds an engine over an already opened store (benchmarks pass a store with
+    /// weaker commits; see `Store::open_unsynced_for_benchmarks`).
+    pub fn open_with_store(
+        store: Store,
+        config: &Config,
+        clock: Clock,
+    ) -> Result<Self, ServiceError> {
+        let data_dir = store.data_dir().to_path_buf();
+        let key = match config.citizen_hash_key {
+            Some(key) => key,
+            None => crate::store::key_file::load_or_create(&data_dir)?,
+        };
+        let mut engine = Self {
+            limits: config.limits.clone(),
+            store,
+            catalog: RwLock::new(Catalog::default()),
+            citizens: CitizenIndex::default(),
+            requests: RequestRegistry::default(),
+            holds: Mutex::new(LiveHolds::default()),
+            hasher: CitizenHasher::new(&key).map_err(|e| {
+                ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
+            })?,
+            ids: BookingIds::new(&key).map_err(|e| {
+                ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
+            })?,
+            citizen_hash_key: key,
+            attempts: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_attempts_per_min),
+            authority_writes: tokio::sync::Mutex::new(()),
+            clock,
+            last_audit_unix_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        };
+        rebuild(&mut engine)?;
+        Ok(engine)
+    }
+}
+
+fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let started = std::time::Instant::now();
     let catalog = engine.catalog.get_mut().unwrap_or_else(|p| p.into_inner());
     for record in engine.store.sites() {
@@ -87,7 +140,7 @@ pub fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         let rebuilt = (|| -> Result<(), ServiceError> {
             for chunk in receiver {
                 for (key, value) in chunk {
-                    let booking: Booking = decode_value(&key, &value)?;
+                    let booking = Booking::decode_value(&key, &value)?;
                     match restore_booking(catalog, citizens, requests, &booking, max_active)? {
                         true => confirmed += 1,
                         false => cancelled += 1,

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::domain::error::DomainError;
 use crate::domain::ids::{BookingId, RequestFingerprint, RequestKey};
-use crate::service::ServiceError;
+use crate::service::error::ServiceError;
 
 const SHARD_COUNT: usize = 64;
 

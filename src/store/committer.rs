@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::store::StoreError;
+use crate::store::error::StoreError;
 use crate::telemetry;
 
 /// Writes of one caller, committed together with other callers' writes.

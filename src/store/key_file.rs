@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::Path;
 
-use crate::store::StoreError;
+use crate::store::error::StoreError;
 
 pub const KEY_FILE_NAME: &str = "citizen-hash.key";
 pub const KEY_LENGTH: usize = 32;

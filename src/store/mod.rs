@@ -6,6 +6,7 @@
 
 pub mod backup;
 pub mod committer;
+pub mod error;
 pub mod key_file;
 pub mod records;
 
@@ -16,7 +17,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Limits;
@@ -25,21 +25,8 @@ use crate::domain::hold::{Hold, HoldId};
 use crate::domain::ids::{BookingId, CitizenTag, RequestKey};
 pub use committer::UnsyncedForBenchmarks;
 use committer::{CommitRequest, CommitterState, SledDurability, SledUnsynced};
-use records::{booking_key, decode_value, hold_key, SiteRecord, SlotRecord, Write};
-
-#[derive(Clone, Debug, Error, PartialEq, Eq)]
-pub enum StoreError {
-    #[error("storage failed earlier; writes are refused until the server restarts")]
-    Failed,
-    #[error("storage I/O error: {0}")]
-    Io(String),
-    #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
-    #[error("the write queue is full")]
-    Overloaded,
-    #[error("the store is shutting down")]
-    Closed,
-}
+pub use error::StoreError;
+use records::{booking_key, hold_key, Record, SiteRecord, SlotRecord, Write};
 
 pub struct Store {
     db: sled::Db,
@@ -168,7 +155,7 @@ impl Store {
     ) -> Result<Option<Booking>, StoreError> {
         let key = booking_key(tag, booking_id);
         match self.db.get(key) {
-            Ok(Some(value)) => decode_value(&key, &value).map(Some),
+            Ok(Some(value)) => Booking::decode_value(&key, &value).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::Io(format!("reading a booking: {e}"))),
         }
@@ -177,7 +164,7 @@ impl Store {
     pub fn hold(&self, hold_id: HoldId) -> Result<Option<Hold>, StoreError> {
         let key = hold_key(hold_id);
         match self.db.get(key) {
-            Ok(Some(value)) => decode_value(&key, &value).map(Some),
+            Ok(Some(value)) => Hold::decode_value(&key, &value).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::Io(format!("reading a hold: {e}"))),
         }
@@ -186,7 +173,7 @@ impl Store {
     pub fn apply_journal(&self) -> Result<Option<records::ApplyJournal>, StoreError> {
         let key = records::apply_journal_key();
         match self.db.get(key) {
-            Ok(Some(value)) => decode_value(key, &value).map(Some),
+            Ok(Some(value)) => records::ApplyJournal::decode_value(key, &value).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::Io(format!("reading the apply journal: {e}"))),
         }
@@ -198,7 +185,7 @@ impl Store {
     ) -> Result<Option<records::AuthorityRequest>, StoreError> {
         let key = records::authority_request_key(key);
         match self.db.get(key) {
-            Ok(Some(value)) => decode_value(&key, &value).map(Some),
+            Ok(Some(value)) => records::AuthorityRequest::decode_value(&key, &value).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::Io(format!("reading a request: {e}"))),
         }
@@ -238,7 +225,7 @@ impl Store {
             if !key.starts_with(&prefix) || bookings.len() == limit {
                 break;
             }
-            bookings.push(decode_value(&key, &value)?);
+            bookings.push(Booking::decode_value(&key, &value)?);
         }
         Ok(bookings)
     }
@@ -253,12 +240,9 @@ impl Store {
             .map(|item| item.map_err(|e| StoreError::Io(format!("scanning: {e}"))))
     }
 
-    fn scan<T: serde::de::DeserializeOwned>(
-        &self,
-        prefix: u8,
-    ) -> impl Iterator<Item = Result<T, StoreError>> + use<T> {
+    fn scan<T: Record>(&self, prefix: u8) -> impl Iterator<Item = Result<T, StoreError>> + use<T> {
         self.scan_raw(prefix)
-            .map(|item| item.and_then(|(key, value)| decode_value(&key, &value)))
+            .map(|item| item.and_then(|(key, value)| T::decode_value(&key, &value)))
     }
 
     pub fn sites(&self) -> impl Iterator<Item = Result<SiteRecord, StoreError>> {

@@ -1,0 +1,266 @@
+//! Every limit and tunable of prenota in one struct, with units in the names, its
+//! defaults, and the checks they must pass (at compile time for the defaults, at start-up
+//! for a file's).
+//!
+//! A leaf: imports nothing of the crate, so every layer can read the numbers it needs.
+
+use serde::{Deserialize, Serialize};
+
+/// Capacity, taken and pending share one 64-bit atomic word in the slot counter, 21 bits
+/// each (`domain::slot_counter::COUNTER_FIELD_MAX`; `config` asserts they agree).
+pub const CAPACITY_PER_SLOT_CEILING: u32 = (1 << 21) - 1;
+
+/// Upper bounds on everything a client can make the server hold, scan or write.
+/// In `prenota.toml` under `[limits]`; a missing key keeps its default.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Length of site, region and service ids (characters of `[A-Za-z0-9_-]`).
+    pub id_length_max: usize,
+    /// Length of a client `request_id` (printable ASCII).
+    pub request_id_length_max: usize,
+    /// Length of a citizen id as the frontend sends it (printable ASCII, hashed at once).
+    pub citizen_id_length_max: usize,
+    /// Length of a site's display name (characters).
+    pub site_name_length_max: usize,
+    /// `page_size` used when a request gives none.
+    pub page_size_default: u32,
+    /// Largest `page_size` accepted.
+    pub page_size_max: u32,
+    /// Span of a search when the request gives no `to`.
+    pub search_range_days_default: u32,
+    /// Largest span `to - from` of one search.
+    pub search_range_days_max: u32,
+    /// Largest span `last_day - first_day + 1` of one published schedule.
+    pub publish_days_max: u32,
+    /// Most slots one `PublishSchedule` may describe.
+    pub publish_slots_max: usize,
+    /// Most opening-hours entries in one schedule.
+    pub opening_hours_per_schedule_max: usize,
+    /// Longest slot.
+    pub slot_minutes_max: u32,
+    /// Largest capacity of one slot.
+    pub capacity_per_slot_max: u32,
+    /// Active bookings one citizen may hold per service.
+    pub max_active_per_citizen: u32,
+    /// Most client writes folded into one group commit (one flush + fdatasync).
+    pub commit_batch_writes_max: usize,
+    /// Writes waiting for the committer before new ones are refused as overload.
+    pub commit_queue_depth: usize,
+    /// Bookings buffered between the store scan and a slow `ExportBookings` reader.
+    pub export_channel_depth: usize,
+    /// Largest decoded gRPC request.
+    pub message_size_bytes_max: usize,
+    /// sled's page cache. sled treats it as a soft hint and its resident memory grows to a
+    /// multiple of it under heavy writes, so it is set explicitly (sled's default: 1 GiB).
+    pub store_cache_bytes: u64,
+    /// A hold's lifetime when the request gives none.
+    pub hold_ttl_seconds_default: u32,
+    /// Longest hold a client may ask for.
+    pub hold_ttl_seconds_max: u32,
+    /// How often the sweeper returns the places of expired holds.
+    pub hold_sweep_interval_ms: u64,
+    /// Most holds one sweep expires (one group commit); the rest wait for the next tick.
+    pub hold_sweep_batch_max: usize,
+    /// Most rows in one `ImportCapacity` stream.
+    pub import_rows_max: usize,
+    /// Most slots one import may create or change in total.
+    pub import_slots_max: usize,
+    /// Most row errors reported for a refused import (the rest are counted).
+    pub import_errors_reported_max: usize,
+    /// Length of a closure's reason (characters), shown to citizens.
+    pub close_reason_length_max: usize,
+    /// Booking attempts (Book, HoldSlot, RescheduleBooking) one citizen may make per
+    /// minute, in a burst or spread out; 0 turns the limit off.
+    pub rate_citizen_attempts_per_min: u32,
+    /// Requests one token may make per second (burst the same); 0 turns the limit off.
+    pub rate_token_requests_per_s: u32,
+    /// How often the per-citizen limiter forgets citizens who are back to a full quota.
+    pub rate_limiter_retain_interval_ms: u64,
+    /// Requests being served at once, over every connection; beyond it requests are
+    /// refused at once with UNAVAILABLE / OVERLOADED (health is never refused).
+    pub in_flight_requests_max: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub streams_per_connection_max: u32,
+    /// Streams a client may reset before being answered, before the connection is
+    /// closed (the "rapid reset" attack).
+    pub pending_reset_streams_max: usize,
+    /// Longest time a request may take before it is answered DEADLINE_EXCEEDED.
+    pub request_timeout_ms: u64,
+    /// How often the gauges (per site, live holds, store size) are refreshed.
+    pub metrics_refresh_interval_ms: u64,
+    /// Sites with their own gauges (in site-id order); bounds the metrics' label set.
+    pub metrics_site_gauges_max: usize,
+    /// Group commits an online backup may fall behind by while it scans the store; past
+    /// it the backup fails (and serving goes on untouched).
+    pub backup_changes_buffered_max: usize,
+    /// How long start-up waits for the data dir's lock (a previous process, or sled's
+    /// I/O threads of a just-closed store, may still hold it) before refusing.
+    pub data_dir_lock_wait_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        DEFAULT_LIMITS.clone()
+    }
+}
+
+/// The defaults, as a constant so the checks below run at compile time.
+pub const DEFAULT_LIMITS: Limits = Limits {
+    id_length_max: 64,
+    request_id_length_max: 128,
+    citizen_id_length_max: 128,
+    site_name_length_max: 200,
+    page_size_default: 50,
+    page_size_max: 500,
+    search_range_days_default: 31,
+    search_range_days_max: 366,
+    publish_days_max: 366,
+    publish_slots_max: 100_000,
+    opening_hours_per_schedule_max: 64,
+    slot_minutes_max: 1_440,
+    capacity_per_slot_max: 10_000,
+    max_active_per_citizen: 1,
+    commit_batch_writes_max: 4_096,
+    commit_queue_depth: 65_536,
+    export_channel_depth: 256,
+    message_size_bytes_max: 4 * 1024 * 1024,
+    hold_ttl_seconds_default: 300,
+    hold_ttl_seconds_max: 1_800,
+    hold_sweep_interval_ms: 250,
+    hold_sweep_batch_max: 4_096,
+    import_rows_max: 200_000,
+    import_slots_max: 2_000_000,
+    import_errors_reported_max: 100,
+    close_reason_length_max: 200,
+    rate_citizen_attempts_per_min: 120,
+    rate_token_requests_per_s: 0,
+    rate_limiter_retain_interval_ms: 10_000,
+    in_flight_requests_max: 4_096,
+    streams_per_connection_max: 1_024,
+    pending_reset_streams_max: 64,
+    request_timeout_ms: 30_000,
+    metrics_refresh_interval_ms: 5_000,
+    metrics_site_gauges_max: 10_000,
+    backup_changes_buffered_max: 65_536,
+    data_dir_lock_wait_ms: 5_000,
+    store_cache_bytes: 1024 * 1024 * 1024,
+};
+
+const _: () = {
+    let l = &DEFAULT_LIMITS;
+    assert!(l.page_size_default >= 1 && l.page_size_default <= l.page_size_max);
+    assert!(l.search_range_days_default <= l.search_range_days_max);
+    assert!(l.max_active_per_citizen >= 1);
+    assert!(l.commit_batch_writes_max >= 1 && l.commit_batch_writes_max <= l.commit_queue_depth);
+    // Capacity, taken and pending share one 64-bit atomic word, 21 bits each.
+    assert!(l.capacity_per_slot_max <= CAPACITY_PER_SLOT_CEILING);
+    assert!(
+        l.hold_ttl_seconds_default >= 1 && l.hold_ttl_seconds_default <= l.hold_ttl_seconds_max
+    );
+    assert!(l.hold_sweep_batch_max >= 1 && l.import_errors_reported_max >= 1);
+    assert!(l.slot_minutes_max <= 24 * 60);
+    assert!(l.export_channel_depth >= 1);
+    assert!(l.metrics_refresh_interval_ms >= 100 && l.backup_changes_buffered_max >= 1);
+};
+
+impl Limits {
+    /// The checks of the defaults above, for limits read from a file: every problem.
+    /// One flat list of checks, one per limit: long, but read at a glance.
+    pub fn problems(&self) -> Vec<String> {
+        let l = self;
+        let mut problems = Vec::new();
+        let mut need = |ok: bool, what: &str| {
+            if !ok {
+                problems.push(format!("limits: {what}"));
+            }
+        };
+        need(l.id_length_max >= 1, "id_length_max must be at least 1");
+        need(
+            l.request_id_length_max >= 1 && l.citizen_id_length_max >= 1,
+            "request_id_length_max and citizen_id_length_max must be at least 1",
+        );
+        need(
+            l.page_size_default >= 1 && l.page_size_default <= l.page_size_max,
+            "page_size_default must be between 1 and page_size_max",
+        );
+        need(
+            l.search_range_days_default >= 1
+                && l.search_range_days_default <= l.search_range_days_max,
+            "search_range_days_default must be between 1 and search_range_days_max",
+        );
+        need(
+            l.publish_days_max >= 1,
+            "publish_days_max must be at least 1",
+        );
+        need(
+            l.publish_slots_max >= 1,
+            "publish_slots_max must be at least 1",
+        );
+        need(
+            l.slot_minutes_max >= 1 && l.slot_minutes_max <= 24 * 60,
+            "slot_minutes_max must be between 1 and 1440",
+        );
+        need(
+            l.capacity_per_slot_max >= 1 && l.capacity_per_slot_max <= CAPACITY_PER_SLOT_CEILING,
+            "capacity_per_slot_max must be between 1 and 2097151 (21 bits)",
+        );
+        need(
+            l.max_active_per_citizen >= 1,
+            "max_active_per_citizen must be at least 1",
+        );
+        need(
+            l.commit_batch_writes_max >= 1 && l.commit_batch_writes_max <= l.commit_queue_depth,
+            "commit_batch_writes_max must be between 1 and commit_queue_depth",
+        );
+        need(
+            l.export_channel_depth >= 1,
+            "export_channel_depth must be at least 1",
+        );
+        need(
+            l.metrics_refresh_interval_ms >= 100,
+            "metrics_refresh_interval_ms must be at least 100",
+        );
+        need(
+            l.backup_changes_buffered_max >= 1,
+            "backup_changes_buffered_max must be at least 1",
+        );
+        need(
+            l.message_size_bytes_max >= 64 * 1024,
+            "message_size_bytes_max must be at least 65536",
+        );
+        need(
+            l.hold_ttl_seconds_default >= 1 && l.hold_ttl_seconds_default <= l.hold_ttl_seconds_max,
+            "hold_ttl_seconds_default must be between 1 and hold_ttl_seconds_max",
+        );
+        need(
+            l.hold_sweep_interval_ms >= 10,
+            "hold_sweep_interval_ms must be at least 10",
+        );
+        need(
+            l.hold_sweep_batch_max >= 1 && l.import_errors_reported_max >= 1,
+            "hold_sweep_batch_max and import_errors_reported_max must be at least 1",
+        );
+        need(
+            l.import_rows_max >= 1 && l.import_slots_max >= 1,
+            "import_rows_max and import_slots_max must be at least 1",
+        );
+        need(
+            l.close_reason_length_max >= 1,
+            "close_reason_length_max must be at least 1",
+        );
+        need(
+            l.rate_limiter_retain_interval_ms >= 100,
+            "rate_limiter_retain_interval_ms must be at least 100",
+        );
+        need(
+            l.in_flight_requests_max >= 1 && l.streams_per_connection_max >= 1,
+            "in_flight_requests_max and streams_per_connection_max must be at least 1",
+        );
+        need(
+            l.request_timeout_ms >= 100,
+            "request_timeout_ms must be at least 100",
+        );
+        problems
+    }
+}

@@ -1,0 +1,311 @@
+//! The engine: the state every command works on (catalog, citizen index, live holds,
+//! request registry, store, clock) and the steps commands share. The commands themselves
+//! are in `bookings`, `holds` and `capacity`; opening (recovery) is in `recovery`.
+//!
+//! Must not import tonic. Reads the clock here and passes `now` into the domain.
+//!
+//! Every command follows one rule: places are taken in memory *before* the write and
+//! returned only *after* the durable write that frees them, so memory never shows
+//! more free places than the disk would after a crash. A write refused as
+//! `Overloaded` never reached the queue, so its in-memory effects are undone; after
+//! any other storage error the store is failed and a restart rebuilds from the disk.
+
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Limits;
+use crate::domain::booking::{Booking, RequestRecord};
+use crate::domain::catalog::{Admission, Catalog, SearchPage, SearchQuery, Site, Slot};
+use crate::domain::citizens::CitizenIndex;
+use crate::domain::error::{DomainError, Missing};
+use crate::domain::hold::LiveHolds;
+use crate::domain::ids::{
+    BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, SiteId, SlotKey,
+};
+use crate::domain::slot_counter::Refused;
+use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
+use crate::service::clock::Clock;
+use crate::service::error::ServiceError;
+use crate::service::rate_limits;
+use crate::service::requests::{self, Begin, RequestRegistry};
+use crate::store::{Store, StoreError};
+
+/// A booking with the site it belongs to (for its time zone).
+#[derive(Clone, Debug)]
+pub struct BookingView {
+    pub booking: Booking,
+    pub site: Arc<Site>,
+}
+
+#[derive(Clone, Debug)]
+pub enum ExportScope {
+    All,
+    Site(SiteId),
+    Region(RegionId),
+}
+
+pub struct Engine {
+    pub(super) limits: Limits,
+    pub(super) store: Store,
+    /// Read on every request; written only by authority writes.
+    pub(super) catalog: RwLock<Catalog>,
+    pub(super) citizens: CitizenIndex,
+    pub(super) requests: RequestRegistry,
+    /// Live holds. One mutex: each critical section is one map operation.
+    pub(super) holds: Mutex<LiveHolds>,
+    pub(super) hasher: CitizenHasher,
+    pub(super) ids: BookingIds,
+    /// The key of `hasher` and `ids`, for backups.
+    pub(super) citizen_hash_key: [u8; 32],
+    /// Booking attempts per citizen.
+    pub(super) attempts: rate_limits::CitizenLimiter,
+    /// Serialises authority writes (sites, schedules, imports, capacities, closures)
+    /// so their plan and apply steps see no other authority write in between. Never
+    /// taken by bookings.
+    pub(super) authority_writes: tokio::sync::Mutex<()>,
+    /// Every `now` of the engine comes from here (tests pass a manual clock).
+    pub(super) clock: Clock,
+    /// The last audit entry's time, so the log's key order is the order of the changes.
+    pub(super) last_audit_unix_ms: std::sync::atomic::AtomicI64,
+}
+
+/// The result of a write whose in-memory effects are undone only if it never reached the
+/// queue (`Overloaded`). After any other error the write may be on disk: memory keeps
+/// its effects (places stay taken: never overbook), and the store is failed until a
+/// restart rebuilds from the disk.
+pub(super) fn undo_if_never_queued(
+    written: Result<(), StoreError>,
+    undo: impl FnOnce(),
+) -> Result<(), ServiceError> {
+    if written == Err(StoreError::Overloaded) {
+        undo();
+    }
+    Ok(written?)
+}
+
+/// A slot that has started takes no booking, hold or reschedule.
+pub(super) fn check_not_started(slot: &Slot, now_unix_ms: i64) -> Result<(), DomainError> {
+    if slot.key.start_unix_s.saturating_mul(1_000) <= now_unix_ms {
+        return Err(DomainError::SlotStarted(slot.key.clone()));
+    }
+    Ok(())
+}
+
+/// A counter's refusal as the domain error a client sees.
+pub(super) fn refused(refused: Refused, slot: &SlotKey) -> DomainError {
+    match refused {
+        Refused::Full => DomainError::SlotFull(slot.clone()),
+        Refused::Closed => DomainError::SlotClosed(slot.clone()),
+    }
+}
+
+impl Engine {
+    /// Counts one booking attempt of this citizen against its per-minute quota.
+    pub(super) fn count_attempt(&self, citizen: &CitizenKey) -> Result<(), ServiceError> {
+        self.attempts.check(citizen).map_err(|retry_after| {
+            metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => "citizen").increment(1);
+            ServiceError::RateLimited { retry_after }
+        })
+    }
+
+    /// Forgets citizens whose quota has refilled; returns how many are still tracked.
+    pub fn retain_rate_limits(&self) -> usize {
+        self.attempts.retain()
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The engine's clock (the sweeper and the handlers read `now` from it too).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub(super) fn now_unix_ms(&self) -> i64 {
+        self.clock.now_unix_ms()
+    }
+
+    /// The store's size on disk, in bytes.
+    pub fn store_disk_bytes(&self) -> Result<u64, ServiceError> {
+        Ok(self.store.size_on_disk()?)
+    }
+
+    /// `true` while the store accepts writes.
+    pub fn store_health(&self) -> watch::Receiver<bool> {
+        self.store.health()
+    }
+
+    pub(super) fn catalog(&self) -> RwLockReadGuard<'_, Catalog> {
+        // Catalog writes are single map inserts: a poisoned lock still guards sound data.
+        self.catalog.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn catalog_mut(&self) -> RwLockWriteGuard<'_, Catalog> {
+        self.catalog.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn live_holds(&self) -> MutexGuard<'_, LiveHolds> {
+        // Every critical section is one map operation: a poisoned lock guards sound data.
+        self.holds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn site(&self, site_id: &SiteId) -> Option<Arc<Site>> {
+        self.catalog().site(site_id).cloned()
+    }
+
+    pub(super) fn slot(&self, key: &SlotKey) -> Result<Arc<Slot>, DomainError> {
+        self.catalog()
+            .slot(key)
+            .map(|(_, slot)| Arc::clone(slot))
+            .ok_or(DomainError::NotFound(Missing::Slot))
+    }
+
+    /// The first steps of a booking or a hold: the slot exists and has not started, the
+    /// citizen is under the limit (an entry reserved under a new id), and a place is
+    /// taken. Refused steps are undone. Returns the admission, the new id and `now`.
+    pub(super) fn take_place(
+        &self,
+        slot_key: &SlotKey,
+        citizen: CitizenKey,
+    ) -> Result<(Admission, BookingId, i64), ServiceError> {
+        let slot = self.slot(slot_key)?;
+        let now_ms = self.now_unix_ms();
+        check_not_started(&slot, now_ms)?;
+        let id = self.ids.mint(citizen);
+        let service = &slot.key.service_id;
+        self.citizens
+            .reserve(citizen, service, id, self.limits.max_active_per_citizen)
+            .map_err(|existing| DomainError::CitizenAlreadyBooked {
+                booking_id: existing,
+            })?;
+        match slot.try_take() {
+            Ok(admission) => Ok((admission, id, now_ms)),
+            Err(refusal) => {
+                self.citizens.release(citizen, service, id);
+                Err(refused(refusal, &slot.key).into())
+            }
+        }
+    }
+
+    /// Undoes `take_place` for a write that never reached the queue.
+    pub(super) fn untake_place(&self, admission: &Admission, citizen: CitizenKey, id: BookingId) {
+        let slot = admission.slot();
+        self.citizens.release(citizen, &slot.key.service_id, id);
+        let _ = slot.counter.release();
+    }
+
+    /// Returns one place of a slot after the durable write that freed it.
+    pub(super) fn return_place(&self, key: &SlotKey) {
+        if let Ok(slot) = self.slot(key) {
+            if slot.counter.release().is_err() {
+                tracing::error!(slot = %key, "found no taken place to return");
+            }
+        }
+    }
+
+    pub fn search(&self, query: &SearchQuery) -> Result<SearchPage, ServiceError> {
+        Ok(self.catalog().search(query)?)
+    }
+
+    pub(super) fn view(&self, booking: Booking) -> Result<BookingView, ServiceError> {
+        let site = self.site(&booking.slot.site_id).ok_or_else(|| {
+            ServiceError::Store(StoreError::Corrupt(format!(
+                "booking {} refers to unknown site {}",
+                booking.booking_id, booking.slot.site_id
+            )))
+        })?;
+        Ok(BookingView { booking, site })
+    }
+
+    pub(super) fn stored_booking(&self, booking_id: BookingId) -> Result<Booking, ServiceError> {
+        Ok(self
+            .store
+            .booking(self.ids.tag_of(booking_id), booking_id)?
+            .ok_or(DomainError::NotFound(Missing::Booking))?)
+    }
+
+    pub fn booking(&self, booking_id: BookingId) -> Result<BookingView, ServiceError> {
+        self.view(self.stored_booking(booking_id)?)
+    }
+
+    /// Runs `work` once per `request_id`: a retry gets the first outcome back (through
+    /// `fetch`), a copy in flight waits for the first one's outcome, a different request
+    /// is refused. The registry keeps only the outcome's id; the fingerprint names the
+    /// command, so an id is always fetched as the kind of thing it was created as.
+    pub(super) async fn once_per_request<T, Work>(
+        &self,
+        request: RequestKey,
+        fingerprint: RequestFingerprint,
+        work: impl FnOnce(RequestRecord) -> Work,
+        id_of: impl Fn(&T) -> BookingId,
+        fetch: impl Fn(BookingId) -> Result<T, ServiceError>,
+    ) -> Result<T, ServiceError>
+    where
+        Work: std::future::Future<Output = Result<T, ServiceError>>,
+    {
+        let guard = match self.requests.begin(request, fingerprint)? {
+            Begin::Done(id) => return fetch(id),
+            Begin::Wait(outcome) => return fetch(requests::wait(outcome).await?),
+            Begin::Fresh(guard) => guard,
+        };
+        let outcome = work(RequestRecord {
+            key: request,
+            fingerprint,
+        })
+        .await;
+        guard.finish(outcome.as_ref().map(&id_of).map_err(Clone::clone))?;
+        outcome
+    }
+
+    /// Streams every stored booking in scope; the scan runs on a blocking thread and
+    /// waits for the reader (bounded channel), so a slow client holds no memory.
+    pub fn export_bookings(
+        self: &Arc<Self>,
+        scope: ExportScope,
+    ) -> mpsc::Receiver<Result<BookingView, ServiceError>> {
+        let (sender, receiver) = mpsc::channel(self.limits.export_channel_depth);
+        let engine = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            for item in engine.store.bookings() {
+                let item = item
+                    .map_err(ServiceError::from)
+                    .and_then(|booking| engine.view(booking));
+                let wanted = match (&item, &scope) {
+                    (Err(_), _) | (Ok(_), ExportScope::All) => true,
+                    (Ok(view), ExportScope::Site(site_id)) => view.site.site_id == *site_id,
+                    (Ok(view), ExportScope::Region(region_id)) => view.site.region_id == *region_id,
+                };
+                if wanted && sender.blocking_send(item).is_err() {
+                    return; // the client went away
+                }
+            }
+        });
+        receiver
+    }
+
+    /// Streams the audit log, oldest first (like `export_bookings`).
+    pub fn audit_log(
+        self: &Arc<Self>,
+    ) -> mpsc::Receiver<Result<crate::store::records::AuditEntry, ServiceError>> {
+        let (sender, receiver) = mpsc::channel(self.limits.export_channel_depth);
+        let engine = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            for entry in engine.store.audit_entries() {
+                if sender
+                    .blocking_send(entry.map_err(ServiceError::from))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        receiver
+    }
+
+    /// Lets queued writes finish durably, then stops the committer.
+    pub fn shutdown(&mut self) {
+        self.store.shutdown();
+    }
+}
