@@ -270,7 +270,9 @@ async fn run(
         on_serving();
         Ok((engine, tasks, stop))
     };
-    let (served, started) = tokio::join!(serving, starting);
+    // `starting` first: an already recovered engine's services are in place (on its first
+    // poll) before `serving` accepts a connection, so no request meets RECOVERING.
+    let (started, served) = tokio::join!(biased; starting, serving);
     set_health(&health, ServingStatus::NotServing).await;
     // The services hold the engine; `close` waits until it is the last holder.
     drop((booking_slot, capacity_slot));

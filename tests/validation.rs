@@ -248,7 +248,7 @@ async fn holds_reschedules_closures_and_lists_name_every_bad_field() {
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(
         violated_fields(&status),
         ["slot_id", "citizen_id", "request_id", "ttl_seconds"]

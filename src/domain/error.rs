@@ -94,3 +94,90 @@ impl Violations {
         }
     }
 }
+
+/// What a failed check yields: one or several field violations.
+pub trait IntoViolations {
+    fn into_violations(self) -> Vec<FieldViolation>;
+}
+
+impl IntoViolations for FieldViolation {
+    fn into_violations(self) -> Vec<FieldViolation> {
+        vec![self]
+    }
+}
+
+impl IntoViolations for Vec<FieldViolation> {
+    fn into_violations(self) -> Vec<FieldViolation> {
+        self
+    }
+}
+
+impl IntoViolations for DomainError {
+    fn into_violations(self) -> Vec<FieldViolation> {
+        match self {
+            DomainError::Invalid(violations) => violations,
+            other => vec![FieldViolation::new("request", other.to_string())],
+        }
+    }
+}
+
+/// Checks every field of a request at once: a tuple of per-field results becomes the
+/// tuple of values, or `Invalid` with *every* violation, in field order (a client
+/// learns all its mistakes in one round trip). No value of a failed check is read.
+pub trait AllValid {
+    type Values;
+    fn all_valid(self) -> Result<Self::Values, DomainError>;
+}
+
+macro_rules! all_valid_tuple {
+    ($($value:ident $error:ident),+) => {
+        impl<$($value, $error: IntoViolations),+> AllValid for ($(Result<$value, $error>,)+) {
+            type Values = ($($value,)+);
+
+            #[allow(non_snake_case)]
+            fn all_valid(self) -> Result<Self::Values, DomainError> {
+                let ($($value,)+) = self;
+                let mut violations = Vec::new();
+                $(
+                    let $value = $value.map_err(|e| violations.extend(e.into_violations())).ok();
+                )+
+                match ($($value,)+) {
+                    ($(Some($value),)+) => Ok(($($value,)+)),
+                    // Some check failed, so `violations` is not empty.
+                    _ => Err(DomainError::Invalid(violations)),
+                }
+            }
+        }
+    };
+}
+
+all_valid_tuple!(A EA);
+all_valid_tuple!(A EA, B EB);
+all_valid_tuple!(A EA, B EB, C EC);
+all_valid_tuple!(A EA, B EB, C EC, D ED);
+all_valid_tuple!(A EA, B EB, C EC, D ED, E EE);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_valid_returns_every_value_or_every_violation() {
+        let ok: (Result<u8, FieldViolation>, Result<&str, FieldViolation>) = (Ok(1), Ok("a"));
+        assert_eq!(ok.all_valid(), Ok((1, "a")));
+        let bad: (
+            Result<u8, FieldViolation>,
+            Result<u8, FieldViolation>,
+            Result<u8, FieldViolation>,
+        ) = (
+            Err(FieldViolation::new("a", "x")),
+            Ok(2),
+            Err(FieldViolation::new("c", "y")),
+        );
+        let Err(DomainError::Invalid(found)) = bad.all_valid() else {
+            panic!("two violations expected");
+        };
+        let fields: Vec<&str> = found.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["a", "c"]);
+    }
+}

@@ -8,14 +8,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::domain::error::{DomainError, FieldViolation, Missing, Violations};
+use crate::domain::error::{DomainError, FieldViolation, Missing};
 use crate::domain::ids::SiteId;
-use crate::domain::schedule::{Schedule, ScheduleInput};
 use crate::grpc::auth::Caller;
 use crate::grpc::convert;
+use crate::grpc::detached::detached;
+use crate::limits::Limits;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
-use crate::service::{Engine, ExportScope, ServiceError};
+use crate::service::{Engine, ExportScope, ImportRow, ServiceError};
 use crate::store::StoreError;
 
 pub struct CapacityApi {
@@ -38,6 +39,80 @@ impl CapacityApi {
     }
 }
 
+/// An import stream as received: its valid rows, and the violations of the others.
+struct ReceivedImport {
+    rows: Vec<ImportRow>,
+    received: u64,
+    /// Any message asking for a dry run makes the whole import one.
+    dry_run: bool,
+    /// Rows with errors, and the violations of the first `import_errors_reported_max`.
+    errors: usize,
+    violations: Vec<FieldViolation>,
+}
+
+impl ReceivedImport {
+    /// Reads the whole stream, at most `import_rows_max` rows, checking each row.
+    async fn read(
+        mut stream: Streaming<proto::ImportCapacityRequest>,
+        limits: &Limits,
+    ) -> Result<Self, Status> {
+        let mut import = Self {
+            rows: Vec::new(),
+            received: 0,
+            dry_run: false,
+            errors: 0,
+            violations: Vec::new(),
+        };
+        while let Some(message) = stream.message().await? {
+            import.dry_run |= message.dry_run;
+            for row in message.rows {
+                import.received += 1;
+                if import.received as usize > limits.import_rows_max {
+                    return Err(DomainError::invalid(
+                        "rows",
+                        format!(
+                            "an import holds at most {} rows; split the file",
+                            limits.import_rows_max
+                        ),
+                    )
+                    .into());
+                }
+                match convert::import_row(row, limits) {
+                    Ok(row) => import.rows.push(row),
+                    Err(found) => {
+                        import.errors += 1;
+                        if import.errors <= limits.import_errors_reported_max {
+                            import.violations.extend(found);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(import)
+    }
+
+    /// Refuses an empty import, or one with any bad row (listing the first ones).
+    fn check(&self, limits: &Limits) -> Result<(), DomainError> {
+        if self.received == 0 {
+            return Err(DomainError::invalid("rows", "the import holds no rows"));
+        }
+        if self.errors == 0 {
+            return Ok(());
+        }
+        let mut violations = self.violations.clone();
+        if self.errors > limits.import_errors_reported_max {
+            violations.push(FieldViolation::new(
+                "rows",
+                format!(
+                    "{} rows have errors; only the first {} are listed",
+                    self.errors, limits.import_errors_reported_max
+                ),
+            ));
+        }
+        Err(DomainError::Invalid(violations))
+    }
+}
+
 type AuditStream =
     Pin<Box<dyn Stream<Item = Result<proto::ExportAuditLogResponse, Status>> + Send>>;
 type ExportStream =
@@ -56,9 +131,7 @@ impl CapacityService for CapacityApi {
         self.check_site(&caller, &site.site_id)?;
         let engine = Arc::clone(&self.engine);
         let actor = caller.actor();
-        let site = tokio::spawn(async move { engine.upsert_site(site, &actor).await })
-            .await
-            .map_err(|_| Status::internal("UpsertSite failed inside the server; retry"))??;
+        let site = detached(async move { engine.upsert_site(site, &actor).await }).await??;
         Ok(Response::new(proto::UpsertSiteResponse {
             site: Some(convert::site_to_proto(&site)),
         }))
@@ -71,54 +144,19 @@ impl CapacityService for CapacityApi {
         let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let limits = self.engine.limits();
-        let mut v = Violations::default();
-        let site_id = v.check(convert::site_id("site_id", &request.site_id, limits));
-        if let Some(site_id) = &site_id {
-            self.check_site(&caller, site_id)?;
+        // Permission first: a caller learns nothing of another region's sites.
+        if let Ok(site_id) = convert::site_id("site_id", &request.site_id, limits) {
+            self.check_site(&caller, &site_id)?;
         }
-        let service_id = v.check(convert::service_id(
-            "service_id",
-            &request.service_id,
-            limits,
-        ));
-        let schedule = Schedule::parse(
-            &ScheduleInput {
-                first_day: &request.first_day,
-                last_day: &request.last_day,
-                opening_hours: request
-                    .opening_hours
-                    .iter()
-                    .map(|h| (h.weekday, h.opens.as_str(), h.closes.as_str()))
-                    .collect(),
-                slot_minutes: request.slot_minutes,
-                capacity_per_slot: request.capacity_per_slot,
-            },
-            &crate::config::schedule_bounds(limits),
-        );
-        let schedule = match schedule {
-            Ok(schedule) => Some(schedule),
-            Err(DomainError::Invalid(violations)) => {
-                for violation in violations {
-                    v.push(violation.field, violation.description);
-                }
-                None
-            }
-            Err(other) => return Err(other.into()),
-        };
-        v.finish()?;
-        let (Some(site_id), Some(service_id), Some(schedule)) = (site_id, service_id, schedule)
-        else {
-            return Err(Status::internal("validation passed without values"));
-        };
+        let (site_id, service_id, schedule) = convert::publish_from_proto(&request, limits)?;
         let engine = Arc::clone(&self.engine);
         let actor = caller.actor();
-        let outcome = tokio::spawn(async move {
+        let outcome = detached(async move {
             engine
                 .publish_schedule(&site_id, &service_id, &schedule, &actor)
                 .await
         })
-        .await
-        .map_err(|_| Status::internal("PublishSchedule failed inside the server; retry"))??;
+        .await??;
         Ok(Response::new(proto::PublishScheduleResponse {
             slots_created: outcome.slots_created,
             slots_updated: outcome.slots_updated,
@@ -132,65 +170,22 @@ impl CapacityService for CapacityApi {
     ) -> Result<Response<proto::ImportCapacityResponse>, Status> {
         let caller = Caller::of(&request)?;
         let limits = self.engine.limits();
-        let mut stream = request.into_inner();
-        let mut rows = Vec::new();
-        let mut received = 0u64;
-        let mut violations: Vec<FieldViolation> = Vec::new();
-        let mut errors = 0usize;
-        let mut dry_run = false;
-        while let Some(message) = stream.message().await? {
-            // Any message asking for a dry run makes the whole import one.
-            dry_run |= message.dry_run;
-            for row in message.rows {
-                received += 1;
-                if received as usize > limits.import_rows_max {
-                    return Err(DomainError::invalid(
-                        "rows",
-                        format!(
-                            "an import holds at most {} rows; split the file",
-                            limits.import_rows_max
-                        ),
-                    )
-                    .into());
-                }
-                match convert::import_row(row, limits) {
-                    Ok(row) => rows.push(row),
-                    Err(found) => {
-                        errors += 1;
-                        if errors <= limits.import_errors_reported_max {
-                            violations.extend(found);
-                        }
-                    }
-                }
-            }
-        }
-        for row in &rows {
+        let import = ReceivedImport::read(request.into_inner(), limits).await?;
+        for row in &import.rows {
             caller.check_region(&row.site.region_id)?;
             self.check_site(&caller, &row.site.site_id)?;
         }
-        if received == 0 {
-            return Err(DomainError::invalid("rows", "the import holds no rows").into());
-        }
-        if errors > 0 {
-            if errors > limits.import_errors_reported_max {
-                violations.push(FieldViolation::new(
-                    "rows",
-                    format!(
-                        "{errors} rows have errors; only the first {} are listed",
-                        limits.import_errors_reported_max
-                    ),
-                ));
-            }
-            return Err(DomainError::Invalid(violations).into());
-        }
+        import.check(limits)?;
+        let ReceivedImport {
+            rows,
+            received,
+            dry_run,
+            ..
+        } = import;
         let engine = Arc::clone(&self.engine);
         let actor = caller.actor();
         let outcome =
-            tokio::spawn(async move { engine.import_capacity(&rows, dry_run, &actor).await })
-                .await
-                .map_err(|_| {
-                    Status::internal("ImportCapacity failed inside the server; retry")
-                })??;
+            detached(async move { engine.import_capacity(&rows, dry_run, &actor).await }).await??;
         Ok(Response::new(proto::ImportCapacityResponse {
             rows: received,
             sites_upserted: outcome.sites_upserted,
@@ -207,31 +202,18 @@ impl CapacityService for CapacityApi {
         let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let limits = self.engine.limits();
-        let mut v = Violations::default();
-        let slot = v.check(convert::slot_key("slot_id", &request.slot_id, limits));
-        if let Some(slot) = &slot {
+        if let Ok(slot) = convert::slot_key("slot_id", &request.slot_id, limits) {
             self.check_site(&caller, &slot.site_id)?;
         }
-        let request_key = v.check(convert::optional_request_key(&request.request_id, limits));
-        if request.capacity > limits.capacity_per_slot_max {
-            v.push(
-                "capacity",
-                format!("must be at most {}", limits.capacity_per_slot_max),
-            );
-        }
-        v.finish()?;
-        let (Some(slot), Some(request_key)) = (slot, request_key) else {
-            return Err(Status::internal("validation passed without values"));
-        };
+        let (slot, capacity, request_key) = convert::set_capacity_from_proto(&request, limits)?;
         let engine = Arc::clone(&self.engine);
         let actor = caller.actor();
-        let (site, slot) = tokio::spawn(async move {
+        let (site, slot) = detached(async move {
             engine
-                .set_slot_capacity(&slot, request.capacity, request_key, &actor)
+                .set_slot_capacity(&slot, capacity, request_key, &actor)
                 .await
         })
-        .await
-        .map_err(|_| Status::internal("SetSlotCapacity failed inside the server; retry"))??;
+        .await??;
         Ok(Response::new(proto::SetSlotCapacityResponse {
             slot: Some(convert::slot_to_proto(&site, &slot)),
         }))
@@ -246,9 +228,7 @@ impl CapacityService for CapacityApi {
         self.check_site(&caller, &command.site_id)?;
         let engine = Arc::clone(&self.engine);
         let actor = caller.actor();
-        let outcome = tokio::spawn(async move { engine.close_slots(command, &actor).await })
-            .await
-            .map_err(|_| Status::internal("CloseSlots failed inside the server; retry"))??;
+        let outcome = detached(async move { engine.close_slots(command, &actor).await }).await??;
         Ok(Response::new(proto::CloseSlotsResponse {
             slots_closed: outcome.slots_closed,
             cancelled_bookings: outcome.cancelled_bookings,

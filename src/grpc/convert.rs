@@ -11,14 +11,17 @@ use prost_types::Timestamp;
 use crate::config::Limits;
 use crate::domain::booking::BookingState as DomainBookingState;
 use crate::domain::catalog::{SearchQuery, SearchScope, Site, Slot};
-use crate::domain::error::{DomainError, FieldViolation, Violations};
+use crate::domain::error::{AllValid, DomainError, FieldViolation};
 use crate::domain::hold::Hold;
 use crate::domain::ids::{
     check_opaque_text, BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey,
 };
 use crate::domain::schedule::{Schedule, ScheduleInput};
 use crate::proto;
-use crate::service::{BookingView, CitizenBookingsQuery, CloseCommand, ImportRow};
+use crate::service::{
+    BookCommand, BookingView, CancelCommand, CitizenBookingsQuery, CloseCommand, HoldCommand,
+    ImportRow, RescheduleCommand,
+};
 
 /// Latest instant accepted on the wire: 9999-12-31T23:59:59Z.
 const TIMESTAMP_SECONDS_MAX: i64 = 253_402_300_799;
@@ -131,38 +134,54 @@ pub fn unsafe_in_display_text(c: char) -> bool {
         || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
+/// Display text a person reads (a site's name, a closure's reason): trimmed, non-empty,
+/// bounded, no control or text-direction characters.
+fn display_text(
+    field: &str,
+    value: &str,
+    empty: &str,
+    length_max: usize,
+) -> Result<String, FieldViolation> {
+    let text = value.trim();
+    if text.is_empty() {
+        Err(FieldViolation::new(field, empty))
+    } else if text.chars().count() > length_max {
+        Err(FieldViolation::new(
+            field,
+            format!("must be at most {length_max} characters"),
+        ))
+    } else if text.chars().any(unsafe_in_display_text) {
+        Err(FieldViolation::new(
+            field,
+            "must not contain control or text-direction characters",
+        ))
+    } else {
+        Ok(text.to_string())
+    }
+}
+
 pub fn site_from_proto(site: Option<proto::Site>, limits: &Limits) -> Result<Site, DomainError> {
     let Some(site) = site else {
         return Err(DomainError::invalid("site", "is required"));
     };
-    let mut v = Violations::default();
-    let id = v.check(site_id("site.site_id", &site.site_id, limits));
-    let region = v.check(region_id("site.region_id", &site.region_id, limits));
-    let zone = v.check(time_zone("site.time_zone", &site.time_zone));
-    let name = site.name.trim();
-    if name.is_empty() {
-        v.push("site.name", "must not be empty");
-    } else if name.chars().count() > limits.site_name_length_max {
-        v.push(
+    let (site_id, region_id, time_zone, name) = (
+        site_id("site.site_id", &site.site_id, limits),
+        region_id("site.region_id", &site.region_id, limits),
+        time_zone("site.time_zone", &site.time_zone),
+        display_text(
             "site.name",
-            format!("must be at most {} characters", limits.site_name_length_max),
-        );
-    } else if name.chars().any(unsafe_in_display_text) {
-        v.push(
-            "site.name",
-            "must not contain control or text-direction characters",
-        );
-    }
-    v.finish()?;
-    match (id, region, zone) {
-        (Some(site_id), Some(region_id), Some(time_zone)) => Ok(Site {
-            site_id,
-            name: name.to_string(),
-            region_id,
-            time_zone,
-        }),
-        _ => Err(DomainError::invalid("site", "is invalid")),
-    }
+            &site.name,
+            "must not be empty",
+            limits.site_name_length_max,
+        ),
+    )
+        .all_valid()?;
+    Ok(Site {
+        site_id,
+        name,
+        region_id,
+        time_zone,
+    })
 }
 
 pub fn site_to_proto(site: &Site) -> proto::Site {
@@ -174,78 +193,120 @@ pub fn site_to_proto(site: &Site) -> proto::Site {
     }
 }
 
+fn search_scope(
+    scope: &Option<proto::search_slots_request::Scope>,
+    limits: &Limits,
+) -> Result<SearchScope, FieldViolation> {
+    use proto::search_slots_request::Scope;
+    match scope {
+        Some(Scope::SiteId(id)) => site_id("site_id", id, limits).map(SearchScope::Site),
+        Some(Scope::RegionId(id)) => region_id("region_id", id, limits).map(SearchScope::Region),
+        None => Err(FieldViolation::new("site_id", "set site_id or region_id")),
+    }
+}
+
+/// A search's `[from, to)`: `from` defaults to now, `to` to the default span after it.
+fn search_range(
+    request: &proto::SearchSlotsRequest,
+    limits: &Limits,
+    now_unix_ms: i64,
+) -> Result<(i64, i64), Vec<FieldViolation>> {
+    let from = match &request.from {
+        Some(from) => unix_seconds("from", from),
+        None => Ok(now_unix_ms.div_euclid(1_000)),
+    };
+    let to = match (&request.to, &from) {
+        (Some(to), _) => unix_seconds("to", to),
+        (None, Ok(from)) => {
+            Ok(from + i64::from(limits.search_range_days_default) * SECONDS_PER_DAY)
+        }
+        (None, Err(_)) => Err(FieldViolation::new("to", "cannot follow an invalid from")),
+    };
+    let (from, to) = match (from, to) {
+        (Ok(from), Ok(to)) => (from, to),
+        (Err(from), Ok(_)) => return Err(vec![from]),
+        // A `to` derived from a bad `from` adds nothing to `from`'s own violation.
+        (Err(from), Err(_)) if request.to.is_none() => return Err(vec![from]),
+        (from, to) => return Err(from.err().into_iter().chain(to.err()).collect()),
+    };
+    if to <= from {
+        return Err(vec![FieldViolation::new("to", "must be after from")]);
+    }
+    if to - from > i64::from(limits.search_range_days_max) * SECONDS_PER_DAY {
+        return Err(vec![FieldViolation::new(
+            "to",
+            format!(
+                "a search spans at most {} days",
+                limits.search_range_days_max
+            ),
+        )]);
+    }
+    Ok((from, to))
+}
+
+/// A `page_token` that must be a slot id from a previous response; empty means none.
+fn slot_page_token(token: &str, limits: &Limits) -> Result<Option<SlotKey>, FieldViolation> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    slot_key("page_token", token, limits)
+        .map(Some)
+        .map_err(|_| {
+            FieldViolation::new(
+                "page_token",
+                "is not a next_page_token from a previous response",
+            )
+        })
+}
+
 /// A search without `from` starts at `now_unix_ms`.
 pub fn search_from_proto(
     request: proto::SearchSlotsRequest,
     limits: &Limits,
     now_unix_ms: i64,
 ) -> Result<SearchQuery, DomainError> {
-    use proto::search_slots_request::Scope;
-    let mut v = Violations::default();
-    let scope = match &request.scope {
-        Some(Scope::SiteId(id)) => v
-            .check(site_id("site_id", id, limits))
-            .map(SearchScope::Site),
-        Some(Scope::RegionId(id)) => v
-            .check(region_id("region_id", id, limits))
-            .map(SearchScope::Region),
-        None => {
-            v.push("site_id", "set site_id or region_id");
-            None
-        }
+    let (scope, service_id, (from_unix_s, to_unix_s), page_size, after) = (
+        search_scope(&request.scope, limits),
+        service_id("service_id", &request.service_id, limits),
+        search_range(&request, limits, now_unix_ms),
+        page_size(request.page_size, limits),
+        slot_page_token(&request.page_token, limits),
+    )
+        .all_valid()?;
+    Ok(SearchQuery {
+        scope,
+        service_id,
+        from_unix_s,
+        to_unix_s,
+        only_available: request.only_available,
+        after,
+        page_size,
+    })
+}
+
+/// An optional id: absent means none.
+fn optional<T>(
+    value: Option<&str>,
+    parse: impl FnOnce(&str) -> Result<T, FieldViolation>,
+) -> Result<Option<T>, FieldViolation> {
+    value.map(parse).transpose()
+}
+
+/// A required `[from, to)` of wire timestamps.
+fn required_range(
+    from: &Option<Timestamp>,
+    to: &Option<Timestamp>,
+) -> Result<(i64, i64), Vec<FieldViolation>> {
+    let required = |field: &str, value: &Option<Timestamp>| match value {
+        Some(value) => unix_seconds(field, value),
+        None => Err(FieldViolation::new(field, "is required")),
     };
-    let service = v.check(service_id("service_id", &request.service_id, limits));
-    let from = match &request.from {
-        Some(from) => v.check(unix_seconds("from", from)),
-        None => Some(now_unix_ms.div_euclid(1_000)),
-    };
-    let to = match (&request.to, from) {
-        (Some(to), _) => v.check(unix_seconds("to", to)),
-        (None, Some(from)) => {
-            Some(from + i64::from(limits.search_range_days_default) * SECONDS_PER_DAY)
+    match (required("from", from), required("to", to)) {
+        (Ok(from), Ok(to)) if to <= from => {
+            Err(vec![FieldViolation::new("to", "must be after from")])
         }
-        (None, None) => None,
-    };
-    if let (Some(from), Some(to)) = (from, to) {
-        if to <= from {
-            v.push("to", "must be after from");
-        } else if to - from > i64::from(limits.search_range_days_max) * SECONDS_PER_DAY {
-            v.push(
-                "to",
-                format!(
-                    "a search spans at most {} days",
-                    limits.search_range_days_max
-                ),
-            );
-        }
-    }
-    let page_size = v.check(page_size(request.page_size, limits));
-    let after = if request.page_token.is_empty() {
-        None
-    } else {
-        v.check(
-            slot_key("page_token", &request.page_token, limits).map_err(|_| {
-                FieldViolation::new(
-                    "page_token",
-                    "is not a next_page_token from a previous response",
-                )
-            }),
-        )
-    };
-    v.finish()?;
-    match (scope, service, from, to, page_size) {
-        (Some(scope), Some(service_id), Some(from_unix_s), Some(to_unix_s), Some(page_size)) => {
-            Ok(SearchQuery {
-                scope,
-                service_id,
-                from_unix_s,
-                to_unix_s,
-                only_available: request.only_available,
-                after,
-                page_size,
-            })
-        }
-        _ => Err(DomainError::invalid("request", "is invalid")),
+        (Ok(from), Ok(to)) => Ok((from, to)),
+        (from, to) => Err(from.err().into_iter().chain(to.err()).collect()),
     }
 }
 
@@ -253,66 +314,168 @@ pub fn close_from_proto(
     request: proto::CloseSlotsRequest,
     limits: &Limits,
 ) -> Result<CloseCommand, DomainError> {
-    let mut v = Violations::default();
-    let site = v.check(site_id("site_id", &request.site_id, limits));
-    let service = match &request.service_id {
-        Some(id) => v.check(service_id("service_id", id, limits)).map(Some),
-        None => Some(None),
-    };
-    let from = match &request.from {
-        Some(from) => v.check(unix_seconds("from", from)),
-        None => {
-            v.push("from", "is required");
-            None
-        }
-    };
-    let to = match &request.to {
-        Some(to) => v.check(unix_seconds("to", to)),
-        None => {
-            v.push("to", "is required");
-            None
-        }
-    };
-    if let (Some(from), Some(to)) = (from, to) {
-        if to <= from {
-            v.push("to", "must be after from");
-        }
-    }
-    let request_key = v.check(optional_request_key(&request.request_id, limits));
-    let reason = request.reason.trim();
-    if reason.is_empty() {
-        v.push(
+    let (site_id, service_id, (from_unix_s, to_unix_s), request, reason) = (
+        site_id("site_id", &request.site_id, limits),
+        optional(request.service_id.as_deref(), |id| {
+            service_id("service_id", id, limits)
+        }),
+        required_range(&request.from, &request.to),
+        optional_request_key(&request.request_id, limits),
+        display_text(
             "reason",
+            &request.reason,
             "must not be empty: citizens see it on their cancelled bookings",
-        );
-    } else if reason.chars().count() > limits.close_reason_length_max {
-        v.push(
-            "reason",
+            limits.close_reason_length_max,
+        ),
+    )
+        .all_valid()?;
+    Ok(CloseCommand {
+        site_id,
+        service_id,
+        from_unix_s,
+        to_unix_s,
+        reason,
+        request,
+    })
+}
+
+pub fn book_from_proto(
+    request: proto::BookRequest,
+    limits: &Limits,
+) -> Result<BookCommand, DomainError> {
+    let (slot, citizen_id, request, hold_id) = (
+        slot_key("slot_id", &request.slot_id, limits),
+        citizen_id(&request.citizen_id, limits),
+        request_key(&request.request_id, limits),
+        optional(request.hold_id.as_deref(), |id| {
+            BookingId::parse("hold_id", id)
+        }),
+    )
+        .all_valid()?;
+    Ok(BookCommand {
+        slot,
+        citizen_id,
+        request,
+        hold_id,
+    })
+}
+
+/// A hold's ttl: 0 means the default.
+fn hold_ttl_seconds(value: u32, limits: &Limits) -> Result<u32, FieldViolation> {
+    match value {
+        0 => Ok(limits.hold_ttl_seconds_default),
+        ttl if ttl <= limits.hold_ttl_seconds_max => Ok(ttl),
+        _ => Err(FieldViolation::new(
+            "ttl_seconds",
             format!(
-                "must be at most {} characters",
-                limits.close_reason_length_max
+                "must be between 0 (default {}) and {}",
+                limits.hold_ttl_seconds_default, limits.hold_ttl_seconds_max
             ),
-        );
-    } else if reason.chars().any(unsafe_in_display_text) {
-        v.push(
-            "reason",
-            "must not contain control or text-direction characters",
-        );
+        )),
     }
-    v.finish()?;
-    match (site, service, from, to, request_key) {
-        (Some(site_id), Some(service_id), Some(from_unix_s), Some(to_unix_s), Some(request)) => {
-            Ok(CloseCommand {
-                site_id,
-                service_id,
-                from_unix_s,
-                to_unix_s,
-                reason: reason.to_string(),
-                request,
-            })
-        }
-        _ => Err(DomainError::invalid("request", "is invalid")),
-    }
+}
+
+pub fn hold_from_proto(
+    request: proto::HoldSlotRequest,
+    limits: &Limits,
+) -> Result<HoldCommand, DomainError> {
+    let (slot, citizen_id, request, ttl_seconds) = (
+        slot_key("slot_id", &request.slot_id, limits),
+        citizen_id(&request.citizen_id, limits),
+        request_key(&request.request_id, limits),
+        hold_ttl_seconds(request.ttl_seconds, limits),
+    )
+        .all_valid()?;
+    Ok(HoldCommand {
+        slot,
+        citizen_id,
+        request,
+        ttl_seconds,
+    })
+}
+
+pub fn cancel_from_proto(
+    request: proto::CancelBookingRequest,
+    limits: &Limits,
+) -> Result<CancelCommand, DomainError> {
+    let (booking_id, citizen_id, request) = (
+        booking_id(&request.booking_id),
+        citizen_id(&request.citizen_id, limits),
+        request_key(&request.request_id, limits),
+    )
+        .all_valid()?;
+    Ok(CancelCommand {
+        booking_id,
+        citizen_id,
+        request,
+    })
+}
+
+pub fn reschedule_from_proto(
+    request: proto::RescheduleBookingRequest,
+    limits: &Limits,
+) -> Result<RescheduleCommand, DomainError> {
+    let (booking_id, citizen_id, new_slot, request) = (
+        booking_id(&request.booking_id),
+        citizen_id(&request.citizen_id, limits),
+        slot_key("new_slot_id", &request.new_slot_id, limits),
+        request_key(&request.request_id, limits),
+    )
+        .all_valid()?;
+    Ok(RescheduleCommand {
+        booking_id,
+        citizen_id,
+        new_slot,
+        request,
+    })
+}
+
+/// What `PublishSchedule` asks for: a site, a service and the schedule to publish.
+pub fn publish_from_proto(
+    request: &proto::PublishScheduleRequest,
+    limits: &Limits,
+) -> Result<(SiteId, ServiceId, Schedule), DomainError> {
+    let schedule = Schedule::parse(
+        &ScheduleInput {
+            first_day: &request.first_day,
+            last_day: &request.last_day,
+            opening_hours: request
+                .opening_hours
+                .iter()
+                .map(|h| (h.weekday, h.opens.as_str(), h.closes.as_str()))
+                .collect(),
+            slot_minutes: request.slot_minutes,
+            capacity_per_slot: request.capacity_per_slot,
+        },
+        &crate::config::schedule_bounds(limits),
+    );
+    (
+        site_id("site_id", &request.site_id, limits),
+        service_id("service_id", &request.service_id, limits),
+        schedule,
+    )
+        .all_valid()
+}
+
+/// What `SetSlotCapacity` asks for: the slot, its new capacity, the optional request id.
+pub fn set_capacity_from_proto(
+    request: &proto::SetSlotCapacityRequest,
+    limits: &Limits,
+) -> Result<(SlotKey, u32, Option<RequestKey>), DomainError> {
+    let capacity = match request.capacity {
+        capacity if capacity <= limits.capacity_per_slot_max => Ok(capacity),
+        _ => Err(FieldViolation::new(
+            "capacity",
+            format!("must be at most {}", limits.capacity_per_slot_max),
+        )),
+    };
+    let (slot, request, capacity) = (
+        slot_key("slot_id", &request.slot_id, limits),
+        optional_request_key(&request.request_id, limits),
+        capacity,
+    )
+        .all_valid()?;
+    Ok((slot, capacity, request))
 }
 
 pub fn slot_to_proto(site: &Site, slot: &Slot) -> proto::Slot {
@@ -434,42 +597,40 @@ pub fn hold_to_proto(hold: &Hold) -> proto::Hold {
     }
 }
 
+/// A `page_token` that must be a booking id from a previous response; empty means none.
+fn booking_page_token(token: &str) -> Result<Option<BookingId>, FieldViolation> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    BookingId::parse("page_token", token)
+        .map(Some)
+        .map_err(|_| {
+            FieldViolation::new(
+                "page_token",
+                "is not a next_page_token from a previous response",
+            )
+        })
+}
+
 pub fn citizen_bookings_from_proto(
     request: proto::ListCitizenBookingsRequest,
     limits: &Limits,
 ) -> Result<CitizenBookingsQuery, DomainError> {
-    let mut v = Violations::default();
-    let citizen = v.check(citizen_id(&request.citizen_id, limits));
-    let service = match &request.service_id {
-        Some(id) => v.check(service_id("service_id", id, limits)).map(Some),
-        None => Some(None),
-    };
-    let page_size = v.check(page_size(request.page_size, limits));
-    let after = if request.page_token.is_empty() {
-        Some(None)
-    } else {
-        v.check(
-            BookingId::parse("page_token", &request.page_token).map_err(|_| {
-                FieldViolation::new(
-                    "page_token",
-                    "is not a next_page_token from a previous response",
-                )
-            }),
-        )
-        .map(Some)
-    };
-    v.finish()?;
-    match (citizen, service, page_size, after) {
-        (Some(citizen_id), Some(service_id), Some(page_size), Some(after)) => {
-            Ok(CitizenBookingsQuery {
-                citizen_id,
-                service_id,
-                after,
-                page_size,
-            })
-        }
-        _ => Err(DomainError::invalid("request", "is invalid")),
-    }
+    let (citizen_id, service_id, page_size, after) = (
+        citizen_id(&request.citizen_id, limits),
+        optional(request.service_id.as_deref(), |id| {
+            service_id("service_id", id, limits)
+        }),
+        page_size(request.page_size, limits),
+        booking_page_token(&request.page_token),
+    )
+        .all_valid()?;
+    Ok(CitizenBookingsQuery {
+        citizen_id,
+        service_id,
+        after,
+        page_size,
+    })
 }
 
 pub fn booking_to_proto(view: &BookingView) -> proto::Booking {

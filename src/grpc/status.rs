@@ -23,19 +23,6 @@ const RECOVERING_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Field violations spelled out in a status message; the details carry every one.
 const MESSAGE_VIOLATIONS_MAX: usize = 5;
 
-fn with_reason(
-    code: Code,
-    message: String,
-    reason: &str,
-    metadata: HashMap<String, String>,
-) -> Status {
-    Status::with_error_details(
-        code,
-        message,
-        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
-    )
-}
-
 fn invalid_argument(violations: Vec<crate::domain::error::FieldViolation>) -> Status {
     // The message names the first few; the details carry them all.
     let mut message = violations
@@ -61,120 +48,115 @@ fn invalid_argument(violations: Vec<crate::domain::error::FieldViolation>) -> St
     )
 }
 
+/// How an error is answered: code, `ErrorInfo` reason, metadata and retry delay.
+struct Answer {
+    code: Code,
+    reason: &'static str,
+    metadata: Vec<(&'static str, String)>,
+    retry_after: Option<Duration>,
+}
+
+impl Answer {
+    fn new(code: Code, reason: &'static str) -> Self {
+        Self {
+            code,
+            reason,
+            metadata: Vec::new(),
+            retry_after: None,
+        }
+    }
+
+    fn with(mut self, key: &'static str, value: impl ToString) -> Self {
+        self.metadata.push((key, value.to_string()));
+        self
+    }
+
+    fn retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+}
+
+/// The one classification of every error (exhaustive: a new variant must choose here).
+fn classify(error: &ServiceError) -> Answer {
+    use Code::{
+        Aborted, AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound,
+        ResourceExhausted, Unavailable,
+    };
+    match error {
+        ServiceError::Domain(domain) => match domain {
+            DomainError::Invalid(_) => Answer::new(InvalidArgument, "INVALID_ARGUMENT"),
+            DomainError::SlotFull(slot) => {
+                Answer::new(FailedPrecondition, "SLOT_FULL").with("slot_id", slot)
+            }
+            DomainError::CitizenAlreadyBooked { booking_id } => {
+                Answer::new(AlreadyExists, "CITIZEN_ALREADY_BOOKED").with("booking_id", booking_id)
+            }
+            DomainError::NotFound(Missing::Site) => Answer::new(NotFound, "SITE_NOT_FOUND"),
+            DomainError::NotFound(Missing::Slot) => Answer::new(NotFound, "SLOT_NOT_FOUND"),
+            DomainError::NotFound(Missing::Booking) => Answer::new(NotFound, "BOOKING_NOT_FOUND"),
+            DomainError::NotFound(Missing::Hold) => Answer::new(NotFound, "HOLD_NOT_FOUND"),
+            DomainError::SlotClosed(slot) => {
+                Answer::new(FailedPrecondition, "SLOT_CLOSED").with("slot_id", slot)
+            }
+            DomainError::HoldExpired => Answer::new(FailedPrecondition, "HOLD_EXPIRED"),
+            DomainError::SlotStarted(_) => Answer::new(FailedPrecondition, "SLOT_STARTED"),
+            DomainError::BookingNotActive(_) => {
+                Answer::new(FailedPrecondition, "BOOKING_NOT_ACTIVE")
+            }
+            DomainError::CapacityBelowBooked { slot, taken, .. } => {
+                Answer::new(FailedPrecondition, "CAPACITY_BELOW_BOOKED")
+                    .with("slot_id", slot)
+                    .with("taken", taken)
+            }
+            DomainError::RequestIdReused => Answer::new(InvalidArgument, "REQUEST_ID_REUSED"),
+        },
+        ServiceError::Store(store) => match store {
+            StoreError::Overloaded | StoreError::PartlyApplied => {
+                Answer::new(Unavailable, "OVERLOADED").retry_after(OVERLOADED_RETRY_DELAY)
+            }
+            StoreError::Failed | StoreError::Io(_) => Answer::new(Unavailable, "STORAGE_FAILED"),
+            StoreError::Closed => Answer::new(Unavailable, "SHUTTING_DOWN"),
+            StoreError::Corrupt(_) => Answer::new(Internal, "STORAGE_CORRUPT"),
+        },
+        ServiceError::Recovery(_) => Answer::new(Internal, "RECOVERY_FAILED"),
+        // Safe to retry with the same request_id: at most one booking results.
+        ServiceError::Abandoned => Answer::new(Aborted, "REQUEST_ABANDONED"),
+        ServiceError::RateLimited { retry_after } => {
+            Answer::new(ResourceExhausted, "RATE_LIMITED").retry_after(*retry_after)
+        }
+        ServiceError::Shed => {
+            Answer::new(Unavailable, "OVERLOADED").retry_after(OVERLOADED_RETRY_DELAY)
+        }
+        ServiceError::Recovering => {
+            Answer::new(Unavailable, "RECOVERING").retry_after(RECOVERING_RETRY_DELAY)
+        }
+    }
+}
+
 /// The `ErrorInfo` reason a client gets for this error (`INVALID_ARGUMENT` for field
 /// violations, which carry `BadRequest` details instead). Also the `outcome` label of
 /// the booking metrics.
 pub fn reason(error: &ServiceError) -> &'static str {
-    match error {
-        ServiceError::Domain(domain) => match domain {
-            DomainError::Invalid(_) => "INVALID_ARGUMENT",
-            DomainError::SlotFull(_) => "SLOT_FULL",
-            DomainError::CitizenAlreadyBooked { .. } => "CITIZEN_ALREADY_BOOKED",
-            DomainError::NotFound(Missing::Site) => "SITE_NOT_FOUND",
-            DomainError::NotFound(Missing::Slot) => "SLOT_NOT_FOUND",
-            DomainError::NotFound(Missing::Booking) => "BOOKING_NOT_FOUND",
-            DomainError::NotFound(Missing::Hold) => "HOLD_NOT_FOUND",
-            DomainError::SlotClosed(_) => "SLOT_CLOSED",
-            DomainError::HoldExpired => "HOLD_EXPIRED",
-            DomainError::SlotStarted(_) => "SLOT_STARTED",
-            DomainError::BookingNotActive(_) => "BOOKING_NOT_ACTIVE",
-            DomainError::CapacityBelowBooked { .. } => "CAPACITY_BELOW_BOOKED",
-            DomainError::RequestIdReused => "REQUEST_ID_REUSED",
-        },
-        ServiceError::Store(store) => match store {
-            StoreError::Overloaded => "OVERLOADED",
-            StoreError::Failed | StoreError::Io(_) => "STORAGE_FAILED",
-            StoreError::Closed => "SHUTTING_DOWN",
-            StoreError::Corrupt(_) => "STORAGE_CORRUPT",
-        },
-        ServiceError::Recovery(_) => "RECOVERY_FAILED",
-        ServiceError::Abandoned => "REQUEST_ABANDONED",
-        ServiceError::RateLimited { .. } => "RATE_LIMITED",
-        ServiceError::Shed => "OVERLOADED",
-        ServiceError::Recovering => "RECOVERING",
-    }
+    classify(error).reason
 }
 
 impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
-        let message = error.to_string();
-        let why = reason(&error);
-        let none = HashMap::new;
-        match error {
-            ServiceError::Domain(domain) => match domain {
-                DomainError::Invalid(violations) => invalid_argument(violations),
-                DomainError::SlotFull(slot) => with_reason(
-                    Code::FailedPrecondition,
-                    message,
-                    why,
-                    HashMap::from([("slot_id".to_string(), slot.to_string())]),
-                ),
-                DomainError::CitizenAlreadyBooked { booking_id } => with_reason(
-                    Code::AlreadyExists,
-                    message,
-                    why,
-                    HashMap::from([("booking_id".to_string(), booking_id.to_string())]),
-                ),
-                DomainError::NotFound(_) => with_reason(Code::NotFound, message, why, none()),
-                DomainError::SlotClosed(slot) => with_reason(
-                    Code::FailedPrecondition,
-                    message,
-                    why,
-                    HashMap::from([("slot_id".to_string(), slot.to_string())]),
-                ),
-                DomainError::HoldExpired => {
-                    with_reason(Code::FailedPrecondition, message, why, none())
-                }
-                DomainError::SlotStarted(_) => {
-                    with_reason(Code::FailedPrecondition, message, why, none())
-                }
-                DomainError::BookingNotActive(_) => {
-                    with_reason(Code::FailedPrecondition, message, why, none())
-                }
-                DomainError::CapacityBelowBooked { slot, taken, .. } => with_reason(
-                    Code::FailedPrecondition,
-                    message,
-                    why,
-                    HashMap::from([
-                        ("slot_id".to_string(), slot.to_string()),
-                        ("taken".to_string(), taken.to_string()),
-                    ]),
-                ),
-                DomainError::RequestIdReused => {
-                    with_reason(Code::InvalidArgument, message, why, none())
-                }
-            },
-            ServiceError::Store(store) => match store {
-                StoreError::Overloaded => {
-                    let mut details = ErrorDetails::with_error_info(why, ERROR_DOMAIN, none());
-                    details.set_retry_info(Some(OVERLOADED_RETRY_DELAY));
-                    Status::with_error_details(Code::Unavailable, message, details)
-                }
-                StoreError::Failed | StoreError::Io(_) => {
-                    with_reason(Code::Unavailable, message, why, none())
-                }
-                StoreError::Closed => with_reason(Code::Unavailable, message, why, none()),
-                StoreError::Corrupt(_) => with_reason(Code::Internal, message, why, none()),
-            },
-            ServiceError::Recovery(_) => with_reason(Code::Internal, message, why, none()),
-            // Safe to retry with the same request_id: at most one booking results.
-            ServiceError::Abandoned => with_reason(Code::Aborted, message, why, none()),
-            ServiceError::RateLimited { retry_after } => {
-                let mut details = ErrorDetails::with_error_info(why, ERROR_DOMAIN, none());
-                details.set_retry_info(Some(retry_after));
-                Status::with_error_details(Code::ResourceExhausted, message, details)
-            }
-            ServiceError::Shed => {
-                let mut details = ErrorDetails::with_error_info(why, ERROR_DOMAIN, none());
-                details.set_retry_info(Some(OVERLOADED_RETRY_DELAY));
-                Status::with_error_details(Code::Unavailable, message, details)
-            }
-            ServiceError::Recovering => {
-                let mut details = ErrorDetails::with_error_info(why, ERROR_DOMAIN, none());
-                details.set_retry_info(Some(RECOVERING_RETRY_DELAY));
-                Status::with_error_details(Code::Unavailable, message, details)
-            }
+        if let ServiceError::Domain(DomainError::Invalid(violations)) = error {
+            return invalid_argument(violations);
         }
+        let answer = classify(&error);
+        let metadata: HashMap<String, String> = answer
+            .metadata
+            .into_iter()
+            .map(|(key, value)| (key.to_string(), value))
+            .collect();
+        let mut details = ErrorDetails::with_error_info(answer.reason, ERROR_DOMAIN, metadata);
+        if let Some(delay) = answer.retry_after {
+            details.set_retry_info(Some(delay));
+        }
+        Status::with_error_details(answer.code, error.to_string(), details)
     }
 }
 

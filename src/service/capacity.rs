@@ -60,8 +60,132 @@ pub struct CloseOutcome {
 const CHUNK_QUEUE_WAIT: Duration = Duration::from_millis(10);
 const CHUNK_QUEUE_WAITS_MAX: u32 = 500;
 
-/// How often a closure checks that admissions already under way have settled.
+/// How often, and how many times, a closure checks that admissions already under way
+/// have settled (each settles once its group commit is durable) before giving up.
 const CLOSE_SETTLE_POLL: Duration = Duration::from_millis(1);
+const CLOSE_SETTLE_POLLS_MAX: u32 = 10_000;
+
+/// What a closure changes: the slots it closes, the bookings it cancels (claimed) and
+/// the live holds it expires (taken), all stamped `now_ms`.
+struct Closure {
+    slots: Vec<Arc<Slot>>,
+    cancelled: Vec<Booking>,
+    holds: Vec<Hold>,
+    now_ms: i64,
+}
+
+impl Closure {
+    fn outcome(&self) -> CloseOutcome {
+        CloseOutcome {
+            slots_closed: self.slots.len() as u32,
+            cancelled_bookings: self.cancelled.len() as u32,
+            expired_holds: self.holds.len() as u32,
+        }
+    }
+
+    /// The closed slots, the cancelled bookings and the expired holds, as records.
+    fn writes(&self) -> Vec<Write> {
+        let mut writes: Vec<Write> = self
+            .slots
+            .iter()
+            .map(|slot| {
+                let capacity = slot.counter.snapshot().capacity;
+                slot_record(slot, slot.end_unix_s(), capacity, true)
+            })
+            .collect();
+        writes.extend(self.cancelled.iter().cloned().map(Write::Booking));
+        writes.extend(self.holds.iter().map(|hold| {
+            Write::Hold(Hold {
+                state: HoldState::Expired {
+                    at_unix_ms: self.now_ms,
+                },
+                ..hold.clone()
+            })
+        }));
+        writes
+    }
+}
+
+/// What an import would change, refusing now what the real import would refuse:
+/// capacity below what is taken.
+fn dry_run_outcome(sites: usize, plans: &[PublishPlan]) -> Result<PublishOutcome, ServiceError> {
+    let mut outcome = PublishOutcome {
+        sites_upserted: sites as u32,
+        ..PublishOutcome::default()
+    };
+    for plan in plans {
+        for (slot, _, capacity) in &plan.updated {
+            let taken = slot.counter.snapshot().taken;
+            if *capacity < taken {
+                return Err(DomainError::CapacityBelowBooked {
+                    slot: slot.key.clone(),
+                    requested: *capacity,
+                    taken,
+                }
+                .into());
+            }
+        }
+        outcome.slots_created += plan.created.len() as u32;
+        outcome.slots_updated += plan.updated.len() as u32;
+        outcome.total_capacity += plan.total_capacity;
+    }
+    Ok(outcome)
+}
+
+/// A closure's request id with the fingerprint of what it asks, if it has one.
+fn close_request(command: &CloseCommand) -> Option<(RequestKey, RequestFingerprint)> {
+    let service_text = command
+        .service_id
+        .as_ref()
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    command.request.map(|key| {
+        let fingerprint = RequestFingerprint::of(&[
+            b"close",
+            command.site_id.as_str().as_bytes(),
+            service_text.as_bytes(),
+            &command.from_unix_s.to_be_bytes(),
+            &command.to_unix_s.to_be_bytes(),
+            command.reason.as_bytes(),
+        ]);
+        (key, fingerprint)
+    })
+}
+
+/// The audit detail of a closure.
+fn close_detail(command: &CloseCommand, outcome: CloseOutcome) -> String {
+    format!(
+        "site {} service {} from {} to {}: {} slots closed, {} bookings cancelled, \
+         {} holds expired; reason {:?}",
+        command.site_id,
+        command
+            .service_id
+            .as_ref()
+            .map_or("(all)".to_string(), ToString::to_string),
+        command.from_unix_s,
+        command.to_unix_s,
+        outcome.slots_closed,
+        outcome.cancelled_bookings,
+        outcome.expired_holds,
+        command.reason
+    )
+}
+
+/// Waits (bounded) until admissions that passed the counters before they closed have
+/// settled: then every booking and hold of these slots is in the store or live.
+async fn settle_admissions(slots: &[Arc<Slot>]) -> Result<(), ServiceError> {
+    for _ in 0..CLOSE_SETTLE_POLLS_MAX {
+        if slots
+            .iter()
+            .all(|slot| slot.counter.snapshot().pending == 0)
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(CLOSE_SETTLE_POLL).await;
+    }
+    // Their commits are stuck (a stalled disk): refuse the closure, retry later.
+    Err(StoreError::Overloaded.into())
+}
 
 impl From<CloseOutcome> for AuthorityOutcome {
     fn from(outcome: CloseOutcome) -> Self {
@@ -176,7 +300,8 @@ impl Engine {
     }
 
     /// Validates every row against each other and the catalog, then applies the whole
-    /// file in one atomic write, or nothing. `dry_run` stops after the validation.
+    /// file, or nothing (in chunks under a journal when it is larger than one commit:
+    /// see `commit_in_chunks`). `dry_run` stops after the validation.
     pub async fn import_capacity(
         &self,
         rows: &[ImportRow],
@@ -184,6 +309,31 @@ impl Engine {
         actor: &str,
     ) -> Result<PublishOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
+        let (sites, groups) = self.check_import(rows)?;
+        let plans: Vec<PublishPlan> = {
+            let catalog = self.catalog();
+            groups
+                .iter()
+                .map(|((site_id, service_id), planned)| {
+                    catalog.plan_publish(site_id, service_id, planned)
+                })
+                .collect()
+        };
+        if dry_run {
+            return dry_run_outcome(sites.len(), &plans);
+        }
+        let what = format!("{} rows", rows.len());
+        self.apply_plans(sites, plans, (actor, "ImportCapacity", what))
+            .await
+    }
+
+    /// Every row's site and schedule, checked against the other rows and the catalog:
+    /// the sites to upsert and the slots of each (site, service), or every violation.
+    #[allow(clippy::type_complexity)]
+    fn check_import(
+        &self,
+        rows: &[ImportRow],
+    ) -> Result<(Vec<Site>, BTreeMap<(SiteId, ServiceId), Vec<PlannedSlot>>), ServiceError> {
         let limits = &self.limits;
         let mut v = Violations::default();
         let mut errors = 0usize;
@@ -281,43 +431,8 @@ impl Engine {
             );
         }
         v.finish()?;
-        let plans: Vec<PublishPlan> = {
-            let catalog = self.catalog();
-            groups
-                .iter()
-                .map(|((site_id, service_id), planned)| {
-                    catalog.plan_publish(site_id, service_id, planned)
-                })
-                .collect()
-        };
-        let sites: Vec<Site> = sites.into_values().map(|(_, site)| site.clone()).collect();
-        if dry_run {
-            let mut outcome = PublishOutcome {
-                sites_upserted: sites.len() as u32,
-                ..PublishOutcome::default()
-            };
-            for plan in &plans {
-                // Refuse now what the real import would refuse: capacity below what is taken.
-                for (slot, _, capacity) in &plan.updated {
-                    let taken = slot.counter.snapshot().taken;
-                    if *capacity < taken {
-                        return Err(DomainError::CapacityBelowBooked {
-                            slot: slot.key.clone(),
-                            requested: *capacity,
-                            taken,
-                        }
-                        .into());
-                    }
-                }
-                outcome.slots_created += plan.created.len() as u32;
-                outcome.slots_updated += plan.updated.len() as u32;
-                outcome.total_capacity += plan.total_capacity;
-            }
-            return Ok(outcome);
-        }
-        let what = format!("{} rows", rows.len());
-        self.apply_plans(sites, plans, (actor, "ImportCapacity", what))
-            .await
+        let sites = sites.into_values().map(|(_, site)| site.clone()).collect();
+        Ok((sites, groups))
     }
 
     /// Applies site upserts and schedule plans in one atomic write. Capacities are
@@ -443,11 +558,7 @@ impl Engine {
                     }
                     // Past the first chunk a prefix is applied; the journal says so.
                     Err(StoreError::Overloaded) if index > 0 => {
-                        return Err(StoreError::Io(
-                            "the write queue stayed full: the write is partly applied; \
-                             retry it (imports and publications are idempotent)"
-                                .into(),
-                        ))
+                        return Err(StoreError::PartlyApplied)
                     }
                     other => {
                         other?;
@@ -533,22 +644,7 @@ impl Engine {
         actor: &str,
     ) -> Result<CloseOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
-        let service_text = command
-            .service_id
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        let request = command.request.map(|key| {
-            let fingerprint = RequestFingerprint::of(&[
-                b"close",
-                command.site_id.as_str().as_bytes(),
-                service_text.as_bytes(),
-                &command.from_unix_s.to_be_bytes(),
-                &command.to_unix_s.to_be_bytes(),
-                command.reason.as_bytes(),
-            ]);
-            (key, fingerprint)
-        });
+        let request = close_request(&command);
         if let Some(AuthorityOutcome::Closed {
             slots_closed,
             cancelled_bookings,
@@ -561,17 +657,7 @@ impl Engine {
                 expired_holds,
             });
         }
-        let slots: Vec<Arc<Slot>> = self
-            .catalog()
-            .slots_in_range(
-                &command.site_id,
-                command.service_id.as_ref(),
-                command.from_unix_s,
-                command.to_unix_s,
-            )?
-            .into_iter()
-            .filter(|slot| !slot.counter.snapshot().closed)
-            .collect();
+        let slots = self.open_slots_in(&command)?;
         if slots.is_empty() {
             let nothing = CloseOutcome::default();
             let record: Vec<Write> = authority_request(request, nothing.into()).collect();
@@ -583,30 +669,65 @@ impl Engine {
         for slot in &slots {
             slot.counter.close();
         }
-        // Admissions that passed the counter before it closed are writing now; once they
-        // have settled, every booking and hold of these slots is in the store or live.
-        while slots.iter().any(|slot| slot.counter.snapshot().pending > 0) {
-            tokio::time::sleep(CLOSE_SETTLE_POLL).await;
+        if let Err(error) = settle_admissions(&slots).await {
+            for slot in &slots {
+                slot.counter.reopen();
+            }
+            return Err(error);
         }
         let keys: HashSet<SlotKey> = slots.iter().map(|slot| slot.key.clone()).collect();
+        let confirmed = self.confirmed_bookings_in(keys.clone()).await?;
+        let closure = self.claim_closure(slots, confirmed, &keys, &command.reason);
+        self.commit_closure(closure, &command, request, actor).await
+    }
+
+    /// The open slots the closure names.
+    fn open_slots_in(&self, command: &CloseCommand) -> Result<Vec<Arc<Slot>>, ServiceError> {
+        Ok(self
+            .catalog()
+            .slots_in_range(
+                &command.site_id,
+                command.service_id.as_ref(),
+                command.from_unix_s,
+                command.to_unix_s,
+            )?
+            .into_iter()
+            .filter(|slot| !slot.counter.snapshot().closed)
+            .collect())
+    }
+
+    /// Every confirmed booking of these slots, read on a blocking thread.
+    async fn confirmed_bookings_in(
+        self: &Arc<Self>,
+        keys: HashSet<SlotKey>,
+    ) -> Result<Vec<Booking>, ServiceError> {
         let engine = Arc::clone(self);
-        let scan_keys = keys.clone();
-        let confirmed: Vec<Booking> = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             engine
                 .store
                 .bookings()
                 .filter(|item| {
                     item.as_ref()
-                        .map_or(true, |b| b.is_confirmed() && scan_keys.contains(&b.slot))
+                        .map_or(true, |b| b.is_confirmed() && keys.contains(&b.slot))
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
         .await
-        .map_err(|_| ServiceError::Abandoned)??;
-        // Claim each booking as a cancel would; one a citizen is cancelling or
-        // rescheduling right now is theirs to finish.
+        .map_err(|_| ServiceError::Abandoned)?
+        .map_err(ServiceError::from)
+    }
+
+    /// Claims each booking as a cancel would (one a citizen is cancelling or
+    /// rescheduling right now is theirs to finish) and takes the slots' live holds.
+    fn claim_closure(
+        &self,
+        slots: Vec<Arc<Slot>>,
+        confirmed: Vec<Booking>,
+        keys: &HashSet<SlotKey>,
+        reason: &str,
+    ) -> Closure {
         let now_ms = self.now_unix_ms();
-        let claimed: Vec<Booking> = confirmed
+        let cancelled = confirmed
             .into_iter()
             .filter(|b| {
                 self.citizens
@@ -615,54 +736,42 @@ impl Engine {
             .map(|b| Booking {
                 state: BookingState::Cancelled {
                     at_unix_ms: now_ms,
-                    reason: command.reason.clone(),
+                    reason: reason.to_string(),
                     request: None,
                 },
                 ..b
             })
             .collect();
-        let holds: Vec<Hold> = self.live_holds().take_where(|slot| keys.contains(slot));
-        let mut writes: Vec<Write> = slots
-            .iter()
-            .map(|slot| {
-                let capacity = slot.counter.snapshot().capacity;
-                slot_record(slot, slot.end_unix_s(), capacity, true)
-            })
-            .collect();
-        writes.extend(claimed.iter().cloned().map(Write::Booking));
-        writes.extend(holds.iter().map(|hold| {
-            Write::Hold(Hold {
-                state: HoldState::Expired { at_unix_ms: now_ms },
-                ..hold.clone()
-            })
-        }));
-        let outcome = CloseOutcome {
-            slots_closed: slots.len() as u32,
-            cancelled_bookings: claimed.len() as u32,
-            expired_holds: holds.len() as u32,
-        };
+        let holds = self.live_holds().take_where(|slot| keys.contains(slot));
+        Closure {
+            slots,
+            cancelled,
+            holds,
+            now_ms,
+        }
+    }
+
+    /// Writes the closure in one atomic batch, then frees what it cancelled; undoes the
+    /// claims if the write never reached the queue.
+    async fn commit_closure(
+        &self,
+        closure: Closure,
+        command: &CloseCommand,
+        request: Option<(RequestKey, RequestFingerprint)>,
+        actor: &str,
+    ) -> Result<CloseOutcome, ServiceError> {
+        let outcome = closure.outcome();
+        let mut writes = closure.writes();
         writes.extend(authority_request(request, outcome.into()));
-        writes.push(self.audit(
-            actor,
-            "CloseSlots",
-            format!(
-                "site {} service {} from {} to {}: {} slots closed, {} bookings cancelled, \
-                 {} holds expired; reason {:?}",
-                command.site_id,
-                command
-                    .service_id
-                    .as_ref()
-                    .map_or("(all)".to_string(), ToString::to_string),
-                command.from_unix_s,
-                command.to_unix_s,
-                outcome.slots_closed,
-                outcome.cancelled_bookings,
-                outcome.expired_holds,
-                command.reason
-            ),
-        ));
+        writes.push(self.audit(actor, "CloseSlots", close_detail(command, outcome)));
+        let Closure {
+            slots,
+            cancelled,
+            holds,
+            ..
+        } = closure;
         undo_if_never_queued(self.store.commit(&writes).await, || {
-            for booking in &claimed {
+            for booking in &cancelled {
                 self.citizens.unclaim(booking.citizen, booking.booking_id);
             }
             let mut live = self.live_holds();
@@ -673,7 +782,7 @@ impl Engine {
                 slot.counter.reopen();
             }
         })?;
-        for booking in &claimed {
+        for booking in &cancelled {
             self.citizens.release(
                 booking.citizen,
                 &booking.slot.service_id,
