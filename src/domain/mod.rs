@@ -10,5 +10,6 @@ pub mod error;
 pub mod field_violation;
 pub mod hold;
 pub mod ids;
+pub mod plans;
 pub mod schedule;
 pub mod slot_counter;

@@ -1,19 +1,16 @@
 //! Citizens' bookings: book (a new place or a held one), cancel, reschedule, list.
 //!
-//! Order of a booking: idempotency check → citizen limit (sharded index) → slot CAS →
-//! durable group commit → acknowledge.
+//! Each command: idempotency check → its plan (`domain::plans`) → execute: citizen limit
+//! (sharded index) → slot CAS → durable group commit → acknowledge.
 
-use crate::domain::booking::{Booking, BookingState, RequestRecord};
-use crate::domain::error::{DomainError, Missing};
-use crate::domain::hold::{Hold, HoldId, HoldState, NotConfirmable};
+use crate::domain::booking::{Booking, RequestRecord};
+use crate::domain::hold::{HoldId, NotConfirmable};
 use crate::domain::ids::{
     BookingId, CitizenKey, RequestFingerprint, RequestKey, ServiceId, SlotKey,
 };
-use crate::service::engine::{
-    check_not_started, refused, undo_if_never_queued, BookingView, Engine,
-};
+use crate::domain::plans;
+use crate::service::engine::{BookingView, Engine};
 use crate::service::error::ServiceError;
-use crate::store::records::Write;
 
 pub struct BookCommand {
     pub slot: SlotKey,
@@ -47,9 +44,6 @@ pub struct CitizenBookingsPage {
     pub bookings: Vec<BookingView>,
     pub next_after: Option<BookingId>,
 }
-
-/// The reason written on a booking its citizen cancelled.
-pub const CANCELLED_BY_CITIZEN: &str = "cancelled by citizen";
 
 impl Engine {
     /// Books one place. Run it in its own task: it must finish even if the client goes away.
@@ -104,21 +98,10 @@ impl Engine {
         citizen: CitizenKey,
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
-        let (admission, booking_id, now_ms) = self.take_place(slot_key, citizen)?;
-        let slot = admission.slot();
-        let booking = Booking::confirmed(
-            booking_id,
-            slot.key.clone(),
-            slot.end_unix_s(),
-            citizen,
-            now_ms,
-            request,
-        );
-        let written = self.store.commit(&[Write::Booking(booking.clone())]).await;
-        undo_if_never_queued(written, || {
-            self.untake_place(&admission, citizen, booking_id)
-        })?;
-        Ok(booking)
+        let slot = self.slot_view(slot_key)?;
+        let now_ms = self.now_unix_ms();
+        let plan = plans::book(&slot, citizen, self.ids.mint(citizen), request, now_ms)?;
+        self.execute(plan, || {}).await
     }
 
     /// Turns a live hold into the booking with the same id; the hold's place (and its
@@ -130,57 +113,29 @@ impl Engine {
         hold_id: HoldId,
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
-        let slot = self.slot(slot_key)?;
+        let slot = self.slot_view(slot_key)?;
         let now_ms = self.now_unix_ms();
-        check_not_started(&slot, now_ms)?;
+        plans::check_not_started(&slot.key, now_ms)?;
         let taken = self
             .live_holds()
             .take_for_confirm(hold_id, citizen, &slot.key, now_ms);
         let hold = match taken {
             Ok(hold) => hold,
-            Err(NotConfirmable::Expired) => return Err(DomainError::HoldExpired.into()),
-            Err(NotConfirmable::Unknown) => {
-                // No longer live: an expired hold of this citizen says so; anything else
-                // (another citizen's, another slot's, used, never made) is unknown.
-                let expired = self.store.hold(hold_id)?.is_some_and(|stored| {
-                    stored.citizen == citizen
-                        && stored.slot == slot.key
-                        && matches!(stored.state, HoldState::Expired { .. })
-                });
-                return Err(if expired {
-                    DomainError::HoldExpired
-                } else {
-                    DomainError::NotFound(Missing::Hold)
-                }
-                .into());
+            Err(why) => {
+                let stored = match why {
+                    NotConfirmable::Unknown => self.store.hold(hold_id)?,
+                    NotConfirmable::Expired => None,
+                };
+                return Err(
+                    plans::not_confirmable(why, stored.as_ref(), citizen, &slot.key).into(),
+                );
             }
         };
-        let _admission = match slot.enter() {
-            Ok(admission) => admission,
-            Err(refusal) => {
-                // Closing: the closure takes the hold back from the live set.
-                self.live_holds().insert(hold);
-                return Err(refused(refusal, &slot.key).into());
-            }
-        };
-        let booking = Booking::confirmed(
-            hold_id,
-            slot.key.clone(),
-            slot.end_unix_s(),
-            citizen,
-            now_ms,
-            request,
-        );
-        let confirmed = Hold {
-            state: HoldState::Confirmed { at_unix_ms: now_ms },
-            ..hold.clone()
-        };
-        let written = self
-            .store
-            .commit(&[Write::Booking(booking.clone()), Write::Hold(confirmed)])
-            .await;
-        undo_if_never_queued(written, || self.live_holds().insert(hold))?;
-        Ok(booking)
+        let plan = plans::confirm_hold(&slot, &hold, request, now_ms);
+        // Refused (closing) or never queued: the hold goes back to the live set, where
+        // a closure or the sweeper takes it.
+        self.execute(plan, || self.live_holds().insert(hold.clone()))
+            .await
     }
 
     /// Cancels a booking; its place returns to the slot once the cancel is durable.
@@ -194,50 +149,15 @@ impl Engine {
         .await
     }
 
-    /// The citizen's confirmed booking, or not found (another citizen's booking is
-    /// reported as unknown: ids are not confirmed to strangers).
-    fn own_booking(
-        &self,
-        booking_id: BookingId,
-        citizen: CitizenKey,
-    ) -> Result<Booking, ServiceError> {
-        let booking = self
-            .store
-            .booking(citizen.tag(), booking_id)?
-            .filter(|booking| booking.citizen == citizen)
-            .ok_or(DomainError::NotFound(Missing::Booking))?;
-        if !booking.is_confirmed() {
-            return Err(DomainError::BookingNotActive(booking_id).into());
-        }
-        Ok(booking)
-    }
-
     async fn cancel_and_commit(
         &self,
         command: &CancelCommand,
         citizen: CitizenKey,
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
-        let mut booking = self.own_booking(command.booking_id, citizen)?;
-        let service = booking.slot.service_id.clone();
-        // Exactly one of cancel, reschedule and closure wins the booking. The entry
-        // keeps counting against the citizen's limit until the cancel is durable.
-        if !self.citizens.claim(citizen, &service, booking.booking_id) {
-            return Err(DomainError::BookingNotActive(booking.booking_id).into());
-        }
-        booking.state = BookingState::Cancelled {
-            at_unix_ms: self.now_unix_ms(),
-            reason: CANCELLED_BY_CITIZEN.to_string(),
-            request: Some(request),
-        };
-        let written = self.store.commit(&[Write::Booking(booking.clone())]).await;
-        // Never queued: the booking is still confirmed on disk and keeps its entry.
-        undo_if_never_queued(written, || {
-            self.citizens.unclaim(citizen, booking.booking_id)
-        })?;
-        self.citizens.release(citizen, &service, booking.booking_id);
-        self.return_place(&booking.slot);
-        Ok(booking)
+        let stored = self.store.booking(citizen.tag(), command.booking_id)?;
+        let plan = plans::cancel(stored, citizen, request, self.now_unix_ms())?;
+        self.execute(plan, || {}).await
     }
 
     /// Moves a booking to another slot of the same service in one atomic write: the
@@ -268,64 +188,12 @@ impl Engine {
         citizen: CitizenKey,
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
-        let mut old = self.own_booking(command.booking_id, citizen)?;
-        let new_slot = self.slot(&command.new_slot)?;
-        if new_slot.key.service_id != old.slot.service_id {
-            return Err(DomainError::invalid(
-                "new_slot_id",
-                "must be a slot of the booking's own service",
-            )
-            .into());
-        }
-        if new_slot.key == old.slot {
-            return Err(
-                DomainError::invalid("new_slot_id", "is the booking's current slot").into(),
-            );
-        }
-        let now_ms = self.now_unix_ms();
-        check_not_started(&new_slot, now_ms)?;
-        let service = old.slot.service_id.clone();
+        let stored = self.store.booking(citizen.tag(), command.booking_id)?;
+        let new_slot = self.slot_view(&command.new_slot).ok();
         let new_id = self.ids.mint(citizen);
-        // The citizen's entry moves to the new id in one step: never zero, never two.
-        if !self
-            .citizens
-            .replace(citizen, &service, old.booking_id, new_id)
-        {
-            return Err(DomainError::BookingNotActive(old.booking_id).into());
-        }
-        let admission = match new_slot.try_take() {
-            Ok(admission) => admission,
-            Err(refusal) => {
-                self.citizens
-                    .replace(citizen, &service, new_id, old.booking_id);
-                return Err(refused(refusal, &new_slot.key).into());
-            }
-        };
-        let new = Booking::confirmed(
-            new_id,
-            new_slot.key.clone(),
-            new_slot.end_unix_s(),
-            citizen,
-            now_ms,
-            request,
-        );
-        old.state = BookingState::Cancelled {
-            at_unix_ms: now_ms,
-            reason: format!("rescheduled to booking {new_id}"),
-            // The request's outcome is the new booking: only it carries the request.
-            request: None,
-        };
-        let written = self
-            .store
-            .commit(&[Write::Booking(old.clone()), Write::Booking(new.clone())])
-            .await;
-        undo_if_never_queued(written, || {
-            self.citizens
-                .replace(citizen, &service, new_id, old.booking_id);
-            let _ = admission.slot().counter.release();
-        })?;
-        self.return_place(&old.slot);
-        Ok(new)
+        let now_ms = self.now_unix_ms();
+        let plan = plans::reschedule(stored, citizen, new_slot.as_ref(), new_id, request, now_ms)?;
+        self.execute(plan, || {}).await
     }
 
     /// A citizen's bookings in every state, in booking-id order, one page at a time.

@@ -16,14 +16,13 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Limits;
 use crate::domain::booking::{Booking, RequestRecord};
-use crate::domain::catalog::{Admission, Catalog, SearchPage, SearchQuery, Site, Slot};
+use crate::domain::catalog::{Catalog, SearchPage, SearchQuery, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::LiveHolds;
 use crate::domain::ids::{
     BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, SiteId, SlotKey,
 };
-use crate::domain::slot_counter::Refused;
 use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
 use crate::service::clock::Clock;
 use crate::service::error::ServiceError;
@@ -82,22 +81,6 @@ pub(super) fn undo_if_never_queued(
         undo();
     }
     Ok(written?)
-}
-
-/// A slot that has started takes no booking, hold or reschedule.
-pub(super) fn check_not_started(slot: &Slot, now_unix_ms: i64) -> Result<(), DomainError> {
-    if slot.key.start_unix_s.saturating_mul(1_000) <= now_unix_ms {
-        return Err(DomainError::SlotStarted(slot.key.clone()));
-    }
-    Ok(())
-}
-
-/// A counter's refusal as the domain error a client sees.
-pub(super) fn refused(refused: Refused, slot: &SlotKey) -> DomainError {
-    match refused {
-        Refused::Full => DomainError::SlotFull(slot.clone()),
-        Refused::Closed => DomainError::SlotClosed(slot.clone()),
-    }
 }
 
 impl Engine {
@@ -160,40 +143,6 @@ impl Engine {
             .slot(key)
             .map(|(_, slot)| Arc::clone(slot))
             .ok_or(DomainError::NotFound(Missing::Slot))
-    }
-
-    /// The first steps of a booking or a hold: the slot exists and has not started, the
-    /// citizen is under the limit (an entry reserved under a new id), and a place is
-    /// taken. Refused steps are undone. Returns the admission, the new id and `now`.
-    pub(super) fn take_place(
-        &self,
-        slot_key: &SlotKey,
-        citizen: CitizenKey,
-    ) -> Result<(Admission, BookingId, i64), ServiceError> {
-        let slot = self.slot(slot_key)?;
-        let now_ms = self.now_unix_ms();
-        check_not_started(&slot, now_ms)?;
-        let id = self.ids.mint(citizen);
-        let service = &slot.key.service_id;
-        self.citizens
-            .reserve(citizen, service, id, self.limits.max_active_per_citizen)
-            .map_err(|existing| DomainError::CitizenAlreadyBooked {
-                booking_id: existing,
-            })?;
-        match slot.try_take() {
-            Ok(admission) => Ok((admission, id, now_ms)),
-            Err(refusal) => {
-                self.citizens.release(citizen, service, id);
-                Err(refused(refusal, &slot.key).into())
-            }
-        }
-    }
-
-    /// Undoes `take_place` for a write that never reached the queue.
-    pub(super) fn untake_place(&self, admission: &Admission, citizen: CitizenKey, id: BookingId) {
-        let slot = admission.slot();
-        self.citizens.release(citizen, &slot.key.service_id, id);
-        let _ = slot.counter.release();
     }
 
     /// Returns one place of a slot after the durable write that freed it.

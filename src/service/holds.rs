@@ -7,11 +7,11 @@
 
 use crate::domain::booking::RequestRecord;
 use crate::domain::error::DomainError;
-use crate::domain::hold::{Hold, HoldId, HoldState};
+use crate::domain::hold::{Hold, HoldId};
 use crate::domain::ids::{CitizenKey, RequestFingerprint, RequestKey, SlotKey};
-use crate::service::engine::{undo_if_never_queued, Engine};
+use crate::domain::plans;
+use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
-use crate::store::records::Write;
 
 pub struct HoldCommand {
     pub slot: SlotKey,
@@ -56,21 +56,11 @@ impl Engine {
         citizen: CitizenKey,
         request: RequestRecord,
     ) -> Result<Hold, ServiceError> {
-        let (admission, hold_id, now_ms) = self.take_place(&command.slot, citizen)?;
-        let hold = Hold {
-            hold_id,
-            slot: admission.slot().key.clone(),
-            citizen,
-            created_at_unix_ms: now_ms,
-            expires_at_unix_ms: now_ms + i64::from(command.ttl_seconds) * 1_000,
-            request,
-            state: HoldState::Live,
-        };
-        let written = self.store.commit(&[Write::Hold(hold.clone())]).await;
-        undo_if_never_queued(written, || self.untake_place(&admission, citizen, hold_id))?;
-        // Live before the admission settles, so a closure waiting for it sees it.
-        self.live_holds().insert(hold.clone());
-        Ok(hold)
+        let slot = self.slot_view(&command.slot)?;
+        let now_ms = self.now_unix_ms();
+        let id = self.ids.mint(citizen);
+        let plan = plans::hold(&slot, citizen, id, request, command.ttl_seconds, now_ms)?;
+        self.execute(plan, || {}).await
     }
 
     /// The sweeper's step: expires up to `hold_sweep_batch_max` holds whose time is up,
@@ -82,28 +72,14 @@ impl Engine {
         if due.is_empty() {
             return Ok(0);
         }
-        let writes: Vec<Write> = due
-            .iter()
-            .map(|hold| {
-                Write::Hold(Hold {
-                    state: HoldState::Expired {
-                        at_unix_ms: now_unix_ms,
-                    },
-                    ..hold.clone()
-                })
-            })
-            .collect();
-        let written = self.store.commit(&writes).await;
-        undo_if_never_queued(written, || {
+        let plan = plans::expire(&due, now_unix_ms);
+        self.execute(plan, || {
             let mut live = self.live_holds();
             for hold in &due {
                 live.insert(hold.clone());
             }
-        })?;
-        for hold in &due {
-            self.return_hold_place(hold);
-        }
-        Ok(due.len())
+        })
+        .await
     }
 
     /// Frees what a durably expired hold occupied: its citizen entry and its place.

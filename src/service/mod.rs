@@ -4,7 +4,8 @@
 //! Must not import tonic. This file only names the modules and re-exports their API.
 //!
 //! - `engine`: the engine's state and the steps commands share; `error`: `ServiceError`;
-//!   `clock`: the one source of `now`.
+//!   `clock`: the one source of `now`; `execute`: carries out a command's plan
+//!   (`domain::plans`): take, commit, free or undo.
 //! - `bookings`: book (also from a hold), cancel, reschedule, list a citizen's bookings.
 //! - `holds`: hold a place, expire holds (the sweeper).
 //! - `capacity`: sites, schedules, imports, slot capacity, closures, statistics.
@@ -17,6 +18,7 @@ pub mod citizen_hasher;
 pub mod clock;
 pub mod engine;
 pub mod error;
+pub mod execute;
 pub mod holds;
 pub mod rate_limits;
 pub mod recovery;

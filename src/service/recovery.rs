@@ -71,7 +71,50 @@ impl Engine {
 fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let started = std::time::Instant::now();
     let catalog = engine.catalog.get_mut().unwrap_or_else(|p| p.into_inner());
-    for record in engine.store.sites() {
+    restore_sites(&engine.store, catalog)?;
+    let slots = restore_slots(&engine.store, catalog)?;
+    let max_active = engine.limits.max_active_per_citizen as usize;
+    let live = engine.holds.get_mut().unwrap_or_else(|p| p.into_inner());
+    let live_holds = restore_holds(
+        &engine.store,
+        &engine.requests,
+        &engine.citizens,
+        live,
+        catalog,
+        max_active,
+    )?;
+    let (confirmed, cancelled) = restore_bookings(
+        &engine.store,
+        &engine.requests,
+        &engine.citizens,
+        catalog,
+        max_active,
+    )?;
+    check_capacities(catalog)?;
+    warn_of_interrupted_write(&engine.store)?;
+    let elapsed = started.elapsed();
+    metrics::gauge!(telemetry::RECOVERY_SECONDS).set(elapsed.as_secs_f64());
+    for (kind, count) in [
+        ("slots", slots),
+        ("live_holds", live_holds as u64),
+        ("confirmed", confirmed),
+        ("cancelled", cancelled),
+    ] {
+        metrics::gauge!(telemetry::RECOVERED_RECORDS, "kind" => kind).set(count as f64);
+    }
+    tracing::info!(
+        slots,
+        live_holds,
+        confirmed,
+        cancelled,
+        elapsed_ms = elapsed.as_millis() as u64,
+        "recovered state from the store"
+    );
+    Ok(())
+}
+
+fn restore_sites(store: &Store, catalog: &mut Catalog) -> Result<(), ServiceError> {
+    for record in store.sites() {
         let record = record?;
         let time_zone = Tz::from_str(&record.time_zone).map_err(|_| {
             ServiceError::Recovery(format!(
@@ -86,8 +129,13 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
             time_zone,
         });
     }
-    let mut slot_count = 0u64;
-    for record in engine.store.slots() {
+    Ok(())
+}
+
+/// Returns how many slots there are.
+fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceError> {
+    let mut slots = 0u64;
+    for record in store.slots() {
         let record = record?;
         let key = record.key.clone();
         catalog
@@ -100,43 +148,26 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
             .map_err(|_| {
                 ServiceError::Recovery(format!("slot {key} belongs to an unknown site"))
             })?;
-        slot_count += 1;
+        slots += 1;
     }
-    let max_active = engine.limits.max_active_per_citizen as usize;
-    let live = engine.holds.get_mut().unwrap_or_else(|p| p.into_inner());
-    let live_holds = restore_holds(
-        &engine.store,
-        &engine.requests,
-        &engine.citizens,
-        live,
-        catalog,
-        max_active,
-    )?;
-    let mut confirmed = 0u64;
-    let mut cancelled = 0u64;
-    let (store, requests, citizens) = (&engine.store, &engine.requests, &engine.citizens);
-    let catalog: &Catalog = catalog;
-    // sled's scan and the decode + rebuild take about as long as each other: run them on
-    // the two cores, with a bounded number of chunks between them.
+    Ok(slots)
+}
+
+/// Rebuilds counters, citizen limits and request records from every booking; returns
+/// how many are confirmed and how many cancelled. sled's scan and the decode + rebuild
+/// take about as long as each other: they run on the two cores, with a bounded number
+/// of chunks between them.
+fn restore_bookings(
+    store: &Store,
+    requests: &RequestRegistry,
+    citizens: &CitizenIndex,
+    catalog: &Catalog,
+    max_active: usize,
+) -> Result<(u64, u64), ServiceError> {
+    let (mut confirmed, mut cancelled) = (0u64, 0u64);
     std::thread::scope(|scope| -> Result<(), ServiceError> {
         let (sender, receiver) = std::sync::mpsc::sync_channel(RECOVERY_CHUNKS_IN_FLIGHT);
-        let reader = scope.spawn(move || -> Result<(), StoreError> {
-            let mut chunk = Vec::with_capacity(RECOVERY_CHUNK_RECORDS);
-            for record in store.booking_records() {
-                chunk.push(record?);
-                if chunk.len() == RECOVERY_CHUNK_RECORDS {
-                    let full =
-                        std::mem::replace(&mut chunk, Vec::with_capacity(RECOVERY_CHUNK_RECORDS));
-                    if sender.send(full).is_err() {
-                        return Ok(()); // the rebuild stopped on an error of its own
-                    }
-                }
-            }
-            if !chunk.is_empty() {
-                let _ = sender.send(chunk);
-            }
-            Ok(())
-        });
+        let reader = scope.spawn(move || read_booking_chunks(store, sender));
         let rebuilt = (|| -> Result<(), ServiceError> {
             for chunk in receiver {
                 for (key, value) in chunk {
@@ -155,6 +186,34 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         rebuilt?;
         read.map_err(ServiceError::from)
     })?;
+    Ok((confirmed, cancelled))
+}
+
+type RawRecords = Vec<(sled::IVec, sled::IVec)>;
+
+/// The reader's side of `restore_bookings`: booking records in chunks.
+fn read_booking_chunks(
+    store: &Store,
+    sender: std::sync::mpsc::SyncSender<RawRecords>,
+) -> Result<(), StoreError> {
+    let mut chunk = Vec::with_capacity(RECOVERY_CHUNK_RECORDS);
+    for record in store.booking_records() {
+        chunk.push(record?);
+        if chunk.len() == RECOVERY_CHUNK_RECORDS {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(RECOVERY_CHUNK_RECORDS));
+            if sender.send(full).is_err() {
+                return Ok(()); // the rebuild stopped on an error of its own
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = sender.send(chunk);
+    }
+    Ok(())
+}
+
+/// Invariant 1 after the rebuild: no slot holds more than its capacity.
+fn check_capacities(catalog: &Catalog) -> Result<(), ServiceError> {
     for slot in catalog.slots() {
         let counter = slot.counter.snapshot();
         if counter.taken > counter.capacity {
@@ -164,7 +223,11 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
             )));
         }
     }
-    if let Some(journal) = engine.store.apply_journal()? {
+    Ok(())
+}
+
+fn warn_of_interrupted_write(store: &Store) -> Result<(), ServiceError> {
+    if let Some(journal) = store.apply_journal()? {
         if !journal.finished {
             tracing::warn!(
                 started_at_unix_ms = journal.started_at_unix_ms,
@@ -174,24 +237,6 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
             );
         }
     }
-    let elapsed = started.elapsed();
-    metrics::gauge!(telemetry::RECOVERY_SECONDS).set(elapsed.as_secs_f64());
-    for (kind, count) in [
-        ("slots", slot_count),
-        ("live_holds", live_holds as u64),
-        ("confirmed", confirmed),
-        ("cancelled", cancelled),
-    ] {
-        metrics::gauge!(telemetry::RECOVERED_RECORDS, "kind" => kind).set(count as f64);
-    }
-    tracing::info!(
-        slots = slot_count,
-        live_holds,
-        confirmed,
-        cancelled,
-        elapsed_ms = elapsed.as_millis() as u64,
-        "recovered state from the store"
-    );
     Ok(())
 }
 

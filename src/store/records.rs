@@ -118,6 +118,15 @@ pub enum Write {
     Audit(AuditEntry),
 }
 
+impl From<crate::domain::plans::Record> for Write {
+    fn from(record: crate::domain::plans::Record) -> Self {
+        match record {
+            crate::domain::plans::Record::Booking(booking) => Write::Booking(booking),
+            crate::domain::plans::Record::Hold(hold) => Write::Hold(hold),
+        }
+    }
+}
+
 /// Format version 1 on disk. Field order is the byte order: never edit these types.
 mod v1 {
     use serde::{Deserialize, Serialize};

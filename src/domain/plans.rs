@@ -1,0 +1,675 @@
+//! The rules of the citizens' commands as pure functions: a snapshot of what a command
+//! needs, the command and `now` in; a [`Plan`] out: the places and citizen entries to
+//! take before writing, the records to write in one atomic commit, what to free once
+//! that commit is durable, and the answer. The engine (`service`) only executes plans:
+//! it takes, commits, and frees or undoes. It decides nothing, so every rule here is
+//! tested by tables, without a store or a clock.
+//!
+//! Pure and synchronous; imports nothing of the crate outside `domain`.
+
+use crate::domain::booking::{Booking, BookingState, RequestRecord};
+use crate::domain::error::{DomainError, Missing};
+use crate::domain::hold::{Hold, HoldState, NotConfirmable};
+use crate::domain::ids::{BookingId, CitizenKey, ServiceId, SlotKey};
+
+/// The reason written on a booking its citizen cancelled.
+pub const CANCELLED_BY_CITIZEN: &str = "cancelled by citizen";
+
+/// What a command needs to know of a slot: which it is and when it ends. Its places
+/// are counters the engine takes; a plan never reads them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotView {
+    pub key: SlotKey,
+    pub end_unix_s: i64,
+}
+
+/// Taken before the write, in order; a refusal undoes the ones before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Take {
+    /// A new entry `id` under the citizen's limit for the service.
+    Entry {
+        citizen: CitizenKey,
+        service: ServiceId,
+        id: BookingId,
+    },
+    /// The citizen's active entry `id`, for the write that ends it: exactly one of
+    /// cancel, reschedule and closure wins it.
+    Claim {
+        citizen: CitizenKey,
+        service: ServiceId,
+        id: BookingId,
+    },
+    /// The citizen's entry moves from `from` to `to` in one step: never zero, never two.
+    Move {
+        citizen: CitizenKey,
+        service: ServiceId,
+        from: BookingId,
+        to: BookingId,
+    },
+    /// One place of the slot (one CAS), counted pending until the write settles.
+    Place(SlotKey),
+    /// No place (it is already held), but counted pending until the write settles, so
+    /// a closure waits for it.
+    Admission(SlotKey),
+}
+
+/// Done once the write is durable, never before.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Free {
+    /// The entry leaves the citizen's limit.
+    Entry {
+        citizen: CitizenKey,
+        service: ServiceId,
+        id: BookingId,
+    },
+    /// One place returns to the slot.
+    Place(SlotKey),
+    /// The hold joins the live set (before its admission settles).
+    LiveHold(Hold),
+}
+
+/// A command's decision. Invariant (checked by [`Plan::assert_balanced`]): the places a
+/// plan takes minus the places it frees equal the change in records that hold a place
+/// (confirmed bookings and live holds) among its writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan<T> {
+    pub take: Vec<Take>,
+    pub writes: Vec<Record>,
+    pub free: Vec<Free>,
+    pub answer: T,
+}
+
+/// A record a plan writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Booking(Booking),
+    Hold(Hold),
+}
+
+impl Record {
+    /// +1 for a record that holds a place, -1 for one that gave it up. A confirmed
+    /// booking that was a hold (same id) is +1 and its confirmed hold -1: the place
+    /// carries over.
+    fn places_held_delta(&self) -> i64 {
+        match self {
+            Record::Booking(booking) if booking.is_confirmed() => 1,
+            Record::Booking(_) => -1,
+            Record::Hold(hold) if hold.state == HoldState::Live => 1,
+            Record::Hold(_) => -1,
+        }
+    }
+}
+
+impl<T> Plan<T> {
+    /// Panics if the plan takes or frees a different number of places than its writes
+    /// hold: such a plan would overbook or leak places.
+    pub fn assert_balanced(&self) {
+        let taken = self
+            .take
+            .iter()
+            .filter(|t| matches!(t, Take::Place(_)))
+            .count() as i64;
+        let freed = self
+            .free
+            .iter()
+            .filter(|f| matches!(f, Free::Place(_)))
+            .count() as i64;
+        let held: i64 = self.writes.iter().map(Record::places_held_delta).sum();
+        assert_eq!(taken - freed, held, "a plan's places must match its writes");
+    }
+}
+
+/// A slot that has started takes no booking, hold or reschedule.
+pub fn check_not_started(slot: &SlotKey, now_unix_ms: i64) -> Result<(), DomainError> {
+    if slot.start_unix_s.saturating_mul(1_000) <= now_unix_ms {
+        return Err(DomainError::SlotStarted(slot.clone()));
+    }
+    Ok(())
+}
+
+/// A new booking `id` of a place in `slot`.
+pub fn book(
+    slot: &SlotView,
+    citizen: CitizenKey,
+    id: BookingId,
+    request: RequestRecord,
+    now_unix_ms: i64,
+) -> Result<Plan<Booking>, DomainError> {
+    check_not_started(&slot.key, now_unix_ms)?;
+    let booking = Booking::confirmed(
+        id,
+        slot.key.clone(),
+        slot.end_unix_s,
+        citizen,
+        now_unix_ms,
+        request,
+    );
+    Ok(Plan {
+        take: vec![
+            Take::Entry {
+                citizen,
+                service: slot.key.service_id.clone(),
+                id,
+            },
+            Take::Place(slot.key.clone()),
+        ],
+        writes: vec![Record::Booking(booking.clone())],
+        free: Vec::new(),
+        answer: booking,
+    })
+}
+
+/// A new hold `id` of a place in `slot` for `ttl_seconds`.
+pub fn hold(
+    slot: &SlotView,
+    citizen: CitizenKey,
+    id: BookingId,
+    request: RequestRecord,
+    ttl_seconds: u32,
+    now_unix_ms: i64,
+) -> Result<Plan<Hold>, DomainError> {
+    check_not_started(&slot.key, now_unix_ms)?;
+    let hold = Hold {
+        hold_id: id,
+        slot: slot.key.clone(),
+        citizen,
+        created_at_unix_ms: now_unix_ms,
+        expires_at_unix_ms: now_unix_ms + i64::from(ttl_seconds) * 1_000,
+        request,
+        state: HoldState::Live,
+    };
+    Ok(Plan {
+        take: vec![
+            Take::Entry {
+                citizen,
+                service: slot.key.service_id.clone(),
+                id,
+            },
+            Take::Place(slot.key.clone()),
+        ],
+        writes: vec![Record::Hold(hold.clone())],
+        free: vec![Free::LiveHold(hold.clone())],
+        answer: hold,
+    })
+}
+
+/// Why a hold taken for confirmation was not live: an expired hold of this citizen on
+/// this slot says so; anything else (another citizen's, another slot's, used, never
+/// made) is unknown.
+pub fn not_confirmable(
+    why: NotConfirmable,
+    stored: Option<&Hold>,
+    citizen: CitizenKey,
+    slot: &SlotKey,
+) -> DomainError {
+    let expired = match why {
+        NotConfirmable::Expired => true,
+        NotConfirmable::Unknown => stored.is_some_and(|hold| {
+            hold.citizen == citizen
+                && hold.slot == *slot
+                && matches!(hold.state, HoldState::Expired { .. })
+        }),
+    };
+    if expired {
+        DomainError::HoldExpired
+    } else {
+        DomainError::NotFound(Missing::Hold)
+    }
+}
+
+/// The live `hold` (already taken from the live set, after [`check_not_started`])
+/// becomes the booking with its id; its place and its citizen entry carry over.
+pub fn confirm_hold(
+    slot: &SlotView,
+    hold: &Hold,
+    request: RequestRecord,
+    now_unix_ms: i64,
+) -> Plan<Booking> {
+    debug_assert!(hold.slot == slot.key && hold.state == HoldState::Live);
+    let booking = Booking::confirmed(
+        hold.hold_id,
+        slot.key.clone(),
+        slot.end_unix_s,
+        hold.citizen,
+        now_unix_ms,
+        request,
+    );
+    let confirmed = Hold {
+        state: HoldState::Confirmed {
+            at_unix_ms: now_unix_ms,
+        },
+        ..hold.clone()
+    };
+    Plan {
+        take: vec![Take::Admission(slot.key.clone())],
+        writes: vec![Record::Booking(booking.clone()), Record::Hold(confirmed)],
+        free: Vec::new(),
+        answer: booking,
+    }
+}
+
+/// The citizen's own confirmed booking, or why not (another citizen's booking is
+/// reported as unknown: ids are not confirmed to strangers).
+fn own_confirmed(stored: Option<Booking>, citizen: CitizenKey) -> Result<Booking, DomainError> {
+    let booking = stored
+        .filter(|booking| booking.citizen == citizen)
+        .ok_or(DomainError::NotFound(Missing::Booking))?;
+    if !booking.is_confirmed() {
+        return Err(DomainError::BookingNotActive(booking.booking_id));
+    }
+    Ok(booking)
+}
+
+/// The citizen cancels its booking; the place returns once the cancel is durable.
+pub fn cancel(
+    stored: Option<Booking>,
+    citizen: CitizenKey,
+    request: RequestRecord,
+    now_unix_ms: i64,
+) -> Result<Plan<Booking>, DomainError> {
+    let booking = own_confirmed(stored, citizen)?;
+    let service = booking.slot.service_id.clone();
+    let id = booking.booking_id;
+    let cancelled = Booking {
+        state: BookingState::Cancelled {
+            at_unix_ms: now_unix_ms,
+            reason: CANCELLED_BY_CITIZEN.to_string(),
+            request: Some(request),
+        },
+        ..booking
+    };
+    Ok(Plan {
+        take: vec![Take::Claim {
+            citizen,
+            service: service.clone(),
+            id,
+        }],
+        writes: vec![Record::Booking(cancelled.clone())],
+        free: vec![
+            Free::Entry {
+                citizen,
+                service,
+                id,
+            },
+            Free::Place(cancelled.slot.clone()),
+        ],
+        answer: cancelled,
+    })
+}
+
+/// The citizen's booking moves to `new_slot` (same service) as booking `new_id`: the
+/// old one cancelled and the new one confirmed in one write, or neither.
+pub fn reschedule(
+    stored: Option<Booking>,
+    citizen: CitizenKey,
+    new_slot: Option<&SlotView>,
+    new_id: BookingId,
+    request: RequestRecord,
+    now_unix_ms: i64,
+) -> Result<Plan<Booking>, DomainError> {
+    let old = own_confirmed(stored, citizen)?;
+    let new_slot = new_slot.ok_or(DomainError::NotFound(Missing::Slot))?;
+    if new_slot.key.service_id != old.slot.service_id {
+        return Err(DomainError::invalid(
+            "new_slot_id",
+            "must be a slot of the booking's own service",
+        ));
+    }
+    if new_slot.key == old.slot {
+        return Err(DomainError::invalid(
+            "new_slot_id",
+            "is the booking's current slot",
+        ));
+    }
+    check_not_started(&new_slot.key, now_unix_ms)?;
+    let new = Booking::confirmed(
+        new_id,
+        new_slot.key.clone(),
+        new_slot.end_unix_s,
+        citizen,
+        now_unix_ms,
+        request,
+    );
+    let cancelled = Booking {
+        state: BookingState::Cancelled {
+            at_unix_ms: now_unix_ms,
+            reason: format!("rescheduled to booking {new_id}"),
+            // The request's outcome is the new booking: only it carries the request.
+            request: None,
+        },
+        ..old
+    };
+    Ok(Plan {
+        take: vec![
+            Take::Move {
+                citizen,
+                service: new_slot.key.service_id.clone(),
+                from: cancelled.booking_id,
+                to: new_id,
+            },
+            Take::Place(new_slot.key.clone()),
+        ],
+        free: vec![Free::Place(cancelled.slot.clone())],
+        writes: vec![Record::Booking(cancelled), Record::Booking(new.clone())],
+        answer: new,
+    })
+}
+
+/// Holds whose time is up (already taken from the live set) expire; their places and
+/// entries return once the expiry is durable. Answers how many.
+pub fn expire(due: &[Hold], now_unix_ms: i64) -> Plan<usize> {
+    let mut plan = Plan {
+        take: Vec::new(),
+        writes: Vec::with_capacity(due.len()),
+        free: Vec::with_capacity(2 * due.len()),
+        answer: due.len(),
+    };
+    for hold in due {
+        debug_assert!(hold.expires_at_unix_ms <= now_unix_ms && hold.state == HoldState::Live);
+        plan.writes.push(Record::Hold(Hold {
+            state: HoldState::Expired {
+                at_unix_ms: now_unix_ms,
+            },
+            ..hold.clone()
+        }));
+        plan.free.push(Free::Entry {
+            citizen: hold.citizen,
+            service: hold.slot.service_id.clone(),
+            id: hold.hold_id,
+        });
+        plan.free.push(Free::Place(hold.slot.clone()));
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ids::{RequestFingerprint, RequestKey, SiteId};
+
+    const NOW: i64 = 1_000_000_000;
+    const ALICE: CitizenKey = CitizenKey([1; 16]);
+    const BOB: CitizenKey = CitizenKey([2; 16]);
+
+    fn slot(service: &str, start_unix_s: i64) -> SlotView {
+        SlotView {
+            key: SlotKey {
+                site_id: SiteId::parse("s", "site", 64).unwrap(),
+                service_id: ServiceId::parse("s", service, 64).unwrap(),
+                start_unix_s,
+            },
+            end_unix_s: start_unix_s + 900,
+        }
+    }
+
+    fn request(seed: u8) -> RequestRecord {
+        RequestRecord {
+            key: RequestKey([seed; 16]),
+            fingerprint: RequestFingerprint([seed; 16]),
+        }
+    }
+
+    fn booking_of(citizen: CitizenKey, at: &SlotView) -> Booking {
+        Booking::confirmed(
+            BookingId(7),
+            at.key.clone(),
+            at.end_unix_s,
+            citizen,
+            0,
+            request(1),
+        )
+    }
+
+    fn cancelled(booking: Booking) -> Booking {
+        Booking {
+            state: BookingState::Cancelled {
+                at_unix_ms: 1,
+                reason: "x".into(),
+                request: None,
+            },
+            ..booking
+        }
+    }
+
+    fn reason<T: std::fmt::Debug>(result: Result<Plan<T>, DomainError>) -> String {
+        match result {
+            Ok(plan) => {
+                plan.assert_balanced();
+                "OK".into()
+            }
+            Err(DomainError::Invalid(v)) => format!("INVALID {}", v[0].description),
+            Err(error) => format!("{error:?}")
+                .split(['(', ' '])
+                .next()
+                .unwrap()
+                .to_string(),
+        }
+    }
+
+    #[test]
+    fn booking_and_holding_refuse_a_started_slot_only() {
+        let future = slot("vax", NOW / 1_000 + 1);
+        let started = slot("vax", NOW / 1_000);
+        let cases = [
+            (
+                reason(book(&future, ALICE, BookingId(1), request(1), NOW)),
+                "OK",
+            ),
+            (
+                reason(book(&started, ALICE, BookingId(1), request(1), NOW)),
+                "SlotStarted",
+            ),
+            (
+                reason(hold(&future, ALICE, BookingId(1), request(1), 60, NOW)),
+                "OK",
+            ),
+            (
+                reason(hold(&started, ALICE, BookingId(1), request(1), 60, NOW)),
+                "SlotStarted",
+            ),
+        ];
+        for (index, (got, want)) in cases.iter().enumerate() {
+            assert_eq!(got, want, "case {index}");
+        }
+    }
+
+    #[test]
+    fn a_booking_takes_an_entry_then_a_place_and_writes_one_confirmed_booking() {
+        let at = slot("vax", NOW);
+        let plan = book(&at, ALICE, BookingId(9), request(1), NOW).unwrap();
+        assert_eq!(
+            plan.take,
+            [
+                Take::Entry {
+                    citizen: ALICE,
+                    service: at.key.service_id.clone(),
+                    id: BookingId(9)
+                },
+                Take::Place(at.key.clone())
+            ]
+        );
+        assert_eq!(plan.writes, [Record::Booking(plan.answer.clone())]);
+        assert!(plan.answer.is_confirmed() && plan.free.is_empty());
+    }
+
+    #[test]
+    fn a_hold_expires_after_its_ttl_and_is_live_once_durable() {
+        let plan = hold(&slot("vax", NOW), ALICE, BookingId(3), request(1), 60, NOW).unwrap();
+        assert_eq!(plan.answer.expires_at_unix_ms, NOW + 60_000);
+        assert_eq!(plan.free, [Free::LiveHold(plan.answer.clone())]);
+    }
+
+    #[test]
+    fn cancelling_needs_the_owners_confirmed_booking() {
+        let at = slot("vax", NOW);
+        let cases = [
+            (reason(cancel(None, ALICE, request(2), NOW)), "NotFound"),
+            (
+                reason(cancel(Some(booking_of(BOB, &at)), ALICE, request(2), NOW)),
+                "NotFound",
+            ),
+            (
+                reason(cancel(
+                    Some(cancelled(booking_of(ALICE, &at))),
+                    ALICE,
+                    request(2),
+                    NOW,
+                )),
+                "BookingNotActive",
+            ),
+            (
+                reason(cancel(Some(booking_of(ALICE, &at)), ALICE, request(2), NOW)),
+                "OK",
+            ),
+        ];
+        for (index, (got, want)) in cases.iter().enumerate() {
+            assert_eq!(got, want, "case {index}");
+        }
+    }
+
+    #[test]
+    fn a_cancel_claims_first_and_frees_entry_and_place_only_once_durable() {
+        let at = slot("vax", NOW);
+        let plan = cancel(Some(booking_of(ALICE, &at)), ALICE, request(2), NOW).unwrap();
+        assert!(matches!(plan.take[..], [Take::Claim { .. }]));
+        assert_eq!(plan.free.len(), 2);
+        assert!(matches!(
+            &plan.answer.state,
+            BookingState::Cancelled { reason, request: Some(_), .. } if reason == CANCELLED_BY_CITIZEN
+        ));
+    }
+
+    #[test]
+    fn rescheduling_checks_service_slot_and_start() {
+        let at = slot("vax", NOW);
+        let mine = || Some(booking_of(ALICE, &at));
+        let plan = |to: &SlotView| {
+            reason(reschedule(
+                mine(),
+                ALICE,
+                Some(to),
+                BookingId(8),
+                request(3),
+                NOW,
+            ))
+        };
+        let cases = [
+            (
+                plan(&slot("other", NOW)),
+                "INVALID must be a slot of the booking's own service",
+            ),
+            (plan(&at), "INVALID is the booking's current slot"),
+            (plan(&slot("vax", NOW / 1_000 - 60)), "SlotStarted"),
+            (plan(&slot("vax", NOW + 900)), "OK"),
+            (
+                reason(reschedule(
+                    None,
+                    ALICE,
+                    Some(&slot("vax", NOW + 900)),
+                    BookingId(8),
+                    request(3),
+                    NOW,
+                )),
+                "NotFound",
+            ),
+            (
+                reason(reschedule(
+                    mine(),
+                    ALICE,
+                    None,
+                    BookingId(8),
+                    request(3),
+                    NOW,
+                )),
+                "NotFound",
+            ),
+        ];
+        for (index, (got, want)) in cases.iter().enumerate() {
+            assert_eq!(got, want, "case {index}");
+        }
+    }
+
+    #[test]
+    fn a_reschedule_moves_the_entry_takes_the_new_place_and_frees_the_old_once_durable() {
+        let at = slot("vax", NOW);
+        let to = slot("vax", NOW + 900);
+        let plan = reschedule(
+            Some(booking_of(ALICE, &at)),
+            ALICE,
+            Some(&to),
+            BookingId(8),
+            request(3),
+            NOW,
+        )
+        .unwrap();
+        assert!(matches!(
+            plan.take[..],
+            [
+                Take::Move {
+                    from: BookingId(7),
+                    to: BookingId(8),
+                    ..
+                },
+                Take::Place(_)
+            ]
+        ));
+        assert_eq!(plan.free, [Free::Place(at.key.clone())]);
+        assert_eq!(plan.writes.len(), 2);
+        assert_eq!(plan.answer.slot, to.key);
+    }
+
+    #[test]
+    fn expiry_frees_each_holds_entry_and_place() {
+        let at = slot("vax", NOW);
+        let due: Vec<Hold> = (0..3)
+            .map(|id| {
+                hold(&at, ALICE, BookingId(id), request(1), 1, 0)
+                    .map(|plan| plan.answer)
+                    .unwrap()
+            })
+            .collect();
+        let plan = expire(&due, NOW);
+        plan.assert_balanced();
+        assert_eq!((plan.answer, plan.writes.len(), plan.free.len()), (3, 3, 6));
+    }
+
+    #[test]
+    fn a_confirmed_hold_keeps_its_place_and_a_lost_hold_says_why() {
+        let at = slot("vax", NOW);
+        let live = hold(&at, ALICE, BookingId(5), request(1), 60, 0)
+            .unwrap()
+            .answer;
+        let plan = confirm_hold(&at, &live, request(2), NOW);
+        plan.assert_balanced();
+        assert_eq!(plan.answer.booking_id, live.hold_id);
+        let expired = Hold {
+            state: HoldState::Expired { at_unix_ms: 1 },
+            ..live.clone()
+        };
+        let unknown = NotConfirmable::Unknown;
+        assert_eq!(
+            not_confirmable(unknown, Some(&expired), ALICE, &at.key),
+            DomainError::HoldExpired
+        );
+        assert_eq!(
+            not_confirmable(unknown, Some(&expired), BOB, &at.key),
+            DomainError::NotFound(Missing::Hold)
+        );
+        assert_eq!(
+            not_confirmable(unknown, None, ALICE, &at.key),
+            DomainError::NotFound(Missing::Hold)
+        );
+        assert_eq!(
+            not_confirmable(NotConfirmable::Expired, None, ALICE, &at.key),
+            DomainError::HoldExpired
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "a plan's places must match its writes")]
+    fn an_unbalanced_plan_is_caught() {
+        let mut plan = book(&slot("vax", NOW), ALICE, BookingId(1), request(1), 0).unwrap();
+        plan.take.pop();
+        plan.assert_balanced();
+    }
+}

@@ -1,0 +1,188 @@
+//! Executes a plan of `domain::plans`: takes its places and citizen entries (undoing
+//! them on a refusal), commits its records in one group commit, then frees what it
+//! frees. The plan decided everything; this file only carries it out.
+//!
+//! Must not import tonic.
+
+use crate::domain::catalog::Admission;
+use crate::domain::error::DomainError;
+use crate::domain::ids::SlotKey;
+use crate::domain::plans::{Free, Plan, SlotView, Take};
+use crate::domain::slot_counter::Refused;
+use crate::service::engine::{undo_if_never_queued, Engine};
+use crate::service::error::ServiceError;
+use crate::store::records::Write;
+
+/// A counter's refusal as the domain error a client sees.
+fn refused(refused: Refused, slot: &SlotKey) -> DomainError {
+    match refused {
+        Refused::Full => DomainError::SlotFull(slot.clone()),
+        Refused::Closed => DomainError::SlotClosed(slot.clone()),
+    }
+}
+
+/// What a plan holds until its write settles: the takes done (to undo if the write
+/// never reached the queue) and the admissions, counted pending until dropped.
+#[derive(Default)]
+struct Taken {
+    done: Vec<Take>,
+    admissions: Vec<Admission>,
+}
+
+impl Engine {
+    /// What a command's plan needs to know of a slot.
+    pub(super) fn slot_view(&self, key: &SlotKey) -> Result<SlotView, ServiceError> {
+        let slot = self.slot(key)?;
+        Ok(SlotView {
+            key: slot.key.clone(),
+            end_unix_s: slot.end_unix_s(),
+        })
+    }
+
+    /// Carries out `plan`. `restore` gives back what the caller took out of memory to
+    /// make the plan (a live hold being confirmed, holds being expired) if the plan is
+    /// refused or its write never reaches the queue.
+    pub(super) async fn execute<T>(
+        &self,
+        plan: Plan<T>,
+        restore: impl FnOnce(),
+    ) -> Result<T, ServiceError> {
+        debug_assert!({
+            plan.assert_balanced();
+            true
+        });
+        let Plan {
+            take,
+            writes,
+            free,
+            answer,
+        } = plan;
+        let taken = match self.take_all(take) {
+            Ok(taken) => taken,
+            Err(refusal) => {
+                restore();
+                return Err(refusal);
+            }
+        };
+        let writes: Vec<Write> = writes.into_iter().map(Write::from).collect();
+        let written = self.store.commit(&writes).await;
+        undo_if_never_queued(written, || {
+            self.undo(&taken.done);
+            restore();
+        })?;
+        for free in free {
+            self.free(free);
+        }
+        // Last: a closure waiting for these admissions sees everything they did.
+        drop(taken.admissions);
+        Ok(answer)
+    }
+
+    fn take_all(&self, takes: Vec<Take>) -> Result<Taken, ServiceError> {
+        let mut taken = Taken::default();
+        for take in takes {
+            match self.take_one(&take) {
+                Ok(admission) => {
+                    taken.admissions.extend(admission);
+                    taken.done.push(take);
+                }
+                Err(refusal) => {
+                    self.undo(&taken.done);
+                    return Err(refusal);
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    fn take_one(&self, take: &Take) -> Result<Option<Admission>, ServiceError> {
+        match take {
+            Take::Entry {
+                citizen,
+                service,
+                id,
+            } => self
+                .citizens
+                .reserve(*citizen, service, *id, self.limits.max_active_per_citizen)
+                .map(|()| None)
+                .map_err(|existing| {
+                    DomainError::CitizenAlreadyBooked {
+                        booking_id: existing,
+                    }
+                    .into()
+                }),
+            Take::Claim {
+                citizen,
+                service,
+                id,
+            } => match self.citizens.claim(*citizen, service, *id) {
+                true => Ok(None),
+                false => Err(DomainError::BookingNotActive(*id).into()),
+            },
+            Take::Move {
+                citizen,
+                service,
+                from,
+                to,
+            } => match self.citizens.replace(*citizen, service, *from, *to) {
+                true => Ok(None),
+                false => Err(DomainError::BookingNotActive(*from).into()),
+            },
+            Take::Place(key) => self
+                .slot(key)?
+                .try_take()
+                .map(Some)
+                .map_err(|refusal| refused(refusal, key).into()),
+            Take::Admission(key) => self
+                .slot(key)?
+                .enter()
+                .map(Some)
+                .map_err(|refusal| refused(refusal, key).into()),
+        }
+    }
+
+    /// Gives back what `take_all` took, last first.
+    fn undo(&self, done: &[Take]) {
+        for take in done.iter().rev() {
+            match take {
+                Take::Entry {
+                    citizen,
+                    service,
+                    id,
+                } => {
+                    self.citizens.release(*citizen, service, *id);
+                }
+                Take::Claim { citizen, id, .. } => self.citizens.unclaim(*citizen, *id),
+                Take::Move {
+                    citizen,
+                    service,
+                    from,
+                    to,
+                } => {
+                    self.citizens.replace(*citizen, service, *to, *from);
+                }
+                Take::Place(key) => {
+                    if let Ok(slot) = self.slot(key) {
+                        let _ = slot.counter.release();
+                    }
+                }
+                // The admission settles when its guard drops.
+                Take::Admission(_) => {}
+            }
+        }
+    }
+
+    fn free(&self, free: Free) {
+        match free {
+            Free::Entry {
+                citizen,
+                service,
+                id,
+            } => {
+                self.citizens.release(citizen, &service, id);
+            }
+            Free::Place(key) => self.return_place(&key),
+            Free::LiveHold(hold) => self.live_holds().insert(hold),
+        }
+    }
+}
