@@ -60,89 +60,121 @@ pub enum Parsed {
     Errors { listed: Vec<FileError>, more: usize },
 }
 
+/// What a parse has found so far: rows, and errors up to `errors_max` (then counted).
+struct Collected {
+    rows: Vec<proto::CapacityRow>,
+    errors: Vec<FileError>,
+    more: usize,
+    rows_max: usize,
+    errors_max: usize,
+}
+
+/// Whether to read on after a line.
+enum Next {
+    Line,
+    Stop,
+}
+
+impl Collected {
+    fn note(&mut self, error: FileError) {
+        if self.errors.len() < self.errors_max {
+            self.errors.push(error);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// The header line: exactly the columns, in order.
+    fn header(&mut self, text: &str) -> Next {
+        let header: Vec<String> = match split_fields(text) {
+            Ok(fields) => fields.iter().map(|f| f.trim().to_string()).collect(),
+            Err(message) => {
+                self.note(line_error(1, message));
+                return Next::Stop;
+            }
+        };
+        if header != COLUMNS {
+            self.note(line_error(
+                1,
+                format!("the header must be: {}", COLUMNS.join(",")),
+            ));
+            return Next::Stop;
+        }
+        Next::Line
+    }
+
+    /// One line (without its end) after the header.
+    fn row(&mut self, line: u64, text: &str) -> Next {
+        if text.trim().is_empty() {
+            return Next::Line;
+        }
+        if self.rows.len() == self.rows_max {
+            let message = format!("a file holds at most {} rows; split it", self.rows_max);
+            self.note(line_error(line, message));
+            return Next::Stop;
+        }
+        match parse_row(line, text) {
+            Ok(row) => self.rows.push(row),
+            Err(found) => found.into_iter().for_each(|e| self.note(e)),
+        }
+        Next::Line
+    }
+
+    /// One raw line, as read (bounded).
+    fn line(&mut self, line: u64, bytes: &[u8]) -> Next {
+        if bytes.len() > LINE_BYTES_MAX {
+            self.note(FileError {
+                line,
+                column: None,
+                message: format!("is longer than {LINE_BYTES_MAX} bytes; is this a capacity file?"),
+            });
+            return Next::Stop;
+        }
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            self.note(line_error(line, "is not UTF-8 text"));
+            return Next::Line;
+        };
+        let text = text.trim_end_matches(['\n', '\r']);
+        match line {
+            1 => self.header(text),
+            _ => self.row(line, text),
+        }
+    }
+}
+
 /// Reads a capacity file. The first line must be the header, with the columns in order.
 pub fn parse(
     mut reader: impl BufRead,
     rows_max: usize,
     errors_max: usize,
 ) -> std::io::Result<Parsed> {
-    let mut rows = Vec::new();
-    let mut errors = Vec::new();
-    let mut more = 0usize;
-    let mut note = |errors: &mut Vec<FileError>, error: FileError| {
-        if errors.len() < errors_max {
-            errors.push(error);
-        } else {
-            more += 1;
-        }
+    let mut collected = Collected {
+        rows: Vec::new(),
+        errors: Vec::new(),
+        more: 0,
+        rows_max,
+        errors_max,
     };
     let mut line_number = 0u64;
     let mut buffer = Vec::new();
     loop {
         buffer.clear();
-        let read = read_line_bounded(&mut reader, &mut buffer)?;
-        if read == 0 {
+        if read_line_bounded(&mut reader, &mut buffer)? == 0 {
             break;
         }
         line_number += 1;
-        if buffer.len() > LINE_BYTES_MAX {
-            note(
-                &mut errors,
-                FileError {
-                    line: line_number,
-                    column: None,
-                    message: format!(
-                        "is longer than {LINE_BYTES_MAX} bytes; is this a capacity file?"
-                    ),
-                },
-            );
+        if let Next::Stop = collected.line(line_number, &buffer) {
             break;
-        }
-        let Ok(text) = std::str::from_utf8(&buffer) else {
-            note(&mut errors, line_error(line_number, "is not UTF-8 text"));
-            continue;
-        };
-        let text = text.trim_end_matches(['\n', '\r']);
-        if line_number == 1 {
-            let header: Vec<String> = match split_fields(text) {
-                Ok(fields) => fields.iter().map(|f| f.trim().to_string()).collect(),
-                Err(message) => {
-                    note(&mut errors, line_error(1, message));
-                    break;
-                }
-            };
-            if header != COLUMNS {
-                note(
-                    &mut errors,
-                    line_error(1, format!("the header must be: {}", COLUMNS.join(","))),
-                );
-                break;
-            }
-            continue;
-        }
-        if text.trim().is_empty() {
-            continue;
-        }
-        if rows.len() == rows_max {
-            note(
-                &mut errors,
-                line_error(
-                    line_number,
-                    format!("a file holds at most {rows_max} rows; split it"),
-                ),
-            );
-            break;
-        }
-        match parse_row(line_number, text) {
-            Ok(row) => rows.push(row),
-            Err(found) => found.into_iter().for_each(|e| note(&mut errors, e)),
         }
     }
     if line_number == 0 {
-        note(&mut errors, line_error(1, "the file is empty"));
-    } else if rows.is_empty() && errors.is_empty() {
-        note(&mut errors, line_error(line_number, "the file has no rows"));
+        collected.note(line_error(1, "the file is empty"));
+    } else if collected.rows.is_empty() && collected.errors.is_empty() {
+        collected.note(line_error(line_number, "the file has no rows"));
     }
+    let Collected {
+        rows, errors, more, ..
+    } = collected;
     Ok(if errors.is_empty() {
         Parsed::Rows(rows)
     } else {

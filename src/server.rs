@@ -195,33 +195,15 @@ async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
 
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-
+    let (reflection_v1, reflection_v1alpha) =
+        (reflection().build_v1()?, reflection().build_v1alpha()?);
     let (booking_gate, booking_slot) = Ready::pending();
     let (capacity_gate, capacity_slot) = Ready::pending();
     let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
     let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        let mut settings = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
-        if let Some(client_ca) = &tls.client_ca {
-            settings = settings.client_ca_root(Certificate::from_pem(client_ca));
-        }
-        builder = builder.tls_config(settings)?;
-    }
     // A failed recovery stops the server; kept alive (unsent) while serving.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = builder
-        .max_concurrent_streams(limits.streams_per_connection_max)
-        .http2_max_pending_accept_reset_streams(Some(limits.pending_reset_streams_max))
-        .timeout(Duration::from_millis(limits.request_timeout_ms))
+    let serving = transport(tls.as_ref(), &limits)?
         .layer(ObserveLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -244,31 +226,12 @@ async fn run(
                 }
             },
         );
+    let services = (booking_slot.as_ref(), capacity_slot.as_ref());
+    let message_size_bytes_max = limits.message_size_bytes_max;
     let starting = async {
-        let engine = match start {
-            Start::Recovered(engine) => engine,
-            Start::Recover(options) => match recover(*options).await {
-                Ok(engine) => engine,
-                Err(error) => {
-                    let _ = stop.send(());
-                    return Err(error);
-                }
-            },
-        };
-        let max_message = limits.message_size_bytes_max;
-        let _ = booking_slot.set(
-            BookingServiceServer::new(BookingApi::new(Arc::clone(&engine)))
-                .max_decoding_message_size(max_message),
-        );
-        let _ = capacity_slot.set(
-            CapacityServiceServer::new(CapacityApi::new(Arc::clone(&engine)))
-                .max_decoding_message_size(max_message),
-        );
-        set_health(&health, ServingStatus::Serving).await;
-        // Started after SERVING: the health mirror turns it back if the store already failed.
-        let tasks = Tasks::start(&engine, &health);
+        let started = start_serving(start, services, &health, message_size_bytes_max, stop).await?;
         on_serving();
-        Ok((engine, tasks, stop))
+        Ok::<_, ServeError>(started)
     };
     // `starting` first: an already recovered engine's services are in place (on its first
     // poll) before `serving` accepts a connection, so no request meets RECOVERING.
@@ -284,6 +247,78 @@ async fn run(
         }
         Err(error) => Err(error),
     }
+}
+
+/// Recovers the engine if needed (a failed recovery sends `stop`), opens prenota's
+/// services, turns health SERVING and starts the background tasks. `stop` is kept alive
+/// (unsent) while serving.
+async fn start_serving(
+    start: Start,
+    services: (&BookingSlot, &CapacitySlot),
+    health: &HealthReporter,
+    message_size_bytes_max: usize,
+    stop: tokio::sync::oneshot::Sender<()>,
+) -> Result<(Arc<Engine>, Tasks, tokio::sync::oneshot::Sender<()>), ServeError> {
+    let engine = match start {
+        Start::Recovered(engine) => engine,
+        Start::Recover(options) => match recover(*options).await {
+            Ok(engine) => engine,
+            Err(error) => {
+                let _ = stop.send(());
+                return Err(error);
+            }
+        },
+    };
+    open_services(&engine, services, message_size_bytes_max);
+    set_health(health, ServingStatus::Serving).await;
+    // Started after SERVING: the health mirror turns it back if the store already failed.
+    let tasks = Tasks::start(&engine, health);
+    Ok((engine, tasks, stop))
+}
+
+/// Reflection (v1 and v1alpha) of prenota's protos and health.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// The transport: HTTP/2 limits, request timeout, and TLS when configured.
+fn transport(
+    tls: Option<&crate::config::TlsPem>,
+    limits: &crate::config::Limits,
+) -> Result<tonic::transport::Server, ServeError> {
+    let builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.streams_per_connection_max)
+        .http2_max_pending_accept_reset_streams(Some(limits.pending_reset_streams_max))
+        .timeout(Duration::from_millis(limits.request_timeout_ms));
+    let Some(tls) = tls else {
+        return Ok(builder);
+    };
+    let mut settings = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+    if let Some(client_ca) = &tls.client_ca {
+        settings = settings.client_ca_root(Certificate::from_pem(client_ca));
+    }
+    Ok(builder.tls_config(settings)?)
+}
+
+type BookingSlot = std::sync::OnceLock<BookingServiceServer<BookingApi>>;
+type CapacitySlot = std::sync::OnceLock<CapacityServiceServer<CapacityApi>>;
+
+/// Puts prenota's services behind their readiness gates: from here on they answer.
+fn open_services(
+    engine: &Arc<Engine>,
+    (booking, capacity): (&BookingSlot, &CapacitySlot),
+    message_size_bytes_max: usize,
+) {
+    let _ = booking.set(
+        BookingServiceServer::new(BookingApi::new(Arc::clone(engine)))
+            .max_decoding_message_size(message_size_bytes_max),
+    );
+    let _ = capacity.set(
+        CapacityServiceServer::new(CapacityApi::new(Arc::clone(engine)))
+            .max_decoding_message_size(message_size_bytes_max),
+    );
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {

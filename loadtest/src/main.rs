@@ -1,9 +1,15 @@
 //! `prenota-loadtest`: reproduces a national booking rush against a prenota server
 //! and measures it against the no-op gRPC ceiling of the same server, in the same run.
 //!
+//! Scenarios: `ceiling` (no-op health checks: the transport's limit), `rush` (every
+//! citizen searches and books), `mixed` (an ordinary day: searches, holds, books,
+//! cancels, reschedules), `flood` (a calm rush, then many times more requests in flight
+//! than the server admits: shedding, not collapsing) and `footprint` (memory per slot
+//! and booking, recovery time, on the library without gRPC).
+//!
 //! `--spawn` starts a server on a temp dir in this process; `--server URL` targets a
-//! running one (loopback only). After a rush the invariants are verified from
-//! `ExportBookings`, `SearchSlots` and `GetSiteStats`; a violation exits non-zero.
+//! running one (loopback only). After rush, mixed and flood the invariants are verified
+//! from `ExportBookings`, `SearchSlots` and `GetSiteStats`; a violation exits non-zero.
 
 mod footprint;
 mod report;

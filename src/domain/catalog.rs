@@ -508,7 +508,7 @@ mod tests {
     }
 
     #[test]
-    fn republishing_the_same_schedule_changes_nothing() {
+    fn republishing_creates_only_the_missing_slots_and_keeps_the_others() {
         let catalog = catalog_with_slots(&["a"], &[100, 200]);
         let planned = [
             PlannedSlot {

@@ -117,7 +117,7 @@ impl LiveHolds {
         ids.into_iter().filter_map(|id| self.remove(id)).collect()
     }
 
-    /// Live holds per slot of one site, for statistics.
+    /// Live holds per site, for the gauges.
     pub fn count_by_site(&self) -> HashMap<SiteId, u64> {
         let mut counts = HashMap::new();
         for hold in self.by_id.values() {
@@ -126,6 +126,7 @@ impl LiveHolds {
         counts
     }
 
+    /// Live holds per slot of one site, for its statistics.
     pub fn count_by_slot(&self, site_id: &SiteId) -> HashMap<SlotKey, u32> {
         let mut counts = HashMap::new();
         for hold in self.by_id.values().filter(|h| h.slot.site_id == *site_id) {

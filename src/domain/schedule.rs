@@ -332,6 +332,7 @@ mod tests {
         assert_eq!(plan[0].end_unix_s - plan[0].start_unix_s, 30 * 60);
     }
 
+    // A table of bad schedules, one case per field: long on purpose.
     #[test]
     fn bad_schedules_name_their_fields() {
         let cases: &[(ScheduleInput<'_>, &str)] = &[

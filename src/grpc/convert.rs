@@ -11,7 +11,7 @@ use prost_types::Timestamp;
 use crate::config::Limits;
 use crate::domain::booking::BookingState as DomainBookingState;
 use crate::domain::catalog::{SearchQuery, SearchScope, Site, Slot};
-use crate::domain::error::{AllValid, DomainError, FieldViolation};
+use crate::domain::error::{AllValid, DomainError, FieldViolation, IntoViolations};
 use crate::domain::hold::Hold;
 use crate::domain::ids::{
     check_opaque_text, BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey,
@@ -505,42 +505,11 @@ fn row_column(field: &str) -> &str {
     }
 }
 
-/// Validates one row of a capacity file. Every violation is named
-/// `rows[LINE].COLUMN`, with the row's line in its file and the CSV column.
-pub fn import_row(
-    row: proto::CapacityRow,
+/// A capacity row's schedule: its weekdays share one opening interval.
+fn row_schedule(
+    row: &proto::CapacityRow,
     limits: &Limits,
-) -> Result<ImportRow, Vec<FieldViolation>> {
-    let mut found: Vec<FieldViolation> = Vec::new();
-    let mut note = |violation: FieldViolation| {
-        let field = format!("rows[{}].{}", row.line, row_column(&violation.field));
-        if !found
-            .iter()
-            .any(|f| f.field == field && f.description == violation.description)
-        {
-            found.push(FieldViolation::new(field, violation.description));
-        }
-    };
-    let site = match site_from_proto(row.site.clone(), limits) {
-        Ok(site) => Some(site),
-        Err(DomainError::Invalid(violations)) => {
-            violations.into_iter().for_each(&mut note);
-            None
-        }
-        Err(other) => {
-            note(FieldViolation::new("site", other.to_string()));
-            None
-        }
-    };
-    let service = service_id("service_id", &row.service_id, limits)
-        .map_err(&mut note)
-        .ok();
-    if row.weekdays.is_empty() {
-        note(FieldViolation::new(
-            "weekdays",
-            "must list at least one ISO weekday 1 (Monday) to 7 (Sunday)",
-        ));
-    }
+) -> Result<Schedule, Vec<FieldViolation>> {
     let schedule = Schedule::parse(
         &ScheduleInput {
             first_day: &row.first_day,
@@ -555,28 +524,55 @@ pub fn import_row(
         },
         &crate::config::schedule_bounds(limits),
     );
-    let schedule = match schedule {
-        Ok(schedule) => Some(schedule),
-        Err(DomainError::Invalid(violations)) => {
-            violations
+    if !row.weekdays.is_empty() {
+        return schedule.map_err(IntoViolations::into_violations);
+    }
+    // No weekdays: say so once, in the file's own terms.
+    let mut violations = vec![FieldViolation::new(
+        "weekdays",
+        "must list at least one ISO weekday 1 (Monday) to 7 (Sunday)",
+    )];
+    if let Err(error) = schedule {
+        violations.extend(
+            error
+                .into_violations()
                 .into_iter()
-                .filter(|v| !(row.weekdays.is_empty() && v.field == "opening_hours"))
-                .for_each(&mut note);
-            None
-        }
-        Err(other) => {
-            note(FieldViolation::new("first_day", other.to_string()));
-            None
-        }
-    };
-    match (site, service, schedule) {
-        (Some(site), Some(service_id), Some(schedule)) if found.is_empty() => Ok(ImportRow {
+                .filter(|v| v.field != "opening_hours"),
+        );
+    }
+    Err(violations)
+}
+
+/// Validates one row of a capacity file. Every violation is named
+/// `rows[LINE].COLUMN`, with the row's line in its file and the CSV column.
+pub fn import_row(
+    row: proto::CapacityRow,
+    limits: &Limits,
+) -> Result<ImportRow, Vec<FieldViolation>> {
+    let checked = (
+        site_from_proto(row.site.clone(), limits),
+        service_id("service_id", &row.service_id, limits),
+        row_schedule(&row, limits),
+    )
+        .all_valid();
+    match checked {
+        Ok((site, service_id, schedule)) => Ok(ImportRow {
             line: row.line,
             site,
             service_id,
             schedule,
         }),
-        _ => Err(found),
+        Err(error) => {
+            let mut found: Vec<FieldViolation> = Vec::new();
+            for violation in error.into_violations() {
+                let field = format!("rows[{}].{}", row.line, row_column(&violation.field));
+                let renamed = FieldViolation::new(field, violation.description);
+                if !found.contains(&renamed) {
+                    found.push(renamed);
+                }
+            }
+            Err(found)
+        }
     }
 }
 

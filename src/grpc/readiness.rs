@@ -36,13 +36,6 @@ impl<S> Ready<S> {
             inner,
         )
     }
-
-    /// A gate that is open from the start.
-    pub fn now(service: S) -> Self {
-        Self {
-            inner: Arc::new(OnceLock::from(service)),
-        }
-    }
 }
 
 impl<S, B> Service<http::Request<B>> for Ready<S>

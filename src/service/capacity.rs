@@ -1,19 +1,20 @@
 //! Authorities' writes: sites, schedules, bulk imports, slot capacity, closures; and
 //! the statistics they read. All of them hold `authority_writes`, never a booking lock.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::booking::{Booking, BookingState};
 use crate::domain::catalog::{PublishPlan, Site, SiteStats, Slot, Totals};
-use crate::domain::error::{DomainError, Missing, Violations};
+use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::{Hold, HoldState};
 use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
-use crate::domain::schedule::{PlannedSlot, Schedule};
+use crate::domain::schedule::Schedule;
 use crate::service::engine::{undo_if_never_queued, Engine};
 use crate::service::error::ServiceError;
+use crate::service::import_check::{ImportCheck, ImportRow};
 use crate::store::records::{
     ApplyJournal, AuditEntry, AuthorityOutcome, AuthorityRequest, SiteRecord, SlotRecord, Write,
 };
@@ -25,16 +26,6 @@ pub struct PublishOutcome {
     pub slots_created: u32,
     pub slots_updated: u32,
     pub total_capacity: u64,
-}
-
-/// One validated row of a capacity file: a site and one schedule at it.
-#[derive(Clone, Debug)]
-pub struct ImportRow {
-    /// Line in the source file, named in errors.
-    pub line: u64,
-    pub site: Site,
-    pub service_id: ServiceId,
-    pub schedule: Schedule,
 }
 
 pub struct CloseCommand {
@@ -104,6 +95,55 @@ impl Closure {
         }));
         writes
     }
+}
+
+/// Lowers, in memory, the capacities the plans lower (never below what is taken);
+/// returns each lowered slot with its old capacity, or undoes them all and refuses.
+fn lower_capacities(plans: &[PublishPlan]) -> Result<Vec<(Arc<Slot>, u32)>, ServiceError> {
+    let mut lowered: Vec<(Arc<Slot>, u32)> = Vec::new();
+    for (slot, _, capacity) in plans.iter().flat_map(|plan| &plan.updated) {
+        let old = slot.counter.snapshot().capacity;
+        if *capacity >= old {
+            continue;
+        }
+        match slot.counter.set_capacity(*capacity) {
+            Ok(_) => lowered.push((Arc::clone(slot), old)),
+            Err(below) => {
+                restore_capacities(lowered);
+                return Err(DomainError::CapacityBelowBooked {
+                    slot: slot.key.clone(),
+                    requested: *capacity,
+                    taken: below.taken,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(lowered)
+}
+
+fn restore_capacities(lowered: Vec<(Arc<Slot>, u32)>) {
+    for (slot, old) in lowered {
+        let _ = slot.counter.set_capacity(old);
+    }
+}
+
+/// The site and slot records of a publication.
+fn publish_writes(sites: &[Site], plans: &[PublishPlan]) -> Vec<Write> {
+    let mut writes: Vec<Write> = sites
+        .iter()
+        .map(|site| Write::Site(site_record(site)))
+        .collect();
+    for plan in plans {
+        for slot in &plan.created {
+            let capacity = slot.counter.snapshot().capacity;
+            writes.push(slot_record(slot, slot.end_unix_s(), capacity, false));
+        }
+        for (slot, end, capacity) in &plan.updated {
+            writes.push(slot_record(slot, *end, *capacity, false));
+        }
+    }
+    writes
 }
 
 /// What an import would change, refusing now what the real import would refuse:
@@ -309,7 +349,7 @@ impl Engine {
         actor: &str,
     ) -> Result<PublishOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
-        let (sites, groups) = self.check_import(rows)?;
+        let (sites, groups) = ImportCheck::run(rows, &self.catalog(), &self.limits)?;
         let plans: Vec<PublishPlan> = {
             let catalog = self.catalog();
             groups
@@ -327,162 +367,21 @@ impl Engine {
             .await
     }
 
-    /// Every row's site and schedule, checked against the other rows and the catalog:
-    /// the sites to upsert and the slots of each (site, service), or every violation.
-    #[allow(clippy::type_complexity)]
-    fn check_import(
-        &self,
-        rows: &[ImportRow],
-    ) -> Result<(Vec<Site>, BTreeMap<(SiteId, ServiceId), Vec<PlannedSlot>>), ServiceError> {
-        let limits = &self.limits;
-        let mut v = Violations::default();
-        let mut errors = 0usize;
-        let mut report = |v: &mut Violations, line: u64, field: &str, description: String| {
-            errors += 1;
-            if errors <= limits.import_errors_reported_max {
-                v.push(format!("rows[{line}].{field}"), description);
-            }
-        };
-        // Every row of a site must describe it the same way.
-        let mut sites: BTreeMap<SiteId, (u64, &Site)> = BTreeMap::new();
-        let mut groups: BTreeMap<(SiteId, ServiceId), Vec<PlannedSlot>> = BTreeMap::new();
-        let mut starts: HashMap<(SiteId, ServiceId, i64), u64> = HashMap::new();
-        let mut planned_total = 0usize;
-        {
-            let catalog = self.catalog();
-            for row in rows {
-                match sites.get(&row.site.site_id) {
-                    Some((first, site)) if **site != row.site => report(
-                        &mut v,
-                        row.line,
-                        "site",
-                        format!(
-                            "describes site {} differently from line {first}",
-                            site.site_id
-                        ),
-                    ),
-                    Some(_) => {}
-                    None => {
-                        if let Err(DomainError::Invalid(found)) =
-                            catalog.check_site_upsert(&row.site)
-                        {
-                            for violation in found {
-                                report(&mut v, row.line, "time_zone", violation.description);
-                            }
-                        }
-                        sites.insert(row.site.site_id.clone(), (row.line, &row.site));
-                    }
-                }
-                let planned = match row
-                    .schedule
-                    .plan(row.site.time_zone, limits.publish_slots_max)
-                {
-                    Ok(planned) => planned,
-                    Err(DomainError::Invalid(found)) => {
-                        for violation in found {
-                            report(&mut v, row.line, &violation.field, violation.description);
-                        }
-                        continue;
-                    }
-                    Err(other) => return Err(other.into()),
-                };
-                planned_total += planned.len();
-                if planned_total > limits.import_slots_max {
-                    report(
-                        &mut v,
-                        row.line,
-                        "first_day",
-                        format!(
-                            "the file describes more than {} slots; split it",
-                            limits.import_slots_max
-                        ),
-                    );
-                    break;
-                }
-                for slot in &planned {
-                    let key = (
-                        row.site.site_id.clone(),
-                        row.service_id.clone(),
-                        slot.start_unix_s,
-                    );
-                    if let Some(first) = starts.insert(key, row.line) {
-                        report(
-                            &mut v,
-                            row.line,
-                            "opens",
-                            format!("describes a slot that line {first} describes too"),
-                        );
-                        break;
-                    }
-                }
-                groups
-                    .entry((row.site.site_id.clone(), row.service_id.clone()))
-                    .or_default()
-                    .extend(planned);
-            }
-        }
-        if errors > limits.import_errors_reported_max {
-            v.push(
-                "rows",
-                format!(
-                    "{} more errors not listed",
-                    errors - limits.import_errors_reported_max
-                ),
-            );
-        }
-        v.finish()?;
-        let sites = sites.into_values().map(|(_, site)| site.clone()).collect();
-        Ok((sites, groups))
-    }
-
-    /// Applies site upserts and schedule plans in one atomic write. Capacities are
-    /// lowered in memory first (the CAS refuses to go below what is taken) and raised
-    /// only once durable: memory never admits more than the disk allows.
+    /// Applies site upserts and schedule plans: in one atomic write, or in journaled
+    /// chunks when larger than one commit (`commit_in_chunks`). Capacities are lowered
+    /// in memory first (the CAS refuses to go below what is taken) and raised only once
+    /// durable: memory never admits more than the disk allows.
     async fn apply_plans(
         &self,
         sites: Vec<Site>,
         plans: Vec<PublishPlan>,
         (actor, action, what): (&str, &str, String),
     ) -> Result<PublishOutcome, ServiceError> {
-        let mut lowered: Vec<(Arc<Slot>, u32)> = Vec::new();
-        let restore = |lowered: Vec<(Arc<Slot>, u32)>| {
-            for (slot, old) in lowered {
-                let _ = slot.counter.set_capacity(old);
-            }
-        };
-        for (slot, _, capacity) in plans.iter().flat_map(|plan| &plan.updated) {
-            let old = slot.counter.snapshot().capacity;
-            if *capacity < old {
-                match slot.counter.set_capacity(*capacity) {
-                    Ok(_) => lowered.push((Arc::clone(slot), old)),
-                    Err(below) => {
-                        restore(lowered);
-                        return Err(DomainError::CapacityBelowBooked {
-                            slot: slot.key.clone(),
-                            requested: *capacity,
-                            taken: below.taken,
-                        }
-                        .into());
-                    }
-                }
-            }
-        }
-        let mut writes: Vec<Write> = sites
-            .iter()
-            .map(|site| Write::Site(site_record(site)))
-            .collect();
-        for plan in &plans {
-            for slot in &plan.created {
-                let capacity = slot.counter.snapshot().capacity;
-                writes.push(slot_record(slot, slot.end_unix_s(), capacity, false));
-            }
-            for (slot, end, capacity) in &plan.updated {
-                writes.push(slot_record(slot, *end, *capacity, false));
-            }
-        }
-        let created: usize = plans.iter().map(|plan| plan.created.len()).sum();
-        let updated: usize = plans.iter().map(|plan| plan.updated.len()).sum();
+        let lowered = lower_capacities(&plans)?;
+        let mut writes = publish_writes(&sites, &plans);
         if !writes.is_empty() {
+            let created: usize = plans.iter().map(|plan| plan.created.len()).sum();
+            let updated: usize = plans.iter().map(|plan| plan.updated.len()).sum();
             // Last, so a chunked write is audited only once it is whole.
             writes.push(self.audit(
                 actor,
@@ -493,7 +392,18 @@ impl Engine {
                 },
             ));
         }
-        undo_if_never_queued(self.commit_in_chunks(writes).await, || restore(lowered))?;
+        undo_if_never_queued(self.commit_in_chunks(writes).await, || {
+            restore_capacities(lowered)
+        })?;
+        self.publish_in_memory(sites, plans)
+    }
+
+    /// After the durable write: the sites, new slots, new ends and raised capacities.
+    fn publish_in_memory(
+        &self,
+        sites: Vec<Site>,
+        plans: Vec<PublishPlan>,
+    ) -> Result<PublishOutcome, ServiceError> {
         let mut outcome = PublishOutcome {
             sites_upserted: sites.len() as u32,
             ..PublishOutcome::default()

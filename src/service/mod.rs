@@ -8,7 +8,8 @@
 //!   (`domain::plans`): take, commit, free or undo.
 //! - `bookings`: book (also from a hold), cancel, reschedule, list a citizen's bookings.
 //! - `holds`: hold a place, expire holds (the sweeper).
-//! - `capacity`: sites, schedules, imports, slot capacity, closures, statistics.
+//! - `capacity`: sites, schedules, imports, slot capacity, closures, statistics;
+//!   `import_check`: a capacity file's rows checked before anything is written.
 //! - `backup`: online backups, and restores checked by a full recovery.
 
 pub mod backup;
@@ -20,13 +21,15 @@ pub mod engine;
 pub mod error;
 pub mod execute;
 pub mod holds;
+pub mod import_check;
 pub mod rate_limits;
 pub mod recovery;
 pub mod requests;
 
 pub use bookings::{BookCommand, CancelCommand, CitizenBookingsQuery, RescheduleCommand};
-pub use capacity::{CloseCommand, CloseOutcome, ImportRow, PublishOutcome};
+pub use capacity::{CloseCommand, CloseOutcome, PublishOutcome};
 pub use clock::Clock;
 pub use engine::{BookingView, Engine, ExportScope};
 pub use error::ServiceError;
 pub use holds::HoldCommand;
+pub use import_check::ImportRow;

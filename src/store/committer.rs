@@ -157,43 +157,10 @@ pub fn spawn(
                 let result = if state.failed.load(Ordering::Acquire) {
                     Err(StoreError::Failed)
                 } else {
-                    let mut batch = sled::Batch::default();
-                    for request in &pending {
-                        for (key, value) in &request.writes {
-                            batch.insert(key.as_slice(), value.as_slice());
-                        }
-                    }
-                    let started = Instant::now();
-                    let mut tee = state.tee();
-                    let result = durability.commit(batch);
-                    if let (Ok(()), Some(copy)) = (&result, tee.as_ref()) {
-                        let writes = pending
-                            .iter()
-                            .flat_map(|request| request.writes.iter().cloned())
-                            .collect();
-                        if copy.batches.try_send(writes).is_err() {
-                            copy.overflowed.store(true, Ordering::Release);
-                            *tee = None;
-                        }
-                    }
-                    drop(tee);
-                    metrics::histogram!(telemetry::COMMIT_BATCH_WRITES).record(writes as f64);
-                    metrics::histogram!(telemetry::COMMIT_BATCH_REQUESTS)
-                        .record(pending.len() as f64);
-                    tracing::trace!(
-                        requests = pending.len(),
-                        writes,
-                        commit_us = started.elapsed().as_micros() as u64,
-                        "group commit"
-                    );
-                    result
+                    commit_batch(&mut durability, &state, &pending, writes)
                 };
                 if let Err(error) = &result {
-                    metrics::counter!(telemetry::COMMIT_FAILURES).increment(1);
-                    if !state.failed.swap(true, Ordering::AcqRel) {
-                        tracing::error!(%error, "storage failed: refusing all writes until restart");
-                        state.healthy.send_replace(false);
-                    }
+                    fail_stop(&state, error);
                 }
                 for request in pending.drain(..) {
                     // A writer that went away still had its write committed; nothing to tell.
@@ -202,6 +169,54 @@ pub fn spawn(
             }
             tracing::debug!("committer drained and stopped");
         })
+}
+
+/// One group commit of every pending request's writes, copied to a backup's tee if one
+/// is installed (under the tee's lock, so a backup sees each batch whole).
+fn commit_batch(
+    durability: &mut impl Durability,
+    state: &CommitterState,
+    pending: &[CommitRequest],
+    writes: usize,
+) -> Result<(), StoreError> {
+    let mut batch = sled::Batch::default();
+    for request in pending {
+        for (key, value) in &request.writes {
+            batch.insert(key.as_slice(), value.as_slice());
+        }
+    }
+    let started = Instant::now();
+    let mut tee = state.tee();
+    let result = durability.commit(batch);
+    if let (Ok(()), Some(copy)) = (&result, tee.as_ref()) {
+        let writes = pending
+            .iter()
+            .flat_map(|request| request.writes.iter().cloned())
+            .collect();
+        if copy.batches.try_send(writes).is_err() {
+            copy.overflowed.store(true, Ordering::Release);
+            *tee = None;
+        }
+    }
+    drop(tee);
+    metrics::histogram!(telemetry::COMMIT_BATCH_WRITES).record(writes as f64);
+    metrics::histogram!(telemetry::COMMIT_BATCH_REQUESTS).record(pending.len() as f64);
+    tracing::trace!(
+        requests = pending.len(),
+        writes,
+        commit_us = started.elapsed().as_micros() as u64,
+        "group commit"
+    );
+    result
+}
+
+/// The first storage error fails the store for good: every later write is refused.
+fn fail_stop(state: &CommitterState, error: &StoreError) {
+    metrics::counter!(telemetry::COMMIT_FAILURES).increment(1);
+    if !state.failed.swap(true, Ordering::AcqRel) {
+        tracing::error!(%error, "storage failed: refusing all writes until restart");
+        state.healthy.send_replace(false);
+    }
 }
 
 #[cfg(test)]

@@ -692,6 +692,7 @@ mod golden {
         }
     }
 
+    /// One value of every record kind and state: a table, long on purpose.
     fn every_kind() -> Vec<(&'static str, Write)> {
         vec![
             (
