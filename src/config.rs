@@ -101,6 +101,81 @@ pub struct ServerSection {
     pub tls_client_ca: Option<PathBuf>,
 }
 
+pub const DEFAULT_DATA_DIR: &str = "prenota-data";
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50051);
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// `metrics_listen`: an address, or `off`.
+pub fn metrics_address(text: &str) -> Result<Option<SocketAddr>, String> {
+    match text.trim() {
+        "off" => Ok(None),
+        address => address.parse().map(Some).map_err(|_| {
+            format!("metrics_listen {address:?} is neither an address (host:port) nor `off`")
+        }),
+    }
+}
+
+impl ServerSection {
+    /// The precedence of `prenota serve`: a flag (or its `PRENOTA_*` variable), given
+    /// as `flags`, wins over this file's value, which wins over the default. The TLS
+    /// files come together: all from the flags when `--tls-cert` is given, else all
+    /// from the file.
+    pub fn overridden_by(&self, flags: &ServerSection) -> ServerSection {
+        let tls_from_flags = flags.tls_cert.is_some();
+        let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>| match tls_from_flags {
+            true => flag.clone(),
+            false => file.clone(),
+        };
+        ServerSection {
+            data_dir: flags.data_dir.clone().or_else(|| self.data_dir.clone()),
+            listen: flags.listen.or(self.listen),
+            metrics_listen: flags
+                .metrics_listen
+                .clone()
+                .or_else(|| self.metrics_listen.clone()),
+            insecure_no_auth: flags.insecure_no_auth || self.insecure_no_auth,
+            tls_cert: pick(&flags.tls_cert, &self.tls_cert),
+            tls_key: pick(&flags.tls_key, &self.tls_key),
+            tls_client_ca: pick(&flags.tls_client_ca, &self.tls_client_ca),
+        }
+    }
+
+    /// This section with the defaults of the unset data dir, listen and metrics
+    /// addresses filled in.
+    pub fn with_defaults(&self) -> ServerSection {
+        ServerSection {
+            data_dir: Some(self.data_dir()),
+            listen: Some(self.listen()),
+            metrics_listen: Some(
+                self.metrics_listen
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string()),
+            ),
+            ..self.clone()
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        self.listen.unwrap_or(DEFAULT_LISTEN)
+    }
+
+    /// Where to serve metrics, or `None` for `off`.
+    pub fn metrics_listen(&self) -> Result<Option<SocketAddr>, String> {
+        metrics_address(
+            self.metrics_listen
+                .as_deref()
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
+        )
+    }
+}
+
 /// The whole `prenota.toml`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -290,6 +365,37 @@ pub struct Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flag_wins_over_the_file_which_wins_over_the_default() {
+        let file = ServerSection {
+            data_dir: Some("/file".into()),
+            metrics_listen: Some("off".into()),
+            tls_cert: Some("file.pem".into()),
+            tls_key: Some("file.key".into()),
+            ..ServerSection::default()
+        };
+        let flags = ServerSection {
+            data_dir: Some("/flag".into()),
+            tls_cert: Some("flag.pem".into()),
+            ..ServerSection::default()
+        };
+        let server = file.overridden_by(&flags);
+        assert_eq!(server.data_dir(), PathBuf::from("/flag"));
+        assert_eq!(server.listen(), DEFAULT_LISTEN);
+        assert_eq!(server.metrics_listen(), Ok(None));
+        // TLS files come together: the flag's certificate never pairs with the file's key.
+        assert_eq!(
+            (server.tls_cert, server.tls_key),
+            (Some("flag.pem".into()), None)
+        );
+        let defaults = ServerSection::default().with_defaults();
+        assert_eq!(defaults.data_dir, Some(PathBuf::from(DEFAULT_DATA_DIR)));
+        assert_eq!(
+            defaults.metrics_listen(),
+            Ok(Some("127.0.0.1:9464".parse().unwrap()))
+        );
+    }
 
     #[test]
     fn environment_variables_override_limits() {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use prenota::cli::Target;
-use prenota::config::{check_listen, hex, token_sha256, ConfigFile, TlsPem};
+use prenota::config::{check_listen, hex, token_sha256, ConfigFile, ServerSection, TlsPem};
 use prenota::server::ServeOptions;
 use prenota::telemetry::LogFormat;
 
@@ -220,60 +220,41 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--metrics-listen`: an address, or `off`.
-fn metrics_address(text: &str) -> Result<Option<SocketAddr>, String> {
-    match text.trim() {
-        "off" => Ok(None),
-        address => address.parse().map(Some).map_err(|_| {
-            format!("metrics_listen {address:?} is neither an address (host:port) nor `off`")
-        }),
+impl ServeArgs {
+    /// The flags (and their `PRENOTA_*` variables) as a `[server]` section to put over
+    /// the file's (see `ServerSection::overridden_by`).
+    fn flags(&self) -> ServerSection {
+        ServerSection {
+            data_dir: self.data_dir.clone(),
+            listen: self.listen,
+            metrics_listen: self.metrics_listen.clone(),
+            insecure_no_auth: self.insecure_no_auth,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+        }
     }
 }
-
-const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
-
-/// Flags and `PRENOTA_*` variables, then the file, then the defaults.
-fn effective(args: &ServeArgs) -> Result<(ConfigFile, PathBuf, SocketAddr), String> {
-    let file = read_config(args.config.as_deref())?;
-    let data_dir = args
-        .data_dir
-        .clone()
-        .or_else(|| file.server.data_dir.clone())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-    let listen = args.listen.or(file.server.listen).unwrap_or(DEFAULT_LISTEN);
-    Ok((file, data_dir, listen))
-}
-
-const DEFAULT_DATA_DIR: &str = "prenota-data";
-const DEFAULT_LISTEN: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50051);
 
 fn listing(problems: &[String]) -> String {
     problems.iter().map(|p| format!("\n  {p}")).collect()
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
-    let (file, data_dir, listen) = effective(&args)?;
+    let file = read_config(args.config.as_deref())?;
     let mut config = checked(&file)?;
-    let (cert, key, client_ca) = match &args.tls_cert {
-        Some(_) => (&args.tls_cert, &args.tls_key, &args.tls_client_ca),
-        None => (
-            &file.server.tls_cert,
-            &file.server.tls_key,
-            &file.server.tls_client_ca,
-        ),
-    };
-    config.tls = TlsPem::read(cert.as_deref(), key.as_deref(), client_ca.as_deref())?;
-    let insecure = args.insecure_no_auth || file.server.insecure_no_auth;
-    if let Some(warning) = check_listen(listen, !config.tokens.is_empty(), insecure)? {
+    let server = file.server.overridden_by(&args.flags());
+    let (data_dir, listen) = (server.data_dir(), server.listen());
+    config.tls = TlsPem::read(
+        server.tls_cert.as_deref(),
+        server.tls_key.as_deref(),
+        server.tls_client_ca.as_deref(),
+    )?;
+    let tokens_set = !config.tokens.is_empty();
+    if let Some(warning) = check_listen(listen, tokens_set, server.insecure_no_auth)? {
         tracing::warn!("{warning}");
     }
-    let metrics_listen = args
-        .metrics_listen
-        .as_deref()
-        .or(file.server.metrics_listen.as_deref())
-        .unwrap_or(DEFAULT_METRICS_LISTEN);
-    let metrics_listen = metrics_address(metrics_listen)?;
+    let metrics_listen = server.metrics_listen()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -331,20 +312,11 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
     file.check()
         .map_err(|problems| format!("{} is invalid:{}", path.display(), listing(&problems)))?;
     let mut effective = file.clone();
-    effective.server.data_dir = Some(
-        file.server
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
-    );
-    effective.server.listen = Some(file.server.listen.unwrap_or(DEFAULT_LISTEN));
-    let metrics_listen = file
+    effective.server = file.server.with_defaults();
+    effective
         .server
-        .metrics_listen
-        .clone()
-        .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_string());
-    metrics_address(&metrics_listen).map_err(|e| format!("{}: {e}", path.display()))?;
-    effective.server.metrics_listen = Some(metrics_listen);
+        .metrics_listen()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let text = toml::to_string_pretty(&effective).map_err(|e| e.to_string())?;
     println!(
         "# {} is valid. Effective configuration (defaults filled in):\n",
