@@ -1,7 +1,7 @@
 //! The demo seed of `serve --demo`: a few sites in different zones with two weeks
 //! of slots from today, so a newcomer can search and book at once. Idempotent.
 
-use chrono::{Duration, Utc};
+use chrono::{Duration, TimeZone, Utc};
 use chrono_tz::Tz;
 
 use crate::domain::catalog::Site;
@@ -79,7 +79,11 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
                 "demo",
             )
             .await?;
-        let today = Utc::now().with_timezone(&demo.time_zone).date_naive();
+        let now = Utc
+            .timestamp_millis_opt(engine.clock().now_unix_ms())
+            .single()
+            .unwrap_or_else(Utc::now);
+        let today = now.with_timezone(&demo.time_zone).date_naive();
         let first_day = today.format("%Y-%m-%d").to_string();
         let last_day = (today + Duration::days(DEMO_DAYS - 1))
             .format("%Y-%m-%d")
@@ -96,7 +100,8 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
                     capacity_per_slot: capacity,
                 },
                 &crate::config::schedule_bounds(&limits),
-            )?;
+            )
+            .map_err(DomainError::Invalid)?;
             created += engine
                 .publish_schedule(&site_id, &service_id, &schedule, "demo")
                 .await?

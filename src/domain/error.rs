@@ -70,19 +70,13 @@ fn describe(violations: &[FieldViolation]) -> String {
 pub struct Violations(Vec<FieldViolation>);
 
 impl Violations {
-    /// Keeps `Ok` values, records `Err` ones.
-    pub fn check<T>(&mut self, result: Result<T, FieldViolation>) -> Option<T> {
-        match result {
-            Ok(value) => Some(value),
-            Err(violation) => {
-                self.0.push(violation);
-                None
-            }
-        }
-    }
-
     pub fn push(&mut self, field: impl Into<String>, description: impl Into<String>) {
         self.0.push(FieldViolation::new(field, description));
+    }
+
+    /// Every violation recorded, in order.
+    pub fn into_vec(self) -> Vec<FieldViolation> {
+        self.0
     }
 
     /// `Ok(())` when nothing was recorded.
@@ -112,21 +106,19 @@ impl IntoViolations for Vec<FieldViolation> {
     }
 }
 
-impl IntoViolations for DomainError {
-    fn into_violations(self) -> Vec<FieldViolation> {
-        match self {
-            DomainError::Invalid(violations) => violations,
-            other => vec![FieldViolation::new("request", other.to_string())],
-        }
-    }
-}
-
 /// Checks every field of a request at once: a tuple of per-field results becomes the
 /// tuple of values, or `Invalid` with *every* violation, in field order (a client
 /// learns all its mistakes in one round trip). No value of a failed check is read.
-pub trait AllValid {
+pub trait AllValid: Sized {
     type Values;
-    fn all_valid(self) -> Result<Self::Values, DomainError>;
+
+    /// The values, or every violation.
+    fn checked(self) -> Result<Self::Values, Vec<FieldViolation>>;
+
+    /// The values, or `Invalid` with every violation.
+    fn all_valid(self) -> Result<Self::Values, DomainError> {
+        self.checked().map_err(DomainError::Invalid)
+    }
 }
 
 macro_rules! all_valid_tuple {
@@ -135,7 +127,7 @@ macro_rules! all_valid_tuple {
             type Values = ($($value,)+);
 
             #[allow(non_snake_case)]
-            fn all_valid(self) -> Result<Self::Values, DomainError> {
+            fn checked(self) -> Result<Self::Values, Vec<FieldViolation>> {
                 let ($($value,)+) = self;
                 let mut violations = Vec::new();
                 $(
@@ -144,7 +136,7 @@ macro_rules! all_valid_tuple {
                 match ($($value,)+) {
                     ($(Some($value),)+) => Ok(($($value,)+)),
                     // Some check failed, so `violations` is not empty.
-                    _ => Err(DomainError::Invalid(violations)),
+                    _ => Err(violations),
                 }
             }
         }

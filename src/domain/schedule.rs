@@ -11,6 +11,7 @@ use chrono::{Datelike, Duration, LocalResult, NaiveDate, NaiveTime, TimeZone, We
 use chrono_tz::Tz;
 
 use crate::domain::error::{DomainError, Violations};
+use crate::domain::field_violation::FieldViolation;
 
 /// One weekday's opening interval, in local wall-clock time.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,7 +170,10 @@ fn check_overlaps(violations: &mut Violations, opening_hours: &[OpeningHours]) {
 
 impl Schedule {
     /// Validates every field and reports all violations at once.
-    pub fn parse(input: &ScheduleInput<'_>, bounds: &ScheduleBounds) -> Result<Self, DomainError> {
+    pub fn parse(
+        input: &ScheduleInput<'_>,
+        bounds: &ScheduleBounds,
+    ) -> Result<Self, Vec<FieldViolation>> {
         let mut violations = Violations::default();
         let first_day = parse_day(&mut violations, "first_day", input.first_day);
         let last_day = parse_day(&mut violations, "last_day", input.last_day);
@@ -184,19 +188,16 @@ impl Schedule {
             .filter_map(|(index, &hours)| parse_hours(&mut violations, index, hours))
             .collect();
         check_overlaps(&mut violations, &opening_hours);
-        violations.finish()?;
-        match (first_day, last_day) {
-            (Some(first_day), Some(last_day)) => Ok(Self {
+        match (first_day, last_day, violations.into_vec()) {
+            (Some(first_day), Some(last_day), found) if found.is_empty() => Ok(Self {
                 first_day,
                 last_day,
                 opening_hours,
                 slot_minutes: input.slot_minutes,
                 capacity_per_slot: input.capacity_per_slot,
             }),
-            _ => Err(DomainError::invalid(
-                "first_day",
-                "must be a date YYYY-MM-DD",
-            )),
+            // A day that did not parse has its violation among them.
+            (_, _, found) => Err(found),
         }
     }
 
@@ -429,7 +430,7 @@ mod tests {
         ];
         for (input, field) in cases {
             match Schedule::parse(input, &BOUNDS) {
-                Err(DomainError::Invalid(violations)) => assert!(
+                Err(violations) => assert!(
                     violations.iter().any(|v| v.field == *field),
                     "{field}: {violations:?}"
                 ),

@@ -45,20 +45,27 @@ fn count_outcome(command: Command, outcome: &'static str) {
     metrics::counter!(telemetry::BOOKINGS, "command" => command, "outcome" => outcome).increment(1);
 }
 
-/// Runs a booking mutation detached and counts its outcome.
-async fn counted<T: Send + 'static>(
-    command: Command,
-    work: impl std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
-) -> Result<T, Status> {
-    let result = detached(work).await?;
-    count_outcome(
-        command,
-        match &result {
-            Ok(_) => "OK",
-            Err(error) => status::reason(error),
-        },
-    );
-    Ok(result?)
+impl BookingApi {
+    /// Runs a booking mutation on the engine, detached, and counts its outcome.
+    async fn counted<T, F>(
+        &self,
+        command: Command,
+        work: impl FnOnce(Arc<Engine>) -> F,
+    ) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
+    {
+        let result = detached(work(Arc::clone(&self.engine))).await?;
+        count_outcome(
+            command,
+            match &result {
+                Ok(_) => "OK",
+                Err(error) => status::reason(error),
+            },
+        );
+        Ok(result?)
+    }
 }
 
 #[tonic::async_trait]
@@ -89,8 +96,12 @@ impl BookingService for BookingApi {
         request: Request<proto::BookRequest>,
     ) -> Result<Response<proto::BookResponse>, Status> {
         let command = convert::book_from_proto(request.into_inner(), self.engine.limits())?;
-        let engine = Arc::clone(&self.engine);
-        let view = counted(Command::Book, async move { engine.book(command).await }).await?;
+        let view = self
+            .counted(
+                Command::Book,
+                |engine| async move { engine.book(command).await },
+            )
+            .await?;
         Ok(Response::new(proto::BookResponse {
             booking: Some(convert::booking_to_proto(&view)),
         }))
@@ -101,8 +112,12 @@ impl BookingService for BookingApi {
         request: Request<proto::HoldSlotRequest>,
     ) -> Result<Response<proto::HoldSlotResponse>, Status> {
         let command = convert::hold_from_proto(request.into_inner(), self.engine.limits())?;
-        let engine = Arc::clone(&self.engine);
-        let hold = counted(Command::Hold, async move { engine.hold(command).await }).await?;
+        let hold = self
+            .counted(
+                Command::Hold,
+                |engine| async move { engine.hold(command).await },
+            )
+            .await?;
         Ok(Response::new(proto::HoldSlotResponse {
             hold: Some(convert::hold_to_proto(&hold)),
         }))
@@ -125,8 +140,11 @@ impl BookingService for BookingApi {
         request: Request<proto::CancelBookingRequest>,
     ) -> Result<Response<proto::CancelBookingResponse>, Status> {
         let command = convert::cancel_from_proto(request.into_inner(), self.engine.limits())?;
-        let engine = Arc::clone(&self.engine);
-        let view = counted(Command::Cancel, async move { engine.cancel(command).await }).await?;
+        let view = self
+            .counted(Command::Cancel, |engine| async move {
+                engine.cancel(command).await
+            })
+            .await?;
         Ok(Response::new(proto::CancelBookingResponse {
             booking: Some(convert::booking_to_proto(&view)),
         }))
@@ -137,11 +155,11 @@ impl BookingService for BookingApi {
         request: Request<proto::RescheduleBookingRequest>,
     ) -> Result<Response<proto::RescheduleBookingResponse>, Status> {
         let command = convert::reschedule_from_proto(request.into_inner(), self.engine.limits())?;
-        let engine = Arc::clone(&self.engine);
-        let view = counted(Command::Reschedule, async move {
-            engine.reschedule(command).await
-        })
-        .await?;
+        let view = self
+            .counted(Command::Reschedule, |engine| async move {
+                engine.reschedule(command).await
+            })
+            .await?;
         Ok(Response::new(proto::RescheduleBookingResponse {
             booking: Some(convert::booking_to_proto(&view)),
         }))

@@ -30,6 +30,19 @@ impl CapacityApi {
 }
 
 impl CapacityApi {
+    /// Runs an authority write on the engine, detached, in the caller's name.
+    async fn write<T, F>(
+        &self,
+        caller: &Caller,
+        work: impl FnOnce(Arc<Engine>, String) -> F,
+    ) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
+    {
+        Ok(detached(work(Arc::clone(&self.engine), caller.actor())).await??)
+    }
+
     /// The caller may act on this site's region (an unknown site is the engine's to refuse).
     fn check_site(&self, caller: &Caller, site_id: &SiteId) -> Result<(), Status> {
         match self.engine.site(site_id) {
@@ -129,9 +142,11 @@ impl CapacityService for CapacityApi {
         // Both the site's region and, for a move, the region it leaves.
         caller.check_region(&site.region_id)?;
         self.check_site(&caller, &site.site_id)?;
-        let engine = Arc::clone(&self.engine);
-        let actor = caller.actor();
-        let site = detached(async move { engine.upsert_site(site, &actor).await }).await??;
+        let site = self
+            .write(&caller, |engine, actor| async move {
+                engine.upsert_site(site, &actor).await
+            })
+            .await?;
         Ok(Response::new(proto::UpsertSiteResponse {
             site: Some(convert::site_to_proto(&site)),
         }))
@@ -149,14 +164,13 @@ impl CapacityService for CapacityApi {
             self.check_site(&caller, &site_id)?;
         }
         let (site_id, service_id, schedule) = convert::publish_from_proto(&request, limits)?;
-        let engine = Arc::clone(&self.engine);
-        let actor = caller.actor();
-        let outcome = detached(async move {
-            engine
-                .publish_schedule(&site_id, &service_id, &schedule, &actor)
-                .await
-        })
-        .await??;
+        let outcome = self
+            .write(&caller, |engine, actor| async move {
+                engine
+                    .publish_schedule(&site_id, &service_id, &schedule, &actor)
+                    .await
+            })
+            .await?;
         Ok(Response::new(proto::PublishScheduleResponse {
             slots_created: outcome.slots_created,
             slots_updated: outcome.slots_updated,
@@ -182,10 +196,11 @@ impl CapacityService for CapacityApi {
             dry_run,
             ..
         } = import;
-        let engine = Arc::clone(&self.engine);
-        let actor = caller.actor();
-        let outcome =
-            detached(async move { engine.import_capacity(&rows, dry_run, &actor).await }).await??;
+        let outcome = self
+            .write(&caller, |engine, actor| async move {
+                engine.import_capacity(&rows, dry_run, &actor).await
+            })
+            .await?;
         Ok(Response::new(proto::ImportCapacityResponse {
             rows: received,
             sites_upserted: outcome.sites_upserted,
@@ -206,14 +221,13 @@ impl CapacityService for CapacityApi {
             self.check_site(&caller, &slot.site_id)?;
         }
         let (slot, capacity, request_key) = convert::set_capacity_from_proto(&request, limits)?;
-        let engine = Arc::clone(&self.engine);
-        let actor = caller.actor();
-        let (site, slot) = detached(async move {
-            engine
-                .set_slot_capacity(&slot, capacity, request_key, &actor)
-                .await
-        })
-        .await??;
+        let (site, slot) = self
+            .write(&caller, |engine, actor| async move {
+                engine
+                    .set_slot_capacity(&slot, capacity, request_key, &actor)
+                    .await
+            })
+            .await?;
         Ok(Response::new(proto::SetSlotCapacityResponse {
             slot: Some(convert::slot_to_proto(&site, &slot)),
         }))
@@ -226,9 +240,11 @@ impl CapacityService for CapacityApi {
         let caller = Caller::of(&request)?;
         let command = convert::close_from_proto(request.into_inner(), self.engine.limits())?;
         self.check_site(&caller, &command.site_id)?;
-        let engine = Arc::clone(&self.engine);
-        let actor = caller.actor();
-        let outcome = detached(async move { engine.close_slots(command, &actor).await }).await??;
+        let outcome = self
+            .write(&caller, |engine, actor| async move {
+                engine.close_slots(command, &actor).await
+            })
+            .await?;
         Ok(Response::new(proto::CloseSlotsResponse {
             slots_closed: outcome.slots_closed,
             cancelled_bookings: outcome.cancelled_bookings,

@@ -11,7 +11,7 @@ use prost_types::Timestamp;
 use crate::config::Limits;
 use crate::domain::booking::BookingState as DomainBookingState;
 use crate::domain::catalog::{SearchQuery, SearchScope, Site, Slot};
-use crate::domain::error::{AllValid, DomainError, FieldViolation, IntoViolations};
+use crate::domain::error::{AllValid, DomainError, FieldViolation};
 use crate::domain::hold::Hold;
 use crate::domain::ids::{
     check_opaque_text, BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey,
@@ -215,19 +215,15 @@ fn search_range(
         Some(from) => unix_seconds("from", from),
         None => Ok(now_unix_ms.div_euclid(1_000)),
     };
-    let to = match (&request.to, &from) {
-        (Some(to), _) => unix_seconds("to", to),
-        (None, Ok(from)) => {
-            Ok(from + i64::from(limits.search_range_days_default) * SECONDS_PER_DAY)
-        }
-        (None, Err(_)) => Err(FieldViolation::new("to", "cannot follow an invalid from")),
-    };
+    let to = request.to.as_ref().map(|to| unix_seconds("to", to));
+    let default_span_s = i64::from(limits.search_range_days_default) * SECONDS_PER_DAY;
     let (from, to) = match (from, to) {
-        (Ok(from), Ok(to)) => (from, to),
-        (Err(from), Ok(_)) => return Err(vec![from]),
-        // A `to` derived from a bad `from` adds nothing to `from`'s own violation.
-        (Err(from), Err(_)) if request.to.is_none() => return Err(vec![from]),
-        (from, to) => return Err(from.err().into_iter().chain(to.err()).collect()),
+        (Ok(from), None) => (from, from + default_span_s),
+        (Ok(from), Some(Ok(to))) => (from, to),
+        (from, to) => {
+            let to = to.and_then(Result::err);
+            return Err(from.err().into_iter().chain(to).collect());
+        }
     };
     if to <= from {
         return Err(vec![FieldViolation::new("to", "must be after from")]);
@@ -525,20 +521,15 @@ fn row_schedule(
         &crate::config::schedule_bounds(limits),
     );
     if !row.weekdays.is_empty() {
-        return schedule.map_err(IntoViolations::into_violations);
+        return schedule;
     }
     // No weekdays: say so once, in the file's own terms.
     let mut violations = vec![FieldViolation::new(
         "weekdays",
         "must list at least one ISO weekday 1 (Monday) to 7 (Sunday)",
     )];
-    if let Err(error) = schedule {
-        violations.extend(
-            error
-                .into_violations()
-                .into_iter()
-                .filter(|v| v.field != "opening_hours"),
-        );
+    if let Err(found) = schedule {
+        violations.extend(found.into_iter().filter(|v| v.field != "opening_hours"));
     }
     Err(violations)
 }
@@ -549,12 +540,17 @@ pub fn import_row(
     row: proto::CapacityRow,
     limits: &Limits,
 ) -> Result<ImportRow, Vec<FieldViolation>> {
+    // `site_from_proto` refuses only with field violations; anything else names the site.
+    let site = site_from_proto(row.site.clone(), limits).map_err(|error| match error {
+        DomainError::Invalid(violations) => violations,
+        other => vec![FieldViolation::new("site", other.to_string())],
+    });
     let checked = (
-        site_from_proto(row.site.clone(), limits),
+        site,
         service_id("service_id", &row.service_id, limits),
         row_schedule(&row, limits),
     )
-        .all_valid();
+        .checked();
     match checked {
         Ok((site, service_id, schedule)) => Ok(ImportRow {
             line: row.line,
@@ -562,9 +558,9 @@ pub fn import_row(
             service_id,
             schedule,
         }),
-        Err(error) => {
+        Err(violations) => {
             let mut found: Vec<FieldViolation> = Vec::new();
-            for violation in error.into_violations() {
+            for violation in violations {
                 let field = format!("rows[{}].{}", row.line, row_column(&violation.field));
                 let renamed = FieldViolation::new(field, violation.description);
                 if !found.contains(&renamed) {

@@ -16,6 +16,8 @@ pub async fn detached<T: Send + 'static>(
 ) -> Result<Result<T, ServiceError>, Status> {
     tokio::spawn(work).await.map_err(|join_error| {
         tracing::error!(%join_error, "a mutation task failed");
-        Status::internal("the request failed inside the server; retry with the same request_id")
+        Status::internal(
+            "the request failed inside the server; retry it (with the same request_id, if it has one)",
+        )
     })
 }

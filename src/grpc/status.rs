@@ -131,6 +131,9 @@ fn classify(error: &ServiceError) -> Answer {
         ServiceError::Recovering => {
             Answer::new(Unavailable, "RECOVERING").retry_after(RECOVERING_RETRY_DELAY)
         }
+        ServiceError::Busy(_) => {
+            Answer::new(Unavailable, "OVERLOADED").retry_after(RECOVERING_RETRY_DELAY)
+        }
     }
 }
 

@@ -224,7 +224,9 @@ async fn settle_admissions(slots: &[Arc<Slot>]) -> Result<(), ServiceError> {
         tokio::time::sleep(CLOSE_SETTLE_POLL).await;
     }
     // Their commits are stuck (a stalled disk): refuse the closure, retry later.
-    Err(StoreError::Overloaded.into())
+    Err(ServiceError::Busy(
+        "bookings of these slots are still being written; retry the closure",
+    ))
 }
 
 impl From<CloseOutcome> for AuthorityOutcome {
@@ -314,7 +316,8 @@ impl Engine {
             .ok_or(ServiceError::Domain(DomainError::NotFound(Missing::Site)))
     }
 
-    /// Creates the schedule's missing slots and updates changed ones, all or nothing.
+    /// Creates the schedule's missing slots and updates changed ones, all or nothing
+    /// (but see `commit_in_chunks` for a publication larger than one commit).
     pub async fn publish_schedule(
         &self,
         site_id: &SiteId,
@@ -434,8 +437,10 @@ impl Engine {
     /// Commits authority writes in chunks of `commit_batch_writes_max`: one huge batch
     /// makes sled hold several times its size in memory. A write that needs more than
     /// one chunk is journaled (see `ApplyJournal`), and a full queue is waited out
-    /// rather than refused half-way. Memory is updated by the caller only after the
-    /// last chunk is durable.
+    /// (bounded) rather than refused half-way; if it stays full past the first chunk,
+    /// the write fails as `PartlyApplied` (a prefix is durable; re-running the
+    /// idempotent import or publication completes it). Memory is updated by the caller
+    /// only after the last chunk is durable.
     async fn commit_in_chunks(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let chunk = self.limits.commit_batch_writes_max;
         if writes.len() <= chunk {
@@ -579,14 +584,21 @@ impl Engine {
         for slot in &slots {
             slot.counter.close();
         }
-        if let Err(error) = settle_admissions(&slots).await {
-            for slot in &slots {
-                slot.counter.reopen();
-            }
-            return Err(error);
-        }
         let keys: HashSet<SlotKey> = slots.iter().map(|slot| slot.key.clone()).collect();
-        let confirmed = self.confirmed_bookings_in(keys.clone()).await?;
+        let settled = match settle_admissions(&slots).await {
+            Ok(()) => self.confirmed_bookings_in(keys.clone()).await,
+            Err(error) => Err(error),
+        };
+        let confirmed = match settled {
+            Ok(confirmed) => confirmed,
+            Err(error) => {
+                // Nothing was written: the slots are open again, as on disk.
+                for slot in &slots {
+                    slot.counter.reopen();
+                }
+                return Err(error);
+            }
+        };
         let closure = self.claim_closure(slots, confirmed, &keys, &command.reason);
         self.commit_closure(closure, &command, request, actor).await
     }

@@ -22,4 +22,8 @@ pub enum ServiceError {
     Shed,
     #[error("the server is starting: it is rebuilding its state from the store")]
     Recovering,
+    /// Work this request must wait for did not finish in time (e.g. a closure waiting
+    /// for admissions whose writes a stalled disk holds up); nothing was changed.
+    #[error("busy: {0}")]
+    Busy(&'static str),
 }

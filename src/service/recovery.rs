@@ -2,16 +2,15 @@
 //! stored bookings, and refuses to start if what is stored breaks an invariant.
 
 use std::str::FromStr;
+use std::sync::{Mutex, RwLock};
 
 use chrono_tz::Tz;
 
+use crate::config::Config;
 use crate::domain::booking::{Booking, BookingState};
 use crate::domain::catalog::{Catalog, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::hold::{HoldState, LiveHolds};
-use std::sync::{Mutex, RwLock};
-
-use crate::config::Config;
 use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
 use crate::service::clock::Clock;
 use crate::service::engine::Engine;
