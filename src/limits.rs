@@ -60,6 +60,10 @@ pub struct Limits {
     pub hold_ttl_seconds_max: u32,
     /// How often the sweeper returns the places of expired holds.
     pub hold_sweep_interval_ms: u64,
+    /// Longest a `CloseSlots` waits for bookings already admitted to its slots to be
+    /// written (a stalled disk holds them up) before it reopens them and answers
+    /// UNAVAILABLE / OVERLOADED, so the authority lock is never held without bound.
+    pub close_settle_wait_ms: u64,
     /// Most holds one sweep expires (one group commit); the rest wait for the next tick.
     pub hold_sweep_batch_max: usize,
     /// Most rows in one `ImportCapacity` stream.
@@ -128,6 +132,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     hold_ttl_seconds_default: 300,
     hold_ttl_seconds_max: 1_800,
     hold_sweep_interval_ms: 250,
+    close_settle_wait_ms: 10_000,
     hold_sweep_batch_max: 4_096,
     import_rows_max: 200_000,
     import_slots_max: 2_000_000,
@@ -236,6 +241,10 @@ impl Limits {
         need(
             l.hold_sweep_interval_ms >= 10,
             "hold_sweep_interval_ms must be at least 10",
+        );
+        need(
+            l.close_settle_wait_ms >= 10,
+            "close_settle_wait_ms must be at least 10",
         );
         need(
             l.hold_sweep_batch_max >= 1 && l.import_errors_reported_max >= 1,

@@ -19,6 +19,7 @@ use common::*;
 use prenota::proto::booking_service_client::BookingServiceClient;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_types::StatusExt;
 
 /// Builds the shim into `dir` and returns its path.
 fn build_shim(dir: &Path) -> PathBuf {
@@ -174,5 +175,97 @@ async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
     .await;
     let bookings = export_all(channel).await;
     assert_eq!(bookings.len(), 3, "{bookings:?}");
+    server.terminate();
+}
+
+/// A closure waits for bookings already admitted to its slots, but not without bound:
+/// held up by a stalled disk past `close_settle_wait_ms`, it closes nothing, reopens
+/// its slots and answers OVERLOADED; once the disk is back it closes and cancels them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closure_stalled_behind_a_held_fdatasync_gives_up_and_closes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = build_shim(dir.path());
+    let control = dir.path().join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    let mut server = ChildServer::start_recovering(
+        &dir.path().join("data"),
+        ChildOptions {
+            env: vec![
+                ("LD_PRELOAD".into(), library.display().to_string()),
+                (
+                    "PRENOTA_FSYNC_SHIM_DIR".into(),
+                    control.display().to_string(),
+                ),
+                ("PRENOTA_LIMITS_CLOSE_SETTLE_WAIT_MS".into(), "300".into()),
+            ],
+            ..ChildOptions::default()
+        },
+    );
+    server.wait_serving();
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "stalled", "r", 10).await;
+    let slot = search_all(
+        &mut BookingServiceClient::new(channel.clone()),
+        "stalled",
+        "vax",
+    )
+    .await
+    .remove(0);
+    let close = prenota::proto::CloseSlotsRequest {
+        site_id: "stalled".into(),
+        service_id: None,
+        from: slot.start,
+        to: slot.end,
+        reason: "the nurse is ill".into(),
+        request_id: String::new(),
+    };
+
+    // A booking admitted, its commit held in fdatasync.
+    std::fs::write(control.join("gate"), b"").unwrap();
+    let mut client = BookingServiceClient::new(channel.clone());
+    let booking = tokio::spawn(async move {
+        client
+            .book(book_request(&slot_id, "citizen-stalled", "stalled"))
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !control.join("waiting").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the commit never reached fdatasync"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut capacity =
+        prenota::proto::capacity_service_client::CapacityServiceClient::new(channel.clone());
+    let refused =
+        tokio::time::timeout(Duration::from_secs(10), capacity.close_slots(close.clone()))
+            .await
+            .expect("the closure does not wait on a stalled disk for ever")
+            .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason(&refused).as_deref(), Some("OVERLOADED"));
+    let retry = refused
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay);
+    assert!(retry.is_some(), "the refusal says when to retry");
+
+    // The disk is back: the booking is acknowledged, the slot was reopened, and the
+    // closure now closes it and cancels the booking.
+    std::fs::remove_file(control.join("gate")).unwrap();
+    let booked = tokio::time::timeout(Duration::from_secs(10), booking)
+        .await
+        .expect("answered once fdatasync returned")
+        .unwrap();
+    assert!(booked.is_ok(), "{booked:?}");
+    let after = search_all(
+        &mut BookingServiceClient::new(channel.clone()),
+        "stalled",
+        "vax",
+    )
+    .await;
+    assert!(!after[0].closed, "a refused closure leaves its slot open");
+    let closed = capacity.close_slots(close).await.unwrap().into_inner();
+    assert_eq!((closed.slots_closed, closed.cancelled_bookings), (1, 1));
     server.terminate();
 }

@@ -446,6 +446,13 @@ mod tests {
         }
     }
 
+    /// Each case's outcome (`reason`) against the one wanted.
+    fn check_table(cases: &[(String, &str)]) {
+        for (index, (got, want)) in cases.iter().enumerate() {
+            assert_eq!(got, want, "case {index}");
+        }
+    }
+
     #[test]
     fn booking_and_holding_refuse_a_started_slot_only() {
         let future = slot("vax", NOW / 1_000 + 1);
@@ -468,9 +475,7 @@ mod tests {
                 "SlotStarted",
             ),
         ];
-        for (index, (got, want)) in cases.iter().enumerate() {
-            assert_eq!(got, want, "case {index}");
-        }
+        check_table(&cases);
     }
 
     #[test]
@@ -522,9 +527,7 @@ mod tests {
                 "OK",
             ),
         ];
-        for (index, (got, want)) in cases.iter().enumerate() {
-            assert_eq!(got, want, "case {index}");
-        }
+        check_table(&cases);
     }
 
     #[test]
@@ -584,9 +587,7 @@ mod tests {
                 "NotFound",
             ),
         ];
-        for (index, (got, want)) in cases.iter().enumerate() {
-            assert_eq!(got, want, "case {index}");
-        }
+        check_table(&cases);
     }
 
     #[test]

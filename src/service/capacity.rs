@@ -51,10 +51,9 @@ pub struct CloseOutcome {
 const CHUNK_QUEUE_WAIT: Duration = Duration::from_millis(10);
 const CHUNK_QUEUE_WAITS_MAX: u32 = 500;
 
-/// How often, and how many times, a closure checks that admissions already under way
-/// have settled (each settles once its group commit is durable) before giving up.
+/// How often a closure checks that admissions already under way have settled (each
+/// settles once its group commit is durable); it waits `close_settle_wait_ms` at most.
 const CLOSE_SETTLE_POLL: Duration = Duration::from_millis(1);
-const CLOSE_SETTLE_POLLS_MAX: u32 = 10_000;
 
 /// What a closure changes: the slots it closes, the bookings it cancels (claimed) and
 /// the live holds it expires (taken), all stamped `now_ms`.
@@ -213,8 +212,9 @@ fn close_detail(command: &CloseCommand, outcome: CloseOutcome) -> String {
 
 /// Waits (bounded) until admissions that passed the counters before they closed have
 /// settled: then every booking and hold of these slots is in the store or live.
-async fn settle_admissions(slots: &[Arc<Slot>]) -> Result<(), ServiceError> {
-    for _ in 0..CLOSE_SETTLE_POLLS_MAX {
+async fn settle_admissions(slots: &[Arc<Slot>], wait: Duration) -> Result<(), ServiceError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < deadline {
         if slots
             .iter()
             .all(|slot| slot.counter.snapshot().pending == 0)
@@ -585,7 +585,8 @@ impl Engine {
             slot.counter.close();
         }
         let keys: HashSet<SlotKey> = slots.iter().map(|slot| slot.key.clone()).collect();
-        let settled = match settle_admissions(&slots).await {
+        let wait = Duration::from_millis(self.limits.close_settle_wait_ms);
+        let settled = match settle_admissions(&slots, wait).await {
             Ok(()) => self.confirmed_bookings_in(keys.clone()).await,
             Err(error) => Err(error),
         };
