@@ -77,6 +77,9 @@ pub struct Limits {
     /// Booking attempts (Book, HoldSlot, RescheduleBooking) one citizen may make per
     /// minute, in a burst or spread out; 0 turns the limit off.
     pub rate_citizen_attempts_per_min: u32,
+    /// Reads of a citizen's bookings (GetBooking, ListCitizenBookings) one citizen may
+    /// make per minute, in a burst or spread out; 0 turns the limit off.
+    pub rate_citizen_reads_per_min: u32,
     /// Requests one token may make per second (burst the same); 0 turns the limit off.
     pub rate_token_requests_per_s: u32,
     /// How often the per-citizen limiter forgets citizens who are back to a full quota.
@@ -139,6 +142,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     import_errors_reported_max: 100,
     close_reason_length_max: 200,
     rate_citizen_attempts_per_min: 120,
+    rate_citizen_reads_per_min: 60,
     rate_token_requests_per_s: 0,
     rate_limiter_retain_interval_ms: 10_000,
     in_flight_requests_max: 4_096,

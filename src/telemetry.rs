@@ -23,7 +23,7 @@ pub const HOLDS: &str = "prenota_holds_total";
 pub const HOLDS_EXPIRED: &str = "prenota_holds_expired_total";
 /// Live holds right now.
 pub const HOLDS_LIVE: &str = "prenota_holds_live";
-/// Requests refused by a rate limiter, by `limiter` (`citizen`, `token`).
+/// Requests refused by a rate limiter, by `limiter` (`citizen`, `citizen_reads`, `token`).
 pub const RATE_LIMITED: &str = "prenota_rate_limited_total";
 /// Keys a rate limiter tracks, by `limiter`.
 pub const RATE_LIMITER_KEYS: &str = "prenota_rate_limiter_keys";

@@ -60,6 +60,7 @@ async fn a_citizen_bursting_past_the_limit_waits_and_keeps_its_booking() {
     let kept = client
         .get_booking(proto::GetBookingRequest {
             booking_id: booking.booking_id.clone(),
+            citizen_id: "eager".into(),
         })
         .await
         .unwrap()

@@ -76,23 +76,18 @@ async fn one_citizen_racing_itself_gets_exactly_one_booking() {
         tasks.push(tokio::spawn(async move { client.book(request).await }));
     }
     let mut winners = Vec::new();
-    let mut pointed_at = HashSet::new();
     for task in tasks {
         match task.await.unwrap() {
             Ok(response) => winners.push(response.into_inner().booking.unwrap().booking_id),
             Err(status) => {
                 assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
                 assert_eq!(reason(&status).as_deref(), Some("CITIZEN_ALREADY_BOOKED"));
-                pointed_at.insert(metadata(&status, "booking_id").expect("booking_id metadata"));
+                // No oracle: the refusal does not say where the citizen is booked.
+                assert_eq!(metadata(&status, "booking_id"), None);
             }
         }
     }
     assert_eq!(winners.len(), 1, "exactly one attempt books");
-    assert_eq!(
-        pointed_at.into_iter().collect::<Vec<_>>(),
-        winners,
-        "refusals name the winner"
-    );
     assert_eq!(site_stats(&server, "race").await.booked, 1);
     server.stop().await;
 }
@@ -218,6 +213,7 @@ async fn cancel_returns_the_seat() {
     let fetched = client
         .get_booking(proto::GetBookingRequest {
             booking_id: booking.booking_id,
+            citizen_id: "citizen-a".into(),
         })
         .await
         .unwrap()

@@ -364,10 +364,11 @@ async fn closing_a_day_cancels_its_bookings_with_the_reason() {
         .unwrap_err();
     assert_eq!(reason(&status).as_deref(), Some("REQUEST_ID_REUSED"));
 
-    for cancelled in &on_day_one {
+    for (cancelled, citizen) in on_day_one.iter().zip(["a", "b", "c"]) {
         let stored = booking
             .get_booking(proto::GetBookingRequest {
                 booking_id: cancelled.booking_id.clone(),
+                citizen_id: citizen.into(),
             })
             .await
             .unwrap()

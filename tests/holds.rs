@@ -258,6 +258,7 @@ async fn racing_reschedules_into_one_last_seat_have_one_winner() {
             let old = client
                 .get_booking(proto::GetBookingRequest {
                     booking_id: booked[index].booking_id.clone(),
+                    citizen_id: citizens[index].clone(),
                 })
                 .await
                 .unwrap()

@@ -210,6 +210,7 @@ async fn bad_bookings_and_searches_are_refused_and_change_nothing() {
     let bad_id = booking
         .get_booking(proto::GetBookingRequest {
             booking_id: "not-hex".into(),
+            citizen_id: "someone".into(),
         })
         .await
         .unwrap_err();
@@ -217,6 +218,7 @@ async fn bad_bookings_and_searches_are_refused_and_change_nothing() {
     let unknown_booking = booking
         .get_booking(proto::GetBookingRequest {
             booking_id: "0".repeat(32),
+            citizen_id: "someone".into(),
         })
         .await
         .unwrap_err();

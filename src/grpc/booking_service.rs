@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::domain::error::DomainError;
 use crate::grpc::detached::detached;
 use crate::grpc::{convert, status};
 use crate::proto;
@@ -127,9 +126,9 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::GetBookingRequest>,
     ) -> Result<Response<proto::GetBookingResponse>, Status> {
-        let booking_id =
-            convert::booking_id(&request.into_inner().booking_id).map_err(DomainError::from)?;
-        let view = self.engine.booking(booking_id)?;
+        let (booking_id, citizen_id) =
+            convert::get_booking_from_proto(request.into_inner(), self.engine.limits())?;
+        let view = self.engine.citizen_booking(booking_id, &citizen_id)?;
         Ok(Response::new(proto::GetBookingResponse {
             booking: Some(convert::booking_to_proto(&view)),
         }))

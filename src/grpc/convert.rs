@@ -390,6 +390,18 @@ pub fn hold_from_proto(
     })
 }
 
+/// What `GetBooking` asks for: the booking and its citizen.
+pub fn get_booking_from_proto(
+    request: proto::GetBookingRequest,
+    limits: &Limits,
+) -> Result<(BookingId, String), DomainError> {
+    (
+        booking_id(&request.booking_id),
+        citizen_id(&request.citizen_id, limits),
+    )
+        .all_valid()
+}
+
 pub fn cancel_from_proto(
     request: proto::CancelBookingRequest,
     limits: &Limits,

@@ -89,8 +89,10 @@ fn classify(error: &ServiceError) -> Answer {
             DomainError::SlotFull(slot) => {
                 Answer::new(FailedPrecondition, "SLOT_FULL").with("slot_id", slot)
             }
-            DomainError::CitizenAlreadyBooked { booking_id } => {
-                Answer::new(AlreadyExists, "CITIZEN_ALREADY_BOOKED").with("booking_id", booking_id)
+            // No booking id: it would tell whoever knows a citizen's id where they are
+            // booked (ListCitizenBookings, as the citizen, finds it).
+            DomainError::CitizenAlreadyBooked { .. } => {
+                Answer::new(AlreadyExists, "CITIZEN_ALREADY_BOOKED")
             }
             DomainError::NotFound(Missing::Site) => Answer::new(NotFound, "SITE_NOT_FOUND"),
             DomainError::NotFound(Missing::Slot) => Answer::new(NotFound, "SLOT_NOT_FOUND"),

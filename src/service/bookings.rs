@@ -49,7 +49,7 @@ impl Engine {
     /// Books one place. Run it in its own task: it must finish even if the client goes away.
     pub async fn book(&self, command: BookCommand) -> Result<BookingView, ServiceError> {
         let citizen = self.hasher.hash(&command.citizen_id);
-        self.count_attempt(&citizen)?;
+        self.count_attempt_on(&citizen, &command.slot)?;
         let slot_text = command.slot.to_string();
         let hold_text = command.hold_id.map(|id| id.to_string()).unwrap_or_default();
         let fingerprint = RequestFingerprint::of(&[
@@ -167,7 +167,7 @@ impl Engine {
         command: RescheduleCommand,
     ) -> Result<BookingView, ServiceError> {
         let citizen = self.hasher.hash(&command.citizen_id);
-        self.count_attempt(&citizen)?;
+        self.count_attempt_on(&citizen, &command.new_slot)?;
         let booking_text = command.booking_id.to_string();
         let slot_text = command.new_slot.to_string();
         let fingerprint = RequestFingerprint::of(&[
@@ -202,6 +202,7 @@ impl Engine {
         query: &CitizenBookingsQuery,
     ) -> Result<CitizenBookingsPage, ServiceError> {
         let citizen = self.hasher.hash(&query.citizen_id);
+        self.count_read(&citizen)?;
         let mut page = CitizenBookingsPage {
             bookings: Vec::new(),
             next_after: None,

@@ -59,6 +59,8 @@ pub struct Engine {
     pub(super) citizen_hash_key: [u8; 32],
     /// Booking attempts per citizen.
     pub(super) attempts: rate_limits::CitizenLimiter,
+    /// Reads of a citizen's bookings (GetBooking, ListCitizenBookings) per citizen.
+    pub(super) reads: rate_limits::CitizenLimiter,
     /// Serialises authority writes (sites, schedules, imports, capacities, closures)
     /// so their plan and apply steps see no other authority write in between. Never
     /// taken by bookings.
@@ -92,9 +94,31 @@ impl Engine {
         })
     }
 
-    /// Forgets citizens whose quota has refilled; returns how many are still tracked.
+    /// Counts a booking attempt only on a slot that exists: a made-up slot id cannot
+    /// burn a citizen's quota. (An unknown slot is refused later, in the usual order.)
+    pub(super) fn count_attempt_on(
+        &self,
+        citizen: &CitizenKey,
+        slot: &SlotKey,
+    ) -> Result<(), ServiceError> {
+        match self.slot(slot) {
+            Ok(_) => self.count_attempt(citizen),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Counts one read of this citizen's bookings against its per-minute quota.
+    pub(super) fn count_read(&self, citizen: &CitizenKey) -> Result<(), ServiceError> {
+        self.reads.check(citizen).map_err(|retry_after| {
+            metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => "citizen_reads")
+                .increment(1);
+            ServiceError::RateLimited { retry_after }
+        })
+    }
+
+    /// Forgets citizens whose quotas have refilled; returns how many are still tracked.
     pub fn retain_rate_limits(&self) -> usize {
-        self.attempts.retain()
+        self.attempts.retain() + self.reads.retain()
     }
 
     pub fn limits(&self) -> &Limits {
@@ -175,8 +199,21 @@ impl Engine {
             .ok_or(DomainError::NotFound(Missing::Booking))?)
     }
 
-    pub fn booking(&self, booking_id: BookingId) -> Result<BookingView, ServiceError> {
-        self.view(self.stored_booking(booking_id)?)
+    /// The citizen's own booking; another citizen's is `NOT_FOUND` (ids are not
+    /// confirmed to strangers). Counted against the citizen's read quota.
+    pub fn citizen_booking(
+        &self,
+        booking_id: BookingId,
+        citizen_id: &str,
+    ) -> Result<BookingView, ServiceError> {
+        let citizen = self.hasher.hash(citizen_id);
+        self.count_read(&citizen)?;
+        let booking = self
+            .store
+            .booking(citizen.tag(), booking_id)?
+            .filter(|booking| booking.citizen == citizen)
+            .ok_or(DomainError::NotFound(Missing::Booking))?;
+        self.view(booking)
     }
 
     /// Runs `work` once per `request_id`: a retry gets the first outcome back (through

@@ -25,7 +25,7 @@ impl Engine {
     /// Holds one place for `ttl_seconds`. Run it in its own task, like `book`.
     pub async fn hold(&self, command: HoldCommand) -> Result<Hold, ServiceError> {
         let citizen = self.hasher.hash(&command.citizen_id);
-        self.count_attempt(&citizen)?;
+        self.count_attempt_on(&citizen, &command.slot)?;
         let slot_text = command.slot.to_string();
         let fingerprint = RequestFingerprint::of(&[
             b"hold",
