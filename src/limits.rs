@@ -58,6 +58,9 @@ pub struct Limits {
     pub hold_ttl_seconds_default: u32,
     /// Longest hold a client may ask for.
     pub hold_ttl_seconds_max: u32,
+    /// At most max(1, ⌊capacity × this / 100⌋) places of a slot may be held at once;
+    /// beyond it HoldSlot answers HOLD_LIMIT_REACHED (Book still works).
+    pub held_share_of_capacity_max_percent: u32,
     /// How often the sweeper returns the places of expired holds.
     pub hold_sweep_interval_ms: u64,
     /// Longest a `CloseSlots` waits for bookings already admitted to its slots to be
@@ -133,7 +136,8 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     export_channel_depth: 256,
     message_size_bytes_max: 4 * 1024 * 1024,
     hold_ttl_seconds_default: 300,
-    hold_ttl_seconds_max: 1_800,
+    hold_ttl_seconds_max: 600,
+    held_share_of_capacity_max_percent: 50,
     hold_sweep_interval_ms: 250,
     close_settle_wait_ms: 10_000,
     hold_sweep_batch_max: 4_096,
@@ -245,6 +249,11 @@ impl Limits {
         need(
             l.hold_sweep_interval_ms >= 10,
             "hold_sweep_interval_ms must be at least 10",
+        );
+        need(
+            l.held_share_of_capacity_max_percent >= 1
+                && l.held_share_of_capacity_max_percent <= 100,
+            "held_share_of_capacity_max_percent must be between 1 and 100",
         );
         need(
             l.close_settle_wait_ms >= 10,

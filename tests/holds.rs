@@ -389,3 +389,101 @@ async fn a_hold_that_expires_while_the_server_is_down_is_expired_after_the_resta
     book_ok(&mut server.booking().await, book_request(&slot, "bob", "b")).await;
     server.stop().await;
 }
+
+/// Hoarding with made-up citizen ids (#13): at most half of a slot's places (by
+/// default) may be held at once; a citizen who books directly still gets a place, and
+/// a confirmed or expired hold frees its share. Holds last at most 600 s by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_citizens_can_hold_only_a_share_of_a_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), swept_by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "hoard", 10).await;
+    let mut client = server.booking().await;
+    let mut holds = Vec::new();
+    for bot in 0..5 {
+        let citizen = format!("bot-{bot}");
+        holds.push(hold_ok(&mut client, hold_request(&slot, &citizen, &citizen, 60)).await);
+    }
+    let status = client
+        .hold_slot(hold_request(&slot, "bot-5", "bot-5", 60))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&status).as_deref(), Some("HOLD_LIMIT_REACHED"));
+    assert_eq!(metadata(&status, "slot_id").as_deref(), Some(slot.as_str()));
+    assert_eq!(
+        remaining(&server, "hoard").await,
+        5,
+        "the refused hold took nothing"
+    );
+
+    // A real citizen books directly; a confirmed hold frees its share.
+    book_ok(&mut client, book_request(&slot, "citizen", "c1")).await;
+    let mut confirm = book_request(&slot, "bot-0", "bot-0-book");
+    confirm.hold_id = Some(holds[0].hold_id.clone());
+    book_ok(&mut client, confirm).await;
+    hold_ok(&mut client, hold_request(&slot, "bot-6", "bot-6", 60)).await;
+    // Expired holds free theirs.
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(server.sweep_holds().await, 5);
+    hold_ok(&mut client, hold_request(&slot, "bot-7", "bot-7", 60)).await;
+
+    let too_long = client
+        .hold_slot(hold_request(&slot, "bot-8", "bot-8", 601))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&too_long), ["ttl_seconds"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_of_one_place_can_still_be_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let slot = one_slot_site(&server, "single", 1).await;
+    let mut client = server.booking().await;
+    hold_ok(&mut client, hold_request(&slot, "alice", "a", 60)).await;
+    server.stop().await;
+}
+
+/// Racing bots get exactly the held share, and it still holds after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_holds_get_exactly_the_share_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let slot = one_slot_site(&server, "race-hold", 10).await;
+    let client = server.booking().await;
+    let racers: Vec<_> = (0..32)
+        .map(|bot| {
+            let (mut client, slot) = (client.clone(), slot.clone());
+            tokio::spawn(async move {
+                let citizen = format!("racer-{bot}");
+                client
+                    .hold_slot(hold_request(&slot, &citizen, &citizen, 300))
+                    .await
+            })
+        })
+        .collect();
+    let mut held = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            Ok(_) => held += 1,
+            Err(status) => {
+                assert_eq!(reason(&status).as_deref(), Some("HOLD_LIMIT_REACHED"))
+            }
+        }
+    }
+    assert_eq!(held, 5);
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    let status = server
+        .booking()
+        .await
+        .hold_slot(hold_request(&slot, "late", "late", 300))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("HOLD_LIMIT_REACHED"));
+    server.stop().await;
+}

@@ -146,6 +146,7 @@ fn reason(error: &ServiceError) -> &'static str {
         ServiceError::Domain(DomainError::SlotClosed(_)) => "SLOT_CLOSED",
         ServiceError::Domain(DomainError::CitizenAlreadyBooked { .. }) => "CITIZEN_ALREADY_BOOKED",
         ServiceError::Domain(DomainError::HoldExpired) => "HOLD_EXPIRED",
+        ServiceError::Domain(DomainError::HoldLimitReached(_)) => "HOLD_LIMIT_REACHED",
         ServiceError::Domain(DomainError::NotFound(Missing::Hold)) => "HOLD_NOT_FOUND",
         ServiceError::Domain(DomainError::NotFound(Missing::Booking)) => "BOOKING_NOT_FOUND",
         ServiceError::Domain(DomainError::BookingNotActive(_)) => "BOOKING_NOT_ACTIVE",
@@ -293,7 +294,18 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
         }
         Op::Hold { citizen, slot } => {
             let (_, request) = h.request();
-            let expected = m.admission(citizen, slot);
+            let held = m
+                .holds
+                .iter()
+                .filter(|h| h.2 == slot && h.3 == HoldState::Live)
+                .count() as u32;
+            let share = config().limits.held_share_of_capacity_max_percent;
+            let expected = m.admission(citizen, slot).and_then(|()| {
+                match held < prenota::domain::hold::held_max(m.capacity[slot], share) {
+                    true => Ok(()),
+                    false => Err("HOLD_LIMIT_REACHED"),
+                }
+            });
             let got = engine
                 .hold(HoldCommand {
                     slot: h.slots[slot].clone(),

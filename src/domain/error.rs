@@ -28,6 +28,8 @@ pub enum DomainError {
     SlotClosed(SlotKey),
     #[error("the hold has expired; its place went back to the slot")]
     HoldExpired,
+    #[error("slot {0} has as many places held as it allows at once; book it directly")]
+    HoldLimitReached(SlotKey),
     #[error("slot {0} has already started")]
     SlotStarted(SlotKey),
     #[error("booking {0} is not active")]

@@ -47,6 +47,16 @@ pub enum NotConfirmable {
 pub struct LiveHolds {
     by_id: HashMap<HoldId, Hold>,
     by_expiry: BTreeSet<(i64, HoldId)>,
+    /// Per slot: live holds plus holds being written (reserved, not yet live). Bounds
+    /// how many places of a slot may be held at once (anti-hoarding).
+    held_by_slot: HashMap<SlotKey, u32>,
+}
+
+/// At most this many places of a slot of `capacity` may be held at once:
+/// max(1, ⌊capacity × percent / 100⌋).
+pub fn held_max(capacity: u32, percent: u32) -> u32 {
+    let share = u64::from(capacity) * u64::from(percent) / 100;
+    u32::try_from(share).unwrap_or(u32::MAX).max(1)
 }
 
 impl LiveHolds {
@@ -62,15 +72,48 @@ impl LiveHolds {
         self.by_id.get(&hold_id)
     }
 
+    /// A live hold (recovered, or given back after a write that never happened).
     pub fn insert(&mut self, hold: Hold) {
+        *self.held_by_slot.entry(hold.slot.clone()).or_insert(0) += 1;
+        self.insert_reserved(hold);
+    }
+
+    /// A new live hold whose share was reserved (`reserve_share`) before its write.
+    pub fn insert_reserved(&mut self, hold: Hold) {
+        debug_assert!(self
+            .held_by_slot
+            .get(&hold.slot)
+            .is_some_and(|held| *held >= 1));
         self.by_expiry
             .insert((hold.expires_at_unix_ms, hold.hold_id));
         self.by_id.insert(hold.hold_id, hold);
     }
 
+    /// Reserves one of the `max` places of `slot` that may be held at once; false when
+    /// they are all held (or being written).
+    pub fn reserve_share(&mut self, slot: &SlotKey, max: u32) -> bool {
+        let held = self.held_by_slot.entry(slot.clone()).or_insert(0);
+        if *held >= max {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// Gives back a reservation (or a live hold's share, when it leaves the live set).
+    pub fn release_share(&mut self, slot: &SlotKey) {
+        if let Some(held) = self.held_by_slot.get_mut(slot) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.held_by_slot.remove(slot);
+            }
+        }
+    }
+
     fn remove(&mut self, hold_id: HoldId) -> Option<Hold> {
         let hold = self.by_id.remove(&hold_id)?;
         self.by_expiry.remove(&(hold.expires_at_unix_ms, hold_id));
+        self.release_share(&hold.slot);
         Some(hold)
     }
 

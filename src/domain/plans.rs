@@ -9,7 +9,7 @@
 
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
 use crate::domain::error::{DomainError, Missing};
-use crate::domain::hold::{Hold, HoldState, NotConfirmable};
+use crate::domain::hold::{held_max, Hold, HoldState, NotConfirmable};
 use crate::domain::ids::{BookingId, CitizenKey, ServiceId, SlotKey};
 
 /// The reason written on a booking its citizen cancelled.
@@ -21,6 +21,8 @@ pub const CANCELLED_BY_CITIZEN: &str = "cancelled by citizen";
 pub struct SlotView {
     pub key: SlotKey,
     pub end_unix_s: i64,
+    /// The capacity when the command began (bounds the places that may be held).
+    pub capacity: u32,
 }
 
 /// Taken before the write, in order; a refusal undoes the ones before it.
@@ -51,6 +53,8 @@ pub enum Take {
     /// No place (it is already held), but counted pending until the write settles, so
     /// a closure waits for it.
     Admission(SlotKey),
+    /// One of the `max` places of the slot that may be held at once (anti-hoarding).
+    HeldShare { slot: SlotKey, max: u32 },
 }
 
 /// Done once the write is durable, never before.
@@ -159,13 +163,14 @@ pub fn book(
     })
 }
 
-/// A new hold `id` of a place in `slot` for `ttl_seconds`.
+/// A new hold `id` of a place in `slot` for `ttl_seconds`; at most
+/// `held_share_percent` of the slot's places may be held at once (at least one).
 pub fn hold(
     slot: &SlotView,
     citizen: CitizenKey,
     id: BookingId,
     request: RequestRecord,
-    ttl_seconds: u32,
+    (ttl_seconds, held_share_percent): (u32, u32),
     now_unix_ms: i64,
 ) -> Result<Plan<Hold>, DomainError> {
     check_not_started(&slot.key, now_unix_ms)?;
@@ -186,6 +191,10 @@ pub fn hold(
                 id,
             },
             Take::Place(slot.key.clone()),
+            Take::HeldShare {
+                slot: slot.key.clone(),
+                max: held_max(slot.capacity, held_share_percent),
+            },
         ],
         writes: vec![Record::Hold(hold.clone())],
         free: vec![Free::LiveHold(hold.clone())],
@@ -399,6 +408,7 @@ mod tests {
                 start_unix_s,
             },
             end_unix_s: start_unix_s + 900,
+            capacity: 10,
         }
     }
 
@@ -467,11 +477,25 @@ mod tests {
                 "SlotStarted",
             ),
             (
-                reason(hold(&future, ALICE, BookingId(1), request(1), 60, NOW)),
+                reason(hold(
+                    &future,
+                    ALICE,
+                    BookingId(1),
+                    request(1),
+                    (60, 50),
+                    NOW,
+                )),
                 "OK",
             ),
             (
-                reason(hold(&started, ALICE, BookingId(1), request(1), 60, NOW)),
+                reason(hold(
+                    &started,
+                    ALICE,
+                    BookingId(1),
+                    request(1),
+                    (60, 50),
+                    NOW,
+                )),
                 "SlotStarted",
             ),
         ];
@@ -499,7 +523,15 @@ mod tests {
 
     #[test]
     fn a_hold_expires_after_its_ttl_and_is_live_once_durable() {
-        let plan = hold(&slot("vax", NOW), ALICE, BookingId(3), request(1), 60, NOW).unwrap();
+        let plan = hold(
+            &slot("vax", NOW),
+            ALICE,
+            BookingId(3),
+            request(1),
+            (60, 50),
+            NOW,
+        )
+        .unwrap();
         assert_eq!(plan.answer.expires_at_unix_ms, NOW + 60_000);
         assert_eq!(plan.free, [Free::LiveHold(plan.answer.clone())]);
     }
@@ -624,7 +656,7 @@ mod tests {
         let at = slot("vax", NOW);
         let due: Vec<Hold> = (0..3)
             .map(|id| {
-                hold(&at, ALICE, BookingId(id), request(1), 1, 0)
+                hold(&at, ALICE, BookingId(id), request(1), (1, 50), 0)
                     .map(|plan| plan.answer)
                     .unwrap()
             })
@@ -637,7 +669,7 @@ mod tests {
     #[test]
     fn a_confirmed_hold_keeps_its_place_and_a_lost_hold_says_why() {
         let at = slot("vax", NOW);
-        let live = hold(&at, ALICE, BookingId(5), request(1), 60, 0)
+        let live = hold(&at, ALICE, BookingId(5), request(1), (60, 50), 0)
             .unwrap()
             .answer;
         let plan = confirm_hold(&at, &live, request(2), NOW);

@@ -102,6 +102,9 @@ fn classify(error: &ServiceError) -> Answer {
                 Answer::new(FailedPrecondition, "SLOT_CLOSED").with("slot_id", slot)
             }
             DomainError::HoldExpired => Answer::new(FailedPrecondition, "HOLD_EXPIRED"),
+            DomainError::HoldLimitReached(slot) => {
+                Answer::new(FailedPrecondition, "HOLD_LIMIT_REACHED").with("slot_id", slot)
+            }
             DomainError::SlotStarted(_) => Answer::new(FailedPrecondition, "SLOT_STARTED"),
             DomainError::BookingNotActive(_) => {
                 Answer::new(FailedPrecondition, "BOOKING_NOT_ACTIVE")

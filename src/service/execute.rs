@@ -36,6 +36,7 @@ impl Engine {
         Ok(SlotView {
             key: slot.key.clone(),
             end_unix_s: slot.end_unix_s(),
+            capacity: slot.counter.snapshot().capacity,
         })
     }
 
@@ -138,6 +139,10 @@ impl Engine {
                 .enter()
                 .map(Some)
                 .map_err(|refusal| refused(refusal, key).into()),
+            Take::HeldShare { slot, max } => match self.live_holds().reserve_share(slot, *max) {
+                true => Ok(None),
+                false => Err(DomainError::HoldLimitReached(slot.clone()).into()),
+            },
         }
     }
 
@@ -168,6 +173,7 @@ impl Engine {
                 }
                 // The admission settles when its guard drops.
                 Take::Admission(_) => {}
+                Take::HeldShare { slot, .. } => self.live_holds().release_share(slot),
             }
         }
     }
@@ -182,7 +188,7 @@ impl Engine {
                 self.citizens.release(citizen, &service, id);
             }
             Free::Place(key) => self.return_place(&key),
-            Free::LiveHold(hold) => self.live_holds().insert(hold),
+            Free::LiveHold(hold) => self.live_holds().insert_reserved(hold),
         }
     }
 }

@@ -59,7 +59,11 @@ impl Engine {
         let slot = self.slot_view(&command.slot)?;
         let now_ms = self.now_unix_ms();
         let id = self.ids.mint(citizen);
-        let plan = plans::hold(&slot, citizen, id, request, command.ttl_seconds, now_ms)?;
+        let ttl_and_share = (
+            command.ttl_seconds,
+            self.limits.held_share_of_capacity_max_percent,
+        );
+        let plan = plans::hold(&slot, citizen, id, request, ttl_and_share, now_ms)?;
         self.execute(plan, || {}).await
     }
 
