@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::domain::citizen_id::{CitizenIds, IdScheme};
 use crate::domain::ids::RegionId;
 use crate::domain::schedule::ScheduleBounds;
 pub use crate::limits::{Limits, DEFAULT_LIMITS};
@@ -18,6 +19,14 @@ pub use crate::limits::{Limits, DEFAULT_LIMITS};
 const _: () = assert!(
     crate::limits::CAPACITY_PER_SLOT_CEILING == crate::domain::slot_counter::COUNTER_FIELD_MAX
 );
+
+/// How citizen ids are read: the configured scheme and the length bound.
+pub fn citizen_ids(config: &Config) -> CitizenIds {
+    CitizenIds {
+        scheme: config.citizen_id_scheme,
+        length_max: config.limits.citizen_id_length_max,
+    }
+}
 
 /// The bounds `domain::schedule` checks a schedule against.
 pub fn schedule_bounds(limits: &Limits) -> ScheduleBounds {
@@ -176,12 +185,31 @@ impl ServerSection {
     }
 }
 
+/// `[citizens] id_scheme`, as written in `prenota.toml`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdSchemeName {
+    /// Ids are used exactly as sent.
+    #[default]
+    Opaque,
+    /// Italian fiscal codes, checked and canonicalised.
+    ItFiscalCode,
+}
+
+/// `[citizens]` in `prenota.toml`: how citizens are identified.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CitizensSection {
+    pub id_scheme: IdSchemeName,
+}
+
 /// The whole `prenota.toml`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConfigFile {
     pub server: ServerSection,
     pub limits: Limits,
+    pub citizens: CitizensSection,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenEntry>,
 }
@@ -280,8 +308,13 @@ impl ConfigFile {
         if !problems.is_empty() {
             return Err(problems);
         }
+        let scheme = match self.citizens.id_scheme {
+            IdSchemeName::Opaque => IdScheme::Opaque,
+            IdSchemeName::ItFiscalCode => IdScheme::ItFiscalCode,
+        };
         Ok(Config {
             limits: self.limits.clone(),
+            citizen_id_scheme: scheme,
             citizen_hash_key: None,
             tokens,
             tls: None,
@@ -354,6 +387,8 @@ impl TlsPem {
 #[derive(Clone, Debug, Default)]
 pub struct Config {
     pub limits: Limits,
+    /// How citizen ids are read (`[citizens] id_scheme`).
+    pub citizen_id_scheme: IdScheme,
     /// Key of the citizen-id HMAC. `None`: generated once and kept in the data dir.
     pub citizen_hash_key: Option<[u8; 32]>,
     /// Bearer tokens. None: open mode (loopback only).
@@ -365,6 +400,21 @@ pub struct Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_citizen_id_scheme_is_read_from_the_file() {
+        let file: ConfigFile =
+            toml::from_str("[citizens]\nid_scheme = \"it-fiscal-code\"\n").unwrap();
+        assert_eq!(
+            file.check().unwrap().citizen_id_scheme,
+            IdScheme::ItFiscalCode
+        );
+        assert_eq!(
+            ConfigFile::default().check().unwrap().citizen_id_scheme,
+            IdScheme::Opaque
+        );
+        assert!(toml::from_str::<ConfigFile>("[citizens]\nid_scheme = \"fiscal\"\n").is_err());
+    }
 
     #[test]
     fn a_flag_wins_over_the_file_which_wins_over_the_default() {

@@ -103,3 +103,52 @@ async fn reads_of_a_citizens_bookings_are_limited_per_citizen() {
         .unwrap();
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fiscal_codes_are_one_citizen_whatever_their_case_and_never_with_a_suffix() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        citizen_id_scheme: prenota::domain::citizen_id::IdScheme::ItFiscalCode,
+        ..Config::default()
+    };
+    let server = TestServer::start_with(dir.path(), config).await;
+    let slot = one_slot_site(&server, "clinic", 5).await;
+    let mut client = server.booking().await;
+    book_ok(&mut client, book_request(&slot, "RSSMRA80A01H501U", "r1")).await;
+    for variant in ["rssmra80a01h501u", " RSSMRA80A01H501U "] {
+        let status = client
+            .book(book_request(
+                &slot,
+                variant,
+                &format!("again-{}", variant.trim()),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            reason(&status).as_deref(),
+            Some("CITIZEN_ALREADY_BOOKED"),
+            "{variant:?}"
+        );
+    }
+    for invalid in ["RSSMRA80A01H501U!", "RSSMRA80A01H501A", "someone"] {
+        let status = client
+            .book(book_request(&slot, invalid, "bad"))
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&status), ["citizen_id"], "{invalid:?}");
+    }
+    // An omocodic code is another person, and so is a temporary code.
+    book_ok(&mut client, book_request(&slot, "RSSMRA80A01H50MM", "omo")).await;
+    book_ok(&mut client, book_request(&slot, "12345678903", "temp")).await;
+    let listed = client
+        .list_citizen_bookings(proto::ListCitizenBookingsRequest {
+            citizen_id: "rssmra80a01h501u".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.bookings.len(), 1);
+    assert_eq!(site_stats(&server, "clinic").await.booked, 3);
+    server.stop().await;
+}

@@ -5,6 +5,7 @@
 
 pub mod booking;
 pub mod catalog;
+pub mod citizen_id;
 pub mod citizens;
 pub mod error;
 pub mod field_violation;

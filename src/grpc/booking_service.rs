@@ -94,7 +94,11 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::BookRequest>,
     ) -> Result<Response<proto::BookResponse>, Status> {
-        let command = convert::book_from_proto(request.into_inner(), self.engine.limits())?;
+        let command = convert::book_from_proto(
+            request.into_inner(),
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+        )?;
         let view = self
             .counted(
                 Command::Book,
@@ -110,7 +114,11 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::HoldSlotRequest>,
     ) -> Result<Response<proto::HoldSlotResponse>, Status> {
-        let command = convert::hold_from_proto(request.into_inner(), self.engine.limits())?;
+        let command = convert::hold_from_proto(
+            request.into_inner(),
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+        )?;
         let hold = self
             .counted(
                 Command::Hold,
@@ -127,7 +135,7 @@ impl BookingService for BookingApi {
         request: Request<proto::GetBookingRequest>,
     ) -> Result<Response<proto::GetBookingResponse>, Status> {
         let (booking_id, citizen_id) =
-            convert::get_booking_from_proto(request.into_inner(), self.engine.limits())?;
+            convert::get_booking_from_proto(request.into_inner(), self.engine.citizen_ids())?;
         let view = self.engine.citizen_booking(booking_id, &citizen_id)?;
         Ok(Response::new(proto::GetBookingResponse {
             booking: Some(convert::booking_to_proto(&view)),
@@ -138,7 +146,11 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::CancelBookingRequest>,
     ) -> Result<Response<proto::CancelBookingResponse>, Status> {
-        let command = convert::cancel_from_proto(request.into_inner(), self.engine.limits())?;
+        let command = convert::cancel_from_proto(
+            request.into_inner(),
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+        )?;
         let view = self
             .counted(Command::Cancel, |engine| async move {
                 engine.cancel(command).await
@@ -153,7 +165,11 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::RescheduleBookingRequest>,
     ) -> Result<Response<proto::RescheduleBookingResponse>, Status> {
-        let command = convert::reschedule_from_proto(request.into_inner(), self.engine.limits())?;
+        let command = convert::reschedule_from_proto(
+            request.into_inner(),
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+        )?;
         let view = self
             .counted(Command::Reschedule, |engine| async move {
                 engine.reschedule(command).await
@@ -168,8 +184,11 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::ListCitizenBookingsRequest>,
     ) -> Result<Response<proto::ListCitizenBookingsResponse>, Status> {
-        let query =
-            convert::citizen_bookings_from_proto(request.into_inner(), self.engine.limits())?;
+        let query = convert::citizen_bookings_from_proto(
+            request.into_inner(),
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+        )?;
         let engine = Arc::clone(&self.engine);
         // Reads the store: keep it off the async workers.
         let page = tokio::task::spawn_blocking(move || engine.citizen_bookings(&query))

@@ -11,11 +11,10 @@ use prost_types::Timestamp;
 use crate::config::Limits;
 use crate::domain::booking::BookingState as DomainBookingState;
 use crate::domain::catalog::{SearchQuery, SearchScope, Site, Slot};
+use crate::domain::citizen_id::CitizenIds;
 use crate::domain::error::{AllValid, DomainError, FieldViolation};
 use crate::domain::hold::Hold;
-use crate::domain::ids::{
-    check_opaque_text, BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey,
-};
+use crate::domain::ids::{BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::{Schedule, ScheduleInput};
 use crate::proto;
 use crate::service::{
@@ -88,10 +87,6 @@ pub fn optional_request_key(
         "" => Ok(None),
         value => request_key(value, limits).map(Some),
     }
-}
-
-pub fn citizen_id(value: &str, limits: &Limits) -> Result<String, FieldViolation> {
-    check_opaque_text("citizen_id", value, limits.citizen_id_length_max).map(|()| value.to_string())
 }
 
 pub fn site_id(field: &str, value: &str, limits: &Limits) -> Result<SiteId, FieldViolation> {
@@ -338,10 +333,11 @@ pub fn close_from_proto(
 pub fn book_from_proto(
     request: proto::BookRequest,
     limits: &Limits,
+    ids: &CitizenIds,
 ) -> Result<BookCommand, DomainError> {
     let (slot, citizen_id, request, hold_id) = (
         slot_key("slot_id", &request.slot_id, limits),
-        citizen_id(&request.citizen_id, limits),
+        ids.canonical(&request.citizen_id),
         request_key(&request.request_id, limits),
         optional(request.hold_id.as_deref(), |id| {
             BookingId::parse("hold_id", id)
@@ -374,10 +370,11 @@ fn hold_ttl_seconds(value: u32, limits: &Limits) -> Result<u32, FieldViolation> 
 pub fn hold_from_proto(
     request: proto::HoldSlotRequest,
     limits: &Limits,
+    ids: &CitizenIds,
 ) -> Result<HoldCommand, DomainError> {
     let (slot, citizen_id, request, ttl_seconds) = (
         slot_key("slot_id", &request.slot_id, limits),
-        citizen_id(&request.citizen_id, limits),
+        ids.canonical(&request.citizen_id),
         request_key(&request.request_id, limits),
         hold_ttl_seconds(request.ttl_seconds, limits),
     )
@@ -393,11 +390,11 @@ pub fn hold_from_proto(
 /// What `GetBooking` asks for: the booking and its citizen.
 pub fn get_booking_from_proto(
     request: proto::GetBookingRequest,
-    limits: &Limits,
+    ids: &CitizenIds,
 ) -> Result<(BookingId, String), DomainError> {
     (
         booking_id(&request.booking_id),
-        citizen_id(&request.citizen_id, limits),
+        ids.canonical(&request.citizen_id),
     )
         .all_valid()
 }
@@ -405,10 +402,11 @@ pub fn get_booking_from_proto(
 pub fn cancel_from_proto(
     request: proto::CancelBookingRequest,
     limits: &Limits,
+    ids: &CitizenIds,
 ) -> Result<CancelCommand, DomainError> {
     let (booking_id, citizen_id, request) = (
         booking_id(&request.booking_id),
-        citizen_id(&request.citizen_id, limits),
+        ids.canonical(&request.citizen_id),
         request_key(&request.request_id, limits),
     )
         .all_valid()?;
@@ -422,10 +420,11 @@ pub fn cancel_from_proto(
 pub fn reschedule_from_proto(
     request: proto::RescheduleBookingRequest,
     limits: &Limits,
+    ids: &CitizenIds,
 ) -> Result<RescheduleCommand, DomainError> {
     let (booking_id, citizen_id, new_slot, request) = (
         booking_id(&request.booking_id),
-        citizen_id(&request.citizen_id, limits),
+        ids.canonical(&request.citizen_id),
         slot_key("new_slot_id", &request.new_slot_id, limits),
         request_key(&request.request_id, limits),
     )
@@ -619,9 +618,10 @@ fn booking_page_token(token: &str) -> Result<Option<BookingId>, FieldViolation> 
 pub fn citizen_bookings_from_proto(
     request: proto::ListCitizenBookingsRequest,
     limits: &Limits,
+    ids: &CitizenIds,
 ) -> Result<CitizenBookingsQuery, DomainError> {
     let (citizen_id, service_id, page_size, after) = (
-        citizen_id(&request.citizen_id, limits),
+        ids.canonical(&request.citizen_id),
         optional(request.service_id.as_deref(), |id| {
             service_id("service_id", id, limits)
         }),

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Limits;
 use crate::domain::booking::{Booking, RequestRecord};
 use crate::domain::catalog::{Catalog, SearchPage, SearchQuery, Site, Slot};
+use crate::domain::citizen_id::CitizenIds;
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::LiveHolds;
@@ -61,6 +62,8 @@ pub struct Engine {
     pub(super) attempts: rate_limits::CitizenLimiter,
     /// Reads of a citizen's bookings (GetBooking, ListCitizenBookings) per citizen.
     pub(super) reads: rate_limits::CitizenLimiter,
+    /// How citizen ids are read (the scheme and the length bound).
+    pub(super) citizen_ids: CitizenIds,
     /// Serialises authority writes (sites, schedules, imports, capacities, closures)
     /// so their plan and apply steps see no other authority write in between. Never
     /// taken by bookings.
@@ -123,6 +126,12 @@ impl Engine {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// How citizen ids are read: the handlers canonicalise them before the engine
+    /// hashes them.
+    pub fn citizen_ids(&self) -> &CitizenIds {
+        &self.citizen_ids
     }
 
     /// The engine's clock (the sweeper and the handlers read `now` from it too).

@@ -59,6 +59,7 @@ impl Engine {
             citizen_hash_key: key,
             attempts: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_attempts_per_min),
             reads: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_reads_per_min),
+            citizen_ids: crate::config::citizen_ids(config),
             authority_writes: tokio::sync::Mutex::new(()),
             clock,
             last_audit_unix_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
