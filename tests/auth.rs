@@ -338,3 +338,75 @@ fn without_tokens_a_public_address_is_refused() {
         "refused before touching the store"
     );
 }
+
+/// Request ids are scoped to the token (#13): the same id sent through another token is
+/// another request, so one frontend (or authority) cannot squat another's ids, nor get
+/// another's outcome back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_scoped_to_the_token() {
+    const KIOSK: &str = "kiosk-token-0123456789abcd";
+    let mut config = config();
+    let mut kiosk = config.tokens[0].clone();
+    kiosk.name = "kiosk".into();
+    kiosk.sha256 = token_sha256(KIOSK);
+    config.tokens.push(kiosk);
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config).await;
+    let (_, mut admin) = clients(&server, Some(ADMIN)).await;
+    let (mut web, _) = clients(&server, Some(FRONTEND)).await;
+    let (mut kiosk, _) = clients(&server, Some(KIOSK)).await;
+    admin.upsert_site(site("scoped", "lazio")).await.unwrap();
+    let day = day_ahead(30);
+    admin
+        .publish_schedule(publish_request(
+            "scoped",
+            "vax",
+            (&day, &day),
+            ("10:00", "11:00"),
+            30,
+            5,
+        ))
+        .await
+        .unwrap();
+    let slots = web
+        .search_slots(proto::SearchSlotsRequest {
+            scope: Some(proto::search_slots_request::Scope::SiteId("scoped".into())),
+            service_id: "vax".into(),
+            from: None,
+            to: None,
+            only_available: false,
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .slots;
+    assert_eq!(slots.len(), 2);
+
+    // The web portal books; the kiosk reusing its request id for the same citizen is a
+    // new request (refused on its merits), not a retry that returns the web's booking.
+    let booked = web
+        .book(book_request(&slots[0].slot_id, "citizen", "shared-id"))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = kiosk
+        .book(book_request(&slots[0].slot_id, "citizen", "shared-id"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("CITIZEN_ALREADY_BOOKED"));
+    // And another citizen through the kiosk is not refused as REQUEST_ID_REUSED.
+    kiosk
+        .book(book_request(&slots[1].slot_id, "other", "shared-id"))
+        .await
+        .unwrap();
+    // The web portal's retry still gets its first booking back.
+    let retried = web
+        .book(book_request(&slots[0].slot_id, "citizen", "shared-id"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.booking, booked.booking);
+    server.stop().await;
+}

@@ -128,14 +128,19 @@ async fn a_retried_request_id_returns_the_first_booking() {
     assert_eq!(ids.len(), 1);
     assert_eq!(site_stats(&server, "retry").await.booked, 2);
 
-    // The same request_id for a different request is refused and changes nothing.
+    // The same request_id for a different request of the same citizen is refused and
+    // changes nothing.
+    let elsewhere = one_slot_site(&server, "retry-elsewhere", 5).await;
     let status = client
-        .book(book_request(&slot_id, "citizen-c", "retry-1"))
+        .book(book_request(&elsewhere, "citizen-a", "retry-1"))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(reason(&status).as_deref(), Some("REQUEST_ID_REUSED"));
-    assert_eq!(site_stats(&server, "retry").await.booked, 2);
+    assert_eq!(site_stats(&server, "retry-elsewhere").await.booked, 0);
+    // Another citizen's request ids are its own: nobody can squat them (#13).
+    book_ok(&mut client, book_request(&slot_id, "citizen-c", "retry-1")).await;
+    assert_eq!(site_stats(&server, "retry").await.booked, 3);
     server.stop().await;
 }
 

@@ -193,6 +193,18 @@ impl RequestKey {
         check_opaque_text(field, value, length_max)?;
         Ok(Self(digest16(&[value.as_bytes()])))
     }
+
+    /// This request id as the caller `scope` (a token's name) sent it: the same id sent
+    /// by another token is another request, so no one can squat a caller's ids.
+    pub fn within(self, scope: &str) -> Self {
+        Self(digest16(&[b"token", scope.as_bytes(), &self.0]))
+    }
+
+    /// This request id as sent for `citizen`: the same id for another citizen is
+    /// another request.
+    pub fn for_citizen(self, citizen: &CitizenKey) -> Self {
+        Self(digest16(&[b"citizen", &citizen.0, &self.0]))
+    }
 }
 
 /// What a request asked for, so a reused `request_id` with a different request is caught.

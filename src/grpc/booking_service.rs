@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::grpc::auth::Caller;
 use crate::grpc::detached::detached;
 use crate::grpc::{convert, status};
 use crate::proto;
@@ -94,11 +95,13 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::BookRequest>,
     ) -> Result<Response<proto::BookResponse>, Status> {
-        let command = convert::book_from_proto(
+        let caller = Caller::of(&request)?;
+        let mut command = convert::book_from_proto(
             request.into_inner(),
             self.engine.limits(),
             self.engine.citizen_ids(),
         )?;
+        command.request = command.request.within(&caller.actor());
         let view = self
             .counted(
                 Command::Book,
@@ -114,11 +117,13 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::HoldSlotRequest>,
     ) -> Result<Response<proto::HoldSlotResponse>, Status> {
-        let command = convert::hold_from_proto(
+        let caller = Caller::of(&request)?;
+        let mut command = convert::hold_from_proto(
             request.into_inner(),
             self.engine.limits(),
             self.engine.citizen_ids(),
         )?;
+        command.request = command.request.within(&caller.actor());
         let hold = self
             .counted(
                 Command::Hold,
@@ -146,11 +151,13 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::CancelBookingRequest>,
     ) -> Result<Response<proto::CancelBookingResponse>, Status> {
-        let command = convert::cancel_from_proto(
+        let caller = Caller::of(&request)?;
+        let mut command = convert::cancel_from_proto(
             request.into_inner(),
             self.engine.limits(),
             self.engine.citizen_ids(),
         )?;
+        command.request = command.request.within(&caller.actor());
         let view = self
             .counted(Command::Cancel, |engine| async move {
                 engine.cancel(command).await
@@ -165,11 +172,13 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::RescheduleBookingRequest>,
     ) -> Result<Response<proto::RescheduleBookingResponse>, Status> {
-        let command = convert::reschedule_from_proto(
+        let caller = Caller::of(&request)?;
+        let mut command = convert::reschedule_from_proto(
             request.into_inner(),
             self.engine.limits(),
             self.engine.citizen_ids(),
         )?;
+        command.request = command.request.within(&caller.actor());
         let view = self
             .counted(Command::Reschedule, |engine| async move {
                 engine.reschedule(command).await

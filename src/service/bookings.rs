@@ -58,15 +58,19 @@ impl Engine {
             &citizen.0,
             hold_text.as_bytes(),
         ]);
-        self.once_per_booking_request(command.request, fingerprint, |request| async move {
-            match command.hold_id {
-                Some(hold_id) => {
-                    self.confirm_hold(&command.slot, citizen, hold_id, request)
-                        .await
+        self.once_per_booking_request(
+            command.request.for_citizen(&citizen),
+            fingerprint,
+            |request| async move {
+                match command.hold_id {
+                    Some(hold_id) => {
+                        self.confirm_hold(&command.slot, citizen, hold_id, request)
+                            .await
+                    }
+                    None => self.admit_and_commit(&command.slot, citizen, request).await,
                 }
-                None => self.admit_and_commit(&command.slot, citizen, request).await,
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -143,9 +147,11 @@ impl Engine {
         let citizen = self.hasher.hash(&command.citizen_id);
         let booking_text = command.booking_id.to_string();
         let fingerprint = RequestFingerprint::of(&[b"cancel", booking_text.as_bytes(), &citizen.0]);
-        self.once_per_booking_request(command.request, fingerprint, |request| {
-            self.cancel_and_commit(&command, citizen, request)
-        })
+        self.once_per_booking_request(
+            command.request.for_citizen(&citizen),
+            fingerprint,
+            |request| self.cancel_and_commit(&command, citizen, request),
+        )
         .await
     }
 
@@ -176,9 +182,11 @@ impl Engine {
             &citizen.0,
             slot_text.as_bytes(),
         ]);
-        self.once_per_booking_request(command.request, fingerprint, |request| {
-            self.reschedule_and_commit(&command, citizen, request)
-        })
+        self.once_per_booking_request(
+            command.request.for_citizen(&citizen),
+            fingerprint,
+            |request| self.reschedule_and_commit(&command, citizen, request),
+        )
         .await
     }
 

@@ -34,7 +34,7 @@ impl Engine {
             &command.ttl_seconds.to_be_bytes(),
         ]);
         self.once_per_request(
-            command.request,
+            command.request.for_citizen(&citizen),
             fingerprint,
             |request| self.hold_and_commit(&command, citizen, request),
             |hold: &Hold| hold.hold_id,
