@@ -62,6 +62,70 @@ pub struct TokenEntry {
     /// Required for `authority`, empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub regions: Vec<String>,
+    /// How this frontend names citizens; default `asserted` when `[[citizen_issuers]]`
+    /// are configured, else `trusted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub citizens: Option<CitizenTrust>,
+}
+
+/// How a caller names the citizen it acts for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CitizenTrust {
+    /// Every call that names a citizen carries a signed `x-citizen-assertion` from an
+    /// identity gateway; the citizen is its `sub`.
+    Asserted,
+    /// The `citizen_id` sent is taken as is: such a frontend MUST authenticate citizens
+    /// itself.
+    Trusted,
+}
+
+/// `[[citizen_issuers]]` in `prenota.toml`: an identity gateway (SPID, CIE, eIDAS)
+/// whose signed assertions name citizens. Several entries with one name: key rotation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CitizenIssuerEntry {
+    /// The assertions' `iss`.
+    pub name: String,
+    /// The assertions' `aud` must be this.
+    pub audience: String,
+    /// An Ed25519 or P-256 public key (SPKI PEM, `-----BEGIN PUBLIC KEY-----`).
+    pub public_key_pem: String,
+}
+
+/// A checked issuer key: EdDSA for an Ed25519 key, ES256 for a P-256 one.
+#[derive(Clone, Debug)]
+pub struct CitizenIssuer {
+    pub name: String,
+    pub audience: String,
+    pub algorithm: jsonwebtoken::Algorithm,
+    pub key: jsonwebtoken::DecodingKey,
+}
+
+impl CitizenIssuerEntry {
+    fn check(&self, at: &str) -> Result<CitizenIssuer, String> {
+        if self.name.trim().is_empty() || self.audience.trim().is_empty() {
+            return Err(format!("{at}: name and audience must not be empty"));
+        }
+        let pem = self.public_key_pem.as_bytes();
+        let (algorithm, key) = match jsonwebtoken::DecodingKey::from_ed_pem(pem) {
+            Ok(key) => (jsonwebtoken::Algorithm::EdDSA, key),
+            Err(_) => match jsonwebtoken::DecodingKey::from_ec_pem(pem) {
+                Ok(key) => (jsonwebtoken::Algorithm::ES256, key),
+                Err(e) => {
+                    return Err(format!(
+                        "{at}: public_key_pem is neither an Ed25519 nor a P-256 public key: {e}"
+                    ))
+                }
+            },
+        };
+        Ok(CitizenIssuer {
+            name: self.name.clone(),
+            audience: self.audience.clone(),
+            algorithm,
+            key,
+        })
+    }
 }
 
 /// A checked token.
@@ -71,6 +135,7 @@ pub struct Token {
     pub sha256: [u8; 32],
     pub role: Role,
     pub regions: BTreeSet<RegionId>,
+    pub citizens: CitizenTrust,
 }
 
 /// SHA-256 of a bearer token, as kept in the configuration.
@@ -212,6 +277,8 @@ pub struct ConfigFile {
     pub citizens: CitizensSection,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenEntry>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub citizen_issuers: Vec<CitizenIssuerEntry>,
 }
 
 impl ConfigFile {
@@ -254,8 +321,25 @@ impl ConfigFile {
     }
 
     /// Checks everything and builds the runtime configuration; lists every problem.
+    /// Every issuer key, checked (problems are added to `problems`).
+    fn citizen_issuers(&self, problems: &mut Vec<String>) -> Vec<CitizenIssuer> {
+        let mut issuers = Vec::new();
+        for (index, entry) in self.citizen_issuers.iter().enumerate() {
+            match entry.check(&format!("citizen_issuers[{index}] ({:?})", entry.name)) {
+                Ok(issuer) => issuers.push(issuer),
+                Err(problem) => problems.push(problem),
+            }
+        }
+        issuers
+    }
+
     pub fn check(&self) -> Result<Config, Vec<String>> {
         let mut problems = self.limits.problems();
+        let citizen_issuers = self.citizen_issuers(&mut problems);
+        let default_trust = match self.citizen_issuers.is_empty() {
+            true => CitizenTrust::Trusted,
+            false => CitizenTrust::Asserted,
+        };
         let mut tokens = Vec::new();
         let mut names = BTreeSet::new();
         let mut hashes = BTreeSet::new();
@@ -296,12 +380,19 @@ impl ConfigFile {
                 }
                 _ => {}
             }
+            let citizens = entry.citizens.unwrap_or(default_trust);
+            if citizens == CitizenTrust::Asserted && self.citizen_issuers.is_empty() {
+                problems.push(format!(
+                    "{at}: citizens = \"asserted\" needs [[citizen_issuers]]"
+                ));
+            }
             if let Some(sha256) = sha256 {
                 tokens.push(Token {
                     name: entry.name.clone(),
                     sha256,
                     role: entry.role,
                     regions,
+                    citizens,
                 });
             }
         }
@@ -317,6 +408,7 @@ impl ConfigFile {
             citizen_id_scheme: scheme,
             citizen_hash_key: None,
             tokens,
+            citizen_issuers,
             tls: None,
         })
     }
@@ -393,6 +485,8 @@ pub struct Config {
     pub citizen_hash_key: Option<[u8; 32]>,
     /// Bearer tokens. None: open mode (loopback only).
     pub tokens: Vec<Token>,
+    /// Identity gateways whose signed assertions name citizens (each key checked).
+    pub citizen_issuers: Vec<CitizenIssuer>,
     /// Serve TLS (and require client certificates, with a client CA).
     pub tls: Option<TlsPem>,
 }

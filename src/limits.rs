@@ -80,6 +80,8 @@ pub struct Limits {
     /// Booking attempts (Book, HoldSlot, RescheduleBooking) one citizen may make per
     /// minute, in a burst or spread out; 0 turns the limit off.
     pub rate_citizen_attempts_per_min: u32,
+    /// Longest a citizen assertion may be valid: its `exp` at most this after its `iat`.
+    pub citizen_assertion_lifetime_seconds_max: u32,
     /// Reads of a citizen's bookings (GetBooking, ListCitizenBookings) one citizen may
     /// make per minute, in a burst or spread out; 0 turns the limit off.
     pub rate_citizen_reads_per_min: u32,
@@ -147,6 +149,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     close_reason_length_max: 200,
     rate_citizen_attempts_per_min: 120,
     rate_citizen_reads_per_min: 60,
+    citizen_assertion_lifetime_seconds_max: 900,
     rate_token_requests_per_s: 0,
     rate_limiter_retain_interval_ms: 10_000,
     in_flight_requests_max: 4_096,
@@ -254,6 +257,10 @@ impl Limits {
             l.held_share_of_capacity_max_percent >= 1
                 && l.held_share_of_capacity_max_percent <= 100,
             "held_share_of_capacity_max_percent must be between 1 and 100",
+        );
+        need(
+            l.citizen_assertion_lifetime_seconds_max >= 1,
+            "citizen_assertion_lifetime_seconds_max must be at least 1",
         );
         need(
             l.close_settle_wait_ms >= 10,

@@ -23,7 +23,8 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::config::Config;
+use crate::config::{CitizenTrust, Config};
+use crate::grpc::assertion::Assertions;
 use crate::grpc::auth::{self, Gate};
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::readiness::Ready;
@@ -64,8 +65,7 @@ pub struct ServeOptions {
 
 pub struct Server {
     engine: Arc<Engine>,
-    tokens: Vec<crate::config::Token>,
-    tls: Option<crate::config::TlsPem>,
+    access: Access,
 }
 
 /// Where the engine comes from: already recovered, or recovered while serving health.
@@ -77,13 +77,9 @@ enum Start {
 impl Server {
     /// Opens the store and rebuilds memory from it; refuses broken invariants.
     pub async fn open(options: ServeOptions) -> Result<Self, ServeError> {
-        let (tokens, tls) = (options.config.tokens.clone(), options.config.tls.clone());
+        let access = Access::of(&options.config);
         let engine = recover(options).await?;
-        Ok(Self {
-            engine,
-            tokens,
-            tls,
-        })
+        Ok(Self { engine, access })
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
@@ -96,14 +92,9 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let limits = self.engine.limits().clone();
         run(
             Start::Recovered(self.engine),
-            Access {
-                tokens: self.tokens,
-                tls: self.tls,
-                limits,
-            },
+            self.access,
             listener,
             shutdown,
             || {},
@@ -121,11 +112,7 @@ pub async fn recover_and_serve(
     shutdown: impl Future<Output = ()>,
     on_serving: impl FnOnce(),
 ) -> Result<(), ServeError> {
-    let access = Access {
-        tokens: options.config.tokens.clone(),
-        tls: options.config.tls.clone(),
-        limits: options.config.limits.clone(),
-    };
+    let access = Access::of(&options.config);
     run(
         Start::Recover(Box::new(options)),
         access,
@@ -141,6 +128,26 @@ struct Access {
     tokens: Vec<crate::config::Token>,
     tls: Option<crate::config::TlsPem>,
     limits: crate::config::Limits,
+    /// Verifies citizen assertions (PRODUCT.md part A).
+    assertions: Assertions,
+    /// How open-mode callers name citizens: asserted once issuers are configured.
+    open_citizens: CitizenTrust,
+}
+
+impl Access {
+    fn of(config: &Config) -> Self {
+        let lifetime_max_s = config.limits.citizen_assertion_lifetime_seconds_max;
+        Self {
+            tokens: config.tokens.clone(),
+            tls: config.tls.clone(),
+            limits: config.limits.clone(),
+            assertions: Assertions::new(&config.citizen_issuers, lifetime_max_s),
+            open_citizens: match config.citizen_issuers.is_empty() {
+                true => CitizenTrust::Trusted,
+                false => CitizenTrust::Asserted,
+            },
+        }
+    }
 }
 
 async fn recover(options: ServeOptions) -> Result<Arc<Engine>, ServeError> {
@@ -191,6 +198,8 @@ async fn run(
         tokens,
         tls,
         limits,
+        assertions,
+        open_citizens,
     } = access;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -210,11 +219,21 @@ async fn run(
         .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(
             Shed::new(booking_gate, Arc::clone(&in_flight)),
-            Gate::new(&tokens, auth::Service::Booking, token_limiter.clone()),
+            Gate::new(
+                &tokens,
+                auth::Service::Booking,
+                token_limiter.clone(),
+                open_citizens,
+            ),
         ))
         .add_service(InterceptedService::new(
             Shed::new(capacity_gate, in_flight),
-            Gate::new(&tokens, auth::Service::Capacity, token_limiter),
+            Gate::new(
+                &tokens,
+                auth::Service::Capacity,
+                token_limiter,
+                open_citizens,
+            ),
         ))
         // Without TCP_NODELAY, small responses wait on Nagle + delayed ACK (~40 ms).
         .serve_with_incoming_shutdown(
@@ -227,9 +246,12 @@ async fn run(
             },
         );
     let services = (booking_slot.as_ref(), capacity_slot.as_ref());
-    let message_size_bytes_max = limits.message_size_bytes_max;
+    let settings = ServiceSettings {
+        message_size_bytes_max: limits.message_size_bytes_max,
+        assertions,
+    };
     let starting = async {
-        let started = start_serving(start, services, &health, message_size_bytes_max, stop).await?;
+        let started = start_serving(start, services, &health, &settings, stop).await?;
         on_serving();
         Ok::<_, ServeError>(started)
     };
@@ -256,7 +278,7 @@ async fn start_serving(
     start: Start,
     services: (&BookingSlot, &CapacitySlot),
     health: &HealthReporter,
-    message_size_bytes_max: usize,
+    settings: &ServiceSettings,
     stop: tokio::sync::oneshot::Sender<()>,
 ) -> Result<(Arc<Engine>, Tasks, tokio::sync::oneshot::Sender<()>), ServeError> {
     let engine = match start {
@@ -269,7 +291,7 @@ async fn start_serving(
             }
         },
     };
-    open_services(&engine, services, message_size_bytes_max);
+    open_services(&engine, services, settings);
     set_health(health, ServingStatus::Serving).await;
     // Started after SERVING: the health mirror turns it back if the store already failed.
     let tasks = Tasks::start(&engine, health);
@@ -306,18 +328,25 @@ type BookingSlot = std::sync::OnceLock<BookingServiceServer<BookingApi>>;
 type CapacitySlot = std::sync::OnceLock<CapacityServiceServer<CapacityApi>>;
 
 /// Puts prenota's services behind their readiness gates: from here on they answer.
+/// What prenota's services are built with once the engine exists.
+struct ServiceSettings {
+    message_size_bytes_max: usize,
+    assertions: Assertions,
+}
+
 fn open_services(
     engine: &Arc<Engine>,
     (booking, capacity): (&BookingSlot, &CapacitySlot),
-    message_size_bytes_max: usize,
+    settings: &ServiceSettings,
 ) {
+    let booking_api = BookingApi::new(Arc::clone(engine), settings.assertions.clone());
     let _ = booking.set(
-        BookingServiceServer::new(BookingApi::new(Arc::clone(engine)))
-            .max_decoding_message_size(message_size_bytes_max),
+        BookingServiceServer::new(booking_api)
+            .max_decoding_message_size(settings.message_size_bytes_max),
     );
     let _ = capacity.set(
         CapacityServiceServer::new(CapacityApi::new(Arc::clone(engine)))
-            .max_decoding_message_size(message_size_bytes_max),
+            .max_decoding_message_size(settings.message_size_bytes_max),
     );
 }
 

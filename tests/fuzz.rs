@@ -118,6 +118,9 @@ fn open<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
     request.extensions_mut().insert(Caller::Open);
     request
+        .extensions_mut()
+        .insert(prenota::config::CitizenTrust::Trusted);
+    request
 }
 
 /// A refusal a client can act on; the server's own failures are not allowed.
@@ -159,7 +162,7 @@ proptest! {
         hold_id in proptest::option::of(any::<String>()),
     ) {
         let (runtime, engine) = engine();
-        let api = BookingApi::new(Arc::clone(engine));
+        let api = BookingApi::new(Arc::clone(engine), Default::default());
         let answered = runtime.block_on(api.book(open(proto::BookRequest {
             slot_id: slot,
             citizen_id: citizen,
@@ -183,7 +186,7 @@ proptest! {
     ) {
         use proto::search_slots_request::Scope;
         let (runtime, engine) = engine();
-        let api = BookingApi::new(Arc::clone(engine));
+        let api = BookingApi::new(Arc::clone(engine), Default::default());
         let answered = runtime.block_on(api.search_slots(open(proto::SearchSlotsRequest {
             scope: Some(if by_region { Scope::RegionId(site) } else { Scope::SiteId(site) }),
             service_id: service,

@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-use crate::config::{token_sha256, Role, Token};
+use crate::config::{token_sha256, CitizenTrust, Role, Token};
 use crate::domain::ids::RegionId;
 use crate::service::ServiceError;
 
@@ -35,6 +35,7 @@ pub enum Caller {
         name: Arc<str>,
         role: Role,
         regions: Arc<BTreeSet<RegionId>>,
+        citizens: CitizenTrust,
     },
 }
 
@@ -103,14 +104,30 @@ pub struct Gate {
     tokens: Arc<[Token]>,
     service: Service,
     limiter: TokenLimiter,
+    /// How callers name citizens in open mode (no tokens).
+    open_citizens: CitizenTrust,
 }
 
 impl Gate {
-    pub fn new(tokens: &[Token], service: Service, limiter: TokenLimiter) -> Self {
+    pub fn new(
+        tokens: &[Token],
+        service: Service,
+        limiter: TokenLimiter,
+        open_citizens: CitizenTrust,
+    ) -> Self {
         Self {
             tokens: tokens.into(),
             service,
             limiter,
+            open_citizens,
+        }
+    }
+
+    /// How this caller names citizens (put in the request's extensions with it).
+    fn citizens(&self, caller: &Caller) -> CitizenTrust {
+        match caller {
+            Caller::Open => self.open_citizens,
+            Caller::Token { citizens, .. } => *citizens,
         }
     }
 
@@ -155,6 +172,7 @@ impl Gate {
             name: token.name.as_str().into(),
             role: token.role,
             regions: Arc::new(token.regions.clone()),
+            citizens: token.citizens,
         })
     }
 }
@@ -177,6 +195,8 @@ impl Interceptor for Gate {
             }
             self.count_request(name)?;
         }
+        let citizens = self.citizens(&caller);
+        request.extensions_mut().insert(citizens);
         request.extensions_mut().insert(caller);
         Ok(request)
     }

@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::config::CitizenTrust;
+use crate::grpc::assertion::Assertions;
 use crate::grpc::auth::Caller;
 use crate::grpc::detached::detached;
 use crate::grpc::{convert, status};
@@ -14,11 +16,88 @@ use crate::telemetry;
 
 pub struct BookingApi {
     engine: Arc<Engine>,
+    /// Verifies the citizen assertions of `asserted` callers.
+    assertions: Assertions,
 }
 
 impl BookingApi {
-    pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+    pub fn new(engine: Arc<Engine>, assertions: Assertions) -> Self {
+        Self { engine, assertions }
+    }
+
+    /// The caller and the request, its `citizen_id` made the citizen it acts for: as
+    /// sent by a trusted caller; for an asserted caller the assertion's `sub` (a
+    /// `citizen_id` sent too must name the same citizen).
+    fn acting<T: NamesCitizen>(&self, request: Request<T>) -> Result<(Caller, T), Status> {
+        let caller = Caller::of(&request)?;
+        let trust = request
+            .extensions()
+            .get::<CitizenTrust>()
+            .copied()
+            .ok_or_else(|| Status::internal("the request passed no authentication gate"))?;
+        if trust == CitizenTrust::Trusted {
+            return Ok((caller, request.into_inner()));
+        }
+        let now_s = self.engine.clock().now_unix_ms().div_euclid(1_000);
+        let asserted = self
+            .assertions
+            .verify(request.metadata(), now_s)
+            .map_err(|why| {
+                tracing::debug!(%why, "citizen assertion refused");
+                ServiceError::CitizenAssertionInvalid
+            })?;
+        let ids = self.engine.citizen_ids();
+        let sub = ids
+            .canonical(&asserted.sub)
+            .map_err(|_| ServiceError::CitizenAssertionInvalid)?;
+        let mut body = request.into_inner();
+        let sent = body.citizen_id();
+        if !sent.is_empty() && ids.canonical(sent).ok().as_deref() != Some(sub.as_str()) {
+            return Err(ServiceError::CitizenMismatch.into());
+        }
+        *sent = sub;
+        Ok((caller, body))
+    }
+}
+
+/// A request that names the citizen it acts for.
+trait NamesCitizen {
+    fn citizen_id(&mut self) -> &mut String;
+}
+
+impl NamesCitizen for proto::BookRequest {
+    fn citizen_id(&mut self) -> &mut String {
+        &mut self.citizen_id
+    }
+}
+
+impl NamesCitizen for proto::HoldSlotRequest {
+    fn citizen_id(&mut self) -> &mut String {
+        &mut self.citizen_id
+    }
+}
+
+impl NamesCitizen for proto::GetBookingRequest {
+    fn citizen_id(&mut self) -> &mut String {
+        &mut self.citizen_id
+    }
+}
+
+impl NamesCitizen for proto::CancelBookingRequest {
+    fn citizen_id(&mut self) -> &mut String {
+        &mut self.citizen_id
+    }
+}
+
+impl NamesCitizen for proto::RescheduleBookingRequest {
+    fn citizen_id(&mut self) -> &mut String {
+        &mut self.citizen_id
+    }
+}
+
+impl NamesCitizen for proto::ListCitizenBookingsRequest {
+    fn citizen_id(&mut self) -> &mut String {
+        &mut self.citizen_id
     }
 }
 
@@ -95,12 +174,9 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::BookRequest>,
     ) -> Result<Response<proto::BookResponse>, Status> {
-        let caller = Caller::of(&request)?;
-        let mut command = convert::book_from_proto(
-            request.into_inner(),
-            self.engine.limits(),
-            self.engine.citizen_ids(),
-        )?;
+        let (caller, body) = self.acting(request)?;
+        let mut command =
+            convert::book_from_proto(body, self.engine.limits(), self.engine.citizen_ids())?;
         command.request = command.request.within(&caller.actor());
         let view = self
             .counted(
@@ -117,12 +193,9 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::HoldSlotRequest>,
     ) -> Result<Response<proto::HoldSlotResponse>, Status> {
-        let caller = Caller::of(&request)?;
-        let mut command = convert::hold_from_proto(
-            request.into_inner(),
-            self.engine.limits(),
-            self.engine.citizen_ids(),
-        )?;
+        let (caller, body) = self.acting(request)?;
+        let mut command =
+            convert::hold_from_proto(body, self.engine.limits(), self.engine.citizen_ids())?;
         command.request = command.request.within(&caller.actor());
         let hold = self
             .counted(
@@ -139,8 +212,9 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::GetBookingRequest>,
     ) -> Result<Response<proto::GetBookingResponse>, Status> {
+        let (_, body) = self.acting(request)?;
         let (booking_id, citizen_id) =
-            convert::get_booking_from_proto(request.into_inner(), self.engine.citizen_ids())?;
+            convert::get_booking_from_proto(body, self.engine.citizen_ids())?;
         let view = self.engine.citizen_booking(booking_id, &citizen_id)?;
         Ok(Response::new(proto::GetBookingResponse {
             booking: Some(convert::booking_to_proto(&view)),
@@ -151,12 +225,9 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::CancelBookingRequest>,
     ) -> Result<Response<proto::CancelBookingResponse>, Status> {
-        let caller = Caller::of(&request)?;
-        let mut command = convert::cancel_from_proto(
-            request.into_inner(),
-            self.engine.limits(),
-            self.engine.citizen_ids(),
-        )?;
+        let (caller, body) = self.acting(request)?;
+        let mut command =
+            convert::cancel_from_proto(body, self.engine.limits(), self.engine.citizen_ids())?;
         command.request = command.request.within(&caller.actor());
         let view = self
             .counted(Command::Cancel, |engine| async move {
@@ -172,12 +243,9 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::RescheduleBookingRequest>,
     ) -> Result<Response<proto::RescheduleBookingResponse>, Status> {
-        let caller = Caller::of(&request)?;
-        let mut command = convert::reschedule_from_proto(
-            request.into_inner(),
-            self.engine.limits(),
-            self.engine.citizen_ids(),
-        )?;
+        let (caller, body) = self.acting(request)?;
+        let mut command =
+            convert::reschedule_from_proto(body, self.engine.limits(), self.engine.citizen_ids())?;
         command.request = command.request.within(&caller.actor());
         let view = self
             .counted(Command::Reschedule, |engine| async move {
@@ -193,8 +261,9 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::ListCitizenBookingsRequest>,
     ) -> Result<Response<proto::ListCitizenBookingsResponse>, Status> {
+        let (_, body) = self.acting(request)?;
         let query = convert::citizen_bookings_from_proto(
-            request.into_inner(),
+            body,
             self.engine.limits(),
             self.engine.citizen_ids(),
         )?;

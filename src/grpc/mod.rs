@@ -1,6 +1,7 @@
 //! The gRPC edge: tonic handlers, proto ↔ domain conversions, and the one
 //! error → `Status` mapping. The only layer that sees proto types.
 
+pub mod assertion;
 pub mod auth;
 pub mod booking_service;
 pub mod capacity_service;

@@ -136,6 +136,10 @@ fn classify(error: &ServiceError) -> Answer {
         ServiceError::Recovering => {
             Answer::new(Unavailable, "RECOVERING").retry_after(RECOVERING_RETRY_DELAY)
         }
+        ServiceError::CitizenAssertionInvalid => {
+            Answer::new(Code::Unauthenticated, "CITIZEN_ASSERTION_INVALID")
+        }
+        ServiceError::CitizenMismatch => Answer::new(Code::PermissionDenied, "CITIZEN_MISMATCH"),
         ServiceError::Busy(_) => {
             Answer::new(Unavailable, "OVERLOADED").retry_after(RECOVERING_RETRY_DELAY)
         }

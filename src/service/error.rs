@@ -26,4 +26,8 @@ pub enum ServiceError {
     /// for admissions whose writes a stalled disk holds up); nothing was changed.
     #[error("busy: {0}")]
     Busy(&'static str),
+    #[error("send a valid x-citizen-assertion from a configured identity gateway")]
+    CitizenAssertionInvalid,
+    #[error("citizen_id names another citizen than the assertion")]
+    CitizenMismatch,
 }

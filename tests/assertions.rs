@@ -1,0 +1,190 @@
+//! Signed citizen assertions (#13, PRODUCT.md part A) on a real server: with
+//! `[[citizen_issuers]]` configured, every call that names a citizen needs a valid
+//! `x-citizen-assertion` (EdDSA or ES256, the issuer's audience, in time), and acts for
+//! its `sub`.
+
+mod common;
+
+use common::*;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use prenota::config::{CitizenIssuerEntry, ConfigFile};
+use prenota::proto;
+use rcgen::KeyPair;
+use serde_json::json;
+use tonic::{Code, Request, Status};
+
+const AUDIENCE: &str = "prenota-test";
+
+struct Keys {
+    spid_old: KeyPair,
+    spid_new: KeyPair,
+    cie: KeyPair,
+    stranger: KeyPair,
+}
+
+fn keys() -> Keys {
+    let ed = || KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    Keys {
+        spid_old: ed(),
+        spid_new: ed(),
+        cie: KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+        stranger: ed(),
+    }
+}
+
+/// Issuer `spid` with two Ed25519 keys (rotation), issuer `cie` with a P-256 key.
+fn config(keys: &Keys) -> prenota::config::Config {
+    let issuer = |name: &str, key: &KeyPair| CitizenIssuerEntry {
+        name: name.into(),
+        audience: AUDIENCE.into(),
+        public_key_pem: key.public_key_pem(),
+    };
+    let file = ConfigFile {
+        citizen_issuers: vec![
+            issuer("spid", &keys.spid_old),
+            issuer("spid", &keys.spid_new),
+            issuer("cie", &keys.cie),
+        ],
+        ..ConfigFile::default()
+    };
+    file.check().expect("a valid configuration")
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A compact JWS of `claims` signed with `key` as `alg`.
+fn sign(key: &KeyPair, alg: Algorithm, claims: serde_json::Value) -> String {
+    let pem = key.serialize_pem();
+    let key = match alg {
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(pem.as_bytes()).unwrap(),
+        _ => EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+    };
+    encode(&Header::new(alg), &claims, &key).unwrap()
+}
+
+fn claims(iss: &str, sub: &str) -> serde_json::Value {
+    json!({"iss": iss, "aud": AUDIENCE, "sub": sub, "iat": now(), "exp": now() + 600})
+}
+
+fn with_assertion<T>(message: T, assertion: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("x-citizen-assertion", assertion.parse().unwrap());
+    request
+}
+
+fn invalid(status: Status) {
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(
+        reason(&status).as_deref(),
+        Some("CITIZEN_ASSERTION_INVALID")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_assertions_act_for_their_subject() {
+    let keys = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config(&keys)).await;
+    let slot = one_slot_site(&server, "asserted", 5).await;
+    let mut client = server.booking().await;
+
+    // EdDSA with the old key, citizen_id left empty: the subject books.
+    let alice = sign(&keys.spid_old, Algorithm::EdDSA, claims("spid", "ALICE"));
+    let booked = client
+        .book(with_assertion(book_request(&slot, "", "a1"), &alice))
+        .await
+        .unwrap()
+        .into_inner()
+        .booking
+        .unwrap();
+    // The rotated key and ES256 work too; the subject's bookings are its own.
+    let alice_again = sign(&keys.spid_new, Algorithm::EdDSA, claims("spid", "ALICE"));
+    let listed = client
+        .list_citizen_bookings(with_assertion(
+            proto::ListCitizenBookingsRequest {
+                citizen_id: "ALICE".into(),
+                ..Default::default()
+            },
+            &alice_again,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.bookings[0].booking_id, booked.booking_id);
+    let bob = sign(&keys.cie, Algorithm::ES256, claims("cie", "BOB"));
+    client
+        .book(with_assertion(book_request(&slot, "BOB", "b1"), &bob))
+        .await
+        .unwrap();
+    // Searching names no citizen and needs no assertion.
+    search_all(&mut client, "asserted", "vax").await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_assertions_are_refused_and_a_mismatch_is_denied() {
+    let keys = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config(&keys)).await;
+    let slot = one_slot_site(&server, "guarded", 5).await;
+    let mut client = server.booking().await;
+    let book = |assertion: Option<&str>| {
+        let message = book_request(&slot, "ALICE", "x");
+        match assertion {
+            Some(assertion) => with_assertion(message, assertion),
+            None => Request::new(message),
+        }
+    };
+
+    invalid(client.book(book(None)).await.unwrap_err());
+    let forged = sign(&keys.stranger, Algorithm::EdDSA, claims("spid", "ALICE"));
+    invalid(client.book(book(Some(&forged))).await.unwrap_err());
+    let mut expired = claims("spid", "ALICE");
+    expired["iat"] = json!(now() - 1_000);
+    expired["exp"] = json!(now() - 10);
+    let expired = sign(&keys.spid_old, Algorithm::EdDSA, expired);
+    invalid(client.book(book(Some(&expired))).await.unwrap_err());
+    let mut too_long = claims("spid", "ALICE");
+    too_long["exp"] = json!(now() + 901);
+    let too_long = sign(&keys.spid_old, Algorithm::EdDSA, too_long);
+    invalid(client.book(book(Some(&too_long))).await.unwrap_err());
+    let mut elsewhere = claims("spid", "ALICE");
+    elsewhere["aud"] = json!("another-service");
+    let elsewhere = sign(&keys.spid_old, Algorithm::EdDSA, elsewhere);
+    invalid(client.book(book(Some(&elsewhere))).await.unwrap_err());
+    let unknown = sign(&keys.spid_old, Algorithm::EdDSA, claims("nobody", "ALICE"));
+    invalid(client.book(book(Some(&unknown))).await.unwrap_err());
+    let hmac = encode(
+        &Header::new(Algorithm::HS256),
+        &claims("spid", "ALICE"),
+        &EncodingKey::from_secret(b"guessable-secret-of-32-bytes-long").unwrap(),
+    )
+    .unwrap();
+    invalid(client.book(book(Some(&hmac))).await.unwrap_err());
+    // `alg: none`: a header and claims with an empty signature.
+    let part = |value: serde_json::Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+    };
+    let unsigned = format!(
+        "{}.{}.",
+        part(json!({"alg": "none", "typ": "JWT"})),
+        part(claims("spid", "ALICE"))
+    );
+    invalid(client.book(book(Some(&unsigned))).await.unwrap_err());
+
+    // A valid assertion for ALICE cannot act for BOB.
+    let alice = sign(&keys.spid_old, Algorithm::EdDSA, claims("spid", "ALICE"));
+    let status = client
+        .book(with_assertion(book_request(&slot, "BOB", "y"), &alice))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status).as_deref(), Some("CITIZEN_MISMATCH"));
+    assert_eq!(site_stats(&server, "guarded").await.booked, 0);
+    server.stop().await;
+}
