@@ -12,6 +12,7 @@
 //! - [`grpc`]: tonic handlers, proto ↔ domain conversions and the one error → `Status` mapping.
 //! - [`server`]: builds the gRPC server (health, reflection, shutdown) around the engine.
 //! - [`demo`]: the demo sites seeded by `serve --demo`.
+//! - [`dev_assertion`]: `prenota dev-assertion`, a citizen assertion signed for trying.
 //! - [`capacity_file`]: the CSV capacity file authorities import (shape only).
 //! - [`cli`]: the `prenota import` / `export` / `audit` / `backup` client commands.
 //! - [`telemetry`]: every Prometheus metric name and bucket, and the log format.
@@ -21,6 +22,7 @@ pub mod capacity_file;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod dev_assertion;
 pub mod domain;
 pub mod grpc;
 pub mod limits;

@@ -49,6 +49,32 @@ enum Command {
     /// Check a configuration file, or hash a token for it.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print a citizen assertion (a compact JWS) signed with a private key, as an
+    /// identity gateway would: for trying asserted citizens, never for production.
+    DevAssertion(DevAssertionArgs),
+}
+
+#[derive(clap::Args)]
+struct DevAssertionArgs {
+    /// PKCS#8 PEM private key: Ed25519 (signs EdDSA) or P-256 (signs ES256).
+    #[arg(long)]
+    key: PathBuf,
+    /// The citizen id asserted (`sub`).
+    #[arg(long)]
+    sub: String,
+    /// The issuer's `name` in `[[citizen_issuers]]` (`iss`).
+    #[arg(long)]
+    iss: String,
+    /// The issuer's `audience` (`aud`).
+    #[arg(long)]
+    aud: String,
+    #[arg(long, default_value_t = 600)]
+    ttl_seconds: u32,
+    #[arg(long)]
+    birth_year: Option<i32>,
+    /// A priority group; repeat for several.
+    #[arg(long = "group")]
+    groups: Vec<String>,
 }
 
 /// How a client command reaches a running server.
@@ -196,6 +222,7 @@ fn main() -> ExitCode {
             .and_then(|config| prenota::cli::restore(&args.from, &args.data_dir, &config)),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Config(ConfigCommand::HashToken) => hash_token(),
+        Command::DevAssertion(args) => dev_assertion(&args),
         Command::Import(args) => runtime.block_on(prenota::cli::import(
             &args.file,
             &args.server.target(),
@@ -323,6 +350,23 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
         path.display()
     );
     println!("{text}");
+    Ok(())
+}
+
+/// `prenota dev-assertion`: prints a signed citizen assertion.
+fn dev_assertion(args: &DevAssertionArgs) -> Result<(), String> {
+    let now_unix_s = chrono::Utc::now().timestamp();
+    let token = prenota::dev_assertion::sign(&prenota::dev_assertion::AssertionRequest {
+        key: &args.key,
+        issuer: &args.iss,
+        audience: &args.aud,
+        subject: &args.sub,
+        ttl_seconds: args.ttl_seconds,
+        birth_year: args.birth_year,
+        groups: &args.groups,
+        now_unix_s,
+    })?;
+    println!("{token}");
     Ok(())
 }
 

@@ -152,6 +152,10 @@ async fn bad_assertions_are_refused_and_a_mismatch_is_denied() {
     too_long["exp"] = json!(now() + 901);
     let too_long = sign(&keys.spid_old, Algorithm::EdDSA, too_long);
     invalid(client.book(book(Some(&too_long))).await.unwrap_err());
+    let mut early = claims("spid", "ALICE");
+    early["nbf"] = json!(now() + 3_600);
+    let early = sign(&keys.spid_old, Algorithm::EdDSA, early);
+    invalid(client.book(book(Some(&early))).await.unwrap_err());
     let mut elsewhere = claims("spid", "ALICE");
     elsewhere["aud"] = json!("another-service");
     let elsewhere = sign(&keys.spid_old, Algorithm::EdDSA, elsewhere);
@@ -186,5 +190,34 @@ async fn bad_assertions_are_refused_and_a_mismatch_is_denied() {
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(reason(&status).as_deref(), Some("CITIZEN_MISMATCH"));
     assert_eq!(site_stats(&server, "guarded").await.booked, 0);
+    server.stop().await;
+}
+
+/// `prenota dev-assertion` signs what the server accepts (README "Citizens and identity").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dev_assertion_is_accepted() {
+    let keys = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("gateway.pem");
+    std::fs::write(&key_file, keys.cie.serialize_pem()).unwrap();
+    let server = TestServer::start_with(&dir.path().join("data"), config(&keys)).await;
+    let slot = one_slot_site(&server, "dev", 5).await;
+    let assertion = prenota::dev_assertion::sign(&prenota::dev_assertion::AssertionRequest {
+        key: &key_file,
+        issuer: "cie",
+        audience: AUDIENCE,
+        subject: "CAROL",
+        ttl_seconds: 600,
+        birth_year: Some(1980),
+        groups: &["health-workers".to_string()],
+        now_unix_s: now(),
+    })
+    .unwrap();
+    server
+        .booking()
+        .await
+        .book(with_assertion(book_request(&slot, "", "c1"), &assertion))
+        .await
+        .unwrap();
     server.stop().await;
 }
