@@ -34,7 +34,8 @@ fn verify(c: &mut Criterion) {
             ..ConfigFile::default()
         };
         let config = file.check().expect("config");
-        let assertions = Assertions::new(&config.citizen_issuers, 900);
+        // Nothing remembered: every call pays the signature check.
+        let assertions = Assertions::new(&config.citizen_issuers, 900, 0);
         let now = 1_800_000_000i64;
         let claims = serde_json::json!({
             "iss": "gateway", "aud": "prenota", "sub": "RSSMRA80A01H501U",
@@ -51,6 +52,11 @@ fn verify(c: &mut Criterion) {
         metadata.insert("x-citizen-assertion", token.parse().expect("ascii"));
         group.bench_function(name, |b| {
             b.iter(|| black_box(assertions.verify(&metadata, now + 1)).expect("valid"))
+        });
+        // The same assertion again: remembered, no signature check.
+        let remembering = Assertions::new(&config.citizen_issuers, 900, 1_024);
+        group.bench_function(format!("{name}_remembered"), |b| {
+            b.iter(|| black_box(remembering.verify(&metadata, now + 1)).expect("valid"))
         });
     }
     group.finish();

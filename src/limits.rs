@@ -82,6 +82,9 @@ pub struct Limits {
     pub rate_citizen_attempts_per_min: u32,
     /// Longest a citizen assertion may be valid: its `exp` at most this after its `iat`.
     pub citizen_assertion_lifetime_seconds_max: u32,
+    /// Verified assertions remembered until they expire (one signature check per
+    /// assertion, not per call); 0 verifies every call.
+    pub citizen_assertions_remembered_max: usize,
     /// Reads of a citizen's bookings (GetBooking, ListCitizenBookings) one citizen may
     /// make per minute, in a burst or spread out; 0 turns the limit off.
     pub rate_citizen_reads_per_min: u32,
@@ -150,6 +153,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     rate_citizen_attempts_per_min: 120,
     rate_citizen_reads_per_min: 60,
     citizen_assertion_lifetime_seconds_max: 900,
+    citizen_assertions_remembered_max: 65_536,
     rate_token_requests_per_s: 0,
     rate_limiter_retain_interval_ms: 10_000,
     in_flight_requests_max: 4_096,

@@ -141,7 +141,11 @@ impl Access {
             tokens: config.tokens.clone(),
             tls: config.tls.clone(),
             limits: config.limits.clone(),
-            assertions: Assertions::new(&config.citizen_issuers, lifetime_max_s),
+            assertions: Assertions::new(
+                &config.citizen_issuers,
+                lifetime_max_s,
+                config.limits.citizen_assertions_remembered_max,
+            ),
             open_citizens: match config.citizen_issuers.is_empty() {
                 true => CitizenTrust::Trusted,
                 false => CitizenTrust::Asserted,

@@ -6,10 +6,12 @@
 //!
 //! Must not import sled.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::{decode, Validation};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 
 use crate::config::CitizenIssuer;
@@ -49,19 +51,59 @@ struct Claims {
     dependants: Vec<String>,
 }
 
+/// Verified assertions by the SHA-256 of their text, with their `exp`: a citizen's
+/// hold, book and list within one assertion's lifetime pay one signature check.
+type Verified = HashMap<[u8; 32], (AssertedCitizen, i64)>;
+
 /// The configured issuers, shared by every handler.
 #[derive(Clone, Default)]
 pub struct Assertions {
     issuers: Arc<[CitizenIssuer]>,
     lifetime_max_s: i64,
+    verified: Arc<Mutex<Verified>>,
+    /// Bound on `verified`: when full, expired entries go, and if it is still full, all.
+    verified_max: usize,
 }
 
 impl Assertions {
-    pub fn new(issuers: &[CitizenIssuer], lifetime_max_s: u32) -> Self {
+    pub fn new(issuers: &[CitizenIssuer], lifetime_max_s: u32, verified_max: usize) -> Self {
         Self {
             issuers: issuers.into(),
             lifetime_max_s: i64::from(lifetime_max_s),
+            verified: Arc::default(),
+            verified_max,
         }
+    }
+
+    /// How many verified assertions are remembered.
+    pub fn verified_count(&self) -> usize {
+        self.remembered().len()
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, Verified> {
+        // Each critical section is one map operation: a poisoned lock guards sound data.
+        self.verified.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The citizen of an assertion verified before and not expired at `now_unix_s`.
+    fn recall(&self, digest: &[u8; 32], now_unix_s: i64) -> Option<AssertedCitizen> {
+        let remembered = self.remembered();
+        let (citizen, exp) = remembered.get(digest)?;
+        (*exp > now_unix_s).then(|| citizen.clone())
+    }
+
+    fn remember(&self, digest: [u8; 32], citizen: &AssertedCitizen, exp: i64, now_unix_s: i64) {
+        if self.verified_max == 0 {
+            return;
+        }
+        let mut remembered = self.remembered();
+        if remembered.len() >= self.verified_max {
+            remembered.retain(|_, (_, exp)| *exp > now_unix_s);
+            if remembered.len() >= self.verified_max {
+                remembered.clear();
+            }
+        }
+        remembered.insert(digest, (citizen.clone(), exp));
     }
 
     /// The citizen the request's assertion names, or why there is none valid (for the
@@ -78,6 +120,10 @@ impl Assertions {
             .map_err(|_| "the assertion is not ASCII")?;
         if token.len() > ASSERTION_BYTES_MAX {
             return Err("the assertion is too long".into());
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(citizen) = self.recall(&digest, now_unix_s) {
+            return Ok(citizen);
         }
         let claims = self.signed_claims(token)?;
         if claims.exp <= now_unix_s {
@@ -97,12 +143,14 @@ impl Assertions {
         if claims.sub.is_empty() {
             return Err("the assertion names no citizen".into());
         }
-        Ok(AssertedCitizen {
+        let citizen = AssertedCitizen {
             sub: claims.sub,
             birth_year: claims.birth_year,
             groups: claims.groups,
             dependants: claims.dependants,
-        })
+        };
+        self.remember(digest, &citizen, claims.exp, now_unix_s);
+        Ok(citizen)
     }
 
     /// The claims of a JWS signed by a configured issuer for its audience. Only the keys
@@ -129,5 +177,55 @@ impl Assertions {
             }
         }
         Err(last_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CitizenIssuerEntry, ConfigFile};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+
+    fn signed(key: &rcgen::KeyPair, sub: &str, now: i64) -> MetadataMap {
+        let claims = serde_json::json!({
+            "iss": "gw", "aud": "prenota", "sub": sub, "iat": now, "exp": now + 600,
+        });
+        let signing = EncodingKey::from_ed_pem(key.serialize_pem().as_bytes()).unwrap();
+        let token = encode(&Header::new(Algorithm::EdDSA), &claims, &signing).unwrap();
+        let mut metadata = MetadataMap::new();
+        metadata.insert(ASSERTION_HEADER, token.parse().unwrap());
+        metadata
+    }
+
+    fn assertions(key: &rcgen::KeyPair, remembered_max: usize) -> Assertions {
+        let file = ConfigFile {
+            citizen_issuers: vec![CitizenIssuerEntry {
+                name: "gw".into(),
+                audience: "prenota".into(),
+                public_key_pem: key.public_key_pem(),
+            }],
+            ..ConfigFile::default()
+        };
+        Assertions::new(&file.check().unwrap().citizen_issuers, 900, remembered_max)
+    }
+
+    #[test]
+    fn a_remembered_assertion_still_expires_and_memory_stays_bounded() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let now = 1_800_000_000;
+        let assertions = assertions(&key, 2);
+        let alice = signed(&key, "ALICE", now);
+        assert_eq!(assertions.verify(&alice, now).unwrap().sub, "ALICE");
+        assert_eq!(assertions.verify(&alice, now + 1).unwrap().sub, "ALICE");
+        assert_eq!(assertions.verified_count(), 1);
+        assert!(
+            assertions.verify(&alice, now + 600).is_err(),
+            "expired, remembered or not"
+        );
+        for (index, sub) in ["BOB", "CAROL", "DAVE"].iter().enumerate() {
+            let metadata = signed(&key, sub, now + index as i64);
+            assertions.verify(&metadata, now + 10).unwrap();
+            assert!(assertions.verified_count() <= 2);
+        }
     }
 }
