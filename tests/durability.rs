@@ -38,21 +38,40 @@ fn build_shim(dir: &Path) -> PathBuf {
 
 /// A child server whose fdatasync is controlled through files in `control`.
 fn start_with_shim(data_dir: &Path, library: &Path, control: &Path) -> ChildServer {
-    let mut server = ChildServer::start_recovering(
-        data_dir,
-        ChildOptions {
-            env: vec![
-                ("LD_PRELOAD".into(), library.display().to_string()),
-                (
-                    "PRENOTA_FSYNC_SHIM_DIR".into(),
-                    control.display().to_string(),
-                ),
-            ],
-            ..ChildOptions::default()
-        },
-    );
+    start_with_shim_and(data_dir, library, control, Vec::new())
+}
+
+/// `start_with_shim`, with more environment variables (e.g. limits).
+fn start_with_shim_and(
+    data_dir: &Path,
+    library: &Path,
+    control: &Path,
+    mut env: Vec<(String, String)>,
+) -> ChildServer {
+    env.push(("LD_PRELOAD".into(), library.display().to_string()));
+    env.push((
+        "PRENOTA_FSYNC_SHIM_DIR".into(),
+        control.display().to_string(),
+    ));
+    let options = ChildOptions {
+        env,
+        ..ChildOptions::default()
+    };
+    let mut server = ChildServer::start_recovering(data_dir, options);
     server.wait_serving();
     server
+}
+
+/// Waits (bounded) until a commit is inside the held fdatasync.
+async fn wait_for_held_fdatasync(control: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !control.join("waiting").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the commit never reached fdatasync"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn health(server: &ChildServer) -> ServingStatus {
@@ -77,14 +96,7 @@ async fn no_booking_is_acknowledged_before_its_fdatasync_returns() {
             .book(book_request(&slot_id, "citizen-gated", "gated"))
             .await
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !control.join("waiting").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the commit never reached fdatasync"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_held_fdatasync(&control).await;
     // The write is applied and flushed, fdatasync is running: no answer yet.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -187,21 +199,8 @@ async fn a_closure_stalled_behind_a_held_fdatasync_gives_up_and_closes_nothing()
     let library = build_shim(dir.path());
     let control = dir.path().join("control");
     std::fs::create_dir_all(&control).unwrap();
-    let mut server = ChildServer::start_recovering(
-        &dir.path().join("data"),
-        ChildOptions {
-            env: vec![
-                ("LD_PRELOAD".into(), library.display().to_string()),
-                (
-                    "PRENOTA_FSYNC_SHIM_DIR".into(),
-                    control.display().to_string(),
-                ),
-                ("PRENOTA_LIMITS_CLOSE_SETTLE_WAIT_MS".into(), "300".into()),
-            ],
-            ..ChildOptions::default()
-        },
-    );
-    server.wait_serving();
+    let limit = ("PRENOTA_LIMITS_CLOSE_SETTLE_WAIT_MS".into(), "300".into());
+    let server = start_with_shim_and(&dir.path().join("data"), &library, &control, vec![limit]);
     let channel = connect(&server.url).await;
     let slot_id = one_slot_site_on(channel.clone(), "stalled", "r", 10).await;
     let slot = search_all(
@@ -228,14 +227,7 @@ async fn a_closure_stalled_behind_a_held_fdatasync_gives_up_and_closes_nothing()
             .book(book_request(&slot_id, "citizen-stalled", "stalled"))
             .await
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !control.join("waiting").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the commit never reached fdatasync"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_held_fdatasync(&control).await;
     let mut capacity =
         prenota::proto::capacity_service_client::CapacityServiceClient::new(channel.clone());
     let refused =

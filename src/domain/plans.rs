@@ -131,6 +131,19 @@ pub fn check_not_started(slot: &SlotKey, now_unix_ms: i64) -> Result<(), DomainE
     Ok(())
 }
 
+/// What a new booking or hold takes, in order: the citizen's entry `id` under its
+/// limit, then one place of the slot.
+fn admission(slot: &SlotView, citizen: CitizenKey, id: BookingId) -> [Take; 2] {
+    [
+        Take::Entry {
+            citizen,
+            service: slot.key.service_id.clone(),
+            id,
+        },
+        Take::Place(slot.key.clone()),
+    ]
+}
+
 /// A new booking `id` of a place in `slot`.
 pub fn book(
     slot: &SlotView,
@@ -149,14 +162,7 @@ pub fn book(
         request,
     );
     Ok(Plan {
-        take: vec![
-            Take::Entry {
-                citizen,
-                service: slot.key.service_id.clone(),
-                id,
-            },
-            Take::Place(slot.key.clone()),
-        ],
+        take: admission(slot, citizen, id).to_vec(),
         writes: vec![Record::Booking(booking.clone())],
         free: Vec::new(),
         answer: booking,
@@ -183,19 +189,13 @@ pub fn hold(
         request,
         state: HoldState::Live,
     };
+    let [entry, place] = admission(slot, citizen, id);
+    let share = Take::HeldShare {
+        slot: slot.key.clone(),
+        max: held_max(slot.capacity, held_share_percent),
+    };
     Ok(Plan {
-        take: vec![
-            Take::Entry {
-                citizen,
-                service: slot.key.service_id.clone(),
-                id,
-            },
-            Take::Place(slot.key.clone()),
-            Take::HeldShare {
-                slot: slot.key.clone(),
-                max: held_max(slot.capacity, held_share_percent),
-            },
-        ],
+        take: vec![entry, place, share],
         writes: vec![Record::Hold(hold.clone())],
         free: vec![Free::LiveHold(hold.clone())],
         answer: hold,

@@ -65,41 +65,25 @@ trait NamesCitizen {
     fn citizen_id(&mut self) -> &mut String;
 }
 
-impl NamesCitizen for proto::BookRequest {
-    fn citizen_id(&mut self) -> &mut String {
-        &mut self.citizen_id
-    }
+/// Every request type with a `citizen_id` field names its citizen there.
+macro_rules! names_citizen {
+    ($($request:ty),+) => {
+        $(impl NamesCitizen for $request {
+            fn citizen_id(&mut self) -> &mut String {
+                &mut self.citizen_id
+            }
+        })+
+    };
 }
 
-impl NamesCitizen for proto::HoldSlotRequest {
-    fn citizen_id(&mut self) -> &mut String {
-        &mut self.citizen_id
-    }
-}
-
-impl NamesCitizen for proto::GetBookingRequest {
-    fn citizen_id(&mut self) -> &mut String {
-        &mut self.citizen_id
-    }
-}
-
-impl NamesCitizen for proto::CancelBookingRequest {
-    fn citizen_id(&mut self) -> &mut String {
-        &mut self.citizen_id
-    }
-}
-
-impl NamesCitizen for proto::RescheduleBookingRequest {
-    fn citizen_id(&mut self) -> &mut String {
-        &mut self.citizen_id
-    }
-}
-
-impl NamesCitizen for proto::ListCitizenBookingsRequest {
-    fn citizen_id(&mut self) -> &mut String {
-        &mut self.citizen_id
-    }
-}
+names_citizen!(
+    proto::BookRequest,
+    proto::HoldSlotRequest,
+    proto::GetBookingRequest,
+    proto::CancelBookingRequest,
+    proto::RescheduleBookingRequest,
+    proto::ListCitizenBookingsRequest
+);
 
 /// The booking commands whose outcomes are counted (`prenota_bookings_total`,
 /// `prenota_holds_total`).
