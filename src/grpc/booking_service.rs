@@ -159,9 +159,12 @@ impl BookingService for BookingApi {
         request: Request<proto::BookRequest>,
     ) -> Result<Response<proto::BookResponse>, Status> {
         let (caller, body) = self.acting(request)?;
-        let mut command =
-            convert::book_from_proto(body, self.engine.limits(), self.engine.citizen_ids())?;
-        command.request = command.request.within(&caller.actor());
+        let command = convert::book_from_proto(
+            body,
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+            &caller.actor(),
+        )?;
         let view = self
             .counted(
                 Command::Book,
@@ -178,9 +181,12 @@ impl BookingService for BookingApi {
         request: Request<proto::HoldSlotRequest>,
     ) -> Result<Response<proto::HoldSlotResponse>, Status> {
         let (caller, body) = self.acting(request)?;
-        let mut command =
-            convert::hold_from_proto(body, self.engine.limits(), self.engine.citizen_ids())?;
-        command.request = command.request.within(&caller.actor());
+        let command = convert::hold_from_proto(
+            body,
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+            &caller.actor(),
+        )?;
         let hold = self
             .counted(
                 Command::Hold,
@@ -210,9 +216,12 @@ impl BookingService for BookingApi {
         request: Request<proto::CancelBookingRequest>,
     ) -> Result<Response<proto::CancelBookingResponse>, Status> {
         let (caller, body) = self.acting(request)?;
-        let mut command =
-            convert::cancel_from_proto(body, self.engine.limits(), self.engine.citizen_ids())?;
-        command.request = command.request.within(&caller.actor());
+        let command = convert::cancel_from_proto(
+            body,
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+            &caller.actor(),
+        )?;
         let view = self
             .counted(Command::Cancel, |engine| async move {
                 engine.cancel(command).await
@@ -228,9 +237,12 @@ impl BookingService for BookingApi {
         request: Request<proto::RescheduleBookingRequest>,
     ) -> Result<Response<proto::RescheduleBookingResponse>, Status> {
         let (caller, body) = self.acting(request)?;
-        let mut command =
-            convert::reschedule_from_proto(body, self.engine.limits(), self.engine.citizen_ids())?;
-        command.request = command.request.within(&caller.actor());
+        let command = convert::reschedule_from_proto(
+            body,
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+            &caller.actor(),
+        )?;
         let view = self
             .counted(Command::Reschedule, |engine| async move {
                 engine.reschedule(command).await

@@ -220,8 +220,8 @@ impl CapacityService for CapacityApi {
         if let Ok(slot) = convert::slot_key("slot_id", &request.slot_id, limits) {
             self.check_site(&caller, &slot.site_id)?;
         }
-        let (slot, capacity, request_key) = convert::set_capacity_from_proto(&request, limits)?;
-        let request_key = request_key.map(|key| key.within(&caller.actor()));
+        let (slot, capacity, request_key) =
+            convert::set_capacity_from_proto(&request, limits, &caller.actor())?;
         let (site, slot) = self
             .write(&caller, |engine, actor| async move {
                 engine
@@ -239,8 +239,8 @@ impl CapacityService for CapacityApi {
         request: Request<proto::CloseSlotsRequest>,
     ) -> Result<Response<proto::CloseSlotsResponse>, Status> {
         let caller = Caller::of(&request)?;
-        let mut command = convert::close_from_proto(request.into_inner(), self.engine.limits())?;
-        command.request = command.request.map(|key| key.within(&caller.actor()));
+        let command =
+            convert::close_from_proto(request.into_inner(), self.engine.limits(), &caller.actor())?;
         self.check_site(&caller, &command.site_id)?;
         let outcome = self
             .write(&caller, |engine, actor| async move {

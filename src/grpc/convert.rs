@@ -74,18 +74,26 @@ pub fn time_zone(field: &str, name: &str) -> Result<Tz, FieldViolation> {
     })
 }
 
-pub fn request_key(value: &str, limits: &Limits) -> Result<RequestKey, FieldViolation> {
+/// A `request_id` as the caller `caller` (a token's name) sent it: request ids are
+/// scoped to their caller, so nobody can squat another caller's ids.
+pub fn request_key(
+    value: &str,
+    limits: &Limits,
+    caller: &str,
+) -> Result<RequestKey, FieldViolation> {
     RequestKey::parse("request_id", value, limits.request_id_length_max)
+        .map(|key| key.within(caller))
 }
 
 /// An authority request's optional `request_id`: empty means none.
 pub fn optional_request_key(
     value: &str,
     limits: &Limits,
+    caller: &str,
 ) -> Result<Option<RequestKey>, FieldViolation> {
     match value {
         "" => Ok(None),
-        value => request_key(value, limits).map(Some),
+        value => request_key(value, limits, caller).map(Some),
     }
 }
 
@@ -304,6 +312,7 @@ fn required_range(
 pub fn close_from_proto(
     request: proto::CloseSlotsRequest,
     limits: &Limits,
+    caller: &str,
 ) -> Result<CloseCommand, DomainError> {
     let (site_id, service_id, (from_unix_s, to_unix_s), request, reason) = (
         site_id("site_id", &request.site_id, limits),
@@ -311,7 +320,7 @@ pub fn close_from_proto(
             service_id("service_id", id, limits)
         }),
         required_range(&request.from, &request.to),
-        optional_request_key(&request.request_id, limits),
+        optional_request_key(&request.request_id, limits, caller),
         display_text(
             "reason",
             &request.reason,
@@ -334,11 +343,12 @@ pub fn book_from_proto(
     request: proto::BookRequest,
     limits: &Limits,
     ids: &CitizenIds,
+    caller: &str,
 ) -> Result<BookCommand, DomainError> {
     let (slot, citizen_id, request, hold_id) = (
         slot_key("slot_id", &request.slot_id, limits),
         ids.canonical(&request.citizen_id),
-        request_key(&request.request_id, limits),
+        request_key(&request.request_id, limits, caller),
         optional(request.hold_id.as_deref(), |id| {
             BookingId::parse("hold_id", id)
         }),
@@ -371,11 +381,12 @@ pub fn hold_from_proto(
     request: proto::HoldSlotRequest,
     limits: &Limits,
     ids: &CitizenIds,
+    caller: &str,
 ) -> Result<HoldCommand, DomainError> {
     let (slot, citizen_id, request, ttl_seconds) = (
         slot_key("slot_id", &request.slot_id, limits),
         ids.canonical(&request.citizen_id),
-        request_key(&request.request_id, limits),
+        request_key(&request.request_id, limits, caller),
         hold_ttl_seconds(request.ttl_seconds, limits),
     )
         .all_valid()?;
@@ -403,11 +414,12 @@ pub fn cancel_from_proto(
     request: proto::CancelBookingRequest,
     limits: &Limits,
     ids: &CitizenIds,
+    caller: &str,
 ) -> Result<CancelCommand, DomainError> {
     let (booking_id, citizen_id, request) = (
         booking_id(&request.booking_id),
         ids.canonical(&request.citizen_id),
-        request_key(&request.request_id, limits),
+        request_key(&request.request_id, limits, caller),
     )
         .all_valid()?;
     Ok(CancelCommand {
@@ -421,12 +433,13 @@ pub fn reschedule_from_proto(
     request: proto::RescheduleBookingRequest,
     limits: &Limits,
     ids: &CitizenIds,
+    caller: &str,
 ) -> Result<RescheduleCommand, DomainError> {
     let (booking_id, citizen_id, new_slot, request) = (
         booking_id(&request.booking_id),
         ids.canonical(&request.citizen_id),
         slot_key("new_slot_id", &request.new_slot_id, limits),
-        request_key(&request.request_id, limits),
+        request_key(&request.request_id, limits, caller),
     )
         .all_valid()?;
     Ok(RescheduleCommand {
@@ -468,6 +481,7 @@ pub fn publish_from_proto(
 pub fn set_capacity_from_proto(
     request: &proto::SetSlotCapacityRequest,
     limits: &Limits,
+    caller: &str,
 ) -> Result<(SlotKey, u32, Option<RequestKey>), DomainError> {
     let capacity = match request.capacity {
         capacity if capacity <= limits.capacity_per_slot_max => Ok(capacity),
@@ -478,7 +492,7 @@ pub fn set_capacity_from_proto(
     };
     let (slot, request, capacity) = (
         slot_key("slot_id", &request.slot_id, limits),
-        optional_request_key(&request.request_id, limits),
+        optional_request_key(&request.request_id, limits, caller),
         capacity,
     )
         .all_valid()?;
