@@ -80,6 +80,15 @@ pub enum CitizenTrust {
     Trusted,
 }
 
+/// How a caller with no `citizens` setting (an open-mode caller too) names citizens:
+/// asserted once identity gateways are configured, trusted before.
+pub fn default_citizen_trust(issuers_configured: bool) -> CitizenTrust {
+    match issuers_configured {
+        true => CitizenTrust::Asserted,
+        false => CitizenTrust::Trusted,
+    }
+}
+
 /// `[[citizen_issuers]]` in `prenota.toml`: an identity gateway (SPID, CIE, eIDAS)
 /// whose signed assertions name citizens. Several entries with one name: key rotation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -336,10 +345,7 @@ impl ConfigFile {
     pub fn check(&self) -> Result<Config, Vec<String>> {
         let mut problems = self.limits.problems();
         let citizen_issuers = self.citizen_issuers(&mut problems);
-        let default_trust = match self.citizen_issuers.is_empty() {
-            true => CitizenTrust::Trusted,
-            false => CitizenTrust::Asserted,
-        };
+        let default_trust = default_citizen_trust(!self.citizen_issuers.is_empty());
         let mut tokens = Vec::new();
         let mut names = BTreeSet::new();
         let mut hashes = BTreeSet::new();

@@ -23,7 +23,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::config::{CitizenTrust, Config};
+use crate::config::{default_citizen_trust, CitizenTrust, Config};
 use crate::grpc::assertion::Assertions;
 use crate::grpc::auth::{self, Gate};
 use crate::grpc::observe::ObserveLayer;
@@ -146,10 +146,7 @@ impl Access {
                 lifetime_max_s,
                 config.limits.citizen_assertions_remembered_max,
             ),
-            open_citizens: match config.citizen_issuers.is_empty() {
-                true => CitizenTrust::Trusted,
-                false => CitizenTrust::Asserted,
-            },
+            open_citizens: default_citizen_trust(!config.citizen_issuers.is_empty()),
         }
     }
 }

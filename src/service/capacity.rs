@@ -706,15 +706,10 @@ impl Engine {
             }
         })?;
         for booking in &cancelled {
-            self.citizens.release(
-                booking.citizen,
-                &booking.slot.service_id,
-                booking.booking_id,
-            );
-            self.return_place(&booking.slot);
+            self.free_entry_and_place(booking.citizen, &booking.slot, booking.booking_id);
         }
         for hold in &holds {
-            self.return_hold_place(hold);
+            self.free_entry_and_place(hold.citizen, &hold.slot, hold.hold_id);
         }
         Ok(outcome)
     }

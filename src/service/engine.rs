@@ -187,6 +187,13 @@ impl Engine {
         }
     }
 
+    /// Frees what a booking or hold `id` held, after the durable write that ended it:
+    /// its citizen entry, then its place.
+    pub(super) fn free_entry_and_place(&self, citizen: CitizenKey, slot: &SlotKey, id: BookingId) {
+        self.citizens.release(citizen, &slot.service_id, id);
+        self.return_place(slot);
+    }
+
     pub fn search(&self, query: &SearchQuery) -> Result<SearchPage, ServiceError> {
         Ok(self.catalog().search(query)?)
     }

@@ -86,13 +86,6 @@ impl Engine {
         .await
     }
 
-    /// Frees what a durably expired hold occupied: its citizen entry and its place.
-    pub(super) fn return_hold_place(&self, hold: &Hold) {
-        self.citizens
-            .release(hold.citizen, &hold.slot.service_id, hold.hold_id);
-        self.return_place(&hold.slot);
-    }
-
     /// Live holds right now (for tests and statistics).
     pub fn live_hold_count(&self) -> usize {
         self.live_holds().len()
