@@ -63,6 +63,16 @@ pub struct Limits {
     pub held_share_of_capacity_max_percent: u32,
     /// How often the sweeper returns the places of expired holds.
     pub hold_sweep_interval_ms: u64,
+    /// How long a finished request is remembered (a retry within it gets the first
+    /// outcome; after it, it is a new request), in memory and on disk; 0 keeps for good.
+    pub request_records_retained_hours: u32,
+    /// How long after a slot ended its bookings, holds and the slot itself are kept
+    /// (audit entries: this long after they were written); 0 keeps everything.
+    pub records_retained_days: u32,
+    /// How often retention runs a pass (in bounded batches, in the background).
+    pub retention_interval_ms: u64,
+    /// Records one retention step reads, and at most deletes in one group commit.
+    pub retention_batch_records: usize,
     /// Longest a `CloseSlots` waits for bookings already admitted to its slots to be
     /// written (a stalled disk holds them up) before it reopens them and answers
     /// UNAVAILABLE / OVERLOADED, so the authority lock is never held without bound.
@@ -144,6 +154,10 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     hold_ttl_seconds_max: 600,
     held_share_of_capacity_max_percent: 50,
     hold_sweep_interval_ms: 250,
+    request_records_retained_hours: 72,
+    records_retained_days: 400,
+    retention_interval_ms: 3_600_000,
+    retention_batch_records: 1_000,
     close_settle_wait_ms: 10_000,
     hold_sweep_batch_max: 4_096,
     import_rows_max: 200_000,
@@ -182,6 +196,7 @@ const _: () = {
     assert!(l.slot_minutes_max <= 24 * 60);
     assert!(l.export_channel_depth >= 1);
     assert!(l.metrics_refresh_interval_ms >= 100 && l.backup_changes_buffered_max >= 1);
+    assert!(l.retention_interval_ms >= 100 && l.retention_batch_records >= 1);
 };
 
 impl Limits {
@@ -256,6 +271,10 @@ impl Limits {
         need(
             l.hold_sweep_interval_ms >= 10,
             "hold_sweep_interval_ms must be at least 10",
+        );
+        need(
+            l.retention_interval_ms >= 100 && l.retention_batch_records >= 1,
+            "retention_interval_ms must be at least 100 and retention_batch_records at least 1",
         );
         need(
             l.held_share_of_capacity_max_percent >= 1

@@ -176,6 +176,7 @@ impl Tasks {
             tokio::spawn(mirror_store_health(engine.store_health(), health.clone())),
             tokio::spawn(sweep_holds(Arc::clone(engine))),
             tokio::spawn(retain_rate_limits(Arc::clone(engine))),
+            tokio::spawn(retain_records(Arc::clone(engine))),
             tokio::spawn(refresh_gauges(Arc::clone(engine))),
         ])
     }
@@ -406,6 +407,40 @@ pub async fn sweep_holds_once(engine: &Engine) -> Result<usize, ServiceError> {
     Ok(expired)
 }
 
+/// Runs a retention pass every `retention_interval_ms`, the first one period after start.
+async fn retain_records(engine: Arc<Engine>) {
+    let period = Duration::from_millis(engine.limits().retention_interval_ms);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match retain_once(&engine).await {
+            Ok(_) | Err(ServiceError::Store(StoreError::Failed)) => {}
+            Err(error) => tracing::warn!(%error, "retention failed; retrying next period"),
+        }
+    }
+}
+
+/// One retention pass at the engine clock's `now`, logged when it deleted anything.
+/// Tests on a manual clock call it directly.
+pub async fn retain_once(engine: &Engine) -> Result<crate::service::Retained, ServiceError> {
+    let started = std::time::Instant::now();
+    let retained = engine.retain().await?;
+    if !retained.is_empty() {
+        tracing::info!(
+            request_records = retained.request_records,
+            holds = retained.holds,
+            bookings = retained.bookings,
+            slots = retained.slots,
+            audit_entries = retained.audit_entries,
+            authority_requests = retained.authority_requests,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "retention forgot old records"
+        );
+    }
+    Ok(retained)
+}
+
 /// Forgets rate-limited citizens whose quota has refilled, on a timer: a flood of
 /// made-up citizen ids costs memory only until the next tick.
 async fn retain_rate_limits(engine: Arc<Engine>) {
@@ -455,6 +490,7 @@ async fn refresh_gauges(engine: Arc<Engine>) {
                 metrics::gauge!(telemetry::SITE_HELD, &labels).set(totals.held as f64);
             }
             metrics::gauge!(telemetry::HOLDS_LIVE).set(engine.live_hold_count() as f64);
+            metrics::gauge!(telemetry::REQUEST_RECORDS).set(engine.request_record_count() as f64);
             if let Ok(bytes) = engine.store_disk_bytes() {
                 metrics::gauge!(telemetry::STORE_DISK_BYTES).set(bytes as f64);
             }

@@ -51,6 +51,10 @@ pub const SERVING: &str = "prenota_serving";
 pub const RECOVERY_SECONDS: &str = "prenota_recovery_seconds";
 /// Records the last recovery rebuilt, by `kind` (`slots`, `confirmed`, `cancelled`, `live_holds`).
 pub const RECOVERED_RECORDS: &str = "prenota_recovered_records";
+/// Records retention forgot or deleted, by kind.
+pub const RETENTION_DELETED: &str = "prenota_retention_deleted_total";
+/// Finished requests remembered for idempotency.
+pub const REQUEST_RECORDS: &str = "prenota_request_records";
 /// Per site, by `site_id` and `region_id`: slots, closed slots, open capacity,
 /// confirmed bookings and live holds.
 pub const SITE_SLOTS: &str = "prenota_site_slots";
@@ -199,6 +203,14 @@ fn describe() {
         RECOVERED_RECORDS,
         "records rebuilt by the last recovery, by kind"
     );
+    describe_counter!(
+        RETENTION_DELETED,
+        "records retention forgot (request_records) or deleted, by kind"
+    );
+    describe_gauge!(
+        REQUEST_RECORDS,
+        "finished requests remembered for idempotency (until request_records_retained_hours)"
+    );
     describe_gauge!(SITE_SLOTS, "slots per site");
     describe_gauge!(SITE_SLOTS_CLOSED, "closed slots per site");
     describe_gauge!(SITE_CAPACITY, "capacity of the open slots per site");
@@ -257,6 +269,8 @@ pub const ALL: &[&str] = &[
     SERVING,
     RECOVERY_SECONDS,
     RECOVERED_RECORDS,
+    RETENTION_DELETED,
+    REQUEST_RECORDS,
     SITE_SLOTS,
     SITE_SLOTS_CLOSED,
     SITE_CAPACITY,

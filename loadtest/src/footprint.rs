@@ -22,7 +22,8 @@ const SLOTS_PER_SITE: u64 = 100_000;
 const BUILD_BATCH: usize = 1_000;
 
 /// Resident set size of this process, from /proc (Linux).
-fn rss_bytes() -> u64 {
+/// This process's resident memory.
+pub fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -105,6 +106,7 @@ pub fn bookings(count: u64) -> Result<(f64, CitizenIndex, RequestRegistry), Stri
             RequestKey(citizen),
             RequestFingerprint([1; 16]),
             BookingId(u128::from(index)),
+            0,
         );
     }
     let per_booking = (rss_bytes().saturating_sub(before)) as f64 / count as f64;

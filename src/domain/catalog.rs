@@ -237,6 +237,16 @@ impl Catalog {
         Ok(())
     }
 
+    /// Drops a slot (retention, once its records are deleted); false if it was not there.
+    pub fn remove_slot(&mut self, key: &SlotKey) -> bool {
+        self.sites.get_mut(&key.site_id).is_some_and(|entry| {
+            entry
+                .slots
+                .remove(&(key.service_id.clone(), key.start_unix_s))
+                .is_some()
+        })
+    }
+
     /// Compares planned slots with the slots that already exist (none, for a site
     /// not created yet). Closed slots stay closed and are left out.
     pub fn plan_publish(

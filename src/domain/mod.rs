@@ -12,5 +12,6 @@ pub mod field_violation;
 pub mod hold;
 pub mod ids;
 pub mod plans;
+pub mod retention;
 pub mod schedule;
 pub mod slot_counter;

@@ -56,7 +56,7 @@ pub fn verify_backup(path: &Path) -> Result<([u8; KEY_LENGTH], u64), String> {
     let mut records = 0u64;
     while let Some(frame) = reader.next_frame().map_err(damaged)? {
         match frame {
-            Frame::Records(batch) => records += batch.len() as u64,
+            Frame::Records(_) | Frame::Changes(_) => records += frame.records(),
             _ => return Err(damaged("the backup is damaged: a second header".into())),
         }
     }
@@ -120,8 +120,8 @@ fn build(path: &Path, staging: &Path, key: &[u8; 32], config: &Config) -> Result
         let mut reader = open_backup(path)?;
         // Verified above; a file that changed since fails its checksum again here.
         while let Some(frame) = reader.next_frame()? {
-            if let Frame::Records(batch) = frame {
-                store.restore_records(batch).map_err(|e| e.to_string())?;
+            if let Some(changes) = frame.into_changes() {
+                store.restore_records(changes).map_err(|e| e.to_string())?;
             }
         }
         store.restore_sync().map_err(|e| e.to_string())?;

@@ -243,12 +243,14 @@ impl From<CloseOutcome> for AuthorityOutcome {
 fn authority_request(
     request: Option<(RequestKey, RequestFingerprint)>,
     outcome: AuthorityOutcome,
+    at_unix_ms: i64,
 ) -> impl Iterator<Item = Write> {
     request.into_iter().map(move |(key, fingerprint)| {
         Write::AuthorityRequest(AuthorityRequest {
             key,
             fingerprint,
             outcome,
+            at_unix_ms,
         })
     })
 }
@@ -527,7 +529,11 @@ impl Engine {
             return Err(below(before.taken).into());
         }
         let mut writes = vec![slot_record(&slot, slot.end_unix_s(), capacity, false)];
-        writes.extend(authority_request(request, AuthorityOutcome::CapacitySet));
+        writes.extend(authority_request(
+            request,
+            AuthorityOutcome::CapacitySet,
+            self.now_unix_ms(),
+        ));
         writes.push(self.audit(
             actor,
             "SetSlotCapacity",
@@ -575,7 +581,8 @@ impl Engine {
         let slots = self.open_slots_in(&command)?;
         if slots.is_empty() {
             let nothing = CloseOutcome::default();
-            let record: Vec<Write> = authority_request(request, nothing.into()).collect();
+            let record: Vec<Write> =
+                authority_request(request, nothing.into(), self.now_unix_ms()).collect();
             if !record.is_empty() {
                 self.store.commit(&record).await?;
             }
@@ -685,7 +692,11 @@ impl Engine {
     ) -> Result<CloseOutcome, ServiceError> {
         let outcome = closure.outcome();
         let mut writes = closure.writes();
-        writes.extend(authority_request(request, outcome.into()));
+        writes.extend(authority_request(
+            request,
+            outcome.into(),
+            self.now_unix_ms(),
+        ));
         writes.push(self.audit(actor, "CloseSlots", close_detail(command, outcome)));
         let Closure {
             slots,

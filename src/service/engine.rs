@@ -247,7 +247,10 @@ impl Engine {
     where
         Work: std::future::Future<Output = Result<T, ServiceError>>,
     {
-        let guard = match self.requests.begin(request, fingerprint)? {
+        let guard = match self
+            .requests
+            .begin(request, fingerprint, self.now_unix_ms())?
+        {
             Begin::Done(id) => return fetch(id),
             Begin::Wait(outcome) => return fetch(requests::wait(outcome).await?),
             Begin::Fresh(guard) => guard,

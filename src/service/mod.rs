@@ -11,6 +11,7 @@
 //! - `capacity`: sites, schedules, imports, slot capacity, closures, statistics;
 //!   `import_check`: a capacity file's rows checked before anything is written.
 //! - `backup`: online backups, and restores checked by a full recovery.
+//! - `retention`: forgets old request records and deletes records of long-ended slots.
 
 pub mod backup;
 pub mod bookings;
@@ -25,6 +26,7 @@ pub mod import_check;
 pub mod rate_limits;
 pub mod recovery;
 pub mod requests;
+pub mod retention;
 
 pub use bookings::{BookCommand, CancelCommand, CitizenBookingsQuery, RescheduleCommand};
 pub use capacity::{CloseCommand, CloseOutcome, PublishOutcome};
@@ -33,3 +35,4 @@ pub use engine::{BookingView, Engine, ExportScope};
 pub use error::ServiceError;
 pub use holds::HoldCommand;
 pub use import_check::ImportRow;
+pub use retention::Retained;

@@ -1,5 +1,6 @@
 //! Start-up: rebuilds counters, citizen limits and idempotency records from the
 //! stored bookings, and refuses to start if what is stored breaks an invariant.
+//! Request records older than `request_records_retained_hours` are not loaded.
 
 use std::str::FromStr;
 use std::sync::{Mutex, RwLock};
@@ -7,10 +8,12 @@ use std::sync::{Mutex, RwLock};
 use chrono_tz::Tz;
 
 use crate::config::Config;
-use crate::domain::booking::{Booking, BookingState};
+use crate::domain::booking::{Booking, BookingState, RequestRecord};
 use crate::domain::catalog::{Catalog, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::hold::{HoldState, LiveHolds};
+use crate::domain::ids::BookingId;
+use crate::domain::retention::{self, Cutoffs};
 use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
 use crate::service::clock::Clock;
 use crate::service::engine::Engine;
@@ -71,14 +74,19 @@ impl Engine {
 
 fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let started = std::time::Instant::now();
+    let cutoffs = engine.retention_cutoffs();
     let catalog = engine.catalog.get_mut().unwrap_or_else(|p| p.into_inner());
     restore_sites(&engine.store, catalog)?;
     let slots = restore_slots(&engine.store, catalog)?;
     let max_active = engine.limits.max_active_per_citizen as usize;
+    let requests = Requests {
+        registry: &engine.requests,
+        cutoffs,
+    };
     let live = engine.holds.get_mut().unwrap_or_else(|p| p.into_inner());
     let live_holds = restore_holds(
         &engine.store,
-        &engine.requests,
+        &requests,
         &engine.citizens,
         live,
         catalog,
@@ -86,7 +94,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     )?;
     let (confirmed, cancelled) = restore_bookings(
         &engine.store,
-        &engine.requests,
+        &requests,
         &engine.citizens,
         catalog,
         max_active,
@@ -95,11 +103,13 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     warn_of_interrupted_write(&engine.store)?;
     let elapsed = started.elapsed();
     metrics::gauge!(telemetry::RECOVERY_SECONDS).set(elapsed.as_secs_f64());
+    let request_records = engine.requests.remembered() as u64;
     for (kind, count) in [
         ("slots", slots),
         ("live_holds", live_holds as u64),
         ("confirmed", confirmed),
         ("cancelled", cancelled),
+        ("request_records", request_records),
     ] {
         metrics::gauge!(telemetry::RECOVERED_RECORDS, "kind" => kind).set(count as f64);
     }
@@ -108,10 +118,26 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         live_holds,
         confirmed,
         cancelled,
+        request_records,
         elapsed_ms = elapsed.as_millis() as u64,
         "recovered state from the store"
     );
     Ok(())
+}
+
+/// The request registry being rebuilt, and which records it still remembers.
+struct Requests<'a> {
+    registry: &'a RequestRegistry,
+    cutoffs: Cutoffs,
+}
+
+impl Requests<'_> {
+    fn restore(&self, request: RequestRecord, id: BookingId, at_unix_ms: i64) {
+        if self.cutoffs.keeps_request(at_unix_ms) {
+            self.registry
+                .insert_recovered(request.key, request.fingerprint, id, at_unix_ms);
+        }
+    }
 }
 
 fn restore_sites(store: &Store, catalog: &mut Catalog) -> Result<(), ServiceError> {
@@ -160,7 +186,7 @@ fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceErr
 /// of chunks between them.
 fn restore_bookings(
     store: &Store,
-    requests: &RequestRegistry,
+    requests: &Requests,
     citizens: &CitizenIndex,
     catalog: &Catalog,
     max_active: usize,
@@ -243,10 +269,10 @@ fn warn_of_interrupted_write(store: &Store) -> Result<(), ServiceError> {
 
 /// Puts live holds back (they count against capacity and their citizen's limit; the
 /// sweeper expires those whose time ran out while the server was down) and remembers
-/// every hold request for idempotency. Returns how many are live.
+/// the hold requests still retained, for idempotency. Returns how many are live.
 fn restore_holds(
     store: &Store,
-    requests: &RequestRegistry,
+    requests: &Requests,
     citizens: &CitizenIndex,
     live: &mut LiveHolds,
     catalog: &Catalog,
@@ -254,7 +280,7 @@ fn restore_holds(
 ) -> Result<usize, ServiceError> {
     for hold in store.holds() {
         let hold = hold?;
-        requests.insert_recovered(hold.request.key, hold.request.fingerprint, hold.hold_id);
+        requests.restore(hold.request, hold.hold_id, hold.created_at_unix_ms);
         if hold.state != HoldState::Live {
             continue;
         }
@@ -289,22 +315,15 @@ const RECOVERY_CHUNKS_IN_FLIGHT: usize = 8;
 fn restore_booking(
     catalog: &Catalog,
     citizens: &CitizenIndex,
-    requests: &RequestRegistry,
+    requests: &Requests,
     booking: &Booking,
     max_active: usize,
 ) -> Result<bool, ServiceError> {
-    requests.insert_recovered(
-        booking.request.key,
-        booking.request.fingerprint,
-        booking.booking_id,
-    );
+    for (request, at_unix_ms) in retention::booking_requests(booking) {
+        requests.restore(request, booking.booking_id, at_unix_ms);
+    }
     match &booking.state {
-        BookingState::Cancelled { request, .. } => {
-            if let Some(request) = request {
-                requests.insert_recovered(request.key, request.fingerprint, booking.booking_id);
-            }
-            Ok(false)
-        }
+        BookingState::Cancelled { .. } => Ok(false),
         BookingState::Confirmed => {
             let (_, slot) = catalog.slot(&booking.slot).ok_or_else(|| {
                 ServiceError::Recovery(format!(

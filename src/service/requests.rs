@@ -1,7 +1,7 @@
 //! Idempotency: a `request_id` maps to the first outcome of its request.
 //!
-//! Successful mutations are remembered for good (rebuilt from stored bookings at
-//! start-up). A request still in flight makes its duplicates wait for its outcome, so
+//! Successful mutations are remembered for `request_records_retained_hours` (rebuilt
+//! from stored bookings and holds at start-up, then pruned by retention). A request still in flight makes its duplicates wait for its outcome, so
 //! two copies of one request racing each other book once. A refused request (slot full,
 //! bad input) is forgotten: retrying it is evaluated afresh and can still book at most once.
 
@@ -18,12 +18,20 @@ const SHARD_COUNT: usize = 64;
 
 pub type Outcome = Result<BookingId, ServiceError>;
 
-/// One shard. Finished requests (millions, kept for good) and requests in flight
-/// (bounded by the requests in flight) live apart, so a finished one costs 48 bytes.
+/// One shard. Finished requests (millions, kept for the retention window) and requests
+/// in flight (bounded by the requests in flight) live apart, so a finished one costs 56
+/// bytes.
 #[derive(Default)]
 struct Shard {
-    done: HashMap<RequestKey, (RequestFingerprint, BookingId)>,
+    done: HashMap<RequestKey, Done>,
     pending: HashMap<RequestKey, (RequestFingerprint, watch::Receiver<Option<Outcome>>)>,
+}
+
+/// A finished request: what it was, what it made, and when.
+struct Done {
+    fingerprint: RequestFingerprint,
+    booking_id: BookingId,
+    at_unix_ms: i64,
 }
 
 pub enum Begin<'a> {
@@ -56,15 +64,17 @@ impl RequestRegistry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Starts request `key` at `now_unix_ms` (the time its record is kept from).
     pub fn begin(
         &self,
         key: RequestKey,
         fingerprint: RequestFingerprint,
+        now_unix_ms: i64,
     ) -> Result<Begin<'_>, ServiceError> {
         let mut shard = self.shard(&key);
-        if let Some((first, booking_id)) = shard.done.get(&key) {
-            return if *first == fingerprint {
-                Ok(Begin::Done(*booking_id))
+        if let Some(done) = shard.done.get(&key) {
+            return if done.fingerprint == fingerprint {
+                Ok(Begin::Done(done.booking_id))
             } else {
                 Err(DomainError::RequestIdReused.into())
             };
@@ -82,18 +92,53 @@ impl RequestRegistry {
             registry: self,
             key,
             fingerprint,
+            at_unix_ms: now_unix_ms,
             sender: Some(sender),
         }))
     }
 
-    /// Recovery only: a stored mutation and its outcome.
+    /// Recovery only: a stored mutation made at `at_unix_ms`, and its outcome.
     pub fn insert_recovered(
         &self,
         key: RequestKey,
         fingerprint: RequestFingerprint,
         booking_id: BookingId,
+        at_unix_ms: i64,
     ) {
-        self.shard(&key).done.insert(key, (fingerprint, booking_id));
+        let done = Done {
+            fingerprint,
+            booking_id,
+            at_unix_ms,
+        };
+        self.shard(&key).done.insert(key, done);
+    }
+
+    /// Forgets the finished requests made before `cutoff_unix_ms`, one shard at a time;
+    /// returns how many. A retry of one of them is then a new request.
+    pub fn prune(&self, cutoff_unix_ms: i64) -> usize {
+        let mut pruned = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let before = shard.done.len();
+            shard
+                .done
+                .retain(|_, done| done.at_unix_ms >= cutoff_unix_ms);
+            pruned += before - shard.done.len();
+        }
+        pruned
+    }
+
+    /// Forgets one finished request (its record is being deleted).
+    pub fn forget(&self, key: &RequestKey) {
+        self.shard(key).done.remove(key);
+    }
+
+    /// Finished requests remembered.
+    pub fn remembered(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()).done.len())
+            .sum()
     }
 }
 
@@ -110,6 +155,7 @@ pub struct RequestGuard<'a> {
     registry: &'a RequestRegistry,
     key: RequestKey,
     fingerprint: RequestFingerprint,
+    at_unix_ms: i64,
     sender: Option<watch::Sender<Option<Outcome>>>,
 }
 
@@ -127,7 +173,12 @@ impl RequestGuard<'_> {
             let mut shard = self.registry.shard(&self.key);
             shard.pending.remove(&self.key);
             if let Ok(booking_id) = &outcome {
-                shard.done.insert(self.key, (self.fingerprint, *booking_id));
+                let done = Done {
+                    fingerprint: self.fingerprint,
+                    booking_id: *booking_id,
+                    at_unix_ms: self.at_unix_ms,
+                };
+                shard.done.insert(self.key, done);
             }
         }
         sender.send_replace(Some(outcome));

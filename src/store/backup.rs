@@ -5,14 +5,15 @@
 //! of every batch it commits from now on (the *tee*), then scans the store, then stops
 //! the tee. The scan alone may see a group commit half-applied; replaying the teed
 //! batches after it, in commit order, ends every key at its value as of the tee's end.
-//! Records are only ever inserted (never removed), so the restored store is exactly the
-//! store as of one moment between two group commits, which is after every write
-//! acknowledged before the backup began.
+//! The teed batches carry removals too (retention deletes old records), so the restored
+//! store is exactly the store as of one moment between two group commits, which is after
+//! every write acknowledged before the backup began.
 //!
 //! File format (version 1): the magic `PRENOTA-BACKUP\0\x01`, then frames of a 4-byte
 //! little-endian length and a postcard-encoded [`Frame`]: one `Header`, any number of
-//! `Records`, and an `End` carrying the record count and the SHA-256 of every byte
-//! before it. The citizen-id hash key is in the header: a backup is as secret as the
+//! `Records` (the scan) and `Changes` (the teed batches), and an `End` carrying the record
+//! count and the SHA-256 of every byte before it. Backups written before `Changes`
+//! existed have only `Records` and read as before. The citizen-id hash key is in the header: a backup is as secret as the
 //! data dir.
 
 use std::io::{Read, Write};
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::committer::Tee;
+use crate::store::committer::{Change, Tee};
 use crate::store::{Store, StoreError};
 
 pub const MAGIC: &[u8; 16] = b"PRENOTA-BACKUP\x00\x01";
@@ -42,6 +43,34 @@ pub enum Frame {
         records: u64,
         sha256: [u8; 32],
     },
+    /// One group commit made during the scan: puts and removals, replayed in order.
+    /// Last, so the variants before it keep their encoding.
+    Changes(Vec<Change>),
+}
+
+impl Frame {
+    /// The records or changes this frame applies; `None` for the header and the end.
+    pub fn into_changes(self) -> Option<Vec<Change>> {
+        match self {
+            Frame::Records(records) => Some(
+                records
+                    .into_iter()
+                    .map(|(key, value)| (key, Some(value)))
+                    .collect(),
+            ),
+            Frame::Changes(changes) => Some(changes),
+            Frame::Header { .. } | Frame::End { .. } => None,
+        }
+    }
+
+    /// Records (or changes) the frame carries, as counted in `End`.
+    pub fn records(&self) -> u64 {
+        match self {
+            Frame::Records(records) => records.len() as u64,
+            Frame::Changes(changes) => changes.len() as u64,
+            Frame::Header { .. } | Frame::End { .. } => 0,
+        }
+    }
 }
 
 /// What a backup wrote.
@@ -77,9 +106,7 @@ impl<W: Write> Writer<W> {
         let length = u32::try_from(bytes.len())
             .map_err(|_| std::io::Error::other("a backup frame over 4 GiB"))?
             .to_le_bytes();
-        if let Frame::Records(records) = frame {
-            self.records += records.len() as u64;
-        }
+        self.records += frame.records();
         if !matches!(frame, Frame::End { .. }) {
             self.hasher.update(length);
             self.hasher.update(&bytes);
@@ -162,7 +189,7 @@ impl Store {
         let mut batches_during_scan = 0;
         for batch in teed.try_iter() {
             batches_during_scan += 1;
-            writer.frame(&Frame::Records(batch)).map_err(io)?;
+            writer.frame(&Frame::Changes(batch)).map_err(io)?;
         }
         if self.state.failed.load(Ordering::Acquire) {
             return Err(StoreError::Failed);
@@ -177,13 +204,13 @@ impl Store {
 
     /// Applies restored records (in file order) and makes them durable. Only for a
     /// store being restored: nothing else writes to it.
-    pub(crate) fn restore_records(
-        &self,
-        records: Vec<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<(), StoreError> {
+    pub(crate) fn restore_records(&self, changes: Vec<Change>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        for (key, value) in records {
-            batch.insert(key, value);
+        for (key, value) in changes {
+            match value {
+                Some(value) => batch.insert(key, value),
+                None => batch.remove(key),
+            }
         }
         self.db
             .apply_batch(batch)
@@ -267,13 +294,8 @@ impl<R: Read> Reader<R> {
                 self.ended = true;
                 Ok(None)
             }
-            Frame::Records(records) => {
-                self.records += records.len() as u64;
-                self.hasher.update(length);
-                self.hasher.update(&bytes);
-                Ok(Some(frame))
-            }
-            Frame::Header { .. } => {
+            Frame::Records(_) | Frame::Changes(_) | Frame::Header { .. } => {
+                self.records += frame.records();
                 self.hasher.update(length);
                 self.hasher.update(&bytes);
                 Ok(Some(frame))
@@ -301,7 +323,8 @@ mod tests {
     }
 
     /// The backup's output, which commits one batch touching the first and the last
-    /// site while the scan is in the middle of the store.
+    /// site (and deleting the one before the last) while the scan is in the middle of the
+    /// store.
     struct CommitsDuringScan<'a> {
         store: &'a Store,
         out: Vec<u8>,
@@ -313,9 +336,13 @@ mod tests {
             self.writes += 1;
             // Writes 1-3 are the magic and the header; 4 starts the first records frame.
             if self.writes == 4 {
+                let deleted = crate::store::records::site_key(
+                    &SiteId::parse("site_id", "s09998", 64).unwrap(),
+                );
                 futures::executor::block_on(self.store.commit(&[
                     site("s00000", "changed during the scan"),
                     site("s09999", "changed during the scan"),
+                    Record::Delete(deleted),
                 ]))
                 .unwrap();
             }
@@ -344,6 +371,7 @@ mod tests {
         };
         let summary = store.backup(&[7; 32], 0, &mut output, 16).unwrap();
         assert_eq!(summary.batches_during_scan, 1);
+        // 9,999 scanned (s09998 was gone before the scan reached it) + 3 changes.
         assert_eq!(summary.records, 10_002);
         let bytes = output.out;
 
@@ -355,8 +383,10 @@ mod tests {
                 Frame::Header {
                     citizen_hash_key, ..
                 } => key = Some(citizen_hash_key),
-                Frame::Records(records) => restored.restore_records(records).unwrap(),
                 Frame::End { .. } => unreachable!("End is checked, not returned"),
+                records => restored
+                    .restore_records(records.into_changes().unwrap())
+                    .unwrap(),
             }
         }
         assert_eq!(key, Some(vec![7; 32]));
@@ -367,7 +397,7 @@ mod tests {
                 (record.site_id.to_string(), record.name)
             })
             .collect();
-        assert_eq!(names.len(), 10_000);
+        assert_eq!(names.len(), 9_999, "s09998 was deleted during the scan");
         // The scan had passed s00000 and not reached s09999: without the replay of the
         // teed batch, the restore would hold half of it.
         assert_eq!(names["s00000"], "changed during the scan");

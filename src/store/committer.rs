@@ -18,9 +18,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::store::error::StoreError;
 use crate::telemetry;
 
+/// One key's new value, or `None` to remove the key (retention's deletions).
+pub type Change = (Vec<u8>, Option<Vec<u8>>);
+
 /// Writes of one caller, committed together with other callers' writes.
 pub struct CommitRequest {
-    pub writes: Vec<(Vec<u8>, Vec<u8>)>,
+    pub writes: Vec<Change>,
     pub done: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -104,7 +107,7 @@ pub struct CommitterState {
 
 /// Where the committer copies committed batches during an online backup.
 pub struct Tee {
-    pub batches: std::sync::mpsc::SyncSender<Vec<(Vec<u8>, Vec<u8>)>>,
+    pub batches: std::sync::mpsc::SyncSender<Vec<Change>>,
     /// Set (and the tee dropped) when the backup fell too far behind: it must fail.
     pub overflowed: Arc<AtomicBool>,
 }
@@ -182,7 +185,10 @@ fn commit_batch(
     let mut batch = sled::Batch::default();
     for request in pending {
         for (key, value) in &request.writes {
-            batch.insert(key.as_slice(), value.as_slice());
+            match value {
+                Some(value) => batch.insert(key.as_slice(), value.as_slice()),
+                None => batch.remove(key.as_slice()),
+            }
         }
     }
     let started = Instant::now();
@@ -266,7 +272,7 @@ mod tests {
         let (done, outcome) = oneshot::channel();
         sender
             .try_send(CommitRequest {
-                writes: vec![(b"k".to_vec(), b"v".to_vec())],
+                writes: vec![(b"k".to_vec(), Some(b"v".to_vec()))],
                 done,
             })
             .unwrap();

@@ -230,6 +230,43 @@ impl Store {
         Ok(bookings)
     }
 
+    /// Up to `limit` records of the kind `prefix`, in key order from `from` (inclusive),
+    /// with their keys: one bounded step of a background scan (retention).
+    pub fn records_from<T: Record>(
+        &self,
+        prefix: u8,
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+        let mut records = Vec::new();
+        for item in self.db.range(from..).take(limit) {
+            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            if key.first() != Some(&prefix) {
+                break;
+            }
+            records.push((key.to_vec(), T::decode_value(&key, &value)?));
+        }
+        Ok(records)
+    }
+
+    /// Up to `limit` keys of the kind `prefix` that sort before `bound`, in key order.
+    pub fn keys_before(
+        &self,
+        prefix: u8,
+        bound: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.db
+            .range([prefix].as_slice()..bound)
+            .keys()
+            .take(limit)
+            .map(|key| {
+                key.map(|key| key.to_vec())
+                    .map_err(|e| StoreError::Io(format!("scanning: {e}")))
+            })
+            .collect()
+    }
+
     /// Every record of one kind, undecoded (key, value), in key order.
     fn scan_raw(
         &self,

@@ -6,10 +6,11 @@
 //! idempotency record can never be split by a crash.
 //!
 //! Values are a format version byte followed by postcard of that version's disk form
-//! (module `v1`). The disk forms are their own types, never a domain struct's derived
-//! layout: a domain type may change freely, a disk form never does. A new format adds
-//! `v2` beside `v1`, writes v2 and still reads v1. The golden-bytes tests below pin
-//! every record kind.
+//! (modules `v1`, `v2`). The disk forms are their own types, never a domain struct's
+//! derived layout: a domain type may change freely, a disk form never does. A new format
+//! adds a module beside the old ones, writes the new one and still reads the old: so far
+//! only authority requests have a v2 (it adds their time, for retention). The
+//! golden-bytes tests below pin every record kind and version.
 
 use serde::{Deserialize, Serialize};
 
@@ -34,8 +35,10 @@ pub const AUDIT_PREFIX: u8 = b'A';
 /// so a retry with the same `request_id` gets the first outcome back.
 pub const AUTHORITY_REQUEST_PREFIX: u8 = b'R';
 
-/// The format every value is written in.
+/// The format every value is written in, but authority requests.
 const FORMAT_VERSION: u8 = 1;
+/// The format authority requests are written in.
+const FORMAT_V2: u8 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SiteRecord {
@@ -97,6 +100,9 @@ pub struct AuthorityRequest {
     pub key: RequestKey,
     pub fingerprint: RequestFingerprint,
     pub outcome: AuthorityOutcome,
+    /// When the request was answered; 0 for records written before format v2 (they are
+    /// older than any retention window the first time retention runs).
+    pub at_unix_ms: i64,
 }
 
 pub fn authority_request_key(key: RequestKey) -> [u8; 17] {
@@ -106,9 +112,11 @@ pub fn authority_request_key(key: RequestKey) -> [u8; 17] {
     bytes
 }
 
-/// One record to put, already chosen by the caller.
+/// One record to put (or a key to delete), already chosen by the caller.
 #[derive(Clone, Debug)]
 pub enum Write {
+    /// Retention only: the record under this key is forgotten.
+    Delete(Vec<u8>),
     Site(SiteRecord),
     Slot(SlotRecord),
     Booking(Booking),
@@ -236,6 +244,19 @@ mod v1 {
     }
 }
 
+/// Format version 2 of the kinds that have one. Never edit these types either.
+mod v2 {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize)]
+    pub struct AuthorityRequest {
+        pub key: [u8; 16],
+        pub fingerprint: [u8; 16],
+        pub outcome: super::v1::AuthorityOutcome,
+        pub at_unix_ms: i64,
+    }
+}
+
 /// A kind of stored value: its domain (or store) type, written in the current format and
 /// read back from any format still supported.
 pub trait Record: Sized {
@@ -244,7 +265,11 @@ pub trait Record: Sized {
 }
 
 fn encode_v1<T: Serialize>(disk_form: &T) -> Result<Vec<u8>, StoreError> {
-    postcard::to_extend(disk_form, vec![FORMAT_VERSION])
+    encode_as(FORMAT_VERSION, disk_form)
+}
+
+fn encode_as<T: Serialize>(version: u8, disk_form: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_extend(disk_form, vec![version])
         .map_err(|e| StoreError::Corrupt(format!("cannot encode record: {e}")))
 }
 
@@ -252,13 +277,16 @@ fn corrupt(key: &[u8], what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("record {} {what}", String::from_utf8_lossy(key)))
 }
 
-/// The version-1 disk form in `value`; the only version there is so far.
+/// The version-1 disk form in `value`, for kinds that have no other version.
 fn decode_v1<'a, T: Deserialize<'a>>(key: &[u8], value: &'a [u8]) -> Result<T, StoreError> {
     match value.split_first() {
-        Some((&FORMAT_VERSION, body)) => postcard::from_bytes(body)
-            .map_err(|e| corrupt(key, format_args!("does not decode: {e}"))),
+        Some((&FORMAT_VERSION, body)) => decode_body(key, body),
         _ => Err(corrupt(key, "has an unknown format version")),
     }
+}
+
+fn decode_body<'a, T: Deserialize<'a>>(key: &[u8], body: &'a [u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(body).map_err(|e| corrupt(key, format_args!("does not decode: {e}")))
 }
 
 /// A stored id that fails the checks it passed when it was written.
@@ -491,15 +519,31 @@ impl Record for AuthorityRequest {
             },
             AuthorityOutcome::CapacitySet => v1::AuthorityOutcome::CapacitySet,
         };
-        encode_v1(&v1::AuthorityRequest {
-            key: self.key.0,
-            fingerprint: self.fingerprint.0,
-            outcome,
-        })
+        encode_as(
+            FORMAT_V2,
+            &v2::AuthorityRequest {
+                key: self.key.0,
+                fingerprint: self.fingerprint.0,
+                outcome,
+                at_unix_ms: self.at_unix_ms,
+            },
+        )
     }
 
     fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
-        let request: v1::AuthorityRequest = decode_v1(key, value)?;
+        let request: v2::AuthorityRequest = match value.split_first() {
+            Some((&FORMAT_V2, body)) => decode_body(key, body)?,
+            Some((&FORMAT_VERSION, body)) => {
+                let old: v1::AuthorityRequest = decode_body(key, body)?;
+                v2::AuthorityRequest {
+                    key: old.key,
+                    fingerprint: old.fingerprint,
+                    outcome: old.outcome,
+                    at_unix_ms: 0,
+                }
+            }
+            _ => return Err(corrupt(key, "has an unknown format version")),
+        };
         let outcome = match request.outcome {
             v1::AuthorityOutcome::Closed {
                 slots_closed,
@@ -516,6 +560,7 @@ impl Record for AuthorityRequest {
             key: RequestKey(request.key),
             fingerprint: RequestFingerprint(request.fingerprint),
             outcome,
+            at_unix_ms: request.at_unix_ms,
         })
     }
 }
@@ -562,6 +607,23 @@ pub fn citizen_bookings_prefix(tag: CitizenTag) -> [u8; 9] {
     key
 }
 
+/// `A` + time + 8 random bytes: entries of one millisecond never collide.
+fn audit_key(at_unix_ms: i64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(17);
+    key.push(AUDIT_PREFIX);
+    key.extend_from_slice(&sortable(at_unix_ms));
+    key.extend_from_slice(&rand::random::<[u8; 8]>());
+    key
+}
+
+/// The first audit key at or after `at_unix_ms`: entries before it sort before it.
+pub fn audit_key_from(at_unix_ms: i64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = AUDIT_PREFIX;
+    key[1..].copy_from_slice(&sortable(at_unix_ms));
+    key
+}
+
 pub fn hold_key(hold_id: HoldId) -> [u8; 17] {
     let mut key = [0u8; 17];
     key[0] = HOLD_PREFIX;
@@ -570,26 +632,24 @@ pub fn hold_key(hold_id: HoldId) -> [u8; 17] {
 }
 
 impl Write {
-    pub fn encode(&self) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+    /// The key and its new value (`None`: delete the key).
+    pub fn encode(&self) -> Result<crate::store::committer::Change, StoreError> {
         Ok(match self {
-            Write::Site(site) => (site_key(&site.site_id), site.encode_value()?),
-            Write::Slot(slot) => (slot_key(&slot.key), slot.encode_value()?),
+            Write::Delete(key) => (key.clone(), None),
+            Write::Site(site) => (site_key(&site.site_id), Some(site.encode_value()?)),
+            Write::Slot(slot) => (slot_key(&slot.key), Some(slot.encode_value()?)),
             Write::Booking(booking) => (
                 booking_key(booking.citizen.tag(), booking.booking_id).to_vec(),
-                booking.encode_value()?,
+                Some(booking.encode_value()?),
             ),
-            Write::Hold(hold) => (hold_key(hold.hold_id).to_vec(), hold.encode_value()?),
-            Write::ApplyJournal(journal) => (APPLY_JOURNAL_KEY.to_vec(), journal.encode_value()?),
-            Write::Audit(entry) => {
-                let mut key = Vec::with_capacity(17);
-                key.push(AUDIT_PREFIX);
-                key.extend_from_slice(&sortable(entry.at_unix_ms));
-                key.extend_from_slice(&rand::random::<[u8; 8]>());
-                (key, entry.encode_value()?)
+            Write::Hold(hold) => (hold_key(hold.hold_id).to_vec(), Some(hold.encode_value()?)),
+            Write::ApplyJournal(journal) => {
+                (APPLY_JOURNAL_KEY.to_vec(), Some(journal.encode_value()?))
             }
+            Write::Audit(entry) => (audit_key(entry.at_unix_ms), Some(entry.encode_value()?)),
             Write::AuthorityRequest(request) => (
                 authority_request_key(request.key).to_vec(),
-                request.encode_value()?,
+                Some(request.encode_value()?),
             ),
         })
     }
@@ -760,6 +820,7 @@ mod golden {
                         cancelled_bookings: 200,
                         expired_holds: 1,
                     },
+                    at_unix_ms: 1_799_000_000_000,
                 }),
             ),
             (
@@ -768,6 +829,7 @@ mod golden {
                     key: RequestKey([0x52; 16]),
                     fingerprint: RequestFingerprint([0x53; 16]),
                     outcome: AuthorityOutcome::CapacitySet,
+                    at_unix_ms: 1_799_000_000_000,
                 }),
             ),
             (
@@ -786,8 +848,9 @@ mod golden {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// (kind, key, value) as written by format version 1. The audit key ends in 8
-    /// random bytes, so only its first 9 are pinned.
+    /// (kind, key, value) as written now: format 1 for every kind but authority requests
+    /// (format 2; their format-1 bytes are pinned in the test below). The audit key ends
+    /// in 8 random bytes, so only its first 9 are pinned.
     const GOLDEN: &[(&str, &str, &str)] = &[
     ("site", "53726f6d652d7465726d696e69", "010c726f6d652d7465726d696e690c526f6d61205465726d696e69056c617a696f0b4575726f70652f526f6d65"),
     ("slot", "4c726f6d652d7465726d696e6900636f76696431392d646f73653100800000006b49d200", "010c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dac0201"),
@@ -798,8 +861,8 @@ mod golden {
     ("hold-confirmed", "480000000000000000000000000000aabb", "01bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb683030303030303030303030303030303031313131313131313131313131313131010e"),
     ("hold-expired", "480000000000000000000000000000aabb", "01bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb6830303030303030303030303030303030313131313131313131313131313131310210"),
     ("apply-journal", "4a6170706c79", "0180988cccdb68f0a20401"),
-    ("authority-closed", "5250505050505050505050505050505050", "0150505050505050505050505050505050515151515151515151515151515151510003c80101"),
-    ("authority-capacity", "5252525252525252525252525252525252", "01525252525252525252525252525252525353535353535353535353535353535301"),
+    ("authority-closed", "5250505050505050505050505050505050", "0250505050505050505050505050505050515151515151515151515151515151510003c8010180988cccdb68"),
+    ("authority-capacity", "5252525252525252525252525252525252", "0252525252525252525252525252525252535353535353535353535353535353530180988cccdb68"),
     ("audit", "41800001a2dcc18600", "0180988cccdb680c6c617a696f2d6865616c74680a436c6f7365536c6f7473117369746520726f6d652d7465726d696e69"),
 ];
 
@@ -809,6 +872,7 @@ mod golden {
             .into_iter()
             .map(|(kind, write)| {
                 let (key, value) = write.encode().unwrap();
+                let value = value.unwrap();
                 let key = if kind == "audit" { &key[..9] } else { &key[..] };
                 (kind, hex(key), hex(&value))
             })
@@ -831,11 +895,41 @@ mod golden {
             Write::ApplyJournal(r) => ApplyJournal::decode_value(key, value).unwrap() == *r,
             Write::AuthorityRequest(r) => AuthorityRequest::decode_value(key, value).unwrap() == *r,
             Write::Audit(r) => AuditEntry::decode_value(key, value).unwrap() == *r,
+            Write::Delete(_) => unreachable!("not a record"),
         }
     }
 
-    /// The golden values were written by the build before records had their own disk
-    /// types (the domain structs' derived layout): they must keep reading, exactly.
+    /// Authority requests of format 1 (before they had a time) read with time 0.
+    #[test]
+    fn authority_requests_of_format_1_read_with_time_0() {
+        let v1 = [
+            "0150505050505050505050505050505050515151515151515151515151515151510003c80101",
+            "01525252525252525252525252525252525353535353535353535353535353535301",
+        ];
+        let current = every_kind()
+            .into_iter()
+            .filter_map(|(_, write)| match write {
+                Write::AuthorityRequest(request) => Some(request),
+                _ => None,
+            });
+        for (value, request) in v1.iter().zip(current) {
+            let bytes: Vec<u8> = (0..value.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&value[i..i + 2], 16).unwrap())
+                .collect();
+            let read = AuthorityRequest::decode_value(b"R", &bytes).unwrap();
+            assert_eq!(read.at_unix_ms, 0);
+            assert_eq!(
+                (read.key, read.fingerprint),
+                (request.key, request.fingerprint)
+            );
+            assert_eq!(read.outcome, request.outcome);
+        }
+    }
+
+    /// The golden values of format 1 were written by the build before records had their
+    /// own disk types (the domain structs' derived layout): they must keep reading,
+    /// exactly, like the format-2 ones.
     #[test]
     fn records_written_by_earlier_builds_still_read() {
         for ((kind, write), (golden_kind, _, value)) in every_kind().iter().zip(GOLDEN) {
@@ -853,7 +947,8 @@ mod golden {
 
     #[test]
     fn a_stored_id_that_fails_its_checks_is_corrupt_not_a_panic() {
-        let (_, mut value) = every_kind().swap_remove(0).1.encode().unwrap();
+        let (_, value) = every_kind().swap_remove(0).1.encode().unwrap();
+        let mut value = value.unwrap();
         value[2] = b'/'; // the site id's first character
         let error = SiteRecord::decode_value(b"Sx", &value).unwrap_err();
         assert!(matches!(error, StoreError::Corrupt(_)), "{error:?}");

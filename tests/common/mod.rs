@@ -92,6 +92,20 @@ impl TestServer {
             .expect("the sweep commits")
     }
 
+    /// Runs one retention pass now, as its timer would.
+    pub async fn retain(&self) -> prenota::service::Retained {
+        let engine = self.engine.upgrade().expect("the server is running");
+        prenota::server::retain_once(&engine)
+            .await
+            .expect("the retention pass commits")
+    }
+
+    /// Finished requests the server remembers right now.
+    pub fn request_records(&self) -> usize {
+        let engine = self.engine.upgrade().expect("the server is running");
+        engine.request_record_count()
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.address)
     }

@@ -1,0 +1,140 @@
+//! What retention forgets, and when: pure rules over stored records and the time now.
+//!
+//! Two windows (PRODUCT.md A): records of finished requests are kept
+//! `request_records_retained_hours`, and everything about a slot (its bookings, holds,
+//! the slot itself) until `records_retained_days` after it ended. 0 keeps for good.
+
+use crate::domain::booking::{Booking, BookingState};
+use crate::domain::hold::{Hold, HoldState};
+
+const MS_PER_HOUR: i64 = 3_600_000;
+const S_PER_DAY: i64 = 86_400;
+
+/// The two retention windows as cut-off times, fixed for one pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cutoffs {
+    /// Request records made before this are forgotten (`i64::MIN`: none are).
+    pub requests_before_unix_ms: i64,
+    /// Slots that ended before this are deleted with their records (`i64::MIN`: none).
+    pub slots_ended_before_unix_s: i64,
+}
+
+impl Cutoffs {
+    pub fn at(now_unix_ms: i64, request_hours: u32, record_days: u32) -> Self {
+        let back = |window: i64, now: i64| match window {
+            0 => i64::MIN,
+            window => now.saturating_sub(window),
+        };
+        Self {
+            requests_before_unix_ms: back(i64::from(request_hours) * MS_PER_HOUR, now_unix_ms),
+            slots_ended_before_unix_s: back(
+                i64::from(record_days) * S_PER_DAY,
+                now_unix_ms.div_euclid(1_000),
+            ),
+        }
+    }
+
+    /// A request made at `at_unix_ms` is still remembered.
+    pub fn keeps_request(&self, at_unix_ms: i64) -> bool {
+        at_unix_ms >= self.requests_before_unix_ms
+    }
+
+    /// A slot that ends at `end_unix_s` is still kept, with its bookings and holds.
+    pub fn keeps_slot(&self, end_unix_s: i64) -> bool {
+        end_unix_s >= self.slots_ended_before_unix_s
+    }
+
+    /// A hold's record is kept while it is live, while its request is remembered and
+    /// while its slot is kept. `slot_end_unix_s` is its slot's end, if the slot exists.
+    pub fn keeps_hold(&self, hold: &Hold, slot_end_unix_s: Option<i64>) -> bool {
+        hold.state == HoldState::Live
+            || (self.keeps_request(hold.created_at_unix_ms)
+                && slot_end_unix_s.is_some_and(|end| self.keeps_slot(end)))
+    }
+
+    /// A booking's record is kept while its slot is (the slot's end if the slot exists,
+    /// else the end the booking was made for).
+    pub fn keeps_booking(&self, booking: &Booking, slot_end_unix_s: Option<i64>) -> bool {
+        self.keeps_slot(slot_end_unix_s.unwrap_or(booking.end_unix_s))
+    }
+}
+
+/// The requests a booking record remembers, with their times: the one that made it and,
+/// if it was cancelled by a request, the cancel.
+pub fn booking_requests(
+    booking: &Booking,
+) -> impl Iterator<Item = (crate::domain::booking::RequestRecord, i64)> {
+    let cancel = match &booking.state {
+        BookingState::Cancelled {
+            at_unix_ms,
+            request: Some(request),
+            ..
+        } => Some((*request, *at_unix_ms)),
+        _ => None,
+    };
+    std::iter::once((booking.request, booking.created_at_unix_ms)).chain(cancel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::booking::RequestRecord;
+    use crate::domain::ids::{
+        BookingId, CitizenKey, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey,
+    };
+
+    const NOW_MS: i64 = 1_800_000_000_000;
+    const HOUR_MS: i64 = 3_600_000;
+
+    fn hold(created_at_unix_ms: i64, state: HoldState) -> Hold {
+        Hold {
+            hold_id: BookingId(1),
+            slot: SlotKey {
+                site_id: SiteId::parse("s", "a", 64).unwrap(),
+                service_id: ServiceId::parse("s", "b", 64).unwrap(),
+                start_unix_s: 0,
+            },
+            citizen: CitizenKey([1; 16]),
+            created_at_unix_ms,
+            expires_at_unix_ms: created_at_unix_ms + 60_000,
+            request: RequestRecord {
+                key: RequestKey([2; 16]),
+                fingerprint: RequestFingerprint([3; 16]),
+            },
+            state,
+        }
+    }
+
+    #[test]
+    fn zero_keeps_for_good() {
+        let keep_all = Cutoffs::at(NOW_MS, 0, 0);
+        assert!(keep_all.keeps_request(i64::MIN + 1));
+        assert!(keep_all.keeps_slot(i64::MIN + 1));
+    }
+
+    #[test]
+    fn requests_are_kept_for_their_window_and_no_longer() {
+        let cutoffs = Cutoffs::at(NOW_MS, 72, 400);
+        assert!(cutoffs.keeps_request(NOW_MS - 72 * HOUR_MS));
+        assert!(!cutoffs.keeps_request(NOW_MS - 72 * HOUR_MS - 1));
+        let ended = NOW_MS / 1_000 - 400 * 86_400;
+        assert!(cutoffs.keeps_slot(ended));
+        assert!(!cutoffs.keeps_slot(ended - 1));
+    }
+
+    #[test]
+    fn a_hold_goes_once_finished_and_its_request_or_slot_is_forgotten() {
+        let cutoffs = Cutoffs::at(NOW_MS, 72, 400);
+        let old = NOW_MS - 73 * HOUR_MS;
+        let recent = NOW_MS - HOUR_MS;
+        let expired = HoldState::Expired { at_unix_ms: old };
+        let slot_end = Some(NOW_MS / 1_000);
+        assert!(cutoffs.keeps_hold(&hold(old, HoldState::Live), slot_end));
+        assert!(!cutoffs.keeps_hold(&hold(old, expired.clone()), slot_end));
+        assert!(cutoffs.keeps_hold(&hold(recent, expired.clone()), slot_end));
+        // Its slot is gone, or ended beyond the records window.
+        assert!(!cutoffs.keeps_hold(&hold(recent, expired.clone()), None));
+        let long_ended = Some(NOW_MS / 1_000 - 401 * 86_400);
+        assert!(!cutoffs.keeps_hold(&hold(recent, expired), long_ended));
+    }
+}

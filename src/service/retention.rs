@@ -1,0 +1,264 @@
+//! Retention: forgets finished requests after `request_records_retained_hours` and
+//! deletes what belongs to slots ended more than `records_retained_days` ago, in bounded
+//! background batches (PRODUCT.md A). The rules are `domain::retention`; this file walks
+//! the store in steps of `retention_batch_records` records, each step's deletions one
+//! group commit, and keeps memory in step with the disk.
+//!
+//! Order keeps every crash point recoverable: bookings and holds of a slot go before the
+//! slot itself (recovery refuses a booking of an unknown slot), and a confirmed
+//! booking's citizen entry is claimed before its record is deleted and released after,
+//! like a cancel, so no cancel can write it back in between.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::domain::booking::Booking;
+use crate::domain::hold::Hold;
+use crate::domain::ids::SlotKey;
+use crate::domain::retention::{self, Cutoffs};
+use crate::service::engine::Engine;
+use crate::service::error::ServiceError;
+use crate::store::records::{self, AuthorityRequest, Record, Write};
+use crate::telemetry;
+
+/// What one retention pass forgot or deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retained {
+    /// Finished requests forgotten in memory (their records go with holds and bookings,
+    /// or are the authority requests below).
+    pub request_records: u64,
+    pub holds: u64,
+    pub bookings: u64,
+    pub slots: u64,
+    pub audit_entries: u64,
+    pub authority_requests: u64,
+}
+
+impl Retained {
+    pub fn is_empty(&self) -> bool {
+        *self == Retained::default()
+    }
+
+    fn count(&self) -> [(&'static str, u64); 6] {
+        [
+            ("request_records", self.request_records),
+            ("holds", self.holds),
+            ("bookings", self.bookings),
+            ("slots", self.slots),
+            ("audit_entries", self.audit_entries),
+            ("authority_requests", self.authority_requests),
+        ]
+    }
+}
+
+/// Records of one kind with their keys, one step of a scan.
+type KeyedRecords<T> = Vec<(Vec<u8>, T)>;
+
+/// The next key after `key` in sled's order.
+fn after(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
+impl Engine {
+    /// The retention windows as of now.
+    pub(super) fn retention_cutoffs(&self) -> Cutoffs {
+        Cutoffs::at(
+            self.now_unix_ms(),
+            self.limits.request_records_retained_hours,
+            self.limits.records_retained_days,
+        )
+    }
+
+    /// One retention pass over memory and the whole store, in bounded steps. The server
+    /// runs one every `retention_interval_ms`; tests call it directly.
+    pub async fn retain(&self) -> Result<Retained, ServiceError> {
+        let cutoffs = self.retention_cutoffs();
+        let mut retained = Retained {
+            request_records: self.requests.prune(cutoffs.requests_before_unix_ms) as u64,
+            ..Retained::default()
+        };
+        let ends = self.slot_ends();
+        // Ended slots that still have a record this pass could not delete: kept.
+        let mut pinned = HashSet::new();
+        retained.holds = self.delete_holds(&cutoffs, &ends, &mut pinned).await?;
+        retained.bookings = self.delete_bookings(&cutoffs, &ends, &mut pinned).await?;
+        retained.slots = self.delete_slots(&cutoffs, &ends, &pinned).await?;
+        retained.audit_entries = self.delete_audit_entries(&cutoffs).await?;
+        retained.authority_requests = self.delete_authority_requests(&cutoffs).await?;
+        for (kind, count) in retained.count() {
+            metrics::counter!(telemetry::RETENTION_DELETED, "kind" => kind).increment(count);
+        }
+        Ok(retained)
+    }
+
+    /// Every slot's end, by key (a snapshot: slots ended long ago do not change).
+    fn slot_ends(&self) -> HashMap<SlotKey, i64> {
+        self.catalog()
+            .slots()
+            .map(|slot| (slot.key.clone(), slot.end_unix_s()))
+            .collect()
+    }
+
+    /// Up to one batch of records of kind `prefix` from `*cursor`, moving the cursor past
+    /// them; `None` once the kind is scanned to its end.
+    fn next_batch<T: Record>(
+        &self,
+        prefix: u8,
+        cursor: &mut Vec<u8>,
+    ) -> Result<Option<KeyedRecords<T>>, ServiceError> {
+        let batch: KeyedRecords<T> =
+            self.store
+                .records_from(prefix, cursor, self.limits.retention_batch_records)?;
+        match batch.last() {
+            None => Ok(None),
+            Some((last, _)) => {
+                *cursor = after(last);
+                Ok(Some(batch))
+            }
+        }
+    }
+
+    /// Commits one batch of deletions (if any) and lets other tasks run.
+    async fn delete_keys(&self, keys: Vec<Vec<u8>>) -> Result<u64, ServiceError> {
+        let count = keys.len() as u64;
+        if count > 0 {
+            let writes: Vec<Write> = keys.into_iter().map(Write::Delete).collect();
+            self.store.commit(&writes).await?;
+        }
+        tokio::task::yield_now().await;
+        Ok(count)
+    }
+
+    async fn delete_holds(
+        &self,
+        cutoffs: &Cutoffs,
+        ends: &HashMap<SlotKey, i64>,
+        pinned: &mut HashSet<SlotKey>,
+    ) -> Result<u64, ServiceError> {
+        let (mut cursor, mut deleted) = (vec![records::HOLD_PREFIX], 0);
+        while let Some(batch) = self.next_batch::<Hold>(records::HOLD_PREFIX, &mut cursor)? {
+            let mut keys = Vec::new();
+            for (key, hold) in batch {
+                if !cutoffs.keeps_hold(&hold, ends.get(&hold.slot).copied()) {
+                    self.requests.forget(&hold.request.key);
+                    keys.push(key);
+                } else {
+                    pinned.insert(hold.slot);
+                }
+            }
+            deleted += self.delete_keys(keys).await?;
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_bookings(
+        &self,
+        cutoffs: &Cutoffs,
+        ends: &HashMap<SlotKey, i64>,
+        pinned: &mut HashSet<SlotKey>,
+    ) -> Result<u64, ServiceError> {
+        let (mut cursor, mut deleted) = (vec![records::BOOKING_PREFIX], 0);
+        while let Some(batch) = self.next_batch::<Booking>(records::BOOKING_PREFIX, &mut cursor)? {
+            let mut keys = Vec::new();
+            let mut claimed = Vec::new();
+            for (key, booking) in batch {
+                if cutoffs.keeps_booking(&booking, ends.get(&booking.slot).copied()) {
+                    continue;
+                }
+                if booking.is_confirmed() {
+                    let (citizen, service) = (booking.citizen, &booking.slot.service_id);
+                    if !self.citizens.claim(citizen, service, booking.booking_id) {
+                        pinned.insert(booking.slot); // a cancel is ending it: next pass
+                        continue;
+                    }
+                    claimed.push(booking.clone());
+                }
+                for (request, _) in retention::booking_requests(&booking) {
+                    self.requests.forget(&request.key);
+                }
+                keys.push(key);
+            }
+            let written = self.delete_keys(keys).await;
+            if written.is_err() {
+                pinned.extend(claimed.iter().map(|booking| booking.slot.clone()));
+            }
+            for booking in &claimed {
+                match written {
+                    Ok(_) => self.citizens.release(
+                        booking.citizen,
+                        &booking.slot.service_id,
+                        booking.booking_id,
+                    ),
+                    Err(_) => {
+                        self.citizens.unclaim(booking.citizen, booking.booking_id);
+                        true
+                    }
+                };
+            }
+            deleted += written?;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes the records of slots ended beyond the window whose bookings and holds are
+    /// all gone (not `pinned`), then drops them from the catalog.
+    async fn delete_slots(
+        &self,
+        cutoffs: &Cutoffs,
+        ends: &HashMap<SlotKey, i64>,
+        pinned: &HashSet<SlotKey>,
+    ) -> Result<u64, ServiceError> {
+        let ended: Vec<&SlotKey> = ends
+            .iter()
+            .filter(|(key, end)| !cutoffs.keeps_slot(**end) && !pinned.contains(*key))
+            .map(|(key, _)| key)
+            .collect();
+        let mut deleted = 0;
+        for chunk in ended.chunks(self.limits.retention_batch_records) {
+            let keys = chunk.iter().map(|key| records::slot_key(key)).collect();
+            deleted += self.delete_keys(keys).await?;
+            let mut catalog = self.catalog_mut();
+            for key in chunk {
+                catalog.remove_slot(key);
+            }
+        }
+        Ok(deleted)
+    }
+
+    async fn delete_audit_entries(&self, cutoffs: &Cutoffs) -> Result<u64, ServiceError> {
+        let ended_before_ms = cutoffs.slots_ended_before_unix_s.saturating_mul(1_000);
+        let bound = records::audit_key_from(ended_before_ms);
+        let mut deleted = 0;
+        loop {
+            let keys = self.store.keys_before(
+                records::AUDIT_PREFIX,
+                &bound,
+                self.limits.retention_batch_records,
+            )?;
+            if keys.is_empty() {
+                return Ok(deleted);
+            }
+            deleted += self.delete_keys(keys).await?;
+        }
+    }
+
+    async fn delete_authority_requests(&self, cutoffs: &Cutoffs) -> Result<u64, ServiceError> {
+        let prefix = records::AUTHORITY_REQUEST_PREFIX;
+        let (mut cursor, mut deleted) = (vec![prefix], 0);
+        while let Some(batch) = self.next_batch::<AuthorityRequest>(prefix, &mut cursor)? {
+            let keys = batch
+                .into_iter()
+                .filter(|(_, request)| !cutoffs.keeps_request(request.at_unix_ms))
+                .map(|(key, _)| key)
+                .collect();
+            deleted += self.delete_keys(keys).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// Finished requests remembered right now (for tests and the soak).
+    pub fn request_record_count(&self) -> usize {
+        self.requests.remembered()
+    }
+}
