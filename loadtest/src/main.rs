@@ -4,13 +4,16 @@
 //! Scenarios: `ceiling` (no-op health checks: the transport's limit), `rush` (every
 //! citizen searches and books), `mixed` (an ordinary day: searches, holds, books,
 //! cancels, reschedules), `flood` (a calm rush, then many times more requests in flight
-//! than the server admits: shedding, not collapsing) and `footprint` (memory per slot
-//! and booking, recovery time, on the library without gRPC).
+//! than the server admits: shedding, not collapsing), `churn` (a hold-churn soak on a
+//! fast manual clock: memory, store and recovery stay flat past the retention window)
+//! and `footprint` (memory per slot and booking, recovery time, on the library without
+//! gRPC).
 //!
 //! `--spawn` starts a server on a temp dir in this process; `--server URL` targets a
 //! running one (loopback only). After rush, mixed and flood the invariants are verified
 //! from `ExportBookings`, `SearchSlots` and `GetSiteStats`; a violation exits non-zero.
 
+mod churn;
 mod footprint;
 mod report;
 mod scenario;
@@ -106,6 +109,18 @@ enum ScenarioArgs {
         #[arg(long, default_value_t = 4)]
         demand_ratio: u32,
     },
+    /// Bots hold places with made-up citizens and let them expire while the spawned
+    /// server's clock runs fast; request records, store size and memory must stay flat
+    /// once the request retention window has passed, and a recovery loads only what is
+    /// retained. Needs --spawn.
+    Churn {
+        /// Real seconds the soak runs.
+        #[arg(long, default_value_t = 240)]
+        seconds: u64,
+        /// Hours of server time per real second.
+        #[arg(long, default_value_t = 2)]
+        hours_per_second: u32,
+    },
     /// Resident memory per slot and per booking, and recovery time (no network, no server).
     Footprint {
         #[arg(long, default_value_t = 10_000_000)]
@@ -145,11 +160,22 @@ async fn run(cli: Cli) -> Result<bool, String> {
         .await
         .map_err(|e| e.to_string())?;
     }
+    let churning = matches!(cli.scenario, ScenarioArgs::Churn { .. });
+    if churning && !cli.spawn {
+        return Err("the churn soak moves the server's clock: it needs --spawn".into());
+    }
+    let clock = match churning {
+        true => prenota::service::Clock::manual_from_now(),
+        false => prenota::service::Clock::system(),
+    };
     let target = if cli.spawn {
         let mut config = prenota::config::Config::default();
+        if churning {
+            config = churn::config(cli.in_flight);
+        }
         // The spawned server sheds beyond the clients' normal concurrency.
         config.limits.in_flight_requests_max = cli.in_flight.max(1);
-        Target::spawn(config)?
+        Target::spawn(config, clock.clone())?
     } else {
         Target::connect(&cli.server)?
     };
@@ -170,6 +196,19 @@ async fn run(cli: Cli) -> Result<bool, String> {
         cli.in_flight,
         channels.len()
     );
+    if let ScenarioArgs::Churn {
+        seconds,
+        hours_per_second,
+    } = cli.scenario
+    {
+        let churn = churn::Churn {
+            seconds,
+            hours_per_second: hours_per_second.max(1),
+        };
+        let (ok, report) = churn::run(&channels, cli.in_flight, target, clock, churn).await?;
+        write_json(&cli.json, report)?;
+        return Ok(ok);
+    }
     let progress = scenario::progress_bar();
     let result = match cli.scenario {
         ScenarioArgs::Ceiling { requests } => {
@@ -182,7 +221,8 @@ async fn run(cli: Cli) -> Result<bool, String> {
             )?;
             Ok(true)
         }
-        ScenarioArgs::Footprint { .. } => Ok(true), // handled above, without a server
+        // Handled above: footprint without a server, churn with its own clock.
+        ScenarioArgs::Footprint { .. } | ScenarioArgs::Churn { .. } => Ok(true),
         ScenarioArgs::Rush {
             citizens,
             sites,

@@ -1,10 +1,12 @@
 //! The server under load: one already running (`--server`, loopback only), or one this
 //! process starts on a temp dir (`--spawn`) with its own runtime and threads.
 
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
 use prenota::config::Config;
 use prenota::server::{ServeOptions, Server};
+use prenota::service::{Clock, Engine};
 use tokio::sync::oneshot;
 
 pub struct Target {
@@ -19,11 +21,16 @@ struct Spawned {
     stop: oneshot::Sender<()>,
     thread: JoinHandle<()>,
     /// Deleted when the target is dropped, after the server stopped.
-    _data_dir: tempfile::TempDir,
+    data_dir: tempfile::TempDir,
     /// The spawned server records metrics like `prenota serve` does (so their cost is
     /// in the measurement); read at the end of a run.
     metrics: RenderMetrics,
+    /// Its engine, for scenarios that read its state (the churn soak).
+    engine: Weak<Engine>,
 }
+
+/// What the server thread hands back once it listens.
+type Started = (String, RenderMetrics, Weak<Engine>);
 
 impl Target {
     pub fn connect(url: &str) -> Result<Self, String> {
@@ -43,12 +50,12 @@ impl Target {
         })
     }
 
-    /// Starts a prenota server on 127.0.0.1:0 with a fresh temp data dir.
-    pub fn spawn(config: Config) -> Result<Self, String> {
+    /// Starts a prenota server on 127.0.0.1:0 with a fresh temp data dir, its engine
+    /// reading `clock`.
+    pub fn spawn(config: Config, clock: Clock) -> Result<Self, String> {
         let data_dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let path = data_dir.path().to_path_buf();
-        let (ready, address) =
-            std::sync::mpsc::channel::<Result<(String, RenderMetrics), String>>();
+        let (ready, address) = std::sync::mpsc::channel::<Result<Started, String>>();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("prenota-server".into())
@@ -72,7 +79,7 @@ impl Target {
                         data_dir: path,
                         config,
                         demo: false,
-                        clock: prenota::service::Clock::system(),
+                        clock,
                     })
                     .await;
                     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await;
@@ -81,11 +88,12 @@ impl Target {
                         (Err(e), _) => return drop(ready.send(Err(format!("server: {e}")))),
                         (_, Err(e)) => return drop(ready.send(Err(format!("bind: {e}")))),
                     };
+                    let engine = Arc::downgrade(server.engine());
                     let url = listener
                         .local_addr()
                         .map(|a| {
                             let render: RenderMetrics = Box::new(move || metrics.render());
-                            (format!("http://{a}"), render)
+                            (format!("http://{a}"), render, engine)
                         })
                         .map_err(|e| e.to_string());
                     let _ = ready.send(url);
@@ -95,7 +103,7 @@ impl Target {
                 });
             })
             .map_err(|e| format!("server thread: {e}"))?;
-        let (url, metrics) = address
+        let (url, metrics, engine) = address
             .recv()
             .map_err(|_| "the server thread died".to_string())??;
         Ok(Self {
@@ -103,10 +111,18 @@ impl Target {
             spawned: Some(Spawned {
                 stop,
                 thread,
-                _data_dir: data_dir,
+                data_dir,
                 metrics,
+                engine,
             }),
         })
+    }
+
+    /// A spawned server's engine while it runs.
+    pub fn engine(&self) -> Option<Arc<Engine>> {
+        self.spawned
+            .as_ref()
+            .and_then(|spawned| spawned.engine.upgrade())
     }
 
     /// The spawned server's metrics in the Prometheus text format.
@@ -115,10 +131,15 @@ impl Target {
     }
 
     /// Stops a spawned server gracefully (its final flush included).
-    pub fn stop(mut self) {
-        if let Some(spawned) = self.spawned.take() {
-            let _ = spawned.stop.send(());
-            let _ = spawned.thread.join();
-        }
+    pub fn stop(self) {
+        drop(self.stop_keeping_data());
+    }
+
+    /// Stops a spawned server and hands its data dir over (deleted when dropped).
+    pub fn stop_keeping_data(mut self) -> Option<tempfile::TempDir> {
+        let spawned = self.spawned.take()?;
+        let _ = spawned.stop.send(());
+        let _ = spawned.thread.join();
+        Some(spawned.data_dir)
     }
 }

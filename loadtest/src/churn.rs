@@ -1,0 +1,354 @@
+//! `churn`: the hold-churn soak (issue #13). Bots hold places with made-up citizen ids
+//! and let every hold expire, as fast as the server takes them, while the spawned
+//! server's manual clock runs `hours_per_second` hours per real second, so days of
+//! churn pass in minutes with the production retention windows. Samples the finished
+//! request records, live holds, store size and resident memory; once the request window
+//! has passed they must stay flat. Then the data dir is recovered again, which must load
+//! only the requests still retained.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prenota::config::Config;
+use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::proto::capacity_service_client::CapacityServiceClient;
+use prenota::proto::{self, search_slots_request::Scope};
+use prenota::service::{Clock, Engine};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use crate::report::{Phase, Tally};
+use crate::target::Target;
+
+/// How long and how fast the soak runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Churn {
+    pub seconds: u64,
+    pub hours_per_second: u32,
+}
+
+/// The server config of the soak: production windows, timers fast enough for the clock.
+pub fn config(in_flight: usize) -> Config {
+    let mut config = Config::default();
+    config.limits.in_flight_requests_max = in_flight.max(1);
+    config.limits.hold_sweep_interval_ms = 100;
+    config.limits.retention_interval_ms = 1_000;
+    config
+}
+
+/// One look at the server's state.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    virtual_hours: f64,
+    holds_made: u64,
+    request_records: u64,
+    live_holds: u64,
+    store_mib: f64,
+    rss_mib: f64,
+}
+
+impl Sample {
+    fn take(engine: &Engine, started_ms: i64, holds_made: u64) -> Self {
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        Self {
+            virtual_hours: (engine.clock().now_unix_ms() - started_ms) as f64 / 3_600_000.0,
+            holds_made,
+            request_records: engine.request_record_count() as u64,
+            live_holds: engine.live_hold_count() as u64,
+            store_mib: mib(engine.store_disk_bytes().unwrap_or(0)),
+            rss_mib: mib(crate::footprint::rss_bytes()),
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "  {:>7.1} h  {:>9} holds made  {:>8} request records  {:>5} live  store {:>7.1} MiB  rss {:>7.1} MiB",
+            self.virtual_hours,
+            self.holds_made,
+            self.request_records,
+            self.live_holds,
+            self.store_mib,
+            self.rss_mib
+        );
+    }
+
+    fn to_json(self) -> Value {
+        json!({
+            "virtual_hours": self.virtual_hours, "holds_made": self.holds_made,
+            "request_records": self.request_records, "live_holds": self.live_holds,
+            "store_mib": self.store_mib, "rss_mib": self.rss_mib,
+        })
+    }
+}
+
+/// Publishes one site with 72 slots of 10,000 places, 60 days after the clock's today;
+/// returns their slot ids.
+async fn publish(channel: Channel, clock: &Clock) -> Result<Vec<String>, String> {
+    let site_id = format!("churn-{}", std::process::id());
+    let mut capacity = CapacityServiceClient::new(channel.clone());
+    capacity
+        .upsert_site(proto::UpsertSiteRequest {
+            site: Some(proto::Site {
+                site_id: site_id.clone(),
+                name: "Churn site".into(),
+                region_id: "churn".into(),
+                time_zone: "Etc/UTC".into(),
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .map_err(|e| format!("UpsertSite: {e}"))?;
+    let today = chrono::DateTime::from_timestamp_millis(clock.now_unix_ms())
+        .ok_or("the clock is out of range")?;
+    let day = (today + chrono::Duration::days(60))
+        .format("%Y-%m-%d")
+        .to_string();
+    capacity
+        .publish_schedule(proto::PublishScheduleRequest {
+            site_id: site_id.clone(),
+            service_id: "churn".into(),
+            first_day: day.clone(),
+            last_day: day,
+            opening_hours: (1..=7)
+                .map(|weekday| proto::OpeningHours {
+                    weekday,
+                    opens: "08:00".into(),
+                    closes: "20:00".into(),
+                })
+                .collect(),
+            slot_minutes: 10,
+            capacity_per_slot: 10_000,
+            request_id: String::new(),
+        })
+        .await
+        .map_err(|e| format!("PublishSchedule: {e}"))?;
+    let now_s = clock.now_unix_ms() / 1_000;
+    let page = BookingServiceClient::new(channel)
+        .search_slots(proto::SearchSlotsRequest {
+            scope: Some(Scope::SiteId(site_id)),
+            service_id: "churn".into(),
+            from: Some(prost_types::Timestamp {
+                seconds: now_s,
+                nanos: 0,
+            }),
+            to: Some(prost_types::Timestamp {
+                seconds: now_s + 62 * 86_400,
+                nanos: 0,
+            }),
+            only_available: false,
+            page_size: 500,
+            page_token: String::new(),
+        })
+        .await
+        .map_err(|e| format!("SearchSlots: {e}"))?
+        .into_inner();
+    Ok(page.slots.into_iter().map(|slot| slot.slot_id).collect())
+}
+
+/// One bot: holds a place for a new made-up citizen, again and again, until `stop`.
+async fn bot(
+    channel: Channel,
+    slots: Arc<Vec<String>>,
+    worker: usize,
+    made: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Tally {
+    let mut client = BookingServiceClient::new(channel);
+    let mut tally = Tally::new();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let slot_id = slots[(worker + n as usize) % slots.len()].clone();
+        let started = Instant::now();
+        let result = client
+            .hold_slot(proto::HoldSlotRequest {
+                slot_id,
+                citizen_id: format!("bot-{worker}-{n}"),
+                request_id: format!("hold-{worker}-{n}"),
+                ttl_seconds: 60,
+            })
+            .await;
+        tally.record("HoldSlot", started.elapsed(), &result);
+        if result.is_ok() {
+            made.fetch_add(1, Ordering::Relaxed);
+        }
+        n += 1;
+    }
+    tally
+}
+
+/// Runs the soak against a server spawned with `clock` (manual) and [`config`].
+pub async fn run(
+    channels: &[Channel],
+    in_flight: usize,
+    target: Target,
+    clock: Clock,
+    churn: Churn,
+) -> Result<(bool, Value), String> {
+    let engine = target.engine().ok_or("the churn soak needs --spawn")?;
+    let slots = Arc::new(publish(channels[0].clone(), &clock).await?);
+    let started_ms = clock.now_unix_ms();
+    let window_hours = f64::from(engine.limits().request_records_retained_hours);
+    println!(
+        "churn: {in_flight} bots hold and let expire, {} h of server time per second for {} s \
+         (request window {window_hours} h, {} slots)",
+        churn.hours_per_second,
+        churn.seconds,
+        slots.len()
+    );
+    let (made, stop) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let bots: Vec<_> = (0..in_flight.max(1))
+        .map(|worker| {
+            let channel = channels[worker % channels.len()].clone();
+            let (slots, made, stop) = (Arc::clone(&slots), Arc::clone(&made), Arc::clone(&stop));
+            tokio::spawn(bot(channel, slots, worker, made, stop))
+        })
+        .collect();
+    let began = Instant::now();
+    let samples = drive_clock(&engine, &clock, churn, started_ms, &made).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut tally = Tally::new();
+    for bot in bots {
+        if let Ok(bot_tally) = bot.await {
+            tally.merge(bot_tally);
+        }
+    }
+    Phase {
+        name: "churn",
+        elapsed: began.elapsed(),
+        tally,
+    }
+    .print();
+    let last = Sample::take(&engine, started_ms, made.load(Ordering::Relaxed));
+    drop(engine);
+    let flat = judge_flatness(&samples, window_hours);
+    let recovery = recover_again(target, &clock, last.request_records).await?;
+    let report = json!({
+        "scenario": "churn",
+        "hours_per_second": churn.hours_per_second,
+        "seconds": churn.seconds,
+        "samples": samples.iter().map(|s| s.to_json()).collect::<Vec<_>>(),
+        "flat": flat.is_ok(),
+        "recovery": recovery.1,
+    });
+    if let Err(problem) = &flat {
+        println!("churn: NOT FLAT: {problem}");
+    }
+    Ok((flat.is_ok() && recovery.0, report))
+}
+
+/// Moves the clock `hours_per_second` per real second until the soak ends, sampling
+/// every two seconds; returns the samples.
+async fn drive_clock(
+    engine: &Engine,
+    clock: &Clock,
+    churn: Churn,
+    started_ms: i64,
+    made: &AtomicU64,
+) -> Vec<Sample> {
+    let step = Duration::from_millis(100);
+    let per_step = Duration::from_secs(u64::from(churn.hours_per_second) * 360);
+    let deadline = Instant::now() + Duration::from_secs(churn.seconds);
+    let mut samples = Vec::new();
+    let mut next_sample = Instant::now();
+    while Instant::now() < deadline {
+        tokio::time::sleep(step).await;
+        clock.advance(per_step);
+        if Instant::now() >= next_sample {
+            let sample = Sample::take(engine, started_ms, made.load(Ordering::Relaxed));
+            if samples.len() % 5 == 0 {
+                sample.print();
+            }
+            samples.push(sample);
+            next_sample += Duration::from_secs(2);
+        }
+    }
+    samples
+}
+
+/// A measure's name, how to read it from a sample, and its slack beyond 10%.
+type Check = (&'static str, fn(&Sample) -> f64, f64);
+
+/// Once the request window (plus a retention period's slack) has passed, request
+/// records, store size and resident memory may grow by at most a tenth (memory: plus
+/// 32 MiB for allocator noise) over the first steady sample, while holds keep coming.
+fn judge_flatness(samples: &[Sample], window_hours: f64) -> Result<(), String> {
+    let steady: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.virtual_hours >= window_hours + 6.0)
+        .collect();
+    let (Some(first), Some(last)) = (steady.first(), steady.last()) else {
+        return Err("the soak ended before the request window passed: run it longer".into());
+    };
+    let peak = |value: fn(&Sample) -> f64| steady.iter().map(|s| value(s)).fold(0.0, f64::max);
+    let checks: [Check; 3] = [
+        ("request records", |s| s.request_records as f64, 0.0),
+        ("store size (MiB)", |s| s.store_mib, 0.0),
+        ("resident memory (MiB)", |s| s.rss_mib, 32.0),
+    ];
+    println!(
+        "\nsteady state from {:.0} h to {:.0} h of server time: {} holds made in it",
+        first.virtual_hours,
+        last.virtual_hours,
+        last.holds_made - first.holds_made
+    );
+    let mut problems = Vec::new();
+    for (name, value, slack) in checks {
+        let (start, top) = (value(first), peak(value));
+        let flat = top <= start * 1.10 + slack;
+        println!(
+            "  {name:<22} {start:>10.1} at the start, {top:>10.1} at most: {}",
+            if flat { "flat" } else { "GROWING" }
+        );
+        if !flat {
+            problems.push(format!("{name} grew from {start:.1} to {top:.1}"));
+        }
+    }
+    if last.holds_made <= first.holds_made {
+        problems.push("no holds were made in the steady state".into());
+    }
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(problems.join("; ")),
+    }
+}
+
+/// Stops the server, recovers its data dir again at the same time and checks it
+/// remembers no more requests than the server did (only what is retained).
+async fn recover_again(
+    target: Target,
+    clock: &Clock,
+    remembered: u64,
+) -> Result<(bool, Value), String> {
+    let data_dir = target
+        .stop_keeping_data()
+        .ok_or("the churn soak needs --spawn")?;
+    let clock = clock.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut engine = Engine::open(data_dir.path(), &config(1), clock)
+            .map_err(|e| format!("recovering the soaked store: {e}"))?;
+        let seconds = started.elapsed().as_secs_f64();
+        let recovered = engine.request_record_count() as u64;
+        engine.shutdown();
+        let ok = recovered <= remembered;
+        println!(
+            "recovery after the soak: {seconds:.2} s, {recovered} request records loaded \
+             (the server remembered {remembered}): {}",
+            if ok {
+                "only what is retained"
+            } else {
+                "MORE THAN RETAINED"
+            }
+        );
+        Ok((
+            ok,
+            json!({"seconds": seconds, "request_records": recovered, "remembered": remembered}),
+        ))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
