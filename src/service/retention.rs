@@ -138,16 +138,18 @@ impl Engine {
     ) -> Result<u64, ServiceError> {
         let (mut cursor, mut deleted) = (vec![records::HOLD_PREFIX], 0);
         while let Some(batch) = self.next_batch::<Hold>(records::HOLD_PREFIX, &mut cursor)? {
-            let mut keys = Vec::new();
+            let mut doomed = Vec::new();
             for (key, hold) in batch {
-                if !cutoffs.keeps_hold(&hold, ends.get(&hold.slot).copied()) {
-                    self.requests.forget(&hold.request.key);
-                    keys.push(key);
-                } else {
-                    pinned.insert(hold.slot);
+                match cutoffs.keeps_hold(&hold, ends.get(&hold.slot).copied()) {
+                    true => drop(pinned.insert(hold.slot)),
+                    false => doomed.push((key, hold.request.key)),
                 }
             }
+            let (keys, requests): (Vec<_>, Vec<_>) = doomed.into_iter().unzip();
             deleted += self.delete_keys(keys).await?;
+            for request in &requests {
+                self.requests.forget(request);
+            }
         }
         Ok(deleted)
     }
@@ -160,45 +162,50 @@ impl Engine {
     ) -> Result<u64, ServiceError> {
         let (mut cursor, mut deleted) = (vec![records::BOOKING_PREFIX], 0);
         while let Some(batch) = self.next_batch::<Booking>(records::BOOKING_PREFIX, &mut cursor)? {
-            let mut keys = Vec::new();
-            let mut claimed = Vec::new();
+            let mut doomed = Vec::new();
             for (key, booking) in batch {
                 if cutoffs.keeps_booking(&booking, ends.get(&booking.slot).copied()) {
                     continue;
                 }
-                if booking.is_confirmed() {
-                    let (citizen, service) = (booking.citizen, &booking.slot.service_id);
-                    if !self.citizens.claim(citizen, service, booking.booking_id) {
-                        pinned.insert(booking.slot); // a cancel is ending it: next pass
-                        continue;
-                    }
-                    claimed.push(booking.clone());
+                // A confirmed booking's entry is claimed like a cancel's, so no cancel
+                // can write the record back; one being cancelled waits for next pass.
+                let (citizen, service) = (booking.citizen, &booking.slot.service_id);
+                if booking.is_confirmed()
+                    && !self.citizens.claim(citizen, service, booking.booking_id)
+                {
+                    pinned.insert(booking.slot);
+                    continue;
                 }
-                for (request, _) in retention::booking_requests(&booking) {
-                    self.requests.forget(&request.key);
-                }
-                keys.push(key);
+                doomed.push((key, booking));
             }
+            let keys = doomed.iter().map(|(key, _)| key.clone()).collect();
             let written = self.delete_keys(keys).await;
-            if written.is_err() {
-                pinned.extend(claimed.iter().map(|booking| booking.slot.clone()));
-            }
-            for booking in &claimed {
-                match written {
-                    Ok(_) => self.citizens.release(
-                        booking.citizen,
-                        &booking.slot.service_id,
-                        booking.booking_id,
-                    ),
-                    Err(_) => {
-                        self.citizens.unclaim(booking.citizen, booking.booking_id);
-                        true
-                    }
-                };
+            for (_, booking) in &doomed {
+                self.forget_booking(booking, written.is_ok());
             }
             deleted += written?;
         }
         Ok(deleted)
+    }
+
+    /// After the write that deleted `booking` (`deleted`), or failed to: its citizen
+    /// entry is released (or its claim given back), and its requests forgotten.
+    fn forget_booking(&self, booking: &Booking, deleted: bool) {
+        let service = &booking.slot.service_id;
+        if booking.is_confirmed() {
+            match deleted {
+                true => drop(
+                    self.citizens
+                        .release(booking.citizen, service, booking.booking_id),
+                ),
+                false => self.citizens.unclaim(booking.citizen, booking.booking_id),
+            }
+        }
+        if deleted {
+            for (request, _) in retention::booking_requests(booking) {
+                self.requests.forget(&request.key);
+            }
+        }
     }
 
     /// Deletes the records of slots ended beyond the window whose bookings and holds are
