@@ -54,6 +54,11 @@ pub struct Limits {
     /// sled's page cache. sled treats it as a soft hint and its resident memory grows to a
     /// multiple of it under heavy writes, so it is set explicitly (sled's default: 1 GiB).
     pub store_cache_bytes: u64,
+    /// Period of sled's background flusher. Acknowledgements never wait for it (the
+    /// committer flushes and fdatasyncs every batch); it is there because it also cleans
+    /// sled's log segments: without it, records deleted by retention are not reclaimed
+    /// and the store file grows under churn (BENCHMARKS.md, hold churn).
+    pub store_gc_interval_ms: u64,
     /// A hold's lifetime when the request gives none.
     pub hold_ttl_seconds_default: u32,
     /// Longest hold a client may ask for.
@@ -179,6 +184,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     backup_changes_buffered_max: 65_536,
     data_dir_lock_wait_ms: 5_000,
     store_cache_bytes: 1024 * 1024 * 1024,
+    store_gc_interval_ms: 500,
 };
 
 const _: () = {
@@ -197,6 +203,7 @@ const _: () = {
     assert!(l.export_channel_depth >= 1);
     assert!(l.metrics_refresh_interval_ms >= 100 && l.backup_changes_buffered_max >= 1);
     assert!(l.retention_interval_ms >= 100 && l.retention_batch_records >= 1);
+    assert!(l.store_gc_interval_ms >= 10);
 };
 
 impl Limits {
@@ -271,6 +278,10 @@ impl Limits {
         need(
             l.hold_sweep_interval_ms >= 10,
             "hold_sweep_interval_ms must be at least 10",
+        );
+        need(
+            l.store_gc_interval_ms >= 10,
+            "store_gc_interval_ms must be at least 10",
         );
         need(
             l.retention_interval_ms >= 100 && l.retention_batch_records >= 1,

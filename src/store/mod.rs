@@ -62,11 +62,7 @@ impl Store {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
         let sled_dir = data_dir.join("sled");
-        let db = open_sled(
-            &sled_dir,
-            limits.store_cache_bytes,
-            Duration::from_millis(limits.data_dir_lock_wait_ms),
-        )?;
+        let db = open_sled(&sled_dir, limits)?;
         let db_file = OpenOptions::new()
             .read(true)
             .open(sled_dir.join("db"))
@@ -332,19 +328,17 @@ pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// Opens sled, waiting up to `lock_wait` for its file lock to be released.
-fn open_sled(
-    sled_dir: &Path,
-    cache_bytes: u64,
-    lock_wait: Duration,
-) -> Result<sled::Db, StoreError> {
-    let deadline = Instant::now() + lock_wait;
+fn open_sled(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + Duration::from_millis(limits.data_dir_lock_wait_ms);
     let mut waited = false;
     loop {
         let opened = sled::Config::new()
             .path(sled_dir)
-            // Our committer flushes and fsyncs; a background flusher would only add I/O.
-            .flush_every_ms(None)
-            .cache_capacity(cache_bytes)
+            // The committer flushes and fdatasyncs every batch it acknowledges. sled's
+            // background flusher runs anyway: it is what cleans log segments (its
+            // `attempt_gc`), so space freed by deletions is reused.
+            .flush_every_ms(Some(limits.store_gc_interval_ms))
+            .cache_capacity(limits.store_cache_bytes)
             .open();
         match opened {
             Ok(db) => return Ok(db),
