@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::config::CitizenTrust;
+use crate::config::{CitizenTrust, Limits};
+use crate::domain::citizen_id::CitizenIds;
+use crate::domain::error::DomainError;
 use crate::grpc::assertion::Assertions;
 use crate::grpc::auth::Caller;
 use crate::grpc::detached::detached;
@@ -109,17 +111,24 @@ fn count_outcome(command: Command, outcome: &'static str) {
 }
 
 impl BookingApi {
-    /// Runs a booking mutation on the engine, detached, and counts its outcome.
-    async fn counted<T, F>(
+    /// The steps every citizen write shares: act for the citizen, convert the request
+    /// (its request id scoped to the caller), run it detached and count its outcome.
+    async fn citizen_write<Body, Cmd, T, F>(
         &self,
-        command: Command,
-        work: impl FnOnce(Arc<Engine>) -> F,
+        request: Request<Body>,
+        (command, convert): (Command, Convert<Body, Cmd>),
+        work: impl FnOnce(Arc<Engine>, Cmd) -> F,
     ) -> Result<T, Status>
     where
+        Body: NamesCitizen,
+        Cmd: Send + 'static,
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
     {
-        let result = detached(work(Arc::clone(&self.engine))).await?;
+        let (caller, body) = self.acting(request)?;
+        let ids = self.engine.citizen_ids();
+        let converted = convert(body, self.engine.limits(), ids, &caller.actor())?;
+        let result = detached(work(Arc::clone(&self.engine), converted)).await?;
         count_outcome(
             command,
             match &result {
@@ -130,6 +139,9 @@ impl BookingApi {
         Ok(result?)
     }
 }
+
+/// A `convert::*_from_proto` of a citizen write: request, limits, id scheme, caller.
+type Convert<Body, Cmd> = fn(Body, &Limits, &CitizenIds, &str) -> Result<Cmd, DomainError>;
 
 #[tonic::async_trait]
 impl BookingService for BookingApi {
@@ -158,18 +170,11 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::BookRequest>,
     ) -> Result<Response<proto::BookResponse>, Status> {
-        let (caller, body) = self.acting(request)?;
-        let command = convert::book_from_proto(
-            body,
-            self.engine.limits(),
-            self.engine.citizen_ids(),
-            &caller.actor(),
-        )?;
+        let book = (Command::Book, convert::book_from_proto as Convert<_, _>);
         let view = self
-            .counted(
-                Command::Book,
-                |engine| async move { engine.book(command).await },
-            )
+            .citizen_write(request, book, |engine, command| async move {
+                engine.book(command).await
+            })
             .await?;
         Ok(Response::new(proto::BookResponse {
             booking: Some(convert::booking_to_proto(&view)),
@@ -180,18 +185,11 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::HoldSlotRequest>,
     ) -> Result<Response<proto::HoldSlotResponse>, Status> {
-        let (caller, body) = self.acting(request)?;
-        let command = convert::hold_from_proto(
-            body,
-            self.engine.limits(),
-            self.engine.citizen_ids(),
-            &caller.actor(),
-        )?;
+        let hold = (Command::Hold, convert::hold_from_proto as Convert<_, _>);
         let hold = self
-            .counted(
-                Command::Hold,
-                |engine| async move { engine.hold(command).await },
-            )
+            .citizen_write(request, hold, |engine, command| async move {
+                engine.hold(command).await
+            })
             .await?;
         Ok(Response::new(proto::HoldSlotResponse {
             hold: Some(convert::hold_to_proto(&hold)),
@@ -215,15 +213,9 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::CancelBookingRequest>,
     ) -> Result<Response<proto::CancelBookingResponse>, Status> {
-        let (caller, body) = self.acting(request)?;
-        let command = convert::cancel_from_proto(
-            body,
-            self.engine.limits(),
-            self.engine.citizen_ids(),
-            &caller.actor(),
-        )?;
+        let cancel = (Command::Cancel, convert::cancel_from_proto as Convert<_, _>);
         let view = self
-            .counted(Command::Cancel, |engine| async move {
+            .citizen_write(request, cancel, |engine, command| async move {
                 engine.cancel(command).await
             })
             .await?;
@@ -236,15 +228,12 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::RescheduleBookingRequest>,
     ) -> Result<Response<proto::RescheduleBookingResponse>, Status> {
-        let (caller, body) = self.acting(request)?;
-        let command = convert::reschedule_from_proto(
-            body,
-            self.engine.limits(),
-            self.engine.citizen_ids(),
-            &caller.actor(),
-        )?;
+        let reschedule = (
+            Command::Reschedule,
+            convert::reschedule_from_proto as Convert<_, _>,
+        );
         let view = self
-            .counted(Command::Reschedule, |engine| async move {
+            .citizen_write(request, reschedule, |engine, command| async move {
                 engine.reschedule(command).await
             })
             .await?;
