@@ -1,5 +1,6 @@
 //! `churn`: the hold-churn soak (issue #13). Bots hold places with made-up citizen ids
-//! and let every hold expire, as fast as the server takes them, while the spawned
+//! and let every hold expire, at `holds_per_second` (or as fast as the server takes
+//! them), while the spawned
 //! server's manual clock runs `hours_per_second` hours per real second, so days of
 //! churn pass in minutes with the production retention windows. Samples the finished
 //! request records, live holds, store size and resident memory; once the request window
@@ -26,14 +27,19 @@ use crate::target::Target;
 pub struct Churn {
     pub seconds: u64,
     pub hours_per_second: u32,
+    /// Holds per second over all bots; 0: as fast as the server takes them.
+    pub holds_per_second: u32,
 }
+
+/// How often retention runs during the soak (real seconds).
+const RETENTION_INTERVAL_S: u64 = 5;
 
 /// The server config of the soak: production windows, timers fast enough for the clock.
 pub fn config(in_flight: usize) -> Config {
     let mut config = Config::default();
     config.limits.in_flight_requests_max = in_flight.max(1);
     config.limits.hold_sweep_interval_ms = 100;
-    config.limits.retention_interval_ms = 1_000;
+    config.limits.retention_interval_ms = RETENTION_INTERVAL_S * 1_000;
     config
 }
 
@@ -61,7 +67,7 @@ impl Sample {
         }
     }
 
-    fn print(&self) {
+    fn print(&self, data_dir: &std::path::Path) {
         println!(
             "  {:>7.1} h  {:>9} holds made  {:>8} request records  {:>5} live  store {:>7.1} MiB  rss {:>7.1} MiB",
             self.virtual_hours,
@@ -71,6 +77,7 @@ impl Sample {
             self.store_mib,
             self.rss_mib
         );
+        println!("           files: {}", sled_files(data_dir));
     }
 
     fn to_json(self) -> Value {
@@ -80,6 +87,33 @@ impl Sample {
             "store_mib": self.store_mib, "rss_mib": self.rss_mib,
         })
     }
+}
+
+/// The sled dir's files and their sizes in MiB, largest first (blobs summed).
+fn sled_files(data_dir: &std::path::Path) -> String {
+    let mut sizes: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut walk = vec![data_dir.join("sled")];
+    while let Some(dir) = walk.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                walk.push(path);
+                continue;
+            }
+            let name = path.file_name().map(|n| n.to_string_lossy().to_string());
+            let name = match path.parent().and_then(|p| p.file_name()) {
+                Some(parent) if parent == "blobs" => "blobs".to_string(),
+                _ => name.unwrap_or_default(),
+            };
+            *sizes.entry(name).or_default() += meta.len();
+        }
+    }
+    sizes
+        .iter()
+        .map(|(name, bytes)| format!("{name} {:.1}", *bytes as f64 / 1_048_576.0))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Publishes one site with 72 slots of 10,000 places, 60 days after the clock's today;
@@ -152,12 +186,17 @@ async fn bot(
     slots: Arc<Vec<String>>,
     worker: usize,
     made: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    (stop, pace): (Arc<AtomicBool>, Option<Duration>),
 ) -> Tally {
     let mut client = BookingServiceClient::new(channel);
     let mut tally = Tally::new();
     let mut n = 0u64;
+    let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if let Some(pace) = pace {
+            tokio::time::sleep_until(next.into()).await;
+            next += pace;
+        }
         let slot_id = slots[(worker + n as usize) % slots.len()].clone();
         let started = Instant::now();
         let result = client
@@ -200,15 +239,20 @@ pub async fn run(
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicBool::new(false)),
     );
+    // Each bot's interval between holds, for the asked rate over all bots.
+    let pace = (churn.holds_per_second > 0).then(|| {
+        Duration::from_secs_f64(in_flight.max(1) as f64 / f64::from(churn.holds_per_second))
+    });
     let bots: Vec<_> = (0..in_flight.max(1))
         .map(|worker| {
             let channel = channels[worker % channels.len()].clone();
             let (slots, made, stop) = (Arc::clone(&slots), Arc::clone(&made), Arc::clone(&stop));
-            tokio::spawn(bot(channel, slots, worker, made, stop))
+            tokio::spawn(bot(channel, slots, worker, made, (stop, pace)))
         })
         .collect();
     let began = Instant::now();
-    let samples = drive_clock(&engine, &clock, churn, started_ms, &made).await;
+    let data_dir = target.data_dir().ok_or("the churn soak needs --spawn")?;
+    let samples = drive_clock(&engine, &clock, churn, started_ms, &made, data_dir).await;
     stop.store(true, Ordering::Relaxed);
     let mut tally = Tally::new();
     for bot in bots {
@@ -224,11 +268,15 @@ pub async fn run(
     .print();
     let last = Sample::take(&engine, started_ms, made.load(Ordering::Relaxed));
     drop(engine);
-    let flat = judge_flatness(&samples, window_hours);
+    // Records wait up to one retention interval for their pass, and samples come
+    // every 2 s: that much server time is slack.
+    let slack_hours = (RETENTION_INTERVAL_S as f64 + 2.0 * 2.0) * f64::from(churn.hours_per_second);
+    let flat = judge(&samples, window_hours, slack_hours);
     let recovery = recover_again(target, &clock, last.request_records).await?;
     let report = json!({
         "scenario": "churn",
         "hours_per_second": churn.hours_per_second,
+        "holds_per_second": churn.holds_per_second,
         "seconds": churn.seconds,
         "samples": samples.iter().map(|s| s.to_json()).collect::<Vec<_>>(),
         "flat": flat.is_ok(),
@@ -248,6 +296,7 @@ async fn drive_clock(
     churn: Churn,
     started_ms: i64,
     made: &AtomicU64,
+    data_dir: &std::path::Path,
 ) -> Vec<Sample> {
     let step = Duration::from_millis(100);
     let per_step = Duration::from_secs(u64::from(churn.hours_per_second) * 360);
@@ -260,7 +309,7 @@ async fn drive_clock(
         if Instant::now() >= next_sample {
             let sample = Sample::take(engine, started_ms, made.load(Ordering::Relaxed));
             if samples.len() % 5 == 0 {
-                sample.print();
+                sample.print(data_dir);
             }
             samples.push(sample);
             next_sample += Duration::from_secs(2);
@@ -272,23 +321,23 @@ async fn drive_clock(
 /// A measure's name, how to read it from a sample, and its slack beyond 10%.
 type Check = (&'static str, fn(&Sample) -> f64, f64);
 
-/// Once the request window (plus a retention period's slack) has passed, request
-/// records, store size and resident memory may grow by at most a tenth (memory: plus
-/// 32 MiB for allocator noise) over the first steady sample, while holds keep coming.
-fn judge_flatness(samples: &[Sample], window_hours: f64) -> Result<(), String> {
+/// Steady-state spans shorter than this many request windows are not judged for
+/// flatness: sled's file grows in steps as it fills its segments, so a short run cannot
+/// tell a step from a trend.
+const WINDOWS_TO_JUDGE_FLATNESS: f64 = 4.0;
+
+/// Judges the samples taken after the request window passed: request records never
+/// exceed the holds of the last window (plus a retention period and two samples of
+/// slack), and, on a run long enough, store size and resident memory in the last third
+/// stay within a tenth (memory: plus 16 MiB) of their peak in the middle third.
+fn judge(samples: &[Sample], window_hours: f64, slack_hours: f64) -> Result<(), String> {
     let steady: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.virtual_hours >= window_hours + 6.0)
+        .filter(|s| s.virtual_hours >= window_hours + slack_hours)
         .collect();
     let (Some(first), Some(last)) = (steady.first(), steady.last()) else {
         return Err("the soak ended before the request window passed: run it longer".into());
     };
-    let peak = |value: fn(&Sample) -> f64| steady.iter().map(|s| value(s)).fold(0.0, f64::max);
-    let checks: [Check; 3] = [
-        ("request records", |s| s.request_records as f64, 0.0),
-        ("store size (MiB)", |s| s.store_mib, 0.0),
-        ("resident memory (MiB)", |s| s.rss_mib, 32.0),
-    ];
     println!(
         "\nsteady state from {:.0} h to {:.0} h of server time: {} holds made in it",
         first.virtual_hours,
@@ -296,24 +345,69 @@ fn judge_flatness(samples: &[Sample], window_hours: f64) -> Result<(), String> {
         last.holds_made - first.holds_made
     );
     let mut problems = Vec::new();
-    for (name, value, slack) in checks {
-        let (start, top) = (value(first), peak(value));
-        let flat = top <= start * 1.10 + slack;
-        println!(
-            "  {name:<22} {start:>10.1} at the start, {top:>10.1} at most: {}",
-            if flat { "flat" } else { "GROWING" }
-        );
-        if !flat {
-            problems.push(format!("{name} grew from {start:.1} to {top:.1}"));
-        }
-    }
     if last.holds_made <= first.holds_made {
         problems.push("no holds were made in the steady state".into());
+    }
+    problems.extend(records_within_window(samples, window_hours + slack_hours));
+    if last.virtual_hours - first.virtual_hours < WINDOWS_TO_JUDGE_FLATNESS * window_hours {
+        println!("  store and memory not judged: the steady state spans fewer than {WINDOWS_TO_JUDGE_FLATNESS} windows");
+    } else {
+        problems.extend(flat_in_last_third(&steady));
     }
     match problems.is_empty() {
         true => Ok(()),
         false => Err(problems.join("; ")),
     }
+}
+
+/// Every sample's request records are at most the holds made in the `hours` before it.
+fn records_within_window(samples: &[Sample], hours: f64) -> Option<String> {
+    let mut worst = 0.0f64;
+    for sample in samples {
+        let before = samples
+            .iter()
+            .take_while(|s| s.virtual_hours <= sample.virtual_hours - hours)
+            .last();
+        let Some(before) = before else { continue };
+        let made = (sample.holds_made - before.holds_made).max(1) as f64;
+        worst = worst.max(sample.request_records as f64 / made);
+    }
+    let ok = worst <= 1.0;
+    println!(
+        "  request records        at most {:.0}% of the holds made in the window before: {}",
+        100.0 * worst,
+        if ok {
+            "bounded"
+        } else {
+            "MORE THAN THE WINDOW"
+        }
+    );
+    (!ok).then(|| "more request records than holds made in the window".to_string())
+}
+
+fn flat_in_last_third(steady: &[&Sample]) -> Vec<String> {
+    let third = steady.len() / 3;
+    let (middle, last) = (&steady[third..2 * third], &steady[2 * third..]);
+    let peak = |part: &[&Sample], value: fn(&Sample) -> f64| {
+        part.iter().map(|s| value(s)).fold(0.0, f64::max)
+    };
+    let checks: [Check; 2] = [
+        ("store size (MiB)", |s| s.store_mib, 0.0),
+        ("resident memory (MiB)", |s| s.rss_mib, 16.0),
+    ];
+    let mut problems = Vec::new();
+    for (name, value, slack) in checks {
+        let (before, after) = (peak(middle, value), peak(last, value));
+        let flat = after <= before * 1.10 + slack;
+        println!(
+            "  {name:<22} peak {before:>8.1} in the middle third, {after:>8.1} in the last: {}",
+            if flat { "flat" } else { "GROWING" }
+        );
+        if !flat {
+            problems.push(format!("{name} grew from {before:.1} to {after:.1}"));
+        }
+    }
+    problems
 }
 
 /// Stops the server, recovers its data dir again at the same time and checks it

@@ -13,6 +13,7 @@
 //! running one (loopback only). After rush, mixed and flood the invariants are verified
 //! from `ExportBookings`, `SearchSlots` and `GetSiteStats`; a violation exits non-zero.
 
+mod assertions;
 mod churn;
 mod footprint;
 mod report;
@@ -52,6 +53,10 @@ struct Cli {
     /// HTTP/2 connections the requests are spread over.
     #[arg(long, default_value_t = 4)]
     channels: usize,
+    /// With --spawn: the server believes no frontend about citizens; every citizen call
+    /// carries a signed assertion (EdDSA), signed before the timed phase (rush, mixed).
+    #[arg(long, requires = "spawn")]
+    asserted: bool,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -115,11 +120,15 @@ enum ScenarioArgs {
     /// retained. Needs --spawn.
     Churn {
         /// Real seconds the soak runs.
-        #[arg(long, default_value_t = 240)]
+        #[arg(long, default_value_t = 600)]
         seconds: u64,
         /// Hours of server time per real second.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 1)]
         hours_per_second: u32,
+        /// Holds per second over all bots (0: as fast as the server takes them; sled's
+        /// segment cleaning falls behind that for days, see BENCHMARKS.md).
+        #[arg(long, default_value_t = 2_000)]
+        holds_per_second: u32,
     },
     /// Resident memory per slot and per booking, and recovery time (no network, no server).
     Footprint {
@@ -168,10 +177,14 @@ async fn run(cli: Cli) -> Result<bool, String> {
         true => prenota::service::Clock::manual_from_now(),
         false => prenota::service::Clock::system(),
     };
+    let mut gateway = None;
     let target = if cli.spawn {
         let mut config = prenota::config::Config::default();
         if churning {
             config = churn::config(cli.in_flight);
+        } else if cli.asserted {
+            let (signer, asserted) = assertions::Gateway::generate()?;
+            (gateway, config) = (Some(signer), asserted);
         }
         // The spawned server sheds beyond the clients' normal concurrency.
         config.limits.in_flight_requests_max = cli.in_flight.max(1);
@@ -199,11 +212,13 @@ async fn run(cli: Cli) -> Result<bool, String> {
     if let ScenarioArgs::Churn {
         seconds,
         hours_per_second,
+        holds_per_second,
     } = cli.scenario
     {
         let churn = churn::Churn {
             seconds,
             hours_per_second: hours_per_second.max(1),
+            holds_per_second,
         };
         let (ok, report) = churn::run(&channels, cli.in_flight, target, clock, churn).await?;
         write_json(&cli.json, report)?;
@@ -231,7 +246,8 @@ async fn run(cli: Cli) -> Result<bool, String> {
         } => {
             let places = citizens / u64::from(demand_ratio.max(1));
             let shape = Shape::new(citizens, sites, days, places, "rush");
-            run_scenario(Kind::Rush, &cli, &channels, &shape, &progress).await
+            let run = Run::new(&cli, &channels, gateway.as_ref());
+            run_scenario(Kind::Rush, &run, &shape, &progress).await
         }
         ScenarioArgs::Flood {
             citizens,
@@ -250,7 +266,8 @@ async fn run(cli: Cli) -> Result<bool, String> {
             days,
         } => {
             let shape = Shape::new(citizens, sites, days, citizens.saturating_mul(2), "mixed");
-            run_scenario(Kind::Mixed, &cli, &channels, &shape, &progress).await
+            let run = Run::new(&cli, &channels, gateway.as_ref());
+            run_scenario(Kind::Mixed, &run, &shape, &progress).await
         }
     };
     if let Some(metrics) = target.server_metrics() {
@@ -290,13 +307,35 @@ enum Kind {
     Mixed,
 }
 
+/// What a rush or mixed run needs besides its shape.
+struct Run<'a> {
+    cli: &'a Cli,
+    channels: &'a [Channel],
+    /// `--asserted`: signs every citizen's assertion before the timed phase.
+    gateway: Option<&'a assertions::Gateway>,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        cli: &'a Cli,
+        channels: &'a [Channel],
+        gateway: Option<&'a assertions::Gateway>,
+    ) -> Self {
+        Self {
+            cli,
+            channels,
+            gateway,
+        }
+    }
+}
+
 async fn run_scenario(
     kind: Kind,
-    cli: &Cli,
-    channels: &[Channel],
+    run: &Run<'_>,
     shape: &Shape,
     progress: &indicatif::ProgressBar,
 ) -> Result<bool, String> {
+    let (cli, channels) = (run.cli, run.channels);
     let name = if kind == Kind::Rush { "rush" } else { "mixed" };
     let scenario = scenario::publish(channels[0].clone(), shape).await?;
     println!(
@@ -306,6 +345,14 @@ async fn run_scenario(
         scenario.site_ids.len(),
         shape.days
     );
+    if let Some(gateway) = run.gateway {
+        let started = std::time::Instant::now();
+        let signed = gateway.sign_all(scenario::citizen_ids(&scenario, shape.citizens))?;
+        println!(
+            "asserted citizens: {signed} assertions (EdDSA) signed in {:.1} s, before the timed phase",
+            started.elapsed().as_secs_f64()
+        );
+    }
     let ceiling = scenario::ceiling(
         channels,
         cli.in_flight,
@@ -379,6 +426,7 @@ async fn run_scenario(
         &cli.json,
         json!({
             "scenario": name,
+            "asserted": run.gateway.is_some(),
             "citizens": shape.citizens,
             "capacity": scenario.total_capacity,
             "in_flight": cli.in_flight,

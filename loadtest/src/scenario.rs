@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use crate::assertions::request as asserted;
 use crate::report::{Phase, Tally};
 
 pub const SERVICE_ID: &str = "covid19-dose1";
@@ -204,6 +205,15 @@ pub struct Ack {
 /// Bookings the harness was told about, by booking id.
 pub type Acknowledged = Arc<Mutex<HashMap<String, Ack>>>;
 
+/// The citizen ids of a scenario's citizens `0..count` (what `--asserted` signs for).
+pub fn citizen_ids(scenario: &Scenario, count: u64) -> impl Iterator<Item = String> + '_ {
+    (0..count).map(move |citizen| citizen_id(&scenario.region_id, citizen))
+}
+
+fn citizen_id(region: &str, citizen: u64) -> String {
+    format!("citizen-{region}-{citizen}")
+}
+
 /// The `to` of every search: `SEARCH_HORIZON_DAYS` from now.
 fn search_horizon() -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -284,14 +294,13 @@ async fn book_one(
     {
         let hold_id = if via == Via::Hold {
             let started = Instant::now();
-            let held = client
-                .hold_slot(proto::HoldSlotRequest {
-                    slot_id: slot.slot_id.clone(),
-                    citizen_id: citizen_id.to_string(),
-                    request_id: format!("{citizen_id}-{attempt}-hold-{}", slot.slot_id),
-                    ttl_seconds: 0,
-                })
-                .await;
+            let hold = proto::HoldSlotRequest {
+                slot_id: slot.slot_id.clone(),
+                citizen_id: citizen_id.to_string(),
+                request_id: format!("{citizen_id}-{attempt}-hold-{}", slot.slot_id),
+                ttl_seconds: 0,
+            };
+            let held = client.hold_slot(asserted(citizen_id, hold)).await;
             tally.record("HoldSlot", started.elapsed(), &held);
             match held {
                 Ok(response) => Some(response.into_inner().hold?.hold_id),
@@ -309,7 +318,7 @@ async fn book_one(
         };
         let result = admitted(tally, "Book", || {
             let (mut client, request) = (client.clone(), request.clone());
-            async move { client.book(request).await }
+            async move { client.book(asserted(citizen_id, request)).await }
         })
         .await;
         match result {
@@ -343,7 +352,7 @@ pub async fn rush(
             async move {
                 let mut client = BookingServiceClient::new(channel);
                 let site_id = &site_ids[(citizen % site_ids.len() as u64) as usize];
-                let citizen_id = format!("citizen-{region}-{citizen}");
+                let citizen_id = citizen_id(&region, citizen);
                 for round in 0..ROUNDS_MAX {
                     let Some(slots) = search_free(&mut client, site_id, &mut tally).await else {
                         return tally;
@@ -408,7 +417,7 @@ pub async fn mixed(
             let region = Arc::clone(&region);
             async move {
                 let mut client = BookingServiceClient::new(channel);
-                let citizen_id = format!("citizen-{region}-{citizen}");
+                let citizen_id = citizen_id(&region, citizen);
                 let mut slots = Vec::new();
                 for search in 0..MIXED_SEARCHES_PER_CITIZEN {
                     let site_id = &site_ids[((citizen + search) % site_ids.len() as u64) as usize];
@@ -453,13 +462,14 @@ pub async fn mixed(
                         return tally;
                     };
                     let started = Instant::now();
+                    let reschedule = proto::RescheduleBookingRequest {
+                        booking_id: booking_id.clone(),
+                        citizen_id: citizen_id.clone(),
+                        new_slot_id: target.slot_id.clone(),
+                        request_id: format!("{citizen_id}-move"),
+                    };
                     let result = client
-                        .reschedule_booking(proto::RescheduleBookingRequest {
-                            booking_id: booking_id.clone(),
-                            citizen_id: citizen_id.clone(),
-                            new_slot_id: target.slot_id.clone(),
-                            request_id: format!("{citizen_id}-move"),
-                        })
+                        .reschedule_booking(asserted(&citizen_id, reschedule))
                         .await;
                     tally.record("RescheduleBooking", started.elapsed(), &result);
                     if let Some(moved) = result.ok().and_then(|r| r.into_inner().booking) {
@@ -481,13 +491,12 @@ pub async fn mixed(
                     return tally;
                 }
                 let started = Instant::now();
-                let result = client
-                    .cancel_booking(proto::CancelBookingRequest {
-                        booking_id: booking_id.clone(),
-                        citizen_id: citizen_id.clone(),
-                        request_id: format!("{citizen_id}-cancel"),
-                    })
-                    .await;
+                let cancel = proto::CancelBookingRequest {
+                    booking_id: booking_id.clone(),
+                    citizen_id: citizen_id.clone(),
+                    request_id: format!("{citizen_id}-cancel"),
+                };
+                let result = client.cancel_booking(asserted(&citizen_id, cancel)).await;
                 tally.record("CancelBooking", started.elapsed(), &result);
                 if result.is_err() {
                     return tally;

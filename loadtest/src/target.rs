@@ -118,6 +118,11 @@ impl Target {
         })
     }
 
+    /// A spawned server's data dir.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self.spawned.as_ref().map(|spawned| spawned.data_dir.path())
+    }
+
     /// A spawned server's engine while it runs.
     pub fn engine(&self) -> Option<Arc<Engine>> {
         self.spawned
