@@ -280,6 +280,13 @@ impl Limits {
             "hold_sweep_interval_ms must be at least 10",
         );
         need(
+            l.records_retained_days == 0
+                || u64::from(l.records_retained_days) * 24
+                    >= u64::from(l.request_records_retained_hours),
+            "records_retained_days must cover request_records_retained_hours (a retried \
+             request must find its record)",
+        );
+        need(
             l.store_gc_interval_ms >= 10,
             "store_gc_interval_ms must be at least 10",
         );

@@ -45,11 +45,12 @@ impl Cutoffs {
     }
 
     /// A hold's record is kept while it is live, while its request is remembered and
-    /// while its slot is kept. `slot_end_unix_s` is its slot's end, if the slot exists.
+    /// while its slot is kept. `slot_end_unix_s` is its slot's end, if the pass knows the
+    /// slot (one published during the pass is not known yet: kept).
     pub fn keeps_hold(&self, hold: &Hold, slot_end_unix_s: Option<i64>) -> bool {
         hold.state == HoldState::Live
             || (self.keeps_request(hold.created_at_unix_ms)
-                && slot_end_unix_s.is_some_and(|end| self.keeps_slot(end)))
+                && slot_end_unix_s.is_none_or(|end| self.keeps_slot(end)))
     }
 
     /// A booking's record is kept while its slot is (the slot's end if the slot exists,
@@ -132,8 +133,10 @@ mod tests {
         assert!(cutoffs.keeps_hold(&hold(old, HoldState::Live), slot_end));
         assert!(!cutoffs.keeps_hold(&hold(old, expired.clone()), slot_end));
         assert!(cutoffs.keeps_hold(&hold(recent, expired.clone()), slot_end));
-        // Its slot is gone, or ended beyond the records window.
-        assert!(!cutoffs.keeps_hold(&hold(recent, expired.clone()), None));
+        // Its slot is unknown to the pass (published meanwhile): only the request counts.
+        assert!(cutoffs.keeps_hold(&hold(recent, expired.clone()), None));
+        assert!(!cutoffs.keeps_hold(&hold(old, expired.clone()), None));
+        // Its slot ended beyond the records window.
         let long_ended = Some(NOW_MS / 1_000 - 401 * 86_400);
         assert!(!cutoffs.keeps_hold(&hold(recent, expired), long_ended));
     }

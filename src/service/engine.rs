@@ -70,6 +70,8 @@ pub struct Engine {
     pub(super) authority_writes: tokio::sync::Mutex<()>,
     /// Every `now` of the engine comes from here (tests pass a manual clock).
     pub(super) clock: Clock,
+    /// When this engine opened (retention dates format-1 authority requests from it).
+    pub(super) opened_at_unix_ms: i64,
     /// The last audit entry's time, so the log's key order is the order of the changes.
     pub(super) last_audit_unix_ms: std::sync::atomic::AtomicI64,
 }

@@ -64,6 +64,7 @@ impl Engine {
             reads: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_reads_per_min),
             citizen_ids: crate::config::citizen_ids(config),
             authority_writes: tokio::sync::Mutex::new(()),
+            opened_at_unix_ms: clock.now_unix_ms(),
             clock,
             last_audit_unix_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         };

@@ -128,9 +128,17 @@ impl RequestRegistry {
         pruned
     }
 
-    /// Forgets one finished request (its record is being deleted).
-    pub fn forget(&self, key: &RequestKey) {
-        self.shard(key).done.remove(key);
+    /// Forgets finished request `key` if it made `booking_id` (whose record was
+    /// deleted); a newer request that reused the key after the window is kept.
+    pub fn forget(&self, key: &RequestKey, booking_id: BookingId) {
+        let mut shard = self.shard(key);
+        if shard
+            .done
+            .get(key)
+            .is_some_and(|done| done.booking_id == booking_id)
+        {
+            shard.done.remove(key);
+        }
     }
 
     /// Finished requests remembered.
@@ -188,5 +196,35 @@ impl RequestGuard<'_> {
 impl Drop for RequestGuard<'_> {
     fn drop(&mut self) {
         self.publish(Err(ServiceError::Abandoned));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_goes_by_time_and_forgetting_only_forgets_the_record_it_names() {
+        let registry = RequestRegistry::default();
+        let (key, fingerprint) = (RequestKey([1; 16]), RequestFingerprint([2; 16]));
+        registry.insert_recovered(key, fingerprint, BookingId(10), 1_000);
+        registry.insert_recovered(RequestKey([3; 16]), fingerprint, BookingId(11), 5_000);
+        assert_eq!(registry.prune(1_000), 0, "made at the cutoff: kept");
+        assert_eq!(registry.prune(1_001), 1);
+        assert_eq!(registry.remembered(), 1);
+
+        // The key was reused after the window, for booking 12; deleting booking 10's
+        // record must not forget booking 12's request.
+        registry.insert_recovered(key, fingerprint, BookingId(12), 9_000);
+        registry.forget(&key, BookingId(10));
+        assert!(matches!(
+            registry.begin(key, fingerprint, 9_500),
+            Ok(Begin::Done(BookingId(12)))
+        ));
+        registry.forget(&key, BookingId(12));
+        assert!(matches!(
+            registry.begin(key, fingerprint, 9_500),
+            Ok(Begin::Fresh(_))
+        ));
     }
 }

@@ -142,13 +142,13 @@ impl Engine {
             for (key, hold) in batch {
                 match cutoffs.keeps_hold(&hold, ends.get(&hold.slot).copied()) {
                     true => drop(pinned.insert(hold.slot)),
-                    false => doomed.push((key, hold.request.key)),
+                    false => doomed.push((key, (hold.request.key, hold.hold_id))),
                 }
             }
             let (keys, requests): (Vec<_>, Vec<_>) = doomed.into_iter().unzip();
             deleted += self.delete_keys(keys).await?;
-            for request in &requests {
-                self.requests.forget(request);
+            for (request, hold_id) in requests {
+                self.requests.forget(&request, hold_id);
             }
         }
         Ok(deleted)
@@ -188,28 +188,27 @@ impl Engine {
         Ok(deleted)
     }
 
-    /// After the write that deleted `booking` (`deleted`), or failed to: its citizen
-    /// entry is released (or its claim given back), and its requests forgotten.
+    /// After the write that deleted `booking` (`deleted`), or failed to: a confirmed
+    /// one's citizen entry and place are freed (or its claim given back), so memory
+    /// keeps matching the disk; its requests are forgotten.
     fn forget_booking(&self, booking: &Booking, deleted: bool) {
-        let service = &booking.slot.service_id;
+        let (citizen, id) = (booking.citizen, booking.booking_id);
         if booking.is_confirmed() {
             match deleted {
-                true => drop(
-                    self.citizens
-                        .release(booking.citizen, service, booking.booking_id),
-                ),
-                false => self.citizens.unclaim(booking.citizen, booking.booking_id),
+                true => self.free_entry_and_place(citizen, &booking.slot, id),
+                false => self.citizens.unclaim(citizen, id),
             }
         }
         if deleted {
             for (request, _) in retention::booking_requests(booking) {
-                self.requests.forget(&request.key);
+                self.requests.forget(&request.key, id);
             }
         }
     }
 
     /// Deletes the records of slots ended beyond the window whose bookings and holds are
-    /// all gone (not `pinned`), then drops them from the catalog.
+    /// all gone (not `pinned`), then drops them from the catalog. Under the authority
+    /// lock, so no capacity change or closure writes a slot back in between.
     async fn delete_slots(
         &self,
         cutoffs: &Cutoffs,
@@ -223,10 +222,23 @@ impl Engine {
             .collect();
         let mut deleted = 0;
         for chunk in ended.chunks(self.limits.retention_batch_records) {
-            let keys = chunk.iter().map(|key| records::slot_key(key)).collect();
+            let _authority = self.authority_writes.lock().await;
+            // Still ended beyond the window (a publication may have moved its end).
+            let still_ended: Vec<&SlotKey> = chunk
+                .iter()
+                .copied()
+                .filter(|key| {
+                    let end = self.slot(key).map(|slot| slot.end_unix_s());
+                    end.is_ok_and(|end| !cutoffs.keeps_slot(end))
+                })
+                .collect();
+            let keys = still_ended
+                .iter()
+                .map(|key| records::slot_key(key))
+                .collect();
             deleted += self.delete_keys(keys).await?;
             let mut catalog = self.catalog_mut();
-            for key in chunk {
+            for key in still_ended {
                 catalog.remove_slot(key);
             }
         }
@@ -253,15 +265,28 @@ impl Engine {
     async fn delete_authority_requests(&self, cutoffs: &Cutoffs) -> Result<u64, ServiceError> {
         let prefix = records::AUTHORITY_REQUEST_PREFIX;
         let (mut cursor, mut deleted) = (vec![prefix], 0);
-        while let Some(batch) = self.next_batch::<AuthorityRequest>(prefix, &mut cursor)? {
+        loop {
+            // Read and delete under the authority lock: no retry reuses a key between.
+            let _authority = self.authority_writes.lock().await;
+            let Some(batch) = self.next_batch::<AuthorityRequest>(prefix, &mut cursor)? else {
+                return Ok(deleted);
+            };
             let keys = batch
                 .into_iter()
-                .filter(|(_, request)| !cutoffs.keeps_request(request.at_unix_ms))
+                .filter(|(_, request)| !cutoffs.keeps_request(self.answered_at(request)))
                 .map(|(key, _)| key)
                 .collect();
             deleted += self.delete_keys(keys).await?;
         }
-        Ok(deleted)
+    }
+
+    /// When an authority request was answered; one stored before requests had a time
+    /// (format 1) counts as answered when this engine opened, so it lives a full window.
+    fn answered_at(&self, request: &AuthorityRequest) -> i64 {
+        match request.at_unix_ms {
+            0 => self.opened_at_unix_ms,
+            at => at,
+        }
     }
 
     /// Finished requests remembered right now (for tests and the soak).

@@ -9,12 +9,12 @@
 //! store is exactly the store as of one moment between two group commits, which is after
 //! every write acknowledged before the backup began.
 //!
-//! File format (version 1): the magic `PRENOTA-BACKUP\0\x01`, then frames of a 4-byte
+//! File format (version 2): the magic `PRENOTA-BACKUP\0\x02`, then frames of a 4-byte
 //! little-endian length and a postcard-encoded [`Frame`]: one `Header`, any number of
 //! `Records` (the scan) and `Changes` (the teed batches), and an `End` carrying the record
-//! count and the SHA-256 of every byte before it. Backups written before `Changes`
-//! existed have only `Records` and read as before. The citizen-id hash key is in the header: a backup is as secret as the
-//! data dir.
+//! count and the SHA-256 of every byte before it. Version 1 (magic `...\x01`, written
+//! before `Changes` existed) has only `Records` and still reads. The citizen-id hash key
+//! is in the header: a backup is as secret as the data dir.
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +26,10 @@ use sha2::{Digest, Sha256};
 use crate::store::committer::{Change, Tee};
 use crate::store::{Store, StoreError};
 
-pub const MAGIC: &[u8; 16] = b"PRENOTA-BACKUP\x00\x01";
+/// Version 2: may hold `Changes` frames (removals). Written by this build.
+pub const MAGIC: &[u8; 16] = b"PRENOTA-BACKUP\x00\x02";
+/// Version 1: `Records` frames only. Still read.
+const MAGIC_V1: &[u8; 16] = b"PRENOTA-BACKUP\x00\x01";
 /// Records per `Records` frame written from the scan.
 const RECORDS_PER_FRAME: usize = 4_096;
 /// Largest frame a reader accepts: bounds its memory on a damaged file.
@@ -89,10 +92,14 @@ struct Writer<W: Write> {
 }
 
 impl<W: Write> Writer<W> {
-    fn new(mut out: W) -> std::io::Result<Self> {
-        out.write_all(MAGIC)?;
+    fn new(out: W) -> std::io::Result<Self> {
+        Self::with_magic(out, MAGIC)
+    }
+
+    fn with_magic(mut out: W, magic: &[u8; 16]) -> std::io::Result<Self> {
+        out.write_all(magic)?;
         let mut hasher = Sha256::new();
-        hasher.update(MAGIC);
+        hasher.update(magic);
         Ok(Self {
             out,
             hasher,
@@ -243,8 +250,8 @@ impl<R: Read> Reader<R> {
         input
             .read_exact(&mut magic)
             .map_err(|e| format!("not a prenota backup (reading its header: {e})"))?;
-        if &magic != MAGIC {
-            return Err("not a prenota backup, or of another version (bad magic)".into());
+        if &magic != MAGIC && &magic != MAGIC_V1 {
+            return Err("not a prenota backup, or of a newer version (bad magic)".into());
         }
         let mut hasher = Sha256::new();
         hasher.update(magic);
@@ -353,6 +360,40 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A version-1 backup (written before removals were teed) still reads, and a
+    /// version-2 one has the new magic.
+    #[test]
+    fn version_1_backups_still_read() {
+        let mut bytes = Vec::new();
+        let mut writer = Writer::with_magic(&mut bytes, MAGIC_V1).unwrap();
+        writer
+            .frame(&Frame::Header {
+                created_at_unix_ms: 1,
+                citizen_hash_key: vec![7; 32],
+            })
+            .unwrap();
+        writer
+            .frame(&Frame::Records(vec![(b"Sx".to_vec(), b"v".to_vec())]))
+            .unwrap();
+        writer.finish().unwrap();
+        let mut reader = Reader::new(bytes.as_slice()).unwrap();
+        let mut changes = Vec::new();
+        while let Some(frame) = reader.next_frame().unwrap() {
+            changes.extend(frame.into_changes().unwrap_or_default());
+        }
+        assert_eq!(changes, vec![(b"Sx".to_vec(), Some(b"v".to_vec()))]);
+
+        let mut current = Vec::new();
+        Writer::new(&mut current).unwrap().finish().unwrap();
+        assert!(current.starts_with(MAGIC));
+        let mut other = current.clone();
+        other[15] = 3;
+        assert!(
+            Reader::new(other.as_slice()).is_err(),
+            "a newer version is refused"
+        );
     }
 
     #[test]
