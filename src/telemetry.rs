@@ -53,6 +53,15 @@ pub const RECOVERY_SECONDS: &str = "prenota_recovery_seconds";
 pub const RECOVERED_RECORDS: &str = "prenota_recovered_records";
 /// Records retention forgot or deleted, by kind.
 pub const RETENTION_DELETED: &str = "prenota_retention_deleted_total";
+/// The `kind` labels of `RETENTION_DELETED`.
+pub const RETENTION_KINDS: [&str; 6] = [
+    "request_records",
+    "holds",
+    "bookings",
+    "slots",
+    "audit_entries",
+    "authority_requests",
+];
 /// Finished requests remembered for idempotency.
 pub const REQUEST_RECORDS: &str = "prenota_request_records";
 /// Per site, by `site_id` and `region_id`: slots, closed slots, open capacity,
@@ -121,6 +130,7 @@ pub fn serve_metrics(listen: SocketAddr) -> Result<SocketAddr, String> {
     });
     spawn_upkeep(handle);
     describe();
+    register_rare_counters();
     Ok(address)
 }
 
@@ -132,7 +142,22 @@ pub fn record_only() -> Result<PrometheusHandle, String> {
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
     spawn_upkeep(handle.clone());
     describe();
+    register_rare_counters();
     Ok(handle)
+}
+
+/// Counters of rare events exist at 0 from the start (with every label they take), so
+/// a dashboard or an alert tells "never happened" from "missing".
+fn register_rare_counters() {
+    for name in [HOLDS_EXPIRED, SHED, COMMIT_FAILURES] {
+        metrics::counter!(name).increment(0);
+    }
+    for limiter in ["token", "citizen", "citizen_reads"] {
+        metrics::counter!(RATE_LIMITED, "limiter" => limiter).increment(0);
+    }
+    for kind in RETENTION_KINDS {
+        metrics::counter!(RETENTION_DELETED, "kind" => kind).increment(0);
+    }
 }
 
 /// Histograms keep raw samples until a scrape or an upkeep folds them into buckets:
@@ -229,12 +254,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// Colour only on a terminal, and never with `NO_COLOR` set (no-color.org).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+    std::io::stderr().is_terminal() && !no_color
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

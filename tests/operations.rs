@@ -371,3 +371,45 @@ async fn json_logs_name_method_code_and_latency_but_never_tokens_or_citizens() {
     assert!(answered("ALREADY_EXISTS"));
     assert!(answered("UNAUTHENTICATED"));
 }
+
+/// Rare events' counters exist at 0 from the start, so a dashboard tells "never happened"
+/// from "missing"; text logs written to a file carry no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rare_counters_start_at_zero_and_piped_logs_have_no_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let mut server = ChildServer::start_recovering(
+        &dir.path().join("data"),
+        ChildOptions {
+            stderr: Some(std::fs::File::create(&log_path).unwrap()),
+            rust_log: Some("info".into()),
+            ..ChildOptions::default()
+        },
+    );
+    server.wait_serving();
+    let metrics = parse(&http_get(&server.metrics_url));
+    for (name, labels) in [
+        ("prenota_holds_expired_total", vec![]),
+        ("prenota_shed_total", vec![]),
+        ("prenota_commit_failures_total", vec![]),
+        ("prenota_rate_limited_total", vec![("limiter", "citizen")]),
+        ("prenota_rate_limited_total", vec![("limiter", "token")]),
+        (
+            "prenota_retention_deleted_total",
+            vec![("kind", "bookings")],
+        ),
+    ] {
+        assert_eq!(
+            value(&metrics, name, &labels),
+            Some(0.0),
+            "{name} {labels:?}"
+        );
+    }
+    server.terminate();
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logs.contains("recovered state from the store"), "{logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "colour codes in a log file: {logs:?}"
+    );
+}

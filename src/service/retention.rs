@@ -38,15 +38,17 @@ impl Retained {
         *self == Retained::default()
     }
 
+    /// Each count with its `kind` label (`telemetry::RETENTION_KINDS`, in that order).
     fn count(&self) -> [(&'static str, u64); 6] {
-        [
-            ("request_records", self.request_records),
-            ("holds", self.holds),
-            ("bookings", self.bookings),
-            ("slots", self.slots),
-            ("audit_entries", self.audit_entries),
-            ("authority_requests", self.authority_requests),
-        ]
+        let counts = [
+            self.request_records,
+            self.holds,
+            self.bookings,
+            self.slots,
+            self.audit_entries,
+            self.authority_requests,
+        ];
+        std::array::from_fn(|i| (telemetry::RETENTION_KINDS[i], counts[i]))
     }
 }
 
