@@ -16,9 +16,12 @@ use prenota::proto::booking_service_client::BookingServiceClient;
 use prenota::proto::capacity_service_client::CapacityServiceClient;
 use tonic::Code;
 
-const SLOTS: usize = 4;
-/// The largest capacity a slot may have: room for about 500 cycles of bookings.
+/// The largest capacity a slot may have; a cycle books at most about 80 places, so
+/// each slot has room for this many cycles.
 const CAPACITY_PER_SLOT: u32 = 10_000;
+const CYCLES_PER_SLOT: usize = 125;
+/// Slots of 10 minutes from 08:00 to at most 23:00: room for 11,250 cycles.
+const SLOTS_MAX: usize = 90;
 const CLIENTS: usize = 16;
 /// Kill cycles; `PRENOTA_CRASH_CYCLES` sets more for soak runs.
 const CYCLES_DEFAULT: usize = 20;
@@ -32,6 +35,17 @@ fn cycles() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(CYCLES_DEFAULT)
+}
+
+/// Slots enough for `cycles` kill cycles of bookings (at least 4, so clients spread).
+fn slots_for(cycles: usize) -> usize {
+    let slots = cycles.div_ceil(CYCLES_PER_SLOT).max(4);
+    assert!(
+        slots <= SLOTS_MAX,
+        "at most {} cycles fit one day of slots",
+        SLOTS_MAX * CYCLES_PER_SLOT
+    );
+    slots
 }
 
 /// One citizen's booking attempt and what the client learnt about it.
@@ -69,15 +83,16 @@ async fn kill_9_loses_no_acknowledged_booking() {
     let mut capacity = CapacityServiceClient::new(channel.clone());
     upsert_site(&mut capacity, "crash", "r", "Etc/UTC").await;
     let day = day_ahead(40);
-    let minutes = 30 * SLOTS as u32;
-    let closes = format!("{:02}:{:02}", 10 + minutes / 60, minutes % 60);
+    let slots = slots_for(cycles());
+    let minutes = 10 * slots as u32;
+    let closes = format!("{:02}:{:02}", 8 + minutes / 60, minutes % 60);
     capacity
         .publish_schedule(publish_request(
             "crash",
             "vax",
             (&day, &day),
-            ("10:00", &closes),
-            30,
+            ("08:00", &closes),
+            10,
             CAPACITY_PER_SLOT,
         ))
         .await
@@ -91,7 +106,7 @@ async fn kill_9_loses_no_acknowledged_booking() {
     .into_iter()
     .map(|s| s.slot_id)
     .collect();
-    assert_eq!(slot_ids.len(), SLOTS);
+    assert_eq!(slot_ids.len(), slots);
     drop((capacity, channel));
 
     let told: Arc<Mutex<Told>> = Arc::default();
@@ -118,7 +133,7 @@ async fn kill_9_loses_no_acknowledged_booking() {
                     let attempt = Attempt {
                         citizen: format!("citizen-{citizen}"),
                         request_id: format!("request-{citizen}"),
-                        slot_id: slot_ids[citizen % SLOTS].clone(),
+                        slot_id: slot_ids[citizen % slot_ids.len()].clone(),
                     };
                     let request =
                         book_request(&attempt.slot_id, &attempt.citizen, &attempt.request_id);
