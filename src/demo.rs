@@ -1,5 +1,7 @@
 //! The demo seed of `serve --demo`: a few sites in different zones with two weeks
-//! of slots from today, so a newcomer can search and book at once. Idempotent.
+//! of slots from today, so a newcomer can search and book at once. Idempotent: a
+//! restart creates only what is missing (a demo site an authority renamed stays
+//! renamed), and writes nothing, audit rows included, when nothing is missing.
 
 use chrono::{Duration, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -68,17 +70,15 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
             .map_err(DomainError::from)?;
         let region_id = RegionId::parse("region_id", demo.region_id, limits.id_length_max)
             .map_err(DomainError::from)?;
-        engine
-            .upsert_site(
-                Site {
-                    site_id: site_id.clone(),
-                    name: demo.name.to_string(),
-                    region_id,
-                    time_zone: demo.time_zone,
-                },
-                "demo",
-            )
-            .await?;
+        if engine.site(&site_id).is_none() {
+            let site = Site {
+                site_id: site_id.clone(),
+                name: demo.name.to_string(),
+                region_id,
+                time_zone: demo.time_zone,
+            };
+            engine.upsert_site(site, "demo").await?;
+        }
         let now = Utc
             .timestamp_millis_opt(engine.clock().now_unix_ms())
             .single()

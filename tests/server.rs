@@ -129,3 +129,50 @@ async fn a_second_server_on_the_same_data_dir_is_refused_clearly() {
     );
     server.stop().await;
 }
+
+/// `--demo` on every restart: the second seeding finds everything there and writes
+/// nothing, not even an audit row, and leaves an authority's rename alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reseeding_the_demo_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = prenota::config::Config::default();
+    let clock = prenota::service::Clock::system();
+    let audit_rows = |engine: &std::sync::Arc<prenota::service::Engine>| {
+        let mut log = engine.audit_log();
+        let mut rows = 0;
+        while log.blocking_recv().is_some() {
+            rows += 1;
+        }
+        rows
+    };
+    let mut engine = std::sync::Arc::new(
+        prenota::service::Engine::open(dir.path(), &config, clock.clone()).unwrap(),
+    );
+    prenota::demo::seed(&engine).await.unwrap();
+    let site_id = prenota::domain::ids::SiteId::parse("s", "rome-termini", 64).unwrap();
+    let mut renamed = (*engine.site(&site_id).unwrap()).clone();
+    renamed.name = "Renamed by the region".into();
+    engine.upsert_site(renamed, "lazio-health").await.unwrap();
+    let engine_for_count = std::sync::Arc::clone(&engine);
+    let before = tokio::task::spawn_blocking(move || audit_rows(&engine_for_count))
+        .await
+        .unwrap();
+    assert!(
+        before >= 4,
+        "three demo sites, their schedules and the rename"
+    );
+
+    prenota::demo::seed(&engine).await.unwrap();
+    let engine_for_count = std::sync::Arc::clone(&engine);
+    let after = tokio::task::spawn_blocking(move || audit_rows(&engine_for_count))
+        .await
+        .unwrap();
+    assert_eq!(
+        after, before,
+        "a reseed that changes nothing writes no audit row"
+    );
+    assert_eq!(engine.site(&site_id).unwrap().name, "Renamed by the region");
+    std::sync::Arc::get_mut(&mut engine)
+        .expect("no other owner")
+        .shutdown();
+}
