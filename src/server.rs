@@ -379,21 +379,29 @@ async fn mirror_store_health(
     }
 }
 
-/// Expires holds whose time is up: one bounded batch (one group commit) per tick.
-async fn sweep_holds(engine: Arc<Engine>) {
-    let period = Duration::from_millis(engine.limits().hold_sweep_interval_ms);
-    // The first sweep comes one period after start, like every later one.
+/// Runs an engine `step` every `period_ms`, the first one period after start, like
+/// every later one. A failed store is already reported through health; any other error
+/// is logged, and the next tick retries.
+async fn every_period<T, F>(period_ms: u64, what: &'static str, mut step: impl FnMut() -> F)
+where
+    F: std::future::Future<Output = Result<T, ServiceError>>,
+{
+    let period = Duration::from_millis(period_ms);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match sweep_holds_once(&engine).await {
-            Ok(_) => {}
-            // A failed store is already reported through health; retry next tick.
-            Err(ServiceError::Store(StoreError::Failed)) => {}
-            Err(error) => tracing::warn!(%error, "expiring holds failed; retrying next tick"),
+        match step().await {
+            Ok(_) | Err(ServiceError::Store(StoreError::Failed)) => {}
+            Err(error) => tracing::warn!(%error, "{what} failed; retrying next tick"),
         }
     }
+}
+
+/// Expires holds whose time is up: one bounded batch (one group commit) per tick.
+async fn sweep_holds(engine: Arc<Engine>) {
+    let period_ms = engine.limits().hold_sweep_interval_ms;
+    every_period(period_ms, "expiring holds", || sweep_holds_once(&engine)).await
 }
 
 /// One step of the hold sweeper: expires the holds due at the engine clock's `now`,
@@ -409,16 +417,8 @@ pub async fn sweep_holds_once(engine: &Engine) -> Result<usize, ServiceError> {
 
 /// Runs a retention pass every `retention_interval_ms`, the first one period after start.
 async fn retain_records(engine: Arc<Engine>) {
-    let period = Duration::from_millis(engine.limits().retention_interval_ms);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        match retain_once(&engine).await {
-            Ok(_) | Err(ServiceError::Store(StoreError::Failed)) => {}
-            Err(error) => tracing::warn!(%error, "retention failed; retrying next period"),
-        }
-    }
+    let period_ms = engine.limits().retention_interval_ms;
+    every_period(period_ms, "retention", || retain_once(&engine)).await
 }
 
 /// One retention pass at the engine clock's `now`, logged when it deleted anything.

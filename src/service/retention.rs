@@ -9,7 +9,7 @@
 //! booking's citizen entry is claimed before its record is deleted and released after,
 //! like a cancel, so no cancel can write it back in between.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use crate::domain::booking::Booking;
 use crate::domain::hold::Hold;
@@ -55,13 +55,6 @@ impl Retained {
 /// Records of one kind with their keys, one step of a scan.
 type KeyedRecords<T> = Vec<(Vec<u8>, T)>;
 
-/// The next key after `key` in sled's order.
-fn after(key: &[u8]) -> Vec<u8> {
-    let mut next = key.to_vec();
-    next.push(0);
-    next
-}
-
 impl Engine {
     /// The retention windows as of now.
     pub(super) fn retention_cutoffs(&self) -> Cutoffs {
@@ -80,12 +73,11 @@ impl Engine {
             request_records: self.requests.prune(cutoffs.requests_before_unix_ms) as u64,
             ..Retained::default()
         };
-        let ends = self.slot_ends();
         // Ended slots that still have a record this pass could not delete: kept.
         let mut pinned = HashSet::new();
-        retained.holds = self.delete_holds(&cutoffs, &ends, &mut pinned).await?;
-        retained.bookings = self.delete_bookings(&cutoffs, &ends, &mut pinned).await?;
-        retained.slots = self.delete_slots(&cutoffs, &ends, &pinned).await?;
+        retained.holds = self.delete_holds(&cutoffs, &mut pinned).await?;
+        retained.bookings = self.delete_bookings(&cutoffs, &mut pinned).await?;
+        retained.slots = self.delete_slots(&cutoffs, &pinned).await?;
         retained.audit_entries = self.delete_audit_entries(&cutoffs).await?;
         retained.authority_requests = self.delete_authority_requests(&cutoffs).await?;
         for (kind, count) in retained.count() {
@@ -94,12 +86,10 @@ impl Engine {
         Ok(retained)
     }
 
-    /// Every slot's end, by key (a snapshot: slots ended long ago do not change).
-    fn slot_ends(&self) -> HashMap<SlotKey, i64> {
-        self.catalog()
-            .slots()
-            .map(|slot| (slot.key.clone(), slot.end_unix_s()))
-            .collect()
+    /// The end of slot `key`, if the catalog has it (read as each record is judged, so a
+    /// slot published during the pass counts too; no copy of the catalog is made).
+    fn slot_end(&self, key: &SlotKey) -> Option<i64> {
+        self.slot(key).ok().map(|slot| slot.end_unix_s())
     }
 
     /// Up to one batch of records of kind `prefix` from `*cursor`, moving the cursor past
@@ -115,7 +105,7 @@ impl Engine {
         match batch.last() {
             None => Ok(None),
             Some((last, _)) => {
-                *cursor = after(last);
+                *cursor = records::key_after(last);
                 Ok(Some(batch))
             }
         }
@@ -135,14 +125,13 @@ impl Engine {
     async fn delete_holds(
         &self,
         cutoffs: &Cutoffs,
-        ends: &HashMap<SlotKey, i64>,
         pinned: &mut HashSet<SlotKey>,
     ) -> Result<u64, ServiceError> {
         let (mut cursor, mut deleted) = (vec![records::HOLD_PREFIX], 0);
         while let Some(batch) = self.next_batch::<Hold>(records::HOLD_PREFIX, &mut cursor)? {
             let mut doomed = Vec::new();
             for (key, hold) in batch {
-                match cutoffs.keeps_hold(&hold, ends.get(&hold.slot).copied()) {
+                match cutoffs.keeps_hold(&hold, self.slot_end(&hold.slot)) {
                     true => drop(pinned.insert(hold.slot)),
                     false => doomed.push((key, (hold.request.key, hold.hold_id))),
                 }
@@ -159,14 +148,13 @@ impl Engine {
     async fn delete_bookings(
         &self,
         cutoffs: &Cutoffs,
-        ends: &HashMap<SlotKey, i64>,
         pinned: &mut HashSet<SlotKey>,
     ) -> Result<u64, ServiceError> {
         let (mut cursor, mut deleted) = (vec![records::BOOKING_PREFIX], 0);
         while let Some(batch) = self.next_batch::<Booking>(records::BOOKING_PREFIX, &mut cursor)? {
             let mut doomed = Vec::new();
             for (key, booking) in batch {
-                if cutoffs.keeps_booking(&booking, ends.get(&booking.slot).copied()) {
+                if cutoffs.keeps_booking(&booking, self.slot_end(&booking.slot)) {
                     continue;
                 }
                 // A confirmed booking's entry is claimed like a cancel's, so no cancel
@@ -214,13 +202,13 @@ impl Engine {
     async fn delete_slots(
         &self,
         cutoffs: &Cutoffs,
-        ends: &HashMap<SlotKey, i64>,
         pinned: &HashSet<SlotKey>,
     ) -> Result<u64, ServiceError> {
-        let ended: Vec<&SlotKey> = ends
-            .iter()
-            .filter(|(key, end)| !cutoffs.keeps_slot(**end) && !pinned.contains(*key))
-            .map(|(key, _)| key)
+        let ended: Vec<SlotKey> = self
+            .catalog()
+            .slots()
+            .filter(|slot| !cutoffs.keeps_slot(slot.end_unix_s()) && !pinned.contains(&slot.key))
+            .map(|slot| slot.key.clone())
             .collect();
         let mut deleted = 0;
         for chunk in ended.chunks(self.limits.retention_batch_records) {
@@ -228,10 +216,9 @@ impl Engine {
             // Still ended beyond the window (a publication may have moved its end).
             let still_ended: Vec<&SlotKey> = chunk
                 .iter()
-                .copied()
                 .filter(|key| {
-                    let end = self.slot(key).map(|slot| slot.end_unix_s());
-                    end.is_ok_and(|end| !cutoffs.keeps_slot(end))
+                    self.slot_end(key)
+                        .is_some_and(|end| !cutoffs.keeps_slot(end))
                 })
                 .collect();
             let keys = still_ended

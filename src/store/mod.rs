@@ -207,12 +207,7 @@ impl Store {
     ) -> Result<Vec<Booking>, StoreError> {
         let prefix = records::citizen_bookings_prefix(tag);
         let start = match after {
-            // The next key after `after`: its own key with a 0 byte appended.
-            Some(after) => {
-                let mut key = booking_key(tag, after).to_vec();
-                key.push(0);
-                key
-            }
+            Some(after) => records::key_after(&booking_key(tag, after)),
             None => prefix.to_vec(),
         };
         let mut bookings = Vec::new();

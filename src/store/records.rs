@@ -607,6 +607,13 @@ pub fn citizen_bookings_prefix(tag: CitizenTag) -> [u8; 9] {
     key
 }
 
+/// The first key after `key` in sled's order: `key` with a 0 byte appended.
+pub fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut next = key.to_vec();
+    next.push(0);
+    next
+}
+
 /// `A` + time + 8 random bytes: entries of one millisecond never collide.
 fn audit_key(at_unix_ms: i64) -> Vec<u8> {
     let mut key = Vec::with_capacity(17);
