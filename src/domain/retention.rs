@@ -45,8 +45,8 @@ impl Cutoffs {
     }
 
     /// A hold's record is kept while it is live, while its request is remembered and
-    /// while its slot is kept. `slot_end_unix_s` is its slot's end, if the pass knows the
-    /// slot (one published during the pass is not known yet: kept).
+    /// while its slot is kept. `slot_end_unix_s` is its slot's end, if the catalog has the
+    /// slot (without one, only the request window counts).
     pub fn keeps_hold(&self, hold: &Hold, slot_end_unix_s: Option<i64>) -> bool {
         hold.state == HoldState::Live
             || (self.keeps_request(hold.created_at_unix_ms)
@@ -133,7 +133,7 @@ mod tests {
         assert!(cutoffs.keeps_hold(&hold(old, HoldState::Live), slot_end));
         assert!(!cutoffs.keeps_hold(&hold(old, expired.clone()), slot_end));
         assert!(cutoffs.keeps_hold(&hold(recent, expired.clone()), slot_end));
-        // Its slot is unknown to the pass (published meanwhile): only the request counts.
+        // Its slot is not in the catalog: only the request counts.
         assert!(cutoffs.keeps_hold(&hold(recent, expired.clone()), None));
         assert!(!cutoffs.keeps_hold(&hold(old, expired.clone()), None));
         // Its slot ended beyond the records window.
