@@ -182,6 +182,9 @@ pub struct ServerSection {
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificates: also require a client certificate signed by one (mTLS).
     pub tls_client_ca: Option<PathBuf>,
+    /// Serve gRPC reflection. Default: on in open mode, off once tokens are configured;
+    /// with tokens it answers only callers with a valid token.
+    pub reflection: Option<bool>,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "prenota-data";
@@ -221,6 +224,7 @@ impl ServerSection {
             tls_cert: pick(&flags.tls_cert, &self.tls_cert),
             tls_key: pick(&flags.tls_key, &self.tls_key),
             tls_client_ca: pick(&flags.tls_client_ca, &self.tls_client_ca),
+            reflection: flags.reflection.or(self.reflection),
         }
     }
 
@@ -416,6 +420,7 @@ impl ConfigFile {
             tokens,
             citizen_issuers,
             tls: None,
+            reflection: self.server.reflection,
         })
     }
 }
@@ -495,6 +500,15 @@ pub struct Config {
     pub citizen_issuers: Vec<CitizenIssuer>,
     /// Serve TLS (and require client certificates, with a client CA).
     pub tls: Option<TlsPem>,
+    /// `[server] reflection`; `None`: on in open mode, off with tokens.
+    pub reflection: Option<bool>,
+}
+
+impl Config {
+    /// Whether gRPC reflection is served.
+    pub fn serves_reflection(&self) -> bool {
+        self.reflection.unwrap_or(self.tokens.is_empty())
+    }
 }
 
 #[cfg(test)]

@@ -115,6 +115,25 @@ pub struct Limits {
     /// Streams a client may reset before being answered, before the connection is
     /// closed (the "rapid reset" attack).
     pub pending_reset_streams_max: usize,
+    /// Streams the server may reset for a client's protocol errors on one connection
+    /// before it closes the connection with GOAWAY (the "made you reset" attack).
+    pub local_reset_streams_max: usize,
+    /// Largest decoded health or reflection request: they are tiny, and reachable
+    /// without a token.
+    pub probe_message_size_bytes_max: usize,
+    /// Connections open at once; past it a new connection is closed at accept.
+    pub connections_max: usize,
+    /// Age at which a connection is asked to go away (GOAWAY; clients reconnect), so no
+    /// connection, idle or not, is held for ever.
+    pub connection_age_max_ms: u64,
+    /// How long a connection past its age may finish its streams before it is closed.
+    pub connection_age_grace_ms: u64,
+    /// Interval of HTTP/2 keepalive pings; a peer that does not answer one within
+    /// `keepalive_timeout_ms` is disconnected.
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
+    /// Longest a TLS handshake may take before the connection is closed.
+    pub tls_handshake_timeout_ms: u64,
     /// Longest time a request may take before it is answered DEADLINE_EXCEEDED.
     pub request_timeout_ms: u64,
     /// How often the gauges (per site, live holds, store size) are refreshed.
@@ -178,6 +197,14 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     in_flight_requests_max: 4_096,
     streams_per_connection_max: 1_024,
     pending_reset_streams_max: 64,
+    local_reset_streams_max: 128,
+    probe_message_size_bytes_max: 16 * 1024,
+    connections_max: 4_096,
+    connection_age_max_ms: 30 * 60 * 1_000,
+    connection_age_grace_ms: 5 * 60 * 1_000,
+    keepalive_interval_ms: 60_000,
+    keepalive_timeout_ms: 20_000,
+    tls_handshake_timeout_ms: 10_000,
     request_timeout_ms: 30_000,
     metrics_refresh_interval_ms: 5_000,
     metrics_site_gauges_max: 10_000,
@@ -204,6 +231,8 @@ const _: () = {
     assert!(l.metrics_refresh_interval_ms >= 100 && l.backup_changes_buffered_max >= 1);
     assert!(l.retention_interval_ms >= 100 && l.retention_batch_records >= 1);
     assert!(l.store_gc_interval_ms >= 10);
+    assert!(l.local_reset_streams_max >= 1 && l.connections_max >= 1);
+    assert!(l.probe_message_size_bytes_max >= 1024 && l.connection_age_max_ms >= 1_000);
 };
 
 impl Limits {
@@ -322,6 +351,22 @@ impl Limits {
         need(
             l.rate_limiter_retain_interval_ms >= 100,
             "rate_limiter_retain_interval_ms must be at least 100",
+        );
+        need(
+            l.local_reset_streams_max >= 1 && l.connections_max >= 1,
+            "local_reset_streams_max and connections_max must be at least 1",
+        );
+        need(
+            l.probe_message_size_bytes_max >= 1024,
+            "probe_message_size_bytes_max must be at least 1024",
+        );
+        need(
+            l.connection_age_max_ms >= 1_000
+                && l.keepalive_interval_ms >= 1_000
+                && l.keepalive_timeout_ms >= 1_000
+                && l.tls_handshake_timeout_ms >= 100,
+            "connection_age_max_ms, keepalive_interval_ms and keepalive_timeout_ms must be at \
+             least 1000, tls_handshake_timeout_ms at least 100",
         );
         need(
             l.in_flight_requests_max >= 1 && l.streams_per_connection_max >= 1,

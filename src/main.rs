@@ -259,6 +259,7 @@ impl ServeArgs {
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             tls_client_ca: self.tls_client_ca.clone(),
+            reflection: None, // prenota.toml only
         }
     }
 }

@@ -18,7 +18,6 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
@@ -26,6 +25,7 @@ use tonic_health::ServingStatus;
 use crate::config::{default_citizen_trust, CitizenTrust, Config};
 use crate::grpc::assertion::Assertions;
 use crate::grpc::auth::{self, Gate};
+use crate::grpc::connections;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::readiness::Ready;
 use crate::grpc::shed::Shed;
@@ -132,6 +132,8 @@ struct Access {
     assertions: Assertions,
     /// How open-mode callers name citizens: asserted once issuers are configured.
     open_citizens: CitizenTrust,
+    /// Serve gRPC reflection (behind the token gate and the in-flight limit).
+    reflection: bool,
 }
 
 impl Access {
@@ -147,6 +149,7 @@ impl Access {
                 config.limits.citizen_assertions_remembered_max,
             ),
             open_citizens: default_citizen_trust(!config.citizen_issuers.is_empty()),
+            reflection: config.serves_reflection(),
         }
     }
 }
@@ -202,23 +205,45 @@ async fn run(
         limits,
         assertions,
         open_citizens,
+        reflection: serves_reflection,
     } = access;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
+    // Reachable without a token: only tiny requests.
+    let health_service =
+        health_service.max_decoding_message_size(limits.probe_message_size_bytes_max);
 
-    let (reflection_v1, reflection_v1alpha) =
-        (reflection().build_v1()?, reflection().build_v1alpha()?);
     let (booking_gate, booking_slot) = Ready::pending();
     let (capacity_gate, capacity_slot) = Ready::pending();
     let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
     let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
+    let (reflection_v1, reflection_v1alpha) = match serves_reflection {
+        true => {
+            let gate = Gate::new(
+                &tokens,
+                auth::Service::Reflection,
+                token_limiter.clone(),
+                open_citizens,
+            );
+            let size = limits.probe_message_size_bytes_max;
+            let v1 = reflection().build_v1()?.max_decoding_message_size(size);
+            let v1alpha = reflection()
+                .build_v1alpha()?
+                .max_decoding_message_size(size);
+            (
+                Some(gated(v1, &in_flight, &gate)),
+                Some(gated(v1alpha, &in_flight, &gate)),
+            )
+        }
+        false => (None, None),
+    };
     // A failed recovery stops the server; kept alive (unsent) while serving.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = transport(tls.as_ref(), &limits)?
         .layer(ObserveLayer)
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(InterceptedService::new(
             Shed::new(booking_gate, Arc::clone(&in_flight)),
             Gate::new(
@@ -237,9 +262,8 @@ async fn run(
                 open_citizens,
             ),
         ))
-        // Without TCP_NODELAY, small responses wait on Nagle + delayed ACK (~40 ms).
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            connections::capped(listener, limits.connections_max),
             async move {
                 tokio::select! {
                     _ = shutdown => {}
@@ -300,6 +324,15 @@ async fn start_serving(
     Ok((engine, tasks, stop))
 }
 
+/// `service` behind the token gate and the in-flight limit.
+fn gated<S>(
+    service: S,
+    in_flight: &Arc<Semaphore>,
+    gate: &Gate,
+) -> InterceptedService<Shed<S>, Gate> {
+    InterceptedService::new(Shed::new(service, Arc::clone(in_flight)), gate.clone())
+}
+
 /// Reflection (v1 and v1alpha) of prenota's protos and health.
 fn reflection() -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
@@ -307,19 +340,30 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// The transport: HTTP/2 limits, request timeout, and TLS when configured.
+/// The transport: HTTP/2 limits, connection lifetime, request timeout, and TLS when
+/// configured.
 fn transport(
     tls: Option<&crate::config::TlsPem>,
     limits: &crate::config::Limits,
 ) -> Result<tonic::transport::Server, ServeError> {
+    let ms = Duration::from_millis;
     let builder = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.streams_per_connection_max)
         .http2_max_pending_accept_reset_streams(Some(limits.pending_reset_streams_max))
-        .timeout(Duration::from_millis(limits.request_timeout_ms));
+        // tonic leaves this unlimited: a client could make the server reset streams for
+        // ever (RUSTSEC-2024-0003's class); past the limit the connection gets GOAWAY.
+        .http2_max_local_error_reset_streams(Some(limits.local_reset_streams_max))
+        .http2_keepalive_interval(Some(ms(limits.keepalive_interval_ms)))
+        .http2_keepalive_timeout(Some(ms(limits.keepalive_timeout_ms)))
+        .max_connection_age(ms(limits.connection_age_max_ms))
+        .max_connection_age_grace(ms(limits.connection_age_grace_ms))
+        .timeout(ms(limits.request_timeout_ms));
     let Some(tls) = tls else {
         return Ok(builder);
     };
-    let mut settings = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+    let mut settings = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&tls.cert, &tls.key))
+        .timeout(ms(limits.tls_handshake_timeout_ms));
     if let Some(client_ca) = &tls.client_ca {
         settings = settings.client_ca_root(Certificate::from_pem(client_ca));
     }

@@ -29,6 +29,8 @@ pub const RATE_LIMITED: &str = "prenota_rate_limited_total";
 pub const RATE_LIMITER_KEYS: &str = "prenota_rate_limiter_keys";
 /// Requests shed at the in-flight limit (UNAVAILABLE / OVERLOADED).
 pub const SHED: &str = "prenota_shed_total";
+/// Connections closed at accept because `connections_max` were open.
+pub const CONNECTIONS_REFUSED: &str = "prenota_connections_refused_total";
 /// Writes in one group commit.
 pub const COMMIT_BATCH_WRITES: &str = "prenota_commit_batch_writes";
 /// Client requests (callers) in one group commit.
@@ -149,7 +151,7 @@ pub fn record_only() -> Result<PrometheusHandle, String> {
 /// Counters of rare events exist at 0 from the start (with every label they take), so
 /// a dashboard or an alert tells "never happened" from "missing".
 fn register_rare_counters() {
-    for name in [HOLDS_EXPIRED, SHED, COMMIT_FAILURES] {
+    for name in [HOLDS_EXPIRED, SHED, CONNECTIONS_REFUSED, COMMIT_FAILURES] {
         metrics::counter!(name).increment(0);
     }
     for limiter in ["token", "citizen", "citizen_reads"] {
@@ -198,6 +200,10 @@ fn describe() {
         "keys tracked by a rate limiter, by limiter"
     );
     describe_counter!(SHED, "requests shed at the in-flight limit (OVERLOADED)");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "connections closed at accept because connections_max were open"
+    );
     describe_histogram!(COMMIT_BATCH_WRITES, "writes per group commit");
     describe_histogram!(COMMIT_BATCH_REQUESTS, "client requests per group commit");
     describe_histogram!(
@@ -291,6 +297,7 @@ pub const ALL: &[&str] = &[
     RATE_LIMITED,
     RATE_LIMITER_KEYS,
     SHED,
+    CONNECTIONS_REFUSED,
     COMMIT_BATCH_WRITES,
     COMMIT_BATCH_REQUESTS,
     COMMIT_APPLY_SECONDS,

@@ -410,3 +410,51 @@ async fn request_ids_are_scoped_to_the_token() {
     assert_eq!(retried.booking, booked.booking);
     server.stop().await;
 }
+
+/// The services reflection lists, or its refusal.
+async fn reflected_services(
+    server: &TestServer,
+    token: Option<&'static str>,
+) -> Result<Vec<String>, Status> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut client =
+        ServerReflectionClient::with_interceptor(server.channel().await, Bearer(token));
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    match answers.message().await?.and_then(|a| a.message_response) {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+        other => panic!("not a service list: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_is_off_with_tokens_unless_switched_on_and_then_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config()).await;
+    let off = reflected_services(&server, Some(ADMIN)).await.unwrap_err();
+    assert_eq!(off.code(), Code::Unimplemented, "{off:?}");
+    server.stop().await;
+
+    let mut switched_on = config();
+    switched_on.reflection = Some(true);
+    let server = TestServer::start_with(dir.path(), switched_on).await;
+    let anonymous = reflected_services(&server, None).await.unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated, "{anonymous:?}");
+    let services = reflected_services(&server, Some(FRONTEND)).await.unwrap();
+    assert!(
+        services.iter().any(|s| s == "prenota.v1.BookingService"),
+        "{services:?}"
+    );
+    server.stop().await;
+}

@@ -159,3 +159,28 @@ async fn with_a_client_ca_only_clients_with_a_certificate_get_in() {
     );
     server.stop().await;
 }
+
+/// A socket that connects and never starts its TLS handshake is closed after
+/// `tls_handshake_timeout_ms`, and TLS clients still get in meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_socket_is_closed_at_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&pki, false);
+    config.limits.tls_handshake_timeout_ms = 500;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let mut silent = tokio::net::TcpStream::connect(server.address)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let channel = tls_channel(&server, &pki, false).await.expect("TLS");
+    healthy(channel).await.expect("health over TLS");
+    let mut buffer = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buffer))
+        .await
+        .expect("closed within 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    server.stop().await;
+}

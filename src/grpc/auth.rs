@@ -24,6 +24,8 @@ use crate::service::ServiceError;
 pub enum Service {
     Booking,
     Capacity,
+    /// gRPC reflection: any valid token.
+    Reflection,
 }
 
 /// The authenticated caller, put in the request's extensions by the gate.
@@ -184,6 +186,7 @@ impl Interceptor for Gate {
             let allowed = matches!(
                 (self.service, role),
                 (_, Role::Admin)
+                    | (Service::Reflection, _)
                     | (Service::Booking, Role::Frontend)
                     | (Service::Capacity, Role::Authority)
             );

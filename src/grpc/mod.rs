@@ -5,6 +5,7 @@ pub mod assertion;
 pub mod auth;
 pub mod booking_service;
 pub mod capacity_service;
+pub mod connections;
 pub mod convert;
 pub mod detached;
 pub mod observe;

@@ -220,7 +220,9 @@ impl Body for Observed {
                     self.outcome.record(code);
                 }
             }
-            Poll::Ready(Some(Err(_))) => self.outcome.record(Code::Internal),
+            // A transport error on the stream: the client reset it or broke the
+            // protocol. Its doing, not the server's: counted and logged as CANCELLED.
+            Poll::Ready(Some(Err(_))) => self.outcome.record(Code::Cancelled),
             // Ended without a status: gRPC clients read that as UNKNOWN.
             Poll::Ready(None) => self.outcome.record(Code::Unknown),
             Poll::Pending => {}

@@ -1,0 +1,270 @@
+//! The transport under attack, on the real binary (issue #14): unauthenticated probes
+//! sent huge half-written messages, a client that makes the server reset stream after
+//! stream, and sockets held open past every limit. Each attack is bounded.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::child::{ChildOptions, ChildServer};
+use common::*;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const END_HEADERS: u8 = 0x4;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+
+/// One raw HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream_id.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The HPACK block of a gRPC request: literal fields, never indexed.
+fn grpc_request_headers(path: &str) -> Vec<u8> {
+    let fields = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ];
+    let mut out = Vec::new();
+    for (name, value) in fields {
+        out.push(0x00); // literal without indexing, new name
+        for text in [name, value] {
+            assert!(text.len() < 127, "one-byte HPACK length");
+            out.push(text.len() as u8);
+            out.extend_from_slice(text.as_bytes());
+        }
+    }
+    out
+}
+
+/// Reads frames until GOAWAY: its last processed stream id and error code; `None` if
+/// the connection ended (or went quiet) without one.
+fn goaway(socket: &mut TcpStream) -> Option<(u32, u32)> {
+    loop {
+        let mut head = [0u8; 9];
+        socket.read_exact(&mut head).ok()?;
+        let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; length];
+        socket.read_exact(&mut payload).ok()?;
+        if head[3] == GOAWAY {
+            let last_stream_id = u32::from_be_bytes(payload[0..4].try_into().unwrap());
+            let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+            return Some((last_stream_id, code));
+        }
+    }
+}
+
+fn address(server: &ChildServer) -> String {
+    server.url.strip_prefix("http://").unwrap().to_string()
+}
+
+async fn still_healthy(server: &ChildServer) {
+    let channel = connect(&server.url).await;
+    assert_eq!(health_of(channel, "").await, ServingStatus::Serving);
+}
+
+/// The "made you reset" class: each stream is opened, then sent a window update that
+/// overflows its window, so the server must reset it. tonic leaves the number of such
+/// resets unlimited; `local_reset_streams_max` (128) ends the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_makes_the_server_reset_streams_gets_goaway() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(dir.path());
+    let mut socket = TcpStream::connect(address(&server)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut writer = socket.try_clone().unwrap();
+    let attack = std::thread::spawn(move || {
+        let mut hello = PREFACE.to_vec();
+        hello.extend(frame(SETTINGS, 0, 0, &[]));
+        writer.write_all(&hello).unwrap();
+        for index in 0..2_000u32 {
+            let stream_id = 2 * index + 1;
+            let mut out = frame(
+                HEADERS,
+                END_HEADERS,
+                stream_id,
+                &grpc_request_headers(HEALTH_CHECK),
+            );
+            let overflow = 0x7fff_ffffu32.to_be_bytes();
+            out.extend(frame(WINDOW_UPDATE, 0, stream_id, &overflow));
+            if writer.write_all(&out).is_err() {
+                return index; // the server closed the connection
+            }
+        }
+        2_000
+    });
+    let goaway = tokio::task::spawn_blocking(move || goaway(&mut socket))
+        .await
+        .unwrap();
+    let sent = attack.join().unwrap();
+    let (last_stream_id, code) = goaway.expect("GOAWAY");
+    assert_eq!(code, ENHANCE_YOUR_CALM);
+    let processed = last_stream_id.div_ceil(2);
+    assert!(
+        processed <= 128 + 8,
+        "{processed} streams processed before GOAWAY ({sent} sent)"
+    );
+    still_healthy(&server).await;
+}
+
+/// The gRPC frame prefix of a message of `length` bytes, then that many bytes.
+fn grpc_message(length: usize) -> bytes::Bytes {
+    let mut message = vec![0u8; 5 + length];
+    message[1..5].copy_from_slice(&(length as u32).to_be_bytes());
+    message.into()
+}
+
+/// The grpc-status a response ends with (trailers-only, or after its body).
+async fn grpc_status_of(response: h2::client::ResponseFuture) -> Option<u32> {
+    let response = response.await.ok()?;
+    let read = |headers: &http::HeaderMap| {
+        headers
+            .get("grpc-status")
+            .and_then(|value| value.to_str().ok()?.parse().ok())
+    };
+    if let Some(code) = read(response.headers()) {
+        return Some(code);
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        let data = data.ok()?;
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    read(&body.trailers().await.ok()??)
+}
+
+/// Health and reflection answer without a token: a 4 MiB message, half sent and never
+/// finished, is refused from its 5-byte prefix (probe_message_size_bytes_max, 16 KiB)
+/// instead of being buffered until the client disconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_refuse_big_half_sent_messages_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(dir.path());
+    let before = server.rss_bytes();
+    let socket = tokio::net::TcpStream::connect(address(&server))
+        .await
+        .unwrap();
+    let (client, connection) = h2::client::handshake(socket).await.unwrap();
+    tokio::spawn(connection);
+    let message = grpc_message(4 << 20);
+    let mut calls = Vec::new();
+    for index in 0..40 {
+        let path = [HEALTH_CHECK, REFLECTION][index % 2];
+        let request = http::Request::post(format!("http://localhost{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let mut client = client.clone().ready().await.unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        body.send_data(message.clone(), false).unwrap(); // never finished
+        calls.push((path, response, body));
+    }
+    for (path, response, _body) in calls {
+        let status = tokio::time::timeout(Duration::from_secs(10), grpc_status_of(response))
+            .await
+            .unwrap_or_else(|_| panic!("{path} held a half-sent 4 MiB message"));
+        // Health answers RESOURCE_EXHAUSTED or OUT_OF_RANGE (depending on where tonic
+        // checks the size); reflection ends its stream on a bad request.
+        let refused = match path {
+            HEALTH_CHECK => matches!(status, Some(8) | Some(11)),
+            _ => status.is_some(),
+        };
+        assert!(refused, "{path}: {status:?}");
+    }
+    let grown = server.rss_bytes().saturating_sub(before);
+    assert!(grown < 10 << 20, "RSS grew by {grown} bytes");
+    still_healthy(&server).await;
+}
+
+/// Reads until the peer closes the connection; how long that took, `None` on timeout.
+fn closed_within(socket: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    socket.set_read_timeout(Some(limit)).unwrap();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match socket.read(&mut buffer) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(started.elapsed())
+            }
+            Err(_) => return None,
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+    }
+}
+
+/// 500 idle sockets were held open for ever. Now at most `connections_max` are open
+/// (the rest closed at accept), and every connection is asked to go away at
+/// `connection_age_max_ms`, then closed after its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_closed_at_once_and_idle_ones_age_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [("CONNECTIONS_MAX", "20"), ("CONNECTION_AGE_MAX_MS", "3000")];
+    let mut server = ChildServer::start_recovering(
+        dir.path(),
+        ChildOptions {
+            env: limits
+                .iter()
+                .chain(&[("CONNECTION_AGE_GRACE_MS", "1000")])
+                .map(|(name, value)| (format!("PRENOTA_LIMITS_{name}"), value.to_string()))
+                .collect(),
+            ..ChildOptions::default()
+        },
+    );
+    server.wait_serving();
+    let idle: Vec<TcpStream> = (0..20)
+        .map(|index| {
+            let mut socket = TcpStream::connect(address(&server)).unwrap();
+            if index % 2 == 0 {
+                // Half are idle HTTP/2 clients, half never say a word.
+                let mut hello = PREFACE.to_vec();
+                hello.extend(frame(SETTINGS, 0, 0, &[]));
+                socket.write_all(&hello).unwrap();
+            }
+            socket
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300)); // all accepted
+    for _ in 0..10 {
+        let mut extra = TcpStream::connect(address(&server)).unwrap();
+        let closed = closed_within(&mut extra, Duration::from_secs(2));
+        assert!(closed.is_some(), "a connection past the cap stayed open");
+    }
+    let started = Instant::now();
+    let waits: Vec<_> = idle
+        .into_iter()
+        .map(|mut socket| closed_within(&mut socket, Duration::from_secs(15)))
+        .collect();
+    assert!(
+        waits.iter().all(Option::is_some),
+        "idle connections outlived their age: {waits:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_500),
+        "closed before their age: {waits:?}"
+    );
+    still_healthy(&server).await;
+}
