@@ -49,6 +49,14 @@ pub struct Limits {
     pub commit_queue_depth: usize,
     /// Bookings buffered between the store scan and a slow `ExportBookings` reader.
     pub export_channel_depth: usize,
+    /// Exports (bookings, audit log, backups) streaming at once, over every token; the
+    /// next one is refused with RESOURCE_EXHAUSTED / EXPORTS_IN_PROGRESS.
+    pub exports_max: usize,
+    /// Exports one token may have streaming at once.
+    pub exports_per_token_max: usize,
+    /// Longest an export waits for its client to read before it stops (the stream then
+    /// ends with DEADLINE_EXCEEDED / EXPORT_IDLE).
+    pub export_idle_timeout_ms: u64,
     /// Largest decoded gRPC request.
     pub message_size_bytes_max: usize,
     /// sled's page cache. sled treats it as a soft hint and its resident memory grows to a
@@ -173,6 +181,9 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     commit_batch_writes_max: 4_096,
     commit_queue_depth: 65_536,
     export_channel_depth: 256,
+    exports_max: 8,
+    exports_per_token_max: 2,
+    export_idle_timeout_ms: 30_000,
     message_size_bytes_max: 4 * 1024 * 1024,
     hold_ttl_seconds_default: 300,
     hold_ttl_seconds_max: 600,
@@ -228,6 +239,8 @@ const _: () = {
     assert!(l.hold_sweep_batch_max >= 1 && l.import_errors_reported_max >= 1);
     assert!(l.slot_minutes_max <= 24 * 60);
     assert!(l.export_channel_depth >= 1);
+    assert!(l.exports_max >= 1 && l.exports_per_token_max >= 1);
+    assert!(l.export_idle_timeout_ms >= 100);
     assert!(l.metrics_refresh_interval_ms >= 100 && l.backup_changes_buffered_max >= 1);
     assert!(l.retention_interval_ms >= 100 && l.retention_batch_records >= 1);
     assert!(l.store_gc_interval_ms >= 10);
@@ -287,6 +300,14 @@ impl Limits {
         need(
             l.export_channel_depth >= 1,
             "export_channel_depth must be at least 1",
+        );
+        need(
+            l.exports_max >= 1 && l.exports_per_token_max >= 1,
+            "exports_max and exports_per_token_max must be at least 1",
+        );
+        need(
+            l.export_idle_timeout_ms >= 100,
+            "export_idle_timeout_ms must be at least 100",
         );
         need(
             l.metrics_refresh_interval_ms >= 100,

@@ -268,3 +268,131 @@ async fn connections_past_the_cap_are_closed_at_once_and_idle_ones_age_out() {
     );
     still_healthy(&server).await;
 }
+
+const EXPORT_BACKUP: &str = "/prenota.v1.CapacityService/ExportBackup";
+
+/// How a stalled export request was answered: `None` while its stream is open (the
+/// export runs), or the code of its trailers-only refusal; and the response, kept
+/// unread (dropping it would release the window and unstall the stream).
+async fn refusal_of(
+    response: h2::client::ResponseFuture,
+) -> (Option<u32>, http::Response<h2::RecvStream>) {
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("an answer within 10 s")
+        .expect("a response");
+    let code = response
+        .headers()
+        .get("grpc-status")
+        .map(|code| code.to_str().unwrap().parse().unwrap());
+    (code, response)
+}
+
+/// 520 stalled export streams pinned 523 threads and stalled ListCitizenBookings. Now
+/// exports are admitted before they start (`exports_max`, `exports_per_token_max`, one
+/// backup at a time) and count until their stream ends: of 600 stalled backups one
+/// streams, 599 are refused at once, a citizen's reads answer meanwhile, and the place
+/// comes back when the stalled stream ends. (Backups, because a small store's bookings
+/// or audit log fit in one response chunk and finish before they could stall; the
+/// three exports share the same admission.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_hundred_stalled_exports_are_capped_and_citizens_are_still_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(dir.path());
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "stall-site", "r", 10).await;
+    let mut booking = prenota::proto::booking_service_client::BookingServiceClient::new(channel);
+    book_ok(&mut booking, book_request(&slot_id, "citizen-1", "r1")).await;
+    // 86,400 slots: a backup of several MiB, which a stalled reader cannot finish.
+    let (first, last) = (day_ahead(1), day_ahead(300));
+    let schedule = publish_request(
+        "stall-site",
+        "big",
+        (&first, &last),
+        ("00:00", "23:59"),
+        5,
+        1,
+    );
+    prenota::proto::capacity_service_client::CapacityServiceClient::new(connect(&server.url).await)
+        .publish_schedule(schedule)
+        .await
+        .unwrap();
+
+    let socket = tokio::net::TcpStream::connect(address(&server))
+        .await
+        .unwrap();
+    // A 16-byte window: every export stalls after its first bytes.
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(16)
+        .handshake::<_, bytes::Bytes>(socket)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut responses = Vec::new();
+    for _ in 0..600 {
+        let request = http::Request::post(format!("http://localhost{EXPORT_BACKUP}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let mut client = client.clone().ready().await.unwrap();
+        let (response, mut body) = client.send_request(request, false).unwrap();
+        body.send_data(grpc_message(0), true).unwrap();
+        responses.push(response);
+    }
+    let (mut refusals, mut unread) = (Vec::new(), Vec::new());
+    for response in responses {
+        let (refusal, response) = refusal_of(response).await;
+        refusals.push(refusal);
+        unread.push(response);
+    }
+    let running = refusals.iter().filter(|code| code.is_none()).count();
+    let refused = refusals.iter().filter(|code| **code == Some(8)).count();
+    assert_eq!((running, refused), (1, 599), "{refusals:?}");
+
+    for _ in 0..20 {
+        let listed = tokio::time::timeout(
+            Duration::from_secs(2),
+            booking.list_citizen_bookings(prenota::proto::ListCitizenBookingsRequest {
+                citizen_id: "citizen-1".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("ListCitizenBookings answers while exports stall")
+        .unwrap();
+        assert_eq!(listed.into_inner().bookings.len(), 1);
+    }
+
+    // The stalled streams end with their connection: their places come back.
+    drop((client, unread));
+    connection.abort();
+    let _ = connection.await;
+    let capacity = prenota::proto::capacity_service_client::CapacityServiceClient::new(
+        connect(&server.url).await,
+    );
+    let mut exported = None;
+    for _ in 0..50 {
+        let mut capacity = capacity.clone();
+        match capacity
+            .export_bookings(prenota::proto::ExportBookingsRequest::default())
+            .await
+        {
+            Ok(stream) => {
+                exported = Some(stream);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(reason(&status).as_deref(), Some("EXPORTS_IN_PROGRESS"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let mut stream = exported.expect("an export is admitted again").into_inner();
+    let mut count = 0;
+    while let Some(item) = stream.message().await.unwrap() {
+        assert!(item.booking.is_some());
+        count += 1;
+    }
+    assert_eq!(count, 1);
+}

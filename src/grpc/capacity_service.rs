@@ -16,6 +16,7 @@ use crate::grpc::detached::detached;
 use crate::limits::Limits;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
+use crate::service::exports::{ExportKind, Feed};
 use crate::service::{Engine, ExportScope, ImportRow, ServiceError};
 use crate::store::StoreError;
 
@@ -296,8 +297,13 @@ impl CapacityService for CapacityApi {
         request: Request<proto::ExportAuditLogRequest>,
     ) -> Result<Response<Self::ExportAuditLogStream>, Status> {
         // Entries span every region: admins (and open mode) only.
-        Caller::of(&request)?.check_all_regions()?;
-        let entries = ReceiverStream::new(self.engine.audit_log()).map(|item| {
+        let caller = Caller::of(&request)?;
+        caller.check_all_regions()?;
+        let permit = self
+            .engine
+            .admit_export(&caller.actor(), ExportKind::Records)?;
+        let entries = ReceiverStream::new(self.engine.audit_log()).map(move |item| {
+            let _counted = &permit; // for as long as the stream lives
             item.map(|entry| proto::ExportAuditLogResponse {
                 entry: Some(convert::audit_to_proto(&entry)),
             })
@@ -315,13 +321,20 @@ impl CapacityService for CapacityApi {
         request: Request<proto::ExportBackupRequest>,
     ) -> Result<Response<Self::ExportBackupStream>, Status> {
         // The whole store and the citizen hash key: admins (and open mode) only.
-        Caller::of(&request)?.check_all_regions()?;
-        let (sender, receiver) = tokio::sync::mpsc::channel(BACKUP_CHUNKS_IN_FLIGHT);
+        let caller = Caller::of(&request)?;
+        caller.check_all_regions()?;
+        let permit = self
+            .engine
+            .admit_export(&caller.actor(), ExportKind::Backup)?;
+        let (feed, receiver) = self.engine.export_feed(BACKUP_CHUNKS_IN_FLIGHT);
+        let feed = Arc::new(feed);
         let engine = Arc::clone(&self.engine);
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let mut out =
-                std::io::BufWriter::with_capacity(BACKUP_CHUNK_BYTES, ChunkSender(sender.clone()));
+            let mut out = std::io::BufWriter::with_capacity(
+                BACKUP_CHUNK_BYTES,
+                ChunkSender(Arc::clone(&feed)),
+            );
             let written = engine.backup(&mut out).and_then(|summary| {
                 out.flush().map_err(|e| {
                     ServiceError::Store(StoreError::Io(format!("sending the backup: {e}")))
@@ -338,11 +351,14 @@ impl CapacityService for CapacityApi {
                 ),
                 Err(error) => {
                     tracing::warn!(%error, "backup failed");
-                    let _ = sender.blocking_send(Err(Status::from(error)));
+                    feed.fail(error);
                 }
             }
         });
-        let chunks = ReceiverStream::new(receiver);
+        let chunks = ReceiverStream::new(receiver).map(move |chunk| {
+            let _counted = &permit; // for as long as the stream lives
+            chunk.map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(chunks)))
     }
 
@@ -372,7 +388,11 @@ impl CapacityService for CapacityApi {
                 None => return Err(DomainError::NotFound(Missing::Site).into()),
             },
         }
-        let bookings = ReceiverStream::new(self.engine.export_bookings(scope)).map(|item| {
+        let permit = self
+            .engine
+            .admit_export(&caller.actor(), ExportKind::Records)?;
+        let bookings = ReceiverStream::new(self.engine.export_bookings(scope)).map(move |item| {
+            let _counted = &permit; // for as long as the stream lives
             item.map(|view| proto::ExportBookingsResponse {
                 booking: Some(convert::booking_to_proto(&view)),
             })
@@ -387,19 +407,18 @@ const BACKUP_CHUNK_BYTES: usize = 1 << 20;
 /// Chunks buffered for a slow backup client (the scan waits beyond that).
 const BACKUP_CHUNKS_IN_FLIGHT: usize = 8;
 
-/// Hands the backup's bytes to the response stream; a client that went away fails
-/// the backup's write, which stops it.
-struct ChunkSender(tokio::sync::mpsc::Sender<Result<proto::ExportBackupResponse, Status>>);
+/// Hands the backup's bytes to the response stream; a client that went away or
+/// stopped reading fails the backup's write, which stops it.
+struct ChunkSender(Arc<Feed<proto::ExportBackupResponse>>);
 
 impl std::io::Write for ChunkSender {
     /// Sends at most one chunk's worth: messages stay far below clients' size limits.
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         let sent = bytes.len().min(BACKUP_CHUNK_BYTES);
-        self.0
-            .blocking_send(Ok(proto::ExportBackupResponse {
-                data: bytes[..sent].to_vec(),
-            }))
-            .map_err(|_| std::io::Error::other("the backup client went away"))?;
+        let chunk = proto::ExportBackupResponse {
+            data: bytes[..sent].to_vec(),
+        };
+        self.0.send(Ok(chunk)).map_err(std::io::Error::other)?;
         Ok(sent)
     }
 

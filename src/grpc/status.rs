@@ -20,6 +20,9 @@ const OVERLOADED_RETRY_DELAY: Duration = Duration::from_millis(50);
 /// How long a client should wait before retrying while the server recovers its store.
 const RECOVERING_RETRY_DELAY: Duration = Duration::from_secs(1);
 
+/// How long a client should wait before retrying when its exports are all in progress.
+const EXPORTS_RETRY_DELAY: Duration = Duration::from_secs(5);
+
 /// Field violations spelled out in a status message; the details carry every one.
 const MESSAGE_VIOLATIONS_MAX: usize = 5;
 
@@ -122,6 +125,8 @@ fn classify(error: &ServiceError) -> Answer {
             }
             StoreError::Failed | StoreError::Io(_) => Answer::new(Unavailable, "STORAGE_FAILED"),
             StoreError::Closed => Answer::new(Unavailable, "SHUTTING_DOWN"),
+            StoreError::BackupRunning => Answer::new(ResourceExhausted, "EXPORTS_IN_PROGRESS")
+                .retry_after(EXPORTS_RETRY_DELAY),
             StoreError::Corrupt(_) => Answer::new(Internal, "STORAGE_CORRUPT"),
         },
         ServiceError::Recovery(_) => Answer::new(Internal, "RECOVERY_FAILED"),
@@ -143,6 +148,10 @@ fn classify(error: &ServiceError) -> Answer {
         ServiceError::Busy(_) => {
             Answer::new(Unavailable, "OVERLOADED").retry_after(RECOVERING_RETRY_DELAY)
         }
+        ServiceError::ExportsInProgress => {
+            Answer::new(ResourceExhausted, "EXPORTS_IN_PROGRESS").retry_after(EXPORTS_RETRY_DELAY)
+        }
+        ServiceError::ExportIdle => Answer::new(Code::DeadlineExceeded, "EXPORT_IDLE"),
     }
 }
 

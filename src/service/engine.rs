@@ -27,6 +27,7 @@ use crate::domain::ids::{
 use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
 use crate::service::clock::Clock;
 use crate::service::error::ServiceError;
+use crate::service::exports::{ExportKind, ExportPermit, Exports, Feed};
 use crate::service::rate_limits;
 use crate::service::requests::{self, Begin, RequestRegistry};
 use crate::store::{Store, StoreError};
@@ -62,6 +63,8 @@ pub struct Engine {
     pub(super) attempts: rate_limits::CitizenLimiter,
     /// Reads of a citizen's bookings (GetBooking, ListCitizenBookings) per citizen.
     pub(super) reads: rate_limits::CitizenLimiter,
+    /// Exports streaming now, in total and per token.
+    pub(super) exports: Exports,
     /// How citizen ids are read (the scheme and the length bound).
     pub(super) citizen_ids: CitizenIds,
     /// Serialises authority writes (sites, schedules, imports, capacities, closures)
@@ -266,13 +269,34 @@ impl Engine {
         outcome
     }
 
+    /// A place for one more export by `token` (see `exports`); keep it as long as the
+    /// export's stream.
+    pub fn admit_export(
+        &self,
+        token: &str,
+        kind: ExportKind,
+    ) -> Result<ExportPermit, ServiceError> {
+        self.exports.admit(token, kind)
+    }
+
+    /// A feed for an export's stream (`export_channel_depth` items buffered, the idle
+    /// timeout of the limits).
+    pub fn export_feed<T: Send + 'static>(
+        &self,
+        depth: usize,
+    ) -> (Feed<T>, mpsc::Receiver<Result<T, ServiceError>>) {
+        let idle = std::time::Duration::from_millis(self.limits.export_idle_timeout_ms);
+        Feed::channel(depth, idle)
+    }
+
     /// Streams every stored booking in scope; the scan runs on a blocking thread and
-    /// waits for the reader (bounded channel), so a slow client holds no memory.
+    /// waits for the reader (bounded channel, idle timeout), so a slow client holds no
+    /// memory and a stalled one no thread.
     pub fn export_bookings(
         self: &Arc<Self>,
         scope: ExportScope,
     ) -> mpsc::Receiver<Result<BookingView, ServiceError>> {
-        let (sender, receiver) = mpsc::channel(self.limits.export_channel_depth);
+        let (sender, receiver) = self.export_feed(self.limits.export_channel_depth);
         let engine = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             for item in engine.store.bookings() {
@@ -284,8 +308,8 @@ impl Engine {
                     (Ok(view), ExportScope::Site(site_id)) => view.site.site_id == *site_id,
                     (Ok(view), ExportScope::Region(region_id)) => view.site.region_id == *region_id,
                 };
-                if wanted && sender.blocking_send(item).is_err() {
-                    return; // the client went away
+                if wanted && sender.send(item).is_err() {
+                    return; // the client went away or stopped reading
                 }
             }
         });
@@ -296,14 +320,11 @@ impl Engine {
     pub fn audit_log(
         self: &Arc<Self>,
     ) -> mpsc::Receiver<Result<crate::store::records::AuditEntry, ServiceError>> {
-        let (sender, receiver) = mpsc::channel(self.limits.export_channel_depth);
+        let (sender, receiver) = self.export_feed(self.limits.export_channel_depth);
         let engine = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             for entry in engine.store.audit_entries() {
-                if sender
-                    .blocking_send(entry.map_err(ServiceError::from))
-                    .is_err()
-                {
+                if sender.send(entry.map_err(ServiceError::from)).is_err() {
                     return;
                 }
             }

@@ -30,4 +30,8 @@ pub enum ServiceError {
     CitizenAssertionInvalid,
     #[error("citizen_id names another citizen than the assertion")]
     CitizenMismatch,
+    #[error("too many exports in progress (exports_max, or exports_per_token_max for this token)")]
+    ExportsInProgress,
+    #[error("the export stopped: the client read nothing for export_idle_timeout_ms")]
+    ExportIdle,
 }

@@ -11,6 +11,8 @@
 //! - `capacity`: sites, schedules, imports, slot capacity, closures, statistics;
 //!   `import_check`: a capacity file's rows checked before anything is written.
 //! - `backup`: online backups, and restores checked by a full recovery.
+//! - `exports`: how many exports may stream at once, and a feed that stops a scan
+//!   whose client stopped reading.
 //! - `retention`: forgets old request records and deletes records of long-ended slots.
 
 pub mod backup;
@@ -21,6 +23,7 @@ pub mod clock;
 pub mod engine;
 pub mod error;
 pub mod execute;
+pub mod exports;
 pub mod holds;
 pub mod import_check;
 pub mod rate_limits;

@@ -18,6 +18,7 @@ use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
 use crate::service::clock::Clock;
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
+use crate::service::exports::Exports;
 use crate::service::rate_limits;
 use crate::service::requests::RequestRegistry;
 use crate::store::records::Record;
@@ -61,6 +62,10 @@ impl Engine {
             })?,
             citizen_hash_key: key,
             attempts: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_attempts_per_min),
+            exports: Exports::new(
+                config.limits.exports_max,
+                config.limits.exports_per_token_max,
+            ),
             reads: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_reads_per_min),
             citizen_ids: crate::config::citizen_ids(config),
             authority_writes: tokio::sync::Mutex::new(()),

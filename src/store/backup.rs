@@ -158,7 +158,7 @@ impl Store {
         {
             let mut tee = self.state.tee();
             if tee.is_some() {
-                return Err(StoreError::Io("another backup is running".into()));
+                return Err(StoreError::BackupRunning);
             }
             *tee = Some(Tee {
                 batches,

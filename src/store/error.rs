@@ -23,4 +23,6 @@ pub enum StoreError {
     PartlyApplied,
     #[error("the store is shutting down")]
     Closed,
+    #[error("another backup is running")]
+    BackupRunning,
 }

@@ -1,0 +1,201 @@
+//! Exports (bookings, audit log, backups) are long scans streamed to a client that may
+//! stop reading. Two bounds keep a stalled reader from pinning the server:
+//!
+//! - [`Exports::admit`]: at most `exports_max` exports at once, `exports_per_token_max`
+//!   per token, one backup. The permit lives as long as the response stream, so a
+//!   stream the client holds open without reading keeps counting against its own token.
+//! - [`Feed`]: the scan hands each item over waiting at most `export_idle_timeout_ms`
+//!   for the reader; past it the scan stops (its blocking thread is free again) and the
+//!   stream ends with `DEADLINE_EXCEEDED` / `EXPORT_IDLE` after what was buffered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::service::ServiceError;
+
+/// Exports in progress, in total and per token (by the caller's name).
+pub struct Exports {
+    max: usize,
+    per_token_max: usize,
+    running: Arc<Mutex<Running>>,
+}
+
+#[derive(Default)]
+struct Running {
+    total: usize,
+    per_token: HashMap<String, usize>,
+    backups: usize,
+}
+
+/// What an export streams: records (bookings, audit entries), or a backup of the
+/// whole store (one at a time: it tees every commit while it scans).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportKind {
+    Records,
+    Backup,
+}
+
+/// One admitted export; dropping it frees its place.
+pub struct ExportPermit {
+    token: String,
+    kind: ExportKind,
+    running: Arc<Mutex<Running>>,
+}
+
+impl Exports {
+    pub fn new(max: usize, per_token_max: usize) -> Self {
+        assert!(max >= 1 && per_token_max >= 1, "checked with the limits");
+        Self {
+            max,
+            per_token_max,
+            running: Arc::default(),
+        }
+    }
+
+    /// A place for one more export by `token`, or `EXPORTS_IN_PROGRESS`.
+    pub fn admit(&self, token: &str, kind: ExportKind) -> Result<ExportPermit, ServiceError> {
+        let mut running = lock(&self.running);
+        let of_token = running.per_token.get(token).copied().unwrap_or(0);
+        let backup_running = kind == ExportKind::Backup && running.backups > 0;
+        if running.total >= self.max || of_token >= self.per_token_max || backup_running {
+            return Err(ServiceError::ExportsInProgress);
+        }
+        running.total += 1;
+        running.per_token.insert(token.to_string(), of_token + 1);
+        if kind == ExportKind::Backup {
+            running.backups += 1;
+        }
+        Ok(ExportPermit {
+            token: token.to_string(),
+            kind,
+            running: Arc::clone(&self.running),
+        })
+    }
+}
+
+impl Drop for ExportPermit {
+    fn drop(&mut self) {
+        let mut running = lock(&self.running);
+        running.total -= 1;
+        if self.kind == ExportKind::Backup {
+            running.backups -= 1;
+        }
+        let of_token = running
+            .per_token
+            .get_mut(&self.token)
+            .expect("an admitted token is counted");
+        *of_token -= 1;
+        if *of_token == 0 {
+            running.per_token.remove(&self.token);
+        }
+    }
+}
+
+fn lock(running: &Mutex<Running>) -> std::sync::MutexGuard<'_, Running> {
+    // Counts only: a panic elsewhere cannot leave them half-updated.
+    running
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Why a scan stopped feeding its stream.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Stopped {
+    #[error("the client went away")]
+    Gone,
+    #[error("the client read nothing for export_idle_timeout_ms")]
+    Idle,
+}
+
+/// The sending end of an export, used from the scan's blocking thread.
+pub struct Feed<T> {
+    sender: mpsc::Sender<Result<T, ServiceError>>,
+    idle: Duration,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<T: Send + 'static> Feed<T> {
+    /// A feed and its stream's receiving end, `depth` items buffered. Call from the
+    /// runtime (it remembers the runtime to wait on from the blocking thread).
+    pub fn channel(
+        depth: usize,
+        idle: Duration,
+    ) -> (Self, mpsc::Receiver<Result<T, ServiceError>>) {
+        let (sender, receiver) = mpsc::channel(depth);
+        let runtime = tokio::runtime::Handle::current();
+        let feed = Self {
+            sender,
+            idle,
+            runtime,
+        };
+        (feed, receiver)
+    }
+
+    /// Hands `item` over, waiting at most the idle timeout for room. On `Idle` the
+    /// stream is ended with `EXPORT_IDLE` once the client reads what is buffered.
+    pub fn send(&self, item: Result<T, ServiceError>) -> Result<(), Stopped> {
+        let sent = self
+            .runtime
+            .block_on(tokio::time::timeout(self.idle, self.sender.send(item)));
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Stopped::Gone),
+            Err(_) => {
+                self.fail(ServiceError::ExportIdle);
+                Err(Stopped::Idle)
+            }
+        }
+    }
+
+    /// Ends the stream with `error` after what is buffered, without waiting: an async
+    /// task (no thread) waits for room, or for the client to go.
+    pub fn fail(&self, error: ServiceError) {
+        let sender = self.sender.clone();
+        self.runtime.spawn(async move {
+            let _ = sender.send(Err(error)).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_are_capped_in_total_and_per_token_and_freed_on_drop() {
+        use ExportKind::{Backup, Records};
+        let exports = Exports::new(3, 2);
+        let a1 = exports.admit("a", Records).unwrap();
+        let _a2 = exports.admit("a", Records).unwrap();
+        assert!(matches!(
+            exports.admit("a", Records),
+            Err(ServiceError::ExportsInProgress)
+        ));
+        let b1 = exports.admit("b", Backup).unwrap();
+        assert!(exports.admit("c", Records).is_err(), "three in total");
+        drop(a1);
+        assert!(exports.admit("c", Backup).is_err(), "one backup at a time");
+        drop(b1);
+        let _c1 = exports.admit("c", Backup).unwrap();
+        let _a3 = exports.admit("a", Records).unwrap();
+        assert!(exports.admit("d", Records).is_err(), "three in total again");
+    }
+
+    #[tokio::test]
+    async fn a_feed_gives_up_on_a_reader_that_takes_nothing() {
+        let (feed, mut receiver) = Feed::<u32>::channel(1, Duration::from_millis(50));
+        let fed = tokio::task::spawn_blocking(move || (feed.send(Ok(1)), feed.send(Ok(2))))
+            .await
+            .unwrap();
+        assert_eq!(fed, (Ok(()), Err(Stopped::Idle)));
+        assert!(matches!(receiver.recv().await, Some(Ok(1))));
+        assert!(matches!(
+            receiver.recv().await,
+            Some(Err(ServiceError::ExportIdle))
+        ));
+        assert!(receiver.recv().await.is_none());
+    }
+}
