@@ -195,6 +195,8 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
+    // Data dirs, store files, keys and backups: for this user only (0700 / 0600).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     prenota::telemetry::init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -396,3 +396,115 @@ async fn six_hundred_stalled_exports_are_capped_and_citizens_are_still_answered(
     }
     assert_eq!(count, 1);
 }
+
+/// `prenota serve` on `data_dir` until it exits by itself (within 30 s): its exit
+/// success and its stderr.
+fn serve_until_exit(data_dir: &std::path::Path) -> (bool, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("prenota kept running on {}", data_dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn write_key(path: &std::path::Path, key: &[u8], mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, key).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A missing key file was silently regenerated: every stored booking became
+/// unreachable and every citizen could book again. Now the store keeps the key's check
+/// value and start-up refuses a missing, different or world-readable key; the data
+/// dir is the user's only (0700 / 0600).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_wrong_or_readable_key_refuses_start_up_and_files_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let server = ChildServer::start(&data_dir);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "key-site", "r", 5).await;
+    let mut booking = prenota::proto::booking_service_client::BookingServiceClient::new(channel);
+    book_ok(&mut booking, book_request(&slot_id, "citizen-1", "r1")).await;
+    server.terminate();
+
+    let key_path = data_dir.join("citizen-hash.key");
+    for dir in [data_dir.clone(), data_dir.join("sled")] {
+        assert_eq!(mode_of(&dir), 0o700, "{}", dir.display());
+    }
+    for file in [
+        key_path.clone(),
+        data_dir.join("sled/db"),
+        data_dir.join("sled/conf"),
+    ] {
+        assert_eq!(mode_of(&file), 0o600, "{}", file.display());
+    }
+
+    let key = std::fs::read(&key_path).unwrap();
+    std::fs::remove_file(&key_path).unwrap();
+    let (started, stderr) = serve_until_exit(&data_dir);
+    assert!(
+        !started && stderr.contains("holds a store but no citizen-hash.key"),
+        "{stderr}"
+    );
+    assert!(!key_path.exists(), "no new key was made");
+
+    write_key(&key_path, &[7u8; 32], 0o600);
+    let (started, stderr) = serve_until_exit(&data_dir);
+    assert!(
+        !started && stderr.contains("is not the key the store"),
+        "{stderr}"
+    );
+
+    write_key(&key_path, &key, 0o644);
+    let (started, stderr) = serve_until_exit(&data_dir);
+    assert!(!started && stderr.contains("chmod 600"), "{stderr}");
+
+    write_key(&key_path, &key, 0o600);
+    let server = ChildServer::start(&data_dir);
+    let mut booking = prenota::proto::booking_service_client::BookingServiceClient::new(
+        connect(&server.url).await,
+    );
+    let listed = booking
+        .list_citizen_bookings(prenota::proto::ListCitizenBookingsRequest {
+            citizen_id: "citizen-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .bookings;
+    assert_eq!(
+        listed.len(),
+        1,
+        "the citizen's booking is found with its key"
+    );
+}

@@ -32,8 +32,10 @@ fn booking(id: u128, citizen: u8) -> Write {
     })
 }
 
-/// Writes a site with one slot of `capacity`, plus `bookings`, straight into the store.
+/// Writes a site with one slot of `capacity`, plus `bookings`, straight into the store
+/// (with a key file: a store without its key refuses to open).
 async fn store_with(dir: &std::path::Path, capacity: u32, bookings: Vec<Write>) {
+    prenota::store::key_file::create(dir).unwrap();
     let mut store = Store::open(dir, &Config::default().limits).unwrap();
     let mut writes = vec![
         Write::Site(SiteRecord {

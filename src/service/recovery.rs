@@ -21,6 +21,7 @@ use crate::service::error::ServiceError;
 use crate::service::exports::Exports;
 use crate::service::rate_limits;
 use crate::service::requests::RequestRegistry;
+use crate::store::key_file;
 use crate::store::records::Record;
 use crate::store::{Store, StoreError};
 use crate::telemetry;
@@ -42,11 +43,7 @@ impl Engine {
         config: &Config,
         clock: Clock,
     ) -> Result<Self, ServiceError> {
-        let data_dir = store.data_dir().to_path_buf();
-        let key = match config.citizen_hash_key {
-            Some(key) => key,
-            None => crate::store::key_file::load_or_create(&data_dir)?,
-        };
+        let key = citizen_hash_key(config, &store)?;
         let mut engine = Self {
             limits: config.limits.clone(),
             store,
@@ -76,6 +73,43 @@ impl Engine {
         rebuild(&mut engine)?;
         Ok(engine)
     }
+}
+
+/// The configured key, or the data dir's key file (created for a new store only),
+/// checked against the check value the store was written with.
+fn citizen_hash_key(config: &Config, store: &Store) -> Result<[u8; 32], ServiceError> {
+    let data_dir = store.data_dir();
+    let key = match config.citizen_hash_key {
+        Some(key) => key,
+        None => match key_file::load(data_dir)? {
+            Some(key) => key,
+            None if store.is_empty() => key_file::create(data_dir)?,
+            None => {
+                return Err(ServiceError::Recovery(format!(
+                    "{} holds a store but no {}: a new key would make every stored \
+                     booking unreachable and let every citizen book again. Put the key \
+                     file back (a backup restores it)",
+                    data_dir.display(),
+                    key_file::KEY_FILE_NAME
+                )))
+            }
+        },
+    };
+    let check = key_file::check_value(&key);
+    match store.key_check()? {
+        Some(stored) if stored == check => {}
+        Some(_) => {
+            return Err(ServiceError::Recovery(format!(
+                "{} is not the key the store in {} was written with: with it no stored \
+                 booking could be found. Put the store's own key file back",
+                key_file::KEY_FILE_NAME,
+                data_dir.display()
+            )))
+        }
+        // A new store, or one written before check values: this key is its key.
+        None => store.put_key_check(&check)?,
+    }
+    Ok(key)
 }
 
 fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {

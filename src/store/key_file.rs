@@ -1,39 +1,82 @@
-//! The citizen-id HMAC key, generated once and kept in the data dir.
+//! The citizen-id HMAC key, generated once and kept in the data dir (mode 0600), and
+//! the check value that ties a store to its key: a store refuses to open with a
+//! missing or different key, which would make every stored booking unreachable and let
+//! every citizen book again.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::Path;
 
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
 use crate::store::error::StoreError;
 
 pub const KEY_FILE_NAME: &str = "citizen-hash.key";
 pub const KEY_LENGTH: usize = 32;
+/// Bytes of the key check value.
+pub const CHECK_LENGTH: usize = 16;
 
-/// Reads the key, or creates it (written to a temp file, synced, renamed, dir synced)
-/// so a crash never leaves a half-written key that would re-hash every citizen.
-pub fn load_or_create(data_dir: &Path) -> Result<[u8; KEY_LENGTH], StoreError> {
+/// The key's check value: an HMAC of a fixed label, so it names the key without
+/// revealing it.
+pub fn check_value(key: &[u8; KEY_LENGTH]) -> [u8; CHECK_LENGTH] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(b"prenota citizen-hash key check v1");
+    let digest = mac.finalize().into_bytes();
+    digest[..CHECK_LENGTH]
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
+}
+
+/// Reads the key, `None` if there is no key file. Refuses a key file others may read.
+pub fn load(data_dir: &Path) -> Result<Option<[u8; KEY_LENGTH]>, StoreError> {
     let path = data_dir.join(KEY_FILE_NAME);
     let io =
         |what: &str, e: std::io::Error| StoreError::Io(format!("{what} {}: {e}", path.display()));
-    match File::open(&path) {
-        Ok(mut file) => {
-            let mut bytes = Vec::new();
-            file.read_to_end(&mut bytes).map_err(|e| io("reading", e))?;
-            bytes.try_into().map_err(|bytes: Vec<u8>| {
-                StoreError::Corrupt(format!(
-                    "{} holds {} bytes, expected {KEY_LENGTH}",
-                    path.display(),
-                    bytes.len()
-                ))
-            })
+    let mut file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("opening", e)),
+    };
+    check_private(&file, &path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(|e| io("reading", e))?;
+    let key = bytes.try_into().map_err(|bytes: Vec<u8>| {
+        StoreError::Corrupt(format!(
+            "{} holds {} bytes, expected {KEY_LENGTH}",
+            path.display(),
+            bytes.len()
+        ))
+    })?;
+    Ok(Some(key))
+}
+
+/// A new random key, written to the data dir.
+pub fn create(data_dir: &Path) -> Result<[u8; KEY_LENGTH], StoreError> {
+    let key: [u8; KEY_LENGTH] = rand::random();
+    write_new(data_dir, &key)?;
+    Ok(key)
+}
+
+/// Like ssh with a private key: a key file group or others may read is refused.
+fn check_private(file: &File, path: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let metadata = file
+            .metadata()
+            .map_err(|e| StoreError::Io(format!("reading {}: {e}", path.display())))?;
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(StoreError::Corrupt(format!(
+                "{} has mode {mode:04o}: group or others may read the citizen hash key. \
+                 Run `chmod 600 {}` and start again",
+                path.display(),
+                path.display()
+            )));
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key: [u8; KEY_LENGTH] = rand::random();
-            write_new(data_dir, &key)?;
-            Ok(key)
-        }
-        Err(e) => Err(io("opening", e)),
     }
+    Ok(())
 }
 
 /// Writes `key` as the data dir's key file (a restore brings the backup's key back).

@@ -63,6 +63,8 @@ impl Store {
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
         let sled_dir = data_dir.join("sled");
         let db = open_sled(&sled_dir, limits)?;
+        make_private(data_dir, &sled_dir)
+            .map_err(|e| StoreError::Io(format!("restricting {}: {e}", data_dir.display())))?;
         let db_file = OpenOptions::new()
             .read(true)
             .open(sled_dir.join("db"))
@@ -164,6 +166,32 @@ impl Store {
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::Io(format!("reading a hold: {e}"))),
         }
+    }
+
+    /// Whether the store holds no record at all (a new data dir).
+    pub fn is_empty(&self) -> bool {
+        self.db.is_empty()
+    }
+
+    /// The check value of the key this store was written with (`None`: a new store, or
+    /// one written before check values existed).
+    pub fn key_check(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.db.get(records::KEY_CHECK_KEY) {
+            Ok(value) => Ok(value.map(|value| value.to_vec())),
+            Err(e) => Err(StoreError::Io(format!("reading the key check: {e}"))),
+        }
+    }
+
+    /// Stores the key check value durably. At open only, before anything else writes.
+    pub fn put_key_check(&self, check: &[u8]) -> Result<(), StoreError> {
+        let io = |e: String| StoreError::Io(format!("writing the key check: {e}"));
+        self.db
+            .insert(records::KEY_CHECK_KEY, check)
+            .map_err(|e| io(e.to_string()))?;
+        self.db.flush().map_err(|e| io(e.to_string()))?;
+        let db_file = std::fs::File::open(self.data_dir.join("sled").join("db"))
+            .map_err(|e| io(e.to_string()))?;
+        db_file.sync_data().map_err(|e| io(e.to_string()))
     }
 
     pub fn apply_journal(&self) -> Result<Option<records::ApplyJournal>, StoreError> {
@@ -308,6 +336,34 @@ impl Store {
 
 /// Makes the entries of `dir` (files created, renamed or removed in it) survive a
 /// power loss.
+/// The data dir 0700, and sled's directories 0700 and files 0600: the store holds
+/// hashed citizen ids. The key file is left alone: one others could read is refused at
+/// load. (`prenota` also sets its umask to 077, so files sled creates later get the
+/// same modes.)
+fn make_private(data_dir: &Path, sled_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &Path, mode| std::fs::set_permissions(path, PermissionsExt::from_mode(mode));
+    mode(data_dir, 0o700)?;
+    mode(sled_dir, 0o700)?;
+    for entry in walk(sled_dir)? {
+        mode(&entry, if entry.is_dir() { 0o700 } else { 0o600 })?;
+    }
+    Ok(())
+}
+
+/// Every file and directory under `dir`.
+fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            found.extend(walk(&path)?);
+        }
+        found.push(path);
+    }
+    Ok(found)
+}
+
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
 }

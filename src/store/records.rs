@@ -29,6 +29,9 @@ pub const BOOKING_PREFIX: u8 = b'B';
 pub const HOLD_PREFIX: u8 = b'H';
 /// The journal of the last multi-commit authority write (`J` + `apply`).
 const APPLY_JOURNAL_KEY: &[u8] = b"Japply";
+/// The check value of the citizen hash key the store was written with
+/// (`store::key_file::check_value`, raw bytes).
+pub const KEY_CHECK_KEY: &[u8] = b"Kcheck";
 /// `A` + time (sortable) + 8 random bytes: the audit log of capacity changes, in time order.
 pub const AUDIT_PREFIX: u8 = b'A';
 /// `R` + request digest: the outcome of an authority request (closure, capacity change),
