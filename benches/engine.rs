@@ -13,7 +13,7 @@ use prenota::config::{schedule_bounds, Config, DEFAULT_LIMITS};
 use prenota::domain::catalog::Site;
 use prenota::domain::ids::{RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use prenota::domain::schedule::{Schedule, ScheduleInput};
-use prenota::service::{BookCommand, Clock, Engine};
+use prenota::service::{Actor, BookCommand, Clock, Engine};
 use prenota::store::{Store, UnsyncedForBenchmarks};
 
 const BOOKINGS_PER_ITERATION: u64 = 4_096;
@@ -74,7 +74,7 @@ fn engine_with(
                     region_id: RegionId::parse("region_id", "bench", 64).expect("id"),
                     time_zone: chrono_tz::UTC,
                 },
-                "bench",
+                &Actor::everywhere("bench"),
             )
             .await
             .expect("site");
@@ -83,7 +83,7 @@ fn engine_with(
                 &site_id,
                 &service_id,
                 &schedule(&day_text, &day_text, "00:00", "23:00", 1),
-                "bench",
+                &Actor::everywhere("bench"),
             )
             .await
             .expect("schedule");

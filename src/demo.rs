@@ -10,6 +10,7 @@ use crate::domain::catalog::Site;
 use crate::domain::error::DomainError;
 use crate::domain::ids::{RegionId, ServiceId, SiteId};
 use crate::domain::schedule::{Schedule, ScheduleInput};
+use crate::service::Actor;
 use crate::service::{Engine, ServiceError};
 
 pub const DEMO_DAYS: i64 = 14;
@@ -77,7 +78,7 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
                 region_id,
                 time_zone: demo.time_zone,
             };
-            engine.upsert_site(site, "demo").await?;
+            engine.upsert_site(site, &Actor::everywhere("demo")).await?;
         }
         let now = Utc
             .timestamp_millis_opt(engine.clock().now_unix_ms())
@@ -103,7 +104,7 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
             )
             .map_err(DomainError::Invalid)?;
             created += engine
-                .publish_schedule(&site_id, &service_id, &schedule, "demo")
+                .publish_schedule(&site_id, &service_id, &schedule, &Actor::everywhere("demo"))
                 .await?
                 .slots_created;
         }

@@ -17,6 +17,7 @@ use tonic::{Code, Status};
 const FRONTEND: &str = "frontend-token-0123456789";
 const LAZIO: &str = "lazio-authority-0123456789";
 const ADMIN: &str = "admin-token-0123456789abcdef";
+const VENETO: &str = "veneto-authority-0123456789";
 
 fn config() -> prenota::config::Config {
     let text = format!(
@@ -36,10 +37,17 @@ regions = ["lazio"]
 name = "ops"
 sha256 = "{}"
 role = "admin"
+
+[[tokens]]
+name = "veneto-health"
+sha256 = "{}"
+role = "authority"
+regions = ["veneto"]
 "#,
         hex(&token_sha256(FRONTEND)),
         hex(&token_sha256(LAZIO)),
         hex(&token_sha256(ADMIN)),
+        hex(&token_sha256(VENETO)),
     );
     toml::from_str::<ConfigFile>(&text)
         .unwrap()
@@ -456,5 +464,89 @@ async fn reflection_is_off_with_tokens_unless_switched_on_and_then_needs_a_token
         services.iter().any(|s| s == "prenota.v1.BookingService"),
         "{services:?}"
     );
+    server.stop().await;
+}
+
+/// The region check ran in the handler, before the authority lock: an authority of one
+/// region published slots on a site another region was creating at that moment. Now the
+/// engine checks under the lock, against the catalog as it is then: over 1,000 races,
+/// Lazio never publishes on Veneto's site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_another_region_is_creating_is_never_written_by_a_racing_authority() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config()).await;
+    let (_, veneto) = clients(&server, Some(VENETO)).await;
+    let (_, lazio) = clients(&server, Some(LAZIO)).await;
+    let day = day_ahead(3);
+    let mut published = 0;
+    for index in 0..1_000 {
+        let site_id = format!("race-{index}");
+        let (mut veneto, mut lazio) = (veneto.clone(), lazio.clone());
+        let schedule = publish_request(&site_id, "vax", (&day, &day), ("09:00", "10:00"), 30, 1);
+        let creating =
+            tokio::spawn(async move { veneto.upsert_site(site(&site_id, "veneto")).await });
+        let racing = tokio::spawn(async move { lazio.publish_schedule(schedule).await });
+        creating.await.unwrap().expect("Veneto creates its site");
+        match racing.await.unwrap() {
+            Ok(_) => published += 1,
+            Err(status) => assert_eq!(status.code(), Code::PermissionDenied, "{status:?}"),
+        }
+    }
+    assert_eq!(published, 0, "Lazio published on Veneto's sites");
+    let (_, mut admin) = clients(&server, Some(ADMIN)).await;
+    let stats = admin
+        .get_site_stats(proto::GetSiteStatsRequest {
+            site_id: "race-999".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.slots, 0);
+    server.stop().await;
+}
+
+/// A region-scoped authority learns nothing of other regions' site ids: another
+/// region's site and a site that does not exist get the same answer, for writes and
+/// reads alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_regions_site_and_an_unknown_one_look_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config()).await;
+    let (_, mut veneto) = clients(&server, Some(VENETO)).await;
+    let (_, mut lazio) = clients(&server, Some(LAZIO)).await;
+    veneto.upsert_site(site("venice", "veneto")).await.unwrap();
+    let day = day_ahead(3);
+    let mut answers = Vec::new();
+    for site_id in ["venice", "nowhere"] {
+        let schedule = publish_request(site_id, "vax", (&day, &day), ("09:00", "10:00"), 30, 1);
+        let published = lazio.publish_schedule(schedule).await.unwrap_err();
+        let stats = lazio
+            .get_site_stats(proto::GetSiteStatsRequest {
+                site_id: site_id.into(),
+            })
+            .await
+            .unwrap_err();
+        let closed = lazio
+            .close_slots(proto::CloseSlotsRequest {
+                site_id: site_id.into(),
+                from: Some(prost_types::Timestamp {
+                    seconds: 0,
+                    nanos: 0,
+                }),
+                to: Some(prost_types::Timestamp {
+                    seconds: 4_000_000_000,
+                    nanos: 0,
+                }),
+                reason: "probe".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        answers.push(
+            [published, stats, closed].map(|status| (status.code(), status.message().to_string())),
+        );
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0][0].0, Code::PermissionDenied);
     server.stop().await;
 }

@@ -18,7 +18,7 @@ use prenota::domain::error::{DomainError, Missing};
 use prenota::domain::ids::{BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use prenota::domain::schedule::{OpeningHours, Schedule};
 use prenota::service::{
-    BookCommand, CancelCommand, Clock, CloseCommand, Engine, ExportScope, HoldCommand,
+    Actor, BookCommand, CancelCommand, Clock, CloseCommand, Engine, ExportScope, HoldCommand,
     RescheduleCommand, ServiceError,
 };
 use proptest::prelude::*;
@@ -189,7 +189,7 @@ impl Harness {
                     region_id: RegionId::parse("region_id", "r", 64).unwrap(),
                     time_zone: chrono_tz::Etc::UTC,
                 },
-                "model",
+                &Actor::everywhere("model"),
             )
             .await
             .unwrap();
@@ -218,7 +218,7 @@ impl Harness {
             capacity_per_slot: INITIAL_CAPACITY,
         };
         engine
-            .publish_schedule(&site_id, &service, &schedule, "model")
+            .publish_schedule(&site_id, &service, &schedule, &Actor::everywhere("model"))
             .await
             .unwrap();
         let service_id = service.clone();
@@ -435,7 +435,7 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
                 Ok(())
             };
             let got = engine
-                .set_slot_capacity(&h.slots[slot], capacity, None, "model")
+                .set_slot_capacity(&h.slots[slot], capacity, None, &Actor::everywhere("model"))
                 .await;
             if check(&got.as_ref().map(|_| ()), expected, op) {
                 m.capacity[slot] = capacity;
@@ -455,7 +455,7 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
             };
             let service = ServiceId::parse("service_id", "vax", 64).unwrap();
             let got = engine
-                .publish_schedule(&h.site_id, &service, &schedule, "model")
+                .publish_schedule(&h.site_id, &service, &schedule, &Actor::everywhere("model"))
                 .await;
             if check(&got.as_ref().map(|_| ()), expected, op) {
                 for s in (0..SLOTS).filter(|&s| !m.closed[s]) {
@@ -475,7 +475,7 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
                         reason: "model closure".into(),
                         request: None,
                     },
-                    "model",
+                    &Actor::everywhere("model"),
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{op:?}: {e:?}"));

@@ -152,7 +152,13 @@ async fn reseeding_the_demo_changes_nothing() {
     let site_id = prenota::domain::ids::SiteId::parse("s", "rome-termini", 64).unwrap();
     let mut renamed = (*engine.site(&site_id).unwrap()).clone();
     renamed.name = "Renamed by the region".into();
-    engine.upsert_site(renamed, "lazio-health").await.unwrap();
+    engine
+        .upsert_site(
+            renamed,
+            &prenota::service::Actor::everywhere("lazio-health"),
+        )
+        .await
+        .unwrap();
     let engine_for_count = std::sync::Arc::clone(&engine);
     let before = tokio::task::spawn_blocking(move || audit_rows(&engine_for_count))
         .await

@@ -16,8 +16,9 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::config::{token_sha256, CitizenTrust, Role, Token};
+use crate::domain::catalog::Site;
 use crate::domain::ids::RegionId;
-use crate::service::ServiceError;
+use crate::service::{Actor, Regions, ServiceError};
 
 /// The service a gate stands in front of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,22 +51,34 @@ impl Caller {
         }
     }
 
-    /// Whether the caller may change and read the sites of `region`.
-    pub fn check_region(&self, region: &RegionId) -> Result<(), Status> {
+    /// The caller as the engine checks it: its name and the regions it may act on.
+    pub fn authority(&self) -> Actor {
         match self {
-            Caller::Open => Ok(()),
+            Caller::Open => Actor::everywhere(&self.actor()),
             Caller::Token {
-                role: Role::Admin, ..
-            } => Ok(()),
-            Caller::Token {
+                name,
                 role: Role::Authority,
                 regions,
                 ..
-            } if regions.contains(region) => Ok(()),
-            Caller::Token { name, .. } => Err(Status::permission_denied(format!(
-                "token {name:?} may not act on region {region}"
-            ))),
+            } => Actor {
+                name: name.to_string(),
+                regions: Regions::Only(Arc::clone(regions)),
+            },
+            // Admins; frontends never pass the capacity gate.
+            Caller::Token { name, .. } => Actor::everywhere(name),
         }
+    }
+
+    /// Whether the caller may change and read the sites of `region`.
+    pub fn check_region(&self, region: &RegionId) -> Result<(), Status> {
+        Ok(self.authority().check_region(region)?)
+    }
+
+    /// The site, if the caller may read it; another region's site and an unknown one
+    /// get the same refusal (see `Actor::check_site`).
+    pub fn check_site(&self, site: Option<&Arc<Site>>) -> Result<(), Status> {
+        self.authority().check_site(site)?;
+        Ok(())
     }
 
     /// Whether the caller may act on every region at once (an unscoped export).

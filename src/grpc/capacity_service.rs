@@ -8,8 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::domain::error::{DomainError, FieldViolation, Missing};
-use crate::domain::ids::SiteId;
+use crate::domain::error::{DomainError, FieldViolation};
 use crate::grpc::auth::Caller;
 use crate::grpc::convert;
 use crate::grpc::detached::detached;
@@ -17,7 +16,7 @@ use crate::limits::Limits;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
 use crate::service::exports::{ExportKind, Feed};
-use crate::service::{Engine, ExportScope, ImportRow, ServiceError};
+use crate::service::{Actor, Engine, ExportScope, ImportRow, ServiceError};
 use crate::store::StoreError;
 
 pub struct CapacityApi {
@@ -31,25 +30,18 @@ impl CapacityApi {
 }
 
 impl CapacityApi {
-    /// Runs an authority write on the engine, detached, in the caller's name.
+    /// Runs an authority write on the engine, detached, as the caller: the engine
+    /// checks its regions under the authority lock.
     async fn write<T, F>(
         &self,
         caller: &Caller,
-        work: impl FnOnce(Arc<Engine>, String) -> F,
+        work: impl FnOnce(Arc<Engine>, Actor) -> F,
     ) -> Result<T, Status>
     where
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
     {
-        Ok(detached(work(Arc::clone(&self.engine), caller.actor())).await??)
-    }
-
-    /// The caller may act on this site's region (an unknown site is the engine's to refuse).
-    fn check_site(&self, caller: &Caller, site_id: &SiteId) -> Result<(), Status> {
-        match self.engine.site(site_id) {
-            Some(site) => caller.check_region(&site.region_id),
-            None => Ok(()),
-        }
+        Ok(detached(work(Arc::clone(&self.engine), caller.authority())).await??)
     }
 }
 
@@ -140,9 +132,6 @@ impl CapacityService for CapacityApi {
     ) -> Result<Response<proto::UpsertSiteResponse>, Status> {
         let caller = Caller::of(&request)?;
         let site = convert::site_from_proto(request.into_inner().site, self.engine.limits())?;
-        // Both the site's region and, for a move, the region it leaves.
-        caller.check_region(&site.region_id)?;
-        self.check_site(&caller, &site.site_id)?;
         let site = self
             .write(&caller, |engine, actor| async move {
                 engine.upsert_site(site, &actor).await
@@ -160,10 +149,6 @@ impl CapacityService for CapacityApi {
         let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let limits = self.engine.limits();
-        // Permission first: a caller learns nothing of another region's sites.
-        if let Ok(site_id) = convert::site_id("site_id", &request.site_id, limits) {
-            self.check_site(&caller, &site_id)?;
-        }
         let (site_id, service_id, schedule) = convert::publish_from_proto(&request, limits)?;
         let outcome = self
             .write(&caller, |engine, actor| async move {
@@ -186,10 +171,6 @@ impl CapacityService for CapacityApi {
         let caller = Caller::of(&request)?;
         let limits = self.engine.limits();
         let import = ReceivedImport::read(request.into_inner(), limits).await?;
-        for row in &import.rows {
-            caller.check_region(&row.site.region_id)?;
-            self.check_site(&caller, &row.site.site_id)?;
-        }
         import.check(limits)?;
         let ReceivedImport {
             rows,
@@ -218,9 +199,6 @@ impl CapacityService for CapacityApi {
         let caller = Caller::of(&request)?;
         let request = request.into_inner();
         let limits = self.engine.limits();
-        if let Ok(slot) = convert::slot_key("slot_id", &request.slot_id, limits) {
-            self.check_site(&caller, &slot.site_id)?;
-        }
         let (slot, capacity, request_key) =
             convert::set_capacity_from_proto(&request, limits, &caller.actor())?;
         let (site, slot) = self
@@ -242,7 +220,6 @@ impl CapacityService for CapacityApi {
         let caller = Caller::of(&request)?;
         let command =
             convert::close_from_proto(request.into_inner(), self.engine.limits(), &caller.actor())?;
-        self.check_site(&caller, &command.site_id)?;
         let outcome = self
             .write(&caller, |engine, actor| async move {
                 engine.close_slots(command, &actor).await
@@ -266,7 +243,7 @@ impl CapacityService for CapacityApi {
             self.engine.limits(),
         )
         .map_err(DomainError::from)?;
-        self.check_site(&caller, &site_id)?;
+        caller.check_site(self.engine.site(&site_id).as_ref())?;
         let (site, stats) = self.engine.site_stats(&site_id)?;
         Ok(Response::new(proto::GetSiteStatsResponse {
             site_id: site.site_id.to_string(),
@@ -383,10 +360,7 @@ impl CapacityService for CapacityApi {
         match &scope {
             ExportScope::All => caller.check_all_regions()?,
             ExportScope::Region(region_id) => caller.check_region(region_id)?,
-            ExportScope::Site(site_id) => match self.engine.site(site_id) {
-                Some(site) => caller.check_region(&site.region_id)?,
-                None => return Err(DomainError::NotFound(Missing::Site).into()),
-            },
+            ExportScope::Site(site_id) => caller.check_site(self.engine.site(site_id).as_ref())?,
         }
         let permit = self
             .engine

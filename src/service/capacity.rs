@@ -12,6 +12,7 @@ use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::{Hold, HoldState};
 use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::Schedule;
+use crate::service::actor::Actor;
 use crate::service::engine::{undo_if_never_queued, Engine};
 use crate::service::error::ServiceError;
 use crate::service::import_check::{ImportCheck, ImportRow};
@@ -292,11 +293,16 @@ impl Engine {
         })
     }
 
-    pub async fn upsert_site(&self, site: Site, actor: &str) -> Result<Arc<Site>, ServiceError> {
+    pub async fn upsert_site(&self, site: Site, actor: &Actor) -> Result<Arc<Site>, ServiceError> {
         let _authority = self.authority_writes.lock().await;
+        // Both the site's region and, for a move, the region it leaves.
+        actor.check_region(&site.region_id)?;
+        if let Some(existing) = self.site(&site.site_id) {
+            actor.check_region(&existing.region_id)?;
+        }
         self.catalog().check_site_upsert(&site)?;
         let audit = self.audit(
-            actor,
+            &actor.name,
             "UpsertSite",
             format!(
                 "site {} {:?} in region {}, zone {}",
@@ -325,14 +331,12 @@ impl Engine {
         site_id: &SiteId,
         service_id: &ServiceId,
         schedule: &Schedule,
-        actor: &str,
+        actor: &Actor,
     ) -> Result<PublishOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
         let plan = {
             let catalog = self.catalog();
-            let site = catalog
-                .site(site_id)
-                .ok_or(DomainError::NotFound(Missing::Site))?;
+            let site = actor.check_site(catalog.site(site_id))?;
             let planned = schedule.plan(site.time_zone, self.limits.publish_slots_max)?;
             catalog.plan_publish(site_id, service_id, &planned)
         };
@@ -340,8 +344,12 @@ impl Engine {
             "site {site_id} service {service_id}, {} to {}",
             schedule.first_day, schedule.last_day
         );
-        self.apply_plans(Vec::new(), vec![plan], (actor, "PublishSchedule", what))
-            .await
+        self.apply_plans(
+            Vec::new(),
+            vec![plan],
+            (&actor.name, "PublishSchedule", what),
+        )
+        .await
     }
 
     /// Validates every row against each other and the catalog, then applies the whole
@@ -351,9 +359,15 @@ impl Engine {
         &self,
         rows: &[ImportRow],
         dry_run: bool,
-        actor: &str,
+        actor: &Actor,
     ) -> Result<PublishOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
+        for row in rows {
+            actor.check_region(&row.site.region_id)?;
+            if let Some(existing) = self.site(&row.site.site_id) {
+                actor.check_region(&existing.region_id)?;
+            }
+        }
         let (sites, groups) = ImportCheck::run(rows, &self.catalog(), &self.limits)?;
         let plans: Vec<PublishPlan> = {
             let catalog = self.catalog();
@@ -368,7 +382,7 @@ impl Engine {
             return dry_run_outcome(sites.len(), &plans);
         }
         let what = format!("{} rows", rows.len());
-        self.apply_plans(sites, plans, (actor, "ImportCapacity", what))
+        self.apply_plans(sites, plans, (&actor.name, "ImportCapacity", what))
             .await
     }
 
@@ -494,13 +508,11 @@ impl Engine {
         key: &SlotKey,
         capacity: u32,
         request: Option<RequestKey>,
-        actor: &str,
+        actor: &Actor,
     ) -> Result<(Arc<Site>, Arc<Slot>), ServiceError> {
         let _authority = self.authority_writes.lock().await;
+        let site = Arc::clone(actor.check_site(self.site(&key.site_id).as_ref())?);
         let slot = self.slot(key)?;
-        let site = self
-            .site(&key.site_id)
-            .ok_or(DomainError::NotFound(Missing::Site))?;
         let slot_text = key.to_string();
         let request = request.map(|key| {
             let fingerprint = RequestFingerprint::of(&[
@@ -535,7 +547,7 @@ impl Engine {
             self.now_unix_ms(),
         ));
         writes.push(self.audit(
-            actor,
+            &actor.name,
             "SetSlotCapacity",
             format!(
                 "slot {key}: capacity {}{} -> {capacity}",
@@ -562,9 +574,10 @@ impl Engine {
     pub async fn close_slots(
         self: &Arc<Self>,
         command: CloseCommand,
-        actor: &str,
+        actor: &Actor,
     ) -> Result<CloseOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
+        actor.check_site(self.site(&command.site_id).as_ref())?;
         let request = close_request(&command);
         if let Some(AuthorityOutcome::Closed {
             slots_closed,
@@ -608,7 +621,8 @@ impl Engine {
             }
         };
         let closure = self.claim_closure(slots, confirmed, &keys, &command.reason);
-        self.commit_closure(closure, &command, request, actor).await
+        self.commit_closure(closure, &command, request, &actor.name)
+            .await
     }
 
     /// The open slots the closure names.

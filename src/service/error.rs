@@ -34,4 +34,8 @@ pub enum ServiceError {
     ExportsInProgress,
     #[error("the export stopped: the client read nothing for export_idle_timeout_ms")]
     ExportIdle,
+    /// Checked under the authority lock; names no region, so a refusal tells nothing
+    /// of another region's sites.
+    #[error("token {actor:?} may act only on sites of its own regions")]
+    RegionDenied { actor: String },
 }

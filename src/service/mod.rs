@@ -8,6 +8,7 @@
 //!   (`domain::plans`): take, commit, free or undo.
 //! - `bookings`: book (also from a hold), cancel, reschedule, list a citizen's bookings.
 //! - `holds`: hold a place, expire holds (the sweeper).
+//! - `actor`: who makes an authority write, and the regions it may act on.
 //! - `capacity`: sites, schedules, imports, slot capacity, closures, statistics;
 //!   `import_check`: a capacity file's rows checked before anything is written.
 //! - `backup`: online backups, and restores checked by a full recovery.
@@ -15,6 +16,7 @@
 //!   whose client stopped reading.
 //! - `retention`: forgets old request records and deletes records of long-ended slots.
 
+pub mod actor;
 pub mod backup;
 pub mod bookings;
 pub mod capacity;
@@ -31,6 +33,7 @@ pub mod recovery;
 pub mod requests;
 pub mod retention;
 
+pub use actor::{Actor, Regions};
 pub use bookings::{BookCommand, CancelCommand, CitizenBookingsQuery, RescheduleCommand};
 pub use capacity::{CloseCommand, CloseOutcome, PublishOutcome};
 pub use clock::Clock;
