@@ -177,6 +177,9 @@ pub struct ServerSection {
     pub metrics_listen: Option<String>,
     /// Serve a non-loopback address without tokens. Never do this in production.
     pub insecure_no_auth: bool,
+    /// Accept tokens over plaintext on a non-loopback address (TLS terminated by a
+    /// proxy on the same host or a private link).
+    pub insecure_plaintext_tokens: bool,
     /// PEM certificate chain and private key: serve TLS only.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -221,6 +224,8 @@ impl ServerSection {
                 .clone()
                 .or_else(|| self.metrics_listen.clone()),
             insecure_no_auth: flags.insecure_no_auth || self.insecure_no_auth,
+            insecure_plaintext_tokens: flags.insecure_plaintext_tokens
+                || self.insecure_plaintext_tokens,
             tls_cert: pick(&flags.tls_cert, &self.tls_cert),
             tls_key: pick(&flags.tls_key, &self.tls_key),
             tls_client_ca: pick(&flags.tls_client_ca, &self.tls_client_ca),
@@ -452,6 +457,32 @@ pub fn check_listen(
     }
 }
 
+/// Tokens are bearer secrets: on a non-loopback address without TLS anyone on the path
+/// could replay them. Refused unless the operator insists (TLS terminated elsewhere);
+/// returns the warning to print, if any.
+pub fn check_plaintext_tokens(
+    listen: SocketAddr,
+    has_tokens: bool,
+    tls: bool,
+    insecure_plaintext_tokens: bool,
+) -> Result<Option<String>, String> {
+    if !has_tokens || tls || listen.ip().is_loopback() {
+        return Ok(None);
+    }
+    match insecure_plaintext_tokens {
+        true => Ok(Some(format!(
+            "PLAINTEXT TOKENS: serving {listen} without TLS (--insecure-plaintext-tokens): \
+             tokens cross the network in clear unless TLS ends on this host."
+        ))),
+        false => Err(format!(
+            "refusing to listen on {listen} without TLS: bearer tokens would cross the \
+             network in clear. Set tls_cert and tls_key (or --tls-cert / --tls-key), or, if \
+             TLS ends in front of prenota on this host or a private link, pass \
+             --insecure-plaintext-tokens"
+        )),
+    }
+}
+
 /// TLS material, read from the files `[server]` names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsPem {
@@ -588,6 +619,25 @@ mod tests {
         assert!(check_listen(public, false, true).unwrap().is_some());
         assert!(check_listen(loopback, false, false).unwrap().is_some());
         assert_eq!(check_listen(public, true, false), Ok(None));
+    }
+
+    #[test]
+    fn tokens_cross_a_network_only_over_tls_unless_the_operator_insists() {
+        let public: SocketAddr = "10.0.0.5:50051".parse().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        assert!(check_plaintext_tokens(public, true, false, false).is_err());
+        assert!(check_plaintext_tokens(public, true, false, true)
+            .unwrap()
+            .is_some());
+        assert_eq!(check_plaintext_tokens(public, true, true, false), Ok(None));
+        assert_eq!(
+            check_plaintext_tokens(loopback, true, false, false),
+            Ok(None)
+        );
+        assert_eq!(
+            check_plaintext_tokens(public, false, false, false),
+            Ok(None)
+        );
     }
 
     #[test]

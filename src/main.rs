@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use prenota::cli::Target;
-use prenota::config::{check_listen, hex, token_sha256, ConfigFile, ServerSection, TlsPem};
+use prenota::config::{
+    check_listen, check_plaintext_tokens, hex, token_sha256, ConfigFile, ServerSection, TlsPem,
+};
 use prenota::server::ServeOptions;
 use prenota::telemetry::LogFormat;
 
@@ -84,8 +86,13 @@ struct ServerArgs {
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     server: String,
     /// Bearer token sent as the `authorization` header (audit needs an admin token).
-    #[arg(long)]
+    /// Prefer --token-file or PRENOTA_TOKEN: a command line is visible to every user
+    /// of the machine (ps).
+    #[arg(long, env = "PRENOTA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the bearer token (its first line).
+    #[arg(long, value_parser = read_token_file, conflicts_with = "token")]
+    token_file: Option<String>,
     /// For https:// servers: the PEM CA certificate that signed the server's certificate.
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -95,10 +102,20 @@ impl ServerArgs {
     fn target(&self) -> Target<'_> {
         Target {
             server: &self.server,
-            token: self.token.as_deref(),
+            token: self.token.as_deref().or(self.token_file.as_deref()),
             ca: self.ca.as_deref(),
         }
     }
+}
+
+/// `--token-file`: the token on the file's first line.
+fn read_token_file(path: &str) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(format!("{path} holds no token on its first line"));
+    }
+    Ok(token.to_string())
 }
 
 #[derive(clap::Args)]
@@ -172,6 +189,10 @@ struct ServeArgs {
     /// Serve a non-loopback address without tokens. Never in production.
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Accept tokens without TLS on a non-loopback address: only when TLS ends in front
+    /// of prenota on this host or a private link.
+    #[arg(long)]
+    insecure_plaintext_tokens: bool,
     /// PEM certificate chain: serve TLS only (with --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -258,6 +279,7 @@ impl ServeArgs {
             listen: self.listen,
             metrics_listen: self.metrics_listen.clone(),
             insecure_no_auth: self.insecure_no_auth,
+            insecure_plaintext_tokens: self.insecure_plaintext_tokens,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             tls_client_ca: self.tls_client_ca.clone(),
@@ -282,6 +304,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     )?;
     let tokens_set = !config.tokens.is_empty();
     if let Some(warning) = check_listen(listen, tokens_set, server.insecure_no_auth)? {
+        tracing::warn!("{warning}");
+    }
+    let tls = config.tls.is_some();
+    let plaintext = server.insecure_plaintext_tokens;
+    if let Some(warning) = check_plaintext_tokens(listen, tokens_set, tls, plaintext)? {
         tracing::warn!("{warning}");
     }
     let metrics_listen = server.metrics_listen()?;
@@ -347,6 +374,15 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
         .server
         .metrics_listen()
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    let server = &effective.server;
+    let tls = server.tls_cert.is_some();
+    let tokens = !file.tokens.is_empty();
+    let listen = server.listen();
+    match check_plaintext_tokens(listen, tokens, tls, server.insecure_plaintext_tokens) {
+        Ok(None) => {}
+        Ok(Some(warning)) => eprintln!("warning: {warning}"),
+        Err(refusal) => eprintln!("warning: prenota serve would stop: {refusal}"),
+    }
     let text = toml::to_string_pretty(&effective).map_err(|e| e.to_string())?;
     println!(
         "# {} is valid. Effective configuration (defaults filled in):\n",

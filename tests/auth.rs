@@ -295,36 +295,81 @@ async fn tokens_decide_services_and_regions() {
     assert!(entries[0].2.contains("site rome"), "{entries:?}");
     assert!(entries[2].2.contains("2 slots created"), "{entries:?}");
 
-    // The CLI sends its token.
+    // The CLI sends its token: from --token, --token-file or PRENOTA_TOKEN.
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/capacity.csv");
     let url = server.url();
-    let import = |token: &'static str| {
+    let import = |token: Vec<String>, env: Option<&'static str>| {
         let url = url.clone();
         tokio::task::spawn_blocking(move || {
-            Command::new(env!("CARGO_BIN_EXE_prenota"))
-                .args([
-                    "import",
-                    example,
-                    "--dry-run",
-                    "--server",
-                    &url,
-                    "--token",
-                    token,
-                ])
-                .output()
-                .unwrap()
+            let mut command = Command::new(env!("CARGO_BIN_EXE_prenota"));
+            command
+                .args(["import", example, "--dry-run", "--server", &url])
+                .args(token)
+                .env_remove("PRENOTA_TOKEN");
+            if let Some(token) = env {
+                command.env("PRENOTA_TOKEN", token);
+            }
+            command.output().unwrap()
         })
     };
-    let refused = import(FRONTEND).await.unwrap();
+    let flag = |token: &str| vec!["--token".to_string(), token.to_string()];
+    let refused = import(flag(FRONTEND), None).await.unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("PermissionDenied"));
-    let accepted = import(ADMIN).await.unwrap();
-    assert!(
-        accepted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&accepted.stderr)
-    );
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, format!("{ADMIN}\n")).unwrap();
+    let from_file = vec!["--token-file".into(), token_file.display().to_string()];
+    for (token, env) in [
+        (flag(ADMIN), None),
+        (from_file, None),
+        (vec![], Some(ADMIN)),
+    ] {
+        let accepted = import(token, env).await.unwrap();
+        let stderr = String::from_utf8_lossy(&accepted.stderr);
+        assert!(accepted.status.success(), "{stderr}");
+    }
     server.stop().await;
+}
+
+/// Bearer tokens never cross a network in clear unless the operator insists: `serve`
+/// refuses a non-loopback address without TLS, and `config check` warns of it.
+#[test]
+fn with_tokens_a_public_address_needs_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prenota.toml");
+    let text = format!(
+        "[server]\nlisten = \"0.0.0.0:50051\"\n\n[[tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nrole = \"admin\"\n",
+        hex(&token_sha256(ADMIN))
+    );
+    std::fs::write(&file, text).unwrap();
+    let checked = Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert!(checked.status.success(), "{stderr}");
+    assert!(stderr.contains("without TLS"), "{stderr}");
+    let served = Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .args([
+            "--listen",
+            "0.0.0.0:0",
+            "--metrics-listen",
+            "off",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&served.stderr);
+    assert!(!served.status.success());
+    assert!(stderr.contains("--insecure-plaintext-tokens"), "{stderr}");
+    assert!(
+        !dir.path().join("data").exists(),
+        "refused before opening anything"
+    );
 }
 
 #[test]
