@@ -129,6 +129,11 @@ pub struct Limits {
     /// Largest decoded health or reflection request: they are tiny, and reachable
     /// without a token.
     pub probe_message_size_bytes_max: usize,
+    /// Reflection streams open at once (their own pool: they never take a booking's
+    /// place); past it a new one is answered UNAVAILABLE / OVERLOADED.
+    pub reflection_streams_max: usize,
+    /// Health `Watch` streams open at once (health `Check` is never limited).
+    pub health_watches_max: usize,
     /// Connections open at once; past it a new connection is closed at accept.
     pub connections_max: usize,
     /// Age at which a connection is asked to go away (GOAWAY; clients reconnect), so no
@@ -140,6 +145,9 @@ pub struct Limits {
     /// `keepalive_timeout_ms` is disconnected.
     pub keepalive_interval_ms: u64,
     pub keepalive_timeout_ms: u64,
+    /// Longest a new connection may stay silent before its first bytes (the HTTP/2
+    /// preface or a TLS hello) before it is closed.
+    pub connection_opening_timeout_ms: u64,
     /// Longest a TLS handshake may take before the connection is closed.
     pub tls_handshake_timeout_ms: u64,
     /// Longest time a request may take before it is answered DEADLINE_EXCEEDED.
@@ -210,12 +218,15 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     pending_reset_streams_max: 64,
     local_reset_streams_max: 128,
     probe_message_size_bytes_max: 16 * 1024,
+    reflection_streams_max: 16,
+    health_watches_max: 64,
     connections_max: 4_096,
     connection_age_max_ms: 30 * 60 * 1_000,
     connection_age_grace_ms: 5 * 60 * 1_000,
     keepalive_interval_ms: 60_000,
     keepalive_timeout_ms: 20_000,
     tls_handshake_timeout_ms: 10_000,
+    connection_opening_timeout_ms: 10_000,
     request_timeout_ms: 30_000,
     metrics_refresh_interval_ms: 5_000,
     metrics_site_gauges_max: 10_000,
@@ -378,6 +389,10 @@ impl Limits {
             "local_reset_streams_max and connections_max must be at least 1",
         );
         need(
+            l.reflection_streams_max >= 1 && l.health_watches_max >= 1,
+            "reflection_streams_max and health_watches_max must be at least 1",
+        );
+        need(
             l.probe_message_size_bytes_max >= 1024,
             "probe_message_size_bytes_max must be at least 1024",
         );
@@ -385,9 +400,10 @@ impl Limits {
             l.connection_age_max_ms >= 1_000
                 && l.keepalive_interval_ms >= 1_000
                 && l.keepalive_timeout_ms >= 1_000
-                && l.tls_handshake_timeout_ms >= 100,
+                && l.tls_handshake_timeout_ms >= 100
+                && l.connection_opening_timeout_ms >= 100,
             "connection_age_max_ms, keepalive_interval_ms and keepalive_timeout_ms must be at \
-             least 1000, tls_handshake_timeout_ms at least 100",
+             least 1000, tls_handshake_timeout_ms and connection_opening_timeout_ms at least 100",
         );
         need(
             l.in_flight_requests_max >= 1 && l.streams_per_connection_max >= 1,

@@ -209,9 +209,12 @@ async fn run(
     } = access;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
-    // Reachable without a token: only tiny requests.
-    let health_service =
-        health_service.max_decoding_message_size(limits.probe_message_size_bytes_max);
+    // Reachable without a token: only tiny requests, and few Watch streams (their own
+    // pool; Check is never limited).
+    let health_service = Shed::streams_only(
+        health_service.max_decoding_message_size(limits.probe_message_size_bytes_max),
+        Arc::new(Semaphore::new(limits.health_watches_max)),
+    );
 
     let (booking_gate, booking_slot) = Ready::pending();
     let (capacity_gate, capacity_slot) = Ready::pending();
@@ -230,9 +233,11 @@ async fn run(
             let v1alpha = reflection()
                 .build_v1alpha()?
                 .max_decoding_message_size(size);
+            // Its own pool: reflection streams never take a booking's place.
+            let streams = Arc::new(Semaphore::new(limits.reflection_streams_max));
             (
-                Some(gated(v1, &in_flight, &gate)),
-                Some(gated(v1alpha, &in_flight, &gate)),
+                Some(gated(v1, &streams, &gate)),
+                Some(gated(v1alpha, &streams, &gate)),
             )
         }
         false => (None, None),
@@ -263,7 +268,11 @@ async fn run(
             ),
         ))
         .serve_with_incoming_shutdown(
-            connections::capped(listener, limits.connections_max),
+            connections::capped(
+                listener,
+                limits.connections_max,
+                Duration::from_millis(limits.connection_opening_timeout_ms),
+            ),
             async move {
                 tokio::select! {
                     _ = shutdown => {}
@@ -324,13 +333,13 @@ async fn start_serving(
     Ok((engine, tasks, stop))
 }
 
-/// `service` behind the token gate and the in-flight limit.
+/// `service` behind the token gate and a pool of `permits`.
 fn gated<S>(
     service: S,
-    in_flight: &Arc<Semaphore>,
+    permits: &Arc<Semaphore>,
     gate: &Gate,
 ) -> InterceptedService<Shed<S>, Gate> {
-    InterceptedService::new(Shed::new(service, Arc::clone(in_flight)), gate.clone())
+    InterceptedService::new(Shed::new(service, Arc::clone(permits)), gate.clone())
 }
 
 /// Reflection (v1 and v1alpha) of prenota's protos and health.

@@ -138,7 +138,7 @@ async fn reseeding_the_demo_changes_nothing() {
     let config = prenota::config::Config::default();
     let clock = prenota::service::Clock::system();
     let audit_rows = |engine: &std::sync::Arc<prenota::service::Engine>| {
-        let mut log = engine.audit_log();
+        let mut log = engine.audit_log(None);
         let mut rows = 0;
         while log.blocking_recv().is_some() {
             rows += 1;

@@ -10,12 +10,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::domain::error::{DomainError, FieldViolation};
 use crate::grpc::auth::Caller;
+use crate::grpc::connections;
 use crate::grpc::convert;
 use crate::grpc::detached::detached;
 use crate::limits::Limits;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
-use crate::service::exports::{ExportKind, Feed};
+use crate::service::exports::{ExportKind, Feed, OnIdle};
 use crate::service::{Actor, Engine, ExportScope, ImportRow, ServiceError};
 use crate::store::StoreError;
 
@@ -279,7 +280,8 @@ impl CapacityService for CapacityApi {
         let permit = self
             .engine
             .admit_export(&caller.actor(), ExportKind::Records)?;
-        let entries = ReceiverStream::new(self.engine.audit_log()).map(move |item| {
+        let stalled = close_on_idle(&request);
+        let entries = ReceiverStream::new(self.engine.audit_log(stalled)).map(move |item| {
             let _counted = &permit; // for as long as the stream lives
             item.map(|entry| proto::ExportAuditLogResponse {
                 entry: Some(convert::audit_to_proto(&entry)),
@@ -303,7 +305,8 @@ impl CapacityService for CapacityApi {
         let permit = self
             .engine
             .admit_export(&caller.actor(), ExportKind::Backup)?;
-        let (feed, receiver) = self.engine.export_feed(BACKUP_CHUNKS_IN_FLIGHT);
+        let stalled = close_on_idle(&request);
+        let (feed, receiver) = self.engine.export_feed(BACKUP_CHUNKS_IN_FLIGHT, stalled);
         let feed = Arc::new(feed);
         let engine = Arc::clone(&self.engine);
         tokio::task::spawn_blocking(move || {
@@ -347,6 +350,7 @@ impl CapacityService for CapacityApi {
     ) -> Result<Response<Self::ExportBookingsStream>, Status> {
         use proto::export_bookings_request::Scope;
         let caller = Caller::of(&request)?;
+        let stalled = close_on_idle(&request);
         let limits = self.engine.limits();
         let scope = match request.into_inner().scope {
             None => ExportScope::All,
@@ -365,15 +369,23 @@ impl CapacityService for CapacityApi {
         let permit = self
             .engine
             .admit_export(&caller.actor(), ExportKind::Records)?;
-        let bookings = ReceiverStream::new(self.engine.export_bookings(scope)).map(move |item| {
-            let _counted = &permit; // for as long as the stream lives
-            item.map(|view| proto::ExportBookingsResponse {
-                booking: Some(convert::booking_to_proto(&view)),
-            })
-            .map_err(Status::from)
-        });
+        let bookings =
+            ReceiverStream::new(self.engine.export_bookings(scope, stalled)).map(move |item| {
+                let _counted = &permit; // for as long as the stream lives
+                item.map(|view| proto::ExportBookingsResponse {
+                    booking: Some(convert::booking_to_proto(&view)),
+                })
+                .map_err(Status::from)
+            });
         Ok(Response::new(Box::pin(bookings)))
     }
+}
+
+/// Closes the request's connection when its export stalls past the idle timeout: the
+/// only way to end a stream whose client keeps its window shut (`service::exports`).
+fn close_on_idle<T>(request: &Request<T>) -> Option<OnIdle> {
+    let closer = connections::closer_of(request.extensions())?;
+    Some(Arc::new(move || closer.close()))
 }
 
 /// Bytes per `ExportBackupResponse`.

@@ -1,27 +1,83 @@
-//! The listener's connections, at most `connections_max` open at once: past it a new
-//! connection is closed as soon as it is accepted (and counted), so idle or slow sockets
-//! can never pin more file descriptors and connection state than the limit allows.
-//! Each accepted connection holds a permit until its socket is dropped.
+//! The listener's connections:
+//! - at most `connections_max` open at once: past it a new connection is closed as soon
+//!   as it is accepted (and counted), so idle or slow sockets can never pin more file
+//!   descriptors and connection state than the limit allows;
+//! - a new connection must send its first bytes within `connection_opening_timeout_ms`;
+//! - a request may close its own connection ([`Closer`]): an export whose client stopped
+//!   reading does, since no stream of a connection whose window stays shut can be ended
+//!   any other way (the transport stops polling its body).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tokio_stream::Stream;
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnectInfo};
+
+/// Closes one connection: its next read or write fails, and the transport drops it
+/// with every stream on it.
+#[derive(Clone, Debug, Default)]
+pub struct Closer(Arc<CloserState>);
+
+#[derive(Debug, Default)]
+struct CloserState {
+    closed: AtomicBool,
+    reader: AtomicWaker,
+}
+
+impl Closer {
+    pub fn close(&self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.reader.wake(); // the transport always has a read pending
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::Acquire)
+    }
+}
+
+/// What requests learn of their connection (in their extensions).
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    pub tcp: TcpConnectInfo,
+    pub closer: Closer,
+}
+
+/// The closer of the connection `extensions` came on (plain or TLS).
+pub fn closer_of(extensions: &tonic::Extensions) -> Option<Closer> {
+    let info = extensions.get::<ConnectionInfo>().or_else(|| {
+        extensions
+            .get::<TlsConnectInfo<ConnectionInfo>>()
+            .map(TlsConnectInfo::get_ref)
+    })?;
+    Some(info.closer.clone())
+}
 
 /// An accepted connection and its place under the cap.
 pub struct Counted {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+    closer: Closer,
+    /// Until its first bytes arrive.
+    opening: Option<Pin<Box<Sleep>>>,
 }
 
-/// The accepted connections of `listener` (TCP_NODELAY on), at most `max` open at once.
-pub fn capped(listener: TcpListener, max: usize) -> impl Stream<Item = io::Result<Counted>> {
+/// The accepted connections of `listener` (TCP_NODELAY on), at most `max` open at once,
+/// each closed if it sends nothing within `opening_timeout`.
+pub fn capped(
+    listener: TcpListener,
+    max: usize,
+    opening_timeout: Duration,
+) -> impl Stream<Item = io::Result<Counted>> {
     assert!(max >= 1, "connections_max is checked at start-up");
     let permits = Arc::new(Semaphore::new(max));
     // Without TCP_NODELAY, small responses wait on Nagle + delayed ACK (~40 ms).
@@ -31,6 +87,8 @@ pub fn capped(listener: TcpListener, max: usize) -> impl Stream<Item = io::Resul
             Ok(permit) => Some(Ok(Counted {
                 stream,
                 _permit: permit,
+                closer: Closer::default(),
+                opening: Some(Box::pin(tokio::time::sleep(opening_timeout))),
             })),
             Err(_) => {
                 metrics::counter!(crate::telemetry::CONNECTIONS_REFUSED).increment(1);
@@ -43,11 +101,18 @@ pub fn capped(listener: TcpListener, max: usize) -> impl Stream<Item = io::Resul
 }
 
 impl Connected for Counted {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        ConnectionInfo {
+            tcp: self.stream.connect_info(),
+            closer: self.closer.clone(),
+        }
     }
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "closed by the server")
 }
 
 impl AsyncRead for Counted {
@@ -56,7 +121,22 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        self.closer.0.reader.register(cx.waker());
+        if self.closer.is_closed() {
+            return Poll::Ready(Err(closed()));
+        }
+        if let Some(opening) = &mut self.opening {
+            if opening.as_mut().poll(cx).is_ready() {
+                let silent = "sent nothing within connection_opening_timeout_ms";
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, silent)));
+            }
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.opening = None;
+        }
+        read
     }
 }
 
@@ -66,6 +146,9 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.closer.is_closed() {
+            return Poll::Ready(Err(closed()));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 

@@ -1,8 +1,11 @@
 //! Load shedding: at most `in_flight_requests_max` requests are served at once over
 //! every connection; the next one is answered at once with UNAVAILABLE / OVERLOADED and a
-//! RetryInfo, instead of queueing until everything is slow. Wraps prenota's two services
-//! and reflection, so health checks are always answered. A request counts until its
-//! response has been sent to the end: a stream holds its place for its whole life.
+//! RetryInfo, instead of queueing until everything is slow.
+//!
+//! A one-reply call counts until its reply is ready (a client that never reads it holds
+//! nothing). A streaming reply ([`STREAMING_REPLIES`]) counts until the stream ends, so
+//! it is admitted by its own bound too: exports by `exports_max`, reflection and health
+//! watches by their own small pools ([`Shed::streams_only`] leaves health checks free).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,16 +18,45 @@ use tonic::Status;
 
 use crate::service::ServiceError;
 
+/// The methods whose reply is a stream the client may keep open.
+pub const STREAMING_REPLIES: &[&str] = &[
+    "/prenota.v1.CapacityService/ExportBookings",
+    "/prenota.v1.CapacityService/ExportAuditLog",
+    "/prenota.v1.CapacityService/ExportBackup",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/grpc.health.v1.Health/Watch",
+];
+
+fn streams(path: &str) -> bool {
+    STREAMING_REPLIES.contains(&path)
+}
+
 #[derive(Clone)]
 pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    /// One-reply calls take a permit too (false: only streams do).
+    unary: bool,
 }
 
 impl<S> Shed<S> {
-    /// `permits` is shared by every service it wraps: the limit is global.
+    /// Every call takes one of `permits` (shared by every service it wraps).
     pub fn new(inner: S, permits: Arc<Semaphore>) -> Self {
-        Self { inner, permits }
+        Self {
+            inner,
+            permits,
+            unary: true,
+        }
+    }
+
+    /// Only streaming replies take one of `permits`; one-reply calls pass.
+    pub fn streams_only(inner: S, permits: Arc<Semaphore>) -> Self {
+        Self {
+            inner,
+            permits,
+            unary: false,
+        }
     }
 }
 
@@ -42,12 +74,21 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let streaming = streams(request.uri().path());
+        if !streaming && !self.unary {
+            return Box::pin(self.inner.call(request));
+        }
         match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => {
                 let response = self.inner.call(request);
                 Box::pin(async move {
                     let response = response.await?;
-                    Ok(response.map(|inner| tonic::body::Body::new(Counted { inner, permit })))
+                    Ok(match streaming {
+                        true => {
+                            response.map(|inner| tonic::body::Body::new(Counted { inner, permit }))
+                        }
+                        false => response, // the reply is ready: the permit goes here
+                    })
                 })
             }
             Err(_) => {

@@ -2,6 +2,11 @@
 //! act on. The engine checks the regions under the authority lock, against the catalog
 //! as it is then: a check made before the lock could be overtaken by another region's
 //! write to the same site id.
+//!
+//! Site ids are one namespace, so an admin registers each new site to its region
+//! (UpsertSite or an import with an admin token); a region-scoped authority then manages
+//! its sites. It cannot create a site id, so it can neither squat another region's ids
+//! nor learn which exist: every refusal it gets is the same.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -34,6 +39,19 @@ impl Actor {
             name: name.to_string(),
             regions: Regions::All,
         }
+    }
+
+    /// May create the site `site` (admins only), or change it (its region and, for a
+    /// move, the region it leaves).
+    pub fn check_upsert(
+        &self,
+        site: &Site,
+        existing: Option<&Arc<Site>>,
+    ) -> Result<(), ServiceError> {
+        if existing.is_some() || matches!(self.regions, Regions::Only(_)) {
+            self.check_site(existing)?;
+        }
+        self.check_region(&site.region_id)
     }
 
     /// May act on `region`.

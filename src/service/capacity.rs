@@ -295,11 +295,7 @@ impl Engine {
 
     pub async fn upsert_site(&self, site: Site, actor: &Actor) -> Result<Arc<Site>, ServiceError> {
         let _authority = self.authority_writes.lock().await;
-        // Both the site's region and, for a move, the region it leaves.
-        actor.check_region(&site.region_id)?;
-        if let Some(existing) = self.site(&site.site_id) {
-            actor.check_region(&existing.region_id)?;
-        }
+        actor.check_upsert(&site, self.site(&site.site_id).as_ref())?;
         self.catalog().check_site_upsert(&site)?;
         let audit = self.audit(
             &actor.name,
@@ -363,10 +359,7 @@ impl Engine {
     ) -> Result<PublishOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
         for row in rows {
-            actor.check_region(&row.site.region_id)?;
-            if let Some(existing) = self.site(&row.site.site_id) {
-                actor.check_region(&existing.region_id)?;
-            }
+            actor.check_upsert(&row.site, self.site(&row.site.site_id).as_ref())?;
         }
         let (sites, groups) = ImportCheck::run(rows, &self.catalog(), &self.limits)?;
         let plans: Vec<PublishPlan> = {

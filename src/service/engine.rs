@@ -27,7 +27,7 @@ use crate::domain::ids::{
 use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
 use crate::service::clock::Clock;
 use crate::service::error::ServiceError;
-use crate::service::exports::{ExportKind, ExportPermit, Exports, Feed};
+use crate::service::exports::{ExportKind, ExportPermit, Exports, Feed, OnIdle};
 use crate::service::rate_limits;
 use crate::service::requests::{self, Begin, RequestRegistry};
 use crate::store::{Store, StoreError};
@@ -284,9 +284,10 @@ impl Engine {
     pub fn export_feed<T: Send + 'static>(
         &self,
         depth: usize,
+        on_idle: Option<OnIdle>,
     ) -> (Feed<T>, mpsc::Receiver<Result<T, ServiceError>>) {
         let idle = std::time::Duration::from_millis(self.limits.export_idle_timeout_ms);
-        Feed::channel(depth, idle)
+        Feed::channel(depth, idle, on_idle)
     }
 
     /// Streams every stored booking in scope; the scan runs on a blocking thread and
@@ -295,8 +296,9 @@ impl Engine {
     pub fn export_bookings(
         self: &Arc<Self>,
         scope: ExportScope,
+        on_idle: Option<OnIdle>,
     ) -> mpsc::Receiver<Result<BookingView, ServiceError>> {
-        let (sender, receiver) = self.export_feed(self.limits.export_channel_depth);
+        let (sender, receiver) = self.export_feed(self.limits.export_channel_depth, on_idle);
         let engine = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             for item in engine.store.bookings() {
@@ -319,8 +321,9 @@ impl Engine {
     /// Streams the audit log, oldest first (like `export_bookings`).
     pub fn audit_log(
         self: &Arc<Self>,
+        on_idle: Option<OnIdle>,
     ) -> mpsc::Receiver<Result<crate::store::records::AuditEntry, ServiceError>> {
-        let (sender, receiver) = self.export_feed(self.limits.export_channel_depth);
+        let (sender, receiver) = self.export_feed(self.limits.export_channel_depth, on_idle);
         let engine = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             for entry in engine.store.audit_entries() {

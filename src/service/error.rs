@@ -36,6 +36,9 @@ pub enum ServiceError {
     ExportIdle,
     /// Checked under the authority lock; names no region, so a refusal tells nothing
     /// of another region's sites.
-    #[error("token {actor:?} may act only on sites of its own regions")]
+    #[error(
+        "token {actor:?} may act only on the sites registered to its regions (an admin \
+         registers new sites)"
+    )]
     RegionDenied { actor: String },
 }

@@ -5,8 +5,10 @@
 //!   per token, one backup. The permit lives as long as the response stream, so a
 //!   stream the client holds open without reading keeps counting against its own token.
 //! - [`Feed`]: the scan hands each item over waiting at most `export_idle_timeout_ms`
-//!   for the reader; past it the scan stops (its blocking thread is free again) and the
-//!   stream ends with `DEADLINE_EXCEEDED` / `EXPORT_IDLE` after what was buffered.
+//!   for the reader; past it the scan stops (its blocking thread is free again), the
+//!   stream ends with `DEADLINE_EXCEEDED` / `EXPORT_IDLE` after what was buffered, and
+//!   `on_idle` runs: the gRPC layer closes the connection, the only way to end a stream
+//!   whose client keeps its window shut (and so to free the stream's places).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -110,10 +112,14 @@ pub enum Stopped {
     Idle,
 }
 
+/// What to do when an export's reader stalled past the idle timeout.
+pub type OnIdle = Arc<dyn Fn() + Send + Sync>;
+
 /// The sending end of an export, used from the scan's blocking thread.
 pub struct Feed<T> {
     sender: mpsc::Sender<Result<T, ServiceError>>,
     idle: Duration,
+    on_idle: Option<OnIdle>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -123,12 +129,14 @@ impl<T: Send + 'static> Feed<T> {
     pub fn channel(
         depth: usize,
         idle: Duration,
+        on_idle: Option<OnIdle>,
     ) -> (Self, mpsc::Receiver<Result<T, ServiceError>>) {
         let (sender, receiver) = mpsc::channel(depth);
         let runtime = tokio::runtime::Handle::current();
         let feed = Self {
             sender,
             idle,
+            on_idle,
             runtime,
         };
         (feed, receiver)
@@ -145,6 +153,9 @@ impl<T: Send + 'static> Feed<T> {
             Ok(Err(_)) => Err(Stopped::Gone),
             Err(_) => {
                 self.fail(ServiceError::ExportIdle);
+                if let Some(on_idle) = &self.on_idle {
+                    on_idle();
+                }
                 Err(Stopped::Idle)
             }
         }
@@ -186,11 +197,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_feed_gives_up_on_a_reader_that_takes_nothing() {
-        let (feed, mut receiver) = Feed::<u32>::channel(1, Duration::from_millis(50));
+        let idled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let on_idle: OnIdle = {
+            let idled = Arc::clone(&idled);
+            Arc::new(move || idled.store(true, std::sync::atomic::Ordering::Release))
+        };
+        let idle = Duration::from_millis(50);
+        let (feed, mut receiver) = Feed::<u32>::channel(1, idle, Some(on_idle));
         let fed = tokio::task::spawn_blocking(move || (feed.send(Ok(1)), feed.send(Ok(2))))
             .await
             .unwrap();
         assert_eq!(fed, (Ok(()), Err(Stopped::Idle)));
+        assert!(idled.load(std::sync::atomic::Ordering::Acquire));
         assert!(matches!(receiver.recv().await, Some(Ok(1))));
         assert!(matches!(
             receiver.recv().await,
