@@ -1,10 +1,13 @@
-//! Slot-counter admission: the compare-and-swap every booking goes through.
-//! Run: `cargo bench --bench admission`. Numbers: BENCHMARKS.md.
+//! Slot-counter admission: the compare-and-swap every booking goes through; and a
+//! search for free places over a sold-out range, which the per-day free places let
+//! skip whole days. Run: `cargo bench --bench admission`. Numbers: BENCHMARKS.md.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use prenota::domain::catalog::{Catalog, SearchQuery, SearchScope, Site, Slot};
+use prenota::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
 use prenota::domain::slot_counter::SlotCounter;
 
 /// Places per slot: large enough that the measured loop never sees a full slot.
@@ -20,6 +23,17 @@ fn uncontended(c: &mut Criterion) {
                 counter.settle();
             }
             let _ = black_box(counter.release());
+        })
+    });
+    // As in the catalog: every change also adds to its day's free places.
+    let in_a_day = SlotCounter::new(CAPACITY, false);
+    in_a_day.join(Arc::new(std::sync::atomic::AtomicI64::new(0)));
+    group.bench_function("take_release_one_slot_one_thread_in_a_day", |b| {
+        b.iter(|| {
+            if black_box(in_a_day.try_take()).is_ok() {
+                in_a_day.settle();
+            }
+            let _ = black_box(in_a_day.release());
         })
     });
     let slots: Vec<SlotCounter> = (0..100_000)
@@ -44,6 +58,7 @@ fn one_hot_slot_two_threads(c: &mut Criterion) {
     const PER_THREAD: u64 = 100_000;
     group.throughput(Throughput::Elements(2 * PER_THREAD));
     let counter = Arc::new(SlotCounter::new(CAPACITY, false));
+    counter.join(Arc::new(std::sync::atomic::AtomicI64::new(0))); // as in the catalog
     group.bench_function("take_release_one_slot_two_threads", |b| {
         b.iter(|| {
             std::thread::scope(|scope| {
@@ -64,5 +79,69 @@ fn one_hot_slot_two_threads(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, uncontended, one_hot_slot_two_threads);
+/// A site with 100,000 one-place slots (274 a day for 365 days), every place taken.
+fn sold_out_catalog() -> (Catalog, Vec<Arc<Slot>>, i64, i64) {
+    let parse = |text: &str| SiteId::parse("site_id", text, 64).unwrap();
+    let mut catalog = Catalog::default();
+    catalog.upsert_site(Site {
+        site_id: parse("bench"),
+        name: "Bench".into(),
+        region_id: RegionId::parse("region_id", "bench", 64).unwrap(),
+        time_zone: chrono_tz::Europe::Rome,
+    });
+    let first = 1_893_488_400; // 2030-01-01T09:00:00Z
+    let mut slots = Vec::new();
+    for index in 0..100_000i64 {
+        let start = first + (index / 274) * 86_400 + (index % 274) * 180;
+        let key = SlotKey {
+            site_id: parse("bench"),
+            service_id: ServiceId::parse("service_id", "vax", 64).unwrap(),
+            start_unix_s: start,
+        };
+        catalog
+            .insert_slot(Slot::new(key.clone(), start + 180, 1, false))
+            .unwrap();
+        let slot = Arc::clone(catalog.slot(&key).unwrap().1);
+        drop(slot.try_take().unwrap());
+        slots.push(slot);
+    }
+    (catalog, slots, first, first + 366 * 86_400)
+}
+
+/// `SearchSlots(only_available)` over 100k sold-out slots, against reading every slot's
+/// counter (what the search did before the per-day free places).
+fn sold_out_search(c: &mut Criterion) {
+    let mut group = c.benchmark_group("search");
+    let (catalog, slots, from, to) = sold_out_catalog();
+    let query = SearchQuery {
+        scope: SearchScope::Site(SiteId::parse("site_id", "bench", 64).unwrap()),
+        service_id: ServiceId::parse("service_id", "vax", 64).unwrap(),
+        from_unix_s: from,
+        to_unix_s: to,
+        only_available: true,
+        after: None,
+        page_size: 20,
+        scan_max: usize::MAX,
+    };
+    group.bench_function("only_available_100k_sold_out_slots", |b| {
+        b.iter(|| assert!(black_box(catalog.search(&query).unwrap()).slots.is_empty()))
+    });
+    group.bench_function("read_100k_slot_counters", |b| {
+        b.iter(|| {
+            let free = slots
+                .iter()
+                .filter(|s| s.counter.snapshot().remaining() > 0)
+                .count();
+            assert_eq!(black_box(free), 0);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    uncontended,
+    one_hot_slot_two_threads,
+    sold_out_search
+);
 criterion_main!(benches);

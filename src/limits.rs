@@ -31,6 +31,9 @@ pub struct Limits {
     pub search_range_days_default: u32,
     /// Largest span `to - from` of one search.
     pub search_range_days_max: u32,
+    /// Most slots one search visits (sold-out days are skipped without visiting their
+    /// slots); past it the page ends early, with a `next_page_token` to go on from.
+    pub search_slots_scanned_max: usize,
     /// Largest span `last_day - first_day + 1` of one published schedule.
     pub publish_days_max: u32,
     /// Most slots one `PublishSchedule` may describe.
@@ -180,6 +183,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     page_size_max: 500,
     search_range_days_default: 31,
     search_range_days_max: 366,
+    search_slots_scanned_max: 10_000,
     publish_days_max: 366,
     publish_slots_max: 100_000,
     opening_hours_per_schedule_max: 64,
@@ -240,6 +244,7 @@ const _: () = {
     let l = &DEFAULT_LIMITS;
     assert!(l.page_size_default >= 1 && l.page_size_default <= l.page_size_max);
     assert!(l.search_range_days_default <= l.search_range_days_max);
+    assert!(l.search_slots_scanned_max as u64 > l.page_size_max as u64);
     assert!(l.max_active_per_citizen >= 1);
     assert!(l.commit_batch_writes_max >= 1 && l.commit_batch_writes_max <= l.commit_queue_depth);
     // Capacity, taken and pending share one 64-bit atomic word, 21 bits each.
@@ -283,6 +288,10 @@ impl Limits {
             l.search_range_days_default >= 1
                 && l.search_range_days_default <= l.search_range_days_max,
             "search_range_days_default must be between 1 and search_range_days_max",
+        );
+        need(
+            l.search_slots_scanned_max as u64 > u64::from(l.page_size_max),
+            "search_slots_scanned_max must be above page_size_max",
         );
         need(
             l.publish_days_max >= 1,

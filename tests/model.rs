@@ -231,6 +231,7 @@ impl Harness {
                 only_available: false,
                 after: None,
                 page_size: 100,
+                scan_max: 10_000,
             })
             .unwrap();
         let slots: Vec<SlotKey> = page.slots.iter().map(|(_, s)| s.key.clone()).collect();
@@ -539,6 +540,7 @@ async fn compare(h: &Harness, m: &Model) {
             only_available: false,
             after: None,
             page_size: 100,
+            scan_max: 10_000,
         })
         .unwrap();
     for (index, (_, slot)) in page.slots.iter().enumerate() {

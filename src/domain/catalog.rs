@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -32,6 +32,34 @@ pub struct Slot {
     /// republished with another slot length.
     end_unix_s: AtomicI64,
     pub counter: SlotCounter,
+    /// The local day it starts on, once in the catalog.
+    day: OnceLock<Arc<Day>>,
+}
+
+/// One service's slots on one local day of a site, for searches: their free places
+/// (the sum their counters keep, see `SlotCounter::join`) and where the next day starts.
+#[derive(Debug)]
+struct Day {
+    free: Arc<AtomicI64>,
+    next_day_start_unix_s: i64,
+}
+
+impl Day {
+    fn new(date: NaiveDate, zone: Tz) -> Self {
+        let next = date.succ_opt().unwrap_or(date);
+        // Midnight may not exist (a DST jump at 00:00): the earliest instant of the day.
+        let start = (0..24)
+            .filter_map(|hour| next.and_hms_opt(hour, 0, 0))
+            .find_map(|local| zone.from_local_datetime(&local).earliest());
+        Self {
+            free: Arc::new(AtomicI64::new(0)),
+            next_day_start_unix_s: start.map_or(i64::MAX, |start| start.timestamp()),
+        }
+    }
+
+    fn sold_out(&self) -> bool {
+        self.free.load(Ordering::Acquire) <= 0
+    }
 }
 
 impl Slot {
@@ -40,6 +68,7 @@ impl Slot {
             key,
             end_unix_s: AtomicI64::new(end_unix_s),
             counter: SlotCounter::new(capacity, closed),
+            day: OnceLock::new(),
         }
     }
 
@@ -94,6 +123,20 @@ struct SiteEntry {
     site: Arc<Site>,
     /// Keyed by (service, start): one site's schedule per service is contiguous.
     slots: BTreeMap<(ServiceId, i64), Arc<Slot>>,
+    /// The days its slots start on, per service (local dates in the site's zone), and
+    /// how many slots each has (a day without slots is dropped).
+    days: BTreeMap<(ServiceId, NaiveDate), (Arc<Day>, usize)>,
+}
+
+impl SiteEntry {
+    /// The local date `start` falls on, in the site's zone.
+    fn date_of(&self, start_unix_s: i64) -> NaiveDate {
+        self.site
+            .time_zone
+            .timestamp_opt(start_unix_s, 0)
+            .single()
+            .map_or(NaiveDate::MIN, |start| start.date_naive())
+    }
 }
 
 /// Where a search looks.
@@ -113,6 +156,9 @@ pub struct SearchQuery {
     /// Resume strictly after this slot (the previous page's last one).
     pub after: Option<SlotKey>,
     pub page_size: usize,
+    /// Most slots one search visits; past it the page ends early, with the place to
+    /// go on from.
+    pub scan_max: usize,
 }
 
 pub struct SearchPage {
@@ -170,6 +216,15 @@ pub struct Catalog {
     regions: BTreeMap<RegionId, BTreeSet<SiteId>>,
 }
 
+/// The key just before `key` in its site and service: a search resumed "after" it
+/// starts at `key` itself.
+fn previous_key(key: &SlotKey) -> SlotKey {
+    SlotKey {
+        start_unix_s: key.start_unix_s - 1,
+        ..key.clone()
+    }
+}
+
 impl Catalog {
     pub fn site(&self, site_id: &SiteId) -> Option<&Arc<Site>> {
         self.sites.get(site_id).map(|entry| &entry.site)
@@ -218,6 +273,7 @@ impl Catalog {
                     SiteEntry {
                         site,
                         slots: BTreeMap::new(),
+                        days: BTreeMap::new(),
                     },
                 );
             }
@@ -225,11 +281,20 @@ impl Catalog {
     }
 
     /// Adds a slot; its site must exist (the store only holds slots of stored sites).
+    /// The slot joins its local day's free places.
     pub fn insert_slot(&mut self, slot: Slot) -> Result<(), DomainError> {
         let entry = self
             .sites
             .get_mut(&slot.key.site_id)
             .ok_or(DomainError::NotFound(crate::domain::error::Missing::Site))?;
+        let (zone, date) = (entry.site.time_zone, entry.date_of(slot.key.start_unix_s));
+        let (day, slots) = entry
+            .days
+            .entry((slot.key.service_id.clone(), date))
+            .or_insert_with(|| (Arc::new(Day::new(date, zone)), 0));
+        *slots += 1;
+        slot.counter.join(Arc::clone(&day.free));
+        assert!(slot.day.set(Arc::clone(day)).is_ok(), "a new slot");
         entry.slots.insert(
             (slot.key.service_id.clone(), slot.key.start_unix_s),
             Arc::new(slot),
@@ -239,12 +304,24 @@ impl Catalog {
 
     /// Drops a slot (retention, once its records are deleted); false if it was not there.
     pub fn remove_slot(&mut self, key: &SlotKey) -> bool {
-        self.sites.get_mut(&key.site_id).is_some_and(|entry| {
-            entry
-                .slots
-                .remove(&(key.service_id.clone(), key.start_unix_s))
-                .is_some()
-        })
+        let Some(entry) = self.sites.get_mut(&key.site_id) else {
+            return false;
+        };
+        let removed = entry
+            .slots
+            .remove(&(key.service_id.clone(), key.start_unix_s));
+        let Some(slot) = removed else {
+            return false;
+        };
+        slot.counter.leave();
+        let day_key = (key.service_id.clone(), entry.date_of(key.start_unix_s));
+        if let Some((_, slots)) = entry.days.get_mut(&day_key) {
+            *slots -= 1;
+            if *slots == 0 {
+                entry.days.remove(&day_key);
+            }
+        }
+        true
     }
 
     /// Compares planned slots with the slots that already exist (none, for a site
@@ -311,6 +388,7 @@ impl Catalog {
             slots: Vec::with_capacity(query.page_size.min(1_024)),
             next_after: None,
         };
+        let mut scanned = 0;
         for entry in self.scope_sites(&query.scope)? {
             let mut lower = Bound::Included((query.service_id.clone(), query.from_unix_s));
             if let Some(after) = &query.after {
@@ -325,18 +403,72 @@ impl Catalog {
                 }
             }
             let upper = Bound::Excluded((query.service_id.clone(), query.to_unix_s));
-            for slot in entry.slots.range((lower, upper)).map(|(_, slot)| slot) {
-                if query.only_available && slot.counter.snapshot().remaining() == 0 {
-                    continue;
+            // Each pass walks slots until the page is full, or until a sold-out day,
+            // which the next pass starts after.
+            loop {
+                let mut sold_out_until = None;
+                for slot in entry
+                    .slots
+                    .range((lower.clone(), upper.clone()))
+                    .map(|(_, s)| s)
+                {
+                    if page.slots.len() == query.page_size {
+                        page.next_after = page.slots.last().map(|(_, last)| last.key.clone());
+                        return Ok(page);
+                    }
+                    scanned += 1;
+                    if scanned > query.scan_max {
+                        // Bounded work per search: the client goes on from here.
+                        page.next_after = Some(previous_key(&slot.key));
+                        return Ok(page);
+                    }
+                    if query.only_available {
+                        if let Some(day) = slot.day.get().filter(|day| day.sold_out()) {
+                            let next = day.next_day_start_unix_s.max(slot.key.start_unix_s + 1);
+                            sold_out_until = Some(next);
+                            break;
+                        }
+                        if slot.counter.snapshot().remaining() == 0 {
+                            continue;
+                        }
+                    }
+                    page.slots.push((Arc::clone(&entry.site), Arc::clone(slot)));
                 }
-                if page.slots.len() == query.page_size {
-                    page.next_after = page.slots.last().map(|(_, last)| last.key.clone());
-                    return Ok(page);
+                match sold_out_until {
+                    Some(next) => lower = Bound::Included((query.service_id.clone(), next)),
+                    None => break,
                 }
-                page.slots.push((Arc::clone(&entry.site), Arc::clone(slot)));
             }
         }
         Ok(page)
+    }
+
+    /// Every day's free places equal the sum of its slots' (true when nothing is in
+    /// flight: at start-up, after recovery).
+    pub fn check_free_places(&self) -> Result<(), String> {
+        for entry in self.sites.values() {
+            let mut sums: HashMap<*const Day, i64> = HashMap::new();
+            for slot in entry.slots.values() {
+                let day = slot
+                    .day
+                    .get()
+                    .ok_or_else(|| format!("slot {} has no day", slot.key))?;
+                *sums.entry(Arc::as_ptr(day)).or_default() +=
+                    i64::from(slot.counter.snapshot().remaining());
+            }
+            for ((service, date), (day, _)) in &entry.days {
+                let expected = sums.get(&Arc::as_ptr(day)).copied().unwrap_or(0);
+                let kept = day.free.load(Ordering::Acquire);
+                if kept != expected {
+                    return Err(format!(
+                        "site {} service {service} on {date}: {kept} free places counted, \
+                         {expected} in its slots",
+                        entry.site.site_id
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Number of sites.
@@ -470,6 +602,7 @@ mod tests {
             only_available: false,
             after,
             page_size,
+            scan_max: 10_000,
         }
     }
 
@@ -515,6 +648,138 @@ mod tests {
         let page = catalog.search(&q).unwrap();
         assert_eq!(page.slots.len(), 1);
         assert_eq!(page.slots[0].1.key.start_unix_s, 200);
+    }
+
+    const DAY: i64 = 86_400;
+
+    /// Slots of site "a" at 09:00, 10:00 and 11:00 UTC on `days` consecutive days from
+    /// 2030-01-01 (one place each), and a query for the available ones.
+    fn three_a_day(days: i64) -> (Catalog, Vec<i64>, SearchQuery) {
+        let first = 1_893_488_400; // 2030-01-01T09:00:00Z
+        let starts: Vec<i64> = (0..days)
+            .flat_map(|day| (0..3).map(move |hour| first + day * DAY + hour * 3_600))
+            .collect();
+        let catalog = catalog_with_slots(&["a"], &starts);
+        let mut q = query(SearchScope::Site(id(SiteId::parse, "a")), None, 10);
+        (q.from_unix_s, q.to_unix_s) = (first, first + days * DAY);
+        q.only_available = true;
+        (catalog, starts, q)
+    }
+
+    fn take(catalog: &Catalog, start: i64) -> Arc<Slot> {
+        let key = SlotKey {
+            site_id: id(SiteId::parse, "a"),
+            service_id: id(ServiceId::parse, "vax"),
+            start_unix_s: start,
+        };
+        let slot = Arc::clone(catalog.slot(&key).unwrap().1);
+        drop(slot.try_take().unwrap());
+        slot
+    }
+
+    #[test]
+    fn a_search_for_free_places_skips_sold_out_days_and_finds_the_rest() {
+        let (catalog, starts, q) = three_a_day(3);
+        for start in &starts[..5] {
+            take(&catalog, *start); // day 1 sold out, day 2 has its last slot free
+        }
+        let day_one = catalog
+            .slot(&take_key(starts[0]))
+            .unwrap()
+            .1
+            .day
+            .get()
+            .unwrap();
+        assert!(day_one.sold_out());
+        let found: Vec<i64> = catalog
+            .search(&q)
+            .unwrap()
+            .slots
+            .iter()
+            .map(|(_, s)| s.key.start_unix_s)
+            .collect();
+        assert_eq!(found, starts[5..].to_vec());
+        // A place comes back: the day is searched again.
+        catalog
+            .slot(&take_key(starts[1]))
+            .unwrap()
+            .1
+            .counter
+            .release()
+            .unwrap();
+        assert!(!day_one.sold_out());
+        let found = catalog.search(&q).unwrap().slots;
+        assert_eq!(found[0].1.key.start_unix_s, starts[1]);
+    }
+
+    fn take_key(start: i64) -> SlotKey {
+        SlotKey {
+            site_id: id(SiteId::parse, "a"),
+            service_id: id(ServiceId::parse, "vax"),
+            start_unix_s: start,
+        }
+    }
+
+    #[test]
+    fn a_days_free_places_are_the_sum_of_its_slots_after_any_changes() {
+        let (catalog, starts, _) = three_a_day(2);
+        let slots: Vec<Arc<Slot>> = starts
+            .iter()
+            .map(|s| Arc::clone(catalog.slot(&take_key(*s)).unwrap().1))
+            .collect();
+        let mut rng = 7u64;
+        for _ in 0..2_000 {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let slot = &slots[(rng >> 33) as usize % slots.len()];
+            match (rng >> 20) % 5 {
+                0 => drop(slot.try_take()),
+                1 => drop(slot.counter.release()),
+                2 => drop(slot.counter.set_capacity(((rng >> 40) % 4) as u32)),
+                3 => drop(slot.counter.close()),
+                _ => slot.counter.reopen(),
+            }
+        }
+        for day_slots in slots.chunks(3) {
+            let sum: i64 = day_slots
+                .iter()
+                .map(|s| i64::from(s.counter.snapshot().remaining()))
+                .sum();
+            assert_eq!(
+                day_slots[0].day.get().unwrap().free.load(Ordering::Acquire),
+                sum
+            );
+        }
+    }
+
+    #[test]
+    fn removed_slots_leave_their_day_and_an_empty_day_goes() {
+        let (mut catalog, starts, _) = three_a_day(2);
+        take(&catalog, starts[0]);
+        assert!(catalog.remove_slot(&take_key(starts[1])));
+        catalog.check_free_places().unwrap();
+        for start in [starts[0], starts[2]] {
+            assert!(catalog.remove_slot(&take_key(start)));
+        }
+        catalog.check_free_places().unwrap();
+        assert_eq!(catalog.sites.values().next().unwrap().days.len(), 1);
+    }
+
+    #[test]
+    fn a_search_visits_at_most_scan_max_slots_and_says_where_to_go_on() {
+        let (catalog, starts, mut q) = three_a_day(1);
+        take(&catalog, starts[0]);
+        take(&catalog, starts[1]);
+        q.scan_max = 1;
+        let first = catalog.search(&q).unwrap();
+        assert!(first.slots.is_empty());
+        q.after = first.next_after;
+        let second = catalog.search(&q).unwrap();
+        assert!(second.slots.is_empty(), "the second full slot");
+        q.after = second.next_after;
+        let third = catalog.search(&q).unwrap();
+        assert_eq!(third.slots[0].1.key.start_unix_s, starts[2]);
     }
 
     #[test]

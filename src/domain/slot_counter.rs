@@ -8,8 +8,14 @@
 //! `pending` counts admissions whose write is not yet settled (committed or refused):
 //! a closure first closes the slot, then waits for `pending` to reach 0, and only then
 //! reads the store, so no booking can land in a closed slot behind its back.
+//!
+//! A counter may belong to a group (one service's slots on one local day of a site):
+//! every change adds its difference in `remaining()` to the group's sum, so a search
+//! reads a day's free places in one load and skips sold-out days without visiting their
+//! slots. The sum trails the members by the changes in flight, never for longer.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 const FIELD_BITS: u32 = 21;
 const FIELD_MASK: u64 = (1 << FIELD_BITS) - 1;
@@ -41,6 +47,8 @@ impl CounterSnapshot {
 #[derive(Debug)]
 pub struct SlotCounter {
     word: AtomicU64,
+    /// The free places of the counter's group, once it joined one.
+    group: OnceLock<Arc<AtomicI64>>,
 }
 
 /// Why a place could not be taken.
@@ -88,6 +96,24 @@ impl SlotCounter {
                 pending: 0,
                 closed,
             })),
+            group: OnceLock::new(),
+        }
+    }
+
+    /// Joins a group: adds its free places to the group's sum, and every later change.
+    /// Once only, before the counter is shared (the catalog does it on insert).
+    pub fn join(&self, group: Arc<AtomicI64>) {
+        let remaining = i64::from(self.snapshot().remaining());
+        group.fetch_add(remaining, Ordering::AcqRel);
+        assert!(self.group.set(group).is_ok(), "a counter joins one group");
+    }
+
+    /// Leaves the sum of its group (a slot removed from the catalog, long after it
+    /// ended, so nothing changes it any more): subtracts its free places.
+    pub fn leave(&self) {
+        if let Some(group) = self.group.get() {
+            let remaining = i64::from(self.snapshot().remaining());
+            group.fetch_sub(remaining, Ordering::AcqRel);
         }
     }
 
@@ -110,9 +136,19 @@ impl SlotCounter {
                 Ordering::SeqCst,
                 Ordering::SeqCst,
             ) {
-                Ok(_) => return Ok(next),
+                Ok(_) => {
+                    self.count_in_group(unpack(current), next);
+                    return Ok(next);
+                }
                 Err(observed) => current = observed,
             }
+        }
+    }
+
+    fn count_in_group(&self, before: CounterSnapshot, after: CounterSnapshot) {
+        let change = i64::from(after.remaining()) - i64::from(before.remaining());
+        if let (Some(group), true) = (self.group.get(), change != 0) {
+            group.fetch_add(change, Ordering::AcqRel);
         }
     }
 

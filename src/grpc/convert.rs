@@ -280,6 +280,7 @@ pub fn search_from_proto(
         only_available: request.only_available,
         after,
         page_size,
+        scan_max: limits.search_slots_scanned_max,
     })
 }
 

@@ -290,7 +290,8 @@ fn check_capacities(catalog: &Catalog) -> Result<(), ServiceError> {
             )));
         }
     }
-    Ok(())
+    // Derived like the counters, so checked like them (nothing else runs yet).
+    catalog.check_free_places().map_err(ServiceError::Recovery)
 }
 
 fn warn_of_interrupted_write(store: &Store) -> Result<(), ServiceError> {
