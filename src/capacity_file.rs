@@ -315,12 +315,18 @@ fn parse_row(line: u64, text: &str) -> Result<proto::CapacityRow, Vec<FileError>
     })
 }
 
-/// Quotes a field for CSV output when it needs it.
+/// Quotes a field for CSV output when it needs it. A field a spreadsheet would run as
+/// a formula (`=`, `+`, `-`, `@`, tab or carriage return first: a closure reason or a
+/// site name such as `=HYPERLINK(...)`) gets a leading `'`, so it is shown as text.
 pub fn csv_field(value: &str) -> String {
+    let value = match value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        true => format!("'{value}"),
+        false => value.to_string(),
+    };
     if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
-        value.to_string()
+        value
     }
 }
 
@@ -394,6 +400,10 @@ mod tests {
     #[test]
     fn output_fields_are_quoted_when_needed() {
         assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        for formula in ["+1", "-1+2", "@SUM(A1)", "\tx", "\rx"] {
+            assert!(csv_field(formula).trim_start_matches('"').starts_with('\''));
+        }
         assert_eq!(csv_field("a, \"b\""), "\"a, \"\"b\"\"\"");
     }
 }

@@ -38,6 +38,10 @@ pub struct Limits {
     pub publish_days_max: u32,
     /// Most slots one `PublishSchedule` may describe.
     pub publish_slots_max: usize,
+    /// Latest day a published or imported schedule may reach, in days after today.
+    pub schedule_days_ahead_max: u32,
+    /// Most slots the sites of one region may hold (memory is per slot).
+    pub slots_per_region_max: usize,
     /// Most opening-hours entries in one schedule.
     pub opening_hours_per_schedule_max: usize,
     /// Longest slot.
@@ -186,6 +190,8 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     search_slots_scanned_max: 10_000,
     publish_days_max: 366,
     publish_slots_max: 100_000,
+    schedule_days_ahead_max: 731,
+    slots_per_region_max: 5_000_000,
     opening_hours_per_schedule_max: 64,
     slot_minutes_max: 1_440,
     capacity_per_slot_max: 10_000,
@@ -296,6 +302,10 @@ impl Limits {
         need(
             l.publish_days_max >= 1,
             "publish_days_max must be at least 1",
+        );
+        need(
+            l.schedule_days_ahead_max >= 1 && l.slots_per_region_max >= 1,
+            "schedule_days_ahead_max and slots_per_region_max must be at least 1",
         );
         need(
             l.publish_slots_max >= 1,

@@ -545,3 +545,56 @@ async fn a_closure_racing_bookings_leaves_no_confirmed_booking_behind() {
     }
     server.stop().await;
 }
+
+/// Slots in the year 9000 are a typo or an attack: a schedule may reach at most
+/// `schedule_days_ahead_max` days ahead, in a publication and in every import row.
+/// And a region holds at most `slots_per_region_max` slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn far_future_schedules_and_overfull_regions_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = prenota::config::Config::default();
+    config.limits.slots_per_region_max = 10;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let mut capacity = server.capacity().await;
+    upsert_site(&mut capacity, "far", "lazio", "Europe/Rome").await;
+    let far = "9000-01-01";
+    let status = capacity
+        .publish_schedule(publish_request(
+            "far",
+            "vax",
+            (far, far),
+            ("09:00", "10:00"),
+            30,
+            1,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["last_day"]);
+    let status = import(&mut capacity, vec![row(7, "far", "Europe/Rome", far)], true)
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["rows[7].last_day"]);
+
+    // 01:00-04:00 in 30-minute slots: 6 a day; the region holds at most 10.
+    let day = day_ahead(5);
+    import(
+        &mut capacity,
+        vec![row(2, "far", "Europe/Rome", &day)],
+        false,
+    )
+    .await
+    .expect("6 slots");
+    let next = day_ahead(6);
+    let status = import(
+        &mut capacity,
+        vec![row(2, "far", "Europe/Rome", &next)],
+        true,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        status.message().contains("slots_per_region_max"),
+        "{status:?}"
+    );
+    server.stop().await;
+}

@@ -279,10 +279,7 @@ async fn racing_reschedules_into_one_last_seat_have_one_winner() {
                 Ok(new) => {
                     assert_eq!(new.slot_id, target);
                     assert_eq!(old.state, proto::BookingState::Cancelled as i32);
-                    assert_eq!(
-                        old.cancel_reason,
-                        format!("rescheduled to booking {}", new.booking_id)
-                    );
+                    assert_eq!(old.cancel_reason, "rescheduled", "names no booking");
                     assert_eq!(confirmed[0].booking_id, new.booking_id);
                     assert_eq!(listed.len(), 2);
                 }

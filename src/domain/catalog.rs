@@ -471,6 +471,17 @@ impl Catalog {
         Ok(())
     }
 
+    /// Slots of the sites of `region`.
+    pub fn region_slots(&self, region: &RegionId) -> usize {
+        self.regions.get(region).map_or(0, |members| {
+            members
+                .iter()
+                .filter_map(|site_id| self.sites.get(site_id))
+                .map(|entry| entry.slots.len())
+                .sum()
+        })
+    }
+
     /// Number of sites.
     pub fn site_count(&self) -> usize {
         self.sites.len()

@@ -12,6 +12,9 @@ use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::{held_max, Hold, HoldState, NotConfirmable};
 use crate::domain::ids::{BookingId, CitizenKey, ServiceId, SlotKey};
 
+/// The cancel reason of a booking moved by a reschedule.
+pub const RESCHEDULED: &str = "rescheduled";
+
 /// The reason written on a booking its citizen cancelled.
 pub const CANCELLED_BY_CITIZEN: &str = "cancelled by citizen";
 
@@ -342,7 +345,8 @@ pub fn reschedule(
     let cancelled = Booking {
         state: BookingState::Cancelled {
             at_unix_ms: now_unix_ms,
-            reason: format!("rescheduled to booking {new_id}"),
+            // Names no booking: whoever holds the old id must not learn the new one.
+            reason: RESCHEDULED.to_string(),
             // The request's outcome is the new booking: only it carries the request.
             request: None,
         },

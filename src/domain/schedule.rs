@@ -31,6 +31,20 @@ pub struct Schedule {
     pub capacity_per_slot: u32,
 }
 
+impl Schedule {
+    /// Refuses a schedule reaching past `last_day_max` (`schedule_days_ahead_max` from
+    /// today): slots in the year 9000 are a typo or an attack, never a plan.
+    pub fn check_horizon(&self, last_day_max: NaiveDate) -> Result<(), FieldViolation> {
+        if self.last_day <= last_day_max {
+            return Ok(());
+        }
+        Err(FieldViolation::new(
+            "last_day",
+            format!("must be at most {last_day_max} (schedule_days_ahead_max from today)"),
+        ))
+    }
+}
+
 /// The schedule as it arrives from a client, before validation.
 #[derive(Clone, Debug, Default)]
 pub struct ScheduleInput<'a> {

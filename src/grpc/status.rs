@@ -178,12 +178,48 @@ impl From<ServiceError> for Status {
         if let Some(delay) = answer.retry_after {
             details.set_retry_info(Some(delay));
         }
-        Status::with_error_details(answer.code, error.to_string(), details)
+        Status::with_error_details(answer.code, client_message(&error), details)
+    }
+}
+
+/// What a client reads. Storage and recovery errors name files and paths of the
+/// server: they go to the server's log (once, where they happen), the client gets a
+/// line that says what to do.
+fn client_message(error: &ServiceError) -> String {
+    match error {
+        ServiceError::Store(StoreError::Io(_) | StoreError::Corrupt(_))
+        | ServiceError::Recovery(_) => {
+            tracing::debug!(%error, "storage error answered to a client");
+            "the server's storage failed; the outcome is unknown: retry with the same \
+             request_id later (the server's log has the details)"
+                .to_string()
+        }
+        _ => error.to_string(),
     }
 }
 
 impl From<DomainError> for Status {
     fn from(error: DomainError) -> Self {
         ServiceError::Domain(error).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storage_error_tells_the_client_what_to_do_but_not_the_servers_paths() {
+        let error = ServiceError::Store(StoreError::Io(
+            "syncing /var/lib/prenota/sled/db: Input/output error".into(),
+        ));
+        let status = Status::from(error);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            !status.message().contains("/var/lib"),
+            "{}",
+            status.message()
+        );
+        assert!(status.message().contains("request_id"));
     }
 }

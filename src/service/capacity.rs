@@ -1,7 +1,7 @@
 //! Authorities' writes: sites, schedules, bulk imports, slot capacity, closures; and
 //! the statistics they read. All of them hold `authority_writes`, never a booking lock.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use crate::domain::booking::{Booking, BookingState};
 use crate::domain::catalog::{PublishPlan, Site, SiteStats, Slot, Totals};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::{Hold, HoldState};
-use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
+use crate::domain::ids::{RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::Schedule;
 use crate::service::actor::Actor;
 use crate::service::engine::{undo_if_never_queued, Engine};
@@ -333,9 +333,12 @@ impl Engine {
         let plan = {
             let catalog = self.catalog();
             let site = actor.check_site(catalog.site(site_id))?;
+            let horizon = schedule.check_horizon(self.last_day_max());
+            horizon.map_err(|violation| DomainError::Invalid(vec![violation]))?;
             let planned = schedule.plan(site.time_zone, self.limits.publish_slots_max)?;
             catalog.plan_publish(site_id, service_id, &planned)
         };
+        self.check_region_slots(&[], std::slice::from_ref(&plan))?;
         let what = format!(
             "site {site_id} service {service_id}, {} to {}",
             schedule.first_day, schedule.last_day
@@ -361,7 +364,8 @@ impl Engine {
         for row in rows {
             actor.check_upsert(&row.site, self.site(&row.site.site_id).as_ref())?;
         }
-        let (sites, groups) = ImportCheck::run(rows, &self.catalog(), &self.limits)?;
+        let last_day_max = self.last_day_max();
+        let (sites, groups) = ImportCheck::run(rows, &self.catalog(), &self.limits, last_day_max)?;
         let plans: Vec<PublishPlan> = {
             let catalog = self.catalog();
             groups
@@ -371,12 +375,53 @@ impl Engine {
                 })
                 .collect()
         };
+        self.check_region_slots(&sites, &plans)?;
         if dry_run {
             return dry_run_outcome(sites.len(), &plans);
         }
         let what = format!("{} rows", rows.len());
         self.apply_plans(sites, plans, (&actor.name, "ImportCapacity", what))
             .await
+    }
+
+    /// The last day a schedule may reach: `schedule_days_ahead_max` after today (UTC,
+    /// plus one day for the zones ahead of it).
+    fn last_day_max(&self) -> chrono::NaiveDate {
+        let today = chrono::DateTime::from_timestamp_millis(self.now_unix_ms())
+            .map_or(chrono::NaiveDate::MIN, |now| now.date_naive());
+        let ahead = u64::from(self.limits.schedule_days_ahead_max) + 1;
+        today
+            .checked_add_days(chrono::Days::new(ahead))
+            .unwrap_or(chrono::NaiveDate::MAX)
+    }
+
+    /// Refuses plans that would take a region past `slots_per_region_max` slots.
+    /// `sites` are the sites an import creates or moves (their region as it will be).
+    fn check_region_slots(&self, sites: &[Site], plans: &[PublishPlan]) -> Result<(), DomainError> {
+        let catalog = self.catalog();
+        let mut created: HashMap<RegionId, usize> = HashMap::new();
+        for slot in plans.iter().flat_map(|plan| &plan.created) {
+            let site_id = &slot.key.site_id;
+            let region = match sites.iter().find(|site| &site.site_id == site_id) {
+                Some(site) => site.region_id.clone(),
+                None => match catalog.site(site_id) {
+                    Some(site) => site.region_id.clone(),
+                    None => continue, // refused elsewhere
+                },
+            };
+            *created.entry(region).or_default() += 1;
+        }
+        let max = self.limits.slots_per_region_max;
+        for (region, new) in created {
+            let total = catalog.region_slots(&region) + new;
+            if total > max {
+                return Err(DomainError::invalid(
+                    "first_day",
+                    format!("region {region} would hold {total} slots; at most {max} (slots_per_region_max)"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Applies site upserts and schedule plans: in one atomic write, or in journaled

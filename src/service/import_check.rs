@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use chrono::NaiveDate;
+
 use crate::config::Limits;
 use crate::domain::catalog::{Catalog, Site};
 use crate::domain::error::{DomainError, Violations};
@@ -29,6 +31,8 @@ pub type PlannedGroups = BTreeMap<(SiteId, ServiceId), Vec<PlannedSlot>>;
 
 pub struct ImportCheck<'a> {
     limits: &'a Limits,
+    /// The last day a schedule may reach (`schedule_days_ahead_max` from today).
+    last_day_max: NaiveDate,
     violations: Violations,
     errors: usize,
     /// Each site with the line that first described it.
@@ -46,9 +50,11 @@ impl<'a> ImportCheck<'a> {
         rows: &'a [ImportRow],
         catalog: &Catalog,
         limits: &'a Limits,
+        last_day_max: NaiveDate,
     ) -> Result<(Vec<Site>, PlannedGroups), DomainError> {
         let mut check = Self {
             limits,
+            last_day_max,
             violations: Violations::default(),
             errors: 0,
             sites: BTreeMap::new(),
@@ -107,6 +113,10 @@ impl<'a> ImportCheck<'a> {
 
     /// The row's slots, or `None` with its violations reported.
     fn schedule(&mut self, row: &ImportRow) -> Result<Option<Vec<PlannedSlot>>, DomainError> {
+        if let Err(violation) = row.schedule.check_horizon(self.last_day_max) {
+            self.report(row.line, &violation.field, violation.description);
+            return Ok(None);
+        }
         match row
             .schedule
             .plan(row.site.time_zone, self.limits.publish_slots_max)
