@@ -166,6 +166,9 @@ pub struct Limits {
     /// Group commits an online backup may fall behind by while it scans the store; past
     /// it the backup fails (and serving goes on untouched).
     pub backup_changes_buffered_max: usize,
+    /// Bytes of those group commits an online backup may buffer; past it the backup
+    /// fails the same way.
+    pub backup_changes_buffered_bytes_max: usize,
     /// How long start-up waits for the data dir's lock (a previous process, or sled's
     /// I/O threads of a just-closed store, may still hold it) before refusing.
     pub data_dir_lock_wait_ms: u64,
@@ -241,6 +244,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     metrics_refresh_interval_ms: 5_000,
     metrics_site_gauges_max: 10_000,
     backup_changes_buffered_max: 65_536,
+    backup_changes_buffered_bytes_max: 256 * 1024 * 1024,
     data_dir_lock_wait_ms: 5_000,
     store_cache_bytes: 1024 * 1024 * 1024,
     store_gc_interval_ms: 500,
@@ -346,6 +350,10 @@ impl Limits {
         need(
             l.backup_changes_buffered_max >= 1,
             "backup_changes_buffered_max must be at least 1",
+        );
+        need(
+            l.backup_changes_buffered_bytes_max >= 1024 * 1024,
+            "backup_changes_buffered_bytes_max must be at least 1048576",
         );
         need(
             l.message_size_bytes_max >= 64 * 1024,

@@ -98,3 +98,29 @@ async fn a_citizen_over_the_limit_refuses_to_start() {
         other => panic!("expected a recovery refusal, got {:?}", other.err()),
     }
 }
+
+/// A record a request could never have written (a forged backup, another build, a
+/// damaged disk) is refused at start-up, not served: a site name with a text-direction
+/// override, shown to citizens, names the site in the refusal.
+#[tokio::test]
+async fn a_stored_site_a_request_could_not_write_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    prenota::store::key_file::create(dir.path()).unwrap();
+    let mut store = Store::open(dir.path(), &Config::default().limits).unwrap();
+    let forged = Write::Site(SiteRecord {
+        site_id: SiteId::parse("site_id", "forged", 64).unwrap(),
+        name: "Pay here \u{202E}lmth.exe".into(),
+        region_id: RegionId::parse("region_id", "r", 64).unwrap(),
+        time_zone: "Europe/Rome".into(),
+    });
+    store.commit(&[forged]).await.unwrap();
+    store.shutdown();
+    drop(store);
+    match open(dir.path()) {
+        Err(ServiceError::Recovery(message)) => {
+            assert!(message.contains("stored site \"forged\""), "{message}");
+            assert!(message.contains("text-direction"), "{message}");
+        }
+        other => panic!("expected a recovery refusal, got {:?}", other.err()),
+    }
+}

@@ -15,3 +15,4 @@ pub mod plans;
 pub mod retention;
 pub mod schedule;
 pub mod slot_counter;
+pub mod text;

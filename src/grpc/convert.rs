@@ -16,6 +16,7 @@ use crate::domain::error::{AllValid, DomainError, FieldViolation};
 use crate::domain::hold::Hold;
 use crate::domain::ids::{BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::{Schedule, ScheduleInput};
+use crate::domain::text::display_text;
 use crate::proto;
 use crate::service::{
     BookCommand, BookingView, CancelCommand, CitizenBookingsQuery, CloseCommand, HoldCommand,
@@ -126,40 +127,6 @@ fn page_size(value: i32, limits: &Limits) -> Result<usize, FieldViolation> {
             "page_size",
             format!("must be between 0 (default) and {}", limits.page_size_max),
         )),
-    }
-}
-
-/// Characters refused in text shown to citizens (site names, closure reasons): control
-/// characters, and the bidirectional overrides and isolates that can make text read
-/// differently from what it holds ("Trojan Source").
-pub fn unsafe_in_display_text(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
-}
-
-/// Display text a person reads (a site's name, a closure's reason): trimmed, non-empty,
-/// bounded, no control or text-direction characters.
-fn display_text(
-    field: &str,
-    value: &str,
-    empty: &str,
-    length_max: usize,
-) -> Result<String, FieldViolation> {
-    let text = value.trim();
-    if text.is_empty() {
-        Err(FieldViolation::new(field, empty))
-    } else if text.chars().count() > length_max {
-        Err(FieldViolation::new(
-            field,
-            format!("must be at most {length_max} characters"),
-        ))
-    } else if text.chars().any(unsafe_in_display_text) {
-        Err(FieldViolation::new(
-            field,
-            "must not contain control or text-direction characters",
-        ))
-    } else {
-        Ok(text.to_string())
     }
 }
 

@@ -22,7 +22,10 @@ impl Engine {
             &self.citizen_hash_key,
             self.now_unix_ms(),
             out,
-            self.limits.backup_changes_buffered_max,
+            (
+                self.limits.backup_changes_buffered_max,
+                self.limits.backup_changes_buffered_bytes_max,
+            ),
         )?)
     }
 }

@@ -7,13 +7,15 @@ use std::sync::{Mutex, RwLock};
 
 use chrono_tz::Tz;
 
-use crate::config::Config;
+use crate::config::{Config, Limits};
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
 use crate::domain::catalog::{Catalog, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
+use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{HoldState, LiveHolds};
-use crate::domain::ids::BookingId;
+use crate::domain::ids::{BookingId, RegionId, ServiceId, SiteId, SlotKey};
 use crate::domain::retention::{self, Cutoffs};
+use crate::domain::text::display_text;
 use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
 use crate::service::clock::Clock;
 use crate::service::engine::Engine;
@@ -22,7 +24,7 @@ use crate::service::exports::Exports;
 use crate::service::rate_limits;
 use crate::service::requests::RequestRegistry;
 use crate::store::key_file;
-use crate::store::records::Record;
+use crate::store::records::{Record, SiteRecord};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
@@ -116,8 +118,8 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let started = std::time::Instant::now();
     let cutoffs = engine.retention_cutoffs();
     let catalog = engine.catalog.get_mut().unwrap_or_else(|p| p.into_inner());
-    restore_sites(&engine.store, catalog)?;
-    let slots = restore_slots(&engine.store, catalog)?;
+    restore_sites(&engine.store, catalog, &engine.limits)?;
+    let slots = restore_slots(&engine.store, catalog, &engine.limits)?;
     let max_active = engine.limits.max_active_per_citizen as usize;
     let requests = Requests {
         registry: &engine.requests,
@@ -180,9 +182,61 @@ impl Requests<'_> {
     }
 }
 
-fn restore_sites(store: &Store, catalog: &mut Catalog) -> Result<(), ServiceError> {
+/// A stored id or text must pass the rules a request passes: a record written by a
+/// forged backup, another build or a damaged disk is refused, not served.
+fn recheck(
+    what: std::fmt::Arguments<'_>,
+    checked: Result<(), FieldViolation>,
+) -> Result<(), ServiceError> {
+    checked.map_err(|violation| {
+        ServiceError::Recovery(format!(
+            "{what}: {} {}",
+            violation.field, violation.description
+        ))
+    })
+}
+
+fn recheck_site(record: &SiteRecord, limits: &Limits) -> Result<(), ServiceError> {
+    let what = format_args!("stored site {:?}", record.site_id.as_str());
+    let max = limits.id_length_max;
+    recheck(
+        what,
+        SiteId::parse("site_id", record.site_id.as_str(), max).map(drop),
+    )?;
+    recheck(
+        what,
+        RegionId::parse("region_id", record.region_id.as_str(), max).map(drop),
+    )?;
+    let name = display_text(
+        "name",
+        &record.name,
+        "must not be empty",
+        limits.site_name_length_max,
+    );
+    recheck(what, name.map(drop))
+}
+
+fn recheck_slot_key(key: &SlotKey, limits: &Limits) -> Result<(), ServiceError> {
+    let what = format_args!("stored slot of site {:?}", key.site_id.as_str());
+    let max = limits.id_length_max;
+    recheck(
+        what,
+        SiteId::parse("site_id", key.site_id.as_str(), max).map(drop),
+    )?;
+    recheck(
+        what,
+        ServiceId::parse("service_id", key.service_id.as_str(), max).map(drop),
+    )
+}
+
+fn restore_sites(
+    store: &Store,
+    catalog: &mut Catalog,
+    limits: &Limits,
+) -> Result<(), ServiceError> {
     for record in store.sites() {
         let record = record?;
+        recheck_site(&record, limits)?;
         let time_zone = Tz::from_str(&record.time_zone).map_err(|_| {
             ServiceError::Recovery(format!(
                 "site {} has unknown time zone {:?}",
@@ -200,10 +254,15 @@ fn restore_sites(store: &Store, catalog: &mut Catalog) -> Result<(), ServiceErro
 }
 
 /// Returns how many slots there are.
-fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceError> {
+fn restore_slots(
+    store: &Store,
+    catalog: &mut Catalog,
+    limits: &Limits,
+) -> Result<u64, ServiceError> {
     let mut slots = 0u64;
     for record in store.slots() {
         let record = record?;
+        recheck_slot_key(&record.key, limits)?;
         let key = record.key.clone();
         catalog
             .insert_slot(Slot::new(

@@ -143,7 +143,7 @@ impl Store {
         citizen_hash_key: &[u8],
         created_at_unix_ms: i64,
         out: impl Write,
-        changes_buffered_max: usize,
+        (changes_buffered_max, bytes_buffered_max): (usize, usize),
     ) -> Result<BackupSummary, StoreError> {
         let io = |e: std::io::Error| StoreError::Io(format!("writing the backup: {e}"));
         let mut writer = Writer::new(out).map_err(io)?;
@@ -162,6 +162,8 @@ impl Store {
             }
             *tee = Some(Tee {
                 batches,
+                bytes: 0,
+                bytes_max: bytes_buffered_max,
                 overflowed: Arc::clone(&overflowed),
             });
         }
@@ -188,9 +190,10 @@ impl Store {
         scanned?;
         if overflowed.load(Ordering::Acquire) {
             return Err(StoreError::Io(format!(
-                "the store changed by more than {changes_buffered_max} group commits while \
-                 the backup scanned it (limits.backup_changes_buffered_max); retry at a \
-                 calmer moment or raise the limit"
+                "the store changed by more than {changes_buffered_max} group commits or \
+                 {bytes_buffered_max} bytes while the backup scanned it \
+                 (limits.backup_changes_buffered_max, backup_changes_buffered_bytes_max); \
+                 retry at a calmer moment or raise the limits"
             )));
         }
         let mut batches_during_scan = 0;
@@ -410,7 +413,9 @@ mod tests {
             out: Vec::new(),
             writes: 0,
         };
-        let summary = store.backup(&[7; 32], 0, &mut output, 16).unwrap();
+        let summary = store
+            .backup(&[7; 32], 0, &mut output, (16, usize::MAX))
+            .unwrap();
         assert_eq!(summary.batches_during_scan, 1);
         // 9,999 scanned (s09998 was gone before the scan reached it) + 3 changes.
         assert_eq!(summary.records, 10_002);
@@ -472,15 +477,20 @@ mod tests {
                 Ok(())
             }
         }
-        let failed = store
-            .backup(&[0; 32], 0, ThreeCommitsDuringScan(&store, 0), 2)
-            .unwrap_err();
-        assert!(
-            failed.to_string().contains("backup_changes_buffered_max"),
-            "{failed}"
-        );
+        // Too many commits, or too many bytes of them (each is ~40 bytes here).
+        for limits in [(2, usize::MAX), (100, 60)] {
+            let failed = store
+                .backup(&[0; 32], 0, ThreeCommitsDuringScan(&store, 0), limits)
+                .unwrap_err();
+            assert!(
+                failed.to_string().contains("backup_changes_buffered"),
+                "{failed}"
+            );
+        }
         futures::executor::block_on(store.commit(&[site("s00002", "after")])).unwrap();
         // The tee is gone: a new backup may start.
-        store.backup(&[0; 32], 0, std::io::sink(), 2).unwrap();
+        store
+            .backup(&[0; 32], 0, std::io::sink(), (2, usize::MAX))
+            .unwrap();
     }
 }

@@ -108,6 +108,9 @@ pub struct CommitterState {
 /// Where the committer copies committed batches during an online backup.
 pub struct Tee {
     pub batches: std::sync::mpsc::SyncSender<Vec<Change>>,
+    /// Bytes copied so far, and the most the backup may buffer.
+    pub bytes: usize,
+    pub bytes_max: usize,
     /// Set (and the tee dropped) when the backup fell too far behind: it must fail.
     pub overflowed: Arc<AtomicBool>,
 }
@@ -194,12 +197,17 @@ fn commit_batch(
     let started = Instant::now();
     let mut tee = state.tee();
     let result = durability.commit(batch);
-    if let (Ok(()), Some(copy)) = (&result, tee.as_ref()) {
-        let writes = pending
+    if let (Ok(()), Some(copy)) = (&result, tee.as_mut()) {
+        let writes: Vec<Change> = pending
             .iter()
             .flat_map(|request| request.writes.iter().cloned())
             .collect();
-        if copy.batches.try_send(writes).is_err() {
+        let size: usize = writes
+            .iter()
+            .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
+            .sum();
+        copy.bytes += size;
+        if copy.bytes > copy.bytes_max || copy.batches.try_send(writes).is_err() {
             copy.overflowed.store(true, Ordering::Release);
             *tee = None;
         }
