@@ -10,10 +10,14 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 use tonic_types::StatusExt;
 
+use std::sync::Arc;
+
 use crate::capacity_file::{self, csv_field, Parsed};
 use crate::config::{Config, Limits};
 use crate::proto;
 use crate::proto::capacity_service_client::CapacityServiceClient;
+use crate::store::backup::Trust;
+use crate::store::backup_key::BackupKey;
 
 /// Rows per streamed message: well under the server's message size limit.
 const ROWS_PER_MESSAGE: usize = 1_000;
@@ -297,6 +301,7 @@ pub async fn audit(target: &Target<'_>) -> Result<(), String> {
 /// every frame) and only then renamed to `to`. An existing `to` is never overwritten.
 fn write_backup_file(
     to: &Path,
+    trust: Trust<'_>,
     write: impl FnOnce(&mut std::fs::File) -> Result<(), String>,
 ) -> Result<u64, String> {
     if to.exists() {
@@ -321,7 +326,7 @@ fn write_backup_file(
             file.sync_all()
                 .map_err(|e| format!("syncing {}: {e}", partial.display()))
         })
-        .and_then(|()| crate::service::backup::verify_backup(&partial))
+        .and_then(|()| crate::service::backup::verify_backup(&partial, trust))
         .and_then(|(_, records)| {
             crate::store::rename_durably(&partial, to)
                 .map_err(|e| format!("renaming {}: {e}", partial.display()))?;
@@ -334,7 +339,13 @@ fn write_backup_file(
 }
 
 /// `prenota backup --server URL --to FILE`: a consistent backup of a running server.
-pub async fn backup_from_server(target: &Target<'_>, to: &Path) -> Result<(), String> {
+/// `prenota backup --server URL --to FILE [--backup-key FILE]`: the file is checked
+/// whole (its MAC too when the backup key is given) before it is renamed into place.
+pub async fn backup_from_server(
+    target: &Target<'_>,
+    to: &Path,
+    backup_key: Option<Arc<BackupKey>>,
+) -> Result<(), String> {
     let started = std::time::Instant::now();
     let mut client = connect(target).await?;
     let mut stream = client
@@ -349,7 +360,11 @@ pub async fn backup_from_server(target: &Target<'_>, to: &Path) -> Result<(), St
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
     let to_owned = to.to_path_buf();
     let writer = std::thread::spawn(move || {
-        write_backup_file(&to_owned, |file| {
+        let trust = Trust {
+            key: backup_key.as_deref(),
+            unauthenticated: false,
+        };
+        write_backup_file(&to_owned, trust, |file| {
             for chunk in rx {
                 file.write_all(&chunk)
                     .map_err(|e| format!("writing the backup: {e}"))?;
@@ -389,6 +404,14 @@ pub async fn backup_from_server(target: &Target<'_>, to: &Path) -> Result<(), St
 /// `prenota backup --data-dir DIR --to FILE`: a backup of a stopped server's data dir
 /// (opened, and so recovered and checked, first).
 pub fn backup_data_dir(data_dir: &Path, to: &Path, config: &Config) -> Result<(), String> {
+    let key = config.backup_key.as_deref().ok_or_else(|| {
+        "a backup needs the backup key: --backup-key FILE (make one with `prenota backup-key`)"
+            .to_string()
+    })?;
+    let trust = Trust {
+        key: Some(key),
+        unauthenticated: false,
+    };
     let started = std::time::Instant::now();
     let engine = crate::service::Engine::open(data_dir, config, crate::service::Clock::system())
         .map_err(|e| {
@@ -398,7 +421,7 @@ pub fn backup_data_dir(data_dir: &Path, to: &Path, config: &Config) -> Result<()
                 data_dir.display()
             )
         })?;
-    let records = write_backup_file(to, |file| {
+    let records = write_backup_file(to, trust, |file| {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         engine.backup(&mut out).map_err(|e| e.to_string())?;
         out.flush().map_err(|e| format!("writing the backup: {e}"))
@@ -412,14 +435,23 @@ pub fn backup_data_dir(data_dir: &Path, to: &Path, config: &Config) -> Result<()
 }
 
 /// `prenota restore --from FILE --data-dir DIR`.
-pub fn restore(from: &Path, data_dir: &Path, config: &Config) -> Result<(), String> {
+pub fn restore(
+    from: &Path,
+    data_dir: &Path,
+    config: &Config,
+    unauthenticated: bool,
+) -> Result<(), String> {
+    let trust = Trust {
+        key: config.backup_key.as_deref(),
+        unauthenticated,
+    };
     let started = std::time::Instant::now();
     eprintln!(
         "prenota restore: checking {}, then restoring into {}",
         from.display(),
         data_dir.display()
     );
-    let summary = crate::service::backup::restore(from, data_dir, config)?;
+    let summary = crate::service::backup::restore(from, data_dir, config, trust)?;
     eprintln!(
         "prenota restore: {} records restored into {} and recovered with every invariant \
          checked, in {:.1} s",

@@ -188,6 +188,9 @@ pub struct ServerSection {
     /// Serve gRPC reflection. Default: on in open mode, off once tokens are configured;
     /// with tokens it answers only callers with a valid token.
     pub reflection: Option<bool>,
+    /// The backup key (`prenota backup-key > FILE`): backups are authenticated with it
+    /// and seal the citizen hash key under it. Keep it apart from the backups.
+    pub backup_key_file: Option<PathBuf>,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "prenota-data";
@@ -230,6 +233,10 @@ impl ServerSection {
             tls_key: pick(&flags.tls_key, &self.tls_key),
             tls_client_ca: pick(&flags.tls_client_ca, &self.tls_client_ca),
             reflection: flags.reflection.or(self.reflection),
+            backup_key_file: flags
+                .backup_key_file
+                .clone()
+                .or_else(|| self.backup_key_file.clone()),
         }
     }
 
@@ -426,6 +433,7 @@ impl ConfigFile {
             citizen_issuers,
             tls: None,
             reflection: self.server.reflection,
+            backup_key: None, // read by `prenota serve`
         })
     }
 }
@@ -533,6 +541,8 @@ pub struct Config {
     pub tls: Option<TlsPem>,
     /// `[server] reflection`; `None`: on in open mode, off with tokens.
     pub reflection: Option<bool>,
+    /// `[server] backup_key_file`, read: backups need it.
+    pub backup_key: Option<std::sync::Arc<crate::store::backup_key::BackupKey>>,
 }
 
 impl Config {

@@ -51,6 +51,9 @@ enum Command {
     /// Check a configuration file, or hash a token for it.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print a new backup key (64 hex digits): keep it apart from the backups, in a
+    /// file only its owner reads (`prenota backup-key > backup.key; chmod 600 ...`).
+    BackupKey,
     /// Print a citizen assertion (a compact JWS) signed with a private key, as an
     /// identity gateway would: for trying asserted citizens, never for production.
     DevAssertion(DevAssertionArgs),
@@ -153,6 +156,10 @@ struct BackupArgs {
     /// Limits for opening --data-dir (its cache size).
     #[arg(long, requires = "data_dir")]
     config: Option<PathBuf>,
+    /// The backup key file: seals and authenticates a --data-dir backup; with
+    /// --server, checks the received file's MAC too.
+    #[arg(long, env = "PRENOTA_BACKUP_KEY_FILE")]
+    backup_key: Option<PathBuf>,
     #[command(flatten)]
     server: ServerArgs,
 }
@@ -168,6 +175,13 @@ struct RestoreArgs {
     /// Limits for the check that runs on the restored store.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The backup key file the backup was made with.
+    #[arg(long, env = "PRENOTA_BACKUP_KEY_FILE")]
+    backup_key: Option<PathBuf>,
+    /// Accept a backup made before backups were authenticated (format 1 or 2), which
+    /// nothing proves unaltered: only for a file you trust.
+    #[arg(long)]
+    unauthenticated: bool,
 }
 
 #[derive(clap::Args)]
@@ -202,6 +216,10 @@ struct ServeArgs {
     /// PEM CA certificates: require client certificates signed by them (mTLS).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// The backup key file (`prenota backup-key`): without it the server makes no
+    /// backups.
+    #[arg(long, env = "PRENOTA_BACKUP_KEY_FILE")]
+    backup_key_file: Option<PathBuf>,
     /// Seed demo sites (Rome, Amsterdam, New York) with two weeks of slots.
     #[arg(long)]
     demo: bool,
@@ -234,15 +252,25 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Audit(args) => runtime.block_on(prenota::cli::audit(&args.target())),
         Command::Backup(args) => match &args.data_dir {
-            Some(data_dir) => offline_config(args.config.as_deref())
+            Some(data_dir) => offline_config(args.config.as_deref(), args.backup_key.as_deref())
                 .and_then(|config| prenota::cli::backup_data_dir(data_dir, &args.to, &config)),
-            None => runtime.block_on(prenota::cli::backup_from_server(
-                &args.server.target(),
-                &args.to,
-            )),
+            None => read_backup_key(args.backup_key.as_deref()).and_then(|key| {
+                runtime.block_on(prenota::cli::backup_from_server(
+                    &args.server.target(),
+                    &args.to,
+                    key,
+                ))
+            }),
         },
-        Command::Restore(args) => offline_config(args.config.as_deref())
-            .and_then(|config| prenota::cli::restore(&args.from, &args.data_dir, &config)),
+        Command::Restore(args) => {
+            offline_config(args.config.as_deref(), args.backup_key.as_deref()).and_then(|config| {
+                prenota::cli::restore(&args.from, &args.data_dir, &config, args.unauthenticated)
+            })
+        }
+        Command::BackupKey => {
+            println!("{}", prenota::store::backup_key::BackupKey::generate_hex());
+            Ok(())
+        }
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Config(ConfigCommand::HashToken) => hash_token(),
         Command::DevAssertion(args) => dev_assertion(&args),
@@ -284,6 +312,7 @@ impl ServeArgs {
             tls_key: self.tls_key.clone(),
             tls_client_ca: self.tls_client_ca.clone(),
             reflection: None, // prenota.toml only
+            backup_key_file: self.backup_key_file.clone(),
         }
     }
 }
@@ -302,6 +331,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         server.tls_key.as_deref(),
         server.tls_client_ca.as_deref(),
     )?;
+    config.backup_key = read_backup_key(server.backup_key_file.as_deref())?;
     let tokens_set = !config.tokens.is_empty();
     if let Some(warning) = check_listen(listen, tokens_set, server.insecure_no_auth)? {
         tracing::warn!("{warning}");
@@ -343,8 +373,21 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 }
 
 /// The configuration of a command that opens a data dir itself (limits only).
-fn offline_config(path: Option<&std::path::Path>) -> Result<prenota::config::Config, String> {
-    checked(&read_config(path)?)
+/// The configuration of a command that opens a data dir, with its backup key.
+fn offline_config(
+    path: Option<&std::path::Path>,
+    backup_key: Option<&std::path::Path>,
+) -> Result<prenota::config::Config, String> {
+    let mut config = checked(&read_config(path)?)?;
+    config.backup_key = read_backup_key(backup_key)?;
+    Ok(config)
+}
+
+fn read_backup_key(
+    path: Option<&std::path::Path>,
+) -> Result<Option<std::sync::Arc<prenota::store::backup_key::BackupKey>>, String> {
+    path.map(|path| prenota::store::backup_key::BackupKey::read(path).map(std::sync::Arc::new))
+        .transpose()
 }
 
 /// The file (or the defaults), with the `PRENOTA_LIMITS_*` overrides applied.

@@ -6,24 +6,53 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::*;
 use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::store::backup_key::BackupKey;
 
 const SLOTS: usize = 6;
 const CAPACITY: u32 = 1_000;
 const CLIENTS: usize = 8;
 
+/// One backup key for every command and server of these tests (a 0600 file).
+fn backup_key_file() -> &'static Path {
+    static KEY: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = KEY.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backup.key");
+        write_private(&path, &BackupKey::generate_hex());
+        (dir, path)
+    });
+    path
+}
+
+fn write_private(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{text}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A server that can make backups.
+fn keyed_config() -> prenota::config::Config {
+    let key = BackupKey::read(backup_key_file()).unwrap();
+    prenota::config::Config {
+        backup_key: Some(Arc::new(key)),
+        ..Default::default()
+    }
+}
+
 fn prenota(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_prenota"))
         .args(args)
         .env("RUST_LOG", "warn")
+        .env("PRENOTA_BACKUP_KEY_FILE", backup_key_file())
         .output()
         .expect("run prenota")
 }
@@ -78,7 +107,7 @@ type Acknowledged = Arc<Mutex<HashMap<String, (String, &'static str)>>>;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_under_load_restores_every_booking_acknowledged_before_it() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("live")).await;
+    let server = TestServer::start_with(&dir.path().join("live"), keyed_config()).await;
     let slots = site_with_slots(&server, "backup-site").await;
 
     let acknowledged: Acknowledged = Arc::default();
@@ -217,7 +246,7 @@ async fn restore_refuses_damaged_files_and_non_empty_dirs_and_offline_backups_ne
 ) {
     let dir = tempfile::tempdir().unwrap();
     let live = dir.path().join("live");
-    let server = TestServer::start(&live).await;
+    let server = TestServer::start_with(&live, keyed_config()).await;
     let slots = site_with_slots(&server, "offline-site").await;
     let mut client = server.booking().await;
     for n in 0..20 {
@@ -235,6 +264,7 @@ async fn restore_refuses_damaged_files_and_non_empty_dirs_and_offline_backups_ne
             Command::new(env!("CARGO_BIN_EXE_prenota"))
                 .args(["backup", "--data-dir", path(&live), "--to", path(&file)])
                 .env("PRENOTA_LIMITS_DATA_DIR_LOCK_WAIT_MS", "200")
+                .env("PRENOTA_BACKUP_KEY_FILE", backup_key_file())
                 .output()
                 .unwrap()
         }
@@ -286,6 +316,35 @@ async fn restore_refuses_damaged_files_and_non_empty_dirs_and_offline_backups_ne
     let message = restore_of(b"not a backup at all", "garbage");
     assert!(message.contains("not a prenota backup"), "{message}");
 
+    // Without its backup key, or with another, a backup is not restored.
+    let other_key = dir.path().join("other.key");
+    write_private(&other_key, &BackupKey::generate_hex());
+    for (key, expected) in [
+        (None, "--backup-key"),
+        (Some(&other_key), "another backup key"),
+    ] {
+        let target = dir.path().join("wrong-key");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_prenota"));
+        command.args([
+            "restore",
+            "--from",
+            path(&file),
+            "--data-dir",
+            path(&target),
+        ]);
+        match key {
+            Some(key) => command.env("PRENOTA_BACKUP_KEY_FILE", key),
+            None => command.env_remove("PRENOTA_BACKUP_KEY_FILE"),
+        };
+        let output = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(expected),
+            "{stderr}"
+        );
+        assert!(!target.exists());
+    }
+
     let occupied = dir.path().join("occupied");
     std::fs::create_dir_all(&occupied).unwrap();
     std::fs::write(occupied.join("something"), b"x").unwrap();
@@ -308,4 +367,24 @@ async fn restore_refuses_damaged_files_and_non_empty_dirs_and_offline_backups_ne
     original.sort_by(|a, b| a.booking_id.cmp(&b.booking_id));
     assert_eq!(exported, original);
     restored.stop().await;
+}
+
+/// A backup is only made with a backup key (it authenticates the file and seals the
+/// citizen hash key): a server without one refuses at once, saying how to make one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_a_backup_key_makes_no_backups() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let status = server
+        .capacity()
+        .await
+        .export_backup(proto::ExportBackupRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("BACKUP_KEY_MISSING"));
+    assert!(
+        status.message().contains("prenota backup-key"),
+        "{status:?}"
+    );
+    server.stop().await;
 }

@@ -302,6 +302,9 @@ impl CapacityService for CapacityApi {
         // The whole store and the citizen hash key: admins (and open mode) only.
         let caller = Caller::of(&request)?;
         caller.check_all_regions()?;
+        if !self.engine.makes_backups() {
+            return Err(ServiceError::BackupKeyMissing.into());
+        }
         let permit = self
             .engine
             .admit_export(&caller.actor(), ExportKind::Backup)?;

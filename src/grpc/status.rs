@@ -152,6 +152,7 @@ fn classify(error: &ServiceError) -> Answer {
             Answer::new(ResourceExhausted, "EXPORTS_IN_PROGRESS").retry_after(EXPORTS_RETRY_DELAY)
         }
         ServiceError::ExportIdle => Answer::new(Code::DeadlineExceeded, "EXPORT_IDLE"),
+        ServiceError::BackupKeyMissing => Answer::new(FailedPrecondition, "BACKUP_KEY_MISSING"),
         ServiceError::RegionDenied { .. } => Answer::new(Code::PermissionDenied, "REGION_DENIED"),
     }
 }

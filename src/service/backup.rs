@@ -10,14 +10,23 @@ use std::path::{Path, PathBuf};
 use crate::config::Config;
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
-use crate::store::backup::{BackupSummary, Frame, Reader};
+use crate::store::backup::{BackupSummary, Frame, Reader, Trust};
 use crate::store::key_file::{self, KEY_LENGTH};
 use crate::store::Store;
 
 impl Engine {
+    /// Whether a backup key is configured (backups need one).
+    pub fn makes_backups(&self) -> bool {
+        self.backup_key.is_some()
+    }
+
     /// Writes a consistent backup to `out` while the engine serves (see
     /// `store::backup`). Blocking: run it on a blocking thread.
     pub fn backup(&self, out: impl Write) -> Result<BackupSummary, ServiceError> {
+        let backup_key = self
+            .backup_key
+            .as_deref()
+            .ok_or(ServiceError::BackupKeyMissing)?;
         Ok(self.store.backup(
             &self.citizen_hash_key,
             self.now_unix_ms(),
@@ -26,6 +35,7 @@ impl Engine {
                 self.limits.backup_changes_buffered_max,
                 self.limits.backup_changes_buffered_bytes_max,
             ),
+            backup_key,
         )?)
     }
 }
@@ -37,24 +47,56 @@ pub struct RestoreSummary {
     pub data_dir: PathBuf,
 }
 
-fn open_backup(path: &Path) -> Result<Reader<BufReader<File>>, String> {
+fn open_backup(path: &Path, trust: Trust<'_>) -> Result<Reader<BufReader<File>>, String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    Reader::new(BufReader::with_capacity(1 << 20, file))
+    Reader::new(BufReader::with_capacity(1 << 20, file), trust)
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Reads the whole backup once: magic, frames, record count and checksum. Returns the
-/// citizen hash key and the record count.
-pub fn verify_backup(path: &Path) -> Result<([u8; KEY_LENGTH], u64), String> {
-    let mut reader = open_backup(path)?;
-    let damaged = |e: String| format!("{}: {e}", path.display());
-    let key = match reader.next_frame().map_err(damaged)? {
-        Some(Frame::Header {
+/// The citizen hash key a backup's header holds: in clear (versions 1 and 2), or
+/// sealed under the backup key (`None` when read without it).
+fn header_key(header: Frame, trust: Trust<'_>) -> Result<Option<Vec<u8>>, String> {
+    match header {
+        Frame::Header {
             citizen_hash_key, ..
-        }) => citizen_hash_key.try_into().map_err(|_| {
+        } => Ok(Some(citizen_hash_key)),
+        Frame::SealedHeader {
+            backup_key_id,
+            nonce,
+            sealed_citizen_hash_key,
+            ..
+        } => {
+            let Some(key) = trust.key else {
+                return Ok(None);
+            };
+            if backup_key_id != key.id() {
+                return Err("the backup was made with another backup key".into());
+            }
+            let opened = key.open(&nonce, &sealed_citizen_hash_key);
+            let altered = "the backup was altered: its sealed key does not open";
+            opened.map(Some).ok_or_else(|| altered.to_string())
+        }
+        _ => Err("the backup is damaged: it has no header".into()),
+    }
+}
+
+/// Reads the whole backup once: magic, frames, record count, and its MAC (or, for an
+/// accepted unauthenticated file, its checksum). Returns the citizen hash key (`None`
+/// for a sealed backup read without its backup key: structure only) and the record
+/// count.
+pub fn verify_backup(
+    path: &Path,
+    trust: Trust<'_>,
+) -> Result<(Option<[u8; KEY_LENGTH]>, u64), String> {
+    let mut reader = open_backup(path, trust)?;
+    let damaged = |e: String| format!("{}: {e}", path.display());
+    let header = reader.next_frame().map_err(damaged)?;
+    let header = header.ok_or_else(|| damaged("the backup has no header".into()))?;
+    let key = match header_key(header, trust).map_err(damaged)? {
+        Some(key) => Some(key.try_into().map_err(|_| {
             damaged("the backup is damaged: its citizen hash key has the wrong length".into())
-        })?,
-        _ => return Err(damaged("the backup is damaged: it has no header".into())),
+        })?),
+        None => None,
     };
     let mut records = 0u64;
     while let Some(frame) = reader.next_frame().map_err(damaged)? {
@@ -70,8 +112,19 @@ pub fn verify_backup(path: &Path) -> Result<([u8; KEY_LENGTH], u64), String> {
 /// The copy is built beside it (`<data_dir>.restoring`), recovered like a start-up
 /// (refused if it breaks an invariant), then renamed into place. Nothing is left behind
 /// on failure except what was there before.
-pub fn restore(path: &Path, data_dir: &Path, config: &Config) -> Result<RestoreSummary, String> {
-    let (key, records) = verify_backup(path)?;
+pub fn restore(
+    path: &Path,
+    data_dir: &Path,
+    config: &Config,
+    trust: Trust<'_>,
+) -> Result<RestoreSummary, String> {
+    let (key, records) = verify_backup(path, trust)?;
+    let key = key.ok_or_else(|| {
+        format!(
+            "{} is sealed with a backup key: give it with --backup-key FILE",
+            path.display()
+        )
+    })?;
     if let Ok(mut entries) = std::fs::read_dir(data_dir) {
         if entries.next().is_some() {
             return Err(format!(
@@ -91,7 +144,7 @@ pub fn restore(path: &Path, data_dir: &Path, config: &Config) -> Result<RestoreS
             staging.display()
         ));
     }
-    let restored = build(path, &staging, &key, config).and_then(|()| {
+    let restored = build(path, &staging, &key, config, trust).and_then(|()| {
         if data_dir.exists() {
             std::fs::remove_dir(data_dir)
                 .map_err(|e| format!("removing the empty {}: {e}", data_dir.display()))?;
@@ -115,12 +168,18 @@ pub fn restore(path: &Path, data_dir: &Path, config: &Config) -> Result<RestoreS
 }
 
 /// Writes the key and the records into `staging`, then recovers it once.
-fn build(path: &Path, staging: &Path, key: &[u8; 32], config: &Config) -> Result<(), String> {
+fn build(
+    path: &Path,
+    staging: &Path,
+    key: &[u8; 32],
+    config: &Config,
+    trust: Trust<'_>,
+) -> Result<(), String> {
     std::fs::create_dir_all(staging).map_err(|e| format!("creating {}: {e}", staging.display()))?;
     key_file::write_new(staging, key).map_err(|e| e.to_string())?;
     {
         let mut store = Store::open(staging, &config.limits).map_err(|e| e.to_string())?;
-        let mut reader = open_backup(path)?;
+        let mut reader = open_backup(path, trust)?;
         // Verified above; a file that changed since fails its checksum again here.
         while let Some(frame) = reader.next_frame()? {
             if let Some(changes) = frame.into_changes() {

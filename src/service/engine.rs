@@ -30,6 +30,7 @@ use crate::service::error::ServiceError;
 use crate::service::exports::{ExportKind, ExportPermit, Exports, Feed, OnIdle};
 use crate::service::rate_limits;
 use crate::service::requests::{self, Begin, RequestRegistry};
+use crate::store::backup_key::BackupKey;
 use crate::store::{Store, StoreError};
 
 /// A booking with the site it belongs to (for its time zone).
@@ -59,6 +60,8 @@ pub struct Engine {
     pub(super) ids: BookingIds,
     /// The key of `hasher` and `ids`, for backups.
     pub(super) citizen_hash_key: [u8; 32],
+    /// Authenticates backups and seals the citizen hash key in them; none: no backups.
+    pub(super) backup_key: Option<Arc<BackupKey>>,
     /// Booking attempts per citizen.
     pub(super) attempts: rate_limits::CitizenLimiter,
     /// Reads of a citizen's bookings (GetBooking, ListCitizenBookings) per citizen.

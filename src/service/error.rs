@@ -34,6 +34,8 @@ pub enum ServiceError {
     ExportsInProgress,
     #[error("the export stopped: the client read nothing for export_idle_timeout_ms")]
     ExportIdle,
+    #[error("no backup key is configured: make one with `prenota backup-key > FILE` (keep it apart from the backups) and set [server] backup_key_file")]
+    BackupKeyMissing,
     /// Checked under the authority lock; names no region, so a refusal tells nothing
     /// of another region's sites.
     #[error(

@@ -60,6 +60,7 @@ impl Engine {
                 ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
             })?,
             citizen_hash_key: key,
+            backup_key: config.backup_key.clone(),
             attempts: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_attempts_per_min),
             exports: Exports::new(
                 config.limits.exports_max,

@@ -9,12 +9,14 @@
 //! store is exactly the store as of one moment between two group commits, which is after
 //! every write acknowledged before the backup began.
 //!
-//! File format (version 2): the magic `PRENOTA-BACKUP\0\x02`, then frames of a 4-byte
-//! little-endian length and a postcard-encoded [`Frame`]: one `Header`, any number of
-//! `Records` (the scan) and `Changes` (the teed batches), and an `End` carrying the record
-//! count and the SHA-256 of every byte before it. Version 1 (magic `...\x01`, written
-//! before `Changes` existed) has only `Records` and still reads. The citizen-id hash key
-//! is in the header: a backup is as secret as the data dir.
+//! File format (version 3): the magic `PRENOTA-BACKUP\0\x03`, then frames of a 4-byte
+//! little-endian length and a postcard-encoded [`Frame`]: one `SealedHeader`, any number
+//! of `Records` (the scan) and `Changes` (the teed batches), and a `SealedEnd` carrying
+//! the record count and an HMAC-SHA256 of every byte before it, keyed by the backup key
+//! (`store::backup_key`), which is not in the file; the header holds the citizen-id hash
+//! key sealed (AES-256-GCM) under the same backup key. Versions 1 and 2 (a `Header` with
+//! the key in clear, an `End` with a plain SHA-256 anyone could recompute) are read only
+//! when the operator accepts an unauthenticated file.
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,12 +25,17 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use hmac::{Hmac, Mac};
+
+use crate::store::backup_key::BackupKey;
 use crate::store::committer::{Change, Tee};
 use crate::store::{Store, StoreError};
 
-/// Version 2: may hold `Changes` frames (removals). Written by this build.
-pub const MAGIC: &[u8; 16] = b"PRENOTA-BACKUP\x00\x02";
-/// Version 1: `Records` frames only. Still read.
+/// Version 3: authenticated and sealed with a backup key. Written by this build.
+pub const MAGIC: &[u8; 16] = b"PRENOTA-BACKUP\x00\x03";
+/// Version 2: may hold `Changes` frames (removals); a plain checksum.
+const MAGIC_V2: &[u8; 16] = b"PRENOTA-BACKUP\x00\x02";
+/// Version 1: `Records` frames only; a plain checksum.
 const MAGIC_V1: &[u8; 16] = b"PRENOTA-BACKUP\x00\x01";
 /// Records per `Records` frame written from the scan.
 const RECORDS_PER_FRAME: usize = 4_096;
@@ -47,8 +54,21 @@ pub enum Frame {
         sha256: [u8; 32],
     },
     /// One group commit made during the scan: puts and removals, replayed in order.
-    /// Last, so the variants before it keep their encoding.
+    /// After the variants above, so they keep their encoding.
     Changes(Vec<Change>),
+    /// Version 3's header: the citizen hash key sealed under the backup key.
+    SealedHeader {
+        created_at_unix_ms: i64,
+        /// Which backup key (`BackupKey::id`): "another key" is told from "altered".
+        backup_key_id: [u8; 8],
+        nonce: [u8; 12],
+        sealed_citizen_hash_key: Vec<u8>,
+    },
+    /// Version 3's end: the HMAC of every byte before it.
+    SealedEnd {
+        records: u64,
+        mac: [u8; 32],
+    },
 }
 
 impl Frame {
@@ -62,7 +82,10 @@ impl Frame {
                     .collect(),
             ),
             Frame::Changes(changes) => Some(changes),
-            Frame::Header { .. } | Frame::End { .. } => None,
+            Frame::Header { .. }
+            | Frame::End { .. }
+            | Frame::SealedHeader { .. }
+            | Frame::SealedEnd { .. } => None,
         }
     }
 
@@ -71,7 +94,10 @@ impl Frame {
         match self {
             Frame::Records(records) => records.len() as u64,
             Frame::Changes(changes) => changes.len() as u64,
-            Frame::Header { .. } | Frame::End { .. } => 0,
+            Frame::Header { .. }
+            | Frame::End { .. }
+            | Frame::SealedHeader { .. }
+            | Frame::SealedEnd { .. } => 0,
         }
     }
 }
@@ -85,24 +111,40 @@ pub struct BackupSummary {
     pub batches_during_scan: u64,
 }
 
+/// What proves a file whole: version 3's MAC, or versions 1 and 2's plain checksum.
+#[derive(Clone)]
+enum Integrity {
+    Mac(Hmac<Sha256>),
+    Checksum(Sha256),
+}
+
+impl Integrity {
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            Integrity::Mac(mac) => mac.update(bytes),
+            Integrity::Checksum(hasher) => hasher.update(bytes),
+        }
+    }
+}
+
 struct Writer<W: Write> {
     out: W,
-    hasher: Sha256,
+    integrity: Integrity,
     records: u64,
 }
 
 impl<W: Write> Writer<W> {
-    fn new(out: W) -> std::io::Result<Self> {
-        Self::with_magic(out, MAGIC)
+    /// A version 3 file authenticated with `key`.
+    fn new(out: W, key: &BackupKey) -> std::io::Result<Self> {
+        Self::with_magic(out, MAGIC, Integrity::Mac(key.mac()))
     }
 
-    fn with_magic(mut out: W, magic: &[u8; 16]) -> std::io::Result<Self> {
+    fn with_magic(mut out: W, magic: &[u8; 16], mut integrity: Integrity) -> std::io::Result<Self> {
         out.write_all(magic)?;
-        let mut hasher = Sha256::new();
-        hasher.update(magic);
+        integrity.update(magic);
         Ok(Self {
             out,
-            hasher,
+            integrity,
             records: 0,
         })
     }
@@ -114,18 +156,25 @@ impl<W: Write> Writer<W> {
             .map_err(|_| std::io::Error::other("a backup frame over 4 GiB"))?
             .to_le_bytes();
         self.records += frame.records();
-        if !matches!(frame, Frame::End { .. }) {
-            self.hasher.update(length);
-            self.hasher.update(&bytes);
+        if !matches!(frame, Frame::End { .. } | Frame::SealedEnd { .. }) {
+            self.integrity.update(&length);
+            self.integrity.update(&bytes);
         }
         self.out.write_all(&length)?;
         self.out.write_all(&bytes)
     }
 
     fn finish(mut self) -> std::io::Result<W> {
-        let end = Frame::End {
-            records: self.records,
-            sha256: self.hasher.clone().finalize().into(),
+        let records = self.records;
+        let end = match self.integrity.clone() {
+            Integrity::Mac(mac) => Frame::SealedEnd {
+                records,
+                mac: mac.finalize().into_bytes().into(),
+            },
+            Integrity::Checksum(hasher) => Frame::End {
+                records,
+                sha256: hasher.finalize().into(),
+            },
         };
         self.frame(&end)?;
         self.out.flush()?;
@@ -144,13 +193,17 @@ impl Store {
         created_at_unix_ms: i64,
         out: impl Write,
         (changes_buffered_max, bytes_buffered_max): (usize, usize),
+        backup_key: &BackupKey,
     ) -> Result<BackupSummary, StoreError> {
         let io = |e: std::io::Error| StoreError::Io(format!("writing the backup: {e}"));
-        let mut writer = Writer::new(out).map_err(io)?;
+        let mut writer = Writer::new(out, backup_key).map_err(io)?;
+        let (nonce, sealed_citizen_hash_key) = backup_key.seal(citizen_hash_key);
         writer
-            .frame(&Frame::Header {
+            .frame(&Frame::SealedHeader {
                 created_at_unix_ms,
-                citizen_hash_key: citizen_hash_key.to_vec(),
+                backup_key_id: backup_key.id(),
+                nonce,
+                sealed_citizen_hash_key,
             })
             .map_err(io)?;
         let (batches, teed) = std::sync::mpsc::sync_channel(changes_buffered_max);
@@ -240,33 +293,57 @@ impl Store {
 
 /// Reads a backup frame by frame, checking the magic, the frame sizes and, at the end,
 /// the record count and the checksum.
+/// How far a reader trusts a file.
+#[derive(Clone, Copy)]
+pub struct Trust<'a> {
+    /// Checks a version 3 file's MAC (and opens its sealed key); without it a version 3
+    /// file is read for its structure only.
+    pub key: Option<&'a BackupKey>,
+    /// Reads versions 1 and 2, which nothing authenticates.
+    pub unauthenticated: bool,
+}
+
 pub struct Reader<R: Read> {
     input: R,
-    hasher: Sha256,
+    /// `None`: a version 3 file read without its key (structure only).
+    integrity: Option<Integrity>,
     records: u64,
     ended: bool,
 }
 
 impl<R: Read> Reader<R> {
-    pub fn new(mut input: R) -> Result<Self, String> {
+    pub fn new(mut input: R, trust: Trust<'_>) -> Result<Self, String> {
         let mut magic = [0u8; 16];
         input
             .read_exact(&mut magic)
             .map_err(|e| format!("not a prenota backup (reading its header: {e})"))?;
-        if &magic != MAGIC && &magic != MAGIC_V1 {
+        let mut integrity = if &magic == MAGIC {
+            trust.key.map(|key| Integrity::Mac(key.mac()))
+        } else if &magic == MAGIC_V2 || &magic == MAGIC_V1 {
+            if !trust.unauthenticated {
+                return Err(
+                    "a backup made before backups were authenticated (format 1 or \
+                     2): nothing proves it was not altered. Restore it only if you trust \
+                     this file, with --unauthenticated"
+                        .into(),
+                );
+            }
+            Some(Integrity::Checksum(Sha256::new()))
+        } else {
             return Err("not a prenota backup, or of a newer version (bad magic)".into());
+        };
+        if let Some(integrity) = &mut integrity {
+            integrity.update(&magic);
         }
-        let mut hasher = Sha256::new();
-        hasher.update(magic);
         Ok(Self {
             input,
-            hasher,
+            integrity,
             records: 0,
             ended: false,
         })
     }
 
-    /// The next frame before `End`; `None` once `End` was read and checked.
+    /// The next frame before the end; `None` once the end was read and checked.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, String> {
         if self.ended {
             return Ok(None);
@@ -286,11 +363,8 @@ impl<R: Read> Reader<R> {
         let frame: Frame = postcard::from_bytes(&bytes)
             .map_err(|e| format!("the backup is damaged: a frame does not decode: {e}"))?;
         match &frame {
-            Frame::End { records, sha256 } => {
-                let actual: [u8; 32] = self.hasher.clone().finalize().into();
-                if actual != *sha256 {
-                    return Err("the backup is damaged: its checksum does not match".into());
-                }
+            Frame::End { records, .. } | Frame::SealedEnd { records, .. } => {
+                self.check_end(&frame)?;
                 if *records != self.records {
                     return Err(format!(
                         "the backup is damaged: it ends claiming {records} records, it has {}",
@@ -304,12 +378,36 @@ impl<R: Read> Reader<R> {
                 self.ended = true;
                 Ok(None)
             }
-            Frame::Records(_) | Frame::Changes(_) | Frame::Header { .. } => {
+            _ => {
                 self.records += frame.records();
-                self.hasher.update(length);
-                self.hasher.update(&bytes);
+                if let Some(integrity) = &mut self.integrity {
+                    integrity.update(&length);
+                    integrity.update(&bytes);
+                }
                 Ok(Some(frame))
             }
+        }
+    }
+
+    /// The end's checksum or MAC against every byte before it.
+    fn check_end(&self, end: &Frame) -> Result<(), String> {
+        match (&self.integrity, end) {
+            (None, Frame::SealedEnd { .. }) => Ok(()), // structure only
+            (Some(Integrity::Checksum(hasher)), Frame::End { sha256, .. }) => {
+                let actual: [u8; 32] = hasher.clone().finalize().into();
+                match actual == *sha256 {
+                    true => Ok(()),
+                    false => Err("the backup is damaged: its checksum does not match".into()),
+                }
+            }
+            (Some(Integrity::Mac(mac)), Frame::SealedEnd { mac: claimed, .. }) => {
+                mac.clone().verify_slice(claimed).map_err(|_| {
+                    "the backup was altered or damaged: its MAC does not match (or it was \
+                     made with another backup key)"
+                        .to_string()
+                })
+            }
+            _ => Err("the backup is damaged: its end does not match its version".into()),
         }
     }
 }
@@ -365,12 +463,29 @@ mod tests {
         }
     }
 
-    /// A version-1 backup (written before removals were teed) still reads, and a
-    /// version-2 one has the new magic.
+    const TRUSTED: Trust<'static> = Trust {
+        key: None,
+        unauthenticated: true,
+    };
+
+    fn backup_key() -> BackupKey {
+        BackupKey::from_secret(&[5; 32])
+    }
+
+    fn keyed(key: &BackupKey) -> Trust<'_> {
+        Trust {
+            key: Some(key),
+            unauthenticated: false,
+        }
+    }
+
+    /// A version-1 backup (written before removals were teed) still reads when the
+    /// operator accepts an unauthenticated file, and only then.
     #[test]
-    fn version_1_backups_still_read() {
+    fn version_1_backups_read_only_when_accepted() {
         let mut bytes = Vec::new();
-        let mut writer = Writer::with_magic(&mut bytes, MAGIC_V1).unwrap();
+        let checksum = Integrity::Checksum(Sha256::new());
+        let mut writer = Writer::with_magic(&mut bytes, MAGIC_V1, checksum).unwrap();
         writer
             .frame(&Frame::Header {
                 created_at_unix_ms: 1,
@@ -381,7 +496,9 @@ mod tests {
             .frame(&Frame::Records(vec![(b"Sx".to_vec(), b"v".to_vec())]))
             .unwrap();
         writer.finish().unwrap();
-        let mut reader = Reader::new(bytes.as_slice()).unwrap();
+        let key = backup_key();
+        assert!(Reader::new(bytes.as_slice(), keyed(&key)).is_err());
+        let mut reader = Reader::new(bytes.as_slice(), TRUSTED).unwrap();
         let mut changes = Vec::new();
         while let Some(frame) = reader.next_frame().unwrap() {
             changes.extend(frame.into_changes().unwrap_or_default());
@@ -389,14 +506,52 @@ mod tests {
         assert_eq!(changes, vec![(b"Sx".to_vec(), Some(b"v".to_vec()))]);
 
         let mut current = Vec::new();
-        Writer::new(&mut current).unwrap().finish().unwrap();
+        Writer::new(&mut current, &key).unwrap().finish().unwrap();
         assert!(current.starts_with(MAGIC));
         let mut other = current.clone();
-        other[15] = 3;
+        other[15] = 4;
         assert!(
-            Reader::new(other.as_slice()).is_err(),
+            Reader::new(other.as_slice(), TRUSTED).is_err(),
             "a newer version is refused"
         );
+    }
+
+    /// Someone who rewrites a backup, even recomputing every checksum, cannot make it
+    /// pass without the backup key; nor does the file give the citizen hash key away.
+    #[test]
+    fn an_altered_backup_or_another_key_is_refused() {
+        let (key, other) = (backup_key(), BackupKey::from_secret(&[6; 32]));
+        let mut bytes = Vec::new();
+        let mut writer = Writer::new(&mut bytes, &key).unwrap();
+        let (nonce, sealed) = key.seal(&[7; 32]);
+        writer
+            .frame(&Frame::SealedHeader {
+                created_at_unix_ms: 1,
+                backup_key_id: key.id(),
+                nonce,
+                sealed_citizen_hash_key: sealed.clone(),
+            })
+            .unwrap();
+        writer
+            .frame(&Frame::Records(vec![(b"Sx".to_vec(), b"v".to_vec())]))
+            .unwrap();
+        writer.finish().unwrap();
+        assert!(!bytes.windows(32).any(|window| window == [7; 32]), "sealed");
+        let read_all = |bytes: &[u8], trust| -> Result<u64, String> {
+            let mut reader = Reader::new(bytes, trust)?;
+            let mut frames = 0;
+            while reader.next_frame()?.is_some() {
+                frames += 1;
+            }
+            Ok(frames)
+        };
+        assert_eq!(read_all(&bytes, keyed(&key)), Ok(2));
+        assert!(read_all(&bytes, keyed(&other)).is_err(), "another key");
+        let mut altered = bytes.clone();
+        let at = altered.windows(2).position(|w| w == b"Sx").unwrap();
+        altered[at + 1] = b'y';
+        let refused = read_all(&altered, keyed(&key)).unwrap_err();
+        assert!(refused.contains("MAC"), "{refused}");
     }
 
     #[test]
@@ -413,8 +568,9 @@ mod tests {
             out: Vec::new(),
             writes: 0,
         };
+        let key = backup_key();
         let summary = store
-            .backup(&[7; 32], 0, &mut output, (16, usize::MAX))
+            .backup(&[7; 32], 0, &mut output, (16, usize::MAX), &key)
             .unwrap();
         assert_eq!(summary.batches_during_scan, 1);
         // 9,999 scanned (s09998 was gone before the scan reached it) + 3 changes.
@@ -422,20 +578,22 @@ mod tests {
         let bytes = output.out;
 
         let restored = Store::open(&dir.path().join("restored"), &limits).unwrap();
-        let mut reader = Reader::new(bytes.as_slice()).unwrap();
-        let mut key = None;
+        let mut reader = Reader::new(bytes.as_slice(), keyed(&key)).unwrap();
+        let mut citizen_key = None;
         while let Some(frame) = reader.next_frame().unwrap() {
             match frame {
-                Frame::Header {
-                    citizen_hash_key, ..
-                } => key = Some(citizen_hash_key),
-                Frame::End { .. } => unreachable!("End is checked, not returned"),
+                Frame::SealedHeader {
+                    nonce,
+                    sealed_citizen_hash_key,
+                    ..
+                } => citizen_key = key.open(&nonce, &sealed_citizen_hash_key),
+                Frame::SealedEnd { .. } => unreachable!("the end is checked, not returned"),
                 records => restored
                     .restore_records(records.into_changes().unwrap())
                     .unwrap(),
             }
         }
-        assert_eq!(key, Some(vec![7; 32]));
+        assert_eq!(citizen_key, Some(vec![7; 32]));
         let names: HashMap<String, String> = restored
             .sites()
             .map(|record| {
@@ -480,7 +638,13 @@ mod tests {
         // Too many commits, or too many bytes of them (each is ~40 bytes here).
         for limits in [(2, usize::MAX), (100, 60)] {
             let failed = store
-                .backup(&[0; 32], 0, ThreeCommitsDuringScan(&store, 0), limits)
+                .backup(
+                    &[0; 32],
+                    0,
+                    ThreeCommitsDuringScan(&store, 0),
+                    limits,
+                    &backup_key(),
+                )
                 .unwrap_err();
             assert!(
                 failed.to_string().contains("backup_changes_buffered"),
@@ -490,7 +654,7 @@ mod tests {
         futures::executor::block_on(store.commit(&[site("s00002", "after")])).unwrap();
         // The tee is gone: a new backup may start.
         store
-            .backup(&[0; 32], 0, std::io::sink(), (2, usize::MAX))
+            .backup(&[0; 32], 0, std::io::sink(), (2, usize::MAX), &backup_key())
             .unwrap();
     }
 }

@@ -5,6 +5,7 @@
 //! service layer when it rebuilds the domain from these scans.
 
 pub mod backup;
+pub mod backup_key;
 pub mod committer;
 pub mod error;
 pub mod key_file;
