@@ -124,3 +124,25 @@ async fn a_stored_site_a_request_could_not_write_refuses_to_start() {
         other => panic!("expected a recovery refusal, got {:?}", other.err()),
     }
 }
+
+/// A cancelled booking's reason is shown to its citizen: one a closure could not have
+/// written (a text-direction override) refuses start-up too.
+#[tokio::test]
+async fn a_stored_cancel_reason_a_closure_could_not_write_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let Write::Booking(mut forged) = booking(1, 1) else {
+        unreachable!()
+    };
+    forged.state = BookingState::Cancelled {
+        at_unix_ms: 0,
+        reason: "closed \u{202E}".into(),
+        request: None,
+    };
+    store_with(dir.path(), 1, vec![Write::Booking(forged)]).await;
+    match open(dir.path()) {
+        Err(ServiceError::Recovery(message)) => {
+            assert!(message.contains("cancel_reason"), "{message}");
+        }
+        other => panic!("expected a recovery refusal, got {:?}", other.err()),
+    }
+}

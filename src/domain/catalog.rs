@@ -403,9 +403,15 @@ impl Catalog {
                 }
             }
             let upper = Bound::Excluded((query.service_id.clone(), query.to_unix_s));
+            // A resume point at or past `to` (a page token) leaves nothing to walk.
+            let starts_before_end = |lower: &Bound<(ServiceId, i64)>| match lower {
+                Bound::Included((_, start)) => *start < query.to_unix_s,
+                Bound::Excluded((_, start)) => *start < query.to_unix_s,
+                Bound::Unbounded => true,
+            };
             // Each pass walks slots until the page is full, or until a sold-out day,
             // which the next pass starts after.
-            loop {
+            while starts_before_end(&lower) {
                 let mut sold_out_until = None;
                 for slot in entry
                     .slots
@@ -438,6 +444,7 @@ impl Catalog {
                     Some(next) => lower = Bound::Included((query.service_id.clone(), next)),
                     None => break,
                 }
+                // `while` ends when the next day starts at or past `to`.
             }
         }
         Ok(page)
@@ -762,6 +769,24 @@ mod tests {
                 sum
             );
         }
+    }
+
+    /// A sold-out day that reaches past `to`, or a page token at `to`, ends the search
+    /// (a range whose start is past its end would panic).
+    #[test]
+    fn a_search_ending_inside_a_sold_out_day_or_resumed_past_its_end_is_empty() {
+        let (catalog, starts, mut q) = three_a_day(2);
+        for start in &starts[3..] {
+            take(&catalog, *start);
+        }
+        q.from_unix_s = starts[3];
+        q.to_unix_s = starts[4] + 1; // inside day 2, which is sold out
+        assert!(catalog.search(&q).unwrap().slots.is_empty());
+        q.after = Some(take_key(q.to_unix_s + 5));
+        assert!(catalog.search(&q).unwrap().slots.is_empty());
+        q.after = Some(take_key(q.to_unix_s));
+        q.only_available = false;
+        assert!(catalog.search(&q).unwrap().slots.is_empty());
     }
 
     #[test]

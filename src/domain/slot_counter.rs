@@ -14,7 +14,7 @@
 //! reads a day's free places in one load and skips sold-out days without visiting their
 //! slots. The sum trails the members by the changes in flight, never for longer.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 const FIELD_BITS: u32 = 21;
@@ -49,6 +49,8 @@ pub struct SlotCounter {
     word: AtomicU64,
     /// The free places of the counter's group, once it joined one.
     group: OnceLock<Arc<AtomicI64>>,
+    /// Set when it left its group: its changes no longer count there.
+    left: AtomicBool,
 }
 
 /// Why a place could not be taken.
@@ -97,6 +99,7 @@ impl SlotCounter {
                 closed,
             })),
             group: OnceLock::new(),
+            left: AtomicBool::new(false),
         }
     }
 
@@ -109,8 +112,13 @@ impl SlotCounter {
     }
 
     /// Leaves the sum of its group (a slot removed from the catalog, long after it
-    /// ended, so nothing changes it any more): subtracts its free places.
+    /// ended): subtracts its free places, and later changes no longer count there. A
+    /// change racing the removal itself could leave the sum off by one; retention only
+    /// removes slots nothing books any more.
     pub fn leave(&self) {
+        if self.left.swap(true, Ordering::AcqRel) {
+            return;
+        }
         if let Some(group) = self.group.get() {
             let remaining = i64::from(self.snapshot().remaining());
             group.fetch_sub(remaining, Ordering::AcqRel);
@@ -147,7 +155,8 @@ impl SlotCounter {
 
     fn count_in_group(&self, before: CounterSnapshot, after: CounterSnapshot) {
         let change = i64::from(after.remaining()) - i64::from(before.remaining());
-        if let (Some(group), true) = (self.group.get(), change != 0) {
+        let counted = change != 0 && !self.left.load(Ordering::Acquire);
+        if let (Some(group), true) = (self.group.get(), counted) {
             group.fetch_add(change, Ordering::AcqRel);
         }
     }

@@ -62,13 +62,18 @@ pub fn closer_of(extensions: &tonic::Extensions) -> Option<Closer> {
     Some(info.closer.clone())
 }
 
+/// Bytes a connection must send before `connection_opening_timeout_ms`: the HTTP/2
+/// preface (a TLS ClientHello is longer), so one byte cannot hold a socket open.
+const OPENING_BYTES: usize = 24;
+
 /// An accepted connection and its place under the cap.
 pub struct Counted {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
     closer: Closer,
-    /// Until its first bytes arrive.
+    /// Until its first `OPENING_BYTES` arrive.
     opening: Option<Pin<Box<Sleep>>>,
+    received: usize,
 }
 
 /// The accepted connections of `listener` (TCP_NODELAY on), at most `max` open at once,
@@ -89,6 +94,7 @@ pub fn capped(
                 _permit: permit,
                 closer: Closer::default(),
                 opening: Some(Box::pin(tokio::time::sleep(opening_timeout))),
+                received: 0,
             })),
             Err(_) => {
                 metrics::counter!(crate::telemetry::CONNECTIONS_REFUSED).increment(1);
@@ -125,16 +131,20 @@ impl AsyncRead for Counted {
         if self.closer.is_closed() {
             return Poll::Ready(Err(closed()));
         }
-        if let Some(opening) = &mut self.opening {
-            if opening.as_mut().poll(cx).is_ready() {
-                let silent = "sent nothing within connection_opening_timeout_ms";
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, silent)));
-            }
-        }
         let before = buf.filled().len();
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.opening = None;
+        if matches!(read, Poll::Ready(Ok(()))) {
+            self.received += buf.filled().len() - before;
+            if self.received >= OPENING_BYTES {
+                self.opening = None;
+            }
+        }
+        // Data already there is read first: only a silent client meets the deadline.
+        if let (Poll::Pending, Some(opening)) = (&read, &mut self.opening) {
+            if opening.as_mut().poll(cx).is_ready() {
+                let silent = "sent too little within connection_opening_timeout_ms";
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, silent)));
+            }
         }
         read
     }
@@ -165,6 +175,9 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.closer.is_closed() {
+            return Poll::Ready(Err(closed()));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 

@@ -127,6 +127,9 @@ fn classify(error: &ServiceError) -> Answer {
             StoreError::Closed => Answer::new(Unavailable, "SHUTTING_DOWN"),
             StoreError::BackupRunning => Answer::new(ResourceExhausted, "EXPORTS_IN_PROGRESS")
                 .retry_after(EXPORTS_RETRY_DELAY),
+            StoreError::BackupFellBehind(_) => {
+                Answer::new(Unavailable, "OVERLOADED").retry_after(RECOVERING_RETRY_DELAY)
+            }
             StoreError::Corrupt(_) => Answer::new(Internal, "STORAGE_CORRUPT"),
         },
         ServiceError::Recovery(_) => Answer::new(Internal, "RECOVERY_FAILED"),

@@ -90,13 +90,15 @@ pub fn verify_backup(
 ) -> Result<(Option<[u8; KEY_LENGTH]>, u64), String> {
     let mut reader = open_backup(path, trust)?;
     let damaged = |e: String| format!("{}: {e}", path.display());
+    let proven = reader.proven();
     let header = reader.next_frame().map_err(damaged)?;
     let header = header.ok_or_else(|| damaged("the backup has no header".into()))?;
     let key = match header_key(header, trust).map_err(damaged)? {
-        Some(key) => Some(key.try_into().map_err(|_| {
+        // Only a proven file gives a key to restore with.
+        Some(key) if proven => Some(key.try_into().map_err(|_| {
             damaged("the backup is damaged: its citizen hash key has the wrong length".into())
         })?),
-        None => None,
+        _ => None,
     };
     let mut records = 0u64;
     while let Some(frame) = reader.next_frame().map_err(damaged)? {

@@ -7,7 +7,7 @@ use std::sync::{Mutex, RwLock};
 
 use chrono_tz::Tz;
 
-use crate::config::{Config, Limits};
+use crate::config::Config;
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
 use crate::domain::catalog::{Catalog, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
@@ -119,8 +119,8 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let started = std::time::Instant::now();
     let cutoffs = engine.retention_cutoffs();
     let catalog = engine.catalog.get_mut().unwrap_or_else(|p| p.into_inner());
-    restore_sites(&engine.store, catalog, &engine.limits)?;
-    let slots = restore_slots(&engine.store, catalog, &engine.limits)?;
+    restore_sites(&engine.store, catalog)?;
+    let slots = restore_slots(&engine.store, catalog)?;
     let max_active = engine.limits.max_active_per_citizen as usize;
     let requests = Requests {
         registry: &engine.requests,
@@ -184,7 +184,12 @@ impl Requests<'_> {
 }
 
 /// A stored id or text must pass the rules a request passes: a record written by a
-/// forged backup, another build or a damaged disk is refused, not served.
+/// forged backup, another build or a damaged disk is refused, not served. Characters
+/// are checked, lengths only against these ceilings: lowering a limit must not make
+/// data written under the old one refuse to start.
+const STORED_ID_LENGTH_MAX: usize = 1_024;
+const STORED_TEXT_LENGTH_MAX: usize = 16_384;
+
 fn recheck(
     what: std::fmt::Arguments<'_>,
     checked: Result<(), FieldViolation>,
@@ -197,47 +202,31 @@ fn recheck(
     })
 }
 
-fn recheck_site(record: &SiteRecord, limits: &Limits) -> Result<(), ServiceError> {
+fn recheck_site(record: &SiteRecord) -> Result<(), ServiceError> {
     let what = format_args!("stored site {:?}", record.site_id.as_str());
-    let max = limits.id_length_max;
-    recheck(
-        what,
-        SiteId::parse("site_id", record.site_id.as_str(), max).map(drop),
-    )?;
-    recheck(
-        what,
-        RegionId::parse("region_id", record.region_id.as_str(), max).map(drop),
-    )?;
-    let name = display_text(
-        "name",
-        &record.name,
-        "must not be empty",
-        limits.site_name_length_max,
-    );
+    let max = STORED_ID_LENGTH_MAX;
+    let site_id = SiteId::parse("site_id", record.site_id.as_str(), max);
+    recheck(what, site_id.map(drop))?;
+    let region_id = RegionId::parse("region_id", record.region_id.as_str(), max);
+    recheck(what, region_id.map(drop))?;
+    let empty = "must not be empty";
+    let name = display_text("name", &record.name, empty, STORED_TEXT_LENGTH_MAX);
     recheck(what, name.map(drop))
 }
 
-fn recheck_slot_key(key: &SlotKey, limits: &Limits) -> Result<(), ServiceError> {
+fn recheck_slot_key(key: &SlotKey) -> Result<(), ServiceError> {
     let what = format_args!("stored slot of site {:?}", key.site_id.as_str());
-    let max = limits.id_length_max;
-    recheck(
-        what,
-        SiteId::parse("site_id", key.site_id.as_str(), max).map(drop),
-    )?;
-    recheck(
-        what,
-        ServiceId::parse("service_id", key.service_id.as_str(), max).map(drop),
-    )
+    let max = STORED_ID_LENGTH_MAX;
+    let site_id = SiteId::parse("site_id", key.site_id.as_str(), max);
+    recheck(what, site_id.map(drop))?;
+    let service_id = ServiceId::parse("service_id", key.service_id.as_str(), max);
+    recheck(what, service_id.map(drop))
 }
 
-fn restore_sites(
-    store: &Store,
-    catalog: &mut Catalog,
-    limits: &Limits,
-) -> Result<(), ServiceError> {
+fn restore_sites(store: &Store, catalog: &mut Catalog) -> Result<(), ServiceError> {
     for record in store.sites() {
         let record = record?;
-        recheck_site(&record, limits)?;
+        recheck_site(&record)?;
         let time_zone = Tz::from_str(&record.time_zone).map_err(|_| {
             ServiceError::Recovery(format!(
                 "site {} has unknown time zone {:?}",
@@ -255,15 +244,11 @@ fn restore_sites(
 }
 
 /// Returns how many slots there are.
-fn restore_slots(
-    store: &Store,
-    catalog: &mut Catalog,
-    limits: &Limits,
-) -> Result<u64, ServiceError> {
+fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceError> {
     let mut slots = 0u64;
     for record in store.slots() {
         let record = record?;
-        recheck_slot_key(&record.key, limits)?;
+        recheck_slot_key(&record.key)?;
         let key = record.key.clone();
         catalog
             .insert_slot(Slot::new(
@@ -424,7 +409,14 @@ fn restore_booking(
         requests.restore(request, booking.booking_id, at_unix_ms);
     }
     match &booking.state {
-        BookingState::Cancelled { .. } => Ok(false),
+        BookingState::Cancelled { reason, .. } => {
+            // Shown to the citizen: the rule a closure's reason passed.
+            let what = format_args!("stored booking {}", booking.booking_id);
+            let empty = "must not be empty";
+            let checked = display_text("cancel_reason", reason, empty, STORED_TEXT_LENGTH_MAX);
+            recheck(what, checked.map(drop))?;
+            Ok(false)
+        }
         BookingState::Confirmed => {
             let (_, slot) = catalog.slot(&booking.slot).ok_or_else(|| {
                 ServiceError::Recovery(format!(

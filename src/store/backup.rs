@@ -242,7 +242,7 @@ impl Store {
         self.state.tee().take();
         scanned?;
         if overflowed.load(Ordering::Acquire) {
-            return Err(StoreError::Io(format!(
+            return Err(StoreError::BackupFellBehind(format!(
                 "the store changed by more than {changes_buffered_max} group commits or \
                  {bytes_buffered_max} bytes while the backup scanned it \
                  (limits.backup_changes_buffered_max, backup_changes_buffered_bytes_max); \
@@ -305,6 +305,8 @@ pub struct Trust<'a> {
 
 pub struct Reader<R: Read> {
     input: R,
+    /// Whether the file is version 3 (sealed header and end, a MAC).
+    sealed: bool,
     /// `None`: a version 3 file read without its key (structure only).
     integrity: Option<Integrity>,
     records: u64,
@@ -317,7 +319,8 @@ impl<R: Read> Reader<R> {
         input
             .read_exact(&mut magic)
             .map_err(|e| format!("not a prenota backup (reading its header: {e})"))?;
-        let mut integrity = if &magic == MAGIC {
+        let sealed = &magic == MAGIC;
+        let mut integrity = if sealed {
             trust.key.map(|key| Integrity::Mac(key.mac()))
         } else if &magic == MAGIC_V2 || &magic == MAGIC_V1 {
             if !trust.unauthenticated {
@@ -337,10 +340,17 @@ impl<R: Read> Reader<R> {
         }
         Ok(Self {
             input,
+            sealed,
             integrity,
             records: 0,
             ended: false,
         })
+    }
+
+    /// Whether what was read is proven: a version 3 file checked with its backup key,
+    /// or an older one the operator accepted unauthenticated.
+    pub fn proven(&self) -> bool {
+        self.integrity.is_some()
     }
 
     /// The next frame before the end; `None` once the end was read and checked.
@@ -362,6 +372,16 @@ impl<R: Read> Reader<R> {
             .map_err(|_| "the backup is truncated in the middle of a frame".to_string())?;
         let frame: Frame = postcard::from_bytes(&bytes)
             .map_err(|e| format!("the backup is damaged: a frame does not decode: {e}"))?;
+        // Each version has its own header and end: a version 3 file with a plain
+        // header (a key in clear) or a plain end (a recomputable checksum) is forged.
+        let of_version = match &frame {
+            Frame::Header { .. } | Frame::End { .. } => !self.sealed,
+            Frame::SealedHeader { .. } | Frame::SealedEnd { .. } => self.sealed,
+            Frame::Records(_) | Frame::Changes(_) => true,
+        };
+        if !of_version {
+            return Err("the backup is damaged: a frame of another format version".into());
+        }
         match &frame {
             Frame::End { records, .. } | Frame::SealedEnd { records, .. } => {
                 self.check_end(&frame)?;
@@ -514,6 +534,26 @@ mod tests {
             Reader::new(other.as_slice(), TRUSTED).is_err(),
             "a newer version is refused"
         );
+    }
+
+    /// A version 3 file with a plain header (a key in clear, readable without the
+    /// backup key) is forged, whatever the reader trusts.
+    #[test]
+    fn a_sealed_file_with_a_plain_header_is_refused() {
+        let key = backup_key();
+        let mut bytes = Vec::new();
+        let mut writer = Writer::new(&mut bytes, &key).unwrap();
+        writer
+            .frame(&Frame::Header {
+                created_at_unix_ms: 1,
+                citizen_hash_key: vec![7; 32],
+            })
+            .unwrap();
+        writer.finish().unwrap();
+        let mut reader = Reader::new(bytes.as_slice(), TRUSTED).unwrap();
+        let refused = reader.next_frame().unwrap_err();
+        assert!(refused.contains("another format version"), "{refused}");
+        assert!(!reader.proven(), "read without its key: structure only");
     }
 
     /// Someone who rewrites a backup, even recomputing every checksum, cannot make it

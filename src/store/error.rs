@@ -25,4 +25,7 @@ pub enum StoreError {
     Closed,
     #[error("another backup is running")]
     BackupRunning,
+    /// The store changed too much while a backup scanned it; serving is untouched.
+    #[error("{0}")]
+    BackupFellBehind(String),
 }
