@@ -596,5 +596,24 @@ async fn far_future_schedules_and_overfull_regions_are_refused() {
         status.message().contains("slots_per_region_max"),
         "{status:?}"
     );
+    // A moved site brings its slots: Veneto holds 6, Lazio's 6 cannot join them.
+    let mut other = row(2, "other", "Europe/Rome", &day);
+    other.site.as_mut().unwrap().region_id = "veneto".into();
+    import(&mut capacity, vec![other], false)
+        .await
+        .expect("6 slots in Veneto");
+    let mut moved = row(2, "far", "Europe/Rome", &day).site;
+    moved.as_mut().unwrap().region_id = "veneto".into();
+    let status = capacity
+        .upsert_site(proto::UpsertSiteRequest {
+            site: moved,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().contains("slots_per_region_max"),
+        "{status:?}"
+    );
     server.stop().await;
 }

@@ -478,6 +478,11 @@ impl Catalog {
         Ok(())
     }
 
+    /// Slots of one site.
+    pub fn site_slots(&self, site_id: &SiteId) -> usize {
+        self.sites.get(site_id).map_or(0, |entry| entry.slots.len())
+    }
+
     /// Slots of the sites of `region`.
     pub fn region_slots(&self, region: &RegionId) -> usize {
         self.regions.get(region).map_or(0, |members| {

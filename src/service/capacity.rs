@@ -297,6 +297,7 @@ impl Engine {
         let _authority = self.authority_writes.lock().await;
         actor.check_upsert(&site, self.site(&site.site_id).as_ref())?;
         self.catalog().check_site_upsert(&site)?;
+        self.check_region_slots(std::slice::from_ref(&site), &[])?;
         let audit = self.audit(
             &actor.name,
             "UpsertSite",
@@ -396,10 +397,20 @@ impl Engine {
     }
 
     /// Refuses plans that would take a region past `slots_per_region_max` slots.
-    /// `sites` are the sites an import creates or moves (their region as it will be).
+    /// `sites` are the sites an upsert or import creates or moves (their region as it
+    /// will be): a moved site brings its slots along.
     fn check_region_slots(&self, sites: &[Site], plans: &[PublishPlan]) -> Result<(), DomainError> {
         let catalog = self.catalog();
         let mut created: HashMap<RegionId, usize> = HashMap::new();
+        for site in sites {
+            let moved = catalog
+                .site(&site.site_id)
+                .is_some_and(|existing| existing.region_id != site.region_id);
+            if moved {
+                *created.entry(site.region_id.clone()).or_default() +=
+                    catalog.site_slots(&site.site_id);
+            }
+        }
         for slot in plans.iter().flat_map(|plan| &plan.created) {
             let site_id = &slot.key.site_id;
             let region = match sites.iter().find(|site| &site.site_id == site_id) {
