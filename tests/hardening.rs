@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::child::{ChildOptions, ChildServer};
+use common::child::ChildServer;
 use common::*;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -126,11 +126,35 @@ async fn a_client_that_makes_the_server_reset_streams_gets_goaway() {
     still_healthy(&server).await;
 }
 
-/// The gRPC frame prefix of a message of `length` bytes, then that many bytes.
-fn grpc_message(length: usize) -> bytes::Bytes {
-    let mut message = vec![0u8; 5 + length];
-    message[1..5].copy_from_slice(&(length as u32).to_be_bytes());
-    message.into()
+/// `message` with its gRPC frame prefix (uncompressed, its length).
+fn grpc_frame(message: &[u8]) -> bytes::Bytes {
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed.into()
+}
+
+/// Sends a gRPC request for `path` on `client`: `framed` if any, then the end of the
+/// request when `ends`. The request's body is never sent more (a stream left half open
+/// stays so); the reply is the caller's to read or not.
+async fn send_call(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    framed: Option<bytes::Bytes>,
+    ends: bool,
+) -> h2::client::ResponseFuture {
+    let request = http::Request::post(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut client = client.clone().ready().await.unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    if let Some(framed) = framed {
+        body.send_data(framed, ends).unwrap();
+    }
+    std::mem::forget(body);
+    response
 }
 
 /// The grpc-status a response ends with (trailers-only, or after its body).
@@ -160,26 +184,15 @@ async fn health_and_reflection_refuse_big_half_sent_messages_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let server = ChildServer::start(dir.path());
     let before = server.rss_bytes();
-    let socket = tokio::net::TcpStream::connect(address(&server))
-        .await
-        .unwrap();
-    let (client, connection) = h2::client::handshake(socket).await.unwrap();
-    tokio::spawn(connection);
-    let message = grpc_message(4 << 20);
+    let (client, _connection) = h2_client(&server, None).await;
+    let message = grpc_frame(&vec![0; 4 << 20]);
     let mut calls = Vec::new();
     for index in 0..40 {
         let path = [HEALTH_CHECK, REFLECTION][index % 2];
-        let request = http::Request::post(format!("http://localhost{path}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let mut client = client.clone().ready().await.unwrap();
-        let (response, mut body) = client.send_request(request, false).unwrap();
-        body.send_data(message.clone(), false).unwrap(); // never finished
-        calls.push((path, response, body));
+        let never_finished = send_call(&client, path, Some(message.clone()), false).await;
+        calls.push((path, never_finished));
     }
-    for (path, response, _body) in calls {
+    for (path, response) in calls {
         let status = tokio::time::timeout(Duration::from_secs(10), grpc_status_of(response))
             .await
             .unwrap_or_else(|_| panic!("{path} held a half-sent 4 MiB message"));
@@ -230,17 +243,7 @@ async fn connections_past_the_cap_are_closed_at_once_and_idle_ones_time_out() {
         ("CONNECTION_AGE_MAX_MS", "3000"),
         ("CONNECTION_AGE_GRACE_MS", "1000"),
     ];
-    let mut server = ChildServer::start_recovering(
-        dir.path(),
-        ChildOptions {
-            env: limits
-                .iter()
-                .map(|(name, value)| (format!("PRENOTA_LIMITS_{name}"), value.to_string()))
-                .collect(),
-            ..ChildOptions::default()
-        },
-    );
-    server.wait_serving();
+    let server = ChildServer::with_limits(dir.path(), &limits);
     let open = |says: &[u8]| {
         let mut socket = TcpStream::connect(address(&server)).unwrap();
         socket.write_all(says).unwrap();
@@ -293,11 +296,24 @@ async fn refusal_of(
     (code, response)
 }
 
-/// Threads of the server process now, from /proc.
-fn threads_of(server: &ChildServer) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
-    let line = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+/// An HTTP/2 client on its own connection to `server`, with this stream window (h2's
+/// default when `None`); and the connection's task.
+async fn h2_client(
+    server: &ChildServer,
+    window: Option<u32>,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let socket = tokio::net::TcpStream::connect(address(server))
+        .await
+        .unwrap();
+    let mut builder = h2::client::Builder::new();
+    if let Some(window) = window {
+        builder.initial_window_size(window);
+    }
+    let (client, connection) = builder.handshake(socket).await.unwrap();
+    (client, tokio::spawn(connection))
 }
 
 /// 520 stalled export streams pinned 523 threads and stalled ListCitizenBookings. Now
@@ -311,17 +327,7 @@ async fn six_hundred_stalled_exports_are_capped_then_cut_off_and_citizens_are_an
         ("EXPORT_IDLE_TIMEOUT_MS", "1000"),
         ("EXPORT_CHANNEL_DEPTH", "1"),
     ];
-    let mut server = ChildServer::start_recovering(
-        dir.path(),
-        ChildOptions {
-            env: limits
-                .iter()
-                .map(|(name, value)| (format!("PRENOTA_LIMITS_{name}"), value.to_string()))
-                .collect(),
-            ..ChildOptions::default()
-        },
-    );
-    server.wait_serving();
+    let server = ChildServer::with_limits(dir.path(), &limits);
     let channel = connect(&server.url).await;
     let slot_id = one_slot_site_on(channel.clone(), "stall-site", "r", 200).await;
     let booking = prenota::proto::booking_service_client::BookingServiceClient::new(channel);
@@ -331,30 +337,15 @@ async fn six_hundred_stalled_exports_are_capped_then_cut_off_and_citizens_are_an
         async move { book_ok(&mut booking, request).await }
     });
     futures::future::join_all(books).await;
-    let threads_before = threads_of(&server);
+    let threads_before = server.threads();
 
-    let socket = tokio::net::TcpStream::connect(address(&server))
-        .await
-        .unwrap();
     // A 16-byte window, never read: every export stalls after its first bytes.
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(16)
-        .handshake::<_, bytes::Bytes>(socket)
-        .await
-        .unwrap();
-    let mut connection = tokio::spawn(connection);
+    let (client, mut connection) = h2_client(&server, Some(16)).await;
+    // All sent before any answer is awaited: within the idle timeout.
     let mut responses = Vec::new();
     for _ in 0..600 {
         let path = "/prenota.v1.CapacityService/ExportBookings";
-        let request = http::Request::post(format!("http://localhost{path}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
-        let mut client = client.clone().ready().await.unwrap();
-        let (response, mut body) = client.send_request(request, false).unwrap();
-        body.send_data(grpc_message(0), true).unwrap();
-        responses.push(response);
+        responses.push(send_call(&client, path, Some(grpc_frame(&[])), true).await);
     }
     let (mut refusals, mut unread) = (Vec::new(), Vec::new());
     for response in responses {
@@ -380,7 +371,7 @@ async fn six_hundred_stalled_exports_are_capped_then_cut_off_and_citizens_are_an
         .unwrap();
         assert_eq!(listed.into_inner().bookings.len(), 1);
     }
-    let threads = threads_of(&server);
+    let threads = server.threads();
     assert!(
         threads <= threads_before + 4,
         "{threads_before} -> {threads} threads"
@@ -520,28 +511,15 @@ async fn a_missing_wrong_or_readable_key_refuses_start_up_and_files_are_private(
     );
 }
 
-/// A request on `client`, its request message sent, its reply left unread.
+/// A request on `client`: its message sent and the request ended, or, without one,
+/// left half open (a reflection stream); its reply left unread.
 async fn unread_call(
     client: &h2::client::SendRequest<bytes::Bytes>,
     path: &str,
     message: Option<&[u8]>,
 ) -> (Option<u32>, http::Response<h2::RecvStream>) {
-    let request = http::Request::post(format!("http://localhost{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-    let mut client = client.clone().ready().await.unwrap();
     let ends = message.is_some();
-    let (response, mut body) = client.send_request(request, false).unwrap();
-    if let Some(message) = message {
-        let mut framed = vec![0u8];
-        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        framed.extend_from_slice(message);
-        body.send_data(framed.into(), ends).unwrap();
-    }
-    std::mem::forget(body); // a reflection stream stays half open
-    refusal_of(response).await
+    refusal_of(send_call(client, path, message.map(grpc_frame), ends).await).await
 }
 
 /// A one-reply call whose client never reads the reply counts only until the reply is
@@ -551,24 +529,9 @@ async fn unread_call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unread_replies_and_open_reflection_streams_take_no_bookings_place() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = ChildServer::start_recovering(
-        dir.path(),
-        ChildOptions {
-            env: vec![("PRENOTA_LIMITS_IN_FLIGHT_REQUESTS_MAX".into(), "32".into())],
-            ..ChildOptions::default()
-        },
-    );
-    server.wait_serving();
+    let server = ChildServer::with_limits(dir.path(), &[("IN_FLIGHT_REQUESTS_MAX", "32")]);
     one_slot_site_on(connect(&server.url).await, "zw-site", "r", 5).await;
-    let socket = tokio::net::TcpStream::connect(address(&server))
-        .await
-        .unwrap();
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, bytes::Bytes>(socket)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let (client, _connection) = h2_client(&server, Some(0)).await;
     let stats = [&[0x0a, 7][..], b"zw-site"].concat(); // GetSiteStatsRequest
     let mut unread = Vec::new();
     for _ in 0..300 {

@@ -35,6 +35,22 @@ impl ChildServer {
         server
     }
 
+    /// Starts with `PRENOTA_LIMITS_<NAME>=<value>` for each `(NAME, value)`, and waits
+    /// until it serves.
+    pub fn with_limits(data_dir: &Path, limits: &[(&str, &str)]) -> Self {
+        let env = limits
+            .iter()
+            .map(|(name, value)| (format!("PRENOTA_LIMITS_{name}"), value.to_string()))
+            .collect();
+        let options = ChildOptions {
+            env,
+            ..ChildOptions::default()
+        };
+        let mut server = Self::start_recovering(data_dir, options);
+        server.wait_serving();
+        server
+    }
+
     /// Starts and returns as soon as it answers (health NOT_SERVING while it recovers).
     pub fn start_recovering(data_dir: &Path, options: ChildOptions) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_prenota"));
@@ -99,14 +115,23 @@ impl ChildServer {
 
     /// Resident memory now, from /proc.
     pub fn rss_bytes(&self) -> u64 {
+        self.proc_status("VmRSS:") * 1024 // kB
+    }
+
+    /// Threads of the process now, from /proc.
+    pub fn threads(&self) -> u64 {
+        self.proc_status("Threads:")
+    }
+
+    /// The number on the `field` line of /proc/PID/status.
+    fn proc_status(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .expect("/proc/PID/status");
         let line = status
             .lines()
-            .find(|line| line.starts_with("VmRSS:"))
-            .expect("a VmRSS line");
-        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        kib * 1024
+            .find(|line| line.starts_with(field))
+            .unwrap_or_else(|| panic!("a {field} line"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
     /// SIGKILL.
