@@ -220,14 +220,10 @@ async fn run(
     let (capacity_gate, capacity_slot) = Ready::pending();
     let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
     let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
+    let gate = |service| Gate::new(&tokens, service, token_limiter.clone(), open_citizens);
     let (reflection_v1, reflection_v1alpha) = match serves_reflection {
         true => {
-            let gate = Gate::new(
-                &tokens,
-                auth::Service::Reflection,
-                token_limiter.clone(),
-                open_citizens,
-            );
+            let gate = gate(auth::Service::Reflection);
             let size = limits.probe_message_size_bytes_max;
             let v1 = reflection().build_v1()?.max_decoding_message_size(size);
             let v1alpha = reflection()
@@ -249,23 +245,15 @@ async fn run(
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)
-        .add_service(InterceptedService::new(
-            Shed::new(booking_gate, Arc::clone(&in_flight)),
-            Gate::new(
-                &tokens,
-                auth::Service::Booking,
-                token_limiter.clone(),
-                open_citizens,
-            ),
+        .add_service(gated(
+            booking_gate,
+            &in_flight,
+            &gate(auth::Service::Booking),
         ))
-        .add_service(InterceptedService::new(
-            Shed::new(capacity_gate, in_flight),
-            Gate::new(
-                &tokens,
-                auth::Service::Capacity,
-                token_limiter,
-                open_citizens,
-            ),
+        .add_service(gated(
+            capacity_gate,
+            &in_flight,
+            &gate(auth::Service::Capacity),
         ))
         .serve_with_incoming_shutdown(
             connections::capped(
