@@ -16,7 +16,7 @@ use crate::grpc::detached::detached;
 use crate::limits::Limits;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
-use crate::service::exports::{ExportKind, Feed, OnIdle};
+use crate::service::exports::{ExportKind, ExportPermit, Feed, OnIdle};
 use crate::service::{Actor, Engine, ExportScope, ImportRow, ServiceError};
 use crate::store::StoreError;
 
@@ -281,14 +281,13 @@ impl CapacityService for CapacityApi {
             .engine
             .admit_export(&caller.actor(), ExportKind::Records)?;
         let stalled = close_on_idle(&request);
-        let entries = ReceiverStream::new(self.engine.audit_log(stalled)).map(move |item| {
-            let _counted = &permit; // for as long as the stream lives
+        let entries = ReceiverStream::new(self.engine.audit_log(stalled)).map(|item| {
             item.map(|entry| proto::ExportAuditLogResponse {
                 entry: Some(convert::audit_to_proto(&entry)),
             })
             .map_err(Status::from)
         });
-        Ok(Response::new(Box::pin(entries)))
+        Ok(Response::new(Box::pin(holding(entries, permit))))
     }
 
     type ExportBackupStream = std::pin::Pin<
@@ -338,11 +337,8 @@ impl CapacityService for CapacityApi {
                 }
             }
         });
-        let chunks = ReceiverStream::new(receiver).map(move |chunk| {
-            let _counted = &permit; // for as long as the stream lives
-            chunk.map_err(Status::from)
-        });
-        Ok(Response::new(Box::pin(chunks)))
+        let chunks = ReceiverStream::new(receiver).map(|chunk| chunk.map_err(Status::from));
+        Ok(Response::new(Box::pin(holding(chunks, permit))))
     }
 
     type ExportBookingsStream = ExportStream;
@@ -373,15 +369,22 @@ impl CapacityService for CapacityApi {
             .engine
             .admit_export(&caller.actor(), ExportKind::Records)?;
         let bookings =
-            ReceiverStream::new(self.engine.export_bookings(scope, stalled)).map(move |item| {
-                let _counted = &permit; // for as long as the stream lives
+            ReceiverStream::new(self.engine.export_bookings(scope, stalled)).map(|item| {
                 item.map(|view| proto::ExportBookingsResponse {
                     booking: Some(convert::booking_to_proto(&view)),
                 })
                 .map_err(Status::from)
             });
-        Ok(Response::new(Box::pin(bookings)))
+        Ok(Response::new(Box::pin(holding(bookings, permit))))
     }
+}
+
+/// `stream`, holding the export's `permit` for as long as the stream lives.
+fn holding<S: Stream>(stream: S, permit: ExportPermit) -> impl Stream<Item = S::Item> {
+    stream.map(move |item| {
+        let _held = &permit;
+        item
+    })
 }
 
 /// Closes the request's connection when its export stalls past the idle timeout: the
