@@ -486,11 +486,7 @@ impl Catalog {
     /// Slots of the sites of `region`.
     pub fn region_slots(&self, region: &RegionId) -> usize {
         self.regions.get(region).map_or(0, |members| {
-            members
-                .iter()
-                .filter_map(|site_id| self.sites.get(site_id))
-                .map(|entry| entry.slots.len())
-                .sum()
+            members.iter().map(|site_id| self.site_slots(site_id)).sum()
         })
     }
 

@@ -188,7 +188,7 @@ fn build(
                 store.restore_records(changes).map_err(|e| e.to_string())?;
             }
         }
-        store.restore_sync().map_err(|e| e.to_string())?;
+        store.sync_direct_writes().map_err(|e| e.to_string())?;
         store.shutdown();
     }
     let mut engine = Engine::open(staging, config, crate::service::clock::Clock::system())

@@ -279,20 +279,8 @@ impl Store {
             .apply_batch(batch)
             .map_err(|e| StoreError::Io(format!("restoring: {e}")))
     }
-
-    /// Flush + fdatasync after a restore.
-    pub(crate) fn restore_sync(&self) -> Result<(), StoreError> {
-        self.db
-            .flush()
-            .map_err(|e| StoreError::Io(format!("flush: {e}")))?;
-        std::fs::File::open(self.data_dir.join("sled").join("db"))
-            .and_then(|file| file.sync_all())
-            .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))
-    }
 }
 
-/// Reads a backup frame by frame, checking the magic, the frame sizes and, at the end,
-/// the record count and the checksum.
 /// How far a reader trusts a file.
 #[derive(Clone, Copy)]
 pub struct Trust<'a> {
@@ -303,6 +291,8 @@ pub struct Trust<'a> {
     pub unauthenticated: bool,
 }
 
+/// Reads a backup frame by frame, checking the magic, the frame sizes, each frame's
+/// version and, at the end, the record count and the MAC (or checksum).
 pub struct Reader<R: Read> {
     input: R,
     /// Whether the file is version 3 (sealed header and end, a MAC).

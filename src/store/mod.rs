@@ -185,14 +185,21 @@ impl Store {
 
     /// Stores the key check value durably. At open only, before anything else writes.
     pub fn put_key_check(&self, check: &[u8]) -> Result<(), StoreError> {
-        let io = |e: String| StoreError::Io(format!("writing the key check: {e}"));
         self.db
             .insert(records::KEY_CHECK_KEY, check)
-            .map_err(|e| io(e.to_string()))?;
-        self.db.flush().map_err(|e| io(e.to_string()))?;
-        let db_file = std::fs::File::open(self.data_dir.join("sled").join("db"))
-            .map_err(|e| io(e.to_string()))?;
-        db_file.sync_data().map_err(|e| io(e.to_string()))
+            .map_err(|e| StoreError::Io(format!("writing the key check: {e}")))?;
+        self.sync_direct_writes()
+    }
+
+    /// Flush + fdatasync of writes made straight to sled, not through the committer:
+    /// the key check at open, a restore's records. Only while nothing else writes.
+    pub(crate) fn sync_direct_writes(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map_err(|e| StoreError::Io(format!("flush: {e}")))?;
+        std::fs::File::open(self.data_dir.join("sled").join("db"))
+            .and_then(|file| file.sync_all())
+            .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))
     }
 
     pub fn apply_journal(&self) -> Result<Option<records::ApplyJournal>, StoreError> {
