@@ -64,6 +64,24 @@ pub struct Limits {
     /// Longest an export waits for its client to read before it stops (the stream then
     /// ends with DEADLINE_EXCEEDED / EXPORT_IDLE).
     pub export_idle_timeout_ms: u64,
+    /// How long events (`WatchEvents`) are kept after they were written; older ones are
+    /// deleted oldest first (the last one always stays) and a resume from before them
+    /// answers EVENTS_PRUNED. 0 keeps them for good.
+    pub events_retained_hours: u32,
+    /// `WatchEvents` streams open at once (gateways); the next one is refused with
+    /// RESOURCE_EXHAUSTED / WATCHERS_EXHAUSTED.
+    pub event_streams_max: usize,
+    /// Events one `WatchEvents` read takes from the store at once.
+    pub events_page_max: usize,
+    /// `WatchAvailability` streams open at once; the next one is refused with
+    /// RESOURCE_EXHAUSTED / WATCHERS_EXHAUSTED.
+    pub watch_subscribers_max: usize,
+    /// How often slot changes go out to `WatchAvailability` streams: within one window a
+    /// slot's latest state wins.
+    pub watch_coalesce_ms: u64,
+    /// Most slots one `WatchAvailability` may watch (its memory is bounded by its slots);
+    /// a wider request is refused: narrow the range or pick a site.
+    pub watch_slots_max: usize,
     /// Largest decoded gRPC request.
     pub message_size_bytes_max: usize,
     /// sled's page cache. sled treats it as a soft hint and its resident memory grows to a
@@ -205,6 +223,12 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     exports_max: 8,
     exports_per_token_max: 2,
     export_idle_timeout_ms: 30_000,
+    events_retained_hours: 168,
+    event_streams_max: 64,
+    events_page_max: 512,
+    watch_subscribers_max: 10_000,
+    watch_coalesce_ms: 200,
+    watch_slots_max: 20_000,
     message_size_bytes_max: 4 * 1024 * 1024,
     hold_ttl_seconds_default: 300,
     hold_ttl_seconds_max: 600,
@@ -267,6 +291,9 @@ const _: () = {
     assert!(l.export_channel_depth >= 1);
     assert!(l.exports_max >= 1 && l.exports_per_token_max >= 1);
     assert!(l.export_idle_timeout_ms >= 100);
+    assert!(l.event_streams_max >= 1 && l.events_page_max >= 1);
+    assert!(l.watch_subscribers_max >= 1 && l.watch_slots_max >= 1);
+    assert!(l.watch_coalesce_ms >= 10);
     assert!(l.metrics_refresh_interval_ms >= 100 && l.backup_changes_buffered_max >= 1);
     assert!(l.retention_interval_ms >= 100 && l.retention_batch_records >= 1);
     assert!(l.store_gc_interval_ms >= 10);
@@ -342,6 +369,18 @@ impl Limits {
         need(
             l.export_idle_timeout_ms >= 100,
             "export_idle_timeout_ms must be at least 100",
+        );
+        need(
+            l.event_streams_max >= 1 && l.events_page_max >= 1,
+            "event_streams_max and events_page_max must be at least 1",
+        );
+        need(
+            l.watch_subscribers_max >= 1 && l.watch_slots_max >= 1,
+            "watch_subscribers_max and watch_slots_max must be at least 1",
+        );
+        need(
+            l.watch_coalesce_ms >= 10,
+            "watch_coalesce_ms must be at least 10",
         );
         need(
             l.metrics_refresh_interval_ms >= 100,

@@ -240,6 +240,8 @@ async fn run(
     };
     // A failed recovery stops the server; kept alive (unsent) while serving.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // Set when shutdown begins: watch streams end, so the graceful drain can finish.
+    let (closing, closing_seen) = tokio::sync::watch::channel(false);
     let serving = transport(tls.as_ref(), &limits)?
         .layer(ObserveLayer)
         .add_service(health_service)
@@ -266,6 +268,7 @@ async fn run(
                     _ = shutdown => {}
                     _ = stopped => {}
                 }
+                closing.send_replace(true);
             },
         );
     let services = (booking_slot.as_ref(), capacity_slot.as_ref());
@@ -275,6 +278,7 @@ async fn run(
     };
     let starting = async {
         let started = start_serving(start, services, &health, &settings, stop).await?;
+        end_streams_on(closing_seen, &started.0);
         on_serving();
         Ok::<_, ServeError>(started)
     };
@@ -319,6 +323,19 @@ async fn start_serving(
     // Started after SERVING: the health mirror turns it back if the store already failed.
     let tasks = Tasks::start(&engine, health);
     Ok((engine, tasks, stop))
+}
+
+/// Ends the engine's watch streams once `closing` turns true (shutdown began): they
+/// never end by themselves, and the graceful drain waits for every stream.
+fn end_streams_on(mut closing: tokio::sync::watch::Receiver<bool>, engine: &Arc<Engine>) {
+    let engine = Arc::downgrade(engine);
+    tokio::spawn(async move {
+        // An error: the sender is gone, shutdown is under way or over.
+        let _ = closing.wait_for(|closing| *closing).await;
+        if let Some(engine) = engine.upgrade() {
+            engine.end_streams();
+        }
+    });
 }
 
 /// `service` behind the token gate and a pool of `permits`.

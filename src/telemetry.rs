@@ -56,13 +56,14 @@ pub const RECOVERED_RECORDS: &str = "prenota_recovered_records";
 /// Records retention forgot or deleted, by kind.
 pub const RETENTION_DELETED: &str = "prenota_retention_deleted_total";
 /// The `kind` labels of `RETENTION_DELETED`.
-pub const RETENTION_KINDS: [&str; 6] = [
+pub const RETENTION_KINDS: [&str; 7] = [
     "request_records",
     "holds",
     "bookings",
     "slots",
     "audit_entries",
     "authority_requests",
+    "events",
 ];
 /// Finished requests remembered for idempotency.
 pub const REQUEST_RECORDS: &str = "prenota_request_records";

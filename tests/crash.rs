@@ -1,7 +1,8 @@
 //! A real `prenota serve` child process is killed with SIGKILL while clients book.
 //! After each restart every acknowledged booking must be in `ExportBookings`, no slot
 //! may be over capacity, no citizen over the limit, and retrying the requests that got
-//! no answer must never book twice.
+//! no answer must never book twice; and the event log (`WatchEvents`) must hold exactly
+//! one event per stored change, gapless, the same from wherever it is resumed.
 
 mod common;
 
@@ -205,6 +206,7 @@ async fn kill_9_loses_no_acknowledged_booking() {
         let restarted = ChildServer::start(dir.path());
         let exported = export_all(connect(&restarted.url).await).await;
         verify(cycle, &exported, &told.lock().unwrap(), &slot_ids);
+        verify_events(cycle, &restarted.url, &exported).await;
 
         // Retry every request that got no answer: each resolves to at most one booking,
         // and a retried cancel leaves its booking cancelled.
@@ -256,6 +258,83 @@ async fn kill_9_loses_no_acknowledged_booking() {
     if let Some(server) = server {
         server.kill_9();
     }
+}
+
+/// Up to `count` events after `after`; waits 10 s for each, and 200 ms for one more.
+async fn events_after(url: &str, after: u64, count: usize) -> Vec<proto::Event> {
+    let mut capacity = CapacityServiceClient::new(connect(url).await);
+    let mut stream = capacity
+        .watch_events(proto::WatchEventsRequest {
+            scope: None,
+            after_sequence: after,
+        })
+        .await
+        .expect("watch events")
+        .into_inner();
+    let mut events = Vec::new();
+    loop {
+        let wait = match events.len() < count {
+            true => Duration::from_secs(10),
+            false => Duration::from_millis(200),
+        };
+        match tokio::time::timeout(wait, stream.message()).await {
+            Ok(Ok(Some(message))) => events.push(message.event.unwrap()),
+            Ok(other) => panic!("the event stream ended: {other:?}"),
+            Err(_) => return events,
+        }
+    }
+}
+
+/// One `BOOKING_CONFIRMED` per stored booking and one `BOOKING_CANCELLED` per cancelled
+/// one (nothing acknowledged without its event, no event without its change), with
+/// sequences 1, 2, 3, ...; a resume from the middle gives the same tail.
+async fn verify_events(cycle: usize, url: &str, exported: &[proto::Booking]) {
+    let cancelled = exported
+        .iter()
+        .filter(|b| b.state() == proto::BookingState::Cancelled)
+        .count();
+    let expected = exported.len() + cancelled;
+    let events = events_after(url, 0, expected).await;
+    assert_eq!(
+        events.len(),
+        expected,
+        "cycle {cycle}: one event per change"
+    );
+    for (i, event) in events.iter().enumerate() {
+        assert_eq!(event.sequence, i as u64 + 1, "cycle {cycle}: gapless");
+    }
+    let mut seen: HashSet<(i32, &str)> = HashSet::new();
+    for event in &events {
+        let booking = event.booking.as_ref().expect("a booking event");
+        assert!(
+            seen.insert((event.kind, booking.booking_id.as_str())),
+            "cycle {cycle}: two {:?} events for {}",
+            event.kind(),
+            booking.booking_id
+        );
+    }
+    for booking in exported {
+        let id = booking.booking_id.as_str();
+        let confirmed = proto::EventKind::BookingConfirmed as i32;
+        assert!(
+            seen.contains(&(confirmed, id)),
+            "cycle {cycle}: {id} has no event"
+        );
+        if booking.state() == proto::BookingState::Cancelled {
+            let cancelled = proto::EventKind::BookingCancelled as i32;
+            assert!(
+                seen.contains(&(cancelled, id)),
+                "cycle {cycle}: {id}'s cancel has no event"
+            );
+        }
+    }
+    let middle = expected / 2;
+    let tail = events_after(url, middle as u64, expected - middle).await;
+    assert_eq!(
+        tail,
+        events[middle..],
+        "cycle {cycle}: a resume replays the same events"
+    );
 }
 
 fn verify(cycle: usize, exported: &[proto::Booking], told: &Told, slot_ids: &[String]) {

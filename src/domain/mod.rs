@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod citizen_id;
 pub mod citizens;
 pub mod error;
+pub mod event;
 pub mod field_violation;
 pub mod hold;
 pub mod ids;

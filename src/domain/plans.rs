@@ -9,6 +9,7 @@
 
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
 use crate::domain::error::{DomainError, Missing};
+use crate::domain::event::{Event, HOLD_TIMED_OUT};
 use crate::domain::hold::{held_max, Hold, HoldState, NotConfirmable};
 use crate::domain::ids::{BookingId, CitizenKey, ServiceId, SlotKey};
 
@@ -91,6 +92,8 @@ pub struct Plan<T> {
 pub enum Record {
     Booking(Booking),
     Hold(Hold),
+    /// What changed, for `WatchEvents`; holds no place.
+    Event(Event),
 }
 
 impl Record {
@@ -103,6 +106,7 @@ impl Record {
             Record::Booking(_) => -1,
             Record::Hold(hold) if hold.state == HoldState::Live => 1,
             Record::Hold(_) => -1,
+            Record::Event(_) => 0,
         }
     }
 }
@@ -166,7 +170,10 @@ pub fn book(
     );
     Ok(Plan {
         take: admission(slot, citizen, id).to_vec(),
-        writes: vec![Record::Booking(booking.clone())],
+        writes: vec![
+            Record::Booking(booking.clone()),
+            Record::Event(Event::booking(&booking, now_unix_ms)),
+        ],
         free: Vec::new(),
         answer: booking,
     })
@@ -254,7 +261,11 @@ pub fn confirm_hold(
     };
     Plan {
         take: vec![Take::Admission(slot.key.clone())],
-        writes: vec![Record::Booking(booking.clone()), Record::Hold(confirmed)],
+        writes: vec![
+            Record::Booking(booking.clone()),
+            Record::Hold(confirmed),
+            Record::Event(Event::booking(&booking, now_unix_ms)),
+        ],
         free: Vec::new(),
         answer: booking,
     }
@@ -296,7 +307,10 @@ pub fn cancel(
             service: service.clone(),
             id,
         }],
-        writes: vec![Record::Booking(cancelled.clone())],
+        writes: vec![
+            Record::Booking(cancelled.clone()),
+            Record::Event(Event::booking(&cancelled, now_unix_ms)),
+        ],
         free: vec![
             Free::Entry {
                 citizen,
@@ -363,7 +377,16 @@ pub fn reschedule(
             Take::Place(new_slot.key.clone()),
         ],
         free: vec![Free::Place(cancelled.slot.clone())],
-        writes: vec![Record::Booking(cancelled), Record::Booking(new.clone())],
+        writes: vec![
+            Record::Event(Event::rescheduled(
+                cancelled.booking_id,
+                &new,
+                RESCHEDULED,
+                now_unix_ms,
+            )),
+            Record::Booking(cancelled),
+            Record::Booking(new.clone()),
+        ],
         answer: new,
     })
 }
@@ -373,7 +396,7 @@ pub fn reschedule(
 pub fn expire(due: &[Hold], now_unix_ms: i64) -> Plan<usize> {
     let mut plan = Plan {
         take: Vec::new(),
-        writes: Vec::with_capacity(due.len()),
+        writes: Vec::with_capacity(2 * due.len()),
         free: Vec::with_capacity(2 * due.len()),
         answer: due.len(),
     };
@@ -385,6 +408,11 @@ pub fn expire(due: &[Hold], now_unix_ms: i64) -> Plan<usize> {
             },
             ..hold.clone()
         }));
+        plan.writes.push(Record::Event(Event::hold_expired(
+            hold,
+            HOLD_TIMED_OUT,
+            now_unix_ms,
+        )));
         plan.free.push(Free::Entry {
             citizen: hold.citizen,
             service: hold.slot.service_id.clone(),
@@ -521,7 +549,13 @@ mod tests {
                 Take::Place(at.key.clone())
             ]
         );
-        assert_eq!(plan.writes, [Record::Booking(plan.answer.clone())]);
+        assert_eq!(
+            plan.writes,
+            [
+                Record::Booking(plan.answer.clone()),
+                Record::Event(Event::booking(&plan.answer, NOW))
+            ]
+        );
         assert!(plan.answer.is_confirmed() && plan.free.is_empty());
     }
 
@@ -651,7 +685,20 @@ mod tests {
             ]
         ));
         assert_eq!(plan.free, [Free::Place(at.key.clone())]);
-        assert_eq!(plan.writes.len(), 2);
+        assert_eq!(plan.writes.len(), 3);
+        // One event says both: the new booking, and which one it replaced.
+        let Record::Event(event) = &plan.writes[0] else {
+            panic!("a reschedule's first write is its event");
+        };
+        assert_eq!(
+            event.kind,
+            crate::domain::event::EventKind::BookingRescheduled
+        );
+        assert_eq!(event.previous_booking_id, Some(BookingId(7)));
+        assert_eq!(
+            event.booking.as_ref().map(|b| b.booking_id),
+            Some(BookingId(8))
+        );
         assert_eq!(plan.answer.slot, to.key);
     }
 
@@ -667,7 +714,7 @@ mod tests {
             .collect();
         let plan = expire(&due, NOW);
         plan.assert_balanced();
-        assert_eq!((plan.answer, plan.writes.len(), plan.free.len()), (3, 3, 6));
+        assert_eq!((plan.answer, plan.writes.len(), plan.free.len()), (3, 6, 6));
     }
 
     #[test]

@@ -17,10 +17,15 @@ pub struct Cutoffs {
     pub requests_before_unix_ms: i64,
     /// Slots that ended before this are deleted with their records (`i64::MIN`: none).
     pub slots_ended_before_unix_s: i64,
+    /// Events written before this are deleted (`i64::MIN`: none are).
+    pub events_before_unix_ms: i64,
 }
 
 impl Cutoffs {
-    pub fn at(now_unix_ms: i64, request_hours: u32, record_days: u32) -> Self {
+    pub fn at(
+        now_unix_ms: i64,
+        (request_hours, record_days, event_hours): (u32, u32, u32),
+    ) -> Self {
         let back = |window: i64, now: i64| match window {
             0 => i64::MIN,
             window => now.saturating_sub(window),
@@ -31,7 +36,13 @@ impl Cutoffs {
                 i64::from(record_days) * S_PER_DAY,
                 now_unix_ms.div_euclid(1_000),
             ),
+            events_before_unix_ms: back(i64::from(event_hours) * MS_PER_HOUR, now_unix_ms),
         }
+    }
+
+    /// An event written at `at_unix_ms` is still kept.
+    pub fn keeps_event(&self, at_unix_ms: i64) -> bool {
+        at_unix_ms >= self.events_before_unix_ms
     }
 
     /// A request made at `at_unix_ms` is still remembered.
@@ -108,14 +119,14 @@ mod tests {
 
     #[test]
     fn zero_keeps_for_good() {
-        let keep_all = Cutoffs::at(NOW_MS, 0, 0);
+        let keep_all = Cutoffs::at(NOW_MS, (0, 0, 0));
         assert!(keep_all.keeps_request(i64::MIN + 1));
         assert!(keep_all.keeps_slot(i64::MIN + 1));
     }
 
     #[test]
     fn requests_are_kept_for_their_window_and_no_longer() {
-        let cutoffs = Cutoffs::at(NOW_MS, 72, 400);
+        let cutoffs = Cutoffs::at(NOW_MS, (72, 400, 168));
         assert!(cutoffs.keeps_request(NOW_MS - 72 * HOUR_MS));
         assert!(!cutoffs.keeps_request(NOW_MS - 72 * HOUR_MS - 1));
         let ended = NOW_MS / 1_000 - 400 * 86_400;
@@ -125,7 +136,7 @@ mod tests {
 
     #[test]
     fn a_hold_goes_once_finished_and_its_request_or_slot_is_forgotten() {
-        let cutoffs = Cutoffs::at(NOW_MS, 72, 400);
+        let cutoffs = Cutoffs::at(NOW_MS, (72, 400, 168));
         let old = NOW_MS - 73 * HOUR_MS;
         let recent = NOW_MS - HOUR_MS;
         let expired = HoldState::Expired { at_unix_ms: old };

@@ -17,7 +17,7 @@ use crate::limits::Limits;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
 use crate::service::exports::{ExportKind, ExportPermit, Feed, OnIdle};
-use crate::service::{Actor, Engine, ExportScope, ImportRow, ServiceError};
+use crate::service::{Actor, Engine, EventScope, ExportScope, ImportRow, ServiceError};
 use crate::store::StoreError;
 
 pub struct CapacityApi {
@@ -124,6 +124,7 @@ type AuditStream =
     Pin<Box<dyn Stream<Item = Result<proto::ExportAuditLogResponse, Status>> + Send>>;
 type ExportStream =
     Pin<Box<dyn Stream<Item = Result<proto::ExportBookingsResponse, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl CapacityService for CapacityApi {
@@ -376,6 +377,39 @@ impl CapacityService for CapacityApi {
                 .map_err(Status::from)
             });
         Ok(Response::new(Box::pin(holding(bookings, permit))))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<proto::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        use proto::watch_events_request::Scope;
+        let actor = Caller::of(&request)?.authority();
+        let limits = self.engine.limits();
+        let request = request.into_inner();
+        let (site, region) = match request.scope {
+            None => (None, None),
+            Some(Scope::SiteId(id)) => (
+                Some(convert::site_id("site_id", &id, limits).map_err(DomainError::from)?),
+                None,
+            ),
+            Some(Scope::RegionId(id)) => (
+                None,
+                Some(convert::region_id("region_id", &id, limits).map_err(DomainError::from)?),
+            ),
+        };
+        let scope = EventScope::of(&self.engine, &actor, site, region)?;
+        let events = self.engine.watch_events(scope, request.after_sequence)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events).map(
+            |item| {
+                item.map(|view| proto::WatchEventsResponse {
+                    event: Some(convert::event_to_proto(&view)),
+                })
+                .map_err(Status::from)
+            },
+        ))))
     }
 }
 

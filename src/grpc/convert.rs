@@ -19,8 +19,8 @@ use crate::domain::schedule::{Schedule, ScheduleInput};
 use crate::domain::text::display_text;
 use crate::proto;
 use crate::service::{
-    BookCommand, BookingView, CancelCommand, CitizenBookingsQuery, CloseCommand, HoldCommand,
-    ImportRow, RescheduleCommand,
+    BookCommand, BookingView, CancelCommand, CitizenBookingsQuery, CloseCommand, EventView,
+    HoldCommand, ImportRow, RescheduleCommand,
 };
 
 /// Latest instant accepted on the wire: 9999-12-31T23:59:59Z.
@@ -617,6 +617,61 @@ pub fn citizen_bookings_from_proto(
         after,
         page_size,
     })
+}
+
+pub fn event_to_proto(view: &EventView) -> proto::Event {
+    use crate::domain::event::EventKind;
+    let EventView {
+        sequence,
+        event,
+        site,
+    } = view;
+    let kind = match event.kind {
+        EventKind::BookingConfirmed => proto::EventKind::BookingConfirmed,
+        EventKind::BookingCancelled => proto::EventKind::BookingCancelled,
+        EventKind::BookingRescheduled => proto::EventKind::BookingRescheduled,
+        EventKind::HoldExpired => proto::EventKind::HoldExpired,
+        EventKind::SlotClosed => proto::EventKind::SlotClosed,
+        EventKind::CapacityChanged => proto::EventKind::CapacityChanged,
+    };
+    let slot = &event.slot;
+    let booking = event.booking.as_ref().map(|booking| {
+        let state = match booking.cancelled_at_unix_ms {
+            None => proto::BookingState::Confirmed,
+            Some(_) => proto::BookingState::Cancelled,
+        };
+        proto::Booking {
+            booking_id: booking.booking_id.to_string(),
+            slot_id: slot.to_string(),
+            site_id: slot.site_id.to_string(),
+            service_id: slot.service_id.to_string(),
+            start: Some(timestamp(slot.start_unix_s)),
+            end: Some(timestamp(booking.end_unix_s)),
+            local_start: local_rfc3339(slot.start_unix_s, site.time_zone),
+            state: state as i32,
+            created_at: Some(timestamp_ms(booking.created_at_unix_ms)),
+            time_zone: site.time_zone.name().to_string(),
+            cancelled_at: booking.cancelled_at_unix_ms.map(timestamp_ms),
+            cancel_reason: match booking.cancelled_at_unix_ms {
+                Some(_) => event.reason.clone(),
+                None => String::new(),
+            },
+        }
+    });
+    let id = |id: Option<BookingId>| id.map(|id| id.to_string()).unwrap_or_default();
+    proto::Event {
+        sequence: *sequence,
+        at: Some(timestamp_ms(event.at_unix_ms)),
+        kind: kind as i32,
+        booking,
+        slot_id: slot.to_string(),
+        reason: event.reason.clone(),
+        site_id: slot.site_id.to_string(),
+        service_id: slot.service_id.to_string(),
+        hold_id: id(event.hold_id),
+        previous_booking_id: id(event.previous_booking_id),
+        capacity: event.capacity.unwrap_or_default(),
+    }
 }
 
 pub fn booking_to_proto(view: &BookingView) -> proto::Booking {

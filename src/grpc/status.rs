@@ -157,6 +157,15 @@ fn classify(error: &ServiceError) -> Answer {
         ServiceError::ExportIdle => Answer::new(Code::DeadlineExceeded, "EXPORT_IDLE"),
         ServiceError::BackupKeyMissing => Answer::new(FailedPrecondition, "BACKUP_KEY_MISSING"),
         ServiceError::RegionDenied { .. } => Answer::new(Code::PermissionDenied, "REGION_DENIED"),
+        ServiceError::EventsPruned { oldest } => {
+            Answer::new(FailedPrecondition, "EVENTS_PRUNED").with("oldest_sequence", oldest)
+        }
+        ServiceError::EventsAhead { last, .. } => {
+            Answer::new(Code::OutOfRange, "EVENTS_AHEAD").with("last_sequence", last)
+        }
+        ServiceError::WatchersExhausted => {
+            Answer::new(ResourceExhausted, "WATCHERS_EXHAUSTED").retry_after(EXPORTS_RETRY_DELAY)
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::domain::booking::{Booking, BookingState};
 use crate::domain::catalog::{PublishPlan, Site, SiteStats, Slot, Totals};
 use crate::domain::error::{DomainError, Missing};
+use crate::domain::event::Event;
 use crate::domain::hold::{Hold, HoldState};
 use crate::domain::ids::{RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::Schedule;
@@ -62,6 +63,7 @@ struct Closure {
     slots: Vec<Arc<Slot>>,
     cancelled: Vec<Booking>,
     holds: Vec<Hold>,
+    reason: String,
     now_ms: i64,
 }
 
@@ -74,25 +76,27 @@ impl Closure {
         }
     }
 
-    /// The closed slots, the cancelled bookings and the expired holds, as records.
+    /// The closed slots, the cancelled bookings and the expired holds, as records, each
+    /// followed by its event.
     fn writes(&self) -> Vec<Write> {
-        let mut writes: Vec<Write> = self
-            .slots
-            .iter()
-            .map(|slot| {
-                let capacity = slot.counter.snapshot().capacity;
-                slot_record(slot, slot.end_unix_s(), capacity, true)
-            })
-            .collect();
-        writes.extend(self.cancelled.iter().cloned().map(Write::Booking));
-        writes.extend(self.holds.iter().map(|hold| {
-            Write::Hold(Hold {
-                state: HoldState::Expired {
-                    at_unix_ms: self.now_ms,
-                },
+        let (reason, now_ms) = (self.reason.as_str(), self.now_ms);
+        let mut writes = Vec::new();
+        for slot in &self.slots {
+            let capacity = slot.counter.snapshot().capacity;
+            writes.push(slot_record(slot, slot.end_unix_s(), capacity, true));
+            writes.push(Write::Event(Event::slot_closed(&slot.key, reason, now_ms)));
+        }
+        for booking in &self.cancelled {
+            writes.push(Write::Booking(booking.clone()));
+            writes.push(Write::Event(Event::booking(booking, now_ms)));
+        }
+        for hold in &self.holds {
+            writes.push(Write::Hold(Hold {
+                state: HoldState::Expired { at_unix_ms: now_ms },
                 ..hold.clone()
-            })
-        }));
+            }));
+            writes.push(Write::Event(Event::hold_expired(hold, reason, now_ms)));
+        }
         writes
     }
 }
@@ -128,8 +132,9 @@ fn restore_capacities(lowered: Vec<(Arc<Slot>, u32)>) {
     }
 }
 
-/// The site and slot records of a publication.
-fn publish_writes(sites: &[Site], plans: &[PublishPlan]) -> Vec<Write> {
+/// The site and slot records of a publication; each updated slot's is followed by its
+/// `CapacityChanged` event (a new capacity or a new length).
+fn publish_writes(sites: &[Site], plans: &[PublishPlan], now_ms: i64) -> Vec<Write> {
     let mut writes: Vec<Write> = sites
         .iter()
         .map(|site| Write::Site(site_record(site)))
@@ -141,6 +146,9 @@ fn publish_writes(sites: &[Site], plans: &[PublishPlan]) -> Vec<Write> {
         }
         for (slot, end, capacity) in &plan.updated {
             writes.push(slot_record(slot, *end, *capacity, false));
+            writes.push(Write::Event(Event::capacity_changed(
+                &slot.key, *capacity, now_ms,
+            )));
         }
     }
     writes
@@ -446,7 +454,7 @@ impl Engine {
         (actor, action, what): (&str, &str, String),
     ) -> Result<PublishOutcome, ServiceError> {
         let lowered = lower_capacities(&plans)?;
-        let mut writes = publish_writes(&sites, &plans);
+        let mut writes = publish_writes(&sites, &plans, self.now_unix_ms());
         if !writes.is_empty() {
             let created: usize = plans.iter().map(|plan| plan.created.len()).sum();
             let updated: usize = plans.iter().map(|plan| plan.updated.len()).sum();
@@ -589,7 +597,10 @@ impl Engine {
         } else if capacity < before.taken {
             return Err(below(before.taken).into());
         }
-        let mut writes = vec![slot_record(&slot, slot.end_unix_s(), capacity, false)];
+        let mut writes = vec![
+            slot_record(&slot, slot.end_unix_s(), capacity, false),
+            Write::Event(Event::capacity_changed(key, capacity, self.now_unix_ms())),
+        ];
         writes.extend(authority_request(
             request,
             AuthorityOutcome::CapacitySet,
@@ -740,6 +751,7 @@ impl Engine {
             slots,
             cancelled,
             holds,
+            reason: reason.to_string(),
             now_ms,
         }
     }

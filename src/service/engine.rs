@@ -68,6 +68,10 @@ pub struct Engine {
     pub(super) reads: rate_limits::CitizenLimiter,
     /// Exports streaming now, in total and per token.
     pub(super) exports: Exports,
+    /// Places for `WatchEvents` streams (`event_streams_max`).
+    pub(super) event_streams: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the server shuts down: watch streams end.
+    pub(super) closing: watch::Sender<bool>,
     /// How citizen ids are read (the scheme and the length bound).
     pub(super) citizen_ids: CitizenIds,
     /// Serialises authority writes (sites, schedules, imports, capacities, closures)
@@ -336,6 +340,11 @@ impl Engine {
             }
         });
         receiver
+    }
+
+    /// Ends every watch stream (shutdown: they never end by themselves).
+    pub fn end_streams(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Lets queued writes finish durably, then stops the committer.

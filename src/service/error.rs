@@ -43,4 +43,12 @@ pub enum ServiceError {
          registers new sites)"
     )]
     RegionDenied { actor: String },
+    #[error("events up to sequence {oldest} were deleted (events_retained_hours): resume from {oldest} - 1 after a full reconciliation (ExportBookings)", oldest = .oldest)]
+    EventsPruned { oldest: u64 },
+    #[error("after_sequence {after} is beyond the last event ({last}): this store never wrote it (restored from an older backup?)")]
+    EventsAhead { after: u64, last: u64 },
+    #[error(
+        "too many watch streams open (watch_subscribers_max or event_streams_max): retry later"
+    )]
+    WatchersExhausted,
 }

@@ -14,6 +14,7 @@
 //! - `backup`: online backups, and restores checked by a full recovery.
 //! - `exports`: how many exports may stream at once, and a feed that stops a scan
 //!   whose client stopped reading.
+//! - `events`: `WatchEvents`, the event log read from a sequence on and followed live.
 //! - `retention`: forgets old request records and deletes records of long-ended slots.
 
 pub mod actor;
@@ -24,6 +25,7 @@ pub mod citizen_hasher;
 pub mod clock;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod execute;
 pub mod exports;
 pub mod holds;
@@ -39,6 +41,7 @@ pub use capacity::{CloseCommand, CloseOutcome, PublishOutcome};
 pub use clock::Clock;
 pub use engine::{BookingView, Engine, ExportScope};
 pub use error::ServiceError;
+pub use events::{EventScope, EventView};
 pub use holds::HoldCommand;
 pub use import_check::ImportRow;
 pub use retention::Retained;

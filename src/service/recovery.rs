@@ -66,6 +66,10 @@ impl Engine {
                 config.limits.exports_max,
                 config.limits.exports_per_token_max,
             ),
+            closing: tokio::sync::watch::channel(false).0,
+            event_streams: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                config.limits.event_streams_max,
+            )),
             reads: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_reads_per_min),
             citizen_ids: crate::config::citizen_ids(config),
             authority_writes: tokio::sync::Mutex::new(()),

@@ -31,6 +31,7 @@ pub struct Retained {
     pub slots: u64,
     pub audit_entries: u64,
     pub authority_requests: u64,
+    pub events: u64,
 }
 
 impl Retained {
@@ -39,7 +40,7 @@ impl Retained {
     }
 
     /// Each count with its `kind` label (`telemetry::RETENTION_KINDS`, in that order).
-    fn count(&self) -> [(&'static str, u64); 6] {
+    fn count(&self) -> [(&'static str, u64); 7] {
         let counts = [
             self.request_records,
             self.holds,
@@ -47,6 +48,7 @@ impl Retained {
             self.slots,
             self.audit_entries,
             self.authority_requests,
+            self.events,
         ];
         std::array::from_fn(|i| (telemetry::RETENTION_KINDS[i], counts[i]))
     }
@@ -58,10 +60,14 @@ type KeyedRecords<T> = Vec<(Vec<u8>, T)>;
 impl Engine {
     /// The retention windows as of now.
     pub(super) fn retention_cutoffs(&self) -> Cutoffs {
+        let limits = &self.limits;
         Cutoffs::at(
             self.now_unix_ms(),
-            self.limits.request_records_retained_hours,
-            self.limits.records_retained_days,
+            (
+                limits.request_records_retained_hours,
+                limits.records_retained_days,
+                limits.events_retained_hours,
+            ),
         )
     }
 
@@ -80,6 +86,7 @@ impl Engine {
         retained.slots = self.delete_slots(&cutoffs, &pinned).await?;
         retained.audit_entries = self.delete_audit_entries(&cutoffs).await?;
         retained.authority_requests = self.delete_authority_requests(&cutoffs).await?;
+        retained.events = self.delete_events(&cutoffs).await?;
         for (kind, count) in retained.count() {
             metrics::counter!(telemetry::RETENTION_DELETED, "kind" => kind).increment(count);
         }
@@ -265,6 +272,29 @@ impl Engine {
                 .filter(|(_, request)| !cutoffs.keeps_request(self.answered_at(request)))
                 .map(|(key, _)| key)
                 .collect();
+            deleted += self.delete_keys(keys).await?;
+        }
+    }
+
+    /// Deletes the oldest events while they are older than the window, never the last
+    /// one (it carries the sequence on across restarts): the log stays one contiguous
+    /// run of sequences, so `oldest_event` tells a resuming reader what it missed.
+    async fn delete_events(&self, cutoffs: &Cutoffs) -> Result<u64, ServiceError> {
+        let batch = self.limits.retention_batch_records;
+        let mut deleted = 0;
+        loop {
+            let last = *self.store.last_event().borrow();
+            let after = self.store.oldest_event()?.map_or(last, |oldest| oldest - 1);
+            let keys: Vec<Vec<u8>> = self
+                .store
+                .events(after, last.saturating_sub(1), batch)?
+                .into_iter()
+                .take_while(|event| !cutoffs.keeps_event(event.event.at_unix_ms))
+                .map(|event| records::event_key(event.sequence).to_vec())
+                .collect();
+            if keys.is_empty() {
+                return Ok(deleted);
+            }
             deleted += self.delete_keys(keys).await?;
         }
     }

@@ -6,6 +6,10 @@
 //! A writer's future only resolves after that, and the commit runs on this thread, so a
 //! cancelled RPC cannot tear a commit in half. The first flush or fsync error marks the
 //! store failed: every later write is refused, nothing is retried silently.
+//!
+//! Events (the outbox `WatchEvents` reads) get their sequence here, in commit order, so
+//! the log has no gaps and its order is the order changes became durable; the last
+//! durable sequence is published after each sync, and readers never read past it.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +20,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::store::error::StoreError;
+use crate::store::records::event_key;
 use crate::telemetry;
 
 /// One key's new value, or `None` to remove the key (retention's deletions).
@@ -24,6 +29,8 @@ pub type Change = (Vec<u8>, Option<Vec<u8>>);
 /// Writes of one caller, committed together with other callers' writes.
 pub struct CommitRequest {
     pub writes: Vec<Change>,
+    /// Event values, in order; each gets the next sequence as its key.
+    pub events: Vec<Vec<u8>>,
     pub done: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -103,6 +110,8 @@ pub struct CommitterState {
     /// Held by the committer across each commit, so a batch is either wholly applied
     /// before the backup installs its tee, or copied to it.
     pub tee: Mutex<Option<Tee>>,
+    /// The sequence of the last durable event (0: none yet).
+    pub events: watch::Sender<u64>,
 }
 
 /// Where the committer copies committed batches during an online backup.
@@ -116,24 +125,21 @@ pub struct Tee {
 }
 
 impl CommitterState {
-    pub fn new() -> Self {
+    /// `last_event`: the sequence of the last event already in the store.
+    pub fn new(last_event: u64) -> Self {
         let (healthy, _) = watch::channel(true);
+        let (events, _) = watch::channel(last_event);
         Self {
             failed: AtomicBool::new(false),
             healthy,
             tee: Mutex::new(None),
+            events,
         }
     }
 
     pub fn tee(&self) -> MutexGuard<'_, Option<Tee>> {
         // Each critical section is one commit plus one send: a poisoned lock is sound.
         self.tee.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Default for CommitterState {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -147,14 +153,15 @@ pub fn spawn(
         .name("prenota-committer".into())
         .spawn(move || {
             let mut pending: Vec<CommitRequest> = Vec::new();
+            let mut last_event = *state.events.borrow();
             while let Some(first) = requests.blocking_recv() {
-                let mut writes = first.writes.len();
+                let mut writes = first.writes.len() + first.events.len();
                 pending.push(first);
                 // Everything that queued up during the previous fsync joins this batch.
                 while writes < batch_writes_max {
                     match requests.try_recv() {
                         Ok(next) => {
-                            writes += next.writes.len();
+                            writes += next.writes.len() + next.events.len();
                             pending.push(next);
                         }
                         Err(_) => break,
@@ -163,10 +170,15 @@ pub fn spawn(
                 let result = if state.failed.load(Ordering::Acquire) {
                     Err(StoreError::Failed)
                 } else {
-                    commit_batch(&mut durability, &state, &pending, writes)
+                    let changes = sequenced(&pending, &mut last_event);
+                    commit_batch(&mut durability, &state, changes, pending.len())
                 };
-                if let Err(error) = &result {
-                    fail_stop(&state, error);
+                match &result {
+                    // Readers may now see these events: they are durable.
+                    Ok(()) => {
+                        state.events.send_replace(last_event);
+                    }
+                    Err(error) => fail_stop(&state, error),
                 }
                 for request in pending.drain(..) {
                     // A writer that went away still had its write committed; nothing to tell.
@@ -177,31 +189,41 @@ pub fn spawn(
         })
 }
 
-/// One group commit of every pending request's writes, copied to a backup's tee if one
-/// is installed (under the tee's lock, so a backup sees each batch whole).
+/// Every pending request's writes, in order, each event keyed by the next sequence
+/// after `last_event` (which ends as the last one given).
+fn sequenced(pending: &[CommitRequest], last_event: &mut u64) -> Vec<Change> {
+    let mut changes = Vec::new();
+    for request in pending {
+        changes.extend(request.writes.iter().cloned());
+        for value in &request.events {
+            *last_event += 1;
+            changes.push((event_key(*last_event).to_vec(), Some(value.clone())));
+        }
+    }
+    changes
+}
+
+/// One group commit of `changes` (from `requests` callers), copied to a backup's tee if
+/// one is installed (under the tee's lock, so a backup sees each batch whole).
 fn commit_batch(
     durability: &mut impl Durability,
     state: &CommitterState,
-    pending: &[CommitRequest],
-    writes: usize,
+    changes: Vec<Change>,
+    requests: usize,
 ) -> Result<(), StoreError> {
+    let writes = changes.len();
     let mut batch = sled::Batch::default();
-    for request in pending {
-        for (key, value) in &request.writes {
-            match value {
-                Some(value) => batch.insert(key.as_slice(), value.as_slice()),
-                None => batch.remove(key.as_slice()),
-            }
+    for (key, value) in &changes {
+        match value {
+            Some(value) => batch.insert(key.as_slice(), value.as_slice()),
+            None => batch.remove(key.as_slice()),
         }
     }
     let started = Instant::now();
     let mut tee = state.tee();
     let result = durability.commit(batch);
     if let (Ok(()), Some(copy)) = (&result, tee.as_mut()) {
-        let writes: Vec<Change> = pending
-            .iter()
-            .flat_map(|request| request.writes.iter().cloned())
-            .collect();
+        let writes = changes;
         let size: usize = writes
             .iter()
             .map(|(key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
@@ -214,9 +236,9 @@ fn commit_batch(
     }
     drop(tee);
     metrics::histogram!(telemetry::COMMIT_BATCH_WRITES).record(writes as f64);
-    metrics::histogram!(telemetry::COMMIT_BATCH_REQUESTS).record(pending.len() as f64);
+    metrics::histogram!(telemetry::COMMIT_BATCH_REQUESTS).record(requests as f64);
     tracing::trace!(
-        requests = pending.len(),
+        requests,
         writes,
         commit_us = started.elapsed().as_micros() as u64,
         "group commit"
@@ -270,7 +292,7 @@ mod tests {
         Arc<CommitterState>,
         JoinHandle<()>,
     ) {
-        let state = Arc::new(CommitterState::new());
+        let state = Arc::new(CommitterState::new(0));
         let (sender, receiver) = mpsc::channel(16);
         let thread = spawn(durability, receiver, Arc::clone(&state), 8).unwrap();
         (sender, state, thread)
@@ -281,6 +303,7 @@ mod tests {
         sender
             .try_send(CommitRequest {
                 writes: vec![(b"k".to_vec(), Some(b"v".to_vec()))],
+                events: Vec::new(),
                 done,
             })
             .unwrap();

@@ -27,7 +27,7 @@ use crate::domain::ids::{BookingId, CitizenTag, RequestKey};
 pub use committer::UnsyncedForBenchmarks;
 use committer::{CommitRequest, CommitterState, SledDurability, SledUnsynced};
 pub use error::StoreError;
-use records::{booking_key, hold_key, Record, SiteRecord, SlotRecord, Write};
+use records::{booking_key, hold_key, Encoded, Record, SiteRecord, SlotRecord, Write};
 
 pub struct Store {
     db: sled::Db,
@@ -74,7 +74,7 @@ impl Store {
         for dir in [&sled_dir, &data_dir.to_path_buf()] {
             sync_dir(dir).map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
         }
-        let state = Arc::new(CommitterState::new());
+        let state = Arc::new(CommitterState::new(last_event_sequence(&db)?));
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
         let batch_writes_max = limits.commit_batch_writes_max;
         let committer = match unsynced {
@@ -128,15 +128,19 @@ impl Store {
         if self.state.failed.load(Ordering::Acquire) {
             return Err(StoreError::Failed);
         }
-        let encoded = writes
-            .iter()
-            .map(Write::encode)
-            .collect::<Result<Vec<_>, _>>()?;
+        let (mut changes, mut events) = (Vec::with_capacity(writes.len()), Vec::new());
+        for write in writes {
+            match write.encode()? {
+                Encoded::Change(change) => changes.push(change),
+                Encoded::Event(value) => events.push(value),
+            }
+        }
         let (done, outcome) = oneshot::channel();
         let sender = self.requests.as_ref().ok_or(StoreError::Closed)?;
         sender
             .try_send(CommitRequest {
-                writes: encoded,
+                writes: changes,
+                events,
                 done,
             })
             .map_err(|e| match e {
@@ -144,6 +148,45 @@ impl Store {
                 mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
             })?;
         outcome.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The sequence of the last durable event, updated after every commit that wrote
+    /// events (0: none yet).
+    pub fn last_event(&self) -> watch::Receiver<u64> {
+        self.state.events.subscribe()
+    }
+
+    /// The sequence of the oldest event kept (`None`: the log is empty).
+    pub fn oldest_event(&self) -> Result<Option<u64>, StoreError> {
+        match self.db.scan_prefix([records::EVENT_PREFIX]).keys().next() {
+            None => Ok(None),
+            Some(Ok(key)) => records::sequence_of_event_key(&key)
+                .map(Some)
+                .ok_or_else(|| StoreError::Corrupt("an event key of the wrong length".into())),
+            Some(Err(e)) => Err(StoreError::Io(format!("scanning events: {e}"))),
+        }
+    }
+
+    /// Up to `limit` events after sequence `after`, up to `through` (inclusive: the last
+    /// durable one; later ones may be applied but not yet synced), in order.
+    pub fn events(
+        &self,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::domain::event::SequencedEvent>, StoreError> {
+        if after >= through {
+            return Ok(Vec::new());
+        }
+        let range = records::event_key(after + 1)..=records::event_key(through);
+        self.db
+            .range(range)
+            .take(limit)
+            .map(|item| {
+                let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+                crate::domain::event::SequencedEvent::decode_value(&key, &value)
+            })
+            .collect()
     }
 
     /// The booking with this id among the bookings of citizens with this tag.
@@ -383,6 +426,17 @@ pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
     match to.parent().filter(|p| !p.as_os_str().is_empty()) {
         Some(parent) => sync_dir(parent),
         None => sync_dir(Path::new(".")),
+    }
+}
+
+/// The sequence of the last event in the store (0: none). Retention keeps the last one,
+/// so sequences never restart.
+fn last_event_sequence(db: &sled::Db) -> Result<u64, StoreError> {
+    match db.scan_prefix([records::EVENT_PREFIX]).keys().next_back() {
+        None => Ok(0),
+        Some(Ok(key)) => records::sequence_of_event_key(&key)
+            .ok_or_else(|| StoreError::Corrupt("an event key of the wrong length".into())),
+        Some(Err(e)) => Err(StoreError::Io(format!("reading the last event: {e}"))),
     }
 }
 

@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
+use crate::domain::event::{Event, EventBooking, EventKind, SequencedEvent};
 use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{Hold, HoldId, HoldState};
 use crate::domain::ids::{
@@ -37,6 +38,9 @@ pub const AUDIT_PREFIX: u8 = b'A';
 /// `R` + request digest: the outcome of an authority request (closure, capacity change),
 /// so a retry with the same `request_id` gets the first outcome back.
 pub const AUTHORITY_REQUEST_PREFIX: u8 = b'R';
+/// `E` + sequence (u64): the event log (`WatchEvents`), numbered by the committer in
+/// commit order from 1, without gaps.
+pub const EVENT_PREFIX: u8 = b'E';
 
 /// The format every value is written in, but authority requests.
 const FORMAT_VERSION: u8 = 1;
@@ -127,6 +131,15 @@ pub enum Write {
     ApplyJournal(ApplyJournal),
     AuthorityRequest(AuthorityRequest),
     Audit(AuditEntry),
+    /// Keyed by the sequence the committer gives it.
+    Event(Event),
+}
+
+/// A write ready for the committer: a key and value, or an event's value still waiting
+/// for its sequence (its key).
+pub enum Encoded {
+    Change(crate::store::committer::Change),
+    Event(Vec<u8>),
 }
 
 impl From<crate::domain::plans::Record> for Write {
@@ -134,6 +147,7 @@ impl From<crate::domain::plans::Record> for Write {
         match record {
             crate::domain::plans::Record::Booking(booking) => Write::Booking(booking),
             crate::domain::plans::Record::Hold(hold) => Write::Hold(hold),
+            crate::domain::plans::Record::Event(event) => Write::Event(event),
         }
     }
 }
@@ -244,6 +258,38 @@ mod v1 {
         pub key: [u8; 16],
         pub fingerprint: [u8; 16],
         pub outcome: AuthorityOutcome,
+    }
+
+    /// New kinds go at the end.
+    #[derive(Serialize, Deserialize)]
+    pub enum EventKind {
+        BookingConfirmed,
+        BookingCancelled,
+        BookingRescheduled,
+        HoldExpired,
+        SlotClosed,
+        CapacityChanged,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct EventBooking {
+        pub booking_id: u128,
+        pub end_unix_s: i64,
+        pub created_at_unix_ms: i64,
+        pub cancelled_at_unix_ms: Option<i64>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Event<'a> {
+        pub kind: EventKind,
+        pub at_unix_ms: i64,
+        #[serde(borrow)]
+        pub slot: SlotKey<'a>,
+        pub booking: Option<EventBooking>,
+        pub hold_id: Option<u128>,
+        pub previous_booking_id: Option<u128>,
+        pub reason: &'a str,
+        pub capacity: Option<u32>,
     }
 }
 
@@ -568,6 +614,97 @@ impl Record for AuthorityRequest {
     }
 }
 
+fn event_kind_v1(kind: EventKind) -> v1::EventKind {
+    match kind {
+        EventKind::BookingConfirmed => v1::EventKind::BookingConfirmed,
+        EventKind::BookingCancelled => v1::EventKind::BookingCancelled,
+        EventKind::BookingRescheduled => v1::EventKind::BookingRescheduled,
+        EventKind::HoldExpired => v1::EventKind::HoldExpired,
+        EventKind::SlotClosed => v1::EventKind::SlotClosed,
+        EventKind::CapacityChanged => v1::EventKind::CapacityChanged,
+    }
+}
+
+fn event_kind_from_v1(kind: v1::EventKind) -> EventKind {
+    match kind {
+        v1::EventKind::BookingConfirmed => EventKind::BookingConfirmed,
+        v1::EventKind::BookingCancelled => EventKind::BookingCancelled,
+        v1::EventKind::BookingRescheduled => EventKind::BookingRescheduled,
+        v1::EventKind::HoldExpired => EventKind::HoldExpired,
+        v1::EventKind::SlotClosed => EventKind::SlotClosed,
+        v1::EventKind::CapacityChanged => EventKind::CapacityChanged,
+    }
+}
+
+/// An event's value (its key, the sequence, comes from the committer).
+pub fn encode_event(event: &Event) -> Result<Vec<u8>, StoreError> {
+    encode_v1(&v1::Event {
+        kind: event_kind_v1(event.kind),
+        at_unix_ms: event.at_unix_ms,
+        slot: slot_key_v1(&event.slot),
+        booking: event.booking.as_ref().map(|booking| v1::EventBooking {
+            booking_id: booking.booking_id.0,
+            end_unix_s: booking.end_unix_s,
+            created_at_unix_ms: booking.created_at_unix_ms,
+            cancelled_at_unix_ms: booking.cancelled_at_unix_ms,
+        }),
+        hold_id: event.hold_id.map(|id| id.0),
+        previous_booking_id: event.previous_booking_id.map(|id| id.0),
+        reason: &event.reason,
+        capacity: event.capacity,
+    })
+}
+
+impl Record for SequencedEvent {
+    fn encode_value(&self) -> Result<Vec<u8>, StoreError> {
+        encode_event(&self.event)
+    }
+
+    fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
+        let sequence = sequence_of_event_key(key)
+            .ok_or_else(|| corrupt(key, "an event key is E and 8 bytes of sequence"))?;
+        let event: v1::Event = decode_v1(key, value)?;
+        // Sent to gateways as it is: the rule every reason passed when it was written.
+        if !event.reason.is_empty() {
+            let checked = crate::domain::text::display_text("reason", event.reason, "", 16_384);
+            stored(key, checked)?;
+        }
+        Ok(SequencedEvent {
+            sequence,
+            event: Event {
+                kind: event_kind_from_v1(event.kind),
+                at_unix_ms: event.at_unix_ms,
+                slot: slot_key_from_v1(key, event.slot)?,
+                booking: event.booking.map(|booking| EventBooking {
+                    booking_id: BookingId(booking.booking_id),
+                    end_unix_s: booking.end_unix_s,
+                    created_at_unix_ms: booking.created_at_unix_ms,
+                    cancelled_at_unix_ms: booking.cancelled_at_unix_ms,
+                }),
+                hold_id: event.hold_id.map(BookingId),
+                previous_booking_id: event.previous_booking_id.map(BookingId),
+                reason: event.reason.to_string(),
+                capacity: event.capacity,
+            },
+        })
+    }
+}
+
+/// `E` + the sequence, big-endian: the log scans in sequence order.
+pub fn event_key(sequence: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = EVENT_PREFIX;
+    key[1..].copy_from_slice(&sequence.to_be_bytes());
+    key
+}
+
+pub fn sequence_of_event_key(key: &[u8]) -> Option<u64> {
+    match key {
+        [EVENT_PREFIX, sequence @ ..] => Some(u64::from_be_bytes(sequence.try_into().ok()?)),
+        _ => None,
+    }
+}
+
 /// Maps an i64 to a u64 whose big-endian bytes sort like the i64.
 fn sortable(value: i64) -> [u8; 8] {
     ((value as u64) ^ (1 << 63)).to_be_bytes()
@@ -642,9 +779,11 @@ pub fn hold_key(hold_id: HoldId) -> [u8; 17] {
 }
 
 impl Write {
-    /// The key and its new value (`None`: delete the key).
-    pub fn encode(&self) -> Result<crate::store::committer::Change, StoreError> {
-        Ok(match self {
+    /// What the committer gets: the key and its new value (`None`: delete the key), or
+    /// an event's value.
+    pub fn encode(&self) -> Result<Encoded, StoreError> {
+        Ok(Encoded::Change(match self {
+            Write::Event(event) => return Ok(Encoded::Event(encode_event(event)?)),
             Write::Delete(key) => (key.clone(), None),
             Write::Site(site) => (site_key(&site.site_id), Some(site.encode_value()?)),
             Write::Slot(slot) => (slot_key(&slot.key), Some(slot.encode_value()?)),
@@ -661,7 +800,7 @@ impl Write {
                 authority_request_key(request.key).to_vec(),
                 Some(request.encode_value()?),
             ),
-        })
+        }))
     }
 }
 
@@ -851,7 +990,46 @@ mod golden {
                     detail: "site rome-termini".into(),
                 }),
             ),
+            (
+                "event-rescheduled",
+                Write::Event(Event {
+                    kind: EventKind::BookingRescheduled,
+                    at_unix_ms: 1_799_000_000_000,
+                    slot: slot_key(),
+                    booking: Some(EventBooking {
+                        booking_id: BookingId(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10),
+                        end_unix_s: 1_800_001_800,
+                        created_at_unix_ms: 1_799_000_000_000,
+                        cancelled_at_unix_ms: None,
+                    }),
+                    hold_id: None,
+                    previous_booking_id: Some(BookingId(0xaabb)),
+                    reason: "rescheduled".into(),
+                    capacity: None,
+                }),
+            ),
+            (
+                "event-capacity",
+                Write::Event(Event {
+                    kind: EventKind::CapacityChanged,
+                    at_unix_ms: 1_799_000_000_000,
+                    slot: slot_key(),
+                    booking: None,
+                    hold_id: None,
+                    previous_booking_id: None,
+                    reason: String::new(),
+                    capacity: Some(300),
+                }),
+            ),
         ]
+    }
+
+    /// The key and value the store gets; an event as if it were the 7th.
+    fn encoded(write: &Write) -> (Vec<u8>, Vec<u8>) {
+        match write.encode().unwrap() {
+            Encoded::Change((key, value)) => (key, value.unwrap()),
+            Encoded::Event(value) => (event_key(7).to_vec(), value),
+        }
     }
 
     fn hex(bytes: &[u8]) -> String {
@@ -860,7 +1038,7 @@ mod golden {
 
     /// (kind, key, value) as written now: format 1 for every kind but authority requests
     /// (format 2; their format-1 bytes are pinned in the test below). The audit key ends
-    /// in 8 random bytes, so only its first 9 are pinned.
+    /// in 8 random bytes, so only its first 9 are pinned; events are keyed as the 7th.
     const GOLDEN: &[(&str, &str, &str)] = &[
     ("site", "53726f6d652d7465726d696e69", "010c726f6d652d7465726d696e690c526f6d61205465726d696e69056c617a696f0b4575726f70652f526f6d65"),
     ("slot", "4c726f6d652d7465726d696e6900636f76696431392d646f73653100800000006b49d200", "010c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dac0201"),
@@ -874,6 +1052,8 @@ mod golden {
     ("authority-closed", "5250505050505050505050505050505050", "0250505050505050505050505050505050515151515151515151515151515151510003c8010180988cccdb68"),
     ("authority-capacity", "5252525252525252525252525252525252", "0252525252525252525252525252525252535353535353535353535353535353530180988cccdb68"),
     ("audit", "41800001a2dcc18600", "0180988cccdb680c6c617a696f2d6865616c74680a436c6f7365536c6f7473117369746520726f6d652d7465726d696e69"),
+    ("event-rescheduled", "450000000000000007", "010280988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d01909eb8e8c0e1828589909cb0d080c181820290e4ceb40d80988cccdb68000001bbd5020b72657363686564756c656400"),
+    ("event-capacity", "450000000000000007", "010580988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d0000000001ac02"),
 ];
 
     #[test]
@@ -881,8 +1061,7 @@ mod golden {
         let actual: Vec<(&str, String, String)> = every_kind()
             .into_iter()
             .map(|(kind, write)| {
-                let (key, value) = write.encode().unwrap();
-                let value = value.unwrap();
+                let (key, value) = encoded(&write);
                 let key = if kind == "audit" { &key[..9] } else { &key[..] };
                 (kind, hex(key), hex(&value))
             })
@@ -905,6 +1084,10 @@ mod golden {
             Write::ApplyJournal(r) => ApplyJournal::decode_value(key, value).unwrap() == *r,
             Write::AuthorityRequest(r) => AuthorityRequest::decode_value(key, value).unwrap() == *r,
             Write::Audit(r) => AuditEntry::decode_value(key, value).unwrap() == *r,
+            Write::Event(r) => {
+                let event = SequencedEvent::decode_value(&event_key(7), value).unwrap();
+                event.sequence == 7 && event.event == *r
+            }
             Write::Delete(_) => unreachable!("not a record"),
         }
     }
@@ -957,8 +1140,7 @@ mod golden {
 
     #[test]
     fn a_stored_id_that_fails_its_checks_is_corrupt_not_a_panic() {
-        let (_, value) = every_kind().swap_remove(0).1.encode().unwrap();
-        let mut value = value.unwrap();
+        let (_, mut value) = encoded(&every_kind().swap_remove(0).1);
         value[2] = b'/'; // the site id's first character
         let error = SiteRecord::decode_value(b"Sx", &value).unwrap_err();
         assert!(matches!(error, StoreError::Corrupt(_)), "{error:?}");
