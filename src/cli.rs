@@ -1,5 +1,6 @@
-//! The authorities' client commands: `prenota import` (a capacity file),
-//! `prenota export` (bookings as CSV) and `prenota audit` (the audit log as CSV). They talk to a running server over gRPC.
+//! The client commands: `prenota import` (a capacity file), `prenota export` (bookings
+//! as CSV), `prenota audit` (the audit log as CSV) and `prenota open-data` (public
+//! availability aggregates as CSV or JSON). They talk to a running server over gRPC.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,16 @@ pub struct Target<'a> {
 }
 
 async fn connect(target: &Target<'_>) -> Result<Client, String> {
+    Ok(
+        CapacityServiceClient::new(authorized_channel(target).await?)
+            .max_decoding_message_size(Limits::default().message_size_bytes_max),
+    )
+}
+
+/// A channel to the server that adds the bearer token (if any) to every call.
+async fn authorized_channel(
+    target: &Target<'_>,
+) -> Result<InterceptedService<Channel, Authorize>, String> {
     let server = target.server;
     let mut endpoint = Endpoint::from_shared(server.to_string())
         .map_err(|e| format!("{server} is not a server URL such as http://127.0.0.1:50051: {e}"))?;
@@ -67,8 +78,7 @@ async fn connect(target: &Target<'_>) -> Result<Client, String> {
         }
         Ok(request)
     });
-    Ok(CapacityServiceClient::with_interceptor(channel, authorize)
-        .max_decoding_message_size(Limits::default().message_size_bytes_max))
+    Ok(InterceptedService::new(channel, authorize))
 }
 
 /// Explains a refused call, listing each bad field of a refused import by line.
@@ -269,6 +279,115 @@ pub async fn export(
     out.flush().map_err(write_error)?;
     eprintln!("exported {count} bookings");
     Ok(())
+}
+
+/// The columns of `prenota open-data`, in order (the JSON objects' keys too).
+const OPEN_DATA_COLUMNS: [&str; 12] = [
+    "site_id",
+    "site_name",
+    "region_id",
+    "service_id",
+    "day",
+    "slots",
+    "capacity",
+    "booked",
+    "held",
+    "remaining",
+    "slots_closed",
+    "as_of",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OpenDataFormat {
+    Csv,
+    /// One JSON object per line (JSON Lines).
+    Json,
+}
+
+fn open_data_fields(row: proto::AvailabilityRow) -> [String; 12] {
+    [
+        row.site_id,
+        row.site_name,
+        row.region_id,
+        row.service_id,
+        row.day,
+        row.slots.to_string(),
+        row.capacity.to_string(),
+        row.booked.to_string(),
+        row.held.to_string(),
+        row.remaining.to_string(),
+        row.slots_closed.to_string(),
+        rfc3339(row.as_of.as_ref()),
+    ]
+}
+
+/// `prenota open-data --server URL [--region R] [--service S] [--first-day D]
+/// [--last-day D] [--format csv|json]`: availability per site, service and day on
+/// stdout, every page followed; no person in it.
+pub async fn open_data(
+    target: &Target<'_>,
+    mut request: proto::GetAvailabilitySummaryRequest,
+    format: OpenDataFormat,
+) -> Result<(), String> {
+    use crate::proto::open_data_service_client::OpenDataServiceClient;
+    let mut client = OpenDataServiceClient::new(authorized_channel(target).await?);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let write_error = |e: std::io::Error| format!("cannot write the rows: {e}");
+    if format == OpenDataFormat::Csv {
+        writeln!(out, "{}", OPEN_DATA_COLUMNS.join(",")).map_err(write_error)?;
+    }
+    let mut count = 0u64;
+    loop {
+        let page = client
+            .get_availability_summary(request.clone())
+            .await
+            .map_err(|status| explain(&status))?
+            .into_inner();
+        for row in page.rows {
+            let fields = open_data_fields(row);
+            let line = match format {
+                OpenDataFormat::Csv => fields
+                    .iter()
+                    .map(|f| csv_field(f))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                OpenDataFormat::Json => json_object(&fields),
+            };
+            writeln!(out, "{line}").map_err(write_error)?;
+            count += 1;
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        request.page_token = page.next_page_token;
+    }
+    out.flush().map_err(write_error)?;
+    eprintln!("wrote {count} rows");
+    Ok(())
+}
+
+/// One row as a JSON object; counts are numbers, the rest strings.
+fn json_object(fields: &[String; 12]) -> String {
+    let object: serde_json::Map<String, serde_json::Value> = OPEN_DATA_COLUMNS
+        .iter()
+        .zip(fields)
+        .map(|(column, value)| {
+            let value = match value.parse::<u64>() {
+                Ok(number) if (5..=10).contains(&column_index(column)) => number.into(),
+                _ => value.clone().into(),
+            };
+            (column.to_string(), value)
+        })
+        .collect();
+    serde_json::Value::Object(object).to_string()
+}
+
+fn column_index(column: &str) -> usize {
+    OPEN_DATA_COLUMNS
+        .iter()
+        .position(|c| *c == column)
+        .unwrap_or(usize::MAX)
 }
 
 /// `prenota audit --server URL [--token T]`: the audit log as CSV on stdout.

@@ -188,6 +188,9 @@ pub struct ServerSection {
     /// Serve gRPC reflection. Default: on in open mode, off once tokens are configured;
     /// with tokens it answers only callers with a valid token.
     pub reflection: Option<bool>,
+    /// Answer `OpenDataService` (aggregates only, never a person) without a token too;
+    /// anonymous callers share one request quota (`rate_token_requests_per_s`).
+    pub open_data: bool,
     /// The backup key (`prenota backup-key > FILE`): backups are authenticated with it
     /// and seal the citizen hash key under it. Keep it apart from the backups.
     pub backup_key_file: Option<PathBuf>,
@@ -233,6 +236,7 @@ impl ServerSection {
             tls_key: pick(&flags.tls_key, &self.tls_key),
             tls_client_ca: pick(&flags.tls_client_ca, &self.tls_client_ca),
             reflection: flags.reflection.or(self.reflection),
+            open_data: flags.open_data || self.open_data,
             backup_key_file: flags
                 .backup_key_file
                 .clone()
@@ -433,6 +437,7 @@ impl ConfigFile {
             citizen_issuers,
             tls: None,
             reflection: self.server.reflection,
+            open_data: self.server.open_data,
             backup_key: None, // read by `prenota serve`
         })
     }
@@ -541,6 +546,8 @@ pub struct Config {
     pub tls: Option<TlsPem>,
     /// `[server] reflection`; `None`: on in open mode, off with tokens.
     pub reflection: Option<bool>,
+    /// `[server] open_data`: OpenDataService answers callers without a token too.
+    pub open_data: bool,
     /// `[server] backup_key_file`, read: backups need it.
     pub backup_key: Option<std::sync::Arc<crate::store::backup_key::BackupKey>>,
 }

@@ -43,6 +43,9 @@ enum Command {
     Export(ExportArgs),
     /// Write the audit log (every capacity change: who, what, when) as CSV to stdout.
     Audit(ServerArgs),
+    /// Write public availability (per site, service and local day; never a person) as
+    /// CSV or JSON Lines to stdout.
+    OpenData(OpenDataArgs),
     /// Write a consistent backup file: of a running server (--server, admin token), or
     /// of a stopped server's data dir (--data-dir).
     Backup(BackupArgs),
@@ -142,6 +145,26 @@ struct ExportArgs {
     /// Only the bookings of this region's sites.
     #[arg(long)]
     region: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct OpenDataArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Only this region's sites.
+    #[arg(long)]
+    region: Option<String>,
+    /// Only this service.
+    #[arg(long)]
+    service: Option<String>,
+    /// First local day, YYYY-MM-DD (default: today, UTC).
+    #[arg(long)]
+    first_day: Option<String>,
+    /// Last local day, inclusive (default: 30 days after the first; at most 366 days).
+    #[arg(long)]
+    last_day: Option<String>,
+    #[arg(long, value_enum, default_value = "csv")]
+    format: prenota::cli::OpenDataFormat,
 }
 
 #[derive(clap::Args)]
@@ -279,6 +302,18 @@ fn main() -> ExitCode {
             &args.server.target(),
             args.dry_run,
         )),
+        Command::OpenData(args) => {
+            let request = prenota::proto::GetAvailabilitySummaryRequest {
+                region_id: args.region,
+                service_id: args.service,
+                first_day: args.first_day.unwrap_or_default(),
+                last_day: args.last_day.unwrap_or_default(),
+                page_size: 0,
+                page_token: String::new(),
+            };
+            let target = args.server.target();
+            runtime.block_on(prenota::cli::open_data(&target, request, args.format))
+        }
         Command::Export(args) => {
             use prenota::proto::export_bookings_request::Scope;
             let scope = match (args.site, args.region) {
@@ -312,6 +347,7 @@ impl ServeArgs {
             tls_key: self.tls_key.clone(),
             tls_client_ca: self.tls_client_ca.clone(),
             reflection: None, // prenota.toml only
+            open_data: false, // prenota.toml only
             backup_key_file: self.backup_key_file.clone(),
         }
     }

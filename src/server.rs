@@ -29,15 +29,17 @@ use crate::grpc::connections;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::readiness::Ready;
 use crate::grpc::shed::Shed;
-use crate::grpc::{BookingApi, CapacityApi};
+use crate::grpc::{BookingApi, CapacityApi, OpenDataApi};
 use crate::proto::booking_service_server::BookingServiceServer;
 use crate::proto::capacity_service_server::CapacityServiceServer;
+use crate::proto::open_data_service_server::OpenDataServiceServer;
 use crate::service::{Clock, Engine, ServiceError};
 use crate::store::StoreError;
 use crate::telemetry;
 
 const BOOKING_SERVICE_NAME: &str = "prenota.v1.BookingService";
 const CAPACITY_SERVICE_NAME: &str = "prenota.v1.CapacityService";
+const OPEN_DATA_SERVICE_NAME: &str = "prenota.v1.OpenDataService";
 /// How long shutdown waits for detached request tasks to let go of the engine.
 const ENGINE_RELEASE_WAIT: Duration = Duration::from_secs(10);
 
@@ -134,6 +136,8 @@ struct Access {
     open_citizens: CitizenTrust,
     /// Serve gRPC reflection (behind the token gate and the in-flight limit).
     reflection: bool,
+    /// OpenDataService answers callers without a token too.
+    open_data: bool,
 }
 
 impl Access {
@@ -150,6 +154,7 @@ impl Access {
             ),
             open_citizens: default_citizen_trust(!config.citizen_issuers.is_empty()),
             reflection: config.serves_reflection(),
+            open_data: config.open_data,
         }
     }
 }
@@ -206,6 +211,7 @@ async fn run(
         assertions,
         open_citizens,
         reflection: serves_reflection,
+        open_data,
     } = access;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -218,6 +224,7 @@ async fn run(
 
     let (booking_gate, booking_slot) = Ready::pending();
     let (capacity_gate, capacity_slot) = Ready::pending();
+    let (open_data_gate, open_data_slot) = Ready::pending();
     let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
     let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
     let gate = |service| Gate::new(&tokens, service, token_limiter.clone(), open_citizens);
@@ -257,6 +264,11 @@ async fn run(
             &in_flight,
             &gate(auth::Service::Capacity),
         ))
+        .add_service(gated(
+            open_data_gate,
+            &in_flight,
+            &gate(auth::Service::OpenData { public: open_data }),
+        ))
         .serve_with_incoming_shutdown(
             connections::capped(
                 listener,
@@ -271,7 +283,11 @@ async fn run(
                 closing.send_replace(true);
             },
         );
-    let services = (booking_slot.as_ref(), capacity_slot.as_ref());
+    let services = (
+        booking_slot.as_ref(),
+        capacity_slot.as_ref(),
+        open_data_slot.as_ref(),
+    );
     let settings = ServiceSettings {
         message_size_bytes_max: limits.message_size_bytes_max,
         assertions,
@@ -287,7 +303,7 @@ async fn run(
     let (started, served) = tokio::join!(biased; starting, serving);
     set_health(&health, ServingStatus::NotServing).await;
     // The services hold the engine; `close` waits until it is the last holder.
-    drop((booking_slot, capacity_slot));
+    drop((booking_slot, capacity_slot, open_data_slot));
     match started {
         Ok((engine, tasks, _stop)) => {
             tasks.stop().await;
@@ -303,7 +319,7 @@ async fn run(
 /// (unsent) while serving.
 async fn start_serving(
     start: Start,
-    services: (&BookingSlot, &CapacitySlot),
+    services: (&BookingSlot, &CapacitySlot, &OpenDataSlot),
     health: &HealthReporter,
     settings: &ServiceSettings,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -386,6 +402,7 @@ fn transport(
 
 type BookingSlot = std::sync::OnceLock<BookingServiceServer<BookingApi>>;
 type CapacitySlot = std::sync::OnceLock<CapacityServiceServer<CapacityApi>>;
+type OpenDataSlot = std::sync::OnceLock<OpenDataServiceServer<OpenDataApi>>;
 
 /// Puts prenota's services behind their readiness gates: from here on they answer.
 /// What prenota's services are built with once the engine exists.
@@ -396,7 +413,7 @@ struct ServiceSettings {
 
 fn open_services(
     engine: &Arc<Engine>,
-    (booking, capacity): (&BookingSlot, &CapacitySlot),
+    (booking, capacity, open_data): (&BookingSlot, &CapacitySlot, &OpenDataSlot),
     settings: &ServiceSettings,
 ) {
     let booking_api = BookingApi::new(Arc::clone(engine), settings.assertions.clone());
@@ -408,13 +425,22 @@ fn open_services(
         CapacityServiceServer::new(CapacityApi::new(Arc::clone(engine)))
             .max_decoding_message_size(settings.message_size_bytes_max),
     );
+    let _ = open_data.set(
+        OpenDataServiceServer::new(OpenDataApi::new(Arc::clone(engine)))
+            .max_decoding_message_size(settings.message_size_bytes_max),
+    );
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     // The gauge first: whoever sees the new health also sees the gauge agree.
     let serving = matches!(status, ServingStatus::Serving);
     metrics::gauge!(telemetry::SERVING).set(if serving { 1.0 } else { 0.0 });
-    for service in ["", BOOKING_SERVICE_NAME, CAPACITY_SERVICE_NAME] {
+    for service in [
+        "",
+        BOOKING_SERVICE_NAME,
+        CAPACITY_SERVICE_NAME,
+        OPEN_DATA_SERVICE_NAME,
+    ] {
         health.set_service_status(service, status).await;
     }
 }

@@ -47,19 +47,24 @@ struct Day {
 impl Day {
     fn new(date: NaiveDate, zone: Tz) -> Self {
         let next = date.succ_opt().unwrap_or(date);
-        // Midnight may not exist (a DST jump at 00:00): the earliest instant of the day.
-        let start = (0..24)
-            .filter_map(|hour| next.and_hms_opt(hour, 0, 0))
-            .find_map(|local| zone.from_local_datetime(&local).earliest());
         Self {
             free: Arc::new(AtomicI64::new(0)),
-            next_day_start_unix_s: start.map_or(i64::MAX, |start| start.timestamp()),
+            next_day_start_unix_s: day_start_unix_s(next, zone),
         }
     }
 
     fn sold_out(&self) -> bool {
         self.free.load(Ordering::Acquire) <= 0
     }
+}
+
+/// The first instant of local day `date` in `zone`. Midnight may not exist (a DST jump
+/// at 00:00): the earliest instant of the day.
+fn day_start_unix_s(date: NaiveDate, zone: Tz) -> i64 {
+    (0..24)
+        .filter_map(|hour| date.and_hms_opt(hour, 0, 0))
+        .find_map(|local| zone.from_local_datetime(&local).earliest())
+        .map_or(i64::MAX, |start| start.timestamp())
 }
 
 impl Slot {
@@ -193,6 +198,27 @@ impl Totals {
         self.booked += u64::from(counter.taken.saturating_sub(held));
         self.held += u64::from(held);
     }
+}
+
+/// One service's slots on one local day of a site, added up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DayTotals {
+    pub service_id: ServiceId,
+    pub day: NaiveDate,
+    pub totals: Totals,
+    /// Free places: capacity - booked - held of the open slots.
+    pub remaining: u64,
+}
+
+/// Which of a site's days [`Catalog::day_totals`] adds up.
+pub struct DaysWanted<'a> {
+    pub service_id: Option<&'a ServiceId>,
+    /// Local days, inclusive.
+    pub first: NaiveDate,
+    pub last: NaiveDate,
+    /// Resume strictly after this (service, day).
+    pub after: Option<(&'a ServiceId, NaiveDate)>,
+    pub limit: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -547,6 +573,61 @@ impl Catalog {
             totals,
             by_day: by_day.into_iter().collect(),
         })
+    }
+
+    /// The sites of `region` (every site if `None`), in id order.
+    pub fn sites_in(&self, region: Option<&RegionId>) -> Vec<Arc<Site>> {
+        match region {
+            None => self.sites.values().map(|e| Arc::clone(&e.site)).collect(),
+            Some(region) => self
+                .regions
+                .get(region)
+                .into_iter()
+                .flatten()
+                .filter_map(|site_id| self.site(site_id).cloned())
+                .collect(),
+        }
+    }
+
+    /// Per service and local day (in that order) the totals of a site's slots, as
+    /// `wanted` says; `held` gives the live holds per slot. Adds up the same counters
+    /// as `site_stats`, so the two always agree.
+    pub fn day_totals(
+        &self,
+        site_id: &SiteId,
+        wanted: &DaysWanted<'_>,
+        held: &HashMap<SlotKey, u32>,
+    ) -> Vec<DayTotals> {
+        let Some(entry) = self.sites.get(site_id) else {
+            return Vec::new();
+        };
+        let zone = entry.site.time_zone;
+        entry
+            .days
+            .iter()
+            .filter(|((service, day), _)| {
+                wanted.service_id.is_none_or(|wanted| wanted == service)
+                    && (wanted.first..=wanted.last).contains(day)
+                    && wanted.after.is_none_or(|after| (service, *day) > after)
+            })
+            .take(wanted.limit)
+            .map(|((service, day), (of_day, _))| {
+                let start = (service.clone(), day_start_unix_s(*day, zone));
+                let end = (service.clone(), of_day.next_day_start_unix_s);
+                let (mut totals, mut remaining) = (Totals::default(), 0);
+                for slot in entry.slots.range(start..end).map(|(_, slot)| slot) {
+                    let counter = slot.counter.snapshot();
+                    totals.add_slot(&counter, held.get(&slot.key).copied().unwrap_or(0));
+                    remaining += u64::from(counter.remaining());
+                }
+                DayTotals {
+                    service_id: service.clone(),
+                    day: *day,
+                    totals,
+                    remaining,
+                }
+            })
+            .collect()
     }
 
     /// The slots of one site (and one service, if given) starting in `[from, to)`.

@@ -27,7 +27,14 @@ pub enum Service {
     Capacity,
     /// gRPC reflection: any valid token.
     Reflection,
+    /// Aggregates only: any valid token; with `public`, no token too.
+    OpenData {
+        public: bool,
+    },
 }
+
+/// The request quota anonymous callers of a public service share.
+const ANONYMOUS: &str = "anonymous";
 
 /// The authenticated caller, put in the request's extensions by the gate.
 #[derive(Clone, Debug)]
@@ -162,6 +169,11 @@ impl Gate {
         if self.tokens.is_empty() {
             return Ok(Caller::Open);
         }
+        let anonymous = request.metadata().get("authorization").is_none();
+        if anonymous && self.service == (Service::OpenData { public: true }) {
+            self.count_request(&Arc::from(ANONYMOUS))?;
+            return Ok(Caller::Open);
+        }
         let unauthenticated =
             || Status::unauthenticated("send a valid token as `authorization: Bearer <token>`");
         let header = request
@@ -200,6 +212,7 @@ impl Interceptor for Gate {
                 (self.service, role),
                 (_, Role::Admin)
                     | (Service::Reflection, _)
+                    | (Service::OpenData { .. }, _)
                     | (Service::Booking, Role::Frontend)
                     | (Service::Capacity, Role::Authority)
             );

@@ -4,7 +4,7 @@
 
 use std::str::FromStr;
 
-use chrono::{SecondsFormat, TimeZone, Utc};
+use chrono::{NaiveDate, SecondsFormat, TimeZone, Utc};
 use chrono_tz::Tz;
 use prost_types::Timestamp;
 
@@ -20,7 +20,7 @@ use crate::domain::text::display_text;
 use crate::proto;
 use crate::service::{
     BookCommand, BookingView, CancelCommand, CitizenBookingsQuery, CloseCommand, EventView,
-    HoldCommand, ImportRow, RescheduleCommand,
+    HoldCommand, ImportRow, RescheduleCommand, RowKey, SummaryPage, SummaryQuery,
 };
 
 /// Latest instant accepted on the wire: 9999-12-31T23:59:59Z.
@@ -671,6 +671,143 @@ pub fn event_to_proto(view: &EventView) -> proto::Event {
         hold_id: id(event.hold_id),
         previous_booking_id: id(event.previous_booking_id),
         capacity: event.capacity.unwrap_or_default(),
+    }
+}
+
+/// The UTC date of an instant.
+pub fn utc_date(unix_ms: i64) -> NaiveDate {
+    chrono::DateTime::from_timestamp_millis(unix_ms)
+        .unwrap_or_default()
+        .date_naive()
+}
+
+fn day_text(day: NaiveDate) -> String {
+    day.format("%Y-%m-%d").to_string()
+}
+
+/// A local day `YYYY-MM-DD`; empty means `default`.
+fn day_or(field: &str, text: &str, default: NaiveDate) -> Result<NaiveDate, FieldViolation> {
+    if text.is_empty() {
+        return Ok(default);
+    }
+    (text.len() == 10)
+        .then(|| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
+        .flatten()
+        .ok_or_else(|| FieldViolation::new(field, "must be a date YYYY-MM-DD"))
+}
+
+/// A summary's `page_token`: `site_id/service_id/YYYY-MM-DD` of the last row sent
+/// (ids never hold a `/`); empty means the first page.
+fn row_key_token(token: &str, limits: &Limits) -> Result<Option<RowKey>, FieldViolation> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || {
+        FieldViolation::new(
+            "page_token",
+            "is not a next_page_token from a previous response",
+        )
+    };
+    let mut parts = token.split('/');
+    let (Some(site), Some(service), Some(day), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    Ok(Some(RowKey {
+        site_id: site_id("page_token", site, limits).map_err(|_| bad())?,
+        service_id: service_id("page_token", service, limits).map_err(|_| bad())?,
+        day: day_or("page_token", day, NaiveDate::MIN).map_err(|_| bad())?,
+    }))
+}
+
+/// `first_day..=last_day` with the defaults filled in: at most `search_range_days_max`
+/// days.
+fn day_range(
+    (first, last): (&str, &str),
+    today: NaiveDate,
+    limits: &Limits,
+) -> Result<(NaiveDate, NaiveDate), FieldViolation> {
+    let first = day_or("first_day", first, today)?;
+    let default_days = u64::from(limits.search_range_days_default.max(1) - 1);
+    let last = day_or("last_day", last, first + chrono::Days::new(default_days))?;
+    let days = (last - first).num_days() + 1;
+    if days < 1 {
+        return Err(FieldViolation::new(
+            "last_day",
+            "must not be before first_day",
+        ));
+    }
+    if days > i64::from(limits.search_range_days_max) {
+        return Err(FieldViolation::new(
+            "last_day",
+            format!("the range is at most {} days", limits.search_range_days_max),
+        ));
+    }
+    Ok((first, last))
+}
+
+pub fn summary_from_proto(
+    request: proto::GetAvailabilitySummaryRequest,
+    limits: &Limits,
+    today: NaiveDate,
+) -> Result<SummaryQuery, DomainError> {
+    let (region_id, service_id, (first_day, last_day), page_size, after) = (
+        optional(request.region_id.as_deref(), |id| {
+            region_id("region_id", id, limits)
+        }),
+        optional(request.service_id.as_deref(), |id| {
+            service_id("service_id", id, limits)
+        }),
+        day_range((&request.first_day, &request.last_day), today, limits),
+        page_size(request.page_size, limits),
+        row_key_token(&request.page_token, limits),
+    )
+        .all_valid()?;
+    Ok(SummaryQuery {
+        region_id,
+        service_id,
+        first_day,
+        last_day,
+        after,
+        page_size,
+    })
+}
+
+pub fn summary_to_proto(page: &SummaryPage) -> proto::GetAvailabilitySummaryResponse {
+    let as_of = timestamp_ms(page.as_of_unix_ms);
+    let rows = page
+        .rows
+        .iter()
+        .map(|row| {
+            let totals = &row.totals.totals;
+            proto::AvailabilityRow {
+                site_id: row.site.site_id.to_string(),
+                site_name: row.site.name.clone(),
+                region_id: row.site.region_id.to_string(),
+                service_id: row.totals.service_id.to_string(),
+                day: day_text(row.totals.day),
+                slots: totals.slots,
+                capacity: totals.capacity,
+                booked: totals.booked,
+                remaining: row.totals.remaining,
+                as_of: Some(as_of),
+                held: totals.held,
+                slots_closed: totals.slots_closed,
+            }
+        })
+        .collect();
+    let next_page_token = page
+        .next
+        .as_ref()
+        .map(|next| {
+            let day = day_text(next.day);
+            format!("{}/{}/{day}", next.site_id, next.service_id)
+        })
+        .unwrap_or_default();
+    proto::GetAvailabilitySummaryResponse {
+        rows,
+        next_page_token,
     }
 }
 

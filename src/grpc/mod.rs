@@ -9,9 +9,11 @@ pub mod connections;
 pub mod convert;
 pub mod detached;
 pub mod observe;
+pub mod open_data_service;
 pub mod readiness;
 pub mod shed;
 pub mod status;
 
 pub use booking_service::BookingApi;
 pub use capacity_service::CapacityApi;
+pub use open_data_service::OpenDataApi;

@@ -15,6 +15,7 @@
 //! - `exports`: how many exports may stream at once, and a feed that stops a scan
 //!   whose client stopped reading.
 //! - `events`: `WatchEvents`, the event log read from a sequence on and followed live.
+//! - `open_data`: availability added up per site, service and day, never a person.
 //! - `retention`: forgets old request records and deletes records of long-ended slots.
 
 pub mod actor;
@@ -30,6 +31,7 @@ pub mod execute;
 pub mod exports;
 pub mod holds;
 pub mod import_check;
+pub mod open_data;
 pub mod rate_limits;
 pub mod recovery;
 pub mod requests;
@@ -44,4 +46,5 @@ pub use error::ServiceError;
 pub use events::{EventScope, EventView};
 pub use holds::HoldCommand;
 pub use import_check::ImportRow;
+pub use open_data::{RowKey, SummaryPage, SummaryQuery};
 pub use retention::Retained;

@@ -1,0 +1,94 @@
+//! Open data: availability added up per site, service and local day, never a person
+//! (`OpenDataService.GetAvailabilitySummary`, `prenota open-data`). Read from the same
+//! counters as `GetSiteStats`, a page at a time (`page_size_max` rows, so one call's work
+//! is bounded however wide the question).
+
+use std::sync::Arc;
+
+use chrono::NaiveDate;
+
+use crate::domain::catalog::{DayTotals, DaysWanted, Site};
+use crate::domain::ids::{RegionId, ServiceId, SiteId};
+use crate::service::engine::Engine;
+
+/// What a summary covers.
+#[derive(Clone, Debug)]
+pub struct SummaryQuery {
+    pub region_id: Option<RegionId>,
+    pub service_id: Option<ServiceId>,
+    /// Local days, inclusive.
+    pub first_day: NaiveDate,
+    pub last_day: NaiveDate,
+    /// Resume strictly after this row.
+    pub after: Option<RowKey>,
+    pub page_size: usize,
+}
+
+/// Where a row sits in the summary's order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowKey {
+    pub site_id: SiteId,
+    pub service_id: ServiceId,
+    pub day: NaiveDate,
+}
+
+pub struct SummaryRow {
+    pub site: Arc<Site>,
+    pub totals: DayTotals,
+}
+
+pub struct SummaryPage {
+    pub rows: Vec<SummaryRow>,
+    /// When the counts were read.
+    pub as_of_unix_ms: i64,
+    /// Set when more rows may follow the last one.
+    pub next: Option<RowKey>,
+}
+
+impl Engine {
+    /// One page of the availability summary.
+    pub fn availability_summary(&self, query: &SummaryQuery) -> SummaryPage {
+        let as_of_unix_ms = self.now_unix_ms();
+        let sites = self.catalog().sites_in(query.region_id.as_ref());
+        let after_site = query.after.as_ref().map(|after| &after.site_id);
+        let mut rows = Vec::new();
+        for site in sites
+            .into_iter()
+            .filter(|s| after_site.is_none_or(|a| s.site_id >= *a))
+        {
+            let wanted = DaysWanted {
+                service_id: query.service_id.as_ref(),
+                first: query.first_day,
+                last: query.last_day,
+                after: query
+                    .after
+                    .as_ref()
+                    .filter(|after| after.site_id == site.site_id)
+                    .map(|after| (&after.service_id, after.day)),
+                limit: query.page_size - rows.len(),
+            };
+            let held = self.live_holds().count_by_slot(&site.site_id);
+            let totals = self.catalog().day_totals(&site.site_id, &wanted, &held);
+            rows.extend(totals.into_iter().map(|totals| SummaryRow {
+                site: Arc::clone(&site),
+                totals,
+            }));
+            if rows.len() == query.page_size {
+                break;
+            }
+        }
+        let next = match rows.len() == query.page_size {
+            true => rows.last().map(|row| RowKey {
+                site_id: row.site.site_id.clone(),
+                service_id: row.totals.service_id.clone(),
+                day: row.totals.day,
+            }),
+            false => None,
+        };
+        SummaryPage {
+            rows,
+            as_of_unix_ms,
+            next,
+        }
+    }
+}
