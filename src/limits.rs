@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 /// each (`domain::slot_counter::COUNTER_FIELD_MAX`; `config` asserts they agree).
 pub const CAPACITY_PER_SLOT_CEILING: u32 = (1 << 21) - 1;
 
+/// The longest display text (a name, a reason) a stored record may hold: recovery and
+/// event reads refuse longer ones as corrupt, so no limit may let a request write one.
+pub const STORED_TEXT_LENGTH_MAX: usize = 16_384;
+
 /// Upper bounds on everything a client can make the server hold, scan or write.
 /// In `prenota.toml` under `[limits]`; a missing key keeps its default.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +75,8 @@ pub struct Limits {
     /// `WatchEvents` streams open at once (gateways); the next one is refused with
     /// RESOURCE_EXHAUSTED / WATCHERS_EXHAUSTED.
     pub event_streams_max: usize,
+    /// `WatchEvents` streams one token may have open at once.
+    pub event_streams_per_token_max: usize,
     /// Events one `WatchEvents` read takes from the store at once.
     pub events_page_max: usize,
     /// `WatchAvailability` streams open at once; the next one is refused with
@@ -225,6 +231,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     export_idle_timeout_ms: 30_000,
     events_retained_hours: 168,
     event_streams_max: 64,
+    event_streams_per_token_max: 8,
     events_page_max: 512,
     watch_subscribers_max: 10_000,
     watch_coalesce_ms: 200,
@@ -292,6 +299,8 @@ const _: () = {
     assert!(l.exports_max >= 1 && l.exports_per_token_max >= 1);
     assert!(l.export_idle_timeout_ms >= 100);
     assert!(l.event_streams_max >= 1 && l.events_page_max >= 1);
+    assert!(l.event_streams_per_token_max >= 1);
+    assert!(l.close_reason_length_max <= STORED_TEXT_LENGTH_MAX);
     assert!(l.watch_subscribers_max >= 1 && l.watch_slots_max >= 1);
     assert!(l.watch_coalesce_ms >= 10);
     assert!(l.metrics_refresh_interval_ms >= 100 && l.backup_changes_buffered_max >= 1);
@@ -371,8 +380,11 @@ impl Limits {
             "export_idle_timeout_ms must be at least 100",
         );
         need(
-            l.event_streams_max >= 1 && l.events_page_max >= 1,
-            "event_streams_max and events_page_max must be at least 1",
+            l.event_streams_max >= 1
+                && l.event_streams_per_token_max >= 1
+                && l.events_page_max >= 1,
+            "event_streams_max, event_streams_per_token_max and events_page_max must be at \
+             least 1",
         );
         need(
             l.watch_subscribers_max >= 1 && l.watch_slots_max >= 1,
@@ -443,8 +455,9 @@ impl Limits {
             "import_rows_max and import_slots_max must be at least 1",
         );
         need(
-            l.close_reason_length_max >= 1,
-            "close_reason_length_max must be at least 1",
+            l.close_reason_length_max >= 1 && l.close_reason_length_max <= STORED_TEXT_LENGTH_MAX,
+            "close_reason_length_max must be between 1 and 16384 (the longest text a stored \
+             record may hold)",
         );
         need(
             l.rate_limiter_retain_interval_ms >= 100,

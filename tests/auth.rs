@@ -655,3 +655,79 @@ async fn another_regions_site_and_an_unknown_one_look_the_same() {
     assert_eq!(answers[0][0].0, Code::PermissionDenied);
     server.stop().await;
 }
+
+/// An authority's event watch shows the sites of its regions only, checked at every
+/// event: a site an admin moves to another region stops showing at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authority_watches_the_events_of_its_own_regions_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config()).await;
+    let (_, mut admin) = clients(&server, Some(ADMIN)).await;
+    let (_, mut lazio) = clients(&server, Some(LAZIO)).await;
+    let (mut web, _) = clients(&server, Some(FRONTEND)).await;
+    let day = day_ahead(30);
+    let mut slot_of = std::collections::HashMap::new();
+    for (site_id, region) in [("rome", "lazio"), ("venice", "veneto")] {
+        admin.upsert_site(site(site_id, region)).await.unwrap();
+        let schedule = publish_request(site_id, "vax", (&day, &day), ("09:00", "09:30"), 30, 5);
+        admin.publish_schedule(schedule).await.unwrap();
+        let search = proto::SearchSlotsRequest {
+            scope: Some(proto::search_slots_request::Scope::SiteId(site_id.into())),
+            service_id: "vax".into(),
+            from: Some(prost_types::Timestamp {
+                seconds: chrono::Utc::now().timestamp(),
+                nanos: 0,
+            }),
+            to: Some(prost_types::Timestamp {
+                seconds: chrono::Utc::now().timestamp() + 40 * 86_400,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let slots = web.search_slots(search).await.unwrap().into_inner().slots;
+        slot_of.insert(site_id, slots[0].slot_id.clone());
+    }
+    let watch = |scope| proto::WatchEventsRequest {
+        scope,
+        after_sequence: 0,
+    };
+    let mut stream = lazio.watch_events(watch(None)).await.unwrap().into_inner();
+    denied(
+        lazio
+            .watch_events(watch(Some(proto::watch_events_request::Scope::RegionId(
+                "veneto".into(),
+            ))))
+            .await,
+    );
+    // Rome moves to Veneto: from then on its events are no longer Lazio's.
+    admin.upsert_site(site("rome", "veneto")).await.unwrap();
+    for (n, site_id) in ["venice", "rome", "venice", "rome"].iter().enumerate() {
+        let citizen = format!("citizen-{n}");
+        let request = book_request(&slot_of[site_id], &citizen, &citizen);
+        web.book(request).await.unwrap();
+    }
+    admin.upsert_site(site("ostia", "lazio")).await.unwrap();
+    let schedule = publish_request("ostia", "vax", (&day, &day), ("09:00", "09:30"), 30, 5);
+    admin.publish_schedule(schedule).await.unwrap();
+    admin
+        .set_slot_capacity(proto::SetSlotCapacityRequest {
+            slot_id: slot_of["rome"].replace("rome", "ostia"),
+            capacity: 7,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event comes")
+        .unwrap()
+        .unwrap()
+        .event
+        .unwrap();
+    // Nothing of Venice, nothing of Rome since it left: only Ostia's capacity change.
+    assert_eq!(first.site_id, "ostia", "{first:?}");
+    assert_eq!(first.kind(), proto::EventKind::CapacityChanged);
+    let more = tokio::time::timeout(std::time::Duration::from_millis(300), stream.message()).await;
+    assert!(more.is_err(), "no other event is Lazio's: {more:?}");
+    server.stop().await;
+}

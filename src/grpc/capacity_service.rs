@@ -386,7 +386,9 @@ impl CapacityService for CapacityApi {
         request: Request<proto::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         use proto::watch_events_request::Scope;
-        let actor = Caller::of(&request)?.authority();
+        let caller = Caller::of(&request)?;
+        let actor = caller.authority();
+        let stalled = close_on_idle(&request);
         let limits = self.engine.limits();
         let request = request.into_inner();
         let (site, region) = match request.scope {
@@ -401,15 +403,16 @@ impl CapacityService for CapacityApi {
             ),
         };
         let scope = EventScope::of(&self.engine, &actor, site, region)?;
-        let events = self.engine.watch_events(scope, request.after_sequence)?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(events).map(
-            |item| {
-                item.map(|view| proto::WatchEventsResponse {
-                    event: Some(convert::event_to_proto(&view)),
-                })
-                .map_err(Status::from)
-            },
-        ))))
+        let (events, permit) =
+            self.engine
+                .watch_events((scope, request.after_sequence), &caller.actor(), stalled)?;
+        let events = ReceiverStream::new(events).map(|item| {
+            item.map(|view| proto::WatchEventsResponse {
+                event: Some(convert::event_to_proto(&view)),
+            })
+            .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(holding(events, permit))))
     }
 }
 

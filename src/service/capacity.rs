@@ -101,6 +101,23 @@ impl Closure {
     }
 }
 
+/// `writes` in runs of `size` (a few more where needed): a run never ends just before
+/// an event, so a change and the event that follows it are committed together.
+fn chunked(writes: &[Write], size: usize) -> Vec<&[Write]> {
+    let mut chunks = Vec::new();
+    let mut rest = writes;
+    while !rest.is_empty() {
+        let mut end = size.min(rest.len());
+        while end < rest.len() && matches!(rest[end], Write::Event(_)) {
+            end += 1;
+        }
+        let (head, tail) = rest.split_at(end);
+        chunks.push(head);
+        rest = tail;
+    }
+    chunks
+}
+
 /// Lowers, in memory, the capacities the plans lower (never below what is taken);
 /// returns each lowered slot with its old capacity, or undoes them all and refuses.
 fn lower_capacities(plans: &[PublishPlan]) -> Result<Vec<(Arc<Slot>, u32)>, ServiceError> {
@@ -531,10 +548,11 @@ impl Engine {
             .commit(&[Write::ApplyJournal(journal.clone())])
             .await?;
         journal.finished = true;
-        let chunks = writes.chunks(chunk).count();
-        for (index, part) in writes.chunks(chunk).enumerate() {
+        let chunks = chunked(&writes, chunk);
+        let count = chunks.len();
+        for (index, part) in chunks.into_iter().enumerate() {
             let mut part = part.to_vec();
-            if index + 1 == chunks {
+            if index + 1 == count {
                 part.push(Write::ApplyJournal(journal.clone()));
             }
             let mut waited = 0;
@@ -831,5 +849,42 @@ impl Engine {
             .cloned()
             .ok_or(DomainError::NotFound(Missing::Site))?;
         Ok((site, catalog.site_stats(site_id, &held)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ids::{ServiceId, SiteId};
+
+    fn change() -> Write {
+        Write::Delete(b"k".to_vec())
+    }
+
+    fn event() -> Write {
+        let slot = SlotKey {
+            site_id: SiteId::parse("s", "site", 64).unwrap(),
+            service_id: ServiceId::parse("s", "vax", 64).unwrap(),
+            start_unix_s: 0,
+        };
+        Write::Event(Event::capacity_changed(&slot, 1, 0))
+    }
+
+    #[test]
+    fn a_chunk_never_ends_between_a_change_and_its_event() {
+        // One site record, then (slot, event) pairs: every even boundary splits a pair.
+        let mut writes = vec![change()];
+        for _ in 0..10 {
+            writes.extend([change(), event()]);
+        }
+        let chunks = chunked(&writes, 4);
+        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), writes.len());
+        for chunk in &chunks {
+            assert!(chunk.len() <= 5, "at most one event past the size");
+            assert!(
+                !matches!(chunk[0], Write::Event(_)),
+                "an event left its change"
+            );
+        }
     }
 }

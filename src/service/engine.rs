@@ -68,8 +68,8 @@ pub struct Engine {
     pub(super) reads: rate_limits::CitizenLimiter,
     /// Exports streaming now, in total and per token.
     pub(super) exports: Exports,
-    /// Places for `WatchEvents` streams (`event_streams_max`).
-    pub(super) event_streams: Arc<tokio::sync::Semaphore>,
+    /// `WatchEvents` streams open now, in total and per token.
+    pub(super) event_streams: Exports,
     /// Turns true when the server shuts down: watch streams end.
     pub(super) closing: watch::Sender<bool>,
     /// How citizen ids are read (the scheme and the length bound).

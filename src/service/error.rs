@@ -48,7 +48,8 @@ pub enum ServiceError {
     #[error("after_sequence {after} is beyond the last event ({last}): this store never wrote it (restored from an older backup?)")]
     EventsAhead { after: u64, last: u64 },
     #[error(
-        "too many watch streams open (watch_subscribers_max or event_streams_max): retry later"
+        "too many watch streams open (event_streams_max or event_streams_per_token_max; \
+         watch_subscribers_max for availability): retry later"
     )]
     WatchersExhausted,
 }

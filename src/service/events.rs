@@ -6,13 +6,16 @@
 //! waits for the next one: it reads no event that a crash could still take back, and the
 //! store is the only copy (no per-watcher buffer beyond one page in its channel).
 //!
-//! At most `event_streams_max` watches at once; a reader that reads nothing for
-//! `export_idle_timeout_ms` is dropped (its task ends and frees its place).
+//! Bounds: `event_streams_max` watches at once and `event_streams_per_token_max` per
+//! token, each place held for the life of its response stream; a reader that reads
+//! nothing for `export_idle_timeout_ms` is cut off like a stalled export (its task ends
+//! and `on_idle` closes its connection, the only way to end a stream whose client keeps
+//! its window shut).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::domain::catalog::Site;
 use crate::domain::event::SequencedEvent;
@@ -20,14 +23,16 @@ use crate::domain::ids::{RegionId, SiteId};
 use crate::service::actor::{Actor, Regions};
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
+use crate::service::exports::{ExportKind, ExportPermit, OnIdle};
 
-/// Which events a watch wants (already checked against the caller's regions).
+/// Which events a watch wants: those of the sites the caller may see *now* (checked at
+/// every event, so a site moved to another region stops showing at once), narrowed to
+/// one site or one region.
 #[derive(Clone, Debug)]
-pub enum EventScope {
-    /// Every site the actor may see.
-    Visible(Regions),
-    Site(SiteId),
-    Region(RegionId),
+pub struct EventScope {
+    regions: Regions,
+    site: Option<SiteId>,
+    region: Option<RegionId>,
 }
 
 /// An event with the site it happened at (for its time zone).
@@ -49,52 +54,75 @@ impl EventScope {
         site: Option<SiteId>,
         region: Option<RegionId>,
     ) -> Result<Self, ServiceError> {
-        match (site, region) {
-            (Some(site_id), _) => {
-                actor.check_site(engine.site(&site_id).as_ref())?;
-                Ok(Self::Site(site_id))
-            }
-            (None, Some(region)) => {
-                actor.check_region(&region)?;
-                Ok(Self::Region(region))
-            }
-            (None, None) => Ok(Self::Visible(actor.regions.clone())),
+        if let Some(site_id) = &site {
+            actor.check_site(engine.site(site_id).as_ref())?;
         }
+        if let Some(region) = &region {
+            actor.check_region(region)?;
+        }
+        Ok(Self {
+            regions: actor.regions.clone(),
+            site,
+            region,
+        })
     }
 
     fn wants(&self, site: &Site) -> bool {
-        match self {
-            Self::Visible(Regions::All) => true,
-            Self::Visible(Regions::Only(regions)) => regions.contains(&site.region_id),
-            Self::Site(site_id) => site.site_id == *site_id,
-            Self::Region(region) => site.region_id == *region,
-        }
+        let visible = match &self.regions {
+            Regions::All => true,
+            Regions::Only(regions) => regions.contains(&site.region_id),
+        };
+        visible
+            && self.site.as_ref().is_none_or(|id| *id == site.site_id)
+            && self.region.as_ref().is_none_or(|id| *id == site.region_id)
     }
 }
 
+/// Why a watch stopped sending.
+enum Stop {
+    /// The reader went away: nothing to tell.
+    Gone,
+    /// The reader stalled, or the server shuts down: its connection is closed.
+    CutOff,
+}
+
 impl Engine {
-    /// Starts a watch of the events after `after` in `scope`: refused at once if the
-    /// log no longer holds them (`EventsPruned`), never held them (`EventsAhead`), or
-    /// `event_streams_max` watches are open.
+    /// Starts a watch of the events after `after` in `scope` for `token`: refused at
+    /// once if the log no longer holds them (`EventsPruned`), never held them
+    /// (`EventsAhead`), or too many watches are open. Keep the permit with the stream.
     pub fn watch_events(
         self: &Arc<Self>,
-        scope: EventScope,
-        after: u64,
-    ) -> Result<mpsc::Receiver<Result<EventView, ServiceError>>, ServiceError> {
-        let permit = Arc::clone(&self.event_streams)
-            .try_acquire_owned()
+        (scope, after): (EventScope, u64),
+        token: &str,
+        on_idle: Option<OnIdle>,
+    ) -> Result<
+        (
+            mpsc::Receiver<Result<EventView, ServiceError>>,
+            ExportPermit,
+        ),
+        ServiceError,
+    > {
+        let permit = self
+            .event_streams
+            .admit(token, ExportKind::Records)
             .map_err(|_| ServiceError::WatchersExhausted)?;
         self.check_resumable(after)?;
         let (sender, receiver) = mpsc::channel(EVENTS_BUFFERED);
         let engine = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(error) = engine.follow_events(scope, after, &sender).await {
-                // A stalled reader's channel is full: its stream just ends.
-                let _ = sender.try_send(Err(error));
+            match engine.follow_events(&scope, after, &sender).await {
+                Ok(Stop::Gone) => {}
+                Ok(Stop::CutOff) => {
+                    if let Some(on_idle) = on_idle {
+                        on_idle();
+                    }
+                }
+                Err(error) => {
+                    let _ = sender.try_send(Err(error));
+                }
             }
-            drop(permit);
         });
-        Ok(receiver)
+        Ok((receiver, permit))
     }
 
     /// The log still holds every event after `after`, and `after` is one it wrote.
@@ -110,43 +138,26 @@ impl Engine {
     }
 
     /// Sends every durable event after `after` in `scope`, then each new one, until the
-    /// reader goes away (Ok), stalls (`ExportIdle`) or the log moved past it.
+    /// reader goes away or stalls, the server shuts down (`SHUTTING_DOWN`), or
+    /// retention deleted events it had not read (`EventsPruned`).
     async fn follow_events(
         self: &Arc<Self>,
-        scope: EventScope,
+        scope: &EventScope,
         mut after: u64,
         sender: &mpsc::Sender<Result<EventView, ServiceError>>,
-    ) -> Result<(), ServiceError> {
-        let idle = Duration::from_millis(self.limits.export_idle_timeout_ms);
+    ) -> Result<Stop, ServiceError> {
         let mut durable = self.store.last_event();
         let mut closing = self.closing.subscribe();
         loop {
             let through = *durable.borrow_and_update();
             while after < through {
-                let engine = Arc::clone(self);
-                let page_max = self.limits.events_page_max;
-                let page = tokio::task::spawn_blocking(move || {
-                    engine.store.events(after, through, page_max)
-                })
-                .await
-                .map_err(|_| ServiceError::Abandoned)??;
-                match page.first() {
-                    Some(first) if first.sequence == after + 1 => {}
-                    // Retention deleted what this reader had not read yet.
-                    _ => {
-                        let oldest = self.store.oldest_event()?.unwrap_or(through);
-                        return Err(ServiceError::EventsPruned { oldest });
-                    }
-                }
-                for event in page {
+                for event in self.events_page(after, through).await? {
                     after = event.sequence;
-                    let Some(view) = self.event_view(event, &scope) else {
+                    let Some(view) = self.event_view(event, scope) else {
                         continue;
                     };
-                    match tokio::time::timeout(idle, sender.send(Ok(view))).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return Ok(()), // the reader went away
-                        Err(_) => return Err(ServiceError::ExportIdle),
+                    if let Some(stop) = self.send(sender, view, &mut closing).await {
+                        return Ok(stop);
                     }
                 }
                 tokio::task::yield_now().await;
@@ -154,15 +165,58 @@ impl Engine {
             tokio::select! {
                 changed = durable.changed() => {
                     if changed.is_err() {
-                        return Ok(()); // the store shut down
+                        return Err(crate::store::StoreError::Closed.into());
                     }
                 }
-                () = sender.closed() => return Ok(()),
+                () = sender.closed() => return Ok(Stop::Gone),
                 // UNAVAILABLE / SHUTTING_DOWN: resume elsewhere or after the restart.
                 _ = closing.wait_for(|closing| *closing) => {
                     return Err(crate::store::StoreError::Closed.into());
                 }
             }
+        }
+    }
+
+    /// The next events after `after` (up to `through`), read on a blocking thread; each
+    /// must follow the one before, or retention deleted some the reader had not read.
+    async fn events_page(
+        self: &Arc<Self>,
+        after: u64,
+        through: u64,
+    ) -> Result<Vec<SequencedEvent>, ServiceError> {
+        let engine = Arc::clone(self);
+        let page_max = self.limits.events_page_max;
+        let page =
+            tokio::task::spawn_blocking(move || engine.store.events(after, through, page_max))
+                .await
+                .map_err(|_| ServiceError::Abandoned)??;
+        let contiguous = !page.is_empty()
+            && page
+                .iter()
+                .enumerate()
+                .all(|(i, event)| event.sequence == after + 1 + i as u64);
+        if !contiguous {
+            let oldest = self.store.oldest_event()?.unwrap_or(through);
+            return Err(ServiceError::EventsPruned { oldest });
+        }
+        Ok(page)
+    }
+
+    /// Hands one event to the reader, waiting at most `export_idle_timeout_ms`.
+    async fn send(
+        &self,
+        sender: &mpsc::Sender<Result<EventView, ServiceError>>,
+        view: EventView,
+        closing: &mut watch::Receiver<bool>,
+    ) -> Option<Stop> {
+        let idle = Duration::from_millis(self.limits.export_idle_timeout_ms);
+        tokio::select! {
+            sent = tokio::time::timeout(idle, sender.send(Ok(view))) => match sent {
+                Ok(Ok(())) => None,
+                Ok(Err(_)) => Some(Stop::Gone),
+                Err(_) => Some(Stop::CutOff),
+            },
+            _ = closing.wait_for(|closing| *closing) => Some(Stop::CutOff),
         }
     }
 

@@ -16,6 +16,7 @@ use crate::domain::hold::{HoldState, LiveHolds};
 use crate::domain::ids::{BookingId, RegionId, ServiceId, SiteId, SlotKey};
 use crate::domain::retention::{self, Cutoffs};
 use crate::domain::text::display_text;
+use crate::limits::STORED_TEXT_LENGTH_MAX;
 use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
 use crate::service::clock::Clock;
 use crate::service::engine::Engine;
@@ -67,9 +68,10 @@ impl Engine {
                 config.limits.exports_per_token_max,
             ),
             closing: tokio::sync::watch::channel(false).0,
-            event_streams: std::sync::Arc::new(tokio::sync::Semaphore::new(
+            event_streams: Exports::new(
                 config.limits.event_streams_max,
-            )),
+                config.limits.event_streams_per_token_max,
+            ),
             reads: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_reads_per_min),
             citizen_ids: crate::config::citizen_ids(config),
             authority_writes: tokio::sync::Mutex::new(()),
@@ -192,7 +194,6 @@ impl Requests<'_> {
 /// are checked, lengths only against these ceilings: lowering a limit must not make
 /// data written under the old one refuse to start.
 const STORED_ID_LENGTH_MAX: usize = 1_024;
-const STORED_TEXT_LENGTH_MAX: usize = 16_384;
 
 fn recheck(
     what: std::fmt::Arguments<'_>,

@@ -666,7 +666,8 @@ impl Record for SequencedEvent {
         let event: v1::Event = decode_v1(key, value)?;
         // Sent to gateways as it is: the rule every reason passed when it was written.
         if !event.reason.is_empty() {
-            let checked = crate::domain::text::display_text("reason", event.reason, "", 16_384);
+            let length_max = crate::limits::STORED_TEXT_LENGTH_MAX;
+            let checked = crate::domain::text::display_text("reason", event.reason, "", length_max);
             stored(key, checked)?;
         }
         Ok(SequencedEvent {
