@@ -186,6 +186,7 @@ impl Tasks {
             tokio::spawn(retain_rate_limits(Arc::clone(engine))),
             tokio::spawn(retain_records(Arc::clone(engine))),
             tokio::spawn(refresh_gauges(Arc::clone(engine))),
+            tokio::spawn(fan_out_availability(Arc::clone(engine))),
         ])
     }
 
@@ -497,6 +498,16 @@ pub async fn sweep_holds_once(engine: &Engine) -> Result<usize, ServiceError> {
         tracing::debug!(expired, "holds expired");
     }
     Ok(expired)
+}
+
+/// Sends slot changes to availability watchers every `watch_coalesce_ms`.
+async fn fan_out_availability(engine: Arc<Engine>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(engine.limits().watch_coalesce_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        engine.fan_out_availability();
+    }
 }
 
 /// Runs a retention pass every `retention_interval_ms`, the first one period after start.

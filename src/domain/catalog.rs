@@ -6,8 +6,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -15,7 +15,7 @@ use chrono_tz::Tz;
 use crate::domain::error::DomainError;
 use crate::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::PlannedSlot;
-use crate::domain::slot_counter::{CounterSnapshot, Refused, SlotCounter};
+use crate::domain::slot_counter::{CounterSnapshot, Group, Refused, SlotCounter};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Site {
@@ -36,25 +36,83 @@ pub struct Slot {
     day: OnceLock<Arc<Day>>,
 }
 
-/// One service's slots on one local day of a site, for searches: their free places
-/// (the sum their counters keep, see `SlotCounter::join`) and where the next day starts.
+/// One service's slots on one local day of a site: their free places (the sum their
+/// counters keep, see `SlotCounter::join`) for searches, and whether one of them
+/// changed since watchers last looked (see [`ChangeBoard`]).
 #[derive(Debug)]
 struct Day {
-    free: Arc<AtomicI64>,
+    site_id: SiteId,
+    service_id: ServiceId,
+    start_unix_s: i64,
     next_day_start_unix_s: i64,
+    free: AtomicI64,
+    /// On the board already (cleared when the board is read).
+    posted: AtomicBool,
+    board: Arc<ChangeBoard>,
+    me: Weak<Day>,
 }
 
 impl Day {
-    fn new(date: NaiveDate, zone: Tz) -> Self {
+    fn new(
+        key: (&SiteId, &ServiceId),
+        date: NaiveDate,
+        zone: Tz,
+        board: &Arc<ChangeBoard>,
+    ) -> Arc<Self> {
         let next = date.succ_opt().unwrap_or(date);
-        Self {
-            free: Arc::new(AtomicI64::new(0)),
+        Arc::new_cyclic(|me| Self {
+            site_id: key.0.clone(),
+            service_id: key.1.clone(),
+            start_unix_s: day_start_unix_s(date, zone),
             next_day_start_unix_s: day_start_unix_s(next, zone),
-        }
+            free: AtomicI64::new(0),
+            posted: AtomicBool::new(false),
+            board: Arc::clone(board),
+            me: me.clone(),
+        })
     }
 
     fn sold_out(&self) -> bool {
         self.free.load(Ordering::Acquire) <= 0
+    }
+}
+
+impl Group for Day {
+    fn add_free(&self, change: i64) {
+        self.free.fetch_add(change, Ordering::AcqRel);
+    }
+
+    /// Posts the day on the board once, while someone watches.
+    fn member_changed(&self) {
+        if self.board.watching.load(Ordering::Acquire) && !self.posted.swap(true, Ordering::AcqRel)
+        {
+            if let Some(me) = self.me.upgrade() {
+                self.board.post(me);
+            }
+        }
+    }
+}
+
+/// The days with a slot changed since the last look, while anyone watches availability:
+/// each day is posted once by its first change (see `Day::member_changed`), so the
+/// watchers' fan-out reads only the slots of those days, never the whole catalog.
+#[derive(Debug, Default)]
+pub struct ChangeBoard {
+    watching: AtomicBool,
+    days: Mutex<Vec<Arc<Day>>>,
+}
+
+impl ChangeBoard {
+    fn post(&self, day: Arc<Day>) {
+        // Each critical section is one push or one swap: a poisoned lock is sound.
+        self.days
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(day);
+    }
+
+    fn take(&self) -> Vec<Arc<Day>> {
+        std::mem::take(&mut *self.days.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -240,6 +298,8 @@ pub struct PublishPlan {
 pub struct Catalog {
     sites: BTreeMap<SiteId, SiteEntry>,
     regions: BTreeMap<RegionId, BTreeSet<SiteId>>,
+    /// Shared with every day: where they post their changes for watchers.
+    board: Arc<ChangeBoard>,
 }
 
 /// The key just before `key` in its site and service: a search resumed "after" it
@@ -317,9 +377,12 @@ impl Catalog {
         let (day, slots) = entry
             .days
             .entry((slot.key.service_id.clone(), date))
-            .or_insert_with(|| (Arc::new(Day::new(date, zone)), 0));
+            .or_insert_with(|| {
+                let key = (&slot.key.site_id, &slot.key.service_id);
+                (Day::new(key, date, zone, &self.board), 0)
+            });
         *slots += 1;
-        slot.counter.join(Arc::clone(&day.free));
+        slot.counter.join(Arc::clone(day) as Arc<dyn Group>);
         assert!(slot.day.set(Arc::clone(day)).is_ok(), "a new slot");
         entry.slots.insert(
             (slot.key.service_id.clone(), slot.key.start_unix_s),
@@ -575,6 +638,37 @@ impl Catalog {
         })
     }
 
+    /// Whether changes are posted for watchers (off while nobody watches: no cost).
+    pub fn set_watching(&self, watching: bool) {
+        self.board.watching.store(watching, Ordering::Release);
+        if !watching {
+            for day in self.board.take() {
+                day.posted.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// The slots whose capacity, taken places or closed flag changed since the last
+    /// call (while watching), with their sites: only the posted days are read.
+    pub fn changed_slots(&self) -> Vec<(Arc<Site>, Arc<Slot>)> {
+        let mut changed = Vec::new();
+        for day in self.board.take() {
+            // Cleared first: a change from here on posts the day again.
+            day.posted.store(false, Ordering::Release);
+            let Some(entry) = self.sites.get(&day.site_id) else {
+                continue;
+            };
+            let start = (day.service_id.clone(), day.start_unix_s);
+            let end = (day.service_id.clone(), day.next_day_start_unix_s);
+            for slot in entry.slots.range(start..end).map(|(_, slot)| slot) {
+                if slot.counter.take_changed() {
+                    changed.push((Arc::clone(&entry.site), Arc::clone(slot)));
+                }
+            }
+        }
+        changed
+    }
+
     /// The sites of `region` (every site if `None`), in id order.
     pub fn sites_in(&self, region: Option<&RegionId>) -> Vec<Arc<Site>> {
         match region {
@@ -601,7 +695,6 @@ impl Catalog {
         let Some(entry) = self.sites.get(site_id) else {
             return Vec::new();
         };
-        let zone = entry.site.time_zone;
         entry
             .days
             .iter()
@@ -612,7 +705,7 @@ impl Catalog {
             })
             .take(wanted.limit)
             .map(|((service, day), (of_day, _))| {
-                let start = (service.clone(), day_start_unix_s(*day, zone));
+                let start = (service.clone(), of_day.start_unix_s);
                 let end = (service.clone(), of_day.next_day_start_unix_s);
                 let (mut totals, mut remaining) = (Totals::default(), 0);
                 for slot in entry.slots.range(start..end).map(|(_, slot)| slot) {

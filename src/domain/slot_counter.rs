@@ -13,6 +13,10 @@
 //! every change adds its difference in `remaining()` to the group's sum, so a search
 //! reads a day's free places in one load and skips sold-out days without visiting their
 //! slots. The sum trails the members by the changes in flight, never for longer.
+//!
+//! Every change a client could see (capacity, taken, closed) also sets the counter's
+//! `changed` flag and tells its group: that is the one change notification
+//! `WatchAvailability` is built on (no poll of the catalog).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -44,13 +48,34 @@ impl CounterSnapshot {
     }
 }
 
+/// What a counter tells the group it joined (one service's slots on one local day of
+/// a site, in the catalog).
+pub trait Group: Send + Sync + std::fmt::Debug {
+    /// The group's free places changed by `change`.
+    fn add_free(&self, change: i64);
+    /// A member's capacity, taken places or closed flag changed.
+    fn member_changed(&self);
+}
+
+/// A bare sum of free places (tests, and groups nobody watches).
+impl Group for AtomicI64 {
+    fn add_free(&self, change: i64) {
+        self.fetch_add(change, Ordering::AcqRel);
+    }
+
+    fn member_changed(&self) {}
+}
+
 #[derive(Debug)]
 pub struct SlotCounter {
     word: AtomicU64,
-    /// The free places of the counter's group, once it joined one.
-    group: OnceLock<Arc<AtomicI64>>,
+    /// The counter's group, once it joined one.
+    group: OnceLock<Arc<dyn Group>>,
     /// Set when it left its group: its changes no longer count there.
     left: AtomicBool,
+    /// Set by every visible change; cleared by whoever reports it (`take_changed`). A
+    /// new counter starts changed: it is news to a watcher.
+    changed: AtomicBool,
 }
 
 /// Why a place could not be taken.
@@ -100,14 +125,20 @@ impl SlotCounter {
             })),
             group: OnceLock::new(),
             left: AtomicBool::new(false),
+            changed: AtomicBool::new(true),
         }
+    }
+
+    /// Whether a visible change happened since the last call (and clears the flag).
+    pub fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::AcqRel)
     }
 
     /// Joins a group: adds its free places to the group's sum, and every later change.
     /// Once only, before the counter is shared (the catalog does it on insert).
-    pub fn join(&self, group: Arc<AtomicI64>) {
-        let remaining = i64::from(self.snapshot().remaining());
-        group.fetch_add(remaining, Ordering::AcqRel);
+    pub fn join(&self, group: Arc<dyn Group>) {
+        group.add_free(i64::from(self.snapshot().remaining()));
+        group.member_changed();
         assert!(self.group.set(group).is_ok(), "a counter joins one group");
     }
 
@@ -120,8 +151,7 @@ impl SlotCounter {
             return;
         }
         if let Some(group) = self.group.get() {
-            let remaining = i64::from(self.snapshot().remaining());
-            group.fetch_sub(remaining, Ordering::AcqRel);
+            group.add_free(-i64::from(self.snapshot().remaining()));
         }
     }
 
@@ -154,11 +184,24 @@ impl SlotCounter {
     }
 
     fn count_in_group(&self, before: CounterSnapshot, after: CounterSnapshot) {
-        let change = i64::from(after.remaining()) - i64::from(before.remaining());
-        let counted = change != 0 && !self.left.load(Ordering::Acquire);
-        if let (Some(group), true) = (self.group.get(), counted) {
-            group.fetch_add(change, Ordering::AcqRel);
+        let visible = (before.capacity, before.taken, before.closed)
+            != (after.capacity, after.taken, after.closed);
+        if !visible {
+            return; // only `pending` moved
         }
+        self.changed.store(true, Ordering::Release);
+        let Some(group) = self
+            .group
+            .get()
+            .filter(|_| !self.left.load(Ordering::Acquire))
+        else {
+            return;
+        };
+        let change = i64::from(after.remaining()) - i64::from(before.remaining());
+        if change != 0 {
+            group.add_free(change);
+        }
+        group.member_changed();
     }
 
     /// Takes one place if the slot is open and has one free, counting the admission as

@@ -9,6 +9,7 @@ use crate::domain::citizen_id::CitizenIds;
 use crate::domain::error::DomainError;
 use crate::grpc::assertion::Assertions;
 use crate::grpc::auth::Caller;
+use crate::grpc::connections;
 use crate::grpc::detached::detached;
 use crate::grpc::{convert, status};
 use crate::proto;
@@ -145,6 +146,31 @@ type Convert<Body, Cmd> = fn(Body, &Limits, &CitizenIds, &str) -> Result<Cmd, Do
 
 #[tonic::async_trait]
 impl BookingService for BookingApi {
+    type WatchAvailabilityStream = std::pin::Pin<
+        Box<
+            dyn tokio_stream::Stream<Item = Result<proto::WatchAvailabilityResponse, Status>>
+                + Send,
+        >,
+    >;
+
+    async fn watch_availability(
+        &self,
+        request: Request<proto::WatchAvailabilityRequest>,
+    ) -> Result<Response<Self::WatchAvailabilityStream>, Status> {
+        use tokio_stream::StreamExt;
+        let stalled = connections::close_on_idle(&request);
+        let now_unix_ms = self.engine.clock().now_unix_ms();
+        let query =
+            convert::watch_from_proto(request.into_inner(), self.engine.limits(), now_unix_ms)?;
+        let (slots, permit) = self.engine.watch_availability(&query, stalled)?;
+        let slots = tokio_stream::wrappers::ReceiverStream::new(slots).map(|(site, slot)| {
+            Ok(proto::WatchAvailabilityResponse {
+                slot: Some(convert::slot_to_proto(&site, &slot)),
+            })
+        });
+        Ok(Response::new(Box::pin(connections::holding(slots, permit))))
+    }
+
     async fn search_slots(
         &self,
         request: Request<proto::SearchSlotsRequest>,

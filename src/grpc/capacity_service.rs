@@ -10,13 +10,13 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::domain::error::{DomainError, FieldViolation};
 use crate::grpc::auth::Caller;
-use crate::grpc::connections;
+use crate::grpc::connections::{close_on_idle, holding};
 use crate::grpc::convert;
 use crate::grpc::detached::detached;
 use crate::limits::Limits;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
-use crate::service::exports::{ExportKind, ExportPermit, Feed, OnIdle};
+use crate::service::exports::{ExportKind, Feed};
 use crate::service::{Actor, Engine, EventScope, ExportScope, ImportRow, ServiceError};
 use crate::store::StoreError;
 
@@ -414,21 +414,6 @@ impl CapacityService for CapacityApi {
         });
         Ok(Response::new(Box::pin(holding(events, permit))))
     }
-}
-
-/// `stream`, holding the export's `permit` for as long as the stream lives.
-fn holding<S: Stream>(stream: S, permit: ExportPermit) -> impl Stream<Item = S::Item> {
-    stream.map(move |item| {
-        let _held = &permit;
-        item
-    })
-}
-
-/// Closes the request's connection when its export stalls past the idle timeout: the
-/// only way to end a stream whose client keeps its window shut (`service::exports`).
-fn close_on_idle<T>(request: &Request<T>) -> Option<OnIdle> {
-    let closer = connections::closer_of(request.extensions())?;
-    Some(Arc::new(move || closer.close()))
 }
 
 /// Bytes per `ExportBackupResponse`.

@@ -185,3 +185,23 @@ impl AsyncWrite for Counted {
         self.stream.is_write_vectored()
     }
 }
+
+/// Closes the request's connection when its stream's reader stalls past the idle
+/// timeout: the only way to end a stream whose client keeps its window shut
+/// (`service::exports`).
+pub fn close_on_idle<T>(request: &tonic::Request<T>) -> Option<crate::service::exports::OnIdle> {
+    let closer = closer_of(request.extensions())?;
+    Some(Arc::new(move || closer.close()))
+}
+
+/// `stream`, holding `permit` (a place in some bound) for as long as the stream lives.
+pub fn holding<S: tokio_stream::Stream, P: Send>(
+    stream: S,
+    permit: P,
+) -> impl tokio_stream::Stream<Item = S::Item> {
+    use tokio_stream::StreamExt;
+    stream.map(move |item| {
+        let _held = &permit;
+        item
+    })
+}

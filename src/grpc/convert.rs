@@ -251,6 +251,27 @@ pub fn search_from_proto(
     })
 }
 
+/// A watch of availability: the same scope, service and range rules as a search.
+pub fn watch_from_proto(
+    request: proto::WatchAvailabilityRequest,
+    limits: &Limits,
+    now_unix_ms: i64,
+) -> Result<SearchQuery, DomainError> {
+    use proto::watch_availability_request::Scope;
+    let scope = request.scope.map(|scope| match scope {
+        Scope::SiteId(id) => proto::search_slots_request::Scope::SiteId(id),
+        Scope::RegionId(id) => proto::search_slots_request::Scope::RegionId(id),
+    });
+    let search = proto::SearchSlotsRequest {
+        scope,
+        service_id: request.service_id,
+        from: request.from,
+        to: request.to,
+        ..Default::default()
+    };
+    search_from_proto(search, limits, now_unix_ms)
+}
+
 /// An optional id: absent means none.
 fn optional<T>(
     value: Option<&str>,

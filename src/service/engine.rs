@@ -70,6 +70,8 @@ pub struct Engine {
     pub(super) exports: Exports,
     /// `WatchEvents` streams open now, in total and per token.
     pub(super) event_streams: Exports,
+    /// `WatchAvailability` streams, filed for the fan-out.
+    pub(super) watchers: crate::service::availability::Watchers,
     /// Turns true when the server shuts down: watch streams end.
     pub(super) closing: watch::Sender<bool>,
     /// How citizen ids are read (the scheme and the length bound).

@@ -14,11 +14,13 @@
 //! - `backup`: online backups, and restores checked by a full recovery.
 //! - `exports`: how many exports may stream at once, and a feed that stops a scan
 //!   whose client stopped reading.
+//! - `availability`: `WatchAvailability`, slot changes fanned out to watchers.
 //! - `events`: `WatchEvents`, the event log read from a sequence on and followed live.
 //! - `open_data`: availability added up per site, service and day, never a person.
 //! - `retention`: forgets old request records and deletes records of long-ended slots.
 
 pub mod actor;
+pub mod availability;
 pub mod backup;
 pub mod bookings;
 pub mod capacity;

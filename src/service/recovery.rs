@@ -68,6 +68,9 @@ impl Engine {
                 config.limits.exports_per_token_max,
             ),
             closing: tokio::sync::watch::channel(false).0,
+            watchers: crate::service::availability::Watchers::new(
+                config.limits.watch_subscribers_max,
+            ),
             event_streams: Exports::new(
                 config.limits.event_streams_max,
                 config.limits.event_streams_per_token_max,

@@ -1,0 +1,264 @@
+//! `WatchAvailability`: every slot of a range first, then each slot again whenever its
+//! remaining, capacity or closed state changes, coalesced per slot.
+//!
+//! Built on one change notification: a counter's visible change flags the counter and
+//! posts its day on the catalog's board (`domain::catalog::ChangeBoard`, only while
+//! someone watches). Every `watch_coalesce_ms` the fan-out reads the posted days' changed
+//! slots, never the whole catalog, and puts each into the pending set of every watcher
+//! whose range holds it: a map by slot, so a watcher's memory is bounded by its slots
+//! (at most `watch_slots_max`) however fast they change, and the state sent is read at
+//! send time (the latest wins).
+//!
+//! Bounds: `watch_subscribers_max` watches at once, held for the response stream's life;
+//! a reader that reads nothing for `export_idle_timeout_ms` is cut off (its connection
+//! closed, as for exports).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::domain::catalog::{SearchQuery, SearchScope, Site, Slot};
+use crate::domain::error::DomainError;
+use crate::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
+use crate::service::engine::Engine;
+use crate::service::error::ServiceError;
+use crate::service::exports::OnIdle;
+
+/// A slot with its site, as a watcher is sent it.
+pub type SlotView = (Arc<Site>, Arc<Slot>);
+
+/// Changed slots a watcher has not been sent yet, by slot: the latest change wins.
+type Pending = BTreeMap<SlotKey, SlotView>;
+
+/// Slots in flight between a watch's task and its reader.
+const SLOTS_BUFFERED: usize = 64;
+
+struct Subscriber {
+    from_unix_s: i64,
+    to_unix_s: i64,
+    pending: Mutex<Pending>,
+    notify: Notify,
+}
+
+impl Subscriber {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // Each critical section is one insert or one swap: a poisoned lock is sound.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Where a watcher is filed: by its site or its region, and its service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Filed {
+    Site(SiteId, ServiceId),
+    Region(RegionId, ServiceId),
+}
+
+/// Every open watch, filed for the fan-out.
+pub struct Watchers {
+    permits: Arc<Semaphore>,
+    filed: Mutex<HashMap<Filed, Vec<Arc<Subscriber>>>>,
+    count: AtomicUsize,
+}
+
+impl Watchers {
+    pub fn new(max: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            filed: Mutex::default(),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    fn filed(&self) -> MutexGuard<'_, HashMap<Filed, Vec<Arc<Subscriber>>>> {
+        self.filed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Unfiles its subscriber when the watch ends (and stops the board when none is left).
+struct Registration {
+    engine: Arc<Engine>,
+    filed: Filed,
+    subscriber: Arc<Subscriber>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let watchers = &self.engine.watchers;
+        let mut filed = watchers.filed();
+        if let Some(list) = filed.get_mut(&self.filed) {
+            list.retain(|s| !Arc::ptr_eq(s, &self.subscriber));
+            if list.is_empty() {
+                filed.remove(&self.filed);
+            }
+        }
+        if watchers.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.engine.catalog().set_watching(false);
+        }
+    }
+}
+
+impl Engine {
+    /// Starts a watch of the slots `query` covers (its scope, service and range): the
+    /// slots first, then their changes. Refused at once past `watch_subscribers_max`,
+    /// or when the range holds more than `watch_slots_max` slots. Keep the permit with
+    /// the stream.
+    pub fn watch_availability(
+        self: &Arc<Self>,
+        query: &SearchQuery,
+        on_idle: Option<OnIdle>,
+    ) -> Result<(mpsc::Receiver<SlotView>, OwnedSemaphorePermit), ServiceError> {
+        let permit = Arc::clone(&self.watchers.permits)
+            .try_acquire_owned()
+            .map_err(|_| ServiceError::WatchersExhausted)?;
+        // Filed before the snapshot: a change made meanwhile is sent again, never lost.
+        let registration = self.file_watcher(query);
+        let snapshot = self.slots_watched(query)?;
+        let (sender, receiver) = mpsc::channel(SLOTS_BUFFERED);
+        let engine = Arc::clone(self);
+        tokio::spawn(async move {
+            let cut_off = engine.follow_slots(snapshot, &registration, &sender).await;
+            if let (true, Some(on_idle)) = (cut_off, on_idle) {
+                on_idle();
+            }
+            drop(registration);
+        });
+        Ok((receiver, permit))
+    }
+
+    fn file_watcher(self: &Arc<Self>, query: &SearchQuery) -> Registration {
+        let service = query.service_id.clone();
+        let filed = match &query.scope {
+            SearchScope::Site(site_id) => Filed::Site(site_id.clone(), service),
+            SearchScope::Region(region_id) => Filed::Region(region_id.clone(), service),
+        };
+        let subscriber = Arc::new(Subscriber {
+            from_unix_s: query.from_unix_s,
+            to_unix_s: query.to_unix_s,
+            pending: Mutex::default(),
+            notify: Notify::new(),
+        });
+        self.watchers
+            .filed()
+            .entry(filed.clone())
+            .or_default()
+            .push(Arc::clone(&subscriber));
+        if self.watchers.count.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.catalog().set_watching(true);
+        }
+        Registration {
+            engine: Arc::clone(self),
+            filed,
+            subscriber,
+        }
+    }
+
+    /// Every slot the watch covers now, refused past `watch_slots_max`.
+    fn slots_watched(&self, query: &SearchQuery) -> Result<Vec<SlotView>, ServiceError> {
+        let catalog = self.catalog();
+        let sites: Vec<Arc<Site>> = match &query.scope {
+            SearchScope::Site(site_id) => vec![catalog
+                .site(site_id)
+                .cloned()
+                .ok_or(DomainError::NotFound(crate::domain::error::Missing::Site))?],
+            SearchScope::Region(region_id) => catalog.sites_in(Some(region_id)),
+        };
+        let mut slots = Vec::new();
+        for site in sites {
+            let range = (query.from_unix_s, query.to_unix_s);
+            let found =
+                catalog.slots_in_range(&site.site_id, Some(&query.service_id), range.0, range.1)?;
+            slots.extend(found.into_iter().map(|slot| (Arc::clone(&site), slot)));
+            if slots.len() > self.limits.watch_slots_max {
+                return Err(DomainError::invalid(
+                    "to",
+                    format!(
+                        "a watch covers at most {} slots (watch_slots_max): narrow the range \
+                         or watch one site",
+                        self.limits.watch_slots_max
+                    ),
+                )
+                .into());
+            }
+        }
+        Ok(slots)
+    }
+
+    /// Sends the snapshot, then each batch of pending changes, until the reader goes
+    /// away (false), stalls or the server shuts down (true: cut it off).
+    async fn follow_slots(
+        &self,
+        snapshot: Vec<SlotView>,
+        registration: &Registration,
+        sender: &mpsc::Sender<SlotView>,
+    ) -> bool {
+        let subscriber = &registration.subscriber;
+        let mut closing = self.closing.subscribe();
+        let mut batch = snapshot;
+        loop {
+            for view in batch {
+                match self.send_slot(sender, view, &mut closing).await {
+                    Some(cut_off) => return cut_off,
+                    None => continue,
+                }
+            }
+            tokio::select! {
+                () = subscriber.notify.notified() => {}
+                () = sender.closed() => return false,
+                _ = closing.wait_for(|closing| *closing) => return true,
+            }
+            batch = std::mem::take(&mut *subscriber.pending())
+                .into_values()
+                .collect();
+        }
+    }
+
+    /// Hands one slot to the reader within `export_idle_timeout_ms`; `Some(cut_off)` when
+    /// the watch must end.
+    async fn send_slot(
+        &self,
+        sender: &mpsc::Sender<SlotView>,
+        view: SlotView,
+        closing: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Option<bool> {
+        let idle = Duration::from_millis(self.limits.export_idle_timeout_ms);
+        tokio::select! {
+            sent = tokio::time::timeout(idle, sender.send(view)) => match sent {
+                Ok(Ok(())) => None,
+                Ok(Err(_)) => Some(false),
+                Err(_) => Some(true),
+            },
+            _ = closing.wait_for(|closing| *closing) => Some(true),
+        }
+    }
+
+    /// One fan-out: the slots changed since the last one go to the pending set of every
+    /// watcher whose range holds them. The server runs it every `watch_coalesce_ms`;
+    /// returns how many slots changed.
+    pub fn fan_out_availability(&self) -> usize {
+        if self.watchers.count.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        let changed = self.catalog().changed_slots();
+        let filed = self.watchers.filed();
+        for (site, slot) in &changed {
+            let service = &slot.key.service_id;
+            let by_site = Filed::Site(site.site_id.clone(), service.clone());
+            let by_region = Filed::Region(site.region_id.clone(), service.clone());
+            for key in [by_site, by_region] {
+                for subscriber in filed.get(&key).into_iter().flatten() {
+                    let start = slot.key.start_unix_s;
+                    if (subscriber.from_unix_s..subscriber.to_unix_s).contains(&start) {
+                        let view = (Arc::clone(site), Arc::clone(slot));
+                        subscriber.pending().insert(slot.key.clone(), view);
+                        subscriber.notify.notify_one();
+                    }
+                }
+            }
+        }
+        changed.len()
+    }
+}
