@@ -295,3 +295,78 @@ async fn event_watches_are_bounded() {
     drop(second);
     server.stop().await;
 }
+
+/// The README's example gateway (`examples/notifier.rs`, built by `cargo test`): prints
+/// each event, stores its sequence, and a second run resumes after the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_notifier_follows_the_log_and_resumes_where_it_stopped() {
+    let notifier = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|debug| debug.join("examples").join("notifier"))
+        .unwrap();
+    assert!(
+        notifier.exists(),
+        "cargo test builds {}",
+        notifier.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let slot = one_slot_site(&server, "n-site", 5).await;
+    let mut booking = server.booking().await;
+    let first = book_ok(&mut booking, book_request(&slot, "ann", "a1")).await;
+    let state = dir.path().join("notifier.seq");
+    // Runs the notifier until it printed `expected_lines` and stored `stored`.
+    let run = |expected_lines: usize, stored: &str| {
+        let mut child = std::process::Command::new(&notifier)
+            .args(["--server", &server.url(), "--state"])
+            .arg(&state)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let lines: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+            .take(expected_lines)
+            .map(Result::unwrap)
+            .collect();
+        for _ in 0..500 {
+            match std::fs::read_to_string(&state) {
+                Ok(text) if text.trim() == stored => break,
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        lines
+    };
+    let lines = tokio::task::block_in_place(|| run(1, "1"));
+    assert_eq!(
+        lines,
+        [format!(
+            "[1] booking {} confirmed: {} at n-site",
+            first.booking_id, first.local_start
+        )]
+    );
+    assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "1");
+
+    booking
+        .cancel_booking(proto::CancelBookingRequest {
+            booking_id: first.booking_id.clone(),
+            citizen_id: "ann".into(),
+            request_id: "a2".into(),
+        })
+        .await
+        .unwrap();
+    let lines = tokio::task::block_in_place(|| run(1, "2"));
+    assert_eq!(
+        lines,
+        [format!(
+            "[2] booking {} cancelled (cancelled by citizen)",
+            first.booking_id
+        )]
+    );
+    assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "2");
+    server.stop().await;
+}

@@ -19,6 +19,7 @@ mod footprint;
 mod report;
 mod scenario;
 mod target;
+mod watchers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -129,6 +130,25 @@ enum ScenarioArgs {
         /// segment cleaning falls behind that for days, see BENCHMARKS.md).
         #[arg(long, default_value_t = 2_000)]
         holds_per_second: u32,
+    },
+    /// Opening morning twice, on two sets of sites: the second with `--watchers`
+    /// WatchAvailability streams open on its sites. Reports both rushes as ratios of the
+    /// ceiling, how soon watchers saw each booking, and messages and bytes per watcher.
+    Watchers {
+        #[arg(long, default_value_t = 200_000)]
+        citizens: u64,
+        #[arg(long, default_value_t = 4)]
+        sites: u32,
+        #[arg(long, default_value_t = 5)]
+        days: u32,
+        #[arg(long, default_value_t = 4)]
+        demand_ratio: u32,
+        /// Availability watchers, on connections of their own.
+        #[arg(long, default_value_t = 1_000)]
+        watchers: usize,
+        /// Consecutive slots of one site each watcher watches (6: an hour).
+        #[arg(long, default_value_t = 6)]
+        watch_slots: usize,
     },
     /// Resident memory per slot and per booking, and recovery time (no network, no server).
     Footprint {
@@ -249,6 +269,36 @@ async fn run(cli: Cli) -> Result<bool, String> {
             let run = Run::new(&cli, &channels, gateway.as_ref());
             run_scenario(Kind::Rush, &run, &shape, &progress).await
         }
+        ScenarioArgs::Watchers {
+            citizens,
+            sites,
+            days,
+            demand_ratio,
+            watchers,
+            watch_slots,
+        } => {
+            let args = watchers::Watchers {
+                citizens,
+                sites,
+                days,
+                demand_ratio,
+                watchers,
+                watch_slots: watch_slots.max(1),
+            };
+            let mut watch_channels = Vec::new();
+            for _ in 0..4 {
+                let channel = Channel::from_shared(target.url.clone())
+                    .map_err(|e| e.to_string())?
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot connect to {}: {e}", target.url))?;
+                watch_channels.push(channel);
+            }
+            let (ok, report) =
+                watchers::run(&channels, &watch_channels, cli.in_flight, &args, &progress).await?;
+            write_json(&cli.json, report)?;
+            Ok(ok)
+        }
         ScenarioArgs::Flood {
             citizens,
             factor,
@@ -368,7 +418,7 @@ async fn run_scenario(
                 cli.in_flight,
                 &scenario,
                 shape,
-                Arc::clone(&acknowledged),
+                (Arc::clone(&acknowledged), None),
                 progress,
             )
             .await
@@ -475,7 +525,7 @@ async fn run_flood(
             in_flight,
             scenario,
             shape,
-            Arc::clone(&acknowledged),
+            (Arc::clone(&acknowledged), None),
             progress,
         )
         .await;

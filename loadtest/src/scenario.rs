@@ -205,6 +205,10 @@ pub struct Ack {
 /// Bookings the harness was told about, by booking id.
 pub type Acknowledged = Arc<Mutex<HashMap<String, Ack>>>;
 
+/// When each booking of a rush was acknowledged, and in which slot (the watchers
+/// scenario measures how soon watchers see it).
+pub type AckLog = Arc<std::sync::Mutex<Vec<(String, Instant)>>>;
+
 /// The citizen ids of a scenario's citizens `0..count` (what `--asserted` signs for).
 pub fn citizen_ids(scenario: &Scenario, count: u64) -> impl Iterator<Item = String> + '_ {
     (0..count).map(move |citizen| citizen_id(&scenario.region_id, citizen))
@@ -335,7 +339,7 @@ pub async fn rush(
     in_flight: usize,
     scenario: &Scenario,
     shape: &Shape,
-    acknowledged: Acknowledged,
+    (acknowledged, log): (Acknowledged, Option<AckLog>),
     progress: &ProgressBar,
 ) -> Phase {
     let site_ids = Arc::new(scenario.site_ids.clone());
@@ -348,7 +352,7 @@ pub async fn rush(
         progress,
         move |channel, citizen, mut tally| {
             let (site_ids, acknowledged) = (Arc::clone(&site_ids), Arc::clone(&acknowledged));
-            let region = Arc::clone(&region);
+            let (region, log) = (Arc::clone(&region), log.clone());
             async move {
                 let mut client = BookingServiceClient::new(channel);
                 let site_id = &site_ids[(citizen % site_ids.len() as u64) as usize];
@@ -373,6 +377,10 @@ pub async fn rush(
                     )
                     .await
                     {
+                        if let Some(log) = &log {
+                            let acked = (booking.slot_id.clone(), Instant::now());
+                            log.lock().unwrap_or_else(|p| p.into_inner()).push(acked);
+                        }
                         let ack = Ack {
                             citizen,
                             cancelled: false,
