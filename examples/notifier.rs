@@ -1,9 +1,11 @@
 //! A reminder / closure-notice gateway, as small as it gets: follows
 //! `CapacityService.WatchEvents` from the sequence stored in a state file, prints the
-//! message it would send for each event, and stores each handled sequence (write, fsync,
-//! rename), so a restart resumes exactly after the last event handled: at least once,
-//! in order. Reconnects after a server restart; stops on `EVENTS_PRUNED` (reconcile with
-//! `prenota export` first, then store `oldest_sequence - 1`).
+//! message it would send for each event, and stores each handled sequence with its log's
+//! id (write, fsync, rename), so a restart resumes exactly after the last event handled:
+//! at least once, in order. Reconnects after a server restart; stops on `EVENTS_PRUNED`
+//! (reconcile with `prenota export` first, then store `oldest_sequence - 1`) and on
+//! `EVENT_LOG_REPLACED` (the store was restored from a backup: reconcile, then start the
+//! new log from 0).
 //!
 //! ```sh
 //! cargo run --example notifier -- --server http://127.0.0.1:50051 --state notifier.seq
@@ -34,23 +36,34 @@ struct Args {
     state: PathBuf,
 }
 
-/// The last sequence handled (0: none yet).
-fn load(state: &Path) -> Result<u64, String> {
-    match std::fs::read_to_string(state) {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .map_err(|_| format!("{} holds no sequence", state.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(format!("reading {}: {e}", state.display())),
-    }
+/// Where the notifier is: the log's id (empty: none seen yet) and the last sequence
+/// handled in it (0: none yet).
+#[derive(Clone, Default)]
+struct Position {
+    log_id: String,
+    sequence: u64,
 }
 
-/// Stores `sequence` so that a crash leaves the old value or the new one, never neither.
-fn store(state: &Path, sequence: u64) -> std::io::Result<()> {
+fn load(state: &Path) -> Result<Position, String> {
+    let text = match std::fs::read_to_string(state) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Position::default()),
+        Err(e) => return Err(format!("reading {}: {e}", state.display())),
+    };
+    let bad = || format!("{} holds no `<log_id> <sequence>`", state.display());
+    let (log_id, sequence) = text.trim().split_once(' ').ok_or_else(bad)?;
+    Ok(Position {
+        log_id: log_id.to_string(),
+        sequence: sequence.parse().map_err(|_| bad())?,
+    })
+}
+
+/// Stores `position` so that a crash leaves the old one or the new one, never neither.
+fn store(state: &Path, position: &Position) -> std::io::Result<()> {
     let partial = state.with_extension("partial");
     let mut file = std::fs::File::create(&partial)?;
-    std::io::Write::write_all(&mut file, format!("{sequence}\n").as_bytes())?;
+    let line = format!("{} {}\n", position.log_id, position.sequence);
+    std::io::Write::write_all(&mut file, line.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&partial, state)
 }
@@ -78,8 +91,8 @@ fn message(event: &proto::Event) -> String {
     }
 }
 
-/// Follows the log until the stream ends; returns the last sequence handled.
-async fn follow(args: &Args, mut after: u64) -> Result<u64, tonic::Status> {
+/// Follows the log from `from` until the stream ends.
+async fn follow(args: &Args, from: &Position) -> Result<(), tonic::Status> {
     let channel = tonic::transport::Endpoint::from_shared(args.server.clone())
         .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
         .connect()
@@ -99,7 +112,8 @@ async fn follow(args: &Args, mut after: u64) -> Result<u64, tonic::Status> {
             .region
             .clone()
             .map(proto::watch_events_request::Scope::RegionId),
-        after_sequence: after,
+        after_sequence: from.sequence,
+        log_id: from.log_id.clone(),
     };
     let mut events = client.watch_events(request).await?.into_inner();
     while let Some(response) = events.message().await? {
@@ -107,31 +121,34 @@ async fn follow(args: &Args, mut after: u64) -> Result<u64, tonic::Status> {
             continue;
         };
         println!("[{}] {}", event.sequence, message(&event));
-        store(&args.state, event.sequence)
+        let handled = Position {
+            log_id: response.log_id,
+            sequence: event.sequence,
+        };
+        store(&args.state, &handled)
             .map_err(|e| tonic::Status::internal(format!("storing the sequence: {e}")))?;
-        after = event.sequence;
     }
-    Ok(after)
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> Result<(), String> {
     let args = Args::parse();
-    let mut after = load(&args.state)?;
-    eprintln!("following events after sequence {after}");
     loop {
-        match follow(&args, after).await {
-            Ok(last) => after = last,
+        // What is stored is what was handled: resume right after it.
+        let position = load(&args.state)?;
+        eprintln!("following events after sequence {}", position.sequence);
+        match follow(&args, &position).await {
+            Ok(()) => {}
             Err(status) if status.code() == Code::FailedPrecondition => {
                 return Err(format!(
-                    "{}: reconcile with `prenota export`, then store the oldest_sequence - 1 \
-                     in {}",
+                    "{}: reconcile with `prenota export`, then write `<log_id> <sequence>` \
+                     to {}",
                     status.message(),
                     args.state.display()
                 ));
             }
             Err(status) if status.code() == Code::Unavailable => {
-                after = load(&args.state)?;
                 eprintln!("{}: reconnecting in 1 s", status.message());
             }
             Err(status) => return Err(format!("{:?}: {}", status.code(), status.message())),

@@ -79,6 +79,9 @@ pub struct Limits {
     pub event_streams_per_token_max: usize,
     /// Events one `WatchEvents` read takes from the store at once.
     pub events_page_max: usize,
+    /// `OpenDataService` requests per second without a token (with `[server] open_data
+    /// = true`), all anonymous callers together; beyond it RATE_LIMITED.
+    pub open_data_anonymous_requests_per_s: u32,
     /// `WatchAvailability` streams open at once; the next one is refused with
     /// RESOURCE_EXHAUSTED / WATCHERS_EXHAUSTED.
     pub watch_subscribers_max: usize,
@@ -233,9 +236,10 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     event_streams_max: 64,
     event_streams_per_token_max: 8,
     events_page_max: 512,
+    open_data_anonymous_requests_per_s: 20,
     watch_subscribers_max: 10_000,
     watch_coalesce_ms: 200,
-    watch_slots_max: 20_000,
+    watch_slots_max: 5_000,
     message_size_bytes_max: 4 * 1024 * 1024,
     hold_ttl_seconds_default: 300,
     hold_ttl_seconds_max: 600,

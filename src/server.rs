@@ -228,7 +228,11 @@ async fn run(
     let (open_data_gate, open_data_slot) = Ready::pending();
     let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
     let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
-    let gate = |service| Gate::new(&tokens, service, token_limiter.clone(), open_citizens);
+    let anonymous = auth::anonymous_limiter(limits.open_data_anonymous_requests_per_s);
+    let gate = |service| {
+        let limiters = (token_limiter.clone(), Arc::clone(&anonymous));
+        Gate::new(&tokens, service, limiters, open_citizens)
+    };
     let (reflection_v1, reflection_v1alpha) = match serves_reflection {
         true => {
             let gate = gate(auth::Service::Reflection);

@@ -23,7 +23,7 @@ pub const HOLDS: &str = "prenota_holds_total";
 pub const HOLDS_EXPIRED: &str = "prenota_holds_expired_total";
 /// Live holds right now.
 pub const HOLDS_LIVE: &str = "prenota_holds_live";
-/// Requests refused by a rate limiter, by `limiter` (`citizen`, `citizen_reads`, `token`).
+/// Requests refused by a rate limiter, by `limiter` (`citizen`, `citizen_reads`, `token`, `anonymous`).
 pub const RATE_LIMITED: &str = "prenota_rate_limited_total";
 /// Keys a rate limiter tracks, by `limiter`.
 pub const RATE_LIMITER_KEYS: &str = "prenota_rate_limiter_keys";
@@ -155,7 +155,7 @@ fn register_rare_counters() {
     for name in [HOLDS_EXPIRED, SHED, CONNECTIONS_REFUSED, COMMIT_FAILURES] {
         metrics::counter!(name).increment(0);
     }
-    for limiter in ["token", "citizen", "citizen_reads"] {
+    for limiter in ["token", "citizen", "citizen_reads", "anonymous"] {
         metrics::counter!(RATE_LIMITED, "limiter" => limiter).increment(0);
     }
     for kind in RETENTION_KINDS {

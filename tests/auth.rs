@@ -690,6 +690,7 @@ async fn an_authority_watches_the_events_of_its_own_regions_only() {
     let watch = |scope| proto::WatchEventsRequest {
         scope,
         after_sequence: 0,
+        log_id: String::new(),
     };
     let mut stream = lazio.watch_events(watch(None)).await.unwrap().into_inner();
     denied(

@@ -15,6 +15,7 @@ use std::time::Duration;
 use common::*;
 use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::proto::capacity_service_client::CapacityServiceClient;
 use prenota::store::backup_key::BackupKey;
 
 const SLOTS: usize = 6;
@@ -55,6 +56,23 @@ fn prenota(args: &[&str]) -> Output {
         .env("PRENOTA_BACKUP_KEY_FILE", backup_key_file())
         .output()
         .expect("run prenota")
+}
+
+/// The first event of a server's log (with its log id).
+async fn first_event(url: &str, log_id: &str) -> proto::WatchEventsResponse {
+    let mut stream = CapacityServiceClient::new(connect(url).await)
+        .watch_events(proto::WatchEventsRequest {
+            log_id: log_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("an event comes")
+        .unwrap()
+        .unwrap()
 }
 
 /// `prenota restore`, which must succeed.
@@ -187,6 +205,7 @@ async fn a_backup_under_load_restores_every_booking_acknowledged_before_it() {
         acks_at_backup_end > acks_before_backup,
         "the load ran during the backup"
     );
+    let old_log = first_event(&server.url(), "").await.log_id;
     server.stop().await;
 
     let restored_dir = dir.path().join("restored");
@@ -232,6 +251,47 @@ async fn a_backup_under_load_restores_every_booking_acknowledged_before_it() {
         .into_inner()
         .bookings;
     assert!(listed.iter().any(|b| &b.booking_id == any_id));
+    // The events came back with their bookings (one per booking made, one per cancel,
+    // one per reschedule, which both cancels and makes a booking), in a log with a new id: a gateway holding the old one is told to reconcile, not fed
+    // sequences that may repeat.
+    let status = CapacityServiceClient::new(restored.channel().await)
+        .watch_events(proto::WatchEventsRequest {
+            log_id: old_log.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the old log is gone");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(reason(&status).as_deref(), Some("EVENT_LOG_REPLACED"));
+    let new_log = metadata(&status, "log_id").unwrap();
+    assert_ne!(new_log, old_log);
+    let cancelled = exported
+        .values()
+        .filter(|b| b.state() == proto::BookingState::Cancelled)
+        .count();
+    let rescheduled = exported
+        .values()
+        .filter(|b| b.cancel_reason == "rescheduled")
+        .count();
+    let mut events = CapacityServiceClient::new(restored.channel().await)
+        .watch_events(proto::WatchEventsRequest {
+            log_id: new_log.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for sequence in 1..=(exported.len() + cancelled - rescheduled) as u64 {
+        let next = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("every restored event comes")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (next.event.unwrap().sequence, next.log_id.as_str()),
+            (sequence, new_log.as_str())
+        );
+    }
     // The restored server takes new bookings.
     book_ok(
         &mut BookingServiceClient::new(restored.channel().await),

@@ -267,6 +267,7 @@ async fn events_after(url: &str, after: u64, count: usize) -> Vec<proto::Event> 
         .watch_events(proto::WatchEventsRequest {
             scope: None,
             after_sequence: after,
+            log_id: String::new(),
         })
         .await
         .expect("watch events")

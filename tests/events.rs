@@ -20,6 +20,7 @@ fn watch_request(site_id: Option<&str>, after: u64) -> proto::WatchEventsRequest
     proto::WatchEventsRequest {
         scope: site_id.map(|id| proto::watch_events_request::Scope::SiteId(id.into())),
         after_sequence: after,
+        log_id: String::new(),
     }
 }
 
@@ -333,7 +334,7 @@ async fn the_example_notifier_follows_the_log_and_resumes_where_it_stopped() {
             .collect();
         for _ in 0..500 {
             match std::fs::read_to_string(&state) {
-                Ok(text) if text.trim() == stored => break,
+                Ok(text) if text.split_whitespace().last() == Some(stored) => break,
                 _ => std::thread::sleep(Duration::from_millis(10)),
             }
         }
@@ -349,7 +350,9 @@ async fn the_example_notifier_follows_the_log_and_resumes_where_it_stopped() {
             first.booking_id, first.local_start
         )]
     );
-    assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "1");
+    let stored = std::fs::read_to_string(&state).unwrap();
+    let (log_id, sequence) = stored.trim().split_once(' ').unwrap();
+    assert_eq!((log_id.len(), sequence), (32, "1"), "{stored}");
 
     booking
         .cancel_booking(proto::CancelBookingRequest {
@@ -367,6 +370,54 @@ async fn the_example_notifier_follows_the_log_and_resumes_where_it_stopped() {
             first.booking_id
         )]
     );
-    assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "2");
+    let stored = std::fs::read_to_string(&state).unwrap();
+    assert!(stored.ends_with(" 2\n"), "{stored}");
+    server.stop().await;
+}
+
+/// A gateway names the log its sequence belongs to: the same id is accepted across
+/// restarts, another one is refused with the current id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_is_only_resumed_in_its_own_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let slot = one_slot_site(&server, "log-site", 5).await;
+    book_ok(&mut server.booking().await, book_request(&slot, "a", "a")).await;
+    let mut capacity = server.capacity().await;
+    let mut stream = capacity
+        .watch_events(watch_request(None, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let log_id = stream.message().await.unwrap().unwrap().log_id;
+    assert_eq!(log_id.len(), 32);
+    server.stop().await;
+
+    let server = TestServer::start(dir.path()).await;
+    let mut capacity = server.capacity().await;
+    let same = proto::WatchEventsRequest {
+        log_id: log_id.clone(),
+        ..watch_request(None, 0)
+    };
+    let first = capacity
+        .watch_events(same)
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await;
+    assert_eq!(
+        first.unwrap().unwrap().log_id,
+        log_id,
+        "the id survives a restart"
+    );
+    let other = proto::WatchEventsRequest {
+        log_id: "00".repeat(16),
+        ..watch_request(None, 0)
+    };
+    let status = capacity.watch_events(other).await.expect_err("another log");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&status).as_deref(), Some("EVENT_LOG_REPLACED"));
+    assert_eq!(metadata(&status, "log_id"), Some(log_id));
     server.stop().await;
 }

@@ -256,13 +256,24 @@ async fn the_summary_adds_up_what_site_stats_counts_and_names_no_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_open_data_on_anyone_may_read_the_summary_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(dir.path(), config(true)).await;
+    let mut config = config(true);
+    config.limits.open_data_anonymous_requests_per_s = 2;
+    let server = TestServer::start_with(dir.path(), config).await;
     let channel = server.channel().await;
     let mut anonymous = OpenDataServiceClient::with_interceptor(channel.clone(), Bearer(None));
-    anonymous
+    for _ in 0..2 {
+        anonymous
+            .get_availability_summary(summary_request(0, String::new()))
+            .await
+            .expect("open data needs no token");
+    }
+    // All anonymous callers share one quota.
+    let status = anonymous
         .get_availability_summary(summary_request(0, String::new()))
         .await
-        .expect("open data needs no token");
+        .expect_err("past open_data_anonymous_requests_per_s");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status).as_deref(), Some("RATE_LIMITED"));
     // A wrong token is still refused, and the other services still need one.
     let mut forged =
         OpenDataServiceClient::with_interceptor(channel.clone(), Bearer(Some("forged")));
@@ -283,5 +294,51 @@ async fn with_open_data_on_anyone_may_read_the_summary_and_nothing_else() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
+    server.stop().await;
+}
+
+/// A call looks at a bounded number of site-days: with a tiny budget the pages end
+/// early, and following their tokens still gives every row once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_call_ends_its_page_early_and_the_tokens_cover_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(false);
+    config.limits.search_slots_scanned_max = 2;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let channel = server.channel().await;
+    let mut capacity = proto::capacity_service_client::CapacityServiceClient::with_interceptor(
+        channel.clone(),
+        Bearer(Some(ADMIN)),
+    );
+    for site in ["b-1", "b-2", "b-3"] {
+        capacity
+            .upsert_site(proto::UpsertSiteRequest {
+                site: Some(proto::Site {
+                    site_id: site.into(),
+                    name: site.into(),
+                    region_id: "r".into(),
+                    time_zone: "Etc/UTC".into(),
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+        let (first, last) = (day_ahead(30), day_ahead(32));
+        let request = publish_request(site, "vax", (&first, &last), ("09:00", "10:00"), 30, 2);
+        capacity.publish_schedule(request).await.unwrap();
+    }
+    let mut open_data = OpenDataServiceClient::with_interceptor(channel, Bearer(Some(FRONTEND)));
+    let rows = all_rows(&mut open_data, 0).await;
+    let keys: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r.site_id.clone(), r.day.clone()))
+        .collect();
+    let mut expected = Vec::new();
+    for site in ["b-1", "b-2", "b-3"] {
+        for days in 30..=32 {
+            expected.push((site.to_string(), day_ahead(days)));
+        }
+    }
+    assert_eq!(keys, expected);
     server.stop().await;
 }

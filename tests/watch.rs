@@ -152,10 +152,51 @@ async fn a_watcher_gets_the_slots_then_every_change_coalesced() {
     };
     assert_eq!(new.remaining, 50);
 
-    // A graceful stop ends the open watch instead of waiting for it.
-    tokio::time::timeout(Duration::from_secs(20), server.stop())
+    // A graceful stop ends the open watch (UNAVAILABLE / SHUTTING_DOWN) instead of
+    // waiting for it.
+    let stopping = tokio::spawn(server.stop());
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the watch ends");
+    let status = ended.expect_err("the watch ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status).as_deref(), Some("SHUTTING_DOWN"));
+    tokio::time::timeout(Duration::from_secs(20), stopping)
         .await
-        .expect("the stop does not wait for open watches");
+        .expect("the stop does not wait for open watches")
+        .unwrap();
+}
+
+/// Watches coming and going (the board turned off and on each time) never leave the
+/// last one without updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_opened_as_the_last_one_closes_still_gets_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    upsert_site(&mut server.capacity().await, "churn", "r", "Etc/UTC").await;
+    publish(&server, "churn", ("09:00", "09:30"), 50).await;
+    let mut client = server.booking().await;
+    let mut stream = watch(&mut client, "churn").await;
+    let slot = next_slot(&mut stream).await;
+    for n in 0..50 {
+        let mut next = watch(&mut client, "churn").await;
+        next_slot(&mut next).await;
+        drop(std::mem::replace(&mut stream, next));
+        if n % 10 == 0 {
+            let citizen = format!("c{n}");
+            book_ok(&mut client, book_request(&slot.slot_id, &citizen, &citizen)).await;
+        }
+    }
+    book_ok(&mut client, book_request(&slot.slot_id, "last", "last")).await;
+    until_remaining(&mut stream, &slot.slot_id, 44).await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,8 +84,7 @@ impl Group for Day {
 
     /// Posts the day on the board once, while someone watches.
     fn member_changed(&self) {
-        if self.board.watching.load(Ordering::Acquire) && !self.posted.swap(true, Ordering::AcqRel)
-        {
+        if self.board.watching.load(Ordering::SeqCst) && !self.posted.swap(true, Ordering::SeqCst) {
             if let Some(me) = self.me.upgrade() {
                 self.board.post(me);
             }
@@ -103,6 +102,17 @@ pub struct ChangeBoard {
 }
 
 impl ChangeBoard {
+    /// Whether changes are posted (off while nobody watches: no cost). The caller
+    /// serialises calls (the watchers' registry does, under its lock).
+    pub fn set_watching(&self, watching: bool) {
+        self.watching.store(watching, Ordering::SeqCst);
+        if !watching {
+            for day in self.take() {
+                day.posted.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
     fn post(&self, day: Arc<Day>) {
         // Each critical section is one push or one swap: a poisoned lock is sound.
         self.days
@@ -276,7 +286,21 @@ pub struct DaysWanted<'a> {
     pub last: NaiveDate,
     /// Resume strictly after this (service, day).
     pub after: Option<(&'a ServiceId, NaiveDate)>,
+    /// Most rows.
     pub limit: usize,
+    /// Most (service, day) entries looked at, rows or not.
+    pub budget: usize,
+}
+
+/// What [`Catalog::day_totals`] found, and how far it looked.
+pub struct DayPage {
+    pub rows: Vec<DayTotals>,
+    /// Entries looked at.
+    pub looked: usize,
+    /// The last (service, day) looked at.
+    pub last: Option<(ServiceId, NaiveDate)>,
+    /// The budget ran out before the site's last entry.
+    pub stopped: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -638,14 +662,9 @@ impl Catalog {
         })
     }
 
-    /// Whether changes are posted for watchers (off while nobody watches: no cost).
-    pub fn set_watching(&self, watching: bool) {
-        self.board.watching.store(watching, Ordering::Release);
-        if !watching {
-            for day in self.board.take() {
-                day.posted.store(false, Ordering::Release);
-            }
-        }
+    /// The board the catalog's days post their changes on.
+    pub fn board(&self) -> Arc<ChangeBoard> {
+        Arc::clone(&self.board)
     }
 
     /// The slots whose capacity, taken places or closed flag changed since the last
@@ -654,7 +673,7 @@ impl Catalog {
         let mut changed = Vec::new();
         for day in self.board.take() {
             // Cleared first: a change from here on posts the day again.
-            day.posted.store(false, Ordering::Release);
+            day.posted.store(false, Ordering::SeqCst);
             let Some(entry) = self.sites.get(&day.site_id) else {
                 continue;
             };
@@ -691,36 +710,60 @@ impl Catalog {
         site_id: &SiteId,
         wanted: &DaysWanted<'_>,
         held: &HashMap<SlotKey, u32>,
-    ) -> Vec<DayTotals> {
-        let Some(entry) = self.sites.get(site_id) else {
-            return Vec::new();
+    ) -> DayPage {
+        let mut page = DayPage {
+            rows: Vec::new(),
+            looked: 0,
+            last: None,
+            stopped: false,
         };
-        entry
-            .days
-            .iter()
-            .filter(|((service, day), _)| {
-                wanted.service_id.is_none_or(|wanted| wanted == service)
-                    && (wanted.first..=wanted.last).contains(day)
-                    && wanted.after.is_none_or(|after| (service, *day) > after)
-            })
-            .take(wanted.limit)
-            .map(|((service, day), (of_day, _))| {
-                let start = (service.clone(), of_day.start_unix_s);
-                let end = (service.clone(), of_day.next_day_start_unix_s);
-                let (mut totals, mut remaining) = (Totals::default(), 0);
-                for slot in entry.slots.range(start..end).map(|(_, slot)| slot) {
-                    let counter = slot.counter.snapshot();
-                    totals.add_slot(&counter, held.get(&slot.key).copied().unwrap_or(0));
-                    remaining += u64::from(counter.remaining());
-                }
-                DayTotals {
-                    service_id: service.clone(),
-                    day: *day,
-                    totals,
-                    remaining,
-                }
-            })
-            .collect()
+        let Some(entry) = self.sites.get(site_id) else {
+            return page;
+        };
+        let from = match wanted.after {
+            Some((service, day)) => Bound::Excluded((service.clone(), day)),
+            None => Bound::Unbounded,
+        };
+        for ((service, day), (of_day, _)) in entry.days.range((from, Bound::Unbounded)) {
+            if page.rows.len() == wanted.limit {
+                break;
+            }
+            if page.looked == wanted.budget {
+                page.stopped = true;
+                break;
+            }
+            page.looked += 1;
+            page.last = Some((service.clone(), *day));
+            let wanted_service = wanted.service_id.is_none_or(|wanted| wanted == service);
+            if wanted_service && (wanted.first..=wanted.last).contains(day) {
+                page.rows
+                    .push(self.totals_of_day(entry, (service, *day), of_day, held));
+            }
+        }
+        page
+    }
+
+    fn totals_of_day(
+        &self,
+        entry: &SiteEntry,
+        (service, day): (&ServiceId, NaiveDate),
+        of_day: &Day,
+        held: &HashMap<SlotKey, u32>,
+    ) -> DayTotals {
+        let start = (service.clone(), of_day.start_unix_s);
+        let end = (service.clone(), of_day.next_day_start_unix_s);
+        let (mut totals, mut remaining) = (Totals::default(), 0);
+        for slot in entry.slots.range(start..end).map(|(_, slot)| slot) {
+            let counter = slot.counter.snapshot();
+            totals.add_slot(&counter, held.get(&slot.key).copied().unwrap_or(0));
+            remaining += u64::from(counter.remaining());
+        }
+        DayTotals {
+            service_id: service.clone(),
+            day,
+            totals,
+            remaining,
+        }
     }
 
     /// The slots of one site (and one service, if given) starting in `[from, to)`.
@@ -735,13 +778,22 @@ impl Catalog {
             .sites
             .get(site_id)
             .ok_or(DomainError::NotFound(crate::domain::error::Missing::Site))?;
+        if from_unix_s >= to_unix_s {
+            return Ok(Vec::new());
+        }
+        // One service: one range of its keys, however many slots the site has.
+        if let Some(service) = service_id {
+            let range = (service.clone(), from_unix_s)..(service.clone(), to_unix_s);
+            return Ok(entry
+                .slots
+                .range(range)
+                .map(|(_, s)| Arc::clone(s))
+                .collect());
+        }
         Ok(entry
             .slots
             .iter()
-            .filter(|((service, start), _)| {
-                service_id.is_none_or(|wanted| wanted == service)
-                    && (from_unix_s..to_unix_s).contains(start)
-            })
+            .filter(|((_, start), _)| (from_unix_s..to_unix_s).contains(start))
             .map(|(_, slot)| Arc::clone(slot))
             .collect())
     }

@@ -170,6 +170,15 @@ impl LiveHolds {
     }
 
     /// Live holds per slot of one site, for its statistics.
+    /// Live holds per slot, of every site.
+    pub fn count_by_slot_everywhere(&self) -> HashMap<SlotKey, u32> {
+        let mut counts = HashMap::new();
+        for hold in self.by_id.values() {
+            *counts.entry(hold.slot.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
     pub fn count_by_slot(&self, site_id: &SiteId) -> HashMap<SlotKey, u32> {
         let mut counts = HashMap::new();
         for hold in self.by_id.values().filter(|h| h.slot.site_id == *site_id) {

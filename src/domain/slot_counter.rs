@@ -131,7 +131,7 @@ impl SlotCounter {
 
     /// Whether a visible change happened since the last call (and clears the flag).
     pub fn take_changed(&self) -> bool {
-        self.changed.swap(false, Ordering::AcqRel)
+        self.changed.swap(false, Ordering::SeqCst)
     }
 
     /// Joins a group: adds its free places to the group's sum, and every later change.
@@ -189,7 +189,7 @@ impl SlotCounter {
         if !visible {
             return; // only `pending` moved
         }
-        self.changed.store(true, Ordering::Release);
+        self.changed.store(true, Ordering::SeqCst);
         let Some(group) = self
             .group
             .get()

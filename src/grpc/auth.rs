@@ -33,8 +33,14 @@ pub enum Service {
     },
 }
 
-/// The request quota anonymous callers of a public service share.
-const ANONYMOUS: &str = "anonymous";
+/// The one request quota every anonymous caller of a public service shares.
+pub type AnonymousLimiter = Arc<governor::DefaultDirectRateLimiter>;
+
+/// `per_second` anonymous requests in all (burst the same; at least 1).
+pub fn anonymous_limiter(per_second: u32) -> AnonymousLimiter {
+    let n = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+    Arc::new(RateLimiter::direct(Quota::per_second(n).allow_burst(n)))
+}
 
 /// The authenticated caller, put in the request's extensions by the gate.
 #[derive(Clone, Debug)]
@@ -126,6 +132,8 @@ pub struct Gate {
     tokens: Arc<[Token]>,
     service: Service,
     limiter: TokenLimiter,
+    /// Anonymous callers of a public service (`OpenData { public: true }`).
+    anonymous: AnonymousLimiter,
     /// How callers name citizens in open mode (no tokens).
     open_citizens: CitizenTrust,
 }
@@ -134,13 +142,14 @@ impl Gate {
     pub fn new(
         tokens: &[Token],
         service: Service,
-        limiter: TokenLimiter,
+        (limiter, anonymous): (TokenLimiter, AnonymousLimiter),
         open_citizens: CitizenTrust,
     ) -> Self {
         Self {
             tokens: tokens.into(),
             service,
             limiter,
+            anonymous,
             open_citizens,
         }
     }
@@ -171,7 +180,12 @@ impl Gate {
         }
         let anonymous = request.metadata().get("authorization").is_none();
         if anonymous && self.service == (Service::OpenData { public: true }) {
-            self.count_request(&Arc::from(ANONYMOUS))?;
+            self.anonymous.check().map_err(|not_until| {
+                let retry_after = not_until.wait_time_from(DefaultClock::default().now());
+                metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => "anonymous")
+                    .increment(1);
+                Status::from(ServiceError::RateLimited { retry_after })
+            })?;
             return Ok(Caller::Open);
         }
         let unauthenticated =

@@ -163,10 +163,11 @@ impl BookingService for BookingApi {
         let query =
             convert::watch_from_proto(request.into_inner(), self.engine.limits(), now_unix_ms)?;
         let (slots, permit) = self.engine.watch_availability(&query, stalled)?;
-        let slots = tokio_stream::wrappers::ReceiverStream::new(slots).map(|(site, slot)| {
-            Ok(proto::WatchAvailabilityResponse {
+        let slots = tokio_stream::wrappers::ReceiverStream::new(slots).map(|item| {
+            item.map(|(site, slot)| proto::WatchAvailabilityResponse {
                 slot: Some(convert::slot_to_proto(&site, &slot)),
             })
+            .map_err(Status::from)
         });
         Ok(Response::new(Box::pin(connections::holding(slots, permit))))
     }

@@ -403,12 +403,16 @@ impl CapacityService for CapacityApi {
             ),
         };
         let scope = EventScope::of(&self.engine, &actor, site, region)?;
-        let (events, permit) =
-            self.engine
-                .watch_events((scope, request.after_sequence), &caller.actor(), stalled)?;
-        let events = ReceiverStream::new(events).map(|item| {
+        let (events, permit) = self.engine.watch_events(
+            (scope, request.after_sequence, &request.log_id),
+            &caller.actor(),
+            stalled,
+        )?;
+        let log_id = self.engine.event_log_id().to_string();
+        let events = ReceiverStream::new(events).map(move |item| {
             item.map(|view| proto::WatchEventsResponse {
                 event: Some(convert::event_to_proto(&view)),
+                log_id: log_id.clone(),
             })
             .map_err(Status::from)
         });

@@ -160,6 +160,9 @@ fn classify(error: &ServiceError) -> Answer {
         ServiceError::EventsPruned { oldest } => {
             Answer::new(FailedPrecondition, "EVENTS_PRUNED").with("oldest_sequence", oldest)
         }
+        ServiceError::EventLogReplaced { log_id } => {
+            Answer::new(FailedPrecondition, "EVENT_LOG_REPLACED").with("log_id", log_id)
+        }
         ServiceError::EventsAhead { last, .. } => {
             Answer::new(Code::OutOfRange, "EVENTS_AHEAD").with("last_sequence", last)
         }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::domain::catalog::{SearchQuery, SearchScope, Site, Slot};
+use crate::domain::catalog::{ChangeBoard, SearchQuery, SearchScope, Site, Slot};
 use crate::domain::error::DomainError;
 use crate::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
 use crate::service::engine::Engine;
@@ -32,6 +32,16 @@ pub type SlotView = (Arc<Site>, Arc<Slot>);
 
 /// Changed slots a watcher has not been sent yet, by slot: the latest change wins.
 type Pending = BTreeMap<SlotKey, SlotView>;
+
+/// Why a watch ended.
+enum Stop {
+    /// The reader went away.
+    Gone,
+    /// The reader read nothing for `export_idle_timeout_ms`: its connection is closed.
+    Stalled,
+    /// The server shuts down: the stream ends with SHUTTING_DOWN.
+    ShuttingDown,
+}
 
 /// Slots in flight between a watch's task and its reader.
 const SLOTS_BUFFERED: usize = 64;
@@ -60,16 +70,20 @@ enum Filed {
 /// Every open watch, filed for the fan-out.
 pub struct Watchers {
     permits: Arc<Semaphore>,
+    /// Also serialises turning the board on (first watch) and off (last one gone).
     filed: Mutex<HashMap<Filed, Vec<Arc<Subscriber>>>>,
     count: AtomicUsize,
+    board: Arc<ChangeBoard>,
 }
 
 impl Watchers {
-    pub fn new(max: usize) -> Self {
+    /// At most `max` watches, of the catalog whose change `board` this is.
+    pub fn new(max: usize, board: Arc<ChangeBoard>) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max)),
             filed: Mutex::default(),
             count: AtomicUsize::new(0),
+            board,
         }
     }
 
@@ -95,8 +109,10 @@ impl Drop for Registration {
                 filed.remove(&self.filed);
             }
         }
-        if watchers.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.engine.catalog().set_watching(false);
+        // Under the lock: a watch filed meanwhile cannot see the board turned off after
+        // it turned it on.
+        if watchers.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            watchers.board.set_watching(false);
         }
     }
 }
@@ -110,7 +126,13 @@ impl Engine {
         self: &Arc<Self>,
         query: &SearchQuery,
         on_idle: Option<OnIdle>,
-    ) -> Result<(mpsc::Receiver<SlotView>, OwnedSemaphorePermit), ServiceError> {
+    ) -> Result<
+        (
+            mpsc::Receiver<Result<SlotView, ServiceError>>,
+            OwnedSemaphorePermit,
+        ),
+        ServiceError,
+    > {
         let permit = Arc::clone(&self.watchers.permits)
             .try_acquire_owned()
             .map_err(|_| ServiceError::WatchersExhausted)?;
@@ -120,9 +142,17 @@ impl Engine {
         let (sender, receiver) = mpsc::channel(SLOTS_BUFFERED);
         let engine = Arc::clone(self);
         tokio::spawn(async move {
-            let cut_off = engine.follow_slots(snapshot, &registration, &sender).await;
-            if let (true, Some(on_idle)) = (cut_off, on_idle) {
-                on_idle();
+            match engine.follow_slots(snapshot, &registration, &sender).await {
+                Stop::Gone => {}
+                Stop::Stalled => {
+                    if let Some(on_idle) = on_idle {
+                        on_idle();
+                    }
+                }
+                // UNAVAILABLE / SHUTTING_DOWN: watch again after the restart.
+                Stop::ShuttingDown => {
+                    let _ = sender.try_send(Err(crate::store::StoreError::Closed.into()));
+                }
             }
             drop(registration);
         });
@@ -141,14 +171,14 @@ impl Engine {
             pending: Mutex::default(),
             notify: Notify::new(),
         });
-        self.watchers
-            .filed()
-            .entry(filed.clone())
+        let mut all = self.watchers.filed();
+        all.entry(filed.clone())
             .or_default()
             .push(Arc::clone(&subscriber));
-        if self.watchers.count.fetch_add(1, Ordering::AcqRel) == 0 {
-            self.catalog().set_watching(true);
+        if self.watchers.count.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.watchers.board.set_watching(true);
         }
+        drop(all);
         Registration {
             engine: Arc::clone(self),
             filed,
@@ -188,27 +218,26 @@ impl Engine {
     }
 
     /// Sends the snapshot, then each batch of pending changes, until the reader goes
-    /// away (false), stalls or the server shuts down (true: cut it off).
+    /// away or stalls, or the server shuts down.
     async fn follow_slots(
         &self,
         snapshot: Vec<SlotView>,
         registration: &Registration,
-        sender: &mpsc::Sender<SlotView>,
-    ) -> bool {
+        sender: &mpsc::Sender<Result<SlotView, ServiceError>>,
+    ) -> Stop {
         let subscriber = &registration.subscriber;
         let mut closing = self.closing.subscribe();
         let mut batch = snapshot;
         loop {
             for view in batch {
-                match self.send_slot(sender, view, &mut closing).await {
-                    Some(cut_off) => return cut_off,
-                    None => continue,
+                if let Some(stop) = self.send_slot(sender, view, &mut closing).await {
+                    return stop;
                 }
             }
             tokio::select! {
                 () = subscriber.notify.notified() => {}
-                () = sender.closed() => return false,
-                _ = closing.wait_for(|closing| *closing) => return true,
+                () = sender.closed() => return Stop::Gone,
+                _ = closing.wait_for(|closing| *closing) => return Stop::ShuttingDown,
             }
             batch = std::mem::take(&mut *subscriber.pending())
                 .into_values()
@@ -216,22 +245,23 @@ impl Engine {
         }
     }
 
-    /// Hands one slot to the reader within `export_idle_timeout_ms`; `Some(cut_off)` when
-    /// the watch must end.
+    /// Hands one slot to the reader within `export_idle_timeout_ms`; `Some` when the
+    /// watch must end.
     async fn send_slot(
         &self,
-        sender: &mpsc::Sender<SlotView>,
+        sender: &mpsc::Sender<Result<SlotView, ServiceError>>,
         view: SlotView,
         closing: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Option<bool> {
+    ) -> Option<Stop> {
         let idle = Duration::from_millis(self.limits.export_idle_timeout_ms);
         tokio::select! {
-            sent = tokio::time::timeout(idle, sender.send(view)) => match sent {
+            sent = tokio::time::timeout(idle, sender.send(Ok(view))) => match sent {
                 Ok(Ok(())) => None,
-                Ok(Err(_)) => Some(false),
-                Err(_) => Some(true),
+                Ok(Err(_)) => Some(Stop::Gone),
+                Err(_) => Some(Stop::Stalled),
             },
-            _ = closing.wait_for(|closing| *closing) => Some(true),
+            // A reader stuck mid-send at shutdown has its connection closed.
+            _ = closing.wait_for(|closing| *closing) => Some(Stop::Stalled),
         }
     }
 
@@ -239,7 +269,7 @@ impl Engine {
     /// watcher whose range holds them. The server runs it every `watch_coalesce_ms`;
     /// returns how many slots changed.
     pub fn fan_out_availability(&self) -> usize {
-        if self.watchers.count.load(Ordering::Acquire) == 0 {
+        if self.watchers.count.load(Ordering::SeqCst) == 0 {
             return 0;
         }
         let changed = self.catalog().changed_slots();

@@ -189,6 +189,10 @@ fn build(
             }
         }
         store.sync_direct_writes().map_err(|e| e.to_string())?;
+        // A restored log may be rewound: gateways must see it is not the one they read.
+        store
+            .put_event_log_id(&rand::random::<[u8; 16]>())
+            .map_err(|e| e.to_string())?;
         store.shutdown();
     }
     let mut engine = Engine::open(staging, config, crate::service::clock::Clock::system())

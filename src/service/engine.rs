@@ -74,6 +74,8 @@ pub struct Engine {
     pub(super) watchers: crate::service::availability::Watchers,
     /// Turns true when the server shuts down: watch streams end.
     pub(super) closing: watch::Sender<bool>,
+    /// The id of the store's event log (hex), new after a restore.
+    pub(super) event_log_id: String,
     /// How citizen ids are read (the scheme and the length bound).
     pub(super) citizen_ids: CitizenIds,
     /// Serialises authority writes (sites, schedules, imports, capacities, closures)

@@ -47,6 +47,8 @@ pub enum ServiceError {
     EventsPruned { oldest: u64 },
     #[error("after_sequence {after} is beyond the last event ({last}): this store never wrote it (restored from an older backup?)")]
     EventsAhead { after: u64, last: u64 },
+    #[error("this store's event log is not the one log_id names (it was restored from a backup, so its sequences may repeat): reconcile (ExportBookings), then follow log {log_id} from 0")]
+    EventLogReplaced { log_id: String },
     #[error(
         "too many watch streams open (event_streams_max or event_streams_per_token_max; \
          watch_subscribers_max for availability): retry later"

@@ -87,12 +87,17 @@ enum Stop {
 }
 
 impl Engine {
+    /// The id of this store's event log: a gateway keeps it with its sequence.
+    pub fn event_log_id(&self) -> &str {
+        &self.event_log_id
+    }
+
     /// Starts a watch of the events after `after` in `scope` for `token`: refused at
     /// once if the log no longer holds them (`EventsPruned`), never held them
     /// (`EventsAhead`), or too many watches are open. Keep the permit with the stream.
     pub fn watch_events(
         self: &Arc<Self>,
-        (scope, after): (EventScope, u64),
+        (scope, after, log_id): (EventScope, u64, &str),
         token: &str,
         on_idle: Option<OnIdle>,
     ) -> Result<
@@ -102,6 +107,11 @@ impl Engine {
         ),
         ServiceError,
     > {
+        if !log_id.is_empty() && log_id != self.event_log_id {
+            return Err(ServiceError::EventLogReplaced {
+                log_id: self.event_log_id.clone(),
+            });
+        }
         let permit = self
             .event_streams
             .admit(token, ExportKind::Records)

@@ -49,9 +49,19 @@ impl Engine {
     /// One page of the availability summary.
     pub fn availability_summary(&self, query: &SummaryQuery) -> SummaryPage {
         let as_of_unix_ms = self.now_unix_ms();
-        let sites = self.catalog().sites_in(query.region_id.as_ref());
+        // Live holds counted once per call (one pass, one short lock).
+        let held = self.live_holds().count_by_slot_everywhere();
+        let catalog = self.catalog();
         let after_site = query.after.as_ref().map(|after| &after.site_id);
-        let mut rows = Vec::new();
+        let mut page = SummaryPage {
+            rows: Vec::new(),
+            as_of_unix_ms,
+            next: None,
+        };
+        let mut budget = self.limits.search_slots_scanned_max;
+        // The last (site, service, day) looked at: where the next page goes on from.
+        let mut last: Option<RowKey> = None;
+        let sites = catalog.sites_in(query.region_id.as_ref());
         for site in sites
             .into_iter()
             .filter(|s| after_site.is_none_or(|a| s.site_id >= *a))
@@ -65,30 +75,39 @@ impl Engine {
                     .as_ref()
                     .filter(|after| after.site_id == site.site_id)
                     .map(|after| (&after.service_id, after.day)),
-                limit: query.page_size - rows.len(),
+                limit: query.page_size - page.rows.len(),
+                budget,
             };
-            let held = self.live_holds().count_by_slot(&site.site_id);
-            let totals = self.catalog().day_totals(&site.site_id, &wanted, &held);
-            rows.extend(totals.into_iter().map(|totals| SummaryRow {
-                site: Arc::clone(&site),
-                totals,
-            }));
-            if rows.len() == query.page_size {
-                break;
+            let found = catalog.day_totals(&site.site_id, &wanted, &held);
+            budget -= found.looked;
+            if let Some((service_id, day)) = found.last {
+                let site_id = site.site_id.clone();
+                last = Some(RowKey {
+                    site_id,
+                    service_id,
+                    day,
+                });
+            }
+            page.rows
+                .extend(found.rows.into_iter().map(|totals| SummaryRow {
+                    site: Arc::clone(&site),
+                    totals,
+                }));
+            // A full page goes on after its last row; an exhausted budget after the last
+            // entry looked at (this site's or, at a site's start, the one before).
+            if page.rows.len() == query.page_size {
+                page.next = page.rows.last().map(|row| RowKey {
+                    site_id: row.site.site_id.clone(),
+                    service_id: row.totals.service_id.clone(),
+                    day: row.totals.day,
+                });
+                return page;
+            }
+            if found.stopped || budget == 0 {
+                page.next = last;
+                return page;
             }
         }
-        let next = match rows.len() == query.page_size {
-            true => rows.last().map(|row| RowKey {
-                site_id: row.site.site_id.clone(),
-                service_id: row.totals.service_id.clone(),
-                day: row.totals.day,
-            }),
-            false => None,
-        };
-        SummaryPage {
-            rows,
-            as_of_unix_ms,
-            next,
-        }
+        page
     }
 }

@@ -47,10 +47,13 @@ impl Engine {
         clock: Clock,
     ) -> Result<Self, ServiceError> {
         let key = citizen_hash_key(config, &store)?;
+        let event_log_id = event_log_id(&store)?;
+        let catalog = Catalog::default();
+        let board = catalog.board();
         let mut engine = Self {
             limits: config.limits.clone(),
             store,
-            catalog: RwLock::new(Catalog::default()),
+            catalog: RwLock::new(catalog),
             citizens: CitizenIndex::default(),
             requests: RequestRegistry::default(),
             holds: Mutex::new(LiveHolds::default()),
@@ -68,8 +71,10 @@ impl Engine {
                 config.limits.exports_per_token_max,
             ),
             closing: tokio::sync::watch::channel(false).0,
+            event_log_id,
             watchers: crate::service::availability::Watchers::new(
                 config.limits.watch_subscribers_max,
+                board,
             ),
             event_streams: Exports::new(
                 config.limits.event_streams_max,
@@ -85,6 +90,19 @@ impl Engine {
         rebuild(&mut engine)?;
         Ok(engine)
     }
+}
+
+/// The store's event log id in hex, made (and stored) for a store that has none yet.
+fn event_log_id(store: &Store) -> Result<String, ServiceError> {
+    let id = match store.event_log_id()? {
+        Some(id) => id,
+        None => {
+            let id = rand::random::<[u8; 16]>().to_vec();
+            store.put_event_log_id(&id)?;
+            id
+        }
+    };
+    Ok(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The configured key, or the data dir's key file (created for a new store only),

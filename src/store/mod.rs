@@ -234,6 +234,23 @@ impl Store {
         self.sync_direct_writes()
     }
 
+    /// The id of this store's event log (`None`: not made yet).
+    pub fn event_log_id(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.db.get(records::EVENT_LOG_KEY) {
+            Ok(value) => Ok(value.map(|value| value.to_vec())),
+            Err(e) => Err(StoreError::Io(format!("reading the event log id: {e}"))),
+        }
+    }
+
+    /// Stores a new event log id durably. At open or in a restore only, before anything
+    /// else writes.
+    pub fn put_event_log_id(&self, id: &[u8]) -> Result<(), StoreError> {
+        self.db
+            .insert(records::EVENT_LOG_KEY, id)
+            .map_err(|e| StoreError::Io(format!("writing the event log id: {e}")))?;
+        self.sync_direct_writes()
+    }
+
     /// Flush + fdatasync of writes made straight to sled, not through the committer:
     /// the key check at open, a restore's records. Only while nothing else writes.
     pub(crate) fn sync_direct_writes(&self) -> Result<(), StoreError> {

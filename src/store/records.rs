@@ -33,6 +33,9 @@ const APPLY_JOURNAL_KEY: &[u8] = b"Japply";
 /// The check value of the citizen hash key the store was written with
 /// (`store::key_file::check_value`, raw bytes).
 pub const KEY_CHECK_KEY: &[u8] = b"Kcheck";
+/// The id of this store's event log (16 random bytes, raw): made with the store, made
+/// anew by a restore, so a gateway can tell a log that was rewound from its own.
+pub const EVENT_LOG_KEY: &[u8] = b"Kevents";
 /// `A` + time (sortable) + 8 random bytes: the audit log of capacity changes, in time order.
 pub const AUDIT_PREFIX: u8 = b'A';
 /// `R` + request digest: the outcome of an authority request (closure, capacity change),
