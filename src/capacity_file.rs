@@ -94,10 +94,7 @@ impl Collected {
             }
         };
         if header != COLUMNS {
-            self.note(line_error(
-                1,
-                format!("the header must be: {}", COLUMNS.join(",")),
-            ));
+            self.note(line_error(1, header_problem(&header)));
             return Next::Stop;
         }
         Next::Line
@@ -188,6 +185,33 @@ pub fn parse(
 /// Reads up to and including the next `\n`, at most `LINE_BYTES_MAX + 1` bytes.
 fn read_line_bounded<R: BufRead>(reader: &mut R, buffer: &mut Vec<u8>) -> std::io::Result<usize> {
     std::io::Read::take(reader, LINE_BYTES_MAX as u64 + 1).read_until(b'\n', buffer)
+}
+
+/// What is wrong with a header that is not `COLUMNS`: the columns missing, the ones
+/// not known, or the order. (The rows are read by position, so nothing after a wrong
+/// header can be checked.)
+fn header_problem(header: &[String]) -> String {
+    let missing: Vec<&str> = COLUMNS
+        .iter()
+        .filter(|column| !header.iter().any(|h| h == *column))
+        .copied()
+        .collect();
+    let unknown: Vec<&str> = header
+        .iter()
+        .filter(|h| !COLUMNS.contains(&h.as_str()))
+        .map(String::as_str)
+        .collect();
+    let mut problem = format!("the header must be: {}", COLUMNS.join(","));
+    if !missing.is_empty() {
+        problem.push_str(&format!("; missing: {}", missing.join(", ")));
+    }
+    if !unknown.is_empty() {
+        problem.push_str(&format!("; not a column: {}", unknown.join(", ")));
+    }
+    if missing.is_empty() && unknown.is_empty() {
+        problem.push_str("; the columns are there, in another order");
+    }
+    problem
 }
 
 fn line_error(line: u64, message: impl Into<String>) -> FileError {
@@ -353,6 +377,22 @@ mod tests {
         assert_eq!(rows[0].weekdays, [1, 2, 3, 6]);
         assert_eq!(rows[0].line, 2);
         assert_eq!((rows[0].slot_minutes, rows[0].capacity_per_slot), (15, 2));
+    }
+
+    #[test]
+    fn a_wrong_header_names_the_missing_and_unknown_columns() {
+        let problem = |header: &str| {
+            let Parsed::Errors { listed, .. } = parse_text(&format!("{header}\n")) else {
+                panic!("expected errors");
+            };
+            listed[0].to_string()
+        };
+        let dropped = HEADER.trim_end().replace(",capacity_per_slot", "");
+        assert!(problem(&dropped).ends_with("; missing: capacity_per_slot"));
+        let renamed = HEADER.trim_end().replace("opens", "open");
+        assert!(problem(&renamed).ends_with("; missing: opens; not a column: open"));
+        let swapped = HEADER.trim_end().replace("opens,closes", "closes,opens");
+        assert!(problem(&swapped).ends_with("in another order"));
     }
 
     #[test]

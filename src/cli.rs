@@ -81,13 +81,34 @@ async fn authorized_channel(
     Ok(InterceptedService::new(channel, authorize))
 }
 
-/// Explains a refused call, listing each bad field of a refused import by line.
+/// `NotFound` → `NOT_FOUND`, as gRPC names codes.
+fn code_name(code: Code) -> String {
+    let mut name = String::new();
+    for (index, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_uppercase() && index > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+/// Explains a refused call in one style for every command: the server's message, its
+/// code and reason, and each bad field (of an import: by line and column).
 fn explain(status: &Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let reason = status
+        .get_details_error_info()
+        .map(|info| format!(", {}", info.reason))
+        .unwrap_or_default();
+    let mut text = format!(
+        "the server refused it ({}{reason}): {}",
+        code_name(status.code()),
+        status.message()
+    );
     if status.code() == Code::InvalidArgument {
         if let Some(bad) = status.get_details_bad_request() {
             text = format!(
-                "the server refused the file; nothing was applied ({} problems):",
+                "the server refused it; nothing was applied ({} problems):",
                 bad.field_violations.len()
             );
             for violation in &bad.field_violations {
@@ -195,7 +216,9 @@ pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(
         .import_capacity(tokio_stream::wrappers::ReceiverStream::new(receiver))
         .await;
     feeder.abort();
-    let summary = response.map_err(|status| explain(&status))?.into_inner();
+    let summary = response
+        .map_err(|status| explain(&status).replacen("refused it", "refused the file", 1))?
+        .into_inner();
     let verb = if dry_run { "would import" } else { "imported" };
     println!(
         "{verb} {} rows: {} sites, {} slots created, {} slots updated, total capacity {}{}",

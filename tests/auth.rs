@@ -325,7 +325,27 @@ async fn tokens_decide_services_and_regions() {
     let flag = |token: &str| vec!["--token".to_string(), token.to_string()];
     let refused = import(flag(FRONTEND), None).await.unwrap();
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("PermissionDenied"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("the server refused the file (PERMISSION_DENIED): token"),
+        "{stderr}"
+    );
+    // Every command refuses in the same style: code, reason, message.
+    let url_for_export = url.clone();
+    let exported = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_prenota"))
+            .args(["export", "--site", "nowhere", "--server", &url_for_export])
+            .args(["--token", ADMIN])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&exported.stderr);
+    assert!(
+        stderr.starts_with("prenota: the server refused it (NOT_FOUND, SITE_NOT_FOUND): "),
+        "{stderr}"
+    );
     let token_file = dir.path().join("admin.token");
     std::fs::write(&token_file, format!("{ADMIN}\n")).unwrap();
     let from_file = vec!["--token-file".into(), token_file.display().to_string()];

@@ -290,3 +290,61 @@ async fn a_restart_keeps_every_booking_and_the_same_stats() {
     assert_eq!(reason(&full).as_deref(), Some("SLOT_FULL"));
     server.stop().await;
 }
+
+/// A citizen's bookings are listed by start time (not by id), and pages of one follow
+/// the same order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_citizen_lists_its_bookings_in_start_time_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    upsert_site(&mut server.capacity().await, "order", "r", "Etc/UTC").await;
+    let day = day_ahead(30);
+    let publish = publish_request("order", "vax", (&day, &day), ("09:00", "10:30"), 30, 5);
+    server
+        .capacity()
+        .await
+        .publish_schedule(publish)
+        .await
+        .unwrap();
+    let mut client = server.booking().await;
+    let slots = search_all(&mut client, "order", "vax").await;
+    assert_eq!(slots.len(), 3);
+    // Booked latest first: ids grow while starts go back.
+    let mut booked = Vec::new();
+    for (n, slot) in slots.iter().rev().enumerate() {
+        let request_id = format!("b{n}");
+        let booking = book_ok(&mut client, book_request(&slot.slot_id, "ann", &request_id)).await;
+        if n < 2 {
+            client
+                .cancel_booking(proto::CancelBookingRequest {
+                    booking_id: booking.booking_id.clone(),
+                    citizen_id: "ann".into(),
+                    request_id: format!("c{n}"),
+                })
+                .await
+                .unwrap();
+        }
+        booked.push(booking.booking_id);
+    }
+    booked.reverse();
+    let (mut listed, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let page = client
+            .list_citizen_bookings(proto::ListCitizenBookingsRequest {
+                citizen_id: "ann".into(),
+                page_size: 1,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.bookings.into_iter().map(|b| b.booking_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(listed, booked, "earliest start first, one page at a time");
+    server.stop().await;
+}

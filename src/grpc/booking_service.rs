@@ -290,7 +290,10 @@ impl BookingService for BookingApi {
                 .iter()
                 .map(convert::booking_to_proto)
                 .collect(),
-            next_page_token: page.next_after.map(|id| id.to_string()).unwrap_or_default(),
+            next_page_token: page
+                .next_after
+                .map(convert::booking_page_token_of)
+                .unwrap_or_default(),
         }))
     }
 }

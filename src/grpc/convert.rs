@@ -603,19 +603,27 @@ pub fn hold_to_proto(hold: &Hold) -> proto::Hold {
     }
 }
 
-/// A `page_token` that must be a booking id from a previous response; empty means none.
-fn booking_page_token(token: &str) -> Result<Option<BookingId>, FieldViolation> {
+/// A citizen list's `page_token`: `start/booking_id` of the last booking sent (see
+/// [`booking_page_token_of`]); empty means the first page.
+fn booking_page_token(token: &str) -> Result<Option<(i64, BookingId)>, FieldViolation> {
     if token.is_empty() {
         return Ok(None);
     }
-    BookingId::parse("page_token", token)
-        .map(Some)
-        .map_err(|_| {
-            FieldViolation::new(
-                "page_token",
-                "is not a next_page_token from a previous response",
-            )
-        })
+    let bad = || {
+        FieldViolation::new(
+            "page_token",
+            "is not a next_page_token from a previous response",
+        )
+    };
+    let (start, id) = token.split_once('/').ok_or_else(bad)?;
+    let start = start.parse().map_err(|_| bad())?;
+    let id = BookingId::parse("page_token", id).map_err(|_| bad())?;
+    Ok(Some((start, id)))
+}
+
+/// The `next_page_token` of a citizen list that goes on after (start, booking).
+pub fn booking_page_token_of((start, id): (i64, BookingId)) -> String {
+    format!("{start}/{id}")
 }
 
 pub fn citizen_bookings_from_proto(

@@ -35,15 +35,20 @@ pub struct RescheduleCommand {
 pub struct CitizenBookingsQuery {
     pub citizen_id: String,
     pub service_id: Option<ServiceId>,
-    /// Resume after this booking (the previous page's last one).
-    pub after: Option<BookingId>,
+    /// Resume after this (slot start, booking): the previous page's last one.
+    pub after: Option<(i64, BookingId)>,
     pub page_size: usize,
 }
 
 pub struct CitizenBookingsPage {
     pub bookings: Vec<BookingView>,
-    pub next_after: Option<BookingId>,
+    /// The (slot start, booking) of the last one, when more follow.
+    pub next_after: Option<(i64, BookingId)>,
 }
+
+/// Bookings of one citizen read (in steps of this many) to sort them by start time: a
+/// citizen's bookings are few, and retention deletes those of long-ended slots.
+const CITIZEN_BOOKINGS_STEP: usize = 1_000;
 
 impl Engine {
     /// Books one place. Run it in its own task: it must finish even if the client goes away.
@@ -204,44 +209,51 @@ impl Engine {
         self.execute(plan, || {}).await
     }
 
-    /// A citizen's bookings in every state, in booking-id order, one page at a time.
+    /// A citizen's bookings (all states, optionally of one service) in start-time order
+    /// (then booking id), a page at a time. Counted against the citizen's read quota.
     pub fn citizen_bookings(
         &self,
         query: &CitizenBookingsQuery,
     ) -> Result<CitizenBookingsPage, ServiceError> {
         let citizen = self.hasher.hash(&query.citizen_id);
         self.count_read(&citizen)?;
+        let mut mine = Vec::new();
+        let mut after = None;
+        loop {
+            let batch = self
+                .store
+                .bookings_of_tag(citizen.tag(), after, CITIZEN_BOOKINGS_STEP)?;
+            let exhausted = batch.len() < CITIZEN_BOOKINGS_STEP;
+            after = batch.last().map(|booking| booking.booking_id);
+            // Another citizen may share the tag; a service filter narrows further.
+            mine.extend(batch.into_iter().filter(|booking| {
+                booking.citizen == citizen
+                    && query
+                        .service_id
+                        .as_ref()
+                        .is_none_or(|service| *service == booking.slot.service_id)
+            }));
+            if exhausted {
+                break;
+            }
+        }
+        let order = |booking: &Booking| (booking.slot.start_unix_s, booking.booking_id);
+        mine.sort_by_key(order);
+        let mut rest = mine
+            .into_iter()
+            .filter(|booking| query.after.is_none_or(|after| order(booking) > after))
+            .peekable();
         let mut page = CitizenBookingsPage {
             bookings: Vec::new(),
             next_after: None,
         };
-        let tag = citizen.tag();
-        let mut after = query.after;
-        loop {
-            let batch = self
-                .store
-                .bookings_of_tag(tag, after, query.page_size + 1)?;
-            let exhausted = batch.len() <= query.page_size;
-            for booking in batch {
-                after = Some(booking.booking_id);
-                // Another citizen may share the tag; a service filter narrows further.
-                if booking.citizen != citizen
-                    || query
-                        .service_id
-                        .as_ref()
-                        .is_some_and(|service| *service != booking.slot.service_id)
-                {
-                    continue;
-                }
-                if page.bookings.len() == query.page_size {
-                    page.next_after = page.bookings.last().map(|v| v.booking.booking_id);
-                    return Ok(page);
-                }
-                page.bookings.push(self.view(booking)?);
-            }
-            if exhausted {
-                return Ok(page);
-            }
+        while page.bookings.len() < query.page_size {
+            let Some(booking) = rest.next() else { break };
+            page.bookings.push(self.view(booking)?);
         }
+        if rest.peek().is_some() {
+            page.next_after = page.bookings.last().map(|view| order(&view.booking));
+        }
+        Ok(page)
     }
 }
