@@ -210,6 +210,14 @@ fn search_range(
     Ok((from, to))
 }
 
+/// What every list answers to a `page_token` it did not hand out.
+fn not_a_page_token() -> FieldViolation {
+    FieldViolation::new(
+        "page_token",
+        "is not a next_page_token from a previous response",
+    )
+}
+
 /// A `page_token` that must be a slot id from a previous response; empty means none.
 fn slot_page_token(token: &str, limits: &Limits) -> Result<Option<SlotKey>, FieldViolation> {
     if token.is_empty() {
@@ -217,12 +225,7 @@ fn slot_page_token(token: &str, limits: &Limits) -> Result<Option<SlotKey>, Fiel
     }
     slot_key("page_token", token, limits)
         .map(Some)
-        .map_err(|_| {
-            FieldViolation::new(
-                "page_token",
-                "is not a next_page_token from a previous response",
-            )
-        })
+        .map_err(|_| not_a_page_token())
 }
 
 /// A search without `from` starts at `now_unix_ms`.
@@ -609,12 +612,7 @@ fn booking_page_token(token: &str) -> Result<Option<(i64, BookingId)>, FieldViol
     if token.is_empty() {
         return Ok(None);
     }
-    let bad = || {
-        FieldViolation::new(
-            "page_token",
-            "is not a next_page_token from a previous response",
-        )
-    };
+    let bad = not_a_page_token;
     let (start, id) = token.split_once('/').ok_or_else(bad)?;
     let start = start.parse().map_err(|_| bad())?;
     let id = BookingId::parse("page_token", id).map_err(|_| bad())?;
@@ -731,12 +729,7 @@ fn row_key_token(token: &str, limits: &Limits) -> Result<Option<RowKey>, FieldVi
     if token.is_empty() {
         return Ok(None);
     }
-    let bad = || {
-        FieldViolation::new(
-            "page_token",
-            "is not a next_page_token from a previous response",
-        )
-    };
+    let bad = not_a_page_token;
     let mut parts = token.split('/');
     let (Some(site), Some(service), Some(day), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())

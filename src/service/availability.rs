@@ -25,7 +25,7 @@ use crate::domain::error::DomainError;
 use crate::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
-use crate::service::exports::OnIdle;
+use crate::service::exports::{send_within, OnIdle, Sent};
 
 /// A slot with its site, as a watcher is sent it.
 pub type SlotView = (Arc<Site>, Arc<Slot>);
@@ -254,14 +254,10 @@ impl Engine {
         closing: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Option<Stop> {
         let idle = Duration::from_millis(self.limits.export_idle_timeout_ms);
-        tokio::select! {
-            sent = tokio::time::timeout(idle, sender.send(Ok(view))) => match sent {
-                Ok(Ok(())) => None,
-                Ok(Err(_)) => Some(Stop::Gone),
-                Err(_) => Some(Stop::Stalled),
-            },
-            // A reader stuck mid-send at shutdown has its connection closed.
-            _ = closing.wait_for(|closing| *closing) => Some(Stop::Stalled),
+        match send_within(sender, Ok(view), idle, closing).await {
+            Sent::Delivered => None,
+            Sent::Gone => Some(Stop::Gone),
+            Sent::Stalled => Some(Stop::Stalled),
         }
     }
 

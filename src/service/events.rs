@@ -23,7 +23,7 @@ use crate::domain::ids::{RegionId, SiteId};
 use crate::service::actor::{Actor, Regions};
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
-use crate::service::exports::{ExportKind, ExportPermit, OnIdle};
+use crate::service::exports::{send_within, ExportKind, ExportPermit, OnIdle, Sent};
 
 /// Which events a watch wants: those of the sites the caller may see *now* (checked at
 /// every event, so a site moved to another region stops showing at once), narrowed to
@@ -220,13 +220,10 @@ impl Engine {
         closing: &mut watch::Receiver<bool>,
     ) -> Option<Stop> {
         let idle = Duration::from_millis(self.limits.export_idle_timeout_ms);
-        tokio::select! {
-            sent = tokio::time::timeout(idle, sender.send(Ok(view))) => match sent {
-                Ok(Ok(())) => None,
-                Ok(Err(_)) => Some(Stop::Gone),
-                Err(_) => Some(Stop::CutOff),
-            },
-            _ = closing.wait_for(|closing| *closing) => Some(Stop::CutOff),
+        match send_within(sender, Ok(view), idle, closing).await {
+            Sent::Delivered => None,
+            Sent::Gone => Some(Stop::Gone),
+            Sent::Stalled => Some(Stop::CutOff),
         }
     }
 

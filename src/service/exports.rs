@@ -115,6 +115,34 @@ pub enum Stopped {
 /// What to do when an export's reader stalled past the idle timeout.
 pub type OnIdle = Arc<dyn Fn() + Send + Sync>;
 
+/// How handing an item to a watch stream's reader went (see [`send_within`]).
+pub enum Sent {
+    Delivered,
+    /// The reader went away.
+    Gone,
+    /// The reader read nothing for the idle timeout, or the server shuts down while it
+    /// is stuck mid-send: cut it off (`OnIdle`).
+    Stalled,
+}
+
+/// Hands `item` to a long stream's reader (a watch), waiting at most `idle`, and not
+/// past `closing` turning true. Async: a stalled reader pins no thread.
+pub async fn send_within<T>(
+    sender: &mpsc::Sender<T>,
+    item: T,
+    idle: Duration,
+    closing: &mut tokio::sync::watch::Receiver<bool>,
+) -> Sent {
+    tokio::select! {
+        sent = tokio::time::timeout(idle, sender.send(item)) => match sent {
+            Ok(Ok(())) => Sent::Delivered,
+            Ok(Err(_)) => Sent::Gone,
+            Err(_) => Sent::Stalled,
+        },
+        _ = closing.wait_for(|closing| *closing) => Sent::Stalled,
+    }
+}
+
 /// The sending end of an export, used from the scan's blocking thread.
 pub struct Feed<T> {
     sender: mpsc::Sender<Result<T, ServiceError>>,
