@@ -219,6 +219,31 @@ fn citizen_id(region: &str, citizen: u64) -> String {
 }
 
 /// The `to` of every search: `SEARCH_HORIZON_DAYS` from now.
+/// Every slot of a site (all of them, free or not), in start order, following pages.
+pub async fn slots_of(channel: Channel, site_id: &str) -> Result<Vec<proto::Slot>, String> {
+    let mut client = BookingServiceClient::new(channel);
+    let (mut slots, mut page_token) = (Vec::new(), String::new());
+    loop {
+        let page = client
+            .search_slots(proto::SearchSlotsRequest {
+                scope: Some(Scope::SiteId(site_id.to_string())),
+                service_id: SERVICE_ID.into(),
+                to: Some(search_horizon()),
+                page_size: 500,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("SearchSlots: {e}"))?
+            .into_inner();
+        slots.extend(page.slots);
+        if page.next_page_token.is_empty() {
+            return Ok(slots);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 fn search_horizon() -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: chrono::Utc::now().timestamp() + SEARCH_HORIZON_DAYS * 86_400,
@@ -627,7 +652,6 @@ pub async fn verify(
             ));
         }
     }
-    let mut booking = BookingServiceClient::new(channel);
     let mut stats_booked = 0;
     for site_id in &scenario.site_ids {
         let stats = capacity
@@ -638,40 +662,21 @@ pub async fn verify(
             .map_err(|e| format!("GetSiteStats: {e}"))?
             .into_inner();
         stats_booked += stats.booked;
-        let mut page_token = String::new();
-        loop {
-            let page = booking
-                .search_slots(proto::SearchSlotsRequest {
-                    scope: Some(Scope::SiteId(site_id.clone())),
-                    service_id: SERVICE_ID.into(),
-                    to: Some(search_horizon()),
-                    page_size: 500,
-                    page_token,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| format!("SearchSlots: {e}"))?
-                .into_inner();
-            for slot in page.slots {
-                let booked = per_slot.get(&slot.slot_id).copied().unwrap_or(0);
-                if booked > u64::from(slot.capacity) {
-                    violations.push(format!(
-                        "slot {} holds {booked} bookings for {} places",
-                        slot.slot_id, slot.capacity
-                    ));
-                }
-                if u64::from(slot.capacity - slot.remaining) != booked {
-                    violations.push(format!(
-                        "slot {} reports {} taken but {booked} confirmed bookings are exported",
-                        slot.slot_id,
-                        slot.capacity - slot.remaining
-                    ));
-                }
+        for slot in slots_of(channel.clone(), site_id).await? {
+            let booked = per_slot.get(&slot.slot_id).copied().unwrap_or(0);
+            if booked > u64::from(slot.capacity) {
+                violations.push(format!(
+                    "slot {} holds {booked} bookings for {} places",
+                    slot.slot_id, slot.capacity
+                ));
             }
-            if page.next_page_token.is_empty() {
-                break;
+            if u64::from(slot.capacity - slot.remaining) != booked {
+                violations.push(format!(
+                    "slot {} reports {} taken but {booked} confirmed bookings are exported",
+                    slot.slot_id,
+                    slot.capacity - slot.remaining
+                ));
             }
-            page_token = page.next_page_token;
         }
     }
     if stats_booked != confirmed {

@@ -33,34 +33,6 @@ struct Seen {
     bytes: usize,
 }
 
-/// Every slot of a site (id, start, capacity), in start order.
-async fn slots_of(channel: Channel, site_id: &str) -> Result<Vec<proto::Slot>, String> {
-    let mut client = BookingServiceClient::new(channel);
-    let (mut slots, mut page_token) = (Vec::new(), String::new());
-    loop {
-        let page = client
-            .search_slots(proto::SearchSlotsRequest {
-                scope: Some(proto::search_slots_request::Scope::SiteId(site_id.into())),
-                service_id: SERVICE_ID.into(),
-                to: Some(prost_types::Timestamp {
-                    seconds: chrono::Utc::now().timestamp() + 300 * 86_400,
-                    nanos: 0,
-                }),
-                page_size: 500,
-                page_token,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("SearchSlots: {e}"))?
-            .into_inner();
-        slots.extend(page.slots);
-        if page.next_page_token.is_empty() {
-            return Ok(slots);
-        }
-        page_token = page.next_page_token;
-    }
-}
-
 /// Opens watcher `index` on `slots[first..first + count]` of its site; returns once its
 /// snapshot arrived, with the task that records what follows until `stop`.
 async fn open_watcher(
@@ -170,7 +142,7 @@ async fn open_all(
     let mut sites = Vec::new();
     let mut capacity = HashMap::new();
     for site_id in &scenario.site_ids {
-        let slots = slots_of(channels[0].clone(), site_id).await?;
+        let slots = scenario::slots_of(channels[0].clone(), site_id).await?;
         capacity.extend(slots.iter().map(|s| (s.slot_id.clone(), s.capacity)));
         sites.push((site_id.clone(), slots));
     }
