@@ -172,16 +172,16 @@ impl LiveHolds {
     /// Live holds per slot of one site, for its statistics.
     /// Live holds per slot, of every site.
     pub fn count_by_slot_everywhere(&self) -> HashMap<SlotKey, u32> {
-        let mut counts = HashMap::new();
-        for hold in self.by_id.values() {
-            *counts.entry(hold.slot.clone()).or_insert(0) += 1;
-        }
-        counts
+        self.count_by_slot_where(|_| true)
     }
 
     pub fn count_by_slot(&self, site_id: &SiteId) -> HashMap<SlotKey, u32> {
+        self.count_by_slot_where(|slot| slot.site_id == *site_id)
+    }
+
+    fn count_by_slot_where(&self, wanted: impl Fn(&SlotKey) -> bool) -> HashMap<SlotKey, u32> {
         let mut counts = HashMap::new();
-        for hold in self.by_id.values().filter(|h| h.slot.site_id == *site_id) {
+        for hold in self.by_id.values().filter(|h| wanted(&h.slot)) {
             *counts.entry(hold.slot.clone()).or_insert(0) += 1;
         }
         counts
