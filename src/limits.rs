@@ -91,6 +91,19 @@ pub struct Limits {
     /// Most slots one `WatchAvailability` may watch (its memory is bounded by its slots);
     /// a wider request is refused: narrow the range or pick a site.
     pub watch_slots_max: usize,
+    /// Releases (`CreateRelease`) the server holds; the next one is refused with
+    /// RESOURCE_EXHAUSTED / RELEASES_EXHAUSTED.
+    pub releases_max: usize,
+    /// Sites one `CreateRelease` may name (more: name their region).
+    pub release_sites_max: usize,
+    /// Tickets all queues hold together (memory is per ticket, about 100 bytes); the
+    /// next `JoinQueue` is refused with RESOURCE_EXHAUSTED / QUEUE_FULL.
+    pub queue_tickets_max: usize,
+    /// Most tickets one admission step admits (one group commit).
+    pub queue_admissions_per_step_max: usize,
+    /// How often queued releases are drawn, admitted and declared sold out: a waiting
+    /// ticket turns SOLD_OUT within this of the last place going.
+    pub release_step_interval_ms: u64,
     /// Largest decoded gRPC request.
     pub message_size_bytes_max: usize,
     /// sled's page cache. sled treats it as a soft hint and its resident memory grows to a
@@ -240,6 +253,11 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     watch_subscribers_max: 10_000,
     watch_coalesce_ms: 200,
     watch_slots_max: 5_000,
+    releases_max: 1_000,
+    release_sites_max: 1_000,
+    queue_tickets_max: 5_000_000,
+    queue_admissions_per_step_max: 2_000,
+    release_step_interval_ms: 200,
     message_size_bytes_max: 4 * 1024 * 1024,
     hold_ttl_seconds_default: 300,
     hold_ttl_seconds_max: 600,
@@ -307,6 +325,9 @@ const _: () = {
     assert!(l.close_reason_length_max <= STORED_TEXT_LENGTH_MAX);
     assert!(l.watch_subscribers_max >= 1 && l.watch_slots_max >= 1);
     assert!(l.watch_coalesce_ms >= 10);
+    assert!(l.releases_max >= 1 && l.queue_tickets_max >= 1 && l.release_sites_max >= 1);
+    assert!(l.queue_admissions_per_step_max >= 1);
+    assert!(l.release_step_interval_ms >= 10 && l.release_step_interval_ms <= 1_000);
     assert!(l.metrics_refresh_interval_ms >= 100 && l.backup_changes_buffered_max >= 1);
     assert!(l.retention_interval_ms >= 100 && l.retention_batch_records >= 1);
     assert!(l.store_gc_interval_ms >= 10);
@@ -397,6 +418,19 @@ impl Limits {
         need(
             l.watch_coalesce_ms >= 10,
             "watch_coalesce_ms must be at least 10",
+        );
+        need(
+            l.releases_max >= 1
+                && l.release_sites_max >= 1
+                && l.queue_tickets_max >= 1
+                && l.queue_admissions_per_step_max >= 1,
+            "releases_max, release_sites_max, queue_tickets_max and \
+             queue_admissions_per_step_max must be at least 1",
+        );
+        need(
+            l.release_step_interval_ms >= 10 && l.release_step_interval_ms <= 1_000,
+            "release_step_interval_ms must be between 10 and 1000 (a sold-out queue is told \
+             within it)",
         );
         need(
             l.metrics_refresh_interval_ms >= 100,

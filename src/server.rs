@@ -187,6 +187,7 @@ impl Tasks {
             tokio::spawn(retain_records(Arc::clone(engine))),
             tokio::spawn(refresh_gauges(Arc::clone(engine))),
             tokio::spawn(fan_out_availability(Arc::clone(engine))),
+            tokio::spawn(advance_releases(Arc::clone(engine))),
         ])
     }
 
@@ -512,6 +513,26 @@ async fn fan_out_availability(engine: Arc<Engine>) {
         tick.tick().await;
         engine.fan_out_availability();
     }
+}
+
+/// Draws, admits and sells out queued releases every `release_step_interval_ms`.
+async fn advance_releases(engine: Arc<Engine>) {
+    let period_ms = engine.limits().release_step_interval_ms;
+    every_period(period_ms, "release admissions", || {
+        advance_releases_once(&engine)
+    })
+    .await
+}
+
+/// One admission step at the engine clock's `now`. Tests on a manual clock call it.
+pub async fn advance_releases_once(engine: &Engine) -> Result<usize, ServiceError> {
+    let admitted = engine
+        .advance_releases(engine.clock().now_unix_ms())
+        .await?;
+    if admitted > 0 {
+        metrics::counter!(telemetry::QUEUE_ADMISSIONS).increment(admitted as u64);
+    }
+    Ok(admitted)
 }
 
 /// Runs a retention pass every `retention_interval_ms`, the first one period after start.

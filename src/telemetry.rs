@@ -21,6 +21,8 @@ pub const BOOKINGS: &str = "prenota_bookings_total";
 pub const HOLDS: &str = "prenota_holds_total";
 /// Holds expired by the sweeper.
 pub const HOLDS_EXPIRED: &str = "prenota_holds_expired_total";
+/// Queue tickets admitted by the admission step (queued releases).
+pub const QUEUE_ADMISSIONS: &str = "prenota_queue_admissions_total";
 /// Live holds right now.
 pub const HOLDS_LIVE: &str = "prenota_holds_live";
 /// Requests refused by a rate limiter, by `limiter` (`citizen`, `citizen_reads`, `token`, `anonymous`).
@@ -152,7 +154,13 @@ pub fn record_only() -> Result<PrometheusHandle, String> {
 /// Counters of rare events exist at 0 from the start (with every label they take), so
 /// a dashboard or an alert tells "never happened" from "missing".
 fn register_rare_counters() {
-    for name in [HOLDS_EXPIRED, SHED, CONNECTIONS_REFUSED, COMMIT_FAILURES] {
+    for name in [
+        HOLDS_EXPIRED,
+        SHED,
+        CONNECTIONS_REFUSED,
+        COMMIT_FAILURES,
+        QUEUE_ADMISSIONS,
+    ] {
         metrics::counter!(name).increment(0);
     }
     for limiter in ["token", "citizen", "citizen_reads", "anonymous"] {
@@ -191,6 +199,10 @@ fn describe() {
     );
     describe_counter!(HOLDS, "HoldSlot by outcome (OK or the error reason)");
     describe_counter!(HOLDS_EXPIRED, "holds expired by the sweeper");
+    describe_counter!(
+        QUEUE_ADMISSIONS,
+        "queue tickets admitted to book (queued releases)"
+    );
     describe_gauge!(HOLDS_LIVE, "live holds");
     describe_counter!(
         RATE_LIMITED,
@@ -294,6 +306,7 @@ pub const ALL: &[&str] = &[
     BOOKINGS,
     HOLDS,
     HOLDS_EXPIRED,
+    QUEUE_ADMISSIONS,
     HOLDS_LIVE,
     RATE_LIMITED,
     RATE_LIMITER_KEYS,

@@ -5,8 +5,9 @@
 //! citizen searches and books), `mixed` (an ordinary day: searches, holds, books,
 //! cancels, reschedules), `flood` (a calm rush, then many times more requests in flight
 //! than the server admits: shedding, not collapsing), `churn` (a hold-churn soak on a
-//! fast manual clock: memory, store and recovery stay flat past the retention window)
-//! and `footprint` (memory per slot and booking, recovery time, on the library without
+//! fast manual clock: memory, store and recovery stay flat past the retention window),
+//! `release` (a queued opening: a million citizens join a waiting room, the admitted
+//! book, the rest are told SOLD_OUT) and `footprint` (memory per slot and booking, recovery time, on the library without
 //! gRPC).
 //!
 //! `--spawn` starts a server on a temp dir in this process; `--server URL` targets a
@@ -16,6 +17,7 @@
 mod assertions;
 mod churn;
 mod footprint;
+mod release;
 mod report;
 mod scenario;
 mod target;
@@ -150,6 +152,24 @@ enum ScenarioArgs {
         #[arg(long, default_value_t = 6)]
         watch_slots: usize,
     },
+    /// A queued opening: every citizen joins the waiting room of a release before it
+    /// opens; at the opening (the spawned server's clock jumps to it) every citizen reads
+    /// its ticket, the admitted book, the rest wait for SOLD_OUT. Reports joins/s, the
+    /// time from opening to sold out and the earliest joiners' share. Needs --spawn.
+    Release {
+        #[arg(long, default_value_t = 1_000_000)]
+        citizens: u64,
+        /// Places of the release (rounded up to whole places per slot).
+        #[arg(long, default_value_t = 50_000)]
+        places: u64,
+        #[arg(long, default_value_t = 4)]
+        sites: u32,
+        #[arg(long, default_value_t = 5)]
+        days: u32,
+        /// Admissions per minute (0: as fast as places allow).
+        #[arg(long, default_value_t = 0)]
+        admissions_per_minute: u32,
+    },
     /// Resident memory per slot and per booking, and recovery time (no network, no server).
     Footprint {
         #[arg(long, default_value_t = 10_000_000)]
@@ -190,10 +210,11 @@ async fn run(cli: Cli) -> Result<bool, String> {
         .map_err(|e| e.to_string())?;
     }
     let churning = matches!(cli.scenario, ScenarioArgs::Churn { .. });
-    if churning && !cli.spawn {
-        return Err("the churn soak moves the server's clock: it needs --spawn".into());
+    let releasing = matches!(cli.scenario, ScenarioArgs::Release { .. });
+    if (churning || releasing) && !cli.spawn {
+        return Err("churn and release move the server's clock: they need --spawn".into());
     }
-    let clock = match churning {
+    let clock = match churning || releasing {
         true => prenota::service::Clock::manual_from_now(),
         false => prenota::service::Clock::system(),
     };
@@ -245,6 +266,29 @@ async fn run(cli: Cli) -> Result<bool, String> {
         return Ok(ok);
     }
     let progress = scenario::progress_bar();
+    if let ScenarioArgs::Release {
+        citizens,
+        places,
+        sites,
+        days,
+        admissions_per_minute,
+    } = cli.scenario
+    {
+        let args = release::Release {
+            citizens,
+            places,
+            sites,
+            days,
+            admissions_per_minute,
+        };
+        let (ok, report) = release::run(&channels, cli.in_flight, &args, clock, &progress).await?;
+        write_json(&cli.json, report)?;
+        if let Some(metrics) = target.server_metrics() {
+            print_group_commits(&metrics);
+        }
+        target.stop();
+        return Ok(ok);
+    }
     let result = match cli.scenario {
         ScenarioArgs::Ceiling { requests } => {
             let phase = scenario::ceiling(&channels, cli.in_flight, requests, &progress).await;
@@ -256,8 +300,10 @@ async fn run(cli: Cli) -> Result<bool, String> {
             )?;
             Ok(true)
         }
-        // Handled above: footprint without a server, churn with its own clock.
-        ScenarioArgs::Footprint { .. } | ScenarioArgs::Churn { .. } => Ok(true),
+        // Handled above: footprint without a server, churn and release with their clock.
+        ScenarioArgs::Footprint { .. }
+        | ScenarioArgs::Churn { .. }
+        | ScenarioArgs::Release { .. } => Ok(true),
         ScenarioArgs::Rush {
             citizens,
             sites,

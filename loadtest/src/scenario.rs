@@ -123,7 +123,7 @@ pub async fn publish(channel: Channel, shape: &Shape) -> Result<Scenario, String
 
 /// Spreads `requests` over `in_flight` workers on the channels; each worker runs
 /// `work(channel, index, tally)` for its share of indexes, threading its tally through.
-async fn run_workers<Work, Done>(
+pub async fn run_workers<Work, Done>(
     name: &'static str,
     channels: &[Channel],
     in_flight: usize,
@@ -214,7 +214,7 @@ pub fn citizen_ids(scenario: &Scenario, count: u64) -> impl Iterator<Item = Stri
     (0..count).map(move |citizen| citizen_id(&scenario.region_id, citizen))
 }
 
-fn citizen_id(region: &str, citizen: u64) -> String {
+pub fn citizen_id(region: &str, citizen: u64) -> String {
     format!("citizen-{region}-{citizen}")
 }
 
@@ -253,7 +253,7 @@ fn search_horizon() -> prost_types::Timestamp {
 
 /// Calls until the server admits the request, waiting the RetryInfo delay after each
 /// shed answer, as a well-behaved client does; records every try.
-async fn admitted<T, Call, Fut>(
+pub async fn admitted<T, Call, Fut>(
     tally: &mut Tally,
     rpc: &'static str,
     call: Call,
@@ -299,7 +299,7 @@ async fn search_free(
 
 /// How a citizen takes a place.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Via {
+pub enum Via {
     Book,
     /// HoldSlot, then Book with the hold_id.
     Hold,
@@ -307,7 +307,7 @@ enum Via {
 
 /// Books one of `slots` for the citizen, starting at `first` and moving on after
 /// SLOT_FULL; the booking if any.
-async fn book_one(
+pub async fn book_one(
     client: &mut BookingServiceClient<Channel>,
     slots: &[proto::Slot],
     first: usize,

@@ -3,7 +3,7 @@
 use thiserror::Error;
 
 pub use crate::domain::field_violation::FieldViolation;
-use crate::domain::ids::{BookingId, SlotKey};
+use crate::domain::ids::{BookingId, ReleaseId, SlotKey};
 
 /// What was looked up and not found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,6 +12,9 @@ pub enum Missing {
     Slot,
     Booking,
     Hold,
+    Release,
+    /// The citizen has no ticket for the release.
+    Ticket,
 }
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -44,6 +47,30 @@ pub enum DomainError {
     },
     #[error("request_id was already used for a different request")]
     RequestIdReused,
+    #[error("this slot opens for booking at its release_at; retry then")]
+    SlotNotReleased {
+        release_at_unix_ms: i64,
+        retry_after_ms: i64,
+    },
+    #[error(
+        "this slot's release is queued: book it with an admitted ticket (JoinQueue, then \
+         GetQueueTicket until ADMITTED), before admitted_until"
+    )]
+    NotAdmitted,
+    #[error("release {0} exists with a different definition")]
+    ReleaseExists(ReleaseId),
+    #[error("release {0} already covers some of these slots")]
+    ReleaseOverlaps(ReleaseId),
+    #[error("the release's queue opens at queue_opens_at; join then")]
+    QueueNotOpen { retry_after_ms: i64 },
+    #[error("the release has no queue: book its slots from release_at")]
+    ReleaseNotQueued,
+    #[error("every slot of the release has started: its queue is closed")]
+    ReleaseEnded,
+    #[error("the release's queue is full")]
+    QueueFull,
+    #[error("the server holds as many releases as it allows (releases_max)")]
+    ReleasesExhausted,
 }
 
 impl From<FieldViolation> for DomainError {
@@ -150,6 +177,8 @@ all_valid_tuple!(A EA, B EB);
 all_valid_tuple!(A EA, B EB, C EC);
 all_valid_tuple!(A EA, B EB, C EC, D ED);
 all_valid_tuple!(A EA, B EB, C EC, D ED, E EE);
+all_valid_tuple!(A EA, B EB, C EC, D ED, E EE, F EF);
+all_valid_tuple!(A EA, B EB, C EC, D ED, E EE, F EF, G EG);
 
 #[cfg(test)]
 mod tests {

@@ -179,6 +179,11 @@ impl LiveHolds {
         self.count_by_slot_where(|slot| slot.site_id == *site_id)
     }
 
+    /// Live holds of the slots `wanted` picks.
+    pub fn count_where(&self, wanted: impl Fn(&SlotKey) -> bool) -> usize {
+        self.by_id.values().filter(|h| wanted(&h.slot)).count()
+    }
+
     fn count_by_slot_where(&self, wanted: impl Fn(&SlotKey) -> bool) -> HashMap<SlotKey, u32> {
         let mut counts = HashMap::new();
         for hold in self.by_id.values().filter(|h| wanted(&h.slot)) {

@@ -69,6 +69,10 @@ name_id!(
     /// What is booked, e.g. `covid19-dose1`.
     ServiceId
 );
+name_id!(
+    /// An announced opening of slots (`CreateRelease`), chosen by the authority.
+    ReleaseId
+);
 
 /// Identifies a slot: one start instant at one site for one service.
 /// Ordered by site, service, then start, so ranges of a site's schedule are contiguous.

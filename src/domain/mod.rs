@@ -13,6 +13,7 @@ pub mod field_violation;
 pub mod hold;
 pub mod ids;
 pub mod plans;
+pub mod release;
 pub mod retention;
 pub mod schedule;
 pub mod slot_counter;

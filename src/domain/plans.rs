@@ -12,6 +12,7 @@ use crate::domain::error::{DomainError, Missing};
 use crate::domain::event::{Event, HOLD_TIMED_OUT};
 use crate::domain::hold::{held_max, Hold, HoldState, NotConfirmable};
 use crate::domain::ids::{BookingId, CitizenKey, ServiceId, SlotKey};
+use crate::domain::release::{self, Gate, Ticket};
 
 /// The cancel reason of a booking moved by a reschedule.
 pub const RESCHEDULED: &str = "rescheduled";
@@ -27,6 +28,8 @@ pub struct SlotView {
     pub end_unix_s: i64,
     /// The capacity when the command began (bounds the places that may be held).
     pub capacity: u32,
+    /// What a new booking or hold must pass (its release), for the citizen asking.
+    pub gate: Gate,
 }
 
 /// Taken before the write, in order; a refusal undoes the ones before it.
@@ -74,6 +77,8 @@ pub enum Free {
     Place(SlotKey),
     /// The hold joins the live set (before its admission settles).
     LiveHold(Hold),
+    /// The queue ticket that admitted the booking or hold counts as used.
+    TicketUsed(Ticket),
 }
 
 /// A command's decision. Invariant (checked by [`Plan::assert_balanced`]): the places a
@@ -94,6 +99,8 @@ pub enum Record {
     Hold(Hold),
     /// What changed, for `WatchEvents`; holds no place.
     Event(Event),
+    /// A queue ticket (marked used by the booking or hold it admitted); holds no place.
+    Ticket(Ticket),
 }
 
 impl Record {
@@ -106,7 +113,7 @@ impl Record {
             Record::Booking(_) => -1,
             Record::Hold(hold) if hold.state == HoldState::Live => 1,
             Record::Hold(_) => -1,
-            Record::Event(_) => 0,
+            Record::Event(_) | Record::Ticket(_) => 0,
         }
     }
 }
@@ -134,6 +141,16 @@ impl<T> Plan<T> {
 pub fn check_not_started(slot: &SlotKey, now_unix_ms: i64) -> Result<(), DomainError> {
     if slot.start_unix_s.saturating_mul(1_000) <= now_unix_ms {
         return Err(DomainError::SlotStarted(slot.clone()));
+    }
+    Ok(())
+}
+
+/// Passes the slot's release gate (see `release::pass`); a ticket it uses is written
+/// with the command and counted used once durable.
+fn pass_gate<T>(slot: &SlotView, plan: &mut Plan<T>, now_unix_ms: i64) -> Result<(), DomainError> {
+    if let Some(ticket) = release::pass(&slot.gate, now_unix_ms)? {
+        plan.writes.push(Record::Ticket(ticket.clone()));
+        plan.free.push(Free::TicketUsed(ticket));
     }
     Ok(())
 }
@@ -168,7 +185,7 @@ pub fn book(
         now_unix_ms,
         request,
     );
-    Ok(Plan {
+    let mut plan = Plan {
         take: admission(slot, citizen, id).to_vec(),
         writes: vec![
             Record::Booking(booking.clone()),
@@ -176,7 +193,9 @@ pub fn book(
         ],
         free: Vec::new(),
         answer: booking,
-    })
+    };
+    pass_gate(slot, &mut plan, now_unix_ms)?;
+    Ok(plan)
 }
 
 /// A new hold `id` of a place in `slot` for `ttl_seconds`; at most
@@ -204,12 +223,14 @@ pub fn hold(
         slot: slot.key.clone(),
         max: held_max(slot.capacity, held_share_percent),
     };
-    Ok(Plan {
+    let mut plan = Plan {
         take: vec![entry, place, share],
         writes: vec![Record::Hold(hold.clone())],
         free: vec![Free::LiveHold(hold.clone())],
         answer: hold,
-    })
+    };
+    pass_gate(slot, &mut plan, now_unix_ms)?;
+    Ok(plan)
 }
 
 /// Why a hold taken for confirmation was not live: an expired hold of this citizen on
@@ -237,13 +258,14 @@ pub fn not_confirmable(
 }
 
 /// The live `hold` (already taken from the live set, after [`check_not_started`])
-/// becomes the booking with its id; its place and its citizen entry carry over.
+/// becomes the booking with its id; its place and its citizen entry carry over. A hold
+/// made before its slot's release existed passes the release's gate now.
 pub fn confirm_hold(
     slot: &SlotView,
     hold: &Hold,
     request: RequestRecord,
     now_unix_ms: i64,
-) -> Plan<Booking> {
+) -> Result<Plan<Booking>, DomainError> {
     debug_assert!(hold.slot == slot.key && hold.state == HoldState::Live);
     let booking = Booking::confirmed(
         hold.hold_id,
@@ -259,7 +281,7 @@ pub fn confirm_hold(
         },
         ..hold.clone()
     };
-    Plan {
+    let mut plan = Plan {
         take: vec![Take::Admission(slot.key.clone())],
         writes: vec![
             Record::Booking(booking.clone()),
@@ -268,7 +290,11 @@ pub fn confirm_hold(
         ],
         free: Vec::new(),
         answer: booking,
+    };
+    if slot.gate.postdates(hold.created_at_unix_ms) {
+        pass_gate(slot, &mut plan, now_unix_ms)?;
     }
+    Ok(plan)
 }
 
 /// The citizen's own confirmed booking, or why not (another citizen's booking is
@@ -366,7 +392,7 @@ pub fn reschedule(
         },
         ..old
     };
-    Ok(Plan {
+    let mut plan = Plan {
         take: vec![
             Take::Move {
                 citizen,
@@ -388,7 +414,9 @@ pub fn reschedule(
             Record::Booking(new.clone()),
         ],
         answer: new,
-    })
+    };
+    pass_gate(new_slot, &mut plan, now_unix_ms)?;
+    Ok(plan)
 }
 
 /// Holds whose time is up (already taken from the live set) expire; their places and
@@ -441,6 +469,7 @@ mod tests {
             },
             end_unix_s: start_unix_s + 900,
             capacity: 10,
+            gate: Gate::Open,
         }
     }
 
@@ -723,7 +752,7 @@ mod tests {
         let live = hold(&at, ALICE, BookingId(5), request(1), (60, 50), 0)
             .unwrap()
             .answer;
-        let plan = confirm_hold(&at, &live, request(2), NOW);
+        let plan = confirm_hold(&at, &live, request(2), NOW).unwrap();
         plan.assert_balanced();
         assert_eq!(plan.answer.booking_id, live.hold_id);
         let expired = Hold {

@@ -11,7 +11,7 @@ use crate::grpc::assertion::Assertions;
 use crate::grpc::auth::Caller;
 use crate::grpc::connections;
 use crate::grpc::detached::detached;
-use crate::grpc::{convert, status};
+use crate::grpc::{convert, convert_release, status};
 use crate::proto;
 use crate::proto::booking_service_server::BookingService;
 use crate::service::{Engine, ServiceError};
@@ -85,7 +85,9 @@ names_citizen!(
     proto::GetBookingRequest,
     proto::CancelBookingRequest,
     proto::RescheduleBookingRequest,
-    proto::ListCitizenBookingsRequest
+    proto::ListCitizenBookingsRequest,
+    proto::JoinQueueRequest,
+    proto::GetQueueTicketRequest
 );
 
 /// The booking commands whose outcomes are counted (`prenota_bookings_total`,
@@ -163,9 +165,14 @@ impl BookingService for BookingApi {
         let query =
             convert::watch_from_proto(request.into_inner(), self.engine.limits(), now_unix_ms)?;
         let (slots, permit) = self.engine.watch_availability(&query, stalled)?;
-        let slots = tokio_stream::wrappers::ReceiverStream::new(slots).map(|item| {
+        let engine = Arc::clone(&self.engine);
+        let slots = tokio_stream::wrappers::ReceiverStream::new(slots).map(move |item| {
             item.map(|(site, slot)| proto::WatchAvailabilityResponse {
-                slot: Some(convert::slot_to_proto(&site, &slot)),
+                slot: Some(convert::slot_to_proto(
+                    &site,
+                    &slot,
+                    engine.release_at(&site, &slot.key),
+                )),
             })
             .map_err(Status::from)
         });
@@ -184,7 +191,10 @@ impl BookingService for BookingApi {
             slots: page
                 .slots
                 .iter()
-                .map(|(site, slot)| convert::slot_to_proto(site, slot))
+                .map(|(site, slot)| {
+                    let release_at = self.engine.release_at(site, &slot.key);
+                    convert::slot_to_proto(site, slot, release_at)
+                })
                 .collect(),
             next_page_token: page
                 .next_after
@@ -266,6 +276,44 @@ impl BookingService for BookingApi {
             .await?;
         Ok(Response::new(proto::RescheduleBookingResponse {
             booking: Some(convert::booking_to_proto(&view)),
+        }))
+    }
+
+    async fn join_queue(
+        &self,
+        request: Request<proto::JoinQueueRequest>,
+    ) -> Result<Response<proto::JoinQueueResponse>, Status> {
+        let (caller, body) = self.acting(request)?;
+        let limits = self.engine.limits();
+        let command = convert_release::join_queue_from_proto(
+            body,
+            limits,
+            self.engine.citizen_ids(),
+            &caller.actor(),
+        )?;
+        let (release_id, ticket) = detached({
+            let engine = Arc::clone(&self.engine);
+            async move { engine.join_queue(command).await }
+        })
+        .await??;
+        Ok(Response::new(proto::JoinQueueResponse {
+            ticket: Some(convert_release::ticket_to_proto(&release_id, &ticket)),
+        }))
+    }
+
+    async fn get_queue_ticket(
+        &self,
+        request: Request<proto::GetQueueTicketRequest>,
+    ) -> Result<Response<proto::GetQueueTicketResponse>, Status> {
+        let (_, body) = self.acting(request)?;
+        let (release_id, citizen_id) = convert_release::get_ticket_from_proto(
+            body,
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+        )?;
+        let ticket = self.engine.queue_ticket(&release_id, &citizen_id)?;
+        Ok(Response::new(proto::GetQueueTicketResponse {
+            ticket: Some(convert_release::ticket_to_proto(&release_id, &ticket)),
         }))
     }
 

@@ -11,8 +11,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::domain::error::{DomainError, FieldViolation};
 use crate::grpc::auth::Caller;
 use crate::grpc::connections::{close_on_idle, holding};
-use crate::grpc::convert;
 use crate::grpc::detached::detached;
+use crate::grpc::{convert, convert_release};
 use crate::limits::Limits;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
@@ -211,7 +211,11 @@ impl CapacityService for CapacityApi {
             })
             .await?;
         Ok(Response::new(proto::SetSlotCapacityResponse {
-            slot: Some(convert::slot_to_proto(&site, &slot)),
+            slot: Some(convert::slot_to_proto(
+                &site,
+                &slot,
+                self.engine.release_at(&site, &slot.key),
+            )),
         }))
     }
 
@@ -231,6 +235,40 @@ impl CapacityService for CapacityApi {
             slots_closed: outcome.slots_closed,
             cancelled_bookings: outcome.cancelled_bookings,
             expired_holds: outcome.expired_holds,
+        }))
+    }
+
+    async fn create_release(
+        &self,
+        request: Request<proto::CreateReleaseRequest>,
+    ) -> Result<Response<proto::CreateReleaseResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let release = convert_release::create_release_from_proto(
+            request.into_inner(),
+            self.engine.limits(),
+            &caller.actor(),
+        )?;
+        let release = self
+            .write(&caller, |engine, actor| async move {
+                engine.create_release(release, &actor).await
+            })
+            .await?;
+        let now = self.engine.clock().now_unix_ms();
+        Ok(Response::new(proto::CreateReleaseResponse {
+            release: Some(convert_release::release_to_proto(&release, now)),
+        }))
+    }
+
+    async fn get_release(
+        &self,
+        request: Request<proto::GetReleaseRequest>,
+    ) -> Result<Response<proto::GetReleaseResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let id = convert_release::get_release_from_proto(request.get_ref(), self.engine.limits())?;
+        let status = self.engine.release_status(&id, &caller.authority())?;
+        let now = self.engine.clock().now_unix_ms();
+        Ok(Response::new(proto::GetReleaseResponse {
+            release: Some(convert_release::release_status_to_proto(&status, now)),
         }))
     }
 

@@ -34,7 +34,7 @@ pub fn timestamp(unix_s: i64) -> Timestamp {
     }
 }
 
-fn timestamp_ms(unix_ms: i64) -> Timestamp {
+pub fn timestamp_ms(unix_ms: i64) -> Timestamp {
     Timestamp {
         seconds: unix_ms.div_euclid(1_000),
         nanos: (unix_ms.rem_euclid(1_000) * 1_000_000) as i32,
@@ -42,7 +42,7 @@ fn timestamp_ms(unix_ms: i64) -> Timestamp {
 }
 
 /// Whole seconds of a wire timestamp within 1970..=9999.
-fn unix_seconds(field: &str, value: &Timestamp) -> Result<i64, FieldViolation> {
+pub fn unix_seconds(field: &str, value: &Timestamp) -> Result<i64, FieldViolation> {
     if !(0..1_000_000_000).contains(&value.nanos)
         || !(0..=TIMESTAMP_SECONDS_MAX).contains(&value.seconds)
     {
@@ -491,7 +491,8 @@ pub fn set_capacity_from_proto(
     Ok((slot, capacity, request))
 }
 
-pub fn slot_to_proto(site: &Site, slot: &Slot) -> proto::Slot {
+/// A slot as clients see it; `release_at` is its release's, if it is in one.
+pub fn slot_to_proto(site: &Site, slot: &Slot, release_at: Option<i64>) -> proto::Slot {
     let counter = slot.counter.snapshot();
     proto::Slot {
         slot_id: slot.key.to_string(),
@@ -504,6 +505,7 @@ pub fn slot_to_proto(site: &Site, slot: &Slot) -> proto::Slot {
         capacity: counter.capacity,
         remaining: counter.remaining(),
         closed: counter.closed,
+        release_at: release_at.map(timestamp_ms),
     }
 }
 

@@ -118,6 +118,29 @@ fn classify(error: &ServiceError) -> Answer {
                     .with("taken", taken)
             }
             DomainError::RequestIdReused => Answer::new(InvalidArgument, "REQUEST_ID_REUSED"),
+            DomainError::NotFound(Missing::Release) => Answer::new(NotFound, "RELEASE_NOT_FOUND"),
+            DomainError::NotFound(Missing::Ticket) => Answer::new(NotFound, "TICKET_NOT_FOUND"),
+            DomainError::SlotNotReleased {
+                release_at_unix_ms,
+                retry_after_ms,
+            } => Answer::new(FailedPrecondition, "SLOT_NOT_RELEASED")
+                .with("release_at", rfc3339_utc(*release_at_unix_ms))
+                .retry_after(millis(*retry_after_ms)),
+            DomainError::NotAdmitted => Answer::new(FailedPrecondition, "NOT_ADMITTED"),
+            DomainError::ReleaseExists(_) => Answer::new(AlreadyExists, "RELEASE_EXISTS"),
+            DomainError::ReleaseOverlaps(other) => {
+                Answer::new(FailedPrecondition, "RELEASE_OVERLAPS").with("release_id", other)
+            }
+            DomainError::QueueNotOpen { retry_after_ms } => {
+                Answer::new(FailedPrecondition, "QUEUE_NOT_OPEN")
+                    .retry_after(millis(*retry_after_ms))
+            }
+            DomainError::ReleaseNotQueued => Answer::new(FailedPrecondition, "RELEASE_NOT_QUEUED"),
+            DomainError::ReleaseEnded => Answer::new(FailedPrecondition, "RELEASE_ENDED"),
+            DomainError::QueueFull => {
+                Answer::new(ResourceExhausted, "QUEUE_FULL").retry_after(EXPORTS_RETRY_DELAY)
+            }
+            DomainError::ReleasesExhausted => Answer::new(ResourceExhausted, "RELEASES_EXHAUSTED"),
         },
         ServiceError::Store(store) => match store {
             StoreError::Overloaded | StoreError::PartlyApplied => {
@@ -170,6 +193,18 @@ fn classify(error: &ServiceError) -> Answer {
             Answer::new(ResourceExhausted, "WATCHERS_EXHAUSTED").retry_after(EXPORTS_RETRY_DELAY)
         }
     }
+}
+
+/// A delay in milliseconds (at least 1) as a RetryInfo delay.
+fn millis(ms: i64) -> Duration {
+    Duration::from_millis(ms.max(1) as u64)
+}
+
+/// An instant as RFC 3339 in UTC, for error metadata.
+fn rfc3339_utc(unix_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(unix_ms)
+        .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
 }
 
 /// The `ErrorInfo` reason a client gets for this error (`INVALID_ARGUMENT` for field

@@ -9,6 +9,7 @@ use crate::domain::ids::{
     BookingId, CitizenKey, RequestFingerprint, RequestKey, ServiceId, SlotKey,
 };
 use crate::domain::plans;
+use crate::domain::release::Gate;
 use crate::service::engine::{BookingView, Engine};
 use crate::service::error::ServiceError;
 
@@ -107,8 +108,8 @@ impl Engine {
         citizen: CitizenKey,
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
-        let slot = self.slot_view(slot_key)?;
         let now_ms = self.now_unix_ms();
+        let slot = self.slot_view(slot_key, &citizen, now_ms)?;
         let plan = plans::book(&slot, citizen, self.ids.mint(citizen), request, now_ms)?;
         self.execute(plan, || {}).await
     }
@@ -122,8 +123,8 @@ impl Engine {
         hold_id: HoldId,
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
-        let slot = self.slot_view(slot_key)?;
         let now_ms = self.now_unix_ms();
+        let slot = self.slot_view(slot_key, &citizen, now_ms)?;
         plans::check_not_started(&slot.key, now_ms)?;
         let taken = self
             .live_holds()
@@ -140,7 +141,13 @@ impl Engine {
                 );
             }
         };
-        let plan = plans::confirm_hold(&slot, &hold, request, now_ms);
+        let plan = match plans::confirm_hold(&slot, &hold, request, now_ms) {
+            Ok(plan) => plan,
+            Err(refused) => {
+                self.live_holds().insert(hold);
+                return Err(refused.into());
+            }
+        };
         // Refused (closing) or never queued: the hold goes back to the live set, where
         // a closure or the sweeper takes it.
         self.execute(plan, || self.live_holds().insert(hold.clone()))
@@ -202,9 +209,15 @@ impl Engine {
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
         let stored = self.store.booking(citizen.tag(), command.booking_id)?;
-        let new_slot = self.slot_view(&command.new_slot).ok();
-        let new_id = self.ids.mint(citizen);
         let now_ms = self.now_unix_ms();
+        let mut new_slot = self.slot_view(&command.new_slot, &citizen, now_ms).ok();
+        if let (Some(view), Some(old)) = (new_slot.as_mut(), stored.as_ref()) {
+            // Within one release a move swaps places: it needs no new admission.
+            if self.in_same_release(&old.slot, &view.key) {
+                view.gate = Gate::Open;
+            }
+        }
+        let new_id = self.ids.mint(citizen);
         let plan = plans::reschedule(stored, citizen, new_slot.as_ref(), new_id, request, now_ms)?;
         self.execute(plan, || {}).await
     }

@@ -302,7 +302,7 @@ fn slot_record(slot: &Slot, end_unix_s: i64, capacity: u32, closed: bool) -> Wri
 impl Engine {
     /// The audit entry of a capacity change, stamped now: strictly after the previous
     /// entry of this engine, so the log's key order is the order of the changes.
-    fn audit(&self, actor: &str, action: &str, detail: String) -> Write {
+    pub(super) fn audit(&self, actor: &str, action: &str, detail: String) -> Write {
         let now = self.now_unix_ms();
         let previous = self
             .last_audit_unix_ms

@@ -82,6 +82,8 @@ pub struct Engine {
     /// so their plan and apply steps see no other authority write in between. Never
     /// taken by bookings.
     pub(super) authority_writes: tokio::sync::Mutex<()>,
+    /// Announced openings and their waiting rooms.
+    pub(super) releases: crate::service::releases::Releases,
     /// Every `now` of the engine comes from here (tests pass a manual clock).
     pub(super) clock: Clock,
     /// When this engine opened (retention dates format-1 authority requests from it).

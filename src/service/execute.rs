@@ -5,8 +5,10 @@
 //! Must not import tonic.
 
 use crate::domain::catalog::Admission;
-use crate::domain::error::DomainError;
-use crate::domain::ids::SlotKey;
+use std::sync::Arc;
+
+use crate::domain::error::{DomainError, Missing};
+use crate::domain::ids::{CitizenKey, SlotKey};
 use crate::domain::plans::{Free, Plan, SlotView, Take};
 use crate::domain::slot_counter::Refused;
 use crate::service::engine::{undo_if_never_queued, Engine};
@@ -30,13 +32,25 @@ struct Taken {
 }
 
 impl Engine {
-    /// What a command's plan needs to know of a slot.
-    pub(super) fn slot_view(&self, key: &SlotKey) -> Result<SlotView, ServiceError> {
-        let slot = self.slot(key)?;
+    /// What a command of `citizen` at `now` needs to know of a slot.
+    pub(super) fn slot_view(
+        &self,
+        key: &SlotKey,
+        citizen: &CitizenKey,
+        now_unix_ms: i64,
+    ) -> Result<SlotView, ServiceError> {
+        let (region, slot) = {
+            let catalog = self.catalog();
+            let (site, slot) = catalog
+                .slot(key)
+                .ok_or(DomainError::NotFound(Missing::Slot))?;
+            (site.region_id.clone(), Arc::clone(slot))
+        };
         Ok(SlotView {
             key: slot.key.clone(),
             end_unix_s: slot.end_unix_s(),
             capacity: slot.counter.snapshot().capacity,
+            gate: self.releases.gate(&region, key, citizen, now_unix_ms),
         })
     }
 
@@ -189,6 +203,9 @@ impl Engine {
             }
             Free::Place(key) => self.return_place(&key),
             Free::LiveHold(hold) => self.live_holds().insert_reserved(hold),
+            Free::TicketUsed(ticket) => {
+                self.releases.mark_used(&ticket.release_id, &ticket.citizen)
+            }
         }
     }
 }

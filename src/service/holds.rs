@@ -56,8 +56,8 @@ impl Engine {
         citizen: CitizenKey,
         request: RequestRecord,
     ) -> Result<Hold, ServiceError> {
-        let slot = self.slot_view(&command.slot)?;
         let now_ms = self.now_unix_ms();
+        let slot = self.slot_view(&command.slot, &citizen, now_ms)?;
         let id = self.ids.mint(citizen);
         let ttl_and_share = (
             command.ttl_seconds,

@@ -18,6 +18,7 @@
 //! - `events`: `WatchEvents`, the event log read from a sequence on and followed live.
 //! - `open_data`: availability added up per site, service and day, never a person.
 //! - `retention`: forgets old request records and deletes records of long-ended slots.
+//! - `releases`: announced openings, their waiting rooms and the admission step.
 
 pub mod actor;
 pub mod availability;
@@ -36,6 +37,7 @@ pub mod import_check;
 pub mod open_data;
 pub mod rate_limits;
 pub mod recovery;
+pub mod releases;
 pub mod requests;
 pub mod retention;
 
@@ -49,4 +51,5 @@ pub use events::{EventScope, EventView};
 pub use holds::HoldCommand;
 pub use import_check::ImportRow;
 pub use open_data::{RowKey, SummaryPage, SummaryQuery};
+pub use releases::{JoinCommand, ReleaseStatus};
 pub use retention::Retained;

@@ -83,6 +83,7 @@ impl Engine {
             reads: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_reads_per_min),
             citizen_ids: crate::config::citizen_ids(config),
             authority_writes: tokio::sync::Mutex::new(()),
+            releases: crate::service::releases::Releases::default(),
             opened_at_unix_ms: clock.now_unix_ms(),
             clock,
             last_audit_unix_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
@@ -171,6 +172,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     )?;
     check_capacities(catalog)?;
     warn_of_interrupted_write(&engine.store)?;
+    engine.restore_releases()?;
     let elapsed = started.elapsed();
     metrics::gauge!(telemetry::RECOVERY_SECONDS).set(elapsed.as_secs_f64());
     let request_records = engine.requests.remembered() as u64;

@@ -377,6 +377,20 @@ impl Store {
         self.scan(records::SLOT_PREFIX)
     }
 
+    /// Every announced release, in id order.
+    pub fn releases(
+        &self,
+    ) -> impl Iterator<Item = Result<crate::domain::release::Release, StoreError>> {
+        self.scan(records::RELEASE_PREFIX)
+    }
+
+    /// Every queue ticket, grouped by release.
+    pub fn tickets(
+        &self,
+    ) -> impl Iterator<Item = Result<crate::domain::release::Ticket, StoreError>> {
+        self.scan(records::TICKET_PREFIX)
+    }
+
     /// Every booking, all states, in booking-id order.
     pub fn bookings(&self) -> impl Iterator<Item = Result<Booking, StoreError>> {
         self.scan(records::BOOKING_PREFIX)

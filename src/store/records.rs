@@ -19,9 +19,10 @@ use crate::domain::event::{Event, EventBooking, EventKind, SequencedEvent};
 use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{Hold, HoldId, HoldState};
 use crate::domain::ids::{
-    BookingId, CitizenKey, CitizenTag, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId,
-    SlotKey,
+    BookingId, CitizenKey, CitizenTag, RegionId, ReleaseId, RequestFingerprint, RequestKey,
+    ServiceId, SiteId, SlotKey,
 };
+use crate::domain::release::{Admitted, QueueRules, Release, ReleaseScope, Ticket};
 use crate::store::error::StoreError;
 
 pub const SITE_PREFIX: u8 = b'S';
@@ -44,6 +45,10 @@ pub const AUTHORITY_REQUEST_PREFIX: u8 = b'R';
 /// `E` + sequence (u64): the event log (`WatchEvents`), numbered by the committer in
 /// commit order from 1, without gaps.
 pub const EVENT_PREFIX: u8 = b'E';
+/// `P` + release id: an announced opening (`CreateRelease`).
+pub const RELEASE_PREFIX: u8 = b'P';
+/// `T` + release id + 0 + citizen key: a citizen's ticket in a release's queue.
+pub const TICKET_PREFIX: u8 = b'T';
 
 /// The format every value is written in, but authority requests.
 const FORMAT_VERSION: u8 = 1;
@@ -136,6 +141,8 @@ pub enum Write {
     Audit(AuditEntry),
     /// Keyed by the sequence the committer gives it.
     Event(Event),
+    Release(Release),
+    Ticket(Ticket),
 }
 
 /// A write ready for the committer: a key and value, or an event's value still waiting
@@ -151,6 +158,7 @@ impl From<crate::domain::plans::Record> for Write {
             crate::domain::plans::Record::Booking(booking) => Write::Booking(booking),
             crate::domain::plans::Record::Hold(hold) => Write::Hold(hold),
             crate::domain::plans::Record::Event(event) => Write::Event(event),
+            crate::domain::plans::Record::Ticket(ticket) => Write::Ticket(ticket),
         }
     }
 }
@@ -293,6 +301,47 @@ mod v1 {
         pub previous_booking_id: Option<u128>,
         pub reason: &'a str,
         pub capacity: Option<u32>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub enum ReleaseScope<'a> {
+        Region(&'a str),
+        #[serde(borrow)]
+        Sites(Vec<&'a str>),
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct QueueRules {
+        pub opens_at_unix_ms: i64,
+        pub admissions_per_minute: u32,
+        pub admission_ttl_seconds: u32,
+        pub seed: [u8; 32],
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Release<'a> {
+        pub release_id: &'a str,
+        #[serde(borrow)]
+        pub scope: ReleaseScope<'a>,
+        pub service_id: &'a str,
+        pub from_unix_s: i64,
+        pub to_unix_s: i64,
+        pub release_at_unix_ms: i64,
+        pub queue: Option<QueueRules>,
+        pub created_at_unix_ms: i64,
+        pub sold_out_at_unix_ms: Option<i64>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Ticket<'a> {
+        pub release_id: &'a str,
+        pub citizen: [u8; 16],
+        pub joined_at_unix_ms: i64,
+        pub drawn: bool,
+        pub arrival: u64,
+        /// (at, until)
+        pub admitted: Option<(i64, i64)>,
+        pub used: bool,
     }
 }
 
@@ -694,6 +743,121 @@ impl Record for SequencedEvent {
     }
 }
 
+impl Record for Release {
+    fn encode_value(&self) -> Result<Vec<u8>, StoreError> {
+        let sites: Vec<&str>;
+        let scope = match &self.scope {
+            ReleaseScope::Region(region) => v1::ReleaseScope::Region(region.as_str()),
+            ReleaseScope::Sites(ids) => {
+                sites = ids.iter().map(SiteId::as_str).collect();
+                v1::ReleaseScope::Sites(sites)
+            }
+        };
+        encode_v1(&v1::Release {
+            release_id: self.release_id.as_str(),
+            scope,
+            service_id: self.service_id.as_str(),
+            from_unix_s: self.from_unix_s,
+            to_unix_s: self.to_unix_s,
+            release_at_unix_ms: self.release_at_unix_ms,
+            queue: self.queue.as_ref().map(|q| v1::QueueRules {
+                opens_at_unix_ms: q.opens_at_unix_ms,
+                admissions_per_minute: q.admissions_per_minute,
+                admission_ttl_seconds: q.admission_ttl_seconds,
+                seed: q.seed,
+            }),
+            created_at_unix_ms: self.created_at_unix_ms,
+            sold_out_at_unix_ms: self.sold_out_at_unix_ms,
+        })
+    }
+
+    fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
+        let release: v1::Release = decode_v1(key, value)?;
+        let id = |field, value| stored(key, SiteId::parse(field, value, usize::MAX));
+        let scope = match release.scope {
+            v1::ReleaseScope::Region(region) => ReleaseScope::Region(stored(
+                key,
+                RegionId::parse("region_id", region, usize::MAX),
+            )?),
+            v1::ReleaseScope::Sites(sites) => ReleaseScope::Sites(
+                sites
+                    .into_iter()
+                    .map(|site| id("site_ids", site))
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
+        Ok(Release {
+            release_id: stored(
+                key,
+                ReleaseId::parse("release_id", release.release_id, usize::MAX),
+            )?,
+            scope,
+            service_id: stored(
+                key,
+                ServiceId::parse("service_id", release.service_id, usize::MAX),
+            )?,
+            from_unix_s: release.from_unix_s,
+            to_unix_s: release.to_unix_s,
+            release_at_unix_ms: release.release_at_unix_ms,
+            queue: release.queue.map(|q| QueueRules {
+                opens_at_unix_ms: q.opens_at_unix_ms,
+                admissions_per_minute: q.admissions_per_minute,
+                admission_ttl_seconds: q.admission_ttl_seconds,
+                seed: q.seed,
+            }),
+            created_at_unix_ms: release.created_at_unix_ms,
+            sold_out_at_unix_ms: release.sold_out_at_unix_ms,
+        })
+    }
+}
+
+impl Record for Ticket {
+    fn encode_value(&self) -> Result<Vec<u8>, StoreError> {
+        encode_v1(&v1::Ticket {
+            release_id: self.release_id.as_str(),
+            citizen: self.citizen.0,
+            joined_at_unix_ms: self.joined_at_unix_ms,
+            drawn: self.drawn,
+            arrival: self.arrival,
+            admitted: self.admitted.map(|a| (a.at_unix_ms, a.until_unix_ms)),
+            used: self.used,
+        })
+    }
+
+    fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
+        let ticket: v1::Ticket = decode_v1(key, value)?;
+        Ok(Ticket {
+            release_id: stored(
+                key,
+                ReleaseId::parse("release_id", ticket.release_id, usize::MAX),
+            )?,
+            citizen: CitizenKey(ticket.citizen),
+            joined_at_unix_ms: ticket.joined_at_unix_ms,
+            drawn: ticket.drawn,
+            arrival: ticket.arrival,
+            admitted: ticket.admitted.map(|(at_unix_ms, until_unix_ms)| Admitted {
+                at_unix_ms,
+                until_unix_ms,
+            }),
+            used: ticket.used,
+        })
+    }
+}
+
+pub fn release_key(release_id: &ReleaseId) -> Vec<u8> {
+    let mut key = vec![RELEASE_PREFIX];
+    key.extend_from_slice(release_id.as_str().as_bytes());
+    key
+}
+
+pub fn ticket_key(release_id: &ReleaseId, citizen: &CitizenKey) -> Vec<u8> {
+    let mut key = vec![TICKET_PREFIX];
+    key.extend_from_slice(release_id.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(&citizen.0);
+    key
+}
+
 /// `E` + the sequence, big-endian: the log scans in sequence order.
 pub fn event_key(sequence: u64) -> [u8; 9] {
     let mut key = [0u8; 9];
@@ -803,6 +967,14 @@ impl Write {
             Write::AuthorityRequest(request) => (
                 authority_request_key(request.key).to_vec(),
                 Some(request.encode_value()?),
+            ),
+            Write::Release(release) => (
+                release_key(&release.release_id),
+                Some(release.encode_value()?),
+            ),
+            Write::Ticket(ticket) => (
+                ticket_key(&ticket.release_id, &ticket.citizen),
+                Some(ticket.encode_value()?),
             ),
         }))
     }
@@ -1025,7 +1197,56 @@ mod golden {
                     capacity: Some(300),
                 }),
             ),
+            ("release-sites", Write::Release(release(false))),
+            ("release-queued", Write::Release(release(true))),
+            ("ticket-waiting", Write::Ticket(ticket(None))),
+            (
+                "ticket-admitted",
+                Write::Ticket(ticket(Some(Admitted {
+                    at_unix_ms: 1_799_000_600_000,
+                    until_unix_ms: 1_799_001_200_000,
+                }))),
+            ),
         ]
+    }
+
+    fn release(queued: bool) -> Release {
+        let lazio = RegionId::parse("s", "lazio", 64).unwrap();
+        let sites = vec![
+            SiteId::parse("s", "rome-eur", 64).unwrap(),
+            SiteId::parse("s", "rome-termini", 64).unwrap(),
+        ];
+        Release {
+            release_id: ReleaseId::parse("s", "dose1-over80", 64).unwrap(),
+            scope: match queued {
+                true => ReleaseScope::Region(lazio),
+                false => ReleaseScope::Sites(sites),
+            },
+            service_id: ServiceId::parse("s", "covid19-dose1", 64).unwrap(),
+            from_unix_s: 1_800_000_000,
+            to_unix_s: 1_800_604_800,
+            release_at_unix_ms: 1_799_000_000_000,
+            queue: queued.then_some(QueueRules {
+                opens_at_unix_ms: 1_798_990_000_000,
+                admissions_per_minute: 6_000,
+                admission_ttl_seconds: 600,
+                seed: [0x5e; 32],
+            }),
+            created_at_unix_ms: 1_798_000_000_000,
+            sold_out_at_unix_ms: queued.then_some(1_799_000_900_000),
+        }
+    }
+
+    fn ticket(admitted: Option<Admitted>) -> Ticket {
+        Ticket {
+            release_id: ReleaseId::parse("s", "dose1-over80", 64).unwrap(),
+            citizen: CitizenKey([0xc3; 16]),
+            joined_at_unix_ms: 1_798_995_000_000,
+            drawn: admitted.is_some(),
+            arrival: 70_000,
+            admitted,
+            used: admitted.is_some(),
+        }
     }
 
     /// The key and value the store gets; an event as if it were the 7th.
@@ -1058,6 +1279,10 @@ mod golden {
     ("audit", "41800001a2dcc18600", "0180988cccdb680c6c617a696f2d6865616c74680a436c6f7365536c6f7473117369746520726f6d652d7465726d696e69"),
     ("event-rescheduled", "450000000000000007", "010280988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d01909eb8e8c0e1828589909cb0d080c181820290e4ceb40d80988cccdb68000001bbd5020b72657363686564756c656400"),
     ("event-capacity", "450000000000000007", "010580988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d0000000001ac02"),
+    ("release-sites", "50646f7365312d6f7665723830", "010c646f7365312d6f7665723830010208726f6d652d6575720c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d80b298b50d80988cccdb680080f0b592d46800"),
+    ("release-queued", "50646f7365312d6f7665723830", "010c646f7365312d6f766572383000056c617a696f0d636f76696431392d646f73653180c8ceb40d80b298b50d80988cccdb680180bec7c2db68f02ed8045e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e80f0b592d46801c086faccdb68"),
+    ("ticket-waiting", "54646f7365312d6f766572383000c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3", "010c646f7365312d6f7665723830c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c380eba9c7db6800f0a2040000"),
+    ("ticket-admitted", "54646f7365312d6f766572383000c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3", "010c646f7365312d6f7665723830c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c380eba9c7db6801f0a2040180b7d5ccdb6880d69ecddb6801"),
 ];
 
     #[test]
@@ -1092,6 +1317,8 @@ mod golden {
                 let event = SequencedEvent::decode_value(&event_key(7), value).unwrap();
                 event.sequence == 7 && event.event == *r
             }
+            Write::Release(r) => Release::decode_value(key, value).unwrap() == *r,
+            Write::Ticket(r) => Ticket::decode_value(key, value).unwrap() == *r,
             Write::Delete(_) => unreachable!("not a record"),
         }
     }

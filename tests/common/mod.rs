@@ -92,6 +92,15 @@ impl TestServer {
             .expect("the sweep commits")
     }
 
+    /// Runs one admission step of the queued releases now, as its timer would; returns
+    /// how many tickets it admitted.
+    pub async fn advance_releases(&self) -> usize {
+        let engine = self.engine.upgrade().expect("the server is running");
+        prenota::server::advance_releases_once(&engine)
+            .await
+            .expect("the admission step commits")
+    }
+
     /// Runs one retention pass now, as its timer would.
     pub async fn retain(&self) -> prenota::service::Retained {
         let engine = self.engine.upgrade().expect("the server is running");

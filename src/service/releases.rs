@@ -1,0 +1,625 @@
+//! Fair release: authorities announce openings (`CreateRelease`), citizens join a queued
+//! release's waiting room (`JoinQueue`) and read their ticket (`GetQueueTicket`), and
+//! the admission step (run by the server every `release_tick_ms`) draws, admits in rank
+//! order within the free places, and declares a queued release sold out. The rules are
+//! in `domain::release`; this file keeps the releases in memory and writes them.
+//!
+//! Must not import tonic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::domain::catalog::{Catalog, Slot};
+use crate::domain::error::{DomainError, Missing};
+use crate::domain::ids::{CitizenKey, RegionId, ReleaseId, RequestKey, ServiceId, SlotKey};
+use crate::domain::release::{Gate, Join, Queue, Release, ReleaseScope, TicketView};
+use crate::service::actor::Actor;
+use crate::service::engine::Engine;
+use crate::service::error::ServiceError;
+use crate::store::records::Write;
+use crate::store::StoreError;
+
+/// One release in memory: its definition (fixed once created) and what changes.
+#[derive(Debug)]
+pub struct ReleaseEntry {
+    definition: Release,
+    state: Mutex<ReleaseState>,
+}
+
+#[derive(Debug, Default)]
+struct ReleaseState {
+    sold_out_at_unix_ms: Option<i64>,
+    queue: Queue,
+}
+
+impl ReleaseEntry {
+    fn new(release: Release) -> Self {
+        let state = ReleaseState {
+            sold_out_at_unix_ms: release.sold_out_at_unix_ms,
+            queue: Queue::default(),
+        };
+        Self {
+            definition: release,
+            state: Mutex::new(state),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ReleaseState> {
+        // Each critical section leaves the queue consistent: a poisoned lock is sound.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The release as it stands (sold out or not).
+    pub fn current(&self) -> Release {
+        Release {
+            sold_out_at_unix_ms: self.lock().sold_out_at_unix_ms,
+            ..self.definition.clone()
+        }
+    }
+
+    fn gate(&self, citizen: &CitizenKey, now_unix_ms: i64) -> Gate {
+        let release = &self.definition;
+        let created_at_unix_ms = release.created_at_unix_ms;
+        if now_unix_ms < release.release_at_unix_ms {
+            return Gate::NotYet {
+                release_at_unix_ms: release.release_at_unix_ms,
+                created_at_unix_ms,
+            };
+        }
+        if release.queue.is_none() {
+            return Gate::Open;
+        }
+        Gate::Queue {
+            ticket: self.lock().queue.ticket(&release.release_id, citizen),
+            created_at_unix_ms,
+        }
+    }
+
+    pub fn release_id(&self) -> &ReleaseId {
+        &self.definition.release_id
+    }
+}
+
+/// Every release, by id and by service (a booking looks up its slot's service only).
+#[derive(Debug, Default)]
+pub struct Releases {
+    inner: RwLock<ReleaseIndex>,
+    /// One admission step at a time (the server's timer, a test's call): a step reads
+    /// the queue, writes, then admits what it read.
+    step: tokio::sync::Mutex<()>,
+    /// Tickets of every queue (bounded by `queue_tickets_max`).
+    tickets: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct ReleaseIndex {
+    by_id: BTreeMap<ReleaseId, Arc<ReleaseEntry>>,
+    by_service: HashMap<ServiceId, Vec<Arc<ReleaseEntry>>>,
+}
+
+impl Releases {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, ReleaseIndex> {
+        // Writes are single inserts: a poisoned lock still guards sound data.
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, entry: Arc<ReleaseEntry>) {
+        let mut index = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let service = entry.definition.service_id.clone();
+        index
+            .by_id
+            .insert(entry.definition.release_id.clone(), Arc::clone(&entry));
+        index.by_service.entry(service).or_default().push(entry);
+    }
+
+    pub fn get(&self, id: &ReleaseId) -> Option<Arc<ReleaseEntry>> {
+        self.read().by_id.get(id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn all(&self) -> Vec<Arc<ReleaseEntry>> {
+        self.read().by_id.values().cloned().collect()
+    }
+
+    /// The release covering the slot `key` of a site in `region` (at most one: they
+    /// never overlap).
+    pub fn covering(&self, region: &RegionId, key: &SlotKey) -> Option<Arc<ReleaseEntry>> {
+        let index = self.read();
+        let candidates = index.by_service.get(&key.service_id)?;
+        candidates
+            .iter()
+            .find(|entry| entry.definition.covers(region, key))
+            .cloned()
+    }
+
+    /// What a booking or hold by `citizen` on the slot must pass now.
+    pub fn gate(&self, region: &RegionId, key: &SlotKey, citizen: &CitizenKey, now: i64) -> Gate {
+        match self.covering(region, key) {
+            Some(entry) => entry.gate(citizen, now),
+            None => Gate::Open,
+        }
+    }
+
+    /// The release_at of the slot's release, if it has one (for searches).
+    pub fn release_at(&self, region: &RegionId, key: &SlotKey) -> Option<i64> {
+        if self.read().by_id.is_empty() {
+            return None;
+        }
+        self.covering(region, key)
+            .map(|entry| entry.definition.release_at_unix_ms)
+    }
+
+    /// The citizen's ticket of `release_id` was used, durably.
+    pub fn mark_used(&self, release_id: &ReleaseId, citizen: &CitizenKey) {
+        if let Some(entry) = self.get(release_id) {
+            entry.lock().queue.mark_used(citizen);
+        }
+    }
+}
+
+/// A release as `GetRelease` shows it.
+#[derive(Clone, Debug)]
+pub struct ReleaseStatus {
+    pub release: Release,
+    pub phase: crate::domain::release::Phase,
+    pub places_remaining: u64,
+    pub tickets: u64,
+    pub tickets_waiting: u64,
+    pub tickets_admitted: u64,
+    pub tickets_admitted_unused: u64,
+}
+
+pub struct JoinCommand {
+    pub release_id: ReleaseId,
+    pub citizen_id: String,
+    pub request: RequestKey,
+}
+
+/// The places of a release's slots that have not started.
+#[derive(Clone, Copy, Debug, Default)]
+struct Places {
+    free: u64,
+    /// Admissions whose write is in flight (a failed one gives its place back).
+    pending: u64,
+}
+
+/// The release's slots that have not started by `now`.
+fn future_slots(catalog: &Catalog, release: &Release, now: i64) -> Vec<Arc<Slot>> {
+    let sites = match &release.scope {
+        ReleaseScope::Region(region) => catalog
+            .sites_in(Some(region))
+            .iter()
+            .map(|site| site.site_id.clone())
+            .collect(),
+        ReleaseScope::Sites(sites) => sites.clone(),
+    };
+    let from = release.from_unix_s.max(now.div_euclid(1_000) + 1);
+    let mut slots = Vec::new();
+    for site in &sites {
+        let found =
+            catalog.slots_in_range(site, Some(&release.service_id), from, release.to_unix_s);
+        slots.extend(found.unwrap_or_default());
+    }
+    slots
+}
+
+fn places_of(slots: &[Arc<Slot>]) -> Places {
+    let mut places = Places::default();
+    for slot in slots {
+        let counter = slot.counter.snapshot();
+        places.free += u64::from(counter.remaining());
+        places.pending += u64::from(counter.pending);
+    }
+    places
+}
+
+impl Engine {
+    /// The release_at of the slot's release, if it is in one (searches show it).
+    pub fn release_at(&self, site: &crate::domain::catalog::Site, key: &SlotKey) -> Option<i64> {
+        self.releases.release_at(&site.region_id, key)
+    }
+
+    /// Whether both slots are in one release.
+    pub(super) fn in_same_release(&self, a: &SlotKey, b: &SlotKey) -> bool {
+        if self.releases.is_empty() {
+            return false;
+        }
+        let release_of = |key: &SlotKey| {
+            let region = self.site(&key.site_id)?.region_id.clone();
+            self.releases.covering(&region, key)
+        };
+        match (release_of(a), release_of(b)) {
+            (Some(a), Some(b)) => Arc::ptr_eq(&a, &b),
+            _ => false,
+        }
+    }
+
+    /// Announces a release. Creating it again with the same definition returns it; the
+    /// same id with another definition is `RELEASE_EXISTS`.
+    pub async fn create_release(
+        &self,
+        mut release: Release,
+        actor: &Actor,
+    ) -> Result<Release, ServiceError> {
+        let _authority = self.authority_writes.lock().await;
+        self.check_release_scope(&release.scope, actor)?;
+        if let Some(existing) = self.releases.get(&release.release_id) {
+            let existing = existing.current();
+            return match existing.same_definition(&release) {
+                true => Ok(existing),
+                false => Err(DomainError::ReleaseExists(release.release_id).into()),
+            };
+        }
+        let now = self.now_unix_ms();
+        check_release_times(&release, now)?;
+        self.check_no_overlap(&release)?;
+        if self.releases.len() >= self.limits.releases_max {
+            return Err(DomainError::ReleasesExhausted.into());
+        }
+        release.created_at_unix_ms = now;
+        if let Some(queue) = release.queue.as_mut() {
+            queue.seed = rand::random();
+        }
+        let audit = self.audit(&actor.name, "CreateRelease", release_detail(&release));
+        self.store
+            .commit(&[Write::Release(release.clone()), audit])
+            .await?;
+        self.releases
+            .insert(Arc::new(ReleaseEntry::new(release.clone())));
+        Ok(release)
+    }
+
+    /// No slot may be in two releases.
+    fn check_no_overlap(&self, release: &Release) -> Result<(), DomainError> {
+        let catalog = self.catalog();
+        let region_of = |site: &_| catalog.site(site).map(|site| site.region_id.clone());
+        match self
+            .releases
+            .all()
+            .into_iter()
+            .find(|other| other.definition.overlaps(release, region_of))
+        {
+            Some(other) => Err(DomainError::ReleaseOverlaps(
+                other.definition.release_id.clone(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The sites exist and are the actor's; a region is the actor's.
+    fn check_release_scope(&self, scope: &ReleaseScope, actor: &Actor) -> Result<(), ServiceError> {
+        match scope {
+            ReleaseScope::Region(region) => actor.check_region(region),
+            ReleaseScope::Sites(sites) => sites
+                .iter()
+                .try_for_each(|site| actor.check_site(self.site(site).as_ref()).map(|_| ())),
+        }
+    }
+
+    /// A release and its queue's counts, for an authority of its regions.
+    pub fn release_status(
+        &self,
+        release_id: &ReleaseId,
+        actor: &Actor,
+    ) -> Result<ReleaseStatus, ServiceError> {
+        let entry = self
+            .releases
+            .get(release_id)
+            .ok_or(DomainError::NotFound(Missing::Release))?;
+        self.check_release_scope(&entry.definition.scope, actor)?;
+        let now = self.now_unix_ms();
+        let counts = {
+            let mut state = entry.lock();
+            state.queue.expire(now - self.admission_grace_ms());
+            let queue = &state.queue;
+            (
+                queue.len() as u64,
+                queue.waiting() as u64,
+                queue.admitted_count() as u64,
+                queue.unused() as u64,
+            )
+        };
+        let release = entry.current();
+        let places = places_of(&future_slots(&self.catalog(), &release, now));
+        Ok(ReleaseStatus {
+            phase: release.phase(now),
+            release,
+            places_remaining: places.free,
+            tickets: counts.0,
+            tickets_waiting: counts.1,
+            tickets_admitted: counts.2,
+            tickets_admitted_unused: counts.3,
+        })
+    }
+
+    /// How long after `admitted_until` an admission still counts as unused: a booking
+    /// that passed the gate just before it takes its place within a request's time.
+    fn admission_grace_ms(&self) -> i64 {
+        self.limits.request_timeout_ms as i64
+    }
+
+    /// The queued release `id`, open to joins now.
+    fn joinable(&self, id: &ReleaseId) -> Result<Arc<ReleaseEntry>, ServiceError> {
+        let entry = self
+            .releases
+            .get(id)
+            .ok_or(DomainError::NotFound(Missing::Release))?;
+        let rules = entry
+            .definition
+            .queue
+            .as_ref()
+            .ok_or(DomainError::ReleaseNotQueued)?;
+        let now = self.now_unix_ms();
+        if now < rules.opens_at_unix_ms {
+            return Err(DomainError::QueueNotOpen {
+                retry_after_ms: rules.opens_at_unix_ms - now,
+            }
+            .into());
+        }
+        if now >= entry.definition.to_unix_s.saturating_mul(1_000) {
+            return Err(DomainError::ReleaseEnded.into());
+        }
+        Ok(entry)
+    }
+
+    /// One more ticket in all the queues, if `queue_tickets_max` allows it.
+    fn count_ticket(&self) -> Result<(), ServiceError> {
+        let counted = self.releases.tickets.fetch_add(1, Ordering::AcqRel);
+        if counted >= self.limits.queue_tickets_max {
+            self.releases.tickets.fetch_sub(1, Ordering::AcqRel);
+            return Err(DomainError::QueueFull.into());
+        }
+        Ok(())
+    }
+
+    /// The citizen joins a queued release; joining again returns its ticket.
+    pub async fn join_queue(
+        &self,
+        command: JoinCommand,
+    ) -> Result<(ReleaseId, TicketView), ServiceError> {
+        let citizen = self.hasher.hash(&command.citizen_id);
+        let entry = self.joinable(&command.release_id)?;
+        self.count_attempt(&citizen)?;
+        let now = self.now_unix_ms();
+        let release = entry.current();
+        let id = release.release_id.clone();
+        self.count_ticket()?;
+        let ticket = match entry.lock().queue.join(&release, citizen, now) {
+            Join::New(ticket) => ticket,
+            other => {
+                self.releases.tickets.fetch_sub(1, Ordering::AcqRel);
+                return match other {
+                    Join::Existing(view) => Ok((id, view)),
+                    _ => Err(ServiceError::Busy(
+                        "this citizen's ticket is being written; retry",
+                    )),
+                };
+            }
+        };
+        // Joining is idempotent by (release, citizen): the request id needs no record.
+        let _ = command.request;
+        if let Err(error) = self.store.commit(&[Write::Ticket(ticket)]).await {
+            // Never queued, or the store failed (a restart rebuilds from the disk).
+            entry.lock().queue.abandon(citizen);
+            self.releases.tickets.fetch_sub(1, Ordering::AcqRel);
+            return Err(error.into());
+        }
+        let mut state = entry.lock();
+        state.queue.joined(citizen);
+        let release = Release {
+            sold_out_at_unix_ms: state.sold_out_at_unix_ms,
+            ..release
+        };
+        let view = state.queue.view(&release, &citizen, now);
+        Ok((id, view.ok_or(DomainError::NotFound(Missing::Ticket))?))
+    }
+
+    /// The citizen's ticket of a release. Counted against the citizen's read quota.
+    pub fn queue_ticket(
+        &self,
+        release_id: &ReleaseId,
+        citizen_id: &str,
+    ) -> Result<TicketView, ServiceError> {
+        let citizen = self.hasher.hash(citizen_id);
+        let entry = self
+            .releases
+            .get(release_id)
+            .ok_or(DomainError::NotFound(Missing::Release))?;
+        self.count_read(&citizen)?;
+        let release = entry.current();
+        let now = self.now_unix_ms();
+        let view = entry.lock().queue.view(&release, &citizen, now);
+        Ok(view.ok_or(DomainError::NotFound(Missing::Ticket))?)
+    }
+
+    /// One admission step at `now` for every queued release between its opening and
+    /// its end: the draw (once), admissions in rank order within the free places and
+    /// the release's pace, and sold out when no place is left. A release whose step
+    /// fails is logged and the others go on. Returns how many tickets were admitted.
+    pub async fn advance_releases(&self, now: i64) -> Result<usize, ServiceError> {
+        let _one_step = self.releases.step.lock().await;
+        let mut admitted = 0;
+        for entry in self.releases.all() {
+            let release = &entry.definition;
+            let running = (release.release_at_unix_ms..release.to_unix_s.saturating_mul(1_000))
+                .contains(&now);
+            if release.queue.is_none() || !running {
+                continue;
+            }
+            match self.advance_release(&entry, now).await {
+                Ok(count) => admitted += count,
+                Err(ServiceError::Store(StoreError::Failed)) => {
+                    return Err(StoreError::Failed.into())
+                }
+                Err(error) => {
+                    tracing::warn!(release = %release.release_id, %error, "admission step failed")
+                }
+            }
+        }
+        Ok(admitted)
+    }
+
+    async fn advance_release(&self, entry: &ReleaseEntry, now: i64) -> Result<usize, ServiceError> {
+        let release = entry.current();
+        let Some(rules) = &release.queue else {
+            return Ok(0);
+        };
+        // Unused admissions first, then free places: a booking takes its place before
+        // its ticket counts as used, so this order never overcounts the room left.
+        let (unused, waiting) = {
+            let mut state = entry.lock();
+            if !state.queue.drawn() && !state.queue.draw(&rules.seed) {
+                return Ok(0);
+            }
+            state.queue.expire(now - self.admission_grace_ms());
+            (state.queue.unused(), state.queue.waiting())
+        };
+        let slots = future_slots(&self.catalog(), &release, now);
+        let places = places_of(&slots);
+        if places.free == 0 {
+            if release.sold_out_at_unix_ms.is_none() && self.nothing_coming_back(&slots, places) {
+                self.set_sold_out(entry, release, Some(now)).await?;
+            }
+            return Ok(0);
+        }
+        if waiting == 0 || places.free <= unused as u64 {
+            return Ok(0);
+        }
+        if release.sold_out_at_unix_ms.is_some() {
+            // Places came back (a cancel): the next tickets in rank order get them.
+            self.set_sold_out(entry, release.clone(), None).await?;
+        }
+        let step_max = self.limits.queue_admissions_per_step_max;
+        let tickets = {
+            let state = entry.lock();
+            let count = state
+                .queue
+                .admissible(&release, places.free, unused, now, step_max);
+            state.queue.next_admissions(&release, count, now)
+        };
+        if tickets.is_empty() {
+            return Ok(0);
+        }
+        let writes: Vec<Write> = tickets.iter().cloned().map(Write::Ticket).collect();
+        match self.store.commit(&writes).await {
+            Ok(()) => {}
+            // The write queue is full: the next step tries again.
+            Err(StoreError::Overloaded) => return Ok(0),
+            Err(error) => return Err(error.into()),
+        }
+        entry.lock().queue.admit(&tickets);
+        Ok(tickets.len())
+    }
+
+    /// No place of these slots can come back by itself: none is held (a hold may
+    /// expire) and no admission is being written (a failed write gives its place back).
+    fn nothing_coming_back(&self, slots: &[Arc<Slot>], places: Places) -> bool {
+        if places.pending > 0 {
+            return false;
+        }
+        let keys: std::collections::HashSet<&SlotKey> = slots.iter().map(|s| &s.key).collect();
+        self.live_holds().count_where(|slot| keys.contains(slot)) == 0
+    }
+
+    /// The release is sold out since `at` (`None`: places came back), durably.
+    async fn set_sold_out(
+        &self,
+        entry: &ReleaseEntry,
+        release: Release,
+        at: Option<i64>,
+    ) -> Result<(), ServiceError> {
+        let changed = Release {
+            sold_out_at_unix_ms: at,
+            ..release
+        };
+        match self.store.commit(&[Write::Release(changed)]).await {
+            Ok(()) => {}
+            Err(StoreError::Overloaded) => return Ok(()),
+            Err(error) => return Err(error.into()),
+        }
+        entry.lock().sold_out_at_unix_ms = at;
+        let release = &entry.definition.release_id;
+        match at {
+            Some(_) => tracing::info!(%release, "release sold out"),
+            None => tracing::info!(%release, "places of a sold-out release came back"),
+        }
+        Ok(())
+    }
+
+    /// Recovery: every release and its tickets, the draws redone from their seeds.
+    pub(super) fn restore_releases(&self) -> Result<(), ServiceError> {
+        let mut entries: BTreeMap<ReleaseId, ReleaseEntry> = BTreeMap::new();
+        for release in self.store.releases() {
+            let release = release?;
+            entries.insert(release.release_id.clone(), ReleaseEntry::new(release));
+        }
+        for ticket in self.store.tickets() {
+            let ticket = ticket?;
+            let entry = entries.get(&ticket.release_id).ok_or_else(|| {
+                StoreError::Corrupt(format!("a ticket of unknown release {}", ticket.release_id))
+            })?;
+            entry.lock().queue.restore(&ticket);
+            self.releases.tickets.fetch_add(1, Ordering::AcqRel);
+        }
+        let now = self.now_unix_ms();
+        for (id, entry) in entries {
+            {
+                let mut state = entry.lock();
+                state.queue.rebuild(&entry.definition, now);
+                state.queue.check().map_err(|why| {
+                    ServiceError::Recovery(format!("the queue of release {id}: {why}"))
+                })?;
+            }
+            self.releases.insert(Arc::new(entry));
+        }
+        Ok(())
+    }
+}
+
+/// `release_at` in the future, after the queue opens and before the slots end.
+fn check_release_times(release: &Release, now: i64) -> Result<(), DomainError> {
+    if release.release_at_unix_ms <= now {
+        return Err(DomainError::invalid(
+            "release.release_at",
+            "must be in the future",
+        ));
+    }
+    if release.release_at_unix_ms >= release.to_unix_s.saturating_mul(1_000) {
+        return Err(DomainError::invalid(
+            "release.release_at",
+            "must be before `to`: no slot of the release could be booked",
+        ));
+    }
+    Ok(())
+}
+
+fn release_detail(release: &Release) -> String {
+    let scope = match &release.scope {
+        ReleaseScope::Region(region) => format!("region {region}"),
+        ReleaseScope::Sites(sites) => format!("{} sites", sites.len()),
+    };
+    format!(
+        "release {} of {} at {}: slots from {} to {}, release_at {} ms, {}",
+        release.release_id,
+        release.service_id,
+        scope,
+        release.from_unix_s,
+        release.to_unix_s,
+        release.release_at_unix_ms,
+        match &release.queue {
+            Some(q) => format!(
+                "queue opens at {} ms, {} admissions/min, admission {} s",
+                q.opens_at_unix_ms, q.admissions_per_minute, q.admission_ttl_seconds
+            ),
+            None => "no queue".to_string(),
+        }
+    )
+}
