@@ -58,7 +58,7 @@ pub const RECOVERED_RECORDS: &str = "prenota_recovered_records";
 /// Records retention forgot or deleted, by kind.
 pub const RETENTION_DELETED: &str = "prenota_retention_deleted_total";
 /// The `kind` labels of `RETENTION_DELETED`.
-pub const RETENTION_KINDS: [&str; 7] = [
+pub const RETENTION_KINDS: [&str; 9] = [
     "request_records",
     "holds",
     "bookings",
@@ -66,6 +66,8 @@ pub const RETENTION_KINDS: [&str; 7] = [
     "audit_entries",
     "authority_requests",
     "events",
+    "releases",
+    "tickets",
 ];
 /// Finished requests remembered for idempotency.
 pub const REQUEST_RECORDS: &str = "prenota_request_records";

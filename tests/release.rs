@@ -519,3 +519,183 @@ async fn the_draw_survives_a_kill_9_and_the_sell_out_is_told_within_a_second() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_release_and_its_tickets_go_after_the_retention_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), Config::default(), clock.clone()).await;
+    one_slot_site(&server, "old", 5).await;
+    let (mut booking, mut capacity) = (server.booking().await, server.capacity().await);
+    let now = clock.now_unix_ms();
+    create(
+        &mut capacity,
+        release("old", "test-region", now + 60_000, Some(now)),
+    )
+    .await
+    .expect("created");
+    for citizen in ["a", "b", "c"] {
+        join(&mut booking, "old", citizen).await.expect("joined");
+    }
+    // Still inside the window: kept.
+    clock.advance(Duration::from_secs(30 * 86_400));
+    let kept = server.retain().await;
+    assert_eq!((kept.releases, kept.tickets), (0, 0));
+    let ended = join(&mut booking, "old", "d").await;
+    assert_eq!(
+        ended.map(|t| t.state()).map_err(|s| reason(&s)),
+        Ok(QueueTicketState::Waiting),
+        "joins are still taken before `to`"
+    );
+    // 60 days of slots, then 400 days of retention, then some.
+    clock.advance(Duration::from_secs(435 * 86_400));
+    let late = join(&mut booking, "old", "e").await.expect_err("ended");
+    assert_eq!(reason(&late).as_deref(), Some("RELEASE_ENDED"));
+    let gone = server.retain().await;
+    assert_eq!((gone.releases, gone.tickets), (1, 4));
+    let missing = capacity
+        .get_release(proto::GetReleaseRequest {
+            release_id: "old".into(),
+        })
+        .await
+        .expect_err("deleted");
+    assert_eq!(reason(&missing).as_deref(), Some("RELEASE_NOT_FOUND"));
+    server.stop().await;
+    let server = TestServer::start_with_clock(dir.path(), Config::default(), clock).await;
+    let mut capacity = server.capacity().await;
+    let still = capacity
+        .get_release(proto::GetReleaseRequest {
+            release_id: "old".into(),
+        })
+        .await
+        .expect_err("still deleted");
+    assert_eq!(reason(&still).as_deref(), Some("RELEASE_NOT_FOUND"));
+    server.stop().await;
+}
+
+async fn hold(
+    booking: &mut BookingServiceClient<Channel>,
+    slot_id: &str,
+    citizen: &str,
+) -> Result<proto::Hold, tonic::Status> {
+    booking
+        .hold_slot(proto::HoldSlotRequest {
+            slot_id: slot_id.into(),
+            citizen_id: citizen.into(),
+            request_id: format!("hold-{citizen}-{slot_id}"),
+            ttl_seconds: 0,
+        })
+        .await
+        .map(|r| r.into_inner().hold.expect("a hold"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_places_keep_a_queue_open_and_moves_within_a_release_need_no_ticket() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let mut config = Config::default();
+    config.limits.held_share_of_capacity_max_percent = 100;
+    let server = TestServer::start_with_clock(dir.path(), config, clock.clone()).await;
+    let mut capacity = server.capacity().await;
+    upsert_site(&mut capacity, "h-site", "marche", "Etc/UTC").await;
+    let day = day_ahead(10);
+    capacity
+        .publish_schedule(publish_request(
+            "h-site",
+            "vax",
+            (&day, &day),
+            ("09:00", "10:00"),
+            30,
+            2,
+        ))
+        .await
+        .expect("publish");
+    let mut booking = server.booking().await;
+    let slots = search_all(&mut booking, "h-site", "vax").await;
+    let (first, second) = (slots[0].slot_id.clone(), slots[1].slot_id.clone());
+    // A hold taken before the release existed passes its gate when confirmed.
+    let early = hold(&mut booking, &first, "early").await.expect("held");
+    let now = clock.now_unix_ms();
+    create(
+        &mut capacity,
+        release("h", "marche", now + 60_000, Some(now)),
+    )
+    .await
+    .expect("created");
+    let mut confirm = book_request(&first, "early", "confirm-early");
+    confirm.hold_id = Some(early.hold_id.clone());
+    let refused = booking.book(confirm.clone()).await.expect_err("not yet");
+    assert_eq!(reason(&refused).as_deref(), Some("SLOT_NOT_RELEASED"));
+
+    // Three join for the 3 places left; the opening admits them.
+    for citizen in ["x", "y", "z"] {
+        join(&mut booking, "h", citizen).await.expect("joined");
+    }
+    clock.advance(Duration::from_secs(61));
+    server.advance_releases().await;
+    assert_eq!(get_release(&mut capacity, "h").await.tickets_admitted, 3);
+    // The early hold, without a ticket, still may not be confirmed.
+    let refused = booking.book(confirm).await.expect_err("no ticket");
+    assert_eq!(reason(&refused).as_deref(), Some("NOT_ADMITTED"));
+
+    // x and y hold, z books: no place free, but two held: not sold out yet.
+    let x = hold(&mut booking, &first, "x").await.expect("held");
+    hold(&mut booking, &second, "y").await.expect("held");
+    let z = book_ok(&mut booking, book_request(&second, "z", "book-z")).await;
+    server.advance_releases().await;
+    let status = get_release(&mut capacity, "h").await;
+    assert_eq!(status.places_remaining, 0);
+    assert_ne!(
+        status.phase(),
+        ReleasePhase::SoldOut,
+        "holds may still expire"
+    );
+
+    // z moves within the release (its ticket is used: no new admission needed)...
+    let moved = booking
+        .reschedule_booking(proto::RescheduleBookingRequest {
+            booking_id: z.booking_id.clone(),
+            citizen_id: "z".into(),
+            new_slot_id: first.clone(),
+            request_id: "move-z".into(),
+        })
+        .await;
+    // ...but the first slot is full (early's hold and x's): SLOT_FULL, not NOT_ADMITTED.
+    assert_eq!(
+        reason(&moved.expect_err("full")).as_deref(),
+        Some("SLOT_FULL")
+    );
+    // x confirms its hold; early's hold expires: the last place is the sweep's to free.
+    let mut confirm_x = book_request(&first, "x", "confirm-x");
+    confirm_x.hold_id = Some(x.hold_id.clone());
+    book_ok(&mut booking, confirm_x).await;
+    clock.advance(Duration::from_secs(300));
+    server.sweep_holds().await;
+    // y's hold expired too: two places came back, and nobody waits: not sold out.
+    server.advance_releases().await;
+    let status = get_release(&mut capacity, "h").await;
+    assert_eq!(status.places_remaining, 2);
+    assert_ne!(status.phase(), ReleasePhase::SoldOut);
+    // z moves to the freed place of the first slot: a move within the release.
+    booking
+        .reschedule_booking(proto::RescheduleBookingRequest {
+            booking_id: z.booking_id.clone(),
+            citizen_id: "z".into(),
+            new_slot_id: first.clone(),
+            request_id: "move-z-2".into(),
+        })
+        .await
+        .expect("moved within the release");
+    // y's ticket was used by its hold: it admits nothing more.
+    let again = booking
+        .hold_slot(proto::HoldSlotRequest {
+            slot_id: second.clone(),
+            citizen_id: "y".into(),
+            request_id: "hold-y-again".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .expect_err("used");
+    assert_eq!(reason(&again).as_deref(), Some("NOT_ADMITTED"));
+    server.stop().await;
+}

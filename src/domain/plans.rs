@@ -259,7 +259,8 @@ pub fn not_confirmable(
 
 /// The live `hold` (already taken from the live set, after [`check_not_started`])
 /// becomes the booking with its id; its place and its citizen entry carry over. A hold
-/// made before its slot's release existed passes the release's gate now.
+/// made before its slot's release opened (so before the release existed) passes the
+/// release's gate now.
 pub fn confirm_hold(
     slot: &SlotView,
     hold: &Hold,
@@ -291,7 +292,7 @@ pub fn confirm_hold(
         free: Vec::new(),
         answer: booking,
     };
-    if slot.gate.postdates(hold.created_at_unix_ms) {
+    if slot.gate.bypassed_by(hold.created_at_unix_ms) {
         pass_gate(slot, &mut plan, now_unix_ms)?;
     }
     Ok(plan)

@@ -155,30 +155,27 @@ pub enum Gate {
     /// In no release, or released to anyone.
     Open,
     /// Nobody before `release_at`.
-    NotYet {
-        release_at_unix_ms: i64,
-        /// When the release was created (a hold older than it never passed the gate).
-        created_at_unix_ms: i64,
-    },
+    NotYet { release_at_unix_ms: i64 },
     /// Queued: admitted citizens only (the citizen's ticket, if it has one).
     Queue {
         ticket: Option<Ticket>,
-        created_at_unix_ms: i64,
+        release_at_unix_ms: i64,
     },
 }
 
 impl Gate {
-    /// Whether a hold made at `held_at_unix_ms` was made before this gate existed (so
-    /// confirming it must pass the gate now).
-    pub fn postdates(&self, held_at_unix_ms: i64) -> bool {
+    /// Whether a hold made at `held_at_unix_ms` never passed this gate: nothing passes
+    /// it before `release_at`, so such a hold was made before the release existed, and
+    /// confirming it must pass the gate now.
+    pub fn bypassed_by(&self, held_at_unix_ms: i64) -> bool {
         match self {
             Gate::Open => false,
             Gate::NotYet {
-                created_at_unix_ms, ..
+                release_at_unix_ms, ..
             }
             | Gate::Queue {
-                created_at_unix_ms, ..
-            } => held_at_unix_ms < *created_at_unix_ms,
+                release_at_unix_ms, ..
+            } => held_at_unix_ms < *release_at_unix_ms,
         }
     }
 }
@@ -190,9 +187,7 @@ impl Gate {
 pub fn pass(gate: &Gate, now_unix_ms: i64) -> Result<Option<Ticket>, DomainError> {
     match gate {
         Gate::Open => Ok(None),
-        Gate::NotYet {
-            release_at_unix_ms, ..
-        } => Err(DomainError::SlotNotReleased {
+        Gate::NotYet { release_at_unix_ms } => Err(DomainError::SlotNotReleased {
             release_at_unix_ms: *release_at_unix_ms,
             retry_after_ms: release_at_unix_ms.saturating_sub(now_unix_ms).max(1),
         }),
@@ -845,7 +840,7 @@ mod tests {
         let waiting = queue.ticket(&release.release_id, &waiting);
         let gate = |ticket: Option<Ticket>| Gate::Queue {
             ticket,
-            created_at_unix_ms: 0,
+            release_at_unix_ms: 1_000,
         };
         let used = pass(&gate(admitted.clone()), 2_000).unwrap().unwrap();
         assert!(used.used);
@@ -863,8 +858,7 @@ mod tests {
         assert_eq!(
             pass(
                 &Gate::NotYet {
-                    release_at_unix_ms: 1_000,
-                    created_at_unix_ms: 0
+                    release_at_unix_ms: 1_000
                 },
                 400
             ),

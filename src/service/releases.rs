@@ -60,19 +60,16 @@ impl ReleaseEntry {
 
     fn gate(&self, citizen: &CitizenKey, now_unix_ms: i64) -> Gate {
         let release = &self.definition;
-        let created_at_unix_ms = release.created_at_unix_ms;
-        if now_unix_ms < release.release_at_unix_ms {
-            return Gate::NotYet {
-                release_at_unix_ms: release.release_at_unix_ms,
-                created_at_unix_ms,
-            };
+        let release_at_unix_ms = release.release_at_unix_ms;
+        if now_unix_ms < release_at_unix_ms {
+            return Gate::NotYet { release_at_unix_ms };
         }
         if release.queue.is_none() {
             return Gate::Open;
         }
         Gate::Queue {
             ticket: self.lock().queue.ticket(&release.release_id, citizen),
-            created_at_unix_ms,
+            release_at_unix_ms,
         }
     }
 
@@ -90,6 +87,9 @@ pub struct Releases {
     step: tokio::sync::Mutex<()>,
     /// Tickets of every queue (bounded by `queue_tickets_max`).
     tickets: std::sync::atomic::AtomicUsize,
+    /// Releases whose tickets retention still has to delete: deleted ones, and those
+    /// recovery found tickets of without their release (a crash mid-retention).
+    orphaned: Mutex<Vec<ReleaseId>>,
 }
 
 #[derive(Debug, Default)]
@@ -111,6 +111,16 @@ impl Releases {
             .by_id
             .insert(entry.definition.release_id.clone(), Arc::clone(&entry));
         index.by_service.entry(service).or_default().push(entry);
+    }
+
+    /// Forgets a release (retention); returns it.
+    fn remove(&self, id: &ReleaseId) -> Option<Arc<ReleaseEntry>> {
+        let mut index = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let entry = index.by_id.remove(id)?;
+        if let Some(entries) = index.by_service.get_mut(&entry.definition.service_id) {
+            entries.retain(|other| !Arc::ptr_eq(other, &entry));
+        }
+        Some(entry)
     }
 
     pub fn get(&self, id: &ReleaseId) -> Option<Arc<ReleaseEntry>> {
@@ -554,6 +564,73 @@ impl Engine {
         Ok(())
     }
 
+    /// Retention: releases whose every slot ended before the window (their `to` more
+    /// than a day before the cutoff) leave memory and the store, then their tickets, in
+    /// batches. Returns (releases, tickets) deleted.
+    pub(super) async fn delete_releases(
+        &self,
+        cutoffs: &crate::domain::retention::Cutoffs,
+    ) -> Result<(u64, u64), ServiceError> {
+        let ended_before_s = cutoffs.slots_ended_before_unix_s;
+        let mut releases = 0;
+        for entry in self.releases.all() {
+            let to = entry.definition.to_unix_s;
+            if ended_before_s == i64::MIN || to.saturating_add(86_400) >= ended_before_s {
+                continue;
+            }
+            let id = entry.definition.release_id.clone();
+            let key = crate::store::records::release_key(&id);
+            self.store.commit(&[Write::Delete(key)]).await?;
+            if let Some(entry) = self.releases.remove(&id) {
+                let tickets = entry.lock().queue.len();
+                self.releases.tickets.fetch_sub(tickets, Ordering::AcqRel);
+            }
+            self.releases
+                .orphaned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(id);
+            releases += 1;
+        }
+        let orphaned = std::mem::take(
+            &mut *self
+                .releases
+                .orphaned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let mut tickets = 0;
+        for id in orphaned {
+            tickets += self.delete_tickets_of(&id).await?;
+        }
+        Ok((releases, tickets))
+    }
+
+    /// Deletes every ticket of release `id`, `retention_batch_records` per commit.
+    async fn delete_tickets_of(&self, id: &ReleaseId) -> Result<u64, ServiceError> {
+        use crate::store::records::{ticket_key, TICKET_PREFIX};
+        let from = ticket_key(id, &CitizenKey([0; 16]));
+        let mut deleted = 0;
+        loop {
+            let batch: Vec<(Vec<u8>, crate::domain::release::Ticket)> = self.store.records_from(
+                TICKET_PREFIX,
+                &from,
+                self.limits.retention_batch_records,
+            )?;
+            let keys: Vec<Write> = batch
+                .into_iter()
+                .take_while(|(_, ticket)| ticket.release_id == *id)
+                .map(|(key, _)| Write::Delete(key))
+                .collect();
+            if keys.is_empty() {
+                return Ok(deleted);
+            }
+            deleted += keys.len() as u64;
+            self.store.commit(&keys).await?;
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Recovery: every release and its tickets, the draws redone from their seeds.
     pub(super) fn restore_releases(&self) -> Result<(), ServiceError> {
         let mut entries: BTreeMap<ReleaseId, ReleaseEntry> = BTreeMap::new();
@@ -561,14 +638,22 @@ impl Engine {
             let release = release?;
             entries.insert(release.release_id.clone(), ReleaseEntry::new(release));
         }
+        let mut orphaned = std::collections::BTreeSet::new();
         for ticket in self.store.tickets() {
             let ticket = ticket?;
-            let entry = entries.get(&ticket.release_id).ok_or_else(|| {
-                StoreError::Corrupt(format!("a ticket of unknown release {}", ticket.release_id))
-            })?;
+            // Retention deletes a release before its tickets: the rest go next pass.
+            let Some(entry) = entries.get(&ticket.release_id) else {
+                orphaned.insert(ticket.release_id);
+                continue;
+            };
             entry.lock().queue.restore(&ticket);
             self.releases.tickets.fetch_add(1, Ordering::AcqRel);
         }
+        self.releases
+            .orphaned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(orphaned);
         let now = self.now_unix_ms();
         for (id, entry) in entries {
             {

@@ -32,6 +32,9 @@ pub struct Retained {
     pub audit_entries: u64,
     pub authority_requests: u64,
     pub events: u64,
+    /// Releases whose slots all ended before the window, and their queue tickets.
+    pub releases: u64,
+    pub tickets: u64,
 }
 
 impl Retained {
@@ -40,7 +43,7 @@ impl Retained {
     }
 
     /// Each count with its `kind` label (`telemetry::RETENTION_KINDS`, in that order).
-    fn count(&self) -> [(&'static str, u64); 7] {
+    fn count(&self) -> [(&'static str, u64); 9] {
         let counts = [
             self.request_records,
             self.holds,
@@ -49,6 +52,8 @@ impl Retained {
             self.audit_entries,
             self.authority_requests,
             self.events,
+            self.releases,
+            self.tickets,
         ];
         std::array::from_fn(|i| (telemetry::RETENTION_KINDS[i], counts[i]))
     }
@@ -87,6 +92,7 @@ impl Engine {
         retained.audit_entries = self.delete_audit_entries(&cutoffs).await?;
         retained.authority_requests = self.delete_authority_requests(&cutoffs).await?;
         retained.events = self.delete_events(&cutoffs).await?;
+        (retained.releases, retained.tickets) = self.delete_releases(&cutoffs).await?;
         for (kind, count) in retained.count() {
             metrics::counter!(telemetry::RETENTION_DELETED, "kind" => kind).increment(count);
         }
