@@ -43,7 +43,7 @@ async fn connect(target: &Target<'_>) -> Result<Client, String> {
 }
 
 /// A channel to the server that adds the bearer token (if any) to every call.
-async fn authorized_channel(
+pub(crate) async fn authorized_channel(
     target: &Target<'_>,
 ) -> Result<InterceptedService<Channel, Authorize>, String> {
     let server = target.server;
@@ -95,7 +95,7 @@ fn code_name(code: Code) -> String {
 
 /// Explains a refused call in one style for every command: the server's message, its
 /// code and reason, and each bad field (of an import: by line and column).
-fn explain(status: &Status) -> String {
+pub(crate) fn explain(status: &Status) -> String {
     let reason = status
         .get_details_error_info()
         .map(|info| format!(", {}", info.reason))

@@ -15,6 +15,25 @@ use crate::service::{Engine, ServiceError};
 
 pub const DEMO_DAYS: i64 = 14;
 
+/// `PRENOTA_DEMO_DAYS_AHEAD=N` starts the demo's schedules N days after today (at most
+/// 30), so the README's walk-through can be tried, and tested, on a day that is not
+/// the day the demo was seeded.
+pub const DAYS_AHEAD_VARIABLE: &str = "PRENOTA_DEMO_DAYS_AHEAD";
+
+fn days_ahead() -> Result<i64, ServiceError> {
+    match std::env::var(DAYS_AHEAD_VARIABLE) {
+        Err(_) => Ok(0),
+        Ok(text) => match text.trim().parse::<i64>() {
+            Ok(days) if (0..=30).contains(&days) => Ok(days),
+            _ => Err(DomainError::invalid(
+                DAYS_AHEAD_VARIABLE,
+                "must be a number of days from 0 to 30",
+            )
+            .into()),
+        },
+    }
+}
+
 struct DemoSite {
     site_id: &'static str,
     name: &'static str,
@@ -65,6 +84,7 @@ const DEMO_HOURS: &[(u32, &str, &str)] = &[
 
 pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
     let limits = engine.limits().clone();
+    let days_ahead = Duration::days(days_ahead()?);
     let mut created = 0u32;
     for demo in DEMO_SITES {
         let site_id = SiteId::parse("site_id", demo.site_id, limits.id_length_max)
@@ -84,7 +104,7 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
             .timestamp_millis_opt(engine.clock().now_unix_ms())
             .single()
             .unwrap_or_else(Utc::now);
-        let today = now.with_timezone(&demo.time_zone).date_naive();
+        let today = now.with_timezone(&demo.time_zone).date_naive() + days_ahead;
         let first_day = today.format("%Y-%m-%d").to_string();
         let last_day = (today + Duration::days(DEMO_DAYS - 1))
             .format("%Y-%m-%d")

@@ -20,6 +20,7 @@
 
 pub mod capacity_file;
 pub mod cli;
+pub mod cli_call;
 pub mod config;
 pub mod demo;
 pub mod dev_assertion;

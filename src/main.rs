@@ -60,6 +60,24 @@ enum Command {
     /// Print a citizen assertion (a compact JWS) signed with a private key, as an
     /// identity gateway would: for trying asserted citizens, never for production.
     DevAssertion(DevAssertionArgs),
+    /// Call any RPC with a JSON request and print the answers as JSON, like grpcurl,
+    /// from the protos built into this binary (`prenota call list` names the services).
+    Call(CallArgs),
+}
+
+#[derive(clap::Args)]
+struct CallArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// The request as JSON (default `{}`); `@` reads it from stdin.
+    #[arg(short = 'd', long = "data", default_value = "{}")]
+    data: String,
+    /// A metadata header `name: value` to send (repeatable), e.g. an
+    /// `x-citizen-assertion`.
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    /// `package.Service/Method`, e.g. `prenota.v1.BookingService/SearchSlots`; or `list`.
+    method: String,
 }
 
 #[derive(clap::Args)]
@@ -256,6 +274,17 @@ enum ConfigCommand {
     HashToken,
 }
 
+/// A `--data` value: the JSON itself, or `@` for stdin.
+fn read_request(data: &str) -> Result<String, String> {
+    if data != "@" {
+        return Ok(data.to_string());
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .map_err(|e| format!("reading the request from stdin: {e}"))?;
+    Ok(text)
+}
+
 fn main() -> ExitCode {
     // Data dirs, store files, keys and backups: for this user only (0700 / 0600).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
@@ -274,6 +303,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Audit(args) => runtime.block_on(prenota::cli::audit(&args.target())),
+        Command::Call(args) => read_request(&args.data).and_then(|data| {
+            runtime.block_on(prenota::cli_call::call(
+                &args.server.target(),
+                &args.method,
+                &data,
+                &args.headers,
+            ))
+        }),
         Command::Backup(args) => match &args.data_dir {
             Some(data_dir) => offline_config(args.config.as_deref(), args.backup_key.as_deref())
                 .and_then(|config| prenota::cli::backup_data_dir(data_dir, &args.to, &config)),
