@@ -11,7 +11,7 @@ use chrono::{Duration as Days, Utc};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prenota::config::{schedule_bounds, Config, DEFAULT_LIMITS};
 use prenota::domain::catalog::Site;
-use prenota::domain::ids::{RegionId, RequestKey, ServiceId, SiteId, SlotKey};
+use prenota::domain::ids::{ChannelId, RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use prenota::domain::schedule::{Schedule, ScheduleInput};
 use prenota::service::{Actor, BookCommand, Clock, Engine};
 use prenota::store::{Store, UnsyncedForBenchmarks};
@@ -208,6 +208,7 @@ async fn book_all(engine: &Arc<Engine>, first: u64, in_flight: usize, first_star
                         )
                         .expect("id"),
                         hold_id: None,
+                        channel: ChannelId::web(),
                     };
                     engine.book(command).await.expect("a durable booking");
                     citizen += in_flight as u64;

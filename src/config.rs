@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::citizen_id::{CitizenIds, IdScheme};
-use crate::domain::ids::RegionId;
+use crate::domain::ids::{ChannelId, RegionId};
 use crate::domain::schedule::ScheduleBounds;
 pub use crate::limits::{Limits, DEFAULT_LIMITS};
 
@@ -66,6 +66,10 @@ pub struct TokenEntry {
     /// are configured, else `trusted`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub citizens: Option<CitizenTrust>,
+    /// How this frontend reaches citizens (`web`, `phone`, `desk`, ...; default `web`):
+    /// its bookings may take the places a release reserves for its channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
 }
 
 /// How a caller names the citizen it acts for.
@@ -145,6 +149,7 @@ pub struct Token {
     pub role: Role,
     pub regions: BTreeSet<RegionId>,
     pub citizens: CitizenTrust,
+    pub channel: ChannelId,
 }
 
 /// SHA-256 of a bearer token, as kept in the configuration.
@@ -406,6 +411,14 @@ impl ConfigFile {
                 }
                 _ => {}
             }
+            let channel = match entry.channel.as_deref() {
+                None => ChannelId::web(),
+                Some(name) => ChannelId::parse("channel", name, self.limits.id_length_max)
+                    .unwrap_or_else(|violation| {
+                        problems.push(format!("{at}: channel {name:?} {}", violation.description));
+                        ChannelId::web()
+                    }),
+            };
             let citizens = entry.citizens.unwrap_or(default_trust);
             if citizens == CitizenTrust::Asserted && self.citizen_issuers.is_empty() {
                 problems.push(format!(
@@ -419,6 +432,7 @@ impl ConfigFile {
                     role: entry.role,
                     regions,
                     citizens,
+                    channel,
                 });
             }
         }

@@ -15,7 +15,9 @@ use chrono::{Duration, NaiveTime, Utc, Weekday};
 use prenota::config::Config;
 use prenota::domain::catalog::{SearchQuery, SearchScope, Site};
 use prenota::domain::error::{DomainError, Missing};
-use prenota::domain::ids::{BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey};
+use prenota::domain::ids::{
+    BookingId, ChannelId, RegionId, RequestKey, ServiceId, SiteId, SlotKey,
+};
 use prenota::domain::schedule::{OpeningHours, Schedule};
 use prenota::service::{
     Actor, BookCommand, CancelCommand, Clock, CloseCommand, Engine, ExportScope, HoldCommand,
@@ -284,6 +286,7 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
                     citizen_id: citizen_id(citizen),
                     request,
                     hold_id: None,
+                    channel: ChannelId::web(),
                 })
                 .await;
             let made = check(&got.as_ref().map(|_| ()), expected.map(|_| ()), op);
@@ -313,6 +316,7 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
                     citizen_id: citizen_id(citizen),
                     request,
                     ttl_seconds: 600,
+                    channel: ChannelId::web(),
                 })
                 .await;
             if check(&got.as_ref().map(|_| ()), expected, op) {
@@ -336,6 +340,7 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
                     citizen_id: citizen_id(citizen),
                     request,
                     hold_id: Some(hold_id),
+                    channel: ChannelId::web(),
                 })
                 .await;
             if check(&got.as_ref().map(|_| ()), expected, op) {
@@ -359,6 +364,7 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
                     citizen_id: citizen_id(citizen),
                     request: key,
                     hold_id: None,
+                    channel: ChannelId::web(),
                 })
                 .await;
             match made {
@@ -421,6 +427,7 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
                     citizen_id: citizen_id(owner),
                     new_slot: h.slots[slot].clone(),
                     request,
+                    channel: ChannelId::web(),
                 })
                 .await;
             if check(&got.as_ref().map(|_| ()), expected, op) {

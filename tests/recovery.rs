@@ -29,6 +29,7 @@ fn booking(id: u128, citizen: u8) -> Write {
             fingerprint: RequestFingerprint([0; 16]),
         },
         state: BookingState::Confirmed,
+        channel: prenota::domain::ids::ChannelId::web(),
     })
 }
 

@@ -65,6 +65,7 @@ fn booking(booking_id: u128, slot: SlotKey, citizen: [u8; 16]) -> Booking {
             fingerprint: RequestFingerprint([0; 16]),
         },
         state: BookingState::Confirmed,
+        channel: prenota::domain::ids::ChannelId::web(),
     }
 }
 

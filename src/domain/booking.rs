@@ -1,6 +1,8 @@
 //! A booking as it is kept: who (hashed), where, when, and how it ended.
 
-use crate::domain::ids::{BookingId, CitizenKey, RequestFingerprint, RequestKey, SlotKey};
+use crate::domain::ids::{
+    BookingId, ChannelId, CitizenKey, RequestFingerprint, RequestKey, SlotKey,
+};
 
 /// The request that produced a state change, kept so a retry finds its first outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,15 +31,17 @@ pub struct Booking {
     pub created_at_unix_ms: i64,
     pub request: RequestRecord,
     pub state: BookingState,
+    /// The channel it was made through (its place may come from that channel's reserve).
+    pub channel: ChannelId,
 }
 
 impl Booking {
-    /// A new confirmed booking of `slot` (start and end) made by `request` at `now`.
+    /// A new confirmed booking of `slot` (start and end) made by `request` through
+    /// `channel` at `now`.
     pub fn confirmed(
         booking_id: BookingId,
-        slot: SlotKey,
-        end_unix_s: i64,
-        citizen: CitizenKey,
+        (slot, end_unix_s): (SlotKey, i64),
+        (citizen, channel): (CitizenKey, ChannelId),
         now_unix_ms: i64,
         request: RequestRecord,
     ) -> Self {
@@ -49,6 +53,7 @@ impl Booking {
             created_at_unix_ms: now_unix_ms,
             request,
             state: BookingState::Confirmed,
+            channel,
         }
     }
 

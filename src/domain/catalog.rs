@@ -177,7 +177,12 @@ impl Drop for Admission {
 impl Slot {
     /// Takes one place (see `SlotCounter::try_take`).
     pub fn try_take(self: &Arc<Self>) -> Result<Admission, Refused> {
-        self.counter.try_take()?;
+        self.try_take_leaving(0)
+    }
+
+    /// Takes one place, leaving `held_back` free (see `SlotCounter::try_take_leaving`).
+    pub fn try_take_leaving(self: &Arc<Self>, held_back: u32) -> Result<Admission, Refused> {
+        self.counter.try_take_leaving(held_back)?;
         Ok(Admission {
             slot: Arc::clone(self),
         })
@@ -251,6 +256,8 @@ pub struct Totals {
     pub booked: u64,
     /// Live holds.
     pub held: u64,
+    /// Free places held back now for channel reserves (site statistics only).
+    pub reserved: u64,
 }
 
 impl Totals {
@@ -632,10 +639,13 @@ impl Catalog {
     }
 
     /// Statistics of one site; `held` gives the live holds per slot.
+    /// A site's totals and per-day totals; `held` and `reserved` (free places held back
+    /// for channel reserves) by slot.
     pub fn site_stats(
         &self,
         site_id: &SiteId,
         held: &HashMap<SlotKey, u32>,
+        reserved: &HashMap<SlotKey, u32>,
     ) -> Result<SiteStats, DomainError> {
         let entry = self
             .sites
@@ -647,6 +657,7 @@ impl Catalog {
         for slot in entry.slots.values() {
             let counter = slot.counter.snapshot();
             let held = held.get(&slot.key).copied().unwrap_or(0);
+            let reserved = u64::from(reserved.get(&slot.key).copied().unwrap_or(0));
             let day = Utc
                 .timestamp_opt(slot.key.start_unix_s, 0)
                 .single()
@@ -654,6 +665,7 @@ impl Catalog {
                 .unwrap_or_default();
             for target in [&mut totals, by_day.entry(day).or_default()] {
                 target.add_slot(&counter, held);
+                target.reserved += reserved;
             }
         }
         Ok(SiteStats {

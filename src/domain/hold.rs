@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::domain::booking::RequestRecord;
-use crate::domain::ids::{BookingId, CitizenKey, SiteId, SlotKey};
+use crate::domain::ids::{BookingId, ChannelId, CitizenKey, SiteId, SlotKey};
 
 /// A hold's id; see the module docs for why it is a booking id.
 pub type HoldId = BookingId;
@@ -30,6 +30,8 @@ pub struct Hold {
     pub expires_at_unix_ms: i64,
     pub request: RequestRecord,
     pub state: HoldState,
+    /// The channel it was made through (the booking it becomes keeps it).
+    pub channel: ChannelId,
 }
 
 /// Why a hold cannot be confirmed.
@@ -179,6 +181,11 @@ impl LiveHolds {
         self.count_by_slot_where(|slot| slot.site_id == *site_id)
     }
 
+    /// Every live hold.
+    pub fn all(&self) -> impl Iterator<Item = &Hold> {
+        self.by_id.values()
+    }
+
     /// Live holds of the slots `wanted` picks.
     pub fn count_where(&self, wanted: impl Fn(&SlotKey) -> bool) -> usize {
         self.by_id.values().filter(|h| wanted(&h.slot)).count()
@@ -214,6 +221,7 @@ mod tests {
                 fingerprint: RequestFingerprint([0; 16]),
             },
             state: HoldState::Live,
+            channel: ChannelId::web(),
         }
     }
 

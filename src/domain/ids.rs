@@ -73,6 +73,19 @@ name_id!(
     /// An announced opening of slots (`CreateRelease`), chosen by the authority.
     ReleaseId
 );
+name_id!(
+    /// How a booking reached prenota (a token's `channel`): `web`, `phone`, `desk`, ...
+    ChannelId
+);
+
+impl ChannelId {
+    /// The channel of callers that name none, and of bookings older than channels.
+    pub const DEFAULT: &'static str = "web";
+
+    pub fn web() -> Self {
+        Self(Arc::from(Self::DEFAULT))
+    }
+}
 
 /// Identifies a slot: one start instant at one site for one service.
 /// Ordered by site, service, then start, so ranges of a site's schedule are contiguous.

@@ -11,7 +11,7 @@ use crate::domain::booking::{Booking, BookingState, RequestRecord};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::event::{Event, HOLD_TIMED_OUT};
 use crate::domain::hold::{held_max, Hold, HoldState, NotConfirmable};
-use crate::domain::ids::{BookingId, CitizenKey, ServiceId, SlotKey};
+use crate::domain::ids::{BookingId, ChannelId, CitizenKey, ServiceId, SlotKey};
 use crate::domain::release::{self, Gate, Ticket};
 
 /// The cancel reason of a booking moved by a reschedule.
@@ -30,6 +30,9 @@ pub struct SlotView {
     pub capacity: u32,
     /// What a new booking or hold must pass (its release), for the citizen asking.
     pub gate: Gate,
+    /// The channel asking: a new booking or hold is made through it (and may take a
+    /// place its release reserves for it).
+    pub channel: ChannelId,
 }
 
 /// Taken before the write, in order; a refusal undoes the ones before it.
@@ -55,8 +58,10 @@ pub enum Take {
         from: BookingId,
         to: BookingId,
     },
-    /// One place of the slot (one CAS), counted pending until the write settles.
-    Place(SlotKey),
+    /// One place of the slot (one CAS), counted pending until the write settles, for a
+    /// booking or hold of this channel (a reserve of another channel may be out of
+    /// its reach).
+    Place(SlotKey, ChannelId),
     /// No place (it is already held), but counted pending until the write settles, so
     /// a closure waits for it.
     Admission(SlotKey),
@@ -73,8 +78,8 @@ pub enum Free {
         service: ServiceId,
         id: BookingId,
     },
-    /// One place returns to the slot.
-    Place(SlotKey),
+    /// One place returns to the slot, from a booking or hold of this channel.
+    Place(SlotKey, ChannelId),
     /// The hold joins the live set (before its admission settles).
     LiveHold(Hold),
     /// The queue ticket that admitted the booking or hold counts as used.
@@ -125,12 +130,12 @@ impl<T> Plan<T> {
         let taken = self
             .take
             .iter()
-            .filter(|t| matches!(t, Take::Place(_)))
+            .filter(|t| matches!(t, Take::Place(..)))
             .count() as i64;
         let freed = self
             .free
             .iter()
-            .filter(|f| matches!(f, Free::Place(_)))
+            .filter(|f| matches!(f, Free::Place(..)))
             .count() as i64;
         let held: i64 = self.writes.iter().map(Record::places_held_delta).sum();
         assert_eq!(taken - freed, held, "a plan's places must match its writes");
@@ -164,7 +169,7 @@ fn admission(slot: &SlotView, citizen: CitizenKey, id: BookingId) -> [Take; 2] {
             service: slot.key.service_id.clone(),
             id,
         },
-        Take::Place(slot.key.clone()),
+        Take::Place(slot.key.clone(), slot.channel.clone()),
     ]
 }
 
@@ -179,9 +184,8 @@ pub fn book(
     check_not_started(&slot.key, now_unix_ms)?;
     let booking = Booking::confirmed(
         id,
-        slot.key.clone(),
-        slot.end_unix_s,
-        citizen,
+        (slot.key.clone(), slot.end_unix_s),
+        (citizen, slot.channel.clone()),
         now_unix_ms,
         request,
     );
@@ -217,6 +221,7 @@ pub fn hold(
         expires_at_unix_ms: now_unix_ms + i64::from(ttl_seconds) * 1_000,
         request,
         state: HoldState::Live,
+        channel: slot.channel.clone(),
     };
     let [entry, place] = admission(slot, citizen, id);
     let share = Take::HeldShare {
@@ -270,9 +275,8 @@ pub fn confirm_hold(
     debug_assert!(hold.slot == slot.key && hold.state == HoldState::Live);
     let booking = Booking::confirmed(
         hold.hold_id,
-        slot.key.clone(),
-        slot.end_unix_s,
-        hold.citizen,
+        (slot.key.clone(), slot.end_unix_s),
+        (hold.citizen, hold.channel.clone()),
         now_unix_ms,
         request,
     );
@@ -344,7 +348,7 @@ pub fn cancel(
                 service,
                 id,
             },
-            Free::Place(cancelled.slot.clone()),
+            Free::Place(cancelled.slot.clone(), cancelled.channel.clone()),
         ],
         answer: cancelled,
     })
@@ -377,9 +381,8 @@ pub fn reschedule(
     check_not_started(&new_slot.key, now_unix_ms)?;
     let new = Booking::confirmed(
         new_id,
-        new_slot.key.clone(),
-        new_slot.end_unix_s,
-        citizen,
+        (new_slot.key.clone(), new_slot.end_unix_s),
+        (citizen, new_slot.channel.clone()),
         now_unix_ms,
         request,
     );
@@ -401,9 +404,12 @@ pub fn reschedule(
                 from: cancelled.booking_id,
                 to: new_id,
             },
-            Take::Place(new_slot.key.clone()),
+            Take::Place(new_slot.key.clone(), new_slot.channel.clone()),
         ],
-        free: vec![Free::Place(cancelled.slot.clone())],
+        free: vec![Free::Place(
+            cancelled.slot.clone(),
+            cancelled.channel.clone(),
+        )],
         writes: vec![
             Record::Event(Event::rescheduled(
                 cancelled.booking_id,
@@ -447,7 +453,8 @@ pub fn expire(due: &[Hold], now_unix_ms: i64) -> Plan<usize> {
             service: hold.slot.service_id.clone(),
             id: hold.hold_id,
         });
-        plan.free.push(Free::Place(hold.slot.clone()));
+        plan.free
+            .push(Free::Place(hold.slot.clone(), hold.channel.clone()));
     }
     plan
 }
@@ -471,6 +478,7 @@ mod tests {
             end_unix_s: start_unix_s + 900,
             capacity: 10,
             gate: Gate::Open,
+            channel: ChannelId::web(),
         }
     }
 
@@ -484,9 +492,8 @@ mod tests {
     fn booking_of(citizen: CitizenKey, at: &SlotView) -> Booking {
         Booking::confirmed(
             BookingId(7),
-            at.key.clone(),
-            at.end_unix_s,
-            citizen,
+            (at.key.clone(), at.end_unix_s),
+            (citizen, ChannelId::web()),
             0,
             request(1),
         )
@@ -576,7 +583,7 @@ mod tests {
                     service: at.key.service_id.clone(),
                     id: BookingId(9)
                 },
-                Take::Place(at.key.clone())
+                Take::Place(at.key.clone(), ChannelId::web())
             ]
         );
         assert_eq!(
@@ -711,10 +718,10 @@ mod tests {
                     to: BookingId(8),
                     ..
                 },
-                Take::Place(_)
+                Take::Place(..)
             ]
         ));
-        assert_eq!(plan.free, [Free::Place(at.key.clone())]);
+        assert_eq!(plan.free, [Free::Place(at.key.clone(), ChannelId::web())]);
         assert_eq!(plan.writes.len(), 3);
         // One event says both: the new booking, and which one it replaced.
         let Record::Event(event) = &plan.writes[0] else {

@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::domain::error::DomainError;
-use crate::domain::ids::{CitizenKey, RegionId, ReleaseId, ServiceId, SiteId, SlotKey};
+use crate::domain::ids::{ChannelId, CitizenKey, RegionId, ReleaseId, ServiceId, SiteId, SlotKey};
 
 /// The sites a release covers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +36,15 @@ pub struct QueueRules {
     pub seed: [u8; 32],
 }
 
+/// A share of each slot's places held back for one channel (phone, desk) until the
+/// release's `reserve_released_hours_before_start`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reserve {
+    pub channel: ChannelId,
+    /// Of each slot's capacity, rounded down.
+    pub percent: u32,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Release {
     pub release_id: ReleaseId,
@@ -51,9 +60,35 @@ pub struct Release {
     /// written): its waiting tickets read `SOLD_OUT`. Cleared if places come back (a
     /// cancel): they go to the next tickets in rank order.
     pub sold_out_at_unix_ms: Option<i64>,
+    /// Channel reserves (sorted by channel, percents summing to at most 100).
+    pub reserves: Vec<Reserve>,
+    /// A slot's reserves join its common places this long before it starts.
+    pub reserve_released_hours_before_start: u32,
 }
 
 impl Release {
+    /// The places of a slot of `capacity` starting at `start_unix_s` each reserve
+    /// holds back at `now` (in `reserves` order); `None` when none does (no reserves,
+    /// or released).
+    pub fn reserved_places(
+        &self,
+        capacity: u32,
+        start_unix_s: i64,
+        now_unix_ms: i64,
+    ) -> Option<Vec<u32>> {
+        let released_at_s =
+            start_unix_s - i64::from(self.reserve_released_hours_before_start) * 3_600;
+        if self.reserves.is_empty() || now_unix_ms >= released_at_s.saturating_mul(1_000) {
+            return None;
+        }
+        let share = |percent: u32| (u64::from(capacity) * u64::from(percent) / 100) as u32;
+        Some(self.reserves.iter().map(|r| share(r.percent)).collect())
+    }
+
+    /// The index of `channel`'s reserve, if it has one.
+    pub fn reserve_of(&self, channel: &ChannelId) -> Option<usize> {
+        self.reserves.iter().position(|r| r.channel == *channel)
+    }
     /// Whether the slot `key` of a site in `region` is one of this release's.
     pub fn covers(&self, region: &RegionId, key: &SlotKey) -> bool {
         key.service_id == self.service_id
@@ -98,6 +133,8 @@ impl Release {
         };
         self.release_id == other.release_id
             && self.scope == other.scope
+            && self.reserves == other.reserves
+            && self.reserve_released_hours_before_start == other.reserve_released_hours_before_start
             && self.service_id == other.service_id
             && (self.from_unix_s, self.to_unix_s, self.release_at_unix_ms)
                 == (other.from_unix_s, other.to_unix_s, other.release_at_unix_ms)
@@ -112,6 +149,19 @@ impl Release {
             _ => Phase::Announced,
         }
     }
+}
+
+/// The places of a slot out of `channel`'s reach: what the reserves of the other
+/// channels hold back (`reserved`, in reserve order) and their own bookings and holds
+/// (`used`) have not taken yet.
+pub fn held_back(release: &Release, reserved: &[u32], used: &[u32], channel: &ChannelId) -> u32 {
+    release
+        .reserves
+        .iter()
+        .zip(reserved.iter().zip(used))
+        .filter(|(reserve, _)| reserve.channel != *channel)
+        .map(|(_, (reserved, used))| reserved.saturating_sub(*used))
+        .sum()
 }
 
 /// Where a release stands.
@@ -697,6 +747,8 @@ mod tests {
             }),
             created_at_unix_ms: 0,
             sold_out_at_unix_ms: None,
+            reserves: Vec::new(),
+            reserve_released_hours_before_start: 0,
         }
     }
 
@@ -886,5 +938,64 @@ mod tests {
         release.sold_out_at_unix_ms = Some(2_000);
         let view = queue.view(&release, &citizen(0), 3_000).unwrap();
         assert_eq!(view.state, TicketState::SoldOut);
+    }
+}
+
+#[cfg(test)]
+mod reserve_tests {
+    use super::*;
+
+    #[test]
+    fn reserves_hold_back_their_share_from_other_channels_until_released() {
+        let channel = |name| ChannelId::parse("c", name, 64).unwrap();
+        let release = Release {
+            release_id: ReleaseId::parse("r", "r", 64).unwrap(),
+            scope: ReleaseScope::Sites(Vec::new()),
+            service_id: ServiceId::parse("s", "s", 64).unwrap(),
+            from_unix_s: 0,
+            to_unix_s: 1,
+            release_at_unix_ms: 0,
+            queue: None,
+            created_at_unix_ms: 0,
+            sold_out_at_unix_ms: None,
+            reserves: vec![
+                Reserve {
+                    channel: channel("desk"),
+                    percent: 10,
+                },
+                Reserve {
+                    channel: channel("phone"),
+                    percent: 35,
+                },
+            ],
+            reserve_released_hours_before_start: 24,
+        };
+        let start = 10 * 86_400;
+        // 20 places: 2 for the desk, 7 for the phone, until a day before the start.
+        let reserved = release.reserved_places(20, start, 0).unwrap();
+        assert_eq!(reserved, [2, 7]);
+        assert_eq!(
+            held_back(&release, &reserved, &[0, 0], &ChannelId::web()),
+            9
+        );
+        assert_eq!(
+            held_back(&release, &reserved, &[1, 7], &ChannelId::web()),
+            1
+        );
+        assert_eq!(
+            held_back(&release, &reserved, &[0, 3], &channel("phone")),
+            2
+        );
+        // More bookings than its reserve hold nothing more back.
+        assert_eq!(
+            held_back(&release, &reserved, &[5, 0], &channel("phone")),
+            0
+        );
+        assert_eq!(
+            release.reserved_places(20, start, (start - 86_400) * 1_000),
+            None
+        );
+        assert_eq!(release.reserve_of(&channel("phone")), Some(1));
+        assert_eq!(release.reserve_of(&ChannelId::web()), None);
     }
 }

@@ -114,6 +114,7 @@ mod tests {
                 fingerprint: RequestFingerprint([3; 16]),
             },
             state,
+            channel: crate::domain::ids::ChannelId::web(),
         }
     }
 

@@ -208,11 +208,18 @@ impl SlotCounter {
     /// pending until `settle`. The place stays taken after that; `release` returns it.
     /// (`catalog::Admission` pairs the two.)
     pub fn try_take(&self) -> Result<CounterSnapshot, Refused> {
+        self.try_take_leaving(0)
+    }
+
+    /// `try_take`, leaving `held_back` free places untaken (a channel reserve the taker
+    /// may not use): refused as full unless taken + 1 + held_back ≤ capacity.
+    pub fn try_take_leaving(&self, held_back: u32) -> Result<CounterSnapshot, Refused> {
         self.update(|now| {
             if now.closed {
                 return Err(Refused::Closed);
             }
-            if now.taken >= now.capacity || now.pending >= COUNTER_FIELD_MAX {
+            let room = now.capacity.saturating_sub(held_back);
+            if now.taken >= room || now.pending >= COUNTER_FIELD_MAX {
                 return Err(Refused::Full);
             }
             Ok(CounterSnapshot {

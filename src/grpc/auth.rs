@@ -17,7 +17,7 @@ use tonic::{Request, Status};
 
 use crate::config::{token_sha256, CitizenTrust, Role, Token};
 use crate::domain::catalog::Site;
-use crate::domain::ids::RegionId;
+use crate::domain::ids::{ChannelId, RegionId};
 use crate::service::{Actor, Regions, ServiceError};
 
 /// The service a gate stands in front of.
@@ -52,10 +52,20 @@ pub enum Caller {
         role: Role,
         regions: Arc<BTreeSet<RegionId>>,
         citizens: CitizenTrust,
+        /// Its bookings' channel (a release may reserve places for it).
+        channel: ChannelId,
     },
 }
 
 impl Caller {
+    /// The channel the caller's bookings are made through (`web` in open mode).
+    pub fn channel(&self) -> ChannelId {
+        match self {
+            Caller::Open => ChannelId::web(),
+            Caller::Token { channel, .. } => channel.clone(),
+        }
+    }
+
     /// Who the audit log names for this caller's changes.
     pub fn actor(&self) -> String {
         match self {
@@ -214,6 +224,7 @@ impl Gate {
             role: token.role,
             regions: Arc::new(token.regions.clone()),
             citizens: token.citizens,
+            channel: token.channel.clone(),
         })
     }
 }

@@ -130,7 +130,7 @@ impl BookingApi {
     {
         let (caller, body) = self.acting(request)?;
         let ids = self.engine.citizen_ids();
-        let converted = convert(body, self.engine.limits(), ids, &caller.actor())?;
+        let converted = convert(body, self.engine.limits(), ids, &caller)?;
         let result = detached(work(Arc::clone(&self.engine), converted)).await?;
         count_outcome(
             command,
@@ -144,7 +144,7 @@ impl BookingApi {
 }
 
 /// A `convert::*_from_proto` of a citizen write: request, limits, id scheme, caller.
-type Convert<Body, Cmd> = fn(Body, &Limits, &CitizenIds, &str) -> Result<Cmd, DomainError>;
+type Convert<Body, Cmd> = fn(Body, &Limits, &CitizenIds, &Caller) -> Result<Cmd, DomainError>;
 
 #[tonic::async_trait]
 impl BookingService for BookingApi {
@@ -161,6 +161,7 @@ impl BookingService for BookingApi {
     ) -> Result<Response<Self::WatchAvailabilityStream>, Status> {
         use tokio_stream::StreamExt;
         let stalled = connections::close_on_idle(&request);
+        let channel = Caller::of(&request)?.channel();
         let now_unix_ms = self.engine.clock().now_unix_ms();
         let query =
             convert::watch_from_proto(request.into_inner(), self.engine.limits(), now_unix_ms)?;
@@ -171,7 +172,7 @@ impl BookingService for BookingApi {
                 slot: Some(convert::slot_to_proto(
                     &site,
                     &slot,
-                    engine.release_at(&site, &slot.key),
+                    engine.slot_shown(&site, &slot, Some(&channel)),
                 )),
             })
             .map_err(Status::from)
@@ -184,6 +185,7 @@ impl BookingService for BookingApi {
         request: Request<proto::SearchSlotsRequest>,
     ) -> Result<Response<proto::SearchSlotsResponse>, Status> {
         let now_unix_ms = self.engine.clock().now_unix_ms();
+        let channel = Caller::of(&request)?.channel();
         let query =
             convert::search_from_proto(request.into_inner(), self.engine.limits(), now_unix_ms)?;
         let page = self.engine.search(&query)?;
@@ -191,9 +193,11 @@ impl BookingService for BookingApi {
             slots: page
                 .slots
                 .iter()
-                .map(|(site, slot)| {
-                    let release_at = self.engine.release_at(site, &slot.key);
-                    convert::slot_to_proto(site, slot, release_at)
+                .filter_map(|(site, slot)| {
+                    let shown = self.engine.slot_shown(site, slot, Some(&channel));
+                    // Free places all reserved for other channels are not free to this one.
+                    let free_to_caller = !query.only_available || shown.1 > 0;
+                    free_to_caller.then(|| convert::slot_to_proto(site, slot, shown))
                 })
                 .collect(),
             next_page_token: page

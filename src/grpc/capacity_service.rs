@@ -214,7 +214,7 @@ impl CapacityService for CapacityApi {
             slot: Some(convert::slot_to_proto(
                 &site,
                 &slot,
-                self.engine.release_at(&site, &slot.key),
+                self.engine.slot_shown(&site, &slot, None),
             )),
         }))
     }
@@ -292,6 +292,7 @@ impl CapacityService for CapacityApi {
             booked: stats.totals.booked,
             held: stats.totals.held,
             slots_closed: stats.totals.slots_closed,
+            reserved: stats.totals.reserved,
             by_day: stats
                 .by_day
                 .into_iter()
@@ -302,6 +303,7 @@ impl CapacityService for CapacityApi {
                     booked: totals.booked,
                     held: totals.held,
                     slots_closed: totals.slots_closed,
+                    reserved: totals.reserved,
                 })
                 .collect(),
         }))

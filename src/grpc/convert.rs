@@ -17,6 +17,7 @@ use crate::domain::hold::Hold;
 use crate::domain::ids::{BookingId, RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::{Schedule, ScheduleInput};
 use crate::domain::text::display_text;
+use crate::grpc::auth::Caller;
 use crate::proto;
 use crate::service::{
     BookCommand, BookingView, CancelCommand, CitizenBookingsQuery, CloseCommand, EventView,
@@ -335,12 +336,12 @@ pub fn book_from_proto(
     request: proto::BookRequest,
     limits: &Limits,
     ids: &CitizenIds,
-    caller: &str,
+    caller: &Caller,
 ) -> Result<BookCommand, DomainError> {
     let (slot, citizen_id, request, hold_id) = (
         slot_key("slot_id", &request.slot_id, limits),
         ids.canonical(&request.citizen_id),
-        request_key(&request.request_id, limits, caller),
+        request_key(&request.request_id, limits, &caller.actor()),
         optional(request.hold_id.as_deref(), |id| {
             BookingId::parse("hold_id", id)
         }),
@@ -351,6 +352,7 @@ pub fn book_from_proto(
         citizen_id,
         request,
         hold_id,
+        channel: caller.channel(),
     })
 }
 
@@ -373,12 +375,12 @@ pub fn hold_from_proto(
     request: proto::HoldSlotRequest,
     limits: &Limits,
     ids: &CitizenIds,
-    caller: &str,
+    caller: &Caller,
 ) -> Result<HoldCommand, DomainError> {
     let (slot, citizen_id, request, ttl_seconds) = (
         slot_key("slot_id", &request.slot_id, limits),
         ids.canonical(&request.citizen_id),
-        request_key(&request.request_id, limits, caller),
+        request_key(&request.request_id, limits, &caller.actor()),
         hold_ttl_seconds(request.ttl_seconds, limits),
     )
         .all_valid()?;
@@ -387,6 +389,7 @@ pub fn hold_from_proto(
         citizen_id,
         request,
         ttl_seconds,
+        channel: caller.channel(),
     })
 }
 
@@ -406,12 +409,12 @@ pub fn cancel_from_proto(
     request: proto::CancelBookingRequest,
     limits: &Limits,
     ids: &CitizenIds,
-    caller: &str,
+    caller: &Caller,
 ) -> Result<CancelCommand, DomainError> {
     let (booking_id, citizen_id, request) = (
         booking_id(&request.booking_id),
         ids.canonical(&request.citizen_id),
-        request_key(&request.request_id, limits, caller),
+        request_key(&request.request_id, limits, &caller.actor()),
     )
         .all_valid()?;
     Ok(CancelCommand {
@@ -425,13 +428,13 @@ pub fn reschedule_from_proto(
     request: proto::RescheduleBookingRequest,
     limits: &Limits,
     ids: &CitizenIds,
-    caller: &str,
+    caller: &Caller,
 ) -> Result<RescheduleCommand, DomainError> {
     let (booking_id, citizen_id, new_slot, request) = (
         booking_id(&request.booking_id),
         ids.canonical(&request.citizen_id),
         slot_key("new_slot_id", &request.new_slot_id, limits),
-        request_key(&request.request_id, limits, caller),
+        request_key(&request.request_id, limits, &caller.actor()),
     )
         .all_valid()?;
     Ok(RescheduleCommand {
@@ -439,6 +442,7 @@ pub fn reschedule_from_proto(
         citizen_id,
         new_slot,
         request,
+        channel: caller.channel(),
     })
 }
 
@@ -491,8 +495,14 @@ pub fn set_capacity_from_proto(
     Ok((slot, capacity, request))
 }
 
-/// A slot as clients see it; `release_at` is its release's, if it is in one.
-pub fn slot_to_proto(site: &Site, slot: &Slot, release_at: Option<i64>) -> proto::Slot {
+/// A slot as a caller sees it: `release_at` is its release's, if it is in one, and
+/// `remaining` the free places the caller's channel may take (see
+/// `Engine::slot_shown`).
+pub fn slot_to_proto(
+    site: &Site,
+    slot: &Slot,
+    (release_at, remaining): (Option<i64>, u32),
+) -> proto::Slot {
     let counter = slot.counter.snapshot();
     proto::Slot {
         slot_id: slot.key.to_string(),
@@ -503,7 +513,7 @@ pub fn slot_to_proto(site: &Site, slot: &Slot, release_at: Option<i64>) -> proto
         local_start: local_rfc3339(slot.key.start_unix_s, site.time_zone),
         time_zone: site.time_zone.name().to_string(),
         capacity: counter.capacity,
-        remaining: counter.remaining(),
+        remaining,
         closed: counter.closed,
         release_at: release_at.map(timestamp_ms),
     }

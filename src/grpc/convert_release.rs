@@ -6,8 +6,10 @@ use prost_types::Timestamp;
 use crate::config::Limits;
 use crate::domain::citizen_id::CitizenIds;
 use crate::domain::error::{AllValid, DomainError, FieldViolation};
-use crate::domain::ids::{ReleaseId, SiteId};
-use crate::domain::release::{Phase, QueueRules, Release, ReleaseScope, TicketState, TicketView};
+use crate::domain::ids::{ChannelId, ReleaseId, SiteId};
+use crate::domain::release::{
+    Phase, QueueRules, Release, ReleaseScope, Reserve, TicketState, TicketView,
+};
 use crate::grpc::convert::{
     optional_request_key, region_id, request_key, service_id, site_id, timestamp, timestamp_ms,
     unix_seconds,
@@ -124,6 +126,56 @@ fn queue(release: &proto::Release) -> Result<Option<QueueRules>, Vec<FieldViolat
     }))
 }
 
+/// The longest a reserve may be kept before its slot: a year.
+const RESERVE_HOURS_MAX: u32 = 8_760;
+
+/// `reserved_percent` (sorted by channel) and `reserve_released_hours_before_start`.
+fn reserves(
+    release: &proto::Release,
+    limits: &Limits,
+) -> Result<(Vec<Reserve>, u32), Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    let mut reserves = Vec::new();
+    for (name, percent) in &release.reserved_percent {
+        let field = format!("release.reserved_percent[{name}]");
+        match ChannelId::parse(&field, name, limits.id_length_max) {
+            Err(violation) => violations.push(violation),
+            Ok(_) if !(1..=100).contains(percent) => violations.push(FieldViolation::new(
+                field,
+                "must be a percent of each slot's capacity from 1 to 100",
+            )),
+            Ok(channel) => reserves.push(Reserve {
+                channel,
+                percent: *percent,
+            }),
+        }
+    }
+    if reserves.iter().map(|r| r.percent).sum::<u32>() > 100 {
+        violations.push(FieldViolation::new(
+            "release.reserved_percent",
+            "the reserves add up to more than 100% of a slot",
+        ));
+    }
+    let hours = release.reserve_released_hours_before_start;
+    if hours > RESERVE_HOURS_MAX {
+        violations.push(FieldViolation::new(
+            "release.reserve_released_hours_before_start",
+            format!("must be at most {RESERVE_HOURS_MAX}"),
+        ));
+    }
+    if hours > 0 && reserves.is_empty() {
+        violations.push(FieldViolation::new(
+            "release.reserve_released_hours_before_start",
+            "applies to reserved_percent, which is empty",
+        ));
+    }
+    if !violations.is_empty() {
+        return Err(violations);
+    }
+    reserves.sort_by(|a, b| a.channel.cmp(&b.channel));
+    Ok((reserves, hours))
+}
+
 /// A `CreateRelease` request: the release (its seed and times the engine's to set).
 pub fn create_release_from_proto(
     request: proto::CreateReleaseRequest,
@@ -133,16 +185,17 @@ pub fn create_release_from_proto(
     let Some(release) = request.release else {
         return Err(DomainError::invalid("release", "is required"));
     };
-    let (id, scope, service, (from, to), release_at, queue, _request) = (
-        release_id("release.release_id", &release.release_id, limits),
-        scope(&release, limits),
-        service_id("release.service_id", &release.service_id, limits),
-        range(&release),
-        required_ms("release.release_at", &release.release_at),
-        queue(&release),
-        optional_request_key(&request.request_id, limits, caller),
-    )
-        .all_valid()?;
+    let (id, scope, service, (from, to), release_at, (queue, (reserves, reserve_hours)), _request) =
+        (
+            release_id("release.release_id", &release.release_id, limits),
+            scope(&release, limits),
+            service_id("release.service_id", &release.service_id, limits),
+            range(&release),
+            required_ms("release.release_at", &release.release_at),
+            (queue(&release), reserves(&release, limits)).checked(),
+            optional_request_key(&request.request_id, limits, caller),
+        )
+            .all_valid()?;
     if let Some(rules) = &queue {
         if rules.opens_at_unix_ms >= release_at {
             return Err(DomainError::invalid(
@@ -161,6 +214,8 @@ pub fn create_release_from_proto(
         queue,
         created_at_unix_ms: 0,
         sold_out_at_unix_ms: None,
+        reserves,
+        reserve_released_hours_before_start: reserve_hours,
     })
 }
 
@@ -197,6 +252,12 @@ pub fn release_to_proto(release: &Release, now_unix_ms: i64) -> proto::Release {
         phase: phase_to_proto(release.phase(now_unix_ms)).into(),
         sold_out_at: release.sold_out_at_unix_ms.map(timestamp_ms),
         created_at: Some(timestamp_ms(release.created_at_unix_ms)),
+        reserved_percent: release
+            .reserves
+            .iter()
+            .map(|r| (r.channel.to_string(), r.percent))
+            .collect(),
+        reserve_released_hours_before_start: release.reserve_released_hours_before_start,
         ..Default::default()
     }
 }

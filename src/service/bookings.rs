@@ -6,7 +6,7 @@
 use crate::domain::booking::{Booking, RequestRecord};
 use crate::domain::hold::{HoldId, NotConfirmable};
 use crate::domain::ids::{
-    BookingId, CitizenKey, RequestFingerprint, RequestKey, ServiceId, SlotKey,
+    BookingId, ChannelId, CitizenKey, RequestFingerprint, RequestKey, ServiceId, SlotKey,
 };
 use crate::domain::plans;
 use crate::domain::release::Gate;
@@ -18,6 +18,8 @@ pub struct BookCommand {
     pub citizen_id: String,
     pub request: RequestKey,
     pub hold_id: Option<HoldId>,
+    /// The caller's channel (a confirmed hold keeps its own).
+    pub channel: ChannelId,
 }
 
 pub struct CancelCommand {
@@ -31,6 +33,8 @@ pub struct RescheduleCommand {
     pub citizen_id: String,
     pub new_slot: SlotKey,
     pub request: RequestKey,
+    /// The caller's channel: the new booking is made through it.
+    pub channel: ChannelId,
 }
 
 pub struct CitizenBookingsQuery {
@@ -68,12 +72,13 @@ impl Engine {
             command.request.for_citizen(&citizen),
             fingerprint,
             |request| async move {
+                let asking = (citizen, &command.channel);
                 match command.hold_id {
                     Some(hold_id) => {
-                        self.confirm_hold(&command.slot, citizen, hold_id, request)
+                        self.confirm_hold(&command.slot, asking, hold_id, request)
                             .await
                     }
-                    None => self.admit_and_commit(&command.slot, citizen, request).await,
+                    None => self.admit_and_commit(&command.slot, asking, request).await,
                 }
             },
         )
@@ -105,11 +110,11 @@ impl Engine {
     async fn admit_and_commit(
         &self,
         slot_key: &SlotKey,
-        citizen: CitizenKey,
+        (citizen, channel): (CitizenKey, &ChannelId),
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
         let now_ms = self.now_unix_ms();
-        let slot = self.slot_view(slot_key, &citizen, now_ms)?;
+        let slot = self.slot_view(slot_key, (&citizen, channel), now_ms)?;
         let plan = plans::book(&slot, citizen, self.ids.mint(citizen), request, now_ms)?;
         self.execute(plan, || {}).await
     }
@@ -119,12 +124,12 @@ impl Engine {
     async fn confirm_hold(
         &self,
         slot_key: &SlotKey,
-        citizen: CitizenKey,
+        (citizen, channel): (CitizenKey, &ChannelId),
         hold_id: HoldId,
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
         let now_ms = self.now_unix_ms();
-        let slot = self.slot_view(slot_key, &citizen, now_ms)?;
+        let slot = self.slot_view(slot_key, (&citizen, channel), now_ms)?;
         plans::check_not_started(&slot.key, now_ms)?;
         let taken = self
             .live_holds()
@@ -210,7 +215,8 @@ impl Engine {
     ) -> Result<Booking, ServiceError> {
         let stored = self.store.booking(citizen.tag(), command.booking_id)?;
         let now_ms = self.now_unix_ms();
-        let mut new_slot = self.slot_view(&command.new_slot, &citizen, now_ms).ok();
+        let asking = (&citizen, &command.channel);
+        let mut new_slot = self.slot_view(&command.new_slot, asking, now_ms).ok();
         if let (Some(view), Some(old)) = (new_slot.as_mut(), stored.as_ref()) {
             // Within one release a move swaps places: it needs no new admission.
             if self.in_same_release(&old.slot, &view.key) {

@@ -810,10 +810,11 @@ impl Engine {
             }
         })?;
         for booking in &cancelled {
-            self.free_entry_and_place(booking.citizen, &booking.slot, booking.booking_id);
+            let owner = (booking.citizen, &booking.channel);
+            self.free_entry_and_place(owner, &booking.slot, booking.booking_id);
         }
         for hold in &holds {
-            self.free_entry_and_place(hold.citizen, &hold.slot, hold.hold_id);
+            self.free_entry_and_place((hold.citizen, &hold.channel), &hold.slot, hold.hold_id);
         }
         Ok(outcome)
     }
@@ -848,7 +849,8 @@ impl Engine {
             .site(site_id)
             .cloned()
             .ok_or(DomainError::NotFound(Missing::Site))?;
-        Ok((site, catalog.site_stats(site_id, &held)?))
+        let reserved = self.reserved_by_slot(&site, &catalog);
+        Ok((site, catalog.site_stats(site_id, &held, &reserved)?))
     }
 }
 

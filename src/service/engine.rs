@@ -22,7 +22,7 @@ use crate::domain::citizens::CitizenIndex;
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::LiveHolds;
 use crate::domain::ids::{
-    BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, SiteId, SlotKey,
+    BookingId, ChannelId, CitizenKey, RegionId, RequestFingerprint, RequestKey, SiteId, SlotKey,
 };
 use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
 use crate::service::clock::Clock;
@@ -197,7 +197,8 @@ impl Engine {
     }
 
     /// Returns one place of a slot after the durable write that freed it.
-    pub(super) fn return_place(&self, key: &SlotKey) {
+    pub(super) fn return_place(&self, key: &SlotKey, channel: &ChannelId) {
+        self.place_returned(key, channel);
         if let Ok(slot) = self.slot(key) {
             if slot.counter.release().is_err() {
                 tracing::error!(slot = %key, "found no taken place to return");
@@ -205,11 +206,16 @@ impl Engine {
         }
     }
 
-    /// Frees what a booking or hold `id` held, after the durable write that ended it:
-    /// its citizen entry, then its place.
-    pub(super) fn free_entry_and_place(&self, citizen: CitizenKey, slot: &SlotKey, id: BookingId) {
+    /// Frees what a booking or hold `id` of `channel` held, after the durable write that
+    /// ended it: its citizen entry, then its place.
+    pub(super) fn free_entry_and_place(
+        &self,
+        (citizen, channel): (CitizenKey, &ChannelId),
+        slot: &SlotKey,
+        id: BookingId,
+    ) {
         self.citizens.release(citizen, &slot.service_id, id);
-        self.return_place(slot);
+        self.return_place(slot, channel);
     }
 
     pub fn search(&self, query: &SearchQuery) -> Result<SearchPage, ServiceError> {

@@ -8,7 +8,7 @@ use crate::domain::catalog::Admission;
 use std::sync::Arc;
 
 use crate::domain::error::{DomainError, Missing};
-use crate::domain::ids::{CitizenKey, SlotKey};
+use crate::domain::ids::{ChannelId, CitizenKey, SlotKey};
 use crate::domain::plans::{Free, Plan, SlotView, Take};
 use crate::domain::slot_counter::Refused;
 use crate::service::engine::{undo_if_never_queued, Engine};
@@ -16,7 +16,7 @@ use crate::service::error::ServiceError;
 use crate::store::records::Write;
 
 /// A counter's refusal as the domain error a client sees.
-fn refused(refused: Refused, slot: &SlotKey) -> DomainError {
+pub(super) fn refused(refused: Refused, slot: &SlotKey) -> DomainError {
     match refused {
         Refused::Full => DomainError::SlotFull(slot.clone()),
         Refused::Closed => DomainError::SlotClosed(slot.clone()),
@@ -32,11 +32,11 @@ struct Taken {
 }
 
 impl Engine {
-    /// What a command of `citizen` at `now` needs to know of a slot.
+    /// What a command of `citizen` through `channel` at `now` needs to know of a slot.
     pub(super) fn slot_view(
         &self,
         key: &SlotKey,
-        citizen: &CitizenKey,
+        (citizen, channel): (&CitizenKey, &ChannelId),
         now_unix_ms: i64,
     ) -> Result<SlotView, ServiceError> {
         let (region, slot) = {
@@ -51,6 +51,7 @@ impl Engine {
             end_unix_s: slot.end_unix_s(),
             capacity: slot.counter.snapshot().capacity,
             gate: self.releases.gate(&region, key, citizen, now_unix_ms),
+            channel: channel.clone(),
         })
     }
 
@@ -143,11 +144,10 @@ impl Engine {
                 true => Ok(None),
                 false => Err(DomainError::BookingNotActive(*from).into()),
             },
-            Take::Place(key) => self
-                .slot(key)?
-                .try_take()
+            Take::Place(key, channel) => self
+                .take_place(key, channel)
                 .map(Some)
-                .map_err(|refusal| refused(refusal, key).into()),
+                .map_err(ServiceError::from),
             Take::Admission(key) => self
                 .slot(key)?
                 .enter()
@@ -180,7 +180,8 @@ impl Engine {
                 } => {
                     self.citizens.replace(*citizen, service, *to, *from);
                 }
-                Take::Place(key) => {
+                Take::Place(key, channel) => {
+                    self.place_returned(key, channel);
                     if let Ok(slot) = self.slot(key) {
                         let _ = slot.counter.release();
                     }
@@ -201,7 +202,7 @@ impl Engine {
             } => {
                 self.citizens.release(citizen, &service, id);
             }
-            Free::Place(key) => self.return_place(&key),
+            Free::Place(key, channel) => self.return_place(&key, &channel),
             Free::LiveHold(hold) => self.live_holds().insert_reserved(hold),
             Free::TicketUsed(ticket) => {
                 self.releases.mark_used(&ticket.release_id, &ticket.citizen)

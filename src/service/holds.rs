@@ -8,7 +8,7 @@
 use crate::domain::booking::RequestRecord;
 use crate::domain::error::DomainError;
 use crate::domain::hold::{Hold, HoldId};
-use crate::domain::ids::{CitizenKey, RequestFingerprint, RequestKey, SlotKey};
+use crate::domain::ids::{ChannelId, CitizenKey, RequestFingerprint, RequestKey, SlotKey};
 use crate::domain::plans;
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
@@ -19,6 +19,8 @@ pub struct HoldCommand {
     pub request: RequestKey,
     /// Already validated against the limits.
     pub ttl_seconds: u32,
+    /// The caller's channel: the hold (and the booking it becomes) is made through it.
+    pub channel: ChannelId,
 }
 
 impl Engine {
@@ -57,7 +59,7 @@ impl Engine {
         request: RequestRecord,
     ) -> Result<Hold, ServiceError> {
         let now_ms = self.now_unix_ms();
-        let slot = self.slot_view(&command.slot, &citizen, now_ms)?;
+        let slot = self.slot_view(&command.slot, (&citizen, &command.channel), now_ms)?;
         let id = self.ids.mint(citizen);
         let ttl_and_share = (
             command.ttl_seconds,

@@ -10,13 +10,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use crate::domain::catalog::{Catalog, Slot};
+use crate::domain::catalog::{Admission, Catalog, Site, Slot};
 use crate::domain::error::{DomainError, Missing};
-use crate::domain::ids::{CitizenKey, RegionId, ReleaseId, RequestKey, ServiceId, SlotKey};
-use crate::domain::release::{Gate, Join, Queue, Release, ReleaseScope, TicketView};
+use crate::domain::ids::{
+    ChannelId, CitizenKey, RegionId, ReleaseId, RequestKey, ServiceId, SlotKey,
+};
+use crate::domain::release::{held_back, Gate, Join, Queue, Release, ReleaseScope, TicketView};
+use crate::domain::slot_counter::Refused;
 use crate::service::actor::Actor;
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
+use crate::service::execute::refused;
 use crate::store::records::Write;
 use crate::store::StoreError;
 
@@ -25,6 +29,10 @@ use crate::store::StoreError;
 pub struct ReleaseEntry {
     definition: Release,
     state: Mutex<ReleaseState>,
+    /// With reserves: per slot, the active bookings and live holds of each reserve's
+    /// channel (in `reserves` order). A place is taken under this lock, so the rule
+    /// "leave the other channels' unused reserves" and the counter's CAS are one step.
+    reserve_use: Mutex<HashMap<SlotKey, Vec<u32>>>,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +50,81 @@ impl ReleaseEntry {
         Self {
             definition: release,
             state: Mutex::new(state),
+            reserve_use: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn has_reserves(&self) -> bool {
+        !self.definition.reserves.is_empty()
+    }
+
+    fn reserve_use(&self) -> MutexGuard<'_, HashMap<SlotKey, Vec<u32>>> {
+        // Each critical section is one check-and-take or one count: a poisoned lock is sound.
+        self.reserve_use.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a place of `slot` for `channel`, leaving the other channels' unused
+    /// reserves free (while they last), and counts it against `channel`'s reserve.
+    fn take_place(
+        &self,
+        slot: &Arc<Slot>,
+        channel: &ChannelId,
+        now: i64,
+    ) -> Result<Admission, Refused> {
+        let release = &self.definition;
+        let mut use_by_slot = self.reserve_use();
+        let used = use_by_slot
+            .entry(slot.key.clone())
+            .or_insert_with(|| vec![0; release.reserves.len()]);
+        let capacity = slot.counter.snapshot().capacity;
+        let reserved = release.reserved_places(capacity, slot.key.start_unix_s, now);
+        let out_of_reach =
+            reserved.map_or(0, |reserved| held_back(release, &reserved, used, channel));
+        let admission = slot.try_take_leaving(out_of_reach)?;
+        if let Some(index) = release.reserve_of(channel) {
+            used[index] += 1;
+        }
+        Ok(admission)
+    }
+
+    /// A place of `channel` in slot `key` is about to return to its counter.
+    fn place_returned(&self, key: &SlotKey, channel: &ChannelId) {
+        let Some(index) = self.definition.reserve_of(channel) else {
+            return;
+        };
+        if let Some(used) = self.reserve_use().get_mut(key) {
+            used[index] = used[index].saturating_sub(1);
+        }
+    }
+
+    /// The free places of `slot` out of `channel`'s reach now (`None`: every reserve's
+    /// unused places).
+    fn held_back_now(&self, slot: &Slot, channel: Option<&ChannelId>, now: i64) -> u32 {
+        let release = &self.definition;
+        let capacity = slot.counter.snapshot().capacity;
+        let Some(reserved) = release.reserved_places(capacity, slot.key.start_unix_s, now) else {
+            return 0;
+        };
+        let use_by_slot = self.reserve_use();
+        let none = vec![0; reserved.len()];
+        let used = use_by_slot.get(&slot.key).unwrap_or(&none);
+        match channel {
+            Some(channel) => held_back(release, &reserved, used, channel),
+            None => reserved
+                .iter()
+                .zip(used)
+                .map(|(reserved, used)| reserved.saturating_sub(*used))
+                .sum(),
+        }
+    }
+
+    /// Recovery: one active booking or live hold of `channel` in slot `key`.
+    fn count_use(&self, key: &SlotKey, channel: &ChannelId) {
+        if let Some(index) = self.definition.reserve_of(channel) {
+            let count = self.definition.reserves.len();
+            self.reserve_use()
+                .entry(key.clone())
+                .or_insert_with(|| vec![0; count])[index] += 1;
         }
     }
 
@@ -233,8 +316,116 @@ fn places_of(slots: &[Arc<Slot>]) -> Places {
 
 impl Engine {
     /// The release_at of the slot's release, if it is in one (searches show it).
-    pub fn release_at(&self, site: &crate::domain::catalog::Site, key: &SlotKey) -> Option<i64> {
+    pub fn release_at(&self, site: &Site, key: &SlotKey) -> Option<i64> {
         self.releases.release_at(&site.region_id, key)
+    }
+
+    /// What a caller of `channel` is shown of a slot beyond the slot itself: its
+    /// release's `release_at` and the free places it may take (`None`: all of them).
+    pub fn slot_shown(
+        &self,
+        site: &Site,
+        slot: &Slot,
+        channel: Option<&ChannelId>,
+    ) -> (Option<i64>, u32) {
+        (
+            self.release_at(site, &slot.key),
+            self.remaining_for(site, slot, channel),
+        )
+    }
+
+    /// The slot's free places `channel` may take now (`None`: every free place, as an
+    /// authority counts them): other channels' unused reserves are not its.
+    pub fn remaining_for(&self, site: &Site, slot: &Slot, channel: Option<&ChannelId>) -> u32 {
+        let remaining = slot.counter.snapshot().remaining();
+        if channel.is_none() || self.releases.is_empty() {
+            return remaining;
+        }
+        match self.reserving(&site.region_id, &slot.key) {
+            Some(entry) => {
+                remaining.saturating_sub(entry.held_back_now(slot, channel, self.now_unix_ms()))
+            }
+            None => remaining,
+        }
+    }
+
+    /// The release with channel reserves covering slot `key` of a site in `region`.
+    fn reserving(&self, region: &RegionId, key: &SlotKey) -> Option<Arc<ReleaseEntry>> {
+        self.releases
+            .covering(region, key)
+            .filter(|entry| entry.has_reserves())
+    }
+
+    /// Takes one place of slot `key` for a booking or hold made through `channel` (one
+    /// CAS; under its release's reserve rule if it has reserves).
+    pub(super) fn take_place(
+        &self,
+        key: &SlotKey,
+        channel: &ChannelId,
+    ) -> Result<Admission, DomainError> {
+        let (region, slot) = {
+            let catalog = self.catalog();
+            let (site, slot) = catalog
+                .slot(key)
+                .ok_or(DomainError::NotFound(Missing::Slot))?;
+            (site.region_id.clone(), Arc::clone(slot))
+        };
+        let taken = match self.releases.is_empty() {
+            true => slot.try_take(),
+            false => match self.reserving(&region, key) {
+                Some(entry) => entry.take_place(&slot, channel, self.now_unix_ms()),
+                None => slot.try_take(),
+            },
+        };
+        taken.map_err(|refusal| refused(refusal, key))
+    }
+
+    /// A place of a booking or hold of `channel` in slot `key` is about to return to its
+    /// counter: its reserve counts one fewer.
+    pub(super) fn place_returned(&self, key: &SlotKey, channel: &ChannelId) {
+        if self.releases.is_empty() {
+            return;
+        }
+        let Some(site) = self.site(&key.site_id) else {
+            return;
+        };
+        if let Some(entry) = self.reserving(&site.region_id, key) {
+            entry.place_returned(key, channel);
+        }
+    }
+
+    /// Every slot of `site` with free places held back for channel reserves now, and
+    /// how many (site statistics).
+    pub(super) fn reserved_by_slot(&self, site: &Site, catalog: &Catalog) -> HashMap<SlotKey, u32> {
+        let mut reserved = HashMap::new();
+        if self.releases.is_empty() {
+            return reserved;
+        }
+        let now = self.now_unix_ms();
+        for entry in self.releases.all().into_iter().filter(|e| e.has_reserves()) {
+            let release = &entry.definition;
+            let slots = catalog
+                .slots_in_range(
+                    &site.site_id,
+                    Some(&release.service_id),
+                    release.from_unix_s,
+                    release.to_unix_s,
+                )
+                .unwrap_or_default();
+            for slot in slots
+                .iter()
+                .filter(|s| release.covers(&site.region_id, &s.key))
+            {
+                let held = entry.held_back_now(slot, None, now);
+                if held > 0 {
+                    reserved.insert(
+                        slot.key.clone(),
+                        held.min(slot.counter.snapshot().remaining()),
+                    );
+                }
+            }
+        }
+        reserved
     }
 
     /// Whether both slots are in one release.
@@ -631,6 +822,39 @@ impl Engine {
         }
     }
 
+    /// Recovery: the active bookings and live holds of reserve channels in the slots of
+    /// releases with reserves (a second scan of the bookings, only when such exist).
+    fn count_reserve_use(
+        &self,
+        entries: &BTreeMap<ReleaseId, ReleaseEntry>,
+    ) -> Result<(), ServiceError> {
+        let reserving: Vec<&ReleaseEntry> = entries.values().filter(|e| e.has_reserves()).collect();
+        if reserving.is_empty() {
+            return Ok(());
+        }
+        let count = |key: &SlotKey, channel: &ChannelId| {
+            let Some(site) = self.site(&key.site_id) else {
+                return;
+            };
+            let covering = reserving
+                .iter()
+                .find(|entry| entry.definition.covers(&site.region_id, key));
+            if let Some(entry) = covering {
+                entry.count_use(key, channel);
+            }
+        };
+        for booking in self.store.bookings() {
+            let booking = booking?;
+            if booking.is_confirmed() {
+                count(&booking.slot, &booking.channel);
+            }
+        }
+        for hold in self.live_holds().all() {
+            count(&hold.slot, &hold.channel);
+        }
+        Ok(())
+    }
+
     /// Recovery: every release and its tickets, the draws redone from their seeds.
     pub(super) fn restore_releases(&self) -> Result<(), ServiceError> {
         let mut entries: BTreeMap<ReleaseId, ReleaseEntry> = BTreeMap::new();
@@ -654,6 +878,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(orphaned);
+        self.count_reserve_use(&entries)?;
         let now = self.now_unix_ms();
         for (id, entry) in entries {
             {

@@ -198,7 +198,7 @@ impl Engine {
         let (citizen, id) = (booking.citizen, booking.booking_id);
         if booking.is_confirmed() {
             match deleted {
-                true => self.free_entry_and_place(citizen, &booking.slot, id),
+                true => self.free_entry_and_place((citizen, &booking.channel), &booking.slot, id),
                 false => self.citizens.unclaim(citizen, id),
             }
         }
