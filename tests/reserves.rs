@@ -322,3 +322,81 @@ async fn a_rush_of_other_channels_never_takes_a_reserved_place() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booking_made_before_its_release_counts_against_the_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config()).await;
+    let mut ops = capacity(&server).await;
+    ops.upsert_site(proto::UpsertSiteRequest {
+        site: Some(proto::Site {
+            site_id: "r-site".into(),
+            name: "Firenze".into(),
+            region_id: "toscana".into(),
+            time_zone: "Etc/UTC".into(),
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .expect("site");
+    let day = day_ahead(10);
+    ops.publish_schedule(publish_request(
+        "r-site",
+        "vax",
+        (&day, &day),
+        ("10:00", "10:30"),
+        30,
+        4,
+    ))
+    .await
+    .expect("publish");
+    let (mut web, mut phone) = (booking(&server, WEB).await, booking(&server, PHONE).await);
+    let slot_id = first_slot(&mut phone).await;
+    book(&mut phone, &slot_id, "early-caller")
+        .await
+        .expect("booked");
+    let now_s = chrono::Utc::now().timestamp();
+    let web_reserve = proto::Release {
+        release_id: "half".into(),
+        site_ids: vec!["r-site".into()],
+        service_id: "vax".into(),
+        from: at_s(now_s),
+        to: at_s(now_s + 60 * 86_400),
+        release_at: at_s(now_s + 1),
+        reserved_percent: [("web".to_string(), 50)].into(),
+        ..Default::default()
+    };
+    let refused = ops
+        .create_release(proto::CreateReleaseRequest {
+            release: Some(web_reserve.clone()),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("web is the default channel");
+    assert_eq!(violated_fields(&refused), ["release.reserved_percent[web]"]);
+    ops.create_release(proto::CreateReleaseRequest {
+        release: Some(proto::Release {
+            reserved_percent: [("phone".to_string(), 50)].into(),
+            ..web_reserve
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .expect("created");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // 3 free of 4; the phone's reserve of 2 has 1 used (the early caller's): 1 held back.
+    assert_eq!(remaining(&mut web, false).await, 2);
+    assert_eq!(remaining(&mut phone, false).await, 3);
+    assert_eq!(reserved(&mut ops).await, 1);
+    let release = ops
+        .get_release(proto::GetReleaseRequest {
+            release_id: "half".into(),
+        })
+        .await
+        .expect("release")
+        .into_inner()
+        .release
+        .unwrap();
+    assert_eq!(release.places_remaining, 2, "common places only");
+    server.stop().await;
+}

@@ -177,11 +177,14 @@ impl Drop for Admission {
 impl Slot {
     /// Takes one place (see `SlotCounter::try_take`).
     pub fn try_take(self: &Arc<Self>) -> Result<Admission, Refused> {
-        self.try_take_leaving(0)
+        self.try_take_leaving(|_| 0)
     }
 
-    /// Takes one place, leaving `held_back` free (see `SlotCounter::try_take_leaving`).
-    pub fn try_take_leaving(self: &Arc<Self>, held_back: u32) -> Result<Admission, Refused> {
+    /// Takes one place, leaving some free (see `SlotCounter::try_take_leaving`).
+    pub fn try_take_leaving(
+        self: &Arc<Self>,
+        held_back: impl Fn(u32) -> u32,
+    ) -> Result<Admission, Refused> {
         self.counter.try_take_leaving(held_back)?;
         Ok(Admission {
             slot: Arc::clone(self),

@@ -85,6 +85,10 @@ impl ChannelId {
     pub fn web() -> Self {
         Self(Arc::from(Self::DEFAULT))
     }
+
+    pub fn is_default(&self) -> bool {
+        &*self.0 == Self::DEFAULT
+    }
 }
 
 /// Identifies a slot: one start instant at one site for one service.

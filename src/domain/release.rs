@@ -164,6 +164,55 @@ pub fn held_back(release: &Release, reserved: &[u32], used: &[u32], channel: &Ch
         .sum()
 }
 
+/// The active bookings and live holds of every channel but the default one, per slot:
+/// what channel reserves count against. Kept for every slot, whatever release covers
+/// it (now or later); rebuilt by recovery from the stored bookings and holds.
+#[derive(Debug, Default)]
+pub struct ChannelUse {
+    by_slot: HashMap<SlotKey, Vec<(ChannelId, u32)>>,
+}
+
+impl ChannelUse {
+    /// One more place of `channel` in `slot` (the default channel is not counted).
+    pub fn add(&mut self, slot: &SlotKey, channel: &ChannelId) {
+        if channel.is_default() {
+            return;
+        }
+        let counts = self.by_slot.entry(slot.clone()).or_default();
+        match counts.iter_mut().find(|(c, _)| c == channel) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((channel.clone(), 1)),
+        }
+    }
+
+    /// One place fewer (a slot with none left is forgotten).
+    pub fn remove(&mut self, slot: &SlotKey, channel: &ChannelId) {
+        let Some(counts) = self.by_slot.get_mut(slot) else {
+            return;
+        };
+        if let Some((_, count)) = counts.iter_mut().find(|(c, _)| c == channel) {
+            *count = count.saturating_sub(1);
+        }
+        counts.retain(|(_, count)| *count > 0);
+        if counts.is_empty() {
+            self.by_slot.remove(slot);
+        }
+    }
+
+    /// The places each reserve's channel holds in `slot`, in `reserves` order.
+    pub fn used(&self, slot: &SlotKey, reserves: &[Reserve]) -> Vec<u32> {
+        let counts = self.by_slot.get(slot);
+        reserves
+            .iter()
+            .map(|reserve| {
+                counts
+                    .and_then(|counts| counts.iter().find(|(c, _)| *c == reserve.channel))
+                    .map_or(0, |(_, count)| *count)
+            })
+            .collect()
+    }
+}
+
 /// Where a release stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {

@@ -208,17 +208,21 @@ impl SlotCounter {
     /// pending until `settle`. The place stays taken after that; `release` returns it.
     /// (`catalog::Admission` pairs the two.)
     pub fn try_take(&self) -> Result<CounterSnapshot, Refused> {
-        self.try_take_leaving(0)
+        self.try_take_leaving(|_| 0)
     }
 
-    /// `try_take`, leaving `held_back` free places untaken (a channel reserve the taker
-    /// may not use): refused as full unless taken + 1 + held_back ≤ capacity.
-    pub fn try_take_leaving(&self, held_back: u32) -> Result<CounterSnapshot, Refused> {
+    /// `try_take`, leaving `held_back(capacity)` free places untaken (channel reserves
+    /// the taker may not use, as a share of the capacity the CAS sees): refused as full
+    /// unless taken + 1 + held_back ≤ capacity.
+    pub fn try_take_leaving(
+        &self,
+        held_back: impl Fn(u32) -> u32,
+    ) -> Result<CounterSnapshot, Refused> {
         self.update(|now| {
             if now.closed {
                 return Err(Refused::Closed);
             }
-            let room = now.capacity.saturating_sub(held_back);
+            let room = now.capacity.saturating_sub(held_back(now.capacity));
             if now.taken >= room || now.pending >= COUNTER_FIELD_MAX {
                 return Err(Refused::Full);
             }

@@ -140,6 +140,11 @@ fn reserves(
         let field = format!("release.reserved_percent[{name}]");
         match ChannelId::parse(&field, name, limits.id_length_max) {
             Err(violation) => violations.push(violation),
+            Ok(channel) if channel.is_default() => violations.push(FieldViolation::new(
+                field,
+                "web is the default channel, whose common places are the rest: reserve for \
+                 other channels",
+            )),
             Ok(_) if !(1..=100).contains(percent) => violations.push(FieldViolation::new(
                 field,
                 "must be a percent of each slot's capacity from 1 to 100",

@@ -14,6 +14,7 @@ use crate::domain::citizens::CitizenIndex;
 use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{HoldState, LiveHolds};
 use crate::domain::ids::{BookingId, RegionId, ServiceId, SiteId, SlotKey};
+use crate::domain::release::ChannelUse;
 use crate::domain::retention::{self, Cutoffs};
 use crate::domain::text::display_text;
 use crate::limits::STORED_TEXT_LENGTH_MAX;
@@ -155,10 +156,11 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         cutoffs,
     };
     let live = engine.holds.get_mut().unwrap_or_else(|p| p.into_inner());
+    let mut channel_use = engine.releases.channel_use();
     let live_holds = restore_holds(
         &engine.store,
         &requests,
-        &engine.citizens,
+        (&engine.citizens, &mut channel_use),
         live,
         catalog,
         max_active,
@@ -166,10 +168,11 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let (confirmed, cancelled) = restore_bookings(
         &engine.store,
         &requests,
-        &engine.citizens,
+        (&engine.citizens, &mut channel_use),
         catalog,
         max_active,
     )?;
+    drop(channel_use);
     check_capacities(catalog)?;
     warn_of_interrupted_write(&engine.store)?;
     engine.restore_releases()?;
@@ -300,7 +303,7 @@ fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceErr
 fn restore_bookings(
     store: &Store,
     requests: &Requests,
-    citizens: &CitizenIndex,
+    (citizens, channel_use): (&CitizenIndex, &mut ChannelUse),
     catalog: &Catalog,
     max_active: usize,
 ) -> Result<(u64, u64), ServiceError> {
@@ -313,7 +316,10 @@ fn restore_bookings(
                 for (key, value) in chunk {
                     let booking = Booking::decode_value(&key, &value)?;
                     match restore_booking(catalog, citizens, requests, &booking, max_active)? {
-                        true => confirmed += 1,
+                        true => {
+                            channel_use.add(&booking.slot, &booking.channel);
+                            confirmed += 1;
+                        }
                         false => cancelled += 1,
                     }
                 }
@@ -387,7 +393,7 @@ fn warn_of_interrupted_write(store: &Store) -> Result<(), ServiceError> {
 fn restore_holds(
     store: &Store,
     requests: &Requests,
-    citizens: &CitizenIndex,
+    (citizens, channel_use): (&CitizenIndex, &mut ChannelUse),
     live: &mut LiveHolds,
     catalog: &Catalog,
     max_active: usize,
@@ -415,6 +421,7 @@ fn restore_holds(
                 hold.slot.service_id, hold.hold_id
             )));
         }
+        channel_use.add(&hold.slot, &hold.channel);
         live.insert(hold);
     }
     Ok(live.len())

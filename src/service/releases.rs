@@ -15,8 +15,9 @@ use crate::domain::error::{DomainError, Missing};
 use crate::domain::ids::{
     ChannelId, CitizenKey, RegionId, ReleaseId, RequestKey, ServiceId, SlotKey,
 };
-use crate::domain::release::{held_back, Gate, Join, Queue, Release, ReleaseScope, TicketView};
-use crate::domain::slot_counter::Refused;
+use crate::domain::release::{
+    held_back, ChannelUse, Gate, Join, Queue, Release, ReleaseScope, TicketView,
+};
 use crate::service::actor::Actor;
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
@@ -29,10 +30,10 @@ use crate::store::StoreError;
 pub struct ReleaseEntry {
     definition: Release,
     state: Mutex<ReleaseState>,
-    /// With reserves: per slot, the active bookings and live holds of each reserve's
-    /// channel (in `reserves` order). A place is taken under this lock, so the rule
-    /// "leave the other channels' unused reserves" and the counter's CAS are one step.
-    reserve_use: Mutex<HashMap<SlotKey, Vec<u32>>>,
+    /// With reserves: places of its slots are taken one at a time under this lock, so
+    /// the rule (leave the other channels' unused reserves free), read from the
+    /// engine's `ChannelUse`, and the counter's CAS are one step.
+    takes: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -50,7 +51,7 @@ impl ReleaseEntry {
         Self {
             definition: release,
             state: Mutex::new(state),
-            reserve_use: Mutex::new(HashMap::new()),
+            takes: Mutex::new(()),
         }
     }
 
@@ -58,56 +59,20 @@ impl ReleaseEntry {
         !self.definition.reserves.is_empty()
     }
 
-    fn reserve_use(&self) -> MutexGuard<'_, HashMap<SlotKey, Vec<u32>>> {
-        // Each critical section is one check-and-take or one count: a poisoned lock is sound.
-        self.reserve_use.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Takes a place of `slot` for `channel`, leaving the other channels' unused
-    /// reserves free (while they last), and counts it against `channel`'s reserve.
-    fn take_place(
+    /// The free places of `slot` out of `channel`'s reach now, given each reserve's
+    /// `used` places and the slot's `capacity` (`None` channel: every reserve's unused
+    /// places).
+    fn held_back(
         &self,
-        slot: &Arc<Slot>,
-        channel: &ChannelId,
+        (slot, capacity): (&SlotKey, u32),
+        used: &[u32],
+        channel: Option<&ChannelId>,
         now: i64,
-    ) -> Result<Admission, Refused> {
+    ) -> u32 {
         let release = &self.definition;
-        let mut use_by_slot = self.reserve_use();
-        let used = use_by_slot
-            .entry(slot.key.clone())
-            .or_insert_with(|| vec![0; release.reserves.len()]);
-        let capacity = slot.counter.snapshot().capacity;
-        let reserved = release.reserved_places(capacity, slot.key.start_unix_s, now);
-        let out_of_reach =
-            reserved.map_or(0, |reserved| held_back(release, &reserved, used, channel));
-        let admission = slot.try_take_leaving(out_of_reach)?;
-        if let Some(index) = release.reserve_of(channel) {
-            used[index] += 1;
-        }
-        Ok(admission)
-    }
-
-    /// A place of `channel` in slot `key` is about to return to its counter.
-    fn place_returned(&self, key: &SlotKey, channel: &ChannelId) {
-        let Some(index) = self.definition.reserve_of(channel) else {
-            return;
-        };
-        if let Some(used) = self.reserve_use().get_mut(key) {
-            used[index] = used[index].saturating_sub(1);
-        }
-    }
-
-    /// The free places of `slot` out of `channel`'s reach now (`None`: every reserve's
-    /// unused places).
-    fn held_back_now(&self, slot: &Slot, channel: Option<&ChannelId>, now: i64) -> u32 {
-        let release = &self.definition;
-        let capacity = slot.counter.snapshot().capacity;
-        let Some(reserved) = release.reserved_places(capacity, slot.key.start_unix_s, now) else {
+        let Some(reserved) = release.reserved_places(capacity, slot.start_unix_s, now) else {
             return 0;
         };
-        let use_by_slot = self.reserve_use();
-        let none = vec![0; reserved.len()];
-        let used = use_by_slot.get(&slot.key).unwrap_or(&none);
         match channel {
             Some(channel) => held_back(release, &reserved, used, channel),
             None => reserved
@@ -115,16 +80,6 @@ impl ReleaseEntry {
                 .zip(used)
                 .map(|(reserved, used)| reserved.saturating_sub(*used))
                 .sum(),
-        }
-    }
-
-    /// Recovery: one active booking or live hold of `channel` in slot `key`.
-    fn count_use(&self, key: &SlotKey, channel: &ChannelId) {
-        if let Some(index) = self.definition.reserve_of(channel) {
-            let count = self.definition.reserves.len();
-            self.reserve_use()
-                .entry(key.clone())
-                .or_insert_with(|| vec![0; count])[index] += 1;
         }
     }
 
@@ -170,6 +125,8 @@ pub struct Releases {
     step: tokio::sync::Mutex<()>,
     /// Tickets of every queue (bounded by `queue_tickets_max`).
     tickets: std::sync::atomic::AtomicUsize,
+    /// The places each channel but the default holds, per slot (channel reserves).
+    channel_use: Mutex<ChannelUse>,
     /// Releases whose tickets retention still has to delete: deleted ones, and those
     /// recovery found tickets of without their release (a crash mid-retention).
     orphaned: Mutex<Vec<ReleaseId>>,
@@ -250,6 +207,11 @@ impl Releases {
             .map(|entry| entry.definition.release_at_unix_ms)
     }
 
+    pub(super) fn channel_use(&self) -> MutexGuard<'_, ChannelUse> {
+        // Each critical section is one count: a poisoned lock guards sound data.
+        self.channel_use.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The citizen's ticket of `release_id` was used, durably.
     pub fn mark_used(&self, release_id: &ReleaseId, citizen: &CitizenKey) {
         if let Some(entry) = self.get(release_id) {
@@ -304,17 +266,27 @@ fn future_slots(catalog: &Catalog, release: &Release, now: i64) -> Vec<Arc<Slot>
     slots
 }
 
-fn places_of(slots: &[Arc<Slot>]) -> Places {
-    let mut places = Places::default();
-    for slot in slots {
-        let counter = slot.counter.snapshot();
-        places.free += u64::from(counter.remaining());
-        places.pending += u64::from(counter.pending);
-    }
-    places
-}
-
 impl Engine {
+    /// The places of `slots` of `entry`'s release: free counts only the common places
+    /// (a queue admits no one to places reserved for a channel).
+    fn places_of(&self, entry: &ReleaseEntry, slots: &[Arc<Slot>], now: i64) -> Places {
+        let reserves = &entry.definition.reserves;
+        let mut places = Places::default();
+        for slot in slots {
+            let counter = slot.counter.snapshot();
+            let held_back = match reserves.is_empty() {
+                true => 0,
+                false => {
+                    let used = self.releases.channel_use().used(&slot.key, reserves);
+                    entry.held_back((&slot.key, counter.capacity), &used, None, now)
+                }
+            };
+            places.free += u64::from(counter.remaining().saturating_sub(held_back));
+            places.pending += u64::from(counter.pending);
+        }
+        places
+    }
+
     /// The release_at of the slot's release, if it is in one (searches show it).
     pub fn release_at(&self, site: &Site, key: &SlotKey) -> Option<i64> {
         self.releases.release_at(&site.region_id, key)
@@ -338,15 +310,29 @@ impl Engine {
     /// authority counts them): other channels' unused reserves are not its.
     pub fn remaining_for(&self, site: &Site, slot: &Slot, channel: Option<&ChannelId>) -> u32 {
         let remaining = slot.counter.snapshot().remaining();
-        if channel.is_none() || self.releases.is_empty() {
-            return remaining;
-        }
-        match self.reserving(&site.region_id, &slot.key) {
-            Some(entry) => {
-                remaining.saturating_sub(entry.held_back_now(slot, channel, self.now_unix_ms()))
+        match channel {
+            Some(channel) => {
+                remaining.saturating_sub(self.held_back_from(site, slot, Some(channel)))
             }
             None => remaining,
         }
+    }
+
+    /// The free places of `slot` held back from `channel` (`None`: from everyone
+    /// else, i.e. every reserve's unused places) by its release's reserves now.
+    fn held_back_from(&self, site: &Site, slot: &Slot, channel: Option<&ChannelId>) -> u32 {
+        if self.releases.is_empty() {
+            return 0;
+        }
+        let Some(entry) = self.reserving(&site.region_id, &slot.key) else {
+            return 0;
+        };
+        let used = self
+            .releases
+            .channel_use()
+            .used(&slot.key, &entry.definition.reserves);
+        let capacity = slot.counter.snapshot().capacity;
+        entry.held_back((&slot.key, capacity), &used, channel, self.now_unix_ms())
     }
 
     /// The release with channel reserves covering slot `key` of a site in `region`.
@@ -356,8 +342,9 @@ impl Engine {
             .filter(|entry| entry.has_reserves())
     }
 
-    /// Takes one place of slot `key` for a booking or hold made through `channel` (one
-    /// CAS; under its release's reserve rule if it has reserves).
+    /// Takes one place of slot `key` for a booking or hold made through `channel`: one
+    /// CAS, under its release's reserve rule if it has reserves (the rule's share is
+    /// computed from the capacity the CAS sees), and counted as `channel`'s.
     pub(super) fn take_place(
         &self,
         key: &SlotKey,
@@ -370,27 +357,37 @@ impl Engine {
                 .ok_or(DomainError::NotFound(Missing::Slot))?;
             (site.region_id.clone(), Arc::clone(slot))
         };
-        let taken = match self.releases.is_empty() {
-            true => slot.try_take(),
-            false => match self.reserving(&region, key) {
-                Some(entry) => entry.take_place(&slot, channel, self.now_unix_ms()),
-                None => slot.try_take(),
-            },
+        let entry = match self.releases.is_empty() {
+            true => None,
+            false => self.reserving(&region, key),
         };
-        taken.map_err(|refusal| refused(refusal, key))
+        let Some(entry) = entry else {
+            let admission = slot.try_take().map_err(|refusal| refused(refusal, key))?;
+            self.releases.channel_use().add(key, channel);
+            return Ok(admission);
+        };
+        // One take at a time in the release's slots: the use read here stays true
+        // until the CAS and the count after it (returns only lower it: more caution).
+        let _one_take = entry.takes.lock().unwrap_or_else(|p| p.into_inner());
+        let used = self
+            .releases
+            .channel_use()
+            .used(key, &entry.definition.reserves);
+        let now = self.now_unix_ms();
+        let admission = slot
+            .try_take_leaving(|capacity| {
+                entry.held_back((key, capacity), &used, Some(channel), now)
+            })
+            .map_err(|refusal| refused(refusal, key))?;
+        self.releases.channel_use().add(key, channel);
+        Ok(admission)
     }
 
     /// A place of a booking or hold of `channel` in slot `key` is about to return to its
-    /// counter: its reserve counts one fewer.
+    /// counter: the channel holds one fewer.
     pub(super) fn place_returned(&self, key: &SlotKey, channel: &ChannelId) {
-        if self.releases.is_empty() {
-            return;
-        }
-        let Some(site) = self.site(&key.site_id) else {
-            return;
-        };
-        if let Some(entry) = self.reserving(&site.region_id, key) {
-            entry.place_returned(key, channel);
+        if !channel.is_default() {
+            self.releases.channel_use().remove(key, channel);
         }
     }
 
@@ -416,7 +413,12 @@ impl Engine {
                 .iter()
                 .filter(|s| release.covers(&site.region_id, &s.key))
             {
-                let held = entry.held_back_now(slot, None, now);
+                let used = self
+                    .releases
+                    .channel_use()
+                    .used(&slot.key, &release.reserves);
+                let capacity = slot.counter.snapshot().capacity;
+                let held = entry.held_back((&slot.key, capacity), &used, None, now);
                 if held > 0 {
                     reserved.insert(
                         slot.key.clone(),
@@ -529,7 +531,8 @@ impl Engine {
             )
         };
         let release = entry.current();
-        let places = places_of(&future_slots(&self.catalog(), &release, now));
+        let slots = future_slots(&self.catalog(), &release, now);
+        let places = self.places_of(&entry, &slots, now);
         Ok(ReleaseStatus {
             phase: release.phase(now),
             release,
@@ -684,7 +687,7 @@ impl Engine {
             (state.queue.unused(), state.queue.waiting())
         };
         let slots = future_slots(&self.catalog(), &release, now);
-        let places = places_of(&slots);
+        let places = self.places_of(entry, &slots, now);
         if places.free == 0 {
             if release.sold_out_at_unix_ms.is_none() && self.nothing_coming_back(&slots, places) {
                 self.set_sold_out(entry, release, Some(now)).await?;
@@ -822,39 +825,6 @@ impl Engine {
         }
     }
 
-    /// Recovery: the active bookings and live holds of reserve channels in the slots of
-    /// releases with reserves (a second scan of the bookings, only when such exist).
-    fn count_reserve_use(
-        &self,
-        entries: &BTreeMap<ReleaseId, ReleaseEntry>,
-    ) -> Result<(), ServiceError> {
-        let reserving: Vec<&ReleaseEntry> = entries.values().filter(|e| e.has_reserves()).collect();
-        if reserving.is_empty() {
-            return Ok(());
-        }
-        let count = |key: &SlotKey, channel: &ChannelId| {
-            let Some(site) = self.site(&key.site_id) else {
-                return;
-            };
-            let covering = reserving
-                .iter()
-                .find(|entry| entry.definition.covers(&site.region_id, key));
-            if let Some(entry) = covering {
-                entry.count_use(key, channel);
-            }
-        };
-        for booking in self.store.bookings() {
-            let booking = booking?;
-            if booking.is_confirmed() {
-                count(&booking.slot, &booking.channel);
-            }
-        }
-        for hold in self.live_holds().all() {
-            count(&hold.slot, &hold.channel);
-        }
-        Ok(())
-    }
-
     /// Recovery: every release and its tickets, the draws redone from their seeds.
     pub(super) fn restore_releases(&self) -> Result<(), ServiceError> {
         let mut entries: BTreeMap<ReleaseId, ReleaseEntry> = BTreeMap::new();
@@ -878,7 +848,6 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(orphaned);
-        self.count_reserve_use(&entries)?;
         let now = self.now_unix_ms();
         for (id, entry) in entries {
             {
