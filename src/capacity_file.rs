@@ -33,6 +33,31 @@ pub const COLUMNS: [&str; 12] = [
     "capacity_per_slot",
 ];
 
+/// Optional columns after `COLUMNS` (all six, or none): the release a row's slots open
+/// in (PRODUCT.md part B). Rows sharing a `release_id` make one release over their sites.
+pub const RELEASE_COLUMNS: [&str; 6] = [
+    "release_id",
+    "release_at",
+    "queue_opens_at",
+    "admissions_per_minute",
+    "reserved_percent",
+    "reserve_released_hours_before_start",
+];
+
+/// A row's release columns (a row with an empty `release_id` has none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowRelease {
+    /// The row's index among the rows parsed.
+    pub row: usize,
+    pub release_id: String,
+    pub release_at_unix_ms: i64,
+    pub queue_opens_at_unix_ms: Option<i64>,
+    pub admissions_per_minute: u32,
+    /// `phone:30;desk:10` as (channel, percent).
+    pub reserved_percent: Vec<(String, u32)>,
+    pub reserve_released_hours_before_start: u32,
+}
+
 /// Longest line accepted, in bytes (a row is a few hundred bytes at most).
 pub const LINE_BYTES_MAX: usize = 4_096;
 
@@ -56,13 +81,20 @@ impl std::fmt::Display for FileError {
 /// The rows of a file, or every error found (up to `errors_max`, plus how many more).
 #[derive(Debug)]
 pub enum Parsed {
-    Rows(Vec<proto::CapacityRow>),
-    Errors { listed: Vec<FileError>, more: usize },
+    /// The rows, and the release columns of those that have them.
+    Rows(Vec<proto::CapacityRow>, Vec<RowRelease>),
+    Errors {
+        listed: Vec<FileError>,
+        more: usize,
+    },
 }
 
 /// What a parse has found so far: rows, and errors up to `errors_max` (then counted).
 struct Collected {
     rows: Vec<proto::CapacityRow>,
+    releases: Vec<RowRelease>,
+    /// The header has the release columns.
+    with_releases: bool,
     errors: Vec<FileError>,
     more: usize,
     rows_max: usize,
@@ -93,10 +125,14 @@ impl Collected {
                 return Next::Stop;
             }
         };
-        if header != COLUMNS {
+        let with_releases = header.len() == COLUMNS.len() + RELEASE_COLUMNS.len()
+            && header[..COLUMNS.len()] == COLUMNS
+            && header[COLUMNS.len()..] == RELEASE_COLUMNS;
+        if header != COLUMNS && !with_releases {
             self.note(line_error(1, header_problem(&header)));
             return Next::Stop;
         }
+        self.with_releases = with_releases;
         Next::Line
     }
 
@@ -110,8 +146,16 @@ impl Collected {
             self.note(line_error(line, message));
             return Next::Stop;
         }
-        match parse_row(line, text) {
-            Ok(row) => self.rows.push(row),
+        match parse_row(line, text, self.with_releases) {
+            Ok((row, release)) => {
+                if let Some(release) = release {
+                    self.releases.push(RowRelease {
+                        row: self.rows.len(),
+                        ..release
+                    });
+                }
+                self.rows.push(row);
+            }
             Err(found) => found.into_iter().for_each(|e| self.note(e)),
         }
         Next::Line
@@ -147,6 +191,8 @@ pub fn parse(
 ) -> std::io::Result<Parsed> {
     let mut collected = Collected {
         rows: Vec::new(),
+        releases: Vec::new(),
+        with_releases: false,
         errors: Vec::new(),
         more: 0,
         rows_max,
@@ -170,10 +216,14 @@ pub fn parse(
         collected.note(line_error(line_number, "the file has no rows"));
     }
     let Collected {
-        rows, errors, more, ..
+        rows,
+        releases,
+        errors,
+        more,
+        ..
     } = collected;
     Ok(if errors.is_empty() {
-        Parsed::Rows(rows)
+        Parsed::Rows(rows, releases)
     } else {
         Parsed::Errors {
             listed: errors,
@@ -198,10 +248,14 @@ fn header_problem(header: &[String]) -> String {
         .collect();
     let unknown: Vec<&str> = header
         .iter()
-        .filter(|h| !COLUMNS.contains(&h.as_str()))
+        .filter(|h| !COLUMNS.contains(&h.as_str()) && !RELEASE_COLUMNS.contains(&h.as_str()))
         .map(String::as_str)
         .collect();
-    let mut problem = format!("the header must be: {}", COLUMNS.join(","));
+    let mut problem = format!(
+        "the header must be: {} (then, optionally, all of {})",
+        COLUMNS.join(","),
+        RELEASE_COLUMNS.join(",")
+    );
     if !missing.is_empty() {
         problem.push_str(&format!("; missing: {}", missing.join(", ")));
     }
@@ -282,19 +336,31 @@ fn parse_weekdays(text: &str) -> Result<Vec<u32>, String> {
     Ok(days)
 }
 
-fn parse_row(line: u64, text: &str) -> Result<proto::CapacityRow, Vec<FileError>> {
+fn parse_row(
+    line: u64,
+    text: &str,
+    with_releases: bool,
+) -> Result<(proto::CapacityRow, Option<RowRelease>), Vec<FileError>> {
     let fields = split_fields(text).map_err(|message| vec![line_error(line, message)])?;
-    if fields.len() != COLUMNS.len() {
+    let expected = COLUMNS.len()
+        + if with_releases {
+            RELEASE_COLUMNS.len()
+        } else {
+            0
+        };
+    if fields.len() != expected {
         return Err(vec![line_error(
             line,
             format!(
-                "has {} columns, expected {} ({})",
+                "has {} columns, expected {expected} (as the header)",
                 fields.len(),
-                COLUMNS.len(),
-                COLUMNS.join(",")
             ),
         )]);
     }
+    let release = match with_releases {
+        true => parse_release(line, &fields[COLUMNS.len()..]),
+        false => Ok(None),
+    };
     let mut errors = Vec::new();
     let field = |index: usize| fields[index].trim().to_string();
     let mut number = |index: usize| -> u32 {
@@ -317,10 +383,14 @@ fn parse_row(line: u64, text: &str) -> Result<proto::CapacityRow, Vec<FileError>
         });
         Vec::new()
     });
+    let release = release.unwrap_or_else(|found| {
+        errors.extend(found);
+        None
+    });
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(proto::CapacityRow {
+    let row = proto::CapacityRow {
         site: Some(proto::Site {
             site_id: field(0),
             name: field(1),
@@ -336,7 +406,94 @@ fn parse_row(line: u64, text: &str) -> Result<proto::CapacityRow, Vec<FileError>
         slot_minutes,
         capacity_per_slot,
         line,
-    })
+    };
+    Ok((row, release))
+}
+
+/// A row's release columns (`RELEASE_COLUMNS`): none when `release_id` is empty (then
+/// every other one must be too).
+fn parse_release(line: u64, fields: &[String]) -> Result<Option<RowRelease>, Vec<FileError>> {
+    let field = |index: usize| fields[index].trim();
+    let mut errors = Vec::new();
+    let mut error = |index: usize, message: String| {
+        errors.push(FileError {
+            line,
+            column: Some(RELEASE_COLUMNS[index]),
+            message,
+        })
+    };
+    if field(0).is_empty() {
+        if let Some(index) = (1..fields.len()).find(|i| !field(*i).is_empty()) {
+            error(index, "is set on a row without a release_id".into());
+            return Err(errors);
+        }
+        return Ok(None);
+    }
+    let instant = |index: usize| chrono::DateTime::parse_from_rfc3339(field(index)).ok();
+    let release_at = instant(1).map(|at| at.timestamp_millis());
+    if release_at.is_none() {
+        error(
+            1,
+            format!(
+                "{:?} is not an RFC 3339 instant such as 2027-03-01T00:00:00+01:00",
+                field(1)
+            ),
+        );
+    }
+    let queue_opens_at = match field(2) {
+        "" => None,
+        _ => {
+            let parsed = instant(2).map(|at| at.timestamp_millis());
+            if parsed.is_none() {
+                error(2, format!("{:?} is not an RFC 3339 instant", field(2)));
+            }
+            parsed
+        }
+    };
+    let mut number = |index: usize| match field(index) {
+        "" => 0,
+        text => text.parse().unwrap_or_else(|_| {
+            error(index, format!("{text:?} is not a whole number"));
+            0
+        }),
+    };
+    let admissions_per_minute = number(3);
+    let hours = number(5);
+    let reserved_percent = parse_reserves(field(4)).unwrap_or_else(|message| {
+        error(4, message);
+        Vec::new()
+    });
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Some(RowRelease {
+        row: 0,
+        release_id: field(0).to_string(),
+        release_at_unix_ms: release_at.unwrap_or_default(),
+        queue_opens_at_unix_ms: queue_opens_at,
+        admissions_per_minute,
+        reserved_percent,
+        reserve_released_hours_before_start: hours,
+    }))
+}
+
+/// `phone:30;desk:10` → [("phone", 30), ("desk", 10)]; empty → none.
+fn parse_reserves(text: &str) -> Result<Vec<(String, u32)>, String> {
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    text.split(';')
+        .map(|part| {
+            let (channel, percent) = part
+                .split_once(':')
+                .ok_or_else(|| format!("{part:?} is not channel:percent, e.g. phone:30"))?;
+            let percent = percent
+                .trim()
+                .parse()
+                .map_err(|_| format!("{percent:?} is not a whole percent"))?;
+            Ok((channel.trim().to_string(), percent))
+        })
+        .collect()
 }
 
 /// Quotes a field for CSV output when it needs it. A field a spreadsheet would run as
@@ -369,7 +526,7 @@ mod tests {
         let text = format!(
             "{HEADER}a,\"Hall \"\"A\"\", north\",r,Europe/Rome,vax,2027-01-04,2027-01-10,1-3;6,09:00,10:00,15,2\n\n"
         );
-        let Parsed::Rows(rows) = parse_text(&text) else {
+        let Parsed::Rows(rows, _) = parse_text(&text) else {
             panic!("expected rows");
         };
         assert_eq!(rows.len(), 1);

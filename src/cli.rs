@@ -174,8 +174,8 @@ pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(
         limits.import_errors_reported_max,
     )
     .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    let rows = match parsed {
-        Parsed::Rows(rows) => rows,
+    let (rows, row_releases) = match parsed {
+        Parsed::Rows(rows, releases) => (rows, releases),
         Parsed::Errors { listed, more } => {
             let mut text = format!(
                 "{} is not a valid capacity file; nothing was sent:",
@@ -190,8 +190,17 @@ pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(
             return Err(text);
         }
     };
+    let releases = releases_of(&rows, &row_releases)?;
     let total = rows.len();
     let mut client = connect(target).await?;
+    // Releases before their slots exist (a slot without its release would be open to
+    // whoever books first): their sites first (empty), then the releases, then the
+    // import. A refused release leaves no slot imported, and every step is idempotent,
+    // so the same file can simply be sent again.
+    if !dry_run {
+        upsert_release_sites(&mut client, &rows, &row_releases).await?;
+    }
+    create_releases(&mut client, releases, dry_run).await?;
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     let request_id = format!("import-{}", rand::random::<u64>());
     let feeder = tokio::spawn(async move {
@@ -233,6 +242,166 @@ pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(
             ""
         }
     );
+    Ok(())
+}
+
+/// The releases a file's release columns describe: rows sharing a `release_id` make one
+/// release over their sites, from the first of their first days to the end of the
+/// last of their last days (local midnights), with the same release columns.
+fn releases_of(
+    rows: &[proto::CapacityRow],
+    row_releases: &[capacity_file::RowRelease],
+) -> Result<Vec<(u64, proto::Release)>, String> {
+    let mut releases: std::collections::BTreeMap<String, (u64, proto::Release)> =
+        Default::default();
+    for row_release in row_releases {
+        let row = &rows[row_release.row];
+        let site = row.site.clone().unwrap_or_default();
+        let (from, to) = local_days(&site.time_zone, &row.first_day, &row.last_day)
+            .map_err(|why| format!("line {}: {why}", row.line))?;
+        let wanted = release_from_row(row_release, &row.service_id);
+        let (first_line, release) = releases
+            .entry(row_release.release_id.clone())
+            .or_insert_with(|| (row.line, wanted.clone()));
+        let same = (
+            &release.service_id,
+            &release.release_at,
+            &release.queue_opens_at,
+        ) == (
+            &wanted.service_id,
+            &wanted.release_at,
+            &wanted.queue_opens_at,
+        ) && release.admissions_per_minute == wanted.admissions_per_minute
+            && release.reserved_percent == wanted.reserved_percent
+            && release.reserve_released_hours_before_start
+                == wanted.reserve_released_hours_before_start;
+        if !same {
+            return Err(format!(
+                "line {}: release {} differs from its first row (line {first_line}): its \
+                 service and release columns must be the same on every row",
+                row.line, row_release.release_id
+            ));
+        }
+        if !release.site_ids.contains(&site.site_id) {
+            release.site_ids.push(site.site_id.clone());
+        }
+        let earlier =
+            |a: &Option<prost_types::Timestamp>, b: i64| a.as_ref().is_none_or(|a| b < a.seconds);
+        if earlier(&release.from, from) {
+            release.from = Some(prost_types::Timestamp {
+                seconds: from,
+                nanos: 0,
+            });
+        }
+        if release.to.as_ref().is_none_or(|t| to > t.seconds) {
+            release.to = Some(prost_types::Timestamp {
+                seconds: to,
+                nanos: 0,
+            });
+        }
+    }
+    Ok(releases.into_values().collect())
+}
+
+/// A release's columns as a `proto::Release` (no sites nor range yet).
+fn release_from_row(row: &capacity_file::RowRelease, service_id: &str) -> proto::Release {
+    let instant = |ms: i64| prost_types::Timestamp {
+        seconds: ms.div_euclid(1_000),
+        nanos: (ms.rem_euclid(1_000) * 1_000_000) as i32,
+    };
+    proto::Release {
+        release_id: row.release_id.clone(),
+        service_id: service_id.to_string(),
+        release_at: Some(instant(row.release_at_unix_ms)),
+        queue_opens_at: row.queue_opens_at_unix_ms.map(instant),
+        admissions_per_minute: row.admissions_per_minute,
+        reserved_percent: row.reserved_percent.iter().cloned().collect(),
+        reserve_released_hours_before_start: row.reserve_released_hours_before_start,
+        ..Default::default()
+    }
+}
+
+/// The first instant of `first_day` and of the day after `last_day` in `zone`, in
+/// seconds since the epoch.
+fn local_days(zone: &str, first_day: &str, last_day: &str) -> Result<(i64, i64), String> {
+    use chrono::TimeZone;
+    let zone: chrono_tz::Tz = zone
+        .parse()
+        .map_err(|_| format!("{zone:?} is not an IANA time zone"))?;
+    let day = |text: &str| {
+        chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+            .map_err(|_| format!("{text:?} is not a date YYYY-MM-DD"))
+    };
+    let midnight = |date: chrono::NaiveDate| {
+        (0..24)
+            .filter_map(|hour| date.and_hms_opt(hour, 0, 0))
+            .find_map(|local| zone.from_local_datetime(&local).earliest())
+            .map(|at| at.timestamp())
+            .ok_or_else(|| format!("{date} has no local midnight"))
+    };
+    let last = day(last_day)?;
+    let next = last.succ_opt().ok_or("the last day is too far")?;
+    Ok((midnight(day(first_day)?)?, midnight(next)?))
+}
+
+/// Registers (or updates, unchanged) the sites of the rows that have a release, so the
+/// releases can name them before the import gives them slots.
+async fn upsert_release_sites(
+    client: &mut Client,
+    rows: &[proto::CapacityRow],
+    row_releases: &[capacity_file::RowRelease],
+) -> Result<(), String> {
+    let mut done = std::collections::BTreeSet::new();
+    for row_release in row_releases {
+        let row = &rows[row_release.row];
+        let site = row.site.clone().unwrap_or_default();
+        if !done.insert(site.site_id.clone()) {
+            continue;
+        }
+        client
+            .upsert_site(proto::UpsertSiteRequest {
+                site: Some(site),
+                request_id: String::new(),
+            })
+            .await
+            .map_err(|status| {
+                format!(
+                    "line {}: the site of release {}: {}; no slot was imported",
+                    row.line,
+                    row_release.release_id,
+                    explain(&status)
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Creates each release (or, on a dry run, says it would).
+async fn create_releases(
+    client: &mut Client,
+    releases: Vec<(u64, proto::Release)>,
+    dry_run: bool,
+) -> Result<(), String> {
+    for (line, release) in releases {
+        let (id, sites) = (release.release_id.clone(), release.site_ids.len());
+        if dry_run {
+            println!("would create release {id} over {sites} sites (line {line})");
+            continue;
+        }
+        client
+            .create_release(proto::CreateReleaseRequest {
+                release: Some(release),
+                request_id: String::new(),
+            })
+            .await
+            .map_err(|status| {
+                format!(
+                    "release {id} (line {line}): {}; no slot was imported",
+                    explain(&status)
+                )
+            })?;
+        println!("release {id} over {sites} sites: announced");
+    }
     Ok(())
 }
 

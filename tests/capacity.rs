@@ -617,3 +617,104 @@ async fn far_future_schedules_and_overfull_regions_are_refused() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_imports_release_columns_and_announces_the_opening_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let binary = env!("CARGO_BIN_EXE_prenota");
+    let files = tempfile::tempdir().unwrap();
+    let (d1, d2) = (day_ahead(20), day_ahead(21));
+    let release_at = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let header = "site_id,name,region_id,time_zone,service_id,first_day,last_day,weekdays,opens,\
+                  closes,slot_minutes,capacity_per_slot,release_id,release_at,queue_opens_at,\
+                  admissions_per_minute,reserved_percent,reserve_released_hours_before_start";
+    let good = format!(
+        "{header}\n\
+         a-site,A,umbria,Europe/Rome,vax,{d1},{d1},1-7,09:00,10:00,30,4,opening,{release_at},,,phone:25,24\n\
+         b-site,B,umbria,Europe/Rome,vax,{d1},{d2},1-7,09:00,10:00,30,4,opening,{release_at},,,phone:25,24\n\
+         c-site,C,umbria,Europe/Rome,vax,{d1},{d1},1-7,09:00,10:00,30,4,,,,,,\n"
+    );
+    let bad = good.replacen(",phone:25,24\nb-site", ",phone:25,24\nx-site", 1).replacen(
+        &format!("x-site,B,umbria,Europe/Rome,vax,{d1},{d2},1-7,09:00,10:00,30,4,opening,{release_at},,,phone:25,24"),
+        &format!("x-site,B,umbria,Europe/Rome,vax,{d1},{d2},1-7,09:00,10:00,30,4,opening,{release_at},,,phone:30,24"),
+        1,
+    );
+    let (good_path, bad_path) = (files.path().join("good.csv"), files.path().join("bad.csv"));
+    std::fs::write(&good_path, good).unwrap();
+    std::fs::write(&bad_path, bad).unwrap();
+    let url = server.url();
+    let run = |file: std::path::PathBuf| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(binary)
+                .args([
+                    "import".as_ref(),
+                    file.as_os_str(),
+                    "--server".as_ref(),
+                    url.as_ref(),
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+
+    // Rows of one release must agree: nothing is sent otherwise.
+    let refused = run(bad_path).await.unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("line 3") && stderr.contains("differs"),
+        "{stderr}"
+    );
+    let missing = server
+        .capacity()
+        .await
+        .get_site_stats(proto::GetSiteStatsRequest {
+            site_id: "a-site".into(),
+        })
+        .await
+        .expect_err("nothing imported");
+    assert_eq!(missing.code(), Code::NotFound);
+
+    for _ in 0..2 {
+        // Sending the same file again changes nothing.
+        let imported = run(good_path.clone()).await.unwrap();
+        let stdout = String::from_utf8_lossy(&imported.stdout);
+        assert!(
+            imported.status.success(),
+            "{stdout} {}",
+            String::from_utf8_lossy(&imported.stderr)
+        );
+        assert!(stdout.contains("release opening over 2 sites"), "{stdout}");
+        assert!(stdout.contains("imported 3 rows"), "{stdout}");
+    }
+    let release = server
+        .capacity()
+        .await
+        .get_release(proto::GetReleaseRequest {
+            release_id: "opening".into(),
+        })
+        .await
+        .expect("announced")
+        .into_inner()
+        .release
+        .unwrap();
+    assert_eq!(release.site_ids, ["a-site", "b-site"]);
+    assert_eq!(release.reserved_percent["phone"], 25);
+    assert_eq!(release.reserve_released_hours_before_start, 24);
+    let slots = search_all(&mut server.booking().await, "b-site", "vax").await;
+    assert_eq!(slots.len(), 4, "two days of two slots");
+    assert!(slots.iter().all(|slot| slot.release_at.is_some()));
+    let open = search_all(&mut server.booking().await, "c-site", "vax").await;
+    assert!(open.iter().all(|slot| slot.release_at.is_none()));
+    let status = server
+        .booking()
+        .await
+        .book(book_request(&slots[0].slot_id, "early", "e1"))
+        .await
+        .expect_err("not released");
+    assert_eq!(reason(&status).as_deref(), Some("SLOT_NOT_RELEASED"));
+    server.stop().await;
+}

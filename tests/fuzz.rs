@@ -71,7 +71,7 @@ proptest! {
             file.push('\n');
         }
         match capacity_file::parse(file.as_bytes(), 100, 50).unwrap() {
-            Parsed::Rows(parsed) => prop_assert!(parsed.len() <= rows.len()),
+            Parsed::Rows(parsed, _) => prop_assert!(parsed.len() <= rows.len()),
             Parsed::Errors { listed, .. } => {
                 let lines = rows.len() as u64 + 1;
                 prop_assert!(listed.iter().all(|e| e.line >= 2 && e.line <= lines), "{listed:?}");
