@@ -196,6 +196,18 @@ impl Engine {
             .ok_or(DomainError::NotFound(Missing::Slot))
     }
 
+    /// A slot and the region of its site (a release covers slots by region or site).
+    pub(super) fn slot_in_region(
+        &self,
+        key: &SlotKey,
+    ) -> Result<(RegionId, Arc<Slot>), DomainError> {
+        let catalog = self.catalog();
+        let (site, slot) = catalog
+            .slot(key)
+            .ok_or(DomainError::NotFound(Missing::Slot))?;
+        Ok((site.region_id.clone(), Arc::clone(slot)))
+    }
+
     /// Returns one place of a slot after the durable write that freed it.
     pub(super) fn return_place(&self, key: &SlotKey, channel: &ChannelId) {
         self.place_returned(key, channel);

@@ -5,9 +5,7 @@
 //! Must not import tonic.
 
 use crate::domain::catalog::Admission;
-use std::sync::Arc;
-
-use crate::domain::error::{DomainError, Missing};
+use crate::domain::error::DomainError;
 use crate::domain::ids::{ChannelId, CitizenKey, SlotKey};
 use crate::domain::plans::{Free, Plan, SlotView, Take};
 use crate::domain::slot_counter::Refused;
@@ -39,13 +37,7 @@ impl Engine {
         (citizen, channel): (&CitizenKey, &ChannelId),
         now_unix_ms: i64,
     ) -> Result<SlotView, ServiceError> {
-        let (region, slot) = {
-            let catalog = self.catalog();
-            let (site, slot) = catalog
-                .slot(key)
-                .ok_or(DomainError::NotFound(Missing::Slot))?;
-            (site.region_id.clone(), Arc::clone(slot))
-        };
+        let (region, slot) = self.slot_in_region(key)?;
         Ok(SlotView {
             key: slot.key.clone(),
             end_unix_s: slot.end_unix_s(),
@@ -180,12 +172,7 @@ impl Engine {
                 } => {
                     self.citizens.replace(*citizen, service, *to, *from);
                 }
-                Take::Place(key, channel) => {
-                    self.place_returned(key, channel);
-                    if let Ok(slot) = self.slot(key) {
-                        let _ = slot.counter.release();
-                    }
-                }
+                Take::Place(key, channel) => self.return_place(key, channel),
                 // The admission settles when its guard drops.
                 Take::Admission(_) => {}
                 Take::HeldShare { slot, .. } => self.live_holds().release_share(slot),

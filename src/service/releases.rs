@@ -110,10 +110,6 @@ impl ReleaseEntry {
             release_at_unix_ms,
         }
     }
-
-    pub fn release_id(&self) -> &ReleaseId {
-        &self.definition.release_id
-    }
 }
 
 /// Every release, by id and by service (a booking looks up its slot's service only).
@@ -200,9 +196,6 @@ impl Releases {
 
     /// The release_at of the slot's release, if it has one (for searches).
     pub fn release_at(&self, region: &RegionId, key: &SlotKey) -> Option<i64> {
-        if self.read().by_id.is_empty() {
-            return None;
-        }
         self.covering(region, key)
             .map(|entry| entry.definition.release_at_unix_ms)
     }
@@ -210,6 +203,21 @@ impl Releases {
     pub(super) fn channel_use(&self) -> MutexGuard<'_, ChannelUse> {
         // Each critical section is one count: a poisoned lock guards sound data.
         self.channel_use.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place of slot `key` was taken for `channel` (the default channel is not
+    /// counted, and takes no lock: every web booking passes here).
+    fn channel_took(&self, key: &SlotKey, channel: &ChannelId) {
+        if !channel.is_default() {
+            self.channel_use().add(key, channel);
+        }
+    }
+
+    /// A place of slot `key` taken for `channel` is returning.
+    fn channel_returned(&self, key: &SlotKey, channel: &ChannelId) {
+        if !channel.is_default() {
+            self.channel_use().remove(key, channel);
+        }
     }
 
     /// The citizen's ticket of `release_id` was used, durably.
@@ -276,10 +284,7 @@ impl Engine {
             let counter = slot.counter.snapshot();
             let held_back = match reserves.is_empty() {
                 true => 0,
-                false => {
-                    let used = self.releases.channel_use().used(&slot.key, reserves);
-                    entry.held_back((&slot.key, counter.capacity), &used, None, now)
-                }
+                false => self.held_back_now(entry, slot, None, now),
             };
             places.free += u64::from(counter.remaining().saturating_sub(held_back));
             places.pending += u64::from(counter.pending);
@@ -327,12 +332,24 @@ impl Engine {
         let Some(entry) = self.reserving(&site.region_id, &slot.key) else {
             return 0;
         };
+        self.held_back_now(&entry, slot, channel, self.now_unix_ms())
+    }
+
+    /// The free places of `slot` that `entry`'s reserves hold back from `channel` at
+    /// `now` (`None`: every reserve's unused places), from the channels' current use.
+    fn held_back_now(
+        &self,
+        entry: &ReleaseEntry,
+        slot: &Slot,
+        channel: Option<&ChannelId>,
+        now: i64,
+    ) -> u32 {
         let used = self
             .releases
             .channel_use()
             .used(&slot.key, &entry.definition.reserves);
         let capacity = slot.counter.snapshot().capacity;
-        entry.held_back((&slot.key, capacity), &used, channel, self.now_unix_ms())
+        entry.held_back((&slot.key, capacity), &used, channel, now)
     }
 
     /// The release with channel reserves covering slot `key` of a site in `region`.
@@ -350,20 +367,14 @@ impl Engine {
         key: &SlotKey,
         channel: &ChannelId,
     ) -> Result<Admission, DomainError> {
-        let (region, slot) = {
-            let catalog = self.catalog();
-            let (site, slot) = catalog
-                .slot(key)
-                .ok_or(DomainError::NotFound(Missing::Slot))?;
-            (site.region_id.clone(), Arc::clone(slot))
-        };
+        let (region, slot) = self.slot_in_region(key)?;
         let entry = match self.releases.is_empty() {
             true => None,
             false => self.reserving(&region, key),
         };
         let Some(entry) = entry else {
             let admission = slot.try_take().map_err(|refusal| refused(refusal, key))?;
-            self.releases.channel_use().add(key, channel);
+            self.releases.channel_took(key, channel);
             return Ok(admission);
         };
         // One take at a time in the release's slots: the use read here stays true
@@ -379,16 +390,14 @@ impl Engine {
                 entry.held_back((key, capacity), &used, Some(channel), now)
             })
             .map_err(|refusal| refused(refusal, key))?;
-        self.releases.channel_use().add(key, channel);
+        self.releases.channel_took(key, channel);
         Ok(admission)
     }
 
     /// A place of a booking or hold of `channel` in slot `key` is about to return to its
     /// counter: the channel holds one fewer.
     pub(super) fn place_returned(&self, key: &SlotKey, channel: &ChannelId) {
-        if !channel.is_default() {
-            self.releases.channel_use().remove(key, channel);
-        }
+        self.releases.channel_returned(key, channel);
     }
 
     /// Every slot of `site` with free places held back for channel reserves now, and
@@ -413,12 +422,7 @@ impl Engine {
                 .iter()
                 .filter(|s| release.covers(&site.region_id, &s.key))
             {
-                let used = self
-                    .releases
-                    .channel_use()
-                    .used(&slot.key, &release.reserves);
-                let capacity = slot.counter.snapshot().capacity;
-                let held = entry.held_back((&slot.key, capacity), &used, None, now);
+                let held = self.held_back_now(&entry, slot, None, now);
                 if held > 0 {
                     reserved.insert(
                         slot.key.clone(),
