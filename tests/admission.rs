@@ -9,14 +9,6 @@ use common::*;
 use prenota::config::{hex, token_sha256, Config, ConfigFile};
 use prenota::proto;
 use tonic::Code;
-use tonic_types::StatusExt;
-
-fn retry_delay(status: &tonic::Status) -> Duration {
-    status
-        .get_details_retry_info()
-        .and_then(|info| info.retry_delay)
-        .expect("a RetryInfo delay")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_citizen_bursting_past_the_limit_waits_and_keeps_its_booking() {

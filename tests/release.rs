@@ -18,7 +18,6 @@ use prenota::service::Clock;
 use prost_types::Timestamp;
 use tonic::transport::Channel;
 use tonic::Code;
-use tonic_types::StatusExt;
 
 fn at_ms(unix_ms: i64) -> Option<Timestamp> {
     Some(Timestamp {
@@ -168,11 +167,7 @@ async fn booking_before_release_at_is_refused_with_the_time_to_retry() {
         .expect_err("not released yet");
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert_eq!(reason(&status).as_deref(), Some("SLOT_NOT_RELEASED"));
-    let retry = status
-        .get_details_retry_info()
-        .and_then(|info| info.retry_delay)
-        .expect("a RetryInfo");
-    assert_eq!(retry, Duration::from_secs(90));
+    assert_eq!(retry_delay(&status), Duration::from_secs(90));
     assert!(metadata(&status, "release_at").is_some());
     let hold = booking
         .hold_slot(proto::HoldSlotRequest {
@@ -231,20 +226,8 @@ async fn booking_before_release_at_is_refused_with_the_time_to_retry() {
 
 /// 25 slots of 100 places (2,500) on one site of region `lazio`, 30 days ahead.
 async fn big_site(server: &TestServer) -> Vec<proto::Slot> {
-    let mut capacity = server.capacity().await;
-    upsert_site(&mut capacity, "q-site", "lazio", "Etc/UTC").await;
-    let day = day_ahead(30);
-    capacity
-        .publish_schedule(publish_request(
-            "q-site",
-            "vax",
-            (&day, &day),
-            ("08:00", "20:30"),
-            30,
-            100,
-        ))
-        .await
-        .expect("publish");
+    let site = ("q-site", "lazio");
+    utc_site_on(server.channel().await, site, 30, ("08:00", "20:30"), 100).await;
     let slots = search_all(&mut server.booking().await, "q-site", "vax").await;
     assert_eq!(slots.len(), 25);
     slots
@@ -444,19 +427,14 @@ async fn the_draw_survives_a_kill_9_and_the_sell_out_is_told_within_a_second() {
     let server = ChildServer::start(dir.path());
     let channel = connect(&server.url).await;
     let mut capacity = CapacityServiceClient::new(channel.clone());
-    upsert_site(&mut capacity, "k-site", "umbria", "Etc/UTC").await;
-    let day = day_ahead(20);
-    capacity
-        .publish_schedule(publish_request(
-            "k-site",
-            "vax",
-            (&day, &day),
-            ("09:00", "10:00"),
-            30,
-            50,
-        ))
-        .await
-        .expect("publish");
+    utc_site_on(
+        channel.clone(),
+        ("k-site", "umbria"),
+        20,
+        ("09:00", "10:00"),
+        50,
+    )
+    .await;
     let now = chrono::Utc::now().timestamp_millis();
     let release_at = now + 4_000;
     create(
@@ -597,19 +575,8 @@ async fn held_places_keep_a_queue_open_and_moves_within_a_release_need_no_ticket
     config.limits.held_share_of_capacity_max_percent = 100;
     let server = TestServer::start_with_clock(dir.path(), config, clock.clone()).await;
     let mut capacity = server.capacity().await;
-    upsert_site(&mut capacity, "h-site", "marche", "Etc/UTC").await;
-    let day = day_ahead(10);
-    capacity
-        .publish_schedule(publish_request(
-            "h-site",
-            "vax",
-            (&day, &day),
-            ("09:00", "10:00"),
-            30,
-            2,
-        ))
-        .await
-        .expect("publish");
+    let site = ("h-site", "marche");
+    utc_site_on(server.channel().await, site, 10, ("09:00", "10:00"), 2).await;
     let mut booking = server.booking().await;
     let slots = search_all(&mut booking, "h-site", "vax").await;
     let (first, second) = (slots[0].slot_id.clone(), slots[1].slot_id.clone());

@@ -104,6 +104,33 @@ async fn remaining(client: &mut Booking, only_available: bool) -> u32 {
     slots.first().map_or(0, |slot| slot.remaining)
 }
 
+/// Site `r-site` (region `toscana`, UTC) with one 30-minute `vax` slot of `capacity`
+/// places, 10 days ahead.
+async fn one_slot_of(ops: &mut Capacity, capacity: u32) {
+    ops.upsert_site(proto::UpsertSiteRequest {
+        site: Some(proto::Site {
+            site_id: "r-site".into(),
+            name: "Firenze".into(),
+            region_id: "toscana".into(),
+            time_zone: "Etc/UTC".into(),
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .expect("site");
+    let day = day_ahead(10);
+    ops.publish_schedule(publish_request(
+        "r-site",
+        "vax",
+        (&day, &day),
+        ("10:00", "10:30"),
+        30,
+        capacity,
+    ))
+    .await
+    .expect("publish");
+}
+
 async fn reserved(capacity: &mut Capacity) -> u64 {
     capacity
         .get_site_stats(proto::GetSiteStatsRequest {
@@ -129,28 +156,7 @@ async fn reserved_places_go_to_their_channel_until_released_then_to_anyone() {
     let clock = Clock::manual_from_now();
     let server = TestServer::start_with_clock(dir.path(), config(), clock.clone()).await;
     let mut ops = capacity(&server).await;
-    ops.upsert_site(proto::UpsertSiteRequest {
-        site: Some(proto::Site {
-            site_id: "r-site".into(),
-            name: "Firenze".into(),
-            region_id: "toscana".into(),
-            time_zone: "Etc/UTC".into(),
-        }),
-        request_id: String::new(),
-    })
-    .await
-    .expect("site");
-    let day = day_ahead(10);
-    ops.publish_schedule(publish_request(
-        "r-site",
-        "vax",
-        (&day, &day),
-        ("10:00", "10:30"),
-        30,
-        4,
-    ))
-    .await
-    .expect("publish");
+    one_slot_of(&mut ops, 4).await;
     let now_s = clock.now_unix_ms() / 1_000;
     let mut release = proto::Release {
         release_id: "phone-half".into(),
@@ -247,28 +253,7 @@ async fn a_rush_of_other_channels_never_takes_a_reserved_place() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(dir.path(), config()).await;
     let mut ops = capacity(&server).await;
-    ops.upsert_site(proto::UpsertSiteRequest {
-        site: Some(proto::Site {
-            site_id: "r-site".into(),
-            name: "Firenze".into(),
-            region_id: "toscana".into(),
-            time_zone: "Etc/UTC".into(),
-        }),
-        request_id: String::new(),
-    })
-    .await
-    .expect("site");
-    let day = day_ahead(10);
-    ops.publish_schedule(publish_request(
-        "r-site",
-        "vax",
-        (&day, &day),
-        ("10:00", "10:30"),
-        30,
-        10,
-    ))
-    .await
-    .expect("publish");
+    one_slot_of(&mut ops, 10).await;
     let now_s = chrono::Utc::now().timestamp();
     ops.create_release(proto::CreateReleaseRequest {
         release: Some(proto::Release {
@@ -328,28 +313,7 @@ async fn a_booking_made_before_its_release_counts_against_the_reserve() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(dir.path(), config()).await;
     let mut ops = capacity(&server).await;
-    ops.upsert_site(proto::UpsertSiteRequest {
-        site: Some(proto::Site {
-            site_id: "r-site".into(),
-            name: "Firenze".into(),
-            region_id: "toscana".into(),
-            time_zone: "Etc/UTC".into(),
-        }),
-        request_id: String::new(),
-    })
-    .await
-    .expect("site");
-    let day = day_ahead(10);
-    ops.publish_schedule(publish_request(
-        "r-site",
-        "vax",
-        (&day, &day),
-        ("10:00", "10:30"),
-        30,
-        4,
-    ))
-    .await
-    .expect("publish");
+    one_slot_of(&mut ops, 4).await;
     let (mut web, mut phone) = (booking(&server, WEB).await, booking(&server, PHONE).await);
     let slot_id = first_slot(&mut phone).await;
     book(&mut phone, &slot_id, "early-caller")

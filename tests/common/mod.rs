@@ -206,23 +206,42 @@ pub async fn one_slot_site_on(
     region_id: &str,
     capacity: u32,
 ) -> String {
-    let mut capacity_client = CapacityServiceClient::new(channel.clone());
+    utc_site_on(
+        channel.clone(),
+        (site_id, region_id),
+        30,
+        ("10:00", "10:30"),
+        capacity,
+    )
+    .await;
+    let slots = search_all(&mut BookingServiceClient::new(channel), site_id, "vax").await;
+    assert_eq!(slots.len(), 1);
+    slots[0].slot_id.clone()
+}
+
+/// Creates a UTC site with 30-minute `vax` slots of `capacity` places between `hours`
+/// (opens, closes) on the day `days_ahead` days from now.
+pub async fn utc_site_on(
+    channel: Channel,
+    (site_id, region_id): (&str, &str),
+    days_ahead: i64,
+    hours: (&str, &str),
+    capacity: u32,
+) {
+    let mut capacity_client = CapacityServiceClient::new(channel);
     upsert_site(&mut capacity_client, site_id, region_id, "Etc/UTC").await;
-    let day = day_ahead(30);
+    let day = day_ahead(days_ahead);
     capacity_client
         .publish_schedule(publish_request(
             site_id,
             "vax",
             (&day, &day),
-            ("10:00", "10:30"),
+            hours,
             30,
             capacity,
         ))
         .await
         .expect("publish");
-    let slots = search_all(&mut BookingServiceClient::new(channel), site_id, "vax").await;
-    assert_eq!(slots.len(), 1);
-    slots[0].slot_id.clone()
 }
 
 /// Every slot of a site and service in the next 366 days, following page tokens.
@@ -323,6 +342,14 @@ pub async fn export_all(channel: Channel) -> Vec<proto::Booking> {
 /// `ErrorInfo.reason` of a status, if any.
 pub fn reason(status: &Status) -> Option<String> {
     status.get_details_error_info().map(|info| info.reason)
+}
+
+/// The `RetryInfo` delay of a refusal (it must have one).
+pub fn retry_delay(status: &Status) -> std::time::Duration {
+    status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .expect("a RetryInfo delay")
 }
 
 pub fn metadata(status: &Status, key: &str) -> Option<String> {
