@@ -87,6 +87,11 @@ fn message(event: &proto::Event) -> String {
         EventKind::CapacityChanged => {
             format!("slot {} now has {} places", event.slot_id, event.capacity)
         }
+        EventKind::OfferMade => format!(
+            "slot {} offered (hold {}): accept or decline",
+            event.slot_id, event.hold_id
+        ),
+        EventKind::OfferExpired => format!("offer {} ended ({})", event.hold_id, event.reason),
         EventKind::Unspecified => "an event of a kind this notifier does not know".into(),
     }
 }

@@ -104,6 +104,21 @@ pub struct Limits {
     /// How often queued releases are drawn, admitted and declared sold out: a waiting
     /// ticket turns SOLD_OUT within this of the last place going.
     pub release_step_interval_ms: u64,
+    /// Campaigns (`UpsertCampaign`) the server holds; the next new one is refused with
+    /// RESOURCE_EXHAUSTED / CAMPAIGNS_EXHAUSTED.
+    pub campaigns_max: usize,
+    /// Waves one campaign may have.
+    pub campaign_waves_max: usize,
+    /// Registrations all campaigns hold together (memory is per registration, about
+    /// 300 bytes); the next `PreRegister` is refused with REGISTRATIONS_FULL.
+    pub registrations_max: usize,
+    /// Most offers one matching step makes per campaign (one group commit).
+    pub campaign_offers_per_step_max: usize,
+    /// Most waiting registrations one matching step looks at per campaign, in rank
+    /// order (bounds the step's work under the campaign's lock).
+    pub campaign_scan_per_step_max: usize,
+    /// How often the matcher runs: a freed place is offered again within about this.
+    pub campaign_step_interval_ms: u64,
     /// Largest decoded gRPC request.
     pub message_size_bytes_max: usize,
     /// sled's page cache. sled treats it as a soft hint and its resident memory grows to a
@@ -258,6 +273,12 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     queue_tickets_max: 5_000_000,
     queue_admissions_per_step_max: 2_000,
     release_step_interval_ms: 200,
+    campaigns_max: 100,
+    campaign_waves_max: 64,
+    registrations_max: 2_000_000,
+    campaign_offers_per_step_max: 2_000,
+    campaign_scan_per_step_max: 100_000,
+    campaign_step_interval_ms: 200,
     message_size_bytes_max: 4 * 1024 * 1024,
     hold_ttl_seconds_default: 300,
     hold_ttl_seconds_max: 600,
@@ -327,6 +348,9 @@ const _: () = {
     assert!(l.watch_coalesce_ms >= 10);
     assert!(l.releases_max >= 1 && l.queue_tickets_max >= 1 && l.release_sites_max >= 1);
     assert!(l.queue_admissions_per_step_max >= 1);
+    assert!(l.campaigns_max >= 1 && l.campaign_waves_max >= 1 && l.registrations_max >= 1);
+    assert!(l.campaign_offers_per_step_max >= 1 && l.campaign_scan_per_step_max >= 1);
+    assert!(l.campaign_step_interval_ms >= 10 && l.campaign_step_interval_ms <= 1_000);
     assert!(l.release_step_interval_ms >= 10 && l.release_step_interval_ms <= 1_000);
     assert!(l.metrics_refresh_interval_ms >= 100 && l.backup_changes_buffered_max >= 1);
     assert!(l.retention_interval_ms >= 100 && l.retention_batch_records >= 1);
@@ -426,6 +450,20 @@ impl Limits {
                 && l.queue_admissions_per_step_max >= 1,
             "releases_max, release_sites_max, queue_tickets_max and \
              queue_admissions_per_step_max must be at least 1",
+        );
+        need(
+            l.campaigns_max >= 1
+                && l.campaign_waves_max >= 1
+                && l.registrations_max >= 1
+                && l.campaign_offers_per_step_max >= 1
+                && l.campaign_scan_per_step_max >= 1,
+            "campaigns_max, campaign_waves_max, registrations_max, \
+             campaign_offers_per_step_max and campaign_scan_per_step_max must be at least 1",
+        );
+        need(
+            l.campaign_step_interval_ms >= 10 && l.campaign_step_interval_ms <= 1_000,
+            "campaign_step_interval_ms must be between 10 and 1000 (a freed place is offered \
+             within it)",
         );
         need(
             l.release_step_interval_ms >= 10 && l.release_step_interval_ms <= 1_000,

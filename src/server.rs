@@ -188,6 +188,7 @@ impl Tasks {
             tokio::spawn(refresh_gauges(Arc::clone(engine))),
             tokio::spawn(fan_out_availability(Arc::clone(engine))),
             tokio::spawn(advance_releases(Arc::clone(engine))),
+            tokio::spawn(match_campaigns(Arc::clone(engine))),
         ])
     }
 
@@ -533,6 +534,21 @@ pub async fn advance_releases_once(engine: &Engine) -> Result<usize, ServiceErro
         metrics::counter!(telemetry::QUEUE_ADMISSIONS).increment(admitted as u64);
     }
     Ok(admitted)
+}
+
+/// Offers free places to campaigns' waiting registrations every
+/// `campaign_step_interval_ms`.
+async fn match_campaigns(engine: Arc<Engine>) {
+    let period_ms = engine.limits().campaign_step_interval_ms;
+    every_period(period_ms, "campaign matching", || {
+        match_campaigns_once(&engine)
+    })
+    .await
+}
+
+/// One matching step at the engine clock's `now`. Tests on a manual clock call it.
+pub async fn match_campaigns_once(engine: &Engine) -> Result<usize, ServiceError> {
+    engine.match_campaigns(engine.clock().now_unix_ms()).await
 }
 
 /// Runs a retention pass every `retention_interval_ms`, the first one period after start.

@@ -23,6 +23,11 @@ pub const HOLDS: &str = "prenota_holds_total";
 pub const HOLDS_EXPIRED: &str = "prenota_holds_expired_total";
 /// Queue tickets admitted by the admission step (queued releases).
 pub const QUEUE_ADMISSIONS: &str = "prenota_queue_admissions_total";
+/// Offers made by the campaign matcher.
+pub const CAMPAIGN_OFFERS: &str = "prenota_campaign_offers_total";
+/// Seconds from the first place returned since the matcher last made offers to the
+/// step that makes offers again (how long a freed place waits for its next offer).
+pub const CAMPAIGN_REFILL_SECONDS: &str = "prenota_campaign_refill_seconds";
 /// Live holds right now.
 pub const HOLDS_LIVE: &str = "prenota_holds_live";
 /// Requests refused by a rate limiter, by `limiter` (`citizen`, `citizen_reads`, `token`, `anonymous`).
@@ -85,6 +90,11 @@ pub const SITES: &str = "prenota_sites";
 const REQUEST_SECONDS_BUCKETS: &[f64] = &[
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+/// Buckets (seconds) of a freed place's wait for its next offer (matching runs every
+/// `campaign_step_interval_ms`).
+const REFILL_SECONDS_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0,
+];
 /// Buckets (seconds) of the store's apply, flush and fdatasync steps.
 const DISK_SECONDS_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -102,6 +112,7 @@ fn builder() -> Result<PrometheusBuilder, String> {
     };
     let mut builder = PrometheusBuilder::new();
     builder = set(builder, GRPC_HANDLING_SECONDS, REQUEST_SECONDS_BUCKETS)?;
+    builder = set(builder, CAMPAIGN_REFILL_SECONDS, REFILL_SECONDS_BUCKETS)?;
     for name in [
         COMMIT_APPLY_SECONDS,
         COMMIT_FLUSH_SECONDS,
@@ -162,6 +173,7 @@ fn register_rare_counters() {
         CONNECTIONS_REFUSED,
         COMMIT_FAILURES,
         QUEUE_ADMISSIONS,
+        CAMPAIGN_OFFERS,
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -204,6 +216,12 @@ fn describe() {
     describe_counter!(
         QUEUE_ADMISSIONS,
         "queue tickets admitted to book (queued releases)"
+    );
+    describe_counter!(CAMPAIGN_OFFERS, "offers made by the campaign matcher");
+    describe_histogram!(
+        CAMPAIGN_REFILL_SECONDS,
+        Unit::Seconds,
+        "from the first place returned since the matcher's last offers to its next offers"
     );
     describe_gauge!(HOLDS_LIVE, "live holds");
     describe_counter!(
@@ -309,6 +327,8 @@ pub const ALL: &[&str] = &[
     HOLDS,
     HOLDS_EXPIRED,
     QUEUE_ADMISSIONS,
+    CAMPAIGN_OFFERS,
+    CAMPAIGN_REFILL_SECONDS,
     HOLDS_LIVE,
     RATE_LIMITED,
     RATE_LIMITER_KEYS,
@@ -343,6 +363,7 @@ mod tests {
     fn the_dashboard_and_the_readme_name_only_metrics_that_exist() {
         let histograms = [
             GRPC_HANDLING_SECONDS,
+            CAMPAIGN_REFILL_SECONDS,
             COMMIT_BATCH_WRITES,
             COMMIT_BATCH_REQUESTS,
             COMMIT_APPLY_SECONDS,

@@ -74,6 +74,7 @@ fn the_readme_walk_through_works_by_copy_paste_on_another_day() {
             "## Fair release: announced openings and the waiting room",
         ),
         blocks_in(&readme, "### Capacity changes and closures"),
+        blocks_in(&readme, "## Campaigns: pre-registration, waves and offers"),
         // Every id the steps took from an answer was there.
         r#": "${SLOT1:?} ${SLOT2:?} ${SLOT3:?} ${BOOKING:?} ${HOLD:?} ${SLOT:?} ${DAY:?}""#
             .to_string(),
@@ -120,6 +121,8 @@ fn the_readme_walk_through_works_by_copy_paste_on_another_day() {
         "\"phase\": \"RELEASE_PHASE_QUEUE_OPEN\"",
         "\"state\": \"QUEUE_TICKET_STATE_WAITING\"",
         "\"capacity\": 6",
+        "\"state\": \"REGISTRATION_STATE_OFFERED\"",
+        "\"campaignId\": \"dose1-nh\"",
     ] {
         assert!(stdout.contains(expected), "no {expected} in:\n{stdout}");
     }

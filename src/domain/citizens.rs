@@ -105,6 +105,27 @@ impl CitizenIndex {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// How many active entries (bookings and holds) the citizen has for the service.
+    pub fn active_count(&self, citizen: CitizenKey, service: &ServiceId) -> usize {
+        self.shard(&citizen)
+            .active
+            .get(&(citizen, service.clone()))
+            .map_or(0, Active::len)
+    }
+
+    /// Whether `booking_id` (a booking or hold) is one of the citizen's active entries.
+    pub fn is_active(
+        &self,
+        citizen: CitizenKey,
+        service: &ServiceId,
+        booking_id: BookingId,
+    ) -> bool {
+        self.shard(&citizen)
+            .active
+            .get(&(citizen, service.clone()))
+            .is_some_and(|active| active.contains(booking_id))
+    }
+
     /// Records `booking_id` as active unless the citizen already holds `max` bookings
     /// for the service; then returns the oldest of those.
     pub fn reserve(

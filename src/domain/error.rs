@@ -15,6 +15,9 @@ pub enum Missing {
     Release,
     /// The citizen has no ticket for the release.
     Ticket,
+    Campaign,
+    /// The citizen has no registration in the campaign.
+    Registration,
 }
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -71,6 +74,19 @@ pub enum DomainError {
     QueueFull,
     #[error("the server holds as many releases as it allows (releases_max)")]
     ReleasesExhausted,
+    #[error(
+        "this slot is booked through its campaign's offers (PreRegister, then AcceptOffer); \
+         only slots starting within the campaign's last_minute_hours may be booked directly"
+    )]
+    OfferRequired,
+    #[error("the registration has no offer to answer")]
+    NoOffer,
+    #[error("the registration is booked: cancel the booking, which withdraws it")]
+    RegistrationBooked,
+    #[error("the server holds as many campaigns as it allows (campaigns_max)")]
+    CampaignsExhausted,
+    #[error("the server holds as many registrations as it allows (registrations_max)")]
+    RegistrationsFull,
 }
 
 impl From<FieldViolation> for DomainError {

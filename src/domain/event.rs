@@ -18,6 +18,10 @@ pub enum EventKind {
     HoldExpired,
     SlotClosed,
     CapacityChanged,
+    /// A campaign offered the slot's place to a registration (a hold, `hold_id`).
+    OfferMade,
+    /// An offer gave its place back: declined, expired, withdrawn or its slot closed.
+    OfferEnded,
 }
 
 /// A booking as an event shows it, at the time of the event.
@@ -101,6 +105,24 @@ impl Event {
             hold_id: Some(hold.hold_id),
             reason: reason.to_string(),
             ..Self::of_slot(EventKind::HoldExpired, &hold.slot, at_unix_ms)
+        }
+    }
+
+    /// A campaign offered `hold`'s place to a registration.
+    pub fn offer_made(hold: &Hold, at_unix_ms: i64) -> Self {
+        Self {
+            hold_id: Some(hold.hold_id),
+            ..Self::of_slot(EventKind::OfferMade, &hold.slot, at_unix_ms)
+        }
+    }
+
+    /// The offer `hold` gave its place back (`reason`: declined, expired, withdrawn,
+    /// closed).
+    pub fn offer_ended(hold: &Hold, reason: &str, at_unix_ms: i64) -> Self {
+        Self {
+            hold_id: Some(hold.hold_id),
+            reason: reason.to_string(),
+            ..Self::of_slot(EventKind::OfferEnded, &hold.slot, at_unix_ms)
         }
     }
 

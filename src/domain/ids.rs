@@ -12,7 +12,11 @@ use sha2::{Digest, Sha256};
 use crate::domain::field_violation::FieldViolation;
 
 /// Checks an authority-chosen id: non-empty, bounded, `[A-Za-z0-9_-]` only.
-fn check_name_id(field: &str, value: &str, length_max: usize) -> Result<Arc<str>, FieldViolation> {
+pub fn check_name_id(
+    field: &str,
+    value: &str,
+    length_max: usize,
+) -> Result<Arc<str>, FieldViolation> {
     if value.is_empty() {
         return Err(FieldViolation::new(field, "must not be empty"));
     }
@@ -72,6 +76,14 @@ name_id!(
 name_id!(
     /// An announced opening of slots (`CreateRelease`), chosen by the authority.
     ReleaseId
+);
+name_id!(
+    /// A campaign (`UpsertCampaign`): pre-registration, waves and offers of a service.
+    CampaignId
+);
+name_id!(
+    /// A wave of a campaign: who becomes eligible when.
+    WaveId
 );
 name_id!(
     /// How a booking reached prenota (a token's `channel`): `web`, `phone`, `desk`, ...

@@ -4,6 +4,7 @@
 //! Must not import tokio, tonic or sled, and never reads the clock: time is passed in.
 
 pub mod booking;
+pub mod campaign;
 pub mod catalog;
 pub mod citizen_id;
 pub mod citizens;

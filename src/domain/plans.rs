@@ -8,6 +8,7 @@
 //! Pure and synchronous; imports nothing of the crate outside `domain`.
 
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
+use crate::domain::campaign::{Campaign, Offer, Registration};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::event::{Event, HOLD_TIMED_OUT};
 use crate::domain::hold::{held_max, Hold, HoldState, NotConfirmable};
@@ -84,6 +85,10 @@ pub enum Free {
     LiveHold(Hold),
     /// The queue ticket that admitted the booking or hold counts as used.
     TicketUsed(Ticket),
+    /// The campaign registration takes its new state in memory.
+    Registration(Registration),
+    /// The claim on the entry ends (the write it guarded is done).
+    Unclaim { citizen: CitizenKey, id: BookingId },
 }
 
 /// A command's decision. Invariant (checked by [`Plan::assert_balanced`]): the places a
@@ -106,6 +111,9 @@ pub enum Record {
     Event(Event),
     /// A queue ticket (marked used by the booking or hold it admitted); holds no place.
     Ticket(Ticket),
+    /// A campaign registration (its offer, booking or end); holds no place (its offer's
+    /// hold does).
+    Registration(Registration),
 }
 
 impl Record {
@@ -118,7 +126,7 @@ impl Record {
             Record::Booking(_) => -1,
             Record::Hold(hold) if hold.state == HoldState::Live => 1,
             Record::Hold(_) => -1,
-            Record::Event(_) | Record::Ticket(_) => 0,
+            Record::Event(_) | Record::Ticket(_) | Record::Registration(_) => 0,
         }
     }
 }
@@ -158,6 +166,13 @@ fn pass_gate<T>(slot: &SlotView, plan: &mut Plan<T>, now_unix_ms: i64) -> Result
         plan.free.push(Free::TicketUsed(ticket));
     }
     Ok(())
+}
+
+/// The campaign registration a command changes: written with it, taken by memory once
+/// durable.
+fn record_registration<T>(plan: &mut Plan<T>, registration: Registration) {
+    plan.writes.push(Record::Registration(registration.clone()));
+    plan.free.push(Free::Registration(registration));
 }
 
 /// What a new booking or hold takes, in order: the citizen's entry `id` under its
@@ -265,10 +280,12 @@ pub fn not_confirmable(
 /// The live `hold` (already taken from the live set, after [`check_not_started`])
 /// becomes the booking with its id; its place and its citizen entry carry over. A hold
 /// made before its slot's release opened (so before the release existed) passes the
-/// release's gate now.
+/// release's gate now. A campaign's offer (`offer_of`: its registration) is accepted:
+/// the registration is booked in the same write.
 pub fn confirm_hold(
     slot: &SlotView,
     hold: &Hold,
+    offer_of: Option<&Registration>,
     request: RequestRecord,
     now_unix_ms: i64,
 ) -> Result<Plan<Booking>, DomainError> {
@@ -296,8 +313,26 @@ pub fn confirm_hold(
         free: Vec::new(),
         answer: booking,
     };
-    if slot.gate.bypassed_by(hold.created_at_unix_ms) {
-        pass_gate(slot, &mut plan, now_unix_ms)?;
+    match offer_of {
+        Some(registration) => {
+            debug_assert!(registration
+                .offer()
+                .is_some_and(|o| o.hold_id == hold.hold_id));
+            // Until the registration knows its booking, no cancel or move may end it.
+            let (citizen, id) = (hold.citizen, hold.hold_id);
+            let service = slot.key.service_id.clone();
+            plan.take.push(Take::Claim {
+                citizen,
+                service,
+                id,
+            });
+            record_registration(&mut plan, registration.booked(id));
+            plan.free.push(Free::Unclaim { citizen, id });
+        }
+        None if slot.gate.bypassed_by(hold.created_at_unix_ms) => {
+            pass_gate(slot, &mut plan, now_unix_ms)?;
+        }
+        None => {}
     }
     Ok(plan)
 }
@@ -314,10 +349,12 @@ fn own_confirmed(stored: Option<Booking>, citizen: CitizenKey) -> Result<Booking
     Ok(booking)
 }
 
-/// The citizen cancels its booking; the place returns once the cancel is durable.
+/// The citizen cancels its booking; the place returns once the cancel is durable. A
+/// booking made through a campaign offer (`registration`) withdraws its registration.
 pub fn cancel(
     stored: Option<Booking>,
     citizen: CitizenKey,
+    registration: Option<&Registration>,
     request: RequestRecord,
     now_unix_ms: i64,
 ) -> Result<Plan<Booking>, DomainError> {
@@ -332,7 +369,7 @@ pub fn cancel(
         },
         ..booking
     };
-    Ok(Plan {
+    let mut plan = Plan {
         take: vec![Take::Claim {
             citizen,
             service: service.clone(),
@@ -351,13 +388,18 @@ pub fn cancel(
             Free::Place(cancelled.slot.clone(), cancelled.channel.clone()),
         ],
         answer: cancelled,
-    })
+    };
+    if let Some(registration) = registration {
+        record_registration(&mut plan, registration.withdrawn(now_unix_ms));
+    }
+    Ok(plan)
 }
 
 /// The citizen's booking moves to `new_slot` (same service) as booking `new_id`: the
-/// old one cancelled and the new one confirmed in one write, or neither.
+/// old one cancelled and the new one confirmed in one write, or neither. A campaign
+/// registration booked with the old one (`registration`) is booked with the new one.
 pub fn reschedule(
-    stored: Option<Booking>,
+    (stored, registration): (Option<Booking>, Option<&Registration>),
     citizen: CitizenKey,
     new_slot: Option<&SlotView>,
     new_id: BookingId,
@@ -423,12 +465,22 @@ pub fn reschedule(
         answer: new,
     };
     pass_gate(new_slot, &mut plan, now_unix_ms)?;
+    if let Some(registration) = registration {
+        record_registration(&mut plan, registration.booked(new_id));
+    }
     Ok(plan)
 }
 
 /// Holds whose time is up (already taken from the live set) expire; their places and
-/// entries return once the expiry is durable. Answers how many.
-pub fn expire(due: &[Hold], now_unix_ms: i64) -> Plan<usize> {
+/// entries return once the expiry is durable. A hold that is a campaign's offer
+/// (`offers`: its registration, the campaign's `offers_declined_max` and the
+/// registration's next arrival number) sends its registration back to the end of the
+/// line, or exhausts it. Answers how many.
+pub fn expire(due: &[Hold], offers: &[(Registration, u32, u64)], now_unix_ms: i64) -> Plan<usize> {
+    let offered: std::collections::HashSet<BookingId> = offers
+        .iter()
+        .filter_map(|(registration, ..)| registration.offer().map(|offer| offer.hold_id))
+        .collect();
     let mut plan = Plan {
         take: Vec::new(),
         writes: Vec::with_capacity(2 * due.len()),
@@ -443,11 +495,11 @@ pub fn expire(due: &[Hold], now_unix_ms: i64) -> Plan<usize> {
             },
             ..hold.clone()
         }));
-        plan.writes.push(Record::Event(Event::hold_expired(
-            hold,
-            HOLD_TIMED_OUT,
-            now_unix_ms,
-        )));
+        plan.writes
+            .push(Record::Event(match offered.contains(&hold.hold_id) {
+                true => Event::offer_ended(hold, OFFER_EXPIRED, now_unix_ms),
+                false => Event::hold_expired(hold, HOLD_TIMED_OUT, now_unix_ms),
+            }));
         plan.free.push(Free::Entry {
             citizen: hold.citizen,
             service: hold.slot.service_id.clone(),
@@ -456,6 +508,124 @@ pub fn expire(due: &[Hold], now_unix_ms: i64) -> Plan<usize> {
         plan.free
             .push(Free::Place(hold.slot.clone(), hold.channel.clone()));
     }
+    for (registration, declined_max, arrival) in offers {
+        debug_assert!(registration
+            .offer()
+            .is_some_and(|offer| due.iter().any(|hold| hold.hold_id == offer.hold_id)));
+        record_registration(&mut plan, registration.offer_ended(*declined_max, *arrival));
+    }
+    plan
+}
+
+/// The reason on an offer that timed out.
+pub const OFFER_EXPIRED: &str = "offer expired";
+/// The reason on the hold of a declined offer.
+pub const OFFER_DECLINED: &str = "offer declined";
+/// The reason on the hold of an offer whose registration was withdrawn.
+pub const REGISTRATION_WITHDRAWN: &str = "registration withdrawn";
+
+/// The matcher offers `slot` to an active `registration` of `campaign`: a hold `id`
+/// until the offer expires, made through the default channel, written with the
+/// registration's offer. An offer counts as held but is not bound by the share of a
+/// slot frontends may hold (it is the place itself, not a hoard).
+pub fn offer(
+    slot: &SlotView,
+    (campaign, registration): (&Campaign, &Registration),
+    id: BookingId,
+    request: RequestRecord,
+    now_unix_ms: i64,
+) -> Result<Plan<Hold>, DomainError> {
+    check_not_started(&slot.key, now_unix_ms)?;
+    let expires_at_unix_ms = campaign.offer_expiry(slot.key.start_unix_s, now_unix_ms);
+    let citizen = registration.citizen;
+    let hold = Hold {
+        hold_id: id,
+        slot: slot.key.clone(),
+        citizen,
+        created_at_unix_ms: now_unix_ms,
+        expires_at_unix_ms,
+        request,
+        state: HoldState::Live,
+        channel: slot.channel.clone(),
+    };
+    let [entry, place] = admission(slot, citizen, id);
+    let share = Take::HeldShare {
+        slot: slot.key.clone(),
+        max: u32::MAX,
+    };
+    let offer = Offer {
+        hold_id: id,
+        slot: slot.key.clone(),
+        offered_at_unix_ms: now_unix_ms,
+        expires_at_unix_ms,
+    };
+    let offered = registration.offered(offer);
+    // The registration knows its offer before the hold is live: whoever then takes the
+    // hold (the sweeper, a decline) finds the registration it belongs to.
+    Ok(Plan {
+        take: vec![entry, place, share],
+        writes: vec![
+            Record::Hold(hold.clone()),
+            Record::Event(Event::offer_made(&hold, now_unix_ms)),
+            Record::Registration(offered.clone()),
+        ],
+        free: vec![Free::Registration(offered), Free::LiveHold(hold.clone())],
+        answer: hold,
+    })
+}
+
+/// An offer's `hold` (already taken from the live set) ends before its time: the
+/// citizen declined it (`declined`: the campaign's `offers_declined_max` counts it, and
+/// the registration's next arrival number) or withdrew (`None`). Its place and entry
+/// return once durable. Answers the registration as it now is.
+pub fn end_offer(
+    hold: &Hold,
+    registration: &Registration,
+    declined: Option<(u32, u64)>,
+    now_unix_ms: i64,
+) -> Plan<Registration> {
+    debug_assert!(registration
+        .offer()
+        .is_some_and(|offer| offer.hold_id == hold.hold_id));
+    let (next, reason) = match declined {
+        Some((max, arrival)) => (registration.offer_ended(max, arrival), OFFER_DECLINED),
+        None => (registration.withdrawn(now_unix_ms), REGISTRATION_WITHDRAWN),
+    };
+    let mut plan = Plan {
+        take: Vec::new(),
+        writes: vec![
+            Record::Hold(Hold {
+                state: HoldState::Expired {
+                    at_unix_ms: now_unix_ms,
+                },
+                ..hold.clone()
+            }),
+            Record::Event(Event::offer_ended(hold, reason, now_unix_ms)),
+        ],
+        free: vec![
+            Free::Entry {
+                citizen: hold.citizen,
+                service: hold.slot.service_id.clone(),
+                id: hold.hold_id,
+            },
+            Free::Place(hold.slot.clone(), hold.channel.clone()),
+        ],
+        answer: next.clone(),
+    };
+    record_registration(&mut plan, next);
+    plan
+}
+
+/// An active registration (claimed) is withdrawn.
+pub fn withdraw(registration: &Registration, now_unix_ms: i64) -> Plan<Registration> {
+    let next = registration.withdrawn(now_unix_ms);
+    let mut plan = Plan {
+        take: Vec::new(),
+        writes: Vec::new(),
+        free: Vec::new(),
+        answer: next.clone(),
+    };
+    record_registration(&mut plan, next);
     plan
 }
 
@@ -615,22 +785,38 @@ mod tests {
     fn cancelling_needs_the_owners_confirmed_booking() {
         let at = slot("vax", NOW);
         let cases = [
-            (reason(cancel(None, ALICE, request(2), NOW)), "NotFound"),
             (
-                reason(cancel(Some(booking_of(BOB, &at)), ALICE, request(2), NOW)),
+                reason(cancel(None, ALICE, None, request(2), NOW)),
+                "NotFound",
+            ),
+            (
+                reason(cancel(
+                    Some(booking_of(BOB, &at)),
+                    ALICE,
+                    None,
+                    request(2),
+                    NOW,
+                )),
                 "NotFound",
             ),
             (
                 reason(cancel(
                     Some(cancelled(booking_of(ALICE, &at))),
                     ALICE,
+                    None,
                     request(2),
                     NOW,
                 )),
                 "BookingNotActive",
             ),
             (
-                reason(cancel(Some(booking_of(ALICE, &at)), ALICE, request(2), NOW)),
+                reason(cancel(
+                    Some(booking_of(ALICE, &at)),
+                    ALICE,
+                    None,
+                    request(2),
+                    NOW,
+                )),
                 "OK",
             ),
         ];
@@ -640,7 +826,7 @@ mod tests {
     #[test]
     fn a_cancel_claims_first_and_frees_entry_and_place_only_once_durable() {
         let at = slot("vax", NOW);
-        let plan = cancel(Some(booking_of(ALICE, &at)), ALICE, request(2), NOW).unwrap();
+        let plan = cancel(Some(booking_of(ALICE, &at)), ALICE, None, request(2), NOW).unwrap();
         assert!(matches!(plan.take[..], [Take::Claim { .. }]));
         assert_eq!(plan.free.len(), 2);
         assert!(matches!(
@@ -655,7 +841,7 @@ mod tests {
         let mine = || Some(booking_of(ALICE, &at));
         let plan = |to: &SlotView| {
             reason(reschedule(
-                mine(),
+                (mine(), None),
                 ALICE,
                 Some(to),
                 BookingId(8),
@@ -673,7 +859,7 @@ mod tests {
             (plan(&slot("vax", NOW + 900)), "OK"),
             (
                 reason(reschedule(
-                    None,
+                    (None, None),
                     ALICE,
                     Some(&slot("vax", NOW + 900)),
                     BookingId(8),
@@ -684,7 +870,7 @@ mod tests {
             ),
             (
                 reason(reschedule(
-                    mine(),
+                    (mine(), None),
                     ALICE,
                     None,
                     BookingId(8),
@@ -702,7 +888,7 @@ mod tests {
         let at = slot("vax", NOW);
         let to = slot("vax", NOW + 900);
         let plan = reschedule(
-            Some(booking_of(ALICE, &at)),
+            (Some(booking_of(ALICE, &at)), None),
             ALICE,
             Some(&to),
             BookingId(8),
@@ -749,7 +935,7 @@ mod tests {
                     .unwrap()
             })
             .collect();
-        let plan = expire(&due, NOW);
+        let plan = expire(&due, &[], NOW);
         plan.assert_balanced();
         assert_eq!((plan.answer, plan.writes.len(), plan.free.len()), (3, 6, 6));
     }
@@ -760,7 +946,7 @@ mod tests {
         let live = hold(&at, ALICE, BookingId(5), request(1), (60, 50), 0)
             .unwrap()
             .answer;
-        let plan = confirm_hold(&at, &live, request(2), NOW).unwrap();
+        let plan = confirm_hold(&at, &live, None, request(2), NOW).unwrap();
         plan.assert_balanced();
         assert_eq!(plan.answer.booking_id, live.hold_id);
         let expired = Hold {
@@ -784,6 +970,75 @@ mod tests {
             not_confirmable(NotConfirmable::Expired, None, ALICE, &at.key),
             DomainError::HoldExpired
         );
+    }
+
+    fn campaign_and_registration() -> (Campaign, Registration) {
+        use crate::domain::campaign::{Preferences, RegistrationState};
+        use crate::domain::ids::{CampaignId, RegionId};
+        let campaign = Campaign {
+            campaign_id: CampaignId::parse("c", "c", 64).unwrap(),
+            service_id: ServiceId::parse("s", "vax", 64).unwrap(),
+            region_id: RegionId::parse("r", "r", 64).unwrap(),
+            offer_ttl_seconds: 60,
+            offers_declined_max: 2,
+            last_minute_hours: 24,
+            waves: Vec::new(),
+            seed: [0; 32],
+            created_at_unix_ms: 0,
+        };
+        let registration = Registration {
+            registration_id: BookingId(1),
+            campaign_id: campaign.campaign_id.clone(),
+            citizen: ALICE,
+            birth_year: None,
+            groups: Vec::new(),
+            preferences: Preferences::default(),
+            registered_at_unix_ms: 0,
+            arrival: 0,
+            declines: 0,
+            state: RegistrationState::Active,
+        };
+        (campaign, registration)
+    }
+
+    #[test]
+    fn an_offer_is_a_hold_written_with_its_registration_and_ends_balanced() {
+        let at = slot("vax", NOW);
+        let (campaign, registration) = campaign_and_registration();
+        let plan = offer(
+            &at,
+            (&campaign, &registration),
+            BookingId(4),
+            request(1),
+            NOW,
+        )
+        .unwrap();
+        plan.assert_balanced();
+        assert_eq!(plan.answer.expires_at_unix_ms, NOW + 60_000);
+        assert!(matches!(
+            plan.take[2],
+            Take::HeldShare { max: u32::MAX, .. }
+        ));
+        let Record::Registration(offered) = &plan.writes[2] else {
+            panic!("the registration is written with its offer's hold");
+        };
+        assert_eq!(offered.offer().map(|o| o.hold_id), Some(BookingId(4)));
+        let hold = plan.answer.clone();
+        let accepted = confirm_hold(&at, &hold, Some(offered), request(2), NOW).unwrap();
+        accepted.assert_balanced();
+        assert!(accepted.writes.iter().any(|w| matches!(w,
+            Record::Registration(r) if r.state == crate::domain::campaign::RegistrationState::Booked { booking_id: BookingId(4) })));
+        let declined = end_offer(&hold, offered, Some((2, 9)), NOW);
+        declined.assert_balanced();
+        assert_eq!(declined.answer.declines, 1);
+        let expired = expire(
+            std::slice::from_ref(&hold),
+            &[(offered.clone(), 1, 10)],
+            NOW + 60_000,
+        );
+        expired.assert_balanced();
+        assert!(expired.writes.iter().any(|w| matches!(w,
+            Record::Registration(r) if r.state == crate::domain::campaign::RegistrationState::Exhausted)));
     }
 
     #[test]

@@ -260,6 +260,8 @@ pub enum Gate {
         ticket: Option<Ticket>,
         release_at_unix_ms: i64,
     },
+    /// A campaign's slot outside its last-minute window: booked only through an offer.
+    OfferRequired,
 }
 
 impl Gate {
@@ -268,7 +270,7 @@ impl Gate {
     /// confirming it must pass the gate now.
     pub fn bypassed_by(&self, held_at_unix_ms: i64) -> bool {
         match self {
-            Gate::Open => false,
+            Gate::Open | Gate::OfferRequired => false,
             Gate::NotYet {
                 release_at_unix_ms, ..
             }
@@ -304,6 +306,7 @@ pub fn pass(gate: &Gate, now_unix_ms: i64) -> Result<Option<Ticket>, DomainError
             }))
         }
         Gate::Queue { .. } => Err(DomainError::NotAdmitted),
+        Gate::OfferRequired => Err(DomainError::OfferRequired),
     }
 }
 
@@ -381,7 +384,7 @@ pub struct Queue {
 
 /// The draw's sort key of a ticket: a keyed hash of the citizen under the release's
 /// seed, so the order is a uniformly random permutation that a restart reproduces.
-fn draw_key(seed: &[u8; 32], citizen: &CitizenKey) -> [u8; 32] {
+pub fn draw_key(seed: &[u8; 32], citizen: &CitizenKey) -> [u8; 32] {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(seed).expect("HMAC takes any key length");
     mac.update(&citizen.0);
     mac.finalize().into_bytes().into()

@@ -7,11 +7,11 @@ use tonic::{Request, Response, Status};
 use crate::config::{CitizenTrust, Limits};
 use crate::domain::citizen_id::CitizenIds;
 use crate::domain::error::DomainError;
-use crate::grpc::assertion::Assertions;
+use crate::grpc::assertion::{AssertedCitizen, Assertions};
 use crate::grpc::auth::Caller;
 use crate::grpc::connections;
 use crate::grpc::detached::detached;
-use crate::grpc::{convert, convert_release, status};
+use crate::grpc::{convert, convert_campaign, convert_release, status};
 use crate::proto;
 use crate::proto::booking_service_server::BookingService;
 use crate::service::{Engine, ServiceError};
@@ -32,6 +32,16 @@ impl BookingApi {
     /// sent by a trusted caller; for an asserted caller the assertion's `sub` (a
     /// `citizen_id` sent too must name the same citizen).
     fn acting<T: NamesCitizen>(&self, request: Request<T>) -> Result<(Caller, T), Status> {
+        self.acting_asserted(request)
+            .map(|(caller, body, _)| (caller, body))
+    }
+
+    /// `acting`, with the verified assertion of an asserted caller (its birth year and
+    /// groups decide a campaign's eligibility).
+    fn acting_asserted<T: NamesCitizen>(
+        &self,
+        request: Request<T>,
+    ) -> Result<(Caller, T, Option<AssertedCitizen>), Status> {
         let caller = Caller::of(&request)?;
         let trust = request
             .extensions()
@@ -39,7 +49,7 @@ impl BookingApi {
             .copied()
             .ok_or_else(|| Status::internal("the request passed no authentication gate"))?;
         if trust == CitizenTrust::Trusted {
-            return Ok((caller, request.into_inner()));
+            return Ok((caller, request.into_inner(), None));
         }
         let now_s = self.engine.clock().now_unix_ms().div_euclid(1_000);
         let asserted = self
@@ -59,7 +69,7 @@ impl BookingApi {
             return Err(ServiceError::CitizenMismatch.into());
         }
         *sent = sub;
-        Ok((caller, body))
+        Ok((caller, body, Some(asserted)))
     }
 }
 
@@ -87,7 +97,12 @@ names_citizen!(
     proto::RescheduleBookingRequest,
     proto::ListCitizenBookingsRequest,
     proto::JoinQueueRequest,
-    proto::GetQueueTicketRequest
+    proto::GetQueueTicketRequest,
+    proto::PreRegisterRequest,
+    proto::GetRegistrationRequest,
+    proto::AcceptOfferRequest,
+    proto::DeclineOfferRequest,
+    proto::WithdrawRegistrationRequest
 );
 
 /// The booking commands whose outcomes are counted (`prenota_bookings_total`,
@@ -318,6 +333,116 @@ impl BookingService for BookingApi {
         let ticket = self.engine.queue_ticket(&release_id, &citizen_id)?;
         Ok(Response::new(proto::GetQueueTicketResponse {
             ticket: Some(convert_release::ticket_to_proto(&release_id, &ticket)),
+        }))
+    }
+
+    async fn pre_register(
+        &self,
+        request: Request<proto::PreRegisterRequest>,
+    ) -> Result<Response<proto::PreRegisterResponse>, Status> {
+        let (caller, body, asserted) = self.acting_asserted(request)?;
+        let limits = self.engine.limits();
+        let claims = asserted
+            .map(|citizen| convert_campaign::claims(citizen.birth_year, citizen.groups, limits));
+        let command = convert_campaign::pre_register_from_proto(
+            body,
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+            (&caller, claims),
+        )?;
+        let view = detached({
+            let engine = Arc::clone(&self.engine);
+            async move { engine.pre_register(command).await }
+        })
+        .await??;
+        Ok(Response::new(proto::PreRegisterResponse {
+            registration: Some(convert_campaign::registration_to_proto(&view)),
+        }))
+    }
+
+    async fn get_registration(
+        &self,
+        request: Request<proto::GetRegistrationRequest>,
+    ) -> Result<Response<proto::GetRegistrationResponse>, Status> {
+        let (_, body) = self.acting(request)?;
+        let (campaign_id, citizen_id) = convert_campaign::get_registration_from_proto(
+            body,
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+        )?;
+        let view = self.engine.registration_of(&campaign_id, &citizen_id)?;
+        Ok(Response::new(proto::GetRegistrationResponse {
+            registration: Some(convert_campaign::registration_to_proto(&view)),
+        }))
+    }
+
+    async fn accept_offer(
+        &self,
+        request: Request<proto::AcceptOfferRequest>,
+    ) -> Result<Response<proto::AcceptOfferResponse>, Status> {
+        let (caller, body) = self.acting(request)?;
+        let command = convert_campaign::registration_command(
+            (&body.campaign_id, &body.citizen_id, &body.request_id),
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+            &caller,
+        )?;
+        let result = detached({
+            let engine = Arc::clone(&self.engine);
+            async move { engine.accept_offer(command).await }
+        })
+        .await?;
+        count_outcome(
+            Command::Book,
+            match &result {
+                Ok(_) => "OK",
+                Err(error) => status::reason(error),
+            },
+        );
+        Ok(Response::new(proto::AcceptOfferResponse {
+            booking: Some(convert::booking_to_proto(&result?)),
+        }))
+    }
+
+    async fn decline_offer(
+        &self,
+        request: Request<proto::DeclineOfferRequest>,
+    ) -> Result<Response<proto::DeclineOfferResponse>, Status> {
+        let (caller, body) = self.acting(request)?;
+        let command = convert_campaign::registration_command(
+            (&body.campaign_id, &body.citizen_id, &body.request_id),
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+            &caller,
+        )?;
+        let view = detached({
+            let engine = Arc::clone(&self.engine);
+            async move { engine.decline_offer(command).await }
+        })
+        .await??;
+        Ok(Response::new(proto::DeclineOfferResponse {
+            registration: Some(convert_campaign::registration_to_proto(&view)),
+        }))
+    }
+
+    async fn withdraw_registration(
+        &self,
+        request: Request<proto::WithdrawRegistrationRequest>,
+    ) -> Result<Response<proto::WithdrawRegistrationResponse>, Status> {
+        let (caller, body) = self.acting(request)?;
+        let command = convert_campaign::registration_command(
+            (&body.campaign_id, &body.citizen_id, &body.request_id),
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+            &caller,
+        )?;
+        let view = detached({
+            let engine = Arc::clone(&self.engine);
+            async move { engine.withdraw_registration(command).await }
+        })
+        .await??;
+        Ok(Response::new(proto::WithdrawRegistrationResponse {
+            registration: Some(convert_campaign::registration_to_proto(&view)),
         }))
     }
 

@@ -12,7 +12,7 @@ use crate::domain::error::{DomainError, FieldViolation};
 use crate::grpc::auth::Caller;
 use crate::grpc::connections::{close_on_idle, holding};
 use crate::grpc::detached::detached;
-use crate::grpc::{convert, convert_release};
+use crate::grpc::{convert, convert_campaign, convert_release};
 use crate::limits::Limits;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
@@ -270,6 +270,44 @@ impl CapacityService for CapacityApi {
         Ok(Response::new(proto::GetReleaseResponse {
             release: Some(convert_release::release_status_to_proto(&status, now)),
         }))
+    }
+
+    async fn upsert_campaign(
+        &self,
+        request: Request<proto::UpsertCampaignRequest>,
+    ) -> Result<Response<proto::UpsertCampaignResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let campaign = convert_campaign::upsert_campaign_from_proto(
+            request.into_inner(),
+            self.engine.limits(),
+            &caller.actor(),
+        )?;
+        let campaign = self
+            .write(&caller, |engine, actor| async move {
+                engine.upsert_campaign(campaign, &actor).await
+            })
+            .await?;
+        Ok(Response::new(proto::UpsertCampaignResponse {
+            campaign: Some(convert_campaign::campaign_to_proto(&campaign)),
+        }))
+    }
+
+    async fn get_campaign_stats(
+        &self,
+        request: Request<proto::GetCampaignStatsRequest>,
+    ) -> Result<Response<proto::GetCampaignStatsResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let id = convert_campaign::campaign_id(
+            "campaign_id",
+            &request.get_ref().campaign_id,
+            self.engine.limits(),
+        )
+        .map_err(DomainError::from)?;
+        let stats = self.engine.campaign_stats(&id, &caller.authority())?;
+        let now = self.engine.clock().now_unix_ms();
+        Ok(Response::new(convert_campaign::campaign_stats_to_proto(
+            &stats, now,
+        )))
     }
 
     async fn get_site_stats(

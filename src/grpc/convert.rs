@@ -672,6 +672,8 @@ pub fn event_to_proto(view: &EventView) -> proto::Event {
         EventKind::HoldExpired => proto::EventKind::HoldExpired,
         EventKind::SlotClosed => proto::EventKind::SlotClosed,
         EventKind::CapacityChanged => proto::EventKind::CapacityChanged,
+        EventKind::OfferMade => proto::EventKind::OfferMade,
+        EventKind::OfferEnded => proto::EventKind::OfferExpired,
     };
     let slot = &event.slot;
     let booking = event.booking.as_ref().map(|booking| {

@@ -7,6 +7,7 @@ pub mod booking_service;
 pub mod capacity_service;
 pub mod connections;
 pub mod convert;
+pub mod convert_campaign;
 pub mod convert_release;
 pub mod detached;
 pub mod observe;

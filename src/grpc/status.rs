@@ -141,6 +141,20 @@ fn classify(error: &ServiceError) -> Answer {
                 Answer::new(ResourceExhausted, "QUEUE_FULL").retry_after(EXPORTS_RETRY_DELAY)
             }
             DomainError::ReleasesExhausted => Answer::new(ResourceExhausted, "RELEASES_EXHAUSTED"),
+            DomainError::NotFound(Missing::Campaign) => Answer::new(NotFound, "CAMPAIGN_NOT_FOUND"),
+            DomainError::NotFound(Missing::Registration) => {
+                Answer::new(NotFound, "REGISTRATION_NOT_FOUND")
+            }
+            DomainError::OfferRequired => Answer::new(FailedPrecondition, "OFFER_REQUIRED"),
+            DomainError::NoOffer => Answer::new(FailedPrecondition, "NO_OFFER"),
+            DomainError::RegistrationBooked => {
+                Answer::new(FailedPrecondition, "REGISTRATION_BOOKED")
+            }
+            DomainError::CampaignsExhausted => {
+                Answer::new(ResourceExhausted, "CAMPAIGNS_EXHAUSTED")
+            }
+            DomainError::RegistrationsFull => Answer::new(ResourceExhausted, "REGISTRATIONS_FULL")
+                .retry_after(EXPORTS_RETRY_DELAY),
         },
         ServiceError::Store(store) => match store {
             StoreError::Overloaded | StoreError::PartlyApplied => {

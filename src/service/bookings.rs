@@ -86,7 +86,7 @@ impl Engine {
     }
 
     /// `once_per_request` for commands whose outcome is a booking.
-    async fn once_per_booking_request<Work>(
+    pub(super) async fn once_per_booking_request<Work>(
         &self,
         request: RequestKey,
         fingerprint: RequestFingerprint,
@@ -120,8 +120,9 @@ impl Engine {
     }
 
     /// Turns a live hold into the booking with the same id; the hold's place (and its
-    /// entry in the citizen index) carries over.
-    async fn confirm_hold(
+    /// entry in the citizen index) carries over. A campaign's offer is accepted: its
+    /// registration is booked in the same write.
+    pub(super) async fn confirm_hold(
         &self,
         slot_key: &SlotKey,
         (citizen, channel): (CitizenKey, &ChannelId),
@@ -146,7 +147,8 @@ impl Engine {
                 );
             }
         };
-        let plan = match plans::confirm_hold(&slot, &hold, request, now_ms) {
+        let offer_of = self.campaigns.offer_of(hold_id);
+        let plan = match plans::confirm_hold(&slot, &hold, offer_of.as_ref(), request, now_ms) {
             Ok(plan) => plan,
             Err(refused) => {
                 self.live_holds().insert(hold);
@@ -179,7 +181,9 @@ impl Engine {
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
         let stored = self.store.booking(citizen.tag(), command.booking_id)?;
-        let plan = plans::cancel(stored, citizen, request, self.now_unix_ms())?;
+        let registration = self.campaigns.booked_with(command.booking_id);
+        let now_ms = self.now_unix_ms();
+        let plan = plans::cancel(stored, citizen, registration.as_ref(), request, now_ms)?;
         self.execute(plan, || {}).await
     }
 
@@ -218,13 +222,23 @@ impl Engine {
         let asking = (&citizen, &command.channel);
         let mut new_slot = self.slot_view(&command.new_slot, asking, now_ms).ok();
         if let (Some(view), Some(old)) = (new_slot.as_mut(), stored.as_ref()) {
-            // Within one release a move swaps places: it needs no new admission.
-            if self.in_same_release(&old.slot, &view.key) {
+            // Within one release a move swaps places: it needs no new admission (a
+            // campaign's gate stays: its slots are reached through offers).
+            let release_gate = matches!(view.gate, Gate::NotYet { .. } | Gate::Queue { .. });
+            if release_gate && self.in_same_release(&old.slot, &view.key) {
                 view.gate = Gate::Open;
             }
         }
         let new_id = self.ids.mint(citizen);
-        let plan = plans::reschedule(stored, citizen, new_slot.as_ref(), new_id, request, now_ms)?;
+        let registration = self.campaigns.booked_with(command.booking_id);
+        let plan = plans::reschedule(
+            (stored, registration.as_ref()),
+            citizen,
+            new_slot.as_ref(),
+            new_id,
+            request,
+            now_ms,
+        )?;
         self.execute(plan, || {}).await
     }
 

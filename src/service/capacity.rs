@@ -63,6 +63,10 @@ struct Closure {
     slots: Vec<Arc<Slot>>,
     cancelled: Vec<Booking>,
     holds: Vec<Hold>,
+    /// Campaign registrations whose booking or offer it ends: they wait again.
+    requeued: Vec<crate::domain::campaign::Registration>,
+    /// Which of `holds` are campaign offers.
+    offers: HashSet<crate::domain::hold::HoldId>,
     reason: String,
     now_ms: i64,
 }
@@ -95,7 +99,14 @@ impl Closure {
                 state: HoldState::Expired { at_unix_ms: now_ms },
                 ..hold.clone()
             }));
-            writes.push(Write::Event(Event::hold_expired(hold, reason, now_ms)));
+            let event = match self.offers.contains(&hold.hold_id) {
+                true => Event::offer_ended(hold, reason, now_ms),
+                false => Event::hold_expired(hold, reason, now_ms),
+            };
+            writes.push(Write::Event(event));
+        }
+        for registration in &self.requeued {
+            writes.push(Write::Registration(registration.clone()));
         }
         writes
     }
@@ -749,7 +760,7 @@ impl Engine {
         reason: &str,
     ) -> Closure {
         let now_ms = self.now_unix_ms();
-        let cancelled = confirmed
+        let cancelled: Vec<Booking> = confirmed
             .into_iter()
             .filter(|b| {
                 self.citizens
@@ -765,13 +776,37 @@ impl Engine {
             })
             .collect();
         let holds = self.live_holds().take_where(|slot| keys.contains(slot));
+        let requeued = self.requeued_by_closure(&cancelled, &holds);
+        let offers = holds
+            .iter()
+            .filter(|hold| self.campaigns.offer_of(hold.hold_id).is_some())
+            .map(|hold| hold.hold_id)
+            .collect();
         Closure {
+            offers,
             slots,
             cancelled,
             holds,
+            requeued,
             reason: reason.to_string(),
             now_ms,
         }
+    }
+
+    /// The campaign registrations booked with `cancelled` or offered `holds`, waiting
+    /// again with their rank (a closure is not the citizen's doing).
+    fn requeued_by_closure(
+        &self,
+        cancelled: &[Booking],
+        holds: &[Hold],
+    ) -> Vec<crate::domain::campaign::Registration> {
+        let booked = cancelled
+            .iter()
+            .filter_map(|booking| self.campaigns.booked_with(booking.booking_id));
+        let offered = holds
+            .iter()
+            .filter_map(|hold| self.campaigns.offer_of(hold.hold_id));
+        booked.chain(offered).map(|r| r.requeued()).collect()
     }
 
     /// Writes the closure in one atomic batch, then frees what it cancelled; undoes the
@@ -795,6 +830,7 @@ impl Engine {
             slots,
             cancelled,
             holds,
+            requeued,
             ..
         } = closure;
         undo_if_never_queued(self.store.commit(&writes).await, || {
@@ -815,6 +851,9 @@ impl Engine {
         }
         for hold in &holds {
             self.free_entry_and_place((hold.citizen, &hold.channel), &hold.slot, hold.hold_id);
+        }
+        for registration in requeued {
+            self.campaigns.settle(registration);
         }
         Ok(outcome)
     }

@@ -84,6 +84,8 @@ pub struct Engine {
     pub(super) authority_writes: tokio::sync::Mutex<()>,
     /// Announced openings and their waiting rooms.
     pub(super) releases: crate::service::releases::Releases,
+    /// Campaigns, their registrations and offers.
+    pub(super) campaigns: crate::service::campaigns::Campaigns,
     /// Every `now` of the engine comes from here (tests pass a manual clock).
     pub(super) clock: Clock,
     /// When this engine opened (retention dates format-1 authority requests from it).
@@ -211,6 +213,7 @@ impl Engine {
     /// Returns one place of a slot after the durable write that freed it.
     pub(super) fn return_place(&self, key: &SlotKey, channel: &ChannelId) {
         self.place_returned(key, channel);
+        self.campaigns.place_returned();
         if let Ok(slot) = self.slot(key) {
             if slot.counter.release().is_err() {
                 tracing::error!(slot = %key, "found no taken place to return");

@@ -8,6 +8,7 @@ use crate::domain::catalog::Admission;
 use crate::domain::error::DomainError;
 use crate::domain::ids::{ChannelId, CitizenKey, SlotKey};
 use crate::domain::plans::{Free, Plan, SlotView, Take};
+use crate::domain::release::Gate;
 use crate::domain::slot_counter::Refused;
 use crate::service::engine::{undo_if_never_queued, Engine};
 use crate::service::error::ServiceError;
@@ -38,11 +39,15 @@ impl Engine {
         now_unix_ms: i64,
     ) -> Result<SlotView, ServiceError> {
         let (region, slot) = self.slot_in_region(key)?;
+        let gate = match self.releases.gate(&region, key, citizen, now_unix_ms) {
+            Gate::Open => self.campaign_gate(&region, key, now_unix_ms),
+            gate => gate,
+        };
         Ok(SlotView {
             key: slot.key.clone(),
             end_unix_s: slot.end_unix_s(),
             capacity: slot.counter.snapshot().capacity,
-            gate: self.releases.gate(&region, key, citizen, now_unix_ms),
+            gate,
             channel: channel.clone(),
         })
     }
@@ -84,6 +89,49 @@ impl Engine {
         // Last: a closure waiting for these admissions sees everything they did.
         drop(taken.admissions);
         Ok(answer)
+    }
+
+    /// Carries out independent plans in one group commit: each plan's takes are tried
+    /// on their own (a refused plan is left out and `dropped` told of its answer), the
+    /// others written together and then freed. Returns how many were carried out.
+    pub(super) async fn execute_each<T>(
+        &self,
+        plans: Vec<Plan<T>>,
+        dropped: impl Fn(&T),
+    ) -> Result<usize, ServiceError> {
+        let mut done = Vec::with_capacity(plans.len());
+        let mut writes = Vec::new();
+        for plan in plans {
+            debug_assert!({
+                plan.assert_balanced();
+                true
+            });
+            match self.take_all(plan.take.clone()) {
+                Ok(taken) => {
+                    writes.extend(plan.writes.iter().cloned().map(Write::from));
+                    done.push((plan, taken));
+                }
+                Err(_) => dropped(&plan.answer),
+            }
+        }
+        if done.is_empty() {
+            return Ok(0);
+        }
+        let written = self.store.commit(&writes).await;
+        undo_if_never_queued(written, || {
+            for (plan, taken) in &done {
+                self.undo(&taken.done);
+                dropped(&plan.answer);
+            }
+        })?;
+        let count = done.len();
+        for (plan, taken) in done {
+            for free in plan.free {
+                self.free(free);
+            }
+            drop(taken.admissions);
+        }
+        Ok(count)
     }
 
     fn take_all(&self, takes: Vec<Take>) -> Result<Taken, ServiceError> {
@@ -194,6 +242,8 @@ impl Engine {
             Free::TicketUsed(ticket) => {
                 self.releases.mark_used(&ticket.release_id, &ticket.citizen)
             }
+            Free::Registration(registration) => self.campaigns.settle(registration),
+            Free::Unclaim { citizen, id } => self.citizens.unclaim(citizen, id),
         }
     }
 }

@@ -78,7 +78,11 @@ impl Engine {
         if due.is_empty() {
             return Ok(0);
         }
-        let plan = plans::expire(&due, now_unix_ms);
+        let offers: Vec<_> = due
+            .iter()
+            .filter_map(|hold| self.campaigns.ending_offer(hold.hold_id))
+            .collect();
+        let plan = plans::expire(&due, &offers, now_unix_ms);
         self.execute(plan, || {
             let mut live = self.live_holds();
             for hold in &due {

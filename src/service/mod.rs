@@ -19,11 +19,13 @@
 //! - `open_data`: availability added up per site, service and day, never a person.
 //! - `retention`: forgets old request records and deletes records of long-ended slots.
 //! - `releases`: announced openings, their waiting rooms and the admission step.
+//! - `campaigns`: campaigns, registrations, offers (holds) and the matcher.
 
 pub mod actor;
 pub mod availability;
 pub mod backup;
 pub mod bookings;
+pub mod campaigns;
 pub mod capacity;
 pub mod citizen_hasher;
 pub mod clock;
@@ -43,6 +45,7 @@ pub mod retention;
 
 pub use actor::{Actor, Regions};
 pub use bookings::{BookCommand, CancelCommand, CitizenBookingsQuery, RescheduleCommand};
+pub use campaigns::{CampaignStats, PreRegisterCommand, RegistrationCommand, RegistrationView};
 pub use capacity::{CloseCommand, CloseOutcome, PublishOutcome};
 pub use clock::Clock;
 pub use engine::{BookingView, Engine, ExportScope};

@@ -85,6 +85,7 @@ impl Engine {
             citizen_ids: crate::config::citizen_ids(config),
             authority_writes: tokio::sync::Mutex::new(()),
             releases: crate::service::releases::Releases::default(),
+            campaigns: crate::service::campaigns::Campaigns::default(),
             opened_at_unix_ms: clock.now_unix_ms(),
             clock,
             last_audit_unix_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
@@ -176,6 +177,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     check_capacities(catalog)?;
     warn_of_interrupted_write(&engine.store)?;
     engine.restore_releases()?;
+    engine.restore_campaigns()?;
     let elapsed = started.elapsed();
     metrics::gauge!(telemetry::RECOVERY_SECONDS).set(elapsed.as_secs_f64());
     let request_records = engine.requests.remembered() as u64;

@@ -391,6 +391,20 @@ impl Store {
         self.scan(records::TICKET_PREFIX)
     }
 
+    /// Every campaign.
+    pub fn campaigns(
+        &self,
+    ) -> impl Iterator<Item = Result<crate::domain::campaign::Campaign, StoreError>> {
+        self.scan(records::CAMPAIGN_PREFIX)
+    }
+
+    /// Every campaign registration, grouped by campaign.
+    pub fn registrations(
+        &self,
+    ) -> impl Iterator<Item = Result<crate::domain::campaign::Registration, StoreError>> {
+        self.scan(records::REGISTRATION_PREFIX)
+    }
+
     /// Every booking, all states, in booking-id order.
     pub fn bookings(&self) -> impl Iterator<Item = Result<Booking, StoreError>> {
         self.scan(records::BOOKING_PREFIX)

@@ -16,12 +16,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
+use crate::domain::campaign::{
+    Campaign, Offer, Preferences, Registration, RegistrationState, Wave,
+};
 use crate::domain::event::{Event, EventBooking, EventKind, SequencedEvent};
 use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{Hold, HoldId, HoldState};
 use crate::domain::ids::{
-    BookingId, ChannelId, CitizenKey, CitizenTag, RegionId, ReleaseId, RequestFingerprint,
-    RequestKey, ServiceId, SiteId, SlotKey,
+    check_name_id, BookingId, CampaignId, ChannelId, CitizenKey, CitizenTag, RegionId, ReleaseId,
+    RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey, WaveId,
 };
 use crate::domain::release::{Admitted, QueueRules, Release, ReleaseScope, Reserve, Ticket};
 use crate::store::error::StoreError;
@@ -50,6 +53,10 @@ pub const EVENT_PREFIX: u8 = b'E';
 pub const RELEASE_PREFIX: u8 = b'P';
 /// `T` + release id + 0 + citizen key: a citizen's ticket in a release's queue.
 pub const TICKET_PREFIX: u8 = b'T';
+/// `C` + campaign id: a campaign (`UpsertCampaign`).
+pub const CAMPAIGN_PREFIX: u8 = b'C';
+/// `G` + campaign id + 0 + citizen key: a citizen's registration in a campaign.
+pub const REGISTRATION_PREFIX: u8 = b'G';
 
 /// The format every value is written in, but authority requests.
 const FORMAT_VERSION: u8 = 1;
@@ -144,6 +151,8 @@ pub enum Write {
     Event(Event),
     Release(Release),
     Ticket(Ticket),
+    Campaign(Campaign),
+    Registration(Registration),
 }
 
 /// A write ready for the committer: a key and value, or an event's value still waiting
@@ -160,6 +169,7 @@ impl From<crate::domain::plans::Record> for Write {
             crate::domain::plans::Record::Hold(hold) => Write::Hold(hold),
             crate::domain::plans::Record::Event(event) => Write::Event(event),
             crate::domain::plans::Record::Ticket(ticket) => Write::Ticket(ticket),
+            crate::domain::plans::Record::Registration(r) => Write::Registration(r),
         }
     }
 }
@@ -281,6 +291,8 @@ mod v1 {
         HoldExpired,
         SlotClosed,
         CapacityChanged,
+        OfferMade,
+        OfferEnded,
     }
 
     #[derive(Serialize, Deserialize)]
@@ -343,6 +355,79 @@ mod v1 {
         /// (at, until)
         pub admitted: Option<(i64, i64)>,
         pub used: bool,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Wave<'a> {
+        pub wave_id: &'a str,
+        pub opens_at_unix_ms: i64,
+        pub birth_year_min: Option<i32>,
+        pub birth_year_max: Option<i32>,
+        #[serde(borrow)]
+        pub priority_groups: Vec<&'a str>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Campaign<'a> {
+        pub campaign_id: &'a str,
+        pub service_id: &'a str,
+        pub region_id: &'a str,
+        pub offer_ttl_seconds: u32,
+        pub offers_declined_max: u32,
+        pub last_minute_hours: u32,
+        #[serde(borrow)]
+        pub waves: Vec<Wave<'a>>,
+        pub seed: [u8; 32],
+        pub created_at_unix_ms: i64,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Preferences<'a> {
+        #[serde(borrow)]
+        pub site_ids: Vec<&'a str>,
+        /// Days since 0001-01-01 (chrono's `num_days_from_ce`).
+        pub first_day: Option<i32>,
+        pub last_day: Option<i32>,
+        pub weekdays: Vec<u8>,
+        /// Seconds after local midnight.
+        pub earliest_s: Option<u32>,
+        pub latest_s: Option<u32>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub enum RegistrationState<'a> {
+        Active,
+        Offered {
+            hold_id: u128,
+            #[serde(borrow)]
+            slot: SlotKey<'a>,
+            offered_at_unix_ms: i64,
+            expires_at_unix_ms: i64,
+        },
+        Booked {
+            booking_id: u128,
+        },
+        Exhausted,
+        Withdrawn {
+            at_unix_ms: i64,
+        },
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Registration<'a> {
+        pub registration_id: u128,
+        pub campaign_id: &'a str,
+        pub citizen: [u8; 16],
+        pub birth_year: Option<i32>,
+        #[serde(borrow)]
+        pub groups: Vec<&'a str>,
+        #[serde(borrow)]
+        pub preferences: Preferences<'a>,
+        pub registered_at_unix_ms: i64,
+        pub arrival: u64,
+        pub declines: u32,
+        #[serde(borrow)]
+        pub state: RegistrationState<'a>,
     }
 }
 
@@ -753,6 +838,8 @@ fn event_kind_v1(kind: EventKind) -> v1::EventKind {
         EventKind::HoldExpired => v1::EventKind::HoldExpired,
         EventKind::SlotClosed => v1::EventKind::SlotClosed,
         EventKind::CapacityChanged => v1::EventKind::CapacityChanged,
+        EventKind::OfferMade => v1::EventKind::OfferMade,
+        EventKind::OfferEnded => v1::EventKind::OfferEnded,
     }
 }
 
@@ -764,6 +851,8 @@ fn event_kind_from_v1(kind: v1::EventKind) -> EventKind {
         v1::EventKind::HoldExpired => EventKind::HoldExpired,
         v1::EventKind::SlotClosed => EventKind::SlotClosed,
         v1::EventKind::CapacityChanged => EventKind::CapacityChanged,
+        v1::EventKind::OfferMade => EventKind::OfferMade,
+        v1::EventKind::OfferEnded => EventKind::OfferEnded,
     }
 }
 
@@ -955,6 +1044,209 @@ impl Record for Ticket {
     }
 }
 
+/// A stored priority group (checked like an id when it was written).
+fn group_from(key: &[u8], group: &str) -> Result<String, StoreError> {
+    stored(key, check_name_id("group", group, usize::MAX)).map(|g| g.to_string())
+}
+
+impl Record for Campaign {
+    fn encode_value(&self) -> Result<Vec<u8>, StoreError> {
+        let waves = self
+            .waves
+            .iter()
+            .map(|wave| v1::Wave {
+                wave_id: wave.wave_id.as_str(),
+                opens_at_unix_ms: wave.opens_at_unix_ms,
+                birth_year_min: wave.birth_year_min,
+                birth_year_max: wave.birth_year_max,
+                priority_groups: wave.priority_groups.iter().map(String::as_str).collect(),
+            })
+            .collect();
+        encode_v1(&v1::Campaign {
+            campaign_id: self.campaign_id.as_str(),
+            service_id: self.service_id.as_str(),
+            region_id: self.region_id.as_str(),
+            offer_ttl_seconds: self.offer_ttl_seconds,
+            offers_declined_max: self.offers_declined_max,
+            last_minute_hours: self.last_minute_hours,
+            waves,
+            seed: self.seed,
+            created_at_unix_ms: self.created_at_unix_ms,
+        })
+    }
+
+    fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
+        let campaign: v1::Campaign = decode_v1(key, value)?;
+        let mut waves = Vec::with_capacity(campaign.waves.len());
+        for wave in campaign.waves {
+            waves.push(Wave {
+                wave_id: stored(key, WaveId::parse("wave_id", wave.wave_id, usize::MAX))?,
+                opens_at_unix_ms: wave.opens_at_unix_ms,
+                birth_year_min: wave.birth_year_min,
+                birth_year_max: wave.birth_year_max,
+                priority_groups: wave
+                    .priority_groups
+                    .iter()
+                    .map(|group| group_from(key, group))
+                    .collect::<Result<_, _>>()?,
+            });
+        }
+        Ok(Campaign {
+            campaign_id: stored(
+                key,
+                CampaignId::parse("campaign_id", campaign.campaign_id, usize::MAX),
+            )?,
+            service_id: stored(
+                key,
+                ServiceId::parse("service_id", campaign.service_id, usize::MAX),
+            )?,
+            region_id: stored(
+                key,
+                RegionId::parse("region_id", campaign.region_id, usize::MAX),
+            )?,
+            offer_ttl_seconds: campaign.offer_ttl_seconds,
+            offers_declined_max: campaign.offers_declined_max,
+            last_minute_hours: campaign.last_minute_hours,
+            waves,
+            seed: campaign.seed,
+            created_at_unix_ms: campaign.created_at_unix_ms,
+        })
+    }
+}
+
+fn preferences_v1(preferences: &Preferences) -> v1::Preferences<'_> {
+    use chrono::{Datelike, Timelike};
+    v1::Preferences {
+        site_ids: preferences.site_ids.iter().map(SiteId::as_str).collect(),
+        first_day: preferences.first_day.map(|d| d.num_days_from_ce()),
+        last_day: preferences.last_day.map(|d| d.num_days_from_ce()),
+        weekdays: preferences.weekdays.clone(),
+        earliest_s: preferences.earliest.map(|t| t.num_seconds_from_midnight()),
+        latest_s: preferences.latest.map(|t| t.num_seconds_from_midnight()),
+    }
+}
+
+fn preferences_from_v1(key: &[u8], p: v1::Preferences<'_>) -> Result<Preferences, StoreError> {
+    let day = |days: Option<i32>| match days {
+        None => Ok(None),
+        Some(days) => chrono::NaiveDate::from_num_days_from_ce_opt(days)
+            .map(Some)
+            .ok_or_else(|| corrupt(key, "holds a day out of range")),
+    };
+    let time = |seconds: Option<u32>| match seconds {
+        None => Ok(None),
+        Some(s) => chrono::NaiveTime::from_num_seconds_from_midnight_opt(s, 0)
+            .map(Some)
+            .ok_or_else(|| corrupt(key, "holds a time of day out of range")),
+    };
+    if p.weekdays.iter().any(|day| !(1..=7).contains(day)) {
+        return Err(corrupt(key, "holds a weekday out of 1..=7"));
+    }
+    Ok(Preferences {
+        site_ids: p
+            .site_ids
+            .iter()
+            .map(|site| stored(key, SiteId::parse("site_id", site, usize::MAX)))
+            .collect::<Result<_, _>>()?,
+        first_day: day(p.first_day)?,
+        last_day: day(p.last_day)?,
+        weekdays: p.weekdays,
+        earliest: time(p.earliest_s)?,
+        latest: time(p.latest_s)?,
+    })
+}
+
+impl Record for Registration {
+    fn encode_value(&self) -> Result<Vec<u8>, StoreError> {
+        let state = match &self.state {
+            RegistrationState::Active => v1::RegistrationState::Active,
+            RegistrationState::Offered(offer) => v1::RegistrationState::Offered {
+                hold_id: offer.hold_id.0,
+                slot: slot_key_v1(&offer.slot),
+                offered_at_unix_ms: offer.offered_at_unix_ms,
+                expires_at_unix_ms: offer.expires_at_unix_ms,
+            },
+            RegistrationState::Booked { booking_id } => v1::RegistrationState::Booked {
+                booking_id: booking_id.0,
+            },
+            RegistrationState::Exhausted => v1::RegistrationState::Exhausted,
+            RegistrationState::Withdrawn { at_unix_ms } => v1::RegistrationState::Withdrawn {
+                at_unix_ms: *at_unix_ms,
+            },
+        };
+        encode_v1(&v1::Registration {
+            registration_id: self.registration_id.0,
+            campaign_id: self.campaign_id.as_str(),
+            citizen: self.citizen.0,
+            birth_year: self.birth_year,
+            groups: self.groups.iter().map(String::as_str).collect(),
+            preferences: preferences_v1(&self.preferences),
+            registered_at_unix_ms: self.registered_at_unix_ms,
+            arrival: self.arrival,
+            declines: self.declines,
+            state,
+        })
+    }
+
+    fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
+        let r: v1::Registration = decode_v1(key, value)?;
+        let state = match r.state {
+            v1::RegistrationState::Active => RegistrationState::Active,
+            v1::RegistrationState::Offered {
+                hold_id,
+                slot,
+                offered_at_unix_ms,
+                expires_at_unix_ms,
+            } => RegistrationState::Offered(Offer {
+                hold_id: BookingId(hold_id),
+                slot: slot_key_from_v1(key, slot)?,
+                offered_at_unix_ms,
+                expires_at_unix_ms,
+            }),
+            v1::RegistrationState::Booked { booking_id } => RegistrationState::Booked {
+                booking_id: BookingId(booking_id),
+            },
+            v1::RegistrationState::Exhausted => RegistrationState::Exhausted,
+            v1::RegistrationState::Withdrawn { at_unix_ms } => {
+                RegistrationState::Withdrawn { at_unix_ms }
+            }
+        };
+        Ok(Registration {
+            registration_id: BookingId(r.registration_id),
+            campaign_id: stored(
+                key,
+                CampaignId::parse("campaign_id", r.campaign_id, usize::MAX),
+            )?,
+            citizen: CitizenKey(r.citizen),
+            birth_year: r.birth_year,
+            groups: r
+                .groups
+                .iter()
+                .map(|group| group_from(key, group))
+                .collect::<Result<_, _>>()?,
+            preferences: preferences_from_v1(key, r.preferences)?,
+            registered_at_unix_ms: r.registered_at_unix_ms,
+            arrival: r.arrival,
+            declines: r.declines,
+            state,
+        })
+    }
+}
+
+pub fn campaign_key(campaign_id: &CampaignId) -> Vec<u8> {
+    let mut key = vec![CAMPAIGN_PREFIX];
+    key.extend_from_slice(campaign_id.as_str().as_bytes());
+    key
+}
+
+pub fn registration_key(campaign_id: &CampaignId, citizen: &CitizenKey) -> Vec<u8> {
+    let mut key = vec![REGISTRATION_PREFIX];
+    key.extend_from_slice(campaign_id.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(&citizen.0);
+    key
+}
+
 pub fn release_key(release_id: &ReleaseId) -> Vec<u8> {
     let mut key = vec![RELEASE_PREFIX];
     key.extend_from_slice(release_id.as_str().as_bytes());
@@ -1086,6 +1378,14 @@ impl Write {
             Write::Ticket(ticket) => (
                 ticket_key(&ticket.release_id, &ticket.citizen),
                 Some(ticket.encode_value()?),
+            ),
+            Write::Campaign(campaign) => (
+                campaign_key(&campaign.campaign_id),
+                Some(campaign.encode_value()?),
+            ),
+            Write::Registration(r) => (
+                registration_key(&r.campaign_id, &r.citizen),
+                Some(r.encode_value()?),
             ),
         }))
     }
@@ -1320,7 +1620,88 @@ mod golden {
                     until_unix_ms: 1_799_001_200_000,
                 }))),
             ),
+            ("campaign", Write::Campaign(campaign())),
+            (
+                "registration-active",
+                Write::Registration(registration(RegistrationState::Active)),
+            ),
+            (
+                "registration-offered",
+                Write::Registration(registration(RegistrationState::Offered(Offer {
+                    hold_id: BookingId(0xaabb),
+                    slot: slot_key(),
+                    offered_at_unix_ms: 1_799_000_000_000,
+                    expires_at_unix_ms: 1_799_003_600_000,
+                }))),
+            ),
+            (
+                "registration-booked",
+                Write::Registration(registration(RegistrationState::Booked {
+                    booking_id: BookingId(0xaabb),
+                })),
+            ),
+            (
+                "registration-exhausted",
+                Write::Registration(registration(RegistrationState::Exhausted)),
+            ),
+            (
+                "registration-withdrawn",
+                Write::Registration(registration(RegistrationState::Withdrawn {
+                    at_unix_ms: 1_799_000_000_000,
+                })),
+            ),
         ]
+    }
+
+    fn campaign() -> Campaign {
+        Campaign {
+            campaign_id: CampaignId::parse("s", "covid-2027", 64).unwrap(),
+            service_id: ServiceId::parse("s", "covid19-dose1", 64).unwrap(),
+            region_id: RegionId::parse("s", "lazio", 64).unwrap(),
+            offer_ttl_seconds: 3_600,
+            offers_declined_max: 3,
+            last_minute_hours: 24,
+            waves: vec![
+                Wave {
+                    wave_id: WaveId::parse("s", "over80", 64).unwrap(),
+                    opens_at_unix_ms: 1_799_000_000_000,
+                    birth_year_min: None,
+                    birth_year_max: Some(1947),
+                    priority_groups: Vec::new(),
+                },
+                Wave {
+                    wave_id: WaveId::parse("s", "care", 64).unwrap(),
+                    opens_at_unix_ms: 1_799_600_000_000,
+                    birth_year_min: Some(1950),
+                    birth_year_max: None,
+                    priority_groups: vec!["health-worker".into(), "carer".into()],
+                },
+            ],
+            seed: [0x5f; 32],
+            created_at_unix_ms: 1_798_000_000_000,
+        }
+    }
+
+    fn registration(state: RegistrationState) -> Registration {
+        Registration {
+            registration_id: BookingId(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10),
+            campaign_id: CampaignId::parse("s", "covid-2027", 64).unwrap(),
+            citizen: CitizenKey([0xc4; 16]),
+            birth_year: Some(1941),
+            groups: vec!["carer".into()],
+            preferences: Preferences {
+                site_ids: vec![SiteId::parse("s", "rome-termini", 64).unwrap()],
+                first_day: chrono::NaiveDate::from_ymd_opt(2027, 3, 1),
+                last_day: chrono::NaiveDate::from_ymd_opt(2027, 3, 31),
+                weekdays: vec![1, 3, 5],
+                earliest: chrono::NaiveTime::from_hms_opt(9, 0, 0),
+                latest: chrono::NaiveTime::from_hms_opt(12, 30, 0),
+            },
+            registered_at_unix_ms: 1_798_500_000_000,
+            arrival: 41,
+            declines: 1,
+            state,
+        }
     }
 
     fn release(queued: bool) -> Release {
@@ -1404,6 +1785,12 @@ mod golden {
     ("release-queued", "50646f7365312d6f7665723830", "020c646f7365312d6f766572383000056c617a696f0d636f76696431392d646f73653180c8ceb40d80b298b50d80988cccdb680180bec7c2db68f02ed8045e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e80f0b592d46801c086faccdb68010570686f6e651e18"),
     ("ticket-waiting", "54646f7365312d6f766572383000c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3", "010c646f7365312d6f7665723830c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c380eba9c7db6800f0a2040000"),
     ("ticket-admitted", "54646f7365312d6f766572383000c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3", "010c646f7365312d6f7665723830c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c380eba9c7db6801f0a2040180b7d5ccdb6880d69ecddb6801"),
+    ("campaign", "43636f7669642d32303237", "010a636f7669642d323032370d636f76696431392d646f736531056c617a696f901c031802066f766572383080988cccdb680001b61e00046361726580b0a688e06801bc1e00020d6865616c74682d776f726b65720563617265725f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f80f0b592d468"),
+    ("registration-active", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290100"),
+    ("registration-offered", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290101bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d80988cccdb6880d2c3cfdb68"),
+    ("registration-booked", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290102bbd502"),
+    ("registration-exhausted", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290103"),
+    ("registration-withdrawn", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd76829010480988cccdb68"),
 ];
 
     #[test]
@@ -1440,6 +1827,8 @@ mod golden {
             }
             Write::Release(r) => Release::decode_value(key, value).unwrap() == *r,
             Write::Ticket(r) => Ticket::decode_value(key, value).unwrap() == *r,
+            Write::Campaign(r) => Campaign::decode_value(key, value).unwrap() == *r,
+            Write::Registration(r) => Registration::decode_value(key, value).unwrap() == *r,
             Write::Delete(_) => unreachable!("not a record"),
         }
     }

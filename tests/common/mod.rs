@@ -101,6 +101,15 @@ impl TestServer {
             .expect("the admission step commits")
     }
 
+    /// Runs one matching step of the campaigns now, as its timer would; returns how many
+    /// offers it made.
+    pub async fn match_campaigns(&self) -> usize {
+        let engine = self.engine.upgrade().expect("the server is running");
+        prenota::server::match_campaigns_once(&engine)
+            .await
+            .expect("the matching step commits")
+    }
+
     /// Runs one retention pass now, as its timer would.
     pub async fn retain(&self) -> prenota::service::Retained {
         let engine = self.engine.upgrade().expect("the server is running");

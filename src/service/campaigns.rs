@@ -1,0 +1,975 @@
+//! Campaigns: authorities define them (`UpsertCampaign`) and read their counts
+//! (`GetCampaignStats`); citizens pre-register, read, accept, decline and withdraw; the
+//! matcher (run by the server every `campaign_step_interval_ms`) offers free places to
+//! waiting registrations in rank order, as holds. The rules are in `domain::campaign`
+//! and `domain::plans`; this file keeps the campaigns in memory and runs their plans.
+//!
+//! Must not import tonic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::domain::booking::RequestRecord;
+use crate::domain::campaign::{
+    pick, Begin, Campaign, Counts, FreeSlot, Preferences, Registration, RegistrationState,
+    Registrations, Shown,
+};
+use crate::domain::catalog::{Site, Slot};
+use crate::domain::error::{DomainError, Missing};
+use crate::domain::hold::{Hold, HoldId, NotConfirmable};
+use crate::domain::ids::{
+    BookingId, CampaignId, ChannelId, CitizenKey, RegionId, RequestFingerprint, RequestKey,
+    ServiceId, SlotKey, WaveId,
+};
+use crate::domain::plans::{self, SlotView};
+use crate::domain::release::Gate;
+use crate::service::actor::Actor;
+use crate::service::engine::{BookingView, Engine};
+use crate::service::error::ServiceError;
+use crate::store::records::Write;
+use crate::store::StoreError;
+
+/// The matcher looks at a campaign at least this often, even when nothing changed that
+/// it was told of (capacity raised, a closure reopened, a wave opened).
+const MATCH_AT_LEAST_EVERY_MS: i64 = 1_000;
+
+/// One campaign in memory.
+#[derive(Debug)]
+pub struct CampaignEntry {
+    /// Fixed once created.
+    campaign_id: CampaignId,
+    service_id: ServiceId,
+    region_id: RegionId,
+    /// Read by every booking of the service (its last-minute window).
+    last_minute_hours: AtomicU32,
+    state: Mutex<CampaignState>,
+    /// Something changed that the matcher should look at (a registration waits).
+    dirty: AtomicBool,
+    /// When the matcher last looked, and the places-returned count it saw then.
+    matched: Mutex<(i64, u64)>,
+}
+
+#[derive(Debug)]
+struct CampaignState {
+    campaign: Campaign,
+    registrations: Registrations,
+}
+
+impl CampaignEntry {
+    fn new(campaign: Campaign) -> Self {
+        Self {
+            campaign_id: campaign.campaign_id.clone(),
+            service_id: campaign.service_id.clone(),
+            region_id: campaign.region_id.clone(),
+            last_minute_hours: AtomicU32::new(campaign.last_minute_hours),
+            state: Mutex::new(CampaignState {
+                campaign,
+                registrations: Registrations::default(),
+            }),
+            dirty: AtomicBool::new(true),
+            matched: Mutex::new((i64::MIN, 0)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CampaignState> {
+        // Each critical section leaves the registrations consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn campaign(&self) -> Campaign {
+        self.lock().campaign.clone()
+    }
+
+    fn registration(&self, citizen: &CitizenKey) -> Result<Registration, DomainError> {
+        self.lock()
+            .registrations
+            .get(citizen)
+            .cloned()
+            .ok_or(DomainError::NotFound(Missing::Registration))
+    }
+
+    /// Whether a booking or hold of a slot starting at `start_unix_s` needs an offer.
+    fn requires_offer(&self, start_unix_s: i64, now_unix_ms: i64) -> bool {
+        let hours = i64::from(self.last_minute_hours.load(Ordering::Relaxed));
+        start_unix_s.saturating_mul(1_000) - now_unix_ms >= hours * 3_600_000
+    }
+
+    /// Whether the matcher should look now (and, if so, notes that it does).
+    fn due(&self, now: i64, returned: u64) -> bool {
+        let mut matched = self.matched.lock().unwrap_or_else(|p| p.into_inner());
+        let (last_at, last_returned) = *matched;
+        let wave_opened = self
+            .lock()
+            .campaign
+            .waves
+            .iter()
+            .any(|wave| last_at < wave.opens_at_unix_ms && wave.opens_at_unix_ms <= now);
+        let due = self.dirty.swap(false, Ordering::AcqRel)
+            || returned != last_returned
+            || wave_opened
+            || now.saturating_sub(last_at) >= MATCH_AT_LEAST_EVERY_MS;
+        if due {
+            *matched = (now, returned);
+        }
+        due
+    }
+}
+
+/// Every campaign, by id and by service, and which offers and bookings are theirs.
+#[derive(Debug, Default)]
+pub struct Campaigns {
+    inner: RwLock<CampaignIndex>,
+    /// One matching step at a time.
+    step: tokio::sync::Mutex<()>,
+    /// Registrations of every campaign (bounded by `registrations_max`).
+    registrations: AtomicUsize,
+    /// Counts every place returned anywhere: the matcher looks again when it moved.
+    places_returned: AtomicU64,
+    /// When (nanoseconds after `EPOCH`, +1) the first place came back since the matcher
+    /// last made offers; 0: none since.
+    returned_since: AtomicU64,
+    /// Registrations by what they hold: an offer's hold, a booking.
+    holders: Mutex<Holders>,
+}
+
+#[derive(Debug, Default)]
+struct CampaignIndex {
+    by_id: BTreeMap<CampaignId, Arc<CampaignEntry>>,
+    by_service: HashMap<ServiceId, Vec<Arc<CampaignEntry>>>,
+}
+
+#[derive(Debug, Default)]
+struct Holders {
+    offers: HashMap<HoldId, (Arc<CampaignEntry>, CitizenKey)>,
+    bookings: HashMap<BookingId, (Arc<CampaignEntry>, CitizenKey)>,
+}
+
+impl Campaigns {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, CampaignIndex> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, entry: Arc<CampaignEntry>) {
+        let mut index = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        index
+            .by_id
+            .insert(entry.campaign_id.clone(), Arc::clone(&entry));
+        index
+            .by_service
+            .entry(entry.service_id.clone())
+            .or_default()
+            .push(entry);
+    }
+
+    pub fn get(&self, id: &CampaignId) -> Option<Arc<CampaignEntry>> {
+        self.read().by_id.get(id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn all(&self) -> Vec<Arc<CampaignEntry>> {
+        self.read().by_id.values().cloned().collect()
+    }
+
+    /// The campaign covering the slot `key` of a site in `region`, if any.
+    fn covering(&self, region: &RegionId, key: &SlotKey) -> Option<Arc<CampaignEntry>> {
+        let index = self.read();
+        index
+            .by_service
+            .get(&key.service_id)?
+            .iter()
+            .find(|entry| entry.region_id == *region)
+            .cloned()
+    }
+
+    /// Whether a booking or hold of the slot at `now` needs a campaign's offer.
+    pub fn requires_offer(&self, region: &RegionId, key: &SlotKey, now: i64) -> bool {
+        self.covering(region, key)
+            .is_some_and(|entry| entry.requires_offer(key.start_unix_s, now))
+    }
+
+    /// A place came back somewhere: the matcher looks again.
+    pub fn place_returned(&self) {
+        self.places_returned.fetch_add(1, Ordering::Relaxed);
+        let now = monotonic_ns();
+        let _ = self
+            .returned_since
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// The matcher made offers: how long the first place returned since waited.
+    fn offers_made(&self, count: usize) {
+        metrics::counter!(crate::telemetry::CAMPAIGN_OFFERS).increment(count as u64);
+        let since = self.returned_since.swap(0, Ordering::AcqRel);
+        if since != 0 {
+            let waited_s = monotonic_ns().saturating_sub(since) as f64 / 1e9;
+            metrics::histogram!(crate::telemetry::CAMPAIGN_REFILL_SECONDS).record(waited_s);
+        }
+    }
+
+    fn holders(&self) -> MutexGuard<'_, Holders> {
+        self.holders.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The registration whose offer is the hold `id`.
+    pub fn offer_of(&self, id: HoldId) -> Option<Registration> {
+        let (entry, citizen) = self.holders().offers.get(&id).cloned()?;
+        let registration = entry.lock().registrations.get(&citizen).cloned();
+        registration
+    }
+
+    /// The registration whose offer is the hold `id`, about to end: with its
+    /// campaign's `offers_declined_max` and its next place at the end of the line.
+    pub fn ending_offer(&self, id: HoldId) -> Option<(Registration, u32, u64)> {
+        let (entry, citizen) = self.holders().offers.get(&id).cloned()?;
+        let mut state = entry.lock();
+        let registration = state.registrations.get(&citizen)?.clone();
+        let declined_max = state.campaign.offers_declined_max;
+        Some((
+            registration,
+            declined_max,
+            state.registrations.take_arrival(),
+        ))
+    }
+
+    /// The registration booked with booking `id`.
+    pub fn booked_with(&self, id: BookingId) -> Option<Registration> {
+        let (entry, citizen) = self.holders().bookings.get(&id).cloned()?;
+        let registration = entry.lock().registrations.get(&citizen).cloned();
+        registration
+    }
+
+    /// The write of `registration` is durable: memory takes it.
+    pub fn settle(&self, registration: Registration) {
+        let Some(entry) = self.get(&registration.campaign_id) else {
+            tracing::error!(campaign = %registration.campaign_id, "a registration of no campaign");
+            return;
+        };
+        let citizen = registration.citizen;
+        let mut state = entry.lock();
+        let previous = state.registrations.get(&citizen).map(|r| r.state.clone());
+        {
+            let mut holders = self.holders();
+            match previous {
+                Some(RegistrationState::Offered(offer)) => {
+                    holders.offers.remove(&offer.hold_id);
+                }
+                Some(RegistrationState::Booked { booking_id }) => {
+                    holders.bookings.remove(&booking_id);
+                }
+                _ => {}
+            }
+            match &registration.state {
+                RegistrationState::Offered(offer) => {
+                    holders
+                        .offers
+                        .insert(offer.hold_id, (Arc::clone(&entry), citizen));
+                }
+                RegistrationState::Booked { booking_id } => {
+                    holders
+                        .bookings
+                        .insert(*booking_id, (Arc::clone(&entry), citizen));
+                }
+                _ => {}
+            }
+        }
+        if registration.state == RegistrationState::Active {
+            entry.dirty.store(true, Ordering::Release);
+        }
+        let CampaignState {
+            campaign,
+            registrations,
+        } = &mut *state;
+        registrations.settle(campaign, registration);
+    }
+
+    fn abandon(&self, entry: &CampaignEntry, citizen: &CitizenKey) {
+        let mut state = entry.lock();
+        let CampaignState {
+            campaign,
+            registrations,
+        } = &mut *state;
+        registrations.abandon(campaign, citizen);
+    }
+}
+
+/// A campaign's counts, for `GetCampaignStats`.
+#[derive(Clone, Debug)]
+pub struct CampaignStats {
+    pub campaign: Campaign,
+    pub counts: Counts,
+}
+
+/// A registration as a citizen reads it.
+#[derive(Clone, Debug)]
+pub struct RegistrationView {
+    pub registration: Registration,
+    pub shown: Shown,
+    pub wave_id: Option<WaveId>,
+    /// The offered slot and its site.
+    pub offer_slot: Option<(Arc<Site>, Arc<Slot>)>,
+}
+
+pub struct PreRegisterCommand {
+    pub campaign_id: CampaignId,
+    pub citizen_id: String,
+    pub birth_year: Option<i32>,
+    pub groups: Vec<String>,
+    pub preferences: Preferences,
+    pub request: RequestKey,
+}
+
+/// AcceptOffer, DeclineOffer, WithdrawRegistration.
+pub struct RegistrationCommand {
+    pub campaign_id: CampaignId,
+    pub citizen_id: String,
+    pub request: RequestKey,
+    /// The caller's channel (an accepted offer keeps its hold's own).
+    pub channel: ChannelId,
+}
+
+impl Engine {
+    fn campaign_entry(&self, id: &CampaignId) -> Result<Arc<CampaignEntry>, DomainError> {
+        self.campaigns
+            .get(id)
+            .ok_or(DomainError::NotFound(Missing::Campaign))
+    }
+
+    /// Creates a campaign or changes one (its service and region stay; its seed too).
+    /// Changed waves re-rank the waiting registrations; offers already made stand.
+    pub async fn upsert_campaign(
+        &self,
+        mut campaign: Campaign,
+        actor: &Actor,
+    ) -> Result<Campaign, ServiceError> {
+        let _authority = self.authority_writes.lock().await;
+        actor.check_region(&campaign.region_id)?;
+        let existing = self.campaigns.get(&campaign.campaign_id);
+        match &existing {
+            Some(entry) => {
+                let current = entry.campaign();
+                if (&current.service_id, &current.region_id)
+                    != (&campaign.service_id, &campaign.region_id)
+                {
+                    return Err(DomainError::invalid(
+                        "campaign.service_id",
+                        "a campaign's service and region cannot change: create another campaign",
+                    )
+                    .into());
+                }
+                let unchanged = Campaign {
+                    seed: current.seed,
+                    created_at_unix_ms: current.created_at_unix_ms,
+                    ..campaign.clone()
+                };
+                if current == unchanged {
+                    return Ok(current);
+                }
+                campaign.seed = current.seed;
+                campaign.created_at_unix_ms = current.created_at_unix_ms;
+            }
+            None => {
+                self.check_campaign_is_alone(&campaign)?;
+                if self.campaigns.len() >= self.limits.campaigns_max {
+                    return Err(DomainError::CampaignsExhausted.into());
+                }
+                campaign.seed = rand::random();
+                campaign.created_at_unix_ms = self.now_unix_ms();
+            }
+        }
+        let audit = self.audit(&actor.name, "UpsertCampaign", campaign_detail(&campaign));
+        self.store
+            .commit(&[Write::Campaign(campaign.clone()), audit])
+            .await?;
+        match existing {
+            Some(entry) => {
+                let mut state = entry.lock();
+                state.campaign = campaign.clone();
+                let CampaignState {
+                    campaign,
+                    registrations,
+                } = &mut *state;
+                registrations.reindex(campaign);
+                entry
+                    .last_minute_hours
+                    .store(campaign.last_minute_hours, Ordering::Relaxed);
+                entry.dirty.store(true, Ordering::Release);
+            }
+            None => self
+                .campaigns
+                .insert(Arc::new(CampaignEntry::new(campaign.clone()))),
+        }
+        Ok(campaign)
+    }
+
+    /// One campaign per service and region: a slot is booked through one waitlist.
+    fn check_campaign_is_alone(&self, campaign: &Campaign) -> Result<(), DomainError> {
+        let index = self.campaigns.read();
+        let other = index
+            .by_service
+            .get(&campaign.service_id)
+            .and_then(|entries| entries.iter().find(|e| e.region_id == campaign.region_id));
+        match other {
+            Some(other) => Err(DomainError::invalid(
+                "campaign.campaign_id",
+                format!(
+                    "campaign {} already covers this service in this region",
+                    other.campaign_id
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// A campaign's counts, for an authority of its region.
+    pub fn campaign_stats(
+        &self,
+        id: &CampaignId,
+        actor: &Actor,
+    ) -> Result<CampaignStats, ServiceError> {
+        let entry = self.campaign_entry(id)?;
+        actor.check_region(&entry.region_id)?;
+        let now = self.now_unix_ms();
+        let state = entry.lock();
+        Ok(CampaignStats {
+            campaign: state.campaign.clone(),
+            counts: state.registrations.counts(&state.campaign, now),
+        })
+    }
+
+    fn registration_view(
+        &self,
+        entry: &CampaignEntry,
+        registration: Registration,
+    ) -> RegistrationView {
+        let now = self.now_unix_ms();
+        let campaign = entry.campaign();
+        let (shown, wave) = registration.shown(&campaign, now);
+        let offer_slot = registration.offer().and_then(|offer| {
+            let catalog = self.catalog();
+            let (site, slot) = catalog.slot(&offer.slot)?;
+            Some((Arc::clone(site), Arc::clone(slot)))
+        });
+        RegistrationView {
+            wave_id: wave.map(|index| campaign.waves[index].wave_id.clone()),
+            registration,
+            shown,
+            offer_slot,
+        }
+    }
+
+    /// The citizen pre-registers; registering again returns its registration (a
+    /// withdrawn one registers anew, at the end).
+    pub async fn pre_register(
+        &self,
+        command: PreRegisterCommand,
+    ) -> Result<RegistrationView, ServiceError> {
+        let citizen = self.hasher.hash(&command.citizen_id);
+        let entry = self.campaign_entry(&command.campaign_id)?;
+        self.count_attempt(&citizen)?;
+        self.check_preferred_sites(&entry, &command.preferences)?;
+        // Registering is idempotent by (campaign, citizen): the request id needs no record.
+        let _ = command.request;
+        let begun = match entry.lock().registrations.begin(citizen) {
+            Begin::New { arrival, replaces } => (arrival, replaces),
+            Begin::Existing(registration) => {
+                return Ok(self.registration_view(&entry, *registration))
+            }
+            Begin::Busy => {
+                return Err(ServiceError::Busy(
+                    "this citizen's registration is being written; retry",
+                ))
+            }
+        };
+        let (arrival, replaces) = begun;
+        // A withdrawn registration's place in memory is reused: only new ones count.
+        let counted = replaces.is_none();
+        if counted && !self.count_registration() {
+            self.campaigns.abandon(&entry, &citizen);
+            return Err(DomainError::RegistrationsFull.into());
+        }
+        let registration = Registration {
+            registration_id: self.ids.mint(citizen),
+            campaign_id: command.campaign_id,
+            citizen,
+            birth_year: command.birth_year,
+            groups: command.groups,
+            preferences: command.preferences,
+            registered_at_unix_ms: self.now_unix_ms(),
+            arrival,
+            // Registering anew resets nothing: a citizen cannot launder its declines.
+            declines: replaces.unwrap_or(0),
+            state: RegistrationState::Active,
+        };
+        if let Err(error) = self
+            .store
+            .commit(&[Write::Registration(registration.clone())])
+            .await
+        {
+            if counted {
+                self.campaigns.registrations.fetch_sub(1, Ordering::AcqRel);
+            }
+            self.campaigns.abandon(&entry, &citizen);
+            return Err(error.into());
+        }
+        self.campaigns.settle(registration.clone());
+        Ok(self.registration_view(&entry, registration))
+    }
+
+    /// One more registration in all the campaigns, if `registrations_max` allows it.
+    fn count_registration(&self) -> bool {
+        let counted = self.campaigns.registrations.fetch_add(1, Ordering::AcqRel);
+        if counted >= self.limits.registrations_max {
+            self.campaigns.registrations.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Preferred sites must be sites of the campaign's region.
+    fn check_preferred_sites(
+        &self,
+        entry: &CampaignEntry,
+        preferences: &Preferences,
+    ) -> Result<(), DomainError> {
+        for (index, site_id) in preferences.site_ids.iter().enumerate() {
+            let in_region = self
+                .site(site_id)
+                .is_some_and(|site| site.region_id == entry.region_id);
+            if !in_region {
+                return Err(DomainError::invalid(
+                    format!("preferences.site_ids[{index}]"),
+                    "must be a site of the campaign's region",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The citizen's registration. Counted against the citizen's read quota.
+    pub fn registration_of(
+        &self,
+        campaign_id: &CampaignId,
+        citizen_id: &str,
+    ) -> Result<RegistrationView, ServiceError> {
+        let citizen = self.hasher.hash(citizen_id);
+        let entry = self.campaign_entry(campaign_id)?;
+        self.count_read(&citizen)?;
+        let registration = entry.registration(&citizen)?;
+        Ok(self.registration_view(&entry, registration))
+    }
+
+    /// The citizen accepts its offer: the offer's hold becomes its booking.
+    pub async fn accept_offer(
+        &self,
+        command: RegistrationCommand,
+    ) -> Result<BookingView, ServiceError> {
+        let citizen = self.hasher.hash(&command.citizen_id);
+        let entry = self.campaign_entry(&command.campaign_id)?;
+        self.count_attempt(&citizen)?;
+        let fingerprint = RequestFingerprint::of(&[
+            b"accept-offer",
+            command.campaign_id.as_str().as_bytes(),
+            &citizen.0,
+        ]);
+        self.once_per_booking_request(
+            command.request.for_citizen(&citizen),
+            fingerprint,
+            |request| async move {
+                let registration = entry.registration(&citizen)?;
+                let offer = registration.offer().ok_or(DomainError::NoOffer)?;
+                let asking = (citizen, &command.channel);
+                self.confirm_hold(&offer.slot, asking, offer.hold_id, request)
+                    .await
+            },
+        )
+        .await
+    }
+
+    /// The citizen declines its offer: the place goes to the next registration, and
+    /// this one waits again at the end of its wave (or is exhausted).
+    pub async fn decline_offer(
+        &self,
+        command: RegistrationCommand,
+    ) -> Result<RegistrationView, ServiceError> {
+        let (entry, citizen, request, fingerprint) =
+            self.registration_request(&command, b"decline-offer")?;
+        let registration = self
+            .once_per_request(
+                request,
+                fingerprint,
+                |_| async {
+                    let registration = entry.registration(&citizen)?;
+                    let declined = {
+                        let mut state = entry.lock();
+                        let max = state.campaign.offers_declined_max;
+                        (max, state.registrations.take_arrival())
+                    };
+                    self.end_offer(&registration, Some(declined)).await
+                },
+                |registration: &Registration| registration.registration_id,
+                |_| Ok(entry.registration(&citizen)?),
+            )
+            .await?;
+        Ok(self.registration_view(&entry, registration))
+    }
+
+    /// The citizen withdraws: an offer it has goes to the next registration. A booked
+    /// registration is withdrawn by cancelling its booking.
+    pub async fn withdraw_registration(
+        &self,
+        command: RegistrationCommand,
+    ) -> Result<RegistrationView, ServiceError> {
+        let (entry, citizen, request, fingerprint) =
+            self.registration_request(&command, b"withdraw-registration")?;
+        let registration = self
+            .once_per_request(
+                request,
+                fingerprint,
+                |_| async {
+                    let registration = entry.registration(&citizen)?;
+                    match registration.state {
+                        RegistrationState::Active => self.withdraw_active(&entry, &citizen).await,
+                        RegistrationState::Offered(_) => self.end_offer(&registration, None).await,
+                        RegistrationState::Booked { .. } => {
+                            Err(DomainError::RegistrationBooked.into())
+                        }
+                        RegistrationState::Exhausted | RegistrationState::Withdrawn { .. } => {
+                            Ok(registration)
+                        }
+                    }
+                },
+                |registration: &Registration| registration.registration_id,
+                |_| Ok(entry.registration(&citizen)?),
+            )
+            .await?;
+        Ok(self.registration_view(&entry, registration))
+    }
+
+    /// What DeclineOffer and WithdrawRegistration start from: the campaign, the citizen
+    /// (its attempt counted), and the request's key and fingerprint.
+    fn registration_request(
+        &self,
+        command: &RegistrationCommand,
+        what: &[u8],
+    ) -> Result<
+        (
+            Arc<CampaignEntry>,
+            CitizenKey,
+            RequestKey,
+            RequestFingerprint,
+        ),
+        ServiceError,
+    > {
+        let citizen = self.hasher.hash(&command.citizen_id);
+        let entry = self.campaign_entry(&command.campaign_id)?;
+        self.count_attempt(&citizen)?;
+        let fingerprint =
+            RequestFingerprint::of(&[what, command.campaign_id.as_str().as_bytes(), &citizen.0]);
+        Ok((
+            entry,
+            citizen,
+            command.request.for_citizen(&citizen),
+            fingerprint,
+        ))
+    }
+
+    /// Ends an offer before its time: declined (`declined_max` counts it) or withdrawn.
+    async fn end_offer(
+        &self,
+        registration: &Registration,
+        declined: Option<(u32, u64)>,
+    ) -> Result<Registration, ServiceError> {
+        let offer = registration.offer().ok_or(DomainError::NoOffer)?;
+        let now = self.now_unix_ms();
+        let taken = self.live_holds().take_for_confirm(
+            offer.hold_id,
+            registration.citizen,
+            &offer.slot,
+            now,
+        );
+        let hold = match taken {
+            Ok(hold) => hold,
+            // Its time is up: the sweeper ends it (as an expiry) in a moment.
+            Err(NotConfirmable::Expired) => return Err(DomainError::HoldExpired.into()),
+            // Being accepted or ended right now.
+            Err(NotConfirmable::Unknown) => return Err(DomainError::NoOffer.into()),
+        };
+        let plan = plans::end_offer(&hold, registration, declined, now);
+        self.execute(plan, || self.live_holds().insert(hold.clone()))
+            .await
+    }
+
+    async fn withdraw_active(
+        &self,
+        entry: &CampaignEntry,
+        citizen: &CitizenKey,
+    ) -> Result<Registration, ServiceError> {
+        let claimed = {
+            let mut state = entry.lock();
+            let CampaignState {
+                campaign,
+                registrations,
+            } = &mut *state;
+            registrations.claim(campaign, citizen)
+        };
+        let registration = claimed.ok_or(ServiceError::Busy(
+            "this citizen's registration is being written; retry",
+        ))?;
+        let plan = plans::withdraw(&registration, self.now_unix_ms());
+        self.execute(plan, || self.campaigns.abandon(entry, citizen))
+            .await
+    }
+
+    /// Whether a booking or hold of the slot `key` (at a site of `region`) needs an
+    /// offer now: the gate it must pass.
+    pub(super) fn campaign_gate(&self, region: &RegionId, key: &SlotKey, now: i64) -> Gate {
+        match self.campaigns.requires_offer(region, key, now) {
+            true => Gate::OfferRequired,
+            false => Gate::Open,
+        }
+    }
+
+    /// One matching step at `now` for every campaign with something to look at: each
+    /// waiting registration of an open wave, in rank order, is offered the earliest
+    /// free slot that fits. A campaign whose step fails is logged and the others go on.
+    /// Returns how many offers were made.
+    pub async fn match_campaigns(&self, now: i64) -> Result<usize, ServiceError> {
+        let _one_step = self.campaigns.step.lock().await;
+        let returned = self.campaigns.places_returned.load(Ordering::Relaxed);
+        let mut made = 0;
+        for entry in self.campaigns.all() {
+            if !entry.due(now, returned) {
+                continue;
+            }
+            match self.match_campaign(&entry, now).await {
+                Ok(count) => made += count,
+                Err(ServiceError::Store(StoreError::Failed)) => {
+                    return Err(StoreError::Failed.into())
+                }
+                Err(error) => {
+                    tracing::warn!(campaign = %entry.campaign_id, %error, "matching step failed")
+                }
+            }
+        }
+        Ok(made)
+    }
+
+    async fn match_campaign(&self, entry: &CampaignEntry, now: i64) -> Result<usize, ServiceError> {
+        let campaign = entry.campaign();
+        let mut free = self.campaign_free_slots(&campaign, now);
+        if free.is_empty() {
+            return Ok(0);
+        }
+        let picked: Vec<(Registration, SlotKey)> = {
+            let mut state = entry.lock();
+            let CampaignState {
+                campaign,
+                registrations,
+            } = &mut *state;
+            let max = self.limits.campaign_offers_per_step_max;
+            let max_active = self.limits.max_active_per_citizen as usize;
+            let service = &campaign.service_id;
+            // Bounded work under the lock; a citizen who holds a booking or hold of the
+            // service already (a last-minute booking) waits without taking a place.
+            let waiting = registrations
+                .waiting(campaign, now)
+                .take(self.limits.campaign_scan_per_step_max)
+                .filter(|r| self.citizens.active_count(r.citizen, service) < max_active);
+            let chosen: Vec<(CitizenKey, usize)> = pick(waiting, &mut free, max)
+                .into_iter()
+                .map(|(registration, index)| (registration.citizen, index))
+                .collect();
+            chosen
+                .into_iter()
+                .filter_map(|(citizen, index)| {
+                    let claimed = registrations.claim(campaign, &citizen)?;
+                    Some((claimed, free[index].key.clone()))
+                })
+                .collect()
+        };
+        let mut offers = Vec::with_capacity(picked.len());
+        for (registration, key) in picked {
+            match self.offer_plan(&campaign, &registration, &key, now) {
+                Ok(plan) => offers.push(plan),
+                Err(_) => self.campaigns.abandon(entry, &registration.citizen),
+            }
+        }
+        let made = self
+            .execute_each(offers, |hold: &Hold| {
+                self.campaigns.abandon(entry, &hold.citizen)
+            })
+            .await?;
+        if made > 0 {
+            self.campaigns.offers_made(made);
+        }
+        Ok(made)
+    }
+
+    fn offer_plan(
+        &self,
+        campaign: &Campaign,
+        registration: &Registration,
+        key: &SlotKey,
+        now: i64,
+    ) -> Result<plans::Plan<Hold>, ServiceError> {
+        let slot = self.slot(key)?;
+        let view = SlotView {
+            key: key.clone(),
+            end_unix_s: slot.end_unix_s(),
+            capacity: slot.counter.snapshot().capacity,
+            // The offer is the admission.
+            gate: Gate::Open,
+            channel: ChannelId::web(),
+        };
+        let id = self.ids.mint(registration.citizen);
+        // An offer answers no client request: its record names the hold itself.
+        let bytes = id.0.to_be_bytes();
+        let request = RequestRecord {
+            key: RequestKey(bytes),
+            fingerprint: RequestFingerprint(bytes),
+        };
+        Ok(plans::offer(
+            &view,
+            (campaign, registration),
+            id,
+            request,
+            now,
+        )?)
+    }
+
+    /// The campaign's slots with places free to the default channel that an offer made
+    /// now could be accepted for (starting after a whole offer's time, released),
+    /// earliest first, with their local start.
+    fn campaign_free_slots(&self, campaign: &Campaign, now: i64) -> Vec<FreeSlot> {
+        let catalog = self.catalog();
+        let web = ChannelId::web();
+        let ttl_ms = i64::from(campaign.offer_ttl_seconds) * 1_000;
+        let from_s = (now + ttl_ms).div_euclid(1_000) + 1;
+        let mut free = Vec::new();
+        for site in catalog.sites_in(Some(&campaign.region_id)) {
+            let slots = catalog
+                .slots_in_range(&site.site_id, Some(&campaign.service_id), from_s, i64::MAX)
+                .unwrap_or_default();
+            for slot in slots {
+                let places = self.remaining_for(&site, &slot, Some(&web));
+                let unreleased = self
+                    .release_at(&site, &slot.key)
+                    .is_some_and(|release_at| now < release_at);
+                if places == 0 || unreleased {
+                    continue;
+                }
+                let Some(local) = chrono::DateTime::from_timestamp(slot.key.start_unix_s, 0) else {
+                    continue;
+                };
+                free.push(FreeSlot {
+                    local: local.with_timezone(&site.time_zone).naive_local(),
+                    key: slot.key.clone(),
+                    free: places,
+                });
+            }
+        }
+        free.sort_by(|a, b| {
+            (a.key.start_unix_s, &a.key.site_id).cmp(&(b.key.start_unix_s, &b.key.site_id))
+        });
+        free
+    }
+
+    /// Recovery: every campaign and its registrations. An offer must be a live hold of
+    /// its citizen and slot, held by no other registration; a booking must be its
+    /// citizen's active booking.
+    pub(super) fn restore_campaigns(&self) -> Result<(), ServiceError> {
+        for campaign in self.store.campaigns() {
+            self.campaigns
+                .insert(Arc::new(CampaignEntry::new(campaign?)));
+        }
+        let mut count = 0;
+        for registration in self.store.registrations() {
+            let registration = registration?;
+            let entry = self
+                .campaigns
+                .get(&registration.campaign_id)
+                .ok_or_else(|| {
+                    ServiceError::Recovery(format!(
+                        "a registration of unknown campaign {}",
+                        registration.campaign_id
+                    ))
+                })?;
+            self.check_registration(&entry, &registration)?;
+            self.campaigns.settle(registration);
+            count += 1;
+        }
+        self.campaigns.registrations.store(count, Ordering::Release);
+        Ok(())
+    }
+
+    fn check_registration(
+        &self,
+        entry: &CampaignEntry,
+        registration: &Registration,
+    ) -> Result<(), ServiceError> {
+        let id = registration.registration_id;
+        let fail = |what: &str| Err(ServiceError::Recovery(format!("registration {id}: {what}")));
+        match &registration.state {
+            RegistrationState::Offered(offer) => {
+                let live = self
+                    .live_holds()
+                    .get(offer.hold_id)
+                    .map(|hold| hold.citizen == registration.citizen && hold.slot == offer.slot);
+                if live != Some(true) {
+                    return fail("its offer is not a live hold of its citizen and slot");
+                }
+                if self.campaigns.holders().offers.contains_key(&offer.hold_id) {
+                    return fail("its offer's hold is offered to another registration too");
+                }
+            }
+            RegistrationState::Booked { booking_id } => {
+                let active =
+                    self.citizens
+                        .is_active(registration.citizen, &entry.service_id, *booking_id);
+                // Retention deletes the bookings of long-ended slots: none is left.
+                let deleted = || {
+                    let tag = self.ids.tag_of(*booking_id);
+                    self.store.booking(tag, *booking_id).map(|b| b.is_none())
+                };
+                if !active && !deleted()? {
+                    return fail("its booking is not an active booking of its citizen");
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Nanoseconds since the first call (never 0), for the refill histogram.
+fn monotonic_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = EPOCH.get_or_init(std::time::Instant::now);
+    epoch.elapsed().as_nanos() as u64 + 1
+}
+
+fn campaign_detail(campaign: &Campaign) -> String {
+    let waves: Vec<String> = campaign
+        .waves
+        .iter()
+        .map(|wave| format!("{} at {} ms", wave.wave_id, wave.opens_at_unix_ms))
+        .collect();
+    format!(
+        "campaign {} of {} in region {}: offers of {} s, {} declines, last minute {} h; waves {}",
+        campaign.campaign_id,
+        campaign.service_id,
+        campaign.region_id,
+        campaign.offer_ttl_seconds,
+        campaign.offers_declined_max,
+        campaign.last_minute_hours,
+        waves.join(", ")
+    )
+}
