@@ -7,7 +7,8 @@
 //! than the server admits: shedding, not collapsing), `churn` (a hold-churn soak on a
 //! fast manual clock: memory, store and recovery stay flat past the retention window),
 //! `release` (a queued opening: a million citizens join a waiting room, the admitted
-//! book, the rest are told SOLD_OUT) and `footprint` (memory per slot and booking, recovery time, on the library without
+//! book, the rest are told SOLD_OUT), `campaign` (pre-registration, three waves,
+//! offers declined, left to expire or accepted until every place is booked) and `footprint` (memory per slot and booking, recovery time, on the library without
 //! gRPC).
 //!
 //! `--spawn` starts a server on a temp dir in this process; `--server URL` targets a
@@ -15,6 +16,7 @@
 //! from `ExportBookings`, `SearchSlots` and `GetSiteStats`; a violation exits non-zero.
 
 mod assertions;
+mod campaign;
 mod churn;
 mod footprint;
 mod release;
@@ -170,6 +172,26 @@ enum ScenarioArgs {
         #[arg(long, default_value_t = 0)]
         admissions_per_minute: u32,
     },
+    /// A campaign's waitlist: every citizen pre-registers; three waves open in turn (the
+    /// spawned server's clock jumps to each); offered citizens decline, let the offer
+    /// expire or accept until every place is booked. Reports registrations/s, the
+    /// matcher's offers/s and how long a freed place waits for its next offer. Needs
+    /// --spawn.
+    Campaign {
+        #[arg(long, default_value_t = 500_000)]
+        registrations: u64,
+        /// Places of the campaign (rounded up to whole places per slot).
+        #[arg(long, default_value_t = 100_000)]
+        places: u64,
+        #[arg(long, default_value_t = 4)]
+        sites: u32,
+        #[arg(long, default_value_t = 5)]
+        days: u32,
+        #[arg(long, default_value_t = 20)]
+        decline_percent: u64,
+        #[arg(long, default_value_t = 10)]
+        expire_percent: u64,
+    },
     /// Resident memory per slot and per booking, and recovery time (no network, no server).
     Footprint {
         #[arg(long, default_value_t = 10_000_000)]
@@ -210,9 +232,14 @@ async fn run(cli: Cli) -> Result<bool, String> {
         .map_err(|e| e.to_string())?;
     }
     let churning = matches!(cli.scenario, ScenarioArgs::Churn { .. });
-    let releasing = matches!(cli.scenario, ScenarioArgs::Release { .. });
+    let releasing = matches!(
+        cli.scenario,
+        ScenarioArgs::Release { .. } | ScenarioArgs::Campaign { .. }
+    );
     if (churning || releasing) && !cli.spawn {
-        return Err("churn and release move the server's clock: they need --spawn".into());
+        return Err(
+            "churn, release and campaign move the server's clock: they need --spawn".into(),
+        );
     }
     let clock = match churning || releasing {
         true => prenota::service::Clock::manual_from_now(),
@@ -266,6 +293,33 @@ async fn run(cli: Cli) -> Result<bool, String> {
         return Ok(ok);
     }
     let progress = scenario::progress_bar();
+    if let ScenarioArgs::Campaign {
+        registrations,
+        places,
+        sites,
+        days,
+        decline_percent,
+        expire_percent,
+    } = cli.scenario
+    {
+        let args = campaign::Campaign {
+            registrations,
+            places,
+            sites,
+            days,
+            decline_percent: decline_percent.min(100),
+            expire_percent: expire_percent.min(100 - decline_percent.min(100)),
+        };
+        let metrics = || target.server_metrics();
+        let (ok, report) =
+            campaign::run(&channels, cli.in_flight, &args, (clock, metrics), &progress).await?;
+        write_json(&cli.json, report)?;
+        if let Some(metrics) = target.server_metrics() {
+            print_group_commits(&metrics);
+        }
+        target.stop();
+        return Ok(ok);
+    }
     if let ScenarioArgs::Release {
         citizens,
         places,
@@ -303,7 +357,8 @@ async fn run(cli: Cli) -> Result<bool, String> {
         // Handled above: footprint without a server, churn and release with their clock.
         ScenarioArgs::Footprint { .. }
         | ScenarioArgs::Churn { .. }
-        | ScenarioArgs::Release { .. } => Ok(true),
+        | ScenarioArgs::Release { .. }
+        | ScenarioArgs::Campaign { .. } => Ok(true),
         ScenarioArgs::Rush {
             citizens,
             sites,
