@@ -277,7 +277,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     campaign_waves_max: 64,
     registrations_max: 2_000_000,
     campaign_offers_per_step_max: 2_000,
-    campaign_scan_per_step_max: 100_000,
+    campaign_scan_per_step_max: 1_000_000,
     campaign_step_interval_ms: 200,
     message_size_bytes_max: 4 * 1024 * 1024,
     hold_ttl_seconds_default: 300,

@@ -243,6 +243,22 @@ impl Registration {
         self.with_state(RegistrationState::Booked { booking_id })
     }
 
+    /// Its offer ended unaccepted, as `end` says.
+    pub fn after_offer(&self, end: OfferEnd) -> Self {
+        match end {
+            OfferEnd::Counted {
+                declined_max,
+                arrival,
+            } => self.offer_ended(declined_max, arrival),
+            // Withdrawing from an offer counts as declining it (registering anew keeps it).
+            OfferEnd::Withdrawn { at_unix_ms } => Self {
+                declines: self.declines.saturating_add(1),
+                ..self.withdrawn(at_unix_ms)
+            },
+            OfferEnd::SlotClosed => self.requeued(),
+        }
+    }
+
     pub fn withdrawn(&self, now_unix_ms: i64) -> Self {
         self.with_state(RegistrationState::Withdrawn {
             at_unix_ms: now_unix_ms,
@@ -254,6 +270,18 @@ impl Registration {
     pub fn requeued(&self) -> Self {
         self.with_state(RegistrationState::Active)
     }
+}
+
+/// How an offer that ends unaccepted counts for its registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OfferEnd {
+    /// Declined or expired: counted; back to the end of the line at `arrival`, or
+    /// exhausted after `declined_max`.
+    Counted { declined_max: u32, arrival: u64 },
+    /// Its citizen withdrew (counted like a decline).
+    Withdrawn { at_unix_ms: i64 },
+    /// Its slot closed: not the citizen's doing; it waits again with its rank.
+    SlotClosed,
 }
 
 /// The order in which waiting registrations are offered places: wave, then priority
@@ -439,19 +467,30 @@ impl Registrations {
             .collect();
     }
 
-    /// Waiting registrations of open waves, in rank order.
+    /// Waiting registrations of open waves, in rank order (a wave not open yet costs
+    /// nothing: each open wave is one range of the order).
     pub fn waiting<'a>(
         &'a self,
         campaign: &'a Campaign,
         now_unix_ms: i64,
     ) -> impl Iterator<Item = &'a Registration> + 'a {
-        self.waiting
+        let start = |wave: u16| {
+            let rank = Rank {
+                wave,
+                group: 0,
+                late: false,
+                order: 0,
+            };
+            (rank, CitizenKey([0; 16]))
+        };
+        campaign
+            .waves
             .iter()
-            .filter(move |(rank, _)| {
-                campaign
-                    .waves
-                    .get(usize::from(rank.wave))
-                    .is_some_and(|wave| wave.is_open(now_unix_ms))
+            .enumerate()
+            .filter(move |(_, wave)| wave.is_open(now_unix_ms))
+            .flat_map(move |(index, _)| {
+                let wave = u16::try_from(index).unwrap_or(u16::MAX - 1);
+                self.waiting.range(start(wave)..start(wave + 1))
             })
             .filter_map(|(_, citizen)| self.get(citizen))
     }

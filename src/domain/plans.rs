@@ -8,7 +8,7 @@
 //! Pure and synchronous; imports nothing of the crate outside `domain`.
 
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
-use crate::domain::campaign::{Campaign, Offer, Registration};
+use crate::domain::campaign::{Campaign, Offer, OfferEnd, Registration};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::event::{Event, HOLD_TIMED_OUT};
 use crate::domain::hold::{held_max, Hold, HoldState, NotConfirmable};
@@ -466,7 +466,17 @@ pub fn reschedule(
     };
     pass_gate(new_slot, &mut plan, now_unix_ms)?;
     if let Some(registration) = registration {
+        // Until the registration knows the new booking, no cancel or move may end it.
+        plan.take.push(Take::Claim {
+            citizen,
+            service: new_slot.key.service_id.clone(),
+            id: new_id,
+        });
         record_registration(&mut plan, registration.booked(new_id));
+        plan.free.push(Free::Unclaim {
+            citizen,
+            id: new_id,
+        });
     }
     Ok(plan)
 }
@@ -474,12 +484,12 @@ pub fn reschedule(
 /// Holds whose time is up (already taken from the live set) expire; their places and
 /// entries return once the expiry is durable. A hold that is a campaign's offer
 /// (`offers`: its registration, the campaign's `offers_declined_max` and the
-/// registration's next arrival number) sends its registration back to the end of the
-/// line, or exhausts it. Answers how many.
-pub fn expire(due: &[Hold], offers: &[(Registration, u32, u64)], now_unix_ms: i64) -> Plan<usize> {
+/// registration's next arrival number, or its closed slot) sends its registration back
+/// to the line, or exhausts it. Answers how many.
+pub fn expire(due: &[Hold], offers: &[(Registration, OfferEnd)], now_unix_ms: i64) -> Plan<usize> {
     let offered: std::collections::HashSet<BookingId> = offers
         .iter()
-        .filter_map(|(registration, ..)| registration.offer().map(|offer| offer.hold_id))
+        .filter_map(|(registration, _)| registration.offer().map(|offer| offer.hold_id))
         .collect();
     let mut plan = Plan {
         take: Vec::new(),
@@ -497,7 +507,7 @@ pub fn expire(due: &[Hold], offers: &[(Registration, u32, u64)], now_unix_ms: i6
         }));
         plan.writes
             .push(Record::Event(match offered.contains(&hold.hold_id) {
-                true => Event::offer_ended(hold, OFFER_EXPIRED, now_unix_ms),
+                true => Event::offer_ended(hold, offer_end_reason(offers, hold), now_unix_ms),
                 false => Event::hold_expired(hold, HOLD_TIMED_OUT, now_unix_ms),
             }));
         plan.free.push(Free::Entry {
@@ -508,17 +518,35 @@ pub fn expire(due: &[Hold], offers: &[(Registration, u32, u64)], now_unix_ms: i6
         plan.free
             .push(Free::Place(hold.slot.clone(), hold.channel.clone()));
     }
-    for (registration, declined_max, arrival) in offers {
+    for (registration, end) in offers {
         debug_assert!(registration
             .offer()
             .is_some_and(|offer| due.iter().any(|hold| hold.hold_id == offer.hold_id)));
-        record_registration(&mut plan, registration.offer_ended(*declined_max, *arrival));
+        record_registration(&mut plan, registration.after_offer(*end));
     }
     plan
 }
 
+/// Why an offer `hold` that timed out ended: it expired, or its slot closed.
+fn offer_end_reason(offers: &[(Registration, OfferEnd)], hold: &Hold) -> &'static str {
+    let end = offers
+        .iter()
+        .find(|(registration, _)| {
+            registration
+                .offer()
+                .is_some_and(|o| o.hold_id == hold.hold_id)
+        })
+        .map(|(_, end)| *end);
+    match end {
+        Some(OfferEnd::SlotClosed) => SLOT_CLOSED,
+        _ => OFFER_EXPIRED,
+    }
+}
+
 /// The reason on an offer that timed out.
 pub const OFFER_EXPIRED: &str = "offer expired";
+/// The reason on an offer of a slot that closed while it was being accepted.
+pub const SLOT_CLOSED: &str = "slot closed";
 /// The reason on the hold of a declined offer.
 pub const OFFER_DECLINED: &str = "offer declined";
 /// The reason on the hold of an offer whose registration was withdrawn.
@@ -575,22 +603,23 @@ pub fn offer(
 }
 
 /// An offer's `hold` (already taken from the live set) ends before its time: the
-/// citizen declined it (`declined`: the campaign's `offers_declined_max` counts it, and
-/// the registration's next arrival number) or withdrew (`None`). Its place and entry
-/// return once durable. Answers the registration as it now is.
+/// citizen declined it (`OfferEnd::Counted`) or withdrew. Its place and entry return
+/// once durable. Answers the registration as it now is.
 pub fn end_offer(
     hold: &Hold,
     registration: &Registration,
-    declined: Option<(u32, u64)>,
+    end: OfferEnd,
     now_unix_ms: i64,
 ) -> Plan<Registration> {
     debug_assert!(registration
         .offer()
         .is_some_and(|offer| offer.hold_id == hold.hold_id));
-    let (next, reason) = match declined {
-        Some((max, arrival)) => (registration.offer_ended(max, arrival), OFFER_DECLINED),
-        None => (registration.withdrawn(now_unix_ms), REGISTRATION_WITHDRAWN),
+    let reason = match end {
+        OfferEnd::Counted { .. } => OFFER_DECLINED,
+        OfferEnd::Withdrawn { .. } => REGISTRATION_WITHDRAWN,
+        OfferEnd::SlotClosed => SLOT_CLOSED,
     };
+    let next = registration.after_offer(end);
     let mut plan = Plan {
         take: Vec::new(),
         writes: vec![
@@ -1028,12 +1057,22 @@ mod tests {
         accepted.assert_balanced();
         assert!(accepted.writes.iter().any(|w| matches!(w,
             Record::Registration(r) if r.state == crate::domain::campaign::RegistrationState::Booked { booking_id: BookingId(4) })));
-        let declined = end_offer(&hold, offered, Some((2, 9)), NOW);
+        let counted = OfferEnd::Counted {
+            declined_max: 2,
+            arrival: 9,
+        };
+        let declined = end_offer(&hold, offered, counted, NOW);
         declined.assert_balanced();
         assert_eq!(declined.answer.declines, 1);
         let expired = expire(
             std::slice::from_ref(&hold),
-            &[(offered.clone(), 1, 10)],
+            &[(
+                offered.clone(),
+                OfferEnd::Counted {
+                    declined_max: 1,
+                    arrival: 10,
+                },
+            )],
             NOW + 60_000,
         );
         expired.assert_balanced();

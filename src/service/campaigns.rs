@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::domain::booking::RequestRecord;
 use crate::domain::campaign::{
-    pick, Begin, Campaign, Counts, FreeSlot, Preferences, Registration, RegistrationState,
-    Registrations, Shown,
+    pick, Begin, Campaign, Counts, FreeSlot, OfferEnd, Preferences, Registration,
+    RegistrationState, Registrations, Shown,
 };
 use crate::domain::catalog::{Site, Slot};
 use crate::domain::error::{DomainError, Missing};
@@ -31,8 +31,8 @@ use crate::store::records::Write;
 use crate::store::StoreError;
 
 /// The matcher looks at a campaign at least this often, even when nothing changed that
-/// it was told of (capacity raised, a closure reopened, a wave opened).
-const MATCH_AT_LEAST_EVERY_MS: i64 = 1_000;
+/// it was told of (a release's slots opening at release_at).
+const MATCH_AT_LEAST_EVERY_MS: i64 = 10_000;
 
 /// One campaign in memory.
 #[derive(Debug)]
@@ -79,6 +79,15 @@ impl CampaignEntry {
 
     pub fn campaign(&self) -> Campaign {
         self.lock().campaign.clone()
+    }
+
+    /// A declined or expired offer's end: counted, with the next place in the line.
+    fn counted_end(&self) -> OfferEnd {
+        let mut state = self.lock();
+        OfferEnd::Counted {
+            declined_max: state.campaign.offers_declined_max,
+            arrival: state.registrations.take_arrival(),
+        }
     }
 
     fn registration(&self, citizen: &CitizenKey) -> Result<Registration, DomainError> {
@@ -195,7 +204,7 @@ impl Campaigns {
             .is_some_and(|entry| entry.requires_offer(key.start_unix_s, now))
     }
 
-    /// A place came back somewhere: the matcher looks again.
+    /// A place came back somewhere, or capacity changed: the matcher looks again.
     pub fn place_returned(&self) {
         self.places_returned.fetch_add(1, Ordering::Relaxed);
         let now = monotonic_ns();
@@ -225,23 +234,27 @@ impl Campaigns {
         registration
     }
 
-    /// The registration whose offer is the hold `id`, about to end: with its
-    /// campaign's `offers_declined_max` and its next place at the end of the line.
-    pub fn ending_offer(&self, id: HoldId) -> Option<(Registration, u32, u64)> {
+    /// The registration whose offer is the hold `id`, about to end: counted (with its
+    /// campaign's `offers_declined_max` and its next place at the end of the line), or
+    /// not when its slot closed.
+    pub fn ending_offer(&self, id: HoldId, slot_closed: bool) -> Option<(Registration, OfferEnd)> {
         let (entry, citizen) = self.holders().offers.get(&id).cloned()?;
-        let mut state = entry.lock();
-        let registration = state.registrations.get(&citizen)?.clone();
-        let declined_max = state.campaign.offers_declined_max;
-        Some((
-            registration,
-            declined_max,
-            state.registrations.take_arrival(),
-        ))
+        let registration = entry.lock().registrations.get(&citizen)?.clone();
+        let end = match slot_closed {
+            true => OfferEnd::SlotClosed,
+            false => entry.counted_end(),
+        };
+        Some((registration, end))
     }
 
-    /// The registration booked with booking `id`.
+    /// The registration booked with booking `id`, or about to be: an offer being
+    /// accepted (its booking is in the store before the registration settles, and the
+    /// accept keeps the entry claimed until it has).
     pub fn booked_with(&self, id: BookingId) -> Option<Registration> {
-        let (entry, citizen) = self.holders().bookings.get(&id).cloned()?;
+        let found = self.holders().bookings.get(&id).cloned();
+        let Some((entry, citizen)) = found else {
+            return self.offer_of(id).map(|offered| offered.booked(id));
+        };
         let registration = entry.lock().registrations.get(&citizen).cloned();
         registration
     }
@@ -607,12 +620,7 @@ impl Engine {
                 fingerprint,
                 |_| async {
                     let registration = entry.registration(&citizen)?;
-                    let declined = {
-                        let mut state = entry.lock();
-                        let max = state.campaign.offers_declined_max;
-                        (max, state.registrations.take_arrival())
-                    };
-                    self.end_offer(&registration, Some(declined)).await
+                    self.end_offer(&registration, entry.counted_end()).await
                 },
                 |registration: &Registration| registration.registration_id,
                 |_| Ok(entry.registration(&citizen)?),
@@ -637,7 +645,12 @@ impl Engine {
                     let registration = entry.registration(&citizen)?;
                     match registration.state {
                         RegistrationState::Active => self.withdraw_active(&entry, &citizen).await,
-                        RegistrationState::Offered(_) => self.end_offer(&registration, None).await,
+                        RegistrationState::Offered(_) => {
+                            let end = OfferEnd::Withdrawn {
+                                at_unix_ms: self.now_unix_ms(),
+                            };
+                            self.end_offer(&registration, end).await
+                        }
                         RegistrationState::Booked { .. } => {
                             Err(DomainError::RegistrationBooked.into())
                         }
@@ -685,7 +698,7 @@ impl Engine {
     async fn end_offer(
         &self,
         registration: &Registration,
-        declined: Option<(u32, u64)>,
+        end: OfferEnd,
     ) -> Result<Registration, ServiceError> {
         let offer = registration.offer().ok_or(DomainError::NoOffer)?;
         let now = self.now_unix_ms();
@@ -702,7 +715,7 @@ impl Engine {
             // Being accepted or ended right now.
             Err(NotConfirmable::Unknown) => return Err(DomainError::NoOffer.into()),
         };
-        let plan = plans::end_offer(&hold, registration, declined, now);
+        let plan = plans::end_offer(&hold, registration, end, now);
         self.execute(plan, || self.live_holds().insert(hold.clone()))
             .await
     }
@@ -802,11 +815,16 @@ impl Engine {
                 Err(_) => self.campaigns.abandon(entry, &registration.citizen),
             }
         }
+        let full_step = offers.len() >= self.limits.campaign_offers_per_step_max;
         let made = self
             .execute_each(offers, |hold: &Hold| {
                 self.campaigns.abandon(entry, &hold.citizen)
             })
             .await?;
+        if full_step {
+            // More may be waiting for the places left: the next step goes on.
+            entry.dirty.store(true, Ordering::Release);
+        }
         if made > 0 {
             self.campaigns.offers_made(made);
         }

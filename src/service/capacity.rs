@@ -499,6 +499,7 @@ impl Engine {
         undo_if_never_queued(self.commit_in_chunks(writes).await, || {
             restore_capacities(lowered)
         })?;
+        self.campaigns.place_returned();
         self.publish_in_memory(sites, plans)
     }
 
@@ -653,6 +654,7 @@ impl Engine {
             // Places are only taken while open, and it was closed or is at most lowered.
             tracing::error!(slot = %key, taken = b.taken, "capacity below taken after set");
         }
+        self.campaigns.place_returned();
         Ok((site, slot))
     }
 

@@ -39,9 +39,10 @@ impl Engine {
         now_unix_ms: i64,
     ) -> Result<SlotView, ServiceError> {
         let (region, slot) = self.slot_in_region(key)?;
-        let gate = match self.releases.gate(&region, key, citizen, now_unix_ms) {
-            Gate::Open => self.campaign_gate(&region, key, now_unix_ms),
-            gate => gate,
+        // A campaign's slot is reached through its offers, whatever release covers it.
+        let gate = match self.campaign_gate(&region, key, now_unix_ms) {
+            Gate::OfferRequired => Gate::OfferRequired,
+            _ => self.releases.gate(&region, key, citizen, now_unix_ms),
         };
         Ok(SlotView {
             key: slot.key.clone(),

@@ -80,7 +80,13 @@ impl Engine {
         }
         let offers: Vec<_> = due
             .iter()
-            .filter_map(|hold| self.campaigns.ending_offer(hold.hold_id))
+            .filter_map(|hold| {
+                // An offer whose accept lost to a closure ends uncounted.
+                let closed = self
+                    .slot(&hold.slot)
+                    .is_ok_and(|slot| slot.counter.snapshot().closed);
+                self.campaigns.ending_offer(hold.hold_id, closed)
+            })
             .collect();
         let plan = plans::expire(&due, &offers, now_unix_ms);
         self.execute(plan, || {
