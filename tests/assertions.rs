@@ -221,3 +221,98 @@ async fn a_dev_assertion_is_accepted() {
         .unwrap();
     server.stop().await;
 }
+
+/// A campaign's eligibility comes from the assertion (its birth year and groups), never
+/// from the request, which any frontend could fill in as it likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_takes_birth_year_and_groups_from_the_assertion() {
+    let keys = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config(&keys)).await;
+    one_slot_site(&server, "asserted-campaign", 5).await;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let at = |ms: i64| {
+        Some(prost_types::Timestamp {
+            seconds: ms / 1_000,
+            nanos: 0,
+        })
+    };
+    server
+        .capacity()
+        .await
+        .upsert_campaign(proto::UpsertCampaignRequest {
+            campaign: Some(proto::Campaign {
+                campaign_id: "c".into(),
+                service_id: "vax".into(),
+                region_id: "test-region".into(),
+                waves: vec![
+                    proto::Wave {
+                        wave_id: "born-by-1950".into(),
+                        opens_at: at(now_ms + 3_600_000),
+                        birth_year_max: 1950,
+                        ..Default::default()
+                    },
+                    proto::Wave {
+                        wave_id: "carers".into(),
+                        opens_at: at(now_ms + 3_600_000),
+                        priority_groups: vec!["carer".into()],
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("campaign");
+    let mut client = server.booking().await;
+    let register = |citizen: &'static str, asserted: serde_json::Value| {
+        let mut claimed = claims("spid", citizen);
+        for (key, value) in asserted.as_object().unwrap() {
+            claimed[key] = value.clone();
+        }
+        let assertion = sign(&keys.spid_old, Algorithm::EdDSA, claimed);
+        let request = proto::PreRegisterRequest {
+            campaign_id: "c".into(),
+            citizen_id: citizen.into(),
+            // What the frontend says is ignored for an asserted citizen.
+            birth_year: 1930,
+            priority_groups: vec!["carer".into()],
+            request_id: format!("register-{citizen}"),
+            ..Default::default()
+        };
+        let mut client = client.clone();
+        async move {
+            client
+                .pre_register(with_assertion(request, &assertion))
+                .await
+                .expect("registered")
+                .into_inner()
+                .registration
+                .unwrap()
+                .wave_id
+        }
+    };
+    assert_eq!(
+        register("ALICE", json!({"birth_year": 1940})).await,
+        "born-by-1950"
+    );
+    let groups = json!({"birth_year": 1990, "groups": ["carer", "not a group name!"]});
+    assert_eq!(register("BOB", groups).await, "carers");
+    assert_eq!(
+        register("CAROL", json!({"birth_year": 1990})).await,
+        "",
+        "no wave admits her"
+    );
+    let status = client
+        .pre_register(proto::PreRegisterRequest {
+            campaign_id: "c".into(),
+            citizen_id: "DAVE".into(),
+            request_id: "no-assertion".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    invalid(status);
+    server.stop().await;
+}

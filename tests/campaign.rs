@@ -376,7 +376,10 @@ async fn every_freed_place_goes_to_the_next_registration_within_a_second() {
     )
     .await;
     assert_eq!(anew.state(), RegistrationState::Waiting);
-    assert_eq!(anew.offers_declined, 1, "withdrawing from an offer counts as declining it");
+    assert_eq!(
+        anew.offers_declined, 1,
+        "withdrawing from an offer counts as declining it"
+    );
 
     // A closure ends the offer; the registration waits again with its rank (no decline).
     let slot = first.slot.clone().unwrap();

@@ -2,8 +2,9 @@
 //! (birth years spread so the three waves hold 10%, 20% and 70% of them) for `--places`
 //! places; then each wave opens in turn (the spawned server's clock jumps to it). The
 //! citizens of open waves read their registration in rounds; an offered citizen
-//! declines (`--decline-percent`), lets the offer expire (`--expire-percent`; offers
-//! last 5 s, the clock following real time between the waves' jumps) or accepts. Reports the registrations per second,
+//! declines (`--decline-percent`), lets the offer expire (`--expire-percent`: the clock
+//! then jumps past the offer's time, which may open the next wave early: its citizens
+//! are read from then on) or accepts. Reports the registrations per second,
 //! the matcher's offers per second when a wave opens, the time a freed place waits for
 //! its next offer (p50/p99, from the server's histogram), and verifies every place
 //! booked, no slot over capacity, at most one booking per citizen, the stats equal to
@@ -36,9 +37,8 @@ pub struct Campaign {
 const CAMPAIGN_ID: &str = "loadtest-campaign";
 /// Waves open an hour apart (server time, skipped).
 const WAVE_GAP_MS: i64 = 3_600_000;
-/// An offer's time: short, so offers left to expire run out during the run (the
-/// server's clock follows real time once the first wave opened).
-const OFFER_TTL_SECONDS: u32 = 5;
+/// An offer's time (server time, skipped when citizens let offers expire).
+const OFFER_TTL_SECONDS: u32 = 600;
 /// Reading rounds per wave before the harness gives up.
 const ROUNDS_MAX: usize = 40;
 
@@ -121,23 +121,16 @@ pub async fn run(
     let mut fills = Vec::new();
     let mut resolved: HashSet<u64> = HashSet::new();
     let mut unfinished = Vec::new();
-    let mut ticking = None;
     for wave in 0..3 {
         let opens_at = first_wave_at + wave as i64 * WAVE_GAP_MS;
         clock.advance(Duration::from_millis(
             (opens_at - clock.now_unix_ms()).max(0) as u64 + 1,
         ));
-        if ticking.is_none() {
-            ticking = Some(tokio::spawn(follow_real_time(clock.clone())));
-        }
         fills.push(wait_for_fill(channels[0].clone()).await?);
-        let open: Vec<u64> = (0..args.registrations)
-            .filter(|n| wave_of(*n) <= wave && !resolved.contains(n))
-            .collect();
         let rounds = answer_offers(
             channels,
             (&scenario, args, places),
-            open,
+            (&clock, first_wave_at),
             (&acknowledged, &mut resolved),
             &mut tally,
         )
@@ -149,9 +142,6 @@ pub async fn run(
                 wave + 1
             ));
         }
-    }
-    if let Some(ticking) = ticking {
-        ticking.abort();
     }
     progress.finish_and_clear();
     registering.print();
@@ -214,17 +204,6 @@ pub async fn run(
         "violations": violations,
     });
     Ok((violations.is_empty(), report))
-}
-
-/// Moves the manual clock along with real time (after a wave's jump).
-async fn follow_real_time(clock: Clock) {
-    let mut last = Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let now = Instant::now();
-        clock.advance(now - last);
-        last = now;
-    }
 }
 
 async fn upsert_campaign(
@@ -334,14 +313,18 @@ async fn wait_for_fill(channel: Channel) -> Result<(u64, Duration), String> {
 async fn answer_offers(
     channels: &[Channel],
     (scenario, args, places): (&Scenario, &Campaign, u64),
-    mut open: Vec<u64>,
+    (clock, first_wave_at): (&Clock, i64),
     (acknowledged, resolved): (&Acknowledged, &mut HashSet<u64>),
     tally: &mut Tally,
 ) -> Result<usize, String> {
     for round in 1..=ROUNDS_MAX {
         let mut seen_offers = 0;
         let mut ignored = 0;
-        let mut still = Vec::new();
+        // The citizens of every wave open by now (a jump may have opened the next).
+        let opened = (clock.now_unix_ms() - first_wave_at).div_euclid(WAVE_GAP_MS);
+        let open: Vec<u64> = (0..args.registrations)
+            .filter(|n| (wave_of(*n) as i64) <= opened && !resolved.contains(n))
+            .collect();
         for chunk in open.chunks(256) {
             let reads = chunk.iter().enumerate().map(|(i, &citizen)| {
                 let channel = channels[i % channels.len()].clone();
@@ -365,36 +348,30 @@ async fn answer_offers(
                         acknowledged.lock().await.insert(booking_id, ack);
                         resolved.insert(citizen);
                     }
-                    Outcome::Declined => {
-                        seen_offers += 1;
-                        still.push(citizen);
-                    }
+                    Outcome::Declined => seen_offers += 1,
                     Outcome::Ignored => {
                         seen_offers += 1;
                         ignored += 1;
-                        still.push(citizen);
                     }
                     Outcome::Done => {
                         resolved.insert(citizen);
                     }
-                    Outcome::Waiting => still.push(citizen),
+                    Outcome::Waiting => {}
                 }
             }
         }
-        open = still;
         if seen_offers == 0 && ignored == 0 {
             let counts = stats(channels[0].clone()).await?.counts.unwrap_or_default();
             if counts.offered == 0 && (counts.booked >= places || counts.waiting == 0) {
                 return Ok(round);
             }
         }
-        // Let the matcher (every 200 ms) and the sweeper (every 250 ms) run, and an
-        // ignored offer run out.
-        let pause = match ignored {
-            0 => 600,
-            _ => u64::from(OFFER_TTL_SECONDS) * 1_000 + 600,
-        };
-        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if ignored > 0 {
+            // The ignored offers run out; the sweeper returns their places.
+            clock.advance(Duration::from_secs(u64::from(OFFER_TTL_SECONDS) + 1));
+        }
+        // Let the matcher (every 200 ms) and the sweeper (every 250 ms) run.
+        tokio::time::sleep(Duration::from_millis(600)).await;
     }
     Ok(ROUNDS_MAX)
 }
