@@ -104,6 +104,8 @@ pub struct Limits {
     /// How often queued releases are drawn, admitted and declared sold out: a waiting
     /// ticket turns SOLD_OUT within this of the last place going.
     pub release_step_interval_ms: u64,
+    /// Citizens one `BookGroup` may book for (a household).
+    pub group_size_max: usize,
     /// Campaigns (`UpsertCampaign`) the server holds; the next new one is refused with
     /// RESOURCE_EXHAUSTED / CAMPAIGNS_EXHAUSTED.
     pub campaigns_max: usize,
@@ -273,6 +275,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     queue_tickets_max: 5_000_000,
     queue_admissions_per_step_max: 2_000,
     release_step_interval_ms: 200,
+    group_size_max: 6,
     campaigns_max: 100,
     campaign_waves_max: 64,
     registrations_max: 2_000_000,
@@ -348,6 +351,7 @@ const _: () = {
     assert!(l.watch_coalesce_ms >= 10);
     assert!(l.releases_max >= 1 && l.queue_tickets_max >= 1 && l.release_sites_max >= 1);
     assert!(l.queue_admissions_per_step_max >= 1);
+    assert!(l.group_size_max >= 1 && l.group_size_max <= 64);
     assert!(l.campaigns_max >= 1 && l.campaign_waves_max >= 1 && l.registrations_max >= 1);
     assert!(l.campaign_offers_per_step_max >= 1 && l.campaign_scan_per_step_max >= 1);
     assert!(l.campaign_step_interval_ms >= 10 && l.campaign_step_interval_ms <= 1_000);
@@ -450,6 +454,10 @@ impl Limits {
                 && l.queue_admissions_per_step_max >= 1,
             "releases_max, release_sites_max, queue_tickets_max and \
              queue_admissions_per_step_max must be at least 1",
+        );
+        need(
+            (1..=64).contains(&l.group_size_max),
+            "group_size_max must be between 1 and 64",
         );
         need(
             l.campaigns_max >= 1

@@ -316,3 +316,47 @@ async fn a_campaign_takes_birth_year_and_groups_from_the_assertion() {
     invalid(status);
     server.stop().await;
 }
+
+/// An asserted caller books a household only of its `sub` and `dependants`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_household_is_the_subject_and_its_dependants() {
+    let keys = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config(&keys)).await;
+    let slot = one_slot_site(&server, "household", 5).await;
+    let mut parent = claims("spid", "ALICE");
+    parent["dependants"] = json!(["KID1", "KID2"]);
+    let assertion = sign(&keys.spid_old, Algorithm::EdDSA, parent);
+    let group = |citizens: &[&str], request_id: &str| proto::BookGroupRequest {
+        slot_id: slot.clone(),
+        citizen_ids: citizens.iter().map(|c| c.to_string()).collect(),
+        request_id: request_id.into(),
+    };
+    let mut client = server.booking().await;
+    let status = client
+        .book_group(with_assertion(
+            group(&["ALICE", "STRANGER"], "h1"),
+            &assertion,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status).as_deref(), Some("CITIZEN_MISMATCH"));
+    invalid(
+        client
+            .book_group(group(&["ALICE", "KID1"], "h2"))
+            .await
+            .unwrap_err(),
+    );
+    let booked = client
+        .book_group(with_assertion(
+            group(&["ALICE", "KID1", "KID2"], "h3"),
+            &assertion,
+        ))
+        .await
+        .expect("the subject and its dependants")
+        .into_inner()
+        .bookings;
+    assert_eq!(booked.len(), 3);
+    server.stop().await;
+}

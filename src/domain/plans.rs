@@ -217,6 +217,46 @@ pub fn book(
     Ok(plan)
 }
 
+/// One booking each for `members` (citizen, new booking id) in `slot`, all or none: every
+/// member's entry under its own limit first, then one place per member. The slot's gate
+/// is passed once, for the group (the asking member's admission admits its household).
+pub fn book_group(
+    slot: &SlotView,
+    members: &[(CitizenKey, BookingId)],
+    request: RequestRecord,
+    now_unix_ms: i64,
+) -> Result<Plan<Vec<Booking>>, DomainError> {
+    assert!(!members.is_empty(), "a group has members");
+    check_not_started(&slot.key, now_unix_ms)?;
+    let mut plan = Plan {
+        take: Vec::with_capacity(2 * members.len()),
+        writes: Vec::with_capacity(2 * members.len()),
+        free: Vec::new(),
+        answer: Vec::with_capacity(members.len()),
+    };
+    for &(citizen, id) in members {
+        let [entry, _] = admission(slot, citizen, id);
+        plan.take.push(entry);
+    }
+    for &(citizen, id) in members {
+        let booking = Booking::confirmed(
+            id,
+            (slot.key.clone(), slot.end_unix_s),
+            (citizen, slot.channel.clone()),
+            now_unix_ms,
+            request,
+        );
+        plan.take
+            .push(Take::Place(slot.key.clone(), slot.channel.clone()));
+        plan.writes.push(Record::Booking(booking.clone()));
+        plan.writes
+            .push(Record::Event(Event::booking(&booking, now_unix_ms)));
+        plan.answer.push(booking);
+    }
+    pass_gate(slot, &mut plan, now_unix_ms)?;
+    Ok(plan)
+}
+
 /// A new hold `id` of a place in `slot` for `ttl_seconds`; at most
 /// `held_share_percent` of the slot's places may be held at once (at least one).
 pub fn hold(
@@ -1078,6 +1118,31 @@ mod tests {
         expired.assert_balanced();
         assert!(expired.writes.iter().any(|w| matches!(w,
             Record::Registration(r) if r.state == crate::domain::campaign::RegistrationState::Exhausted)));
+    }
+
+    #[test]
+    fn a_group_takes_every_entry_before_any_place_and_books_each_member() {
+        let at = slot("vax", NOW);
+        let members = [(ALICE, BookingId(1)), (BOB, BookingId(2))];
+        let plan = book_group(&at, &members, request(1), NOW).unwrap();
+        plan.assert_balanced();
+        let kinds: Vec<&str> = plan
+            .take
+            .iter()
+            .map(|take| match take {
+                Take::Entry { .. } => "entry",
+                Take::Place(..) => "place",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["entry", "entry", "place", "place"]);
+        let owners: Vec<CitizenKey> = plan.answer.iter().map(|b| b.citizen).collect();
+        assert_eq!(owners, [ALICE, BOB]);
+        let started = slot("vax", NOW / 1_000);
+        assert_eq!(
+            reason(book_group(&started, &members, request(1), NOW)),
+            "SlotStarted"
+        );
     }
 
     #[test]

@@ -36,20 +36,15 @@ impl BookingApi {
             .map(|(caller, body, _)| (caller, body))
     }
 
-    /// `acting`, with the verified assertion of an asserted caller (its birth year and
-    /// groups decide a campaign's eligibility).
-    fn acting_asserted<T: NamesCitizen>(
-        &self,
-        request: Request<T>,
-    ) -> Result<(Caller, T, Option<AssertedCitizen>), Status> {
-        let caller = Caller::of(&request)?;
+    /// The verified assertion of an asserted caller; `None` for a trusted one.
+    fn assertion<T>(&self, request: &Request<T>) -> Result<Option<AssertedCitizen>, Status> {
         let trust = request
             .extensions()
             .get::<CitizenTrust>()
             .copied()
             .ok_or_else(|| Status::internal("the request passed no authentication gate"))?;
         if trust == CitizenTrust::Trusted {
-            return Ok((caller, request.into_inner(), None));
+            return Ok(None);
         }
         let now_s = self.engine.clock().now_unix_ms().div_euclid(1_000);
         let asserted = self
@@ -59,6 +54,39 @@ impl BookingApi {
                 tracing::debug!(%why, "citizen assertion refused");
                 ServiceError::CitizenAssertionInvalid
             })?;
+        Ok(Some(asserted))
+    }
+
+    /// The citizens an asserted caller may book for (its `sub` and `dependants`,
+    /// canonical); `None` for a trusted caller.
+    fn bookable_for<T>(&self, request: &Request<T>) -> Result<Option<Vec<String>>, Status> {
+        let Some(asserted) = self.assertion(request)? else {
+            return Ok(None);
+        };
+        let ids = self.engine.citizen_ids();
+        let sub = ids
+            .canonical(&asserted.sub)
+            .map_err(|_| ServiceError::CitizenAssertionInvalid)?;
+        let mut allowed = vec![sub];
+        allowed.extend(
+            asserted
+                .dependants
+                .iter()
+                .filter_map(|id| ids.canonical(id).ok()),
+        );
+        Ok(Some(allowed))
+    }
+
+    /// `acting`, with the verified assertion of an asserted caller (its birth year and
+    /// groups decide a campaign's eligibility).
+    fn acting_asserted<T: NamesCitizen>(
+        &self,
+        request: Request<T>,
+    ) -> Result<(Caller, T, Option<AssertedCitizen>), Status> {
+        let caller = Caller::of(&request)?;
+        let Some(asserted) = self.assertion(&request)? else {
+            return Ok((caller, request.into_inner(), None));
+        };
         let ids = self.engine.citizen_ids();
         let sub = ids
             .canonical(&asserted.sub)
@@ -234,6 +262,37 @@ impl BookingService for BookingApi {
             .await?;
         Ok(Response::new(proto::BookResponse {
             booking: Some(convert::booking_to_proto(&view)),
+        }))
+    }
+
+    async fn book_group(
+        &self,
+        request: Request<proto::BookGroupRequest>,
+    ) -> Result<Response<proto::BookGroupResponse>, Status> {
+        let allowed = self.bookable_for(&request)?;
+        let caller = Caller::of(&request)?;
+        let engine = Arc::clone(&self.engine);
+        let command = convert::group_from_proto(
+            request.into_inner(),
+            engine.limits(),
+            engine.citizen_ids(),
+            &caller,
+        )?;
+        if let Some(allowed) = allowed {
+            if command.citizen_ids.iter().any(|id| !allowed.contains(id)) {
+                return Err(ServiceError::CitizenMismatch.into());
+            }
+        }
+        let result = detached(async move { engine.book_group(command).await }).await?;
+        count_outcome(
+            Command::Book,
+            match &result {
+                Ok(_) => "OK",
+                Err(error) => status::reason(error),
+            },
+        );
+        Ok(Response::new(proto::BookGroupResponse {
+            bookings: result?.iter().map(convert::booking_to_proto).collect(),
         }))
     }
 

@@ -21,7 +21,7 @@ use crate::grpc::auth::Caller;
 use crate::proto;
 use crate::service::{
     BookCommand, BookingView, CancelCommand, CitizenBookingsQuery, CloseCommand, EventView,
-    HoldCommand, ImportRow, RescheduleCommand, RowKey, SummaryPage, SummaryQuery,
+    GroupCommand, HoldCommand, ImportRow, RescheduleCommand, RowKey, SummaryPage, SummaryQuery,
 };
 
 /// Latest instant accepted on the wire: 9999-12-31T23:59:59Z.
@@ -369,6 +369,55 @@ fn hold_ttl_seconds(value: u32, limits: &Limits) -> Result<u32, FieldViolation> 
             ),
         )),
     }
+}
+
+/// A `BookGroup` request: the slot, the distinct canonical members (1 to
+/// `group_size_max`), the request id.
+pub fn group_from_proto(
+    request: proto::BookGroupRequest,
+    limits: &Limits,
+    ids: &CitizenIds,
+    caller: &Caller,
+) -> Result<GroupCommand, DomainError> {
+    let members = || -> Result<Vec<String>, Vec<FieldViolation>> {
+        let count = request.citizen_ids.len();
+        if count == 0 || count > limits.group_size_max {
+            return Err(vec![FieldViolation::new(
+                "citizen_ids",
+                format!("must name 1 to {} citizens", limits.group_size_max),
+            )]);
+        }
+        let mut violations = Vec::new();
+        let mut members: Vec<String> = Vec::with_capacity(count);
+        for (index, id) in request.citizen_ids.iter().enumerate() {
+            let field = format!("citizen_ids[{index}]");
+            match ids.canonical(id) {
+                Ok(id) if members.contains(&id) => {
+                    violations.push(FieldViolation::new(field, "names a citizen twice"))
+                }
+                Ok(id) => members.push(id),
+                Err(violation) => {
+                    violations.push(FieldViolation::new(field, violation.description))
+                }
+            }
+        }
+        match violations.is_empty() {
+            true => Ok(members),
+            false => Err(violations),
+        }
+    };
+    let (slot, citizen_ids, request) = (
+        slot_key("slot_id", &request.slot_id, limits),
+        members(),
+        request_key(&request.request_id, limits, &caller.actor()),
+    )
+        .all_valid()?;
+    Ok(GroupCommand {
+        slot,
+        citizen_ids,
+        request,
+        channel: caller.channel(),
+    })
 }
 
 pub fn hold_from_proto(

@@ -4,6 +4,7 @@
 //! (sharded index) → slot CAS → durable group commit → acknowledge.
 
 use crate::domain::booking::{Booking, RequestRecord};
+use crate::domain::error::DomainError;
 use crate::domain::hold::{HoldId, NotConfirmable};
 use crate::domain::ids::{
     BookingId, ChannelId, CitizenKey, RequestFingerprint, RequestKey, ServiceId, SlotKey,
@@ -19,6 +20,15 @@ pub struct BookCommand {
     pub request: RequestKey,
     pub hold_id: Option<HoldId>,
     /// The caller's channel (a confirmed hold keeps its own).
+    pub channel: ChannelId,
+}
+
+/// BookGroup: one place each for a household, all or none.
+pub struct GroupCommand {
+    pub slot: SlotKey,
+    /// Canonical, distinct, at least one; the first is the one asking.
+    pub citizen_ids: Vec<String>,
+    pub request: RequestKey,
     pub channel: ChannelId,
 }
 
@@ -83,6 +93,93 @@ impl Engine {
             },
         )
         .await
+    }
+
+    /// Books one place for each member of a household in one write: all or none. Each
+    /// member's own limit applies; a retry returns the same bookings.
+    pub async fn book_group(
+        &self,
+        command: GroupCommand,
+    ) -> Result<Vec<BookingView>, ServiceError> {
+        let members: Vec<CitizenKey> = command
+            .citizen_ids
+            .iter()
+            .map(|id| self.hasher.hash(id))
+            .collect();
+        let asking = *members.first().ok_or(DomainError::invalid(
+            "citizen_ids",
+            "must name at least one citizen",
+        ))?;
+        for member in &members {
+            self.count_attempt_on(member, &command.slot)?;
+        }
+        let slot_text = command.slot.to_string();
+        let mut parts: Vec<&[u8]> = vec![b"book-group", slot_text.as_bytes()];
+        parts.extend(members.iter().map(|member| &member.0[..]));
+        let fingerprint = RequestFingerprint::of(&parts);
+        let key = command.request.for_citizen(&asking);
+        let bookings = self
+            .once_per_request(
+                key,
+                fingerprint,
+                |request| self.group_and_commit(&command, &members, request),
+                |bookings: &Vec<Booking>| bookings[0].booking_id,
+                |_| self.group_bookings(&members, key),
+            )
+            .await?;
+        bookings
+            .into_iter()
+            .map(|booking| self.view(booking))
+            .collect()
+    }
+
+    async fn group_and_commit(
+        &self,
+        command: &GroupCommand,
+        members: &[CitizenKey],
+        request: RequestRecord,
+    ) -> Result<Vec<Booking>, ServiceError> {
+        let now_ms = self.now_unix_ms();
+        let slot = self.slot_view(&command.slot, (&members[0], &command.channel), now_ms)?;
+        let ids: Vec<(CitizenKey, BookingId)> = members
+            .iter()
+            .map(|member| (*member, self.ids.mint(*member)))
+            .collect();
+        let plan = plans::book_group(&slot, &ids, request, now_ms)?;
+        self.execute(plan, || {}).await
+    }
+
+    /// The bookings a group request `key` made, one per member (for a retry).
+    fn group_bookings(
+        &self,
+        members: &[CitizenKey],
+        key: RequestKey,
+    ) -> Result<Vec<Booking>, ServiceError> {
+        let mut found = Vec::with_capacity(members.len());
+        for member in members {
+            let mut after = None;
+            loop {
+                let batch =
+                    self.store
+                        .bookings_of_tag(member.tag(), after, CITIZEN_BOOKINGS_STEP)?;
+                let exhausted = batch.len() < CITIZEN_BOOKINGS_STEP;
+                after = batch.last().map(|booking| booking.booking_id);
+                let mine = batch
+                    .into_iter()
+                    .find(|b| b.citizen == *member && b.request.key == key);
+                if let Some(booking) = mine {
+                    found.push(booking);
+                    break;
+                }
+                if exhausted {
+                    break;
+                }
+            }
+        }
+        if found.is_empty() {
+            return Err(DomainError::NotFound(crate::domain::error::Missing::Booking).into());
+        }
+        Ok(found)
     }
 
     /// `once_per_request` for commands whose outcome is a booking.

@@ -44,7 +44,9 @@ pub mod requests;
 pub mod retention;
 
 pub use actor::{Actor, Regions};
-pub use bookings::{BookCommand, CancelCommand, CitizenBookingsQuery, RescheduleCommand};
+pub use bookings::{
+    BookCommand, CancelCommand, CitizenBookingsQuery, GroupCommand, RescheduleCommand,
+};
 pub use campaigns::{CampaignStats, PreRegisterCommand, RegistrationCommand, RegistrationView};
 pub use capacity::{CloseCommand, CloseOutcome, PublishOutcome};
 pub use clock::Clock;
