@@ -217,32 +217,38 @@ pub fn book(
     Ok(plan)
 }
 
-/// One booking each for `members` (citizen, new booking id) in `slot`, all or none: every
-/// member's entry under its own limit first, then one place per member. The slot's gate
-/// is passed once, for the group (the asking member's admission admits its household).
+/// One booking each for `members` in one slot, all or none: every member's entry under
+/// its own limit first, then one place per member. `members` pairs each citizen and new
+/// booking id with the slot as that citizen sees it: each passes the slot's gate for
+/// itself (a queue ticket admits its own holder only).
 pub fn book_group(
-    slot: &SlotView,
-    members: &[(CitizenKey, BookingId)],
+    members: &[(SlotView, CitizenKey, BookingId)],
     request: RequestRecord,
     now_unix_ms: i64,
 ) -> Result<Plan<Vec<Booking>>, DomainError> {
-    assert!(!members.is_empty(), "a group has members");
-    check_not_started(&slot.key, now_unix_ms)?;
+    let Some((first, ..)) = members.first() else {
+        return Err(DomainError::invalid("citizen_ids", "must name a citizen"));
+    };
+    assert!(
+        members.iter().all(|(slot, ..)| slot.key == first.key),
+        "a group books one slot"
+    );
+    check_not_started(&first.key, now_unix_ms)?;
     let mut plan = Plan {
         take: Vec::with_capacity(2 * members.len()),
         writes: Vec::with_capacity(2 * members.len()),
         free: Vec::new(),
         answer: Vec::with_capacity(members.len()),
     };
-    for &(citizen, id) in members {
-        let [entry, _] = admission(slot, citizen, id);
+    for (slot, citizen, id) in members {
+        let [entry, _] = admission(slot, *citizen, *id);
         plan.take.push(entry);
     }
-    for &(citizen, id) in members {
+    for (slot, citizen, id) in members {
         let booking = Booking::confirmed(
-            id,
+            *id,
             (slot.key.clone(), slot.end_unix_s),
-            (citizen, slot.channel.clone()),
+            (*citizen, slot.channel.clone()),
             now_unix_ms,
             request,
         );
@@ -252,8 +258,8 @@ pub fn book_group(
         plan.writes
             .push(Record::Event(Event::booking(&booking, now_unix_ms)));
         plan.answer.push(booking);
+        pass_gate(slot, &mut plan, now_unix_ms)?;
     }
-    pass_gate(slot, &mut plan, now_unix_ms)?;
     Ok(plan)
 }
 
@@ -1123,8 +1129,11 @@ mod tests {
     #[test]
     fn a_group_takes_every_entry_before_any_place_and_books_each_member() {
         let at = slot("vax", NOW);
-        let members = [(ALICE, BookingId(1)), (BOB, BookingId(2))];
-        let plan = book_group(&at, &members, request(1), NOW).unwrap();
+        let members = [
+            (at.clone(), ALICE, BookingId(1)),
+            (at.clone(), BOB, BookingId(2)),
+        ];
+        let plan = book_group(&members, request(1), NOW).unwrap();
         plan.assert_balanced();
         let kinds: Vec<&str> = plan
             .take
@@ -1139,10 +1148,47 @@ mod tests {
         let owners: Vec<CitizenKey> = plan.answer.iter().map(|b| b.citizen).collect();
         assert_eq!(owners, [ALICE, BOB]);
         let started = slot("vax", NOW / 1_000);
+        let late = [(started, ALICE, BookingId(1))];
+        assert_eq!(reason(book_group(&late, request(1), NOW)), "SlotStarted");
+        // Each member passes the gate for itself: one admitted ticket admits one.
+        let queued = |ticket: Option<Ticket>| SlotView {
+            gate: Gate::Queue {
+                ticket,
+                release_at_unix_ms: 0,
+            },
+            ..at.clone()
+        };
+        let admitted = |citizen: CitizenKey| Ticket {
+            release_id: crate::domain::ids::ReleaseId::parse("r", "r", 64).unwrap(),
+            citizen,
+            joined_at_unix_ms: 0,
+            drawn: true,
+            arrival: 0,
+            admitted: Some(crate::domain::release::Admitted {
+                at_unix_ms: 0,
+                until_unix_ms: NOW + 1,
+            }),
+            used: false,
+        };
+        let one_ticket = [
+            (queued(Some(admitted(ALICE))), ALICE, BookingId(1)),
+            (queued(None), BOB, BookingId(2)),
+        ];
         assert_eq!(
-            reason(book_group(&started, &members, request(1), NOW)),
-            "SlotStarted"
+            reason(book_group(&one_ticket, request(1), NOW)),
+            "NotAdmitted"
         );
+        let two_tickets = [
+            (queued(Some(admitted(ALICE))), ALICE, BookingId(1)),
+            (queued(Some(admitted(BOB))), BOB, BookingId(2)),
+        ];
+        let plan = book_group(&two_tickets, request(1), NOW).unwrap();
+        let used = plan
+            .free
+            .iter()
+            .filter(|free| matches!(free, Free::TicketUsed(_)))
+            .count();
+        assert_eq!(used, 2);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! (sharded index) → slot CAS → durable group commit → acknowledge.
 
 use crate::domain::booking::{Booking, RequestRecord};
-use crate::domain::error::DomainError;
+use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::{HoldId, NotConfirmable};
 use crate::domain::ids::{
     BookingId, ChannelId, CitizenKey, RequestFingerprint, RequestKey, ServiceId, SlotKey,
@@ -110,9 +110,8 @@ impl Engine {
             "citizen_ids",
             "must name at least one citizen",
         ))?;
-        for member in &members {
-            self.count_attempt_on(member, &command.slot)?;
-        }
+        // One attempt of the one asking (as the README says), like a Book.
+        self.count_attempt_on(&asking, &command.slot)?;
         let slot_text = command.slot.to_string();
         let mut parts: Vec<&[u8]> = vec![b"book-group", slot_text.as_bytes()];
         parts.extend(members.iter().map(|member| &member.0[..]));
@@ -124,7 +123,7 @@ impl Engine {
                 fingerprint,
                 |request| self.group_and_commit(&command, &members, request),
                 |bookings: &Vec<Booking>| bookings[0].booking_id,
-                |_| self.group_bookings(&members, key),
+                |id| self.group_bookings(&members, id),
             )
             .await?;
         bookings
@@ -140,25 +139,33 @@ impl Engine {
         request: RequestRecord,
     ) -> Result<Vec<Booking>, ServiceError> {
         let now_ms = self.now_unix_ms();
-        let slot = self.slot_view(&command.slot, (&members[0], &command.channel), now_ms)?;
-        let ids: Vec<(CitizenKey, BookingId)> = members
-            .iter()
-            .map(|member| (*member, self.ids.mint(*member)))
-            .collect();
-        let plan = plans::book_group(&slot, &ids, request, now_ms)?;
+        let mut group = Vec::with_capacity(members.len());
+        for member in members {
+            let slot = self.slot_view(&command.slot, (member, &command.channel), now_ms)?;
+            group.push((slot, *member, self.ids.mint(*member)));
+        }
+        let plan = plans::book_group(&group, request, now_ms)?;
         self.execute(plan, || {}).await
     }
 
-    /// The bookings a group request `key` made, one per member (for a retry).
+    /// The bookings of a finished group request whose outcome (any member's booking)
+    /// is `id`: for each member, in order, its booking of the same request, slot and
+    /// time. A member's booking missing (retention deleted it) fails the retry.
     fn group_bookings(
         &self,
         members: &[CitizenKey],
-        key: RequestKey,
+        id: BookingId,
     ) -> Result<Vec<Booking>, ServiceError> {
+        let outcome = self.stored_booking(id)?;
+        let same_write = |booking: &Booking| {
+            booking.request.key == outcome.request.key
+                && booking.slot == outcome.slot
+                && booking.created_at_unix_ms == outcome.created_at_unix_ms
+        };
         let mut found = Vec::with_capacity(members.len());
         for member in members {
             let mut after = None;
-            loop {
+            let mine = loop {
                 let batch =
                     self.store
                         .bookings_of_tag(member.tag(), after, CITIZEN_BOOKINGS_STEP)?;
@@ -166,18 +173,12 @@ impl Engine {
                 after = batch.last().map(|booking| booking.booking_id);
                 let mine = batch
                     .into_iter()
-                    .find(|b| b.citizen == *member && b.request.key == key);
-                if let Some(booking) = mine {
-                    found.push(booking);
-                    break;
+                    .find(|b| b.citizen == *member && same_write(b));
+                if mine.is_some() || exhausted {
+                    break mine;
                 }
-                if exhausted {
-                    break;
-                }
-            }
-        }
-        if found.is_empty() {
-            return Err(DomainError::NotFound(crate::domain::error::Missing::Booking).into());
+            };
+            found.push(mine.ok_or(DomainError::NotFound(Missing::Booking))?);
         }
         Ok(found)
     }
