@@ -14,7 +14,7 @@ use crate::grpc::detached::detached;
 use crate::grpc::{convert, convert_campaign, convert_release, status};
 use crate::proto;
 use crate::proto::booking_service_server::BookingService;
-use crate::service::{Engine, ServiceError};
+use crate::service::{Engine, RegistrationCommand, ServiceError};
 use crate::telemetry;
 
 pub struct BookingApi {
@@ -77,6 +77,21 @@ impl BookingApi {
         Ok(Some(allowed))
     }
 
+    /// AcceptOffer, DeclineOffer and WithdrawRegistration: act for the citizen, then
+    /// convert its (campaign, citizen, request id).
+    fn registration_command<T: NamesRegistration>(
+        &self,
+        request: Request<T>,
+    ) -> Result<RegistrationCommand, Status> {
+        let (caller, body) = self.acting(request)?;
+        Ok(convert_campaign::registration_command(
+            body.registration(),
+            self.engine.limits(),
+            self.engine.citizen_ids(),
+            &caller,
+        )?)
+    }
+
     /// `acting`, with the verified assertion of an asserted caller (its birth year and
     /// groups decide a campaign's eligibility).
     fn acting_asserted<T: NamesCitizen>(
@@ -128,6 +143,27 @@ names_citizen!(
     proto::GetQueueTicketRequest,
     proto::PreRegisterRequest,
     proto::GetRegistrationRequest,
+    proto::AcceptOfferRequest,
+    proto::DeclineOfferRequest,
+    proto::WithdrawRegistrationRequest
+);
+
+/// A request that answers a campaign registration: (campaign, citizen, request id).
+trait NamesRegistration: NamesCitizen {
+    fn registration(&self) -> (&str, &str, &str);
+}
+
+macro_rules! names_registration {
+    ($($request:ty),+) => {
+        $(impl NamesRegistration for $request {
+            fn registration(&self) -> (&str, &str, &str) {
+                (&self.campaign_id, &self.citizen_id, &self.request_id)
+            }
+        })+
+    };
+}
+
+names_registration!(
     proto::AcceptOfferRequest,
     proto::DeclineOfferRequest,
     proto::WithdrawRegistrationRequest
@@ -439,13 +475,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::AcceptOfferRequest>,
     ) -> Result<Response<proto::AcceptOfferResponse>, Status> {
-        let (caller, body) = self.acting(request)?;
-        let command = convert_campaign::registration_command(
-            (&body.campaign_id, &body.citizen_id, &body.request_id),
-            self.engine.limits(),
-            self.engine.citizen_ids(),
-            &caller,
-        )?;
+        let command = self.registration_command(request)?;
         let result = detached({
             let engine = Arc::clone(&self.engine);
             async move { engine.accept_offer(command).await }
@@ -467,13 +497,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::DeclineOfferRequest>,
     ) -> Result<Response<proto::DeclineOfferResponse>, Status> {
-        let (caller, body) = self.acting(request)?;
-        let command = convert_campaign::registration_command(
-            (&body.campaign_id, &body.citizen_id, &body.request_id),
-            self.engine.limits(),
-            self.engine.citizen_ids(),
-            &caller,
-        )?;
+        let command = self.registration_command(request)?;
         let view = detached({
             let engine = Arc::clone(&self.engine);
             async move { engine.decline_offer(command).await }
@@ -488,13 +512,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::WithdrawRegistrationRequest>,
     ) -> Result<Response<proto::WithdrawRegistrationResponse>, Status> {
-        let (caller, body) = self.acting(request)?;
-        let command = convert_campaign::registration_command(
-            (&body.campaign_id, &body.citizen_id, &body.request_id),
-            self.engine.limits(),
-            self.engine.citizen_ids(),
-            &caller,
-        )?;
+        let command = self.registration_command(request)?;
         let view = detached({
             let engine = Arc::clone(&self.engine);
             async move { engine.withdraw_registration(command).await }

@@ -612,21 +612,11 @@ impl Engine {
         &self,
         command: RegistrationCommand,
     ) -> Result<RegistrationView, ServiceError> {
-        let (entry, citizen, request, fingerprint) =
-            self.registration_request(&command, b"decline-offer")?;
-        let registration = self
-            .once_per_request(
-                request,
-                fingerprint,
-                |_| async {
-                    let registration = entry.registration(&citizen)?;
-                    self.end_offer(&registration, entry.counted_end()).await
-                },
-                |registration: &Registration| registration.registration_id,
-                |_| Ok(entry.registration(&citizen)?),
-            )
-            .await?;
-        Ok(self.registration_view(&entry, registration))
+        self.answer_registration(&command, b"decline-offer", |entry, citizen| async move {
+            let registration = entry.registration(&citizen)?;
+            self.end_offer(&registration, entry.counted_end()).await
+        })
+        .await
     }
 
     /// The citizen withdraws: an offer it has goes to the next registration. A booked
@@ -635,30 +625,45 @@ impl Engine {
         &self,
         command: RegistrationCommand,
     ) -> Result<RegistrationView, ServiceError> {
-        let (entry, citizen, request, fingerprint) =
-            self.registration_request(&command, b"withdraw-registration")?;
+        let what = b"withdraw-registration";
+        self.answer_registration(&command, what, |entry, citizen| async move {
+            let registration = entry.registration(&citizen)?;
+            match registration.state {
+                RegistrationState::Active => self.withdraw_active(&entry, &citizen).await,
+                RegistrationState::Offered(_) => {
+                    let end = OfferEnd::Withdrawn {
+                        at_unix_ms: self.now_unix_ms(),
+                    };
+                    self.end_offer(&registration, end).await
+                }
+                RegistrationState::Booked { .. } => Err(DomainError::RegistrationBooked.into()),
+                RegistrationState::Exhausted | RegistrationState::Withdrawn { .. } => {
+                    Ok(registration)
+                }
+            }
+        })
+        .await
+    }
+
+    /// The steps DeclineOffer and WithdrawRegistration share: `work` runs once per
+    /// request id (a retry answers the registration as it is now), and the answer is
+    /// the registration as it then is.
+    async fn answer_registration<Work, Done>(
+        &self,
+        command: &RegistrationCommand,
+        what: &[u8],
+        work: Work,
+    ) -> Result<RegistrationView, ServiceError>
+    where
+        Work: FnOnce(Arc<CampaignEntry>, CitizenKey) -> Done,
+        Done: std::future::Future<Output = Result<Registration, ServiceError>>,
+    {
+        let (entry, citizen, request, fingerprint) = self.registration_request(command, what)?;
         let registration = self
             .once_per_request(
                 request,
                 fingerprint,
-                |_| async {
-                    let registration = entry.registration(&citizen)?;
-                    match registration.state {
-                        RegistrationState::Active => self.withdraw_active(&entry, &citizen).await,
-                        RegistrationState::Offered(_) => {
-                            let end = OfferEnd::Withdrawn {
-                                at_unix_ms: self.now_unix_ms(),
-                            };
-                            self.end_offer(&registration, end).await
-                        }
-                        RegistrationState::Booked { .. } => {
-                            Err(DomainError::RegistrationBooked.into())
-                        }
-                        RegistrationState::Exhausted | RegistrationState::Withdrawn { .. } => {
-                            Ok(registration)
-                        }
-                    }
-                },
+                |_| work(Arc::clone(&entry), citizen),
                 |registration: &Registration| registration.registration_id,
                 |_| Ok(entry.registration(&citizen)?),
             )
