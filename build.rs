@@ -8,6 +8,7 @@ const PROTO_FILES: &[&str] = &[
     "proto/prenota/v1/booking_service.proto",
     "proto/prenota/v1/capacity_service.proto",
     "proto/prenota/v1/open_data_service.proto",
+    "proto/prenota/v1/site_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -92,6 +92,8 @@ fn message(event: &proto::Event) -> String {
             event.slot_id, event.hold_id
         ),
         EventKind::OfferExpired => format!("offer {} ended ({})", event.hold_id, event.reason),
+        EventKind::CheckedIn => format!("booking {id} checked in at {}", event.site_id),
+        EventKind::NoShow => format!("booking {id} marked a no-show"),
         EventKind::Unspecified => "an event of a kind this notifier does not know".into(),
     }
 }

@@ -405,7 +405,7 @@ async fn create_releases(
     Ok(())
 }
 
-pub const EXPORT_COLUMNS: [&str; 12] = [
+pub const EXPORT_COLUMNS: [&str; 16] = [
     "booking_id",
     "slot_id",
     "site_id",
@@ -418,6 +418,10 @@ pub const EXPORT_COLUMNS: [&str; 12] = [
     "created_at",
     "cancelled_at",
     "cancel_reason",
+    "reference",
+    "series_id",
+    "dose",
+    "attendance_at",
 ];
 
 fn rfc3339(timestamp: Option<&prost_types::Timestamp>) -> String {
@@ -448,6 +452,8 @@ pub async fn export(
         let state = match proto::BookingState::try_from(b.state) {
             Ok(proto::BookingState::Confirmed) => "CONFIRMED",
             Ok(proto::BookingState::Cancelled) => "CANCELLED",
+            Ok(proto::BookingState::Attended) => "ATTENDED",
+            Ok(proto::BookingState::NoShow) => "NO_SHOW",
             _ => "UNSPECIFIED",
         };
         let fields = [
@@ -463,6 +469,13 @@ pub async fn export(
             rfc3339(b.created_at.as_ref()),
             rfc3339(b.cancelled_at.as_ref()),
             b.cancel_reason.clone(),
+            b.reference.clone(),
+            b.series_id.clone(),
+            match b.dose {
+                0 => String::new(),
+                dose => dose.to_string(),
+            },
+            rfc3339(b.attendance_at.as_ref()),
         ];
         let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
         writeln!(out, "{}", line.join(",")).map_err(write_error)?;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::citizen_id::{CitizenIds, IdScheme};
-use crate::domain::ids::{ChannelId, RegionId};
+use crate::domain::ids::{ChannelId, RegionId, SiteId};
 use crate::domain::schedule::ScheduleBounds;
 pub use crate::limits::{Limits, DEFAULT_LIMITS};
 
@@ -48,6 +48,8 @@ pub enum Role {
     Authority,
     /// Everything.
     Admin,
+    /// SiteService (the desk: roster, check-in, no-shows), for its `sites` only.
+    Site,
 }
 
 /// A token as written in `prenota.toml`: never the token itself, only its SHA-256.
@@ -62,6 +64,9 @@ pub struct TokenEntry {
     /// Required for `authority`, empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub regions: Vec<String>,
+    /// Required for `site`, empty otherwise: the sites whose desk it is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
     /// How this frontend names citizens; default `asserted` when `[[citizen_issuers]]`
     /// are configured, else `trusted`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,6 +153,8 @@ pub struct Token {
     pub sha256: [u8; 32],
     pub role: Role,
     pub regions: BTreeSet<RegionId>,
+    /// A `site` token's sites.
+    pub sites: BTreeSet<SiteId>,
     pub citizens: CitizenTrust,
     pub channel: ChannelId,
 }
@@ -356,6 +363,34 @@ impl ConfigFile {
 
     /// Checks everything and builds the runtime configuration; lists every problem.
     /// Every issuer key, checked (problems are added to `problems`).
+    /// A token's sites: required for a `site` token, refused on any other.
+    fn token_sites(
+        &self,
+        entry: &TokenEntry,
+        at: &str,
+        problems: &mut Vec<String>,
+    ) -> BTreeSet<SiteId> {
+        match (entry.role, entry.sites.is_empty()) {
+            (Role::Site, true) => problems.push(format!("{at}: a site token needs its sites")),
+            (Role::Frontend | Role::Authority | Role::Admin, false) => {
+                problems.push(format!("{at}: only site tokens have sites"))
+            }
+            _ => {}
+        }
+        let mut sites = BTreeSet::new();
+        for site in &entry.sites {
+            match SiteId::parse("sites", site, self.limits.id_length_max) {
+                Ok(site) => {
+                    sites.insert(site);
+                }
+                Err(violation) => {
+                    problems.push(format!("{at}: site {site:?} {}", violation.description))
+                }
+            }
+        }
+        sites
+    }
+
     fn citizen_issuers(&self, problems: &mut Vec<String>) -> Vec<CitizenIssuer> {
         let mut issuers = Vec::new();
         for (index, entry) in self.citizen_issuers.iter().enumerate() {
@@ -406,11 +441,12 @@ impl ConfigFile {
                 (Role::Authority, true) => {
                     problems.push(format!("{at}: an authority token needs its regions"))
                 }
-                (Role::Frontend | Role::Admin, false) => {
+                (Role::Frontend | Role::Admin | Role::Site, false) => {
                     problems.push(format!("{at}: only authority tokens have regions"))
                 }
                 _ => {}
             }
+            let sites = self.token_sites(entry, &at, &mut problems);
             let channel = match entry.channel.as_deref() {
                 None => ChannelId::web(),
                 Some(name) => ChannelId::parse("channel", name, self.limits.id_length_max)
@@ -431,6 +467,7 @@ impl ConfigFile {
                     sha256,
                     role: entry.role,
                     regions,
+                    sites,
                     citizens,
                     channel,
                 });

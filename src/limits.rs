@@ -106,6 +106,10 @@ pub struct Limits {
     pub release_step_interval_ms: u64,
     /// Citizens one `BookGroup` may book for (a household).
     pub group_size_max: usize,
+    /// Most dose series (`UpsertSeries`) the server holds.
+    pub series_max: usize,
+    /// Most doses in one series.
+    pub series_doses_max: usize,
     /// Campaigns (`UpsertCampaign`) the server holds; the next new one is refused with
     /// RESOURCE_EXHAUSTED / CAMPAIGNS_EXHAUSTED.
     pub campaigns_max: usize,
@@ -121,6 +125,13 @@ pub struct Limits {
     pub campaign_scan_per_step_max: usize,
     /// How often the matcher runs: a freed place is offered again within about this.
     pub campaign_step_interval_ms: u64,
+    /// Check-in opens this long before a slot starts and closes this long after it ends.
+    pub check_in_window_hours: u32,
+    /// Wrong check-in codes in a row that lock a reference (`SiteService.CheckIn`).
+    pub check_in_tries_max: u32,
+    /// How long a locked reference refuses check-ins, even with the right code: with 5
+    /// tries per 15 minutes, guessing one of 10,000 codes takes weeks.
+    pub check_in_lock_seconds: u64,
     /// Largest decoded gRPC request.
     pub message_size_bytes_max: usize,
     /// sled's page cache. sled treats it as a soft hint and its resident memory grows to a
@@ -276,12 +287,17 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     queue_admissions_per_step_max: 2_000,
     release_step_interval_ms: 200,
     group_size_max: 6,
+    series_max: 1_000,
+    series_doses_max: 6,
     campaigns_max: 100,
     campaign_waves_max: 64,
     registrations_max: 2_000_000,
     campaign_offers_per_step_max: 2_000,
     campaign_scan_per_step_max: 1_000_000,
     campaign_step_interval_ms: 200,
+    check_in_window_hours: 24,
+    check_in_tries_max: 5,
+    check_in_lock_seconds: 900,
     message_size_bytes_max: 4 * 1024 * 1024,
     hold_ttl_seconds_default: 300,
     hold_ttl_seconds_max: 600,
@@ -352,9 +368,12 @@ const _: () = {
     assert!(l.releases_max >= 1 && l.queue_tickets_max >= 1 && l.release_sites_max >= 1);
     assert!(l.queue_admissions_per_step_max >= 1);
     assert!(l.group_size_max >= 1 && l.group_size_max <= 64);
+    assert!(l.series_max >= 1 && l.series_doses_max >= 1 && l.series_doses_max <= 32);
     assert!(l.campaigns_max >= 1 && l.campaign_waves_max >= 1 && l.registrations_max >= 1);
     assert!(l.campaign_offers_per_step_max >= 1 && l.campaign_scan_per_step_max >= 1);
     assert!(l.campaign_step_interval_ms >= 10 && l.campaign_step_interval_ms <= 1_000);
+    assert!(l.check_in_tries_max >= 1 && l.check_in_tries_max <= 100);
+    assert!(l.check_in_window_hours <= 24 * 366);
     assert!(l.release_step_interval_ms >= 10 && l.release_step_interval_ms <= 1_000);
     assert!(l.metrics_refresh_interval_ms >= 100 && l.backup_changes_buffered_max >= 1);
     assert!(l.retention_interval_ms >= 100 && l.retention_batch_records >= 1);
@@ -472,6 +491,22 @@ impl Limits {
             l.campaign_step_interval_ms >= 10 && l.campaign_step_interval_ms <= 1_000,
             "campaign_step_interval_ms must be between 10 and 1000 (a freed place is offered \
              within it)",
+        );
+        need(
+            l.series_max >= 1 && (1..=32).contains(&l.series_doses_max),
+            "series_max must be at least 1 and series_doses_max between 1 and 32",
+        );
+        need(
+            l.check_in_window_hours <= 24 * 366
+                && (l.records_retained_days == 0
+                    || u64::from(l.check_in_window_hours)
+                        < u64::from(l.records_retained_days) * 24),
+            "check_in_window_hours must be at most a year and less than records_retained_days \
+             (retention deletes the bookings of older slots)",
+        );
+        need(
+            (1..=100).contains(&l.check_in_tries_max),
+            "check_in_tries_max must be between 1 and 100 (of 10,000 codes)",
         );
         need(
             l.release_step_interval_ms >= 10 && l.release_step_interval_ms <= 1_000,

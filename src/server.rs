@@ -29,10 +29,11 @@ use crate::grpc::connections;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::readiness::Ready;
 use crate::grpc::shed::Shed;
-use crate::grpc::{BookingApi, CapacityApi, OpenDataApi};
+use crate::grpc::{BookingApi, CapacityApi, OpenDataApi, SiteApi};
 use crate::proto::booking_service_server::BookingServiceServer;
 use crate::proto::capacity_service_server::CapacityServiceServer;
 use crate::proto::open_data_service_server::OpenDataServiceServer;
+use crate::proto::site_service_server::SiteServiceServer;
 use crate::service::{Clock, Engine, ServiceError};
 use crate::store::StoreError;
 use crate::telemetry;
@@ -40,6 +41,7 @@ use crate::telemetry;
 const BOOKING_SERVICE_NAME: &str = "prenota.v1.BookingService";
 const CAPACITY_SERVICE_NAME: &str = "prenota.v1.CapacityService";
 const OPEN_DATA_SERVICE_NAME: &str = "prenota.v1.OpenDataService";
+const SITE_SERVICE_NAME: &str = "prenota.v1.SiteService";
 /// How long shutdown waits for detached request tasks to let go of the engine.
 const ENGINE_RELEASE_WAIT: Duration = Duration::from_secs(10);
 
@@ -228,6 +230,7 @@ async fn run(
     let (booking_gate, booking_slot) = Ready::pending();
     let (capacity_gate, capacity_slot) = Ready::pending();
     let (open_data_gate, open_data_slot) = Ready::pending();
+    let (site_gate, site_slot) = Ready::pending();
     let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
     let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
     let anonymous = auth::anonymous_limiter(limits.open_data_anonymous_requests_per_s);
@@ -276,6 +279,7 @@ async fn run(
             &in_flight,
             &gate(auth::Service::OpenData { public: open_data }),
         ))
+        .add_service(gated(site_gate, &in_flight, &gate(auth::Service::Site)))
         .serve_with_incoming_shutdown(
             connections::capped(
                 listener,
@@ -290,11 +294,12 @@ async fn run(
                 closing.send_replace(true);
             },
         );
-    let services = (
-        booking_slot.as_ref(),
-        capacity_slot.as_ref(),
-        open_data_slot.as_ref(),
-    );
+    let services = ServiceSlots {
+        booking: booking_slot.as_ref(),
+        capacity: capacity_slot.as_ref(),
+        open_data: open_data_slot.as_ref(),
+        site: site_slot.as_ref(),
+    };
     let settings = ServiceSettings {
         message_size_bytes_max: limits.message_size_bytes_max,
         assertions,
@@ -310,7 +315,7 @@ async fn run(
     let (started, served) = tokio::join!(biased; starting, serving);
     set_health(&health, ServingStatus::NotServing).await;
     // The services hold the engine; `close` waits until it is the last holder.
-    drop((booking_slot, capacity_slot, open_data_slot));
+    drop((booking_slot, capacity_slot, open_data_slot, site_slot));
     match started {
         Ok((engine, tasks, _stop)) => {
             tasks.stop().await;
@@ -326,7 +331,7 @@ async fn run(
 /// (unsent) while serving.
 async fn start_serving(
     start: Start,
-    services: (&BookingSlot, &CapacitySlot, &OpenDataSlot),
+    services: ServiceSlots<'_>,
     health: &HealthReporter,
     settings: &ServiceSettings,
     stop: tokio::sync::oneshot::Sender<()>,
@@ -410,6 +415,15 @@ fn transport(
 type BookingSlot = std::sync::OnceLock<BookingServiceServer<BookingApi>>;
 type CapacitySlot = std::sync::OnceLock<CapacityServiceServer<CapacityApi>>;
 type OpenDataSlot = std::sync::OnceLock<OpenDataServiceServer<OpenDataApi>>;
+type SiteSlot = std::sync::OnceLock<SiteServiceServer<SiteApi>>;
+
+/// Where each of prenota's services is put once the engine exists.
+struct ServiceSlots<'a> {
+    booking: &'a BookingSlot,
+    capacity: &'a CapacitySlot,
+    open_data: &'a OpenDataSlot,
+    site: &'a SiteSlot,
+}
 
 /// Puts prenota's services behind their readiness gates: from here on they answer.
 /// What prenota's services are built with once the engine exists.
@@ -418,22 +432,22 @@ struct ServiceSettings {
     assertions: Assertions,
 }
 
-fn open_services(
-    engine: &Arc<Engine>,
-    (booking, capacity, open_data): (&BookingSlot, &CapacitySlot, &OpenDataSlot),
-    settings: &ServiceSettings,
-) {
+fn open_services(engine: &Arc<Engine>, slots: ServiceSlots<'_>, settings: &ServiceSettings) {
     let booking_api = BookingApi::new(Arc::clone(engine), settings.assertions.clone());
-    let _ = booking.set(
+    let _ = slots.booking.set(
         BookingServiceServer::new(booking_api)
             .max_decoding_message_size(settings.message_size_bytes_max),
     );
-    let _ = capacity.set(
+    let _ = slots.capacity.set(
         CapacityServiceServer::new(CapacityApi::new(Arc::clone(engine)))
             .max_decoding_message_size(settings.message_size_bytes_max),
     );
-    let _ = open_data.set(
+    let _ = slots.open_data.set(
         OpenDataServiceServer::new(OpenDataApi::new(Arc::clone(engine)))
+            .max_decoding_message_size(settings.message_size_bytes_max),
+    );
+    let _ = slots.site.set(
+        SiteServiceServer::new(SiteApi::new(Arc::clone(engine)))
             .max_decoding_message_size(settings.message_size_bytes_max),
     );
 }
@@ -447,6 +461,7 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
         BOOKING_SERVICE_NAME,
         CAPACITY_SERVICE_NAME,
         OPEN_DATA_SERVICE_NAME,
+        SITE_SERVICE_NAME,
     ] {
         health.set_service_status(service, status).await;
     }

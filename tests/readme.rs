@@ -75,8 +75,9 @@ fn the_readme_walk_through_works_by_copy_paste_on_another_day() {
         ),
         blocks_in(&readme, "### Capacity changes and closures"),
         blocks_in(&readme, "## Campaigns: pre-registration, waves and offers"),
+        blocks_in(&readme, "## At the desk: references, check-in and no-shows"),
         // Every id the steps took from an answer was there.
-        r#": "${SLOT1:?} ${SLOT2:?} ${SLOT3:?} ${BOOKING:?} ${HOLD:?} ${SLOT:?} ${DAY:?}""#
+        r#": "${SLOT1:?} ${SLOT2:?} ${SLOT3:?} ${BOOKING:?} ${HOLD:?} ${SLOT:?} ${DAY:?} ${REFERENCE:?} ${CODE:?}""#
             .to_string(),
     ]
     .join("\n");
@@ -84,7 +85,11 @@ fn the_readme_walk_through_works_by_copy_paste_on_another_day() {
     let data = tempfile::tempdir().unwrap();
     let options = ChildOptions {
         args: vec!["--demo".into()],
-        env: vec![(prenota::demo::DAYS_AHEAD_VARIABLE.into(), "5".into())],
+        // As the desk section says: the demo's slots are days ahead.
+        env: vec![
+            (prenota::demo::DAYS_AHEAD_VARIABLE.into(), "5".into()),
+            ("PRENOTA_LIMITS_CHECK_IN_WINDOW_HOURS".into(), "720".into()),
+        ],
         ..ChildOptions::default()
     };
     let mut server = ChildServer::start_recovering(data.path(), options);
@@ -123,6 +128,7 @@ fn the_readme_walk_through_works_by_copy_paste_on_another_day() {
         "\"capacity\": 6",
         "\"state\": \"REGISTRATION_STATE_OFFERED\"",
         "\"campaignId\": \"dose1-nh\"",
+        "\"state\": \"BOOKING_STATE_ATTENDED\"",
     ] {
         assert!(stdout.contains(expected), "no {expected} in:\n{stdout}");
     }

@@ -30,6 +30,11 @@ fn booking(id: u128, citizen: u8) -> Write {
         },
         state: BookingState::Confirmed,
         channel: prenota::domain::ids::ChannelId::web(),
+        codes: Some(prenota::domain::booking::BookingCodes {
+            reference: prenota::domain::booking::Reference::from_bits(id as u64),
+            check_in_code: 1234,
+        }),
+        series: None,
     })
 }
 

@@ -66,6 +66,11 @@ fn booking(booking_id: u128, slot: SlotKey, citizen: [u8; 16]) -> Booking {
         },
         state: BookingState::Confirmed,
         channel: prenota::domain::ids::ChannelId::web(),
+        codes: Some(prenota::domain::booking::BookingCodes {
+            reference: prenota::domain::booking::Reference::from_bits(booking_id as u64),
+            check_in_code: 1234,
+        }),
+        series: None,
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! Scenarios: `ceiling` (no-op health checks: the transport's limit), `rush` (every
 //! citizen searches and books), `mixed` (an ordinary day: searches, holds, books,
-//! cancels, reschedules), `flood` (a calm rush, then many times more requests in flight
+//! cancels, reschedules; then households and dose series), `flood` (a calm rush, then many times more requests in flight
 //! than the server admits: shedding, not collapsing), `churn` (a hold-churn soak on a
 //! fast manual clock: memory, store and recovery stay flat past the retention window),
 //! `release` (a queued opening: a million citizens join a waiting room, the admitted
@@ -19,6 +19,7 @@ mod assertions;
 mod campaign;
 mod churn;
 mod footprint;
+mod lifecycle;
 mod release;
 mod report;
 mod scenario;
@@ -93,7 +94,9 @@ enum ScenarioArgs {
         demand_ratio: u32,
     },
     /// An ordinary busy day: each citizen searches 4 times, books; 1 in 5 cancels and 1 in
-    /// 10 books again. Capacity is twice the demand. Runs the ceiling first.
+    /// 10 books again. Capacity is twice the demand. Runs the ceiling first. Then the
+    /// lifecycle in a region of its own: a tenth as many units, half households of 3
+    /// (BookGroup), half dose series (BookSeries, dose 2 21–28 local days after dose 1).
     Mixed {
         #[arg(long, default_value_t = 200_000)]
         citizens: u64,
@@ -573,6 +576,17 @@ async fn run_scenario(
             println!("  {violation}");
         }
     }
+    let lifecycle_ok = match (kind, run.gateway) {
+        (Kind::Mixed, None) => {
+            let units = (shape.citizens / 10).clamp(100, 20_000);
+            lifecycle::run(channels, cli.in_flight, units, progress).await?
+        }
+        (Kind::Mixed, Some(_)) => {
+            println!("lifecycle: skipped (its citizens carry no assertions)");
+            true
+        }
+        (Kind::Rush, _) => true,
+    };
     write_json(
         &cli.json,
         json!({
@@ -587,9 +601,10 @@ async fn run_scenario(
             "bookings": booked,
             "bookings_per_s": bookings_per_s,
             "violations": violations,
+            "lifecycle_ok": lifecycle_ok,
         }),
     )?;
-    Ok(violations.is_empty())
+    Ok(violations.is_empty() && lifecycle_ok)
 }
 
 /// Goodput: answers that were not shed, per second.

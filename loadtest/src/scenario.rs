@@ -95,23 +95,10 @@ pub async fn publish(channel: Channel, shape: &Shape) -> Result<Scenario, String
             })
             .await
             .map_err(|e| format!("UpsertSite: {e}"))?;
+        let mut schedule = daily_schedule(&site_id, SERVICE_ID, (first, last), capacity_per_slot);
+        schedule.request_id = format!("{site_id}-schedule");
         let published = capacity
-            .publish_schedule(proto::PublishScheduleRequest {
-                site_id: site_id.clone(),
-                service_id: SERVICE_ID.into(),
-                first_day: first.format("%Y-%m-%d").to_string(),
-                last_day: last.format("%Y-%m-%d").to_string(),
-                opening_hours: (1..=7)
-                    .map(|weekday| proto::OpeningHours {
-                        weekday,
-                        opens: OPENS.into(),
-                        closes: CLOSES.into(),
-                    })
-                    .collect(),
-                slot_minutes: SLOT_MINUTES,
-                capacity_per_slot,
-                request_id: format!("{site_id}-schedule"),
-            })
+            .publish_schedule(schedule)
             .await
             .map_err(|e| format!("PublishSchedule: {e}"))?
             .into_inner();
@@ -119,6 +106,32 @@ pub async fn publish(channel: Channel, shape: &Shape) -> Result<Scenario, String
         scenario.site_ids.push(site_id);
     }
     Ok(scenario)
+}
+
+/// Every day `OPENS`–`CLOSES` local in `SLOT_MINUTES` slots of `capacity_per_slot`
+/// places, from `first` to `last`.
+pub fn daily_schedule(
+    site_id: &str,
+    service_id: &str,
+    (first, last): (chrono::NaiveDate, chrono::NaiveDate),
+    capacity_per_slot: u32,
+) -> proto::PublishScheduleRequest {
+    proto::PublishScheduleRequest {
+        site_id: site_id.into(),
+        service_id: service_id.into(),
+        first_day: first.format("%Y-%m-%d").to_string(),
+        last_day: last.format("%Y-%m-%d").to_string(),
+        opening_hours: (1..=7)
+            .map(|weekday| proto::OpeningHours {
+                weekday,
+                opens: OPENS.into(),
+                closes: CLOSES.into(),
+            })
+            .collect(),
+        slot_minutes: SLOT_MINUTES,
+        capacity_per_slot,
+        request_id: String::new(),
+    }
 }
 
 /// Spreads `requests` over `in_flight` workers on the channels; each worker runs

@@ -261,6 +261,10 @@ pub struct Totals {
     pub held: u64,
     /// Free places held back now for channel reserves (site statistics only).
     pub reserved: u64,
+    /// Bookings the desk checked in, and marked no-shows (site statistics only; they
+    /// are among `booked`: they keep their places).
+    pub attended: u64,
+    pub no_shows: u64,
 }
 
 impl Totals {

@@ -18,6 +18,7 @@ pub enum Missing {
     Campaign,
     /// The citizen has no registration in the campaign.
     Registration,
+    Series,
 }
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -87,6 +88,23 @@ pub enum DomainError {
     CampaignsExhausted,
     #[error("the server holds as many registrations as it allows (registrations_max)")]
     RegistrationsFull,
+    #[error("the check-in code is wrong")]
+    CheckInCodeWrong,
+    #[error("the booking's slot has not ended yet: a no-show is marked after its end")]
+    SlotNotEnded,
+    #[error("check-in is open from check_in_window_hours before the slot to as long after it")]
+    CheckInClosed {
+        opens_unix_ms: i64,
+        closes_unix_ms: i64,
+    },
+    #[error("the server holds as many series as it allows (series_max)")]
+    SeriesExhausted,
+    #[error("dose {dose} must be on a local day from {earliest} to {latest}")]
+    SeriesInterval {
+        dose: u8,
+        earliest: chrono::NaiveDate,
+        latest: chrono::NaiveDate,
+    },
 }
 
 impl From<FieldViolation> for DomainError {

@@ -22,6 +22,10 @@ pub enum EventKind {
     OfferMade,
     /// An offer gave its place back: declined, expired, withdrawn or its slot closed.
     OfferEnded,
+    /// The desk checked the booking in (`SiteService.CheckIn`).
+    CheckedIn,
+    /// The desk marked the booking a no-show after its slot ended.
+    NoShow,
 }
 
 /// A booking as an event shows it, at the time of the event.
@@ -65,10 +69,13 @@ impl Event {
         }
     }
 
-    /// `BookingConfirmed` or `BookingCancelled`, as `booking`'s state says.
+    /// `BookingConfirmed`, `BookingCancelled`, `CheckedIn` or `NoShow`, as `booking`'s
+    /// state says.
     pub fn booking(booking: &Booking, at_unix_ms: i64) -> Self {
         let (kind, cancelled_at, reason) = match &booking.state {
             BookingState::Confirmed => (EventKind::BookingConfirmed, None, String::new()),
+            BookingState::Attended { .. } => (EventKind::CheckedIn, None, String::new()),
+            BookingState::NoShow { .. } => (EventKind::NoShow, None, String::new()),
             BookingState::Cancelled {
                 at_unix_ms, reason, ..
             } => (

@@ -86,6 +86,10 @@ name_id!(
     WaveId
 );
 name_id!(
+    /// A dose series (`UpsertSeries`): the services booked together, with their intervals.
+    SeriesId
+);
+name_id!(
     /// How a booking reached prenota (a token's `channel`): `web`, `phone`, `desk`, ...
     ChannelId
 );

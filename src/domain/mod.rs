@@ -17,5 +17,6 @@ pub mod plans;
 pub mod release;
 pub mod retention;
 pub mod schedule;
+pub mod series;
 pub mod slot_counter;
 pub mod text;

@@ -7,19 +7,23 @@
 //!
 //! Pure and synchronous; imports nothing of the crate outside `domain`.
 
-use crate::domain::booking::{Booking, BookingState, RequestRecord};
+use crate::domain::booking::{Booking, BookingCodes, BookingState, RequestRecord, SeriesDose};
 use crate::domain::campaign::{Campaign, Offer, OfferEnd, Registration};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::event::{Event, HOLD_TIMED_OUT};
 use crate::domain::hold::{held_max, Hold, HoldState, NotConfirmable};
 use crate::domain::ids::{BookingId, ChannelId, CitizenKey, ServiceId, SlotKey};
 use crate::domain::release::{self, Gate, Ticket};
+use crate::domain::series::{check_interval, Placed, Series};
 
 /// The cancel reason of a booking moved by a reschedule.
 pub const RESCHEDULED: &str = "rescheduled";
 
 /// The reason written on a booking its citizen cancelled.
 pub const CANCELLED_BY_CITIZEN: &str = "cancelled by citizen";
+
+/// The reason written on the later doses of a series cancelled with an earlier one.
+pub const CANCELLED_WITH_EARLIER_DOSE: &str = "cancelled with an earlier dose";
 
 /// What a command needs to know of a slot: which it is and when it ends. Its places
 /// are counters the engine takes; a plan never reads them.
@@ -45,12 +49,15 @@ pub enum Take {
         service: ServiceId,
         id: BookingId,
     },
-    /// The citizen's active entry `id`, for the write that ends it: exactly one of
-    /// cancel, reschedule and closure wins it.
+    /// The citizen's active entry `id`, for the write that ends or changes it: exactly
+    /// one of cancel, reschedule, closure and the desk wins it. With `unchanged`, the
+    /// stored booking `id` must still be in that state once claimed (else the plan was
+    /// made from a read another write overtook, and it is refused).
     Claim {
         citizen: CitizenKey,
         service: ServiceId,
         id: BookingId,
+        unchanged: Option<BookingState>,
     },
     /// The citizen's entry moves from `from` to `to` in one step: never zero, never two.
     Move {
@@ -123,6 +130,11 @@ impl Record {
     fn places_held_delta(&self) -> i64 {
         match self {
             Record::Booking(booking) if booking.is_confirmed() => 1,
+            // Written only by the desk, from confirmed: the place stays.
+            Record::Booking(Booking {
+                state: BookingState::Attended { .. } | BookingState::NoShow { .. },
+                ..
+            }) => 0,
             Record::Booking(_) => -1,
             Record::Hold(hold) if hold.state == HoldState::Live => 1,
             Record::Hold(_) => -1,
@@ -188,17 +200,17 @@ fn admission(slot: &SlotView, citizen: CitizenKey, id: BookingId) -> [Take; 2] {
     ]
 }
 
-/// A new booking `id` of a place in `slot`.
+/// A new booking `id` (with its `codes`) of a place in `slot`.
 pub fn book(
     slot: &SlotView,
     citizen: CitizenKey,
-    id: BookingId,
+    (id, codes): (BookingId, BookingCodes),
     request: RequestRecord,
     now_unix_ms: i64,
 ) -> Result<Plan<Booking>, DomainError> {
     check_not_started(&slot.key, now_unix_ms)?;
     let booking = Booking::confirmed(
-        id,
+        (id, codes),
         (slot.key.clone(), slot.end_unix_s),
         (citizen, slot.channel.clone()),
         now_unix_ms,
@@ -219,10 +231,10 @@ pub fn book(
 
 /// One booking each for `members` in one slot, all or none: every member's entry under
 /// its own limit first, then one place per member. `members` pairs each citizen and new
-/// booking id with the slot as that citizen sees it: each passes the slot's gate for
-/// itself (a queue ticket admits its own holder only).
+/// booking id (and codes) with the slot as that citizen sees it: each passes the slot's
+/// gate for itself (a queue ticket admits its own holder only).
 pub fn book_group(
-    members: &[(SlotView, CitizenKey, BookingId)],
+    members: &[(SlotView, CitizenKey, (BookingId, BookingCodes))],
     request: RequestRecord,
     now_unix_ms: i64,
 ) -> Result<Plan<Vec<Booking>>, DomainError> {
@@ -240,7 +252,7 @@ pub fn book_group(
         free: Vec::new(),
         answer: Vec::with_capacity(members.len()),
     };
-    for (slot, citizen, id) in members {
+    for (slot, citizen, (id, _)) in members {
         let [entry, _] = admission(slot, *citizen, *id);
         plan.take.push(entry);
     }
@@ -261,6 +273,112 @@ pub fn book_group(
         pass_gate(slot, &mut plan, now_unix_ms)?;
     }
     Ok(plan)
+}
+
+/// Every dose of `series` for `citizen` in one write, all or none: `doses` pairs each
+/// dose's slot (in dose order) with where and on which local day it is and the new
+/// booking's id and codes. Each slot must be of its dose's service, and each dose keep
+/// its interval (and site) from the one before it.
+pub fn book_series(
+    series: &Series,
+    doses: &[(SlotView, Placed, (BookingId, BookingCodes))],
+    citizen: CitizenKey,
+    request: RequestRecord,
+    now_unix_ms: i64,
+) -> Result<Plan<Vec<Booking>>, DomainError> {
+    if doses.len() != series.doses.len() {
+        return Err(DomainError::invalid(
+            "slot_ids",
+            format!("must name one slot per dose ({})", series.doses.len()),
+        ));
+    }
+    for (index, ((slot, placed, _), rules)) in doses.iter().zip(&series.doses).enumerate() {
+        if slot.key.service_id != rules.service_id {
+            return Err(DomainError::invalid(
+                "slot_ids",
+                format!("dose {} must be a slot of {}", index + 1, rules.service_id),
+            ));
+        }
+        check_not_started(&slot.key, now_unix_ms)?;
+        if index > 0 {
+            let dose = u8::try_from(index + 1).expect("series have few doses");
+            check_interval(series, dose, (&doses[index - 1].1, placed), "slot_ids")?;
+        }
+    }
+    let mut plan = Plan {
+        take: Vec::with_capacity(2 * doses.len()),
+        writes: Vec::with_capacity(2 * doses.len()),
+        free: Vec::new(),
+        answer: Vec::with_capacity(doses.len()),
+    };
+    for (slot, _, (id, _)) in doses {
+        let [entry, _] = admission(slot, citizen, *id);
+        plan.take.push(entry);
+    }
+    let first_booking = doses[0].2 .0;
+    for (index, (slot, _, new)) in doses.iter().enumerate() {
+        let booking = Booking {
+            series: Some(SeriesDose {
+                series_id: series.series_id.clone(),
+                dose: u8::try_from(index + 1).expect("series have few doses"),
+                first_booking,
+            }),
+            ..Booking::confirmed(
+                *new,
+                (slot.key.clone(), slot.end_unix_s),
+                (citizen, slot.channel.clone()),
+                now_unix_ms,
+                request,
+            )
+        };
+        plan.take
+            .push(Take::Place(slot.key.clone(), slot.channel.clone()));
+        plan.writes.push(Record::Booking(booking.clone()));
+        plan.writes
+            .push(Record::Event(Event::booking(&booking, now_unix_ms)));
+        plan.answer.push(booking);
+        pass_gate(slot, &mut plan, now_unix_ms)?;
+    }
+    Ok(plan)
+}
+
+/// A series dose being moved: its series as it is now, the dose, and where its
+/// neighbours are (the previous dose, the next one still confirmed).
+pub struct Neighbours {
+    pub series: std::sync::Arc<Series>,
+    pub dose: u8,
+    pub previous: Option<Placed>,
+    pub next: Option<Placed>,
+    /// Where the dose would move to.
+    pub new: Placed,
+    /// The neighbours still confirmed (service, booking): claimed while the move is
+    /// written, so a neighbour moved or cancelled at the same time refuses one of them.
+    pub confirmed: Vec<(ServiceId, BookingId)>,
+}
+
+impl Neighbours {
+    /// The moved dose keeps its interval from the previous dose, and the next keeps its
+    /// own from the moved one, by the series' rules of now (a dose the series no longer
+    /// has is not checked).
+    fn check(&self) -> Result<(), DomainError> {
+        if let Some(previous) = &self.previous {
+            if self.series.dose(self.dose).is_some() {
+                check_interval(
+                    &self.series,
+                    self.dose,
+                    (previous, &self.new),
+                    "new_slot_id",
+                )?;
+            }
+        }
+        if let Some(next) = &self.next {
+            let next_dose = self.dose + 1;
+            if self.series.dose(next_dose).is_some() {
+                check_interval(&self.series, next_dose, (&self.new, next), "new_slot_id")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A new hold `id` of a place in `slot` for `ttl_seconds`; at most
@@ -330,14 +448,14 @@ pub fn not_confirmable(
 /// the registration is booked in the same write.
 pub fn confirm_hold(
     slot: &SlotView,
-    hold: &Hold,
+    (hold, codes): (&Hold, BookingCodes),
     offer_of: Option<&Registration>,
     request: RequestRecord,
     now_unix_ms: i64,
 ) -> Result<Plan<Booking>, DomainError> {
     debug_assert!(hold.slot == slot.key && hold.state == HoldState::Live);
     let booking = Booking::confirmed(
-        hold.hold_id,
+        (hold.hold_id, codes),
         (slot.key.clone(), slot.end_unix_s),
         (hold.citizen, hold.channel.clone()),
         now_unix_ms,
@@ -371,6 +489,7 @@ pub fn confirm_hold(
                 citizen,
                 service,
                 id,
+                unchanged: None,
             });
             record_registration(&mut plan, registration.booked(id));
             plan.free.push(Free::Unclaim { citizen, id });
@@ -381,6 +500,103 @@ pub fn confirm_hold(
         None => {}
     }
     Ok(plan)
+}
+
+/// What the desk does to a booking: a write, or nothing (it was already done).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeskChange {
+    Write(Plan<Booking>),
+    AlreadyDone(Booking),
+}
+
+/// The desk checks `booking` in with the code the citizen shows, from `window_hours`
+/// before its slot starts to `window_hours` after it ends: a confirmed booking (or a
+/// no-show: the citizen came late) becomes attended; an attended one stays as it is.
+/// The code is checked first, whatever the state.
+pub fn check_in(
+    booking: Booking,
+    code: u16,
+    window_hours: u32,
+    now_unix_ms: i64,
+) -> Result<DeskChange, DomainError> {
+    let expected = booking.codes.map(|codes| codes.check_in_code);
+    if expected != Some(code) {
+        return Err(DomainError::CheckInCodeWrong);
+    }
+    let window_s = i64::from(window_hours) * 3_600;
+    let opens_ms = (booking.slot.start_unix_s - window_s).saturating_mul(1_000);
+    let closes_ms = (booking.end_unix_s + window_s).saturating_mul(1_000);
+    let open = (opens_ms..=closes_ms).contains(&now_unix_ms);
+    match booking.state {
+        BookingState::Attended { .. } => Ok(DeskChange::AlreadyDone(booking)),
+        BookingState::Cancelled { .. } => Err(DomainError::BookingNotActive(booking.booking_id)),
+        BookingState::Confirmed | BookingState::NoShow { .. } if !open => {
+            Err(DomainError::CheckInClosed {
+                opens_unix_ms: opens_ms,
+                closes_unix_ms: closes_ms,
+            })
+        }
+        BookingState::Confirmed | BookingState::NoShow { .. } => {
+            let state = BookingState::Attended {
+                at_unix_ms: now_unix_ms,
+            };
+            Ok(DeskChange::Write(desk_write(booking, state, now_unix_ms)))
+        }
+    }
+}
+
+/// The desk marks a confirmed booking a no-show, once its slot has ended.
+pub fn mark_no_show(booking: Booking, now_unix_ms: i64) -> Result<DeskChange, DomainError> {
+    match booking.state {
+        BookingState::NoShow { .. } => Ok(DeskChange::AlreadyDone(booking)),
+        BookingState::Cancelled { .. } | BookingState::Attended { .. } => {
+            Err(DomainError::BookingNotActive(booking.booking_id))
+        }
+        BookingState::Confirmed if booking.end_unix_s.saturating_mul(1_000) > now_unix_ms => {
+            Err(DomainError::SlotNotEnded)
+        }
+        BookingState::Confirmed => {
+            let state = BookingState::NoShow {
+                at_unix_ms: now_unix_ms,
+            };
+            Ok(DeskChange::Write(desk_write(booking, state, now_unix_ms)))
+        }
+    }
+}
+
+/// `booking` in its new desk `state`, with its event; the place stays. A confirmed
+/// booking's citizen entry is claimed while the write is in flight (no cancel or move
+/// ends it in between) and leaves the citizen's limit once it is durable: the
+/// appointment is over, so the citizen may book the service again. A no-show being
+/// checked in holds no entry any more.
+fn desk_write(booking: Booking, state: BookingState, now_unix_ms: i64) -> Plan<Booking> {
+    let (citizen, id) = (booking.citizen, booking.booking_id);
+    let service = booking.slot.service_id.clone();
+    let was_confirmed = booking.is_confirmed();
+    let changed = Booking { state, ..booking };
+    let mut plan = Plan {
+        take: Vec::new(),
+        writes: vec![
+            Record::Booking(changed.clone()),
+            Record::Event(Event::booking(&changed, now_unix_ms)),
+        ],
+        free: Vec::new(),
+        answer: changed,
+    };
+    if was_confirmed {
+        plan.take.push(Take::Claim {
+            citizen,
+            service: service.clone(),
+            id,
+            unchanged: Some(BookingState::Confirmed),
+        });
+        plan.free.push(Free::Entry {
+            citizen,
+            service,
+            id,
+        });
+    }
+    plan
 }
 
 /// The citizen's own confirmed booking, or why not (another citizen's booking is
@@ -397,8 +613,10 @@ fn own_confirmed(stored: Option<Booking>, citizen: CitizenKey) -> Result<Booking
 
 /// The citizen cancels its booking; the place returns once the cancel is durable. A
 /// booking made through a campaign offer (`registration`) withdraws its registration.
+/// The `later` doses of its series (the citizen's confirmed ones) are cancelled in the
+/// same write.
 pub fn cancel(
-    stored: Option<Booking>,
+    (stored, later): (Option<Booking>, Vec<Booking>),
     citizen: CitizenKey,
     registration: Option<&Registration>,
     request: RequestRecord,
@@ -420,6 +638,7 @@ pub fn cancel(
             citizen,
             service: service.clone(),
             id,
+            unchanged: Some(BookingState::Confirmed),
         }],
         writes: vec![
             Record::Booking(cancelled.clone()),
@@ -438,17 +657,53 @@ pub fn cancel(
     if let Some(registration) = registration {
         record_registration(&mut plan, registration.withdrawn(now_unix_ms));
     }
+    for dose in later {
+        debug_assert!(dose.citizen == citizen && dose.is_confirmed());
+        let (service, id) = (dose.slot.service_id.clone(), dose.booking_id);
+        let cancelled = Booking {
+            state: BookingState::Cancelled {
+                at_unix_ms: now_unix_ms,
+                reason: CANCELLED_WITH_EARLIER_DOSE.to_string(),
+                request: None,
+            },
+            ..dose
+        };
+        plan.take.push(Take::Claim {
+            citizen,
+            service: service.clone(),
+            id,
+            unchanged: Some(BookingState::Confirmed),
+        });
+        plan.writes
+            .push(Record::Event(Event::booking(&cancelled, now_unix_ms)));
+        plan.free.push(Free::Entry {
+            citizen,
+            service,
+            id,
+        });
+        plan.free.push(Free::Place(
+            cancelled.slot.clone(),
+            cancelled.channel.clone(),
+        ));
+        plan.writes.push(Record::Booking(cancelled));
+    }
     Ok(plan)
 }
 
-/// The citizen's booking moves to `new_slot` (same service) as booking `new_id`: the
-/// old one cancelled and the new one confirmed in one write, or neither. A campaign
-/// registration booked with the old one (`registration`) is booked with the new one.
+/// The citizen's booking moves to `new_slot` (same service) as booking `new_id` (with
+/// new codes: the old reference stays with the cancelled booking): the old one
+/// cancelled and the new one confirmed in one write, or neither. A campaign
+/// registration booked with the old one (`registration`) is booked with the new one;
+/// a series dose stays the same dose.
 pub fn reschedule(
-    (stored, registration): (Option<Booking>, Option<&Registration>),
+    (stored, registration, neighbours): (
+        Option<Booking>,
+        Option<&Registration>,
+        Option<Neighbours>,
+    ),
     citizen: CitizenKey,
     new_slot: Option<&SlotView>,
-    new_id: BookingId,
+    (new_id, codes): (BookingId, BookingCodes),
     request: RequestRecord,
     now_unix_ms: i64,
 ) -> Result<Plan<Booking>, DomainError> {
@@ -467,13 +722,21 @@ pub fn reschedule(
         ));
     }
     check_not_started(&new_slot.key, now_unix_ms)?;
-    let new = Booking::confirmed(
-        new_id,
-        (new_slot.key.clone(), new_slot.end_unix_s),
-        (citizen, new_slot.channel.clone()),
-        now_unix_ms,
-        request,
-    );
+    let mut neighbour_claims = Vec::new();
+    if let Some(neighbours) = neighbours {
+        neighbours.check()?;
+        neighbour_claims = neighbours.confirmed;
+    }
+    let new = Booking {
+        series: old.series.clone(),
+        ..Booking::confirmed(
+            (new_id, codes),
+            (new_slot.key.clone(), new_slot.end_unix_s),
+            (citizen, new_slot.channel.clone()),
+            now_unix_ms,
+            request,
+        )
+    };
     let cancelled = Booking {
         state: BookingState::Cancelled {
             at_unix_ms: now_unix_ms,
@@ -511,12 +774,22 @@ pub fn reschedule(
         answer: new,
     };
     pass_gate(new_slot, &mut plan, now_unix_ms)?;
+    for (service, id) in neighbour_claims {
+        plan.take.push(Take::Claim {
+            citizen,
+            service,
+            id,
+            unchanged: Some(BookingState::Confirmed),
+        });
+        plan.free.push(Free::Unclaim { citizen, id });
+    }
     if let Some(registration) = registration {
         // Until the registration knows the new booking, no cancel or move may end it.
         plan.take.push(Take::Claim {
             citizen,
             service: new_slot.key.service_id.clone(),
             id: new_id,
+            unchanged: None,
         });
         record_registration(&mut plan, registration.booked(new_id));
         plan.free.push(Free::Unclaim {
@@ -734,9 +1007,18 @@ mod tests {
         }
     }
 
+    /// A new booking's id with codes.
+    fn new(id: u128) -> (BookingId, BookingCodes) {
+        let codes = BookingCodes {
+            reference: crate::domain::booking::Reference::from_bits(id as u64),
+            check_in_code: 1234,
+        };
+        (BookingId(id), codes)
+    }
+
     fn booking_of(citizen: CitizenKey, at: &SlotView) -> Booking {
         Booking::confirmed(
-            BookingId(7),
+            new(7),
             (at.key.clone(), at.end_unix_s),
             (citizen, ChannelId::web()),
             0,
@@ -782,12 +1064,9 @@ mod tests {
         let future = slot("vax", NOW / 1_000 + 1);
         let started = slot("vax", NOW / 1_000);
         let cases = [
+            (reason(book(&future, ALICE, new(1), request(1), NOW)), "OK"),
             (
-                reason(book(&future, ALICE, BookingId(1), request(1), NOW)),
-                "OK",
-            ),
-            (
-                reason(book(&started, ALICE, BookingId(1), request(1), NOW)),
+                reason(book(&started, ALICE, new(1), request(1), NOW)),
                 "SlotStarted",
             ),
             (
@@ -819,7 +1098,7 @@ mod tests {
     #[test]
     fn a_booking_takes_an_entry_then_a_place_and_writes_one_confirmed_booking() {
         let at = slot("vax", NOW);
-        let plan = book(&at, ALICE, BookingId(9), request(1), NOW).unwrap();
+        let plan = book(&at, ALICE, new(9), request(1), NOW).unwrap();
         assert_eq!(
             plan.take,
             [
@@ -861,12 +1140,12 @@ mod tests {
         let at = slot("vax", NOW);
         let cases = [
             (
-                reason(cancel(None, ALICE, None, request(2), NOW)),
+                reason(cancel((None, Vec::new()), ALICE, None, request(2), NOW)),
                 "NotFound",
             ),
             (
                 reason(cancel(
-                    Some(booking_of(BOB, &at)),
+                    (Some(booking_of(BOB, &at)), Vec::new()),
                     ALICE,
                     None,
                     request(2),
@@ -876,7 +1155,7 @@ mod tests {
             ),
             (
                 reason(cancel(
-                    Some(cancelled(booking_of(ALICE, &at))),
+                    (Some(cancelled(booking_of(ALICE, &at))), Vec::new()),
                     ALICE,
                     None,
                     request(2),
@@ -886,7 +1165,7 @@ mod tests {
             ),
             (
                 reason(cancel(
-                    Some(booking_of(ALICE, &at)),
+                    (Some(booking_of(ALICE, &at)), Vec::new()),
                     ALICE,
                     None,
                     request(2),
@@ -899,9 +1178,71 @@ mod tests {
     }
 
     #[test]
+    fn the_desk_settles_a_booking_within_its_window_and_frees_the_citizens_entry() {
+        let at = slot("vax", NOW);
+        let code = booking_of(ALICE, &at).codes.unwrap().check_in_code;
+        let start_ms = at.key.start_unix_s * 1_000;
+        let hour = 3_600_000;
+        let check = |booking: Booking, code: u16, now: i64| check_in(booking, code, 24, now);
+        let mine = || booking_of(ALICE, &at);
+        assert_eq!(
+            check(mine(), code + 1, start_ms),
+            Err(DomainError::CheckInCodeWrong)
+        );
+        assert!(matches!(
+            check(mine(), code, start_ms - 25 * hour),
+            Err(DomainError::CheckInClosed { .. })
+        ));
+        let Ok(DeskChange::Write(plan)) = check(mine(), code, start_ms - hour) else {
+            panic!("a check-in an hour before is written");
+        };
+        plan.assert_balanced();
+        assert!(matches!(
+            &plan.take[..],
+            [Take::Claim {
+                unchanged: Some(BookingState::Confirmed),
+                ..
+            }]
+        ));
+        assert!(matches!(&plan.free[..], [Free::Entry { .. }]));
+        // A late arrival after a no-show: no entry left to claim or free.
+        let missed = Booking {
+            state: BookingState::NoShow {
+                at_unix_ms: start_ms,
+            },
+            ..mine()
+        };
+        let Ok(DeskChange::Write(plan)) = check(missed, code, start_ms + hour) else {
+            panic!("a no-show checks in late");
+        };
+        assert!(plan.take.is_empty() && plan.free.is_empty());
+        // No-shows only after the end; twice is the same.
+        assert_eq!(
+            mark_no_show(mine(), start_ms),
+            Err(DomainError::SlotNotEnded)
+        );
+        let ended_ms = at.end_unix_s * 1_000;
+        let Ok(DeskChange::Write(plan)) = mark_no_show(mine(), ended_ms) else {
+            panic!("a no-show after the end is written");
+        };
+        assert!(matches!(&plan.free[..], [Free::Entry { .. }]));
+        assert!(matches!(
+            mark_no_show(plan.answer, ended_ms),
+            Ok(DeskChange::AlreadyDone(_))
+        ));
+    }
+
+    #[test]
     fn a_cancel_claims_first_and_frees_entry_and_place_only_once_durable() {
         let at = slot("vax", NOW);
-        let plan = cancel(Some(booking_of(ALICE, &at)), ALICE, None, request(2), NOW).unwrap();
+        let plan = cancel(
+            (Some(booking_of(ALICE, &at)), Vec::new()),
+            ALICE,
+            None,
+            request(2),
+            NOW,
+        )
+        .unwrap();
         assert!(matches!(plan.take[..], [Take::Claim { .. }]));
         assert_eq!(plan.free.len(), 2);
         assert!(matches!(
@@ -916,10 +1257,10 @@ mod tests {
         let mine = || Some(booking_of(ALICE, &at));
         let plan = |to: &SlotView| {
             reason(reschedule(
-                (mine(), None),
+                (mine(), None, None),
                 ALICE,
                 Some(to),
-                BookingId(8),
+                new(8),
                 request(3),
                 NOW,
             ))
@@ -934,10 +1275,10 @@ mod tests {
             (plan(&slot("vax", NOW + 900)), "OK"),
             (
                 reason(reschedule(
-                    (None, None),
+                    (None, None, None),
                     ALICE,
                     Some(&slot("vax", NOW + 900)),
-                    BookingId(8),
+                    new(8),
                     request(3),
                     NOW,
                 )),
@@ -945,10 +1286,10 @@ mod tests {
             ),
             (
                 reason(reschedule(
-                    (mine(), None),
+                    (mine(), None, None),
                     ALICE,
                     None,
-                    BookingId(8),
+                    new(8),
                     request(3),
                     NOW,
                 )),
@@ -963,10 +1304,10 @@ mod tests {
         let at = slot("vax", NOW);
         let to = slot("vax", NOW + 900);
         let plan = reschedule(
-            (Some(booking_of(ALICE, &at)), None),
+            (Some(booking_of(ALICE, &at)), None, None),
             ALICE,
             Some(&to),
-            BookingId(8),
+            new(8),
             request(3),
             NOW,
         )
@@ -1021,7 +1362,7 @@ mod tests {
         let live = hold(&at, ALICE, BookingId(5), request(1), (60, 50), 0)
             .unwrap()
             .answer;
-        let plan = confirm_hold(&at, &live, None, request(2), NOW).unwrap();
+        let plan = confirm_hold(&at, (&live, new(90).1), None, request(2), NOW).unwrap();
         plan.assert_balanced();
         assert_eq!(plan.answer.booking_id, live.hold_id);
         let expired = Hold {
@@ -1099,7 +1440,8 @@ mod tests {
         };
         assert_eq!(offered.offer().map(|o| o.hold_id), Some(BookingId(4)));
         let hold = plan.answer.clone();
-        let accepted = confirm_hold(&at, &hold, Some(offered), request(2), NOW).unwrap();
+        let accepted =
+            confirm_hold(&at, (&hold, new(91).1), Some(offered), request(2), NOW).unwrap();
         accepted.assert_balanced();
         assert!(accepted.writes.iter().any(|w| matches!(w,
             Record::Registration(r) if r.state == crate::domain::campaign::RegistrationState::Booked { booking_id: BookingId(4) })));
@@ -1129,10 +1471,7 @@ mod tests {
     #[test]
     fn a_group_takes_every_entry_before_any_place_and_books_each_member() {
         let at = slot("vax", NOW);
-        let members = [
-            (at.clone(), ALICE, BookingId(1)),
-            (at.clone(), BOB, BookingId(2)),
-        ];
+        let members = [(at.clone(), ALICE, new(1)), (at.clone(), BOB, new(2))];
         let plan = book_group(&members, request(1), NOW).unwrap();
         plan.assert_balanced();
         let kinds: Vec<&str> = plan
@@ -1148,7 +1487,7 @@ mod tests {
         let owners: Vec<CitizenKey> = plan.answer.iter().map(|b| b.citizen).collect();
         assert_eq!(owners, [ALICE, BOB]);
         let started = slot("vax", NOW / 1_000);
-        let late = [(started, ALICE, BookingId(1))];
+        let late = [(started, ALICE, new(1))];
         assert_eq!(reason(book_group(&late, request(1), NOW)), "SlotStarted");
         // Each member passes the gate for itself: one admitted ticket admits one.
         let queued = |ticket: Option<Ticket>| SlotView {
@@ -1171,16 +1510,16 @@ mod tests {
             used: false,
         };
         let one_ticket = [
-            (queued(Some(admitted(ALICE))), ALICE, BookingId(1)),
-            (queued(None), BOB, BookingId(2)),
+            (queued(Some(admitted(ALICE))), ALICE, new(1)),
+            (queued(None), BOB, new(2)),
         ];
         assert_eq!(
             reason(book_group(&one_ticket, request(1), NOW)),
             "NotAdmitted"
         );
         let two_tickets = [
-            (queued(Some(admitted(ALICE))), ALICE, BookingId(1)),
-            (queued(Some(admitted(BOB))), BOB, BookingId(2)),
+            (queued(Some(admitted(ALICE))), ALICE, new(1)),
+            (queued(Some(admitted(BOB))), BOB, new(2)),
         ];
         let plan = book_group(&two_tickets, request(1), NOW).unwrap();
         let used = plan
@@ -1194,7 +1533,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "a plan's places must match its writes")]
     fn an_unbalanced_plan_is_caught() {
-        let mut plan = book(&slot("vax", NOW), ALICE, BookingId(1), request(1), 0).unwrap();
+        let mut plan = book(&slot("vax", NOW), ALICE, new(1), request(1), 0).unwrap();
         plan.take.pop();
         plan.assert_balanced();
     }

@@ -17,7 +17,7 @@ use tonic::{Request, Status};
 
 use crate::config::{token_sha256, CitizenTrust, Role, Token};
 use crate::domain::catalog::Site;
-use crate::domain::ids::{ChannelId, RegionId};
+use crate::domain::ids::{ChannelId, RegionId, SiteId};
 use crate::service::{Actor, Regions, ServiceError};
 
 /// The service a gate stands in front of.
@@ -25,6 +25,8 @@ use crate::service::{Actor, Regions, ServiceError};
 pub enum Service {
     Booking,
     Capacity,
+    /// The desk's SiteService.
+    Site,
     /// gRPC reflection: any valid token.
     Reflection,
     /// Aggregates only: any valid token; with `public`, no token too.
@@ -51,6 +53,8 @@ pub enum Caller {
         name: Arc<str>,
         role: Role,
         regions: Arc<BTreeSet<RegionId>>,
+        /// A `site` token's sites.
+        sites: Arc<BTreeSet<SiteId>>,
         citizens: CitizenTrust,
         /// Its bookings' channel (a release may reserve places for it).
         channel: ChannelId,
@@ -102,6 +106,21 @@ impl Caller {
     pub fn check_site(&self, site: Option<&Arc<Site>>) -> Result<(), Status> {
         self.authority().check_site(site)?;
         Ok(())
+    }
+
+    /// Whether the caller may work the desk of `site_id`: a site token of that site,
+    /// an admin, or open mode.
+    pub fn check_desk(&self, site_id: &SiteId) -> Result<(), Status> {
+        match self {
+            Caller::Open
+            | Caller::Token {
+                role: Role::Admin, ..
+            } => Ok(()),
+            Caller::Token { sites, .. } if sites.contains(site_id) => Ok(()),
+            Caller::Token { name, .. } => Err(Status::permission_denied(format!(
+                "token {name:?} may work the desks of its own sites only"
+            ))),
+        }
     }
 
     /// Whether the caller may act on every region at once (an unscoped export).
@@ -223,6 +242,7 @@ impl Gate {
             name: token.name.as_str().into(),
             role: token.role,
             regions: Arc::new(token.regions.clone()),
+            sites: Arc::new(token.sites.clone()),
             citizens: token.citizens,
             channel: token.channel.clone(),
         })
@@ -240,6 +260,7 @@ impl Interceptor for Gate {
                     | (Service::OpenData { .. }, _)
                     | (Service::Booking, Role::Frontend)
                     | (Service::Capacity, Role::Authority)
+                    | (Service::Site, Role::Site)
             );
             if !allowed {
                 return Err(Status::permission_denied(format!(

@@ -5,13 +5,15 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::config::{CitizenTrust, Limits};
+use crate::domain::booking::Reference;
 use crate::domain::citizen_id::CitizenIds;
+use crate::domain::error::AllValid;
 use crate::domain::error::DomainError;
 use crate::grpc::assertion::{AssertedCitizen, Assertions};
 use crate::grpc::auth::Caller;
 use crate::grpc::connections;
 use crate::grpc::detached::detached;
-use crate::grpc::{convert, convert_campaign, convert_release, status};
+use crate::grpc::{convert, convert_campaign, convert_release, convert_series, status};
 use crate::proto;
 use crate::proto::booking_service_server::BookingService;
 use crate::service::{Engine, RegistrationCommand, ServiceError};
@@ -134,8 +136,10 @@ macro_rules! names_citizen {
 
 names_citizen!(
     proto::BookRequest,
+    proto::BookSeriesRequest,
     proto::HoldSlotRequest,
     proto::GetBookingRequest,
+    proto::GetBookingByReferenceRequest,
     proto::CancelBookingRequest,
     proto::RescheduleBookingRequest,
     proto::ListCitizenBookingsRequest,
@@ -301,6 +305,31 @@ impl BookingService for BookingApi {
         }))
     }
 
+    async fn book_series(
+        &self,
+        request: Request<proto::BookSeriesRequest>,
+    ) -> Result<Response<proto::BookSeriesResponse>, Status> {
+        let (caller, body) = self.acting(request)?;
+        let engine = Arc::clone(&self.engine);
+        let command = convert_series::book_series_from_proto(
+            body,
+            (engine.limits(), engine.citizen_ids()),
+            &caller,
+            caller.channel(),
+        )?;
+        let result = detached(async move { engine.book_series(command).await }).await?;
+        count_outcome(
+            Command::Book,
+            match &result {
+                Ok(_) => "OK",
+                Err(error) => status::reason(error),
+            },
+        );
+        Ok(Response::new(proto::BookSeriesResponse {
+            bookings: result?.iter().map(convert::booking_to_proto).collect(),
+        }))
+    }
+
     async fn book_group(
         &self,
         request: Request<proto::BookGroupRequest>,
@@ -356,6 +385,22 @@ impl BookingService for BookingApi {
             convert::get_booking_from_proto(body, self.engine.citizen_ids())?;
         let view = self.engine.citizen_booking(booking_id, &citizen_id)?;
         Ok(Response::new(proto::GetBookingResponse {
+            booking: Some(convert::booking_to_proto(&view)),
+        }))
+    }
+
+    async fn get_booking_by_reference(
+        &self,
+        request: Request<proto::GetBookingByReferenceRequest>,
+    ) -> Result<Response<proto::GetBookingByReferenceResponse>, Status> {
+        let (_, body) = self.acting(request)?;
+        let (reference, citizen_id) = (
+            Reference::parse("reference", &body.reference),
+            self.engine.citizen_ids().canonical(&body.citizen_id),
+        )
+            .all_valid()?;
+        let view = self.engine.booking_by_reference(reference, &citizen_id)?;
+        Ok(Response::new(proto::GetBookingByReferenceResponse {
             booking: Some(convert::booking_to_proto(&view)),
         }))
     }

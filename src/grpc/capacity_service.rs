@@ -12,7 +12,7 @@ use crate::domain::error::{DomainError, FieldViolation};
 use crate::grpc::auth::Caller;
 use crate::grpc::connections::{close_on_idle, holding};
 use crate::grpc::detached::detached;
-use crate::grpc::{convert, convert_campaign, convert_release};
+use crate::grpc::{convert, convert_campaign, convert_release, convert_series};
 use crate::limits::Limits;
 use crate::proto;
 use crate::proto::capacity_service_server::CapacityService;
@@ -292,6 +292,24 @@ impl CapacityService for CapacityApi {
         }))
     }
 
+    async fn upsert_series(
+        &self,
+        request: Request<proto::UpsertSeriesRequest>,
+    ) -> Result<Response<proto::UpsertSeriesResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        // A series applies in every region: admins only.
+        caller.check_all_regions()?;
+        let series = convert_series::series_from_proto(request.into_inner(), self.engine.limits())?;
+        let series = self
+            .write(&caller, |engine, actor| async move {
+                engine.upsert_series(series, &actor).await
+            })
+            .await?;
+        Ok(Response::new(proto::UpsertSeriesResponse {
+            series: Some(convert_series::series_to_proto(&series)),
+        }))
+    }
+
     async fn get_campaign_stats(
         &self,
         request: Request<proto::GetCampaignStatsRequest>,
@@ -331,6 +349,8 @@ impl CapacityService for CapacityApi {
             held: stats.totals.held,
             slots_closed: stats.totals.slots_closed,
             reserved: stats.totals.reserved,
+            attended: stats.totals.attended,
+            no_shows: stats.totals.no_shows,
             by_day: stats
                 .by_day
                 .into_iter()
@@ -342,6 +362,8 @@ impl CapacityService for CapacityApi {
                     held: totals.held,
                     slots_closed: totals.slots_closed,
                     reserved: totals.reserved,
+                    attended: totals.attended,
+                    no_shows: totals.no_shows,
                 })
                 .collect(),
         }))
@@ -450,7 +472,7 @@ impl CapacityService for CapacityApi {
         let bookings =
             ReceiverStream::new(self.engine.export_bookings(scope, stalled)).map(|item| {
                 item.map(|view| proto::ExportBookingsResponse {
-                    booking: Some(convert::booking_to_proto(&view)),
+                    booking: Some(convert::booking_to_proto_without_code(&view)),
                 })
                 .map_err(Status::from)
             });

@@ -120,7 +120,7 @@ pub fn booking_id(value: &str) -> Result<BookingId, FieldViolation> {
 }
 
 /// A list's page size: 0 means the default.
-fn page_size(value: i32, limits: &Limits) -> Result<usize, FieldViolation> {
+pub fn page_size(value: i32, limits: &Limits) -> Result<usize, FieldViolation> {
     match value {
         0 => Ok(limits.page_size_default as usize),
         size if size > 0 && size as u32 <= limits.page_size_max => Ok(size as usize),
@@ -723,12 +723,16 @@ pub fn event_to_proto(view: &EventView) -> proto::Event {
         EventKind::CapacityChanged => proto::EventKind::CapacityChanged,
         EventKind::OfferMade => proto::EventKind::OfferMade,
         EventKind::OfferEnded => proto::EventKind::OfferExpired,
+        EventKind::CheckedIn => proto::EventKind::CheckedIn,
+        EventKind::NoShow => proto::EventKind::NoShow,
     };
     let slot = &event.slot;
     let booking = event.booking.as_ref().map(|booking| {
-        let state = match booking.cancelled_at_unix_ms {
-            None => proto::BookingState::Confirmed,
-            Some(_) => proto::BookingState::Cancelled,
+        let state = match (event.kind, booking.cancelled_at_unix_ms) {
+            (EventKind::CheckedIn, _) => proto::BookingState::Attended,
+            (EventKind::NoShow, _) => proto::BookingState::NoShow,
+            (_, None) => proto::BookingState::Confirmed,
+            (_, Some(_)) => proto::BookingState::Cancelled,
         };
         proto::Booking {
             booking_id: booking.booking_id.to_string(),
@@ -746,6 +750,10 @@ pub fn event_to_proto(view: &EventView) -> proto::Event {
                 Some(_) => event.reason.clone(),
                 None => String::new(),
             },
+            attendance_at: matches!(event.kind, EventKind::CheckedIn | EventKind::NoShow)
+                .then(|| timestamp_ms(event.at_unix_ms)),
+            // Events never say who: no reference, no code.
+            ..Default::default()
         }
     });
     let id = |id: Option<BookingId>| id.map(|id| id.to_string()).unwrap_or_default();
@@ -896,10 +904,10 @@ pub fn summary_to_proto(page: &SummaryPage) -> proto::GetAvailabilitySummaryResp
     }
 }
 
+/// A booking as its citizen sees it: with its check-in code.
 pub fn booking_to_proto(view: &BookingView) -> proto::Booking {
     let BookingView { booking, site } = view;
     let (state, cancelled_at, cancel_reason) = match &booking.state {
-        DomainBookingState::Confirmed => (proto::BookingState::Confirmed, None, String::new()),
         DomainBookingState::Cancelled {
             at_unix_ms, reason, ..
         } => (
@@ -907,7 +915,9 @@ pub fn booking_to_proto(view: &BookingView) -> proto::Booking {
             Some(timestamp_ms(*at_unix_ms)),
             reason.clone(),
         ),
+        other => (booking_state_to_proto(other), None, String::new()),
     };
+    let series = booking.series.as_ref();
     proto::Booking {
         booking_id: booking.booking_id.to_string(),
         slot_id: booking.slot.to_string(),
@@ -921,6 +931,44 @@ pub fn booking_to_proto(view: &BookingView) -> proto::Booking {
         time_zone: site.time_zone.name().to_string(),
         cancelled_at,
         cancel_reason,
+        reference: booking
+            .codes
+            .map(|codes| codes.reference.to_string())
+            .unwrap_or_default(),
+        check_in_code: booking
+            .codes
+            .map(|codes| format!("{:04}", codes.check_in_code))
+            .unwrap_or_default(),
+        series_id: series.map(|s| s.series_id.to_string()).unwrap_or_default(),
+        dose: series.map_or(0, |s| u32::from(s.dose)),
+        attendance_at: attendance_at(&booking.state),
+    }
+}
+
+/// A booking as anyone but its citizen sees it (exports, the desk): no check-in code.
+pub fn booking_to_proto_without_code(view: &BookingView) -> proto::Booking {
+    proto::Booking {
+        check_in_code: String::new(),
+        ..booking_to_proto(view)
+    }
+}
+
+pub fn booking_state_to_proto(state: &DomainBookingState) -> proto::BookingState {
+    match state {
+        DomainBookingState::Confirmed => proto::BookingState::Confirmed,
+        DomainBookingState::Cancelled { .. } => proto::BookingState::Cancelled,
+        DomainBookingState::Attended { .. } => proto::BookingState::Attended,
+        DomainBookingState::NoShow { .. } => proto::BookingState::NoShow,
+    }
+}
+
+/// When the desk checked the booking in or marked it a no-show.
+pub fn attendance_at(state: &DomainBookingState) -> Option<Timestamp> {
+    match state {
+        DomainBookingState::Attended { at_unix_ms } | DomainBookingState::NoShow { at_unix_ms } => {
+            Some(timestamp_ms(*at_unix_ms))
+        }
+        _ => None,
     }
 }
 

@@ -9,13 +9,16 @@ pub mod connections;
 pub mod convert;
 pub mod convert_campaign;
 pub mod convert_release;
+pub mod convert_series;
 pub mod detached;
 pub mod observe;
 pub mod open_data_service;
 pub mod readiness;
 pub mod shed;
+pub mod site_service;
 pub mod status;
 
 pub use booking_service::BookingApi;
 pub use capacity_service::CapacityApi;
 pub use open_data_service::OpenDataApi;
+pub use site_service::SiteApi;

@@ -112,6 +112,26 @@ fn classify(error: &ServiceError) -> Answer {
             DomainError::BookingNotActive(_) => {
                 Answer::new(FailedPrecondition, "BOOKING_NOT_ACTIVE")
             }
+            DomainError::CheckInCodeWrong => {
+                Answer::new(Code::PermissionDenied, "CHECK_IN_CODE_WRONG")
+            }
+            DomainError::SlotNotEnded => Answer::new(FailedPrecondition, "SLOT_NOT_ENDED"),
+            DomainError::CheckInClosed {
+                opens_unix_ms,
+                closes_unix_ms,
+            } => Answer::new(FailedPrecondition, "CHECK_IN_CLOSED")
+                .with("opens_at", rfc3339_utc(*opens_unix_ms))
+                .with("closes_at", rfc3339_utc(*closes_unix_ms)),
+            DomainError::SeriesInterval {
+                dose,
+                earliest,
+                latest,
+            } => Answer::new(FailedPrecondition, "SERIES_INTERVAL")
+                .with("dose", dose)
+                .with("earliest", earliest)
+                .with("latest", latest),
+            DomainError::NotFound(Missing::Series) => Answer::new(NotFound, "SERIES_NOT_FOUND"),
+            DomainError::SeriesExhausted => Answer::new(ResourceExhausted, "SERIES_EXHAUSTED"),
             DomainError::CapacityBelowBooked { slot, taken, .. } => {
                 Answer::new(FailedPrecondition, "CAPACITY_BELOW_BOOKED")
                     .with("slot_id", slot)
@@ -194,6 +214,7 @@ fn classify(error: &ServiceError) -> Answer {
         ServiceError::ExportIdle => Answer::new(Code::DeadlineExceeded, "EXPORT_IDLE"),
         ServiceError::BackupKeyMissing => Answer::new(FailedPrecondition, "BACKUP_KEY_MISSING"),
         ServiceError::RegionDenied { .. } => Answer::new(Code::PermissionDenied, "REGION_DENIED"),
+        ServiceError::DeskDenied => Answer::new(Code::PermissionDenied, "SITE_DENIED"),
         ServiceError::EventsPruned { oldest } => {
             Answer::new(FailedPrecondition, "EVENTS_PRUNED").with("oldest_sequence", oldest)
         }

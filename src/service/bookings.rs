@@ -139,10 +139,12 @@ impl Engine {
         request: RequestRecord,
     ) -> Result<Vec<Booking>, ServiceError> {
         let now_ms = self.now_unix_ms();
-        let mut group = Vec::with_capacity(members.len());
+        let (mut group, mut minted) = (Vec::new(), Vec::new());
         for member in members {
             let slot = self.slot_view(&command.slot, (member, &command.channel), now_ms)?;
-            group.push((slot, *member, self.ids.mint(*member)));
+            let codes = self.mint_codes()?;
+            group.push((slot, *member, (self.ids.mint(*member), codes.codes)));
+            minted.push(codes);
         }
         let plan = plans::book_group(&group, request, now_ms)?;
         self.execute(plan, || {}).await
@@ -213,7 +215,9 @@ impl Engine {
     ) -> Result<Booking, ServiceError> {
         let now_ms = self.now_unix_ms();
         let slot = self.slot_view(slot_key, (&citizen, channel), now_ms)?;
-        let plan = plans::book(&slot, citizen, self.ids.mint(citizen), request, now_ms)?;
+        let codes = self.mint_codes()?;
+        let new = (self.ids.mint(citizen), codes.codes);
+        let plan = plans::book(&slot, citizen, new, request, now_ms)?;
         self.execute(plan, || {}).await
     }
 
@@ -246,7 +250,15 @@ impl Engine {
             }
         };
         let offer_of = self.campaigns.offer_of(hold_id);
-        let plan = match plans::confirm_hold(&slot, &hold, offer_of.as_ref(), request, now_ms) {
+        let codes = match self.mint_codes() {
+            Ok(codes) => codes,
+            Err(failed) => {
+                self.live_holds().insert(hold);
+                return Err(failed);
+            }
+        };
+        let held = (&hold, codes.codes);
+        let plan = match plans::confirm_hold(&slot, held, offer_of.as_ref(), request, now_ms) {
             Ok(plan) => plan,
             Err(refused) => {
                 self.live_holds().insert(hold);
@@ -279,9 +291,19 @@ impl Engine {
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
         let stored = self.store.booking(citizen.tag(), command.booking_id)?;
+        let later = match &stored {
+            Some(booking) if booking.citizen == citizen => self.later_doses(booking)?,
+            _ => Vec::new(),
+        };
         let registration = self.campaigns.booked_with(command.booking_id);
         let now_ms = self.now_unix_ms();
-        let plan = plans::cancel(stored, citizen, registration.as_ref(), request, now_ms)?;
+        let plan = plans::cancel(
+            (stored, later),
+            citizen,
+            registration.as_ref(),
+            request,
+            now_ms,
+        )?;
         self.execute(plan, || {}).await
     }
 
@@ -327,13 +349,18 @@ impl Engine {
                 view.gate = Gate::Open;
             }
         }
-        let new_id = self.ids.mint(citizen);
+        let codes = self.mint_codes()?;
+        let new = (self.ids.mint(citizen), codes.codes);
         let registration = self.campaigns.booked_with(command.booking_id);
+        let neighbours = match &stored {
+            Some(old) if old.citizen == citizen => self.neighbours_of(old, &command.new_slot)?,
+            _ => None,
+        };
         let plan = plans::reschedule(
-            (stored, registration.as_ref()),
+            (stored, registration.as_ref(), neighbours),
             citizen,
             new_slot.as_ref(),
-            new_id,
+            new,
             request,
             now_ms,
         )?;

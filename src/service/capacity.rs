@@ -6,6 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::TimeZone;
+
 use crate::domain::booking::{Booking, BookingState};
 use crate::domain::catalog::{PublishPlan, Site, SiteStats, Slot, Totals};
 use crate::domain::error::{DomainError, Missing};
@@ -768,6 +770,17 @@ impl Engine {
                 self.citizens
                     .claim(b.citizen, &b.slot.service_id, b.booking_id)
             })
+            // Read before the claim: one the desk settled since (attended, no-show)
+            // stays as it is.
+            .filter(
+                |b| match self.store.booking(b.citizen.tag(), b.booking_id) {
+                    Ok(Some(stored)) if !stored.is_confirmed() => {
+                        self.citizens.unclaim(b.citizen, b.booking_id);
+                        false
+                    }
+                    _ => true,
+                },
+            )
             .map(|b| Booking {
                 state: BookingState::Cancelled {
                     at_unix_ms: now_ms,
@@ -891,7 +904,33 @@ impl Engine {
             .cloned()
             .ok_or(DomainError::NotFound(Missing::Site))?;
         let reserved = self.reserved_by_slot(&site, &catalog);
-        Ok((site, catalog.site_stats(site_id, &held, &reserved)?))
+        let mut stats = catalog.site_stats(site_id, &held, &reserved)?;
+        drop(catalog);
+        self.add_attendance(&site, &mut stats)?;
+        Ok((site, stats))
+    }
+
+    /// Counts the site's attended and no-show bookings, per local day of their slot
+    /// (read from the site's rosters: one pass over its bookings).
+    fn add_attendance(&self, site: &Site, stats: &mut SiteStats) -> Result<(), ServiceError> {
+        for booking in self.store.site_roster(&site.site_id) {
+            let booking = booking?;
+            let count = |totals: &mut Totals| match booking.state {
+                BookingState::Attended { .. } => totals.attended += 1,
+                BookingState::NoShow { .. } => totals.no_shows += 1,
+                _ => {}
+            };
+            let day = site
+                .time_zone
+                .timestamp_opt(booking.slot.start_unix_s, 0)
+                .single()
+                .map(|local| local.date_naive());
+            count(&mut stats.totals);
+            if let Some((_, totals)) = stats.by_day.iter_mut().find(|(d, _)| Some(*d) == day) {
+                count(totals);
+            }
+        }
+        Ok(())
     }
 }
 

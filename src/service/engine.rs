@@ -58,6 +58,8 @@ pub struct Engine {
     pub(super) holds: Mutex<LiveHolds>,
     pub(super) hasher: CitizenHasher,
     pub(super) ids: BookingIds,
+    /// Booking references being written, and check-in codes tried wrong.
+    pub(super) references: crate::service::references::References,
     /// The key of `hasher` and `ids`, for backups.
     pub(super) citizen_hash_key: [u8; 32],
     /// Authenticates backups and seals the citizen hash key in them; none: no backups.
@@ -86,6 +88,8 @@ pub struct Engine {
     pub(super) releases: crate::service::releases::Releases,
     /// Campaigns, their registrations and offers.
     pub(super) campaigns: crate::service::campaigns::Campaigns,
+    /// Dose series (`UpsertSeries`).
+    pub(super) series: crate::service::series::SeriesBook,
     /// Every `now` of the engine comes from here (tests pass a manual clock).
     pub(super) clock: Clock,
     /// When this engine opened (retention dates format-1 authority requests from it).
@@ -245,6 +249,15 @@ impl Engine {
             )))
         })?;
         Ok(BookingView { booking, site })
+    }
+
+    /// A reference and check-in code for a new booking, reserved until the returned
+    /// guard is dropped (after the booking's write).
+    pub(super) fn mint_codes(
+        &self,
+    ) -> Result<crate::service::references::Minted<'_>, ServiceError> {
+        self.references
+            .mint(|reference| self.store.reference_taken(reference))
     }
 
     pub(super) fn stored_booking(&self, booking_id: BookingId) -> Result<Booking, ServiceError> {

@@ -54,4 +54,6 @@ pub enum ServiceError {
          watch_subscribers_max for availability): retry later"
     )]
     WatchersExhausted,
+    #[error("this token works the desks of its own sites only")]
+    DeskDenied,
 }

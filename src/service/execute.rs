@@ -4,9 +4,10 @@
 //!
 //! Must not import tonic.
 
+use crate::domain::booking::BookingState;
 use crate::domain::catalog::Admission;
 use crate::domain::error::DomainError;
-use crate::domain::ids::{ChannelId, CitizenKey, SlotKey};
+use crate::domain::ids::{BookingId, ChannelId, CitizenKey, SlotKey};
 use crate::domain::plans::{Free, Plan, SlotView, Take};
 use crate::domain::release::Gate;
 use crate::domain::slot_counter::Refused;
@@ -172,19 +173,44 @@ impl Engine {
                 citizen,
                 service,
                 id,
-            } => match self.citizens.claim(*citizen, service, *id) {
-                true => Ok(None),
-                false => Err(DomainError::BookingNotActive(*id).into()),
-            },
+                unchanged,
+            } => {
+                if !self.citizens.claim(*citizen, service, *id) {
+                    return Err(DomainError::BookingNotActive(*id).into());
+                }
+                let still = match unchanged {
+                    Some(state) => self.stored_state_is(*citizen, *id, |s| s == state),
+                    None => Ok(true),
+                };
+                if !matches!(still, Ok(true)) {
+                    self.citizens.unclaim(*citizen, *id);
+                    return Err(still
+                        .err()
+                        .unwrap_or(DomainError::BookingNotActive(*id).into()));
+                }
+                Ok(None)
+            }
             Take::Move {
                 citizen,
                 service,
                 from,
                 to,
-            } => match self.citizens.replace(*citizen, service, *from, *to) {
-                true => Ok(None),
-                false => Err(DomainError::BookingNotActive(*from).into()),
-            },
+            } => {
+                if !self.citizens.replace(*citizen, service, *from, *to) {
+                    return Err(DomainError::BookingNotActive(*from).into());
+                }
+                // The moved booking must still be confirmed (a check-in may have
+                // overtaken the read the plan was made from).
+                let still =
+                    self.stored_state_is(*citizen, *from, |s| matches!(s, BookingState::Confirmed));
+                if !matches!(still, Ok(true)) {
+                    self.citizens.replace(*citizen, service, *to, *from);
+                    return Err(still
+                        .err()
+                        .unwrap_or(DomainError::BookingNotActive(*from).into()));
+                }
+                Ok(None)
+            }
             Take::Place(key, channel) => self
                 .take_place(key, channel)
                 .map(Some)
@@ -199,6 +225,18 @@ impl Engine {
                 false => Err(DomainError::HoldLimitReached(slot.clone()).into()),
             },
         }
+    }
+
+    /// Whether the stored booking `id` of `citizen` is in a state `expected` accepts,
+    /// read after its entry was claimed (no other write can change it from then on).
+    fn stored_state_is(
+        &self,
+        citizen: CitizenKey,
+        id: BookingId,
+        expected: impl Fn(&BookingState) -> bool,
+    ) -> Result<bool, ServiceError> {
+        let stored = self.store.booking(citizen.tag(), id)?;
+        Ok(stored.is_some_and(|booking| booking.citizen == citizen && expected(&booking.state)))
     }
 
     /// Gives back what `take_all` took, last first.

@@ -29,6 +29,7 @@ pub mod campaigns;
 pub mod capacity;
 pub mod citizen_hasher;
 pub mod clock;
+pub mod desk;
 pub mod engine;
 pub mod error;
 pub mod events;
@@ -39,9 +40,11 @@ pub mod import_check;
 pub mod open_data;
 pub mod rate_limits;
 pub mod recovery;
+pub mod references;
 pub mod releases;
 pub mod requests;
 pub mod retention;
+pub mod series;
 
 pub use actor::{Actor, Regions};
 pub use bookings::{
@@ -50,6 +53,7 @@ pub use bookings::{
 pub use campaigns::{CampaignStats, PreRegisterCommand, RegistrationCommand, RegistrationView};
 pub use capacity::{CloseCommand, CloseOutcome, PublishOutcome};
 pub use clock::Clock;
+pub use desk::{Desk, RosterPage};
 pub use engine::{BookingView, Engine, ExportScope};
 pub use error::ServiceError;
 pub use events::{EventScope, EventView};
@@ -58,3 +62,4 @@ pub use import_check::ImportRow;
 pub use open_data::{RowKey, SummaryPage, SummaryQuery};
 pub use releases::{JoinCommand, ReleaseStatus};
 pub use retention::Retained;
+pub use series::SeriesCommand;

@@ -26,7 +26,7 @@ use crate::service::exports::Exports;
 use crate::service::rate_limits;
 use crate::service::requests::RequestRegistry;
 use crate::store::key_file;
-use crate::store::records::{Record, SiteRecord};
+use crate::store::records::{self, Record, SiteRecord};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
@@ -64,6 +64,7 @@ impl Engine {
             ids: BookingIds::new(&key).map_err(|e| {
                 ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
             })?,
+            references: crate::service::references::References::default(),
             citizen_hash_key: key,
             backup_key: config.backup_key.clone(),
             attempts: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_attempts_per_min),
@@ -86,6 +87,7 @@ impl Engine {
             authority_writes: tokio::sync::Mutex::new(()),
             releases: crate::service::releases::Releases::default(),
             campaigns: crate::service::campaigns::Campaigns::default(),
+            series: crate::service::series::SeriesBook::default(),
             opened_at_unix_ms: clock.now_unix_ms(),
             clock,
             last_audit_unix_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
@@ -150,6 +152,9 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let cutoffs = engine.retention_cutoffs();
     let catalog = engine.catalog.get_mut().unwrap_or_else(|p| p.into_inner());
     restore_sites(&engine.store, catalog)?;
+    for series in engine.store.series() {
+        engine.series.insert(series?);
+    }
     let slots = restore_slots(&engine.store, catalog)?;
     let max_active = engine.limits.max_active_per_citizen as usize;
     let requests = Requests {
@@ -310,6 +315,7 @@ fn restore_bookings(
     max_active: usize,
 ) -> Result<(u64, u64), ServiceError> {
     let (mut confirmed, mut cancelled) = (0u64, 0u64);
+    let mut index = IndexDigest::default();
     std::thread::scope(|scope| -> Result<(), ServiceError> {
         let (sender, receiver) = std::sync::mpsc::sync_channel(RECOVERY_CHUNKS_IN_FLIGHT);
         let reader = scope.spawn(move || read_booking_chunks(store, sender));
@@ -317,6 +323,9 @@ fn restore_bookings(
             for chunk in receiver {
                 for (key, value) in chunk {
                     let booking = Booking::decode_value(&key, &value)?;
+                    for index_key in records::booking_index_keys(&booking).into_iter().flatten() {
+                        index.add(&index_key, &key);
+                    }
                     match restore_booking(catalog, citizens, requests, &booking, max_active)? {
                         true => {
                             channel_use.add(&booking.slot, &booking.channel);
@@ -334,7 +343,45 @@ fn restore_bookings(
         rebuilt?;
         read.map_err(ServiceError::from)
     })?;
+    check_booking_index(store, index)?;
     Ok((confirmed, cancelled))
+}
+
+/// A digest of a set of (index key, booking key) pairs: their count and the wrapping
+/// sum of their hashes, equal for equal sets whatever the order (a check against bugs
+/// and damage, not against an adversary).
+#[derive(Default, PartialEq, Eq)]
+struct IndexDigest {
+    count: u64,
+    sum: u64,
+}
+
+impl IndexDigest {
+    fn add(&mut self, index_key: &[u8], booking_key: &[u8]) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        (index_key, booking_key).hash(&mut hasher);
+        self.count += 1;
+        self.sum = self.sum.wrapping_add(hasher.finish());
+    }
+}
+
+/// Every booking's reference and roster entries are stored, pointing at it, and there
+/// are no others.
+fn check_booking_index(store: &Store, expected: IndexDigest) -> Result<(), ServiceError> {
+    let mut found = IndexDigest::default();
+    for entry in store.booking_index() {
+        let (index_key, booking_key) = entry?;
+        found.add(&index_key, &booking_key);
+    }
+    if found != expected {
+        return Err(ServiceError::Recovery(format!(
+            "the booking index (references and rosters: {} entries) does not match the \
+             bookings ({} entries expected)",
+            found.count, expected.count
+        )));
+    }
+    Ok(())
 }
 
 type RawRecords = Vec<(sled::IVec, sled::IVec)>;
@@ -434,7 +481,8 @@ const RECOVERY_CHUNK_RECORDS: usize = 4_096;
 /// Chunks buffered between them: bounds recovery's extra memory.
 const RECOVERY_CHUNKS_IN_FLIGHT: usize = 8;
 
-/// Puts one stored booking back into memory; `true` when it is confirmed.
+/// Puts one stored booking back into memory; `true` when it holds a place (confirmed,
+/// attended or no-show).
 fn restore_booking(
     catalog: &Catalog,
     citizens: &CitizenIndex,
@@ -454,7 +502,7 @@ fn restore_booking(
             recheck(what, checked.map(drop))?;
             Ok(false)
         }
-        BookingState::Confirmed => {
+        BookingState::Confirmed | BookingState::Attended { .. } | BookingState::NoShow { .. } => {
             let (_, slot) = catalog.slot(&booking.slot).ok_or_else(|| {
                 ServiceError::Recovery(format!(
                     "booking {} is in unknown slot {}",
@@ -464,6 +512,10 @@ fn restore_booking(
             slot.counter.take_unchecked().map_err(|_| {
                 ServiceError::Recovery(format!("slot {} has too many bookings", booking.slot))
             })?;
+            if !booking.is_confirmed() {
+                // Attended or no-show: the place stays, the citizen's entry is gone.
+                return Ok(true);
+            }
             let held = citizens.insert(
                 booking.citizen,
                 &booking.slot.service_id,

@@ -181,12 +181,20 @@ impl Engine {
                 }
                 doomed.push((key, booking));
             }
-            let keys = doomed.iter().map(|(key, _)| key.clone()).collect();
+            // A booking goes with its reference and roster entries.
+            let keys = doomed
+                .iter()
+                .flat_map(|(key, booking)| {
+                    let index = records::booking_index_keys(booking).into_iter().flatten();
+                    std::iter::once(key.clone()).chain(index)
+                })
+                .collect();
             let written = self.delete_keys(keys).await;
             for (_, booking) in &doomed {
                 self.forget_booking(booking, written.is_ok());
             }
-            deleted += written?;
+            written?;
+            deleted += doomed.len() as u64;
         }
         Ok(deleted)
     }
@@ -201,6 +209,9 @@ impl Engine {
                 true => self.free_entry_and_place((citizen, &booking.channel), &booking.slot, id),
                 false => self.citizens.unclaim(citizen, id),
             }
+        } else if booking.holds_place() && deleted {
+            // Attended or no-show: its place, no entry.
+            self.return_place(&booking.slot, &booking.channel);
         }
         if deleted {
             for (request, _) in retention::booking_requests(booking) {

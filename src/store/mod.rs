@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Limits;
-use crate::domain::booking::Booking;
+use crate::domain::booking::{Booking, Reference};
 use crate::domain::hold::{Hold, HoldId};
-use crate::domain::ids::{BookingId, CitizenTag, RequestKey};
+use crate::domain::ids::{BookingId, CitizenTag, RequestKey, SlotKey};
 pub use committer::UnsyncedForBenchmarks;
 use committer::{CommitRequest, CommitterState, SledDurability, SledUnsynced};
 pub use error::StoreError;
@@ -134,6 +134,7 @@ impl Store {
                 Encoded::Change(change) => changes.push(change),
                 Encoded::Event(value) => events.push(value),
             }
+            changes.extend(write.index_changes()?);
         }
         let (done, outcome) = oneshot::channel();
         let sender = self.requests.as_ref().ok_or(StoreError::Closed)?;
@@ -198,6 +199,96 @@ impl Store {
         let key = booking_key(tag, booking_id);
         match self.db.get(key) {
             Ok(Some(value)) => Booking::decode_value(&key, &value).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(StoreError::Io(format!("reading a booking: {e}"))),
+        }
+    }
+
+    /// Whether a stored booking has this reference.
+    pub fn reference_taken(&self, reference: Reference) -> Result<bool, StoreError> {
+        self.db
+            .contains_key(records::reference_key(reference))
+            .map_err(|e| StoreError::Io(format!("reading a reference: {e}")))
+    }
+
+    /// The booking with this reference.
+    pub fn booking_by_reference(
+        &self,
+        reference: Reference,
+    ) -> Result<Option<Booking>, StoreError> {
+        let key = records::reference_key(reference);
+        let pointer = match self.db.get(key) {
+            Ok(Some(value)) => records::decode_booking_pointer(&key, &value)?,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(StoreError::Io(format!("reading a reference: {e}"))),
+        };
+        self.booking_at(&pointer)
+    }
+
+    /// Up to `limit` bookings of `slot` in reference order, after `after`.
+    pub fn slot_roster(
+        &self,
+        slot: &SlotKey,
+        after: Option<Reference>,
+        limit: usize,
+    ) -> Result<Vec<Booking>, StoreError> {
+        let prefix = records::roster_prefix(slot);
+        let mut start = prefix.clone();
+        if let Some(after) = after {
+            start.extend_from_slice(&after.to_bytes());
+            start.push(0);
+        }
+        let mut bookings = Vec::new();
+        for item in self.db.range(start..) {
+            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            if !key.starts_with(&prefix) || bookings.len() == limit {
+                break;
+            }
+            let pointer = records::decode_booking_pointer(&key, &value)?;
+            let booking = self.booking_at(&pointer)?.ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "a roster entry of slot {slot} points at no booking"
+                ))
+            })?;
+            bookings.push(booking);
+        }
+        Ok(bookings)
+    }
+
+    /// Every booking of the site's slots (with a reference), slot by slot.
+    pub fn site_roster(
+        &self,
+        site_id: &crate::domain::ids::SiteId,
+    ) -> impl Iterator<Item = Result<Booking, StoreError>> + '_ {
+        let mut prefix = vec![records::ROSTER_PREFIX];
+        prefix.extend_from_slice(site_id.as_str().as_bytes());
+        prefix.push(0);
+        self.db.scan_prefix(prefix).map(move |item| {
+            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            let pointer = records::decode_booking_pointer(&key, &value)?;
+            self.booking_at(&pointer)?.ok_or_else(|| {
+                StoreError::Corrupt("a roster entry points at no booking".to_string())
+            })
+        })
+    }
+
+    /// Every index entry (`N` and `W`) and the booking key it points at, for recovery's
+    /// check.
+    pub fn booking_index(
+        &self,
+    ) -> impl Iterator<Item = Result<(sled::IVec, [u8; 25]), StoreError>> + '_ {
+        let references = self.db.scan_prefix([records::REFERENCE_PREFIX]);
+        let roster = self.db.scan_prefix([records::ROSTER_PREFIX]);
+        references.chain(roster).map(|item| {
+            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            let pointer = records::decode_booking_pointer(&key, &value)?;
+            Ok((key, pointer))
+        })
+    }
+
+    fn booking_at(&self, key: &[u8; 25]) -> Result<Option<Booking>, StoreError> {
+        match self.db.get(key) {
+            Ok(Some(value)) => Booking::decode_value(key, &value).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::Io(format!("reading a booking: {e}"))),
         }
@@ -403,6 +494,13 @@ impl Store {
         &self,
     ) -> impl Iterator<Item = Result<crate::domain::campaign::Registration, StoreError>> {
         self.scan(records::REGISTRATION_PREFIX)
+    }
+
+    /// Every dose series.
+    pub fn series(
+        &self,
+    ) -> impl Iterator<Item = Result<crate::domain::series::Series, StoreError>> {
+        self.scan(records::SERIES_PREFIX)
     }
 
     /// Every booking, all states, in booking-id order.

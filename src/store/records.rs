@@ -11,11 +11,16 @@
 //! adds a module beside the old ones, writes the new one and still reads the old: so far
 //! authority requests have a v2 (it adds their time, for retention), and bookings, holds
 //! (their channel) and releases (channel reserves), whose v2 is v1 followed by the new
-//! fields. The golden-bytes tests below pin every record kind and version.
+//! fields; bookings have a v3 (v2, then reference and check-in code, the desk's
+//! attendance and the series dose). A booking with a reference is indexed by two more
+//! keys written in the same batch (`N` reference, `W` roster). The golden-bytes tests
+//! below pin every record kind and version.
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::booking::{Booking, BookingState, RequestRecord};
+use crate::domain::booking::{
+    Booking, BookingCodes, BookingState, Reference, RequestRecord, SeriesDose,
+};
 use crate::domain::campaign::{
     Campaign, Offer, Preferences, Registration, RegistrationState, Wave,
 };
@@ -24,9 +29,10 @@ use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{Hold, HoldId, HoldState};
 use crate::domain::ids::{
     check_name_id, BookingId, CampaignId, ChannelId, CitizenKey, CitizenTag, RegionId, ReleaseId,
-    RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey, WaveId,
+    RequestFingerprint, RequestKey, SeriesId, ServiceId, SiteId, SlotKey, WaveId,
 };
 use crate::domain::release::{Admitted, QueueRules, Release, ReleaseScope, Reserve, Ticket};
+use crate::domain::series::{Dose, Series};
 use crate::store::error::StoreError;
 
 pub const SITE_PREFIX: u8 = b'S';
@@ -57,11 +63,21 @@ pub const TICKET_PREFIX: u8 = b'T';
 pub const CAMPAIGN_PREFIX: u8 = b'C';
 /// `G` + campaign id + 0 + citizen key: a citizen's registration in a campaign.
 pub const REGISTRATION_PREFIX: u8 = b'G';
+/// `N` + reference (5 bytes): the booking with that reference (a booking key). Written
+/// with every write of a booking that has a reference; deleted with it.
+pub const REFERENCE_PREFIX: u8 = b'N';
+/// `W` + slot key (without its `L`) + reference: the slot's roster for the desk, each
+/// pointing at its booking (a booking key). Written and deleted like `N`.
+pub const ROSTER_PREFIX: u8 = b'W';
+/// `D` + series id: a dose series (`UpsertSeries`).
+pub const SERIES_PREFIX: u8 = b'D';
 
 /// The format every value is written in, but authority requests.
 const FORMAT_VERSION: u8 = 1;
-/// The format authority requests, bookings, holds and releases are written in.
+/// The format authority requests, holds and releases are written in.
 const FORMAT_V2: u8 = 2;
+/// The format bookings are written in.
+const FORMAT_V3: u8 = 3;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SiteRecord {
@@ -153,6 +169,7 @@ pub enum Write {
     Ticket(Ticket),
     Campaign(Campaign),
     Registration(Registration),
+    Series(Series),
 }
 
 /// A write ready for the committer: a key and value, or an event's value still waiting
@@ -293,6 +310,8 @@ mod v1 {
         CapacityChanged,
         OfferMade,
         OfferEnded,
+        CheckedIn,
+        NoShow,
     }
 
     #[derive(Serialize, Deserialize)]
@@ -428,6 +447,54 @@ mod v1 {
         pub declines: u32,
         #[serde(borrow)]
         pub state: RegistrationState<'a>,
+    }
+
+    /// Where a booking is (`N` and `W` values): its key's parts.
+    #[derive(Serialize, Deserialize)]
+    pub struct BookingPointer {
+        pub tag: [u8; 8],
+        pub booking_id: u128,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Dose<'a> {
+        pub service_id: &'a str,
+        pub min_days_after_previous: u32,
+        pub max_days_after_previous: u32,
+        pub same_site: bool,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Series<'a> {
+        pub series_id: &'a str,
+        #[serde(borrow)]
+        pub doses: Vec<Dose<'a>>,
+    }
+}
+
+/// Format version 3 of bookings: format 2, then the desk and series fields. Never edit
+/// these types either.
+mod v3 {
+    use serde::{Deserialize, Serialize};
+
+    /// What happened at the desk; format 2's state stays `Confirmed` for both.
+    #[derive(Serialize, Deserialize)]
+    pub enum Attendance {
+        Pending,
+        Attended { at_unix_ms: i64 },
+        NoShow { at_unix_ms: i64 },
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct Booking<'a> {
+        #[serde(borrow)]
+        pub v2: super::v2::Booking<'a>,
+        /// 40 bits; with the check-in code, absent for bookings made before format 3.
+        pub codes: Option<(u64, u16)>,
+        pub attendance: Attendance,
+        /// (series id, dose from 1, dose 1's first booking id).
+        #[serde(borrow)]
+        pub series: Option<(&'a str, u8, u128)>,
     }
 }
 
@@ -626,17 +693,32 @@ impl Record for SlotRecord {
 
 impl Record for Booking {
     fn encode_value(&self) -> Result<Vec<u8>, StoreError> {
-        let state = match &self.state {
-            BookingState::Confirmed => v1::BookingState::Confirmed,
+        let (state, attendance) = match &self.state {
+            BookingState::Confirmed => (v1::BookingState::Confirmed, v3::Attendance::Pending),
             BookingState::Cancelled {
                 at_unix_ms,
                 reason,
                 request,
-            } => v1::BookingState::Cancelled {
-                at_unix_ms: *at_unix_ms,
-                reason,
-                request: request.as_ref().map(request_v1),
-            },
+            } => (
+                v1::BookingState::Cancelled {
+                    at_unix_ms: *at_unix_ms,
+                    reason,
+                    request: request.as_ref().map(request_v1),
+                },
+                v3::Attendance::Pending,
+            ),
+            BookingState::Attended { at_unix_ms } => (
+                v1::BookingState::Confirmed,
+                v3::Attendance::Attended {
+                    at_unix_ms: *at_unix_ms,
+                },
+            ),
+            BookingState::NoShow { at_unix_ms } => (
+                v1::BookingState::Confirmed,
+                v3::Attendance::NoShow {
+                    at_unix_ms: *at_unix_ms,
+                },
+            ),
         };
         let booking = v1::Booking {
             booking_id: self.booking_id.0,
@@ -647,32 +729,101 @@ impl Record for Booking {
             request: request_v1(&self.request),
             state,
         };
-        let channel = self.channel.as_str();
+        let v2 = v2::Booking {
+            v1: booking,
+            channel: self.channel.as_str(),
+        };
         encode_as(
-            FORMAT_V2,
-            &v2::Booking {
-                v1: booking,
-                channel,
+            FORMAT_V3,
+            &v3::Booking {
+                v2,
+                codes: self
+                    .codes
+                    .map(|codes| (codes.reference.bits(), codes.check_in_code)),
+                attendance,
+                series: self
+                    .series
+                    .as_ref()
+                    .map(|s| (s.series_id.as_str(), s.dose, s.first_booking.0)),
             },
         )
     }
 
     fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
-        let (booking, rest) = decode_v1_or_v2(key, value, |b: v2::Booking| {
-            (b.v1, Some(V2Rest::Channel(b.channel)))
-        })?;
-        let booking: v1::Booking = booking;
-        let state = match booking.state {
-            v1::BookingState::Confirmed => BookingState::Confirmed,
-            v1::BookingState::Cancelled {
-                at_unix_ms,
-                reason,
-                request,
-            } => BookingState::Cancelled {
+        let (v2, codes, attendance, series) = match value.split_first() {
+            Some((&FORMAT_V3, body)) => {
+                let booking: v3::Booking = decode_body(key, body)?;
+                (
+                    booking.v2,
+                    booking.codes,
+                    booking.attendance,
+                    booking.series,
+                )
+            }
+            _ => {
+                let (booking, rest) = decode_v1_or_v2(key, value, |b: v2::Booking| {
+                    (b.v1, Some(V2Rest::Channel(b.channel)))
+                })?;
+                let channel = match rest {
+                    Some(V2Rest::Channel(channel)) => channel,
+                    _ => "",
+                };
+                let v2 = v2::Booking {
+                    v1: booking,
+                    channel,
+                };
+                (v2, None, v3::Attendance::Pending, None)
+            }
+        };
+        let booking = v2.v1;
+        let state = match (booking.state, attendance) {
+            (v1::BookingState::Confirmed, v3::Attendance::Pending) => BookingState::Confirmed,
+            (v1::BookingState::Confirmed, v3::Attendance::Attended { at_unix_ms }) => {
+                BookingState::Attended { at_unix_ms }
+            }
+            (v1::BookingState::Confirmed, v3::Attendance::NoShow { at_unix_ms }) => {
+                BookingState::NoShow { at_unix_ms }
+            }
+            (
+                v1::BookingState::Cancelled {
+                    at_unix_ms,
+                    reason,
+                    request,
+                },
+                v3::Attendance::Pending,
+            ) => BookingState::Cancelled {
                 at_unix_ms,
                 reason: reason.to_string(),
                 request: request.map(request_from_v1),
             },
+            (v1::BookingState::Cancelled { .. }, _) => {
+                return Err(corrupt(key, "is cancelled and attended"))
+            }
+        };
+        let codes = match codes {
+            Some((bits, code))
+                if bits >> Reference::BITS == 0 && code <= BookingCodes::CHECK_IN_CODE_MAX =>
+            {
+                Some(BookingCodes {
+                    reference: Reference::from_bits(bits),
+                    check_in_code: code,
+                })
+            }
+            Some(_) => return Err(corrupt(key, "holds a bad reference or check-in code")),
+            None => None,
+        };
+        let series = match series {
+            Some((series_id, dose, first)) if dose >= 1 => Some(SeriesDose {
+                series_id: stored(key, SeriesId::parse("series_id", series_id, usize::MAX))?,
+                dose,
+                first_booking: BookingId(first),
+            }),
+            Some(_) => return Err(corrupt(key, "holds dose 0")),
+            None => None,
+        };
+        let channel = match v2.channel {
+            "" => ChannelId::web(),
+            channel => stored(key, ChannelId::parse("channel", channel, usize::MAX))?,
         };
         Ok(Booking {
             booking_id: BookingId(booking.booking_id),
@@ -682,7 +833,9 @@ impl Record for Booking {
             created_at_unix_ms: booking.created_at_unix_ms,
             request: request_from_v1(booking.request),
             state,
-            channel: channel_from(key, rest)?,
+            channel,
+            codes,
+            series,
         })
     }
 }
@@ -840,6 +993,8 @@ fn event_kind_v1(kind: EventKind) -> v1::EventKind {
         EventKind::CapacityChanged => v1::EventKind::CapacityChanged,
         EventKind::OfferMade => v1::EventKind::OfferMade,
         EventKind::OfferEnded => v1::EventKind::OfferEnded,
+        EventKind::CheckedIn => v1::EventKind::CheckedIn,
+        EventKind::NoShow => v1::EventKind::NoShow,
     }
 }
 
@@ -853,6 +1008,8 @@ fn event_kind_from_v1(kind: v1::EventKind) -> EventKind {
         v1::EventKind::CapacityChanged => EventKind::CapacityChanged,
         v1::EventKind::OfferMade => EventKind::OfferMade,
         v1::EventKind::OfferEnded => EventKind::OfferEnded,
+        v1::EventKind::CheckedIn => EventKind::CheckedIn,
+        v1::EventKind::NoShow => EventKind::NoShow,
     }
 }
 
@@ -1049,6 +1206,48 @@ fn group_from(key: &[u8], group: &str) -> Result<String, StoreError> {
     stored(key, check_name_id("group", group, usize::MAX)).map(|g| g.to_string())
 }
 
+impl Record for Series {
+    fn encode_value(&self) -> Result<Vec<u8>, StoreError> {
+        let doses = self
+            .doses
+            .iter()
+            .map(|dose| v1::Dose {
+                service_id: dose.service_id.as_str(),
+                min_days_after_previous: dose.min_days_after_previous,
+                max_days_after_previous: dose.max_days_after_previous,
+                same_site: dose.same_site,
+            })
+            .collect();
+        encode_v1(&v1::Series {
+            series_id: self.series_id.as_str(),
+            doses,
+        })
+    }
+
+    fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
+        let series: v1::Series = decode_v1(key, value)?;
+        let mut doses = Vec::with_capacity(series.doses.len());
+        for dose in series.doses {
+            doses.push(Dose {
+                service_id: stored(
+                    key,
+                    ServiceId::parse("service_id", dose.service_id, usize::MAX),
+                )?,
+                min_days_after_previous: dose.min_days_after_previous,
+                max_days_after_previous: dose.max_days_after_previous,
+                same_site: dose.same_site,
+            });
+        }
+        Ok(Series {
+            series_id: stored(
+                key,
+                SeriesId::parse("series_id", series.series_id, usize::MAX),
+            )?,
+            doses,
+        })
+    }
+}
+
 impl Record for Campaign {
     fn encode_value(&self) -> Result<Vec<u8>, StoreError> {
         let waves = self
@@ -1233,6 +1432,12 @@ impl Record for Registration {
     }
 }
 
+pub fn series_key(series_id: &SeriesId) -> Vec<u8> {
+    let mut key = vec![SERIES_PREFIX];
+    key.extend_from_slice(series_id.as_str().as_bytes());
+    key
+}
+
 pub fn campaign_key(campaign_id: &CampaignId) -> Vec<u8> {
     let mut key = vec![CAMPAIGN_PREFIX];
     key.extend_from_slice(campaign_id.as_str().as_bytes());
@@ -1308,6 +1513,46 @@ pub fn booking_key(tag: CitizenTag, booking_id: BookingId) -> [u8; 25] {
     key[1..9].copy_from_slice(&tag.0);
     key[9..].copy_from_slice(&booking_id.0.to_be_bytes());
     key
+}
+
+/// `N` + reference: where the booking with this reference is.
+pub fn reference_key(reference: Reference) -> [u8; 6] {
+    let mut key = [0u8; 6];
+    key[0] = REFERENCE_PREFIX;
+    key[1..].copy_from_slice(&reference.to_bytes());
+    key
+}
+
+/// `W` + the slot key's bytes after its `L`: the prefix of one slot's roster.
+pub fn roster_prefix(slot: &SlotKey) -> Vec<u8> {
+    let mut key = slot_key(slot);
+    key[0] = ROSTER_PREFIX;
+    key
+}
+
+/// The keys that index `booking` (by reference, and in its slot's roster): none for a
+/// booking stored before references existed. Written and deleted with the booking.
+pub fn booking_index_keys(booking: &Booking) -> Option<[Vec<u8>; 2]> {
+    let reference = booking.codes?.reference;
+    let mut roster = roster_prefix(&booking.slot);
+    roster.extend_from_slice(&reference.to_bytes());
+    Some([reference_key(reference).to_vec(), roster])
+}
+
+/// A booking key read back from an index value (`N`, `W`).
+pub fn decode_booking_pointer(key: &[u8], value: &[u8]) -> Result<[u8; 25], StoreError> {
+    let pointer: v1::BookingPointer = decode_v1(key, value)?;
+    Ok(booking_key(
+        CitizenTag(pointer.tag),
+        BookingId(pointer.booking_id),
+    ))
+}
+
+fn encode_booking_pointer(booking: &Booking) -> Result<Vec<u8>, StoreError> {
+    encode_v1(&v1::BookingPointer {
+        tag: booking.citizen.tag().0,
+        booking_id: booking.booking_id.0,
+    })
 }
 
 /// `B` + citizen tag: the prefix of the bookings of every citizen with this tag.
@@ -1387,7 +1632,24 @@ impl Write {
                 registration_key(&r.campaign_id, &r.citizen),
                 Some(r.encode_value()?),
             ),
+            Write::Series(series) => (series_key(&series.series_id), Some(series.encode_value()?)),
         }))
+    }
+
+    /// The index records that go with this write in the same batch: a booking's
+    /// reference and roster entries (rewritten, unchanged, with each of its states).
+    pub fn index_changes(&self) -> Result<Vec<crate::store::committer::Change>, StoreError> {
+        let Write::Booking(booking) = self else {
+            return Ok(Vec::new());
+        };
+        let Some(keys) = booking_index_keys(booking) else {
+            return Ok(Vec::new());
+        };
+        let pointer = encode_booking_pointer(booking)?;
+        Ok(keys
+            .into_iter()
+            .map(|key| (key, Some(pointer.clone())))
+            .collect())
     }
 }
 
@@ -1474,6 +1736,11 @@ mod golden {
             request: request(0x20),
             state,
             channel: ChannelId::parse("s", "phone", 64).unwrap(),
+            codes: Some(BookingCodes {
+                reference: Reference::from_bits(0x12_3456_789a),
+                check_in_code: 42,
+            }),
+            series: None,
         }
     }
 
@@ -1530,6 +1797,29 @@ mod golden {
                     reason: String::new(),
                     request: None,
                 })),
+            ),
+            (
+                "booking-attended",
+                Write::Booking(booking(BookingState::Attended {
+                    at_unix_ms: 1_800_000_100_000,
+                })),
+            ),
+            (
+                "booking-no-show",
+                Write::Booking(booking(BookingState::NoShow {
+                    at_unix_ms: 1_800_001_000_000,
+                })),
+            ),
+            (
+                "booking-dose",
+                Write::Booking(Booking {
+                    series: Some(SeriesDose {
+                        series_id: SeriesId::parse("s", "covid19-primary", 64).unwrap(),
+                        dose: 2,
+                        first_booking: BookingId(0xabc),
+                    }),
+                    ..booking(BookingState::Confirmed)
+                }),
             ),
             ("hold-live", Write::Hold(hold(HoldState::Live))),
             (
@@ -1650,6 +1940,26 @@ mod golden {
                     at_unix_ms: 1_799_000_000_000,
                 })),
             ),
+            (
+                "series",
+                Write::Series(Series {
+                    series_id: SeriesId::parse("s", "covid19-primary", 64).unwrap(),
+                    doses: vec![
+                        Dose {
+                            service_id: ServiceId::parse("s", "covid19-dose1", 64).unwrap(),
+                            min_days_after_previous: 0,
+                            max_days_after_previous: 0,
+                            same_site: false,
+                        },
+                        Dose {
+                            service_id: ServiceId::parse("s", "covid19-dose2", 64).unwrap(),
+                            min_days_after_previous: 21,
+                            max_days_after_previous: 300,
+                            same_site: true,
+                        },
+                    ],
+                }),
+            ),
         ]
     }
 
@@ -1769,9 +2079,12 @@ mod golden {
     const GOLDEN: &[(&str, &str, &str)] = &[
     ("site", "53726f6d652d7465726d696e69", "010c726f6d652d7465726d696e690c526f6d61205465726d696e69056c617a696f0b4575726f70652f526f6d65"),
     ("slot", "4c726f6d652d7465726d696e6900636f76696431392d646f73653100800000006b49d200", "010c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dac0201"),
-    ("booking-confirmed", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "02909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121000570686f6e65"),
-    ("booking-cancelled", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "02909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb6820202020202020202020202020202020212121212121212121212121212121210180acf7a8df680b7369746520636c6f7365640140404040404040404040404040404040414141414141414141414141414141410570686f6e65"),
-    ("booking-closed", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "02909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121010900000570686f6e65"),
+    ("booking-confirmed", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "03909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121000570686f6e65019af1d9a2a3022a0000"),
+    ("booking-cancelled", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "03909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb6820202020202020202020202020202020212121212121212121212121212121210180acf7a8df680b7369746520636c6f7365640140404040404040404040404040404040414141414141414141414141414141410570686f6e65019af1d9a2a3022a0000"),
+    ("booking-closed", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "03909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121010900000570686f6e65019af1d9a2a3022a0000"),
+    ("booking-attended", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "03909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121000570686f6e65019af1d9a2a3022a01c0daee85e36800"),
+    ("booking-no-show", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "03909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121000570686f6e65019af1d9a2a3022a0280c9dc86e36800"),
+    ("booking-dose", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "03909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121000570686f6e65019af1d9a2a3022a00010f636f76696431392d7072696d61727902bc15"),
     ("hold-live", "480000000000000000000000000000aabb", "02bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb68303030303030303030303030303030303131313131313131313131313131313100046465736b"),
     ("hold-confirmed", "480000000000000000000000000000aabb", "02bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb683030303030303030303030303030303031313131313131313131313131313131010e046465736b"),
     ("hold-expired", "480000000000000000000000000000aabb", "02bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb6830303030303030303030303030303030313131313131313131313131313131310210046465736b"),
@@ -1791,6 +2104,7 @@ mod golden {
     ("registration-booked", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290102bbd502"),
     ("registration-exhausted", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290103"),
     ("registration-withdrawn", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd76829010480988cccdb68"),
+    ("series", "44636f76696431392d7072696d617279", "010f636f76696431392d7072696d617279020d636f76696431392d646f7365310000000d636f76696431392d646f73653215ac0201"),
 ];
 
     #[test]
@@ -1829,6 +2143,7 @@ mod golden {
             Write::Ticket(r) => Ticket::decode_value(key, value).unwrap() == *r,
             Write::Campaign(r) => Campaign::decode_value(key, value).unwrap() == *r,
             Write::Registration(r) => Registration::decode_value(key, value).unwrap() == *r,
+            Write::Series(r) => Series::decode_value(key, value).unwrap() == *r,
             Write::Delete(_) => unreachable!("not a record"),
         }
     }
@@ -1896,6 +2211,8 @@ mod golden {
         let web = |write: Write| match write {
             Write::Booking(b) => Write::Booking(Booking {
                 channel: ChannelId::web(),
+                codes: None,
+                series: None,
                 ..b
             }),
             Write::Hold(h) => Write::Hold(Hold {
@@ -1926,6 +2243,92 @@ mod golden {
                 "{kind} reads back differently"
             );
         }
+    }
+
+    /// Bookings of format 2 (before references, the desk and series) read without
+    /// codes nor series.
+    #[test]
+    fn bookings_of_format_2_read_without_codes() {
+        const FORMAT_2: &[(&str, &str)] = &[
+        ("booking-confirmed", "02909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121000570686f6e65"),
+        ("booking-cancelled", "02909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb6820202020202020202020202020202020212121212121212121212121212121210180acf7a8df680b7369746520636c6f7365640140404040404040404040404040404040414141414141414141414141414141410570686f6e65"),
+        ("booking-closed", "02909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121010900000570686f6e65"),
+        ];
+        let kinds = every_kind();
+        for (kind, value) in FORMAT_2 {
+            let Some((_, Write::Booking(booking))) = kinds.iter().find(|(k, _)| k == kind) else {
+                panic!("{kind} is not a booking kind");
+            };
+            let bytes: Vec<u8> = (0..value.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&value[i..i + 2], 16).unwrap())
+                .collect();
+            assert_eq!(bytes[0], 2, "{kind} is a format-2 value");
+            let read = Booking::decode_value(b"B", &bytes).unwrap();
+            let expected = Booking {
+                codes: None,
+                series: None,
+                ..booking.clone()
+            };
+            assert_eq!(read, expected, "{kind}");
+            assert!(booking_index_keys(&read).is_none());
+        }
+    }
+
+    /// A booking's reference and roster entries: keys and values pinned like records.
+    #[test]
+    fn a_bookings_index_entries_have_their_golden_bytes() {
+        let write = Write::Booking(booking(BookingState::Confirmed));
+        let entries: Vec<(String, String)> = write
+            .index_changes()
+            .unwrap()
+            .into_iter()
+            .map(|(key, value)| (hex(&key), hex(&value.unwrap())))
+            .collect();
+        let expected = [
+            (
+                "4e123456789a",
+                "01c1c1c1c1c1c1c1c1909eb8e8c0e1828589909cb0d080c1818202",
+            ),
+            (
+                "57726f6d652d7465726d696e6900636f76696431392d646f73653100800000006b49d200123456789a",
+                "01c1c1c1c1c1c1c1c1909eb8e8c0e1828589909cb0d080c1818202",
+            ),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(entries, expected);
+        let (key, value) = &write.index_changes().unwrap()[0];
+        let pointer = decode_booking_pointer(key, value.as_ref().unwrap()).unwrap();
+        let Write::Booking(b) = &write else {
+            unreachable!()
+        };
+        assert_eq!(pointer, booking_key(b.citizen.tag(), b.booking_id));
+    }
+
+    #[test]
+    fn a_reference_reads_as_typed_or_said() {
+        let reference = Reference::from_bits(0x12_3456_789a);
+        let text = reference.to_string();
+        assert_eq!(text.len(), 8);
+        assert_eq!(Reference::parse("r", &text), Ok(reference));
+        let spoken = format!("{}-{}", &text[..4], &text[4..]).to_lowercase();
+        assert_eq!(Reference::parse("r", &spoken), Ok(reference));
+        assert_eq!(
+            Reference::parse("r", "0000000O"),
+            Reference::parse("r", "00000000")
+        );
+        assert_eq!(
+            Reference::parse("r", "1IiLl111"),
+            Reference::parse("r", "11111111")
+        );
+        for bad in ["", "1234567", "123456789", "1234567U", "1234567*"] {
+            assert!(Reference::parse("r", bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(Reference::from_bits(u64::MAX).to_string(), "ZZZZZZZZ");
+        assert_eq!(Reference::from_bytes(reference.to_bytes()), reference);
     }
 
     #[test]

@@ -1,0 +1,136 @@
+//! The desk of a site (`SiteService`) and lookups by reference: a slot's roster,
+//! check-in with the citizen's code, no-shows after the slot ended.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::domain::booking::{Booking, Reference};
+use crate::domain::error::{DomainError, Missing};
+use crate::domain::ids::{SiteId, SlotKey};
+use crate::domain::plans::{self, DeskChange};
+use crate::service::engine::{BookingView, Engine};
+use crate::service::error::ServiceError;
+
+/// The sites whose desk a caller may work.
+#[derive(Clone, Debug)]
+pub enum Desk {
+    /// Admins and open mode.
+    Everywhere,
+    /// A `site` token's sites.
+    Sites(Arc<BTreeSet<SiteId>>),
+}
+
+impl Desk {
+    pub fn check(&self, site_id: &SiteId) -> Result<(), ServiceError> {
+        match self {
+            Desk::Everywhere => Ok(()),
+            Desk::Sites(sites) if sites.contains(site_id) => Ok(()),
+            Desk::Sites(_) => Err(ServiceError::DeskDenied),
+        }
+    }
+}
+
+pub struct RosterPage {
+    pub bookings: Vec<Booking>,
+    /// The last reference of this page, when more follow.
+    pub next_after: Option<Reference>,
+}
+
+impl Engine {
+    /// The citizen's own booking with this reference; another citizen's is `NOT_FOUND`.
+    /// Counted against the citizen's read quota.
+    pub fn booking_by_reference(
+        &self,
+        reference: Reference,
+        citizen_id: &str,
+    ) -> Result<BookingView, ServiceError> {
+        let citizen = self.hasher.hash(citizen_id);
+        self.count_read(&citizen)?;
+        let booking = self
+            .store
+            .booking_by_reference(reference)?
+            .filter(|booking| booking.citizen == citizen)
+            .ok_or(DomainError::NotFound(Missing::Booking))?;
+        self.view(booking)
+    }
+
+    /// A page of the slot's roster (every state), in reference order after `after`.
+    pub fn slot_roster(
+        &self,
+        desk: &Desk,
+        slot: &SlotKey,
+        (after, page_size): (Option<Reference>, usize),
+    ) -> Result<RosterPage, ServiceError> {
+        desk.check(&slot.site_id)?;
+        self.slot(slot)?;
+        let mut bookings = self.store.slot_roster(slot, after, page_size + 1)?;
+        let next_after = match bookings.len() > page_size {
+            true => {
+                bookings.truncate(page_size);
+                bookings.last().and_then(|b| b.codes).map(|c| c.reference)
+            }
+            false => None,
+        };
+        Ok(RosterPage {
+            bookings,
+            next_after,
+        })
+    }
+
+    /// Checks the booking in with the code the citizen shows. `check_in_tries_max` wrong
+    /// codes in a row lock the reference for `check_in_lock_seconds`.
+    pub async fn check_in(
+        &self,
+        desk: &Desk,
+        reference: Reference,
+        code: u16,
+    ) -> Result<BookingView, ServiceError> {
+        let booking = self.desk_booking(desk, reference)?;
+        let now_ms = self.now_unix_ms();
+        let window = self.limits.check_in_window_hours;
+        let planned = plans::check_in(booking, code, window, now_ms);
+        let wrong = matches!(planned, Err(DomainError::CheckInCodeWrong));
+        let limits = (
+            self.limits.check_in_tries_max,
+            Duration::from_secs(self.limits.check_in_lock_seconds),
+        );
+        match self.references.try_code(reference, wrong, now_ms, limits) {
+            Err(Some(retry_after)) => return Err(ServiceError::RateLimited { retry_after }),
+            Err(None) => {
+                metrics::counter!("prenota_check_in_codes_wrong_total").increment(1);
+                return Err(DomainError::CheckInCodeWrong.into());
+            }
+            Ok(()) => {}
+        }
+        self.desk_commit(planned?).await
+    }
+
+    /// Marks the booking a no-show, once its slot has ended.
+    pub async fn mark_no_show(
+        &self,
+        desk: &Desk,
+        reference: Reference,
+    ) -> Result<BookingView, ServiceError> {
+        let booking = self.desk_booking(desk, reference)?;
+        let change = plans::mark_no_show(booking, self.now_unix_ms())?;
+        self.desk_commit(change).await
+    }
+
+    /// The booking with this reference, if it is at one of the desk's sites: another
+    /// site's is unknown, as if there were none (a desk learns nothing of other sites).
+    fn desk_booking(&self, desk: &Desk, reference: Reference) -> Result<Booking, ServiceError> {
+        self.store
+            .booking_by_reference(reference)?
+            .filter(|booking| desk.check(&booking.slot.site_id).is_ok())
+            .ok_or(DomainError::NotFound(Missing::Booking).into())
+    }
+
+    async fn desk_commit(&self, change: DeskChange) -> Result<BookingView, ServiceError> {
+        let booking = match change {
+            DeskChange::AlreadyDone(booking) => booking,
+            DeskChange::Write(plan) => self.execute(plan, || {}).await?,
+        };
+        self.view(booking)
+    }
+}
