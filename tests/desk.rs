@@ -554,3 +554,86 @@ async fn only_slot_of(web: &mut BookingServiceClient<Intercepted>, site_id: &str
     assert_eq!(slots.len(), 1);
     slots[0].slot_id.clone()
 }
+
+/// A booking made from a campaign's offer, checked in and marked no-show: its
+/// registration stays booked and recovery accepts it (the desk freed the citizen's
+/// entry, the booking is still stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_booking_checked_in_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "offers", 2).await;
+    let channel = server.channel().await;
+    CapacityServiceClient::new(channel.clone())
+        .upsert_campaign(proto::UpsertCampaignRequest {
+            campaign: Some(proto::Campaign {
+                campaign_id: "vax-campaign".into(),
+                service_id: "vax".into(),
+                region_id: "test-region".into(),
+                waves: vec![proto::Wave {
+                    wave_id: "everyone".into(),
+                    opens_at: Some(prost_types::Timestamp::default()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("campaign");
+    let mut client = BookingServiceClient::new(channel.clone());
+    for citizen in ["OFFERED-1", "OFFERED-2"] {
+        client
+            .pre_register(proto::PreRegisterRequest {
+                campaign_id: "vax-campaign".into(),
+                citizen_id: citizen.into(),
+                request_id: format!("register-{citizen}"),
+                ..Default::default()
+            })
+            .await
+            .expect("registered");
+    }
+    while server.match_campaigns().await > 0 {}
+    let mut booked = Vec::new();
+    for citizen in ["OFFERED-1", "OFFERED-2"] {
+        let booking = client
+            .accept_offer(proto::AcceptOfferRequest {
+                campaign_id: "vax-campaign".into(),
+                citizen_id: citizen.into(),
+                request_id: format!("accept-{citizen}"),
+            })
+            .await
+            .expect("accepted")
+            .into_inner()
+            .booking
+            .unwrap();
+        booked.push(booking);
+    }
+    let mut site = SiteServiceClient::new(channel);
+    to_an_hour_before(&clock, &slot);
+    site.check_in(check_in(&booked[0].reference, &booked[0].check_in_code))
+        .await
+        .expect("checked in");
+    clock.advance(Duration::from_secs(3 * 3_600));
+    site.mark_no_show(no_show(&booked[1].reference))
+        .await
+        .expect("marked");
+
+    server.stop().await;
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let registration = BookingServiceClient::new(server.channel().await)
+        .get_registration(proto::GetRegistrationRequest {
+            campaign_id: "vax-campaign".into(),
+            citizen_id: "OFFERED-1".into(),
+        })
+        .await
+        .expect("recovered")
+        .into_inner()
+        .registration
+        .unwrap();
+    assert_eq!(registration.state, proto::RegistrationState::Booked as i32);
+    let stats = site_stats(&server, "offers").await;
+    assert_eq!((stats.booked, stats.attended, stats.no_shows), (2, 1, 1));
+    server.stop().await;
+}

@@ -30,11 +30,15 @@ fn booking(id: u128, citizen: u8) -> Write {
         },
         state: BookingState::Confirmed,
         channel: prenota::domain::ids::ChannelId::web(),
-        codes: Some(prenota::domain::booking::BookingCodes {
-            reference: prenota::domain::booking::Reference::from_bits(id as u64),
-            check_in_code: 1234,
-        }),
+        codes: booking_codes(id),
         series: None,
+    })
+}
+
+fn booking_codes(id: u128) -> Option<prenota::domain::booking::BookingCodes> {
+    Some(prenota::domain::booking::BookingCodes {
+        reference: prenota::domain::booking::Reference::from_bits(id as u64),
+        check_in_code: 1234,
     })
 }
 
@@ -100,6 +104,42 @@ async fn a_citizen_over_the_limit_refuses_to_start() {
                 message.contains("a citizen holds 2 active bookings for service vax"),
                 "{message}"
             )
+        }
+        other => panic!("expected a recovery refusal, got {:?}", other.err()),
+    }
+}
+
+/// Two bookings sharing a reference (a damaged or forged store), or a booking whose
+/// index entries are missing, refuse to start: the desk would check in the wrong one.
+#[tokio::test]
+async fn a_shared_reference_or_a_missing_index_entry_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let Write::Booking(mut twin) = booking(2, 2) else {
+        unreachable!()
+    };
+    twin.codes = booking_codes(1);
+    store_with(dir.path(), 10, vec![booking(1, 1), Write::Booking(twin)]).await;
+    match open(dir.path()) {
+        Err(ServiceError::Recovery(message)) => {
+            assert!(message.contains("the reference"), "{message}")
+        }
+        other => panic!("expected a recovery refusal, got {:?}", other.err()),
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 10, vec![booking(1, 1)]).await;
+    let mut store = Store::open(dir.path(), &Config::default().limits).unwrap();
+    let Write::Booking(written) = booking(1, 1) else {
+        unreachable!()
+    };
+    let reference = written.codes.unwrap().reference;
+    let key = prenota::store::records::reference_key(reference).to_vec();
+    store.commit(&[Write::Delete(key)]).await.unwrap();
+    store.shutdown();
+    drop(store);
+    match open(dir.path()) {
+        Err(ServiceError::Recovery(message)) => {
+            assert!(message.contains("booking index"), "{message}")
         }
         other => panic!("expected a recovery refusal, got {:?}", other.err()),
     }

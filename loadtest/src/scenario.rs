@@ -234,13 +234,22 @@ pub fn citizen_id(region: &str, citizen: u64) -> String {
 /// The `to` of every search: `SEARCH_HORIZON_DAYS` from now.
 /// Every slot of a site (all of them, free or not), in start order, following pages.
 pub async fn slots_of(channel: Channel, site_id: &str) -> Result<Vec<proto::Slot>, String> {
+    slots_of_service(channel, site_id, SERVICE_ID).await
+}
+
+/// Every slot of a site for `service_id` (free or not), in start order, following pages.
+pub async fn slots_of_service(
+    channel: Channel,
+    site_id: &str,
+    service_id: &str,
+) -> Result<Vec<proto::Slot>, String> {
     let mut client = BookingServiceClient::new(channel);
     let (mut slots, mut page_token) = (Vec::new(), String::new());
     loop {
         let page = client
             .search_slots(proto::SearchSlotsRequest {
                 scope: Some(Scope::SiteId(site_id.to_string())),
-                service_id: SERVICE_ID.into(),
+                service_id: service_id.into(),
                 to: Some(search_horizon()),
                 page_size: 500,
                 page_token,

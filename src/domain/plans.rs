@@ -246,24 +246,36 @@ pub fn book_group(
         "a group books one slot"
     );
     check_not_started(&first.key, now_unix_ms)?;
-    let mut plan = Plan {
-        take: Vec::with_capacity(2 * members.len()),
-        writes: Vec::with_capacity(2 * members.len()),
-        free: Vec::new(),
-        answer: Vec::with_capacity(members.len()),
-    };
-    for (slot, citizen, (id, _)) in members {
-        let [entry, _] = admission(slot, *citizen, *id);
-        plan.take.push(entry);
-    }
-    for (slot, citizen, id) in members {
+    let bookings = members.iter().map(|(slot, citizen, new)| {
         let booking = Booking::confirmed(
-            *id,
+            *new,
             (slot.key.clone(), slot.end_unix_s),
             (*citizen, slot.channel.clone()),
             now_unix_ms,
             request,
         );
+        (slot, booking)
+    });
+    book_all(bookings.collect(), now_unix_ms)
+}
+
+/// New bookings (each with the slot it is in), all or none in one write: every
+/// citizen entry first, then one place each, each passing its slot's gate.
+fn book_all(
+    bookings: Vec<(&SlotView, Booking)>,
+    now_unix_ms: i64,
+) -> Result<Plan<Vec<Booking>>, DomainError> {
+    let mut plan = Plan {
+        take: Vec::with_capacity(2 * bookings.len()),
+        writes: Vec::with_capacity(2 * bookings.len()),
+        free: Vec::new(),
+        answer: Vec::with_capacity(bookings.len()),
+    };
+    for (slot, booking) in &bookings {
+        let [entry, _] = admission(slot, booking.citizen, booking.booking_id);
+        plan.take.push(entry);
+    }
+    for (slot, booking) in bookings {
         plan.take
             .push(Take::Place(slot.key.clone(), slot.channel.clone()));
         plan.writes.push(Record::Booking(booking.clone()));
@@ -305,18 +317,8 @@ pub fn book_series(
             check_interval(series, dose, (&doses[index - 1].1, placed), "slot_ids")?;
         }
     }
-    let mut plan = Plan {
-        take: Vec::with_capacity(2 * doses.len()),
-        writes: Vec::with_capacity(2 * doses.len()),
-        free: Vec::new(),
-        answer: Vec::with_capacity(doses.len()),
-    };
-    for (slot, _, (id, _)) in doses {
-        let [entry, _] = admission(slot, citizen, *id);
-        plan.take.push(entry);
-    }
     let first_booking = doses[0].2 .0;
-    for (index, (slot, _, new)) in doses.iter().enumerate() {
+    let bookings = doses.iter().enumerate().map(|(index, (slot, _, new))| {
         let booking = Booking {
             series: Some(SeriesDose {
                 series_id: series.series_id.clone(),
@@ -331,15 +333,9 @@ pub fn book_series(
                 request,
             )
         };
-        plan.take
-            .push(Take::Place(slot.key.clone(), slot.channel.clone()));
-        plan.writes.push(Record::Booking(booking.clone()));
-        plan.writes
-            .push(Record::Event(Event::booking(&booking, now_unix_ms)));
-        plan.answer.push(booking);
-        pass_gate(slot, &mut plan, now_unix_ms)?;
-    }
-    Ok(plan)
+        (slot, booking)
+    });
+    book_all(bookings.collect(), now_unix_ms)
 }
 
 /// A series dose being moved: its series as it is now, the dose, and where its
@@ -351,9 +347,9 @@ pub struct Neighbours {
     pub next: Option<Placed>,
     /// Where the dose would move to.
     pub new: Placed,
-    /// The neighbours still confirmed (service, booking): claimed while the move is
+    /// The neighbours still confirmed (slot, booking): claimed while the move is
     /// written, so a neighbour moved or cancelled at the same time refuses one of them.
-    pub confirmed: Vec<(ServiceId, BookingId)>,
+    pub confirmed: Vec<(SlotKey, BookingId)>,
 }
 
 impl Neighbours {
@@ -668,6 +664,9 @@ pub fn cancel(
             },
             ..dose
         };
+        // Counted pending in its slot: a closure of that slot waits for this write
+        // rather than skip the dose for a claim that might be given back.
+        plan.take.push(Take::Admission(cancelled.slot.clone()));
         plan.take.push(Take::Claim {
             citizen,
             service: service.clone(),
@@ -774,10 +773,13 @@ pub fn reschedule(
         answer: new,
     };
     pass_gate(new_slot, &mut plan, now_unix_ms)?;
-    for (service, id) in neighbour_claims {
+    for (slot, id) in neighbour_claims {
+        // Counted pending in the neighbour's slot: a closure of it waits for this write
+        // (or refuses it), and never skips the neighbour for a claim given back.
+        plan.take.push(Take::Admission(slot.clone()));
         plan.take.push(Take::Claim {
             citizen,
-            service,
+            service: slot.service_id,
             id,
             unchanged: Some(BookingState::Confirmed),
         });

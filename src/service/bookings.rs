@@ -147,7 +147,9 @@ impl Engine {
             minted.push(codes);
         }
         let plan = plans::book_group(&group, request, now_ms)?;
-        self.execute(plan, || {}).await
+        let written = self.execute(plan, || {}).await;
+        minted.into_iter().for_each(|codes| codes.settle(&written));
+        written
     }
 
     /// The bookings of a finished group request whose outcome (any member's booking)
@@ -218,7 +220,9 @@ impl Engine {
         let codes = self.mint_codes()?;
         let new = (self.ids.mint(citizen), codes.codes);
         let plan = plans::book(&slot, citizen, new, request, now_ms)?;
-        self.execute(plan, || {}).await
+        let written = self.execute(plan, || {}).await;
+        codes.settle(&written);
+        written
     }
 
     /// Turns a live hold into the booking with the same id; the hold's place (and its
@@ -267,8 +271,11 @@ impl Engine {
         };
         // Refused (closing) or never queued: the hold goes back to the live set, where
         // a closure or the sweeper takes it.
-        self.execute(plan, || self.live_holds().insert(hold.clone()))
-            .await
+        let written = self
+            .execute(plan, || self.live_holds().insert(hold.clone()))
+            .await;
+        codes.settle(&written);
+        written
     }
 
     /// Cancels a booking; its place returns to the slot once the cancel is durable.
@@ -364,7 +371,9 @@ impl Engine {
             request,
             now_ms,
         )?;
-        self.execute(plan, || {}).await
+        let written = self.execute(plan, || {}).await;
+        codes.settle(&written);
+        written
     }
 
     /// A citizen's bookings (all states, optionally of one service) in start-time order

@@ -957,12 +957,19 @@ impl Engine {
                 let active =
                     self.citizens
                         .is_active(registration.citizen, &entry.service_id, *booking_id);
-                // Retention deletes the bookings of long-ended slots: none is left.
-                let deleted = || {
+                // Retention deletes the bookings of long-ended slots: none is left. The
+                // desk settles one (attended, no-show): it no longer counts as active.
+                let gone_or_settled = || {
                     let tag = self.ids.tag_of(*booking_id);
-                    self.store.booking(tag, *booking_id).map(|b| b.is_none())
+                    self.store.booking(tag, *booking_id).map(|stored| {
+                        stored.is_none_or(|b| {
+                            b.citizen == registration.citizen
+                                && b.holds_place()
+                                && !b.is_confirmed()
+                        })
+                    })
                 };
-                if !active && !deleted()? {
+                if !active && !gone_or_settled()? {
                     return fail("its booking is not an active booking of its citizen");
                 }
             }

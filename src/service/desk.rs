@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::domain::booking::{Booking, Reference};
+use crate::domain::booking::{Booking, BookingState, Reference};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::ids::{SiteId, SlotKey};
 use crate::domain::plans::{self, DeskChange};
@@ -103,7 +103,8 @@ impl Engine {
             }
             Ok(()) => {}
         }
-        self.desk_commit(planned?).await
+        let attended = |state: &BookingState| matches!(state, BookingState::Attended { .. });
+        self.desk_commit(planned?, reference, attended).await
     }
 
     /// Marks the booking a no-show, once its slot has ended.
@@ -114,7 +115,8 @@ impl Engine {
     ) -> Result<BookingView, ServiceError> {
         let booking = self.desk_booking(desk, reference)?;
         let change = plans::mark_no_show(booking, self.now_unix_ms())?;
-        self.desk_commit(change).await
+        let missed = |state: &BookingState| matches!(state, BookingState::NoShow { .. });
+        self.desk_commit(change, reference, missed).await
     }
 
     /// The booking with this reference, if it is at one of the desk's sites: another
@@ -126,10 +128,24 @@ impl Engine {
             .ok_or(DomainError::NotFound(Missing::Booking).into())
     }
 
-    async fn desk_commit(&self, change: DeskChange) -> Result<BookingView, ServiceError> {
+    /// Writes the desk's change. Refused because the same change landed first (a
+    /// double tap at the desk), it answers the booking as that change left it.
+    async fn desk_commit(
+        &self,
+        change: DeskChange,
+        reference: Reference,
+        done: fn(&BookingState) -> bool,
+    ) -> Result<BookingView, ServiceError> {
         let booking = match change {
             DeskChange::AlreadyDone(booking) => booking,
-            DeskChange::Write(plan) => self.execute(plan, || {}).await?,
+            DeskChange::Write(plan) => match self.execute(plan, || {}).await {
+                Err(ServiceError::Domain(DomainError::BookingNotActive(id))) => self
+                    .store
+                    .booking_by_reference(reference)?
+                    .filter(|stored| done(&stored.state))
+                    .ok_or(DomainError::BookingNotActive(id))?,
+                written => written?,
+            },
         };
         self.view(booking)
     }

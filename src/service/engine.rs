@@ -251,13 +251,12 @@ impl Engine {
         Ok(BookingView { booking, site })
     }
 
-    /// A reference and check-in code for a new booking, reserved until the returned
-    /// guard is dropped (after the booking's write).
+    /// A reference and check-in code for a new booking: settle it with the outcome of
+    /// the booking's write (a refused booking gives its reference back).
     pub(super) fn mint_codes(
         &self,
     ) -> Result<crate::service::references::Minted<'_>, ServiceError> {
-        self.references
-            .mint(|reference| self.store.reference_taken(reference))
+        self.references.mint()
     }
 
     pub(super) fn stored_booking(&self, booking_id: BookingId) -> Result<Booking, ServiceError> {

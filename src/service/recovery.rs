@@ -24,6 +24,7 @@ use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
 use crate::service::exports::Exports;
 use crate::service::rate_limits;
+use crate::service::references::References;
 use crate::service::requests::RequestRegistry;
 use crate::store::key_file;
 use crate::store::records::{self, Record, SiteRecord};
@@ -172,7 +173,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         max_active,
     )?;
     let (confirmed, cancelled) = restore_bookings(
-        &engine.store,
+        (&engine.store, &engine.references),
         &requests,
         (&engine.citizens, &mut channel_use),
         catalog,
@@ -308,7 +309,7 @@ fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceErr
 /// take about as long as each other: they run on the two cores, with a bounded number
 /// of chunks between them.
 fn restore_bookings(
-    store: &Store,
+    (store, references): (&Store, &References),
     requests: &Requests,
     (citizens, channel_use): (&CitizenIndex, &mut ChannelUse),
     catalog: &Catalog,
@@ -325,6 +326,14 @@ fn restore_bookings(
                     let booking = Booking::decode_value(&key, &value)?;
                     for index_key in records::booking_index_keys(&booking).into_iter().flatten() {
                         index.add(&index_key, &key);
+                    }
+                    if let Some(codes) = booking.codes {
+                        if !references.restore(codes.reference) {
+                            return Err(ServiceError::Recovery(format!(
+                                "booking {} has the reference {} of another booking",
+                                booking.booking_id, codes.reference
+                            )));
+                        }
                     }
                     match restore_booking(catalog, citizens, requests, &booking, max_active)? {
                         true => {

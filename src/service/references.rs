@@ -1,11 +1,13 @@
 //! Booking references and check-in codes: minted at random, a reference checked unique
-//! against the store and against those of bookings being written right now.
+//! against every reference in use.
 //!
-//! A reference is reserved in memory *before* the store is asked: a booking whose write
-//! is in flight is found reserved, one already written is found in the store (its write
-//! lands before its reservation ends). So two bookings never share one, even when two
-//! requests draw the same bits at once. Collisions are counted and redrawn, never
-//! assumed away (40 bits: one draw in ~27,000 collides at 40M stored bookings).
+//! The set of references in use lives in memory (about 16 bytes per booking): those of
+//! stored bookings (rebuilt by recovery, which refuses a store where two bookings share
+//! one; forgotten when retention deletes their booking) and those of bookings being
+//! written. A draw is kept only if it enters the set, so two bookings never share one,
+//! even when two requests draw the same bits at once. Collisions are counted and drawn
+//! again, never assumed away (40 bits: one draw in ~27,000 collides at 40M bookings).
+//! Asking the store instead (sled's `contains_key`) halved the engine's booking rate.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -13,7 +15,6 @@ use std::time::Duration;
 
 use crate::domain::booking::{BookingCodes, Reference};
 use crate::service::error::ServiceError;
-use crate::store::StoreError;
 
 /// References with wrong tries remembered before the unlocked ones are forgotten
 /// (bounds the memory a desk's typos take; a forgotten count starts again).
@@ -25,7 +26,8 @@ const MINT_TRIES: usize = 64;
 
 #[derive(Default)]
 pub struct References {
-    in_flight: Mutex<HashSet<Reference>>,
+    /// Every reference in use: stored bookings' and those being written.
+    used: Mutex<HashSet<Reference>>,
     /// Wrong check-in codes per reference, and when its lock (if any) ends.
     wrong_codes: Mutex<HashMap<Reference, WrongCodes>>,
 }
@@ -36,67 +38,81 @@ struct WrongCodes {
     locked_until_ms: i64,
 }
 
-/// A reference reserved for a booking being written: it is released when this is
-/// dropped, after the write (which then holds it in the store, or never happened).
+/// A reference taken for a booking being written. Dropped without [`Minted::settle`]
+/// keeping it (the booking was refused, nothing written), it is given back.
 pub struct Minted<'a> {
     references: &'a References,
     pub codes: BookingCodes,
+    kept: bool,
+}
+
+impl Minted<'_> {
+    /// After the booking's write: a refusal (nothing written) gives the reference back;
+    /// anything else keeps it (written, or maybe written: a reference kept for nothing
+    /// costs 16 bytes, one shared would be a bug).
+    pub fn settle<T>(mut self, outcome: &Result<T, ServiceError>) {
+        self.kept = !matches!(outcome, Err(ServiceError::Domain(_)));
+    }
 }
 
 impl Drop for Minted<'_> {
     fn drop(&mut self) {
-        self.references
-            .lock_in_flight()
-            .remove(&self.codes.reference);
+        if !self.kept {
+            self.references.forget(self.codes.reference);
+        }
     }
 }
 
 impl References {
-    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<Reference>> {
+    fn lock_used(&self) -> std::sync::MutexGuard<'_, HashSet<Reference>> {
         // One set operation per critical section: a poisoned set is still consistent.
-        self.in_flight
+        self.used
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// New codes for a booking: a random reference that no stored booking (`taken`)
-    /// and no booking in flight has, and a random check-in code.
-    pub fn mint(
-        &self,
-        taken: impl Fn(Reference) -> Result<bool, StoreError>,
-    ) -> Result<Minted<'_>, ServiceError> {
-        self.mint_with(rand::random::<u64>, taken)
+    /// New codes for a booking: a random reference no other booking has, and a random
+    /// check-in code.
+    pub fn mint(&self) -> Result<Minted<'_>, ServiceError> {
+        self.mint_with(rand::random::<u64>)
     }
 
     /// [`References::mint`] with its random source given (tests force collisions).
-    pub fn mint_with(
-        &self,
-        mut draw: impl FnMut() -> u64,
-        taken: impl Fn(Reference) -> Result<bool, StoreError>,
-    ) -> Result<Minted<'_>, ServiceError> {
+    pub fn mint_with(&self, mut draw: impl FnMut() -> u64) -> Result<Minted<'_>, ServiceError> {
         for _ in 0..MINT_TRIES {
             let reference = Reference::from_bits(draw());
-            if !self.lock_in_flight().insert(reference) {
+            if !self.lock_used().insert(reference) {
                 metrics::counter!("prenota_reference_collisions_total").increment(1);
                 continue;
             }
-            // Reserved from here: dropping `minted` releases it.
-            let minted = Minted {
+            return Ok(Minted {
                 references: self,
                 codes: BookingCodes {
                     reference,
                     check_in_code: check_in_code(draw()),
                 },
-            };
-            if taken(reference)? {
-                metrics::counter!("prenota_reference_collisions_total").increment(1);
-                continue;
-            }
-            return Ok(minted);
+                kept: false,
+            });
         }
         Err(ServiceError::Busy(
             "no free booking reference was found: retry the request",
         ))
+    }
+
+    /// A stored booking's reference, at recovery: `false` if another booking has it.
+    pub fn restore(&self, reference: Reference) -> bool {
+        self.lock_used().insert(reference)
+    }
+
+    /// The booking with this reference is gone (retention deleted it, or it was never
+    /// written).
+    pub fn forget(&self, reference: Reference) {
+        self.lock_used().remove(&reference);
+    }
+
+    /// References in use.
+    pub fn count(&self) -> usize {
+        self.lock_used().len()
     }
 
     /// Counts one check-in try of `reference` (`wrong`: its code was wrong), under one
@@ -152,57 +168,61 @@ fn check_in_code(bits: u64) -> u16 {
 mod tests {
     use super::*;
 
-    fn never_taken(_: Reference) -> Result<bool, StoreError> {
-        Ok(false)
-    }
-
     #[test]
     fn a_million_references_are_distinct_and_collisions_are_redrawn() {
         let references = References::default();
-        let mut stored = HashSet::new();
+        let mut seen = HashSet::new();
         for _ in 0..1_000_000 {
-            let minted = references
-                .mint(|r| Ok(stored.contains(&r)))
-                .expect("a free reference");
+            let minted = references.mint().expect("a free reference");
             assert!(minted.codes.check_in_code <= BookingCodes::CHECK_IN_CODE_MAX);
-            let reference = minted.codes.reference;
-            drop(minted);
-            assert!(stored.insert(reference), "a reference was given twice");
+            assert!(
+                seen.insert(minted.codes.reference),
+                "a reference was given twice"
+            );
+            minted.settle(&Ok::<(), ServiceError>(()));
         }
-        assert_eq!(stored.len(), 1_000_000);
+        assert_eq!(references.count(), 1_000_000);
     }
 
     #[test]
-    fn a_drawn_reference_already_stored_or_in_flight_is_drawn_again() {
+    fn a_drawn_reference_in_use_is_drawn_again_and_a_refused_one_given_back() {
         let references = References::default();
-        // A reference that passes the in-flight check draws its code next.
+        assert!(
+            references.restore(Reference::from_bits(9)),
+            "a stored booking's"
+        );
+        // A reference that enters the set draws its code next.
         let mut draws = [7, 1].into_iter();
-        let first = references
-            .mint_with(|| draws.next().unwrap(), never_taken)
-            .unwrap();
+        let first = references.mint_with(|| draws.next().unwrap()).unwrap();
         assert_eq!(first.codes.reference.bits(), 7);
-        // 7 is in flight (the first booking's write), then 9 is stored: 11 is next.
-        let stored_nine = |r: Reference| Ok(r.bits() == 9);
-        let mut draws = [7, 9, 3, 11, 5].into_iter();
-        let second = references
-            .mint_with(|| draws.next().unwrap(), stored_nine)
-            .unwrap();
-        assert_eq!(second.codes.reference.bits(), 11);
-        assert_eq!(second.codes.check_in_code, 5);
-        drop(first);
-        let mut again = [7, 0].into_iter();
-        let third = references
-            .mint_with(|| again.next().unwrap(), never_taken)
-            .unwrap();
-        assert_eq!(third.codes.reference.bits(), 7, "released once written");
+        // 7 is being written, 9 is stored: 11 is next.
+        let mut draws = [7, 9, 11, 5].into_iter();
+        let second = references.mint_with(|| draws.next().unwrap()).unwrap();
+        assert_eq!(
+            (second.codes.reference.bits(), second.codes.check_in_code),
+            (11, 5)
+        );
+        // The first booking was refused (nothing written): 7 is free again; the
+        // second was written: 11 stays taken.
+        first.settle(&Err::<(), _>(ServiceError::Domain(
+            crate::domain::error::DomainError::SlotFull(crate::domain::ids::SlotKey {
+                site_id: crate::domain::ids::SiteId::parse("s", "s", 8).unwrap(),
+                service_id: crate::domain::ids::ServiceId::parse("s", "s", 8).unwrap(),
+                start_unix_s: 0,
+            }),
+        )));
+        second.settle(&Ok::<(), ServiceError>(()));
+        assert!(references.restore(Reference::from_bits(7)));
+        assert!(!references.restore(Reference::from_bits(11)));
+        assert!(!references.restore(Reference::from_bits(9)));
     }
 
     #[test]
     fn a_full_space_is_an_error_not_a_duplicate() {
         let references = References::default();
-        let always_taken = |_: Reference| Ok(true);
+        assert!(references.restore(Reference::from_bits(3)));
         assert!(matches!(
-            references.mint(always_taken),
+            references.mint_with(|| 3),
             Err(ServiceError::Busy(_))
         ));
     }

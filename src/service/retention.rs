@@ -217,6 +217,9 @@ impl Engine {
             for (request, _) in retention::booking_requests(booking) {
                 self.requests.forget(&request.key, id);
             }
+            if let Some(codes) = booking.codes {
+                self.references.forget(codes.reference);
+            }
         }
     }
 

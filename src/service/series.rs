@@ -153,7 +153,9 @@ impl Engine {
             minted.push(codes);
         }
         let plan = plans::book_series(&series, &doses, citizen, request, now_ms)?;
-        self.execute(plan, || {}).await
+        let written = self.execute(plan, || {}).await;
+        minted.into_iter().for_each(|codes| codes.settle(&written));
+        written
     }
 
     /// The bookings of a finished BookSeries whose outcome (dose 1) is `id`: the
@@ -272,7 +274,7 @@ impl Engine {
             .into_iter()
             .flatten()
             .filter(|b| b.is_confirmed())
-            .map(|b| (b.slot.service_id.clone(), b.booking_id))
+            .map(|b| (b.slot.clone(), b.booking_id))
             .collect();
         let placed = |b: Option<&Booking>| b.map(|b| self.placed(&b.slot)).transpose();
         Ok(Some(plans::Neighbours {

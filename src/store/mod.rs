@@ -204,13 +204,6 @@ impl Store {
         }
     }
 
-    /// Whether a stored booking has this reference.
-    pub fn reference_taken(&self, reference: Reference) -> Result<bool, StoreError> {
-        self.db
-            .contains_key(records::reference_key(reference))
-            .map_err(|e| StoreError::Io(format!("reading a reference: {e}")))
-    }
-
     /// The booking with this reference.
     pub fn booking_by_reference(
         &self,
