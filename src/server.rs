@@ -641,6 +641,7 @@ async fn refresh_gauges(engine: Arc<Engine>) {
                 metrics::gauge!(telemetry::SITE_HELD, &labels).set(totals.held as f64);
             }
             metrics::gauge!(telemetry::HOLDS_LIVE).set(engine.live_hold_count() as f64);
+            metrics_process::Collector::default().collect();
             metrics::gauge!(telemetry::REQUEST_RECORDS).set(engine.request_record_count() as f64);
             if let Ok(bytes) = engine.store_disk_bytes() {
                 metrics::gauge!(telemetry::STORE_DISK_BYTES).set(bytes as f64);

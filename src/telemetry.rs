@@ -198,6 +198,8 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 }
 
 fn describe() {
+    // process_cpu_seconds_total and the other process_* metrics of Prometheus' clients.
+    metrics_process::Collector::default().describe();
     describe_counter!(
         GRPC_HANDLED,
         "gRPC requests answered, by service, method and status code"

@@ -119,7 +119,8 @@ async fn metrics_count_requests_outcomes_commits_and_sites() {
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
 
-    // Gauges are refreshed every 100 ms here; counters are current at once.
+    // Gauges are refreshed every 100 ms here (the process ones too); counters are
+    // current at once.
     let deadline = Instant::now() + Duration::from_secs(10);
     let samples = loop {
         let text = http_get(&server.metrics_url);
@@ -131,6 +132,12 @@ async fn metrics_count_requests_outcomes_commits_and_sites() {
         {
             assert_eq!(value(&samples, "prenota_site_capacity", &site), Some(3.0));
             assert_eq!(value(&samples, "prenota_site_slots", &site), Some(1.0));
+            let process = |name| value(&samples, name, &[]).unwrap_or(0.0);
+            // Whole seconds (a counter): present, not necessarily above 0 yet.
+            assert!(value(&samples, "process_cpu_seconds_total", &[]).is_some());
+            assert!(process("process_resident_memory_bytes") > 1e6);
+            assert!(process("process_open_fds") >= 3.0);
+            assert!(process("process_threads") >= 2.0);
             assert_eq!(
                 value(&samples, "prenota_site_slots_closed", &site),
                 Some(0.0)

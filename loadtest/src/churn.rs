@@ -264,6 +264,7 @@ pub async fn run(
         name: "churn",
         elapsed: began.elapsed(),
         tally,
+        server_cpu: None,
     }
     .print();
     let last = Sample::take(&engine, started_ms, made.load(Ordering::Relaxed));

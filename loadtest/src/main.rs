@@ -2,7 +2,8 @@
 //! and measures it against the no-op gRPC ceiling of the same server, in the same run.
 //!
 //! Scenarios: `ceiling` (no-op health checks: the transport's limit), `rush` (every
-//! citizen searches and books), `mixed` (an ordinary day: searches, holds, books,
+//! citizen searches and books), `book` (Book only, slot ids known: one durable booking
+//! per request), `mixed` (an ordinary day: searches, holds, books,
 //! cancels, reschedules; then households and dose series), `flood` (a calm rush, then many times more requests in flight
 //! than the server admits: shedding, not collapsing), `churn` (a hold-churn soak on a
 //! fast manual clock: memory, store and recovery stay flat past the retention window),
@@ -12,7 +13,8 @@
 //! gRPC).
 //!
 //! `--spawn` starts a server on a temp dir in this process; `--server URL` targets a
-//! running one (loopback only). After rush, mixed and flood the invariants are verified
+//! running one (loopback only). With `--spawn` every phase also reports the server's own
+//! CPU per request, read from /proc for the server's threads only. After rush, mixed and flood the invariants are verified
 //! from `ExportBookings`, `SearchSlots` and `GetSiteStats`; a violation exits non-zero.
 
 mod assertions;
@@ -92,6 +94,17 @@ enum ScenarioArgs {
         /// Citizens per place.
         #[arg(long, default_value_t = 4)]
         demand_ratio: u32,
+    },
+    /// Book only: every citizen books a slot whose id it already knows (no search),
+    /// with twice as many places as citizens: one durable booking per request, to
+    /// compare with the no-op ceiling directly. Runs the ceiling first.
+    Book {
+        #[arg(long, default_value_t = 200_000)]
+        citizens: u64,
+        #[arg(long, default_value_t = 4)]
+        sites: u32,
+        #[arg(long, default_value_t = 5)]
+        days: u32,
     },
     /// An ordinary busy day: each citizen searches 4 times, books; 1 in 5 cancels and 1 in
     /// 10 books again. Capacity is twice the demand. Runs the ceiling first. Then the
@@ -373,6 +386,15 @@ async fn run(cli: Cli) -> Result<bool, String> {
             let run = Run::new(&cli, &channels, gateway.as_ref());
             run_scenario(Kind::Rush, &run, &shape, &progress).await
         }
+        ScenarioArgs::Book {
+            citizens,
+            sites,
+            days,
+        } => {
+            let shape = Shape::new(citizens, sites, days, citizens.saturating_mul(2), "book");
+            let run = Run::new(&cli, &channels, gateway.as_ref());
+            run_scenario(Kind::Book, &run, &shape, &progress).await
+        }
         ScenarioArgs::Watchers {
             citizens,
             sites,
@@ -458,6 +480,8 @@ fn print_group_commits(metrics: &str) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Rush,
+    /// Book only, slot ids known in advance.
+    Book,
     Mixed,
 }
 
@@ -490,7 +514,11 @@ async fn run_scenario(
     progress: &indicatif::ProgressBar,
 ) -> Result<bool, String> {
     let (cli, channels) = (run.cli, run.channels);
-    let name = if kind == Kind::Rush { "rush" } else { "mixed" };
+    let name = match kind {
+        Kind::Rush => "rush",
+        Kind::Book => "book",
+        Kind::Mixed => "mixed",
+    };
     let scenario = scenario::publish(channels[0].clone(), shape).await?;
     println!(
         "{name}: {} citizens for {} places at {} sites over {} days",
@@ -527,6 +555,17 @@ async fn run_scenario(
             )
             .await
         }
+        Kind::Book => {
+            scenario::book(
+                channels,
+                cli.in_flight,
+                &scenario,
+                shape,
+                Arc::clone(&acknowledged),
+                progress,
+            )
+            .await?
+        }
         Kind::Mixed => {
             scenario::mixed(
                 channels,
@@ -552,10 +591,19 @@ async fn run_scenario(
         ceiling.requests_per_s(),
         bookings_per_s
     );
+    if let (Some(phase_cpu), Some(noop_cpu)) = (
+        phase.server_cpu_us_per_request(),
+        ceiling.server_cpu_us_per_request(),
+    ) {
+        println!(
+            "{name} server CPU: {phase_cpu:.1} µs per request = {:.2}× the same run's no-op ({noop_cpu:.1} µs)",
+            phase_cpu / noop_cpu.max(1e-6)
+        );
+    }
     let acknowledged = acknowledged.lock().await;
     // A rush fills every place it can; a mixed day's total depends on the cancels.
     let expected_confirmed =
-        (kind == Kind::Rush).then(|| shape.citizens.min(scenario.total_capacity));
+        (kind != Kind::Mixed).then(|| shape.citizens.min(scenario.total_capacity));
     let violations = scenario::verify(
         channels[0].clone(),
         &scenario,
@@ -568,7 +616,7 @@ async fn run_scenario(
             "invariants: OK ({} bookings acknowledged; no slot over capacity; at most one confirmed booking per citizen; \
              every acknowledged booking exported in its last state; counters match exports{})",
             acknowledged.len(),
-            if kind == Kind::Rush { "; bookings = min(citizens, capacity)" } else { "" }
+            if kind == Kind::Mixed { "" } else { "; bookings = min(citizens, capacity)" }
         );
     } else {
         println!("invariants: {} VIOLATIONS", violations.len());
@@ -585,7 +633,7 @@ async fn run_scenario(
             println!("lifecycle: skipped (its citizens carry no assertions)");
             true
         }
-        (Kind::Rush, _) => true,
+        (Kind::Rush | Kind::Book, _) => true,
     };
     write_json(
         &cli.json,

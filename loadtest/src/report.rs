@@ -106,11 +106,49 @@ pub struct Phase {
     pub name: &'static str,
     pub elapsed: Duration,
     pub tally: Tally,
+    /// CPU time the spawned server's threads used during the phase (`--spawn` only).
+    pub server_cpu: Option<Duration>,
+}
+
+/// CPU time (user + system) so far of this process's server threads: those a spawned
+/// server runs (`prenota-server`: its runtime; `prenota-committer`; sled's `sled-*`),
+/// read from /proc/self/task (Linux). The load generator's threads are not counted, so
+/// the figure does not depend on how much CPU the client eats.
+pub fn server_cpu() -> Option<Duration> {
+    let ticks_per_s = 100.0; // USER_HZ: 100 on Linux
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let server = ["prenota-server", "prenota-commit", "sled"]
+            .iter()
+            .any(|prefix| comm.starts_with(prefix));
+        if !server {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        // After the command in parentheses: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+        ticks += field(14).unwrap_or(0) + field(15).unwrap_or(0);
+    }
+    Some(Duration::from_secs_f64(ticks as f64 / ticks_per_s))
 }
 
 impl Phase {
     pub fn requests_per_s(&self) -> f64 {
         self.tally.requests() as f64 / self.elapsed.as_secs_f64().max(1e-6)
+    }
+
+    /// The server's CPU per request, in µs, when it was measured.
+    pub fn server_cpu_us_per_request(&self) -> Option<f64> {
+        let requests = self.tally.requests().max(1) as f64;
+        self.server_cpu
+            .filter(|cpu| !cpu.is_zero())
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / requests)
     }
 
     pub fn print(&self) {
@@ -121,6 +159,13 @@ impl Phase {
             self.elapsed.as_secs_f64(),
             self.requests_per_s()
         );
+        if let (Some(cpu), Some(per_request)) = (self.server_cpu, self.server_cpu_us_per_request())
+        {
+            println!(
+                "  server CPU: {:.2} s = {per_request:.1} µs per request (its own threads, from /proc)",
+                cpu.as_secs_f64()
+            );
+        }
         println!(
             "  {:<17} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "latency (ms)", "p50", "p90", "p99", "p99.9", "max"
@@ -162,6 +207,7 @@ impl Phase {
             "requests_per_s": self.requests_per_s(),
             "latency": latency,
             "outcomes": self.tally.outcomes,
+            "server_cpu_us_per_request": self.server_cpu_us_per_request(),
         })
     }
 }

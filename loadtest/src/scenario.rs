@@ -152,6 +152,7 @@ where
     progress.set_position(0);
     progress.set_message(name);
     let started = Instant::now();
+    let cpu_before = crate::report::server_cpu();
     let stride = in_flight.max(1) as u64;
     let workers: Vec<_> = (0..stride)
         .map(|worker| {
@@ -175,10 +176,15 @@ where
             tally.merge(worker_tally);
         }
     }
+    let server_cpu = match (cpu_before, crate::report::server_cpu()) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
+        _ => None,
+    };
     Phase {
         name,
         elapsed: started.elapsed(),
         tally,
+        server_cpu,
     }
 }
 
@@ -441,6 +447,58 @@ pub async fn rush(
         },
     )
     .await
+}
+
+/// Book only: every slot id is read before the timed phase; citizen `i` books the
+/// `i`-th slot (moving on after SLOT_FULL), one Book per citizen when capacity allows.
+pub async fn book(
+    channels: &[Channel],
+    in_flight: usize,
+    scenario: &Scenario,
+    shape: &Shape,
+    acknowledged: Acknowledged,
+    progress: &ProgressBar,
+) -> Result<Phase, String> {
+    let mut slots = Vec::new();
+    for site_id in &scenario.site_ids {
+        slots.extend(slots_of(channels[0].clone(), site_id).await?);
+    }
+    let slots = Arc::new(slots);
+    let region = Arc::new(scenario.region_id.clone());
+    Ok(run_workers(
+        "book",
+        channels,
+        in_flight,
+        shape.citizens,
+        progress,
+        move |channel, citizen, mut tally| {
+            let (slots, acknowledged) = (Arc::clone(&slots), Arc::clone(&acknowledged));
+            let region = Arc::clone(&region);
+            async move {
+                let mut client = BookingServiceClient::new(channel);
+                let citizen_id = citizen_id(&region, citizen);
+                let first = citizen as usize;
+                let booked = book_one(
+                    &mut client,
+                    &slots,
+                    first,
+                    (&citizen_id, "book"),
+                    Via::Book,
+                    &mut tally,
+                )
+                .await;
+                if let Some(booking) = booked {
+                    let ack = Ack {
+                        citizen,
+                        cancelled: false,
+                    };
+                    acknowledged.lock().await.insert(booking.booking_id, ack);
+                }
+                tally
+            }
+        },
+    )
+    .await)
 }
 
 /// Searches per citizen in `mixed`: browsing several sites before choosing.

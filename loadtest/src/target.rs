@@ -60,8 +60,10 @@ impl Target {
         let thread = std::thread::Builder::new()
             .name("prenota-server".into())
             .spawn(move || {
+                // Named, so the load generator can tell the server's CPU from its own.
                 let runtime = match tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
+                    .thread_name("prenota-server")
                     .build()
                 {
                     Ok(runtime) => runtime,
