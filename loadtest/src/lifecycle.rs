@@ -184,8 +184,9 @@ async fn free_slots(
     result.map(|page| page.slots).unwrap_or_default()
 }
 
-fn local_date(slot: &proto::Slot) -> Option<NaiveDate> {
-    NaiveDate::parse_from_str(slot.local_start.get(..10)?, "%Y-%m-%d").ok()
+/// The local date of a slot's or booking's `local_start` (RFC 3339 with offset).
+fn local_date(local_start: &str) -> Option<NaiveDate> {
+    NaiveDate::parse_from_str(local_start.get(..10)?, "%Y-%m-%d").ok()
 }
 
 /// Both doses: a free dose 1 slot, then the first free dose 2 slot in its window.
@@ -200,7 +201,7 @@ async fn book_series(
     for attempt in 0..TRIES {
         let firsts = free_slots(client, (site_id, SERVICE_ID), now, tally).await;
         let first = firsts.get((unit as usize + attempt * 7) % firsts.len().max(1))?;
-        let day = local_date(first)?;
+        let day = local_date(&first.local_start)?;
         let window = (
             day + chrono::Duration::days(i64::from(MIN_DAYS)),
             day + chrono::Duration::days(i64::from(MAX_DAYS)),
@@ -211,7 +212,9 @@ async fn book_series(
         let seconds = free_slots(client, (site_id, DOSE2_SERVICE_ID), from, tally).await;
         let Some(second) = seconds
             .iter()
-            .filter(|slot| local_date(slot).is_some_and(|d| d >= window.0 && d <= window.1))
+            .filter(|slot| {
+                local_date(&slot.local_start).is_some_and(|d| d >= window.0 && d <= window.1)
+            })
             .nth(unit as usize % 5)
         else {
             continue;
@@ -301,7 +304,10 @@ async fn verify(
         match (doses.as_slice(), acknowledged) {
             ([], None) => {}
             ([first, second], Some(acked)) if *acked == ids => {
-                let days = match (local_date_of(first), local_date_of(second)) {
+                let days = match (
+                    local_date(&first.local_start),
+                    local_date(&second.local_start),
+                ) {
                     (Some(a), Some(b)) => (b - a).num_days(),
                     _ => -1,
                 };
@@ -341,10 +347,6 @@ async fn verify(
     }
     violations.extend(over_capacity(channel, scenario).await?);
     Ok(violations)
-}
-
-fn local_date_of(booking: &proto::Booking) -> Option<NaiveDate> {
-    NaiveDate::parse_from_str(booking.local_start.get(..10)?, "%Y-%m-%d").ok()
 }
 
 /// Slots (of both services) with more confirmed bookings in the export than places.

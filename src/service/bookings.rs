@@ -168,23 +168,36 @@ impl Engine {
         };
         let mut found = Vec::with_capacity(members.len());
         for member in members {
-            let mut after = None;
-            let mine = loop {
-                let batch =
-                    self.store
-                        .bookings_of_tag(member.tag(), after, CITIZEN_BOOKINGS_STEP)?;
-                let exhausted = batch.len() < CITIZEN_BOOKINGS_STEP;
-                after = batch.last().map(|booking| booking.booking_id);
-                let mine = batch
-                    .into_iter()
-                    .find(|b| b.citizen == *member && same_write(b));
-                if mine.is_some() || exhausted {
-                    break mine;
-                }
-            };
-            found.push(mine.ok_or(DomainError::NotFound(Missing::Booking))?);
+            let mine = self.citizen_bookings_where(*member, same_write)?;
+            let first = mine.into_iter().next();
+            found.push(first.ok_or(DomainError::NotFound(Missing::Booking))?);
         }
         Ok(found)
+    }
+
+    /// Every booking (all states) of `citizen` that `keep` accepts, read in steps (other
+    /// citizens may share its tag: only its own are kept).
+    pub(super) fn citizen_bookings_where(
+        &self,
+        citizen: CitizenKey,
+        keep: impl Fn(&Booking) -> bool,
+    ) -> Result<Vec<Booking>, ServiceError> {
+        let (mut found, mut after) = (Vec::new(), None);
+        loop {
+            let batch = self
+                .store
+                .bookings_of_tag(citizen.tag(), after, CITIZEN_BOOKINGS_STEP)?;
+            let exhausted = batch.len() < CITIZEN_BOOKINGS_STEP;
+            after = batch.last().map(|booking| booking.booking_id);
+            found.extend(
+                batch
+                    .into_iter()
+                    .filter(|booking| booking.citizen == citizen && keep(booking)),
+            );
+            if exhausted {
+                return Ok(found);
+            }
+        }
     }
 
     /// `once_per_request` for commands whose outcome is a booking.
@@ -384,26 +397,12 @@ impl Engine {
     ) -> Result<CitizenBookingsPage, ServiceError> {
         let citizen = self.hasher.hash(&query.citizen_id);
         self.count_read(&citizen)?;
-        let mut mine = Vec::new();
-        let mut after = None;
-        loop {
-            let batch = self
-                .store
-                .bookings_of_tag(citizen.tag(), after, CITIZEN_BOOKINGS_STEP)?;
-            let exhausted = batch.len() < CITIZEN_BOOKINGS_STEP;
-            after = batch.last().map(|booking| booking.booking_id);
-            // Another citizen may share the tag; a service filter narrows further.
-            mine.extend(batch.into_iter().filter(|booking| {
-                booking.citizen == citizen
-                    && query
-                        .service_id
-                        .as_ref()
-                        .is_none_or(|service| *service == booking.slot.service_id)
-            }));
-            if exhausted {
-                break;
-            }
-        }
+        let mut mine = self.citizen_bookings_where(citizen, |booking| {
+            query
+                .service_id
+                .as_ref()
+                .is_none_or(|service| *service == booking.slot.service_id)
+        })?;
         let order = |booking: &Booking| (booking.slot.start_unix_s, booking.booking_id);
         mine.sort_by_key(order);
         let mut rest = mine

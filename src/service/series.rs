@@ -53,9 +53,6 @@ impl SeriesBook {
     }
 }
 
-/// Bookings of one citizen read (in steps of this many) to find a series' doses.
-const CITIZEN_BOOKINGS_STEP: usize = 1_000;
-
 impl Engine {
     /// Creates or changes a series. A change applies to new bookings and reschedules;
     /// booked doses stay valid.
@@ -205,20 +202,9 @@ impl Engine {
         citizen: CitizenKey,
         series_id: &SeriesId,
     ) -> Result<Vec<Booking>, ServiceError> {
-        let (mut found, mut after) = (Vec::new(), None);
-        loop {
-            let batch = self
-                .store
-                .bookings_of_tag(citizen.tag(), after, CITIZEN_BOOKINGS_STEP)?;
-            let exhausted = batch.len() < CITIZEN_BOOKINGS_STEP;
-            after = batch.last().map(|booking| booking.booking_id);
-            found.extend(batch.into_iter().filter(|b| {
-                b.citizen == citizen && b.series.as_ref().is_some_and(|s| s.series_id == *series_id)
-            }));
-            if exhausted {
-                return Ok(found);
-            }
-        }
+        self.citizen_bookings_where(citizen, |b| {
+            b.series.as_ref().is_some_and(|s| s.series_id == *series_id)
+        })
     }
 
     /// The citizen's confirmed doses after `booking`'s in its series (none if it is no
