@@ -1,0 +1,162 @@
+//! Admission control on a real server: per-citizen attempt limits, per-token request
+//! limits, and load shedding that answers at once while health still answers.
+
+use crate::common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use prenota::config::{hex, token_sha256, Config, ConfigFile};
+use prenota::proto;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_citizen_bursting_past_the_limit_waits_and_keeps_its_booking() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.limits.rate_citizen_attempts_per_min = 3;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let slot = one_slot_site(&server, "limited", 10).await;
+    let mut client = server.booking().await;
+    let booking = book_ok(&mut client, book_request(&slot, "eager", "1")).await;
+    for attempt in ["2", "3"] {
+        let status = client
+            .book(book_request(&slot, "eager", attempt))
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&status).as_deref(), Some("CITIZEN_ALREADY_BOOKED"));
+    }
+    let status = client
+        .book(book_request(&slot, "eager", "4"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status).as_deref(), Some("RATE_LIMITED"));
+    let wait = retry_delay(&status);
+    assert!(
+        wait > Duration::from_secs(1) && wait <= Duration::from_secs(20),
+        "{wait:?}"
+    );
+    // Holds and reschedules count too; other citizens are not affected.
+    let status = client
+        .hold_slot(proto::HoldSlotRequest {
+            slot_id: slot.clone(),
+            citizen_id: "eager".into(),
+            request_id: "5".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("RATE_LIMITED"));
+    book_ok(&mut client, book_request(&slot, "patient", "p1")).await;
+    let kept = client
+        .get_booking(proto::GetBookingRequest {
+            booking_id: booking.booking_id.clone(),
+            citizen_id: "eager".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .booking
+        .unwrap();
+    assert_eq!(kept.state, proto::BookingState::Confirmed as i32);
+    assert_eq!(site_stats(&server, "limited").await.booked, 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_past_its_rate_is_refused_with_the_wait() {
+    const TOKEN: &str = "frontend-token-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[limits]\nrate_token_requests_per_s = 2\n\n[[tokens]]\nname = \"web\"\nsha256 = \"{}\"\nrole = \"frontend\"\n",
+        hex(&token_sha256(TOKEN))
+    );
+    let config = toml::from_str::<ConfigFile>(&text)
+        .unwrap()
+        .check()
+        .unwrap();
+    let server = TestServer::start_with(dir.path(), config).await;
+    let mut client = prenota::proto::booking_service_client::BookingServiceClient::with_interceptor(
+        server.channel().await,
+        Bearer(Some(TOKEN)),
+    );
+    let search = proto::SearchSlotsRequest {
+        scope: Some(proto::search_slots_request::Scope::RegionId(
+            "nowhere".into(),
+        )),
+        service_id: "vax".into(),
+        ..Default::default()
+    };
+    let mut refused = None;
+    for _ in 0..10 {
+        if let Err(status) = client.search_slots(search.clone()).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let status = refused.expect("the third request within a second is refused");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status).as_deref(), Some("RATE_LIMITED"));
+    assert!(retry_delay(&status) > Duration::ZERO);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_in_flight_limit_requests_are_shed_at_once_and_health_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.limits.in_flight_requests_max = 1;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let mut capacity = server.capacity().await;
+    upsert_site(&mut capacity, "busy", "r", "Etc/UTC").await;
+
+    // An import whose client stream stays open holds the only place in flight.
+    let (rows, open_stream) = tokio::sync::mpsc::channel::<proto::ImportCapacityRequest>(1);
+    let held = tokio::spawn({
+        let mut capacity = capacity.clone();
+        async move {
+            capacity
+                .import_capacity(tokio_stream::wrappers::ReceiverStream::new(open_stream))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut booking = server.booking().await;
+    let search = proto::SearchSlotsRequest {
+        scope: Some(proto::search_slots_request::Scope::SiteId("busy".into())),
+        service_id: "vax".into(),
+        ..Default::default()
+    };
+    let mut shed = 0;
+    let started = Instant::now();
+    for _ in 0..100 {
+        let status = booking.search_slots(search.clone()).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(reason(&status).as_deref(), Some("OVERLOADED"));
+        assert!(retry_delay(&status) > Duration::ZERO);
+        shed += 1;
+    }
+    let per_request = started.elapsed() / shed;
+    assert!(
+        per_request < Duration::from_millis(100),
+        "shedding must be fast: {per_request:?}"
+    );
+    let health = tonic_health::pb::health_client::HealthClient::new(server.channel().await)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "prenota.v1.BookingService".into(),
+        })
+        .await
+        .expect("health answers while shedding")
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    drop(rows); // the import ends (with no rows): the place is free again
+    let _ = held.await.unwrap();
+    booking.search_slots(search).await.expect("served again");
+    server.stop().await;
+}

@@ -1,0 +1,669 @@
+//! Campaigns (PRODUCT.md part C) on a real server: pre-registration, waves, offers that
+//! are holds (never more offers than places), accept, decline, expiry and cancellation
+//! handing each freed place to the next waiting registration, preferences, the
+//! last-minute window, and matching cut by a kill -9.
+
+use crate::common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::child::ChildServer;
+use common::*;
+use futures::StreamExt;
+use prenota::config::Config;
+use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::proto::capacity_service_client::CapacityServiceClient;
+use prenota::proto::{self, RegistrationState};
+use prenota::service::Clock;
+use prost_types::Timestamp;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn at_ms(unix_ms: i64) -> Option<Timestamp> {
+    Some(Timestamp {
+        seconds: unix_ms.div_euclid(1_000),
+        nanos: 0,
+    })
+}
+
+fn wave(id: &str, opens_at_ms: i64, groups: &[&str]) -> proto::Wave {
+    proto::Wave {
+        wave_id: id.into(),
+        opens_at: at_ms(opens_at_ms),
+        priority_groups: groups.iter().map(|g| g.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn campaign(id: &str, region: &str, waves: Vec<proto::Wave>) -> proto::Campaign {
+    proto::Campaign {
+        campaign_id: id.into(),
+        service_id: "vax".into(),
+        region_id: region.into(),
+        waves,
+        ..Default::default()
+    }
+}
+
+async fn upsert(
+    channel: &Channel,
+    campaign: proto::Campaign,
+) -> Result<proto::Campaign, tonic::Status> {
+    CapacityServiceClient::new(channel.clone())
+        .upsert_campaign(proto::UpsertCampaignRequest {
+            campaign: Some(campaign),
+            request_id: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner().campaign.expect("a campaign"))
+}
+
+async fn stats(channel: &Channel, id: &str) -> proto::GetCampaignStatsResponse {
+    CapacityServiceClient::new(channel.clone())
+        .get_campaign_stats(proto::GetCampaignStatsRequest {
+            campaign_id: id.into(),
+        })
+        .await
+        .expect("stats")
+        .into_inner()
+}
+
+fn counts(stats: &proto::GetCampaignStatsResponse) -> proto::RegistrationCounts {
+    stats.counts.expect("counts")
+}
+
+fn register_request(campaign: &str, citizen: &str, groups: &[&str]) -> proto::PreRegisterRequest {
+    proto::PreRegisterRequest {
+        campaign_id: campaign.into(),
+        citizen_id: citizen.into(),
+        priority_groups: groups.iter().map(|g| g.to_string()).collect(),
+        request_id: format!("register-{citizen}"),
+        ..Default::default()
+    }
+}
+
+async fn register(channel: &Channel, request: proto::PreRegisterRequest) -> proto::Registration {
+    BookingServiceClient::new(channel.clone())
+        .pre_register(request)
+        .await
+        .expect("registered")
+        .into_inner()
+        .registration
+        .expect("a registration")
+}
+
+/// Registers every citizen, 32 at a time.
+async fn register_all(channel: &Channel, campaign: &str, citizens: &[(String, &str)]) {
+    futures::stream::iter(citizens.iter().cloned())
+        .for_each_concurrent(32, |(citizen, group)| async move {
+            register(channel, register_request(campaign, &citizen, &[group])).await;
+        })
+        .await;
+}
+
+async fn registration(channel: &Channel, campaign: &str, citizen: &str) -> proto::Registration {
+    BookingServiceClient::new(channel.clone())
+        .get_registration(proto::GetRegistrationRequest {
+            campaign_id: campaign.into(),
+            citizen_id: citizen.into(),
+        })
+        .await
+        .expect("a registration")
+        .into_inner()
+        .registration
+        .expect("a registration")
+}
+
+async fn registrations(
+    channel: &Channel,
+    campaign: &str,
+    citizens: &[String],
+) -> Vec<proto::Registration> {
+    futures::stream::iter(citizens.iter())
+        .map(|citizen| registration(channel, campaign, citizen))
+        .buffered(32)
+        .collect()
+        .await
+}
+
+async fn accept(
+    channel: &Channel,
+    campaign: &str,
+    citizen: &str,
+) -> Result<proto::Booking, tonic::Status> {
+    BookingServiceClient::new(channel.clone())
+        .accept_offer(proto::AcceptOfferRequest {
+            campaign_id: campaign.into(),
+            citizen_id: citizen.into(),
+            request_id: format!("accept-{citizen}"),
+        })
+        .await
+        .map(|r| r.into_inner().booking.expect("a booking"))
+}
+
+async fn decline(channel: &Channel, campaign: &str, citizen: &str, n: u32) -> proto::Registration {
+    BookingServiceClient::new(channel.clone())
+        .decline_offer(proto::DeclineOfferRequest {
+            campaign_id: campaign.into(),
+            citizen_id: citizen.into(),
+            request_id: format!("decline-{citizen}-{n}"),
+        })
+        .await
+        .expect("declined")
+        .into_inner()
+        .registration
+        .expect("a registration")
+}
+
+/// Polls until `citizen` has an offer; fails after `within`.
+async fn offered_within(
+    channel: &Channel,
+    campaign: &str,
+    citizen: &str,
+    within: Duration,
+) -> proto::Offer {
+    let started = Instant::now();
+    loop {
+        let registration = registration(channel, campaign, citizen).await;
+        if registration.state() == RegistrationState::Offered {
+            return registration
+                .offer
+                .expect("an offered registration has its offer");
+        }
+        assert!(
+            started.elapsed() < within,
+            "{citizen} had no offer after {within:?}: {registration:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn state_of(registrations: &[proto::Registration]) -> Vec<RegistrationState> {
+    registrations.iter().map(|r| r.state()).collect()
+}
+
+/// 1,000 eligible registrations (200 in the first priority group), 300 places: exactly
+/// 300 offers, every one of the first group's, then 100 of the second group's by the
+/// draw (not by arrival), none to a late registrant; a later wave is not offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_opening_offers_exactly_its_places_in_rank_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let clock = Clock::manual(now);
+    let server = TestServer::start_with_clock(dir.path(), Config::default(), clock.clone()).await;
+    let channel = server.channel().await;
+    utc_site_on(
+        channel.clone(),
+        ("w-site", "lazio"),
+        10,
+        ("09:00", "10:00"),
+        150,
+    )
+    .await;
+    upsert(
+        &channel,
+        campaign(
+            "wave",
+            "lazio",
+            vec![
+                wave("first", now + 60_000, &["care", "general"]),
+                wave("later", now + 3_600_000, &["later"]),
+            ],
+        ),
+    )
+    .await
+    .expect("campaign");
+    let citizens: Vec<(String, &str)> = (0..1_000)
+        .map(|i| {
+            (
+                format!("w-{i:04}"),
+                if i % 5 == 0 { "care" } else { "general" },
+            )
+        })
+        .chain((0..10).map(|i| (format!("w-later-{i}"), "later")))
+        .collect();
+    register_all(&channel, "wave", &citizens).await;
+    let before = counts(&stats(&channel, "wave").await);
+    assert_eq!(
+        (before.registered, before.offered),
+        (1_010, 0),
+        "no wave is open yet"
+    );
+
+    clock.advance(Duration::from_secs(61));
+    register(&channel, register_request("wave", "w-late", &["general"])).await;
+    while server.match_campaigns().await > 0 {}
+    let after = stats(&channel, "wave").await;
+    let c = counts(&after);
+    assert_eq!((c.offered, c.waiting, c.registered), (300, 701, 10));
+    assert_eq!(after.by_wave[0].counts.unwrap().offered, 300);
+
+    let names: Vec<String> = citizens.iter().map(|(c, _)| c.clone()).collect();
+    let all = registrations(&channel, "wave", &names[..1_000]).await;
+    let offered: Vec<usize> = (0..1_000)
+        .filter(|i| all[*i].state() == RegistrationState::Offered)
+        .collect();
+    assert!(
+        offered.iter().filter(|i| *i % 5 == 0).count() == 200,
+        "the first group first"
+    );
+    let general: Vec<usize> = offered.iter().copied().filter(|i| i % 5 != 0).collect();
+    assert_eq!(general.len(), 100);
+    assert!(
+        general.iter().any(|i| *i > 200),
+        "drawn, not by arrival: {general:?}"
+    );
+    assert_eq!(
+        registration(&channel, "wave", "w-late").await.state(),
+        RegistrationState::Waiting,
+        "a late registrant comes after the drawn ones"
+    );
+    // Offers are holds: the slots have no place left, and each offer holds one.
+    let slots = search_all(&mut server.booking().await, "w-site", "vax").await;
+    assert!(slots.iter().all(|s| s.remaining == 0));
+    let holds: HashSet<String> = offered
+        .iter()
+        .map(|i| all[*i].offer.clone().unwrap().hold_id)
+        .collect();
+    assert_eq!(holds.len(), 300);
+}
+
+/// Accept books; decline and expiry give the place to the next waiting registration
+/// within a second; a cancelled booking's place too; an exhausted registration gets no
+/// more offers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_freed_place_goes_to_the_next_registration_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let clock = Clock::manual(now);
+    let server = TestServer::start_with_clock(dir.path(), Config::default(), clock.clone()).await;
+    let channel = server.channel().await;
+    utc_site_on(
+        channel.clone(),
+        ("f-site", "marche"),
+        10,
+        ("09:00", "09:30"),
+        1,
+    )
+    .await;
+    let mut definition = campaign("free", "marche", vec![wave("all", now - 1_000, &[])]);
+    definition.offers_declined_max = 1;
+    definition.offer_ttl_seconds = 600;
+    upsert(&channel, definition).await.expect("campaign");
+    // One place; citizens registered one after the other get it in turn (the draw
+    // orders those registered before the wave opened: these all came after).
+    let citizens: Vec<String> = (0..5).map(|i| format!("f-{i}")).collect();
+    for citizen in &citizens {
+        register(&channel, register_request("free", citizen, &[])).await;
+    }
+    let first = offered_within(&channel, "free", &citizens[0], Duration::from_secs(2)).await;
+    assert_eq!(
+        registration(&channel, "free", &citizens[1]).await.state(),
+        RegistrationState::Waiting,
+        "one place, one offer"
+    );
+
+    // Decline: exhausted (offers_declined_max = 1), the next one is offered within 1 s.
+    let declined = decline(&channel, "free", &citizens[0], 1).await;
+    assert_eq!(declined.state(), RegistrationState::Exhausted);
+    let second = offered_within(&channel, "free", &citizens[1], Duration::from_secs(1)).await;
+    assert_eq!(
+        second.slot.as_ref().unwrap().slot_id,
+        first.slot.as_ref().unwrap().slot_id
+    );
+
+    // Expiry: the sweeper ends the offer, the next one is offered within 1 s.
+    clock.advance(Duration::from_secs(601));
+    assert_eq!(server.sweep_holds().await, 1);
+    let third = offered_within(&channel, "free", &citizens[2], Duration::from_secs(1)).await;
+    assert_eq!(
+        registration(&channel, "free", &citizens[1]).await.state(),
+        RegistrationState::Exhausted
+    );
+
+    // Accept: a booking of the offered slot, with the offer's hold id.
+    let booking = accept(&channel, "free", &citizens[2])
+        .await
+        .expect("accepted");
+    assert_eq!(booking.booking_id, third.hold_id);
+    let booked = registration(&channel, "free", &citizens[2]).await;
+    assert_eq!(
+        (booked.state(), booked.booking_id.clone()),
+        (RegistrationState::Booked, booking.booking_id.clone())
+    );
+    let again = accept(&channel, "free", &citizens[2])
+        .await
+        .expect("a retry answers the booking");
+    assert_eq!(again.booking_id, booking.booking_id);
+
+    // Cancel: the registration is withdrawn, the place goes to the next one.
+    BookingServiceClient::new(channel.clone())
+        .cancel_booking(proto::CancelBookingRequest {
+            booking_id: booking.booking_id.clone(),
+            citizen_id: citizens[2].clone(),
+            request_id: "f-cancel".into(),
+        })
+        .await
+        .expect("cancelled");
+    offered_within(&channel, "free", &citizens[3], Duration::from_secs(1)).await;
+    assert_eq!(
+        registration(&channel, "free", &citizens[2]).await.state(),
+        RegistrationState::Withdrawn
+    );
+    let c = counts(&stats(&channel, "free").await);
+    assert_eq!(
+        (c.exhausted, c.withdrawn, c.offered, c.waiting),
+        (2, 1, 1, 1)
+    );
+
+    // Withdrawing gives the place on; a withdrawn citizen may register anew, at the end.
+    BookingServiceClient::new(channel.clone())
+        .withdraw_registration(proto::WithdrawRegistrationRequest {
+            campaign_id: "free".into(),
+            citizen_id: citizens[3].clone(),
+            request_id: "f-withdraw".into(),
+        })
+        .await
+        .expect("withdrawn");
+    offered_within(&channel, "free", &citizens[4], Duration::from_secs(1)).await;
+    let anew = register(
+        &channel,
+        proto::PreRegisterRequest {
+            request_id: "f-again".into(),
+            ..register_request("free", &citizens[3], &[])
+        },
+    )
+    .await;
+    assert_eq!(anew.state(), RegistrationState::Waiting);
+    assert_eq!(
+        anew.offers_declined, 1,
+        "withdrawing from an offer counts as declining it"
+    );
+
+    // A closure ends the offer; the registration waits again with its rank (no decline).
+    let slot = first.slot.clone().unwrap();
+    CapacityServiceClient::new(channel.clone())
+        .close_slots(proto::CloseSlotsRequest {
+            site_id: "f-site".into(),
+            service_id: None,
+            from: slot.start,
+            to: slot.end,
+            reason: "site flooded".into(),
+            request_id: "f-close".into(),
+        })
+        .await
+        .expect("closed");
+    let requeued = registration(&channel, "free", &citizens[4]).await;
+    assert_eq!(
+        (requeued.state(), requeued.offers_declined),
+        (RegistrationState::Waiting, 0)
+    );
+
+    // The event log tells each offer and how it ended.
+    let events = all_events(&channel).await;
+    let offers = events
+        .iter()
+        .filter(|e| e.kind() == proto::EventKind::OfferMade)
+        .count();
+    let ended: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind() == proto::EventKind::OfferExpired)
+        .map(|e| e.reason.as_str())
+        .collect();
+    assert_eq!(offers, 5);
+    assert_eq!(
+        ended,
+        [
+            "offer declined",
+            "offer expired",
+            "registration withdrawn",
+            "site flooded"
+        ]
+    );
+}
+
+/// Every event in the log so far (the stream is read until it is idle for 500 ms).
+async fn all_events(channel: &Channel) -> Vec<proto::Event> {
+    let mut stream = CapacityServiceClient::new(channel.clone())
+        .watch_events(proto::WatchEventsRequest {
+            scope: None,
+            after_sequence: 0,
+            log_id: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    let idle = Duration::from_millis(500);
+    while let Ok(next) = tokio::time::timeout(idle, stream.message()).await {
+        match next.expect("an event") {
+            Some(item) => events.extend(item.event),
+            None => break,
+        }
+    }
+    events
+}
+
+/// Direct Book and HoldSlot need an offer, except within last_minute_hours; an
+/// authority can widen the window; preferences choose the site and the day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_bookings_need_an_offer_outside_the_last_minute_and_preferences_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let channel = server.channel().await;
+    utc_site_on(
+        channel.clone(),
+        ("p-near", "puglia"),
+        10,
+        ("09:00", "09:30"),
+        2,
+    )
+    .await;
+    utc_site_on(
+        channel.clone(),
+        ("p-far", "puglia"),
+        12,
+        ("09:00", "09:30"),
+        2,
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let future_wave = vec![wave("all", now + 3_600_000, &[])];
+    upsert(&channel, campaign("p", "puglia", future_wave.clone()))
+        .await
+        .expect("campaign");
+    let near = search_all(&mut server.booking().await, "p-near", "vax").await;
+    let refused = server
+        .booking()
+        .await
+        .book(book_request(&near[0].slot_id, "p-direct", "p-direct-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), reason(&refused).as_deref()),
+        (Code::FailedPrecondition, Some("OFFER_REQUIRED"))
+    );
+    let refused = server
+        .booking()
+        .await
+        .hold_slot(proto::HoldSlotRequest {
+            slot_id: near[0].slot_id.clone(),
+            citizen_id: "p-direct".into(),
+            request_id: "p-direct-2".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused).as_deref(), Some("OFFER_REQUIRED"));
+    // The service and region of a campaign never change.
+    let moved = upsert(&channel, campaign("p", "lazio", future_wave.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(moved.code(), Code::InvalidArgument);
+
+    // An eleven-day window: the near slot (10 days ahead) is last-minute now.
+    let mut wider = campaign("p", "puglia", future_wave);
+    wider.last_minute_hours = 11 * 24;
+    upsert(&channel, wider).await.expect("changed");
+    book_ok(
+        &mut server.booking().await,
+        book_request(&near[0].slot_id, "p-direct", "p-direct-3"),
+    )
+    .await;
+
+    // Preferences: only p-far, only its weekday; the wave opens now.
+    let far_day = chrono::NaiveDate::parse_from_str(&day_ahead(12), "%Y-%m-%d").unwrap();
+    use chrono::Datelike;
+    let weekday = far_day.weekday().number_from_monday();
+    let mut picky = register_request("p", "p-picky", &[]);
+    picky.preferences = Some(proto::Preferences {
+        site_ids: vec!["p-far".into()],
+        weekdays: vec![weekday],
+        earliest: "08:30".into(),
+        latest: "09:00".into(),
+        ..Default::default()
+    });
+    register(&channel, picky).await;
+    let mut nowhere = register_request("p", "p-nowhere", &[]);
+    nowhere.preferences = Some(proto::Preferences {
+        weekdays: vec![weekday % 7 + 1],
+        first_day: day_ahead(12),
+        ..Default::default()
+    });
+    register(&channel, nowhere).await;
+    let mut bad = register_request("p", "p-bad", &[]);
+    bad.preferences = Some(proto::Preferences {
+        site_ids: vec!["elsewhere".into()],
+        weekdays: vec![8],
+        earliest: "25:00".into(),
+        ..Default::default()
+    });
+    let refused = server.booking().await.pre_register(bad).await.unwrap_err();
+    assert_eq!(
+        violated_fields(&refused),
+        ["preferences.weekdays", "preferences.earliest"],
+        "every malformed field at once"
+    );
+    let mut later = campaign("p", "puglia", vec![wave("all", now - 1_000, &[])]);
+    later.last_minute_hours = 11 * 24;
+    upsert(&channel, later).await.expect("the wave opens now");
+    let offer = offered_within(&channel, "p", "p-picky", Duration::from_secs(2)).await;
+    assert_eq!(offer.slot.unwrap().site_id, "p-far");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        registration(&channel, "p", "p-nowhere").await.state(),
+        RegistrationState::Waiting,
+        "no slot on its days: it waits"
+    );
+}
+
+/// Matching cut by a kill -9 (a few offers per step, so the kill lands mid-way): after
+/// the restart no registration has two offers, every offer seen before is still there,
+/// no place is offered twice, matching finishes, and the stats equal the exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matching_survives_a_kill_9_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [("CAMPAIGN_OFFERS_PER_STEP_MAX", "10")];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let channel = connect(&server.url).await;
+    utc_site_on(
+        channel.clone(),
+        ("k-site", "umbria"),
+        10,
+        ("09:00", "11:00"),
+        30,
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp_millis();
+    upsert(
+        &channel,
+        campaign("k", "umbria", vec![wave("all", now + 3_600_000, &[])]),
+    )
+    .await
+    .expect("campaign");
+    let citizens: Vec<String> = (0..400).map(|i| format!("k-{i}")).collect();
+    let pairs: Vec<(String, &str)> = citizens.iter().map(|c| (c.clone(), "x")).collect();
+    register_all(&channel, "k", &pairs).await;
+    let mut open = campaign("k", "umbria", vec![wave("all", now, &[])]);
+    open.offer_ttl_seconds = 3_600;
+    upsert(&channel, open).await.expect("the wave opens");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let before = registrations(&channel, "k", &citizens).await;
+    let offered_before: HashMap<String, String> = citizens
+        .iter()
+        .zip(&before)
+        .filter(|(_, r)| r.state() == RegistrationState::Offered)
+        .map(|(c, r)| (c.clone(), r.offer.clone().unwrap().hold_id))
+        .collect();
+    assert!(
+        !offered_before.is_empty() && offered_before.len() < 120,
+        "mid-way: {}",
+        offered_before.len()
+    );
+    server.kill_9();
+
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let channel = connect(&server.url).await;
+    for (citizen, hold_id) in &offered_before {
+        let after = registration(&channel, "k", citizen).await;
+        assert_eq!(
+            after.offer.map(|o| o.hold_id).as_ref(),
+            Some(hold_id),
+            "{citizen} kept its offer"
+        );
+    }
+    // Matching resumes and ends with every place offered, once.
+    let started = Instant::now();
+    loop {
+        let c = counts(&stats(&channel, "k").await);
+        if c.offered == 120 {
+            assert_eq!(c.waiting, 280);
+            break;
+        }
+        assert!(c.offered < 120, "more offers than places");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "matching stalled at {}",
+            c.offered
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = registrations(&channel, "k", &citizens).await;
+    let holds: Vec<String> = after
+        .iter()
+        .filter_map(|r| r.offer.as_ref().map(|o| o.hold_id.clone()))
+        .collect();
+    assert_eq!(
+        holds.iter().collect::<HashSet<_>>().len(),
+        120,
+        "no hold offered twice"
+    );
+    let slots = search_all(
+        &mut BookingServiceClient::new(channel.clone()),
+        "k-site",
+        "vax",
+    )
+    .await;
+    assert!(slots.iter().all(|s| s.remaining == 0));
+
+    // Half accept: the stats count what the export holds.
+    let offered: Vec<&String> = citizens
+        .iter()
+        .zip(&after)
+        .filter(|(_, r)| r.state() == RegistrationState::Offered)
+        .map(|(c, _)| c)
+        .collect();
+    for citizen in offered.iter().step_by(2) {
+        accept(&channel, "k", citizen).await.expect("accepted");
+    }
+    let exported = export_all(channel.clone()).await;
+    let confirmed = exported
+        .iter()
+        .filter(|b| b.state() == proto::BookingState::Confirmed)
+        .count() as u64;
+    let c = counts(&stats(&channel, "k").await);
+    assert_eq!((c.booked, c.offered), (confirmed, 60));
+    assert_eq!(state_of(&after).len(), 400);
+    server.kill_9();
+}

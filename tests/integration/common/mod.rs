@@ -1,0 +1,408 @@
+//! Shared helpers: a real prenota server on 127.0.0.1:0 with a temp dir, clients, and
+//! readers for the error details of a `Status`.
+
+#![allow(dead_code)] // not every helper is used by every file
+
+pub mod child;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+
+use chrono::{Duration, Utc};
+use prenota::config::Config;
+use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::proto::capacity_service_client::CapacityServiceClient;
+use prenota::proto::{self, OpeningHours};
+use prenota::server::{ServeOptions, Server};
+use prenota::service::{Clock, Engine};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+pub struct TestServer {
+    pub address: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Weak, so a graceful stop can still take the engine back and close the store.
+    engine: Weak<Engine>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, Config::default()).await
+    }
+
+    pub async fn start_with(data_dir: &Path, config: Config) -> Self {
+        Self::start_with_clock(data_dir, config, Clock::system()).await
+    }
+
+    /// A server whose engine reads `clock` (a manual clock lets a test move time).
+    pub async fn start_with_clock(data_dir: &Path, config: Config, clock: Clock) -> Self {
+        let server = Server::open(ServeOptions {
+            data_dir: data_dir.to_path_buf(),
+            config,
+            demo: false,
+            clock,
+        })
+        .await
+        .expect("server opens");
+        let engine = Arc::downgrade(server.engine());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .serve(listener, async {
+                    let _ = stop.await;
+                })
+                .await
+                .expect("server runs");
+        });
+        Self {
+            address,
+            data_dir: data_dir.to_path_buf(),
+            engine,
+            shutdown: Some(shutdown),
+            task: Some(task),
+        }
+    }
+
+    /// Graceful stop: drains requests and closes the store, like SIGTERM.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task ends cleanly");
+        }
+    }
+
+    /// Runs one step of the hold sweeper now, as its timer would; returns how many
+    /// holds it expired.
+    pub async fn sweep_holds(&self) -> usize {
+        let engine = self.engine.upgrade().expect("the server is running");
+        prenota::server::sweep_holds_once(&engine)
+            .await
+            .expect("the sweep commits")
+    }
+
+    /// Runs one admission step of the queued releases now, as its timer would; returns
+    /// how many tickets it admitted.
+    pub async fn advance_releases(&self) -> usize {
+        let engine = self.engine.upgrade().expect("the server is running");
+        prenota::server::advance_releases_once(&engine)
+            .await
+            .expect("the admission step commits")
+    }
+
+    /// Runs one matching step of the campaigns now, as its timer would; returns how many
+    /// offers it made.
+    pub async fn match_campaigns(&self) -> usize {
+        let engine = self.engine.upgrade().expect("the server is running");
+        prenota::server::match_campaigns_once(&engine)
+            .await
+            .expect("the matching step commits")
+    }
+
+    /// Runs one retention pass now, as its timer would.
+    pub async fn retain(&self) -> prenota::service::Retained {
+        let engine = self.engine.upgrade().expect("the server is running");
+        prenota::server::retain_once(&engine)
+            .await
+            .expect("the retention pass commits")
+    }
+
+    /// Finished requests the server remembers right now.
+    pub fn request_records(&self) -> usize {
+        let engine = self.engine.upgrade().expect("the server is running");
+        engine.request_record_count()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        connect(&self.url()).await
+    }
+
+    pub async fn booking(&self) -> BookingServiceClient<Channel> {
+        BookingServiceClient::new(self.channel().await)
+    }
+
+    pub async fn capacity(&self) -> CapacityServiceClient<Channel> {
+        CapacityServiceClient::new(self.channel().await)
+    }
+}
+
+pub async fn connect(url: &str) -> Channel {
+    Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// A local day `days_ahead` days from now, as `YYYY-MM-DD` (UTC).
+pub fn day_ahead(days_ahead: i64) -> String {
+    (Utc::now() + Duration::days(days_ahead))
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
+pub async fn upsert_site(
+    capacity: &mut CapacityServiceClient<Channel>,
+    site_id: &str,
+    region_id: &str,
+    time_zone: &str,
+) {
+    capacity
+        .upsert_site(proto::UpsertSiteRequest {
+            site: Some(proto::Site {
+                site_id: site_id.into(),
+                name: format!("Site {site_id}"),
+                region_id: region_id.into(),
+                time_zone: time_zone.into(),
+            }),
+            request_id: format!("upsert-{site_id}"),
+        })
+        .await
+        .expect("upsert site");
+}
+
+/// A schedule open every weekday over `days` (first, last) during `hours` (opens, closes).
+pub fn publish_request(
+    site_id: &str,
+    service_id: &str,
+    (first_day, last_day): (&str, &str),
+    (opens, closes): (&str, &str),
+    slot_minutes: u32,
+    capacity_per_slot: u32,
+) -> proto::PublishScheduleRequest {
+    proto::PublishScheduleRequest {
+        site_id: site_id.into(),
+        service_id: service_id.into(),
+        first_day: first_day.into(),
+        last_day: last_day.into(),
+        opening_hours: (1..=7)
+            .map(|weekday| OpeningHours {
+                weekday,
+                opens: opens.into(),
+                closes: closes.into(),
+            })
+            .collect(),
+        slot_minutes,
+        capacity_per_slot,
+        request_id: String::new(),
+    }
+}
+
+/// Creates a UTC site with one slot of `capacity` places, 30 days ahead; returns its slot id.
+pub async fn one_slot_site(server: &TestServer, site_id: &str, capacity: u32) -> String {
+    one_slot_site_on(server.channel().await, site_id, "test-region", capacity).await
+}
+
+/// `one_slot_site` over any channel (a child server's too), in region `region_id`.
+pub async fn one_slot_site_on(
+    channel: Channel,
+    site_id: &str,
+    region_id: &str,
+    capacity: u32,
+) -> String {
+    utc_site_on(
+        channel.clone(),
+        (site_id, region_id),
+        30,
+        ("10:00", "10:30"),
+        capacity,
+    )
+    .await;
+    let slots = search_all(&mut BookingServiceClient::new(channel), site_id, "vax").await;
+    assert_eq!(slots.len(), 1);
+    slots[0].slot_id.clone()
+}
+
+/// Creates a UTC site with 30-minute `vax` slots of `capacity` places between `hours`
+/// (opens, closes) on the day `days_ahead` days from now.
+pub async fn utc_site_on(
+    channel: Channel,
+    (site_id, region_id): (&str, &str),
+    days_ahead: i64,
+    hours: (&str, &str),
+    capacity: u32,
+) {
+    let mut capacity_client = CapacityServiceClient::new(channel);
+    upsert_site(&mut capacity_client, site_id, region_id, "Etc/UTC").await;
+    let day = day_ahead(days_ahead);
+    capacity_client
+        .publish_schedule(publish_request(
+            site_id,
+            "vax",
+            (&day, &day),
+            hours,
+            30,
+            capacity,
+        ))
+        .await
+        .expect("publish");
+}
+
+/// Every slot of a site and service in the next 366 days, following page tokens.
+pub async fn search_all(
+    booking: &mut BookingServiceClient<Channel>,
+    site_id: &str,
+    service_id: &str,
+) -> Vec<proto::Slot> {
+    let from = Utc::now().timestamp();
+    search_range(booking, site_id, service_id, from, from + 366 * 86_400).await
+}
+
+pub async fn search_range(
+    booking: &mut BookingServiceClient<Channel>,
+    site_id: &str,
+    service_id: &str,
+    from_unix_s: i64,
+    to_unix_s: i64,
+) -> Vec<proto::Slot> {
+    let mut slots = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = booking
+            .search_slots(proto::SearchSlotsRequest {
+                scope: Some(proto::search_slots_request::Scope::SiteId(site_id.into())),
+                service_id: service_id.into(),
+                from: Some(prost_types::Timestamp {
+                    seconds: from_unix_s,
+                    nanos: 0,
+                }),
+                to: Some(prost_types::Timestamp {
+                    seconds: to_unix_s,
+                    nanos: 0,
+                }),
+                only_available: false,
+                page_size: 100,
+                page_token,
+            })
+            .await
+            .expect("search")
+            .into_inner();
+        slots.extend(page.slots);
+        if page.next_page_token.is_empty() {
+            return slots;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+pub fn book_request(slot_id: &str, citizen_id: &str, request_id: &str) -> proto::BookRequest {
+    proto::BookRequest {
+        slot_id: slot_id.into(),
+        citizen_id: citizen_id.into(),
+        request_id: request_id.into(),
+        hold_id: None,
+    }
+}
+
+/// Books and expects a booking back.
+pub async fn book_ok(
+    client: &mut BookingServiceClient<Channel>,
+    request: proto::BookRequest,
+) -> proto::Booking {
+    client
+        .book(request)
+        .await
+        .expect("a booking")
+        .into_inner()
+        .booking
+        .expect("the response carries the booking")
+}
+
+pub async fn site_stats(server: &TestServer, site_id: &str) -> proto::GetSiteStatsResponse {
+    server
+        .capacity()
+        .await
+        .get_site_stats(proto::GetSiteStatsRequest {
+            site_id: site_id.into(),
+        })
+        .await
+        .expect("stats")
+        .into_inner()
+}
+
+pub async fn export_all(channel: Channel) -> Vec<proto::Booking> {
+    let mut stream = CapacityServiceClient::new(channel)
+        .export_bookings(proto::ExportBookingsRequest { scope: None })
+        .await
+        .expect("export")
+        .into_inner();
+    let mut bookings = Vec::new();
+    while let Some(item) = stream.message().await.expect("export item") {
+        bookings.push(item.booking.expect("booking"));
+    }
+    bookings
+}
+
+/// `ErrorInfo.reason` of a status, if any.
+pub fn reason(status: &Status) -> Option<String> {
+    status.get_details_error_info().map(|info| info.reason)
+}
+
+/// The `RetryInfo` delay of a refusal (it must have one).
+pub fn retry_delay(status: &Status) -> std::time::Duration {
+    status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .expect("a RetryInfo delay")
+}
+
+pub fn metadata(status: &Status, key: &str) -> Option<String> {
+    status
+        .get_details_error_info()
+        .and_then(|info| info.metadata.get(key).cloned())
+}
+
+/// Fields named by the `BadRequest` details of an INVALID_ARGUMENT status.
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// The health status of `service` (`""` for the whole server).
+pub async fn health_of(
+    channel: Channel,
+    service: &str,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    let status = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status;
+    tonic_health::pb::health_check_response::ServingStatus::try_from(status).unwrap()
+}
+
+/// Sends `authorization: Bearer <token>` on every request (nothing when `None`).
+#[derive(Clone)]
+pub struct Bearer(pub Option<&'static str>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = self.0 {
+            let value =
+                tonic::metadata::MetadataValue::try_from(format!("Bearer {token}")).unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}

@@ -1,0 +1,263 @@
+//! The durability barrier, on the real binary: an LD_PRELOAD shim (tests/shim/) takes
+//! over `fdatasync`, the call prenota's committer makes after sled's flush.
+//!
+//! - While fdatasync is held, a booking is not acknowledged; it is once the sync returns.
+//! - A failed fdatasync fails the booking, turns health NOT_SERVING, and stops every later
+//!   write (no silent retry); after a restart a retry of the failed request books at most
+//!   once.
+//!
+//! The shim is compiled with the system C compiler (`cc`) when the test runs.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::child::{http_get, ChildOptions, ChildServer};
+use common::*;
+use prenota::proto::booking_service_client::BookingServiceClient;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_types::StatusExt;
+
+/// Builds the shim into `dir` and returns its path.
+fn build_shim(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/shim/fdatasync_gate.c");
+    let library = dir.join("fdatasync_gate.so");
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .expect("a C compiler (cc) builds the fdatasync shim");
+    assert!(status.success(), "cc failed on {}", source.display());
+    library
+}
+
+/// A child server whose fdatasync is controlled through files in `control`.
+fn start_with_shim(data_dir: &Path, library: &Path, control: &Path) -> ChildServer {
+    start_with_shim_and(data_dir, library, control, Vec::new())
+}
+
+/// `start_with_shim`, with more environment variables (e.g. limits).
+fn start_with_shim_and(
+    data_dir: &Path,
+    library: &Path,
+    control: &Path,
+    mut env: Vec<(String, String)>,
+) -> ChildServer {
+    env.push(("LD_PRELOAD".into(), library.display().to_string()));
+    env.push((
+        "PRENOTA_FSYNC_SHIM_DIR".into(),
+        control.display().to_string(),
+    ));
+    let options = ChildOptions {
+        env,
+        ..ChildOptions::default()
+    };
+    let mut server = ChildServer::start_recovering(data_dir, options);
+    server.wait_serving();
+    server
+}
+
+/// Waits (bounded) until a commit is inside the held fdatasync.
+async fn wait_for_held_fdatasync(control: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !control.join("waiting").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the commit never reached fdatasync"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn health(server: &ChildServer) -> ServingStatus {
+    health_of(connect(&server.url).await, "prenota.v1.BookingService").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_booking_is_acknowledged_before_its_fdatasync_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = build_shim(dir.path());
+    let control = dir.path().join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    let server = start_with_shim(&dir.path().join("data"), &library, &control);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "durable", "r", 10).await;
+
+    // Hold the barrier, then book.
+    std::fs::write(control.join("gate"), b"").unwrap();
+    let mut client = BookingServiceClient::new(channel.clone());
+    let booking = tokio::spawn(async move {
+        client
+            .book(book_request(&slot_id, "citizen-gated", "gated"))
+            .await
+    });
+    wait_for_held_fdatasync(&control).await;
+    // The write is applied and flushed, fdatasync is running: no answer yet.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !booking.is_finished(),
+        "the booking was acknowledged while fdatasync had not returned"
+    );
+    std::fs::remove_file(control.join("gate")).unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), booking)
+        .await
+        .expect("answered once fdatasync returned")
+        .unwrap();
+    assert!(answered.is_ok(), "{answered:?}");
+    assert_eq!(health(&server).await, ServingStatus::Serving);
+    server.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = build_shim(dir.path());
+    let control = dir.path().join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    let data_dir = dir.path().join("data");
+    let server = start_with_shim(&data_dir, &library, &control);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "durable", "r", 10).await;
+    let mut client = BookingServiceClient::new(channel.clone());
+    book_ok(
+        &mut client,
+        book_request(&slot_id, "citizen-before", "before"),
+    )
+    .await;
+
+    std::fs::write(control.join("fail"), b"").unwrap();
+    let failed = client
+        .book(book_request(&slot_id, "citizen-failed", "failed"))
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+    assert_eq!(reason(&failed).as_deref(), Some("STORAGE_FAILED"));
+    // Health follows the store's state through a task: it turns within moments.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&server).await != ServingStatus::NotServing {
+        assert!(
+            Instant::now() < deadline,
+            "health still SERVING after the failed fdatasync"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // The disk is back, but the store stays failed: nothing is retried silently.
+    std::fs::remove_file(control.join("fail")).unwrap();
+    let refused = client
+        .book(book_request(&slot_id, "citizen-after", "after"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused).as_deref(), Some("STORAGE_FAILED"));
+    let metrics = http_get(&server.metrics_url);
+    assert!(metrics.contains("prenota_store_healthy 0"), "{metrics}");
+    assert!(
+        metrics.contains("prenota_commit_failures_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("prenota_serving 0"), "{metrics}");
+    server.kill_9();
+
+    // After a restart the disk decides: the failed booking may or may not be there (its
+    // flush ran), but its retry books at most once, and the refused one books now.
+    let server = start_with_shim(&data_dir, &library, &control);
+    assert_eq!(health(&server).await, ServingStatus::Serving);
+    let channel = connect(&server.url).await;
+    let mut client = BookingServiceClient::new(channel.clone());
+    let retried = book_ok(
+        &mut client,
+        book_request(&slot_id, "citizen-failed", "failed"),
+    )
+    .await;
+    let again = book_ok(
+        &mut client,
+        book_request(&slot_id, "citizen-failed", "failed"),
+    )
+    .await;
+    assert_eq!(retried.booking_id, again.booking_id);
+    book_ok(
+        &mut client,
+        book_request(&slot_id, "citizen-after", "after"),
+    )
+    .await;
+    let bookings = export_all(channel).await;
+    assert_eq!(bookings.len(), 3, "{bookings:?}");
+    server.terminate();
+}
+
+/// A closure waits for bookings already admitted to its slots, but not without bound:
+/// held up by a stalled disk past `close_settle_wait_ms`, it closes nothing, reopens
+/// its slots and answers OVERLOADED; once the disk is back it closes and cancels them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closure_stalled_behind_a_held_fdatasync_gives_up_and_closes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = build_shim(dir.path());
+    let control = dir.path().join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    let limit = ("PRENOTA_LIMITS_CLOSE_SETTLE_WAIT_MS".into(), "300".into());
+    let server = start_with_shim_and(&dir.path().join("data"), &library, &control, vec![limit]);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "stalled", "r", 10).await;
+    let slot = search_all(
+        &mut BookingServiceClient::new(channel.clone()),
+        "stalled",
+        "vax",
+    )
+    .await
+    .remove(0);
+    let close = prenota::proto::CloseSlotsRequest {
+        site_id: "stalled".into(),
+        service_id: None,
+        from: slot.start,
+        to: slot.end,
+        reason: "the nurse is ill".into(),
+        request_id: String::new(),
+    };
+
+    // A booking admitted, its commit held in fdatasync.
+    std::fs::write(control.join("gate"), b"").unwrap();
+    let mut client = BookingServiceClient::new(channel.clone());
+    let booking = tokio::spawn(async move {
+        client
+            .book(book_request(&slot_id, "citizen-stalled", "stalled"))
+            .await
+    });
+    wait_for_held_fdatasync(&control).await;
+    let mut capacity =
+        prenota::proto::capacity_service_client::CapacityServiceClient::new(channel.clone());
+    let refused =
+        tokio::time::timeout(Duration::from_secs(10), capacity.close_slots(close.clone()))
+            .await
+            .expect("the closure does not wait on a stalled disk for ever")
+            .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason(&refused).as_deref(), Some("OVERLOADED"));
+    let retry = refused
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay);
+    assert!(retry.is_some(), "the refusal says when to retry");
+
+    // The disk is back: the booking is acknowledged, the slot was reopened, and the
+    // closure now closes it and cancels the booking.
+    std::fs::remove_file(control.join("gate")).unwrap();
+    let booked = tokio::time::timeout(Duration::from_secs(10), booking)
+        .await
+        .expect("answered once fdatasync returned")
+        .unwrap();
+    assert!(booked.is_ok(), "{booked:?}");
+    let after = search_all(
+        &mut BookingServiceClient::new(channel.clone()),
+        "stalled",
+        "vax",
+    )
+    .await;
+    assert!(!after[0].closed, "a refused closure leaves its slot open");
+    let closed = capacity.close_slots(close).await.unwrap().into_inner();
+    assert_eq!((closed.slots_closed, closed.cancelled_bookings), (1, 1));
+    server.terminate();
+}

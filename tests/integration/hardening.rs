@@ -1,0 +1,566 @@
+//! The transport under attack, on the real binary (issue #14): unauthenticated probes
+//! sent huge half-written messages, a client that makes the server reset stream after
+//! stream, and sockets held open past every limit. Each attack is bounded.
+
+use crate::common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::child::ChildServer;
+use common::*;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const END_HEADERS: u8 = 0x4;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+
+/// One raw HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream_id.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The HPACK block of a gRPC request: literal fields, never indexed.
+fn grpc_request_headers(path: &str) -> Vec<u8> {
+    let fields = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ];
+    let mut out = Vec::new();
+    for (name, value) in fields {
+        out.push(0x00); // literal without indexing, new name
+        for text in [name, value] {
+            assert!(text.len() < 127, "one-byte HPACK length");
+            out.push(text.len() as u8);
+            out.extend_from_slice(text.as_bytes());
+        }
+    }
+    out
+}
+
+/// Reads frames until GOAWAY: its last processed stream id and error code; `None` if
+/// the connection ended (or went quiet) without one.
+fn goaway(socket: &mut TcpStream) -> Option<(u32, u32)> {
+    loop {
+        let mut head = [0u8; 9];
+        socket.read_exact(&mut head).ok()?;
+        let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; length];
+        socket.read_exact(&mut payload).ok()?;
+        if head[3] == GOAWAY {
+            let last_stream_id = u32::from_be_bytes(payload[0..4].try_into().unwrap());
+            let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+            return Some((last_stream_id, code));
+        }
+    }
+}
+
+fn address(server: &ChildServer) -> String {
+    server.url.strip_prefix("http://").unwrap().to_string()
+}
+
+async fn still_healthy(server: &ChildServer) {
+    let channel = connect(&server.url).await;
+    assert_eq!(health_of(channel, "").await, ServingStatus::Serving);
+}
+
+/// The "made you reset" class: each stream is opened, then sent a window update that
+/// overflows its window, so the server must reset it. tonic leaves the number of such
+/// resets unlimited; `local_reset_streams_max` (128) ends the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_makes_the_server_reset_streams_gets_goaway() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(dir.path());
+    let mut socket = TcpStream::connect(address(&server)).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut writer = socket.try_clone().unwrap();
+    let attack = std::thread::spawn(move || {
+        let mut hello = PREFACE.to_vec();
+        hello.extend(frame(SETTINGS, 0, 0, &[]));
+        writer.write_all(&hello).unwrap();
+        for index in 0..2_000u32 {
+            let stream_id = 2 * index + 1;
+            let mut out = frame(
+                HEADERS,
+                END_HEADERS,
+                stream_id,
+                &grpc_request_headers(HEALTH_CHECK),
+            );
+            let overflow = 0x7fff_ffffu32.to_be_bytes();
+            out.extend(frame(WINDOW_UPDATE, 0, stream_id, &overflow));
+            if writer.write_all(&out).is_err() {
+                return index; // the server closed the connection
+            }
+        }
+        2_000
+    });
+    let goaway = tokio::task::spawn_blocking(move || goaway(&mut socket))
+        .await
+        .unwrap();
+    let sent = attack.join().unwrap();
+    let (last_stream_id, code) = goaway.expect("GOAWAY");
+    assert_eq!(code, ENHANCE_YOUR_CALM);
+    let processed = last_stream_id.div_ceil(2);
+    assert!(
+        processed <= 128 + 8,
+        "{processed} streams processed before GOAWAY ({sent} sent)"
+    );
+    still_healthy(&server).await;
+}
+
+/// `message` with its gRPC frame prefix (uncompressed, its length).
+fn grpc_frame(message: &[u8]) -> bytes::Bytes {
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed.into()
+}
+
+/// Sends a gRPC request for `path` on `client`: `framed` if any, then the end of the
+/// request when `ends`. The request's body is never sent more (a stream left half open
+/// stays so); the reply is the caller's to read or not.
+async fn send_call(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    framed: Option<bytes::Bytes>,
+    ends: bool,
+) -> h2::client::ResponseFuture {
+    let request = http::Request::post(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut client = client.clone().ready().await.unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    if let Some(framed) = framed {
+        body.send_data(framed, ends).unwrap();
+    }
+    std::mem::forget(body);
+    response
+}
+
+/// The grpc-status a response ends with (trailers-only, or after its body).
+async fn grpc_status_of(response: h2::client::ResponseFuture) -> Option<u32> {
+    let response = response.await.ok()?;
+    let read = |headers: &http::HeaderMap| {
+        headers
+            .get("grpc-status")
+            .and_then(|value| value.to_str().ok()?.parse().ok())
+    };
+    if let Some(code) = read(response.headers()) {
+        return Some(code);
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        let data = data.ok()?;
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    read(&body.trailers().await.ok()??)
+}
+
+/// Health and reflection answer without a token: a 4 MiB message, half sent and never
+/// finished, is refused from its 5-byte prefix (probe_message_size_bytes_max, 16 KiB)
+/// instead of being buffered until the client disconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_refuse_big_half_sent_messages_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(dir.path());
+    let before = server.rss_bytes();
+    let (client, _connection) = h2_client(&server, None).await;
+    let message = grpc_frame(&vec![0; 4 << 20]);
+    let mut calls = Vec::new();
+    for index in 0..40 {
+        let path = [HEALTH_CHECK, REFLECTION][index % 2];
+        let never_finished = send_call(&client, path, Some(message.clone()), false).await;
+        calls.push((path, never_finished));
+    }
+    for (path, response) in calls {
+        let status = tokio::time::timeout(Duration::from_secs(10), grpc_status_of(response))
+            .await
+            .unwrap_or_else(|_| panic!("{path} held a half-sent 4 MiB message"));
+        // Health answers RESOURCE_EXHAUSTED or OUT_OF_RANGE (depending on where tonic
+        // checks the size); reflection ends its stream (OK) on a request it cannot read,
+        // or sheds it (UNAVAILABLE) past its pool of 16 streams.
+        let refused = match path {
+            HEALTH_CHECK => matches!(status, Some(8) | Some(11)),
+            _ => matches!(status, Some(0) | Some(8) | Some(11) | Some(14)),
+        };
+        assert!(refused, "{path}: {status:?}");
+    }
+    let grown = server.rss_bytes().saturating_sub(before);
+    assert!(grown < 10 << 20, "RSS grew by {grown} bytes");
+    still_healthy(&server).await;
+}
+
+/// Reads until the peer closes the connection; how long that took, `None` on timeout.
+fn closed_within(socket: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    socket.set_read_timeout(Some(limit)).unwrap();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match socket.read(&mut buffer) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(started.elapsed())
+            }
+            Err(_) => return None,
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+    }
+}
+
+/// 500 idle sockets were held open for ever. Now at most `connections_max` are open
+/// (the rest closed at accept), a socket that says nothing (or one byte) is closed at
+/// `connection_opening_timeout_ms`, and every connection is asked to go away at
+/// `connection_age_max_ms`, then closed after its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_closed_at_once_and_idle_ones_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("CONNECTIONS_MAX", "20"),
+        ("CONNECTION_OPENING_TIMEOUT_MS", "1000"),
+        ("CONNECTION_AGE_MAX_MS", "3000"),
+        ("CONNECTION_AGE_GRACE_MS", "1000"),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let open = |says: &[u8]| {
+        let mut socket = TcpStream::connect(address(&server)).unwrap();
+        socket.write_all(says).unwrap();
+        (Instant::now(), socket)
+    };
+    // Half are idle HTTP/2 clients; of the others, some never say a word, some send
+    // one byte of the preface and stop.
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    let silent: Vec<_> = (0..10).map(|n| open(&PREFACE[..n % 2])).collect();
+    let talkers: Vec<_> = (0..10).map(|_| open(&hello)).collect();
+    std::thread::sleep(Duration::from_millis(200)); // all accepted
+    for _ in 0..10 {
+        let mut extra = TcpStream::connect(address(&server)).unwrap();
+        let closed = closed_within(&mut extra, Duration::from_millis(800));
+        assert!(closed.is_some(), "a connection past the cap stayed open");
+    }
+    // Silent ones first: each is timed from its own connect.
+    for (kind, sockets) in [("silent", silent), ("idle", talkers)] {
+        for (connected, mut socket) in sockets {
+            let closed = closed_within(&mut socket, Duration::from_secs(15));
+            assert!(closed.is_some(), "an {kind} connection stayed open");
+            let lived = connected.elapsed();
+            match kind {
+                "silent" => assert!(lived < Duration::from_millis(2_500), "silent {lived:?}"),
+                _ => assert!(
+                    lived >= Duration::from_millis(2_500),
+                    "idle closed at {lived:?}"
+                ),
+            }
+        }
+    }
+    still_healthy(&server).await;
+}
+
+/// How a stalled export request was answered: `None` while its stream is open (the
+/// export runs), or the code of its trailers-only refusal; and the response, kept
+/// unread (dropping it would release the window and unstall the stream).
+async fn refusal_of(
+    response: h2::client::ResponseFuture,
+) -> (Option<u32>, http::Response<h2::RecvStream>) {
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("an answer within 10 s")
+        .expect("a response");
+    let code = response
+        .headers()
+        .get("grpc-status")
+        .map(|code| code.to_str().unwrap().parse().unwrap());
+    (code, response)
+}
+
+/// An HTTP/2 client on its own connection to `server`, with this stream window (h2's
+/// default when `None`); and the connection's task.
+async fn h2_client(
+    server: &ChildServer,
+    window: Option<u32>,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let socket = tokio::net::TcpStream::connect(address(server))
+        .await
+        .unwrap();
+    let mut builder = h2::client::Builder::new();
+    if let Some(window) = window {
+        builder.initial_window_size(window);
+    }
+    let (client, connection) = builder.handshake(socket).await.unwrap();
+    (client, tokio::spawn(connection))
+}
+
+/// 520 stalled export streams pinned 523 threads and stalled ListCitizenBookings. Now
+/// exports are admitted before they start (`exports_max`, `exports_per_token_max`) and
+/// count until their stream ends; a scan whose reader keeps its window shut stops at
+/// `export_idle_timeout_ms` and closes that connection, which frees its places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_hundred_stalled_exports_are_capped_then_cut_off_and_citizens_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("EXPORT_IDLE_TIMEOUT_MS", "1000"),
+        ("EXPORT_CHANNEL_DEPTH", "1"),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "stall-site", "r", 200).await;
+    let booking = prenota::proto::booking_service_client::BookingServiceClient::new(channel);
+    let books = (0..200).map(|index| {
+        let mut booking = booking.clone();
+        let request = book_request(&slot_id, &format!("citizen-{index}"), &format!("r{index}"));
+        async move { book_ok(&mut booking, request).await }
+    });
+    futures::future::join_all(books).await;
+    let threads_before = server.threads();
+
+    // A 16-byte window, never read: every export stalls after its first bytes.
+    let (client, mut connection) = h2_client(&server, Some(16)).await;
+    // All sent before any answer is awaited: within the idle timeout.
+    let mut responses = Vec::new();
+    for _ in 0..600 {
+        let path = "/prenota.v1.CapacityService/ExportBookings";
+        responses.push(send_call(&client, path, Some(grpc_frame(&[])), true).await);
+    }
+    let (mut refusals, mut unread) = (Vec::new(), Vec::new());
+    for response in responses {
+        let (refusal, response) = refusal_of(response).await;
+        refusals.push(refusal);
+        unread.push(response);
+    }
+    let running = refusals.iter().filter(|code| code.is_none()).count();
+    let refused = refusals.iter().filter(|code| **code == Some(8)).count();
+    assert_eq!((running, refused), (2, 598), "exports_per_token_max is 2");
+
+    let mut listing = booking.clone();
+    for _ in 0..20 {
+        let listed = tokio::time::timeout(
+            Duration::from_secs(2),
+            listing.list_citizen_bookings(prenota::proto::ListCitizenBookingsRequest {
+                citizen_id: "citizen-1".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("ListCitizenBookings answers while exports stall")
+        .unwrap();
+        assert_eq!(listed.into_inner().bookings.len(), 1);
+    }
+    let threads = server.threads();
+    assert!(
+        threads <= threads_before + 4,
+        "{threads_before} -> {threads} threads"
+    );
+
+    // Past the idle timeout the server closes the stalled connection itself.
+    tokio::time::timeout(Duration::from_secs(10), &mut connection)
+        .await
+        .expect("the server closed the stalled connection")
+        .unwrap()
+        .ok(); // EOF or a broken pipe: either way it is gone
+    drop((client, unread));
+    let mut capacity = prenota::proto::capacity_service_client::CapacityServiceClient::new(
+        connect(&server.url).await,
+    );
+    let mut exported = capacity
+        .export_bookings(prenota::proto::ExportBookingsRequest::default())
+        .await
+        .expect("the places came back")
+        .into_inner();
+    let mut count = 0;
+    while exported.message().await.unwrap().is_some() {
+        count += 1;
+    }
+    assert_eq!(count, 200);
+}
+
+/// `prenota serve` on `data_dir` until it exits by itself (within 30 s): its exit
+/// success and its stderr.
+fn serve_until_exit(data_dir: &std::path::Path) -> (bool, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("prenota kept running on {}", data_dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn write_key(path: &std::path::Path, key: &[u8], mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, key).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A missing key file was silently regenerated: every stored booking became
+/// unreachable and every citizen could book again. Now the store keeps the key's check
+/// value and start-up refuses a missing, different or world-readable key; the data
+/// dir is the user's only (0700 / 0600).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_wrong_or_readable_key_refuses_start_up_and_files_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let server = ChildServer::start(&data_dir);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "key-site", "r", 5).await;
+    let mut booking = prenota::proto::booking_service_client::BookingServiceClient::new(channel);
+    book_ok(&mut booking, book_request(&slot_id, "citizen-1", "r1")).await;
+    server.terminate();
+
+    let key_path = data_dir.join("citizen-hash.key");
+    for dir in [data_dir.clone(), data_dir.join("sled")] {
+        assert_eq!(mode_of(&dir), 0o700, "{}", dir.display());
+    }
+    for file in [
+        key_path.clone(),
+        data_dir.join("sled/db"),
+        data_dir.join("sled/conf"),
+    ] {
+        assert_eq!(mode_of(&file), 0o600, "{}", file.display());
+    }
+
+    let key = std::fs::read(&key_path).unwrap();
+    std::fs::remove_file(&key_path).unwrap();
+    let (started, stderr) = serve_until_exit(&data_dir);
+    assert!(
+        !started && stderr.contains("holds a store but no citizen-hash.key"),
+        "{stderr}"
+    );
+    assert!(!key_path.exists(), "no new key was made");
+
+    write_key(&key_path, &[7u8; 32], 0o600);
+    let (started, stderr) = serve_until_exit(&data_dir);
+    assert!(
+        !started && stderr.contains("is not the key the store"),
+        "{stderr}"
+    );
+
+    write_key(&key_path, &key, 0o644);
+    let (started, stderr) = serve_until_exit(&data_dir);
+    assert!(!started && stderr.contains("chmod 600"), "{stderr}");
+
+    write_key(&key_path, &key, 0o600);
+    let server = ChildServer::start(&data_dir);
+    let mut booking = prenota::proto::booking_service_client::BookingServiceClient::new(
+        connect(&server.url).await,
+    );
+    let listed = booking
+        .list_citizen_bookings(prenota::proto::ListCitizenBookingsRequest {
+            citizen_id: "citizen-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .bookings;
+    assert_eq!(
+        listed.len(),
+        1,
+        "the citizen's booking is found with its key"
+    );
+}
+
+/// A request on `client`: its message sent and the request ended, or, without one,
+/// left half open (a reflection stream); its reply left unread.
+async fn unread_call(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    message: Option<&[u8]>,
+) -> (Option<u32>, http::Response<h2::RecvStream>) {
+    let ends = message.is_some();
+    refusal_of(send_call(client, path, message.map(grpc_frame), ends).await).await
+}
+
+/// A one-reply call whose client never reads the reply counts only until the reply is
+/// ready: 300 unread replies on a shut (zero) window take none of `in_flight_requests_max`
+/// (32 here). Reflection streams held open take places of their own pool
+/// (`reflection_streams_max`, 16), never a booking's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_replies_and_open_reflection_streams_take_no_bookings_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::with_limits(dir.path(), &[("IN_FLIGHT_REQUESTS_MAX", "32")]);
+    one_slot_site_on(connect(&server.url).await, "zw-site", "r", 5).await;
+    let (client, _connection) = h2_client(&server, Some(0)).await;
+    let stats = [&[0x0a, 7][..], b"zw-site"].concat(); // GetSiteStatsRequest
+    let mut unread = Vec::new();
+    for _ in 0..300 {
+        let path = "/prenota.v1.CapacityService/GetSiteStats";
+        let (refusal, response) = unread_call(&client, path, Some(&stats)).await;
+        assert_eq!(refusal, None, "answered with a reply");
+        unread.push(response);
+    }
+    let mut reflection = Vec::new();
+    for _ in 0..20 {
+        let (refusal, response) = unread_call(&client, REFLECTION, None).await;
+        reflection.push(refusal);
+        unread.push(response);
+    }
+    let open = reflection.iter().filter(|code| code.is_none()).count();
+    let shed = reflection.iter().filter(|code| **code == Some(14)).count();
+    assert_eq!((open, shed), (16, 4), "{reflection:?}");
+
+    let mut capacity = prenota::proto::capacity_service_client::CapacityServiceClient::new(
+        connect(&server.url).await,
+    );
+    for _ in 0..10 {
+        let request = prenota::proto::GetSiteStatsRequest {
+            site_id: "zw-site".into(),
+        };
+        capacity
+            .get_site_stats(request)
+            .await
+            .expect("not OVERLOADED");
+    }
+    drop(unread);
+}

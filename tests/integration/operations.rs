@@ -1,0 +1,422 @@
+//! What operators see, on the real binary: Prometheus metrics with the right values,
+//! health NOT_SERVING while the store recovers, and JSON logs that never carry a token
+//! or a citizen id.
+
+use crate::common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::child::{http_get, ChildOptions, ChildServer};
+use common::*;
+use prenota::proto;
+use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::proto::capacity_service_client::CapacityServiceClient;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_types::StatusExt;
+
+/// One sample of the Prometheus text format: name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+fn parse(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("name and value");
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let inner = rest.strip_suffix('}').expect("closing brace");
+                let labels = inner
+                    .split("\",")
+                    .filter(|pair| !pair.is_empty())
+                    .map(|pair| {
+                        let (key, value) = pair.split_once("=\"").expect("key=\"value\"");
+                        (key.to_string(), value.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                (name.to_string(), labels)
+            }
+            None => (series.to_string(), BTreeMap::new()),
+        };
+        samples.push(Sample {
+            name,
+            labels,
+            value: value.parse().expect("a number"),
+        });
+    }
+    samples
+}
+
+/// The value of the one sample named `name` whose labels include `labels`.
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let matching: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .collect();
+    assert!(
+        matching.len() <= 1,
+        "{name} {labels:?} matches {matching:?}"
+    );
+    matching.first().map(|s| s.value)
+}
+
+const BOOKING: &str = "prenota.v1.BookingService";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_outcomes_commits_and_sites() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::start_recovering(
+        dir.path(),
+        ChildOptions {
+            env: vec![(
+                "PRENOTA_LIMITS_METRICS_REFRESH_INTERVAL_MS".into(),
+                "100".into(),
+            )],
+            ..ChildOptions::default()
+        },
+    );
+    server.wait_serving();
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "metrics-site", "metrics-region", 3).await;
+    let mut booking = BookingServiceClient::new(channel.clone());
+    for n in 0..2 {
+        book_ok(
+            &mut booking,
+            book_request(&slot_id, &format!("citizen-{n}"), &format!("book-{n}")),
+        )
+        .await;
+    }
+    booking
+        .hold_slot(proto::HoldSlotRequest {
+            slot_id: slot_id.clone(),
+            citizen_id: "citizen-hold".into(),
+            request_id: "hold-1".into(),
+            ttl_seconds: 600,
+        })
+        .await
+        .expect("a hold");
+    let full = booking
+        .book(book_request(&slot_id, "citizen-late", "book-late"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&full).as_deref(), Some("SLOT_FULL"));
+    let bad = booking
+        .book(book_request(&slot_id, "", "book-bad"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    // Gauges are refreshed every 100 ms here (the process ones too); counters are
+    // current at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let samples = loop {
+        let text = http_get(&server.metrics_url);
+        assert!(!text.contains("citizen-"), "a citizen id in the metrics");
+        let samples = parse(&text);
+        let site = [("site_id", "metrics-site"), ("region_id", "metrics-region")];
+        if value(&samples, "prenota_site_booked", &site) == Some(2.0)
+            && value(&samples, "prenota_site_held", &site) == Some(1.0)
+        {
+            assert_eq!(value(&samples, "prenota_site_capacity", &site), Some(3.0));
+            assert_eq!(value(&samples, "prenota_site_slots", &site), Some(1.0));
+            let process = |name| value(&samples, name, &[]).unwrap_or(0.0);
+            // Whole seconds (a counter): present, not necessarily above 0 yet.
+            assert!(value(&samples, "process_cpu_seconds_total", &[]).is_some());
+            assert!(process("process_resident_memory_bytes") > 1e6);
+            assert!(process("process_open_fds") >= 3.0);
+            assert!(process("process_threads") >= 2.0);
+            assert_eq!(
+                value(&samples, "prenota_site_slots_closed", &site),
+                Some(0.0)
+            );
+            break samples;
+        }
+        assert!(Instant::now() < deadline, "site gauges never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let handled = |method: &str, code: &str| {
+        value(
+            &samples,
+            "grpc_server_handled_total",
+            &[
+                ("grpc_service", BOOKING),
+                ("grpc_method", method),
+                ("grpc_code", code),
+            ],
+        )
+    };
+    assert_eq!(handled("Book", "OK"), Some(2.0));
+    assert_eq!(handled("Book", "FAILED_PRECONDITION"), Some(1.0));
+    assert_eq!(handled("Book", "INVALID_ARGUMENT"), Some(1.0));
+    assert_eq!(handled("HoldSlot", "OK"), Some(1.0));
+    assert_eq!(handled("Book", "UNAVAILABLE"), None);
+    assert_eq!(
+        value(
+            &samples,
+            "grpc_server_handling_seconds_count",
+            &[("grpc_service", BOOKING), ("grpc_method", "Book")]
+        ),
+        Some(4.0)
+    );
+    let booked = |outcome: &str| {
+        value(
+            &samples,
+            "prenota_bookings_total",
+            &[("command", "book"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(booked("OK"), Some(2.0));
+    assert_eq!(booked("SLOT_FULL"), Some(1.0));
+    assert_eq!(
+        value(&samples, "prenota_holds_total", &[("outcome", "OK")]),
+        Some(1.0)
+    );
+    assert_eq!(value(&samples, "prenota_holds_live", &[]), Some(1.0));
+    // Site, schedule, 2 bookings and a hold: at least 5 durable writes, each in a commit.
+    let writes = value(&samples, "prenota_commit_batch_writes_sum", &[]).unwrap();
+    assert!(writes >= 5.0, "{writes}");
+    let fsyncs = value(&samples, "prenota_commit_fsync_seconds_count", &[]).unwrap();
+    assert!(fsyncs >= 1.0, "{fsyncs}");
+    assert_eq!(value(&samples, "prenota_serving", &[]), Some(1.0));
+    assert_eq!(value(&samples, "prenota_store_healthy", &[]), Some(1.0));
+    assert_eq!(value(&samples, "prenota_sites", &[]), Some(1.0));
+    assert!(value(&samples, "prenota_store_disk_bytes", &[]).unwrap() > 0.0);
+    assert!(value(&samples, "prenota_recovery_seconds", &[]).is_some());
+    server.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_while_a_large_store_recovers_then_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    // A store whose recovery takes a while: 2 services × 300 days of 5-minute slots.
+    let seeded = TestServer::start(dir.path()).await;
+    let mut capacity = seeded.capacity().await;
+    upsert_site(&mut capacity, "big", "r", "Etc/UTC").await;
+    for service in ["vax", "flu"] {
+        capacity
+            .publish_schedule(publish_request(
+                "big",
+                service,
+                (&day_ahead(2), &day_ahead(301)),
+                ("00:00", "23:55"),
+                5,
+                10,
+            ))
+            .await
+            .expect("publish");
+    }
+    let slot_id = search_all(&mut seeded.booking().await, "big", "vax").await[0]
+        .slot_id
+        .clone();
+    drop(capacity);
+    seeded.stop().await;
+
+    let mut server = ChildServer::start_recovering(dir.path(), ChildOptions::default());
+    let channel = connect(&server.url).await;
+    for service in [
+        "",
+        "prenota.v1.BookingService",
+        "prenota.v1.CapacityService",
+    ] {
+        assert_eq!(
+            health_of(channel.clone(), service).await,
+            ServingStatus::NotServing,
+            "{service:?} while recovering"
+        );
+    }
+    let refused = BookingServiceClient::new(channel.clone())
+        .book(book_request(&slot_id, "early-citizen", "early"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason(&refused).as_deref(), Some("RECOVERING"));
+    assert!(refused.get_details_retry_info().is_some());
+
+    server.wait_serving();
+    for service in [
+        "",
+        "prenota.v1.BookingService",
+        "prenota.v1.CapacityService",
+    ] {
+        assert_eq!(
+            health_of(channel.clone(), service).await,
+            ServingStatus::Serving
+        );
+    }
+    // The refused request changed nothing; the same request now books.
+    book_ok(
+        &mut BookingServiceClient::new(channel),
+        book_request(&slot_id, "early-citizen", "early"),
+    )
+    .await;
+    let metrics = parse(&http_get(&server.metrics_url));
+    assert_eq!(
+        value(&metrics, "prenota_recovered_records", &[("kind", "slots")]),
+        Some(2.0 * 300.0 * 287.0) // 00:00 to 23:55: the last slot starts at 23:50
+    );
+    server.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_name_method_code_and_latency_but_never_tokens_or_citizens() {
+    const TOKEN: &str = "TOKEN-SECRET-9f8e7d6c5b4a3210";
+    const CITIZEN: &str = "CITIZEN-SECRET-RSSMRA80A01H501U";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prenota.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[tokens]]\nname = \"ops-admin\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
+            prenota::config::hex(&prenota::config::token_sha256(TOKEN))
+        ),
+    )
+    .unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let data_dir = dir.path().join("data");
+    let mut server = ChildServer::start_recovering(
+        &data_dir,
+        ChildOptions {
+            args: vec![
+                "--log-format".into(),
+                "json".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+            stderr: Some(std::fs::File::create(&log_path).unwrap()),
+            // Everything prenota logs, down to each request.
+            rust_log: Some("debug".into()),
+            ..ChildOptions::default()
+        },
+    );
+    server.wait_serving();
+    let channel = connect(&server.url).await;
+    let mut capacity =
+        CapacityServiceClient::with_interceptor(channel.clone(), Bearer(Some(TOKEN)));
+    let mut booking = BookingServiceClient::with_interceptor(channel.clone(), Bearer(Some(TOKEN)));
+    capacity
+        .upsert_site(proto::UpsertSiteRequest {
+            site: Some(proto::Site {
+                site_id: "logs".into(),
+                name: "Logs".into(),
+                region_id: "r".into(),
+                time_zone: "Etc/UTC".into(),
+            }),
+            request_id: "u".into(),
+        })
+        .await
+        .unwrap();
+    let day = day_ahead(30);
+    capacity
+        .publish_schedule(publish_request(
+            "logs",
+            "vax",
+            (&day, &day),
+            ("10:00", "10:30"),
+            30,
+            5,
+        ))
+        .await
+        .unwrap();
+    let slot_id = booking
+        .search_slots(proto::SearchSlotsRequest {
+            scope: Some(proto::search_slots_request::Scope::SiteId("logs".into())),
+            service_id: "vax".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .slots[0]
+        .slot_id
+        .clone();
+    booking
+        .book(book_request(&slot_id, CITIZEN, "logged-booking"))
+        .await
+        .unwrap();
+    let repeated = booking
+        .book(book_request(&slot_id, CITIZEN, "second-booking"))
+        .await
+        .unwrap_err();
+    assert_eq!(repeated.code(), Code::AlreadyExists);
+    let forged =
+        BookingServiceClient::with_interceptor(channel, Bearer(Some("TOKEN-SECRET-forged")))
+            .book(book_request(&slot_id, CITIZEN, "forged"))
+            .await
+            .unwrap_err();
+    assert_eq!(forged.code(), Code::Unauthenticated);
+    server.terminate();
+
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!logs.contains("TOKEN-SECRET"), "a token in the logs");
+    assert!(!logs.contains("CITIZEN-SECRET"), "a citizen id in the logs");
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    let answered = |code: &str| {
+        lines.iter().any(|line| {
+            line["message"] == "request answered"
+                && line["span"]["grpc.method"] == "Book"
+                && line["grpc.code"] == code
+                && line["latency_us"].is_u64()
+        })
+    };
+    assert!(answered("OK"), "no log line for the booking");
+    assert!(answered("ALREADY_EXISTS"));
+    assert!(answered("UNAUTHENTICATED"));
+}
+
+/// Rare events' counters exist at 0 from the start, so a dashboard tells "never happened"
+/// from "missing"; text logs written to a file carry no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rare_counters_start_at_zero_and_piped_logs_have_no_colour() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let mut server = ChildServer::start_recovering(
+        &dir.path().join("data"),
+        ChildOptions {
+            stderr: Some(std::fs::File::create(&log_path).unwrap()),
+            rust_log: Some("info".into()),
+            ..ChildOptions::default()
+        },
+    );
+    server.wait_serving();
+    let metrics = parse(&http_get(&server.metrics_url));
+    for (name, labels) in [
+        ("prenota_holds_expired_total", vec![]),
+        ("prenota_shed_total", vec![]),
+        ("prenota_commit_failures_total", vec![]),
+        ("prenota_rate_limited_total", vec![("limiter", "citizen")]),
+        ("prenota_rate_limited_total", vec![("limiter", "token")]),
+        (
+            "prenota_retention_deleted_total",
+            vec![("kind", "bookings")],
+        ),
+    ] {
+        assert_eq!(
+            value(&metrics, name, &labels),
+            Some(0.0),
+            "{name} {labels:?}"
+        );
+    }
+    server.terminate();
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logs.contains("recovered state from the store"), "{logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "colour codes in a log file: {logs:?}"
+    );
+}

@@ -1,0 +1,225 @@
+//! Retention on a real server and a manual clock: finished requests are forgotten after
+//! `request_records_retained_hours` (in memory, on disk and at recovery), and everything
+//! about a slot ended more than `records_retained_days` ago is deleted, leaving a store
+//! that still recovers and still keeps every invariant.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::*;
+use prenota::config::Config;
+use prenota::proto;
+use prenota::service::Clock;
+use prenota::store::Store;
+use tonic::Code;
+
+const HOUR: Duration = Duration::from_secs(3_600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Timers that never fire during a test: it sweeps and retains by hand.
+fn by_hand() -> Config {
+    let mut config = Config::default();
+    config.limits.hold_sweep_interval_ms = 3_600_000;
+    config.limits.retention_interval_ms = 3_600_000;
+    config
+}
+
+fn hold_request(slot_id: &str, citizen_id: &str, request_id: &str) -> proto::HoldSlotRequest {
+    proto::HoldSlotRequest {
+        slot_id: slot_id.into(),
+        citizen_id: citizen_id.into(),
+        request_id: request_id.into(),
+        ttl_seconds: 60,
+    }
+}
+
+/// Hold records on disk, read from a stopped server's data dir.
+fn stored_holds(data_dir: &std::path::Path) -> usize {
+    let mut store = Store::open(data_dir, &Config::default().limits).expect("store opens");
+    let holds = store.holds().count();
+    store.shutdown();
+    holds
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_requests_are_forgotten_after_their_window_and_not_reloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "churn", 10).await;
+    let mut client = server.booking().await;
+    let hold = client
+        .hold_slot(hold_request(&slot, "alice", "h1"))
+        .await
+        .expect("a hold")
+        .into_inner()
+        .hold
+        .expect("hold");
+    let booked = book_ok(&mut client, book_request(&slot, "bob", "b1")).await;
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(server.sweep_holds().await, 1);
+
+    // Within the window a retry gets its first outcome back, and nothing is deleted.
+    clock.advance(71 * HOUR);
+    assert_eq!(server.retain().await.holds, 0);
+    let retried = client
+        .hold_slot(hold_request(&slot, "alice", "h1"))
+        .await
+        .expect("the retry")
+        .into_inner()
+        .hold
+        .expect("hold");
+    assert_eq!(retried.hold_id, hold.hold_id);
+    assert_eq!(server.request_records(), 2);
+
+    // After it, the expired hold's record and both request records are gone.
+    clock.advance(2 * HOUR);
+    let retained = server.retain().await;
+    assert_eq!((retained.request_records, retained.holds), (2, 1));
+    assert_eq!(server.request_records(), 0);
+    // A retry is now a new request: a new hold, and still one booking for bob.
+    let fresh = client
+        .hold_slot(hold_request(&slot, "alice", "h1"))
+        .await
+        .expect("a new hold")
+        .into_inner()
+        .hold
+        .expect("hold");
+    assert_ne!(fresh.hold_id, hold.hold_id);
+    let again = client
+        .book(book_request(&slot, "bob", "b1"))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+    assert_eq!(reason(&again).as_deref(), Some("CITIZEN_ALREADY_BOOKED"));
+    let stats = site_stats(&server, "churn").await;
+    assert_eq!((stats.booked, stats.held), (1, 1));
+    server.stop().await;
+
+    // On disk only the live hold is left, and a restart remembers only its request.
+    assert_eq!(stored_holds(dir.path()), 1);
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    assert_eq!(server.request_records(), 1);
+    let mine = server
+        .booking()
+        .await
+        .get_booking(proto::GetBookingRequest {
+            booking_id: booked.booking_id.clone(),
+            citizen_id: "bob".into(),
+        })
+        .await
+        .expect("the booking itself is kept");
+    assert!(mine.into_inner().booking.is_some());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authority_requests_are_forgotten_after_their_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    one_slot_site(&server, "closing", 3).await;
+    let mut capacity = server.capacity().await;
+    let close = proto::CloseSlotsRequest {
+        site_id: "closing".into(),
+        reason: "flooded".into(),
+        request_id: "close-1".into(),
+        from: Some(prost_types::Timestamp {
+            seconds: clock.now_unix_ms() / 1_000,
+            nanos: 0,
+        }),
+        to: Some(prost_types::Timestamp {
+            seconds: clock.now_unix_ms() / 1_000 + 100 * 86_400,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let first = capacity.close_slots(close.clone()).await.expect("close");
+    assert_eq!(first.into_inner().slots_closed, 1);
+    clock.advance(73 * HOUR);
+    assert_eq!(server.retain().await.authority_requests, 1);
+    // The id is free again: a new closure under it runs afresh (nothing left to close).
+    let again = capacity
+        .close_slots(proto::CloseSlotsRequest {
+            reason: "another closure".into(),
+            ..close
+        })
+        .await
+        .expect("a new closure, not REQUEST_ID_REUSED");
+    assert_eq!(again.into_inner().slots_closed, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_long_ended_slots_are_deleted_and_the_store_still_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "old-site", 5).await;
+    let mut client = server.booking().await;
+    let kept = book_ok(&mut client, book_request(&slot, "alice", "a1")).await;
+    let cancelled = book_ok(&mut client, book_request(&slot, "bob", "b1")).await;
+    client
+        .cancel_booking(proto::CancelBookingRequest {
+            booking_id: cancelled.booking_id.clone(),
+            citizen_id: "bob".into(),
+            request_id: "b-cancel".into(),
+        })
+        .await
+        .expect("cancel");
+
+    // The slot is 30 days ahead: 429 days from now it ended 399 days ago. Kept.
+    clock.advance(429 * DAY);
+    let retained = server.retain().await;
+    assert_eq!((retained.bookings, retained.slots), (0, 0));
+    assert!(
+        retained.audit_entries >= 2,
+        "the site and schedule entries are 429 days old: {retained:?}"
+    );
+    // Two days on, it ended more than 400 days ago: its bookings and itself go.
+    clock.advance(2 * DAY);
+    let retained = server.retain().await;
+    assert_eq!((retained.bookings, retained.slots), (2, 1), "{retained:?}");
+    let gone = client
+        .get_booking(proto::GetBookingRequest {
+            booking_id: kept.booking_id.clone(),
+            citizen_id: "alice".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    assert!(search_all(&mut client, "old-site", "vax").await.is_empty());
+    assert_eq!(site_stats(&server, "old-site").await.booked, 0);
+    assert!(
+        server.retain().await.is_empty(),
+        "a second pass finds nothing"
+    );
+    server.stop().await;
+
+    // The store recovers without them, and alice may book the service again.
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let day = chrono::DateTime::from_timestamp_millis(clock.now_unix_ms() + 86_400_000)
+        .unwrap()
+        .format("%Y-%m-%d")
+        .to_string();
+    server
+        .capacity()
+        .await
+        .publish_schedule(publish_request(
+            "old-site",
+            "vax",
+            (&day, &day),
+            ("10:00", "10:30"),
+            30,
+            5,
+        ))
+        .await
+        .expect("publish");
+    let mut client = server.booking().await;
+    let now_s = clock.now_unix_ms() / 1_000;
+    let slots = search_range(&mut client, "old-site", "vax", now_s, now_s + 3 * 86_400).await;
+    assert_eq!(slots.len(), 1);
+    book_ok(&mut client, book_request(&slots[0].slot_id, "alice", "a2")).await;
+    server.stop().await;
+}

@@ -1,0 +1,394 @@
+//! Dose series (PRODUCT.md part D) on a real server: every dose or none in one write,
+//! intervals in the site's calendar days with inclusive bounds, a cancel of dose 1
+//! taking dose 2 with it (also across a kill -9), moves re-checking the neighbours, and
+//! a changed series leaving booked doses valid.
+
+use crate::common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::child::ChildServer;
+use common::*;
+use prenota::proto;
+use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::proto::capacity_service_client::CapacityServiceClient;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn series(min: u32, max: u32) -> proto::UpsertSeriesRequest {
+    let dose = |service: &str, min, max| proto::SeriesDose {
+        service_id: service.into(),
+        min_days_after_previous: min,
+        max_days_after_previous: max,
+        same_site: false,
+    };
+    proto::UpsertSeriesRequest {
+        series: Some(proto::Series {
+            series_id: "primary".into(),
+            doses: vec![dose("dose1", 0, 0), dose("dose2", min, max)],
+        }),
+        request_id: String::new(),
+    }
+}
+
+/// A UTC site with one 30-minute slot of `service` (of `capacity` places) at 10:00 on
+/// each day from `first` to `last` days ahead.
+async fn publish(channel: Channel, service: &str, (first, last): (i64, i64), capacity: u32) {
+    let mut client = CapacityServiceClient::new(channel);
+    upsert_site(&mut client, "hub", "r", "Etc/UTC").await;
+    client
+        .publish_schedule(publish_request(
+            "hub",
+            service,
+            (&day_ahead(first), &day_ahead(last)),
+            ("10:00", "10:30"),
+            30,
+            capacity,
+        ))
+        .await
+        .expect("publish");
+}
+
+/// The slot of `service` on the day `days` ahead.
+fn slot(service: &str, days: i64) -> String {
+    let day = chrono::NaiveDate::parse_from_str(&day_ahead(days), "%Y-%m-%d").unwrap();
+    let start = day.and_hms_opt(10, 0, 0).unwrap().and_utc().timestamp();
+    format!("hub/{service}/{start}")
+}
+
+fn book_series(citizen: &str, slots: &[String], request_id: &str) -> proto::BookSeriesRequest {
+    proto::BookSeriesRequest {
+        series_id: "primary".into(),
+        citizen_id: citizen.into(),
+        slot_ids: slots.to_vec(),
+        request_id: request_id.into(),
+    }
+}
+
+async fn doses_of(
+    client: &mut BookingServiceClient<Channel>,
+    citizen: &str,
+) -> Vec<proto::Booking> {
+    let mut bookings = client
+        .list_citizen_bookings(proto::ListCitizenBookingsRequest {
+            citizen_id: citizen.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .bookings;
+    bookings.sort_by_key(|b| (b.dose, b.created_at.map(|t| t.seconds)));
+    bookings
+}
+
+fn state(booking: &proto::Booking) -> proto::BookingState {
+    proto::BookingState::try_from(booking.state).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_series_books_every_dose_within_its_interval_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    publish(server.channel().await, "dose1", (10, 10), 3).await;
+    publish(server.channel().await, "dose2", (37, 53), 1).await;
+    let mut capacity = server.capacity().await;
+    capacity
+        .upsert_series(series(28, 42))
+        .await
+        .expect("series");
+    let mut client = server.booking().await;
+
+    // 27 and 43 days after dose 1 are refused with the allowed local days; 28 and 42
+    // (both bounds) are booked.
+    for (days, request_id) in [(37, "early"), (53, "late")] {
+        let status = client
+            .book_series(book_series(
+                "ANNA",
+                &[slot("dose1", 10), slot("dose2", days)],
+                request_id,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (status.code(), reason(&status).as_deref()),
+            (Code::FailedPrecondition, Some("SERIES_INTERVAL"))
+        );
+        assert_eq!(metadata(&status, "dose").as_deref(), Some("2"));
+        assert_eq!(metadata(&status, "earliest"), Some(day_ahead(38)));
+        assert_eq!(metadata(&status, "latest"), Some(day_ahead(52)));
+    }
+    let booked = client
+        .book_series(book_series(
+            "ANNA",
+            &[slot("dose1", 10), slot("dose2", 38)],
+            "a1",
+        ))
+        .await
+        .expect("the series is booked")
+        .into_inner()
+        .bookings;
+    assert_eq!(booked.len(), 2);
+    for (index, booking) in booked.iter().enumerate() {
+        assert_eq!(booking.series_id, "primary");
+        assert_eq!(booking.dose as usize, index + 1);
+        assert_eq!(booking.reference.len(), 8);
+    }
+    let again = client
+        .book_series(book_series(
+            "ANNA",
+            &[slot("dose1", 10), slot("dose2", 38)],
+            "a1",
+        ))
+        .await
+        .expect("a retry")
+        .into_inner()
+        .bookings;
+    let ids = |bookings: &[proto::Booking]| {
+        bookings
+            .iter()
+            .map(|b| b.booking_id.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&again), ids(&booked));
+    let status = client
+        .book_series(book_series(
+            "BRUNO",
+            &[slot("dose1", 10), slot("dose2", 52)],
+            "",
+        ))
+        .await;
+    assert!(status.is_err(), "an empty request id is refused");
+    client
+        .book_series(book_series(
+            "BRUNO",
+            &[slot("dose1", 10), slot("dose2", 52)],
+            "b1",
+        ))
+        .await
+        .expect("at the latest bound");
+
+    // Dose 2's slot full: nothing is booked, not even dose 1.
+    let status = client
+        .book_series(book_series(
+            "CARLA",
+            &[slot("dose1", 10), slot("dose2", 38)],
+            "c1",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("SLOT_FULL"));
+    assert!(doses_of(&mut client, "CARLA").await.is_empty());
+    assert_eq!(site_stats(&server, "hub").await.booked, 4);
+    // Slots of the wrong service, or too few, are named.
+    let status = client
+        .book_series(book_series(
+            "CARLA",
+            &[slot("dose2", 40), slot("dose1", 10)],
+            "c2",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = client
+        .book_series(book_series("CARLA", &[slot("dose1", 10)], "c3"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    // Cancelling dose 1 cancels dose 2 in the same write.
+    client
+        .cancel_booking(proto::CancelBookingRequest {
+            booking_id: booked[0].booking_id.clone(),
+            citizen_id: "ANNA".into(),
+            request_id: "a-cancel".into(),
+        })
+        .await
+        .expect("cancelled");
+    let doses = doses_of(&mut client, "ANNA").await;
+    assert_eq!(
+        doses.iter().map(state).collect::<Vec<_>>(),
+        [
+            proto::BookingState::Cancelled,
+            proto::BookingState::Cancelled
+        ]
+    );
+    assert_eq!(doses[1].cancel_reason, "cancelled with an earlier dose");
+    assert_eq!(site_stats(&server, "hub").await.booked, 2);
+    // Unknown series.
+    let status = client
+        .book_series(proto::BookSeriesRequest {
+            series_id: "nope".into(),
+            ..book_series("DARIO", &[slot("dose1", 10), slot("dose2", 38)], "d1")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("SERIES_NOT_FOUND"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dose_moves_within_its_neighbours_intervals_and_a_changed_series_keeps_bookings() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    publish(server.channel().await, "dose1", (10, 14), 2).await;
+    publish(server.channel().await, "dose2", (36, 45), 2).await;
+    let mut capacity = server.capacity().await;
+    capacity
+        .upsert_series(series(28, 42))
+        .await
+        .expect("series");
+    let mut client = server.booking().await;
+    let booked = client
+        .book_series(book_series(
+            "ANNA",
+            &[slot("dose1", 10), slot("dose2", 40)],
+            "a1",
+        ))
+        .await
+        .expect("booked")
+        .into_inner()
+        .bookings;
+    let reschedule =
+        |booking_id: &str, new_slot: String, request_id: &str| proto::RescheduleBookingRequest {
+            booking_id: booking_id.into(),
+            citizen_id: "ANNA".into(),
+            new_slot_id: new_slot,
+            request_id: request_id.into(),
+        };
+    // Dose 1 to day 13 would leave dose 2 only 27 days after it.
+    let status = client
+        .reschedule_booking(reschedule(&booked[0].booking_id, slot("dose1", 13), "m1"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("SERIES_INTERVAL"));
+    assert_eq!(metadata(&status, "dose").as_deref(), Some("2"));
+    let dose1 = client
+        .reschedule_booking(reschedule(&booked[0].booking_id, slot("dose1", 12), "m2"))
+        .await
+        .expect("28 days before dose 2")
+        .into_inner()
+        .booking
+        .unwrap();
+    assert_eq!((dose1.series_id.as_str(), dose1.dose), ("primary", 1));
+
+    // The series changes (at least 30 days): the booked doses stay valid ...
+    capacity
+        .upsert_series(series(30, 42))
+        .await
+        .expect("changed");
+    let doses = doses_of(&mut client, "ANNA").await;
+    let confirmed: Vec<&proto::Booking> = doses
+        .iter()
+        .filter(|b| state(b) == proto::BookingState::Confirmed)
+        .collect();
+    assert_eq!(confirmed.len(), 2, "{doses:?}");
+    // ... and a move follows the new rules: 28 days after dose 1 no longer passes.
+    let status = client
+        .reschedule_booking(reschedule(&booked[1].booking_id, slot("dose2", 41), "m3"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("SERIES_INTERVAL"));
+    assert_eq!(metadata(&status, "earliest"), Some(day_ahead(42)));
+    client
+        .reschedule_booking(reschedule(&booked[1].booking_id, slot("dose2", 42), "m4"))
+        .await
+        .expect("30 days after dose 1");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_cancels_never_leaves_half_a_series() {
+    const CITIZENS: usize = 96;
+    const CANCELS_BEFORE_KILL: usize = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(dir.path());
+    let channel = connect(&server.url).await;
+    publish(channel.clone(), "dose1", (10, 10), CITIZENS as u32).await;
+    publish(channel.clone(), "dose2", (40, 40), CITIZENS as u32).await;
+    CapacityServiceClient::new(channel.clone())
+        .upsert_series(series(28, 42))
+        .await
+        .expect("series");
+    let mut client = BookingServiceClient::new(channel);
+    let mut first_doses = Vec::new();
+    for index in 0..CITIZENS {
+        let citizen = format!("citizen-{index}");
+        let booked = client
+            .book_series(book_series(
+                &citizen,
+                &[slot("dose1", 10), slot("dose2", 40)],
+                &citizen,
+            ))
+            .await
+            .expect("booked")
+            .into_inner()
+            .bookings;
+        first_doses.push((citizen, booked[0].booking_id.clone()));
+    }
+
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = first_doses
+        .chunks(CITIZENS / 8)
+        .map(|share| {
+            let (share, url) = (share.to_vec(), server.url.clone());
+            let acknowledged = Arc::clone(&acknowledged);
+            tokio::spawn(async move {
+                let mut client = BookingServiceClient::new(connect(&url).await);
+                let mut cancelled = Vec::new();
+                for (citizen, booking_id) in share {
+                    let sent = client
+                        .cancel_booking(proto::CancelBookingRequest {
+                            booking_id,
+                            citizen_id: citizen.clone(),
+                            request_id: format!("{citizen}-cancel"),
+                        })
+                        .await;
+                    if sent.is_err() {
+                        break;
+                    }
+                    acknowledged.fetch_add(1, Ordering::SeqCst);
+                    cancelled.push(citizen);
+                }
+                cancelled
+            })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while acknowledged.load(Ordering::SeqCst) < CANCELS_BEFORE_KILL
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    server.kill_9();
+    let mut cancelled = Vec::new();
+    for task in tasks {
+        cancelled.extend(task.await.unwrap());
+    }
+    assert!(cancelled.len() >= CANCELS_BEFORE_KILL);
+
+    let server = ChildServer::start(dir.path());
+    let mut client = BookingServiceClient::new(connect(&server.url).await);
+    let mut whole_cancels = 0;
+    for (citizen, _) in &first_doses {
+        let states: Vec<_> = doses_of(&mut client, citizen)
+            .await
+            .iter()
+            .map(state)
+            .collect();
+        match states.as_slice() {
+            [proto::BookingState::Confirmed, proto::BookingState::Confirmed] => {
+                assert!(
+                    !cancelled.contains(citizen),
+                    "{citizen}'s cancel was acknowledged"
+                )
+            }
+            [proto::BookingState::Cancelled, proto::BookingState::Cancelled] => whole_cancels += 1,
+            other => panic!("{citizen} holds half a series: {other:?}"),
+        }
+    }
+    assert!(whole_cancels >= cancelled.len());
+    server.terminate();
+}

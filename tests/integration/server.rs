@@ -1,0 +1,184 @@
+//! The server's generic gRPC surface: health and reflection, so grpcurl and any
+//! gRPC client work without the proto files.
+
+use crate::common;
+
+use common::*;
+use prost::Message;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_serving_for_every_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in [
+        "",
+        "prenota.v1.BookingService",
+        "prenota.v1.CapacityService",
+    ] {
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            response.status,
+            ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+    server.stop().await;
+}
+
+async fn reflect(server: &TestServer, request: MessageRequest) -> MessageResponse {
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(request),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    responses
+        .message()
+        .await
+        .unwrap()
+        .and_then(|r| r.message_response)
+        .expect("a reflection answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_services_and_serves_their_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let MessageResponse::ListServicesResponse(list) =
+        reflect(&server, MessageRequest::ListServices(String::new())).await
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "prenota.v1.BookingService",
+        "prenota.v1.CapacityService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    // grpcurl resolves a service's file and then its imports by name.
+    for (request, file) in [
+        (
+            MessageRequest::FileContainingSymbol("prenota.v1.BookingService".into()),
+            "prenota/v1/booking_service.proto",
+        ),
+        (
+            MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into()),
+            "google/protobuf/timestamp.proto",
+        ),
+    ] {
+        let MessageResponse::FileDescriptorResponse(files) = reflect(&server, request).await else {
+            panic!("expected descriptors for {file}");
+        };
+        let names: Vec<String> = files
+            .file_descriptor_proto
+            .iter()
+            .map(|bytes| {
+                prost_types::FileDescriptorProto::decode(bytes.as_slice())
+                    .unwrap()
+                    .name()
+                    .to_string()
+            })
+            .collect();
+        assert!(
+            names.iter().any(|n| n == file),
+            "{file} missing from {names:?}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_dir_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut config = prenota::config::Config::default();
+    config.limits.data_dir_lock_wait_ms = 200;
+    let second = prenota::server::Server::open(prenota::server::ServeOptions {
+        data_dir: dir.path().to_path_buf(),
+        config,
+        demo: false,
+        clock: prenota::service::Clock::system(),
+    })
+    .await;
+    let message = second.err().expect("the data dir is locked").to_string();
+    assert!(
+        message.contains("in use by another prenota process"),
+        "{message}"
+    );
+    server.stop().await;
+}
+
+/// `--demo` on every restart: the second seeding finds everything there and writes
+/// nothing, not even an audit row, and leaves an authority's rename alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reseeding_the_demo_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = prenota::config::Config::default();
+    let clock = prenota::service::Clock::system();
+    let audit_rows = |engine: &std::sync::Arc<prenota::service::Engine>| {
+        let mut log = engine.audit_log(None);
+        let mut rows = 0;
+        while log.blocking_recv().is_some() {
+            rows += 1;
+        }
+        rows
+    };
+    let mut engine = std::sync::Arc::new(
+        prenota::service::Engine::open(dir.path(), &config, clock.clone()).unwrap(),
+    );
+    prenota::demo::seed(&engine).await.unwrap();
+    let site_id = prenota::domain::ids::SiteId::parse("s", "rome-termini", 64).unwrap();
+    let mut renamed = (*engine.site(&site_id).unwrap()).clone();
+    renamed.name = "Renamed by the region".into();
+    engine
+        .upsert_site(
+            renamed,
+            &prenota::service::Actor::everywhere("lazio-health"),
+        )
+        .await
+        .unwrap();
+    let engine_for_count = std::sync::Arc::clone(&engine);
+    let before = tokio::task::spawn_blocking(move || audit_rows(&engine_for_count))
+        .await
+        .unwrap();
+    assert!(
+        before >= 4,
+        "three demo sites, their schedules and the rename"
+    );
+
+    prenota::demo::seed(&engine).await.unwrap();
+    let engine_for_count = std::sync::Arc::clone(&engine);
+    let after = tokio::task::spawn_blocking(move || audit_rows(&engine_for_count))
+        .await
+        .unwrap();
+    assert_eq!(
+        after, before,
+        "a reseed that changes nothing writes no audit row"
+    );
+    assert_eq!(engine.site(&site_id).unwrap().name, "Renamed by the region");
+    std::sync::Arc::get_mut(&mut engine)
+        .expect("no other owner")
+        .shutdown();
+}

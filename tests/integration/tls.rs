@@ -1,0 +1,186 @@
+//! TLS on a real server: reachable only with TLS, and with a client CA only with a
+//! client certificate (mTLS).
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::*;
+use prenota::config::{Config, TlsPem};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+struct Pki {
+    ca_pem: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn pki() -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        ca_pem: ca.as_ref().pem(),
+        server: leaf(vec!["localhost".into(), "127.0.0.1".into()]),
+        client: leaf(vec!["frontend.example".into()]),
+    }
+}
+
+async fn tls_channel(server: &TestServer, pki: &Pki, client_cert: bool) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+        .domain_name("localhost");
+    if client_cert {
+        tls = tls.identity(Identity::from_pem(&pki.client.0, &pki.client.1));
+    }
+    Channel::from_shared(format!("https://{}", server.address))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+async fn healthy(channel: Channel) -> Result<(), tonic::Status> {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .map(|_| ())
+}
+
+fn config(pki: &Pki, mutual: bool) -> Config {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (cert, key) = (
+        write("cert.pem", &pki.server.0),
+        write("key.pem", &pki.server.1),
+    );
+    let ca = write("ca.pem", &pki.ca_pem);
+    Config {
+        tls: TlsPem::read(Some(&cert), Some(&key), mutual.then_some(ca.as_path())).unwrap(),
+        ..Config::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_server_answers_only_over_tls() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config(&pki, false)).await;
+    let channel = tls_channel(&server, &pki, false)
+        .await
+        .expect("a TLS connection");
+    healthy(channel.clone()).await.expect("health over TLS");
+    upsert_site(
+        &mut prenota::proto::capacity_service_client::CapacityServiceClient::new(channel),
+        "tls-site",
+        "r",
+        "Etc/UTC",
+    )
+    .await;
+    // The CLI speaks TLS too, given the CA.
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let url = format!("https://{}", server.address);
+    let audit = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+            .args(["audit", "--server", &url, "--ca"])
+            .arg(&ca)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    assert!(stdout.contains("UpsertSite"), "{stdout}");
+    let plaintext = async {
+        let channel = Channel::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .ok()?;
+        healthy(channel).await.ok()
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), plaintext)
+            .await
+            .ok()
+            .flatten()
+            .is_none(),
+        "plaintext gRPC must not be answered"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_client_ca_only_clients_with_a_certificate_get_in() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config(&pki, true)).await;
+    let with_cert = tls_channel(&server, &pki, true)
+        .await
+        .expect("mTLS connection");
+    healthy(with_cert)
+        .await
+        .expect("health with a client certificate");
+    let without = async {
+        let channel = tls_channel(&server, &pki, false).await.ok()?;
+        healthy(channel).await.ok()
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), without)
+            .await
+            .ok()
+            .flatten()
+            .is_none(),
+        "a client without a certificate must not be answered"
+    );
+    server.stop().await;
+}
+
+/// A socket that connects and never starts its TLS handshake is closed after
+/// `tls_handshake_timeout_ms`, and TLS clients still get in meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_socket_is_closed_at_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&pki, false);
+    config.limits.tls_handshake_timeout_ms = 500;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let mut silent = tokio::net::TcpStream::connect(server.address)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let channel = tls_channel(&server, &pki, false).await.expect("TLS");
+    healthy(channel).await.expect("health over TLS");
+    let mut buffer = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buffer))
+        .await
+        .expect("closed within 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    server.stop().await;
+}
