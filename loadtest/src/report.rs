@@ -207,6 +207,7 @@ impl Phase {
             "requests_per_s": self.requests_per_s(),
             "latency": latency,
             "outcomes": self.tally.outcomes,
+            "server_cpu_s": self.server_cpu.map(|cpu| cpu.as_secs_f64()),
             "server_cpu_us_per_request": self.server_cpu_us_per_request(),
         })
     }
