@@ -285,6 +285,10 @@ fn read_request(data: &str) -> Result<String, String> {
     Ok(text)
 }
 
+/// mimalloc instead of glibc's malloc: see BENCHMARKS.md, "Allocator".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Data dirs, store files, keys and backups: for this user only (0700 / 0600).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));

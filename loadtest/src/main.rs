@@ -220,6 +220,10 @@ enum ScenarioArgs {
     },
 }
 
+/// mimalloc instead of glibc's malloc: see BENCHMARKS.md, "Allocator".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
