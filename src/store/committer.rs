@@ -170,7 +170,7 @@ pub fn spawn(
                 let result = if state.failed.load(Ordering::Acquire) {
                     Err(StoreError::Failed)
                 } else {
-                    let changes = sequenced(&pending, &mut last_event);
+                    let changes = sequenced(&mut pending, &mut last_event);
                     commit_batch(&mut durability, &state, changes, pending.len())
                 };
                 match &result {
@@ -190,14 +190,20 @@ pub fn spawn(
 }
 
 /// Every pending request's writes, in order, each event keyed by the next sequence
-/// after `last_event` (which ends as the last one given).
-fn sequenced(pending: &[CommitRequest], last_event: &mut u64) -> Vec<Change> {
-    let mut changes = Vec::new();
+/// after `last_event` (which ends as the last one given). The writes are moved out,
+/// not copied: only each request's `done` is still needed.
+fn sequenced(pending: &mut [CommitRequest], last_event: &mut u64) -> Vec<Change> {
+    let mut changes = Vec::with_capacity(
+        pending
+            .iter()
+            .map(|request| request.writes.len() + request.events.len())
+            .sum(),
+    );
     for request in pending {
-        changes.extend(request.writes.iter().cloned());
-        for value in &request.events {
+        changes.append(&mut request.writes);
+        for value in request.events.drain(..) {
             *last_event += 1;
-            changes.push((event_key(*last_event).to_vec(), Some(value.clone())));
+            changes.push((event_key(*last_event).to_vec(), Some(value)));
         }
     }
     changes
