@@ -137,6 +137,9 @@ fn rand_bytes(index: u64) -> [u8; 16] {
 /// page cache included).
 pub fn recovery(bookings: u64) -> Result<(f64, f64), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    // A store without its citizen-hash key is refused at start-up: write the key first,
+    // as a new server does.
+    prenota::store::key_file::create(dir.path()).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

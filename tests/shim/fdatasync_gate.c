@@ -1,4 +1,4 @@
-/* LD_PRELOAD shim for tests/durability.rs: puts the test in charge of fdatasync, the
+/* LD_PRELOAD shim for tests/integration/durability.rs: puts the test in charge of fdatasync, the
  * durability barrier prenota's committer calls after sled's flush.
  *
  * With PRENOTA_FSYNC_SHIM_DIR=DIR in the environment:
