@@ -206,7 +206,9 @@ async fn health_and_reflection_refuse_big_half_sent_messages_at_once() {
         assert!(refused, "{path}: {status:?}");
     }
     let grown = server.rss_bytes().saturating_sub(before);
-    assert!(grown < 10 << 20, "RSS grew by {grown} bytes");
+    // Buffered, the 40 messages would be 160 MiB. The rest is the allocator's: 3-5 MiB
+    // under glibc, 8-12 MiB under mimalloc (the server's allocator since issue #19).
+    assert!(grown < 32 << 20, "RSS grew by {grown} bytes");
     still_healthy(&server).await;
 }
 
