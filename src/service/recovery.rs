@@ -27,7 +27,7 @@ use crate::service::rate_limits;
 use crate::service::references::References;
 use crate::service::requests::RequestRegistry;
 use crate::store::key_file;
-use crate::store::records::{self, Record, SiteRecord};
+use crate::store::records::{Record, SiteRecord};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
@@ -316,7 +316,7 @@ fn restore_bookings(
     max_active: usize,
 ) -> Result<(u64, u64), ServiceError> {
     let (mut confirmed, mut cancelled) = (0u64, 0u64);
-    let mut index = IndexDigest::default();
+    let index = store.booking_index();
     std::thread::scope(|scope| -> Result<(), ServiceError> {
         let (sender, receiver) = std::sync::mpsc::sync_channel(RECOVERY_CHUNKS_IN_FLIGHT);
         let reader = scope.spawn(move || read_booking_chunks(store, sender));
@@ -324,9 +324,6 @@ fn restore_bookings(
             for chunk in receiver {
                 for (key, value) in chunk {
                     let booking = Booking::decode_value(&key, &value)?;
-                    for index_key in records::booking_index_keys(&booking).into_iter().flatten() {
-                        index.add(&index_key, &key);
-                    }
                     if let Some(codes) = booking.codes {
                         if !references.restore(codes.reference) {
                             return Err(ServiceError::Recovery(format!(
@@ -334,6 +331,7 @@ fn restore_bookings(
                                 booking.booking_id, codes.reference
                             )));
                         }
+                        index.insert(&booking);
                     }
                     match restore_booking(catalog, citizens, requests, &booking, max_active)? {
                         true => {
@@ -352,45 +350,7 @@ fn restore_bookings(
         rebuilt?;
         read.map_err(ServiceError::from)
     })?;
-    check_booking_index(store, index)?;
     Ok((confirmed, cancelled))
-}
-
-/// A digest of a set of (index key, booking key) pairs: their count and the wrapping
-/// sum of their hashes, equal for equal sets whatever the order (a check against bugs
-/// and damage, not against an adversary).
-#[derive(Default, PartialEq, Eq)]
-struct IndexDigest {
-    count: u64,
-    sum: u64,
-}
-
-impl IndexDigest {
-    fn add(&mut self, index_key: &[u8], booking_key: &[u8]) {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::hash::DefaultHasher::new();
-        (index_key, booking_key).hash(&mut hasher);
-        self.count += 1;
-        self.sum = self.sum.wrapping_add(hasher.finish());
-    }
-}
-
-/// Every booking's reference and roster entries are stored, pointing at it, and there
-/// are no others.
-fn check_booking_index(store: &Store, expected: IndexDigest) -> Result<(), ServiceError> {
-    let mut found = IndexDigest::default();
-    for entry in store.booking_index() {
-        let (index_key, booking_key) = entry?;
-        found.add(&index_key, &booking_key);
-    }
-    if found != expected {
-        return Err(ServiceError::Recovery(format!(
-            "the booking index (references and rosters: {} entries) does not match the \
-             bookings ({} entries expected)",
-            found.count, expected.count
-        )));
-    }
-    Ok(())
 }
 
 type RawRecords = Vec<(sled::IVec, sled::IVec)>;

@@ -181,14 +181,7 @@ impl Engine {
                 }
                 doomed.push((key, booking));
             }
-            // A booking goes with its reference and roster entries.
-            let keys = doomed
-                .iter()
-                .flat_map(|(key, booking)| {
-                    let index = records::booking_index_keys(booking).into_iter().flatten();
-                    std::iter::once(key.clone()).chain(index)
-                })
-                .collect();
+            let keys = doomed.iter().map(|(key, _)| key.clone()).collect();
             let written = self.delete_keys(keys).await;
             for (_, booking) in &doomed {
                 self.forget_booking(booking, written.is_ok());
@@ -220,6 +213,7 @@ impl Engine {
             if let Some(codes) = booking.codes {
                 self.references.forget(codes.reference);
             }
+            self.store.booking_index().remove(booking);
         }
     }
 

@@ -6,6 +6,7 @@
 
 pub mod backup;
 pub mod backup_key;
+pub mod booking_index;
 pub mod committer;
 pub mod error;
 pub mod key_file;
@@ -36,6 +37,8 @@ pub struct Store {
     requests: Option<mpsc::Sender<CommitRequest>>,
     committer: Option<JoinHandle<()>>,
     data_dir: PathBuf,
+    /// Bookings by reference and by slot, in memory (see `booking_index`).
+    index: booking_index::BookingIndex,
 }
 
 impl Store {
@@ -64,6 +67,13 @@ impl Store {
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
         let sled_dir = data_dir.join("sled");
         let db = open_sled(&sled_dir, limits)?;
+        let removed = booking_index::remove_stored_index(&db)?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed the stored booking index (now kept in memory)"
+            );
+        }
         make_private(data_dir, &sled_dir)
             .map_err(|e| StoreError::Io(format!("restricting {}: {e}", data_dir.display())))?;
         let db_file = OpenOptions::new()
@@ -104,6 +114,7 @@ impl Store {
             requests: Some(sender),
             committer: Some(committer),
             data_dir: data_dir.to_path_buf(),
+            index: booking_index::BookingIndex::default(),
         })
     }
 
@@ -123,7 +134,10 @@ impl Store {
     }
 
     /// Makes `writes` durable, atomically, together with whatever else is queued.
-    /// Resolves only after the flush and fdatasync that cover them.
+    /// Resolves only after the flush and fdatasync that cover them. The bookings written
+    /// enter the in-memory index once the write is queued (so a caller that stops
+    /// waiting cannot leave one out; a reader may meet an entry whose booking is not
+    /// applied yet, and skips it).
     pub async fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
         if self.state.failed.load(Ordering::Acquire) {
             return Err(StoreError::Failed);
@@ -134,7 +148,6 @@ impl Store {
                 Encoded::Change(change) => changes.push(change),
                 Encoded::Event(value) => events.push(value),
             }
-            changes.extend(write.index_changes()?);
         }
         let (done, outcome) = oneshot::channel();
         let sender = self.requests.as_ref().ok_or(StoreError::Closed)?;
@@ -148,7 +161,20 @@ impl Store {
                 mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
             })?;
+        for write in writes {
+            if let Write::Booking(booking) = write {
+                // Kept even if this write fails (maybe written, maybe not; the store then
+                // refuses every write): an entry whose booking is missing is skipped,
+                // and the next start rebuilds the index from what is stored.
+                self.index.insert(booking);
+            }
+        }
         outcome.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The in-memory booking index (recovery fills it, retention removes from it).
+    pub fn booking_index(&self) -> &booking_index::BookingIndex {
+        &self.index
     }
 
     /// The sequence of the last durable event, updated after every commit that wrote
@@ -209,13 +235,10 @@ impl Store {
         &self,
         reference: Reference,
     ) -> Result<Option<Booking>, StoreError> {
-        let key = records::reference_key(reference);
-        let pointer = match self.db.get(key) {
-            Ok(Some(value)) => records::decode_booking_pointer(&key, &value)?,
-            Ok(None) => return Ok(None),
-            Err(e) => return Err(StoreError::Io(format!("reading a reference: {e}"))),
-        };
-        self.booking_at(&pointer)
+        match self.index.by_reference(reference) {
+            Some(key) => self.booking_at(&key),
+            None => Ok(None),
+        }
     }
 
     /// Up to `limit` bookings of `slot` in reference order, after `after`.
@@ -225,27 +248,8 @@ impl Store {
         after: Option<Reference>,
         limit: usize,
     ) -> Result<Vec<Booking>, StoreError> {
-        let prefix = records::roster_prefix(slot);
-        let mut start = prefix.clone();
-        if let Some(after) = after {
-            start.extend_from_slice(&after.to_bytes());
-            start.push(0);
-        }
-        let mut bookings = Vec::new();
-        for item in self.db.range(start..) {
-            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
-            if !key.starts_with(&prefix) || bookings.len() == limit {
-                break;
-            }
-            let pointer = records::decode_booking_pointer(&key, &value)?;
-            let booking = self.booking_at(&pointer)?.ok_or_else(|| {
-                StoreError::Corrupt(format!(
-                    "a roster entry of slot {slot} points at no booking"
-                ))
-            })?;
-            bookings.push(booking);
-        }
-        Ok(bookings)
+        self.bookings_at(self.index.roster(slot, after, limit))
+            .collect()
     }
 
     /// Every booking of the site's slots (with a reference), slot by slot.
@@ -253,30 +257,16 @@ impl Store {
         &self,
         site_id: &crate::domain::ids::SiteId,
     ) -> impl Iterator<Item = Result<Booking, StoreError>> + '_ {
-        let mut prefix = vec![records::ROSTER_PREFIX];
-        prefix.extend_from_slice(site_id.as_str().as_bytes());
-        prefix.push(0);
-        self.db.scan_prefix(prefix).map(move |item| {
-            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
-            let pointer = records::decode_booking_pointer(&key, &value)?;
-            self.booking_at(&pointer)?.ok_or_else(|| {
-                StoreError::Corrupt("a roster entry points at no booking".to_string())
-            })
-        })
+        self.bookings_at(self.index.site(site_id))
     }
 
-    /// Every index entry (`N` and `W`) and the booking key it points at, for recovery's
-    /// check.
-    pub fn booking_index(
+    /// The bookings under `keys`, skipping any not applied yet (see `commit`).
+    fn bookings_at(
         &self,
-    ) -> impl Iterator<Item = Result<(sled::IVec, [u8; 25]), StoreError>> + '_ {
-        let references = self.db.scan_prefix([records::REFERENCE_PREFIX]);
-        let roster = self.db.scan_prefix([records::ROSTER_PREFIX]);
-        references.chain(roster).map(|item| {
-            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
-            let pointer = records::decode_booking_pointer(&key, &value)?;
-            Ok((key, pointer))
-        })
+        keys: Vec<[u8; 25]>,
+    ) -> impl Iterator<Item = Result<Booking, StoreError>> + '_ {
+        keys.into_iter()
+            .filter_map(move |key| self.booking_at(&key).transpose())
     }
 
     fn booking_at(&self, key: &[u8; 25]) -> Result<Option<Booking>, StoreError> {

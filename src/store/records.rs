@@ -12,8 +12,9 @@
 //! authority requests have a v2 (it adds their time, for retention), and bookings, holds
 //! (their channel) and releases (channel reserves), whose v2 is v1 followed by the new
 //! fields; bookings have a v3 (v2, then reference and check-in code, the desk's
-//! attendance and the series dose). A booking with a reference is indexed by two more
-//! keys written in the same batch (`N` reference, `W` roster). The golden-bytes tests
+//! attendance and the series dose). The reference and roster indexes live in memory
+//! (`store::booking_index`); stores from before issue #19 had them as `N` and `W` keys,
+//! removed when such a store is opened. The golden-bytes tests
 //! below pin every record kind and version.
 
 use serde::{Deserialize, Serialize};
@@ -63,11 +64,10 @@ pub const TICKET_PREFIX: u8 = b'T';
 pub const CAMPAIGN_PREFIX: u8 = b'C';
 /// `G` + campaign id + 0 + citizen key: a citizen's registration in a campaign.
 pub const REGISTRATION_PREFIX: u8 = b'G';
-/// `N` + reference (5 bytes): the booking with that reference (a booking key). Written
-/// with every write of a booking that has a reference; deleted with it.
+/// `N` + reference: the booking index of issue #18, kept in memory since issue #19. No
+/// longer written; removed from an older store when it is opened. Never reuse.
 pub const REFERENCE_PREFIX: u8 = b'N';
-/// `W` + slot key (without its `L`) + reference: the slot's roster for the desk, each
-/// pointing at its booking (a booking key). Written and deleted like `N`.
+/// `W` + slot key + reference: the slot rosters of issue #18, like `N`. Never reuse.
 pub const ROSTER_PREFIX: u8 = b'W';
 /// `D` + series id: a dose series (`UpsertSeries`).
 pub const SERIES_PREFIX: u8 = b'D';
@@ -447,13 +447,6 @@ mod v1 {
         pub declines: u32,
         #[serde(borrow)]
         pub state: RegistrationState<'a>,
-    }
-
-    /// Where a booking is (`N` and `W` values): its key's parts.
-    #[derive(Serialize, Deserialize)]
-    pub struct BookingPointer {
-        pub tag: [u8; 8],
-        pub booking_id: u128,
     }
 
     #[derive(Serialize, Deserialize)]
@@ -1515,46 +1508,6 @@ pub fn booking_key(tag: CitizenTag, booking_id: BookingId) -> [u8; 25] {
     key
 }
 
-/// `N` + reference: where the booking with this reference is.
-pub fn reference_key(reference: Reference) -> [u8; 6] {
-    let mut key = [0u8; 6];
-    key[0] = REFERENCE_PREFIX;
-    key[1..].copy_from_slice(&reference.to_bytes());
-    key
-}
-
-/// `W` + the slot key's bytes after its `L`: the prefix of one slot's roster.
-pub fn roster_prefix(slot: &SlotKey) -> Vec<u8> {
-    let mut key = slot_key(slot);
-    key[0] = ROSTER_PREFIX;
-    key
-}
-
-/// The keys that index `booking` (by reference, and in its slot's roster): none for a
-/// booking stored before references existed. Written and deleted with the booking.
-pub fn booking_index_keys(booking: &Booking) -> Option<[Vec<u8>; 2]> {
-    let reference = booking.codes?.reference;
-    let mut roster = roster_prefix(&booking.slot);
-    roster.extend_from_slice(&reference.to_bytes());
-    Some([reference_key(reference).to_vec(), roster])
-}
-
-/// A booking key read back from an index value (`N`, `W`).
-pub fn decode_booking_pointer(key: &[u8], value: &[u8]) -> Result<[u8; 25], StoreError> {
-    let pointer: v1::BookingPointer = decode_v1(key, value)?;
-    Ok(booking_key(
-        CitizenTag(pointer.tag),
-        BookingId(pointer.booking_id),
-    ))
-}
-
-fn encode_booking_pointer(booking: &Booking) -> Result<Vec<u8>, StoreError> {
-    encode_v1(&v1::BookingPointer {
-        tag: booking.citizen.tag().0,
-        booking_id: booking.booking_id.0,
-    })
-}
-
 /// `B` + citizen tag: the prefix of the bookings of every citizen with this tag.
 pub fn citizen_bookings_prefix(tag: CitizenTag) -> [u8; 9] {
     let mut key = [0u8; 9];
@@ -1634,22 +1587,6 @@ impl Write {
             ),
             Write::Series(series) => (series_key(&series.series_id), Some(series.encode_value()?)),
         }))
-    }
-
-    /// The index records that go with this write in the same batch: a booking's
-    /// reference and roster entries (rewritten, unchanged, with each of its states).
-    pub fn index_changes(&self) -> Result<Vec<crate::store::committer::Change>, StoreError> {
-        let Write::Booking(booking) = self else {
-            return Ok(Vec::new());
-        };
-        let Some(keys) = booking_index_keys(booking) else {
-            return Ok(Vec::new());
-        };
-        let pointer = encode_booking_pointer(booking)?;
-        Ok(keys
-            .into_iter()
-            .map(|key| (key, Some(pointer.clone())))
-            .collect())
     }
 }
 
@@ -2271,41 +2208,7 @@ mod golden {
                 ..booking.clone()
             };
             assert_eq!(read, expected, "{kind}");
-            assert!(booking_index_keys(&read).is_none());
         }
-    }
-
-    /// A booking's reference and roster entries: keys and values pinned like records.
-    #[test]
-    fn a_bookings_index_entries_have_their_golden_bytes() {
-        let write = Write::Booking(booking(BookingState::Confirmed));
-        let entries: Vec<(String, String)> = write
-            .index_changes()
-            .unwrap()
-            .into_iter()
-            .map(|(key, value)| (hex(&key), hex(&value.unwrap())))
-            .collect();
-        let expected = [
-            (
-                "4e123456789a",
-                "01c1c1c1c1c1c1c1c1909eb8e8c0e1828589909cb0d080c1818202",
-            ),
-            (
-                "57726f6d652d7465726d696e6900636f76696431392d646f73653100800000006b49d200123456789a",
-                "01c1c1c1c1c1c1c1c1909eb8e8c0e1828589909cb0d080c1818202",
-            ),
-        ];
-        let expected: Vec<(String, String)> = expected
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        assert_eq!(entries, expected);
-        let (key, value) = &write.index_changes().unwrap()[0];
-        let pointer = decode_booking_pointer(key, value.as_ref().unwrap()).unwrap();
-        let Write::Booking(b) = &write else {
-            unreachable!()
-        };
-        assert_eq!(pointer, booking_key(b.citizen.tag(), b.booking_id));
     }
 
     #[test]

@@ -1,0 +1,239 @@
+//! The bookings' reference and roster indexes, in memory: which booking has a reference
+//! (`GetBookingByReference`, the desk), and each slot's bookings in reference order
+//! (`ListSlotBookings`, a site's attendance). Derived from the booking records: rebuilt
+//! by recovery, entered by `Store::commit` with each write of a booking (a reference and
+//! a slot never change once a booking has them), and left by retention with the booking.
+//!
+//! Until issue #19 these were two sled keys per booking (`N`, `W`): they doubled the
+//! inserts of every booking and tripled the records recovery reads. A store that still
+//! has them loses them when it is opened ([`remove_stored_index`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::domain::booking::{Booking, Reference};
+use crate::domain::ids::{SiteId, SlotKey};
+use crate::store::error::StoreError;
+use crate::store::records::{self, booking_key};
+
+/// A booking's key in the store (`B` + citizen tag + booking id).
+pub type BookingKey = [u8; 25];
+
+/// Keys deleted per sled batch when removing a stored index.
+const REMOVE_CHUNK_KEYS: usize = 10_000;
+
+#[derive(Default)]
+pub struct BookingIndex {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_reference: HashMap<Reference, BookingKey>,
+    /// Per site, per slot, the references of its bookings (any state).
+    rosters: HashMap<SiteId, BTreeMap<SlotKey, BTreeSet<Reference>>>,
+}
+
+impl BookingIndex {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Each operation leaves both maps consistent before it can panic: a poisoned
+        // index is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enters `booking` (nothing for one stored before references existed).
+    pub fn insert(&self, booking: &Booking) {
+        let Some(codes) = booking.codes else {
+            return;
+        };
+        let key = booking_key(booking.citizen.tag(), booking.booking_id);
+        // References are unique: the engine mints each against every one in use, and
+        // recovery refuses a store where two bookings share one (before entering them).
+        let mut inner = self.lock();
+        inner.by_reference.insert(codes.reference, key);
+        let site = inner
+            .rosters
+            .entry(booking.slot.site_id.clone())
+            .or_default();
+        site.entry(booking.slot.clone())
+            .or_default()
+            .insert(codes.reference);
+    }
+
+    /// Removes `booking`'s entries (after the write that deleted it).
+    pub fn remove(&self, booking: &Booking) {
+        let Some(codes) = booking.codes else {
+            return;
+        };
+        let mut inner = self.lock();
+        inner.by_reference.remove(&codes.reference);
+        let Some(site) = inner.rosters.get_mut(&booking.slot.site_id) else {
+            return;
+        };
+        if let Some(roster) = site.get_mut(&booking.slot) {
+            roster.remove(&codes.reference);
+            if roster.is_empty() {
+                site.remove(&booking.slot);
+            }
+        }
+        if site.is_empty() {
+            inner.rosters.remove(&booking.slot.site_id);
+        }
+    }
+
+    pub fn by_reference(&self, reference: Reference) -> Option<BookingKey> {
+        self.lock().by_reference.get(&reference).copied()
+    }
+
+    /// Up to `limit` bookings of `slot`, in reference order, after `after`.
+    pub fn roster(
+        &self,
+        slot: &SlotKey,
+        after: Option<Reference>,
+        limit: usize,
+    ) -> Vec<BookingKey> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let inner = self.lock();
+        let Some(roster) = inner.rosters.get(&slot.site_id).and_then(|s| s.get(slot)) else {
+            return Vec::new();
+        };
+        let from = after.map_or(Unbounded, Excluded);
+        roster
+            .range((from, Unbounded))
+            .take(limit)
+            .filter_map(|reference| inner.by_reference.get(reference).copied())
+            .collect()
+    }
+
+    /// Every booking of the site's slots (with a reference), slot by slot.
+    pub fn site(&self, site_id: &SiteId) -> Vec<BookingKey> {
+        let inner = self.lock();
+        let Some(site) = inner.rosters.get(site_id) else {
+            return Vec::new();
+        };
+        site.values()
+            .flatten()
+            .filter_map(|reference| inner.by_reference.get(reference).copied())
+            .collect()
+    }
+
+    /// Bookings entered.
+    pub fn len(&self) -> usize {
+        self.lock().by_reference.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Deletes the `N` and `W` index keys a store written before issue #19 holds (their
+/// content is rebuilt from the bookings). Idempotent: a crash midway leaves keys that
+/// the next start removes. Returns how many were removed.
+pub fn remove_stored_index(db: &sled::Db) -> Result<u64, StoreError> {
+    let mut removed = 0u64;
+    for prefix in [records::REFERENCE_PREFIX, records::ROSTER_PREFIX] {
+        loop {
+            let keys: Vec<sled::IVec> = db
+                .scan_prefix([prefix])
+                .keys()
+                .take(REMOVE_CHUNK_KEYS)
+                .collect::<Result<_, _>>()
+                .map_err(|e| StoreError::Io(format!("scanning the old index: {e}")))?;
+            if keys.is_empty() {
+                break;
+            }
+            let mut batch = sled::Batch::default();
+            for key in &keys {
+                batch.remove(key.clone());
+            }
+            db.apply_batch(batch)
+                .map_err(|e| StoreError::Io(format!("removing the old index: {e}")))?;
+            removed += keys.len() as u64;
+        }
+    }
+    if removed > 0 {
+        db.flush()
+            .map_err(|e| StoreError::Io(format!("removing the old index: {e}")))?;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::booking::{BookingCodes, BookingState, RequestRecord};
+    use crate::domain::ids::{
+        BookingId, ChannelId, CitizenKey, RequestFingerprint, RequestKey, ServiceId,
+    };
+
+    fn slot(site: &str, start: i64) -> SlotKey {
+        SlotKey {
+            site_id: SiteId::parse("s", site, 64).unwrap(),
+            service_id: ServiceId::parse("s", "vax", 64).unwrap(),
+            start_unix_s: start,
+        }
+    }
+
+    fn booking(id: u128, slot: SlotKey, reference: Option<u64>) -> Booking {
+        Booking {
+            booking_id: BookingId(id),
+            end_unix_s: slot.start_unix_s + 600,
+            slot,
+            citizen: CitizenKey([id as u8; 16]),
+            created_at_unix_ms: 0,
+            request: RequestRecord {
+                key: RequestKey([id as u8; 16]),
+                fingerprint: RequestFingerprint([0; 16]),
+            },
+            state: BookingState::Confirmed,
+            channel: ChannelId::web(),
+            codes: reference.map(|bits| BookingCodes {
+                reference: Reference::from_bits(bits),
+                check_in_code: 1,
+            }),
+            series: None,
+        }
+    }
+
+    fn key_of(booking: &Booking) -> BookingKey {
+        booking_key(booking.citizen.tag(), booking.booking_id)
+    }
+
+    #[test]
+    fn rosters_page_in_reference_order_and_forget_removed_bookings() {
+        let index = BookingIndex::default();
+        let (a, b) = (slot("a", 0), slot("b", 0));
+        let in_a: Vec<Booking> = [30, 10, 20]
+            .iter()
+            .map(|&r| booking(r as u128, a.clone(), Some(r)))
+            .collect();
+        let in_b = booking(99, b.clone(), Some(99));
+        let unreferenced = booking(7, a.clone(), None);
+        for entered in in_a.iter().chain([&in_b, &unreferenced]) {
+            index.insert(entered);
+            index.insert(entered); // a later state of the same booking: no change
+        }
+        assert_eq!(index.len(), 4);
+        let order: Vec<BookingKey> = [10u128, 20, 30]
+            .iter()
+            .map(|&id| key_of(in_a.iter().find(|x| x.booking_id.0 == id).unwrap()))
+            .collect();
+        assert_eq!(index.roster(&a, None, 10), order);
+        assert_eq!(index.roster(&a, None, 2), order[..2]);
+        let after = Some(Reference::from_bits(10));
+        assert_eq!(index.roster(&a, after, 10), order[1..]);
+        assert_eq!(index.site(&b.site_id), [key_of(&in_b)]);
+        assert_eq!(
+            index.by_reference(Reference::from_bits(99)),
+            Some(key_of(&in_b))
+        );
+
+        index.remove(&in_b);
+        index.remove(&in_a[1]); // reference 10
+        assert_eq!(index.by_reference(Reference::from_bits(99)), None);
+        assert!(index.site(&b.site_id).is_empty());
+        assert_eq!(index.roster(&a, None, 10), order[1..]);
+        assert_eq!(index.len(), 2);
+    }
+}
