@@ -50,14 +50,22 @@ impl BookingIndex {
         // References are unique: the engine mints each against every one in use, and
         // recovery refuses a store where two bookings share one (before entering them).
         let mut inner = self.lock();
-        inner.by_reference.insert(codes.reference, key);
-        let site = inner
-            .rosters
-            .entry(booking.slot.site_id.clone())
-            .or_default();
-        site.entry(booking.slot.clone())
-            .or_default()
-            .insert(codes.reference);
+        if inner.by_reference.insert(codes.reference, key) == Some(key) {
+            return; // a later state of a booking already entered
+        }
+        let site_id = &booking.slot.site_id;
+        if !inner.rosters.contains_key(site_id) {
+            inner.rosters.insert(site_id.clone(), BTreeMap::new());
+        }
+        let site = inner.rosters.get_mut(site_id).expect("entered above");
+        match site.get_mut(&booking.slot) {
+            Some(roster) => {
+                roster.insert(codes.reference);
+            }
+            None => {
+                site.insert(booking.slot.clone(), BTreeSet::from([codes.reference]));
+            }
+        }
     }
 
     /// Removes `booking`'s entries (after the write that deleted it).
@@ -65,7 +73,11 @@ impl BookingIndex {
         let Some(codes) = booking.codes else {
             return;
         };
+        let key = booking_key(booking.citizen.tag(), booking.booking_id);
         let mut inner = self.lock();
+        if inner.by_reference.get(&codes.reference) != Some(&key) {
+            return; // not this booking's entry
+        }
         inner.by_reference.remove(&codes.reference);
         let Some(site) = inner.rosters.get_mut(&booking.slot.site_id) else {
             return;
@@ -85,13 +97,13 @@ impl BookingIndex {
         self.lock().by_reference.get(&reference).copied()
     }
 
-    /// Up to `limit` bookings of `slot`, in reference order, after `after`.
+    /// Up to `limit` entries of `slot`'s roster, in reference order, after `after`.
     pub fn roster(
         &self,
         slot: &SlotKey,
         after: Option<Reference>,
         limit: usize,
-    ) -> Vec<BookingKey> {
+    ) -> Vec<(Reference, BookingKey)> {
         use std::ops::Bound::{Excluded, Unbounded};
         let inner = self.lock();
         let Some(roster) = inner.rosters.get(&slot.site_id).and_then(|s| s.get(slot)) else {
@@ -101,20 +113,19 @@ impl BookingIndex {
         roster
             .range((from, Unbounded))
             .take(limit)
-            .filter_map(|reference| inner.by_reference.get(reference).copied())
+            .filter_map(|&reference| Some((reference, *inner.by_reference.get(&reference)?)))
             .collect()
     }
 
-    /// Every booking of the site's slots (with a reference), slot by slot.
-    pub fn site(&self, site_id: &SiteId) -> Vec<BookingKey> {
+    /// The site's slots that have bookings entered, in order. Read each one's roster
+    /// next: the lock is held per call, so a site's stats never hold bookings up long.
+    pub fn site_slots(&self, site_id: &SiteId) -> Vec<SlotKey> {
         let inner = self.lock();
-        let Some(site) = inner.rosters.get(site_id) else {
-            return Vec::new();
-        };
-        site.values()
-            .flatten()
-            .filter_map(|reference| inner.by_reference.get(reference).copied())
-            .collect()
+        inner
+            .rosters
+            .get(site_id)
+            .map(|site| site.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Bookings entered.
@@ -200,6 +211,10 @@ mod tests {
         booking_key(booking.citizen.tag(), booking.booking_id)
     }
 
+    fn keys(entries: Vec<(Reference, BookingKey)>) -> Vec<BookingKey> {
+        entries.into_iter().map(|(_, key)| key).collect()
+    }
+
     #[test]
     fn rosters_page_in_reference_order_and_forget_removed_bookings() {
         let index = BookingIndex::default();
@@ -219,21 +234,27 @@ mod tests {
             .iter()
             .map(|&id| key_of(in_a.iter().find(|x| x.booking_id.0 == id).unwrap()))
             .collect();
-        assert_eq!(index.roster(&a, None, 10), order);
-        assert_eq!(index.roster(&a, None, 2), order[..2]);
+        assert_eq!(keys(index.roster(&a, None, 10)), order);
+        assert_eq!(keys(index.roster(&a, None, 2)), order[..2]);
         let after = Some(Reference::from_bits(10));
-        assert_eq!(index.roster(&a, after, 10), order[1..]);
-        assert_eq!(index.site(&b.site_id), [key_of(&in_b)]);
+        assert_eq!(keys(index.roster(&a, after, 10)), order[1..]);
+        assert_eq!(index.site_slots(&b.site_id), std::slice::from_ref(&b));
         assert_eq!(
             index.by_reference(Reference::from_bits(99)),
             Some(key_of(&in_b))
         );
 
+        let impostor = booking(98, b.clone(), Some(99)); // another booking, same reference
+        index.remove(&impostor);
+        assert_eq!(
+            index.by_reference(Reference::from_bits(99)),
+            Some(key_of(&in_b))
+        );
         index.remove(&in_b);
         index.remove(&in_a[1]); // reference 10
         assert_eq!(index.by_reference(Reference::from_bits(99)), None);
-        assert!(index.site(&b.site_id).is_empty());
-        assert_eq!(index.roster(&a, None, 10), order[1..]);
+        assert!(index.site_slots(&b.site_id).is_empty());
+        assert_eq!(keys(index.roster(&a, None, 10)), order[1..]);
         assert_eq!(index.len(), 2);
     }
 }

@@ -241,15 +241,28 @@ impl Store {
         }
     }
 
-    /// Up to `limit` bookings of `slot` in reference order, after `after`.
+    /// Up to `limit` bookings of `slot` in reference order, after `after`. An entry
+    /// whose booking is not applied yet (see `commit`) is skipped, and the page filled
+    /// from the entries after it.
     pub fn slot_roster(
         &self,
         slot: &SlotKey,
-        after: Option<Reference>,
+        mut after: Option<Reference>,
         limit: usize,
     ) -> Result<Vec<Booking>, StoreError> {
-        self.bookings_at(self.index.roster(slot, after, limit))
-            .collect()
+        let mut bookings = Vec::with_capacity(limit.min(1024));
+        while bookings.len() < limit {
+            let wanted = limit - bookings.len();
+            let entries = self.index.roster(slot, after, wanted);
+            for (_, key) in &entries {
+                bookings.extend(self.booking_at(key)?);
+            }
+            match entries.last() {
+                Some((last, _)) if entries.len() == wanted => after = Some(*last),
+                _ => break, // the roster's end
+            }
+        }
+        Ok(bookings)
     }
 
     /// Every booking of the site's slots (with a reference), slot by slot.
@@ -257,16 +270,11 @@ impl Store {
         &self,
         site_id: &crate::domain::ids::SiteId,
     ) -> impl Iterator<Item = Result<Booking, StoreError>> + '_ {
-        self.bookings_at(self.index.site(site_id))
-    }
-
-    /// The bookings under `keys`, skipping any not applied yet (see `commit`).
-    fn bookings_at(
-        &self,
-        keys: Vec<[u8; 25]>,
-    ) -> impl Iterator<Item = Result<Booking, StoreError>> + '_ {
-        keys.into_iter()
-            .filter_map(move |key| self.booking_at(&key).transpose())
+        self.index
+            .site_slots(site_id)
+            .into_iter()
+            .flat_map(move |slot| self.index.roster(&slot, None, usize::MAX))
+            .filter_map(move |(_, key)| self.booking_at(&key).transpose())
     }
 
     fn booking_at(&self, key: &[u8; 25]) -> Result<Option<Booking>, StoreError> {

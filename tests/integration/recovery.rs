@@ -158,6 +158,32 @@ async fn the_booking_index_is_rebuilt_and_old_index_keys_are_removed() {
     }
 }
 
+/// A roster entry whose booking is not applied yet (entered with its write, before the
+/// committer applied it) is skipped and the page filled from the entries after it, so
+/// the desk's paging never ends early.
+#[tokio::test]
+async fn a_roster_page_skips_a_booking_not_yet_written_and_stays_full() {
+    let dir = tempfile::tempdir().unwrap();
+    prenota::store::key_file::create(dir.path()).unwrap();
+    let store = Store::open(dir.path(), &Config::default().limits).unwrap();
+    let bookings: Vec<Write> = (1..=4).map(|id| booking(id, id as u8)).collect();
+    store.commit(&bookings).await.unwrap();
+    let Write::Booking(pending) = booking(2, 9) else {
+        unreachable!()
+    };
+    let pending = Booking {
+        booking_id: BookingId(99), // reference 2's twin, never written
+        codes: booking_codes(0),
+        ..pending
+    };
+    store.booking_index().insert(&pending); // reference 0: first in the roster
+    let page = store.slot_roster(&slot_key(), None, 2).unwrap();
+    let ids: Vec<u128> = page.iter().map(|b| b.booking_id.0).collect();
+    assert_eq!(ids, [1, 2], "a full page despite the missing booking");
+    let all = store.slot_roster(&slot_key(), None, 10).unwrap();
+    assert_eq!(all.len(), 4);
+}
+
 /// A record a request could never have written (a forged backup, another build, a
 /// damaged disk) is refused at start-up, not served: a site name with a text-direction
 /// override, shown to citizens, names the site in the refusal.
