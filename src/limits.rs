@@ -129,8 +129,9 @@ pub struct Limits {
     pub check_in_window_hours: u32,
     /// Wrong check-in codes in a row that lock a reference (`SiteService.CheckIn`).
     pub check_in_tries_max: u32,
-    /// How long a locked reference refuses check-ins, even with the right code: with 5
-    /// tries per 15 minutes, guessing one of 10,000 codes takes weeks.
+    /// How long a reference's first lock refuses check-ins, even with the right code;
+    /// each further lock lasts twice as long (5 tries, then 15, 30, 60 min...: about 40
+    /// tries of 10,000 codes in a 49 h check-in window).
     pub check_in_lock_seconds: u64,
     /// Largest decoded gRPC request.
     pub message_size_bytes_max: usize,

@@ -1,8 +1,9 @@
 //! The `mixed` day's appointment lifecycle, in a region of its own: households booking
 //! together (BookGroup) and citizens booking both doses of a series (BookSeries), all at
-//! once. Then the checks: every series complete or absent, read back per citizen, its
-//! dose 2 at dose 1's site within its interval in local days; every household all or
-//! none, in one slot; no slot over capacity; every acknowledged booking there.
+//! once. Then the checks: every series complete or absent, read back per citizen and in
+//! the authority's export, its dose 2 at dose 1's site within its interval in local
+//! days; every household all or none, in one slot; no slot over capacity; every
+//! acknowledged booking there.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,7 +91,7 @@ pub async fn run(
     if violations.is_empty() {
         println!(
             "lifecycle invariants: OK ({series_booked} of {} series and {groups_booked} of {} households booked; \
-             each series complete or absent, dose 2 at dose 1's site {MIN_DAYS}–{MAX_DAYS} local days later; \
+             each series complete or absent (per citizen and in the export), dose 2 at dose 1's site {MIN_DAYS}–{MAX_DAYS} local days later; \
              each household all or none in one slot; no slot over capacity)",
             outcomes.series.len(),
             outcomes.groups.len()
@@ -345,13 +346,74 @@ async fn verify(
             ));
         }
     }
-    violations.extend(over_capacity(channel, scenario).await?);
+    let exported = export_of(channel.clone(), scenario).await?;
+    violations.extend(series_in_export(&exported, outcomes));
+    violations.extend(over_capacity(channel, scenario, &exported).await?);
     Ok(violations)
 }
 
-/// Slots (of both services) with more confirmed bookings in the export than places.
-async fn over_capacity(channel: Channel, scenario: &Scenario) -> Result<Vec<String>, String> {
-    let mut capacity = CapacityServiceClient::new(channel.clone());
+/// The series as the authority's export shows them: each acknowledged series' two
+/// bookings confirmed, doses 1 and 2 of the same series at one site, dose 2 within its
+/// interval in local days; and no other series booking (complete or absent).
+fn series_in_export(exported: &[proto::Booking], outcomes: &Outcomes) -> Vec<String> {
+    let by_id: HashMap<&str, &proto::Booking> = exported
+        .iter()
+        .map(|b| (b.booking_id.as_str(), b))
+        .collect();
+    let confirmed = |b: &&proto::Booking| b.state == proto::BookingState::Confirmed as i32;
+    let mut violations = Vec::new();
+    let mut acknowledged = 0;
+    for ids in outcomes.series.values().flatten() {
+        acknowledged += 1;
+        let doses: Vec<&proto::Booking> = ids
+            .iter()
+            .filter_map(|id| by_id.get(id.as_str()).copied())
+            .filter(confirmed)
+            .collect();
+        let [first, second] = doses.as_slice() else {
+            violations.push(format!(
+                "series {ids:?}: {} confirmed in the export",
+                doses.len()
+            ));
+            continue;
+        };
+        let days = match (
+            local_date(&first.local_start),
+            local_date(&second.local_start),
+        ) {
+            (Some(a), Some(b)) => (b - a).num_days(),
+            _ => -1,
+        };
+        if !(i64::from(MIN_DAYS)..=i64::from(MAX_DAYS)).contains(&days)
+            || first.site_id != second.site_id
+            || first.series_id.is_empty()
+            || first.series_id != second.series_id
+            || (first.dose, second.dose) != (1, 2)
+        {
+            violations.push(format!(
+                "series {ids:?} in the export: {days} days, sites {} and {}, doses {} and {}",
+                first.site_id, second.site_id, first.dose, second.dose
+            ));
+        }
+    }
+    for dose in [1, 2] {
+        let booked = exported
+            .iter()
+            .filter(confirmed)
+            .filter(|b| !b.series_id.is_empty() && b.dose == dose)
+            .count();
+        if booked != acknowledged {
+            violations.push(format!(
+                "the export holds {booked} confirmed doses {dose} for {acknowledged} acknowledged series"
+            ));
+        }
+    }
+    violations
+}
+
+/// Every booking of the scenario's region, from `ExportBookings`.
+async fn export_of(channel: Channel, scenario: &Scenario) -> Result<Vec<proto::Booking>, String> {
+    let mut capacity = CapacityServiceClient::new(channel);
     let mut stream = capacity
         .export_bookings(proto::ExportBookingsRequest {
             scope: Some(proto::export_bookings_request::Scope::RegionId(
@@ -361,16 +423,27 @@ async fn over_capacity(channel: Channel, scenario: &Scenario) -> Result<Vec<Stri
         .await
         .map_err(|e| format!("ExportBookings: {e}"))?
         .into_inner();
-    let mut per_slot: HashMap<String, u32> = HashMap::new();
+    let mut exported = Vec::new();
     while let Some(item) = stream
         .message()
         .await
         .map_err(|e| format!("ExportBookings: {e}"))?
     {
-        if let Some(booking) = item.booking {
-            if booking.state == proto::BookingState::Confirmed as i32 {
-                *per_slot.entry(booking.slot_id).or_default() += 1;
-            }
+        exported.extend(item.booking);
+    }
+    Ok(exported)
+}
+
+/// Slots (of both services) with more confirmed bookings in the export than places.
+async fn over_capacity(
+    channel: Channel,
+    scenario: &Scenario,
+    exported: &[proto::Booking],
+) -> Result<Vec<String>, String> {
+    let mut per_slot: HashMap<&str, u32> = HashMap::new();
+    for booking in exported {
+        if booking.state == proto::BookingState::Confirmed as i32 {
+            *per_slot.entry(booking.slot_id.as_str()).or_default() += 1;
         }
     }
     let mut violations = Vec::new();
@@ -378,7 +451,7 @@ async fn over_capacity(channel: Channel, scenario: &Scenario) -> Result<Vec<Stri
         for service_id in [SERVICE_ID, DOSE2_SERVICE_ID] {
             let slots = scenario::slots_of_service(channel.clone(), site_id, service_id).await?;
             for slot in slots {
-                let booked = per_slot.get(&slot.slot_id).copied().unwrap_or(0);
+                let booked = per_slot.get(slot.slot_id.as_str()).copied().unwrap_or(0);
                 if booked > slot.capacity || slot.capacity - slot.remaining != booked {
                     violations.push(format!(
                         "slot {} holds {booked} bookings for {} places ({} remaining)",

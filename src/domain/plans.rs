@@ -508,30 +508,38 @@ pub enum DeskChange {
 /// The desk checks `booking` in with the code the citizen shows, from `window_hours`
 /// before its slot starts to `window_hours` after it ends: a confirmed booking (or a
 /// no-show: the citizen came late) becomes attended; an attended one stays as it is.
-/// The code is checked first, whatever the state.
+/// The state (which the desk's roster shows anyway) and the window are checked before
+/// the code: outside its window a booking answers `CheckInClosed` whatever the code, so
+/// guesses can only be made, and counted, while the desk is open for it.
 pub fn check_in(
     booking: Booking,
     code: u16,
     window_hours: u32,
     now_unix_ms: i64,
 ) -> Result<DeskChange, DomainError> {
-    let expected = booking.codes.map(|codes| codes.check_in_code);
-    if expected != Some(code) {
-        return Err(DomainError::CheckInCodeWrong);
-    }
     let window_s = i64::from(window_hours) * 3_600;
     let opens_ms = (booking.slot.start_unix_s - window_s).saturating_mul(1_000);
     let closes_ms = (booking.end_unix_s + window_s).saturating_mul(1_000);
     let open = (opens_ms..=closes_ms).contains(&now_unix_ms);
     match booking.state {
-        BookingState::Attended { .. } => Ok(DeskChange::AlreadyDone(booking)),
-        BookingState::Cancelled { .. } => Err(DomainError::BookingNotActive(booking.booking_id)),
+        BookingState::Cancelled { .. } => {
+            return Err(DomainError::BookingNotActive(booking.booking_id))
+        }
         BookingState::Confirmed | BookingState::NoShow { .. } if !open => {
-            Err(DomainError::CheckInClosed {
+            return Err(DomainError::CheckInClosed {
                 opens_unix_ms: opens_ms,
                 closes_unix_ms: closes_ms,
             })
         }
+        _ => {}
+    }
+    let expected = booking.codes.map(|codes| codes.check_in_code);
+    if expected != Some(code) {
+        return Err(DomainError::CheckInCodeWrong);
+    }
+    match booking.state {
+        BookingState::Attended { .. } => Ok(DeskChange::AlreadyDone(booking)),
+        BookingState::Cancelled { .. } => Err(DomainError::BookingNotActive(booking.booking_id)),
         BookingState::Confirmed | BookingState::NoShow { .. } => {
             let state = BookingState::Attended {
                 at_unix_ms: now_unix_ms,
@@ -1193,6 +1201,11 @@ mod tests {
         );
         assert!(matches!(
             check(mine(), code, start_ms - 25 * hour),
+            Err(DomainError::CheckInClosed { .. })
+        ));
+        // Outside the window a wrong code answers the same: no oracle, no counted try.
+        assert!(matches!(
+            check(mine(), code + 1, start_ms - 25 * hour),
             Err(DomainError::CheckInClosed { .. })
         ));
         let Ok(DeskChange::Write(plan)) = check(mine(), code, start_ms - hour) else {

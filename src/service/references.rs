@@ -20,6 +20,9 @@ use crate::service::error::ServiceError;
 /// (bounds the memory a desk's typos take; a forgotten count starts again).
 const WRONG_CODES_PRUNE_AT: usize = 100_000;
 
+/// A reference's lock doubles at most this many times (2^20 locks: years).
+const LOCK_DOUBLINGS_MAX: u32 = 20;
+
 /// Draws before giving up (the request may be retried): reaching it means the space is
 /// nearly full, or the random source is broken.
 const MINT_TRIES: usize = 64;
@@ -35,6 +38,8 @@ pub struct References {
 #[derive(Clone, Copy, Debug, Default)]
 struct WrongCodes {
     count: u32,
+    /// Locks so far: each lasts twice as long as the one before.
+    locks: u32,
     locked_until_ms: i64,
 }
 
@@ -118,8 +123,9 @@ impl References {
     /// Counts one check-in try of `reference` (`wrong`: its code was wrong), under one
     /// lock so parallel tries cannot pass the limit: `Err(Some(retry after))` while the
     /// reference is locked (whatever the code), `Err(None)` for a wrong code (the
-    /// `tries_max`-th in a row locks it for `lock`), `Ok` for the right one (its wrong
-    /// tries are forgotten).
+    /// `tries_max`-th in a row locks it for `lock`, doubled for every lock before), `Ok`
+    /// for the right one (its wrong tries are forgotten). The doubling bounds a guesser
+    /// over a whole check-in window to a few dozen tries of 10,000 codes.
     pub fn try_code(
         &self,
         reference: Reference,
@@ -147,6 +153,8 @@ impl References {
         if entry.count >= tries_max {
             entry.count = 0;
             let lock_ms = i64::try_from(lock.as_millis()).unwrap_or(i64::MAX);
+            let lock_ms = lock_ms.saturating_mul(1 << entry.locks.min(LOCK_DOUBLINGS_MAX));
+            entry.locks += 1;
             entry.locked_until_ms = now_ms.saturating_add(lock_ms);
         }
         Err(None)
@@ -253,5 +261,31 @@ mod tests {
         );
         let other = Reference::from_bits(43);
         assert_eq!(references.try_code(other, false, 2_000, limits), Ok(()));
+    }
+
+    /// A guesser trying wrong codes as fast as the locks allow through a whole check-in
+    /// window (24 h before to 24 h after a slot, 49 h) gets only a few dozen tries of the
+    /// 10,000 codes: under 1% of them.
+    #[test]
+    fn doubling_locks_bound_the_tries_of_a_whole_window() {
+        let references = References::default();
+        let reference = Reference::from_bits(7);
+        let limits = (5, Duration::from_secs(900));
+        let window_ms = 49 * 3_600_000;
+        let (mut now, mut tries, mut locks) = (0i64, 0u32, Vec::new());
+        while now < window_ms {
+            match references.try_code(reference, true, now, limits) {
+                Err(None) => tries += 1,
+                Err(Some(retry_after)) => {
+                    locks.push(retry_after);
+                    now += i64::try_from(retry_after.as_millis()).unwrap();
+                }
+                Ok(()) => unreachable!("every code tried is wrong"),
+            }
+        }
+        assert_eq!(locks[0], Duration::from_secs(900));
+        assert_eq!(locks[1], Duration::from_secs(1_800));
+        assert_eq!(locks[2], Duration::from_secs(3_600));
+        assert!(tries < 100, "{tries} tries in one window");
     }
 }

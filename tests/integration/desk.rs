@@ -289,6 +289,19 @@ async fn guessing_a_check_in_code_is_stopped_per_reference() {
     let victim = book_ok(&mut client, book_request(&slot, "VICTIM", "v")).await;
     let other = book_ok(&mut client, book_request(&slot, "OTHER", "o")).await;
     let mut site = SiteServiceClient::new(server.channel().await);
+    // Before the window opens, every code answers the same and no try is counted: the
+    // closed window is no oracle and guessing can only start when the desk opens.
+    for code in (0..20).map(|code| format!("{code:04}")) {
+        let status = site
+            .check_in(check_in(&victim.reference, &code))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            reason(&status).as_deref(),
+            Some("CHECK_IN_CLOSED"),
+            "{code}"
+        );
+    }
     to_an_hour_before(&clock, &slot);
 
     // Every one of the 10,000 codes, the right one last of all but after the first

@@ -392,3 +392,125 @@ async fn kill_9_during_cancels_never_leaves_half_a_series() {
     assert!(whole_cancels >= cancelled.len());
     server.terminate();
 }
+
+/// The first local day from five days ahead on whose noon UTC offset differs from the day
+/// before's: the day after a daylight-saving change in `zone`.
+fn day_after_next_dst_change(zone: chrono_tz::Tz) -> chrono::NaiveDate {
+    use chrono::{Offset, TimeZone};
+    let offset = |day: chrono::NaiveDate| {
+        let noon = day.and_hms_opt(12, 0, 0).unwrap();
+        zone.from_local_datetime(&noon)
+            .single()
+            .unwrap()
+            .offset()
+            .fix()
+    };
+    let mut day = chrono::Utc::now().date_naive() + chrono::Days::new(5);
+    while offset(day) == offset(day.pred_opt().unwrap()) {
+        day = day.succ_opt().unwrap();
+    }
+    day
+}
+
+/// The slot id of `service` at `site` starting at local `time` on `day` in `zone`.
+fn local_slot(
+    site: &str,
+    service: &str,
+    zone: chrono_tz::Tz,
+    day: chrono::NaiveDate,
+    time: &str,
+) -> String {
+    use chrono::TimeZone;
+    let time = chrono::NaiveTime::parse_from_str(time, "%H:%M").unwrap();
+    let start = zone
+        .from_local_datetime(&day.and_time(time))
+        .single()
+        .unwrap()
+        .timestamp();
+    format!("{site}/{service}/{start}")
+}
+
+/// Intervals are counted in the site's calendar days, through the engine's own local
+/// conversion: in Rome and New York, across the next daylight-saving change and across a
+/// month end. Dose 1 is at 23:30 and dose 2 at 00:30 local, so the UTC days between them
+/// are one fewer than the local days: an engine counting UTC days would refuse the
+/// booking on the bound and take the one a day past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intervals_count_local_days_across_dst_and_month_ends_in_two_zones() {
+    const DAYS: u64 = 7;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut capacity = server.capacity().await;
+    capacity
+        .upsert_series(series(DAYS as u32, DAYS as u32))
+        .await
+        .expect("series");
+    let mut client = server.booking().await;
+    let today = chrono::Utc::now().date_naive();
+    let month_end = {
+        use chrono::Datelike;
+        let next = today + chrono::Months::new(2);
+        chrono::NaiveDate::from_ymd_opt(next.year(), next.month(), 1).unwrap()
+            - chrono::Days::new(1)
+    };
+    let zones = [chrono_tz::Europe::Rome, chrono_tz::America::New_York];
+    for (index, zone) in zones.into_iter().enumerate() {
+        let dst = day_after_next_dst_change(zone);
+        for (case, first) in [
+            ("dst", dst - chrono::Days::new(3)),
+            ("month", month_end - chrono::Days::new(2)),
+        ] {
+            let site = format!("site-{index}-{case}");
+            upsert_site(&mut capacity, &site, "r", zone.name()).await;
+            let on = |day: chrono::NaiveDate| day.format("%Y-%m-%d").to_string();
+            let bound = first + chrono::Days::new(DAYS);
+            let past = bound + chrono::Days::new(1);
+            for (service, (from, to), (opens, closes)) in [
+                ("dose1", (first, first), ("23:30", "23:50")),
+                ("dose2", (bound, past), ("00:30", "00:50")),
+            ] {
+                capacity
+                    .publish_schedule(publish_request(
+                        &site,
+                        service,
+                        (&on(from), &on(to)),
+                        (opens, closes),
+                        20,
+                        5,
+                    ))
+                    .await
+                    .unwrap_or_else(|status| panic!("{site}: publish {service}: {status:?}"));
+            }
+            let dose1 = local_slot(&site, "dose1", zone, first, "23:30");
+            let late = client
+                .book_series(book_series(
+                    &format!("LATE-{site}"),
+                    &[
+                        dose1.clone(),
+                        local_slot(&site, "dose2", zone, past, "00:30"),
+                    ],
+                    &format!("late-{site}"),
+                ))
+                .await
+                .expect_err("a day past the bound is refused");
+            assert_eq!(
+                reason(&late).as_deref(),
+                Some("SERIES_INTERVAL"),
+                "{site}: {late:?}"
+            );
+            assert_eq!(metadata(&late, "earliest"), Some(on(bound)), "{site}");
+            assert_eq!(metadata(&late, "latest"), Some(on(bound)), "{site}");
+            let booked = client
+                .book_series(book_series(
+                    &format!("ON-{site}"),
+                    &[dose1, local_slot(&site, "dose2", zone, bound, "00:30")],
+                    &format!("on-{site}"),
+                ))
+                .await
+                .unwrap_or_else(|status| panic!("{site}: the bound itself is booked: {status:?}"))
+                .into_inner()
+                .bookings;
+            assert_eq!(booked.len(), 2, "{site}");
+        }
+    }
+}
