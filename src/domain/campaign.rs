@@ -12,6 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use chrono::{Datelike, NaiveDate, NaiveDateTime, NaiveTime};
 
+use crate::domain::booking::RequestRecord;
 use crate::domain::ids::{
     BookingId, CampaignId, CitizenKey, RegionId, ServiceId, SiteId, SlotKey, WaveId,
 };
@@ -74,6 +75,13 @@ pub struct Campaign {
     pub created_at_unix_ms: i64,
 }
 
+/// Whether a slot starting at `start_unix_s` is within `last_minute_hours` of `now`:
+/// anyone may then book it directly, without an offer (the campaigns' booking gate).
+pub fn is_last_minute(last_minute_hours: u32, start_unix_s: i64, now_unix_ms: i64) -> bool {
+    let window_ms = i64::from(last_minute_hours) * 3_600_000;
+    start_unix_s.saturating_mul(1_000) - now_unix_ms < window_ms
+}
+
 impl Campaign {
     /// Whether the slot `key` of a site in `region` is one of this campaign's.
     pub fn covers(&self, region: &RegionId, key: &SlotKey) -> bool {
@@ -82,8 +90,7 @@ impl Campaign {
 
     /// Whether anyone may book a slot starting at `start_unix_s` directly at `now`.
     pub fn is_last_minute(&self, start_unix_s: i64, now_unix_ms: i64) -> bool {
-        let window_ms = i64::from(self.last_minute_hours) * 3_600_000;
-        start_unix_s.saturating_mul(1_000) - now_unix_ms < window_ms
+        is_last_minute(self.last_minute_hours, start_unix_s, now_unix_ms)
     }
 
     /// The first wave that admits a citizen born in `birth_year` with `groups`: its
@@ -181,6 +188,10 @@ pub struct Registration {
     /// Offers declined or left to expire.
     pub declines: u32,
     pub state: RegistrationState,
+    /// The DeclineOffer and WithdrawRegistration requests that changed it, and when
+    /// (unix ms): stored with it, so a retry after a restart is answered, not done
+    /// again. Kept through registering anew; dropped once out of the request window.
+    pub requests: Vec<(RequestRecord, i64)>,
 }
 
 impl Registration {
@@ -206,6 +217,27 @@ impl Registration {
         match &self.state {
             RegistrationState::Offered(offer) => Some(offer),
             _ => None,
+        }
+    }
+
+    /// It, about to be written for `request` made at `now`: the request joins its
+    /// answered ones, and those `keeps` no longer keeps (out of the window) are dropped.
+    pub fn answering(
+        &self,
+        request: RequestRecord,
+        now_unix_ms: i64,
+        keeps: impl Fn(i64) -> bool,
+    ) -> Self {
+        let mut requests: Vec<(RequestRecord, i64)> = self
+            .requests
+            .iter()
+            .filter(|(_, at)| keeps(*at))
+            .cloned()
+            .collect();
+        requests.push((request, now_unix_ms));
+        Self {
+            requests,
+            ..self.clone()
         }
     }
 
@@ -320,8 +352,12 @@ pub fn rank(campaign: &Campaign, registration: &Registration) -> Option<Rank> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Begin {
     /// New, with its arrival number: write it, then `settle` or `abandon`. Replacing a
-    /// withdrawn one, `declines` are that one's (withdrawing resets nothing).
-    New { arrival: u64, replaces: Option<u32> },
+    /// withdrawn one (`replaces`), it keeps that one's declines (withdrawing resets
+    /// nothing) and answered requests.
+    New {
+        arrival: u64,
+        replaces: Option<Box<Registration>>,
+    },
     /// The citizen's registration (withdrawing it allows registering anew).
     Existing(Box<Registration>),
     /// Being written by another request right now.
@@ -381,7 +417,7 @@ impl Registrations {
                 self.by_citizen.insert(citizen, entry);
             }
         }
-        let replaces = self.get(&citizen).map(|withdrawn| withdrawn.declines);
+        let replaces = self.get(&citizen).cloned().map(Box::new);
         Begin::New {
             arrival: self.take_arrival(),
             replaces,
@@ -613,6 +649,7 @@ mod tests {
             arrival: u64::from(n),
             declines: 0,
             state: RegistrationState::Active,
+            requests: Vec::new(),
         }
     }
 

@@ -1428,6 +1428,7 @@ mod tests {
             arrival: 0,
             declines: 0,
             state: RegistrationState::Active,
+            requests: Vec::new(),
         };
         (campaign, registration)
     }

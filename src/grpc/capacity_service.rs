@@ -125,6 +125,8 @@ type AuditStream =
 type ExportStream =
     Pin<Box<dyn Stream<Item = Result<proto::ExportBookingsResponse, Status>> + Send>>;
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEventsResponse, Status>> + Send>>;
+type RegistrationStream =
+    Pin<Box<dyn Stream<Item = Result<proto::ExportRegistrationsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl CapacityService for CapacityApi {
@@ -326,6 +328,35 @@ impl CapacityService for CapacityApi {
         Ok(Response::new(convert_campaign::campaign_stats_to_proto(
             &stats, now,
         )))
+    }
+
+    type ExportRegistrationsStream = RegistrationStream;
+
+    async fn export_registrations(
+        &self,
+        request: Request<proto::ExportRegistrationsRequest>,
+    ) -> Result<Response<Self::ExportRegistrationsStream>, Status> {
+        let caller = Caller::of(&request)?;
+        let stalled = close_on_idle(&request);
+        let id = convert_campaign::campaign_id(
+            "campaign_id",
+            &request.get_ref().campaign_id,
+            self.engine.limits(),
+        )
+        .map_err(DomainError::from)?;
+        let permit = self
+            .engine
+            .admit_export(&caller.actor(), ExportKind::Records)?;
+        let receiver = self
+            .engine
+            .export_registrations(&id, &caller.authority(), stalled)?;
+        let registrations = ReceiverStream::new(receiver).map(|item| {
+            item.map(|view| proto::ExportRegistrationsResponse {
+                registration: Some(convert_campaign::registration_to_proto(&view)),
+            })
+            .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(holding(registrations, permit))))
     }
 
     async fn get_site_stats(

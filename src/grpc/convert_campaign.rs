@@ -242,9 +242,16 @@ pub fn campaign_stats_to_proto(
     now_unix_ms: i64,
 ) -> proto::GetCampaignStatsResponse {
     let campaign = &stats.campaign;
+    let counts = counts_to_proto(&stats.counts.total);
     proto::GetCampaignStatsResponse {
         campaign: Some(campaign_to_proto(campaign)),
-        counts: Some(counts_to_proto(&stats.counts.total)),
+        registered: counts.registered,
+        waiting: counts.waiting,
+        offered: counts.offered,
+        booked: counts.booked,
+        exhausted: counts.exhausted,
+        withdrawn: counts.withdrawn,
+        counts: Some(counts),
         by_wave: campaign
             .waves
             .iter()

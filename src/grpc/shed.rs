@@ -23,6 +23,7 @@ pub const STREAMING_REPLIES: &[&str] = &[
     "/prenota.v1.CapacityService/ExportBookings",
     "/prenota.v1.CapacityService/ExportAuditLog",
     "/prenota.v1.CapacityService/ExportBackup",
+    "/prenota.v1.CapacityService/ExportRegistrations",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     "/grpc.health.v1.Health/Watch",

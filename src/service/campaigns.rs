@@ -10,9 +10,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use tokio::sync::mpsc;
+
 use crate::domain::booking::RequestRecord;
 use crate::domain::campaign::{
-    pick, Begin, Campaign, Counts, FreeSlot, OfferEnd, Preferences, Registration,
+    self, pick, Begin, Campaign, Counts, FreeSlot, OfferEnd, Preferences, Registration,
     RegistrationState, Registrations, Shown,
 };
 use crate::domain::catalog::{Site, Slot};
@@ -27,6 +29,7 @@ use crate::domain::release::Gate;
 use crate::service::actor::Actor;
 use crate::service::engine::{BookingView, Engine};
 use crate::service::error::ServiceError;
+use crate::service::exports::OnIdle;
 use crate::store::records::Write;
 use crate::store::StoreError;
 
@@ -100,8 +103,8 @@ impl CampaignEntry {
 
     /// Whether a booking or hold of a slot starting at `start_unix_s` needs an offer.
     fn requires_offer(&self, start_unix_s: i64, now_unix_ms: i64) -> bool {
-        let hours = i64::from(self.last_minute_hours.load(Ordering::Relaxed));
-        start_unix_s.saturating_mul(1_000) - now_unix_ms >= hours * 3_600_000
+        let hours = self.last_minute_hours.load(Ordering::Relaxed);
+        !campaign::is_last_minute(hours, start_unix_s, now_unix_ms)
     }
 
     /// Whether the matcher should look now (and, if so, notes that it does).
@@ -457,6 +460,31 @@ impl Engine {
         })
     }
 
+    /// Streams a campaign's stored registrations (like `export_bookings`: a blocking
+    /// scan that waits for the reader), for an authority of its region.
+    pub fn export_registrations(
+        self: &Arc<Self>,
+        id: &CampaignId,
+        actor: &Actor,
+        on_idle: Option<OnIdle>,
+    ) -> Result<mpsc::Receiver<Result<RegistrationView, ServiceError>>, ServiceError> {
+        let entry = self.campaign_entry(id)?;
+        actor.check_region(&entry.region_id)?;
+        let (sender, receiver) = self.export_feed(self.limits.export_channel_depth, on_idle);
+        let engine = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            for item in engine.store.registrations_of(&entry.campaign_id) {
+                let item = item
+                    .map(|registration| engine.registration_view(&entry, registration))
+                    .map_err(ServiceError::from);
+                if sender.send(item).is_err() {
+                    return; // the client went away or stopped reading
+                }
+            }
+        });
+        Ok(receiver)
+    }
+
     fn registration_view(
         &self,
         entry: &CampaignEntry,
@@ -517,9 +545,13 @@ impl Engine {
             preferences: command.preferences,
             registered_at_unix_ms: self.now_unix_ms(),
             arrival,
-            // Registering anew resets nothing: a citizen cannot launder its declines.
-            declines: replaces.unwrap_or(0),
+            // Registering anew resets nothing: a citizen cannot launder its declines,
+            // and a retried WithdrawRegistration must not withdraw the new one.
+            declines: replaces.as_ref().map_or(0, |withdrawn| withdrawn.declines),
             state: RegistrationState::Active,
+            requests: replaces
+                .map(|withdrawn| withdrawn.requests)
+                .unwrap_or_default(),
         };
         if let Err(error) = self
             .store
@@ -612,8 +644,9 @@ impl Engine {
         &self,
         command: RegistrationCommand,
     ) -> Result<RegistrationView, ServiceError> {
-        self.answer_registration(&command, b"decline-offer", |entry, citizen| async move {
-            let registration = entry.registration(&citizen)?;
+        let what = b"decline-offer";
+        self.answer_registration(&command, what, |entry, citizen, request| async move {
+            let registration = self.answering(entry.registration(&citizen)?, request);
             self.end_offer(&registration, entry.counted_end()).await
         })
         .await
@@ -626,14 +659,15 @@ impl Engine {
         command: RegistrationCommand,
     ) -> Result<RegistrationView, ServiceError> {
         let what = b"withdraw-registration";
-        self.answer_registration(&command, what, |entry, citizen| async move {
+        self.answer_registration(&command, what, |entry, citizen, request| async move {
             let registration = entry.registration(&citizen)?;
             match registration.state {
-                RegistrationState::Active => self.withdraw_active(&entry, &citizen).await,
+                RegistrationState::Active => self.withdraw_active(&entry, &citizen, request).await,
                 RegistrationState::Offered(_) => {
                     let end = OfferEnd::Withdrawn {
                         at_unix_ms: self.now_unix_ms(),
                     };
+                    let registration = self.answering(registration, request);
                     self.end_offer(&registration, end).await
                 }
                 RegistrationState::Booked { .. } => Err(DomainError::RegistrationBooked.into()),
@@ -645,9 +679,16 @@ impl Engine {
         .await
     }
 
+    /// `registration`, to be written for `request` now (see [`Registration::answering`]).
+    fn answering(&self, registration: Registration, request: RequestRecord) -> Registration {
+        let cutoffs = self.retention_cutoffs();
+        registration.answering(request, self.now_unix_ms(), |at| cutoffs.keeps_request(at))
+    }
+
     /// The steps DeclineOffer and WithdrawRegistration share: `work` runs once per
-    /// request id (a retry answers the registration as it is now), and the answer is
-    /// the registration as it then is.
+    /// request id (a retry answers the registration as it is now, also after a restart:
+    /// the request is stored with the registration it changes), and the answer is the
+    /// registration as it then is.
     async fn answer_registration<Work, Done>(
         &self,
         command: &RegistrationCommand,
@@ -655,7 +696,7 @@ impl Engine {
         work: Work,
     ) -> Result<RegistrationView, ServiceError>
     where
-        Work: FnOnce(Arc<CampaignEntry>, CitizenKey) -> Done,
+        Work: FnOnce(Arc<CampaignEntry>, CitizenKey, RequestRecord) -> Done,
         Done: std::future::Future<Output = Result<Registration, ServiceError>>,
     {
         let (entry, citizen, request, fingerprint) = self.registration_request(command, what)?;
@@ -663,7 +704,7 @@ impl Engine {
             .once_per_request(
                 request,
                 fingerprint,
-                |_| work(Arc::clone(&entry), citizen),
+                |request| work(Arc::clone(&entry), citizen, request),
                 |registration: &Registration| registration.registration_id,
                 |_| Ok(entry.registration(&citizen)?),
             )
@@ -729,6 +770,7 @@ impl Engine {
         &self,
         entry: &CampaignEntry,
         citizen: &CitizenKey,
+        request: RequestRecord,
     ) -> Result<Registration, ServiceError> {
         let claimed = {
             let mut state = entry.lock();
@@ -741,6 +783,7 @@ impl Engine {
         let registration = claimed.ok_or(ServiceError::Busy(
             "this citizen's registration is being written; retry",
         ))?;
+        let registration = self.answering(registration, request);
         let plan = plans::withdraw(&registration, self.now_unix_ms());
         self.execute(plan, || self.campaigns.abandon(entry, citizen))
             .await
@@ -905,10 +948,14 @@ impl Engine {
         free
     }
 
-    /// Recovery: every campaign and its registrations. An offer must be a live hold of
-    /// its citizen and slot, held by no other registration; a booking must be its
-    /// citizen's active booking.
-    pub(super) fn restore_campaigns(&self) -> Result<(), ServiceError> {
+    /// Recovery: every campaign and its registrations, and the requests they answered
+    /// (handed to `restore_request`). An offer must be a live hold of its citizen and
+    /// slot, held by no other registration; a booking must be its citizen's active
+    /// booking.
+    pub(super) fn restore_campaigns(
+        &self,
+        restore_request: impl Fn(RequestRecord, BookingId, i64),
+    ) -> Result<(), ServiceError> {
         for campaign in self.store.campaigns() {
             self.campaigns
                 .insert(Arc::new(CampaignEntry::new(campaign?)));
@@ -926,6 +973,9 @@ impl Engine {
                     ))
                 })?;
             self.check_registration(&entry, &registration)?;
+            for (request, at_unix_ms) in &registration.requests {
+                restore_request(*request, registration.registration_id, *at_unix_ms);
+            }
             self.campaigns.settle(registration);
             count += 1;
         }

@@ -183,7 +183,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     check_capacities(catalog)?;
     warn_of_interrupted_write(&engine.store)?;
     engine.restore_releases()?;
-    engine.restore_campaigns()?;
+    engine.restore_campaigns(|request, id, at| requests.restore(request, id, at))?;
     let elapsed = started.elapsed();
     metrics::gauge!(telemetry::RECOVERY_SECONDS).set(elapsed.as_secs_f64());
     let request_records = engine.requests.remembered() as u64;

@@ -487,6 +487,21 @@ impl Store {
         self.scan(records::REGISTRATION_PREFIX)
     }
 
+    /// The registrations of one campaign, in citizen-key order.
+    pub fn registrations_of(
+        &self,
+        campaign_id: &crate::domain::ids::CampaignId,
+    ) -> impl Iterator<Item = Result<crate::domain::campaign::Registration, StoreError>> + use<>
+    {
+        let mut prefix = vec![records::REGISTRATION_PREFIX];
+        prefix.extend_from_slice(campaign_id.as_str().as_bytes());
+        prefix.push(0);
+        self.db.scan_prefix(prefix).map(|item| {
+            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            crate::domain::campaign::Registration::decode_value(&key, &value)
+        })
+    }
+
     /// Every dose series.
     pub fn series(
         &self,

@@ -10,8 +10,9 @@
 //! derived layout: a domain type may change freely, a disk form never does. A new format
 //! adds a module beside the old ones, writes the new one and still reads the old: so far
 //! authority requests have a v2 (it adds their time, for retention), and bookings, holds
-//! (their channel) and releases (channel reserves), whose v2 is v1 followed by the new
-//! fields; bookings have a v3 (v2, then reference and check-in code, the desk's
+//! (their channel), releases (channel reserves) and campaign registrations (the decline
+//! and withdraw requests they answered), whose v2 is v1 followed by the new fields;
+//! bookings have a v3 (v2, then reference and check-in code, the desk's
 //! attendance and the series dose). The reference and roster indexes live in memory
 //! (`store::booking_index`); stores from before issue #19 had them as `N` and `W` keys,
 //! removed when such a store is opened. The golden-bytes tests
@@ -72,9 +73,9 @@ pub const ROSTER_PREFIX: u8 = b'W';
 /// `D` + series id: a dose series (`UpsertSeries`).
 pub const SERIES_PREFIX: u8 = b'D';
 
-/// The format every value is written in, but authority requests.
+/// The format the kinds with no later format are written in.
 const FORMAT_VERSION: u8 = 1;
-/// The format authority requests, holds and releases are written in.
+/// The format authority requests, holds, releases and registrations are written in.
 const FORMAT_V2: u8 = 2;
 /// The format bookings are written in.
 const FORMAT_V3: u8 = 3;
@@ -517,6 +518,15 @@ mod v2 {
         #[serde(borrow)]
         pub v1: super::v1::Hold<'a>,
         pub channel: &'a str,
+    }
+
+    /// Format 1, then the DeclineOffer/WithdrawRegistration requests it answered:
+    /// (request, when in unix ms).
+    #[derive(Serialize, Deserialize)]
+    pub struct Registration<'a> {
+        #[serde(borrow)]
+        pub v1: super::v1::Registration<'a>,
+        pub requests: Vec<(super::v1::Request, i64)>,
     }
 
     /// Format 1, then the channel reserves: (channel, percent), and when they end.
@@ -1366,7 +1376,7 @@ impl Record for Registration {
                 at_unix_ms: *at_unix_ms,
             },
         };
-        encode_v1(&v1::Registration {
+        let v1 = v1::Registration {
             registration_id: self.registration_id.0,
             campaign_id: self.campaign_id.as_str(),
             citizen: self.citizen.0,
@@ -1377,11 +1387,24 @@ impl Record for Registration {
             arrival: self.arrival,
             declines: self.declines,
             state,
-        })
+        };
+        let requests = self
+            .requests
+            .iter()
+            .map(|(request, at_unix_ms)| (request_v1(request), *at_unix_ms))
+            .collect();
+        encode_as(FORMAT_V2, &v2::Registration { v1, requests })
     }
 
     fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
-        let r: v1::Registration = decode_v1(key, value)?;
+        let (r, requests): (v1::Registration, Vec<(v1::Request, i64)>) = match value.split_first() {
+            Some((&FORMAT_VERSION, body)) => (decode_body(key, body)?, Vec::new()),
+            Some((&FORMAT_V2, body)) => {
+                let r: v2::Registration = decode_body(key, body)?;
+                (r.v1, r.requests)
+            }
+            _ => return Err(corrupt(key, "has an unknown format version")),
+        };
         let state = match r.state {
             v1::RegistrationState::Active => RegistrationState::Active,
             v1::RegistrationState::Offered {
@@ -1421,6 +1444,10 @@ impl Record for Registration {
             arrival: r.arrival,
             declines: r.declines,
             state,
+            requests: requests
+                .into_iter()
+                .map(|(request, at_unix_ms)| (request_from_v1(request), at_unix_ms))
+                .collect(),
         })
     }
 }
@@ -1878,6 +1905,16 @@ mod golden {
                 })),
             ),
             (
+                "registration-answered",
+                Write::Registration(Registration {
+                    requests: vec![
+                        (request(0x60), 1_799_000_000_000),
+                        (request(0x62), 1_799_000_100_000),
+                    ],
+                    ..registration(RegistrationState::Exhausted)
+                }),
+            ),
+            (
                 "series",
                 Write::Series(Series {
                     series_id: SeriesId::parse("s", "covid19-primary", 64).unwrap(),
@@ -1948,6 +1985,7 @@ mod golden {
             arrival: 41,
             declines: 1,
             state,
+            requests: Vec::new(),
         }
     }
 
@@ -2010,9 +2048,9 @@ mod golden {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// (kind, key, value) as written now: format 1 for every kind but authority requests
-    /// (format 2; their format-1 bytes are pinned in the test below). The audit key ends
-    /// in 8 random bytes, so only its first 9 are pinned; events are keyed as the 7th.
+    /// (kind, key, value) as written now (the format-1 bytes of kinds now written in a
+    /// later format are pinned in the tests below). The audit key ends in 8 random
+    /// bytes, so only its first 9 are pinned; events are keyed as the 7th.
     const GOLDEN: &[(&str, &str, &str)] = &[
     ("site", "53726f6d652d7465726d696e69", "010c726f6d652d7465726d696e690c526f6d61205465726d696e69056c617a696f0b4575726f70652f526f6d65"),
     ("slot", "4c726f6d652d7465726d696e6900636f76696431392d646f73653100800000006b49d200", "010c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dac0201"),
@@ -2036,11 +2074,12 @@ mod golden {
     ("ticket-waiting", "54646f7365312d6f766572383000c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3", "010c646f7365312d6f7665723830c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c380eba9c7db6800f0a2040000"),
     ("ticket-admitted", "54646f7365312d6f766572383000c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3", "010c646f7365312d6f7665723830c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c380eba9c7db6801f0a2040180b7d5ccdb6880d69ecddb6801"),
     ("campaign", "43636f7669642d32303237", "010a636f7669642d323032370d636f76696431392d646f736531056c617a696f901c031802066f766572383080988cccdb680001b61e00046361726580b0a688e06801bc1e00020d6865616c74682d776f726b65720563617265725f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f80f0b592d468"),
-    ("registration-active", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290100"),
-    ("registration-offered", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290101bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d80988cccdb6880d2c3cfdb68"),
-    ("registration-booked", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290102bbd502"),
-    ("registration-exhausted", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290103"),
-    ("registration-withdrawn", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd76829010480988cccdb68"),
+    ("registration-active", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "02909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd76829010000"),
+    ("registration-offered", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "02909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290101bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d80988cccdb6880d2c3cfdb6800"),
+    ("registration-booked", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "02909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290102bbd50200"),
+    ("registration-exhausted", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "02909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd76829010300"),
+    ("registration-withdrawn", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "02909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd76829010480988cccdb6800"),
+    ("registration-answered", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "02909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd76829010302606060606060606060606060606060606161616161616161616161616161616180988cccdb686262626262626262626262626262626263636363636363636363636363636363c0b298ccdb68"),
     ("series", "44636f76696431392d7072696d617279", "010f636f76696431392d7072696d617279020d636f76696431392d646f7365310000000d636f76696431392d646f73653215ac0201"),
 ];
 
@@ -2208,6 +2247,35 @@ mod golden {
                 ..booking.clone()
             };
             assert_eq!(read, expected, "{kind}");
+        }
+    }
+
+    /// Registrations of format 1 (before they kept their answered requests) read with
+    /// none.
+    #[test]
+    fn registrations_of_format_1_read_without_requests() {
+        const FORMAT_1: &[(&str, &str)] = &[
+        ("registration-active", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290100"),
+        ("registration-offered", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290101bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d80988cccdb6880d2c3cfdb68"),
+        ("registration-booked", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290102bbd502"),
+        ("registration-exhausted", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290103"),
+        ("registration-withdrawn", "01909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd76829010480988cccdb68"),
+        ];
+        let kinds = every_kind();
+        for (kind, value) in FORMAT_1 {
+            let Some((_, Write::Registration(registration))) =
+                kinds.iter().find(|(k, _)| k == kind)
+            else {
+                panic!("{kind} is not a registration kind");
+            };
+            let bytes: Vec<u8> = (0..value.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&value[i..i + 2], 16).unwrap())
+                .collect();
+            assert_eq!(bytes[0], 1, "{kind} is a format-1 value");
+            let read = Registration::decode_value(b"G", &bytes).unwrap();
+            assert!(registration.requests.is_empty());
+            assert_eq!(read, *registration, "{kind}");
         }
     }
 

@@ -752,3 +752,60 @@ async fn an_authority_watches_the_events_of_its_own_regions_only() {
     assert!(more.is_err(), "no other event is Lazio's: {more:?}");
     server.stop().await;
 }
+
+/// A campaign's counts and its registrations' export are for the authorities of its
+/// region (and admins): another region's authority and a frontend are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaigns_stats_and_registrations_are_for_its_regions_authorities() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config()).await;
+    let (_, mut admin) = clients(&server, Some(ADMIN)).await;
+    let (_, mut lazio) = clients(&server, Some(LAZIO)).await;
+    let (_, mut veneto) = clients(&server, Some(VENETO)).await;
+    let (_, mut web) = clients(&server, Some(FRONTEND)).await;
+    admin
+        .upsert_campaign(proto::UpsertCampaignRequest {
+            campaign: Some(proto::Campaign {
+                campaign_id: "veneto-vax".into(),
+                service_id: "vax".into(),
+                region_id: "veneto".into(),
+                waves: vec![proto::Wave {
+                    wave_id: "all".into(),
+                    opens_at: Some(prost_types::Timestamp::default()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("an admin creates a campaign");
+    let stats = || proto::GetCampaignStatsRequest {
+        campaign_id: "veneto-vax".into(),
+    };
+    let export = || proto::ExportRegistrationsRequest {
+        campaign_id: "veneto-vax".into(),
+    };
+    for client in [&mut lazio, &mut web] {
+        denied(client.get_campaign_stats(stats()).await);
+        denied(client.export_registrations(export()).await);
+    }
+    veneto
+        .get_campaign_stats(stats())
+        .await
+        .expect("own region");
+    let mut exported = veneto
+        .export_registrations(export())
+        .await
+        .expect("own region")
+        .into_inner();
+    assert!(
+        exported.message().await.expect("a stream").is_none(),
+        "none yet"
+    );
+    admin
+        .export_registrations(export())
+        .await
+        .expect("an admin");
+    server.stop().await;
+}

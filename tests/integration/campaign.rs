@@ -69,8 +69,20 @@ async fn stats(channel: &Channel, id: &str) -> proto::GetCampaignStatsResponse {
         .into_inner()
 }
 
+/// The counts, checked to be the same at the top level (PRODUCT.md's shape) and in
+/// `counts`.
 fn counts(stats: &proto::GetCampaignStatsResponse) -> proto::RegistrationCounts {
-    stats.counts.expect("counts")
+    let counts = stats.counts.expect("counts");
+    let top = proto::RegistrationCounts {
+        registered: stats.registered,
+        waiting: stats.waiting,
+        offered: stats.offered,
+        booked: stats.booked,
+        exhausted: stats.exhausted,
+        withdrawn: stats.withdrawn,
+    };
+    assert_eq!(top, counts, "the top-level counts are the same as `counts`");
+    counts
 }
 
 fn register_request(campaign: &str, citizen: &str, groups: &[&str]) -> proto::PreRegisterRequest {
@@ -277,7 +289,8 @@ async fn every_freed_place_goes_to_the_next_registration_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let now = chrono::Utc::now().timestamp_millis();
     let clock = Clock::manual(now);
-    let server = TestServer::start_with_clock(dir.path(), Config::default(), clock.clone()).await;
+    // Holds are swept by hand: the background sweeper cannot take the offer first.
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
     let channel = server.channel().await;
     utc_site_on(
         channel.clone(),
@@ -421,6 +434,118 @@ async fn every_freed_place_goes_to_the_next_registration_within_a_second() {
             "site flooded"
         ]
     );
+
+    // The registrations' export shows each as its citizen reads it (the declined and
+    // the expired offers counted), and agrees with the stats.
+    let key = |r: &proto::Registration| {
+        let hold = r.offer.as_ref().map(|o| o.hold_id.clone());
+        (
+            r.registration_id.clone(),
+            r.state,
+            r.offers_declined,
+            hold,
+            r.booking_id.clone(),
+        )
+    };
+    let mut read: Vec<_> = registrations(&channel, "free", &citizens)
+        .await
+        .iter()
+        .map(key)
+        .collect();
+    let exported = export_registrations(&channel, "free").await;
+    let mut listed: Vec<_> = exported.iter().map(key).collect();
+    read.sort();
+    listed.sort();
+    assert_eq!(listed, read);
+    assert_eq!(counts_of(&exported), counts(&stats(&channel, "free").await));
+}
+
+async fn withdraw(
+    channel: &Channel,
+    campaign: &str,
+    citizen: &str,
+    request_id: &str,
+) -> proto::Registration {
+    BookingServiceClient::new(channel.clone())
+        .withdraw_registration(proto::WithdrawRegistrationRequest {
+            campaign_id: campaign.into(),
+            citizen_id: citizen.into(),
+            request_id: request_id.into(),
+        })
+        .await
+        .expect("withdrawn")
+        .into_inner()
+        .registration
+        .expect("a registration")
+}
+
+/// A retried DeclineOffer or WithdrawRegistration is answered, not done again, also
+/// after a restart (the request is stored with the registration it changed): the
+/// retry of a decline leaves the next offer alone, the retry of a withdrawal leaves
+/// the registration made anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_declines_and_withdrawals_are_answered_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let clock = Clock::manual(now);
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let channel = server.channel().await;
+    utc_site_on(
+        channel.clone(),
+        ("r-site", "umbria"),
+        10,
+        ("09:00", "09:30"),
+        1,
+    )
+    .await;
+    upsert(
+        &channel,
+        campaign("retry", "umbria", vec![wave("all", now - 1_000, &[])]),
+    )
+    .await
+    .expect("campaign");
+    register(&channel, register_request("retry", "R-0", &[])).await;
+    let first = offered_within(&channel, "retry", "R-0", Duration::from_secs(2)).await;
+    let declined = decline(&channel, "retry", "R-0", 1).await;
+    assert_eq!(declined.offers_declined, 1);
+    // Alone in line, it is offered the place again, as a new hold.
+    let second = offered_within(&channel, "retry", "R-0", Duration::from_secs(2)).await;
+    assert_ne!(second.hold_id, first.hold_id);
+    server.stop().await;
+
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let channel = server.channel().await;
+    let retried = decline(&channel, "retry", "R-0", 1).await;
+    assert_eq!(
+        (retried.state(), retried.offers_declined),
+        (RegistrationState::Offered, 1),
+        "the retried decline declined the new offer"
+    );
+    assert_eq!(retried.offer.unwrap().hold_id, second.hold_id);
+
+    // Withdraw, register anew (offered again), restart, retry the withdrawal.
+    let withdrawn = withdraw(&channel, "retry", "R-0", "withdraw-R-0").await;
+    assert_eq!(withdrawn.state(), RegistrationState::Withdrawn);
+    let anew = proto::PreRegisterRequest {
+        request_id: "register-again".into(),
+        ..register_request("retry", "R-0", &[])
+    };
+    register(&channel, anew).await;
+    offered_within(&channel, "retry", "R-0", Duration::from_secs(2)).await;
+    server.stop().await;
+
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let channel = server.channel().await;
+    let retried = withdraw(&channel, "retry", "R-0", "withdraw-R-0").await;
+    assert_eq!(
+        retried.state(),
+        RegistrationState::Offered,
+        "the retried withdrawal withdrew the new registration"
+    );
+    // A new request id does withdraw it.
+    let withdrawn = withdraw(&channel, "retry", "R-0", "withdraw-R-0-again").await;
+    assert_eq!(withdrawn.state(), RegistrationState::Withdrawn);
+    server.stop().await;
 }
 
 /// Every event in the log so far (the stream is read until it is idle for 500 ms).
@@ -665,5 +790,264 @@ async fn matching_survives_a_kill_9_exactly() {
     let c = counts(&stats(&channel, "k").await);
     assert_eq!((c.booked, c.offered), (confirmed, 60));
     assert_eq!(state_of(&after).len(), 400);
+    // The registrations' export agrees with the stats, state by state, and its offers
+    // are distinct holds and its bookings the confirmed ones of the bookings' export.
+    let registrations = export_registrations(&channel, "k").await;
+    assert_eq!(registrations.len(), 400);
+    assert_eq!(counts_of(&registrations), c);
+    let offers: HashSet<&str> = registrations
+        .iter()
+        .filter_map(|r| r.offer.as_ref().map(|o| o.hold_id.as_str()))
+        .collect();
+    assert_eq!(offers.len(), 60);
+    let booked: HashSet<&str> = registrations
+        .iter()
+        .filter(|r| r.state() == RegistrationState::Booked)
+        .map(|r| r.booking_id.as_str())
+        .collect();
+    let confirmed: HashSet<&str> = exported
+        .iter()
+        .filter(|b| b.state() == proto::BookingState::Confirmed)
+        .map(|b| b.booking_id.as_str())
+        .collect();
+    assert_eq!(booked, confirmed);
     server.kill_9();
+}
+
+/// Every registration of `campaign`, from `ExportRegistrations`.
+async fn export_registrations(channel: &Channel, campaign: &str) -> Vec<proto::Registration> {
+    let mut stream = CapacityServiceClient::new(channel.clone())
+        .export_registrations(proto::ExportRegistrationsRequest {
+            campaign_id: campaign.into(),
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    let mut registrations = Vec::new();
+    while let Some(item) = stream.message().await.expect("an exported registration") {
+        registrations.extend(item.registration);
+    }
+    registrations
+}
+
+/// Registrations per state, as `GetCampaignStats` counts them.
+fn counts_of(registrations: &[proto::Registration]) -> proto::RegistrationCounts {
+    let mut counts = proto::RegistrationCounts::default();
+    for registration in registrations {
+        let count = match registration.state() {
+            RegistrationState::Registered => &mut counts.registered,
+            RegistrationState::Waiting => &mut counts.waiting,
+            RegistrationState::Offered => &mut counts.offered,
+            RegistrationState::Booked => &mut counts.booked,
+            RegistrationState::Exhausted => &mut counts.exhausted,
+            RegistrationState::Withdrawn => &mut counts.withdrawn,
+            RegistrationState::Unspecified => panic!("{registration:?} has no state"),
+        };
+        *count += 1;
+    }
+    counts
+}
+
+/// Each preference alone, and all together, decides the offer: with places for all,
+/// each registration is offered the earliest slot that fits it (sites, first and last
+/// day, weekdays, earliest and latest local start, both inclusive); one that nothing
+/// fits waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_preference_chooses_the_offered_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let channel = server.channel().await;
+    let mut capacity = server.capacity().await;
+    for (site, first, last) in [("q-main", 10, 16), ("q-other", 13, 13)] {
+        upsert_site(&mut capacity, site, "molise", "Etc/UTC").await;
+        capacity
+            .publish_schedule(publish_request(
+                site,
+                "vax",
+                (&day_ahead(first), &day_ahead(last)),
+                ("08:00", "12:00"),
+                30,
+                10,
+            ))
+            .await
+            .expect("published");
+    }
+    let now = chrono::Utc::now().timestamp_millis();
+    upsert(
+        &channel,
+        campaign("q", "molise", vec![wave("all", now - 1_000, &[])]),
+    )
+    .await
+    .expect("campaign");
+    let weekday_of = |days: i64| {
+        use chrono::Datelike;
+        let day = chrono::NaiveDate::parse_from_str(&day_ahead(days), "%Y-%m-%d").unwrap();
+        day.weekday().number_from_monday()
+    };
+    // (citizen, its preferences, its offer: site, days ahead, local start).
+    type Case<'a> = (&'a str, proto::Preferences, Option<(&'a str, i64, &'a str)>);
+    let cases: Vec<Case> = vec![
+        (
+            "q-any",
+            proto::Preferences::default(),
+            Some(("q-main", 10, "08:00")),
+        ),
+        (
+            "q-site",
+            proto::Preferences {
+                site_ids: vec!["q-other".into()],
+                ..Default::default()
+            },
+            Some(("q-other", 13, "08:00")),
+        ),
+        (
+            "q-first-day",
+            proto::Preferences {
+                first_day: day_ahead(12),
+                ..Default::default()
+            },
+            Some(("q-main", 12, "08:00")),
+        ),
+        (
+            "q-weekday",
+            proto::Preferences {
+                weekdays: vec![weekday_of(14)],
+                ..Default::default()
+            },
+            Some(("q-main", 14, "08:00")),
+        ),
+        (
+            "q-hours",
+            proto::Preferences {
+                earliest: "10:00".into(),
+                latest: "10:00".into(),
+                ..Default::default()
+            },
+            Some(("q-main", 10, "10:00")),
+        ),
+        (
+            "q-all",
+            proto::Preferences {
+                site_ids: vec!["q-main".into()],
+                first_day: day_ahead(11),
+                last_day: day_ahead(15),
+                weekdays: vec![weekday_of(11), weekday_of(12)],
+                earliest: "11:00".into(),
+                latest: "11:30".into(),
+            },
+            Some(("q-main", 11, "11:00")),
+        ),
+        (
+            "q-none",
+            proto::Preferences {
+                last_day: day_ahead(12),
+                weekdays: vec![weekday_of(15)],
+                ..Default::default()
+            },
+            None,
+        ),
+    ];
+    for (citizen, preferences, _) in &cases {
+        let mut request = register_request("q", citizen, &[]);
+        request.preferences = Some(preferences.clone());
+        register(&channel, request).await;
+    }
+    for (citizen, _, expected) in &cases {
+        let Some((site, days, time)) = expected else {
+            continue;
+        };
+        let offer = offered_within(&channel, "q", citizen, Duration::from_secs(2)).await;
+        let slot = offer.slot.expect("the offered slot");
+        assert_eq!(
+            (slot.site_id.as_str(), slot.local_start.as_str()),
+            (
+                *site,
+                format!("{}T{time}:00+00:00", day_ahead(*days)).as_str()
+            ),
+            "{citizen}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        registration(&channel, "q", "q-none").await.state(),
+        RegistrationState::Waiting,
+        "nothing fits it: it waits"
+    );
+    server.stop().await;
+}
+
+/// Copies the directory tree `from` into `to` (a stopped server's data dir).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The seeded draw is stored with the campaign, not drawn at start: two servers
+/// started from copies of one data dir (after early registrations, before the wave
+/// opens) offer the few places to the same registrations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_draw_is_the_same_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let clock = Clock::manual(now);
+    let first = dir.path().join("first");
+    let server = TestServer::start_with_clock(&first, by_hand(), clock.clone()).await;
+    let channel = server.channel().await;
+    utc_site_on(
+        channel.clone(),
+        ("d-site", "sardegna"),
+        10,
+        ("09:00", "09:30"),
+        5,
+    )
+    .await;
+    let opens = now + 3_600_000;
+    upsert(
+        &channel,
+        campaign("d", "sardegna", vec![wave("all", opens, &[])]),
+    )
+    .await
+    .expect("campaign");
+    let names: Vec<String> = (0..40).map(|i| format!("d-{i}")).collect();
+    for citizen in &names {
+        register(&channel, register_request("d", citizen, &[])).await;
+    }
+    server.stop().await;
+    let second = dir.path().join("second");
+    copy_tree(&first, &second);
+
+    let mut offered = Vec::new();
+    for data_dir in [&first, &second] {
+        let clock = Clock::manual(opens + 1_000);
+        let server = TestServer::start_with_clock(data_dir, by_hand(), clock).await;
+        let channel = server.channel().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counts(&stats(&channel, "d").await).offered < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "the wave's 5 places were not offered"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let chosen: Vec<String> = names
+            .iter()
+            .zip(registrations(&channel, "d", &names).await)
+            .filter(|(_, r)| r.state() == RegistrationState::Offered)
+            .map(|(citizen, _)| citizen.clone())
+            .collect();
+        assert_eq!(chosen.len(), 5);
+        offered.push(chosen);
+        server.stop().await;
+    }
+    assert_eq!(offered[0], offered[1], "the draw changed across a restart");
+    // And it is a draw: 5 of 40 in arrival order would be the first five.
+    assert_ne!(offered[0], names[..5], "five of forty in arrival order");
 }

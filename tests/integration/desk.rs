@@ -21,13 +21,6 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Code;
 
-fn by_hand() -> Config {
-    let mut config = Config::default();
-    config.limits.hold_sweep_interval_ms = 3_600_000;
-    config.limits.retention_interval_ms = 3_600_000;
-    config
-}
-
 fn check_in(reference: &str, code: &str) -> proto::CheckInRequest {
     proto::CheckInRequest {
         reference: reference.into(),

@@ -65,9 +65,7 @@ fn hold_request(slot_id: &str, citizen_id: &str, request_id: &str) -> proto::Hol
 }
 
 fn swept_by_hand() -> Config {
-    let mut config = Config::default();
-    config.limits.hold_sweep_interval_ms = 3_600_000;
-    config.limits.retention_interval_ms = 3_600_000;
+    let mut config = by_hand();
     config.limits.events_retained_hours = 1;
     config
 }

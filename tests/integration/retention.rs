@@ -18,13 +18,6 @@ const HOUR: Duration = Duration::from_secs(3_600);
 const DAY: Duration = Duration::from_secs(86_400);
 
 /// Timers that never fire during a test: it sweeps and retains by hand.
-fn by_hand() -> Config {
-    let mut config = Config::default();
-    config.limits.hold_sweep_interval_ms = 3_600_000;
-    config.limits.retention_interval_ms = 3_600_000;
-    config
-}
-
 fn hold_request(slot_id: &str, citizen_id: &str, request_id: &str) -> proto::HoldSlotRequest {
     proto::HoldSlotRequest {
         slot_id: slot_id.into(),

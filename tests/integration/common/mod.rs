@@ -150,6 +150,15 @@ pub async fn connect(url: &str) -> Channel {
 }
 
 /// A local day `days_ahead` days from now, as `YYYY-MM-DD` (UTC).
+/// The default config with the hold sweeper and retention left to the test (their
+/// timers run once an hour): with a manual clock, the test sweeps by hand.
+pub fn by_hand() -> Config {
+    let mut config = Config::default();
+    config.limits.hold_sweep_interval_ms = 3_600_000;
+    config.limits.retention_interval_ms = 3_600_000;
+    config
+}
+
 pub fn day_ahead(days_ahead: i64) -> String {
     (Utc::now() + Duration::days(days_ahead))
         .format("%Y-%m-%d")
