@@ -118,6 +118,9 @@ pub struct Limits {
     /// Registrations all campaigns hold together (memory is per registration, about
     /// 300 bytes); the next `PreRegister` is refused with REGISTRATIONS_FULL.
     pub registrations_max: usize,
+    /// DeclineOffer/WithdrawRegistration requests a registration remembers (stored with
+    /// it, for retries after a restart); the oldest go first.
+    pub registration_requests_max: usize,
     /// Most offers one matching step makes per campaign (one group commit).
     pub campaign_offers_per_step_max: usize,
     /// Most waiting registrations one matching step looks at per campaign, in rank
@@ -293,6 +296,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     campaigns_max: 100,
     campaign_waves_max: 64,
     registrations_max: 2_000_000,
+    registration_requests_max: 16,
     campaign_offers_per_step_max: 2_000,
     campaign_scan_per_step_max: 1_000_000,
     campaign_step_interval_ms: 200,
@@ -371,6 +375,7 @@ const _: () = {
     assert!(l.group_size_max >= 1 && l.group_size_max <= 64);
     assert!(l.series_max >= 1 && l.series_doses_max >= 1 && l.series_doses_max <= 32);
     assert!(l.campaigns_max >= 1 && l.campaign_waves_max >= 1 && l.registrations_max >= 1);
+    assert!(l.registration_requests_max >= 1 && l.registration_requests_max <= 1_000);
     assert!(l.campaign_offers_per_step_max >= 1 && l.campaign_scan_per_step_max >= 1);
     assert!(l.campaign_step_interval_ms >= 10 && l.campaign_step_interval_ms <= 1_000);
     assert!(l.check_in_tries_max >= 1 && l.check_in_tries_max <= 100);
@@ -487,6 +492,10 @@ impl Limits {
                 && l.campaign_scan_per_step_max >= 1,
             "campaigns_max, campaign_waves_max, registrations_max, \
              campaign_offers_per_step_max and campaign_scan_per_step_max must be at least 1",
+        );
+        need(
+            (1..=1_000).contains(&l.registration_requests_max),
+            "registration_requests_max must be between 1 and 1000",
         );
         need(
             l.campaign_step_interval_ms >= 10 && l.campaign_step_interval_ms <= 1_000,

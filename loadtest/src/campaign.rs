@@ -421,6 +421,12 @@ async fn read_and_answer(
                 campaign_id: CAMPAIGN_ID.into(),
                 citizen_id,
                 request_id: format!("decline-{step}"),
+                // Only this offer: a retry must not decline the next one.
+                hold_id: registration
+                    .offer
+                    .as_ref()
+                    .map(|offer| offer.hold_id.clone())
+                    .unwrap_or_default(),
             };
             let _ = scenario::admitted(tally, "DeclineOffer", || {
                 let (mut client, request) = (client.clone(), request.clone());

@@ -185,7 +185,7 @@ pub struct Registration {
     /// Its place at the end of the line: the order of its registration within the
     /// campaign (from 0), or of its last return to the line after an offer ended.
     pub arrival: u64,
-    /// Offers declined or left to expire.
+    /// Offers declined, left to expire or withdrawn from.
     pub declines: u32,
     pub state: RegistrationState,
     /// The DeclineOffer and WithdrawRegistration requests that changed it, and when
@@ -221,13 +221,15 @@ impl Registration {
     }
 
     /// It, about to be written for `request` made at `now`: the request joins its
-    /// answered ones, and those `keeps` no longer keeps (out of the window) are dropped.
+    /// answered ones; those `keeps` no longer keeps (out of the window) are dropped,
+    /// and the oldest beyond `kept_max`.
     pub fn answering(
         &self,
         request: RequestRecord,
         now_unix_ms: i64,
-        keeps: impl Fn(i64) -> bool,
+        (keeps, kept_max): (impl Fn(i64) -> bool, usize),
     ) -> Self {
+        assert!(kept_max >= 1, "the request being answered is kept");
         let mut requests: Vec<(RequestRecord, i64)> = self
             .requests
             .iter()
@@ -235,6 +237,8 @@ impl Registration {
             .cloned()
             .collect();
         requests.push((request, now_unix_ms));
+        let excess = requests.len().saturating_sub(kept_max);
+        requests.drain(..excess);
         Self {
             requests,
             ..self.clone()
@@ -782,6 +786,28 @@ mod tests {
             1,
             "at most max"
         );
+    }
+
+    /// A registration keeps the requests it answered within the window, at most
+    /// `kept_max` of them, the newest.
+    #[test]
+    fn a_registration_keeps_its_newest_answered_requests() {
+        use crate::domain::ids::{RequestFingerprint, RequestKey};
+        let request = |n: u8| RequestRecord {
+            key: RequestKey([n; 16]),
+            fingerprint: RequestFingerprint([n; 16]),
+        };
+        let mut answered = registration(1, None, &[], 0);
+        for n in 0..5u8 {
+            answered = answered.answering(request(n), i64::from(n) * 1_000, (|_| true, 3));
+        }
+        let kept: Vec<(RequestRecord, i64)> = (2..5u8)
+            .map(|n| (request(n), i64::from(n) * 1_000))
+            .collect();
+        assert_eq!(answered.requests, kept);
+        // Out of the window (before 4,000): dropped when it is next written.
+        let later = answered.answering(request(9), 9_000, (|at| at >= 4_000, 3));
+        assert_eq!(later.requests, [(request(4), 4_000), (request(9), 9_000)]);
     }
 
     #[test]

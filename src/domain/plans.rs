@@ -509,8 +509,8 @@ pub enum DeskChange {
 /// before its slot starts to `window_hours` after it ends: a confirmed booking (or a
 /// no-show: the citizen came late) becomes attended; an attended one stays as it is.
 /// The state (which the desk's roster shows anyway) and the window are checked before
-/// the code: outside its window a booking answers `CheckInClosed` whatever the code, so
-/// guesses can only be made, and counted, while the desk is open for it.
+/// the code: outside its window a booking (attended or not) answers `CheckInClosed`
+/// whatever the code, so guesses can only be made, and counted, while it is open.
 pub fn check_in(
     booking: Booking,
     code: u16,
@@ -525,7 +525,7 @@ pub fn check_in(
         BookingState::Cancelled { .. } => {
             return Err(DomainError::BookingNotActive(booking.booking_id))
         }
-        BookingState::Confirmed | BookingState::NoShow { .. } if !open => {
+        _ if !open => {
             return Err(DomainError::CheckInClosed {
                 opens_unix_ms: opens_ms,
                 closes_unix_ms: closes_ms,
@@ -1231,6 +1231,19 @@ mod tests {
             panic!("a no-show checks in late");
         };
         assert!(plan.take.is_empty() && plan.free.is_empty());
+        // Attended: checking in again returns it within the window; outside it, any
+        // code answers CheckInClosed (no oracle for the code).
+        let attended = plan.answer;
+        assert!(matches!(
+            check(attended.clone(), code, start_ms + hour),
+            Ok(DeskChange::AlreadyDone(_))
+        ));
+        for tried in [code, code + 1] {
+            assert!(matches!(
+                check(attended.clone(), tried, start_ms + 49 * hour),
+                Err(DomainError::CheckInClosed { .. })
+            ));
+        }
         // No-shows only after the end; twice is the same.
         assert_eq!(
             mark_no_show(mine(), start_ms),

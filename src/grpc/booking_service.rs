@@ -9,6 +9,7 @@ use crate::domain::booking::Reference;
 use crate::domain::citizen_id::CitizenIds;
 use crate::domain::error::AllValid;
 use crate::domain::error::DomainError;
+use crate::domain::ids::BookingId;
 use crate::grpc::assertion::{AssertedCitizen, Assertions};
 use crate::grpc::auth::Caller;
 use crate::grpc::connections;
@@ -542,10 +543,14 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::DeclineOfferRequest>,
     ) -> Result<Response<proto::DeclineOfferResponse>, Status> {
+        let offer = match request.get_ref().hold_id.as_str() {
+            "" => None,
+            id => Some(BookingId::parse("hold_id", id).map_err(DomainError::from)?),
+        };
         let command = self.registration_command(request)?;
         let view = detached({
             let engine = Arc::clone(&self.engine);
-            async move { engine.decline_offer(command).await }
+            async move { engine.decline_offer(command, offer).await }
         })
         .await??;
         Ok(Response::new(proto::DeclineOfferResponse {

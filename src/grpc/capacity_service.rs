@@ -344,12 +344,11 @@ impl CapacityService for CapacityApi {
             self.engine.limits(),
         )
         .map_err(DomainError::from)?;
+        let campaign = self.engine.campaign_for(&id, &caller.authority())?;
         let permit = self
             .engine
             .admit_export(&caller.actor(), ExportKind::Records)?;
-        let receiver = self
-            .engine
-            .export_registrations(&id, &caller.authority(), stalled)?;
+        let receiver = self.engine.export_registrations(campaign, stalled);
         let registrations = ReceiverStream::new(receiver).map(|item| {
             item.map(|view| proto::ExportRegistrationsResponse {
                 registration: Some(convert_campaign::registration_to_proto(&view)),

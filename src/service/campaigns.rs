@@ -450,8 +450,7 @@ impl Engine {
         id: &CampaignId,
         actor: &Actor,
     ) -> Result<CampaignStats, ServiceError> {
-        let entry = self.campaign_entry(id)?;
-        actor.check_region(&entry.region_id)?;
+        let entry = self.campaign_for(id, actor)?;
         let now = self.now_unix_ms();
         let state = entry.lock();
         Ok(CampaignStats {
@@ -460,29 +459,38 @@ impl Engine {
         })
     }
 
-    /// Streams a campaign's stored registrations (like `export_bookings`: a blocking
-    /// scan that waits for the reader), for an authority of its region.
-    pub fn export_registrations(
-        self: &Arc<Self>,
+    /// The campaign, if `actor` is an authority of its region (or an admin).
+    pub fn campaign_for(
+        &self,
         id: &CampaignId,
         actor: &Actor,
-        on_idle: Option<OnIdle>,
-    ) -> Result<mpsc::Receiver<Result<RegistrationView, ServiceError>>, ServiceError> {
+    ) -> Result<Arc<CampaignEntry>, ServiceError> {
         let entry = self.campaign_entry(id)?;
         actor.check_region(&entry.region_id)?;
+        Ok(entry)
+    }
+
+    /// Streams a campaign's stored registrations (like `export_bookings`: a blocking
+    /// scan that waits for the reader), as they are shown now.
+    pub fn export_registrations(
+        self: &Arc<Self>,
+        entry: Arc<CampaignEntry>,
+        on_idle: Option<OnIdle>,
+    ) -> mpsc::Receiver<Result<RegistrationView, ServiceError>> {
         let (sender, receiver) = self.export_feed(self.limits.export_channel_depth, on_idle);
         let engine = Arc::clone(self);
+        let (campaign, now) = (entry.campaign(), self.now_unix_ms());
         tokio::task::spawn_blocking(move || {
             for item in engine.store.registrations_of(&entry.campaign_id) {
                 let item = item
-                    .map(|registration| engine.registration_view(&entry, registration))
+                    .map(|registration| engine.view_at(&campaign, now, registration))
                     .map_err(ServiceError::from);
                 if sender.send(item).is_err() {
                     return; // the client went away or stopped reading
                 }
             }
         });
-        Ok(receiver)
+        receiver
     }
 
     fn registration_view(
@@ -490,9 +498,17 @@ impl Engine {
         entry: &CampaignEntry,
         registration: Registration,
     ) -> RegistrationView {
-        let now = self.now_unix_ms();
-        let campaign = entry.campaign();
-        let (shown, wave) = registration.shown(&campaign, now);
+        self.view_at(&entry.campaign(), self.now_unix_ms(), registration)
+    }
+
+    /// `registration` as shown at `now` in `campaign`.
+    fn view_at(
+        &self,
+        campaign: &Campaign,
+        now: i64,
+        registration: Registration,
+    ) -> RegistrationView {
+        let (shown, wave) = registration.shown(campaign, now);
         let offer_slot = registration.offer().and_then(|offer| {
             let catalog = self.catalog();
             let (site, slot) = catalog.slot(&offer.slot)?;
@@ -638,15 +654,22 @@ impl Engine {
         .await
     }
 
-    /// The citizen declines its offer: the place goes to the next registration, and
-    /// this one waits again at the end of its wave (or is exhausted).
+    /// The citizen declines its offer (`offer`, when named: only that one): the place
+    /// goes to the next registration, and this one waits again at the end of its wave
+    /// (or is exhausted).
     pub async fn decline_offer(
         &self,
         command: RegistrationCommand,
+        offer: Option<HoldId>,
     ) -> Result<RegistrationView, ServiceError> {
         let what = b"decline-offer";
         self.answer_registration(&command, what, |entry, citizen, request| async move {
-            let registration = self.answering(entry.registration(&citizen)?, request);
+            let registration = entry.registration(&citizen)?;
+            let current = registration.offer().map(|offer| offer.hold_id);
+            if offer.is_some_and(|named| current != Some(named)) {
+                return Err(DomainError::NoOffer.into());
+            }
+            let registration = self.answering(registration, request);
             self.end_offer(&registration, entry.counted_end()).await
         })
         .await
@@ -682,7 +705,9 @@ impl Engine {
     /// `registration`, to be written for `request` now (see [`Registration::answering`]).
     fn answering(&self, registration: Registration, request: RequestRecord) -> Registration {
         let cutoffs = self.retention_cutoffs();
-        registration.answering(request, self.now_unix_ms(), |at| cutoffs.keeps_request(at))
+        let keeps = |at| cutoffs.keeps_request(at);
+        let kept_max = self.limits.registration_requests_max;
+        registration.answering(request, self.now_unix_ms(), (keeps, kept_max))
     }
 
     /// The steps DeclineOffer and WithdrawRegistration share: `work` runs once per

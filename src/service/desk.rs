@@ -11,6 +11,7 @@ use crate::domain::ids::{SiteId, SlotKey};
 use crate::domain::plans::{self, DeskChange};
 use crate::service::engine::{BookingView, Engine};
 use crate::service::error::ServiceError;
+use crate::service::references::CodeLimits;
 
 /// The sites whose desk a caller may work.
 #[derive(Clone, Debug)]
@@ -89,12 +90,21 @@ impl Engine {
         let booking = self.desk_booking(desk, reference)?;
         let now_ms = self.now_unix_ms();
         let window = self.limits.check_in_window_hours;
-        let planned = plans::check_in(booking, code, window, now_ms);
+        // A closed window or a cancelled booking answers before the code is looked at:
+        // not a try.
+        let planned = match plans::check_in(booking, code, window, now_ms) {
+            Err(error @ (DomainError::CheckInClosed { .. } | DomainError::BookingNotActive(_))) => {
+                return Err(error.into())
+            }
+            planned => planned,
+        };
         let wrong = matches!(planned, Err(DomainError::CheckInCodeWrong));
-        let limits = (
-            self.limits.check_in_tries_max,
-            Duration::from_secs(self.limits.check_in_lock_seconds),
-        );
+        let limits = CodeLimits {
+            tries_max: self.limits.check_in_tries_max,
+            lock: Duration::from_secs(self.limits.check_in_lock_seconds),
+            // Long after its window (and slot) ended, a reference's tries are moot.
+            forget_after: Duration::from_secs((u64::from(window) * 4 + 48) * 3_600),
+        };
         match self.references.try_code(reference, wrong, now_ms, limits) {
             Err(Some(retry_after)) => return Err(ServiceError::RateLimited { retry_after }),
             Err(None) => {

@@ -1,4 +1,4 @@
-//! Exports (bookings, audit log, backups) are long scans streamed to a client that may
+//! Exports (bookings, audit log, campaign registrations, backups) are long scans streamed to a client that may
 //! stop reading. Two bounds keep a stalled reader from pinning the server:
 //!
 //! - [`Exports::admit`]: at most `exports_max` exports at once, `exports_per_token_max`
@@ -32,7 +32,7 @@ struct Running {
     backups: usize,
 }
 
-/// What an export streams: records (bookings, audit entries), or a backup of the
+/// What an export streams: records (bookings, audit entries, registrations), or a backup of the
 /// whole store (one at a time: it tees every commit while it scans).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExportKind {

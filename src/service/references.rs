@@ -16,9 +16,9 @@ use std::time::Duration;
 use crate::domain::booking::{BookingCodes, Reference};
 use crate::service::error::ServiceError;
 
-/// References with wrong tries remembered before the unlocked ones are forgotten
-/// (bounds the memory a desk's typos take; a forgotten count starts again).
-const WRONG_CODES_PRUNE_AT: usize = 100_000;
+/// How often, at most, references quiet for `CodeLimits::forget_after` are forgotten
+/// (bounds the memory wrong codes take; the pass is linear in them).
+const WRONG_CODES_PRUNE_EVERY_MS: i64 = 60_000;
 
 /// A reference's lock doubles at most this many times (2^20 locks: years).
 const LOCK_DOUBLINGS_MAX: u32 = 20;
@@ -32,7 +32,13 @@ pub struct References {
     /// Every reference in use: stored bookings' and those being written.
     used: Mutex<HashSet<Reference>>,
     /// Wrong check-in codes per reference, and when its lock (if any) ends.
-    wrong_codes: Mutex<HashMap<Reference, WrongCodes>>,
+    wrong_codes: Mutex<WrongCodeBook>,
+}
+
+#[derive(Debug, Default)]
+struct WrongCodeBook {
+    by_reference: HashMap<Reference, WrongCodes>,
+    pruned_at_ms: i64,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -41,6 +47,18 @@ struct WrongCodes {
     /// Locks so far: each lasts twice as long as the one before.
     locks: u32,
     locked_until_ms: i64,
+    last_try_ms: i64,
+}
+
+/// The check-in limits `References::try_code` applies.
+#[derive(Clone, Copy, Debug)]
+pub struct CodeLimits {
+    /// Wrong codes in a row that lock a reference.
+    pub tries_max: u32,
+    /// The first lock; each further one lasts twice the one before.
+    pub lock: Duration,
+    /// A reference with no try for this long is forgotten (its window is long over).
+    pub forget_after: Duration,
 }
 
 /// A reference taken for a booking being written. Dropped without [`Minted::settle`]
@@ -131,10 +149,10 @@ impl References {
         reference: Reference,
         wrong: bool,
         now_ms: i64,
-        (tries_max, lock): (u32, Duration),
+        limits: CodeLimits,
     ) -> Result<(), Option<Duration>> {
-        let mut wrong_codes = self.lock_wrong_codes();
-        if let Some(locked) = wrong_codes.get(&reference).map(|w| w.locked_until_ms) {
+        let mut book = self.lock_wrong_codes();
+        if let Some(locked) = book.by_reference.get(&reference).map(|w| w.locked_until_ms) {
             if locked > now_ms {
                 return Err(Some(Duration::from_millis(
                     (locked - now_ms).unsigned_abs(),
@@ -142,25 +160,30 @@ impl References {
             }
         }
         if !wrong {
-            wrong_codes.remove(&reference);
+            book.by_reference.remove(&reference);
             return Ok(());
         }
-        if wrong_codes.len() >= WRONG_CODES_PRUNE_AT {
-            wrong_codes.retain(|_, w| w.locked_until_ms > now_ms);
+        if now_ms.saturating_sub(book.pruned_at_ms) >= WRONG_CODES_PRUNE_EVERY_MS {
+            let forget_ms = i64::try_from(limits.forget_after.as_millis()).unwrap_or(i64::MAX);
+            book.by_reference.retain(|_, w| {
+                w.locked_until_ms > now_ms || now_ms.saturating_sub(w.last_try_ms) < forget_ms
+            });
+            book.pruned_at_ms = now_ms;
         }
-        let entry = wrong_codes.entry(reference).or_default();
+        let entry = book.by_reference.entry(reference).or_default();
         entry.count += 1;
-        if entry.count >= tries_max {
+        entry.last_try_ms = now_ms;
+        if entry.count >= limits.tries_max {
             entry.count = 0;
-            let lock_ms = i64::try_from(lock.as_millis()).unwrap_or(i64::MAX);
+            let lock_ms = i64::try_from(limits.lock.as_millis()).unwrap_or(i64::MAX);
             let lock_ms = lock_ms.saturating_mul(1 << entry.locks.min(LOCK_DOUBLINGS_MAX));
-            entry.locks += 1;
+            entry.locks = entry.locks.saturating_add(1);
             entry.locked_until_ms = now_ms.saturating_add(lock_ms);
         }
         Err(None)
     }
 
-    fn lock_wrong_codes(&self) -> std::sync::MutexGuard<'_, HashMap<Reference, WrongCodes>> {
+    fn lock_wrong_codes(&self) -> std::sync::MutexGuard<'_, WrongCodeBook> {
         self.wrong_codes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -239,7 +262,11 @@ mod tests {
     fn wrong_codes_lock_a_reference_for_a_while() {
         let references = References::default();
         let reference = Reference::from_bits(42);
-        let limits = (5, Duration::from_secs(900));
+        let limits = CodeLimits {
+            tries_max: 5,
+            lock: Duration::from_secs(900),
+            forget_after: Duration::from_secs(144 * 3_600),
+        };
         for _ in 0..4 {
             assert_eq!(
                 references.try_code(reference, true, 1_000, limits),
@@ -263,6 +290,34 @@ mod tests {
         assert_eq!(references.try_code(other, false, 2_000, limits), Ok(()));
     }
 
+    /// Pruning forgets only references quiet for `forget_after`: a lock that just ended
+    /// keeps its count (the next lock is doubled), a long-quiet one starts again.
+    #[test]
+    fn pruning_forgets_only_quiet_references() {
+        let references = References::default();
+        let limits = CodeLimits {
+            tries_max: 1,
+            lock: Duration::from_secs(900),
+            forget_after: Duration::from_secs(3_600),
+        };
+        let (guessed, other) = (Reference::from_bits(1), Reference::from_bits(2));
+        let lock_after_a_wrong_code = |at_ms: i64| {
+            assert_eq!(references.try_code(guessed, true, at_ms, limits), Err(None));
+            match references.try_code(guessed, true, at_ms, limits) {
+                Err(Some(lock)) => lock,
+                other => panic!("not locked: {other:?}"),
+            }
+        };
+        assert_eq!(lock_after_a_wrong_code(0), Duration::from_secs(900));
+        // 901 s later (the lock over), another reference's try prunes: the count stays.
+        assert_eq!(references.try_code(other, true, 901_000, limits), Err(None));
+        assert_eq!(lock_after_a_wrong_code(901_000), Duration::from_secs(1_800));
+        // Quiet for longer than forget_after after its lock ended: forgotten.
+        let later = 901_000 + 1_800_000 + 3_600_000 + 1;
+        assert_eq!(references.try_code(other, true, later, limits), Err(None));
+        assert_eq!(lock_after_a_wrong_code(later), Duration::from_secs(900));
+    }
+
     /// A guesser trying wrong codes as fast as the locks allow through a whole check-in
     /// window (24 h before to 24 h after a slot, 49 h) gets only a few dozen tries of the
     /// 10,000 codes: under 1% of them.
@@ -270,7 +325,11 @@ mod tests {
     fn doubling_locks_bound_the_tries_of_a_whole_window() {
         let references = References::default();
         let reference = Reference::from_bits(7);
-        let limits = (5, Duration::from_secs(900));
+        let limits = CodeLimits {
+            tries_max: 5,
+            lock: Duration::from_secs(900),
+            forget_after: Duration::from_secs(144 * 3_600),
+        };
         let window_ms = 49 * 3_600_000;
         let (mut now, mut tries, mut locks) = (0i64, 0u32, Vec::new());
         while now < window_ms {

@@ -2274,7 +2274,7 @@ mod golden {
                 .collect();
             assert_eq!(bytes[0], 1, "{kind} is a format-1 value");
             let read = Registration::decode_value(b"G", &bytes).unwrap();
-            assert!(registration.requests.is_empty());
+            assert!(read.requests.is_empty(), "{kind}");
             assert_eq!(read, *registration, "{kind}");
         }
     }

@@ -160,6 +160,7 @@ async fn decline(channel: &Channel, campaign: &str, citizen: &str, n: u32) -> pr
             campaign_id: campaign.into(),
             citizen_id: citizen.into(),
             request_id: format!("decline-{citizen}-{n}"),
+            hold_id: String::new(),
         })
         .await
         .expect("declined")
@@ -522,6 +523,19 @@ async fn retried_declines_and_withdrawals_are_answered_after_a_restart() {
         "the retried decline declined the new offer"
     );
     assert_eq!(retried.offer.unwrap().hold_id, second.hold_id);
+    // A decline naming the first offer, long ended, declines nothing.
+    let named = BookingServiceClient::new(channel.clone())
+        .decline_offer(proto::DeclineOfferRequest {
+            campaign_id: "retry".into(),
+            citizen_id: "R-0".into(),
+            request_id: "decline-named".into(),
+            hold_id: first.hold_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&named).as_deref(), Some("NO_OFFER"));
+    let still = registration(&channel, "retry", "R-0").await;
+    assert_eq!(still.offer.unwrap().hold_id, second.hold_id);
 
     // Withdraw, register anew (offered again), restart, retry the withdrawal.
     let withdrawn = withdraw(&channel, "retry", "R-0", "withdraw-R-0").await;

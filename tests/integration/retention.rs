@@ -17,7 +17,6 @@ use tonic::Code;
 const HOUR: Duration = Duration::from_secs(3_600);
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// Timers that never fire during a test: it sweeps and retains by hand.
 fn hold_request(slot_id: &str, citizen_id: &str, request_id: &str) -> proto::HoldSlotRequest {
     proto::HoldSlotRequest {
         slot_id: slot_id.into(),

@@ -149,7 +149,6 @@ pub async fn connect(url: &str) -> Channel {
         .expect("connect")
 }
 
-/// A local day `days_ahead` days from now, as `YYYY-MM-DD` (UTC).
 /// The default config with the hold sweeper and retention left to the test (their
 /// timers run once an hour): with a manual clock, the test sweeps by hand.
 pub fn by_hand() -> Config {
@@ -159,6 +158,7 @@ pub fn by_hand() -> Config {
     config
 }
 
+/// A local day `days_ahead` days from now, as `YYYY-MM-DD` (UTC).
 pub fn day_ahead(days_ahead: i64) -> String {
     (Utc::now() + Duration::days(days_ahead))
         .format("%Y-%m-%d")
