@@ -39,6 +39,8 @@ pub struct Store {
     data_dir: PathBuf,
     /// Bookings by reference and by slot, in memory (see `booking_index`).
     index: booking_index::BookingIndex,
+    /// sled's log file did not exist before this open: the store was created now.
+    created: bool,
 }
 
 impl Store {
@@ -66,6 +68,9 @@ impl Store {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
         let sled_dir = data_dir.join("sled");
+        let created = !sled_dir.join("db").exists();
+        repair_torn_sled_conf(&sled_dir)?;
+        remove_unfinished_sled_snapshots(&sled_dir)?;
         let db = open_sled(&sled_dir, limits)?;
         let removed = booking_index::remove_stored_index(&db)?;
         if removed > 0 {
@@ -80,7 +85,13 @@ impl Store {
             .read(true)
             .open(sled_dir.join("db"))
             .map_err(|e| StoreError::Io(format!("opening sled's db file: {e}")))?;
-        // The files sled just created must survive a power loss too.
+        // The files sled just created must survive a power loss too: sled never syncs
+        // its `conf` (written when it creates a store, or rewrites a missing one) nor
+        // a directory.
+        let conf = sled_dir.join("conf");
+        File::open(&conf)
+            .and_then(|file| file.sync_all())
+            .map_err(|e| StoreError::Io(format!("syncing {}: {e}", conf.display())))?;
         for dir in [&sled_dir, &data_dir.to_path_buf()] {
             sync_dir(dir).map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
         }
@@ -115,6 +126,7 @@ impl Store {
             committer: Some(committer),
             data_dir: data_dir.to_path_buf(),
             index: booking_index::BookingIndex::default(),
+            created,
         })
     }
 
@@ -297,6 +309,11 @@ impl Store {
     /// Whether the store holds no record at all (a new data dir).
     pub fn is_empty(&self) -> bool {
         self.db.is_empty()
+    }
+
+    /// Whether this open created the store (sled's log file was not there before).
+    pub fn was_created(&self) -> bool {
+        self.created
     }
 
     /// The check value of the key this store was written with (`None`: a new store, or
@@ -590,6 +607,63 @@ fn last_event_sequence(db: &sled::Db) -> Result<u64, StoreError> {
 }
 
 /// Opens sled, waiting up to `lock_wait` for its file lock to be released.
+/// sled writes its `conf` (the store's segment size and format, then a CRC-32 of them)
+/// without syncing it; a power cut soon after can leave it torn, and sled then refuses
+/// to open the store. Its content follows from the configuration prenota opens sled
+/// with (never changed), so a torn one is removed and sled writes it again. A short one
+/// (8 bytes or fewer) sled already treats as missing.
+fn repair_torn_sled_conf(sled_dir: &Path) -> Result<(), StoreError> {
+    let conf = sled_dir.join("conf");
+    let bytes = match std::fs::read(&conf) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::Io(format!("reading {}: {e}", conf.display()))),
+    };
+    if bytes.len() <= 8 {
+        return Ok(());
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+    if crc32fast::hash(body) == stored {
+        return Ok(());
+    }
+    tracing::warn!(
+        path = %conf.display(),
+        "sled's conf is torn (a power cut before it was synced): writing it again"
+    );
+    std::fs::remove_file(&conf)
+        .and_then(|()| sync_dir(sled_dir))
+        .map_err(|e| StoreError::Io(format!("removing {}: {e}", conf.display())))
+}
+
+/// sled writes a snapshot as `snap.<lsn>.generating`, syncs it and renames it to
+/// `snap.<lsn>`; but it reads any `snap.*` file as a snapshot, the last by name first,
+/// and refuses to open the store when that one is torn. A kill or power cut while it
+/// writes one (it does so at every start) leaves such a file: it was never a snapshot,
+/// and the one before it (or the log) still holds everything, so it is removed.
+fn remove_unfinished_sled_snapshots(sled_dir: &Path) -> Result<(), StoreError> {
+    let io = |e: std::io::Error| StoreError::Io(format!("reading {}: {e}", sled_dir.display()));
+    let entries = match std::fs::read_dir(sled_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    let mut removed = false;
+    for entry in entries {
+        let path = entry.map_err(io)?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating")) {
+            tracing::warn!(path = %path.display(), "removing a snapshot sled never finished");
+            std::fs::remove_file(&path).map_err(io)?;
+            removed = true;
+        }
+    }
+    if removed {
+        sync_dir(sled_dir).map_err(io)?;
+    }
+    Ok(())
+}
+
 fn open_sled(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
     let deadline = Instant::now() + Duration::from_millis(limits.data_dir_lock_wait_ms);
     let mut waited = false;

@@ -448,7 +448,7 @@ fn write_key(path: &std::path::Path, key: &[u8], mode: u32) {
 /// A missing key file was silently regenerated: every stored booking became
 /// unreachable and every citizen could book again. Now the store keeps the key's check
 /// value and start-up refuses a missing, different or world-readable key; the data
-/// dir is the user's only (0700 / 0600).
+/// dir is the user's only (0700 / 0600). A key file beside a lost (empty) store is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_wrong_or_readable_key_refuses_start_up_and_files_are_private() {
     let dir = tempfile::tempdir().unwrap();
@@ -510,6 +510,15 @@ async fn a_missing_wrong_or_readable_key_refuses_start_up_and_files_are_private(
         listed.len(),
         1,
         "the citizen's booking is found with its key"
+    );
+    server.terminate();
+
+    // The store's files lost, the key file left: refused, not served empty.
+    std::fs::remove_dir_all(data_dir.join("sled")).unwrap();
+    let (started, stderr) = serve_until_exit(&data_dir);
+    assert!(
+        !started && stderr.contains("but an empty store: the store's files are missing"),
+        "{stderr}"
     );
 }
 

@@ -25,6 +25,7 @@ mod hostile;
 mod model;
 mod open_data;
 mod operations;
+mod power;
 mod privacy;
 mod readme;
 mod recovery;
