@@ -38,6 +38,7 @@ impl Engine {
         config: &Config,
         clock: Clock,
     ) -> Result<Self, ServiceError> {
+        refuse_a_lost_store(data_dir)?;
         Self::open_with_store(Store::open(data_dir, &config.limits)?, config, clock)
     }
 
@@ -98,6 +99,28 @@ impl Engine {
     }
 }
 
+/// The key file is made after a new store's files (and their directory entries are
+/// synced): a key file without sled's log file means the store's files were lost (a
+/// disk that dropped them, a copy without them). Opening would create an empty store and
+/// serve it as if nothing had been booked; checked before the store is opened, so a
+/// second start refuses too. (A first start cut short after the key file leaves an
+/// empty store whose files exist: it goes on.)
+fn refuse_a_lost_store(data_dir: &std::path::Path) -> Result<(), ServiceError> {
+    let key_file = data_dir.join(key_file::KEY_FILE_NAME);
+    let log = data_dir.join("sled").join("db");
+    if key_file.exists() && !log.exists() {
+        return Err(ServiceError::Recovery(format!(
+            "{} has a {} but no store ({} is missing): the store's files are lost. \
+             Restore the data dir from a backup; only if this data dir never served, \
+             delete the key file and start again",
+            data_dir.display(),
+            key_file::KEY_FILE_NAME,
+            log.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The store's event log id in hex, made (and stored) for a store that has none yet.
 fn event_log_id(store: &Store) -> Result<String, ServiceError> {
     let id = match store.event_log_id()? {
@@ -115,14 +138,10 @@ fn event_log_id(store: &Store) -> Result<String, ServiceError> {
 /// checked against the check value the store was written with.
 fn citizen_hash_key(config: &Config, store: &Store) -> Result<[u8; 32], ServiceError> {
     let data_dir = store.data_dir();
-    let mut from_key_file = false;
     let key = match config.citizen_hash_key {
         Some(key) => key,
         None => match key_file::load(data_dir)? {
-            Some(key) => {
-                from_key_file = true;
-                key
-            }
+            Some(key) => key,
             None if store.is_empty() => key_file::create(data_dir)?,
             None => {
                 return Err(ServiceError::Recovery(format!(
@@ -144,20 +163,6 @@ fn citizen_hash_key(config: &Config, store: &Store) -> Result<[u8; 32], ServiceE
                  booking could be found. Put the store's own key file back",
                 key_file::KEY_FILE_NAME,
                 data_dir.display()
-            )))
-        }
-        // The key file is made after a new store's files (and their directory entries
-        // are synced): a key file beside a store created only now means the store's
-        // files were lost (a disk that dropped them, a copy without them). Starting
-        // would serve an empty store as if nothing had been booked. (A first start cut
-        // short after the key file leaves an empty store whose files exist: it goes on.)
-        None if from_key_file && store.was_created() => {
-            return Err(ServiceError::Recovery(format!(
-                "{} has a {} but an empty store: the store's files are missing. Restore \
-                 the data dir from a backup; only if this data dir never served, delete \
-                 the key file and start again",
-                data_dir.display(),
-                key_file::KEY_FILE_NAME
             )))
         }
         // A new store, or one written before check values: this key is its key.

@@ -39,8 +39,6 @@ pub struct Store {
     data_dir: PathBuf,
     /// Bookings by reference and by slot, in memory (see `booking_index`).
     index: booking_index::BookingIndex,
-    /// sled's log file did not exist before this open: the store was created now.
-    created: bool,
 }
 
 impl Store {
@@ -68,10 +66,14 @@ impl Store {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
         let sled_dir = data_dir.join("sled");
-        let created = !sled_dir.join("db").exists();
-        repair_torn_sled_conf(&sled_dir)?;
-        remove_unfinished_sled_snapshots(&sled_dir)?;
-        let db = open_sled(&sled_dir, limits)?;
+        let db = match open_sled(&sled_dir, limits) {
+            // Only a store sled refuses (it holds no lock then) is mended, and once.
+            Err(refused) if mend_torn_sled_files(&sled_dir)? => {
+                tracing::warn!(%refused, "sled refused the store; mended, opening again");
+                open_sled(&sled_dir, limits)?
+            }
+            opened => opened?,
+        };
         let removed = booking_index::remove_stored_index(&db)?;
         if removed > 0 {
             tracing::info!(
@@ -126,7 +128,6 @@ impl Store {
             committer: Some(committer),
             data_dir: data_dir.to_path_buf(),
             index: booking_index::BookingIndex::default(),
-            created,
         })
     }
 
@@ -309,11 +310,6 @@ impl Store {
     /// Whether the store holds no record at all (a new data dir).
     pub fn is_empty(&self) -> bool {
         self.db.is_empty()
-    }
-
-    /// Whether this open created the store (sled's log file was not there before).
-    pub fn was_created(&self) -> bool {
-        self.created
     }
 
     /// The check value of the key this store was written with (`None`: a new store, or
@@ -607,61 +603,50 @@ fn last_event_sequence(db: &sled::Db) -> Result<u64, StoreError> {
 }
 
 /// Opens sled, waiting up to `lock_wait` for its file lock to be released.
-/// sled writes its `conf` (the store's segment size and format, then a CRC-32 of them)
-/// without syncing it; a power cut soon after can leave it torn, and sled then refuses
-/// to open the store. Its content follows from the configuration prenota opens sled
-/// with (never changed), so a torn one is removed and sled writes it again. A short one
-/// (8 bytes or fewer) sled already treats as missing.
-fn repair_torn_sled_conf(sled_dir: &Path) -> Result<(), StoreError> {
+/// Removes what a kill or power cut can leave torn in sled's directory and sled then
+/// refuses (both are written again by sled): its `conf` (the store's segment size and
+/// format, then a CRC-32; written when sled creates a store, never synced by sled; its
+/// content follows from the configuration prenota opens sled with, never changed), and
+/// a snapshot being written (`snap.<lsn>.generating`: sled writes one at every start,
+/// syncs it and renames it, but reads any `snap.*` file, the last by name first; one
+/// torn was never a snapshot, and the one before it or the log holds everything).
+/// Whether it removed anything.
+fn mend_torn_sled_files(sled_dir: &Path) -> Result<bool, StoreError> {
+    let io = |e: std::io::Error| StoreError::Io(format!("mending {}: {e}", sled_dir.display()));
+    let mut torn = Vec::new();
     let conf = sled_dir.join("conf");
-    let bytes = match std::fs::read(&conf) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(StoreError::Io(format!("reading {}: {e}", conf.display()))),
-    };
-    if bytes.len() <= 8 {
-        return Ok(());
+    // Eight bytes or fewer, sled takes it as missing.
+    if std::fs::read(&conf).is_ok_and(|bytes| bytes.len() > 8 && !checksum_holds(&bytes, 4)) {
+        torn.push(conf);
     }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-    if crc32fast::hash(body) == stored {
-        return Ok(());
-    }
-    tracing::warn!(
-        path = %conf.display(),
-        "sled's conf is torn (a power cut before it was synced): writing it again"
-    );
-    std::fs::remove_file(&conf)
-        .and_then(|()| sync_dir(sled_dir))
-        .map_err(|e| StoreError::Io(format!("removing {}: {e}", conf.display())))
-}
-
-/// sled writes a snapshot as `snap.<lsn>.generating`, syncs it and renames it to
-/// `snap.<lsn>`; but it reads any `snap.*` file as a snapshot, the last by name first,
-/// and refuses to open the store when that one is torn. A kill or power cut while it
-/// writes one (it does so at every start) leaves such a file: it was never a snapshot,
-/// and the one before it (or the log) still holds everything, so it is removed.
-fn remove_unfinished_sled_snapshots(sled_dir: &Path) -> Result<(), StoreError> {
-    let io = |e: std::io::Error| StoreError::Io(format!("reading {}: {e}", sled_dir.display()));
-    let entries = match std::fs::read_dir(sled_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io(e)),
-    };
-    let mut removed = false;
-    for entry in entries {
+    for entry in std::fs::read_dir(sled_dir).map_err(io)? {
         let path = entry.map_err(io)?.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        if name.is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating")) {
-            tracing::warn!(path = %path.display(), "removing a snapshot sled never finished");
-            std::fs::remove_file(&path).map_err(io)?;
-            removed = true;
+        let generating = name.is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating"));
+        // A snapshot ends with its length (8 bytes) and a CRC-32 of what precedes both.
+        if generating && !std::fs::read(&path).is_ok_and(|bytes| checksum_holds(&bytes, 12)) {
+            torn.push(path);
         }
     }
-    if removed {
+    for path in &torn {
+        tracing::warn!(path = %path.display(), "removing a torn sled file (a kill or power cut while it was written)");
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    if !torn.is_empty() {
         sync_dir(sled_dir).map_err(io)?;
     }
-    Ok(())
+    Ok(!torn.is_empty())
+}
+
+/// Whether `bytes` end with a little-endian CRC-32 of all but their last `trailer`
+/// bytes (the CRC being the last 4 of those).
+fn checksum_holds(bytes: &[u8], trailer: usize) -> bool {
+    if bytes.len() <= trailer {
+        return false;
+    }
+    let (body, tail) = bytes.split_at(bytes.len() - trailer);
+    let stored = u32::from_le_bytes(tail[tail.len() - 4..].try_into().expect("4 bytes"));
+    crc32fast::hash(body) == stored
 }
 
 fn open_sled(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {

@@ -77,7 +77,8 @@ static void resolve(void) {
     const char *dir = getenv("PRENOTA_POWER_ROOT");
     const char *log = getenv("PRENOTA_POWER_LOG");
     if (dir == NULL || log == NULL || dir[0] != '/' || strlen(dir) >= sizeof root) return;
-    strcpy(root, dir);
+    /* Paths are compared resolved (/proc/self/fd links are): resolve the root too. */
+    if (realpath(dir, root) == NULL) strcpy(root, dir);
     root_len = strlen(root);
     while (root_len > 1 && root[root_len - 1] == '/') root[--root_len] = '\0';
     journal_fd = real_open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
@@ -244,6 +245,13 @@ int close(int fd) {
 /* One write of `total` bytes from `iov` at `offset` (-1: the fd's position). */
 static ssize_t written(int fd, const struct iovec *iov, int count, off_t offset) {
     if (!tracked(fd)) {
+        if (offset >= 0) return real_pwritev(fd, iov, count, offset);
+        return real_writev(fd, iov, count);
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        /* A stale cache entry (an fd closed behind close(), now something else). */
+        if (fd < FDS_MAX) fd_state[fd] = 2;
         if (offset >= 0) return real_pwritev(fd, iov, count, offset);
         return real_writev(fd, iov, count);
     }
