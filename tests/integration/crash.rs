@@ -339,45 +339,12 @@ async fn verify_events(cycle: usize, url: &str, exported: &[proto::Booking]) {
 }
 
 fn verify(cycle: usize, exported: &[proto::Booking], told: &Told, slot_ids: &[String]) {
-    let by_id: HashMap<&str, &proto::Booking> = exported
-        .iter()
-        .map(|b| (b.booking_id.as_str(), b))
-        .collect();
-    for booking_id in told.booked.keys() {
-        let booking = by_id
-            .get(booking_id.as_str())
-            .unwrap_or_else(|| panic!("cycle {cycle}: acknowledged booking {booking_id} lost"));
-        if told.cancelled.contains(booking_id) {
-            assert_eq!(
-                booking.state(),
-                proto::BookingState::Cancelled,
-                "cycle {cycle}: acknowledged cancel of {booking_id} lost"
-            );
-        }
-    }
-    let mut per_slot: HashMap<&str, u32> = HashMap::new();
-    let mut confirmed_citizens = HashSet::new();
-    for booking in exported {
-        if booking.state() != proto::BookingState::Confirmed {
-            continue;
-        }
-        *per_slot.entry(booking.slot_id.as_str()).or_default() += 1;
-        // Bookings of unanswered requests are not in `told` yet; their citizens are
-        // distinct from every other by construction, so those that are must be unique.
-        if let Some(citizen) = told.booked.get(&booking.booking_id) {
-            assert!(
-                confirmed_citizens.insert(citizen.clone()),
-                "cycle {cycle}: {citizen} holds two confirmed bookings"
-            );
-        }
-    }
-    for slot_id in slot_ids {
-        let booked = per_slot.get(slot_id.as_str()).copied().unwrap_or(0);
-        assert!(
-            booked <= CAPACITY_PER_SLOT,
-            "cycle {cycle}: {slot_id} holds {booked} > {CAPACITY_PER_SLOT}"
-        );
-    }
+    check_acknowledged(
+        &format!("cycle {cycle}"),
+        exported,
+        (&told.booked, &told.cancelled),
+        (slot_ids, CAPACITY_PER_SLOT),
+    );
 }
 
 /// What one citizen's client knows when the server dies mid-reschedule.

@@ -10,31 +10,15 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::child::{http_get, ChildOptions, ChildServer};
+use common::child::{build_shim, http_get, ChildOptions, ChildServer};
 use common::*;
 use prenota::proto::booking_service_client::BookingServiceClient;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
-
-/// Builds the shim into `dir` and returns its path.
-fn build_shim(dir: &Path) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/shim/fdatasync_gate.c");
-    let library = dir.join("fdatasync_gate.so");
-    let status = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O2", "-o"])
-        .arg(&library)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .expect("a C compiler (cc) builds the fdatasync shim");
-    assert!(status.success(), "cc failed on {}", source.display());
-    library
-}
 
 /// A child server whose fdatasync is controlled through files in `control`.
 fn start_with_shim(data_dir: &Path, library: &Path, control: &Path) -> ChildServer {
@@ -81,7 +65,7 @@ async fn health(server: &ChildServer) -> ServingStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_booking_is_acknowledged_before_its_fdatasync_returns() {
     let dir = tempfile::tempdir().unwrap();
-    let library = build_shim(dir.path());
+    let library = build_shim(dir.path(), "fdatasync_gate");
     let control = dir.path().join("control");
     std::fs::create_dir_all(&control).unwrap();
     let server = start_with_shim(&dir.path().join("data"), &library, &control);
@@ -116,7 +100,7 @@ async fn no_booking_is_acknowledged_before_its_fdatasync_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let library = build_shim(dir.path());
+    let library = build_shim(dir.path(), "fdatasync_gate");
     let control = dir.path().join("control");
     std::fs::create_dir_all(&control).unwrap();
     let data_dir = dir.path().join("data");
@@ -196,7 +180,7 @@ async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closure_stalled_behind_a_held_fdatasync_gives_up_and_closes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let library = build_shim(dir.path());
+    let library = build_shim(dir.path(), "fdatasync_gate");
     let control = dir.path().join("control");
     std::fs::create_dir_all(&control).unwrap();
     let limit = ("PRENOTA_LIMITS_CLOSE_SETTLE_WAIT_MS".into(), "300".into());

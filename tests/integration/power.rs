@@ -23,13 +23,12 @@ mod image;
 use crate::common;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::child::{ChildOptions, ChildServer};
+use common::child::{build_shim, ChildOptions, ChildServer};
 use common::*;
 use image::{Cut, Disk};
 use prenota::proto;
@@ -61,21 +60,6 @@ fn cuts() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(CUTS_DEFAULT)
-}
-
-/// Builds the shim into `dir` and returns its path.
-fn build_shim(dir: &Path) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/shim/power_cut.c");
-    let library = dir.join("power_cut.so");
-    let status = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O2", "-o"])
-        .arg(&library)
-        .arg(&source)
-        .args(["-ldl", "-lpthread"])
-        .status()
-        .expect("a C compiler (cc) builds the power-cut shim");
-    assert!(status.success(), "cc failed on {}", source.display());
-    library
 }
 
 /// A server on `data_dir` whose changes to it are journaled into `journal`.
@@ -139,7 +123,7 @@ struct Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_lose_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let library = build_shim(dir.path());
+    let library = build_shim(dir.path(), "power_cut");
     let data_dir = dir.path().join("data");
     std::fs::create_dir_all(&data_dir).unwrap();
     let cuts = cuts();
@@ -627,43 +611,12 @@ async fn retry_unanswered(
 }
 
 fn check_bookings(cycle: usize, exported: &[proto::Booking], told: &Told, slot_ids: &[String]) {
-    let by_id: HashMap<&str, &proto::Booking> = exported
-        .iter()
-        .map(|b| (b.booking_id.as_str(), b))
-        .collect();
-    for booking_id in told.booked.keys() {
-        let booking = by_id
-            .get(booking_id.as_str())
-            .unwrap_or_else(|| panic!("cut {cycle}: acknowledged booking {booking_id} lost"));
-        if told.cancelled.contains(booking_id) {
-            assert_eq!(
-                booking.state(),
-                proto::BookingState::Cancelled,
-                "cut {cycle}: acknowledged cancel of {booking_id} lost"
-            );
-        }
-    }
-    let mut per_slot: HashMap<&str, u32> = HashMap::new();
-    let mut citizens = HashSet::new();
-    for booking in exported {
-        if booking.state() != proto::BookingState::Confirmed {
-            continue;
-        }
-        *per_slot.entry(booking.slot_id.as_str()).or_default() += 1;
-        if let Some(citizen) = told.booked.get(&booking.booking_id) {
-            assert!(
-                citizens.insert(citizen.clone()),
-                "cut {cycle}: {citizen} holds two confirmed bookings"
-            );
-        }
-    }
-    for slot_id in slot_ids {
-        let booked = per_slot.get(slot_id.as_str()).copied().unwrap_or(0);
-        assert!(
-            booked <= CAPACITY_PER_SLOT,
-            "cut {cycle}: {slot_id} holds {booked}"
-        );
-    }
+    check_acknowledged(
+        &format!("cut {cycle}"),
+        exported,
+        (&told.booked, &told.cancelled),
+        (slot_ids, CAPACITY_PER_SLOT),
+    );
 }
 
 /// A cut at every point of a start-up, in both modes: the first start of a new data dir
@@ -673,7 +626,7 @@ fn check_bookings(cycle: usize, exported: &[proto::Booking], told: &Told, slot_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_at_any_point_of_a_start_leaves_a_store_that_starts() {
     let dir = tempfile::tempdir().unwrap();
-    let library = build_shim(dir.path());
+    let library = build_shim(dir.path(), "power_cut");
     let data_dir = dir.path().join("data");
     std::fs::create_dir_all(&data_dir).unwrap();
     let journal = dir.path().join("journal");

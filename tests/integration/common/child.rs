@@ -177,3 +177,21 @@ pub fn http_get(url: &str) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_string()
 }
+
+/// Builds the LD_PRELOAD shim `tests/shim/<name>.c` into `dir` with the system C
+/// compiler (`cc`) and returns the library's path.
+pub fn build_shim(dir: &Path, name: &str) -> std::path::PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/shim")
+        .join(format!("{name}.c"));
+    let library = dir.join(format!("{name}.so"));
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .args(["-ldl", "-lpthread"])
+        .status()
+        .expect("a C compiler (cc) builds the shim");
+    assert!(status.success(), "cc failed on {}", source.display());
+    library
+}

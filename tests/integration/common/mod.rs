@@ -5,6 +5,7 @@
 
 pub mod child;
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
@@ -413,5 +414,56 @@ impl tonic::service::Interceptor for Bearer {
             request.metadata_mut().insert("authorization", value);
         }
         Ok(request)
+    }
+}
+
+/// What clients were told, checked against an export after a crash or power cut:
+/// every acknowledged booking there (`booked`: booking id → citizen), cancelled if its
+/// cancel was acknowledged; no slot of `slot_ids` over `capacity`; no citizen with two
+/// confirmed bookings. `when` names the cycle in failures.
+pub fn check_acknowledged(
+    when: &str,
+    exported: &[proto::Booking],
+    (booked, cancelled): (&HashMap<String, String>, &HashSet<String>),
+    (slot_ids, capacity): (&[String], u32),
+) {
+    let by_id: HashMap<&str, &proto::Booking> = exported
+        .iter()
+        .map(|b| (b.booking_id.as_str(), b))
+        .collect();
+    for booking_id in booked.keys() {
+        let booking = by_id
+            .get(booking_id.as_str())
+            .unwrap_or_else(|| panic!("{when}: acknowledged booking {booking_id} lost"));
+        if cancelled.contains(booking_id) {
+            assert_eq!(
+                booking.state(),
+                proto::BookingState::Cancelled,
+                "{when}: acknowledged cancel of {booking_id} lost"
+            );
+        }
+    }
+    let mut per_slot: HashMap<&str, u32> = HashMap::new();
+    let mut citizens = HashSet::new();
+    for booking in exported {
+        if booking.state() != proto::BookingState::Confirmed {
+            continue;
+        }
+        *per_slot.entry(booking.slot_id.as_str()).or_default() += 1;
+        // Bookings of unanswered requests are not in `booked` yet; their citizens are
+        // distinct from every other by construction, so those that are must be unique.
+        if let Some(citizen) = booked.get(&booking.booking_id) {
+            assert!(
+                citizens.insert(citizen.clone()),
+                "{when}: {citizen} holds two confirmed bookings"
+            );
+        }
+    }
+    for slot_id in slot_ids {
+        let taken = per_slot.get(slot_id.as_str()).copied().unwrap_or(0);
+        assert!(
+            taken <= capacity,
+            "{when}: {slot_id} holds {taken} > {capacity}"
+        );
     }
 }
