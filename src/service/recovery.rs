@@ -108,11 +108,15 @@ impl Engine {
 fn refuse_a_lost_store(data_dir: &std::path::Path) -> Result<(), ServiceError> {
     let key_file = data_dir.join(key_file::KEY_FILE_NAME);
     let log = data_dir.join("sled").join("db");
-    if key_file.exists() && !log.exists() {
+    let exists = |path: &std::path::Path| {
+        path.try_exists()
+            .map_err(|e| ServiceError::Recovery(format!("checking {}: {e}", path.display())))
+    };
+    if exists(&key_file)? && !exists(&log)? {
         return Err(ServiceError::Recovery(format!(
             "{} has a {} but no store ({} is missing): the store's files are lost. \
-             Restore the data dir from a backup; only if this data dir never served, \
-             delete the key file and start again",
+             Move the data dir aside and `prenota restore` a backup into it; only if this \
+             data dir never served, delete the key file and start again",
             data_dir.display(),
             key_file::KEY_FILE_NAME,
             log.display()

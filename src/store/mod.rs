@@ -67,11 +67,19 @@ impl Store {
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
         let sled_dir = data_dir.join("sled");
         let db = match open_sled(&sled_dir, limits) {
-            // Only a store sled refuses (it holds no lock then) is mended, and once.
-            Err(refused) if mend_torn_sled_files(&sled_dir)? => {
-                tracing::warn!(%refused, "sled refused the store; mended, opening again");
-                open_sled(&sled_dir, limits)?
-            }
+            // sled found a file torn (it reads `conf` before its lock, and snapshots
+            // only once it holds it): mend it and open again, once.
+            Err(refused @ StoreError::Corrupt(_)) => match mend_torn_sled_files(&sled_dir) {
+                Ok(true) => {
+                    tracing::warn!(%refused, "sled refused the store; mended, opening again");
+                    open_sled(&sled_dir, limits)?
+                }
+                Ok(false) => return Err(refused),
+                Err(mending) => {
+                    tracing::error!(%mending, "could not mend sled's files");
+                    return Err(refused);
+                }
+            },
             opened => opened?,
         };
         let removed = booking_index::remove_stored_index(&db)?;
@@ -602,7 +610,6 @@ fn last_event_sequence(db: &sled::Db) -> Result<u64, StoreError> {
     }
 }
 
-/// Opens sled, waiting up to `lock_wait` for its file lock to be released.
 /// Removes what a kill or power cut can leave torn in sled's directory and sled then
 /// refuses (both are written again by sled): its `conf` (the store's segment size and
 /// format, then a CRC-32; written when sled creates a store, never synced by sled; its
@@ -613,6 +620,9 @@ fn last_event_sequence(db: &sled::Db) -> Result<u64, StoreError> {
 /// Whether it removed anything.
 fn mend_torn_sled_files(sled_dir: &Path) -> Result<bool, StoreError> {
     let io = |e: std::io::Error| StoreError::Io(format!("mending {}: {e}", sled_dir.display()));
+    if !sled_dir.try_exists().map_err(io)? {
+        return Ok(false);
+    }
     let mut torn = Vec::new();
     let conf = sled_dir.join("conf");
     // Eight bytes or fewer, sled takes it as missing.
@@ -630,7 +640,10 @@ fn mend_torn_sled_files(sled_dir: &Path) -> Result<bool, StoreError> {
     }
     for path in &torn {
         tracing::warn!(path = %path.display(), "removing a torn sled file (a kill or power cut while it was written)");
-        std::fs::remove_file(path).map_err(io)?;
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
     }
     if !torn.is_empty() {
         sync_dir(sled_dir).map_err(io)?;
@@ -649,6 +662,8 @@ fn checksum_holds(bytes: &[u8], trailer: usize) -> bool {
     crc32fast::hash(body) == stored
 }
 
+/// Opens sled, waiting up to `data_dir_lock_wait_ms` for its file lock to be released.
+/// A store sled finds torn is `StoreError::Corrupt`.
 fn open_sled(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
     let deadline = Instant::now() + Duration::from_millis(limits.data_dir_lock_wait_ms);
     let mut waited = false;
@@ -679,6 +694,10 @@ fn open_sled(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
                     waited = true;
                 }
                 std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(corrupt @ sled::Error::Corruption { .. }) => {
+                let at = sled_dir.display();
+                return Err(StoreError::Corrupt(format!("opening {at}: {corrupt}")));
             }
             Err(other) => {
                 return Err(StoreError::Io(format!(

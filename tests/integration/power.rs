@@ -459,6 +459,7 @@ async fn verify(cycle: usize, channel: Channel, setup: &Setup, told: &Arc<Mutex<
 /// confirmed bookings plus its live holds (the retried unanswered ones: every
 /// acknowledged one was confirmed).
 fn check_counters(cycle: usize, exported: &[proto::Booking], told: &Told, slots: Vec<proto::Slot>) {
+    assert_eq!(slots.len(), SLOTS, "cut {cycle}: a slot is missing");
     for slot in slots {
         let confirmed = exported
             .iter()
