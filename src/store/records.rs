@@ -562,6 +562,8 @@ where
 enum V2Rest<'a> {
     Channel(&'a str),
     Reserves(Vec<(&'a str, u32)>, u32),
+    /// A registration's answered requests (none in format 1).
+    Requests(Vec<(v1::Request, i64)>),
 }
 
 /// A stored channel (empty or absent in format 1: `web`).
@@ -1397,13 +1399,13 @@ impl Record for Registration {
     }
 
     fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
-        let (r, requests): (v1::Registration, Vec<(v1::Request, i64)>) = match value.split_first() {
-            Some((&FORMAT_VERSION, body)) => (decode_body(key, body)?, Vec::new()),
-            Some((&FORMAT_V2, body)) => {
-                let r: v2::Registration = decode_body(key, body)?;
-                (r.v1, r.requests)
-            }
-            _ => return Err(corrupt(key, "has an unknown format version")),
+        let (r, rest) = decode_v1_or_v2(key, value, |r: v2::Registration| {
+            (r.v1, Some(V2Rest::Requests(r.requests)))
+        })?;
+        let r: v1::Registration = r;
+        let requests = match rest {
+            Some(V2Rest::Requests(requests)) => requests,
+            _ => Vec::new(),
         };
         let state = match r.state {
             v1::RegistrationState::Active => RegistrationState::Active,
