@@ -305,21 +305,8 @@ async fn verify(
         match (doses.as_slice(), acknowledged) {
             ([], None) => {}
             ([first, second], Some(acked)) if *acked == ids => {
-                let days = match (
-                    local_date(&first.local_start),
-                    local_date(&second.local_start),
-                ) {
-                    (Some(a), Some(b)) => (b - a).num_days(),
-                    _ => -1,
-                };
-                if !(i64::from(MIN_DAYS)..=i64::from(MAX_DAYS)).contains(&days)
-                    || first.site_id != second.site_id
-                    || (first.dose, second.dose) != (1, 2)
-                {
-                    violations.push(format!(
-                        "{citizen}'s doses break the series: {days} days, sites {} and {}",
-                        first.site_id, second.site_id
-                    ));
+                if let Some(broken) = series_broken(first, second) {
+                    violations.push(format!("{citizen}'s doses break the series: {broken}"));
                 }
             }
             (doses, acked) => violations.push(format!(
@@ -352,6 +339,35 @@ async fn verify(
     Ok(violations)
 }
 
+/// What breaks the series rules in a citizen's two confirmed bookings, if anything:
+/// doses 1 and 2 of one series, at one site, dose 2 `MIN_DAYS` to `MAX_DAYS` local days
+/// after dose 1.
+fn series_broken(first: &proto::Booking, second: &proto::Booking) -> Option<String> {
+    let days = match (
+        local_date(&first.local_start),
+        local_date(&second.local_start),
+    ) {
+        (Some(a), Some(b)) => (b - a).num_days(),
+        _ => -1,
+    };
+    let kept = (i64::from(MIN_DAYS)..=i64::from(MAX_DAYS)).contains(&days)
+        && first.site_id == second.site_id
+        && !first.series_id.is_empty()
+        && first.series_id == second.series_id
+        && (first.dose, second.dose) == (1, 2);
+    (!kept).then(|| {
+        format!(
+            "{days} days, sites {} and {}, doses {} and {} of series {:?} and {:?}",
+            first.site_id,
+            second.site_id,
+            first.dose,
+            second.dose,
+            first.series_id,
+            second.series_id
+        )
+    })
+}
+
 /// The series as the authority's export shows them: each acknowledged series' two
 /// bookings confirmed, doses 1 and 2 of the same series at one site, dose 2 within its
 /// interval in local days; and no other series booking (complete or absent).
@@ -377,23 +393,8 @@ fn series_in_export(exported: &[proto::Booking], outcomes: &Outcomes) -> Vec<Str
             ));
             continue;
         };
-        let days = match (
-            local_date(&first.local_start),
-            local_date(&second.local_start),
-        ) {
-            (Some(a), Some(b)) => (b - a).num_days(),
-            _ => -1,
-        };
-        if !(i64::from(MIN_DAYS)..=i64::from(MAX_DAYS)).contains(&days)
-            || first.site_id != second.site_id
-            || first.series_id.is_empty()
-            || first.series_id != second.series_id
-            || (first.dose, second.dose) != (1, 2)
-        {
-            violations.push(format!(
-                "series {ids:?} in the export: {days} days, sites {} and {}, doses {} and {}",
-                first.site_id, second.site_id, first.dose, second.dose
-            ));
+        if let Some(broken) = series_broken(first, second) {
+            violations.push(format!("series {ids:?} in the export: {broken}"));
         }
     }
     for dose in [1, 2] {
