@@ -81,34 +81,9 @@ async fn kill_9_loses_no_acknowledged_booking() {
     let dir = tempfile::tempdir().unwrap();
     let server = ChildServer::start(dir.path());
     let channel = connect(&server.url).await;
-    let mut capacity = CapacityServiceClient::new(channel.clone());
-    upsert_site(&mut capacity, "crash", "r", "Etc/UTC").await;
-    let day = day_ahead(40);
     let slots = slots_for(cycles());
-    let minutes = 10 * slots as u32;
-    let closes = format!("{:02}:{:02}", 8 + minutes / 60, minutes % 60);
-    capacity
-        .publish_schedule(publish_request(
-            "crash",
-            "vax",
-            (&day, &day),
-            ("08:00", &closes),
-            10,
-            CAPACITY_PER_SLOT,
-        ))
-        .await
-        .unwrap();
-    let slot_ids: Vec<String> = search_all(
-        &mut BookingServiceClient::new(channel.clone()),
-        "crash",
-        "vax",
-    )
-    .await
-    .into_iter()
-    .map(|s| s.slot_id)
-    .collect();
-    assert_eq!(slot_ids.len(), slots);
-    drop((capacity, channel));
+    let slot_ids =
+        ten_minute_slots(channel, ("crash", day_ahead(40)), slots, CAPACITY_PER_SLOT).await;
 
     let told: Arc<Mutex<Told>> = Arc::default();
     let mut server = Some(server);

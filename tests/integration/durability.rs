@@ -13,7 +13,7 @@ use crate::common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::child::{build_shim, http_get, ChildOptions, ChildServer};
+use common::child::{build_shim, http_get, ChildServer};
 use common::*;
 use prenota::proto::booking_service_client::BookingServiceClient;
 use tonic::Code;
@@ -37,13 +37,7 @@ fn start_with_shim_and(
         "PRENOTA_FSYNC_SHIM_DIR".into(),
         control.display().to_string(),
     ));
-    let options = ChildOptions {
-        env,
-        ..ChildOptions::default()
-    };
-    let mut server = ChildServer::start_recovering(data_dir, options);
-    server.wait_serving();
-    server
+    ChildServer::with_env(data_dir, env)
 }
 
 /// Waits (bounded) until a commit is inside the held fdatasync.

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::child::{build_shim, ChildOptions, ChildServer};
+use common::child::{build_shim, ChildServer};
 use common::*;
 use image::{Cut, Disk};
 use prenota::proto;
@@ -73,13 +73,7 @@ fn start_journaled(data_dir: &Path, library: &Path, journal: &Path) -> ChildServ
             COMMIT_BATCH_WRITES_MAX.into(),
         ),
     ];
-    let options = ChildOptions {
-        env,
-        ..ChildOptions::default()
-    };
-    let mut server = ChildServer::start_recovering(data_dir, options);
-    server.wait_serving();
-    server
+    ChildServer::with_env(data_dir, env)
 }
 
 #[derive(Clone)]
@@ -215,30 +209,9 @@ fn report(cycle: usize, cut: Cut, when: &str, kept: image::ImageStats) {
 
 /// A site with `SLOTS` slots of 10,000 places for the bookers; imports add services.
 async fn set_up(channel: Channel, cuts: usize) -> Setup {
-    let mut capacity = CapacityServiceClient::new(channel.clone());
-    upsert_site(&mut capacity, "power", "r", "Etc/UTC").await;
-    let day = day_ahead(40);
     assert!(cuts <= CUTS_MAX, "at most {CUTS_MAX} cuts fit the slots");
-    let minutes = 10 * SLOTS as u32;
-    let closes = format!("{:02}:{:02}", 8 + minutes / 60, minutes % 60);
-    capacity
-        .publish_schedule(publish_request(
-            "power",
-            "vax",
-            (&day, &day),
-            ("08:00", &closes),
-            10,
-            CAPACITY_PER_SLOT,
-        ))
-        .await
-        .expect("published");
-    let mut booking = BookingServiceClient::new(channel);
-    let slot_ids: Vec<String> = search_all(&mut booking, "power", "vax")
-        .await
-        .into_iter()
-        .map(|s| s.slot_id)
-        .collect();
-    assert_eq!(slot_ids.len(), SLOTS);
+    let slot_ids =
+        ten_minute_slots(channel, ("power", day_ahead(40)), SLOTS, CAPACITY_PER_SLOT).await;
     Setup {
         slot_ids,
         import_day: day_ahead(41),

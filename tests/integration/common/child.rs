@@ -42,6 +42,12 @@ impl ChildServer {
             .iter()
             .map(|(name, value)| (format!("PRENOTA_LIMITS_{name}"), value.to_string()))
             .collect();
+        Self::with_env(data_dir, env)
+    }
+
+    /// Starts with these environment variables (a shim, limits), and waits until it
+    /// serves.
+    pub fn with_env(data_dir: &Path, env: Vec<(String, String)>) -> Self {
         let options = ChildOptions {
             env,
             ..ChildOptions::default()

@@ -467,3 +467,36 @@ pub fn check_acknowledged(
         );
     }
 }
+
+/// A UTC site (region `r`) with `count` 10-minute slots of service `vax` from 08:00 on
+/// `day`, of `capacity` places each; their ids, in time order.
+pub async fn ten_minute_slots(
+    channel: Channel,
+    (site_id, day): (&str, String),
+    count: usize,
+    capacity: u32,
+) -> Vec<String> {
+    let mut capacity_client = CapacityServiceClient::new(channel.clone());
+    upsert_site(&mut capacity_client, site_id, "r", "Etc/UTC").await;
+    let minutes = 10 * count as u32;
+    let closes = format!("{:02}:{:02}", 8 + minutes / 60, minutes % 60);
+    capacity_client
+        .publish_schedule(publish_request(
+            site_id,
+            "vax",
+            (&day, &day),
+            ("08:00", &closes),
+            10,
+            capacity,
+        ))
+        .await
+        .expect("published");
+    let mut booking = BookingServiceClient::new(channel);
+    let slot_ids: Vec<String> = search_all(&mut booking, site_id, "vax")
+        .await
+        .into_iter()
+        .map(|s| s.slot_id)
+        .collect();
+    assert_eq!(slot_ids.len(), count);
+    slot_ids
+}
