@@ -3,10 +3,11 @@
 //! skip whole days. Run: `cargo bench --bench admission`. Numbers: BENCHMARKS.md.
 
 use std::hint::black_box;
+use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use prenota::domain::catalog::{Catalog, SearchQuery, SearchScope, Site, Slot};
+use prenota::domain::catalog::{Catalog, NewSlot, SearchQuery, SearchScope, Site, Slot};
 use prenota::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
 use prenota::domain::slot_counter::SlotCounter;
 
@@ -26,8 +27,7 @@ fn uncontended(c: &mut Criterion) {
         })
     });
     // As in the catalog: every change also adds to its day's free places.
-    let in_a_day = SlotCounter::new(CAPACITY, false);
-    in_a_day.join(Arc::new(std::sync::atomic::AtomicI64::new(0)));
+    let in_a_day = SlotCounter::in_group(CAPACITY, false, Arc::new(AtomicI64::new(0)));
     group.bench_function("take_release_one_slot_one_thread_in_a_day", |b| {
         b.iter(|| {
             if black_box(in_a_day.try_take()).is_ok() {
@@ -57,8 +57,9 @@ fn one_hot_slot_two_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("admission");
     const PER_THREAD: u64 = 100_000;
     group.throughput(Throughput::Elements(2 * PER_THREAD));
-    let counter = Arc::new(SlotCounter::new(CAPACITY, false));
-    counter.join(Arc::new(std::sync::atomic::AtomicI64::new(0))); // as in the catalog
+    // In a group, as in the catalog.
+    let counter = SlotCounter::in_group(CAPACITY, false, Arc::new(AtomicI64::new(0)));
+    let counter = Arc::new(counter);
     group.bench_function("take_release_one_slot_two_threads", |b| {
         b.iter(|| {
             std::thread::scope(|scope| {
@@ -99,7 +100,12 @@ fn sold_out_catalog() -> (Catalog, Vec<Arc<Slot>>, i64, i64) {
             start_unix_s: start,
         };
         catalog
-            .insert_slot(Slot::new(key.clone(), start + 180, 1, false))
+            .insert_slot(NewSlot {
+                key: key.clone(),
+                end_unix_s: start + 180,
+                capacity: 1,
+                closed: false,
+            })
             .unwrap();
         let slot = Arc::clone(catalog.slot(&key).unwrap().1);
         drop(slot.try_take().unwrap());

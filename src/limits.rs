@@ -6,8 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Capacity, taken and pending share one 64-bit atomic word in the slot counter, 21 bits
-/// each (`domain::slot_counter::COUNTER_FIELD_MAX`; `config` asserts they agree).
+/// Capacity and taken places are 21 bits each of the slot counter's one 64-bit atomic
+/// word (`domain::slot_counter::COUNTER_FIELD_MAX`; `config` asserts they agree).
 pub const CAPACITY_PER_SLOT_CEILING: u32 = (1 << 21) - 1;
 
 /// The longest display text (a name, a reason) a stored record may hold: recovery and
@@ -355,7 +355,7 @@ const _: () = {
     assert!(l.search_slots_scanned_max as u64 > l.page_size_max as u64);
     assert!(l.max_active_per_citizen >= 1);
     assert!(l.commit_batch_writes_max >= 1 && l.commit_batch_writes_max <= l.commit_queue_depth);
-    // Capacity, taken and pending share one 64-bit atomic word, 21 bits each.
+    // Capacity and taken places are 21 bits each of the slot counter's word.
     assert!(l.capacity_per_slot_max <= CAPACITY_PER_SLOT_CEILING);
     assert!(
         l.hold_ttl_seconds_default >= 1 && l.hold_ttl_seconds_default <= l.hold_ttl_seconds_max

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use prenota::config::Config;
 use prenota::domain::booking::{Booking, BookingState, RequestRecord};
-use prenota::domain::catalog::{Catalog, Site, Slot};
+use prenota::domain::catalog::{Catalog, NewSlot, Site};
 use prenota::domain::citizens::CitizenIndex;
 use prenota::domain::ids::{
     BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey,
@@ -91,7 +91,12 @@ pub fn slots(count: u64) -> Result<(f64, Catalog), String> {
                 start_unix_s: 1_900_000_000 + 600 * slot as i64,
             };
             catalog
-                .insert_slot(Slot::new(key, 0, 100, false))
+                .insert_slot(NewSlot {
+                    key,
+                    end_unix_s: 0,
+                    capacity: 100,
+                    closed: false,
+                })
                 .map_err(|e| e.to_string())?;
         }
     }

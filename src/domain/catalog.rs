@@ -3,11 +3,15 @@
 //! The catalog is plain data; the service layer guards it with a read-write lock
 //! that only schedule publication writes. Admission itself happens on the slot's
 //! `SlotCounter`, outside any lock, through the `Arc<Slot>` a lookup returns.
+//!
+//! Memory: a slot is 32 bytes behind its `Arc` (start, end, counter word, its day) and
+//! one pointer in its service's start-ordered deque; its key's ids live in its day,
+//! shared by the day's slots.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -27,20 +31,35 @@ pub struct Site {
 
 #[derive(Debug)]
 pub struct Slot {
-    pub key: SlotKey,
+    /// Start instant, seconds since the Unix epoch (UTC).
+    start_unix_s: i64,
     /// End instant (seconds since the epoch); changes only when a schedule is
     /// republished with another slot length.
     end_unix_s: AtomicI64,
-    pub counter: SlotCounter,
-    /// The local day it starts on, once in the catalog.
-    day: OnceLock<Arc<Day>>,
+    /// The counter, in the group of the local day the slot starts on (which also
+    /// holds the slot's site and service ids).
+    pub counter: SlotCounter<Arc<Day>>,
+}
+
+const _: () = assert!(
+    std::mem::size_of::<Slot>() == 32,
+    "a slot's share of the catalog"
+);
+
+/// A slot to add to the catalog (see [`Catalog::insert_slot`]).
+#[derive(Clone, Debug)]
+pub struct NewSlot {
+    pub key: SlotKey,
+    pub end_unix_s: i64,
+    pub capacity: u32,
+    pub closed: bool,
 }
 
 /// One service's slots on one local day of a site: their free places (the sum their
-/// counters keep, see `SlotCounter::join`) for searches, and whether one of them
+/// counters keep, see `SlotCounter::in_group`) for searches, and whether one of them
 /// changed since watchers last looked (see [`ChangeBoard`]).
 #[derive(Debug)]
-struct Day {
+pub struct Day {
     site_id: SiteId,
     service_id: ServiceId,
     start_unix_s: i64,
@@ -136,13 +155,22 @@ fn day_start_unix_s(date: NaiveDate, zone: Tz) -> i64 {
 }
 
 impl Slot {
-    pub fn new(key: SlotKey, end_unix_s: i64, capacity: u32, closed: bool) -> Self {
-        Self {
-            key,
-            end_unix_s: AtomicI64::new(end_unix_s),
-            counter: SlotCounter::new(capacity, closed),
-            day: OnceLock::new(),
+    /// Its key: the site and service of its day, and its start.
+    pub fn key(&self) -> SlotKey {
+        let day = self.day();
+        SlotKey {
+            site_id: day.site_id.clone(),
+            service_id: day.service_id.clone(),
+            start_unix_s: self.start_unix_s,
         }
+    }
+
+    pub fn start_unix_s(&self) -> i64 {
+        self.start_unix_s
+    }
+
+    fn day(&self) -> &Day {
+        self.counter.group()
     }
 
     pub fn end_unix_s(&self) -> i64 {
@@ -200,16 +228,82 @@ impl Slot {
     }
 }
 
+/// One service's slots at one site, in start order. Most changes are at the ends (a
+/// schedule published further ahead, retention dropping the oldest), which a deque
+/// makes cheap.
+#[derive(Default)]
+struct Starts(VecDeque<Arc<Slot>>);
+
+impl Starts {
+    fn find(&self, start_unix_s: i64) -> Result<usize, usize> {
+        self.0
+            .binary_search_by_key(&start_unix_s, |slot| slot.start_unix_s)
+    }
+
+    fn get(&self, start_unix_s: i64) -> Option<&Arc<Slot>> {
+        self.find(start_unix_s).ok().map(|at| &self.0[at])
+    }
+
+    /// The slots starting in `[from, to)`.
+    fn range(&self, from: i64, to: i64) -> impl Iterator<Item = &Arc<Slot>> {
+        let first = self.0.partition_point(|slot| slot.start_unix_s < from);
+        let end = self
+            .0
+            .partition_point(|slot| slot.start_unix_s < to)
+            .max(first);
+        self.0.range(first..end)
+    }
+
+    /// Adds a slot whose start is not there yet.
+    fn insert(&mut self, slot: Arc<Slot>) {
+        match self.0.back() {
+            Some(last) if last.start_unix_s >= slot.start_unix_s => {
+                let at = self.find(slot.start_unix_s);
+                assert!(at.is_err(), "one slot per start");
+                self.0.insert(at.unwrap_or_else(|at| at), slot);
+            }
+            _ => self.0.push_back(slot),
+        }
+    }
+
+    fn remove(&mut self, start_unix_s: i64) -> Option<Arc<Slot>> {
+        self.find(start_unix_s)
+            .ok()
+            .and_then(|at| self.0.remove(at))
+    }
+}
+
 struct SiteEntry {
     site: Arc<Site>,
-    /// Keyed by (service, start): one site's schedule per service is contiguous.
-    slots: BTreeMap<(ServiceId, i64), Arc<Slot>>,
+    /// Per service, its slots in start order.
+    slots: BTreeMap<ServiceId, Starts>,
     /// The days its slots start on, per service (local dates in the site's zone), and
     /// how many slots each has (a day without slots is dropped).
     days: BTreeMap<(ServiceId, NaiveDate), (Arc<Day>, usize)>,
 }
 
 impl SiteEntry {
+    fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
+        self.slots.values().flat_map(|starts| starts.0.iter())
+    }
+
+    fn slot_count(&self) -> usize {
+        self.slots.values().map(|starts| starts.0.len()).sum()
+    }
+
+    /// One service's slots starting in `[from, to)`.
+    fn range(
+        &self,
+        service_id: &ServiceId,
+        from: i64,
+        to: i64,
+    ) -> impl Iterator<Item = &Arc<Slot>> {
+        self.slots
+            .get(service_id)
+            .into_iter()
+            .flat_map(move |starts| starts.range(from, to))
+    }
+
     /// The local date `start` falls on, in the site's zone.
     fn date_of(&self, start_unix_s: i64) -> NaiveDate {
         self.site
@@ -326,7 +420,7 @@ pub struct SiteStats {
 
 /// What publishing a schedule changes; computed before anything is applied.
 pub struct PublishPlan {
-    pub created: Vec<Slot>,
+    pub created: Vec<NewSlot>,
     /// Existing slots with their new end and capacity.
     pub updated: Vec<(Arc<Slot>, i64, u32)>,
     pub total_capacity: u64,
@@ -340,12 +434,12 @@ pub struct Catalog {
     board: Arc<ChangeBoard>,
 }
 
-/// The key just before `key` in its site and service: a search resumed "after" it
-/// starts at `key` itself.
-fn previous_key(key: &SlotKey) -> SlotKey {
+/// The key just before `slot`'s in its site and service: a search resumed "after" it
+/// starts at `slot` itself.
+fn previous_key(slot: &Slot) -> SlotKey {
     SlotKey {
-        start_unix_s: key.start_unix_s - 1,
-        ..key.clone()
+        start_unix_s: slot.start_unix_s - 1,
+        ..slot.key()
     }
 }
 
@@ -356,16 +450,14 @@ impl Catalog {
 
     pub fn slot(&self, key: &SlotKey) -> Option<(&Arc<Site>, &Arc<Slot>)> {
         let entry = self.sites.get(&key.site_id)?;
-        let slot = entry
-            .slots
-            .get(&(key.service_id.clone(), key.start_unix_s))?;
+        let slot = entry.slots.get(&key.service_id)?.get(key.start_unix_s)?;
         Some((&entry.site, slot))
     }
 
     /// Refuses changes that would silently move existing slots in local time.
     pub fn check_site_upsert(&self, site: &Site) -> Result<(), DomainError> {
         match self.sites.get(&site.site_id) {
-            Some(entry) if entry.site.time_zone != site.time_zone && !entry.slots.is_empty() => {
+            Some(entry) if entry.site.time_zone != site.time_zone && entry.slot_count() > 0 => {
                 Err(DomainError::invalid(
                     "site.time_zone",
                     "cannot change the time zone of a site that already has slots",
@@ -404,28 +496,39 @@ impl Catalog {
         }
     }
 
-    /// Adds a slot; its site must exist (the store only holds slots of stored sites).
-    /// The slot joins its local day's free places.
-    pub fn insert_slot(&mut self, slot: Slot) -> Result<(), DomainError> {
+    /// Adds a slot; its site must exist (the store only holds slots of stored sites),
+    /// its start must be new for its service there. The slot joins its local day's
+    /// free places.
+    pub fn insert_slot(&mut self, new: NewSlot) -> Result<(), DomainError> {
         let entry = self
             .sites
-            .get_mut(&slot.key.site_id)
+            .get_mut(&new.key.site_id)
             .ok_or(DomainError::NotFound(crate::domain::error::Missing::Site))?;
-        let (zone, date) = (entry.site.time_zone, entry.date_of(slot.key.start_unix_s));
+        let taken = |starts: &Starts| starts.get(new.key.start_unix_s).is_some();
+        if entry.slots.get(&new.key.service_id).is_some_and(taken) {
+            return Err(DomainError::invalid("slot", "is in the catalog already"));
+        }
+        let (zone, date) = (entry.site.time_zone, entry.date_of(new.key.start_unix_s));
         let (day, slots) = entry
             .days
-            .entry((slot.key.service_id.clone(), date))
+            .entry((new.key.service_id.clone(), date))
             .or_insert_with(|| {
-                let key = (&slot.key.site_id, &slot.key.service_id);
+                // The site's own id: one copy for all its slots.
+                let key = (&entry.site.site_id, &new.key.service_id);
                 (Day::new(key, date, zone, &self.board), 0)
             });
         *slots += 1;
-        slot.counter.join(Arc::clone(day) as Arc<dyn Group>);
-        assert!(slot.day.set(Arc::clone(day)).is_ok(), "a new slot");
-        entry.slots.insert(
-            (slot.key.service_id.clone(), slot.key.start_unix_s),
-            Arc::new(slot),
-        );
+        let slot = Slot {
+            start_unix_s: new.key.start_unix_s,
+            end_unix_s: AtomicI64::new(new.end_unix_s),
+            counter: SlotCounter::in_group(new.capacity, new.closed, Arc::clone(day)),
+        };
+        let service_id = day.service_id.clone();
+        entry
+            .slots
+            .entry(service_id)
+            .or_default()
+            .insert(Arc::new(slot));
         Ok(())
     }
 
@@ -434,12 +537,15 @@ impl Catalog {
         let Some(entry) = self.sites.get_mut(&key.site_id) else {
             return false;
         };
-        let removed = entry
-            .slots
-            .remove(&(key.service_id.clone(), key.start_unix_s));
-        let Some(slot) = removed else {
+        let Some(starts) = entry.slots.get_mut(&key.service_id) else {
             return false;
         };
+        let Some(slot) = starts.remove(key.start_unix_s) else {
+            return false;
+        };
+        if starts.0.is_empty() {
+            entry.slots.remove(&key.service_id);
+        }
         slot.counter.leave();
         let day_key = (key.service_id.clone(), entry.date_of(key.start_unix_s));
         if let Some((_, slots)) = entry.days.get_mut(&day_key) {
@@ -459,7 +565,10 @@ impl Catalog {
         service_id: &ServiceId,
         planned: &[PlannedSlot],
     ) -> PublishPlan {
-        let existing = self.sites.get(site_id).map(|entry| &entry.slots);
+        let existing = self
+            .sites
+            .get(site_id)
+            .and_then(|entry| entry.slots.get(service_id));
         let mut plan = PublishPlan {
             created: Vec::new(),
             updated: Vec::new(),
@@ -467,7 +576,7 @@ impl Catalog {
         };
         for slot in planned {
             plan.total_capacity += u64::from(slot.capacity);
-            match existing.and_then(|slots| slots.get(&(service_id.clone(), slot.start_unix_s))) {
+            match existing.and_then(|starts| starts.get(slot.start_unix_s)) {
                 // A closed slot stays closed: only SetSlotCapacity reopens it.
                 Some(existing) if existing.counter.snapshot().closed => {}
                 Some(existing) => {
@@ -478,16 +587,16 @@ impl Catalog {
                             .push((Arc::clone(existing), slot.end_unix_s, slot.capacity));
                     }
                 }
-                None => plan.created.push(Slot::new(
-                    SlotKey {
+                None => plan.created.push(NewSlot {
+                    key: SlotKey {
                         site_id: site_id.clone(),
                         service_id: service_id.clone(),
                         start_unix_s: slot.start_unix_s,
                     },
-                    slot.end_unix_s,
-                    slot.capacity,
-                    false,
-                )),
+                    end_unix_s: slot.end_unix_s,
+                    capacity: slot.capacity,
+                    closed: false,
+                }),
             }
         }
         plan
@@ -517,7 +626,10 @@ impl Catalog {
         };
         let mut scanned = 0;
         for entry in self.scope_sites(&query.scope)? {
-            let mut lower = Bound::Included((query.service_id.clone(), query.from_unix_s));
+            let Some(starts) = entry.slots.get(&query.service_id) else {
+                continue;
+            };
+            let mut from = query.from_unix_s;
             if let Some(after) = &query.after {
                 if entry.site.site_id < after.site_id {
                     continue;
@@ -526,38 +638,28 @@ impl Catalog {
                     && after.service_id == query.service_id
                     && after.start_unix_s >= query.from_unix_s
                 {
-                    lower = Bound::Excluded((after.service_id.clone(), after.start_unix_s));
+                    from = after.start_unix_s.saturating_add(1);
                 }
             }
-            let upper = Bound::Excluded((query.service_id.clone(), query.to_unix_s));
-            // A resume point at or past `to` (a page token) leaves nothing to walk.
-            let starts_before_end = |lower: &Bound<(ServiceId, i64)>| match lower {
-                Bound::Included((_, start)) => *start < query.to_unix_s,
-                Bound::Excluded((_, start)) => *start < query.to_unix_s,
-                Bound::Unbounded => true,
-            };
             // Each pass walks slots until the page is full, or until a sold-out day,
-            // which the next pass starts after.
-            while starts_before_end(&lower) {
+            // which the next pass starts after. A resume point at or past `to` (a page
+            // token) leaves nothing to walk.
+            while from < query.to_unix_s {
                 let mut sold_out_until = None;
-                for slot in entry
-                    .slots
-                    .range((lower.clone(), upper.clone()))
-                    .map(|(_, s)| s)
-                {
+                for slot in starts.range(from, query.to_unix_s) {
                     if page.slots.len() == query.page_size {
-                        page.next_after = page.slots.last().map(|(_, last)| last.key.clone());
+                        page.next_after = page.slots.last().map(|(_, last)| last.key());
                         return Ok(page);
                     }
                     scanned += 1;
                     if scanned > query.scan_max {
                         // Bounded work per search: the client goes on from here.
-                        page.next_after = Some(previous_key(&slot.key));
+                        page.next_after = Some(previous_key(slot));
                         return Ok(page);
                     }
                     if query.only_available {
-                        if let Some(day) = slot.day.get().filter(|day| day.sold_out()) {
-                            let next = day.next_day_start_unix_s.max(slot.key.start_unix_s + 1);
+                        if slot.day().sold_out() {
+                            let next = slot.day().next_day_start_unix_s.max(slot.start_unix_s + 1);
                             sold_out_until = Some(next);
                             break;
                         }
@@ -568,10 +670,9 @@ impl Catalog {
                     page.slots.push((Arc::clone(&entry.site), Arc::clone(slot)));
                 }
                 match sold_out_until {
-                    Some(next) => lower = Bound::Included((query.service_id.clone(), next)),
+                    Some(next) => from = next,
                     None => break,
                 }
-                // `while` ends when the next day starts at or past `to`.
             }
         }
         Ok(page)
@@ -582,12 +683,8 @@ impl Catalog {
     pub fn check_free_places(&self) -> Result<(), String> {
         for entry in self.sites.values() {
             let mut sums: HashMap<*const Day, i64> = HashMap::new();
-            for slot in entry.slots.values() {
-                let day = slot
-                    .day
-                    .get()
-                    .ok_or_else(|| format!("slot {} has no day", slot.key))?;
-                *sums.entry(Arc::as_ptr(day)).or_default() +=
+            for slot in entry.slots() {
+                *sums.entry(std::ptr::from_ref(slot.day())).or_default() +=
                     i64::from(slot.counter.snapshot().remaining());
             }
             for ((service, date), (day, _)) in &entry.days {
@@ -607,7 +704,7 @@ impl Catalog {
 
     /// Slots of one site.
     pub fn site_slots(&self, site_id: &SiteId) -> usize {
-        self.sites.get(site_id).map_or(0, |entry| entry.slots.len())
+        self.sites.get(site_id).map_or(0, SiteEntry::slot_count)
     }
 
     /// Slots of the sites of `region`.
@@ -634,7 +731,7 @@ impl Catalog {
             .take(limit)
             .map(|entry| {
                 let mut totals = Totals::default();
-                for slot in entry.slots.values() {
+                for slot in entry.slots() {
                     // Holds are known per site here: counted as taken, then moved over.
                     totals.add_slot(&slot.counter.snapshot(), 0);
                 }
@@ -661,12 +758,12 @@ impl Catalog {
         let zone = entry.site.time_zone;
         let mut totals = Totals::default();
         let mut by_day: BTreeMap<NaiveDate, Totals> = BTreeMap::new();
-        for slot in entry.slots.values() {
-            let counter = slot.counter.snapshot();
-            let held = held.get(&slot.key).copied().unwrap_or(0);
-            let reserved = u64::from(reserved.get(&slot.key).copied().unwrap_or(0));
+        for slot in entry.slots() {
+            let (counter, key) = (slot.counter.snapshot(), slot.key());
+            let held = held.get(&key).copied().unwrap_or(0);
+            let reserved = u64::from(reserved.get(&key).copied().unwrap_or(0));
             let day = Utc
-                .timestamp_opt(slot.key.start_unix_s, 0)
+                .timestamp_opt(slot.start_unix_s, 0)
                 .single()
                 .map(|start| start.with_timezone(&zone).date_naive())
                 .unwrap_or_default();
@@ -696,9 +793,8 @@ impl Catalog {
             let Some(entry) = self.sites.get(&day.site_id) else {
                 continue;
             };
-            let start = (day.service_id.clone(), day.start_unix_s);
-            let end = (day.service_id.clone(), day.next_day_start_unix_s);
-            for slot in entry.slots.range(start..end).map(|(_, slot)| slot) {
+            let (start, end) = (day.start_unix_s, day.next_day_start_unix_s);
+            for slot in entry.range(&day.service_id, start, end) {
                 if slot.counter.take_changed() {
                     changed.push((Arc::clone(&entry.site), Arc::clone(slot)));
                 }
@@ -769,12 +865,11 @@ impl Catalog {
         of_day: &Day,
         held: &HashMap<SlotKey, u32>,
     ) -> DayTotals {
-        let start = (service.clone(), of_day.start_unix_s);
-        let end = (service.clone(), of_day.next_day_start_unix_s);
+        let (start, end) = (of_day.start_unix_s, of_day.next_day_start_unix_s);
         let (mut totals, mut remaining) = (Totals::default(), 0);
-        for slot in entry.slots.range(start..end).map(|(_, slot)| slot) {
+        for slot in entry.range(service, start, end) {
             let counter = slot.counter.snapshot();
-            totals.add_slot(&counter, held.get(&slot.key).copied().unwrap_or(0));
+            totals.add_slot(&counter, held.get(&slot.key()).copied().unwrap_or(0));
             remaining += u64::from(counter.remaining());
         }
         DayTotals {
@@ -801,25 +896,23 @@ impl Catalog {
             return Ok(Vec::new());
         }
         // One service: one range of its keys, however many slots the site has.
-        if let Some(service) = service_id {
-            let range = (service.clone(), from_unix_s)..(service.clone(), to_unix_s);
-            return Ok(entry
+        Ok(match service_id {
+            Some(service) => entry
+                .range(service, from_unix_s, to_unix_s)
+                .cloned()
+                .collect(),
+            None => entry
                 .slots
-                .range(range)
-                .map(|(_, s)| Arc::clone(s))
-                .collect());
-        }
-        Ok(entry
-            .slots
-            .iter()
-            .filter(|((_, start), _)| (from_unix_s..to_unix_s).contains(start))
-            .map(|(_, slot)| Arc::clone(slot))
-            .collect())
+                .values()
+                .flat_map(|starts| starts.range(from_unix_s, to_unix_s))
+                .cloned()
+                .collect(),
+        })
     }
 
     /// Every slot, for the recovery invariant check.
     pub fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
-        self.sites.values().flat_map(|entry| entry.slots.values())
+        self.sites.values().flat_map(SiteEntry::slots)
     }
 }
 
@@ -850,7 +943,12 @@ mod tests {
                     start_unix_s: *start,
                 };
                 catalog
-                    .insert_slot(Slot::new(key, start + 600, 1, false))
+                    .insert_slot(NewSlot {
+                        key,
+                        end_unix_s: start + 600,
+                        capacity: 1,
+                        closed: false,
+                    })
                     .unwrap();
             }
         }
@@ -883,7 +981,7 @@ mod tests {
                     2,
                 ))
                 .unwrap();
-            seen.extend(page.slots.iter().map(|(_, s)| s.key.to_string()));
+            seen.extend(page.slots.iter().map(|(_, s)| s.key().to_string()));
             match page.next_after {
                 Some(next) => after = Some(next),
                 None => break,
@@ -911,7 +1009,7 @@ mod tests {
         q.only_available = true;
         let page = catalog.search(&q).unwrap();
         assert_eq!(page.slots.len(), 1);
-        assert_eq!(page.slots[0].1.key.start_unix_s, 200);
+        assert_eq!(page.slots[0].1.key().start_unix_s, 200);
     }
 
     const DAY: i64 = 86_400;
@@ -947,20 +1045,14 @@ mod tests {
         for start in &starts[..5] {
             take(&catalog, *start); // day 1 sold out, day 2 has its last slot free
         }
-        let day_one = catalog
-            .slot(&take_key(starts[0]))
-            .unwrap()
-            .1
-            .day
-            .get()
-            .unwrap();
+        let day_one = catalog.slot(&take_key(starts[0])).unwrap().1.day();
         assert!(day_one.sold_out());
         let found: Vec<i64> = catalog
             .search(&q)
             .unwrap()
             .slots
             .iter()
-            .map(|(_, s)| s.key.start_unix_s)
+            .map(|(_, s)| s.key().start_unix_s)
             .collect();
         assert_eq!(found, starts[5..].to_vec());
         // A place comes back: the day is searched again.
@@ -973,7 +1065,7 @@ mod tests {
             .unwrap();
         assert!(!day_one.sold_out());
         let found = catalog.search(&q).unwrap().slots;
-        assert_eq!(found[0].1.key.start_unix_s, starts[1]);
+        assert_eq!(found[0].1.key().start_unix_s, starts[1]);
     }
 
     fn take_key(start: i64) -> SlotKey {
@@ -1010,10 +1102,7 @@ mod tests {
                 .iter()
                 .map(|s| i64::from(s.counter.snapshot().remaining()))
                 .sum();
-            assert_eq!(
-                day_slots[0].day.get().unwrap().free.load(Ordering::Acquire),
-                sum
-            );
+            assert_eq!(day_slots[0].day().free.load(Ordering::Acquire), sum);
         }
     }
 
@@ -1061,7 +1150,7 @@ mod tests {
         assert!(second.slots.is_empty(), "the second full slot");
         q.after = second.next_after;
         let third = catalog.search(&q).unwrap();
-        assert_eq!(third.slots[0].1.key.start_unix_s, starts[2]);
+        assert_eq!(third.slots[0].1.key().start_unix_s, starts[2]);
     }
 
     #[test]

@@ -1,31 +1,46 @@
-//! A slot's capacity, taken places, writes in flight and closed flag in one atomic
-//! word: admission is a compare-and-swap, never a lock.
+//! A slot's capacity, taken places, writes in flight and flags in one atomic word:
+//! admission is a compare-and-swap, never a lock.
 //!
 //! Packing everything into one `AtomicU64` means a capacity change, a closure and an
 //! admission can never interleave into an overbooking: each CAS sees all fields at once.
 //!
-//! Layout, low to high: taken (21 bits), pending (21 bits), capacity (21 bits), closed (1 bit).
+//! Layout, low to high: taken (21 bits), pending (19 bits), capacity (21 bits), then
+//! three flags: left its group, changed, closed.
 //! `pending` counts admissions whose write is not yet settled (committed or refused):
 //! a closure first closes the slot, then waits for `pending` to reach 0, and only then
 //! reads the store, so no booking can land in a closed slot behind its back.
 //!
-//! A counter may belong to a group (one service's slots on one local day of a site):
-//! every change adds its difference in `remaining()` to the group's sum, so a search
-//! reads a day's free places in one load and skips sold-out days without visiting their
-//! slots. The sum trails the members by the changes in flight, never for longer.
+//! A counter belongs to a group (in the catalog, one service's slots on one local day of
+//! a site): every change adds its difference in `remaining()` to the group's sum, so a
+//! search reads a day's free places in one load and skips sold-out days without visiting
+//! their slots. The sum trails the members by the changes in flight, never for longer.
 //!
-//! Every change a client could see (capacity, taken, closed) also sets the counter's
-//! `changed` flag and tells its group: that is the one change notification
-//! `WatchAvailability` is built on (no poll of the catalog).
+//! Every change a client could see (capacity, taken, closed) also sets the word's
+//! `changed` flag, in the same CAS, and tells its group: that is the one change
+//! notification `WatchAvailability` is built on (no poll of the catalog).
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 
 const FIELD_BITS: u32 = 21;
 const FIELD_MASK: u64 = (1 << FIELD_BITS) - 1;
-/// Largest value of each field: capacity, taken and pending.
+/// Largest capacity, and largest number of places taken.
 pub const COUNTER_FIELD_MAX: u32 = FIELD_MASK as u32;
+const PENDING_BITS: u32 = 19;
+const PENDING_MASK: u64 = (1 << PENDING_BITS) - 1;
+/// Most admissions in flight on one slot at once (far beyond any in-flight limit).
+pub const PENDING_MAX: u32 = PENDING_MASK as u32;
+const PENDING_SHIFT: u32 = FIELD_BITS;
+const CAPACITY_SHIFT: u32 = FIELD_BITS + PENDING_BITS;
+/// Set once the counter left its group: its changes no longer count there.
+const LEFT_BIT: u64 = 1 << 61;
+/// Set by every visible change; cleared by whoever reports it (`take_changed`).
+const CHANGED_BIT: u64 = 1 << 62;
 const CLOSED_BIT: u64 = 1 << 63;
+const _: () = assert!(
+    CAPACITY_SHIFT + FIELD_BITS == 61,
+    "the fields end where the flags begin"
+);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CounterSnapshot {
@@ -48,8 +63,8 @@ impl CounterSnapshot {
     }
 }
 
-/// What a counter tells the group it joined (one service's slots on one local day of
-/// a site, in the catalog).
+/// What a counter tells the group it belongs to (one service's slots on one local day
+/// of a site, in the catalog).
 pub trait Group: Send + Sync + std::fmt::Debug {
     /// The group's free places changed by `change`.
     fn add_free(&self, change: i64);
@@ -66,16 +81,32 @@ impl Group for AtomicI64 {
     fn member_changed(&self) {}
 }
 
+impl<T: Group + ?Sized> Group for Arc<T> {
+    fn add_free(&self, change: i64) {
+        (**self).add_free(change);
+    }
+
+    fn member_changed(&self) {
+        (**self).member_changed();
+    }
+}
+
+/// No group: a counter on its own (tests, benches).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoGroup;
+
+impl Group for NoGroup {
+    fn add_free(&self, _: i64) {}
+
+    fn member_changed(&self) {}
+}
+
+/// One slot's counter word and the group its changes count in. With an `Arc` group it
+/// is 16 bytes: the catalog keeps one per slot.
 #[derive(Debug)]
-pub struct SlotCounter {
+pub struct SlotCounter<G: Group = NoGroup> {
     word: AtomicU64,
-    /// The counter's group, once it joined one.
-    group: OnceLock<Arc<dyn Group>>,
-    /// Set when it left its group: its changes no longer count there.
-    left: AtomicBool,
-    /// Set by every visible change; cleared by whoever reports it (`take_changed`). A
-    /// new counter starts changed: it is news to a watcher.
-    changed: AtomicBool,
+    group: G,
 }
 
 /// Why a place could not be taken.
@@ -97,61 +128,67 @@ pub struct NothingTaken;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Overflow;
 
+/// The fields of a snapshot; the flags `left` and `changed` are the caller's to add.
 fn pack(s: CounterSnapshot) -> u64 {
     debug_assert!(s.capacity <= COUNTER_FIELD_MAX && s.taken <= COUNTER_FIELD_MAX);
+    debug_assert!(s.pending <= PENDING_MAX);
     (if s.closed { CLOSED_BIT } else { 0 })
-        | (u64::from(s.capacity) & FIELD_MASK) << (2 * FIELD_BITS)
-        | (u64::from(s.pending) & FIELD_MASK) << FIELD_BITS
+        | (u64::from(s.capacity) & FIELD_MASK) << CAPACITY_SHIFT
+        | (u64::from(s.pending) & PENDING_MASK) << PENDING_SHIFT
         | (u64::from(s.taken) & FIELD_MASK)
 }
 
 fn unpack(word: u64) -> CounterSnapshot {
     CounterSnapshot {
-        capacity: ((word >> (2 * FIELD_BITS)) & FIELD_MASK) as u32,
-        pending: ((word >> FIELD_BITS) & FIELD_MASK) as u32,
+        capacity: ((word >> CAPACITY_SHIFT) & FIELD_MASK) as u32,
+        pending: ((word >> PENDING_SHIFT) & PENDING_MASK) as u32,
         taken: (word & FIELD_MASK) as u32,
         closed: word & CLOSED_BIT != 0,
     }
 }
 
-impl SlotCounter {
+impl SlotCounter<NoGroup> {
+    /// A counter in no group.
     pub fn new(capacity: u32, closed: bool) -> Self {
+        Self::in_group(capacity, closed, NoGroup)
+    }
+}
+
+impl<G: Group> SlotCounter<G> {
+    /// A counter that belongs to `group` from the start: its free places are added to
+    /// the group's sum, and every later change until it leaves. A new counter starts
+    /// changed: it is news to a watcher.
+    pub fn in_group(capacity: u32, closed: bool, group: G) -> Self {
+        let snapshot = CounterSnapshot {
+            capacity: capacity.min(COUNTER_FIELD_MAX),
+            taken: 0,
+            pending: 0,
+            closed,
+        };
+        group.add_free(i64::from(snapshot.remaining()));
+        group.member_changed();
         Self {
-            word: AtomicU64::new(pack(CounterSnapshot {
-                capacity: capacity.min(COUNTER_FIELD_MAX),
-                taken: 0,
-                pending: 0,
-                closed,
-            })),
-            group: OnceLock::new(),
-            left: AtomicBool::new(false),
-            changed: AtomicBool::new(true),
+            word: AtomicU64::new(pack(snapshot) | CHANGED_BIT),
+            group,
         }
+    }
+
+    pub fn group(&self) -> &G {
+        &self.group
     }
 
     /// Whether a visible change happened since the last call (and clears the flag).
     pub fn take_changed(&self) -> bool {
-        self.changed.swap(false, Ordering::SeqCst)
-    }
-
-    /// Joins a group: adds its free places to the group's sum, and every later change.
-    /// Once only, before the counter is shared (the catalog does it on insert).
-    pub fn join(&self, group: Arc<dyn Group>) {
-        group.add_free(i64::from(self.snapshot().remaining()));
-        group.member_changed();
-        assert!(self.group.set(group).is_ok(), "a counter joins one group");
+        self.word.fetch_and(!CHANGED_BIT, Ordering::SeqCst) & CHANGED_BIT != 0
     }
 
     /// Leaves the sum of its group (a slot removed from the catalog, long after it
-    /// ended): subtracts its free places, and later changes no longer count there. A
-    /// change racing the removal itself could leave the sum off by one; retention only
-    /// removes slots nothing books any more.
+    /// ended): subtracts its free places, and later changes no longer count there. The
+    /// flag is in the word, so a change racing the removal counts on exactly one side.
     pub fn leave(&self) {
-        if self.left.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        if let Some(group) = self.group.get() {
-            group.add_free(-i64::from(self.snapshot().remaining()));
+        let before = self.word.fetch_or(LEFT_BIT, Ordering::SeqCst);
+        if before & LEFT_BIT == 0 {
+            self.group.add_free(-i64::from(unpack(before).remaining()));
         }
     }
 
@@ -167,15 +204,20 @@ impl SlotCounter {
     ) -> Result<CounterSnapshot, E> {
         let mut current = self.word.load(Ordering::SeqCst);
         loop {
-            let next = change(unpack(current))?;
+            let (before, next) = (unpack(current), change(unpack(current))?);
+            let visible = (before.capacity, before.taken, before.closed)
+                != (next.capacity, next.taken, next.closed);
+            let flags = current & (LEFT_BIT | CHANGED_BIT) | if visible { CHANGED_BIT } else { 0 };
             match self.word.compare_exchange_weak(
                 current,
-                pack(next),
+                pack(next) | flags,
                 Ordering::SeqCst,
                 Ordering::SeqCst,
             ) {
                 Ok(_) => {
-                    self.count_in_group(unpack(current), next);
+                    if visible && current & LEFT_BIT == 0 {
+                        self.count_in_group(before, next);
+                    }
                     return Ok(next);
                 }
                 Err(observed) => current = observed,
@@ -184,26 +226,12 @@ impl SlotCounter {
     }
 
     fn count_in_group(&self, before: CounterSnapshot, after: CounterSnapshot) {
-        let visible = (before.capacity, before.taken, before.closed)
-            != (after.capacity, after.taken, after.closed);
-        if !visible {
-            return; // only `pending` moved
-        }
-        self.changed.store(true, Ordering::SeqCst);
-        let Some(group) = self
-            .group
-            .get()
-            .filter(|_| !self.left.load(Ordering::Acquire))
-        else {
-            return;
-        };
         let change = i64::from(after.remaining()) - i64::from(before.remaining());
         if change != 0 {
-            group.add_free(change);
+            self.group.add_free(change);
         }
-        group.member_changed();
+        self.group.member_changed();
     }
-
     /// Takes one place if the slot is open and has one free, counting the admission as
     /// pending until `settle`. The place stays taken after that; `release` returns it.
     /// (`catalog::Admission` pairs the two.)
@@ -223,7 +251,7 @@ impl SlotCounter {
                 return Err(Refused::Closed);
             }
             let room = now.capacity.saturating_sub(held_back(now.capacity));
-            if now.taken >= room || now.pending >= COUNTER_FIELD_MAX {
+            if now.taken >= room || now.pending >= PENDING_MAX {
                 return Err(Refused::Full);
             }
             Ok(CounterSnapshot {
@@ -241,7 +269,7 @@ impl SlotCounter {
             if now.closed {
                 return Err(Refused::Closed);
             }
-            if now.pending >= COUNTER_FIELD_MAX {
+            if now.pending >= PENDING_MAX {
                 return Err(Refused::Full);
             }
             Ok(CounterSnapshot {
@@ -324,10 +352,9 @@ impl SlotCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     /// Takes a place and settles the admission at once.
-    fn take(counter: &SlotCounter) -> Result<CounterSnapshot, Refused> {
+    fn take<G: Group>(counter: &SlotCounter<G>) -> Result<CounterSnapshot, Refused> {
         let taken = counter.try_take()?;
         counter.settle();
         Ok(taken)
@@ -407,6 +434,54 @@ mod tests {
             (s.capacity, s.taken, s.pending, s.closed),
             (COUNTER_FIELD_MAX, 3, 0, false)
         );
+    }
+
+    #[test]
+    fn pending_fills_its_field_without_touching_the_others() {
+        let counter = SlotCounter::new(COUNTER_FIELD_MAX, false);
+        take(&counter).unwrap();
+        assert!(counter.take_changed());
+        for _ in 0..PENDING_MAX {
+            counter.enter().unwrap();
+        }
+        assert_eq!(counter.enter(), Err(Refused::Full));
+        assert_eq!(counter.try_take(), Err(Refused::Full));
+        let s = counter.snapshot();
+        assert_eq!(
+            (s.capacity, s.taken, s.pending, s.closed),
+            (COUNTER_FIELD_MAX, 1, PENDING_MAX, false)
+        );
+        assert!(
+            !counter.take_changed(),
+            "pending alone is not a visible change"
+        );
+        counter.close();
+        assert!(counter.take_changed());
+        assert_eq!(counter.snapshot().pending, PENDING_MAX);
+    }
+
+    #[test]
+    fn a_group_counts_the_changes_until_the_counter_leaves() {
+        let group = Arc::new(AtomicI64::new(0));
+        let counter = SlotCounter::in_group(3, false, Arc::clone(&group));
+        let free = || group.load(Ordering::SeqCst);
+        assert_eq!(free(), 3);
+        assert!(counter.take_changed(), "a new counter is news");
+        assert!(!counter.take_changed());
+        take(&counter).unwrap();
+        assert_eq!(free(), 2);
+        assert!(counter.take_changed());
+        counter.close();
+        assert_eq!(free(), 0);
+        counter.reopen();
+        assert_eq!(free(), 2);
+        counter.leave();
+        assert_eq!(free(), 0);
+        counter.release().unwrap();
+        counter.leave();
+        assert_eq!(free(), 0, "changes after leaving count nowhere");
+        assert!(counter.take_changed(), "but watchers still see them");
+        assert_eq!(counter.snapshot().taken, 0);
     }
 
     #[test]

@@ -552,14 +552,14 @@ pub fn slot_to_proto(
     slot: &Slot,
     (release_at, remaining): (Option<i64>, u32),
 ) -> proto::Slot {
-    let counter = slot.counter.snapshot();
+    let (counter, key) = (slot.counter.snapshot(), slot.key());
     proto::Slot {
-        slot_id: slot.key.to_string(),
-        site_id: slot.key.site_id.to_string(),
-        service_id: slot.key.service_id.to_string(),
-        start: Some(timestamp(slot.key.start_unix_s)),
+        slot_id: key.to_string(),
+        site_id: key.site_id.to_string(),
+        service_id: key.service_id.to_string(),
+        start: Some(timestamp(key.start_unix_s)),
         end: Some(timestamp(slot.end_unix_s())),
-        local_start: local_rfc3339(slot.key.start_unix_s, site.time_zone),
+        local_start: local_rfc3339(key.start_unix_s, site.time_zone),
         time_zone: site.time_zone.name().to_string(),
         capacity: counter.capacity,
         remaining,

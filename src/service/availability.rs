@@ -271,15 +271,16 @@ impl Engine {
         let changed = self.catalog().changed_slots();
         let filed = self.watchers.filed();
         for (site, slot) in &changed {
-            let service = &slot.key.service_id;
+            let slot_key = slot.key();
+            let service = &slot_key.service_id;
             let by_site = Filed::Site(site.site_id.clone(), service.clone());
             let by_region = Filed::Region(site.region_id.clone(), service.clone());
             for key in [by_site, by_region] {
                 for subscriber in filed.get(&key).into_iter().flatten() {
-                    let start = slot.key.start_unix_s;
+                    let start = slot_key.start_unix_s;
                     if (subscriber.from_unix_s..subscriber.to_unix_s).contains(&start) {
                         let view = (Arc::clone(site), Arc::clone(slot));
-                        subscriber.pending().insert(slot.key.clone(), view);
+                        subscriber.pending().insert(slot_key.clone(), view);
                         subscriber.notify.notify_one();
                     }
                 }

@@ -952,17 +952,18 @@ impl Engine {
             for slot in slots {
                 let places = self.remaining_for(&site, &slot, Some(&web));
                 let unreleased = self
-                    .release_at(&site, &slot.key)
+                    .release_at(&site, &slot.key())
                     .is_some_and(|release_at| now < release_at);
                 if places == 0 || unreleased {
                     continue;
                 }
-                let Some(local) = chrono::DateTime::from_timestamp(slot.key.start_unix_s, 0) else {
+                let Some(local) = chrono::DateTime::from_timestamp(slot.key().start_unix_s, 0)
+                else {
                     continue;
                 };
                 free.push(FreeSlot {
                     local: local.with_timezone(&site.time_zone).naive_local(),
-                    key: slot.key.clone(),
+                    key: slot.key(),
                     free: places,
                 });
             }

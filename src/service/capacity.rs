@@ -89,8 +89,12 @@ impl Closure {
         let mut writes = Vec::new();
         for slot in &self.slots {
             let capacity = slot.counter.snapshot().capacity;
-            writes.push(slot_record(slot, slot.end_unix_s(), capacity, true));
-            writes.push(Write::Event(Event::slot_closed(&slot.key, reason, now_ms)));
+            writes.push(slot_record(slot.key(), slot.end_unix_s(), capacity, true));
+            writes.push(Write::Event(Event::slot_closed(
+                &slot.key(),
+                reason,
+                now_ms,
+            )));
         }
         for booking in &self.cancelled {
             writes.push(Write::Booking(booking.clone()));
@@ -145,7 +149,7 @@ fn lower_capacities(plans: &[PublishPlan]) -> Result<Vec<(Arc<Slot>, u32)>, Serv
             Err(below) => {
                 restore_capacities(lowered);
                 return Err(DomainError::CapacityBelowBooked {
-                    slot: slot.key.clone(),
+                    slot: slot.key(),
                     requested: *capacity,
                     taken: below.taken,
                 }
@@ -171,13 +175,15 @@ fn publish_writes(sites: &[Site], plans: &[PublishPlan], now_ms: i64) -> Vec<Wri
         .collect();
     for plan in plans {
         for slot in &plan.created {
-            let capacity = slot.counter.snapshot().capacity;
-            writes.push(slot_record(slot, slot.end_unix_s(), capacity, false));
+            let (key, end) = (slot.key.clone(), slot.end_unix_s);
+            writes.push(slot_record(key, end, slot.capacity, false));
         }
         for (slot, end, capacity) in &plan.updated {
-            writes.push(slot_record(slot, *end, *capacity, false));
+            writes.push(slot_record(slot.key(), *end, *capacity, false));
             writes.push(Write::Event(Event::capacity_changed(
-                &slot.key, *capacity, now_ms,
+                &slot.key(),
+                *capacity,
+                now_ms,
             )));
         }
     }
@@ -196,7 +202,7 @@ fn dry_run_outcome(sites: usize, plans: &[PublishPlan]) -> Result<PublishOutcome
             let taken = slot.counter.snapshot().taken;
             if *capacity < taken {
                 return Err(DomainError::CapacityBelowBooked {
-                    slot: slot.key.clone(),
+                    slot: slot.key(),
                     requested: *capacity,
                     taken,
                 }
@@ -303,9 +309,9 @@ fn site_record(site: &Site) -> SiteRecord {
     }
 }
 
-fn slot_record(slot: &Slot, end_unix_s: i64, capacity: u32, closed: bool) -> Write {
+fn slot_record(key: SlotKey, end_unix_s: i64, capacity: u32, closed: bool) -> Write {
     Write::Slot(SlotRecord {
-        key: slot.key.clone(),
+        key,
         end_unix_s,
         capacity,
         closed,
@@ -630,7 +636,7 @@ impl Engine {
             return Err(below(before.taken).into());
         }
         let mut writes = vec![
-            slot_record(&slot, slot.end_unix_s(), capacity, false),
+            slot_record(slot.key(), slot.end_unix_s(), capacity, false),
             Write::Event(Event::capacity_changed(key, capacity, self.now_unix_ms())),
         ];
         writes.extend(authority_request(
@@ -697,7 +703,7 @@ impl Engine {
         for slot in &slots {
             slot.counter.close();
         }
-        let keys: HashSet<SlotKey> = slots.iter().map(|slot| slot.key.clone()).collect();
+        let keys: HashSet<SlotKey> = slots.iter().map(|slot| slot.key()).collect();
         let wait = Duration::from_millis(self.limits.close_settle_wait_ms);
         let settled = match settle_admissions(&slots, wait).await {
             Ok(()) => self.confirmed_bookings_in(keys.clone()).await,

@@ -46,7 +46,7 @@ impl Engine {
             _ => self.releases.gate(&region, key, citizen, now_unix_ms),
         };
         Ok(SlotView {
-            key: slot.key.clone(),
+            key: slot.key(),
             end_unix_s: slot.end_unix_s(),
             capacity: slot.counter.snapshot().capacity,
             gate,

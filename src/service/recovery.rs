@@ -9,7 +9,7 @@ use chrono_tz::Tz;
 
 use crate::config::Config;
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
-use crate::domain::catalog::{Catalog, Site, Slot};
+use crate::domain::catalog::{Catalog, NewSlot, Site};
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{HoldState, LiveHolds};
@@ -317,15 +317,13 @@ fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceErr
         recheck_slot_key(&record.key)?;
         let key = record.key.clone();
         catalog
-            .insert_slot(Slot::new(
-                record.key,
-                record.end_unix_s,
-                record.capacity,
-                record.closed,
-            ))
-            .map_err(|_| {
-                ServiceError::Recovery(format!("slot {key} belongs to an unknown site"))
-            })?;
+            .insert_slot(NewSlot {
+                key: record.key,
+                end_unix_s: record.end_unix_s,
+                capacity: record.capacity,
+                closed: record.closed,
+            })
+            .map_err(|error| ServiceError::Recovery(format!("slot {key}: {error}")))?;
         slots += 1;
     }
     Ok(slots)
@@ -410,7 +408,9 @@ fn check_capacities(catalog: &Catalog) -> Result<(), ServiceError> {
         if counter.taken > counter.capacity {
             return Err(ServiceError::Recovery(format!(
                 "slot {} has {} confirmed bookings and live holds but capacity {}",
-                slot.key, counter.taken, counter.capacity
+                slot.key(),
+                counter.taken,
+                counter.capacity
             )));
         }
     }

@@ -306,7 +306,7 @@ impl Engine {
         channel: Option<&ChannelId>,
     ) -> (Option<i64>, u32) {
         (
-            self.release_at(site, &slot.key),
+            self.release_at(site, &slot.key()),
             self.remaining_for(site, slot, channel),
         )
     }
@@ -329,7 +329,7 @@ impl Engine {
         if self.releases.is_empty() {
             return 0;
         }
-        let Some(entry) = self.reserving(&site.region_id, &slot.key) else {
+        let Some(entry) = self.reserving(&site.region_id, &slot.key()) else {
             return 0;
         };
         self.held_back_now(&entry, slot, channel, self.now_unix_ms())
@@ -344,12 +344,13 @@ impl Engine {
         channel: Option<&ChannelId>,
         now: i64,
     ) -> u32 {
+        let key = slot.key();
         let used = self
             .releases
             .channel_use()
-            .used(&slot.key, &entry.definition.reserves);
+            .used(&key, &entry.definition.reserves);
         let capacity = slot.counter.snapshot().capacity;
-        entry.held_back((&slot.key, capacity), &used, channel, now)
+        entry.held_back((&key, capacity), &used, channel, now)
     }
 
     /// The release with channel reserves covering slot `key` of a site in `region`.
@@ -420,14 +421,11 @@ impl Engine {
                 .unwrap_or_default();
             for slot in slots
                 .iter()
-                .filter(|s| release.covers(&site.region_id, &s.key))
+                .filter(|s| release.covers(&site.region_id, &s.key()))
             {
                 let held = self.held_back_now(&entry, slot, None, now);
                 if held > 0 {
-                    reserved.insert(
-                        slot.key.clone(),
-                        held.min(slot.counter.snapshot().remaining()),
-                    );
+                    reserved.insert(slot.key(), held.min(slot.counter.snapshot().remaining()));
                 }
             }
         }
@@ -733,7 +731,7 @@ impl Engine {
         if places.pending > 0 {
             return false;
         }
-        let keys: std::collections::HashSet<&SlotKey> = slots.iter().map(|s| &s.key).collect();
+        let keys: std::collections::HashSet<SlotKey> = slots.iter().map(|s| s.key()).collect();
         self.live_holds().count_where(|slot| keys.contains(slot)) == 0
     }
 

@@ -229,8 +229,8 @@ impl Engine {
         let ended: Vec<SlotKey> = self
             .catalog()
             .slots()
-            .filter(|slot| !cutoffs.keeps_slot(slot.end_unix_s()) && !pinned.contains(&slot.key))
-            .map(|slot| slot.key.clone())
+            .filter(|slot| !cutoffs.keeps_slot(slot.end_unix_s()) && !pinned.contains(&slot.key()))
+            .map(|slot| slot.key())
             .collect();
         let mut deleted = 0;
         for chunk in ended.chunks(self.limits.retention_batch_records) {

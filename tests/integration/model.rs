@@ -236,7 +236,7 @@ impl Harness {
                 scan_max: 10_000,
             })
             .unwrap();
-        let slots: Vec<SlotKey> = page.slots.iter().map(|(_, s)| s.key.clone()).collect();
+        let slots: Vec<SlotKey> = page.slots.iter().map(|(_, s)| s.key()).collect();
         assert_eq!(slots.len(), SLOTS);
         Self {
             engine: Some(engine),
