@@ -13,11 +13,13 @@
 //! - [`server`]: builds the gRPC server (health, reflection, shutdown) around the engine.
 //! - [`demo`]: the demo sites seeded by `serve --demo`.
 //! - [`dev_assertion`]: `prenota dev-assertion`, a citizen assertion signed for trying.
+//! - [`allocator`]: the binaries' global allocator (mimalloc, entered for malloc's alignments).
 //! - [`capacity_file`]: the CSV capacity file authorities import (shape only).
 //! - [`cli`]: the `prenota import` / `export` / `audit` / `backup` client commands.
 //! - [`telemetry`]: every Prometheus metric name and bucket, and the log format.
 //! - [`proto`]: generated `prenota.v1` code; proto types stop at `grpc`.
 
+pub mod allocator;
 pub mod capacity_file;
 pub mod cli;
 pub mod cli_call;

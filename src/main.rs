@@ -287,7 +287,7 @@ fn read_request(data: &str) -> Result<String, String> {
 
 /// mimalloc instead of glibc's malloc: see BENCHMARKS.md, "Allocator".
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: prenota::allocator::Mimalloc = prenota::allocator::Mimalloc;
 
 fn main() -> ExitCode {
     // Data dirs, store files, keys and backups: for this user only (0700 / 0600).

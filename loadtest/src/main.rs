@@ -220,9 +220,9 @@ enum ScenarioArgs {
     },
 }
 
-/// mimalloc instead of glibc's malloc: see BENCHMARKS.md, "Allocator".
+/// mimalloc instead of glibc's malloc, as the server's binary: see BENCHMARKS.md, "Allocator".
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: prenota::allocator::Mimalloc = prenota::allocator::Mimalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
