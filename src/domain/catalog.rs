@@ -235,9 +235,54 @@ impl Slot {
 struct Starts(VecDeque<Arc<Slot>>);
 
 impl Starts {
+    /// Where `start_unix_s` is (`Ok`) or would go (`Err`). Every probe reads a slot
+    /// behind its pointer, so a plain binary search of a long schedule costs a cache
+    /// miss per step; schedules are mostly evenly spaced, so the position is first
+    /// guessed from the first and last starts and searched among the slots around the
+    /// guess (usually next to each other in memory too), the whole deque only if the
+    /// guess was off by more than that.
     fn find(&self, start_unix_s: i64) -> Result<usize, usize> {
-        self.0
-            .binary_search_by_key(&start_unix_s, |slot| slot.start_unix_s)
+        /// How far either side of the guess the near search reaches.
+        const NEAR: usize = 48;
+        let (Some(first), Some(last)) = (self.0.front(), self.0.back()) else {
+            return Err(0);
+        };
+        let (first, last, end) = (first.start_unix_s, last.start_unix_s, self.0.len());
+        if start_unix_s <= first || start_unix_s >= last {
+            return match start_unix_s {
+                s if s < first => Err(0),
+                s if s == first => Ok(0),
+                s if s == last => Ok(end - 1),
+                _ => Err(end),
+            };
+        }
+        // Here first < start < last: two slots at least, a span above zero.
+        let offset = (start_unix_s - first) as u128 * (end - 1) as u128;
+        let guess = (offset / (last - first) as u128) as usize;
+        let (low, high) = (guess.saturating_sub(NEAR), (guess + NEAR).min(end - 1));
+        let at = |index: usize| self.0[index].start_unix_s;
+        if at(low) <= start_unix_s && start_unix_s <= at(high) {
+            return self.find_between(start_unix_s, low, high);
+        }
+        self.find_between(start_unix_s, 0, end - 1)
+    }
+
+    /// `find` among the slots `low..=high`, given that `start_unix_s` is within their
+    /// starts.
+    fn find_between(&self, start_unix_s: i64, mut low: usize, high: usize) -> Result<usize, usize> {
+        let mut end = high + 1;
+        while low < end {
+            let middle = low + (end - low) / 2;
+            if self.0[middle].start_unix_s < start_unix_s {
+                low = middle + 1;
+            } else {
+                end = middle;
+            }
+        }
+        match self.0.get(low) {
+            Some(slot) if slot.start_unix_s == start_unix_s => Ok(low),
+            _ => Err(low),
+        }
     }
 
     fn get(&self, start_unix_s: i64) -> Option<&Arc<Slot>> {
@@ -246,11 +291,9 @@ impl Starts {
 
     /// The slots starting in `[from, to)`.
     fn range(&self, from: i64, to: i64) -> impl Iterator<Item = &Arc<Slot>> {
-        let first = self.0.partition_point(|slot| slot.start_unix_s < from);
-        let end = self
-            .0
-            .partition_point(|slot| slot.start_unix_s < to)
-            .max(first);
+        let position = |start| self.find(start).unwrap_or_else(|at| at);
+        let first = position(from);
+        let end = position(to).max(first);
         self.0.range(first..end)
     }
 
@@ -264,6 +307,30 @@ impl Starts {
             }
             _ => self.0.push_back(slot),
         }
+    }
+
+    /// Adds slots in start order whose starts are not there yet: appended when they
+    /// all come after the last, else merged in one pass.
+    fn merge(&mut self, slots: Vec<Arc<Slot>>) {
+        let after_the_last = |last: &Arc<Slot>| last.start_unix_s < slots[0].start_unix_s;
+        if slots.is_empty() || self.0.back().is_none_or(after_the_last) {
+            self.0.extend(slots);
+            return;
+        }
+        let old = std::mem::take(&mut self.0);
+        let mut merged = VecDeque::with_capacity(old.len() + slots.len());
+        let (mut old, mut new) = (old.into_iter().peekable(), slots.into_iter().peekable());
+        while let (Some(a), Some(b)) = (old.peek(), new.peek()) {
+            assert_ne!(a.start_unix_s, b.start_unix_s, "one slot per start");
+            let next = if a.start_unix_s < b.start_unix_s {
+                old.next()
+            } else {
+                new.next()
+            };
+            merged.extend(next);
+        }
+        merged.extend(old.chain(new));
+        self.0 = merged;
     }
 
     fn remove(&mut self, start_unix_s: i64) -> Option<Arc<Slot>> {
@@ -500,14 +567,56 @@ impl Catalog {
     /// its start must be new for its service there. The slot joins its local day's
     /// free places.
     pub fn insert_slot(&mut self, new: NewSlot) -> Result<(), DomainError> {
+        self.check_new_slots(std::slice::from_ref(&new))?;
+        let (site_id, slot) = (new.key.site_id.clone(), self.make_slot(&new));
+        let entry = self.sites.get_mut(&site_id).expect("checked above");
+        let service_id = slot.day().service_id.clone();
+        entry.slots.entry(service_id).or_default().insert(slot);
+        Ok(())
+    }
+
+    /// Adds slots at once (a publication), as `insert_slot` each: all are checked
+    /// first, so either all go in or none, and each service's slots are merged with
+    /// its existing ones in one pass, wherever the new starts fall between them.
+    pub fn insert_slots(&mut self, new: Vec<NewSlot>) -> Result<(), DomainError> {
+        self.check_new_slots(&new)?;
+        let mut by_service: BTreeMap<(SiteId, ServiceId), Vec<Arc<Slot>>> = BTreeMap::new();
+        for slot in &new {
+            let key = (slot.key.site_id.clone(), slot.key.service_id.clone());
+            let made = self.make_slot(slot);
+            by_service.entry(key).or_default().push(made);
+        }
+        for ((site_id, service_id), mut slots) in by_service {
+            slots.sort_by_key(|slot| slot.start_unix_s);
+            let entry = self.sites.get_mut(&site_id).expect("checked above");
+            entry.slots.entry(service_id).or_default().merge(slots);
+        }
+        Ok(())
+    }
+
+    /// Every slot's site exists, and no start is in the catalog already or twice.
+    fn check_new_slots(&self, new: &[NewSlot]) -> Result<(), DomainError> {
+        let mut seen = std::collections::HashSet::new();
+        for slot in new {
+            let key = &slot.key;
+            let entry = self
+                .sites
+                .get(&key.site_id)
+                .ok_or(DomainError::NotFound(crate::domain::error::Missing::Site))?;
+            let taken = |starts: &Starts| starts.get(key.start_unix_s).is_some();
+            if entry.slots.get(&key.service_id).is_some_and(taken) || !seen.insert(key) {
+                return Err(DomainError::invalid("slot", "is in the catalog already"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A slot in its local day (created if new), counted there; its site exists.
+    fn make_slot(&mut self, new: &NewSlot) -> Arc<Slot> {
         let entry = self
             .sites
             .get_mut(&new.key.site_id)
-            .ok_or(DomainError::NotFound(crate::domain::error::Missing::Site))?;
-        let taken = |starts: &Starts| starts.get(new.key.start_unix_s).is_some();
-        if entry.slots.get(&new.key.service_id).is_some_and(taken) {
-            return Err(DomainError::invalid("slot", "is in the catalog already"));
-        }
+            .expect("a checked site");
         let (zone, date) = (entry.site.time_zone, entry.date_of(new.key.start_unix_s));
         let (day, slots) = entry
             .days
@@ -518,18 +627,11 @@ impl Catalog {
                 (Day::new(key, date, zone, &self.board), 0)
             });
         *slots += 1;
-        let slot = Slot {
+        Arc::new(Slot {
             start_unix_s: new.key.start_unix_s,
             end_unix_s: AtomicI64::new(new.end_unix_s),
             counter: SlotCounter::in_group(new.capacity, new.closed, Arc::clone(day)),
-        };
-        let service_id = day.service_id.clone();
-        entry
-            .slots
-            .entry(service_id)
-            .or_default()
-            .insert(Arc::new(slot));
-        Ok(())
+        })
     }
 
     /// Drops a slot (retention, once its records are deleted); false if it was not there.
@@ -969,6 +1071,46 @@ mod tests {
     }
 
     #[test]
+    fn a_start_is_found_where_a_binary_search_finds_it_however_the_slots_are_spaced() {
+        // Even spacing, days with gaps, and a random walk (a simple LCG, seeded).
+        let mut state = 7u64;
+        let mut random = |bound: i64| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            (state >> 33) as i64 % bound
+        };
+        let even: Vec<i64> = (0..500).map(|i| 1_000 + 600 * i).collect();
+        let days: Vec<i64> = (0..700)
+            .map(|i| (i / 60) * 86_400 + (i % 60) * 600)
+            .collect();
+        let mut walk = vec![0i64];
+        for _ in 0..900 {
+            let jump = random(10) == 0;
+            let step = 1 + random(if jump { 100_000 } else { 300 });
+            walk.push(walk.last().unwrap() + step);
+        }
+        for starts in [even, days, walk, vec![5], vec![5, 9]] {
+            let catalog = catalog_with_slots(&["a"], &starts);
+            let entry = catalog.sites.values().next().unwrap();
+            let deque = entry.slots.values().next().unwrap();
+            let (low, high) = (starts[0] - 700, starts[starts.len() - 1] + 700);
+            let probes = starts.iter().flat_map(|s| [s - 1, *s, s + 1]);
+            for probe in probes
+                .chain([low, high])
+                .chain((0..300).map(|_| low + random(high - low)))
+            {
+                assert_eq!(
+                    deque.find(probe),
+                    starts.binary_search(&probe),
+                    "{probe} among {} starts",
+                    starts.len()
+                );
+            }
+        }
+    }
+
+    #[test]
     fn region_search_pages_through_every_slot_once() {
         let catalog = catalog_with_slots(&["b", "a", "c"], &[100, 200, 300]);
         let mut seen = Vec::new();
@@ -1151,6 +1293,45 @@ mod tests {
         q.after = second.next_after;
         let third = catalog.search(&q).unwrap();
         assert_eq!(third.slots[0].1.key().start_unix_s, starts[2]);
+    }
+
+    #[test]
+    fn slots_published_between_others_are_merged_in_order_or_refused_whole() {
+        let mut catalog = catalog_with_slots(&["a"], &[100, 300, 500]);
+        let new = |site: &str, start: i64| NewSlot {
+            key: SlotKey {
+                site_id: id(SiteId::parse, site),
+                service_id: id(ServiceId::parse, "vax"),
+                start_unix_s: start,
+            },
+            end_unix_s: start + 50,
+            capacity: 2,
+            closed: false,
+        };
+        let starts = |catalog: &Catalog| -> Vec<i64> {
+            let slots = catalog.slots_in_range(&id(SiteId::parse, "a"), None, 0, 1_000);
+            slots
+                .unwrap()
+                .iter()
+                .map(|slot| slot.start_unix_s())
+                .collect()
+        };
+        for refused in [
+            vec![new("a", 50), new("a", 300)],
+            vec![new("a", 50), new("a", 50)],
+            vec![new("a", 50), new("nowhere", 60)],
+        ] {
+            assert!(catalog.insert_slots(refused).is_err());
+            assert_eq!(starts(&catalog), [100, 300, 500], "nothing half-applied");
+        }
+        let batch = [700, 200, 50, 600, 400].map(|start| new("a", start));
+        catalog.insert_slots(batch.to_vec()).unwrap();
+        assert_eq!(starts(&catalog), [50, 100, 200, 300, 400, 500, 600, 700]);
+        for start in [50, 200, 700] {
+            let slot = catalog.slot(&new("a", start).key).unwrap().1;
+            assert_eq!(slot.counter.snapshot().capacity, 2);
+        }
+        catalog.check_free_places().unwrap();
     }
 
     #[test]

@@ -178,8 +178,10 @@ impl<G: Group> SlotCounter<G> {
     }
 
     /// Whether a visible change happened since the last call (and clears the flag).
+    /// Read first: clearing writes the word, which would make an admission's CAS retry.
     pub fn take_changed(&self) -> bool {
-        self.word.fetch_and(!CHANGED_BIT, Ordering::SeqCst) & CHANGED_BIT != 0
+        self.word.load(Ordering::SeqCst) & CHANGED_BIT != 0
+            && self.word.fetch_and(!CHANGED_BIT, Ordering::SeqCst) & CHANGED_BIT != 0
     }
 
     /// Leaves the sum of its group (a slot removed from the catalog, long after it

@@ -537,9 +537,7 @@ impl Engine {
                     let _ = slot.counter.set_capacity(capacity);
                 }
             }
-            for slot in plan.created {
-                catalog.insert_slot(slot)?;
-            }
+            catalog.insert_slots(plan.created)?;
         }
         Ok(outcome)
     }
