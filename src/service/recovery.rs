@@ -9,7 +9,7 @@ use chrono_tz::Tz;
 
 use crate::config::Config;
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
-use crate::domain::catalog::{Catalog, NewSlot, Site};
+use crate::domain::catalog::{Catalog, NewSlot, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{HoldState, LiveHolds};
@@ -348,7 +348,13 @@ fn restore_bookings(
         let rebuilt = (|| -> Result<(), ServiceError> {
             for chunk in receiver {
                 for (key, value) in chunk {
-                    let booking = Booking::decode_value(&key, &value)?;
+                    let mut booking = Booking::decode_value(&key, &value)?;
+                    let slot = catalog.slot(&booking.slot).map(|(_, slot)| slot.as_ref());
+                    if let Some(slot) = slot {
+                        // The catalog's ids (one copy per site and service), not the
+                        // record's: the indexes below keep them for every booking.
+                        booking.slot = slot.key();
+                    }
                     if let Some(codes) = booking.codes {
                         if !references.restore(codes.reference) {
                             return Err(ServiceError::Recovery(format!(
@@ -358,7 +364,7 @@ fn restore_bookings(
                         }
                         index.insert(&booking);
                     }
-                    match restore_booking(catalog, citizens, requests, &booking, max_active)? {
+                    match restore_booking(slot, citizens, requests, &booking, max_active)? {
                         true => {
                             channel_use.add(&booking.slot, &booking.channel);
                             confirmed += 1;
@@ -444,7 +450,7 @@ fn restore_holds(
     max_active: usize,
 ) -> Result<usize, ServiceError> {
     for hold in store.holds() {
-        let hold = hold?;
+        let mut hold = hold?;
         requests.restore(hold.request, hold.hold_id, hold.created_at_unix_ms);
         if hold.state != HoldState::Live {
             continue;
@@ -458,6 +464,7 @@ fn restore_holds(
         slot.counter.take_unchecked().map_err(|_| {
             ServiceError::Recovery(format!("slot {} has too many holds", hold.slot))
         })?;
+        hold.slot = slot.key(); // the catalog's ids, as for bookings
         let held = citizens.insert(hold.citizen, &hold.slot.service_id, hold.hold_id);
         if held > max_active {
             return Err(ServiceError::Recovery(format!(
@@ -479,8 +486,9 @@ const RECOVERY_CHUNKS_IN_FLIGHT: usize = 8;
 
 /// Puts one stored booking back into memory; `true` when it holds a place (confirmed,
 /// attended or no-show).
+/// Restores one booking (its slot `slot`, if the catalog has it).
 fn restore_booking(
-    catalog: &Catalog,
+    slot: Option<&Slot>,
     citizens: &CitizenIndex,
     requests: &Requests,
     booking: &Booking,
@@ -499,7 +507,7 @@ fn restore_booking(
             Ok(false)
         }
         BookingState::Confirmed | BookingState::Attended { .. } | BookingState::NoShow { .. } => {
-            let (_, slot) = catalog.slot(&booking.slot).ok_or_else(|| {
+            let slot = slot.ok_or_else(|| {
                 ServiceError::Recovery(format!(
                     "booking {} is in unknown slot {}",
                     booking.booking_id, booking.slot
