@@ -16,6 +16,10 @@ use prenota::domain::schedule::{Schedule, ScheduleInput};
 use prenota::service::{Actor, BookCommand, Clock, Engine};
 use prenota::store::{Store, UnsyncedForBenchmarks};
 
+/// The server binary's allocator, so the engine is measured as it runs there.
+#[global_allocator]
+static ALLOCATOR: prenota::allocator::Mimalloc = prenota::allocator::Mimalloc;
+
 const BOOKINGS_PER_ITERATION: u64 = 4_096;
 const SLOTS: i64 = 23 * 60;
 
