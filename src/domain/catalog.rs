@@ -618,12 +618,17 @@ impl Catalog {
             .get_mut(&new.key.site_id)
             .expect("a checked site");
         let (zone, date) = (entry.site.time_zone, entry.date_of(new.key.start_unix_s));
+        // The site's own id, and the service's as the site has it already: one copy of
+        // each for all the site's slots of that service.
+        let service_id = match entry.slots.get_key_value(&new.key.service_id) {
+            Some((known, _)) => known.clone(),
+            None => new.key.service_id.clone(),
+        };
         let (day, slots) = entry
             .days
-            .entry((new.key.service_id.clone(), date))
+            .entry((service_id.clone(), date))
             .or_insert_with(|| {
-                // The site's own id: one copy for all its slots.
-                let key = (&entry.site.site_id, &new.key.service_id);
+                let key = (&entry.site.site_id, &service_id);
                 (Day::new(key, date, zone, &self.board), 0)
             });
         *slots += 1;
@@ -1293,6 +1298,25 @@ mod tests {
         q.after = second.next_after;
         let third = catalog.search(&q).unwrap();
         assert_eq!(third.slots[0].1.key().start_unix_s, starts[2]);
+    }
+
+    #[test]
+    fn a_sites_slots_share_one_copy_of_its_ids_across_days() {
+        // Each slot's key is parsed on its own, as recovery reads records.
+        let catalog = catalog_with_slots(&["a"], &[0, 600, 3 * 86_400, 9 * 86_400]);
+        let site = id(SiteId::parse, "a");
+        let slots = catalog.slots_in_range(&site, None, 0, 10 * 86_400).unwrap();
+        let keys: Vec<SlotKey> = slots.iter().map(|slot| slot.key()).collect();
+        for key in &keys[1..] {
+            assert_eq!(
+                key.service_id.as_str().as_ptr(),
+                keys[0].service_id.as_str().as_ptr()
+            );
+            assert_eq!(
+                key.site_id.as_str().as_ptr(),
+                keys[0].site_id.as_str().as_ptr()
+            );
+        }
     }
 
     #[test]

@@ -484,9 +484,8 @@ const RECOVERY_CHUNK_RECORDS: usize = 4_096;
 /// Chunks buffered between them: bounds recovery's extra memory.
 const RECOVERY_CHUNKS_IN_FLIGHT: usize = 8;
 
-/// Puts one stored booking back into memory; `true` when it holds a place (confirmed,
-/// attended or no-show).
-/// Restores one booking (its slot `slot`, if the catalog has it).
+/// Puts one stored booking back into memory (`slot`: its slot, if the catalog has it);
+/// `true` when it holds a place (confirmed, attended or no-show).
 fn restore_booking(
     slot: Option<&Slot>,
     citizens: &CitizenIndex,
