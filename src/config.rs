@@ -307,6 +307,105 @@ pub enum IdSchemeName {
 #[serde(default, deny_unknown_fields)]
 pub struct CitizensSection {
     pub id_scheme: IdSchemeName,
+    /// The citizen-id hash key (32 raw bytes, mode 0600; the format of
+    /// `DATA_DIR/citizen-hash.key`). Default: that file, made for a new store. Required
+    /// with PostgreSQL: every node must hash with the same key.
+    pub hash_key_file: Option<PathBuf>,
+}
+
+/// `[store] backend`, as written in `prenota.toml`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendName {
+    /// The embedded sled store in the data dir (one machine).
+    #[default]
+    Sled,
+    /// PostgreSQL: one active node, hot standbys (PRODUCT.md part F).
+    Postgres,
+}
+
+/// `[store]` in `prenota.toml`: where durable records live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    pub backend: BackendName,
+    /// With `postgres`: a libpq-style URL (`postgres://user:pass@host/db`) or key=value
+    /// string. Its `search_path` (`options=-csearch_path=NAME`) picks the schema.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres_url: Option<String>,
+    /// With `postgres`: a standby takes over once the active node has not renewed its
+    /// lease for this long. Failover takes about this plus recovery.
+    pub lease_ttl_ms: u64,
+}
+
+pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            backend: BackendName::Sled,
+            postgres_url: None,
+            lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
+        }
+    }
+}
+
+/// Where and how a node reaches PostgreSQL.
+#[derive(Clone)]
+pub struct PostgresSettings {
+    /// Never logged or printed: it may hold a password.
+    pub url: String,
+    /// How long a holder may go without renewing before a standby takes over.
+    pub lease_ttl: std::time::Duration,
+}
+
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("url", &"…")
+            .field("lease_ttl", &self.lease_ttl)
+            .finish()
+    }
+}
+
+/// The store a server opens.
+#[derive(Clone, Debug, Default)]
+pub enum StoreBackend {
+    #[default]
+    Sled,
+    Postgres(PostgresSettings),
+}
+
+impl StoreSection {
+    fn check(&self, citizens: &CitizensSection, problems: &mut Vec<String>) -> StoreBackend {
+        if !(500..=600_000).contains(&self.lease_ttl_ms) {
+            problems.push("[store] lease_ttl_ms must be between 500 and 600000".into());
+        }
+        match (self.backend, &self.postgres_url) {
+            (BackendName::Sled, None) => StoreBackend::Sled,
+            (BackendName::Sled, Some(_)) => {
+                problems.push("[store] postgres_url is set but backend is not \"postgres\"".into());
+                StoreBackend::Sled
+            }
+            (BackendName::Postgres, None) => {
+                problems.push("[store] backend = \"postgres\" needs postgres_url".into());
+                StoreBackend::Sled
+            }
+            (BackendName::Postgres, Some(url)) => {
+                if citizens.hash_key_file.is_none() {
+                    problems.push(
+                        "[store] backend = \"postgres\" needs [citizens] hash_key_file (the \
+                         same key on every node)"
+                            .into(),
+                    );
+                }
+                StoreBackend::Postgres(PostgresSettings {
+                    url: url.clone(),
+                    lease_ttl: std::time::Duration::from_millis(self.lease_ttl_ms),
+                })
+            }
+        }
+    }
 }
 
 /// The whole `prenota.toml`.
@@ -316,6 +415,7 @@ pub struct ConfigFile {
     pub server: ServerSection,
     pub limits: Limits,
     pub citizens: CitizensSection,
+    pub store: StoreSection,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenEntry>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -405,6 +505,7 @@ impl ConfigFile {
     pub fn check(&self) -> Result<Config, Vec<String>> {
         let mut problems = self.limits.problems();
         let citizen_issuers = self.citizen_issuers(&mut problems);
+        let store = self.store.check(&self.citizens, &mut problems);
         let default_trust = default_citizen_trust(!self.citizen_issuers.is_empty());
         let mut tokens = Vec::new();
         let mut names = BTreeSet::new();
@@ -483,7 +584,8 @@ impl ConfigFile {
         Ok(Config {
             limits: self.limits.clone(),
             citizen_id_scheme: scheme,
-            citizen_hash_key: None,
+            citizen_hash_key: None, // read by `prenota serve` ([citizens] hash_key_file)
+            store,
             tokens,
             citizen_issuers,
             tls: None,
@@ -589,6 +691,8 @@ pub struct Config {
     pub citizen_id_scheme: IdScheme,
     /// Key of the citizen-id HMAC. `None`: generated once and kept in the data dir.
     pub citizen_hash_key: Option<[u8; 32]>,
+    /// `[store]`: sled in the data dir, or PostgreSQL.
+    pub store: StoreBackend,
     /// Bearer tokens. None: open mode (loopback only).
     pub tokens: Vec<Token>,
     /// Identity gateways whose signed assertions name citizens (each key checked).
@@ -627,6 +731,54 @@ mod tests {
             IdScheme::Opaque
         );
         assert!(toml::from_str::<ConfigFile>("[citizens]\nid_scheme = \"fiscal\"\n").is_err());
+    }
+
+    #[test]
+    fn the_postgres_backend_needs_its_url_and_a_shared_hash_key() {
+        let problems = |text: &str| match toml::from_str::<ConfigFile>(text).unwrap().check() {
+            Ok(config) => (Vec::new(), Some(config.store)),
+            Err(problems) => (problems, None),
+        };
+        let (listed, _) = problems("[store]\nbackend = \"postgres\"\n");
+        assert!(
+            listed.iter().any(|p| p.contains("needs postgres_url")),
+            "{listed:?}"
+        );
+        let url = "postgres_url = \"postgres://u@127.0.0.1/db\"\n";
+        let (listed, _) = problems(&format!("[store]\nbackend = \"postgres\"\n{url}"));
+        assert!(
+            listed.iter().any(|p| p.contains("hash_key_file")),
+            "{listed:?}"
+        );
+        let (listed, _) = problems(&format!("[store]\n{url}"));
+        assert!(
+            listed.iter().any(|p| p.contains("not \"postgres\"")),
+            "{listed:?}"
+        );
+        let (listed, _) = problems("[store]\nlease_ttl_ms = 10\n");
+        assert!(
+            listed.iter().any(|p| p.contains("lease_ttl_ms")),
+            "{listed:?}"
+        );
+        let text = format!(
+            "[store]\nbackend = \"postgres\"\n{url}lease_ttl_ms = 3000\n\
+             [citizens]\nhash_key_file = \"/k\"\n"
+        );
+        match problems(&text) {
+            (listed, Some(StoreBackend::Postgres(settings))) => {
+                assert!(listed.is_empty());
+                assert_eq!(settings.lease_ttl, std::time::Duration::from_millis(3000));
+                assert!(
+                    !format!("{settings:?}").contains("127.0.0.1"),
+                    "the URL is never printed"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            ConfigFile::default().check().unwrap().store,
+            StoreBackend::Sled
+        ));
     }
 
     #[test]

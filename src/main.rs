@@ -409,6 +409,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         server.tls_client_ca.as_deref(),
     )?;
     config.backup_key = read_backup_key(server.backup_key_file.as_deref())?;
+    config.citizen_hash_key = read_hash_key(file.citizens.hash_key_file.as_deref())?;
     let tokens_set = !config.tokens.is_empty();
     if let Some(warning) = check_listen(listen, tokens_set, server.insecure_no_auth)? {
         tracing::warn!("{warning}");
@@ -467,6 +468,21 @@ fn read_backup_key(
         .transpose()
 }
 
+/// `[citizens] hash_key_file`, read (it must exist once configured).
+fn read_hash_key(path: Option<&std::path::Path>) -> Result<Option<[u8; 32]>, String> {
+    let Some(path) = path else { return Ok(None) };
+    match prenota::store::key_file::read(path) {
+        Ok(Some(key)) => Ok(Some(key)),
+        Ok(None) => Err(format!(
+            "[citizens] hash_key_file {} does not exist: make one with \
+             `(umask 077; head -c 32 /dev/urandom > FILE)` (or copy a data dir's \
+             citizen-hash.key), the same file on every node",
+            path.display()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The file (or the defaults), with the `PRENOTA_LIMITS_*` overrides applied.
 fn read_config(path: Option<&std::path::Path>) -> Result<ConfigFile, String> {
     let mut file = match path {
@@ -502,6 +518,10 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
         Ok(None) => {}
         Ok(Some(warning)) => eprintln!("warning: {warning}"),
         Err(refusal) => eprintln!("warning: prenota serve would stop: {refusal}"),
+    }
+    // It may hold a password.
+    if effective.store.postgres_url.is_some() {
+        effective.store.postgres_url = Some("(set, not printed)".into());
     }
     let text = toml::to_string_pretty(&effective).map_err(|e| e.to_string())?;
     println!(

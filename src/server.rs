@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,7 +83,7 @@ impl Server {
     /// Opens the store and rebuilds memory from it; refuses broken invariants.
     pub async fn open(options: ServeOptions) -> Result<Self, ServeError> {
         let access = Access::of(&options.config);
-        let engine = recover(options).await?;
+        let engine = recover(options, Arc::new(AtomicBool::new(false))).await?;
         Ok(Self { engine, access })
     }
 
@@ -161,15 +162,22 @@ impl Access {
     }
 }
 
-async fn recover(options: ServeOptions) -> Result<Arc<Engine>, ServeError> {
+/// Opens the engine (with PostgreSQL, once this node holds the lease; `standing_by` is
+/// set while it waits).
+async fn recover(
+    options: ServeOptions,
+    standing_by: Arc<AtomicBool>,
+) -> Result<Arc<Engine>, ServeError> {
     let ServeOptions {
         data_dir,
         config,
         demo,
         clock,
     } = options;
-    let engine =
-        tokio::task::spawn_blocking(move || Engine::open(&data_dir, &config, clock)).await??;
+    let engine = tokio::task::spawn_blocking(move || {
+        Engine::open_when_active(&data_dir, &config, clock, &standing_by)
+    })
+    .await??;
     let engine = Arc::new(engine);
     if demo {
         crate::demo::seed(&engine).await?;
@@ -227,10 +235,12 @@ async fn run(
         Arc::new(Semaphore::new(limits.health_watches_max)),
     );
 
-    let (booking_gate, booking_slot) = Ready::pending();
-    let (capacity_gate, capacity_slot) = Ready::pending();
-    let (open_data_gate, open_data_slot) = Ready::pending();
-    let (site_gate, site_slot) = Ready::pending();
+    // PostgreSQL: set while another node holds the lease (the gates say NOT_ACTIVE).
+    let standing_by = Arc::new(AtomicBool::new(false));
+    let (booking_gate, booking_slot) = Ready::pending(&standing_by);
+    let (capacity_gate, capacity_slot) = Ready::pending(&standing_by);
+    let (open_data_gate, open_data_slot) = Ready::pending(&standing_by);
+    let (site_gate, site_slot) = Ready::pending(&standing_by);
     let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
     let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
     let anonymous = auth::anonymous_limiter(limits.open_data_anonymous_requests_per_s);
@@ -305,7 +315,7 @@ async fn run(
         assertions,
     };
     let starting = async {
-        let started = start_serving(start, services, &health, &settings, stop).await?;
+        let started = start_serving(start, services, &health, &settings, stop, standing_by).await?;
         end_streams_on(closing_seen, &started.0);
         on_serving();
         Ok::<_, ServeError>(started)
@@ -335,10 +345,11 @@ async fn start_serving(
     health: &HealthReporter,
     settings: &ServiceSettings,
     stop: tokio::sync::oneshot::Sender<()>,
+    standing_by: Arc<AtomicBool>,
 ) -> Result<(Arc<Engine>, Tasks, tokio::sync::oneshot::Sender<()>), ServeError> {
     let engine = match start {
         Start::Recovered(engine) => engine,
-        Start::Recover(options) => match recover(*options).await {
+        Start::Recover(options) => match recover(*options, standing_by).await {
             Ok(engine) => engine,
             Err(error) => {
                 let _ = stop.send(());

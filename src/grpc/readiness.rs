@@ -1,8 +1,10 @@
 //! Start-up: the server answers from the moment it listens, while recovery rebuilds
 //! memory from the store. Until the engine is ready, health says NOT_SERVING and
 //! prenota's services answer at once with UNAVAILABLE / RECOVERING and a RetryInfo,
-//! instead of leaving clients on a silent port.
+//! instead of leaving clients on a silent port. A standby (PostgreSQL, another node
+//! holds the lease) answers UNAVAILABLE / NOT_ACTIVE until it takes over.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
@@ -11,27 +13,33 @@ use tonic::server::NamedService;
 use tonic::Status;
 
 use crate::service::ServiceError;
+use crate::store::StoreError;
 
 /// A service that exists only once recovery has finished.
 pub struct Ready<S> {
     inner: Arc<OnceLock<S>>,
+    /// Set while this node stands by (PostgreSQL: another node holds the lease).
+    standing_by: Arc<AtomicBool>,
 }
 
 impl<S> Clone for Ready<S> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
+            standing_by: Arc::clone(&self.standing_by),
         }
     }
 }
 
 impl<S> Ready<S> {
-    /// A gate with no service behind it yet, and the handle that provides it.
-    pub fn pending() -> (Self, Arc<OnceLock<S>>) {
+    /// A gate with no service behind it yet, and the handle that provides it. Until
+    /// then it answers NOT_ACTIVE while `standing_by` is set, RECOVERING otherwise.
+    pub fn pending(standing_by: &Arc<AtomicBool>) -> (Self, Arc<OnceLock<S>>) {
         let inner = Arc::new(OnceLock::new());
         (
             Self {
                 inner: Arc::clone(&inner),
+                standing_by: Arc::clone(standing_by),
             },
             inner,
         )
@@ -56,7 +64,11 @@ where
         match self.inner.get() {
             Some(service) => Box::pin(service.clone().call(request)),
             None => {
-                let refused = Status::from(ServiceError::Recovering).into_http();
+                let refusal = match self.standing_by.load(Ordering::Acquire) {
+                    true => ServiceError::Store(StoreError::NotActive),
+                    false => ServiceError::Recovering,
+                };
+                let refused = Status::from(refusal).into_http();
                 Box::pin(async move { Ok(refused) })
             }
         }

@@ -182,6 +182,8 @@ fn classify(error: &ServiceError) -> Answer {
             }
             StoreError::Failed | StoreError::Io(_) => Answer::new(Unavailable, "STORAGE_FAILED"),
             StoreError::Closed => Answer::new(Unavailable, "SHUTTING_DOWN"),
+            // Another node holds the lease: a load balancer following health moves on.
+            StoreError::NotActive => Answer::new(Unavailable, "NOT_ACTIVE"),
             StoreError::BackupRunning => Answer::new(ResourceExhausted, "EXPORTS_IN_PROGRESS")
                 .retry_after(EXPORTS_RETRY_DELAY),
             StoreError::BackupFellBehind(_) => {

@@ -3,11 +3,12 @@
 //! Request records older than `request_records_retained_hours` are not loaded.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use chrono_tz::Tz;
 
-use crate::config::Config;
+use crate::config::{Config, StoreBackend};
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
 use crate::domain::catalog::{Catalog, NewSlot, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
@@ -27,6 +28,7 @@ use crate::service::rate_limits;
 use crate::service::references::References;
 use crate::service::requests::RequestRegistry;
 use crate::store::key_file;
+use crate::store::postgres::Lease;
 use crate::store::records::{Record, SiteRecord};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
@@ -38,8 +40,30 @@ impl Engine {
         config: &Config,
         clock: Clock,
     ) -> Result<Self, ServiceError> {
-        refuse_a_lost_store(data_dir)?;
-        Self::open_with_store(Store::open(data_dir, &config.limits)?, config, clock)
+        Self::open_when_active(data_dir, config, clock, &AtomicBool::new(false))
+    }
+
+    /// Like `open`; with PostgreSQL it first waits for the lease, with `standing_by`
+    /// set meanwhile (another node is active), then recovers from PostgreSQL.
+    pub fn open_when_active(
+        data_dir: &std::path::Path,
+        config: &Config,
+        clock: Clock,
+        standing_by: &AtomicBool,
+    ) -> Result<Self, ServiceError> {
+        let store = match &config.store {
+            StoreBackend::Sled => {
+                refuse_a_lost_store(data_dir)?;
+                Store::open(data_dir, &config.limits)?
+            }
+            StoreBackend::Postgres(settings) => {
+                let lease =
+                    Lease::acquire(settings, || standing_by.store(true, Ordering::Release))?;
+                standing_by.store(false, Ordering::Release);
+                Store::open_postgres(data_dir, &config.limits, lease)?
+            }
+        };
+        Self::open_with_store(store, config, clock)
     }
 
     /// Rebuilds an engine over an already opened store (benchmarks pass a store with

@@ -37,7 +37,20 @@ pub struct CommitRequest {
 /// What the committer does to make one batch durable. sled in production; tests
 /// inject failures and stalls here to show that no write is acknowledged early.
 pub trait Durability: Send + 'static {
-    fn commit(&mut self, batch: sled::Batch) -> Result<(), StoreError>;
+    /// Makes `changes` durable, all or none, or says why not.
+    fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError>;
+}
+
+/// `changes` as one sled batch (applied atomically).
+pub fn sled_batch(changes: &[Change]) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (key, value) in changes {
+        match value {
+            Some(value) => batch.insert(key.as_slice(), value.as_slice()),
+            None => batch.remove(key.as_slice()),
+        }
+    }
+    batch
 }
 
 pub struct SledDurability {
@@ -47,10 +60,10 @@ pub struct SledDurability {
 }
 
 impl Durability for SledDurability {
-    fn commit(&mut self, batch: sled::Batch) -> Result<(), StoreError> {
+    fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         let started = Instant::now();
         self.db
-            .apply_batch(batch)
+            .apply_batch(sled_batch(changes))
             .map_err(|e| StoreError::Io(format!("apply_batch: {e}")))?;
         let applied = Instant::now();
         self.db
@@ -87,9 +100,9 @@ pub(crate) struct SledUnsynced {
 }
 
 impl Durability for SledUnsynced {
-    fn commit(&mut self, batch: sled::Batch) -> Result<(), StoreError> {
+    fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         self.db
-            .apply_batch(batch)
+            .apply_batch(sled_batch(changes))
             .map_err(|e| StoreError::Io(format!("apply_batch: {e}")))?;
         if self.mode == UnsyncedForBenchmarks::FlushWithoutFsync {
             self.db
@@ -104,6 +117,8 @@ impl Durability for SledUnsynced {
 pub struct CommitterState {
     /// Set on the first storage error; never cleared while the process lives.
     pub failed: AtomicBool,
+    /// Set (before `failed`) when the first error was losing the lease.
+    pub lost_lease: AtomicBool,
     /// `true` while the store accepts writes; the server mirrors it into health.
     pub healthy: watch::Sender<bool>,
     /// While an online backup runs: a copy of every batch committed since it started.
@@ -131,9 +146,18 @@ impl CommitterState {
         let (events, _) = watch::channel(last_event);
         Self {
             failed: AtomicBool::new(false),
+            lost_lease: AtomicBool::new(false),
             healthy,
             tee: Mutex::new(None),
             events,
+        }
+    }
+
+    /// Why writes are refused, once the store failed.
+    pub fn refusal(&self) -> StoreError {
+        match self.lost_lease.load(Ordering::Acquire) {
+            true => StoreError::NotActive,
+            false => StoreError::Failed,
         }
     }
 
@@ -168,7 +192,7 @@ pub fn spawn(
                     }
                 }
                 let result = if state.failed.load(Ordering::Acquire) {
-                    Err(StoreError::Failed)
+                    Err(state.refusal())
                 } else {
                     let changes = sequenced(&mut pending, &mut last_event);
                     commit_batch(&mut durability, &state, changes, pending.len())
@@ -218,16 +242,9 @@ fn commit_batch(
     requests: usize,
 ) -> Result<(), StoreError> {
     let writes = changes.len();
-    let mut batch = sled::Batch::default();
-    for (key, value) in &changes {
-        match value {
-            Some(value) => batch.insert(key.as_slice(), value.as_slice()),
-            None => batch.remove(key.as_slice()),
-        }
-    }
     let started = Instant::now();
     let mut tee = state.tee();
-    let result = durability.commit(batch);
+    let result = durability.commit(&changes);
     if let (Ok(()), Some(copy)) = (&result, tee.as_mut()) {
         let writes = changes;
         let size: usize = writes
@@ -253,8 +270,11 @@ fn commit_batch(
 }
 
 /// The first storage error fails the store for good: every later write is refused.
-fn fail_stop(state: &CommitterState, error: &StoreError) {
+pub(crate) fn fail_stop(state: &CommitterState, error: &StoreError) {
     metrics::counter!(telemetry::COMMIT_FAILURES).increment(1);
+    if *error == StoreError::NotActive {
+        state.lost_lease.store(true, Ordering::Release);
+    }
     if !state.failed.swap(true, Ordering::AcqRel) {
         tracing::error!(%error, "storage failed: refusing all writes until restart");
         state.healthy.send_replace(false);
@@ -271,7 +291,7 @@ mod tests {
     struct FailingDisk;
 
     impl Durability for FailingDisk {
-        fn commit(&mut self, _batch: sled::Batch) -> Result<(), StoreError> {
+        fn commit(&mut self, _changes: &[Change]) -> Result<(), StoreError> {
             Err(StoreError::Io("fdatasync: injected EIO".into()))
         }
     }
@@ -283,7 +303,7 @@ mod tests {
     }
 
     impl Durability for StalledDisk {
-        fn commit(&mut self, _batch: sled::Batch) -> Result<(), StoreError> {
+        fn commit(&mut self, _changes: &[Change]) -> Result<(), StoreError> {
             let _ = self.entered.send(());
             self.release
                 .recv()

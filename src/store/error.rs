@@ -23,6 +23,9 @@ pub enum StoreError {
     PartlyApplied,
     #[error("the store is shutting down")]
     Closed,
+    /// PostgreSQL backend: this node does not hold the lease (another node is active).
+    #[error("this node is not the active one: another node holds the lease")]
+    NotActive,
     #[error("another backup is running")]
     BackupRunning,
     /// The store changed too much while a backup scanned it; serving is untouched.

@@ -30,15 +30,19 @@ pub fn check_value(key: &[u8; KEY_LENGTH]) -> [u8; CHECK_LENGTH] {
 
 /// Reads the key, `None` if there is no key file. Refuses a key file others may read.
 pub fn load(data_dir: &Path) -> Result<Option<[u8; KEY_LENGTH]>, StoreError> {
-    let path = data_dir.join(KEY_FILE_NAME);
+    read(&data_dir.join(KEY_FILE_NAME))
+}
+
+/// Reads the key file at `path`, `None` if there is none. Refuses one others may read.
+pub fn read(path: &Path) -> Result<Option<[u8; KEY_LENGTH]>, StoreError> {
     let io =
         |what: &str, e: std::io::Error| StoreError::Io(format!("{what} {}: {e}", path.display()));
-    let mut file = match File::open(&path) {
+    let mut file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io("opening", e)),
     };
-    check_private(&file, &path)?;
+    check_private(&file, path)?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).map_err(|e| io("reading", e))?;
     let key = bytes.try_into().map_err(|bytes: Vec<u8>| {

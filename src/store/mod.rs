@@ -10,6 +10,7 @@ pub mod booking_index;
 pub mod committer;
 pub mod error;
 pub mod key_file;
+pub mod postgres;
 pub mod records;
 
 use std::fs::{File, OpenOptions};
@@ -39,6 +40,8 @@ pub struct Store {
     data_dir: PathBuf,
     /// Bookings by reference and by slot, in memory (see `booking_index`).
     index: booking_index::BookingIndex,
+    /// With PostgreSQL: the lease keeper (dropping the sender stops it).
+    lease_keeper: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
 }
 
 impl Store {
@@ -136,6 +139,55 @@ impl Store {
             committer: Some(committer),
             data_dir: data_dir.to_path_buf(),
             index: booking_index::BookingIndex::default(),
+            lease_keeper: None,
+        })
+    }
+
+    /// Opens the PostgreSQL backend for the node holding `lease`: copies every record
+    /// into a local read copy under `data_dir`, then commits to PostgreSQL (fenced by the
+    /// lease's epoch) and keeps the lease renewed. See `postgres`.
+    pub fn open_postgres(
+        data_dir: &Path,
+        limits: &Limits,
+        lease: postgres::Lease,
+    ) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
+        let local = postgres::open_local_copy(
+            &data_dir.join(POSTGRES_LOCAL_COPY_DIR),
+            limits.store_cache_bytes,
+        )?;
+        let mut client = postgres::connect(&lease.settings.url, &lease.node)?;
+        let started = Instant::now();
+        let loaded = postgres::load(&mut client, &local)?;
+        tracing::info!(
+            records = loaded,
+            seconds = started.elapsed().as_secs_f64(),
+            "copied the records from PostgreSQL"
+        );
+        let state = Arc::new(CommitterState::new(last_event_sequence(&local)?));
+        let durability = postgres::PostgresDurability::new(client, lease.epoch, local.clone())?;
+        let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
+        let thread_error = |e| StoreError::Io(format!("starting a store thread: {e}"));
+        let committer = committer::spawn(
+            durability,
+            receiver,
+            Arc::clone(&state),
+            limits.commit_batch_writes_max,
+        )
+        .map_err(thread_error)?;
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let keeper = lease
+            .keep(Arc::clone(&state), stopped)
+            .map_err(thread_error)?;
+        Ok(Self {
+            db: local,
+            state,
+            requests: Some(sender),
+            committer: Some(committer),
+            data_dir: data_dir.to_path_buf(),
+            index: booking_index::BookingIndex::default(),
+            lease_keeper: Some((stop, keeper)),
         })
     }
 
@@ -161,7 +213,7 @@ impl Store {
     /// applied yet, and skips it).
     pub async fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
         if self.state.failed.load(Ordering::Acquire) {
-            return Err(StoreError::Failed);
+            return Err(self.state.refusal());
         }
         let (mut changes, mut events) = (Vec::with_capacity(writes.len()), Vec::new());
         for write in writes {
@@ -331,10 +383,7 @@ impl Store {
 
     /// Stores the key check value durably. At open only, before anything else writes.
     pub fn put_key_check(&self, check: &[u8]) -> Result<(), StoreError> {
-        self.db
-            .insert(records::KEY_CHECK_KEY, check)
-            .map_err(|e| StoreError::Io(format!("writing the key check: {e}")))?;
-        self.sync_direct_writes()
+        self.write_at_open(records::KEY_CHECK_KEY, check, "the key check")
     }
 
     /// The id of this store's event log (`None`: not made yet).
@@ -348,10 +397,28 @@ impl Store {
     /// Stores a new event log id durably. At open or in a restore only, before anything
     /// else writes.
     pub fn put_event_log_id(&self, id: &[u8]) -> Result<(), StoreError> {
-        self.db
-            .insert(records::EVENT_LOG_KEY, id)
-            .map_err(|e| StoreError::Io(format!("writing the event log id: {e}")))?;
-        self.sync_direct_writes()
+        self.write_at_open(records::EVENT_LOG_KEY, id, "the event log id")
+    }
+
+    /// One record written durably while the store opens (not from an async task): on
+    /// sled straight to the tree, synced; on PostgreSQL through the (fenced) committer.
+    fn write_at_open(&self, key: &[u8], value: &[u8], what: &str) -> Result<(), StoreError> {
+        if self.lease_keeper.is_none() {
+            self.db
+                .insert(key, value)
+                .map_err(|e| StoreError::Io(format!("writing {what}: {e}")))?;
+            return self.sync_direct_writes();
+        }
+        let (done, outcome) = oneshot::channel();
+        let sender = self.requests.as_ref().ok_or(StoreError::Closed)?;
+        sender
+            .blocking_send(CommitRequest {
+                writes: vec![(key.to_vec(), Some(value.to_vec()))],
+                events: Vec::new(),
+                done,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        outcome.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 
     /// Flush + fdatasync of writes made straight to sled, not through the committer:
@@ -552,6 +619,13 @@ impl Store {
                 tracing::error!("the committer thread panicked");
             }
         }
+        // After the last commit: a standby may take over once the lease is let go.
+        if let Some((stop, keeper)) = self.lease_keeper.take() {
+            drop(stop);
+            if keeper.join().is_err() {
+                tracing::error!("the lease thread panicked");
+            }
+        }
     }
 }
 
@@ -584,6 +658,9 @@ fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     Ok(found)
 }
+
+/// With PostgreSQL: where a node keeps its local read copy, under the data dir.
+pub const POSTGRES_LOCAL_COPY_DIR: &str = "postgres-copy";
 
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())

@@ -17,6 +17,7 @@ mod crash;
 mod desk;
 mod durability;
 mod events;
+mod failover;
 mod fuzz;
 mod group;
 mod hardening;

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // not every helper is used by every file
 
 pub mod child;
+pub mod postgres;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

@@ -1,0 +1,356 @@
+//! The PostgreSQL backend (PRODUCT.md part F): PostgreSQL holds the durable records,
+//! one node at a time writes them, and that node keeps a local copy the engine reads.
+//!
+//! - Records are the same keys and values as in sled, in one table (`prenota_kv`).
+//! - Every group commit is one PostgreSQL transaction (synchronous commit, the server's
+//!   default), so PostgreSQL's replication carries every acknowledged write. After it
+//!   commits, the batch is applied to the node's local sled, which is only a read copy:
+//!   it is never synced, and it is made again from PostgreSQL at every start.
+//! - The lease: the active node holds a session advisory lock and bumps the epoch row
+//!   when it takes it; every commit transaction first reads the epoch `FOR SHARE` and
+//!   gives up if it changed, so a node that lost the lease can never write (the row lock
+//!   orders a takeover after any commit in flight). The holder renews the row; a standby
+//!   that finds it not renewed for `lease_ttl_ms` ends the holder's sessions (found by
+//!   its `application_name`), which frees the lock, and takes over.
+//!
+//! Tables live in the schema the connection's `search_path` names (default `public`);
+//! the locks are scoped to it, so several stores can share one database.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls, Statement};
+
+pub use crate::config::PostgresSettings;
+use crate::store::committer::{self, sled_batch, Change, CommitterState, Durability};
+use crate::store::error::StoreError;
+
+/// Advisory lock classes (the second key is the schema's hash).
+const LEASE_LOCK_CLASS: i32 = 0x7072_6e74; // "prnt"
+const MIGRATION_LOCK_CLASS: i32 = 0x7072_6e6d; // "prnm"
+
+/// The schema, one step per version; a store records the steps it has taken.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE prenota_kv (k bytea PRIMARY KEY, v bytea NOT NULL);
+    CREATE TABLE prenota_lease (
+        id int PRIMARY KEY CHECK (id = 1),
+        epoch bigint NOT NULL,
+        holder text NOT NULL,
+        renewed_at timestamptz NOT NULL
+    );
+    INSERT INTO prenota_lease VALUES (1, 0, '', now());
+"];
+
+/// Rows copied into the local store per sled batch at start-up.
+const LOAD_CHUNK_ROWS: usize = 10_000;
+
+fn pg_error(what: &str) -> impl Fn(postgres::Error) -> StoreError + '_ {
+    move |e| StoreError::Io(format!("PostgreSQL, {what}: {e}"))
+}
+
+/// A new session named `node` (so a standby can end it once its lease lapsed).
+pub fn connect(url: &str, node: &str) -> Result<Client, StoreError> {
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|e| StoreError::Io(format!("the PostgreSQL URL does not parse: {e}")))?;
+    config.application_name(node);
+    config.connect_timeout(Duration::from_secs(10));
+    config.connect(NoTls).map_err(pg_error("connecting"))
+}
+
+/// Brings the schema up to date (once, under a lock, if several nodes start together).
+/// Refuses a schema from a newer prenota.
+pub fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let error = pg_error("migrating the schema");
+    let mut tx = client.transaction().map_err(&error)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))",
+        &[&MIGRATION_LOCK_CLASS],
+    )
+    .map_err(&error)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS prenota_schema (version int NOT NULL)")
+        .map_err(&error)?;
+    let version: i32 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM prenota_schema", &[])
+        .map_err(&error)?
+        .get(0);
+    let known = MIGRATIONS.len() as i32;
+    if version > known {
+        return Err(StoreError::Corrupt(format!(
+            "the PostgreSQL schema is version {version}, this prenota knows {known}: \
+             run the newer prenota"
+        )));
+    }
+    for (step, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(sql).map_err(&error)?;
+        tx.execute(
+            "INSERT INTO prenota_schema VALUES ($1)",
+            &[&(step as i32 + 1)],
+        )
+        .map_err(&error)?;
+        tracing::info!(version = step + 1, "PostgreSQL schema migrated");
+    }
+    tx.commit().map_err(&error)
+}
+
+/// This node's name in `pg_stat_activity`: unique per process.
+fn node_name() -> String {
+    format!(
+        "prenota-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// The lease, held: this node is the active one for `epoch`.
+pub struct Lease {
+    pub settings: PostgresSettings,
+    pub node: String,
+    pub epoch: i64,
+    /// The session holding the advisory lock; renews the lease row.
+    session: Client,
+}
+
+impl Lease {
+    /// Blocks until this node holds the lease, calling `waiting` once if it must wait
+    /// (another node is active). Migrates the schema first.
+    pub fn acquire(
+        settings: &PostgresSettings,
+        waiting: impl FnOnce(),
+    ) -> Result<Self, StoreError> {
+        let node = node_name();
+        let mut session = connect(&settings.url, &node)?;
+        migrate(&mut session)?;
+        let error = pg_error("taking the lease");
+        session
+            .batch_execute("SET lock_timeout = '5s'")
+            .map_err(&error)?;
+        let mut waiting = Some(waiting);
+        loop {
+            let locked: bool = session
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))",
+                    &[&LEASE_LOCK_CLASS],
+                )
+                .map_err(&error)?
+                .get(0);
+            if locked {
+                let epoch: i64 = session
+                    .query_one(
+                        "UPDATE prenota_lease SET epoch = epoch + 1, holder = $1, \
+                         renewed_at = now() WHERE id = 1 RETURNING epoch",
+                        &[&node],
+                    )
+                    .map_err(&error)?
+                    .get(0);
+                tracing::info!(epoch, node, "took the lease: this node is active");
+                return Ok(Self {
+                    settings: settings.clone(),
+                    node,
+                    epoch,
+                    session,
+                });
+            }
+            if let Some(waiting) = waiting.take() {
+                tracing::info!("another node holds the lease: standing by");
+                waiting();
+            }
+            end_lapsed_holder(&mut session, settings.lease_ttl)?;
+            std::thread::sleep(poll_interval(settings.lease_ttl));
+        }
+    }
+
+    /// Renews the lease every third of its lifetime until `stop` is dropped; on a
+    /// failed renewal (the epoch moved on, the session was ended) fails the store:
+    /// it refuses every write from then on and health turns NOT_SERVING.
+    pub fn keep(
+        mut self,
+        state: Arc<CommitterState>,
+        stop: mpsc::Receiver<()>,
+    ) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("prenota-lease".into())
+            .spawn(move || loop {
+                match stop.recv_timeout(self.settings.lease_ttl / 3) {
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    // Shut down: closing the session frees the lock for a standby.
+                    _ => return,
+                }
+                if let Err(error) = self.renew() {
+                    tracing::error!(%error, "lost the lease");
+                    committer::fail_stop(&state, &StoreError::NotActive);
+                    return;
+                }
+            })
+    }
+
+    fn renew(&mut self) -> Result<(), StoreError> {
+        let renewed = self
+            .session
+            .execute(
+                "UPDATE prenota_lease SET renewed_at = now() WHERE id = 1 AND epoch = $1",
+                &[&self.epoch],
+            )
+            .map_err(pg_error("renewing the lease"))?;
+        match renewed {
+            1 => Ok(()),
+            _ => Err(StoreError::NotActive),
+        }
+    }
+}
+
+/// How often a standby looks at the lease.
+fn poll_interval(lease_ttl: Duration) -> Duration {
+    (lease_ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Ends the sessions of a holder that has not renewed for `lease_ttl` (paused, cut off,
+/// dead with its connections half-open), so its advisory lock and any row lock go.
+fn end_lapsed_holder(session: &mut Client, lease_ttl: Duration) -> Result<(), StoreError> {
+    let error = pg_error("checking the lease");
+    let row = session
+        .query_one(
+            "SELECT holder, now() - renewed_at > make_interval(secs => $1) \
+             FROM prenota_lease WHERE id = 1",
+            &[&lease_ttl.as_secs_f64()],
+        )
+        .map_err(&error)?;
+    let (holder, lapsed): (String, bool) = (row.get(0), row.get(1));
+    if lapsed && !holder.is_empty() {
+        let ended = session
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND datname = current_database()",
+                &[&holder],
+            )
+            .map_err(&error)?;
+        if ended > 0 {
+            tracing::warn!(
+                holder,
+                ended,
+                "the lease holder stopped renewing: ended its sessions"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Copies every record into the (empty) local store; returns how many.
+pub fn load(client: &mut Client, local: &sled::Db) -> Result<u64, StoreError> {
+    let error = pg_error("reading the records");
+    let mut rows = client
+        .query_raw("SELECT k, v FROM prenota_kv", std::iter::empty::<i32>())
+        .map_err(&error)?;
+    let (mut loaded, mut chunk) = (0u64, Vec::with_capacity(LOAD_CHUNK_ROWS));
+    let apply = |chunk: &mut Vec<Change>| {
+        local
+            .apply_batch(sled_batch(chunk))
+            .map_err(|e| StoreError::Io(format!("loading the local copy: {e}")))?;
+        chunk.clear();
+        Ok::<_, StoreError>(())
+    };
+    while let Some(row) = rows.next().map_err(&error)? {
+        chunk.push((row.get::<_, Vec<u8>>(0), Some(row.get::<_, Vec<u8>>(1))));
+        loaded += 1;
+        if chunk.len() == LOAD_CHUNK_ROWS {
+            apply(&mut chunk)?;
+        }
+    }
+    apply(&mut chunk)?;
+    Ok(loaded)
+}
+
+/// Opens the node's local read copy under `dir`, empty (whatever a previous run left
+/// there is removed: PostgreSQL is the truth).
+pub fn open_local_copy(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    let io = |e: std::io::Error| StoreError::Io(format!("clearing {}: {e}", dir.display()));
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    sled::Config::new()
+        .path(dir)
+        .temporary(true)
+        .cache_capacity(cache_bytes)
+        .open()
+        .map_err(|e| StoreError::Io(format!("opening the local copy: {e}")))
+}
+
+/// The committer's durability on PostgreSQL: one fenced transaction per group commit,
+/// then the same changes applied to the local copy.
+pub struct PostgresDurability {
+    client: Client,
+    epoch: i64,
+    local: sled::Db,
+    fence: Statement,
+    upsert: Statement,
+    delete: Statement,
+}
+
+impl PostgresDurability {
+    pub fn new(mut client: Client, epoch: i64, local: sled::Db) -> Result<Self, StoreError> {
+        let error = pg_error("preparing statements");
+        let fence = client
+            .prepare("SELECT epoch FROM prenota_lease WHERE id = 1 FOR SHARE")
+            .map_err(&error)?;
+        let upsert = client
+            .prepare(
+                "INSERT INTO prenota_kv (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+                 ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+            )
+            .map_err(&error)?;
+        let delete = client
+            .prepare("DELETE FROM prenota_kv WHERE k = ANY($1::bytea[])")
+            .map_err(&error)?;
+        Ok(Self {
+            client,
+            epoch,
+            local,
+            fence,
+            upsert,
+            delete,
+        })
+    }
+}
+
+impl Durability for PostgresDurability {
+    fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
+        let error = pg_error("committing");
+        // The last change of each key wins, as in a sled batch.
+        let mut latest = BTreeMap::new();
+        for (key, value) in changes {
+            latest.insert(key.as_slice(), value.as_deref());
+        }
+        let (mut keys, mut values, mut removed) = (Vec::new(), Vec::new(), Vec::new());
+        for (key, value) in latest {
+            match value {
+                Some(value) => {
+                    keys.push(key);
+                    values.push(value);
+                }
+                None => removed.push(key),
+            }
+        }
+        let mut tx = self.client.transaction().map_err(&error)?;
+        let epoch: i64 = tx.query_one(&self.fence, &[]).map_err(&error)?.get(0);
+        if epoch != self.epoch {
+            return Err(StoreError::NotActive);
+        }
+        if !keys.is_empty() {
+            tx.execute(&self.upsert, &[&keys, &values])
+                .map_err(&error)?;
+        }
+        if !removed.is_empty() {
+            tx.execute(&self.delete, &[&removed]).map_err(&error)?;
+        }
+        tx.commit().map_err(&error)?;
+        self.local
+            .apply_batch(sled_batch(changes))
+            .map_err(|e| StoreError::Io(format!("applying to the local copy: {e}")))
+    }
+}

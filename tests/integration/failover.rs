@@ -1,0 +1,297 @@
+//! Two `prenota serve` nodes on one PostgreSQL (PRODUCT.md part F): one active, one
+//! standing by (health NOT_SERVING, RPCs UNAVAILABLE / NOT_ACTIVE). Killed with SIGKILL
+//! under load, the active node's place is taken within 10 s and every acknowledged
+//! booking is there; paused with SIGSTOP until the standby took over, it can commit
+//! nothing once resumed and turns NOT_SERVING.
+
+use crate::common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::child::{ChildOptions, ChildServer};
+use common::*;
+use prenota::proto::booking_service_client::BookingServiceClient;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const LEASE_TTL_MS: u64 = 2_000;
+const FAILOVER_MAX: Duration = Duration::from_secs(10);
+const CLIENTS: usize = 8;
+const CAPACITY: u32 = 10_000;
+
+/// A `prenota.toml` for nodes sharing the store in `schema` (and one hash key file);
+/// `None` without a PostgreSQL to test against.
+fn shared_config(dir: &Path) -> Option<PathBuf> {
+    let url = common::postgres::schema_url(&common::postgres::fresh_schema())?;
+    let key = dir.join("citizen-hash.key");
+    std::fs::write(&key, rand::random::<[u8; 32]>()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, PermissionsExt::from_mode(0o600)).unwrap();
+    let config = dir.join("prenota.toml");
+    let text = format!(
+        "[store]\nbackend = \"postgres\"\npostgres_url = \"{url}\"\nlease_ttl_ms = {LEASE_TTL_MS}\n\
+         [citizens]\nhash_key_file = \"{}\"\n",
+        key.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    Some(config)
+}
+
+/// A node with its own data dir (its local copy) under `dir`; answers at once.
+fn node(dir: &Path, config: &Path, name: &str) -> ChildServer {
+    let options = ChildOptions {
+        args: vec!["--config".into(), config.display().to_string()],
+        ..ChildOptions::default()
+    };
+    ChildServer::start_recovering(&dir.join(name), options)
+}
+
+/// Waits until `url` answers prenota's RPCs with NOT_ACTIVE (it stands by).
+async fn wait_standing_by(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut client = BookingServiceClient::new(connect(url).await);
+        let refused = client
+            .book(book_request("no-slot", "citizen-standby", "standby-1"))
+            .await
+            .expect_err("a standby books nothing");
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        if reason(&refused).as_deref() == Some("NOT_ACTIVE") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never NOT_ACTIVE: {refused:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        health_of(connect(url).await, "").await,
+        ServingStatus::NotServing
+    );
+}
+
+/// Blocks until the node prints that it serves; how long that took.
+async fn serving_after(mut server: ChildServer) -> (ChildServer, Duration) {
+    let started = Instant::now();
+    let server = tokio::task::spawn_blocking(move || {
+        server.wait_serving();
+        server
+    })
+    .await
+    .unwrap();
+    (server, started.elapsed())
+}
+
+fn signal(server: &ChildServer, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_active_node_fails_over_within_10_s_losing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = shared_config(dir.path()) else {
+        return;
+    };
+    let mut active = node(dir.path(), &config, "a");
+    active.wait_serving();
+    let standby = node(dir.path(), &config, "b");
+    wait_standing_by(&standby.url).await;
+    let slot_ids = ten_minute_slots(
+        connect(&active.url).await,
+        ("fo", day_ahead(40)),
+        4,
+        CAPACITY,
+    )
+    .await;
+
+    let booked: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let acks = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for client_index in 0..CLIENTS {
+        let mut client = BookingServiceClient::new(connect(&active.url).await);
+        let (booked, acks, stop) = (Arc::clone(&booked), Arc::clone(&acks), Arc::clone(&stop));
+        let slot_ids = slot_ids.clone();
+        clients.push(tokio::spawn(async move {
+            for n in 0.. {
+                let citizen = format!("citizen-{client_index}-{n}");
+                let slot_id = &slot_ids[n % slot_ids.len()];
+                let request = book_request(slot_id, &citizen, &format!("request-{citizen}"));
+                match client.book(request).await {
+                    Ok(response) => {
+                        let booking = response.into_inner().booking.unwrap();
+                        booked.lock().unwrap().insert(booking.booking_id, citizen);
+                        acks.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // The node died under this request: its outcome is unknown.
+                    Err(_) => return,
+                }
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acks.load(Ordering::SeqCst) < 300 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        acks.load(Ordering::SeqCst) >= 300,
+        "the clients never got going"
+    );
+    active.kill_9();
+    let (standby, failover) = serving_after(standby).await;
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        client.await.unwrap();
+    }
+    eprintln!("failover: the standby served {failover:?} after the active node's SIGKILL");
+    assert!(failover < FAILOVER_MAX, "failover took {failover:?}");
+
+    let exported = export_all(connect(&standby.url).await).await;
+    let booked = booked.lock().unwrap().clone();
+    check_acknowledged(
+        "after failover",
+        &exported,
+        (&booked, &HashSet::new()),
+        (&slot_ids, CAPACITY),
+    );
+    // The new active node books.
+    let mut client = BookingServiceClient::new(connect(&standby.url).await);
+    book_ok(
+        &mut client,
+        book_request(&slot_ids[0], "citizen-after", "request-after"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_active_node_cannot_commit_once_a_standby_took_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = shared_config(dir.path()) else {
+        return;
+    };
+    let mut old = node(dir.path(), &config, "a");
+    old.wait_serving();
+    let standby = node(dir.path(), &config, "b");
+    wait_standing_by(&standby.url).await;
+    let slot_ids = ten_minute_slots(connect(&old.url).await, ("fence", day_ahead(40)), 1, 10).await;
+    let mut on_old = BookingServiceClient::new(connect(&old.url).await);
+    let before = book_ok(
+        &mut on_old,
+        book_request(&slot_ids[0], "citizen-before", "request-before"),
+    )
+    .await;
+
+    signal(&old, "-STOP");
+    let (new, _) = serving_after(standby).await;
+    let mut on_new = BookingServiceClient::new(connect(&new.url).await);
+    book_ok(
+        &mut on_new,
+        book_request(&slot_ids[0], "citizen-new", "request-new"),
+    )
+    .await;
+    signal(&old, "-CONT");
+
+    let refused = on_old
+        .book(book_request(&slot_ids[0], "citizen-late", "request-late"))
+        .await
+        .expect_err("a node that lost the lease commits nothing");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    wait_not_serving(&old.url).await;
+    let citizens: HashSet<String> = export_all(connect(&new.url).await)
+        .await
+        .into_iter()
+        .map(|booking| {
+            assert_ne!(booking.slot_id, "", "{booking:?}");
+            booking.booking_id
+        })
+        .collect();
+    assert!(
+        citizens.contains(&before.booking_id),
+        "the booking before the pause is lost"
+    );
+    assert_eq!(
+        citizens.len(),
+        2,
+        "only the bookings made while active are stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_after_the_epoch_moved_on_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = shared_config(dir.path()) else {
+        return;
+    };
+    // A long lease: the renewal (every third of it) does not notice first, the commit's
+    // own fence does.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("lease_ttl_ms = 2000", "lease_ttl_ms = 60000"),
+    )
+    .unwrap();
+    let url = postgres_url_of(&config);
+    let mut server = node(dir.path(), &config, "a");
+    server.wait_serving();
+    let slot_ids =
+        ten_minute_slots(connect(&server.url).await, ("epoch", day_ahead(40)), 1, 10).await;
+    let mut client = BookingServiceClient::new(connect(&server.url).await);
+    book_ok(
+        &mut client,
+        book_request(&slot_ids[0], "citizen-1", "request-1"),
+    )
+    .await;
+    let records = common::postgres::query_i64(&url, "SELECT count(*) FROM prenota_kv");
+    // Another node took over without this one hearing of it.
+    common::postgres::query_i64(
+        &url,
+        "UPDATE prenota_lease SET epoch = epoch + 1 RETURNING epoch",
+    );
+    let refused = client
+        .book(book_request(&slot_ids[0], "citizen-2", "request-2"))
+        .await
+        .expect_err("fenced");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        reason(&refused).as_deref(),
+        Some("NOT_ACTIVE"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        common::postgres::query_i64(&url, "SELECT count(*) FROM prenota_kv"),
+        records,
+        "a fenced commit wrote something"
+    );
+    wait_not_serving(&server.url).await;
+}
+
+/// Waits (up to 10 s) until the node's health says NOT_SERVING.
+async fn wait_not_serving(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health_of(connect(url).await, "").await != ServingStatus::NotServing {
+        assert!(
+            Instant::now() < deadline,
+            "the fenced node still says SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `postgres_url` a config file names.
+fn postgres_url_of(config: &Path) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("postgres_url"))
+        .unwrap();
+    line.split('"').nth(1).unwrap().to_string()
+}
