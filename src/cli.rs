@@ -785,3 +785,35 @@ pub fn restore(
     );
     Ok(())
 }
+
+/// `prenota migrate --from-sled DIR --to URL`: checks the stopped store in `data_dir`
+/// (every invariant, as a start would), then copies every record into the empty
+/// PostgreSQL store at `url`, all or nothing.
+pub fn migrate_from_sled(data_dir: &Path, url: &str) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    eprintln!("prenota migrate: checking {}", data_dir.display());
+    let config = Config::default();
+    let engine = crate::service::Engine::open(data_dir, &config, crate::service::Clock::system())
+        .map_err(|e| format!("{}: {e}", data_dir.display()))?;
+    drop(engine);
+    let store = crate::store::Store::open(data_dir, &config.limits).map_err(|e| e.to_string())?;
+    eprintln!("prenota migrate: copying into PostgreSQL (one transaction)");
+    let mut last_said = std::time::Instant::now();
+    let copied = crate::store::postgres::copy_into(store.every_record(), url, |copied| {
+        if last_said.elapsed() >= std::time::Duration::from_secs(1) {
+            eprintln!("prenota migrate: {copied} records copied");
+            last_said = std::time::Instant::now();
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    eprintln!(
+        "prenota migrate: {copied} records copied and committed in {:.1} s. Give every node \
+         [store] backend = \"postgres\" with this postgres_url, and [citizens] hash_key_file = \
+         a copy (mode 0600) of {}",
+        started.elapsed().as_secs_f64(),
+        data_dir
+            .join(crate::store::key_file::KEY_FILE_NAME)
+            .display()
+    );
+    Ok(())
+}

@@ -51,6 +51,9 @@ enum Command {
     Backup(BackupArgs),
     /// Restore a backup file into a new data dir, checking every invariant first.
     Restore(RestoreArgs),
+    /// Copy a stopped server's data dir into an empty PostgreSQL store (checked first,
+    /// then one transaction), for `[store] backend = "postgres"`.
+    Migrate(MigrateArgs),
     /// Check a configuration file, or hash a token for it.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -63,6 +66,17 @@ enum Command {
     /// Call any RPC with a JSON request and print the answers as JSON, like grpcurl,
     /// from the protos built into this binary (`prenota call list` names the services).
     Call(CallArgs),
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// The data dir of a stopped server (sled).
+    #[arg(long = "from-sled")]
+    from_sled: PathBuf,
+    /// The PostgreSQL URL (`postgres://user@host/db`; `options=-csearch_path%3DNAME`
+    /// for a schema); `PRENOTA_POSTGRES_URL` keeps a password off the command line.
+    #[arg(long, env = "PRENOTA_POSTGRES_URL", hide_env_values = true)]
+    to: String,
 }
 
 #[derive(clap::Args)]
@@ -331,6 +345,7 @@ fn main() -> ExitCode {
                 prenota::cli::restore(&args.from, &args.data_dir, &config, args.unauthenticated)
             })
         }
+        Command::Migrate(args) => prenota::cli::migrate_from_sled(&args.from_sled, &args.to),
         Command::BackupKey => {
             println!("{}", prenota::store::backup_key::BackupKey::generate_hex());
             Ok(())

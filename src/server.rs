@@ -11,7 +11,6 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +35,7 @@ use crate::proto::capacity_service_server::CapacityServiceServer;
 use crate::proto::open_data_service_server::OpenDataServiceServer;
 use crate::proto::site_service_server::SiteServiceServer;
 use crate::service::{Clock, Engine, ServiceError};
+use crate::store::postgres::Standby;
 use crate::store::StoreError;
 use crate::telemetry;
 
@@ -83,7 +83,7 @@ impl Server {
     /// Opens the store and rebuilds memory from it; refuses broken invariants.
     pub async fn open(options: ServeOptions) -> Result<Self, ServeError> {
         let access = Access::of(&options.config);
-        let engine = recover(options, Arc::new(AtomicBool::new(false))).await?;
+        let engine = recover(options, Arc::default()).await?;
         Ok(Self { engine, access })
     }
 
@@ -162,12 +162,9 @@ impl Access {
     }
 }
 
-/// Opens the engine (with PostgreSQL, once this node holds the lease; `standing_by` is
-/// set while it waits).
-async fn recover(
-    options: ServeOptions,
-    standing_by: Arc<AtomicBool>,
-) -> Result<Arc<Engine>, ServeError> {
+/// Opens the engine (with PostgreSQL, once this node holds the lease; `standby` says
+/// it waits meanwhile).
+async fn recover(options: ServeOptions, standby: Arc<Standby>) -> Result<Arc<Engine>, ServeError> {
     let ServeOptions {
         data_dir,
         config,
@@ -175,7 +172,7 @@ async fn recover(
         clock,
     } = options;
     let engine = tokio::task::spawn_blocking(move || {
-        Engine::open_when_active(&data_dir, &config, clock, &standing_by)
+        Engine::open_configured(&data_dir, &config, clock, &standby)
     })
     .await??;
     let engine = Arc::new(engine);
@@ -235,12 +232,12 @@ async fn run(
         Arc::new(Semaphore::new(limits.health_watches_max)),
     );
 
-    // PostgreSQL: set while another node holds the lease (the gates say NOT_ACTIVE).
-    let standing_by = Arc::new(AtomicBool::new(false));
-    let (booking_gate, booking_slot) = Ready::pending(&standing_by);
-    let (capacity_gate, capacity_slot) = Ready::pending(&standing_by);
-    let (open_data_gate, open_data_slot) = Ready::pending(&standing_by);
-    let (site_gate, site_slot) = Ready::pending(&standing_by);
+    // PostgreSQL: while another node holds the lease the gates say NOT_ACTIVE.
+    let standby = Arc::new(Standby::default());
+    let (booking_gate, booking_slot) = Ready::pending(&standby);
+    let (capacity_gate, capacity_slot) = Ready::pending(&standby);
+    let (open_data_gate, open_data_slot) = Ready::pending(&standby);
+    let (site_gate, site_slot) = Ready::pending(&standby);
     let in_flight = Arc::new(Semaphore::new(limits.in_flight_requests_max));
     let token_limiter = auth::token_limiter(limits.rate_token_requests_per_s);
     let anonymous = auth::anonymous_limiter(limits.open_data_anonymous_requests_per_s);
@@ -265,6 +262,7 @@ async fn run(
         }
         false => (None, None),
     };
+    let giving_up = Arc::clone(&standby);
     // A failed recovery stops the server; kept alive (unsent) while serving.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     // Set when shutdown begins: watch streams end, so the graceful drain can finish.
@@ -302,6 +300,10 @@ async fn run(
                     _ = stopped => {}
                 }
                 closing.send_replace(true);
+                // A standby stops waiting for the lease.
+                giving_up
+                    .give_up
+                    .store(true, std::sync::atomic::Ordering::Release);
             },
         );
     let services = ServiceSlots {
@@ -315,7 +317,15 @@ async fn run(
         assertions,
     };
     let starting = async {
-        let started = start_serving(start, services, &health, &settings, stop, standing_by).await?;
+        let started = start_serving(
+            start,
+            services,
+            &health,
+            &settings,
+            stop,
+            Arc::clone(&standby),
+        )
+        .await?;
         end_streams_on(closing_seen, &started.0);
         on_serving();
         Ok::<_, ServeError>(started)
@@ -332,6 +342,12 @@ async fn run(
             close(engine).await;
             served.map_err(ServeError::from)
         }
+        // Shut down while standing by: nothing was opened.
+        Err(ServeError::Service(ServiceError::Store(StoreError::Closed)))
+            if standby.give_up.load(std::sync::atomic::Ordering::Acquire) =>
+        {
+            served.map_err(ServeError::from)
+        }
         Err(error) => Err(error),
     }
 }
@@ -345,11 +361,11 @@ async fn start_serving(
     health: &HealthReporter,
     settings: &ServiceSettings,
     stop: tokio::sync::oneshot::Sender<()>,
-    standing_by: Arc<AtomicBool>,
+    standby: Arc<Standby>,
 ) -> Result<(Arc<Engine>, Tasks, tokio::sync::oneshot::Sender<()>), ServeError> {
     let engine = match start {
         Start::Recovered(engine) => engine,
-        Start::Recover(options) => match recover(*options, standing_by).await {
+        Start::Recover(options) => match recover(*options, standby).await {
             Ok(engine) => engine,
             Err(error) => {
                 let _ = stop.send(());

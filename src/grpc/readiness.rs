@@ -4,7 +4,7 @@
 //! instead of leaving clients on a silent port. A standby (PostgreSQL, another node
 //! holds the lease) answers UNAVAILABLE / NOT_ACTIVE until it takes over.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
@@ -13,33 +13,34 @@ use tonic::server::NamedService;
 use tonic::Status;
 
 use crate::service::ServiceError;
+use crate::store::postgres::Standby;
 use crate::store::StoreError;
 
 /// A service that exists only once recovery has finished.
 pub struct Ready<S> {
     inner: Arc<OnceLock<S>>,
-    /// Set while this node stands by (PostgreSQL: another node holds the lease).
-    standing_by: Arc<AtomicBool>,
+    /// PostgreSQL: whether another node holds the lease.
+    standby: Arc<Standby>,
 }
 
 impl<S> Clone for Ready<S> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
-            standing_by: Arc::clone(&self.standing_by),
+            standby: Arc::clone(&self.standby),
         }
     }
 }
 
 impl<S> Ready<S> {
     /// A gate with no service behind it yet, and the handle that provides it. Until
-    /// then it answers NOT_ACTIVE while `standing_by` is set, RECOVERING otherwise.
-    pub fn pending(standing_by: &Arc<AtomicBool>) -> (Self, Arc<OnceLock<S>>) {
+    /// then it answers NOT_ACTIVE while this node stands by, RECOVERING otherwise.
+    pub fn pending(standby: &Arc<Standby>) -> (Self, Arc<OnceLock<S>>) {
         let inner = Arc::new(OnceLock::new());
         (
             Self {
                 inner: Arc::clone(&inner),
-                standing_by: Arc::clone(standing_by),
+                standby: Arc::clone(standby),
             },
             inner,
         )
@@ -64,7 +65,7 @@ where
         match self.inner.get() {
             Some(service) => Box::pin(service.clone().call(request)),
             None => {
-                let refusal = match self.standing_by.load(Ordering::Acquire) {
+                let refusal = match self.standby.waiting.load(Ordering::Acquire) {
                     true => ServiceError::Store(StoreError::NotActive),
                     false => ServiceError::Recovering,
                 };

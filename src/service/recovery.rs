@@ -3,7 +3,7 @@
 //! Request records older than `request_records_retained_hours` are not loaded.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, RwLock};
 
 use chrono_tz::Tz;
@@ -28,7 +28,7 @@ use crate::service::rate_limits;
 use crate::service::references::References;
 use crate::service::requests::RequestRegistry;
 use crate::store::key_file;
-use crate::store::postgres::Lease;
+use crate::store::postgres::{Lease, Standby};
 use crate::store::records::{Record, SiteRecord};
 use crate::store::{Store, StoreError};
 use crate::telemetry;
@@ -40,26 +40,24 @@ impl Engine {
         config: &Config,
         clock: Clock,
     ) -> Result<Self, ServiceError> {
-        Self::open_when_active(data_dir, config, clock, &AtomicBool::new(false))
+        refuse_a_lost_store(data_dir)?;
+        Self::open_with_store(Store::open(data_dir, &config.limits)?, config, clock)
     }
 
-    /// Like `open`; with PostgreSQL it first waits for the lease, with `standing_by`
-    /// set meanwhile (another node is active), then recovers from PostgreSQL.
-    pub fn open_when_active(
+    /// What `prenota serve` opens: `open` on sled; with PostgreSQL, once this node
+    /// holds the lease (`standby` says it waits meanwhile), recovered from PostgreSQL.
+    /// (Offline commands, backups and restores, work on a sled data dir: `open`.)
+    pub fn open_configured(
         data_dir: &std::path::Path,
         config: &Config,
         clock: Clock,
-        standing_by: &AtomicBool,
+        standby: &Standby,
     ) -> Result<Self, ServiceError> {
         let store = match &config.store {
-            StoreBackend::Sled => {
-                refuse_a_lost_store(data_dir)?;
-                Store::open(data_dir, &config.limits)?
-            }
+            StoreBackend::Sled => return Self::open(data_dir, config, clock),
             StoreBackend::Postgres(settings) => {
-                let lease =
-                    Lease::acquire(settings, || standing_by.store(true, Ordering::Release))?;
-                standing_by.store(false, Ordering::Release);
+                let lease = Lease::acquire(settings, standby)?;
+                standby.waiting.store(false, Ordering::Release);
                 Store::open_postgres(data_dir, &config.limits, lease)?
             }
         };

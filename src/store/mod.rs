@@ -158,6 +158,15 @@ impl Store {
             limits.store_cache_bytes,
         )?;
         let mut client = postgres::connect(&lease.settings.url, &lease.node)?;
+        let thread_error = |e| StoreError::Io(format!("starting a store thread: {e}"));
+        // Renewed from now on: loading a large store may take longer than the lease.
+        let state = Arc::new(CommitterState::new(0));
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let epoch = lease.epoch;
+        let keeper = lease
+            .keep(Arc::clone(&state), stopped)
+            .map_err(thread_error)?;
+        let lease_keeper = Some((stop, keeper));
         let started = Instant::now();
         let loaded = postgres::load(&mut client, &local)?;
         tracing::info!(
@@ -165,10 +174,12 @@ impl Store {
             seconds = started.elapsed().as_secs_f64(),
             "copied the records from PostgreSQL"
         );
-        let state = Arc::new(CommitterState::new(last_event_sequence(&local)?));
-        let durability = postgres::PostgresDurability::new(client, lease.epoch, local.clone())?;
+        if state.failed.load(Ordering::Acquire) {
+            return Err(state.refusal());
+        }
+        state.events.send_replace(last_event_sequence(&local)?);
+        let durability = postgres::PostgresDurability::new(client, epoch, local.clone())?;
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
-        let thread_error = |e| StoreError::Io(format!("starting a store thread: {e}"));
         let committer = committer::spawn(
             durability,
             receiver,
@@ -176,10 +187,6 @@ impl Store {
             limits.commit_batch_writes_max,
         )
         .map_err(thread_error)?;
-        let (stop, stopped) = std::sync::mpsc::channel();
-        let keeper = lease
-            .keep(Arc::clone(&state), stopped)
-            .map_err(thread_error)?;
         Ok(Self {
             db: local,
             state,
@@ -187,7 +194,7 @@ impl Store {
             committer: Some(committer),
             data_dir: data_dir.to_path_buf(),
             index: booking_index::BookingIndex::default(),
-            lease_keeper: Some((stop, keeper)),
+            lease_keeper,
         })
     }
 
@@ -598,6 +605,15 @@ impl Store {
     }
 
     /// Every booking, all states, in booking-id order.
+    /// Every record, in key order (what `prenota migrate` copies).
+    pub fn every_record(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> {
+        self.db.iter().map(|record| {
+            record
+                .map(|(key, value)| (key.to_vec(), value.to_vec()))
+                .map_err(|e| StoreError::Io(format!("reading the store: {e}")))
+        })
+    }
+
     pub fn bookings(&self) -> impl Iterator<Item = Result<Booking, StoreError>> {
         self.scan(records::BOOKING_PREFIX)
     }

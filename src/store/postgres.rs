@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -107,6 +108,16 @@ fn node_name() -> String {
     )
 }
 
+/// A node waiting for the lease, seen from outside: the gates read `waiting` (to
+/// answer NOT_ACTIVE), shutdown sets `give_up`.
+#[derive(Debug, Default)]
+pub struct Standby {
+    /// Set while another node holds the lease.
+    pub waiting: AtomicBool,
+    /// Set when the node shuts down: stop waiting, take nothing.
+    pub give_up: AtomicBool,
+}
+
 /// The lease, held: this node is the active one for `epoch`.
 pub struct Lease {
     pub settings: PostgresSettings,
@@ -117,57 +128,70 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Blocks until this node holds the lease, calling `waiting` once if it must wait
-    /// (another node is active). Migrates the schema first.
-    pub fn acquire(
-        settings: &PostgresSettings,
-        waiting: impl FnOnce(),
-    ) -> Result<Self, StoreError> {
+    /// Blocks until this node holds the lease (`standby.waiting` set while another node
+    /// does), or until `standby.give_up` (`StoreError::Closed`). Migrates the schema
+    /// first. Lost connections are retried: a standby outlives a PostgreSQL restart.
+    pub fn acquire(settings: &PostgresSettings, standby: &Standby) -> Result<Self, StoreError> {
         let node = node_name();
-        let mut session = connect(&settings.url, &node)?;
-        migrate(&mut session)?;
-        let error = pg_error("taking the lease");
-        session
-            .batch_execute("SET lock_timeout = '5s'")
-            .map_err(&error)?;
-        let mut waiting = Some(waiting);
-        loop {
-            let locked: bool = session
-                .query_one(
-                    "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))",
-                    &[&LEASE_LOCK_CLASS],
-                )
-                .map_err(&error)?
-                .get(0);
-            if locked {
-                let epoch: i64 = session
-                    .query_one(
-                        "UPDATE prenota_lease SET epoch = epoch + 1, holder = $1, \
-                         renewed_at = now() WHERE id = 1 RETURNING epoch",
-                        &[&node],
-                    )
-                    .map_err(&error)?
-                    .get(0);
-                tracing::info!(epoch, node, "took the lease: this node is active");
-                return Ok(Self {
-                    settings: settings.clone(),
-                    node,
-                    epoch,
-                    session,
-                });
+        let mut session: Option<Client> = None;
+        let mut last_problem = String::new();
+        // A first connection that fails is a configuration to fix, not a wait.
+        let mut connected = false;
+        while !standby.give_up.load(Ordering::Acquire) {
+            let attempt = match session.as_mut() {
+                None => match open_session(&settings.url, &node) {
+                    Ok(client) => {
+                        session = Some(client);
+                        connected = true;
+                        Ok(())
+                    }
+                    Err(first) if !connected => return Err(first),
+                    Err(problem) => Err(problem),
+                },
+                Some(client) => match try_take(client, &node, settings.lease_ttl) {
+                    Ok(Some(epoch)) => {
+                        tracing::info!(epoch, node, "took the lease: this node is active");
+                        let session = session.expect("a session took the lease");
+                        return Ok(Self {
+                            settings: settings.clone(),
+                            node,
+                            epoch,
+                            session,
+                        });
+                    }
+                    Ok(None) => {
+                        if !standby.waiting.swap(true, Ordering::AcqRel) {
+                            tracing::info!("another node holds the lease: standing by");
+                        }
+                        std::thread::sleep(poll_interval(settings.lease_ttl));
+                        Ok(())
+                    }
+                    Err(problem) => Err(problem),
+                },
+            };
+            match attempt {
+                Ok(()) => {}
+                // A schema from a newer prenota: waiting changes nothing.
+                Err(corrupt @ StoreError::Corrupt(_)) => return Err(corrupt),
+                Err(problem) => {
+                    let problem = problem.to_string();
+                    if problem != last_problem {
+                        tracing::warn!(%problem, "waiting for the lease; retrying");
+                        last_problem = problem;
+                    }
+                    // Closing the session lets go of a lock it may have taken.
+                    session = None;
+                    std::thread::sleep(poll_interval(settings.lease_ttl));
+                }
             }
-            if let Some(waiting) = waiting.take() {
-                tracing::info!("another node holds the lease: standing by");
-                waiting();
-            }
-            end_lapsed_holder(&mut session, settings.lease_ttl)?;
-            std::thread::sleep(poll_interval(settings.lease_ttl));
         }
+        Err(StoreError::Closed)
     }
 
-    /// Renews the lease every third of its lifetime until `stop` is dropped; on a
-    /// failed renewal (the epoch moved on, the session was ended) fails the store:
-    /// it refuses every write from then on and health turns NOT_SERVING.
+    /// Renews the lease every third of its lifetime until `stop` is dropped. Stops
+    /// renewing once the store failed (a standby then takes over, since a failed store
+    /// refuses every write until restart); on a failed renewal (the epoch moved on, the
+    /// session was ended) fails the store: health turns NOT_SERVING.
     pub fn keep(
         mut self,
         state: Arc<CommitterState>,
@@ -180,6 +204,10 @@ impl Lease {
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     // Shut down: closing the session frees the lock for a standby.
                     _ => return,
+                }
+                if state.failed.load(Ordering::Acquire) {
+                    tracing::warn!("the store failed: letting the lease go to a standby");
+                    return;
                 }
                 if let Err(error) = self.renew() {
                     tracing::error!(%error, "lost the lease");
@@ -204,6 +232,57 @@ impl Lease {
     }
 }
 
+/// A session for the lease, with the schema brought up to date.
+fn open_session(url: &str, node: &str) -> Result<Client, StoreError> {
+    let mut session = connect(url, node)?;
+    migrate(&mut session)?;
+    // A takeover waits this long at most for a commit in flight (which holds the
+    // epoch row); then it lets go of the lock and tries again.
+    session
+        .batch_execute("SET lock_timeout = '5s'")
+        .map_err(pg_error("taking the lease"))?;
+    Ok(session)
+}
+
+/// One try: the new epoch if this node now holds the lease. Without the lock, ends the
+/// holder's sessions if it stopped renewing, so a later try gets the lock.
+fn try_take(
+    session: &mut Client,
+    node: &str,
+    lease_ttl: Duration,
+) -> Result<Option<i64>, StoreError> {
+    let error = pg_error("taking the lease");
+    let locked: bool = session
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))",
+            &[&LEASE_LOCK_CLASS],
+        )
+        .map_err(&error)?
+        .get(0);
+    if !locked {
+        end_lapsed_holder(session, lease_ttl)?;
+        return Ok(None);
+    }
+    // The previous holder's lock is gone, but a session of it may remain (paused in a
+    // commit, holding the epoch row): end it, so the update below need not wait.
+    let previous: String = session
+        .query_one("SELECT holder FROM prenota_lease WHERE id = 1", &[])
+        .map_err(&error)?
+        .get(0);
+    if !previous.is_empty() && previous != node {
+        end_sessions_of(session, &previous)?;
+    }
+    let epoch: i64 = session
+        .query_one(
+            "UPDATE prenota_lease SET epoch = epoch + 1, holder = $1, renewed_at = now() \
+             WHERE id = 1 RETURNING epoch",
+            &[&node],
+        )
+        .map_err(&error)?
+        .get(0);
+    Ok(Some(epoch))
+}
+
 /// How often a standby looks at the lease.
 fn poll_interval(lease_ttl: Duration) -> Duration {
     (lease_ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1))
@@ -212,30 +291,36 @@ fn poll_interval(lease_ttl: Duration) -> Duration {
 /// Ends the sessions of a holder that has not renewed for `lease_ttl` (paused, cut off,
 /// dead with its connections half-open), so its advisory lock and any row lock go.
 fn end_lapsed_holder(session: &mut Client, lease_ttl: Duration) -> Result<(), StoreError> {
-    let error = pg_error("checking the lease");
     let row = session
         .query_one(
             "SELECT holder, now() - renewed_at > make_interval(secs => $1) \
              FROM prenota_lease WHERE id = 1",
             &[&lease_ttl.as_secs_f64()],
         )
-        .map_err(&error)?;
+        .map_err(pg_error("checking the lease"))?;
     let (holder, lapsed): (String, bool) = (row.get(0), row.get(1));
     if lapsed && !holder.is_empty() {
-        let ended = session
-            .execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE application_name = $1 AND datname = current_database()",
-                &[&holder],
-            )
-            .map_err(&error)?;
-        if ended > 0 {
-            tracing::warn!(
-                holder,
-                ended,
-                "the lease holder stopped renewing: ended its sessions"
-            );
-        }
+        end_sessions_of(session, &holder)?;
+    }
+    Ok(())
+}
+
+/// Ends every session of the node named `holder` in this database.
+fn end_sessions_of(session: &mut Client, holder: &str) -> Result<(), StoreError> {
+    let ended: i64 = session
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1 AND datname = current_database()",
+            &[&holder],
+        )
+        .map_err(pg_error("ending a lapsed holder's sessions"))?
+        .get(0);
+    if ended > 0 {
+        tracing::warn!(
+            holder,
+            ended,
+            "ended the sessions of the previous lease holder"
+        );
     }
     Ok(())
 }
@@ -265,6 +350,62 @@ pub fn load(client: &mut Client, local: &sled::Db) -> Result<u64, StoreError> {
     Ok(loaded)
 }
 
+/// Copies `records` (a stopped sled store's, every one) into the empty PostgreSQL store
+/// at `url`, in one transaction: all or nothing. Holds the lease's lock meanwhile, and
+/// refuses a store a node holds or one that has records. `progress(copied)` after
+/// each chunk.
+pub fn copy_into(
+    records: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>>,
+    url: &str,
+    mut progress: impl FnMut(u64),
+) -> Result<u64, StoreError> {
+    let node = node_name();
+    let mut session = open_session(url, &node)?;
+    let error = pg_error("copying the records");
+    let locked: bool = session
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, hashtext(current_schema()))",
+            &[&LEASE_LOCK_CLASS],
+        )
+        .map_err(&error)?
+        .get(0);
+    if !locked {
+        return Err(StoreError::Io(
+            "a prenota node holds the lease on this PostgreSQL store: stop every node first".into(),
+        ));
+    }
+    let present: i64 = session
+        .query_one("SELECT count(*) FROM prenota_kv", &[])
+        .map_err(&error)?
+        .get(0);
+    if present > 0 {
+        return Err(StoreError::Io(format!(
+            "the PostgreSQL store already holds {present} records: migrate into an empty \
+             one (a new database or schema), before any node starts on it"
+        )));
+    }
+    let mut tx = session.transaction().map_err(&error)?;
+    let insert = tx
+        .prepare("INSERT INTO prenota_kv (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[])")
+        .map_err(&error)?;
+    let (mut copied, mut keys, mut values) = (0u64, Vec::new(), Vec::new());
+    let mut records = records.peekable();
+    while records.peek().is_some() {
+        keys.clear();
+        values.clear();
+        for record in records.by_ref().take(LOAD_CHUNK_ROWS) {
+            let (key, value) = record?;
+            keys.push(key);
+            values.push(value);
+        }
+        tx.execute(&insert, &[&keys, &values]).map_err(&error)?;
+        copied += keys.len() as u64;
+        progress(copied);
+    }
+    tx.commit().map_err(&error)?;
+    Ok(copied)
+}
+
 /// Opens the node's local read copy under `dir`, empty (whatever a previous run left
 /// there is removed: PostgreSQL is the truth).
 pub fn open_local_copy(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
@@ -281,6 +422,16 @@ pub fn open_local_copy(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreEr
         .map_err(|e| StoreError::Io(format!("opening the local copy: {e}")))
 }
 
+/// A failed commit. A session that was ended (by a standby taking the lease) or lost
+/// can never commit again: this node is no longer the active one.
+fn commit_error(e: postgres::Error) -> StoreError {
+    if e.is_closed() || e.code() == Some(&postgres::error::SqlState::ADMIN_SHUTDOWN) {
+        tracing::error!(error = %e, "the commit session ended");
+        return StoreError::NotActive;
+    }
+    StoreError::Io(format!("PostgreSQL, committing: {e}"))
+}
+
 /// The committer's durability on PostgreSQL: one fenced transaction per group commit,
 /// then the same changes applied to the local copy.
 pub struct PostgresDurability {
@@ -295,6 +446,21 @@ pub struct PostgresDurability {
 impl PostgresDurability {
     pub fn new(mut client: Client, epoch: i64, local: sled::Db) -> Result<Self, StoreError> {
         let error = pg_error("preparing statements");
+        // An acknowledgement promises durability: never less than a local flush (and
+        // whatever the server adds for synchronous replicas).
+        let level: String = client
+            .query_one("SHOW synchronous_commit", &[])
+            .map_err(&error)?
+            .get(0);
+        if level == "off" || level == "local" {
+            tracing::warn!(
+                level,
+                "synchronous_commit raised to on for prenota's commits"
+            );
+            client
+                .batch_execute("SET synchronous_commit = on")
+                .map_err(&error)?;
+        }
         let fence = client
             .prepare("SELECT epoch FROM prenota_lease WHERE id = 1 FOR SHARE")
             .map_err(&error)?;
@@ -320,7 +486,7 @@ impl PostgresDurability {
 
 impl Durability for PostgresDurability {
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
-        let error = pg_error("committing");
+        let error = commit_error;
         // The last change of each key wins, as in a sled batch.
         let mut latest = BTreeMap::new();
         for (key, value) in changes {

@@ -124,6 +124,11 @@ type Acknowledged = Arc<Mutex<HashMap<String, (String, &'static str)>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_under_load_restores_every_booking_acknowledged_before_it() {
+    if common::postgres::sled_only(
+        "a_backup_under_load_restores_every_booking_acknowledged_before_it",
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(&dir.path().join("live"), keyed_config()).await;
     let slots = site_with_slots(&server, "backup-site").await;
@@ -304,6 +309,9 @@ async fn a_backup_under_load_restores_every_booking_acknowledged_before_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_refuses_damaged_files_and_non_empty_dirs_and_offline_backups_need_a_stopped_server(
 ) {
+    if common::postgres::sled_only("restore_refuses_damaged_files_and_non_empty_dirs_and_offline_backups_need_a_stopped_server") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let live = dir.path().join("live");
     let server = TestServer::start_with(&live, keyed_config()).await;

@@ -1009,6 +1009,9 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
 /// opens) offer the few places to the same registrations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_draw_is_the_same_after_a_restart() {
+    if common::postgres::sled_only("the_draw_is_the_same_after_a_restart") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let now = chrono::Utc::now().timestamp_millis();
     let clock = Clock::manual(now);

@@ -2,7 +2,8 @@
 //! standing by (health NOT_SERVING, RPCs UNAVAILABLE / NOT_ACTIVE). Killed with SIGKILL
 //! under load, the active node's place is taken within 10 s and every acknowledged
 //! booking is there; paused with SIGSTOP until the standby took over, it can commit
-//! nothing once resumed and turns NOT_SERVING.
+//! nothing once resumed and turns NOT_SERVING. `prenota migrate` moves a sled data dir
+//! into PostgreSQL.
 
 use crate::common;
 
@@ -205,6 +206,11 @@ async fn a_paused_active_node_cannot_commit_once_a_standby_took_over() {
         .await
         .expect_err("a node that lost the lease commits nothing");
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        reason(&refused).as_deref(),
+        Some("NOT_ACTIVE"),
+        "{refused:?}"
+    );
     wait_not_serving(&old.url).await;
     let citizens: HashSet<String> = export_all(connect(&new.url).await)
         .await
@@ -294,4 +300,99 @@ fn postgres_url_of(config: &Path) -> String {
         .find(|l| l.starts_with("postgres_url"))
         .unwrap();
     line.split('"').nth(1).unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_shuts_down_cleanly_while_it_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = shared_config(dir.path()) else {
+        return;
+    };
+    let mut active = node(dir.path(), &config, "a");
+    active.wait_serving();
+    let standby = node(dir.path(), &config, "b");
+    wait_standing_by(&standby.url).await;
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || standby.terminate())
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "SIGTERM took {:?}",
+        started.elapsed()
+    );
+    // It took nothing on its way out: the active node still commits.
+    let slot_ids =
+        ten_minute_slots(connect(&active.url).await, ("bye", day_ahead(40)), 1, 10).await;
+    let mut client = BookingServiceClient::new(connect(&active.url).await);
+    book_ok(
+        &mut client,
+        book_request(&slot_ids[0], "citizen-1", "request-1"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_moves_a_sled_data_dir_into_postgres_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = shared_config(dir.path()) else {
+        return;
+    };
+    let url = postgres_url_of(&config);
+    let sled_dir = dir.path().join("sled-node");
+    let server = ChildServer::start(&sled_dir);
+    let slot_ids =
+        ten_minute_slots(connect(&server.url).await, ("mig", day_ahead(40)), 2, 10).await;
+    let mut client = BookingServiceClient::new(connect(&server.url).await);
+    for n in 0..12 {
+        let request = book_request(&slot_ids[n % 2], &format!("citizen-{n}"), &format!("r-{n}"));
+        book_ok(&mut client, request).await;
+    }
+    let before = export_all(connect(&server.url).await).await;
+    tokio::task::spawn_blocking(move || server.terminate())
+        .await
+        .unwrap();
+
+    let migrate = |to: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+            .args(["migrate", "--from-sled", &sled_dir.display().to_string()])
+            .env("PRENOTA_POSTGRES_URL", to)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let output = migrate(&url);
+    let said = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "{said}");
+    assert!(said.contains("records copied and committed"), "{said}");
+    // Into a store that has records: refused, nothing changed.
+    let again = migrate(&url);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds"));
+
+    // The nodes hash citizens with the data dir's key.
+    let key = sled_dir.join("citizen-hash.key");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let shared_key = dir.path().join("citizen-hash.key");
+    std::fs::write(
+        &config,
+        text.replace(
+            &shared_key.display().to_string(),
+            &key.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut active = node(dir.path(), &config, "a");
+    active.wait_serving();
+    let mut after = export_all(connect(&active.url).await).await;
+    let mut before = before;
+    before.sort_by(|a, b| a.booking_id.cmp(&b.booking_id));
+    after.sort_by(|a, b| a.booking_id.cmp(&b.booking_id));
+    assert_eq!(after, before);
+    let mut client = BookingServiceClient::new(connect(&active.url).await);
+    let twice = client
+        .book(book_request(&slot_ids[1], "citizen-0", "r-again"))
+        .await
+        .expect_err("citizen-0 booked before the move");
+    assert_eq!(reason(&twice).as_deref(), Some("CITIZEN_ALREADY_BOOKED"));
 }

@@ -28,6 +28,11 @@ fn hold_request(slot_id: &str, citizen_id: &str, request_id: &str) -> proto::Hol
 
 /// Hold records on disk, read from a stopped server's data dir.
 fn stored_holds(data_dir: &std::path::Path) -> usize {
+    if common::postgres::asked() {
+        let url = common::postgres::url_of_dir(data_dir);
+        let sql = "SELECT count(*) FROM prenota_kv WHERE get_byte(k, 0) = 72"; // b'H'
+        return common::postgres::query_i64(&url, sql) as usize;
+    }
     let mut store = Store::open(data_dir, &Config::default().limits).expect("store opens");
     let holds = store.holds().count();
     store.shutdown();

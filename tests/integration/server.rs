@@ -111,6 +111,9 @@ async fn reflection_lists_services_and_serves_their_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_server_on_the_same_data_dir_is_refused_clearly() {
+    if common::postgres::sled_only("a_second_server_on_the_same_data_dir_is_refused_clearly") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let mut config = prenota::config::Config::default();

@@ -43,7 +43,8 @@ impl TestServer {
     }
 
     /// A server whose engine reads `clock` (a manual clock lets a test move time).
-    pub async fn start_with_clock(data_dir: &Path, config: Config, clock: Clock) -> Self {
+    pub async fn start_with_clock(data_dir: &Path, mut config: Config, clock: Clock) -> Self {
+        postgres::use_backend_if_asked(data_dir, &mut config);
         let server = Server::open(ServeOptions {
             data_dir: data_dir.to_path_buf(),
             config,

@@ -2,6 +2,9 @@
 //! server on loopback that `scripts/postgres-test-server` starts for this test process
 //! (and stops once it exits). Every store gets a schema of its own.
 //!
+//! `PRENOTA_TEST_BACKEND=postgres` runs every in-process test server (`TestServer`) on
+//! PostgreSQL instead of sled: one schema per data dir, so a restart finds its records.
+//!
 //! Where no PostgreSQL is installed the PostgreSQL tests say so on stderr and pass
 //! without running, unless `PRENOTA_REQUIRE_POSTGRES` is set (CI sets it: there they
 //! must run).
@@ -80,4 +83,47 @@ pub fn query_i64(url: &str, sql: &str) -> i64 {
     })
     .join()
     .expect("query ran")
+}
+
+/// Whether this run puts test servers on PostgreSQL (`PRENOTA_TEST_BACKEND=postgres`).
+pub fn asked() -> bool {
+    std::env::var("PRENOTA_TEST_BACKEND").is_ok_and(|backend| backend == "postgres")
+}
+
+/// With `PRENOTA_TEST_BACKEND=postgres`, points `config` at the schema of `data_dir`,
+/// with a hash key of its own (both the same at every restart on that dir).
+pub fn use_backend_if_asked(data_dir: &std::path::Path, config: &mut prenota::config::Config) {
+    if !asked() {
+        return;
+    }
+    let url = url_of_dir(data_dir);
+    config.store = prenota::config::StoreBackend::Postgres(prenota::config::PostgresSettings {
+        url,
+        lease_ttl: std::time::Duration::from_secs(2),
+    });
+    config.citizen_hash_key.get_or_insert(dir_digest(data_dir));
+}
+
+/// For a test of sled's own data dir (its files, copies, backups restored into one, a
+/// child process on it): `true`, said on stderr, when this run is on PostgreSQL.
+pub fn sled_only(test: &str) -> bool {
+    if asked() {
+        eprintln!("{test}: a test of sled's data dir; not run on PostgreSQL");
+    }
+    asked()
+}
+
+/// The URL of the schema a `TestServer` on `data_dir` uses on PostgreSQL.
+pub fn url_of_dir(data_dir: &std::path::Path) -> String {
+    let digest = dir_digest(data_dir);
+    let schema = format!(
+        "prenota_dir_{:x}",
+        u64::from_be_bytes(digest[..8].try_into().unwrap())
+    );
+    schema_url(&schema).expect("PRENOTA_TEST_BACKEND=postgres needs a PostgreSQL")
+}
+
+fn dir_digest(data_dir: &std::path::Path) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data_dir.as_os_str().as_encoded_bytes()).into()
 }
