@@ -65,6 +65,16 @@ struct Cli {
     /// carries a signed assertion (EdDSA), signed before the timed phase (rush, mixed).
     #[arg(long, requires = "spawn")]
     asserted: bool,
+    /// With --spawn: the spawned server stores on PostgreSQL at this URL (an empty
+    /// database or schema) instead of sled; the server CPU then also counts every
+    /// process named `postgres` on this machine (a throwaway server's).
+    #[arg(
+        long,
+        requires = "spawn",
+        env = "PRENOTA_LOADTEST_POSTGRES_URL",
+        hide_env_values = true
+    )]
+    postgres: Option<String>,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -276,6 +286,16 @@ async fn run(cli: Cli) -> Result<bool, String> {
         }
         // The spawned server sheds beyond the clients' normal concurrency.
         config.limits.in_flight_requests_max = cli.in_flight.max(1);
+        if let Some(url) = &cli.postgres {
+            let settings = prenota::config::PostgresSettings {
+                url: url.clone(),
+                lease_ttl: std::time::Duration::from_secs(5),
+            };
+            config.store = prenota::config::StoreBackend::Postgres(settings);
+            // A benchmark store, empty at start: any key serves.
+            config.citizen_hash_key = Some([0x5a; 32]);
+            report::count_postgres_cpu();
+        }
         Target::spawn(config, clock.clone())?
     } else {
         Target::connect(&cli.server)?

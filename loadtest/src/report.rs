@@ -114,28 +114,51 @@ pub struct Phase {
 /// server runs (`prenota-server`: its runtime; `prenota-committer`; sled's `sled-*`),
 /// read from /proc/self/task (Linux). The load generator's threads are not counted, so
 /// the figure does not depend on how much CPU the client eats.
+/// With the PostgreSQL backend, `prenota-lease` too, and every process named
+/// `postgres` on the machine (see `count_postgres_cpu`).
 pub fn server_cpu() -> Option<Duration> {
     let ticks_per_s = 100.0; // USER_HZ: 100 on Linux
     let mut ticks = 0u64;
     for task in std::fs::read_dir("/proc/self/task").ok()? {
         let path = task.ok()?.path();
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        let server = ["prenota-server", "prenota-commit", "sled"]
+        let server = ["prenota-server", "prenota-commit", "prenota-lease", "sled"]
             .iter()
             .any(|prefix| comm.starts_with(prefix));
-        if !server {
-            continue;
+        if server {
+            ticks += cpu_ticks(&path);
         }
-        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
-        // After the command in parentheses: state is field 3, utime 14, stime 15.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
-        ticks += field(14).unwrap_or(0) + field(15).unwrap_or(0);
+    }
+    if COUNT_POSTGRES.load(std::sync::atomic::Ordering::Relaxed) {
+        for process in std::fs::read_dir("/proc").ok()? {
+            let path = process.ok()?.path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if comm.trim_end() == "postgres" {
+                ticks += cpu_ticks(&path);
+            }
+        }
     }
     Some(Duration::from_secs_f64(ticks as f64 / ticks_per_s))
+}
+
+static COUNT_POSTGRES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on `server_cpu` adds PostgreSQL's processes (the spawned server stores
+/// there): on a machine running only a throwaway PostgreSQL, its whole cost.
+pub fn count_postgres_cpu() {
+    COUNT_POSTGRES.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// utime + stime of a process or thread (its /proc directory), in clock ticks.
+fn cpu_ticks(path: &std::path::Path) -> u64 {
+    let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+    // After the command in parentheses: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    field(14).unwrap_or(0) + field(15).unwrap_or(0)
 }
 
 impl Phase {
