@@ -183,7 +183,9 @@ fn classify(error: &ServiceError) -> Answer {
             StoreError::Failed | StoreError::Io(_) => Answer::new(Unavailable, "STORAGE_FAILED"),
             StoreError::Closed => Answer::new(Unavailable, "SHUTTING_DOWN"),
             // Another node holds the lease: a load balancer following health moves on.
-            StoreError::NotActive => Answer::new(Unavailable, "NOT_ACTIVE"),
+            StoreError::NotActive => {
+                Answer::new(Unavailable, "NOT_ACTIVE").retry_after(RECOVERING_RETRY_DELAY)
+            }
             StoreError::BackupRunning => Answer::new(ResourceExhausted, "EXPORTS_IN_PROGRESS")
                 .retry_after(EXPORTS_RETRY_DELAY),
             StoreError::BackupFellBehind(_) => {
