@@ -787,13 +787,19 @@ pub fn restore(
 }
 
 /// `prenota migrate --from-sled DIR --to URL`: checks the stopped store in `data_dir`
-/// (every invariant, as a start would), then copies every record into the empty
-/// PostgreSQL store at `url`, all or nothing.
-pub fn migrate_from_sled(data_dir: &Path, url: &str) -> Result<(), String> {
+/// (every invariant, as a start would, with `config`'s hash key if it names one), then
+/// copies every record into the empty PostgreSQL store at `url`, all or nothing.
+pub fn migrate_from_sled(data_dir: &Path, url: &str, config: &Config) -> Result<(), String> {
     let started = std::time::Instant::now();
+    // Never a new, empty store made by a mistyped path.
+    if !data_dir.join("sled").join("db").is_file() {
+        return Err(format!(
+            "{} holds no prenota store (no sled/db in it)",
+            data_dir.display()
+        ));
+    }
     eprintln!("prenota migrate: checking {}", data_dir.display());
-    let config = Config::default();
-    let engine = crate::service::Engine::open(data_dir, &config, crate::service::Clock::system())
+    let engine = crate::service::Engine::open(data_dir, config, crate::service::Clock::system())
         .map_err(|e| format!("{}: {e}", data_dir.display()))?;
     drop(engine);
     let store = crate::store::Store::open(data_dir, &config.limits).map_err(|e| e.to_string())?;
@@ -806,14 +812,20 @@ pub fn migrate_from_sled(data_dir: &Path, url: &str) -> Result<(), String> {
         }
     })
     .map_err(|e| e.to_string())?;
+    let key = match config.citizen_hash_key {
+        Some(_) => "the [citizens] hash_key_file this check used".to_string(),
+        None => format!(
+            "a copy (mode 0600) of {}",
+            data_dir
+                .join(crate::store::key_file::KEY_FILE_NAME)
+                .display()
+        ),
+    };
     eprintln!(
         "prenota migrate: {copied} records copied and committed in {:.1} s. Give every node \
          [store] backend = \"postgres\" with this postgres_url, and [citizens] hash_key_file = \
-         a copy (mode 0600) of {}",
+         {key}",
         started.elapsed().as_secs_f64(),
-        data_dir
-            .join(crate::store::key_file::KEY_FILE_NAME)
-            .display()
     );
     Ok(())
 }

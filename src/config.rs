@@ -426,7 +426,20 @@ impl ConfigFile {
     pub fn read(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+        toml::from_str(&text).map_err(|e| match text.contains("postgres_url") {
+            // toml quotes the offending line: not when it may be the URL's password.
+            true => {
+                let line = e
+                    .span()
+                    .map_or(0, |span| text[..span.start].matches('\n').count() + 1);
+                format!(
+                    "{}: line {line}: {}",
+                    path.display(),
+                    e.message().trim_end()
+                )
+            }
+            false => format!("{}: {e}", path.display()),
+        })
     }
 
     /// `PRENOTA_LIMITS_<NAME>=<value>` overrides `[limits] <name>` (e.g.
@@ -779,6 +792,16 @@ mod tests {
             ConfigFile::default().check().unwrap().store,
             StoreBackend::Sled
         ));
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_never_shows_the_postgres_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prenota.toml");
+        std::fs::write(&path, "[store]\npostgres_url = postgres://u:SECRET@h/db\n").unwrap();
+        let error = ConfigFile::read(&path).unwrap_err();
+        assert!(!error.contains("SECRET"), "{error}");
+        assert!(error.contains("line 2"), "{error}");
     }
 
     #[test]

@@ -77,6 +77,10 @@ struct MigrateArgs {
     /// for a schema); `PRENOTA_POSTGRES_URL` keeps a password off the command line.
     #[arg(long, env = "PRENOTA_POSTGRES_URL", hide_env_values = true)]
     to: String,
+    /// The server's configuration: its `[citizens] hash_key_file`, if it had one (else
+    /// the data dir's key file is used) and limits.
+    #[arg(long, env = "PRENOTA_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -345,7 +349,7 @@ fn main() -> ExitCode {
                 prenota::cli::restore(&args.from, &args.data_dir, &config, args.unauthenticated)
             })
         }
-        Command::Migrate(args) => prenota::cli::migrate_from_sled(&args.from_sled, &args.to),
+        Command::Migrate(args) => migrate(&args),
         Command::BackupKey => {
             println!("{}", prenota::store::backup_key::BackupKey::generate_hex());
             Ok(())
@@ -481,6 +485,15 @@ fn read_backup_key(
 ) -> Result<Option<std::sync::Arc<prenota::store::backup_key::BackupKey>>, String> {
     path.map(|path| prenota::store::backup_key::BackupKey::read(path).map(std::sync::Arc::new))
         .transpose()
+}
+
+/// `prenota migrate`: with the file's limits and hash key (never its `[store]`).
+fn migrate(args: &MigrateArgs) -> Result<(), String> {
+    let file = read_config(args.config.as_deref())?;
+    let mut config = checked(&file)?;
+    config.store = prenota::config::StoreBackend::Sled;
+    config.citizen_hash_key = read_hash_key(file.citizens.hash_key_file.as_deref())?;
+    prenota::cli::migrate_from_sled(&args.from_sled, &args.to, &config)
 }
 
 /// `[citizens] hash_key_file`, read (it must exist once configured).

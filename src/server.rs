@@ -11,6 +11,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +57,13 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the recovery task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// PostgreSQL: the store failed (the lease lost, the session gone). Exiting lets a
+    /// supervisor start the node again, as a standby.
+    #[error(
+        "this node can no longer commit (it lost the lease, or its PostgreSQL session): \
+         exiting, so that a supervisor starts it again as a standby"
+    )]
+    NoLongerActive,
 }
 
 #[derive(Clone, Debug)]
@@ -141,6 +149,8 @@ struct Access {
     reflection: bool,
     /// OpenDataService answers callers without a token too.
     open_data: bool,
+    /// PostgreSQL: a failed store ends serving (`ServeError::NoLongerActive`).
+    stop_when_store_fails: bool,
 }
 
 impl Access {
@@ -158,6 +168,7 @@ impl Access {
             open_citizens: default_citizen_trust(!config.citizen_issuers.is_empty()),
             reflection: config.serves_reflection(),
             open_data: config.open_data,
+            stop_when_store_fails: matches!(config.store, crate::config::StoreBackend::Postgres(_)),
         }
     }
 }
@@ -186,9 +197,17 @@ async fn recover(options: ServeOptions, standby: Arc<Standby>) -> Result<Arc<Eng
 struct Tasks(Vec<tokio::task::JoinHandle<()>>);
 
 impl Tasks {
-    fn start(engine: &Arc<Engine>, health: &HealthReporter) -> Self {
+    fn start(
+        engine: &Arc<Engine>,
+        health: &HealthReporter,
+        failed: &Arc<tokio::sync::Notify>,
+    ) -> Self {
         Self(vec![
-            tokio::spawn(mirror_store_health(engine.store_health(), health.clone())),
+            tokio::spawn(mirror_store_health(
+                engine.store_health(),
+                health.clone(),
+                Arc::clone(failed),
+            )),
             tokio::spawn(sweep_holds(Arc::clone(engine))),
             tokio::spawn(retain_rate_limits(Arc::clone(engine))),
             tokio::spawn(retain_records(Arc::clone(engine))),
@@ -222,6 +241,7 @@ async fn run(
         open_citizens,
         reflection: serves_reflection,
         open_data,
+        stop_when_store_fails,
     } = access;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -263,6 +283,11 @@ async fn run(
         false => (None, None),
     };
     let giving_up = Arc::clone(&standby);
+    // PostgreSQL: the health mirror wakes this once the store failed; serving then ends.
+    let store_failed = Arc::new(tokio::sync::Notify::new());
+    let failed_seen = Arc::clone(&store_failed);
+    let no_longer_active = Arc::new(AtomicBool::new(false));
+    let ended_by_failure = Arc::clone(&no_longer_active);
     // A failed recovery stops the server; kept alive (unsent) while serving.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     // Set when shutdown begins: watch streams end, so the graceful drain can finish.
@@ -298,6 +323,9 @@ async fn run(
                 tokio::select! {
                     _ = shutdown => {}
                     _ = stopped => {}
+                    _ = failed_seen.notified(), if stop_when_store_fails => {
+                        ended_by_failure.store(true, std::sync::atomic::Ordering::Release);
+                    }
                 }
                 closing.send_replace(true);
                 // A standby stops waiting for the lease.
@@ -320,7 +348,7 @@ async fn run(
         let started = start_serving(
             start,
             services,
-            &health,
+            (&health, &store_failed),
             &settings,
             stop,
             Arc::clone(&standby),
@@ -340,11 +368,15 @@ async fn run(
         Ok((engine, tasks, _stop)) => {
             tasks.stop().await;
             close(engine).await;
-            served.map_err(ServeError::from)
+            served.map_err(ServeError::from)?;
+            match no_longer_active.load(std::sync::atomic::Ordering::Acquire) {
+                true => Err(ServeError::NoLongerActive),
+                false => Ok(()),
+            }
         }
         // Shut down while standing by: nothing was opened.
         Err(ServeError::Service(ServiceError::Store(StoreError::Closed)))
-            if standby.give_up.load(std::sync::atomic::Ordering::Acquire) =>
+            if standby.gave_up.load(std::sync::atomic::Ordering::Acquire) =>
         {
             served.map_err(ServeError::from)
         }
@@ -358,7 +390,7 @@ async fn run(
 async fn start_serving(
     start: Start,
     services: ServiceSlots<'_>,
-    health: &HealthReporter,
+    (health, store_failed): (&HealthReporter, &Arc<tokio::sync::Notify>),
     settings: &ServiceSettings,
     stop: tokio::sync::oneshot::Sender<()>,
     standby: Arc<Standby>,
@@ -376,7 +408,7 @@ async fn start_serving(
     open_services(&engine, services, settings);
     set_health(health, ServingStatus::Serving).await;
     // Started after SERVING: the health mirror turns it back if the store already failed.
-    let tasks = Tasks::start(&engine, health);
+    let tasks = Tasks::start(&engine, health, store_failed);
     Ok((engine, tasks, stop))
 }
 
@@ -494,20 +526,24 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// A failed store refuses writes for good; health says so until restart.
+/// A failed store refuses writes for good; health says so until restart, and `failed`
+/// is woken (on PostgreSQL, serving then ends).
 async fn mirror_store_health(
     mut store_healthy: tokio::sync::watch::Receiver<bool>,
     health: HealthReporter,
+    failed: Arc<tokio::sync::Notify>,
 ) {
     let healthy = *store_healthy.borrow_and_update();
     metrics::gauge!(telemetry::STORE_HEALTHY).set(if healthy { 1.0 } else { 0.0 });
     if !healthy {
         set_health(&health, ServingStatus::NotServing).await;
+        failed.notify_one();
     }
     while store_healthy.changed().await.is_ok() {
         if !*store_healthy.borrow() {
             metrics::gauge!(telemetry::STORE_HEALTHY).set(0.0);
             set_health(&health, ServingStatus::NotServing).await;
+            failed.notify_one();
         }
     }
 }

@@ -372,8 +372,16 @@ mod tests {
             COMMIT_FLUSH_SECONDS,
             COMMIT_FSYNC_SECONDS,
         ];
+        // PostgreSQL tables (the README's "Running on PostgreSQL"), not metrics.
+        let tables = [
+            "prenota_kv",
+            "prenota_lease",
+            "prenota_lease_holder",
+            "prenota_schema",
+        ];
         let known = |name: &str| {
             ALL.contains(&name)
+                || tables.contains(&name)
                 || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
                     name.strip_suffix(suffix)
                         .is_some_and(|base| histograms.contains(&base))

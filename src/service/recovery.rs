@@ -56,8 +56,16 @@ impl Engine {
         let store = match &config.store {
             StoreBackend::Sled => return Self::open(data_dir, config, clock),
             StoreBackend::Postgres(settings) => {
-                let lease = Lease::acquire(settings, standby)?;
+                let key = config.citizen_hash_key.ok_or_else(|| {
+                    ServiceError::Recovery(
+                        "[store] backend = \"postgres\" needs [citizens] hash_key_file".into(),
+                    )
+                })?;
+                let lease = Lease::acquire(settings, standby, &key_file::check_value(&key))?;
                 standby.waiting.store(false, Ordering::Release);
+                if standby.giving_up() {
+                    return Err(StoreError::Closed.into()); // dropped: the lease goes
+                }
                 Store::open_postgres(data_dir, &config.limits, lease)?
             }
         };

@@ -272,7 +272,8 @@ fn commit_batch(
 /// The first storage error fails the store for good: every later write is refused.
 pub(crate) fn fail_stop(state: &CommitterState, error: &StoreError) {
     metrics::counter!(telemetry::COMMIT_FAILURES).increment(1);
-    if *error == StoreError::NotActive {
+    // The first failure names the refusal.
+    if *error == StoreError::NotActive && !state.failed.load(Ordering::Acquire) {
         state.lost_lease.store(true, Ordering::Release);
     }
     if !state.failed.swap(true, Ordering::AcqRel) {

@@ -151,22 +151,23 @@ impl Store {
         limits: &Limits,
         lease: postgres::Lease,
     ) -> Result<Self, StoreError> {
+        let thread_error = |e| StoreError::Io(format!("starting a store thread: {e}"));
+        // Renewed from the start: a standby must not end this node's sessions while it
+        // connects and loads (a large store may take longer than the lease).
+        let state = Arc::new(CommitterState::new(0));
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let (url, node, epoch) = (lease.settings.url.clone(), lease.node.clone(), lease.epoch);
+        let keeper = lease
+            .keep(Arc::clone(&state), stopped)
+            .map_err(thread_error)?;
+        let lease_keeper = Some((stop, keeper));
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
         let local = postgres::open_local_copy(
             &data_dir.join(POSTGRES_LOCAL_COPY_DIR),
             limits.store_cache_bytes,
         )?;
-        let mut client = postgres::connect(&lease.settings.url, &lease.node)?;
-        let thread_error = |e| StoreError::Io(format!("starting a store thread: {e}"));
-        // Renewed from now on: loading a large store may take longer than the lease.
-        let state = Arc::new(CommitterState::new(0));
-        let (stop, stopped) = std::sync::mpsc::channel();
-        let epoch = lease.epoch;
-        let keeper = lease
-            .keep(Arc::clone(&state), stopped)
-            .map_err(thread_error)?;
-        let lease_keeper = Some((stop, keeper));
+        let mut client = postgres::connect(&url, &node)?;
         let started = Instant::now();
         let loaded = postgres::load(&mut client, &local)?;
         tracing::info!(

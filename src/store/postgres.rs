@@ -7,22 +7,24 @@
 //!   commits, the batch is applied to the node's local sled, which is only a read copy:
 //!   it is never synced, and it is made again from PostgreSQL at every start.
 //! - The lease: the active node holds a session advisory lock and bumps the epoch row
-//!   when it takes it; every commit transaction first reads the epoch `FOR SHARE` and
-//!   gives up if it changed, so a node that lost the lease can never write (the row lock
-//!   orders a takeover after any commit in flight). The holder renews the row; a standby
-//!   that finds it not renewed for `lease_ttl_ms` ends the holder's sessions (found by
-//!   its `application_name`), which frees the lock, and takes over.
+//!   (`prenota_lease`) when it takes it; every commit transaction first reads the epoch
+//!   `FOR SHARE` and gives up if it changed, so a node that lost the lease can never
+//!   write (the row lock orders a takeover after any commit in flight). The holder
+//!   renews its own row (`prenota_lease_holder`: who, for which epoch, renewed when;
+//!   apart, so a renewal never waits for commits); a standby that finds it not renewed
+//!   for `lease_ttl_ms` ends the holder's sessions (found by its `application_name`),
+//!   which frees the lock, and takes over.
 //!
 //! Tables live in the schema the connection's `search_path` names (default `public`);
 //! the locks are scoped to it, so several stores can share one database.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls, Statement};
@@ -30,13 +32,15 @@ use postgres::{Client, NoTls, Statement};
 pub use crate::config::PostgresSettings;
 use crate::store::committer::{self, sled_batch, Change, CommitterState, Durability};
 use crate::store::error::StoreError;
+use crate::store::records::KEY_CHECK_KEY;
 
 /// Advisory lock classes (the second key is the schema's hash).
 const LEASE_LOCK_CLASS: i32 = 0x7072_6e74; // "prnt"
 const MIGRATION_LOCK_CLASS: i32 = 0x7072_6e6d; // "prnm"
 
 /// The schema, one step per version; a store records the steps it has taken.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE prenota_kv (k bytea PRIMARY KEY, v bytea NOT NULL);
     CREATE TABLE prenota_lease (
         id int PRIMARY KEY CHECK (id = 1),
@@ -45,7 +49,19 @@ const MIGRATIONS: &[&str] = &["
         renewed_at timestamptz NOT NULL
     );
     INSERT INTO prenota_lease VALUES (1, 0, '', now());
-"];
+    ",
+    // Renewals in a row of their own: they never wait for a commit's FOR SHARE.
+    "
+    CREATE TABLE prenota_lease_holder (
+        id int PRIMARY KEY CHECK (id = 1),
+        epoch bigint NOT NULL,
+        holder text NOT NULL,
+        renewed_at timestamptz NOT NULL
+    );
+    INSERT INTO prenota_lease_holder SELECT id, epoch, holder, renewed_at FROM prenota_lease;
+    ALTER TABLE prenota_lease DROP COLUMN holder, DROP COLUMN renewed_at;
+    ",
+];
 
 /// Rows copied into the local store per sled batch at start-up.
 const LOAD_CHUNK_ROWS: usize = 10_000;
@@ -61,6 +77,11 @@ pub fn connect(url: &str, node: &str) -> Result<Client, StoreError> {
         .map_err(|e| StoreError::Io(format!("the PostgreSQL URL does not parse: {e}")))?;
     config.application_name(node);
     config.connect_timeout(Duration::from_secs(10));
+    // A peer gone silent (a cut cable) is noticed in seconds, not hours.
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(5));
+    config.keepalives_interval(Duration::from_secs(2));
+    config.keepalives_retries(3);
     config.connect(NoTls).map_err(pg_error("connecting"))
 }
 
@@ -116,6 +137,19 @@ pub struct Standby {
     pub waiting: AtomicBool,
     /// Set when the node shuts down: stop waiting, take nothing.
     pub give_up: AtomicBool,
+    /// Set by `Lease::acquire` when it stopped because of `give_up`.
+    pub gave_up: AtomicBool,
+}
+
+impl Standby {
+    /// Whether shutdown began; if so, records that the wait was given up.
+    pub fn giving_up(&self) -> bool {
+        let giving_up = self.give_up.load(Ordering::Acquire);
+        if giving_up {
+            self.gave_up.store(true, Ordering::Release);
+        }
+        giving_up
+    }
 }
 
 /// The lease, held: this node is the active one for `epoch`.
@@ -131,18 +165,29 @@ impl Lease {
     /// Blocks until this node holds the lease (`standby.waiting` set while another node
     /// does), or until `standby.give_up` (`StoreError::Closed`). Migrates the schema
     /// first. Lost connections are retried: a standby outlives a PostgreSQL restart.
-    pub fn acquire(settings: &PostgresSettings, standby: &Standby) -> Result<Self, StoreError> {
+    /// A store written with another citizen hash key than the one `key_check` names is
+    /// refused at once, before standing by.
+    pub fn acquire(
+        settings: &PostgresSettings,
+        standby: &Standby,
+        key_check: &[u8],
+    ) -> Result<Self, StoreError> {
         let node = node_name();
         let mut session: Option<Client> = None;
         let mut last_problem = String::new();
         // A first connection that fails is a configuration to fix, not a wait.
         let mut connected = false;
-        while !standby.give_up.load(Ordering::Acquire) {
+        while !standby.giving_up() {
             let attempt = match session.as_mut() {
                 None => match open_session(&settings.url, &node) {
-                    Ok(client) => {
+                    Ok(mut client) if !connected => {
+                        refuse_another_key(&mut client, key_check)?;
                         session = Some(client);
                         connected = true;
+                        Ok(())
+                    }
+                    Ok(client) => {
+                        session = Some(client);
                         Ok(())
                     }
                     Err(first) if !connected => return Err(first),
@@ -191,29 +236,43 @@ impl Lease {
     /// Renews the lease every third of its lifetime until `stop` is dropped. Stops
     /// renewing once the store failed (a standby then takes over, since a failed store
     /// refuses every write until restart); on a failed renewal (the epoch moved on, the
-    /// session was ended) fails the store: health turns NOT_SERVING.
+    /// session was ended) fails the store: health turns NOT_SERVING. A watchdog fails it
+    /// too when no renewal succeeded for two thirds of the lease (a renewal stuck on a
+    /// silent network), before a standby may take over.
     pub fn keep(
         mut self,
         state: Arc<CommitterState>,
         stop: mpsc::Receiver<()>,
     ) -> std::io::Result<JoinHandle<()>> {
+        let started = Instant::now();
+        let renewed_ms = Arc::new(AtomicU64::new(0));
+        let (watch_stop, watch_stopped) = mpsc::channel::<()>();
+        let watchdog = watch_renewals(
+            Arc::clone(&state),
+            Arc::clone(&renewed_ms),
+            (started, self.settings.lease_ttl),
+            watch_stopped,
+        )?;
         std::thread::Builder::new()
             .name("prenota-lease".into())
-            .spawn(move || loop {
-                match stop.recv_timeout(self.settings.lease_ttl / 3) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    // Shut down: closing the session frees the lock for a standby.
-                    _ => return,
+            .spawn(move || {
+                // Until shut down (`stop` dropped): closing the session frees the lock.
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    stop.recv_timeout(self.settings.lease_ttl / 3)
+                {
+                    if state.failed.load(Ordering::Acquire) {
+                        tracing::warn!("the store failed: letting the lease go to a standby");
+                        break;
+                    }
+                    if let Err(error) = self.renew() {
+                        tracing::error!(%error, "lost the lease");
+                        committer::fail_stop(&state, &StoreError::NotActive);
+                        break;
+                    }
+                    renewed_ms.store(started.elapsed().as_millis() as u64, Ordering::Release);
                 }
-                if state.failed.load(Ordering::Acquire) {
-                    tracing::warn!("the store failed: letting the lease go to a standby");
-                    return;
-                }
-                if let Err(error) = self.renew() {
-                    tracing::error!(%error, "lost the lease");
-                    committer::fail_stop(&state, &StoreError::NotActive);
-                    return;
-                }
+                drop(watch_stop);
+                let _ = watchdog.join();
             })
     }
 
@@ -221,7 +280,7 @@ impl Lease {
         let renewed = self
             .session
             .execute(
-                "UPDATE prenota_lease SET renewed_at = now() WHERE id = 1 AND epoch = $1",
+                "UPDATE prenota_lease_holder SET renewed_at = now() WHERE id = 1 AND epoch = $1",
                 &[&self.epoch],
             )
             .map_err(pg_error("renewing the lease"))?;
@@ -229,6 +288,23 @@ impl Lease {
             1 => Ok(()),
             _ => Err(StoreError::NotActive),
         }
+    }
+}
+
+/// Refuses a store whose key check value is not `key_check` (recovery checks it
+/// again; here a node with the wrong key file fails before it stands by).
+fn refuse_another_key(session: &mut Client, key_check: &[u8]) -> Result<(), StoreError> {
+    let stored = session
+        .query_opt("SELECT v FROM prenota_kv WHERE k = $1", &[&KEY_CHECK_KEY])
+        .map_err(pg_error("reading the key check"))?;
+    match stored.map(|row| row.get::<_, Vec<u8>>(0)) {
+        Some(stored) if stored != key_check => Err(StoreError::Corrupt(
+            "[citizens] hash_key_file is not the key this PostgreSQL store was written \
+             with: with it no stored booking could be found. Give every node the store's \
+             own key file"
+                .into(),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -266,21 +342,54 @@ fn try_take(
     // The previous holder's lock is gone, but a session of it may remain (paused in a
     // commit, holding the epoch row): end it, so the update below need not wait.
     let previous: String = session
-        .query_one("SELECT holder FROM prenota_lease WHERE id = 1", &[])
+        .query_one("SELECT holder FROM prenota_lease_holder WHERE id = 1", &[])
         .map_err(&error)?
         .get(0);
     if !previous.is_empty() && previous != node {
         end_sessions_of(session, &previous)?;
     }
-    let epoch: i64 = session
+    let mut tx = session.transaction().map_err(&error)?;
+    let epoch: i64 = tx
         .query_one(
-            "UPDATE prenota_lease SET epoch = epoch + 1, holder = $1, renewed_at = now() \
-             WHERE id = 1 RETURNING epoch",
-            &[&node],
+            "UPDATE prenota_lease SET epoch = epoch + 1 WHERE id = 1 RETURNING epoch",
+            &[],
         )
         .map_err(&error)?
         .get(0);
+    tx.execute(
+        "UPDATE prenota_lease_holder SET epoch = $1, holder = $2, renewed_at = now() \
+         WHERE id = 1",
+        &[&epoch, &node],
+    )
+    .map_err(&error)?;
+    tx.commit().map_err(&error)?;
     Ok(Some(epoch))
+}
+
+/// Fails the store (NOT_ACTIVE) once the last renewal (`renewed_ms` after `started`)
+/// is older than two thirds of `lease_ttl`; ends when `stop` is dropped.
+fn watch_renewals(
+    state: Arc<CommitterState>,
+    renewed_ms: Arc<AtomicU64>,
+    (started, lease_ttl): (Instant, Duration),
+    stop: mpsc::Receiver<()>,
+) -> std::io::Result<JoinHandle<()>> {
+    let limit_ms = (lease_ttl * 2 / 3).as_millis() as u64;
+    std::thread::Builder::new()
+        .name("prenota-lease-watch".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                stop.recv_timeout(poll_interval(lease_ttl))
+            {
+                let silent_ms =
+                    started.elapsed().as_millis() as u64 - renewed_ms.load(Ordering::Acquire);
+                if silent_ms > limit_ms && !state.failed.load(Ordering::Acquire) {
+                    tracing::error!(silent_ms, "no lease renewal got through: standing down");
+                    committer::fail_stop(&state, &StoreError::NotActive);
+                    return;
+                }
+            }
+        })
 }
 
 /// How often a standby looks at the lease.
@@ -294,7 +403,7 @@ fn end_lapsed_holder(session: &mut Client, lease_ttl: Duration) -> Result<(), St
     let row = session
         .query_one(
             "SELECT holder, now() - renewed_at > make_interval(secs => $1) \
-             FROM prenota_lease WHERE id = 1",
+             FROM prenota_lease_holder WHERE id = 1",
             &[&lease_ttl.as_secs_f64()],
         )
         .map_err(pg_error("checking the lease"))?;

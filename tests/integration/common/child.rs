@@ -140,6 +140,21 @@ impl ChildServer {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// Waits up to `within` for the process to exit by itself; its exit status.
+    pub fn wait_exit(mut self, within: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running after {within:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL.
     pub fn kill_9(self) {
         // Drop does the killing, so a failing assertion never leaks a server either.
