@@ -82,6 +82,8 @@ pub fn connect(url: &str, node: &str) -> Result<Client, StoreError> {
     config.keepalives_idle(Duration::from_secs(5));
     config.keepalives_interval(Duration::from_secs(2));
     config.keepalives_retries(3);
+    // A call whose bytes go unacknowledged ends, so a stuck node can exit and restart.
+    config.tcp_user_timeout(Duration::from_secs(10));
     config.connect(NoTls).map_err(pg_error("connecting"))
 }
 
@@ -233,11 +235,11 @@ impl Lease {
         Err(StoreError::Closed)
     }
 
-    /// Renews the lease every third of its lifetime until `stop` is dropped. Stops
+    /// Renews the lease every quarter of its lifetime until `stop` is dropped. Stops
     /// renewing once the store failed (a standby then takes over, since a failed store
     /// refuses every write until restart); on a failed renewal (the epoch moved on, the
     /// session was ended) fails the store: health turns NOT_SERVING. A watchdog fails it
-    /// too when no renewal succeeded for two thirds of the lease (a renewal stuck on a
+    /// too when no renewal succeeded for three quarters of the lease (a renewal stuck on a
     /// silent network), before a standby may take over.
     pub fn keep(
         mut self,
@@ -258,7 +260,7 @@ impl Lease {
             .spawn(move || {
                 // Until shut down (`stop` dropped): closing the session frees the lock.
                 while let Err(mpsc::RecvTimeoutError::Timeout) =
-                    stop.recv_timeout(self.settings.lease_ttl / 3)
+                    stop.recv_timeout(self.settings.lease_ttl / 4)
                 {
                     if state.failed.load(Ordering::Acquire) {
                         tracing::warn!("the store failed: letting the lease go to a standby");
@@ -367,22 +369,24 @@ fn try_take(
 }
 
 /// Fails the store (NOT_ACTIVE) once the last renewal (`renewed_ms` after `started`)
-/// is older than two thirds of `lease_ttl`; ends when `stop` is dropped.
+/// is older than three quarters of `lease_ttl` (half of it after the renewal that was
+/// due: a margin for a slow round trip on a loaded machine); ends when `stop` is dropped.
 fn watch_renewals(
     state: Arc<CommitterState>,
     renewed_ms: Arc<AtomicU64>,
     (started, lease_ttl): (Instant, Duration),
     stop: mpsc::Receiver<()>,
 ) -> std::io::Result<JoinHandle<()>> {
-    let limit_ms = (lease_ttl * 2 / 3).as_millis() as u64;
+    let limit_ms = (lease_ttl * 3 / 4).as_millis() as u64;
     std::thread::Builder::new()
         .name("prenota-lease-watch".into())
         .spawn(move || {
             while let Err(mpsc::RecvTimeoutError::Timeout) =
                 stop.recv_timeout(poll_interval(lease_ttl))
             {
-                let silent_ms =
-                    started.elapsed().as_millis() as u64 - renewed_ms.load(Ordering::Acquire);
+                // Read the renewal first: the clock read after it is never earlier.
+                let renewed = renewed_ms.load(Ordering::Acquire);
+                let silent_ms = (started.elapsed().as_millis() as u64).saturating_sub(renewed);
                 if silent_ms > limit_ms && !state.failed.load(Ordering::Acquire) {
                     tracing::error!(silent_ms, "no lease renewal got through: standing down");
                     committer::fail_stop(&state, &StoreError::NotActive);

@@ -19,7 +19,7 @@ use prenota::proto::booking_service_client::BookingServiceClient;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-const LEASE_TTL_MS: u64 = 2_000;
+const LEASE_TTL_MS: u64 = 4_000;
 const FAILOVER_MAX: Duration = Duration::from_secs(10);
 const CLIENTS: usize = 8;
 const CAPACITY: u32 = 10_000;
@@ -240,12 +240,16 @@ async fn a_commit_after_the_epoch_moved_on_is_refused_and_writes_nothing() {
     let Some(config) = shared_config(dir.path()) else {
         return;
     };
-    // A long lease: the renewal (every third of it) does not notice first, the commit's
+    // A long lease: the renewal (every quarter of it) does not notice first, the commit's
     // own fence does.
     let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(&format!("lease_ttl_ms = {LEASE_TTL_MS}")));
     std::fs::write(
         &config,
-        text.replace("lease_ttl_ms = 2000", "lease_ttl_ms = 60000"),
+        text.replace(
+            &format!("lease_ttl_ms = {LEASE_TTL_MS}"),
+            "lease_ttl_ms = 60000",
+        ),
     )
     .unwrap();
     let url = postgres_url_of(&config);
@@ -419,7 +423,7 @@ async fn a_node_with_another_hash_key_is_refused_before_it_stands_by() {
     .unwrap();
     let started = Instant::now();
     let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
             .args([
                 "serve",
                 "--listen",
@@ -432,8 +436,10 @@ async fn a_node_with_another_hash_key_is_refused_before_it_stands_by() {
             .arg("--data-dir")
             .arg(other_config.with_extension("data"))
             .env("RUST_LOG", "error")
-            .output()
-            .unwrap()
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        output_within(child, Duration::from_secs(10))
     })
     .await
     .unwrap();
@@ -442,4 +448,17 @@ async fn a_node_with_another_hash_key_is_refused_before_it_stands_by() {
     assert!(said.contains("hash_key_file is not the key"), "{said}");
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(active);
+}
+
+/// The child's exit and stderr, killing it (and failing) if it runs longer than `within`.
+fn output_within(mut child: std::process::Child, within: Duration) -> std::process::Output {
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }

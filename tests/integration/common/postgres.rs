@@ -99,7 +99,7 @@ pub fn use_backend_if_asked(data_dir: &std::path::Path, config: &mut prenota::co
     let url = url_of_dir(data_dir);
     config.store = prenota::config::StoreBackend::Postgres(prenota::config::PostgresSettings {
         url,
-        lease_ttl: std::time::Duration::from_secs(2),
+        lease_ttl: std::time::Duration::from_secs(5),
     });
     config.citizen_hash_key.get_or_insert(dir_digest(data_dir));
 }
