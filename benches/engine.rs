@@ -1,6 +1,7 @@
 //! The engine without the network: durable bookings through the group committer at
-//! several concurrency levels (the batch size follows the number in flight), and
-//! schedule generation with chrono-tz.
+//! several concurrency levels (the batch size follows the number in flight), on sled
+//! and (with `PRENOTA_BENCH_POSTGRES_URL`) on PostgreSQL, and schedule generation with
+//! chrono-tz.
 //! Run: `cargo bench --bench engine`. Numbers: BENCHMARKS.md.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{Duration as Days, Utc};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use prenota::config::{schedule_bounds, Config, DEFAULT_LIMITS};
+use prenota::config::{schedule_bounds, Config, PostgresSettings, StoreBackend, DEFAULT_LIMITS};
 use prenota::domain::catalog::Site;
 use prenota::domain::ids::{ChannelId, RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use prenota::domain::schedule::{Schedule, ScheduleInput};
 use prenota::service::{Actor, BookCommand, Clock, Engine};
+use prenota::store::postgres::Standby;
 use prenota::store::{Store, UnsyncedForBenchmarks};
 
 /// The server binary's allocator, so the engine is measured as it runs there.
@@ -65,6 +67,54 @@ fn engine_with(
     .expect("store");
     let engine =
         Arc::new(Engine::open_with_store(store, &config, Clock::system()).expect("engine"));
+    let first_start = with_schedule(runtime, &engine);
+    (engine, dir, first_start)
+}
+
+/// The same engine on the PostgreSQL backend (a schema of its own on `url`, the lease
+/// taken, a local read copy in the temp dir).
+fn postgres_engine(
+    runtime: &tokio::runtime::Runtime,
+    url: &str,
+) -> (Arc<Engine>, tempfile::TempDir, i64, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let schema = format!(
+        "prenota_bench_{}_{}",
+        std::process::id(),
+        Utc::now().timestamp_millis()
+    );
+    let mut client = postgres::Client::connect(url, postgres::NoTls).expect("PostgreSQL");
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .expect("a schema for the bench");
+    let join = if url.contains('?') { '&' } else { '?' };
+    let config = Config {
+        store: StoreBackend::Postgres(PostgresSettings {
+            url: format!("{url}{join}options=-csearch_path%3D{schema}"),
+            lease_ttl: Duration::from_secs(5),
+        }),
+        citizen_hash_key: Some([7; 32]),
+        ..Config::default()
+    };
+    let engine = Engine::open_configured(dir.path(), &config, Clock::system(), &Standby::default())
+        .expect("an engine on PostgreSQL");
+    let engine = Arc::new(engine);
+    let first_start = with_schedule(runtime, &engine);
+    (engine, dir, first_start, schema)
+}
+
+/// Removes a bench schema so repeated runs leave nothing behind.
+fn drop_schema(url: &str, schema: &str) {
+    let dropped = postgres::Client::connect(url, postgres::NoTls)
+        .and_then(|mut client| client.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")));
+    if let Err(error) = dropped {
+        eprintln!("could not drop bench schema {schema}: {error}");
+    }
+}
+
+/// Gives `engine` one UTC site and one day of 1-minute slots of 10,000 places, three
+/// days ahead; returns the first slot's start.
+fn with_schedule(runtime: &tokio::runtime::Runtime, engine: &Engine) -> i64 {
     let day = Utc::now().date_naive() + Days::days(3);
     let day_text = day.format("%Y-%m-%d").to_string();
     let site_id = SiteId::parse("site_id", "bench", 64).expect("id");
@@ -92,11 +142,9 @@ fn engine_with(
             .await
             .expect("schedule");
     });
-    let first_start = day
-        .and_hms_opt(0, 0, 0)
+    day.and_hms_opt(0, 0, 0)
         .map(|t| t.and_utc().timestamp())
-        .unwrap_or_default();
-    (engine, dir, first_start)
+        .unwrap_or_default()
 }
 
 /// A runtime and a group counted in bookings, with the sampling every booking bench uses
@@ -130,6 +178,25 @@ fn durable_bookings(c: &mut Criterion) {
 }
 
 /// The same book path at 256 in flight with weaker commits: what durability costs.
+/// `engine_durable_book` on the PostgreSQL backend: every group commit one transaction
+/// (`PRENOTA_BENCH_POSTGRES_URL`, e.g. from `scripts/postgres-test-server`; skipped
+/// without it). Each run leaves a schema `prenota_bench_*` behind: use a throwaway server.
+fn durable_bookings_on_postgres(c: &mut Criterion) {
+    let Ok(url) = std::env::var("PRENOTA_BENCH_POSTGRES_URL") else {
+        eprintln!("engine_durable_book_postgres skipped: PRENOTA_BENCH_POSTGRES_URL is not set");
+        return;
+    };
+    let (runtime, mut group) = booking_group(c, "engine_durable_book_postgres");
+    for in_flight in [256usize, 1_024] {
+        let (engine, _dir, first_start, schema) = postgres_engine(&runtime, &url);
+        let id = BenchmarkId::from_parameter(in_flight);
+        bench_bookings(&mut group, id, &runtime, (&engine, first_start), in_flight);
+        drop(engine);
+        drop_schema(&url, &schema);
+    }
+    group.finish();
+}
+
 fn book_path_by_commit_mode(c: &mut Criterion) {
     let (runtime, mut group) = booking_group(c, "engine_book_path_256_in_flight");
     let modes = [
@@ -243,6 +310,7 @@ fn schedule_generation(c: &mut Criterion) {
 criterion_group!(
     benches,
     durable_bookings,
+    durable_bookings_on_postgres,
     book_path_by_commit_mode,
     batch_size_bound,
     schedule_generation

@@ -197,6 +197,16 @@ fn count_outcome(command: Command, outcome: &'static str) {
     metrics::counter!(telemetry::BOOKINGS, "command" => command, "outcome" => outcome).increment(1);
 }
 
+/// Counts the outcome of `command` and passes `result` on.
+fn counted<T>(command: Command, result: Result<T, ServiceError>) -> Result<T, Status> {
+    let outcome = match &result {
+        Ok(_) => "OK",
+        Err(error) => status::reason(error),
+    };
+    count_outcome(command, outcome);
+    Ok(result?)
+}
+
 impl BookingApi {
     /// The steps every citizen write shares: act for the citizen, convert the request
     /// (its request id scoped to the caller), run it detached and count its outcome.
@@ -215,15 +225,10 @@ impl BookingApi {
         let (caller, body) = self.acting(request)?;
         let ids = self.engine.citizen_ids();
         let converted = convert(body, self.engine.limits(), ids, &caller)?;
-        let result = detached(work(Arc::clone(&self.engine), converted)).await?;
-        count_outcome(
+        counted(
             command,
-            match &result {
-                Ok(_) => "OK",
-                Err(error) => status::reason(error),
-            },
-        );
-        Ok(result?)
+            detached(work(Arc::clone(&self.engine), converted)).await?,
+        )
     }
 }
 
@@ -319,15 +324,9 @@ impl BookingService for BookingApi {
             caller.channel(),
         )?;
         let result = detached(async move { engine.book_series(command).await }).await?;
-        count_outcome(
-            Command::Book,
-            match &result {
-                Ok(_) => "OK",
-                Err(error) => status::reason(error),
-            },
-        );
+        let bookings = counted(Command::Book, result)?;
         Ok(Response::new(proto::BookSeriesResponse {
-            bookings: result?.iter().map(convert::booking_to_proto).collect(),
+            bookings: bookings.iter().map(convert::booking_to_proto).collect(),
         }))
     }
 
@@ -350,15 +349,9 @@ impl BookingService for BookingApi {
             }
         }
         let result = detached(async move { engine.book_group(command).await }).await?;
-        count_outcome(
-            Command::Book,
-            match &result {
-                Ok(_) => "OK",
-                Err(error) => status::reason(error),
-            },
-        );
+        let bookings = counted(Command::Book, result)?;
         Ok(Response::new(proto::BookGroupResponse {
-            bookings: result?.iter().map(convert::booking_to_proto).collect(),
+            bookings: bookings.iter().map(convert::booking_to_proto).collect(),
         }))
     }
 
@@ -527,15 +520,9 @@ impl BookingService for BookingApi {
             async move { engine.accept_offer(command).await }
         })
         .await?;
-        count_outcome(
-            Command::Book,
-            match &result {
-                Ok(_) => "OK",
-                Err(error) => status::reason(error),
-            },
-        );
+        let booking = counted(Command::Book, result)?;
         Ok(Response::new(proto::AcceptOfferResponse {
-            booking: Some(convert::booking_to_proto(&result?)),
+            booking: Some(convert::booking_to_proto(&booking)),
         }))
     }
 
