@@ -291,26 +291,32 @@ impl Engine {
         }
     }
 
-    /// Deletes the oldest events while they are older than the window, never the last
-    /// one (it carries the sequence on across restarts): the log stays one contiguous
-    /// run of sequences, so `oldest_event` tells a resuming reader what it missed.
+    /// Deletes the oldest event records while every event in them is older than the
+    /// window, never the one holding the last event (it carries the sequence on across
+    /// restarts): the log stays one contiguous run of sequences, so `oldest_event` tells
+    /// a resuming reader what it missed. A run straddling the window's start stays whole.
     async fn delete_events(&self, cutoffs: &Cutoffs) -> Result<u64, ServiceError> {
         let batch = self.limits.retention_batch_records;
         let mut deleted = 0;
         loop {
             let last = *self.store.last_event().borrow();
             let after = self.store.oldest_event()?.map_or(last, |oldest| oldest - 1);
-            let keys: Vec<Vec<u8>> = self
+            let old_through = self
                 .store
                 .events(after, last.saturating_sub(1), batch)?
                 .into_iter()
                 .take_while(|event| !cutoffs.keeps_event(event.event.at_unix_ms))
-                .map(|event| records::event_key(event.sequence).to_vec())
-                .collect();
+                .last()
+                .map(|event| event.sequence);
+            let (keys, events) = match old_through {
+                Some(through) => self.store.event_records_through(through, batch)?,
+                None => (Vec::new(), 0),
+            };
             if keys.is_empty() {
                 return Ok(deleted);
             }
-            deleted += self.delete_keys(keys).await?;
+            self.delete_keys(keys).await?;
+            deleted += events;
         }
     }
 

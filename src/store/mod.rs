@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Limits;
 use crate::domain::booking::{Booking, Reference};
+use crate::domain::event::SequencedEvent;
 use crate::domain::hold::{Hold, HoldId};
 use crate::domain::ids::{BookingId, CitizenTag, RequestKey, SlotKey};
 pub use committer::UnsyncedForBenchmarks;
@@ -282,19 +283,59 @@ impl Store {
         after: u64,
         through: u64,
         limit: usize,
-    ) -> Result<Vec<crate::domain::event::SequencedEvent>, StoreError> {
-        if after >= through {
-            return Ok(Vec::new());
+    ) -> Result<Vec<SequencedEvent>, StoreError> {
+        let mut events = Vec::new();
+        if after >= through || limit == 0 {
+            return Ok(events);
         }
-        let range = records::event_key(after + 1)..=records::event_key(through);
-        self.db
-            .range(range)
-            .take(limit)
-            .map(|item| {
-                let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
-                crate::domain::event::SequencedEvent::decode_value(&key, &value)
-            })
-            .collect()
+        let from = self.event_record_holding(after + 1)?;
+        for item in self.db.range(from..=records::event_key(through).to_vec()) {
+            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            let wanted = |event: &SequencedEvent| (after + 1..=through).contains(&event.sequence);
+            for event in records::decode_event_record(&key, &value)? {
+                if wanted(&event) {
+                    events.push(event);
+                    if events.len() == limit {
+                        return Ok(events);
+                    }
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// The key of the event record that holds `sequence` (a run starting at or before
+    /// it), or the sequence's own key when none starts before it.
+    fn event_record_holding(&self, sequence: u64) -> Result<Vec<u8>, StoreError> {
+        let at_or_before = records::event_key(0)..=records::event_key(sequence);
+        match self.db.range(at_or_before).keys().next_back() {
+            Some(Ok(key)) => Ok(key.to_vec()),
+            Some(Err(e)) => Err(StoreError::Io(format!("scanning events: {e}"))),
+            None => Ok(records::event_key(sequence).to_vec()),
+        }
+    }
+
+    /// The keys of the oldest event records, in order, while every event of the record
+    /// is at or before `through` (at most `limit` keys), and how many events they hold:
+    /// what retention may delete.
+    pub fn event_records_through(
+        &self,
+        through: u64,
+        limit: usize,
+    ) -> Result<(Vec<Vec<u8>>, u64), StoreError> {
+        let (mut keys, mut events) = (Vec::new(), 0);
+        for item in self.db.scan_prefix([records::EVENT_PREFIX]).take(limit) {
+            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            let run = records::decode_event_record(&key, &value)?;
+            match run.last() {
+                Some(last) if last.sequence <= through => {
+                    keys.push(key.to_vec());
+                    events += run.len() as u64;
+                }
+                _ => break,
+            }
+        }
+        Ok((keys, events))
     }
 
     /// The booking with this id among the bookings of citizens with this tag.
@@ -693,13 +734,15 @@ pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
-/// The sequence of the last event in the store (0: none). Retention keeps the last one,
-/// so sequences never restart.
+/// The sequence of the last event in the store (0: none): the last of the last record's
+/// run. Retention keeps the record holding the last one, so sequences never restart.
 fn last_event_sequence(db: &sled::Db) -> Result<u64, StoreError> {
-    match db.scan_prefix([records::EVENT_PREFIX]).keys().next_back() {
+    match db.scan_prefix([records::EVENT_PREFIX]).next_back() {
         None => Ok(0),
-        Some(Ok(key)) => records::sequence_of_event_key(&key)
-            .ok_or_else(|| StoreError::Corrupt("an event key of the wrong length".into())),
+        Some(Ok((key, value))) => records::decode_event_record(&key, &value)?
+            .last()
+            .map(|event| event.sequence)
+            .ok_or_else(|| StoreError::Corrupt("an event record without events".into())),
         Some(Err(e)) => Err(StoreError::Io(format!("reading the last event: {e}"))),
     }
 }
@@ -806,5 +849,85 @@ fn open_sled(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
 impl Drop for Store {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::{Event, EventKind};
+    use crate::domain::ids::{ServiceId, SiteId};
+
+    fn event(at_unix_ms: i64) -> Event {
+        Event {
+            kind: EventKind::CapacityChanged,
+            at_unix_ms,
+            slot: SlotKey {
+                site_id: SiteId::parse("s", "site", 64).unwrap(),
+                service_id: ServiceId::parse("s", "vax", 64).unwrap(),
+                start_unix_s: 1_800_000_000,
+            },
+            booking: None,
+            hold_id: None,
+            previous_booking_id: None,
+            reason: String::new(),
+            capacity: Some(3),
+        }
+    }
+
+    fn sequences(events: Vec<SequencedEvent>) -> Vec<u64> {
+        events.iter().map(|e| e.sequence).collect()
+    }
+
+    /// Events 1–2 stored one per record (as before runs), 3–202 in runs (several
+    /// commits, one of them bigger than a run): every window of the log reads the same
+    /// events in order, the last sequence survives a reopen, and retention's keys never
+    /// split a run or take the one holding the last event.
+    #[test]
+    fn the_event_log_reads_the_same_across_single_records_and_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        {
+            let db = sled::open(dir.path().join("sled")).unwrap();
+            for sequence in 1..=2 {
+                let value = records::encode_event(&event(sequence as i64)).unwrap();
+                db.insert(records::event_key(sequence), value).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), &Limits::default()).unwrap();
+        assert_eq!(*store.last_event().borrow(), 2);
+        for commit in [1usize, 99, 100] {
+            let writes: Vec<Write> = (0..commit).map(|_| Write::Event(event(50))).collect();
+            runtime.block_on(store.commit(&writes)).unwrap();
+        }
+        assert_eq!(*store.last_event().borrow(), 202);
+        let all: Vec<u64> = (1..=202).collect();
+        assert_eq!(sequences(store.events(0, 202, 1_000).unwrap()), all);
+        for (after, through, limit) in [(0, 5, 3), (1, 3, 10), (2, 60, 7), (57, 202, 1_000)] {
+            let expected: Vec<u64> = (after + 1..=through).take(limit).collect();
+            let read = sequences(store.events(after, through, limit).unwrap());
+            assert_eq!(
+                read, expected,
+                "after {after}, through {through}, limit {limit}"
+            );
+        }
+        assert!(store.events(202, 202, 10).unwrap().is_empty());
+        assert!(store.events(0, 10, 0).unwrap().is_empty());
+
+        let (keys, events) = store.event_records_through(2, 100).unwrap();
+        assert_eq!((keys.len(), events), (2, 2));
+        // Event 3 was a commit of its own; 4–102 another: through 50 takes only 1–3.
+        let (keys, events) = store.event_records_through(50, 100).unwrap();
+        assert_eq!((keys.len(), events), (3, 3));
+        let (_, events) = store.event_records_through(201, 1_000).unwrap();
+        assert!(events < 201, "the record holding event 202 stays");
+        drop(store);
+        let store = Store::open(dir.path(), &Limits::default()).unwrap();
+        assert_eq!(*store.last_event().borrow(), 202);
+        assert_eq!(store.oldest_event().unwrap(), Some(1));
     }
 }

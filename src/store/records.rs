@@ -13,7 +13,9 @@
 //! (their channel), releases (channel reserves) and campaign registrations (the decline
 //! and withdraw requests they answered), whose v2 is v1 followed by the new fields;
 //! bookings have a v3 (v2, then reference and check-in code, the desk's
-//! attendance and the series dose). The reference and roster indexes live in memory
+//! attendance and the series dose). Events are written as runs (format 2: the events of
+//! one group commit under the first one's sequence, each item an event's format-1
+//! value); a format-1 event record is one event. The reference and roster indexes live in memory
 //! (`store::booking_index`); stores from before issue #19 had them as `N` and `W` keys,
 //! removed when such a store is opened. The golden-bytes tests
 //! below pin every record kind and version.
@@ -495,6 +497,13 @@ mod v3 {
 /// Format version 2 of the kinds that have one. Never edit these types either.
 mod v2 {
     use serde::{Deserialize, Serialize};
+
+    /// Events committed together, under the first one's sequence; each item is an
+    /// event's format-1 value (version byte included).
+    #[derive(Serialize, Deserialize)]
+    pub struct EventRun {
+        pub events: Vec<Vec<u8>>,
+    }
 
     #[derive(Serialize, Deserialize)]
     pub struct AuthorityRequest {
@@ -1037,40 +1046,93 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, StoreError> {
     })
 }
 
-impl Record for SequencedEvent {
-    fn encode_value(&self) -> Result<Vec<u8>, StoreError> {
-        encode_event(&self.event)
-    }
+/// The most event bytes one run record holds (a run of more starts a new record). sled
+/// 0.34 writes a node whose serialized form exceeds a quarter of a segment (128 KiB) to a
+/// separate blob file, which the committer's fdatasync of the `db` file would not cover;
+/// a leaf holds at most 17 records, so runs stay far below that.
+pub const EVENT_RUN_BYTES_MAX: usize = 4_096;
 
-    fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
-        let sequence = sequence_of_event_key(key)
-            .ok_or_else(|| corrupt(key, "an event key is E and 8 bytes of sequence"))?;
-        let event: v1::Event = decode_v1(key, value)?;
-        // Sent to gateways as it is: the rule every reason passed when it was written.
-        if !event.reason.is_empty() {
-            let length_max = crate::limits::STORED_TEXT_LENGTH_MAX;
-            let checked = crate::domain::text::display_text("reason", event.reason, "", length_max);
-            stored(key, checked)?;
+/// The records of events `first_sequence`, `first_sequence + 1`, ... (their values from
+/// `encode_event`, in order): runs of format 2, each keyed by its first event's sequence
+/// and holding at most `EVENT_RUN_BYTES_MAX` bytes of events (or one larger event), so a
+/// group commit writes one record per run instead of one per event.
+pub fn event_runs(
+    first_sequence: u64,
+    values: Vec<Vec<u8>>,
+) -> Result<Vec<crate::store::committer::Change>, StoreError> {
+    let mut records = Vec::new();
+    let (mut run, mut run_bytes, mut run_first) = (Vec::new(), 0, first_sequence);
+    for (sequence, value) in (first_sequence..).zip(values) {
+        if !run.is_empty() && run_bytes + value.len() > EVENT_RUN_BYTES_MAX {
+            let events = std::mem::take(&mut run);
+            records.push(event_run(run_first, events)?);
+            (run_bytes, run_first) = (0, sequence);
         }
-        Ok(SequencedEvent {
-            sequence,
-            event: Event {
-                kind: event_kind_from_v1(event.kind),
-                at_unix_ms: event.at_unix_ms,
-                slot: slot_key_from_v1(key, event.slot)?,
-                booking: event.booking.map(|booking| EventBooking {
-                    booking_id: BookingId(booking.booking_id),
-                    end_unix_s: booking.end_unix_s,
-                    created_at_unix_ms: booking.created_at_unix_ms,
-                    cancelled_at_unix_ms: booking.cancelled_at_unix_ms,
-                }),
-                hold_id: event.hold_id.map(BookingId),
-                previous_booking_id: event.previous_booking_id.map(BookingId),
-                reason: event.reason.to_string(),
-                capacity: event.capacity,
-            },
-        })
+        run_bytes += value.len();
+        run.push(value);
     }
+    if !run.is_empty() {
+        records.push(event_run(run_first, run)?);
+    }
+    Ok(records)
+}
+
+fn event_run(
+    first_sequence: u64,
+    events: Vec<Vec<u8>>,
+) -> Result<crate::store::committer::Change, StoreError> {
+    let value = encode_as(FORMAT_V2, &v2::EventRun { events })?;
+    Ok((event_key(first_sequence).to_vec(), Some(value)))
+}
+
+/// The events of one event record: one (format 1, written before runs) or a run
+/// (format 2), in sequence order from the key's.
+pub fn decode_event_record(key: &[u8], value: &[u8]) -> Result<Vec<SequencedEvent>, StoreError> {
+    let first = sequence_of_event_key(key)
+        .ok_or_else(|| corrupt(key, "an event key is E and 8 bytes of sequence"))?;
+    match value.split_first() {
+        Some((&FORMAT_VERSION, _)) => Ok(vec![decode_event(key, first, value)?]),
+        Some((&FORMAT_V2, body)) => {
+            let run: v2::EventRun = decode_body(key, body)?;
+            if run.events.is_empty() {
+                return Err(corrupt(key, "is an empty run of events"));
+            }
+            (first..)
+                .zip(&run.events)
+                .map(|(sequence, event)| decode_event(key, sequence, event))
+                .collect()
+        }
+        _ => Err(corrupt(key, "has an unknown format version")),
+    }
+}
+
+/// One event's format-1 value (a record of its own, or an item of a run).
+fn decode_event(key: &[u8], sequence: u64, value: &[u8]) -> Result<SequencedEvent, StoreError> {
+    let event: v1::Event = decode_v1(key, value)?;
+    // Sent to gateways as it is: the rule every reason passed when it was written.
+    if !event.reason.is_empty() {
+        let length_max = crate::limits::STORED_TEXT_LENGTH_MAX;
+        let checked = crate::domain::text::display_text("reason", event.reason, "", length_max);
+        stored(key, checked)?;
+    }
+    Ok(SequencedEvent {
+        sequence,
+        event: Event {
+            kind: event_kind_from_v1(event.kind),
+            at_unix_ms: event.at_unix_ms,
+            slot: slot_key_from_v1(key, event.slot)?,
+            booking: event.booking.map(|booking| EventBooking {
+                booking_id: BookingId(booking.booking_id),
+                end_unix_s: booking.end_unix_s,
+                created_at_unix_ms: booking.created_at_unix_ms,
+                cancelled_at_unix_ms: booking.cancelled_at_unix_ms,
+            }),
+            hold_id: event.hold_id.map(BookingId),
+            previous_booking_id: event.previous_booking_id.map(BookingId),
+            reason: event.reason.to_string(),
+            capacity: event.capacity,
+        },
+    })
 }
 
 impl Record for Release {
@@ -2114,8 +2176,8 @@ mod golden {
             Write::AuthorityRequest(r) => AuthorityRequest::decode_value(key, value).unwrap() == *r,
             Write::Audit(r) => AuditEntry::decode_value(key, value).unwrap() == *r,
             Write::Event(r) => {
-                let event = SequencedEvent::decode_value(&event_key(7), value).unwrap();
-                event.sequence == 7 && event.event == *r
+                let events = decode_event_record(&event_key(7), value).unwrap();
+                events.len() == 1 && events[0].sequence == 7 && events[0].event == *r
             }
             Write::Release(r) => Release::decode_value(key, value).unwrap() == *r,
             Write::Ticket(r) => Ticket::decode_value(key, value).unwrap() == *r,
@@ -2124,6 +2186,68 @@ mod golden {
             Write::Series(r) => Series::decode_value(key, value).unwrap() == *r,
             Write::Delete(_) => unreachable!("not a record"),
         }
+    }
+
+    /// The events of `every_kind`, as the committer stores them when they are the 7th
+    /// and 8th of the log: one run record under 7. Pinned like the kinds above.
+    #[test]
+    fn a_run_of_events_has_its_golden_bytes_and_reads_back() {
+        let events: Vec<Event> = every_kind()
+            .into_iter()
+            .filter_map(|(_, write)| match write {
+                Write::Event(event) => Some(event),
+                _ => None,
+            })
+            .collect();
+        let values = events.iter().map(|e| encode_event(e).unwrap()).collect();
+        let records = event_runs(7, values).unwrap();
+        let [(key, Some(value))] = records.as_slice() else {
+            panic!("two small events make one run: {records:?}");
+        };
+        assert_eq!(hex(key), "450000000000000007");
+        assert_eq!(hex(value), EVENT_RUN_GOLDEN);
+        let read = decode_event_record(key, value).unwrap();
+        let sequences: Vec<u64> = read.iter().map(|e| e.sequence).collect();
+        assert_eq!(sequences, [7, 8]);
+        assert!(read.iter().map(|e| &e.event).eq(&events));
+    }
+
+    const EVENT_RUN_GOLDEN: &str = "020259010280988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d01909eb8e8c0e1828589909cb0d080c181820290e4ceb40d80988cccdb68000001bbd5020b72657363686564756c6564002f010580988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d0000000001ac02";
+
+    /// A run holds at most `EVENT_RUN_BYTES_MAX` bytes of events (one larger event alone),
+    /// each run keyed by its first sequence, the sequences contiguous across runs.
+    #[test]
+    fn events_beyond_a_runs_bytes_start_a_new_run() {
+        let event = every_kind()
+            .into_iter()
+            .find_map(|(_, write)| match write {
+                Write::Event(event) => Some(event),
+                _ => None,
+            })
+            .unwrap();
+        let value = encode_event(&event).unwrap();
+        let per_run = EVENT_RUN_BYTES_MAX / value.len();
+        let records = event_runs(100, vec![value.clone(); per_run * 2 + 1]).unwrap();
+        let firsts: Vec<u64> = records
+            .iter()
+            .map(|(key, _)| sequence_of_event_key(key).unwrap())
+            .collect();
+        let first_of_second = 100 + per_run as u64;
+        assert_eq!(
+            firsts,
+            [100, first_of_second, first_of_second + per_run as u64]
+        );
+        let mut next = 100;
+        for (key, value) in &records {
+            for read in decode_event_record(key, value.as_ref().unwrap()).unwrap() {
+                assert_eq!((read.sequence, &read.event), (next, &event));
+                next += 1;
+            }
+        }
+        assert_eq!(next, 100 + 2 * per_run as u64 + 1);
+        let big = vec![0u8; EVENT_RUN_BYTES_MAX + 1];
+        assert_eq!(event_runs(1, vec![big.clone(), big]).unwrap().len(), 2);
+        assert!(event_runs(1, Vec::new()).unwrap().is_empty());
     }
 
     /// Authority requests of format 1 (before they had a time) read with time 0.
