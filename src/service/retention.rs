@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 
 use crate::domain::booking::Booking;
+use crate::domain::event::SequencedEvent;
 use crate::domain::hold::Hold;
 use crate::domain::ids::SlotKey;
 use crate::domain::retention::{self, Cutoffs};
@@ -297,21 +298,11 @@ impl Engine {
     /// a resuming reader what it missed. A run straddling the window's start stays whole.
     async fn delete_events(&self, cutoffs: &Cutoffs) -> Result<u64, ServiceError> {
         let batch = self.limits.retention_batch_records;
+        let old = |event: &SequencedEvent| !cutoffs.keeps_event(event.event.at_unix_ms);
         let mut deleted = 0;
         loop {
             let last = *self.store.last_event().borrow();
-            let after = self.store.oldest_event()?.map_or(last, |oldest| oldest - 1);
-            let old_through = self
-                .store
-                .events(after, last.saturating_sub(1), batch)?
-                .into_iter()
-                .take_while(|event| !cutoffs.keeps_event(event.event.at_unix_ms))
-                .last()
-                .map(|event| event.sequence);
-            let (keys, events) = match old_through {
-                Some(through) => self.store.event_records_through(through, batch)?,
-                None => (Vec::new(), 0),
-            };
+            let (keys, events) = self.store.old_event_records(last, old, batch)?;
             if keys.is_empty() {
                 return Ok(deleted);
             }

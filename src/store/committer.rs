@@ -31,7 +31,7 @@ pub type Change = (Vec<u8>, Option<Vec<u8>>);
 /// Writes of one caller, committed together with other callers' writes.
 pub struct CommitRequest {
     pub writes: Vec<Change>,
-    /// Event values, in order; each gets the next sequence as its key.
+    /// Event values, in order; each gets the next sequence (stored in runs).
     pub events: Vec<Vec<u8>>,
     pub done: oneshot::Sender<Result<(), StoreError>>,
 }

@@ -316,24 +316,23 @@ impl Store {
     }
 
     /// The keys of the oldest event records, in order, while every event of the record
-    /// is at or before `through` (at most `limit` keys), and how many events they hold:
-    /// what retention may delete.
-    pub fn event_records_through(
+    /// is `old` and before `last` (the record holding `last` is never among them), at
+    /// most `limit` keys, and how many events they hold: what retention may delete.
+    pub fn old_event_records(
         &self,
-        through: u64,
+        last: u64,
+        old: impl Fn(&SequencedEvent) -> bool,
         limit: usize,
     ) -> Result<(Vec<Vec<u8>>, u64), StoreError> {
         let (mut keys, mut events) = (Vec::new(), 0);
         for item in self.db.scan_prefix([records::EVENT_PREFIX]).take(limit) {
             let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
             let run = records::decode_event_record(&key, &value)?;
-            match run.last() {
-                Some(last) if last.sequence <= through => {
-                    keys.push(key.to_vec());
-                    events += run.len() as u64;
-                }
-                _ => break,
+            if !run.iter().all(|event| event.sequence < last && old(event)) {
+                break;
             }
+            keys.push(key.to_vec());
+            events += run.len() as u64;
         }
         Ok((keys, events))
     }
@@ -858,9 +857,10 @@ mod tests {
     use crate::domain::event::{Event, EventKind};
     use crate::domain::ids::{ServiceId, SiteId};
 
+    /// An event of about 130 bytes: some 30 make a run.
     fn event(at_unix_ms: i64) -> Event {
         Event {
-            kind: EventKind::CapacityChanged,
+            kind: EventKind::SlotClosed,
             at_unix_ms,
             slot: SlotKey {
                 site_id: SiteId::parse("s", "site", 64).unwrap(),
@@ -870,19 +870,31 @@ mod tests {
             booking: None,
             hold_id: None,
             previous_booking_id: None,
-            reason: String::new(),
-            capacity: Some(3),
+            reason: "closed for a flood in the basement ".repeat(3),
+            capacity: None,
         }
     }
 
-    fn sequences(events: Vec<SequencedEvent>) -> Vec<u64> {
+    fn sequences(events: &[SequencedEvent]) -> Vec<u64> {
         events.iter().map(|e| e.sequence).collect()
     }
 
-    /// Events 1–2 stored one per record (as before runs), 3–202 in runs (several
-    /// commits, one of them bigger than a run): every window of the log reads the same
-    /// events in order, the last sequence survives a reopen, and retention's keys never
-    /// split a run or take the one holding the last event.
+    /// (first, last) sequence of every event record, in key order.
+    fn records_of(store: &Store) -> Vec<(u64, u64)> {
+        let scan = store.db.scan_prefix([records::EVENT_PREFIX]);
+        scan.map(|item| {
+            let (key, value) = item.unwrap();
+            let run = records::decode_event_record(&key, &value).unwrap();
+            (run[0].sequence, run.last().unwrap().sequence)
+        })
+        .collect()
+    }
+
+    /// Events 1–2 stored one per record (as before runs), 3–202 in runs of three
+    /// commits (1, 99 and 100 events, the last two split into several runs): every
+    /// window of the log reads the same events in order, the last sequence survives a
+    /// reopen, and retention's keys are whole records, never the one holding the last
+    /// event, never one with an event it must keep.
     #[test]
     fn the_event_log_reads_the_same_across_single_records_and_runs() {
         let dir = tempfile::tempdir().unwrap();
@@ -905,11 +917,23 @@ mod tests {
             runtime.block_on(store.commit(&writes)).unwrap();
         }
         assert_eq!(*store.last_event().borrow(), 202);
+        let records = records_of(&store);
+        assert!(records.len() >= 2 + 1 + 3 + 3, "{records:?}");
+        let contiguous = records.windows(2).all(|pair| pair[1].0 == pair[0].1 + 1);
+        assert!(contiguous && records[0].0 == 1, "{records:?}");
+
         let all: Vec<u64> = (1..=202).collect();
-        assert_eq!(sequences(store.events(0, 202, 1_000).unwrap()), all);
-        for (after, through, limit) in [(0, 5, 3), (1, 3, 10), (2, 60, 7), (57, 202, 1_000)] {
+        assert_eq!(sequences(&store.events(0, 202, 1_000).unwrap()), all);
+        let windows = [
+            (0, 5, 3),
+            (1, 3, 10),
+            (2, 60, 7),
+            (40, 70, 1_000),
+            (57, 202, 90),
+        ];
+        for (after, through, limit) in windows {
             let expected: Vec<u64> = (after + 1..=through).take(limit).collect();
-            let read = sequences(store.events(after, through, limit).unwrap());
+            let read = sequences(&store.events(after, through, limit).unwrap());
             assert_eq!(
                 read, expected,
                 "after {after}, through {through}, limit {limit}"
@@ -918,13 +942,20 @@ mod tests {
         assert!(store.events(202, 202, 10).unwrap().is_empty());
         assert!(store.events(0, 10, 0).unwrap().is_empty());
 
-        let (keys, events) = store.event_records_through(2, 100).unwrap();
-        assert_eq!((keys.len(), events), (2, 2));
-        // Event 3 was a commit of its own; 4–102 another: through 50 takes only 1–3.
-        let (keys, events) = store.event_records_through(50, 100).unwrap();
-        assert_eq!((keys.len(), events), (3, 3));
-        let (_, events) = store.event_records_through(201, 1_000).unwrap();
-        assert!(events < 201, "the record holding event 202 stays");
+        for cut in [0, 1, 2, 50, 150, 202] {
+            let old = |e: &SequencedEvent| e.sequence <= cut;
+            let (keys, events) = store.old_event_records(202, old, 1_000).unwrap();
+            let whole: Vec<&(u64, u64)> =
+                records.iter().take_while(|r| r.1 <= cut.min(201)).collect();
+            let expected: Vec<Vec<u8>> = whole
+                .iter()
+                .map(|r| records::event_key(r.0).to_vec())
+                .collect();
+            assert_eq!(keys, expected, "cut {cut}");
+            assert_eq!(events, whole.last().map_or(0, |r| r.1), "cut {cut}");
+        }
+        let old = |_: &SequencedEvent| true;
+        assert_eq!(store.old_event_records(202, old, 1).unwrap().1, 1);
         drop(store);
         let store = Store::open(dir.path(), &Limits::default()).unwrap();
         assert_eq!(*store.last_event().borrow(), 202);

@@ -61,6 +61,9 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO prenota_lease_holder SELECT id, epoch, holder, renewed_at FROM prenota_lease;
     ALTER TABLE prenota_lease DROP COLUMN holder, DROP COLUMN renewed_at;
     ",
+    // Events stored in runs (format 2 of events): no change of tables, but a build
+    // before it would misread the log and reuse its sequences, so it must refuse.
+    "COMMENT ON TABLE prenota_kv IS 'prenota records; events in runs since schema 3'",
 ];
 
 /// Rows copied into the local store per sled batch at start-up.
