@@ -893,8 +893,8 @@ mod tests {
     /// Events 1–2 stored one per record (as before runs), 3–202 in runs of three
     /// commits (1, 99 and 100 events, the last two split into several runs): every
     /// window of the log reads the same events in order, the last sequence survives a
-    /// reopen, and retention's keys are whole records, never the one holding the last
-    /// event, never one with an event it must keep.
+    /// reopen, and retention's keys are whole records, never one holding an event at or
+    /// after the durable last, never one with an event it must keep.
     #[test]
     fn the_event_log_reads_the_same_across_single_records_and_runs() {
         let dir = tempfile::tempdir().unwrap();
@@ -918,9 +918,16 @@ mod tests {
         }
         assert_eq!(*store.last_event().borrow(), 202);
         let records = records_of(&store);
-        assert!(records.len() >= 2 + 1 + 3 + 3, "{records:?}");
         let contiguous = records.windows(2).all(|pair| pair[1].0 == pair[0].1 + 1);
         assert!(contiguous && records[0].0 == 1, "{records:?}");
+        // Runs never cross a commit (ends 2, 3, 102, 202) and both big commits split.
+        let ends: Vec<u64> = records.iter().map(|r| r.1).collect();
+        assert!(
+            [1, 2, 3, 102, 202].iter().all(|end| ends.contains(end)),
+            "{records:?}"
+        );
+        let runs_of = |from: u64, to: u64| records.iter().filter(move |r| r.0 >= from && r.1 <= to);
+        assert!(runs_of(4, 102).count() >= 3 && runs_of(103, 202).count() >= 3);
 
         let all: Vec<u64> = (1..=202).collect();
         assert_eq!(sequences(&store.events(0, 202, 1_000).unwrap()), all);
@@ -942,23 +949,39 @@ mod tests {
         assert!(store.events(202, 202, 10).unwrap().is_empty());
         assert!(store.events(0, 10, 0).unwrap().is_empty());
 
-        for cut in [0, 1, 2, 50, 150, 202] {
+        // Every cut at, just before and just after each record's end, with the durable
+        // last at the end of the log or inside it: whole records only, all before it.
+        let cuts = ends.iter().flat_map(|&end| [end - 1, end, end + 1]);
+        for (cut, last) in cuts.flat_map(|cut| [(cut, 202), (cut, 100)]) {
             let old = |e: &SequencedEvent| e.sequence <= cut;
-            let (keys, events) = store.old_event_records(202, old, 1_000).unwrap();
-            let whole: Vec<&(u64, u64)> =
-                records.iter().take_while(|r| r.1 <= cut.min(201)).collect();
-            let expected: Vec<Vec<u8>> = whole
-                .iter()
+            let (keys, events) = store.old_event_records(last, old, 1_000).unwrap();
+            let whole: Vec<&(u64, u64)> = (records.iter())
+                .take_while(|r| r.1 <= cut && r.1 < last)
+                .collect();
+            let expected: Vec<Vec<u8>> = (whole.iter())
                 .map(|r| records::event_key(r.0).to_vec())
                 .collect();
-            assert_eq!(keys, expected, "cut {cut}");
-            assert_eq!(events, whole.last().map_or(0, |r| r.1), "cut {cut}");
+            assert_eq!(keys, expected, "cut {cut}, last {last}");
+            assert_eq!(
+                events,
+                whole.last().map_or(0, |r| r.1),
+                "cut {cut}, last {last}"
+            );
         }
         let old = |_: &SequencedEvent| true;
         assert_eq!(store.old_event_records(202, old, 1).unwrap().1, 1);
+
+        // Deleting the first records moves the oldest event to the next record's first.
+        let (keys, _) = store
+            .old_event_records(202, |e| e.sequence <= 3, 1_000)
+            .unwrap();
+        let deletes: Vec<Write> = keys.into_iter().map(Write::Delete).collect();
+        runtime.block_on(store.commit(&deletes)).unwrap();
+        assert_eq!(store.oldest_event().unwrap(), Some(4));
+        assert_eq!(sequences(&store.events(0, 6, 10).unwrap()), [4, 5, 6]);
         drop(store);
         let store = Store::open(dir.path(), &Limits::default()).unwrap();
         assert_eq!(*store.last_event().borrow(), 202);
-        assert_eq!(store.oldest_event().unwrap(), Some(1));
+        assert_eq!(store.oldest_event().unwrap(), Some(4));
     }
 }

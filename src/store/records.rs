@@ -57,7 +57,8 @@ pub const AUDIT_PREFIX: u8 = b'A';
 /// so a retry with the same `request_id` gets the first outcome back.
 pub const AUTHORITY_REQUEST_PREFIX: u8 = b'R';
 /// `E` + sequence (u64): the event log (`WatchEvents`), numbered by the committer in
-/// commit order from 1, without gaps.
+/// commit order from 1, without gaps; each record a run of events keyed by its first
+/// one's sequence (or, written before runs, one event).
 pub const EVENT_PREFIX: u8 = b'E';
 /// `P` + release id: an announced opening (`CreateRelease`).
 pub const RELEASE_PREFIX: u8 = b'P';
@@ -166,7 +167,7 @@ pub enum Write {
     ApplyJournal(ApplyJournal),
     AuthorityRequest(AuthorityRequest),
     Audit(AuditEntry),
-    /// Keyed by the sequence the committer gives it.
+    /// Numbered by the committer, stored in a run of its commit's events.
     Event(Event),
     Release(Release),
     Ticket(Ticket),
