@@ -43,6 +43,8 @@ pub struct Store {
     index: booking_index::BookingIndex,
     /// With PostgreSQL: the lease keeper (dropping the sender stops it).
     lease_keeper: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
+    /// `DATA_DIR/lock`, locked while this store is open (released last, on drop).
+    _data_dir_lock: File,
 }
 
 impl Store {
@@ -69,6 +71,7 @@ impl Store {
     ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
+        let data_dir_lock = lock_data_dir(data_dir, limits)?;
         let sled_dir = data_dir.join("sled");
         let db = match open_sled(&sled_dir, limits) {
             // sled found a file torn (it reads `conf` before its lock, and snapshots
@@ -141,6 +144,7 @@ impl Store {
             data_dir: data_dir.to_path_buf(),
             index: booking_index::BookingIndex::default(),
             lease_keeper: None,
+            _data_dir_lock: data_dir_lock,
         })
     }
 
@@ -164,6 +168,7 @@ impl Store {
         let lease_keeper = Some((stop, keeper));
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
+        let data_dir_lock = lock_data_dir(data_dir, limits)?;
         let local = postgres::open_local_copy(
             &data_dir.join(POSTGRES_LOCAL_COPY_DIR),
             limits.store_cache_bytes,
@@ -197,6 +202,7 @@ impl Store {
             data_dir: data_dir.to_path_buf(),
             index: booking_index::BookingIndex::default(),
             lease_keeper,
+            _data_dir_lock: data_dir_lock,
         })
     }
 
@@ -798,6 +804,47 @@ fn checksum_holds(bytes: &[u8], trailer: usize) -> bool {
     crc32fast::hash(body) == stored
 }
 
+/// Locks `DATA_DIR/lock` (made if missing) for this process, waiting up to
+/// `data_dir_lock_wait_ms` for another process to release it: taken before any of
+/// sled's files is read, so two processes starting at once on a new data dir cannot
+/// meet inside sled's start (sled reads its `conf` before taking its own lock, and the
+/// mending below would take a half-written one for torn). The OS releases it when the
+/// process ends, however it ends.
+fn lock_data_dir(data_dir: &Path, limits: &Limits) -> Result<File, StoreError> {
+    let path = data_dir.join(DATA_DIR_LOCK_FILE);
+    let io = |e: std::io::Error| StoreError::Io(format!("locking {}: {e}", path.display()));
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    let deadline = Instant::now() + Duration::from_millis(limits.data_dir_lock_wait_ms);
+    let mut waited = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                if !waited {
+                    tracing::warn!(dir = %data_dir.display(), "waiting for the data dir lock");
+                    waited = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Io(format!(
+                    "{} is in use by another prenota process (its lock is held)",
+                    data_dir.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+    }
+}
+
+/// The data dir's lock file (see `lock_data_dir`); empty, never removed.
+const DATA_DIR_LOCK_FILE: &str = "lock";
+
 /// Opens sled, waiting up to `data_dir_lock_wait_ms` for its file lock to be released.
 /// A store sled finds torn is `StoreError::Corrupt`.
 fn open_sled(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
@@ -856,6 +903,39 @@ mod tests {
     use super::*;
     use crate::domain::event::{Event, EventKind};
     use crate::domain::ids::{ServiceId, SiteId};
+
+    /// A second process on a brand-new data dir waits for the first's lock and then
+    /// refuses, before it has read or made any of sled's files: two starts at once can
+    /// no longer meet inside sled's start (where a half-written `conf` looks torn).
+    #[test]
+    fn the_data_dir_lock_is_taken_before_sleds_files_are_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            data_dir_lock_wait_ms: 100,
+            ..Limits::default()
+        };
+        // Another open file description: flock locks conflict as across processes.
+        let other = File::create(dir.path().join(DATA_DIR_LOCK_FILE)).unwrap();
+        other.lock().unwrap();
+        let refused = Store::open(dir.path(), &limits)
+            .err()
+            .expect("the lock is held");
+        assert!(refused
+            .to_string()
+            .contains("in use by another prenota process"));
+        assert!(
+            !dir.path().join("sled").exists(),
+            "sled was opened under a held lock"
+        );
+        other.unlock().unwrap();
+        let store = Store::open(dir.path(), &limits).unwrap();
+        let third = Store::open(dir.path(), &limits)
+            .err()
+            .expect("held by the store");
+        assert!(third.to_string().contains("in use"));
+        drop(store);
+        Store::open(dir.path(), &limits).unwrap();
+    }
 
     /// An event of about 130 bytes: some 30 make a run.
     fn event(at_unix_ms: i64) -> Event {
