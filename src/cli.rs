@@ -799,13 +799,13 @@ pub fn migrate_from_sled(data_dir: &Path, url: &str, config: &Config) -> Result<
         ));
     }
     eprintln!("prenota migrate: checking {}", data_dir.display());
+    // Kept open (and the data dir locked) through the copy: no server can start on it
+    // between the check and the copy.
     let engine = crate::service::Engine::open(data_dir, config, crate::service::Clock::system())
         .map_err(|e| format!("{}: {e}", data_dir.display()))?;
-    drop(engine);
-    let store = crate::store::Store::open(data_dir, &config.limits).map_err(|e| e.to_string())?;
     eprintln!("prenota migrate: copying into PostgreSQL (one transaction)");
     let mut last_said = std::time::Instant::now();
-    let copied = crate::store::postgres::copy_into(store.every_record(), url, |copied| {
+    let copied = crate::store::postgres::copy_into(engine.stored_records(), url, |copied| {
         if last_said.elapsed() >= std::time::Duration::from_secs(1) {
             eprintln!("prenota migrate: {copied} records copied");
             last_said = std::time::Instant::now();

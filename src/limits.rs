@@ -241,8 +241,9 @@ pub struct Limits {
     /// Bytes of those group commits an online backup may buffer; past it the backup
     /// fails the same way.
     pub backup_changes_buffered_bytes_max: usize,
-    /// How long start-up waits for the data dir's lock (a previous process, or sled's
-    /// I/O threads of a just-closed store, may still hold it) before refusing.
+    /// How long start-up waits for the data dir's lock (`DATA_DIR/lock`, held by a
+    /// previous process), then for sled's own lock (sled's I/O threads of a just-closed
+    /// store may hold it a moment longer), before refusing: each wait up to this long.
     pub data_dir_lock_wait_ms: u64,
 }
 

@@ -163,6 +163,14 @@ impl Engine {
         &self.clock
     }
 
+    /// Every stored record as it is (key, value), for `prenota migrate`: read from the
+    /// store this engine checked at start-up and still holds (and locks).
+    pub fn stored_records(
+        &self,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), crate::store::StoreError>> + '_ {
+        self.store.every_record()
+    }
+
     pub(super) fn now_unix_ms(&self) -> i64 {
         self.clock.now_unix_ms()
     }

@@ -30,7 +30,7 @@ use crate::service::requests::RequestRegistry;
 use crate::store::key_file;
 use crate::store::postgres::{Lease, Standby};
 use crate::store::records::{Record, SiteRecord};
-use crate::store::{Store, StoreError};
+use crate::store::{DataDirLock, Store, StoreError};
 use crate::telemetry;
 
 impl Engine {
@@ -61,12 +61,14 @@ impl Engine {
                         "[store] backend = \"postgres\" needs [citizens] hash_key_file".into(),
                     )
                 })?;
+                // Before standing by: a second node on this data dir refuses at once.
+                let lock = DataDirLock::take(data_dir, &config.limits)?;
                 let lease = Lease::acquire(settings, standby, &key_file::check_value(&key))?;
                 standby.waiting.store(false, Ordering::Release);
                 if standby.giving_up() {
                     return Err(StoreError::Closed.into()); // dropped: the lease goes
                 }
-                Store::open_postgres(data_dir, &config.limits, lease)?
+                Store::open_postgres((data_dir, lock), &config.limits, lease)?
             }
         };
         Self::open_with_store(store, config, clock)

@@ -44,7 +44,12 @@ pub struct Store {
     /// With PostgreSQL: the lease keeper (dropping the sender stops it).
     lease_keeper: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
     /// `DATA_DIR/lock`, locked while this store is open (released last, on drop).
-    _data_dir_lock: File,
+    _data_dir_lock: DataDirLock,
+}
+
+/// The lock on `DATA_DIR/lock` (see `DataDirLock::take`), held while it lives.
+pub struct DataDirLock {
+    _file: File,
 }
 
 impl Store {
@@ -71,7 +76,7 @@ impl Store {
     ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
-        let data_dir_lock = lock_data_dir(data_dir, limits)?;
+        let data_dir_lock = DataDirLock::take(data_dir, limits)?;
         let sled_dir = data_dir.join("sled");
         let db = match open_sled(&sled_dir, limits) {
             // sled found a file torn (it reads `conf` before its lock, and snapshots
@@ -152,7 +157,7 @@ impl Store {
     /// into a local read copy under `data_dir`, then commits to PostgreSQL (fenced by the
     /// lease's epoch) and keeps the lease renewed. See `postgres`.
     pub fn open_postgres(
-        data_dir: &Path,
+        (data_dir, data_dir_lock): (&Path, DataDirLock),
         limits: &Limits,
         lease: postgres::Lease,
     ) -> Result<Self, StoreError> {
@@ -166,9 +171,6 @@ impl Store {
             .keep(Arc::clone(&state), stopped)
             .map_err(thread_error)?;
         let lease_keeper = Some((stop, keeper));
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
-        let data_dir_lock = lock_data_dir(data_dir, limits)?;
         let local = postgres::open_local_copy(
             &data_dir.join(POSTGRES_LOCAL_COPY_DIR),
             limits.store_cache_bytes,
@@ -804,45 +806,50 @@ fn checksum_holds(bytes: &[u8], trailer: usize) -> bool {
     crc32fast::hash(body) == stored
 }
 
-/// Locks `DATA_DIR/lock` (made if missing) for this process, waiting up to
-/// `data_dir_lock_wait_ms` for another process to release it: taken before any of
-/// sled's files is read, so two processes starting at once on a new data dir cannot
-/// meet inside sled's start (sled reads its `conf` before taking its own lock, and the
-/// mending below would take a half-written one for torn). The OS releases it when the
-/// process ends, however it ends.
-fn lock_data_dir(data_dir: &Path, limits: &Limits) -> Result<File, StoreError> {
-    let path = data_dir.join(DATA_DIR_LOCK_FILE);
-    let io = |e: std::io::Error| StoreError::Io(format!("locking {}: {e}", path.display()));
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io)?;
-    let deadline = Instant::now() + Duration::from_millis(limits.data_dir_lock_wait_ms);
-    let mut waited = false;
-    loop {
-        match file.try_lock() {
-            Ok(()) => return Ok(file),
-            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                if !waited {
-                    tracing::warn!(dir = %data_dir.display(), "waiting for the data dir lock");
-                    waited = true;
+impl DataDirLock {
+    /// Locks `DATA_DIR/lock` (the dir and file made if missing) for this process,
+    /// waiting up to `data_dir_lock_wait_ms` for another process to release it. Taken
+    /// before any of sled's files is read (and, on PostgreSQL, before the lease is
+    /// waited for), so two processes starting at once on a new data dir cannot meet
+    /// inside sled's start (sled reads its `conf` before taking its own lock, and the
+    /// mending would take a half-written one for torn). The OS releases it when the
+    /// process ends, however it ends.
+    pub fn take(data_dir: &Path, limits: &Limits) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
+        let path = data_dir.join(DATA_DIR_LOCK_FILE);
+        let io = |e: std::io::Error| StoreError::Io(format!("locking {}: {e}", path.display()));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        let deadline = Instant::now() + Duration::from_millis(limits.data_dir_lock_wait_ms);
+        let mut waited = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(Self { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    if !waited {
+                        tracing::warn!(dir = %data_dir.display(), "waiting for the data dir lock");
+                        waited = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Io(format!(
+                        "{} is in use by another prenota process (its lock is held)",
+                        data_dir.display()
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
             }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::Io(format!(
-                    "{} is in use by another prenota process (its lock is held)",
-                    data_dir.display()
-                )))
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
     }
 }
 
-/// The data dir's lock file (see `lock_data_dir`); empty, never removed.
+/// The data dir's lock file (see `DataDirLock`); empty, never removed.
 const DATA_DIR_LOCK_FILE: &str = "lock";
 
 /// Opens sled, waiting up to `data_dir_lock_wait_ms` for its file lock to be released.
@@ -934,7 +941,8 @@ mod tests {
             .expect("held by the store");
         assert!(third.to_string().contains("in use"));
         drop(store);
-        Store::open(dir.path(), &limits).unwrap();
+        // sled's own I/O threads may hold its lock a moment longer: the default wait.
+        Store::open(dir.path(), &Limits::default()).unwrap();
     }
 
     /// An event of about 130 bytes: some 30 make a run.

@@ -450,6 +450,49 @@ async fn a_node_with_another_hash_key_is_refused_before_it_stands_by() {
     drop(active);
 }
 
+/// A second node started on the active node's data dir refuses (the data dir's lock)
+/// instead of standing by for the lease, where taking over would then fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_on_the_same_data_dir_refuses_instead_of_standing_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = shared_config(dir.path()) else {
+        return;
+    };
+    let mut active = node(dir.path(), &config, "a");
+    active.wait_serving();
+    let data_dir = dir.path().join("a");
+    let output = tokio::task::spawn_blocking(move || {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "off",
+            ])
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env("RUST_LOG", "error")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        output_within(child, Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{said}");
+    assert!(said.contains("in use by another prenota process"), "{said}");
+    let mut client = BookingServiceClient::new(connect(&active.url).await);
+    let still = client
+        .book(book_request("no-slot", "citizen-1", "still-1"))
+        .await;
+    assert_ne!(reason(&still.unwrap_err()).as_deref(), Some("NOT_ACTIVE"));
+    drop(active);
+}
+
 /// The child's exit and stderr, killing it (and failing) if it runs longer than `within`.
 fn output_within(mut child: std::process::Child, within: Duration) -> std::process::Output {
     let deadline = std::time::Instant::now() + within;

@@ -262,7 +262,7 @@ async fn a_rush_of_other_channels_never_takes_a_reserved_place() {
             service_id: "vax".into(),
             from: at_s(now_s),
             to: at_s(now_s + 60 * 86_400),
-            release_at: at_s(now_s + 1),
+            release_at: at_s(now_s + 2),
             reserved_percent: [("phone".to_string(), 50)].into(),
             ..Default::default()
         }),
@@ -270,7 +270,8 @@ async fn a_rush_of_other_channels_never_takes_a_reserved_place() {
     })
     .await
     .expect("created");
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let opens_in_ms = (now_s + 2) * 1_000 + 100 - chrono::Utc::now().timestamp_millis();
+    tokio::time::sleep(Duration::from_millis(opens_in_ms.max(0) as u64)).await;
     let slot_id = first_slot(&mut booking(&server, PHONE).await).await;
     // 40 web citizens and 3 phone callers at once, for 10 places, 5 reserved.
     let mut attempts = Vec::new();
@@ -326,7 +327,8 @@ async fn a_booking_made_before_its_release_counts_against_the_reserve() {
         service_id: "vax".into(),
         from: at_s(now_s),
         to: at_s(now_s + 60 * 86_400),
-        release_at: at_s(now_s + 1),
+        // Far enough ahead for the two calls below on a slow store (PostgreSQL).
+        release_at: at_s(now_s + 3),
         reserved_percent: [("web".to_string(), 50)].into(),
         ..Default::default()
     };
@@ -347,7 +349,8 @@ async fn a_booking_made_before_its_release_counts_against_the_reserve() {
     })
     .await
     .expect("created");
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let opens_in_ms = (now_s + 3) * 1_000 + 100 - chrono::Utc::now().timestamp_millis();
+    tokio::time::sleep(Duration::from_millis(opens_in_ms.max(0) as u64)).await;
     // 3 free of 4; the phone's reserve of 2 has 1 used (the early caller's): 1 held back.
     assert_eq!(remaining(&mut web, false).await, 2);
     assert_eq!(remaining(&mut phone, false).await, 3);
