@@ -296,17 +296,15 @@ impl Store {
         if after >= through || limit == 0 {
             return Ok(events);
         }
+        let wanted = after + 1..=through;
         let from = self.event_record_holding(after + 1)?;
         for item in self.db.range(from..=records::event_key(through).to_vec()) {
             let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
-            let wanted = |event: &SequencedEvent| (after + 1..=through).contains(&event.sequence);
-            for event in records::decode_event_record(&key, &value)? {
-                if wanted(&event) {
-                    events.push(event);
-                    if events.len() == limit {
-                        return Ok(events);
-                    }
-                }
+            let run = records::decode_event_record(&key, &value)?;
+            events.extend(run.into_iter().filter(|e| wanted.contains(&e.sequence)));
+            if events.len() >= limit {
+                events.truncate(limit);
+                return Ok(events);
             }
         }
         Ok(events)

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::child::{ChildOptions, ChildServer};
+use common::child::{serve_until_exit, ChildOptions, ChildServer};
 use common::*;
 use prenota::proto::booking_service_client::BookingServiceClient;
 use tonic::Code;
@@ -422,29 +422,17 @@ async fn a_node_with_another_hash_key_is_refused_before_it_stands_by() {
     )
     .unwrap();
     let started = Instant::now();
-    let output = tokio::task::spawn_blocking(move || {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "off",
-            ])
-            .arg("--config")
-            .arg(&other_config)
-            .arg("--data-dir")
-            .arg(other_config.with_extension("data"))
-            .env("RUST_LOG", "error")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        output_within(child, Duration::from_secs(10))
+    let other_data_dir = other_config.with_extension("data");
+    let (started_ok, said) = tokio::task::spawn_blocking(move || {
+        serve_until_exit(
+            &other_data_dir,
+            Some(&other_config),
+            Duration::from_secs(10),
+        )
     })
     .await
     .unwrap();
-    let said = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{said}");
+    assert!(!started_ok, "{said}");
     assert!(said.contains("hash_key_file is not the key"), "{said}");
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(active);
@@ -461,29 +449,12 @@ async fn a_second_node_on_the_same_data_dir_refuses_instead_of_standing_by() {
     let mut active = node(dir.path(), &config, "a");
     active.wait_serving();
     let data_dir = dir.path().join("a");
-    let output = tokio::task::spawn_blocking(move || {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "off",
-            ])
-            .arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .env("RUST_LOG", "error")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        output_within(child, Duration::from_secs(10))
+    let (started_ok, said) = tokio::task::spawn_blocking(move || {
+        serve_until_exit(&data_dir, Some(&config), Duration::from_secs(10))
     })
     .await
     .unwrap();
-    let said = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{said}");
+    assert!(!started_ok, "{said}");
     assert!(said.contains("in use by another prenota process"), "{said}");
     let mut client = BookingServiceClient::new(connect(&active.url).await);
     let still = client
@@ -491,17 +462,4 @@ async fn a_second_node_on_the_same_data_dir_refuses_instead_of_standing_by() {
         .await;
     assert_ne!(reason(&still.unwrap_err()).as_deref(), Some("NOT_ACTIVE"));
     drop(active);
-}
-
-/// The child's exit and stderr, killing it (and failing) if it runs longer than `within`.
-fn output_within(mut child: std::process::Child, within: Duration) -> std::process::Output {
-    let deadline = std::time::Instant::now() + within;
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("still running after {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
 }

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::child::ChildServer;
+use common::child::{serve_until_exit, ChildServer};
 use common::*;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -401,39 +401,6 @@ async fn six_hundred_stalled_exports_are_capped_then_cut_off_and_citizens_are_an
     assert_eq!(count, 200);
 }
 
-/// `prenota serve` on `data_dir` until it exits by itself (within 30 s): its exit
-/// success and its stderr.
-fn serve_until_exit(data_dir: &std::path::Path) -> (bool, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-        ])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            panic!("prenota kept running on {}", data_dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let output = child.wait_with_output().unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 fn mode_of(path: &std::path::Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -474,7 +441,7 @@ async fn a_missing_wrong_or_readable_key_refuses_start_up_and_files_are_private(
 
     let key = std::fs::read(&key_path).unwrap();
     std::fs::remove_file(&key_path).unwrap();
-    let (started, stderr) = serve_until_exit(&data_dir);
+    let (started, stderr) = serve_until_exit(&data_dir, None, Duration::from_secs(30));
     assert!(
         !started && stderr.contains("holds a store but no citizen-hash.key"),
         "{stderr}"
@@ -482,14 +449,14 @@ async fn a_missing_wrong_or_readable_key_refuses_start_up_and_files_are_private(
     assert!(!key_path.exists(), "no new key was made");
 
     write_key(&key_path, &[7u8; 32], 0o600);
-    let (started, stderr) = serve_until_exit(&data_dir);
+    let (started, stderr) = serve_until_exit(&data_dir, None, Duration::from_secs(30));
     assert!(
         !started && stderr.contains("is not the key the store"),
         "{stderr}"
     );
 
     write_key(&key_path, &key, 0o644);
-    let (started, stderr) = serve_until_exit(&data_dir);
+    let (started, stderr) = serve_until_exit(&data_dir, None, Duration::from_secs(30));
     assert!(!started && stderr.contains("chmod 600"), "{stderr}");
 
     write_key(&key_path, &key, 0o600);
@@ -517,7 +484,7 @@ async fn a_missing_wrong_or_readable_key_refuses_start_up_and_files_are_private(
     // refusal makes nothing, so a second start refuses too.
     std::fs::remove_dir_all(data_dir.join("sled")).unwrap();
     for _ in 0..2 {
-        let (started, stderr) = serve_until_exit(&data_dir);
+        let (started, stderr) = serve_until_exit(&data_dir, None, Duration::from_secs(30));
         assert!(
             !started && stderr.contains("the store's files are lost"),
             "{stderr}"

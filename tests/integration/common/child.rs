@@ -181,6 +181,51 @@ impl Drop for ChildServer {
     }
 }
 
+/// `prenota serve` on `data_dir` (with `--config config`, if given) until it exits by
+/// itself: its exit success and its stderr. Killed, and the test failed, if it still
+/// runs after `within` (a start that should have been refused stood by or served).
+pub fn serve_until_exit(
+    data_dir: &Path,
+    config: Option<&Path>,
+    within: std::time::Duration,
+) -> (bool, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_prenota"));
+    command.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "off",
+    ]);
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let mut child = command
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "prenota kept running on {} after {within:?}",
+                data_dir.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// `GET path` over plain HTTP/1.1 on loopback; the response body.
 pub fn http_get(url: &str) -> String {
     use std::io::{Read, Write};
