@@ -118,6 +118,8 @@ pub struct CitizenIssuer {
     pub audience: String,
     pub algorithm: jsonwebtoken::Algorithm,
     pub key: jsonwebtoken::DecodingKey,
+    /// The same key for `ed25519_dalek` (batch verification); `None` for P-256.
+    pub ed25519: Option<ed25519_dalek::VerifyingKey>,
 }
 
 impl CitizenIssuerEntry {
@@ -137,13 +139,35 @@ impl CitizenIssuerEntry {
                 }
             },
         };
+        let ed25519 = match algorithm {
+            jsonwebtoken::Algorithm::EdDSA => {
+                Some(ed25519_key(&key).map_err(|e| format!("{at}: {e}"))?)
+            }
+            _ => None,
+        };
         Ok(CitizenIssuer {
             name: self.name.clone(),
             audience: self.audience.clone(),
             algorithm,
             key,
+            ed25519,
         })
     }
+}
+
+/// The Ed25519 public key inside a `from_ed_pem` key (its 32 raw bytes).
+fn ed25519_key(key: &jsonwebtoken::DecodingKey) -> Result<ed25519_dalek::VerifyingKey, String> {
+    let bytes: &[u8; 32] = key
+        .try_get_as_bytes()
+        .ok()
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or("the Ed25519 public key is not 32 bytes")?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(bytes)
+        .map_err(|e| format!("the Ed25519 public key is not a curve point: {e}"))?;
+    if key.is_weak() {
+        return Err("the Ed25519 public key is weak (of small order): anything verifies".into());
+    }
+    Ok(key)
 }
 
 /// A checked token.

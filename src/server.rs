@@ -55,6 +55,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("starting the assertion verifier thread: {0}")]
+    VerifierThread(std::io::Error),
     #[error("the recovery task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
     /// PostgreSQL: the store failed (the lease lost, the session gone). Exiting lets a
@@ -90,7 +92,7 @@ enum Start {
 impl Server {
     /// Opens the store and rebuilds memory from it; refuses broken invariants.
     pub async fn open(options: ServeOptions) -> Result<Self, ServeError> {
-        let access = Access::of(&options.config);
+        let access = Access::of(&options.config)?;
         let engine = recover(options, Arc::default()).await?;
         Ok(Self { engine, access })
     }
@@ -125,7 +127,7 @@ pub async fn recover_and_serve(
     shutdown: impl Future<Output = ()>,
     on_serving: impl FnOnce(),
 ) -> Result<(), ServeError> {
-    let access = Access::of(&options.config);
+    let access = Access::of(&options.config)?;
     run(
         Start::Recover(Box::new(options)),
         access,
@@ -154,9 +156,9 @@ struct Access {
 }
 
 impl Access {
-    fn of(config: &Config) -> Self {
+    fn of(config: &Config) -> Result<Self, ServeError> {
         let lifetime_max_s = config.limits.citizen_assertion_lifetime_seconds_max;
-        Self {
+        Ok(Self {
             tokens: config.tokens.clone(),
             tls: config.tls.clone(),
             limits: config.limits.clone(),
@@ -164,12 +166,13 @@ impl Access {
                 &config.citizen_issuers,
                 lifetime_max_s,
                 config.limits.citizen_assertions_remembered_max,
-            ),
+            )
+            .map_err(ServeError::VerifierThread)?,
             open_citizens: default_citizen_trust(!config.citizen_issuers.is_empty()),
             reflection: config.serves_reflection(),
             open_data: config.open_data,
             stop_when_store_fails: matches!(config.store, crate::config::StoreBackend::Postgres(_)),
-        }
+        })
     }
 }
 

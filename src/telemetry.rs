@@ -42,6 +42,8 @@ pub const CONNECTIONS_REFUSED: &str = "prenota_connections_refused_total";
 pub const COMMIT_BATCH_WRITES: &str = "prenota_commit_batch_writes";
 /// Client requests (callers) in one group commit.
 pub const COMMIT_BATCH_REQUESTS: &str = "prenota_commit_batch_requests";
+/// Ed25519 signatures of citizen assertions verified together in one batch.
+pub const ASSERTION_BATCH_SIGNATURES: &str = "prenota_assertion_batch_signatures";
 /// sled `apply_batch` time per group commit.
 pub const COMMIT_APPLY_SECONDS: &str = "prenota_commit_apply_seconds";
 /// sled `flush` time per group commit.
@@ -120,7 +122,11 @@ fn builder() -> Result<PrometheusBuilder, String> {
     ] {
         builder = set(builder, name, DISK_SECONDS_BUCKETS)?;
     }
-    for name in [COMMIT_BATCH_WRITES, COMMIT_BATCH_REQUESTS] {
+    for name in [
+        COMMIT_BATCH_WRITES,
+        COMMIT_BATCH_REQUESTS,
+        ASSERTION_BATCH_SIGNATURES,
+    ] {
         builder = set(builder, name, BATCH_SIZE_BUCKETS)?;
     }
     Ok(builder)
@@ -242,6 +248,10 @@ fn describe() {
     describe_histogram!(COMMIT_BATCH_WRITES, "writes per group commit");
     describe_histogram!(COMMIT_BATCH_REQUESTS, "client requests per group commit");
     describe_histogram!(
+        ASSERTION_BATCH_SIGNATURES,
+        "citizen assertion signatures (Ed25519) verified in one batch"
+    );
+    describe_histogram!(
         COMMIT_APPLY_SECONDS,
         Unit::Seconds,
         "sled apply_batch time per group commit"
@@ -338,6 +348,7 @@ pub const ALL: &[&str] = &[
     CONNECTIONS_REFUSED,
     COMMIT_BATCH_WRITES,
     COMMIT_BATCH_REQUESTS,
+    ASSERTION_BATCH_SIGNATURES,
     COMMIT_APPLY_SECONDS,
     COMMIT_FLUSH_SECONDS,
     COMMIT_FSYNC_SECONDS,
@@ -368,6 +379,7 @@ mod tests {
             CAMPAIGN_REFILL_SECONDS,
             COMMIT_BATCH_WRITES,
             COMMIT_BATCH_REQUESTS,
+            ASSERTION_BATCH_SIGNATURES,
             COMMIT_APPLY_SECONDS,
             COMMIT_FLUSH_SECONDS,
             COMMIT_FSYNC_SECONDS,

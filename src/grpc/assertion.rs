@@ -1,20 +1,31 @@
 //! Signed citizen assertions (PRODUCT.md part A): a frontend whose token is `asserted`
 //! sends, on every call that names a citizen, `x-citizen-assertion: <compact JWS>`
-//! issued by an identity gateway; the citizen is its `sub`. Verified with the
-//! `jsonwebtoken` crate (EdDSA or ES256 only; never `none` or HMAC), against every key
-//! configured for the issuer (rotation), then its times against the engine's clock.
+//! issued by an identity gateway; the citizen is its `sub`. EdDSA or ES256 only (never
+//! `none` or HMAC), against every key configured for the issuer and audience
+//! (rotation); its times against the engine's clock.
+//!
+//! The header and claims are decoded by the `jsonwebtoken` crate; the signature over
+//! the JWS signing input is checked by `ed25519_dalek` in batches across the requests
+//! in flight (`signature_batch.rs`; the curve arithmetic is most of an asserted call's
+//! cost) or, for ES256, by `jsonwebtoken::crypto::verify`. Issuer, audience, times and
+//! the header's `crit` are checked here, before the signature: a claim that fails costs
+//! no signature check, and nothing is accepted unless every check holds.
 //!
 //! Must not import sled.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use jsonwebtoken::{decode, Validation};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, Header};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 
 use crate::config::CitizenIssuer;
+use crate::grpc::signature_batch::{Check, SignatureBatches};
 
 /// The metadata key that carries the assertion.
 pub const ASSERTION_HEADER: &str = "x-citizen-assertion";
@@ -38,6 +49,8 @@ pub struct AssertedCitizen {
 
 #[derive(Deserialize)]
 struct Claims {
+    iss: String,
+    aud: Audience,
     sub: String,
     iat: i64,
     exp: i64,
@@ -49,6 +62,58 @@ struct Claims {
     groups: Vec<String>,
     #[serde(default)]
     dependants: Vec<String>,
+}
+
+/// RFC 7519 `aud`: one audience or several.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Several(Vec<String>),
+}
+
+impl Audience {
+    fn includes(&self, audience: &str) -> bool {
+        match self {
+            Audience::One(one) => one == audience,
+            Audience::Several(several) => several.iter().any(|one| one == audience),
+        }
+    }
+}
+
+/// A compact JWS taken apart, nothing of it verified yet.
+struct Jws<'a> {
+    header: Header,
+    claims: Claims,
+    /// `header.payload`, what the signature signs.
+    signing_input: &'a str,
+    /// The signature, base64url.
+    signature: &'a str,
+}
+
+impl<'a> Jws<'a> {
+    fn parse(token: &'a str) -> Result<Self, String> {
+        let parts: Vec<&str> = token.split('.').collect();
+        let [header, payload, signature] = parts[..] else {
+            return Err("the assertion is not a compact JWS (three parts)".into());
+        };
+        let signing_input = &token[..header.len() + 1 + payload.len()];
+        // jsonwebtoken reads the same two parts.
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| format!("the assertion's header does not decode: {e}"))?;
+        // No extension is understood, so none that must be (RFC 7515 4.1.11) is accepted.
+        if header.crit.is_some() {
+            return Err("the assertion's header has crit parameters".into());
+        }
+        let claims = jsonwebtoken::dangerous::insecure_decode_claims(token)
+            .map_err(|e| format!("the assertion's claims do not decode: {e}"))?;
+        Ok(Self {
+            header,
+            claims,
+            signing_input,
+            signature,
+        })
+    }
 }
 
 /// Verified assertions by the SHA-256 of their text, with their `exp`: a citizen's
@@ -63,16 +128,30 @@ pub struct Assertions {
     verified: Arc<Mutex<Verified>>,
     /// Bound on `verified`: when full, expired entries go, and if it is still full, all.
     verified_max: usize,
+    /// The Ed25519 verifier thread; `None` when no issuer has an Ed25519 key.
+    batches: Option<SignatureBatches>,
+    /// When each of `issuers` last verified an assertion (Unix seconds; 0: never).
+    /// Batches check with the most recent key of an issuer first: after a rotation,
+    /// the new one.
+    last_verified: Arc<[AtomicI64]>,
 }
 
 impl Assertions {
-    pub fn new(issuers: &[CitizenIssuer], lifetime_max_s: u32, verified_max: usize) -> Self {
-        Self {
+    /// Starts the verifier thread if an issuer has an Ed25519 key.
+    pub fn new(
+        issuers: &[CitizenIssuer],
+        lifetime_max_s: u32,
+        verified_max: usize,
+    ) -> std::io::Result<Self> {
+        let ed25519 = issuers.iter().any(|issuer| issuer.ed25519.is_some());
+        Ok(Self {
             issuers: issuers.into(),
             lifetime_max_s: i64::from(lifetime_max_s),
             verified: Arc::default(),
             verified_max,
-        }
+            batches: ed25519.then(SignatureBatches::start).transpose()?,
+            last_verified: issuers.iter().map(|_| AtomicI64::new(0)).collect(),
+        })
     }
 
     /// How many verified assertions are remembered.
@@ -108,7 +187,7 @@ impl Assertions {
 
     /// The citizen the request's assertion names, or why there is none valid (for the
     /// logs: the client only learns CITIZEN_ASSERTION_INVALID).
-    pub fn verify(
+    pub async fn verify(
         &self,
         metadata: &MetadataMap,
         now_unix_s: i64,
@@ -125,7 +204,45 @@ impl Assertions {
         if let Some(citizen) = self.recall(&digest, now_unix_s) {
             return Ok(citizen);
         }
-        let claims = self.signed_claims(token)?;
+        let jws = Jws::parse(token)?;
+        let keys = self.keys_for(&jws)?;
+        self.check_times(&jws.claims, now_unix_s)?;
+        let signer = self.signer(&jws, &keys).await;
+        let Some(signer) = signer else {
+            return Err("the assertion's signature does not verify".into());
+        };
+        self.last_verified[signer].store(now_unix_s, Ordering::Relaxed);
+        let claims = jws.claims;
+        let citizen = AssertedCitizen {
+            sub: claims.sub,
+            birth_year: claims.birth_year,
+            groups: claims.groups,
+            dependants: claims.dependants,
+        };
+        self.remember(digest, &citizen, claims.exp, now_unix_s);
+        Ok(citizen)
+    }
+
+    /// The configured keys (indexes in `issuers`) that may have signed `jws`: its
+    /// issuer's, for its algorithm and one of its audiences; the last to verify first.
+    fn keys_for(&self, jws: &Jws<'_>) -> Result<Vec<usize>, String> {
+        let mut keys: Vec<usize> = (0..self.issuers.len())
+            .filter(|&i| self.issuers[i].name == jws.claims.iss)
+            .filter(|&i| self.issuers[i].algorithm == jws.header.alg)
+            .filter(|&i| jws.claims.aud.includes(&self.issuers[i].audience))
+            .collect();
+        keys.sort_by_key(|&i| std::cmp::Reverse(self.last_verified[i].load(Ordering::Relaxed)));
+        if keys.is_empty() {
+            return Err(format!(
+                "no {:?} key of issuer {:?} for the assertion's audience",
+                jws.header.alg, jws.claims.iss
+            ));
+        }
+        Ok(keys)
+    }
+
+    /// `exp`, `nbf`, `iat` and the lifetime against `now_unix_s`; a named citizen.
+    fn check_times(&self, claims: &Claims, now_unix_s: i64) -> Result<(), String> {
         if claims.exp <= now_unix_s {
             return Err("the assertion has expired".into());
         }
@@ -143,40 +260,36 @@ impl Assertions {
         if claims.sub.is_empty() {
             return Err("the assertion names no citizen".into());
         }
-        let citizen = AssertedCitizen {
-            sub: claims.sub,
-            birth_year: claims.birth_year,
-            groups: claims.groups,
-            dependants: claims.dependants,
-        };
-        self.remember(digest, &citizen, claims.exp, now_unix_s);
-        Ok(citizen)
+        Ok(())
     }
 
-    /// The claims of a JWS signed by a configured issuer for its audience. Only the keys
-    /// of the issuer the token names are tried (one signature check per key of it).
-    fn signed_claims(&self, token: &str) -> Result<Claims, String> {
-        #[derive(Deserialize)]
-        struct Claimed {
-            iss: String,
+    /// Which of `keys` (all of `jws`'s algorithm) signed `jws`, if one did.
+    async fn signer(&self, jws: &Jws<'_>, keys: &[usize]) -> Option<usize> {
+        let message = jws.signing_input.as_bytes();
+        if jws.header.alg != Algorithm::EdDSA {
+            return keys.iter().copied().find(|&i| {
+                let issuer = &self.issuers[i];
+                jsonwebtoken::crypto::verify(jws.signature, message, &issuer.key, issuer.algorithm)
+                    .unwrap_or(false)
+            });
         }
-        // Read unverified only to pick the keys; nothing of it is trusted.
-        let claimed = jsonwebtoken::dangerous::insecure_decode_claims::<Claimed>(token)
-            .map_err(|e| format!("the assertion does not decode: {e}"))?;
-        let mut last_error = format!("issuer {:?} is not configured", claimed.iss);
-        for issuer in self.issuers.iter().filter(|i| i.name == claimed.iss) {
-            let mut validation = Validation::new(issuer.algorithm);
-            validation.set_issuer(&[&issuer.name]);
-            validation.set_audience(&[&issuer.audience]);
-            validation.set_required_spec_claims(&["iss", "aud", "sub", "iat", "exp"]);
-            // Times are checked against the engine's clock, above.
-            validation.validate_exp = false;
-            match decode::<Claims>(token, &issuer.key, &validation) {
-                Ok(data) => return Ok(data.claims),
-                Err(error) => last_error = error.to_string(),
-            }
-        }
-        Err(last_error)
+        debug_assert!(self.batches.is_some(), "keys_for found an Ed25519 key");
+        let batches = self.batches.as_ref()?;
+        let signature = URL_SAFE_NO_PAD.decode(jws.signature).ok()?;
+        let check = Check {
+            message: message.to_vec(),
+            signature: ed25519_dalek::Signature::from_slice(&signature).ok()?,
+            keys: keys
+                .iter()
+                .filter_map(|&i| self.issuers[i].ed25519)
+                .collect(),
+        };
+        debug_assert_eq!(
+            check.keys.len(),
+            keys.len(),
+            "EdDSA keys have an Ed25519 key"
+        );
+        batches.verify(check).await.map(|k| keys[k])
     }
 }
 
@@ -190,11 +303,79 @@ mod tests {
         let claims = serde_json::json!({
             "iss": "gw", "aud": "prenota", "sub": sub, "iat": now, "exp": now + 600,
         });
+        carrying(&token(key, Header::new(Algorithm::EdDSA), &claims))
+    }
+
+    fn token(key: &rcgen::KeyPair, header: Header, claims: &serde_json::Value) -> String {
         let signing = EncodingKey::from_ed_pem(key.serialize_pem().as_bytes()).unwrap();
-        let token = encode(&Header::new(Algorithm::EdDSA), &claims, &signing).unwrap();
+        encode(&header, claims, &signing).unwrap()
+    }
+
+    fn carrying(token: &str) -> MetadataMap {
         let mut metadata = MetadataMap::new();
         metadata.insert(ASSERTION_HEADER, token.parse().unwrap());
         metadata
+    }
+
+    #[tokio::test]
+    async fn after_a_rotation_the_new_key_is_tried_first() {
+        let old = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let new = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let entry = |key: &rcgen::KeyPair| CitizenIssuerEntry {
+            name: "gw".into(),
+            audience: "prenota".into(),
+            public_key_pem: key.public_key_pem(),
+        };
+        let file = ConfigFile {
+            citizen_issuers: vec![entry(&old), entry(&new)],
+            ..ConfigFile::default()
+        };
+        let assertions = Assertions::new(&file.check().unwrap().citizen_issuers, 900, 0).unwrap();
+        let now = 1_800_000_000;
+        let by_new = signed(&new, "ALICE", now);
+        let token = by_new.get(ASSERTION_HEADER).unwrap().to_str().unwrap();
+        let jws = Jws::parse(token).unwrap();
+        assert_eq!(assertions.keys_for(&jws).unwrap(), [0, 1]);
+        assert!(assertions.verify(&by_new, now).await.is_ok());
+        assert_eq!(assertions.keys_for(&jws).unwrap(), [1, 0]);
+        assert!(assertions
+            .verify(&signed(&old, "BOB", now), now + 1)
+            .await
+            .is_ok());
+        assert_eq!(assertions.keys_for(&jws).unwrap(), [0, 1]);
+    }
+
+    #[tokio::test]
+    async fn audiences_crit_headers_and_swapped_payloads() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let now = 1_800_000_000;
+        let assertions = assertions(&key, 0);
+        let claims = |aud: serde_json::Value| serde_json::json!({"iss": "gw", "aud": aud, "sub": "ALICE", "iat": now, "exp": now + 600});
+        let eddsa = || Header::new(Algorithm::EdDSA);
+        let listed = token(
+            &key,
+            eddsa(),
+            &claims(serde_json::json!(["other", "prenota"])),
+        );
+        assert!(assertions.verify(&carrying(&listed), now).await.is_ok());
+        let elsewhere = token(&key, eddsa(), &claims(serde_json::json!(["other"])));
+        assert!(assertions.verify(&carrying(&elsewhere), now).await.is_err());
+        let mut critical = eddsa();
+        critical.crit = Some(vec!["exp".into()]);
+        let critical = token(&key, critical, &claims("prenota".into()));
+        assert!(assertions.verify(&carrying(&critical), now).await.is_err());
+        // Bob's claims under Alice's signature.
+        let alice = token(&key, eddsa(), &claims("prenota".into()));
+        let bob = token(
+            &key,
+            eddsa(),
+            &claims(serde_json::json!(["prenota", "bob"])),
+        );
+        let alice_parts: Vec<&str> = alice.split('.').collect();
+        let bob_parts: Vec<&str> = bob.split('.').collect();
+        let swapped = [alice_parts[0], bob_parts[1], alice_parts[2]].join(".");
+        assert!(assertions.verify(&carrying(&alice), now).await.is_ok());
+        assert!(assertions.verify(&carrying(&swapped), now).await.is_err());
     }
 
     fn assertions(key: &rcgen::KeyPair, remembered_max: usize) -> Assertions {
@@ -206,25 +387,28 @@ mod tests {
             }],
             ..ConfigFile::default()
         };
-        Assertions::new(&file.check().unwrap().citizen_issuers, 900, remembered_max)
+        Assertions::new(&file.check().unwrap().citizen_issuers, 900, remembered_max).unwrap()
     }
 
-    #[test]
-    fn a_remembered_assertion_still_expires_and_memory_stays_bounded() {
+    #[tokio::test]
+    async fn a_remembered_assertion_still_expires_and_memory_stays_bounded() {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
         let now = 1_800_000_000;
         let assertions = assertions(&key, 2);
         let alice = signed(&key, "ALICE", now);
-        assert_eq!(assertions.verify(&alice, now).unwrap().sub, "ALICE");
-        assert_eq!(assertions.verify(&alice, now + 1).unwrap().sub, "ALICE");
+        assert_eq!(assertions.verify(&alice, now).await.unwrap().sub, "ALICE");
+        assert_eq!(
+            assertions.verify(&alice, now + 1).await.unwrap().sub,
+            "ALICE"
+        );
         assert_eq!(assertions.verified_count(), 1);
         assert!(
-            assertions.verify(&alice, now + 600).is_err(),
+            assertions.verify(&alice, now + 600).await.is_err(),
             "expired, remembered or not"
         );
         for (index, sub) in ["BOB", "CAROL", "DAVE"].iter().enumerate() {
             let metadata = signed(&key, sub, now + index as i64);
-            assertions.verify(&metadata, now + 10).unwrap();
+            assertions.verify(&metadata, now + 10).await.unwrap();
             assert!(assertions.verified_count() <= 2);
         }
     }

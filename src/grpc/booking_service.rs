@@ -34,13 +34,14 @@ impl BookingApi {
     /// The caller and the request, its `citizen_id` made the citizen it acts for: as
     /// sent by a trusted caller; for an asserted caller the assertion's `sub` (a
     /// `citizen_id` sent too must name the same citizen).
-    fn acting<T: NamesCitizen>(&self, request: Request<T>) -> Result<(Caller, T), Status> {
+    async fn acting<T: NamesCitizen>(&self, request: Request<T>) -> Result<(Caller, T), Status> {
         self.acting_asserted(request)
+            .await
             .map(|(caller, body, _)| (caller, body))
     }
 
     /// The verified assertion of an asserted caller; `None` for a trusted one.
-    fn assertion<T>(&self, request: &Request<T>) -> Result<Option<AssertedCitizen>, Status> {
+    async fn assertion<T>(&self, request: &Request<T>) -> Result<Option<AssertedCitizen>, Status> {
         let trust = request
             .extensions()
             .get::<CitizenTrust>()
@@ -53,6 +54,7 @@ impl BookingApi {
         let asserted = self
             .assertions
             .verify(request.metadata(), now_s)
+            .await
             .map_err(|why| {
                 tracing::debug!(%why, "citizen assertion refused");
                 ServiceError::CitizenAssertionInvalid
@@ -62,8 +64,8 @@ impl BookingApi {
 
     /// The citizens an asserted caller may book for (its `sub` and `dependants`,
     /// canonical); `None` for a trusted caller.
-    fn bookable_for<T>(&self, request: &Request<T>) -> Result<Option<Vec<String>>, Status> {
-        let Some(asserted) = self.assertion(request)? else {
+    async fn bookable_for<T>(&self, request: &Request<T>) -> Result<Option<Vec<String>>, Status> {
+        let Some(asserted) = self.assertion(request).await? else {
             return Ok(None);
         };
         let ids = self.engine.citizen_ids();
@@ -82,11 +84,11 @@ impl BookingApi {
 
     /// AcceptOffer, DeclineOffer and WithdrawRegistration: act for the citizen, then
     /// convert its (campaign, citizen, request id).
-    fn registration_command<T: NamesRegistration>(
+    async fn registration_command<T: NamesRegistration>(
         &self,
         request: Request<T>,
     ) -> Result<RegistrationCommand, Status> {
-        let (caller, body) = self.acting(request)?;
+        let (caller, body) = self.acting(request).await?;
         Ok(convert_campaign::registration_command(
             body.registration(),
             self.engine.limits(),
@@ -97,12 +99,12 @@ impl BookingApi {
 
     /// `acting`, with the verified assertion of an asserted caller (its birth year and
     /// groups decide a campaign's eligibility).
-    fn acting_asserted<T: NamesCitizen>(
+    async fn acting_asserted<T: NamesCitizen>(
         &self,
         request: Request<T>,
     ) -> Result<(Caller, T, Option<AssertedCitizen>), Status> {
         let caller = Caller::of(&request)?;
-        let Some(asserted) = self.assertion(&request)? else {
+        let Some(asserted) = self.assertion(&request).await? else {
             return Ok((caller, request.into_inner(), None));
         };
         let ids = self.engine.citizen_ids();
@@ -222,7 +224,7 @@ impl BookingApi {
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
     {
-        let (caller, body) = self.acting(request)?;
+        let (caller, body) = self.acting(request).await?;
         let ids = self.engine.citizen_ids();
         let converted = convert(body, self.engine.limits(), ids, &caller)?;
         counted(
@@ -315,7 +317,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::BookSeriesRequest>,
     ) -> Result<Response<proto::BookSeriesResponse>, Status> {
-        let (caller, body) = self.acting(request)?;
+        let (caller, body) = self.acting(request).await?;
         let engine = Arc::clone(&self.engine);
         let command = convert_series::book_series_from_proto(
             body,
@@ -334,7 +336,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::BookGroupRequest>,
     ) -> Result<Response<proto::BookGroupResponse>, Status> {
-        let allowed = self.bookable_for(&request)?;
+        let allowed = self.bookable_for(&request).await?;
         let caller = Caller::of(&request)?;
         let engine = Arc::clone(&self.engine);
         let command = convert::group_from_proto(
@@ -374,7 +376,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::GetBookingRequest>,
     ) -> Result<Response<proto::GetBookingResponse>, Status> {
-        let (_, body) = self.acting(request)?;
+        let (_, body) = self.acting(request).await?;
         let (booking_id, citizen_id) =
             convert::get_booking_from_proto(body, self.engine.citizen_ids())?;
         let view = self.engine.citizen_booking(booking_id, &citizen_id)?;
@@ -387,7 +389,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::GetBookingByReferenceRequest>,
     ) -> Result<Response<proto::GetBookingByReferenceResponse>, Status> {
-        let (_, body) = self.acting(request)?;
+        let (_, body) = self.acting(request).await?;
         let (reference, citizen_id) = (
             Reference::parse("reference", &body.reference),
             self.engine.citizen_ids().canonical(&body.citizen_id),
@@ -436,7 +438,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::JoinQueueRequest>,
     ) -> Result<Response<proto::JoinQueueResponse>, Status> {
-        let (caller, body) = self.acting(request)?;
+        let (caller, body) = self.acting(request).await?;
         let limits = self.engine.limits();
         let command = convert_release::join_queue_from_proto(
             body,
@@ -458,7 +460,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::GetQueueTicketRequest>,
     ) -> Result<Response<proto::GetQueueTicketResponse>, Status> {
-        let (_, body) = self.acting(request)?;
+        let (_, body) = self.acting(request).await?;
         let (release_id, citizen_id) = convert_release::get_ticket_from_proto(
             body,
             self.engine.limits(),
@@ -474,7 +476,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::PreRegisterRequest>,
     ) -> Result<Response<proto::PreRegisterResponse>, Status> {
-        let (caller, body, asserted) = self.acting_asserted(request)?;
+        let (caller, body, asserted) = self.acting_asserted(request).await?;
         let limits = self.engine.limits();
         let claims = asserted
             .map(|citizen| convert_campaign::claims(citizen.birth_year, citizen.groups, limits));
@@ -498,7 +500,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::GetRegistrationRequest>,
     ) -> Result<Response<proto::GetRegistrationResponse>, Status> {
-        let (_, body) = self.acting(request)?;
+        let (_, body) = self.acting(request).await?;
         let (campaign_id, citizen_id) = convert_campaign::get_registration_from_proto(
             body,
             self.engine.limits(),
@@ -514,7 +516,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::AcceptOfferRequest>,
     ) -> Result<Response<proto::AcceptOfferResponse>, Status> {
-        let command = self.registration_command(request)?;
+        let command = self.registration_command(request).await?;
         let result = detached({
             let engine = Arc::clone(&self.engine);
             async move { engine.accept_offer(command).await }
@@ -534,7 +536,7 @@ impl BookingService for BookingApi {
             "" => None,
             id => Some(BookingId::parse("hold_id", id).map_err(DomainError::from)?),
         };
-        let command = self.registration_command(request)?;
+        let command = self.registration_command(request).await?;
         let view = detached({
             let engine = Arc::clone(&self.engine);
             async move { engine.decline_offer(command, offer).await }
@@ -549,7 +551,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::WithdrawRegistrationRequest>,
     ) -> Result<Response<proto::WithdrawRegistrationResponse>, Status> {
-        let command = self.registration_command(request)?;
+        let command = self.registration_command(request).await?;
         let view = detached({
             let engine = Arc::clone(&self.engine);
             async move { engine.withdraw_registration(command).await }
@@ -564,7 +566,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::ListCitizenBookingsRequest>,
     ) -> Result<Response<proto::ListCitizenBookingsResponse>, Status> {
-        let (_, body) = self.acting(request)?;
+        let (_, body) = self.acting(request).await?;
         let query = convert::citizen_bookings_from_proto(
             body,
             self.engine.limits(),

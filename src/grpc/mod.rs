@@ -15,6 +15,7 @@ pub mod observe;
 pub mod open_data_service;
 pub mod readiness;
 pub mod shed;
+pub mod signature_batch;
 pub mod site_service;
 pub mod status;
 
