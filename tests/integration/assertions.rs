@@ -193,6 +193,44 @@ async fn bad_assertions_are_refused_and_a_mismatch_is_denied() {
     server.stop().await;
 }
 
+/// Many citizens at once, as in a rush: their Ed25519 signatures meet in the verifier
+/// thread's batches, mixed with forged ones, ones signed by the rotated key and ES256
+/// ones. Each forged one is refused and each other one books: a bad signature in a
+/// batch neither passes nor fails its neighbours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assertions_checked_together_are_judged_each_on_its_own() {
+    let keys = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config(&keys)).await;
+    let slot = one_slot_site(&server, "rush", 100).await;
+    let client = server.booking().await;
+    let books = (0..80).map(|i| {
+        let citizen = format!("CITIZEN{i:02}");
+        let assertion = match i % 10 {
+            3 => sign(&keys.stranger, Algorithm::EdDSA, claims("spid", &citizen)),
+            5 => sign(&keys.cie, Algorithm::ES256, claims("cie", &citizen)),
+            7 => sign(&keys.spid_new, Algorithm::EdDSA, claims("spid", &citizen)),
+            _ => sign(&keys.spid_old, Algorithm::EdDSA, claims("spid", &citizen)),
+        };
+        let request = with_assertion(book_request(&slot, "", &format!("r{i}")), &assertion);
+        let mut client = client.clone();
+        tokio::spawn(async move { (i, client.book(request).await) })
+    });
+    let mut forged = 0;
+    for book in books.collect::<Vec<_>>() {
+        let (i, outcome) = book.await.unwrap();
+        if i % 10 == 3 {
+            invalid(outcome.unwrap_err());
+            forged += 1;
+        } else {
+            outcome.unwrap_or_else(|status| panic!("citizen {i}: {status:?}"));
+        }
+    }
+    assert_eq!(forged, 8);
+    assert_eq!(site_stats(&server, "rush").await.booked, 72);
+    server.stop().await;
+}
+
 /// `prenota dev-assertion` signs what the server accepts (README "Citizens and identity").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dev_assertion_is_accepted() {
