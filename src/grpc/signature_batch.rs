@@ -69,9 +69,13 @@ impl SignatureBatches {
             Ok(()) => answer.await.ok(),
             Err(_) => None,
         };
-        // The thread gone (it panicked): nothing is accepted, and the operator is told.
+        // The thread gone (it panicked): nothing is accepted, and the operator is told
+        // once (a line per request could block the server on a slow log sink).
         verified.unwrap_or_else(|| {
-            tracing::error!("the assertion verifier thread is gone: assertions are refused");
+            static TOLD: std::sync::Once = std::sync::Once::new();
+            TOLD.call_once(|| {
+                tracing::error!("the assertion verifier thread is gone: assertions are refused");
+            });
             None
         })
     }
