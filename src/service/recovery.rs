@@ -68,7 +68,7 @@ impl Engine {
                 if standby.giving_up() {
                     return Err(StoreError::Closed.into()); // dropped: the lease goes
                 }
-                Store::open_postgres((data_dir, lock), &config.limits, lease)?
+                Store::open_postgres(lock, &config.limits, lease)?
             }
         };
         Self::open_with_store(store, config, clock)

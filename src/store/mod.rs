@@ -38,18 +38,18 @@ pub struct Store {
     /// `None` once shut down; dropping it lets the committer drain and stop.
     requests: Option<mpsc::Sender<CommitRequest>>,
     committer: Option<JoinHandle<()>>,
-    data_dir: PathBuf,
     /// Bookings by reference and by slot, in memory (see `booking_index`).
     index: booking_index::BookingIndex,
     /// With PostgreSQL: the lease keeper (dropping the sender stops it).
     lease_keeper: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
     /// `DATA_DIR/lock`, locked while this store is open (released last, on drop).
-    _data_dir_lock: DataDirLock,
+    data_dir_lock: DataDirLock,
 }
 
 /// The lock on `DATA_DIR/lock` (see `DataDirLock::take`), held while it lives.
 pub struct DataDirLock {
     _file: File,
+    dir: PathBuf,
 }
 
 impl Store {
@@ -74,8 +74,6 @@ impl Store {
         limits: &Limits,
         unsynced: Option<UnsyncedForBenchmarks>,
     ) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| StoreError::Io(format!("creating {}: {e}", data_dir.display())))?;
         let data_dir_lock = DataDirLock::take(data_dir, limits)?;
         let sled_dir = data_dir.join("sled");
         let db = match open_sled(&sled_dir, limits) {
@@ -146,18 +144,17 @@ impl Store {
             state,
             requests: Some(sender),
             committer: Some(committer),
-            data_dir: data_dir.to_path_buf(),
             index: booking_index::BookingIndex::default(),
             lease_keeper: None,
-            _data_dir_lock: data_dir_lock,
+            data_dir_lock,
         })
     }
 
     /// Opens the PostgreSQL backend for the node holding `lease`: copies every record
-    /// into a local read copy under `data_dir`, then commits to PostgreSQL (fenced by the
+    /// into a local read copy under the locked data dir, then commits to PostgreSQL (fenced by the
     /// lease's epoch) and keeps the lease renewed. See `postgres`.
     pub fn open_postgres(
-        (data_dir, data_dir_lock): (&Path, DataDirLock),
+        data_dir_lock: DataDirLock,
         limits: &Limits,
         lease: postgres::Lease,
     ) -> Result<Self, StoreError> {
@@ -172,7 +169,7 @@ impl Store {
             .map_err(thread_error)?;
         let lease_keeper = Some((stop, keeper));
         let local = postgres::open_local_copy(
-            &data_dir.join(POSTGRES_LOCAL_COPY_DIR),
+            &data_dir_lock.dir.join(POSTGRES_LOCAL_COPY_DIR),
             limits.store_cache_bytes,
         )?;
         let mut client = postgres::connect(&url, &node)?;
@@ -201,15 +198,14 @@ impl Store {
             state,
             requests: Some(sender),
             committer: Some(committer),
-            data_dir: data_dir.to_path_buf(),
             index: booking_index::BookingIndex::default(),
             lease_keeper,
-            _data_dir_lock: data_dir_lock,
+            data_dir_lock,
         })
     }
 
     pub fn data_dir(&self) -> &Path {
-        &self.data_dir
+        &self.data_dir_lock.dir
     }
 
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -481,7 +477,7 @@ impl Store {
         self.db
             .flush()
             .map_err(|e| StoreError::Io(format!("flush: {e}")))?;
-        std::fs::File::open(self.data_dir.join("sled").join("db"))
+        std::fs::File::open(self.data_dir().join("sled").join("db"))
             .and_then(|file| file.sync_all())
             .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))
     }
@@ -827,7 +823,10 @@ impl DataDirLock {
         let mut waited = false;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(Self { _file: file }),
+                Ok(()) => {
+                    let dir = data_dir.to_path_buf();
+                    return Ok(Self { _file: file, dir });
+                }
                 Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
                     if !waited {
                         tracing::warn!(dir = %data_dir.display(), "waiting for the data dir lock");
