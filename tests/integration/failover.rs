@@ -422,17 +422,7 @@ async fn a_node_with_another_hash_key_is_refused_before_it_stands_by() {
     )
     .unwrap();
     let started = Instant::now();
-    let other_data_dir = other_config.with_extension("data");
-    let (started_ok, said) = tokio::task::spawn_blocking(move || {
-        serve_until_exit(
-            &other_data_dir,
-            Some(&other_config),
-            Duration::from_secs(10),
-        )
-    })
-    .await
-    .unwrap();
-    assert!(!started_ok, "{said}");
+    let said = refused_start(other_config.with_extension("data"), other_config).await;
     assert!(said.contains("hash_key_file is not the key"), "{said}");
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(active);
@@ -448,13 +438,7 @@ async fn a_second_node_on_the_same_data_dir_refuses_instead_of_standing_by() {
     };
     let mut active = node(dir.path(), &config, "a");
     active.wait_serving();
-    let data_dir = dir.path().join("a");
-    let (started_ok, said) = tokio::task::spawn_blocking(move || {
-        serve_until_exit(&data_dir, Some(&config), Duration::from_secs(10))
-    })
-    .await
-    .unwrap();
-    assert!(!started_ok, "{said}");
+    let said = refused_start(dir.path().join("a"), config).await;
     assert!(said.contains("in use by another prenota process"), "{said}");
     let mut client = BookingServiceClient::new(connect(&active.url).await);
     let still = client
@@ -462,4 +446,16 @@ async fn a_second_node_on_the_same_data_dir_refuses_instead_of_standing_by() {
         .await;
     assert_ne!(reason(&still.unwrap_err()).as_deref(), Some("NOT_ACTIVE"));
     drop(active);
+}
+
+/// The stderr of a `prenota serve` on `data_dir` with `config` that must exit refused
+/// within 10 s (not stand by for the lease, nor serve).
+async fn refused_start(data_dir: std::path::PathBuf, config: std::path::PathBuf) -> String {
+    let (started_ok, said) = tokio::task::spawn_blocking(move || {
+        serve_until_exit(&data_dir, Some(&config), Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    assert!(!started_ok, "{said}");
+    said
 }
