@@ -8,8 +8,9 @@
 //! the batch until the bad ones are found costs more: about 3 batch checks per
 //! signature for one bad one, 7 when all are.)
 //!
-//! One thread verifies some 60–80k signatures a second in batches: far more than the
-//! rest of a 2-core server handles; a larger machine may need more verifier threads.
+//! One thread verifies some 40–53k assertions a second in batches (BENCHMARKS.md,
+//! `citizen_assertion_verify_in_flight`): far more than the rest of a 2-core server
+//! handles; a larger machine may need more verifier threads.
 //!
 //! Must not import sled.
 
@@ -92,6 +93,9 @@ fn verify_until_closed(receiver: &mpsc::Receiver<Pending>) {
         }
         // A requester that went away (its client cancelled) needs no check.
         batch.retain(|pending| !pending.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let checks: Vec<&Check> = batch.iter().map(|pending| &pending.check).collect();
         let verified = verify_all(&checks);
         metrics::histogram!(telemetry::ASSERTION_BATCH_SIGNATURES).record(batch.len() as f64);
@@ -103,7 +107,7 @@ fn verify_until_closed(receiver: &mpsc::Receiver<Pending>) {
 }
 
 /// Which key signed each of `checks`, in order: together, else one at a time.
-pub fn verify_all(checks: &[&Check]) -> Vec<Verified> {
+fn verify_all(checks: &[&Check]) -> Vec<Verified> {
     if checks.len() > 1 && verify_together(checks) {
         return vec![Some(0); checks.len()];
     }
