@@ -54,6 +54,13 @@ pub struct LiveHolds {
     held_by_slot: HashMap<SlotKey, u32>,
 }
 
+/// The second a hold made at `created_at_unix_ms` belongs to, modulo 2^32 (wraps in
+/// 2106): sealed into its id and the first part of its store key, so holds sit on disk
+/// in the order they were made and a hold's key follows from its id.
+pub fn hold_second(created_at_unix_ms: i64) -> u32 {
+    created_at_unix_ms.div_euclid(1_000) as u32
+}
+
 /// At most this many places of a slot of `capacity` may be held at once:
 /// max(1, ⌊capacity × percent / 100⌋).
 pub fn held_max(capacity: u32, percent: u32) -> u32 {

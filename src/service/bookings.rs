@@ -258,7 +258,7 @@ impl Engine {
             Ok(hold) => hold,
             Err(why) => {
                 let stored = match why {
-                    NotConfirmable::Unknown => self.store.hold(hold_id)?,
+                    NotConfirmable::Unknown => self.hold_record(hold_id)?,
                     NotConfirmable::Expired => None,
                 };
                 return Err(

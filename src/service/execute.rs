@@ -7,6 +7,7 @@
 use crate::domain::booking::BookingState;
 use crate::domain::catalog::Admission;
 use crate::domain::error::DomainError;
+use crate::domain::hold::{hold_second, HoldState};
 use crate::domain::ids::{BookingId, ChannelId, CitizenKey, SlotKey};
 use crate::domain::plans::{Free, Plan, SlotView, Take};
 use crate::domain::release::Gate;
@@ -80,6 +81,7 @@ impl Engine {
             }
         };
         let writes: Vec<Write> = writes.into_iter().map(Write::from).collect();
+        debug_assert!(self.new_holds_are_findable(&writes));
         let written = self.store.commit(&writes).await;
         undo_if_never_queued(written, || {
             self.undo(&taken.done);
@@ -91,6 +93,17 @@ impl Engine {
         // Last: a closure waiting for these admissions sees everything they did.
         drop(taken.admissions);
         Ok(answer)
+    }
+
+    /// A hold is written live once, when it is made: its id must seal the second it
+    /// was made in, or the store could not find it from its id (`hold_record`).
+    fn new_holds_are_findable(&self, writes: &[Write]) -> bool {
+        writes.iter().all(|write| match write {
+            Write::Hold(hold) if hold.state == HoldState::Live => {
+                self.ids.hold_second_of(hold.hold_id) == hold_second(hold.created_at_unix_ms)
+            }
+            _ => true,
+        })
     }
 
     /// Carries out independent plans in one group commit: each plan's takes are tried
@@ -119,6 +132,7 @@ impl Engine {
         if done.is_empty() {
             return Ok(0);
         }
+        debug_assert!(self.new_holds_are_findable(&writes));
         let written = self.store.commit(&writes).await;
         undo_if_never_queued(written, || {
             for (plan, taken) in &done {

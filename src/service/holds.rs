@@ -47,9 +47,14 @@ impl Engine {
 
     fn stored_hold(&self, hold_id: HoldId) -> Result<Hold, ServiceError> {
         Ok(self
-            .store
-            .hold(hold_id)?
+            .hold_record(hold_id)?
             .ok_or(DomainError::NotFound(crate::domain::error::Missing::Hold))?)
+    }
+
+    /// The stored record of hold `hold_id`, whatever its state.
+    pub(super) fn hold_record(&self, hold_id: HoldId) -> Result<Option<Hold>, ServiceError> {
+        let second = self.ids.hold_second_of(hold_id);
+        Ok(self.store.hold(second, hold_id)?)
     }
 
     async fn hold_and_commit(
@@ -60,7 +65,7 @@ impl Engine {
     ) -> Result<Hold, ServiceError> {
         let now_ms = self.now_unix_ms();
         let slot = self.slot_view(&command.slot, (&citizen, &command.channel), now_ms)?;
-        let id = self.ids.mint(citizen);
+        let id = self.ids.mint_hold(citizen, now_ms);
         let ttl_and_share = (
             command.ttl_seconds,
             self.limits.held_share_of_capacity_max_percent,

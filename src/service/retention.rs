@@ -141,19 +141,22 @@ impl Engine {
         cutoffs: &Cutoffs,
         pinned: &mut HashSet<SlotKey>,
     ) -> Result<u64, ServiceError> {
-        let (mut cursor, mut deleted) = (vec![records::HOLD_PREFIX], 0);
-        while let Some(batch) = self.next_batch::<Hold>(records::HOLD_PREFIX, &mut cursor)? {
-            let mut doomed = Vec::new();
-            for (key, hold) in batch {
-                match cutoffs.keeps_hold(&hold, self.slot_end(&hold.slot)) {
-                    true => drop(pinned.insert(hold.slot)),
-                    false => doomed.push((key, (hold.request.key, hold.hold_id))),
+        let mut deleted = 0;
+        for prefix in [records::OLD_HOLD_PREFIX, records::HOLD_PREFIX] {
+            let mut cursor = vec![prefix];
+            while let Some(batch) = self.next_batch::<Hold>(prefix, &mut cursor)? {
+                let mut doomed = Vec::new();
+                for (key, hold) in batch {
+                    match cutoffs.keeps_hold(&hold, self.slot_end(&hold.slot)) {
+                        true => drop(pinned.insert(hold.slot)),
+                        false => doomed.push((key, (hold.request.key, hold.hold_id))),
+                    }
                 }
-            }
-            let (keys, requests): (Vec<_>, Vec<_>) = doomed.into_iter().unzip();
-            deleted += self.delete_keys(keys).await?;
-            for (request, hold_id) in requests {
-                self.requests.forget(&request, hold_id);
+                let (keys, requests): (Vec<_>, Vec<_>) = doomed.into_iter().unzip();
+                deleted += self.delete_keys(keys).await?;
+                for (request, hold_id) in requests {
+                    self.requests.forget(&request, hold_id);
+                }
             }
         }
         Ok(deleted)

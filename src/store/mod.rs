@@ -44,6 +44,9 @@ pub struct Store {
     lease_keeper: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
     /// `DATA_DIR/lock`, locked while this store is open (released last, on drop).
     data_dir_lock: DataDirLock,
+    /// Whether the store had holds under their old keys (`OLD_HOLD_PREFIX`) when it
+    /// opened: while it may, each hold written also deletes its old key.
+    old_holds: bool,
 }
 
 /// The lock on `DATA_DIR/lock` (see `DataDirLock::take`), held while it lives.
@@ -115,6 +118,7 @@ impl Store {
         for dir in [&sled_dir, &data_dir.to_path_buf()] {
             sync_dir(dir).map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
         }
+        let old_holds = has_old_holds(&db)?;
         let state = Arc::new(CommitterState::new(last_event_sequence(&db)?));
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
         let batch_writes_max = limits.commit_batch_writes_max;
@@ -147,6 +151,7 @@ impl Store {
             index: booking_index::BookingIndex::default(),
             lease_keeper: None,
             data_dir_lock,
+            old_holds,
         })
     }
 
@@ -184,6 +189,7 @@ impl Store {
             return Err(state.refusal());
         }
         state.events.send_replace(last_event_sequence(&local)?);
+        let old_holds = has_old_holds(&local)?;
         let durability = postgres::PostgresDurability::new(client, epoch, local.clone())?;
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
         let committer = committer::spawn(
@@ -201,6 +207,7 @@ impl Store {
             index: booking_index::BookingIndex::default(),
             lease_keeper,
             data_dir_lock,
+            old_holds,
         })
     }
 
@@ -233,6 +240,9 @@ impl Store {
             match write.encode()? {
                 Encoded::Change(change) => changes.push(change),
                 Encoded::Event(value) => events.push(value),
+            }
+            if let (Write::Hold(hold), true) = (write, self.old_holds) {
+                changes.push((records::old_hold_key(hold.hold_id).to_vec(), None));
             }
         }
         let (done, outcome) = oneshot::channel();
@@ -408,12 +418,18 @@ impl Store {
         }
     }
 
-    pub fn hold(&self, hold_id: HoldId) -> Result<Option<Hold>, StoreError> {
-        let key = hold_key(hold_id);
-        match self.db.get(key) {
-            Ok(Some(value)) => Hold::decode_value(&key, &value).map(Some),
+    /// The hold with this id, made in `second` (`BookingIds::hold_second_of` the id),
+    /// or written before hold keys had the second.
+    pub fn hold(&self, second: u32, hold_id: HoldId) -> Result<Option<Hold>, StoreError> {
+        let key = hold_key(second, hold_id);
+        let read = |key: &[u8]| match self.db.get(key) {
+            Ok(Some(value)) => Hold::decode_value(key, &value).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::Io(format!("reading a hold: {e}"))),
+        };
+        match read(&key)? {
+            None if self.old_holds => read(&records::old_hold_key(hold_id)),
+            found => Ok(found),
         }
     }
 
@@ -508,9 +524,11 @@ impl Store {
         self.scan(records::AUDIT_PREFIX)
     }
 
-    /// Every hold, all states, in hold-id order.
+    /// Every hold, all states: those under their old keys, then the others in the
+    /// order they were made.
     pub fn holds(&self) -> impl Iterator<Item = Result<Hold, StoreError>> {
-        self.scan(records::HOLD_PREFIX)
+        self.scan(records::OLD_HOLD_PREFIX)
+            .chain(self.scan(records::HOLD_PREFIX))
     }
 
     /// Up to `limit` bookings (all states) of the citizens with this tag, in id order,
@@ -735,6 +753,15 @@ pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Whether any hold is still under its old key (`OLD_HOLD_PREFIX`).
+fn has_old_holds(db: &sled::Db) -> Result<bool, StoreError> {
+    match db.scan_prefix([records::OLD_HOLD_PREFIX]).keys().next() {
+        None => Ok(false),
+        Some(Ok(_)) => Ok(true),
+        Some(Err(e)) => Err(StoreError::Io(format!("looking for old holds: {e}"))),
+    }
+}
+
 /// The sequence of the last event in the store (0: none): the last of the last record's
 /// run. Retention keeps the record holding the last one, so sequences never restart.
 fn last_event_sequence(db: &sled::Db) -> Result<u64, StoreError> {
@@ -906,7 +933,8 @@ impl Drop for Store {
 mod tests {
     use super::*;
     use crate::domain::event::{Event, EventKind};
-    use crate::domain::ids::{ServiceId, SiteId};
+    use crate::domain::hold::{hold_second, HoldState};
+    use crate::domain::ids::{ServiceId, SiteId, SlotKey};
 
     /// A second process on a brand-new data dir waits for the first's lock and then
     /// refuses, before it has read or made any of sled's files: two starts at once can
@@ -943,6 +971,74 @@ mod tests {
     }
 
     /// An event of about 130 bytes: some 30 make a run.
+    fn hold(hold_id: u128, created_at_unix_ms: i64) -> Hold {
+        Hold {
+            hold_id: BookingId(hold_id),
+            slot: SlotKey {
+                site_id: SiteId::parse("s", "rome", 64).unwrap(),
+                service_id: ServiceId::parse("s", "vax", 64).unwrap(),
+                start_unix_s: 1_780_003_600,
+            },
+            citizen: crate::domain::ids::CitizenKey([3; 16]),
+            created_at_unix_ms,
+            expires_at_unix_ms: created_at_unix_ms + 60_000,
+            request: crate::domain::booking::RequestRecord {
+                key: crate::domain::ids::RequestKey([4; 16]),
+                fingerprint: crate::domain::ids::RequestFingerprint([5; 16]),
+            },
+            state: HoldState::Live,
+            channel: crate::domain::ids::ChannelId::web(),
+        }
+    }
+
+    /// A hold written before hold keys carried their second is read where it is, and
+    /// its next write moves it: never two records of one hold, and once none is left
+    /// under an old key the store stops looking there.
+    #[test]
+    fn a_hold_under_its_old_key_is_read_there_and_moved_by_its_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let live = hold(7, 1_780_000_000_500);
+        let (old_key, second) = (
+            records::old_hold_key(live.hold_id),
+            hold_second(live.created_at_unix_ms),
+        );
+        {
+            let store = Store::open(dir.path(), &Limits::default()).unwrap();
+            assert!(!store.old_holds);
+            let value = live.encode_value().unwrap();
+            store.db.insert(old_key, value).unwrap();
+            store.sync_direct_writes().unwrap();
+        }
+        let store = Store::open(dir.path(), &Limits::default()).unwrap();
+        assert!(store.old_holds, "seen at open");
+        assert_eq!(
+            store.hold(second, live.hold_id).unwrap().as_ref(),
+            Some(&live)
+        );
+        let holds = |store: &Store| store.holds().collect::<Result<Vec<_>, _>>().unwrap();
+        assert_eq!(holds(&store), vec![live.clone()]);
+
+        let expired = Hold {
+            state: HoldState::Expired {
+                at_unix_ms: live.expires_at_unix_ms,
+            },
+            ..live.clone()
+        };
+        runtime
+            .block_on(store.commit(&[Write::Hold(expired.clone())]))
+            .unwrap();
+        assert_eq!(holds(&store), vec![expired.clone()], "moved, not copied");
+        assert!(store.db.get(old_key).unwrap().is_none());
+        drop(store);
+        let store = Store::open(dir.path(), &Limits::default()).unwrap();
+        assert!(!store.old_holds);
+        assert_eq!(store.hold(second, live.hold_id).unwrap(), Some(expired));
+        assert_eq!(store.hold(second + 1, live.hold_id).unwrap(), None);
+    }
+
     fn event(at_unix_ms: i64) -> Event {
         Event {
             kind: EventKind::SlotClosed,

@@ -30,7 +30,7 @@ use crate::domain::campaign::{
 };
 use crate::domain::event::{Event, EventBooking, EventKind, SequencedEvent};
 use crate::domain::field_violation::FieldViolation;
-use crate::domain::hold::{Hold, HoldId, HoldState};
+use crate::domain::hold::{hold_second, Hold, HoldId, HoldState};
 use crate::domain::ids::{
     check_name_id, BookingId, CampaignId, ChannelId, CitizenKey, CitizenTag, RegionId, ReleaseId,
     RequestFingerprint, RequestKey, SeriesId, ServiceId, SiteId, SlotKey, WaveId,
@@ -42,7 +42,13 @@ use crate::store::error::StoreError;
 pub const SITE_PREFIX: u8 = b'S';
 pub const SLOT_PREFIX: u8 = b'L';
 pub const BOOKING_PREFIX: u8 = b'B';
-pub const HOLD_PREFIX: u8 = b'H';
+/// `O` + the second it was made (u32) + hold id: holds in the order they were made
+/// (`hold_key`).
+pub const HOLD_PREFIX: u8 = b'O';
+/// `H` + hold id: holds written before hold ids carried their second. No longer
+/// written: read where they are, and a hold's next write (or retention) deletes them
+/// (`Store::commit`). Never reuse.
+pub const OLD_HOLD_PREFIX: u8 = b'H';
 /// The journal of the last multi-commit authority write (`J` + `apply`).
 const APPLY_JOURNAL_KEY: &[u8] = b"Japply";
 /// The check value of the citizen hash key the store was written with
@@ -1632,9 +1638,21 @@ pub fn audit_key_from(at_unix_ms: i64) -> [u8; 9] {
     key
 }
 
-pub fn hold_key(hold_id: HoldId) -> [u8; 17] {
-    let mut key = [0u8; 17];
+/// `O` + second + hold id (`second`: `domain::hold::hold_second` of the hold's
+/// creation, which its id seals): time order keeps a churn of short-lived holds to the
+/// two ends of the range (sled then rewrites a few leaves, not the whole tree's).
+pub fn hold_key(second: u32, hold_id: HoldId) -> [u8; 21] {
+    let mut key = [0u8; 21];
     key[0] = HOLD_PREFIX;
+    key[1..5].copy_from_slice(&second.to_be_bytes());
+    key[5..].copy_from_slice(&hold_id.0.to_be_bytes());
+    key
+}
+
+/// Where a hold written before `hold_key` is (`OLD_HOLD_PREFIX`).
+pub fn old_hold_key(hold_id: HoldId) -> [u8; 17] {
+    let mut key = [0u8; 17];
+    key[0] = OLD_HOLD_PREFIX;
     key[1..].copy_from_slice(&hold_id.0.to_be_bytes());
     key
 }
@@ -1652,7 +1670,10 @@ impl Write {
                 booking_key(booking.citizen.tag(), booking.booking_id).to_vec(),
                 Some(booking.encode_value()?),
             ),
-            Write::Hold(hold) => (hold_key(hold.hold_id).to_vec(), Some(hold.encode_value()?)),
+            Write::Hold(hold) => (
+                hold_key(hold_second(hold.created_at_unix_ms), hold.hold_id).to_vec(),
+                Some(hold.encode_value()?),
+            ),
             Write::ApplyJournal(journal) => {
                 (APPLY_JOURNAL_KEY.to_vec(), Some(journal.encode_value()?))
             }
@@ -2125,9 +2146,9 @@ mod golden {
     ("booking-attended", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "03909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121000570686f6e65019af1d9a2a3022a01c0daee85e36800"),
     ("booking-no-show", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "03909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121000570686f6e65019af1d9a2a3022a0280c9dc86e36800"),
     ("booking-dose", "42c1c1c1c1c1c1c1c10102030405060708090a0b0c0d0e0f10", "03909eb8e8c0e1828589909cb0d080c18182020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d88d6ceb40dc1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1f6998cccdb682020202020202020202020202020202021212121212121212121212121212121000570686f6e65019af1d9a2a3022a00010f636f76696431392d7072696d61727902bc15"),
-    ("hold-live", "480000000000000000000000000000aabb", "02bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb68303030303030303030303030303030303131313131313131313131313131313100046465736b"),
-    ("hold-confirmed", "480000000000000000000000000000aabb", "02bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb683030303030303030303030303030303031313131313131313131313131313131010e046465736b"),
-    ("hold-expired", "480000000000000000000000000000aabb", "02bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb6830303030303030303030303030303030313131313131313131313131313131310210046465736b"),
+    ("hold-live", "4f6b3a8fc00000000000000000000000000000aabb", "02bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb68303030303030303030303030303030303131313131313131313131313131313100046465736b"),
+    ("hold-confirmed", "4f6b3a8fc00000000000000000000000000000aabb", "02bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb683030303030303030303030303030303031313131313131313131313131313131010e046465736b"),
+    ("hold-expired", "4f6b3a8fc00000000000000000000000000000aabb", "02bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40dc2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c280988cccdb68c0e7b0ccdb6830303030303030303030303030303030313131313131313131313131313131310210046465736b"),
     ("apply-journal", "4a6170706c79", "0180988cccdb68f0a20401"),
     ("authority-closed", "5250505050505050505050505050505050", "0250505050505050505050505050505050515151515151515151515151515151510003c8010180988cccdb68"),
     ("authority-capacity", "5252525252525252525252525252525252", "0252525252525252525252525252525252535353535353535353535353535353530180988cccdb68"),

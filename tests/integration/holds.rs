@@ -484,3 +484,80 @@ async fn racing_holds_get_exactly_the_share_even_after_a_restart() {
     assert_eq!(reason(&status).as_deref(), Some("HOLD_LIMIT_REACHED"));
     server.stop().await;
 }
+
+/// Moves every hold record of the stopped server on `data_dir` to the key holds had
+/// before their ids carried the second they were made in (`H` + hold id), as a store
+/// written by an older prenota has them. Returns how many it moved.
+fn move_holds_to_old_keys(data_dir: &std::path::Path) -> i64 {
+    if common::postgres::asked() {
+        let sql = "WITH moved AS (UPDATE prenota_kv SET k = '\\x48'::bytea || substring(k from 6) \
+                   WHERE get_byte(k, 0) = 79 RETURNING 1) SELECT count(*) FROM moved";
+        return common::postgres::query_i64(&common::postgres::url_of_dir(data_dir), sql);
+    }
+    let db = sled::open(data_dir.join("sled")).unwrap();
+    let mut moved = 0;
+    for record in db.scan_prefix(b"O") {
+        let (key, value) = record.unwrap();
+        assert_eq!(key.len(), 21, "O + second + hold id");
+        db.insert([&b"H"[..], &key[5..]].concat(), value).unwrap();
+        db.remove(key).unwrap();
+        moved += 1;
+    }
+    db.flush().unwrap();
+    moved
+}
+
+/// Hold records still under their old keys, on the stopped server's data dir.
+fn holds_under_old_keys(data_dir: &std::path::Path) -> i64 {
+    if common::postgres::asked() {
+        let sql = "SELECT count(*) FROM prenota_kv WHERE get_byte(k, 0) = 72";
+        return common::postgres::query_i64(&common::postgres::url_of_dir(data_dir), sql);
+    }
+    let db = sled::open(data_dir.join("sled")).unwrap();
+    db.scan_prefix(b"H").count() as i64
+}
+
+/// A store written before hold ids carried their second keeps its holds under their
+/// old keys: after the upgrade an expired one still answers HOLD_EXPIRED and a retry of
+/// its request still gets it back, a live one is still confirmed (and its record moves
+/// to the new key), and retention still deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_stored_under_their_old_keys_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "old-keys", 5).await;
+    let mut client = server.booking().await;
+    let expired = hold_ok(&mut client, hold_request(&slot, "bob", "h-bob", 60)).await;
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(server.sweep_holds().await, 1);
+    let live = hold_ok(&mut client, hold_request(&slot, "alice", "h-alice", 600)).await;
+    server.stop().await;
+    assert_eq!(move_holds_to_old_keys(dir.path()), 2);
+
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let mut client = server.booking().await;
+    let retried = hold_ok(&mut client, hold_request(&slot, "bob", "h-bob", 60)).await;
+    assert_eq!(
+        retried.hold_id, expired.hold_id,
+        "the first outcome, read back"
+    );
+    let mut late = book_request(&slot, "bob", "b1");
+    late.hold_id = Some(expired.hold_id.clone());
+    let status = client.book(late).await.unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("HOLD_EXPIRED"));
+    let mut confirm = book_request(&slot, "alice", "a1");
+    confirm.hold_id = Some(live.hold_id.clone());
+    let booked = book_ok(&mut client, confirm).await;
+    assert_eq!(booked.booking_id, live.hold_id);
+    let stats = site_stats(&server, "old-keys").await;
+    assert_eq!((stats.booked, stats.held), (1, 0));
+    server.stop().await;
+    assert_eq!(holds_under_old_keys(dir.path()), 1, "alice's hold moved");
+
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    clock.advance(Duration::from_secs(73 * 3_600));
+    assert_eq!(server.retain().await.holds, 2);
+    server.stop().await;
+    assert_eq!(holds_under_old_keys(dir.path()), 0);
+}

@@ -30,7 +30,8 @@ fn hold_request(slot_id: &str, citizen_id: &str, request_id: &str) -> proto::Hol
 fn stored_holds(data_dir: &std::path::Path) -> usize {
     if common::postgres::asked() {
         let url = common::postgres::url_of_dir(data_dir);
-        let sql = "SELECT count(*) FROM prenota_kv WHERE get_byte(k, 0) = 72"; // b'H'
+        // b'H' (holds under their old keys), b'O'
+        let sql = "SELECT count(*) FROM prenota_kv WHERE get_byte(k, 0) IN (72, 79)";
         return common::postgres::query_i64(&url, sql) as usize;
     }
     let mut store = Store::open(data_dir, &Config::default().limits).expect("store opens");
