@@ -149,7 +149,8 @@ impl fmt::Display for SlotKey {
     }
 }
 
-/// Server-generated booking id: 128 random bits, so ids cannot be guessed or enumerated.
+/// Server-generated booking (or hold) id: 128 bits that look random to anyone without the
+/// key (`service::citizen_hasher::BookingIds`), so ids cannot be guessed or enumerated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BookingId(pub u128);
 

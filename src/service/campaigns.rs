@@ -920,7 +920,7 @@ impl Engine {
             gate: Gate::Open,
             channel: ChannelId::web(),
         };
-        let id = self.ids.mint_hold(registration.citizen, now);
+        let id = self.fresh_hold_id(registration.citizen, now)?;
         // An offer answers no client request: its record names the hold itself.
         let bytes = id.0.to_be_bytes();
         let request = RequestRecord {

@@ -47,8 +47,8 @@ impl CitizenHasher {
 pub struct BookingIds {
     cipher: Aes128,
     /// The low half of a hold id's second half: unique among the holds one process
-    /// makes in one second (2^32 of them); starts at random, so across a restart within
-    /// the same second two holds of one citizen collide only by a 2^-32 chance.
+    /// makes in one second (2^32 of them). Starts at random; an id an earlier process
+    /// made in the same second is passed over by `Engine::fresh_hold_id`.
     hold_counter: AtomicU32,
 }
 

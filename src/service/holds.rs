@@ -7,7 +7,7 @@
 
 use crate::domain::booking::RequestRecord;
 use crate::domain::error::DomainError;
-use crate::domain::hold::{Hold, HoldId};
+use crate::domain::hold::{hold_second, Hold, HoldId};
 use crate::domain::ids::{ChannelId, CitizenKey, RequestFingerprint, RequestKey, SlotKey};
 use crate::domain::plans;
 use crate::service::engine::Engine;
@@ -51,6 +51,25 @@ impl Engine {
             .ok_or(DomainError::NotFound(crate::domain::error::Missing::Hold))?)
     }
 
+    /// The id of a hold of `citizen` made at `now_ms`. Within one process hold ids
+    /// never repeat (`BookingIds::mint_hold`); one this store already has (made by an
+    /// earlier process in the same second: a quick restart, a clock stepped back, a
+    /// failover to a node whose clock is behind) is passed over, so no hold (nor the
+    /// booking it became) is ever overwritten by another.
+    pub(super) fn fresh_hold_id(
+        &self,
+        citizen: CitizenKey,
+        now_ms: i64,
+    ) -> Result<HoldId, ServiceError> {
+        loop {
+            let id = self.ids.mint_hold(citizen, now_ms);
+            if self.store.hold(hold_second(now_ms), id)?.is_none() {
+                return Ok(id);
+            }
+            tracing::warn!("a new hold id was already taken; minting another");
+        }
+    }
+
     /// The stored record of hold `hold_id`, whatever its state.
     pub(super) fn hold_record(&self, hold_id: HoldId) -> Result<Option<Hold>, ServiceError> {
         let second = self.ids.hold_second_of(hold_id);
@@ -65,7 +84,7 @@ impl Engine {
     ) -> Result<Hold, ServiceError> {
         let now_ms = self.now_unix_ms();
         let slot = self.slot_view(&command.slot, (&citizen, &command.channel), now_ms)?;
-        let id = self.ids.mint_hold(citizen, now_ms);
+        let id = self.fresh_hold_id(citizen, now_ms)?;
         let ttl_and_share = (
             command.ttl_seconds,
             self.limits.held_share_of_capacity_max_percent,

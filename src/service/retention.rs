@@ -159,6 +159,7 @@ impl Engine {
                 }
             }
         }
+        self.store.recheck_old_holds()?;
         Ok(deleted)
     }
 

@@ -15,7 +15,7 @@ pub mod records;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -44,9 +44,10 @@ pub struct Store {
     lease_keeper: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
     /// `DATA_DIR/lock`, locked while this store is open (released last, on drop).
     data_dir_lock: DataDirLock,
-    /// Whether the store had holds under their old keys (`OLD_HOLD_PREFIX`) when it
-    /// opened: while it may, each hold written also deletes its old key.
-    old_holds: bool,
+    /// Whether holds may still be under their old keys (`OLD_HOLD_PREFIX`): found at
+    /// open, cleared once retention deleted the last. While set, a hold written is
+    /// written where it already is.
+    old_holds: AtomicBool,
 }
 
 /// The lock on `DATA_DIR/lock` (see `DataDirLock::take`), held while it lives.
@@ -151,7 +152,7 @@ impl Store {
             index: booking_index::BookingIndex::default(),
             lease_keeper: None,
             data_dir_lock,
-            old_holds,
+            old_holds: AtomicBool::new(old_holds),
         })
     }
 
@@ -207,7 +208,7 @@ impl Store {
             index: booking_index::BookingIndex::default(),
             lease_keeper,
             data_dir_lock,
-            old_holds,
+            old_holds: AtomicBool::new(old_holds),
         })
     }
 
@@ -237,12 +238,12 @@ impl Store {
         }
         let (mut changes, mut events) = (Vec::with_capacity(writes.len()), Vec::new());
         for write in writes {
-            match write.encode()? {
-                Encoded::Change(change) => changes.push(change),
-                Encoded::Event(value) => events.push(value),
-            }
-            if let (Write::Hold(hold), true) = (write, self.old_holds) {
-                changes.push((records::old_hold_key(hold.hold_id).to_vec(), None));
+            match (write.encode()?, write) {
+                (Encoded::Change((key, value)), Write::Hold(hold)) => {
+                    changes.push((self.where_hold_is(hold, key)?, value))
+                }
+                (Encoded::Change(change), _) => changes.push(change),
+                (Encoded::Event(value), _) => events.push(value),
             }
         }
         let (done, outcome) = oneshot::channel();
@@ -428,9 +429,33 @@ impl Store {
             Err(e) => Err(StoreError::Io(format!("reading a hold: {e}"))),
         };
         match read(&key)? {
-            None if self.old_holds => read(&records::old_hold_key(hold_id)),
+            None if self.old_holds.load(Ordering::Acquire) => read(&records::old_hold_key(hold_id)),
             found => Ok(found),
         }
+    }
+
+    /// The key to write `hold` under: `key` (its `hold_key`), or its old key if it is
+    /// there. An old hold stays where it is, because the second its id seals is not the
+    /// second it was made in (its id was random): moved, its id would not find it.
+    fn where_hold_is(&self, hold: &Hold, key: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        if !self.old_holds.load(Ordering::Acquire) {
+            return Ok(key);
+        }
+        let old = records::old_hold_key(hold.hold_id);
+        match self.db.contains_key(old) {
+            Ok(true) => Ok(old.to_vec()),
+            Ok(false) => Ok(key),
+            Err(e) => Err(StoreError::Io(format!("looking for an old hold: {e}"))),
+        }
+    }
+
+    /// Stops looking for holds under their old keys once none is left (retention
+    /// deletes them; nothing writes a new one).
+    pub fn recheck_old_holds(&self) -> Result<(), StoreError> {
+        if self.old_holds.load(Ordering::Acquire) && !has_old_holds(&self.db)? {
+            self.old_holds.store(false, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Whether the store holds no record at all (a new data dir).
@@ -991,33 +1016,30 @@ mod tests {
         }
     }
 
-    /// A hold written before hold keys carried their second is read where it is, and
-    /// its next write moves it: never two records of one hold, and once none is left
-    /// under an old key the store stops looking there.
+    /// A hold written before hold ids sealed their second is read where it is (its id
+    /// opens to a random second, so a lookup falls back to its old key), and written
+    /// again there: never two records of one hold. Once retention deleted the last one,
+    /// the store stops looking there.
     #[test]
-    fn a_hold_under_its_old_key_is_read_there_and_moved_by_its_next_write() {
+    fn a_hold_under_its_old_key_stays_there_and_is_found_from_its_id() {
         let dir = tempfile::tempdir().unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         let live = hold(7, 1_780_000_000_500);
-        let (old_key, second) = (
-            records::old_hold_key(live.hold_id),
-            hold_second(live.created_at_unix_ms),
-        );
+        let old_key = records::old_hold_key(live.hold_id);
+        let random_second = 0x6b3a_1234; // what the old id opens to
         {
             let store = Store::open(dir.path(), &Limits::default()).unwrap();
-            assert!(!store.old_holds);
+            assert!(!store.old_holds.load(Ordering::Relaxed));
             let value = live.encode_value().unwrap();
             store.db.insert(old_key, value).unwrap();
             store.sync_direct_writes().unwrap();
         }
         let store = Store::open(dir.path(), &Limits::default()).unwrap();
-        assert!(store.old_holds, "seen at open");
-        assert_eq!(
-            store.hold(second, live.hold_id).unwrap().as_ref(),
-            Some(&live)
-        );
+        assert!(store.old_holds.load(Ordering::Relaxed), "seen at open");
+        let found = store.hold(random_second, live.hold_id).unwrap();
+        assert_eq!(found.as_ref(), Some(&live));
         let holds = |store: &Store| store.holds().collect::<Result<Vec<_>, _>>().unwrap();
         assert_eq!(holds(&store), vec![live.clone()]);
 
@@ -1030,13 +1052,25 @@ mod tests {
         runtime
             .block_on(store.commit(&[Write::Hold(expired.clone())]))
             .unwrap();
-        assert_eq!(holds(&store), vec![expired.clone()], "moved, not copied");
+        assert_eq!(holds(&store), vec![expired.clone()], "written in place");
+        let found = store.hold(random_second, live.hold_id).unwrap();
+        assert_eq!(found.as_ref(), Some(&expired));
+        store.recheck_old_holds().unwrap();
+        assert!(store.old_holds.load(Ordering::Relaxed), "still one there");
+
+        runtime
+            .block_on(store.commit(&[Write::Delete(old_key.to_vec())]))
+            .unwrap();
+        store.recheck_old_holds().unwrap();
+        assert!(!store.old_holds.load(Ordering::Relaxed));
+        assert_eq!(store.hold(random_second, live.hold_id).unwrap(), None);
+        // A new hold goes under its new key, found by the second its id seals.
+        let second = hold_second(live.created_at_unix_ms);
+        runtime
+            .block_on(store.commit(&[Write::Hold(live.clone())]))
+            .unwrap();
+        assert_eq!(store.hold(second, live.hold_id).unwrap(), Some(live));
         assert!(store.db.get(old_key).unwrap().is_none());
-        drop(store);
-        let store = Store::open(dir.path(), &Limits::default()).unwrap();
-        assert!(!store.old_holds);
-        assert_eq!(store.hold(second, live.hold_id).unwrap(), Some(expired));
-        assert_eq!(store.hold(second + 1, live.hold_id).unwrap(), None);
     }
 
     fn event(at_unix_ms: i64) -> Event {

@@ -64,6 +64,9 @@ const MIGRATIONS: &[&str] = &[
     // Events stored in runs (format 2 of events): no change of tables, but a build
     // before it would misread the log and reuse its sequences, so it must refuse.
     "COMMENT ON TABLE prenota_kv IS 'prenota records; events in runs since schema 3'",
+    // Holds keyed by the second they were made (`O`): a build before it would not see
+    // them (its live holds would stop counting against capacity), so it must refuse.
+    "COMMENT ON TABLE prenota_kv IS 'prenota records; holds in time order since schema 4'",
 ];
 
 /// Rows copied into the local store per sled batch at start-up.

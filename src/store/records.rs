@@ -45,9 +45,9 @@ pub const BOOKING_PREFIX: u8 = b'B';
 /// `O` + the second it was made (u32) + hold id: holds in the order they were made
 /// (`hold_key`).
 pub const HOLD_PREFIX: u8 = b'O';
-/// `H` + hold id: holds written before hold ids carried their second. No longer
-/// written: read where they are, and a hold's next write (or retention) deletes them
-/// (`Store::commit`). Never reuse.
+/// `H` + hold id: holds written before hold ids sealed their second (their ids were
+/// random, so their second is not in them). Never written anew: read and written where
+/// they are (`Store::hold`, `Store::commit`) until retention deletes them. Never reuse.
 pub const OLD_HOLD_PREFIX: u8 = b'H';
 /// The journal of the last multi-commit authority write (`J` + `apply`).
 const APPLY_JOURNAL_KEY: &[u8] = b"Japply";

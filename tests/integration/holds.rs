@@ -517,10 +517,10 @@ fn holds_under_old_keys(data_dir: &std::path::Path) -> i64 {
     db.scan_prefix(b"H").count() as i64
 }
 
-/// A store written before hold ids carried their second keeps its holds under their
+/// A store written before hold ids sealed their second keeps its holds under their
 /// old keys: after the upgrade an expired one still answers HOLD_EXPIRED and a retry of
-/// its request still gets it back, a live one is still confirmed (and its record moves
-/// to the new key), and retention still deletes them.
+/// its request still gets it back, a live one is still confirmed (its record written
+/// where it was, and found there by a retry), and retention still deletes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_stored_under_their_old_keys_still_work() {
     let dir = tempfile::tempdir().unwrap();
@@ -550,10 +550,16 @@ async fn holds_stored_under_their_old_keys_still_work() {
     confirm.hold_id = Some(live.hold_id.clone());
     let booked = book_ok(&mut client, confirm).await;
     assert_eq!(booked.booking_id, live.hold_id);
+    let again = hold_ok(&mut client, hold_request(&slot, "alice", "h-alice", 600)).await;
+    assert_eq!(again.hold_id, live.hold_id, "the confirmed hold, read back");
     let stats = site_stats(&server, "old-keys").await;
     assert_eq!((stats.booked, stats.held), (1, 0));
     server.stop().await;
-    assert_eq!(holds_under_old_keys(dir.path()), 1, "alice's hold moved");
+    assert_eq!(
+        holds_under_old_keys(dir.path()),
+        2,
+        "written where they were"
+    );
 
     let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
     clock.advance(Duration::from_secs(73 * 3_600));
