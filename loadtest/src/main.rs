@@ -156,8 +156,7 @@ enum ScenarioArgs {
         /// Hours of server time per real second.
         #[arg(long, default_value_t = 1)]
         hours_per_second: u32,
-        /// Holds per second over all bots (0: as fast as the server takes them; sled's
-        /// segment cleaning falls behind that for days, see BENCHMARKS.md).
+        /// Holds per second over all bots (0: as fast as the server takes them).
         #[arg(long, default_value_t = 2_000)]
         holds_per_second: u32,
     },

@@ -52,18 +52,19 @@ impl Engine {
     }
 
     /// The id of a hold of `citizen` made at `now_ms`. Within one process hold ids
-    /// never repeat (`BookingIds::mint_hold`); one this store already has (made by an
-    /// earlier process in the same second: a quick restart, a clock stepped back, a
-    /// failover to a node whose clock is behind) is passed over, so no hold (nor the
-    /// booking it became) is ever overwritten by another.
+    /// never repeat (`BookingIds::mint_hold`); one the store already has, as a hold or
+    /// as the booking a hold became (made by an earlier process in the same second: a
+    /// quick restart, a clock stepped back, a failover to a node whose clock is behind),
+    /// is passed over, so no hold or booking is ever overwritten by another.
     pub(super) fn fresh_hold_id(
         &self,
         citizen: CitizenKey,
         now_ms: i64,
     ) -> Result<HoldId, ServiceError> {
+        let place = (hold_second(now_ms), citizen.tag());
         loop {
             let id = self.ids.mint_hold(citizen, now_ms);
-            if self.store.hold(hold_second(now_ms), id)?.is_none() {
+            if !self.store.id_taken(place, id)? {
                 return Ok(id);
             }
             tracing::warn!("a new hold id was already taken; minting another");

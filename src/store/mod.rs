@@ -434,6 +434,22 @@ impl Store {
         }
     }
 
+    /// Whether a hold made in `second` or a booking already has this id (the booking
+    /// a hold became keeps its id), under any key.
+    pub fn id_taken(
+        &self,
+        (second, tag): (u32, CitizenTag),
+        id: BookingId,
+    ) -> Result<bool, StoreError> {
+        let contains = |key: &[u8]| {
+            (self.db.contains_key(key))
+                .map_err(|e| StoreError::Io(format!("looking up an id: {e}")))
+        };
+        Ok(contains(&hold_key(second, id))?
+            || contains(&booking_key(tag, id))?
+            || (self.old_holds.load(Ordering::Acquire) && contains(&records::old_hold_key(id))?))
+    }
+
     /// The key to write `hold` under: `key` (its `hold_key`), or its old key if it is
     /// there. An old hold stays where it is, because the second its id seals is not the
     /// second it was made in (its id was random): moved, its id would not find it.

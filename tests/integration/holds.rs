@@ -485,26 +485,36 @@ async fn racing_holds_get_exactly_the_share_even_after_a_restart() {
     server.stop().await;
 }
 
-/// Moves every hold record of the stopped server on `data_dir` to the key holds had
-/// before their ids carried the second they were made in (`H` + hold id), as a store
-/// written by an older prenota has them. Returns how many it moved.
-fn move_holds_to_old_keys(data_dir: &std::path::Path) -> i64 {
+/// Rewrites every hold record of the stopped server on `data_dir` as a build before
+/// hold ids sealed their second stored it: under `H` + hold id, and made in another
+/// second than the one its id seals (those ids were random). Returns how many.
+fn store_holds_as_an_older_build(data_dir: &std::path::Path) -> i64 {
     if common::postgres::asked() {
-        let sql = "WITH moved AS (UPDATE prenota_kv SET k = '\\x48'::bytea || substring(k from 6) \
-                   WHERE get_byte(k, 0) = 79 RETURNING 1) SELECT count(*) FROM moved";
-        return common::postgres::query_i64(&common::postgres::url_of_dir(data_dir), sql);
+        let url = common::postgres::url_of_dir(data_dir);
+        return common::postgres::rewrite_records(&url, b'O', as_an_older_build_stored);
     }
     let db = sled::open(data_dir.join("sled")).unwrap();
     let mut moved = 0;
     for record in db.scan_prefix(b"O") {
         let (key, value) = record.unwrap();
-        assert_eq!(key.len(), 21, "O + second + hold id");
-        db.insert([&b"H"[..], &key[5..]].concat(), value).unwrap();
+        let (old_key, old_value) = as_an_older_build_stored(&key, &value);
+        db.insert(old_key, old_value).unwrap();
         db.remove(key).unwrap();
         moved += 1;
     }
     db.flush().unwrap();
     moved
+}
+
+fn as_an_older_build_stored(key: &[u8], value: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    use prenota::store::records::Record;
+    assert_eq!(key.len(), 21, "O + second + hold id");
+    let mut hold = prenota::domain::hold::Hold::decode_value(key, value).unwrap();
+    hold.created_at_unix_ms -= 1_000;
+    (
+        [&b"H"[..], &key[5..]].concat(),
+        hold.encode_value().unwrap(),
+    )
 }
 
 /// Hold records still under their old keys, on the stopped server's data dir.
@@ -533,7 +543,7 @@ async fn holds_stored_under_their_old_keys_still_work() {
     assert_eq!(server.sweep_holds().await, 1);
     let live = hold_ok(&mut client, hold_request(&slot, "alice", "h-alice", 600)).await;
     server.stop().await;
-    assert_eq!(move_holds_to_old_keys(dir.path()), 2);
+    assert_eq!(store_holds_as_an_older_build(dir.path()), 2);
 
     let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
     let mut client = server.booking().await;

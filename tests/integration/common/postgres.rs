@@ -85,6 +85,40 @@ pub fn query_i64(url: &str, sql: &str) -> i64 {
     .expect("query ran")
 }
 
+/// A record's key and value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Replaces every record whose key starts with `prefix` by what `rewrite` makes of it
+/// (for a test that builds a store as an older build wrote it). Returns how many.
+pub fn rewrite_records(url: &str, prefix: u8, rewrite: fn(&[u8], &[u8]) -> KeyValue) -> i64 {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        let mut tx = client.transaction().expect("a transaction");
+        let rows = tx
+            .query(
+                "SELECT k, v FROM prenota_kv WHERE get_byte(k, 0) = $1",
+                &[&i32::from(prefix)],
+            )
+            .expect("read");
+        for row in &rows {
+            let (key, value): KeyValue = (row.get(0), row.get(1));
+            let (new_key, new_value) = rewrite(&key, &value);
+            tx.execute("DELETE FROM prenota_kv WHERE k = $1", &[&key])
+                .expect("delete");
+            tx.execute(
+                "INSERT INTO prenota_kv (k, v) VALUES ($1, $2)",
+                &[&new_key, &new_value],
+            )
+            .expect("insert");
+        }
+        tx.commit().expect("commit");
+        rows.len() as i64
+    })
+    .join()
+    .expect("rewrite ran")
+}
+
 /// Whether this run puts test servers on PostgreSQL (`PRENOTA_TEST_BACKEND=postgres`).
 pub fn asked() -> bool {
     std::env::var("PRENOTA_TEST_BACKEND").is_ok_and(|backend| backend == "postgres")
