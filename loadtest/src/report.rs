@@ -111,18 +111,19 @@ pub struct Phase {
 }
 
 /// CPU time (user + system) so far of this process's server threads: those a spawned
-/// server runs (`prenota-server`: its runtime; `prenota-committer`; sled's `sled-*`),
-/// read from /proc/self/task (Linux). The load generator's threads are not counted, so
-/// the figure does not depend on how much CPU the client eats.
-/// With the PostgreSQL backend, `prenota-lease` too, and every process named
-/// `postgres` on the machine (see `count_postgres_cpu`).
+/// server runs (every `prenota-*` thread: `prenota-server`, its runtime;
+/// `prenota-committer`; `prenota-verify`, the signature checks of asserted citizens;
+/// `prenota-lease*` on PostgreSQL) and sled's `sled-*`, read from /proc/self/task
+/// (Linux). The load generator's threads are not counted, so the figure does not depend
+/// on how much CPU the client eats. With the PostgreSQL backend, every process named
+/// `postgres` on the machine too (see `count_postgres_cpu`).
 pub fn server_cpu() -> Option<Duration> {
     let ticks_per_s = 100.0; // USER_HZ: 100 on Linux
     let mut ticks = 0u64;
     for task in std::fs::read_dir("/proc/self/task").ok()? {
         let path = task.ok()?.path();
         let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        let server = ["prenota-server", "prenota-commit", "prenota-lease", "sled"]
+        let server = ["prenota-", "sled"]
             .iter()
             .any(|prefix| comm.starts_with(prefix));
         if server {
