@@ -4,6 +4,21 @@
 //! waiting registrations in rank order, as holds. The rules are in `domain::campaign`
 //! and `domain::plans`; this file keeps the campaigns in memory and runs their plans.
 //!
+//! Offers are holds. The matcher's offer is a hold written with its registration (and
+//! its `OFFER_MADE` event) in one batch; accepting, declining, expiring, withdrawing or
+//! a closure take the hold out of the live set first (whoever takes it owns the offer)
+//! and write the registration's next state with the hold's. The registration settles in
+//! memory before the hold goes live; an accepted offer claims its citizen entry until
+//! its registration knows the booking (a reschedule of an offer's booking claims the new
+//! one likewise), and a cancel or move that reads the booking meanwhile takes the
+//! offered registration as booked. A plan's slot view carries the campaign's gate
+//! (`OFFER_REQUIRED` outside the last-minute window), before any release's. An offer the
+//! sweeper finds in a closed slot (its accept lost to the closure) ends uncounted. A
+//! registration stores the decline and withdraw requests it answered (format 2), so
+//! their retries after a restart are answered, not done again. Recovery checks each
+//! offer is a live hold of its citizen and slot, and each booked registration's booking
+//! is active (or deleted by retention).
+//!
 //! Must not import tonic.
 
 use std::collections::{BTreeMap, HashMap};
