@@ -207,30 +207,34 @@ impl LiveHolds {
     }
 }
 
+/// A live hold for tests: id `id`, citizen `[citizen; 16]`, made at 0, expiring at
+/// `expires`, in a slot of site `a` at 1,000 s.
+#[cfg(test)]
+pub(crate) fn test_hold(id: u128, citizen: u8, expires: i64) -> Hold {
+    use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId};
+    Hold {
+        hold_id: BookingId(id),
+        slot: SlotKey {
+            site_id: SiteId::parse("s", "a", 64).unwrap(),
+            service_id: ServiceId::parse("s", "vax", 64).unwrap(),
+            start_unix_s: 1_000,
+        },
+        citizen: CitizenKey([citizen; 16]),
+        created_at_unix_ms: 0,
+        expires_at_unix_ms: expires,
+        request: RequestRecord {
+            key: RequestKey([0; 16]),
+            fingerprint: RequestFingerprint([0; 16]),
+        },
+        state: HoldState::Live,
+        channel: ChannelId::web(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_hold as hold;
     use super::*;
-    use crate::domain::ids::{RequestFingerprint, RequestKey, ServiceId};
-
-    fn hold(id: u128, citizen: u8, expires: i64) -> Hold {
-        Hold {
-            hold_id: BookingId(id),
-            slot: SlotKey {
-                site_id: SiteId::parse("s", "a", 64).unwrap(),
-                service_id: ServiceId::parse("s", "vax", 64).unwrap(),
-                start_unix_s: 1_000,
-            },
-            citizen: CitizenKey([citizen; 16]),
-            created_at_unix_ms: 0,
-            expires_at_unix_ms: expires,
-            request: RequestRecord {
-                key: RequestKey([0; 16]),
-                fingerprint: RequestFingerprint([0; 16]),
-            },
-            state: HoldState::Live,
-            channel: ChannelId::web(),
-        }
-    }
 
     #[test]
     fn only_the_holder_confirms_and_only_in_time() {

@@ -441,13 +441,14 @@ impl Store {
         (second, tag): (u32, CitizenTag),
         id: BookingId,
     ) -> Result<bool, StoreError> {
-        let contains = |key: &[u8]| {
-            (self.db.contains_key(key))
-                .map_err(|e| StoreError::Io(format!("looking up an id: {e}")))
-        };
-        Ok(contains(&hold_key(second, id))?
-            || contains(&booking_key(tag, id))?
-            || (self.old_holds.load(Ordering::Acquire) && contains(&records::old_hold_key(id))?))
+        Ok(self.contains(&hold_key(second, id))?
+            || self.contains(&booking_key(tag, id))?
+            || (self.old_holds.load(Ordering::Acquire)
+                && self.contains(&records::old_hold_key(id))?))
+    }
+
+    fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
+        (self.db.contains_key(key)).map_err(|e| StoreError::Io(format!("looking up a key: {e}")))
     }
 
     /// The key to write `hold` under: `key` (its `hold_key`), or its old key if it is
@@ -458,11 +459,10 @@ impl Store {
             return Ok(key);
         }
         let old = records::old_hold_key(hold.hold_id);
-        match self.db.contains_key(old) {
-            Ok(true) => Ok(old.to_vec()),
-            Ok(false) => Ok(key),
-            Err(e) => Err(StoreError::Io(format!("looking for an old hold: {e}"))),
-        }
+        Ok(match self.contains(&old)? {
+            true => old.to_vec(),
+            false => key,
+        })
     }
 
     /// Stops looking for holds under their old keys once none is left (retention
@@ -1011,24 +1011,12 @@ mod tests {
         Store::open(dir.path(), &Limits::default()).unwrap();
     }
 
-    /// An event of about 130 bytes: some 30 make a run.
+    /// A live hold made at `created_at_unix_ms`, for a minute.
     fn hold(hold_id: u128, created_at_unix_ms: i64) -> Hold {
+        let expires_at_unix_ms = created_at_unix_ms + 60_000;
         Hold {
-            hold_id: BookingId(hold_id),
-            slot: SlotKey {
-                site_id: SiteId::parse("s", "rome", 64).unwrap(),
-                service_id: ServiceId::parse("s", "vax", 64).unwrap(),
-                start_unix_s: 1_780_003_600,
-            },
-            citizen: crate::domain::ids::CitizenKey([3; 16]),
             created_at_unix_ms,
-            expires_at_unix_ms: created_at_unix_ms + 60_000,
-            request: crate::domain::booking::RequestRecord {
-                key: crate::domain::ids::RequestKey([4; 16]),
-                fingerprint: crate::domain::ids::RequestFingerprint([5; 16]),
-            },
-            state: HoldState::Live,
-            channel: crate::domain::ids::ChannelId::web(),
+            ..crate::domain::hold::test_hold(hold_id, 3, expires_at_unix_ms)
         }
     }
 
@@ -1089,6 +1077,7 @@ mod tests {
         assert!(store.db.get(old_key).unwrap().is_none());
     }
 
+    /// An event of about 130 bytes: some 30 make a run.
     fn event(at_unix_ms: i64) -> Event {
         Event {
             kind: EventKind::SlotClosed,

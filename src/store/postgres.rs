@@ -65,7 +65,7 @@ const MIGRATIONS: &[&str] = &[
     // before it would misread the log and reuse its sequences, so it must refuse.
     "COMMENT ON TABLE prenota_kv IS 'prenota records; events in runs since schema 3'",
     // Holds keyed by the second they were made (`O`): a build before it would not see
-    // them (its live holds would stop counting against capacity), so it must refuse.
+    // them (the live holds this build made would stop counting), so it must refuse.
     "COMMENT ON TABLE prenota_kv IS 'prenota records; holds in time order since schema 4'",
 ];
 
