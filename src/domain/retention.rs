@@ -64,6 +64,17 @@ impl Cutoffs {
                 && slot_end_unix_s.is_none_or(|end| self.keeps_slot(end)))
     }
 
+    /// Every hold made in this second (`hold::hold_second`) or later is kept, whatever
+    /// its state: its request is remembered, and its slot, which started after the hold
+    /// was made (`plans::check_not_started`), ends after both cut-offs. Holds are stored
+    /// in the order they were made, so retention stops reading them there.
+    pub fn keeps_holds_from_second(&self) -> u32 {
+        let requests_s = self.requests_before_unix_ms.div_euclid(1_000)
+            + i64::from(self.requests_before_unix_ms.rem_euclid(1_000) != 0);
+        let from = requests_s.max(self.slots_ended_before_unix_s);
+        u32::try_from(from.max(0)).unwrap_or(u32::MAX)
+    }
+
     /// A booking's record is kept while its slot is (the slot's end if the slot exists,
     /// else the end the booking was made for).
     pub fn keeps_booking(&self, booking: &Booking, slot_end_unix_s: Option<i64>) -> bool {
@@ -151,5 +162,28 @@ mod tests {
         // Its slot ended beyond the records window.
         let long_ended = Some(NOW_MS / 1_000 - 401 * 86_400);
         assert!(!cutoffs.keeps_hold(&hold(recent, expired), long_ended));
+    }
+
+    #[test]
+    fn every_hold_made_from_the_kept_second_on_is_kept() {
+        for windows in [(72, 400, 168), (1, 1, 1), (72, 0, 168), (0, 400, 168)] {
+            let cutoffs = Cutoffs::at(NOW_MS + 1, windows);
+            let from_ms = i64::from(cutoffs.keeps_holds_from_second()) * 1_000;
+            for made in [from_ms, from_ms + 999, from_ms + 3 * HOUR_MS] {
+                let expired = HoldState::Expired { at_unix_ms: made };
+                // The earliest end its slot can have: it started after the hold was made.
+                let slot_end = Some(made / 1_000 + 1);
+                assert!(
+                    cutoffs.keeps_hold(&hold(made, expired), slot_end),
+                    "{windows:?}"
+                );
+            }
+            // The second before it starts with a hold that goes.
+            let made = from_ms - 1_000;
+            let before = HoldState::Expired { at_unix_ms: made };
+            let gone = !cutoffs.keeps_hold(&hold(made, before), Some(0));
+            assert!(gone, "{windows:?}");
+        }
+        assert_eq!(Cutoffs::at(NOW_MS, (0, 0, 0)).keeps_holds_from_second(), 0);
     }
 }

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use crate::domain::booking::Booking;
 use crate::domain::event::SequencedEvent;
 use crate::domain::hold::Hold;
-use crate::domain::ids::SlotKey;
+use crate::domain::ids::{BookingId, SlotKey};
 use crate::domain::retention::{self, Cutoffs};
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
@@ -36,11 +36,18 @@ pub struct Retained {
     /// Releases whose slots all ended before the window, and their queue tickets.
     pub releases: u64,
     pub tickets: u64,
+    /// Hold records the pass read (kept ones too): not a deletion. Holds made after
+    /// `Cutoffs::keeps_holds_from_second` are not read.
+    pub holds_read: u64,
 }
 
 impl Retained {
+    /// Nothing was forgotten or deleted.
     pub fn is_empty(&self) -> bool {
-        *self == Retained::default()
+        Retained {
+            holds_read: 0,
+            ..*self
+        } == Retained::default()
     }
 
     /// Each count with its `kind` label (`telemetry::RETENTION_KINDS`, in that order).
@@ -87,7 +94,7 @@ impl Engine {
         };
         // Ended slots that still have a record this pass could not delete: kept.
         let mut pinned = HashSet::new();
-        retained.holds = self.delete_holds(&cutoffs, &mut pinned).await?;
+        (retained.holds, retained.holds_read) = self.delete_holds(&cutoffs, &mut pinned).await?;
         retained.bookings = self.delete_bookings(&cutoffs, &mut pinned).await?;
         retained.slots = self.delete_slots(&cutoffs, &pinned).await?;
         retained.audit_entries = self.delete_audit_entries(&cutoffs).await?;
@@ -140,11 +147,18 @@ impl Engine {
         &self,
         cutoffs: &Cutoffs,
         pinned: &mut HashSet<SlotKey>,
-    ) -> Result<u64, ServiceError> {
-        let mut deleted = 0;
+    ) -> Result<(u64, u64), ServiceError> {
+        // Old keys are in id order, new ones in the order the holds were made: past
+        // `kept_from`, every hold is kept, so the scan ends there.
+        let kept_from = records::hold_key(cutoffs.keeps_holds_from_second(), BookingId(0));
+        let (mut deleted, mut read) = (0, 0);
         for prefix in [records::OLD_HOLD_PREFIX, records::HOLD_PREFIX] {
             let mut cursor = vec![prefix];
-            while let Some(batch) = self.next_batch::<Hold>(prefix, &mut cursor)? {
+            while let Some(mut batch) = self.next_batch::<Hold>(prefix, &mut cursor)? {
+                let kept_on = batch.partition_point(|(key, _)| key[..] < kept_from[..]);
+                let rest_kept = kept_on < batch.len();
+                batch.truncate(kept_on);
+                read += batch.len() as u64;
                 let mut doomed = Vec::new();
                 for (key, hold) in batch {
                     match cutoffs.keeps_hold(&hold, self.slot_end(&hold.slot)) {
@@ -157,10 +171,13 @@ impl Engine {
                 for (request, hold_id) in requests {
                     self.requests.forget(&request, hold_id);
                 }
+                if rest_kept {
+                    break;
+                }
             }
         }
         self.store.recheck_old_holds()?;
-        Ok(deleted)
+        Ok((deleted, read))
     }
 
     async fn delete_bookings(

@@ -112,6 +112,57 @@ async fn finished_requests_are_forgotten_after_their_window_and_not_reloaded() {
     server.stop().await;
 }
 
+/// Holds are stored in the order they were made, and every hold made after both
+/// windows' cut-offs is kept: a pass reads only the older ones, those it may delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_reads_only_the_holds_old_enough_to_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "churn", 10).await;
+    let client = server.booking().await;
+    let hold = |citizen: &'static str| {
+        let request = hold_request(&slot, citizen, citizen);
+        let mut client = client.clone();
+        async move { client.hold_slot(request).await.expect("a hold") }
+    };
+    for citizen in ["a", "b", "c"] {
+        hold(citizen).await;
+    }
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(server.sweep_holds().await, 3);
+    clock.advance(73 * HOUR);
+    for citizen in ["d", "e"] {
+        hold(citizen).await;
+    }
+
+    let retained = server.retain().await;
+    assert_eq!(
+        (retained.holds, retained.holds_read),
+        (3, 3),
+        "{retained:?}"
+    );
+    clock.advance(Duration::from_secs(61));
+    assert_eq!(server.sweep_holds().await, 2);
+    let retained = server.retain().await;
+    assert_eq!(
+        (retained.holds, retained.holds_read),
+        (0, 0),
+        "{retained:?}"
+    );
+    clock.advance(73 * HOUR);
+    let retained = server.retain().await;
+    assert_eq!(
+        (retained.holds, retained.holds_read),
+        (2, 2),
+        "{retained:?}"
+    );
+    let stats = site_stats(&server, "churn").await;
+    assert_eq!(stats.held, 0);
+    server.stop().await;
+    assert_eq!(stored_holds(dir.path()), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authority_requests_are_forgotten_after_their_window() {
     let dir = tempfile::tempdir().unwrap();
