@@ -160,6 +160,17 @@ pub enum RegistrationState {
     Withdrawn { at_unix_ms: i64 },
 }
 
+/// A registration of `standing` in `wave` as shown at `now`: an active one waits once
+/// its wave is open.
+fn shown_at(standing: Shown, wave: Option<usize>, campaign: &Campaign, now_unix_ms: i64) -> Shown {
+    match (standing, wave) {
+        (Shown::Registered, Some(index)) if campaign.waves[index].is_open(now_unix_ms) => {
+            Shown::Waiting
+        }
+        _ => standing,
+    }
+}
+
 /// A registration's state as a citizen and the statistics see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Shown {
@@ -197,20 +208,24 @@ pub struct Registration {
 impl Registration {
     /// Its state as shown at `now`, and the index of its wave (if one admits it).
     pub fn shown(&self, campaign: &Campaign, now_unix_ms: i64) -> (Shown, Option<usize>) {
+        let (standing, wave) = self.standing(campaign);
+        (shown_at(standing, wave, campaign, now_unix_ms), wave)
+    }
+
+    /// What its shown state follows from: the state shown before its wave opens (an
+    /// active one is REGISTERED) and the index of its wave.
+    fn standing(&self, campaign: &Campaign) -> (Shown, Option<usize>) {
         let wave = campaign
             .wave_of(self.birth_year, &self.groups)
             .map(|(index, _)| index);
-        let shown = match &self.state {
-            RegistrationState::Active => match wave {
-                Some(index) if campaign.waves[index].is_open(now_unix_ms) => Shown::Waiting,
-                _ => Shown::Registered,
-            },
+        let standing = match &self.state {
+            RegistrationState::Active => Shown::Registered,
             RegistrationState::Offered(_) => Shown::Offered,
             RegistrationState::Booked { .. } => Shown::Booked,
             RegistrationState::Exhausted => Shown::Exhausted,
             RegistrationState::Withdrawn { .. } => Shown::Withdrawn,
         };
-        (shown, wave)
+        (standing, wave)
     }
 
     pub fn offer(&self) -> Option<&Offer> {
@@ -375,13 +390,17 @@ struct Entry {
     busy: bool,
 }
 
-/// A campaign's registrations: by citizen, and the waiting ones in rank order.
+/// A campaign's registrations: by citizen, the waiting ones in rank order, and how many
+/// there are of each standing in each wave.
 #[derive(Debug, Default)]
 pub struct Registrations {
     by_citizen: HashMap<CitizenKey, Entry>,
     /// Active, not busy, admitted by a wave.
     waiting: BTreeSet<(Rank, CitizenKey)>,
     next_arrival: u64,
+    /// Registrations by `Registration::standing` (no zero entries): the statistics read
+    /// these few counts, not every registration.
+    tally: HashMap<(Shown, Option<usize>), u64>,
 }
 
 impl Registrations {
@@ -461,7 +480,12 @@ impl Registrations {
             if let Some(rank) = rank(campaign, &old) {
                 self.waiting.remove(&(rank, citizen));
             }
+            untally(&mut self.tally, old.standing(campaign));
         }
+        *self
+            .tally
+            .entry(registration.standing(campaign))
+            .or_insert(0) += 1;
         self.next_arrival = self.next_arrival.max(registration.arrival + 1);
         if registration.state == RegistrationState::Active {
             if let Some(rank) = rank(campaign, &registration) {
@@ -491,8 +515,9 @@ impl Registrations {
         }
     }
 
-    /// The waiting order again, after the waves changed.
+    /// The waiting order and the tally again, after the waves changed.
     pub fn reindex(&mut self, campaign: &Campaign) {
+        self.tally = tally_of(self.all(), campaign);
         self.waiting = self
             .by_citizen
             .iter()
@@ -544,26 +569,70 @@ impl Registrations {
 
     /// Counts per shown state, in total and per wave (index; registrations no wave
     /// admits are in the totals only).
+    /// From the tally: as many steps as standings × waves, whatever the registrations.
     pub fn counts(&self, campaign: &Campaign, now_unix_ms: i64) -> Counts {
-        let mut counts = Counts {
-            total: HashMap::new(),
-            by_wave: vec![HashMap::new(); campaign.waves.len()],
-        };
-        for registration in self.all() {
-            let (shown, wave) = registration.shown(campaign, now_unix_ms);
-            *counts.total.entry(shown).or_insert(0) += 1;
-            if let Some(wave) = wave {
-                *counts.by_wave[wave].entry(shown).or_insert(0) += 1;
-            }
-        }
-        counts
+        let tallied = self
+            .tally
+            .iter()
+            .map(|(&(standing, wave), &count)| (standing, wave, count));
+        debug_assert_eq!(
+            self.tally,
+            tally_of(self.all(), campaign),
+            "the tally is every registration's standing, counted"
+        );
+        Counts::of(tallied, campaign, now_unix_ms)
     }
+}
+
+/// `tally` less one registration of `standing` (asserted there).
+fn untally(tally: &mut HashMap<(Shown, Option<usize>), u64>, standing: (Shown, Option<usize>)) {
+    let count = tally
+        .get_mut(&standing)
+        .expect("a settled registration is in the tally");
+    *count -= 1;
+    if *count == 0 {
+        tally.remove(&standing);
+    }
+}
+
+/// Registrations counted by standing.
+fn tally_of<'a>(
+    registrations: impl Iterator<Item = &'a Registration>,
+    campaign: &Campaign,
+) -> HashMap<(Shown, Option<usize>), u64> {
+    let mut tally = HashMap::new();
+    for registration in registrations {
+        *tally.entry(registration.standing(campaign)).or_insert(0) += 1;
+    }
+    tally
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
     pub total: HashMap<Shown, u64>,
     pub by_wave: Vec<HashMap<Shown, u64>>,
+}
+
+impl Counts {
+    /// `count` registrations of each (standing, wave) as shown at `now`.
+    fn of(
+        tallied: impl Iterator<Item = (Shown, Option<usize>, u64)>,
+        campaign: &Campaign,
+        now_unix_ms: i64,
+    ) -> Self {
+        let mut counts = Counts {
+            total: HashMap::new(),
+            by_wave: vec![HashMap::new(); campaign.waves.len()],
+        };
+        for (standing, wave, count) in tallied {
+            let shown = shown_at(standing, wave, campaign, now_unix_ms);
+            *counts.total.entry(shown).or_insert(0) += count;
+            if let Some(wave) = wave {
+                *counts.by_wave[wave].entry(shown).or_insert(0) += count;
+            }
+        }
+        counts
+    }
 }
 
 /// A slot with free places, as the matcher sees it.
@@ -859,6 +928,57 @@ mod tests {
         // A withdrawn registration may register anew.
         book.settle(&c, claimed.withdrawn(5));
         assert!(matches!(book.begin(CitizenKey([1; 16])), Begin::New { .. }));
+    }
+
+    #[test]
+    fn the_statistics_follow_every_change_and_a_change_of_waves() {
+        let mut c = campaign(vec![
+            wave("old", 0, (None, Some(1950)), &[]),
+            wave("young", 10 * HOUR_MS, (None, None), &[]),
+        ]);
+        let mut book = Registrations::default();
+        let every = |book: &Registrations, c: &Campaign, now: i64| {
+            let mut shown: HashMap<Shown, u64> = HashMap::new();
+            for registration in book.all() {
+                *shown.entry(registration.shown(c, now).0).or_insert(0) += 1;
+            }
+            assert_eq!(book.counts(c, now).total, shown, "at {now}");
+            shown
+        };
+        for (n, year) in [(1u8, 1940), (2, 1990), (3, 1945), (4, 2000)] {
+            book.begin(CitizenKey([n; 16]));
+            book.settle(&c, registration(n, Some(year), &[], 0));
+        }
+        assert_eq!(every(&book, &c, HOUR_MS)[&Shown::Waiting], 2);
+        assert_eq!(every(&book, &c, 10 * HOUR_MS)[&Shown::Waiting], 4);
+        let one = book.claim(&c, &CitizenKey([1; 16])).unwrap();
+        assert_eq!(
+            every(&book, &c, HOUR_MS)[&Shown::Waiting],
+            2,
+            "claimed, not changed"
+        );
+        book.settle(&c, one.booked(BookingId(9)));
+        let two = book.claim(&c, &CitizenKey([2; 16])).unwrap();
+        book.settle(&c, two.withdrawn(5));
+        let counts = every(&book, &c, 10 * HOUR_MS);
+        assert_eq!(counts[&Shown::Booked], 1);
+        assert_eq!(counts[&Shown::Withdrawn], 1);
+        assert_eq!(counts[&Shown::Waiting], 2);
+        // Registering anew replaces the withdrawn one.
+        book.begin(CitizenKey([2; 16]));
+        book.settle(&c, registration(2, Some(1990), &[], 6));
+        assert!(!every(&book, &c, 10 * HOUR_MS).contains_key(&Shown::Withdrawn));
+        // New waves: the born-after-1980 wave is now the only one, not open yet.
+        c.waves = vec![wave("late", 20 * HOUR_MS, (Some(1980), None), &[])];
+        book.reindex(&c);
+        let counts = book.counts(&c, 10 * HOUR_MS);
+        assert_eq!(counts.by_wave[0][&Shown::Registered], 2);
+        assert_eq!(
+            counts.total[&Shown::Registered],
+            3,
+            "1945 is in no wave now"
+        );
+        assert_eq!(every(&book, &c, 20 * HOUR_MS)[&Shown::Waiting], 2);
     }
 
     #[test]
