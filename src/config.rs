@@ -188,18 +188,9 @@ pub fn token_sha256(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn parse_sha256(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
     let mut out = [0u8; 32];
-    for (index, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * index..2 * index + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
 }
 
@@ -923,7 +914,7 @@ sha256 = "{}"
 role = "authority"
 regions = ["lazio"]
 "#,
-            hex(&token_sha256("secret"))
+            hex::encode(token_sha256("secret"))
         );
         let file: ConfigFile = toml::from_str(&good).unwrap();
         let config = file.check().unwrap();

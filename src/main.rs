@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use prenota::cli::Target;
 use prenota::config::{
-    check_listen, check_plaintext_tokens, hex, token_sha256, ConfigFile, ServerSection, TlsPem,
+    check_listen, check_plaintext_tokens, token_sha256, ConfigFile, ServerSection, TlsPem,
 };
 use prenota::server::ServeOptions;
 use prenota::telemetry::LogFormat;
@@ -587,7 +587,7 @@ fn hash_token() -> Result<(), String> {
     if token.len() < 16 {
         return Err("a token must be at least 16 characters; use a random one".into());
     }
-    println!("{}", hex(&token_sha256(token)));
+    println!("{}", hex::encode(token_sha256(token)));
     Ok(())
 }
 

@@ -28,7 +28,8 @@ use sha2::{Digest, Sha256};
 use hmac::{Hmac, Mac};
 
 use crate::store::backup_key::BackupKey;
-use crate::store::committer::{Change, Tee};
+use crate::store::committer::Tee;
+use crate::store::records::Change;
 use crate::store::{Store, StoreError};
 
 /// Version 3: authenticated and sealed with a backup key. Written by this build.

@@ -25,7 +25,7 @@ pub struct BackupKey {
 
 impl std::fmt::Debug for BackupKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BackupKey({})", crate::config::hex(&self.id))
+        write!(f, "BackupKey({})", hex::encode(self.id))
     }
 }
 
@@ -47,7 +47,7 @@ impl BackupKey {
     /// A new random secret, in hex (what a key file holds).
     pub fn generate_hex() -> String {
         let secret: [u8; SECRET_LENGTH] = rand::random();
-        crate::config::hex(&secret)
+        hex::encode(secret)
     }
 
     /// Reads a key file: 64 hex digits on its first line, readable by its owner only.
@@ -111,13 +111,8 @@ impl BackupKey {
 }
 
 fn parse_hex(text: &str) -> Option<[u8; SECRET_LENGTH]> {
-    if text.len() != 2 * SECRET_LENGTH || !text.is_ascii() {
-        return None;
-    }
     let mut out = [0u8; SECRET_LENGTH];
-    for (index, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&text[2 * index..2 * index + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
 }
 

@@ -22,11 +22,8 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::store::error::StoreError;
-use crate::store::records::event_runs;
+use crate::store::records::{event_runs, Change};
 use crate::telemetry;
-
-/// One key's new value, or `None` to remove the key (retention's deletions).
-pub type Change = (Vec<u8>, Option<Vec<u8>>);
 
 /// Writes of one caller, committed together with other callers' writes.
 pub struct CommitRequest {

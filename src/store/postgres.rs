@@ -30,9 +30,9 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls, Statement};
 
 pub use crate::config::PostgresSettings;
-use crate::store::committer::{self, sled_batch, Change, CommitterState, Durability};
+use crate::store::committer::{self, sled_batch, CommitterState, Durability};
 use crate::store::error::StoreError;
-use crate::store::records::KEY_CHECK_KEY;
+use crate::store::records::{Change, KEY_CHECK_KEY};
 
 /// Advisory lock classes (the second key is the schema's hash).
 const LEASE_LOCK_CLASS: i32 = 0x7072_6e74; // "prnt"

@@ -182,10 +182,14 @@ pub enum Write {
     Series(Series),
 }
 
+/// One key's new value, or `None` to remove the key (retention's deletions): what the
+/// committer applies.
+pub type Change = (Vec<u8>, Option<Vec<u8>>);
+
 /// A write ready for the committer: a key and value, or an event's value still waiting
 /// for its sequence (its key).
 pub enum Encoded {
-    Change(crate::store::committer::Change),
+    Change(Change),
     Event(Vec<u8>),
 }
 
@@ -1063,10 +1067,7 @@ pub const EVENT_RUN_BYTES_MAX: usize = 4_096;
 /// `encode_event`, in order): runs of format 2, each keyed by its first event's sequence
 /// and holding at most `EVENT_RUN_BYTES_MAX` bytes of events (or one larger event), so a
 /// group commit writes one record per run instead of one per event.
-pub fn event_runs(
-    first_sequence: u64,
-    values: Vec<Vec<u8>>,
-) -> Result<Vec<crate::store::committer::Change>, StoreError> {
+pub fn event_runs(first_sequence: u64, values: Vec<Vec<u8>>) -> Result<Vec<Change>, StoreError> {
     let mut records = Vec::new();
     let (mut run, mut run_bytes, mut run_first) = (Vec::new(), 0, first_sequence);
     for (sequence, value) in (first_sequence..).zip(values) {
@@ -1084,10 +1085,7 @@ pub fn event_runs(
     Ok(records)
 }
 
-fn event_run(
-    first_sequence: u64,
-    events: Vec<Vec<u8>>,
-) -> Result<crate::store::committer::Change, StoreError> {
+fn event_run(first_sequence: u64, events: Vec<Vec<u8>>) -> Result<Change, StoreError> {
     let value = encode_as(FORMAT_V2, &v2::EventRun { events })?;
     Ok((event_key(first_sequence).to_vec(), Some(value)))
 }

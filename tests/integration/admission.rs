@@ -6,7 +6,7 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use prenota::config::{hex, token_sha256, Config, ConfigFile};
+use prenota::config::{token_sha256, Config, ConfigFile};
 use prenota::proto;
 use tonic::Code;
 
@@ -70,7 +70,7 @@ async fn a_token_past_its_rate_is_refused_with_the_wait() {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "[limits]\nrate_token_requests_per_s = 2\n\n[[tokens]]\nname = \"web\"\nsha256 = \"{}\"\nrole = \"frontend\"\n",
-        hex(&token_sha256(TOKEN))
+        hex::encode(token_sha256(TOKEN))
     );
     let config = toml::from_str::<ConfigFile>(&text)
         .unwrap()

@@ -6,7 +6,7 @@ use crate::common;
 use std::process::Command;
 
 use common::*;
-use prenota::config::{hex, token_sha256, ConfigFile};
+use prenota::config::{token_sha256, ConfigFile};
 use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
 use prenota::proto::capacity_service_client::CapacityServiceClient;
@@ -44,10 +44,10 @@ sha256 = "{}"
 role = "authority"
 regions = ["veneto"]
 "#,
-        hex(&token_sha256(FRONTEND)),
-        hex(&token_sha256(LAZIO)),
-        hex(&token_sha256(ADMIN)),
-        hex(&token_sha256(VENETO)),
+        hex::encode(token_sha256(FRONTEND)),
+        hex::encode(token_sha256(LAZIO)),
+        hex::encode(token_sha256(ADMIN)),
+        hex::encode(token_sha256(VENETO)),
     );
     let mut config = toml::from_str::<ConfigFile>(&text)
         .unwrap()
@@ -369,7 +369,7 @@ fn with_tokens_a_public_address_needs_tls() {
     let file = dir.path().join("prenota.toml");
     let text = format!(
         "[server]\nlisten = \"0.0.0.0:50051\"\n\n[[tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nrole = \"admin\"\n",
-        hex(&token_sha256(ADMIN))
+        hex::encode(token_sha256(ADMIN))
     );
     std::fs::write(&file, text).unwrap();
     let checked = Command::new(env!("CARGO_BIN_EXE_prenota"))

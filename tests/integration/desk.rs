@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
-use prenota::config::{hex, token_sha256, Config, ConfigFile};
+use prenota::config::{token_sha256, Config, ConfigFile};
 use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
 use prenota::proto::capacity_service_client::CapacityServiceClient;
@@ -415,9 +415,9 @@ sha256 = "{}"
 role = "site"
 sites = ["desk-a"]
 "#,
-        hex(&token_sha256(ADMIN)),
-        hex(&token_sha256(FRONTEND)),
-        hex(&token_sha256(DESK_A)),
+        hex::encode(token_sha256(ADMIN)),
+        hex::encode(token_sha256(FRONTEND)),
+        hex::encode(token_sha256(DESK_A)),
     );
     toml::from_str::<ConfigFile>(&text)
         .unwrap()

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use common::*;
-use prenota::config::{hex, token_sha256, ConfigFile};
+use prenota::config::{token_sha256, ConfigFile};
 use prenota::proto;
 use prenota::proto::open_data_service_client::OpenDataServiceClient;
 use tonic::transport::Channel;
@@ -20,8 +20,8 @@ const ADMIN: &str = "admin-token-0123456789abcdef";
 fn config(open_data: bool) -> prenota::config::Config {
     let text = format!(
         "[server]\nopen_data = {open_data}\n\n[[tokens]]\nname = \"web\"\nsha256 = \"{}\"\nrole = \"frontend\"\n\n[[tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nrole = \"admin\"\n",
-        hex(&token_sha256(FRONTEND)),
-        hex(&token_sha256(ADMIN)),
+        hex::encode(token_sha256(FRONTEND)),
+        hex::encode(token_sha256(ADMIN)),
     );
     toml::from_str::<ConfigFile>(&text)
         .unwrap()

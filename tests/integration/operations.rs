@@ -285,7 +285,7 @@ async fn json_logs_name_method_code_and_latency_but_never_tokens_or_citizens() {
         &config,
         format!(
             "[[tokens]]\nname = \"ops-admin\"\nrole = \"admin\"\nsha256 = \"{}\"\n",
-            prenota::config::hex(&prenota::config::token_sha256(TOKEN))
+            hex::encode(prenota::config::token_sha256(TOKEN))
         ),
     )
     .unwrap();

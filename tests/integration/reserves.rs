@@ -8,7 +8,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::*;
-use prenota::config::{hex, token_sha256, ConfigFile};
+use prenota::config::{token_sha256, ConfigFile};
 use prenota::proto::booking_service_client::BookingServiceClient;
 use prenota::proto::capacity_service_client::CapacityServiceClient;
 use prenota::proto::{self, search_slots_request::Scope};
@@ -40,9 +40,9 @@ name = "ops"
 sha256 = "{}"
 role = "admin"
 "#,
-        hex(&token_sha256(WEB)),
-        hex(&token_sha256(PHONE)),
-        hex(&token_sha256(OPS)),
+        hex::encode(token_sha256(WEB)),
+        hex::encode(token_sha256(PHONE)),
+        hex::encode(token_sha256(OPS)),
     );
     toml::from_str::<ConfigFile>(&text)
         .unwrap()
