@@ -13,25 +13,19 @@
 //! a reader that reads nothing for `export_idle_timeout_ms` is cut off (its connection
 //! closed, as for exports).
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
 
-use crate::domain::catalog::{ChangeBoard, SearchQuery, SearchScope, Site, Slot};
+use crate::domain::catalog::{SearchQuery, SearchScope, Site};
 use crate::domain::error::DomainError;
-use crate::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
 use crate::service::exports::{send_within, OnIdle, Sent};
-
-/// A slot with its site, as a watcher is sent it.
-pub type SlotView = (Arc<Site>, Arc<Slot>);
-
-/// Changed slots a watcher has not been sent yet, by slot: the latest change wins.
-type Pending = BTreeMap<SlotKey, SlotView>;
+pub use crate::service::state::watchers::SlotView;
+use crate::service::state::watchers::{Filed, Subscriber};
 
 /// Why a watch ended.
 enum Stop {
@@ -45,52 +39,6 @@ enum Stop {
 
 /// Slots in flight between a watch's task and its reader.
 const SLOTS_BUFFERED: usize = 64;
-
-struct Subscriber {
-    from_unix_s: i64,
-    to_unix_s: i64,
-    pending: Mutex<Pending>,
-    notify: Notify,
-}
-
-impl Subscriber {
-    fn pending(&self) -> MutexGuard<'_, Pending> {
-        // Each critical section is one insert or one swap: a poisoned lock is sound.
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Where a watcher is filed: by its site or its region, and its service.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Filed {
-    Site(SiteId, ServiceId),
-    Region(RegionId, ServiceId),
-}
-
-/// Every open watch, filed for the fan-out.
-pub struct Watchers {
-    permits: Arc<Semaphore>,
-    /// Also serialises turning the board on (first watch) and off (last one gone).
-    filed: Mutex<HashMap<Filed, Vec<Arc<Subscriber>>>>,
-    count: AtomicUsize,
-    board: Arc<ChangeBoard>,
-}
-
-impl Watchers {
-    /// At most `max` watches, of the catalog whose change `board` this is.
-    pub fn new(max: usize, board: Arc<ChangeBoard>) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(max)),
-            filed: Mutex::default(),
-            count: AtomicUsize::new(0),
-            board,
-        }
-    }
-
-    fn filed(&self) -> MutexGuard<'_, HashMap<Filed, Vec<Arc<Subscriber>>>> {
-        self.filed.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
 
 /// Unfiles its subscriber when the watch ends (and stops the board when none is left).
 struct Registration {

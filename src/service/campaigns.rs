@@ -21,23 +21,22 @@
 //!
 //! Must not import tonic.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use crate::domain::booking::RequestRecord;
 use crate::domain::campaign::{
-    self, pick, Begin, Campaign, Counts, FreeSlot, OfferEnd, Preferences, Registration,
-    RegistrationState, Registrations, Shown,
+    pick, Begin, Campaign, Counts, FreeSlot, OfferEnd, Preferences, Registration,
+    RegistrationState, Shown,
 };
 use crate::domain::catalog::{Site, Slot};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::{Hold, HoldId, NotConfirmable};
 use crate::domain::ids::{
     BookingId, CampaignId, ChannelId, CitizenKey, RegionId, RequestFingerprint, RequestKey,
-    ServiceId, SlotKey, WaveId,
+    SlotKey, WaveId,
 };
 use crate::domain::plans::{self, SlotView};
 use crate::domain::release::Gate;
@@ -45,291 +44,10 @@ use crate::service::actor::Actor;
 use crate::service::engine::{BookingView, Engine};
 use crate::service::error::ServiceError;
 use crate::service::exports::OnIdle;
+use crate::service::state::campaigns::CampaignState;
+pub use crate::service::state::campaigns::{CampaignEntry, Campaigns};
 use crate::store::records::Write;
 use crate::store::StoreError;
-
-/// The matcher looks at a campaign at least this often, even when nothing changed that
-/// it was told of (a release's slots opening at release_at).
-const MATCH_AT_LEAST_EVERY_MS: i64 = 10_000;
-
-/// One campaign in memory.
-#[derive(Debug)]
-pub struct CampaignEntry {
-    /// Fixed once created.
-    campaign_id: CampaignId,
-    service_id: ServiceId,
-    region_id: RegionId,
-    /// Read by every booking of the service (its last-minute window).
-    last_minute_hours: AtomicU32,
-    state: Mutex<CampaignState>,
-    /// Something changed that the matcher should look at (a registration waits).
-    dirty: AtomicBool,
-    /// When the matcher last looked, and the places-returned count it saw then.
-    matched: Mutex<(i64, u64)>,
-}
-
-#[derive(Debug)]
-struct CampaignState {
-    campaign: Campaign,
-    registrations: Registrations,
-}
-
-impl CampaignEntry {
-    fn new(campaign: Campaign) -> Self {
-        Self {
-            campaign_id: campaign.campaign_id.clone(),
-            service_id: campaign.service_id.clone(),
-            region_id: campaign.region_id.clone(),
-            last_minute_hours: AtomicU32::new(campaign.last_minute_hours),
-            state: Mutex::new(CampaignState {
-                campaign,
-                registrations: Registrations::default(),
-            }),
-            dirty: AtomicBool::new(true),
-            matched: Mutex::new((i64::MIN, 0)),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, CampaignState> {
-        // Each critical section leaves the registrations consistent.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn campaign(&self) -> Campaign {
-        self.lock().campaign.clone()
-    }
-
-    /// A declined or expired offer's end: counted, with the next place in the line.
-    fn counted_end(&self) -> OfferEnd {
-        let mut state = self.lock();
-        OfferEnd::Counted {
-            declined_max: state.campaign.offers_declined_max,
-            arrival: state.registrations.take_arrival(),
-        }
-    }
-
-    fn registration(&self, citizen: &CitizenKey) -> Result<Registration, DomainError> {
-        self.lock()
-            .registrations
-            .get(citizen)
-            .cloned()
-            .ok_or(DomainError::NotFound(Missing::Registration))
-    }
-
-    /// Whether a booking or hold of a slot starting at `start_unix_s` needs an offer.
-    fn requires_offer(&self, start_unix_s: i64, now_unix_ms: i64) -> bool {
-        let hours = self.last_minute_hours.load(Ordering::Relaxed);
-        !campaign::is_last_minute(hours, start_unix_s, now_unix_ms)
-    }
-
-    /// Whether the matcher should look now (and, if so, notes that it does).
-    fn due(&self, now: i64, returned: u64) -> bool {
-        let mut matched = self.matched.lock().unwrap_or_else(|p| p.into_inner());
-        let (last_at, last_returned) = *matched;
-        let wave_opened = self
-            .lock()
-            .campaign
-            .waves
-            .iter()
-            .any(|wave| last_at < wave.opens_at_unix_ms && wave.opens_at_unix_ms <= now);
-        let due = self.dirty.swap(false, Ordering::AcqRel)
-            || returned != last_returned
-            || wave_opened
-            || now.saturating_sub(last_at) >= MATCH_AT_LEAST_EVERY_MS;
-        if due {
-            *matched = (now, returned);
-        }
-        due
-    }
-}
-
-/// Every campaign, by id and by service, and which offers and bookings are theirs.
-#[derive(Debug, Default)]
-pub struct Campaigns {
-    inner: RwLock<CampaignIndex>,
-    /// One matching step at a time.
-    step: tokio::sync::Mutex<()>,
-    /// Registrations of every campaign (bounded by `registrations_max`).
-    registrations: AtomicUsize,
-    /// Counts every place returned anywhere: the matcher looks again when it moved.
-    places_returned: AtomicU64,
-    /// When (nanoseconds after `EPOCH`, +1) the first place came back since the matcher
-    /// last made offers; 0: none since.
-    returned_since: AtomicU64,
-    /// Registrations by what they hold: an offer's hold, a booking.
-    holders: Mutex<Holders>,
-}
-
-#[derive(Debug, Default)]
-struct CampaignIndex {
-    by_id: BTreeMap<CampaignId, Arc<CampaignEntry>>,
-    by_service: HashMap<ServiceId, Vec<Arc<CampaignEntry>>>,
-}
-
-#[derive(Debug, Default)]
-struct Holders {
-    offers: HashMap<HoldId, (Arc<CampaignEntry>, CitizenKey)>,
-    bookings: HashMap<BookingId, (Arc<CampaignEntry>, CitizenKey)>,
-}
-
-impl Campaigns {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, CampaignIndex> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn insert(&self, entry: Arc<CampaignEntry>) {
-        let mut index = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        index
-            .by_id
-            .insert(entry.campaign_id.clone(), Arc::clone(&entry));
-        index
-            .by_service
-            .entry(entry.service_id.clone())
-            .or_default()
-            .push(entry);
-    }
-
-    pub fn get(&self, id: &CampaignId) -> Option<Arc<CampaignEntry>> {
-        self.read().by_id.get(id).cloned()
-    }
-
-    pub fn len(&self) -> usize {
-        self.read().by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn all(&self) -> Vec<Arc<CampaignEntry>> {
-        self.read().by_id.values().cloned().collect()
-    }
-
-    /// The campaign covering the slot `key` of a site in `region`, if any.
-    fn covering(&self, region: &RegionId, key: &SlotKey) -> Option<Arc<CampaignEntry>> {
-        let index = self.read();
-        index
-            .by_service
-            .get(&key.service_id)?
-            .iter()
-            .find(|entry| entry.region_id == *region)
-            .cloned()
-    }
-
-    /// Whether a booking or hold of the slot at `now` needs a campaign's offer.
-    pub fn requires_offer(&self, region: &RegionId, key: &SlotKey, now: i64) -> bool {
-        self.covering(region, key)
-            .is_some_and(|entry| entry.requires_offer(key.start_unix_s, now))
-    }
-
-    /// A place came back somewhere, or capacity changed: the matcher looks again.
-    pub fn place_returned(&self) {
-        self.places_returned.fetch_add(1, Ordering::Relaxed);
-        let now = monotonic_ns();
-        let _ = self
-            .returned_since
-            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
-    }
-
-    /// The matcher made offers: how long the first place returned since waited.
-    fn offers_made(&self, count: usize) {
-        metrics::counter!(crate::telemetry::CAMPAIGN_OFFERS).increment(count as u64);
-        let since = self.returned_since.swap(0, Ordering::AcqRel);
-        if since != 0 {
-            let waited_s = monotonic_ns().saturating_sub(since) as f64 / 1e9;
-            metrics::histogram!(crate::telemetry::CAMPAIGN_REFILL_SECONDS).record(waited_s);
-        }
-    }
-
-    fn holders(&self) -> MutexGuard<'_, Holders> {
-        self.holders.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The registration whose offer is the hold `id`.
-    pub fn offer_of(&self, id: HoldId) -> Option<Registration> {
-        let (entry, citizen) = self.holders().offers.get(&id).cloned()?;
-        let registration = entry.lock().registrations.get(&citizen).cloned();
-        registration
-    }
-
-    /// The registration whose offer is the hold `id`, about to end: counted (with its
-    /// campaign's `offers_declined_max` and its next place at the end of the line), or
-    /// not when its slot closed.
-    pub fn ending_offer(&self, id: HoldId, slot_closed: bool) -> Option<(Registration, OfferEnd)> {
-        let (entry, citizen) = self.holders().offers.get(&id).cloned()?;
-        let registration = entry.lock().registrations.get(&citizen)?.clone();
-        let end = match slot_closed {
-            true => OfferEnd::SlotClosed,
-            false => entry.counted_end(),
-        };
-        Some((registration, end))
-    }
-
-    /// The registration booked with booking `id`, or about to be: an offer being
-    /// accepted (its booking is in the store before the registration settles, and the
-    /// accept keeps the entry claimed until it has).
-    pub fn booked_with(&self, id: BookingId) -> Option<Registration> {
-        let found = self.holders().bookings.get(&id).cloned();
-        let Some((entry, citizen)) = found else {
-            return self.offer_of(id).map(|offered| offered.booked(id));
-        };
-        let registration = entry.lock().registrations.get(&citizen).cloned();
-        registration
-    }
-
-    /// The write of `registration` is durable: memory takes it.
-    pub fn settle(&self, registration: Registration) {
-        let Some(entry) = self.get(&registration.campaign_id) else {
-            tracing::error!(campaign = %registration.campaign_id, "a registration of no campaign");
-            return;
-        };
-        let citizen = registration.citizen;
-        let mut state = entry.lock();
-        let previous = state.registrations.get(&citizen).map(|r| r.state.clone());
-        {
-            let mut holders = self.holders();
-            match previous {
-                Some(RegistrationState::Offered(offer)) => {
-                    holders.offers.remove(&offer.hold_id);
-                }
-                Some(RegistrationState::Booked { booking_id }) => {
-                    holders.bookings.remove(&booking_id);
-                }
-                _ => {}
-            }
-            match &registration.state {
-                RegistrationState::Offered(offer) => {
-                    holders
-                        .offers
-                        .insert(offer.hold_id, (Arc::clone(&entry), citizen));
-                }
-                RegistrationState::Booked { booking_id } => {
-                    holders
-                        .bookings
-                        .insert(*booking_id, (Arc::clone(&entry), citizen));
-                }
-                _ => {}
-            }
-        }
-        if registration.state == RegistrationState::Active {
-            entry.dirty.store(true, Ordering::Release);
-        }
-        let CampaignState {
-            campaign,
-            registrations,
-        } = &mut *state;
-        registrations.settle(campaign, registration);
-    }
-
-    fn abandon(&self, entry: &CampaignEntry, citizen: &CitizenKey) {
-        let mut state = entry.lock();
-        let CampaignState {
-            campaign,
-            registrations,
-        } = &mut *state;
-        registrations.abandon(campaign, citizen);
-    }
-}
 
 /// A campaign's counts, for `GetCampaignStats`.
 #[derive(Clone, Debug)]
@@ -1068,13 +786,6 @@ impl Engine {
         }
         Ok(())
     }
-}
-
-/// Nanoseconds since the first call (never 0), for the refill histogram.
-fn monotonic_ns() -> u64 {
-    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let epoch = EPOCH.get_or_init(std::time::Instant::now);
-    epoch.elapsed().as_nanos() as u64 + 1
 }
 
 fn campaign_detail(campaign: &Campaign) -> String {

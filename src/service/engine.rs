@@ -73,7 +73,7 @@ pub struct Engine {
     /// `WatchEvents` streams open now, in total and per token.
     pub(super) event_streams: Exports,
     /// `WatchAvailability` streams, filed for the fan-out.
-    pub(super) watchers: crate::service::availability::Watchers,
+    pub(super) watchers: crate::service::state::watchers::Watchers,
     /// Turns true when the server shuts down: watch streams end.
     pub(super) closing: watch::Sender<bool>,
     /// The id of the store's event log (hex), new after a restore.
@@ -85,11 +85,11 @@ pub struct Engine {
     /// taken by bookings.
     pub(super) authority_writes: tokio::sync::Mutex<()>,
     /// Announced openings and their waiting rooms.
-    pub(super) releases: crate::service::releases::Releases,
+    pub(super) releases: crate::service::state::releases::Releases,
     /// Campaigns, their registrations and offers.
-    pub(super) campaigns: crate::service::campaigns::Campaigns,
+    pub(super) campaigns: crate::service::state::campaigns::Campaigns,
     /// Dose series (`UpsertSeries`).
-    pub(super) series: crate::service::series::SeriesBook,
+    pub(super) series: crate::service::state::series::SeriesBook,
     /// Every `now` of the engine comes from here (tests pass a manual clock).
     pub(super) clock: Clock,
     /// When this engine opened (retention dates format-1 authority requests from it).

@@ -45,6 +45,7 @@ pub mod releases;
 pub mod requests;
 pub mod retention;
 pub mod series;
+pub mod state;
 
 pub use actor::{Actor, Regions};
 pub use bookings::{

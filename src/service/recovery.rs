@@ -108,7 +108,7 @@ impl Engine {
             ),
             closing: tokio::sync::watch::channel(false).0,
             event_log_id,
-            watchers: crate::service::availability::Watchers::new(
+            watchers: crate::service::state::watchers::Watchers::new(
                 config.limits.watch_subscribers_max,
                 board,
             ),
@@ -120,7 +120,7 @@ impl Engine {
             citizen_ids: crate::config::citizen_ids(config),
             authority_writes: tokio::sync::Mutex::new(()),
             releases: crate::service::releases::Releases::default(),
-            campaigns: crate::service::campaigns::Campaigns::default(),
+            campaigns: crate::service::state::campaigns::Campaigns::default(),
             series: crate::service::series::SeriesBook::default(),
             opened_at_unix_ms: clock.now_unix_ms(),
             clock,

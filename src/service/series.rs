@@ -1,9 +1,6 @@
 //! Dose series: UpsertSeries, BookSeries (every dose or none, one write), and what a
 //! cancel or a reschedule of a dose needs: its later doses, its neighbours.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-
 use chrono::TimeZone;
 
 use crate::domain::booking::{Booking, RequestRecord};
@@ -16,6 +13,7 @@ use crate::domain::series::{Placed, Series};
 use crate::service::actor::Actor;
 use crate::service::engine::{BookingView, Engine};
 use crate::service::error::ServiceError;
+pub use crate::service::state::series::SeriesBook;
 use crate::store::records::Write;
 
 /// BookSeries: one slot per dose, in dose order, for one citizen.
@@ -26,31 +24,6 @@ pub struct SeriesCommand {
     pub slots: Vec<SlotKey>,
     pub request: RequestKey,
     pub channel: ChannelId,
-}
-
-/// The series in memory (few; read on every series booking, cancel and move of a dose).
-#[derive(Default)]
-pub struct SeriesBook {
-    series: RwLock<HashMap<SeriesId, Arc<Series>>>,
-}
-
-impl SeriesBook {
-    pub fn get(&self, series_id: &SeriesId) -> Option<Arc<Series>> {
-        self.read().get(series_id).cloned()
-    }
-
-    pub fn count(&self) -> usize {
-        self.read().len()
-    }
-
-    pub fn insert(&self, series: Series) {
-        let mut all = self.series.write().unwrap_or_else(|p| p.into_inner());
-        all.insert(series.series_id.clone(), Arc::new(series));
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<SeriesId, Arc<Series>>> {
-        self.series.read().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 impl Engine {

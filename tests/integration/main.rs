@@ -23,6 +23,7 @@ mod group;
 mod hardening;
 mod holds;
 mod hostile;
+mod layers;
 mod model;
 mod open_data;
 mod operations;
