@@ -11,6 +11,9 @@
 //! file's shape (columns, numbers, lengths); the server validates the values and
 //! names each bad one by line and column.
 //!
+//! Six optional [`RELEASE_COLUMNS`] may follow (all or none): rows sharing a `release_id`
+//! make one release over their sites; a row with an empty `release_id` has none.
+//!
 //! Reading is bounded: a line longer than [`LINE_BYTES_MAX`] or a file with more than
 //! `rows_max` rows is refused without reading the rest into memory.
 

@@ -1,6 +1,8 @@
 //! The client commands: `prenota import` (a capacity file), `prenota export` (bookings
 //! as CSV), `prenota audit` (the audit log as CSV) and `prenota open-data` (public
 //! availability aggregates as CSV or JSON). They talk to a running server over gRPC.
+//! Also `backup` (from a server, or a stopped data dir), `restore` and `migrate` (a sled
+//! data dir into PostgreSQL), which work on files.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 //! `prenota.toml` file that sets them (with the access tokens).
 //!
 //! Must not import tonic or sled: each layer reads the numbers it needs from here.
+//! [`schedule_bounds`] gives `domain::schedule`, which knows no config, its bounds.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -216,7 +217,7 @@ pub struct ServerSection {
     /// with tokens it answers only callers with a valid token.
     pub reflection: Option<bool>,
     /// Answer `OpenDataService` (aggregates only, never a person) without a token too;
-    /// anonymous callers share one request quota (`rate_token_requests_per_s`).
+    /// anonymous callers share one request quota (`open_data_anonymous_requests_per_s`).
     pub open_data: bool,
     /// The backup key (`prenota backup-key > FILE`): backups are authenticated with it
     /// and seal the citizen hash key under it. Keep it apart from the backups.

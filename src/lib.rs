@@ -6,18 +6,22 @@
 //! - [`domain`]: pure and synchronous: ids, slot counters (one CAS per admission),
 //!   citizen limits, schedules and local-time rules. Knows nothing of tokio, tonic or sled.
 //! - [`store`]: sled records and keys, the group committer (flush + fdatasync per
-//!   batch) and start-up recovery.
+//!   batch) and the scans start-up recovery reads.
 //! - [`service`]: the transport-free engine wiring domain and store: book, cancel,
-//!   publish, with idempotency. Knows nothing of tonic.
+//!   publish, with idempotency, and start-up recovery (`service::recovery`). Knows
+//!   nothing of tonic.
 //! - [`grpc`]: tonic handlers, proto ↔ domain conversions and the one error → `Status` mapping.
 //! - [`server`]: builds the gRPC server (health, reflection, shutdown) around the engine.
 //! - [`demo`]: the demo sites seeded by `serve --demo`.
 //! - [`dev_assertion`]: `prenota dev-assertion`, a citizen assertion signed for trying.
 //! - [`allocator`]: the binaries' global allocator (mimalloc, entered for malloc's alignments).
 //! - [`capacity_file`]: the CSV capacity file authorities import (shape only).
-//! - [`cli`]: the `prenota import` / `export` / `audit` / `backup` client commands.
+//! - [`cli`]: the `prenota import` / `export` / `audit` / `open-data` / `backup` /
+//!   `restore` / `migrate` commands.
+//! - [`cli_call`]: `prenota call`, any RPC with a JSON request, from the built-in protos.
 //! - [`telemetry`]: every Prometheus metric name and bucket, and the log format.
-//! - [`proto`]: generated `prenota.v1` code; proto types stop at `grpc`.
+//! - [`proto`]: generated `prenota.v1` code; proto types stop at `grpc`, `server` and
+//!   the clients (`main.rs`, `cli`, `cli_call`, `capacity_file`).
 
 pub mod allocator;
 pub mod capacity_file;

@@ -1,5 +1,6 @@
-//! Builds the gRPC server around the engine: prenota's two services, health,
-//! reflection (v1 and v1alpha), message limits and graceful shutdown.
+//! Builds the gRPC server around the engine: prenota's four services (booking, capacity,
+//! open data, site), health, reflection (v1 and v1alpha), message limits and graceful
+//! shutdown.
 //!
 //! [`recover_and_serve`] (the binary) answers from the moment it listens: health says
 //! NOT_SERVING and prenota's services RECOVERING until the store is recovered, then

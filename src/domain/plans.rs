@@ -5,6 +5,9 @@
 //! it takes, commits, and frees or undoes. It decides nothing, so every rule here is
 //! tested by tables, without a store or a clock.
 //!
+//! Every plan is balanced: places taken minus places freed equal the places its writes
+//! hold, asserted before it runs in debug builds ([`Plan::assert_balanced`]).
+//!
 //! Pure and synchronous; imports nothing of the crate outside `domain`.
 
 use crate::domain::booking::{Booking, BookingCodes, BookingState, RequestRecord, SeriesDose};

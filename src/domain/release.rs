@@ -2,7 +2,9 @@
 //! and, when it is queued, its waiting room: everyone who joined before the opening is
 //! ranked by a seeded random draw, later joiners after them in arrival order, and
 //! tickets are admitted in rank order, never more admitted-and-unused than places
-//! remain.
+//! remain. Channel reserves hold back a share of each slot's places per channel until
+//! `reserve_released_hours_before_start`; [`ChannelUse`] counts the places of every channel
+//! but the default per slot, and recovery recounts it from the stored bookings and holds.
 //!
 //! Pure and synchronous: the engine keeps one [`Queue`] per queued release behind a
 //! mutex, passes `now` in and writes the [`Ticket`]s this module hands it.

@@ -3,7 +3,9 @@
 //!
 //! With no tokens configured the server is in open mode (it only serves loopback, see
 //! `main.rs`) and every caller is `Caller::Open`. Tokens are kept as SHA-256 hashes
-//! and compared in constant time against every configured hash.
+//! and compared in constant time against every configured hash. Each token may make
+//! `rate_token_requests_per_s` requests a second (burst the same; 0, the default, is no
+//! limit); beyond it RATE_LIMITED.
 
 use std::collections::BTreeSet;
 use std::num::NonZeroU32;

@@ -1,6 +1,7 @@
 //! Runs a mutation in a task of its own, so a client that disconnects cannot cancel it
 //! half-way between taking a place (or the authority lock) and making the change
-//! durable. The one place handlers spawn engine work.
+//! durable. The one place handlers spawn a mutation; blocking reads (a citizen's
+//! bookings, a backup) go to `spawn_blocking`.
 
 use std::future::Future;
 

@@ -1,5 +1,7 @@
 //! Authorities' writes: sites, schedules, bulk imports, slot capacity, closures; and
 //! the statistics they read. All of them hold `authority_writes`, never a booking lock.
+//! A write larger than one commit goes in chunks under the `Japply` journal: a crash leaves
+//! a prefix applied (recovery warns of it); re-running the idempotent import completes it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;

@@ -5,6 +5,9 @@
 //! sequence after each sync. A watch reads the store in pages up to that sequence and
 //! waits for the next one: it reads no event that a crash could still take back, and the
 //! store is the only copy (no per-watcher buffer beyond one page in its channel).
+//! A chunked authority write never splits a change from its event (`service::capacity`);
+//! retention never deletes the record holding the last event; a restore gives the log a
+//! new id (`Kevents`), and a resume naming the old one is told EVENT_LOG_REPLACED.
 //!
 //! Bounds: `event_streams_max` watches at once and `event_streams_per_token_max` per
 //! token, each place held for the life of its response stream; a reader that reads

@@ -20,6 +20,12 @@
 //! - `retention`: forgets old request records and deletes records of long-ended slots.
 //! - `releases`: announced openings, their waiting rooms and the admission step.
 //! - `campaigns`: campaigns, registrations, offers (holds) and the matcher.
+//! - `series`: dose series (UpsertSeries, BookSeries); `desk`: a site's desk (rosters,
+//!   check-in, no-shows); `references`: booking references and check-in codes.
+//! - `state/`: what the engine keeps in memory per feature (campaigns, releases, series,
+//!   watchers), apart from the modules above that implement their commands on it.
+//! - `recovery`: start-up, rebuilding memory from the store and checking it;
+//!   `requests`: the idempotency registry; `rate_limits`, `citizen_hasher`.
 
 pub mod actor;
 pub mod availability;

@@ -1,6 +1,9 @@
 //! Start-up: rebuilds counters, citizen limits and idempotency records from the
 //! stored bookings, and refuses to start if what is stored breaks an invariant.
 //! Request records older than `request_records_retained_hours` are not loaded.
+//! Refused: a slot over capacity, a citizen over the limit, a booking holding a place or a
+//! live hold in an unknown slot, a stored id or text no request could have written, a
+//! day's free places that differ from its slots'.
 
 use std::str::FromStr;
 use std::sync::atomic::Ordering;

@@ -2,7 +2,11 @@
 //! release's waiting room (`JoinQueue`) and read their ticket (`GetQueueTicket`), and
 //! the admission step (run by the server every `release_tick_ms`) draws, admits in rank
 //! order within the free places, and declares a queued release sold out. The rules are
-//! in `domain::release`; this file keeps the releases in memory and writes them.
+//! in `domain::release`; the releases in memory are `service::state::releases`; this
+//! file changes them and writes them.
+//! The gate travels in the plan's slot view (`SlotView::gate`); a ticket's first use is
+//! written with the booking or hold it admitted. Recovery redoes the draws from their
+//! stored seeds and checks that admitted tickets are a prefix of the rank order.
 //!
 //! Must not import tonic.
 

@@ -1,7 +1,9 @@
 //! The citizen-id HMAC key, generated once and kept in the data dir (mode 0600), and
 //! the check value that ties a store to its key: a store refuses to open with a
 //! missing or different key, which would make every stored booking unreachable and let
-//! every citizen book again.
+//! every citizen book again. A citizen id is kept only as its HMAC-SHA-256 under this key,
+//! cut to 128 bits (`service::citizen_hasher`); a restore writes the backup's key as the
+//! new data dir's key file (`service::backup`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};

@@ -3,6 +3,11 @@
 //!
 //! Must not import tonic. Knows records, not rules: invariants are checked by the
 //! service layer when it rebuilds the domain from these scans.
+//!
+//! `DATA_DIR/lock` is taken before any of sled's files is read (on PostgreSQL, before
+//! standing by for the lease); another process waits `data_dir_lock_wait_ms`, then refuses.
+//! Power loss: `Store::open` syncs sled's `conf` and both directories, and if sled refuses
+//! the store, removes a torn `conf` or unfinished snapshot and opens it again.
 
 pub mod backup;
 pub mod backup_key;

@@ -14,6 +14,8 @@
 //!   apart, so a renewal never waits for commits); a standby that finds it not renewed
 //!   for `lease_ttl_ms` ends the holder's sessions (found by its `application_name`),
 //!   which frees the lock, and takes over.
+//! - A node that loses the lease fails stop: every write is refused with NOT_ACTIVE until
+//!   a restart, and the keeper stops renewing and closes its session, letting the lock go.
 //!
 //! Tables live in the schema the connection's `search_path` names (default `public`);
 //! the locks are scoped to it, so several stores can share one database.

@@ -3,10 +3,12 @@
 //! One sled tree, keys prefixed by record kind. Keys are big-endian so ranges scan in
 //! order; ids never contain the 0 separator (see `domain::ids`). Everything lives in one
 //! tree so that one `apply_batch` makes a whole group commit atomic: a booking and its
-//! idempotency record can never be split by a crash.
+//! idempotency record can never be split by a crash. Holds are keyed by the second they
+//! were made, which their id seals, so a hold is found from its id; holds under the old
+//! `H` keys stay there until retention deletes them.
 //!
 //! Values are a format version byte followed by postcard of that version's disk form
-//! (modules `v1`, `v2`). The disk forms are their own types, never a domain struct's
+//! (modules `v1`, `v2`, `v3`). The disk forms are their own types, never a domain struct's
 //! derived layout: a domain type may change freely, a disk form never does. A new format
 //! adds a module beside the old ones, writes the new one and still reads the old: so far
 //! authority requests have a v2 (it adds their time, for retention), and bookings, holds
