@@ -345,21 +345,7 @@ fn parse_row(
     with_releases: bool,
 ) -> Result<(proto::CapacityRow, Option<RowRelease>), Vec<FileError>> {
     let fields = split_fields(text).map_err(|message| vec![line_error(line, message)])?;
-    let expected = COLUMNS.len()
-        + if with_releases {
-            RELEASE_COLUMNS.len()
-        } else {
-            0
-        };
-    if fields.len() != expected {
-        return Err(vec![line_error(
-            line,
-            format!(
-                "has {} columns, expected {expected} (as the header)",
-                fields.len(),
-            ),
-        )]);
-    }
+    check_column_count(line, fields.len(), with_releases)?;
     let release = match with_releases {
         true => parse_release(line, &fields[COLUMNS.len()..]),
         false => Ok(None),
@@ -411,6 +397,22 @@ fn parse_row(
         line,
     };
     Ok((row, release))
+}
+
+/// A row has as many columns as the header: `COLUMNS`, and `RELEASE_COLUMNS` after them
+/// when the header has them.
+fn check_column_count(line: u64, count: usize, with_releases: bool) -> Result<(), Vec<FileError>> {
+    let releases = if with_releases {
+        RELEASE_COLUMNS.len()
+    } else {
+        0
+    };
+    let expected = COLUMNS.len() + releases;
+    if count != expected {
+        let message = format!("has {count} columns, expected {expected} (as the header)");
+        return Err(vec![line_error(line, message)]);
+    }
+    Ok(())
 }
 
 /// A row's release columns (`RELEASE_COLUMNS`): none when `release_id` is empty (then

@@ -167,31 +167,7 @@ impl Progress {
 
 /// `prenota import FILE.csv --server URL [--token T] [--dry-run]`.
 pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(), String> {
-    let limits = Limits::default();
-    let opened =
-        std::fs::File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
-    let parsed = capacity_file::parse(
-        std::io::BufReader::new(opened),
-        limits.import_rows_max,
-        limits.import_errors_reported_max,
-    )
-    .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    let (rows, row_releases) = match parsed {
-        Parsed::Rows(rows, releases) => (rows, releases),
-        Parsed::Errors { listed, more } => {
-            let mut text = format!(
-                "{} is not a valid capacity file; nothing was sent:",
-                file.display()
-            );
-            for error in &listed {
-                text.push_str(&format!("\n  {error}"));
-            }
-            if more > 0 {
-                text.push_str(&format!("\n  … and {more} more"));
-            }
-            return Err(text);
-        }
-    };
+    let (rows, row_releases) = read_capacity_file(file)?;
     let releases = releases_of(&rows, &row_releases)?;
     let total = rows.len();
     let mut client = connect(target).await?;
@@ -245,6 +221,38 @@ pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(
         }
     );
     Ok(())
+}
+
+/// The rows of capacity file `file` and their releases, or every error found (up to
+/// `import_errors_reported_max`) as one message.
+fn read_capacity_file(
+    file: &Path,
+) -> Result<(Vec<proto::CapacityRow>, Vec<capacity_file::RowRelease>), String> {
+    let limits = Limits::default();
+    let opened =
+        std::fs::File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+    let parsed = capacity_file::parse(
+        std::io::BufReader::new(opened),
+        limits.import_rows_max,
+        limits.import_errors_reported_max,
+    )
+    .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    match parsed {
+        Parsed::Rows(rows, releases) => Ok((rows, releases)),
+        Parsed::Errors { listed, more } => {
+            let mut text = format!(
+                "{} is not a valid capacity file; nothing was sent:",
+                file.display()
+            );
+            for error in &listed {
+                text.push_str(&format!("\n  {error}"));
+            }
+            if more > 0 {
+                text.push_str(&format!("\n  … and {more} more"));
+            }
+            Err(text)
+        }
+    }
 }
 
 /// The releases a file's release columns describe: rows sharing a `release_id` make one

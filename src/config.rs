@@ -535,73 +535,10 @@ impl ConfigFile {
         let mut problems = self.limits.problems();
         let citizen_issuers = self.citizen_issuers(&mut problems);
         let store = self.store.check(&self.citizens, &mut problems);
-        let default_trust = default_citizen_trust(!self.citizen_issuers.is_empty());
         let mut tokens = Vec::new();
-        let mut names = BTreeSet::new();
-        let mut hashes = BTreeSet::new();
+        let mut seen = (BTreeSet::new(), BTreeSet::new());
         for (index, entry) in self.tokens.iter().enumerate() {
-            let at = format!("tokens[{index}] ({:?})", entry.name);
-            if entry.name.trim().is_empty() {
-                problems.push(format!("{at}: name must not be empty"));
-            } else if !names.insert(entry.name.clone()) {
-                problems.push(format!("{at}: another token has this name"));
-            }
-            let sha256 = parse_sha256(&entry.sha256);
-            match sha256 {
-                None => problems.push(format!(
-                    "{at}: sha256 must be 64 hex digits (prenota config hash-token prints it)"
-                )),
-                Some(hash) if !hashes.insert(hash) => {
-                    problems.push(format!("{at}: another token has this sha256"))
-                }
-                Some(_) => {}
-            }
-            let mut regions = BTreeSet::new();
-            for region in &entry.regions {
-                match RegionId::parse("regions", region, self.limits.id_length_max) {
-                    Ok(region) => {
-                        regions.insert(region);
-                    }
-                    Err(violation) => {
-                        problems.push(format!("{at}: region {region:?} {}", violation.description))
-                    }
-                }
-            }
-            match (entry.role, entry.regions.is_empty()) {
-                (Role::Authority, true) => {
-                    problems.push(format!("{at}: an authority token needs its regions"))
-                }
-                (Role::Frontend | Role::Admin | Role::Site, false) => {
-                    problems.push(format!("{at}: only authority tokens have regions"))
-                }
-                _ => {}
-            }
-            let sites = self.token_sites(entry, &at, &mut problems);
-            let channel = match entry.channel.as_deref() {
-                None => ChannelId::web(),
-                Some(name) => ChannelId::parse("channel", name, self.limits.id_length_max)
-                    .unwrap_or_else(|violation| {
-                        problems.push(format!("{at}: channel {name:?} {}", violation.description));
-                        ChannelId::web()
-                    }),
-            };
-            let citizens = entry.citizens.unwrap_or(default_trust);
-            if citizens == CitizenTrust::Asserted && self.citizen_issuers.is_empty() {
-                problems.push(format!(
-                    "{at}: citizens = \"asserted\" needs [[citizen_issuers]]"
-                ));
-            }
-            if let Some(sha256) = sha256 {
-                tokens.push(Token {
-                    name: entry.name.clone(),
-                    sha256,
-                    role: entry.role,
-                    regions,
-                    sites,
-                    citizens,
-                    channel,
-                });
-            }
+            tokens.extend(self.token(index, entry, &mut seen, &mut problems));
         }
         if !problems.is_empty() {
             return Err(problems);
@@ -621,6 +558,78 @@ impl ConfigFile {
             reflection: self.server.reflection,
             open_data: self.server.open_data,
             backup_key: None, // read by `prenota serve`
+        })
+    }
+
+    /// `[[tokens]]` entry `index`, checked (its problems added to `problems`); `seen`:
+    /// the names and hashes of the entries before it, which it joins.
+    fn token(
+        &self,
+        index: usize,
+        entry: &TokenEntry,
+        (names, hashes): &mut (BTreeSet<String>, BTreeSet<[u8; 32]>),
+        problems: &mut Vec<String>,
+    ) -> Option<Token> {
+        let default_trust = default_citizen_trust(!self.citizen_issuers.is_empty());
+        let at = format!("tokens[{index}] ({:?})", entry.name);
+        if entry.name.trim().is_empty() {
+            problems.push(format!("{at}: name must not be empty"));
+        } else if !names.insert(entry.name.clone()) {
+            problems.push(format!("{at}: another token has this name"));
+        }
+        let sha256 = parse_sha256(&entry.sha256);
+        match sha256 {
+            None => problems.push(format!(
+                "{at}: sha256 must be 64 hex digits (prenota config hash-token prints it)"
+            )),
+            Some(hash) if !hashes.insert(hash) => {
+                problems.push(format!("{at}: another token has this sha256"))
+            }
+            Some(_) => {}
+        }
+        let mut regions = BTreeSet::new();
+        for region in &entry.regions {
+            match RegionId::parse("regions", region, self.limits.id_length_max) {
+                Ok(region) => {
+                    regions.insert(region);
+                }
+                Err(violation) => {
+                    problems.push(format!("{at}: region {region:?} {}", violation.description))
+                }
+            }
+        }
+        match (entry.role, entry.regions.is_empty()) {
+            (Role::Authority, true) => {
+                problems.push(format!("{at}: an authority token needs its regions"))
+            }
+            (Role::Frontend | Role::Admin | Role::Site, false) => {
+                problems.push(format!("{at}: only authority tokens have regions"))
+            }
+            _ => {}
+        }
+        let sites = self.token_sites(entry, &at, problems);
+        let channel = match entry.channel.as_deref() {
+            None => ChannelId::web(),
+            Some(name) => ChannelId::parse("channel", name, self.limits.id_length_max)
+                .unwrap_or_else(|violation| {
+                    problems.push(format!("{at}: channel {name:?} {}", violation.description));
+                    ChannelId::web()
+                }),
+        };
+        let citizens = entry.citizens.unwrap_or(default_trust);
+        if citizens == CitizenTrust::Asserted && self.citizen_issuers.is_empty() {
+            problems.push(format!(
+                "{at}: citizens = \"asserted\" needs [[citizen_issuers]]"
+            ));
+        }
+        Some(Token {
+            name: entry.name.clone(),
+            sha256: sha256?,
+            role: entry.role,
+            regions,
+            sites,
+            citizens,
+            channel,
         })
     }
 }

@@ -333,17 +333,7 @@ fn main() -> ExitCode {
                 &args.headers,
             ))
         }),
-        Command::Backup(args) => match &args.data_dir {
-            Some(data_dir) => offline_config(args.config.as_deref(), args.backup_key.as_deref())
-                .and_then(|config| prenota::cli::backup_data_dir(data_dir, &args.to, &config)),
-            None => read_backup_key(args.backup_key.as_deref()).and_then(|key| {
-                runtime.block_on(prenota::cli::backup_from_server(
-                    &args.server.target(),
-                    &args.to,
-                    key,
-                ))
-            }),
-        },
+        Command::Backup(args) => backup(&args, &runtime),
         Command::Restore(args) => {
             offline_config(args.config.as_deref(), args.backup_key.as_deref()).and_then(|config| {
                 prenota::cli::restore(&args.from, &args.data_dir, &config, args.unauthenticated)
@@ -362,27 +352,8 @@ fn main() -> ExitCode {
             &args.server.target(),
             args.dry_run,
         )),
-        Command::OpenData(args) => {
-            let request = prenota::proto::GetAvailabilitySummaryRequest {
-                region_id: args.region,
-                service_id: args.service,
-                first_day: args.first_day.unwrap_or_default(),
-                last_day: args.last_day.unwrap_or_default(),
-                page_size: 0,
-                page_token: String::new(),
-            };
-            let target = args.server.target();
-            runtime.block_on(prenota::cli::open_data(&target, request, args.format))
-        }
-        Command::Export(args) => {
-            use prenota::proto::export_bookings_request::Scope;
-            let scope = match (args.site, args.region) {
-                (Some(site), _) => Some(Scope::SiteId(site)),
-                (None, Some(region)) => Some(Scope::RegionId(region)),
-                (None, None) => None,
-            };
-            runtime.block_on(prenota::cli::export(&args.server.target(), scope))
-        }
+        Command::OpenData(args) => open_data(args, &runtime),
+        Command::Export(args) => export(args, &runtime),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -391,6 +362,46 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `prenota backup`: of a stopped data dir, or from a running server.
+fn backup(args: &BackupArgs, runtime: &tokio::runtime::Runtime) -> Result<(), String> {
+    match &args.data_dir {
+        Some(data_dir) => offline_config(args.config.as_deref(), args.backup_key.as_deref())
+            .and_then(|config| prenota::cli::backup_data_dir(data_dir, &args.to, &config)),
+        None => read_backup_key(args.backup_key.as_deref()).and_then(|key| {
+            runtime.block_on(prenota::cli::backup_from_server(
+                &args.server.target(),
+                &args.to,
+                key,
+            ))
+        }),
+    }
+}
+
+/// `prenota open-data`.
+fn open_data(args: OpenDataArgs, runtime: &tokio::runtime::Runtime) -> Result<(), String> {
+    let request = prenota::proto::GetAvailabilitySummaryRequest {
+        region_id: args.region,
+        service_id: args.service,
+        first_day: args.first_day.unwrap_or_default(),
+        last_day: args.last_day.unwrap_or_default(),
+        page_size: 0,
+        page_token: String::new(),
+    };
+    let target = args.server.target();
+    runtime.block_on(prenota::cli::open_data(&target, request, args.format))
+}
+
+/// `prenota export`: every booking, a site's or a region's.
+fn export(args: ExportArgs, runtime: &tokio::runtime::Runtime) -> Result<(), String> {
+    use prenota::proto::export_bookings_request::Scope;
+    let scope = match (args.site, args.region) {
+        (Some(site), _) => Some(Scope::SiteId(site)),
+        (None, Some(region)) => Some(Scope::RegionId(region)),
+        (None, None) => None,
+    };
+    runtime.block_on(prenota::cli::export(&args.server.target(), scope))
 }
 
 impl ServeArgs {

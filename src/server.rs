@@ -230,6 +230,9 @@ impl Tasks {
     }
 }
 
+/// Serves until `shutdown` (or a failed recovery, or a failed store on PostgreSQL).
+/// Long because it is the wiring: the gates, limiters and shutdown signals made at its
+/// top are each handed to several of the services and futures below it.
 async fn run(
     start: Start,
     access: Access,
@@ -368,12 +371,24 @@ async fn run(
     set_health(&health, ServingStatus::NotServing).await;
     // The services hold the engine; `close` waits until it is the last holder.
     drop((booking_slot, capacity_slot, open_data_slot, site_slot));
+    let no_longer_active = no_longer_active.load(std::sync::atomic::Ordering::Acquire);
+    ended(started, served, no_longer_active, &standby).await
+}
+
+/// Once serving ended: stops the background tasks and closes the engine, and tells why
+/// it ended (`no_longer_active`: the store failed and this node let the lease go).
+async fn ended(
+    started: Result<(Arc<Engine>, Tasks, tokio::sync::oneshot::Sender<()>), ServeError>,
+    served: Result<(), tonic::transport::Error>,
+    no_longer_active: bool,
+    standby: &Standby,
+) -> Result<(), ServeError> {
     match started {
         Ok((engine, tasks, _stop)) => {
             tasks.stop().await;
             close(engine).await;
             served.map_err(ServeError::from)?;
-            match no_longer_active.load(std::sync::atomic::Ordering::Acquire) {
+            match no_longer_active {
                 true => Err(ServeError::NoLongerActive),
                 false => Ok(()),
             }

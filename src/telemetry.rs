@@ -206,6 +206,13 @@ fn spawn_upkeep(handle: PrometheusHandle) {
 fn describe() {
     // process_cpu_seconds_total and the other process_* metrics of Prometheus' clients.
     metrics_process::Collector::default().describe();
+    describe_requests();
+    describe_store();
+    describe_sites();
+}
+
+/// What callers asked and how they were answered, limited or shed.
+fn describe_requests() {
     describe_counter!(
         GRPC_HANDLED,
         "gRPC requests answered, by service, method and status code"
@@ -245,12 +252,16 @@ fn describe() {
         CONNECTIONS_REFUSED,
         "connections closed at accept because connections_max were open"
     );
-    describe_histogram!(COMMIT_BATCH_WRITES, "writes per group commit");
-    describe_histogram!(COMMIT_BATCH_REQUESTS, "client requests per group commit");
     describe_histogram!(
         ASSERTION_BATCH_SIGNATURES,
         "citizen assertion signatures (Ed25519) verified in one batch"
     );
+}
+
+/// The store: group commits, health, recovery and retention.
+fn describe_store() {
+    describe_histogram!(COMMIT_BATCH_WRITES, "writes per group commit");
+    describe_histogram!(COMMIT_BATCH_REQUESTS, "client requests per group commit");
     describe_histogram!(
         COMMIT_APPLY_SECONDS,
         Unit::Seconds,
@@ -287,6 +298,10 @@ fn describe() {
         REQUEST_RECORDS,
         "finished requests remembered for idempotency (until request_records_retained_hours)"
     );
+}
+
+/// The catalog, per site.
+fn describe_sites() {
     describe_gauge!(SITE_SLOTS, "slots per site");
     describe_gauge!(SITE_SLOTS_CLOSED, "closed slots per site");
     describe_gauge!(SITE_CAPACITY, "capacity of the open slots per site");

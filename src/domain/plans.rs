@@ -665,39 +665,45 @@ pub fn cancel(
         record_registration(&mut plan, registration.withdrawn(now_unix_ms));
     }
     for dose in later {
-        debug_assert!(dose.citizen == citizen && dose.is_confirmed());
-        let (service, id) = (dose.slot.service_id.clone(), dose.booking_id);
-        let cancelled = Booking {
-            state: BookingState::Cancelled {
-                at_unix_ms: now_unix_ms,
-                reason: CANCELLED_WITH_EARLIER_DOSE.to_string(),
-                request: None,
-            },
-            ..dose
-        };
-        // Counted pending in its slot: a closure of that slot waits for this write
-        // rather than skip the dose for a claim that might be given back.
-        plan.take.push(Take::Admission(cancelled.slot.clone()));
-        plan.take.push(Take::Claim {
-            citizen,
-            service: service.clone(),
-            id,
-            unchanged: Some(BookingState::Confirmed),
-        });
-        plan.writes
-            .push(Record::Event(Event::booking(&cancelled, now_unix_ms)));
-        plan.free.push(Free::Entry {
-            citizen,
-            service,
-            id,
-        });
-        plan.free.push(Free::Place(
-            cancelled.slot.clone(),
-            cancelled.channel.clone(),
-        ));
-        plan.writes.push(Record::Booking(cancelled));
+        cancel_later_dose(&mut plan, dose, now_unix_ms);
     }
     Ok(plan)
+}
+
+/// Adds to a cancel's `plan` the cancel of a later `dose` of the same series.
+fn cancel_later_dose(plan: &mut Plan<Booking>, dose: Booking, now_unix_ms: i64) {
+    let citizen = plan.answer.citizen;
+    debug_assert!(dose.citizen == citizen && dose.is_confirmed());
+    let (service, id) = (dose.slot.service_id.clone(), dose.booking_id);
+    let cancelled = Booking {
+        state: BookingState::Cancelled {
+            at_unix_ms: now_unix_ms,
+            reason: CANCELLED_WITH_EARLIER_DOSE.to_string(),
+            request: None,
+        },
+        ..dose
+    };
+    // Counted pending in its slot: a closure of that slot waits for this write
+    // rather than skip the dose for a claim that might be given back.
+    plan.take.push(Take::Admission(cancelled.slot.clone()));
+    plan.take.push(Take::Claim {
+        citizen,
+        service: service.clone(),
+        id,
+        unchanged: Some(BookingState::Confirmed),
+    });
+    plan.writes
+        .push(Record::Event(Event::booking(&cancelled, now_unix_ms)));
+    plan.free.push(Free::Entry {
+        citizen,
+        service,
+        id,
+    });
+    plan.free.push(Free::Place(
+        cancelled.slot.clone(),
+        cancelled.channel.clone(),
+    ));
+    plan.writes.push(Record::Booking(cancelled));
 }
 
 /// The citizen's booking moves to `new_slot` (same service) as booking `new_id` (with
@@ -719,24 +725,11 @@ pub fn reschedule(
 ) -> Result<Plan<Booking>, DomainError> {
     let old = own_confirmed(stored, citizen)?;
     let new_slot = new_slot.ok_or(DomainError::NotFound(Missing::Slot))?;
-    if new_slot.key.service_id != old.slot.service_id {
-        return Err(DomainError::invalid(
-            "new_slot_id",
-            "must be a slot of the booking's own service",
-        ));
-    }
-    if new_slot.key == old.slot {
-        return Err(DomainError::invalid(
-            "new_slot_id",
-            "is the booking's current slot",
-        ));
-    }
-    check_not_started(&new_slot.key, now_unix_ms)?;
-    let mut neighbour_claims = Vec::new();
-    if let Some(neighbours) = neighbours {
-        neighbours.check()?;
-        neighbour_claims = neighbours.confirmed;
-    }
+    check_move(&old.slot, &new_slot.key, now_unix_ms)?;
+    let neighbour_claims = match neighbours {
+        Some(neighbours) => neighbours.check().map(|()| neighbours.confirmed)?,
+        None => Vec::new(),
+    };
     let new = Booking {
         series: old.series.clone(),
         ..Booking::confirmed(
@@ -747,16 +740,7 @@ pub fn reschedule(
             request,
         )
     };
-    let cancelled = Booking {
-        state: BookingState::Cancelled {
-            at_unix_ms: now_unix_ms,
-            // Names no booking: whoever holds the old id must not learn the new one.
-            reason: RESCHEDULED.to_string(),
-            // The request's outcome is the new booking: only it carries the request.
-            request: None,
-        },
-        ..old
-    };
+    let cancelled = rescheduled(old, now_unix_ms);
     let mut plan = Plan {
         take: vec![
             Take::Move {
@@ -784,7 +768,18 @@ pub fn reschedule(
         answer: new,
     };
     pass_gate(new_slot, &mut plan, now_unix_ms)?;
-    for (slot, id) in neighbour_claims {
+    claim_neighbours(&mut plan, neighbour_claims);
+    if let Some(registration) = registration {
+        rebook_registration(&mut plan, registration);
+    }
+    Ok(plan)
+}
+
+/// Adds to a reschedule's `plan` a claim on each confirmed neighbouring dose of the
+/// series (`Neighbours::confirmed`), so none is cancelled or moved meanwhile.
+fn claim_neighbours(plan: &mut Plan<Booking>, neighbours: Vec<(SlotKey, BookingId)>) {
+    let citizen = plan.answer.citizen;
+    for (slot, id) in neighbours {
         // Counted pending in the neighbour's slot: a closure of it waits for this write
         // (or refuses it), and never skips the neighbour for a claim given back.
         plan.take.push(Take::Admission(slot.clone()));
@@ -796,21 +791,56 @@ pub fn reschedule(
         });
         plan.free.push(Free::Unclaim { citizen, id });
     }
-    if let Some(registration) = registration {
-        // Until the registration knows the new booking, no cancel or move may end it.
-        plan.take.push(Take::Claim {
-            citizen,
-            service: new_slot.key.service_id.clone(),
-            id: new_id,
-            unchanged: None,
-        });
-        record_registration(&mut plan, registration.booked(new_id));
-        plan.free.push(Free::Unclaim {
-            citizen,
-            id: new_id,
-        });
+}
+
+/// The `old` booking, cancelled by its reschedule at `now`.
+fn rescheduled(old: Booking, now_unix_ms: i64) -> Booking {
+    Booking {
+        state: BookingState::Cancelled {
+            at_unix_ms: now_unix_ms,
+            // Names no booking: whoever holds the old id must not learn the new one.
+            reason: RESCHEDULED.to_string(),
+            // The request's outcome is the new booking: only it carries the request.
+            request: None,
+        },
+        ..old
     }
-    Ok(plan)
+}
+
+/// A booking in slot `from` may move to slot `to`: of the same service, another slot,
+/// not started.
+fn check_move(from: &SlotKey, to: &SlotKey, now_unix_ms: i64) -> Result<(), DomainError> {
+    if to.service_id != from.service_id {
+        return Err(DomainError::invalid(
+            "new_slot_id",
+            "must be a slot of the booking's own service",
+        ));
+    }
+    if to == from {
+        return Err(DomainError::invalid(
+            "new_slot_id",
+            "is the booking's current slot",
+        ));
+    }
+    check_not_started(to, now_unix_ms)
+}
+
+/// Adds to a reschedule's `plan` the campaign registration booked with the old booking,
+/// now booked with the new one (the plan's answer).
+fn rebook_registration(plan: &mut Plan<Booking>, registration: &Registration) {
+    let (citizen, new_id) = (plan.answer.citizen, plan.answer.booking_id);
+    // Until the registration knows the new booking, no cancel or move may end it.
+    plan.take.push(Take::Claim {
+        citizen,
+        service: plan.answer.slot.service_id.clone(),
+        id: new_id,
+        unchanged: None,
+    });
+    record_registration(plan, registration.booked(new_id));
+    plan.free.push(Free::Unclaim {
+        citizen,
+        id: new_id,
+    });
 }
 
 /// Holds whose time is up (already taken from the live set) expire; their places and

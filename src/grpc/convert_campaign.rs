@@ -290,50 +290,11 @@ fn preferences(
     limits: &Limits,
 ) -> Result<Preferences, Vec<FieldViolation>> {
     let p = preferences.unwrap_or_default();
-    let sites = || -> Result<Vec<SiteId>, Vec<FieldViolation>> {
-        if p.site_ids.len() > limits.release_sites_max {
-            return Err(vec![FieldViolation::new(
-                "preferences.site_ids",
-                format!("at most {} sites", limits.release_sites_max),
-            )]);
-        }
-        let mut violations = Vec::new();
-        let mut sites = Vec::new();
-        for (index, id) in p.site_ids.iter().enumerate() {
-            match site_id(&format!("preferences.site_ids[{index}]"), id, limits) {
-                Ok(site) => sites.push(site),
-                Err(violation) => violations.push(violation),
-            }
-        }
-        sites.sort();
-        sites.dedup();
-        match violations.is_empty() {
-            true => Ok(sites),
-            false => Err(violations),
-        }
-    };
-    let weekdays = || -> Result<Vec<u8>, FieldViolation> {
-        let mut days: Vec<u8> = Vec::new();
-        for day in &p.weekdays {
-            match u8::try_from(*day) {
-                Ok(day) if (1..=7).contains(&day) => days.push(day),
-                _ => {
-                    return Err(FieldViolation::new(
-                        "preferences.weekdays",
-                        "must be ISO weekdays: 1 (Monday) to 7 (Sunday)",
-                    ))
-                }
-            }
-        }
-        days.sort_unstable();
-        days.dedup();
-        Ok(days)
-    };
     let (site_ids, first_day, last_day, weekdays, earliest, latest) = (
-        sites(),
+        preferred_sites(&p.site_ids, limits),
         day("preferences.first_day", &p.first_day),
         day("preferences.last_day", &p.last_day),
-        weekdays(),
+        preferred_weekdays(&p.weekdays),
         clock("preferences.earliest", &p.earliest),
         clock("preferences.latest", &p.latest),
     )
@@ -362,6 +323,49 @@ fn preferences(
         earliest,
         latest,
     })
+}
+
+/// `preferences.site_ids`: sorted, without duplicates, at most `release_sites_max`.
+fn preferred_sites(ids: &[String], limits: &Limits) -> Result<Vec<SiteId>, Vec<FieldViolation>> {
+    if ids.len() > limits.release_sites_max {
+        return Err(vec![FieldViolation::new(
+            "preferences.site_ids",
+            format!("at most {} sites", limits.release_sites_max),
+        )]);
+    }
+    let mut violations = Vec::new();
+    let mut sites = Vec::new();
+    for (index, id) in ids.iter().enumerate() {
+        match site_id(&format!("preferences.site_ids[{index}]"), id, limits) {
+            Ok(site) => sites.push(site),
+            Err(violation) => violations.push(violation),
+        }
+    }
+    sites.sort();
+    sites.dedup();
+    match violations.is_empty() {
+        true => Ok(sites),
+        false => Err(violations),
+    }
+}
+
+/// `preferences.weekdays`: ISO weekdays, sorted, without duplicates.
+fn preferred_weekdays(weekdays: &[u32]) -> Result<Vec<u8>, FieldViolation> {
+    let mut days: Vec<u8> = Vec::new();
+    for day in weekdays {
+        match u8::try_from(*day) {
+            Ok(day) if (1..=7).contains(&day) => days.push(day),
+            _ => {
+                return Err(FieldViolation::new(
+                    "preferences.weekdays",
+                    "must be ISO weekdays: 1 (Monday) to 7 (Sunday)",
+                ))
+            }
+        }
+    }
+    days.sort_unstable();
+    days.dedup();
+    Ok(days)
 }
 
 /// What a verified citizen assertion says of a campaign's eligibility: birth year, groups.

@@ -8,7 +8,7 @@ use crate::domain::booking::BookingState;
 use crate::domain::catalog::Admission;
 use crate::domain::error::DomainError;
 use crate::domain::hold::{hold_second, HoldState};
-use crate::domain::ids::{BookingId, ChannelId, CitizenKey, SlotKey};
+use crate::domain::ids::{BookingId, ChannelId, CitizenKey, ServiceId, SlotKey};
 use crate::domain::plans::{Free, Plan, SlotView, Take};
 use crate::domain::release::Gate;
 use crate::domain::slot_counter::Refused;
@@ -188,43 +188,13 @@ impl Engine {
                 service,
                 id,
                 unchanged,
-            } => {
-                if !self.citizens.claim(*citizen, service, *id) {
-                    return Err(DomainError::BookingNotActive(*id).into());
-                }
-                let still = match unchanged {
-                    Some(state) => self.stored_state_is(*citizen, *id, |s| s == state),
-                    None => Ok(true),
-                };
-                if !matches!(still, Ok(true)) {
-                    self.citizens.unclaim(*citizen, *id);
-                    return Err(still
-                        .err()
-                        .unwrap_or(DomainError::BookingNotActive(*id).into()));
-                }
-                Ok(None)
-            }
+            } => self.claim(*citizen, service, *id, unchanged.as_ref()),
             Take::Move {
                 citizen,
                 service,
                 from,
                 to,
-            } => {
-                if !self.citizens.replace(*citizen, service, *from, *to) {
-                    return Err(DomainError::BookingNotActive(*from).into());
-                }
-                // The moved booking must still be confirmed (a check-in may have
-                // overtaken the read the plan was made from).
-                let still =
-                    self.stored_state_is(*citizen, *from, |s| matches!(s, BookingState::Confirmed));
-                if !matches!(still, Ok(true)) {
-                    self.citizens.replace(*citizen, service, *to, *from);
-                    return Err(still
-                        .err()
-                        .unwrap_or(DomainError::BookingNotActive(*from).into()));
-                }
-                Ok(None)
-            }
+            } => self.move_entry(*citizen, service, *from, *to),
             Take::Place(key, channel) => self
                 .take_place(key, channel)
                 .map(Some)
@@ -239,6 +209,55 @@ impl Engine {
                 false => Err(DomainError::HoldLimitReached(slot.clone()).into()),
             },
         }
+    }
+
+    /// `Take::Claim`: claims `citizen`'s entry `id`, whose stored booking must still be
+    /// `unchanged` (if given); undone if not.
+    fn claim(
+        &self,
+        citizen: CitizenKey,
+        service: &ServiceId,
+        id: BookingId,
+        unchanged: Option<&BookingState>,
+    ) -> Result<Option<Admission>, ServiceError> {
+        if !self.citizens.claim(citizen, service, id) {
+            return Err(DomainError::BookingNotActive(id).into());
+        }
+        let still = match unchanged {
+            Some(state) => self.stored_state_is(citizen, id, |s| s == state),
+            None => Ok(true),
+        };
+        if !matches!(still, Ok(true)) {
+            self.citizens.unclaim(citizen, id);
+            return Err(still
+                .err()
+                .unwrap_or(DomainError::BookingNotActive(id).into()));
+        }
+        Ok(None)
+    }
+
+    /// `Take::Move`: `citizen`'s entry moves from booking `from` to `to`; undone unless
+    /// `from` is still confirmed.
+    fn move_entry(
+        &self,
+        citizen: CitizenKey,
+        service: &ServiceId,
+        from: BookingId,
+        to: BookingId,
+    ) -> Result<Option<Admission>, ServiceError> {
+        if !self.citizens.replace(citizen, service, from, to) {
+            return Err(DomainError::BookingNotActive(from).into());
+        }
+        // The moved booking must still be confirmed (a check-in may have overtaken the
+        // read the plan was made from).
+        let still = self.stored_state_is(citizen, from, |s| matches!(s, BookingState::Confirmed));
+        if !matches!(still, Ok(true)) {
+            self.citizens.replace(citizen, service, to, from);
+            return Err(still
+                .err()
+                .unwrap_or(DomainError::BookingNotActive(from).into()));
+        }
+        Ok(None)
     }
 
     /// Whether the stored booking `id` of `citizen` is in a state `expected` accepts,

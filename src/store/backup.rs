@@ -222,22 +222,7 @@ impl Store {
             });
         }
         // From here on the tee must be removed on every path.
-        let scanned = (|| -> Result<(), StoreError> {
-            let mut chunk = Vec::with_capacity(RECORDS_PER_FRAME);
-            for item in self.db.iter() {
-                let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
-                chunk.push((key.to_vec(), value.to_vec()));
-                if chunk.len() == RECORDS_PER_FRAME {
-                    writer
-                        .frame(&Frame::Records(std::mem::take(&mut chunk)))
-                        .map_err(io)?;
-                }
-            }
-            if !chunk.is_empty() {
-                writer.frame(&Frame::Records(chunk)).map_err(io)?;
-            }
-            Ok(())
-        })();
+        let scanned = self.write_records(&mut writer);
         // Taken under the lock the committer holds across a commit: every batch applied
         // so far has been copied, and no later one will be.
         self.state.tee().take();
@@ -264,6 +249,25 @@ impl Store {
             records,
             batches_during_scan,
         })
+    }
+
+    /// Every record of the store, in frames of `RECORDS_PER_FRAME`.
+    fn write_records<W: Write>(&self, writer: &mut Writer<W>) -> Result<(), StoreError> {
+        let io = |e: std::io::Error| StoreError::Io(format!("writing the backup: {e}"));
+        let mut chunk = Vec::with_capacity(RECORDS_PER_FRAME);
+        for item in self.db.iter() {
+            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            chunk.push((key.to_vec(), value.to_vec()));
+            if chunk.len() == RECORDS_PER_FRAME {
+                writer
+                    .frame(&Frame::Records(std::mem::take(&mut chunk)))
+                    .map_err(io)?;
+            }
+        }
+        if !chunk.is_empty() {
+            writer.frame(&Frame::Records(chunk)).map_err(io)?;
+        }
+        Ok(())
     }
 
     /// Applies restored records (in file order) and makes them durable. Only for a

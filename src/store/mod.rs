@@ -85,22 +85,7 @@ impl Store {
     ) -> Result<Self, StoreError> {
         let data_dir_lock = DataDirLock::take(data_dir, limits)?;
         let sled_dir = data_dir.join("sled");
-        let db = match open_sled(&sled_dir, limits) {
-            // sled found a file torn (it reads `conf` before its lock, and snapshots
-            // only once it holds it): mend it and open again, once.
-            Err(refused @ StoreError::Corrupt(_)) => match mend_torn_sled_files(&sled_dir) {
-                Ok(true) => {
-                    tracing::warn!(%refused, "sled refused the store; mended, opening again");
-                    open_sled(&sled_dir, limits)?
-                }
-                Ok(false) => return Err(refused),
-                Err(mending) => {
-                    tracing::error!(%mending, "could not mend sled's files");
-                    return Err(refused);
-                }
-            },
-            opened => opened?,
-        };
+        let db = open_sled_mending(&sled_dir, limits)?;
         let removed = booking_index::remove_stored_index(&db)?;
         if removed > 0 {
             tracing::info!(
@@ -114,16 +99,7 @@ impl Store {
             .read(true)
             .open(sled_dir.join("db"))
             .map_err(|e| StoreError::Io(format!("opening sled's db file: {e}")))?;
-        // The files sled just created must survive a power loss too: sled never syncs
-        // its `conf` (written when it creates a store, or rewrites a missing one) nor
-        // a directory.
-        let conf = sled_dir.join("conf");
-        File::open(&conf)
-            .and_then(|file| file.sync_all())
-            .map_err(|e| StoreError::Io(format!("syncing {}: {e}", conf.display())))?;
-        for dir in [&sled_dir, &data_dir.to_path_buf()] {
-            sync_dir(dir).map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
-        }
+        sync_sled_files(data_dir, &sled_dir)?;
         let old_holds = has_old_holds(&db)?;
         let state = Arc::new(CommitterState::new(last_event_sequence(&db)?));
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
@@ -921,6 +897,38 @@ impl DataDirLock {
 
 /// The data dir's lock file (see `DataDirLock`); empty, never removed.
 const DATA_DIR_LOCK_FILE: &str = "lock";
+
+/// Opens sled's store in `sled_dir`; if sled finds a file torn (it reads `conf` before
+/// its lock, and snapshots only once it holds it), mends it and opens again, once.
+fn open_sled_mending(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
+    match open_sled(sled_dir, limits) {
+        Err(refused @ StoreError::Corrupt(_)) => match mend_torn_sled_files(sled_dir) {
+            Ok(true) => {
+                tracing::warn!(%refused, "sled refused the store; mended, opening again");
+                open_sled(sled_dir, limits)
+            }
+            Ok(false) => Err(refused),
+            Err(mending) => {
+                tracing::error!(%mending, "could not mend sled's files");
+                Err(refused)
+            }
+        },
+        opened => opened,
+    }
+}
+
+/// The files sled just created must survive a power loss too: sled never syncs its
+/// `conf` (written when it creates a store, or rewrites a missing one) nor a directory.
+fn sync_sled_files(data_dir: &Path, sled_dir: &Path) -> Result<(), StoreError> {
+    let conf = sled_dir.join("conf");
+    File::open(&conf)
+        .and_then(|file| file.sync_all())
+        .map_err(|e| StoreError::Io(format!("syncing {}: {e}", conf.display())))?;
+    for dir in [sled_dir, data_dir] {
+        sync_dir(dir).map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}
 
 /// Opens sled, waiting up to `data_dir_lock_wait_ms` for its file lock to be released.
 /// A store sled finds torn is `StoreError::Corrupt`.

@@ -803,51 +803,9 @@ impl Record for Booking {
             }
         };
         let booking = v2.v1;
-        let state = match (booking.state, attendance) {
-            (v1::BookingState::Confirmed, v3::Attendance::Pending) => BookingState::Confirmed,
-            (v1::BookingState::Confirmed, v3::Attendance::Attended { at_unix_ms }) => {
-                BookingState::Attended { at_unix_ms }
-            }
-            (v1::BookingState::Confirmed, v3::Attendance::NoShow { at_unix_ms }) => {
-                BookingState::NoShow { at_unix_ms }
-            }
-            (
-                v1::BookingState::Cancelled {
-                    at_unix_ms,
-                    reason,
-                    request,
-                },
-                v3::Attendance::Pending,
-            ) => BookingState::Cancelled {
-                at_unix_ms,
-                reason: reason.to_string(),
-                request: request.map(request_from_v1),
-            },
-            (v1::BookingState::Cancelled { .. }, _) => {
-                return Err(corrupt(key, "is cancelled and attended"))
-            }
-        };
-        let codes = match codes {
-            Some((bits, code))
-                if bits >> Reference::BITS == 0 && code <= BookingCodes::CHECK_IN_CODE_MAX =>
-            {
-                Some(BookingCodes {
-                    reference: Reference::from_bits(bits),
-                    check_in_code: code,
-                })
-            }
-            Some(_) => return Err(corrupt(key, "holds a bad reference or check-in code")),
-            None => None,
-        };
-        let series = match series {
-            Some((series_id, dose, first)) if dose >= 1 => Some(SeriesDose {
-                series_id: stored(key, SeriesId::parse("series_id", series_id, usize::MAX))?,
-                dose,
-                first_booking: BookingId(first),
-            }),
-            Some(_) => return Err(corrupt(key, "holds dose 0")),
-            None => None,
-        };
+        let state = booking_state_from_v3(key, booking.state, attendance)?;
+        let codes = codes_from_v3(key, codes)?;
+        let series = series_from_v3(key, series)?;
         let channel = match v2.channel {
             "" => ChannelId::web(),
             channel => stored(key, ChannelId::parse("channel", channel, usize::MAX))?,
@@ -864,6 +822,73 @@ impl Record for Booking {
             codes,
             series,
         })
+    }
+}
+
+/// A stored booking's state: its v1 state and (format 3 on) its attendance.
+fn booking_state_from_v3(
+    key: &[u8],
+    state: v1::BookingState<'_>,
+    attendance: v3::Attendance,
+) -> Result<BookingState, StoreError> {
+    Ok(match (state, attendance) {
+        (v1::BookingState::Confirmed, v3::Attendance::Pending) => BookingState::Confirmed,
+        (v1::BookingState::Confirmed, v3::Attendance::Attended { at_unix_ms }) => {
+            BookingState::Attended { at_unix_ms }
+        }
+        (v1::BookingState::Confirmed, v3::Attendance::NoShow { at_unix_ms }) => {
+            BookingState::NoShow { at_unix_ms }
+        }
+        (
+            v1::BookingState::Cancelled {
+                at_unix_ms,
+                reason,
+                request,
+            },
+            v3::Attendance::Pending,
+        ) => BookingState::Cancelled {
+            at_unix_ms,
+            reason: reason.to_string(),
+            request: request.map(request_from_v1),
+        },
+        (v1::BookingState::Cancelled { .. }, _) => {
+            return Err(corrupt(key, "is cancelled and attended"))
+        }
+    })
+}
+
+/// A stored booking's reference and check-in code (format 3 on), checked.
+fn codes_from_v3(
+    key: &[u8],
+    codes: Option<(u64, u16)>,
+) -> Result<Option<BookingCodes>, StoreError> {
+    match codes {
+        Some((bits, code))
+            if bits >> Reference::BITS == 0 && code <= BookingCodes::CHECK_IN_CODE_MAX =>
+        {
+            Ok(Some(BookingCodes {
+                reference: Reference::from_bits(bits),
+                check_in_code: code,
+            }))
+        }
+        Some(_) => Err(corrupt(key, "holds a bad reference or check-in code")),
+        None => Ok(None),
+    }
+}
+
+/// A stored booking's series dose (format 3 on), checked.
+fn series_from_v3(
+    key: &[u8],
+    series: Option<(&str, u8, u128)>,
+) -> Result<Option<SeriesDose>, StoreError> {
+    match series {
+        Some((series_id, dose, first)) if dose >= 1 => Ok(Some(SeriesDose {
+            series_id: stored(key, SeriesId::parse("series_id", series_id, usize::MAX))?,
+            dose,
+            first_booking: BookingId(first),
+        })),
+        Some(_) => Err(corrupt(key, "holds dose 0")),
+        None => Ok(None),
     }
 }
 
