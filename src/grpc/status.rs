@@ -81,6 +81,7 @@ impl Answer {
 }
 
 /// The one classification of every error (exhaustive: a new variant must choose here).
+/// Long because it is that one match, an arm per error.
 fn classify(error: &ServiceError) -> Answer {
     use Code::{
         Aborted, AlreadyExists, FailedPrecondition, Internal, InvalidArgument, NotFound,

@@ -1,13 +1,26 @@
 //! The layers ARCHITECTURE.md promises, read from the sources: no file imports one that
 //! imports it back (directly or around a longer loop), `domain` imports nothing of the
 //! crate outside `domain` and no I/O or wire crate, and nothing below `grpc` names tonic.
-//! Test modules (`#[cfg(test)] mod tests` at a file's end) are left out.
+//! And no function is longer than `FUNCTION_LINES_MAX` unless a comment above it says
+//! why. Test modules (`#[cfg(test)] mod tests` at a file's end) are left out.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+/// A function longer than this says why in a comment just above it (a line with "long").
+const FUNCTION_LINES_MAX: usize = 70;
+
 /// Every source file under `src/`, by module path (`service::engine`; `lib.rs` is "").
 fn sources() -> BTreeMap<String, String> {
+    files()
+        .into_iter()
+        .map(|(module, (_, code))| (module, code))
+        .collect()
+}
+
+/// Every source file under `src/`, by module path: its text without its test module,
+/// and that text's code without line comments.
+fn files() -> BTreeMap<String, (String, String)> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = BTreeMap::new();
     let mut dirs = vec![root.clone()];
@@ -17,7 +30,9 @@ fn sources() -> BTreeMap<String, String> {
             if path.is_dir() {
                 dirs.push(path);
             } else if path.extension().is_some_and(|e| e == "rs") {
-                files.insert(module_of(&root, &path), code_of(&path));
+                let text = without_tests(&std::fs::read_to_string(&path).unwrap());
+                let code = code_of(&text);
+                files.insert(module_of(&root, &path), (text, code));
             }
         }
     }
@@ -34,14 +49,19 @@ fn module_of(root: &Path, path: &Path) -> String {
     }
 }
 
-/// A file's code without its test module and line comments.
-fn code_of(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap();
-    let code = match text.find("#[cfg(test)]\nmod tests") {
-        Some(at) => &text[..at],
-        None => &text,
-    };
-    code.lines()
+/// A file's text up to its first test module.
+fn without_tests(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let test_module = (0..lines.len()).find(|&i| {
+        let next = lines.get(i + 1).map_or("", |l| l.trim_start());
+        lines[i].trim() == "#[cfg(test)]" && next.contains("mod ") && next.ends_with('{')
+    });
+    lines[..test_module.unwrap_or(lines.len())].join("\n")
+}
+
+/// A text's code without line comments.
+fn code_of(text: &str) -> String {
+    text.lines()
         .map(|line| line.split("//").next().unwrap_or(""))
         .collect::<Vec<_>>()
         .join("\n")
@@ -130,6 +150,59 @@ fn no_file_imports_one_that_imports_it_back() {
         .map(|route| route.join(" -> "))
         .collect();
     assert!(loops.is_empty(), "import loops:\n{}", loops.join("\n"));
+}
+
+/// The functions of `text` longer than `FUNCTION_LINES_MAX` lines: (first line, lines,
+/// whether a comment just above says why).
+fn long_functions(text: &str) -> Vec<(usize, usize, bool)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut long = Vec::new();
+    for (start, line) in lines.iter().enumerate() {
+        let code = line.trim_start();
+        let words: Vec<&str> = code.split_whitespace().take(4).collect();
+        let Some(fn_at) = words.iter().position(|w| *w == "fn") else {
+            continue;
+        };
+        let prefix_ok = words[..fn_at]
+            .iter()
+            .all(|w| matches!(*w, "pub" | "async" | "const" | "unsafe") || w.starts_with("pub("));
+        if !prefix_ok || code.ends_with(';') {
+            continue;
+        }
+        let close = format!("{}}}", &line[..line.len() - code.len()]);
+        let Some(end) = (start + 1..lines.len()).find(|&i| lines[i] == close) else {
+            continue;
+        };
+        let count = end - start + 1;
+        if count > FUNCTION_LINES_MAX {
+            let above = &lines[start.saturating_sub(4)..start];
+            let says_why = above
+                .iter()
+                .any(|l| l.trim_start().starts_with("//") && l.to_lowercase().contains("long"));
+            long.push((start + 1, count, says_why));
+        }
+    }
+    long
+}
+
+#[test]
+fn long_functions_say_why() {
+    let mut unexplained = Vec::new();
+    let mut explained = 0;
+    for (module, (text, _)) in files() {
+        for (line, count, says_why) in long_functions(&text) {
+            match says_why {
+                true => explained += 1,
+                false => unexplained.push(format!("{module}:{line} ({count} lines)")),
+            }
+        }
+    }
+    assert!(explained >= 1, "the reader finds long functions");
+    assert!(
+        unexplained.is_empty(),
+        "functions over {FUNCTION_LINES_MAX} lines with no comment saying why:\n{}",
+        unexplained.join("\n")
+    );
 }
 
 #[test]
