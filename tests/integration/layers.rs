@@ -7,7 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// A function longer than this says why in a comment just above it (a line with "long").
+/// A function longer than this says why in a comment just above it ("long because"
+/// or "long, but").
 const FUNCTION_LINES_MAX: usize = 70;
 
 /// Every source file under `src/`, by module path (`service::engine`; `lib.rs` is "").
@@ -44,8 +45,8 @@ fn module_of(root: &Path, path: &Path) -> String {
     let module = relative.to_str().unwrap().replace('/', "::");
     let module = module.strip_suffix("::mod").unwrap_or(&module);
     match module {
-        "lib" | "main" => String::new(),
-        module => module.to_string(),
+        "lib" => String::new(),
+        module => module.to_string(), // `main`: the binary, which names the crate `prenota`
     }
 }
 
@@ -76,41 +77,188 @@ fn resolve(path: &str, modules: &BTreeSet<String>) -> Option<String> {
         .find(|candidate| modules.contains(candidate))
 }
 
-/// The paths a file names from `crate::` and `super::` (groups `{a, b::c}` opened).
+/// The paths a file names from `crate::` and `super::` (`use` trees opened).
 fn named_paths(module: &str, code: &str) -> Vec<String> {
     let parent = module.rsplit_once("::").map_or("", |(parent, _)| parent);
+    // `mod v3 { .. super::v2 .. }`: inside a file's inline module, `super` is the file.
+    let inline: Vec<String> = code
+        .match_indices("mod ")
+        .filter_map(|(at, _)| code[at + 4..].split_once(" {").map(|(name, _)| name))
+        .filter(|name| name.chars().all(|c| c.is_alphanumeric() || c == '_'))
+        .map(|name| format!("super::{name}::"))
+        .collect();
     let mut paths = Vec::new();
     for (prefix, base) in [("crate::", String::new()), ("super::", parent.to_string())] {
         let mut rest = code;
         while let Some(at) = rest.find(prefix) {
+            // `pub(in crate::service)` is a visibility, not an import.
+            let visibility = rest[..at].ends_with("(in ");
+            let sibling = inline
+                .iter()
+                .any(|name| rest[at..].starts_with(name.as_str()));
             rest = &rest[at + prefix.len()..];
+            if visibility || sibling {
+                continue;
+            }
             let end = rest
                 .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
                 .unwrap_or(rest.len());
             let path = format!("{base}::{}", rest[..end].trim_end_matches(':'));
-            paths.push(path.clone());
             if rest[end..].starts_with('{') {
-                let group = &rest[end + 1..rest[end..].find('}').map_or(rest.len(), |e| end + e)];
-                for item in group.split(',') {
-                    let item = item.trim().split([' ', '{']).next().unwrap_or("");
-                    paths.push(format!("{path}::{}", item.trim_end_matches(':')));
-                }
+                let tree = rest[..end + closing_brace(&rest[end..])]
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let paths_in = expand(&tree).into_iter();
+                paths.extend(paths_in.map(|p| {
+                    let path = p.split(" as ").next().unwrap_or("");
+                    format!("{base}::{path}")
+                }));
+            } else {
+                paths.push(path);
             }
         }
     }
     paths
 }
 
-/// Which modules each module imports (other than itself and the crate root).
+/// The `use` statements of `code` (text from `use` to `;`, one space between words), with
+/// whether each is a `pub use` (a re-export).
+fn uses(code: &str) -> Vec<(String, bool)> {
+    let mut found = Vec::new();
+    for (at, _) in code.match_indices("use ") {
+        let before = code[..at].trim_end_matches(' ');
+        let line_start = before.rfind('\n').map_or(0, |n| n + 1);
+        let lead = before[line_start..].trim();
+        if !matches!(lead, "" | "pub" | "pub(crate)" | "pub(super)") {
+            continue;
+        }
+        let statement = &code[at + 4..];
+        let end = statement.find(';').unwrap_or(statement.len());
+        let text = statement[..end]
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        found.push((text, lead.starts_with("pub")));
+    }
+    found
+}
+
+/// What a `use` of `module` names: (exported name, full path), paths made absolute.
+fn used_paths(module: &str, statement: &str) -> Vec<(String, String)> {
+    let parent = module.rsplit_once("::").map_or("", |(parent, _)| parent);
+    let absolute = |path: &str| match path.split_once("::") {
+        Some(("crate", rest)) => rest.to_string(),
+        Some(("super", rest)) => format!("{parent}::{rest}"),
+        Some(("self", rest)) => format!("{module}::{rest}"),
+        _ => format!("{module}::{path}"),
+    };
+    expand(statement)
+        .into_iter()
+        .filter(|path| !path.ends_with("::self") && !path.ends_with("::*"))
+        .map(|path| {
+            let (path, name) = match path.split_once(" as ") {
+                Some((path, alias)) => (path.to_string(), alias.to_string()),
+                None => (
+                    path.clone(),
+                    path.rsplit("::").next().unwrap_or("").to_string(),
+                ),
+            };
+            (name, absolute(&path))
+        })
+        .collect()
+}
+
+/// The length of `text` up to and including the brace closing its first one.
+fn closing_brace(text: &str) -> usize {
+    let mut depth = 0;
+    for (at, c) in text.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 1 => return at + 1,
+            '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    text.len()
+}
+
+/// The paths of a `use` tree: `a::{b, c::{d, e}}` is `a::b`, `a::c::d`, `a::c::e`.
+fn expand(tree: &str) -> Vec<String> {
+    let Some((head, group)) = tree.split_once("::{") else {
+        return vec![tree.to_string()];
+    };
+    let group = group.strip_suffix('}').unwrap_or(group);
+    let (mut items, mut depth, mut start) = (Vec::new(), 0, 0);
+    for (at, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&group[start..at]);
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(&group[start..]);
+    items
+        .into_iter()
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .flat_map(|item| {
+            expand(item)
+                .into_iter()
+                .map(|path| format!("{head}::{path}"))
+        })
+        .collect()
+}
+
+/// Which modules each module imports (other than itself and the crate root). A name
+/// imported through a re-export (`crate::service::Engine`) counts as an import of the
+/// file that defines it; a `use` of a child module counts too.
 fn imports() -> BTreeMap<String, BTreeSet<String>> {
     let files = sources();
     let modules: BTreeSet<String> = files.keys().cloned().collect();
+    let mut reexported: BTreeMap<(String, String), String> = BTreeMap::new();
+    for (module, code) in &files {
+        for (statement, _) in uses(code).into_iter().filter(|(_, public)| *public) {
+            for (name, path) in used_paths(module, &statement) {
+                if let Some(target) = resolve(&path, &modules) {
+                    reexported.insert((module.clone(), name), target);
+                }
+            }
+        }
+    }
+    // A path's module, or the defining file of the name it takes from a re-export.
+    let target_of = |path: &str| {
+        let path = path.trim_start_matches(':');
+        let mut target = resolve(path, &modules)?;
+        for _ in 0..3 {
+            let rest = path.strip_prefix(target.as_str()).unwrap_or(path);
+            let name = rest
+                .trim_start_matches(':')
+                .split("::")
+                .next()
+                .unwrap_or("");
+            match reexported.get(&(target.clone(), name.to_string())) {
+                Some(defined) if *defined != target => target = defined.clone(),
+                _ => break,
+            }
+        }
+        Some(target)
+    };
     files
         .iter()
         .map(|(module, code)| {
-            let targets = named_paths(module, code)
-                .iter()
-                .filter_map(|path| resolve(path, &modules))
+            let relative = uses(code).into_iter().flat_map(|(statement, _)| {
+                used_paths(module, &statement)
+                    .into_iter()
+                    .map(|(_, path)| path)
+            });
+            let named = named_paths(module, code).into_iter().chain(relative);
+            let targets = named
+                .filter_map(|path| target_of(&path))
                 .filter(|target| target != module && !target.is_empty())
                 .collect();
             (module.clone(), targets)
@@ -153,7 +301,7 @@ fn no_file_imports_one_that_imports_it_back() {
 }
 
 /// The functions of `text` longer than `FUNCTION_LINES_MAX` lines: (first line, lines,
-/// whether a comment just above says why).
+/// whether a comment just above says why: "long because" or "long, but").
 fn long_functions(text: &str) -> Vec<(usize, usize, bool)> {
     let lines: Vec<&str> = text.lines().collect();
     let mut long = Vec::new();
@@ -176,9 +324,11 @@ fn long_functions(text: &str) -> Vec<(usize, usize, bool)> {
         let count = end - start + 1;
         if count > FUNCTION_LINES_MAX {
             let above = &lines[start.saturating_sub(4)..start];
-            let says_why = above
-                .iter()
-                .any(|l| l.trim_start().starts_with("//") && l.to_lowercase().contains("long"));
+            let says_why = above.iter().any(|l| {
+                let l = l.to_lowercase();
+                l.trim_start().starts_with("//")
+                    && (l.contains("long because") || l.contains("long, but"))
+            });
             long.push((start + 1, count, says_why));
         }
     }

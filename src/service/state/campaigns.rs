@@ -14,32 +14,32 @@ use crate::domain::ids::{BookingId, CampaignId, CitizenKey, RegionId, ServiceId,
 
 /// The matcher looks at a campaign at least this often, even when nothing changed that
 /// it was told of (a release's slots opening at release_at).
-pub(crate) const MATCH_AT_LEAST_EVERY_MS: i64 = 10_000;
+pub(in crate::service) const MATCH_AT_LEAST_EVERY_MS: i64 = 10_000;
 
 /// One campaign in memory.
 #[derive(Debug)]
 pub struct CampaignEntry {
     /// Fixed once created.
-    pub(crate) campaign_id: CampaignId,
-    pub(crate) service_id: ServiceId,
-    pub(crate) region_id: RegionId,
+    pub(in crate::service) campaign_id: CampaignId,
+    pub(in crate::service) service_id: ServiceId,
+    pub(in crate::service) region_id: RegionId,
     /// Read by every booking of the service (its last-minute window).
-    pub(crate) last_minute_hours: AtomicU32,
-    pub(crate) state: Mutex<CampaignState>,
+    pub(in crate::service) last_minute_hours: AtomicU32,
+    pub(in crate::service) state: Mutex<CampaignState>,
     /// Something changed that the matcher should look at (a registration waits).
-    pub(crate) dirty: AtomicBool,
+    pub(in crate::service) dirty: AtomicBool,
     /// When the matcher last looked, and the places-returned count it saw then.
-    pub(crate) matched: Mutex<(i64, u64)>,
+    pub(in crate::service) matched: Mutex<(i64, u64)>,
 }
 
 #[derive(Debug)]
-pub(crate) struct CampaignState {
-    pub(crate) campaign: Campaign,
-    pub(crate) registrations: Registrations,
+pub(in crate::service) struct CampaignState {
+    pub(in crate::service) campaign: Campaign,
+    pub(in crate::service) registrations: Registrations,
 }
 
 impl CampaignEntry {
-    pub(crate) fn new(campaign: Campaign) -> Self {
+    pub(in crate::service) fn new(campaign: Campaign) -> Self {
         Self {
             campaign_id: campaign.campaign_id.clone(),
             service_id: campaign.service_id.clone(),
@@ -54,7 +54,7 @@ impl CampaignEntry {
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, CampaignState> {
+    pub(in crate::service) fn lock(&self) -> MutexGuard<'_, CampaignState> {
         // Each critical section leaves the registrations consistent.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -64,7 +64,7 @@ impl CampaignEntry {
     }
 
     /// A declined or expired offer's end: counted, with the next place in the line.
-    pub(crate) fn counted_end(&self) -> OfferEnd {
+    pub(in crate::service) fn counted_end(&self) -> OfferEnd {
         let mut state = self.lock();
         OfferEnd::Counted {
             declined_max: state.campaign.offers_declined_max,
@@ -72,7 +72,10 @@ impl CampaignEntry {
         }
     }
 
-    pub(crate) fn registration(&self, citizen: &CitizenKey) -> Result<Registration, DomainError> {
+    pub(in crate::service) fn registration(
+        &self,
+        citizen: &CitizenKey,
+    ) -> Result<Registration, DomainError> {
         self.lock()
             .registrations
             .get(citizen)
@@ -81,13 +84,13 @@ impl CampaignEntry {
     }
 
     /// Whether a booking or hold of a slot starting at `start_unix_s` needs an offer.
-    pub(crate) fn requires_offer(&self, start_unix_s: i64, now_unix_ms: i64) -> bool {
+    pub(in crate::service) fn requires_offer(&self, start_unix_s: i64, now_unix_ms: i64) -> bool {
         let hours = self.last_minute_hours.load(Ordering::Relaxed);
         !campaign::is_last_minute(hours, start_unix_s, now_unix_ms)
     }
 
     /// Whether the matcher should look now (and, if so, notes that it does).
-    pub(crate) fn due(&self, now: i64, returned: u64) -> bool {
+    pub(in crate::service) fn due(&self, now: i64, returned: u64) -> bool {
         let mut matched = self.matched.lock().unwrap_or_else(|p| p.into_inner());
         let (last_at, last_returned) = *matched;
         let wave_opened = self
@@ -110,38 +113,38 @@ impl CampaignEntry {
 /// Every campaign, by id and by service, and which offers and bookings are theirs.
 #[derive(Debug, Default)]
 pub struct Campaigns {
-    pub(crate) inner: RwLock<CampaignIndex>,
+    pub(in crate::service) inner: RwLock<CampaignIndex>,
     /// One matching step at a time.
-    pub(crate) step: tokio::sync::Mutex<()>,
+    pub(in crate::service) step: tokio::sync::Mutex<()>,
     /// Registrations of every campaign (bounded by `registrations_max`).
-    pub(crate) registrations: AtomicUsize,
+    pub(in crate::service) registrations: AtomicUsize,
     /// Counts every place returned anywhere: the matcher looks again when it moved.
-    pub(crate) places_returned: AtomicU64,
+    pub(in crate::service) places_returned: AtomicU64,
     /// When (nanoseconds after `EPOCH`, +1) the first place came back since the matcher
     /// last made offers; 0: none since.
-    pub(crate) returned_since: AtomicU64,
+    pub(in crate::service) returned_since: AtomicU64,
     /// Registrations by what they hold: an offer's hold, a booking.
-    pub(crate) holders: Mutex<Holders>,
+    pub(in crate::service) holders: Mutex<Holders>,
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct CampaignIndex {
-    pub(crate) by_id: BTreeMap<CampaignId, Arc<CampaignEntry>>,
-    pub(crate) by_service: HashMap<ServiceId, Vec<Arc<CampaignEntry>>>,
+pub(in crate::service) struct CampaignIndex {
+    pub(in crate::service) by_id: BTreeMap<CampaignId, Arc<CampaignEntry>>,
+    pub(in crate::service) by_service: HashMap<ServiceId, Vec<Arc<CampaignEntry>>>,
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct Holders {
-    pub(crate) offers: HashMap<HoldId, (Arc<CampaignEntry>, CitizenKey)>,
-    pub(crate) bookings: HashMap<BookingId, (Arc<CampaignEntry>, CitizenKey)>,
+pub(in crate::service) struct Holders {
+    pub(in crate::service) offers: HashMap<HoldId, (Arc<CampaignEntry>, CitizenKey)>,
+    pub(in crate::service) bookings: HashMap<BookingId, (Arc<CampaignEntry>, CitizenKey)>,
 }
 
 impl Campaigns {
-    pub(crate) fn read(&self) -> std::sync::RwLockReadGuard<'_, CampaignIndex> {
+    pub(in crate::service) fn read(&self) -> std::sync::RwLockReadGuard<'_, CampaignIndex> {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn insert(&self, entry: Arc<CampaignEntry>) {
+    pub(in crate::service) fn insert(&self, entry: Arc<CampaignEntry>) {
         let mut index = self.inner.write().unwrap_or_else(|p| p.into_inner());
         index
             .by_id
@@ -165,12 +168,16 @@ impl Campaigns {
         self.len() == 0
     }
 
-    pub(crate) fn all(&self) -> Vec<Arc<CampaignEntry>> {
+    pub(in crate::service) fn all(&self) -> Vec<Arc<CampaignEntry>> {
         self.read().by_id.values().cloned().collect()
     }
 
     /// The campaign covering the slot `key` of a site in `region`, if any.
-    pub(crate) fn covering(&self, region: &RegionId, key: &SlotKey) -> Option<Arc<CampaignEntry>> {
+    pub(in crate::service) fn covering(
+        &self,
+        region: &RegionId,
+        key: &SlotKey,
+    ) -> Option<Arc<CampaignEntry>> {
         let index = self.read();
         index
             .by_service
@@ -196,7 +203,7 @@ impl Campaigns {
     }
 
     /// The matcher made offers: how long the first place returned since waited.
-    pub(crate) fn offers_made(&self, count: usize) {
+    pub(in crate::service) fn offers_made(&self, count: usize) {
         metrics::counter!(crate::telemetry::CAMPAIGN_OFFERS).increment(count as u64);
         let since = self.returned_since.swap(0, Ordering::AcqRel);
         if since != 0 {
@@ -205,7 +212,7 @@ impl Campaigns {
         }
     }
 
-    pub(crate) fn holders(&self) -> MutexGuard<'_, Holders> {
+    pub(in crate::service) fn holders(&self) -> MutexGuard<'_, Holders> {
         self.holders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -285,7 +292,7 @@ impl Campaigns {
         registrations.settle(campaign, registration);
     }
 
-    pub(crate) fn abandon(&self, entry: &CampaignEntry, citizen: &CitizenKey) {
+    pub(in crate::service) fn abandon(&self, entry: &CampaignEntry, citizen: &CitizenKey) {
         let mut state = entry.lock();
         let CampaignState {
             campaign,
@@ -296,7 +303,7 @@ impl Campaigns {
 }
 
 /// Nanoseconds since the first call (never 0), for the refill histogram.
-pub(crate) fn monotonic_ns() -> u64 {
+pub(in crate::service) fn monotonic_ns() -> u64 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let epoch = EPOCH.get_or_init(std::time::Instant::now);
     epoch.elapsed().as_nanos() as u64 + 1

@@ -10,22 +10,22 @@ use crate::domain::release::{held_back, ChannelUse, Gate, Queue, Release};
 /// One release in memory: its definition (fixed once created) and what changes.
 #[derive(Debug)]
 pub struct ReleaseEntry {
-    pub(crate) definition: Release,
-    pub(crate) state: Mutex<ReleaseState>,
+    pub(in crate::service) definition: Release,
+    pub(in crate::service) state: Mutex<ReleaseState>,
     /// With reserves: places of its slots are taken one at a time under this lock, so
     /// the rule (leave the other channels' unused reserves free), read from the
     /// engine's `ChannelUse`, and the counter's CAS are one step.
-    pub(crate) takes: Mutex<()>,
+    pub(in crate::service) takes: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct ReleaseState {
-    pub(crate) sold_out_at_unix_ms: Option<i64>,
-    pub(crate) queue: Queue,
+pub(in crate::service) struct ReleaseState {
+    pub(in crate::service) sold_out_at_unix_ms: Option<i64>,
+    pub(in crate::service) queue: Queue,
 }
 
 impl ReleaseEntry {
-    pub(crate) fn new(release: Release) -> Self {
+    pub(in crate::service) fn new(release: Release) -> Self {
         let state = ReleaseState {
             sold_out_at_unix_ms: release.sold_out_at_unix_ms,
             queue: Queue::default(),
@@ -37,14 +37,14 @@ impl ReleaseEntry {
         }
     }
 
-    pub(crate) fn has_reserves(&self) -> bool {
+    pub(in crate::service) fn has_reserves(&self) -> bool {
         !self.definition.reserves.is_empty()
     }
 
     /// The free places of `slot` out of `channel`'s reach now, given each reserve's
     /// `used` places and the slot's `capacity` (`None` channel: every reserve's unused
     /// places).
-    pub(crate) fn held_back(
+    pub(in crate::service) fn held_back(
         &self,
         (slot, capacity): (&SlotKey, u32),
         used: &[u32],
@@ -65,7 +65,7 @@ impl ReleaseEntry {
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, ReleaseState> {
+    pub(in crate::service) fn lock(&self) -> MutexGuard<'_, ReleaseState> {
         // Each critical section leaves the queue consistent: a poisoned lock is sound.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -78,7 +78,7 @@ impl ReleaseEntry {
         }
     }
 
-    pub(crate) fn gate(&self, citizen: &CitizenKey, now_unix_ms: i64) -> Gate {
+    pub(in crate::service) fn gate(&self, citizen: &CitizenKey, now_unix_ms: i64) -> Gate {
         let release = &self.definition;
         let release_at_unix_ms = release.release_at_unix_ms;
         if now_unix_ms < release_at_unix_ms {
@@ -97,27 +97,27 @@ impl ReleaseEntry {
 /// Every release, by id and by service (a booking looks up its slot's service only).
 #[derive(Debug, Default)]
 pub struct Releases {
-    pub(crate) inner: RwLock<ReleaseIndex>,
+    pub(in crate::service) inner: RwLock<ReleaseIndex>,
     /// One admission step at a time (the server's timer, a test's call): a step reads
     /// the queue, writes, then admits what it read.
-    pub(crate) step: tokio::sync::Mutex<()>,
+    pub(in crate::service) step: tokio::sync::Mutex<()>,
     /// Tickets of every queue (bounded by `queue_tickets_max`).
-    pub(crate) tickets: std::sync::atomic::AtomicUsize,
+    pub(in crate::service) tickets: std::sync::atomic::AtomicUsize,
     /// The places each channel but the default holds, per slot (channel reserves).
-    pub(crate) channel_use: Mutex<ChannelUse>,
+    pub(in crate::service) channel_use: Mutex<ChannelUse>,
     /// Releases whose tickets retention still has to delete: deleted ones, and those
     /// recovery found tickets of without their release (a crash mid-retention).
-    pub(crate) orphaned: Mutex<Vec<ReleaseId>>,
+    pub(in crate::service) orphaned: Mutex<Vec<ReleaseId>>,
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct ReleaseIndex {
-    pub(crate) by_id: BTreeMap<ReleaseId, Arc<ReleaseEntry>>,
-    pub(crate) by_service: HashMap<ServiceId, Vec<Arc<ReleaseEntry>>>,
+pub(in crate::service) struct ReleaseIndex {
+    pub(in crate::service) by_id: BTreeMap<ReleaseId, Arc<ReleaseEntry>>,
+    pub(in crate::service) by_service: HashMap<ServiceId, Vec<Arc<ReleaseEntry>>>,
 }
 
 impl Releases {
-    pub(crate) fn read(&self) -> std::sync::RwLockReadGuard<'_, ReleaseIndex> {
+    pub(in crate::service) fn read(&self) -> std::sync::RwLockReadGuard<'_, ReleaseIndex> {
         // Writes are single inserts: a poisoned lock still guards sound data.
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -132,7 +132,7 @@ impl Releases {
     }
 
     /// Forgets a release (retention); returns it.
-    pub(crate) fn remove(&self, id: &ReleaseId) -> Option<Arc<ReleaseEntry>> {
+    pub(in crate::service) fn remove(&self, id: &ReleaseId) -> Option<Arc<ReleaseEntry>> {
         let mut index = self.inner.write().unwrap_or_else(|p| p.into_inner());
         let entry = index.by_id.remove(id)?;
         if let Some(entries) = index.by_service.get_mut(&entry.definition.service_id) {
@@ -182,21 +182,21 @@ impl Releases {
             .map(|entry| entry.definition.release_at_unix_ms)
     }
 
-    pub(crate) fn channel_use(&self) -> MutexGuard<'_, ChannelUse> {
+    pub(in crate::service) fn channel_use(&self) -> MutexGuard<'_, ChannelUse> {
         // Each critical section is one count: a poisoned lock guards sound data.
         self.channel_use.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A place of slot `key` was taken for `channel` (the default channel is not
     /// counted, and takes no lock: every web booking passes here).
-    pub(crate) fn channel_took(&self, key: &SlotKey, channel: &ChannelId) {
+    pub(in crate::service) fn channel_took(&self, key: &SlotKey, channel: &ChannelId) {
         if !channel.is_default() {
             self.channel_use().add(key, channel);
         }
     }
 
     /// A place of slot `key` taken for `channel` is returning.
-    pub(crate) fn channel_returned(&self, key: &SlotKey, channel: &ChannelId) {
+    pub(in crate::service) fn channel_returned(&self, key: &SlotKey, channel: &ChannelId) {
         if !channel.is_default() {
             self.channel_use().remove(key, channel);
         }

@@ -9,7 +9,7 @@ use crate::domain::series::Series;
 /// The series in memory (few; read on every series booking, cancel and move of a dose).
 #[derive(Default)]
 pub struct SeriesBook {
-    pub(crate) series: RwLock<HashMap<SeriesId, Arc<Series>>>,
+    pub(in crate::service) series: RwLock<HashMap<SeriesId, Arc<Series>>>,
 }
 
 impl SeriesBook {
@@ -26,7 +26,9 @@ impl SeriesBook {
         all.insert(series.series_id.clone(), Arc::new(series));
     }
 
-    pub(crate) fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<SeriesId, Arc<Series>>> {
+    pub(in crate::service) fn read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<SeriesId, Arc<Series>>> {
         self.series.read().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -14,17 +14,17 @@ use crate::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
 pub type SlotView = (Arc<Site>, Arc<Slot>);
 
 /// Changed slots a watcher has not been sent yet, by slot: the latest change wins.
-pub(crate) type Pending = BTreeMap<SlotKey, SlotView>;
+pub(in crate::service) type Pending = BTreeMap<SlotKey, SlotView>;
 
-pub(crate) struct Subscriber {
-    pub(crate) from_unix_s: i64,
-    pub(crate) to_unix_s: i64,
-    pub(crate) pending: Mutex<Pending>,
-    pub(crate) notify: Notify,
+pub(in crate::service) struct Subscriber {
+    pub(in crate::service) from_unix_s: i64,
+    pub(in crate::service) to_unix_s: i64,
+    pub(in crate::service) pending: Mutex<Pending>,
+    pub(in crate::service) notify: Notify,
 }
 
 impl Subscriber {
-    pub(crate) fn pending(&self) -> MutexGuard<'_, Pending> {
+    pub(in crate::service) fn pending(&self) -> MutexGuard<'_, Pending> {
         // Each critical section is one insert or one swap: a poisoned lock is sound.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -32,18 +32,18 @@ impl Subscriber {
 
 /// Where a watcher is filed: by its site or its region, and its service.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Filed {
+pub(in crate::service) enum Filed {
     Site(SiteId, ServiceId),
     Region(RegionId, ServiceId),
 }
 
 /// Every open watch, filed for the fan-out.
 pub struct Watchers {
-    pub(crate) permits: Arc<Semaphore>,
+    pub(in crate::service) permits: Arc<Semaphore>,
     /// Also serialises turning the board on (first watch) and off (last one gone).
-    pub(crate) filed: Mutex<HashMap<Filed, Vec<Arc<Subscriber>>>>,
-    pub(crate) count: AtomicUsize,
-    pub(crate) board: Arc<ChangeBoard>,
+    pub(in crate::service) filed: Mutex<HashMap<Filed, Vec<Arc<Subscriber>>>>,
+    pub(in crate::service) count: AtomicUsize,
+    pub(in crate::service) board: Arc<ChangeBoard>,
 }
 
 impl Watchers {
@@ -57,7 +57,7 @@ impl Watchers {
         }
     }
 
-    pub(crate) fn filed(&self) -> MutexGuard<'_, HashMap<Filed, Vec<Arc<Subscriber>>>> {
+    pub(in crate::service) fn filed(&self) -> MutexGuard<'_, HashMap<Filed, Vec<Arc<Subscriber>>>> {
         self.filed.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
