@@ -227,13 +227,7 @@ impl Engine {
             Some(state) => self.stored_state_is(citizen, id, |s| s == state),
             None => Ok(true),
         };
-        if !matches!(still, Ok(true)) {
-            self.citizens.unclaim(citizen, id);
-            return Err(still
-                .err()
-                .unwrap_or(DomainError::BookingNotActive(id).into()));
-        }
-        Ok(None)
+        unless_changed(still, id, || self.citizens.unclaim(citizen, id))
     }
 
     /// `Take::Move`: `citizen`'s entry moves from booking `from` to `to`; undone unless
@@ -251,13 +245,9 @@ impl Engine {
         // The moved booking must still be confirmed (a check-in may have overtaken the
         // read the plan was made from).
         let still = self.stored_state_is(citizen, from, |s| matches!(s, BookingState::Confirmed));
-        if !matches!(still, Ok(true)) {
+        unless_changed(still, from, || {
             self.citizens.replace(citizen, service, to, from);
-            return Err(still
-                .err()
-                .unwrap_or(DomainError::BookingNotActive(from).into()));
-        }
-        Ok(None)
+        })
     }
 
     /// Whether the stored booking `id` of `citizen` is in a state `expected` accepts,
@@ -316,6 +306,25 @@ impl Engine {
             }
             Free::Registration(registration) => self.campaigns.settle(registration),
             Free::Unclaim { citizen, id } => self.citizens.unclaim(citizen, id),
+        }
+    }
+}
+
+/// After claiming booking `id`'s entry: nothing more to take if the stored booking is
+/// still as the plan read it (`still`); otherwise `undo` gives the claim back and the
+/// answer is the store's error or BOOKING_NOT_ACTIVE.
+fn unless_changed(
+    still: Result<bool, ServiceError>,
+    id: BookingId,
+    undo: impl FnOnce(),
+) -> Result<Option<Admission>, ServiceError> {
+    match still {
+        Ok(true) => Ok(None),
+        still => {
+            undo();
+            Err(still
+                .err()
+                .unwrap_or(DomainError::BookingNotActive(id).into()))
         }
     }
 }
