@@ -183,6 +183,11 @@ impl<W: Write> Writer<W> {
     }
 }
 
+/// A failed write of the backup file.
+fn writing(e: std::io::Error) -> StoreError {
+    StoreError::Io(format!("writing the backup: {e}"))
+}
+
 impl Store {
     /// Writes a consistent backup of the store to `out` while writes go on (see the
     /// module doc), stamped `created_at_unix_ms`. Fails, leaving serving untouched, if the
@@ -196,8 +201,7 @@ impl Store {
         (changes_buffered_max, bytes_buffered_max): (usize, usize),
         backup_key: &BackupKey,
     ) -> Result<BackupSummary, StoreError> {
-        let io = |e: std::io::Error| StoreError::Io(format!("writing the backup: {e}"));
-        let mut writer = Writer::new(out, backup_key).map_err(io)?;
+        let mut writer = Writer::new(out, backup_key).map_err(writing)?;
         let (nonce, sealed_citizen_hash_key) = backup_key.seal(citizen_hash_key);
         writer
             .frame(&Frame::SealedHeader {
@@ -206,7 +210,7 @@ impl Store {
                 nonce,
                 sealed_citizen_hash_key,
             })
-            .map_err(io)?;
+            .map_err(writing)?;
         let (batches, teed) = std::sync::mpsc::sync_channel(changes_buffered_max);
         let overflowed = Arc::new(AtomicBool::new(false));
         {
@@ -238,13 +242,13 @@ impl Store {
         let mut batches_during_scan = 0;
         for batch in teed.try_iter() {
             batches_during_scan += 1;
-            writer.frame(&Frame::Changes(batch)).map_err(io)?;
+            writer.frame(&Frame::Changes(batch)).map_err(writing)?;
         }
         if self.state.failed.load(Ordering::Acquire) {
             return Err(StoreError::Failed);
         }
         let records = writer.records;
-        writer.finish().map_err(io)?;
+        writer.finish().map_err(writing)?;
         Ok(BackupSummary {
             records,
             batches_during_scan,
@@ -253,7 +257,6 @@ impl Store {
 
     /// Every record of the store, in frames of `RECORDS_PER_FRAME`.
     fn write_records<W: Write>(&self, writer: &mut Writer<W>) -> Result<(), StoreError> {
-        let io = |e: std::io::Error| StoreError::Io(format!("writing the backup: {e}"));
         let mut chunk = Vec::with_capacity(RECORDS_PER_FRAME);
         for item in self.db.iter() {
             let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
@@ -261,11 +264,11 @@ impl Store {
             if chunk.len() == RECORDS_PER_FRAME {
                 writer
                     .frame(&Frame::Records(std::mem::take(&mut chunk)))
-                    .map_err(io)?;
+                    .map_err(writing)?;
             }
         }
         if !chunk.is_empty() {
-            writer.frame(&Frame::Records(chunk)).map_err(io)?;
+            writer.frame(&Frame::Records(chunk)).map_err(writing)?;
         }
         Ok(())
     }
