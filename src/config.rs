@@ -8,10 +8,12 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use hex::FromHex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::domain::citizen_id::{CitizenIds, IdScheme};
+use crate::domain::field_violation::FieldViolation;
 use crate::domain::ids::{ChannelId, RegionId, SiteId};
 use crate::domain::schedule::ScheduleBounds;
 pub use crate::limits::{Limits, DEFAULT_LIMITS};
@@ -187,12 +189,6 @@ pub struct Token {
 /// SHA-256 of a bearer token, as kept in the configuration.
 pub fn token_sha256(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
-}
-
-fn parse_sha256(text: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(text, &mut out).ok()?;
-    Some(out)
 }
 
 /// `[server]` in `prenota.toml`; flags and `PRENOTA_*` variables override it.
@@ -506,18 +502,8 @@ impl ConfigFile {
             }
             _ => {}
         }
-        let mut sites = BTreeSet::new();
-        for site in &entry.sites {
-            match SiteId::parse("sites", site, self.limits.id_length_max) {
-                Ok(site) => {
-                    sites.insert(site);
-                }
-                Err(violation) => {
-                    problems.push(format!("{at}: site {site:?} {}", violation.description))
-                }
-            }
-        }
-        sites
+        let parse = |site: &str| SiteId::parse("sites", site, self.limits.id_length_max);
+        id_set(&entry.sites, parse, (at, "site"), problems)
     }
 
     fn citizen_issuers(&self, problems: &mut Vec<String>) -> Vec<CitizenIssuer> {
@@ -577,7 +563,7 @@ impl ConfigFile {
         } else if !names.insert(entry.name.clone()) {
             problems.push(format!("{at}: another token has this name"));
         }
-        let sha256 = parse_sha256(&entry.sha256);
+        let sha256 = <[u8; 32]>::from_hex(&entry.sha256).ok();
         match sha256 {
             None => problems.push(format!(
                 "{at}: sha256 must be 64 hex digits (prenota config hash-token prints it)"
@@ -587,17 +573,8 @@ impl ConfigFile {
             }
             Some(_) => {}
         }
-        let mut regions = BTreeSet::new();
-        for region in &entry.regions {
-            match RegionId::parse("regions", region, self.limits.id_length_max) {
-                Ok(region) => {
-                    regions.insert(region);
-                }
-                Err(violation) => {
-                    problems.push(format!("{at}: region {region:?} {}", violation.description))
-                }
-            }
-        }
+        let parse = |region: &str| RegionId::parse("regions", region, self.limits.id_length_max);
+        let regions = id_set(&entry.regions, parse, (&at, "region"), problems);
         match (entry.role, entry.regions.is_empty()) {
             (Role::Authority, true) => {
                 problems.push(format!("{at}: an authority token needs its regions"))
@@ -632,6 +609,27 @@ impl ConfigFile {
             channel,
         })
     }
+}
+
+/// The ids of a token's list (`what`: "site", "region"), each bad one a problem of `at`.
+fn id_set<T: Ord>(
+    values: &[String],
+    parse: impl Fn(&str) -> Result<T, FieldViolation>,
+    (at, what): (&str, &str),
+    problems: &mut Vec<String>,
+) -> BTreeSet<T> {
+    let mut ids = BTreeSet::new();
+    for value in values {
+        match parse(value) {
+            Ok(id) => {
+                ids.insert(id);
+            }
+            Err(violation) => {
+                problems.push(format!("{at}: {what} {value:?} {}", violation.description))
+            }
+        }
+    }
+    ids
 }
 
 /// Protected mode: without tokens only loopback addresses are served, unless the

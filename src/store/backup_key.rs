@@ -8,6 +8,7 @@ use std::path::Path;
 
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
+use hex::FromHex;
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -111,9 +112,7 @@ impl BackupKey {
 }
 
 fn parse_hex(text: &str) -> Option<[u8; SECRET_LENGTH]> {
-    let mut out = [0u8; SECRET_LENGTH];
-    hex::decode_to_slice(text, &mut out).ok()?;
-    Some(out)
+    <[u8; SECRET_LENGTH]>::from_hex(text).ok()
 }
 
 #[cfg(test)]
