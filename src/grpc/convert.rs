@@ -103,6 +103,28 @@ pub fn site_id(field: &str, value: &str, limits: &Limits) -> Result<SiteId, Fiel
     SiteId::parse(field, value, limits.id_length_max)
 }
 
+/// The site ids of list `field`, sorted, without duplicates; or every bad one.
+pub fn site_ids(
+    field: &str,
+    ids: &[String],
+    limits: &Limits,
+) -> Result<Vec<SiteId>, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    let mut sites = Vec::new();
+    for (index, id) in ids.iter().enumerate() {
+        match site_id(&format!("{field}[{index}]"), id, limits) {
+            Ok(site) => sites.push(site),
+            Err(violation) => violations.push(violation),
+        }
+    }
+    if !violations.is_empty() {
+        return Err(violations);
+    }
+    sites.sort();
+    sites.dedup();
+    Ok(sites)
+}
+
 pub fn service_id(field: &str, value: &str, limits: &Limits) -> Result<ServiceId, FieldViolation> {
     ServiceId::parse(field, value, limits.id_length_max)
 }

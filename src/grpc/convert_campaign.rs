@@ -11,8 +11,8 @@ use crate::domain::error::{AllValid, DomainError, FieldViolation};
 use crate::domain::ids::{check_name_id, CampaignId, SiteId, WaveId};
 use crate::grpc::auth::Caller;
 use crate::grpc::convert::{
-    optional_request_key, region_id, request_key, service_id, site_id, slot_to_proto, timestamp_ms,
-    unix_seconds,
+    optional_request_key, region_id, request_key, service_id, site_ids, slot_to_proto,
+    timestamp_ms, unix_seconds,
 };
 use crate::proto;
 use crate::service::{CampaignStats, PreRegisterCommand, RegistrationCommand, RegistrationView};
@@ -333,20 +333,7 @@ fn preferred_sites(ids: &[String], limits: &Limits) -> Result<Vec<SiteId>, Vec<F
             format!("at most {} sites", limits.release_sites_max),
         )]);
     }
-    let mut violations = Vec::new();
-    let mut sites = Vec::new();
-    for (index, id) in ids.iter().enumerate() {
-        match site_id(&format!("preferences.site_ids[{index}]"), id, limits) {
-            Ok(site) => sites.push(site),
-            Err(violation) => violations.push(violation),
-        }
-    }
-    sites.sort();
-    sites.dedup();
-    match violations.is_empty() {
-        true => Ok(sites),
-        false => Err(violations),
-    }
+    site_ids("preferences.site_ids", ids, limits)
 }
 
 /// `preferences.weekdays`: ISO weekdays, sorted, without duplicates.

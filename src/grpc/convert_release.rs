@@ -6,12 +6,12 @@ use prost_types::Timestamp;
 use crate::config::Limits;
 use crate::domain::citizen_id::CitizenIds;
 use crate::domain::error::{AllValid, DomainError, FieldViolation};
-use crate::domain::ids::{ChannelId, ReleaseId, SiteId};
+use crate::domain::ids::{ChannelId, ReleaseId};
 use crate::domain::release::{
     Phase, QueueRules, Release, ReleaseScope, Reserve, TicketState, TicketView,
 };
 use crate::grpc::convert::{
-    optional_request_key, region_id, request_key, service_id, site_id, timestamp, timestamp_ms,
+    optional_request_key, region_id, request_key, service_id, site_ids, timestamp, timestamp_ms,
     unix_seconds,
 };
 use crate::proto;
@@ -54,20 +54,7 @@ fn scope(release: &proto::Release, limits: &Limits) -> Result<ReleaseScope, Vec<
             )])
         }
         (true, false) => {
-            let mut violations = Vec::new();
-            let mut sites: Vec<SiteId> = Vec::new();
-            for (i, id) in release.site_ids.iter().enumerate() {
-                match site_id(&format!("release.site_ids[{i}]"), id, limits) {
-                    Ok(site) => sites.push(site),
-                    Err(violation) => violations.push(violation),
-                }
-            }
-            if !violations.is_empty() {
-                return Err(violations);
-            }
-            sites.sort();
-            sites.dedup();
-            Ok(ReleaseScope::Sites(sites))
+            site_ids("release.site_ids", &release.site_ids, limits).map(ReleaseScope::Sites)
         }
         _ => Err(vec![FieldViolation::new(
             "release.region_id",
