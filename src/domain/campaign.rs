@@ -568,8 +568,8 @@ impl Registrations {
     }
 
     /// Counts per shown state, in total and per wave (index; registrations no wave
-    /// admits are in the totals only).
-    /// From the tally: as many steps as standings × waves, whatever the registrations.
+    /// admits are in the totals only). From the tally: as many steps as standings ×
+    /// waves, whatever the number of registrations.
     pub fn counts(&self, campaign: &Campaign, now_unix_ms: i64) -> Counts {
         let tallied = self
             .tally
