@@ -1,6 +1,7 @@
 //! `footprint`: resident memory of the in-memory state per slot and per booking, and
 //! start-up recovery time, measured on the library directly (no network).
 
+use std::path::Path;
 use std::time::Instant;
 
 use prenota::config::Config;
@@ -137,14 +138,46 @@ fn rand_bytes(index: u64) -> [u8; 16] {
     out
 }
 
-/// Builds a store with `bookings` confirmed bookings, then times `Engine::open`;
-/// returns the seconds it took and the process's resident MiB afterwards (sled's
-/// page cache included).
-pub fn recovery(bookings: u64) -> Result<(f64, f64), String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+/// Marks a store `recovery` built and may reuse: its content is the number of bookings.
+const BUILT_MARKER: &str = "footprint-bookings";
+
+/// Builds a store with `bookings` confirmed bookings (in `keep`, when given, unless it
+/// already holds one `recovery` built with as many), then times `Engine::open`; returns
+/// the seconds it took and the process's resident MiB afterwards (sled's page cache
+/// included).
+pub fn recovery(bookings: u64, keep: Option<&Path>) -> Result<(f64, f64), String> {
+    let temporary = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let dir = keep.unwrap_or(temporary.path());
+    let marker = dir.join(BUILT_MARKER);
+    let built = std::fs::read_to_string(&marker).ok();
+    if built.as_deref() == Some(bookings.to_string().as_str()) {
+        println!(
+            "  reusing the store of {bookings} bookings in {}",
+            dir.display()
+        );
+    } else if let Some(count) = built {
+        return Err(format!(
+            "{} holds a store of {count} bookings, not {bookings}: give an empty directory",
+            dir.display()
+        ));
+    } else {
+        build(dir, bookings)?;
+        std::fs::write(&marker, bookings.to_string()).map_err(|e| e.to_string())?;
+    }
+    let started = Instant::now();
+    let engine =
+        Engine::open(dir, &Config::default(), Clock::system()).map_err(|e| e.to_string())?;
+    let seconds = started.elapsed().as_secs_f64();
+    let rss_mib = rss_bytes() as f64 / (1024.0 * 1024.0);
+    drop(engine);
+    Ok((seconds, rss_mib))
+}
+
+/// Writes a store of `bookings` confirmed bookings, 100 to a slot, into `dir`.
+fn build(dir: &Path, bookings: u64) -> Result<(), String> {
     // A store without its citizen-hash key is refused at start-up: write the key first,
     // as a new server does.
-    prenota::store::key_file::create(dir.path()).map_err(|e| e.to_string())?;
+    prenota::store::key_file::create(dir).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -154,8 +187,7 @@ pub fn recovery(bookings: u64) -> Result<(f64, f64), String> {
     let slots = bookings.div_ceil(u64::from(capacity_per_slot));
     let build_started = Instant::now();
     runtime.block_on(async {
-        let mut store =
-            Store::open(dir.path(), &Config::default().limits).map_err(|e| e.to_string())?;
+        let mut store = Store::open(dir, &Config::default().limits).map_err(|e| e.to_string())?;
         let mut writes = Vec::with_capacity(BUILD_BATCH);
         for site_index in 0..slots.div_ceil(SLOTS_PER_SITE) {
             let site = site(site_index)?;
@@ -202,11 +234,5 @@ pub fn recovery(bookings: u64) -> Result<(f64, f64), String> {
         "  built a store of {bookings} bookings in {slots} slots in {:.1} s",
         build_started.elapsed().as_secs_f64()
     );
-    let started = Instant::now();
-    let engine =
-        Engine::open(dir.path(), &Config::default(), Clock::system()).map_err(|e| e.to_string())?;
-    let seconds = started.elapsed().as_secs_f64();
-    let rss_mib = rss_bytes() as f64 / (1024.0 * 1024.0);
-    drop(engine);
-    Ok((seconds, rss_mib))
+    Ok(())
 }

@@ -28,7 +28,7 @@ mod scenario;
 mod target;
 mod watchers;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -226,6 +226,11 @@ enum ScenarioArgs {
         /// Bookings in the store whose recovery is timed.
         #[arg(long, default_value_t = 5_000_000)]
         recovery_bookings: u64,
+        /// Build the recovery store in this directory and keep it; a later run given the
+        /// same directory and number of bookings reuses it (to time or profile recovery
+        /// again without the minutes of building). A temporary directory by default.
+        #[arg(long)]
+        recovery_store: Option<PathBuf>,
     },
 }
 
@@ -252,10 +257,12 @@ async fn run(cli: Cli) -> Result<bool, String> {
         slots,
         bookings,
         recovery_bookings,
+        recovery_store,
     } = cli.scenario
     {
         return tokio::task::spawn_blocking(move || {
-            run_footprint(&cli.json, slots, bookings, recovery_bookings)
+            let recovery = (recovery_bookings, recovery_store.as_deref());
+            run_footprint(&cli.json, slots, bookings, recovery)
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -774,7 +781,7 @@ fn run_footprint(
     json_path: &Option<PathBuf>,
     slots: u64,
     bookings: u64,
-    recovery_bookings: u64,
+    (recovery_bookings, recovery_store): (u64, Option<&Path>),
 ) -> Result<bool, String> {
     println!("footprint: {slots} slots, {bookings} bookings in memory indexes, recovery of {recovery_bookings} bookings");
     let (per_slot, catalog) = footprint::slots(slots.max(1))?;
@@ -782,7 +789,8 @@ fn run_footprint(
     let (per_booking, citizens, requests) = footprint::bookings(bookings.max(1))?;
     println!("  citizen index + request registry: {per_booking:.0} resident bytes per booking (target <= 200)");
     drop((catalog, citizens, requests));
-    let (recovery_s, recovery_rss_mib) = footprint::recovery(recovery_bookings.max(1))?;
+    let (recovery_s, recovery_rss_mib) =
+        footprint::recovery(recovery_bookings.max(1), recovery_store)?;
     println!("  recovery of {recovery_bookings} bookings: {recovery_s:.1} s (target <= 15 s); process resident afterwards: {recovery_rss_mib:.0} MiB");
     write_json(
         json_path,

@@ -10,7 +10,7 @@
 //! once durable. So the disk never holds more active bookings for a citizen than the
 //! limit, even after a crash at any instant.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::domain::ids::{BookingId, CitizenKey, ServiceId};

@@ -9,7 +9,7 @@
 //! again, never assumed away (40 bits: one draw in ~27,000 collides at 40M bookings).
 //! Asking the store instead (sled's `contains_key`) halved the engine's booking rate.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -202,7 +202,7 @@ mod tests {
     #[test]
     fn a_million_references_are_distinct_and_collisions_are_redrawn() {
         let references = References::default();
-        let mut seen = HashSet::new();
+        let mut seen = std::collections::HashSet::new();
         for _ in 0..1_000_000 {
             let minted = references.mint().expect("a free reference");
             assert!(minted.codes.check_in_code <= BookingCodes::CHECK_IN_CODE_MAX);

@@ -5,7 +5,7 @@
 //! two copies of one request racing each other book once. A refused request (slot full,
 //! bad input) is forgotten: retrying it is evaluated afresh and can still book at most once.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::watch;

@@ -8,7 +8,7 @@
 //! inserts of every booking and tripled the records recovery reads. A store that still
 //! has them loses them when it is opened ([`remove_stored_index`]).
 
-use std::collections::{BTreeSet, HashMap};
+use foldhash::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::domain::booking::{Booking, Reference};
@@ -32,7 +32,37 @@ struct Inner {
     by_reference: HashMap<Reference, BookingKey>,
     /// Per site, per slot, the references of its bookings (any state). Hash maps: a
     /// sorted map's string comparisons were half of a recovery's time.
-    rosters: HashMap<SiteId, HashMap<SlotKey, BTreeSet<Reference>>>,
+    rosters: HashMap<SiteId, HashMap<SlotKey, Roster>>,
+}
+
+/// One slot's references, sorted: a slot holds at most `capacity_per_slot_max` bookings
+/// at once (10,000 by default), so an insert moves at most a few pages of 8-byte
+/// references, and a recovery's inserts cost a binary search of a contiguous array
+/// (a `BTreeSet` here was 7% of a 5M recovery, in its node walks).
+#[derive(Default)]
+struct Roster(Vec<Reference>);
+
+impl Roster {
+    fn insert(&mut self, reference: Reference) {
+        if let Err(at) = self.0.binary_search(&reference) {
+            self.0.insert(at, reference);
+        }
+    }
+
+    fn remove(&mut self, reference: Reference) {
+        if let Ok(at) = self.0.binary_search(&reference) {
+            self.0.remove(at);
+        }
+    }
+
+    /// The references after `after` (all of them for `None`), in order.
+    fn after(&self, after: Option<Reference>) -> &[Reference] {
+        let from = after.map_or(0, |after| match self.0.binary_search(&after) {
+            Ok(at) => at + 1,
+            Err(at) => at,
+        });
+        &self.0[from..]
+    }
 }
 
 impl BookingIndex {
@@ -79,8 +109,8 @@ impl BookingIndex {
             return;
         };
         if let Some(roster) = site.get_mut(&booking.slot) {
-            roster.remove(&codes.reference);
-            if roster.is_empty() {
+            roster.remove(codes.reference);
+            if roster.0.is_empty() {
                 site.remove(&booking.slot);
             }
         }
@@ -100,14 +130,13 @@ impl BookingIndex {
         after: Option<Reference>,
         limit: usize,
     ) -> Vec<(Reference, BookingKey)> {
-        use std::ops::Bound::{Excluded, Unbounded};
         let inner = self.lock();
         let Some(roster) = inner.rosters.get(&slot.site_id).and_then(|s| s.get(slot)) else {
             return Vec::new();
         };
-        let from = after.map_or(Unbounded, Excluded);
         roster
-            .range((from, Unbounded))
+            .after(after)
+            .iter()
             .take(limit)
             .filter_map(|&reference| Some((reference, *inner.by_reference.get(&reference)?)))
             .collect()
@@ -231,6 +260,10 @@ mod tests {
         assert_eq!(keys(index.roster(&a, None, 2)), order[..2]);
         let after = Some(Reference::from_bits(10));
         assert_eq!(keys(index.roster(&a, after, 10)), order[1..]);
+        let after_a_gone_one = Some(Reference::from_bits(15));
+        assert_eq!(keys(index.roster(&a, after_a_gone_one, 10)), order[1..]);
+        let after_the_last = Some(Reference::from_bits(31));
+        assert!(index.roster(&a, after_the_last, 10).is_empty());
         assert_eq!(index.site_slots(&b.site_id), std::slice::from_ref(&b));
         assert_eq!(
             index.by_reference(Reference::from_bits(99)),
