@@ -264,7 +264,9 @@ impl Engine {
     pub(super) fn mint_codes(
         &self,
     ) -> Result<crate::service::references::Minted<'_>, ServiceError> {
-        self.references.mint()
+        let stored = self.store.booking_index();
+        self.references
+            .mint(|reference| stored.by_reference(reference).is_some())
     }
 
     pub(super) fn stored_booking(&self, booking_id: BookingId) -> Result<Booking, ServiceError> {

@@ -28,7 +28,6 @@ use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
 use crate::service::exports::Exports;
 use crate::service::rate_limits;
-use crate::service::references::References;
 use crate::service::requests::RequestRegistry;
 use crate::store::key_file;
 use crate::store::postgres::{Lease, Standby};
@@ -235,7 +234,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         max_active,
     )?;
     let (confirmed, cancelled) = restore_bookings(
-        (&engine.store, &engine.references),
+        &engine.store,
         &requests,
         (&engine.citizens, &mut channel_use),
         catalog,
@@ -369,7 +368,7 @@ fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceErr
 /// take about as long as each other: they run on the two cores, with a bounded number
 /// of chunks between them.
 fn restore_bookings(
-    (store, references): (&Store, &References),
+    store: &Store,
     requests: &Requests,
     (citizens, channel_use): (&CitizenIndex, &mut ChannelUse),
     catalog: &Catalog,
@@ -390,14 +389,11 @@ fn restore_bookings(
                         // record's: the indexes below keep them for every booking.
                         booking.slot = slot.key();
                     }
-                    if let Some(codes) = booking.codes {
-                        if !references.restore(codes.reference) {
-                            return Err(ServiceError::Recovery(format!(
-                                "booking {} has the reference {} of another booking",
-                                booking.booking_id, codes.reference
-                            )));
-                        }
-                        index.insert(&booking);
+                    if let (Some(codes), Err(_)) = (booking.codes, index.insert(&booking)) {
+                        return Err(ServiceError::Recovery(format!(
+                            "booking {} has the reference {} of another booking",
+                            booking.booking_id, codes.reference
+                        )));
                     }
                     match restore_booking(slot, citizens, requests, &booking, max_active)? {
                         true => {

@@ -1,13 +1,17 @@
 //! Booking references and check-in codes: minted at random, a reference checked unique
 //! against every reference in use.
 //!
-//! The set of references in use lives in memory (about 16 bytes per booking): those of
-//! stored bookings (rebuilt by recovery, which refuses a store where two bookings share
-//! one; forgotten when retention deletes their booking) and those of bookings being
-//! written. A draw is kept only if it enters the set, so two bookings never share one,
-//! even when two requests draw the same bits at once. Collisions are counted and drawn
-//! again, never assumed away (40 bits: one draw in ~27,000 collides at 40M bookings).
-//! Asking the store instead (sled's `contains_key`) halved the engine's booking rate.
+//! References in use are those of stored bookings (the store's in-memory index by
+//! reference, `store::booking_index`: rebuilt by recovery, which refuses a store where
+//! two bookings share one; left when retention deletes their booking) and those of
+//! bookings being written, kept here until their write is settled. A draw is kept only
+//! if it is in neither and enters the second, checked under one lock, so two bookings
+//! never share one, even when two requests draw the same bits at once; a written
+//! booking is in the index before its reference leaves the set here. Collisions are
+//! counted and drawn again, never assumed away (40 bits: one draw in ~27,000 collides at
+//! 40M bookings). Asking sled instead (`contains_key`) halved the engine's booking rate;
+//! a set here of every stored reference as well as the index cost 16 bytes per booking
+//! and a tenth of a recovery.
 
 use foldhash::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -29,8 +33,9 @@ const MINT_TRIES: usize = 64;
 
 #[derive(Default)]
 pub struct References {
-    /// Every reference in use: stored bookings' and those being written.
-    used: Mutex<HashSet<Reference>>,
+    /// References of bookings being written, and of those whose write may or may not
+    /// have happened (a failed commit: the next start finds them, if stored).
+    in_flight: Mutex<HashSet<Reference>>,
     /// Wrong check-in codes per reference, and when its lock (if any) ends.
     wrong_codes: Mutex<WrongCodeBook>,
 }
@@ -62,52 +67,66 @@ pub struct CodeLimits {
 }
 
 /// A reference taken for a booking being written. Dropped without [`Minted::settle`]
-/// keeping it (the booking was refused, nothing written), it is given back.
+/// (the booking was refused, nothing written), it is given back.
 pub struct Minted<'a> {
     references: &'a References,
     pub codes: BookingCodes,
+    /// Whether it stays in the set of references being written.
     kept: bool,
 }
 
 impl Minted<'_> {
-    /// After the booking's write: a refusal (nothing written) gives the reference back;
-    /// anything else keeps it (written, or maybe written: a reference kept for nothing
-    /// costs 16 bytes, one shared would be a bug).
+    /// After the booking's write: done (the store's index has the booking since the
+    /// write was sent) or refused (nothing written), it leaves the set of references
+    /// being written; after any other error (maybe written) it stays there: a reference
+    /// kept for nothing costs a few bytes, one shared would be a bug.
     pub fn settle<T>(mut self, outcome: &Result<T, ServiceError>) {
-        self.kept = !matches!(outcome, Err(ServiceError::Domain(_)));
+        self.kept = matches!(outcome, Err(error) if !matches!(error, ServiceError::Domain(_)));
     }
 }
 
 impl Drop for Minted<'_> {
     fn drop(&mut self) {
         if !self.kept {
-            self.references.forget(self.codes.reference);
+            self.references
+                .lock_in_flight()
+                .remove(&self.codes.reference);
         }
     }
 }
 
 impl References {
-    fn lock_used(&self) -> std::sync::MutexGuard<'_, HashSet<Reference>> {
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<Reference>> {
         // One set operation per critical section: a poisoned set is still consistent.
-        self.used
+        self.in_flight
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// New codes for a booking: a random reference no other booking has, and a random
-    /// check-in code.
-    pub fn mint(&self) -> Result<Minted<'_>, ServiceError> {
-        self.mint_with(rand::random::<u64>)
+    /// New codes for a booking: a random reference no other booking has (`stored`: is
+    /// a stored booking's), and a random check-in code.
+    pub fn mint(&self, stored: impl Fn(Reference) -> bool) -> Result<Minted<'_>, ServiceError> {
+        self.mint_with(rand::random::<u64>, stored)
     }
 
     /// [`References::mint`] with its random source given (tests force collisions).
-    pub fn mint_with(&self, mut draw: impl FnMut() -> u64) -> Result<Minted<'_>, ServiceError> {
+    pub fn mint_with(
+        &self,
+        mut draw: impl FnMut() -> u64,
+        stored: impl Fn(Reference) -> bool,
+    ) -> Result<Minted<'_>, ServiceError> {
         for _ in 0..MINT_TRIES {
             let reference = Reference::from_bits(draw());
-            if !self.lock_used().insert(reference) {
+            // Checked and entered under the lock: a write's reference leaves this set
+            // (under it) only once its booking is in `stored`, so no draw finds it in
+            // neither.
+            let mut in_flight = self.lock_in_flight();
+            if stored(reference) || !in_flight.insert(reference) {
+                drop(in_flight);
                 metrics::counter!("prenota_reference_collisions_total").increment(1);
                 continue;
             }
+            drop(in_flight);
             return Ok(Minted {
                 references: self,
                 codes: BookingCodes {
@@ -122,20 +141,9 @@ impl References {
         ))
     }
 
-    /// A stored booking's reference, at recovery: `false` if another booking has it.
-    pub fn restore(&self, reference: Reference) -> bool {
-        self.lock_used().insert(reference)
-    }
-
-    /// The booking with this reference is gone (retention deleted it, or it was never
-    /// written).
-    pub fn forget(&self, reference: Reference) {
-        self.lock_used().remove(&reference);
-    }
-
-    /// References in use.
-    pub fn count(&self) -> usize {
-        self.lock_used().len()
+    /// References of bookings being written (or maybe written).
+    pub fn in_flight(&self) -> usize {
+        self.lock_in_flight().len()
     }
 
     /// Counts one check-in try of `reference` (`wrong`: its code was wrong), under one
@@ -199,61 +207,75 @@ fn check_in_code(bits: u64) -> u16 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_million_references_are_distinct_and_collisions_are_redrawn() {
-        let references = References::default();
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..1_000_000 {
-            let minted = references.mint().expect("a free reference");
-            assert!(minted.codes.check_in_code <= BookingCodes::CHECK_IN_CODE_MAX);
-            assert!(
-                seen.insert(minted.codes.reference),
-                "a reference was given twice"
-            );
-            minted.settle(&Ok::<(), ServiceError>(()));
-        }
-        assert_eq!(references.count(), 1_000_000);
-    }
-
-    #[test]
-    fn a_drawn_reference_in_use_is_drawn_again_and_a_refused_one_given_back() {
-        let references = References::default();
-        assert!(
-            references.restore(Reference::from_bits(9)),
-            "a stored booking's"
-        );
-        // A reference that enters the set draws its code next.
-        let mut draws = [7, 1].into_iter();
-        let first = references.mint_with(|| draws.next().unwrap()).unwrap();
-        assert_eq!(first.codes.reference.bits(), 7);
-        // 7 is being written, 9 is stored: 11 is next.
-        let mut draws = [7, 9, 11, 5].into_iter();
-        let second = references.mint_with(|| draws.next().unwrap()).unwrap();
-        assert_eq!(
-            (second.codes.reference.bits(), second.codes.check_in_code),
-            (11, 5)
-        );
-        // The first booking was refused (nothing written): 7 is free again; the
-        // second was written: 11 stays taken.
-        first.settle(&Err::<(), _>(ServiceError::Domain(
+    fn refused() -> Result<(), ServiceError> {
+        Err(ServiceError::Domain(
             crate::domain::error::DomainError::SlotFull(crate::domain::ids::SlotKey {
                 site_id: crate::domain::ids::SiteId::parse("s", "s", 8).unwrap(),
                 service_id: crate::domain::ids::ServiceId::parse("s", "s", 8).unwrap(),
                 start_unix_s: 0,
             }),
-        )));
-        second.settle(&Ok::<(), ServiceError>(()));
-        assert!(references.restore(Reference::from_bits(7)));
-        assert!(!references.restore(Reference::from_bits(11)));
-        assert!(!references.restore(Reference::from_bits(9)));
+        ))
+    }
+
+    #[test]
+    fn a_million_references_are_distinct_and_collisions_are_redrawn() {
+        let references = References::default();
+        // Each minted reference is "written": stored before its write settles.
+        let stored = std::cell::RefCell::new(std::collections::HashSet::new());
+        for _ in 0..1_000_000 {
+            let minted = references
+                .mint(|r| stored.borrow().contains(&r))
+                .expect("a free reference");
+            assert!(minted.codes.check_in_code <= BookingCodes::CHECK_IN_CODE_MAX);
+            assert!(
+                stored.borrow_mut().insert(minted.codes.reference),
+                "a reference was given twice"
+            );
+            minted.settle(&Ok::<(), ServiceError>(()));
+        }
+        assert_eq!(references.in_flight(), 0, "written ones are the store's");
+    }
+
+    #[test]
+    fn a_drawn_reference_in_use_is_drawn_again_and_a_refused_one_given_back() {
+        let references = References::default();
+        let stored = |r: Reference| r.bits() == 9; // a stored booking's
+                                                   // A reference that is free draws its code next.
+        let mut draws = [7, 1].into_iter();
+        let first = references
+            .mint_with(|| draws.next().unwrap(), stored)
+            .unwrap();
+        assert_eq!(first.codes.reference.bits(), 7);
+        // 7 is being written, 9 is stored: 11 is next.
+        let mut draws = [7, 9, 11, 5].into_iter();
+        let second = references
+            .mint_with(|| draws.next().unwrap(), stored)
+            .unwrap();
+        assert_eq!(
+            (second.codes.reference.bits(), second.codes.check_in_code),
+            (11, 5)
+        );
+        // 11's write failed without an answer (maybe written): it stays taken, even
+        // though the store's index does not have it.
+        second.settle(&Err::<(), _>(ServiceError::Busy("the store is overloaded")));
+        // The first booking was refused (nothing written): 7 is free again.
+        first.settle(&refused());
+        let mut draws = [11, 9, 7, 2].into_iter();
+        let third = references
+            .mint_with(|| draws.next().unwrap(), stored)
+            .unwrap();
+        assert_eq!(third.codes.reference.bits(), 7);
+        // Dropped unsettled (the request failed before its write): given back.
+        drop(third);
+        assert_eq!(references.in_flight(), 1, "only 11 is left");
     }
 
     #[test]
     fn a_full_space_is_an_error_not_a_duplicate() {
         let references = References::default();
-        assert!(references.restore(Reference::from_bits(3)));
+        let stored = |r: Reference| r.bits() == 3;
         assert!(matches!(
-            references.mint_with(|| 3),
+            references.mint_with(|| 3, stored),
             Err(ServiceError::Busy(_))
         ));
     }

@@ -234,11 +234,8 @@ impl Engine {
             for (request, _) in retention::booking_requests(booking) {
                 self.requests.forget(&request.key, id);
             }
-            // Out of the index before its reference may be drawn again.
+            // Out of the index: its reference may be drawn again.
             self.store.booking_index().remove(booking);
-            if let Some(codes) = booking.codes {
-                self.references.forget(codes.reference);
-            }
         }
     }
 

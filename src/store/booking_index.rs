@@ -8,6 +8,8 @@
 //! inserts of every booking and tripled the records recovery reads. A store that still
 //! has them loses them when it is opened ([`remove_stored_index`]).
 
+use std::collections::hash_map::Entry;
+
 use foldhash::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
@@ -72,18 +74,21 @@ impl BookingIndex {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Enters `booking` (nothing for one stored before references existed).
-    pub fn insert(&self, booking: &Booking) {
+    /// Enters `booking` (nothing for one stored before references existed); `Err` with
+    /// the other booking's key, entering nothing, if another booking has its reference.
+    /// The engine mints each reference against every one in use, so only a damaged or
+    /// forged store can have two (recovery refuses it).
+    pub fn insert(&self, booking: &Booking) -> Result<(), BookingKey> {
         let Some(codes) = booking.codes else {
-            return;
+            return Ok(());
         };
         let key = booking_key(booking.citizen.tag(), booking.booking_id);
-        // References are unique: the engine mints each against every one in use, and
-        // recovery refuses a store where two bookings share one (before entering them).
         let mut inner = self.lock();
-        if inner.by_reference.insert(codes.reference, key) == Some(key) {
-            return; // a later state of a booking already entered
-        }
+        match inner.by_reference.entry(codes.reference) {
+            Entry::Occupied(entered) if *entered.get() == key => return Ok(()), // a later state
+            Entry::Occupied(entered) => return Err(*entered.get()),
+            Entry::Vacant(vacant) => vacant.insert(key),
+        };
         // Ids are shared (`Arc<str>`): the clones copy no text.
         let site = inner
             .rosters
@@ -92,6 +97,7 @@ impl BookingIndex {
         site.entry(booking.slot.clone())
             .or_default()
             .insert(codes.reference);
+        Ok(())
     }
 
     /// Removes `booking`'s entries (after the write that deleted it).
@@ -248,10 +254,17 @@ mod tests {
         let in_b = booking(99, b.clone(), Some(99));
         let unreferenced = booking(7, a.clone(), None);
         for entered in in_a.iter().chain([&in_b, &unreferenced]) {
-            index.insert(entered);
-            index.insert(entered); // a later state of the same booking: no change
+            index.insert(entered).unwrap();
+            index.insert(entered).unwrap(); // a later state of the same booking: no change
         }
         assert_eq!(entered(&index), 4);
+        let impostor = booking(98, b.clone(), Some(99)); // another booking, same reference
+        assert_eq!(
+            index.insert(&impostor),
+            Err(key_of(&in_b)),
+            "and nothing entered"
+        );
+        assert_eq!(index.roster(&b, None, 10).len(), 1);
         let order: Vec<BookingKey> = [10u128, 20, 30]
             .iter()
             .map(|&id| key_of(in_a.iter().find(|x| x.booking_id.0 == id).unwrap()))
@@ -270,7 +283,6 @@ mod tests {
             Some(key_of(&in_b))
         );
 
-        let impostor = booking(98, b.clone(), Some(99)); // another booking, same reference
         index.remove(&impostor);
         assert_eq!(
             index.by_reference(Reference::from_bits(99)),

@@ -244,7 +244,10 @@ impl Store {
                 // Kept even if this write fails (maybe written, maybe not; the store then
                 // refuses every write): an entry whose booking is missing is skipped,
                 // and the next start rebuilds the index from what is stored.
-                self.index.insert(booking);
+                // A booking sharing another's reference is not entered: the engine
+                // mints references unique, so only a forged write has one (tests write
+                // damaged stores so), and recovery refuses the store it makes.
+                let _not_entered_if_shared = self.index.insert(booking);
             }
         }
         outcome.await.map_err(|_| StoreError::Closed)?

@@ -176,7 +176,8 @@ async fn a_roster_page_skips_a_booking_not_yet_written_and_stays_full() {
         codes: booking_codes(0),
         ..pending
     };
-    store.booking_index().insert(&pending); // reference 0: first in the roster
+    // Reference 0: first in the roster.
+    store.booking_index().insert(&pending).unwrap();
     let page = store.slot_roster(&slot_key(), None, 2).unwrap();
     let ids: Vec<u128> = page.iter().map(|b| b.booking_id.0).collect();
     assert_eq!(ids, [1, 2], "a full page despite the missing booking");
