@@ -31,7 +31,7 @@ use crate::service::rate_limits;
 use crate::service::requests::RequestRegistry;
 use crate::store::key_file;
 use crate::store::postgres::{Lease, Standby};
-use crate::store::records::{Record, SiteRecord};
+use crate::store::records::{self, Record, SiteRecord};
 use crate::store::{DataDirLock, Store, StoreError};
 use crate::telemetry;
 
@@ -389,10 +389,13 @@ fn restore_bookings(
                         // record's: the indexes below keep them for every booking.
                         booking.slot = slot.key();
                     }
-                    if let (Some(codes), Err(_)) = (booking.codes, index.insert(&booking)) {
+                    let entered = index.insert_unordered(&booking);
+                    if let (Some(codes), Err(other)) = (booking.codes, entered) {
                         return Err(ServiceError::Recovery(format!(
-                            "booking {} has the reference {} of another booking",
-                            booking.booking_id, codes.reference
+                            "booking {} has the reference {} of booking {}",
+                            booking.booking_id,
+                            codes.reference,
+                            records::booking_id_of_key(&other)
                         )));
                     }
                     match restore_booking(slot, citizens, requests, &booking, max_active)? {
@@ -412,6 +415,7 @@ fn restore_bookings(
         rebuilt?;
         read.map_err(ServiceError::from)
     })?;
+    index.sort_rosters();
     Ok((confirmed, cancelled))
 }
 

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use crate::domain::booking::{BookingCodes, Reference};
 use crate::service::error::ServiceError;
+use crate::store::error::StoreError;
 
 /// How often, at most, references quiet for `CodeLimits::forget_after` are forgotten
 /// (bounds the memory wrong codes take; the pass is linear in them).
@@ -67,7 +68,9 @@ pub struct CodeLimits {
 }
 
 /// A reference taken for a booking being written. Dropped without [`Minted::settle`]
-/// (the booking was refused, nothing written), it is given back.
+/// (the booking was refused before its write, or its request was cancelled), it is
+/// given back: a write that was sent is already in the store's index, entered in the
+/// same step as the send.
 pub struct Minted<'a> {
     references: &'a References,
     pub codes: BookingCodes,
@@ -77,11 +80,15 @@ pub struct Minted<'a> {
 
 impl Minted<'_> {
     /// After the booking's write: done (the store's index has the booking since the
-    /// write was sent) or refused (nothing written), it leaves the set of references
-    /// being written; after any other error (maybe written) it stays there: a reference
-    /// kept for nothing costs a few bytes, one shared would be a bug.
+    /// write was sent), refused or never queued (nothing written), it leaves the set of
+    /// references being written; after any other error (maybe written) it stays there:
+    /// a reference kept for nothing costs a few bytes, one shared would be a bug.
     pub fn settle<T>(mut self, outcome: &Result<T, ServiceError>) {
-        self.kept = matches!(outcome, Err(error) if !matches!(error, ServiceError::Domain(_)));
+        self.kept = match outcome {
+            Ok(_) | Err(ServiceError::Domain(_)) => false,
+            Err(ServiceError::Store(StoreError::Overloaded)) => false,
+            Err(_) => true,
+        };
     }
 }
 
@@ -239,8 +246,8 @@ mod tests {
     #[test]
     fn a_drawn_reference_in_use_is_drawn_again_and_a_refused_one_given_back() {
         let references = References::default();
-        let stored = |r: Reference| r.bits() == 9; // a stored booking's
-                                                   // A reference that is free draws its code next.
+        // 9 is a stored booking's; a reference that is free draws its code next.
+        let stored = |r: Reference| r.bits() == 9;
         let mut draws = [7, 1].into_iter();
         let first = references
             .mint_with(|| draws.next().unwrap(), stored)
@@ -255,9 +262,11 @@ mod tests {
             (second.codes.reference.bits(), second.codes.check_in_code),
             (11, 5)
         );
-        // 11's write failed without an answer (maybe written): it stays taken, even
+        // 11's write failed after it was sent (maybe written): it stays taken, even
         // though the store's index does not have it.
-        second.settle(&Err::<(), _>(ServiceError::Busy("the store is overloaded")));
+        second.settle(&Err::<(), _>(ServiceError::Store(StoreError::Io(
+            "disk".into(),
+        ))));
         // The first booking was refused (nothing written): 7 is free again.
         first.settle(&refused());
         let mut draws = [11, 9, 7, 2].into_iter();
@@ -265,8 +274,15 @@ mod tests {
             .mint_with(|| draws.next().unwrap(), stored)
             .unwrap();
         assert_eq!(third.codes.reference.bits(), 7);
+        // Never queued (the store's queue was full): given back.
+        third.settle(&Err::<(), _>(ServiceError::Store(StoreError::Overloaded)));
+        let mut draws = [7, 3].into_iter();
+        let fourth = references
+            .mint_with(|| draws.next().unwrap(), stored)
+            .unwrap();
+        assert_eq!(fourth.codes.reference.bits(), 7);
         // Dropped unsettled (the request failed before its write): given back.
-        drop(third);
+        drop(fourth);
         assert_eq!(references.in_flight(), 1, "only 11 is left");
     }
 

@@ -2,7 +2,10 @@
 //! (`GetBookingByReference`, the desk), and each slot's bookings in reference order
 //! (`ListSlotBookings`, a site's attendance). Derived from the booking records: rebuilt
 //! by recovery, entered by `Store::commit` with each write of a booking (a reference and
-//! a slot never change once a booking has them), and left by retention with the booking.
+//! a slot never change once a booking has them), and left by retention with the booking
+//! once its deletion is durable. It is also where new references are checked unique
+//! against stored ones (`service::references`): a booking is entered before its
+//! reference stops counting as being written.
 //!
 //! Until issue #19 these were two sled keys per booking (`N`, `W`): they doubled the
 //! inserts of every booking and tripled the records recovery reads. A store that still
@@ -37,10 +40,11 @@ struct Inner {
     rosters: HashMap<SiteId, HashMap<SlotKey, Roster>>,
 }
 
-/// One slot's references, sorted: a slot holds at most `capacity_per_slot_max` bookings
-/// at once (10,000 by default), so an insert moves at most a few pages of 8-byte
-/// references, and a recovery's inserts cost a binary search of a contiguous array
-/// (a `BTreeSet` here was 7% of a 5M recovery, in its node walks).
+/// One slot's references, sorted: a binary search of a contiguous array (a `BTreeSet`
+/// here was 7% of a 5M recovery, in its node walks). A slot's bookings, cancelled ones
+/// included until retention, are about its capacity (`capacity_per_slot_max`, 10,000
+/// by default), so a booking's insert moves a few pages at most; recovery, which enters
+/// bookings in key order, appends and sorts each roster once at the end.
 #[derive(Default)]
 struct Roster(Vec<Reference>);
 
@@ -79,6 +83,29 @@ impl BookingIndex {
     /// The engine mints each reference against every one in use, so only a damaged or
     /// forged store can have two (recovery refuses it).
     pub fn insert(&self, booking: &Booking) -> Result<(), BookingKey> {
+        self.enter(booking, Roster::insert)
+    }
+
+    /// [`BookingIndex::insert`] for recovery: its roster entry is appended, unordered,
+    /// until [`BookingIndex::sort_rosters`] (sorted inserts in key order would move
+    /// half of a big slot's roster per booking).
+    pub fn insert_unordered(&self, booking: &Booking) -> Result<(), BookingKey> {
+        self.enter(booking, |roster, reference| roster.0.push(reference))
+    }
+
+    /// Puts every roster in reference order, after recovery's unordered inserts.
+    pub fn sort_rosters(&self) {
+        let mut inner = self.lock();
+        for roster in inner
+            .rosters
+            .values_mut()
+            .flat_map(|site| site.values_mut())
+        {
+            roster.0.sort_unstable();
+        }
+    }
+
+    fn enter(&self, booking: &Booking, add: fn(&mut Roster, Reference)) -> Result<(), BookingKey> {
         let Some(codes) = booking.codes else {
             return Ok(());
         };
@@ -94,9 +121,10 @@ impl BookingIndex {
             .rosters
             .entry(booking.slot.site_id.clone())
             .or_default();
-        site.entry(booking.slot.clone())
-            .or_default()
-            .insert(codes.reference);
+        add(
+            site.entry(booking.slot.clone()).or_default(),
+            codes.reference,
+        );
         Ok(())
     }
 
@@ -294,5 +322,26 @@ mod tests {
         assert!(index.site_slots(&b.site_id).is_empty());
         assert_eq!(keys(index.roster(&a, None, 10)), order[1..]);
         assert_eq!(entered(&index), 2);
+    }
+
+    #[test]
+    fn recovery_enters_rosters_unordered_then_sorts_them() {
+        let index = BookingIndex::default();
+        let a = slot("a", 0);
+        let bookings: Vec<Booking> = [50u64, 20, 40, 10, 30]
+            .iter()
+            .map(|&r| booking(r as u128, a.clone(), Some(r)))
+            .collect();
+        for entered in &bookings {
+            index.insert_unordered(entered).unwrap();
+        }
+        let twin = booking(99, a.clone(), Some(40));
+        assert!(index.insert_unordered(&twin).is_err(), "a shared reference");
+        index.sort_rosters();
+        let ids: Vec<BookingKey> = [10u128, 20, 30, 40, 50]
+            .iter()
+            .map(|&id| booking_key(CitizenKey([id as u8; 16]).tag(), BookingId(id)))
+            .collect();
+        assert_eq!(keys(index.roster(&a, None, 10)), ids);
     }
 }

@@ -247,7 +247,13 @@ impl Store {
                 // A booking sharing another's reference is not entered: the engine
                 // mints references unique, so only a forged write has one (tests write
                 // damaged stores so), and recovery refuses the store it makes.
-                let _not_entered_if_shared = self.index.insert(booking);
+                if let Err(other) = self.index.insert(booking) {
+                    tracing::error!(
+                        booking_id = %booking.booking_id,
+                        other = %records::booking_id_of_key(&other),
+                        "a booking written with another booking's reference"
+                    );
+                }
             }
         }
         outcome.await.map_err(|_| StoreError::Closed)?

@@ -1631,6 +1631,13 @@ pub fn booking_key(tag: CitizenTag, booking_id: BookingId) -> [u8; 25] {
     key
 }
 
+/// The booking id in a [`booking_key`].
+pub fn booking_id_of_key(key: &[u8; 25]) -> BookingId {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&key[9..]);
+    BookingId(u128::from_be_bytes(id))
+}
+
 /// `B` + citizen tag: the prefix of the bookings of every citizen with this tag.
 pub fn citizen_bookings_prefix(tag: CitizenTag) -> [u8; 9] {
     let mut key = [0u8; 9];
