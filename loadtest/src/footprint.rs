@@ -12,9 +12,12 @@ use prenota::domain::ids::{
     BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey,
 };
 use prenota::service::requests::RequestRegistry;
-use prenota::service::{Clock, Engine};
+use prenota::service::{Actor, Clock, CloseCommand, Engine};
 use prenota::store::records::{SiteRecord, SlotRecord, Write};
 use prenota::store::Store;
+
+/// The recovery store's first slot starts at (2030).
+const FIRST_START_UNIX_S: i64 = 1_900_000_000;
 
 /// Slots per site, like a year of a large vaccination hub.
 const SLOTS_PER_SITE: u64 = 100_000;
@@ -89,7 +92,7 @@ pub fn slots(count: u64) -> Result<(f64, Catalog), String> {
             let key = SlotKey {
                 site_id: site_id.clone(),
                 service_id: service.clone(),
-                start_unix_s: 1_900_000_000 + 600 * slot as i64,
+                start_unix_s: FIRST_START_UNIX_S + 600 * slot as i64,
             };
             catalog
                 .insert_slot(NewSlot {
@@ -141,11 +144,20 @@ fn rand_bytes(index: u64) -> [u8; 16] {
 /// Marks a store `recovery` built and may reuse: its content is the number of bookings.
 const BUILT_MARKER: &str = "footprint-bookings";
 
+/// What `recovery` measured.
+pub struct Recovered {
+    pub seconds: f64,
+    /// The process's resident MiB afterwards (sled's page cache included).
+    pub rss_mib: f64,
+    /// `CloseSlots` of one slot of the recovered store (not on a kept store, which
+    /// would then differ from run to run).
+    pub closure_seconds: Option<f64>,
+}
+
 /// Builds a store with `bookings` confirmed bookings (in `keep`, when given, unless it
-/// already holds one `recovery` built with as many), then times `Engine::open`; returns
-/// the seconds it took and the process's resident MiB afterwards (sled's page cache
-/// included).
-pub fn recovery(bookings: u64, keep: Option<&Path>) -> Result<(f64, f64), String> {
+/// already holds one `recovery` built with as many), then times `Engine::open`, then
+/// (on a temporary store) a closure of its first slot.
+pub fn recovery(bookings: u64, keep: Option<&Path>) -> Result<Recovered, String> {
     let temporary = tempfile::tempdir().map_err(|e| e.to_string())?;
     let dir = keep.unwrap_or(temporary.path());
     let marker = dir.join(BUILT_MARKER);
@@ -169,8 +181,45 @@ pub fn recovery(bookings: u64, keep: Option<&Path>) -> Result<(f64, f64), String
         Engine::open(dir, &Config::default(), Clock::system()).map_err(|e| e.to_string())?;
     let seconds = started.elapsed().as_secs_f64();
     let rss_mib = rss_bytes() as f64 / (1024.0 * 1024.0);
-    drop(engine);
-    Ok((seconds, rss_mib))
+    let closure_seconds = match keep {
+        None => Some(close_first_slot(engine, bookings.min(100))?),
+        Some(_) => None,
+    };
+    Ok(Recovered {
+        seconds,
+        rss_mib,
+        closure_seconds,
+    })
+}
+
+/// Times `CloseSlots` of the store's first slot, which has `booked` bookings, and
+/// checks it cancelled them all.
+fn close_first_slot(engine: Engine, booked: u64) -> Result<f64, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let engine = std::sync::Arc::new(engine);
+    let close = CloseCommand {
+        site_id: id(SiteId::parse, "site-0")?,
+        service_id: None,
+        from_unix_s: FIRST_START_UNIX_S,
+        to_unix_s: FIRST_START_UNIX_S + 1,
+        reason: "footprint".into(),
+        request: None,
+    };
+    let started = Instant::now();
+    let outcome = runtime
+        .block_on(engine.close_slots(close, &Actor::everywhere("footprint")))
+        .map_err(|e| format!("closing a slot: {e:?}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    if u64::from(outcome.cancelled_bookings) != booked {
+        return Err(format!(
+            "closing a slot of {booked} bookings cancelled {}",
+            outcome.cancelled_bookings
+        ));
+    }
+    Ok(seconds)
 }
 
 /// Writes a store of `bookings` confirmed bookings, 100 to a slot, into `dir`.
@@ -202,7 +251,7 @@ fn build(dir: &Path, bookings: u64) -> Result<(), String> {
             let key = SlotKey {
                 site_id: id(SiteId::parse, &format!("site-{}", slot / SLOTS_PER_SITE))?,
                 service_id: service.clone(),
-                start_unix_s: 1_900_000_000 + 600 * (slot % SLOTS_PER_SITE) as i64,
+                start_unix_s: FIRST_START_UNIX_S + 600 * (slot % SLOTS_PER_SITE) as i64,
             };
             writes.push(Write::Slot(SlotRecord {
                 key: key.clone(),

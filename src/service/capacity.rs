@@ -739,16 +739,21 @@ impl Engine {
             .collect())
     }
 
-    /// Every confirmed booking of these slots, read on a blocking thread.
+    /// Every confirmed booking of these slots, read on a blocking thread: from the
+    /// slots' rosters, or by a scan of every booking while a booking without a
+    /// reference (in no roster) may be stored.
     async fn confirmed_bookings_in(
         self: &Arc<Self>,
         keys: HashSet<SlotKey>,
     ) -> Result<Vec<Booking>, ServiceError> {
         let engine = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            engine
-                .store
-                .bookings()
+            let store = &engine.store;
+            let bookings: Box<dyn Iterator<Item = _>> = match store.bookings_of_slots(&keys) {
+                Some(rostered) => Box::new(rostered),
+                None => Box::new(store.bookings()),
+            };
+            bookings
                 .filter(|item| {
                     item.as_ref()
                         .map_or(true, |b| b.is_confirmed() && keys.contains(&b.slot))

@@ -1,6 +1,6 @@
 //! The bookings' reference and roster indexes, in memory: which booking has a reference
 //! (`GetBookingByReference`, the desk), and each slot's bookings in reference order
-//! (`ListSlotBookings`, a site's attendance). Derived from the booking records: rebuilt
+//! (`ListSlotBookings`, a site's attendance, the bookings a closure cancels). Derived from the booking records: rebuilt
 //! by recovery, entered by `Store::commit` with each write of a booking (a reference and
 //! a slot never change once a booking has them), and left by retention with the booking
 //! once its deletion is durable. It is also where new references are checked unique
@@ -38,6 +38,10 @@ struct Inner {
     /// Per site, per slot, the references of its bookings (any state). Hash maps: a
     /// sorted map's string comparisons were half of a recovery's time.
     rosters: HashMap<SiteId, HashMap<SlotKey, Roster>>,
+    /// At least as many as the bookings without a reference (stored before references
+    /// existed) in the store: no roster has them. Counted exactly by recovery, once
+    /// more for each later write of one, less for each deleted.
+    without_reference: u64,
 }
 
 /// One slot's references, sorted: a binary search of a contiguous array (a `BTreeSet`
@@ -107,6 +111,7 @@ impl BookingIndex {
 
     fn enter(&self, booking: &Booking, add: fn(&mut Roster, Reference)) -> Result<(), BookingKey> {
         let Some(codes) = booking.codes else {
+            self.lock().without_reference += 1;
             return Ok(());
         };
         let key = booking_key(booking.citizen.tag(), booking.booking_id);
@@ -131,6 +136,8 @@ impl BookingIndex {
     /// Removes `booking`'s entries (after the write that deleted it).
     pub fn remove(&self, booking: &Booking) {
         let Some(codes) = booking.codes else {
+            let mut inner = self.lock();
+            inner.without_reference = inner.without_reference.saturating_sub(1);
             return;
         };
         let key = booking_key(booking.citizen.tag(), booking.booking_id);
@@ -151,6 +158,12 @@ impl BookingIndex {
         if site.is_empty() {
             inner.rosters.remove(&booking.slot.site_id);
         }
+    }
+
+    /// Whether the rosters hold every stored booking: no booking without a reference
+    /// may be left (after a restart, once none is stored).
+    pub fn rosters_hold_every_booking(&self) -> bool {
+        self.lock().without_reference == 0
     }
 
     pub fn by_reference(&self, reference: Reference) -> Option<BookingKey> {
@@ -322,6 +335,14 @@ mod tests {
         assert!(index.site_slots(&b.site_id).is_empty());
         assert_eq!(keys(index.roster(&a, None, 10)), order[1..]);
         assert_eq!(entered(&index), 2);
+        // The booking without a reference is in no roster, until it is gone. Each of
+        // its two writes counted it (a count too high only makes closures scan; a
+        // restart counts exactly).
+        assert!(!index.rosters_hold_every_booking());
+        index.remove(&unreferenced);
+        assert!(!index.rosters_hold_every_booking());
+        index.remove(&unreferenced);
+        assert!(index.rosters_hold_every_booking());
     }
 
     #[test]

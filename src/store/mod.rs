@@ -401,6 +401,24 @@ impl Store {
             .filter_map(move |(_, key)| self.booking_at(&key).transpose())
     }
 
+    /// Every booking of these slots, read from their rosters; `None` while a booking
+    /// without a reference (stored before references existed) may be left, since no
+    /// roster has those: then only a scan of every booking finds them all.
+    pub fn bookings_of_slots<'a>(
+        &'a self,
+        slots: impl IntoIterator<Item = &'a SlotKey> + 'a,
+    ) -> Option<impl Iterator<Item = Result<Booking, StoreError>> + 'a> {
+        if !self.index.rosters_hold_every_booking() {
+            return None;
+        }
+        Some(
+            slots
+                .into_iter()
+                .flat_map(move |slot| self.index.roster(slot, None, usize::MAX))
+                .filter_map(move |(_, key)| self.booking_at(&key).transpose()),
+        )
+    }
+
     fn booking_at(&self, key: &[u8; 25]) -> Result<Option<Booking>, StoreError> {
         match self.db.get(key) {
             Ok(Some(value)) => Booking::decode_value(key, &value).map(Some),

@@ -5,7 +5,7 @@ use prenota::domain::booking::{Booking, BookingState, RequestRecord};
 use prenota::domain::ids::{
     BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey,
 };
-use prenota::service::{Clock, Engine, ServiceError};
+use prenota::service::{Actor, Clock, CloseCommand, Engine, ServiceError};
 use prenota::store::records::{SiteRecord, SlotRecord, Write};
 use prenota::store::Store;
 
@@ -156,6 +156,33 @@ async fn the_booking_index_is_rebuilt_and_old_index_keys_are_removed() {
     for key in old_keys {
         assert!(db.get(key).unwrap().is_none(), "{key:?} removed");
     }
+}
+
+/// A closure reads its slots' bookings from their rosters, but a booking stored before
+/// references existed is in no roster: while one may be stored, the closure scans every
+/// booking, so it still cancels it.
+#[tokio::test]
+async fn a_closure_cancels_a_booking_stored_before_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let Write::Booking(old) = booking(2, 2) else {
+        unreachable!()
+    };
+    let old = Booking { codes: None, ..old };
+    store_with(dir.path(), 10, vec![booking(1, 1), Write::Booking(old)]).await;
+    let engine = std::sync::Arc::new(open(dir.path()).unwrap());
+    let close = CloseCommand {
+        site_id: slot_key().site_id,
+        service_id: None,
+        from_unix_s: slot_key().start_unix_s,
+        to_unix_s: slot_key().start_unix_s + 1,
+        reason: "flooded".into(),
+        request: None,
+    };
+    let outcome = engine
+        .close_slots(close, &Actor::everywhere("test"))
+        .await
+        .unwrap();
+    assert_eq!(outcome.cancelled_bookings, 2, "the old booking too");
 }
 
 /// A roster entry whose booking is not applied yet (entered with its write, before the
