@@ -1,11 +1,12 @@
 //! The bookings' reference and roster indexes, in memory: which booking has a reference
 //! (`GetBookingByReference`, the desk), and each slot's bookings in reference order
-//! (`ListSlotBookings`, a site's attendance, the bookings a closure cancels). Derived from the booking records: rebuilt
-//! by recovery, entered by `Store::commit` with each write of a booking (a reference and
-//! a slot never change once a booking has them), and left by retention with the booking
-//! once its deletion is durable. It is also where new references are checked unique
-//! against stored ones (`service::references`): a booking is entered before its
-//! reference stops counting as being written.
+//! (`ListSlotBookings`, a site's attendance, the bookings a closure cancels). Derived
+//! from the booking records: rebuilt by recovery, entered by `Store::commit` with each
+//! write of a booking (a reference and a slot never change once a booking has them),
+//! and left by retention with the booking once its deletion is durable. It is also
+//! where new references are checked unique against stored ones
+//! (`service::references`): a booking is entered before its reference stops counting
+//! as being written.
 //!
 //! Until issue #19 these were two sled keys per booking (`N`, `W`): they doubled the
 //! inserts of every booking and tripled the records recovery reads. A store that still
@@ -13,7 +14,7 @@
 
 use std::collections::hash_map::Entry;
 
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::domain::booking::{Booking, Reference};
@@ -38,10 +39,11 @@ struct Inner {
     /// Per site, per slot, the references of its bookings (any state). Hash maps: a
     /// sorted map's string comparisons were half of a recovery's time.
     rosters: HashMap<SiteId, HashMap<SlotKey, Roster>>,
-    /// At least as many as the bookings without a reference (stored before references
-    /// existed) in the store: no roster has them. Counted exactly by recovery, once
-    /// more for each later write of one, less for each deleted.
-    without_reference: u64,
+    /// Stored bookings that no roster has: those without a reference (stored before
+    /// references existed) and, in a damaged store only, one that shares another's
+    /// reference. A set, not a count, so entering a booking's later state or removing
+    /// it twice (two retention passes) leaves it exact.
+    outside_rosters: HashSet<BookingKey>,
 }
 
 /// One slot's references, sorted: a binary search of a contiguous array (a `BTreeSet`
@@ -110,15 +112,19 @@ impl BookingIndex {
     }
 
     fn enter(&self, booking: &Booking, add: fn(&mut Roster, Reference)) -> Result<(), BookingKey> {
-        let Some(codes) = booking.codes else {
-            self.lock().without_reference += 1;
-            return Ok(());
-        };
         let key = booking_key(booking.citizen.tag(), booking.booking_id);
         let mut inner = self.lock();
+        let Some(codes) = booking.codes else {
+            inner.outside_rosters.insert(key);
+            return Ok(());
+        };
         match inner.by_reference.entry(codes.reference) {
             Entry::Occupied(entered) if *entered.get() == key => return Ok(()), // a later state
-            Entry::Occupied(entered) => return Err(*entered.get()),
+            Entry::Occupied(entered) => {
+                let other = *entered.get();
+                inner.outside_rosters.insert(key);
+                return Err(other);
+            }
             Entry::Vacant(vacant) => vacant.insert(key),
         };
         // Ids are shared (`Arc<str>`): the clones copy no text.
@@ -135,13 +141,12 @@ impl BookingIndex {
 
     /// Removes `booking`'s entries (after the write that deleted it).
     pub fn remove(&self, booking: &Booking) {
-        let Some(codes) = booking.codes else {
-            let mut inner = self.lock();
-            inner.without_reference = inner.without_reference.saturating_sub(1);
-            return;
-        };
         let key = booking_key(booking.citizen.tag(), booking.booking_id);
         let mut inner = self.lock();
+        inner.outside_rosters.remove(&key);
+        let Some(codes) = booking.codes else {
+            return;
+        };
         if inner.by_reference.get(&codes.reference) != Some(&key) {
             return; // not this booking's entry
         }
@@ -160,10 +165,10 @@ impl BookingIndex {
         }
     }
 
-    /// Whether the rosters hold every stored booking: no booking without a reference
-    /// may be left (after a restart, once none is stored).
+    /// Whether the rosters hold every stored booking (none without a reference is
+    /// left).
     pub fn rosters_hold_every_booking(&self) -> bool {
-        self.lock().without_reference == 0
+        self.lock().outside_rosters.is_empty()
     }
 
     pub fn by_reference(&self, reference: Reference) -> Option<BookingKey> {
@@ -335,12 +340,11 @@ mod tests {
         assert!(index.site_slots(&b.site_id).is_empty());
         assert_eq!(keys(index.roster(&a, None, 10)), order[1..]);
         assert_eq!(entered(&index), 2);
-        // The booking without a reference is in no roster, until it is gone. Each of
-        // its two writes counted it (a count too high only makes closures scan; a
-        // restart counts exactly).
+        // The booking without a reference (written twice) is in no roster, until it
+        // is gone; removing it twice is harmless.
         assert!(!index.rosters_hold_every_booking());
         index.remove(&unreferenced);
-        assert!(!index.rosters_hold_every_booking());
+        assert!(index.rosters_hold_every_booking());
         index.remove(&unreferenced);
         assert!(index.rosters_hold_every_booking());
     }
@@ -358,6 +362,12 @@ mod tests {
         }
         let twin = booking(99, a.clone(), Some(40));
         assert!(index.insert_unordered(&twin).is_err(), "a shared reference");
+        assert!(
+            !index.rosters_hold_every_booking(),
+            "the twin is in no roster"
+        );
+        index.remove(&twin);
+        assert!(index.rosters_hold_every_booking());
         index.sort_rosters();
         let ids: Vec<BookingKey> = [10u128, 20, 30, 40, 50]
             .iter()
