@@ -394,11 +394,7 @@ impl Store {
         &self,
         site_id: &crate::domain::ids::SiteId,
     ) -> impl Iterator<Item = Result<Booking, StoreError>> + '_ {
-        self.index
-            .site_slots(site_id)
-            .into_iter()
-            .flat_map(move |slot| self.index.roster(&slot, None, usize::MAX))
-            .filter_map(move |(_, key)| self.booking_at(&key).transpose())
+        self.rostered(self.index.site_slots(site_id))
     }
 
     /// Every booking of these slots, read from their rosters; `None` while a booking
@@ -411,12 +407,19 @@ impl Store {
         if !self.index.rosters_hold_every_booking() {
             return None;
         }
-        Some(
-            slots
-                .into_iter()
-                .flat_map(move |slot| self.index.roster(slot, None, usize::MAX))
-                .filter_map(move |(_, key)| self.booking_at(&key).transpose()),
-        )
+        Some(self.rostered(slots))
+    }
+
+    /// The bookings in these slots' rosters, slot by slot (an entry whose booking is
+    /// not applied yet is skipped).
+    fn rostered<'a, S: std::borrow::Borrow<SlotKey>>(
+        &'a self,
+        slots: impl IntoIterator<Item = S> + 'a,
+    ) -> impl Iterator<Item = Result<Booking, StoreError>> + 'a {
+        slots
+            .into_iter()
+            .flat_map(move |slot| self.index.roster(slot.borrow(), None, usize::MAX))
+            .filter_map(move |(_, key)| self.booking_at(&key).transpose())
     }
 
     fn booking_at(&self, key: &[u8; 25]) -> Result<Option<Booking>, StoreError> {
