@@ -149,14 +149,17 @@ pub struct Recovered {
     pub seconds: f64,
     /// The process's resident MiB afterwards (sled's page cache included).
     pub rss_mib: f64,
+    /// One retention pass over the recovered store, whose slots are all kept (they
+    /// start in 2030): what a pass costs a server that has nothing to delete.
+    pub retention_seconds: f64,
     /// `CloseSlots` of one slot of the recovered store (not on a kept store, which
     /// would then differ from run to run).
     pub closure_seconds: Option<f64>,
 }
 
 /// Builds a store with `bookings` confirmed bookings (in `keep`, when given, unless it
-/// already holds one `recovery` built with as many), then times `Engine::open`, then
-/// (on a temporary store) a closure of its first slot.
+/// already holds one `recovery` built with as many), then times `Engine::open`, a
+/// retention pass and (on a temporary store) a closure of its first slot.
 pub fn recovery(bookings: u64, keep: Option<&Path>) -> Result<Recovered, String> {
     let temporary = tempfile::tempdir().map_err(|e| e.to_string())?;
     let dir = keep.unwrap_or(temporary.path());
@@ -181,25 +184,49 @@ pub fn recovery(bookings: u64, keep: Option<&Path>) -> Result<Recovered, String>
         Engine::open(dir, &Config::default(), Clock::system()).map_err(|e| e.to_string())?;
     let seconds = started.elapsed().as_secs_f64();
     let rss_mib = rss_bytes() as f64 / (1024.0 * 1024.0);
-    let closure_seconds = match keep {
-        None => Some(close_first_slot(engine, bookings.min(100))?),
-        Some(_) => None,
-    };
-    Ok(Recovered {
-        seconds,
-        rss_mib,
-        closure_seconds,
-    })
-}
-
-/// Times `CloseSlots` of the store's first slot, which has `booked` bookings, and
-/// checks it cancelled them all.
-fn close_first_slot(engine: Engine, booked: u64) -> Result<f64, String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     let engine = std::sync::Arc::new(engine);
+    let retention_seconds = retention_pass(&runtime, &engine)?;
+    let closure_seconds = match keep {
+        None => Some(close_first_slot(&runtime, &engine, bookings.min(100))?),
+        Some(_) => None,
+    };
+    Ok(Recovered {
+        seconds,
+        rss_mib,
+        retention_seconds,
+        closure_seconds,
+    })
+}
+
+/// Times one retention pass, and checks it deleted nothing (every slot is kept).
+fn retention_pass(
+    runtime: &tokio::runtime::Runtime,
+    engine: &std::sync::Arc<Engine>,
+) -> Result<f64, String> {
+    let started = Instant::now();
+    let retained = runtime
+        .block_on(engine.retain())
+        .map_err(|e| format!("a retention pass: {e:?}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    if retained.bookings != 0 || retained.slots != 0 {
+        return Err(format!(
+            "a retention pass deleted kept records: {retained:?}"
+        ));
+    }
+    Ok(seconds)
+}
+
+/// Times `CloseSlots` of the store's first slot, which has `booked` bookings, and
+/// checks it cancelled them all.
+fn close_first_slot(
+    runtime: &tokio::runtime::Runtime,
+    engine: &std::sync::Arc<Engine>,
+    booked: u64,
+) -> Result<f64, String> {
     let close = CloseCommand {
         site_id: id(SiteId::parse, "site-0")?,
         service_id: None,

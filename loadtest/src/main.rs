@@ -792,6 +792,10 @@ fn run_footprint(
     let recovered = footprint::recovery(recovery_bookings.max(1), recovery_store)?;
     let (recovery_s, recovery_rss_mib) = (recovered.seconds, recovered.rss_mib);
     println!("  recovery of {recovery_bookings} bookings: {recovery_s:.1} s (target <= 10 s); process resident afterwards: {recovery_rss_mib:.0} MiB");
+    println!(
+        "  one retention pass over that store (nothing to delete): {:.1} ms",
+        recovered.retention_seconds * 1e3
+    );
     if let Some(closure_s) = recovered.closure_seconds {
         println!(
             "  closing one slot of that store: {:.1} ms",
@@ -809,6 +813,7 @@ fn run_footprint(
             "recovery_bookings": recovery_bookings,
             "recovery_s": recovery_s,
             "recovery_rss_mib": recovery_rss_mib,
+            "retention_s": recovered.retention_seconds,
             "closure_s": recovered.closure_seconds,
         }),
     )?;
