@@ -75,6 +75,12 @@ impl Cutoffs {
         u32::try_from(from.max(0)).unwrap_or(u32::MAX)
     }
 
+    /// Every slot that starts at or after this second is kept, with its bookings: a
+    /// slot ends after it starts. Retention reads only the bookings of earlier slots.
+    pub fn keeps_slots_started_from(&self) -> i64 {
+        self.slots_ended_before_unix_s
+    }
+
     /// A booking's record is kept while its slot is (the slot's end if the slot exists,
     /// else the end the booking was made for).
     pub fn keeps_booking(&self, booking: &Booking, slot_end_unix_s: Option<i64>) -> bool {

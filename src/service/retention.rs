@@ -41,6 +41,10 @@ pub struct Retained {
     /// Hold records the pass read (kept ones too): not a deletion. Holds made after
     /// `Cutoffs::keeps_holds_from_second` are not read.
     pub holds_read: u64,
+    /// Booking records the pass read (kept ones too): not a deletion. Only bookings
+    /// of slots started before the records' cut-off are read (while every stored
+    /// booking has a reference).
+    pub bookings_read: u64,
 }
 
 impl Retained {
@@ -48,6 +52,7 @@ impl Retained {
     pub fn is_empty(&self) -> bool {
         Retained {
             holds_read: 0,
+            bookings_read: 0,
             ..*self
         } == Retained::default()
     }
@@ -97,7 +102,8 @@ impl Engine {
         // Ended slots that still have a record this pass could not delete: kept.
         let mut pinned = HashSet::new();
         (retained.holds, retained.holds_read) = self.delete_holds(&cutoffs, &mut pinned).await?;
-        retained.bookings = self.delete_bookings(&cutoffs, &mut pinned).await?;
+        (retained.bookings, retained.bookings_read) =
+            self.delete_bookings(&cutoffs, &mut pinned).await?;
         retained.slots = self.delete_slots(&cutoffs, &pinned).await?;
         retained.audit_entries = self.delete_audit_entries(&cutoffs).await?;
         retained.authority_requests = self.delete_authority_requests(&cutoffs).await?;
@@ -182,38 +188,91 @@ impl Engine {
         Ok((deleted, read))
     }
 
+    /// Deletes the bookings of slots ended beyond the window; returns how many it
+    /// deleted and how many it read. Only slots that started before the cut-off can
+    /// have ended before it, so their rosters are read, not every booking; while a
+    /// booking no roster has may be stored (from before references), every booking.
     async fn delete_bookings(
         &self,
         cutoffs: &Cutoffs,
         pinned: &mut HashSet<SlotKey>,
-    ) -> Result<u64, ServiceError> {
-        let (mut cursor, mut deleted) = (vec![records::BOOKING_PREFIX], 0);
-        while let Some(batch) = self.next_batch::<Booking>(records::BOOKING_PREFIX, &mut cursor)? {
-            let mut doomed = Vec::new();
-            for (key, booking) in batch {
-                if cutoffs.keeps_booking(&booking, self.slot_end(&booking.slot)) {
-                    continue;
-                }
-                // A confirmed booking's entry is claimed like a cancel's, so no cancel
-                // can write the record back; one being cancelled waits for next pass.
-                let (citizen, service) = (booking.citizen, &booking.slot.service_id);
-                if booking.is_confirmed()
-                    && !self.citizens.claim(citizen, service, booking.booking_id)
-                {
-                    pinned.insert(booking.slot);
-                    continue;
-                }
-                doomed.push((key, booking));
+    ) -> Result<(u64, u64), ServiceError> {
+        let started_before = cutoffs.keeps_slots_started_from();
+        let slots = self
+            .store
+            .booking_index()
+            .slots_started_before(started_before);
+        let Some(mut rostered) = self.store.bookings_of_slots(slots) else {
+            return self.delete_scanned_bookings(cutoffs, pinned).await;
+        };
+        let (mut deleted, mut read) = (0, 0);
+        loop {
+            let batch = rostered
+                .by_ref()
+                .take(self.limits.retention_batch_records)
+                .map(|booking| {
+                    let booking = booking?;
+                    let key = records::booking_key(booking.citizen.tag(), booking.booking_id);
+                    Ok((key.to_vec(), booking))
+                })
+                .collect::<Result<KeyedRecords<Booking>, ServiceError>>()?;
+            if batch.is_empty() {
+                return Ok((deleted, read));
             }
-            let keys = doomed.iter().map(|(key, _)| key.clone()).collect();
-            let written = self.delete_keys(keys).await;
-            for (_, booking) in &doomed {
-                self.forget_booking(booking, written.is_ok());
-            }
-            written?;
-            deleted += doomed.len() as u64;
+            read += batch.len() as u64;
+            deleted += self.delete_booking_batch(cutoffs, pinned, batch).await?;
         }
-        Ok(deleted)
+    }
+
+    /// [`Engine::delete_bookings`] by a scan of every booking record.
+    async fn delete_scanned_bookings(
+        &self,
+        cutoffs: &Cutoffs,
+        pinned: &mut HashSet<SlotKey>,
+    ) -> Result<(u64, u64), ServiceError> {
+        let (mut cursor, mut deleted, mut read) = (vec![records::BOOKING_PREFIX], 0, 0);
+        while let Some(batch) = self.next_batch::<Booking>(records::BOOKING_PREFIX, &mut cursor)? {
+            read += batch.len() as u64;
+            deleted += self.delete_booking_batch(cutoffs, pinned, batch).await?;
+        }
+        Ok((deleted, read))
+    }
+
+    /// Deletes those of `batch`'s bookings whose slot ended beyond the window, in one
+    /// commit; returns how many.
+    async fn delete_booking_batch(
+        &self,
+        cutoffs: &Cutoffs,
+        pinned: &mut HashSet<SlotKey>,
+        batch: KeyedRecords<Booking>,
+    ) -> Result<u64, ServiceError> {
+        let mut doomed = Vec::new();
+        for (key, booking) in batch {
+            if cutoffs.keeps_booking(&booking, self.slot_end(&booking.slot)) {
+                continue;
+            }
+            // What lets the rosters' pass skip every later slot.
+            debug_assert!(
+                booking.slot.start_unix_s < cutoffs.keeps_slots_started_from(),
+                "a booking of a slot started after the cut-off is due for deletion"
+            );
+            // A confirmed booking's entry is claimed like a cancel's, so no cancel
+            // can write the record back; one being cancelled waits for next pass.
+            let (citizen, service) = (booking.citizen, &booking.slot.service_id);
+            if booking.is_confirmed() && !self.citizens.claim(citizen, service, booking.booking_id)
+            {
+                pinned.insert(booking.slot);
+                continue;
+            }
+            doomed.push((key, booking));
+        }
+        let keys = doomed.iter().map(|(key, _)| key.clone()).collect();
+        let written = self.delete_keys(keys).await;
+        for (_, booking) in &doomed {
+            self.forget_booking(booking, written.is_ok());
+        }
+        written?;
+        Ok(doomed.len() as u64)
     }
 
     /// After the write that deleted `booking` (`deleted`), or failed to: a confirmed

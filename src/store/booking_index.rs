@@ -194,6 +194,27 @@ impl BookingIndex {
             .collect()
     }
 
+    /// The slots with bookings entered that started before `before_unix_s`, in order.
+    /// The lock is held per site, so a pass over many sites never holds bookings up
+    /// long.
+    pub fn slots_started_before(&self, before_unix_s: i64) -> Vec<SlotKey> {
+        let sites: Vec<SiteId> = self.lock().rosters.keys().cloned().collect();
+        let mut slots: Vec<SlotKey> = sites
+            .iter()
+            .flat_map(|site_id| {
+                let inner = self.lock();
+                let site = inner.rosters.get(site_id);
+                site.into_iter()
+                    .flat_map(|site| site.keys())
+                    .filter(|slot| slot.start_unix_s < before_unix_s)
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        slots.sort_unstable();
+        slots
+    }
+
     /// The site's slots that have bookings entered, in order. Read each one's roster
     /// next: the lock is held per call, so a site's stats never hold bookings up long.
     pub fn site_slots(&self, site_id: &SiteId) -> Vec<SlotKey> {

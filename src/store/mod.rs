@@ -400,9 +400,9 @@ impl Store {
     /// Every booking of these slots, read from their rosters; `None` while a booking
     /// without a reference (stored before references existed) may be left, since no
     /// roster has those: then only a scan of every booking finds them all.
-    pub fn bookings_of_slots<'a>(
+    pub fn bookings_of_slots<'a, S: std::borrow::Borrow<SlotKey> + 'a>(
         &'a self,
-        slots: impl IntoIterator<Item = &'a SlotKey> + 'a,
+        slots: impl IntoIterator<Item = S> + 'a,
     ) -> Option<impl Iterator<Item = Result<Booking, StoreError>> + 'a> {
         if !self.index.rosters_hold_every_booking() {
             return None;

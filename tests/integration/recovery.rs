@@ -185,6 +185,29 @@ async fn a_closure_cancels_a_booking_stored_before_references() {
     assert_eq!(outcome.cancelled_bookings, 2, "the old booking too");
 }
 
+/// Retention reads the rosters of slots that started before its cut-off, but a booking
+/// stored before references existed is in no roster: while one may be stored, the pass
+/// reads every booking, so it still deletes it with its slot.
+#[tokio::test]
+async fn retention_deletes_a_booking_stored_before_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let Write::Booking(old) = booking(2, 2) else {
+        unreachable!()
+    };
+    let old = Booking { codes: None, ..old };
+    store_with(dir.path(), 10, vec![booking(1, 1), Write::Booking(old)]).await;
+    // 401 days after the slot ended: beyond `records_retained_days` (400).
+    let now_s = slot_key().start_unix_s + 600 + 401 * 86_400;
+    let clock = Clock::manual(now_s * 1_000);
+    let engine = Engine::open(dir.path(), &Config::default(), clock).unwrap();
+    let retained = engine.retain().await.unwrap();
+    assert_eq!(
+        (retained.bookings, retained.bookings_read, retained.slots),
+        (2, 2, 1),
+        "the old booking too: {retained:?}"
+    );
+}
+
 /// A roster entry whose booking is not applied yet (entered with its write, before the
 /// committer applied it) is skipped and the page filled from the entries after it, so
 /// the desk's paging never ends early.

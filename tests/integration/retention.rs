@@ -163,6 +163,48 @@ async fn retention_reads_only_the_holds_old_enough_to_go() {
     assert_eq!(stored_holds(dir.path()), 0);
 }
 
+/// A slot ends after it starts, so a pass reads only the bookings of slots that started
+/// before its cut-off (from their rosters), not every booking in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_reads_only_the_bookings_of_slots_started_before_the_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let early = one_slot_site(&server, "early", 5).await;
+    utc_site_on(
+        server.channel().await,
+        ("later", "test-region"),
+        60,
+        ("10:00", "10:30"),
+        5,
+    )
+    .await;
+    let mut client = server.booking().await;
+    let later = search_all(&mut client, "later", "vax").await;
+    book_ok(&mut client, book_request(&early, "alice", "a1")).await;
+    book_ok(&mut client, book_request(&early, "bob", "b1")).await;
+    book_ok(&mut client, book_request(&later[0].slot_id, "carol", "c1")).await;
+
+    // The early slot (30 days ahead) ended 401 days ago; the later one started 371 days
+    // ago, after the cut-off: its booking is not even read.
+    clock.advance(431 * DAY);
+    let retained = server.retain().await;
+    assert_eq!(
+        (retained.bookings, retained.bookings_read, retained.slots),
+        (2, 2, 1),
+        "{retained:?}"
+    );
+    clock.advance(30 * DAY);
+    let retained = server.retain().await;
+    assert_eq!(
+        (retained.bookings, retained.bookings_read, retained.slots),
+        (1, 1, 1),
+        "{retained:?}"
+    );
+    assert!(server.retain().await.is_empty());
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authority_requests_are_forgotten_after_their_window() {
     let dir = tempfile::tempdir().unwrap();
