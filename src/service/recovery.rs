@@ -350,6 +350,12 @@ fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceErr
         let record = record?;
         recheck_slot_key(&record.key)?;
         let key = record.key.clone();
+        // Retention relies on it: a slot that starts after its cut-off is kept whole.
+        if record.end_unix_s <= key.start_unix_s {
+            return Err(ServiceError::Recovery(format!(
+                "slot {key} ends at or before it starts"
+            )));
+        }
         catalog
             .insert_slot(NewSlot {
                 key: record.key,
@@ -383,6 +389,12 @@ fn restore_bookings(
             for chunk in receiver {
                 for (key, value) in chunk {
                     let mut booking = Booking::decode_value(&key, &value)?;
+                    if booking.end_unix_s <= booking.slot.start_unix_s {
+                        return Err(ServiceError::Recovery(format!(
+                            "booking {} ends at or before its slot {} starts",
+                            booking.booking_id, booking.slot
+                        )));
+                    }
                     let slot = catalog.slot(&booking.slot).map(|(_, slot)| slot.as_ref());
                     if let Some(slot) = slot {
                         // The catalog's ids (one copy per site and service), not the

@@ -1,8 +1,11 @@
 //! Retention: forgets finished requests after `request_records_retained_hours` and
 //! deletes what belongs to slots ended more than `records_retained_days` ago, in bounded
-//! background batches (PRODUCT.md A). The rules are `domain::retention`; this file walks
-//! the store in steps of `retention_batch_records` records, each step's deletions one
-//! group commit, and keeps memory in step with the disk.
+//! background batches (PRODUCT.md A). The rules are `domain::retention`; this file reads
+//! the candidates (holds made before the later cut-off, the bookings in the rosters of
+//! slots started before the records' cut-off, the catalog's ended slots, old audit
+//! entries, authority requests and events) in steps of `retention_batch_records`
+//! records, each step's deletions one group commit, and keeps memory in step with the
+//! disk.
 //!
 //! Order keeps every crash point recoverable: bookings and holds of a slot go before the
 //! slot itself (recovery refuses a booking of an unknown slot), and a confirmed
@@ -91,7 +94,7 @@ impl Engine {
         )
     }
 
-    /// One retention pass over memory and the whole store, in bounded steps. The server
+    /// One retention pass over memory and the store, in bounded steps. The server
     /// runs one every `retention_interval_ms`; tests call it directly.
     pub async fn retain(&self) -> Result<Retained, ServiceError> {
         let cutoffs = self.retention_cutoffs();
@@ -251,11 +254,6 @@ impl Engine {
             if cutoffs.keeps_booking(&booking, self.slot_end(&booking.slot)) {
                 continue;
             }
-            // What lets the rosters' pass skip every later slot.
-            debug_assert!(
-                booking.slot.start_unix_s < cutoffs.keeps_slots_started_from(),
-                "a booking of a slot started after the cut-off is due for deletion"
-            );
             // A confirmed booking's entry is claimed like a cancel's, so no cancel
             // can write the record back; one being cancelled waits for next pass.
             let (citizen, service) = (booking.citizen, &booking.slot.service_id);
@@ -299,8 +297,9 @@ impl Engine {
     }
 
     /// Deletes the records of slots ended beyond the window whose bookings and holds are
-    /// all gone (not `pinned`), then drops them from the catalog. Under the authority
-    /// lock, so no capacity change or closure writes a slot back in between.
+    /// all gone (not `pinned`, nothing left in their roster), then drops them from the
+    /// catalog. Under the authority lock, so no capacity change or closure writes a slot
+    /// back in between.
     async fn delete_slots(
         &self,
         cutoffs: &Cutoffs,
@@ -309,8 +308,10 @@ impl Engine {
         let ended: Vec<SlotKey> = self
             .catalog()
             .slots()
-            .filter(|slot| !cutoffs.keeps_slot(slot.end_unix_s()) && !pinned.contains(&slot.key()))
+            .filter(|slot| !cutoffs.keeps_slot(slot.end_unix_s()))
             .map(|slot| slot.key())
+            // A booking left behind would make the store refuse to start.
+            .filter(|key| !pinned.contains(key) && !self.store.booking_index().has_roster(key))
             .collect();
         let mut deleted = 0;
         for chunk in ended.chunks(self.limits.retention_batch_records) {

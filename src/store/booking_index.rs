@@ -194,25 +194,25 @@ impl BookingIndex {
             .collect()
     }
 
-    /// The slots with bookings entered that started before `before_unix_s`, in order.
-    /// The lock is held per site, so a pass over many sites never holds bookings up
-    /// long.
+    /// The slots with bookings entered that started before `before_unix_s`, site by site,
+    /// each site's in order. The lock is held per site, so a pass over many sites never
+    /// holds bookings up long.
     pub fn slots_started_before(&self, before_unix_s: i64) -> Vec<SlotKey> {
         let sites: Vec<SiteId> = self.lock().rosters.keys().cloned().collect();
-        let mut slots: Vec<SlotKey> = sites
+        sites
             .iter()
-            .flat_map(|site_id| {
-                let inner = self.lock();
-                let site = inner.rosters.get(site_id);
-                site.into_iter()
-                    .flat_map(|site| site.keys())
-                    .filter(|slot| slot.start_unix_s < before_unix_s)
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        slots.sort_unstable();
-        slots
+            .flat_map(|site_id| self.site_slots(site_id))
+            .filter(|slot| slot.start_unix_s < before_unix_s)
+            .collect()
+    }
+
+    /// Whether `slot` has a booking entered.
+    pub fn has_roster(&self, slot: &SlotKey) -> bool {
+        let inner = self.lock();
+        inner
+            .rosters
+            .get(&slot.site_id)
+            .is_some_and(|site| site.contains_key(slot))
     }
 
     /// The site's slots that have bookings entered, in order. Read each one's roster

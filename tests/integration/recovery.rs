@@ -206,6 +206,58 @@ async fn retention_deletes_a_booking_stored_before_references() {
         (2, 2, 1),
         "the old booking too: {retained:?}"
     );
+    drop(engine);
+    open(dir.path()).expect("the store still recovers");
+}
+
+/// Retention reads only the bookings of slots that started before its cut-off, which
+/// holds because a slot ends after it starts: a stored slot or booking that does not is
+/// refused at start-up.
+#[tokio::test]
+async fn a_stored_slot_or_booking_that_ends_before_it_starts_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let Write::Booking(booking) = booking(1, 1) else {
+        unreachable!()
+    };
+    let ends_first = Booking {
+        end_unix_s: slot_key().start_unix_s,
+        ..booking
+    };
+    store_with(dir.path(), 10, vec![Write::Booking(ends_first)]).await;
+    match open(dir.path()) {
+        Err(ServiceError::Recovery(message)) => {
+            assert!(message.contains("ends at or before its slot"), "{message}")
+        }
+        other => panic!("expected a recovery refusal, got {:?}", other.err()),
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    prenota::store::key_file::create(dir.path()).unwrap();
+    let mut store = Store::open(dir.path(), &Config::default().limits).unwrap();
+    let site = SiteRecord {
+        site_id: slot_key().site_id,
+        name: "Broken".into(),
+        region_id: RegionId::parse("region_id", "r", 64).unwrap(),
+        time_zone: "Europe/Rome".into(),
+    };
+    let backwards = SlotRecord {
+        key: slot_key(),
+        end_unix_s: slot_key().start_unix_s - 600,
+        capacity: 10,
+        closed: false,
+    };
+    store
+        .commit(&[Write::Site(site), Write::Slot(backwards)])
+        .await
+        .unwrap();
+    store.shutdown();
+    drop(store);
+    match open(dir.path()) {
+        Err(ServiceError::Recovery(message)) => {
+            assert!(message.contains("ends at or before it starts"), "{message}")
+        }
+        other => panic!("expected a recovery refusal, got {:?}", other.err()),
+    }
 }
 
 /// A roster entry whose booking is not applied yet (entered with its write, before the
