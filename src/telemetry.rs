@@ -30,6 +30,10 @@ pub const CAMPAIGN_OFFERS: &str = "prenota_campaign_offers_total";
 pub const CAMPAIGN_REFILL_SECONDS: &str = "prenota_campaign_refill_seconds";
 /// Live holds right now.
 pub const HOLDS_LIVE: &str = "prenota_holds_live";
+/// `CheckIn`s answered `CHECK_IN_CODE_WRONG`.
+pub const CHECK_IN_CODES_WRONG: &str = "prenota_check_in_codes_wrong_total";
+/// Booking references drawn again because the first draw was in use.
+pub const REFERENCE_COLLISIONS: &str = "prenota_reference_collisions_total";
 /// Requests refused by a rate limiter, by `limiter` (`citizen`, `citizen_reads`, `token`, `anonymous`).
 pub const RATE_LIMITED: &str = "prenota_rate_limited_total";
 /// Keys a rate limiter tracks, by `limiter`.
@@ -180,6 +184,8 @@ fn register_rare_counters() {
         COMMIT_FAILURES,
         QUEUE_ADMISSIONS,
         CAMPAIGN_OFFERS,
+        CHECK_IN_CODES_WRONG,
+        REFERENCE_COLLISIONS,
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -239,6 +245,14 @@ fn describe_requests() {
         "from the first place returned since the matcher's last offers to its next offers"
     );
     describe_gauge!(HOLDS_LIVE, "live holds");
+    describe_counter!(
+        CHECK_IN_CODES_WRONG,
+        "CheckIn calls answered CHECK_IN_CODE_WRONG"
+    );
+    describe_counter!(
+        REFERENCE_COLLISIONS,
+        "booking references drawn again because the first draw was in use"
+    );
     describe_counter!(
         RATE_LIMITED,
         "requests refused by a rate limiter, by limiter"
@@ -357,6 +371,8 @@ pub const ALL: &[&str] = &[
     CAMPAIGN_OFFERS,
     CAMPAIGN_REFILL_SECONDS,
     HOLDS_LIVE,
+    CHECK_IN_CODES_WRONG,
+    REFERENCE_COLLISIONS,
     RATE_LIMITED,
     RATE_LIMITER_KEYS,
     SHED,

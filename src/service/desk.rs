@@ -108,7 +108,7 @@ impl Engine {
         match self.references.try_code(reference, wrong, now_ms, limits) {
             Err(Some(retry_after)) => return Err(ServiceError::RateLimited { retry_after }),
             Err(None) => {
-                metrics::counter!("prenota_check_in_codes_wrong_total").increment(1);
+                metrics::counter!(crate::telemetry::CHECK_IN_CODES_WRONG).increment(1);
                 return Err(DomainError::CheckInCodeWrong.into());
             }
             Ok(()) => {}

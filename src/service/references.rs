@@ -130,7 +130,7 @@ impl References {
             let mut in_flight = self.lock_in_flight();
             if stored(reference) || !in_flight.insert(reference) {
                 drop(in_flight);
-                metrics::counter!("prenota_reference_collisions_total").increment(1);
+                metrics::counter!(crate::telemetry::REFERENCE_COLLISIONS).increment(1);
                 continue;
             }
             drop(in_flight);
