@@ -116,17 +116,22 @@ fn sled_files(data_dir: &std::path::Path) -> String {
         .join(", ")
 }
 
-/// Publishes one site with 72 slots of 10,000 places, 60 days after the clock's today;
-/// returns their slot ids.
-async fn publish(channel: Channel, clock: &Clock) -> Result<Vec<String>, String> {
-    let site_id = format!("churn-{}", std::process::id());
+/// The site [`publish`] makes for a scenario (`tag`): one per process.
+pub fn site_id(tag: &str) -> String {
+    format!("{tag}-{}", std::process::id())
+}
+
+/// Publishes one site ([`site_id`]) of service `tag` with 72 slots of 10,000 places,
+/// 60 days after the clock's today; returns their slot ids.
+pub async fn publish(channel: Channel, clock: &Clock, tag: &str) -> Result<Vec<String>, String> {
+    let site_id = site_id(tag);
     let mut capacity = CapacityServiceClient::new(channel.clone());
     capacity
         .upsert_site(proto::UpsertSiteRequest {
             site: Some(proto::Site {
                 site_id: site_id.clone(),
-                name: "Churn site".into(),
-                region_id: "churn".into(),
+                name: format!("{tag} site"),
+                region_id: tag.into(),
                 time_zone: "Etc/UTC".into(),
             }),
             request_id: String::new(),
@@ -141,7 +146,7 @@ async fn publish(channel: Channel, clock: &Clock) -> Result<Vec<String>, String>
     capacity
         .publish_schedule(proto::PublishScheduleRequest {
             site_id: site_id.clone(),
-            service_id: "churn".into(),
+            service_id: tag.into(),
             first_day: day.clone(),
             last_day: day,
             opening_hours: (1..=7)
@@ -161,7 +166,7 @@ async fn publish(channel: Channel, clock: &Clock) -> Result<Vec<String>, String>
     let page = BookingServiceClient::new(channel)
         .search_slots(proto::SearchSlotsRequest {
             scope: Some(Scope::SiteId(site_id)),
-            service_id: "churn".into(),
+            service_id: tag.into(),
             from: Some(prost_types::Timestamp {
                 seconds: now_s,
                 nanos: 0,
@@ -225,7 +230,7 @@ pub async fn run(
     churn: Churn,
 ) -> Result<(bool, Value), String> {
     let engine = target.engine().ok_or("the churn soak needs --spawn")?;
-    let slots = Arc::new(publish(channels[0].clone(), &clock).await?);
+    let slots = Arc::new(publish(channels[0].clone(), &clock, "churn").await?);
     let started_ms = clock.now_unix_ms();
     let window_hours = f64::from(engine.limits().request_records_retained_hours);
     println!(

@@ -7,6 +7,8 @@
 //! cancels, reschedules; then households and dose series), `flood` (a calm rush, then many times more requests in flight
 //! than the server admits: shedding, not collapsing), `churn` (a hold-churn soak on a
 //! fast manual clock: memory, store and recovery stay flat past the retention window),
+//! `expiry` (a fleet's holds all expire at once while citizens book: how fast the sweeper
+//! gives the places back, and Book latency meanwhile),
 //! `release` (a queued opening: a million citizens join a waiting room, the admitted
 //! book, the rest are told SOLD_OUT), `campaign` (pre-registration, three waves,
 //! offers declined, left to expire or accepted until every place is booked) and `footprint` (memory per slot and booking, recovery time, on the library without
@@ -20,6 +22,7 @@
 mod assertions;
 mod campaign;
 mod churn;
+mod expiry;
 mod footprint;
 mod lifecycle;
 mod release;
@@ -160,6 +163,23 @@ enum ScenarioArgs {
         #[arg(long, default_value_t = 2_000)]
         holds_per_second: u32,
     },
+    /// A fleet of made-up citizens holds `--holds` places; then, while citizens book,
+    /// the spawned server's clock moves past their time and the sweeper gives every
+    /// place back. Reports Book latency and server CPU before, during and after the
+    /// sweep, and how long it took. Needs --spawn.
+    Expiry {
+        #[arg(long, default_value_t = 100_000)]
+        holds: u64,
+        /// The holds' lifetime (the clock jumps past it: no real wait).
+        #[arg(long, default_value_t = 60)]
+        ttl_seconds: u32,
+        /// The server's `hold_sweep_batch_max` (default: its own default).
+        #[arg(long)]
+        sweep_batch: Option<usize>,
+        /// The server's `hold_sweep_interval_ms` (default: its own default).
+        #[arg(long)]
+        sweep_interval_ms: Option<u64>,
+    },
     /// Opening morning twice, on two sets of sites: the second with `--watchers`
     /// WatchAvailability streams open on its sites. Reports both rushes as ratios of the
     /// ceiling, how soon watchers saw each booking, and messages and bytes per watcher.
@@ -267,14 +287,17 @@ async fn run(cli: Cli) -> Result<bool, String> {
         .await
         .map_err(|e| e.to_string())?;
     }
-    let churning = matches!(cli.scenario, ScenarioArgs::Churn { .. });
+    let churning = matches!(
+        cli.scenario,
+        ScenarioArgs::Churn { .. } | ScenarioArgs::Expiry { .. }
+    );
     let releasing = matches!(
         cli.scenario,
         ScenarioArgs::Release { .. } | ScenarioArgs::Campaign { .. }
     );
     if (churning || releasing) && !cli.spawn {
         return Err(
-            "churn, release and campaign move the server's clock: they need --spawn".into(),
+            "churn, expiry, release and campaign move the server's clock: they need --spawn".into(),
         );
     }
     let clock = match churning || releasing {
@@ -284,7 +307,14 @@ async fn run(cli: Cli) -> Result<bool, String> {
     let mut gateway = None;
     let target = if cli.spawn {
         let mut config = prenota::config::Config::default();
-        if churning {
+        if let ScenarioArgs::Expiry {
+            sweep_batch,
+            sweep_interval_ms,
+            ..
+        } = cli.scenario
+        {
+            config = expiry::config(cli.in_flight, (sweep_batch, sweep_interval_ms));
+        } else if churning {
             config = churn::config(cli.in_flight);
         } else if cli.asserted {
             let (signer, asserted) = assertions::Gateway::generate()?;
@@ -335,6 +365,15 @@ async fn run(cli: Cli) -> Result<bool, String> {
             holds_per_second,
         };
         let (ok, report) = churn::run(&channels, cli.in_flight, target, clock, churn).await?;
+        write_json(&cli.json, report)?;
+        return Ok(ok);
+    }
+    if let ScenarioArgs::Expiry {
+        holds, ttl_seconds, ..
+    } = cli.scenario
+    {
+        let expiry = expiry::Expiry { holds, ttl_seconds };
+        let (ok, report) = expiry::run(&channels, cli.in_flight, target, clock, expiry).await?;
         write_json(&cli.json, report)?;
         return Ok(ok);
     }
@@ -403,6 +442,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
         // Handled above: footprint without a server, churn and release with their clock.
         ScenarioArgs::Footprint { .. }
         | ScenarioArgs::Churn { .. }
+        | ScenarioArgs::Expiry { .. }
         | ScenarioArgs::Release { .. }
         | ScenarioArgs::Campaign { .. } => Ok(true),
         ScenarioArgs::Rush {
