@@ -153,7 +153,10 @@ pub struct Limits {
     /// At most max(1, ⌊capacity × this / 100⌋) places of a slot may be held at once;
     /// beyond it HoldSlot answers HOLD_LIMIT_REACHED (Book still works).
     pub held_share_of_capacity_max_percent: u32,
-    /// How often the sweeper returns the places of expired holds.
+    /// How often the sweeper returns the places of expired holds. With
+    /// `hold_sweep_batch_max`, at most batch × 1000 / interval expiries a second
+    /// (default 20,000): many holds expiring at once come back in small, frequent
+    /// batches (BENCHMARKS.md, "Many holds expiring at once").
     pub hold_sweep_interval_ms: u64,
     /// How long a finished request is remembered (a retry within it gets the first
     /// outcome; after it, it is a new request), in memory and on disk; 0 keeps for good.
@@ -169,7 +172,9 @@ pub struct Limits {
     /// written (a stalled disk holds them up) before it reopens them and answers
     /// UNAVAILABLE / OVERLOADED, so the authority lock is never held without bound.
     pub close_settle_wait_ms: u64,
-    /// Most holds one sweep expires (one group commit); the rest wait for the next tick.
+    /// Most holds one sweep expires (one durable write, sharing its group commit with
+    /// the bookings of the moment: the larger, the longer they wait); the rest wait for
+    /// the next tick.
     pub hold_sweep_batch_max: usize,
     /// Most rows in one `ImportCapacity` stream.
     pub import_rows_max: usize,
@@ -308,13 +313,13 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     hold_ttl_seconds_default: 300,
     hold_ttl_seconds_max: 600,
     held_share_of_capacity_max_percent: 50,
-    hold_sweep_interval_ms: 250,
+    hold_sweep_interval_ms: 25,
     request_records_retained_hours: 72,
     records_retained_days: 400,
     retention_interval_ms: 3_600_000,
     retention_batch_records: 1_000,
     close_settle_wait_ms: 10_000,
-    hold_sweep_batch_max: 4_096,
+    hold_sweep_batch_max: 500,
     import_rows_max: 200_000,
     import_slots_max: 2_000_000,
     import_errors_reported_max: 100,

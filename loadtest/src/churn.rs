@@ -34,11 +34,11 @@ pub struct Churn {
 /// How often retention runs during the soak (real seconds).
 const RETENTION_INTERVAL_S: u64 = 5;
 
-/// The server config of the soak: production windows, timers fast enough for the clock.
+/// The server config of the soak: production windows and sweeper (20,000 expiries a
+/// second, more than the bots make), retention often enough for the clock.
 pub fn config(in_flight: usize) -> Config {
     let mut config = Config::default();
     config.limits.in_flight_requests_max = in_flight.max(1);
-    config.limits.hold_sweep_interval_ms = 100;
     config.limits.retention_interval_ms = RETENTION_INTERVAL_S * 1_000;
     config
 }
