@@ -1,15 +1,18 @@
 //! A campaign's statistics (`GetCampaignStats`) with a million registrations: read from
 //! the registrations' tally, kept as each registration changes, not by visiting every
-//! registration under the campaign's lock. Run: `cargo bench --bench campaign`.
-//! Numbers: BENCHMARKS.md.
+//! registration under the campaign's lock; and one matching step's pick when most of
+//! the waiting registrations prefer a site with no free place. Run: `cargo bench
+//! --bench campaign`. Numbers: BENCHMARKS.md.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use prenota::domain::campaign::{
-    Campaign, Preferences, Registration, RegistrationState, Registrations, Wave,
+    pick, Campaign, FreeSlot, Preferences, Registration, RegistrationState, Registrations, Wave,
 };
-use prenota::domain::ids::{BookingId, CampaignId, CitizenKey, RegionId, ServiceId, WaveId};
+use prenota::domain::ids::{
+    BookingId, CampaignId, CitizenKey, RegionId, ServiceId, SiteId, SlotKey, WaveId,
+};
 
 const REGISTRATIONS: u32 = 1_000_000;
 
@@ -72,5 +75,51 @@ fn stats(c: &mut Criterion) {
     });
 }
 
+/// `pick` over 10,000 free one-place slots (40 a day at site `b`): 20,000 waiting
+/// registrations who will only go to site `a` (full), then 2,000 who take any site. A
+/// step offers the 2,000; the question is what the 20,000 cost it.
+fn pick_past_unfit(c: &mut Criterion) {
+    let campaign = campaign();
+    let site = |name: &str| SiteId::parse("site_id", name, 64).unwrap();
+    let first = 1_893_488_400; // 2030-01-01T09:00:00Z
+    let free: Vec<FreeSlot> = (0..10_000i64)
+        .map(|i| {
+            let start = first + (i / 40) * 86_400 + (i % 40) * 600;
+            FreeSlot {
+                key: SlotKey {
+                    site_id: site("b"),
+                    service_id: campaign.service_id.clone(),
+                    start_unix_s: start,
+                },
+                local: chrono::DateTime::from_timestamp(start, 0)
+                    .unwrap()
+                    .naive_utc(),
+                free: 1,
+            }
+        })
+        .collect();
+    let waiting: Vec<Registration> = (0..22_000u32)
+        .map(|n| {
+            let mut registration = registration(&campaign, n);
+            if n < 20_000 {
+                registration.preferences.site_ids = vec![site("a")];
+            }
+            registration
+        })
+        .collect();
+    c.bench_function("campaign_pick_2000_offers_past_20000_unfit", |b| {
+        b.iter(|| {
+            let mut free = free.clone();
+            let picked = pick(waiting.iter(), &mut free, 2_000);
+            assert_eq!(black_box(picked).len(), 2_000);
+        })
+    });
+}
+
 criterion_group!(benches, stats);
-criterion_main!(benches);
+criterion_group! {
+    name = picks;
+    config = Criterion::default().sample_size(10);
+    targets = pick_past_unfit
+}
+criterion_main!(benches, picks);

@@ -111,7 +111,7 @@ impl Campaign {
 
 /// When and where a citizen can go. Empty lists and absent bounds accept anything.
 /// Days and hours are the site's local ones; both bounds are inclusive.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Preferences {
     /// Sorted, no duplicates.
     pub site_ids: Vec<SiteId>,
@@ -644,15 +644,24 @@ pub struct FreeSlot {
     pub free: u32,
 }
 
-/// The earliest slot of `free` (sorted by start) with a free place that fits.
-pub fn choose(preferences: &Preferences, free: &[FreeSlot]) -> Option<usize> {
-    free.iter()
+/// The earliest slot of `free` (sorted by start) from index `from` with a free place
+/// that fits.
+pub fn choose(preferences: &Preferences, free: &[FreeSlot], from: usize) -> Option<usize> {
+    let later = free.get(from..)?;
+    later
+        .iter()
         .position(|slot| slot.free > 0 && preferences.fits(&slot.key.site_id, slot.local))
+        .map(|offset| from + offset)
 }
 
 /// The matcher's pick at `now`: waiting registrations in rank order, each offered the
 /// earliest fitting slot of `free` (whose places it counts down), at most `max` offers.
 /// Returns (registration, index into `free`).
+///
+/// Registrations with the same preferences go on from where the last of them stopped:
+/// the slots before it did not fit them or had no place left, and within a pick places
+/// are only taken, never returned. So a crowd waiting for a full site costs one walk of
+/// `free`, not one each (BENCHMARKS.md, "A matching step's pick").
 pub fn pick<'a>(
     waiting: impl Iterator<Item = &'a Registration>,
     free: &mut [FreeSlot],
@@ -660,14 +669,20 @@ pub fn pick<'a>(
 ) -> Vec<(&'a Registration, usize)> {
     let mut left: u64 = free.iter().map(|slot| u64::from(slot.free)).sum();
     let mut picked = Vec::new();
+    let mut resume: foldhash::HashMap<&Preferences, usize> = Default::default();
     for registration in waiting {
         if picked.len() >= max || left == 0 {
             break;
         }
-        if let Some(index) = choose(&registration.preferences, free) {
-            free[index].free -= 1;
-            left -= 1;
-            picked.push((registration, index));
+        let from = resume.entry(&registration.preferences).or_insert(0);
+        match choose(&registration.preferences, free, *from) {
+            Some(index) => {
+                free[index].free -= 1;
+                left -= 1;
+                picked.push((registration, index));
+                *from = index;
+            }
+            None => *from = free.len(),
         }
     }
     picked
@@ -855,6 +870,73 @@ mod tests {
             1,
             "at most max"
         );
+    }
+
+    /// Registrations sharing preferences resume where the last one stopped: the same
+    /// offers as giving each the earliest fitting place from the start of `free`.
+    #[test]
+    fn resuming_by_preferences_picks_what_a_walk_from_the_start_would() {
+        let site = |name: &str| id(SiteId::parse, name);
+        let preferences = [
+            Preferences::default(),
+            Preferences {
+                site_ids: vec![site("roma")],
+                ..Preferences::default()
+            },
+            Preferences {
+                site_ids: vec![site("milano"), site("roma")],
+                weekdays: vec![2, 4],
+                ..Preferences::default()
+            },
+            Preferences {
+                site_ids: vec![site("torino")],
+                ..Preferences::default()
+            },
+            Preferences {
+                earliest: NaiveTime::from_hms_opt(11, 0, 0),
+                ..Preferences::default()
+            },
+        ];
+        let mut seed = 7u64;
+        let mut next = |bound: u64| {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (seed >> 33) % bound
+        };
+        for round in 0..200 {
+            let sites = ["milano", "roma", "napoli"];
+            let mut free_slots: Vec<FreeSlot> = (0..1 + next(30))
+                .map(|_| {
+                    let (day, hour) = (1 + next(10) as u32, 8 + next(8) as u32);
+                    free(sites[next(3) as usize], day, hour, next(3) as u32)
+                })
+                .collect();
+            free_slots.sort_by_key(|slot| slot.key.start_unix_s);
+            let waiting: Vec<Registration> = (0..next(60) as u8)
+                .map(|n| {
+                    let mut r = registration(n, None, &[], 0);
+                    r.preferences = preferences[next(5) as usize].clone();
+                    r
+                })
+                .collect();
+            let max = 1 + next(40) as usize;
+            let mut walked = free_slots.clone();
+            let mut want = Vec::new();
+            for r in &waiting {
+                let left: u32 = walked.iter().map(|slot| slot.free).sum();
+                if want.len() >= max || left == 0 {
+                    break;
+                }
+                if let Some(index) = choose(&r.preferences, &walked, 0) {
+                    walked[index].free -= 1;
+                    want.push((r.citizen, index));
+                }
+            }
+            let got: Vec<_> = pick(waiting.iter(), &mut free_slots, max)
+                .into_iter()
+                .map(|(r, index)| (r.citizen, index))
+                .collect();
+            assert_eq!(got, want, "round {round}");
+        }
     }
 
     /// A registration keeps the requests it answered within the window, at most
