@@ -132,6 +132,25 @@ fn sold_out_search(c: &mut Criterion) {
     group.bench_function("only_available_100k_sold_out_slots", |b| {
         b.iter(|| assert!(black_box(catalog.search(&query).unwrap()).slots.is_empty()))
     });
+    let (site, vax) = (
+        SiteId::parse("site_id", "bench", 64).unwrap(),
+        query.service_id.clone(),
+    );
+    group.bench_function("slots_with_places_100k_sold_out_slots", |b| {
+        b.iter(|| assert!(black_box(catalog.slots_with_places(&site, &vax, from)).is_empty()))
+    });
+    // What the campaign matcher read before: every slot of the range, then its counter.
+    group.bench_function("slots_in_range_100k_then_their_counters", |b| {
+        b.iter(|| {
+            let slots = catalog.slots_in_range(&site, Some(&vax), from, i64::MAX);
+            let free = slots
+                .unwrap()
+                .iter()
+                .filter(|s| s.counter.snapshot().remaining() > 0)
+                .count();
+            assert_eq!(black_box(free), 0);
+        })
+    });
     group.bench_function("read_100k_slot_counters", |b| {
         b.iter(|| {
             let free = slots

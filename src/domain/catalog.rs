@@ -1017,6 +1017,38 @@ impl Catalog {
         })
     }
 
+    /// The slots of one site and service starting at or after `from_unix_s` with a place
+    /// free, in start order: a sold-out day is passed over whole (its free places are
+    /// kept per day), so the work follows the days and the free slots, not every slot.
+    pub fn slots_with_places(
+        &self,
+        site_id: &SiteId,
+        service_id: &ServiceId,
+        from_unix_s: i64,
+    ) -> Vec<Arc<Slot>> {
+        let Some(starts) = self
+            .sites
+            .get(site_id)
+            .and_then(|e| e.slots.get(service_id))
+        else {
+            return Vec::new();
+        };
+        let mut found = Vec::new();
+        let mut from = from_unix_s;
+        'days: loop {
+            for slot in starts.range(from, i64::MAX) {
+                if slot.day().sold_out() {
+                    from = slot.day().next_day_start_unix_s.max(slot.start_unix_s + 1);
+                    continue 'days;
+                }
+                if slot.counter.snapshot().remaining() > 0 {
+                    found.push(Arc::clone(slot));
+                }
+            }
+            return found;
+        }
+    }
+
     /// Every slot, for the recovery invariant check.
     pub fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
         self.sites.values().flat_map(SiteEntry::slots)
@@ -1213,6 +1245,26 @@ mod tests {
         assert!(!day_one.sold_out());
         let found = catalog.search(&q).unwrap().slots;
         assert_eq!(found[0].1.key().start_unix_s, starts[1]);
+    }
+
+    #[test]
+    fn the_slots_with_places_pass_over_sold_out_days_and_full_slots() {
+        let (catalog, starts, _) = three_a_day(4);
+        let (site, vax) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
+        // Day 1 sold out; day 2's middle slot full; day 4 sold out.
+        for at in [0, 1, 2, 4, 9, 10, 11] {
+            take(&catalog, starts[at]);
+        }
+        let found = |from: i64| -> Vec<i64> {
+            let slots = catalog.slots_with_places(&site, &vax, from);
+            slots.iter().map(|slot| slot.start_unix_s).collect()
+        };
+        let free = [3, 5, 6, 7, 8].map(|at| starts[at]);
+        assert_eq!(found(starts[0]), free);
+        assert_eq!(found(starts[4]), free[1..], "from within a day");
+        assert_eq!(found(starts[9]), [0i64; 0]);
+        let other = id(ServiceId::parse, "other");
+        assert!(catalog.slots_with_places(&site, &other, 0).is_empty());
     }
 
     fn take_key(start: i64) -> SlotKey {

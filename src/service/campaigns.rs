@@ -562,7 +562,7 @@ impl Engine {
     /// Returns how many offers were made.
     pub async fn match_campaigns(&self, now: i64) -> Result<usize, ServiceError> {
         let _one_step = self.campaigns.step.lock().await;
-        let returned = self.campaigns.places_returned.load(Ordering::Relaxed);
+        let returned = self.campaigns.places_returned.load(Ordering::Acquire);
         let mut made = 0;
         for entry in self.campaigns.all() {
             if !entry.due(now, returned) {
@@ -671,7 +671,8 @@ impl Engine {
 
     /// The campaign's slots with places free to the default channel that an offer made
     /// now could be accepted for (starting after a whole offer's time, released),
-    /// earliest first, with their local start.
+    /// earliest first, with their local start. Reads the days with free places, not
+    /// every slot of the region.
     fn campaign_free_slots(&self, campaign: &Campaign, now: i64) -> Vec<FreeSlot> {
         let catalog = self.catalog();
         let web = ChannelId::web();
@@ -679,9 +680,7 @@ impl Engine {
         let from_s = (now + ttl_ms).div_euclid(1_000) + 1;
         let mut free = Vec::new();
         for site in catalog.sites_in(Some(&campaign.region_id)) {
-            let slots = catalog
-                .slots_in_range(&site.site_id, Some(&campaign.service_id), from_s, i64::MAX)
-                .unwrap_or_default();
+            let slots = catalog.slots_with_places(&site.site_id, &campaign.service_id, from_s);
             for slot in slots {
                 let places = self.remaining_for(&site, &slot, Some(&web));
                 let unreleased = self

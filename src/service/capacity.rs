@@ -509,8 +509,10 @@ impl Engine {
         undo_if_never_queued(self.commit_in_chunks(writes).await, || {
             restore_capacities(lowered)
         })?;
+        let published = self.publish_in_memory(sites, plans);
+        // After the slots are in memory: a matching step that hears of them finds them.
         self.campaigns.place_returned();
-        self.publish_in_memory(sites, plans)
+        published
     }
 
     /// After the durable write: the sites, new slots, new ends and raised capacities.

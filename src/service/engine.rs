@@ -222,15 +222,16 @@ impl Engine {
         Ok((site.region_id.clone(), Arc::clone(slot)))
     }
 
-    /// Returns one place of a slot after the durable write that freed it.
+    /// Returns one place of a slot after the durable write that freed it. The matcher
+    /// is told after the counter has it: a step that sees the news finds the place.
     pub(super) fn return_place(&self, key: &SlotKey, channel: &ChannelId) {
         self.place_returned(key, channel);
-        self.campaigns.place_returned();
         if let Ok(slot) = self.slot(key) {
             if slot.counter.release().is_err() {
                 tracing::error!(slot = %key, "found no taken place to return");
             }
         }
+        self.campaigns.place_returned();
     }
 
     /// Frees what a booking or hold `id` of `channel` held, after the durable write that

@@ -193,9 +193,11 @@ impl Campaigns {
             .is_some_and(|entry| entry.requires_offer(key.start_unix_s, now))
     }
 
-    /// A place came back somewhere, or capacity changed: the matcher looks again.
+    /// A place came back somewhere, or capacity changed: the matcher looks again. Call
+    /// it after the change is in memory (Release: a step that reads the new count with
+    /// Acquire sees the change).
     pub fn place_returned(&self) {
-        self.places_returned.fetch_add(1, Ordering::Relaxed);
+        self.places_returned.fetch_add(1, Ordering::Release);
         let now = monotonic_ns();
         let _ = self
             .returned_since
