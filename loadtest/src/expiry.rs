@@ -73,43 +73,12 @@ pub async fn run(
     held.print();
     let live = engine.live_hold_count();
     println!("live holds: {live}");
-    let (stage, stop) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let booked = Arc::new(AtomicU64::new(0));
-    let bookers: Vec<_> = (0..in_flight.max(1))
-        .map(|worker| {
-            let channel = channels[worker % channels.len()].clone();
-            let shared = (Arc::clone(&slots), Arc::clone(&stage), Arc::clone(&stop));
-            tokio::spawn(booker(channel, worker, shared, Arc::clone(&booked)))
-        })
-        .collect();
-    let stages = drive(&engine, &clock, expiry, &stage).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut tallies: Vec<Tally> = STAGES.iter().map(|_| Tally::new()).collect();
-    for booker in bookers {
-        if let Ok(seen) = booker.await {
-            for (mine, theirs) in tallies.iter_mut().zip(seen) {
-                mine.merge(theirs);
-            }
-        }
-    }
-    let phases: Vec<Phase> = STAGES
-        .iter()
-        .zip(tallies)
-        .zip(&stages.times)
-        .map(|((name, tally), (elapsed, cpu))| Phase {
-            name,
-            elapsed: *elapsed,
-            tally,
-            server_cpu: *cpu,
-        })
-        .collect();
+    let (phases, sweep, booked) =
+        book_through_expiry(channels, in_flight, &slots, (&engine, &clock, expiry)).await;
     for phase in &phases {
         phase.print();
     }
-    let sweep_s = stages.sweep.map(|d| d.as_secs_f64());
+    let sweep_s = sweep.map(|d| d.as_secs_f64());
     match sweep_s {
         Some(s) => println!(
             "\nsweep: {live} holds expired in {s:.2} s after their time ran out = {:.0} expiries/s",
@@ -117,7 +86,6 @@ pub async fn run(
         ),
         None => println!("\nsweep: NOT DONE within {} s", SWEEP_DEADLINE.as_secs()),
     }
-    let booked = booked.load(Ordering::Relaxed);
     let checked = check_places(channels[0].clone(), &engine, &clock, booked).await;
     println!(
         "invariants: {}",
@@ -140,6 +108,51 @@ pub async fn run(
     });
     target.stop();
     Ok((ok, report))
+}
+
+/// Citizens book (each of `in_flight` one after another) before the holds expire, while
+/// the sweeper gives their places back and after; returns the three stages' phases, how
+/// long the sweep took, and how many bookings were acknowledged.
+async fn book_through_expiry(
+    channels: &[Channel],
+    in_flight: usize,
+    slots: &Arc<Vec<String>>,
+    (engine, clock, expiry): (&Engine, &Clock, Expiry),
+) -> (Vec<Phase>, Option<Duration>, u64) {
+    let (stage, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let booked = Arc::new(AtomicU64::new(0));
+    let bookers: Vec<_> = (0..in_flight.max(1))
+        .map(|worker| {
+            let channel = channels[worker % channels.len()].clone();
+            let shared = (Arc::clone(slots), Arc::clone(&stage), Arc::clone(&stop));
+            tokio::spawn(booker(channel, worker, shared, Arc::clone(&booked)))
+        })
+        .collect();
+    let stages = drive(engine, clock, expiry, &stage).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut tallies: Vec<Tally> = STAGES.iter().map(|_| Tally::new()).collect();
+    for booker in bookers {
+        if let Ok(seen) = booker.await {
+            for (mine, theirs) in tallies.iter_mut().zip(seen) {
+                mine.merge(theirs);
+            }
+        }
+    }
+    let phases = STAGES
+        .iter()
+        .zip(tallies)
+        .zip(&stages.times)
+        .map(|((name, tally), (elapsed, cpu))| Phase {
+            name,
+            elapsed: *elapsed,
+            tally,
+            server_cpu: *cpu,
+        })
+        .collect();
+    (phases, stages.sweep, booked.load(Ordering::Relaxed))
 }
 
 /// `expiry.holds` holds, one per made-up citizen, spread over the slots.
