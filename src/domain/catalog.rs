@@ -145,6 +145,14 @@ impl ChangeBoard {
     }
 }
 
+/// Where a walk for free places goes on when `slot`'s day has none: the next day's
+/// first instant (past `slot` in any case); `None` while the day has places.
+fn after_sold_out_day(slot: &Slot) -> Option<i64> {
+    let day = slot.day();
+    day.sold_out()
+        .then(|| day.next_day_start_unix_s.max(slot.start_unix_s + 1))
+}
+
 /// The first instant of local day `date` in `zone`. Midnight may not exist (a DST jump
 /// at 00:00): the earliest instant of the day.
 fn day_start_unix_s(date: NaiveDate, zone: Tz) -> i64 {
@@ -765,8 +773,7 @@ impl Catalog {
                         return Ok(page);
                     }
                     if query.only_available {
-                        if slot.day().sold_out() {
-                            let next = slot.day().next_day_start_unix_s.max(slot.start_unix_s + 1);
+                        if let Some(next) = after_sold_out_day(slot) {
                             sold_out_until = Some(next);
                             break;
                         }
@@ -1037,8 +1044,8 @@ impl Catalog {
         let mut from = from_unix_s;
         'days: loop {
             for slot in starts.range(from, i64::MAX) {
-                if slot.day().sold_out() {
-                    from = slot.day().next_day_start_unix_s.max(slot.start_unix_s + 1);
+                if let Some(next) = after_sold_out_day(slot) {
+                    from = next;
                     continue 'days;
                 }
                 if slot.counter.snapshot().remaining() > 0 {

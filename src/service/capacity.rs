@@ -714,10 +714,12 @@ impl Engine {
         let confirmed = match settled {
             Ok(confirmed) => confirmed,
             Err(error) => {
-                // Nothing was written: the slots are open again, as on disk.
+                // Nothing was written: the slots are open again, as on disk (and the
+                // matcher may offer their places again).
                 for slot in &slots {
                     slot.counter.reopen();
                 }
+                self.campaigns.place_returned();
                 return Err(error);
             }
         };
@@ -872,6 +874,7 @@ impl Engine {
             for slot in &slots {
                 slot.counter.reopen();
             }
+            self.campaigns.place_returned();
         })?;
         for booking in &cancelled {
             let owner = (booking.citizen, &booking.channel);
