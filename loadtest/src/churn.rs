@@ -162,19 +162,25 @@ pub async fn publish(channel: Channel, clock: &Clock, tag: &str) -> Result<Vec<S
         })
         .await
         .map_err(|e| format!("PublishSchedule: {e}"))?;
+    let slots = site_slots(channel, clock, tag).await?;
+    Ok(slots.into_iter().map(|slot| slot.slot_id).collect())
+}
+
+/// Every slot [`publish`] made for `tag`, as a search sees it now (one page: a page
+/// that is not the whole site is an error).
+pub async fn site_slots(
+    channel: Channel,
+    clock: &Clock,
+    tag: &str,
+) -> Result<Vec<proto::Slot>, String> {
     let now_s = clock.now_unix_ms() / 1_000;
+    let timestamp = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
     let page = BookingServiceClient::new(channel)
         .search_slots(proto::SearchSlotsRequest {
-            scope: Some(Scope::SiteId(site_id)),
+            scope: Some(Scope::SiteId(site_id(tag))),
             service_id: tag.into(),
-            from: Some(prost_types::Timestamp {
-                seconds: now_s,
-                nanos: 0,
-            }),
-            to: Some(prost_types::Timestamp {
-                seconds: now_s + 62 * 86_400,
-                nanos: 0,
-            }),
+            from: timestamp(now_s),
+            to: timestamp(now_s + 62 * 86_400),
             only_available: false,
             page_size: 500,
             page_token: String::new(),
@@ -182,7 +188,10 @@ pub async fn publish(channel: Channel, clock: &Clock, tag: &str) -> Result<Vec<S
         .await
         .map_err(|e| format!("SearchSlots: {e}"))?
         .into_inner();
-    Ok(page.slots.into_iter().map(|slot| slot.slot_id).collect())
+    match page.next_page_token.is_empty() {
+        true => Ok(page.slots),
+        false => Err(format!("{} has more slots than one page", site_id(tag))),
+    }
 }
 
 /// One bot: holds a place for a new made-up citizen, again and again, until `stop`.

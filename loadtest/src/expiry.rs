@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prenota::config::Config;
+use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
-use prenota::proto::{self, search_slots_request::Scope};
 use prenota::service::{Clock, Engine};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
@@ -37,11 +37,10 @@ const SWEEP_DEADLINE: Duration = Duration::from_secs(120);
 /// The stages bookings are counted in.
 const STAGES: [&str; 3] = ["before expiry", "while sweeping", "after the sweep"];
 
-/// The server config: production defaults (sweeper included), the clients'
-/// concurrency, and the sweeper's batch and period if given.
-pub fn config(in_flight: usize, (batch, period_ms): (Option<usize>, Option<u64>)) -> Config {
+/// The server config: production defaults (sweeper included), and the sweeper's batch
+/// and period if given (a period under the server's minimum, 10 ms, is raised to it).
+pub fn config((batch, period_ms): (Option<usize>, Option<u64>)) -> Config {
     let mut config = Config::default();
-    config.limits.in_flight_requests_max = in_flight.max(1);
     if let Some(batch) = batch {
         config.limits.hold_sweep_batch_max = batch.max(1);
     }
@@ -86,7 +85,7 @@ pub async fn run(
         ),
         None => println!("\nsweep: NOT DONE within {} s", SWEEP_DEADLINE.as_secs()),
     }
-    let checked = check_places(channels[0].clone(), &engine, &clock, booked).await;
+    let checked = check_places(channels[0].clone(), &engine, &clock, (&slots, &booked)).await;
     println!(
         "invariants: {}",
         checked
@@ -112,18 +111,18 @@ pub async fn run(
 
 /// Citizens book (each of `in_flight` one after another) before the holds expire, while
 /// the sweeper gives their places back and after; returns the three stages' phases, how
-/// long the sweep took, and how many bookings were acknowledged.
+/// long the sweep took, and how many bookings were acknowledged in each slot.
 async fn book_through_expiry(
     channels: &[Channel],
     in_flight: usize,
     slots: &Arc<Vec<String>>,
     (engine, clock, expiry): (&Engine, &Clock, Expiry),
-) -> (Vec<Phase>, Option<Duration>, u64) {
+) -> (Vec<Phase>, Option<Duration>, Vec<u64>) {
     let (stage, stop) = (
         Arc::new(AtomicUsize::new(0)),
         Arc::new(AtomicBool::new(false)),
     );
-    let booked = Arc::new(AtomicU64::new(0));
+    let booked: Arc<Vec<AtomicU64>> = Arc::new(slots.iter().map(|_| AtomicU64::new(0)).collect());
     let bookers: Vec<_> = (0..in_flight.max(1))
         .map(|worker| {
             let channel = channels[worker % channels.len()].clone();
@@ -152,7 +151,8 @@ async fn book_through_expiry(
             server_cpu: *cpu,
         })
         .collect();
-    (phases, stages.sweep, booked.load(Ordering::Relaxed))
+    let booked = booked.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+    (phases, stages.sweep, booked)
 }
 
 /// `expiry.holds` holds, one per made-up citizen, spread over the slots.
@@ -208,15 +208,16 @@ async fn booker(
     channel: Channel,
     worker: usize,
     (slots, stage, stop): (Arc<Vec<String>>, Arc<AtomicUsize>, Arc<AtomicBool>),
-    booked: Arc<AtomicU64>,
+    booked: Arc<Vec<AtomicU64>>,
 ) -> Vec<Tally> {
     let mut client = BookingServiceClient::new(channel);
     let mut tallies: Vec<Tally> = STAGES.iter().map(|_| Tally::new()).collect();
     let mut n = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let now = stage.load(Ordering::Relaxed);
+        let slot = (worker * 7 + n) % slots.len();
         let request = proto::BookRequest {
-            slot_id: slots[(worker * 7 + n) % slots.len()].clone(),
+            slot_id: slots[slot].clone(),
             citizen_id: format!("citizen-{worker}-{n}"),
             request_id: format!("book-{worker}-{n}"),
             hold_id: None,
@@ -225,7 +226,7 @@ async fn booker(
         let result = client.book(request).await;
         tallies[now].record("Book", started.elapsed(), &result);
         if result.is_ok() {
-            booked.fetch_add(1, Ordering::Relaxed);
+            booked[slot].fetch_add(1, Ordering::Relaxed);
         }
         n += 1;
     }
@@ -278,44 +279,37 @@ async fn drive(engine: &Engine, clock: &Clock, expiry: Expiry, stage: &AtomicUsi
     Stages { times, sweep }
 }
 
-/// No live hold is left, and each slot's remaining places are its capacity less its
-/// bookings: `booked` over all slots (the expired holds' places all came back).
+/// No live hold is left, and each slot's remaining places are its capacity less the
+/// bookings acknowledged in it (`booked`, by index in `slots`): the expired holds'
+/// places all came back, each to its own slot.
 async fn check_places(
     channel: Channel,
     engine: &Engine,
     clock: &Clock,
-    booked: u64,
+    (slots, booked): (&[String], &[u64]),
 ) -> Result<(), String> {
     let live = engine.live_hold_count();
     if live != 0 {
         return Err(format!("VIOLATED: {live} holds still live"));
     }
-    let now_s = clock.now_unix_ms() / 1_000;
-    let timestamp = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
-    let page = BookingServiceClient::new(channel)
-        .search_slots(proto::SearchSlotsRequest {
-            scope: Some(Scope::SiteId(crate::churn::site_id("expiry"))),
-            service_id: "expiry".into(),
-            from: timestamp(now_s),
-            to: timestamp(now_s + 62 * 86_400),
-            only_available: false,
-            page_size: 500,
-            page_token: String::new(),
-        })
-        .await
-        .map_err(|e| format!("SearchSlots: {e}"))?
-        .into_inner();
-    let mut taken = 0u64;
-    for slot in &page.slots {
-        if slot.remaining > slot.capacity {
-            return Err(format!("VIOLATED: slot {} over capacity", slot.slot_id));
+    let seen = crate::churn::site_slots(channel, clock, "expiry").await?;
+    if seen.len() != slots.len() {
+        return Err(format!(
+            "{} slots found, {} published",
+            seen.len(),
+            slots.len()
+        ));
+    }
+    for slot in &seen {
+        let index = slots.iter().position(|id| *id == slot.slot_id);
+        let booked = index.map_or(0, |i| booked[i]);
+        let taken = slot.capacity.checked_sub(slot.remaining);
+        if taken.map(u64::from) != Some(booked) {
+            return Err(format!(
+                "VIOLATED: slot {} has {} of {} places left, {booked} bookings acknowledged",
+                slot.slot_id, slot.remaining, slot.capacity
+            ));
         }
-        taken += u64::from(slot.capacity - slot.remaining);
     }
-    match taken == booked {
-        true => Ok(()),
-        false => Err(format!(
-            "VIOLATED: {taken} places taken, {booked} bookings acknowledged"
-        )),
-    }
+    Ok(())
 }

@@ -176,7 +176,7 @@ enum ScenarioArgs {
         /// The server's `hold_sweep_batch_max` (default: its own default).
         #[arg(long)]
         sweep_batch: Option<usize>,
-        /// The server's `hold_sweep_interval_ms` (default: its own default).
+        /// The server's `hold_sweep_interval_ms` (default: its own default; at least 10).
         #[arg(long)]
         sweep_interval_ms: Option<u64>,
     },
@@ -287,20 +287,19 @@ async fn run(cli: Cli) -> Result<bool, String> {
         .await
         .map_err(|e| e.to_string())?;
     }
-    let churning = matches!(
+    let on_manual_clock = matches!(
         cli.scenario,
-        ScenarioArgs::Churn { .. } | ScenarioArgs::Expiry { .. }
+        ScenarioArgs::Churn { .. }
+            | ScenarioArgs::Expiry { .. }
+            | ScenarioArgs::Release { .. }
+            | ScenarioArgs::Campaign { .. }
     );
-    let releasing = matches!(
-        cli.scenario,
-        ScenarioArgs::Release { .. } | ScenarioArgs::Campaign { .. }
-    );
-    if (churning || releasing) && !cli.spawn {
+    if on_manual_clock && !cli.spawn {
         return Err(
             "churn, expiry, release and campaign move the server's clock: they need --spawn".into(),
         );
     }
-    let clock = match churning || releasing {
+    let clock = match on_manual_clock {
         true => prenota::service::Clock::manual_from_now(),
         false => prenota::service::Clock::system(),
     };
@@ -313,8 +312,8 @@ async fn run(cli: Cli) -> Result<bool, String> {
             ..
         } = cli.scenario
         {
-            config = expiry::config(cli.in_flight, (sweep_batch, sweep_interval_ms));
-        } else if churning {
+            config = expiry::config((sweep_batch, sweep_interval_ms));
+        } else if let ScenarioArgs::Churn { .. } = cli.scenario {
             config = churn::config(cli.in_flight);
         } else if cli.asserted {
             let (signer, asserted) = assertions::Gateway::generate()?;
