@@ -39,6 +39,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tonic::transport::Channel;
 
+use prenota::service::Clock;
 use scenario::Shape;
 use target::Target;
 
@@ -300,51 +301,11 @@ async fn run(cli: Cli) -> Result<bool, String> {
         );
     }
     let clock = match on_manual_clock {
-        true => prenota::service::Clock::manual_from_now(),
-        false => prenota::service::Clock::system(),
+        true => Clock::manual_from_now(),
+        false => Clock::system(),
     };
-    let mut gateway = None;
-    let target = if cli.spawn {
-        let mut config = prenota::config::Config::default();
-        if let ScenarioArgs::Expiry {
-            sweep_batch,
-            sweep_interval_ms,
-            ..
-        } = cli.scenario
-        {
-            config = expiry::config((sweep_batch, sweep_interval_ms));
-        } else if let ScenarioArgs::Churn { .. } = cli.scenario {
-            config = churn::config(cli.in_flight);
-        } else if cli.asserted {
-            let (signer, asserted) = assertions::Gateway::generate()?;
-            (gateway, config) = (Some(signer), asserted);
-        }
-        // The spawned server sheds beyond the clients' normal concurrency.
-        config.limits.in_flight_requests_max = cli.in_flight.max(1);
-        if let Some(url) = &cli.postgres {
-            let settings = prenota::config::PostgresSettings {
-                url: url.clone(),
-                lease_ttl: std::time::Duration::from_secs(5),
-            };
-            config.store = prenota::config::StoreBackend::Postgres(settings);
-            // A benchmark store, empty at start: any key serves.
-            config.citizen_hash_key = Some([0x5a; 32]);
-            report::count_postgres_cpu();
-        }
-        Target::spawn(config, clock.clone())?
-    } else {
-        Target::connect(&cli.server)?
-    };
-    let mut channels = Vec::new();
-    for _ in 0..cli.channels.max(1) {
-        channels.push(
-            Channel::from_shared(target.url.clone())
-                .map_err(|e| e.to_string())?
-                .connect()
-                .await
-                .map_err(|e| format!("cannot connect to {}: {e}", target.url))?,
-        );
-    }
+    let (target, gateway) = start_target(&cli, &clock)?;
+    let channels = connect(&target.url, cli.channels.max(1)).await?;
     println!(
         "prenota-loadtest against {}{}: {} in flight over {} connections",
         target.url,
@@ -352,6 +313,19 @@ async fn run(cli: Cli) -> Result<bool, String> {
         cli.in_flight,
         channels.len()
     );
+    match on_manual_clock {
+        true => run_on_manual_clock(&cli, &channels, target, clock).await,
+        false => run_on_system_clock(&cli, &channels, target, gateway.as_ref()).await,
+    }
+}
+
+/// Churn, expiry, campaign and release: scenarios that move the spawned server's clock.
+async fn run_on_manual_clock(
+    cli: &Cli,
+    channels: &[Channel],
+    target: Target,
+    clock: Clock,
+) -> Result<bool, String> {
     if let ScenarioArgs::Churn {
         seconds,
         hours_per_second,
@@ -363,7 +337,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
             hours_per_second: hours_per_second.max(1),
             holds_per_second,
         };
-        let (ok, report) = churn::run(&channels, cli.in_flight, target, clock, churn).await?;
+        let (ok, report) = churn::run(channels, cli.in_flight, target, clock, churn).await?;
         write_json(&cli.json, report)?;
         return Ok(ok);
     }
@@ -372,7 +346,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
     } = cli.scenario
     {
         let expiry = expiry::Expiry { holds, ttl_seconds };
-        let (ok, report) = expiry::run(&channels, cli.in_flight, target, clock, expiry).await?;
+        let (ok, report) = expiry::run(channels, cli.in_flight, target, clock, expiry).await?;
         write_json(&cli.json, report)?;
         return Ok(ok);
     }
@@ -396,7 +370,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
         };
         let metrics = || target.server_metrics();
         let (ok, report) =
-            campaign::run(&channels, cli.in_flight, &args, (clock, metrics), &progress).await?;
+            campaign::run(channels, cli.in_flight, &args, (clock, metrics), &progress).await?;
         write_json(&cli.json, report)?;
         if let Some(metrics) = target.server_metrics() {
             print_group_commits(&metrics);
@@ -419,7 +393,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
             days,
             admissions_per_minute,
         };
-        let (ok, report) = release::run(&channels, cli.in_flight, &args, clock, &progress).await?;
+        let (ok, report) = release::run(channels, cli.in_flight, &args, clock, &progress).await?;
         write_json(&cli.json, report)?;
         if let Some(metrics) = target.server_metrics() {
             print_group_commits(&metrics);
@@ -427,9 +401,20 @@ async fn run(cli: Cli) -> Result<bool, String> {
         target.stop();
         return Ok(ok);
     }
+    Err("not a scenario on the manual clock".into())
+}
+
+/// The scenarios on the system clock, against a spawned or a running server.
+async fn run_on_system_clock(
+    cli: &Cli,
+    channels: &[Channel],
+    target: Target,
+    gateway: Option<&assertions::Gateway>,
+) -> Result<bool, String> {
+    let progress = scenario::progress_bar();
     let result = match cli.scenario {
         ScenarioArgs::Ceiling { requests } => {
-            let phase = scenario::ceiling(&channels, cli.in_flight, requests, &progress).await;
+            let phase = scenario::ceiling(channels, cli.in_flight, requests, &progress).await;
             progress.finish_and_clear();
             phase.print();
             write_json(
@@ -438,7 +423,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
             )?;
             Ok(true)
         }
-        // Handled above: footprint without a server, churn and release with their clock.
+        // Footprint runs without a server; the others on the manual clock.
         ScenarioArgs::Footprint { .. }
         | ScenarioArgs::Churn { .. }
         | ScenarioArgs::Expiry { .. }
@@ -452,7 +437,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
         } => {
             let places = citizens / u64::from(demand_ratio.max(1));
             let shape = Shape::new(citizens, sites, days, places, "rush");
-            let run = Run::new(&cli, &channels, gateway.as_ref());
+            let run = Run::new(cli, channels, gateway);
             run_scenario(Kind::Rush, &run, &shape, &progress).await
         }
         ScenarioArgs::Book {
@@ -461,7 +446,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
             days,
         } => {
             let shape = Shape::new(citizens, sites, days, citizens.saturating_mul(2), "book");
-            let run = Run::new(&cli, &channels, gateway.as_ref());
+            let run = Run::new(cli, channels, gateway);
             run_scenario(Kind::Book, &run, &shape, &progress).await
         }
         ScenarioArgs::Watchers {
@@ -480,17 +465,9 @@ async fn run(cli: Cli) -> Result<bool, String> {
                 watchers,
                 watch_slots: watch_slots.max(1),
             };
-            let mut watch_channels = Vec::new();
-            for _ in 0..4 {
-                let channel = Channel::from_shared(target.url.clone())
-                    .map_err(|e| e.to_string())?
-                    .connect()
-                    .await
-                    .map_err(|e| format!("cannot connect to {}: {e}", target.url))?;
-                watch_channels.push(channel);
-            }
+            let watch_channels = connect(&target.url, 4).await?;
             let (ok, report) =
-                watchers::run(&channels, &watch_channels, cli.in_flight, &args, &progress).await?;
+                watchers::run(channels, &watch_channels, cli.in_flight, &args, &progress).await?;
             write_json(&cli.json, report)?;
             Ok(ok)
         }
@@ -503,7 +480,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
         } => {
             let places = citizens / u64::from(demand_ratio.max(1));
             let shape = Shape::new(citizens, sites, days, places, "calm");
-            run_flood(&cli, &channels, &shape, factor.max(1), &progress).await
+            run_flood(cli, channels, &shape, factor.max(1), &progress).await
         }
         ScenarioArgs::Mixed {
             citizens,
@@ -511,7 +488,7 @@ async fn run(cli: Cli) -> Result<bool, String> {
             days,
         } => {
             let shape = Shape::new(citizens, sites, days, citizens.saturating_mul(2), "mixed");
-            let run = Run::new(&cli, &channels, gateway.as_ref());
+            let run = Run::new(cli, channels, gateway);
             run_scenario(Kind::Mixed, &run, &shape, &progress).await
         }
     };
@@ -520,6 +497,56 @@ async fn run(cli: Cli) -> Result<bool, String> {
     }
     target.stop();
     result
+}
+
+/// The server to load: spawned (its config for the scenario; with `--asserted`, the
+/// gateway that signs the citizens' assertions) or reached at `--server`.
+fn start_target(cli: &Cli, clock: &Clock) -> Result<(Target, Option<assertions::Gateway>), String> {
+    if !cli.spawn {
+        return Ok((Target::connect(&cli.server)?, None));
+    }
+    let mut gateway = None;
+    let mut config = prenota::config::Config::default();
+    if let ScenarioArgs::Expiry {
+        sweep_batch,
+        sweep_interval_ms,
+        ..
+    } = cli.scenario
+    {
+        config = expiry::config((sweep_batch, sweep_interval_ms));
+    } else if let ScenarioArgs::Churn { .. } = cli.scenario {
+        config = churn::config(cli.in_flight);
+    } else if cli.asserted {
+        let (signer, asserted) = assertions::Gateway::generate()?;
+        (gateway, config) = (Some(signer), asserted);
+    }
+    // The spawned server sheds beyond the clients' normal concurrency.
+    config.limits.in_flight_requests_max = cli.in_flight.max(1);
+    if let Some(url) = &cli.postgres {
+        let settings = prenota::config::PostgresSettings {
+            url: url.clone(),
+            lease_ttl: std::time::Duration::from_secs(5),
+        };
+        config.store = prenota::config::StoreBackend::Postgres(settings);
+        // A benchmark store, empty at start: any key serves.
+        config.citizen_hash_key = Some([0x5a; 32]);
+        report::count_postgres_cpu();
+    }
+    Ok((Target::spawn(config, clock.clone())?, gateway))
+}
+
+/// `count` connections to `url`.
+async fn connect(url: &str, count: usize) -> Result<Vec<Channel>, String> {
+    let mut channels = Vec::new();
+    for _ in 0..count {
+        let channel = Channel::from_shared(url.to_string())
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+        channels.push(channel);
+    }
+    Ok(channels)
 }
 
 /// One line from the spawned server's own metrics: how writes were grouped.
