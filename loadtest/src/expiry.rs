@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use crate::report::{server_cpu, Phase, Tally};
+use crate::scenario::run_workers;
 use crate::target::Target;
 
 /// What the fleet holds, and for how long.
@@ -162,44 +163,33 @@ async fn hold_all(
     slots: &Arc<Vec<String>>,
     expiry: Expiry,
 ) -> Phase {
-    let workers = in_flight.max(1) as u64;
-    let (began, cpu) = (Instant::now(), server_cpu());
-    let handles: Vec<_> = (0..workers)
-        .map(|worker| {
-            let mut client =
-                BookingServiceClient::new(channels[worker as usize % channels.len()].clone());
-            let slots = Arc::clone(slots);
-            tokio::spawn(async move {
-                let mut tally = Tally::new();
-                for n in (worker..expiry.holds).step_by(workers as usize) {
-                    let request = proto::HoldSlotRequest {
-                        slot_id: slots[n as usize % slots.len()].clone(),
-                        citizen_id: format!("fleet-{n}"),
-                        request_id: format!("fleet-hold-{n}"),
-                        ttl_seconds: expiry.ttl_seconds,
-                    };
-                    let started = Instant::now();
-                    let result = client.hold_slot(request).await;
-                    tally.record("HoldSlot", started.elapsed(), &result);
-                }
-                tally
-            })
-        })
-        .collect();
-    let mut tally = Tally::new();
-    for handle in handles {
-        if let Ok(seen) = handle.await {
-            tally.merge(seen);
+    let progress = crate::scenario::progress_bar();
+    let slots = Arc::clone(slots);
+    let hold = move |channel: Channel, n: u64, mut tally: Tally| {
+        let request = proto::HoldSlotRequest {
+            slot_id: slots[n as usize % slots.len()].clone(),
+            citizen_id: format!("fleet-{n}"),
+            request_id: format!("fleet-hold-{n}"),
+            ttl_seconds: expiry.ttl_seconds,
+        };
+        async move {
+            let started = Instant::now();
+            let result = BookingServiceClient::new(channel).hold_slot(request).await;
+            tally.record("HoldSlot", started.elapsed(), &result);
+            tally
         }
-    }
-    Phase {
-        name: "holding",
-        elapsed: began.elapsed(),
-        tally,
-        server_cpu: cpu
-            .zip(server_cpu())
-            .map(|(from, to)| to.saturating_sub(from)),
-    }
+    };
+    let phase = run_workers(
+        "holding",
+        channels,
+        in_flight,
+        expiry.holds,
+        &progress,
+        hold,
+    )
+    .await;
+    progress.finish_and_clear();
+    phase
 }
 
 /// One citizen after another books a place, each request counted in the stage it
