@@ -714,12 +714,7 @@ impl Engine {
         let confirmed = match settled {
             Ok(confirmed) => confirmed,
             Err(error) => {
-                // Nothing was written: the slots are open again, as on disk (and the
-                // matcher may offer their places again).
-                for slot in &slots {
-                    slot.counter.reopen();
-                }
-                self.campaigns.place_returned();
+                self.reopen_unwritten(&slots);
                 return Err(error);
             }
         };
@@ -839,6 +834,15 @@ impl Engine {
         booked.chain(offered).map(|r| r.requeued()).collect()
     }
 
+    /// A closure that wrote nothing: its slots are open again, as on disk, and the
+    /// matcher may offer their places again.
+    fn reopen_unwritten(&self, slots: &[Arc<Slot>]) {
+        for slot in slots {
+            slot.counter.reopen();
+        }
+        self.campaigns.place_returned();
+    }
+
     /// Writes the closure in one atomic batch, then frees what it cancelled; undoes the
     /// claims if the write never reached the queue.
     async fn commit_closure(
@@ -871,10 +875,7 @@ impl Engine {
             for hold in &holds {
                 live.insert(hold.clone());
             }
-            for slot in &slots {
-                slot.counter.reopen();
-            }
-            self.campaigns.place_returned();
+            self.reopen_unwritten(&slots);
         })?;
         for booking in &cancelled {
             let owner = (booking.citizen, &booking.channel);
