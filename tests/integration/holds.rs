@@ -493,7 +493,7 @@ fn store_holds_as_an_older_build(data_dir: &std::path::Path) -> i64 {
         let url = common::postgres::url_of_dir(data_dir);
         return common::postgres::rewrite_records(&url, b'O', as_an_older_build_stored);
     }
-    let db = sled::open(data_dir.join("sled")).unwrap();
+    let db = common::open_stopped_sled(&data_dir.join("sled"));
     let mut moved = 0;
     for record in db.scan_prefix(b"O") {
         let (key, value) = record.unwrap();
@@ -523,7 +523,7 @@ fn holds_under_old_keys(data_dir: &std::path::Path) -> i64 {
         let sql = "SELECT count(*) FROM prenota_kv WHERE get_byte(k, 0) = 72";
         return common::postgres::query_i64(&common::postgres::url_of_dir(data_dir), sql);
     }
-    let db = sled::open(data_dir.join("sled")).unwrap();
+    let db = common::open_stopped_sled(&data_dir.join("sled"));
     db.scan_prefix(b"H").count() as i64
 }
 

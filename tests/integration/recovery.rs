@@ -1,5 +1,6 @@
 //! Start-up refuses a store that breaks an invariant, with a message naming it.
 
+use crate::common;
 use prenota::config::Config;
 use prenota::domain::booking::{Booking, BookingState, RequestRecord};
 use prenota::domain::ids::{
@@ -136,7 +137,7 @@ async fn the_booking_index_is_rebuilt_and_old_index_keys_are_removed() {
     store_with(dir.path(), 10, vec![booking(1, 1), booking(2, 2)]).await;
     let old_keys: [&[u8]; 3] = [b"N\x00\x00\x00\x00\x01", b"W-stale-roster", b"N-dangling"];
     {
-        let db = sled::open(dir.path().join("sled")).unwrap();
+        let db = common::open_stopped_sled(&dir.path().join("sled"));
         for key in old_keys {
             db.insert(key, &b"old pointer"[..]).unwrap();
         }
@@ -152,7 +153,7 @@ async fn the_booking_index_is_rebuilt_and_old_index_keys_are_removed() {
         "both bookings in the roster, in reference order"
     );
     drop(engine);
-    let db = sled::open(dir.path().join("sled")).unwrap();
+    let db = common::open_stopped_sled(&dir.path().join("sled"));
     for key in old_keys {
         assert!(db.get(key).unwrap().is_none(), "{key:?} removed");
     }

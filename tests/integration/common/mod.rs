@@ -502,3 +502,22 @@ pub async fn ten_minute_slots(
     assert_eq!(slot_ids.len(), count);
     slot_ids
 }
+
+/// Opens a stopped store's sled directly (to plant or inspect records). The stopped
+/// store's background threads may hold sled's file lock a moment longer: waits for it,
+/// up to 10 s.
+pub fn open_stopped_sled(dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("opening {}: {e}", dir.display()),
+        }
+    }
+}
