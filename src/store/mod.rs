@@ -960,8 +960,10 @@ fn sync_sled_files(data_dir: &Path, sled_dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Opens sled, waiting up to `data_dir_lock_wait_ms` for its file lock to be released.
-/// A store sled finds torn is `StoreError::Corrupt`.
+/// Opens sled, waiting up to `data_dir_lock_wait_ms` for its file lock to be released:
+/// by another process, or by this one's previous `Db` (a job on sled's I/O thread pool
+/// can hold the file a moment after the `Db` is dropped). A store sled finds torn is
+/// `StoreError::Corrupt`.
 fn open_sled(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
     let deadline = Instant::now() + Duration::from_millis(limits.data_dir_lock_wait_ms);
     let mut waited = false;
