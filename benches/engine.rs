@@ -1,7 +1,7 @@
 //! The engine without the network: durable bookings through the group committer at
 //! several concurrency levels (the batch size follows the number in flight), on sled
 //! and (with `PRENOTA_BENCH_POSTGRES_URL`) on PostgreSQL, and schedule generation with
-//! chrono-tz.
+//! chrono-tz, and a search's answer as the handler builds it.
 //! Run: `cargo bench --bench engine`. Numbers: BENCHMARKS.md.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 use chrono::{Duration as Days, Utc};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use prenota::config::{schedule_bounds, Config, PostgresSettings, StoreBackend, DEFAULT_LIMITS};
-use prenota::domain::catalog::Site;
+use prenota::domain::catalog::{SearchQuery, SearchScope, Site};
 use prenota::domain::ids::{ChannelId, RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use prenota::domain::schedule::{Schedule, ScheduleInput};
+use prenota::grpc::convert;
 use prenota::service::{Actor, BookCommand, Clock, Engine};
 use prenota::store::postgres::Standby;
 use prenota::store::{Store, UnsyncedForBenchmarks};
+use prost::Message;
 
 /// The server binary's allocator, so the engine is measured as it runs there.
 #[global_allocator]
@@ -292,6 +294,56 @@ async fn book_all(engine: &Arc<Engine>, first: u64, in_flight: usize, first_star
     }
 }
 
+/// A `SearchSlots` answer of 20 slots as the handler builds it, in a site in Rome: the
+/// catalog's search, each slot's places for the caller's channel and its message (five
+/// strings: ids, the local start, the zone), then its encoding.
+fn search_answer(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (engine, _dir, first_start) = engine(&runtime, None);
+    let site_id = SiteId::parse("site_id", "rome", 64).expect("id");
+    let service_id = ServiceId::parse("service_id", "vax", 64).expect("id");
+    let day = Utc::now().date_naive() + Days::days(3);
+    let day_text = day.format("%Y-%m-%d").to_string();
+    runtime.block_on(async {
+        let rome = Site {
+            site_id: site_id.clone(),
+            name: "Roma".into(),
+            region_id: RegionId::parse("region_id", "lazio", 64).expect("id"),
+            time_zone: chrono_tz::Europe::Rome,
+        };
+        let actor = Actor::everywhere("bench");
+        engine.upsert_site(rome, &actor).await.expect("site");
+        let day = schedule(&day_text, &day_text, "08:00", "20:00", 10);
+        let published = engine.publish_schedule(&site_id, &service_id, &day, &actor);
+        published.await.expect("schedule");
+    });
+    let query = SearchQuery {
+        scope: SearchScope::Site(site_id),
+        service_id,
+        from_unix_s: first_start,
+        to_unix_s: first_start + 86_400,
+        only_available: true,
+        after: None,
+        page_size: 20,
+        scan_max: 10_000,
+    };
+    let web = ChannelId::web();
+    let mut group = c.benchmark_group("search_answer");
+    group.throughput(Throughput::Elements(20));
+    group.bench_function("twenty_slots_europe_rome", |b| {
+        b.iter(|| {
+            let page = engine.search(&query).expect("a search");
+            let answer = convert::search_answer(&engine, &page, true, &web);
+            assert_eq!(answer.slots.len(), 20);
+            answer.encode_to_vec()
+        })
+    });
+    group.finish();
+}
+
 fn schedule_generation(c: &mut Criterion) {
     let mut group = c.benchmark_group("schedule");
     // A year of 10-minute slots 08:00-20:00 every day in Rome: 26,352 slots, two DST changes.
@@ -313,6 +365,7 @@ criterion_group!(
     durable_bookings_on_postgres,
     book_path_by_commit_mode,
     batch_size_bound,
+    search_answer,
     schedule_generation
 );
 criterion_main!(benches);

@@ -280,22 +280,12 @@ impl BookingService for BookingApi {
         let query =
             convert::search_from_proto(request.into_inner(), self.engine.limits(), now_unix_ms)?;
         let page = self.engine.search(&query)?;
-        Ok(Response::new(proto::SearchSlotsResponse {
-            slots: page
-                .slots
-                .iter()
-                .filter_map(|(site, slot)| {
-                    let shown = self.engine.slot_shown(site, slot, Some(&channel));
-                    // Free places all reserved for other channels are not free to this one.
-                    let free_to_caller = !query.only_available || shown.1 > 0;
-                    free_to_caller.then(|| convert::slot_to_proto(site, slot, shown))
-                })
-                .collect(),
-            next_page_token: page
-                .next_after
-                .map(|key| key.to_string())
-                .unwrap_or_default(),
-        }))
+        Ok(Response::new(convert::search_answer(
+            &self.engine,
+            &page,
+            query.only_available,
+            &channel,
+        )))
     }
 
     async fn book(

@@ -103,6 +103,10 @@ impl Engine {
         slot: &Slot,
         channel: Option<&ChannelId>,
     ) -> (Option<i64>, u32) {
+        if self.releases.is_empty() {
+            // No release: no release_at, and no reserve holds a place back.
+            return (None, slot.counter.snapshot().remaining());
+        }
         (
             self.release_at(site, &slot.key()),
             self.remaining_for(site, slot, channel),

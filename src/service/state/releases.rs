@@ -2,6 +2,7 @@
 //! index by slot (`service::releases` has the commands and the admission step).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::domain::ids::{ChannelId, CitizenKey, RegionId, ReleaseId, ServiceId, SlotKey};
@@ -98,6 +99,9 @@ impl ReleaseEntry {
 #[derive(Debug, Default)]
 pub struct Releases {
     pub(in crate::service) inner: RwLock<ReleaseIndex>,
+    /// How many releases `inner` has, changed under its write lock: `is_empty` is read
+    /// for every slot a search shows, and a load takes no lock.
+    count: std::sync::atomic::AtomicUsize,
     /// One admission step at a time (the server's timer, a test's call): a step reads
     /// the queue, writes, then admits what it read.
     pub(in crate::service) step: tokio::sync::Mutex<()>,
@@ -129,6 +133,7 @@ impl Releases {
             .by_id
             .insert(entry.definition.release_id.clone(), Arc::clone(&entry));
         index.by_service.entry(service).or_default().push(entry);
+        self.count.store(index.by_id.len(), Ordering::Release);
     }
 
     /// Forgets a release (retention); returns it.
@@ -138,6 +143,7 @@ impl Releases {
         if let Some(entries) = index.by_service.get_mut(&entry.definition.service_id) {
             entries.retain(|other| !Arc::ptr_eq(other, &entry));
         }
+        self.count.store(index.by_id.len(), Ordering::Release);
         Some(entry)
     }
 
@@ -150,7 +156,7 @@ impl Releases {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.count.load(Ordering::Acquire) == 0
     }
 
     pub fn all(&self) -> Vec<Arc<ReleaseEntry>> {
