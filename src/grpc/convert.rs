@@ -58,8 +58,8 @@ pub fn unix_seconds(field: &str, value: &Timestamp) -> Result<i64, FieldViolatio
 /// `unix_s` in `zone` as RFC 3339 with the zone's offset then, to the second, e.g.
 /// "2027-03-28T09:00:00+02:00": what chrono's `to_rfc3339_opts(Secs, false)` writes,
 /// written here digit by digit (a search formats twenty; chrono's formatter was a tenth
-/// of a search answer's cost). Years outside 0–9999 and offsets with seconds (local
-/// mean times before 1900) are left to chrono.
+/// of a search answer's cost). Years outside 0–9999 and offsets with seconds (historical
+/// local mean times, the last until 1972) are left to chrono.
 pub fn local_rfc3339(unix_s: i64, zone: Tz) -> String {
     let Some(instant) = Utc.timestamp_opt(unix_s, 0).single() else {
         return String::new();
@@ -639,7 +639,7 @@ pub fn search_answer(
         next_page_token: page
             .next_after
             .as_ref()
-            .map(SlotKey::to_string)
+            .map(SlotKey::text)
             .unwrap_or_default(),
     }
 }
@@ -1105,8 +1105,8 @@ mod tests {
     }
 
     /// The hand-written local time is chrono's to the byte: in every zone chrono-tz
-    /// knows, at instants from 1800 to 2200 (local mean times, DST changes, offsets of
-    /// half and quarter hours, both signs) and at the wire's extremes.
+    /// knows, at instants from 1800 to 2200 (local mean times, DST changes, half hours
+    /// both sides of UTC, quarter hours east of it) and at the wire's extremes.
     #[test]
     fn local_time_is_what_chrono_writes_in_every_zone() {
         let chrono = |unix_s: i64, zone: Tz| {
