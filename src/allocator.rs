@@ -8,6 +8,9 @@
 //! As std's `System` allocator does over C's `malloc`, an alignment up to 16 bytes and no
 //! larger than the size goes to plain `mi_malloc` (a drop-in `malloc`, which guarantees
 //! it); every other request, and every free, goes to `MiMalloc` unchanged.
+//!
+//! The binaries also turn transparent huge pages off for their process
+//! ([`turn_off_transparent_huge_pages`]).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;
@@ -62,6 +65,18 @@ unsafe impl GlobalAlloc for Mimalloc {
             unsafe { MiMalloc.realloc(ptr, layout, new_size) }
         }
     }
+}
+
+/// Turns transparent huge pages off for this whole process (Linux; elsewhere it does
+/// nothing). mimalloc 3 asks for huge pages for its regions (`madvise(MADV_HUGEPAGE)`)
+/// and gives back memory unused for a second (`purge_delay`); touching such memory again
+/// faults in a whole 2 MiB page, which the kernel zeroes first. Under a rush that was
+/// ~7% of the server runtime's CPU (`clear_page_erms`) and the Book latency's tail
+/// (BENCHMARKS.md, "Transparent huge pages off"). The binaries call it first thing.
+pub fn turn_off_transparent_huge_pages() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    rustix::thread::disable_transparent_huge_pages(true)?;
+    Ok(())
 }
 
 #[cfg(test)]

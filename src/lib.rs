@@ -14,7 +14,8 @@
 //! - [`server`]: builds the gRPC server (health, reflection, shutdown) around the engine.
 //! - [`demo`]: the demo sites seeded by `serve --demo`.
 //! - [`dev_assertion`]: `prenota dev-assertion`, a citizen assertion signed for trying.
-//! - [`allocator`]: the binaries' global allocator (mimalloc, entered for malloc's alignments).
+//! - [`allocator`]: the binaries' global allocator (mimalloc, entered for malloc's alignments;
+//!   transparent huge pages turned off).
 //! - [`capacity_file`]: the CSV capacity file authorities import (shape only).
 //! - [`cli`]: the `prenota import` / `export` / `audit` / `open-data` / `backup` /
 //!   `restore` / `migrate` commands.

@@ -312,6 +312,9 @@ fn main() -> ExitCode {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     prenota::telemetry::init_logging(cli.log_format);
+    if let Err(error) = prenota::allocator::turn_off_transparent_huge_pages() {
+        tracing::warn!(%error, "transparent huge pages stay on");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -261,6 +261,10 @@ static ALLOCATOR: prenota::allocator::Mimalloc = prenota::allocator::Mimalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // As the server's binary does (the `--spawn` servers run in this process).
+    if let Err(error) = prenota::allocator::turn_off_transparent_huge_pages() {
+        eprintln!("prenota-loadtest: transparent huge pages stay on: {error}");
+    }
     let cli = Cli::parse();
     match run(cli).await {
         Ok(true) => ExitCode::SUCCESS,

@@ -133,6 +133,15 @@ async fn a_second_server_on_the_same_data_dir_is_refused_clearly() {
     server.stop().await;
 }
 
+/// `prenota serve` turns transparent huge pages off for itself (mimalloc's huge pages,
+/// purged and faulted in again zeroed, were the Book latency's tail: BENCHMARKS.md).
+#[test]
+fn the_server_runs_without_transparent_huge_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::child::ChildServer::start(dir.path());
+    assert_eq!(server.thp_enabled(), 0, "THP_enabled in /proc/PID/status");
+}
+
 /// `--demo` on every restart: the second seeding finds everything there and writes
 /// nothing, not even an audit row, and leaves an authority's rename alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

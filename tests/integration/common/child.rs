@@ -129,6 +129,12 @@ impl ChildServer {
         self.proc_status("Threads:")
     }
 
+    /// Whether the kernel may give the process transparent huge pages (1) or not (0),
+    /// from /proc.
+    pub fn thp_enabled(&self) -> u64 {
+        self.proc_status("THP_enabled:")
+    }
+
     /// The number on the `field` line of /proc/PID/status.
     fn proc_status(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
