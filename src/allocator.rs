@@ -72,7 +72,8 @@ unsafe impl GlobalAlloc for Mimalloc {
 /// and gives back memory unused for a second (`purge_delay`); touching such memory again
 /// faults in a whole 2 MiB page, which the kernel zeroes first. Under a rush that was
 /// ~7% of the server runtime's CPU (`clear_page_erms`) and the Book latency's tail
-/// (BENCHMARKS.md, "Transparent huge pages off"). The binaries call it first thing.
+/// (BENCHMARKS.md, "Transparent huge pages off"). The binaries call it as they start
+/// (after parsing their arguments); processes they started would inherit it.
 pub fn turn_off_transparent_huge_pages() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     rustix::thread::disable_transparent_huge_pages(true)?;
