@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{Duration as Days, Utc};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use prenota::config::{schedule_bounds, Config, PostgresSettings, StoreBackend, DEFAULT_LIMITS};
 use prenota::domain::catalog::{SearchQuery, SearchScope, Site};
 use prenota::domain::ids::{ChannelId, RegionId, RequestKey, ServiceId, SiteId, SlotKey};
@@ -20,7 +20,8 @@ use prenota::store::postgres::Standby;
 use prenota::store::{Store, UnsyncedForBenchmarks};
 use prost::Message;
 
-/// The server binary's allocator, so the engine is measured as it runs there.
+/// The server binary's allocator, so the engine is measured as it runs there (and, as
+/// there, without transparent huge pages: `main`).
 #[global_allocator]
 static ALLOCATOR: prenota::allocator::Mimalloc = prenota::allocator::Mimalloc;
 
@@ -368,4 +369,11 @@ criterion_group!(
     search_answer,
     schedule_generation
 );
-criterion_main!(benches);
+/// `criterion_main!`, with transparent huge pages off first, as the server's binary runs.
+fn main() {
+    if let Err(error) = prenota::allocator::turn_off_transparent_huge_pages() {
+        eprintln!("transparent huge pages stay on: {error}");
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
