@@ -324,6 +324,7 @@ async fn h2_client(
 /// `export_idle_timeout_ms` and closes that connection, which frees its places.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_hundred_stalled_exports_are_capped_then_cut_off_and_citizens_are_answered() {
+    const BOOKINGS: u32 = 1_000;
     let dir = tempfile::tempdir().unwrap();
     let limits = [
         // Long enough for all 600 calls to be admitted on a busy machine: at 1,000 ms
@@ -334,9 +335,13 @@ async fn six_hundred_stalled_exports_are_capped_then_cut_off_and_citizens_are_an
     ];
     let server = ChildServer::with_limits(dir.path(), &limits);
     let channel = connect(&server.url).await;
-    let slot_id = one_slot_site_on(channel.clone(), "stall-site", "r", 200).await;
+    // Exports far larger than what tonic's encoder takes in before it waits for the
+    // client (32 KiB): 200 bookings were 32,700 bytes of messages (164 each), so a scan
+    // that kept pace could be read to its end into that buffer, its stream end, its
+    // place come free, and a third export run (seen in CI: 3 running, 597 refused).
+    let slot_id = one_slot_site_on(channel.clone(), "stall-site", "r", BOOKINGS).await;
     let booking = prenota::proto::booking_service_client::BookingServiceClient::new(channel);
-    let books = (0..200).map(|index| {
+    let books = (0..BOOKINGS).map(|index| {
         let mut booking = booking.clone();
         let request = book_request(&slot_id, &format!("citizen-{index}"), &format!("r{index}"));
         async move { book_ok(&mut booking, request).await }
@@ -410,7 +415,7 @@ async fn six_hundred_stalled_exports_are_capped_then_cut_off_and_citizens_are_an
     while exported.message().await.unwrap().is_some() {
         count += 1;
     }
-    assert_eq!(count, 200);
+    assert_eq!(count, BOOKINGS);
 }
 
 fn mode_of(path: &std::path::Path) -> u32 {
