@@ -4,6 +4,9 @@
 //! - [`Exports::admit`]: at most `exports_max` exports at once, `exports_per_token_max`
 //!   per token, one backup. The permit lives as long as the response stream, so a
 //!   stream the client holds open without reading keeps counting against its own token.
+//!   (The stream ends when tonic's encoder has taken its last item: an export small
+//!   enough for the encoder's 32 KiB buffer frees its place then, read or not, and
+//!   leaves at most that much buffered.)
 //! - [`Feed`]: the scan hands each item over waiting at most `export_idle_timeout_ms`
 //!   for the reader; past it the scan stops (its blocking thread is free again), the
 //!   stream ends with `DEADLINE_EXCEEDED` / `EXPORT_IDLE` after what was buffered, and
