@@ -118,7 +118,7 @@ pub struct SlotKey {
 }
 
 impl SlotKey {
-    /// Parses the wire form `site/service/start_unix_s` (see `Display`).
+    /// Parses the wire form `site/service/start_unix_s` (see `text`).
     pub fn parse(field: &str, value: &str, id_length_max: usize) -> Result<Self, FieldViolation> {
         let bad = || FieldViolation::new(field, "is not a slot id returned by SearchSlots");
         if value.is_empty() {
@@ -137,9 +137,7 @@ impl SlotKey {
             start_unix_s,
         })
     }
-}
 
-impl SlotKey {
     /// Its wire form `site/service/start_unix_s`, in one allocation of the right size (a
     /// search answers twenty; `Display` writes this).
     pub fn text(&self) -> String {
