@@ -1,14 +1,20 @@
 //! Slot-counter admission: the compare-and-swap every booking goes through; and a
 //! search for free places over a sold-out range, which the per-day free places let
-//! skip whole days. Run: `cargo bench --bench admission`. Numbers: BENCHMARKS.md.
+//! skip whole days; and the per-slot hold counts a statistics or open-data call reads
+//! under the holds' lock. Run: `cargo bench --bench admission`. Numbers: BENCHMARKS.md.
 
 use std::hint::black_box;
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use prenota::domain::booking::RequestRecord;
 use prenota::domain::catalog::{Catalog, NewSlot, SearchQuery, SearchScope, Site, Slot};
-use prenota::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
+use prenota::domain::hold::{Hold, HoldState, LiveHolds};
+use prenota::domain::ids::{
+    BookingId, ChannelId, CitizenKey, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId,
+    SlotKey,
+};
 use prenota::domain::slot_counter::SlotCounter;
 
 /// Places per slot: large enough that the measured loop never sees a full slot.
@@ -163,10 +169,48 @@ fn sold_out_search(c: &mut Criterion) {
     group.finish();
 }
 
+/// 100,000 live holds spread over 1,000 slots of one site (a rush's holds).
+fn many_live_holds() -> LiveHolds {
+    let site_id = SiteId::parse("site_id", "rome-1", 64).unwrap();
+    let service_id = ServiceId::parse("service_id", "vax", 64).unwrap();
+    let mut live = LiveHolds::default();
+    for id in 0..100_000u32 {
+        let slot = SlotKey {
+            site_id: site_id.clone(),
+            service_id: service_id.clone(),
+            start_unix_s: 1_000_000 + i64::from(id % 1_000) * 600,
+        };
+        live.insert(Hold {
+            hold_id: BookingId(u128::from(id)),
+            slot,
+            citizen: CitizenKey(id.to_le_bytes().repeat(4).try_into().unwrap()),
+            created_at_unix_ms: 0,
+            expires_at_unix_ms: 600_000,
+            request: RequestRecord {
+                key: RequestKey([0; 16]),
+                fingerprint: RequestFingerprint([0; 16]),
+            },
+            state: HoldState::Live,
+            channel: ChannelId::web(),
+        });
+    }
+    live
+}
+
+fn hold_counts(c: &mut Criterion) {
+    let mut group = c.benchmark_group("holds");
+    let live = many_live_holds();
+    group.bench_function("count_by_slot_everywhere_100k_holds_1000_slots", |b| {
+        b.iter(|| assert_eq!(black_box(&live).count_by_slot_everywhere().len(), 1_000))
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
     uncontended,
     one_hot_slot_two_threads,
-    sold_out_search
+    sold_out_search,
+    hold_counts
 );
 criterion_main!(benches);

@@ -533,8 +533,8 @@ impl Engine {
         if places.pending > 0 {
             return false;
         }
-        let keys: std::collections::HashSet<SlotKey> = slots.iter().map(|s| s.key()).collect();
-        self.live_holds().count_where(|slot| keys.contains(slot)) == 0
+        let keys: Vec<SlotKey> = slots.iter().map(|s| s.key()).collect();
+        self.live_holds().count_of(&keys) == 0
     }
 
     /// The release is sold out since `at` (`None`: places came back), durably.
