@@ -2,7 +2,8 @@
 //! `apply_batch`, one `flush()` and one `fdatasync` of the database file.
 //!
 //! sled 0.34's `flush()` ends in `sync_file_range`, which is not a power-loss barrier,
-//! so the committer follows it with `File::sync_data` (fdatasync) on sled's `db` file.
+//! so the committer follows it with `File::sync_data` (fdatasync) on sled's `db` file,
+//! and with a sync of any blob file sled wrote meanwhile (`BlobFiles`).
 //! A writer's future only resolves after that, and the commit runs on this thread, so a
 //! cancelled RPC cannot tear a commit in half. The first flush or fsync error marks the
 //! store failed: every later write is refused, nothing is retried silently.
@@ -13,7 +14,10 @@
 //! batch's events are stored as runs (one record per few kilobytes of events): sled
 //! copies a leaf on every insert, and an insert per event made each booking two.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::File;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -56,6 +60,56 @@ pub struct SledDurability {
     pub db: sled::Db,
     /// sled's log file, synced after every flush.
     pub db_file: File,
+    /// sled's blob files, the new ones synced after every flush.
+    pub blobs: BlobFiles,
+}
+
+/// sled 0.34 writes a log message larger than a quarter of a segment (a node over 128
+/// KiB: a leaf of up to ~20 large records) to a file of its own under `blobs/`, with no
+/// fsync, and the log then points at it: the `db` file's fdatasync does not cover it,
+/// and a power cut could keep the pointer and lose (or tear) the file. So each commit
+/// syncs the blob files it has not synced yet, and their directory, before it is
+/// acknowledged. With no blob file this is one read of an empty directory.
+pub struct BlobFiles {
+    dir: PathBuf,
+    synced: HashSet<OsString>,
+}
+
+impl BlobFiles {
+    /// The blob files of `sled_dir`, every one synced now (a previous run's included).
+    pub fn sync_all(sled_dir: &std::path::Path) -> std::io::Result<Self> {
+        let mut blobs = Self {
+            dir: sled_dir.join("blobs"),
+            synced: HashSet::new(),
+        };
+        blobs.sync_new()?;
+        Ok(blobs)
+    }
+
+    /// Syncs the blob files written since the last call, then the directory (their
+    /// names); returns how many. Forgets the files sled has removed since.
+    pub fn sync_new(&mut self) -> std::io::Result<usize> {
+        let mut present = HashSet::with_capacity(self.synced.len());
+        let mut new = 0;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            if !self.synced.contains(&name) {
+                match File::open(self.dir.join(&name)) {
+                    Ok(file) => file.sync_data()?,
+                    // Removed by sled meanwhile (a blob its log no longer needs).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new += 1;
+            }
+            present.insert(name);
+        }
+        if new > 0 {
+            crate::store::sync_dir(&self.dir)?;
+        }
+        self.synced = present;
+        Ok(new)
+    }
 }
 
 impl Durability for SledDurability {
@@ -69,6 +123,10 @@ impl Durability for SledDurability {
             .flush()
             .map_err(|e| StoreError::Io(format!("flush: {e}")))?;
         let flushed = Instant::now();
+        // Blob files first: once the log's fdatasync is done, what it points at is too.
+        self.blobs
+            .sync_new()
+            .map_err(|e| StoreError::Io(format!("syncing sled's blob files: {e}")))?;
         self.db_file
             .sync_data()
             .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))?;

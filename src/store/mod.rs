@@ -33,7 +33,7 @@ use crate::domain::event::SequencedEvent;
 use crate::domain::hold::{Hold, HoldId};
 use crate::domain::ids::{BookingId, CitizenTag, RequestKey, SlotKey};
 pub use committer::UnsyncedForBenchmarks;
-use committer::{CommitRequest, CommitterState, SledDurability, SledUnsynced};
+use committer::{BlobFiles, CommitRequest, CommitterState, SledDurability, SledUnsynced};
 pub use error::StoreError;
 use records::{booking_key, hold_key, Encoded, Record, SiteRecord, SlotRecord, Write};
 
@@ -100,6 +100,8 @@ impl Store {
             .open(sled_dir.join("db"))
             .map_err(|e| StoreError::Io(format!("opening sled's db file: {e}")))?;
         sync_sled_files(data_dir, &sled_dir)?;
+        let blobs = BlobFiles::sync_all(&sled_dir)
+            .map_err(|e| StoreError::Io(format!("syncing sled's blob files: {e}")))?;
         let old_holds = has_old_holds(&db)?;
         let state = Arc::new(CommitterState::new(last_event_sequence(&db)?));
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
@@ -109,6 +111,7 @@ impl Store {
                 SledDurability {
                     db: db.clone(),
                     db_file,
+                    blobs,
                 },
                 receiver,
                 Arc::clone(&state),
@@ -545,9 +548,13 @@ impl Store {
         self.db
             .flush()
             .map_err(|e| StoreError::Io(format!("flush: {e}")))?;
-        std::fs::File::open(self.data_dir().join("sled").join("db"))
+        let sled_dir = self.data_dir().join("sled");
+        std::fs::File::open(sled_dir.join("db"))
             .and_then(|file| file.sync_all())
-            .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))
+            .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))?;
+        BlobFiles::sync_all(&sled_dir)
+            .map(drop)
+            .map_err(|e| StoreError::Io(format!("syncing sled's blob files: {e}")))
     }
 
     pub fn apply_journal(&self) -> Result<Option<records::ApplyJournal>, StoreError> {
