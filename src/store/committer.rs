@@ -105,7 +105,7 @@ impl BlobFiles {
             present.insert(name);
         }
         if new > 0 {
-            crate::store::sync_dir(&self.dir)?;
+            File::open(&self.dir)?.sync_all()?;
         }
         self.synced = present;
         Ok(new)
