@@ -591,6 +591,10 @@ fn desk_write(booking: Booking, state: BookingState, now_unix_ms: i64) -> Plan<B
         answer: changed,
     };
     if was_confirmed {
+        // Counted pending in its slot, like every claim below: a closure of the slot
+        // waits for this write (or refuses it) rather than skip the booking for a claim
+        // that might be given back.
+        plan.take.push(Take::Admission(plan.answer.slot.clone()));
         plan.take.push(Take::Claim {
             citizen,
             service: service.clone(),
@@ -641,12 +645,16 @@ pub fn cancel(
         ..booking
     };
     let mut plan = Plan {
-        take: vec![Take::Claim {
-            citizen,
-            service: service.clone(),
-            id,
-            unchanged: Some(BookingState::Confirmed),
-        }],
+        // Counted pending in its slot (see `desk_write`).
+        take: vec![
+            Take::Admission(cancelled.slot.clone()),
+            Take::Claim {
+                citizen,
+                service: service.clone(),
+                id,
+                unchanged: Some(BookingState::Confirmed),
+            },
+        ],
         writes: vec![
             Record::Booking(cancelled.clone()),
             Record::Event(Event::booking(&cancelled, now_unix_ms)),
@@ -743,6 +751,8 @@ pub fn reschedule(
     let cancelled = rescheduled(old, now_unix_ms);
     let mut plan = Plan {
         take: vec![
+            // The old slot counted pending (see `desk_write`).
+            Take::Admission(cancelled.slot.clone()),
             Take::Move {
                 citizen,
                 service: new_slot.key.service_id.clone(),
@@ -1247,10 +1257,13 @@ mod tests {
         plan.assert_balanced();
         assert!(matches!(
             &plan.take[..],
-            [Take::Claim {
-                unchanged: Some(BookingState::Confirmed),
-                ..
-            }]
+            [
+                Take::Admission(slot),
+                Take::Claim {
+                    unchanged: Some(BookingState::Confirmed),
+                    ..
+                }
+            ] if *slot == plan.answer.slot
         ));
         assert!(matches!(&plan.free[..], [Free::Entry { .. }]));
         // A late arrival after a no-show: no entry left to claim or free.
@@ -1304,7 +1317,12 @@ mod tests {
             NOW,
         )
         .unwrap();
-        assert!(matches!(plan.take[..], [Take::Claim { .. }]));
+        // Its slot counted pending first: a closure waits for the cancel, never skips
+        // the booking for a claim the cancel might give back.
+        assert!(matches!(
+            &plan.take[..],
+            [Take::Admission(slot), Take::Claim { .. }] if *slot == at.key
+        ));
         assert_eq!(plan.free.len(), 2);
         assert!(matches!(
             &plan.answer.state,
@@ -1374,15 +1392,16 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            plan.take[..],
+            &plan.take[..],
             [
+                Take::Admission(old),
                 Take::Move {
                     from: BookingId(7),
                     to: BookingId(8),
                     ..
                 },
                 Take::Place(..)
-            ]
+            ] if *old == at.key
         ));
         assert_eq!(plan.free, [Free::Place(at.key.clone(), ChannelId::web())]);
         assert_eq!(plan.writes.len(), 3);
