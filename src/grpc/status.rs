@@ -178,7 +178,7 @@ fn classify(error: &ServiceError) -> Answer {
                 .retry_after(EXPORTS_RETRY_DELAY),
         },
         ServiceError::Store(store) => match store {
-            StoreError::Overloaded | StoreError::PartlyApplied => {
+            StoreError::Overloaded => {
                 Answer::new(Unavailable, "OVERLOADED").retry_after(OVERLOADED_RETRY_DELAY)
             }
             StoreError::Failed | StoreError::Io(_) => Answer::new(Unavailable, "STORAGE_FAILED"),

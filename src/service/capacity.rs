@@ -52,8 +52,8 @@ pub struct CloseOutcome {
     pub expired_holds: u32,
 }
 
-/// How long a chunked authority write waits for room in a full write queue, and how
-/// many times, before giving up.
+/// How long a chunked authority write's first chunk waits for room in a full write
+/// queue, and how many times, before giving up.
 const CHUNK_QUEUE_WAIT: Duration = Duration::from_millis(10);
 const CHUNK_QUEUE_WAITS_MAX: u32 = 500;
 
@@ -548,11 +548,12 @@ impl Engine {
 
     /// Commits authority writes in chunks of `commit_batch_writes_max`: one huge batch
     /// makes sled hold several times its size in memory. A write that needs more than
-    /// one chunk is journaled (see `ApplyJournal`), and a full queue is waited out
-    /// (bounded) rather than refused half-way; if it stays full past the first chunk,
-    /// the write fails as `PartlyApplied` (a prefix is durable; re-running the
-    /// idempotent import or publication completes it). Memory is updated by the caller
-    /// only after the last chunk is durable.
+    /// one chunk is journaled (see `ApplyJournal`). A full queue is waited out: for the
+    /// first chunk a bounded while (then `Overloaded`: nothing written, the caller
+    /// undoes); for every later one for as long as it takes, in turn, since a prefix is
+    /// durable already and memory (capacities lowered for the whole write) must not be
+    /// left apart from the disk. Memory is updated by the caller only after the last
+    /// chunk is durable.
     async fn commit_in_chunks(&self, writes: Vec<Write>) -> Result<(), StoreError> {
         let chunk = self.limits.commit_batch_writes_max;
         if writes.len() <= chunk {
@@ -577,16 +578,16 @@ impl Engine {
             if index + 1 == count {
                 part.push(Write::ApplyJournal(journal.clone()));
             }
+            if index > 0 {
+                self.store.commit_waiting_for_room(&part).await?;
+                continue;
+            }
             let mut waited = 0;
             loop {
                 match self.store.commit(&part).await {
                     Err(StoreError::Overloaded) if waited < CHUNK_QUEUE_WAITS_MAX => {
                         waited += 1;
                         tokio::time::sleep(CHUNK_QUEUE_WAIT).await;
-                    }
-                    // Past the first chunk a prefix is applied; the journal says so.
-                    Err(StoreError::Overloaded) if index > 0 => {
-                        return Err(StoreError::PartlyApplied)
                     }
                     other => {
                         other?;

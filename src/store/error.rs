@@ -14,13 +14,6 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the write queue is full")]
     Overloaded,
-    /// A write in several chunks met a full queue past its first chunk: a prefix is
-    /// durable (and journaled), the rest is not. Idempotent writes complete on a retry.
-    #[error(
-        "the write queue stayed full: the write is partly applied; retry it (imports and \
-         publications are idempotent)"
-    )]
-    PartlyApplied,
     #[error("the store is shutting down")]
     Closed,
     /// PostgreSQL backend: this node does not hold the lease (another node is active).

@@ -37,6 +37,15 @@ use committer::{BlobFiles, CommitRequest, CommitterState, SledDurability, SledUn
 pub use error::StoreError;
 use records::{booking_key, hold_key, Encoded, Record, SiteRecord, SlotRecord, Write};
 
+/// What `Store::commit_when` does when the write queue is full.
+#[derive(Clone, Copy)]
+enum WhenFull {
+    /// Refuse at once (`Overloaded`): shedding, the rule for every request.
+    Refuse,
+    /// Wait for room, in turn (tokio's queue serves waiting senders in order).
+    Wait,
+}
+
 pub struct Store {
     db: sled::Db,
     state: Arc<CommitterState>,
@@ -217,6 +226,17 @@ impl Store {
     /// waiting cannot leave one out; a reader may meet an entry whose booking is not
     /// applied yet, and skips it).
     pub async fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        self.commit_when(writes, WhenFull::Refuse).await
+    }
+
+    /// `commit`, but a full write queue is waited out, in turn, instead of refused: for
+    /// the chunks after the first of a chunked authority write, whose prefix is durable
+    /// already (refusing them left memory and disk apart until a re-run).
+    pub async fn commit_waiting_for_room(&self, writes: &[Write]) -> Result<(), StoreError> {
+        self.commit_when(writes, WhenFull::Wait).await
+    }
+
+    async fn commit_when(&self, writes: &[Write], when_full: WhenFull) -> Result<(), StoreError> {
         if self.state.failed.load(Ordering::Acquire) {
             return Err(self.state.refusal());
         }
@@ -232,16 +252,18 @@ impl Store {
         }
         let (done, outcome) = oneshot::channel();
         let sender = self.requests.as_ref().ok_or(StoreError::Closed)?;
-        sender
-            .try_send(CommitRequest {
-                writes: changes,
-                events,
-                done,
-            })
-            .map_err(|e| match e {
+        let request = CommitRequest {
+            writes: changes,
+            events,
+            done,
+        };
+        match when_full {
+            WhenFull::Refuse => sender.try_send(request).map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
-            })?;
+            })?,
+            WhenFull::Wait => sender.send(request).await.map_err(|_| StoreError::Closed)?,
+        }
         for write in writes {
             if let Write::Booking(booking) = write {
                 // Kept even if this write fails (maybe written, maybe not; the store then
@@ -1025,6 +1047,62 @@ impl Drop for Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn audit(at_unix_ms: i64) -> Vec<Write> {
+        vec![Write::Audit(records::AuditEntry {
+            at_unix_ms,
+            actor: "test".into(),
+            action: "Test".into(),
+            detail: String::new(),
+        })]
+    }
+
+    /// With the committer held (here by the backup tee's lock, which it takes for each
+    /// batch) and the queue full, `commit` is refused at once and
+    /// `commit_waiting_for_room` waits its turn, then is committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses_a_commit_and_is_waited_out_by_one_waiting_for_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            commit_queue_depth: 1,
+            commit_batch_writes_max: 1,
+            ..Limits::default()
+        };
+        let store = Arc::new(Store::open(dir.path(), &limits).unwrap());
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = std::sync::mpsc::channel();
+        let holder = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let _held = store.state.tee();
+                locked.send(()).unwrap();
+                released.recv().unwrap();
+            })
+        };
+        is_locked.recv().unwrap();
+        let spawn_commit = |at, wait: bool| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                match wait {
+                    false => store.commit(&audit(at)).await,
+                    true => store.commit_waiting_for_room(&audit(at)).await,
+                }
+            })
+        };
+        let first = spawn_commit(1, false); // taken by the committer, which then waits
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let queued = spawn_commit(2, false); // fills the queue
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(store.commit(&audit(3)).await, Err(StoreError::Overloaded));
+        let waiting = spawn_commit(4, true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "it did not wait for room");
+        release.send(()).unwrap();
+        holder.join().unwrap();
+        for commit in [first, queued, waiting] {
+            assert_eq!(commit.await.unwrap(), Ok(()));
+        }
+    }
     use crate::domain::event::{Event, EventKind};
     use crate::domain::hold::{hold_second, HoldState};
     use crate::domain::ids::{ServiceId, SiteId, SlotKey};
