@@ -236,10 +236,8 @@ impl Store {
         self.commit_when(writes, WhenFull::Wait).await
     }
 
-    async fn commit_when(&self, writes: &[Write], when_full: WhenFull) -> Result<(), StoreError> {
-        if self.state.failed.load(Ordering::Acquire) {
-            return Err(self.state.refusal());
-        }
+    /// The writes' records (a hold's key where its record is stored) and events.
+    fn encode(&self, writes: &[Write]) -> Result<(Vec<records::Change>, Vec<Vec<u8>>), StoreError> {
         let (mut changes, mut events) = (Vec::with_capacity(writes.len()), Vec::new());
         for write in writes {
             match (write.encode()?, write) {
@@ -250,6 +248,19 @@ impl Store {
                 (Encoded::Event(value), _) => events.push(value),
             }
         }
+        Ok((changes, events))
+    }
+
+    async fn commit_when(&self, writes: &[Write], when_full: WhenFull) -> Result<(), StoreError> {
+        if self.state.failed.load(Ordering::Acquire) {
+            return Err(self.state.refusal());
+        }
+        // An error here comes after the caller's in-memory changes and is not `Overloaded`,
+        // so they are kept (never overbook): the store fails, as after a failed commit,
+        // and a restart rebuilds memory from the disk.
+        let (changes, events) = self.encode(writes).inspect_err(|error| {
+            committer::fail_stop(&self.state, error);
+        })?;
         let (done, outcome) = oneshot::channel();
         let sender = self.requests.as_ref().ok_or(StoreError::Closed)?;
         let request = CommitRequest {
