@@ -118,6 +118,9 @@ pub struct Limits {
     /// Registrations all campaigns hold together (memory is per registration, about
     /// 300 bytes); the next `PreRegister` is refused with REGISTRATIONS_FULL.
     pub registrations_max: usize,
+    /// Sites a registration's preferences may name (each is kept in memory and on disk
+    /// with the registration, for every registration).
+    pub registration_sites_max: usize,
     /// DeclineOffer/WithdrawRegistration requests a registration remembers (stored with
     /// it, for retries after a restart); the oldest go first.
     pub registration_requests_max: usize,
@@ -302,6 +305,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     campaigns_max: 100,
     campaign_waves_max: 64,
     registrations_max: 2_000_000,
+    registration_sites_max: 20,
     registration_requests_max: 16,
     campaign_offers_per_step_max: 2_000,
     campaign_scan_per_step_max: 1_000_000,
@@ -381,6 +385,7 @@ const _: () = {
     assert!(l.group_size_max >= 1 && l.group_size_max <= 64);
     assert!(l.series_max >= 1 && l.series_doses_max >= 1 && l.series_doses_max <= 32);
     assert!(l.campaigns_max >= 1 && l.campaign_waves_max >= 1 && l.registrations_max >= 1);
+    assert!(l.registration_sites_max >= 1);
     assert!(l.registration_requests_max >= 1 && l.registration_requests_max <= 1_000);
     assert!(l.campaign_offers_per_step_max >= 1 && l.campaign_scan_per_step_max >= 1);
     assert!(l.campaign_step_interval_ms >= 10 && l.campaign_step_interval_ms <= 1_000);
@@ -498,6 +503,10 @@ impl Limits {
                 && l.campaign_scan_per_step_max >= 1,
             "campaigns_max, campaign_waves_max, registrations_max, \
              campaign_offers_per_step_max and campaign_scan_per_step_max must be at least 1",
+        );
+        need(
+            l.registration_sites_max >= 1,
+            "registration_sites_max must be at least 1",
         );
         need(
             (1..=1_000).contains(&l.registration_requests_max),

@@ -325,12 +325,15 @@ fn preferences(
     })
 }
 
-/// `preferences.site_ids`: sorted, without duplicates, at most `release_sites_max`.
+/// `preferences.site_ids`: sorted, without duplicates, at most `registration_sites_max`.
 fn preferred_sites(ids: &[String], limits: &Limits) -> Result<Vec<SiteId>, Vec<FieldViolation>> {
-    if ids.len() > limits.release_sites_max {
+    if ids.len() > limits.registration_sites_max {
         return Err(vec![FieldViolation::new(
             "preferences.site_ids",
-            format!("at most {} sites", limits.release_sites_max),
+            format!(
+                "at most {} sites (registration_sites_max)",
+                limits.registration_sites_max
+            ),
         )]);
     }
     site_ids("preferences.site_ids", ids, limits)

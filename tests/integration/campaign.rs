@@ -684,6 +684,19 @@ async fn direct_bookings_need_an_offer_outside_the_last_minute_and_preferences_h
         ["preferences.weekdays", "preferences.earliest"],
         "every malformed field at once"
     );
+    // More sites than `registration_sites_max` (20): each would be kept with it.
+    let mut hoarder = register_request("p", "p-hoarder", &[]);
+    hoarder.preferences = Some(proto::Preferences {
+        site_ids: (0..21).map(|i| format!("site-{i}")).collect(),
+        ..Default::default()
+    });
+    let refused = server
+        .booking()
+        .await
+        .pre_register(hoarder)
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&refused), ["preferences.site_ids"]);
     let mut later = campaign("p", "puglia", vec![wave("all", now - 1_000, &[])]);
     later.last_minute_hours = 11 * 24;
     upsert(&channel, later).await.expect("the wave opens now");
