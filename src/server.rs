@@ -283,8 +283,8 @@ async fn run(
             // Its own pool: reflection streams never take a booking's place.
             let streams = Arc::new(Semaphore::new(limits.reflection_streams_max));
             (
-                Some(gated(v1, &streams, &gate)),
-                Some(gated(v1alpha, &streams, &gate)),
+                Some(gated(v1, (&streams, size), &gate)),
+                Some(gated(v1alpha, (&streams, size), &gate)),
             )
         }
         false => (None, None),
@@ -299,6 +299,7 @@ async fn run(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     // Set when shutdown begins: watch streams end, so the graceful drain can finish.
     let (closing, closing_seen) = tokio::sync::watch::channel(false);
+    let in_flight = (&in_flight, limits.message_size_bytes_max);
     let serving = transport(tls.as_ref(), &limits)?
         .layer(ObserveLayer)
         .add_service(health_service)
@@ -306,20 +307,20 @@ async fn run(
         .add_optional_service(reflection_v1alpha)
         .add_service(gated(
             booking_gate,
-            &in_flight,
+            in_flight,
             &gate(auth::Service::Booking),
         ))
         .add_service(gated(
             capacity_gate,
-            &in_flight,
+            in_flight,
             &gate(auth::Service::Capacity),
         ))
         .add_service(gated(
             open_data_gate,
-            &in_flight,
+            in_flight,
             &gate(auth::Service::OpenData { public: open_data }),
         ))
-        .add_service(gated(site_gate, &in_flight, &gate(auth::Service::Site)))
+        .add_service(gated(site_gate, in_flight, &gate(auth::Service::Site)))
         .serve_with_incoming_shutdown(
             connections::capped(
                 listener,
@@ -444,13 +445,15 @@ fn end_streams_on(mut closing: tokio::sync::watch::Receiver<bool>, engine: &Arc<
     });
 }
 
-/// `service` behind the token gate and a pool of `permits`.
+/// `service` behind the token gate and a pool of `permits` (one-message calls take
+/// one once their message of at most `message_bytes_max` has arrived).
 fn gated<S>(
     service: S,
-    permits: &Arc<Semaphore>,
+    (permits, message_bytes_max): (&Arc<Semaphore>, usize),
     gate: &Gate,
 ) -> InterceptedService<Shed<S>, Gate> {
-    InterceptedService::new(Shed::new(service, Arc::clone(permits)), gate.clone())
+    let shed = Shed::new(service, Arc::clone(permits), message_bytes_max);
+    InterceptedService::new(shed, gate.clone())
 }
 
 /// Reflection (v1 and v1alpha) of prenota's protos and health.

@@ -2,15 +2,20 @@
 //! every connection; the next one is answered at once with UNAVAILABLE / OVERLOADED and a
 //! RetryInfo, instead of queueing until everything is slow.
 //!
-//! A one-reply call counts until its reply is ready (a client that never reads it holds
-//! nothing). A streaming reply ([`STREAMING_REPLIES`]) counts until the stream ends, so
-//! it is admitted by its own bound too: exports by `exports_max`, reflection and health
-//! watches by their own small pools ([`Shed::streams_only`] leaves health checks free).
+//! A one-message call counts from when its message has arrived (a client that sends the
+//! headers and never the message holds no place, only its stream, until
+//! `request_timeout_ms`) until its reply is ready (a client that never reads it holds
+//! nothing). A streaming reply ([`STREAMING_REPLIES`]) counts from its headers until the
+//! stream ends, so it is admitted by its own bound too: exports by `exports_max`,
+//! reflection and health watches by their own small pools ([`Shed::streams_only`] leaves
+//! health checks free). A streamed request ([`STREAMED_REQUESTS`]: an import) counts from
+//! its headers until its reply.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use http_body_util::BodyExt as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::{http, BoxFuture, Service};
 use tonic::server::NamedService;
@@ -29,25 +34,33 @@ pub const STREAMING_REPLIES: &[&str] = &[
     "/grpc.health.v1.Health/Watch",
 ];
 
+/// The methods whose request is a stream of messages (not received whole first).
+pub const STREAMED_REQUESTS: &[&str] = &["/prenota.v1.CapacityService/ImportCapacity"];
+
 fn streams(path: &str) -> bool {
     STREAMING_REPLIES.contains(&path)
 }
+
+/// A gRPC message's frame: a flag byte and a 4-byte length before the message.
+const GRPC_FRAME_PREFIX_BYTES: usize = 5;
 
 #[derive(Clone)]
 pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
-    /// One-reply calls take a permit too (false: only streams do).
-    unary: bool,
+    /// One-reply calls take a permit too, once their message (at most this many bytes)
+    /// has arrived; `None`: only streams do.
+    unary: Option<usize>,
 }
 
 impl<S> Shed<S> {
-    /// Every call takes one of `permits` (shared by every service it wraps).
-    pub fn new(inner: S, permits: Arc<Semaphore>) -> Self {
+    /// Every call takes one of `permits` (shared by every service it wraps); a
+    /// one-message call once its message of at most `message_bytes_max` has arrived.
+    pub fn new(inner: S, permits: Arc<Semaphore>, message_bytes_max: usize) -> Self {
         Self {
             inner,
             permits,
-            unary: true,
+            unary: Some(message_bytes_max),
         }
     }
 
@@ -56,15 +69,25 @@ impl<S> Shed<S> {
         Self {
             inner,
             permits,
-            unary: false,
+            unary: None,
         }
     }
 }
 
+type ShedFuture<S> = BoxFuture<
+    http::Response<tonic::body::Body>,
+    <S as Service<http::Request<tonic::body::Body>>>::Error,
+>;
+
 impl<S, B> Service<http::Request<B>> for Shed<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -75,10 +98,58 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let streaming = streams(request.uri().path());
-        if !streaming && !self.unary {
-            return Box::pin(self.inner.call(request));
+        let path = request.uri().path();
+        let (streaming, streamed) = (streams(path), STREAMED_REQUESTS.contains(&path));
+        let request = request.map(tonic::body::Body::new);
+        match self.unary {
+            _ if streaming || streamed => self.call_counted(request, streaming),
+            Some(message_bytes_max) => self.call_once_received(request, message_bytes_max),
+            None => Box::pin(self.inner.call(request)),
         }
+    }
+}
+
+impl<S> Shed<S>
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    /// A one-message call: its message is received (at most `message_bytes_max`) before
+    /// it takes a place, which it holds until its reply is ready.
+    fn call_once_received(
+        &mut self,
+        request: http::Request<tonic::body::Body>,
+        message_bytes_max: usize,
+    ) -> ShedFuture<S> {
+        // The clone is ready for the next call; this one was readied by `poll_ready`.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let permits = Arc::clone(&self.permits);
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let limit = message_bytes_max.saturating_add(GRPC_FRAME_PREFIX_BYTES);
+            let received = match http_body_util::Limited::new(body, limit).collect().await {
+                Ok(received) => received.to_bytes(),
+                Err(error) => return Ok(unreceived(&*error, message_bytes_max).into_http()),
+            };
+            let Ok(_permit) = permits.try_acquire_owned() else {
+                return Ok(shed());
+            };
+            let body = tonic::body::Body::new(http_body_util::Full::new(received));
+            inner.call(http::Request::from_parts(parts, body)).await
+        })
+    }
+
+    /// A call that counts from its headers: a streaming reply until its stream ends, a
+    /// streamed request until its reply is ready.
+    fn call_counted(
+        &mut self,
+        request: http::Request<tonic::body::Body>,
+        streaming: bool,
+    ) -> ShedFuture<S> {
         match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => {
                 let response = self.inner.call(request);
@@ -93,11 +164,27 @@ where
                 })
             }
             Err(_) => {
-                metrics::counter!(crate::telemetry::SHED).increment(1);
-                let refused = Status::from(ServiceError::Shed).into_http();
+                let refused = shed();
                 Box::pin(async move { Ok(refused) })
             }
         }
+    }
+}
+
+/// The answer to a call past `in_flight_requests_max`: UNAVAILABLE / OVERLOADED.
+fn shed() -> http::Response<tonic::body::Body> {
+    metrics::counter!(crate::telemetry::SHED).increment(1);
+    Status::from(ServiceError::Shed).into_http()
+}
+
+/// Why a one-message call's message was not received: larger than the limit (as tonic
+/// answers a message it will not decode), or the client went away or broke the stream.
+fn unreceived(error: &(dyn std::error::Error + 'static), message_bytes_max: usize) -> Status {
+    match error.is::<http_body_util::LengthLimitError>() {
+        true => Status::out_of_range(format!(
+            "the message is too large: at most {message_bytes_max} bytes (message_size_bytes_max)"
+        )),
+        false => Status::cancelled(format!("the request's message was not received: {error}")),
     }
 }
 

@@ -563,3 +563,35 @@ async fn unread_replies_and_open_reflection_streams_take_no_bookings_place() {
     }
     drop(unread);
 }
+
+/// A one-message call takes its place in `in_flight_requests_max` once its message has
+/// arrived: 200 calls whose client sends the headers and never the message (32 places
+/// here) take none, and other clients' calls are answered, not OVERLOADED. Shown to
+/// fail with the place taken at the headers (the calls held every place until
+/// `request_timeout_ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_whose_message_never_comes_take_no_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::with_limits(dir.path(), &[("IN_FLIGHT_REQUESTS_MAX", "32")]);
+    one_slot_site_on(connect(&server.url).await, "hl-site", "r", 5).await;
+    let (client, _connection) = h2_client(&server, None).await;
+    let mut never_sent = Vec::new();
+    for _ in 0..200 {
+        let path = "/prenota.v1.CapacityService/GetSiteStats";
+        never_sent.push(send_call(&client, path, None, false).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut capacity = prenota::proto::capacity_service_client::CapacityServiceClient::new(
+        connect(&server.url).await,
+    );
+    for _ in 0..10 {
+        let request = prenota::proto::GetSiteStatsRequest {
+            site_id: "hl-site".into(),
+        };
+        capacity
+            .get_site_stats(request)
+            .await
+            .expect("not OVERLOADED");
+    }
+    drop(never_sent);
+}
