@@ -311,8 +311,12 @@ impl Engine {
         request: RequestRecord,
     ) -> Result<Booking, ServiceError> {
         let stored = self.store.booking(citizen.tag(), command.booking_id)?;
+        // Read only for a cancel that can happen (the plan refuses any other): a refused
+        // cancel costs no read of the citizen's other bookings.
         let later = match &stored {
-            Some(booking) if booking.citizen == citizen => self.later_doses(booking)?,
+            Some(booking) if booking.citizen == citizen && booking.is_confirmed() => {
+                self.later_doses(booking)?
+            }
             _ => Vec::new(),
         };
         let registration = self.campaigns.booked_with(command.booking_id);
