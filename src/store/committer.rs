@@ -14,7 +14,7 @@
 //! batch's events are stored as runs (one record per few kilobytes of events): sled
 //! copies a leaf on every insert, and an insert per event made each booking two.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::PathBuf;
@@ -72,7 +72,10 @@ pub struct SledDurability {
 /// acknowledged. With no blob file this is one read of an empty directory.
 pub struct BlobFiles {
     dir: PathBuf,
-    synced: HashSet<OsString>,
+    /// Each file synced, at the length it had then: sled's own threads (its flusher's
+    /// segment cleaning) write blobs too, so a file listed while being written is
+    /// synced again once its length has changed.
+    synced: HashMap<OsString, u64>,
 }
 
 impl BlobFiles {
@@ -80,29 +83,36 @@ impl BlobFiles {
     pub fn sync_all(sled_dir: &std::path::Path) -> std::io::Result<Self> {
         let mut blobs = Self {
             dir: sled_dir.join("blobs"),
-            synced: HashSet::new(),
+            synced: HashMap::new(),
         };
         blobs.sync_new()?;
         Ok(blobs)
     }
 
-    /// Syncs the blob files written since the last call, then the directory (their
-    /// names); returns how many. Forgets the files sled has removed since.
+    /// Syncs the blob files written (or grown) since the last call, then the directory
+    /// (their names); returns how many. Forgets the files sled has removed since.
     pub fn sync_new(&mut self) -> std::io::Result<usize> {
-        let mut present = HashSet::with_capacity(self.synced.len());
+        let mut present = HashMap::with_capacity(self.synced.len());
         let mut new = 0;
         for entry in std::fs::read_dir(&self.dir)? {
-            let name = entry?.file_name();
-            if !self.synced.contains(&name) {
-                match File::open(self.dir.join(&name)) {
+            let entry = entry?;
+            let name = entry.file_name();
+            // The length before the sync: a file still growing is synced again later.
+            // A file removed meanwhile is a blob sled's log no longer needs.
+            let length = match entry.metadata() {
+                Ok(metadata) => metadata.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if self.synced.get(&name) != Some(&length) {
+                match File::open(entry.path()) {
                     Ok(file) => file.sync_data()?,
-                    // Removed by sled meanwhile (a blob its log no longer needs).
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(e),
                 }
                 new += 1;
             }
-            present.insert(name);
+            present.insert(name, length);
         }
         if new > 0 {
             File::open(&self.dir)?.sync_all()?;
@@ -393,6 +403,28 @@ mod tests {
             })
             .unwrap();
         outcome
+    }
+
+    /// A blob file is synced once, and again only when it has grown since (one sled's
+    /// own threads were still writing when it was listed).
+    #[test]
+    fn blob_files_are_synced_when_new_or_grown() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let blobs_dir = dir.path().join("blobs");
+        std::fs::create_dir(&blobs_dir).unwrap();
+        let mut first = File::create(blobs_dir.join("100")).unwrap();
+        first.write_all(b"part").unwrap();
+        let mut blobs = BlobFiles::sync_all(dir.path()).unwrap();
+        assert_eq!(blobs.sync_new().unwrap(), 0, "synced when opened");
+        first.write_all(b" and the rest").unwrap();
+        assert_eq!(blobs.sync_new().unwrap(), 1, "grown since it was synced");
+        assert_eq!(blobs.sync_new().unwrap(), 0);
+        std::fs::write(blobs_dir.join("200"), b"new").unwrap();
+        assert_eq!(blobs.sync_new().unwrap(), 1, "a new file");
+        std::fs::remove_file(blobs_dir.join("100")).unwrap();
+        assert_eq!(blobs.sync_new().unwrap(), 0);
+        assert_eq!(blobs.synced.len(), 1, "a removed file is forgotten");
     }
 
     #[test]

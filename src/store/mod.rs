@@ -581,13 +581,13 @@ impl Store {
         self.db
             .flush()
             .map_err(|e| StoreError::Io(format!("flush: {e}")))?;
+        // Blob files first, as the committer does: the log then points at synced ones.
         let sled_dir = self.data_dir().join("sled");
+        BlobFiles::sync_all(&sled_dir)
+            .map_err(|e| StoreError::Io(format!("syncing sled's blob files: {e}")))?;
         std::fs::File::open(sled_dir.join("db"))
             .and_then(|file| file.sync_all())
-            .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))?;
-        BlobFiles::sync_all(&sled_dir)
-            .map(drop)
-            .map_err(|e| StoreError::Io(format!("syncing sled's blob files: {e}")))
+            .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))
     }
 
     pub fn apply_journal(&self) -> Result<Option<records::ApplyJournal>, StoreError> {
