@@ -386,7 +386,7 @@ const _: () = {
     assert!(l.series_max >= 1 && l.series_doses_max >= 1 && l.series_doses_max <= 32);
     assert!(l.campaigns_max >= 1 && l.campaign_waves_max >= 1 && l.registrations_max >= 1);
     assert!(l.registration_sites_max >= 1);
-    assert!(l.registration_requests_max >= 1 && l.registration_requests_max <= 1_000);
+    assert!(l.registration_requests_max >= 1 && l.registration_requests_max <= 64);
     assert!(l.campaign_offers_per_step_max >= 1 && l.campaign_scan_per_step_max >= 1);
     assert!(l.campaign_step_interval_ms >= 10 && l.campaign_step_interval_ms <= 1_000);
     assert!(l.check_in_tries_max >= 1 && l.check_in_tries_max <= 100);
@@ -505,12 +505,12 @@ impl Limits {
              campaign_offers_per_step_max and campaign_scan_per_step_max must be at least 1",
         );
         need(
-            l.registration_sites_max >= 1,
-            "registration_sites_max must be at least 1",
+            (1..=20).contains(&l.registration_sites_max),
+            "registration_sites_max must be between 1 and 20 (kept in the registration's record)",
         );
         need(
-            (1..=1_000).contains(&l.registration_requests_max),
-            "registration_requests_max must be between 1 and 1000",
+            (1..=64).contains(&l.registration_requests_max),
+            "registration_requests_max must be between 1 and 64 (kept in the registration's record)",
         );
         need(
             l.campaign_step_interval_ms >= 10 && l.campaign_step_interval_ms <= 1_000,

@@ -133,6 +133,8 @@ impl Engine {
                 campaign.created_at_unix_ms = self.now_unix_ms();
             }
         }
+        let advice = "fewer waves, or fewer or shorter priority groups";
+        self.check_storable(&Write::Campaign(campaign.clone()), "campaign.waves", advice)?;
         let audit = self.audit(&actor.name, "UpsertCampaign", campaign_detail(&campaign));
         self.store
             .commit(&[Write::Campaign(campaign.clone()), audit])

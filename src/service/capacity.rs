@@ -52,6 +52,19 @@ pub struct CloseOutcome {
     pub expired_holds: u32,
 }
 
+/// The most characters of an audit entry's detail (a campaign's waves, say): the entry
+/// stays far below `records::RECORD_BYTES_MAX`.
+const AUDIT_DETAIL_CHARS_MAX: usize = 1_000;
+
+/// `text`, cut to its first `max` characters and an ellipsis if longer.
+fn shortened(mut text: String, max: usize) -> String {
+    if let Some((cut, _)) = text.char_indices().nth(max) {
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
 /// How long a chunked authority write's first chunk waits for room in a full write
 /// queue, and how many times, before giving up.
 const CHUNK_QUEUE_WAIT: Duration = Duration::from_millis(10);
@@ -335,7 +348,7 @@ impl Engine {
             at_unix_ms: now.max(previous.saturating_add(1)),
             actor: actor.to_string(),
             action: action.to_string(),
-            detail,
+            detail: shortened(detail, AUDIT_DETAIL_CHARS_MAX),
         })
     }
 
@@ -956,6 +969,13 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::domain::ids::{ServiceId, SiteId};
+
+    #[test]
+    fn an_audit_detail_is_cut_at_a_character_not_a_byte() {
+        assert_eq!(shortened("abc".into(), 3), "abc");
+        assert_eq!(shortened("àèìòù".into(), 2), "àè…");
+        assert_eq!(shortened("x".repeat(5_000), 1_000).chars().count(), 1_001);
+    }
 
     fn change() -> Write {
         Write::Delete(b"k".to_vec())

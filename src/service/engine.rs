@@ -31,6 +31,7 @@ use crate::service::exports::{ExportKind, ExportPermit, Exports, Feed, OnIdle};
 use crate::service::rate_limits;
 use crate::service::requests::{self, Begin, RequestRegistry};
 use crate::store::backup_key::BackupKey;
+use crate::store::records::{self, Write};
 use crate::store::{Store, StoreError};
 
 /// A booking with the site it belongs to (for its time zone).
@@ -113,6 +114,22 @@ pub(super) fn undo_if_never_queued(
 }
 
 impl Engine {
+    /// Refuses a record too large to store (`records::RECORD_BYTES_MAX`): `field` is what
+    /// makes it so, `advice` how to make it smaller.
+    pub(super) fn check_storable(
+        &self,
+        write: &Write,
+        field: &str,
+        advice: &str,
+    ) -> Result<(), ServiceError> {
+        let (bytes, max) = (records::stored_bytes(write)?, records::RECORD_BYTES_MAX);
+        if bytes > max {
+            let why = format!("would be stored as {bytes} bytes, more than {max}: {advice}");
+            return Err(DomainError::invalid(field, why).into());
+        }
+        Ok(())
+    }
+
     /// Counts one booking attempt of this citizen against its per-minute quota.
     pub(super) fn count_attempt(&self, citizen: &CitizenKey) -> Result<(), ServiceError> {
         self.attempts.check(citizen).map_err(|retry_after| {

@@ -275,6 +275,8 @@ impl Engine {
         if let Some(queue) = release.queue.as_mut() {
             queue.seed = rand::random();
         }
+        let advice = "name fewer sites (or the region)";
+        self.check_storable(&Write::Release(release.clone()), "release.site_ids", advice)?;
         let audit = self.audit(&actor.name, "CreateRelease", release_detail(&release));
         self.store
             .commit(&[Write::Release(release.clone()), audit])

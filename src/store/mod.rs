@@ -248,6 +248,15 @@ impl Store {
                 (Encoded::Event(value), _) => events.push(value),
             }
         }
+        for (key, value) in &changes {
+            let bytes = key.len() + value.as_ref().map_or(0, Vec::len);
+            if bytes > records::RECORD_BYTES_MAX {
+                // A command that can make one checks `records::stored_bytes` first.
+                debug_assert!(false, "a record of {bytes} bytes was not checked");
+                static TOLD: std::sync::Once = std::sync::Once::new();
+                TOLD.call_once(|| tracing::warn!(bytes, "a record larger than RECORD_BYTES_MAX"));
+            }
+        }
         Ok((changes, events))
     }
 

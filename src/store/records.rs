@@ -1084,6 +1084,23 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, StoreError> {
     })
 }
 
+/// The most bytes one stored record (key and value) may take. sled 0.34 writes a node
+/// whose serialized form exceeds a quarter of a segment (128 KiB) to a blob file it never
+/// syncs: the committer syncs them (`committer::BlobFiles`), but sled's own flusher may
+/// make the log point at one first. A leaf holds at most ~20 records (sled splits past
+/// 16, merges below 4), so records of at most this size keep every node in the log.
+/// Commands whose record could be larger (a release's sites, a campaign's waves) check
+/// `stored_bytes` before they change anything.
+pub const RECORD_BYTES_MAX: usize = 6 * 1024;
+
+/// The bytes `write` takes in the store: its key and value (an event: its value).
+pub fn stored_bytes(write: &Write) -> Result<usize, StoreError> {
+    Ok(match write.encode()? {
+        Encoded::Change((key, value)) => key.len() + value.as_ref().map_or(0, Vec::len),
+        Encoded::Event(value) => value.len(),
+    })
+}
+
 /// The most event bytes one run record holds (a run of more starts a new record). sled
 /// 0.34 writes a node whose serialized form exceeds a quarter of a segment (128 KiB) to a
 /// separate blob file, which the committer's fdatasync of the `db` file would not cover;

@@ -651,14 +651,13 @@ async fn starts_at_every_record(base: &Disk, journal: &[u8], booking_id: Option<
     }
 }
 
-const LARGE_CAMPAIGNS: usize = 12;
+const CAMPAIGNS: usize = 12;
 
-/// A campaign of 64 waves, each naming 16 priority groups of 64 characters: a record
-/// of ~72 KB. A leaf of a few of them is over a quarter of sled's 512 KiB segment, so
-/// sled writes it to a blob file of its own.
-fn large_campaign(index: usize) -> proto::Campaign {
-    let long = |prefix: String| format!("{prefix:x<64}");
-    let waves = (0..64)
+/// A campaign of `waves` waves, each naming 16 priority groups of `name` characters:
+/// 64 waves of 64 are a record of ~72 KB, 8 waves of 30 one of ~4.5 KB.
+fn campaign_of(index: usize, (waves, name): (i64, usize)) -> proto::Campaign {
+    let long = |prefix: String| format!("{prefix:x<name$}");
+    let waves = (0..waves)
         .map(|wave| proto::Wave {
             wave_id: long(format!("w{wave}-")),
             opens_at: Some(prost_types::Timestamp {
@@ -672,7 +671,7 @@ fn large_campaign(index: usize) -> proto::Campaign {
         })
         .collect();
     proto::Campaign {
-        campaign_id: format!("large-{index}"),
+        campaign_id: format!("campaign-{index}"),
         service_id: "vax".into(),
         region_id: format!("r{index}"),
         waves,
@@ -680,12 +679,15 @@ fn large_campaign(index: usize) -> proto::Campaign {
     }
 }
 
-/// Records large enough for sled 0.34 to write their leaf to a blob file (which it never
-/// syncs) survive a power cut once acknowledged. Shown to fail without the committer's
-/// sync of the blob files (`BlobFiles`), 6 runs of 6: the image keeps no blob file, and
-/// sled's recovery panics ("cannot find pid 3 in view_for_key"): the store never starts.
+/// sled 0.34 writes a node over 128 KiB (a leaf of large records) to a blob file it
+/// never syncs, and its own flusher may make the log point at one before the committer
+/// syncs it (`BlobFiles`). Before records were bounded, this test stored 12 campaigns of
+/// ~72 KB: without the blob sync, 6 runs of 6 left an image on which sled's recovery
+/// panics ("cannot find pid 3 in view_for_key"). Now such a campaign is refused before
+/// anything changes (`records::RECORD_BYTES_MAX`), one of ~4.5 KB is accepted, no blob
+/// file is ever written, and every acknowledged campaign survives the power cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_sled_writes_to_blob_files_survive_a_power_cut() {
+async fn records_too_large_for_sleds_log_are_refused_and_the_rest_survive_a_power_cut() {
     let dir = tempfile::tempdir().unwrap();
     let library = build_shim(dir.path(), "power_cut");
     let data_dir = dir.path().join("data");
@@ -694,27 +696,35 @@ async fn records_sled_writes_to_blob_files_survive_a_power_cut() {
     let mut disk = Disk::scan(&data_dir);
     let server = start_journaled(&data_dir, &library, &journal);
     let mut client = CapacityServiceClient::new(connect(&server.url).await);
-    let blobs = |dir: &Path| std::fs::read_dir(dir.join("sled/blobs")).unwrap().count();
+    let upsert = |campaign: proto::Campaign| proto::UpsertCampaignRequest {
+        campaign: Some(campaign),
+        request_id: String::new(),
+    };
     let mut acknowledged = Vec::new();
-    // Enough for sled to rewrite their leaves as blobs several times.
-    for index in 0..LARGE_CAMPAIGNS {
-        let campaign = large_campaign(index);
+    for index in 0..CAMPAIGNS {
+        let large = campaign_of(index, (64, 64));
+        let refused = client.upsert_campaign(upsert(large)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert_eq!(violated_fields(&refused), ["campaign.waves"]);
+        let storable = campaign_of(index, (8, 30));
         client
-            .upsert_campaign(proto::UpsertCampaignRequest {
-                campaign: Some(campaign.clone()),
-                request_id: String::new(),
-            })
+            .upsert_campaign(upsert(storable.clone()))
             .await
-            .expect("a large campaign is accepted");
-        acknowledged.push(campaign.campaign_id);
+            .expect("a campaign of ~4.5 KB is accepted");
+        acknowledged.push(storable.campaign_id);
     }
-    assert!(
-        blobs(&data_dir) > 0,
-        "sled wrote no blob file: the test shows nothing"
-    );
+    let blobs = std::fs::read_dir(data_dir.join("sled/blobs"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 0, "sled wrote a blob file");
     server.kill_9();
     disk.replay(&std::fs::read(&journal).unwrap());
-    report(0, Cut::Clean, "after blob files", disk.image(Cut::Clean));
+    report(
+        0,
+        Cut::Clean,
+        "after large campaigns",
+        disk.image(Cut::Clean),
+    );
 
     let server = ChildServer::start(disk.root());
     let mut client = CapacityServiceClient::new(connect(&server.url).await);
