@@ -2,14 +2,14 @@
 //! every connection; the next one is answered at once with UNAVAILABLE / OVERLOADED and a
 //! RetryInfo, instead of queueing until everything is slow.
 //!
-//! A one-message call counts from when its message has arrived (a client that sends the
-//! headers and never the message holds no place, only its stream, until
-//! `request_timeout_ms`) until its reply is ready (a client that never reads it holds
-//! nothing). A streaming reply ([`STREAMING_REPLIES`]) counts from its headers until the
-//! stream ends, so it is admitted by its own bound too: exports by `exports_max`,
-//! reflection and health watches by their own small pools ([`Shed::streams_only`] leaves
-//! health checks free). A streamed request ([`STREAMED_REQUESTS`]: an import) counts from
-//! its headers until its reply.
+//! A call with one request message counts from when its message has arrived (a client
+//! that sends the headers and never the message holds no place, only its stream, until
+//! `request_timeout_ms`): a one-reply call until its reply is ready (a client that never
+//! reads it holds nothing), a streaming reply ([`STREAMING_REPLIES`]) until the stream
+//! ends, so it is admitted by its own bound too: exports by `exports_max`, reflection and
+//! health watches by their own small pools ([`Shed::streams_only`] leaves health checks
+//! free). A streamed request ([`STREAMED_REQUESTS`]: an import, reflection) counts from
+//! its headers.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,7 +35,11 @@ pub const STREAMING_REPLIES: &[&str] = &[
 ];
 
 /// The methods whose request is a stream of messages (not received whole first).
-pub const STREAMED_REQUESTS: &[&str] = &["/prenota.v1.CapacityService/ImportCapacity"];
+pub const STREAMED_REQUESTS: &[&str] = &[
+    "/prenota.v1.CapacityService/ImportCapacity",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
 
 fn streams(path: &str) -> bool {
     STREAMING_REPLIES.contains(&path)
@@ -102,8 +106,11 @@ where
         let (streaming, streamed) = (streams(path), STREAMED_REQUESTS.contains(&path));
         let request = request.map(tonic::body::Body::new);
         match self.unary {
-            _ if streaming || streamed => self.call_counted(request, streaming),
-            Some(message_bytes_max) => self.call_once_received(request, message_bytes_max),
+            _ if streamed => self.call_counted(request, streaming),
+            Some(message_bytes_max) => {
+                self.call_once_received(request, (message_bytes_max, streaming))
+            }
+            None if streaming => self.call_counted(request, streaming),
             None => Box::pin(self.inner.call(request)),
         }
     }
@@ -117,12 +124,13 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    /// A one-message call: its message is received (at most `message_bytes_max`) before
-    /// it takes a place, which it holds until its reply is ready.
+    /// A call with one request message: it is received (at most `message_bytes_max`)
+    /// before the call takes a place, which it holds until its reply is ready, or, when
+    /// `streaming`, until its reply stream ends.
     fn call_once_received(
         &mut self,
         request: http::Request<tonic::body::Body>,
-        message_bytes_max: usize,
+        (message_bytes_max, streaming): (usize, bool),
     ) -> ShedFuture<S> {
         // The clone is ready for the next call; this one was readied by `poll_ready`.
         let clone = self.inner.clone();
@@ -130,16 +138,16 @@ where
         let permits = Arc::clone(&self.permits);
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let limit = message_bytes_max.saturating_add(GRPC_FRAME_PREFIX_BYTES);
-            let received = match http_body_util::Limited::new(body, limit).collect().await {
-                Ok(received) => received.to_bytes(),
-                Err(error) => return Ok(unreceived(&*error, message_bytes_max).into_http()),
+            let received = match receive(body, message_bytes_max).await {
+                Ok(received) => received,
+                Err(refused) => return Ok(refused.into_http()),
             };
-            let Ok(_permit) = permits.try_acquire_owned() else {
+            let Ok(permit) = permits.try_acquire_owned() else {
                 return Ok(shed());
             };
             let body = tonic::body::Body::new(http_body_util::Full::new(received));
-            inner.call(http::Request::from_parts(parts, body)).await
+            let response = inner.call(http::Request::from_parts(parts, body)).await?;
+            Ok(counted(response, permit, streaming))
         })
     }
 
@@ -153,15 +161,7 @@ where
         match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => {
                 let response = self.inner.call(request);
-                Box::pin(async move {
-                    let response = response.await?;
-                    Ok(match streaming {
-                        true => {
-                            response.map(|inner| tonic::body::Body::new(Counted { inner, permit }))
-                        }
-                        false => response, // the reply is ready: the permit goes here
-                    })
-                })
+                Box::pin(async move { Ok(counted(response.await?, permit, streaming)) })
             }
             Err(_) => {
                 let refused = shed();
@@ -171,21 +171,75 @@ where
     }
 }
 
+/// `response`, holding `permit` until its stream ends when `streaming`; else the reply
+/// is ready and the permit goes here.
+fn counted(
+    response: http::Response<tonic::body::Body>,
+    permit: OwnedSemaphorePermit,
+    streaming: bool,
+) -> http::Response<tonic::body::Body> {
+    match streaming {
+        true => response.map(|inner| tonic::body::Body::new(Counted { inner, permit })),
+        false => response,
+    }
+}
+
 /// The answer to a call past `in_flight_requests_max`: UNAVAILABLE / OVERLOADED.
 fn shed() -> http::Response<tonic::body::Body> {
     metrics::counter!(crate::telemetry::SHED).increment(1);
     Status::from(ServiceError::Shed).into_http()
 }
 
-/// Why a one-message call's message was not received: larger than the limit (as tonic
-/// answers a message it will not decode), or the client went away or broke the stream.
-fn unreceived(error: &(dyn std::error::Error + 'static), message_bytes_max: usize) -> Status {
-    match error.is::<http_body_util::LengthLimitError>() {
-        true => Status::out_of_range(format!(
+/// A one-message call's body, whole: refused as tonic refuses a message it will not
+/// decode (OUT_OF_RANGE) once its 5-byte prefix declares more than `message_bytes_max`
+/// or more arrives, without reading the rest; CANCELLED if the client broke the stream.
+async fn receive(
+    mut body: tonic::body::Body,
+    message_bytes_max: usize,
+) -> Result<tonic::codegen::Bytes, Status> {
+    let too_large = || {
+        Status::out_of_range(format!(
             "the message is too large: at most {message_bytes_max} bytes (message_size_bytes_max)"
-        )),
-        false => Status::cancelled(format!("the request's message was not received: {error}")),
+        ))
+    };
+    let limit = message_bytes_max.saturating_add(GRPC_FRAME_PREFIX_BYTES);
+    let (mut received, mut bytes, mut checked) = (Vec::new(), 0, false);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| {
+            Status::cancelled(format!("the request's message was not received: {error}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: a gRPC request has none that matter here
+        };
+        bytes += data.len();
+        received.push(data);
+        if bytes > limit {
+            return Err(too_large());
+        }
+        if !checked && bytes >= GRPC_FRAME_PREFIX_BYTES {
+            checked = true;
+            let prefix: Vec<u8> = received
+                .iter()
+                .flat_map(|data| data.iter())
+                .take(5)
+                .copied()
+                .collect();
+            if declared_length(&prefix).is_some_and(|declared| declared > message_bytes_max) {
+                return Err(too_large());
+            }
+        }
     }
+    // Usually one frame: kept as it is, without a copy.
+    Ok(match received.len() {
+        1 => received.remove(0),
+        _ => received.concat().into(),
+    })
+}
+
+/// The length a gRPC frame's 5-byte prefix declares (after its compression flag).
+fn declared_length(prefix: &[u8]) -> Option<usize> {
+    let length: [u8; 4] = prefix.get(1..GRPC_FRAME_PREFIX_BYTES)?.try_into().ok()?;
+    Some(u32::from_be_bytes(length) as usize)
 }
 
 /// A response body that holds its request's place until it is dropped.

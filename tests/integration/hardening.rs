@@ -564,11 +564,11 @@ async fn unread_replies_and_open_reflection_streams_take_no_bookings_place() {
     drop(unread);
 }
 
-/// A one-message call takes its place in `in_flight_requests_max` once its message has
-/// arrived: 200 calls whose client sends the headers and never the message (32 places
-/// here) take none, and other clients' calls are answered, not OVERLOADED. Shown to
-/// fail with the place taken at the headers (the calls held every place until
-/// `request_timeout_ms`).
+/// A call with one request message takes its place in `in_flight_requests_max` once its
+/// message has arrived: 200 calls (one-reply and export) whose client sends the headers
+/// and never the message (32 places here) take none, and other clients' calls are
+/// answered, not OVERLOADED. Shown to fail with the place taken at the headers (the
+/// calls held every place until `request_timeout_ms`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_whose_message_never_comes_take_no_place() {
     let dir = tempfile::tempdir().unwrap();
@@ -576,8 +576,11 @@ async fn calls_whose_message_never_comes_take_no_place() {
     one_slot_site_on(connect(&server.url).await, "hl-site", "r", 5).await;
     let (client, _connection) = h2_client(&server, None).await;
     let mut never_sent = Vec::new();
-    for _ in 0..200 {
-        let path = "/prenota.v1.CapacityService/GetSiteStats";
+    for index in 0..200 {
+        let path = match index % 2 {
+            0 => "/prenota.v1.CapacityService/GetSiteStats",
+            _ => "/prenota.v1.CapacityService/ExportBookings", // a streaming reply
+        };
         never_sent.push(send_call(&client, path, None, false).await);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -594,4 +597,23 @@ async fn calls_whose_message_never_comes_take_no_place() {
             .expect("not OVERLOADED");
     }
     drop(never_sent);
+}
+
+/// A one-message call whose 5-byte prefix declares more than `message_size_bytes_max`
+/// is refused from the prefix (OUT_OF_RANGE, as tonic refuses it), not after waiting
+/// for the rest of a message the client never sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_declared_too_large_is_refused_from_its_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(dir.path());
+    let (client, _connection) = h2_client(&server, None).await;
+    let mut declared = vec![0u8];
+    declared.extend_from_slice(&(5u32 << 20).to_be_bytes());
+    declared.extend_from_slice(&[0x0a; 100]);
+    let path = "/prenota.v1.BookingService/Book";
+    let never_finished = send_call(&client, path, Some(declared.into()), false).await;
+    let status = tokio::time::timeout(Duration::from_secs(10), grpc_status_of(never_finished))
+        .await
+        .expect("refused from the prefix, not at the request timeout");
+    assert_eq!(status, Some(11), "OUT_OF_RANGE");
 }
