@@ -14,6 +14,12 @@ pub const CAPACITY_PER_SLOT_CEILING: u32 = (1 << 21) - 1;
 /// event reads refuse longer ones as corrupt, so no limit may let a request write one.
 pub const STORED_TEXT_LENGTH_MAX: usize = 16_384;
 
+/// The longest display text a limit may let a request write (a site's name, a closure's
+/// reason: up to 4 KB of UTF-8), and the longest id: every record stays within
+/// `store::records::RECORD_BYTES_MAX` (a registration names up to 36 ids).
+pub const WRITTEN_TEXT_LENGTH_MAX: usize = 1_000;
+pub const ID_LENGTH_CEILING: usize = 80;
+
 /// Upper bounds on everything a client can make the server hold, scan or write.
 /// In `prenota.toml` under `[limits]`; a missing key keeps its default.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -377,7 +383,9 @@ const _: () = {
     assert!(l.export_idle_timeout_ms >= 100);
     assert!(l.event_streams_max >= 1 && l.events_page_max >= 1);
     assert!(l.event_streams_per_token_max >= 1);
-    assert!(l.close_reason_length_max <= STORED_TEXT_LENGTH_MAX);
+    assert!(l.close_reason_length_max <= WRITTEN_TEXT_LENGTH_MAX);
+    assert!(l.site_name_length_max <= WRITTEN_TEXT_LENGTH_MAX);
+    assert!(l.id_length_max <= ID_LENGTH_CEILING);
     assert!(l.watch_subscribers_max >= 1 && l.watch_slots_max >= 1);
     assert!(l.watch_coalesce_ms >= 10);
     assert!(l.releases_max >= 1 && l.queue_tickets_max >= 1 && l.release_sites_max >= 1);
@@ -410,7 +418,14 @@ impl Limits {
                 problems.push(format!("limits: {what}"));
             }
         };
-        need(l.id_length_max >= 1, "id_length_max must be at least 1");
+        need(
+            (1..=ID_LENGTH_CEILING).contains(&l.id_length_max),
+            "id_length_max must be between 1 and 80 (records stay within 6 KiB)",
+        );
+        need(
+            (1..=WRITTEN_TEXT_LENGTH_MAX).contains(&l.site_name_length_max),
+            "site_name_length_max must be between 1 and 1000 (records stay within 6 KiB)",
+        );
         need(
             l.request_id_length_max >= 1 && l.citizen_id_length_max >= 1,
             "request_id_length_max and citizen_id_length_max must be at least 1",
@@ -599,9 +614,8 @@ impl Limits {
             "import_rows_max and import_slots_max must be at least 1",
         );
         need(
-            l.close_reason_length_max >= 1 && l.close_reason_length_max <= STORED_TEXT_LENGTH_MAX,
-            "close_reason_length_max must be between 1 and 16384 (the longest text a stored \
-             record may hold)",
+            (1..=WRITTEN_TEXT_LENGTH_MAX).contains(&l.close_reason_length_max),
+            "close_reason_length_max must be between 1 and 1000 (records stay within 6 KiB)",
         );
         need(
             l.rate_limiter_retain_interval_ms >= 100,
@@ -637,5 +651,38 @@ impl Limits {
             "request_timeout_ms must be at least 100",
         );
         problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ids and texts a request may write are capped so every record stays within
+    /// `store::records::RECORD_BYTES_MAX` (no sled blob file, which sled never syncs).
+    #[test]
+    fn limits_that_would_let_a_record_pass_6_kib_are_refused() {
+        let limits = Limits {
+            id_length_max: ID_LENGTH_CEILING + 1,
+            site_name_length_max: WRITTEN_TEXT_LENGTH_MAX + 1,
+            close_reason_length_max: WRITTEN_TEXT_LENGTH_MAX + 1,
+            registration_requests_max: 65,
+            registration_sites_max: 21,
+            ..Limits::default()
+        };
+        let problems = limits.problems();
+        for name in [
+            "id_length_max",
+            "site_name_length_max",
+            "close_reason_length_max",
+            "registration_requests_max",
+            "registration_sites_max",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(name)),
+                "{name} not refused: {problems:?}"
+            );
+        }
+        assert!(Limits::default().problems().is_empty());
     }
 }

@@ -221,7 +221,7 @@ async fn receive(
             let prefix: Vec<u8> = received
                 .iter()
                 .flat_map(|data| data.iter())
-                .take(5)
+                .take(GRPC_FRAME_PREFIX_BYTES)
                 .copied()
                 .collect();
             if declared_length(&prefix).is_some_and(|declared| declared > message_bytes_max) {

@@ -275,8 +275,13 @@ impl Engine {
         if let Some(queue) = release.queue.as_mut() {
             queue.seed = rand::random();
         }
+        // As it will be stored once sold out (its largest form).
+        let sold_out = Release {
+            sold_out_at_unix_ms: Some(i64::MAX),
+            ..release.clone()
+        };
         let advice = "name fewer sites (or the region)";
-        self.check_storable(&Write::Release(release.clone()), "release.site_ids", advice)?;
+        self.check_storable(&Write::Release(sold_out), "release.site_ids", advice)?;
         let audit = self.audit(&actor.name, "CreateRelease", release_detail(&release));
         self.store
             .commit(&[Write::Release(release.clone()), audit])

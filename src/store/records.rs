@@ -1090,7 +1090,9 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, StoreError> {
 /// make the log point at one first. A leaf holds at most ~20 records (sled splits past
 /// 16, merges below 4), so records of at most this size keep every node in the log.
 /// Commands whose record could be larger (a release's sites, a campaign's waves) check
-/// `stored_bytes` before they change anything.
+/// `stored_bytes` before they change anything; the limits on ids and texts
+/// (`limits::ID_LENGTH_CEILING`, `WRITTEN_TEXT_LENGTH_MAX`) keep every other record
+/// within it. Records written before this bound (a restored old backup) may be larger.
 pub const RECORD_BYTES_MAX: usize = 6 * 1024;
 
 /// The bytes `write` takes in the store: its key and value (an event: its value).
@@ -1103,8 +1105,8 @@ pub fn stored_bytes(write: &Write) -> Result<usize, StoreError> {
 
 /// The most event bytes one run record holds (a run of more starts a new record). sled
 /// 0.34 writes a node whose serialized form exceeds a quarter of a segment (128 KiB) to a
-/// separate blob file, which the committer's fdatasync of the `db` file would not cover;
-/// a leaf holds at most 17 records, so runs stay far below that.
+/// separate blob file (see `RECORD_BYTES_MAX`); a run of events plus one event (at most
+/// `limits::WRITTEN_TEXT_LENGTH_MAX` characters of text) stays within it.
 pub const EVENT_RUN_BYTES_MAX: usize = 4_096;
 
 /// The records of events `first_sequence`, `first_sequence + 1`, ... (their values from
