@@ -863,6 +863,10 @@ fn run_footprint(
     let (recovery_s, recovery_rss_mib) = (recovered.seconds, recovered.rss_mib);
     println!("  recovery of {recovery_bookings} bookings: {recovery_s:.1} s (target <= 10 s); process resident afterwards: {recovery_rss_mib:.0} MiB");
     println!(
+        "    its tables sized by the data dir's hint of {} bookings (left by the last shutdown or retention pass; 0: none)",
+        recovered.hinted_bookings
+    );
+    println!(
         "  one retention pass over that store (nothing to delete): {:.1} ms",
         recovered.retention_seconds * 1e3
     );
@@ -883,6 +887,7 @@ fn run_footprint(
             "recovery_bookings": recovery_bookings,
             "recovery_s": recovery_s,
             "recovery_rss_mib": recovery_rss_mib,
+            "recovery_hinted_bookings": recovered.hinted_bookings,
             "retention_s": recovered.retention_seconds,
             "closure_s": recovered.closure_seconds,
         }),

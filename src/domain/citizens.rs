@@ -96,6 +96,22 @@ impl Default for CitizenIndex {
 }
 
 impl CitizenIndex {
+    /// Room for `entries` (citizen, service) entries in all, made at once (recovery).
+    pub fn reserve_entries(&self, entries: usize) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.active.reserve(entries / SHARD_COUNT + 1);
+        }
+    }
+
+    /// (citizen, service) entries with an active booking.
+    pub fn entries(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()).active.len())
+            .sum()
+    }
+
     fn shard(&self, citizen: &CitizenKey) -> MutexGuard<'_, Shard> {
         let index = usize::from(citizen.0[0]) % SHARD_COUNT;
         // A poisoned shard still holds consistent data: every critical section below

@@ -32,6 +32,7 @@ use crate::service::rate_limits;
 use crate::service::requests::{self, Begin, RequestRegistry};
 use crate::store::backup_key::BackupKey;
 use crate::store::records::{self, Write};
+use crate::store::size_hint::IndexSizes;
 use crate::store::{Store, StoreError};
 
 /// A booking with the site it belongs to (for its time zone).
@@ -416,6 +417,20 @@ impl Engine {
 
     /// Lets queued writes finish durably, then stops the committer.
     pub fn shutdown(&mut self) {
+        self.keep_size_hint();
         self.store.shutdown();
+    }
+
+    /// Writes the sizes of the indexes recovery rebuilds, for the next recovery to size
+    /// its tables by (`store::size_hint`). Only a hint: a failure is logged, nothing else.
+    pub fn keep_size_hint(&self) {
+        let sizes = IndexSizes {
+            bookings: self.store.booking_index().references() as u64,
+            citizens: self.citizens.entries() as u64,
+            requests: self.requests.remembered() as u64,
+        };
+        if let Err(e) = sizes.write(self.store.data_dir()) {
+            tracing::warn!(error = %e, "could not keep the recovery size hint");
+        }
     }
 }

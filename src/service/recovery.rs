@@ -32,6 +32,7 @@ use crate::service::requests::RequestRegistry;
 use crate::store::key_file;
 use crate::store::postgres::{Lease, Standby};
 use crate::store::records::{self, Record, SiteRecord};
+use crate::store::size_hint::IndexSizes;
 use crate::store::{DataDirLock, Store, StoreError};
 use crate::telemetry;
 
@@ -212,6 +213,7 @@ fn citizen_hash_key(config: &Config, store: &Store) -> Result<[u8; 32], ServiceE
 fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     let started = std::time::Instant::now();
     let cutoffs = engine.retention_cutoffs();
+    reserve_indexes(engine);
     let catalog = engine.catalog.get_mut().unwrap_or_else(|p| p.into_inner());
     restore_sites(&engine.store, catalog)?;
     for series in engine.store.series() {
@@ -246,6 +248,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     engine.restore_releases()?;
     engine.restore_campaigns(|request, id, at| requests.restore(request, id, at))?;
     let elapsed = started.elapsed();
+    engine.keep_size_hint();
     metrics::gauge!(telemetry::RECOVERY_SECONDS).set(elapsed.as_secs_f64());
     let request_records = engine.requests.remembered() as u64;
     for (kind, count) in [
@@ -267,6 +270,18 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         "recovered state from the store"
     );
     Ok(())
+}
+
+/// Sizes the indexes rebuilt from the bookings once, by the hint the last run kept.
+fn reserve_indexes(engine: &Engine) {
+    let store_bytes = engine.store.size_on_disk().unwrap_or(0);
+    let sizes = IndexSizes::read(engine.store.data_dir(), store_bytes);
+    engine
+        .store
+        .booking_index()
+        .reserve(sizes.bookings as usize);
+    engine.citizens.reserve_entries(sizes.citizens as usize);
+    engine.requests.reserve(sizes.requests as usize);
 }
 
 /// The request registry being rebuilt, and which records it still remembers.

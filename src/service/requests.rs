@@ -142,6 +142,15 @@ impl RequestRegistry {
     }
 
     /// Finished requests remembered.
+    /// Room for `records` remembered requests in all, made at once (recovery, sized by
+    /// `store::size_hint`).
+    pub fn reserve(&self, records: usize) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.done.reserve(records / SHARD_COUNT + 1);
+        }
+    }
+
     pub fn remembered(&self) -> usize {
         self.shards
             .iter()

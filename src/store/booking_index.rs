@@ -95,6 +95,16 @@ impl BookingIndex {
     /// [`BookingIndex::insert`] for recovery: its roster entry is appended, unordered,
     /// until [`BookingIndex::sort_rosters`] (sorted inserts in key order would move
     /// half of a big slot's roster per booking).
+    /// Room for `bookings` references, made at once (recovery).
+    pub fn reserve(&self, bookings: usize) {
+        self.lock().by_reference.reserve(bookings);
+    }
+
+    /// Bookings with a reference.
+    pub fn references(&self) -> usize {
+        self.lock().by_reference.len()
+    }
+
     pub fn insert_unordered(&self, booking: &Booking) -> Result<(), BookingKey> {
         self.enter(booking, |roster, reference| roster.0.push(reference))
     }

@@ -17,6 +17,7 @@ pub mod error;
 pub mod key_file;
 pub mod postgres;
 pub mod records;
+pub mod size_hint;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};

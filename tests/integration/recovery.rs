@@ -335,3 +335,28 @@ async fn a_stored_cancel_reason_a_closure_could_not_write_refuses_to_start() {
         other => panic!("expected a recovery refusal, got {:?}", other.err()),
     }
 }
+
+#[tokio::test]
+async fn recovery_keeps_a_size_hint_and_survives_a_damaged_one() {
+    use prenota::store::size_hint::{IndexSizes, FILE_NAME};
+    let dir = tempfile::tempdir().unwrap();
+    store_with(
+        dir.path(),
+        3,
+        vec![booking(1, 1), booking(2, 2), booking(3, 3)],
+    )
+    .await;
+    let mut engine = open(dir.path()).unwrap();
+    let kept = IndexSizes::read(dir.path(), u64::MAX);
+    assert_eq!((kept.bookings, kept.citizens), (3, 3), "{kept:?}");
+    engine.shutdown();
+    drop(engine);
+    // Sized by a damaged hint, recovery would ask for more memory than exists.
+    let hint = dir.path().join(FILE_NAME);
+    let huge = "bookings 18446744073709551615\ncitizens 1\nrequests 1\n";
+    std::fs::write(&hint, huge).unwrap();
+    let engine = open(dir.path()).unwrap();
+    let kept = IndexSizes::read(dir.path(), u64::MAX);
+    assert_eq!((kept.bookings, kept.citizens), (3, 3), "{kept:?}");
+    drop(engine);
+}
