@@ -64,7 +64,8 @@ pub const STORE_DISK_BYTES: &str = "prenota_store_disk_bytes";
 pub const SERVING: &str = "prenota_serving";
 /// How long the last start-up recovery took.
 pub const RECOVERY_SECONDS: &str = "prenota_recovery_seconds";
-/// Records the last recovery rebuilt, by `kind` (`slots`, `confirmed`, `cancelled`, `live_holds`).
+/// Records the last recovery rebuilt, by `kind` (`slots`, `confirmed`, `cancelled`,
+/// `live_holds`, `request_records`, `confirmed_in_closed_slots`).
 pub const RECOVERED_RECORDS: &str = "prenota_recovered_records";
 /// Records retention forgot or deleted, by kind.
 pub const RETENTION_DELETED: &str = "prenota_retention_deleted_total";

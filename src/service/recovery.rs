@@ -235,7 +235,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         catalog,
         max_active,
     )?;
-    let (confirmed, cancelled) = restore_bookings(
+    let (confirmed, cancelled, in_closed_slots) = restore_bookings(
         &engine.store,
         &requests,
         (&engine.citizens, &mut channel_use),
@@ -244,6 +244,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     )?;
     drop(channel_use);
     check_capacities(catalog)?;
+    in_closed_slots.warn();
     warn_of_interrupted_write(&engine.store)?;
     engine.restore_releases()?;
     engine.restore_campaigns(|request, id, at| requests.restore(request, id, at))?;
@@ -257,6 +258,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         ("confirmed", confirmed),
         ("cancelled", cancelled),
         ("request_records", request_records),
+        ("confirmed_in_closed_slots", in_closed_slots.bookings),
     ] {
         metrics::gauge!(telemetry::RECOVERED_RECORDS, "kind" => kind).set(count as f64);
     }
@@ -384,8 +386,43 @@ fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceErr
     Ok(slots)
 }
 
+/// Confirmed bookings found in closed slots. A closure cancels its slots' bookings in
+/// the same write, so none should exist; a store written before cancels and
+/// reschedules waited for closures (2026-12-04) may hold some. Nothing cancels them by
+/// itself (no reason was written for them) and their citizens cannot (SLOT_CLOSED), so
+/// recovery names them to the operator instead of refusing to start.
+#[derive(Default)]
+struct InClosedSlots {
+    bookings: u64,
+    /// The first few slots, for the log line.
+    slots: std::collections::BTreeSet<String>,
+}
+
+impl InClosedSlots {
+    const SLOTS_NAMED_MAX: usize = 10;
+
+    fn note(&mut self, slot: &SlotKey) {
+        self.bookings += 1;
+        if self.slots.len() < Self::SLOTS_NAMED_MAX {
+            self.slots.insert(slot.text());
+        }
+    }
+
+    fn warn(&self) {
+        if self.bookings > 0 {
+            tracing::warn!(
+                bookings = self.bookings,
+                slots = ?self.slots,
+                "confirmed bookings in closed slots (a closure raced a cancel in an older \
+                 build): reopen each slot with SetSlotCapacity and close it again with \
+                 CloseSlots to cancel them"
+            );
+        }
+    }
+}
+
 /// Rebuilds counters, citizen limits and request records from every booking; returns
-/// how many are confirmed and how many cancelled. sled's scan and the decode + rebuild
+/// how many are confirmed, how many cancelled, and those found in closed slots. sled's scan and the decode + rebuild
 /// take about as long as each other: they run on the two cores, with a bounded number
 /// of chunks between them.
 fn restore_bookings(
@@ -394,8 +431,9 @@ fn restore_bookings(
     (citizens, channel_use): (&CitizenIndex, &mut ChannelUse),
     catalog: &Catalog,
     max_active: usize,
-) -> Result<(u64, u64), ServiceError> {
+) -> Result<(u64, u64, InClosedSlots), ServiceError> {
     let (mut confirmed, mut cancelled) = (0u64, 0u64);
+    let mut in_closed_slots = InClosedSlots::default();
     let index = store.booking_index();
     std::thread::scope(|scope| -> Result<(), ServiceError> {
         let (sender, receiver) = std::sync::mpsc::sync_channel(RECOVERY_CHUNKS_IN_FLIGHT);
@@ -429,6 +467,10 @@ fn restore_bookings(
                         true => {
                             channel_use.add(&booking.slot, &booking.channel);
                             confirmed += 1;
+                            let closed = slot.is_some_and(|s| s.counter.snapshot().closed);
+                            if closed && booking.is_confirmed() {
+                                in_closed_slots.note(&booking.slot);
+                            }
                         }
                         false => cancelled += 1,
                     }
@@ -443,7 +485,7 @@ fn restore_bookings(
         read.map_err(ServiceError::from)
     })?;
     index.sort_rosters();
-    Ok((confirmed, cancelled))
+    Ok((confirmed, cancelled, in_closed_slots))
 }
 
 type RawRecords = Vec<(sled::IVec, sled::IVec)>;

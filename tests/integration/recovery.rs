@@ -360,3 +360,60 @@ async fn recovery_keeps_a_size_hint_and_survives_a_damaged_one() {
     assert_eq!((kept.bookings, kept.citizens), (3, 3), "{kept:?}");
     drop(engine);
 }
+
+/// A confirmed booking in a closed slot (a closure raced a cancel in an older build)
+/// starts, is counted and named in the log with what to do, and that remedy works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_booking_in_a_closed_slot_is_named_and_can_be_cancelled() {
+    use common::child::{http_get, ChildOptions, ChildServer};
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 2, vec![booking(1, 1)]).await;
+    let mut store = Store::open(dir.path(), &Config::default().limits).unwrap();
+    let closed = Write::Slot(SlotRecord {
+        key: slot_key(),
+        end_unix_s: 4_102_444_800 + 600,
+        capacity: 2,
+        closed: true,
+    });
+    store.commit(&[closed]).await.unwrap();
+    store.shutdown();
+    drop(store);
+
+    let log = dir.path().join("stderr.log");
+    let options = ChildOptions {
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        rust_log: Some("warn".into()),
+        ..ChildOptions::default()
+    };
+    let mut server = ChildServer::start_recovering(dir.path(), options);
+    server.wait_serving();
+    let metrics = http_get(&server.metrics_url);
+    let line = "prenota_recovered_records{kind=\"confirmed_in_closed_slots\"} 1";
+    assert!(metrics.lines().any(|l| l == line), "{metrics}");
+    server.terminate();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let named = logged
+        .lines()
+        .find(|l| l.contains("confirmed bookings in closed slots"));
+    let named = named.unwrap_or_else(|| panic!("no warning in {logged}"));
+    assert!(named.contains("broken/vax/4102444800"), "{named}");
+    assert!(named.contains("SetSlotCapacity"), "{named}");
+
+    // The remedy the line gives: reopen, close again.
+    let engine = std::sync::Arc::new(open(dir.path()).unwrap());
+    let admin = Actor::everywhere("test");
+    engine
+        .set_slot_capacity(&slot_key(), 2, None, &admin)
+        .await
+        .unwrap();
+    let close = CloseCommand {
+        site_id: slot_key().site_id,
+        service_id: None,
+        from_unix_s: slot_key().start_unix_s,
+        to_unix_s: slot_key().start_unix_s + 1,
+        reason: "flooded".into(),
+        request: None,
+    };
+    let outcome = engine.close_slots(close, &admin).await.unwrap();
+    assert_eq!(outcome.cancelled_bookings, 1);
+}
