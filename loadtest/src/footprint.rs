@@ -167,6 +167,7 @@ pub struct Recovered {
 pub fn recovery(bookings: u64, keep: Option<&Path>) -> Result<Recovered, String> {
     let temporary = tempfile::tempdir().map_err(|e| e.to_string())?;
     let dir = keep.unwrap_or(temporary.path());
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let marker = dir.join(BUILT_MARKER);
     let built = std::fs::read_to_string(&marker).ok();
     if built.as_deref() == Some(bookings.to_string().as_str()) {
