@@ -148,8 +148,9 @@ const BUILT_MARKER: &str = "footprint-bookings";
 /// What `recovery` measured.
 pub struct Recovered {
     pub seconds: f64,
-    /// The bookings the data dir's size hint (`store::size_hint`) named: recovery sized
-    /// its tables by it (0: none, as on a first start after a crash).
+    /// The bookings the data dir's size hint (`store::size_hint`) named before the
+    /// recovery (0: none, as for a store never recovered; the server logs whether it used
+    /// one).
     pub hinted_bookings: u64,
     /// The process's resident MiB afterwards (sled's page cache included).
     pub rss_mib: f64,

@@ -79,6 +79,11 @@ struct Cli {
         hide_env_values = true
     )]
     postgres: Option<String>,
+    /// With --spawn: the spawned server opens this data dir (and leaves it) instead of
+    /// a temp dir: a run on a store that already holds bookings, e.g. a copy of the
+    /// one `footprint --recovery-store` builds (the day after an opening).
+    #[arg(long, requires = "spawn", conflicts_with = "postgres")]
+    data_dir: Option<PathBuf>,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -310,10 +315,18 @@ async fn run(cli: Cli) -> Result<bool, String> {
     };
     let (target, gateway) = start_target(&cli, &clock)?;
     let channels = connect(&target.url, cli.channels.max(1)).await?;
+    let spawned = match (&cli.data_dir, cli.spawn) {
+        (Some(dir), _) => format!(
+            " (spawned on {}, recovered in {:.1} s)",
+            dir.display(),
+            target.opened_in_seconds()
+        ),
+        (None, true) => " (spawned)".to_string(),
+        (None, false) => String::new(),
+    };
     println!(
-        "prenota-loadtest against {}{}: {} in flight over {} connections",
+        "prenota-loadtest against {}{spawned}: {} in flight over {} connections",
         target.url,
-        if cli.spawn { " (spawned)" } else { "" },
         cli.in_flight,
         channels.len()
     );
@@ -536,7 +549,8 @@ fn start_target(cli: &Cli, clock: &Clock) -> Result<(Target, Option<assertions::
         config.citizen_hash_key = Some([0x5a; 32]);
         report::count_postgres_cpu();
     }
-    Ok((Target::spawn(config, clock.clone())?, gateway))
+    let target = Target::spawn(config, clock.clone(), cli.data_dir.clone())?;
+    Ok((target, gateway))
 }
 
 /// `count` connections to `url`.
@@ -863,7 +877,7 @@ fn run_footprint(
     let (recovery_s, recovery_rss_mib) = (recovered.seconds, recovered.rss_mib);
     println!("  recovery of {recovery_bookings} bookings: {recovery_s:.1} s (target <= 10 s); process resident afterwards: {recovery_rss_mib:.0} MiB");
     println!(
-        "    its tables sized by the data dir's hint of {} bookings (left by the last shutdown or retention pass; 0: none)",
+        "    the data dir's size hint named {} bookings (left by the last recovery, retention pass or shutdown; 0: none)",
         recovered.hinted_bookings
     );
     println!(

@@ -20,13 +20,30 @@ type RenderMetrics = Box<dyn Fn() -> String + Send>;
 struct Spawned {
     stop: oneshot::Sender<()>,
     thread: JoinHandle<()>,
-    /// Deleted when the target is dropped, after the server stopped.
-    data_dir: tempfile::TempDir,
+    data_dir: DataDir,
+    /// From the start to listening: the recovery of a given data dir, mostly.
+    opened_in_seconds: f64,
     /// The spawned server records metrics like `prenota serve` does (so their cost is
     /// in the measurement); read at the end of a run.
     metrics: RenderMetrics,
     /// Its engine, for scenarios that read its state (the churn soak).
     engine: Weak<Engine>,
+}
+
+/// A spawned server's data dir: a temporary one (deleted when dropped, after the
+/// server stopped), or one given with `--data-dir` (kept).
+pub enum DataDir {
+    Temporary(tempfile::TempDir),
+    Given(std::path::PathBuf),
+}
+
+impl DataDir {
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            Self::Temporary(dir) => dir.path(),
+            Self::Given(path) => path,
+        }
+    }
 }
 
 /// What the server thread hands back once it listens.
@@ -50,11 +67,19 @@ impl Target {
         })
     }
 
-    /// Starts a prenota server on 127.0.0.1:0 with a fresh temp data dir, its engine
-    /// reading `clock`.
-    pub fn spawn(config: Config, clock: Clock) -> Result<Self, String> {
-        let data_dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    /// Starts a prenota server on 127.0.0.1:0 on `data_dir` (a fresh temp dir when
+    /// `None`), its engine reading `clock`.
+    pub fn spawn(
+        config: Config,
+        clock: Clock,
+        data_dir: Option<std::path::PathBuf>,
+    ) -> Result<Self, String> {
+        let data_dir = match data_dir {
+            Some(path) => DataDir::Given(path),
+            None => DataDir::Temporary(tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?),
+        };
         let path = data_dir.path().to_path_buf();
+        let started = std::time::Instant::now();
         let (ready, address) = std::sync::mpsc::channel::<Result<Started, String>>();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -114,6 +139,7 @@ impl Target {
                 stop,
                 thread,
                 data_dir,
+                opened_in_seconds: started.elapsed().as_secs_f64(),
                 metrics,
                 engine,
             }),
@@ -123,6 +149,13 @@ impl Target {
     /// A spawned server's data dir.
     pub fn data_dir(&self) -> Option<&std::path::Path> {
         self.spawned.as_ref().map(|spawned| spawned.data_dir.path())
+    }
+
+    /// How long a spawned server took to open (0 for one reached at `--server`).
+    pub fn opened_in_seconds(&self) -> f64 {
+        self.spawned
+            .as_ref()
+            .map_or(0.0, |spawned| spawned.opened_in_seconds)
     }
 
     /// A spawned server's engine while it runs.
@@ -142,8 +175,9 @@ impl Target {
         drop(self.stop_keeping_data());
     }
 
-    /// Stops a spawned server and hands its data dir over (deleted when dropped).
-    pub fn stop_keeping_data(mut self) -> Option<tempfile::TempDir> {
+    /// Stops a spawned server and hands its data dir over (a temporary one is deleted
+    /// when dropped).
+    pub fn stop_keeping_data(mut self) -> Option<DataDir> {
         let spawned = self.spawned.take()?;
         let _ = spawned.stop.send(());
         let _ = spawned.thread.join();

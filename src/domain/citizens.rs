@@ -96,12 +96,13 @@ impl Default for CitizenIndex {
 }
 
 impl CitizenIndex {
-    /// Room for `entries` (citizen, service) entries in all, made at once (recovery).
-    pub fn reserve_entries(&self, entries: usize) {
-        for shard in self.shards.iter() {
+    /// Room for `entries` (citizen, service) entries in all, made at once (recovery);
+    /// `false` if the memory could not be had (nothing reserved then in the shards left).
+    pub fn reserve_entries(&self, entries: usize) -> bool {
+        self.shards.iter().all(|shard| {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.active.reserve(entries / SHARD_COUNT + 1);
-        }
+            shard.active.try_reserve(entries / SHARD_COUNT + 1).is_ok()
+        })
     }
 
     /// (citizen, service) entries with an active booking.

@@ -244,7 +244,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     )?;
     drop(channel_use);
     check_capacities(catalog)?;
-    in_closed_slots.warn();
+    in_closed_slots.warn(catalog);
     warn_of_interrupted_write(&engine.store)?;
     engine.restore_releases()?;
     engine.restore_campaigns(|request, id, at| requests.restore(request, id, at))?;
@@ -274,16 +274,24 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// Sizes the indexes rebuilt from the bookings once, by the hint the last run kept.
+/// Sizes the indexes rebuilt from the bookings once, by the hint the last run kept
+/// (memory that cannot be had is only logged: the tables then grow as they fill).
 fn reserve_indexes(engine: &Engine) {
     let store_bytes = engine.store.size_on_disk().unwrap_or(0);
     let sizes = IndexSizes::read(engine.store.data_dir(), store_bytes);
-    engine
+    if sizes == IndexSizes::default() {
+        return;
+    }
+    let reserved = engine
         .store
         .booking_index()
-        .reserve(sizes.bookings as usize);
-    engine.citizens.reserve_entries(sizes.citizens as usize);
-    engine.requests.reserve(sizes.requests as usize);
+        .reserve(sizes.bookings as usize)
+        && engine.citizens.reserve_entries(sizes.citizens as usize)
+        && engine.requests.reserve(sizes.requests as usize);
+    match reserved {
+        true => tracing::info!(?sizes, "recovery sized its tables by the size hint"),
+        false => tracing::warn!(?sizes, "the memory the size hint asks for could not be had"),
+    }
 }
 
 /// The request registry being rebuilt, and which records it still remembers.
@@ -388,43 +396,61 @@ fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceErr
 
 /// Confirmed bookings found in closed slots. A closure cancels its slots' bookings in
 /// the same write, so none should exist; a store written before cancels and
-/// reschedules waited for closures (2026-12-04) may hold some. Nothing cancels them by
-/// itself (no reason was written for them) and their citizens cannot (SLOT_CLOSED), so
-/// recovery names them to the operator instead of refusing to start.
+/// reschedules waited for closures (commit f1a3c71) may hold some. Nothing cancels them
+/// by itself (no reason was written for them) and their citizens cannot (SLOT_CLOSED),
+/// so recovery names them to the operator instead of refusing to start.
 #[derive(Default)]
 struct InClosedSlots {
     bookings: u64,
-    /// The first few slots, for the log line.
-    slots: std::collections::BTreeSet<String>,
+    /// Each slot with its confirmed bookings.
+    slots: std::collections::BTreeMap<SlotKey, u32>,
 }
 
 impl InClosedSlots {
+    /// Slots named in the log line, with what to do for each.
     const SLOTS_NAMED_MAX: usize = 10;
 
     fn note(&mut self, slot: &SlotKey) {
         self.bookings += 1;
-        if self.slots.len() < Self::SLOTS_NAMED_MAX {
-            self.slots.insert(slot.text());
-        }
+        *self.slots.entry(slot.clone()).or_default() += 1;
     }
 
-    fn warn(&self) {
-        if self.bookings > 0 {
-            tracing::warn!(
-                bookings = self.bookings,
-                slots = ?self.slots,
-                "confirmed bookings in closed slots (a closure raced a cancel in an older \
-                 build): reopen each slot with SetSlotCapacity and close it again with \
-                 CloseSlots to cancel them"
-            );
+    /// One line: how many, and for the first slots the capacity to reopen them at (their
+    /// places taken: none free, so nobody books between the reopening and the closure).
+    fn warn(&self, catalog: &Catalog) {
+        if self.bookings == 0 {
+            return;
         }
+        let named: Vec<String> = self
+            .slots
+            .iter()
+            .take(Self::SLOTS_NAMED_MAX)
+            .map(|(key, confirmed)| {
+                let taken = catalog
+                    .slot(key)
+                    .map_or(0, |(_, s)| s.counter.snapshot().taken);
+                format!(
+                    "{} ({confirmed} confirmed; reopen at capacity {taken})",
+                    key.text()
+                )
+            })
+            .collect();
+        tracing::warn!(
+            bookings = self.bookings,
+            slots = self.slots.len(),
+            first_slots = ?named,
+            "confirmed bookings in closed slots (a closure raced a cancel before commit \
+             f1a3c71): for each slot, SetSlotCapacity at the capacity named, then CloseSlots \
+             with its site_id, service_id, from = its start and to = its start + 1 s; \
+             restart to see the next slots"
+        );
     }
 }
 
 /// Rebuilds counters, citizen limits and request records from every booking; returns
-/// how many are confirmed, how many cancelled, and those found in closed slots. sled's scan and the decode + rebuild
-/// take about as long as each other: they run on the two cores, with a bounded number
-/// of chunks between them.
+/// how many are confirmed, how many cancelled, and those found in closed slots. sled's
+/// scan and the decode + rebuild take about as long as each other: they run on the two
+/// cores, with a bounded number of chunks between them.
 fn restore_bookings(
     store: &Store,
     requests: &Requests,

@@ -141,16 +141,17 @@ impl RequestRegistry {
         }
     }
 
-    /// Finished requests remembered.
     /// Room for `records` remembered requests in all, made at once (recovery, sized by
-    /// `store::size_hint`).
-    pub fn reserve(&self, records: usize) {
-        for shard in self.shards.iter() {
+    /// `store::size_hint`); `false` if the memory could not be had (nothing reserved
+    /// then in the shards left).
+    pub fn reserve(&self, records: usize) -> bool {
+        self.shards.iter().all(|shard| {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.done.reserve(records / SHARD_COUNT + 1);
-        }
+            shard.done.try_reserve(records / SHARD_COUNT + 1).is_ok()
+        })
     }
 
+    /// Finished requests remembered.
     pub fn remembered(&self) -> usize {
         self.shards
             .iter()

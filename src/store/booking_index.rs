@@ -92,12 +92,10 @@ impl BookingIndex {
         self.enter(booking, Roster::insert)
     }
 
-    /// [`BookingIndex::insert`] for recovery: its roster entry is appended, unordered,
-    /// until [`BookingIndex::sort_rosters`] (sorted inserts in key order would move
-    /// half of a big slot's roster per booking).
-    /// Room for `bookings` references, made at once (recovery).
-    pub fn reserve(&self, bookings: usize) {
-        self.lock().by_reference.reserve(bookings);
+    /// Room for `bookings` references, made at once (recovery); `false` if the memory
+    /// could not be had.
+    pub fn reserve(&self, bookings: usize) -> bool {
+        self.lock().by_reference.try_reserve(bookings).is_ok()
     }
 
     /// Bookings with a reference.
@@ -105,6 +103,9 @@ impl BookingIndex {
         self.lock().by_reference.len()
     }
 
+    /// [`BookingIndex::insert`] for recovery: its roster entry is appended, unordered,
+    /// until [`BookingIndex::sort_rosters`] (sorted inserts in key order would move
+    /// half of a big slot's roster per booking).
     pub fn insert_unordered(&self, booking: &Booking) -> Result<(), BookingKey> {
         self.enter(booking, |roster, reference| roster.0.push(reference))
     }

@@ -396,19 +396,24 @@ async fn a_confirmed_booking_in_a_closed_slot_is_named_and_can_be_cancelled() {
         .lines()
         .find(|l| l.contains("confirmed bookings in closed slots"));
     let named = named.unwrap_or_else(|| panic!("no warning in {logged}"));
-    assert!(named.contains("broken/vax/4102444800"), "{named}");
+    assert!(
+        named.contains("broken/vax/4102444800 (1 confirmed; reopen at capacity 1)"),
+        "{named}"
+    );
     assert!(named.contains("SetSlotCapacity"), "{named}");
 
-    // The remedy the line gives: reopen, close again.
+    // The remedy the line gives: reopen at the capacity named (no place free
+    // meanwhile), close again.
     let engine = std::sync::Arc::new(open(dir.path()).unwrap());
     let admin = Actor::everywhere("test");
-    engine
-        .set_slot_capacity(&slot_key(), 2, None, &admin)
+    let (_, reopened) = engine
+        .set_slot_capacity(&slot_key(), 1, None, &admin)
         .await
         .unwrap();
+    assert_eq!(reopened.counter.snapshot().remaining(), 0);
     let close = CloseCommand {
         site_id: slot_key().site_id,
-        service_id: None,
+        service_id: Some(slot_key().service_id),
         from_unix_s: slot_key().start_unix_s,
         to_unix_s: slot_key().start_unix_s + 1,
         reason: "flooded".into(),
