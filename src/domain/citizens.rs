@@ -11,11 +11,10 @@
 //! limit, even after a crash at any instant.
 
 use foldhash::{HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::MutexGuard;
 
 use crate::domain::ids::{BookingId, CitizenKey, ServiceId};
-
-const SHARD_COUNT: usize = 64;
+use crate::domain::shards::{Shards, SHARD_COUNT};
 
 #[derive(Default)]
 struct Shard {
@@ -81,45 +80,27 @@ impl Active {
     }
 }
 
+#[derive(Default)]
 pub struct CitizenIndex {
-    shards: Box<[Mutex<Shard>]>,
-}
-
-impl Default for CitizenIndex {
-    fn default() -> Self {
-        Self {
-            shards: (0..SHARD_COUNT)
-                .map(|_| Mutex::new(Shard::default()))
-                .collect(),
-        }
-    }
+    shards: Shards<Shard>,
 }
 
 impl CitizenIndex {
     /// Room for `entries` (citizen, service) entries in all, made at once (recovery);
     /// `false` if the memory could not be had (nothing reserved then in the shards left).
     pub fn reserve_entries(&self, entries: usize) -> bool {
-        self.shards.iter().all(|shard| {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.active.try_reserve(entries / SHARD_COUNT + 1).is_ok()
-        })
+        self.shards
+            .each()
+            .all(|mut shard| shard.active.try_reserve(entries / SHARD_COUNT + 1).is_ok())
     }
 
     /// (citizen, service) entries with an active booking.
     pub fn entries(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()).active.len())
-            .sum()
+        self.shards.each().map(|shard| shard.active.len()).sum()
     }
 
     fn shard(&self, citizen: &CitizenKey) -> MutexGuard<'_, Shard> {
-        let index = usize::from(citizen.0[0]) % SHARD_COUNT;
-        // A poisoned shard still holds consistent data: every critical section below
-        // is a single map operation.
-        self.shards[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shards.of(citizen.0[0])
     }
 
     /// How many active entries (bookings and holds) the citizen has for the service.

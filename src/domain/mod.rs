@@ -18,5 +18,6 @@ pub mod release;
 pub mod retention;
 pub mod schedule;
 pub mod series;
+pub mod shards;
 pub mod slot_counter;
 pub mod text;

@@ -6,15 +6,14 @@
 //! bad input) is forgotten: retrying it is evaluated afresh and can still book at most once.
 
 use foldhash::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::MutexGuard;
 
 use tokio::sync::watch;
 
 use crate::domain::error::DomainError;
 use crate::domain::ids::{BookingId, RequestFingerprint, RequestKey};
+use crate::domain::shards::{Shards, SHARD_COUNT};
 use crate::service::error::ServiceError;
-
-const SHARD_COUNT: usize = 64;
 
 pub type Outcome = Result<BookingId, ServiceError>;
 
@@ -43,25 +42,14 @@ pub enum Begin<'a> {
     Wait(watch::Receiver<Option<Outcome>>),
 }
 
+#[derive(Default)]
 pub struct RequestRegistry {
-    shards: Box<[Mutex<Shard>]>,
-}
-
-impl Default for RequestRegistry {
-    fn default() -> Self {
-        Self {
-            shards: (0..SHARD_COUNT)
-                .map(|_| Mutex::new(Shard::default()))
-                .collect(),
-        }
-    }
+    shards: Shards<Shard>,
 }
 
 impl RequestRegistry {
     fn shard(&self, key: &RequestKey) -> MutexGuard<'_, Shard> {
-        self.shards[usize::from(key.0[0]) % SHARD_COUNT]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shards.of(key.0[0])
     }
 
     /// Starts request `key` at `now_unix_ms` (the time its record is kept from).
@@ -117,8 +105,7 @@ impl RequestRegistry {
     /// returns how many. A retry of one of them is then a new request.
     pub fn prune(&self, cutoff_unix_ms: i64) -> usize {
         let mut pruned = 0;
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+        for mut shard in self.shards.each() {
             let before = shard.done.len();
             shard
                 .done
@@ -145,18 +132,14 @@ impl RequestRegistry {
     /// `store::size_hint`); `false` if the memory could not be had (nothing reserved
     /// then in the shards left).
     pub fn reserve(&self, records: usize) -> bool {
-        self.shards.iter().all(|shard| {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.done.try_reserve(records / SHARD_COUNT + 1).is_ok()
-        })
+        self.shards
+            .each()
+            .all(|mut shard| shard.done.try_reserve(records / SHARD_COUNT + 1).is_ok())
     }
 
     /// Finished requests remembered.
     pub fn remembered(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()).done.len())
-            .sum()
+        self.shards.each().map(|shard| shard.done.len()).sum()
     }
 }
 
