@@ -417,13 +417,14 @@ impl Engine {
 
     /// Lets queued writes finish durably, then stops the committer.
     pub fn shutdown(&mut self) {
-        self.keep_size_hint();
+        let _ = self.keep_size_hint();
         self.store.shutdown();
     }
 
     /// Writes the sizes of the indexes recovery rebuilds, for the next recovery to size
-    /// its tables by (`store::size_hint`). Only a hint: a failure is logged, nothing else.
-    pub fn keep_size_hint(&self) {
+    /// its tables by (`store::size_hint`), and returns them. Only a hint: a failure is
+    /// logged, nothing else.
+    pub fn keep_size_hint(&self) -> IndexSizes {
         let sizes = IndexSizes {
             bookings: self.store.booking_index().references() as u64,
             citizens: self.citizens.entries() as u64,
@@ -432,5 +433,6 @@ impl Engine {
         if let Err(e) = sizes.write(self.store.data_dir()) {
             tracing::warn!(error = %e, "could not keep the recovery size hint");
         }
+        sizes
     }
 }

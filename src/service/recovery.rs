@@ -249,16 +249,15 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     engine.restore_releases()?;
     engine.restore_campaigns(|request, id, at| requests.restore(request, id, at))?;
     let elapsed = started.elapsed();
-    engine.keep_size_hint();
+    let request_records = engine.keep_size_hint().requests;
     metrics::gauge!(telemetry::RECOVERY_SECONDS).set(elapsed.as_secs_f64());
-    let request_records = engine.requests.remembered() as u64;
     for (kind, count) in [
         ("slots", slots),
         ("live_holds", live_holds as u64),
         ("confirmed", confirmed),
         ("cancelled", cancelled),
         ("request_records", request_records),
-        ("confirmed_in_closed_slots", in_closed_slots.bookings),
+        ("confirmed_in_closed_slots", in_closed_slots.bookings()),
     ] {
         metrics::gauge!(telemetry::RECOVERED_RECORDS, "kind" => kind).set(count as f64);
     }
@@ -401,7 +400,6 @@ fn restore_slots(store: &Store, catalog: &mut Catalog) -> Result<u64, ServiceErr
 /// so recovery names them to the operator instead of refusing to start.
 #[derive(Default)]
 struct InClosedSlots {
-    bookings: u64,
     /// Each slot with its confirmed bookings.
     slots: std::collections::BTreeMap<SlotKey, u32>,
 }
@@ -411,14 +409,17 @@ impl InClosedSlots {
     const SLOTS_NAMED_MAX: usize = 10;
 
     fn note(&mut self, slot: &SlotKey) {
-        self.bookings += 1;
         *self.slots.entry(slot.clone()).or_default() += 1;
+    }
+
+    fn bookings(&self) -> u64 {
+        self.slots.values().map(|&n| u64::from(n)).sum()
     }
 
     /// One line: how many, and for the first slots the capacity to reopen them at (their
     /// places taken: none free, so nobody books between the reopening and the closure).
     fn warn(&self, catalog: &Catalog) {
-        if self.bookings == 0 {
+        if self.slots.is_empty() {
             return;
         }
         let named: Vec<String> = self
@@ -436,7 +437,7 @@ impl InClosedSlots {
             })
             .collect();
         tracing::warn!(
-            bookings = self.bookings,
+            bookings = self.bookings(),
             slots = self.slots.len(),
             first_slots = ?named,
             "confirmed bookings in closed slots (a closure raced a cancel before commit \
