@@ -6,7 +6,8 @@
 //! day's free places that differ from its slots'.
 
 use std::str::FromStr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Mutex, RwLock};
 
 use chrono_tz::Tz;
@@ -17,7 +18,7 @@ use crate::domain::catalog::{Catalog, NewSlot, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{HoldState, LiveHolds};
-use crate::domain::ids::{BookingId, RegionId, ServiceId, SiteId, SlotKey};
+use crate::domain::ids::{BookingId, ChannelId, RegionId, ServiceId, SiteId, SlotKey};
 use crate::domain::release::ChannelUse;
 use crate::domain::retention::{self, Cutoffs};
 use crate::domain::text::display_text;
@@ -29,6 +30,7 @@ use crate::service::error::ServiceError;
 use crate::service::exports::Exports;
 use crate::service::rate_limits;
 use crate::service::requests::RequestRegistry;
+use crate::store::booking_index::BookingIndex;
 use crate::store::key_file;
 use crate::store::postgres::{Lease, Standby};
 use crate::store::records::{self, Record, SiteRecord};
@@ -412,6 +414,12 @@ impl InClosedSlots {
         *self.slots.entry(slot.clone()).or_default() += 1;
     }
 
+    fn add(&mut self, other: InClosedSlots) {
+        for (slot, confirmed) in other.slots {
+            *self.slots.entry(slot).or_default() += confirmed;
+        }
+    }
+
     fn bookings(&self) -> u64 {
         self.slots.values().map(|&n| u64::from(n)).sum()
     }
@@ -449,9 +457,11 @@ impl InClosedSlots {
 }
 
 /// Rebuilds counters, citizen limits and request records from every booking; returns
-/// how many are confirmed, how many cancelled, and those found in closed slots. sled's
-/// scan and the decode + rebuild take about as long as each other: they run on the two
-/// cores, with a bounded number of chunks between them.
+/// how many are confirmed, how many cancelled, and those found in closed slots. The
+/// bookings are read in `REBUILD_THREADS` parts, each by a thread of its own that hands
+/// chunks of records to a thread of its own which decodes them and rebuilds; every index
+/// the rebuilding threads share is sharded, atomic or entered a chunk per lock, and what
+/// each counts is added up after.
 fn restore_bookings(
     store: &Store,
     requests: &Requests,
@@ -459,76 +469,190 @@ fn restore_bookings(
     catalog: &Catalog,
     max_active: usize,
 ) -> Result<(u64, u64, InClosedSlots), ServiceError> {
-    let (mut confirmed, mut cancelled) = (0u64, 0u64);
-    let mut in_closed_slots = InClosedSlots::default();
-    let index = store.booking_index();
+    let shared = Rebuild {
+        index: store.booking_index(),
+        catalog,
+        citizens,
+        requests,
+        max_active,
+        failed: AtomicBool::new(false),
+    };
+    let mut total = Rebuilt::default();
     std::thread::scope(|scope| -> Result<(), ServiceError> {
-        let (sender, receiver) = std::sync::mpsc::sync_channel(RECOVERY_CHUNKS_IN_FLIGHT);
-        let reader = scope.spawn(move || read_booking_chunks(store, sender));
-        let rebuilt = (|| -> Result<(), ServiceError> {
-            for chunk in receiver {
-                for (key, value) in chunk {
-                    let mut booking = Booking::decode_value(&key, &value)?;
-                    if booking.end_unix_s <= booking.slot.start_unix_s {
-                        return Err(ServiceError::Recovery(format!(
-                            "booking {} ends at or before its slot {} starts",
-                            booking.booking_id, booking.slot
-                        )));
+        let shared = &shared;
+        let parts: Vec<_> = (0..REBUILD_THREADS)
+            .map(|part| {
+                let (sender, receiver) = std::sync::mpsc::sync_channel(RECOVERY_CHUNKS_IN_FLIGHT);
+                let part = (part, REBUILD_THREADS);
+                let failed = &shared.failed;
+                let reader = scope.spawn(move || read_booking_chunks(store, part, sender, failed));
+                let rebuilder = scope.spawn(move || {
+                    let rebuilt = shared.chunks(receiver);
+                    if rebuilt.is_err() {
+                        shared.failed.store(true, Ordering::Relaxed);
                     }
-                    let slot = catalog.slot(&booking.slot).map(|(_, slot)| slot.as_ref());
-                    if let Some(slot) = slot {
-                        // The catalog's ids (one copy per site and service), not the
-                        // record's: the indexes below keep them for every booking.
-                        booking.slot = slot.key();
-                    }
-                    let entered = index.insert_unordered(&booking);
-                    if let (Some(codes), Err(other)) = (booking.codes, entered) {
-                        return Err(ServiceError::Recovery(format!(
-                            "booking {} has the reference {} of booking {}",
-                            booking.booking_id,
-                            codes.reference,
-                            records::booking_id_of_key(&other)
-                        )));
-                    }
-                    match restore_booking(slot, citizens, requests, &booking, max_active)? {
-                        true => {
-                            channel_use.add(&booking.slot, &booking.channel);
-                            confirmed += 1;
-                            let closed = slot.is_some_and(|s| s.counter.snapshot().closed);
-                            if closed && booking.is_confirmed() {
-                                in_closed_slots.note(&booking.slot);
-                            }
-                        }
-                        false => cancelled += 1,
-                    }
+                    rebuilt
+                });
+                (reader, rebuilder)
+            })
+            .collect();
+        let mut first_error = None;
+        for (reader, rebuilder) in parts {
+            let rebuilt = rebuilder
+                .join()
+                .map_err(|_| ServiceError::Recovery("a rebuild thread panicked".into()))?;
+            let read = reader
+                .join()
+                .map_err(|_| ServiceError::Recovery("a store reader thread panicked".into()))?;
+            match (rebuilt, read) {
+                (Ok(rebuilt), Ok(())) => total.add(rebuilt),
+                (Err(e), _) => first_error = first_error.or(Some(e)),
+                (_, Err(e)) => first_error = first_error.or(Some(e.into())),
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    })?;
+    for (slot, channel) in &total.channels {
+        channel_use.add(slot, channel);
+    }
+    shared.index.sort_rosters();
+    Ok((total.confirmed, total.cancelled, total.in_closed_slots))
+}
+
+/// What the rebuild threads share.
+struct Rebuild<'a> {
+    index: &'a BookingIndex,
+    catalog: &'a Catalog,
+    citizens: &'a CitizenIndex,
+    requests: &'a Requests<'a>,
+    max_active: usize,
+    /// Set by a rebuild thread that found an error: the readers stop.
+    failed: AtomicBool,
+}
+
+/// What one rebuild thread counted.
+#[derive(Default)]
+struct Rebuilt {
+    confirmed: u64,
+    cancelled: u64,
+    in_closed_slots: InClosedSlots,
+    /// The slot and channel of each place taken by a channel other than the default.
+    channels: Vec<(SlotKey, ChannelId)>,
+}
+
+impl Rebuilt {
+    fn add(&mut self, other: Rebuilt) {
+        self.confirmed += other.confirmed;
+        self.cancelled += other.cancelled;
+        self.in_closed_slots.add(other.in_closed_slots);
+        self.channels.extend(other.channels);
+    }
+}
+
+impl<'a> Rebuild<'a> {
+    /// One rebuild thread: every chunk it is handed, until the reader is done (or, on
+    /// an error, until it stops and the reader finds its channel closed).
+    fn chunks(&self, chunks: Receiver<RawRecords>) -> Result<Rebuilt, ServiceError> {
+        let mut rebuilt = Rebuilt::default();
+        let mut bookings = Vec::with_capacity(RECOVERY_CHUNK_RECORDS);
+        for chunk in chunks {
+            bookings.clear();
+            for (key, value) in chunk {
+                bookings.push(self.decode(&key, &value)?);
+            }
+            self.enter(&bookings)?;
+            for (booking, slot) in &bookings {
+                self.restore(booking, *slot, &mut rebuilt)?;
+            }
+        }
+        Ok(rebuilt)
+    }
+
+    /// A stored booking and its slot, if the catalog has it; the booking then has the
+    /// catalog's ids (one copy per site and service, which the indexes keep for every
+    /// booking).
+    fn decode(
+        &self,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(Booking, Option<&'a Slot>), ServiceError> {
+        let mut booking = Booking::decode_value(key, value)?;
+        if booking.end_unix_s <= booking.slot.start_unix_s {
+            return Err(ServiceError::Recovery(format!(
+                "booking {} ends at or before its slot {} starts",
+                booking.booking_id, booking.slot
+            )));
+        }
+        let slot = self
+            .catalog
+            .slot(&booking.slot)
+            .map(|(_, slot)| slot.as_ref());
+        if let Some(slot) = slot {
+            booking.slot = slot.key();
+        }
+        Ok((booking, slot))
+    }
+
+    /// Enters a chunk into the reference and roster indexes.
+    fn enter(&self, bookings: &[(Booking, Option<&Slot>)]) -> Result<(), ServiceError> {
+        self.index
+            .insert_all_unordered(bookings.iter().map(|(booking, _)| booking))
+            .map_err(|(at, other)| {
+                let booking = &bookings[at].0;
+                let reference = booking.codes.map(|codes| codes.reference.to_string());
+                ServiceError::Recovery(format!(
+                    "booking {} has the reference {} of booking {}",
+                    booking.booking_id,
+                    reference.unwrap_or_default(),
+                    records::booking_id_of_key(&other)
+                ))
+            })
+    }
+
+    /// Counters, citizen limits and request records of one booking.
+    fn restore(
+        &self,
+        booking: &Booking,
+        slot: Option<&Slot>,
+        rebuilt: &mut Rebuilt,
+    ) -> Result<(), ServiceError> {
+        let (citizens, requests) = (self.citizens, self.requests);
+        match restore_booking(slot, citizens, requests, booking, self.max_active)? {
+            true => {
+                if !booking.channel.is_default() {
+                    rebuilt
+                        .channels
+                        .push((booking.slot.clone(), booking.channel.clone()));
+                }
+                rebuilt.confirmed += 1;
+                let closed = slot.is_some_and(|s| s.counter.snapshot().closed);
+                if closed && booking.is_confirmed() {
+                    rebuilt.in_closed_slots.note(&booking.slot);
                 }
             }
-            Ok(())
-        })();
-        let read = reader
-            .join()
-            .map_err(|_| ServiceError::Recovery("the store reader thread panicked".into()))?;
-        rebuilt?;
-        read.map_err(ServiceError::from)
-    })?;
-    index.sort_rosters();
-    Ok((confirmed, cancelled, in_closed_slots))
+            false => rebuilt.cancelled += 1,
+        }
+        Ok(())
+    }
 }
 
 type RawRecords = Vec<(sled::IVec, sled::IVec)>;
 
-/// The reader's side of `restore_bookings`: booking records in chunks.
+/// A reader's side of `restore_bookings`: the booking records of its part, in chunks,
+/// until they are read or a rebuild thread failed.
 fn read_booking_chunks(
     store: &Store,
-    sender: std::sync::mpsc::SyncSender<RawRecords>,
+    part: (usize, usize),
+    sender: SyncSender<RawRecords>,
+    failed: &AtomicBool,
 ) -> Result<(), StoreError> {
     let mut chunk = Vec::with_capacity(RECOVERY_CHUNK_RECORDS);
-    for record in store.booking_records() {
+    for record in store.booking_records(part) {
         chunk.push(record?);
         if chunk.len() == RECOVERY_CHUNK_RECORDS {
             let full = std::mem::replace(&mut chunk, Vec::with_capacity(RECOVERY_CHUNK_RECORDS));
-            if sender.send(full).is_err() {
-                return Ok(()); // the rebuild stopped on an error of its own
+            if failed.load(Ordering::Relaxed) || sender.send(full).is_err() {
+                return Ok(()); // a rebuild stopped on an error of its own
             }
         }
     }
@@ -612,8 +736,12 @@ fn restore_holds(
 
 /// Records in one chunk handed from the store reader to the rebuild.
 const RECOVERY_CHUNK_RECORDS: usize = 4_096;
-/// Chunks buffered between them: bounds recovery's extra memory.
-const RECOVERY_CHUNKS_IN_FLIGHT: usize = 8;
+/// Chunks buffered for each rebuild thread: bounds recovery's extra memory.
+const RECOVERY_CHUNKS_IN_FLIGHT: usize = 4;
+/// Parts the bookings are read in, each by a reader and a rebuild thread of its own.
+/// Two: one reader and one rebuild thread left a core idle for a fifth of the time on
+/// the two cores measured (BENCHMARKS "Recovery in two parts").
+const REBUILD_THREADS: usize = 2;
 
 /// Puts one stored booking back into memory (`slot`: its slot, if the catalog has it);
 /// `true` when it holds a place (confirmed, attended or no-show).

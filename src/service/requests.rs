@@ -6,6 +6,7 @@
 //! bad input) is forgotten: retrying it is evaluated afresh and can still book at most once.
 
 use foldhash::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::MutexGuard;
 
 use tokio::sync::watch;
@@ -85,7 +86,9 @@ impl RequestRegistry {
         }))
     }
 
-    /// Recovery only: a stored mutation made at `at_unix_ms`, and its outcome.
+    /// Recovery only: a stored mutation made at `at_unix_ms`, and its outcome. Of two
+    /// records of one key (a key reused after its first use was forgotten), the later
+    /// is kept, whatever order recovery's threads find them in.
     pub fn insert_recovered(
         &self,
         key: RequestKey,
@@ -98,7 +101,15 @@ impl RequestRegistry {
             booking_id,
             at_unix_ms,
         };
-        self.shard(&key).done.insert(key, done);
+        match self.shard(&key).done.entry(key) {
+            Entry::Occupied(mut kept) if kept.get().at_unix_ms <= at_unix_ms => {
+                kept.insert(done);
+            }
+            Entry::Occupied(_) => {}
+            Entry::Vacant(vacant) => {
+                vacant.insert(done);
+            }
+        }
     }
 
     /// Forgets the finished requests made before `cutoff_unix_ms`, one shard at a time;
@@ -219,5 +230,26 @@ mod tests {
             registry.begin(key, fingerprint, 9_500),
             Ok(Begin::Fresh(_))
         ));
+    }
+
+    /// Recovery's threads find the records of a reused key in either order: the later
+    /// use is the one remembered.
+    #[test]
+    fn of_two_recovered_records_of_one_key_the_later_is_kept() {
+        let (key, fingerprint) = (RequestKey([1; 16]), RequestFingerprint([2; 16]));
+        for later_first in [false, true] {
+            let registry = RequestRegistry::default();
+            let mut records = [(BookingId(10), 1_000), (BookingId(12), 9_000)];
+            if later_first {
+                records.reverse();
+            }
+            for (booking_id, at_unix_ms) in records {
+                registry.insert_recovered(key, fingerprint, booking_id, at_unix_ms);
+            }
+            assert!(matches!(
+                registry.begin(key, fingerprint, 9_500),
+                Ok(Begin::Done(BookingId(12)))
+            ));
+        }
     }
 }

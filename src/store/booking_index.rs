@@ -105,9 +105,22 @@ impl BookingIndex {
 
     /// [`BookingIndex::insert`] for recovery: its roster entry is appended, unordered,
     /// until [`BookingIndex::sort_rosters`] (sorted inserts in key order would move
-    /// half of a big slot's roster per booking).
-    pub fn insert_unordered(&self, booking: &Booking) -> Result<(), BookingKey> {
-        self.enter(booking, |roster, reference| roster.0.push(reference))
+    /// half of a big slot's roster per booking), of a chunk of bookings under one lock
+    /// (recovery's rebuild threads would otherwise take turns on it per booking). On a
+    /// shared reference, `Err` with the booking's place in `bookings` and the other's
+    /// key; the bookings before it are entered.
+    pub fn insert_all_unordered<'b>(
+        &self,
+        bookings: impl IntoIterator<Item = &'b Booking>,
+    ) -> Result<(), (usize, BookingKey)> {
+        let mut inner = self.lock();
+        for (at, booking) in bookings.into_iter().enumerate() {
+            Self::enter_locked(&mut inner, booking, |roster, reference| {
+                roster.0.push(reference)
+            })
+            .map_err(|other| (at, other))?;
+        }
+        Ok(())
     }
 
     /// Puts every roster in reference order, after recovery's unordered inserts.
@@ -123,8 +136,15 @@ impl BookingIndex {
     }
 
     fn enter(&self, booking: &Booking, add: fn(&mut Roster, Reference)) -> Result<(), BookingKey> {
+        Self::enter_locked(&mut self.lock(), booking, add)
+    }
+
+    fn enter_locked(
+        inner: &mut Inner,
+        booking: &Booking,
+        add: fn(&mut Roster, Reference),
+    ) -> Result<(), BookingKey> {
         let key = booking_key(booking.citizen.tag(), booking.booking_id);
-        let mut inner = self.lock();
         let Some(codes) = booking.codes else {
             inner.outside_rosters.insert(key);
             return Ok(());
@@ -389,11 +409,16 @@ mod tests {
             .iter()
             .map(|&r| booking(r as u128, a.clone(), Some(r)))
             .collect();
-        for entered in &bookings {
-            index.insert_unordered(entered).unwrap();
-        }
+        index.insert_all_unordered(&bookings).unwrap();
         let twin = booking(99, a.clone(), Some(40));
-        assert!(index.insert_unordered(&twin).is_err(), "a shared reference");
+        let chunk = [booking(98, a.clone(), Some(60)), twin.clone()];
+        let other = booking_key(CitizenKey([40; 16]).tag(), BookingId(40));
+        assert_eq!(
+            index.insert_all_unordered(&chunk),
+            Err((1, other)),
+            "a shared reference, named with its place in the chunk"
+        );
+        index.remove(&chunk[0]);
         assert!(
             !index.rosters_hold_every_booking(),
             "the twin is in no roster"
