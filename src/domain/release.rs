@@ -187,6 +187,19 @@ impl ChannelUse {
         }
     }
 
+    /// Adds `other`'s places (recovery's threads count apart).
+    pub fn merge(&mut self, other: ChannelUse) {
+        for (slot, counts) in other.by_slot {
+            let mine = self.by_slot.entry(slot).or_default();
+            for (channel, count) in counts {
+                match mine.iter_mut().find(|(c, _)| *c == channel) {
+                    Some((_, mine)) => *mine += count,
+                    None => mine.push((channel, count)),
+                }
+            }
+        }
+    }
+
     /// One place fewer (a slot with none left is forgotten).
     pub fn remove(&mut self, slot: &SlotKey, channel: &ChannelId) {
         let Some(counts) = self.by_slot.get_mut(slot) else {
@@ -784,6 +797,33 @@ fn ticket_of(release_id: &ReleaseId, citizen: CitizenKey, entry: &Entry) -> Tick
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Recovery's threads count apart; merged, the counts are those of one count.
+    #[test]
+    fn merged_channel_use_adds_the_places_of_each_channel_and_slot() {
+        let slot = |start| SlotKey {
+            site_id: SiteId::parse("s", "s1", 64).unwrap(),
+            service_id: ServiceId::parse("s", "covid", 64).unwrap(),
+            start_unix_s: start,
+        };
+        let channel = |name| ChannelId::parse("c", name, 64).unwrap();
+        let reserves: Vec<Reserve> = ["phone", "desk"]
+            .into_iter()
+            .map(|name| Reserve {
+                channel: channel(name),
+                percent: 10,
+            })
+            .collect();
+        let (mut one, mut other) = (ChannelUse::default(), ChannelUse::default());
+        one.add(&slot(0), &channel("phone"));
+        one.add(&slot(0), &ChannelId::web()); // the default: not counted
+        other.add(&slot(0), &channel("phone"));
+        other.add(&slot(0), &channel("desk"));
+        other.add(&slot(600), &channel("desk"));
+        one.merge(other);
+        assert_eq!(one.used(&slot(0), &reserves), [2, 1]);
+        assert_eq!(one.used(&slot(600), &reserves), [0, 1]);
+    }
 
     fn release(release_at: i64, per_minute: u32, seed: u8) -> Release {
         Release {

@@ -18,7 +18,7 @@ use crate::domain::catalog::{Catalog, NewSlot, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{HoldState, LiveHolds};
-use crate::domain::ids::{BookingId, ChannelId, RegionId, ServiceId, SiteId, SlotKey};
+use crate::domain::ids::{BookingId, RegionId, ServiceId, SiteId, SlotKey};
 use crate::domain::release::ChannelUse;
 use crate::domain::retention::{self, Cutoffs};
 use crate::domain::text::display_text;
@@ -480,41 +480,33 @@ fn restore_bookings(
     let mut total = Rebuilt::default();
     std::thread::scope(|scope| -> Result<(), ServiceError> {
         let shared = &shared;
-        let parts: Vec<_> = (0..REBUILD_THREADS)
-            .map(|part| {
-                let (sender, receiver) = std::sync::mpsc::sync_channel(RECOVERY_CHUNKS_IN_FLIGHT);
-                let part = (part, REBUILD_THREADS);
-                let failed = &shared.failed;
-                let reader = scope.spawn(move || read_booking_chunks(store, part, sender, failed));
-                let rebuilder = scope.spawn(move || {
-                    let rebuilt = shared.chunks(receiver);
-                    if rebuilt.is_err() {
-                        shared.failed.store(true, Ordering::Relaxed);
-                    }
-                    rebuilt
-                });
-                (reader, rebuilder)
-            })
-            .collect();
+        let mut threads = Vec::with_capacity(2 * REBUILD_THREADS);
+        for part in 0..REBUILD_THREADS {
+            let (sender, receiver) = std::sync::mpsc::sync_channel(RECOVERY_CHUNKS_IN_FLIGHT);
+            let part = (part, REBUILD_THREADS);
+            threads.push(scope.spawn(move || {
+                let read = read_booking_chunks(store, part, sender, &shared.failed);
+                shared.failed_if(read.map(|()| None).map_err(ServiceError::from))
+            }));
+            threads.push(scope.spawn(move || shared.failed_if(shared.chunks(receiver).map(Some))));
+        }
+        // Every thread joined before any error is returned. Which error is reported when
+        // both parts have one depends on which thread met its own first.
         let mut first_error = None;
-        for (reader, rebuilder) in parts {
-            let rebuilt = rebuilder
-                .join()
-                .map_err(|_| ServiceError::Recovery("a rebuild thread panicked".into()))?;
-            let read = reader
-                .join()
-                .map_err(|_| ServiceError::Recovery("a store reader thread panicked".into()))?;
-            match (rebuilt, read) {
-                (Ok(rebuilt), Ok(())) => total.add(rebuilt),
-                (Err(e), _) => first_error = first_error.or(Some(e)),
-                (_, Err(e)) => first_error = first_error.or(Some(e.into())),
+        for thread in threads {
+            match thread.join() {
+                Ok(Ok(Some(rebuilt))) => total.add(rebuilt),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => first_error = first_error.or(Some(e)),
+                Err(_) => {
+                    let panicked = ServiceError::Recovery("a recovery thread panicked".into());
+                    first_error = first_error.or(Some(panicked));
+                }
             }
         }
         first_error.map_or(Ok(()), Err)
     })?;
-    for (slot, channel) in &total.channels {
-        channel_use.add(slot, channel);
-    }
+    channel_use.merge(total.channel_use);
     shared.index.sort_rosters();
     Ok((total.confirmed, total.cancelled, total.in_closed_slots))
 }
@@ -526,7 +518,7 @@ struct Rebuild<'a> {
     citizens: &'a CitizenIndex,
     requests: &'a Requests<'a>,
     max_active: usize,
-    /// Set by a rebuild thread that found an error: the readers stop.
+    /// Set by a thread that found an error: the readers stop.
     failed: AtomicBool,
 }
 
@@ -536,8 +528,8 @@ struct Rebuilt {
     confirmed: u64,
     cancelled: u64,
     in_closed_slots: InClosedSlots,
-    /// The slot and channel of each place taken by a channel other than the default.
-    channels: Vec<(SlotKey, ChannelId)>,
+    /// Places taken per slot by channels other than the default.
+    channel_use: ChannelUse,
 }
 
 impl Rebuilt {
@@ -545,11 +537,19 @@ impl Rebuilt {
         self.confirmed += other.confirmed;
         self.cancelled += other.cancelled;
         self.in_closed_slots.add(other.in_closed_slots);
-        self.channels.extend(other.channels);
+        self.channel_use.merge(other.channel_use);
     }
 }
 
 impl<'a> Rebuild<'a> {
+    /// `outcome`, having told the other threads to stop if it is an error.
+    fn failed_if<T>(&self, outcome: Result<T, ServiceError>) -> Result<T, ServiceError> {
+        if outcome.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        outcome
+    }
+
     /// One rebuild thread: every chunk it is handed, until the reader is done (or, on
     /// an error, until it stops and the reader finds its channel closed).
     fn chunks(&self, chunks: Receiver<RawRecords>) -> Result<Rebuilt, ServiceError> {
@@ -619,11 +619,7 @@ impl<'a> Rebuild<'a> {
         let (citizens, requests) = (self.citizens, self.requests);
         match restore_booking(slot, citizens, requests, booking, self.max_active)? {
             true => {
-                if !booking.channel.is_default() {
-                    rebuilt
-                        .channels
-                        .push((booking.slot.clone(), booking.channel.clone()));
-                }
+                rebuilt.channel_use.add(&booking.slot, &booking.channel);
                 rebuilt.confirmed += 1;
                 let closed = slot.is_some_and(|s| s.counter.snapshot().closed);
                 if closed && booking.is_confirmed() {
@@ -734,9 +730,11 @@ fn restore_holds(
     Ok(live.len())
 }
 
-/// Records in one chunk handed from the store reader to the rebuild.
+/// Records in one chunk handed from a store reader to its rebuild thread.
 const RECOVERY_CHUNK_RECORDS: usize = 4_096;
-/// Chunks buffered for each rebuild thread: bounds recovery's extra memory.
+/// Chunks buffered for each rebuild thread: with the one each reader fills and the one
+/// each rebuild thread decodes, bounds recovery's extra memory (12 chunks of records,
+/// a few MB).
 const RECOVERY_CHUNKS_IN_FLIGHT: usize = 4;
 /// Parts the bookings are read in, each by a reader and a rebuild thread of its own.
 /// Two: one reader and one rebuild thread left a core idle for a fifth of the time on

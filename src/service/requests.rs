@@ -87,8 +87,10 @@ impl RequestRegistry {
     }
 
     /// Recovery only: a stored mutation made at `at_unix_ms`, and its outcome. Of two
-    /// records of one key (a key reused after its first use was forgotten), the later
-    /// is kept, whatever order recovery's threads find them in.
+    /// records of one key (a key reused after its first use was forgotten; or the
+    /// members of one household booking, made at the same time) the later is kept, and
+    /// at the same time the greater booking id, whatever order recovery's threads find
+    /// them in.
     pub fn insert_recovered(
         &self,
         key: RequestKey,
@@ -102,7 +104,9 @@ impl RequestRegistry {
             at_unix_ms,
         };
         match self.shard(&key).done.entry(key) {
-            Entry::Occupied(mut kept) if kept.get().at_unix_ms <= at_unix_ms => {
+            Entry::Occupied(mut kept)
+                if (kept.get().at_unix_ms, kept.get().booking_id) <= (at_unix_ms, booking_id) =>
+            {
                 kept.insert(done);
             }
             Entry::Occupied(_) => {}
@@ -233,23 +237,26 @@ mod tests {
     }
 
     /// Recovery's threads find the records of a reused key in either order: the later
-    /// use is the one remembered.
+    /// use is the one remembered (at the same time, the greater booking id).
     #[test]
-    fn of_two_recovered_records_of_one_key_the_later_is_kept() {
+    fn of_two_recovered_records_of_one_key_the_later_is_kept_whatever_the_order() {
         let (key, fingerprint) = (RequestKey([1; 16]), RequestFingerprint([2; 16]));
-        for later_first in [false, true] {
-            let registry = RequestRegistry::default();
-            let mut records = [(BookingId(10), 1_000), (BookingId(12), 9_000)];
-            if later_first {
-                records.reverse();
+        // A reused key; a household's members, booked at once by one request.
+        for first_at in [1_000, 9_000] {
+            for later_first in [false, true] {
+                let registry = RequestRegistry::default();
+                let mut records = [(BookingId(10), first_at), (BookingId(12), 9_000)];
+                if later_first {
+                    records.reverse();
+                }
+                for (booking_id, at_unix_ms) in records {
+                    registry.insert_recovered(key, fingerprint, booking_id, at_unix_ms);
+                }
+                assert!(matches!(
+                    registry.begin(key, fingerprint, 9_500),
+                    Ok(Begin::Done(BookingId(12)))
+                ));
             }
-            for (booking_id, at_unix_ms) in records {
-                registry.insert_recovered(key, fingerprint, booking_id, at_unix_ms);
-            }
-            assert!(matches!(
-                registry.begin(key, fingerprint, 9_500),
-                Ok(Begin::Done(BookingId(12)))
-            ));
         }
     }
 }

@@ -49,8 +49,8 @@ struct Inner {
 /// One slot's references, sorted: a binary search of a contiguous array (a `BTreeSet`
 /// here was 7% of a 5M recovery, in its node walks). A slot's bookings, cancelled ones
 /// included until retention, are about its capacity (`capacity_per_slot_max`, 10,000
-/// by default), so a booking's insert moves a few pages at most; recovery, which enters
-/// bookings in key order, appends and sorts each roster once at the end.
+/// by default), so a booking's insert moves a few pages at most; recovery appends (its
+/// threads in no order) and sorts each roster once at the end.
 #[derive(Default)]
 struct Roster(Vec<Reference>);
 
