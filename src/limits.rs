@@ -229,6 +229,11 @@ pub struct Limits {
     pub health_watches_max: usize,
     /// Connections open at once; past it a new connection is closed at accept.
     pub connections_max: usize,
+    /// Connections one peer may have open at once (an IPv4 address, or an IPv6 /64: what
+    /// one host is usually given), so one machine cannot take every place under
+    /// `connections_max`; past it its new connection is closed at accept. Behind a
+    /// load balancer or NAT that connects from few addresses, raise it or set 0 (off).
+    pub connections_per_peer_max: usize,
     /// Age at which a connection is asked to go away (GOAWAY; clients reconnect), so no
     /// connection, idle or not, is held for ever.
     pub connection_age_max_ms: u64,
@@ -348,6 +353,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     reflection_streams_max: 16,
     health_watches_max: 64,
     connections_max: 4_096,
+    connections_per_peer_max: 256,
     connection_age_max_ms: 30 * 60 * 1_000,
     connection_age_grace_ms: 5 * 60 * 1_000,
     keepalive_interval_ms: 60_000,

@@ -324,7 +324,10 @@ async fn run(
         .serve_with_incoming_shutdown(
             connections::capped(
                 listener,
-                limits.connections_max,
+                connections::Caps {
+                    max: limits.connections_max,
+                    per_peer_max: limits.connections_per_peer_max,
+                },
                 Duration::from_millis(limits.connection_opening_timeout_ms),
             ),
             async move {

@@ -40,7 +40,8 @@ pub const RATE_LIMITED: &str = "prenota_rate_limited_total";
 pub const RATE_LIMITER_KEYS: &str = "prenota_rate_limiter_keys";
 /// Requests shed at the in-flight limit (UNAVAILABLE / OVERLOADED).
 pub const SHED: &str = "prenota_shed_total";
-/// Connections closed at accept because `connections_max` were open.
+/// Connections closed at accept, by `limit`: `connections_max` (that many were open) or
+/// `connections_per_peer_max` (that many were open from the same peer).
 pub const CONNECTIONS_REFUSED: &str = "prenota_connections_refused_total";
 /// Writes in one group commit.
 pub const COMMIT_BATCH_WRITES: &str = "prenota_commit_batch_writes";
@@ -181,7 +182,6 @@ fn register_rare_counters() {
     for name in [
         HOLDS_EXPIRED,
         SHED,
-        CONNECTIONS_REFUSED,
         COMMIT_FAILURES,
         QUEUE_ADMISSIONS,
         CAMPAIGN_OFFERS,
@@ -189,6 +189,9 @@ fn register_rare_counters() {
         REFERENCE_COLLISIONS,
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for limit in ["connections_max", "connections_per_peer_max"] {
+        metrics::counter!(CONNECTIONS_REFUSED, "limit" => limit).increment(0);
     }
     for limiter in ["token", "citizen", "citizen_reads", "anonymous"] {
         metrics::counter!(RATE_LIMITED, "limiter" => limiter).increment(0);
@@ -265,7 +268,7 @@ fn describe_requests() {
     describe_counter!(SHED, "requests shed at the in-flight limit (OVERLOADED)");
     describe_counter!(
         CONNECTIONS_REFUSED,
-        "connections closed at accept because connections_max were open"
+        "connections closed at accept, by the limit that refused them"
     );
     describe_histogram!(
         ASSERTION_BATCH_SIGNATURES,

@@ -539,6 +539,8 @@ fn start_target(cli: &Cli, clock: &Clock) -> Result<(Target, Option<assertions::
     }
     // The spawned server sheds beyond the clients' normal concurrency.
     config.limits.in_flight_requests_max = cli.in_flight.max(1);
+    // Every connection comes from this one host (watchers: one each).
+    config.limits.connections_per_peer_max = 0;
     if let Some(url) = &cli.postgres {
         let settings = prenota::config::PostgresSettings {
             url: url.clone(),

@@ -2,16 +2,20 @@
 //! - at most `connections_max` open at once: past it a new connection is closed as soon
 //!   as it is accepted (and counted), so idle or slow sockets can never pin more file
 //!   descriptors and connection state than the limit allows;
+//! - at most `connections_per_peer_max` of them from one peer ([`Peers`]), so one machine
+//!   cannot take every place;
 //! - a new connection must send its first bytes within `connection_opening_timeout_ms`;
 //! - a request may close its own connection ([`Closer`]): an export whose client stopped
 //!   reading does, since no stream of a connection whose window stays shut can be ended
 //!   any other way (the transport stops polling its body).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -66,44 +70,134 @@ pub fn closer_of(extensions: &tonic::Extensions) -> Option<Closer> {
 /// preface (a TLS ClientHello is longer), so one byte cannot hold a socket open.
 const OPENING_BYTES: usize = 24;
 
-/// An accepted connection and its place under the cap.
+/// An accepted connection and its places under the caps.
 pub struct Counted {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+    _peer_place: Option<PeerPlace>,
     closer: Closer,
     /// Until its first `OPENING_BYTES` arrive.
     opening: Option<Pin<Box<Sleep>>>,
     received: usize,
 }
 
-/// The accepted connections of `listener` (TCP_NODELAY on), at most `max` open at once,
-/// each closed if it sends nothing within `opening_timeout`.
+/// The caps on open connections: `connections_max` in all, `connections_per_peer_max`
+/// per peer (0: none).
+pub struct Caps {
+    pub max: usize,
+    pub per_peer_max: usize,
+}
+
+/// The accepted connections of `listener` (TCP_NODELAY on), within `caps`, each closed if
+/// it sends nothing within `opening_timeout`.
 pub fn capped(
     listener: TcpListener,
-    max: usize,
+    caps: Caps,
     opening_timeout: Duration,
 ) -> impl Stream<Item = io::Result<Counted>> {
-    assert!(max >= 1, "connections_max is checked at start-up");
-    let permits = Arc::new(Semaphore::new(max));
+    assert!(caps.max >= 1, "connections_max is checked at start-up");
+    let permits = Arc::new(Semaphore::new(caps.max));
+    let peers = (caps.per_peer_max > 0).then(|| Arc::new(Peers::new(caps.per_peer_max)));
     // Without TCP_NODELAY, small responses wait on Nagle + delayed ACK (~40 ms).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tokio_stream::StreamExt::filter_map(incoming, move |accepted| match accepted {
-        Ok(stream) => match Arc::clone(&permits).try_acquire_owned() {
-            Ok(permit) => Some(Ok(Counted {
-                stream,
-                _permit: permit,
-                closer: Closer::default(),
-                opening: Some(Box::pin(tokio::time::sleep(opening_timeout))),
-                received: 0,
-            })),
-            Err(_) => {
-                metrics::counter!(crate::telemetry::CONNECTIONS_REFUSED).increment(1);
-                tracing::debug!("connection refused: connections_max reached");
-                None // dropped: the socket is closed at once
+    tokio_stream::StreamExt::filter_map(incoming, move |accepted| {
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(error) => return Some(Err(error)),
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            return refused("connections_max"); // dropped: the socket is closed at once
+        };
+        let peer_place = match &peers {
+            None => None,
+            Some(peers) => {
+                let peer = stream.peer_addr().ok()?.ip(); // an error: the peer is gone
+                match Peers::enter(peers, peer) {
+                    Some(place) => Some(place),
+                    None => return refused("connections_per_peer_max"),
+                }
             }
-        },
-        Err(error) => Some(Err(error)),
+        };
+        Some(Ok(Counted {
+            stream,
+            _permit: permit,
+            _peer_place: peer_place,
+            closer: Closer::default(),
+            opening: Some(Box::pin(tokio::time::sleep(opening_timeout))),
+            received: 0,
+        }))
     })
+}
+
+/// Counts a connection refused at accept, by the limit that refused it.
+fn refused(limit: &'static str) -> Option<io::Result<Counted>> {
+    metrics::counter!(crate::telemetry::CONNECTIONS_REFUSED, "limit" => limit).increment(1);
+    tracing::debug!(limit, "connection refused at accept");
+    None
+}
+
+/// Connections open per peer, under `connections_per_peer_max`.
+pub struct Peers {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A connection's place under its peer's cap, given back when it closes.
+pub struct PeerPlace {
+    peers: Arc<Peers>,
+    peer: IpAddr,
+}
+
+impl Peers {
+    pub fn new(max: usize) -> Self {
+        assert!(max >= 1, "0 means no cap: no Peers then");
+        Self {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place for a connection from `address`; `None` when its peer has `max` open.
+    pub fn enter(peers: &Arc<Peers>, address: IpAddr) -> Option<PeerPlace> {
+        let peer = peer_of(address);
+        let mut open = peers.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(peer).or_insert(0);
+        if *count >= peers.max {
+            return None;
+        }
+        *count += 1;
+        let peers = Arc::clone(peers);
+        Some(PeerPlace { peers, peer })
+    }
+
+    /// Peers with a connection open.
+    pub fn peers(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for PeerPlace {
+    fn drop(&mut self) {
+        let mut open = self.peers.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// The peer an address counts for: an IPv4 address (an IPv4-mapped IPv6 one too), or an
+/// IPv6 address's /64.
+fn peer_of(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX))),
+        },
+    }
 }
 
 impl Connected for Counted {
@@ -204,4 +298,40 @@ pub fn holding<S: tokio_stream::Stream, P: Send>(
         let _held = &permit;
         item
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let peer = |text: &str| peer_of(text.parse().unwrap());
+        assert_eq!(peer("192.0.2.7"), peer("::ffff:192.0.2.7"), "IPv4-mapped");
+        assert_ne!(peer("192.0.2.7"), peer("192.0.2.8"));
+        assert_eq!(
+            peer("2001:db8:1:2::1"),
+            peer("2001:db8:1:2:ffff:ffff:ffff:ffff")
+        );
+        assert_eq!(
+            peer("2001:db8:1:2::1"),
+            "2001:db8:1:2::".parse::<IpAddr>().unwrap()
+        );
+        assert_ne!(peer("2001:db8:1:2::1"), peer("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn a_peer_holds_at_most_max_places_and_gets_them_back_when_they_close() {
+        let peers = Arc::new(Peers::new(2));
+        let (a, b) = ("192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap());
+        let first = Peers::enter(&peers, a).expect("a place");
+        let second = Peers::enter(&peers, a).expect("a place");
+        assert!(Peers::enter(&peers, a).is_none(), "a third place");
+        let other = Peers::enter(&peers, b).expect("another peer's place");
+        assert_eq!(peers.peers(), 2);
+        drop(first);
+        let again = Peers::enter(&peers, a).expect("the place given back");
+        drop((second, again, other));
+        assert_eq!(peers.peers(), 0, "peers with nothing open are forgotten");
+    }
 }

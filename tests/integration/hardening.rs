@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::child::{serve_until_exit, ChildServer};
+use common::child::{http_get, serve_until_exit, ChildServer};
 use common::*;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -279,6 +279,56 @@ async fn connections_past_the_cap_are_closed_at_once_and_idle_ones_time_out() {
         }
     }
     still_healthy(&server).await;
+}
+
+/// One machine could hold every connection (`connections_max`) and so shut everyone
+/// else out. Now a peer (an IPv4 address; an IPv6 /64) has at most
+/// `connections_per_peer_max` open: its next one is closed at accept, while another
+/// peer (127.0.0.2 here) still connects, and a place given back can be taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_take_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [("CONNECTIONS_MAX", "20"), ("CONNECTIONS_PER_PEER_MAX", "5")];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(connect_from([127, 0, 0, 1], &server, &hello).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // all accepted
+    let mut sixth = connect_from([127, 0, 0, 1], &server, &hello).await;
+    let closed = closed_within(&mut sixth, Duration::from_millis(800));
+    assert!(
+        closed.is_some(),
+        "a sixth connection of one peer stayed open"
+    );
+    let mut other = connect_from([127, 0, 0, 2], &server, &hello).await;
+    let closed = closed_within(&mut other, Duration::from_millis(800));
+    assert!(closed.is_none(), "another peer's connection was closed");
+    let metrics = http_get(&server.metrics_url);
+    let refused = "prenota_connections_refused_total{limit=\"connections_per_peer_max\"} 1";
+    assert!(metrics.contains(refused), "{metrics}");
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await; // its place given back
+    still_healthy(&server).await;
+}
+
+/// A raw connection to `server` from `source` (any 127.x.y.z reaches it), which has sent
+/// `says`.
+async fn connect_from(source: [u8; 4], server: &ChildServer, says: &[u8]) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind((std::net::Ipv4Addr::from(source), 0).into())
+        .unwrap();
+    let stream = socket
+        .connect(address(server).parse().unwrap())
+        .await
+        .unwrap();
+    let mut stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream.write_all(says).unwrap();
+    stream
 }
 
 /// How a stalled export request was answered: `None` while its stream is open (the
