@@ -227,6 +227,9 @@ pub struct Limits {
     pub reflection_streams_max: usize,
     /// Health `Watch` streams open at once (health `Check` is never limited).
     pub health_watches_max: usize,
+    /// Of them, those one peer (an IPv4 address, an IPv6 /64) may hold: health needs no
+    /// token, so one host must not take the pool a load balancer's watches need; 0: off.
+    pub health_watches_per_peer_max: usize,
     /// Connections open at once; past it a new connection is closed at accept.
     pub connections_max: usize,
     /// Connections one peer may have open at once (an IPv4 address, or an IPv6 /64: what
@@ -352,6 +355,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     probe_message_size_bytes_max: 16 * 1024,
     reflection_streams_max: 16,
     health_watches_max: 64,
+    health_watches_per_peer_max: 8,
     connections_max: 4_096,
     connections_per_peer_max: 256,
     connection_age_max_ms: 30 * 60 * 1_000,

@@ -257,6 +257,7 @@ async fn run(
     let health_service = Shed::streams_only(
         health_service.max_decoding_message_size(limits.probe_message_size_bytes_max),
         Arc::new(Semaphore::new(limits.health_watches_max)),
+        limits.health_watches_per_peer_max,
     );
 
     // PostgreSQL: while another node holds the lease the gates say NOT_ACTIVE.

@@ -66,6 +66,16 @@ pub fn closer_of(extensions: &tonic::Extensions) -> Option<Closer> {
     Some(info.closer.clone())
 }
 
+/// The address of the peer `extensions`' request came from (plain or TLS).
+pub fn peer_address(extensions: &tonic::codegen::http::Extensions) -> Option<IpAddr> {
+    let info = extensions.get::<ConnectionInfo>().or_else(|| {
+        extensions
+            .get::<TlsConnectInfo<ConnectionInfo>>()
+            .map(TlsConnectInfo::get_ref)
+    })?;
+    Some(info.tcp.remote_addr()?.ip())
+}
+
 /// Bytes a connection must send before `connection_opening_timeout_ms`: the HTTP/2
 /// preface (a TLS ClientHello is longer), so one byte cannot hold a socket open.
 const OPENING_BYTES: usize = 24;

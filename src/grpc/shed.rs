@@ -8,7 +8,7 @@
 //! reads it holds nothing), a streaming reply ([`STREAMING_REPLIES`]) until the stream
 //! ends, so it is admitted by its own bound too: exports by `exports_max`, reflection and
 //! health watches by their own small pools ([`Shed::streams_only`] leaves health checks
-//! free). A streamed request ([`STREAMED_REQUESTS`]: an import, reflection) counts from
+//! free, and holds a peer to `health_watches_per_peer_max` of its watches). A streamed request ([`STREAMED_REQUESTS`]: an import, reflection) counts from
 //! its headers.
 
 use std::pin::Pin;
@@ -21,6 +21,7 @@ use tonic::codegen::{http, BoxFuture, Service};
 use tonic::server::NamedService;
 use tonic::Status;
 
+use crate::grpc::connections::{self, PeerPlace, Peers};
 use crate::service::ServiceError;
 
 /// The methods whose reply is a stream the client may keep open.
@@ -55,6 +56,8 @@ pub struct Shed<S> {
     /// One-reply calls take a permit too, once their message (at most this many bytes)
     /// has arrived; `None`: only streams do.
     unary: Option<usize>,
+    /// When set, a peer's streams hold at most so many of the permits.
+    peers: Option<Arc<Peers>>,
 }
 
 impl<S> Shed<S> {
@@ -65,15 +68,18 @@ impl<S> Shed<S> {
             inner,
             permits,
             unary: Some(message_bytes_max),
+            peers: None,
         }
     }
 
-    /// Only streaming replies take one of `permits`; one-reply calls pass.
-    pub fn streams_only(inner: S, permits: Arc<Semaphore>) -> Self {
+    /// Only streaming replies take one of `permits`, at most `per_peer_max` of them per
+    /// peer (0: no such cap); one-reply calls pass.
+    pub fn streams_only(inner: S, permits: Arc<Semaphore>, per_peer_max: usize) -> Self {
         Self {
             inner,
             permits,
             unary: None,
+            peers: (per_peer_max > 0).then(|| Arc::new(Peers::new(per_peer_max))),
         }
     }
 }
@@ -147,7 +153,7 @@ where
             };
             let body = tonic::body::Body::new(http_body_util::Full::new(received));
             let response = inner.call(http::Request::from_parts(parts, body)).await?;
-            Ok(counted(response, permit, streaming))
+            Ok(counted(response, (permit, None), streaming))
         })
     }
 
@@ -158,10 +164,15 @@ where
         request: http::Request<tonic::body::Body>,
         streaming: bool,
     ) -> ShedFuture<S> {
+        let Some(peer_place) = self.peer_place(request.extensions()) else {
+            let refused = shed();
+            return Box::pin(async move { Ok(refused) });
+        };
         match Arc::clone(&self.permits).try_acquire_owned() {
             Ok(permit) => {
                 let response = self.inner.call(request);
-                Box::pin(async move { Ok(counted(response.await?, permit, streaming)) })
+                let place = (permit, peer_place);
+                Box::pin(async move { Ok(counted(response.await?, place, streaming)) })
             }
             Err(_) => {
                 let refused = shed();
@@ -169,17 +180,26 @@ where
             }
         }
     }
+
+    /// The call's place under its peer's cap: `Some(None)` when peers are not counted
+    /// (or the peer is not known), `None` when its peer has all its places.
+    fn peer_place(&self, extensions: &http::Extensions) -> Option<Option<PeerPlace>> {
+        match (&self.peers, connections::peer_address(extensions)) {
+            (Some(peers), Some(address)) => Peers::enter(peers, address).map(Some),
+            _ => Some(None),
+        }
+    }
 }
 
-/// `response`, holding `permit` until its stream ends when `streaming`; else the reply
-/// is ready and the permit goes here.
+/// `response`, holding its place (a permit, and its peer's when counted) until its
+/// stream ends when `streaming`; else the reply is ready and the place goes here.
 fn counted(
     response: http::Response<tonic::body::Body>,
-    permit: OwnedSemaphorePermit,
+    place: (OwnedSemaphorePermit, Option<PeerPlace>),
     streaming: bool,
 ) -> http::Response<tonic::body::Body> {
     match streaming {
-        true => response.map(|inner| tonic::body::Body::new(Counted { inner, permit })),
+        true => response.map(|inner| tonic::body::Body::new(Counted { inner, place })),
         false => response,
     }
 }
@@ -245,7 +265,7 @@ fn declared_length(prefix: &[u8]) -> Option<usize> {
 /// A response body that holds its request's place until it is dropped.
 struct Counted {
     inner: tonic::body::Body,
-    permit: OwnedSemaphorePermit,
+    place: (OwnedSemaphorePermit, Option<PeerPlace>),
 }
 
 impl http_body::Body for Counted {
@@ -256,7 +276,7 @@ impl http_body::Body for Counted {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let _counted = &self.permit;
+        let _counted = &self.place;
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

@@ -314,6 +314,88 @@ async fn one_peer_cannot_take_every_connection() {
     still_healthy(&server).await;
 }
 
+/// Health needs no token, and its Watch streams have a small pool of their own
+/// (`health_watches_max`): one host could hold all of it, and a load balancer's watch
+/// was then refused. Now a peer holds at most `health_watches_per_peer_max` of it; the
+/// rest stays for other peers, a place given back can be taken again, and Check is never
+/// limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_take_every_health_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("HEALTH_WATCHES_MAX", "4"),
+        ("HEALTH_WATCHES_PER_PEER_MAX", "2"),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    const UNAVAILABLE: Option<u32> = Some(14);
+    let mut first_peer = Vec::new();
+    for _ in 0..2 {
+        let (code, watch) = health_watch_from([127, 0, 0, 1], &server).await;
+        assert_eq!(code, None, "a watch within the peer's share");
+        first_peer.push(watch);
+    }
+    let (code, _) = health_watch_from([127, 0, 0, 1], &server).await;
+    assert_eq!(code, UNAVAILABLE, "a third watch of one peer");
+    let mut second_peer = Vec::new();
+    for _ in 0..2 {
+        let (code, watch) = health_watch_from([127, 0, 0, 2], &server).await;
+        assert_eq!(code, None, "another peer's watch");
+        second_peer.push(watch);
+    }
+    let (code, _) = health_watch_from([127, 0, 0, 3], &server).await;
+    assert_eq!(code, UNAVAILABLE, "past health_watches_max");
+    still_healthy(&server).await; // Check
+    drop(first_peer.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await; // its places given back
+    let (code, _watch) = health_watch_from([127, 0, 0, 1], &server).await;
+    assert_eq!(code, None, "the place given back");
+}
+
+/// What a health Watch from `source` got, on a connection of its own: `None` while its
+/// stream is open, or the code it was refused with; and the stream, held open.
+async fn health_watch_from(source: [u8; 4], server: &ChildServer) -> (Option<u32>, HeldStream) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind((std::net::Ipv4Addr::from(source), 0).into())
+        .unwrap();
+    let stream = socket
+        .connect(address(server).parse().unwrap())
+        .await
+        .unwrap();
+    let (mut client, connection) = h2::client::handshake(stream).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let uri = format!("http://{}/grpc.health.v1.Health/Watch", address(server));
+    let request = http::Request::post(uri)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    // An empty HealthCheckRequest (the whole server): a 5-byte frame of length 0.
+    body.send_data(bytes::Bytes::from_static(&[0; 5]), true)
+        .unwrap();
+    let (code, response) = refusal_of(response).await;
+    let held = HeldStream {
+        _client: client,
+        _response: response,
+        connection,
+    };
+    (code, held)
+}
+
+/// A stream held open until dropped; its connection then ends.
+struct HeldStream {
+    _client: h2::client::SendRequest<bytes::Bytes>,
+    _response: http::Response<h2::RecvStream>,
+    connection: tokio::task::JoinHandle<Result<(), h2::Error>>,
+}
+
+impl Drop for HeldStream {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
 /// A raw connection to `server` from `source` (any 127.x.y.z reaches it), which has sent
 /// `says`.
 async fn connect_from(source: [u8; 4], server: &ChildServer, says: &[u8]) -> TcpStream {
