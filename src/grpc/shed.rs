@@ -181,13 +181,14 @@ where
         }
     }
 
-    /// The call's place under its peer's cap: `Some(None)` when peers are not counted
-    /// (or the peer is not known), `None` when its peer has all its places.
+    /// The call's place under its peer's cap: `Some(None)` when peers are not counted,
+    /// `None` when its peer has all its places (or its address is gone: a dead socket).
     fn peer_place(&self, extensions: &http::Extensions) -> Option<Option<PeerPlace>> {
-        match (&self.peers, connections::peer_address(extensions)) {
-            (Some(peers), Some(address)) => Peers::enter(peers, address).map(Some),
-            _ => Some(None),
-        }
+        let Some(peers) = &self.peers else {
+            return Some(None);
+        };
+        let address = connections::peer_address(extensions)?;
+        Peers::enter(peers, address).map(Some)
     }
 }
 

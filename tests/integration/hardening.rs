@@ -310,8 +310,16 @@ async fn one_peer_cannot_take_every_connection() {
     let refused = "prenota_connections_refused_total{limit=\"connections_per_peer_max\"} 1";
     assert!(metrics.contains(refused), "{metrics}");
     drop(held.pop());
-    tokio::time::sleep(Duration::from_millis(200)).await; // its place given back
-    still_healthy(&server).await;
+    // Its place is given back once the server has seen it close.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = connect_from([127, 0, 0, 1], &server, &hello).await;
+        match closed_within(&mut again, Duration::from_millis(300)) {
+            None => break,
+            Some(_) if Instant::now() < deadline => continue,
+            Some(_) => panic!("the place given back was not taken again within 5 s"),
+        }
+    }
 }
 
 /// Health needs no token, and its Watch streams have a small pool of their own
@@ -346,9 +354,18 @@ async fn one_peer_cannot_take_every_health_watch() {
     assert_eq!(code, UNAVAILABLE, "past health_watches_max");
     still_healthy(&server).await; // Check
     drop(first_peer.pop());
-    tokio::time::sleep(Duration::from_millis(200)).await; // its places given back
-    let (code, _watch) = health_watch_from([127, 0, 0, 1], &server).await;
-    assert_eq!(code, None, "the place given back");
+    // Its place is given back once the server has seen its connection end.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, _watch) = health_watch_from([127, 0, 0, 1], &server).await;
+        match code {
+            None => break,
+            Some(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Some(code) => panic!("the place given back was refused ({code}) after 5 s"),
+        }
+    }
 }
 
 /// What a health Watch from `source` got, on a connection of its own: `None` while its
