@@ -336,20 +336,10 @@ async fn one_peer_cannot_take_every_health_watch() {
     ];
     let server = ChildServer::with_limits(dir.path(), &limits);
     const UNAVAILABLE: Option<u32> = Some(14);
-    let mut first_peer = Vec::new();
-    for _ in 0..2 {
-        let (code, watch) = health_watch_from([127, 0, 0, 1], &server).await;
-        assert_eq!(code, None, "a watch within the peer's share");
-        first_peer.push(watch);
-    }
+    let mut first_peer = watches_admitted([127, 0, 0, 1], 2, &server).await;
     let (code, _) = health_watch_from([127, 0, 0, 1], &server).await;
     assert_eq!(code, UNAVAILABLE, "a third watch of one peer");
-    let mut second_peer = Vec::new();
-    for _ in 0..2 {
-        let (code, watch) = health_watch_from([127, 0, 0, 2], &server).await;
-        assert_eq!(code, None, "another peer's watch");
-        second_peer.push(watch);
-    }
+    let _second_peer = watches_admitted([127, 0, 0, 2], 2, &server).await;
     let (code, _) = health_watch_from([127, 0, 0, 3], &server).await;
     assert_eq!(code, UNAVAILABLE, "past health_watches_max");
     still_healthy(&server).await; // Check
@@ -368,17 +358,21 @@ async fn one_peer_cannot_take_every_health_watch() {
     }
 }
 
+/// `count` health watches from `source`, each admitted, held open.
+async fn watches_admitted(source: [u8; 4], count: usize, server: &ChildServer) -> Vec<HeldStream> {
+    let mut held = Vec::new();
+    for _ in 0..count {
+        let (code, watch) = health_watch_from(source, server).await;
+        assert_eq!(code, None, "a watch of {source:?} within its share");
+        held.push(watch);
+    }
+    held
+}
+
 /// What a health Watch from `source` got, on a connection of its own: `None` while its
 /// stream is open, or the code it was refused with; and the stream, held open.
 async fn health_watch_from(source: [u8; 4], server: &ChildServer) -> (Option<u32>, HeldStream) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket
-        .bind((std::net::Ipv4Addr::from(source), 0).into())
-        .unwrap();
-    let stream = socket
-        .connect(address(server).parse().unwrap())
-        .await
-        .unwrap();
+    let stream = tcp_from(source, server).await;
     let (mut client, connection) = h2::client::handshake(stream).await.unwrap();
     let connection = tokio::spawn(connection);
     let uri = format!("http://{}/grpc.health.v1.Health/Watch", address(server));
@@ -413,18 +407,21 @@ impl Drop for HeldStream {
     }
 }
 
-/// A raw connection to `server` from `source` (any 127.x.y.z reaches it), which has sent
-/// `says`.
-async fn connect_from(source: [u8; 4], server: &ChildServer, says: &[u8]) -> TcpStream {
+/// A TCP connection to `server` from `source` (any 127.x.y.z reaches it on Linux).
+async fn tcp_from(source: [u8; 4], server: &ChildServer) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket
         .bind((std::net::Ipv4Addr::from(source), 0).into())
         .unwrap();
-    let stream = socket
+    socket
         .connect(address(server).parse().unwrap())
         .await
-        .unwrap();
-    let mut stream = stream.into_std().unwrap();
+        .unwrap()
+}
+
+/// A raw connection to `server` from `source`, which has sent `says`.
+async fn connect_from(source: [u8; 4], server: &ChildServer, says: &[u8]) -> TcpStream {
+    let mut stream = tcp_from(source, server).await.into_std().unwrap();
     stream.set_nonblocking(false).unwrap();
     stream.write_all(says).unwrap();
     stream
