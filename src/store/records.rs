@@ -1567,38 +1567,43 @@ impl Record for Registration {
     }
 }
 
-pub fn series_key(series_id: &SeriesId) -> Vec<u8> {
-    let mut key = vec![SERIES_PREFIX];
-    key.extend_from_slice(series_id.as_str().as_bytes());
+/// `prefix` + an id: one record per id, in id order.
+fn id_key(prefix: u8, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + id.len());
+    key.push(prefix);
+    key.extend_from_slice(id.as_bytes());
     key
+}
+
+/// `prefix` + an id + 0 + a citizen: one record per citizen of each id, the id's
+/// records one contiguous range (ids never hold a 0 byte).
+fn id_citizen_key(prefix: u8, id: &str, citizen: &CitizenKey) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + id.len() + 1 + citizen.0.len());
+    key.push(prefix);
+    key.extend_from_slice(id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&citizen.0);
+    key
+}
+
+pub fn series_key(series_id: &SeriesId) -> Vec<u8> {
+    id_key(SERIES_PREFIX, series_id.as_str())
 }
 
 pub fn campaign_key(campaign_id: &CampaignId) -> Vec<u8> {
-    let mut key = vec![CAMPAIGN_PREFIX];
-    key.extend_from_slice(campaign_id.as_str().as_bytes());
-    key
+    id_key(CAMPAIGN_PREFIX, campaign_id.as_str())
 }
 
 pub fn registration_key(campaign_id: &CampaignId, citizen: &CitizenKey) -> Vec<u8> {
-    let mut key = vec![REGISTRATION_PREFIX];
-    key.extend_from_slice(campaign_id.as_str().as_bytes());
-    key.push(0);
-    key.extend_from_slice(&citizen.0);
-    key
+    id_citizen_key(REGISTRATION_PREFIX, campaign_id.as_str(), citizen)
 }
 
 pub fn release_key(release_id: &ReleaseId) -> Vec<u8> {
-    let mut key = vec![RELEASE_PREFIX];
-    key.extend_from_slice(release_id.as_str().as_bytes());
-    key
+    id_key(RELEASE_PREFIX, release_id.as_str())
 }
 
 pub fn ticket_key(release_id: &ReleaseId, citizen: &CitizenKey) -> Vec<u8> {
-    let mut key = vec![TICKET_PREFIX];
-    key.extend_from_slice(release_id.as_str().as_bytes());
-    key.push(0);
-    key.extend_from_slice(&citizen.0);
-    key
+    id_citizen_key(TICKET_PREFIX, release_id.as_str(), citizen)
 }
 
 /// `E` + the sequence, big-endian: the log scans in sequence order.
@@ -1622,10 +1627,7 @@ fn sortable(value: i64) -> [u8; 8] {
 }
 
 pub fn site_key(site_id: &SiteId) -> Vec<u8> {
-    let mut key = Vec::with_capacity(1 + site_id.as_str().len());
-    key.push(SITE_PREFIX);
-    key.extend_from_slice(site_id.as_str().as_bytes());
-    key
+    id_key(SITE_PREFIX, site_id.as_str())
 }
 
 pub fn slot_key(slot: &SlotKey) -> Vec<u8> {
@@ -1757,7 +1759,7 @@ impl Write {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::ids::ServiceId;
+    use crate::domain::ids::{CitizenKey, ServiceId};
 
     fn slot(site: &str, service: &str, start: i64) -> Vec<u8> {
         slot_key(&SlotKey {
@@ -1780,6 +1782,29 @@ mod tests {
         let mut sorted = ordered.clone();
         sorted.sort();
         assert_eq!(sorted, ordered);
+    }
+
+    /// Keys are the disk format too: the keys of records named by an id (and a
+    /// citizen), byte for byte.
+    #[test]
+    fn id_keys_have_their_stored_layout() {
+        let citizen = CitizenKey([7; 16]);
+        let with_citizen = |prefix: u8| {
+            let mut key = vec![prefix, b'c', b'-', b'1', 0];
+            key.extend([7; 16]);
+            key
+        };
+        let campaign = CampaignId::parse("c", "c-1", 64).unwrap();
+        let release = ReleaseId::parse("r", "c-1", 64).unwrap();
+        assert_eq!(site_key(&SiteId::parse("s", "c-1", 64).unwrap()), b"Sc-1");
+        assert_eq!(
+            series_key(&SeriesId::parse("s", "c-1", 64).unwrap()),
+            b"Dc-1"
+        );
+        assert_eq!(campaign_key(&campaign), b"Cc-1");
+        assert_eq!(release_key(&release), b"Pc-1");
+        assert_eq!(registration_key(&campaign, &citizen), with_citizen(b'G'));
+        assert_eq!(ticket_key(&release, &citizen), with_citizen(b'T'));
     }
 
     #[test]
