@@ -46,14 +46,7 @@ impl Engine {
         reference: Reference,
         citizen_id: &str,
     ) -> Result<BookingView, ServiceError> {
-        let citizen = self.hasher.hash(citizen_id);
-        self.count_read(&citizen)?;
-        let booking = self
-            .store
-            .booking_by_reference(reference)?
-            .filter(|booking| booking.citizen == citizen)
-            .ok_or(DomainError::NotFound(Missing::Booking))?;
-        self.view(booking)
+        self.own_booking(citizen_id, |store, _| store.booking_by_reference(reference))
     }
 
     /// A page of the slot's roster (every state), in reference order after `after`.

@@ -302,11 +302,22 @@ impl Engine {
         booking_id: BookingId,
         citizen_id: &str,
     ) -> Result<BookingView, ServiceError> {
+        self.own_booking(citizen_id, |store, citizen| {
+            store.booking(citizen.tag(), booking_id)
+        })
+    }
+
+    /// The booking `find` reads for the citizen (whose key it is given) if it is the
+    /// citizen's own; none, or another citizen's, is `NOT_FOUND`, alike. Counted against
+    /// the citizen's read quota first.
+    pub(crate) fn own_booking(
+        &self,
+        citizen_id: &str,
+        find: impl FnOnce(&Store, CitizenKey) -> Result<Option<Booking>, StoreError>,
+    ) -> Result<BookingView, ServiceError> {
         let citizen = self.hasher.hash(citizen_id);
         self.count_read(&citizen)?;
-        let booking = self
-            .store
-            .booking(citizen.tag(), booking_id)?
+        let booking = find(&self.store, citizen)?
             .filter(|booking| booking.citizen == citizen)
             .ok_or(DomainError::NotFound(Missing::Booking))?;
         self.view(booking)
