@@ -347,77 +347,49 @@ mod tests {
         assert_eq!(plan[0].end_unix_s - plan[0].start_unix_s, 30 * 60);
     }
 
-    // A table of bad schedules, one case per field: long on purpose.
+    /// A table of bad schedules, one case per field: each changes one thing of a good one.
     #[test]
     fn bad_schedules_name_their_fields() {
+        let good = || ScheduleInput {
+            first_day: "2027-03-01",
+            last_day: "2027-03-01",
+            opening_hours: vec![(1, "09:00", "12:00")],
+            slot_minutes: 15,
+            capacity_per_slot: 1,
+        };
+        let hours = |hours: &[(u32, &'static str, &'static str)]| ScheduleInput {
+            opening_hours: hours.to_vec(),
+            ..good()
+        };
         let cases: &[(ScheduleInput<'_>, &str)] = &[
             (
                 ScheduleInput {
                     first_day: "2027-02-30",
-                    last_day: "2027-03-01",
-                    opening_hours: vec![(1, "09:00", "12:00")],
-                    slot_minutes: 15,
-                    capacity_per_slot: 1,
+                    ..good()
                 },
                 "first_day",
             ),
             (
                 ScheduleInput {
                     first_day: "2027-03-02",
-                    last_day: "2027-03-01",
-                    opening_hours: vec![(1, "09:00", "12:00")],
-                    slot_minutes: 15,
-                    capacity_per_slot: 1,
+                    ..good()
                 },
                 "last_day",
             ),
+            (hours(&[(1, "12:00", "09:00")]), "opening_hours[0].closes"),
+            (hours(&[(8, "09:00", "12:00")]), "opening_hours[0].weekday"),
+            (hours(&[(1, "9:00", "12:00")]), "opening_hours[0].opens"),
             (
                 ScheduleInput {
-                    first_day: "2027-03-01",
-                    last_day: "2027-03-01",
-                    opening_hours: vec![(1, "12:00", "09:00")],
-                    slot_minutes: 15,
-                    capacity_per_slot: 1,
-                },
-                "opening_hours[0].closes",
-            ),
-            (
-                ScheduleInput {
-                    first_day: "2027-03-01",
-                    last_day: "2027-03-01",
-                    opening_hours: vec![(8, "09:00", "12:00")],
-                    slot_minutes: 15,
-                    capacity_per_slot: 1,
-                },
-                "opening_hours[0].weekday",
-            ),
-            (
-                ScheduleInput {
-                    first_day: "2027-03-01",
-                    last_day: "2027-03-01",
-                    opening_hours: vec![(1, "9:00", "12:00")],
-                    slot_minutes: 15,
-                    capacity_per_slot: 1,
-                },
-                "opening_hours[0].opens",
-            ),
-            (
-                ScheduleInput {
-                    first_day: "2027-03-01",
-                    last_day: "2027-03-01",
-                    opening_hours: vec![(1, "09:00", "12:00")],
                     slot_minutes: 0,
-                    capacity_per_slot: 1,
+                    ..good()
                 },
                 "slot_minutes",
             ),
             (
                 ScheduleInput {
-                    first_day: "2027-03-01",
-                    last_day: "2027-03-01",
-                    opening_hours: vec![(1, "09:00", "12:00")],
-                    slot_minutes: 15,
                     capacity_per_slot: 0,
+                    ..good()
                 },
                 "capacity_per_slot",
             ),
@@ -425,20 +397,12 @@ mod tests {
                 ScheduleInput {
                     first_day: "2027-01-01",
                     last_day: "2127-01-01",
-                    opening_hours: vec![(1, "09:00", "12:00")],
-                    slot_minutes: 15,
-                    capacity_per_slot: 1,
+                    ..good()
                 },
                 "last_day",
             ),
             (
-                ScheduleInput {
-                    first_day: "2027-03-01",
-                    last_day: "2027-03-01",
-                    opening_hours: vec![(1, "09:00", "12:00"), (1, "11:00", "13:00")],
-                    slot_minutes: 15,
-                    capacity_per_slot: 1,
-                },
+                hours(&[(1, "09:00", "12:00"), (1, "11:00", "13:00")]),
                 "opening_hours[1]",
             ),
         ];
