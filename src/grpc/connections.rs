@@ -56,23 +56,24 @@ pub struct ConnectionInfo {
     pub closer: Closer,
 }
 
+/// A request's connection, from what its extensions hold: the plain connection's info,
+/// or the TLS one's (tonic's request and HTTP extensions are two types).
+fn connection<'a>(
+    plain: Option<&'a ConnectionInfo>,
+    tls: Option<&'a TlsConnectInfo<ConnectionInfo>>,
+) -> Option<&'a ConnectionInfo> {
+    plain.or_else(|| tls.map(TlsConnectInfo::get_ref))
+}
+
 /// The closer of the connection `extensions` came on (plain or TLS).
 pub fn closer_of(extensions: &tonic::Extensions) -> Option<Closer> {
-    let info = extensions.get::<ConnectionInfo>().or_else(|| {
-        extensions
-            .get::<TlsConnectInfo<ConnectionInfo>>()
-            .map(TlsConnectInfo::get_ref)
-    })?;
+    let info = connection(extensions.get(), extensions.get())?;
     Some(info.closer.clone())
 }
 
 /// The address of the peer `extensions`' request came from (plain or TLS).
 pub fn peer_address(extensions: &tonic::codegen::http::Extensions) -> Option<IpAddr> {
-    let info = extensions.get::<ConnectionInfo>().or_else(|| {
-        extensions
-            .get::<TlsConnectInfo<ConnectionInfo>>()
-            .map(TlsConnectInfo::get_ref)
-    })?;
+    let info = connection(extensions.get(), extensions.get())?;
     Some(info.tcp.remote_addr()?.ip())
 }
 
@@ -181,7 +182,8 @@ impl Peers {
     }
 
     /// Peers with a connection open.
-    pub fn peers(&self) -> usize {
+    #[cfg(test)]
+    fn peers(&self) -> usize {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
