@@ -181,21 +181,15 @@ impl ChannelUse {
             return;
         }
         let counts = self.by_slot.entry(slot.clone()).or_default();
-        match counts.iter_mut().find(|(c, _)| c == channel) {
-            Some((_, count)) => *count += 1,
-            None => counts.push((channel.clone(), 1)),
-        }
+        add_places(counts, channel, 1);
     }
 
     /// Adds `other`'s places (recovery's threads count apart).
     pub fn merge(&mut self, other: ChannelUse) {
         for (slot, counts) in other.by_slot {
             let mine = self.by_slot.entry(slot).or_default();
-            for (channel, count) in counts {
-                match mine.iter_mut().find(|(c, _)| *c == channel) {
-                    Some((_, mine)) => *mine += count,
-                    None => mine.push((channel, count)),
-                }
+            for (channel, places) in counts {
+                add_places(mine, &channel, places);
             }
         }
     }
@@ -225,6 +219,14 @@ impl ChannelUse {
                     .map_or(0, |(_, count)| *count)
             })
             .collect()
+    }
+}
+
+/// `places` more of `channel` in one slot's counts.
+fn add_places(counts: &mut Vec<(ChannelId, u32)>, channel: &ChannelId, places: u32) {
+    match counts.iter_mut().find(|(c, _)| c == channel) {
+        Some((_, count)) => *count += places,
+        None => counts.push((channel.clone(), places)),
     }
 }
 
