@@ -71,6 +71,13 @@ pub struct DataDirLock {
     dir: PathBuf,
 }
 
+/// A record a scan read, its error said as the store says I/O errors.
+fn scanned(
+    item: sled::Result<(sled::IVec, sled::IVec)>,
+) -> Result<(sled::IVec, sled::IVec), StoreError> {
+    item.map_err(|e| StoreError::Io(format!("scanning: {e}")))
+}
+
 impl Store {
     /// Opens (or creates) the store under `data_dir` and starts the committer.
     pub fn open(data_dir: &Path, limits: &Limits) -> Result<Self, StoreError> {
@@ -342,7 +349,7 @@ impl Store {
         let wanted = after + 1..=through;
         let from = self.event_record_holding(after + 1)?;
         for item in self.db.range(from..=records::event_key(through).to_vec()) {
-            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            let (key, value) = scanned(item)?;
             let run = records::decode_event_record(&key, &value)?;
             events.extend(run.into_iter().filter(|e| wanted.contains(&e.sequence)));
             if events.len() >= limit {
@@ -375,7 +382,7 @@ impl Store {
     ) -> Result<(Vec<Vec<u8>>, u64), StoreError> {
         let (mut keys, mut events) = (Vec::new(), 0);
         for item in self.db.scan_prefix([records::EVENT_PREFIX]).take(limit) {
-            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            let (key, value) = scanned(item)?;
             let run = records::decode_event_record(&key, &value)?;
             if !run.iter().all(|event| event.sequence < last && old(event)) {
                 break;
@@ -648,7 +655,7 @@ impl Store {
         };
         let mut bookings = Vec::new();
         for item in self.db.range(start..) {
-            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            let (key, value) = scanned(item)?;
             if !key.starts_with(&prefix) || bookings.len() == limit {
                 break;
             }
@@ -667,7 +674,7 @@ impl Store {
     ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
         let mut records = Vec::new();
         for item in self.db.range(from..).take(limit) {
-            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            let (key, value) = scanned(item)?;
             if key.first() != Some(&prefix) {
                 break;
             }
@@ -699,9 +706,7 @@ impl Store {
         &self,
         prefix: u8,
     ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + use<> {
-        self.db
-            .scan_prefix([prefix])
-            .map(|item| item.map_err(|e| StoreError::Io(format!("scanning: {e}"))))
+        self.db.scan_prefix([prefix]).map(scanned)
     }
 
     fn scan<T: Record>(&self, prefix: u8) -> impl Iterator<Item = Result<T, StoreError>> + use<T> {
@@ -755,7 +760,7 @@ impl Store {
         prefix.extend_from_slice(campaign_id.as_str().as_bytes());
         prefix.push(0);
         self.db.scan_prefix(prefix).map(|item| {
-            let (key, value) = item.map_err(|e| StoreError::Io(format!("scanning: {e}")))?;
+            let (key, value) = scanned(item)?;
             crate::domain::campaign::Registration::decode_value(&key, &value)
         })
     }
@@ -794,9 +799,7 @@ impl Store {
             256 => vec![records::BOOKING_PREFIX + 1],
             first => vec![records::BOOKING_PREFIX, first as u8],
         };
-        self.db
-            .range(bound(part)..bound(part + 1))
-            .map(|item| item.map_err(|e| StoreError::Io(format!("scanning: {e}"))))
+        self.db.range(bound(part)..bound(part + 1)).map(scanned)
     }
 
     /// Stops accepting writes, lets the committer finish what is queued (each batch
