@@ -38,7 +38,8 @@ pub const REFERENCE_COLLISIONS: &str = "prenota_reference_collisions_total";
 pub const RATE_LIMITED: &str = "prenota_rate_limited_total";
 /// Keys a rate limiter tracks, by `limiter`.
 pub const RATE_LIMITER_KEYS: &str = "prenota_rate_limiter_keys";
-/// Requests shed at the in-flight limit (UNAVAILABLE / OVERLOADED).
+/// Requests shed (UNAVAILABLE / OVERLOADED) at the in-flight limit, or past the
+/// reflection or health watch pools (or a peer's share of the health watches).
 pub const SHED: &str = "prenota_shed_total";
 /// Connections closed at accept, by `limit`: `connections_max` (that many were open) or
 /// `connections_per_peer_max` (that many were open from the same peer).
@@ -265,7 +266,10 @@ fn describe_requests() {
         RATE_LIMITER_KEYS,
         "keys tracked by a rate limiter, by limiter"
     );
-    describe_counter!(SHED, "requests shed at the in-flight limit (OVERLOADED)");
+    describe_counter!(
+        SHED,
+        "requests shed (OVERLOADED) at the in-flight limit or past the reflection or health watch pools"
+    );
     describe_counter!(
         CONNECTIONS_REFUSED,
         "connections closed at accept, by the limit that refused them"

@@ -8,8 +8,8 @@
 //! reads it holds nothing), a streaming reply ([`STREAMING_REPLIES`]) until the stream
 //! ends, so it is admitted by its own bound too: exports by `exports_max`, reflection and
 //! health watches by their own small pools ([`Shed::streams_only`] leaves health checks
-//! free, and holds a peer to `health_watches_per_peer_max` of its watches). A streamed request ([`STREAMED_REQUESTS`]: an import, reflection) counts from
-//! its headers.
+//! free, and holds a peer to `health_watches_per_peer_max` of its watches). A streamed
+//! request ([`STREAMED_REQUESTS`]: an import, reflection) counts from its headers.
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -428,7 +428,7 @@ impl Engine {
 
     /// Lets queued writes finish durably, then stops the committer.
     pub fn shutdown(&mut self) {
-        let _ = self.keep_size_hint();
+        self.keep_size_hint();
         self.store.shutdown();
     }
 

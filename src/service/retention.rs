@@ -115,7 +115,7 @@ impl Engine {
         for (kind, count) in retained.count() {
             metrics::counter!(telemetry::RETENTION_DELETED, "kind" => kind).increment(count);
         }
-        let _ = self.keep_size_hint();
+        self.keep_size_hint();
         Ok(retained)
     }
 
