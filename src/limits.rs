@@ -20,6 +20,10 @@ pub const STORED_TEXT_LENGTH_MAX: usize = 16_384;
 pub const WRITTEN_TEXT_LENGTH_MAX: usize = 1_000;
 pub const ID_LENGTH_CEILING: usize = 80;
 
+/// Room for a call's headers (HTTP/2 allows 16 KiB of them) and state beside its largest
+/// message: `receiving_bytes_max` and `receiving_bytes_per_peer_max` hold at least that.
+pub const RECEIVING_HEADROOM_BYTES: usize = 64 * 1024;
+
 /// Upper bounds on everything a client can make the server hold, scan or write.
 /// In `prenota.toml` under `[limits]`; a missing key keeps its default.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,6 +217,14 @@ pub struct Limits {
     pub in_flight_requests_max: usize,
     /// HTTP/2 streams one connection may have open at once.
     pub streams_per_connection_max: u32,
+    /// Bytes that calls whose message is still arriving may hold in all (their headers,
+    /// their state, what of their message has come: `grpc::receiving`); past it a call
+    /// is shed (UNAVAILABLE / OVERLOADED), so headers and half-sent messages can never
+    /// hold more memory than this.
+    pub receiving_bytes_max: usize,
+    /// Of them, what the calls of one peer (an IPv4 address, an IPv6 /64) may hold, so
+    /// one host cannot take it all; 0: off.
+    pub receiving_bytes_per_peer_max: usize,
     /// Streams a client may reset before being answered, before the connection is
     /// closed (the "rapid reset" attack).
     pub pending_reset_streams_max: usize,
@@ -350,6 +362,8 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     rate_limiter_retain_interval_ms: 10_000,
     in_flight_requests_max: 4_096,
     streams_per_connection_max: 1_024,
+    receiving_bytes_max: 256 * 1024 * 1024,
+    receiving_bytes_per_peer_max: 16 * 1024 * 1024,
     pending_reset_streams_max: 64,
     local_reset_streams_max: 128,
     probe_message_size_bytes_max: 16 * 1024,
@@ -380,6 +394,8 @@ const _: () = {
     assert!(l.search_range_days_default <= l.search_range_days_max);
     assert!(l.search_slots_scanned_max as u64 > l.page_size_max as u64);
     assert!(l.max_active_per_citizen >= 1);
+    assert!(l.receiving_bytes_per_peer_max >= l.message_size_bytes_max + RECEIVING_HEADROOM_BYTES);
+    assert!(l.receiving_bytes_max >= l.receiving_bytes_per_peer_max);
     assert!(l.commit_batch_writes_max >= 1 && l.commit_batch_writes_max <= l.commit_queue_depth);
     // Capacity and taken places are 21 bits each of the slot counter's word.
     assert!(l.capacity_per_slot_max <= CAPACITY_PER_SLOT_CEILING);
@@ -659,6 +675,17 @@ impl Limits {
         need(
             l.request_timeout_ms >= 100,
             "request_timeout_ms must be at least 100",
+        );
+        // A call of the largest message (and the largest header list) must fit.
+        let largest_call = l
+            .message_size_bytes_max
+            .saturating_add(RECEIVING_HEADROOM_BYTES);
+        need(
+            l.receiving_bytes_max >= largest_call
+                && (l.receiving_bytes_per_peer_max == 0
+                    || l.receiving_bytes_per_peer_max >= largest_call),
+            "receiving_bytes_max and receiving_bytes_per_peer_max (unless 0) must be at least \
+             message_size_bytes_max + 65536",
         );
         problems
     }

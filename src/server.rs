@@ -30,6 +30,7 @@ use crate::grpc::auth::{self, Gate};
 use crate::grpc::connections;
 use crate::grpc::observe::ObserveLayer;
 use crate::grpc::readiness::Ready;
+use crate::grpc::receiving::Receiving;
 use crate::grpc::shed::Shed;
 use crate::grpc::{BookingApi, CapacityApi, OpenDataApi, SiteApi};
 use crate::proto::booking_service_server::BookingServiceServer;
@@ -254,10 +255,17 @@ async fn run(
     set_health(&health, ServingStatus::NotServing).await;
     // Reachable without a token: only tiny requests, and few Watch streams (their own
     // pool; Check is never limited).
+    let receiving = Arc::new(Receiving::new(
+        limits.receiving_bytes_max,
+        limits.receiving_bytes_per_peer_max,
+    ));
     let health_service = Shed::streams_only(
         health_service.max_decoding_message_size(limits.probe_message_size_bytes_max),
-        Arc::new(Semaphore::new(limits.health_watches_max)),
-        limits.health_watches_per_peer_max,
+        (
+            Arc::new(Semaphore::new(limits.health_watches_max)),
+            limits.health_watches_per_peer_max,
+        ),
+        (limits.probe_message_size_bytes_max, &receiving),
     );
 
     // PostgreSQL: while another node holds the lease the gates say NOT_ACTIVE.
@@ -284,8 +292,8 @@ async fn run(
             // Its own pool: reflection streams never take a booking's place.
             let streams = Arc::new(Semaphore::new(limits.reflection_streams_max));
             (
-                Some(gated(v1, (&streams, size), &gate)),
-                Some(gated(v1alpha, (&streams, size), &gate)),
+                Some(gated(v1, (&streams, size, &receiving), &gate)),
+                Some(gated(v1alpha, (&streams, size, &receiving), &gate)),
             )
         }
         false => (None, None),
@@ -300,7 +308,7 @@ async fn run(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     // Set when shutdown begins: watch streams end, so the graceful drain can finish.
     let (closing, closing_seen) = tokio::sync::watch::channel(false);
-    let in_flight = (&in_flight, limits.message_size_bytes_max);
+    let in_flight = (&in_flight, limits.message_size_bytes_max, &receiving);
     let serving = transport(tls.as_ref(), &limits)?
         .layer(ObserveLayer)
         .add_service(health_service)
@@ -450,13 +458,14 @@ fn end_streams_on(mut closing: tokio::sync::watch::Receiver<bool>, engine: &Arc<
 }
 
 /// `service` behind the token gate and a pool of `permits` (one-message calls take
-/// one once their message of at most `message_bytes_max` has arrived).
+/// one once their message of at most `message_bytes_max` has arrived, received under
+/// `receiving`'s budgets).
 fn gated<S>(
     service: S,
-    (permits, message_bytes_max): (&Arc<Semaphore>, usize),
+    (permits, message_bytes_max, receiving): (&Arc<Semaphore>, usize, &Arc<Receiving>),
     gate: &Gate,
 ) -> InterceptedService<Shed<S>, Gate> {
-    let shed = Shed::new(service, Arc::clone(permits), message_bytes_max);
+    let shed = Shed::new(service, Arc::clone(permits), (message_bytes_max, receiving));
     InterceptedService::new(shed, gate.clone())
 }
 

@@ -268,7 +268,7 @@ fn describe_requests() {
     );
     describe_counter!(
         SHED,
-        "requests shed (OVERLOADED) at the in-flight limit or past the reflection or health watch pools"
+        "requests shed (OVERLOADED) at the in-flight limit, past the reflection or health watch pools, or past what calls being received may hold"
     );
     describe_counter!(
         CONNECTIONS_REFUSED,

@@ -147,16 +147,20 @@ fn refused(limit: &'static str) -> Option<io::Result<Counted>> {
     None
 }
 
-/// Connections open per peer, under `connections_per_peer_max`.
+/// What each peer holds, under a cap per peer: its open connections
+/// (`connections_per_peer_max`), its health watches, or the bytes of its calls being
+/// received (`grpc::receiving`).
 pub struct Peers {
     max: usize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// A connection's place under its peer's cap, given back when it closes.
+/// What one holder (a connection, a call) holds under its peer's cap, given back when
+/// it is dropped.
 pub struct PeerPlace {
     peers: Arc<Peers>,
     peer: IpAddr,
+    units: usize,
 }
 
 impl Peers {
@@ -170,15 +174,19 @@ impl Peers {
 
     /// A place for a connection from `address`; `None` when its peer has `max` open.
     pub fn enter(peers: &Arc<Peers>, address: IpAddr) -> Option<PeerPlace> {
+        Self::take(peers, address, 1)
+    }
+
+    /// `units` of `max` for a holder from `address`; `None` when its peer would pass
+    /// `max`.
+    pub fn take(peers: &Arc<Peers>, address: IpAddr, units: usize) -> Option<PeerPlace> {
         let peer = peer_of(address);
-        let mut open = peers.open.lock().unwrap_or_else(|p| p.into_inner());
-        let count = open.entry(peer).or_insert(0);
-        if *count >= peers.max {
-            return None;
-        }
-        *count += 1;
-        let peers = Arc::clone(peers);
-        Some(PeerPlace { peers, peer })
+        let mut place = PeerPlace {
+            peers: Arc::clone(peers),
+            peer,
+            units: 0,
+        };
+        place.grow(units).then_some(place)
     }
 
     /// Peers with a connection open.
@@ -188,11 +196,34 @@ impl Peers {
     }
 }
 
+impl PeerPlace {
+    /// `units` more for this holder; `false` (nothing taken) when its peer would pass
+    /// `max`.
+    pub fn grow(&mut self, units: usize) -> bool {
+        let mut open = self.peers.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(self.peer).or_insert(0);
+        match count.checked_add(units) {
+            Some(grown) if grown <= self.peers.max => {
+                *count = grown;
+                self.units += units;
+                true
+            }
+            _ => {
+                if *count == 0 {
+                    open.remove(&self.peer);
+                }
+                false
+            }
+        }
+    }
+}
+
 impl Drop for PeerPlace {
     fn drop(&mut self) {
         let mut open = self.peers.open.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(count) = open.get_mut(&self.peer) {
-            *count -= 1;
+            debug_assert!(*count >= self.units, "a peer holds what its holders hold");
+            *count -= self.units;
             if *count == 0 {
                 open.remove(&self.peer);
             }
@@ -345,5 +376,24 @@ mod tests {
         let again = Peers::enter(&peers, a).expect("the place given back");
         drop((second, again, other));
         assert_eq!(peers.peers(), 0, "peers with nothing open are forgotten");
+    }
+
+    #[test]
+    fn a_peer_holds_at_most_max_units_in_all_its_holders() {
+        let peers = Arc::new(Peers::new(100));
+        let a = "192.0.2.1".parse().unwrap();
+        let mut first = Peers::take(&peers, a, 60).expect("60 of 100");
+        assert!(Peers::take(&peers, a, 41).is_none(), "101 of 100");
+        assert_eq!(peers.peers(), 1, "a refused take leaves nothing behind");
+        assert!(!first.grow(41), "101 of 100");
+        let second = Peers::take(&peers, a, 40).expect("100 of 100");
+        assert!(!first.grow(1), "past max");
+        drop(second);
+        assert!(first.grow(40), "what the second held is back");
+        assert!(Peers::take(&peers, a, usize::MAX).is_none(), "no overflow");
+        drop(first);
+        assert_eq!(peers.peers(), 0);
+        assert!(Peers::take(&peers, a, 101).is_none());
+        assert_eq!(peers.peers(), 0, "a refused first take leaves no entry");
     }
 }

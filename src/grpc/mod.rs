@@ -14,6 +14,7 @@ pub mod detached;
 pub mod observe;
 pub mod open_data_service;
 pub mod readiness;
+pub mod receiving;
 pub mod shed;
 pub mod signature_batch;
 pub mod site_service;

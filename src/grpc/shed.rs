@@ -4,7 +4,8 @@
 //!
 //! A call with one request message counts from when its message has arrived (a client
 //! that sends the headers and never the message holds no place, only its stream, until
-//! `request_timeout_ms`): a one-reply call until its reply is ready (a client that never
+//! `request_timeout_ms`; what it holds meanwhile is bounded by `grpc::receiving`): a
+//! one-reply call until its reply is ready (a client that never
 //! reads it holds nothing), a streaming reply ([`STREAMING_REPLIES`]) until the stream
 //! ends, so it is admitted by its own bound too: exports by `exports_max`, reflection and
 //! health watches by their own small pools ([`Shed::streams_only`] leaves health checks
@@ -15,14 +16,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http_body_util::BodyExt as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::{http, BoxFuture, Service};
 use tonic::server::NamedService;
-use tonic::Status;
 
 use crate::grpc::connections::{self, PeerPlace, Peers};
-use crate::service::ServiceError;
+use crate::grpc::receiving::{self, Receiving};
 
 /// The methods whose reply is a stream the client may keep open.
 pub const STREAMING_REPLIES: &[&str] = &[
@@ -46,16 +45,17 @@ fn streams(path: &str) -> bool {
     STREAMING_REPLIES.contains(&path)
 }
 
-/// A gRPC message's frame: a flag byte and a 4-byte length before the message.
-const GRPC_FRAME_PREFIX_BYTES: usize = 5;
-
 #[derive(Clone)]
 pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
-    /// One-reply calls take a permit too, once their message (at most this many bytes)
-    /// has arrived; `None`: only streams do.
-    unary: Option<usize>,
+    /// One-reply calls take a permit too, once their message has arrived; `false`: only
+    /// streams do.
+    unary_counted: bool,
+    /// A one-message call's message is received, under `receiving`'s budgets, before the
+    /// call is served: at most this many bytes.
+    message_bytes_max: usize,
+    receiving: Arc<Receiving>,
     /// When set, a peer's streams hold at most so many of the permits.
     peers: Option<Arc<Peers>>,
 }
@@ -63,22 +63,35 @@ pub struct Shed<S> {
 impl<S> Shed<S> {
     /// Every call takes one of `permits` (shared by every service it wraps); a
     /// one-message call once its message of at most `message_bytes_max` has arrived.
-    pub fn new(inner: S, permits: Arc<Semaphore>, message_bytes_max: usize) -> Self {
+    pub fn new(
+        inner: S,
+        permits: Arc<Semaphore>,
+        (message_bytes_max, receiving): (usize, &Arc<Receiving>),
+    ) -> Self {
         Self {
             inner,
             permits,
-            unary: Some(message_bytes_max),
+            unary_counted: true,
+            message_bytes_max,
+            receiving: Arc::clone(receiving),
             peers: None,
         }
     }
 
     /// Only streaming replies take one of `permits`, at most `per_peer_max` of them per
-    /// peer (0: no such cap); one-reply calls pass.
-    pub fn streams_only(inner: S, permits: Arc<Semaphore>, per_peer_max: usize) -> Self {
+    /// peer (0: no such cap); one-reply calls pass once their message (at most
+    /// `message_bytes_max`) has arrived.
+    pub fn streams_only(
+        inner: S,
+        (permits, per_peer_max): (Arc<Semaphore>, usize),
+        (message_bytes_max, receiving): (usize, &Arc<Receiving>),
+    ) -> Self {
         Self {
             inner,
             permits,
-            unary: None,
+            unary_counted: false,
+            message_bytes_max,
+            receiving: Arc::clone(receiving),
             peers: (per_peer_max > 0).then(|| Arc::new(Peers::new(per_peer_max))),
         }
     }
@@ -111,13 +124,9 @@ where
         let path = request.uri().path();
         let (streaming, streamed) = (streams(path), STREAMED_REQUESTS.contains(&path));
         let request = request.map(tonic::body::Body::new);
-        match self.unary {
-            _ if streamed => self.call_counted(request, streaming),
-            Some(message_bytes_max) => {
-                self.call_once_received(request, (message_bytes_max, streaming))
-            }
-            None if streaming => self.call_counted(request, streaming),
-            None => Box::pin(self.inner.call(request)),
+        match streamed || (streaming && !self.unary_counted) {
+            true => self.call_counted(request, streaming),
+            false => self.call_once_received(request, streaming),
         }
     }
 }
@@ -130,29 +139,40 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    /// A call with one request message: it is received (at most `message_bytes_max`)
-    /// before the call takes a place, which it holds until its reply is ready, or, when
-    /// `streaming`, until its reply stream ends.
+    /// A call with one request message: it is received (at most `message_bytes_max`,
+    /// under `receiving`'s budgets) before the call takes a place (when one-reply calls
+    /// are counted, or it is `streaming`), which it holds until its reply is ready, or,
+    /// when `streaming`, until its reply stream ends.
     fn call_once_received(
         &mut self,
         request: http::Request<tonic::body::Body>,
-        (message_bytes_max, streaming): (usize, bool),
+        streaming: bool,
     ) -> ShedFuture<S> {
         // The clone is ready for the next call; this one was readied by `poll_ready`.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let permits = Arc::clone(&self.permits);
+        let permits = self.unary_counted.then(|| Arc::clone(&self.permits));
+        let (message_bytes_max, receiving) = (self.message_bytes_max, Arc::clone(&self.receiving));
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let received = match receive(body, message_bytes_max).await {
+            let Some(mut reserved) = receiving.reserve(&parts) else {
+                return Ok(shed());
+            };
+            let reservation = (&mut reserved, &*receiving);
+            let received = match receiving::receive(body, message_bytes_max, reservation).await {
                 Ok(received) => received,
                 Err(refused) => return Ok(refused.into_http()),
+            };
+            drop(reserved); // from here its place counts it
+            let body = tonic::body::Body::new(http_body_util::Full::new(received));
+            let request = http::Request::from_parts(parts, body);
+            let Some(permits) = permits else {
+                return inner.call(request).await;
             };
             let Ok(permit) = permits.try_acquire_owned() else {
                 return Ok(shed());
             };
-            let body = tonic::body::Body::new(http_body_util::Full::new(received));
-            let response = inner.call(http::Request::from_parts(parts, body)).await?;
+            let response = inner.call(request).await?;
             Ok(counted(response, (permit, None), streaming))
         })
     }
@@ -205,62 +225,10 @@ fn counted(
     }
 }
 
-/// The answer to a call past `in_flight_requests_max`: UNAVAILABLE / OVERLOADED.
+/// The answer to a call past `in_flight_requests_max` (or a pool, or a budget of
+/// `grpc::receiving`): UNAVAILABLE / OVERLOADED.
 fn shed() -> http::Response<tonic::body::Body> {
-    metrics::counter!(crate::telemetry::SHED).increment(1);
-    Status::from(ServiceError::Shed).into_http()
-}
-
-/// A one-message call's body, whole: refused as tonic refuses a message it will not
-/// decode (OUT_OF_RANGE) once its 5-byte prefix declares more than `message_bytes_max`
-/// or more arrives, without reading the rest; CANCELLED if the client broke the stream.
-async fn receive(
-    mut body: tonic::body::Body,
-    message_bytes_max: usize,
-) -> Result<tonic::codegen::Bytes, Status> {
-    let too_large = || {
-        Status::out_of_range(format!(
-            "the message is too large: at most {message_bytes_max} bytes (message_size_bytes_max)"
-        ))
-    };
-    let limit = message_bytes_max.saturating_add(GRPC_FRAME_PREFIX_BYTES);
-    let (mut received, mut bytes, mut checked) = (Vec::new(), 0, false);
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|error| {
-            Status::cancelled(format!("the request's message was not received: {error}"))
-        })?;
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers: a gRPC request has none that matter here
-        };
-        bytes += data.len();
-        received.push(data);
-        if bytes > limit {
-            return Err(too_large());
-        }
-        if !checked && bytes >= GRPC_FRAME_PREFIX_BYTES {
-            checked = true;
-            let prefix: Vec<u8> = received
-                .iter()
-                .flat_map(|data| data.iter())
-                .take(GRPC_FRAME_PREFIX_BYTES)
-                .copied()
-                .collect();
-            if declared_length(&prefix).is_some_and(|declared| declared > message_bytes_max) {
-                return Err(too_large());
-            }
-        }
-    }
-    // Usually one frame: kept as it is, without a copy.
-    Ok(match received.len() {
-        1 => received.remove(0),
-        _ => received.concat().into(),
-    })
-}
-
-/// The length a gRPC frame's 5-byte prefix declares (after its compression flag).
-fn declared_length(prefix: &[u8]) -> Option<usize> {
-    let length: [u8; 4] = prefix.get(1..GRPC_FRAME_PREFIX_BYTES)?.try_into().ok()?;
-    Some(u32::from_be_bytes(length) as usize)
+    receiving::shed().into_http()
 }
 
 /// A response body that holds its request's place until it is dropped.

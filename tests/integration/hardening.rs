@@ -763,3 +763,150 @@ async fn a_message_declared_too_large_is_refused_from_its_prefix() {
         .expect("refused from the prefix, not at the request timeout");
     assert_eq!(status, Some(11), "OUT_OF_RANGE");
 }
+
+/// A one-message call is received whole before it takes a place, so until then nothing
+/// counted what it held: one peer's half-sent messages on every stream of every
+/// connection could fill memory until `request_timeout_ms`. Now the calls of one peer
+/// being received hold at most `receiving_bytes_per_peer_max`: past it the next is shed
+/// at once (UNAVAILABLE), another peer is still served, and what a peer held comes back
+/// when its calls end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_fill_memory_with_half_sent_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("MESSAGE_SIZE_BYTES_MAX", "65536"),
+        ("RECEIVING_BYTES_PER_PEER_MAX", "262144"),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    // 40,000 bytes of a 60,000-byte message, never finished: 6 fit in 256 KiB.
+    let mut half = vec![0u8];
+    half.extend_from_slice(&60_000u32.to_be_bytes());
+    half.resize(40_000, 0x0a);
+    let half = bytes::Bytes::from(half);
+    let (client, connection) = h2_client_from([127, 0, 0, 1], &server).await;
+    let mut calls = Vec::new();
+    for _ in 0..12 {
+        calls.push(send_call(&client, BOOK, Some(half.clone()), false).await);
+        tokio::time::sleep(Duration::from_millis(20)).await; // in order
+    }
+    let codes = codes_within(calls, Duration::from_secs(3)).await;
+    let held = codes.iter().filter(|code| code.is_none()).count();
+    assert!((4..=6).contains(&held), "held {held} of 12: {codes:?}");
+    assert!(
+        codes[held..].iter().all(|code| *code == Some(UNAVAILABLE)),
+        "past the peer's share, shed at once: {codes:?}"
+    );
+    let (other, _other_connection) = h2_client_from([127, 0, 0, 2], &server).await;
+    let whole = send_call(&other, BOOK, Some(grpc_frame(&[])), true).await;
+    let code = grpc_status_of(whole).await;
+    assert!(
+        code.is_some() && code != Some(UNAVAILABLE),
+        "another peer: {code:?}"
+    );
+    let metrics = http_get(&server.metrics_url);
+    assert!(!metrics.contains("prenota_shed_total 0\n"), "{metrics}");
+    connection.abort(); // its calls end: what they held comes back
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (client, _connection) = h2_client_from([127, 0, 0, 1], &server).await;
+        let mut calls = Vec::new();
+        for _ in 0..4 {
+            calls.push(send_call(&client, BOOK, Some(half.clone()), false).await);
+        }
+        let codes = codes_within(calls, Duration::from_millis(500)).await;
+        match codes.iter().all(Option::is_none) {
+            true => break,
+            false if Instant::now() < deadline => continue,
+            false => panic!("the peer's share did not come back within 5 s: {codes:?}"),
+        }
+    }
+}
+
+/// Headers alone hold a stream and a call's state: one peer sending only the headers
+/// of many calls is held to its share too (about 110 calls in 128 KiB), the rest shed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_hold_thousands_of_calls_with_headers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("MESSAGE_SIZE_BYTES_MAX", "65536"),
+        ("RECEIVING_BYTES_PER_PEER_MAX", "131072"),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let (client, _connection) = h2_client_from([127, 0, 0, 1], &server).await;
+    let mut calls = Vec::new();
+    for _ in 0..300 {
+        calls.push(send_call(&client, BOOK, None, false).await);
+    }
+    let codes = codes_within(calls, Duration::from_secs(3)).await;
+    let held = codes.iter().filter(|code| code.is_none()).count();
+    let shed = codes
+        .iter()
+        .filter(|code| **code == Some(UNAVAILABLE))
+        .count();
+    assert!((50..=128).contains(&held), "held {held} of 300");
+    assert_eq!(held + shed, 300, "{codes:?}");
+}
+
+/// Many peers together are held to `receiving_bytes_max`: past it any call is shed,
+/// and served again once the calls that filled it end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_being_received_hold_at_most_receiving_bytes_max_in_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("MESSAGE_SIZE_BYTES_MAX", "65536"),
+        ("RECEIVING_BYTES_MAX", "131072"),
+        ("RECEIVING_BYTES_PER_PEER_MAX", "0"),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let (client, connection) = h2_client_from([127, 0, 0, 1], &server).await;
+    let mut calls = Vec::new();
+    for _ in 0..300 {
+        calls.push(send_call(&client, BOOK, None, false).await);
+    }
+    let codes = codes_within(calls, Duration::from_secs(3)).await;
+    assert!(codes.contains(&Some(UNAVAILABLE)), "the budget filled");
+    let (other, _other_connection) = h2_client_from([127, 0, 0, 2], &server).await;
+    let whole = send_call(&other, BOOK, Some(grpc_frame(&[])), true).await;
+    assert_eq!(grpc_status_of(whole).await, Some(UNAVAILABLE), "any peer");
+    connection.abort();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let whole = send_call(&other, BOOK, Some(grpc_frame(&[])), true).await;
+        match grpc_status_of(whole).await {
+            Some(UNAVAILABLE) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Some(UNAVAILABLE) => panic!("the budget did not come back within 5 s"),
+            _ => break,
+        }
+    }
+}
+
+const BOOK: &str = "/prenota.v1.BookingService/Book";
+const UNAVAILABLE: u32 = 14;
+
+/// The grpc-status each call ended with within `wait` (all waited for together), or
+/// `None` where it was still open.
+async fn codes_within(calls: Vec<h2::client::ResponseFuture>, wait: Duration) -> Vec<Option<u32>> {
+    let within = calls.into_iter().map(|call| async move {
+        tokio::time::timeout(wait, grpc_status_of(call))
+            .await
+            .ok()
+            .flatten()
+    });
+    futures::future::join_all(within).await
+}
+
+/// An HTTP/2 client on its own connection to `server` from `source`; and the
+/// connection's task (aborted: the connection closes with every stream on it).
+async fn h2_client_from(
+    source: [u8; 4],
+    server: &ChildServer,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let stream = tcp_from(source, server).await;
+    let (client, connection) = h2::client::handshake(stream).await.unwrap();
+    (client, tokio::spawn(connection))
+}

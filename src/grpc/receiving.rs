@@ -1,0 +1,252 @@
+//! What calls hold while their message arrives. A one-message call is received whole
+//! before it takes its place (`grpc::shed`), so until then no place counts what it
+//! holds: its stream and headers, then its message (up to `message_size_bytes_max`).
+//! Without a bound, headers and half-sent messages on every stream of every connection
+//! (4,096 × 1,024) could hold terabytes until `request_timeout_ms`.
+//!
+//! So each such call reserves what it holds as it arrives: its headers (counted as
+//! HTTP/2 counts a header list, plus [`CALL_STATE_BYTES`]) when it starts, each piece of
+//! its message as it comes, from `receiving_bytes_max` in all and from its peer's
+//! `receiving_bytes_per_peer_max` (an IPv4 address, an IPv6 /64). A call that would pass
+//! either is shed at once (UNAVAILABLE / OVERLOADED with a RetryInfo) and gives back
+//! what it held; a call received gives it back as it takes its place.
+
+use std::sync::Arc;
+
+use http_body_util::BodyExt as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::codegen::{http, Bytes};
+use tonic::Status;
+
+use crate::grpc::connections::{self, PeerPlace, Peers};
+use crate::service::ServiceError;
+
+/// What a call being received holds besides its headers and message, roughly: its
+/// HTTP/2 stream, its request's parts and the future that receives it.
+pub const CALL_STATE_BYTES: usize = 1024;
+
+/// A gRPC message's frame: a flag byte and a 4-byte length before the message.
+const GRPC_FRAME_PREFIX_BYTES: usize = 5;
+
+/// The budgets calls being received reserve from, shared by every service.
+pub struct Receiving {
+    total: Arc<Semaphore>,
+    /// `None`: no cap per peer.
+    peers: Option<Arc<Peers>>,
+}
+
+/// What one call being received holds of the budgets; given back when dropped.
+pub struct Reserved {
+    total: OwnedSemaphorePermit,
+    peer: Option<PeerPlace>,
+}
+
+impl Receiving {
+    /// `total_max` bytes in all, `per_peer_max` per peer (0: no cap per peer).
+    pub fn new(total_max: usize, per_peer_max: usize) -> Self {
+        assert!(total_max >= 1, "receiving_bytes_max is checked at start-up");
+        Self {
+            total: Arc::new(Semaphore::new(total_max.min(Semaphore::MAX_PERMITS))),
+            peers: (per_peer_max > 0).then(|| Arc::new(Peers::new(per_peer_max))),
+        }
+    }
+
+    /// The reservation of a call starting with `parts`; `None` when a budget is spent
+    /// (or, with a cap per peer, its peer's address is gone: a dead socket).
+    pub fn reserve(&self, parts: &http::request::Parts) -> Option<Reserved> {
+        let bytes = call_bytes(parts);
+        let total = Arc::clone(&self.total)
+            .try_acquire_many_owned(u32::try_from(bytes).ok()?)
+            .ok()?;
+        let peer = match &self.peers {
+            None => None,
+            Some(peers) => {
+                let address = connections::peer_address(&parts.extensions)?;
+                Some(Peers::take(peers, address, bytes)?)
+            }
+        };
+        Some(Reserved { total, peer })
+    }
+
+    /// Bytes free in the total budget.
+    pub fn available(&self) -> usize {
+        self.total.available_permits()
+    }
+}
+
+impl Reserved {
+    /// `bytes` more (a piece of the message); `false`, nothing more taken, when a budget
+    /// would be passed.
+    fn grow(&mut self, bytes: usize, receiving: &Receiving) -> bool {
+        let Some(more) = u32::try_from(bytes)
+            .ok()
+            .and_then(|n| Arc::clone(&receiving.total).try_acquire_many_owned(n).ok())
+        else {
+            return false;
+        };
+        if let Some(peer) = &mut self.peer {
+            if !peer.grow(bytes) {
+                return false; // `more` goes back as it drops
+            }
+        }
+        self.total.merge(more);
+        true
+    }
+}
+
+/// What a call's headers take, as HTTP/2 counts a header list (RFC 7540 §6.5.2: each
+/// field's name and value and 32 bytes), with its path and [`CALL_STATE_BYTES`].
+fn call_bytes(parts: &http::request::Parts) -> usize {
+    let headers: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum();
+    CALL_STATE_BYTES + parts.uri.path().len() + headers
+}
+
+/// A one-message call's body, whole, each piece reserved in `reserved` as it comes:
+/// refused as tonic refuses a message it will not decode (OUT_OF_RANGE) once its 5-byte
+/// prefix declares more than `message_bytes_max` or more arrives, without reading the
+/// rest; shed (UNAVAILABLE / OVERLOADED) when a piece would pass a budget; CANCELLED if
+/// the client broke the stream.
+pub async fn receive(
+    mut body: tonic::body::Body,
+    message_bytes_max: usize,
+    (reserved, receiving): (&mut Reserved, &Receiving),
+) -> Result<Bytes, Status> {
+    let too_large = || {
+        Status::out_of_range(format!(
+            "the message is too large: at most {message_bytes_max} bytes (message_size_bytes_max)"
+        ))
+    };
+    let limit = message_bytes_max.saturating_add(GRPC_FRAME_PREFIX_BYTES);
+    let (mut received, mut bytes, mut checked) = (Vec::new(), 0, false);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| {
+            Status::cancelled(format!("the request's message was not received: {error}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: a gRPC request has none that matter here
+        };
+        bytes += data.len();
+        if bytes > limit {
+            return Err(too_large());
+        }
+        if !reserved.grow(data.len(), receiving) {
+            return Err(shed());
+        }
+        received.push(data);
+        if !checked && bytes >= GRPC_FRAME_PREFIX_BYTES {
+            checked = true;
+            if declared_length(&received).is_some_and(|declared| declared > message_bytes_max) {
+                return Err(too_large());
+            }
+        }
+    }
+    // Usually one frame: kept as it is, without a copy.
+    Ok(match received.len() {
+        1 => received.remove(0),
+        _ => received.concat().into(),
+    })
+}
+
+/// UNAVAILABLE / OVERLOADED, counted as shed.
+pub fn shed() -> Status {
+    metrics::counter!(crate::telemetry::SHED).increment(1);
+    Status::from(ServiceError::Shed)
+}
+
+/// The length a gRPC frame's 5-byte prefix declares (after its compression flag), from
+/// the first pieces of a message.
+fn declared_length(pieces: &[Bytes]) -> Option<usize> {
+    let prefix: Vec<u8> = pieces
+        .iter()
+        .flat_map(|piece| piece.iter())
+        .take(GRPC_FRAME_PREFIX_BYTES)
+        .copied()
+        .collect();
+    let length: [u8; 4] = prefix.get(1..GRPC_FRAME_PREFIX_BYTES)?.try_into().ok()?;
+    Some(u32::from_be_bytes(length) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts_from(address: &str) -> http::request::Parts {
+        let request = http::Request::post("/prenota.v1.BookingService/Book")
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = request.into_parts();
+        let tcp = tonic::transport::server::TcpConnectInfo {
+            local_addr: None,
+            remote_addr: Some(address.parse().unwrap()),
+        };
+        let closer = connections::Closer::default();
+        parts
+            .extensions
+            .insert(connections::ConnectionInfo { tcp, closer });
+        parts
+    }
+
+    #[test]
+    fn a_call_reserves_its_headers_and_gives_them_back() {
+        let receiving = Receiving::new(1 << 20, 0);
+        let parts = parts_from("192.0.2.1:4000");
+        let reserved = receiving.reserve(&parts).expect("room");
+        let headers = "content-type".len() + "application/grpc".len() + 32;
+        let path = "/prenota.v1.BookingService/Book".len();
+        assert_eq!(
+            receiving.available(),
+            (1 << 20) - CALL_STATE_BYTES - path - headers
+        );
+        drop(reserved);
+        assert_eq!(receiving.available(), 1 << 20);
+    }
+
+    #[test]
+    fn pieces_past_a_budget_are_refused_and_taken_nowhere() {
+        let per_peer = 10_000;
+        let receiving = Receiving::new(25_000, per_peer);
+        let mut first = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
+        let taken = 25_000 - receiving.available();
+        assert!(
+            first.grow(per_peer - taken, &receiving),
+            "up to the peer's cap"
+        );
+        assert!(!first.grow(1, &receiving), "past the peer's cap");
+        assert_eq!(
+            receiving.available(),
+            25_000 - per_peer,
+            "the refused byte is back"
+        );
+        let same_peer = receiving.reserve(&parts_from("192.0.2.1:4001"));
+        assert!(same_peer.is_none(), "the peer's cap is spent");
+        let other = receiving.reserve(&parts_from("192.0.2.2:4000"));
+        assert!(other.is_some(), "another peer has room");
+        drop((first, other));
+        assert_eq!(receiving.available(), 25_000, "everything is given back");
+        assert!(receiving.reserve(&parts_from("192.0.2.1:4000")).is_some());
+
+        let receiving = Receiving::new(5_000, 0);
+        let mut first = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
+        assert!(first.grow(receiving.available() - 100, &receiving));
+        assert!(!first.grow(101, &receiving), "past the total");
+        let other = receiving.reserve(&parts_from("192.0.2.2:4000"));
+        assert!(other.is_none(), "the total is spent, whoever asks");
+        drop(first);
+        assert_eq!(receiving.available(), 5_000);
+    }
+
+    #[test]
+    fn the_declared_length_is_read_across_pieces() {
+        let pieces = [
+            Bytes::from_static(&[0, 0]),
+            Bytes::from_static(&[1, 0, 2, 9]),
+        ];
+        assert_eq!(declared_length(&pieces), Some(0x0001_0002));
+        assert_eq!(declared_length(&[Bytes::from_static(&[0, 0, 0])]), None);
+    }
+}
