@@ -24,6 +24,9 @@ pub const ID_LENGTH_CEILING: usize = 80;
 /// message: `receiving_bytes_max` and `receiving_bytes_per_peer_max` hold at least that.
 pub const RECEIVING_HEADROOM_BYTES: usize = 64 * 1024;
 
+/// A peer holds at most this fraction (1/N) of `health_receiving_bytes_max`.
+pub const HEALTH_RECEIVING_PEER_SHARES: usize = 16;
+
 /// Upper bounds on everything a client can make the server hold, scan or write.
 /// In `prenota.toml` under `[limits]`; a missing key keeps its default.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,17 +216,18 @@ pub struct Limits {
     /// How often the per-citizen limiter forgets citizens who are back to a full quota.
     pub rate_limiter_retain_interval_ms: u64,
     /// Requests being served at once, over every connection; beyond it requests are
-    /// refused at once with UNAVAILABLE / OVERLOADED (health is never refused).
+    /// refused at once with UNAVAILABLE / OVERLOADED (health checks are not counted).
     pub in_flight_requests_max: usize,
     /// HTTP/2 streams one connection may have open at once.
     pub streams_per_connection_max: u32,
-    /// Bytes that calls whose message is still arriving may hold in all (their headers,
-    /// their state, what of their message has come: `grpc::receiving`); past it a call
-    /// is shed (UNAVAILABLE / OVERLOADED), so headers and half-sent messages can never
-    /// hold more memory than this.
+    /// Bytes one-message calls may hold in all until their reply is ready (their
+    /// headers, their state, their message as it arrives: `grpc::receiving`); past it a
+    /// call is shed (UNAVAILABLE / OVERLOADED), so headers and half-sent messages can
+    /// never hold more memory than this.
     pub receiving_bytes_max: usize,
     /// Of them, what the calls of one peer (an IPv4 address, an IPv6 /64) may hold, so
-    /// one host cannot take it all; 0: off.
+    /// one host cannot take it all (a call holds ~5 KB and its message: the default
+    /// lets one frontend have every `in_flight_requests_max` call at once); 0: off.
     pub receiving_bytes_per_peer_max: usize,
     /// Streams a client may reset before being answered, before the connection is
     /// closed (the "rapid reset" attack).
@@ -237,8 +241,14 @@ pub struct Limits {
     /// Reflection streams open at once (their own pool: they never take a booking's
     /// place); past it a new one is answered UNAVAILABLE / OVERLOADED.
     pub reflection_streams_max: usize,
-    /// Health `Watch` streams open at once (health `Check` is never limited).
+    /// Health `Watch` streams open at once (health `Check` is limited only by
+    /// `health_receiving_bytes_max`).
     pub health_watches_max: usize,
+    /// Bytes health checks may hold until answered (as `receiving_bytes_max` for the
+    /// other calls, but a budget of their own: calls that fill one never shed the
+    /// other's); a peer holds at most a 16th of it, unless `receiving_bytes_per_peer_max`
+    /// is 0.
+    pub health_receiving_bytes_max: usize,
     /// Of them, those one peer (an IPv4 address, an IPv6 /64) may hold: health needs no
     /// token, so one host must not take the pool a load balancer's watches need; 0: off.
     pub health_watches_per_peer_max: usize,
@@ -362,13 +372,14 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     rate_limiter_retain_interval_ms: 10_000,
     in_flight_requests_max: 4_096,
     streams_per_connection_max: 1_024,
-    receiving_bytes_max: 256 * 1024 * 1024,
-    receiving_bytes_per_peer_max: 16 * 1024 * 1024,
+    receiving_bytes_max: 512 * 1024 * 1024,
+    receiving_bytes_per_peer_max: 32 * 1024 * 1024,
     pending_reset_streams_max: 64,
     local_reset_streams_max: 128,
     probe_message_size_bytes_max: 16 * 1024,
     reflection_streams_max: 16,
     health_watches_max: 64,
+    health_receiving_bytes_max: 16 * 1024 * 1024,
     health_watches_per_peer_max: 8,
     connections_max: 4_096,
     connections_per_peer_max: 256,
@@ -394,6 +405,10 @@ const _: () = {
     assert!(l.search_range_days_default <= l.search_range_days_max);
     assert!(l.search_slots_scanned_max as u64 > l.page_size_max as u64);
     assert!(l.max_active_per_citizen >= 1);
+    assert!(
+        l.health_receiving_bytes_max / HEALTH_RECEIVING_PEER_SHARES
+            >= l.probe_message_size_bytes_max + RECEIVING_HEADROOM_BYTES
+    );
     assert!(l.receiving_bytes_per_peer_max >= l.message_size_bytes_max + RECEIVING_HEADROOM_BYTES);
     assert!(l.receiving_bytes_max >= l.receiving_bytes_per_peer_max);
     assert!(l.commit_batch_writes_max >= 1 && l.commit_batch_writes_max <= l.commit_queue_depth);
@@ -686,6 +701,14 @@ impl Limits {
                     || l.receiving_bytes_per_peer_max >= largest_call),
             "receiving_bytes_max and receiving_bytes_per_peer_max (unless 0) must be at least \
              message_size_bytes_max + 65536",
+        );
+        let largest_probe = l
+            .probe_message_size_bytes_max
+            .saturating_add(RECEIVING_HEADROOM_BYTES);
+        need(
+            l.health_receiving_bytes_max / HEALTH_RECEIVING_PEER_SHARES >= largest_probe,
+            "health_receiving_bytes_max must be at least 16 × (probe_message_size_bytes_max + \
+             65536)",
         );
         problems
     }

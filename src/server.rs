@@ -254,7 +254,7 @@ async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     // Reachable without a token: only tiny requests, and few Watch streams (their own
-    // pool; Check is never limited).
+    // pool; Check takes no place, and has budgets of its own for what it holds).
     let receiving = Arc::new(Receiving::new(
         limits.receiving_bytes_max,
         limits.receiving_bytes_per_peer_max,
@@ -265,7 +265,10 @@ async fn run(
             Arc::new(Semaphore::new(limits.health_watches_max)),
             limits.health_watches_per_peer_max,
         ),
-        (limits.probe_message_size_bytes_max, &receiving),
+        (
+            limits.probe_message_size_bytes_max,
+            &health_receiving(&limits),
+        ),
     );
 
     // PostgreSQL: while another node holds the lease the gates say NOT_ACTIVE.
@@ -467,6 +470,17 @@ fn gated<S>(
 ) -> InterceptedService<Shed<S>, Gate> {
     let shed = Shed::new(service, Arc::clone(permits), (message_bytes_max, receiving));
     InterceptedService::new(shed, gate.clone())
+}
+
+/// Health checks' own budgets (`grpc::receiving`): a peer holds a 16th of them, unless
+/// the per-peer shares are off.
+fn health_receiving(limits: &crate::config::Limits) -> Arc<Receiving> {
+    let total = limits.health_receiving_bytes_max;
+    let per_peer = match limits.receiving_bytes_per_peer_max {
+        0 => 0,
+        _ => total / crate::limits::HEALTH_RECEIVING_PEER_SHARES,
+    };
+    Arc::new(Receiving::new(total, per_peer))
 }
 
 /// Reflection (v1 and v1alpha) of prenota's protos and health.

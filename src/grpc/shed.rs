@@ -4,12 +4,12 @@
 //!
 //! A call with one request message counts from when its message has arrived (a client
 //! that sends the headers and never the message holds no place, only its stream, until
-//! `request_timeout_ms`; what it holds meanwhile is bounded by `grpc::receiving`): a
+//! `request_timeout_ms`; what it holds until its reply is bounded by `grpc::receiving`): a
 //! one-reply call until its reply is ready (a client that never
 //! reads it holds nothing), a streaming reply ([`STREAMING_REPLIES`]) until the stream
 //! ends, so it is admitted by its own bound too: exports by `exports_max`, reflection and
-//! health watches by their own small pools ([`Shed::streams_only`] leaves health checks
-//! free, and holds a peer to `health_watches_per_peer_max` of its watches). A streamed
+//! health watches by their own small pools ([`Shed::streams_only`] takes no place for
+//! health checks, and holds a peer to `health_watches_per_peer_max` of its watches). A streamed
 //! request ([`STREAMED_REQUESTS`]: an import, reflection) counts from its headers.
 
 use std::pin::Pin;
@@ -140,9 +140,10 @@ where
     S::Future: Send + 'static,
 {
     /// A call with one request message: it is received (at most `message_bytes_max`,
-    /// under `receiving`'s budgets) before the call takes a place (when one-reply calls
-    /// are counted, or it is `streaming`), which it holds until its reply is ready, or,
-    /// when `streaming`, until its reply stream ends.
+    /// under `receiving`'s budgets, which it holds until its reply is ready) before the
+    /// call takes a place (when one-reply calls are counted, or it is `streaming`),
+    /// which it holds until its reply is ready, or, when `streaming`, until its reply
+    /// stream ends.
     fn call_once_received(
         &mut self,
         request: http::Request<tonic::body::Body>,
@@ -163,16 +164,16 @@ where
                 Ok(received) => received,
                 Err(refused) => return Ok(refused.into_http()),
             };
-            drop(reserved); // from here its place counts it
             let body = tonic::body::Body::new(http_body_util::Full::new(received));
             let request = http::Request::from_parts(parts, body);
             let Some(permits) = permits else {
-                return inner.call(request).await;
+                return inner.call(request).await; // `reserved` held until the reply
             };
             let Ok(permit) = permits.try_acquire_owned() else {
                 return Ok(shed());
             };
             let response = inner.call(request).await?;
+            drop(reserved); // the reply is ready (or, streaming, its headers are)
             Ok(counted(response, (permit, None), streaming))
         })
     }

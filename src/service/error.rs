@@ -18,7 +18,7 @@ pub enum ServiceError {
     Abandoned,
     #[error("too many attempts: retry in {} ms", .retry_after.as_millis())]
     RateLimited { retry_after: std::time::Duration },
-    #[error("the server is at its limit of requests in flight")]
+    #[error("the server is at its limit of requests in flight (or of what they may hold)")]
     Shed,
     #[error("the server is starting: it is rebuilding its state from the store")]
     Recovering,
