@@ -20,7 +20,7 @@ pub const STORED_TEXT_LENGTH_MAX: usize = 16_384;
 pub const WRITTEN_TEXT_LENGTH_MAX: usize = 1_000;
 pub const ID_LENGTH_CEILING: usize = 80;
 
-/// Room for a call's headers (HTTP/2 allows 16 KiB of them) and state beside its largest
+/// Room for a call's headers (hyper takes at most 16 KiB of them) and state beside its largest
 /// message: `receiving_bytes_max` and `receiving_bytes_per_peer_max` hold at least that.
 pub const RECEIVING_HEADROOM_BYTES: usize = 64 * 1024;
 
@@ -607,8 +607,8 @@ impl Limits {
             "backup_changes_buffered_bytes_max must be at least 1048576",
         );
         need(
-            l.message_size_bytes_max >= 64 * 1024,
-            "message_size_bytes_max must be at least 65536",
+            (64 * 1024..=1 << 30).contains(&l.message_size_bytes_max),
+            "message_size_bytes_max must be between 65536 and 1073741824",
         );
         need(
             l.hold_ttl_seconds_default >= 1 && l.hold_ttl_seconds_default <= l.hold_ttl_seconds_max,

@@ -5,12 +5,16 @@
 //! stream of every connection (4,096 × 1,024) could hold terabytes until
 //! `request_timeout_ms`.
 //!
-//! So each such call reserves what it holds as it arrives: its headers (counted as
-//! HTTP/2 counts a header list, plus [`CALL_STATE_BYTES`]) when it starts, then the
-//! buffer its message is copied into, from `receiving_bytes_max` in all and from its
-//! peer's `receiving_bytes_per_peer_max` (an IPv4 address, an IPv6 /64). A call that
-//! would pass either is shed at once (UNAVAILABLE / OVERLOADED with a RetryInfo) and
-//! gives back what it held; a call received gives it back once its reply is ready.
+//! So each such call reserves what it holds as it arrives: its headers (about as HTTP/2
+//! counts a header list, plus [`CALL_STATE_BYTES`]) and the start of its message when it
+//! starts, then the buffer its message is copied into as it grows, from
+//! `receiving_bytes_max` in all and from its peer's `receiving_bytes_per_peer_max` (an
+//! IPv4 address, an IPv6 /64). A call that would pass either is shed at once
+//! (UNAVAILABLE / OVERLOADED with a RetryInfo) and gives back what it held; a call
+//! received gives it back once its reply is ready. The budgets count the message as it
+//! was sent, so they bound memory closely, not exactly: tonic copies the message once
+//! more to decode it, the decoded message may be larger, and a buffer that grows holds
+//! its old and new copies for a moment.
 //! Health checks have budgets of their own (`health_receiving_bytes_max`), so calls that
 //! fill these never shed a health check, nor the reverse.
 
@@ -39,10 +43,16 @@ pub struct Receiving {
     peers: Option<Arc<Peers>>,
 }
 
-/// What one call being received holds of the budgets; given back when dropped.
+/// Reserved with a call's headers for the start of its message, so a small message
+/// (most are) costs no second reservation.
+const MESSAGE_START_BYTES: usize = 1024;
+
+/// What one call holds of the budgets; given back when dropped.
 pub struct Reserved {
     total: OwnedSemaphorePermit,
     peer: Option<PeerPlace>,
+    /// Reserved, not yet grown into.
+    spare: usize,
 }
 
 impl Receiving {
@@ -55,10 +65,11 @@ impl Receiving {
         }
     }
 
-    /// The reservation of a call starting with `parts`; `None` when a budget is spent
-    /// (or, with a cap per peer, its peer's address is gone: a dead socket).
+    /// The reservation of a call starting with `parts` (and the start of its message);
+    /// `None` when a budget is spent (or, with a cap per peer, its peer's address is
+    /// gone: a dead socket).
     pub fn reserve(&self, parts: &http::request::Parts) -> Option<Reserved> {
-        let bytes = call_bytes(parts);
+        let bytes = call_bytes(parts) + MESSAGE_START_BYTES;
         let total = Arc::clone(&self.total)
             .try_acquire_many_owned(u32::try_from(bytes).ok()?)
             .ok()?;
@@ -69,7 +80,8 @@ impl Receiving {
                 Some(Peers::take(peers, address, bytes)?)
             }
         };
-        Some(Reserved { total, peer })
+        let spare = MESSAGE_START_BYTES;
+        Some(Reserved { total, peer, spare })
     }
 
     /// Bytes free in the total budget.
@@ -79,9 +91,15 @@ impl Receiving {
 }
 
 impl Reserved {
-    /// `bytes` more (a piece of the message); `false`, nothing more taken, when a budget
-    /// would be passed.
+    /// `bytes` more (of the message's buffer): from the spare first; `false`, nothing
+    /// more taken, when a budget would be passed.
     fn grow(&mut self, bytes: usize, receiving: &Receiving) -> bool {
+        let from_spare = bytes.min(self.spare);
+        let bytes = bytes - from_spare;
+        if bytes == 0 {
+            self.spare -= from_spare;
+            return true;
+        }
         let Some(more) = u32::try_from(bytes)
             .ok()
             .and_then(|n| Arc::clone(&receiving.total).try_acquire_many_owned(n).ok())
@@ -94,12 +112,14 @@ impl Reserved {
             }
         }
         self.total.merge(more);
+        self.spare -= from_spare;
         true
     }
 }
 
-/// What a call's headers take, as HTTP/2 counts a header list (RFC 7540 §6.5.2: each
-/// field's name and value and 32 bytes), with its path and [`CALL_STATE_BYTES`].
+/// What a call's headers take, about as HTTP/2 counts a header list (RFC 7540 §6.5.2:
+/// each field's name and value and 32 bytes; the pseudo-headers but the path are in
+/// [`CALL_STATE_BYTES`]), with its path and [`CALL_STATE_BYTES`].
 fn call_bytes(parts: &http::request::Parts) -> usize {
     let headers: usize = parts
         .headers
@@ -126,9 +146,10 @@ pub async fn receive(
             "the message is too large: at most {message_bytes_max} bytes (message_size_bytes_max)"
         ))
     };
+    let after_it =
+        || Status::invalid_argument("a call takes one request message: more bytes came after it");
     let limit = message_bytes_max.saturating_add(GRPC_FRAME_PREFIX_BYTES);
-    // The most the buffer may grow to: the limit, then what the prefix declares.
-    let (mut message, mut most) = (Vec::new(), limit);
+    let (mut message, mut declared) = (Vec::new(), None);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|error| {
             Status::cancelled(format!("the request's message was not received: {error}"))
@@ -136,8 +157,10 @@ pub async fn receive(
         let Ok(data) = frame.into_data() else {
             continue; // trailers: a gRPC request has none that matter here
         };
-        if message.len() + data.len() > limit {
-            return Err(too_large());
+        // The most the buffer may hold: the limit, then what the prefix declares.
+        let most = declared.map_or(limit, |length| length + GRPC_FRAME_PREFIX_BYTES);
+        if message.len() + data.len() > most {
+            return Err(declared.map_or_else(too_large, |_| after_it()));
         }
         let room = make_room(&mut message, data.len(), most, |more| {
             reserved.grow(more, receiving)
@@ -146,12 +169,15 @@ pub async fn receive(
             return Err(shed());
         }
         message.extend_from_slice(&data);
-        if most == limit && message.len() >= GRPC_FRAME_PREFIX_BYTES {
-            let declared = declared_length(&message).unwrap_or(usize::MAX);
-            if declared > message_bytes_max {
+        if declared.is_none() && message.len() >= GRPC_FRAME_PREFIX_BYTES {
+            let length = declared_length(&message).unwrap_or(usize::MAX);
+            if length > message_bytes_max {
                 return Err(too_large());
             }
-            most = declared + GRPC_FRAME_PREFIX_BYTES;
+            if message.len() > length + GRPC_FRAME_PREFIX_BYTES {
+                return Err(after_it());
+            }
+            declared = Some(length);
         }
     }
     Ok(Bytes::from(message))
@@ -216,12 +242,22 @@ mod tests {
     fn a_call_reserves_its_headers_and_gives_them_back() {
         let receiving = Receiving::new(1 << 20, 0);
         let parts = parts_from("192.0.2.1:4000");
-        let reserved = receiving.reserve(&parts).expect("room");
+        let mut reserved = receiving.reserve(&parts).expect("room");
         let headers = "content-type".len() + "application/grpc".len() + 32;
         let path = "/prenota.v1.BookingService/Book".len();
+        let call = CALL_STATE_BYTES + path + headers + MESSAGE_START_BYTES;
+        assert_eq!(receiving.available(), (1 << 20) - call);
+        assert!(reserved.grow(MESSAGE_START_BYTES, &receiving), "the spare");
         assert_eq!(
             receiving.available(),
-            (1 << 20) - CALL_STATE_BYTES - path - headers
+            (1 << 20) - call,
+            "taken with the headers"
+        );
+        assert!(reserved.grow(10, &receiving));
+        assert_eq!(
+            receiving.available(),
+            (1 << 20) - call - 10,
+            "past the spare"
         );
         drop(reserved);
         assert_eq!(receiving.available(), 1 << 20);
@@ -234,7 +270,7 @@ mod tests {
         let mut first = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
         let taken = 25_000 - receiving.available();
         assert!(
-            first.grow(per_peer - taken, &receiving),
+            first.grow(per_peer - taken + MESSAGE_START_BYTES, &receiving),
             "up to the peer's cap"
         );
         assert!(!first.grow(1, &receiving), "past the peer's cap");
@@ -251,14 +287,52 @@ mod tests {
         assert_eq!(receiving.available(), 25_000, "everything is given back");
         assert!(receiving.reserve(&parts_from("192.0.2.1:4000")).is_some());
 
-        let receiving = Receiving::new(5_000, 0);
+        let receiving = Receiving::new(10_000, 0);
         let mut first = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
-        assert!(first.grow(receiving.available() - 100, &receiving));
+        let spare = MESSAGE_START_BYTES;
+        assert!(first.grow(receiving.available() - 100 + spare, &receiving));
         assert!(!first.grow(101, &receiving), "past the total");
         let other = receiving.reserve(&parts_from("192.0.2.2:4000"));
         assert!(other.is_none(), "the total is spent, whoever asks");
         drop(first);
-        assert_eq!(receiving.available(), 5_000);
+        assert_eq!(receiving.available(), 10_000);
+    }
+
+    /// How `receive` answers `message` sent whole, with `total` bytes of budget.
+    async fn received(message: Vec<u8>, total: usize) -> Result<Bytes, tonic::Code> {
+        let receiving = Receiving::new(total, 0);
+        let mut reserved = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
+        let body = tonic::body::Body::new(http_body_util::Full::new(Bytes::from(message)));
+        let reservation = (&mut reserved, &receiving);
+        receive(body, 100_000, reservation)
+            .await
+            .map_err(|s| s.code())
+    }
+
+    fn framed(declared: u32, bytes: usize) -> Vec<u8> {
+        let mut message = vec![0];
+        message.extend_from_slice(&declared.to_be_bytes());
+        message.resize(5 + bytes, 7);
+        message
+    }
+
+    #[tokio::test]
+    async fn a_message_is_received_whole_or_refused_with_its_reason() {
+        let whole = framed(50_000, 50_000);
+        assert_eq!(
+            received(whole.clone(), 1 << 20).await,
+            Ok(Bytes::from(whole))
+        );
+        let code = received(framed(100_001, 10), 1 << 20).await;
+        assert_eq!(code, Err(tonic::Code::OutOfRange), "declared too large");
+        let code = received(framed(10, 20), 1 << 20).await;
+        assert_eq!(code, Err(tonic::Code::InvalidArgument), "bytes after it");
+        let code = received(framed(50_000, 50_000), 40_000).await;
+        assert_eq!(code, Err(tonic::Code::Unavailable), "past the budget");
+        assert_eq!(
+            received(framed(0, 0), 1 << 20).await.map(|b| b.len()),
+            Ok(5)
+        );
     }
 
     #[test]

@@ -262,3 +262,68 @@ impl http_body::Body for Counted {
 impl<S: NamedService> NamedService for Shed<S> {
     const NAME: &'static str = S::NAME;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::future::{ready, Ready};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tonic::codegen::Bytes;
+
+    use super::*;
+
+    /// Notes what the budget has free while it serves a call.
+    #[derive(Clone)]
+    struct Observe {
+        receiving: Arc<Receiving>,
+        free_while_served: Arc<AtomicUsize>,
+    }
+
+    impl Service<http::Request<tonic::body::Body>> for Observe {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+            let free = self.receiving.available();
+            self.free_while_served.store(free, Ordering::SeqCst);
+            ready(Ok(http::Response::new(tonic::body::Body::empty())))
+        }
+    }
+
+    fn call_to(path: &str) -> http::Request<http_body_util::Full<Bytes>> {
+        let message = Bytes::from_static(&[0, 0, 0, 0, 2, 8, 1]);
+        let body = http_body_util::Full::new(message);
+        http::Request::post(path).body(body).unwrap()
+    }
+
+    /// A call holds its reservation until its reply is ready, counted or not (a
+    /// health check), and gives it all back then.
+    #[tokio::test]
+    async fn a_call_holds_what_it_reserved_until_its_reply_is_ready() {
+        const TOTAL: usize = 1 << 20;
+        let receiving = Arc::new(Receiving::new(TOTAL, 0));
+        let observe = Observe {
+            receiving: Arc::clone(&receiving),
+            free_while_served: Arc::new(AtomicUsize::new(usize::MAX)),
+        };
+        let permits = Arc::new(Semaphore::new(4));
+        let counted = Shed::new(observe.clone(), Arc::clone(&permits), (4096, &receiving));
+        let health = Shed::streams_only(observe.clone(), (permits, 0), (4096, &receiving));
+        let calls = [
+            (counted, "/prenota.v1.BookingService/Book"),
+            (health, "/grpc.health.v1.Health/Check"),
+        ];
+        for (mut shed, path) in calls {
+            shed.call(call_to(path)).await.unwrap();
+            let free_while_served = observe.free_while_served.load(Ordering::SeqCst);
+            assert!(free_while_served < TOTAL, "{path}: held while served");
+            assert_eq!(receiving.available(), TOTAL, "{path}: all given back");
+        }
+    }
+}
