@@ -152,7 +152,7 @@ fn refused(limit: &'static str) -> Option<io::Result<Counted>> {
 /// received (`grpc::receiving`).
 pub struct Peers {
     max: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Mutex<HashMap<IpAddr, usize, foldhash::fast::RandomState>>,
 }
 
 /// What one holder (a connection, a call) holds under its peer's cap, given back when
@@ -168,7 +168,7 @@ impl Peers {
         assert!(max >= 1, "0 means no cap: no Peers then");
         Self {
             max,
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::default(),
         }
     }
 

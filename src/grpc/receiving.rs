@@ -18,10 +18,10 @@
 //! Health checks have budgets of their own (`health_receiving_bytes_max`), so calls that
 //! fill these never shed a health check, nor the reverse.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http_body_util::BodyExt as _;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::{http, Bytes};
 use tonic::Status;
 
@@ -36,11 +36,33 @@ pub const CALL_STATE_BYTES: usize = 4608;
 /// A gRPC message's frame: a flag byte and a 4-byte length before the message.
 const GRPC_FRAME_PREFIX_BYTES: usize = 5;
 
-/// The budgets calls being received reserve from, shared by every service.
+/// The budgets calls reserve from until answered, shared by every service they wrap.
 pub struct Receiving {
-    total: Arc<Semaphore>,
+    total: Budget,
     /// `None`: no cap per peer.
     peers: Option<Arc<Peers>>,
+}
+
+/// Bytes taken of `max`; nothing ever waits for them: a take past `max` fails at once
+/// (a plain atomic: cheaper than a semaphore, whose release takes a lock).
+struct Budget {
+    taken: AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    fn take(&self, bytes: usize) -> bool {
+        let within = |taken: usize| taken.checked_add(bytes).filter(|&sum| sum <= self.max);
+        let update = self
+            .taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, within);
+        update.is_ok()
+    }
+
+    fn give(&self, bytes: usize) {
+        let before = self.taken.fetch_sub(bytes, Ordering::AcqRel);
+        debug_assert!(before >= bytes, "a budget is given back what was taken");
+    }
 }
 
 /// Reserved with a call's headers for the start of its message, so a small message
@@ -48,8 +70,10 @@ pub struct Receiving {
 const MESSAGE_START_BYTES: usize = 1024;
 
 /// What one call holds of the budgets; given back when dropped.
-pub struct Reserved {
-    total: OwnedSemaphorePermit,
+pub struct Reserved<'a> {
+    receiving: &'a Receiving,
+    /// Taken of the total (and of the peer's, in `peer`).
+    bytes: usize,
     peer: Option<PeerPlace>,
     /// Reserved, not yet grown into.
     spare: usize,
@@ -60,7 +84,10 @@ impl Receiving {
     pub fn new(total_max: usize, per_peer_max: usize) -> Self {
         assert!(total_max >= 1, "receiving_bytes_max is checked at start-up");
         Self {
-            total: Arc::new(Semaphore::new(total_max.min(Semaphore::MAX_PERMITS))),
+            total: Budget {
+                taken: AtomicUsize::new(0),
+                max: total_max,
+            },
             peers: (per_peer_max > 0).then(|| Arc::new(Peers::new(per_peer_max))),
         }
     }
@@ -68,11 +95,8 @@ impl Receiving {
     /// The reservation of a call starting with `parts` (and the start of its message);
     /// `None` when a budget is spent (or, with a cap per peer, its peer's address is
     /// gone: a dead socket).
-    pub fn reserve(&self, parts: &http::request::Parts) -> Option<Reserved> {
+    pub fn reserve(&self, parts: &http::request::Parts) -> Option<Reserved<'_>> {
         let bytes = call_bytes(parts) + MESSAGE_START_BYTES;
-        let total = Arc::clone(&self.total)
-            .try_acquire_many_owned(u32::try_from(bytes).ok()?)
-            .ok()?;
         let peer = match &self.peers {
             None => None,
             Some(peers) => {
@@ -80,40 +104,50 @@ impl Receiving {
                 Some(Peers::take(peers, address, bytes)?)
             }
         };
+        if !self.total.take(bytes) {
+            return None; // `peer` gives its bytes back as it drops
+        }
         let spare = MESSAGE_START_BYTES;
-        Some(Reserved { total, peer, spare })
+        Some(Reserved {
+            receiving: self,
+            bytes,
+            peer,
+            spare,
+        })
     }
 
     /// Bytes free in the total budget.
     pub fn available(&self) -> usize {
-        self.total.available_permits()
+        self.total.max - self.total.taken.load(Ordering::Acquire)
     }
 }
 
-impl Reserved {
+impl Reserved<'_> {
     /// `bytes` more (of the message's buffer): from the spare first; `false`, nothing
     /// more taken, when a budget would be passed.
-    fn grow(&mut self, bytes: usize, receiving: &Receiving) -> bool {
+    fn grow(&mut self, bytes: usize) -> bool {
         let from_spare = bytes.min(self.spare);
-        let bytes = bytes - from_spare;
-        if bytes == 0 {
-            self.spare -= from_spare;
-            return true;
-        }
-        let Some(more) = u32::try_from(bytes)
-            .ok()
-            .and_then(|n| Arc::clone(&receiving.total).try_acquire_many_owned(n).ok())
-        else {
-            return false;
-        };
-        if let Some(peer) = &mut self.peer {
-            if !peer.grow(bytes) {
-                return false; // `more` goes back as it drops
+        let more = bytes - from_spare;
+        if more > 0 {
+            if !self.receiving.total.take(more) {
+                return false;
             }
+            if let Some(peer) = &mut self.peer {
+                if !peer.grow(more) {
+                    self.receiving.total.give(more);
+                    return false;
+                }
+            }
+            self.bytes += more;
         }
-        self.total.merge(more);
         self.spare -= from_spare;
         true
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.receiving.total.give(self.bytes);
     }
 }
 
@@ -139,7 +173,7 @@ fn call_bytes(parts: &http::request::Parts) -> usize {
 pub async fn receive(
     mut body: tonic::body::Body,
     message_bytes_max: usize,
-    (reserved, receiving): (&mut Reserved, &Receiving),
+    reserved: &mut Reserved<'_>,
 ) -> Result<Bytes, Status> {
     let too_large = || {
         Status::out_of_range(format!(
@@ -162,9 +196,7 @@ pub async fn receive(
         if message.len() + data.len() > most {
             return Err(declared.map_or_else(too_large, |_| after_it()));
         }
-        let room = make_room(&mut message, data.len(), most, |more| {
-            reserved.grow(more, receiving)
-        });
+        let room = make_room(&mut message, data.len(), most, |more| reserved.grow(more));
         if !room {
             return Err(shed());
         }
@@ -247,13 +279,13 @@ mod tests {
         let path = "/prenota.v1.BookingService/Book".len();
         let call = CALL_STATE_BYTES + path + headers + MESSAGE_START_BYTES;
         assert_eq!(receiving.available(), (1 << 20) - call);
-        assert!(reserved.grow(MESSAGE_START_BYTES, &receiving), "the spare");
+        assert!(reserved.grow(MESSAGE_START_BYTES), "the spare");
         assert_eq!(
             receiving.available(),
             (1 << 20) - call,
             "taken with the headers"
         );
-        assert!(reserved.grow(10, &receiving));
+        assert!(reserved.grow(10));
         assert_eq!(
             receiving.available(),
             (1 << 20) - call - 10,
@@ -270,10 +302,10 @@ mod tests {
         let mut first = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
         let taken = 25_000 - receiving.available();
         assert!(
-            first.grow(per_peer - taken + MESSAGE_START_BYTES, &receiving),
+            first.grow(per_peer - taken + MESSAGE_START_BYTES),
             "up to the peer's cap"
         );
-        assert!(!first.grow(1, &receiving), "past the peer's cap");
+        assert!(!first.grow(1), "past the peer's cap");
         assert_eq!(
             receiving.available(),
             25_000 - per_peer,
@@ -290,8 +322,8 @@ mod tests {
         let receiving = Receiving::new(10_000, 0);
         let mut first = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
         let spare = MESSAGE_START_BYTES;
-        assert!(first.grow(receiving.available() - 100 + spare, &receiving));
-        assert!(!first.grow(101, &receiving), "past the total");
+        assert!(first.grow(receiving.available() - 100 + spare));
+        assert!(!first.grow(101), "past the total");
         let other = receiving.reserve(&parts_from("192.0.2.2:4000"));
         assert!(other.is_none(), "the total is spent, whoever asks");
         drop(first);
@@ -303,10 +335,8 @@ mod tests {
         let receiving = Receiving::new(total, 0);
         let mut reserved = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
         let body = tonic::body::Body::new(http_body_util::Full::new(Bytes::from(message)));
-        let reservation = (&mut reserved, &receiving);
-        receive(body, 100_000, reservation)
-            .await
-            .map_err(|s| s.code())
+        let received = receive(body, 100_000, &mut reserved).await;
+        received.map_err(|status| status.code())
     }
 
     fn framed(declared: u32, bytes: usize) -> Vec<u8> {

@@ -159,8 +159,7 @@ where
             let Some(mut reserved) = receiving.reserve(&parts) else {
                 return Ok(shed());
             };
-            let reservation = (&mut reserved, &*receiving);
-            let received = match receiving::receive(body, message_bytes_max, reservation).await {
+            let received = match receiving::receive(body, message_bytes_max, &mut reserved).await {
                 Ok(received) => received,
                 Err(refused) => return Ok(refused.into_http()),
             };
