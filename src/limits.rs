@@ -98,6 +98,10 @@ pub struct Limits {
     /// `WatchAvailability` streams open at once; the next one is refused with
     /// RESOURCE_EXHAUSTED / WATCHERS_EXHAUSTED.
     pub watch_subscribers_max: usize,
+    /// Of them, those one token (one frontend) may hold, so one frontend cannot take the
+    /// watches the others need; with a single frontend, raise it to
+    /// `watch_subscribers_max`.
+    pub watch_subscribers_per_token_max: usize,
     /// How often slot changes go out to `WatchAvailability` streams: within one window a
     /// slot's latest state wins.
     pub watch_coalesce_ms: u64,
@@ -328,6 +332,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     events_page_max: 512,
     open_data_anonymous_requests_per_s: 20,
     watch_subscribers_max: 10_000,
+    watch_subscribers_per_token_max: 5_000,
     watch_coalesce_ms: 200,
     watch_slots_max: 5_000,
     releases_max: 1_000,
@@ -532,8 +537,11 @@ impl Limits {
              least 1",
         );
         need(
-            l.watch_subscribers_max >= 1 && l.watch_slots_max >= 1,
-            "watch_subscribers_max and watch_slots_max must be at least 1",
+            l.watch_subscribers_max >= 1
+                && l.watch_subscribers_per_token_max >= 1
+                && l.watch_slots_max >= 1,
+            "watch_subscribers_max, watch_subscribers_per_token_max and watch_slots_max must be \
+             at least 1",
         );
         need(
             l.watch_coalesce_ms >= 10,

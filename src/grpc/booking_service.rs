@@ -252,11 +252,13 @@ impl BookingService for BookingApi {
     ) -> Result<Response<Self::WatchAvailabilityStream>, Status> {
         use tokio_stream::StreamExt;
         let stalled = connections::close_on_idle(&request);
-        let channel = Caller::of(&request)?.channel();
+        let caller = Caller::of(&request)?;
+        let channel = caller.channel();
         let now_unix_ms = self.engine.clock().now_unix_ms();
         let query =
             convert::watch_from_proto(request.into_inner(), self.engine.limits(), now_unix_ms)?;
-        let (slots, permit) = self.engine.watch_availability(&query, stalled)?;
+        let token = caller.actor();
+        let (slots, permit) = self.engine.watch_availability((&query, &token), stalled)?;
         let engine = Arc::clone(&self.engine);
         let slots = tokio_stream::wrappers::ReceiverStream::new(slots).map(move |item| {
             item.map(|(site, slot)| proto::WatchAvailabilityResponse {

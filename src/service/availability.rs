@@ -9,7 +9,8 @@
 //! (at most `watch_slots_max`) however fast they change, and the state sent is read at
 //! send time (the latest wins).
 //!
-//! Bounds: `watch_subscribers_max` watches at once, held for the response stream's life;
+//! Bounds: `watch_subscribers_max` watches at once (`watch_subscribers_per_token_max` of
+//! one token), held for the response stream's life;
 //! a reader that reads nothing for `export_idle_timeout_ms` is cut off (its connection
 //! closed, as for exports).
 
@@ -17,13 +18,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, Notify};
 
 use crate::domain::catalog::{SearchQuery, SearchScope, Site};
 use crate::domain::error::DomainError;
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
-use crate::service::exports::{send_within, OnIdle, Sent};
+use crate::service::exports::{send_within, ExportKind, ExportPermit, OnIdle, Sent};
 pub use crate::service::state::watchers::SlotView;
 use crate::service::state::watchers::{Filed, Subscriber};
 
@@ -66,23 +67,18 @@ impl Drop for Registration {
 }
 
 impl Engine {
-    /// Starts a watch of the slots `query` covers (its scope, service and range): the
-    /// slots first, then their changes. Refused at once past `watch_subscribers_max`,
-    /// or when the range holds more than `watch_slots_max` slots. Keep the permit with
-    /// the stream.
+    /// Starts a watch of the slots `query` covers (its scope, service and range) for
+    /// `token`: the slots first, then their changes. Refused at once past
+    /// `watch_subscribers_max` or the token's `watch_subscribers_per_token_max`, or when
+    /// the range holds more than `watch_slots_max` slots. Keep the permit with the
+    /// stream.
     pub fn watch_availability(
         self: &Arc<Self>,
-        query: &SearchQuery,
+        (query, token): (&SearchQuery, &str),
         on_idle: Option<OnIdle>,
-    ) -> Result<
-        (
-            mpsc::Receiver<Result<SlotView, ServiceError>>,
-            OwnedSemaphorePermit,
-        ),
-        ServiceError,
-    > {
-        let permit = Arc::clone(&self.watchers.permits)
-            .try_acquire_owned()
+    ) -> Result<(mpsc::Receiver<Result<SlotView, ServiceError>>, ExportPermit), ServiceError> {
+        let permit = (self.watchers.places)
+            .admit(token, ExportKind::Records)
             .map_err(|_| ServiceError::WatchersExhausted)?;
         // Filed before the snapshot: a change made meanwhile is sent again, never lost.
         let registration = self.file_watcher(query);

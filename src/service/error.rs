@@ -51,7 +51,8 @@ pub enum ServiceError {
     EventLogReplaced { log_id: String },
     #[error(
         "too many watch streams open (event_streams_max or event_streams_per_token_max; \
-         watch_subscribers_max for availability): retry later"
+         watch_subscribers_max or watch_subscribers_per_token_max for availability): retry \
+         later"
     )]
     WatchersExhausted,
     #[error("this token works the desks of its own sites only")]

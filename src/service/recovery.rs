@@ -114,7 +114,10 @@ impl Engine {
             closing: tokio::sync::watch::channel(false).0,
             event_log_id,
             watchers: crate::service::state::watchers::Watchers::new(
-                config.limits.watch_subscribers_max,
+                (
+                    config.limits.watch_subscribers_max,
+                    config.limits.watch_subscribers_per_token_max,
+                ),
                 board,
             ),
             event_streams: Exports::new(

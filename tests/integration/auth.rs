@@ -809,3 +809,59 @@ async fn a_campaigns_stats_and_registrations_are_for_its_regions_authorities() {
         .expect("an admin");
     server.stop().await;
 }
+
+/// One frontend could hold every `WatchAvailability` place (`watch_subscribers_max`),
+/// and another frontend's citizens then watched nothing. Now a token holds at most
+/// `watch_subscribers_per_token_max` of them; another token still gets the rest, and a
+/// watch that ends gives its token's place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_frontend_cannot_take_every_availability_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config();
+    config.limits.watch_subscribers_max = 3;
+    config.limits.watch_subscribers_per_token_max = 2;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let (mut web, _) = clients(&server, Some(FRONTEND)).await;
+    let (mut ops, mut admin) = clients(&server, Some(ADMIN)).await;
+    admin.upsert_site(site("rome", "lazio")).await.unwrap();
+    let day = day_ahead(1);
+    let publish = publish_request("rome", "vax", (&day, &day), ("10:00", "11:00"), 30, 2);
+    admin.publish_schedule(publish).await.unwrap();
+    let watch = || proto::WatchAvailabilityRequest {
+        scope: Some(proto::watch_availability_request::Scope::SiteId(
+            "rome".into(),
+        )),
+        service_id: "vax".into(),
+        ..Default::default()
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            web.watch_availability(watch())
+                .await
+                .expect("within its share"),
+        );
+    }
+    let status = web.watch_availability(watch()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status).as_deref(), Some("WATCHERS_EXHAUSTED"));
+    let _other = ops
+        .watch_availability(watch())
+        .await
+        .expect("another token");
+    let status = ops.watch_availability(watch()).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "watch_subscribers_max"
+    );
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while let Err(status) = web.watch_availability(watch()).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not given back: {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

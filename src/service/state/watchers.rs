@@ -5,10 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 use crate::domain::catalog::{ChangeBoard, Site, Slot};
 use crate::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
+use crate::service::exports::Exports;
 
 /// A slot with its site, as a watcher is sent it.
 pub type SlotView = (Arc<Site>, Arc<Slot>);
@@ -39,7 +40,8 @@ pub(in crate::service) enum Filed {
 
 /// Every open watch, filed for the fan-out.
 pub struct Watchers {
-    pub(in crate::service) permits: Arc<Semaphore>,
+    /// Places: `watch_subscribers_max` in all, `watch_subscribers_per_token_max` per token.
+    pub(in crate::service) places: Exports,
     /// Also serialises turning the board on (first watch) and off (last one gone).
     pub(in crate::service) filed: Mutex<HashMap<Filed, Vec<Arc<Subscriber>>>>,
     pub(in crate::service) count: AtomicUsize,
@@ -47,10 +49,11 @@ pub struct Watchers {
 }
 
 impl Watchers {
-    /// At most `max` watches, of the catalog whose change `board` this is.
-    pub fn new(max: usize, board: Arc<ChangeBoard>) -> Self {
+    /// At most `max` watches, `per_token_max` of one token, of the catalog whose change
+    /// `board` this is.
+    pub fn new((max, per_token_max): (usize, usize), board: Arc<ChangeBoard>) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(max)),
+            places: Exports::new(max, per_token_max),
             filed: Mutex::default(),
             count: AtomicUsize::new(0),
             board,
