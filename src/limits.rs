@@ -76,6 +76,10 @@ pub struct Limits {
     /// Exports (bookings, audit log, backups) streaming at once, over every token; the
     /// next one is refused with RESOURCE_EXHAUSTED / EXPORTS_IN_PROGRESS.
     pub exports_max: usize,
+    /// `ImportCapacity` calls at once (they take their in-flight place from their
+    /// headers, and wait for the authority lock one at a time): past it a new one is
+    /// shed (UNAVAILABLE / OVERLOADED), so stalled imports hold at most this many places.
+    pub imports_max: usize,
     /// Exports one token may have streaming at once.
     pub exports_per_token_max: usize,
     /// Longest an export waits for its client to read before it stops (the stream then
@@ -324,6 +328,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     commit_queue_depth: 65_536,
     export_channel_depth: 256,
     exports_max: 8,
+    imports_max: 4,
     exports_per_token_max: 2,
     export_idle_timeout_ms: 30_000,
     events_retained_hours: 168,
@@ -426,6 +431,7 @@ const _: () = {
     assert!(l.slot_minutes_max <= 24 * 60);
     assert!(l.export_channel_depth >= 1);
     assert!(l.exports_max >= 1 && l.exports_per_token_max >= 1);
+    assert!(l.imports_max >= 1);
     assert!(l.export_idle_timeout_ms >= 100);
     assert!(l.event_streams_max >= 1 && l.events_page_max >= 1);
     assert!(l.event_streams_per_token_max >= 1);
@@ -522,8 +528,8 @@ impl Limits {
             "export_channel_depth must be at least 1",
         );
         need(
-            l.exports_max >= 1 && l.exports_per_token_max >= 1,
-            "exports_max and exports_per_token_max must be at least 1",
+            l.exports_max >= 1 && l.exports_per_token_max >= 1 && l.imports_max >= 1,
+            "exports_max, exports_per_token_max and imports_max must be at least 1",
         );
         need(
             l.export_idle_timeout_ms >= 100,

@@ -295,8 +295,8 @@ async fn run(
             // Its own pool: reflection streams never take a booking's place.
             let streams = Arc::new(Semaphore::new(limits.reflection_streams_max));
             (
-                Some(gated(v1, (&streams, size, &receiving), &gate)),
-                Some(gated(v1alpha, (&streams, size, &receiving), &gate)),
+                Some(gated(v1, (&streams, size, &receiving, None), &gate)),
+                Some(gated(v1alpha, (&streams, size, &receiving, None), &gate)),
             )
         }
         false => (None, None),
@@ -311,7 +311,14 @@ async fn run(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     // Set when shutdown begins: watch streams end, so the graceful drain can finish.
     let (closing, closing_seen) = tokio::sync::watch::channel(false);
-    let in_flight = (&in_flight, limits.message_size_bytes_max, &receiving);
+    // Imports count from their headers: their own pool bounds how many places they hold.
+    let imports = Arc::new(Semaphore::new(limits.imports_max));
+    let in_flight = (
+        &in_flight,
+        limits.message_size_bytes_max,
+        &receiving,
+        Some(&imports),
+    );
     let serving = transport(tls.as_ref(), &limits)?
         .layer(ObserveLayer)
         .add_service(health_service)
@@ -462,13 +469,18 @@ fn end_streams_on(mut closing: tokio::sync::watch::Receiver<bool>, engine: &Arc<
 
 /// `service` behind the token gate and a pool of `permits` (one-message calls take
 /// one once their message of at most `message_bytes_max` has arrived, received under
-/// `receiving`'s budgets).
+/// `receiving`'s budgets; streamed requests from their headers, and one of `streamed`'s
+/// places too when given).
 fn gated<S>(
     service: S,
-    (permits, message_bytes_max, receiving): (&Arc<Semaphore>, usize, &Arc<Receiving>),
+    (permits, message_bytes_max, receiving, streamed): Pools<'_>,
     gate: &Gate,
 ) -> InterceptedService<Shed<S>, Gate> {
     let shed = Shed::new(service, Arc::clone(permits), (message_bytes_max, receiving));
+    let shed = match streamed {
+        Some(pool) => shed.with_streamed_pool(pool),
+        None => shed,
+    };
     InterceptedService::new(shed, gate.clone())
 }
 
@@ -524,6 +536,15 @@ type BookingSlot = std::sync::OnceLock<BookingServiceServer<BookingApi>>;
 type CapacitySlot = std::sync::OnceLock<CapacityServiceServer<CapacityApi>>;
 type OpenDataSlot = std::sync::OnceLock<OpenDataServiceServer<OpenDataApi>>;
 type SiteSlot = std::sync::OnceLock<SiteServiceServer<SiteApi>>;
+
+/// What `gated` wraps a service in: the permits, the largest message, the receiving
+/// budgets, and the streamed requests' pool if any.
+type Pools<'a> = (
+    &'a Arc<Semaphore>,
+    usize,
+    &'a Arc<Receiving>,
+    Option<&'a Arc<Semaphore>>,
+);
 
 /// Where each of prenota's services is put once the engine exists.
 struct ServiceSlots<'a> {

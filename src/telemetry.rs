@@ -268,7 +268,7 @@ fn describe_requests() {
     );
     describe_counter!(
         SHED,
-        "requests shed (OVERLOADED) at the in-flight limit, past the reflection or health watch pools, or past what one-message calls may hold until answered (receiving_bytes_max, receiving_bytes_per_peer_max, health_receiving_bytes_max)"
+        "requests shed (OVERLOADED) at the in-flight limit, past the reflection, health watch or import pools, or past what one-message calls may hold until answered (receiving_bytes_max, receiving_bytes_per_peer_max, health_receiving_bytes_max)"
     );
     describe_counter!(
         CONNECTIONS_REFUSED,

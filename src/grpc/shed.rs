@@ -4,13 +4,14 @@
 //!
 //! A call with one request message counts from when its message has arrived (a client
 //! that sends the headers and never the message holds no place, only its stream, until
-//! `request_timeout_ms`; what it holds until its reply is bounded by `grpc::receiving`): a
-//! one-reply call until its reply is ready (a client that never
-//! reads it holds nothing), a streaming reply ([`STREAMING_REPLIES`]) until the stream
-//! ends, so it is admitted by its own bound too: exports by `exports_max`, reflection and
-//! health watches by their own small pools ([`Shed::streams_only`] takes no place for
-//! health checks, and holds a peer to `health_watches_per_peer_max` of its watches). A streamed
-//! request ([`STREAMED_REQUESTS`]: an import, reflection) counts from its headers.
+//! `request_timeout_ms`; what it holds until its reply is bounded by `grpc::receiving`):
+//! a one-reply call until its reply is ready (a client that never reads it holds
+//! nothing), a streaming reply ([`STREAMING_REPLIES`]) until the stream ends, so it is
+//! admitted by its own bound too: exports by `exports_max`, reflection and health
+//! watches by their own small pools ([`Shed::streams_only`] takes no place for health
+//! checks, and holds a peer to `health_watches_per_peer_max` of its watches). A streamed
+//! request ([`STREAMED_REQUESTS`]: an import, reflection) counts from its headers, an
+//! import within a pool of its own too (`imports_max`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -58,6 +59,26 @@ pub struct Shed<S> {
     receiving: Arc<Receiving>,
     /// When set, a peer's streams hold at most so many of the permits.
     peers: Option<Arc<Peers>>,
+    /// When set, a streamed request (an import) also takes one of these, so requests
+    /// counted from their headers can hold only so many of the permits.
+    streamed: Option<Arc<Semaphore>>,
+}
+
+/// What a counted call holds until its reply is ready (or its reply stream ends).
+struct Place {
+    _permit: OwnedSemaphorePermit,
+    _peer: Option<PeerPlace>,
+    _streamed: Option<OwnedSemaphorePermit>,
+}
+
+impl Place {
+    fn of(permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            _permit: permit,
+            _peer: None,
+            _streamed: None,
+        }
+    }
 }
 
 impl<S> Shed<S> {
@@ -75,7 +96,15 @@ impl<S> Shed<S> {
             message_bytes_max,
             receiving: Arc::clone(receiving),
             peers: None,
+            streamed: None,
         }
+    }
+
+    /// Streamed requests (imports) also take one of `pool`'s places: however they
+    /// stall, they hold at most that many of the permits.
+    pub fn with_streamed_pool(self, pool: &Arc<Semaphore>) -> Self {
+        let streamed = Some(Arc::clone(pool));
+        Self { streamed, ..self }
     }
 
     /// Only streaming replies take one of `permits`, at most `per_peer_max` of them per
@@ -93,6 +122,7 @@ impl<S> Shed<S> {
             message_bytes_max,
             receiving: Arc::clone(receiving),
             peers: (per_peer_max > 0).then(|| Arc::new(Peers::new(per_peer_max))),
+            streamed: None,
         }
     }
 }
@@ -125,7 +155,7 @@ where
         let (streaming, streamed) = (streams(path), STREAMED_REQUESTS.contains(&path));
         let request = request.map(tonic::body::Body::new);
         match streamed || (streaming && !self.unary_counted) {
-            true => self.call_counted(request, streaming),
+            true => self.call_counted(request, (streaming, streamed)),
             false => self.call_once_received(request, streaming),
         }
     }
@@ -173,7 +203,7 @@ where
             };
             let response = inner.call(request).await?;
             drop(reserved); // the reply is ready (or, streaming, its headers are)
-            Ok(counted(response, (permit, None), streaming))
+            Ok(counted(response, Place::of(permit), streaming))
         })
     }
 
@@ -182,41 +212,42 @@ where
     fn call_counted(
         &mut self,
         request: http::Request<tonic::body::Body>,
-        streaming: bool,
+        (streaming, streamed): (bool, bool),
     ) -> ShedFuture<S> {
-        let Some(peer_place) = self.peer_place(request.extensions()) else {
+        let Some(place) = self.place_from_headers(request.extensions(), streamed) else {
             let refused = shed();
             return Box::pin(async move { Ok(refused) });
         };
-        match Arc::clone(&self.permits).try_acquire_owned() {
-            Ok(permit) => {
-                let response = self.inner.call(request);
-                let place = (permit, peer_place);
-                Box::pin(async move { Ok(counted(response.await?, place, streaming)) })
-            }
-            Err(_) => {
-                let refused = shed();
-                Box::pin(async move { Ok(refused) })
-            }
-        }
+        let response = self.inner.call(request);
+        Box::pin(async move { Ok(counted(response.await?, place, streaming)) })
     }
 
-    /// The call's place under its peer's cap: `Some(None)` when peers are not counted,
-    /// `None` when its peer has all its places (or its address is gone: a dead socket).
-    fn peer_place(&self, extensions: &http::Extensions) -> Option<Option<PeerPlace>> {
-        let Some(peers) = &self.peers else {
-            return Some(None);
+    /// The places of a call counted from its headers: its peer's (when peers are
+    /// counted), its pool's (a `streamed` request, when there is one) and a permit;
+    /// `None` when one is full (or its address is gone: a dead socket).
+    fn place_from_headers(&self, extensions: &http::Extensions, streamed: bool) -> Option<Place> {
+        let peer = match &self.peers {
+            None => None,
+            Some(peers) => Some(Peers::enter(peers, connections::peer_address(extensions)?)?),
         };
-        let address = connections::peer_address(extensions)?;
-        Peers::enter(peers, address).map(Some)
+        let streamed = match (&self.streamed, streamed) {
+            (Some(pool), true) => Some(Arc::clone(pool).try_acquire_owned().ok()?),
+            _ => None,
+        };
+        let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
+        Some(Place {
+            _permit: permit,
+            _peer: peer,
+            _streamed: streamed,
+        })
     }
 }
 
-/// `response`, holding its place (a permit, and its peer's when counted) until its
-/// stream ends when `streaming`; else the reply is ready and the place goes here.
+/// `response`, holding its place until its stream ends when `streaming`; else the reply
+/// is ready and the place goes here.
 fn counted(
     response: http::Response<tonic::body::Body>,
-    place: (OwnedSemaphorePermit, Option<PeerPlace>),
+    place: Place,
     streaming: bool,
 ) -> http::Response<tonic::body::Body> {
     match streaming {
@@ -234,7 +265,7 @@ fn shed() -> http::Response<tonic::body::Body> {
 /// A response body that holds its request's place until it is dropped.
 struct Counted {
     inner: tonic::body::Body,
-    place: (OwnedSemaphorePermit, Option<PeerPlace>),
+    place: Place,
 }
 
 impl http_body::Body for Counted {

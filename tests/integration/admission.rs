@@ -160,3 +160,60 @@ async fn at_the_in_flight_limit_requests_are_shed_at_once_and_health_answers() {
     booking.search_slots(search).await.expect("served again");
     server.stop().await;
 }
+
+/// An import takes its in-flight place from its headers (its rows stream in), so an
+/// authority's stalled imports could hold every place. Now imports have a pool of
+/// their own (`imports_max`): past it a new one is shed at once while other calls are
+/// served, and an import that ends gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_imports_hold_at_most_imports_max_places() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.limits.imports_max = 2;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let mut capacity = server.capacity().await;
+    upsert_site(&mut capacity, "busy", "r", "Etc/UTC").await;
+    let stalled_import = || {
+        let (rows, open_stream) = tokio::sync::mpsc::channel::<proto::ImportCapacityRequest>(1);
+        let mut capacity = capacity.clone();
+        let call = tokio::spawn(async move {
+            let rows = tokio_stream::wrappers::ReceiverStream::new(open_stream);
+            capacity.import_capacity(rows).await
+        });
+        (rows, call)
+    };
+    let (first_rows, first) = stalled_import();
+    let (second_rows, second) = stalled_import();
+    tokio::time::sleep(Duration::from_millis(300)).await; // both admitted
+    let (third_rows, third) = stalled_import();
+    let refused = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("the third import is answered at once")
+        .unwrap()
+        .expect_err("past imports_max");
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert_eq!(reason(&refused).as_deref(), Some("OVERLOADED"));
+    assert!(!second.is_finished(), "the second import is still open");
+    let mut booking = server.booking().await;
+    let search = proto::SearchSlotsRequest {
+        scope: Some(proto::search_slots_request::Scope::SiteId("busy".into())),
+        service_id: "vax".into(),
+        ..Default::default()
+    };
+    booking
+        .search_slots(search)
+        .await
+        .expect("other calls are served");
+    drop(first_rows); // the first import ends: its place is free again
+    let served = first.await.unwrap().expect_err("an import of no rows");
+    assert_eq!(served.code(), Code::InvalidArgument, "served, not shed");
+    let (again_rows, again) = stalled_import();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!again.is_finished(), "admitted in the place given back");
+    drop(again_rows);
+    let served = again.await.unwrap().expect_err("an import of no rows");
+    assert_eq!(served.code(), Code::InvalidArgument, "served, not shed");
+    drop((second_rows, third_rows));
+    second.await.unwrap().expect_err("an import of no rows");
+    server.stop().await;
+}
