@@ -839,12 +839,7 @@ async fn one_peer_cannot_hold_thousands_of_calls_with_headers_only() {
         ("RECEIVING_BYTES_PER_PEER_MAX", "131072"),
     ];
     let server = ChildServer::with_limits(dir.path(), &limits);
-    let (client, _connection) = h2_client_from([127, 0, 0, 1], &server).await;
-    let mut calls = Vec::new();
-    for _ in 0..300 {
-        calls.push(send_call(&client, BOOK, None, false).await);
-    }
-    let codes = codes_within(calls, Duration::from_secs(3)).await;
+    let (codes, _connection) = headers_only_calls(300, &server).await;
     let held = codes.iter().filter(|code| code.is_none()).count();
     let shed = codes
         .iter()
@@ -866,12 +861,7 @@ async fn calls_being_received_hold_at_most_receiving_bytes_max_in_all() {
         ("RECEIVING_BYTES_PER_PEER_MAX", "0"),
     ];
     let server = ChildServer::with_limits(dir.path(), &limits);
-    let (client, connection) = h2_client_from([127, 0, 0, 1], &server).await;
-    let mut calls = Vec::new();
-    for _ in 0..300 {
-        calls.push(send_call(&client, BOOK, None, false).await);
-    }
-    let codes = codes_within(calls, Duration::from_secs(3)).await;
+    let (codes, connection) = headers_only_calls(300, &server).await;
     assert!(codes.contains(&Some(UNAVAILABLE)), "the budget filled");
     let (other, _other_connection) = h2_client_from([127, 0, 0, 2], &server).await;
     let whole = send_call(&other, BOOK, Some(grpc_frame(&[])), true).await;
@@ -902,6 +892,26 @@ fn shed_total(server: &ChildServer) -> u64 {
         .find(|line| line.starts_with("prenota_shed_total "));
     let value = line.and_then(|line| line.split(' ').nth(1)?.parse().ok());
     value.unwrap_or_else(|| panic!("no prenota_shed_total: {metrics}"))
+}
+
+/// What `count` calls of headers only from 127.0.0.1, on one connection, were answered
+/// within 3 s (`None`: still open); and the connection's task.
+async fn headers_only_calls(
+    count: usize,
+    server: &ChildServer,
+) -> (
+    Vec<Option<u32>>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let (client, connection) = h2_client_from([127, 0, 0, 1], server).await;
+    let mut calls = Vec::new();
+    for _ in 0..count {
+        calls.push(send_call(&client, BOOK, None, false).await);
+    }
+    (
+        codes_within(calls, Duration::from_secs(3)).await,
+        connection,
+    )
 }
 
 /// The grpc-status each call ended with within `wait` (all waited for together), or
