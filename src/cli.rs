@@ -107,6 +107,9 @@ pub(crate) fn explain(status: &Status) -> String {
         code_name(status.code()),
         status.message()
     );
+    if status.code() == Code::Unavailable && reason == ", OVERLOADED" {
+        text.push_str(" (nothing was applied: send it again in a moment)");
+    }
     if status.code() == Code::InvalidArgument {
         if let Some(bad) = status.get_details_bad_request() {
             text = format!(
@@ -838,4 +841,22 @@ pub fn migrate_from_sled(data_dir: &Path, url: &str, config: &Config) -> Result<
         started.elapsed().as_secs_f64(),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shed_call_is_explained_as_not_applied_and_worth_sending_again() {
+        let shed = Status::from(crate::service::ServiceError::Shed);
+        let text = explain(&shed);
+        assert!(text.contains("UNAVAILABLE, OVERLOADED"), "{text}");
+        assert!(
+            text.contains("nothing was applied: send it again"),
+            "{text}"
+        );
+        let other = explain(&Status::unavailable("down"));
+        assert!(!other.contains("send it again"), "{other}");
+    }
 }

@@ -25,7 +25,7 @@ pub const ID_LENGTH_CEILING: usize = 80;
 pub const RECEIVING_HEADROOM_BYTES: usize = 64 * 1024;
 
 /// A peer holds at most this fraction (1/N) of `health_receiving_bytes_max`.
-pub const HEALTH_RECEIVING_PEER_SHARES: usize = 16;
+pub const HEALTH_RECEIVING_PEER_SHARES: usize = 128;
 
 /// Upper bounds on everything a client can make the server hold, scan or write.
 /// In `prenota.toml` under `[limits]`; a missing key keeps its default.
@@ -80,6 +80,9 @@ pub struct Limits {
     /// headers, and wait for the authority lock one at a time): past it a new one is
     /// shed (UNAVAILABLE / OVERLOADED), so stalled imports hold at most this many places.
     pub imports_max: usize,
+    /// Of them, those of one token, so one authority's stalled imports cannot shed
+    /// every other region's.
+    pub imports_per_token_max: usize,
     /// Exports one token may have streaming at once.
     pub exports_per_token_max: usize,
     /// Longest an export waits for its client to read before it stops (the stream then
@@ -160,7 +163,9 @@ pub struct Limits {
     /// each further lock lasts twice as long (5 tries, then 15, 30, 60 min...: about 40
     /// tries of 10,000 codes in a 49 h check-in window).
     pub check_in_lock_seconds: u64,
-    /// Largest decoded gRPC request.
+    /// Largest decoded gRPC request: at most 1 GiB, and 64 KiB less than
+    /// `receiving_bytes_max` and `receiving_bytes_per_peer_max` (unless 0), which must
+    /// hold one.
     pub message_size_bytes_max: usize,
     /// sled's page cache. sled treats it as a soft hint and its resident memory grows to a
     /// multiple of it under heavy writes, so it is set explicitly (sled's default: 1 GiB).
@@ -254,7 +259,7 @@ pub struct Limits {
     pub health_watches_max: usize,
     /// Bytes health checks may hold until answered (as `receiving_bytes_max` for the
     /// other calls, but a budget of their own: calls that fill one never shed the
-    /// other's); a peer holds at most a 16th of it, unless `receiving_bytes_per_peer_max`
+    /// other's); a peer holds at most a 128th of it, unless `receiving_bytes_per_peer_max`
     /// is 0.
     pub health_receiving_bytes_max: usize,
     /// Of them, those one peer (an IPv4 address, an IPv6 /64) may hold: health needs no
@@ -329,6 +334,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     export_channel_depth: 256,
     exports_max: 8,
     imports_max: 4,
+    imports_per_token_max: 2,
     exports_per_token_max: 2,
     export_idle_timeout_ms: 30_000,
     events_retained_hours: 168,
@@ -431,7 +437,7 @@ const _: () = {
     assert!(l.slot_minutes_max <= 24 * 60);
     assert!(l.export_channel_depth >= 1);
     assert!(l.exports_max >= 1 && l.exports_per_token_max >= 1);
-    assert!(l.imports_max >= 1);
+    assert!(l.imports_max >= 1 && l.imports_per_token_max >= 1);
     assert!(l.export_idle_timeout_ms >= 100);
     assert!(l.event_streams_max >= 1 && l.events_page_max >= 1);
     assert!(l.event_streams_per_token_max >= 1);
@@ -528,8 +534,12 @@ impl Limits {
             "export_channel_depth must be at least 1",
         );
         need(
-            l.exports_max >= 1 && l.exports_per_token_max >= 1 && l.imports_max >= 1,
-            "exports_max, exports_per_token_max and imports_max must be at least 1",
+            l.exports_max >= 1
+                && l.exports_per_token_max >= 1
+                && l.imports_max >= 1
+                && l.imports_per_token_max >= 1,
+            "exports_max, exports_per_token_max, imports_max and imports_per_token_max must \
+             be at least 1",
         );
         need(
             l.export_idle_timeout_ms >= 100,
@@ -721,7 +731,7 @@ impl Limits {
             .saturating_add(RECEIVING_HEADROOM_BYTES);
         need(
             l.health_receiving_bytes_max / HEALTH_RECEIVING_PEER_SHARES >= largest_probe,
-            "health_receiving_bytes_max must be at least 16 × (probe_message_size_bytes_max + \
+            "health_receiving_bytes_max must be at least 128 × (probe_message_size_bytes_max + \
              65536)",
         );
         problems

@@ -37,6 +37,7 @@ use crate::proto::booking_service_server::BookingServiceServer;
 use crate::proto::capacity_service_server::CapacityServiceServer;
 use crate::proto::open_data_service_server::OpenDataServiceServer;
 use crate::proto::site_service_server::SiteServiceServer;
+use crate::service::exports::Exports;
 use crate::service::{Clock, Engine, ServiceError};
 use crate::store::postgres::Standby;
 use crate::store::StoreError;
@@ -312,7 +313,10 @@ async fn run(
     // Set when shutdown begins: watch streams end, so the graceful drain can finish.
     let (closing, closing_seen) = tokio::sync::watch::channel(false);
     // Imports count from their headers: their own pool bounds how many places they hold.
-    let imports = Arc::new(Semaphore::new(limits.imports_max));
+    let imports = Arc::new(Exports::new(
+        limits.imports_max,
+        limits.imports_per_token_max,
+    ));
     let in_flight = (
         &in_flight,
         limits.message_size_bytes_max,
@@ -484,7 +488,7 @@ fn gated<S>(
     InterceptedService::new(shed, gate.clone())
 }
 
-/// Health checks' own budgets (`grpc::receiving`): a peer holds a 16th of them, unless
+/// Health checks' own budgets (`grpc::receiving`): a peer holds a 128th of them, unless
 /// the per-peer shares are off.
 fn health_receiving(limits: &crate::config::Limits) -> Arc<Receiving> {
     let total = limits.health_receiving_bytes_max;
@@ -543,7 +547,7 @@ type Pools<'a> = (
     &'a Arc<Semaphore>,
     usize,
     &'a Arc<Receiving>,
-    Option<&'a Arc<Semaphore>>,
+    Option<&'a Arc<Exports>>,
 );
 
 /// Where each of prenota's services is put once the engine exists.

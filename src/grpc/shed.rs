@@ -21,8 +21,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::{http, BoxFuture, Service};
 use tonic::server::NamedService;
 
+use crate::grpc::auth::Caller;
 use crate::grpc::connections::{self, PeerPlace, Peers};
 use crate::grpc::receiving::{self, Receiving};
+use crate::service::exports::{ExportKind, ExportPermit, Exports};
 
 /// The methods whose reply is a stream the client may keep open.
 pub const STREAMING_REPLIES: &[&str] = &[
@@ -59,16 +61,17 @@ pub struct Shed<S> {
     receiving: Arc<Receiving>,
     /// When set, a peer's streams hold at most so many of the permits.
     peers: Option<Arc<Peers>>,
-    /// When set, a streamed request (an import) also takes one of these, so requests
-    /// counted from their headers can hold only so many of the permits.
-    streamed: Option<Arc<Semaphore>>,
+    /// When set, a streamed request (an import) also takes one of these places, in all
+    /// and of its caller's (by token), so requests counted from their headers hold only
+    /// so many of the permits, and one token not all of those.
+    streamed: Option<Arc<Exports>>,
 }
 
 /// What a counted call holds until its reply is ready (or its reply stream ends).
 struct Place {
     _permit: OwnedSemaphorePermit,
     _peer: Option<PeerPlace>,
-    _streamed: Option<OwnedSemaphorePermit>,
+    _streamed: Option<ExportPermit>,
 }
 
 impl Place {
@@ -100,9 +103,9 @@ impl<S> Shed<S> {
         }
     }
 
-    /// Streamed requests (imports) also take one of `pool`'s places: however they
-    /// stall, they hold at most that many of the permits.
-    pub fn with_streamed_pool(self, pool: &Arc<Semaphore>) -> Self {
+    /// Streamed requests (imports) also take one of `pool`'s places (by their caller's
+    /// token): however they stall, they hold at most that many of the permits.
+    pub fn with_streamed_pool(self, pool: &Arc<Exports>) -> Self {
         let streamed = Some(Arc::clone(pool));
         Self { streamed, ..self }
     }
@@ -223,15 +226,19 @@ where
     }
 
     /// The places of a call counted from its headers: its peer's (when peers are
-    /// counted), its pool's (a `streamed` request, when there is one) and a permit;
-    /// `None` when one is full (or its address is gone: a dead socket).
+    /// counted), its pool's (a `streamed` request, when there is one: by the caller the
+    /// gate recorded) and a permit; `None` when one is full (or its address is gone: a
+    /// dead socket).
     fn place_from_headers(&self, extensions: &http::Extensions, streamed: bool) -> Option<Place> {
         let peer = match &self.peers {
             None => None,
             Some(peers) => Some(Peers::enter(peers, connections::peer_address(extensions)?)?),
         };
         let streamed = match (&self.streamed, streamed) {
-            (Some(pool), true) => Some(Arc::clone(pool).try_acquire_owned().ok()?),
+            (Some(pool), true) => {
+                let token = extensions.get::<Caller>()?.actor();
+                Some(pool.admit(&token, ExportKind::Records).ok()?)
+            }
             _ => None,
         };
         let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;

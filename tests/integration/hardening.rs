@@ -839,7 +839,7 @@ async fn one_peer_cannot_hold_thousands_of_calls_with_headers_only() {
         ("RECEIVING_BYTES_PER_PEER_MAX", "131072"),
     ];
     let server = ChildServer::with_limits(dir.path(), &limits);
-    let (codes, _connection) = headers_only_calls(300, &server).await;
+    let (codes, _connection) = headers_only_calls(BOOK, 300, &server).await;
     let held = codes.iter().filter(|code| code.is_none()).count();
     let shed = codes
         .iter()
@@ -861,7 +861,7 @@ async fn calls_being_received_hold_at_most_receiving_bytes_max_in_all() {
         ("RECEIVING_BYTES_PER_PEER_MAX", "0"),
     ];
     let server = ChildServer::with_limits(dir.path(), &limits);
-    let (codes, connection) = headers_only_calls(300, &server).await;
+    let (codes, connection) = headers_only_calls(BOOK, 300, &server).await;
     assert!(codes.contains(&Some(UNAVAILABLE)), "the budget filled");
     let (other, _other_connection) = h2_client_from([127, 0, 0, 2], &server).await;
     let whole = send_call(&other, BOOK, Some(grpc_frame(&[])), true).await;
@@ -881,6 +881,27 @@ async fn calls_being_received_hold_at_most_receiving_bytes_max_in_all() {
     }
 }
 
+/// Health needs no token: what its checks hold has budgets of their own, and one peer
+/// holds a 128th of them (80 KiB of 10 MiB here: about 14 checks of headers only); its
+/// next check is shed, another peer's is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_holds_a_small_share_of_what_health_checks_may_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [("HEALTH_RECEIVING_BYTES_MAX", "10485760")];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let (codes, _connection) = headers_only_calls(HEALTH_CHECK, 100, &server).await;
+    let held = codes.iter().filter(|code| code.is_none()).count();
+    let shed = codes
+        .iter()
+        .filter(|code| **code == Some(UNAVAILABLE))
+        .count();
+    assert!((8..=20).contains(&held), "held {held} of 100");
+    assert_eq!(held + shed, 100, "{codes:?}");
+    let (other, _other_connection) = h2_client_from([127, 0, 0, 2], &server).await;
+    let check = send_call(&other, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+    assert_eq!(grpc_status_of(check).await, Some(0), "another peer's check");
+}
+
 const BOOK: &str = "/prenota.v1.BookingService/Book";
 const UNAVAILABLE: u32 = 14;
 
@@ -894,9 +915,10 @@ fn shed_total(server: &ChildServer) -> u64 {
     value.unwrap_or_else(|| panic!("no prenota_shed_total: {metrics}"))
 }
 
-/// What `count` calls of headers only from 127.0.0.1, on one connection, were answered
-/// within 3 s (`None`: still open); and the connection's task.
+/// What `count` calls of `path`, headers only, from 127.0.0.1 on one connection, were
+/// answered within 3 s (`None`: still open); and the connection's task.
 async fn headers_only_calls(
+    path: &str,
     count: usize,
     server: &ChildServer,
 ) -> (
@@ -906,7 +928,7 @@ async fn headers_only_calls(
     let (client, connection) = h2_client_from([127, 0, 0, 1], server).await;
     let mut calls = Vec::new();
     for _ in 0..count {
-        calls.push(send_call(&client, BOOK, None, false).await);
+        calls.push(send_call(&client, path, None, false).await);
     }
     (
         codes_within(calls, Duration::from_secs(3)).await,
