@@ -288,6 +288,10 @@ pub struct Limits {
     pub tls_handshake_timeout_ms: u64,
     /// Longest time a request may take before it is answered DEADLINE_EXCEEDED.
     pub request_timeout_ms: u64,
+    /// Longest a one-message call's message may take to arrive after its headers (a
+    /// stalled one then holds what it reserved no longer: `grpc::receiving`); past it
+    /// DEADLINE_EXCEEDED. 10 s takes a 4 MiB message at 3.4 Mbit/s.
+    pub message_receive_timeout_ms: u64,
     /// How often the gauges (per site, live holds, store size) are refreshed.
     pub metrics_refresh_interval_ms: u64,
     /// Sites with their own gauges (in site-id order); bounds the metrics' label set.
@@ -406,6 +410,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     tls_handshake_timeout_ms: 10_000,
     connection_opening_timeout_ms: 10_000,
     request_timeout_ms: 30_000,
+    message_receive_timeout_ms: 10_000,
     metrics_refresh_interval_ms: 5_000,
     metrics_site_gauges_max: 10_000,
     backup_changes_buffered_max: 65_536,
@@ -712,8 +717,8 @@ impl Limits {
             "in_flight_requests_max and streams_per_connection_max must be at least 1",
         );
         need(
-            l.request_timeout_ms >= 100,
-            "request_timeout_ms must be at least 100",
+            l.request_timeout_ms >= 100 && l.message_receive_timeout_ms >= 100,
+            "request_timeout_ms and message_receive_timeout_ms must be at least 100",
         );
         // A call of the largest message (and the largest header list) must fit.
         let largest_call = l

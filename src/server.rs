@@ -256,10 +256,12 @@ async fn run(
     set_health(&health, ServingStatus::NotServing).await;
     // Reachable without a token: only tiny requests, and few Watch streams (their own
     // pool; Check takes no place, and has budgets of its own for what it holds).
-    let receiving = Arc::new(Receiving::new(
+    let receiving = Receiving::new(
         limits.receiving_bytes_max,
         limits.receiving_bytes_per_peer_max,
-    ));
+    );
+    let within = Duration::from_millis(limits.message_receive_timeout_ms);
+    let receiving = Arc::new(receiving.with_deadline(within));
     let health_service = Shed::streams_only(
         health_service.max_decoding_message_size(limits.probe_message_size_bytes_max),
         (
@@ -496,7 +498,8 @@ fn health_receiving(limits: &crate::config::Limits) -> Arc<Receiving> {
         0 => 0,
         _ => total / crate::limits::HEALTH_RECEIVING_PEER_SHARES,
     };
-    Arc::new(Receiving::new(total, per_peer))
+    let within = Duration::from_millis(limits.message_receive_timeout_ms);
+    Arc::new(Receiving::new(total, per_peer).with_deadline(within))
 }
 
 /// Reflection (v1 and v1alpha) of prenota's protos and health.

@@ -20,6 +20,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::BodyExt as _;
 use tonic::codegen::{http, Bytes};
@@ -41,6 +42,9 @@ pub struct Receiving {
     total: Budget,
     /// `None`: no cap per peer.
     peers: Option<Arc<Peers>>,
+    /// How long a message may take to arrive, from the call's headers (`None`: until
+    /// `request_timeout_ms`).
+    within: Option<Duration>,
 }
 
 /// Bytes taken of `max`; nothing ever waits for them: a take past `max` fails at once
@@ -89,7 +93,15 @@ impl Receiving {
                 max: total_max,
             },
             peers: (per_peer_max > 0).then(|| Arc::new(Peers::new(per_peer_max))),
+            within: None,
         }
+    }
+
+    /// Messages must arrive `within` this of their call's headers
+    /// (`message_receive_timeout_ms`), so a stalled one holds its share no longer.
+    pub fn with_deadline(self, within: Duration) -> Self {
+        let within = Some(within);
+        Self { within, ..self }
     }
 
     /// The reservation of a call starting with `parts` (and the start of its message);
@@ -169,8 +181,27 @@ fn call_bytes(parts: &http::request::Parts) -> usize {
 /// not decode (OUT_OF_RANGE) once its 5-byte prefix declares more than
 /// `message_bytes_max` or more arrives, without reading the rest; shed (UNAVAILABLE /
 /// OVERLOADED) when the buffer would pass a budget; CANCELLED if the client broke the
-/// stream.
+/// stream; DEADLINE_EXCEEDED if it has not all come within the deadline.
 pub async fn receive(
+    body: tonic::body::Body,
+    message_bytes_max: usize,
+    reserved: &mut Reserved<'_>,
+) -> Result<Bytes, Status> {
+    let Some(within) = reserved.receiving.within else {
+        return receive_whole(body, message_bytes_max, reserved).await;
+    };
+    let received = receive_whole(body, message_bytes_max, reserved);
+    tokio::time::timeout(within, received)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(
+                "the request's message did not arrive in time (message_receive_timeout_ms)",
+            ))
+        })
+}
+
+/// [`receive`] without its deadline.
+async fn receive_whole(
     mut body: tonic::body::Body,
     message_bytes_max: usize,
     reserved: &mut Reserved<'_>,

@@ -961,3 +961,29 @@ async fn h2_client_from(
     let (client, connection) = h2::client::handshake(stream).await.unwrap();
     (client, tokio::spawn(connection))
 }
+
+/// A message that stalls half-sent held its reservation until `request_timeout_ms`
+/// (30 s). Now it must arrive within `message_receive_timeout_ms` of the call's
+/// headers: past it the call ends DEADLINE_EXCEEDED, and its share is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_stalls_is_cut_off_at_the_receive_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [("MESSAGE_RECEIVE_TIMEOUT_MS", "500")];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let (client, _connection) = h2_client_from([127, 0, 0, 1], &server).await;
+    let mut half = vec![0u8];
+    half.extend_from_slice(&1_000u32.to_be_bytes());
+    half.resize(500, 0x0a);
+    for path in [BOOK, HEALTH_CHECK] {
+        let stalled = send_call(&client, path, Some(half.clone().into()), false).await;
+        let started = Instant::now();
+        let code = tokio::time::timeout(Duration::from_secs(10), grpc_status_of(stalled))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: still waiting after 10 s"));
+        assert_eq!(code, Some(4), "{path}: DEADLINE_EXCEEDED");
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{path}: not before it"
+        );
+    }
+}
