@@ -25,7 +25,7 @@ pub const ID_LENGTH_CEILING: usize = 80;
 pub const RECEIVING_HEADROOM_BYTES: usize = 64 * 1024;
 
 /// A peer holds at most this fraction (1/N) of `health_receiving_bytes_max`.
-pub const HEALTH_RECEIVING_PEER_SHARES: usize = 128;
+pub const HEALTH_RECEIVING_PEER_SHARES: usize = 32;
 
 /// Upper bounds on everything a client can make the server hold, scan or write.
 /// In `prenota.toml` under `[limits]`; a missing key keeps its default.
@@ -259,8 +259,8 @@ pub struct Limits {
     pub health_watches_max: usize,
     /// Bytes health checks may hold until answered (as `receiving_bytes_max` for the
     /// other calls, but a budget of their own: calls that fill one never shed the
-    /// other's); a peer holds at most a 128th of it, unless `receiving_bytes_per_peer_max`
-    /// is 0.
+    /// other's); a peer holds at most a 32nd of it (about 180 checks at once), unless
+    /// `receiving_bytes_per_peer_max` is 0.
     pub health_receiving_bytes_max: usize,
     /// Of them, those one peer (an IPv4 address, an IPv6 /64) may hold: health needs no
     /// token, so one host must not take the pool a load balancer's watches need; 0: off.
@@ -286,7 +286,7 @@ pub struct Limits {
     pub connection_opening_timeout_ms: u64,
     /// Longest a TLS handshake may take before the connection is closed.
     pub tls_handshake_timeout_ms: u64,
-    /// Longest time a request may take before it is answered DEADLINE_EXCEEDED.
+    /// Longest time a request may take before it is cancelled (tonic answers CANCELLED).
     pub request_timeout_ms: u64,
     /// Longest a one-message call's message may take to arrive after its headers (a
     /// stalled one then holds what it reserved no longer: `grpc::receiving`); past it
@@ -399,7 +399,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     probe_message_size_bytes_max: 16 * 1024,
     reflection_streams_max: 16,
     health_watches_max: 64,
-    health_receiving_bytes_max: 16 * 1024 * 1024,
+    health_receiving_bytes_max: 32 * 1024 * 1024,
     health_watches_per_peer_max: 8,
     connections_max: 4_096,
     connections_per_peer_max: 256,
@@ -717,8 +717,10 @@ impl Limits {
             "in_flight_requests_max and streams_per_connection_max must be at least 1",
         );
         need(
-            l.request_timeout_ms >= 100 && l.message_receive_timeout_ms >= 100,
-            "request_timeout_ms and message_receive_timeout_ms must be at least 100",
+            l.request_timeout_ms >= 100
+                && (100..=l.request_timeout_ms).contains(&l.message_receive_timeout_ms),
+            "request_timeout_ms must be at least 100, message_receive_timeout_ms between 100 \
+             and request_timeout_ms",
         );
         // A call of the largest message (and the largest header list) must fit.
         let largest_call = l
@@ -736,7 +738,7 @@ impl Limits {
             .saturating_add(RECEIVING_HEADROOM_BYTES);
         need(
             l.health_receiving_bytes_max / HEALTH_RECEIVING_PEER_SHARES >= largest_probe,
-            "health_receiving_bytes_max must be at least 128 × (probe_message_size_bytes_max + \
+            "health_receiving_bytes_max must be at least 32 × (probe_message_size_bytes_max + \
              65536)",
         );
         problems

@@ -490,7 +490,7 @@ fn gated<S>(
     InterceptedService::new(shed, gate.clone())
 }
 
-/// Health checks' own budgets (`grpc::receiving`): a peer holds a 128th of them, unless
+/// Health checks' own budgets (`grpc::receiving`): a peer holds a 32nd of them, unless
 /// the per-peer shares are off.
 fn health_receiving(limits: &crate::config::Limits) -> Arc<Receiving> {
     let total = limits.health_receiving_bytes_max;

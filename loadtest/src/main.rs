@@ -541,6 +541,9 @@ fn start_target(cli: &Cli, clock: &Clock) -> Result<(Target, Option<assertions::
     config.limits.in_flight_requests_max = cli.in_flight.max(1);
     // Every connection comes from this one host (watchers: one each).
     config.limits.connections_per_peer_max = 0;
+    // Its clients are all one address: the ceiling's 256 health checks in flight pass a
+    // peer's share of the health budget.
+    config.limits.receiving_bytes_per_peer_max = 0;
     if let Some(url) = &cli.postgres {
         let settings = prenota::config::PostgresSettings {
             url: url.clone(),

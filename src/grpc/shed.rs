@@ -4,7 +4,8 @@
 //!
 //! A call with one request message counts from when its message has arrived (a client
 //! that sends the headers and never the message holds no place, only its stream, until
-//! `request_timeout_ms`; what it holds until its reply is bounded by `grpc::receiving`):
+//! `message_receive_timeout_ms`; what it holds until its reply is bounded by
+//! `grpc::receiving`):
 //! a one-reply call until its reply is ready (a client that never reads it holds
 //! nothing), a streaming reply ([`STREAMING_REPLIES`]) until the stream ends, so it is
 //! admitted by its own bound too: exports by `exports_max`, reflection and health
@@ -236,7 +237,9 @@ where
         };
         let streamed = match (&self.streamed, streamed) {
             (Some(pool), true) => {
-                let token = extensions.get::<Caller>()?.actor();
+                let caller = extensions.get::<Caller>();
+                debug_assert!(caller.is_some(), "the gate records every caller");
+                let token = caller?.actor();
                 Some(pool.admit(&token, ExportKind::Records).ok()?)
             }
             _ => None,
