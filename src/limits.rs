@@ -20,8 +20,9 @@ pub const STORED_TEXT_LENGTH_MAX: usize = 16_384;
 pub const WRITTEN_TEXT_LENGTH_MAX: usize = 1_000;
 pub const ID_LENGTH_CEILING: usize = 80;
 
-/// Room for a call's headers (hyper takes at most 16 KiB of them) and state beside its largest
-/// message: `receiving_bytes_max` and `receiving_bytes_per_peer_max` hold at least that.
+/// Room for a call's headers (hyper takes at most 16 KiB of them) and state beside its
+/// largest message: `receiving_bytes_max` and `receiving_bytes_per_peer_max` hold at
+/// least that.
 pub const RECEIVING_HEADROOM_BYTES: usize = 64 * 1024;
 
 /// A peer holds at most this fraction (1/N) of `health_receiving_bytes_max`.
@@ -235,8 +236,9 @@ pub struct Limits {
     pub streams_per_connection_max: u32,
     /// Bytes one-message calls may hold in all until their reply is ready (their
     /// headers, their state, their message as it arrives: `grpc::receiving`); past it a
-    /// call is shed (UNAVAILABLE / OVERLOADED), so headers and half-sent messages can
-    /// never hold more memory than this.
+    /// call is shed (UNAVAILABLE / OVERLOADED), so headers and half-sent messages hold
+    /// about this much memory at most (the message is counted as sent: tonic's decoding
+    /// copy and the decoded message come on top).
     pub receiving_bytes_max: usize,
     /// Of them, what the calls of one peer (an IPv4 address, an IPv6 /64) may hold, so
     /// one host cannot take it all (a call holds ~5 KB and its message: the default

@@ -256,22 +256,14 @@ async fn run(
     set_health(&health, ServingStatus::NotServing).await;
     // Reachable without a token: only tiny requests, and few Watch streams (their own
     // pool; Check takes no place, and has budgets of its own for what it holds).
-    let receiving = Receiving::new(
-        limits.receiving_bytes_max,
-        limits.receiving_bytes_per_peer_max,
-    );
-    let within = Duration::from_millis(limits.message_receive_timeout_ms);
-    let receiving = Arc::new(receiving.with_deadline(within));
+    let (receiving, health_receiving) = receiving_budgets(&limits);
     let health_service = Shed::streams_only(
         health_service.max_decoding_message_size(limits.probe_message_size_bytes_max),
         (
             Arc::new(Semaphore::new(limits.health_watches_max)),
             limits.health_watches_per_peer_max,
         ),
-        (
-            limits.probe_message_size_bytes_max,
-            &health_receiving(&limits),
-        ),
+        (limits.probe_message_size_bytes_max, &health_receiving),
     );
 
     // PostgreSQL: while another node holds the lease the gates say NOT_ACTIVE.
@@ -490,16 +482,23 @@ fn gated<S>(
     InterceptedService::new(shed, gate.clone())
 }
 
-/// Health checks' own budgets (`grpc::receiving`): a peer holds a 32nd of them, unless
-/// the per-peer shares are off.
-fn health_receiving(limits: &crate::config::Limits) -> Arc<Receiving> {
-    let total = limits.health_receiving_bytes_max;
-    let per_peer = match limits.receiving_bytes_per_peer_max {
-        0 => 0,
-        _ => total / crate::limits::HEALTH_RECEIVING_PEER_SHARES,
-    };
+/// What one-message calls may hold until answered (`grpc::receiving`): the budgets of
+/// every service, and health checks' own, of which a peer holds a 32nd unless the
+/// per-peer shares are off; a message must arrive within the same deadline in both.
+fn receiving_budgets(limits: &crate::config::Limits) -> (Arc<Receiving>, Arc<Receiving>) {
     let within = Duration::from_millis(limits.message_receive_timeout_ms);
-    Arc::new(Receiving::new(total, per_peer).with_deadline(within))
+    let per_peer = limits.receiving_bytes_per_peer_max;
+    let services = Receiving::new(limits.receiving_bytes_max, per_peer);
+    let health = limits.health_receiving_bytes_max;
+    let health_per_peer = match per_peer {
+        0 => 0,
+        _ => health / crate::limits::HEALTH_RECEIVING_PEER_SHARES,
+    };
+    let health = Receiving::new(health, health_per_peer);
+    (
+        Arc::new(services.with_deadline(within)),
+        Arc::new(health.with_deadline(within)),
+    )
 }
 
 /// Reflection (v1 and v1alpha) of prenota's protos and health.

@@ -5,14 +5,13 @@
 //! A call with one request message counts from when its message has arrived (a client
 //! that sends the headers and never the message holds no place, only its stream, until
 //! `message_receive_timeout_ms`; what it holds until its reply is bounded by
-//! `grpc::receiving`):
-//! a one-reply call until its reply is ready (a client that never reads it holds
-//! nothing), a streaming reply ([`STREAMING_REPLIES`]) until the stream ends, so it is
-//! admitted by its own bound too: exports by `exports_max`, reflection and health
-//! watches by their own small pools ([`Shed::streams_only`] takes no place for health
-//! checks, and holds a peer to `health_watches_per_peer_max` of its watches). A streamed
-//! request ([`STREAMED_REQUESTS`]: an import, reflection) counts from its headers, an
-//! import within a pool of its own too (`imports_max`).
+//! `grpc::receiving`): a one-reply call until its reply is ready (a client that never
+//! reads it holds nothing), a streaming reply ([`STREAMING_REPLIES`]) until the stream
+//! ends, so it is admitted by its own bound too: exports by `exports_max`, reflection
+//! and health watches by their own small pools ([`Shed::streams_only`] takes no place
+//! for health checks, and holds a peer to `health_watches_per_peer_max` of its
+//! watches). A streamed request ([`STREAMED_REQUESTS`]: an import, reflection) counts
+//! from its headers, an import within a pool of its own too (`imports_max`).
 
 use std::pin::Pin;
 use std::sync::Arc;
