@@ -315,10 +315,7 @@ fn main() -> ExitCode {
     if let Err(error) = prenota::allocator::turn_off_transparent_huge_pages() {
         tracing::warn!(%error, "transparent huge pages stay on");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match prenota::server::runtime("prenota-server") {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("prenota: cannot start the async runtime: {error}");

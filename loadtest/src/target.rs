@@ -86,11 +86,7 @@ impl Target {
             .name("prenota-server".into())
             .spawn(move || {
                 // Named, so the load generator can tell the server's CPU from its own.
-                let runtime = match tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .thread_name("prenota-server")
-                    .build()
-                {
+                let runtime = match prenota::server::runtime("prenota-server") {
                     Ok(runtime) => runtime,
                     Err(e) => {
                         let _ = ready.send(Err(format!("server runtime: {e}")));
