@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use prenota::config::{token_sha256, Config, ConfigFile};
 use prenota::proto;
-use prenota::proto::capacity_service_client::CapacityServiceClient;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,7 +112,7 @@ async fn at_the_in_flight_limit_requests_are_shed_at_once_and_health_answers() {
     upsert_site(&mut capacity, "busy", "r", "Etc/UTC").await;
 
     // An import whose client stream stays open holds the only place in flight.
-    let (rows, held) = stalled_import(&capacity);
+    let (rows, held) = stalled_import(&server, None).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let mut booking = server.booking().await;
@@ -167,16 +166,12 @@ async fn stalled_imports_hold_at_most_their_pools_places() {
     let server = TestServer::start_with(dir.path(), config).await;
     let mut capacity = server.capacity().await;
     upsert_site(&mut capacity, "busy", "r", "Etc/UTC").await;
-    let mut imports: Vec<_> = (0..3).map(|_| stalled_import(&capacity)).collect();
+    let mut imports = Vec::new();
+    for _ in 0..3 {
+        imports.push(stalled_import(&server, None).await);
+    }
     // Whatever order they arrive in, one of the three is shed and two are held.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let shed = loop {
-        if let Some(index) = imports.iter().position(|(_, call)| call.is_finished()) {
-            break imports.remove(index).1.await.unwrap();
-        }
-        assert!(Instant::now() < deadline, "no import was shed within 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let shed = first_finished(&mut imports).await;
     let refused = shed.expect_err("past imports_per_token_max");
     assert_eq!(refused.code(), Code::Unavailable);
     assert_eq!(reason(&refused).as_deref(), Some("OVERLOADED"));
@@ -189,7 +184,7 @@ async fn stalled_imports_hold_at_most_their_pools_places() {
     drop(first_rows); // the first import ends: its place is free again
     let served = first.await.unwrap().expect_err("an import of no rows");
     assert_eq!(served.code(), Code::InvalidArgument, "served, not shed");
-    let (again_rows, again) = stalled_import(&capacity);
+    let (again_rows, again) = stalled_import(&server, None).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!again.is_finished(), "admitted in the place given back");
     drop(again_rows);
@@ -200,21 +195,4 @@ async fn stalled_imports_hold_at_most_their_pools_places() {
         call.await.unwrap().expect_err("an import of no rows");
     }
     server.stop().await;
-}
-
-/// An import whose rows never come (its stream held open by the returned sender), and
-/// its call.
-fn stalled_import(
-    capacity: &CapacityServiceClient<tonic::transport::Channel>,
-) -> (
-    tokio::sync::mpsc::Sender<proto::ImportCapacityRequest>,
-    tokio::task::JoinHandle<Result<tonic::Response<proto::ImportCapacityResponse>, tonic::Status>>,
-) {
-    let (rows, open_stream) = tokio::sync::mpsc::channel(1);
-    let mut capacity = capacity.clone();
-    let call = tokio::spawn(async move {
-        let rows = tokio_stream::wrappers::ReceiverStream::new(open_stream);
-        capacity.import_capacity(rows).await
-    });
-    (rows, call)
 }

@@ -814,6 +814,56 @@ async fn a_campaigns_stats_and_registrations_are_for_its_regions_authorities() {
 /// and another frontend's citizens then watched nothing. Now a token holds at most
 /// `watch_subscribers_per_token_max` of them; another token still gets the rest, and a
 /// watch that ends gives its token's place back.
+/// Two authorities' stalled imports: one holds at most `imports_per_token_max` places of
+/// the imports' pool, the other still gets the rest, and past `imports_max` everyone's
+/// next import is shed until one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_authority_cannot_take_every_import_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config();
+    config.limits.imports_max = 3;
+    config.limits.imports_per_token_max = 2;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let mut lazio = Vec::new();
+    for _ in 0..3 {
+        lazio.push(stalled_import(&server, Some(LAZIO)).await);
+    }
+    let refused = first_finished(&mut lazio).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(reason(&refused).as_deref(), Some("OVERLOADED"));
+    let (veneto_rows, veneto) = stalled_import(&server, Some(VENETO)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await; // admitted first
+    let mut past_total = vec![stalled_import(&server, Some(VENETO)).await];
+    let refused = first_finished(&mut past_total).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Code::Unavailable,
+        "imports_max: {refused:?}"
+    );
+    assert!(!veneto.is_finished(), "another authority's import is held");
+    assert!(lazio.iter().all(|(_, call)| !call.is_finished()));
+    let (ended_rows, ended) = lazio.remove(0);
+    drop(ended_rows);
+    let served = ended.await.unwrap().unwrap_err();
+    assert_eq!(
+        served.code(),
+        Code::InvalidArgument,
+        "no rows: served, not shed"
+    );
+    let (again_rows, again) = stalled_import(&server, Some(VENETO)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!again.is_finished(), "admitted in the place given back");
+    for (rows, call) in lazio
+        .into_iter()
+        .chain([(veneto_rows, veneto), (again_rows, again)])
+    {
+        drop(rows);
+        let served = call.await.unwrap().unwrap_err();
+        assert_eq!(served.code(), Code::InvalidArgument, "{served:?}");
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_frontend_cannot_take_every_availability_watch() {
     let dir = tempfile::tempdir().unwrap();

@@ -419,6 +419,41 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
+/// An import whose rows never come (its stream held open by the returned sender), and
+/// its call, with `token` as its bearer if any.
+pub async fn stalled_import(
+    server: &TestServer,
+    token: Option<&'static str>,
+) -> (
+    tokio::sync::mpsc::Sender<proto::ImportCapacityRequest>,
+    JoinHandle<Result<tonic::Response<proto::ImportCapacityResponse>, Status>>,
+) {
+    let (rows, open_stream) = tokio::sync::mpsc::channel(1);
+    let channel = server.channel().await;
+    let mut capacity = CapacityServiceClient::with_interceptor(channel, Bearer(token));
+    let call = tokio::spawn(async move {
+        let rows = tokio_stream::wrappers::ReceiverStream::new(open_stream);
+        capacity.import_capacity(rows).await
+    });
+    (rows, call)
+}
+
+/// The answer of whichever of `calls` finishes first (removed from `calls`), waiting at
+/// most 10 s for one.
+pub async fn first_finished<R, T>(calls: &mut Vec<(R, JoinHandle<T>)>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(index) = calls.iter().position(|(_, call)| call.is_finished()) {
+            return calls.remove(index).1.await.unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "none finished within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// What clients were told, checked against an export after a crash or power cut:
 /// every acknowledged booking there (`booked`: booking id → citizen), cancelled if its
 /// cancel was acknowledged; no slot of `slot_ids` over `capacity`; no citizen with two
