@@ -898,7 +898,8 @@ impl Catalog {
     }
 
     /// The slots whose capacity, taken places or closed flag changed since the last
-    /// call (while watching), with their sites: only the posted days are read.
+    /// call (while watching), or were marked changed (`mark_shown_changed`), with their
+    /// sites: only the posted days are read.
     pub fn changed_slots(&self) -> Vec<(Arc<Site>, Arc<Slot>)> {
         let mut changed = Vec::new();
         for day in self.board.take() {

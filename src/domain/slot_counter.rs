@@ -184,6 +184,15 @@ impl<G: Group> SlotCounter<G> {
             && self.word.fetch_and(!CHANGED_BIT, Ordering::SeqCst) & CHANGED_BIT != 0
     }
 
+    /// Marks the slot changed for watchers though its counter did not move: what callers
+    /// are shown of it changed around it (a release now covers it).
+    pub fn mark_shown_changed(&self) {
+        let before = self.word.fetch_or(CHANGED_BIT, Ordering::SeqCst);
+        if before & LEFT_BIT == 0 {
+            self.group.member_changed();
+        }
+    }
+
     /// Leaves the sum of its group (a slot removed from the catalog, long after it
     /// ended): subtracts its free places, and later changes no longer count there. The
     /// flag is in the word, so a change racing the removal counts on exactly one side.

@@ -1,9 +1,11 @@
 //! `WatchAvailability`: every slot of a range first, then each slot again whenever its
-//! remaining, capacity or closed state changes, coalesced per slot.
+//! remaining, capacity, closed or release state changes, coalesced per slot.
 //!
 //! Built on one change notification: a counter's visible change flags the counter and
 //! posts its day on the catalog's board (`domain::catalog::ChangeBoard`, only while
-//! someone watches). Every `watch_coalesce_ms` the fan-out reads the posted days' changed
+//! someone watches); so does a change of what callers are shown around it
+//! (`SlotCounter::mark_shown_changed`: a release created over it, its reserve released,
+//! from `service::releases`). Every `watch_coalesce_ms` the fan-out reads the posted days' changed
 //! slots, never the whole catalog, and puts each into the pending set of every watcher
 //! whose range holds it: a map by slot, so a watcher's memory is bounded by its slots
 //! (at most `watch_slots_max`) however fast they change, and the state sent is read at

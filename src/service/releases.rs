@@ -54,6 +54,15 @@ struct Places {
 
 /// The release's slots that have not started by `now`.
 fn future_slots(catalog: &Catalog, release: &Release, now: i64) -> Vec<Arc<Slot>> {
+    release_slots(catalog, release, (now.div_euclid(1_000) + 1, i64::MAX))
+}
+
+/// The release's slots starting in `[from_s, to_s)` (seconds).
+fn release_slots(
+    catalog: &Catalog,
+    release: &Release,
+    (from_s, to_s): (i64, i64),
+) -> Vec<Arc<Slot>> {
     let sites = match &release.scope {
         ReleaseScope::Region(region) => catalog
             .sites_in(Some(region))
@@ -62,11 +71,10 @@ fn future_slots(catalog: &Catalog, release: &Release, now: i64) -> Vec<Arc<Slot>
             .collect(),
         ReleaseScope::Sites(sites) => sites.clone(),
     };
-    let from = release.from_unix_s.max(now.div_euclid(1_000) + 1);
+    let (from, to) = (release.from_unix_s.max(from_s), release.to_unix_s.min(to_s));
     let mut slots = Vec::new();
-    for site in &sites {
-        let found =
-            catalog.slots_in_range(site, Some(&release.service_id), from, release.to_unix_s);
+    for site in sites.iter().filter(|_| from < to) {
+        let found = catalog.slots_in_range(site, Some(&release.service_id), from, to);
         slots.extend(found.unwrap_or_default());
     }
     slots
@@ -288,6 +296,10 @@ impl Engine {
             .await?;
         self.releases
             .insert(Arc::new(ReleaseEntry::new(release.clone())));
+        // Its slots now show its release_at: watchers are sent them again.
+        for slot in future_slots(&self.catalog(), &release, now) {
+            slot.counter.mark_shown_changed();
+        }
         Ok(release)
     }
 
@@ -461,6 +473,7 @@ impl Engine {
     /// fails is logged and the others go on. Returns how many tickets were admitted.
     pub async fn advance_releases(&self, now: i64) -> Result<usize, ServiceError> {
         let _one_step = self.releases.step.lock().await;
+        self.show_released_reserves(now);
         let mut admitted = 0;
         for entry in self.releases.all() {
             let release = &entry.definition;
@@ -480,6 +493,22 @@ impl Engine {
             }
         }
         Ok(admitted)
+    }
+
+    /// Sends watchers again the slots whose reserves joined the common places since the
+    /// last step: what the other channels may take grew, though no counter moved.
+    fn show_released_reserves(&self, now: i64) {
+        for entry in self.releases.all().into_iter().filter(|e| e.has_reserves()) {
+            let last = entry.reserves_shown_until_ms.swap(now, Ordering::SeqCst);
+            let before_start_ms =
+                i64::from(entry.definition.reserve_released_hours_before_start) * 3_600_000;
+            // A slot's reserves go at start - before_start: here those gone in (last, now].
+            let starts = |at: i64| (at + before_start_ms).div_euclid(1_000) + 1;
+            let catalog = self.catalog();
+            for slot in release_slots(&catalog, &entry.definition, (starts(last), starts(now))) {
+                slot.counter.mark_shown_changed();
+            }
+        }
     }
 
     async fn advance_release(&self, entry: &ReleaseEntry, now: i64) -> Result<usize, ServiceError> {

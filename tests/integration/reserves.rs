@@ -248,6 +248,58 @@ async fn reserved_places_go_to_their_channel_until_released_then_to_anyone() {
     server.stop().await;
 }
 
+/// When a slot's reserve joins the common places, the other channels' watchers are sent
+/// the slot again with their new `remaining`, though no counter moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_reserve_is_sent_to_the_other_channels_watchers() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), config(), clock.clone()).await;
+    let mut ops = capacity(&server).await;
+    one_slot_of(&mut ops, 4).await;
+    let now_s = clock.now_unix_ms() / 1_000;
+    let release = proto::Release {
+        release_id: "phone-half".into(),
+        region_id: "toscana".into(),
+        service_id: "vax".into(),
+        from: at_s(now_s),
+        to: at_s(now_s + 60 * 86_400),
+        release_at: at_s(now_s + 1),
+        reserved_percent: [("phone".to_string(), 50)].into(),
+        reserve_released_hours_before_start: 48,
+        ..Default::default()
+    };
+    ops.create_release(proto::CreateReleaseRequest {
+        release: Some(release),
+        request_id: String::new(),
+    })
+    .await
+    .expect("created");
+    let watch = proto::WatchAvailabilityRequest {
+        scope: Some(proto::watch_availability_request::Scope::SiteId(
+            "r-site".into(),
+        )),
+        service_id: "vax".into(),
+        from: at_s(now_s),
+        to: at_s(now_s + 30 * 86_400),
+    };
+    let mut web = booking(&server, WEB).await;
+    let mut stream = web
+        .watch_availability(watch)
+        .await
+        .expect("watch")
+        .into_inner();
+    assert_eq!(
+        next_slot(&mut stream).await.remaining,
+        2,
+        "half held back for the phone line"
+    );
+    clock.advance(Duration::from_secs(9 * 86_400)); // 48 hours before the slot
+    let released = next_slot(&mut stream).await;
+    assert_eq!(released.remaining, 4, "{released:?}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rush_of_other_channels_never_takes_a_reserved_place() {
     let dir = tempfile::tempdir().unwrap();
@@ -366,4 +418,12 @@ async fn a_booking_made_before_its_release_counts_against_the_reserve() {
         .unwrap();
     assert_eq!(release.places_remaining, 2, "common places only");
     server.stop().await;
+}
+
+async fn next_slot(stream: &mut tonic::Streaming<proto::WatchAvailabilityResponse>) -> proto::Slot {
+    let message = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+    let message = message
+        .expect("a message within 10 s")
+        .expect("the stream goes on");
+    message.expect("not ended").slot.expect("a slot")
 }

@@ -199,6 +199,48 @@ async fn a_watch_opened_as_the_last_one_closes_still_gets_changes() {
     server.stop().await;
 }
 
+/// A release created over watched slots changes what they show (their `release_at`),
+/// not their places: each is sent again, with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_over_watched_slots_sends_them_again_with_its_release_at() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    upsert_site(&mut server.capacity().await, "announced", "r", "Etc/UTC").await;
+    publish(&server, "announced", ("09:00", "10:00"), 5).await;
+    let mut stream = watch(&mut server.booking().await, "announced").await;
+    for _ in 0..2 {
+        assert_eq!(next_slot(&mut stream).await.release_at, None);
+    }
+    let now = chrono::Utc::now().timestamp();
+    let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    let release = proto::Release {
+        release_id: "spring".into(),
+        region_id: "r".into(),
+        service_id: "vax".into(),
+        from: at(now),
+        to: at(now + 60 * 86_400),
+        release_at: at(now + 3_600),
+        ..Default::default()
+    };
+    server
+        .capacity()
+        .await
+        .create_release(proto::CreateReleaseRequest {
+            release: Some(release),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let mut announced = std::collections::HashSet::new();
+    while announced.len() < 2 {
+        let slot = next_slot(&mut stream).await;
+        assert_eq!(slot.release_at, at(now + 3_600), "{slot:?}");
+        assert_eq!(slot.remaining, 5);
+        announced.insert(slot.slot_id);
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_are_bounded_in_number_and_in_slots() {
     let dir = tempfile::tempdir().unwrap();

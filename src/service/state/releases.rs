@@ -2,7 +2,7 @@
 //! index by slot (`service::releases` has the commands and the admission step).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::domain::ids::{ChannelId, CitizenKey, RegionId, ReleaseId, ServiceId, SlotKey};
@@ -17,6 +17,10 @@ pub struct ReleaseEntry {
     /// the rule (leave the other channels' unused reserves free), read from the
     /// engine's `ChannelUse`, and the counter's CAS are one step.
     pub(in crate::service) takes: Mutex<()>,
+    /// With reserves: when the release step last sent watchers the slots whose reserves
+    /// had joined the common places (from its creation: after a restart, those released
+    /// meanwhile are sent once).
+    pub(in crate::service) reserves_shown_until_ms: AtomicI64,
 }
 
 #[derive(Debug, Default)]
@@ -32,6 +36,7 @@ impl ReleaseEntry {
             queue: Queue::default(),
         };
         Self {
+            reserves_shown_until_ms: AtomicI64::new(release.created_at_unix_ms),
             definition: release,
             state: Mutex::new(state),
             takes: Mutex::new(()),
