@@ -95,11 +95,14 @@ fn queue(release: &proto::Release) -> Result<Option<QueueRules>, Vec<FieldViolat
         }
     };
     let Some(opens_at) = &release.queue_opens_at else {
-        if release.admissions_per_minute > 0 || release.admission_ttl_seconds > 0 {
+        // The default (600, as PRODUCT.md lists it) is what a client filling defaults
+        // sends: accepted, as 0 is; another value would be silently ignored, so refused.
+        let ttl_set = ![0, ADMISSION_TTL_SECONDS_DEFAULT].contains(&release.admission_ttl_seconds);
+        if release.admissions_per_minute > 0 || ttl_set {
             return Err(vec![FieldViolation::new(
                 "release.queue_opens_at",
                 "is required for a queue: admissions_per_minute and admission_ttl_seconds \
-                 only apply to queued releases",
+                 (other than its default) only apply to queued releases",
             )]);
         }
         return Ok(None);

@@ -150,12 +150,15 @@ async fn booking_before_release_at_is_refused_with_the_time_to_retry() {
     let (mut booking, mut capacity) = (server.booking().await, server.capacity().await);
     let release_at = clock.now_unix_ms() + 90_000;
 
-    let created = create(
-        &mut capacity,
-        release("r1", "test-region", release_at, None),
-    )
-    .await
-    .expect("created");
+    // Without a queue the admission TTL applies to nothing: its default (a client
+    // filling in PRODUCT.md's defaults) is accepted, another value refused.
+    let with_ttl = |admission_ttl_seconds| proto::Release {
+        admission_ttl_seconds,
+        ..release("r1", "test-region", release_at, None)
+    };
+    let refused = create(&mut capacity, with_ttl(900)).await.unwrap_err();
+    assert_eq!(violated_fields(&refused), ["release.queue_opens_at"]);
+    let created = create(&mut capacity, with_ttl(600)).await.expect("created");
     assert_eq!(created.phase(), ReleasePhase::Announced);
     // The slot shows when it opens.
     let slots = search_all(&mut booking, "announced", "vax").await;
