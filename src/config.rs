@@ -750,6 +750,15 @@ impl Config {
     }
 }
 
+/// A pool's per-token share as it applies with `tokens`: in open mode every caller is
+/// the one token, so a share would only lower the pool's `total`; there it is the total.
+pub fn per_token_share(tokens: &[Token], total: usize, share: usize) -> usize {
+    match tokens.is_empty() {
+        true => total,
+        false => share,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,7 +82,8 @@ pub struct Limits {
     /// shed (UNAVAILABLE / OVERLOADED), so stalled imports hold at most this many places.
     pub imports_max: usize,
     /// Of them, those of one token, so one authority's stalled imports cannot shed
-    /// every other region's.
+    /// every other region's. Like every `*_per_token_max`, only once tokens are
+    /// configured (in open mode every caller is one: `config::per_token_share`).
     pub imports_per_token_max: usize,
     /// Exports one token may have streaming at once.
     pub exports_per_token_max: usize,
@@ -107,7 +108,7 @@ pub struct Limits {
     /// RESOURCE_EXHAUSTED / WATCHERS_EXHAUSTED.
     pub watch_subscribers_max: usize,
     /// Of them, those one token (one frontend) may hold, so one frontend cannot take the
-    /// watches the others need; with a single frontend, raise it to
+    /// watches the others need; with a single frontend token, raise it to
     /// `watch_subscribers_max`.
     pub watch_subscribers_per_token_max: usize,
     /// How often slot changes go out to `WatchAvailability` streams: within one window a

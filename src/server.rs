@@ -24,7 +24,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::config::{default_citizen_trust, CitizenTrust, Config};
+use crate::config::{default_citizen_trust, per_token_share, CitizenTrust, Config};
 use crate::grpc::assertion::Assertions;
 use crate::grpc::auth::{self, Gate};
 use crate::grpc::connections;
@@ -329,7 +329,7 @@ async fn run(
     // Imports count from their headers: their own pool bounds how many places they hold.
     let imports = Arc::new(Exports::new(
         limits.imports_max,
-        limits.imports_per_token_max,
+        per_token_share(&tokens, limits.imports_max, limits.imports_per_token_max),
     ));
     let in_flight = (
         &in_flight,

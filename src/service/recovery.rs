@@ -90,6 +90,7 @@ impl Engine {
         let event_log_id = event_log_id(&store)?;
         let catalog = Catalog::default();
         let board = catalog.board();
+        let share = |total, share| crate::config::per_token_share(&config.tokens, total, share);
         let mut engine = Self {
             limits: config.limits.clone(),
             store,
@@ -109,20 +110,29 @@ impl Engine {
             attempts: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_attempts_per_min),
             exports: Exports::new(
                 config.limits.exports_max,
-                config.limits.exports_per_token_max,
+                share(
+                    config.limits.exports_max,
+                    config.limits.exports_per_token_max,
+                ),
             ),
             closing: tokio::sync::watch::channel(false).0,
             event_log_id,
             watchers: crate::service::state::watchers::Watchers::new(
                 (
                     config.limits.watch_subscribers_max,
-                    config.limits.watch_subscribers_per_token_max,
+                    share(
+                        config.limits.watch_subscribers_max,
+                        config.limits.watch_subscribers_per_token_max,
+                    ),
                 ),
                 board,
             ),
             event_streams: Exports::new(
                 config.limits.event_streams_max,
-                config.limits.event_streams_per_token_max,
+                share(
+                    config.limits.event_streams_max,
+                    config.limits.event_streams_per_token_max,
+                ),
             ),
             reads: rate_limits::CitizenLimiter::new(config.limits.rate_citizen_reads_per_min),
             citizen_ids: crate::config::citizen_ids(config),

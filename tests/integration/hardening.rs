@@ -478,6 +478,8 @@ async fn six_hundred_stalled_exports_are_capped_then_cut_off_and_citizens_are_an
         // are cut off before the last calls come, a third one runs.
         ("EXPORT_IDLE_TIMEOUT_MS", "4000"),
         ("EXPORT_CHANNEL_DEPTH", "1"),
+        // In open mode (every caller one token) exports_per_token_max does not apply.
+        ("EXPORTS_MAX", "2"),
     ];
     let server = ChildServer::with_limits(dir.path(), &limits);
     let channel = connect(&server.url).await;
@@ -519,7 +521,7 @@ async fn six_hundred_stalled_exports_are_capped_then_cut_off_and_citizens_are_an
     assert_eq!(
         (running, refused),
         (2, 598),
-        "exports_per_token_max is 2; answers by code: {codes:?}"
+        "exports_max is 2; answers by code: {codes:?}"
     );
 
     let mut listing = booking.clone();
