@@ -41,6 +41,9 @@ pub const RATE_LIMITER_KEYS: &str = "prenota_rate_limiter_keys";
 /// Requests shed (UNAVAILABLE / OVERLOADED) at the in-flight limit, or past the
 /// reflection or health watch pools (or a peer's share of the health watches).
 pub const SHED: &str = "prenota_shed_total";
+/// Calls whose message had not all arrived within `message_receive_timeout_ms` of their
+/// headers (answered DEADLINE_EXCEEDED): slow or stalled senders.
+pub const MESSAGES_LATE: &str = "prenota_messages_late_total";
 /// Connections closed at accept, by `limit`: `connections_max` (that many were open) or
 /// `connections_per_peer_max` (that many were open from the same peer).
 pub const CONNECTIONS_REFUSED: &str = "prenota_connections_refused_total";
@@ -183,6 +186,7 @@ fn register_rare_counters() {
     for name in [
         HOLDS_EXPIRED,
         SHED,
+        MESSAGES_LATE,
         COMMIT_FAILURES,
         QUEUE_ADMISSIONS,
         CAMPAIGN_OFFERS,
@@ -269,6 +273,10 @@ fn describe_requests() {
     describe_counter!(
         SHED,
         "requests shed (OVERLOADED) at the in-flight limit, past the reflection, health watch or import pools, or past what one-message calls may hold until answered (receiving_bytes_max, receiving_bytes_per_peer_max, health_receiving_bytes_max)"
+    );
+    describe_counter!(
+        MESSAGES_LATE,
+        "calls whose message had not all arrived within message_receive_timeout_ms (answered DEADLINE_EXCEEDED)"
     );
     describe_counter!(
         CONNECTIONS_REFUSED,
@@ -384,6 +392,7 @@ pub const ALL: &[&str] = &[
     RATE_LIMITED,
     RATE_LIMITER_KEYS,
     SHED,
+    MESSAGES_LATE,
     CONNECTIONS_REFUSED,
     COMMIT_BATCH_WRITES,
     COMMIT_BATCH_REQUESTS,

@@ -194,6 +194,7 @@ pub async fn receive(
     tokio::time::timeout(within, received)
         .await
         .unwrap_or_else(|_| {
+            metrics::counter!(crate::telemetry::MESSAGES_LATE).increment(1);
             Err(Status::deadline_exceeded(
                 "the request's message did not arrive in time (message_receive_timeout_ms)",
             ))

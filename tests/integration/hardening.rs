@@ -909,12 +909,18 @@ const UNAVAILABLE: u32 = 14;
 
 /// `prenota_shed_total` on `server`'s metrics.
 fn shed_total(server: &ChildServer) -> u64 {
+    counter(server, "prenota_shed_total")
+}
+
+/// The unlabelled counter `name` on `server`'s metrics.
+fn counter(server: &ChildServer, name: &str) -> u64 {
     let metrics = http_get(&server.metrics_url);
-    let line = metrics
-        .lines()
-        .find(|line| line.starts_with("prenota_shed_total "));
+    let line = metrics.lines().find(|line| {
+        line.strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with(' '))
+    });
     let value = line.and_then(|line| line.split(' ').nth(1)?.parse().ok());
-    value.unwrap_or_else(|| panic!("no prenota_shed_total: {metrics}"))
+    value.unwrap_or_else(|| panic!("no {name}: {metrics}"))
 }
 
 /// What `count` calls of `path`, headers only, from 127.0.0.1 on one connection, were
@@ -988,4 +994,5 @@ async fn a_message_that_stalls_is_cut_off_at_the_receive_deadline() {
             "{path}: not before it"
         );
     }
+    assert_eq!(counter(&server, "prenota_messages_late_total"), 2);
 }
