@@ -130,9 +130,10 @@ impl Server {
 /// ran after each call and wrote each answer in a `writev` of its own; without it, the
 /// calls queued before it finish first and one `writev` carries their answers (4.6×
 /// fewer in a rush). Measured in BENCHMARKS.md, "One write for the answers ready
-/// together": 7–11% less server CPU per request and a lower p99; for health checks at
-/// the load generator's ceiling a higher p50 and 11% fewer a second. A build without the
-/// flag keeps tokio's default.
+/// together": 7–11% less server CPU per request, a lower Book p99 when bookings alone
+/// load it; for health checks at the load generator's ceiling a higher p50 and 11% fewer
+/// a second. A build without the flag (a `RUSTFLAGS` variable replaces the config's
+/// flags) keeps tokio's default; a unit test fails then.
 pub fn runtime(thread_name: &str) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name(thread_name);

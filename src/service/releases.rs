@@ -63,6 +63,10 @@ fn release_slots(
     release: &Release,
     (from_s, to_s): (i64, i64),
 ) -> Vec<Arc<Slot>> {
+    let (from, to) = (release.from_unix_s.max(from_s), release.to_unix_s.min(to_s));
+    if from >= to {
+        return Vec::new();
+    }
     let sites = match &release.scope {
         ReleaseScope::Region(region) => catalog
             .sites_in(Some(region))
@@ -71,9 +75,8 @@ fn release_slots(
             .collect(),
         ReleaseScope::Sites(sites) => sites.clone(),
     };
-    let (from, to) = (release.from_unix_s.max(from_s), release.to_unix_s.min(to_s));
     let mut slots = Vec::new();
-    for site in sites.iter().filter(|_| from < to) {
+    for site in &sites {
         let found = catalog.slots_in_range(site, Some(&release.service_id), from, to);
         slots.extend(found.unwrap_or_default());
     }
@@ -295,7 +298,7 @@ impl Engine {
             .commit(&[Write::Release(release.clone()), audit])
             .await?;
         self.releases
-            .insert(Arc::new(ReleaseEntry::new(release.clone())));
+            .insert(Arc::new(ReleaseEntry::new(release.clone(), now)));
         // Its slots now show its release_at: watchers are sent them again.
         for slot in future_slots(&self.catalog(), &release, now) {
             slot.counter.mark_shown_changed();
@@ -504,8 +507,12 @@ impl Engine {
                 i64::from(entry.definition.reserve_released_hours_before_start) * 3_600_000;
             // A slot's reserves go at start - before_start: here those gone in (last, now].
             let starts = |at: i64| (at + before_start_ms).div_euclid(1_000) + 1;
+            let (from, to) = (starts(last), starts(now));
+            if from >= to || from >= entry.definition.to_unix_s {
+                continue; // none released since the last step (most steps), or ended
+            }
             let catalog = self.catalog();
-            for slot in release_slots(&catalog, &entry.definition, (starts(last), starts(now))) {
+            for slot in release_slots(&catalog, &entry.definition, (from, to)) {
                 slot.counter.mark_shown_changed();
             }
         }
@@ -668,9 +675,10 @@ impl Engine {
     /// Recovery: every release and its tickets, the draws redone from their seeds.
     pub(super) fn restore_releases(&self) -> Result<(), ServiceError> {
         let mut entries: BTreeMap<ReleaseId, ReleaseEntry> = BTreeMap::new();
+        let now = self.now_unix_ms();
         for release in self.store.releases() {
             let release = release?;
-            entries.insert(release.release_id.clone(), ReleaseEntry::new(release));
+            entries.insert(release.release_id.clone(), ReleaseEntry::new(release, now));
         }
         let mut orphaned = std::collections::BTreeSet::new();
         for ticket in self.store.tickets() {

@@ -810,10 +810,6 @@ async fn a_campaigns_stats_and_registrations_are_for_its_regions_authorities() {
     server.stop().await;
 }
 
-/// One frontend could hold every `WatchAvailability` place (`watch_subscribers_max`),
-/// and another frontend's citizens then watched nothing. Now a token holds at most
-/// `watch_subscribers_per_token_max` of them; another token still gets the rest, and a
-/// watch that ends gives its token's place back.
 /// Two authorities' stalled imports: one holds at most `imports_per_token_max` places of
 /// the imports' pool, the other still gets the rest, and past `imports_max` everyone's
 /// next import is shed until one ends.
@@ -831,15 +827,18 @@ async fn one_authority_cannot_take_every_import_place() {
     let refused = first_finished(&mut lazio).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert_eq!(reason(&refused).as_deref(), Some("OVERLOADED"));
-    let (veneto_rows, veneto) = stalled_import(&server, Some(VENETO)).await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await; // admitted first
-    let mut past_total = vec![stalled_import(&server, Some(VENETO)).await];
-    let refused = first_finished(&mut past_total).await.unwrap_err();
+    // Veneto's two: whichever arrives second finds the pool full (imports_max).
+    let mut veneto = Vec::new();
+    for _ in 0..2 {
+        veneto.push(stalled_import(&server, Some(VENETO)).await);
+    }
+    let refused = first_finished(&mut veneto).await.unwrap_err();
     assert_eq!(
         refused.code(),
         Code::Unavailable,
         "imports_max: {refused:?}"
     );
+    let (veneto_rows, veneto) = veneto.remove(0);
     assert!(!veneto.is_finished(), "another authority's import is held");
     assert!(lazio.iter().all(|(_, call)| !call.is_finished()));
     let (ended_rows, ended) = lazio.remove(0);
@@ -864,6 +863,10 @@ async fn one_authority_cannot_take_every_import_place() {
     server.stop().await;
 }
 
+/// One frontend could hold every `WatchAvailability` place (`watch_subscribers_max`),
+/// and another frontend's citizens then watched nothing. Now a token holds at most
+/// `watch_subscribers_per_token_max` of them; another token still gets the rest, and a
+/// watch that ends gives its token's place back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_frontend_cannot_take_every_availability_watch() {
     let dir = tempfile::tempdir().unwrap();

@@ -18,8 +18,8 @@ pub struct ReleaseEntry {
     /// engine's `ChannelUse`, and the counter's CAS are one step.
     pub(in crate::service) takes: Mutex<()>,
     /// With reserves: when the release step last sent watchers the slots whose reserves
-    /// had joined the common places (from its creation: after a restart, those released
-    /// meanwhile are sent once).
+    /// had joined the common places (from its creation, or the recovery: no watch
+    /// outlives a restart).
     pub(in crate::service) reserves_shown_until_ms: AtomicI64,
 }
 
@@ -30,13 +30,14 @@ pub(in crate::service) struct ReleaseState {
 }
 
 impl ReleaseEntry {
-    pub(in crate::service) fn new(release: Release) -> Self {
+    /// `now_unix_ms`: its creation, or the recovery that reads it back.
+    pub(in crate::service) fn new(release: Release, now_unix_ms: i64) -> Self {
         let state = ReleaseState {
             sold_out_at_unix_ms: release.sold_out_at_unix_ms,
             queue: Queue::default(),
         };
         Self {
-            reserves_shown_until_ms: AtomicI64::new(release.created_at_unix_ms),
+            reserves_shown_until_ms: AtomicI64::new(now_unix_ms),
             definition: release,
             state: Mutex::new(state),
             takes: Mutex::new(()),
