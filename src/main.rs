@@ -567,6 +567,12 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
         "# {} is valid. Effective configuration (defaults filled in):\n",
         path.display()
     );
+    if !tokens {
+        println!(
+            "# Open mode (no tokens): the *_per_token_max shares do not apply; every caller \
+             is one token, so only the totals do.\n"
+        );
+    }
     println!("{text}");
     Ok(())
 }

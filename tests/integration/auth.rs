@@ -380,6 +380,14 @@ fn with_tokens_a_public_address_needs_tls() {
     let stderr = String::from_utf8_lossy(&checked.stderr);
     assert!(checked.status.success(), "{stderr}");
     assert!(stderr.contains("without TLS"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&checked.stdout);
+    assert!(!stdout.contains("Open mode"), "tokens configured: {stdout}");
+    let open = Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args(["config", "check", "/dev/null"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&open.stdout);
+    assert!(stdout.contains("shares do not apply"), "{stdout}");
     let served = Command::new(env!("CARGO_BIN_EXE_prenota"))
         .args(["serve", "--config"])
         .arg(&file)

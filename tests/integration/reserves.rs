@@ -150,6 +150,23 @@ async fn book(client: &mut Booking, slot_id: &str, citizen: &str) -> Result<Stri
         .map_err(|status| reason(&status).unwrap_or_default())
 }
 
+/// Release `phone-half` of toscana's `vax` slots starting within 60 days of `now_s`,
+/// open a second later, each channel's `reserved` percent held back until 48 hours
+/// before each slot.
+fn reserving_release(now_s: i64, reserved: &[(&str, u32)]) -> proto::Release {
+    proto::Release {
+        release_id: "phone-half".into(),
+        region_id: "toscana".into(),
+        service_id: "vax".into(),
+        from: at_s(now_s),
+        to: at_s(now_s + 60 * 86_400),
+        release_at: at_s(now_s + 1),
+        reserved_percent: reserved.iter().map(|(c, p)| (c.to_string(), *p)).collect(),
+        reserve_released_hours_before_start: 48,
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_places_go_to_their_channel_until_released_then_to_anyone() {
     let dir = tempfile::tempdir().unwrap();
@@ -158,17 +175,7 @@ async fn reserved_places_go_to_their_channel_until_released_then_to_anyone() {
     let mut ops = capacity(&server).await;
     one_slot_of(&mut ops, 4).await;
     let now_s = clock.now_unix_ms() / 1_000;
-    let mut release = proto::Release {
-        release_id: "phone-half".into(),
-        region_id: "toscana".into(),
-        service_id: "vax".into(),
-        from: at_s(now_s),
-        to: at_s(now_s + 60 * 86_400),
-        release_at: at_s(now_s + 1),
-        reserved_percent: [("phone".to_string(), 70), ("desk".to_string(), 40)].into(),
-        reserve_released_hours_before_start: 48,
-        ..Default::default()
-    };
+    let mut release = reserving_release(now_s, &[("phone", 70), ("desk", 40)]);
     let create = |release: proto::Release| proto::CreateReleaseRequest {
         release: Some(release),
         request_id: String::new(),
@@ -258,17 +265,7 @@ async fn a_released_reserve_is_sent_to_the_other_channels_watchers() {
     let mut ops = capacity(&server).await;
     one_slot_of(&mut ops, 4).await;
     let now_s = clock.now_unix_ms() / 1_000;
-    let release = proto::Release {
-        release_id: "phone-half".into(),
-        region_id: "toscana".into(),
-        service_id: "vax".into(),
-        from: at_s(now_s),
-        to: at_s(now_s + 60 * 86_400),
-        release_at: at_s(now_s + 1),
-        reserved_percent: [("phone".to_string(), 50)].into(),
-        reserve_released_hours_before_start: 48,
-        ..Default::default()
-    };
+    let release = reserving_release(now_s, &[("phone", 50)]);
     ops.create_release(proto::CreateReleaseRequest {
         release: Some(release),
         request_id: String::new(),
