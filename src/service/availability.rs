@@ -5,11 +5,11 @@
 //! posts its day on the catalog's board (`domain::catalog::ChangeBoard`, only while
 //! someone watches); so does a change of what callers are shown around it
 //! (`SlotCounter::mark_shown_changed`: a release created over it, its reserve released,
-//! from `service::releases`). Every `watch_coalesce_ms` the fan-out reads the posted days' changed
-//! slots, never the whole catalog, and puts each into the pending set of every watcher
-//! whose range holds it: a map by slot, so a watcher's memory is bounded by its slots
-//! (at most `watch_slots_max`) however fast they change, and the state sent is read at
-//! send time (the latest wins).
+//! from `service::releases`). Every `watch_coalesce_ms` the fan-out reads the posted
+//! days' changed slots, never the whole catalog, and puts each into the pending set of
+//! every watcher whose range holds it: a map by slot, so a watcher's memory is bounded
+//! by its slots (at most `watch_slots_max`) however fast they change, and the state sent
+//! is read at send time (the latest wins).
 //!
 //! Bounds: `watch_subscribers_max` watches at once (`watch_subscribers_per_token_max` of
 //! one token), held for the response stream's life;
