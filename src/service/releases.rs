@@ -476,9 +476,10 @@ impl Engine {
     /// fails is logged and the others go on. Returns how many tickets were admitted.
     pub async fn advance_releases(&self, now: i64) -> Result<usize, ServiceError> {
         let _one_step = self.releases.step.lock().await;
-        self.show_released_reserves(now);
+        let entries = self.releases.all();
+        self.show_released_reserves(&entries, now);
         let mut admitted = 0;
-        for entry in self.releases.all() {
+        for entry in entries {
             let release = &entry.definition;
             let running = (release.release_at_unix_ms..release.to_unix_s.saturating_mul(1_000))
                 .contains(&now);
@@ -500,8 +501,8 @@ impl Engine {
 
     /// Sends watchers again the slots whose reserves joined the common places since the
     /// last step: what the other channels may take grew, though no counter moved.
-    fn show_released_reserves(&self, now: i64) {
-        for entry in self.releases.all().into_iter().filter(|e| e.has_reserves()) {
+    fn show_released_reserves(&self, entries: &[Arc<ReleaseEntry>], now: i64) {
+        for entry in entries.iter().filter(|e| e.has_reserves()) {
             let last = entry.reserves_shown_until_ms.swap(now, Ordering::SeqCst);
             let before_start_ms =
                 i64::from(entry.definition.reserve_released_hours_before_start) * 3_600_000;
