@@ -794,11 +794,7 @@ async fn one_peer_cannot_fill_memory_with_half_sent_messages() {
         tokio::time::sleep(Duration::from_millis(20)).await; // in order
     }
     let codes = codes_within(calls, Duration::from_secs(3)).await;
-    let held = codes.iter().filter(|code| code.is_none()).count();
-    let shed = codes
-        .iter()
-        .filter(|code| **code == Some(UNAVAILABLE))
-        .count();
+    let (held, shed) = held_and_shed(&codes);
     assert!((4..=6).contains(&held), "held {held} of 12: {codes:?}");
     assert_eq!(
         held + shed,
@@ -842,11 +838,7 @@ async fn one_peer_cannot_hold_thousands_of_calls_with_headers_only() {
     ];
     let server = ChildServer::with_limits(dir.path(), &limits);
     let (codes, _connection) = headers_only_calls(BOOK, 300, &server).await;
-    let held = codes.iter().filter(|code| code.is_none()).count();
-    let shed = codes
-        .iter()
-        .filter(|code| **code == Some(UNAVAILABLE))
-        .count();
+    let (held, shed) = held_and_shed(&codes);
     assert!((15..=40).contains(&held), "held {held} of 300");
     assert_eq!(held + shed, 300, "{codes:?}");
 }
@@ -892,11 +884,7 @@ async fn one_peer_holds_a_small_share_of_what_health_checks_may_hold() {
     let limits = [("HEALTH_RECEIVING_BYTES_MAX", "2621440")];
     let server = ChildServer::with_limits(dir.path(), &limits);
     let (codes, _connection) = headers_only_calls(HEALTH_CHECK, 100, &server).await;
-    let held = codes.iter().filter(|code| code.is_none()).count();
-    let shed = codes
-        .iter()
-        .filter(|code| **code == Some(UNAVAILABLE))
-        .count();
+    let (held, shed) = held_and_shed(&codes);
     assert!((8..=20).contains(&held), "held {held} of 100");
     assert_eq!(held + shed, 100, "{codes:?}");
     let (other, _other_connection) = h2_client_from([127, 0, 0, 2], &server).await;
@@ -921,6 +909,16 @@ fn counter(server: &ChildServer, name: &str) -> u64 {
     });
     let value = line.and_then(|line| line.split(' ').nth(1)?.parse().ok());
     value.unwrap_or_else(|| panic!("no {name}: {metrics}"))
+}
+
+/// Of calls' answers (`None`: still open), how many are held open and how many shed.
+fn held_and_shed(codes: &[Option<u32>]) -> (usize, usize) {
+    let held = codes.iter().filter(|code| code.is_none()).count();
+    let shed = codes
+        .iter()
+        .filter(|code| **code == Some(UNAVAILABLE))
+        .count();
+    (held, shed)
 }
 
 /// What `count` calls of `path`, headers only, from 127.0.0.1 on one connection, were

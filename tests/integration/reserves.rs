@@ -150,6 +150,18 @@ async fn book(client: &mut Booking, slot_id: &str, citizen: &str) -> Result<Stri
         .map_err(|status| reason(&status).unwrap_or_default())
 }
 
+/// A server on a manual clock with `one_slot_of(capacity)`, and an admin's client.
+async fn one_slot_on_a_manual_clock(
+    data_dir: &std::path::Path,
+    capacity_per_slot: u32,
+) -> (TestServer, Clock, Capacity) {
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(data_dir, config(), clock.clone()).await;
+    let mut ops = capacity(&server).await;
+    one_slot_of(&mut ops, capacity_per_slot).await;
+    (server, clock, ops)
+}
+
 /// Release `phone-half` of toscana's `vax` slots starting within 60 days of `now_s`,
 /// open a second later, each channel's `reserved` percent held back until 48 hours
 /// before each slot.
@@ -170,10 +182,7 @@ fn reserving_release(now_s: i64, reserved: &[(&str, u32)]) -> proto::Release {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_places_go_to_their_channel_until_released_then_to_anyone() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = Clock::manual_from_now();
-    let server = TestServer::start_with_clock(dir.path(), config(), clock.clone()).await;
-    let mut ops = capacity(&server).await;
-    one_slot_of(&mut ops, 4).await;
+    let (server, clock, mut ops) = one_slot_on_a_manual_clock(dir.path(), 4).await;
     let now_s = clock.now_unix_ms() / 1_000;
     let mut release = reserving_release(now_s, &[("phone", 70), ("desk", 40)]);
     let create = |release: proto::Release| proto::CreateReleaseRequest {
@@ -260,10 +269,7 @@ async fn reserved_places_go_to_their_channel_until_released_then_to_anyone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_reserve_is_sent_to_the_other_channels_watchers() {
     let dir = tempfile::tempdir().unwrap();
-    let clock = Clock::manual_from_now();
-    let server = TestServer::start_with_clock(dir.path(), config(), clock.clone()).await;
-    let mut ops = capacity(&server).await;
-    one_slot_of(&mut ops, 4).await;
+    let (server, clock, mut ops) = one_slot_on_a_manual_clock(dir.path(), 4).await;
     let now_s = clock.now_unix_ms() / 1_000;
     let release = reserving_release(now_s, &[("phone", 50)]);
     ops.create_release(proto::CreateReleaseRequest {
@@ -272,27 +278,19 @@ async fn a_released_reserve_is_sent_to_the_other_channels_watchers() {
     })
     .await
     .expect("created");
-    let watch = proto::WatchAvailabilityRequest {
-        scope: Some(proto::watch_availability_request::Scope::SiteId(
-            "r-site".into(),
-        )),
-        service_id: "vax".into(),
-        from: at_s(now_s),
-        to: at_s(now_s + 30 * 86_400),
-    };
     let mut web = booking(&server, WEB).await;
     let mut stream = web
-        .watch_availability(watch)
+        .watch_availability(availability_watch_request("r-site"))
         .await
         .expect("watch")
         .into_inner();
     assert_eq!(
-        next_slot(&mut stream).await.remaining,
+        next_watched_slot(&mut stream).await.remaining,
         2,
         "half held back for the phone line"
     );
     clock.advance(Duration::from_secs(9 * 86_400)); // 48 hours before the slot
-    let released = next_slot(&mut stream).await;
+    let released = next_watched_slot(&mut stream).await;
     assert_eq!(released.remaining, 4, "{released:?}");
     server.stop().await;
 }
@@ -415,12 +413,4 @@ async fn a_booking_made_before_its_release_counts_against_the_reserve() {
         .unwrap();
     assert_eq!(release.places_remaining, 2, "common places only");
     server.stop().await;
-}
-
-async fn next_slot(stream: &mut tonic::Streaming<proto::WatchAvailabilityResponse>) -> proto::Slot {
-    let message = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
-    let message = message
-        .expect("a message within 10 s")
-        .expect("the stream goes on");
-    message.expect("not ended").slot.expect("a slot")
 }

@@ -14,43 +14,15 @@ use prenota::proto::booking_service_client::BookingServiceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-fn watch_request(site_id: &str) -> proto::WatchAvailabilityRequest {
-    let now = chrono::Utc::now().timestamp();
-    proto::WatchAvailabilityRequest {
-        scope: Some(proto::watch_availability_request::Scope::SiteId(
-            site_id.into(),
-        )),
-        service_id: "vax".into(),
-        from: Some(prost_types::Timestamp {
-            seconds: now,
-            nanos: 0,
-        }),
-        to: Some(prost_types::Timestamp {
-            seconds: now + 40 * 86_400,
-            nanos: 0,
-        }),
-    }
-}
-
 async fn watch(
     client: &mut BookingServiceClient<Channel>,
     site_id: &str,
 ) -> Streaming<proto::WatchAvailabilityResponse> {
     client
-        .watch_availability(watch_request(site_id))
+        .watch_availability(availability_watch_request(site_id))
         .await
         .expect("watch")
         .into_inner()
-}
-
-async fn next_slot(stream: &mut Streaming<proto::WatchAvailabilityResponse>) -> proto::Slot {
-    tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("a slot message comes")
-        .expect("the stream goes on")
-        .expect("not ended")
-        .slot
-        .unwrap()
 }
 
 /// Reads messages until `slot_id` shows `remaining` (10 s at most); returns how many
@@ -62,7 +34,7 @@ async fn until_remaining(
 ) -> usize {
     let mut seen = 0;
     loop {
-        let slot = next_slot(stream).await;
+        let slot = next_watched_slot(stream).await;
         if slot.slot_id == slot_id {
             seen += 1;
             if slot.remaining == remaining {
@@ -93,7 +65,7 @@ async fn a_watcher_gets_the_slots_then_every_change_coalesced() {
     let mut stream = watch(&mut client, "w-site").await;
     let mut snapshot = HashMap::new();
     for _ in 0..3 {
-        let slot = next_slot(&mut stream).await;
+        let slot = next_watched_slot(&mut stream).await;
         snapshot.insert(slot.slot_id.clone(), slot);
     }
     assert!(snapshot.values().all(|slot| slot.remaining == 50));
@@ -127,7 +99,7 @@ async fn a_watcher_gets_the_slots_then_every_change_coalesced() {
         .await
         .unwrap();
     loop {
-        let slot = next_slot(&mut stream).await;
+        let slot = next_watched_slot(&mut stream).await;
         if slot.slot_id == ids[1] && slot.closed {
             assert_eq!(slot.remaining, 0);
             break;
@@ -145,7 +117,7 @@ async fn a_watcher_gets_the_slots_then_every_change_coalesced() {
     // (Republishing also sets the 10:00 slot back to 50 places: that shows too.)
     publish(&server, "w-site", ("09:00", "11:00"), 50).await;
     let new = loop {
-        let slot = next_slot(&mut stream).await;
+        let slot = next_watched_slot(&mut stream).await;
         if !snapshot.contains_key(&slot.slot_id) {
             break slot;
         }
@@ -184,10 +156,10 @@ async fn a_watch_opened_as_the_last_one_closes_still_gets_changes() {
     publish(&server, "churn", ("09:00", "09:30"), 50).await;
     let mut client = server.booking().await;
     let mut stream = watch(&mut client, "churn").await;
-    let slot = next_slot(&mut stream).await;
+    let slot = next_watched_slot(&mut stream).await;
     for n in 0..50 {
         let mut next = watch(&mut client, "churn").await;
-        next_slot(&mut next).await;
+        next_watched_slot(&mut next).await;
         drop(std::mem::replace(&mut stream, next));
         if n % 10 == 0 {
             let citizen = format!("c{n}");
@@ -209,7 +181,7 @@ async fn a_release_over_watched_slots_sends_them_again_with_its_release_at() {
     publish(&server, "announced", ("09:00", "10:00"), 5).await;
     let mut stream = watch(&mut server.booking().await, "announced").await;
     for _ in 0..2 {
-        assert_eq!(next_slot(&mut stream).await.release_at, None);
+        assert_eq!(next_watched_slot(&mut stream).await.release_at, None);
     }
     let now = chrono::Utc::now().timestamp();
     let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
@@ -233,7 +205,7 @@ async fn a_release_over_watched_slots_sends_them_again_with_its_release_at() {
         .unwrap();
     let mut announced = std::collections::HashSet::new();
     while announced.len() < 2 {
-        let slot = next_slot(&mut stream).await;
+        let slot = next_watched_slot(&mut stream).await;
         assert_eq!(slot.release_at, at(now + 3_600), "{slot:?}");
         assert_eq!(slot.remaining, 5);
         announced.insert(slot.slot_id);
@@ -255,13 +227,13 @@ async fn watches_are_bounded_in_number_and_in_slots() {
     let mut client = server.booking().await;
 
     let status = client
-        .watch_availability(watch_request("big"))
+        .watch_availability(availability_watch_request("big"))
         .await
         .expect_err("4 slots is over watch_slots_max");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(violated_fields(&status), ["to"]);
     let status = client
-        .watch_availability(watch_request("nowhere"))
+        .watch_availability(availability_watch_request("nowhere"))
         .await
         .expect_err("no such site");
     assert_eq!(status.code(), Code::NotFound);
@@ -269,7 +241,7 @@ async fn watches_are_bounded_in_number_and_in_slots() {
     let first = watch(&mut client, "small").await;
     let _second = watch(&mut client, "small").await;
     let status = client
-        .watch_availability(watch_request("small"))
+        .watch_availability(availability_watch_request("small"))
         .await
         .expect_err("a third watch is over watch_subscribers_max");
     assert_eq!(status.code(), Code::ResourceExhausted);
@@ -278,7 +250,7 @@ async fn watches_are_bounded_in_number_and_in_slots() {
     let mut reopened = false;
     for _ in 0..100 {
         if client
-            .watch_availability(watch_request("small"))
+            .watch_availability(availability_watch_request("small"))
             .await
             .is_ok()
         {

@@ -438,6 +438,38 @@ pub async fn stalled_import(
     (rows, call)
 }
 
+/// A `WatchAvailability` of `vax` at `site_id`, from now for 40 days.
+pub fn availability_watch_request(site_id: &str) -> proto::WatchAvailabilityRequest {
+    let now = chrono::Utc::now().timestamp();
+    proto::WatchAvailabilityRequest {
+        scope: Some(proto::watch_availability_request::Scope::SiteId(
+            site_id.into(),
+        )),
+        service_id: "vax".into(),
+        from: Some(prost_types::Timestamp {
+            seconds: now,
+            nanos: 0,
+        }),
+        to: Some(prost_types::Timestamp {
+            seconds: now + 40 * 86_400,
+            nanos: 0,
+        }),
+    }
+}
+
+/// The next slot a `WatchAvailability` stream sends, within 10 s.
+pub async fn next_watched_slot(
+    stream: &mut tonic::Streaming<proto::WatchAvailabilityResponse>,
+) -> proto::Slot {
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+        .await
+        .expect("a slot message comes")
+        .expect("the stream goes on")
+        .expect("not ended")
+        .slot
+        .unwrap()
+}
+
 /// The answer of whichever of `calls` finishes first (removed from `calls`), waiting at
 /// most 10 s for one.
 pub async fn first_finished<R, T>(calls: &mut Vec<(R, JoinHandle<T>)>) -> T {
