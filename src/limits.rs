@@ -275,6 +275,12 @@ pub struct Limits {
     /// `connections_max`; past it its new connection is closed at accept. Behind a
     /// load balancer or NAT that connects from few addresses, raise it or set 0 (off).
     pub connections_per_peer_max: usize,
+    /// How many peers' caps every IPv6 /64 of one /48 may hold together, under each
+    /// per-peer cap above (`connections_per_peer_max`, `receiving_bytes_per_peer_max`,
+    /// `health_watches_per_peer_max`): a /48 holds 65,536 /64s, and whoever holds one
+    /// (a site's usual allocation, cheap from some hosts) would otherwise get a peer's
+    /// cap for each; 0: no cap per /48.
+    pub peer_shares_per_ipv6_48_max: usize,
     /// Age at which a connection is asked to go away (GOAWAY; clients reconnect), so no
     /// connection, idle or not, is held for ever.
     pub connection_age_max_ms: u64,
@@ -406,6 +412,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     health_watches_per_peer_max: 8,
     connections_max: 4_096,
     connections_per_peer_max: 256,
+    peer_shares_per_ipv6_48_max: 4,
     connection_age_max_ms: 30 * 60 * 1_000,
     connection_age_grace_ms: 5 * 60 * 1_000,
     keepalive_interval_ms: 60_000,

@@ -29,6 +29,7 @@ use crate::grpc::assertion::Assertions;
 use crate::grpc::auth::{self, Gate};
 use crate::grpc::connections;
 use crate::grpc::observe::ObserveLayer;
+use crate::grpc::peers::PeerCaps;
 use crate::grpc::readiness::Ready;
 use crate::grpc::receiving::Receiving;
 use crate::grpc::shed::Shed;
@@ -282,7 +283,7 @@ async fn run(
         health_service.max_decoding_message_size(limits.probe_message_size_bytes_max),
         (
             Arc::new(Semaphore::new(limits.health_watches_max)),
-            limits.health_watches_per_peer_max,
+            peer_caps(&limits, limits.health_watches_per_peer_max),
         ),
         (limits.probe_message_size_bytes_max, &health_receiving),
     );
@@ -364,7 +365,7 @@ async fn run(
                 listener,
                 connections::Caps {
                     max: limits.connections_max,
-                    per_peer_max: limits.connections_per_peer_max,
+                    per_peer: peer_caps(&limits, limits.connections_per_peer_max),
                 },
                 Duration::from_millis(limits.connection_opening_timeout_ms),
             ),
@@ -509,17 +510,25 @@ fn gated<S>(
 fn receiving_budgets(limits: &crate::config::Limits) -> (Arc<Receiving>, Arc<Receiving>) {
     let within = Duration::from_millis(limits.message_receive_timeout_ms);
     let per_peer = limits.receiving_bytes_per_peer_max;
-    let services = Receiving::new(limits.receiving_bytes_max, per_peer);
+    let services = Receiving::new(limits.receiving_bytes_max, peer_caps(limits, per_peer));
     let health = limits.health_receiving_bytes_max;
     let health_per_peer = match per_peer {
         0 => 0,
         _ => health / crate::limits::HEALTH_RECEIVING_PEER_SHARES,
     };
-    let health = Receiving::new(health, health_per_peer);
+    let health = Receiving::new(health, peer_caps(limits, health_per_peer));
     (
         Arc::new(services.with_deadline(within)),
         Arc::new(health.with_deadline(within)),
     )
+}
+
+/// A per-peer cap (0: none) under `peer_shares_per_ipv6_48_max` (`grpc::peers`).
+fn peer_caps(limits: &crate::config::Limits, per_peer_max: usize) -> PeerCaps {
+    PeerCaps {
+        per_peer_max,
+        shares_per_ipv6_48: limits.peer_shares_per_ipv6_48_max,
+    }
 }
 
 /// Reflection (v1 and v1alpha) of prenota's protos and health.

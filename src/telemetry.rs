@@ -195,7 +195,11 @@ fn register_rare_counters() {
     ] {
         metrics::counter!(name).increment(0);
     }
-    for limit in ["connections_max", "connections_per_peer_max"] {
+    for limit in [
+        "connections_max",
+        "connections_per_peer_max",
+        "peer_shares_per_ipv6_48_max",
+    ] {
         metrics::counter!(CONNECTIONS_REFUSED, "limit" => limit).increment(0);
     }
     for limiter in ["token", "citizen", "citizen_reads", "anonymous"] {

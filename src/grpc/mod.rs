@@ -13,6 +13,7 @@ pub mod convert_series;
 pub mod detached;
 pub mod observe;
 pub mod open_data_service;
+pub mod peers;
 pub mod readiness;
 pub mod receiving;
 pub mod shed;

@@ -26,7 +26,8 @@ use http_body_util::BodyExt as _;
 use tonic::codegen::{http, Bytes};
 use tonic::Status;
 
-use crate::grpc::connections::{self, PeerPlace, Peers};
+use crate::grpc::connections;
+use crate::grpc::peers::{PeerCaps, PeerPlace, Peers};
 use crate::service::ServiceError;
 
 /// What a call holds besides its headers and message: its HTTP/2 stream, its request's
@@ -84,15 +85,15 @@ pub struct Reserved<'a> {
 }
 
 impl Receiving {
-    /// `total_max` bytes in all, `per_peer_max` per peer (0: no cap per peer).
-    pub fn new(total_max: usize, per_peer_max: usize) -> Self {
+    /// `total_max` bytes in all, `per_peer` per peer (and IPv6 /48).
+    pub fn new(total_max: usize, per_peer: PeerCaps) -> Self {
         assert!(total_max >= 1, "receiving_bytes_max is checked at start-up");
         Self {
             total: Budget {
                 taken: AtomicUsize::new(0),
                 max: total_max,
             },
-            peers: (per_peer_max > 0).then(|| Arc::new(Peers::new(per_peer_max))),
+            peers: per_peer.peers(),
             within: None,
         }
     }
@@ -113,7 +114,7 @@ impl Receiving {
             None => None,
             Some(peers) => {
                 let address = connections::peer_address(&parts.extensions)?;
-                Some(Peers::take(peers, address, bytes)?)
+                Some(Peers::take(peers, address, bytes).ok()?)
             }
         };
         if !self.total.take(bytes) {
@@ -145,7 +146,7 @@ impl Reserved<'_> {
                 return false;
             }
             if let Some(peer) = &mut self.peer {
-                if !peer.grow(more) {
+                if peer.grow(more).is_err() {
                     self.receiving.total.give(more);
                     return false;
                 }
@@ -304,7 +305,7 @@ mod tests {
 
     #[test]
     fn a_call_reserves_its_headers_and_gives_them_back() {
-        let receiving = Receiving::new(1 << 20, 0);
+        let receiving = Receiving::new(1 << 20, PeerCaps::NONE);
         let parts = parts_from("192.0.2.1:4000");
         let mut reserved = receiving.reserve(&parts).expect("room");
         let headers = "content-type".len() + "application/grpc".len() + 32;
@@ -330,7 +331,11 @@ mod tests {
     #[test]
     fn pieces_past_a_budget_are_refused_and_taken_nowhere() {
         let per_peer = 10_000;
-        let receiving = Receiving::new(25_000, per_peer);
+        let caps = PeerCaps {
+            per_peer_max: per_peer,
+            shares_per_ipv6_48: 0,
+        };
+        let receiving = Receiving::new(25_000, caps);
         let mut first = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
         let taken = 25_000 - receiving.available();
         assert!(
@@ -351,7 +356,7 @@ mod tests {
         assert_eq!(receiving.available(), 25_000, "everything is given back");
         assert!(receiving.reserve(&parts_from("192.0.2.1:4000")).is_some());
 
-        let receiving = Receiving::new(10_000, 0);
+        let receiving = Receiving::new(10_000, PeerCaps::NONE);
         let mut first = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
         let spare = MESSAGE_START_BYTES;
         assert!(first.grow(receiving.available() - 100 + spare));
@@ -364,7 +369,7 @@ mod tests {
 
     /// How `receive` answers `message` sent whole, with `total` bytes of budget.
     async fn received(message: Vec<u8>, total: usize) -> Result<Bytes, tonic::Code> {
-        let receiving = Receiving::new(total, 0);
+        let receiving = Receiving::new(total, PeerCaps::NONE);
         let mut reserved = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
         let body = tonic::body::Body::new(http_body_util::Full::new(Bytes::from(message)));
         let received = receive(body, 100_000, &mut reserved).await;

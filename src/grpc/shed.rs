@@ -22,7 +22,8 @@ use tonic::codegen::{http, BoxFuture, Service};
 use tonic::server::NamedService;
 
 use crate::grpc::auth::Caller;
-use crate::grpc::connections::{self, PeerPlace, Peers};
+use crate::grpc::connections;
+use crate::grpc::peers::{PeerCaps, PeerPlace, Peers};
 use crate::grpc::receiving::{self, Receiving};
 use crate::service::exports::{ExportKind, ExportPermit, Exports};
 
@@ -110,12 +111,12 @@ impl<S> Shed<S> {
         Self { streamed, ..self }
     }
 
-    /// Only streaming replies take one of `permits`, at most `per_peer_max` of them per
-    /// peer (0: no such cap); one-reply calls pass once their message (at most
+    /// Only streaming replies take one of `permits`, within `per_peer`'s caps (a peer's,
+    /// an IPv6 /48's); one-reply calls pass once their message (at most
     /// `message_bytes_max`) has arrived.
     pub fn streams_only(
         inner: S,
-        (permits, per_peer_max): (Arc<Semaphore>, usize),
+        (permits, per_peer): (Arc<Semaphore>, PeerCaps),
         (message_bytes_max, receiving): (usize, &Arc<Receiving>),
     ) -> Self {
         Self {
@@ -124,7 +125,7 @@ impl<S> Shed<S> {
             unary_counted: false,
             message_bytes_max,
             receiving: Arc::clone(receiving),
-            peers: (per_peer_max > 0).then(|| Arc::new(Peers::new(per_peer_max))),
+            peers: per_peer.peers(),
             streamed: None,
         }
     }
@@ -232,7 +233,7 @@ where
     fn place_from_headers(&self, extensions: &http::Extensions, streamed: bool) -> Option<Place> {
         let peer = match &self.peers {
             None => None,
-            Some(peers) => Some(Peers::enter(peers, connections::peer_address(extensions)?)?),
+            Some(peers) => Some(Peers::enter(peers, connections::peer_address(extensions)?).ok()?),
         };
         let streamed = match (&self.streamed, streamed) {
             (Some(pool), true) => {
@@ -346,14 +347,18 @@ mod tests {
     #[tokio::test]
     async fn a_call_holds_what_it_reserved_until_its_reply_is_ready() {
         const TOTAL: usize = 1 << 20;
-        let receiving = Arc::new(Receiving::new(TOTAL, 0));
+        let receiving = Arc::new(Receiving::new(TOTAL, PeerCaps::NONE));
         let observe = Observe {
             receiving: Arc::clone(&receiving),
             free_while_served: Arc::new(AtomicUsize::new(usize::MAX)),
         };
         let permits = Arc::new(Semaphore::new(4));
         let counted = Shed::new(observe.clone(), Arc::clone(&permits), (4096, &receiving));
-        let health = Shed::streams_only(observe.clone(), (permits, 0), (4096, &receiving));
+        let health = Shed::streams_only(
+            observe.clone(),
+            (permits, PeerCaps::NONE),
+            (4096, &receiving),
+        );
         let calls = [
             (counted, "/prenota.v1.BookingService/Book"),
             (health, "/grpc.health.v1.Health/Check"),
