@@ -218,6 +218,10 @@ pub struct ServerSection {
     /// The backup key (`prenota backup-key > FILE`): backups are authenticated with it
     /// and seal the citizen hash key under it. Keep it apart from the backups.
     pub backup_key_file: Option<PathBuf>,
+    /// Addresses or networks (`10.0.0.0/8`) of the load balancers in front: their
+    /// connections must start with a PROXY protocol header (v1 or v2), and count under
+    /// the per-peer caps for the client it names (`grpc::connections`).
+    pub proxy_protocol_from: Vec<String>,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "prenota-data";
@@ -265,6 +269,7 @@ impl ServerSection {
                 .backup_key_file
                 .clone()
                 .or_else(|| self.backup_key_file.clone()),
+            proxy_protocol_from: self.proxy_protocol_from.clone(), // prenota.toml only
         }
     }
 
@@ -281,6 +286,27 @@ impl ServerSection {
             ),
             ..self.clone()
         }
+    }
+
+    /// `proxy_protocol_from`, read (an address is a network of one); each entry that is
+    /// neither an address nor a network is a problem.
+    fn proxies(&self, problems: &mut Vec<String>) -> Vec<ipnet::IpNet> {
+        let mut proxies = Vec::new();
+        for (index, text) in self.proxy_protocol_from.iter().enumerate() {
+            let text = text.trim();
+            match (
+                text.parse::<ipnet::IpNet>(),
+                text.parse::<std::net::IpAddr>(),
+            ) {
+                (Ok(network), _) => proxies.push(network.trunc()),
+                (_, Ok(address)) => proxies.push(address.into()),
+                _ => problems.push(format!(
+                    "server.proxy_protocol_from[{index}]: {text:?} is neither an address \
+                     (10.0.0.5) nor a network (10.0.0.0/8)"
+                )),
+            }
+        }
+        proxies
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -521,6 +547,7 @@ impl ConfigFile {
         let mut problems = self.limits.problems();
         let citizen_issuers = self.citizen_issuers(&mut problems);
         let store = self.store.check(&self.citizens, &mut problems);
+        let proxy_protocol_from = self.server.proxies(&mut problems);
         let mut tokens = Vec::new();
         let mut seen = (BTreeSet::new(), BTreeSet::new());
         for (index, entry) in self.tokens.iter().enumerate() {
@@ -544,6 +571,7 @@ impl ConfigFile {
             reflection: self.server.reflection,
             open_data: self.server.open_data,
             backup_key: None, // read by `prenota serve`
+            proxy_protocol_from,
         })
     }
 
@@ -741,6 +769,9 @@ pub struct Config {
     pub open_data: bool,
     /// `[server] backup_key_file`, read: backups need it.
     pub backup_key: Option<std::sync::Arc<crate::store::backup_key::BackupKey>>,
+    /// `[server] proxy_protocol_from`: connections from these start with a PROXY
+    /// protocol header naming their client.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 impl Config {
@@ -824,6 +855,33 @@ mod tests {
             ConfigFile::default().check().unwrap().store,
             StoreBackend::Sled
         ));
+    }
+
+    #[test]
+    fn proxies_are_addresses_or_networks_and_anything_else_is_a_problem() {
+        let text = "[server]\nproxy_protocol_from = [\"10.1.2.3\", \"10.9.8.7/8\", \"::1\"]\n";
+        let file: ConfigFile = toml::from_str(text).unwrap();
+        let proxies: Vec<String> = file
+            .check()
+            .unwrap()
+            .proxy_protocol_from
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(proxies, ["10.1.2.3/32", "10.0.0.0/8", "::1/128"]);
+        let text =
+            "[server]\nproxy_protocol_from = [\"10.0.0.0/8\", \"lb.example\", \"10.0.0.0/33\"]\n";
+        let file: ConfigFile = toml::from_str(text).unwrap();
+        let problems = file.check().unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].contains("proxy_protocol_from[1]"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("proxy_protocol_from[2]"),
+            "{problems:?}"
+        );
     }
 
     #[test]

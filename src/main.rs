@@ -420,6 +420,7 @@ impl ServeArgs {
             reflection: None, // prenota.toml only
             open_data: false, // prenota.toml only
             backup_key_file: self.backup_key_file.clone(),
+            proxy_protocol_from: Vec::new(), // prenota.toml only
         }
     }
 }

@@ -178,6 +178,8 @@ struct Access {
     open_data: bool,
     /// PostgreSQL: a failed store ends serving (`ServeError::NoLongerActive`).
     stop_when_store_fails: bool,
+    /// Load balancers whose connections start with a PROXY protocol header.
+    proxies: Vec<ipnet::IpNet>,
 }
 
 impl Access {
@@ -197,6 +199,7 @@ impl Access {
             reflection: config.serves_reflection(),
             open_data: config.open_data,
             stop_when_store_fails: matches!(config.store, crate::config::StoreBackend::Postgres(_)),
+            proxies: config.proxy_protocol_from.clone(),
         })
     }
 }
@@ -273,6 +276,7 @@ async fn run(
         reflection: serves_reflection,
         open_data,
         stop_when_store_fails,
+        proxies,
     } = access;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -366,6 +370,7 @@ async fn run(
                 connections::Caps {
                     max: limits.connections_max,
                     per_peer: peer_caps(&limits, limits.connections_per_peer_max),
+                    proxies,
                 },
                 Duration::from_millis(limits.connection_opening_timeout_ms),
             ),

@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,14 +19,17 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
+use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio::time::Sleep;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnectInfo};
 
 use crate::grpc::peers::{Cap, PeerCaps, PeerPlace, Peers};
+use crate::grpc::proxy_protocol;
 
 /// Closes one connection: its next read or write fails, and the transport drops it
 /// with every stream on it.
@@ -85,6 +88,10 @@ const OPENING_BYTES: usize = 24;
 /// An accepted connection and its places under the caps.
 pub struct Counted {
     stream: TcpStream,
+    /// The client: the peer, or the one a listed proxy's header named.
+    client: Option<SocketAddr>,
+    /// Bytes read past a proxy's header, read again before the socket's.
+    replay: Vec<u8>,
     _permit: OwnedSemaphorePermit,
     _peer_place: Option<PeerPlace>,
     closer: Closer,
@@ -94,56 +101,154 @@ pub struct Counted {
 }
 
 /// The caps on open connections: `connections_max` in all, `connections_per_peer_max`
-/// per peer (0: none) and its shares per IPv6 /48.
+/// per peer (0: none) and its shares per IPv6 /48; and the load balancers whose
+/// connections name their client (`proxy_protocol_from`).
 pub struct Caps {
     pub max: usize,
     pub per_peer: PeerCaps,
+    pub proxies: Vec<IpNet>,
 }
 
 /// The accepted connections of `listener` (TCP_NODELAY on), within `caps`, each closed if
-/// it sends nothing within `opening_timeout`.
-pub fn capped(
-    listener: TcpListener,
-    caps: Caps,
-    opening_timeout: Duration,
-) -> impl Stream<Item = io::Result<Counted>> {
+/// it sends nothing within `opening_timeout` (a listed proxy's: its header, then the
+/// rest of its opening).
+pub fn capped(listener: TcpListener, caps: Caps, opening_timeout: Duration) -> Accepting {
     assert!(caps.max >= 1, "connections_max is checked at start-up");
-    let permits = Arc::new(Semaphore::new(caps.max));
-    let peers = caps.per_peer.peers();
-    // Without TCP_NODELAY, small responses wait on Nagle + delayed ACK (~40 ms).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tokio_stream::StreamExt::filter_map(incoming, move |accepted| {
-        let stream = match accepted {
-            Ok(stream) => stream,
-            Err(error) => return Some(Err(error)),
-        };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            return refused("connections_max"); // dropped: the socket is closed at once
-        };
-        let peer_place = match &peers {
-            None => None,
-            Some(peers) => {
-                let peer = stream.peer_addr().ok()?.ip(); // an error: the peer is gone
-                match Peers::enter(peers, peer) {
-                    Ok(place) => Some(place),
-                    Err(Cap::Peer) => return refused("connections_per_peer_max"),
-                    Err(Cap::Ipv6Prefix48) => return refused("peer_shares_per_ipv6_48_max"),
+    Accepting {
+        // Without TCP_NODELAY, small responses wait on Nagle + delayed ACK (~40 ms).
+        incoming: TcpIncoming::from(listener).with_nodelay(Some(true)),
+        permits: Arc::new(Semaphore::new(caps.max)),
+        peers: caps.per_peer.peers(),
+        proxies: caps.proxies,
+        opening_timeout,
+        reading: JoinSet::new(),
+    }
+}
+
+/// The listener's connections, each counted under the caps once its client is known:
+/// at once, or, for a listed proxy's, once its PROXY header has been read (in a task of
+/// its own, so a slow one holds up no other; each holds its `connections_max` place
+/// meanwhile).
+pub struct Accepting {
+    incoming: TcpIncoming,
+    permits: Arc<Semaphore>,
+    peers: Option<Arc<Peers>>,
+    proxies: Vec<IpNet>,
+    opening_timeout: Duration,
+    /// The headers being read; dropped with the listener (their tasks abort).
+    reading: JoinSet<Option<Opened>>,
+}
+
+/// A connection with its place under `connections_max`, whose client is known.
+struct Opened {
+    stream: TcpStream,
+    client: SocketAddr,
+    replay: Vec<u8>,
+    permit: OwnedSemaphorePermit,
+    opening: Pin<Box<Sleep>>,
+}
+
+impl Stream for Accepting {
+    type Item = io::Result<Counted>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            // A header read: its connection goes on (an error or a refusal: closed).
+            if let Poll::Ready(Some(read)) = this.reading.poll_join_next(cx) {
+                match read.ok().flatten().and_then(|opened| this.admit(opened)) {
+                    Some(counted) => return Poll::Ready(Some(Ok(counted))),
+                    None => continue,
                 }
             }
+            match Pin::new(&mut this.incoming).poll_next(cx) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    if let Some(counted) = this.accepted(stream) {
+                        return Poll::Ready(Some(Ok(counted)));
+                    }
+                    // Closed, or its header is being read: `reading` is polled again,
+                    // so a new task's end wakes this stream.
+                }
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl Accepting {
+    /// A connection just accepted: counted, or being read (a listed proxy's), or closed.
+    fn accepted(&mut self, stream: TcpStream) -> Option<Counted> {
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+            return refused("connections_max"); // dropped: the socket is closed at once
         };
-        Some(Ok(Counted {
+        let peer = stream.peer_addr().ok()?; // an error: the peer is gone
+        let opening = Box::pin(tokio::time::sleep(self.opening_timeout));
+        let opened = Opened {
             stream,
-            _permit: permit,
+            client: peer,
+            replay: Vec::new(),
+            permit,
+            opening,
+        };
+        if !self
+            .proxies
+            .iter()
+            .any(|proxy| proxy.contains(&peer.ip().to_canonical()))
+        {
+            return self.admit(opened);
+        }
+        self.reading.spawn(read_proxy_header(opened));
+        None
+    }
+
+    /// `opened` under its client's caps, or closed past one.
+    fn admit(&self, opened: Opened) -> Option<Counted> {
+        let peer_place = match &self.peers {
+            None => None,
+            Some(peers) => match Peers::enter(peers, opened.client.ip()) {
+                Ok(place) => Some(place),
+                Err(Cap::Peer) => return refused("connections_per_peer_max"),
+                Err(Cap::Ipv6Prefix48) => return refused("peer_shares_per_ipv6_48_max"),
+            },
+        };
+        Some(Counted {
+            stream: opened.stream,
+            client: Some(opened.client),
+            replay: opened.replay,
+            _permit: opened.permit,
             _peer_place: peer_place,
             closer: Closer::default(),
-            opening: Some(Box::pin(tokio::time::sleep(opening_timeout))),
+            opening: Some(opened.opening),
             received: 0,
-        }))
-    })
+        })
+    }
+}
+
+/// `opened` (a listed proxy's connection) for the client its header names (the proxy
+/// itself for its own connections); `None`, closed, without a valid header before its
+/// opening deadline.
+async fn read_proxy_header(mut opened: Opened) -> Option<Opened> {
+    let header = tokio::select! {
+        header = proxy_protocol::read_header(&mut opened.stream) => header,
+        () = opened.opening.as_mut() => Err(io::ErrorKind::TimedOut.into()),
+    };
+    match header {
+        Ok(header) => {
+            opened.client = header.client.unwrap_or(opened.client);
+            opened.replay = header.rest;
+            Some(opened)
+        }
+        Err(error) => {
+            tracing::debug!(%error, "a listed proxy's connection without a PROXY header");
+            refused("proxy_protocol")
+        }
+    }
 }
 
 /// Counts a connection refused at accept, by the limit that refused it.
-fn refused(limit: &'static str) -> Option<io::Result<Counted>> {
+fn refused<T>(limit: &'static str) -> Option<T> {
     metrics::counter!(crate::telemetry::CONNECTIONS_REFUSED, "limit" => limit).increment(1);
     tracing::debug!(limit, "connection refused at accept");
     None
@@ -153,8 +258,12 @@ impl Connected for Counted {
     type ConnectInfo = ConnectionInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
+        let tcp = TcpConnectInfo {
+            local_addr: self.stream.local_addr().ok(),
+            remote_addr: self.client,
+        };
         ConnectionInfo {
-            tcp: self.stream.connect_info(),
+            tcp,
             closer: self.closer.clone(),
         }
     }
@@ -174,13 +283,17 @@ impl AsyncRead for Counted {
         if self.closer.is_closed() {
             return Poll::Ready(Err(closed()));
         }
+        if !self.replay.is_empty() {
+            let replayed = buf.remaining().min(self.replay.len());
+            buf.put_slice(&self.replay[..replayed]);
+            self.replay.drain(..replayed);
+            self.count_received(replayed);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut self.stream).poll_read(cx, buf);
         if matches!(read, Poll::Ready(Ok(()))) {
-            self.received += buf.filled().len() - before;
-            if self.received >= OPENING_BYTES {
-                self.opening = None;
-            }
+            self.count_received(buf.filled().len() - before);
         }
         // Data already there is read first: only a silent client meets the deadline.
         if let (Poll::Pending, Some(opening)) = (&read, &mut self.opening) {
@@ -190,6 +303,15 @@ impl AsyncRead for Counted {
             }
         }
         read
+    }
+}
+
+impl Counted {
+    fn count_received(&mut self, bytes: usize) {
+        self.received += bytes;
+        if self.received >= OPENING_BYTES {
+            self.opening = None;
+        }
     }
 }
 

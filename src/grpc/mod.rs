@@ -14,6 +14,7 @@ pub mod detached;
 pub mod observe;
 pub mod open_data_service;
 pub mod peers;
+pub mod proxy_protocol;
 pub mod readiness;
 pub mod receiving;
 pub mod shed;

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::child::{http_get, serve_until_exit, ChildServer};
+use common::child::{http_get, serve_until_exit, ChildOptions, ChildServer};
 use common::*;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -322,6 +322,93 @@ async fn one_peer_cannot_take_every_connection() {
     }
 }
 
+/// Behind a load balancer every connection came from its address, so the per-peer caps
+/// counted all its clients as one peer (raised or off there, they protected nothing).
+/// Now a listed load balancer (`proxy_protocol_from`) starts each connection with a
+/// PROXY protocol header and the caps count the client it names: a client's third
+/// connection is closed at accept while another client's is served; the balancer's
+/// connection without a header is closed, and an unlisted peer's header is not believed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_load_balancers_connections_count_for_the_clients_its_headers_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prenota.toml");
+    let text = "[server]\nproxy_protocol_from = [\"127.0.0.1\"]\n\
+                [limits]\nconnections_per_peer_max = 2\n";
+    std::fs::write(&config, text).unwrap();
+    let args = vec!["--config".to_string(), config.display().to_string()];
+    let options = ChildOptions {
+        args,
+        ..ChildOptions::default()
+    };
+    let mut server = ChildServer::start_recovering(&dir.path().join("data"), options);
+    server.wait_serving();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    let from = |client: &str, port: u16| {
+        let header = format!("PROXY TCP4 {client} 127.0.0.1 {port} 50051\r\n");
+        [header.as_bytes(), &hello].concat()
+    };
+
+    let header = "PROXY TCP4 192.0.2.7 127.0.0.1 50000 50051\r\n";
+    let mut socket = tcp_from([127, 0, 0, 1], &server).await;
+    tokio::io::AsyncWriteExt::write_all(&mut socket, header.as_bytes())
+        .await
+        .unwrap();
+    let (client, _connection) = h2_over(socket, None).await;
+    let request = Some(grpc_frame(&[]));
+    let answer = send_call(&client, HEALTH_CHECK, request, true).await;
+    let (status, message) = grpc_answer(answer).await;
+    assert_eq!(status, "0", "a health check through the load balancer");
+    assert_eq!(message, [0, 0, 0, 0, 2, 8, 1], "SERVING");
+    let second = connect_from([127, 0, 0, 1], &server, &from("192.0.2.7", 50001)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // both accepted
+    let mut third = connect_from([127, 0, 0, 1], &server, &from("192.0.2.7", 50002)).await;
+    let closed = closed_within(&mut third, Duration::from_millis(800));
+    assert!(closed.is_some(), "a client's third connection stayed open");
+    let mut other = connect_from([127, 0, 0, 1], &server, &from("192.0.2.8", 50003)).await;
+    let closed = closed_within(&mut other, Duration::from_millis(800));
+    assert!(closed.is_none(), "another client's connection was closed");
+
+    let mut bare = connect_from([127, 0, 0, 1], &server, &hello).await;
+    let closed = closed_within(&mut bare, Duration::from_millis(800));
+    assert!(
+        closed.is_some(),
+        "the balancer's connection without a header stayed open"
+    );
+    let mut unlisted = connect_from([127, 0, 0, 2], &server, &from("192.0.2.9", 50004)).await;
+    let closed = closed_within(&mut unlisted, Duration::from_millis(800));
+    assert!(closed.is_some(), "an unlisted peer's header was believed");
+    let mut plain = connect_from([127, 0, 0, 2], &server, &hello).await;
+    let closed = closed_within(&mut plain, Duration::from_millis(800));
+    assert!(
+        closed.is_none(),
+        "an unlisted peer's plain connection was closed"
+    );
+    let metrics = http_get(&server.metrics_url);
+    for limit in ["connections_per_peer_max", "proxy_protocol"] {
+        let refused = format!("prenota_connections_refused_total{{limit=\"{limit}\"}} 1");
+        assert!(metrics.contains(&refused), "{limit}: {metrics}");
+    }
+    drop(second);
+}
+
+/// The status (`grpc-status` of its trailers) and the framed message of a one-reply
+/// gRPC answer.
+async fn grpc_answer(answer: h2::client::ResponseFuture) -> (String, Vec<u8>) {
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("an answer within 10 s")
+        .expect("a response");
+    let mut body = answer.into_body();
+    let mut message = Vec::new();
+    while let Some(data) = body.data().await {
+        message.extend_from_slice(&data.unwrap());
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    let status = trailers["grpc-status"].to_str().unwrap().to_string();
+    (status, message)
+}
+
 /// Health needs no token, and its Watch streams have a small pool of their own
 /// (`health_watches_max`): one host could hold all of it, and a load balancer's watch
 /// was then refused. Now a peer holds at most `health_watches_per_peer_max` of it; the
@@ -456,6 +543,17 @@ async fn h2_client(
     let socket = tokio::net::TcpStream::connect(address(server))
         .await
         .unwrap();
+    h2_over(socket, window).await
+}
+
+/// An HTTP/2 client over `socket` (see `h2_client`).
+async fn h2_over(
+    socket: tokio::net::TcpStream,
+    window: Option<u32>,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
     let mut builder = h2::client::Builder::new();
     if let Some(window) = window {
         builder.initial_window_size(window);
