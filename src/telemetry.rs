@@ -199,6 +199,7 @@ fn register_rare_counters() {
         "connections_max",
         "connections_per_peer_max",
         "peer_shares_per_ipv6_48_max",
+        "proxy_protocol",
     ] {
         metrics::counter!(CONNECTIONS_REFUSED, "limit" => limit).increment(0);
     }
