@@ -184,3 +184,64 @@ async fn a_silent_socket_is_closed_at_the_handshake_timeout() {
     assert!(started.elapsed() >= Duration::from_millis(400));
     server.stop().await;
 }
+
+/// A listed load balancer's PROXY protocol header comes before the TLS handshake: the
+/// connection is served over TLS and counts for the client the header names, so that
+/// client's second connection is refused (`connections_per_peer_max` 1) and another
+/// client's is served; the balancer's TLS connection without a header is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_balancers_header_comes_before_the_tls_handshake() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&pki, false);
+    config.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
+    config.limits.connections_per_peer_max = 1;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let first = proxied_tls_channel(&server, &pki, Some("192.0.2.7")).await;
+    healthy(first.clone())
+        .await
+        .expect("health over TLS, through the balancer");
+    let second = proxied_tls_channel(&server, &pki, Some("192.0.2.7")).await;
+    assert!(
+        healthy(second).await.is_err(),
+        "the client's second connection"
+    );
+    let other = proxied_tls_channel(&server, &pki, Some("192.0.2.8")).await;
+    healthy(other).await.expect("another client's connection");
+    let bare = proxied_tls_channel(&server, &pki, None).await;
+    assert!(
+        healthy(bare).await.is_err(),
+        "no header from a listed balancer"
+    );
+    healthy(first)
+        .await
+        .expect("the first connection still served");
+    server.stop().await;
+}
+
+/// A TLS channel to `server` whose connection first sends a PROXY v1 header naming
+/// `client` (none when `None`); connected lazily, so its first call fails if refused.
+async fn proxied_tls_channel(server: &TestServer, pki: &Pki, client: Option<&str>) -> Channel {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+        .domain_name("localhost");
+    let address = server.address;
+    let header = client.map(|client| format!("PROXY TCP4 {client} 127.0.0.1 50000 443\r\n"));
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let header = header.clone();
+        async move {
+            let mut socket = tokio::net::TcpStream::connect(address).await?;
+            if let Some(header) = header {
+                tokio::io::AsyncWriteExt::write_all(&mut socket, header.as_bytes()).await?;
+            }
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(socket))
+        }
+    });
+    Channel::from_shared(format!("https://{address}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect_with_connector_lazy(connector)
+}
