@@ -224,6 +224,34 @@ pub struct ServerSection {
     pub proxy_protocol_from: Vec<String>,
 }
 
+/// One `proxy_protocol_from` entry: an address (IPv4-mapped ones as IPv4) or a network.
+fn proxy_network(text: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(address) = text.parse::<std::net::IpAddr>() {
+        return Ok(address.to_canonical().into());
+    }
+    let network: ipnet::IpNet = text
+        .parse()
+        .map_err(|_| "neither an address (10.0.0.5) nor a network (10.0.1.0/24)".to_string())?;
+    if network.trunc() != network {
+        let (trunc, address) = (network.trunc(), network.addr());
+        let one = network.max_prefix_len();
+        return Err(format!("host bits set: {trunc} or {address}/{one}?"));
+    }
+    let narrowest = match network {
+        ipnet::IpNet::V4(_) => 8,
+        ipnet::IpNet::V6(v6) if v6.addr().to_ipv4_mapped().is_some() => {
+            return Err("write an IPv4 network as IPv4".into())
+        }
+        ipnet::IpNet::V6(_) => 32,
+    };
+    if network.prefix_len() < narrowest {
+        return Err(format!(
+            "wider than /{narrowest}: list the load balancers' own addresses or subnet"
+        ));
+    }
+    Ok(network)
+}
+
 pub const DEFAULT_DATA_DIR: &str = "prenota-data";
 pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50051);
@@ -288,22 +316,16 @@ impl ServerSection {
         }
     }
 
-    /// `proxy_protocol_from`, read (an address is a network of one); each entry that is
-    /// neither an address nor a network is a problem.
+    /// `proxy_protocol_from`, read (an address is a network of one); an entry that is
+    /// neither, a network with host bits set (a typo would widen it), or one wider than
+    /// /8 (IPv4) or /32 (IPv6) (any address in it may name any client) is a problem.
     fn proxies(&self, problems: &mut Vec<String>) -> Vec<ipnet::IpNet> {
         let mut proxies = Vec::new();
         for (index, text) in self.proxy_protocol_from.iter().enumerate() {
-            let text = text.trim();
-            match (
-                text.parse::<ipnet::IpNet>(),
-                text.parse::<std::net::IpAddr>(),
-            ) {
-                (Ok(network), _) => proxies.push(network.trunc()),
-                (_, Ok(address)) => proxies.push(address.into()),
-                _ => problems.push(format!(
-                    "server.proxy_protocol_from[{index}]: {text:?} is neither an address \
-                     (10.0.0.5) nor a network (10.0.0.0/8)"
-                )),
+            let at = format!("server.proxy_protocol_from[{index}] ({text:?})");
+            match proxy_network(text.trim()) {
+                Ok(network) => proxies.push(network),
+                Err(problem) => problems.push(format!("{at}: {problem}")),
             }
         }
         proxies
@@ -859,29 +881,33 @@ mod tests {
 
     #[test]
     fn proxies_are_addresses_or_networks_and_anything_else_is_a_problem() {
-        let text = "[server]\nproxy_protocol_from = [\"10.1.2.3\", \"10.9.8.7/8\", \"::1\"]\n";
-        let file: ConfigFile = toml::from_str(text).unwrap();
-        let proxies: Vec<String> = file
-            .check()
-            .unwrap()
-            .proxy_protocol_from
-            .iter()
-            .map(|n| n.to_string())
-            .collect();
-        assert_eq!(proxies, ["10.1.2.3/32", "10.0.0.0/8", "::1/128"]);
-        let text =
-            "[server]\nproxy_protocol_from = [\"10.0.0.0/8\", \"lb.example\", \"10.0.0.0/33\"]\n";
-        let file: ConfigFile = toml::from_str(text).unwrap();
-        let problems = file.check().unwrap_err();
-        assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(
-            problems[0].contains("proxy_protocol_from[1]"),
-            "{problems:?}"
+        let entries = r#"["10.1.2.3", "10.0.0.0/8", "::1", "::ffff:10.2.3.4"]"#;
+        let text = format!("[server]\nproxy_protocol_from = {entries}\n");
+        let file: ConfigFile = toml::from_str(&text).unwrap();
+        let proxies = file.check().unwrap().proxy_protocol_from;
+        let proxies: Vec<String> = proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            proxies,
+            ["10.1.2.3/32", "10.0.0.0/8", "::1/128", "10.2.3.4/32"]
         );
-        assert!(
-            problems[1].contains("proxy_protocol_from[2]"),
-            "{problems:?}"
-        );
+        let bad = [
+            ("lb.example", "neither"),
+            ("10.0.0.0/33", "neither"),
+            ("10.9.8.7/8", "host bits"),
+            ("0.0.0.0/0", "wider than /8"),
+            ("2001::/16", "wider than /32"),
+        ];
+        for (entry, says) in bad {
+            let text = format!("[server]\nproxy_protocol_from = [\"10.0.0.0/8\", \"{entry}\"]\n");
+            let file: ConfigFile = toml::from_str(&text).unwrap();
+            let problems = file.check().unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(
+                problems[0].contains("proxy_protocol_from[1]"),
+                "{problems:?}"
+            );
+            assert!(problems[0].contains(says), "{entry}: {problems:?}");
+        }
     }
 
     #[test]

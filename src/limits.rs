@@ -215,7 +215,7 @@ pub struct Limits {
     pub import_errors_reported_max: usize,
     /// Length of a closure's reason (characters), shown to citizens.
     pub close_reason_length_max: usize,
-    /// Booking attempts (Book, HoldSlot, RescheduleBooking) one citizen may make per
+    /// Booking attempts (Book, HoldSlot, RescheduleBooking, JoinQueue) one citizen may make per
     /// minute, in a burst or spread out; 0 turns the limit off.
     pub rate_citizen_attempts_per_min: u32,
     /// Longest a citizen assertion may be valid: its `exp` at most this after its `iat`.
@@ -223,7 +223,8 @@ pub struct Limits {
     /// Verified assertions remembered until they expire (one signature check per
     /// assertion, not per call); 0 verifies every call.
     pub citizen_assertions_remembered_max: usize,
-    /// Reads of a citizen's bookings (GetBooking, ListCitizenBookings) one citizen may
+    /// Reads of a citizen's bookings and queue ticket (GetBooking, ListCitizenBookings,
+    /// GetQueueTicket) one citizen may
     /// make per minute, in a burst or spread out; 0 turns the limit off.
     pub rate_citizen_reads_per_min: u32,
     /// Requests one token may make per second (burst the same); 0 turns the limit off.
@@ -273,13 +274,16 @@ pub struct Limits {
     /// Connections one peer may have open at once (an IPv4 address, or an IPv6 /64: what
     /// one host is usually given), so one machine cannot take every place under
     /// `connections_max`; past it its new connection is closed at accept. Behind a
-    /// load balancer or NAT that connects from few addresses, raise it or set 0 (off).
+    /// load balancer, list it in `[server] proxy_protocol_from` so its connections count
+    /// for their clients; behind a NAT or a balancer without the PROXY protocol, raise it
+    /// or set 0 (off).
     pub connections_per_peer_max: usize,
     /// How many peers' caps every IPv6 /64 of one /48 may hold together, under each
     /// per-peer cap above (`connections_per_peer_max`, `receiving_bytes_per_peer_max`,
     /// `health_watches_per_peer_max`): a /48 holds 65,536 /64s, and whoever holds one
     /// (a site's usual allocation, cheap from some hosts) would otherwise get a peer's
-    /// cap for each; 0: no cap per /48.
+    /// cap for each. The price: the /48's other /64s (a cloud's other tenants, a mobile
+    /// network's subscribers) share what it holds. 0: no cap per /48.
     pub peer_shares_per_ipv6_48_max: usize,
     /// Age at which a connection is asked to go away (GOAWAY; clients reconnect), so no
     /// connection, idle or not, is held for ever.
@@ -412,7 +416,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     health_watches_per_peer_max: 8,
     connections_max: 4_096,
     connections_per_peer_max: 256,
-    peer_shares_per_ipv6_48_max: 4,
+    peer_shares_per_ipv6_48_max: 8,
     connection_age_max_ms: 30 * 60 * 1_000,
     connection_age_grace_ms: 5 * 60 * 1_000,
     keepalive_interval_ms: 60_000,

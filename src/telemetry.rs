@@ -38,14 +38,17 @@ pub const REFERENCE_COLLISIONS: &str = "prenota_reference_collisions_total";
 pub const RATE_LIMITED: &str = "prenota_rate_limited_total";
 /// Keys a rate limiter tracks, by `limiter`.
 pub const RATE_LIMITER_KEYS: &str = "prenota_rate_limiter_keys";
-/// Requests shed (UNAVAILABLE / OVERLOADED) at the in-flight limit, or past the
-/// reflection or health watch pools (or a peer's share of the health watches).
+/// Requests shed (UNAVAILABLE / OVERLOADED) at the in-flight limit, past the
+/// reflection, health watch or import pools (or a peer's or its IPv6 /48's share of the
+/// health watches), or past what one-message calls may hold until answered.
 pub const SHED: &str = "prenota_shed_total";
 /// Calls whose message had not all arrived within `message_receive_timeout_ms` of their
 /// headers (answered DEADLINE_EXCEEDED): slow or stalled senders.
 pub const MESSAGES_LATE: &str = "prenota_messages_late_total";
-/// Connections closed at accept, by `limit`: `connections_max` (that many were open) or
-/// `connections_per_peer_max` (that many were open from the same peer).
+/// Connections closed at accept, by `limit`: `connections_max` (that many were open),
+/// `connections_per_peer_max` (that many were open from the same peer),
+/// `peer_shares_per_ipv6_48_max` (its IPv6 /48's share was open) or `proxy_protocol` (a
+/// listed load balancer's connection with a bad PROXY header).
 pub const CONNECTIONS_REFUSED: &str = "prenota_connections_refused_total";
 /// Writes in one group commit.
 pub const COMMIT_BATCH_WRITES: &str = "prenota_commit_batch_writes";

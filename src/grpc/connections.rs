@@ -139,12 +139,17 @@ pub struct Accepting {
     reading: JoinSet<Option<Opened>>,
 }
 
-/// A connection with its place under `connections_max`, whose client is known.
+/// A connection with its place under `connections_max`, whose client is known (a
+/// listed proxy's: once its header is read).
 struct Opened {
     stream: TcpStream,
     client: SocketAddr,
     replay: Vec<u8>,
     permit: OwnedSemaphorePermit,
+    /// A listed proxy's connection whose header is being read holds a place under the
+    /// proxy's own cap meanwhile, so silent ones cannot take every `connections_max`
+    /// place.
+    proxy_place: Option<PeerPlace>,
     opening: Pin<Box<Sleep>>,
 }
 
@@ -180,39 +185,32 @@ impl Stream for Accepting {
 impl Accepting {
     /// A connection just accepted: counted, or being read (a listed proxy's), or closed.
     fn accepted(&mut self, stream: TcpStream) -> Option<Counted> {
-        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
-            return refused("connections_max"); // dropped: the socket is closed at once
-        };
         let peer = stream.peer_addr().ok()?; // an error: the peer is gone
+        let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+            return refused("connections_max", peer); // dropped: closed at once
+        };
         let opening = Box::pin(tokio::time::sleep(self.opening_timeout));
-        let opened = Opened {
+        let mut opened = Opened {
             stream,
             client: peer,
             replay: Vec::new(),
             permit,
+            proxy_place: None,
             opening,
         };
-        if !self
-            .proxies
-            .iter()
-            .any(|proxy| proxy.contains(&peer.ip().to_canonical()))
-        {
+        let listed = |proxy: &IpNet| proxy.contains(&peer.ip().to_canonical());
+        if !self.proxies.iter().any(listed) {
             return self.admit(opened);
         }
+        opened.proxy_place = self.place_of(peer)?;
         self.reading.spawn(read_proxy_header(opened));
         None
     }
 
     /// `opened` under its client's caps, or closed past one.
-    fn admit(&self, opened: Opened) -> Option<Counted> {
-        let peer_place = match &self.peers {
-            None => None,
-            Some(peers) => match Peers::enter(peers, opened.client.ip()) {
-                Ok(place) => Some(place),
-                Err(Cap::Peer) => return refused("connections_per_peer_max"),
-                Err(Cap::Ipv6Prefix48) => return refused("peer_shares_per_ipv6_48_max"),
-            },
-        };
+    fn admit(&self, mut opened: Opened) -> Option<Counted> {
+        opened.proxy_place = None; // the client's place, taken below, replaces it
+        let peer_place = self.place_of(opened.client)?;
         Some(Counted {
             stream: opened.stream,
             client: Some(opened.client),
@@ -224,11 +222,25 @@ impl Accepting {
             received: 0,
         })
     }
+
+    /// A place for a connection of `peer` under its caps (none when there are no
+    /// per-peer caps); `None`, counted, past one.
+    fn place_of(&self, peer: SocketAddr) -> Option<Option<PeerPlace>> {
+        let Some(peers) = &self.peers else {
+            return Some(None);
+        };
+        match Peers::enter(peers, peer.ip()) {
+            Ok(place) => Some(Some(place)),
+            Err(Cap::Peer) => refused("connections_per_peer_max", peer),
+            Err(Cap::Ipv6Prefix48) => refused("peer_shares_per_ipv6_48_max", peer),
+        }
+    }
 }
 
 /// `opened` (a listed proxy's connection) for the client its header names (the proxy
 /// itself for its own connections); `None`, closed, without a valid header before its
-/// opening deadline.
+/// opening deadline (only a bad header is counted: a balancer's TCP health check sends
+/// nothing).
 async fn read_proxy_header(mut opened: Opened) -> Option<Opened> {
     let header = tokio::select! {
         header = proxy_protocol::read_header(&mut opened.stream) => header,
@@ -240,17 +252,21 @@ async fn read_proxy_header(mut opened: Opened) -> Option<Opened> {
             opened.replay = header.rest;
             Some(opened)
         }
+        Err(error) if error.kind() == io::ErrorKind::InvalidData => {
+            tracing::debug!(%error, "a listed proxy's connection with a bad PROXY header");
+            refused("proxy_protocol", opened.client)
+        }
         Err(error) => {
-            tracing::debug!(%error, "a listed proxy's connection without a PROXY header");
-            refused("proxy_protocol")
+            tracing::debug!(%error, "a listed proxy's connection ended before its header");
+            None
         }
     }
 }
 
 /// Counts a connection refused at accept, by the limit that refused it.
-fn refused<T>(limit: &'static str) -> Option<T> {
+fn refused<T>(limit: &'static str, peer: SocketAddr) -> Option<T> {
     metrics::counter!(crate::telemetry::CONNECTIONS_REFUSED, "limit" => limit).increment(1);
-    tracing::debug!(limit, "connection refused at accept");
+    tracing::debug!(limit, %peer, "connection refused at accept");
     None
 }
 
@@ -283,10 +299,13 @@ impl AsyncRead for Counted {
         if self.closer.is_closed() {
             return Poll::Ready(Err(closed()));
         }
-        if !self.replay.is_empty() {
+        if !self.replay.is_empty() && buf.remaining() > 0 {
             let replayed = buf.remaining().min(self.replay.len());
             buf.put_slice(&self.replay[..replayed]);
             self.replay.drain(..replayed);
+            if self.replay.is_empty() {
+                self.replay = Vec::new(); // its buffer goes
+            }
             self.count_received(replayed);
             return Poll::Ready(Ok(()));
         }

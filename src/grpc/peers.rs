@@ -6,8 +6,9 @@
 //! A peer is an IPv4 address or an IPv6 /64, what one host or one network is usually
 //! given. But whoever holds an IPv6 /48 (a site's usual allocation, a few euros a month
 //! from some hosts) holds 65,536 /64s: so every /64 of one /48 together holds at most
-//! `peer_shares_per_ipv6_48_max` peers' caps (4 by default; 0: no cap per /48), and one
-//! such holder gets a few peers' worth, not 65,536.
+//! `peer_shares_per_ipv6_48_max` peers' caps (8 by default; 0: no cap per /48), and one
+//! such holder gets a few peers' worth, not 65,536. The price: the /48's other /64s
+//! share that.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};

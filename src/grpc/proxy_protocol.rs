@@ -4,19 +4,20 @@
 //! (`grpc::peers`) count clients, not the load balancer.
 //!
 //! Only listed addresses are read this way: anyone else's header is not believed (the
-//! connection then does not start as HTTP/2 and is closed), and a listed address's
-//! connection without a valid header is closed.
+//! connection then does not start as HTTP/2 and is closed). A listed address's
+//! connection that starts with something else (HTTP/2, TLS) is its own, as its health
+//! checks are; one that starts as a header but is not a valid one is closed.
 
 use std::io;
 use std::net::SocketAddr;
 
-use ppp::{v1, v2, HeaderResult, PartialResult};
+use ppp::{v1, v2, PartialResult};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The longest header read: a v1 line is at most 107 bytes, a v2 header 16 bytes, its
 /// addresses (36 for IPv6) and TLVs, which load balancers keep short (AWS's endpoint
-/// id, Envoy's few).
-pub const HEADER_BYTES_MAX: usize = 2048;
+/// id, HAProxy's TLS details: a few hundred bytes).
+pub const HEADER_BYTES_MAX: usize = 4096;
 
 /// What a header said.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,55 +30,104 @@ pub struct Proxied {
     pub rest: Vec<u8>,
 }
 
-/// Reads the header `stream` starts with; an error when it does not start with a valid
-/// one within `HEADER_BYTES_MAX` bytes, or ends first.
+/// Reads the header `stream` starts with; a connection that starts with anything else
+/// (the HTTP/2 preface, a TLS hello: the balancer's own health check, say) has none and
+/// is the balancer's own. An error (`InvalidData`) when it starts as a header but is
+/// not a valid one within `HEADER_BYTES_MAX` bytes; `UnexpectedEof` when it ends first.
 pub async fn read_header(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Proxied> {
     let mut read = Vec::with_capacity(256);
     let mut chunk = [0u8; 512];
     loop {
         let more = stream.read(&mut chunk).await?;
         if more == 0 {
-            return Err(invalid("the connection ended before its PROXY header"));
+            return Err(io::ErrorKind::UnexpectedEof.into());
         }
         read.extend_from_slice(&chunk[..more]);
-        match parse(&read)? {
+        let header = match starts_a_header(&read) {
+            Some(false) => {
+                return Ok(Proxied {
+                    client: None,
+                    rest: read,
+                })
+            }
+            Some(true) => parse(&read)?,
+            None => None, // too short to tell
+        };
+        match header {
             Some((length, client)) => {
                 let rest = read.split_off(length);
                 return Ok(Proxied { client, rest });
             }
             None if read.len() >= HEADER_BYTES_MAX => {
-                return Err(invalid("no PROXY header within its first 2,048 bytes"));
+                return Err(invalid("a PROXY header longer than HEADER_BYTES_MAX"));
             }
             None => {}
         }
     }
 }
 
+/// A v2 header's bytes before its addresses: the signature, version and command,
+/// family and protocol, length.
+const V2_FIXED_BYTES: usize = 16;
+
+/// How a v1 header starts.
+const V1_SIGNATURE: &[u8] = b"PROXY ";
+
+/// Whether `read` starts with a header's signature (v1 or v2); `None` while it is too
+/// short to tell.
+fn starts_a_header(read: &[u8]) -> Option<bool> {
+    for signature in [V1_SIGNATURE, v2::PROTOCOL_PREFIX] {
+        let compared = read.len().min(signature.len());
+        if read[..compared] == signature[..compared] {
+            return (read.len() >= signature.len()).then_some(true);
+        }
+    }
+    Some(false)
+}
+
 /// The longest v1 line, its CRLF included.
 const V1_LINE_BYTES_MAX: usize = 107;
 
-/// The header's length and client, `None` while it is incomplete.
+/// The header `read` starts with (its signature read): its length and client, `None`
+/// while it is incomplete.
 fn parse(read: &[u8]) -> io::Result<Option<(usize, Option<SocketAddr>)>> {
-    // A v1 line is parsed whole: `ppp` takes a line cut short (`PROXY TCP`) for a bad one.
-    let v1 = read.starts_with(b"PROXY") || b"PROXY".starts_with(read);
-    if v1
-        && !read[..read.len().min(V1_LINE_BYTES_MAX)]
-            .windows(2)
-            .any(|w| w == b"\r\n")
-    {
+    match read.starts_with(V1_SIGNATURE) {
+        true => parse_v1(read),
+        false => parse_v2(read),
+    }
+}
+
+/// A v1 line is parsed whole, once its CRLF has come (`ppp` takes a line cut short,
+/// `PROXY TCP`, for a bad one, and a bad whole line for an incomplete one).
+fn parse_v1(read: &[u8]) -> io::Result<Option<(usize, Option<SocketAddr>)>> {
+    let searched = &read[..read.len().min(V1_LINE_BYTES_MAX)];
+    let Some(end) = searched.windows(2).position(|pair| pair == b"\r\n") else {
         return match read.len() < V1_LINE_BYTES_MAX {
             true => Ok(None),
             false => Err(invalid("a PROXY v1 line longer than 107 bytes")),
         };
+    };
+    match v1::Header::try_from(&read[..end + 2]) {
+        Ok(header) => Ok(Some((header.header.len(), v1_client(&header)))),
+        Err(_) => Err(invalid("a bad PROXY v1 line")),
     }
-    let header = HeaderResult::parse(read);
+}
+
+fn parse_v2(read: &[u8]) -> io::Result<Option<(usize, Option<SocketAddr>)>> {
+    // Its length is in its 15th and 16th bytes: refused at once if too long.
+    if let Some(length) = read.get(14..16) {
+        let declared = usize::from(u16::from_be_bytes([length[0], length[1]]));
+        if V2_FIXED_BYTES + declared > HEADER_BYTES_MAX {
+            return Err(invalid("a PROXY v2 header longer than HEADER_BYTES_MAX"));
+        }
+    }
+    let header = v2::Header::try_from(read);
     if header.is_incomplete() {
         return Ok(None);
     }
     match header {
-        HeaderResult::V1(Ok(header)) => Ok(Some((header.header.len(), v1_client(&header)))),
-        HeaderResult::V2(Ok(header)) => Ok(Some((header.len(), v2_client(&header)))),
-        _ => Err(invalid("the connection does not start with a PROXY header")),
+        Ok(header) => Ok(Some((header.len(), v2_client(&header)))),
+        Err(_) => Err(invalid("a bad PROXY v2 header")),
     }
 }
 
@@ -181,16 +231,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn anything_else_is_refused() {
-        assert!(read(PREFACE).await.is_err(), "HTTP/2 without a header");
-        assert!(read(b"PROXY TCP4 not-an-address\r\n").await.is_err());
-        assert!(read(b"PROXY TCP4 192.0.2.7").await.is_err(), "ends first");
-        assert!(read(&[b'\r'; 4096]).await.is_err(), "never complete");
+    async fn a_connection_without_a_header_is_the_balancers_own() {
+        for start in [
+            PREFACE,
+            &[0x16, 0x03, 0x01, 0x02, 0x00][..],
+            b"PRI",
+            b"\r\n\r\nX",
+        ] {
+            let proxied = read(start).await.unwrap();
+            assert_eq!(proxied.client, None);
+            assert_eq!(proxied.rest, start, "every byte read is kept");
+        }
+        let trickled = read_header(&mut Trickle(PREFACE)).await.unwrap();
+        assert_eq!(
+            trickled.rest, b"PRI",
+            "told apart from a v1 header at its third byte"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_header_is_refused_and_an_early_end_is_told_apart() {
+        let refused = |result: io::Result<Proxied>| {
+            result.is_err_and(|error| error.kind() == io::ErrorKind::InvalidData)
+        };
+        assert!(refused(read(b"PROXY TCP4 not-an-address\r\n").await));
+        let ended = read(b"PROXY TCP4 192.0.2.7").await.unwrap_err();
+        assert_eq!(ended.kind(), io::ErrorKind::UnexpectedEof, "ends first");
+        assert_eq!(
+            read(b"").await.unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
         let long_line = [&b"PROXY TCP4 "[..], &[b'1'; 200]].concat();
-        assert!(read(&long_line).await.is_err(), "a v1 line over 107 bytes");
-        let endless = [&v2_header("192.0.2.7:1")[..12], &[0x21, 0x11, 0xff, 0xff]].concat();
-        let mut long = endless.clone();
-        long.resize(HEADER_BYTES_MAX + 600, 0);
-        assert!(read(&long).await.is_err(), "a header over HEADER_BYTES_MAX");
+        assert!(refused(read(&long_line).await), "a v1 line over 107 bytes");
+        let too_long = [&v2_header("192.0.2.7:1")[..12], &[0x21, 0x11, 0x10, 0x00]].concat();
+        assert!(
+            refused(read(&too_long).await),
+            "a v2 header declaring 4,096 bytes more"
+        );
     }
 }

@@ -326,8 +326,10 @@ async fn one_peer_cannot_take_every_connection() {
 /// counted all its clients as one peer (raised or off there, they protected nothing).
 /// Now a listed load balancer (`proxy_protocol_from`) starts each connection with a
 /// PROXY protocol header and the caps count the client it names: a client's third
-/// connection is closed at accept while another client's is served; the balancer's
-/// connection without a header is closed, and an unlisted peer's header is not believed.
+/// connection is closed at accept while another client's is served. The balancer's
+/// connection without a header is its own (its health checks), one with a bad header
+/// is closed, and its connections whose header has not come hold places under its own
+/// cap meanwhile; an unlisted peer's header is not believed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listed_load_balancers_connections_count_for_the_clients_its_headers_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -348,6 +350,8 @@ async fn a_listed_load_balancers_connections_count_for_the_clients_its_headers_n
         let header = format!("PROXY TCP4 {client} 127.0.0.1 {port} 50051\r\n");
         [header.as_bytes(), &hello].concat()
     };
+    let stays_open =
+        |socket: &mut TcpStream| closed_within(socket, Duration::from_millis(800)).is_none();
 
     let header = "PROXY TCP4 192.0.2.7 127.0.0.1 50000 50051\r\n";
     let mut socket = tcp_from([127, 0, 0, 1], &server).await;
@@ -363,33 +367,50 @@ async fn a_listed_load_balancers_connections_count_for_the_clients_its_headers_n
     let second = connect_from([127, 0, 0, 1], &server, &from("192.0.2.7", 50001)).await;
     tokio::time::sleep(Duration::from_millis(200)).await; // both accepted
     let mut third = connect_from([127, 0, 0, 1], &server, &from("192.0.2.7", 50002)).await;
-    let closed = closed_within(&mut third, Duration::from_millis(800));
-    assert!(closed.is_some(), "a client's third connection stayed open");
-    let mut other = connect_from([127, 0, 0, 1], &server, &from("192.0.2.8", 50003)).await;
-    let closed = closed_within(&mut other, Duration::from_millis(800));
-    assert!(closed.is_none(), "another client's connection was closed");
-
-    let mut bare = connect_from([127, 0, 0, 1], &server, &hello).await;
-    let closed = closed_within(&mut bare, Duration::from_millis(800));
     assert!(
-        closed.is_some(),
-        "the balancer's connection without a header stayed open"
+        !stays_open(&mut third),
+        "a client's third connection stayed open"
     );
-    let mut unlisted = connect_from([127, 0, 0, 2], &server, &from("192.0.2.9", 50004)).await;
-    let closed = closed_within(&mut unlisted, Duration::from_millis(800));
-    assert!(closed.is_some(), "an unlisted peer's header was believed");
-    let mut plain = connect_from([127, 0, 0, 2], &server, &hello).await;
-    let closed = closed_within(&mut plain, Duration::from_millis(800));
+    let mut other = connect_from([127, 0, 0, 1], &server, &from("192.0.2.8", 50003)).await;
     assert!(
-        closed.is_none(),
+        stays_open(&mut other),
+        "another client's connection was closed"
+    );
+
+    let mut own = connect_from([127, 0, 0, 1], &server, &hello).await;
+    assert!(
+        stays_open(&mut own),
+        "the balancer's own connection was closed"
+    );
+    let bad = b"PROXY TCP4 192.0.2.300 127.0.0.1 1 2\r\n";
+    let mut bad = connect_from([127, 0, 0, 1], &server, &[&bad[..], &hello].concat()).await;
+    assert!(!stays_open(&mut bad), "a bad header was taken");
+    // The balancer holds one place (its own connection); a connection whose header has
+    // not come takes the second, and the next one is closed at accept.
+    let waiting = connect_from([127, 0, 0, 1], &server, b"PROXY TCP4 ").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut past = connect_from([127, 0, 0, 1], &server, b"PROXY TCP4 ").await;
+    assert!(
+        !stays_open(&mut past),
+        "a third place of the balancer's own"
+    );
+
+    let mut unlisted = connect_from([127, 0, 0, 2], &server, &from("192.0.2.9", 50004)).await;
+    assert!(
+        !stays_open(&mut unlisted),
+        "an unlisted peer's header was believed"
+    );
+    let mut plain = connect_from([127, 0, 0, 2], &server, &hello).await;
+    assert!(
+        stays_open(&mut plain),
         "an unlisted peer's plain connection was closed"
     );
     let metrics = http_get(&server.metrics_url);
-    for limit in ["connections_per_peer_max", "proxy_protocol"] {
-        let refused = format!("prenota_connections_refused_total{{limit=\"{limit}\"}} 1");
+    for (limit, count) in [("connections_per_peer_max", 2), ("proxy_protocol", 1)] {
+        let refused = format!("prenota_connections_refused_total{{limit=\"{limit}\"}} {count}");
         assert!(metrics.contains(&refused), "{limit}: {metrics}");
     }
-    drop(second);
+    drop((second, waiting));
 }
 
 /// The status (`grpc-status` of its trailers) and the framed message of a one-reply

@@ -188,7 +188,7 @@ async fn a_silent_socket_is_closed_at_the_handshake_timeout() {
 /// A listed load balancer's PROXY protocol header comes before the TLS handshake: the
 /// connection is served over TLS and counts for the client the header names, so that
 /// client's second connection is refused (`connections_per_peer_max` 1) and another
-/// client's is served; the balancer's TLS connection without a header is closed.
+/// client's is served; the balancer's TLS connection without a header is its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_balancers_header_comes_before_the_tls_handshake() {
     let pki = pki();
@@ -208,11 +208,14 @@ async fn a_load_balancers_header_comes_before_the_tls_handshake() {
     );
     let other = proxied_tls_channel(&server, &pki, Some("192.0.2.8")).await;
     healthy(other).await.expect("another client's connection");
-    let bare = proxied_tls_channel(&server, &pki, None).await;
-    assert!(
-        healthy(bare).await.is_err(),
-        "no header from a listed balancer"
-    );
+    let own = proxied_tls_channel(&server, &pki, None).await;
+    healthy(own.clone())
+        .await
+        .expect("the balancer's own connection");
+    let second_own = proxied_tls_channel(&server, &pki, None).await;
+    let refused = healthy(second_own).await.is_err();
+    assert!(refused, "the balancer's second connection of its own");
+    drop(own); // held until here: its place is the balancer's one
     healthy(first)
         .await
         .expect("the first connection still served");
