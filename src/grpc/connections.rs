@@ -58,6 +58,9 @@ impl Closer {
 pub struct ConnectionInfo {
     pub tcp: TcpConnectInfo,
     pub closer: Closer,
+    /// A listed load balancer's own connection (no client named): its health checks
+    /// are never shed for what others' hold (`grpc::receiving`).
+    pub balancers_own: bool,
 }
 
 /// A request's connection, from what its extensions hold: the plain connection's info,
@@ -73,6 +76,11 @@ fn connection<'a>(
 pub fn closer_of(extensions: &tonic::Extensions) -> Option<Closer> {
     let info = connection(extensions.get(), extensions.get())?;
     Some(info.closer.clone())
+}
+
+/// Whether `extensions`' request came on a listed load balancer's own connection.
+pub fn is_balancers_own(extensions: &tonic::codegen::http::Extensions) -> bool {
+    connection(extensions.get(), extensions.get()).is_some_and(|info| info.balancers_own)
 }
 
 /// The address of the peer `extensions`' request came from (plain or TLS).
@@ -92,6 +100,8 @@ pub struct Counted {
     client: Option<SocketAddr>,
     /// Bytes read past a proxy's header, read again before the socket's.
     replay: Vec<u8>,
+    /// A listed proxy's own connection.
+    balancers_own: bool,
     _permit: OwnedSemaphorePermit,
     _peer_place: Option<PeerPlace>,
     closer: Closer,
@@ -145,6 +155,8 @@ struct Opened {
     stream: TcpStream,
     client: SocketAddr,
     replay: Vec<u8>,
+    /// A listed proxy's own connection (its header named no client, or it sent none).
+    balancers_own: bool,
     permit: OwnedSemaphorePermit,
     /// A listed proxy's connection whose header is being read holds a place under the
     /// proxy's own cap meanwhile, so silent ones cannot take every `connections_max`
@@ -194,6 +206,7 @@ impl Accepting {
             stream,
             client: peer,
             replay: Vec::new(),
+            balancers_own: false,
             permit,
             proxy_place: None,
             opening,
@@ -215,6 +228,7 @@ impl Accepting {
             stream: opened.stream,
             client: Some(opened.client),
             replay: opened.replay,
+            balancers_own: opened.balancers_own,
             _permit: opened.permit,
             _peer_place: peer_place,
             closer: Closer::default(),
@@ -248,6 +262,7 @@ async fn read_proxy_header(mut opened: Opened) -> Option<Opened> {
     };
     match header {
         Ok(header) => {
+            opened.balancers_own = header.client.is_none();
             opened.client = header.client.unwrap_or(opened.client);
             opened.replay = header.rest;
             Some(opened)
@@ -281,6 +296,7 @@ impl Connected for Counted {
         ConnectionInfo {
             tcp,
             closer: self.closer.clone(),
+            balancers_own: self.balancers_own,
         }
     }
 }

@@ -46,6 +46,10 @@ pub struct Receiving {
     /// How long a message may take to arrive, from the call's headers (`None`: until
     /// `request_timeout_ms`).
     within: Option<Duration>,
+    /// Calls on a listed load balancer's own connections take only their peer's share,
+    /// not the total (health checks: others filling the budget must not make the
+    /// balancer think the node is down).
+    balancers_apart: bool,
 }
 
 /// Bytes taken of `max`; nothing ever waits for them: a take past `max` fails at once
@@ -77,8 +81,10 @@ const MESSAGE_START_BYTES: usize = 1024;
 /// What one call holds of the budgets; given back when dropped.
 pub struct Reserved<'a> {
     receiving: &'a Receiving,
-    /// Taken of the total (and of the peer's, in `peer`).
+    /// Taken of the total (unless not `in_total`) and of the peer's, in `peer`.
     bytes: usize,
+    /// Whether `bytes` are taken of the total too (not for a balancer's own calls).
+    in_total: bool,
     peer: Option<PeerPlace>,
     /// Reserved, not yet grown into.
     spare: usize,
@@ -95,6 +101,7 @@ impl Receiving {
             },
             peers: per_peer.peers(),
             within: None,
+            balancers_apart: false,
         }
     }
 
@@ -103,6 +110,16 @@ impl Receiving {
     pub fn with_deadline(self, within: Duration) -> Self {
         let within = Some(within);
         Self { within, ..self }
+    }
+
+    /// Calls on a listed load balancer's own connections take only their peer's share
+    /// (when peers have shares), not the total.
+    pub fn with_balancers_apart(self) -> Self {
+        let balancers_apart = self.peers.is_some();
+        Self {
+            balancers_apart,
+            ..self
+        }
     }
 
     /// The reservation of a call starting with `parts` (and the start of its message);
@@ -117,13 +134,15 @@ impl Receiving {
                 Some(Peers::take(peers, address, bytes).ok()?)
             }
         };
-        if !self.total.take(bytes) {
+        let in_total = !(self.balancers_apart && connections::is_balancers_own(&parts.extensions));
+        if in_total && !self.total.take(bytes) {
             return None; // `peer` gives its bytes back as it drops
         }
         let spare = MESSAGE_START_BYTES;
         Some(Reserved {
             receiving: self,
             bytes,
+            in_total,
             peer,
             spare,
         })
@@ -142,12 +161,14 @@ impl Reserved<'_> {
         let from_spare = bytes.min(self.spare);
         let more = bytes - from_spare;
         if more > 0 {
-            if !self.receiving.total.take(more) {
+            if self.in_total && !self.receiving.total.take(more) {
                 return false;
             }
             if let Some(peer) = &mut self.peer {
                 if peer.grow(more).is_err() {
-                    self.receiving.total.give(more);
+                    if self.in_total {
+                        self.receiving.total.give(more);
+                    }
                     return false;
                 }
             }
@@ -160,7 +181,9 @@ impl Reserved<'_> {
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        self.receiving.total.give(self.bytes);
+        if self.in_total {
+            self.receiving.total.give(self.bytes);
+        }
     }
 }
 
@@ -287,6 +310,12 @@ mod tests {
     use super::*;
 
     fn parts_from(address: &str) -> http::request::Parts {
+        parts_on(address, false)
+    }
+
+    /// A call's parts on a connection from `address` (a listed balancer's own if
+    /// `balancers_own`).
+    fn parts_on(address: &str, balancers_own: bool) -> http::request::Parts {
         let request = http::Request::post("/prenota.v1.BookingService/Book")
             .header("content-type", "application/grpc")
             .body(())
@@ -297,10 +326,52 @@ mod tests {
             remote_addr: Some(address.parse().unwrap()),
         };
         let closer = connections::Closer::default();
+        parts.extensions.insert(connections::ConnectionInfo {
+            tcp,
+            closer,
+            balancers_own,
+        });
         parts
-            .extensions
-            .insert(connections::ConnectionInfo { tcp, closer });
+    }
+
+    /// A call from each of three peers.
+    fn fill_from_three_peers(receiving: &Receiving) -> Vec<Reserved<'_>> {
+        let peers = ["192.0.2.1:1", "192.0.2.2:1", "192.0.2.3:1"];
+        let parts = peers.map(parts_from);
         parts
+            .iter()
+            .map(|parts| receiving.reserve(parts).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_balancers_own_calls_take_only_its_share_where_balancers_are_apart() {
+        let headers = "content-type".len() + "application/grpc".len() + 32;
+        let path = "/prenota.v1.BookingService/Book".len();
+        let call = CALL_STATE_BYTES + path + headers + MESSAGE_START_BYTES;
+        let caps = PeerCaps {
+            per_peer_max: 2 * call,
+            shares_per_ipv6_48: 0,
+        };
+        let apart = Receiving::new(3 * call, caps).with_balancers_apart();
+        let _others = fill_from_three_peers(&apart);
+        assert_eq!(apart.available(), 0, "the total filled by others");
+        let client = apart.reserve(&parts_on("10.0.0.9:2", false));
+        assert!(
+            client.is_none(),
+            "a call the balancer passes on for a client"
+        );
+        let mut own = Vec::new();
+        while let Some(reserved) = apart.reserve(&parts_on("10.0.0.9:1", true)) {
+            own.push(reserved);
+        }
+        assert_eq!(own.len(), 2, "the balancer's own calls, up to its share");
+        drop(own);
+        assert_eq!(apart.available(), 0, "never taken of the total");
+        let together = Receiving::new(3 * call, caps);
+        let _others = fill_from_three_peers(&together);
+        let own = together.reserve(&parts_on("10.0.0.9:1", true));
+        assert!(own.is_none(), "balancers not apart");
     }
 
     #[test]

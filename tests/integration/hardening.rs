@@ -956,7 +956,7 @@ async fn one_peer_cannot_hold_thousands_of_calls_with_headers_only() {
         ("RECEIVING_BYTES_PER_PEER_MAX", "131072"),
     ];
     let server = ChildServer::with_limits(dir.path(), &limits);
-    let (codes, _connection) = headers_only_calls(BOOK, 300, &server).await;
+    let (codes, _connection) = headers_only_calls([127, 0, 0, 1], BOOK, 300, &server).await;
     let (held, shed) = held_and_shed(&codes);
     assert!((15..=40).contains(&held), "held {held} of 300");
     assert_eq!(held + shed, 300, "{codes:?}");
@@ -974,7 +974,7 @@ async fn calls_being_received_hold_at_most_receiving_bytes_max_in_all() {
         ("RECEIVING_BYTES_PER_PEER_MAX", "0"),
     ];
     let server = ChildServer::with_limits(dir.path(), &limits);
-    let (codes, connection) = headers_only_calls(BOOK, 300, &server).await;
+    let (codes, connection) = headers_only_calls([127, 0, 0, 1], BOOK, 300, &server).await;
     assert!(codes.contains(&Some(UNAVAILABLE)), "the budget filled");
     let (other, _other_connection) = h2_client_from([127, 0, 0, 2], &server).await;
     let whole = send_call(&other, BOOK, Some(grpc_frame(&[])), true).await;
@@ -1002,13 +1002,72 @@ async fn one_peer_holds_a_small_share_of_what_health_checks_may_hold() {
     let dir = tempfile::tempdir().unwrap();
     let limits = [("HEALTH_RECEIVING_BYTES_MAX", "2621440")];
     let server = ChildServer::with_limits(dir.path(), &limits);
-    let (codes, _connection) = headers_only_calls(HEALTH_CHECK, 100, &server).await;
+    let (codes, _connection) = headers_only_calls([127, 0, 0, 1], HEALTH_CHECK, 100, &server).await;
     let (held, shed) = held_and_shed(&codes);
     assert!((8..=20).contains(&held), "held {held} of 100");
     assert_eq!(held + shed, 100, "{codes:?}");
     let (other, _other_connection) = h2_client_from([127, 0, 0, 2], &server).await;
     let check = send_call(&other, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
     assert_eq!(grpc_status_of(check).await, Some(0), "another peer's check");
+}
+
+/// 32 peers could fill what health checks may hold, and a load balancer's checks were
+/// then shed: it took the node for down. A listed balancer's own checks now take only
+/// its share, so they are answered while the budget is full; a check it passes on for
+/// a client, and another peer's, are shed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_balancers_own_health_checks_are_answered_when_others_fill_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prenota.toml");
+    let text = "[server]\nproxy_protocol_from = [\"127.0.0.1\"]\n\
+                [limits]\nhealth_receiving_bytes_max = 2621440\n\
+                message_receive_timeout_ms = 30000\n";
+    std::fs::write(&config, text).unwrap();
+    let args = vec!["--config".to_string(), config.display().to_string()];
+    let options = ChildOptions {
+        args,
+        ..ChildOptions::default()
+    };
+    let mut server = ChildServer::start_recovering(&dir.path().join("data"), options);
+    server.wait_serving();
+    // 35 peers, each past its share (80 KiB, about 14 checks of headers only): 2.8 MiB.
+    let mut filling = Vec::new();
+    for peer in 2..=36u8 {
+        let (client, connection) = h2_client_from([127, 0, 0, peer], &server).await;
+        for _ in 0..20 {
+            filling.push(send_call(&client, HEALTH_CHECK, None, false).await);
+        }
+        filling.shrink_to_fit();
+        std::mem::forget((client, connection)); // open until the server ends
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (stranger, _stranger_connection) = h2_client_from([127, 0, 0, 50], &server).await;
+    let check = send_call(&stranger, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+    assert_eq!(
+        grpc_status_of(check).await,
+        Some(UNAVAILABLE),
+        "the budget is full"
+    );
+    let (own, _own_connection) = h2_client_from([127, 0, 0, 1], &server).await;
+    let check = send_call(&own, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+    assert_eq!(
+        grpc_status_of(check).await,
+        Some(0),
+        "the balancer's own check"
+    );
+    let header = "PROXY TCP4 192.0.2.7 127.0.0.1 50000 50051\r\n";
+    let mut socket = tcp_from([127, 0, 0, 1], &server).await;
+    tokio::io::AsyncWriteExt::write_all(&mut socket, header.as_bytes())
+        .await
+        .unwrap();
+    let (relayed, _relayed_connection) = h2_over(socket, None).await;
+    let check = send_call(&relayed, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+    assert_eq!(
+        grpc_status_of(check).await,
+        Some(UNAVAILABLE),
+        "a client's check"
+    );
+    drop(filling);
 }
 
 const BOOK: &str = "/prenota.v1.BookingService/Book";
@@ -1040,9 +1099,10 @@ fn held_and_shed(codes: &[Option<u32>]) -> (usize, usize) {
     (held, shed)
 }
 
-/// What `count` calls of `path`, headers only, from 127.0.0.1 on one connection, were
+/// What `count` calls of `path`, headers only, from `source` on one connection, were
 /// answered within 3 s (`None`: still open); and the connection's task.
 async fn headers_only_calls(
+    source: [u8; 4],
     path: &str,
     count: usize,
     server: &ChildServer,
@@ -1050,7 +1110,7 @@ async fn headers_only_calls(
     Vec<Option<u32>>,
     tokio::task::JoinHandle<Result<(), h2::Error>>,
 ) {
-    let (client, connection) = h2_client_from([127, 0, 0, 1], server).await;
+    let (client, connection) = h2_client_from(source, server).await;
     let mut calls = Vec::new();
     for _ in 0..count {
         calls.push(send_call(&client, path, None, false).await);
