@@ -333,17 +333,8 @@ async fn one_peer_cannot_take_every_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listed_load_balancers_connections_count_for_the_clients_its_headers_name() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("prenota.toml");
-    let text = "[server]\nproxy_protocol_from = [\"127.0.0.1\"]\n\
-                [limits]\nconnections_per_peer_max = 2\n";
-    std::fs::write(&config, text).unwrap();
-    let args = vec!["--config".to_string(), config.display().to_string()];
-    let options = ChildOptions {
-        args,
-        ..ChildOptions::default()
-    };
-    let mut server = ChildServer::start_recovering(&dir.path().join("data"), options);
-    server.wait_serving();
+    let limits = "connections_per_peer_max = 2\n";
+    let server = behind_a_listed_balancer(dir.path(), limits);
     let mut hello = PREFACE.to_vec();
     hello.extend(frame(SETTINGS, 0, 0, &[]));
     let from = |client: &str, port: u16| {
@@ -353,12 +344,7 @@ async fn a_listed_load_balancers_connections_count_for_the_clients_its_headers_n
     let stays_open =
         |socket: &mut TcpStream| closed_within(socket, Duration::from_millis(800)).is_none();
 
-    let header = "PROXY TCP4 192.0.2.7 127.0.0.1 50000 50051\r\n";
-    let mut socket = tcp_from([127, 0, 0, 1], &server).await;
-    tokio::io::AsyncWriteExt::write_all(&mut socket, header.as_bytes())
-        .await
-        .unwrap();
-    let (client, _connection) = h2_over(socket, None).await;
+    let (client, _connection) = relayed_for("192.0.2.7", &server).await;
     let request = Some(grpc_frame(&[]));
     let answer = send_call(&client, HEALTH_CHECK, request, true).await;
     let (status, message) = grpc_answer(answer).await;
@@ -411,6 +397,39 @@ async fn a_listed_load_balancers_connections_count_for_the_clients_its_headers_n
         assert!(metrics.contains(&refused), "{limit}: {metrics}");
     }
     drop((second, waiting));
+}
+
+/// A server in `dir` (its data in `data`) behind a load balancer at 127.0.0.1
+/// (`proxy_protocol_from`), with these `[limits]` lines.
+fn behind_a_listed_balancer(dir: &std::path::Path, limits: &str) -> ChildServer {
+    let config = dir.join("prenota.toml");
+    let text = format!("[server]\nproxy_protocol_from = [\"127.0.0.1\"]\n[limits]\n{limits}");
+    std::fs::write(&config, text).unwrap();
+    let args = vec!["--config".to_string(), config.display().to_string()];
+    let options = ChildOptions {
+        args,
+        ..ChildOptions::default()
+    };
+    let mut server = ChildServer::start_recovering(&dir.join("data"), options);
+    server.wait_serving();
+    server
+}
+
+/// An HTTP/2 client on a connection from the balancer at 127.0.0.1 (see
+/// `behind_a_listed_balancer`) for `client`, named in its PROXY v1 header.
+async fn relayed_for(
+    client: &str,
+    server: &ChildServer,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let header = format!("PROXY TCP4 {client} 127.0.0.1 50000 50051\r\n");
+    let mut socket = tcp_from([127, 0, 0, 1], server).await;
+    tokio::io::AsyncWriteExt::write_all(&mut socket, header.as_bytes())
+        .await
+        .unwrap();
+    h2_over(socket, None).await
 }
 
 /// The status (`grpc-status` of its trailers) and the framed message of a one-reply
@@ -1018,18 +1037,8 @@ async fn one_peer_holds_a_small_share_of_what_health_checks_may_hold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listed_balancers_own_health_checks_are_answered_when_others_fill_the_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("prenota.toml");
-    let text = "[server]\nproxy_protocol_from = [\"127.0.0.1\"]\n\
-                [limits]\nhealth_receiving_bytes_max = 2621440\n\
-                message_receive_timeout_ms = 30000\n";
-    std::fs::write(&config, text).unwrap();
-    let args = vec!["--config".to_string(), config.display().to_string()];
-    let options = ChildOptions {
-        args,
-        ..ChildOptions::default()
-    };
-    let mut server = ChildServer::start_recovering(&dir.path().join("data"), options);
-    server.wait_serving();
+    let limits = "health_receiving_bytes_max = 2621440\nmessage_receive_timeout_ms = 30000\n";
+    let server = behind_a_listed_balancer(dir.path(), limits);
     // 35 peers, each past its share (80 KiB, about 14 checks of headers only): 2.8 MiB.
     let mut filling = Vec::new();
     for peer in 2..=36u8 {
@@ -1055,12 +1064,7 @@ async fn a_listed_balancers_own_health_checks_are_answered_when_others_fill_the_
         Some(0),
         "the balancer's own check"
     );
-    let header = "PROXY TCP4 192.0.2.7 127.0.0.1 50000 50051\r\n";
-    let mut socket = tcp_from([127, 0, 0, 1], &server).await;
-    tokio::io::AsyncWriteExt::write_all(&mut socket, header.as_bytes())
-        .await
-        .unwrap();
-    let (relayed, _relayed_connection) = h2_over(socket, None).await;
+    let (relayed, _relayed_connection) = relayed_for("192.0.2.7", &server).await;
     let check = send_call(&relayed, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
     assert_eq!(
         grpc_status_of(check).await,
