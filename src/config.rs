@@ -242,7 +242,7 @@ fn proxy_network(text: &str) -> Result<ipnet::IpNet, String> {
         ipnet::IpNet::V6(v6) if v6.addr().to_ipv4_mapped().is_some() => {
             return Err("write an IPv4 network as IPv4".into())
         }
-        ipnet::IpNet::V6(_) => 32,
+        ipnet::IpNet::V6(_) => 48,
     };
     if network.prefix_len() < narrowest {
         return Err(format!(
@@ -318,7 +318,7 @@ impl ServerSection {
 
     /// `proxy_protocol_from`, read (an address is a network of one); an entry that is
     /// neither, a network with host bits set (a typo would widen it), or one wider than
-    /// /8 (IPv4) or /32 (IPv6) (any address in it may name any client) is a problem.
+    /// /8 (IPv4) or /48 (IPv6) (any address in it may name any client) is a problem.
     fn proxies(&self, problems: &mut Vec<String>) -> Vec<ipnet::IpNet> {
         let mut proxies = Vec::new();
         for (index, text) in self.proxy_protocol_from.iter().enumerate() {
@@ -895,7 +895,8 @@ mod tests {
             ("10.0.0.0/33", "neither"),
             ("10.9.8.7/8", "host bits"),
             ("0.0.0.0/0", "wider than /8"),
-            ("2001::/16", "wider than /32"),
+            ("2001::/16", "wider than /48"),
+            ("2001:db8::/40", "wider than /48"),
         ];
         for (entry, says) in bad {
             let text = format!("[server]\nproxy_protocol_from = [\"10.0.0.0/8\", \"{entry}\"]\n");

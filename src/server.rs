@@ -521,8 +521,8 @@ fn receiving_budgets(limits: &crate::config::Limits) -> (Arc<Receiving>, Arc<Rec
         0 => 0,
         _ => health / crate::limits::HEALTH_RECEIVING_PEER_SHARES,
     };
-    // A listed load balancer's own checks take only its share: others filling the
-    // budget must not make it think the node is down.
+    // A listed load balancer's own checks (v2 LOCAL) have a budget of their own: others
+    // filling this one must not make it think the node is down.
     let health = Receiving::new(health, peer_caps(limits, health_per_peer)).with_balancers_apart();
     (
         Arc::new(services.with_deadline(within)),

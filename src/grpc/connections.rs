@@ -58,8 +58,8 @@ impl Closer {
 pub struct ConnectionInfo {
     pub tcp: TcpConnectInfo,
     pub closer: Closer,
-    /// A listed load balancer's own connection (no client named): its health checks
-    /// are never shed for what others' hold (`grpc::receiving`).
+    /// A listed load balancer's own connection (v2 `LOCAL`): its health checks have a
+    /// budget apart (`grpc::receiving`).
     pub balancers_own: bool,
 }
 
@@ -95,7 +95,6 @@ const OPENING_BYTES: usize = 24;
 
 /// An accepted connection and its places under the caps.
 pub struct Counted {
-    stream: TcpStream,
     /// The client: the peer, or the one a listed proxy's header named.
     client: Option<SocketAddr>,
     /// Bytes read past a proxy's header, read again before the socket's.
@@ -108,6 +107,8 @@ pub struct Counted {
     /// Until its first `OPENING_BYTES` arrive.
     opening: Option<Pin<Box<Sleep>>>,
     received: usize,
+    /// Last, so dropped last: its places are given back before the peer sees it close.
+    stream: TcpStream,
 }
 
 /// The caps on open connections: `connections_max` in all, `connections_per_peer_max`
@@ -152,10 +153,9 @@ pub struct Accepting {
 /// A connection with its place under `connections_max`, whose client is known (a
 /// listed proxy's: once its header is read).
 struct Opened {
-    stream: TcpStream,
     client: SocketAddr,
     replay: Vec<u8>,
-    /// A listed proxy's own connection (its header named no client, or it sent none).
+    /// A listed proxy's own connection (v2 `LOCAL`).
     balancers_own: bool,
     permit: OwnedSemaphorePermit,
     /// A listed proxy's connection whose header is being read holds a place under the
@@ -163,6 +163,8 @@ struct Opened {
     /// place.
     proxy_place: Option<PeerPlace>,
     opening: Pin<Box<Sleep>>,
+    /// Last, so dropped last: its places are given back before the peer sees it close.
+    stream: TcpStream,
 }
 
 impl Stream for Accepting {
@@ -262,7 +264,7 @@ async fn read_proxy_header(mut opened: Opened) -> Option<Opened> {
     };
     match header {
         Ok(header) => {
-            opened.balancers_own = header.client.is_none();
+            opened.balancers_own = header.local;
             opened.client = header.client.unwrap_or(opened.client);
             opened.replay = header.rest;
             Some(opened)

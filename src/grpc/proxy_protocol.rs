@@ -5,8 +5,11 @@
 //!
 //! Only listed addresses are read this way: anyone else's header is not believed (the
 //! connection then does not start as HTTP/2 and is closed). A listed address's
-//! connection that starts with something else (HTTP/2, TLS) is its own, as its health
-//! checks are; one that starts as a header but is not a valid one is closed.
+//! connection must start with a valid header (as HAProxy's `accept-proxy` and Envoy's
+//! listener filter require by default): one that does not is closed, so a balancer
+//! that forgot to send headers is seen at once, rather than its clients sending their
+//! own. Its own connections say so: v2 `LOCAL` (HAProxy's `check-send-proxy` health
+//! checks), or a header that names no IP address (v1 `UNKNOWN`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,18 +25,20 @@ pub const HEADER_BYTES_MAX: usize = 4096;
 /// What a header said.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Proxied {
-    /// The client the connection is for; `None` for the load balancer's own
-    /// connections (v2 `LOCAL`, v1 `UNKNOWN`: its health checks) and for addresses
-    /// that are not IP (a Unix socket).
+    /// The client the connection is for; `None` when the header names no IP address
+    /// (v2 `LOCAL`, v1 `UNKNOWN`, a Unix socket's): the connection then counts for the
+    /// balancer.
     pub client: Option<SocketAddr>,
+    /// v2 `LOCAL`: the balancer's own connection (its health checks), not one it
+    /// relays for a client.
+    pub local: bool,
     /// Bytes read past the header: the start of the connection's own.
     pub rest: Vec<u8>,
 }
 
-/// Reads the header `stream` starts with; a connection that starts with anything else
-/// (the HTTP/2 preface, a TLS hello: the balancer's own health check, say) has none and
-/// is the balancer's own. An error (`InvalidData`) when it starts as a header but is
-/// not a valid one within `HEADER_BYTES_MAX` bytes; `UnexpectedEof` when it ends first.
+/// Reads the header `stream` starts with: an error (`InvalidData`) when it does not
+/// start with a valid one within `HEADER_BYTES_MAX` bytes; `UnexpectedEof` when it ends
+/// first (a balancer's connect-only health check sends nothing).
 pub async fn read_header(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Proxied> {
     let mut read = Vec::with_capacity(256);
     let mut chunk = [0u8; 512];
@@ -45,24 +50,24 @@ pub async fn read_header(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<Pr
         read.extend_from_slice(&chunk[..more]);
         let header = match starts_a_header(&read) {
             Some(false) => {
-                return Ok(Proxied {
-                    client: None,
-                    rest: read,
-                })
+                return Err(invalid("the connection does not start with a PROXY header"))
             }
             Some(true) => parse(&read)?,
             None => None, // too short to tell
         };
-        match header {
-            Some((length, client)) => {
-                let rest = read.split_off(length);
-                return Ok(Proxied { client, rest });
-            }
-            None if read.len() >= HEADER_BYTES_MAX => {
-                return Err(invalid("a PROXY header longer than HEADER_BYTES_MAX"));
-            }
-            None => {}
+        if let Some(header) = header {
+            let rest = read.split_off(header.length);
+            let (client, local) = (header.client, header.local);
+            return Ok(Proxied {
+                client,
+                local,
+                rest,
+            });
         }
+        debug_assert!(
+            read.len() < HEADER_BYTES_MAX,
+            "the parsers refuse longer ones"
+        );
     }
 }
 
@@ -88,9 +93,15 @@ fn starts_a_header(read: &[u8]) -> Option<bool> {
 /// The longest v1 line, its CRLF included.
 const V1_LINE_BYTES_MAX: usize = 107;
 
-/// The header `read` starts with (its signature read): its length and client, `None`
-/// while it is incomplete.
-fn parse(read: &[u8]) -> io::Result<Option<(usize, Option<SocketAddr>)>> {
+/// A header read whole.
+struct Header {
+    length: usize,
+    client: Option<SocketAddr>,
+    local: bool,
+}
+
+/// The header `read` starts with (its signature read); `None` while it is incomplete.
+fn parse(read: &[u8]) -> io::Result<Option<Header>> {
     match read.starts_with(V1_SIGNATURE) {
         true => parse_v1(read),
         false => parse_v2(read),
@@ -99,7 +110,7 @@ fn parse(read: &[u8]) -> io::Result<Option<(usize, Option<SocketAddr>)>> {
 
 /// A v1 line is parsed whole, once its CRLF has come (`ppp` takes a line cut short,
 /// `PROXY TCP`, for a bad one, and a bad whole line for an incomplete one).
-fn parse_v1(read: &[u8]) -> io::Result<Option<(usize, Option<SocketAddr>)>> {
+fn parse_v1(read: &[u8]) -> io::Result<Option<Header>> {
     let searched = &read[..read.len().min(V1_LINE_BYTES_MAX)];
     let Some(end) = searched.windows(2).position(|pair| pair == b"\r\n") else {
         return match read.len() < V1_LINE_BYTES_MAX {
@@ -107,13 +118,22 @@ fn parse_v1(read: &[u8]) -> io::Result<Option<(usize, Option<SocketAddr>)>> {
             false => Err(invalid("a PROXY v1 line longer than 107 bytes")),
         };
     };
-    match v1::Header::try_from(&read[..end + 2]) {
-        Ok(header) => Ok(Some((header.header.len(), v1_client(&header)))),
-        Err(_) => Err(invalid("a bad PROXY v1 line")),
-    }
+    let header =
+        v1::Header::try_from(&read[..end + 2]).map_err(|_| invalid("a bad PROXY v1 line"))?;
+    let client = match header.addresses {
+        v1::Addresses::Tcp4(ip) => Some((ip.source_address, ip.source_port).into()),
+        v1::Addresses::Tcp6(ip) => Some((ip.source_address, ip.source_port).into()),
+        v1::Addresses::Unknown => None,
+    };
+    let length = header.header.len();
+    Ok(Some(Header {
+        length,
+        client,
+        local: false,
+    }))
 }
 
-fn parse_v2(read: &[u8]) -> io::Result<Option<(usize, Option<SocketAddr>)>> {
+fn parse_v2(read: &[u8]) -> io::Result<Option<Header>> {
     // Its length is in its 15th and 16th bytes: refused at once if too long.
     if let Some(length) = read.get(14..16) {
         let declared = usize::from(u16::from_be_bytes([length[0], length[1]]));
@@ -125,29 +145,19 @@ fn parse_v2(read: &[u8]) -> io::Result<Option<(usize, Option<SocketAddr>)>> {
     if header.is_incomplete() {
         return Ok(None);
     }
-    match header {
-        Ok(header) => Ok(Some((header.len(), v2_client(&header)))),
-        Err(_) => Err(invalid("a bad PROXY v2 header")),
-    }
-}
-
-fn v1_client(header: &v1::Header<'_>) -> Option<SocketAddr> {
-    match header.addresses {
-        v1::Addresses::Tcp4(ip) => Some((ip.source_address, ip.source_port).into()),
-        v1::Addresses::Tcp6(ip) => Some((ip.source_address, ip.source_port).into()),
-        v1::Addresses::Unknown => None,
-    }
-}
-
-fn v2_client(header: &v2::Header<'_>) -> Option<SocketAddr> {
-    if header.command == v2::Command::Local {
-        return None;
-    }
-    match header.addresses {
+    let header = header.map_err(|_| invalid("a bad PROXY v2 header"))?;
+    let local = header.command == v2::Command::Local;
+    let client = match header.addresses {
+        _ if local => None,
         v2::Addresses::IPv4(ip) => Some((ip.source_address, ip.source_port).into()),
         v2::Addresses::IPv6(ip) => Some((ip.source_address, ip.source_port).into()),
         v2::Addresses::Unspecified | v2::Addresses::Unix(_) => None,
-    }
+    };
+    Ok(Some(Header {
+        length: header.len(),
+        client,
+        local,
+    }))
 }
 
 fn invalid(what: &'static str) -> io::Error {
@@ -217,7 +227,8 @@ mod tests {
         assert_eq!(trickled.client, proxied.client, "read a byte at a time");
         assert!(trickled.rest.is_empty(), "nothing read past the line");
         let unknown = read(b"PROXY UNKNOWN\r\nPRI").await.unwrap();
-        assert_eq!((unknown.client, unknown.rest), (None, b"PRI".to_vec()));
+        assert_eq!((unknown.client, unknown.local), (None, false));
+        assert_eq!(unknown.rest, b"PRI");
     }
 
     #[tokio::test]
@@ -227,25 +238,34 @@ mod tests {
             v2::Builder::with_addresses(command, v2::Protocol::Stream, v2::Addresses::Unspecified)
                 .build()
                 .unwrap();
-        assert_eq!(read(&local).await.unwrap().client, None);
+        let proxied = read(&local).await.unwrap();
+        assert_eq!((proxied.client, proxied.local), (None, true));
+        let mut unspecified = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        unspecified.extend([0x21, 0x00, 0, 0]); // PROXY, unspecified family, no addresses
+        let proxied = read(&unspecified).await.unwrap();
+        assert_eq!(
+            (proxied.client, proxied.local),
+            (None, false),
+            "relayed, no address"
+        );
     }
 
     #[tokio::test]
-    async fn a_connection_without_a_header_is_the_balancers_own() {
+    async fn a_connection_without_a_header_is_refused() {
         for start in [
             PREFACE,
             &[0x16, 0x03, 0x01, 0x02, 0x00][..],
             b"PRI",
             b"\r\n\r\nX",
         ] {
-            let proxied = read(start).await.unwrap();
-            assert_eq!(proxied.client, None);
-            assert_eq!(proxied.rest, start, "every byte read is kept");
+            let error = read(start).await.unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{start:?}");
         }
-        let trickled = read_header(&mut Trickle(PREFACE)).await.unwrap();
+        let trickled = read_header(&mut Trickle(PREFACE)).await.unwrap_err();
         assert_eq!(
-            trickled.rest, b"PRI",
-            "told apart from a v1 header at its third byte"
+            trickled.kind(),
+            io::ErrorKind::InvalidData,
+            "told at its third byte"
         );
     }
 

@@ -46,10 +46,10 @@ pub struct Receiving {
     /// How long a message may take to arrive, from the call's headers (`None`: until
     /// `request_timeout_ms`).
     within: Option<Duration>,
-    /// Calls on a listed load balancer's own connections take only their peer's share,
-    /// not the total (health checks: others filling the budget must not make the
-    /// balancer think the node is down).
-    balancers_apart: bool,
+    /// Calls on a listed load balancer's own connections (v2 `LOCAL`), if apart: a
+    /// budget of their own, as large as the total, so others filling the total never
+    /// shed them (health checks: the balancer would take the node for down).
+    balancers: Option<Budget>,
 }
 
 /// Bytes taken of `max`; nothing ever waits for them: a take past `max` fails at once
@@ -81,10 +81,10 @@ const MESSAGE_START_BYTES: usize = 1024;
 /// What one call holds of the budgets; given back when dropped.
 pub struct Reserved<'a> {
     receiving: &'a Receiving,
-    /// Taken of the total (unless not `in_total`) and of the peer's, in `peer`.
+    /// Taken of `budget` and of the peer's, in `peer`.
     bytes: usize,
-    /// Whether `bytes` are taken of the total too (not for a balancer's own calls).
-    in_total: bool,
+    /// The total, or the balancers' own budget.
+    budget: &'a Budget,
     peer: Option<PeerPlace>,
     /// Reserved, not yet grown into.
     spare: usize,
@@ -101,7 +101,7 @@ impl Receiving {
             },
             peers: per_peer.peers(),
             within: None,
-            balancers_apart: false,
+            balancers: None,
         }
     }
 
@@ -112,14 +112,14 @@ impl Receiving {
         Self { within, ..self }
     }
 
-    /// Calls on a listed load balancer's own connections take only their peer's share
-    /// (when peers have shares), not the total.
+    /// Calls on a listed load balancer's own connections take a budget of their own,
+    /// as large as the total (and their peer's share), not the total.
     pub fn with_balancers_apart(self) -> Self {
-        let balancers_apart = self.peers.is_some();
-        Self {
-            balancers_apart,
-            ..self
-        }
+        let balancers = Some(Budget {
+            taken: AtomicUsize::new(0),
+            max: self.total.max,
+        });
+        Self { balancers, ..self }
     }
 
     /// The reservation of a call starting with `parts` (and the start of its message);
@@ -134,15 +134,18 @@ impl Receiving {
                 Some(Peers::take(peers, address, bytes).ok()?)
             }
         };
-        let in_total = !(self.balancers_apart && connections::is_balancers_own(&parts.extensions));
-        if in_total && !self.total.take(bytes) {
+        let budget = match &self.balancers {
+            Some(own) if connections::is_balancers_own(&parts.extensions) => own,
+            _ => &self.total,
+        };
+        if !budget.take(bytes) {
             return None; // `peer` gives its bytes back as it drops
         }
         let spare = MESSAGE_START_BYTES;
         Some(Reserved {
             receiving: self,
             bytes,
-            in_total,
+            budget,
             peer,
             spare,
         })
@@ -161,14 +164,12 @@ impl Reserved<'_> {
         let from_spare = bytes.min(self.spare);
         let more = bytes - from_spare;
         if more > 0 {
-            if self.in_total && !self.receiving.total.take(more) {
+            if !self.budget.take(more) {
                 return false;
             }
             if let Some(peer) = &mut self.peer {
                 if peer.grow(more).is_err() {
-                    if self.in_total {
-                        self.receiving.total.give(more);
-                    }
+                    self.budget.give(more);
                     return false;
                 }
             }
@@ -181,9 +182,7 @@ impl Reserved<'_> {
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        if self.in_total {
-            self.receiving.total.give(self.bytes);
-        }
+        self.budget.give(self.bytes);
     }
 }
 
@@ -345,7 +344,7 @@ mod tests {
     }
 
     #[test]
-    fn a_balancers_own_calls_take_only_its_share_where_balancers_are_apart() {
+    fn a_balancers_own_calls_have_a_budget_apart_within_its_share() {
         let headers = "content-type".len() + "application/grpc".len() + 32;
         let path = "/prenota.v1.BookingService/Book".len();
         let call = CALL_STATE_BYTES + path + headers + MESSAGE_START_BYTES;
@@ -372,6 +371,16 @@ mod tests {
         let _others = fill_from_three_peers(&together);
         let own = together.reserve(&parts_on("10.0.0.9:1", true));
         assert!(own.is_none(), "balancers not apart");
+        let unshared = Receiving::new(3 * call, PeerCaps::NONE).with_balancers_apart();
+        let _others = fill_from_three_peers(&unshared);
+        let own: Vec<_> = (0..5)
+            .map_while(|_| unshared.reserve(&parts_on("10.0.0.9:1", true)))
+            .collect();
+        assert_eq!(
+            own.len(),
+            3,
+            "without shares, the balancers' own budget bounds them"
+        );
     }
 
     #[test]

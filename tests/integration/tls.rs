@@ -188,7 +188,8 @@ async fn a_silent_socket_is_closed_at_the_handshake_timeout() {
 /// A listed load balancer's PROXY protocol header comes before the TLS handshake: the
 /// connection is served over TLS and counts for the client the header names, so that
 /// client's second connection is refused (`connections_per_peer_max` 1) and another
-/// client's is served; the balancer's TLS connection without a header is its own.
+/// client's is served; the balancer's own (`PROXY UNKNOWN`) counts for it, and its TLS
+/// connection without a header is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_balancers_header_comes_before_the_tls_handshake() {
     let pki = pki();
@@ -197,46 +198,45 @@ async fn a_load_balancers_header_comes_before_the_tls_handshake() {
     config.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
     config.limits.connections_per_peer_max = 1;
     let server = TestServer::start_with(dir.path(), config).await;
-    let first = proxied_tls_channel(&server, &pki, Some("192.0.2.7")).await;
-    healthy(first.clone())
-        .await
-        .expect("health over TLS, through the balancer");
-    let second = proxied_tls_channel(&server, &pki, Some("192.0.2.7")).await;
-    assert!(
-        healthy(second).await.is_err(),
-        "the client's second connection"
-    );
-    let other = proxied_tls_channel(&server, &pki, Some("192.0.2.8")).await;
+    let for_client = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 50000 443\r\n");
+    let first = proxied_tls_channel(&server, &pki, &for_client("192.0.2.7")).await;
+    let through = healthy(first.clone()).await;
+    through.expect("health over TLS, through the balancer");
+    let second = proxied_tls_channel(&server, &pki, &for_client("192.0.2.7")).await;
+    let refused = healthy(second).await.is_err();
+    assert!(refused, "the client's second connection");
+    let other = proxied_tls_channel(&server, &pki, &for_client("192.0.2.8")).await;
     healthy(other).await.expect("another client's connection");
-    let own = proxied_tls_channel(&server, &pki, None).await;
-    healthy(own.clone())
-        .await
-        .expect("the balancer's own connection");
-    let second_own = proxied_tls_channel(&server, &pki, None).await;
+    let bare = proxied_tls_channel(&server, &pki, "").await;
+    assert!(
+        healthy(bare).await.is_err(),
+        "no header from a listed balancer"
+    );
+    let own = proxied_tls_channel(&server, &pki, "PROXY UNKNOWN\r\n").await;
+    let answered = healthy(own.clone()).await;
+    answered.expect("the balancer's own connection");
+    let second_own = proxied_tls_channel(&server, &pki, "PROXY UNKNOWN\r\n").await;
     let refused = healthy(second_own).await.is_err();
     assert!(refused, "the balancer's second connection of its own");
     drop(own); // held until here: its place is the balancer's one
-    healthy(first)
-        .await
-        .expect("the first connection still served");
+    let still = healthy(first).await;
+    still.expect("the first connection still served");
     server.stop().await;
 }
 
-/// A TLS channel to `server` whose connection first sends a PROXY v1 header naming
-/// `client` (none when `None`); connected lazily, so its first call fails if refused.
-async fn proxied_tls_channel(server: &TestServer, pki: &Pki, client: Option<&str>) -> Channel {
+/// A TLS channel to `server` whose connection first sends `header` (nothing if empty);
+/// connected lazily, so its first call fails if refused.
+async fn proxied_tls_channel(server: &TestServer, pki: &Pki, header: &str) -> Channel {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&pki.ca_pem))
         .domain_name("localhost");
     let address = server.address;
-    let header = client.map(|client| format!("PROXY TCP4 {client} 127.0.0.1 50000 443\r\n"));
+    let header = header.to_string();
     let connector = tower::service_fn(move |_: tonic::transport::Uri| {
         let header = header.clone();
         async move {
             let mut socket = tokio::net::TcpStream::connect(address).await?;
-            if let Some(header) = header {
-                tokio::io::AsyncWriteExt::write_all(&mut socket, header.as_bytes()).await?;
-            }
+            tokio::io::AsyncWriteExt::write_all(&mut socket, header.as_bytes()).await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(socket))
         }
     });
@@ -244,7 +244,7 @@ async fn proxied_tls_channel(server: &TestServer, pki: &Pki, client: Option<&str
         .unwrap()
         .tls_config(tls)
         .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(15))
+        .timeout(Duration::from_secs(15))
         .connect_with_connector_lazy(connector)
 }
