@@ -5,6 +5,8 @@
 //! - at most `connections_per_peer_max` of them from one peer, and a few peers' worth
 //!   from one IPv6 /48 (`grpc::peers`), so one machine cannot take every place;
 //! - a new connection must send its first bytes within `connection_opening_timeout_ms`;
+//! - a listed load balancer's connection (`proxy_protocol_from`) must first send a PROXY
+//!   protocol header (`grpc::proxy_protocol`), and counts for the client it names;
 //! - a request may close its own connection ([`Closer`]): an export whose client stopped
 //!   reading does, since no stream of a connection whose window stays shut can be ended
 //!   any other way (the transport stops polling its body).

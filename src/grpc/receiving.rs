@@ -16,7 +16,9 @@
 //! more to decode it, the decoded message may be larger, and a buffer that grows holds
 //! its old and new copies for a moment.
 //! Health checks have budgets of their own (`health_receiving_bytes_max`), so calls that
-//! fill these never shed a health check, nor the reverse.
+//! fill these never shed a health check, nor the reverse; and a listed load balancer's
+//! own checks (v2 `LOCAL`, `grpc::proxy_protocol`) one more, so others filling the
+//! health budget never make the balancer take the node for down.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
