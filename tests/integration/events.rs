@@ -124,14 +124,8 @@ async fn every_change_has_one_event_in_commit_order_and_a_resume_replays_them() 
         .close_slots(proto::CloseSlotsRequest {
             site_id: "ev-other".into(),
             service_id: None,
-            from: Some(prost_types::Timestamp {
-                seconds: from,
-                nanos: 0,
-            }),
-            to: Some(prost_types::Timestamp {
-                seconds: from + 60 * 86_400,
-                nanos: 0,
-            }),
+            from: at_s(from),
+            to: at_s(from + 60 * 86_400),
             reason: "flooded".into(),
             request_id: String::new(),
         })

@@ -99,14 +99,8 @@ async fn the_summary_adds_up_what_site_stats_counts_and_names_no_one() {
     let search = proto::SearchSlotsRequest {
         scope: Some(proto::search_slots_request::Scope::SiteId("od-a".into())),
         service_id: "vax".into(),
-        from: Some(prost_types::Timestamp {
-            seconds: now,
-            nanos: 0,
-        }),
-        to: Some(prost_types::Timestamp {
-            seconds: now + 40 * 86_400,
-            nanos: 0,
-        }),
+        from: at_s(now),
+        to: at_s(now + 40 * 86_400),
         page_size: 100,
         ..Default::default()
     };

@@ -13,7 +13,6 @@ use prenota::proto::booking_service_client::BookingServiceClient;
 use prenota::proto::capacity_service_client::CapacityServiceClient;
 use prenota::proto::{self, search_slots_request::Scope};
 use prenota::service::Clock;
-use prost_types::Timestamp;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -59,10 +58,6 @@ async fn booking(server: &TestServer, token: &'static str) -> Booking {
 
 async fn capacity(server: &TestServer) -> Capacity {
     CapacityServiceClient::with_interceptor(server.channel().await, Bearer(Some(OPS)))
-}
-
-fn at_s(seconds: i64) -> Option<Timestamp> {
-    Some(Timestamp { seconds, nanos: 0 })
 }
 
 /// The one slot's id.

@@ -184,14 +184,13 @@ async fn a_release_over_watched_slots_sends_them_again_with_its_release_at() {
         assert_eq!(next_watched_slot(&mut stream).await.release_at, None);
     }
     let now = chrono::Utc::now().timestamp();
-    let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
     let release = proto::Release {
         release_id: "spring".into(),
         region_id: "r".into(),
         service_id: "vax".into(),
-        from: at(now),
-        to: at(now + 60 * 86_400),
-        release_at: at(now + 3_600),
+        from: at_s(now),
+        to: at_s(now + 60 * 86_400),
+        release_at: at_s(now + 3_600),
         ..Default::default()
     };
     server
@@ -206,7 +205,7 @@ async fn a_release_over_watched_slots_sends_them_again_with_its_release_at() {
     let mut announced = std::collections::HashSet::new();
     while announced.len() < 2 {
         let slot = next_watched_slot(&mut stream).await;
-        assert_eq!(slot.release_at, at(now + 3_600), "{slot:?}");
+        assert_eq!(slot.release_at, at_s(now + 3_600), "{slot:?}");
         assert_eq!(slot.remaining, 5);
         announced.insert(slot.slot_id);
     }

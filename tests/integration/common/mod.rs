@@ -438,6 +438,11 @@ pub async fn stalled_import(
     (rows, call)
 }
 
+/// The instant `seconds` after the Unix epoch, as a request field.
+pub fn at_s(seconds: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp { seconds, nanos: 0 })
+}
+
 /// A `WatchAvailability` of `vax` at `site_id`, from now for 40 days.
 pub fn availability_watch_request(site_id: &str) -> proto::WatchAvailabilityRequest {
     let now = chrono::Utc::now().timestamp();
@@ -446,14 +451,8 @@ pub fn availability_watch_request(site_id: &str) -> proto::WatchAvailabilityRequ
             site_id.into(),
         )),
         service_id: "vax".into(),
-        from: Some(prost_types::Timestamp {
-            seconds: now,
-            nanos: 0,
-        }),
-        to: Some(prost_types::Timestamp {
-            seconds: now + 40 * 86_400,
-            nanos: 0,
-        }),
+        from: at_s(now),
+        to: at_s(now + 40 * 86_400),
     }
 }
 
