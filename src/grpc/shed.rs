@@ -131,22 +131,29 @@ impl<S> Shed<S> {
     }
 }
 
-type ShedFuture<S> = BoxFuture<
-    http::Response<tonic::body::Body>,
-    <S as Service<http::Request<tonic::body::Body>>>::Error,
->;
+/// A call as tonic's router takes it, and its reply.
+type Call = http::Request<tonic::body::Body>;
+type Reply = http::Response<tonic::body::Body>;
 
-impl<S, B> Service<http::Request<B>> for Shed<S>
+/// What a `Shed` wraps: tonic's router of the services.
+pub trait Routes:
+    Service<Call, Response = Reply, Future: Send + 'static> + Clone + Send + 'static
+{
+}
+
+impl<S: Service<Call, Response = Reply, Future: Send + 'static> + Clone + Send + 'static> Routes
+    for S
+{
+}
+
+type ShedFuture<S> = BoxFuture<Reply, <S as Service<Call>>::Error>;
+
+impl<S: Routes, B> Service<http::Request<B>> for Shed<S>
 where
-    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
     B: http_body::Body<Data = tonic::codegen::Bytes> + Send + 'static,
     B::Error: Into<tonic::codegen::StdError>,
 {
-    type Response = http::Response<tonic::body::Body>;
+    type Response = Reply;
     type Error = S::Error;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
@@ -165,24 +172,13 @@ where
     }
 }
 
-impl<S> Shed<S>
-where
-    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+impl<S: Routes> Shed<S> {
     /// A call with one request message: it is received (at most `message_bytes_max`,
     /// under `receiving`'s budgets, which it holds until its reply is ready) before the
     /// call takes a place (when one-reply calls are counted, or it is `streaming`),
     /// which it holds until its reply is ready, or, when `streaming`, until its reply
     /// stream ends.
-    fn call_once_received(
-        &mut self,
-        request: http::Request<tonic::body::Body>,
-        streaming: bool,
-    ) -> ShedFuture<S> {
+    fn call_once_received(&mut self, request: Call, streaming: bool) -> ShedFuture<S> {
         // The clone is ready for the next call; this one was readied by `poll_ready`.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -215,7 +211,7 @@ where
     /// streamed request until its reply is ready.
     fn call_counted(
         &mut self,
-        request: http::Request<tonic::body::Body>,
+        request: Call,
         (streaming, streamed): (bool, bool),
     ) -> ShedFuture<S> {
         let Some(place) = self.place_from_headers(request.extensions(), streamed) else {
@@ -255,11 +251,7 @@ where
 
 /// `response`, holding its place until its stream ends when `streaming`; else the reply
 /// is ready and the place goes here.
-fn counted(
-    response: http::Response<tonic::body::Body>,
-    place: Place,
-    streaming: bool,
-) -> http::Response<tonic::body::Body> {
+fn counted(response: Reply, place: Place, streaming: bool) -> Reply {
     match streaming {
         true => response.map(|inner| tonic::body::Body::new(Counted { inner, place })),
         false => response,
@@ -268,7 +260,7 @@ fn counted(
 
 /// The answer to a call past `in_flight_requests_max` (or a pool, or a budget of
 /// `grpc::receiving`): UNAVAILABLE / OVERLOADED.
-fn shed() -> http::Response<tonic::body::Body> {
+fn shed() -> Reply {
     receiving::shed().into_http()
 }
 
