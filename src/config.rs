@@ -222,10 +222,16 @@ pub struct ServerSection {
     /// connections must start with a PROXY protocol header (v1 or v2), and count under
     /// the per-peer caps for the client it names (`grpc::connections`).
     pub proxy_protocol_from: Vec<String>,
+    /// Addresses or networks of health checkers (the nodes' kubelets, a load balancer
+    /// that sends no PROXY header): the health checks of connections from them (or
+    /// whose PROXY header names them) take a budget of their own, so others filling
+    /// `health_receiving_bytes_max` cannot get them shed (`grpc::receiving`).
+    pub health_checks_from: Vec<String>,
 }
 
-/// One `proxy_protocol_from` entry: an address (IPv4-mapped ones as IPv4) or a network.
-fn proxy_network(text: &str) -> Result<ipnet::IpNet, String> {
+/// One `proxy_protocol_from` or `health_checks_from` entry: an address (IPv4-mapped
+/// ones as IPv4) or a network.
+fn listed_network(text: &str) -> Result<ipnet::IpNet, String> {
     if let Ok(address) = text.parse::<std::net::IpAddr>() {
         return Ok(address.to_canonical().into());
     }
@@ -246,7 +252,7 @@ fn proxy_network(text: &str) -> Result<ipnet::IpNet, String> {
     };
     if network.prefix_len() < narrowest {
         return Err(format!(
-            "wider than /{narrowest}: list the load balancers' own addresses or subnet"
+            "wider than /{narrowest}: list the machines' own addresses or subnet"
         ));
     }
     Ok(network)
@@ -298,6 +304,7 @@ impl ServerSection {
                 .clone()
                 .or_else(|| self.backup_key_file.clone()),
             proxy_protocol_from: self.proxy_protocol_from.clone(), // prenota.toml only
+            health_checks_from: self.health_checks_from.clone(),   // prenota.toml only
         }
     }
 
@@ -316,19 +323,24 @@ impl ServerSection {
         }
     }
 
-    /// `proxy_protocol_from`, read (an address is a network of one); an entry that is
-    /// neither, a network with host bits set (a typo would widen it), or one wider than
-    /// /8 (IPv4) or /48 (IPv6) (any address in it may name any client) is a problem.
-    fn proxies(&self, problems: &mut Vec<String>) -> Vec<ipnet::IpNet> {
-        let mut proxies = Vec::new();
-        for (index, text) in self.proxy_protocol_from.iter().enumerate() {
-            let at = format!("server.proxy_protocol_from[{index}] ({text:?})");
-            match proxy_network(text.trim()) {
-                Ok(network) => proxies.push(network),
+    /// The list `key` (`proxy_protocol_from` or `health_checks_from`), read (an address
+    /// is a network of one); an entry that is neither, a network with host bits set (a
+    /// typo would widen it), or one wider than /8 (IPv4) or /48 (IPv6) (any address in
+    /// a proxy's may name any client) is a problem.
+    fn networks(&self, key: &str, problems: &mut Vec<String>) -> Vec<ipnet::IpNet> {
+        let entries = match key {
+            "proxy_protocol_from" => &self.proxy_protocol_from,
+            _ => &self.health_checks_from,
+        };
+        let mut networks = Vec::new();
+        for (index, text) in entries.iter().enumerate() {
+            let at = format!("server.{key}[{index}] ({text:?})");
+            match listed_network(text.trim()) {
+                Ok(network) => networks.push(network),
                 Err(problem) => problems.push(format!("{at}: {problem}")),
             }
         }
-        proxies
+        networks
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -569,7 +581,8 @@ impl ConfigFile {
         let mut problems = self.limits.problems();
         let citizen_issuers = self.citizen_issuers(&mut problems);
         let store = self.store.check(&self.citizens, &mut problems);
-        let proxy_protocol_from = self.server.proxies(&mut problems);
+        let proxy_protocol_from = self.server.networks("proxy_protocol_from", &mut problems);
+        let health_checks_from = self.server.networks("health_checks_from", &mut problems);
         let mut tokens = Vec::new();
         let mut seen = (BTreeSet::new(), BTreeSet::new());
         for (index, entry) in self.tokens.iter().enumerate() {
@@ -594,6 +607,7 @@ impl ConfigFile {
             open_data: self.server.open_data,
             backup_key: None, // read by `prenota serve`
             proxy_protocol_from,
+            health_checks_from,
         })
     }
 
@@ -794,6 +808,8 @@ pub struct Config {
     /// `[server] proxy_protocol_from`: connections from these start with a PROXY
     /// protocol header naming their client.
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
+    /// `[server] health_checks_from`: health checks from these have a budget apart.
+    pub health_checks_from: Vec<ipnet::IpNet>,
 }
 
 impl Config {
@@ -880,14 +896,30 @@ mod tests {
     }
 
     #[test]
-    fn proxies_are_addresses_or_networks_and_anything_else_is_a_problem() {
+    fn proxies_and_checkers_are_addresses_or_networks_and_anything_else_is_a_problem() {
         let entries = r#"["10.1.2.3", "10.0.0.0/8", "::1", "::ffff:10.2.3.4"]"#;
-        let text = format!("[server]\nproxy_protocol_from = {entries}\n");
+        for key in ["proxy_protocol_from", "health_checks_from"] {
+            listed_networks_are_read(key, entries);
+        }
+        let text = format!("[server]\nhealth_checks_from = {entries}\n");
         let file: ConfigFile = toml::from_str(&text).unwrap();
-        let proxies = file.check().unwrap().proxy_protocol_from;
-        let proxies: Vec<String> = proxies.iter().map(|n| n.to_string()).collect();
+        assert!(
+            file.check().unwrap().proxy_protocol_from.is_empty(),
+            "apart"
+        );
+    }
+
+    fn listed_networks_are_read(key: &str, entries: &str) {
+        let text = format!("[server]\n{key} = {entries}\n");
+        let file: ConfigFile = toml::from_str(&text).unwrap();
+        let config = file.check().unwrap();
+        let networks = match key {
+            "proxy_protocol_from" => config.proxy_protocol_from,
+            _ => config.health_checks_from,
+        };
+        let networks: Vec<String> = networks.iter().map(|n| n.to_string()).collect();
         assert_eq!(
-            proxies,
+            networks,
             ["10.1.2.3/32", "10.0.0.0/8", "::1/128", "10.2.3.4/32"]
         );
         let bad = [
@@ -899,14 +931,11 @@ mod tests {
             ("2001:db8::/40", "wider than /48"),
         ];
         for (entry, says) in bad {
-            let text = format!("[server]\nproxy_protocol_from = [\"10.0.0.0/8\", \"{entry}\"]\n");
+            let text = format!("[server]\n{key} = [\"10.0.0.0/8\", \"{entry}\"]\n");
             let file: ConfigFile = toml::from_str(&text).unwrap();
             let problems = file.check().unwrap_err();
             assert_eq!(problems.len(), 1, "{problems:?}");
-            assert!(
-                problems[0].contains("proxy_protocol_from[1]"),
-                "{problems:?}"
-            );
+            assert!(problems[0].contains(&format!("{key}[1]")), "{problems:?}");
             assert!(problems[0].contains(says), "{entry}: {problems:?}");
         }
     }

@@ -265,7 +265,8 @@ pub struct Limits {
     /// other calls, but a budget of their own: calls that fill one never shed the
     /// other's); a peer holds at most a 32nd of it (about 180 checks at once), unless
     /// `receiving_bytes_per_peer_max` is 0. A listed load balancer's own checks (v2
-    /// `LOCAL`) take as much again, apart, so others filling this never shed them.
+    /// `LOCAL`) and listed health checkers' (`[server] health_checks_from`) take as
+    /// much again, apart, so others filling this never shed them.
     pub health_receiving_bytes_max: usize,
     /// Of them, those one peer (an IPv4 address, an IPv6 /64) may hold: health needs no
     /// token, so one host must not take the pool a load balancer's watches need; 0: off.

@@ -421,6 +421,7 @@ impl ServeArgs {
             open_data: false, // prenota.toml only
             backup_key_file: self.backup_key_file.clone(),
             proxy_protocol_from: Vec::new(), // prenota.toml only
+            health_checks_from: Vec::new(),  // prenota.toml only
         }
     }
 }

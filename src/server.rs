@@ -180,6 +180,8 @@ struct Access {
     stop_when_store_fails: bool,
     /// Load balancers whose connections start with a PROXY protocol header.
     proxies: Vec<ipnet::IpNet>,
+    /// Health checkers whose checks have a budget apart.
+    health_checkers: Vec<ipnet::IpNet>,
 }
 
 impl Access {
@@ -200,6 +202,7 @@ impl Access {
             open_data: config.open_data,
             stop_when_store_fails: matches!(config.store, crate::config::StoreBackend::Postgres(_)),
             proxies: config.proxy_protocol_from.clone(),
+            health_checkers: config.health_checks_from.clone(),
         })
     }
 }
@@ -277,6 +280,7 @@ async fn run(
         open_data,
         stop_when_store_fails,
         proxies,
+        health_checkers,
     } = access;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -371,6 +375,7 @@ async fn run(
                     max: limits.connections_max,
                     per_peer: peer_caps(&limits, limits.connections_per_peer_max),
                     proxies,
+                    health_checkers,
                 },
                 Duration::from_millis(limits.connection_opening_timeout_ms),
             ),
@@ -521,9 +526,10 @@ fn receiving_budgets(limits: &crate::config::Limits) -> (Arc<Receiving>, Arc<Rec
         0 => 0,
         _ => health / crate::limits::HEALTH_RECEIVING_PEER_SHARES,
     };
-    // A listed load balancer's own checks (v2 LOCAL) have a budget of their own: others
-    // filling this one must not make it think the node is down.
-    let health = Receiving::new(health, peer_caps(limits, health_per_peer)).with_balancers_apart();
+    // A listed load balancer's own checks (v2 LOCAL) and a listed health checker's have
+    // a budget of their own: others filling this one must not make them think the node
+    // is down.
+    let health = Receiving::new(health, peer_caps(limits, health_per_peer)).with_checkers_apart();
     (
         Arc::new(services.with_deadline(within)),
         Arc::new(health.with_deadline(within)),

@@ -7,6 +7,8 @@
 //! - a new connection must send its first bytes within `connection_opening_timeout_ms`;
 //! - a listed load balancer's connection (`proxy_protocol_from`) must first send a PROXY
 //!   protocol header (`grpc::proxy_protocol`), and counts for the client it names;
+//! - a listed health checker's connection (`health_checks_from`: the peer, or the client
+//!   a header names) is marked so its health checks take a budget apart;
 //! - a request may close its own connection ([`Closer`]): an export whose client stopped
 //!   reading does, since no stream of a connection whose window stays shut can be ended
 //!   any other way (the transport stops polling its body).
@@ -60,9 +62,10 @@ impl Closer {
 pub struct ConnectionInfo {
     pub tcp: TcpConnectInfo,
     pub closer: Closer,
-    /// A listed load balancer's own connection (v2 `LOCAL`): its health checks have a
-    /// budget apart (`grpc::receiving`).
-    pub balancers_own: bool,
+    /// A listed load balancer's own connection (v2 `LOCAL`), or a listed health
+    /// checker's (`health_checks_from`): its health checks have a budget apart
+    /// (`grpc::receiving`).
+    pub checks_apart: bool,
 }
 
 /// A request's connection, from what its extensions hold: the plain connection's info,
@@ -81,8 +84,8 @@ pub fn closer_of(extensions: &tonic::Extensions) -> Option<Closer> {
 }
 
 /// Whether `extensions`' request came on a listed load balancer's own connection.
-pub fn is_balancers_own(extensions: &tonic::codegen::http::Extensions) -> bool {
-    connection(extensions.get(), extensions.get()).is_some_and(|info| info.balancers_own)
+pub fn checks_apart(extensions: &tonic::codegen::http::Extensions) -> bool {
+    connection(extensions.get(), extensions.get()).is_some_and(|info| info.checks_apart)
 }
 
 /// The address of the peer `extensions`' request came from (plain or TLS).
@@ -101,8 +104,8 @@ pub struct Counted {
     client: Option<SocketAddr>,
     /// Bytes read past a proxy's header, read again before the socket's.
     replay: Vec<u8>,
-    /// A listed proxy's own connection.
-    balancers_own: bool,
+    /// A listed proxy's own connection, or a listed health checker's.
+    checks_apart: bool,
     _permit: OwnedSemaphorePermit,
     _peer_place: Option<PeerPlace>,
     closer: Closer,
@@ -114,12 +117,14 @@ pub struct Counted {
 }
 
 /// The caps on open connections: `connections_max` in all, `connections_per_peer_max`
-/// per peer (0: none) and its shares per IPv6 /48; and the load balancers whose
-/// connections name their client (`proxy_protocol_from`).
+/// per peer (0: none) and its shares per IPv6 /48; the load balancers whose
+/// connections name their client (`proxy_protocol_from`); the health checkers whose
+/// checks have a budget apart (`health_checks_from`).
 pub struct Caps {
     pub max: usize,
     pub per_peer: PeerCaps,
     pub proxies: Vec<IpNet>,
+    pub health_checkers: Vec<IpNet>,
 }
 
 /// The accepted connections of `listener` (TCP_NODELAY on), within `caps`, each closed if
@@ -133,6 +138,7 @@ pub fn capped(listener: TcpListener, caps: Caps, opening_timeout: Duration) -> A
         permits: Arc::new(Semaphore::new(caps.max)),
         peers: caps.per_peer.peers(),
         proxies: caps.proxies,
+        health_checkers: caps.health_checkers,
         opening_timeout,
         reading: JoinSet::new(),
     }
@@ -147,6 +153,7 @@ pub struct Accepting {
     permits: Arc<Semaphore>,
     peers: Option<Arc<Peers>>,
     proxies: Vec<IpNet>,
+    health_checkers: Vec<IpNet>,
     opening_timeout: Duration,
     /// The headers being read; dropped with the listener (their tasks abort).
     reading: JoinSet<Option<Opened>>,
@@ -157,8 +164,9 @@ pub struct Accepting {
 struct Opened {
     client: SocketAddr,
     replay: Vec<u8>,
-    /// A listed proxy's own connection (v2 `LOCAL`).
-    balancers_own: bool,
+    /// A listed proxy's own connection (v2 `LOCAL`); a listed health checker's once
+    /// admitted.
+    checks_apart: bool,
     permit: OwnedSemaphorePermit,
     /// A listed proxy's connection whose header is being read holds a place under the
     /// proxy's own cap meanwhile, so silent ones cannot take every `connections_max`
@@ -210,13 +218,12 @@ impl Accepting {
             stream,
             client: peer,
             replay: Vec::new(),
-            balancers_own: false,
+            checks_apart: false,
             permit,
             proxy_place: None,
             opening,
         };
-        let listed = |proxy: &IpNet| proxy.contains(&peer.ip().to_canonical());
-        if !self.proxies.iter().any(listed) {
+        if !listed(&self.proxies, peer) {
             return self.admit(opened);
         }
         opened.proxy_place = self.place_of(peer)?;
@@ -228,11 +235,12 @@ impl Accepting {
     fn admit(&self, mut opened: Opened) -> Option<Counted> {
         opened.proxy_place = None; // the client's place, taken below, replaces it
         let peer_place = self.place_of(opened.client)?;
+        let checker = listed(&self.health_checkers, opened.client);
         Some(Counted {
             stream: opened.stream,
             client: Some(opened.client),
             replay: opened.replay,
-            balancers_own: opened.balancers_own,
+            checks_apart: opened.checks_apart || checker,
             _permit: opened.permit,
             _peer_place: peer_place,
             closer: Closer::default(),
@@ -266,7 +274,7 @@ async fn read_proxy_header(mut opened: Opened) -> Option<Opened> {
     };
     match header {
         Ok(header) => {
-            opened.balancers_own = header.local;
+            opened.checks_apart = header.local;
             opened.client = header.client.unwrap_or(opened.client);
             opened.replay = header.rest;
             Some(opened)
@@ -280,6 +288,12 @@ async fn read_proxy_header(mut opened: Opened) -> Option<Opened> {
             None
         }
     }
+}
+
+/// Whether `peer` is in one of `networks` (an IPv4-mapped address as IPv4).
+fn listed(networks: &[IpNet], peer: SocketAddr) -> bool {
+    let address = peer.ip().to_canonical();
+    networks.iter().any(|network| network.contains(&address))
 }
 
 /// Counts a connection refused at accept, by the limit that refused it.
@@ -300,7 +314,7 @@ impl Connected for Counted {
         ConnectionInfo {
             tcp,
             closer: self.closer.clone(),
-            balancers_own: self.balancers_own,
+            checks_apart: self.checks_apart,
         }
     }
 }

@@ -17,8 +17,9 @@
 //! its old and new copies for a moment.
 //! Health checks have budgets of their own (`health_receiving_bytes_max`), so calls that
 //! fill these never shed a health check, nor the reverse; and a listed load balancer's
-//! own checks (v2 `LOCAL`, `grpc::proxy_protocol`) one more, so others filling the
-//! health budget never make the balancer take the node for down.
+//! own checks (v2 `LOCAL`, `grpc::proxy_protocol`) and a listed health checker's
+//! (`health_checks_from`) one more, so others filling the health budget never make the
+//! balancer or the kubelet take the node for down.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -48,10 +49,11 @@ pub struct Receiving {
     /// How long a message may take to arrive, from the call's headers (`None`: until
     /// `request_timeout_ms`).
     within: Option<Duration>,
-    /// Calls on a listed load balancer's own connections (v2 `LOCAL`), if apart: a
-    /// budget of their own, as large as the total, so others filling the total never
-    /// shed them (health checks: the balancer would take the node for down).
-    balancers: Option<Budget>,
+    /// Calls on a listed load balancer's own connections (v2 `LOCAL`) and a listed
+    /// health checker's, if apart: a budget of their own, as large as the total, so
+    /// others filling the total never shed them (health checks: the checker would take
+    /// the node for down).
+    checkers: Option<Budget>,
 }
 
 /// Bytes taken of `max`; nothing ever waits for them: a take past `max` fails at once
@@ -85,7 +87,7 @@ pub struct Reserved<'a> {
     receiving: &'a Receiving,
     /// Taken of `budget` and of the peer's, in `peer`.
     bytes: usize,
-    /// The total, or the balancers' own budget.
+    /// The total, or the checkers' own budget.
     budget: &'a Budget,
     peer: Option<PeerPlace>,
     /// Reserved, not yet grown into.
@@ -103,7 +105,7 @@ impl Receiving {
             },
             peers: per_peer.peers(),
             within: None,
-            balancers: None,
+            checkers: None,
         }
     }
 
@@ -114,14 +116,15 @@ impl Receiving {
         Self { within, ..self }
     }
 
-    /// Calls on a listed load balancer's own connections take a budget of their own,
-    /// as large as the total (and their peer's share), not the total.
-    pub fn with_balancers_apart(self) -> Self {
-        let balancers = Some(Budget {
+    /// Calls on connections whose checks are apart (a listed load balancer's own, a
+    /// listed health checker's: `ConnectionInfo::checks_apart`) take a budget of their
+    /// own, as large as the total (and their peer's share), not the total.
+    pub fn with_checkers_apart(self) -> Self {
+        let checkers = Some(Budget {
             taken: AtomicUsize::new(0),
             max: self.total.max,
         });
-        Self { balancers, ..self }
+        Self { checkers, ..self }
     }
 
     /// The reservation of a call starting with `parts` (and the start of its message);
@@ -136,8 +139,8 @@ impl Receiving {
                 Some(Peers::take(peers, address, bytes).ok()?)
             }
         };
-        let budget = match &self.balancers {
-            Some(own) if connections::is_balancers_own(&parts.extensions) => own,
+        let budget = match &self.checkers {
+            Some(own) if connections::checks_apart(&parts.extensions) => own,
             _ => &self.total,
         };
         if !budget.take(bytes) {
@@ -314,9 +317,9 @@ mod tests {
         parts_on(address, false)
     }
 
-    /// A call's parts on a connection from `address` (a listed balancer's own if
-    /// `balancers_own`).
-    fn parts_on(address: &str, balancers_own: bool) -> http::request::Parts {
+    /// A call's parts on a connection from `address` (a listed balancer's or health
+    /// checker's own if `checks_apart`).
+    fn parts_on(address: &str, checks_apart: bool) -> http::request::Parts {
         let request = http::Request::post("/prenota.v1.BookingService/Book")
             .header("content-type", "application/grpc")
             .body(())
@@ -330,7 +333,7 @@ mod tests {
         parts.extensions.insert(connections::ConnectionInfo {
             tcp,
             closer,
-            balancers_own,
+            checks_apart,
         });
         parts
     }
@@ -346,7 +349,7 @@ mod tests {
     }
 
     #[test]
-    fn a_balancers_own_calls_have_a_budget_apart_within_its_share() {
+    fn a_balancers_and_checkers_own_calls_have_a_budget_apart_within_their_share() {
         let headers = "content-type".len() + "application/grpc".len() + 32;
         let path = "/prenota.v1.BookingService/Book".len();
         let call = CALL_STATE_BYTES + path + headers + MESSAGE_START_BYTES;
@@ -354,7 +357,7 @@ mod tests {
             per_peer_max: 2 * call,
             shares_per_ipv6_48: 0,
         };
-        let apart = Receiving::new(3 * call, caps).with_balancers_apart();
+        let apart = Receiving::new(3 * call, caps).with_checkers_apart();
         let _others = fill_from_three_peers(&apart);
         assert_eq!(apart.available(), 0, "the total filled by others");
         let client = apart.reserve(&parts_on("10.0.0.9:2", false));
@@ -372,8 +375,8 @@ mod tests {
         let together = Receiving::new(3 * call, caps);
         let _others = fill_from_three_peers(&together);
         let own = together.reserve(&parts_on("10.0.0.9:1", true));
-        assert!(own.is_none(), "balancers not apart");
-        let unshared = Receiving::new(3 * call, PeerCaps::NONE).with_balancers_apart();
+        assert!(own.is_none(), "checkers not apart");
+        let unshared = Receiving::new(3 * call, PeerCaps::NONE).with_checkers_apart();
         let _others = fill_from_three_peers(&unshared);
         let own: Vec<_> = (0..5)
             .map_while(|_| unshared.reserve(&parts_on("10.0.0.9:1", true)))
@@ -381,7 +384,7 @@ mod tests {
         assert_eq!(
             own.len(),
             3,
-            "without shares, the balancers' own budget bounds them"
+            "without shares, the checkers' own budget bounds them"
         );
     }
 

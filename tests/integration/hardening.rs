@@ -336,7 +336,7 @@ async fn one_peer_cannot_take_every_connection() {
 async fn a_listed_load_balancers_connections_count_for_the_clients_its_headers_name() {
     let dir = tempfile::tempdir().unwrap();
     let limits = "connections_per_peer_max = 2\n";
-    let server = behind_a_listed_balancer(dir.path(), limits);
+    let server = behind_a_listed_balancer(dir.path(), ("", limits));
     let mut hello = PREFACE.to_vec();
     hello.extend(frame(SETTINGS, 0, 0, &[]));
     let from = |header: &[u8]| [header, &hello].concat();
@@ -411,10 +411,11 @@ fn served(socket: &mut TcpStream) -> bool {
 }
 
 /// A server in `dir` (its data in `data`) behind a load balancer at 127.0.0.1
-/// (`proxy_protocol_from`), with these `[limits]` lines.
-fn behind_a_listed_balancer(dir: &std::path::Path, limits: &str) -> ChildServer {
+/// (`proxy_protocol_from`), with these `[server]` and `[limits]` lines.
+fn behind_a_listed_balancer(dir: &std::path::Path, (server, limits): (&str, &str)) -> ChildServer {
     let config = dir.join("prenota.toml");
-    let text = format!("[server]\nproxy_protocol_from = [\"127.0.0.1\"]\n[limits]\n{limits}");
+    let balancer = "proxy_protocol_from = [\"127.0.0.1\"]";
+    let text = format!("[server]\n{balancer}\n{server}\n[limits]\n{limits}");
     std::fs::write(&config, text).unwrap();
     let args = vec!["--config".to_string(), config.display().to_string()];
     let options = ChildOptions {
@@ -1041,15 +1042,18 @@ async fn one_peer_holds_a_small_share_of_what_health_checks_may_hold() {
 }
 
 /// 32 peers could fill what health checks may hold, and a load balancer's checks were
-/// then shed: it took the node for down. A listed balancer's own checks (v2 `LOCAL`)
-/// now have a budget of their own, so they are answered while the budget is full; a
-/// check it passes on for a client, and another peer's, are shed.
+/// then shed: it took the node for down. A listed balancer's own checks (v2 `LOCAL`),
+/// and a listed health checker's (`health_checks_from`: a kubelet's node, directly or
+/// named by the balancer's header), now have a budget of their own, so they are
+/// answered while the budget is full; a check the balancer passes on for another
+/// client, and another peer's, are shed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listed_balancers_own_health_checks_are_answered_when_others_fill_the_budget() {
+async fn listed_balancers_and_checkers_health_checks_are_answered_when_others_fill_the_budget() {
     let dir = tempfile::tempdir().unwrap();
+    let checkers = "health_checks_from = [\"127.0.0.60\", \"192.0.2.8\"]";
     let limits = "health_receiving_bytes_max = 2621440\nrequest_timeout_ms = 120000\n\
                   message_receive_timeout_ms = 120000\n";
-    let server = behind_a_listed_balancer(dir.path(), limits);
+    let server = behind_a_listed_balancer(dir.path(), (checkers, limits));
     // 35 peers, each past its share (80 KiB, about 14 checks of headers only): 2.8 MiB.
     let mut filling = Vec::new();
     for peer in 2..=36u8 {
@@ -1085,6 +1089,17 @@ async fn a_listed_balancers_own_health_checks_are_answered_when_others_fill_the_
         grpc_status_of(check).await,
         Some(UNAVAILABLE),
         "a client's check"
+    );
+    let (checker, _checker_connection) = h2_client_from([127, 0, 0, 60], &server).await;
+    let check = send_call(&checker, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+    assert_eq!(grpc_status_of(check).await, Some(0), "a listed checker's");
+    let header = "PROXY TCP4 192.0.2.8 127.0.0.1 50000 50051\r\n";
+    let (named, _named_connection) = relayed(header.as_bytes(), &server).await;
+    let check = send_call(&named, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+    assert_eq!(
+        grpc_status_of(check).await,
+        Some(0),
+        "a checker the header names"
     );
     drop(filling);
 }
