@@ -42,13 +42,6 @@ const OFFER_TTL_SECONDS: u32 = 600;
 /// Reading rounds per wave before the harness gives up.
 const ROUNDS_MAX: usize = 40;
 
-fn ts(unix_ms: i64) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp {
-        seconds: unix_ms.div_euclid(1_000),
-        nanos: (unix_ms.rem_euclid(1_000) * 1_000_000) as i32,
-    })
-}
-
 /// Citizen `n`'s birth year: the first 10% born by 1940 (wave 1), the next 20% by
 /// 1960 (wave 2), the rest later (wave 3).
 fn birth_year(n: u64) -> i32 {
@@ -213,7 +206,7 @@ async fn upsert_campaign(
 ) -> Result<(), String> {
     let wave = |index: i64, id: &str, birth_year_max: i32| proto::Wave {
         wave_id: id.into(),
-        opens_at: ts(first_wave_at + index * WAVE_GAP_MS),
+        opens_at: scenario::at_ms(first_wave_at + index * WAVE_GAP_MS),
         birth_year_max,
         ..Default::default()
     };

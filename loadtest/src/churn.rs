@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use crate::report::{Phase, Tally};
+use crate::scenario;
 use crate::target::Target;
 
 /// How long and how fast the soak runs.
@@ -174,13 +175,12 @@ pub async fn site_slots(
     tag: &str,
 ) -> Result<Vec<proto::Slot>, String> {
     let now_s = clock.now_unix_ms() / 1_000;
-    let timestamp = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
     let page = BookingServiceClient::new(channel)
         .search_slots(proto::SearchSlotsRequest {
             scope: Some(Scope::SiteId(site_id(tag))),
             service_id: tag.into(),
-            from: timestamp(now_s),
-            to: timestamp(now_s + 62 * 86_400),
+            from: scenario::at_s(now_s),
+            to: scenario::at_s(now_s + 62 * 86_400),
             only_available: false,
             page_size: 500,
             page_token: String::new(),

@@ -167,14 +167,8 @@ async fn free_slots(
         service_id: service_id.into(),
         only_available: true,
         page_size: 50,
-        from: Some(prost_types::Timestamp {
-            seconds: from,
-            nanos: 0,
-        }),
-        to: Some(prost_types::Timestamp {
-            seconds: from + 40 * 86_400,
-            nanos: 0,
-        }),
+        from: scenario::at_s(from),
+        to: scenario::at_s(from + 40 * 86_400),
         page_token: String::new(),
     };
     let result = admitted(tally, "SearchSlots", || {

@@ -39,13 +39,6 @@ const WAITING_ROUNDS_MAX: usize = 600;
 /// One citizen in this many of those never admitted is asked whether it is SOLD_OUT.
 const SOLD_OUT_SAMPLE_EVERY: u64 = 50;
 
-fn ts(unix_ms: i64) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp {
-        seconds: unix_ms.div_euclid(1_000),
-        nanos: (unix_ms.rem_euclid(1_000) * 1_000_000) as i32,
-    })
-}
-
 /// What happened to the citizens after the opening.
 #[derive(Default)]
 struct Outcome {
@@ -177,10 +170,10 @@ async fn create_release(
                 release_id: RELEASE_ID.into(),
                 region_id: scenario.region_id.clone(),
                 service_id: SERVICE_ID.into(),
-                from: ts(now),
-                to: ts(now + 400 * 86_400_000),
-                release_at: ts(release_at),
-                queue_opens_at: ts(now),
+                from: scenario::at_ms(now),
+                to: scenario::at_ms(now + 400 * 86_400_000),
+                release_at: scenario::at_ms(release_at),
+                queue_opens_at: scenario::at_ms(now),
                 admissions_per_minute: args.admissions_per_minute,
                 admission_ttl_seconds: 600,
                 ..Default::default()
@@ -296,7 +289,7 @@ async fn book_admitted(
             service_id: SERVICE_ID.into(),
             only_available: true,
             page_size: 20,
-            to: ts(chrono::Utc::now().timestamp_millis() + 300 * 86_400_000),
+            to: scenario::at_ms(chrono::Utc::now().timestamp_millis() + 300 * 86_400_000),
             ..Default::default()
         };
         let slots = scenario::admitted(tally, "SearchSlots", || {

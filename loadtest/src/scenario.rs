@@ -272,6 +272,19 @@ pub async fn slots_of_service(
     }
 }
 
+/// The instant `unix_ms` milliseconds after the Unix epoch, as a request field.
+pub fn at_ms(unix_ms: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp {
+        seconds: unix_ms.div_euclid(1_000),
+        nanos: (unix_ms.rem_euclid(1_000) * 1_000_000) as i32,
+    })
+}
+
+/// The instant `seconds` after the Unix epoch, as a request field.
+pub fn at_s(seconds: i64) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp { seconds, nanos: 0 })
+}
+
 fn search_horizon() -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: chrono::Utc::now().timestamp() + SEARCH_HORIZON_DAYS * 86_400,

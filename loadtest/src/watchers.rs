@@ -42,10 +42,7 @@ async fn open_watcher(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<Seen>, String> {
     let (from, last) = (window[0].start, window[window.len() - 1].start);
-    let to = last.map(|t| prost_types::Timestamp {
-        seconds: t.seconds + 1,
-        nanos: 0,
-    });
+    let to = last.and_then(|t| scenario::at_s(t.seconds + 1));
     let mut stream = BookingServiceClient::new(channel)
         .watch_availability(proto::WatchAvailabilityRequest {
             scope: Some(proto::watch_availability_request::Scope::SiteId(

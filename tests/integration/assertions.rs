@@ -269,12 +269,7 @@ async fn a_campaign_takes_birth_year_and_groups_from_the_assertion() {
     let server = TestServer::start_with(dir.path(), config(&keys)).await;
     one_slot_site(&server, "asserted-campaign", 5).await;
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let at = |ms: i64| {
-        Some(prost_types::Timestamp {
-            seconds: ms / 1_000,
-            nanos: 0,
-        })
-    };
+    let at = |ms: i64| at_s(ms / 1_000);
     server
         .capacity()
         .await

@@ -164,10 +164,7 @@ async fn tokens_decide_services_and_regions() {
         .search_slots(proto::SearchSlotsRequest {
             scope: Some(proto::search_slots_request::Scope::SiteId("venice".into())),
             service_id: "vax".into(),
-            to: Some(prost_types::Timestamp {
-                seconds: chrono::Utc::now().timestamp() + 60 * 86_400,
-                nanos: 0,
-            }),
+            to: at_s(chrono::Utc::now().timestamp() + 60 * 86_400),
             ..Default::default()
         })
         .await
@@ -615,14 +612,8 @@ async fn another_regions_site_and_an_unknown_one_look_the_same() {
         let closed = lazio
             .close_slots(proto::CloseSlotsRequest {
                 site_id: site_id.into(),
-                from: Some(prost_types::Timestamp {
-                    seconds: 0,
-                    nanos: 0,
-                }),
-                to: Some(prost_types::Timestamp {
-                    seconds: 4_000_000_000,
-                    nanos: 0,
-                }),
+                from: at_s(0),
+                to: at_s(4_000_000_000),
                 reason: "probe".into(),
                 ..Default::default()
             })
@@ -702,14 +693,8 @@ async fn an_authority_watches_the_events_of_its_own_regions_only() {
         let search = proto::SearchSlotsRequest {
             scope: Some(proto::search_slots_request::Scope::SiteId(site_id.into())),
             service_id: "vax".into(),
-            from: Some(prost_types::Timestamp {
-                seconds: chrono::Utc::now().timestamp(),
-                nanos: 0,
-            }),
-            to: Some(prost_types::Timestamp {
-                seconds: chrono::Utc::now().timestamp() + 40 * 86_400,
-                nanos: 0,
-            }),
+            from: at_s(chrono::Utc::now().timestamp()),
+            to: at_s(chrono::Utc::now().timestamp() + 40 * 86_400),
             ..Default::default()
         };
         let slots = web.search_slots(search).await.unwrap().into_inner().slots;

@@ -506,10 +506,7 @@ async fn a_closure_racing_bookings_leaves_no_confirmed_booking_behind() {
                 site_id: site.clone(),
                 service_id: None,
                 from: start,
-                to: start.map(|t| prost_types::Timestamp {
-                    seconds: t.seconds + 1,
-                    nanos: 0,
-                }),
+                to: start.and_then(|t| at_s(t.seconds + 1)),
                 reason: "closed mid-rush".into(),
                 request_id: String::new(),
             })

@@ -541,14 +541,8 @@ async fn only_slot_of(web: &mut BookingServiceClient<Intercepted>, site_id: &str
         .search_slots(proto::SearchSlotsRequest {
             scope: Some(proto::search_slots_request::Scope::SiteId(site_id.into())),
             service_id: "vax".into(),
-            from: Some(prost_types::Timestamp {
-                seconds: now,
-                nanos: 0,
-            }),
-            to: Some(prost_types::Timestamp {
-                seconds: now + 40 * 24 * 3600,
-                nanos: 0,
-            }),
+            from: at_s(now),
+            to: at_s(now + 40 * 24 * 3600),
             only_available: false,
             page_size: 0,
             page_token: String::new(),

@@ -241,10 +241,7 @@ async fn absurd_numbers_and_ranges_are_refused_by_field() {
         .search_slots(proto::SearchSlotsRequest {
             scope: Some(proto::search_slots_request::Scope::SiteId("absurd".into())),
             service_id: "vax".into(),
-            from: Some(prost_types::Timestamp {
-                seconds: i64::MIN,
-                nanos: 0,
-            }),
+            from: at_s(i64::MIN),
             to: Some(prost_types::Timestamp {
                 seconds: i64::MAX,
                 nanos: -1,
@@ -334,14 +331,8 @@ async fn unicode_and_control_characters_in_ids_and_names_are_refused_by_field() 
         .close_slots(proto::CloseSlotsRequest {
             site_id: "text".into(),
             service_id: None,
-            from: Some(prost_types::Timestamp {
-                seconds: 0,
-                nanos: 0,
-            }),
-            to: Some(prost_types::Timestamp {
-                seconds: 4_000_000_000,
-                nanos: 0,
-            }),
+            from: at_s(0),
+            to: at_s(4_000_000_000),
             reason: "closed \u{202e}nepo si".into(),
             request_id: String::new(),
         })

@@ -660,10 +660,7 @@ fn campaign_of(index: usize, (waves, name): (i64, usize)) -> proto::Campaign {
     let waves = (0..waves)
         .map(|wave| proto::Wave {
             wave_id: long(format!("w{wave}-")),
-            opens_at: Some(prost_types::Timestamp {
-                seconds: 1_700_000_000 + wave,
-                nanos: 0,
-            }),
+            opens_at: at_s(1_700_000_000 + wave),
             priority_groups: (0..16)
                 .map(|group| long(format!("g{wave}-{group}-")))
                 .collect(),

@@ -216,14 +216,8 @@ async fn authority_requests_are_forgotten_after_their_window() {
         site_id: "closing".into(),
         reason: "flooded".into(),
         request_id: "close-1".into(),
-        from: Some(prost_types::Timestamp {
-            seconds: clock.now_unix_ms() / 1_000,
-            nanos: 0,
-        }),
-        to: Some(prost_types::Timestamp {
-            seconds: clock.now_unix_ms() / 1_000 + 100 * 86_400,
-            nanos: 0,
-        }),
+        from: at_s(clock.now_unix_ms() / 1_000),
+        to: at_s(clock.now_unix_ms() / 1_000 + 100 * 86_400),
         ..Default::default()
     };
     let first = capacity.close_slots(close.clone()).await.expect("close");

@@ -172,14 +172,8 @@ async fn bad_bookings_and_searches_are_refused_and_change_nothing() {
     let search = |page_size: i32, from: i64, to: i64| proto::SearchSlotsRequest {
         scope: Some(proto::search_slots_request::Scope::SiteId("v".into())),
         service_id: "vax".into(),
-        from: Some(prost_types::Timestamp {
-            seconds: from,
-            nanos: 0,
-        }),
-        to: Some(prost_types::Timestamp {
-            seconds: to,
-            nanos: 0,
-        }),
+        from: at_s(from),
+        to: at_s(to),
         page_size,
         ..Default::default()
     };

@@ -289,14 +289,8 @@ pub async fn search_range(
             .search_slots(proto::SearchSlotsRequest {
                 scope: Some(proto::search_slots_request::Scope::SiteId(site_id.into())),
                 service_id: service_id.into(),
-                from: Some(prost_types::Timestamp {
-                    seconds: from_unix_s,
-                    nanos: 0,
-                }),
-                to: Some(prost_types::Timestamp {
-                    seconds: to_unix_s,
-                    nanos: 0,
-                }),
+                from: at_s(from_unix_s),
+                to: at_s(to_unix_s),
                 only_available: false,
                 page_size: 100,
                 page_token,
