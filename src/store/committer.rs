@@ -244,6 +244,9 @@ pub fn spawn(
         .name("prenota-committer".into())
         .spawn(move || {
             let mut pending: Vec<CommitRequest> = Vec::new();
+            // Declared after `pending`, so dropped before it: the store has failed
+            // before the writers of an unwinding batch learn it was lost.
+            let _fails_if_unwinding = FailIfUnwinding(Arc::clone(&state));
             let mut last_event = *state.events.borrow();
             while let Some(first) = requests.blocking_recv() {
                 let mut writes = first.writes.len() + first.events.len();
@@ -337,6 +340,24 @@ fn commit_batch(
     result
 }
 
+/// Fails the store if the committer thread unwinds (a panic in sled or here). The
+/// writers of the batch then in hand, and later ones, would otherwise learn only that
+/// the channel closed, which is not `Overloaded`: they keep their in-memory effects
+/// (places taken: never overbook) while health said SERVING and every new write took a
+/// place for nothing. Failed, the store refuses writes and says so until a restart.
+struct FailIfUnwinding(Arc<CommitterState>);
+
+impl Drop for FailIfUnwinding {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            fail_stop(
+                &self.0,
+                &StoreError::Io("the committer thread panicked".into()),
+            );
+        }
+    }
+}
+
 /// The first storage error fails the store for good: every later write is refused.
 pub(crate) fn fail_stop(state: &CommitterState, error: &StoreError) {
     metrics::counter!(telemetry::COMMIT_FAILURES).increment(1);
@@ -362,6 +383,15 @@ mod tests {
     impl Durability for FailingDisk {
         fn commit(&mut self, _changes: &[Change]) -> Result<(), StoreError> {
             Err(StoreError::Io("fdatasync: injected EIO".into()))
+        }
+    }
+
+    /// A bug: panics in the middle of a commit.
+    struct PanickingDisk;
+
+    impl Durability for PanickingDisk {
+        fn commit(&mut self, _changes: &[Change]) -> Result<(), StoreError> {
+            panic!("injected: a bug in the store");
         }
     }
 
@@ -464,5 +494,20 @@ mod tests {
         );
         drop(sender);
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_committer_that_panics_fails_the_store_before_its_writers_hear() {
+        let (sender, state, thread) = start(PanickingDisk);
+        let mut health = state.healthy.subscribe();
+        let outcome = write(&sender).blocking_recv();
+        assert!(outcome.is_err(), "the batch's writer hears it was dropped");
+        assert!(
+            state.failed.load(Ordering::Acquire),
+            "failed before the writer heard"
+        );
+        assert!(!*health.borrow_and_update(), "unhealthy");
+        assert_eq!(state.refusal(), StoreError::Failed);
+        assert!(thread.join().is_err(), "the thread panicked");
     }
 }
