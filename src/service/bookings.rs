@@ -11,7 +11,7 @@ use crate::domain::ids::{
 };
 use crate::domain::plans;
 use crate::domain::release::Gate;
-use crate::service::engine::{BookingView, Engine};
+use crate::service::engine::{Attempt, BookingView, Engine};
 use crate::service::error::ServiceError;
 
 pub struct BookCommand {
@@ -69,7 +69,6 @@ impl Engine {
     /// Books one place. Run it in its own task: it must finish even if the client goes away.
     pub async fn book(&self, command: BookCommand) -> Result<BookingView, ServiceError> {
         let citizen = self.hasher.hash(&command.citizen_id);
-        self.count_attempt_on(&citizen, &command.slot)?;
         let slot_text = command.slot.to_string();
         let hold_text = command.hold_id.map(|id| id.to_string()).unwrap_or_default();
         let fingerprint = RequestFingerprint::of(&[
@@ -78,9 +77,10 @@ impl Engine {
             &citizen.0,
             hold_text.as_bytes(),
         ]);
+        let command = &command;
         self.once_per_booking_request(
-            command.request.for_citizen(&citizen),
-            fingerprint,
+            (command.request.for_citizen(&citizen), fingerprint),
+            Attempt::On(&citizen, &command.slot),
             |request| async move {
                 let asking = (citizen, &command.channel);
                 match command.hold_id {
@@ -110,8 +110,6 @@ impl Engine {
             "citizen_ids",
             "must name at least one citizen",
         ))?;
-        // One attempt of the one asking (as the README says), like a Book.
-        self.count_attempt_on(&asking, &command.slot)?;
         let slot_text = command.slot.to_string();
         let mut parts: Vec<&[u8]> = vec![b"book-group", slot_text.as_bytes()];
         parts.extend(members.iter().map(|member| &member.0[..]));
@@ -119,8 +117,9 @@ impl Engine {
         let key = command.request.for_citizen(&asking);
         let bookings = self
             .once_per_request(
-                key,
-                fingerprint,
+                (key, fingerprint),
+                // One attempt of the one asking (as the README says), like a Book.
+                Attempt::On(&asking, &command.slot),
                 |request| self.group_and_commit(&command, &members, request),
                 |bookings: &Vec<Booking>| bookings[0].booking_id,
                 |id| self.group_bookings(&members, id),
@@ -203,8 +202,8 @@ impl Engine {
     /// `once_per_request` for commands whose outcome is a booking.
     pub(super) async fn once_per_booking_request<Work>(
         &self,
-        request: RequestKey,
-        fingerprint: RequestFingerprint,
+        request: (RequestKey, RequestFingerprint),
+        attempt: Attempt<'_>,
         work: impl FnOnce(RequestRecord) -> Work,
     ) -> Result<BookingView, ServiceError>
     where
@@ -213,7 +212,7 @@ impl Engine {
         let booking = self
             .once_per_request(
                 request,
-                fingerprint,
+                attempt,
                 work,
                 |booking: &Booking| booking.booking_id,
                 |id| self.stored_booking(id),
@@ -297,8 +296,8 @@ impl Engine {
         let booking_text = command.booking_id.to_string();
         let fingerprint = RequestFingerprint::of(&[b"cancel", booking_text.as_bytes(), &citizen.0]);
         self.once_per_booking_request(
-            command.request.for_citizen(&citizen),
-            fingerprint,
+            (command.request.for_citizen(&citizen), fingerprint),
+            Attempt::No,
             |request| self.cancel_and_commit(&command, citizen, request),
         )
         .await
@@ -338,7 +337,6 @@ impl Engine {
         command: RescheduleCommand,
     ) -> Result<BookingView, ServiceError> {
         let citizen = self.hasher.hash(&command.citizen_id);
-        self.count_attempt_on(&citizen, &command.new_slot)?;
         let booking_text = command.booking_id.to_string();
         let slot_text = command.new_slot.to_string();
         let fingerprint = RequestFingerprint::of(&[
@@ -348,8 +346,8 @@ impl Engine {
             slot_text.as_bytes(),
         ]);
         self.once_per_booking_request(
-            command.request.for_citizen(&citizen),
-            fingerprint,
+            (command.request.for_citizen(&citizen), fingerprint),
+            Attempt::On(&citizen, &command.new_slot),
             |request| self.reschedule_and_commit(&command, citizen, request),
         )
         .await

@@ -41,7 +41,7 @@ use crate::domain::ids::{
 use crate::domain::plans::{self, SlotView};
 use crate::domain::release::Gate;
 use crate::service::actor::Actor;
-use crate::service::engine::{BookingView, Engine};
+use crate::service::engine::{Attempt, BookingView, Engine};
 use crate::service::error::ServiceError;
 use crate::service::exports::OnIdle;
 use crate::service::state::campaigns::CampaignState;
@@ -369,15 +369,15 @@ impl Engine {
     ) -> Result<BookingView, ServiceError> {
         let citizen = self.hasher.hash(&command.citizen_id);
         let entry = self.campaign_entry(&command.campaign_id)?;
-        self.count_attempt(&citizen)?;
         let fingerprint = RequestFingerprint::of(&[
             b"accept-offer",
             command.campaign_id.as_str().as_bytes(),
             &citizen.0,
         ]);
+        let command = &command;
         self.once_per_booking_request(
-            command.request.for_citizen(&citizen),
-            fingerprint,
+            (command.request.for_citizen(&citizen), fingerprint),
+            Attempt::Of(&citizen),
             |request| async move {
                 let registration = entry.registration(&citizen)?;
                 let offer = registration.offer().ok_or(DomainError::NoOffer)?;
@@ -462,8 +462,8 @@ impl Engine {
         let (entry, citizen, request, fingerprint) = self.registration_request(command, what)?;
         let registration = self
             .once_per_request(
-                request,
-                fingerprint,
+                (request, fingerprint),
+                Attempt::Of(&citizen),
                 |request| work(Arc::clone(&entry), citizen, request),
                 |registration: &Registration| registration.registration_id,
                 |_| Ok(entry.registration(&citizen)?),
@@ -472,8 +472,8 @@ impl Engine {
         Ok(self.registration_view(&entry, registration))
     }
 
-    /// What DeclineOffer and WithdrawRegistration start from: the campaign, the citizen
-    /// (its attempt counted), and the request's key and fingerprint.
+    /// What DeclineOffer and WithdrawRegistration start from: the campaign, the citizen,
+    /// and the request's key and fingerprint.
     fn registration_request(
         &self,
         command: &RegistrationCommand,
@@ -489,7 +489,6 @@ impl Engine {
     > {
         let citizen = self.hasher.hash(&command.citizen_id);
         let entry = self.campaign_entry(&command.campaign_id)?;
-        self.count_attempt(&citizen)?;
         let fingerprint =
             RequestFingerprint::of(&[what, command.campaign_id.as_str().as_bytes(), &citizen.0]);
         Ok((

@@ -100,6 +100,18 @@ pub struct Engine {
     pub(super) last_audit_unix_ms: std::sync::atomic::AtomicI64,
 }
 
+/// Whose booking attempt a request is, counted against the citizen's per-minute quota
+/// (`rate_citizen_attempts_per_min`) when the request runs (`once_per_request`).
+#[derive(Clone, Copy)]
+pub(super) enum Attempt<'a> {
+    /// None: the request spends no attempt (a cancel).
+    No,
+    /// The citizen's.
+    Of(&'a CitizenKey),
+    /// The citizen's, on this slot: counted only if the slot exists.
+    On(&'a CitizenKey, &'a SlotKey),
+}
+
 /// The result of a write whose in-memory effects are undone only if it never reached the
 /// queue (`Overloaded`). After any other error the write may be on disk: memory keeps
 /// its effects (places stay taken: never overbook), and the store is failed until a
@@ -139,16 +151,16 @@ impl Engine {
         })
     }
 
-    /// Counts a booking attempt only on a slot that exists: a made-up slot id cannot
+    /// Counts `attempt`; one on a slot only if the slot exists: a made-up slot id cannot
     /// burn a citizen's quota. (An unknown slot is refused later, in the usual order.)
-    pub(super) fn count_attempt_on(
-        &self,
-        citizen: &CitizenKey,
-        slot: &SlotKey,
-    ) -> Result<(), ServiceError> {
-        match self.slot(slot) {
-            Ok(_) => self.count_attempt(citizen),
-            Err(_) => Ok(()),
+    fn count(&self, attempt: Attempt<'_>) -> Result<(), ServiceError> {
+        match attempt {
+            Attempt::No => Ok(()),
+            Attempt::Of(citizen) => self.count_attempt(citizen),
+            Attempt::On(citizen, slot) => match self.slot(slot) {
+                Ok(_) => self.count_attempt(citizen),
+                Err(_) => Ok(()),
+            },
         }
     }
 
@@ -327,10 +339,11 @@ impl Engine {
     /// `fetch`), a copy in flight waits for the first one's outcome, a different request
     /// is refused. The registry keeps only the outcome's id; the fingerprint names the
     /// command, so an id is always fetched as the kind of thing it was created as.
+    /// `attempt` is counted only when `work` runs: a retry is no new attempt.
     pub(super) async fn once_per_request<T, Work>(
         &self,
-        request: RequestKey,
-        fingerprint: RequestFingerprint,
+        (request, fingerprint): (RequestKey, RequestFingerprint),
+        attempt: Attempt<'_>,
         work: impl FnOnce(RequestRecord) -> Work,
         id_of: impl Fn(&T) -> BookingId,
         fetch: impl Fn(BookingId) -> Result<T, ServiceError>,
@@ -346,6 +359,7 @@ impl Engine {
             Begin::Wait(outcome) => return fetch(requests::wait(outcome).await?),
             Begin::Fresh(guard) => guard,
         };
+        self.count(attempt)?; // `guard` dropped: the request is forgotten, as after an error
         let outcome = work(RequestRecord {
             key: request,
             fingerprint,

@@ -10,7 +10,7 @@ use crate::domain::error::DomainError;
 use crate::domain::hold::{hold_second, Hold, HoldId};
 use crate::domain::ids::{ChannelId, CitizenKey, RequestFingerprint, RequestKey, SlotKey};
 use crate::domain::plans;
-use crate::service::engine::Engine;
+use crate::service::engine::{Attempt, Engine};
 use crate::service::error::ServiceError;
 
 pub struct HoldCommand {
@@ -27,7 +27,6 @@ impl Engine {
     /// Holds one place for `ttl_seconds`. Run it in its own task, like `book`.
     pub async fn hold(&self, command: HoldCommand) -> Result<Hold, ServiceError> {
         let citizen = self.hasher.hash(&command.citizen_id);
-        self.count_attempt_on(&citizen, &command.slot)?;
         let slot_text = command.slot.to_string();
         let fingerprint = RequestFingerprint::of(&[
             b"hold",
@@ -36,8 +35,8 @@ impl Engine {
             &command.ttl_seconds.to_be_bytes(),
         ]);
         self.once_per_request(
-            command.request.for_citizen(&citizen),
-            fingerprint,
+            (command.request.for_citizen(&citizen), fingerprint),
+            Attempt::On(&citizen, &command.slot),
             |request| self.hold_and_commit(&command, citizen, request),
             |hold: &Hold| hold.hold_id,
             |id| self.stored_hold(id),

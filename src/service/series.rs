@@ -11,7 +11,7 @@ use crate::domain::ids::{
 use crate::domain::plans;
 use crate::domain::series::{Placed, Series};
 use crate::service::actor::Actor;
-use crate::service::engine::{BookingView, Engine};
+use crate::service::engine::{Attempt, BookingView, Engine};
 use crate::service::error::ServiceError;
 pub use crate::service::state::series::SeriesBook;
 use crate::store::records::Write;
@@ -82,7 +82,6 @@ impl Engine {
             "slot_ids",
             "must name one slot per dose",
         ))?;
-        self.count_attempt_on(&citizen, first)?;
         let slot_texts: Vec<String> = command.slots.iter().map(ToString::to_string).collect();
         let mut parts: Vec<&[u8]> = vec![b"book-series", command.series_id.as_str().as_bytes()];
         parts.push(&citizen.0);
@@ -90,8 +89,8 @@ impl Engine {
         let fingerprint = RequestFingerprint::of(&parts);
         let bookings = self
             .once_per_request(
-                command.request.for_citizen(&citizen),
-                fingerprint,
+                (command.request.for_citizen(&citizen), fingerprint),
+                Attempt::On(&citizen, first),
                 |request| self.series_and_commit(&command, citizen, request),
                 |bookings: &Vec<Booking>| bookings[0].booking_id,
                 |id| self.series_bookings(citizen, id),

@@ -10,6 +10,34 @@ use prenota::config::{token_sha256, Config, ConfigFile};
 use prenota::proto;
 use tonic::Code;
 
+/// A client that got no answer (a timeout, a dropped connection) retries with the same
+/// `request_id`: however often, it gets the first outcome back, since a retry answered
+/// from the request registry is no new attempt; a new request still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_an_answered_request_get_its_outcome_past_the_attempt_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.limits.rate_citizen_attempts_per_min = 2;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let slot = one_slot_site(&server, "retried", 10).await;
+    let mut client = server.booking().await;
+    let booking = book_ok(&mut client, book_request(&slot, "retrier", "r1")).await;
+    for _ in 0..5 {
+        let again = book_ok(&mut client, book_request(&slot, "retrier", "r1")).await;
+        assert_eq!(again.booking_id, booking.booking_id, "the first outcome");
+    }
+    let second = client.book(book_request(&slot, "retrier", "r2")).await;
+    let status = second.unwrap_err();
+    assert_eq!(reason(&status).as_deref(), Some("CITIZEN_ALREADY_BOOKED"));
+    let third = client.book(book_request(&slot, "retrier", "r3")).await;
+    let status = third.unwrap_err();
+    assert_eq!(
+        reason(&status).as_deref(),
+        Some("RATE_LIMITED"),
+        "a new request"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_citizen_bursting_past_the_limit_waits_and_keeps_its_booking() {
     let dir = tempfile::tempdir().unwrap();
