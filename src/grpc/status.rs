@@ -26,8 +26,14 @@ const EXPORTS_RETRY_DELAY: Duration = Duration::from_secs(5);
 /// Field violations spelled out in a status message; the details carry every one.
 const MESSAGE_VIOLATIONS_MAX: usize = 5;
 
+/// Bytes of field violations (fields and descriptions) the details carry at most: they
+/// travel in a trailer (`grpc-status-details-bin`, base64), and clients refuse header
+/// lists over 16 KiB (hyper's and grpc-go's default), so a request with hundreds of
+/// bad list items once got a broken stream instead of its answer.
+const DETAIL_VIOLATION_BYTES_MAX: usize = 4_096;
+
 fn invalid_argument(violations: Vec<crate::domain::error::FieldViolation>) -> Status {
-    // The message names the first few; the details carry them all.
+    // The message names the first few; the details carry them (up to a bound).
     let mut message = violations
         .iter()
         .take(MESSAGE_VIOLATIONS_MAX)
@@ -40,15 +46,37 @@ fn invalid_argument(violations: Vec<crate::domain::error::FieldViolation>) -> St
             violations.len() - MESSAGE_VIOLATIONS_MAX
         ));
     }
-    let violations: Vec<FieldViolation> = violations
-        .into_iter()
-        .map(|v| FieldViolation::new(v.field, v.description))
-        .collect();
+    let violations = bounded(violations, DETAIL_VIOLATION_BYTES_MAX);
     Status::with_error_details(
         Code::InvalidArgument,
         format!("invalid request: {message}"),
         ErrorDetails::with_bad_request(violations),
     )
+}
+
+/// The first of `violations` within `bytes_max` (at least one); if some are left out, one
+/// more, on the first one left out's field, saying how many.
+fn bounded(
+    violations: Vec<crate::domain::error::FieldViolation>,
+    bytes_max: usize,
+) -> Vec<FieldViolation> {
+    let total = violations.len();
+    let mut kept = Vec::new();
+    let mut bytes = 0;
+    for violation in violations {
+        bytes += violation.field.len() + violation.description.len();
+        if bytes > bytes_max && !kept.is_empty() {
+            let more = total - kept.len();
+            let description = format!(
+                "and {more} more violations from here on, not listed: correct those above \
+                 and send the request again"
+            );
+            kept.push(FieldViolation::new(violation.field, description));
+            break;
+        }
+        kept.push(FieldViolation::new(violation.field, violation.description));
+    }
+    kept
 }
 
 /// How an error is answered: code, `ErrorInfo` reason, metadata and retry delay.

@@ -136,6 +136,26 @@ async fn bad_sites_and_schedules_are_refused_field_by_field() {
         .await
         .unwrap_err();
     assert_eq!(reason(&unknown_site).as_deref(), Some("SITE_NOT_FOUND"));
+    // Hundreds of bad list items: the first violations, and one saying how many more
+    // (all of them once made the answer's trailer too large for the client).
+    let hours = proto::OpeningHours {
+        weekday: 9,
+        opens: "09:00".into(),
+        closes: "10:00".into(),
+    };
+    let status = capacity
+        .publish_schedule(proto::PublishScheduleRequest {
+            opening_hours: vec![hours; 1_000],
+            ..publish_request("good", "vax", (&day, &day), ("09:00", "12:00"), 30, 2)
+        })
+        .await
+        .unwrap_err();
+    let violations = tonic_types::StatusExt::get_details_bad_request(&status);
+    let violations = violations.unwrap().field_violations;
+    assert!((2..200).contains(&violations.len()), "{}", violations.len());
+    assert_eq!(violations[0].field, "opening_hours");
+    let last = violations.last().unwrap();
+    assert!(last.description.contains("more violations"), "{last:?}");
     server.stop().await;
 }
 
