@@ -365,9 +365,11 @@ impl Engine {
         let mut new_slot = self.slot_view(&command.new_slot, asking, now_ms).ok();
         if let (Some(view), Some(old)) = (new_slot.as_mut(), stored.as_ref()) {
             // Within one release a move swaps places: it needs no new admission (a
-            // campaign's gate stays: its slots are reached through offers).
-            let release_gate = matches!(view.gate, Gate::NotYet { .. } | Gate::Queue { .. });
-            if release_gate && self.in_same_release(&old.slot, &view.key) {
+            // campaign's gate stays: its slots are reached through offers). Before
+            // `release_at` nobody moves in: a booking made before the release was
+            // announced must not pick its slots before everyone else.
+            let queued = matches!(view.gate, Gate::Queue { .. });
+            if queued && self.in_same_release(&old.slot, &view.key) {
                 view.gate = Gate::Open;
             }
         }

@@ -227,6 +227,40 @@ async fn booking_before_release_at_is_refused_with_the_time_to_retry() {
     server.stop().await;
 }
 
+/// A booking made before a release was announced, in a slot the release then covers,
+/// cannot move into the release's other slots before `release_at` (it once could, "a
+/// move within the release": picking the best slots before everyone else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booking_moves_within_its_release_only_once_it_is_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), Config::default(), clock.clone()).await;
+    let channel = server.channel().await;
+    utc_site_on(channel, ("early", "test-region"), 30, ("10:00", "11:00"), 2).await;
+    let (mut booking, mut capacity) = (server.booking().await, server.capacity().await);
+    let slots = search_all(&mut booking, "early", "vax").await;
+    let first = book_ok(&mut booking, book_request(&slots[0].slot_id, "c", "b1")).await;
+    let release_at = clock.now_unix_ms() + 90_000;
+    create(&mut capacity, release("r", "test-region", release_at, None))
+        .await
+        .expect("created");
+    let move_to_second = |request_id: &str| proto::RescheduleBookingRequest {
+        booking_id: first.booking_id.clone(),
+        citizen_id: "c".into(),
+        new_slot_id: slots[1].slot_id.clone(),
+        request_id: request_id.into(),
+    };
+    let early = booking.reschedule_booking(move_to_second("m1")).await;
+    let status = early.expect_err("not released yet");
+    assert_eq!(reason(&status).as_deref(), Some("SLOT_NOT_RELEASED"));
+    clock.advance(Duration::from_secs(90));
+    booking
+        .reschedule_booking(move_to_second("m2"))
+        .await
+        .expect("released: anyone moves in");
+    server.stop().await;
+}
+
 /// 25 slots of 100 places (2,500) on one site of region `lazio`, 30 days ahead.
 async fn big_site(server: &TestServer) -> Vec<proto::Slot> {
     let site = ("q-site", "lazio");
