@@ -740,7 +740,11 @@ impl Catalog {
             next_after: None,
         };
         let mut scanned = 0;
-        for entry in self.scope_sites(&query.scope)? {
+        let sites = self.scope_sites(&query.scope)?;
+        if let Some(after) = &query.after {
+            check_page_token(after, query, &sites)?;
+        }
+        for entry in sites {
             let Some(starts) = entry.slots.get(&query.service_id) else {
                 continue;
             };
@@ -1063,6 +1067,26 @@ impl Catalog {
     }
 }
 
+/// A search's page token (a slot key it handed out) names a slot of its own service and
+/// one of its sites: another search's token, or a made-up one, would silently give a
+/// wrong page (the first again, or an empty "last" one).
+fn check_page_token(
+    after: &SlotKey,
+    query: &SearchQuery,
+    sites: &[&SiteEntry],
+) -> Result<(), DomainError> {
+    let in_scope = sites
+        .iter()
+        .any(|entry| entry.site.site_id == after.site_id);
+    match after.service_id == query.service_id && in_scope {
+        true => Ok(()),
+        false => Err(DomainError::invalid(
+            "page_token",
+            "is not a next_page_token of this search (its scope and service)",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1342,6 +1366,33 @@ mod tests {
         }
         catalog.check_free_places().unwrap();
         assert_eq!(catalog.sites.values().next().unwrap().days.len(), 1);
+    }
+
+    #[test]
+    fn a_page_token_of_another_site_or_service_is_refused() {
+        let (catalog, starts, mut q) = three_a_day(1);
+        q.after = Some(take_key(starts[0]));
+        assert_eq!(catalog.search(&q).unwrap().slots.len(), 2, "its own");
+        let others = [
+            SlotKey {
+                service_id: id(ServiceId::parse, "flu"),
+                ..take_key(starts[0])
+            },
+            SlotKey {
+                site_id: id(SiteId::parse, "zzz"),
+                ..take_key(starts[0])
+            },
+        ];
+        for other in others {
+            q.after = Some(other);
+            match catalog.search(&q) {
+                Err(DomainError::Invalid(violations)) => {
+                    assert_eq!(violations[0].field, "page_token");
+                }
+                Err(other) => panic!("{other:?}"),
+                Ok(page) => panic!("accepted: {} slots", page.slots.len()),
+            }
+        }
     }
 
     #[test]

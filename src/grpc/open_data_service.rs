@@ -27,7 +27,7 @@ impl OpenDataService for OpenDataApi {
     ) -> Result<Response<proto::GetAvailabilitySummaryResponse>, Status> {
         let today = convert::utc_date(self.engine.clock().now_unix_ms());
         let query = convert::summary_from_proto(request.into_inner(), self.engine.limits(), today)?;
-        let page = self.engine.availability_summary(&query);
+        let page = self.engine.availability_summary(&query)?;
         Ok(Response::new(convert::summary_to_proto(&page)))
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use chrono::NaiveDate;
 
 use crate::domain::catalog::{DayTotals, DaysWanted, Site};
+use crate::domain::error::DomainError;
 use crate::domain::ids::{RegionId, ServiceId, SiteId};
 use crate::service::engine::Engine;
 
@@ -46,8 +47,9 @@ pub struct SummaryPage {
 }
 
 impl Engine {
-    /// One page of the availability summary.
-    pub fn availability_summary(&self, query: &SummaryQuery) -> SummaryPage {
+    /// One page of the availability summary; a page token of another question (another
+    /// region's site, another service) is refused, not read as a wrong place to go on.
+    pub fn availability_summary(&self, query: &SummaryQuery) -> Result<SummaryPage, DomainError> {
         let as_of_unix_ms = self.now_unix_ms();
         // Live holds counted once per call (one pass, one short lock).
         let held = self.live_holds().count_by_slot_everywhere();
@@ -62,6 +64,7 @@ impl Engine {
         // The last (site, service, day) looked at: where the next page goes on from.
         let mut last: Option<RowKey> = None;
         let sites = catalog.sites_in(query.region_id.as_ref());
+        check_page_token(query, &sites)?;
         for site in sites
             .into_iter()
             .filter(|s| after_site.is_none_or(|a| s.site_id >= *a))
@@ -101,13 +104,34 @@ impl Engine {
                     service_id: row.totals.service_id.clone(),
                     day: row.totals.day,
                 });
-                return page;
+                return Ok(page);
             }
             if found.stopped || budget == 0 {
                 page.next = last;
-                return page;
+                return Ok(page);
             }
         }
-        page
+        Ok(page)
+    }
+}
+
+/// A summary's page token names a row of its own question: one of its region's sites,
+/// of its service if it has one (another question's token would be read as a wrong
+/// place to go on from).
+fn check_page_token(query: &SummaryQuery, sites: &[Arc<Site>]) -> Result<(), DomainError> {
+    let Some(after) = &query.after else {
+        return Ok(());
+    };
+    let in_region = sites.iter().any(|site| site.site_id == after.site_id);
+    let of_service = query
+        .service_id
+        .as_ref()
+        .is_none_or(|s| *s == after.service_id);
+    match in_region && of_service {
+        true => Ok(()),
+        false => Err(DomainError::invalid(
+            "page_token",
+            "is not a next_page_token of this summary (its region and service)",
+        )),
     }
 }

@@ -221,6 +221,25 @@ async fn the_summary_adds_up_what_site_stats_counts_and_names_no_one() {
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&status), ["first_day", "page_token"]);
+    // A page token of another question (another service, another region) is refused,
+    // not read as a place to go on from.
+    let first = open_data
+        .get_availability_summary(summary_request(1, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.next_page_token.starts_with("od-a/card/"), "{first:?}");
+    for (region_id, service_id) in [(None, Some("vax")), (Some("elsewhere"), None)] {
+        let status = open_data
+            .get_availability_summary(proto::GetAvailabilitySummaryRequest {
+                region_id: region_id.map(String::from),
+                service_id: service_id.map(String::from),
+                ..summary_request(1, first.next_page_token.clone())
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&status), ["page_token"]);
+    }
 
     // The CLI writes the same rows, as CSV and as JSON Lines.
     for (format, lines) in [("csv", rows.len() + 1), ("json", rows.len())] {
