@@ -297,6 +297,18 @@ impl Starts {
         self.find(start_unix_s).ok().map(|at| &self.0[at])
     }
 
+    /// The first open slot at another start than `start` whose time overlaps
+    /// `start..end`.
+    fn overlapping(&self, (start, end): (i64, i64)) -> Option<&Arc<Slot>> {
+        const LONGEST_SLOT_S: i64 = 86_400; // slot_minutes_max is at most a day
+        let from = start.saturating_sub(LONGEST_SLOT_S);
+        self.range(from, end).find(|other| {
+            other.start_unix_s != start
+                && other.end_unix_s() > start
+                && !other.counter.snapshot().closed
+        })
+    }
+
     /// The slots starting in `[from, to)`.
     fn range(&self, from: i64, to: i64) -> impl Iterator<Item = &Arc<Slot>> {
         let position = |start| self.find(start).unwrap_or_else(|at| at);
@@ -647,6 +659,18 @@ impl Catalog {
         })
     }
 
+    /// The first open slot of `key`'s site and service at another start whose time
+    /// overlaps `key`'s slot ending at `end_unix_s` (reopening it would offer those
+    /// desks twice).
+    pub fn open_overlapping(&self, key: &SlotKey, end_unix_s: i64) -> Option<SlotKey> {
+        let starts = self.sites.get(&key.site_id)?.slots.get(&key.service_id)?;
+        let other = starts.overlapping((key.start_unix_s, end_unix_s))?;
+        Some(SlotKey {
+            start_unix_s: other.start_unix_s,
+            ..key.clone()
+        })
+    }
+
     /// Drops a slot (retention, once its records are deleted); false if it was not there.
     pub fn remove_slot(&mut self, key: &SlotKey) -> bool {
         let Some(entry) = self.sites.get_mut(&key.site_id) else {
@@ -673,13 +697,15 @@ impl Catalog {
     }
 
     /// Compares planned slots with the slots that already exist (none, for a site
-    /// not created yet). Closed slots stay closed and are left out.
+    /// not created yet). Closed slots stay closed and are left out. A planned slot whose
+    /// time overlaps an open slot at another start (a schedule republished with another
+    /// slot length) is refused: the two would offer one hour's desks twice.
     pub fn plan_publish(
         &self,
         site_id: &SiteId,
         service_id: &ServiceId,
         planned: &[PlannedSlot],
-    ) -> PublishPlan {
+    ) -> Result<PublishPlan, DomainError> {
         let existing = self
             .sites
             .get(site_id)
@@ -691,6 +717,10 @@ impl Catalog {
         };
         for slot in planned {
             plan.total_capacity += u64::from(slot.capacity);
+            let time = (slot.start_unix_s, slot.end_unix_s);
+            if let Some(other) = existing.and_then(|starts| starts.overlapping(time)) {
+                return Err(overlap(site_id, service_id, (time, other)));
+            }
             match existing.and_then(|starts| starts.get(slot.start_unix_s)) {
                 // A closed slot stays closed: only SetSlotCapacity reopens it.
                 Some(existing) if existing.counter.snapshot().closed => {}
@@ -714,7 +744,7 @@ impl Catalog {
                 }),
             }
         }
-        plan
+        Ok(plan)
     }
 
     /// The sites a search covers, in id order; unknown site or region → not found.
@@ -1065,6 +1095,28 @@ impl Catalog {
     pub fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
         self.sites.values().flat_map(SiteEntry::slots)
     }
+}
+
+/// Why a planned slot (its `start..end`) cannot be published next to `other`, an open
+/// slot it overlaps.
+fn overlap(
+    site_id: &SiteId,
+    service_id: &ServiceId,
+    ((start, end), other): ((i64, i64), &Slot),
+) -> DomainError {
+    let id = |start: i64| format!("{site_id}/{service_id}/{start}");
+    let minutes = |start: i64, end: i64| (end - start) / 60;
+    DomainError::invalid(
+        "slot_minutes",
+        format!(
+            "the slot {} ({} min) would overlap the open slot {} ({} min): to change a \
+             schedule's slot length, close its old slots first (CloseSlots)",
+            id(start),
+            minutes(start, end),
+            id(other.start_unix_s),
+            minutes(other.start_unix_s, other.end_unix_s()),
+        ),
+    )
 }
 
 /// A search's page token (a slot key it handed out) names a slot of its own service and
@@ -1469,31 +1521,53 @@ mod tests {
         catalog.check_free_places().unwrap();
     }
 
+    /// Slots of 10 minutes republished as 15: the new ones would overlap the open old
+    /// ones (one hour's desks offered twice), so they are refused; once the old ones are
+    /// closed, published.
+    #[test]
+    fn republishing_with_another_slot_length_is_refused_while_the_old_slots_are_open() {
+        let catalog = catalog_with_slots(&["a"], &[0, 600, 1_200]);
+        let planned = [0, 900].map(|start| PlannedSlot {
+            start_unix_s: start,
+            end_unix_s: start + 900,
+            capacity: 1,
+        });
+        let (site, service) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
+        match catalog.plan_publish(&site, &service, &planned) {
+            Err(DomainError::Invalid(violations)) => {
+                assert_eq!(violations[0].field, "slot_minutes");
+                assert!(
+                    violations[0].description.contains("a/vax/600"),
+                    "{violations:?}"
+                );
+            }
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("overlapping slots planned"),
+        }
+        for start in [600, 1_200] {
+            let (_, slot) = catalog.slot(&take_key(start)).unwrap();
+            slot.counter.close();
+        }
+        let plan = catalog.plan_publish(&site, &service, &planned).unwrap();
+        assert_eq!(plan.created.len(), 1, "900");
+        assert_eq!(plan.updated.len(), 1, "0 ends later");
+    }
+
     #[test]
     fn republishing_creates_only_the_missing_slots_and_keeps_the_others() {
-        let catalog = catalog_with_slots(&["a"], &[100, 200]);
-        let planned = [
-            PlannedSlot {
-                start_unix_s: 100,
-                end_unix_s: 700,
-                capacity: 1,
-            },
-            PlannedSlot {
-                start_unix_s: 200,
-                end_unix_s: 800,
-                capacity: 1,
-            },
-            PlannedSlot {
-                start_unix_s: 300,
-                end_unix_s: 900,
-                capacity: 1,
-            },
-        ];
-        let plan = catalog.plan_publish(
-            &id(SiteId::parse, "a"),
-            &id(ServiceId::parse, "vax"),
-            &planned,
-        );
+        let catalog = catalog_with_slots(&["a"], &[100, 700]);
+        let planned = [100, 700, 1_300].map(|start| PlannedSlot {
+            start_unix_s: start,
+            end_unix_s: start + 600,
+            capacity: 1,
+        });
+        let plan = catalog
+            .plan_publish(
+                &id(SiteId::parse, "a"),
+                &id(ServiceId::parse, "vax"),
+                &planned,
+            )
+            .unwrap();
         assert_eq!(plan.created.len(), 1);
         assert_eq!(plan.updated.len(), 0);
         assert_eq!(plan.total_capacity, 3);

@@ -396,7 +396,7 @@ impl Engine {
             let horizon = schedule.check_horizon(self.last_day_max());
             horizon.map_err(|violation| DomainError::Invalid(vec![violation]))?;
             let planned = schedule.plan(site.time_zone, self.limits.publish_slots_max)?;
-            catalog.plan_publish(site_id, service_id, &planned)
+            catalog.plan_publish(site_id, service_id, &planned)?
         };
         self.check_region_slots(&[], std::slice::from_ref(&plan))?;
         let what = format!(
@@ -433,7 +433,7 @@ impl Engine {
                 .map(|((site_id, service_id), planned)| {
                     catalog.plan_publish(site_id, service_id, planned)
                 })
-                .collect()
+                .collect::<Result<_, _>>()?
         };
         self.check_region_slots(&sites, &plans)?;
         if dry_run {
@@ -612,8 +612,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Refuses to reopen `key` (ending at `end_unix_s`) beside an open slot it overlaps
+    /// (a schedule republished with another slot length after it was closed).
+    fn check_reopens_alone(&self, key: &SlotKey, end_unix_s: i64) -> Result<(), DomainError> {
+        match self.catalog().open_overlapping(key, end_unix_s) {
+            None => Ok(()),
+            Some(other) => Err(DomainError::invalid(
+                "slot_id",
+                format!("reopened, it would overlap the open slot {other}: close that one first"),
+            )),
+        }
+    }
+
     /// Sets one slot's capacity (never below its bookings and live holds) and opens
-    /// it if it was closed.
+    /// it if it was closed (unless it would overlap an open slot).
     pub async fn set_slot_capacity(
         &self,
         key: &SlotKey,
@@ -637,6 +649,9 @@ impl Engine {
             return Ok((site, slot)); // already applied: the slot as it is now
         }
         let before = slot.counter.snapshot();
+        if before.closed {
+            self.check_reopens_alone(key, slot.end_unix_s())?;
+        }
         let below = |taken| DomainError::CapacityBelowBooked {
             slot: key.clone(),
             requested: capacity,

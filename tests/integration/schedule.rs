@@ -244,3 +244,63 @@ async fn search_pages_cover_a_region_once_in_order() {
     assert!(seen[17].starts_with("north-b/"));
     server.stop().await;
 }
+
+/// A schedule republished with another slot length once added its slots beside the old
+/// ones (08:30–09:00 beside 08:20–08:40 and 08:40–09:00: an hour's desks offered
+/// twice); now it is refused while the old slots are open, and published once they are
+/// closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_republished_with_another_slot_length_never_overlaps_open_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut capacity = server.capacity().await;
+    upsert_site(&mut capacity, "relength", "lazio", "Europe/Rome").await;
+    let day = day_ahead(20);
+    let publish = |minutes| {
+        publish_request(
+            "relength",
+            "vax",
+            (&day, &day),
+            ("09:00", "10:00"),
+            minutes,
+            2,
+        )
+    };
+    capacity.publish_schedule(publish(30)).await.unwrap();
+    let status = capacity.publish_schedule(publish(20)).await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["slot_minutes"]);
+    let (from, to) = (
+        chrono::Utc::now().timestamp(),
+        chrono::Utc::now().timestamp() + 40 * 86_400,
+    );
+    let slots = search_range(&mut server.booking().await, "relength", "vax", from, to).await;
+    assert_eq!(slots.len(), 2, "nothing of the refused schedule");
+    capacity
+        .close_slots(proto::CloseSlotsRequest {
+            site_id: "relength".into(),
+            service_id: Some("vax".into()),
+            from: at_s(from),
+            to: at_s(to),
+            reason: "new slot length".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    capacity.publish_schedule(publish(20)).await.unwrap();
+    let slots = search_range(&mut server.booking().await, "relength", "vax", from, to).await;
+    let open: Vec<_> = slots.iter().filter(|slot| !slot.closed).collect();
+    assert_eq!(
+        open.len(),
+        2,
+        "09:20 and 09:40; the closed 09:00 stays closed"
+    );
+    // Reopening the closed 30-minute 09:00 would overlap the open 09:20.
+    let reopen = proto::SetSlotCapacityRequest {
+        slot_id: slots[0].slot_id.clone(),
+        capacity: 2,
+        request_id: String::new(),
+    };
+    let status = capacity.set_slot_capacity(reopen).await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["slot_id"]);
+    server.stop().await;
+}
