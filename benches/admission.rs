@@ -4,7 +4,7 @@
 //! under the holds' lock. Run: `cargo bench --bench admission`. Numbers: BENCHMARKS.md.
 
 use std::hint::black_box;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -15,7 +15,28 @@ use prenota::domain::ids::{
     BookingId, ChannelId, CitizenKey, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId,
     SlotKey,
 };
-use prenota::domain::slot_counter::SlotCounter;
+use prenota::domain::slot_counter::{Group, SlotCounter};
+
+/// A catalog day's part in a change (`domain::catalog::Day`) while nobody watches:
+/// the sum of free places, and a look at the watchers' switch (on the catalog's board,
+/// apart from the day).
+#[derive(Debug, Default)]
+struct UnwatchedDay {
+    free: AtomicI64,
+    watching: Arc<AtomicBool>,
+}
+
+impl Group for UnwatchedDay {
+    fn add_free(&self, change: i64) {
+        self.free.fetch_add(change, Ordering::AcqRel);
+    }
+
+    fn member_changed(&self, flag: &dyn Fn()) {
+        if self.watching.load(Ordering::SeqCst) {
+            flag();
+        }
+    }
+}
 
 /// Places per slot: large enough that the measured loop never sees a full slot.
 const CAPACITY: u32 = prenota::domain::slot_counter::COUNTER_FIELD_MAX;
@@ -32,8 +53,9 @@ fn uncontended(c: &mut Criterion) {
             let _ = black_box(counter.release());
         })
     });
-    // As in the catalog: every change also adds to its day's free places.
-    let in_a_day = SlotCounter::in_group(CAPACITY, false, Arc::new(AtomicI64::new(0)));
+    // As in the catalog: every change also adds to its day's free places, and asks the
+    // day whether anyone watches (nobody here).
+    let in_a_day = SlotCounter::in_group(CAPACITY, false, Arc::new(UnwatchedDay::default()));
     group.bench_function("take_release_one_slot_one_thread_in_a_day", |b| {
         b.iter(|| {
             if black_box(in_a_day.try_take()).is_ok() {
@@ -63,8 +85,8 @@ fn one_hot_slot_two_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("admission");
     const PER_THREAD: u64 = 100_000;
     group.throughput(Throughput::Elements(2 * PER_THREAD));
-    // In a group, as in the catalog.
-    let counter = SlotCounter::in_group(CAPACITY, false, Arc::new(AtomicI64::new(0)));
+    // In a group, as in the catalog (nobody watching).
+    let counter = SlotCounter::in_group(CAPACITY, false, Arc::new(UnwatchedDay::default()));
     let counter = Arc::new(counter);
     group.bench_function("take_release_one_slot_two_threads", |b| {
         b.iter(|| {

@@ -101,9 +101,14 @@ impl Group for Day {
         self.free.fetch_add(change, Ordering::AcqRel);
     }
 
-    /// Posts the day on the board once, while someone watches.
-    fn member_changed(&self) {
-        if self.board.watching.load(Ordering::SeqCst) && !self.posted.swap(true, Ordering::SeqCst) {
+    /// While someone watches: flags the member, then posts the day on the board once
+    /// (the flag first: the fan-out clears `posted` before it reads the flags).
+    fn member_changed(&self, flag: &dyn Fn()) {
+        if !self.board.watching.load(Ordering::SeqCst) {
+            return;
+        }
+        flag();
+        if !self.posted.swap(true, Ordering::SeqCst) {
             if let Some(me) = self.me.upgrade() {
                 self.board.post(me);
             }
@@ -1418,6 +1423,31 @@ mod tests {
         }
         catalog.check_free_places().unwrap();
         assert_eq!(catalog.sites.values().next().unwrap().days.len(), 1);
+    }
+
+    /// Slots published and booked while nobody watched are no news to a watcher that
+    /// came later (it read them in its first snapshot): a day's first change once
+    /// watched reports that slot alone, not every slot of the day.
+    #[test]
+    fn once_watched_a_days_first_change_reports_that_slot_alone() {
+        let (catalog, starts, _) = three_a_day(1);
+        let first = take(&catalog, starts[0]);
+        let starts_of = |changed: Vec<(Arc<Site>, Arc<Slot>)>| -> Vec<i64> {
+            changed.iter().map(|(_, slot)| slot.start_unix_s).collect()
+        };
+        catalog.board().set_watching(true);
+        assert!(catalog.changed_slots().is_empty());
+        take(&catalog, starts[1]);
+        assert_eq!(starts_of(catalog.changed_slots()), [starts[1]]);
+        catalog.board().set_watching(false);
+        first.counter.release().unwrap();
+        catalog.board().set_watching(true);
+        take(&catalog, starts[2]);
+        assert_eq!(
+            starts_of(catalog.changed_slots()),
+            [starts[2]],
+            "not the one changed while unwatched"
+        );
     }
 
     #[test]

@@ -15,9 +15,11 @@
 //! search reads a day's free places in one load and skips sold-out days without visiting
 //! their slots. The sum trails the members by the changes in flight, never for longer.
 //!
-//! Every change a client could see (capacity, taken, closed) also sets the word's
-//! `changed` flag, in the same CAS, and tells its group: that is the one change
-//! notification `WatchAvailability` is built on (no poll of the catalog).
+//! Every change a client could see (capacity, taken, closed) tells its group, and,
+//! while someone watches the group, sets the word's `changed` flag first: that is the
+//! one change notification `WatchAvailability` is built on (no poll of the catalog).
+//! Changes while nobody watches set no flag, so a day's first change once watched is
+//! not taken for news of every slot changed since it was published.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,7 +36,8 @@ const PENDING_SHIFT: u32 = FIELD_BITS;
 const CAPACITY_SHIFT: u32 = FIELD_BITS + PENDING_BITS;
 /// Set once the counter left its group: its changes no longer count there.
 const LEFT_BIT: u64 = 1 << 61;
-/// Set by every visible change; cleared by whoever reports it (`take_changed`).
+/// Set by every visible change while watched; cleared by whoever reports it
+/// (`take_changed`).
 const CHANGED_BIT: u64 = 1 << 62;
 const CLOSED_BIT: u64 = 1 << 63;
 const _: () = assert!(
@@ -68,17 +71,20 @@ impl CounterSnapshot {
 pub trait Group: Send + Sync + std::fmt::Debug {
     /// The group's free places changed by `change`.
     fn add_free(&self, change: i64);
-    /// A member's capacity, taken places or closed flag changed.
-    fn member_changed(&self);
+    /// A member's capacity, taken places or closed flag changed: if that is news to
+    /// someone (a watcher), `flag` marks the member changed before the group is told.
+    fn member_changed(&self, flag: &dyn Fn());
 }
 
-/// A bare sum of free places (tests, and groups nobody watches).
+/// A bare sum of free places (tests): every change is news.
 impl Group for AtomicI64 {
     fn add_free(&self, change: i64) {
         self.fetch_add(change, Ordering::AcqRel);
     }
 
-    fn member_changed(&self) {}
+    fn member_changed(&self, flag: &dyn Fn()) {
+        flag();
+    }
 }
 
 impl<T: Group + ?Sized> Group for Arc<T> {
@@ -86,19 +92,20 @@ impl<T: Group + ?Sized> Group for Arc<T> {
         (**self).add_free(change);
     }
 
-    fn member_changed(&self) {
-        (**self).member_changed();
+    fn member_changed(&self, flag: &dyn Fn()) {
+        (**self).member_changed(flag);
     }
 }
 
-/// No group: a counter on its own (tests, benches).
+/// No group: a counter on its own (tests, benches); nobody watches it, so no change is
+/// news (as in an unwatched catalog day).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoGroup;
 
 impl Group for NoGroup {
     fn add_free(&self, _: i64) {}
 
-    fn member_changed(&self) {}
+    fn member_changed(&self, _: &dyn Fn()) {}
 }
 
 /// One slot's counter word and the group its changes count in. With an `Arc` group it
@@ -157,7 +164,7 @@ impl SlotCounter<NoGroup> {
 impl<G: Group> SlotCounter<G> {
     /// A counter that belongs to `group` from the start: its free places are added to
     /// the group's sum, and every later change until it leaves. A new counter starts
-    /// changed: it is news to a watcher.
+    /// changed if someone watches its group: it is news to a watcher.
     pub fn in_group(capacity: u32, closed: bool, group: G) -> Self {
         let snapshot = CounterSnapshot {
             capacity: capacity.min(COUNTER_FIELD_MAX),
@@ -166,9 +173,11 @@ impl<G: Group> SlotCounter<G> {
             closed,
         };
         group.add_free(i64::from(snapshot.remaining()));
-        group.member_changed();
+        let news = std::cell::Cell::new(false);
+        group.member_changed(&|| news.set(true));
+        let flag = if news.get() { CHANGED_BIT } else { 0 };
         Self {
-            word: AtomicU64::new(pack(snapshot) | CHANGED_BIT),
+            word: AtomicU64::new(pack(snapshot) | flag),
             group,
         }
     }
@@ -187,10 +196,15 @@ impl<G: Group> SlotCounter<G> {
     /// Marks the slot changed for watchers though its counter did not move: what callers
     /// are shown of it changed around it (a release now covers it).
     pub fn mark_shown_changed(&self) {
-        let before = self.word.fetch_or(CHANGED_BIT, Ordering::SeqCst);
-        if before & LEFT_BIT == 0 {
-            self.group.member_changed();
+        if self.word.load(Ordering::SeqCst) & LEFT_BIT == 0 {
+            self.group.member_changed(&|| self.flag_changed());
         }
+    }
+
+    /// Sets the `changed` flag (after the change it flags: a watcher registering in
+    /// between reads the changed value in its first snapshot).
+    fn flag_changed(&self) {
+        self.word.fetch_or(CHANGED_BIT, Ordering::SeqCst);
     }
 
     /// Leaves the sum of its group (a slot removed from the catalog, long after it
@@ -218,7 +232,7 @@ impl<G: Group> SlotCounter<G> {
             let (before, next) = (unpack(current), change(unpack(current))?);
             let visible = (before.capacity, before.taken, before.closed)
                 != (next.capacity, next.taken, next.closed);
-            let flags = current & (LEFT_BIT | CHANGED_BIT) | if visible { CHANGED_BIT } else { 0 };
+            let flags = current & (LEFT_BIT | CHANGED_BIT);
             match self.word.compare_exchange_weak(
                 current,
                 pack(next) | flags,
@@ -241,7 +255,7 @@ impl<G: Group> SlotCounter<G> {
         if change != 0 {
             self.group.add_free(change);
         }
-        self.group.member_changed();
+        self.group.member_changed(&|| self.flag_changed());
     }
     /// Takes one place if the slot is open and has one free, counting the admission as
     /// pending until `settle`. The place stays taken after that; `release` returns it.
@@ -449,7 +463,8 @@ mod tests {
 
     #[test]
     fn pending_fills_its_field_without_touching_the_others() {
-        let counter = SlotCounter::new(COUNTER_FIELD_MAX, false);
+        // In a group to which every change is news.
+        let counter = SlotCounter::in_group(COUNTER_FIELD_MAX, false, AtomicI64::new(0));
         take(&counter).unwrap();
         assert!(counter.take_changed());
         for _ in 0..PENDING_MAX {
@@ -486,12 +501,13 @@ mod tests {
         assert_eq!(free(), 0);
         counter.reopen();
         assert_eq!(free(), 2);
+        assert!(counter.take_changed());
         counter.leave();
         assert_eq!(free(), 0);
         counter.release().unwrap();
         counter.leave();
         assert_eq!(free(), 0, "changes after leaving count nowhere");
-        assert!(counter.take_changed(), "but watchers still see them");
+        assert!(!counter.take_changed(), "and are news to nobody");
         assert_eq!(counter.snapshot().taken, 0);
     }
 
