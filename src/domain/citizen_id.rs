@@ -53,7 +53,8 @@ impl CitizenIds {
 const OMOCODIC_LETTERS: &[u8; 10] = b"LMNPQRSTUV";
 const MONTH_LETTERS: &[u8] = b"ABCDEHLMPRST";
 
-/// A 16-character personal code: its shape, then its check character.
+/// A 16-character personal code: its shape, its day of birth (1–31, plus 40 for
+/// women), then its check character.
 fn is_personal_code(code: &str) -> bool {
     let bytes = code.as_bytes();
     if bytes.len() != 16 {
@@ -66,7 +67,23 @@ fn is_personal_code(code: &str) -> bool {
         6 | 7 | 9 | 10 | 12..=14 => digit_like(b),
         _ => false,
     });
-    shape_ok && check_character(&bytes[..15]) == bytes[15]
+    shape_ok && is_birth_day(bytes[9], bytes[10]) && check_character(&bytes[..15]) == bytes[15]
+}
+
+/// Whether the two day characters (digits, or omocodic letters for digits) read 1–31
+/// or 41–71.
+fn is_birth_day(tens: u8, units: u8) -> bool {
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        _ => OMOCODIC_LETTERS
+            .iter()
+            .position(|&l| l == b)
+            .map(|p| p as u8),
+    };
+    match (digit(tens), digit(units)) {
+        (Some(tens), Some(units)) => matches!(tens * 10 + units, 1..=31 | 41..=71),
+        _ => false,
+    }
 }
 
 /// The check character of the first 15 characters (Decreto ministeriale 23/12/1976).
@@ -136,6 +153,9 @@ mod tests {
             ("RSSMRA80A01H501U!", None),
             ("RSSMRA80A01H501A", None), // wrong check character
             ("RSSMRA80Z01H501U", None), // Z is no month
+            ("RSSMRA80A99H501Y", None), // day 99 (its check character right)
+            ("RSSMRA80A00H501V", None), // day 0
+            ("BNCLRA90B41F205H", Some("BNCLRA90B41F205H")), // a woman: day 1 + 40
             ("RSSMRA80A01H50", None),
             // Omocodic: the last digit 1 of the municipality became M; a different person.
             ("RSSMRA80A01H50MM", Some("RSSMRA80A01H50MM")),
