@@ -84,6 +84,16 @@ pub(crate) async fn authorized_channel(
 }
 
 /// `NotFound` → `NOT_FOUND`, as gRPC names codes.
+/// Writes `text` and a newline to stdout. A reader that went away (`prenota config
+/// check … | head`) ends the output quietly; `println!` would panic.
+pub fn print_out(text: &str) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("stdout: {e}")),
+        _ => Ok(()),
+    }
+}
+
 fn code_name(code: Code) -> String {
     let mut name = String::new();
     for (index, c) in format!("{code:?}").chars().enumerate() {

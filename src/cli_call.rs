@@ -82,8 +82,7 @@ impl Decoder for DynamicCodec {
 
 fn print(message: &DynamicMessage) -> Result<(), String> {
     let text = serde_json::to_string_pretty(message).map_err(|e| e.to_string())?;
-    println!("{text}");
-    Ok(())
+    crate::cli::print_out(&text)
 }
 
 /// Calls `method_name` with the JSON `request` (empty: `{}`) and `headers`; prints each

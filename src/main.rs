@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use prenota::cli::Target;
+use prenota::cli::{print_out, Target};
 use prenota::config::{
     check_listen, check_plaintext_tokens, token_sha256, ConfigFile, ServerSection, TlsPem,
 };
@@ -340,10 +340,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Migrate(args) => migrate(&args),
-        Command::BackupKey => {
-            println!("{}", prenota::store::backup_key::BackupKey::generate_hex());
-            Ok(())
-        }
+        Command::BackupKey => print_out(&prenota::store::backup_key::BackupKey::generate_hex()),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Config(ConfigCommand::HashToken) => hash_token(),
         Command::DevAssertion(args) => dev_assertion(&args),
@@ -555,6 +552,11 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
     let tls = server.tls_cert.is_some();
     let tokens = !file.tokens.is_empty();
     let listen = server.listen();
+    match check_listen(listen, tokens, server.insecure_no_auth) {
+        Ok(None) => {}
+        Ok(Some(warning)) => eprintln!("warning: {warning}"),
+        Err(refusal) => eprintln!("warning: prenota serve would stop: {refusal}"),
+    }
     match check_plaintext_tokens(listen, tokens, tls, server.insecure_plaintext_tokens) {
         Ok(None) => {}
         Ok(Some(warning)) => eprintln!("warning: {warning}"),
@@ -565,18 +567,17 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
         effective.store.postgres_url = Some("(set, not printed)".into());
     }
     let text = toml::to_string_pretty(&effective).map_err(|e| e.to_string())?;
-    println!(
-        "# {} is valid. Effective configuration (defaults filled in):\n",
-        path.display()
-    );
-    if !tokens {
-        println!(
+    let open_mode = match tokens {
+        true => "",
+        false => {
             "# Open mode (no tokens): the *_per_token_max shares do not apply; every caller \
-             is one token, so only the totals do.\n"
-        );
-    }
-    println!("{text}");
-    Ok(())
+             is one token, so only the totals do.\n\n"
+        }
+    };
+    print_out(&format!(
+        "# {} is valid. Effective configuration (defaults filled in):\n\n{open_mode}{text}",
+        path.display()
+    ))
 }
 
 /// `prenota dev-assertion`: prints a signed citizen assertion.
@@ -592,8 +593,7 @@ fn dev_assertion(args: &DevAssertionArgs) -> Result<(), String> {
         groups: &args.groups,
         now_unix_s,
     })?;
-    println!("{token}");
-    Ok(())
+    print_out(&token)
 }
 
 /// `prenota config hash-token`: the sha256 of the token read from stdin.
@@ -606,7 +606,7 @@ fn hash_token() -> Result<(), String> {
     if token.len() < 16 {
         return Err("a token must be at least 16 characters; use a random one".into());
     }
-    println!("{}", hex::encode(token_sha256(token)));
+    print_out(&hex::encode(token_sha256(token)))?;
     Ok(())
 }
 

@@ -425,6 +425,29 @@ fn without_tokens_a_public_address_is_refused() {
         !dir.path().join("sled").exists(),
         "refused before touching the store"
     );
+    // `config check` warns of the same file (it once said only "valid"); read by
+    // `head`, it ends quietly (it once panicked on the broken pipe).
+    let file = dir.path().join("prenota.toml");
+    std::fs::write(&file, "[server]\nlisten = \"0.0.0.0:50051\"\n").unwrap();
+    let checked = Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args(["config", "check"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert!(checked.status.success(), "{stderr}");
+    assert!(stderr.contains("serve would stop"), "{stderr}");
+    let mut head = Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args(["config", "check", "/dev/null"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(head.stdout.take()); // the reader goes away before anything is written
+    let read = head.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&read.stderr);
+    assert!(read.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// Request ids are scoped to the token (#13): the same id sent through another token is
