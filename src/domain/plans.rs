@@ -15,7 +15,7 @@ use crate::domain::campaign::{Campaign, Offer, OfferEnd, Registration};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::event::{Event, HOLD_TIMED_OUT};
 use crate::domain::hold::{held_max, Hold, HoldState, NotConfirmable};
-use crate::domain::ids::{BookingId, ChannelId, CitizenKey, ServiceId, SlotKey};
+use crate::domain::ids::{BookingId, ChannelId, CitizenKey, ReleaseId, ServiceId, SlotKey};
 use crate::domain::release::{self, Gate, Ticket};
 use crate::domain::series::{check_interval, Placed, Series};
 
@@ -78,6 +78,12 @@ pub enum Take {
     Admission(SlotKey),
     /// One of the `max` places of the slot that may be held at once (anti-hoarding).
     HeldShare { slot: SlotKey, max: u32 },
+    /// The citizen's admitted queue ticket of the release, for this write alone (a
+    /// second write sent at once is `NOT_ADMITTED`).
+    Ticket {
+        release_id: ReleaseId,
+        citizen: CitizenKey,
+    },
 }
 
 /// Done once the write is durable, never before.
@@ -177,6 +183,10 @@ pub fn check_not_started(slot: &SlotKey, now_unix_ms: i64) -> Result<(), DomainE
 /// with the command and counted used once durable.
 fn pass_gate<T>(slot: &SlotView, plan: &mut Plan<T>, now_unix_ms: i64) -> Result<(), DomainError> {
     if let Some(ticket) = release::pass(&slot.gate, now_unix_ms)? {
+        plan.take.push(Take::Ticket {
+            release_id: ticket.release_id.clone(),
+            citizen: ticket.citizen,
+        });
         plan.writes.push(Record::Ticket(ticket.clone()));
         plan.free.push(Free::TicketUsed(ticket));
     }

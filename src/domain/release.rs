@@ -356,6 +356,9 @@ struct Entry {
     arrival: u64,
     admitted: Option<Admitted>,
     used: bool,
+    /// Taken by a booking or hold whose write is in flight (memory only): one ticket
+    /// admits one write, however many a citizen sends at once.
+    claimed: bool,
     /// Written (durable); until then the join is in flight.
     durable: bool,
     /// Its index in `Queue::order`, once ranked.
@@ -448,6 +451,7 @@ impl Queue {
             arrival: self.next_arrival,
             admitted: None,
             used: false,
+            claimed: false,
             durable: false,
             rank: None,
         };
@@ -493,6 +497,7 @@ impl Queue {
             arrival: ticket.arrival,
             admitted: ticket.admitted,
             used: ticket.used,
+            claimed: false,
             durable: true,
             rank: None,
         };
@@ -650,6 +655,25 @@ impl Queue {
     pub fn ticket(&self, release_id: &ReleaseId, citizen: &CitizenKey) -> Option<Ticket> {
         let entry = self.tickets.get(citizen).filter(|entry| entry.durable)?;
         Some(ticket_of(release_id, *citizen, entry))
+    }
+
+    /// Takes the citizen's admitted, unused ticket for one write (`Take::Ticket`);
+    /// false if another write has it, or it is used or not admitted.
+    pub fn claim(&mut self, citizen: &CitizenKey) -> bool {
+        match self.tickets.get_mut(citizen) {
+            Some(entry) if entry.admitted.is_some() && !entry.used && !entry.claimed => {
+                entry.claimed = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Gives back a claim whose write never reached the store.
+    pub fn unclaim(&mut self, citizen: &CitizenKey) {
+        if let Some(entry) = self.tickets.get_mut(citizen) {
+            entry.claimed = false;
+        }
     }
 
     /// The citizen's ticket was used (durably, with the booking or hold it admitted).

@@ -208,6 +208,13 @@ impl Engine {
                 true => Ok(None),
                 false => Err(DomainError::HoldLimitReached(slot.clone()).into()),
             },
+            Take::Ticket {
+                release_id,
+                citizen,
+            } => match self.releases.claim_ticket(release_id, citizen) {
+                true => Ok(None),
+                false => Err(DomainError::NotAdmitted.into()),
+            },
         }
     }
 
@@ -286,6 +293,10 @@ impl Engine {
                 // The admission settles when its guard drops.
                 Take::Admission(_) => {}
                 Take::HeldShare { slot, .. } => self.live_holds().release_share(slot),
+                Take::Ticket {
+                    release_id,
+                    citizen,
+                } => self.releases.unclaim_ticket(release_id, citizen),
             }
         }
     }

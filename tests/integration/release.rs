@@ -703,3 +703,50 @@ async fn held_places_keep_a_queue_open_and_moves_within_a_release_need_no_ticket
     assert_eq!(reason(&again).as_deref(), Some("NOT_ADMITTED"));
     server.stop().await;
 }
+
+/// One admitted ticket admits one booking or hold: a citizen allowed two active
+/// bookings (`max_active_per_citizen = 2`) who sends two at once with one ticket gets
+/// one, and `NOT_ADMITTED` for the other (the ticket was read unused by both plans and
+/// marked used only once durable, so both once passed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ticket_admits_one_write_however_many_are_sent_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let mut config = Config::default();
+    config.limits.max_active_per_citizen = 2;
+    let server = TestServer::start_with_clock(dir.path(), config, clock.clone()).await;
+    let mut capacity = server.capacity().await;
+    utc_site_on(
+        server.channel().await,
+        ("t-site", "umbria"),
+        10,
+        ("09:00", "10:00"),
+        10,
+    )
+    .await;
+    let mut booking = server.booking().await;
+    let slots = search_all(&mut booking, "t-site", "vax").await;
+    let now = clock.now_unix_ms();
+    let queued = release("t", "umbria", now + 60_000, Some(now));
+    create(&mut capacity, queued).await.expect("created");
+    let citizens = ["a", "b", "c", "d", "e", "f"];
+    for citizen in citizens {
+        join(&mut booking, "t", citizen).await.expect("joined");
+    }
+    clock.advance(Duration::from_secs(61));
+    server.advance_releases().await;
+    assert_eq!(get_release(&mut capacity, "t").await.tickets_admitted, 6);
+    for citizen in citizens {
+        let (mut one, mut other) = (booking.clone(), booking.clone());
+        let (first, second) = tokio::join!(
+            one.book(book_request(&slots[0].slot_id, citizen, "1")),
+            other.book(book_request(&slots[1].slot_id, citizen, "2")),
+        );
+        let refused = match (first, second) {
+            (Ok(_), Err(refused)) | (Err(refused), Ok(_)) => refused,
+            (first, second) => panic!("{citizen}: {first:?} / {second:?}"),
+        };
+        assert_eq!(reason(&refused).as_deref(), Some("NOT_ADMITTED"));
+    }
+    server.stop().await;
+}

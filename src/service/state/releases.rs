@@ -214,6 +214,19 @@ impl Releases {
         }
     }
 
+    /// Claims the citizen's ticket of `release_id` for one write (see `Queue::claim`).
+    pub fn claim_ticket(&self, release_id: &ReleaseId, citizen: &CitizenKey) -> bool {
+        self.get(release_id)
+            .is_some_and(|entry| entry.lock().queue.claim(citizen))
+    }
+
+    /// Gives back a claim whose write never reached the store.
+    pub fn unclaim_ticket(&self, release_id: &ReleaseId, citizen: &CitizenKey) {
+        if let Some(entry) = self.get(release_id) {
+            entry.lock().queue.unclaim(citizen);
+        }
+    }
+
     /// The citizen's ticket of `release_id` was used, durably.
     pub fn mark_used(&self, release_id: &ReleaseId, citizen: &CitizenKey) {
         if let Some(entry) = self.get(release_id) {
