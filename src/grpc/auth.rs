@@ -125,15 +125,16 @@ impl Caller {
         }
     }
 
-    /// Whether the caller may act on every region at once (an unscoped export).
-    pub fn check_all_regions(&self) -> Result<(), Status> {
+    /// Whether the caller may act on every region at once (an unscoped export, a
+    /// series, the audit log, a backup); `what` says what spans them, for the refusal.
+    pub fn check_all_regions(&self, what: &str) -> Result<(), Status> {
         match self {
             Caller::Open
             | Caller::Token {
                 role: Role::Admin, ..
             } => Ok(()),
             Caller::Token { name, .. } => Err(Status::permission_denied(format!(
-                "token {name:?} may act on its own regions only: give a region_id or site_id"
+                "token {name:?} may act on its own regions only, and {what}"
             ))),
         }
     }

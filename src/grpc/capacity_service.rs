@@ -299,8 +299,7 @@ impl CapacityService for CapacityApi {
         request: Request<proto::UpsertSeriesRequest>,
     ) -> Result<Response<proto::UpsertSeriesResponse>, Status> {
         let caller = Caller::of(&request)?;
-        // A series applies in every region: admins only.
-        caller.check_all_regions()?;
+        caller.check_all_regions("a series applies in every region: admins only")?;
         let series = convert_series::series_from_proto(request.into_inner(), self.engine.limits())?;
         let series = self
             .write(&caller, |engine, actor| async move {
@@ -405,9 +404,8 @@ impl CapacityService for CapacityApi {
         &self,
         request: Request<proto::ExportAuditLogRequest>,
     ) -> Result<Response<Self::ExportAuditLogStream>, Status> {
-        // Entries span every region: admins (and open mode) only.
         let caller = Caller::of(&request)?;
-        caller.check_all_regions()?;
+        caller.check_all_regions("the audit log spans every region: admins only")?;
         let permit = self
             .engine
             .admit_export(&caller.actor(), ExportKind::Records)?;
@@ -429,9 +427,9 @@ impl CapacityService for CapacityApi {
         &self,
         request: Request<proto::ExportBackupRequest>,
     ) -> Result<Response<Self::ExportBackupStream>, Status> {
-        // The whole store and the citizen hash key: admins (and open mode) only.
         let caller = Caller::of(&request)?;
-        caller.check_all_regions()?;
+        let what = "a backup holds the whole store and the citizen hash key: admins only";
+        caller.check_all_regions(what)?;
         if !self.engine.makes_backups() {
             return Err(ServiceError::BackupKeyMissing.into());
         }
@@ -492,7 +490,8 @@ impl CapacityService for CapacityApi {
             ),
         };
         match &scope {
-            ExportScope::All => caller.check_all_regions()?,
+            ExportScope::All => caller
+                .check_all_regions("an export without a region_id or site_id spans them all")?,
             ExportScope::Region(region_id) => caller.check_region(region_id)?,
             ExportScope::Site(site_id) => caller.check_site(self.engine.site(site_id).as_ref())?,
         }
