@@ -131,15 +131,17 @@ impl Engine {
             .ok_or(DomainError::NotFound(Missing::Booking).into())
     }
 
-    /// Writes the desk's change. Refused because the same change landed first (a
-    /// double tap at the desk), it answers the booking as that change left it.
+    /// Writes the desk's change. Found done, or refused because the same change landed
+    /// first (a double tap at the desk), it answers the booking as that change left
+    /// it, once that change is durable: the store shows a write before its group
+    /// commit's fdatasync, so an empty commit queued behind it is waited for first.
     async fn desk_commit(
         &self,
         change: DeskChange,
         reference: Reference,
         done: fn(&BookingState) -> bool,
     ) -> Result<BookingView, ServiceError> {
-        let booking = match change {
+        let landed = match change {
             DeskChange::AlreadyDone(booking) => booking,
             DeskChange::Write(plan) => match self.execute(plan, || {}).await {
                 Err(ServiceError::Domain(DomainError::BookingNotActive(id))) => self
@@ -147,9 +149,10 @@ impl Engine {
                     .booking_by_reference(reference)?
                     .filter(|stored| done(&stored.state))
                     .ok_or(DomainError::BookingNotActive(id))?,
-                written => written?,
+                written => return self.view(written?),
             },
         };
-        self.view(booking)
+        self.store.commit(&[]).await?; // the change that landed first, in order
+        self.view(landed)
     }
 }

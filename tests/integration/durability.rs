@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::child::{build_shim, http_get, ChildServer};
 use common::*;
+use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::proto::site_service_client::SiteServiceClient;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
@@ -237,5 +239,47 @@ async fn a_closure_stalled_behind_a_held_fdatasync_gives_up_and_closes_nothing()
     assert!(!after[0].closed, "a refused closure leaves its slot open");
     let closed = capacity.close_slots(close).await.unwrap().into_inner();
     assert_eq!((closed.slots_closed, closed.cancelled_bookings), (1, 1));
+    server.terminate();
+}
+
+/// A double tap at the desk was answered from the store while the first tap's check-in
+/// was still in its fdatasync (the store shows a write before it is durable): a crash
+/// then could lose a check-in the desk had been told of twice. The second tap now waits
+/// for the first to be durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_tap_at_the_desk_is_answered_once_the_first_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let library = build_shim(dir.path(), "fdatasync_gate");
+    let control = dir.path().join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    let window = ("PRENOTA_LIMITS_CHECK_IN_WINDOW_HOURS".into(), "72".into());
+    let data = dir.path().join("data");
+    let server = start_with_shim_and(&data, &library, &control, vec![window]);
+    let channel = connect(&server.url).await;
+    utc_site_on(channel.clone(), ("tapped", "r"), 1, ("10:00", "10:30"), 10).await;
+    let mut booking = BookingServiceClient::new(channel.clone());
+    let slots = search_all(&mut booking, "tapped", "vax").await;
+    let booked = book_ok(&mut booking, book_request(&slots[0].slot_id, "c", "b")).await;
+    let tap = |channel: tonic::transport::Channel| {
+        let request = proto::CheckInRequest {
+            reference: booked.reference.clone(),
+            check_in_code: booked.check_in_code.clone(),
+        };
+        tokio::spawn(async move { SiteServiceClient::new(channel).check_in(request).await })
+    };
+    std::fs::write(control.join("gate"), b"").unwrap();
+    let first = tap(channel.clone());
+    wait_for_held_fdatasync(&control).await;
+    let second = tap(channel.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "the second tap was answered while the first was not durable"
+    );
+    std::fs::remove_file(control.join("gate")).unwrap();
+    for tap in [first, second] {
+        let answered = tokio::time::timeout(Duration::from_secs(10), tap).await;
+        assert!(answered.expect("answered").unwrap().is_ok());
+    }
     server.terminate();
 }
