@@ -83,17 +83,24 @@ pub(crate) async fn authorized_channel(
     Ok(InterceptedService::new(channel, authorize))
 }
 
-/// `NotFound` → `NOT_FOUND`, as gRPC names codes.
-/// Writes `text` and a newline to stdout. A reader that went away (`prenota config
-/// check … | head`) ends the output quietly; `println!` would panic.
-pub fn print_out(text: &str) -> Result<(), String> {
+/// Writes `text` and a newline to stdout: `Ok(false)` once the reader went away
+/// (`prenota call … | head`), so a command streaming answers stops there (`println!`
+/// would panic).
+pub fn write_out(text: &str) -> Result<bool, String> {
     let mut out = std::io::stdout().lock();
     match writeln!(out, "{text}").and_then(|()| out.flush()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("stdout: {e}")),
-        _ => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(format!("stdout: {e}")),
     }
 }
 
+/// [`write_out`] for a command's one answer: a reader gone ends it quietly.
+pub fn print_out(text: &str) -> Result<(), String> {
+    write_out(text).map(drop)
+}
+
+/// `NotFound` → `NOT_FOUND`, as gRPC names codes.
 fn code_name(code: Code) -> String {
     let mut name = String::new();
     for (index, c) in format!("{code:?}").chars().enumerate() {

@@ -80,9 +80,10 @@ impl Decoder for DynamicCodec {
     }
 }
 
-fn print(message: &DynamicMessage) -> Result<(), String> {
+/// Prints `message` as JSON; false once the reader went away.
+fn print(message: &DynamicMessage) -> Result<bool, String> {
     let text = serde_json::to_string_pretty(message).map_err(|e| e.to_string())?;
-    crate::cli::print_out(&text)
+    crate::cli::write_out(&text)
 }
 
 /// Calls `method_name` with the JSON `request` (empty: `{}`) and `headers`; prints each
@@ -96,7 +97,9 @@ pub async fn call(
     let pool = pool()?;
     if method_name == "list" {
         for service in pool.services() {
-            println!("{}", service.full_name());
+            if !crate::cli::write_out(service.full_name())? {
+                break;
+            }
         }
         return Ok(());
     }
@@ -139,7 +142,9 @@ pub async fn call(
             .map_err(|status| explain(&status))?
             .into_inner();
         while let Some(message) = stream.message().await.map_err(|s| explain(&s))? {
-            print(&message)?;
+            if !print(&message)? {
+                return Ok(()); // the reader went away: the stream (and its place) ends
+            }
         }
         return Ok(());
     }
@@ -147,5 +152,5 @@ pub async fn call(
         .unary(request, path, codec)
         .await
         .map_err(|status| explain(&status))?;
-    print(answer.get_ref())
+    print(answer.get_ref()).map(drop)
 }

@@ -432,3 +432,36 @@ fn the_import_cli_refuses_a_sparse_1_gib_file_at_once_without_a_server() {
     assert!(stderr.contains("line 1"), "{stderr}");
     assert!(stderr.contains("longer than"), "{stderr}");
 }
+
+/// `prenota call` streaming a watch into a reader that went away (`| head`) once went
+/// on reading the stream for ever, holding the server's watcher place: it now ends at
+/// the first answer it cannot write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prenota_call_ends_when_its_reader_goes_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    one_slot_site(&server, "piped", 5).await;
+    let from = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let request = format!(r#"{{"site_id": "piped", "service_id": "vax", "from": "{from}"}}"#);
+    let mut call = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args(["call", "--server", &server.url(), "-d", &request])
+        .arg("prenota.v1.BookingService/WatchAvailability")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(call.stdout.take()); // the reader goes away before the first answer
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = call.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            call.kill().unwrap();
+            panic!("prenota call went on after its reader went away");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    server.stop().await;
+}
