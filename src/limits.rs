@@ -216,8 +216,8 @@ pub struct Limits {
     /// Length of a closure's reason (characters), shown to citizens.
     pub close_reason_length_max: usize,
     /// Booking attempts (Book, HoldSlot, RescheduleBooking, JoinQueue) one citizen may make per
-    /// minute, in a burst or spread out; 0 turns the limit off. A retry of a request
-    /// (its `request_id`) answered with the first outcome is no new attempt.
+    /// minute, in a burst or spread out; 0 turns the limit off. A retry of a Book, hold
+    /// or reschedule (its `request_id`) answered with the first outcome is no new attempt.
     pub rate_citizen_attempts_per_min: u32,
     /// Longest a citizen assertion may be valid: its `exp` at most this after its `iat`.
     pub citizen_assertion_lifetime_seconds_max: u32,

@@ -359,7 +359,11 @@ impl Engine {
             Begin::Wait(outcome) => return fetch(requests::wait(outcome).await?),
             Begin::Fresh(guard) => guard,
         };
-        self.count(attempt)?; // `guard` dropped: the request is forgotten, as after an error
+        if let Err(refused) = self.count(attempt) {
+            // Copies waiting for this request hear why (an error is not remembered).
+            let _ = guard.finish(Err(refused.clone()));
+            return Err(refused);
+        }
         let outcome = work(RequestRecord {
             key: request,
             fingerprint,
