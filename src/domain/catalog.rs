@@ -8,7 +8,7 @@
 //! one pointer in its service's start-ordered deque; its key's ids live in its day,
 //! shared by the day's slots.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -303,15 +303,31 @@ impl Starts {
     }
 
     /// The first open slot at another start than `start` whose time overlaps
-    /// `start..end`.
-    fn overlapping(&self, (start, end): (i64, i64)) -> Option<&Arc<Slot>> {
+    /// `start..end`, of those `ours` does not claim (the slots of the schedule being
+    /// published: a daylight-saving jump can make its own slots overlap). Open slots do
+    /// not overlap one another (publishing refuses it), so of the earlier ones only the
+    /// nearest open one can reach `start`.
+    fn overlapping(
+        &self,
+        (start, end): (i64, i64),
+        ours: impl Fn(&Slot) -> bool,
+    ) -> Option<&Arc<Slot>> {
         const LONGEST_SLOT_S: i64 = 86_400; // slot_minutes_max is at most a day
-        let from = start.saturating_sub(LONGEST_SLOT_S);
-        self.range(from, end).find(|other| {
-            other.start_unix_s != start
-                && other.end_unix_s() > start
-                && !other.counter.snapshot().closed
-        })
+        let at = self.find(start).unwrap_or_else(|at| at);
+        let other = |slot: &&Arc<Slot>| {
+            slot.start_unix_s != start && !slot.counter.snapshot().closed && !ours(slot)
+        };
+        let mut later = self
+            .0
+            .range(at..)
+            .take_while(|slot| slot.start_unix_s < end);
+        let earlier = || {
+            let reach = start.saturating_sub(LONGEST_SLOT_S);
+            let mut before = self.0.range(..at).rev();
+            let nearest = before.find(|slot| slot.start_unix_s < reach || other(slot))?;
+            (nearest.start_unix_s >= reach && nearest.end_unix_s() > start).then_some(nearest)
+        };
+        later.find(other).or_else(earlier)
     }
 
     /// The slots starting in `[from, to)`.
@@ -669,7 +685,7 @@ impl Catalog {
     /// desks twice).
     pub fn open_overlapping(&self, key: &SlotKey, end_unix_s: i64) -> Option<SlotKey> {
         let starts = self.sites.get(&key.site_id)?.slots.get(&key.service_id)?;
-        let other = starts.overlapping((key.start_unix_s, end_unix_s))?;
+        let other = starts.overlapping((key.start_unix_s, end_unix_s), |_| false)?;
         Some(SlotKey {
             start_unix_s: other.start_unix_s,
             ..key.clone()
@@ -720,15 +736,27 @@ impl Catalog {
             updated: Vec::new(),
             total_capacity: 0,
         };
+        let times: HashSet<(i64, i64)> = planned
+            .iter()
+            .map(|slot| (slot.start_unix_s, slot.end_unix_s))
+            .collect();
+        let ours = |slot: &Slot| times.contains(&(slot.start_unix_s, slot.end_unix_s()));
         for slot in planned {
             plan.total_capacity += u64::from(slot.capacity);
             let time = (slot.start_unix_s, slot.end_unix_s);
-            if let Some(other) = existing.and_then(|starts| starts.overlapping(time)) {
+            if let Some(other) = existing.and_then(|starts| starts.overlapping(time, ours)) {
                 return Err(overlap(site_id, service_id, (time, other)));
             }
             match existing.and_then(|starts| starts.get(slot.start_unix_s)) {
-                // A closed slot stays closed: only SetSlotCapacity reopens it.
-                Some(existing) if existing.counter.snapshot().closed => {}
+                // A closed slot stays closed (only SetSlotCapacity reopens it), at the
+                // schedule's length, so that it may be reopened beside the new slots.
+                Some(existing) if existing.counter.snapshot().closed => {
+                    if existing.end_unix_s() != slot.end_unix_s {
+                        let capacity = existing.counter.snapshot().capacity;
+                        plan.updated
+                            .push((Arc::clone(existing), slot.end_unix_s, capacity));
+                    }
+                }
                 Some(existing) => {
                     if existing.end_unix_s() != slot.end_unix_s
                         || existing.counter.snapshot().capacity != slot.capacity
@@ -1581,6 +1609,21 @@ mod tests {
         let plan = catalog.plan_publish(&site, &service, &planned).unwrap();
         assert_eq!(plan.created.len(), 1, "900");
         assert_eq!(plan.updated.len(), 1, "0 ends later");
+    }
+
+    /// A daylight-saving jump can make a schedule's own slots overlap (90 minutes
+    /// across a spring-forward hour): published once, the same schedule republishes.
+    #[test]
+    fn a_schedule_whose_own_slots_overlap_republishes() {
+        let catalog = catalog_with_slots(&["a"], &[0, 300]);
+        let planned = [0, 300].map(|start| PlannedSlot {
+            start_unix_s: start,
+            end_unix_s: start + 600,
+            capacity: 1,
+        });
+        let (site, service) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
+        let plan = catalog.plan_publish(&site, &service, &planned).unwrap();
+        assert_eq!((plan.created.len(), plan.updated.len()), (0, 0));
     }
 
     #[test]

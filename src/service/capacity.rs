@@ -194,7 +194,9 @@ fn publish_writes(sites: &[Site], plans: &[PublishPlan], now_ms: i64) -> Vec<Wri
             writes.push(slot_record(key, end, slot.capacity, false));
         }
         for (slot, end, capacity) in &plan.updated {
-            writes.push(slot_record(slot.key(), *end, *capacity, false));
+            // A closed slot's length changes; it stays closed.
+            let closed = slot.counter.snapshot().closed;
+            writes.push(slot_record(slot.key(), *end, *capacity, closed));
             writes.push(Write::Event(Event::capacity_changed(
                 &slot.key(),
                 *capacity,

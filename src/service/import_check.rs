@@ -38,8 +38,9 @@ pub struct ImportCheck<'a> {
     /// Each site with the line that first described it.
     sites: BTreeMap<SiteId, (u64, &'a Site)>,
     groups: PlannedGroups,
-    /// Each slot with the line that described it.
-    starts: HashMap<(SiteId, ServiceId, i64), u64>,
+    /// Each (site, service)'s slots by start, with their end and the line that
+    /// described them.
+    slots: HashMap<(SiteId, ServiceId), BTreeMap<i64, (i64, u64)>>,
     planned_total: usize,
 }
 
@@ -59,7 +60,7 @@ impl<'a> ImportCheck<'a> {
             errors: 0,
             sites: BTreeMap::new(),
             groups: BTreeMap::new(),
-            starts: HashMap::new(),
+            slots: HashMap::new(),
             planned_total: 0,
         };
         for row in rows {
@@ -147,18 +148,30 @@ impl<'a> ImportCheck<'a> {
     }
 
     /// No slot may be described by two rows.
+    /// No two lines describe one slot, nor slots whose times overlap (another slot
+    /// length for the same hours: their desks offered twice).
     fn distinct_starts(&mut self, row: &ImportRow, planned: &[PlannedSlot]) {
+        let group = (row.site.site_id.clone(), row.service_id.clone());
+        let slots = self.slots.entry(group).or_default();
         for slot in planned {
-            let key = (
-                row.site.site_id.clone(),
-                row.service_id.clone(),
-                slot.start_unix_s,
-            );
-            if let Some(first) = self.starts.insert(key, row.line) {
-                let description = format!("describes a slot that line {first} describes too");
-                self.report(row.line, "opens", description);
-                return;
-            }
+            let (start, end) = (slot.start_unix_s, slot.end_unix_s);
+            let other_line = |&(_, &(_, line)): &(&i64, &(i64, u64))| line != row.line;
+            let description = if let Some(&(_, first)) = slots.get(&start) {
+                format!("describes a slot that line {first} describes too")
+            } else if let Some((_, &(_, other))) = slots
+                .range(..start)
+                .next_back()
+                .filter(|(_, &(other_end, _))| other_end > start)
+                .filter(other_line)
+                .or_else(|| slots.range(start..end).find(other_line))
+            {
+                format!("describes a slot whose time overlaps one of line {other} (another slot_minutes?)")
+            } else {
+                slots.insert(start, (end, row.line));
+                continue;
+            };
+            self.report(row.line, "opens", description);
+            return;
         }
     }
 

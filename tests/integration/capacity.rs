@@ -84,6 +84,17 @@ async fn an_import_with_one_bad_row_applies_nothing_and_names_the_row() {
     .unwrap_err();
     assert_eq!(violated_fields(&status), ["rows[3].opens"]);
     assert!(status.message().contains("line 2"), "{}", status.message());
+    // So are two rows whose slots overlap (the same hours in another slot length).
+    let mut longer = row(3, "overlapping", "Europe/Rome", "2027-03-29");
+    (longer.opens, longer.slot_minutes) = ("01:15".into(), 45);
+    let rows = vec![row(2, "overlapping", "Europe/Rome", "2027-03-29"), longer];
+    let status = import(&mut client, rows, false).await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["rows[3].opens"]);
+    assert!(
+        status.message().contains("overlaps one of line 2"),
+        "{}",
+        status.message()
+    );
     server.stop().await;
 }
 

@@ -294,13 +294,22 @@ async fn a_schedule_republished_with_another_slot_length_never_overlaps_open_slo
         2,
         "09:20 and 09:40; the closed 09:00 stays closed"
     );
-    // Reopening the closed 30-minute 09:00 would overlap the open 09:20.
-    let reopen = proto::SetSlotCapacityRequest {
-        slot_id: slots[0].slot_id.clone(),
+    // Starts 09:00, 09:20, 09:30 (the old, closed), 09:40.
+    let closed: Vec<bool> = slots.iter().map(|slot| slot.closed).collect();
+    assert_eq!(closed, [true, false, true, false]);
+    let reopen = |slot: &proto::Slot| proto::SetSlotCapacityRequest {
+        slot_id: slot.slot_id.clone(),
         capacity: 2,
         request_id: String::new(),
     };
-    let status = capacity.set_slot_capacity(reopen).await.unwrap_err();
+    // The closed 09:00 took the schedule's 20 minutes: it reopens beside 09:20...
+    let reopened = capacity.set_slot_capacity(reopen(&slots[0])).await;
+    reopened.expect("09:00 reopened at 20 minutes");
+    // ...the closed 30-minute 09:30, no slot of the schedule, would overlap 09:20.
+    let status = capacity
+        .set_slot_capacity(reopen(&slots[2]))
+        .await
+        .unwrap_err();
     assert_eq!(violated_fields(&status), ["slot_id"]);
     server.stop().await;
 }
