@@ -985,6 +985,23 @@ mod tests {
     }
 
     #[test]
+    fn an_admitted_ticket_is_claimed_by_one_write_at_a_time() {
+        let release = release(1_000, 0, 2);
+        let mut queue = joined(&release, 3);
+        queue.draw(&release.queue.as_ref().unwrap().seed);
+        let admitted = admit(&mut queue, &release, 1, 1_000);
+        let (holder, waiting) = (admitted[0].citizen, queue.order[1]);
+        assert!(!queue.claim(&waiting), "not admitted");
+        assert!(queue.claim(&holder));
+        assert!(!queue.claim(&holder), "its write is in flight");
+        queue.unclaim(&holder); // that write never reached the store
+        assert!(queue.claim(&holder));
+        queue.mark_used(&holder);
+        queue.unclaim(&holder);
+        assert!(!queue.claim(&holder), "used");
+    }
+
+    #[test]
     fn admissions_keep_the_pace_of_the_release() {
         let release = release(60_000, 60, 3);
         let mut queue = joined(&release, 100);

@@ -202,9 +202,14 @@ impl<G: Group> SlotCounter<G> {
     }
 
     /// Sets the `changed` flag (after the change it flags: a watcher registering in
-    /// between reads the changed value in its first snapshot).
+    /// between reads the changed value in its first snapshot). Read first: a flag still
+    /// set is not written again (a write would make concurrent admissions' CAS retry);
+    /// the fan-out reads a slot's values after clearing its flag, so it sends this
+    /// change with the earlier one.
     fn flag_changed(&self) {
-        self.word.fetch_or(CHANGED_BIT, Ordering::SeqCst);
+        if self.word.load(Ordering::SeqCst) & CHANGED_BIT == 0 {
+            self.word.fetch_or(CHANGED_BIT, Ordering::SeqCst);
+        }
     }
 
     /// Leaves the sum of its group (a slot removed from the catalog, long after it

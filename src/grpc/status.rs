@@ -328,6 +328,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn field_violations_are_bounded_and_say_how_many_more() {
+        use crate::domain::error::FieldViolation as Violation;
+        let long = Violation::new("first", "x".repeat(5_000));
+        let kept = bounded(vec![long.clone()], 4_096);
+        assert_eq!(kept.len(), 1, "the first, however long");
+        let many: Vec<Violation> = (0..100)
+            .map(|i| Violation::new(format!("items[{i}]"), "must be 1 to 7".repeat(4)))
+            .collect();
+        let kept = bounded(many, 4_096);
+        let bytes: usize = kept[..kept.len() - 1]
+            .iter()
+            .map(|v| v.field.len() + v.description.len())
+            .sum();
+        assert!(bytes <= 4_096 && kept.len() < 100, "{} kept", kept.len());
+        let last = kept.last().unwrap();
+        let listed = kept.len() - 1;
+        assert_eq!(last.field, format!("items[{listed}]"));
+        let more = format!("and {} more", 100 - listed);
+        assert!(last.description.starts_with(&more), "{}", last.description);
+    }
+
+    #[test]
     fn a_storage_error_tells_the_client_what_to_do_but_not_the_servers_paths() {
         let error = ServiceError::Store(StoreError::Io(
             "syncing /var/lib/prenota/sled/db: Input/output error".into(),
