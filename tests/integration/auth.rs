@@ -360,6 +360,18 @@ async fn tokens_decide_services_and_regions() {
     server.stop().await;
 }
 
+/// `prenota config check FILE`, which must pass; its output and its stderr.
+fn config_check(file: &std::path::Path) -> (std::process::Output, String) {
+    let checked = Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args(["config", "check"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&checked.stderr).into_owned();
+    assert!(checked.status.success(), "{stderr}");
+    (checked, stderr)
+}
+
 /// Bearer tokens never cross a network in clear unless the operator insists: `serve`
 /// refuses a non-loopback address without TLS, and `config check` warns of it.
 #[test]
@@ -371,13 +383,7 @@ fn with_tokens_a_public_address_needs_tls() {
         hex::encode(token_sha256(ADMIN))
     );
     std::fs::write(&file, text).unwrap();
-    let checked = Command::new(env!("CARGO_BIN_EXE_prenota"))
-        .args(["config", "check"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&checked.stderr);
-    assert!(checked.status.success(), "{stderr}");
+    let (checked, stderr) = config_check(&file);
     assert!(stderr.contains("without TLS"), "{stderr}");
     let stdout = String::from_utf8_lossy(&checked.stdout);
     assert!(!stdout.contains("Open mode"), "tokens configured: {stdout}");
@@ -431,13 +437,7 @@ fn without_tokens_a_public_address_is_refused() {
     // `head`, it ends quietly (it once panicked on the broken pipe).
     let file = dir.path().join("prenota.toml");
     std::fs::write(&file, "[server]\nlisten = \"0.0.0.0:50051\"\n").unwrap();
-    let checked = Command::new(env!("CARGO_BIN_EXE_prenota"))
-        .args(["config", "check"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&checked.stderr);
-    assert!(checked.status.success(), "{stderr}");
+    let (_, stderr) = config_check(&file);
     assert!(stderr.contains("serve would stop"), "{stderr}");
     let mut head = Command::new(env!("CARGO_BIN_EXE_prenota"))
         .args(["config", "check", "/dev/null"])
