@@ -258,6 +258,22 @@ fn listed_network(text: &str) -> Result<ipnet::IpNet, String> {
     Ok(network)
 }
 
+/// The `[server]` list `key` (`proxy_protocol_from`, `health_checks_from`) of
+/// `entries`, read (an address is a network of one); an entry that is neither, a
+/// network with host bits set (a typo would widen it), or one wider than /8 (IPv4) or
+/// /48 (IPv6) (any address in a proxy's may name any client) is a problem.
+fn networks(key: &str, entries: &[String], problems: &mut Vec<String>) -> Vec<ipnet::IpNet> {
+    let mut networks = Vec::new();
+    for (index, text) in entries.iter().enumerate() {
+        let at = format!("server.{key}[{index}] ({text:?})");
+        match listed_network(text.trim()) {
+            Ok(network) => networks.push(network),
+            Err(problem) => problems.push(format!("{at}: {problem}")),
+        }
+    }
+    networks
+}
+
 pub const DEFAULT_DATA_DIR: &str = "prenota-data";
 pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50051);
@@ -321,26 +337,6 @@ impl ServerSection {
             ),
             ..self.clone()
         }
-    }
-
-    /// The list `key` (`proxy_protocol_from` or `health_checks_from`), read (an address
-    /// is a network of one); an entry that is neither, a network with host bits set (a
-    /// typo would widen it), or one wider than /8 (IPv4) or /48 (IPv6) (any address in
-    /// a proxy's may name any client) is a problem.
-    fn networks(&self, key: &str, problems: &mut Vec<String>) -> Vec<ipnet::IpNet> {
-        let entries = match key {
-            "proxy_protocol_from" => &self.proxy_protocol_from,
-            _ => &self.health_checks_from,
-        };
-        let mut networks = Vec::new();
-        for (index, text) in entries.iter().enumerate() {
-            let at = format!("server.{key}[{index}] ({text:?})");
-            match listed_network(text.trim()) {
-                Ok(network) => networks.push(network),
-                Err(problem) => problems.push(format!("{at}: {problem}")),
-            }
-        }
-        networks
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -581,8 +577,11 @@ impl ConfigFile {
         let mut problems = self.limits.problems();
         let citizen_issuers = self.citizen_issuers(&mut problems);
         let store = self.store.check(&self.citizens, &mut problems);
-        let proxy_protocol_from = self.server.networks("proxy_protocol_from", &mut problems);
-        let health_checks_from = self.server.networks("health_checks_from", &mut problems);
+        let server = &self.server;
+        let proxies = &server.proxy_protocol_from;
+        let proxy_protocol_from = networks("proxy_protocol_from", proxies, &mut problems);
+        let checkers = &server.health_checks_from;
+        let health_checks_from = networks("health_checks_from", checkers, &mut problems);
         let mut tokens = Vec::new();
         let mut seen = (BTreeSet::new(), BTreeSet::new());
         for (index, entry) in self.tokens.iter().enumerate() {
