@@ -552,15 +552,16 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
     let tls = server.tls_cert.is_some();
     let tokens = !file.tokens.is_empty();
     let listen = server.listen();
-    match check_listen(listen, tokens, server.insecure_no_auth) {
-        Ok(None) => {}
-        Ok(Some(warning)) => eprintln!("warning: {warning}"),
-        Err(refusal) => eprintln!("warning: prenota serve would stop: {refusal}"),
-    }
-    match check_plaintext_tokens(listen, tokens, tls, server.insecure_plaintext_tokens) {
-        Ok(None) => {}
-        Ok(Some(warning)) => eprintln!("warning: {warning}"),
-        Err(refusal) => eprintln!("warning: prenota serve would stop: {refusal}"),
+    let checks = [
+        check_listen(listen, tokens, server.insecure_no_auth),
+        check_plaintext_tokens(listen, tokens, tls, server.insecure_plaintext_tokens),
+    ];
+    for checked in checks {
+        match checked {
+            Ok(None) => {}
+            Ok(Some(warning)) => eprintln!("warning: {warning}"),
+            Err(refusal) => eprintln!("warning: prenota serve would stop: {refusal}"),
+        }
     }
     // It may hold a password.
     if effective.store.postgres_url.is_some() {
