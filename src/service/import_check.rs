@@ -147,31 +147,18 @@ impl<'a> ImportCheck<'a> {
         false
     }
 
-    /// No slot may be described by two rows.
     /// No two lines describe one slot, nor slots whose times overlap (another slot
     /// length for the same hours: their desks offered twice).
     fn distinct_starts(&mut self, row: &ImportRow, planned: &[PlannedSlot]) {
         let group = (row.site.site_id.clone(), row.service_id.clone());
         let slots = self.slots.entry(group).or_default();
         for slot in planned {
-            let (start, end) = (slot.start_unix_s, slot.end_unix_s);
-            let other_line = |&(_, &(_, line)): &(&i64, &(i64, u64))| line != row.line;
-            let description = if let Some(&(_, first)) = slots.get(&start) {
-                format!("describes a slot that line {first} describes too")
-            } else if let Some((_, &(_, other))) = slots
-                .range(..start)
-                .next_back()
-                .filter(|(_, &(other_end, _))| other_end > start)
-                .filter(other_line)
-                .or_else(|| slots.range(start..end).find(other_line))
-            {
-                format!("describes a slot whose time overlaps one of line {other} (another slot_minutes?)")
-            } else {
-                slots.insert(start, (end, row.line));
-                continue;
-            };
-            self.report(row.line, "opens", description);
-            return;
+            let time = (slot.start_unix_s, slot.end_unix_s);
+            if let Some(description) = clash(slots, time, row.line) {
+                self.report(row.line, "opens", description);
+                return;
+            }
+            slots.insert(time.0, (time.1, row.line));
         }
     }
 
@@ -190,4 +177,22 @@ impl<'a> ImportCheck<'a> {
             .collect();
         Ok((sites, self.groups))
     }
+}
+
+/// Why the slot `start..end` of `line` clashes with those of other lines (`slots`: by
+/// start, their end and line), if it does. One line's own slots may overlap (a
+/// daylight-saving jump).
+fn clash(slots: &BTreeMap<i64, (i64, u64)>, (start, end): (i64, i64), line: u64) -> Option<String> {
+    if let Some((_, first)) = slots.get(&start) {
+        return Some(format!("describes a slot that line {first} describes too"));
+    }
+    let reaching = slots
+        .range(..start)
+        .next_back()
+        .filter(|(_, (other_end, _))| *other_end > start);
+    let mut overlapping = reaching.into_iter().chain(slots.range(start..end));
+    let (_, (_, other)) = overlapping.find(|(_, (_, other))| *other != line)?;
+    Some(format!(
+        "describes a slot whose time overlaps one of line {other} (another slot_minutes?)"
+    ))
 }
