@@ -10,7 +10,7 @@
 
 use crate::common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::child::{build_shim, http_get, ChildServer};
@@ -21,6 +21,14 @@ use prenota::proto::site_service_client::SiteServiceClient;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
+
+/// The fdatasync gate shim, built in `dir`, and the folder whose files control it.
+fn fdatasync_gate(dir: &Path) -> (PathBuf, PathBuf) {
+    let library = build_shim(dir, "fdatasync_gate");
+    let control = dir.join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    (library, control)
+}
 
 /// A child server whose fdatasync is controlled through files in `control`.
 fn start_with_shim(data_dir: &Path, library: &Path, control: &Path) -> ChildServer {
@@ -61,9 +69,7 @@ async fn health(server: &ChildServer) -> ServingStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_booking_is_acknowledged_before_its_fdatasync_returns() {
     let dir = tempfile::tempdir().unwrap();
-    let library = build_shim(dir.path(), "fdatasync_gate");
-    let control = dir.path().join("control");
-    std::fs::create_dir_all(&control).unwrap();
+    let (library, control) = fdatasync_gate(dir.path());
     let server = start_with_shim(&dir.path().join("data"), &library, &control);
     let channel = connect(&server.url).await;
     let slot_id = one_slot_site_on(channel.clone(), "durable", "r", 10).await;
@@ -96,9 +102,7 @@ async fn no_booking_is_acknowledged_before_its_fdatasync_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let library = build_shim(dir.path(), "fdatasync_gate");
-    let control = dir.path().join("control");
-    std::fs::create_dir_all(&control).unwrap();
+    let (library, control) = fdatasync_gate(dir.path());
     let data_dir = dir.path().join("data");
     let server = start_with_shim(&data_dir, &library, &control);
     let channel = connect(&server.url).await;
@@ -176,9 +180,7 @@ async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closure_stalled_behind_a_held_fdatasync_gives_up_and_closes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let library = build_shim(dir.path(), "fdatasync_gate");
-    let control = dir.path().join("control");
-    std::fs::create_dir_all(&control).unwrap();
+    let (library, control) = fdatasync_gate(dir.path());
     let limit = ("PRENOTA_LIMITS_CLOSE_SETTLE_WAIT_MS".into(), "300".into());
     let server = start_with_shim_and(&dir.path().join("data"), &library, &control, vec![limit]);
     let channel = connect(&server.url).await;
@@ -249,9 +251,7 @@ async fn a_closure_stalled_behind_a_held_fdatasync_gives_up_and_closes_nothing()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_double_tap_at_the_desk_is_answered_once_the_first_is_durable() {
     let dir = tempfile::tempdir().unwrap();
-    let library = build_shim(dir.path(), "fdatasync_gate");
-    let control = dir.path().join("control");
-    std::fs::create_dir_all(&control).unwrap();
+    let (library, control) = fdatasync_gate(dir.path());
     let window = ("PRENOTA_LIMITS_CHECK_IN_WINDOW_HOURS".into(), "72".into());
     let data = dir.path().join("data");
     let server = start_with_shim_and(&data, &library, &control, vec![window]);
