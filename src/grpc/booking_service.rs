@@ -371,7 +371,7 @@ impl BookingService for BookingApi {
         let (_, body) = self.acting(request).await?;
         let (booking_id, citizen_id) =
             convert::get_booking_from_proto(body, self.engine.citizen_ids())?;
-        let view = self.engine.citizen_booking(booking_id, &citizen_id)?;
+        let view = self.engine.citizen_booking(booking_id, &citizen_id).await?;
         Ok(Response::new(proto::GetBookingResponse {
             booking: Some(convert::booking_to_proto(&view)),
         }))
@@ -387,7 +387,10 @@ impl BookingService for BookingApi {
             self.engine.citizen_ids().canonical(&body.citizen_id),
         )
             .all_valid()?;
-        let view = self.engine.booking_by_reference(reference, &citizen_id)?;
+        let view = self
+            .engine
+            .booking_by_reference(reference, &citizen_id)
+            .await?;
         Ok(Response::new(proto::GetBookingByReferenceResponse {
             booking: Some(convert::booking_to_proto(&view)),
         }))
@@ -564,11 +567,7 @@ impl BookingService for BookingApi {
             self.engine.limits(),
             self.engine.citizen_ids(),
         )?;
-        let engine = Arc::clone(&self.engine);
-        // Reads the store: keep it off the async workers.
-        let page = tokio::task::spawn_blocking(move || engine.citizen_bookings(&query))
-            .await
-            .map_err(|_| Status::internal("ListCitizenBookings failed inside the server"))??;
+        let page = self.engine.citizen_bookings(query).await?;
         Ok(Response::new(proto::ListCitizenBookingsResponse {
             bookings: page
                 .bookings

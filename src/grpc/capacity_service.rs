@@ -348,7 +348,7 @@ impl CapacityService for CapacityApi {
             .engine
             .admit_export(&caller.actor(), ExportKind::Records)?;
         let receiver = self.engine.export_registrations(campaign, stalled);
-        let registrations = ReceiverStream::new(receiver).map(|item| {
+        let registrations = receiver.map(|item| {
             item.map(|view| proto::ExportRegistrationsResponse {
                 registration: Some(convert_campaign::registration_to_proto(&view)),
             })
@@ -410,7 +410,7 @@ impl CapacityService for CapacityApi {
             .engine
             .admit_export(&caller.actor(), ExportKind::Records)?;
         let stalled = close_on_idle(&request);
-        let entries = ReceiverStream::new(self.engine.audit_log(stalled)).map(|item| {
+        let entries = self.engine.audit_log(stalled).map(|item| {
             item.map(|entry| proto::ExportAuditLogResponse {
                 entry: Some(convert::audit_to_proto(&entry)),
             })
@@ -466,7 +466,7 @@ impl CapacityService for CapacityApi {
                 }
             }
         });
-        let chunks = ReceiverStream::new(receiver).map(|chunk| chunk.map_err(Status::from));
+        let chunks = receiver.map(|chunk| chunk.map_err(Status::from));
         Ok(Response::new(Box::pin(holding(chunks, permit))))
     }
 
@@ -498,13 +498,12 @@ impl CapacityService for CapacityApi {
         let permit = self
             .engine
             .admit_export(&caller.actor(), ExportKind::Records)?;
-        let bookings =
-            ReceiverStream::new(self.engine.export_bookings(scope, stalled)).map(|item| {
-                item.map(|view| proto::ExportBookingsResponse {
-                    booking: Some(convert::booking_to_proto_without_code(&view)),
-                })
-                .map_err(Status::from)
-            });
+        let bookings = self.engine.export_bookings(scope, stalled).map(|item| {
+            item.map(|view| proto::ExportBookingsResponse {
+                booking: Some(convert::booking_to_proto_without_code(&view)),
+            })
+            .map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(holding(bookings, permit))))
     }
 

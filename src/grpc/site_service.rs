@@ -85,7 +85,10 @@ impl SiteService for SiteApi {
             after,
         )
             .all_valid()?;
-        let page = self.engine.slot_roster(&desk, &slot, (after, page_size))?;
+        let page = self
+            .engine
+            .slot_roster(&desk, &slot, (after, page_size))
+            .await?;
         Ok(Response::new(proto::ListSlotBookingsResponse {
             bookings: page.bookings.iter().map(roster_entry).collect(),
             next_page_token: page

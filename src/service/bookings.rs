@@ -3,6 +3,8 @@
 //! Each command: idempotency check → its plan (`domain::plans`) → execute: citizen limit
 //! (sharded index) → slot CAS → durable group commit → acknowledge.
 
+use std::sync::Arc;
+
 use crate::domain::booking::{Booking, RequestRecord};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::{HoldId, NotConfirmable};
@@ -395,7 +397,20 @@ impl Engine {
 
     /// A citizen's bookings (all states, optionally of one service) in start-time order
     /// (then booking id), a page at a time. Counted against the citizen's read quota.
-    pub fn citizen_bookings(
+    /// Read on a blocking thread; answered once what it read is durable.
+    pub async fn citizen_bookings(
+        self: &Arc<Self>,
+        query: CitizenBookingsQuery,
+    ) -> Result<CitizenBookingsPage, ServiceError> {
+        let engine = Arc::clone(self);
+        let page = tokio::task::spawn_blocking(move || engine.citizen_bookings_page(&query))
+            .await
+            .map_err(|_| ServiceError::Abandoned)??;
+        self.store.settled().await?;
+        Ok(page)
+    }
+
+    fn citizen_bookings_page(
         &self,
         query: &CitizenBookingsQuery,
     ) -> Result<CitizenBookingsPage, ServiceError> {

@@ -24,7 +24,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use crate::service::exports::FedStream;
 
 use crate::domain::booking::RequestRecord;
 use crate::domain::campaign::{
@@ -211,7 +211,7 @@ impl Engine {
         self: &Arc<Self>,
         entry: Arc<CampaignEntry>,
         on_idle: Option<OnIdle>,
-    ) -> mpsc::Receiver<Result<RegistrationView, ServiceError>> {
+    ) -> FedStream<RegistrationView> {
         let (sender, receiver) = self.export_feed(self.limits.export_channel_depth, on_idle);
         let engine = Arc::clone(self);
         let (campaign, now) = (entry.campaign(), self.now_unix_ms());

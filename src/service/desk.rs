@@ -41,16 +41,20 @@ pub struct RosterPage {
 impl Engine {
     /// The citizen's own booking with this reference; another citizen's is `NOT_FOUND`.
     /// Counted against the citizen's read quota.
-    pub fn booking_by_reference(
+    pub async fn booking_by_reference(
         &self,
         reference: Reference,
         citizen_id: &str,
     ) -> Result<BookingView, ServiceError> {
-        self.own_booking(citizen_id, |store, _| store.booking_by_reference(reference))
+        let view =
+            self.own_booking(citizen_id, |store, _| store.booking_by_reference(reference))?;
+        self.store.settled().await?;
+        Ok(view)
     }
 
-    /// A page of the slot's roster (every state), in reference order after `after`.
-    pub fn slot_roster(
+    /// A page of the slot's roster (every state), in reference order after `after`,
+    /// answered once what it read is durable.
+    pub async fn slot_roster(
         &self,
         desk: &Desk,
         slot: &SlotKey,
@@ -59,6 +63,7 @@ impl Engine {
         desk.check(&slot.site_id)?;
         self.slot(slot)?;
         let mut bookings = self.store.slot_roster(slot, after, page_size + 1)?;
+        self.store.settled().await?;
         let next_after = match bookings.len() > page_size {
             true => {
                 bookings.truncate(page_size);
@@ -152,7 +157,7 @@ impl Engine {
                 written => return self.view(written?),
             },
         };
-        self.store.commit(&[]).await?; // the change that landed first, in order
+        self.store.settled().await?; // the change that landed first
         self.view(landed)
     }
 }

@@ -12,7 +12,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::config::Limits;
 use crate::domain::booking::{Booking, RequestRecord};
@@ -27,7 +27,7 @@ use crate::domain::ids::{
 use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
 use crate::service::clock::Clock;
 use crate::service::error::ServiceError;
-use crate::service::exports::{ExportKind, ExportPermit, Exports, Feed, OnIdle};
+use crate::service::exports::{ExportKind, ExportPermit, Exports, FedStream, Feed, OnIdle};
 use crate::service::rate_limits;
 use crate::service::requests::{self, Begin, RequestRegistry};
 use crate::store::backup_key::BackupKey;
@@ -308,15 +308,18 @@ impl Engine {
     }
 
     /// The citizen's own booking; another citizen's is `NOT_FOUND` (ids are not
-    /// confirmed to strangers). Counted against the citizen's read quota.
-    pub fn citizen_booking(
+    /// confirmed to strangers). Counted against the citizen's read quota. Answered once
+    /// what it read is durable (`Store::settled`), like every read a client sees.
+    pub async fn citizen_booking(
         &self,
         booking_id: BookingId,
         citizen_id: &str,
     ) -> Result<BookingView, ServiceError> {
-        self.own_booking(citizen_id, |store, citizen| {
+        let view = self.own_booking(citizen_id, |store, citizen| {
             store.booking(citizen.tag(), booking_id)
-        })
+        })?;
+        self.store.settled().await?;
+        Ok(view)
     }
 
     /// The booking `find` reads for the citizen (whose key it is given) if it is the
@@ -389,9 +392,9 @@ impl Engine {
         &self,
         depth: usize,
         on_idle: Option<OnIdle>,
-    ) -> (Feed<T>, mpsc::Receiver<Result<T, ServiceError>>) {
+    ) -> (Feed<T>, FedStream<T>) {
         let idle = std::time::Duration::from_millis(self.limits.export_idle_timeout_ms);
-        Feed::channel(depth, idle, on_idle)
+        Feed::channel(depth, idle, on_idle, self.store.settling())
     }
 
     /// Streams every stored booking in scope; the scan runs on a blocking thread and
@@ -401,7 +404,7 @@ impl Engine {
         self: &Arc<Self>,
         scope: ExportScope,
         on_idle: Option<OnIdle>,
-    ) -> mpsc::Receiver<Result<BookingView, ServiceError>> {
+    ) -> FedStream<BookingView> {
         let (sender, receiver) = self.export_feed(self.limits.export_channel_depth, on_idle);
         let engine = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
@@ -426,7 +429,7 @@ impl Engine {
     pub fn audit_log(
         self: &Arc<Self>,
         on_idle: Option<OnIdle>,
-    ) -> mpsc::Receiver<Result<crate::store::records::AuditEntry, ServiceError>> {
+    ) -> FedStream<crate::store::records::AuditEntry> {
         let (sender, receiver) = self.export_feed(self.limits.export_channel_depth, on_idle);
         let engine = Arc::clone(self);
         tokio::task::spawn_blocking(move || {

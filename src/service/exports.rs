@@ -12,14 +12,23 @@
 //!   stream ends with `DEADLINE_EXCEEDED` / `EXPORT_IDLE` after what was buffered, and
 //!   `on_idle` runs: the gRPC layer closes the connection, the only way to end a stream
 //!   whose client keeps its window shut (and so to free the stream's places).
+//!
+//! Each item goes out once what its scan had read is durable (`Store::settling`): the
+//! committer applies a batch before its fdatasync, and a scan may meet its records
+//! meanwhile. The item carries the last batch begun when it was sent, and the stream
+//! waits for that batch: while writes commit, about a buffer's worth of items per
+//! commit.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::Stream;
 use tokio::sync::mpsc;
 
 use crate::service::ServiceError;
+use crate::store::committer::Settling;
 
 /// Exports in progress, in total and per token (by the caller's name).
 pub struct Exports {
@@ -148,37 +157,48 @@ pub async fn send_within<T>(
 
 /// The sending end of an export, used from the scan's blocking thread.
 pub struct Feed<T> {
-    sender: mpsc::Sender<Result<T, ServiceError>>,
+    sender: mpsc::Sender<Fed<T>>,
     idle: Duration,
     on_idle: Option<OnIdle>,
     runtime: tokio::runtime::Handle,
+    settling: Settling,
 }
 
+/// An item, and the last batch begun when it was sent (all it read is in it or before).
+type Fed<T> = (u64, Result<T, ServiceError>);
+
+/// An export's items, each once what it read is durable; ends after an error.
+pub type FedStream<T> = Pin<Box<dyn Stream<Item = Result<T, ServiceError>> + Send>>;
+
 impl<T: Send + 'static> Feed<T> {
-    /// A feed and its stream's receiving end, `depth` items buffered. Call from the
-    /// runtime (it remembers the runtime to wait on from the blocking thread).
+    /// A feed and its stream, `depth` items buffered. Call from the runtime (it
+    /// remembers the runtime to wait on from the blocking thread).
     pub fn channel(
         depth: usize,
         idle: Duration,
         on_idle: Option<OnIdle>,
-    ) -> (Self, mpsc::Receiver<Result<T, ServiceError>>) {
+        settling: Settling,
+    ) -> (Self, FedStream<T>) {
         let (sender, receiver) = mpsc::channel(depth);
         let runtime = tokio::runtime::Handle::current();
+        let stream = settled_stream(receiver, settling.clone());
         let feed = Self {
             sender,
             idle,
             on_idle,
             runtime,
+            settling,
         };
-        (feed, receiver)
+        (feed, stream)
     }
 
     /// Hands `item` over, waiting at most the idle timeout for room. On `Idle` the
     /// stream is ended with `EXPORT_IDLE` once the client reads what is buffered.
     pub fn send(&self, item: Result<T, ServiceError>) -> Result<(), Stopped> {
+        let fed = (self.settling.begun(), item);
         let sent = self
             .runtime
-            .block_on(tokio::time::timeout(self.idle, self.sender.send(item)));
+            .block_on(tokio::time::timeout(self.idle, self.sender.send(fed)));
         match sent {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Stopped::Gone),
@@ -197,14 +217,45 @@ impl<T: Send + 'static> Feed<T> {
     pub fn fail(&self, error: ServiceError) {
         let sender = self.sender.clone();
         self.runtime.spawn(async move {
-            let _ = sender.send(Err(error)).await;
+            let _ = sender.send((0, Err(error))).await;
         });
     }
+}
+
+/// The items of `receiver`, each once its batch is durable; a failed store ends the
+/// stream with its refusal.
+fn settled_stream<T: Send + 'static>(
+    receiver: mpsc::Receiver<Fed<T>>,
+    settling: Settling,
+) -> FedStream<T> {
+    let state = (receiver, settling, false);
+    Box::pin(futures::stream::unfold(
+        state,
+        |(mut receiver, settling, ended)| async move {
+            if ended {
+                return None;
+            }
+            let (batch, item) = receiver.recv().await?;
+            let item = match settling.until(batch).await {
+                Ok(()) => item,
+                Err(failed) => Err(ServiceError::from(failed)),
+            };
+            let ended = item.is_err();
+            Some((item, (receiver, settling, ended)))
+        },
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::committer::CommitterState;
+    use futures::StreamExt;
+
+    /// A store's settling with no batch begun: items go out at once.
+    fn nothing_in_flight() -> Settling {
+        Settling::of(&Arc::new(CommitterState::new(0)))
+    }
 
     #[test]
     fn exports_are_capped_in_total_and_per_token_and_freed_on_drop() {
@@ -234,17 +285,17 @@ mod tests {
             Arc::new(move || idled.store(true, std::sync::atomic::Ordering::Release))
         };
         let idle = Duration::from_millis(50);
-        let (feed, mut receiver) = Feed::<u32>::channel(1, idle, Some(on_idle));
+        let (feed, mut stream) = Feed::<u32>::channel(1, idle, Some(on_idle), nothing_in_flight());
         let fed = tokio::task::spawn_blocking(move || (feed.send(Ok(1)), feed.send(Ok(2))))
             .await
             .unwrap();
         assert_eq!(fed, (Ok(()), Err(Stopped::Idle)));
         assert!(idled.load(std::sync::atomic::Ordering::Acquire));
-        assert!(matches!(receiver.recv().await, Some(Ok(1))));
+        assert!(matches!(stream.next().await, Some(Ok(1))));
         assert!(matches!(
-            receiver.recv().await,
+            stream.next().await,
             Some(Err(ServiceError::ExportIdle))
         ));
-        assert!(receiver.recv().await.is_none());
+        assert!(stream.next().await.is_none());
     }
 }

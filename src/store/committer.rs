@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -194,6 +194,47 @@ pub struct CommitterState {
     pub tee: Mutex<Option<Tee>>,
     /// The sequence of the last durable event (0: none yet).
     pub events: watch::Sender<u64>,
+    /// Batches numbered from 1: the last one handed to the store (set before it is
+    /// applied, so a reader that met its records sees it here), and the last one
+    /// durable. `Store::settled` waits for the second to reach the first.
+    pub begun: AtomicU64,
+    pub durable: watch::Sender<u64>,
+}
+
+/// What a reader waits on so that it never shows a write a crash could still undo: the
+/// committer applies a batch before its fdatasync, and sled serves reads from it
+/// meanwhile. Read first, then wait `until(begun())`.
+#[derive(Clone)]
+pub struct Settling(Arc<CommitterState>);
+
+impl Settling {
+    pub fn of(state: &Arc<CommitterState>) -> Self {
+        Self(Arc::clone(state))
+    }
+
+    /// The last batch handed to the store: every record a read met is in it or before.
+    pub fn begun(&self) -> u64 {
+        self.0.begun.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `batch` is durable; the store's refusal if it failed first.
+    pub async fn until(&self, batch: u64) -> Result<(), StoreError> {
+        if *self.0.durable.borrow() >= batch {
+            return Ok(());
+        }
+        let mut durable = self.0.durable.subscribe();
+        let failed = &self.0.failed;
+        let reached = durable
+            .wait_for(|done| *done >= batch || failed.load(Ordering::Acquire))
+            .await
+            .map(|done| *done >= batch);
+        match reached {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.0.refusal()),
+            // The sender lives in the state this holds: not reached.
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
 }
 
 /// Where the committer copies committed batches during an online backup.
@@ -211,12 +252,15 @@ impl CommitterState {
     pub fn new(last_event: u64) -> Self {
         let (healthy, _) = watch::channel(true);
         let (events, _) = watch::channel(last_event);
+        let (durable, _) = watch::channel(0);
         Self {
             failed: AtomicBool::new(false),
             lost_lease: AtomicBool::new(false),
             healthy,
             tee: Mutex::new(None),
             events,
+            begun: AtomicU64::new(0),
+            durable,
         }
     }
 
@@ -315,7 +359,11 @@ fn commit_batch(
     let writes = changes.len();
     let started = Instant::now();
     let mut tee = state.tee();
+    let batch = state.begun.fetch_add(1, Ordering::SeqCst) + 1;
     let result = durability.commit(&changes);
+    if result.is_ok() {
+        state.durable.send_replace(batch);
+    }
     if let (Ok(()), Some(copy)) = (&result, tee.as_mut()) {
         let writes = changes;
         let size: usize = writes
@@ -369,6 +417,8 @@ pub(crate) fn fail_stop(state: &CommitterState, error: &StoreError) {
         tracing::error!(%error, "storage failed: refusing all writes until restart");
         state.healthy.send_replace(false);
     }
+    // Readers waiting for a batch that will never be durable learn it now.
+    state.durable.send_modify(|_| {});
 }
 
 #[cfg(test)]

@@ -223,6 +223,19 @@ impl Store {
             .map_err(|e| StoreError::Io(format!("measuring the store: {e}")))
     }
 
+    /// Waits until every write a read made before this call could have met is durable
+    /// (the committer applies a batch before its fdatasync): a read answered after it
+    /// never shows a write a crash could still undo. At once when nothing is in flight.
+    pub async fn settled(&self) -> Result<(), StoreError> {
+        let settling = self.settling();
+        settling.until(settling.begun()).await
+    }
+
+    /// `settled` in parts, for a scan that hands its records to another task.
+    pub fn settling(&self) -> committer::Settling {
+        committer::Settling::of(&self.state)
+    }
+
     /// `true` while writes are accepted; flips to `false` for good on a storage error.
     pub fn health(&self) -> watch::Receiver<bool> {
         self.state.healthy.subscribe()

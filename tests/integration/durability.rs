@@ -5,6 +5,7 @@
 //! - A failed fdatasync fails the booking, turns health NOT_SERVING, and stops every later
 //!   write (no silent retry); after a restart a retry of the failed request books at most
 //!   once.
+//! - Reads (a citizen's list, an export) do not show a booking whose fdatasync is held.
 //!
 //! The shim is compiled with the system C compiler (`cc`) when the test runs.
 
@@ -281,5 +282,51 @@ async fn a_double_tap_at_the_desk_is_answered_once_the_first_is_durable() {
         let answered = tokio::time::timeout(Duration::from_secs(10), tap).await;
         assert!(answered.expect("answered").unwrap().is_ok());
     }
+    server.terminate();
+}
+
+/// sled serves a batch's records as soon as it is applied, before its fdatasync: reads
+/// wait for it, so none shows a booking a crash could still undo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_do_not_show_a_booking_before_its_fdatasync_returns() {
+    use prenota::proto::capacity_service_client::CapacityServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let (library, control) = fdatasync_gate(dir.path());
+    let server = start_with_shim(&dir.path().join("data"), &library, &control);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "read", "r", 10).await;
+    std::fs::write(control.join("gate"), b"").unwrap();
+    let mut client = BookingServiceClient::new(channel.clone());
+    let booking =
+        tokio::spawn(async move { client.book(book_request(&slot_id, "reader", "b")).await });
+    wait_for_held_fdatasync(&control).await;
+    let mut client = BookingServiceClient::new(channel.clone());
+    let listed = tokio::spawn(async move {
+        let request = proto::ListCitizenBookingsRequest {
+            citizen_id: "reader".into(),
+            ..Default::default()
+        };
+        client.list_citizen_bookings(request).await
+    });
+    let mut authority = CapacityServiceClient::new(channel.clone());
+    let exported = tokio::spawn(async move {
+        let request = proto::ExportBookingsRequest { scope: None };
+        let mut stream = authority.export_bookings(request).await?.into_inner();
+        stream.message().await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!listed.is_finished(), "listed while fdatasync was held");
+    assert!(!exported.is_finished(), "exported while fdatasync was held");
+    std::fs::remove_file(control.join("gate")).unwrap();
+    let within = Duration::from_secs(10);
+    let booked = tokio::time::timeout(within, booking).await.unwrap();
+    let listed = tokio::time::timeout(within, listed).await.unwrap();
+    let exported = tokio::time::timeout(within, exported).await.unwrap();
+    let booked = booked.unwrap().unwrap().into_inner();
+    let listed = listed.unwrap().unwrap().into_inner();
+    let exported = exported.unwrap().unwrap().unwrap();
+    let booking_id = booked.booking.unwrap().booking_id;
+    assert_eq!(listed.bookings[0].booking_id, booking_id);
+    assert_eq!(exported.booking.unwrap().booking_id, booking_id);
     server.terminate();
 }

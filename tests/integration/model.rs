@@ -573,7 +573,7 @@ async fn compare(h: &Harness, m: &Model) {
     assert_eq!(stats.totals.capacity, open_capacity, "capacity");
     let mut exported = HashMap::new();
     let mut stream = engine.export_bookings(ExportScope::All, None);
-    while let Some(item) = stream.recv().await {
+    while let Some(item) = futures::StreamExt::next(&mut stream).await {
         let view = item.unwrap();
         exported.insert(view.booking.booking_id, view.booking.is_confirmed());
     }

@@ -145,7 +145,10 @@ async fn the_booking_index_is_rebuilt_and_old_index_keys_are_removed() {
     }
     let engine = open(dir.path()).unwrap();
     let desk = prenota::service::desk::Desk::Everywhere;
-    let page = engine.slot_roster(&desk, &slot_key(), (None, 10)).unwrap();
+    let page = engine
+        .slot_roster(&desk, &slot_key(), (None, 10))
+        .await
+        .unwrap();
     let ids: Vec<u128> = page.bookings.iter().map(|b| b.booking_id.0).collect();
     assert_eq!(
         ids,

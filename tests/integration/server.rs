@@ -157,12 +157,7 @@ async fn reseeding_the_demo_changes_nothing() {
     let config = prenota::config::Config::default();
     let clock = prenota::service::Clock::system();
     let audit_rows = |engine: &std::sync::Arc<prenota::service::Engine>| {
-        let mut log = engine.audit_log(None);
-        let mut rows = 0;
-        while log.blocking_recv().is_some() {
-            rows += 1;
-        }
-        rows
+        futures::StreamExt::count(engine.audit_log(None))
     };
     let mut engine = std::sync::Arc::new(
         prenota::service::Engine::open(dir.path(), &config, clock.clone()).unwrap(),
@@ -178,20 +173,14 @@ async fn reseeding_the_demo_changes_nothing() {
         )
         .await
         .unwrap();
-    let engine_for_count = std::sync::Arc::clone(&engine);
-    let before = tokio::task::spawn_blocking(move || audit_rows(&engine_for_count))
-        .await
-        .unwrap();
+    let before = audit_rows(&engine).await;
     assert!(
         before >= 4,
         "three demo sites, their schedules and the rename"
     );
 
     prenota::demo::seed(&engine).await.unwrap();
-    let engine_for_count = std::sync::Arc::clone(&engine);
-    let after = tokio::task::spawn_blocking(move || audit_rows(&engine_for_count))
-        .await
-        .unwrap();
+    let after = audit_rows(&engine).await;
     assert_eq!(
         after, before,
         "a reseed that changes nothing writes no audit row"
