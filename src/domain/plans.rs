@@ -84,6 +84,15 @@ pub enum Take {
         release_id: ReleaseId,
         citizen: CitizenKey,
     },
+    /// Taken after the claim or move of `booking`: the campaign registration booked
+    /// with it is still the one the plan read (`registration`: its id, or none). A
+    /// reschedule that made `booking` settles its registration before it unclaims it,
+    /// but a plan read before that may claim after: refused (retry) rather than end
+    /// the booking and leave its registration booked.
+    SameRegistration {
+        booking: BookingId,
+        registration: Option<BookingId>,
+    },
 }
 
 /// Done once the write is durable, never before.
@@ -679,6 +688,10 @@ pub fn cancel(
         ],
         answer: cancelled,
     };
+    plan.take.push(Take::SameRegistration {
+        booking: id,
+        registration: registration.map(|r| r.registration_id),
+    });
     if let Some(registration) = registration {
         record_registration(&mut plan, registration.withdrawn(now_unix_ms));
     }
@@ -768,6 +781,10 @@ pub fn reschedule(
                 service: new_slot.key.service_id.clone(),
                 from: cancelled.booking_id,
                 to: new_id,
+            },
+            Take::SameRegistration {
+                booking: cancelled.booking_id,
+                registration: registration.map(|r| r.registration_id),
             },
             Take::Place(new_slot.key.clone(), new_slot.channel.clone()),
         ],
@@ -1331,7 +1348,11 @@ mod tests {
         // the booking for a claim the cancel might give back.
         assert!(matches!(
             &plan.take[..],
-            [Take::Admission(slot), Take::Claim { .. }] if *slot == at.key
+            [
+                Take::Admission(slot),
+                Take::Claim { .. },
+                Take::SameRegistration { booking: BookingId(7), registration: None }
+            ] if *slot == at.key
         ));
         assert_eq!(plan.free.len(), 2);
         assert!(matches!(
@@ -1410,6 +1431,7 @@ mod tests {
                     to: BookingId(8),
                     ..
                 },
+                Take::SameRegistration { booking: BookingId(7), registration: None },
                 Take::Place(..)
             ] if *old == at.key
         ));
@@ -1506,6 +1528,38 @@ mod tests {
             requests: Vec::new(),
         };
         (campaign, registration)
+    }
+
+    /// A reschedule that made a campaign booking settles its registration just before
+    /// it unclaims the booking: a cancel or move planned from a read before that must
+    /// find, once it has claimed, the registration it read, or be refused.
+    #[test]
+    fn cancels_and_moves_check_the_registration_they_read_once_claimed() {
+        let (_, registration) = campaign_and_registration();
+        let (at, to) = (slot("vax", NOW), slot("vax", NOW + 900));
+        let checks = |plan: &Plan<Booking>| -> Vec<Option<BookingId>> {
+            let after_claim = plan
+                .take
+                .iter()
+                .skip_while(|t| !matches!(t, Take::Claim { .. } | Take::Move { .. }))
+                .nth(1);
+            match after_claim {
+                Some(Take::SameRegistration {
+                    booking: BookingId(7),
+                    registration,
+                }) => vec![*registration],
+                other => panic!("no registration check after the claim: {other:?}"),
+            }
+        };
+        for read in [None, Some(&registration)] {
+            let mine = (Some(booking_of(ALICE, &at)), Vec::new());
+            let cancelled = cancel(mine, ALICE, read, request(2), NOW).unwrap();
+            let mine = (Some(booking_of(ALICE, &at)), read, None);
+            let moved = reschedule(mine, ALICE, Some(&to), new(8), request(3), NOW).unwrap();
+            let expected = vec![read.map(|r| r.registration_id)];
+            assert_eq!(checks(&cancelled), expected);
+            assert_eq!(checks(&moved), expected);
+        }
     }
 
     #[test]

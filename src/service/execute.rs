@@ -208,6 +208,18 @@ impl Engine {
                 true => Ok(None),
                 false => Err(DomainError::HoldLimitReached(slot.clone()).into()),
             },
+            Take::SameRegistration {
+                booking,
+                registration,
+            } => {
+                let now = self.campaigns.booked_with(*booking);
+                match now.map(|r| r.registration_id) == *registration {
+                    true => Ok(None),
+                    false => Err(ServiceError::Busy(
+                        "the booking's campaign registration was being updated; retry",
+                    )),
+                }
+            }
             Take::Ticket {
                 release_id,
                 citizen,
@@ -290,8 +302,8 @@ impl Engine {
                     self.citizens.replace(*citizen, service, *to, *from);
                 }
                 Take::Place(key, channel) => self.return_place(key, channel),
-                // The admission settles when its guard drops.
-                Take::Admission(_) => {}
+                // The admission settles when its guard drops; a check takes nothing.
+                Take::Admission(_) | Take::SameRegistration { .. } => {}
                 Take::HeldShare { slot, .. } => self.live_holds().release_share(slot),
                 Take::Ticket {
                     release_id,
