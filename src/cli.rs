@@ -159,28 +159,31 @@ struct Progress {
     total: usize,
     shown_tenths: usize,
     terminal: bool,
+    /// What is under way ("sending rows").
+    doing: &'static str,
 }
 
 impl Progress {
-    fn new(total: usize) -> Self {
+    fn new(total: usize, doing: &'static str) -> Self {
         use std::io::IsTerminal;
         Self {
             total,
             shown_tenths: 0,
             terminal: std::io::stderr().is_terminal(),
+            doing,
         }
     }
 
     fn update(&mut self, sent: usize) {
-        let percent = sent * 100 / self.total.max(1);
+        let (doing, percent) = (self.doing, sent * 100 / self.total.max(1));
         if self.terminal {
-            eprint!("\rsending rows: {sent}/{} ({percent}%)", self.total);
+            eprint!("\r{doing}: {sent}/{} ({percent}%)", self.total);
             if sent == self.total {
                 eprintln!();
             }
         } else if percent / 10 > self.shown_tenths || sent == self.total {
             self.shown_tenths = percent / 10;
-            eprintln!("sending rows: {sent}/{} ({percent}%)", self.total);
+            eprintln!("{doing}: {sent}/{} ({percent}%)", self.total);
         }
     }
 }
@@ -189,20 +192,47 @@ impl Progress {
 pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(), String> {
     let (rows, row_releases) = read_capacity_file(file)?;
     let releases = releases_of(&rows, &row_releases)?;
-    let total = rows.len();
     let mut client = connect(target).await?;
     // Releases before their slots exist (a slot without its release would be open to
-    // whoever books first): their sites first (empty), then the releases, then the
-    // import. A refused release leaves no slot imported, and every step is idempotent,
-    // so the same file can simply be sent again.
-    if !dry_run {
+    // whoever books first): the rows checked whole first (a dry run: a bad row leaves
+    // nothing behind), then the releases' sites (empty), the releases, the import.
+    // Every step is idempotent, so the same file can simply be sent again.
+    if !dry_run && !releases.is_empty() {
+        send_rows(&mut client, rows.clone(), true, "checking rows").await?;
         upsert_release_sites(&mut client, &rows, &row_releases).await?;
     }
     create_releases(&mut client, releases, dry_run).await?;
+    let summary = send_rows(&mut client, rows, dry_run, "sending rows").await?;
+    let verb = if dry_run { "would import" } else { "imported" };
+    println!(
+        "{verb} {} rows: {} sites, {} slots created, {} slots updated, total capacity {}{}",
+        summary.rows,
+        summary.sites_upserted,
+        summary.slots_created,
+        summary.slots_updated,
+        summary.total_capacity,
+        if dry_run {
+            " (dry run: nothing applied)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// Streams `rows` as one ImportCapacity call (progress on stderr as `doing`), and
+/// answers its summary or why the server refused the file.
+async fn send_rows(
+    client: &mut Client,
+    rows: Vec<proto::CapacityRow>,
+    dry_run: bool,
+    doing: &'static str,
+) -> Result<proto::ImportCapacityResponse, String> {
+    let total = rows.len();
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     let request_id = format!("import-{}", rand::random::<u64>());
     let feeder = tokio::spawn(async move {
-        let mut progress = Progress::new(total);
+        let mut progress = Progress::new(total, doing);
         let mut sent = 0;
         let mut rows = rows.into_iter().peekable();
         while rows.peek().is_some() {
@@ -223,24 +253,9 @@ pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(
         .import_capacity(tokio_stream::wrappers::ReceiverStream::new(receiver))
         .await;
     feeder.abort();
-    let summary = response
+    Ok(response
         .map_err(|status| explain(&status).replacen("refused it", "refused the file", 1))?
-        .into_inner();
-    let verb = if dry_run { "would import" } else { "imported" };
-    println!(
-        "{verb} {} rows: {} sites, {} slots created, {} slots updated, total capacity {}{}",
-        summary.rows,
-        summary.sites_upserted,
-        summary.slots_created,
-        summary.slots_updated,
-        summary.total_capacity,
-        if dry_run {
-            " (dry run: nothing applied)"
-        } else {
-            ""
-        }
-    );
-    Ok(())
+        .into_inner())
 }
 
 /// The rows of capacity file `file` and their releases, or every error found (up to

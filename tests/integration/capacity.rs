@@ -650,7 +650,7 @@ async fn the_cli_imports_release_columns_and_announces_the_opening_first() {
         1,
     );
     let (good_path, bad_path) = (files.path().join("good.csv"), files.path().join("bad.csv"));
-    std::fs::write(&good_path, good).unwrap();
+    std::fs::write(&good_path, &good).unwrap();
     std::fs::write(&bad_path, bad).unwrap();
     let url = server.url();
     let run = |file: std::path::PathBuf| {
@@ -668,23 +668,37 @@ async fn the_cli_imports_release_columns_and_announces_the_opening_first() {
         })
     };
 
-    // Rows of one release must agree: nothing is sent otherwise.
-    let refused = run(bad_path).await.unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success());
-    assert!(
-        stderr.contains("line 3") && stderr.contains("differs"),
-        "{stderr}"
-    );
-    let missing = server
-        .capacity()
-        .await
-        .get_site_stats(proto::GetSiteStatsRequest {
-            site_id: "a-site".into(),
-        })
-        .await
-        .expect_err("nothing imported");
-    assert_eq!(missing.code(), Code::NotFound);
+    // Rows of one release must agree, and every row must be good: nothing is applied
+    // otherwise, not even the releases and their sites.
+    let bad_row = files.path().join("bad-row.csv");
+    std::fs::write(
+        &bad_row,
+        good.replacen(",30,4,opening", ",30,99999,opening", 1),
+    )
+    .unwrap();
+    for (file, says) in [(bad_path, "differs"), (bad_row, "capacity_per_slot")] {
+        let refused = run(file).await.unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success());
+        assert!(stderr.contains(says), "{stderr}");
+        let missing = server
+            .capacity()
+            .await
+            .get_site_stats(proto::GetSiteStatsRequest {
+                site_id: "a-site".into(),
+            })
+            .await
+            .expect_err("nothing imported");
+        assert_eq!(missing.code(), Code::NotFound);
+        let release = server
+            .capacity()
+            .await
+            .get_release(proto::GetReleaseRequest {
+                release_id: "opening".into(),
+            })
+            .await;
+        assert_eq!(release.unwrap_err().code(), Code::NotFound);
+    }
 
     for _ in 0..2 {
         // Sending the same file again changes nothing.
