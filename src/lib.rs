@@ -24,6 +24,10 @@
 //! - [`proto`]: generated `prenota.v1` code; proto types stop at `grpc`, `server` and
 //!   the clients (`main.rs`, `cli`, `cli_call`, `capacity_file`).
 
+// A lock taken in a `match` scrutinee lives through every arm: an arm that locks it
+// again deadlocks (PreRegister of a registered citizen froze the server that way).
+#![warn(clippy::significant_drop_in_scrutinee)]
+
 pub mod allocator;
 pub mod capacity_file;
 pub mod cli;

@@ -269,7 +269,10 @@ impl Engine {
         self.check_preferred_sites(&entry, &command.preferences)?;
         // Registering is idempotent by (campaign, citizen): the request id needs no record.
         let _ = command.request;
-        let begun = match entry.lock().registrations.begin(citizen) {
+        // Bound first: the state's lock ends with this statement (a `match` on it would
+        // hold it through the arms, and `registration_view` locks it again).
+        let begin = entry.lock().registrations.begin(citizen);
+        let begun = match begin {
             Begin::New { arrival, replaces } => (arrival, replaces),
             Begin::Existing(registration) => {
                 return Ok(self.registration_view(&entry, *registration))
@@ -287,6 +290,14 @@ impl Engine {
             self.campaigns.abandon(&entry, &citizen);
             return Err(DomainError::RegistrationsFull.into());
         }
+        // Registering anew resets nothing: a citizen cannot launder its declines (one
+        // that has used them up is exhausted at once), and a retried
+        // WithdrawRegistration must not withdraw the new one.
+        let declines = replaces.as_ref().map_or(0, |withdrawn| withdrawn.declines);
+        let state = match declines >= entry.campaign().offers_declined_max {
+            true => RegistrationState::Exhausted,
+            false => RegistrationState::Active,
+        };
         let registration = Registration {
             registration_id: self.ids.mint(citizen),
             campaign_id: command.campaign_id,
@@ -296,10 +307,8 @@ impl Engine {
             preferences: command.preferences,
             registered_at_unix_ms: self.now_unix_ms(),
             arrival,
-            // Registering anew resets nothing: a citizen cannot launder its declines,
-            // and a retried WithdrawRegistration must not withdraw the new one.
-            declines: replaces.as_ref().map_or(0, |withdrawn| withdrawn.declines),
-            state: RegistrationState::Active,
+            declines,
+            state,
             requests: replaces
                 .map(|withdrawn| withdrawn.requests)
                 .unwrap_or_default(),

@@ -617,7 +617,8 @@ impl Engine {
     /// Refuses to reopen `key` (ending at `end_unix_s`) beside an open slot it overlaps
     /// (a schedule republished with another slot length after it was closed).
     fn check_reopens_alone(&self, key: &SlotKey, end_unix_s: i64) -> Result<(), DomainError> {
-        match self.catalog().open_overlapping(key, end_unix_s) {
+        let overlapping = self.catalog().open_overlapping(key, end_unix_s);
+        match overlapping {
             None => Ok(()),
             Some(other) => Err(DomainError::invalid(
                 "slot_id",

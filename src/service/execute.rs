@@ -204,10 +204,13 @@ impl Engine {
                 .enter()
                 .map(Some)
                 .map_err(|refusal| refused(refusal, key).into()),
-            Take::HeldShare { slot, max } => match self.live_holds().reserve_share(slot, *max) {
-                true => Ok(None),
-                false => Err(DomainError::HoldLimitReached(slot.clone()).into()),
-            },
+            Take::HeldShare { slot, max } => {
+                let reserved = self.live_holds().reserve_share(slot, *max);
+                match reserved {
+                    true => Ok(None),
+                    false => Err(DomainError::HoldLimitReached(slot.clone()).into()),
+                }
+            }
             Take::SameRegistration {
                 booking,
                 registration,

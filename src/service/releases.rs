@@ -300,7 +300,8 @@ impl Engine {
         self.releases
             .insert(Arc::new(ReleaseEntry::new(release.clone(), now)));
         // Its slots now show its release_at: watchers are sent them again.
-        for slot in future_slots(&self.catalog(), &release, now) {
+        let shown = future_slots(&self.catalog(), &release, now);
+        for slot in shown {
             slot.counter.mark_shown_changed();
         }
         Ok(release)
@@ -422,7 +423,8 @@ impl Engine {
         let release = entry.current();
         let id = release.release_id.clone();
         self.count_ticket()?;
-        let ticket = match entry.lock().queue.join(&release, citizen, now) {
+        let joined = entry.lock().queue.join(&release, citizen, now);
+        let ticket = match joined {
             Join::New(ticket) => ticket,
             other => {
                 self.releases.tickets.fetch_sub(1, Ordering::AcqRel);
