@@ -161,6 +161,11 @@ impl CitizenIndex {
         active && shard.claimed.insert(booking_id)
     }
 
+    /// Whether a write that ends or changes `booking_id` has claimed it and not settled.
+    pub fn is_claimed(&self, citizen: CitizenKey, booking_id: BookingId) -> bool {
+        self.shard(&citizen).claimed.contains(&booking_id)
+    }
+
     /// Gives a claim back: the write that would have ended the entry never happened.
     pub fn unclaim(&self, citizen: CitizenKey, booking_id: BookingId) {
         self.shard(&citizen).claimed.remove(&booking_id);

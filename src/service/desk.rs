@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::domain::booking::{Booking, BookingState, Reference};
 use crate::domain::error::{DomainError, Missing};
-use crate::domain::ids::{SiteId, SlotKey};
+use crate::domain::ids::{BookingId, SiteId, SlotKey};
 use crate::domain::plans::{self, DeskChange};
 use crate::service::engine::{BookingView, Engine};
 use crate::service::error::ServiceError;
@@ -138,8 +138,7 @@ impl Engine {
 
     /// Writes the desk's change. Found done, or refused because the same change landed
     /// first (a double tap at the desk), it answers the booking as that change left
-    /// it, once that change is durable: the store shows a write before its group
-    /// commit's fdatasync, so an empty commit queued behind it is waited for first.
+    /// it, once that change is durable.
     async fn desk_commit(
         &self,
         change: DeskChange,
@@ -149,15 +148,44 @@ impl Engine {
         let landed = match change {
             DeskChange::AlreadyDone(booking) => booking,
             DeskChange::Write(plan) => match self.execute(plan, || {}).await {
-                Err(ServiceError::Domain(DomainError::BookingNotActive(id))) => self
-                    .store
-                    .booking_by_reference(reference)?
-                    .filter(|stored| done(&stored.state))
-                    .ok_or(DomainError::BookingNotActive(id))?,
+                Err(ServiceError::Domain(DomainError::BookingNotActive(id))) => {
+                    self.landed_first(reference, done, id).await?
+                }
                 written => return self.view(written?),
             },
         };
         self.store.settled().await?; // the change that landed first
         self.view(landed)
     }
+
+    /// The booking as the write that claimed it before this tap left it, if that write
+    /// made it `done`: waited for (bounded by `request_timeout_ms`) while the claim
+    /// lasts, since the claim comes before the write reaches the store.
+    async fn landed_first(
+        &self,
+        reference: Reference,
+        done: fn(&BookingState) -> bool,
+        id: BookingId,
+    ) -> Result<Booking, ServiceError> {
+        let wait = Duration::from_millis(self.limits.request_timeout_ms);
+        let deadline = tokio::time::Instant::now() + wait;
+        let not_active = || ServiceError::from(DomainError::BookingNotActive(id));
+        let read = || self.store.booking_by_reference(reference);
+        let citizen = read()?.ok_or_else(not_active)?.citizen;
+        loop {
+            // Looked at before the read: a write that has let go has landed by then.
+            let writing = self.citizens.is_claimed(citizen, id);
+            let booking = read()?.ok_or_else(not_active)?;
+            if done(&booking.state) {
+                return Ok(booking);
+            }
+            if !writing || tokio::time::Instant::now() >= deadline {
+                return Err(not_active());
+            }
+            tokio::time::sleep(LANDED_POLL).await;
+        }
+    }
 }
+
+/// How often a double tap looks again for the write that claimed the booking first.
+const LANDED_POLL: Duration = Duration::from_millis(1);

@@ -272,6 +272,38 @@ async fn the_desk_checks_citizens_in_and_marks_no_shows_after_the_slot() {
     server.stop().await;
 }
 
+/// Taps at once at the desk (the same check-in sent eight times together): each is
+/// answered with the booking attended, none with BOOKING_NOT_ACTIVE (a tap that lost
+/// the claim waits for the write that won it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taps_sent_together_are_all_answered_attended() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "taps", 10).await;
+    let mut client = server.booking().await;
+    let mut booked = Vec::new();
+    for citizen in 0..6 {
+        let citizen = format!("tap-{citizen}");
+        booked.push(book_ok(&mut client, book_request(&slot, &citizen, &citizen)).await);
+    }
+    to_an_hour_before(&clock, &slot);
+    let channel = server.channel().await;
+    for booking in &booked {
+        let taps = (0..8).map(|_| {
+            let request = check_in(&booking.reference, &booking.check_in_code);
+            let mut site = SiteServiceClient::new(channel.clone());
+            tokio::spawn(async move { site.check_in(request).await })
+        });
+        for tap in futures::future::join_all(taps).await {
+            let answered = tap.unwrap().expect("every tap is answered");
+            let attended = answered.into_inner().booking.unwrap();
+            assert_eq!(state(&attended), proto::BookingState::Attended);
+        }
+    }
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guessing_a_check_in_code_is_stopped_per_reference() {
     let dir = tempfile::tempdir().unwrap();
