@@ -255,12 +255,7 @@ impl Engine {
     /// Returns one place of a slot after the durable write that freed it. The matcher
     /// is told after the counter has it: a step that sees the news finds the place.
     pub(super) fn return_place(&self, key: &SlotKey, channel: &ChannelId) {
-        self.place_returned(key, channel);
-        if let Ok(slot) = self.slot(key) {
-            if slot.counter.release().is_err() {
-                tracing::error!(slot = %key, "found no taken place to return");
-            }
-        }
+        self.return_place_to_counter(key, channel);
         self.campaigns.place_returned();
     }
 

@@ -191,8 +191,8 @@ impl Engine {
             self.releases.channel_took(key, channel);
             return Ok(admission);
         };
-        // One take at a time in the release's slots: the use read here stays true
-        // until the CAS and the count after it (returns only lower it: more caution).
+        // One take or return at a time in the release's slots: the use read here stays
+        // true until the CAS and the count after it.
         let _one_take = entry.takes.lock().unwrap_or_else(|p| p.into_inner());
         let used = self
             .releases
@@ -208,10 +208,28 @@ impl Engine {
         Ok(admission)
     }
 
-    /// A place of a booking or hold of `channel` in slot `key` is about to return to its
-    /// counter: the channel holds one fewer.
-    pub(super) fn place_returned(&self, key: &SlotKey, channel: &ChannelId) {
+    /// Returns a place of a booking or hold of `channel` to slot `key`'s counter (the
+    /// channel holds one fewer), under its release's take lock if it has reserves: a
+    /// take must see the channel's use and the counter both before the return or both
+    /// after (a use read before and a place freed after would let another channel into
+    /// this one's reserve).
+    pub(super) fn return_place_to_counter(&self, key: &SlotKey, channel: &ChannelId) {
+        let Ok((region, slot)) = self.slot_in_region(key) else {
+            self.releases.channel_returned(key, channel);
+            return;
+        };
+        let entry = match self.releases.is_empty() {
+            true => None,
+            false => self.reserving(&region, key),
+        };
+        let one_take = entry
+            .as_ref()
+            .map(|entry| entry.takes.lock().unwrap_or_else(|p| p.into_inner()));
         self.releases.channel_returned(key, channel);
+        if slot.counter.release().is_err() {
+            tracing::error!(slot = %key, "found no taken place to return");
+        }
+        drop(one_take);
     }
 
     /// Every slot of `site` with free places held back for channel reserves now, and

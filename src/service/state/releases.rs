@@ -13,9 +13,9 @@ use crate::domain::release::{held_back, ChannelUse, Gate, Queue, Release};
 pub struct ReleaseEntry {
     pub(in crate::service) definition: Release,
     pub(in crate::service) state: Mutex<ReleaseState>,
-    /// With reserves: places of its slots are taken one at a time under this lock, so
-    /// the rule (leave the other channels' unused reserves free), read from the
-    /// engine's `ChannelUse`, and the counter's CAS are one step.
+    /// With reserves: places of its slots are taken (and returned) one at a time under
+    /// this lock, so the rule (leave the other channels' unused reserves free), read
+    /// from the engine's `ChannelUse`, and the counter's CAS are one step.
     pub(in crate::service) takes: Mutex<()>,
     /// With reserves: when the release step last sent watchers the slots whose reserves
     /// had joined the common places (from its creation, or the recovery: no watch
