@@ -35,6 +35,8 @@ pub struct Target<'a> {
     pub server: &'a str,
     pub token: Option<&'a str>,
     pub ca: Option<&'a Path>,
+    /// This client's certificate and key (PEM files), for servers that require one.
+    pub identity: Option<(&'a Path, &'a Path)>,
 }
 
 async fn connect(target: &Target<'_>) -> Result<Client, String> {
@@ -51,14 +53,19 @@ pub(crate) async fn authorized_channel(
     let server = target.server;
     let mut endpoint = Endpoint::from_shared(server.to_string())
         .map_err(|e| format!("{server} is not a server URL such as http://127.0.0.1:50051: {e}"))?;
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
     if let Some(ca) = target.ca {
-        let pem = std::fs::read(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
-        endpoint = endpoint
-            .tls_config(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
-            )
-            .map_err(|e| format!("TLS: {e}"))?;
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        if let Some((cert, key)) = target.identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
     }
     let token = target.token;
     let channel = endpoint

@@ -138,6 +138,13 @@ struct ServerArgs {
     /// For https:// servers: the PEM CA certificate that signed the server's certificate.
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// For servers that require client certificates (`tls_client_ca`): this client's
+    /// PEM certificate (with --key and --ca).
+    #[arg(long, requires_all = ["key", "ca"])]
+    cert: Option<PathBuf>,
+    /// The PEM private key of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -146,6 +153,7 @@ impl ServerArgs {
             server: &self.server,
             token: self.token.as_deref().or(self.token_file.as_deref()),
             ca: self.ca.as_deref(),
+            identity: self.cert.as_deref().zip(self.key.as_deref()),
         }
     }
 }

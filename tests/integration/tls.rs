@@ -157,6 +157,37 @@ async fn with_a_client_ca_only_clients_with_a_certificate_get_in() {
             .is_none(),
         "a client without a certificate must not be answered"
     );
+    // The CLI presents one with --cert and --key.
+    let files = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let ca = write("ca.pem", &pki.ca_pem);
+    let (cert, key) = (write("c.pem", &pki.client.0), write("c.key", &pki.client.1));
+    let url = format!("https://localhost:{}", server.address.port());
+    let export = |identity: Vec<String>| {
+        let mut args = vec!["export".to_string(), "--server".into(), url.clone()];
+        args.extend(["--ca".to_string(), ca.clone()]);
+        args.extend(identity);
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+                .args(args)
+                .output()
+                .unwrap()
+        })
+    };
+    let with = export(vec!["--cert".into(), cert, "--key".into(), key]);
+    let with = with.await.unwrap();
+    let stdout = String::from_utf8_lossy(&with.stdout);
+    assert!(
+        with.status.success(),
+        "{:?}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    assert!(stdout.starts_with("booking_id,"), "{stdout}");
+    assert!(!export(Vec::new()).await.unwrap().status.success());
     server.stop().await;
 }
 
