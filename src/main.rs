@@ -556,21 +556,15 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
         .server
         .metrics_listen()
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let server = &effective.server;
-    let tls = server.tls_cert.is_some();
-    let tokens = !file.tokens.is_empty();
-    let listen = server.listen();
-    let checks = [
-        check_listen(listen, tokens, server.insecure_no_auth),
-        check_plaintext_tokens(listen, tokens, tls, server.insecure_plaintext_tokens),
-    ];
-    for checked in checks {
-        match checked {
-            Ok(None) => {}
-            Ok(Some(warning)) => eprintln!("warning: {warning}"),
-            Err(refusal) => eprintln!("warning: prenota serve would stop: {refusal}"),
-        }
+    let stops = serve_would_stop(&file, &effective.server);
+    if !stops.is_empty() {
+        let path = path.display();
+        return Err(format!(
+            "prenota serve would stop on {path}:{}",
+            listing(&stops)
+        ));
     }
+    let tokens = !file.tokens.is_empty();
     // It may hold a password.
     if effective.store.postgres_url.is_some() {
         effective.store.postgres_url = Some("(set, not printed)".into());
@@ -587,6 +581,40 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
         "# {} is valid. Effective configuration (defaults filled in):\n\n{open_mode}{text}",
         path.display()
     ))
+}
+
+/// What `prenota serve` would refuse in a valid file (`server`: its `[server]` with the
+/// defaults): the listen address's rules, and the files it reads at start (TLS, the
+/// backup key, the citizen hash key). Prints the warnings meanwhile.
+fn serve_would_stop(file: &ConfigFile, server: &prenota::config::ServerSection) -> Vec<String> {
+    let tls = server.tls_cert.is_some();
+    let tokens = !file.tokens.is_empty();
+    let listen = server.listen();
+    let mut stops = Vec::new();
+    let checks = [
+        check_listen(listen, tokens, server.insecure_no_auth),
+        check_plaintext_tokens(listen, tokens, tls, server.insecure_plaintext_tokens),
+    ];
+    for checked in checks {
+        match checked {
+            Ok(None) => {}
+            Ok(Some(warning)) => eprintln!("warning: {warning}"),
+            Err(refusal) => stops.push(refusal),
+        }
+    }
+    let tls_files = (&server.tls_cert, &server.tls_key, &server.tls_client_ca);
+    let files = [
+        TlsPem::read(
+            tls_files.0.as_deref(),
+            tls_files.1.as_deref(),
+            tls_files.2.as_deref(),
+        )
+        .err(),
+        read_backup_key(server.backup_key_file.as_deref()).err(),
+        read_hash_key(file.citizens.hash_key_file.as_deref()).err(),
+    ];
+    stops.extend(files.into_iter().flatten());
+    stops
 }
 
 /// `prenota dev-assertion`: prints a signed citizen assertion.

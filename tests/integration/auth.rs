@@ -360,15 +360,16 @@ async fn tokens_decide_services_and_regions() {
     server.stop().await;
 }
 
-/// `prenota config check FILE`, which must pass; its output and its stderr.
-fn config_check(file: &std::path::Path) -> (std::process::Output, String) {
+/// `prenota config check FILE`, which must pass (`passes`) or not; its output and its
+/// stderr.
+fn config_check(file: &std::path::Path, passes: bool) -> (std::process::Output, String) {
     let checked = Command::new(env!("CARGO_BIN_EXE_prenota"))
         .args(["config", "check"])
         .arg(file)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&checked.stderr).into_owned();
-    assert!(checked.status.success(), "{stderr}");
+    assert_eq!(checked.status.success(), passes, "{stderr}");
     (checked, stderr)
 }
 
@@ -382,9 +383,15 @@ fn with_tokens_a_public_address_needs_tls() {
         "[server]\nlisten = \"0.0.0.0:50051\"\n\n[[tokens]]\nname = \"ops\"\nsha256 = \"{}\"\nrole = \"admin\"\n",
         hex::encode(token_sha256(ADMIN))
     );
-    std::fs::write(&file, text).unwrap();
-    let (checked, stderr) = config_check(&file);
-    assert!(stderr.contains("without TLS"), "{stderr}");
+    std::fs::write(&file, &text).unwrap();
+    let (_, stderr) = config_check(&file, false);
+    assert!(
+        stderr.contains("serve would stop") && stderr.contains("TLS"),
+        "{stderr}"
+    );
+    let loopback = dir.path().join("loopback.toml");
+    std::fs::write(&loopback, text.replace("0.0.0.0", "127.0.0.1")).unwrap();
+    let (checked, _) = config_check(&loopback, true);
     let stdout = String::from_utf8_lossy(&checked.stdout);
     assert!(!stdout.contains("Open mode"), "tokens configured: {stdout}");
     let open = Command::new(env!("CARGO_BIN_EXE_prenota"))
@@ -437,8 +444,18 @@ fn without_tokens_a_public_address_is_refused() {
     // `head`, it ends quietly (it once panicked on the broken pipe).
     let file = dir.path().join("prenota.toml");
     std::fs::write(&file, "[server]\nlisten = \"0.0.0.0:50051\"\n").unwrap();
-    let (_, stderr) = config_check(&file);
+    let (_, stderr) = config_check(&file, false);
     assert!(stderr.contains("serve would stop"), "{stderr}");
+    // And of the files `serve` reads at start, each of them.
+    let files =
+        "[server]\ntls_cert = \"/nonexistent/cert.pem\"\ntls_key = \"/nonexistent/key.pem\"\n\
+                 backup_key_file = \"/nonexistent/backup.key\"\n\n\
+                 [citizens]\nhash_key_file = \"/nonexistent/hash.key\"\n";
+    std::fs::write(&file, files).unwrap();
+    let (_, stderr) = config_check(&file, false);
+    for named in ["cert.pem", "backup.key", "hash.key"] {
+        assert!(stderr.contains(named), "{named}: {stderr}");
+    }
     let mut head = Command::new(env!("CARGO_BIN_EXE_prenota"))
         .args(["config", "check", "/dev/null"])
         .stdout(std::process::Stdio::piped())
