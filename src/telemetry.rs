@@ -206,7 +206,7 @@ fn register_rare_counters() {
     ] {
         metrics::counter!(CONNECTIONS_REFUSED, "limit" => limit).increment(0);
     }
-    for limiter in ["token", "citizen", "citizen_reads", "anonymous"] {
+    for limiter in ["token", "citizen", "citizen_reads", "anonymous", "check_in"] {
         metrics::counter!(RATE_LIMITED, "limiter" => limiter).increment(0);
     }
     for kind in RETENTION_KINDS {

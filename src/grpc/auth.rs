@@ -200,9 +200,8 @@ impl Gate {
             return Ok(());
         };
         limiter.check_key(name).map_err(|not_until| {
-            let retry_after = not_until.wait_time_from(DefaultClock::default().now());
-            metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => "token").increment(1);
-            Status::from(ServiceError::RateLimited { retry_after })
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            Status::from(ServiceError::rate_limited("token", wait))
         })
     }
 
@@ -213,10 +212,8 @@ impl Gate {
         let anonymous = request.metadata().get("authorization").is_none();
         if anonymous && self.service == (Service::OpenData { public: true }) {
             self.anonymous.check().map_err(|not_until| {
-                let retry_after = not_until.wait_time_from(DefaultClock::default().now());
-                metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => "anonymous")
-                    .increment(1);
-                Status::from(ServiceError::RateLimited { retry_after })
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Status::from(ServiceError::rate_limited("anonymous", wait))
             })?;
             return Ok(Caller::Open);
         }

@@ -104,7 +104,7 @@ impl Engine {
             forget_after: Duration::from_secs((u64::from(window) * 4 + 48) * 3_600),
         };
         match self.references.try_code(reference, wrong, now_ms, limits) {
-            Err(Some(retry_after)) => return Err(ServiceError::RateLimited { retry_after }),
+            Err(Some(wait)) => return Err(ServiceError::rate_limited("check_in", wait)),
             Err(None) => {
                 metrics::counter!(crate::telemetry::CHECK_IN_CODES_WRONG).increment(1);
                 return Err(DomainError::CheckInCodeWrong.into());

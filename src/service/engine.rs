@@ -145,10 +145,9 @@ impl Engine {
 
     /// Counts one booking attempt of this citizen against its per-minute quota.
     pub(super) fn count_attempt(&self, citizen: &CitizenKey) -> Result<(), ServiceError> {
-        self.attempts.check(citizen).map_err(|retry_after| {
-            metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => "citizen").increment(1);
-            ServiceError::RateLimited { retry_after }
-        })
+        self.attempts
+            .check(citizen)
+            .map_err(|wait| ServiceError::rate_limited("citizen", wait))
     }
 
     /// Counts `attempt`; one on a slot only if the slot exists: a made-up slot id cannot
@@ -166,11 +165,9 @@ impl Engine {
 
     /// Counts one read of this citizen's bookings against its per-minute quota.
     pub(super) fn count_read(&self, citizen: &CitizenKey) -> Result<(), ServiceError> {
-        self.reads.check(citizen).map_err(|retry_after| {
-            metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => "citizen_reads")
-                .increment(1);
-            ServiceError::RateLimited { retry_after }
-        })
+        self.reads
+            .check(citizen)
+            .map_err(|wait| ServiceError::rate_limited("citizen_reads", wait))
     }
 
     /// Forgets citizens whose quotas have refilled; returns how many are still tracked.

@@ -58,3 +58,37 @@ pub enum ServiceError {
     #[error("this token works the desks of its own sites only")]
     DeskDenied,
 }
+
+impl ServiceError {
+    /// `RATE_LIMITED` by `limiter` (counted in `prenota_rate_limited_total`), waiting
+    /// `wait` rounded up to a whole millisecond: never "retry in 0 ms".
+    pub fn rate_limited(limiter: &'static str, wait: std::time::Duration) -> Self {
+        metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => limiter).increment(1);
+        let millis = wait.as_nanos().div_ceil(1_000_000).max(1);
+        let retry_after =
+            std::time::Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX));
+        ServiceError::RateLimited { retry_after }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A wait under a millisecond once answered "retry in 0 ms" with a zero RetryInfo.
+    #[test]
+    fn a_rate_limit_waits_whole_milliseconds_never_zero() {
+        let waited = |wait| match ServiceError::rate_limited("anonymous", wait) {
+            ServiceError::RateLimited { retry_after } => retry_after,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(waited(Duration::ZERO), Duration::from_millis(1));
+        assert_eq!(waited(Duration::from_micros(300)), Duration::from_millis(1));
+        assert_eq!(
+            waited(Duration::from_micros(1_500)),
+            Duration::from_millis(2)
+        );
+        assert_eq!(waited(Duration::from_secs(3)), Duration::from_secs(3));
+    }
+}
