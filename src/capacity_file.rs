@@ -119,8 +119,10 @@ impl Collected {
         }
     }
 
-    /// The header line: exactly the columns, in order.
+    /// The header line: exactly the columns, in order (after a UTF-8 byte order mark,
+    /// which spreadsheets' "CSV UTF-8" puts first).
     fn header(&mut self, text: &str) -> Next {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let header: Vec<String> = match split_fields(text) {
             Ok(fields) => fields.iter().map(|f| f.trim().to_string()).collect(),
             Err(message) => {
@@ -539,6 +541,9 @@ mod tests {
         assert_eq!(rows[0].weekdays, [1, 2, 3, 6]);
         assert_eq!(rows[0].line, 2);
         assert_eq!((rows[0].slot_minutes, rows[0].capacity_per_slot), (15, 2));
+        // As a spreadsheet saves "CSV UTF-8": a byte order mark first, CRLF line ends.
+        let saved = format!("\u{feff}{text}").replace('\n', "\r\n");
+        assert!(matches!(parse_text(&saved), Parsed::Rows(rows, _) if rows.len() == 1));
     }
 
     #[test]
