@@ -692,10 +692,13 @@ fn write_backup_file(
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600); // holds the hash key
     let mut file = options.open(&partial).map_err(|e| {
-        format!(
-            "cannot create {}: {e} (a leftover of an interrupted backup may be removed)",
-            partial.display()
-        )
+        let hint = match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                " (a leftover of an interrupted backup may be removed)"
+            }
+            _ => "",
+        };
+        format!("cannot create {}: {e}{hint}", partial.display())
     })?;
     let written = write(&mut file)
         .and_then(|()| {
@@ -748,15 +751,16 @@ pub async fn backup_from_server(
             Ok(())
         })
     });
+    // `Err(None)`: the writer stopped, and says why itself (the file exists, …).
     let streamed = async {
-        while let Some(message) = stream.message().await.map_err(|status| explain(&status))? {
+        while let Some(message) = stream.message().await.map_err(|s| Some(explain(&s)))? {
             received += message.data.len();
             if received - reported >= 64 << 20 {
                 reported = received;
                 eprintln!("prenota backup: {} MiB received", received >> 20);
             }
             if tx.send(message.data).is_err() {
-                return Err("the backup file writer stopped".to_string());
+                return Err(None);
             }
         }
         Ok(())
@@ -766,8 +770,10 @@ pub async fn backup_from_server(
     let written = writer
         .join()
         .map_err(|_| "the backup file writer panicked".to_string())?;
-    streamed?;
-    let records = written?;
+    let records = match streamed {
+        Err(Some(refused)) => return Err(refused),
+        Err(None) | Ok(()) => written?,
+    };
     eprintln!(
         "prenota backup: {} ({records} records, {:.1} MiB) written in {:.1} s",
         to.display(),

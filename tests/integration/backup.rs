@@ -210,6 +210,19 @@ async fn a_backup_under_load_restores_every_booking_acknowledged_before_it() {
         acks_at_backup_end > acks_before_backup,
         "the load ran during the backup"
     );
+    // Never over an existing file, and the CLI says so (it once said only that its
+    // writer stopped).
+    let (url, file_arg) = (server.url(), path(&file).to_string());
+    let again = tokio::task::spawn_blocking(move || {
+        prenota(&["backup", "--server", &url, "--to", &file_arg])
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && stderr.contains("exists"),
+        "{stderr}"
+    );
     let old_log = first_event(&server.url(), "").await.log_id;
     server.stop().await;
 
