@@ -66,7 +66,8 @@ pub struct Limits {
     pub slot_minutes_max: u32,
     /// Largest capacity of one slot.
     pub capacity_per_slot_max: u32,
-    /// Active bookings one citizen may hold per service.
+    /// Active bookings one citizen may hold per service. Recovery refuses a store that
+    /// holds more: lowered, it applies once the citizens' extra bookings have ended.
     pub max_active_per_citizen: u32,
     /// Most client writes folded into one group commit (one flush + fdatasync).
     pub commit_batch_writes_max: usize,

@@ -38,6 +38,11 @@ use crate::store::size_hint::IndexSizes;
 use crate::store::{DataDirLock, Store, StoreError};
 use crate::telemetry;
 
+/// Said when a citizen has more active entries than `max_active_per_citizen`: the
+/// store was valid under the value it was written with.
+const LOWERED: &str = "; if max_active_per_citizen was lowered since, start with the \
+                       value these were made under until they end";
+
 impl Engine {
     /// Opens the store in `data_dir` and rebuilds memory from it, checking invariants.
     pub fn open(
@@ -733,7 +738,7 @@ fn restore_holds(
         if held > max_active {
             return Err(ServiceError::Recovery(format!(
                 "a citizen holds {held} active bookings and holds for service {} \
-                 (limit {max_active}), the latest being hold {}",
+                 (limit {max_active}), the latest being hold {}{LOWERED}",
                 hold.slot.service_id, hold.hold_id
             )));
         }
@@ -797,7 +802,7 @@ fn restore_booking(
             if held > max_active {
                 return Err(ServiceError::Recovery(format!(
                     "a citizen holds {held} active bookings for service {} (limit {max_active}), \
-                     the latest being {}",
+                     the latest being {}{LOWERED}",
                     booking.slot.service_id, booking.booking_id
                 )));
             }
