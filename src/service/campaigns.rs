@@ -427,9 +427,28 @@ impl Engine {
     ) -> Result<RegistrationView, ServiceError> {
         let what = b"withdraw-registration";
         self.answer_registration(&command, what, |entry, citizen, request| async move {
-            let registration = entry.registration(&citizen)?;
-            match registration.state {
-                RegistrationState::Active => self.withdraw_active(&entry, &citizen, request).await,
+            self.withdraw(&entry, &citizen, request).await
+        })
+        .await
+    }
+
+    /// Withdraws the registration as it is. One whose offer is ending right now (a
+    /// decline, an accept or the sweeper took its hold first) is withdrawn as that
+    /// leaves it, once it has (waited for, bounded by `request_timeout_ms`).
+    async fn withdraw(
+        &self,
+        entry: &CampaignEntry,
+        citizen: &CitizenKey,
+        request: RequestRecord,
+    ) -> Result<Registration, ServiceError> {
+        let wait = std::time::Duration::from_millis(self.limits.request_timeout_ms);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let registration = entry.registration(citizen)?;
+            let ended = match registration.state {
+                RegistrationState::Active => {
+                    return self.withdraw_active(entry, citizen, request).await
+                }
                 RegistrationState::Offered(_) => {
                     let end = OfferEnd::Withdrawn {
                         at_unix_ms: self.now_unix_ms(),
@@ -437,13 +456,24 @@ impl Engine {
                     let registration = self.answering(registration, request);
                     self.end_offer(&registration, end).await
                 }
-                RegistrationState::Booked { .. } => Err(DomainError::RegistrationBooked.into()),
-                RegistrationState::Exhausted | RegistrationState::Withdrawn { .. } => {
-                    Ok(registration)
+                RegistrationState::Booked { .. } => {
+                    return Err(DomainError::RegistrationBooked.into())
                 }
+                RegistrationState::Exhausted | RegistrationState::Withdrawn { .. } => {
+                    return Ok(registration)
+                }
+            };
+            let ending = matches!(
+                ended,
+                Err(ServiceError::Domain(
+                    DomainError::NoOffer | DomainError::HoldExpired
+                ))
+            );
+            if !ending || tokio::time::Instant::now() >= deadline {
+                return ended;
             }
-        })
-        .await
+            tokio::time::sleep(OFFER_ENDING_POLL).await;
+        }
     }
 
     /// `registration`, to be written for `request` now (see [`Registration::answering`]).
@@ -814,3 +844,6 @@ fn campaign_detail(campaign: &Campaign) -> String {
         waves.join(", ")
     )
 }
+
+/// How often a withdrawal looks again at an offer that was ending when it came.
+const OFFER_ENDING_POLL: std::time::Duration = std::time::Duration::from_millis(1);

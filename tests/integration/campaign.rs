@@ -247,6 +247,60 @@ async fn registering_again_returns_the_registration() {
     server.terminate();
 }
 
+/// A withdrawal sent together with a decline of the same offer withdraws the
+/// registration whichever lands first (it once answered NO_OFFER and did nothing when
+/// the decline had taken the offer's hold).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_racing_a_decline_withdraws() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let channel = server.channel().await;
+    utc_site_on(
+        channel.clone(),
+        ("race", "molise"),
+        10,
+        ("09:00", "09:30"),
+        12,
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let definition = campaign("race", "molise", vec![wave("all", now - 1_000, &[])]);
+    upsert(&channel, definition).await.expect("campaign");
+    let citizens: Vec<String> = (0..12).map(|i| format!("race-{i}")).collect();
+    for citizen in &citizens {
+        register(&channel, register_request("race", citizen, &[])).await;
+    }
+    let mut races = Vec::new();
+    for citizen in &citizens {
+        offered_within(&channel, "race", citizen, Duration::from_secs(5)).await;
+        let declining = {
+            let request = proto::DeclineOfferRequest {
+                campaign_id: "race".into(),
+                citizen_id: citizen.clone(),
+                request_id: format!("decline-{citizen}"),
+                hold_id: String::new(),
+            };
+            let mut client = BookingServiceClient::new(channel.clone());
+            tokio::spawn(async move { client.decline_offer(request).await })
+        };
+        let request = proto::WithdrawRegistrationRequest {
+            campaign_id: "race".into(),
+            citizen_id: citizen.clone(),
+            request_id: format!("withdraw-{citizen}"),
+        };
+        let mut client = BookingServiceClient::new(channel.clone());
+        let withdrawing = tokio::spawn(async move { client.withdraw_registration(request).await });
+        races.push((declining, withdrawing));
+    }
+    for (declining, withdrawing) in races {
+        let _ = declining.await; // NO_OFFER when the withdrawal came first
+        let withdrawn = withdrawing.await.unwrap().expect("withdrawn");
+        let state = withdrawn.into_inner().registration.unwrap().state();
+        assert_eq!(state, RegistrationState::Withdrawn);
+    }
+    server.stop().await;
+}
+
 fn first_request_id(citizen: &str) -> String {
     register_request("", citizen, &[]).request_id
 }
