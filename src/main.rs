@@ -584,8 +584,9 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
 }
 
 /// What `prenota serve` would refuse in a valid file (`server`: its `[server]` with the
-/// defaults): the listen address's rules, and the files it reads at start (TLS, the
-/// backup key, the citizen hash key). Prints the warnings meanwhile.
+/// defaults): the files it reads at start (TLS, the backup key, the citizen hash key).
+/// The listen address's rules only warn: `serve`'s flags (`--insecure-plaintext-tokens`,
+/// `--tls-cert`, `--listen`) may settle them.
 fn serve_would_stop(file: &ConfigFile, server: &prenota::config::ServerSection) -> Vec<String> {
     let tls = server.tls_cert.is_some();
     let tokens = !file.tokens.is_empty();
@@ -599,7 +600,9 @@ fn serve_would_stop(file: &ConfigFile, server: &prenota::config::ServerSection) 
         match checked {
             Ok(None) => {}
             Ok(Some(warning)) => eprintln!("warning: {warning}"),
-            Err(refusal) => stops.push(refusal),
+            Err(refusal) => eprintln!(
+                "warning: prenota serve would stop unless its flags say otherwise: {refusal}"
+            ),
         }
     }
     let tls_files = (&server.tls_cert, &server.tls_key, &server.tls_client_ca);

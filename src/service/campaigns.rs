@@ -433,22 +433,21 @@ impl Engine {
     }
 
     /// Withdraws the registration as it is. One whose offer is ending right now (a
-    /// decline, an accept or the sweeper took its hold first) is withdrawn as that
-    /// leaves it, once it has (waited for, bounded by `request_timeout_ms`).
+    /// decline, an accept or the sweeper took its hold first), or that the matcher is
+    /// offering a place, is withdrawn as that leaves it, once it has (waited for, for at
+    /// most half of `request_timeout_ms`, so a refusal still reaches the client).
     async fn withdraw(
         &self,
         entry: &CampaignEntry,
         citizen: &CitizenKey,
         request: RequestRecord,
     ) -> Result<Registration, ServiceError> {
-        let wait = std::time::Duration::from_millis(self.limits.request_timeout_ms);
+        let wait = std::time::Duration::from_millis(self.limits.request_timeout_ms / 2);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let registration = entry.registration(citizen)?;
             let ended = match registration.state {
-                RegistrationState::Active => {
-                    return self.withdraw_active(entry, citizen, request).await
-                }
+                RegistrationState::Active => self.withdraw_active(entry, citizen, request).await,
                 RegistrationState::Offered(_) => {
                     let end = OfferEnd::Withdrawn {
                         at_unix_ms: self.now_unix_ms(),
@@ -463,11 +462,12 @@ impl Engine {
                     return Ok(registration)
                 }
             };
+            // The offer is ending (or the matcher holds the registration a moment).
             let ending = matches!(
                 ended,
                 Err(ServiceError::Domain(
                     DomainError::NoOffer | DomainError::HoldExpired
-                ))
+                )) | Err(ServiceError::Busy(_))
             );
             if !ending || tokio::time::Instant::now() >= deadline {
                 return ended;

@@ -159,15 +159,16 @@ impl Engine {
     }
 
     /// The booking as the write that claimed it before this tap left it, if that write
-    /// made it `done`: waited for (bounded by `request_timeout_ms`) while the claim
-    /// lasts, since the claim comes before the write reaches the store.
+    /// made it `done`: waited for while the claim lasts (the claim comes before the
+    /// write reaches the store), at most half of `request_timeout_ms` (so a refusal
+    /// still reaches the client).
     async fn landed_first(
         &self,
         reference: Reference,
         done: fn(&BookingState) -> bool,
         id: BookingId,
     ) -> Result<Booking, ServiceError> {
-        let wait = Duration::from_millis(self.limits.request_timeout_ms);
+        let wait = Duration::from_millis(self.limits.request_timeout_ms / 2);
         let deadline = tokio::time::Instant::now() + wait;
         let not_active = || ServiceError::from(DomainError::BookingNotActive(id));
         let read = || self.store.booking_by_reference(reference);
