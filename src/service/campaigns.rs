@@ -41,7 +41,7 @@ use crate::domain::ids::{
 use crate::domain::plans::{self, SlotView};
 use crate::domain::release::Gate;
 use crate::service::actor::Actor;
-use crate::service::engine::{Attempt, BookingView, Engine};
+use crate::service::engine::{Attempt, BookingView, Engine, LANDING_POLL};
 use crate::service::error::ServiceError;
 use crate::service::exports::OnIdle;
 use crate::service::state::campaigns::CampaignState;
@@ -434,16 +434,15 @@ impl Engine {
 
     /// Withdraws the registration as it is. One whose offer is ending right now (a
     /// decline, an accept or the sweeper took its hold first), or that the matcher is
-    /// offering a place, is withdrawn as that leaves it, once it has (waited for, for at
-    /// most half of `request_timeout_ms`, so a refusal still reaches the client).
+    /// offering a place, is withdrawn as that leaves it, once it has (waited for until
+    /// `landing_deadline`).
     async fn withdraw(
         &self,
         entry: &CampaignEntry,
         citizen: &CitizenKey,
         request: RequestRecord,
     ) -> Result<Registration, ServiceError> {
-        let wait = std::time::Duration::from_millis(self.limits.request_timeout_ms / 2);
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = self.landing_deadline();
         loop {
             let registration = entry.registration(citizen)?;
             let ended = match registration.state {
@@ -472,7 +471,7 @@ impl Engine {
             if !ending || tokio::time::Instant::now() >= deadline {
                 return ended;
             }
-            tokio::time::sleep(OFFER_ENDING_POLL).await;
+            tokio::time::sleep(LANDING_POLL).await;
         }
     }
 
@@ -844,6 +843,3 @@ fn campaign_detail(campaign: &Campaign) -> String {
         waves.join(", ")
     )
 }
-
-/// How often a withdrawal looks again at an offer that was ending when it came.
-const OFFER_ENDING_POLL: std::time::Duration = std::time::Duration::from_millis(1);

@@ -9,7 +9,7 @@ use crate::domain::booking::{Booking, BookingState, Reference};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::ids::{BookingId, SiteId, SlotKey};
 use crate::domain::plans::{self, DeskChange};
-use crate::service::engine::{BookingView, Engine};
+use crate::service::engine::{BookingView, Engine, LANDING_POLL};
 use crate::service::error::ServiceError;
 use crate::service::references::CodeLimits;
 
@@ -160,16 +160,14 @@ impl Engine {
 
     /// The booking as the write that claimed it before this tap left it, if that write
     /// made it `done`: waited for while the claim lasts (the claim comes before the
-    /// write reaches the store), at most half of `request_timeout_ms` (so a refusal
-    /// still reaches the client).
+    /// write reaches the store), until `landing_deadline`.
     async fn landed_first(
         &self,
         reference: Reference,
         done: fn(&BookingState) -> bool,
         id: BookingId,
     ) -> Result<Booking, ServiceError> {
-        let wait = Duration::from_millis(self.limits.request_timeout_ms / 2);
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = self.landing_deadline();
         let not_active = || ServiceError::from(DomainError::BookingNotActive(id));
         let read = || self.store.booking_by_reference(reference);
         let citizen = read()?.ok_or_else(not_active)?.citizen;
@@ -183,10 +181,7 @@ impl Engine {
             if !writing || tokio::time::Instant::now() >= deadline {
                 return Err(not_active());
             }
-            tokio::time::sleep(LANDED_POLL).await;
+            tokio::time::sleep(LANDING_POLL).await;
         }
     }
 }
-
-/// How often a double tap looks again for the write that claimed the booking first.
-const LANDED_POLL: Duration = Duration::from_millis(1);

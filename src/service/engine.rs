@@ -299,6 +299,14 @@ impl Engine {
             .ok_or(DomainError::NotFound(Missing::Booking))?)
     }
 
+    /// Until when a request may wait for another request's write to land and still
+    /// answer for itself: half of `request_timeout_ms` (the server's own timeout would
+    /// answer first). Such waits look again every `LANDING_POLL`.
+    pub(super) fn landing_deadline(&self) -> tokio::time::Instant {
+        let wait = std::time::Duration::from_millis(self.limits.request_timeout_ms / 2);
+        tokio::time::Instant::now() + wait
+    }
+
     /// The citizen's own booking; another citizen's is `NOT_FOUND` (ids are not
     /// confirmed to strangers). Counted against the citizen's read quota. Answered once
     /// what it read is durable (`Store::settled`), like every read a client sees.
@@ -460,3 +468,6 @@ impl Engine {
         sizes
     }
 }
+
+/// How often a wait bounded by `Engine::landing_deadline` looks again.
+pub(super) const LANDING_POLL: std::time::Duration = std::time::Duration::from_millis(1);

@@ -166,8 +166,12 @@ impl Engine {
         entry.held_back((&key, capacity), &used, channel, now)
     }
 
-    /// The release with channel reserves covering slot `key` of a site in `region`.
+    /// The release with channel reserves covering slot `key` of a site in `region`
+    /// (none at once while there is no release).
     fn reserving(&self, region: &RegionId, key: &SlotKey) -> Option<Arc<ReleaseEntry>> {
+        if self.releases.is_empty() {
+            return None;
+        }
         self.releases
             .covering(region, key)
             .filter(|entry| entry.has_reserves())
@@ -182,18 +186,14 @@ impl Engine {
         channel: &ChannelId,
     ) -> Result<Admission, DomainError> {
         let (region, slot) = self.slot_in_region(key)?;
-        let entry = match self.releases.is_empty() {
-            true => None,
-            false => self.reserving(&region, key),
-        };
-        let Some(entry) = entry else {
+        let Some(entry) = self.reserving(&region, key) else {
             let admission = slot.try_take().map_err(|refusal| refused(refusal, key))?;
             self.releases.channel_took(key, channel);
             return Ok(admission);
         };
         // One take or return at a time in the release's slots: the use read here stays
         // true until the CAS and the count after it.
-        let _one_take = entry.takes.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_take = entry.one_take();
         let used = self
             .releases
             .channel_use()
@@ -218,13 +218,8 @@ impl Engine {
             self.releases.channel_returned(key, channel);
             return;
         };
-        let entry = match self.releases.is_empty() {
-            true => None,
-            false => self.reserving(&region, key),
-        };
-        let one_take = entry
-            .as_ref()
-            .map(|entry| entry.takes.lock().unwrap_or_else(|p| p.into_inner()));
+        let entry = self.reserving(&region, key);
+        let one_take = entry.as_ref().map(|entry| entry.one_take());
         self.releases.channel_returned(key, channel);
         if slot.counter.release().is_err() {
             tracing::error!(slot = %key, "found no taken place to return");

@@ -48,6 +48,12 @@ impl ReleaseEntry {
         !self.definition.reserves.is_empty()
     }
 
+    /// The lock one take or return of a place in its slots holds (see `takes`).
+    pub(in crate::service) fn one_take(&self) -> MutexGuard<'_, ()> {
+        // Guards no data: a panic elsewhere leaves nothing half-done.
+        self.takes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The free places of `slot` out of `channel`'s reach now, given each reserve's
     /// `used` places and the slot's `capacity` (`None` channel: every reserve's unused
     /// places).
