@@ -292,6 +292,7 @@ impl Engine {
         let now = self.now_unix_ms();
         check_release_times(&release, now)?;
         self.check_no_overlap(&release)?;
+        self.forget_orphaned(&release.release_id).await?;
         if self.releases.len() >= self.limits.releases_max {
             return Err(DomainError::ReleasesExhausted.into());
         }
@@ -622,13 +623,16 @@ impl Engine {
     }
 
     /// Retention: releases whose every slot ended before the window (their `to` more
-    /// than a day before the cutoff) leave memory and the store, then their tickets, in
-    /// batches. Returns (releases, tickets) deleted.
+    /// than a day before the cutoff) leave the store and memory, their tickets first, in
+    /// batches. The release stands until its tickets are gone, so its id cannot be taken
+    /// again meanwhile (nor, under the authority lock, while its record goes). Returns
+    /// (releases, tickets) deleted.
     pub(super) async fn delete_releases(
         &self,
         cutoffs: &crate::domain::retention::Cutoffs,
     ) -> Result<(u64, u64), ServiceError> {
         let ended_before_s = cutoffs.slots_ended_before_unix_s;
+        let mut tickets = self.delete_orphaned_tickets().await?;
         let mut releases = 0;
         for entry in self.releases.all() {
             let to = entry.definition.to_unix_s;
@@ -636,31 +640,51 @@ impl Engine {
                 continue;
             }
             let id = entry.definition.release_id.clone();
+            tickets += self.delete_tickets_of(&id).await?;
+            let _authority = self.authority_writes.lock().await;
             let key = crate::store::records::release_key(&id);
             self.store.commit(&[Write::Delete(key)]).await?;
             if let Some(entry) = self.releases.remove(&id) {
                 let tickets = entry.lock().queue.len();
                 self.releases.tickets.fetch_sub(tickets, Ordering::AcqRel);
             }
-            self.releases
-                .orphaned
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(id);
             releases += 1;
         }
-        let orphaned = std::mem::take(
-            &mut *self
-                .releases
-                .orphaned
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        let mut tickets = 0;
-        for id in orphaned {
-            tickets += self.delete_tickets_of(&id).await?;
-        }
         Ok((releases, tickets))
+    }
+
+    /// Tickets whose release is gone (a store whose retention, before this version,
+    /// deleted a release first and stopped before its tickets): deleted under the
+    /// authority lock, so a release created meanwhile under the same id keeps its own.
+    async fn delete_orphaned_tickets(&self) -> Result<u64, ServiceError> {
+        let _authority = self.authority_writes.lock().await;
+        let mut deleted = 0;
+        loop {
+            let next = self.orphaned().first().cloned();
+            let Some(id) = next else {
+                return Ok(deleted);
+            };
+            deleted += self.forget_orphaned(&id).await?;
+        }
+    }
+
+    /// Deletes the tickets left by an earlier release `id`, if any, then forgets it as
+    /// orphaned (only once they are all gone: a failed commit leaves it for next time).
+    /// The caller holds the authority lock.
+    async fn forget_orphaned(&self, id: &ReleaseId) -> Result<u64, ServiceError> {
+        if !self.orphaned().contains(id) {
+            return Ok(0);
+        }
+        let deleted = self.delete_tickets_of(id).await?;
+        self.orphaned().retain(|orphaned| orphaned != id);
+        Ok(deleted)
+    }
+
+    fn orphaned(&self) -> std::sync::MutexGuard<'_, Vec<ReleaseId>> {
+        self.releases
+            .orphaned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Deletes every ticket of release `id`, `retention_batch_records` per commit.
@@ -699,7 +723,8 @@ impl Engine {
         let mut orphaned = std::collections::BTreeSet::new();
         for ticket in self.store.tickets() {
             let ticket = ticket?;
-            // Retention deletes a release before its tickets: the rest go next pass.
+            // Left by an older version's retention (release first): deleted next pass,
+            // or before a release of the same id is created.
             let Some(entry) = entries.get(&ticket.release_id) else {
                 orphaned.insert(ticket.release_id);
                 continue;
@@ -707,11 +732,7 @@ impl Engine {
             entry.lock().queue.restore(&ticket);
             self.releases.tickets.fetch_add(1, Ordering::AcqRel);
         }
-        self.releases
-            .orphaned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(orphaned);
+        self.orphaned().extend(orphaned);
         let now = self.now_unix_ms();
         for (id, entry) in entries {
             {

@@ -10,9 +10,8 @@
 //! Order keeps every crash point recoverable: bookings and holds of a slot go before the
 //! slot itself (recovery refuses a booking of an unknown slot), and a confirmed
 //! booking's citizen entry is claimed before its record is deleted and released after,
-//! like a cancel, so no cancel can write it back in between. An ended release goes before
-//! its tickets; recovery (`service::releases`) leaves tickets without their release to the
-//! next pass.
+//! like a cancel, so no cancel can write it back in between. An ended release's tickets go
+//! before the release (`service::releases`).
 
 use std::collections::HashSet;
 

@@ -588,6 +588,74 @@ async fn an_ended_release_and_its_tickets_go_after_the_retention_window() {
     server.stop().await;
 }
 
+/// Deletes release `id`'s record from a stopped server's store, leaving its tickets: what
+/// an older version's retention left when it stopped between the two.
+async fn delete_release_record(data_dir: &std::path::Path, id: &str) {
+    use prenota::domain::ids::ReleaseId;
+    use prenota::store::records::{release_key, Write};
+    let key = release_key(&ReleaseId::parse("id", id, 64).expect("an id"));
+    if common::postgres::asked() {
+        let url = common::postgres::url_of_dir(data_dir);
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let sql = format!(
+            "WITH d AS (DELETE FROM prenota_kv WHERE k = '\\x{hex}'::bytea RETURNING 1) \
+             SELECT count(*) FROM d"
+        );
+        assert_eq!(common::postgres::query_i64(&url, &sql), 1);
+        return;
+    }
+    let mut store =
+        prenota::store::Store::open(data_dir, &Config::default().limits).expect("store opens");
+    store.commit(&[Write::Delete(key)]).await.expect("deleted");
+    store.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_created_again_under_an_id_whose_old_tickets_linger_starts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), Config::default(), clock.clone()).await;
+    one_slot_site(&server, "old", 5).await;
+    let now = clock.now_unix_ms();
+    let definition = release("r", "test-region", now + 60_000, Some(now));
+    let (mut booking, mut capacity) = (server.booking().await, server.capacity().await);
+    create(&mut capacity, definition.clone())
+        .await
+        .expect("created");
+    for citizen in ["a", "b", "c"] {
+        join(&mut booking, "r", citizen).await.expect("joined");
+    }
+    server.stop().await;
+    delete_release_record(dir.path(), "r").await;
+
+    let server = TestServer::start_with_clock(dir.path(), Config::default(), clock.clone()).await;
+    let (mut booking, mut capacity) = (server.booking().await, server.capacity().await);
+    create(&mut capacity, definition)
+        .await
+        .expect("created again");
+    join(&mut booking, "r", "x").await.expect("joined");
+    // The pass after it must not take the new release's ticket for an old one.
+    server.retain().await;
+    server.stop().await;
+
+    let server = TestServer::start_with_clock(dir.path(), Config::default(), clock).await;
+    let (mut booking, mut capacity) = (server.booking().await, server.capacity().await);
+    assert_eq!(get_release(&mut capacity, "r").await.tickets_waiting, 1);
+    assert_eq!(
+        ticket(&mut booking, "r", "x").await.state(),
+        QueueTicketState::Waiting
+    );
+    let old = booking
+        .get_queue_ticket(proto::GetQueueTicketRequest {
+            release_id: "r".into(),
+            citizen_id: "a".into(),
+        })
+        .await
+        .expect_err("the old release's ticket is gone");
+    assert_eq!(old.code(), Code::NotFound);
+    server.stop().await;
+}
+
 async fn hold(
     booking: &mut BookingServiceClient<Channel>,
     slot_id: &str,
