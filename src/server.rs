@@ -284,6 +284,8 @@ async fn run(
     } = access;
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
+    // Set when shutdown begins: every reply stream ends, so the graceful drain can finish.
+    let (closing, closing_seen) = tokio::sync::watch::channel(false);
     // Reachable without a token: only tiny requests, and few Watch streams (their own
     // pool; Check takes no place, and has budgets of its own for what it holds).
     let (receiving, health_receiving) = receiving_budgets(&limits);
@@ -294,7 +296,8 @@ async fn run(
             peer_caps(&limits, limits.health_watches_per_peer_max),
         ),
         (limits.probe_message_size_bytes_max, &health_receiving),
-    );
+    )
+    .ending_streams_on(closing_seen.clone());
 
     // PostgreSQL: while another node holds the lease the gates say NOT_ACTIVE.
     let standby = Arc::new(Standby::default());
@@ -320,13 +323,24 @@ async fn run(
             // Its own pool: reflection streams never take a booking's place.
             let streams = Arc::new(Semaphore::new(limits.reflection_streams_max));
             (
-                Some(gated(v1, (&streams, size, &receiving, None), &gate)),
-                Some(gated(v1alpha, (&streams, size, &receiving, None), &gate)),
+                Some(gated(
+                    v1,
+                    (&streams, size, &receiving, None),
+                    &gate,
+                    &closing_seen,
+                )),
+                Some(gated(
+                    v1alpha,
+                    (&streams, size, &receiving, None),
+                    &gate,
+                    &closing_seen,
+                )),
             )
         }
         false => (None, None),
     };
     let giving_up = Arc::clone(&standby);
+    let health_at_shutdown = health.clone();
     // PostgreSQL: the health mirror wakes this once the store failed; serving then ends.
     let store_failed = Arc::new(tokio::sync::Notify::new());
     let failed_seen = Arc::clone(&store_failed);
@@ -334,8 +348,6 @@ async fn run(
     let ended_by_failure = Arc::clone(&no_longer_active);
     // A failed recovery stops the server; kept alive (unsent) while serving.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    // Set when shutdown begins: watch streams end, so the graceful drain can finish.
-    let (closing, closing_seen) = tokio::sync::watch::channel(false);
     // Imports count from their headers: their own pool bounds how many places they hold.
     let imports = Arc::new(Exports::new(
         limits.imports_max,
@@ -356,18 +368,26 @@ async fn run(
             booking_gate,
             in_flight,
             &gate(auth::Service::Booking),
+            &closing_seen,
         ))
         .add_service(gated(
             capacity_gate,
             in_flight,
             &gate(auth::Service::Capacity),
+            &closing_seen,
         ))
         .add_service(gated(
             open_data_gate,
             in_flight,
             &gate(auth::Service::OpenData { public: open_data }),
+            &closing_seen,
         ))
-        .add_service(gated(site_gate, in_flight, &gate(auth::Service::Site)))
+        .add_service(gated(
+            site_gate,
+            in_flight,
+            &gate(auth::Service::Site),
+            &closing_seen,
+        ))
         .serve_with_incoming_shutdown(
             connections::capped(
                 listener,
@@ -387,6 +407,8 @@ async fn run(
                         ended_by_failure.store(true, std::sync::atomic::Ordering::Release);
                     }
                 }
+                // Balancers watching health see it first, then every stream ends.
+                set_health(&health_at_shutdown, ServingStatus::NotServing).await;
                 closing.send_replace(true);
                 // A standby stops waiting for the lease.
                 giving_up
@@ -394,6 +416,8 @@ async fn run(
                     .store(true, std::sync::atomic::Ordering::Release);
             },
         );
+    let drain_bound = Duration::from_millis(limits.request_timeout_ms);
+    let serving = drained_within(serving, closing_seen.clone(), drain_bound);
     let services = ServiceSlots {
         booking: booking_slot.as_ref(),
         capacity: capacity_slot.as_ref(),
@@ -484,6 +508,34 @@ async fn start_serving(
     Ok((engine, tasks, stop))
 }
 
+/// `serving`, which once `closing` turns true waits for its connections to finish what
+/// they were doing, for at most `bound` (every request is answered by then, every reply
+/// stream was told to end): past it, a client that stopped reading keeps the rest from
+/// exiting no longer. The store still closes cleanly once no request holds the engine.
+async fn drained_within(
+    serving: impl Future<Output = Result<(), tonic::transport::Error>>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    bound: Duration,
+) -> Result<(), tonic::transport::Error> {
+    tokio::pin!(serving);
+    tokio::select! {
+        served = &mut serving => return served,
+        // An error: the sender is gone, so shutdown began.
+        _ = closing.wait_for(|closing| *closing) => {}
+    }
+    match tokio::time::timeout(bound, serving).await {
+        Ok(served) => served,
+        Err(_) => {
+            tracing::warn!(
+                bound_ms = bound.as_millis() as u64,
+                "connections still open request_timeout_ms after shutdown began; not waiting \
+                 for them"
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Ends the engine's watch streams once `closing` turns true (shutdown began): they
 /// never end by themselves, and the graceful drain waits for every stream.
 fn end_streams_on(mut closing: tokio::sync::watch::Receiver<bool>, engine: &Arc<Engine>) {
@@ -500,13 +552,15 @@ fn end_streams_on(mut closing: tokio::sync::watch::Receiver<bool>, engine: &Arc<
 /// `service` behind the token gate and a pool of `permits` (one-message calls take
 /// one once their message of at most `message_bytes_max` has arrived, received under
 /// `receiving`'s budgets; streamed requests from their headers, and one of `streamed`'s
-/// places too when given).
+/// places too when given); its reply streams end once `closing` turns true.
 fn gated<S>(
     service: S,
     (permits, message_bytes_max, receiving, streamed): Pools<'_>,
     gate: &Gate,
+    closing: &tokio::sync::watch::Receiver<bool>,
 ) -> InterceptedService<Shed<S>, Gate> {
-    let shed = Shed::new(service, Arc::clone(permits), (message_bytes_max, receiving));
+    let shed = Shed::new(service, Arc::clone(permits), (message_bytes_max, receiving))
+        .ending_streams_on(closing.clone());
     let shed = match streamed {
         Some(pool) => shed.with_streamed_pool(pool),
         None => shed,

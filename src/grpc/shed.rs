@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::{http, BoxFuture, Service};
 use tonic::server::NamedService;
 
@@ -49,6 +49,15 @@ fn streams(path: &str) -> bool {
     STREAMING_REPLIES.contains(&path)
 }
 
+/// Every method whose reply is a stream: once shutdown begins each ends with
+/// UNAVAILABLE / SHUTTING_DOWN (the graceful drain waits for every stream, and health
+/// and reflection streams never end by themselves).
+fn ends_at_shutdown(path: &str) -> bool {
+    streams(path)
+        || path == "/prenota.v1.BookingService/WatchAvailability"
+        || path == "/prenota.v1.CapacityService/WatchEvents"
+}
+
 #[derive(Clone)]
 pub struct Shed<S> {
     inner: S,
@@ -66,6 +75,8 @@ pub struct Shed<S> {
     /// and of its caller's (by token), so requests counted from their headers hold only
     /// so many of the permits, and one token not all of those.
     streamed: Option<Arc<Exports>>,
+    /// When set, turns true when shutdown begins: reply streams end then.
+    closing: Option<watch::Receiver<bool>>,
 }
 
 /// What a counted call holds until its reply is ready (or its reply stream ends).
@@ -101,6 +112,7 @@ impl<S> Shed<S> {
             receiving: Arc::clone(receiving),
             peers: None,
             streamed: None,
+            closing: None,
         }
     }
 
@@ -127,6 +139,15 @@ impl<S> Shed<S> {
             receiving: Arc::clone(receiving),
             peers: per_peer.peers(),
             streamed: None,
+            closing: None,
+        }
+    }
+
+    /// Reply streams end with UNAVAILABLE / SHUTTING_DOWN once `closing` turns true.
+    pub fn ending_streams_on(self, closing: watch::Receiver<bool>) -> Self {
+        Self {
+            closing: Some(closing),
+            ..self
         }
     }
 }
@@ -164,10 +185,29 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let path = request.uri().path();
         let (streaming, streamed) = (streams(path), STREAMED_REQUESTS.contains(&path));
+        let closing = match ends_at_shutdown(path) {
+            true => self.closing.clone(),
+            false => None,
+        };
         let request = request.map(tonic::body::Body::new);
-        match streamed || (streaming && !self.unary_counted) {
+        // A stream both ways (reflection) ends once its request stream does.
+        let request = match (&closing, streamed) {
+            (Some(closing), true) => request.map(|inner| {
+                tonic::body::Body::new(EndedAtShutdown::request(inner, closing.clone()))
+            }),
+            _ => request,
+        };
+        let reply = match streamed || (streaming && !self.unary_counted) {
             true => self.call_counted(request, (streaming, streamed)),
             false => self.call_once_received(request, streaming),
+        };
+        match closing {
+            None => reply,
+            Some(closing) => Box::pin(async move {
+                let reply = reply.await?;
+                Ok(reply
+                    .map(|inner| tonic::body::Body::new(EndedAtShutdown::reply(inner, closing))))
+            }),
         }
     }
 }
@@ -284,6 +324,125 @@ impl http_body::Body for Counted {
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A reply stream that ends with UNAVAILABLE / SHUTTING_DOWN once shutdown begins: at
+/// once when it has nothing ready, else after the one message it had (a health watch's
+/// NOT_SERVING). As a request stream, it just ends.
+struct EndedAtShutdown {
+    inner: tonic::body::Body,
+    closing: Option<BoxFuture<(), std::convert::Infallible>>,
+    state: Ending,
+    /// A reply ends with the trailers; a request without.
+    reply: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Open,
+    /// Shutdown began: the trailers go next.
+    Closing,
+    Ended,
+}
+
+impl EndedAtShutdown {
+    fn reply(inner: tonic::body::Body, closing: watch::Receiver<bool>) -> Self {
+        Self::new(inner, closing, true)
+    }
+
+    fn request(inner: tonic::body::Body, closing: watch::Receiver<bool>) -> Self {
+        Self::new(inner, closing, false)
+    }
+
+    fn new(inner: tonic::body::Body, mut closing: watch::Receiver<bool>, reply: bool) -> Self {
+        let closing: BoxFuture<(), std::convert::Infallible> = Box::pin(async move {
+            // An error: the sender is gone, so is the server.
+            let _ = closing.wait_for(|closing| *closing).await;
+            Ok(())
+        });
+        Self {
+            inner,
+            closing: Some(closing),
+            state: Ending::Open,
+            reply,
+        }
+    }
+
+    /// The end: the trailers of a reply, nothing more of a request.
+    fn end(
+        &mut self,
+    ) -> Poll<Option<Result<http_body::Frame<tonic::codegen::Bytes>, tonic::Status>>> {
+        self.state = Ending::Ended;
+        match self.reply {
+            true => Poll::Ready(Some(Ok(http_body::Frame::trailers(
+                shutting_down_trailers(),
+            )))),
+            false => Poll::Ready(None),
+        }
+    }
+
+    /// Whether shutdown has begun (polls the wait until it has, then never again).
+    fn closed(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(closing) = self.closing.as_mut() else {
+            return true;
+        };
+        if closing.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.closing = None;
+        true
+    }
+}
+
+fn shutting_down_trailers() -> http::HeaderMap {
+    let status = tonic::Status::from(crate::service::error::ServiceError::from(
+        crate::store::StoreError::Closed,
+    ));
+    let mut trailers = http::HeaderMap::new();
+    // Only fails on a message that is not a header value; this one is.
+    let _ = status.add_header(&mut trailers);
+    trailers
+}
+
+impl http_body::Body for EndedAtShutdown {
+    type Data = <tonic::body::Body as http_body::Body>::Data;
+    type Error = <tonic::body::Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match self.state {
+            Ending::Ended => return Poll::Ready(None),
+            Ending::Closing => return self.end(),
+            Ending::Open => {}
+        }
+        let closed = self.closed(cx);
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() && closed => {
+                self.state = Ending::Closing;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending if closed => self.end(),
+            Poll::Ready(None) => {
+                self.state = Ending::Ended;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self.state {
+            Ending::Ended => true,
+            Ending::Closing => false,
+            Ending::Open => self.inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

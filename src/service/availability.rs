@@ -204,6 +204,7 @@ impl Engine {
             Sent::Delivered => None,
             Sent::Gone => Some(Stop::Gone),
             Sent::Stalled => Some(Stop::Stalled),
+            Sent::Closing => Some(Stop::ShuttingDown),
         }
     }
 

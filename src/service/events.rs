@@ -227,6 +227,8 @@ impl Engine {
             Sent::Delivered => None,
             Sent::Gone => Some(Stop::Gone),
             Sent::Stalled => Some(Stop::CutOff),
+            // The reply stream ends with SHUTTING_DOWN by itself (`grpc::shed`).
+            Sent::Closing => Some(Stop::Gone),
         }
     }
 

@@ -132,9 +132,11 @@ pub enum Sent {
     Delivered,
     /// The reader went away.
     Gone,
-    /// The reader read nothing for the idle timeout, or the server shuts down while it
-    /// is stuck mid-send: cut it off (`OnIdle`).
+    /// The reader read nothing for the idle timeout: cut it off (`OnIdle`).
     Stalled,
+    /// The server shuts down: stop (the reply stream ends with SHUTTING_DOWN by itself,
+    /// `grpc::shed`, and the connection's other calls are still answered).
+    Closing,
 }
 
 /// Hands `item` to a long stream's reader (a watch), waiting at most `idle`, and not
@@ -151,7 +153,7 @@ pub async fn send_within<T>(
             Ok(Err(_)) => Sent::Gone,
             Err(_) => Sent::Stalled,
         },
-        _ = closing.wait_for(|closing| *closing) => Sent::Stalled,
+        _ = closing.wait_for(|closing| *closing) => Sent::Closing,
     }
 }
 

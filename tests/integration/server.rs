@@ -190,3 +190,72 @@ async fn reseeding_the_demo_changes_nothing() {
         .expect("no other owner")
         .shutdown();
 }
+
+/// SIGTERM with a health watch and a reflection stream open (no token needed for
+/// either): they never end by themselves, so the graceful drain used to wait for them
+/// until the connection's age limit. Now the watch sees NOT_SERVING and ends with
+/// UNAVAILABLE / SHUTTING_DOWN, the reflection stream ends, and the server exits at once,
+/// its store closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_health_and_reflection_streams_end_at_shutdown_without_holding_it_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let options = common::child::ChildOptions {
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        rust_log: Some("info".into()),
+        ..Default::default()
+    };
+    let data = dir.path().join("data");
+    let mut server = common::child::ChildServer::start_recovering(&data, options);
+    server.wait_serving();
+    let channel = tonic::transport::Channel::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().expect("a status");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    let (_open, requests) = tokio::sync::mpsc::channel::<ServerReflectionRequest>(1);
+    let mut reflection = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let pid = server.pid().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(term.unwrap().success());
+    let exit =
+        tokio::task::spawn_blocking(move || server.wait_exit(std::time::Duration::from_secs(10)));
+    assert!(exit.await.unwrap().success());
+
+    let mut seen = Vec::new();
+    let ended = loop {
+        match watch.message().await {
+            Ok(Some(status)) => seen.push(status.status),
+            Ok(None) => panic!("the watch ended without a status after {seen:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(seen, [ServingStatus::NotServing as i32]);
+    assert_eq!(ended.code(), tonic::Code::Unavailable);
+    assert_eq!(reason(&ended).as_deref(), Some("SHUTTING_DOWN"));
+    // Its request stream is ended too, so it may end either way.
+    match reflection.message().await {
+        Ok(None) => {}
+        Err(ended) => assert_eq!(ended.code(), tonic::Code::Unavailable),
+        Ok(Some(answer)) => panic!("an answer to no request: {answer:?}"),
+    }
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("store closed cleanly"), "{logs}");
+}
