@@ -795,6 +795,7 @@ pub fn backup_data_dir(data_dir: &Path, to: &Path, config: &Config) -> Result<()
         unauthenticated: false,
     };
     let started = std::time::Instant::now();
+    holds_a_sled_store(data_dir)?;
     let engine = crate::service::Engine::open(data_dir, config, crate::service::Clock::system())
         .map_err(|e| {
             format!(
@@ -814,6 +815,28 @@ pub fn backup_data_dir(data_dir: &Path, to: &Path, config: &Config) -> Result<()
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// An offline command's data dir holds a sled store: never a new, empty one made (and
+/// backed up, or migrated) from a mistyped path or a PostgreSQL node's data dir.
+fn holds_a_sled_store(data_dir: &Path) -> Result<(), String> {
+    if data_dir.join("sled").join("db").is_file() {
+        return Ok(());
+    }
+    let postgres_node = data_dir
+        .join(crate::store::POSTGRES_LOCAL_COPY_DIR)
+        .is_dir();
+    Err(match postgres_node {
+        true => format!(
+            "{} is a PostgreSQL node's data dir (its store is in PostgreSQL): back it up with \
+             PostgreSQL's own tools, or through the active node with prenota backup --server",
+            data_dir.display()
+        ),
+        false => format!(
+            "{} holds no prenota store (no sled/db in it)",
+            data_dir.display()
+        ),
+    })
 }
 
 /// `prenota restore --from FILE --data-dir DIR`.
@@ -849,13 +872,7 @@ pub fn restore(
 /// copies every record into the empty PostgreSQL store at `url`, all or nothing.
 pub fn migrate_from_sled(data_dir: &Path, url: &str, config: &Config) -> Result<(), String> {
     let started = std::time::Instant::now();
-    // Never a new, empty store made by a mistyped path.
-    if !data_dir.join("sled").join("db").is_file() {
-        return Err(format!(
-            "{} holds no prenota store (no sled/db in it)",
-            data_dir.display()
-        ));
-    }
+    holds_a_sled_store(data_dir)?;
     eprintln!("prenota migrate: checking {}", data_dir.display());
     // Kept open (and the data dir locked) through the copy: no server can start on it
     // between the check and the copy.

@@ -366,6 +366,19 @@ async fn restore_refuses_damaged_files_and_non_empty_dirs_and_offline_backups_ne
     );
     let again = prenota(&["backup", "--data-dir", path(&live), "--to", path(&file)]);
     assert!(!again.status.success(), "an existing backup is overwritten");
+    // A mistyped path, or a PostgreSQL node's data dir: refused, nothing made there.
+    let postgres_node = dir.path().join("node");
+    std::fs::create_dir_all(postgres_node.join("postgres-copy")).unwrap();
+    for (empty, says) in [
+        (dir.path().join("typo"), "holds no prenota store"),
+        (postgres_node.clone(), "PostgreSQL node's data dir"),
+    ] {
+        let none = dir.path().join("none.backup");
+        let output = prenota(&["backup", "--data-dir", path(&empty), "--to", path(&none)]);
+        assert!(!output.status.success(), "a backup of {empty:?}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains(says));
+        assert!(!none.exists() && !empty.join("sled").exists());
+    }
 
     let bytes = std::fs::read(&file).unwrap();
     let restore_of = |damaged: &[u8], name: &str| {
