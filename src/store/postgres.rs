@@ -107,17 +107,7 @@ pub fn migrate(client: &mut Client) -> Result<(), StoreError> {
     .map_err(&error)?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS prenota_schema (version int NOT NULL)")
         .map_err(&error)?;
-    let version: i32 = tx
-        .query_one("SELECT coalesce(max(version), 0) FROM prenota_schema", &[])
-        .map_err(&error)?
-        .get(0);
-    let known = MIGRATIONS.len() as i32;
-    if version > known {
-        return Err(StoreError::Corrupt(format!(
-            "the PostgreSQL schema is version {version}, this prenota knows {known}: \
-             run the newer prenota"
-        )));
-    }
+    let version = known_schema_version(&mut tx).map_err(&error)??;
     for (step, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.batch_execute(sql).map_err(&error)?;
         tx.execute(
@@ -126,6 +116,15 @@ pub fn migrate(client: &mut Client) -> Result<(), StoreError> {
         )
         .map_err(&error)?;
         tracing::info!(version = step + 1, "PostgreSQL schema migrated");
+    }
+    // An older node active on this store can write no more (it would write the old
+    // format): the epoch it commits under moves on.
+    if version > 0 && version < MIGRATIONS.len() as i32 {
+        tx.execute(
+            "UPDATE prenota_lease SET epoch = epoch + 1 WHERE id = 1",
+            &[],
+        )
+        .map_err(&error)?;
     }
     tx.commit().map_err(&error)
 }
@@ -290,7 +289,8 @@ impl Lease {
         let renewed = self
             .session
             .execute(
-                "UPDATE prenota_lease_holder SET renewed_at = now() WHERE id = 1 AND epoch = $1",
+                "UPDATE prenota_lease_holder SET renewed_at = clock_timestamp() \
+                 WHERE id = 1 AND epoch = $1",
                 &[&self.epoch],
             )
             .map_err(pg_error("renewing the lease"))?;
@@ -316,6 +316,23 @@ fn refuse_another_key(session: &mut Client, key_check: &[u8]) -> Result<(), Stor
         )),
         _ => Ok(()),
     }
+}
+
+/// The store's schema version, refused (`Corrupt`) if a newer prenota wrote it.
+fn known_schema_version(
+    tx: &mut postgres::Transaction<'_>,
+) -> Result<Result<i32, StoreError>, postgres::Error> {
+    let version: i32 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM prenota_schema", &[])?
+        .get(0);
+    let known = MIGRATIONS.len() as i32;
+    Ok(match version > known {
+        true => Err(StoreError::Corrupt(format!(
+            "the PostgreSQL schema is version {version}, this prenota knows {known}: \
+             run the newer prenota"
+        ))),
+        false => Ok(version),
+    })
 }
 
 /// A session for the lease, with the schema brought up to date.
@@ -359,6 +376,14 @@ fn try_take(
         end_sessions_of(session, &previous)?;
     }
     let mut tx = session.transaction().map_err(&error)?;
+    // A newer prenota may have migrated the schema since this session opened: never
+    // take over a store written in a format this build does not know.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))",
+        &[&MIGRATION_LOCK_CLASS],
+    )
+    .map_err(&error)?;
+    known_schema_version(&mut tx).map_err(&error)??;
     let epoch: i64 = tx
         .query_one(
             "UPDATE prenota_lease SET epoch = epoch + 1 WHERE id = 1 RETURNING epoch",
@@ -367,8 +392,8 @@ fn try_take(
         .map_err(&error)?
         .get(0);
     tx.execute(
-        "UPDATE prenota_lease_holder SET epoch = $1, holder = $2, renewed_at = now() \
-         WHERE id = 1",
+        "UPDATE prenota_lease_holder SET epoch = $1, holder = $2, \
+         renewed_at = clock_timestamp() WHERE id = 1",
         &[&epoch, &node],
     )
     .map_err(&error)?;
@@ -505,6 +530,7 @@ pub fn copy_into(
              one (a new database or schema), before any node starts on it"
         )));
     }
+    pin_synchronous_commit(&mut session).map_err(&error)?;
     let mut tx = session.transaction().map_err(&error)?;
     let insert = tx
         .prepare("INSERT INTO prenota_kv (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[])")
@@ -525,6 +551,25 @@ pub fn copy_into(
     }
     tx.commit().map_err(&error)?;
     Ok(copied)
+}
+
+/// An acknowledgement promises durability: a session's commits wait at least for the
+/// server's own flush and for its synchronous replicas to have it (`on`), or for them to
+/// have applied it (`remote_apply`, kept). Set on the session, so a configuration
+/// reload lowering the server's default changes nothing.
+fn pin_synchronous_commit(client: &mut Client) -> Result<(), postgres::Error> {
+    let level: String = client.query_one("SHOW synchronous_commit", &[])?.get(0);
+    let pinned = match level.as_str() {
+        "remote_apply" => "remote_apply",
+        _ => "on",
+    };
+    if level != pinned {
+        tracing::warn!(
+            level,
+            "synchronous_commit raised to on for prenota's commits"
+        );
+    }
+    client.batch_execute(&format!("SET synchronous_commit = {pinned}"))
 }
 
 /// Opens the node's local read copy under `dir`, empty (whatever a previous run left
@@ -567,21 +612,7 @@ pub struct PostgresDurability {
 impl PostgresDurability {
     pub fn new(mut client: Client, epoch: i64, local: sled::Db) -> Result<Self, StoreError> {
         let error = pg_error("preparing statements");
-        // An acknowledgement promises durability: never less than a local flush (and
-        // whatever the server adds for synchronous replicas).
-        let level: String = client
-            .query_one("SHOW synchronous_commit", &[])
-            .map_err(&error)?
-            .get(0);
-        if level == "off" || level == "local" {
-            tracing::warn!(
-                level,
-                "synchronous_commit raised to on for prenota's commits"
-            );
-            client
-                .batch_execute("SET synchronous_commit = on")
-                .map_err(&error)?;
-        }
+        pin_synchronous_commit(&mut client).map_err(&error)?;
         let fence = client
             .prepare("SELECT epoch FROM prenota_lease WHERE id = 1 FOR SHARE")
             .map_err(&error)?;

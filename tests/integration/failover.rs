@@ -27,6 +27,11 @@ const CAPACITY: u32 = 10_000;
 /// A `prenota.toml` for nodes sharing the store in `schema` (and one hash key file);
 /// `None` without a PostgreSQL to test against.
 fn shared_config(dir: &Path) -> Option<PathBuf> {
+    shared_config_and_url(dir).map(|(config, _)| config)
+}
+
+/// `shared_config`, and the store's URL.
+fn shared_config_and_url(dir: &Path) -> Option<(PathBuf, String)> {
     let url = common::postgres::schema_url(&common::postgres::fresh_schema())?;
     let key = dir.join("citizen-hash.key");
     std::fs::write(&key, rand::random::<[u8; 32]>()).unwrap();
@@ -39,7 +44,7 @@ fn shared_config(dir: &Path) -> Option<PathBuf> {
         key.display()
     );
     std::fs::write(&config, text).unwrap();
-    Some(config)
+    Some((config, url))
 }
 
 /// A node with its own data dir (its local copy) under `dir`; answers at once.
@@ -91,6 +96,72 @@ fn signal(server: &ChildServer, signal: &str) {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// A newer prenota migrated the schema (its version row, here) while a node of this
+/// build stood by: once the active node dies, the standby refuses to take over a store in
+/// a format it does not know, and says why, instead of serving it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_never_takes_over_a_store_a_newer_prenota_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((config, url)) = shared_config_and_url(dir.path()) else {
+        return;
+    };
+    let mut active = node(dir.path(), &config, "a");
+    active.wait_serving();
+    let log = dir.path().join("standby.log");
+    let options = ChildOptions {
+        args: vec!["--config".into(), config.display().to_string()],
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        ..ChildOptions::default()
+    };
+    let standby = ChildServer::start_recovering(&dir.path().join("b"), options);
+    wait_standing_by(&standby.url).await;
+    let newer = "WITH v AS (INSERT INTO prenota_schema VALUES (99) RETURNING 1) \
+                 SELECT count(*) FROM v";
+    assert_eq!(common::postgres::query_i64(&url, newer), 1);
+    active.kill_9();
+    let exit = tokio::task::spawn_blocking(move || standby.wait_exit(Duration::from_secs(20)));
+    assert!(!exit.await.unwrap().success(), "the standby took over");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("schema is version 99"), "{said}");
+}
+
+/// A URL (or a server default) asking for `synchronous_commit = remote_write` (or `off`): prenota's commits
+/// still run at `on`, as a trigger on its table sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_wait_for_the_flush_whatever_the_url_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((config, url)) = shared_config_and_url(dir.path()) else {
+        return;
+    };
+    let text = std::fs::read_to_string(&config).unwrap();
+    let lowered = text.replace(
+        "\"\nlease_ttl_ms",
+        "%20-csynchronous_commit%3Dremote_write\"\nlease_ttl_ms",
+    );
+    assert_ne!(lowered, text);
+    std::fs::write(&config, lowered).unwrap();
+    let mut active = node(dir.path(), &config, "a");
+    active.wait_serving();
+    let watch = "CREATE TABLE seen (level text);
+        CREATE FUNCTION note_level() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO seen VALUES (current_setting('synchronous_commit')); RETURN NULL; END $$;
+        CREATE TRIGGER note_level AFTER INSERT OR UPDATE ON prenota_kv
+        FOR EACH STATEMENT EXECUTE FUNCTION note_level();";
+    let (setup_url, watch) = (url.clone(), watch.to_string());
+    std::thread::spawn(move || {
+        let mut client = ::postgres::Client::connect(&setup_url, ::postgres::NoTls).unwrap();
+        client.batch_execute(&watch).unwrap();
+    })
+    .join()
+    .unwrap();
+    let slots = ten_minute_slots(connect(&active.url).await, ("sc", day_ahead(40)), 1, 5).await;
+    let mut client = BookingServiceClient::new(connect(&active.url).await);
+    book_ok(&mut client, book_request(&slots[0], "c1", "r1")).await;
+    let seen = |sql: &str| common::postgres::query_i64(&url, sql);
+    assert!(seen("SELECT count(*) FROM seen") > 0);
+    assert_eq!(seen("SELECT count(*) FROM seen WHERE level <> 'on'"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
