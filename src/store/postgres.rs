@@ -75,7 +75,19 @@ const MIGRATIONS: &[&str] = &[
 const LOAD_CHUNK_ROWS: usize = 10_000;
 
 fn pg_error(what: &str) -> impl Fn(postgres::Error) -> StoreError + '_ {
-    move |e| StoreError::Io(format!("PostgreSQL, {what}: {e}"))
+    move |e| StoreError::Io(format!("PostgreSQL, {what}: {}", said(&e)))
+}
+
+/// An error as PostgreSQL said it: the client's kind ("db error") and the causes under
+/// it (the server's own message: a failed password, a missing database or schema).
+fn said(error: &postgres::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        text.push_str(&format!(": {inner}"));
+        cause = inner.source();
+    }
+    text
 }
 
 /// A new session named `node` (so a standby can end it once its lease lapsed).
@@ -592,10 +604,10 @@ pub fn open_local_copy(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreEr
 /// can never commit again: this node is no longer the active one.
 fn commit_error(e: postgres::Error) -> StoreError {
     if e.is_closed() || e.code() == Some(&postgres::error::SqlState::ADMIN_SHUTDOWN) {
-        tracing::error!(error = %e, "the commit session ended");
+        tracing::error!(error = said(&e), "the commit session ended");
         return StoreError::NotActive;
     }
-    StoreError::Io(format!("PostgreSQL, committing: {e}"))
+    StoreError::Io(format!("PostgreSQL, committing: {}", said(&e)))
 }
 
 /// The committer's durability on PostgreSQL: one fenced transaction per group commit,

@@ -519,6 +519,30 @@ async fn a_second_node_on_the_same_data_dir_refuses_instead_of_standing_by() {
     drop(active);
 }
 
+/// A first connection PostgreSQL refuses stops the start with PostgreSQL's own words
+/// (they said only "db error").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_first_connection_says_what_postgres_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = shared_config(dir.path()) else {
+        return;
+    };
+    let text = std::fs::read_to_string(&config).unwrap();
+    let search_path = schema_of(&text);
+    std::fs::write(&config, text.replace(&search_path, "no_such_schema_here")).unwrap();
+    let said = refused_start(dir.path().join("a"), config).await;
+    assert!(said.contains("no schema has been selected"), "{said}");
+}
+
+/// The schema name in a config's `search_path` option.
+fn schema_of(config: &str) -> String {
+    let from = config.find("search_path%3D").expect("a search_path") + "search_path%3D".len();
+    config[from..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
 /// The stderr of a `prenota serve` on `data_dir` with `config` that must exit refused
 /// within 10 s (not stand by for the lease, nor serve).
 async fn refused_start(data_dir: std::path::PathBuf, config: std::path::PathBuf) -> String {
