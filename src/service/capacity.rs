@@ -511,8 +511,9 @@ impl Engine {
         if !writes.is_empty() {
             let created: usize = plans.iter().map(|plan| plan.created.len()).sum();
             let updated: usize = plans.iter().map(|plan| plan.updated.len()).sum();
-            // Last, so a chunked write is audited only once it is whole.
-            writes.push(self.audit(
+            // First: a chunked write's first chunk says who asked for it, so every part
+            // of it applied (before a crash, or in an online backup) is audited.
+            writes.insert(0, self.audit(
                 actor,
                 action,
                 match sites.len() {
