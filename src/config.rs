@@ -130,10 +130,18 @@ impl CitizenIssuerEntry {
         if self.name.trim().is_empty() || self.audience.trim().is_empty() {
             return Err(format!("{at}: name and audience must not be empty"));
         }
+        let der = single_public_key(&self.public_key_pem)
+            .map_err(|e| format!("{at}: public_key_pem {e}"))?;
         let pem = self.public_key_pem.as_bytes();
         let (algorithm, key) = match jsonwebtoken::DecodingKey::from_ed_pem(pem) {
             Ok(key) => (jsonwebtoken::Algorithm::EdDSA, key),
             Err(_) => match jsonwebtoken::DecodingKey::from_ec_pem(pem) {
+                Ok(_) if !is_p256(&der) => {
+                    return Err(format!(
+                        "{at}: public_key_pem is an elliptic-curve key of another curve than \
+                         P-256 (ES256 needs P-256)"
+                    ))
+                }
                 Ok(key) => (jsonwebtoken::Algorithm::ES256, key),
                 Err(e) => {
                     return Err(format!(
@@ -156,6 +164,35 @@ impl CitizenIssuerEntry {
             ed25519,
         })
     }
+}
+
+/// The DER of the one public key (SPKI PEM) in `text`: anything more is refused, since
+/// a second key, or text after the first, would be silently ignored.
+fn single_public_key(text: &str) -> Result<Vec<u8>, String> {
+    let blocks = pem::parse_many(text).map_err(|e| format!("is not PEM: {e}"))?;
+    let trimmed = text.trim();
+    let alone = trimmed.starts_with("-----BEGIN PUBLIC KEY-----")
+        && trimmed.ends_with("-----END PUBLIC KEY-----");
+    match blocks.as_slice() {
+        [block] if block.tag() == "PUBLIC KEY" && alone => Ok(block.contents().to_vec()),
+        [] | [_] => Err(
+            "must hold one public key (-----BEGIN PUBLIC KEY-----) and nothing \
+                         else"
+                .into(),
+        ),
+        many => Err(format!(
+            "holds {} PEM blocks: give each key an entry of its own (several entries with \
+             one name rotate keys)",
+            many.len()
+        )),
+    }
+}
+
+/// Whether an SPKI public key is on the P-256 curve (the only one ES256 uses).
+fn is_p256(der: &[u8]) -> bool {
+    const P256: spki::ObjectIdentifier = spki::ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+    spki::SubjectPublicKeyInfoRef::try_from(der)
+        .is_ok_and(|info| info.algorithm.parameters_oid().is_ok_and(|oid| oid == P256))
 }
 
 /// The Ed25519 public key inside a `from_ed_pem` key (its 32 raw bytes).
@@ -830,6 +867,54 @@ pub fn per_token_share(tokens: &[Token], total: usize, share: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const P256: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEP6xlKa4rRASl1PpyEdRqBZzBTqMM
+gz0buUUsRz+GTSYhpqW2G+v+Nm1NldK+gX1jgh0OacP9eyEKlNL2ZY4D8A==
+-----END PUBLIC KEY-----";
+    const P384: &str = "-----BEGIN PUBLIC KEY-----
+MHYwEAYHKoZIzj0CAQYFK4EEACIDYgAEkyVemFTKPeiw+bhbs6GVikbvvsh1W4yX
+LEU/x1cczwgXwAJihE73jnLZmud9yWphjDn81BfqIfV4B7ZV6jNX8A0ne7AYAYTR
+Hg0CRGKCGk7oCVwpmKy7SoC2654ZnbCX
+-----END PUBLIC KEY-----";
+    const SECP256K1: &str = "-----BEGIN PUBLIC KEY-----
+MFYwEAYHKoZIzj0CAQYFK4EEAAoDQgAE6VPN5/43U8yDgsh53Lib42z9YFLJlscU
+bl6hJuLx6ASBIJ3JsdLv83UY1mQlS9IwDLkY6NqNnV8XL8uEdV09VQ==
+-----END PUBLIC KEY-----";
+    const ED25519: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAcUQAsxA3qUdNvniJHjXvIDenTwROqQKjogrIqETMdZU=
+-----END PUBLIC KEY-----";
+    const ED25519_NEXT: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAf0umR/pzeqPFRU7vcfHAq3dSA3+IzI78PhY6MHOBza8=
+-----END PUBLIC KEY-----";
+
+    #[test]
+    fn an_issuer_key_is_one_ed25519_or_p256_key_and_nothing_else() {
+        let issuer = |pem: &str| CitizenIssuerEntry {
+            name: "spid".into(),
+            audience: "prenota".into(),
+            public_key_pem: pem.into(),
+        };
+        let algorithm = |pem: &str| issuer(pem).check("k").map(|key| key.algorithm);
+        assert_eq!(algorithm(ED25519), Ok(jsonwebtoken::Algorithm::EdDSA));
+        assert_eq!(
+            algorithm(&format!("\n{P256}\n")),
+            Ok(jsonwebtoken::Algorithm::ES256)
+        );
+        for other_curve in [P384, SECP256K1] {
+            let refused = algorithm(other_curve).unwrap_err();
+            assert!(refused.contains("P-256"), "{refused}");
+        }
+        let two = format!("{ED25519}\n{ED25519_NEXT}");
+        assert!(algorithm(&two).unwrap_err().contains("2 PEM blocks"));
+        for junk in [
+            format!("{ED25519}\ntrailing"),
+            format!("leading\n{ED25519}"),
+        ] {
+            let refused = algorithm(&junk).unwrap_err();
+            assert!(refused.contains("nothing else"), "{refused}");
+        }
+    }
 
     #[test]
     fn the_citizen_id_scheme_is_read_from_the_file() {

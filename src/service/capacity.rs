@@ -513,14 +513,19 @@ impl Engine {
             let updated: usize = plans.iter().map(|plan| plan.updated.len()).sum();
             // First: a chunked write's first chunk says who asked for it, so every part
             // of it applied (before a crash, or in an online backup) is audited.
-            writes.insert(0, self.audit(
-                actor,
-                action,
-                match sites.len() {
-                    0 => format!("{what}: {created} slots created, {updated} updated"),
-                    n => format!("{what}: {n} sites, {created} slots created, {updated} updated"),
-                },
-            ));
+            writes.insert(
+                0,
+                self.audit(
+                    actor,
+                    action,
+                    match sites.len() {
+                        0 => format!("{what}: {created} slots created, {updated} updated"),
+                        n => {
+                            format!("{what}: {n} sites, {created} slots created, {updated} updated")
+                        }
+                    },
+                ),
+            );
         }
         undo_if_never_queued(self.commit_in_chunks(writes).await, || {
             restore_capacities(lowered)
