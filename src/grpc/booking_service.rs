@@ -474,7 +474,12 @@ impl BookingService for BookingApi {
         let (caller, body, asserted) = self.acting_asserted(request).await?;
         let limits = self.engine.limits();
         let claims = asserted
-            .map(|citizen| convert_campaign::claims(citizen.birth_year, citizen.groups, limits));
+            .map(|citizen| convert_campaign::claims(citizen.birth_year, citizen.groups, limits))
+            .transpose()
+            .map_err(|why| {
+                tracing::debug!(%why, "citizen assertion refused");
+                ServiceError::CitizenAssertionInvalid
+            })?;
         let command = convert_campaign::pre_register_from_proto(
             body,
             self.engine.limits(),

@@ -361,19 +361,32 @@ fn preferred_weekdays(weekdays: &[u32]) -> Result<Vec<u8>, FieldViolation> {
 /// What a verified citizen assertion says of a campaign's eligibility: birth year, groups.
 pub type Claims = (Option<i32>, Vec<String>);
 
-/// An assertion's birth year and groups as a registration may keep them: a year out of
-/// range is dropped, and so is a group no wave could name (not an id-like name), past
-/// the first `GROUPS_MAX`.
-pub fn claims(birth_year: Option<i32>, asserted_groups: Vec<String>, limits: &Limits) -> Claims {
-    let year = birth_year.filter(|year| BIRTH_YEARS.contains(year));
+/// An assertion's birth year and groups as a registration keeps them. A group no wave
+/// could name (not an id-like name: another system's label) is left out; a birth year
+/// out of range, or more than `GROUPS_MAX` groups a wave could name, refuse the
+/// assertion (dropping some would silently cost a citizen a wave it is entitled to).
+pub fn claims(
+    birth_year: Option<i32>,
+    asserted_groups: Vec<String>,
+    limits: &Limits,
+) -> Result<Claims, String> {
+    if birth_year.is_some_and(|year| !BIRTH_YEARS.contains(&year)) {
+        return Err(format!("its birth_year {birth_year:?} is out of range"));
+    }
     let mut kept: Vec<String> = Vec::new();
     for group in asserted_groups {
         let valid = check_name_id("groups", &group, limits.id_length_max).is_ok();
-        if valid && !kept.contains(&group) && kept.len() < GROUPS_MAX {
+        if valid && !kept.contains(&group) {
             kept.push(group);
         }
     }
-    (year, kept)
+    if kept.len() > GROUPS_MAX {
+        return Err(format!(
+            "it asserts {} groups; at most {GROUPS_MAX}",
+            kept.len()
+        ));
+    }
+    Ok((birth_year, kept))
 }
 
 /// A `PreRegister` request. `asserted`: the birth year and groups of a verified citizen

@@ -347,6 +347,31 @@ async fn a_campaign_takes_birth_year_and_groups_from_the_assertion() {
         .await
         .unwrap_err();
     invalid(status);
+    // Claims a registration cannot keep whole refuse the assertion: dropping some would
+    // cost the citizen the wave they are entitled to (here `carers`, the 17th group).
+    let mut seventeen: Vec<String> = (0..16).map(|n| format!("g{n}")).collect();
+    seventeen.push("carer".into());
+    for (citizen, claimed) in [
+        ("ERIN", json!({"birth_year": 1990, "groups": seventeen})),
+        ("FRANK", json!({"birth_year": -5})),
+    ] {
+        let mut all = claims("spid", citizen);
+        for (key, value) in claimed.as_object().unwrap() {
+            all[key] = value.clone();
+        }
+        let assertion = sign(&keys.spid_old, Algorithm::EdDSA, all);
+        let request = proto::PreRegisterRequest {
+            campaign_id: "c".into(),
+            citizen_id: citizen.into(),
+            request_id: format!("register-{citizen}"),
+            ..Default::default()
+        };
+        let refused = client
+            .pre_register(with_assertion(request, &assertion))
+            .await
+            .expect_err(citizen);
+        invalid(refused);
+    }
     server.stop().await;
 }
 
