@@ -32,7 +32,20 @@ const MESSAGE_VIOLATIONS_MAX: usize = 5;
 /// bad list items once got a broken stream instead of its answer.
 const DETAIL_VIOLATION_BYTES_MAX: usize = 4_096;
 
+/// Bytes of one violation's field name or description at most: a field may name a key
+/// the client chose (`release.reserved_percent[KEY]`), so even the first violation,
+/// always kept, stays small.
+const VIOLATION_TEXT_BYTES_MAX: usize = 256;
+
 fn invalid_argument(violations: Vec<crate::domain::error::FieldViolation>) -> Status {
+    let violations: Vec<_> = violations
+        .into_iter()
+        .map(|mut v| {
+            v.field = clipped(v.field, VIOLATION_TEXT_BYTES_MAX);
+            v.description = clipped(v.description, VIOLATION_TEXT_BYTES_MAX);
+            v
+        })
+        .collect();
     // The message names the first few; the details carry them (up to a bound).
     let mut message = violations
         .iter()
@@ -52,6 +65,18 @@ fn invalid_argument(violations: Vec<crate::domain::error::FieldViolation>) -> St
         format!("invalid request: {message}"),
         ErrorDetails::with_bad_request(violations),
     )
+}
+
+/// `text`, cut to at most `bytes_max` bytes (at a character boundary, marked by "…").
+fn clipped(text: String, bytes_max: usize) -> String {
+    if text.len() <= bytes_max {
+        return text;
+    }
+    let mut end = bytes_max - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// The first of `violations` within `bytes_max` (at least one); if some are left out, one
@@ -347,6 +372,19 @@ mod tests {
         assert_eq!(last.field, format!("items[{listed}]"));
         let more = format!("and {} more", 100 - listed);
         assert!(last.description.starts_with(&more), "{}", last.description);
+    }
+
+    #[test]
+    fn a_violation_naming_a_megabyte_key_answers_in_a_few_hundred_bytes() {
+        use crate::domain::error::FieldViolation as Violation;
+        let key = "é".repeat(500_000);
+        let field = format!("release.reserved_percent[{key}]");
+        let status = invalid_argument(vec![Violation::new(field, "must be an id")]);
+        let mut trailers = http::HeaderMap::new();
+        status.add_header(&mut trailers).unwrap();
+        let bytes: usize = trailers.values().map(|value| value.len()).sum();
+        assert!(bytes < 2_048, "{bytes} bytes of trailers");
+        assert!(status.message().contains("release.reserved_percent[éé"));
     }
 
     #[test]
