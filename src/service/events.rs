@@ -130,8 +130,14 @@ impl Engine {
                         on_idle();
                     }
                 }
+                // Waited for room (a full buffer must not swallow why the stream ends:
+                // EVENTS_PRUNED), for as long as a reader may stall.
                 Err(error) => {
-                    let _ = sender.try_send(Err(error));
+                    let idle = Duration::from_millis(engine.limits.export_idle_timeout_ms);
+                    let told = tokio::time::timeout(idle, sender.send(Err(error))).await;
+                    if let (Err(_), Some(on_idle)) = (told, on_idle) {
+                        on_idle();
+                    }
                 }
             }
         });
