@@ -658,6 +658,16 @@ impl Engine {
             return Ok((site, slot)); // already applied: the slot as it is now
         }
         let before = slot.counter.snapshot();
+        if !before.closed && capacity == before.capacity {
+            // Nothing changes: no event, no audit line; a request id is still remembered.
+            let now = self.now_unix_ms();
+            let record: Vec<Write> =
+                authority_request(request, AuthorityOutcome::CapacitySet, now).collect();
+            if !record.is_empty() {
+                self.store.commit(&record).await?;
+            }
+            return Ok((site, slot));
+        }
         if before.closed {
             self.check_reopens_alone(key, slot.end_unix_s())?;
         }

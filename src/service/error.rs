@@ -43,7 +43,7 @@ pub enum ServiceError {
          registers new sites)"
     )]
     RegionDenied { actor: String },
-    #[error("events up to sequence {oldest} were deleted (events_retained_hours): resume from {oldest} - 1 after a full reconciliation (ExportBookings)", oldest = .oldest)]
+    #[error("events before sequence {oldest} were deleted (events_retained_hours): resume from {oldest} - 1 after a full reconciliation (ExportBookings)", oldest = .oldest)]
     EventsPruned { oldest: u64 },
     #[error("after_sequence {after} is beyond the last event ({last}): this store never wrote it (restored from an older backup?)")]
     EventsAhead { after: u64, last: u64 },

@@ -111,14 +111,17 @@ async fn every_change_has_one_event_in_commit_order_and_a_resume_replays_them() 
         .unwrap();
     clock.advance(Duration::from_secs(2));
     assert_eq!(server.sweep_holds().await, 1);
-    capacity
-        .set_slot_capacity(proto::SetSlotCapacityRequest {
-            slot_id: slot.clone(),
-            capacity: 6,
-            request_id: String::new(),
-        })
-        .await
-        .expect("capacity");
+    // Sent twice: the second changes nothing, and makes no event.
+    for _ in 0..2 {
+        capacity
+            .set_slot_capacity(proto::SetSlotCapacityRequest {
+                slot_id: slot.clone(),
+                capacity: 6,
+                request_id: String::new(),
+            })
+            .await
+            .expect("capacity");
+    }
     let from = chrono::Utc::now().timestamp();
     capacity
         .close_slots(proto::CloseSlotsRequest {
