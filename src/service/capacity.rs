@@ -301,6 +301,12 @@ impl From<CloseOutcome> for AuthorityOutcome {
     }
 }
 
+/// What a SetSlotCapacity request asks, so a request id reused for another is told.
+fn set_capacity_fingerprint(key: &SlotKey, capacity: u32) -> RequestFingerprint {
+    let slot = key.to_string();
+    RequestFingerprint::of(&[b"set-capacity", slot.as_bytes(), &capacity.to_be_bytes()])
+}
+
 /// The record that remembers an authority request's outcome, if it has a `request_id`.
 fn authority_request(
     request: Option<(RequestKey, RequestFingerprint)>,
@@ -645,27 +651,15 @@ impl Engine {
         let _authority = self.authority_writes.lock().await;
         let site = Arc::clone(actor.check_site(self.site(&key.site_id).as_ref())?);
         let slot = self.slot(key)?;
-        let slot_text = key.to_string();
-        let request = request.map(|key| {
-            let fingerprint = RequestFingerprint::of(&[
-                b"set-capacity",
-                slot_text.as_bytes(),
-                &capacity.to_be_bytes(),
-            ]);
-            (key, fingerprint)
-        });
+        let request = request.map(|request| (request, set_capacity_fingerprint(key, capacity)));
         if self.authority_replay(request)?.is_some() {
             return Ok((site, slot)); // already applied: the slot as it is now
         }
         let before = slot.counter.snapshot();
         if !before.closed && capacity == before.capacity {
-            // Nothing changes: no event, no audit line; a request id is still remembered.
-            let now = self.now_unix_ms();
-            let record: Vec<Write> =
-                authority_request(request, AuthorityOutcome::CapacitySet, now).collect();
-            if !record.is_empty() {
-                self.store.commit(&record).await?;
-            }
+            // Nothing changes: no event, no audit line.
+            self.remember_unchanged(request, AuthorityOutcome::CapacitySet)
+                .await?;
             return Ok((site, slot));
         }
         if before.closed {
@@ -743,11 +737,7 @@ impl Engine {
         let slots = self.open_slots_in(&command)?;
         if slots.is_empty() {
             let nothing = CloseOutcome::default();
-            let record: Vec<Write> =
-                authority_request(request, nothing.into(), self.now_unix_ms()).collect();
-            if !record.is_empty() {
-                self.store.commit(&record).await?;
-            }
+            self.remember_unchanged(request, nothing.into()).await?;
             return Ok(nothing);
         }
         for slot in &slots {
@@ -936,6 +926,20 @@ impl Engine {
             self.campaigns.settle(registration);
         }
         Ok(outcome)
+    }
+
+    /// An authority request that changed nothing: only its outcome is written, if it
+    /// has a request id (a retry answers the same).
+    async fn remember_unchanged(
+        &self,
+        request: Option<(RequestKey, RequestFingerprint)>,
+        outcome: AuthorityOutcome,
+    ) -> Result<(), StoreError> {
+        let record: Vec<Write> = authority_request(request, outcome, self.now_unix_ms()).collect();
+        match record.is_empty() {
+            true => Ok(()),
+            false => self.store.commit(&record).await,
+        }
     }
 
     /// The stored outcome of an authority request already applied under this
