@@ -510,8 +510,11 @@ async fn start_serving(
 
 /// `serving`, which once `closing` turns true waits for its connections to finish what
 /// they were doing, for at most `bound` (every request is answered by then, every reply
-/// stream was told to end): past it, a client that stopped reading keeps the rest from
-/// exiting no longer. The store still closes cleanly once no request holds the engine.
+/// stream was told to end, a watch that stopped reading was cut off): past it, a
+/// connection that still lingers (a client ignoring GOAWAY) keeps the rest from exiting
+/// no longer. Its task still holds the engine, so the store then does not close cleanly
+/// (`close` waits `ENGINE_RELEASE_WAIT`, then leaves it to the OS; every acknowledged
+/// write is durable already).
 async fn drained_within(
     serving: impl Future<Output = Result<(), tonic::transport::Error>>,
     mut closing: tokio::sync::watch::Receiver<bool>,

@@ -85,7 +85,8 @@ impl EventScope {
 enum Stop {
     /// The reader went away: nothing to tell.
     Gone,
-    /// The reader stalled, or the server shuts down: its connection is closed.
+    /// The reader stalled (or took nothing within a grace once shutdown began): its
+    /// connection is closed.
     CutOff,
 }
 
@@ -130,6 +131,9 @@ impl Engine {
                         on_idle();
                     }
                 }
+                // Shutdown: the reply stream ends with SHUTTING_DOWN by itself
+                // (`grpc::shed`); nothing to wait for.
+                Err(ServiceError::Store(crate::store::StoreError::Closed)) => {}
                 // Waited for room (a full buffer must not swallow why the stream ends:
                 // EVENTS_PRUNED), for as long as a reader may stall.
                 Err(error) => {

@@ -132,28 +132,47 @@ pub enum Sent {
     Delivered,
     /// The reader went away.
     Gone,
-    /// The reader read nothing for the idle timeout: cut it off (`OnIdle`).
+    /// The reader read nothing for the idle timeout, or took nothing within a short
+    /// grace once shutdown began: cut it off (`OnIdle`).
     Stalled,
-    /// The server shuts down: stop (the reply stream ends with SHUTTING_DOWN by itself,
-    /// `grpc::shed`, and the connection's other calls are still answered).
+    /// The server shuts down and the reader took its item: stop (the reply stream ends
+    /// with SHUTTING_DOWN by itself, `grpc::shed`; the connection's other calls are still
+    /// answered).
     Closing,
 }
 
-/// Hands `item` to a long stream's reader (a watch), waiting at most `idle`, and not
-/// past `closing` turning true. Async: a stalled reader pins no thread.
+/// How long a watch stuck mid-send when shutdown begins may still take its item before
+/// it is cut off (its connection closed: a stream whose client keeps its window shut
+/// would hold the drain, and the store's clean close, for good).
+const SHUTDOWN_SEND_GRACE: Duration = Duration::from_millis(500);
+
+/// Hands `item` to a long stream's reader (a watch), waiting at most `idle`, and once
+/// `closing` turns true at most `SHUTDOWN_SEND_GRACE` more. Async: a stalled reader pins
+/// no thread.
 pub async fn send_within<T>(
     sender: &mpsc::Sender<T>,
     item: T,
     idle: Duration,
     closing: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Sent {
-    tokio::select! {
-        sent = tokio::time::timeout(idle, sender.send(item)) => match sent {
-            Ok(Ok(())) => Sent::Delivered,
-            Ok(Err(_)) => Sent::Gone,
-            Err(_) => Sent::Stalled,
+    let send = tokio::time::timeout(idle, sender.send(item));
+    tokio::pin!(send);
+    let sent = tokio::select! {
+        sent = &mut send => Some(sent),
+        _ = closing.wait_for(|closing| *closing) => None,
+    };
+    let sent = match sent {
+        Some(sent) => sent,
+        None => match tokio::time::timeout(SHUTDOWN_SEND_GRACE, &mut send).await {
+            Ok(Ok(Ok(()))) => return Sent::Closing,
+            Ok(sent) => sent,
+            Err(_) => return Sent::Stalled,
         },
-        _ = closing.wait_for(|closing| *closing) => Sent::Closing,
+    };
+    match sent {
+        Ok(Ok(())) => Sent::Delivered,
+        Ok(Err(_)) => Sent::Gone,
+        Err(_) => Sent::Stalled,
     }
 }
 

@@ -129,15 +129,6 @@ pub fn migrate(client: &mut Client) -> Result<(), StoreError> {
         .map_err(&error)?;
         tracing::info!(version = step + 1, "PostgreSQL schema migrated");
     }
-    // An older node active on this store can write no more (it would write the old
-    // format): the epoch it commits under moves on.
-    if version > 0 && version < MIGRATIONS.len() as i32 {
-        tx.execute(
-            "UPDATE prenota_lease SET epoch = epoch + 1 WHERE id = 1",
-            &[],
-        )
-        .map_err(&error)?;
-    }
     tx.commit().map_err(&error)
 }
 

@@ -259,3 +259,53 @@ async fn open_health_and_reflection_streams_end_at_shutdown_without_holding_it_u
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(logs.contains("store closed cleanly"), "{logs}");
 }
+
+/// SIGTERM while a watcher has stopped reading (its buffer and its HTTP/2 window full,
+/// so its stream cannot even be ended): it is cut off after a short grace, and the
+/// server exits at once with its store closed, instead of draining until the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_stopped_reading_does_not_hold_up_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let options = common::child::ChildOptions {
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        rust_log: Some("info".into()),
+        ..Default::default()
+    };
+    let mut server = common::child::ChildServer::start_recovering(&dir.path().join("d"), options);
+    server.wait_serving();
+    let channel = connect(&server.url).await;
+    let mut capacity =
+        prenota::proto::capacity_service_client::CapacityServiceClient::new(channel.clone());
+    upsert_site(&mut capacity, "w", "r", "Etc/UTC").await;
+    let days = (day_ahead(5), day_ahead(35));
+    let schedule = publish_request("w", "vax", (&days.0, &days.1), ("08:00", "20:00"), 10, 5);
+    capacity.publish_schedule(schedule).await.unwrap();
+    // A small window, so the server fills it soon.
+    let narrow = tonic::transport::Channel::from_shared(server.url.clone())
+        .unwrap()
+        .initial_stream_window_size(Some(16_384))
+        .initial_connection_window_size(Some(16_384))
+        .connect()
+        .await
+        .unwrap();
+    let mut booking = prenota::proto::booking_service_client::BookingServiceClient::new(narrow);
+    // 2,232 slots, never read: far more than the buffer and the stream's window.
+    let unread = booking
+        .watch_availability(availability_watch_request("w"))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let pid = server.pid().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(term.unwrap().success());
+    let exit =
+        tokio::task::spawn_blocking(move || server.wait_exit(std::time::Duration::from_secs(10)));
+    assert!(exit.await.unwrap().success());
+    drop(unread);
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("store closed cleanly"), "{logs}");
+}
