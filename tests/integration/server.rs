@@ -199,15 +199,7 @@ async fn reseeding_the_demo_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_health_and_reflection_streams_end_at_shutdown_without_holding_it_up() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("stderr.log");
-    let options = common::child::ChildOptions {
-        stderr: Some(std::fs::File::create(&log).unwrap()),
-        rust_log: Some("info".into()),
-        ..Default::default()
-    };
-    let data = dir.path().join("data");
-    let mut server = common::child::ChildServer::start_recovering(&data, options);
-    server.wait_serving();
+    let (server, log) = logged_child(dir.path());
     let channel = tonic::transport::Channel::from_shared(server.url.clone())
         .unwrap()
         .connect()
@@ -230,14 +222,7 @@ async fn open_health_and_reflection_streams_end_at_shutdown_without_holding_it_u
         .unwrap()
         .into_inner();
 
-    let pid = server.pid().to_string();
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status();
-    assert!(term.unwrap().success());
-    let exit =
-        tokio::task::spawn_blocking(move || server.wait_exit(std::time::Duration::from_secs(10)));
-    assert!(exit.await.unwrap().success());
+    exits_within_10_s_on_sigterm(server).await;
 
     let mut seen = Vec::new();
     let ended = loop {
@@ -266,14 +251,7 @@ async fn open_health_and_reflection_streams_end_at_shutdown_without_holding_it_u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_that_stopped_reading_does_not_hold_up_shutdown() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("stderr.log");
-    let options = common::child::ChildOptions {
-        stderr: Some(std::fs::File::create(&log).unwrap()),
-        rust_log: Some("info".into()),
-        ..Default::default()
-    };
-    let mut server = common::child::ChildServer::start_recovering(&dir.path().join("d"), options);
-    server.wait_serving();
+    let (server, log) = logged_child(dir.path());
     let channel = connect(&server.url).await;
     let mut capacity =
         prenota::proto::capacity_service_client::CapacityServiceClient::new(channel.clone());
@@ -297,6 +275,27 @@ async fn a_watch_that_stopped_reading_does_not_hold_up_shutdown() {
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
 
+    exits_within_10_s_on_sigterm(server).await;
+    drop(unread);
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("store closed cleanly"), "{logs}");
+}
+
+/// A `prenota serve` child logging at info into the returned file, serving.
+fn logged_child(dir: &std::path::Path) -> (common::child::ChildServer, std::path::PathBuf) {
+    let log = dir.join("stderr.log");
+    let options = common::child::ChildOptions {
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        rust_log: Some("info".into()),
+        ..Default::default()
+    };
+    let mut server = common::child::ChildServer::start_recovering(&dir.join("data"), options);
+    server.wait_serving();
+    (server, log)
+}
+
+/// SIGTERM, then the child must exit successfully within 10 s.
+async fn exits_within_10_s_on_sigterm(server: common::child::ChildServer) {
     let pid = server.pid().to_string();
     let term = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -305,7 +304,4 @@ async fn a_watch_that_stopped_reading_does_not_hold_up_shutdown() {
     let exit =
         tokio::task::spawn_blocking(move || server.wait_exit(std::time::Duration::from_secs(10)));
     assert!(exit.await.unwrap().success());
-    drop(unread);
-    let logs = std::fs::read_to_string(&log).unwrap();
-    assert!(logs.contains("store closed cleanly"), "{logs}");
 }
