@@ -435,7 +435,8 @@ pub enum BackendName {
 pub struct StoreSection {
     pub backend: BackendName,
     /// With `postgres`: a libpq-style URL (`postgres://user:pass@host/db`) or key=value
-    /// string. Its `search_path` (`options=-csearch_path=NAME`) picks the schema.
+    /// string. Its `search_path` (`options=-csearch_path=NAME`) picks the schema; its
+    /// `sslmode` and `sslrootcert` TLS (`store::postgres_tls`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgres_url: Option<String>,
     /// With `postgres`: a standby takes over once the active node has not renewed its

@@ -615,9 +615,18 @@ fn serve_would_stop(file: &ConfigFile, server: &prenota::config::ServerSection) 
         .err(),
         read_backup_key(server.backup_key_file.as_deref()).err(),
         read_hash_key(file.citizens.hash_key_file.as_deref()).err(),
+        postgres_url_problem(file),
     ];
     stops.extend(files.into_iter().flatten());
     stops
+}
+
+/// Why the PostgreSQL backend's URL would not do: it does not parse, or its TLS options
+/// (`sslmode`, `sslrootcert`) do not (`serve` would stop before connecting).
+fn postgres_url_problem(file: &ConfigFile) -> Option<String> {
+    let url = file.store.postgres_url.as_deref()?;
+    let target = prenota::store::postgres_tls::target(url);
+    target.err().map(|e| format!("[store] postgres_url: {e}"))
 }
 
 /// `prenota dev-assertion`: prints a signed citizen assertion.

@@ -16,6 +16,7 @@ pub mod committer;
 pub mod error;
 pub mod key_file;
 pub mod postgres;
+pub mod postgres_tls;
 pub mod records;
 pub mod size_hint;
 

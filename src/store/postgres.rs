@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, Statement};
 
 pub use crate::config::PostgresSettings;
 use crate::store::committer::{self, sled_batch, CommitterState, Durability};
@@ -92,9 +92,8 @@ fn said(error: &postgres::Error) -> String {
 
 /// A new session named `node` (so a standby can end it once its lease lapsed).
 pub fn connect(url: &str, node: &str) -> Result<Client, StoreError> {
-    let mut config: postgres::Config = url
-        .parse()
-        .map_err(|e| StoreError::Io(format!("the PostgreSQL URL does not parse: {e}")))?;
+    let crate::store::postgres_tls::Target { mut config, tls } =
+        crate::store::postgres_tls::target(url).map_err(StoreError::Io)?;
     config.application_name(node);
     config.connect_timeout(Duration::from_secs(10));
     // A peer gone silent (a cut cable) is noticed in seconds, not hours.
@@ -104,7 +103,7 @@ pub fn connect(url: &str, node: &str) -> Result<Client, StoreError> {
     config.keepalives_retries(3);
     // A call whose bytes go unacknowledged ends, so a stuck node can exit and restart.
     config.tcp_user_timeout(Duration::from_secs(10));
-    config.connect(NoTls).map_err(pg_error("connecting"))
+    config.connect(tls).map_err(pg_error("connecting"))
 }
 
 /// Brings the schema up to date (once, under a lock, if several nodes start together).

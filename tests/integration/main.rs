@@ -27,6 +27,7 @@ mod layers;
 mod model;
 mod open_data;
 mod operations;
+mod postgres_tls;
 mod power;
 mod privacy;
 mod readme;

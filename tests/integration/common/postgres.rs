@@ -22,29 +22,41 @@ pub fn base_url() -> Option<&'static str> {
             if let Ok(url) = std::env::var("PRENOTA_TEST_POSTGRES_URL") {
                 return Some(url);
             }
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres-test-server");
-            let started = Command::new(script)
-                .args(["--until-pid", &std::process::id().to_string()])
-                .stderr(Stdio::inherit())
-                .output();
-            match started {
-                Ok(out) if out.status.success() => {
-                    Some(String::from_utf8(out.stdout).unwrap().trim().to_string())
-                }
-                failed => {
-                    let why = format!("no PostgreSQL to test against ({failed:?})");
-                    if std::env::var_os("PRENOTA_REQUIRE_POSTGRES").is_some() {
-                        panic!("{why}, and PRENOTA_REQUIRE_POSTGRES is set");
-                    }
-                    eprintln!(
-                        "SKIPPED: {why}: the PostgreSQL tests pass without running \
-                         (apt-get install -y postgresql to run them)"
-                    );
-                    None
-                }
-            }
+            started_server(&[])
         })
         .as_deref()
+}
+
+/// A server of this test process's own, which also takes TLS with the certificate and
+/// key in `tls_dir` (`server.crt`, `server.key`); `None` (said) without PostgreSQL.
+pub fn tls_server(tls_dir: &std::path::Path) -> Option<String> {
+    started_server(&["--tls", tls_dir.to_str().unwrap()])
+}
+
+/// `scripts/postgres-test-server`'s URL, stopped once this process exits.
+fn started_server(args: &[&str]) -> Option<String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/postgres-test-server");
+    let started = Command::new(script)
+        .args(["--until-pid", &std::process::id().to_string()])
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output();
+    match started {
+        Ok(out) if out.status.success() => {
+            Some(String::from_utf8(out.stdout).unwrap().trim().to_string())
+        }
+        failed => {
+            let why = format!("no PostgreSQL to test against ({failed:?})");
+            if std::env::var_os("PRENOTA_REQUIRE_POSTGRES").is_some() {
+                panic!("{why}, and PRENOTA_REQUIRE_POSTGRES is set");
+            }
+            eprintln!(
+                "SKIPPED: {why}: the PostgreSQL tests pass without running \
+                 (apt-get install -y postgresql to run them)"
+            );
+            None
+        }
+    }
 }
 
 /// A URL whose tables live in `schema` (created if missing); `None` without a server.
