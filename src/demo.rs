@@ -1,7 +1,8 @@
 //! The demo seed of `serve --demo`: a few sites in different zones with two weeks
 //! of slots from today, so a newcomer can search and book at once. Idempotent: a
 //! restart creates only what is missing (a demo site an authority renamed stays
-//! renamed), and writes nothing, audit rows included, when nothing is missing.
+//! renamed, a slot whose capacity it changed keeps it), and writes nothing, audit rows
+//! included, when nothing is missing.
 
 use chrono::{Duration, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -124,7 +125,7 @@ pub async fn seed(engine: &Engine) -> Result<(), ServiceError> {
             )
             .map_err(DomainError::Invalid)?;
             created += engine
-                .publish_schedule(&site_id, &service_id, &schedule, &Actor::everywhere("demo"))
+                .publish_missing_slots(&site_id, &service_id, &schedule, &Actor::everywhere("demo"))
                 .await?
                 .slots_created;
         }

@@ -26,6 +26,15 @@ use crate::store::records::{
 };
 use crate::store::StoreError;
 
+/// What a publish does to slots that already exist at the schedule's starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Existing {
+    /// Takes the schedule's length and capacity (an open slot) or length (a closed one).
+    Update,
+    /// Left as they are.
+    Keep,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PublishOutcome {
     pub sites_upserted: u32,
@@ -397,6 +406,29 @@ impl Engine {
         schedule: &Schedule,
         actor: &Actor,
     ) -> Result<PublishOutcome, ServiceError> {
+        let target = (site_id, service_id, schedule);
+        self.publish(target, Existing::Update, actor).await
+    }
+
+    /// The demo seed's publish: creates the schedule's slots that are missing and leaves
+    /// every existing one as it is (an authority's capacity change survives a restart).
+    pub async fn publish_missing_slots(
+        &self,
+        site_id: &SiteId,
+        service_id: &ServiceId,
+        schedule: &Schedule,
+        actor: &Actor,
+    ) -> Result<PublishOutcome, ServiceError> {
+        let target = (site_id, service_id, schedule);
+        self.publish(target, Existing::Keep, actor).await
+    }
+
+    async fn publish(
+        &self,
+        (site_id, service_id, schedule): (&SiteId, &ServiceId, &Schedule),
+        existing: Existing,
+        actor: &Actor,
+    ) -> Result<PublishOutcome, ServiceError> {
         let _authority = self.authority_writes.lock().await;
         let plan = {
             let catalog = self.catalog();
@@ -404,7 +436,11 @@ impl Engine {
             let horizon = schedule.check_horizon(self.last_day_max());
             horizon.map_err(|violation| DomainError::Invalid(vec![violation]))?;
             let planned = schedule.plan(site.time_zone, self.limits.publish_slots_max)?;
-            catalog.plan_publish(site_id, service_id, &planned)?
+            let mut plan = catalog.plan_publish(site_id, service_id, &planned)?;
+            if existing == Existing::Keep {
+                plan.updated.clear();
+            }
+            plan
         };
         self.check_region_slots(&[], std::slice::from_ref(&plan))?;
         let what = format!(

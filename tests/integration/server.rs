@@ -150,7 +150,9 @@ fn the_server_runs_without_transparent_huge_pages() {
 }
 
 /// `--demo` on every restart: the second seeding finds everything there and writes
-/// nothing, not even an audit row, and leaves an authority's rename alone.
+/// nothing, not even an audit row, and leaves an authority's rename and capacity
+/// changes alone (it used to set the slots back, and refuse to start when a raised slot
+/// held more bookings than the demo's capacity).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reseeding_the_demo_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -173,10 +175,18 @@ async fn reseeding_the_demo_changes_nothing() {
         )
         .await
         .unwrap();
+    let lowered_and_raised = demo_slots(&engine, &site_id);
+    let lazio = prenota::service::Actor::everywhere("lazio-health");
+    for (slot, capacity) in lowered_and_raised.iter().zip([1, 9]) {
+        engine
+            .set_slot_capacity(slot, capacity, None, &lazio)
+            .await
+            .unwrap();
+    }
     let before = audit_rows(&engine).await;
     assert!(
-        before >= 4,
-        "three demo sites, their schedules and the rename"
+        before >= 6,
+        "three demo sites, their schedules, the rename and two capacities"
     );
 
     prenota::demo::seed(&engine).await.unwrap();
@@ -186,9 +196,38 @@ async fn reseeding_the_demo_changes_nothing() {
         "a reseed that changes nothing writes no audit row"
     );
     assert_eq!(engine.site(&site_id).unwrap().name, "Renamed by the region");
+    let after_reseed = engine.search(&demo_query(&site_id)).unwrap().slots;
+    let capacities: Vec<u32> = (after_reseed.iter())
+        .map(|(_, slot)| slot.counter.snapshot().capacity)
+        .collect();
+    assert_eq!(capacities, [1, 9]);
     std::sync::Arc::get_mut(&mut engine)
         .expect("no other owner")
         .shutdown();
+}
+
+/// The first two demo slots of `site_id`'s covid19-dose1.
+fn demo_slots(
+    engine: &prenota::service::Engine,
+    site_id: &prenota::domain::ids::SiteId,
+) -> Vec<prenota::domain::ids::SlotKey> {
+    let page = engine.search(&demo_query(site_id)).unwrap();
+    let keys: Vec<_> = page.slots.iter().map(|(_, slot)| slot.key()).collect();
+    assert_eq!(keys.len(), 2);
+    keys
+}
+
+fn demo_query(site_id: &prenota::domain::ids::SiteId) -> prenota::domain::catalog::SearchQuery {
+    prenota::domain::catalog::SearchQuery {
+        scope: prenota::domain::catalog::SearchScope::Site(site_id.clone()),
+        service_id: prenota::domain::ids::ServiceId::parse("s", "covid19-dose1", 64).unwrap(),
+        from_unix_s: 0,
+        to_unix_s: i64::from(i32::MAX),
+        only_available: false,
+        after: None,
+        page_size: 2,
+        scan_max: 10_000,
+    }
 }
 
 /// SIGTERM with a health watch and a reflection stream open (no token needed for
