@@ -62,6 +62,21 @@ pub fn target(url: &str) -> Result<Target, String> {
     let mut config: postgres::Config = rest
         .parse()
         .map_err(|e| format!("the PostgreSQL URL does not parse: {e}"))?;
+    // An `sslmode` left in (read where this module did not look) would be overridden.
+    if config.get_ssl_mode() != SslMode::Prefer {
+        return Err(
+            "the PostgreSQL URL's sslmode could not be told apart: write it as \
+                    `?sslmode=MODE` (a URL) or `sslmode=MODE` (key=value)"
+                .into(),
+        );
+    }
+    if mode != Mode::Disable && config.get_hosts().is_empty() {
+        return Err(
+            "the PostgreSQL URL needs `host` (the name TLS checks) unless \
+                    sslmode=disable: hostaddr alone cannot be checked"
+                .into(),
+        );
+    }
     config.ssl_mode(match mode {
         Mode::Disable => SslMode::Disable,
         Mode::Prefer => SslMode::Prefer,
@@ -125,11 +140,18 @@ fn is_tls_option(key: &str) -> bool {
     key == "sslmode" || key == "sslrootcert"
 }
 
-/// A `postgres://` URL: its query parameters are `&`-separated and percent-encoded.
+/// A `postgres://` URL: its query parameters are `&`-separated and percent-encoded, and
+/// start at the first `?` after the user and password (up to the first `@`, which may
+/// hold a `?` of their own), as tokio-postgres reads it.
 fn split_url_query(url: &str) -> (String, Vec<(String, String)>) {
-    let Some((base, query)) = url.split_once('?') else {
+    let after_credentials = url.find('@').map_or(0, |at| at + 1);
+    let Some(mark) = url[after_credentials..].find('?') else {
         return (url.to_string(), Vec::new());
     };
+    let (base, query) = (
+        &url[..after_credentials + mark],
+        &url[after_credentials + mark + 1..],
+    );
     let (mut kept, mut taken) = (Vec::new(), Vec::new());
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -185,9 +207,12 @@ fn split_key_values(text: &str) -> Result<(String, Vec<(String, String)>), Strin
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
-            return Err(format!(
-                "the PostgreSQL URL does not parse: expected `=` after {key:?}"
-            ));
+            // Not the word itself: it may be a whole URL, password and all.
+            return Err(
+                "the PostgreSQL URL does not parse: it is neither a postgres:// URL nor \
+                 key=value pairs"
+                    .into(),
+            );
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let value = key_value(&mut chars)?;
@@ -387,6 +412,14 @@ mod tests {
             "postgresql://db/x"
         );
         assert_eq!(taken("postgres://db/x").1, Mode::Prefer);
+        // A `?` in the password is the password's (it used to hide sslmode=require).
+        let (rest, mode, _) = taken("postgres://u:Xy7?q2@db/x?sslmode=require");
+        assert_eq!(
+            (rest.as_str(), mode),
+            ("postgres://u:Xy7?q2@db/x", Mode::Require)
+        );
+        let config: postgres::Config = rest.parse().unwrap();
+        assert_eq!(config.get_password(), Some(&b"Xy7?q2"[..]));
     }
 
     #[test]
@@ -400,6 +433,8 @@ mod tests {
         assert_eq!(config.get_password(), Some(&b"a b'c"[..]));
         assert!(take_tls_options("host=db password='open").is_err());
         assert!(take_tls_options("host db").is_err());
+        let not_a_url = take_tls_options("Postgres://u:SECRET@db/x").unwrap_err();
+        assert!(!not_a_url.contains("SECRET"), "{not_a_url}");
     }
 
     #[test]
@@ -421,6 +456,14 @@ mod tests {
             said.contains("verify-full") && !said.contains("SECRET"),
             "{said}"
         );
+    }
+
+    #[test]
+    fn tls_needs_a_host_name() {
+        let said = target("hostaddr=10.0.0.5 user=p").err().unwrap();
+        assert!(said.contains("needs `host`"), "{said}");
+        assert!(target("hostaddr=10.0.0.5 user=p sslmode=disable").is_ok());
+        assert!(target("host=db hostaddr=10.0.0.5 user=p").is_ok());
     }
 
     #[test]
