@@ -489,18 +489,22 @@ fn parse_reserves(text: &str) -> Result<Vec<(String, u32)>, String> {
     if text.is_empty() {
         return Ok(Vec::new());
     }
-    text.split(';')
-        .map(|part| {
-            let (channel, percent) = part
-                .split_once(':')
-                .ok_or_else(|| format!("{part:?} is not channel:percent, e.g. phone:30"))?;
-            let percent = percent
-                .trim()
-                .parse()
-                .map_err(|_| format!("{percent:?} is not a whole percent"))?;
-            Ok((channel.trim().to_string(), percent))
-        })
-        .collect()
+    let mut reserves: Vec<(String, u32)> = Vec::new();
+    for part in text.split(';') {
+        let (channel, percent) = part
+            .split_once(':')
+            .ok_or_else(|| format!("{part:?} is not channel:percent, e.g. phone:30"))?;
+        let percent = percent
+            .trim()
+            .parse()
+            .map_err(|_| format!("{percent:?} is not a whole percent"))?;
+        let channel = channel.trim().to_string();
+        if reserves.iter().any(|(seen, _)| *seen == channel) {
+            return Err(format!("channel {channel:?} is named twice"));
+        }
+        reserves.push((channel, percent));
+    }
+    Ok(reserves)
 }
 
 /// Quotes a field for CSV output when it needs it. A field a spreadsheet would run as
@@ -526,6 +530,17 @@ mod tests {
 
     fn parse_text(text: &str) -> Parsed {
         parse(text.as_bytes(), 1_000, 10).unwrap()
+    }
+
+    /// A channel named twice was collapsed to its last share (the map the request sends).
+    #[test]
+    fn a_reserve_channel_named_twice_is_refused() {
+        assert_eq!(
+            parse_reserves("phone:30; desk:10"),
+            Ok(vec![("phone".into(), 30), ("desk".into(), 10)])
+        );
+        let twice = parse_reserves("phone:30;phone:20").unwrap_err();
+        assert!(twice.contains("\"phone\" is named twice"), "{twice}");
     }
 
     #[test]

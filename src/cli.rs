@@ -53,25 +53,14 @@ pub(crate) async fn authorized_channel(
     let server = target.server;
     let mut endpoint = Endpoint::from_shared(server.to_string())
         .map_err(|e| format!("{server} is not a server URL such as http://127.0.0.1:50051: {e}"))?;
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-    };
-    if let Some(ca) = target.ca {
-        let mut tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
-        if let Some((cert, key)) = target.identity {
-            tls = tls.identity(tonic::transport::Identity::from_pem(
-                read(cert)?,
-                read(key)?,
-            ));
-        }
-        endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+    if let Some(tls) = client_tls(target)? {
+        endpoint = (endpoint.tls_config(tls)).map_err(|e| format!("TLS: {}", with_causes(&e)))?;
     }
     let token = target.token;
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {server}: {e}"))?;
+        .map_err(|e| format!("cannot connect to {server}: {}", with_causes(&e)))?;
     let header = match token {
         Some(token) => Some(
             MetadataValue::try_from(format!("Bearer {token}"))
@@ -88,6 +77,55 @@ pub(crate) async fn authorized_channel(
         Ok(request)
     });
     Ok(InterceptedService::new(channel, authorize))
+}
+
+/// TLS for an `https://` server: its CA from `--ca`, else the machine's CAs, and this
+/// client's certificate if given. `--ca`, `--cert` and `--key` are refused with any
+/// other scheme (tonic would connect in clear, the token readable on the way).
+fn client_tls(target: &Target<'_>) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+    let https = target.server.starts_with("https://");
+    if !https {
+        return match target.ca.is_some() || target.identity.is_some() {
+            true => Err(format!(
+                "--ca, --cert and --key are for https:// servers; {} would be reached in \
+                 clear, the token readable on the way",
+                target.server
+            )),
+            false => Ok(None),
+        };
+    }
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    tls = match target.ca {
+        Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?)),
+        None => tls.with_native_roots(),
+    };
+    if let Some((cert, key)) = target.identity {
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        tls = tls.identity(identity);
+    }
+    Ok(Some(tls))
+}
+
+/// An error and its causes (tonic's transport errors say only "transport error").
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+    causes_after(&error.to_string(), error)
+}
+
+/// `said`, then `error`'s causes.
+fn causes_after(said: &str, error: &dyn std::error::Error) -> String {
+    let mut text = said.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_said = inner.to_string();
+        if !text.ends_with(&inner_said) {
+            text.push_str(&format!(": {inner_said}"));
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 /// Writes `text` and a newline to stdout: `Ok(false)` once the reader went away
@@ -120,10 +158,27 @@ fn code_name(code: Code) -> String {
 }
 
 /// Explains a refused call in one style for every command: the server's message, its
-/// code and reason, and each bad field (of an import: by line and column).
+/// code and reason, and each bad field (of an import: by line and column). An
+/// UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED or UNKNOWN without a reason did not come
+/// from prenota's rules (a broken connection, a timeout, a proxy): its outcome is unknown.
 pub(crate) fn explain(status: &Status) -> String {
-    let reason = status
-        .get_details_error_info()
+    let info = status.get_details_error_info();
+    let unclear = [
+        Code::Unavailable,
+        Code::Cancelled,
+        Code::DeadlineExceeded,
+        Code::Unknown,
+    ];
+    if info.is_none() && unclear.contains(&status.code()) {
+        return format!(
+            "no clear answer from the server ({}): {}; the outcome is unknown: what was \
+             sent may have been applied, in whole or in part; send it again (the same \
+             request or file) to find out",
+            code_name(status.code()),
+            causes_after(status.message(), status)
+        );
+    }
+    let reason = info
         .map(|info| format!(", {}", info.reason))
         .unwrap_or_default();
     let mut text = format!(
@@ -211,7 +266,7 @@ pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(
     create_releases(&mut client, releases, dry_run).await?;
     let summary = send_rows(&mut client, rows, dry_run, "sending rows").await?;
     let verb = if dry_run { "would import" } else { "imported" };
-    println!(
+    print_out(&format!(
         "{verb} {} rows: {} sites, {} slots created, {} slots updated, total capacity {}{}",
         summary.rows,
         summary.sites_upserted,
@@ -223,8 +278,7 @@ pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(
         } else {
             ""
         }
-    );
-    Ok(())
+    ))
 }
 
 /// Streams `rows` as one ImportCapacity call (progress on stderr as `doing`), and
@@ -437,7 +491,9 @@ async fn create_releases(
     for (line, release) in releases {
         let (id, sites) = (release.release_id.clone(), release.site_ids.len());
         if dry_run {
-            println!("would create release {id} over {sites} sites (line {line})");
+            print_out(&format!(
+                "would create release {id} over {sites} sites (line {line})"
+            ))?;
             continue;
         }
         client
@@ -452,7 +508,7 @@ async fn create_releases(
                     explain(&status)
                 )
             })?;
-        println!("release {id} over {sites} sites: announced");
+        print_out(&format!("release {id} over {sites} sites: announced"))?;
     }
     Ok(())
 }
@@ -918,7 +974,34 @@ mod tests {
             text.contains("nothing was applied: send it again"),
             "{text}"
         );
-        let other = explain(&Status::unavailable("down"));
+        let refused = Status::from(crate::service::ServiceError::Recovering);
+        let other = explain(&refused);
+        assert!(
+            other.starts_with("the server refused it (UNAVAILABLE, RECOVERING)"),
+            "{other}"
+        );
         assert!(!other.contains("send it again"), "{other}");
+    }
+
+    /// A timeout, a broken connection or a proxy's answer carries no reason: nobody can
+    /// say whether the write was applied (it used to read "the server refused it").
+    #[test]
+    fn a_status_without_a_reason_is_an_unknown_outcome_not_a_refusal() {
+        for status in [
+            Status::cancelled("Timeout expired"),
+            Status::unavailable("down"),
+        ] {
+            let text = explain(&status);
+            assert!(
+                text.starts_with("no clear answer from the server"),
+                "{text}"
+            );
+            assert!(text.contains("outcome is unknown") && text.contains(status.message()));
+        }
+        let denied = explain(&Status::permission_denied("not yours"));
+        assert!(
+            denied.starts_with("the server refused it (PERMISSION_DENIED)"),
+            "{denied}"
+        );
     }
 }

@@ -116,15 +116,20 @@ pub async fn call(
         request
     };
     let mut deserializer = serde_json::Deserializer::from_str(json);
-    let message = DynamicMessage::deserialize(method.input(), &mut deserializer)
-        .map_err(|e| format!("the request is not a {}: {e}", method.input().full_name()))?;
+    let not_a =
+        |e: serde_json::Error| format!("the request is not a {}: {e}", method.input().full_name());
+    let message = DynamicMessage::deserialize(method.input(), &mut deserializer).map_err(not_a)?;
+    // One JSON object: text after it (a second object) would otherwise be dropped.
+    deserializer.end().map_err(not_a)?;
     let mut request = Request::new(message);
     for header in headers {
         let (key, value) = header
             .split_once(':')
             .ok_or_else(|| format!("header {header:?} is not `name: value`"))?;
         let key = MetadataKey::from_str(key.trim()).map_err(|e| format!("{key}: {e}"))?;
-        let value = MetadataValue::try_from(value.trim()).map_err(|e| format!("{value}: {e}"))?;
+        // Not the value itself: it may be a token or an assertion.
+        let value = MetadataValue::try_from(value.trim())
+            .map_err(|e| format!("header {}: its value cannot be sent: {e}", key.as_str()))?;
         request.metadata_mut().insert(key, value);
     }
     let path = format!("/{}/{}", method.parent_service().full_name(), method.name());

@@ -328,9 +328,11 @@ pub fn metrics_address(text: &str) -> Result<Option<SocketAddr>, String> {
 
 impl ServerSection {
     /// The precedence of `prenota serve`: a flag (or its `PRENOTA_*` variable), given
-    /// as `flags`, wins over this file's value, which wins over the default. The TLS
-    /// files come together: all from the flags when `--tls-cert` is given, else all
-    /// from the file.
+    /// as `flags`, wins over this file's value, which wins over the default. The
+    /// certificate and key come together: both from the flags when `--tls-cert` is
+    /// given, else both from the file. The client CA is the flag's, else the file's: a
+    /// certificate given by flag (a rotation) never drops the file's demand for client
+    /// certificates.
     pub fn overridden_by(&self, flags: &ServerSection) -> ServerSection {
         let tls_from_flags = flags.tls_cert.is_some();
         let pick = |flag: &Option<PathBuf>, file: &Option<PathBuf>| match tls_from_flags {
@@ -349,7 +351,7 @@ impl ServerSection {
                 || self.insecure_plaintext_tokens,
             tls_cert: pick(&flags.tls_cert, &self.tls_cert),
             tls_key: pick(&flags.tls_key, &self.tls_key),
-            tls_client_ca: pick(&flags.tls_client_ca, &self.tls_client_ca),
+            tls_client_ca: (flags.tls_client_ca.clone()).or_else(|| self.tls_client_ca.clone()),
             reflection: flags.reflection.or(self.reflection),
             open_data: flags.open_data || self.open_data,
             backup_key_file: flags
@@ -532,19 +534,17 @@ impl ConfigFile {
     pub fn read(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| match text.contains("postgres_url") {
-            // toml quotes the offending line: not when it may be the URL's password.
-            true => {
-                let line = e
-                    .span()
-                    .map_or(0, |span| text[..span.start].matches('\n').count() + 1);
-                format!(
-                    "{}: line {line}: {}",
-                    path.display(),
-                    e.message().trim_end()
-                )
-            }
-            false => format!("{}: {e}", path.display()),
+        // Never toml's own text, which quotes the offending line: it may hold a secret
+        // (a PostgreSQL URL's password, under a misspelled key too).
+        toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map_or(0, |span| text[..span.start].matches('\n').count() + 1);
+            format!(
+                "{}: line {line}: {}",
+                path.display(),
+                e.message().trim_end()
+            )
         })
     }
 
@@ -1033,6 +1033,15 @@ MCowBQYDK2VwAyEAf0umR/pzeqPFRU7vcfHAq3dSA3+IzI78PhY6MHOBza8=
         let error = ConfigFile::read(&path).unwrap_err();
         assert!(!error.contains("SECRET"), "{error}");
         assert!(error.contains("line 2"), "{error}");
+        // A misspelled key: toml's message would quote the line, password and all.
+        let misspelled = "[store]\npostgres-url = \"postgres://u:SECRET@h/db\"\n";
+        std::fs::write(&path, misspelled).unwrap();
+        let error = ConfigFile::read(&path).unwrap_err();
+        assert!(!error.contains("SECRET"), "{error}");
+        assert!(
+            error.contains("line 2") && error.contains("postgres-url"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -1042,6 +1051,7 @@ MCowBQYDK2VwAyEAf0umR/pzeqPFRU7vcfHAq3dSA3+IzI78PhY6MHOBza8=
             metrics_listen: Some("off".into()),
             tls_cert: Some("file.pem".into()),
             tls_key: Some("file.key".into()),
+            tls_client_ca: Some("clients.pem".into()),
             ..ServerSection::default()
         };
         let flags = ServerSection {
@@ -1058,6 +1068,8 @@ MCowBQYDK2VwAyEAf0umR/pzeqPFRU7vcfHAq3dSA3+IzI78PhY6MHOBza8=
             (server.tls_cert, server.tls_key),
             (Some("flag.pem".into()), None)
         );
+        // A certificate rotated by flag keeps the file's demand for client certificates.
+        assert_eq!(server.tls_client_ca, Some("clients.pem".into()));
         let defaults = ServerSection::default().with_defaults();
         assert_eq!(defaults.data_dir, Some(PathBuf::from(DEFAULT_DATA_DIR)));
         assert_eq!(

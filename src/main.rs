@@ -132,8 +132,9 @@ struct ServerArgs {
     /// of the machine (ps).
     #[arg(long, env = "PRENOTA_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// A file holding the bearer token (its first line).
-    #[arg(long, value_parser = read_token_file, conflicts_with = "token")]
+    /// A file holding the bearer token (its first line); wins over PRENOTA_TOKEN (and
+    /// --token).
+    #[arg(long, value_parser = read_token_file)]
     token_file: Option<String>,
     /// For https:// servers: the PEM CA certificate that signed the server's certificate.
     #[arg(long)]
@@ -151,7 +152,7 @@ impl ServerArgs {
     fn target(&self) -> Target<'_> {
         Target {
             server: &self.server,
-            token: self.token.as_deref().or(self.token_file.as_deref()),
+            token: self.token_file.as_deref().or(self.token.as_deref()),
             ca: self.ca.as_deref(),
             identity: self.cert.as_deref().zip(self.key.as_deref()),
         }

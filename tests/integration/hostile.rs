@@ -465,3 +465,41 @@ async fn prenota_call_ends_when_its_reader_goes_away() {
     assert!(status.success(), "{status:?}");
     server.stop().await;
 }
+
+/// `prenota` client commands: TLS files with an `http://` URL are refused (tonic would
+/// connect in clear, the token readable on the way); a failed connection says why (it
+/// said "transport error"); `call` refuses text after its JSON request (it sent the first
+/// object only); `--token-file` wins over `PRENOTA_TOKEN` (clap refused the pair).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_refuse_tls_files_in_clear_and_say_why_a_call_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let prenota = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+            .args(args)
+            .env("PRENOTA_TOKEN", "from-the-environment")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.success(), said)
+    };
+    let health = "grpc.health.v1.Health/Check";
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let (ok, said) = prenota(&["call", "--server", &nobody, "--ca", "/dev/null", health]);
+    assert!(!ok && said.contains("are for https:// servers"), "{said}");
+    let (ok, said) = prenota(&["call", "--server", &nobody, health]);
+    assert!(!ok && said.to_lowercase().contains("refused"), "{said}");
+
+    let server = TestServer::start(dir.path()).await;
+    let url = server.url();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "from-a-file\n").unwrap();
+    let token = token.to_str().unwrap();
+    let (ok, said) = prenota(&["call", "--server", &url, "--token-file", token, health]);
+    assert!(ok, "{said}");
+    let twice = ["call", "--server", &url, "-d", "{}{}", health];
+    let (ok, said) = prenota(&twice);
+    assert!(!ok && said.contains("trailing characters"), "{said}");
+    server.stop().await;
+}
