@@ -772,6 +772,10 @@ pub fn reschedule(
         )
     };
     let cancelled = rescheduled(old, now_unix_ms);
+    // To another site: the old site's watchers see its booking cancelled (`rescheduled`,
+    // naming no booking); the reschedule event is only the new site's.
+    let moved_away = (cancelled.slot.site_id != new.slot.site_id)
+        .then(|| Record::Event(Event::booking(&cancelled, now_unix_ms)));
     let mut plan = Plan {
         take: vec![
             // The old slot counted pending (see `desk_write`).
@@ -804,6 +808,7 @@ pub fn reschedule(
         ],
         answer: new,
     };
+    plan.writes.splice(0..0, moved_away);
     pass_gate(new_slot, &mut plan, now_unix_ms)?;
     claim_neighbours(&mut plan, neighbour_claims);
     if let Some(registration) = registration {

@@ -135,13 +135,16 @@ async fn every_change_has_one_event_in_commit_order_and_a_resume_replays_them() 
         .await
         .expect("close");
 
-    let events = next_events(&mut capacity, None, 0, 8).await;
+    let events = next_events(&mut capacity, None, 0, 9).await;
     assert_eq!(
         kinds(&events),
         [
             EventKind::BookingConfirmed,
             EventKind::BookingCancelled,
             EventKind::BookingConfirmed,
+            // A move to another site: the old booking cancelled at the old site, then
+            // the reschedule at the new one (one commit).
+            EventKind::BookingCancelled,
             EventKind::BookingRescheduled,
             EventKind::HoldExpired,
             EventKind::CapacityChanged,
@@ -150,31 +153,40 @@ async fn every_change_has_one_event_in_commit_order_and_a_resume_replays_them() 
         ]
     );
     let sequences: Vec<u64> = events.iter().map(|event| event.sequence).collect();
-    assert_eq!(sequences, (1..=8).collect::<Vec<_>>(), "gapless, from 1");
+    assert_eq!(sequences, (1..=9).collect::<Vec<_>>(), "gapless, from 1");
     let booking_of = |i: usize| events[i].booking.clone().unwrap();
     assert_eq!(booking_of(0).booking_id, alice.booking_id);
     assert_eq!(events[1].reason, "cancelled by citizen");
     assert_eq!(booking_of(1).state(), proto::BookingState::Cancelled);
-    assert_eq!(events[3].previous_booking_id, bob.booking_id);
-    assert_eq!(booking_of(3).booking_id, moved.booking_id);
-    assert_eq!(events[4].hold_id, hold.hold_id);
-    assert_eq!(events[4].reason, "hold expired");
+    assert_eq!(booking_of(3).booking_id, bob.booking_id);
     assert_eq!(
-        (events[5].slot_id.as_str(), events[5].capacity),
+        (events[3].slot_id.as_str(), events[3].reason.as_str()),
+        (slot.as_str(), "rescheduled")
+    );
+    assert!(events[3].previous_booking_id.is_empty(), "names no booking");
+    assert_eq!(events[4].previous_booking_id, bob.booking_id);
+    assert_eq!(booking_of(4).booking_id, moved.booking_id);
+    assert_eq!(events[5].hold_id, hold.hold_id);
+    assert_eq!(events[5].reason, "hold expired");
+    assert_eq!(
+        (events[6].slot_id.as_str(), events[6].capacity),
         (slot.as_str(), 6)
     );
     assert_eq!(
-        (events[6].slot_id.as_str(), events[6].reason.as_str()),
+        (events[7].slot_id.as_str(), events[7].reason.as_str()),
         (other.as_str(), "flooded")
     );
-    assert_eq!(booking_of(7).booking_id, moved.booking_id);
-    assert_eq!(booking_of(7).cancel_reason, "flooded");
+    assert_eq!(booking_of(8).booking_id, moved.booking_id);
+    assert_eq!(booking_of(8).cancel_reason, "flooded");
 
-    // A resume from any sequence gives the same events; a site scope keeps its own.
-    for after in 0..8 {
-        let again = next_events(&mut capacity, None, after, 8 - after as usize).await;
+    // A resume from any sequence gives the same events; a site scope keeps its own (the
+    // old site hears its booking moved away, never where to).
+    for after in 0..9 {
+        let again = next_events(&mut capacity, None, after, 9 - after as usize).await;
         assert_eq!(again, events[after as usize..]);
     }
+    let old_site = next_events(&mut capacity, Some("ev-site"), 0, 6).await;
+    assert_eq!(old_site, [&events[..4], &events[5..7]].concat());
     let other_site = next_events(&mut capacity, Some("ev-other"), 0, 3).await;
     assert_eq!(
         kinds(&other_site),
@@ -190,7 +202,7 @@ async fn every_change_has_one_event_in_commit_order_and_a_resume_replays_them() 
     let server = TestServer::start_with_clock(dir.path(), swept_by_hand(), clock.clone()).await;
     let mut capacity = server.capacity().await;
     let mut stream = capacity
-        .watch_events(watch_request(None, 8))
+        .watch_events(watch_request(None, 9))
         .await
         .expect("watch from the end")
         .into_inner();
@@ -208,9 +220,9 @@ async fn every_change_has_one_event_in_commit_order_and_a_resume_replays_them() 
         .unwrap();
     assert_eq!(
         (live.sequence, live.kind()),
-        (9, EventKind::BookingConfirmed)
+        (10, EventKind::BookingConfirmed)
     );
-    assert_eq!(next_events(&mut capacity, None, 0, 8).await, events);
+    assert_eq!(next_events(&mut capacity, None, 0, 9).await, events);
     server.stop().await;
 }
 
