@@ -8,7 +8,7 @@
 //! one pointer in its service's start-ordered deque; its key's ids live in its day,
 //! shared by the day's slots.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -736,11 +736,16 @@ impl Catalog {
             updated: Vec::new(),
             total_capacity: 0,
         };
-        let times: HashSet<(i64, i64)> = planned
+        let ends: HashMap<i64, i64> = planned
             .iter()
             .map(|slot| (slot.start_unix_s, slot.end_unix_s))
             .collect();
-        let ours = |slot: &Slot| times.contains(&(slot.start_unix_s, slot.end_unix_s()));
+        // A slot at one of the schedule's starts that the publish leaves as long or
+        // shortens (an older build's slot cut by a spring-forward gap) overlaps nothing
+        // new.
+        let ours = |slot: &Slot| {
+            (ends.get(&slot.start_unix_s)).is_some_and(|&end| end <= slot.end_unix_s())
+        };
         for slot in planned {
             plan.total_capacity += u64::from(slot.capacity);
             let time = (slot.start_unix_s, slot.end_unix_s);
@@ -1624,6 +1629,24 @@ mod tests {
         let (site, service) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
         let plan = catalog.plan_publish(&site, &service, &planned).unwrap();
         assert_eq!((plan.created.len(), plan.updated.len()), (0, 0));
+    }
+
+    /// An older build's slots cut by a spring-forward gap overlap; the schedule now ends
+    /// the first where the second begins, and republishing shortens it.
+    #[test]
+    fn a_gap_cut_slot_of_an_older_build_is_shortened_by_a_republish() {
+        let catalog = catalog_with_slots(&["a"], &[0, 300]);
+        let planned = [(0, 300), (300, 900)].map(|(start, end)| PlannedSlot {
+            start_unix_s: start,
+            end_unix_s: end,
+            capacity: 1,
+        });
+        let (site, service) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
+        let plan = catalog.plan_publish(&site, &service, &planned).unwrap();
+        let updated: Vec<(i64, i64)> = (plan.updated.iter())
+            .map(|(slot, end, _)| (slot.start_unix_s(), *end))
+            .collect();
+        assert_eq!(updated, [(0, 300)]);
     }
 
     #[test]

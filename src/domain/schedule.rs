@@ -262,6 +262,13 @@ impl Schedule {
         // times onto nearby instants; keep start order and unique starts.
         slots.sort_by_key(|s| s.start_unix_s);
         slots.dedup_by_key(|s| s.start_unix_s);
+        // A spring-forward gap runs a slot into the next (01:30 + 45 minutes is 03:15,
+        // past the 03:00 slot): it ends where the next begins, as the desk's hour does.
+        for at in 1..slots.len() {
+            let next_start = slots[at].start_unix_s;
+            let before = &mut slots[at - 1];
+            before.end_unix_s = before.end_unix_s.min(next_start);
+        }
         Ok(slots)
     }
 }
@@ -319,6 +326,25 @@ mod tests {
                 "2027-03-28T03:30:00+02:00",
             ]
         );
+    }
+
+    /// 45-minute slots across the gap: the 01:30 slot would run to 03:15 and overlap
+    /// the 03:00 one (twice the desks for a quarter of an hour, and a closed 03:00 slot
+    /// could never be reopened beside it); it ends at 03:00 instead.
+    #[test]
+    fn a_slot_cut_by_the_spring_forward_gap_ends_where_the_next_begins() {
+        let mut schedule = rome_schedule("2027-03-28", "00:00", "06:00", 7);
+        schedule.slot_minutes = 45;
+        let plan = schedule.plan(chrono_tz::Europe::Rome, 100).unwrap();
+        for pair in plan.windows(2) {
+            assert!(pair[0].end_unix_s <= pair[1].start_unix_s, "{pair:?}");
+        }
+        let cut: Vec<i64> = plan
+            .iter()
+            .map(|s| (s.end_unix_s - s.start_unix_s) / 60)
+            .filter(|&minutes| minutes != 45)
+            .collect();
+        assert_eq!(cut, [30], "01:30 to 03:00 is half an hour of real time");
     }
 
     #[test]
