@@ -437,20 +437,23 @@ pub fn hold(
 
 /// Why a hold taken for confirmation was not live: an expired hold of this citizen on
 /// this slot says so; anything else (another citizen's, another slot's, used, never
-/// made) is unknown.
+/// made) is unknown. A hold of theirs stored live but gone from the live set is being
+/// ended by another write: a closure of its slot (`slot_closed`: SLOT_CLOSED), the
+/// sweeper once its time is up (HOLD_EXPIRED), or a confirm of another request.
 pub fn not_confirmable(
     why: NotConfirmable,
     stored: Option<&Hold>,
-    citizen: CitizenKey,
-    slot: &SlotKey,
+    (citizen, slot): (CitizenKey, &SlotKey),
+    (now_unix_ms, slot_closed): (i64, bool),
 ) -> DomainError {
-    let expired = match why {
-        NotConfirmable::Expired => true,
-        NotConfirmable::Unknown => stored.is_some_and(|hold| {
-            hold.citizen == citizen
-                && hold.slot == *slot
-                && matches!(hold.state, HoldState::Expired { .. })
-        }),
+    let theirs = stored.filter(|hold| hold.citizen == citizen && hold.slot == *slot);
+    let expired = match (why, theirs.map(|hold| &hold.state)) {
+        (NotConfirmable::Expired, _) | (_, Some(HoldState::Expired { .. })) => true,
+        (_, Some(HoldState::Live)) if slot_closed => return DomainError::SlotClosed(slot.clone()),
+        (_, Some(HoldState::Live)) => {
+            theirs.is_some_and(|hold| hold.expires_at_unix_ms <= now_unix_ms)
+        }
+        _ => false,
     };
     if expired {
         DomainError::HoldExpired
@@ -1487,21 +1490,41 @@ mod tests {
             ..live.clone()
         };
         let unknown = NotConfirmable::Unknown;
+        let open = (live.expires_at_unix_ms - 1, false);
         assert_eq!(
-            not_confirmable(unknown, Some(&expired), ALICE, &at.key),
+            not_confirmable(unknown, Some(&expired), (ALICE, &at.key), open),
             DomainError::HoldExpired
         );
         assert_eq!(
-            not_confirmable(unknown, Some(&expired), BOB, &at.key),
+            not_confirmable(unknown, Some(&expired), (BOB, &at.key), open),
             DomainError::NotFound(Missing::Hold)
         );
         assert_eq!(
-            not_confirmable(unknown, None, ALICE, &at.key),
+            not_confirmable(unknown, None, (ALICE, &at.key), open),
             DomainError::NotFound(Missing::Hold)
         );
         assert_eq!(
-            not_confirmable(NotConfirmable::Expired, None, ALICE, &at.key),
+            not_confirmable(NotConfirmable::Expired, None, (ALICE, &at.key), open),
             DomainError::HoldExpired
+        );
+        // Stored live, gone from the live set: the sweeper took it once its time was up
+        // (it answered NOT_FOUND), a closure took it, or another confirm is using it.
+        let due = (live.expires_at_unix_ms, false);
+        assert_eq!(
+            not_confirmable(unknown, Some(&live), (ALICE, &at.key), due),
+            DomainError::HoldExpired
+        );
+        assert_eq!(
+            not_confirmable(unknown, Some(&live), (ALICE, &at.key), (open.0, true)),
+            DomainError::SlotClosed(at.key.clone())
+        );
+        assert_eq!(
+            not_confirmable(unknown, Some(&live), (ALICE, &at.key), open),
+            DomainError::NotFound(Missing::Hold)
+        );
+        assert_eq!(
+            not_confirmable(unknown, Some(&live), (BOB, &at.key), (open.0, true)),
+            DomainError::NotFound(Missing::Hold)
         );
     }
 

@@ -262,9 +262,10 @@ impl Engine {
                     NotConfirmable::Unknown => self.hold_record(hold_id)?,
                     NotConfirmable::Expired => None,
                 };
-                return Err(
-                    plans::not_confirmable(why, stored.as_ref(), citizen, &slot.key).into(),
-                );
+                let closed = self.slot(slot_key)?.counter.snapshot().closed;
+                let on = (citizen, &slot.key);
+                let why = plans::not_confirmable(why, stored.as_ref(), on, (now_ms, closed));
+                return Err(why.into());
             }
         };
         let offer_of = self.campaigns.offer_of(hold_id);
