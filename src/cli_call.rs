@@ -86,6 +86,21 @@ fn print(message: &DynamicMessage) -> Result<bool, String> {
     crate::cli::write_out(&text)
 }
 
+/// `method`'s request from its JSON (empty: `{}`): one object, nothing after it (a
+/// second object would otherwise be dropped unsent).
+fn request_message(method: &MethodDescriptor, json: &str) -> Result<DynamicMessage, String> {
+    let json = match json.trim().is_empty() {
+        true => "{}",
+        false => json,
+    };
+    let mut deserializer = serde_json::Deserializer::from_str(json);
+    let not_a =
+        |e: serde_json::Error| format!("the request is not a {}: {e}", method.input().full_name());
+    let message = DynamicMessage::deserialize(method.input(), &mut deserializer).map_err(not_a)?;
+    deserializer.end().map_err(not_a)?;
+    Ok(message)
+}
+
 /// Calls `method_name` with the JSON `request` (empty: `{}`) and `headers`; prints each
 /// answer. `list` prints the services instead.
 pub async fn call(
@@ -110,18 +125,7 @@ pub async fn call(
             method.full_name()
         ));
     }
-    let json = if request.trim().is_empty() {
-        "{}"
-    } else {
-        request
-    };
-    let mut deserializer = serde_json::Deserializer::from_str(json);
-    let not_a =
-        |e: serde_json::Error| format!("the request is not a {}: {e}", method.input().full_name());
-    let message = DynamicMessage::deserialize(method.input(), &mut deserializer).map_err(not_a)?;
-    // One JSON object: text after it (a second object) would otherwise be dropped.
-    deserializer.end().map_err(not_a)?;
-    let mut request = Request::new(message);
+    let mut request = Request::new(request_message(&method, request)?);
     for header in headers {
         let (key, value) = header
             .split_once(':')

@@ -764,16 +764,7 @@ pub fn reschedule(
         Some(neighbours) => neighbours.check().map(|()| neighbours.confirmed)?,
         None => Vec::new(),
     };
-    let new = Booking {
-        series: old.series.clone(),
-        ..Booking::confirmed(
-            (new_id, codes),
-            (new_slot.key.clone(), new_slot.end_unix_s),
-            (citizen, new_slot.channel.clone()),
-            now_unix_ms,
-            request,
-        )
-    };
+    let new = moved_booking(&old, new_slot, (new_id, codes), request, now_unix_ms);
     let cancelled = rescheduled(old, now_unix_ms);
     // To another site: the old site's watchers see its booking cancelled (`rescheduled`,
     // naming no booking); the reschedule event is only the new site's.
@@ -835,6 +826,27 @@ fn claim_neighbours(plan: &mut Plan<Booking>, neighbours: Vec<(SlotKey, BookingI
             unchanged: Some(BookingState::Confirmed),
         });
         plan.free.push(Free::Unclaim { citizen, id });
+    }
+}
+
+/// The booking `old` becomes in `new_slot` (the same citizen and series dose, through the
+/// channel of the slot view).
+fn moved_booking(
+    old: &Booking,
+    new_slot: &SlotView,
+    id_and_codes: (BookingId, BookingCodes),
+    request: RequestRecord,
+    now_unix_ms: i64,
+) -> Booking {
+    Booking {
+        series: old.series.clone(),
+        ..Booking::confirmed(
+            id_and_codes,
+            (new_slot.key.clone(), new_slot.end_unix_s),
+            (old.citizen, new_slot.channel.clone()),
+            now_unix_ms,
+            request,
+        )
     }
 }
 
