@@ -611,7 +611,9 @@ impl Engine {
 
     /// Commits authority writes in chunks of `commit_batch_writes_max`: one huge batch
     /// makes sled hold several times its size in memory. A write that needs more than
-    /// one chunk is journaled (see `ApplyJournal`). A full queue is waited out: for the
+    /// one chunk is journaled (see `ApplyJournal`): unfinished in the first chunk's batch
+    /// (so a first chunk refused leaves no journal behind, and no false warning of an
+    /// interrupted write at the next start), finished in the last. A full queue is waited out: for the
     /// first chunk a bounded while (then `Overloaded`: nothing written, the caller
     /// undoes); for every later one for as long as it takes, in turn, since a prefix is
     /// durable already and memory (capacities lowered for the whole write) must not be
@@ -630,14 +632,15 @@ impl Engine {
             writes: writes.len() as u64,
             finished: false,
         };
-        self.store
-            .commit(&[Write::ApplyJournal(journal.clone())])
-            .await?;
-        journal.finished = true;
         let chunks = chunked(&writes, chunk);
         let count = chunks.len();
+        assert!(count >= 2, "a write of one chunk needs no journal");
         for (index, part) in chunks.into_iter().enumerate() {
             let mut part = part.to_vec();
+            if index == 0 {
+                part.insert(0, Write::ApplyJournal(journal.clone()));
+                journal.finished = true;
+            }
             if index + 1 == count {
                 part.push(Write::ApplyJournal(journal.clone()));
             }
