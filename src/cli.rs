@@ -159,8 +159,10 @@ fn code_name(code: Code) -> String {
 
 /// Explains a refused call in one style for every command: the server's message, its
 /// code and reason, and each bad field (of an import: by line and column). An
-/// UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED or UNKNOWN without a reason did not come
-/// from prenota's rules (a broken connection, a timeout, a proxy): its outcome is unknown.
+/// UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED, UNKNOWN or INTERNAL without a reason did
+/// not come from prenota's rules (a broken connection, a reset stream, a timeout, a
+/// proxy): its outcome is unknown (or, for a request the server did not fully receive,
+/// nothing was applied: sending again is safe either way).
 pub(crate) fn explain(status: &Status) -> String {
     let info = status.get_details_error_info();
     let unclear = [
@@ -168,6 +170,7 @@ pub(crate) fn explain(status: &Status) -> String {
         Code::Cancelled,
         Code::DeadlineExceeded,
         Code::Unknown,
+        Code::Internal,
     ];
     if info.is_none() && unclear.contains(&status.code()) {
         return format!(

@@ -540,11 +540,13 @@ impl ConfigFile {
             let line = e
                 .span()
                 .map_or(0, |span| text[..span.start].matches('\n').count() + 1);
-            format!(
-                "{}: line {line}: {}",
-                path.display(),
-                e.message().trim_end()
-            )
+            // A type mismatch quotes the value: not one that may be a URL with a password.
+            let said = e.message().trim_end();
+            let said = match said.contains("://") || said.contains('@') {
+                true => "this value is not valid here (not shown: it may hold a password)",
+                false => said,
+            };
+            format!("{}: line {line}: {said}", path.display())
         })
     }
 
@@ -1040,6 +1042,17 @@ MCowBQYDK2VwAyEAf0umR/pzeqPFRU7vcfHAq3dSA3+IzI78PhY6MHOBza8=
         assert!(!error.contains("SECRET"), "{error}");
         assert!(
             error.contains("line 2") && error.contains("postgres-url"),
+            "{error}"
+        );
+        // A value of the wrong type: toml's message would quote it.
+        std::fs::write(
+            &path,
+            "[store]\nlease_ttl_ms = \"postgres://u:SECRET@h/db\"\n",
+        )
+        .unwrap();
+        let error = ConfigFile::read(&path).unwrap_err();
+        assert!(
+            !error.contains("SECRET") && error.contains("line 2"),
             "{error}"
         );
     }

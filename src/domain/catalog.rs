@@ -736,15 +736,23 @@ impl Catalog {
             updated: Vec::new(),
             total_capacity: 0,
         };
-        let ends: HashMap<i64, i64> = planned
+        let ends: BTreeMap<i64, i64> = planned
             .iter()
             .map(|slot| (slot.start_unix_s, slot.end_unix_s))
             .collect();
-        // A slot at one of the schedule's starts that the publish leaves as long or
-        // shortens (an older build's slot cut by a spring-forward gap) overlaps nothing
-        // new.
+        // The schedule's own slots: one at a planned start with the planned end, or one
+        // the publish shortens under which every planned start exists already (an older
+        // build's slot cut by a spring-forward gap, overlapping the next). A shorter
+        // length that creates slots under an existing one is refused, as ever.
         let ours = |slot: &Slot| {
-            (ends.get(&slot.start_unix_s)).is_some_and(|&end| end <= slot.end_unix_s())
+            let (start, end) = (slot.start_unix_s, slot.end_unix_s());
+            ends.get(&start).is_some_and(|&planned_end| {
+                planned_end == end
+                    || (planned_end < end
+                        && (ends.range(start + 1..end)).all(|(&under, _)| {
+                            existing.is_some_and(|starts| starts.get(under).is_some())
+                        }))
+            })
         };
         for slot in planned {
             plan.total_capacity += u64::from(slot.capacity);
@@ -1647,6 +1655,21 @@ mod tests {
             .map(|(slot, end, _)| (slot.start_unix_s(), *end))
             .collect();
         assert_eq!(updated, [(0, 300)]);
+    }
+
+    /// Shorter slots whose starts line up with the old ones create slots under them:
+    /// refused (the old 10-minute slots' bookings would share their desks with the new
+    /// 5-minute slots).
+    #[test]
+    fn a_shorter_length_that_creates_slots_under_open_ones_is_refused() {
+        let catalog = catalog_with_slots(&["a"], &[0, 600]);
+        let planned = [0, 300, 600, 900].map(|start| PlannedSlot {
+            start_unix_s: start,
+            end_unix_s: start + 300,
+            capacity: 1,
+        });
+        let (site, service) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
+        assert!(catalog.plan_publish(&site, &service, &planned).is_err());
     }
 
     #[test]

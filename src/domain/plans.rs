@@ -447,9 +447,15 @@ pub fn not_confirmable(
     (now_unix_ms, slot_closed): (i64, bool),
 ) -> DomainError {
     let theirs = stored.filter(|hold| hold.citizen == citizen && hold.slot == *slot);
-    let expired = match (why, theirs.map(|hold| &hold.state)) {
+    let state = theirs.map(|hold| &hold.state);
+    let ended = matches!(state, Some(HoldState::Live | HoldState::Expired { .. }));
+    // Whether the closure's write landed yet or not, the same answer: holding again
+    // would meet the closed slot too.
+    if slot_closed && (why == NotConfirmable::Expired || ended) {
+        return DomainError::SlotClosed(slot.clone());
+    }
+    let expired = match (why, state) {
         (NotConfirmable::Expired, _) | (_, Some(HoldState::Expired { .. })) => true,
-        (_, Some(HoldState::Live)) if slot_closed => return DomainError::SlotClosed(slot.clone()),
         (_, Some(HoldState::Live)) => {
             theirs.is_some_and(|hold| hold.expires_at_unix_ms <= now_unix_ms)
         }
@@ -1533,6 +1539,11 @@ mod tests {
         assert_eq!(
             not_confirmable(unknown, Some(&live), (ALICE, &at.key), open),
             DomainError::NotFound(Missing::Hold)
+        );
+        assert_eq!(
+            not_confirmable(unknown, Some(&expired), (ALICE, &at.key), (open.0, true)),
+            DomainError::SlotClosed(at.key.clone()),
+            "the closure's write landed: the same answer"
         );
         assert_eq!(
             not_confirmable(unknown, Some(&live), (BOB, &at.key), (open.0, true)),

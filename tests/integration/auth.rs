@@ -954,3 +954,32 @@ async fn one_frontend_cannot_take_every_availability_watch() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// `--token-file` wins over `PRENOTA_TOKEN` (clap used to refuse the pair as if both
+/// were typed): a wrong token in the environment, the right one in the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_wins_over_the_token_in_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config()).await;
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{ADMIN}\n")).unwrap();
+    let call = |with_file: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_prenota"));
+        command.args(["call", "--server", &server.url()]);
+        if with_file {
+            command.arg("--token-file").arg(&file);
+        }
+        let output = command
+            .arg("prenota.v1.CapacityService/ExportAuditLog")
+            .env("PRENOTA_TOKEN", "not-a-token-0123456789")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.success(), said)
+    };
+    let (ok, said) = call(false);
+    assert!(!ok && said.contains("UNAUTHENTICATED"), "{said}");
+    let (ok, said) = call(true);
+    assert!(ok, "{said}");
+    server.stop().await;
+}

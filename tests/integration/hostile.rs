@@ -469,7 +469,7 @@ async fn prenota_call_ends_when_its_reader_goes_away() {
 /// `prenota` client commands: TLS files with an `http://` URL are refused (tonic would
 /// connect in clear, the token readable on the way); a failed connection says why (it
 /// said "transport error"); `call` refuses text after its JSON request (it sent the first
-/// object only); `--token-file` wins over `PRENOTA_TOKEN` (clap refused the pair).
+/// object only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_commands_refuse_tls_files_in_clear_and_say_why_a_call_failed() {
     let dir = tempfile::tempdir().unwrap();
@@ -493,11 +493,6 @@ async fn client_commands_refuse_tls_files_in_clear_and_say_why_a_call_failed() {
 
     let server = TestServer::start(dir.path()).await;
     let url = server.url();
-    let token = dir.path().join("token");
-    std::fs::write(&token, "from-a-file\n").unwrap();
-    let token = token.to_str().unwrap();
-    let (ok, said) = prenota(&["call", "--server", &url, "--token-file", token, health]);
-    assert!(ok, "{said}");
     let twice = ["call", "--server", &url, "-d", "{}{}", health];
     let (ok, said) = prenota(&twice);
     assert!(!ok && said.contains("trailing characters"), "{said}");
