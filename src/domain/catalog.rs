@@ -247,6 +247,20 @@ impl Slot {
 #[derive(Default)]
 struct Starts(VecDeque<Arc<Slot>>);
 
+/// Whether an existing slot is one of the schedule's own (planned `ends` by start): at a
+/// planned start with the planned end, or one the publish shortens under which every
+/// planned start exists already (an older build's slot cut by a spring-forward gap,
+/// overlapping the next). A shorter length that creates slots under an existing one is
+/// refused, as ever.
+fn planned_as(slot: &Slot, ends: &BTreeMap<i64, i64>, existing: Option<&Starts>) -> bool {
+    let (start, end) = (slot.start_unix_s, slot.end_unix_s());
+    let exists = |under: &i64| existing.is_some_and(|starts| starts.get(*under).is_some());
+    ends.get(&start).is_some_and(|&planned_end| {
+        planned_end == end
+            || (planned_end < end && ends.range(start + 1..end).all(|(under, _)| exists(under)))
+    })
+}
+
 impl Starts {
     /// Where `start_unix_s` is (`Ok`) or would go (`Err`). Every probe reads a slot
     /// behind its pointer, so a plain binary search of a long schedule costs a cache
@@ -740,20 +754,7 @@ impl Catalog {
             .iter()
             .map(|slot| (slot.start_unix_s, slot.end_unix_s))
             .collect();
-        // The schedule's own slots: one at a planned start with the planned end, or one
-        // the publish shortens under which every planned start exists already (an older
-        // build's slot cut by a spring-forward gap, overlapping the next). A shorter
-        // length that creates slots under an existing one is refused, as ever.
-        let ours = |slot: &Slot| {
-            let (start, end) = (slot.start_unix_s, slot.end_unix_s());
-            ends.get(&start).is_some_and(|&planned_end| {
-                planned_end == end
-                    || (planned_end < end
-                        && (ends.range(start + 1..end)).all(|(&under, _)| {
-                            existing.is_some_and(|starts| starts.get(under).is_some())
-                        }))
-            })
-        };
+        let ours = |slot: &Slot| planned_as(slot, &ends, existing);
         for slot in planned {
             plan.total_capacity += u64::from(slot.capacity);
             let time = (slot.start_unix_s, slot.end_unix_s);

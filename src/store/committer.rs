@@ -217,8 +217,13 @@ impl Settling {
         self.0.begun.load(Ordering::SeqCst)
     }
 
-    /// Waits until `batch` is durable; the store's refusal if it failed first.
+    /// Waits until `batch` is durable; the store's refusal if it failed first, or had
+    /// failed already: a failed store answers no read (memory may hold a batch the disk
+    /// refused; on PostgreSQL, a node that lost the lease may be behind the new one).
     pub async fn until(&self, batch: u64) -> Result<(), StoreError> {
+        if self.0.failed.load(Ordering::Acquire) {
+            return Err(self.0.refusal());
+        }
         if *self.0.durable.borrow() >= batch {
             return Ok(());
         }
@@ -559,5 +564,21 @@ mod tests {
         assert!(!*health.borrow_and_update(), "unhealthy");
         assert_eq!(state.refusal(), StoreError::Failed);
         assert!(thread.join().is_err(), "the thread panicked");
+    }
+
+    /// A node that lost its lease (or whose disk failed) with nothing in flight answered
+    /// reads as if it were still the store: every batch it knew was durable.
+    #[test]
+    fn a_failed_store_settles_no_read_even_with_nothing_in_flight() {
+        let state = Arc::new(CommitterState::new(0));
+        let settling = Settling::of(&state);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(runtime.block_on(settling.until(settling.begun())), Ok(()));
+        state.lost_lease.store(true, Ordering::Release);
+        state.failed.store(true, Ordering::Release);
+        let refused = runtime.block_on(settling.until(settling.begun()));
+        assert_eq!(refused, Err(StoreError::NotActive));
     }
 }
