@@ -246,11 +246,12 @@ fn read_line_bounded<R: BufRead>(reader: &mut R, buffer: &mut Vec<u8>) -> std::i
 /// not known, or the order. (The rows are read by position, so nothing after a wrong
 /// header can be checked.)
 fn header_problem(header: &[String]) -> String {
-    let missing: Vec<&str> = COLUMNS
-        .iter()
-        .filter(|column| !header.iter().any(|h| h == *column))
-        .copied()
-        .collect();
+    let has = |column: &&str| header.iter().any(|h| h == *column);
+    let mut missing: Vec<&str> = COLUMNS.iter().filter(|c| !has(c)).copied().collect();
+    // Release columns: all or none.
+    if RELEASE_COLUMNS.iter().any(has) {
+        missing.extend(RELEASE_COLUMNS.iter().filter(|c| !has(c)).copied());
+    }
     let unknown: Vec<&str> = header
         .iter()
         .filter(|h| !COLUMNS.contains(&h.as_str()) && !RELEASE_COLUMNS.contains(&h.as_str()))
@@ -575,6 +576,9 @@ mod tests {
         assert!(problem(&renamed).ends_with("; missing: opens; not a column: open"));
         let swapped = HEADER.trim_end().replace("opens,closes", "closes,opens");
         assert!(problem(&swapped).ends_with("in another order"));
+        // Two release columns of six: it said "the columns are there, in another order".
+        let partial = problem(&format!("{},release_id,release_at", HEADER.trim_end()));
+        assert!(partial.contains("; missing: queue_opens_at"), "{partial}");
     }
 
     #[test]

@@ -99,7 +99,7 @@ fn client_tls(target: &Target<'_>) -> Result<Option<tonic::transport::ClientTlsC
     };
     let mut tls = tonic::transport::ClientTlsConfig::new();
     tls = match target.ca {
-        Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?)),
+        Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(ca_pem(ca)?)),
         None => tls.with_native_roots(),
     };
     if let Some((cert, key)) = target.identity {
@@ -107,6 +107,21 @@ fn client_tls(target: &Target<'_>) -> Result<Option<tonic::transport::ClientTlsC
         tls = tls.identity(identity);
     }
     Ok(Some(tls))
+}
+
+/// `--ca`'s PEM, refused if it holds no certificate (tonic would drop it silently, and the
+/// server's certificate would then be blamed).
+fn ca_pem(path: &Path) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let shown = path.display();
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    match CertificateDer::pem_slice_iter(&pem)
+        .filter(Result::is_ok)
+        .count()
+    {
+        0 => Err(format!("--ca {shown} holds no PEM certificate")),
+        _ => Ok(pem),
+    }
 }
 
 /// An error and its causes (tonic's transport errors say only "transport error").
@@ -194,10 +209,9 @@ pub(crate) fn explain(status: &Status) -> String {
     }
     if status.code() == Code::InvalidArgument {
         if let Some(bad) = status.get_details_bad_request() {
-            text = format!(
-                "the server refused it; nothing was applied ({} problems):",
-                bad.field_violations.len()
-            );
+            let count = bad.field_violations.len();
+            let problems = if count == 1 { "problem" } else { "problems" };
+            text = format!("the server refused it; nothing was applied ({count} {problems}):");
             for violation in &bad.field_violations {
                 text.push_str(&format!(
                     "\n  {}: {}",
@@ -257,6 +271,7 @@ impl Progress {
 pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(), String> {
     let (rows, row_releases) = read_capacity_file(file)?;
     let releases = releases_of(&rows, &row_releases)?;
+    check_release_times(&releases)?;
     let mut client = connect(target).await?;
     // Releases before their slots exist (a slot without its release would be open to
     // whoever books first): the rows checked whole first (a dry run: a bad row leaves
@@ -485,6 +500,23 @@ async fn upsert_release_sites(
     Ok(())
 }
 
+/// Refuses, before anything is sent, a release whose `release_at` is past (the server
+/// would refuse it after the file's sites were registered). The server checks the rest
+/// when each is created (overlaps with the releases it has, among them).
+fn check_release_times(releases: &[(u64, proto::Release)]) -> Result<(), String> {
+    let now = chrono::Utc::now().timestamp();
+    for (line, release) in releases {
+        let release_at = release.release_at.as_ref().map_or(0, |at| at.seconds);
+        if release_at <= now {
+            let id = &release.release_id;
+            return Err(format!(
+                "release {id} (line {line}): release_at must be in the future; nothing was sent"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Creates each release (or, on a dry run, says it would).
 async fn create_releases(
     client: &mut Client,
@@ -506,9 +538,10 @@ async fn create_releases(
             })
             .await
             .map_err(|status| {
+                let said = explain(&status).replacen("; nothing was applied", "", 1);
                 format!(
-                    "release {id} (line {line}): {}; no slot was imported",
-                    explain(&status)
+                    "release {id} (line {line}) was not created: {said}\nno slot was imported; \
+                     the file's sites are registered (empty): mend the file and send it again"
                 )
             })?;
         print_out(&format!("release {id} over {sites} sites: announced"))?;

@@ -245,7 +245,9 @@ fn classify(error: &ServiceError) -> Answer {
             StoreError::BackupFellBehind(_) => {
                 Answer::new(Unavailable, "OVERLOADED").retry_after(RECOVERING_RETRY_DELAY)
             }
-            StoreError::Corrupt(_) => Answer::new(Internal, "STORAGE_CORRUPT"),
+            StoreError::Corrupt(_) | StoreError::Misconfigured(_) => {
+                Answer::new(Internal, "STORAGE_CORRUPT")
+            }
         },
         ServiceError::Recovery(_) => Answer::new(Internal, "RECOVERY_FAILED"),
         // Safe to retry with the same request_id: at most one booking results.
@@ -331,7 +333,9 @@ impl From<ServiceError> for Status {
 /// line that says what to do.
 fn client_message(error: &ServiceError) -> String {
     match error {
-        ServiceError::Store(StoreError::Io(_) | StoreError::Corrupt(_))
+        ServiceError::Store(
+            StoreError::Io(_) | StoreError::Corrupt(_) | StoreError::Misconfigured(_),
+        )
         | ServiceError::Recovery(_) => {
             tracing::debug!(%error, "storage error answered to a client");
             "the server's storage failed; the outcome is unknown: retry with the same \

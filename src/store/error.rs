@@ -12,6 +12,10 @@ pub enum StoreError {
     Io(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A file the configuration names cannot be used (the citizen hash key: its mode,
+    /// its size, or not the store's key); the store itself is sound.
+    #[error("{0}")]
+    Misconfigured(String),
     #[error("the write queue is full")]
     Overloaded,
     #[error("the store is shutting down")]

@@ -48,7 +48,7 @@ pub fn read(path: &Path) -> Result<Option<[u8; KEY_LENGTH]>, StoreError> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).map_err(|e| io("reading", e))?;
     let key = bytes.try_into().map_err(|bytes: Vec<u8>| {
-        StoreError::Corrupt(format!(
+        StoreError::Misconfigured(format!(
             "{} holds {} bytes, expected {KEY_LENGTH}",
             path.display(),
             bytes.len()
@@ -74,7 +74,7 @@ fn check_private(file: &File, path: &Path) -> Result<(), StoreError> {
             .map_err(|e| StoreError::Io(format!("reading {}: {e}", path.display())))?;
         let mode = metadata.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(StoreError::Corrupt(format!(
+            return Err(StoreError::Misconfigured(format!(
                 "{} has mode {mode:04o}: group or others may read the citizen hash key. \
                  Run `chmod 600 {}` and start again",
                 path.display(),

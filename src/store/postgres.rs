@@ -227,8 +227,10 @@ impl Lease {
             };
             match attempt {
                 Ok(()) => {}
-                // A schema from a newer prenota: waiting changes nothing.
-                Err(corrupt @ StoreError::Corrupt(_)) => return Err(corrupt),
+                // A schema from a newer prenota, another key file: waiting changes nothing.
+                Err(fatal @ (StoreError::Corrupt(_) | StoreError::Misconfigured(_))) => {
+                    return Err(fatal)
+                }
                 Err(problem) => {
                     let problem = problem.to_string();
                     if problem != last_problem {
@@ -310,7 +312,7 @@ fn refuse_another_key(session: &mut Client, key_check: &[u8]) -> Result<(), Stor
         .query_opt("SELECT v FROM prenota_kv WHERE k = $1", &[&KEY_CHECK_KEY])
         .map_err(pg_error("reading the key check"))?;
     match stored.map(|row| row.get::<_, Vec<u8>>(0)) {
-        Some(stored) if stored != key_check => Err(StoreError::Corrupt(
+        Some(stored) if stored != key_check => Err(StoreError::Misconfigured(
             "[citizens] hash_key_file is not the key this PostgreSQL store was written \
              with: with it no stored booking could be found. Give every node the store's \
              own key file"

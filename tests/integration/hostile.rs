@@ -498,3 +498,37 @@ async fn client_commands_refuse_tls_files_in_clear_and_say_why_a_call_failed() {
     assert!(!ok && said.contains("trailing characters"), "{said}");
     server.stop().await;
 }
+
+/// A release announced for a past instant is refused before anything is sent: the real
+/// run used to register the file's sites and then hear the release refused ("nothing was
+/// applied"), and the dry run predicted the release.
+#[test]
+fn an_import_with_a_past_release_is_refused_before_anything_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("past-release.csv");
+    let text = "site_id,name,region_id,time_zone,service_id,first_day,last_day,weekdays,opens,\
+                closes,slot_minutes,capacity_per_slot,release_id,release_at,queue_opens_at,\
+                admissions_per_minute,reserved_percent,reserve_released_hours_before_start\n\
+                relp-new,P,lazio,Europe/Rome,svc-p,2027-10-01,2027-10-30,1-5,09:00,12:00,30,4,\
+                relp,2025-01-01T00:00:00+01:00,,0,,0\n";
+    std::fs::write(&path, text).unwrap();
+    for dry_run in [false, true] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"));
+        command.args([
+            "import",
+            path.to_str().unwrap(),
+            "--server",
+            "http://127.0.0.1:9",
+        ]);
+        if dry_run {
+            command.arg("--dry-run");
+        }
+        let output = command.output().unwrap();
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{said}");
+        assert!(
+            said.contains("release_at must be in the future; nothing was sent"),
+            "{said}"
+        );
+    }
+}
