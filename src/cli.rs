@@ -99,7 +99,10 @@ fn client_tls(target: &Target<'_>) -> Result<Option<tonic::transport::ClientTlsC
     };
     let mut tls = tonic::transport::ClientTlsConfig::new();
     tls = match target.ca {
-        Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(ca_pem(ca)?)),
+        Some(ca) => {
+            let (pem, _) = crate::config::read_pem_certificates("--ca", ca)?;
+            tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+        }
         None => tls.with_native_roots(),
     };
     if let Some((cert, key)) = target.identity {
@@ -107,21 +110,6 @@ fn client_tls(target: &Target<'_>) -> Result<Option<tonic::transport::ClientTlsC
         tls = tls.identity(identity);
     }
     Ok(Some(tls))
-}
-
-/// `--ca`'s PEM, refused if it holds no certificate (tonic would drop it silently, and the
-/// server's certificate would then be blamed).
-fn ca_pem(path: &Path) -> Result<Vec<u8>, String> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let shown = path.display();
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    match CertificateDer::pem_slice_iter(&pem)
-        .filter(Result::is_ok)
-        .count()
-    {
-        0 => Err(format!("--ca {shown} holds no PEM certificate")),
-        _ => Ok(pem),
-    }
 }
 
 /// An error and its causes (tonic's transport errors say only "transport error").

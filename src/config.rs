@@ -166,6 +166,25 @@ impl CitizenIssuerEntry {
     }
 }
 
+/// The PEM file `path` that setting `label` names (`--ca`, `sslrootcert`), and the
+/// certificates in it; refused, naming both, if it cannot be read, does not parse, or
+/// holds none (a CA file without one would leave the server's certificate blamed).
+pub fn read_pem_certificates(
+    label: &str,
+    path: &Path,
+) -> Result<(Vec<u8>, Vec<rustls::pki_types::CertificateDer<'static>>), String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let shown = path.display();
+    let pem = std::fs::read(path).map_err(|e| format!("{label} {shown}: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{label} {shown}: not PEM certificates: {e}"))?;
+    match certs.is_empty() {
+        true => Err(format!("{label} {shown}: holds no PEM certificate")),
+        false => Ok((pem, certs)),
+    }
+}
+
 /// The DER of the one public key (SPKI PEM) in `text`: anything more is refused, since
 /// a second key, or text after the first, would be silently ignored.
 fn single_public_key(text: &str) -> Result<Vec<u8>, String> {

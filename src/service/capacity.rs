@@ -627,10 +627,14 @@ impl Engine {
                 false => self.store.commit(&writes).await,
             };
         }
-        let mut journal = ApplyJournal {
+        let unfinished = ApplyJournal {
             started_at_unix_ms: self.now_unix_ms(),
             writes: writes.len() as u64,
             finished: false,
+        };
+        let finished = ApplyJournal {
+            finished: true,
+            ..unfinished.clone()
         };
         let chunks = chunked(&writes, chunk);
         let count = chunks.len();
@@ -638,11 +642,10 @@ impl Engine {
         for (index, part) in chunks.into_iter().enumerate() {
             let mut part = part.to_vec();
             if index == 0 {
-                part.insert(0, Write::ApplyJournal(journal.clone()));
-                journal.finished = true;
+                part.insert(0, Write::ApplyJournal(unfinished.clone()));
             }
             if index + 1 == count {
-                part.push(Write::ApplyJournal(journal.clone()));
+                part.push(Write::ApplyJournal(finished.clone()));
             }
             if index > 0 {
                 self.store.commit_waiting_for_room(&part).await?;

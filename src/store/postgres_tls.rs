@@ -22,7 +22,6 @@ use postgres::config::SslMode;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -289,7 +288,8 @@ fn root_store(mode: Mode, roots: &Roots) -> Result<RootCertStore, String> {
         })?,
     };
     let mut store = RootCertStore::empty();
-    for cert in pem_certificates(&path)? {
+    let (_, certs) = crate::config::read_pem_certificates("sslrootcert", &path)?;
+    for cert in certs {
         store
             .add(cert)
             .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
@@ -302,18 +302,6 @@ fn default_root_file() -> Option<PathBuf> {
     let home = std::env::var_os("HOME")?;
     let path = Path::new(&home).join(".postgresql/root.crt");
     path.exists().then_some(path)
-}
-
-fn pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let shown = path.display();
-    let text = std::fs::read(path).map_err(|e| format!("sslrootcert {shown}: {e}"))?;
-    let certs = CertificateDer::pem_slice_iter(&text)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("sslrootcert {shown}: not PEM certificates: {e}"))?;
-    match certs.is_empty() {
-        true => Err(format!("sslrootcert {shown}: holds no PEM certificate")),
-        false => Ok(certs),
-    }
 }
 
 fn system_roots() -> Result<RootCertStore, String> {
