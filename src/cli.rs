@@ -94,9 +94,6 @@ fn client_tls(target: &Target<'_>) -> Result<Option<tonic::transport::ClientTlsC
             false => Ok(None),
         };
     }
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-    };
     let mut tls = tonic::transport::ClientTlsConfig::new();
     tls = match target.ca {
         Some(ca) => {
@@ -106,14 +103,15 @@ fn client_tls(target: &Target<'_>) -> Result<Option<tonic::transport::ClientTlsC
         None => tls.with_native_roots(),
     };
     if let Some((cert, key)) = target.identity {
-        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        let (cert, key) = crate::config::read_pem_identity(("--cert", cert), ("--key", key))?;
+        let identity = tonic::transport::Identity::from_pem(cert, key);
         tls = tls.identity(identity);
     }
     Ok(Some(tls))
 }
 
 /// An error and its causes (tonic's transport errors say only "transport error").
-pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+pub fn with_causes(error: &dyn std::error::Error) -> String {
     causes_after(&error.to_string(), error)
 }
 

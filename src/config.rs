@@ -823,22 +823,65 @@ impl TlsPem {
         key: Option<&Path>,
         client_ca: Option<&Path>,
     ) -> Result<Option<Self>, String> {
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-        };
         match (cert, key) {
             (None, None) if client_ca.is_some() => {
                 Err("tls_client_ca needs tls_cert and tls_key".into())
             }
             (None, None) => Ok(None),
-            (Some(cert), Some(key)) => Ok(Some(Self {
-                cert: read(cert)?,
-                key: read(key)?,
-                client_ca: client_ca.map(read).transpose()?,
-            })),
+            (Some(cert), Some(key)) => {
+                let (cert, key) = read_pem_identity(("tls_cert", cert), ("tls_key", key))?;
+                let client_ca = client_ca.map(read_client_ca).transpose()?;
+                Ok(Some(Self {
+                    cert,
+                    key,
+                    client_ca,
+                }))
+            }
             _ => Err("tls_cert and tls_key go together".into()),
         }
     }
+}
+
+/// A certificate chain and its private key, read and parsed as the TLS stack will
+/// use them, so that a bad file is refused at start (and by `config check`) naming the
+/// file, not at the first handshake or as "transport error". `(label, path)` each.
+pub fn read_pem_identity(
+    (cert_label, cert_path): (&str, &Path),
+    (key_label, key_path): (&str, &Path),
+) -> Result<(Vec<u8>, Vec<u8>), String> {
+    use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+    let (cert, chain) = read_pem_certificates(cert_label, cert_path)?;
+    let shown = key_path.display();
+    let key = std::fs::read(key_path).map_err(|e| format!("{key_label} {shown}: {e}"))?;
+    // The key's bytes are never quoted: only the parser's kind of error.
+    let private = PrivateKeyDer::from_pem_slice(&key)
+        .map_err(|e| format!("{key_label} {shown}: not a PEM private key: {e}"))?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain, private, &provider).map_err(|e| {
+        let why = match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                "the key is not the (first) certificate's key".to_string()
+            }
+            other => other.to_string(),
+        };
+        let cert_shown = cert_path.display();
+        format!("{cert_label} {cert_shown} and {key_label} {shown}: {why}")
+    })?;
+    Ok((cert, key))
+}
+
+/// The client CA file of mTLS: certificates that each parse as a trust anchor (the
+/// TLS stack would skip one that does not, and refuse every client if none did).
+fn read_client_ca(path: &Path) -> Result<Vec<u8>, String> {
+    let (pem, certs) = read_pem_certificates("tls_client_ca", path)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for (number, cert) in certs.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| {
+            let n = number + 1;
+            format!("tls_client_ca {}: certificate {n}: {e}", path.display())
+        })?;
+    }
+    Ok(pem)
 }
 
 /// Server configuration, checked: limits, tokens and TLS.

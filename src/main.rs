@@ -485,7 +485,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         tracing::info!(%address, tokens, tls, "serving prenota.v1");
     })
     .await
-    .map_err(|e| format!("data dir {}: {e}", data_dir.display()))
+    .map_err(|e| match e {
+        prenota::server::ServeError::Service(_) => format!("data dir {}: {e}", data_dir.display()),
+        other => prenota::cli::with_causes(&other),
+    })
 }
 
 /// The configuration of a command that opens a data dir itself (limits only).

@@ -279,3 +279,82 @@ async fn proxied_tls_channel(server: &TestServer, pki: &Pki, header: &str) -> Ch
         .timeout(Duration::from_secs(15))
         .connect_with_connector_lazy(connector)
 }
+
+/// TLS files the TLS stack cannot use are refused by `config check` and by `serve`
+/// alike, naming the file and why (serve said "gRPC transport: transport error", or
+/// failed only at the first handshake): no certificate, a certificate for a key, the
+/// key of another certificate, a client CA that is not a certificate.
+#[test]
+fn unusable_tls_files_are_refused_by_config_check_and_serve_naming_them() {
+    let (pki, other) = (pki(), pki());
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let cert = write("cert.pem", &pki.server.0);
+    let key = write("key.pem", &pki.server.1);
+    let not_der = "-----BEGIN CERTIFICATE-----\nAAECAwQFBgc=\n-----END CERTIFICATE-----\n";
+    let cases = [
+        (
+            write("key-as-cert.pem", &pki.server.1),
+            key.clone(),
+            None,
+            "no PEM certificate",
+        ),
+        (
+            cert.clone(),
+            write("cert-as-key.pem", &pki.server.0),
+            None,
+            "not a PEM private key",
+        ),
+        (
+            cert.clone(),
+            write("other-key.pem", &other.server.1),
+            None,
+            "and tls_key",
+        ),
+        (
+            cert.clone(),
+            key.clone(),
+            Some(write("ca-not-der.pem", not_der)),
+            "certificate 1",
+        ),
+    ];
+    for (number, (cert, key, client_ca, why)) in cases.into_iter().enumerate() {
+        let client_ca = client_ca.map(|ca| format!("tls_client_ca = {ca:?}\n"));
+        let text = format!(
+            "[server]\ntls_cert = {cert:?}\ntls_key = {key:?}\n{}",
+            client_ca.unwrap_or_default()
+        );
+        let file = dir.path().join(format!("case-{number}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let checked = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+            .args(["config", "check"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&checked.stderr);
+        assert!(!checked.status.success(), "case {number}: {stderr}");
+        assert!(stderr.contains(why), "case {number}: {stderr}");
+        let served = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "off",
+            ])
+            .arg("--config")
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&served.stderr);
+        assert!(!served.status.success(), "case {number}: {said}");
+        assert!(said.contains(why), "case {number}: {said}");
+        assert!(!said.contains("transport error"), "case {number}: {said}");
+    }
+}
