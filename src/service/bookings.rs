@@ -177,8 +177,18 @@ impl Engine {
     }
 
     /// Every booking (all states) of `citizen` that `keep` accepts, read in steps (other
-    /// citizens may share its tag: only its own are kept).
+    /// citizens may share its tag: only its own are kept), between two commits: a move
+    /// is seen whole (one booking confirmed) or not at all, never half.
     pub(super) fn citizen_bookings_where(
+        &self,
+        citizen: CitizenKey,
+        keep: impl Fn(&Booking) -> bool,
+    ) -> Result<Vec<Booking>, ServiceError> {
+        self.store
+            .between_commits(|| self.citizen_bookings_scan(citizen, keep))
+    }
+
+    fn citizen_bookings_scan(
         &self,
         citizen: CitizenKey,
         keep: impl Fn(&Booking) -> bool,

@@ -44,6 +44,30 @@ pub trait Durability: Send + 'static {
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError>;
 }
 
+/// Orders the committer's `apply_batch` with reads of several records that must each
+/// see whole commits. sled applies a batch atomically, but its range scans are no
+/// snapshot: an iterator copies one leaf (≤ ~16 records) at a time, so a scan spanning
+/// leaves can see one half of a commit and not the other (a citizen's booking moved:
+/// both confirmed, or neither). The gate is held only while a batch is applied in
+/// memory, never across flush or fdatasync; a reader holds it for one bounded scan.
+#[derive(Clone, Default)]
+pub struct ApplyGate(Arc<std::sync::RwLock<()>>);
+
+impl ApplyGate {
+    /// Applies `changes` to `db` while no gated read runs.
+    pub fn apply(&self, db: &sled::Db, changes: &[Change]) -> sled::Result<()> {
+        // Nothing is guarded but the order: a poisoned gate is as good as a clean one.
+        let _applying = self.0.write().unwrap_or_else(|e| e.into_inner());
+        db.apply_batch(sled_batch(changes))
+    }
+
+    /// Runs `read` with no batch applied meanwhile: it sees each commit whole or not.
+    pub fn read<T>(&self, read: impl FnOnce() -> T) -> T {
+        let _reading = self.0.read().unwrap_or_else(|e| e.into_inner());
+        read()
+    }
+}
+
 /// `changes` as one sled batch (applied atomically).
 pub fn sled_batch(changes: &[Change]) -> sled::Batch {
     let mut batch = sled::Batch::default();
@@ -58,6 +82,7 @@ pub fn sled_batch(changes: &[Change]) -> sled::Batch {
 
 pub struct SledDurability {
     pub db: sled::Db,
+    pub gate: ApplyGate,
     /// sled's log file, synced after every flush.
     pub db_file: File,
     /// sled's blob files, the new ones synced after every flush.
@@ -125,8 +150,8 @@ impl BlobFiles {
 impl Durability for SledDurability {
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         let started = Instant::now();
-        self.db
-            .apply_batch(sled_batch(changes))
+        self.gate
+            .apply(&self.db, changes)
             .map_err(|e| StoreError::Io(format!("apply_batch: {e}")))?;
         let applied = Instant::now();
         self.db
@@ -163,13 +188,14 @@ pub enum UnsyncedForBenchmarks {
 
 pub(crate) struct SledUnsynced {
     pub db: sled::Db,
+    pub gate: ApplyGate,
     pub mode: UnsyncedForBenchmarks,
 }
 
 impl Durability for SledUnsynced {
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
-        self.db
-            .apply_batch(sled_batch(changes))
+        self.gate
+            .apply(&self.db, changes)
             .map_err(|e| StoreError::Io(format!("apply_batch: {e}")))?;
         if self.mode == UnsyncedForBenchmarks::FlushWithoutFsync {
             self.db

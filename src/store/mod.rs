@@ -35,7 +35,9 @@ use crate::domain::event::SequencedEvent;
 use crate::domain::hold::{Hold, HoldId};
 use crate::domain::ids::{BookingId, CitizenTag, RequestKey, SlotKey};
 pub use committer::UnsyncedForBenchmarks;
-use committer::{BlobFiles, CommitRequest, CommitterState, SledDurability, SledUnsynced};
+use committer::{
+    ApplyGate, BlobFiles, CommitRequest, CommitterState, SledDurability, SledUnsynced,
+};
 pub use error::StoreError;
 use records::{booking_key, hold_key, Encoded, Record, SiteRecord, SlotRecord, Write};
 
@@ -50,6 +52,8 @@ enum WhenFull {
 
 pub struct Store {
     db: sled::Db,
+    /// Held by the committer while it applies a batch; see `Store::between_commits`.
+    gate: ApplyGate,
     state: Arc<CommitterState>,
     /// `None` once shut down; dropping it lets the committer drain and stop.
     requests: Option<mpsc::Sender<CommitRequest>>,
@@ -124,10 +128,12 @@ impl Store {
         let state = Arc::new(CommitterState::new(last_event_sequence(&db)?));
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
         let batch_writes_max = limits.commit_batch_writes_max;
+        let gate = ApplyGate::default();
         let committer = match unsynced {
             None => committer::spawn(
                 SledDurability {
                     db: db.clone(),
+                    gate: gate.clone(),
                     db_file,
                     blobs,
                 },
@@ -138,6 +144,7 @@ impl Store {
             Some(mode) => committer::spawn(
                 SledUnsynced {
                     db: db.clone(),
+                    gate: gate.clone(),
                     mode,
                 },
                 receiver,
@@ -148,6 +155,7 @@ impl Store {
         .map_err(|e| StoreError::Io(format!("starting the committer thread: {e}")))?;
         Ok(Self {
             db,
+            gate,
             state,
             requests: Some(sender),
             committer: Some(committer),
@@ -193,7 +201,9 @@ impl Store {
         }
         state.events.send_replace(last_event_sequence(&local)?);
         let old_holds = has_old_holds(&local)?;
-        let durability = postgres::PostgresDurability::new(client, epoch, local.clone())?;
+        let gate = ApplyGate::default();
+        let durability =
+            postgres::PostgresDurability::new(client, epoch, (local.clone(), gate.clone()))?;
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
         let committer = committer::spawn(
             durability,
@@ -204,6 +214,7 @@ impl Store {
         .map_err(thread_error)?;
         Ok(Self {
             db: local,
+            gate,
             state,
             requests: Some(sender),
             committer: Some(committer),
@@ -652,6 +663,13 @@ impl Store {
     pub fn holds(&self) -> impl Iterator<Item = Result<Hold, StoreError>> {
         self.scan(records::OLD_HOLD_PREFIX)
             .chain(self.scan(records::HOLD_PREFIX))
+    }
+
+    /// Runs `read` (several reads of this store) with no commit applied meanwhile, so
+    /// that it sees every commit whole or not at all: a scan alone may not (see
+    /// `ApplyGate`). Keep `read` short and bounded: commits wait for it.
+    pub fn between_commits<T>(&self, read: impl FnOnce() -> T) -> T {
+        self.gate.read(read)
     }
 
     /// Up to `limit` bookings (all states) of the citizens with this tag, in id order,

@@ -608,13 +608,18 @@ pub struct PostgresDurability {
     client: Client,
     epoch: i64,
     local: sled::Db,
+    gate: crate::store::committer::ApplyGate,
     fence: Statement,
     upsert: Statement,
     delete: Statement,
 }
 
 impl PostgresDurability {
-    pub fn new(mut client: Client, epoch: i64, local: sled::Db) -> Result<Self, StoreError> {
+    pub fn new(
+        mut client: Client,
+        epoch: i64,
+        (local, gate): (sled::Db, crate::store::committer::ApplyGate),
+    ) -> Result<Self, StoreError> {
         let error = pg_error("preparing statements");
         pin_synchronous_commit(&mut client).map_err(&error)?;
         let fence = client
@@ -633,6 +638,7 @@ impl PostgresDurability {
             client,
             epoch,
             local,
+            gate,
             fence,
             upsert,
             delete,
@@ -671,8 +677,8 @@ impl Durability for PostgresDurability {
             tx.execute(&self.delete, &[&removed]).map_err(&error)?;
         }
         tx.commit().map_err(&error)?;
-        self.local
-            .apply_batch(sled_batch(changes))
+        self.gate
+            .apply(&self.local, changes)
             .map_err(|e| StoreError::Io(format!("applying to the local copy: {e}")))
     }
 }

@@ -348,3 +348,69 @@ async fn a_citizen_lists_its_bookings_in_start_time_order() {
     assert_eq!(listed, booked, "earliest start first, one page at a time");
     server.stop().await;
 }
+
+/// A move is seen whole or not at all: while one citizen is moved between two slots
+/// again and again (each move a new booking and the old one cancelled, so its records
+/// span many of sled's leaves), readers listing its bookings always find exactly one
+/// confirmed. A sled range scan is no snapshot: it showed both, or neither, until the
+/// list read between two commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_citizen_moved_again_and_again_is_listed_with_exactly_one_confirmed_booking() {
+    const MOVES: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = by_hand();
+    config.limits.rate_citizen_attempts_per_min = 10_000;
+    config.limits.rate_citizen_reads_per_min = 1_000_000;
+    let server = TestServer::start_with(dir.path(), config).await;
+    let slots = ten_minute_slots(server.channel().await, ("moves", day_ahead(3)), 2, 5).await;
+    let mut client = server.booking().await;
+    let first = book_ok(&mut client, book_request(&slots[0], "ann", "b")).await;
+    let moving = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (mut client, moving) = (client.clone(), moving.clone());
+            tokio::spawn(async move {
+                let mut reads = 0;
+                while moving.load(std::sync::atomic::Ordering::Relaxed) {
+                    let listed = client
+                        .list_citizen_bookings(proto::ListCitizenBookingsRequest {
+                            citizen_id: "ann".into(),
+                            page_size: 500,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    let confirmed = listed
+                        .bookings
+                        .iter()
+                        .filter(|b| b.state == proto::BookingState::Confirmed as i32)
+                        .count();
+                    let listed = listed.bookings.len();
+                    assert_eq!(confirmed, 1, "read {reads}: of {listed} bookings listed");
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    let mut booking_id = first.booking_id;
+    for n in 0..MOVES {
+        let moved = client
+            .reschedule_booking(proto::RescheduleBookingRequest {
+                booking_id,
+                citizen_id: "ann".into(),
+                new_slot_id: slots[(n + 1) % 2].clone(),
+                request_id: format!("m{n}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        booking_id = moved.booking.unwrap().booking_id;
+    }
+    moving.store(false, std::sync::atomic::Ordering::Relaxed);
+    for reader in readers {
+        assert!(reader.await.unwrap() > 0, "each reader read");
+    }
+    server.stop().await;
+}
