@@ -123,8 +123,9 @@ pub struct Limits {
     pub releases_max: usize,
     /// Sites one `CreateRelease` may name (more: name their region).
     pub release_sites_max: usize,
-    /// Tickets all queues hold together (memory is per ticket, about 100 bytes); the
-    /// next `JoinQueue` is refused with RESOURCE_EXHAUSTED / QUEUE_FULL.
+    /// Tickets the queues of releases not ended hold together (memory is per ticket,
+    /// about 100 bytes; an ended release's stay, uncounted, until retention); the next
+    /// new ticket is refused with RESOURCE_EXHAUSTED / QUEUE_FULL.
     pub queue_tickets_max: usize,
     /// Most tickets one admission step admits (one group commit).
     pub queue_admissions_per_step_max: usize,

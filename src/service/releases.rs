@@ -22,6 +22,7 @@ use crate::service::actor::Actor;
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
 use crate::service::execute::refused;
+use crate::service::state::releases::ReleaseState;
 pub use crate::service::state::releases::{ReleaseEntry, Releases};
 use crate::store::records::Write;
 use crate::store::StoreError;
@@ -415,14 +416,40 @@ impl Engine {
         Ok(entry)
     }
 
-    /// One more ticket in all the queues, if `queue_tickets_max` allows it.
-    fn count_ticket(&self) -> Result<(), ServiceError> {
+    /// One more ticket in the live queues, if `queue_tickets_max` allows it; `state`'s
+    /// lock is held (see `Releases::tickets`).
+    fn count_ticket(&self, state: &ReleaseState) -> Result<(), ServiceError> {
+        if state.ended {
+            return Ok(());
+        }
         let counted = self.releases.tickets.fetch_add(1, Ordering::AcqRel);
         if counted >= self.limits.queue_tickets_max {
             self.releases.tickets.fetch_sub(1, Ordering::AcqRel);
             return Err(DomainError::QueueFull.into());
         }
         Ok(())
+    }
+
+    /// `count` tickets of the release whose lock `state` is leave the live count.
+    fn uncount_tickets(&self, state: &ReleaseState, count: usize) {
+        if !state.ended {
+            let before = self.releases.tickets.fetch_sub(count, Ordering::AcqRel);
+            assert!(before >= count, "ticket count below zero");
+        }
+    }
+
+    /// Releases whose `to` passed leave the live ticket count, once: a rush's tickets
+    /// must not refuse the next release's joins until retention deletes them.
+    fn end_ended(&self, entries: &[Arc<ReleaseEntry>], now: i64) {
+        for entry in entries {
+            if now < entry.definition.to_unix_s.saturating_mul(1_000) {
+                continue;
+            }
+            let mut state = entry.lock();
+            let tickets = state.queue.len();
+            self.uncount_tickets(&state, tickets);
+            state.ended = true;
+        }
     }
 
     /// The citizen joins a queued release; joining again returns its ticket.
@@ -436,26 +463,31 @@ impl Engine {
         let now = self.now_unix_ms();
         let release = entry.current();
         let id = release.release_id.clone();
-        self.count_ticket()?;
-        let joined = entry.lock().queue.join(&release, citizen, now);
-        let ticket = match joined {
-            Join::New(ticket) => ticket,
-            other => {
-                self.releases.tickets.fetch_sub(1, Ordering::AcqRel);
-                return match other {
-                    Join::Existing(view) => Ok((id, view)),
-                    _ => Err(ServiceError::Busy(
+        let ticket = {
+            let mut state = entry.lock();
+            let ticket = match state.queue.join(&release, citizen, now) {
+                Join::New(ticket) => ticket,
+                // A citizen with a ticket gets it back, however full the queues are.
+                Join::Existing(view) => return Ok((id, view)),
+                Join::InFlight => {
+                    return Err(ServiceError::Busy(
                         "this citizen's ticket is being written; retry",
-                    )),
-                };
+                    ))
+                }
+            };
+            if let Err(full) = self.count_ticket(&state) {
+                state.queue.abandon(citizen);
+                return Err(full);
             }
+            ticket
         };
         // Joining is idempotent by (release, citizen): the request id needs no record.
         let _ = command.request;
         if let Err(error) = self.store.commit(&[Write::Ticket(ticket)]).await {
             // Never queued, or the store failed (a restart rebuilds from the disk).
-            entry.lock().queue.abandon(citizen);
-            self.releases.tickets.fetch_sub(1, Ordering::AcqRel);
+            let mut state = entry.lock();
+            state.queue.abandon(citizen);
+            self.uncount_tickets(&state, 1);
             return Err(error.into());
         }
         let mut state = entry.lock();
@@ -494,6 +526,7 @@ impl Engine {
         let _one_step = self.releases.step.lock().await;
         let entries = self.releases.all();
         self.show_released_reserves(&entries, now);
+        self.end_ended(&entries, now);
         let mut admitted = 0;
         for entry in entries {
             let release = &entry.definition;
@@ -645,8 +678,8 @@ impl Engine {
             let key = crate::store::records::release_key(&id);
             self.store.commit(&[Write::Delete(key)]).await?;
             if let Some(entry) = self.releases.remove(&id) {
-                let tickets = entry.lock().queue.len();
-                self.releases.tickets.fetch_sub(tickets, Ordering::AcqRel);
+                let state = entry.lock();
+                self.uncount_tickets(&state, state.queue.len());
             }
             releases += 1;
         }
@@ -730,13 +763,16 @@ impl Engine {
                 continue;
             };
             entry.lock().queue.restore(&ticket);
-            self.releases.tickets.fetch_add(1, Ordering::AcqRel);
+            if now < entry.definition.to_unix_s.saturating_mul(1_000) {
+                self.releases.tickets.fetch_add(1, Ordering::AcqRel);
+            }
         }
         self.orphaned().extend(orphaned);
         let now = self.now_unix_ms();
         for (id, entry) in entries {
             {
                 let mut state = entry.lock();
+                state.ended = now >= entry.definition.to_unix_s.saturating_mul(1_000);
                 state.queue.rebuild(&entry.definition, now);
                 state.queue.check().map_err(|why| {
                     ServiceError::Recovery(format!("the queue of release {id}: {why}"))

@@ -818,3 +818,50 @@ async fn one_ticket_admits_one_write_however_many_are_sent_at_once() {
     }
     server.stop().await;
 }
+
+/// `queue_tickets_max` bounds the tickets of releases not ended: a citizen holding a
+/// ticket gets it back however full the queues are (it was QUEUE_FULL, even for the
+/// same request), and once a release's `to` passed its tickets stop counting (they
+/// blocked every later release's joins until retention deleted them, 400 days on),
+/// after a restart too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ticket_cap_counts_live_queues_and_never_refuses_a_ticket_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let mut config = by_hand();
+    config.limits.queue_tickets_max = 2;
+    let server = TestServer::start_with_clock(dir.path(), config.clone(), clock.clone()).await;
+    one_slot_site(&server, "cap", 5).await;
+    let (mut booking, mut capacity) = (server.booking().await, server.capacity().await);
+    let now = clock.now_unix_ms();
+    let first = release("first", "test-region", now + 60_000, Some(now));
+    create(&mut capacity, first).await.expect("created");
+    let a = join(&mut booking, "first", "a").await.expect("joined");
+    join(&mut booking, "first", "b").await.expect("joined");
+    let full = join(&mut booking, "first", "c").await.expect_err("full");
+    assert_eq!(reason(&full).as_deref(), Some("QUEUE_FULL"));
+    let again = join(&mut booking, "first", "a").await.expect("its ticket");
+    assert_eq!((again.joined_at, again.state), (a.joined_at, a.state));
+    // Past the first release's `to` (60 days of slots): its two tickets stay, uncounted.
+    clock.advance(Duration::from_secs(61 * 86_400));
+    server.advance_releases().await;
+    let now = clock.now_unix_ms();
+    let second = release("second", "test-region", now + 60_000, Some(now));
+    create(&mut capacity, second).await.expect("created");
+    join(&mut booking, "second", "c")
+        .await
+        .expect("the ended queue's tickets not counted");
+    assert_eq!(
+        ticket(&mut booking, "first", "a").await.joined_at,
+        a.joined_at
+    );
+    server.stop().await;
+    let server = TestServer::start_with_clock(dir.path(), config, clock).await;
+    let mut booking = server.booking().await;
+    join(&mut booking, "second", "d")
+        .await
+        .expect("recovery counts live queues only");
+    let full = join(&mut booking, "second", "e").await.expect_err("full");
+    assert_eq!(reason(&full).as_deref(), Some("QUEUE_FULL"));
+    server.stop().await;
+}

@@ -27,6 +27,9 @@ pub struct ReleaseEntry {
 pub(in crate::service) struct ReleaseState {
     pub(in crate::service) sold_out_at_unix_ms: Option<i64>,
     pub(in crate::service) queue: Queue,
+    /// Its `to` passed: its tickets no longer count against `queue_tickets_max` (they
+    /// stay, for the citizens to read, until retention deletes them).
+    pub(in crate::service) ended: bool,
 }
 
 impl ReleaseEntry {
@@ -35,6 +38,7 @@ impl ReleaseEntry {
         let state = ReleaseState {
             sold_out_at_unix_ms: release.sold_out_at_unix_ms,
             queue: Queue::default(),
+            ended: false,
         };
         Self {
             reserves_shown_until_ms: AtomicI64::new(now_unix_ms),
@@ -117,7 +121,9 @@ pub struct Releases {
     /// One admission step at a time (the server's timer, a test's call): a step reads
     /// the queue, writes, then admits what it read.
     pub(in crate::service) step: tokio::sync::Mutex<()>,
-    /// Tickets of every queue (bounded by `queue_tickets_max`).
+    /// Tickets of the queues of releases not ended (bounded by `queue_tickets_max`),
+    /// changed under the release's lock: a ticket counts while it is in the queue of a
+    /// release whose `ended` is unset.
     pub(in crate::service) tickets: std::sync::atomic::AtomicUsize,
     /// The places each channel but the default holds, per slot (channel reserves).
     pub(in crate::service) channel_use: Mutex<ChannelUse>,
