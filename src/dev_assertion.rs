@@ -17,6 +17,8 @@ pub struct AssertionRequest<'a> {
     pub ttl_seconds: u32,
     pub birth_year: Option<i32>,
     pub groups: &'a [String],
+    /// Citizens the subject may book for too (a household's `BookGroup`).
+    pub dependants: &'a [String],
     pub now_unix_s: i64,
 }
 
@@ -48,6 +50,9 @@ pub fn sign(request: &AssertionRequest<'_>) -> Result<String, String> {
     }
     if !request.groups.is_empty() {
         claims["groups"] = json!(request.groups);
+    }
+    if !request.dependants.is_empty() {
+        claims["dependants"] = json!(request.dependants);
     }
     encode(&Header::new(algorithm), &claims, &key).map_err(|e| format!("cannot sign: {e}"))
 }

@@ -119,6 +119,9 @@ struct DevAssertionArgs {
     /// A priority group; repeat for several.
     #[arg(long = "group")]
     groups: Vec<String>,
+    /// A citizen the subject books for too (`dependants`, for BookGroup); repeat.
+    #[arg(long = "dependant")]
+    dependants: Vec<String>,
 }
 
 /// How a client command reaches a running server.
@@ -644,6 +647,7 @@ fn dev_assertion(args: &DevAssertionArgs) -> Result<(), String> {
         ttl_seconds: args.ttl_seconds,
         birth_year: args.birth_year,
         groups: &args.groups,
+        dependants: &args.dependants,
         now_unix_s,
     })?;
     print_out(&token)

@@ -248,6 +248,7 @@ async fn a_dev_assertion_is_accepted() {
         ttl_seconds: 600,
         birth_year: Some(1980),
         groups: &["health-workers".to_string()],
+        dependants: &[],
         now_unix_s: now(),
     })
     .unwrap();
@@ -257,6 +258,31 @@ async fn a_dev_assertion_is_accepted() {
         .book(with_assertion(book_request(&slot, "", "c1"), &assertion))
         .await
         .unwrap();
+    // The command line's, for a household: the subject and its dependant, in one group.
+    let signed = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .arg("dev-assertion")
+        .arg("--key")
+        .arg(&key_file)
+        .args(["--iss", "cie", "--aud", AUDIENCE, "--sub", "DAN"])
+        .args(["--dependant", "KID"])
+        .output()
+        .unwrap();
+    assert!(signed.status.success(), "{:?}", signed);
+    let household = String::from_utf8(signed.stdout).unwrap();
+    let booked = server
+        .booking()
+        .await
+        .book_group(with_assertion(
+            proto::BookGroupRequest {
+                slot_id: slot.clone(),
+                citizen_ids: vec!["DAN".into(), "KID".into()],
+                request_id: "g1".into(),
+            },
+            household.trim(),
+        ))
+        .await
+        .expect("the subject and its dependant");
+    assert_eq!(booked.into_inner().bookings.len(), 2);
     server.stop().await;
 }
 
