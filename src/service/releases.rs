@@ -85,6 +85,22 @@ fn release_slots(
 }
 
 impl Engine {
+    /// The release's slots a ticket admits to now: not started, and not a campaign's
+    /// slot outside its last-minute window (those are reached through offers only, so
+    /// a queue counting them would admit citizens to places they cannot book).
+    fn admitting_slots(&self, release: &Release, now: i64) -> Vec<Arc<Slot>> {
+        let catalog = self.catalog();
+        let mut slots = future_slots(&catalog, release, now);
+        if !self.campaigns.is_empty() {
+            slots.retain(|slot| {
+                let key = slot.key();
+                let region = catalog.site(&key.site_id).map(|site| &site.region_id);
+                !region.is_some_and(|region| self.campaigns.requires_offer(region, &key, now))
+            });
+        }
+        slots
+    }
+
     /// The places of `slots` of `entry`'s release: free counts only the common places
     /// (a queue admits no one to places reserved for a channel).
     fn places_of(&self, entry: &ReleaseEntry, slots: &[Arc<Slot>], now: i64) -> Places {
@@ -373,7 +389,7 @@ impl Engine {
             )
         };
         let release = entry.current();
-        let slots = future_slots(&self.catalog(), &release, now);
+        let slots = self.admitting_slots(&release, now);
         let places = self.places_of(&entry, &slots, now);
         Ok(ReleaseStatus {
             phase: release.phase(now),
@@ -583,7 +599,7 @@ impl Engine {
             state.queue.expire(now - self.admission_grace_ms());
             (state.queue.unused(), state.queue.waiting())
         };
-        let slots = future_slots(&self.catalog(), &release, now);
+        let slots = self.admitting_slots(&release, now);
         let places = self.places_of(entry, &slots, now);
         if places.free == 0 {
             if release.sold_out_at_unix_ms.is_none() && self.nothing_coming_back(&slots, places) {

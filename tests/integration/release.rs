@@ -865,3 +865,57 @@ async fn the_ticket_cap_counts_live_queues_and_never_refuses_a_ticket_holder() {
     assert_eq!(reason(&full).as_deref(), Some("QUEUE_FULL"));
     server.stop().await;
 }
+
+/// A queue admits no one to a campaign's slots while they take offers only: tickets
+/// were admitted to places their holders could not book (OFFER_REQUIRED). Once the
+/// slot is in the campaign's last-minute window, anyone may book it, and the queue
+/// admits to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_admits_to_a_campaigns_slots_only_in_their_last_minute_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "mixed", 5).await;
+    let (mut booking, mut capacity) = (server.booking().await, server.capacity().await);
+    let now = clock.now_unix_ms();
+    let far = now + 400 * 86_400_000;
+    let campaign = proto::Campaign {
+        campaign_id: "offers".into(),
+        service_id: "vax".into(),
+        region_id: "test-region".into(),
+        waves: vec![proto::Wave {
+            wave_id: "later".into(),
+            opens_at: at_ms(far),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    capacity
+        .upsert_campaign(proto::UpsertCampaignRequest {
+            campaign: Some(campaign),
+            request_id: String::new(),
+        })
+        .await
+        .expect("campaign");
+    let both = release("both", "test-region", now + 60_000, Some(now));
+    create(&mut capacity, both).await.expect("created");
+    join(&mut booking, "both", "a").await.expect("joined");
+    clock.advance(Duration::from_secs(61));
+    server.advance_releases().await;
+    assert_eq!(get_release(&mut capacity, "both").await.places_remaining, 0);
+    let state = ticket(&mut booking, "both", "a").await.state();
+    assert_ne!(
+        state,
+        QueueTicketState::Admitted,
+        "no place a ticket could book"
+    );
+    // 29 days on, the slot (30 days ahead, 10:00 UTC) is within the last 24 hours.
+    clock.advance(Duration::from_secs(29 * 86_400));
+    server.advance_releases().await;
+    assert_eq!(
+        ticket(&mut booking, "both", "a").await.state(),
+        QueueTicketState::Admitted
+    );
+    book_ok(&mut booking, book_request(&slot, "a", "a-book")).await;
+    server.stop().await;
+}
