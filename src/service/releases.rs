@@ -607,12 +607,13 @@ impl Engine {
             }
             return Ok(0);
         }
+        if release.sold_out_at_unix_ms.is_some() {
+            // Places came back (a cancel, a slot reopened): no longer sold out, whether
+            // the next tickets in rank order or an admitted one's holder take them.
+            self.set_sold_out(entry, release.clone(), None).await?;
+        }
         if waiting == 0 || places.free <= unused as u64 {
             return Ok(0);
-        }
-        if release.sold_out_at_unix_ms.is_some() {
-            // Places came back (a cancel): the next tickets in rank order get them.
-            self.set_sold_out(entry, release.clone(), None).await?;
         }
         let step_max = self.limits.queue_admissions_per_step_max;
         let tickets = {

@@ -919,3 +919,55 @@ async fn a_queue_admits_to_a_campaigns_slots_only_in_their_last_minute_window() 
     book_ok(&mut booking, book_request(&slot, "a", "a-book")).await;
     server.stop().await;
 }
+
+/// A release sold out by a closure is open again once the slot reopens, though the
+/// place goes to the ticket already admitted (it stayed SOLD_OUT, with a free place).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_sold_out_by_a_closure_opens_again_when_the_slot_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot_id = one_slot_site(&server, "shut", 1).await;
+    let (mut booking, mut capacity) = (server.booking().await, server.capacity().await);
+    let now = clock.now_unix_ms();
+    let shut = release("shut", "test-region", now + 60_000, Some(now));
+    create(&mut capacity, shut).await.expect("created");
+    join(&mut booking, "shut", "a").await.expect("joined");
+    clock.advance(Duration::from_secs(61));
+    server.advance_releases().await;
+    assert_eq!(
+        ticket(&mut booking, "shut", "a").await.state(),
+        QueueTicketState::Admitted
+    );
+    let slot = search_all(&mut booking, "shut", "vax").await.remove(0);
+    let close = proto::CloseSlotsRequest {
+        site_id: "shut".into(),
+        service_id: None,
+        from: slot.start,
+        to: slot.end,
+        reason: "no staff".into(),
+        request_id: "close".into(),
+    };
+    capacity.close_slots(close).await.expect("closed");
+    server.advance_releases().await;
+    assert_eq!(
+        get_release(&mut capacity, "shut").await.phase(),
+        ReleasePhase::SoldOut
+    );
+    capacity
+        .set_slot_capacity(proto::SetSlotCapacityRequest {
+            slot_id: slot_id.clone(),
+            capacity: 1,
+            request_id: String::new(),
+        })
+        .await
+        .expect("reopened");
+    server.advance_releases().await;
+    let open = get_release(&mut capacity, "shut").await;
+    assert_eq!(
+        (open.phase(), open.places_remaining),
+        (ReleasePhase::Open, 1)
+    );
+    book_ok(&mut booking, book_request(&slot_id, "a", "a-book")).await;
+    server.stop().await;
+}
