@@ -433,6 +433,12 @@ async fn read_and_answer(
                 campaign_id: CAMPAIGN_ID.into(),
                 citizen_id,
                 request_id: format!("accept-{step}"),
+                // Only the offer read: never a later one at another slot.
+                hold_id: registration
+                    .offer
+                    .as_ref()
+                    .map(|offer| offer.hold_id.clone())
+                    .unwrap_or_default(),
             };
             let accepted = scenario::admitted(tally, "AcceptOffer", || {
                 let (mut client, request) = (client.clone(), request.clone());

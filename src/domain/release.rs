@@ -283,11 +283,15 @@ pub enum Gate {
 
 impl Gate {
     /// Whether a hold made at `held_at_unix_ms` never passed this gate: nothing passes
-    /// it before `release_at`, so such a hold was made before the release existed, and
-    /// confirming it must pass the gate now.
+    /// a release's before `release_at`, so such a hold was made before the release
+    /// existed, and confirming it must pass the gate now. A campaign's gate is passed
+    /// only by its own offers' holds (planned apart): any other hold in a slot that now
+    /// needs an offer was made before the campaign (or its window changed), so must
+    /// pass it too, and cannot.
     pub fn bypassed_by(&self, held_at_unix_ms: i64) -> bool {
         match self {
-            Gate::Open | Gate::OfferRequired => false,
+            Gate::Open => false,
+            Gate::OfferRequired => true,
             Gate::NotYet {
                 release_at_unix_ms, ..
             }

@@ -199,6 +199,16 @@ fn count_outcome(command: Command, outcome: &'static str) {
     metrics::counter!(telemetry::BOOKINGS, "command" => command, "outcome" => outcome).increment(1);
 }
 
+/// The offer a request names by its `hold_id`, if it names one.
+fn named_offer(hold_id: &str) -> Result<Option<BookingId>, Status> {
+    match hold_id {
+        "" => Ok(None),
+        id => Ok(Some(
+            BookingId::parse("hold_id", id).map_err(DomainError::from)?,
+        )),
+    }
+}
+
 /// Counts the outcome of `command` and passes `result` on.
 fn counted<T>(command: Command, result: Result<T, ServiceError>) -> Result<T, Status> {
     let outcome = match &result {
@@ -516,10 +526,11 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::AcceptOfferRequest>,
     ) -> Result<Response<proto::AcceptOfferResponse>, Status> {
+        let offer = named_offer(&request.get_ref().hold_id)?;
         let command = self.registration_command(request).await?;
         let result = detached({
             let engine = Arc::clone(&self.engine);
-            async move { engine.accept_offer(command).await }
+            async move { engine.accept_offer(command, offer).await }
         })
         .await?;
         let booking = counted(Command::Book, result)?;
@@ -532,10 +543,7 @@ impl BookingService for BookingApi {
         &self,
         request: Request<proto::DeclineOfferRequest>,
     ) -> Result<Response<proto::DeclineOfferResponse>, Status> {
-        let offer = match request.get_ref().hold_id.as_str() {
-            "" => None,
-            id => Some(BookingId::parse("hold_id", id).map_err(DomainError::from)?),
-        };
+        let offer = named_offer(&request.get_ref().hold_id)?;
         let command = self.registration_command(request).await?;
         let view = detached({
             let engine = Arc::clone(&self.engine);

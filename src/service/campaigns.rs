@@ -375,13 +375,16 @@ impl Engine {
     pub async fn accept_offer(
         &self,
         command: RegistrationCommand,
+        named: Option<HoldId>,
     ) -> Result<BookingView, ServiceError> {
         let citizen = self.hasher.hash(&command.citizen_id);
         let entry = self.campaign_entry(&command.campaign_id)?;
+        let named_bytes = named.map(|id| id.0.to_be_bytes()).unwrap_or_default();
         let fingerprint = RequestFingerprint::of(&[
             b"accept-offer",
             command.campaign_id.as_str().as_bytes(),
             &citizen.0,
+            &named_bytes,
         ]);
         let command = &command;
         self.once_per_booking_request(
@@ -389,7 +392,12 @@ impl Engine {
             Attempt::Of(&citizen),
             |request| async move {
                 let registration = entry.registration(&citizen)?;
-                let offer = registration.offer().ok_or(DomainError::NoOffer)?;
+                let current = registration.offer();
+                if named.is_some_and(|named| current.map(|o| o.hold_id) != Some(named)) {
+                    // The offer the citizen saw ended: another is not what it accepted.
+                    return Err(DomainError::HoldExpired.into());
+                }
+                let offer = current.ok_or(DomainError::NoOffer)?;
                 let asking = (citizen, &command.channel);
                 self.confirm_hold(&offer.slot, asking, offer.hold_id, request)
                     .await

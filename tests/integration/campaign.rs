@@ -149,6 +149,7 @@ async fn accept(
             campaign_id: campaign.into(),
             citizen_id: citizen.into(),
             request_id: format!("accept-{citizen}"),
+            hold_id: String::new(),
         })
         .await
         .map(|r| r.into_inner().booking.expect("a booking"))
@@ -644,6 +645,17 @@ async fn retried_declines_and_withdrawals_are_answered_after_a_restart() {
         .await
         .unwrap_err();
     assert_eq!(reason(&named).as_deref(), Some("NO_OFFER"));
+    // Nor does an accept naming it book the new offer's slot, which it never saw.
+    let late = BookingServiceClient::new(channel.clone())
+        .accept_offer(proto::AcceptOfferRequest {
+            campaign_id: "retry".into(),
+            citizen_id: "R-0".into(),
+            request_id: "accept-named".into(),
+            hold_id: first.hold_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&late).as_deref(), Some("HOLD_EXPIRED"));
     let still = registration(&channel, "retry", "R-0").await;
     assert_eq!(still.offer.unwrap().hold_id, second.hold_id);
 
@@ -1190,4 +1202,49 @@ async fn the_draw_is_the_same_after_a_restart() {
     assert_eq!(offered[0], offered[1], "the draw changed across a restart");
     // And it is a draw: 5 of 40 in arrival order would be the first five.
     assert_ne!(offered[0], names[..5], "five of forty in arrival order");
+}
+
+/// A hold taken before a campaign existed is no way past its offers: confirming it in a
+/// slot that now needs an offer is OFFER_REQUIRED (it was confirmed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_taken_before_the_campaign_needs_an_offer_to_be_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let channel = server.channel().await;
+    utc_site_on(
+        channel.clone(),
+        ("h-site", "molise"),
+        10,
+        ("09:00", "09:30"),
+        2,
+    )
+    .await;
+    let slot = search_all(&mut server.booking().await, "h-site", "vax")
+        .await
+        .remove(0);
+    let mut booking = server.booking().await;
+    let hold = booking
+        .hold_slot(proto::HoldSlotRequest {
+            slot_id: slot.slot_id.clone(),
+            citizen_id: "H-1".into(),
+            request_id: "hold-H-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("held before any campaign")
+        .into_inner()
+        .hold
+        .unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let later = vec![wave("later", now + 3_600_000, &[])];
+    upsert(&channel, campaign("h", "molise", later))
+        .await
+        .expect("campaign");
+    let confirm = proto::BookRequest {
+        hold_id: Some(hold.hold_id),
+        ..book_request(&slot.slot_id, "H-1", "confirm-H-1")
+    };
+    let refused = booking.book(confirm).await.unwrap_err();
+    assert_eq!(reason(&refused).as_deref(), Some("OFFER_REQUIRED"));
+    server.stop().await;
 }

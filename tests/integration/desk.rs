@@ -634,6 +634,7 @@ async fn a_campaign_booking_checked_in_survives_a_restart() {
                 campaign_id: "vax-campaign".into(),
                 citizen_id: citizen.into(),
                 request_id: format!("accept-{citizen}"),
+                hold_id: String::new(),
             })
             .await
             .expect("accepted")

@@ -77,7 +77,7 @@ fn the_readme_walk_through_works_by_copy_paste_on_another_day() {
         blocks_in(&readme, "## Campaigns: pre-registration, waves and offers"),
         blocks_in(&readme, "## At the desk: references, check-in and no-shows"),
         // Every id the steps took from an answer was there.
-        r#": "${SLOT1:?} ${SLOT2:?} ${SLOT3:?} ${BOOKING:?} ${HOLD:?} ${SLOT:?} ${DAY:?} ${REFERENCE:?} ${CODE:?}""#
+        r#": "${SLOT1:?} ${SLOT2:?} ${SLOT3:?} ${BOOKING:?} ${HOLD:?} ${SLOT:?} ${DAY:?} ${REFERENCE:?} ${CODE:?} ${HOLD_ID:?}""#
             .to_string(),
     ]
     .join("\n");
