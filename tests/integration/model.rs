@@ -331,6 +331,8 @@ async fn step(h: &mut Harness, m: &mut Model, op: &Op) {
             let (_, request) = h.request();
             let expected = match (owner == citizen, state) {
                 (true, HoldState::Live) => Ok(()),
+                // Holding again would meet the closed slot too.
+                (true, HoldState::Expired) if m.closed[slot] => Err("SLOT_CLOSED"),
                 (true, HoldState::Expired) => Err("HOLD_EXPIRED"),
                 _ => Err("HOLD_NOT_FOUND"),
             };
