@@ -379,13 +379,15 @@ impl Engine {
     ) -> Result<BookingView, ServiceError> {
         let citizen = self.hasher.hash(&command.citizen_id);
         let entry = self.campaign_entry(&command.campaign_id)?;
-        let named_bytes = named.map(|id| id.0.to_be_bytes()).unwrap_or_default();
-        let fingerprint = RequestFingerprint::of(&[
+        let named_bytes = named.map(|id| id.0.to_be_bytes());
+        let mut parts: Vec<&[u8]> = vec![
             b"accept-offer",
             command.campaign_id.as_str().as_bytes(),
             &citizen.0,
-            &named_bytes,
-        ]);
+        ];
+        // Unnamed, as before hold_id existed: a retry across the upgrade still matches.
+        parts.extend(named_bytes.as_ref().map(|bytes| bytes.as_slice()));
+        let fingerprint = RequestFingerprint::of(&parts);
         let command = &command;
         self.once_per_booking_request(
             (command.request.for_citizen(&citizen), fingerprint),

@@ -92,10 +92,17 @@ impl Engine {
         let catalog = self.catalog();
         let mut slots = future_slots(&catalog, release, now);
         if !self.campaigns.is_empty() {
+            // One campaign per service and region: looked up once per site.
+            let mut campaigns = HashMap::new();
             slots.retain(|slot| {
                 let key = slot.key();
-                let region = catalog.site(&key.site_id).map(|site| &site.region_id);
-                !region.is_some_and(|region| self.campaigns.requires_offer(region, &key, now))
+                let campaign = campaigns.entry(key.site_id.clone()).or_insert_with(|| {
+                    let site = catalog.site(&key.site_id)?;
+                    self.campaigns.covering(&site.region_id, &key)
+                });
+                !campaign
+                    .as_ref()
+                    .is_some_and(|c| c.requires_offer(key.start_unix_s, now))
             });
         }
         slots
@@ -448,9 +455,19 @@ impl Engine {
 
     /// `count` tickets of the release whose lock `state` is leave the live count.
     fn uncount_tickets(&self, state: &ReleaseState, count: usize) {
-        if !state.ended {
-            let before = self.releases.tickets.fetch_sub(count, Ordering::AcqRel);
-            assert!(before >= count, "ticket count below zero");
+        if state.ended {
+            return;
+        }
+        let tickets = &self.releases.tickets;
+        let less = |n: usize| n.checked_sub(count);
+        if tickets
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, less)
+            .is_err()
+        {
+            // A bug: never wrap to refusing every join; the live queues bound it again.
+            tracing::error!(count, "ticket count below zero; set to zero");
+            debug_assert!(false, "ticket count below zero");
+            tickets.store(0, Ordering::Release);
         }
     }
 
@@ -602,7 +619,7 @@ impl Engine {
         let slots = self.admitting_slots(&release, now);
         let places = self.places_of(entry, &slots, now);
         if places.free == 0 {
-            if release.sold_out_at_unix_ms.is_none() && self.nothing_coming_back(&slots, places) {
+            if release.sold_out_at_unix_ms.is_none() && self.all_gone(entry, &release, now) {
                 self.set_sold_out(entry, release, Some(now)).await?;
             }
             return Ok(0);
@@ -639,6 +656,14 @@ impl Engine {
 
     /// No place of these slots can come back by itself: none is held (a hold may
     /// expire) and no admission is being written (a failed write gives its place back).
+    /// Whether no place of the release's slots is left, nor coming back: a campaign's
+    /// slot free outside its last-minute window admits no ticket yet, but will.
+    fn all_gone(&self, entry: &ReleaseEntry, release: &Release, now: i64) -> bool {
+        let slots = future_slots(&self.catalog(), release, now);
+        let places = self.places_of(entry, &slots, now);
+        places.free == 0 && self.nothing_coming_back(&slots, places)
+    }
+
     fn nothing_coming_back(&self, slots: &[Arc<Slot>], places: Places) -> bool {
         if places.pending > 0 {
             return false;
@@ -695,8 +720,9 @@ impl Engine {
             let key = crate::store::records::release_key(&id);
             self.store.commit(&[Write::Delete(key)]).await?;
             if let Some(entry) = self.releases.remove(&id) {
-                let state = entry.lock();
+                let mut state = entry.lock();
                 self.uncount_tickets(&state, state.queue.len());
+                state.ended = true;
             }
             releases += 1;
         }
@@ -779,8 +805,9 @@ impl Engine {
                 orphaned.insert(ticket.release_id);
                 continue;
             };
-            entry.lock().queue.restore(&ticket);
-            if now < entry.definition.to_unix_s.saturating_mul(1_000) {
+            let mut state = entry.lock();
+            state.queue.restore(&ticket);
+            if !state.ended {
                 self.releases.tickets.fetch_add(1, Ordering::AcqRel);
             }
         }
@@ -789,7 +816,6 @@ impl Engine {
         for (id, entry) in entries {
             {
                 let mut state = entry.lock();
-                state.ended = now >= entry.definition.to_unix_s.saturating_mul(1_000);
                 state.queue.rebuild(&entry.definition, now);
                 state.queue.check().map_err(|why| {
                     ServiceError::Recovery(format!("the queue of release {id}: {why}"))

@@ -280,6 +280,25 @@ async fn proxied_tls_channel(server: &TestServer, pki: &Pki, header: &str) -> Ch
         .connect_with_connector_lazy(connector)
 }
 
+/// `command`'s output once it exited; killed, and the test failed, if it runs on.
+fn exited_within(mut command: std::process::Command, within: Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > within {
+            child.kill().ok();
+            panic!("still running after {within:?}: it started with unusable TLS files");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// TLS files the TLS stack cannot use are refused by `config check` and by `serve`
 /// alike, naming the file and why (serve said "gRPC transport: transport error", or
 /// failed only at the first handshake): no certificate, a certificate for a key, the
@@ -338,7 +357,8 @@ fn unusable_tls_files_are_refused_by_config_check_and_serve_naming_them() {
         let stderr = String::from_utf8_lossy(&checked.stderr);
         assert!(!checked.status.success(), "case {number}: {stderr}");
         assert!(stderr.contains(why), "case {number}: {stderr}");
-        let served = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+        let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"));
+        serve
             .args([
                 "serve",
                 "--listen",
@@ -349,9 +369,8 @@ fn unusable_tls_files_are_refused_by_config_check_and_serve_naming_them() {
             .arg("--config")
             .arg(&file)
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .output()
-            .unwrap();
+            .arg(dir.path().join("data"));
+        let served = exited_within(serve, Duration::from_secs(30));
         let said = String::from_utf8_lossy(&served.stderr);
         assert!(!served.status.success(), "case {number}: {said}");
         assert!(said.contains(why), "case {number}: {said}");
