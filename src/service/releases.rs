@@ -654,8 +654,6 @@ impl Engine {
         Ok(tickets.len())
     }
 
-    /// No place of these slots can come back by itself: none is held (a hold may
-    /// expire) and no admission is being written (a failed write gives its place back).
     /// Whether no place of the release's slots is left, nor coming back: a campaign's
     /// slot free outside its last-minute window admits no ticket yet, but will.
     fn all_gone(&self, entry: &ReleaseEntry, release: &Release, now: i64) -> bool {
@@ -664,6 +662,8 @@ impl Engine {
         places.free == 0 && self.nothing_coming_back(&slots, places)
     }
 
+    /// No place of these slots can come back by itself: none is held (a hold may
+    /// expire) and no admission is being written (a failed write gives its place back).
     fn nothing_coming_back(&self, slots: &[Arc<Slot>], places: Places) -> bool {
         if places.pending > 0 {
             return false;
