@@ -69,6 +69,17 @@ pub struct Release {
 }
 
 impl Release {
+    /// `to` in milliseconds: every slot the release can hold starts before it.
+    pub fn to_unix_ms(&self) -> i64 {
+        self.to_unix_s.saturating_mul(1_000)
+    }
+
+    /// Whether `to` has passed: no one joins its queue (RELEASE_ENDED), and its
+    /// tickets no longer count against `queue_tickets_max`.
+    pub fn has_ended(&self, now_unix_ms: i64) -> bool {
+        now_unix_ms >= self.to_unix_ms()
+    }
+
     /// The places of a slot of `capacity` starting at `start_unix_s` each reserve
     /// holds back at `now` (in `reserves` order); `None` when none does (no reserves,
     /// or released).

@@ -433,7 +433,7 @@ impl Engine {
             }
             .into());
         }
-        if now >= entry.definition.to_unix_s.saturating_mul(1_000) {
+        if entry.definition.has_ended(now) {
             return Err(DomainError::ReleaseEnded.into());
         }
         Ok(entry)
@@ -475,7 +475,7 @@ impl Engine {
     /// must not refuse the next release's joins until retention deletes them.
     fn end_ended(&self, entries: &[Arc<ReleaseEntry>], now: i64) {
         for entry in entries {
-            if now < entry.definition.to_unix_s.saturating_mul(1_000) {
+            if !entry.definition.has_ended(now) {
                 continue;
             }
             let mut state = entry.lock();
@@ -563,8 +563,7 @@ impl Engine {
         let mut admitted = 0;
         for entry in entries {
             let release = &entry.definition;
-            let running = (release.release_at_unix_ms..release.to_unix_s.saturating_mul(1_000))
-                .contains(&now);
+            let running = (release.release_at_unix_ms..release.to_unix_ms()).contains(&now);
             if release.queue.is_none() || !running {
                 continue;
             }
@@ -835,7 +834,7 @@ fn check_release_times(release: &Release, now: i64) -> Result<(), DomainError> {
             "must be in the future",
         ));
     }
-    if release.release_at_unix_ms >= release.to_unix_s.saturating_mul(1_000) {
+    if release.release_at_unix_ms >= release.to_unix_ms() {
         return Err(DomainError::invalid(
             "release.release_at",
             "must be before `to`: no slot of the release could be booked",

@@ -39,7 +39,7 @@ impl ReleaseEntry {
             sold_out_at_unix_ms: release.sold_out_at_unix_ms,
             queue: Queue::default(),
             // Created before its `to` (checked); read back at recovery maybe after it.
-            ended: now_unix_ms >= release.to_unix_s.saturating_mul(1_000),
+            ended: release.has_ended(now_unix_ms),
         };
         Self {
             reserves_shown_until_ms: AtomicI64::new(now_unix_ms),
