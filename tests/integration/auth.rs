@@ -360,20 +360,6 @@ async fn tokens_decide_services_and_regions() {
     server.stop().await;
 }
 
-/// `prenota config check FILE`, which must pass (`passes`) or not; its output and its
-/// stderr. (The listen address's rules only warn: `serve`'s flags may settle them; a
-/// file `serve` reads and cannot fails the check.)
-fn config_check(file: &std::path::Path, passes: bool) -> (std::process::Output, String) {
-    let checked = Command::new(env!("CARGO_BIN_EXE_prenota"))
-        .args(["config", "check"])
-        .arg(file)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&checked.stderr).into_owned();
-    assert_eq!(checked.status.success(), passes, "{stderr}");
-    (checked, stderr)
-}
-
 /// Bearer tokens never cross a network in clear unless the operator insists: `serve`
 /// refuses a non-loopback address without TLS, and `config check` warns of it.
 #[test]

@@ -5,7 +5,6 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::child::{ChildOptions, ChildServer};
 use common::*;
@@ -134,13 +133,7 @@ async fn a_node_on_verify_full_books_over_tls_and_config_check_names_a_bad_mode(
     );
 
     std::fs::write(&config, text.replace("verify-full", "verify_full")).unwrap();
-    let checked = Command::new(env!("CARGO_BIN_EXE_prenota"))
-        .args(["config", "check"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&checked.stderr);
-    assert!(!checked.status.success(), "{said}");
+    let (_, said) = config_check(&config, false);
     assert!(
         said.contains("sslmode") && !said.contains("SECRET"),
         "{said}"

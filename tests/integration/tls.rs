@@ -349,13 +349,7 @@ fn unusable_tls_files_are_refused_by_config_check_and_serve_naming_them() {
         );
         let file = dir.path().join(format!("case-{number}.toml"));
         std::fs::write(&file, text).unwrap();
-        let checked = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
-            .args(["config", "check"])
-            .arg(&file)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&checked.stderr);
-        assert!(!checked.status.success(), "case {number}: {stderr}");
+        let (_, stderr) = config_check(&file, false);
         assert!(stderr.contains(why), "case {number}: {stderr}");
         let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"));
         serve

@@ -583,3 +583,17 @@ pub fn open_stopped_sled(dir: &Path) -> sled::Db {
         }
     }
 }
+
+/// `prenota config check FILE`, which must pass (`passes`) or not; its output and its
+/// stderr. (The listen address's rules only warn: `serve`'s flags may settle them; a
+/// file `serve` reads and cannot fails the check.)
+pub fn config_check(file: &Path, passes: bool) -> (std::process::Output, String) {
+    let checked = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args(["config", "check"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&checked.stderr).into_owned();
+    assert_eq!(checked.status.success(), passes, "{stderr}");
+    (checked, stderr)
+}
