@@ -103,7 +103,25 @@ pub fn connect(url: &str, node: &str) -> Result<Client, StoreError> {
     config.keepalives_retries(3);
     // A call whose bytes go unacknowledged ends, so a stuck node can exit and restart.
     config.tcp_user_timeout(Duration::from_secs(10));
-    config.connect(tls).map_err(pg_error("connecting"))
+    let mut client = config.connect(tls).map_err(pg_error("connecting"))?;
+    unset_session_timeouts(&mut client).map_err(pg_error("setting up the session"))?;
+    Ok(client)
+}
+
+/// A role's or database's timeouts are meant for people's sessions, not prenota's:
+/// `idle_session_timeout` would end a quiet node's commit session (it would stop being
+/// the active node), and a `statement_timeout` cancelling a COMMIT that waits for a
+/// synchronous replica leaves it committed on the primary only, yet answered as a
+/// success: an acknowledgement the replica may not have. prenota's own bounds are the
+/// TCP timeouts above, the lease's `lock_timeout` and the request timeout.
+fn unset_session_timeouts(client: &mut Client) -> Result<(), postgres::Error> {
+    client
+        .batch_execute("SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0")?;
+    let version: String = client.query_one("SHOW server_version_num", &[])?.get(0);
+    if version.parse::<u32>().unwrap_or(0) >= 140_000 {
+        client.batch_execute("SET idle_session_timeout = 0")?;
+    }
+    Ok(())
 }
 
 /// Brings the schema up to date (once, under a lock, if several nodes start together).

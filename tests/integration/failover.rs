@@ -149,19 +149,48 @@ async fn commits_wait_for_the_flush_whatever_the_url_asks() {
         BEGIN INSERT INTO seen VALUES (current_setting('synchronous_commit')); RETURN NULL; END $$;
         CREATE TRIGGER note_level AFTER INSERT OR UPDATE ON prenota_kv
         FOR EACH STATEMENT EXECUTE FUNCTION note_level();";
-    let (setup_url, watch) = (url.clone(), watch.to_string());
-    std::thread::spawn(move || {
-        let mut client = ::postgres::Client::connect(&setup_url, ::postgres::NoTls).unwrap();
-        client.batch_execute(&watch).unwrap();
-    })
-    .join()
-    .unwrap();
+    common::postgres::execute(&url, watch);
     let slots = ten_minute_slots(connect(&active.url).await, ("sc", day_ahead(40)), 1, 5).await;
     let mut client = BookingServiceClient::new(connect(&active.url).await);
     book_ok(&mut client, book_request(&slots[0], "c1", "r1")).await;
     let seen = |sql: &str| common::postgres::query_i64(&url, sql);
     assert!(seen("SELECT count(*) FROM seen") > 0);
     assert_eq!(seen("SELECT count(*) FROM seen WHERE level <> 'on'"), 0);
+}
+
+/// A role or database whose sessions end after 1 s idle, and whose statements time
+/// out: the node's own sessions run with neither (a quiet node stays the active one; a
+/// COMMIT waiting for a replica is never cancelled into a false success), as a trigger
+/// on its table sees them, and it still books after idling past the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_node_keeps_its_sessions_whatever_timeouts_the_role_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((config, url)) = shared_config_and_url(dir.path()) else {
+        return;
+    };
+    let text = std::fs::read_to_string(&config).unwrap();
+    let timeouts = "%20-cidle_session_timeout%3D1000%20-cstatement_timeout%3D30000";
+    let strict = text.replace("\"\nlease_ttl_ms", &format!("{timeouts}\"\nlease_ttl_ms"));
+    assert_ne!(strict, text);
+    std::fs::write(&config, strict).unwrap();
+    let mut active = node(dir.path(), &config, "a");
+    active.wait_serving();
+    let watch = "CREATE TABLE seen (statement text, idle text);
+        CREATE FUNCTION note_timeouts() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO seen VALUES (current_setting('statement_timeout'),
+            current_setting('idle_session_timeout')); RETURN NULL; END $$;
+        CREATE TRIGGER note_timeouts AFTER INSERT OR UPDATE ON prenota_kv
+        FOR EACH STATEMENT EXECUTE FUNCTION note_timeouts();";
+    common::postgres::execute(&url, watch);
+    let slots = ten_minute_slots(connect(&active.url).await, ("qt", day_ahead(40)), 1, 5).await;
+    let mut client = BookingServiceClient::new(connect(&active.url).await);
+    book_ok(&mut client, book_request(&slots[0], "c1", "r1")).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    book_ok(&mut client, book_request(&slots[0], "c2", "r2")).await;
+    let seen = |sql: &str| common::postgres::query_i64(&url, sql);
+    assert!(seen("SELECT count(*) FROM seen") > 0);
+    let other = "SELECT count(*) FROM seen WHERE statement <> '0' OR idle <> '0'";
+    assert_eq!(seen(other), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,6 +97,17 @@ pub fn query_i64(url: &str, sql: &str) -> i64 {
     .expect("query ran")
 }
 
+/// Runs the statements of `sql` on `url` (a test's own tables, triggers, settings).
+pub fn execute(url: &str, sql: &str) {
+    let (url, sql) = (url.to_string(), sql.to_string());
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        client.batch_execute(&sql).expect("statements");
+    })
+    .join()
+    .expect("statements ran")
+}
+
 /// A record's key and value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
