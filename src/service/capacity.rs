@@ -18,7 +18,7 @@ use crate::domain::hold::{Hold, HoldState};
 use crate::domain::ids::{RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::Schedule;
 use crate::service::actor::Actor;
-use crate::service::engine::{undo_if_never_queued, Engine};
+use crate::service::engine::{undo_if_never_written, Engine};
 use crate::service::error::ServiceError;
 use crate::service::import_check::{ImportCheck, ImportRow};
 use crate::store::records::{
@@ -157,6 +157,20 @@ fn chunked(writes: &[Write], size: usize) -> Vec<&[Write]> {
         rest = tail;
     }
     chunks
+}
+
+/// The error of a chunked write's later chunk: the earlier chunks are on disk, so a
+/// refusal by a store that had failed meanwhile must not read as "never written" (its
+/// caller would undo, in memory, changes the disk has). A restart finishes the write
+/// or tells to re-run it (`ApplyJournal`).
+fn written_in_part(error: StoreError) -> StoreError {
+    match error.never_written() {
+        true => StoreError::Io(format!(
+            "{error}, after part of this change was written: restart the server, then \
+             send the same change again"
+        )),
+        false => error,
+    }
 }
 
 /// Lowers, in memory, the capacities the plans lower (never below what is taken);
@@ -569,7 +583,7 @@ impl Engine {
                 ),
             );
         }
-        undo_if_never_queued(self.commit_in_chunks(writes).await, || {
+        undo_if_never_written(self.commit_in_chunks(writes).await, || {
             restore_capacities(lowered)
         })?;
         let published = self.publish_in_memory(sites, plans);
@@ -648,7 +662,11 @@ impl Engine {
                 part.push(Write::ApplyJournal(finished.clone()));
             }
             if index > 0 {
-                self.store.commit_waiting_for_room(&part).await?;
+                // The chunks before are written: memory must keep their effects.
+                self.store
+                    .commit_waiting_for_room(&part)
+                    .await
+                    .map_err(written_in_part)?;
                 continue;
             }
             let mut waited = 0;
@@ -739,7 +757,7 @@ impl Engine {
                 if before.closed { " (closed)" } else { "" }
             ),
         ));
-        undo_if_never_queued(self.store.commit(&writes).await, || {
+        undo_if_never_written(self.store.commit(&writes).await, || {
             if lowered {
                 let _ = slot.counter.set_capacity(before.capacity);
             }
@@ -947,7 +965,7 @@ impl Engine {
             requeued,
             ..
         } = closure;
-        undo_if_never_queued(self.store.commit(&writes).await, || {
+        undo_if_never_written(self.store.commit(&writes).await, || {
             for booking in &cancelled {
                 self.citizens.unclaim(booking.citizen, booking.booking_id);
             }

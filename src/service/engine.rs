@@ -112,15 +112,16 @@ pub(super) enum Attempt<'a> {
     On(&'a CitizenKey, &'a SlotKey),
 }
 
-/// The result of a write whose in-memory effects are undone only if it never reached the
-/// queue (`Overloaded`). After any other error the write may be on disk: memory keeps
-/// its effects (places stay taken: never overbook), and the store is failed until a
+/// The result of a write whose in-memory effects are undone only if it was certainly
+/// never written ([`StoreError::never_written`]: the queue was full, or the store had
+/// failed before). After any other error the write may be on disk: memory keeps its
+/// effects (places stay taken: never overbook), and the store is failed until a
 /// restart rebuilds from the disk.
-pub(super) fn undo_if_never_queued(
+pub(super) fn undo_if_never_written(
     written: Result<(), StoreError>,
     undo: impl FnOnce(),
 ) -> Result<(), ServiceError> {
-    if written == Err(StoreError::Overloaded) {
+    if written.as_ref().is_err_and(StoreError::never_written) {
         undo();
     }
     Ok(written?)

@@ -12,7 +12,7 @@ use crate::domain::ids::{BookingId, ChannelId, CitizenKey, ServiceId, SlotKey};
 use crate::domain::plans::{Free, Plan, SlotView, Take};
 use crate::domain::release::Gate;
 use crate::domain::slot_counter::Refused;
-use crate::service::engine::{undo_if_never_queued, Engine};
+use crate::service::engine::{undo_if_never_written, Engine};
 use crate::service::error::ServiceError;
 use crate::store::records::Write;
 
@@ -83,7 +83,7 @@ impl Engine {
         let writes: Vec<Write> = writes.into_iter().map(Write::from).collect();
         debug_assert!(self.new_holds_are_findable(&writes));
         let written = self.store.commit(&writes).await;
-        undo_if_never_queued(written, || {
+        undo_if_never_written(written, || {
             self.undo(&taken.done);
             restore();
         })?;
@@ -134,7 +134,7 @@ impl Engine {
         }
         debug_assert!(self.new_holds_are_findable(&writes));
         let written = self.store.commit(&writes).await;
-        undo_if_never_queued(written, || {
+        undo_if_never_written(written, || {
             for (plan, taken) in &done {
                 self.undo(&taken.done);
                 dropped(&plan.answer);

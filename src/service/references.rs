@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use crate::domain::booking::{BookingCodes, Reference};
 use crate::service::error::ServiceError;
-use crate::store::error::StoreError;
 
 /// How often, at most, references quiet for `CodeLimits::forget_after` are forgotten
 /// (bounds the memory wrong codes take; the pass is linear in them).
@@ -86,7 +85,7 @@ impl Minted<'_> {
     pub fn settle<T>(mut self, outcome: &Result<T, ServiceError>) {
         self.kept = match outcome {
             Ok(_) | Err(ServiceError::Domain(_)) => false,
-            Err(ServiceError::Store(StoreError::Overloaded)) => false,
+            Err(ServiceError::Store(error)) => !error.never_written(),
             Err(_) => true,
         };
     }
@@ -213,6 +212,7 @@ fn check_in_code(bits: u64) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::error::StoreError;
 
     fn refused() -> Result<(), ServiceError> {
         Err(ServiceError::Domain(

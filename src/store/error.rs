@@ -29,3 +29,13 @@ pub enum StoreError {
     #[error("{0}")]
     BackupFellBehind(String),
 }
+
+impl StoreError {
+    /// Whether a commit that answered this was certainly not written: the queue was
+    /// full, or the store had failed before (the committer refuses without writing).
+    /// Its caller may then undo its in-memory changes. Any other error may follow a
+    /// write that reached the disk.
+    pub fn never_written(&self) -> bool {
+        matches!(self, StoreError::Overloaded | StoreError::Failed)
+    }
+}

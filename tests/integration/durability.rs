@@ -100,6 +100,42 @@ async fn no_booking_is_acknowledged_before_its_fdatasync_returns() {
     server.terminate();
 }
 
+/// After a failed fdatasync the store refuses every write without trying it: such a
+/// refused booking takes no place (later citizens hear STORAGE_FAILED, not SLOT_FULL)
+/// and leaves the citizen free (its retry is refused again, not CITIZEN_ALREADY_BOOKED).
+/// The failed booking itself may be on disk: its place stays taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookings_refused_after_a_storage_failure_take_no_place_and_book_no_citizen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (library, control) = fdatasync_gate(dir.path());
+    let server = start_with_shim(&dir.path().join("data"), &library, &control);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "refused", "r", 3).await;
+    let mut client = BookingServiceClient::new(channel.clone());
+    book_ok(&mut client, book_request(&slot_id, "c-before", "before")).await;
+    std::fs::write(control.join("fail"), b"").unwrap();
+    let failed = client
+        .book(book_request(&slot_id, "c-failed", "failed"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&failed).as_deref(), Some("STORAGE_FAILED"));
+    std::fs::remove_file(control.join("fail")).unwrap();
+    for (citizen, request) in [("c1", "r1"), ("c2", "r2"), ("c1", "r1"), ("c1", "r3")] {
+        let refused = client
+            .book(book_request(&slot_id, citizen, request))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            reason(&refused).as_deref(),
+            Some("STORAGE_FAILED"),
+            "{refused:?}"
+        );
+    }
+    let slots = search_all(&mut client, "refused", "vax").await;
+    assert_eq!(slots[0].remaining, 1, "{slots:?}");
+    server.terminate();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
     let dir = tempfile::tempdir().unwrap();
