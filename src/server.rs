@@ -70,6 +70,13 @@ pub enum ServeError {
          exiting, so that a supervisor starts it again as a standby"
     )]
     NoLongerActive,
+    /// The store failed while serving (a full disk, an I/O error): every write was
+    /// refused since. The exit status says so, for a supervisor and an operator.
+    #[error(
+        "the store failed while serving, and every write since was refused: free the disk \
+         or mend what the log named, then start again (recovery reads what is on disk)"
+    )]
+    StoreFailed,
 }
 
 #[derive(Clone, Debug)]
@@ -463,11 +470,12 @@ async fn ended(
     match started {
         Ok((engine, tasks, _stop)) => {
             tasks.stop().await;
-            close(engine).await;
+            let closed = close(engine).await;
             served.map_err(ServeError::from)?;
-            match no_longer_active {
-                true => Err(ServeError::NoLongerActive),
-                false => Ok(()),
+            match (no_longer_active, closed) {
+                (true, _) => Err(ServeError::NoLongerActive),
+                (false, Err(_)) => Err(ServeError::StoreFailed),
+                (false, Ok(())) => Ok(()),
             }
         }
         // Shut down while standing by: nothing was opened.
@@ -903,25 +911,32 @@ async fn refresh_gauges(engine: Arc<Engine>) {
 }
 
 /// Waits (bounded) until detached request tasks release the engine, then stops the
-/// committer after it has made every queued write durable.
-async fn close(mut engine: Arc<Engine>) {
+/// committer after it has made every queued write durable. An error if the store had
+/// failed.
+async fn close(mut engine: Arc<Engine>) -> Result<(), StoreError> {
     let deadline = tokio::time::Instant::now() + ENGINE_RELEASE_WAIT;
     loop {
         match Arc::try_unwrap(engine) {
             Ok(mut owned) => {
-                tokio::task::block_in_place(|| owned.shutdown());
-                tracing::info!("store closed cleanly");
-                return;
+                let closed = tokio::task::block_in_place(|| owned.shutdown());
+                match &closed {
+                    Ok(()) => tracing::info!("store closed cleanly"),
+                    Err(error) => tracing::error!(%error, "store closed after it failed"),
+                }
+                return closed;
             }
             Err(shared) if tokio::time::Instant::now() < deadline => {
                 engine = shared;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            Err(_) => {
+            Err(shared) => {
                 tracing::warn!(
                     "requests still hold the engine after shutdown; leaving the store to the OS"
                 );
-                return;
+                return match *shared.store_health().borrow() {
+                    true => Ok(()),
+                    false => Err(StoreError::Failed),
+                };
             }
         }
     }

@@ -193,10 +193,11 @@ fn build(
         store
             .put_event_log_id(&rand::random::<[u8; 16]>())
             .map_err(|e| e.to_string())?;
-        store.shutdown();
+        store.shutdown().map_err(|e| e.to_string())?;
     }
     let mut engine = Engine::open(staging, config, crate::service::clock::Clock::system())
         .map_err(|e| format!("the restored store fails recovery: {e}"))?;
-    engine.shutdown();
-    Ok(())
+    engine
+        .shutdown()
+        .map_err(|e| format!("the restored store fails recovery: {e}"))
 }

@@ -449,9 +449,9 @@ impl Engine {
     }
 
     /// Lets queued writes finish durably, then stops the committer.
-    pub fn shutdown(&mut self) {
+    pub fn shutdown(&mut self) -> Result<(), StoreError> {
         self.keep_size_hint();
-        self.store.shutdown();
+        self.store.shutdown()
     }
 
     /// Writes the sizes of the indexes recovery rebuilds, for the next recovery to size

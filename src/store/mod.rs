@@ -835,8 +835,9 @@ impl Store {
     }
 
     /// Stops accepting writes, lets the committer finish what is queued (each batch
-    /// flushed and synced as usual) and waits for it.
-    pub fn shutdown(&mut self) {
+    /// flushed and synced as usual) and waits for it. An error if the store had failed
+    /// (every write refused since; what is on disk is what the next start recovers).
+    pub fn shutdown(&mut self) -> Result<(), StoreError> {
         self.requests = None;
         if let Some(thread) = self.committer.take() {
             if thread.join().is_err() {
@@ -849,6 +850,10 @@ impl Store {
             if keeper.join().is_err() {
                 tracing::error!("the lease thread panicked");
             }
+        }
+        match self.state.failed.load(Ordering::Acquire) {
+            true => Err(self.state.refusal()),
+            false => Ok(()),
         }
     }
 }
@@ -1106,7 +1111,8 @@ fn open_sled(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        self.shutdown();
+        // A failed store was said so when it failed, and by whoever shut it down.
+        let _ = self.shutdown();
     }
 }
 

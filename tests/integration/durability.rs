@@ -103,7 +103,8 @@ async fn no_booking_is_acknowledged_before_its_fdatasync_returns() {
 /// After a failed fdatasync the store refuses every write without trying it: such a
 /// refused booking takes no place (later citizens hear STORAGE_FAILED, not SLOT_FULL)
 /// and leaves the citizen free (its retry is refused again, not CITIZEN_ALREADY_BOOKED).
-/// The failed booking itself may be on disk: its place stays taken.
+/// The failed booking itself may be on disk: its place stays taken. Stopped, the server
+/// exits with a failure status: its store failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bookings_refused_after_a_storage_failure_take_no_place_and_book_no_citizen() {
     let dir = tempfile::tempdir().unwrap();
@@ -133,7 +134,7 @@ async fn bookings_refused_after_a_storage_failure_take_no_place_and_book_no_citi
     }
     let slots = search_all(&mut client, "refused", "vax").await;
     assert_eq!(slots[0].remaining, 1, "{slots:?}");
-    server.terminate();
+    assert!(!server.stop().success(), "a failed store closed cleanly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

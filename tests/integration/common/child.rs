@@ -168,15 +168,20 @@ impl ChildServer {
     }
 
     /// SIGTERM, then waits for a clean exit.
-    pub fn terminate(mut self) {
+    pub fn terminate(self) {
+        let exit = self.stop();
+        assert!(exit.success(), "prenota exited with {exit}");
+    }
+
+    /// SIGTERM, then waits for the exit; its status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         let status = Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .expect("kill -TERM");
         assert!(status.success());
-        let exit = self.child.wait().expect("wait");
-        assert!(exit.success(), "prenota exited with {exit}");
+        self.child.wait().expect("wait")
     }
 }
 
