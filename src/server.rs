@@ -933,7 +933,8 @@ async fn close(mut engine: Arc<Engine>) -> Result<(), StoreError> {
                 tracing::warn!(
                     "requests still hold the engine after shutdown; leaving the store to the OS"
                 );
-                return match *shared.store_health().borrow() {
+                let healthy = *shared.store_health().borrow();
+                return match healthy {
                     true => Ok(()),
                     false => Err(StoreError::Failed),
                 };
