@@ -442,7 +442,9 @@ async fn recover_again(
             .map_err(|e| format!("recovering the soaked store: {e}"))?;
         let seconds = started.elapsed().as_secs_f64();
         let recovered = engine.request_record_count() as u64;
-        engine.shutdown();
+        engine
+            .shutdown()
+            .map_err(|e| format!("closing the soaked store: {e}"))?;
         let ok = recovered <= remembered;
         println!(
             "recovery after the soak: {seconds:.2} s, {recovered} request records loaded \

@@ -311,7 +311,7 @@ fn build(dir: &Path, bookings: u64) -> Result<(), String> {
             }
         }
         store.commit(&writes).await.map_err(|e| e.to_string())?;
-        store.shutdown();
+        store.shutdown().map_err(|e| e.to_string())?;
         Ok::<(), String>(())
     })?;
     // What a server that took these bookings leaves at shutdown and after each

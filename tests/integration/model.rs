@@ -263,7 +263,7 @@ impl Harness {
         let engine = self.engine.take().unwrap();
         let mut engine = Arc::try_unwrap(engine)
             .unwrap_or_else(|_| panic!("nothing else holds the engine between steps"));
-        engine.shutdown();
+        engine.shutdown().expect("a clean shutdown");
         drop(engine);
         self.engine = Some(Arc::new(reopen(self.dir.path())));
     }

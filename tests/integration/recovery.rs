@@ -64,7 +64,7 @@ async fn store_with(dir: &std::path::Path, capacity: u32, bookings: Vec<Write>) 
     ];
     writes.extend(bookings);
     store.commit(&writes).await.unwrap();
-    store.shutdown();
+    store.shutdown().expect("a clean shutdown");
 }
 
 fn open(dir: &std::path::Path) -> Result<Engine, ServiceError> {
@@ -259,7 +259,7 @@ async fn a_stored_slot_or_booking_that_ends_before_it_starts_refuses_to_start() 
         .commit(&[Write::Site(site), Write::Slot(backwards)])
         .await
         .unwrap();
-    store.shutdown();
+    store.shutdown().expect("a clean shutdown");
     drop(store);
     match open(dir.path()) {
         Err(ServiceError::Recovery(message)) => {
@@ -311,7 +311,7 @@ async fn a_stored_site_a_request_could_not_write_refuses_to_start() {
         time_zone: "Europe/Rome".into(),
     });
     store.commit(&[forged]).await.unwrap();
-    store.shutdown();
+    store.shutdown().expect("a clean shutdown");
     drop(store);
     match open(dir.path()) {
         Err(ServiceError::Recovery(message)) => {
@@ -357,7 +357,7 @@ async fn recovery_keeps_a_size_hint_and_survives_a_damaged_one() {
     let mut engine = open(dir.path()).unwrap();
     let kept = IndexSizes::read(dir.path(), u64::MAX);
     assert_eq!((kept.bookings, kept.citizens), (3, 3), "{kept:?}");
-    engine.shutdown();
+    engine.shutdown().expect("a clean shutdown");
     drop(engine);
     // Sized by a damaged hint, recovery would ask for more memory than exists.
     let hint = dir.path().join(FILE_NAME);
@@ -384,7 +384,7 @@ async fn a_confirmed_booking_in_a_closed_slot_is_named_and_can_be_cancelled() {
         closed: true,
     });
     store.commit(&[closed]).await.unwrap();
-    store.shutdown();
+    store.shutdown().expect("a clean shutdown");
     drop(store);
 
     let log = dir.path().join("stderr.log");

@@ -607,7 +607,7 @@ async fn delete_release_record(data_dir: &std::path::Path, id: &str) {
     let mut store =
         prenota::store::Store::open(data_dir, &Config::default().limits).expect("store opens");
     store.commit(&[Write::Delete(key)]).await.expect("deleted");
-    store.shutdown();
+    store.shutdown().expect("a clean shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

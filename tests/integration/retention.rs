@@ -36,7 +36,7 @@ fn stored_holds(data_dir: &std::path::Path) -> usize {
     }
     let mut store = Store::open(data_dir, &Config::default().limits).expect("store opens");
     let holds = store.holds().count();
-    store.shutdown();
+    store.shutdown().expect("a clean shutdown");
     holds
 }
 

@@ -203,7 +203,8 @@ async fn reseeding_the_demo_changes_nothing() {
     assert_eq!(capacities, [1, 9]);
     std::sync::Arc::get_mut(&mut engine)
         .expect("no other owner")
-        .shutdown();
+        .shutdown()
+        .expect("a clean shutdown");
 }
 
 /// The first two demo slots of `site_id`'s covid19-dose1.
