@@ -26,7 +26,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::store::error::StoreError;
-use crate::store::records::{event_runs, Change};
+use crate::store::records::{self, event_runs, Change};
 use crate::telemetry;
 
 /// Writes of one caller, committed together with other callers' writes.
@@ -54,11 +54,11 @@ pub trait Durability: Send + 'static {
 pub struct ApplyGate(Arc<std::sync::RwLock<()>>);
 
 impl ApplyGate {
-    /// Applies `changes` to `db` while no gated read runs.
-    pub fn apply(&self, db: &sled::Db, changes: &[Change]) -> sled::Result<()> {
+    /// Applies `batch` to `db` while no gated read runs.
+    pub fn apply(&self, db: &sled::Db, batch: sled::Batch) -> sled::Result<()> {
         // Nothing is guarded but the order: a poisoned gate is as good as a clean one.
         let _applying = self.0.write().unwrap_or_else(|e| e.into_inner());
-        db.apply_batch(sled_batch(changes))
+        db.apply_batch(batch)
     }
 
     /// Runs `read` with no batch applied meanwhile: it sees each commit whole or not.
@@ -87,6 +87,10 @@ pub struct SledDurability {
     pub db_file: File,
     /// sled's blob files, the new ones synced after every flush.
     pub blobs: BlobFiles,
+    /// The group commits made so far, each written with its batch
+    /// (`records::COMMITS_KEY`); the last durable one is published here for
+    /// `store::watermark`.
+    pub commits: Arc<AtomicU64>,
 }
 
 /// sled 0.34 writes a log message larger than a quarter of a segment (a node over 128
@@ -150,8 +154,11 @@ impl BlobFiles {
 impl Durability for SledDurability {
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         let started = Instant::now();
+        let commit = self.commits.load(Ordering::Acquire) + 1;
+        let mut batch = sled_batch(changes);
+        batch.insert(records::COMMITS_KEY, &records::encode_commits(commit));
         self.gate
-            .apply(&self.db, changes)
+            .apply(&self.db, batch)
             .map_err(|e| StoreError::Io(format!("apply_batch: {e}")))?;
         let applied = Instant::now();
         self.db
@@ -165,6 +172,7 @@ impl Durability for SledDurability {
         self.db_file
             .sync_data()
             .map_err(|e| StoreError::Io(format!("fdatasync: {e}")))?;
+        self.commits.store(commit, Ordering::Release);
         metrics::histogram!(telemetry::COMMIT_APPLY_SECONDS)
             .record((applied - started).as_secs_f64());
         metrics::histogram!(telemetry::COMMIT_FLUSH_SECONDS)
@@ -195,7 +203,7 @@ pub(crate) struct SledUnsynced {
 impl Durability for SledUnsynced {
     fn commit(&mut self, changes: &[Change]) -> Result<(), StoreError> {
         self.gate
-            .apply(&self.db, changes)
+            .apply(&self.db, sled_batch(changes))
             .map_err(|e| StoreError::Io(format!("apply_batch: {e}")))?;
         if self.mode == UnsyncedForBenchmarks::FlushWithoutFsync {
             self.db

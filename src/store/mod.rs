@@ -19,6 +19,7 @@ pub mod postgres;
 pub mod postgres_tls;
 pub mod records;
 pub mod size_hint;
+pub mod watermark;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -62,6 +63,8 @@ pub struct Store {
     index: booking_index::BookingIndex,
     /// With PostgreSQL: the lease keeper (dropping the sender stops it).
     lease_keeper: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
+    /// On sled, durable: the commit count kept beside the store (`watermark`).
+    watermark: Option<watermark::Keeper>,
     /// `DATA_DIR/lock`, locked while this store is open (released last, on drop).
     data_dir_lock: DataDirLock,
     /// Whether holds may still be under their old keys (`OLD_HOLD_PREFIX`): found at
@@ -129,30 +132,34 @@ impl Store {
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
         let batch_writes_max = limits.commit_batch_writes_max;
         let gate = ApplyGate::default();
-        let committer = match unsynced {
-            None => committer::spawn(
-                SledDurability {
+        let (watermark, committer) = match unsynced {
+            None => {
+                let kept = watermark::Keeper::start(data_dir, &db)?;
+                let durability = SledDurability {
                     db: db.clone(),
                     gate: gate.clone(),
                     db_file,
                     blobs,
-                },
-                receiver,
-                Arc::clone(&state),
-                batch_writes_max,
-            ),
-            Some(mode) => committer::spawn(
-                SledUnsynced {
+                    commits: kept.commits(),
+                };
+                let spawned =
+                    committer::spawn(durability, receiver, Arc::clone(&state), batch_writes_max);
+                (Some(kept), spawned)
+            }
+            // A crash may lose unsynced commits: no count is kept beside the store.
+            Some(mode) => {
+                let durability = SledUnsynced {
                     db: db.clone(),
                     gate: gate.clone(),
                     mode,
-                },
-                receiver,
-                Arc::clone(&state),
-                batch_writes_max,
-            ),
-        }
-        .map_err(|e| StoreError::Io(format!("starting the committer thread: {e}")))?;
+                };
+                let spawned =
+                    committer::spawn(durability, receiver, Arc::clone(&state), batch_writes_max);
+                (None, spawned)
+            }
+        };
+        let committer =
+            committer.map_err(|e| StoreError::Io(format!("starting the committer thread: {e}")))?;
         Ok(Self {
             db,
             gate,
@@ -161,6 +168,7 @@ impl Store {
             committer: Some(committer),
             index: booking_index::BookingIndex::default(),
             lease_keeper: None,
+            watermark,
             data_dir_lock,
             old_holds: AtomicBool::new(old_holds),
         })
@@ -220,6 +228,7 @@ impl Store {
             committer: Some(committer),
             index: booking_index::BookingIndex::default(),
             lease_keeper,
+            watermark: None,
             data_dir_lock,
             old_holds: AtomicBool::new(old_holds),
         })
@@ -844,6 +853,9 @@ impl Store {
                 tracing::error!("the committer thread panicked");
             }
         }
+        if let Some(kept) = self.watermark.as_mut() {
+            kept.finish();
+        }
         // After the last commit: a standby may take over once the lease is let go.
         if let Some((stop, keeper)) = self.lease_keeper.take() {
             drop(stop);
@@ -1097,7 +1109,10 @@ fn open_sled(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
             }
             Err(corrupt @ sled::Error::Corruption { .. }) => {
                 let at = sled_dir.display();
-                return Err(StoreError::Corrupt(format!("opening {at}: {corrupt}")));
+                return Err(StoreError::Corrupt(format!(
+                    "opening {at}: {corrupt} (the store's files are damaged: restore the \
+                     latest backup, `prenota restore`)"
+                )));
             }
             Err(other) => {
                 return Err(StoreError::Io(format!(

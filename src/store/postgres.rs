@@ -696,7 +696,7 @@ impl Durability for PostgresDurability {
         }
         tx.commit().map_err(&error)?;
         self.gate
-            .apply(&self.local, changes)
+            .apply(&self.local, crate::store::committer::sled_batch(changes))
             .map_err(|e| StoreError::Io(format!("applying to the local copy: {e}")))
     }
 }

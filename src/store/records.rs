@@ -59,6 +59,21 @@ pub const KEY_CHECK_KEY: &[u8] = b"Kcheck";
 /// The id of this store's event log (16 random bytes, raw): made with the store, made
 /// anew by a restore, so a gateway can tell a log that was rewound from its own.
 pub const EVENT_LOG_KEY: &[u8] = b"Kevents";
+/// How many group commits the embedded store has made (u64, big-endian), written by
+/// each one: `store::watermark` compares it with the count kept beside the store.
+pub const COMMITS_KEY: &[u8] = b"Kcommits";
+
+/// The stored commit count.
+pub fn encode_commits(commits: u64) -> [u8; 8] {
+    commits.to_be_bytes()
+}
+
+pub fn decode_commits(value: &[u8]) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = value
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("a commit count of the wrong length".into()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
 /// `A` + time (sortable) + 8 random bytes: the audit log of capacity changes, in time order.
 pub const AUDIT_PREFIX: u8 = b'A';
 /// `R` + request digest: the outcome of an authority request (closure, capacity change),
