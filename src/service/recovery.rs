@@ -265,6 +265,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     drop(channel_use);
     check_capacities(catalog)?;
     in_closed_slots.warn(catalog);
+    warn_of_ids_over_the_limit(catalog, engine.limits.id_length_max);
     warn_of_interrupted_write(&engine.store)?;
     engine.restore_releases()?;
     engine.restore_campaigns(|request, id, at| requests.restore(request, id, at))?;
@@ -365,6 +366,25 @@ fn recheck_slot_key(key: &SlotKey) -> Result<(), ServiceError> {
     recheck(what, site_id.map(drop))?;
     let service_id = ServiceId::parse("service_id", key.service_id.as_str(), max);
     recheck(what, service_id.map(drop))
+}
+
+/// Warns of a stored site or region id longer than `id_length_max` (lowered since it was
+/// written): no request can name it until the limit is raised again.
+fn warn_of_ids_over_the_limit(catalog: &Catalog, id_length_max: usize) {
+    let sites = catalog.sites_in(None);
+    let ids = sites
+        .iter()
+        .flat_map(|site| [site.site_id.as_str(), site.region_id.as_str()]);
+    let over: Vec<&str> = ids.filter(|id| id.len() > id_length_max).collect();
+    if let Some(first) = over.first() {
+        tracing::warn!(
+            id = first,
+            ids = over.len(),
+            id_length_max,
+            "stored site or region ids are longer than limits.id_length_max: no request can \
+             name them until it is raised back"
+        );
+    }
 }
 
 fn restore_sites(store: &Store, catalog: &mut Catalog) -> Result<(), ServiceError> {

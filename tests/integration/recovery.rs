@@ -459,3 +459,28 @@ async fn a_store_cut_short_or_emptied_after_a_clean_stop_refuses_to_start() {
         assert!(said.contains(refusal), "{said}");
     }
 }
+
+/// `id_length_max` lowered below a stored site id: the start goes on (lowering a
+/// limit never makes a store refuse), and the log names the id no request can name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_id_over_a_lowered_id_length_max_is_named_in_the_log() {
+    use common::child::{ChildOptions, ChildServer};
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 2, vec![]).await;
+    let log = dir.path().join("stderr.log");
+    let options = ChildOptions {
+        env: vec![("PRENOTA_LIMITS_ID_LENGTH_MAX".into(), "4".into())],
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        rust_log: Some("warn".into()),
+        ..ChildOptions::default()
+    };
+    let mut server = ChildServer::start_recovering(dir.path(), options);
+    server.wait_serving();
+    server.terminate();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let named = logged
+        .lines()
+        .find(|l| l.contains("longer than limits.id_length_max"));
+    let named = named.unwrap_or_else(|| panic!("no warning in {logged}"));
+    assert!(named.contains("broken"), "{named}");
+}
