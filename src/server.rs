@@ -473,7 +473,7 @@ async fn ended(
             let closed = close(engine).await;
             served.map_err(ServeError::from)?;
             match (no_longer_active, closed) {
-                (true, _) => Err(ServeError::NoLongerActive),
+                (true, _) | (false, Err(StoreError::NotActive)) => Err(ServeError::NoLongerActive),
                 (false, Err(_)) => Err(ServeError::StoreFailed),
                 (false, Ok(())) => Ok(()),
             }

@@ -7,8 +7,9 @@
 //! Every command follows one rule: places are taken in memory *before* the write and
 //! returned only *after* the durable write that frees them, so memory never shows
 //! more free places than the disk would after a crash. A write refused as
-//! `Overloaded` never reached the queue, so its in-memory effects are undone; after
-//! any other storage error the store is failed and a restart rebuilds from the disk.
+//! `Overloaded` (never queued) or `Failed` (the store had failed: never tried) is
+//! undone in memory; after any other storage error the store is failed and a restart
+//! rebuilds from the disk.
 
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 

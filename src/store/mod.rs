@@ -120,10 +120,7 @@ impl Store {
         }
         make_private(data_dir, &sled_dir)
             .map_err(|e| StoreError::Io(format!("restricting {}: {e}", data_dir.display())))?;
-        let db_file = OpenOptions::new()
-            .read(true)
-            .open(sled_dir.join("db"))
-            .map_err(|e| StoreError::Io(format!("opening sled's db file: {e}")))?;
+        let db_file = open_db_file(&sled_dir)?;
         sync_sled_files(data_dir, &sled_dir)?;
         let blobs = BlobFiles::sync_all(&sled_dir)
             .map_err(|e| StoreError::Io(format!("syncing sled's blob files: {e}")))?;
@@ -1057,6 +1054,21 @@ fn open_sled_mending(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, Store
         },
         opened => opened,
     }
+}
+
+/// sled's log file, synced: a previous run killed between a commit's flush and its
+/// fdatasync left that commit in the page cache, and sled reads it, so it must be
+/// durable before anything relies on it (the commit count kept beside the store, a
+/// retry answered from it).
+fn open_db_file(sled_dir: &Path) -> Result<File, StoreError> {
+    let db_file = OpenOptions::new()
+        .read(true)
+        .open(sled_dir.join("db"))
+        .map_err(|e| StoreError::Io(format!("opening sled's db file: {e}")))?;
+    db_file
+        .sync_data()
+        .map_err(|e| StoreError::Io(format!("syncing sled's db file: {e}")))?;
+    Ok(db_file)
 }
 
 /// The files sled just created must survive a power loss too: sled never syncs its

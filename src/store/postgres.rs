@@ -112,14 +112,20 @@ pub fn connect(url: &str, node: &str) -> Result<Client, StoreError> {
 /// `idle_session_timeout` would end a quiet node's commit session (it would stop being
 /// the active node), and a `statement_timeout` cancelling a COMMIT that waits for a
 /// synchronous replica leaves it committed on the primary only, yet answered as a
-/// success: an acknowledgement the replica may not have. prenota's own bounds are the
-/// TCP timeouts above, the lease's `lock_timeout` and the request timeout.
+/// success: an acknowledgement the replica may not have (`transaction_timeout`, on
+/// PostgreSQL 17, likewise). prenota's own bounds are the TCP timeouts above, the
+/// lease's `lock_timeout` and the request timeout; a commit stuck on a replica that is
+/// gone holds the write queue (requests then time out or are shed), it never answers.
 fn unset_session_timeouts(client: &mut Client) -> Result<(), postgres::Error> {
     client
         .batch_execute("SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0")?;
     let version: String = client.query_one("SHOW server_version_num", &[])?.get(0);
-    if version.parse::<u32>().unwrap_or(0) >= 140_000 {
+    let version = version.parse::<u32>().unwrap_or(0);
+    if version >= 140_000 {
         client.batch_execute("SET idle_session_timeout = 0")?;
+    }
+    if version >= 170_000 {
+        client.batch_execute("SET transaction_timeout = 0")?;
     }
     Ok(())
 }

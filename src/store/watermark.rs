@@ -173,4 +173,12 @@ mod tests {
         std::fs::write(dir.path().join(FILE_NAME), "forty-two\n").unwrap();
         assert!(read(dir.path()).is_err());
     }
+
+    #[test]
+    fn the_stored_count_has_its_golden_bytes() {
+        assert_eq!(records::COMMITS_KEY, b"Kcommits");
+        assert_eq!(records::encode_commits(258), [0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(records::decode_commits(&[0, 0, 0, 0, 0, 0, 1, 2]), Ok(258));
+        assert!(records::decode_commits(&[1, 2]).is_err());
+    }
 }
