@@ -193,6 +193,10 @@ pub(crate) fn explain(status: &Status) -> String {
     if status.code() == Code::Unavailable && reason == ", OVERLOADED" {
         text.push_str(" (nothing was applied: send it again in a moment)");
     }
+    if reason == ", STORAGE_FAILED" {
+        text = text.replacen("the server refused it", "the server's storage failed", 1);
+        text.push_str(" (once the server is restarted, send it again)");
+    }
     if status.code() == Code::InvalidArgument {
         if let Some(bad) = status.get_details_bad_request() {
             let count = bad.field_violations.len();
@@ -1003,6 +1007,25 @@ mod tests {
             "{other}"
         );
         assert!(!other.contains("send it again"), "{other}");
+    }
+
+    /// A failed store is no refusal of what was sent (an outside test read an import
+    /// answered so as "the server refused the file", with part of it written).
+    #[test]
+    fn a_failed_store_is_explained_as_such_and_to_send_again_after_a_restart() {
+        use crate::store::error::StoreError;
+        for error in [StoreError::Failed, StoreError::Io("disk full".into())] {
+            let text = explain(&Status::from(crate::service::ServiceError::Store(error)));
+            assert!(
+                text.starts_with("the server's storage failed (UNAVAILABLE, STORAGE_FAILED)"),
+                "{text}"
+            );
+            assert!(
+                text.ends_with("(once the server is restarted, send it again)"),
+                "{text}"
+            );
+            assert!(!text.contains("disk full"), "{text}");
+        }
     }
 
     /// A timeout, a broken connection or a proxy's answer carries no reason: nobody can

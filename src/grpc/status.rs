@@ -338,8 +338,8 @@ fn client_message(error: &ServiceError) -> String {
         )
         | ServiceError::Recovery(_) => {
             tracing::debug!(%error, "storage error answered to a client");
-            "the server's storage failed; the outcome is unknown: retry with the same \
-             request_id later (the server's log has the details)"
+            "the server's storage failed; a change's outcome is unknown: retry it with the \
+             same request_id once the server is back (the server's log has the details)"
                 .to_string()
         }
         _ => error.to_string(),

@@ -6,7 +6,10 @@ use thiserror::Error;
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum StoreError {
-    #[error("storage failed earlier; writes are refused until the server restarts")]
+    #[error(
+        "the server's storage failed earlier: it refuses changes, and reads of bookings, \
+         until it is restarted (nothing of this request was applied)"
+    )]
     Failed,
     #[error("storage I/O error: {0}")]
     Io(String),
