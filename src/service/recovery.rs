@@ -217,12 +217,15 @@ fn citizen_hash_key(config: &Config, store: &Store) -> Result<[u8; 32], ServiceE
     match store.key_check()? {
         Some(stored) if stored == check => {}
         Some(_) => {
+            let named = match config.citizen_hash_key {
+                Some(_) => "the key of [citizens] hash_key_file".to_string(),
+                None => key_file::KEY_FILE_NAME.to_string(),
+            };
             return Err(ServiceError::Recovery(format!(
-                "{} is not the key the store in {} was written with: with it no stored \
-                 booking could be found. Put the store's own key file back",
-                key_file::KEY_FILE_NAME,
+                "{named} is not the key the store in {} was written with: with it no \
+                 stored booking could be found. Put the store's own key file back",
                 data_dir.display()
-            )))
+            )));
         }
         // A new store, or one written before check values: this key is its key.
         None => store.put_key_check(&check)?,

@@ -768,6 +768,18 @@ async fn a_missing_wrong_or_readable_key_refuses_start_up_and_files_are_private(
         !started && stderr.contains("is not the key the store"),
         "{stderr}"
     );
+    // A configured key file that is not the store's is named as such, not as the data
+    // dir's file (an outside test was sent to the wrong file).
+    let configured = dir.path().join("other.key");
+    write_key(&configured, &[9u8; 32], 0o600);
+    let config = dir.path().join("prenota.toml");
+    let text = format!("[citizens]\nhash_key_file = \"{}\"\n", configured.display());
+    std::fs::write(&config, text).unwrap();
+    let (started, stderr) = serve_until_exit(&data_dir, Some(&config), Duration::from_secs(30));
+    assert!(
+        !started && stderr.contains("the key of [citizens] hash_key_file is not the key"),
+        "{stderr}"
+    );
 
     write_key(&key_path, &key, 0o644);
     let (started, stderr) = serve_until_exit(&data_dir, None, Duration::from_secs(30));
