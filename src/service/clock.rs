@@ -1,12 +1,12 @@
 //! The engine's one source of the time: the system clock in production, a manual clock
 //! that tests move by hand (hold expiry without sleeping).
 //!
-//! The system clock is read through [`Steady`]: it follows the system clock while the
-//! two agree within [`STEP_TOLERANCE_MS`] (small corrections taken at once), runs at the
-//! boot clock's rate from its own time when they do not, and takes a step of the system
-//! clock (an NTP correction, someone setting the date) only once that same step has
-//! lasted [`STEP_ADOPTED_AFTER`] ([`SMALL_STEP_ADOPTED_AFTER`] for one up to
-//! [`SMALL_STEP_AHEAD_MS`] ahead: a resumed VM catching up).
+//! The system clock is read through [`Steady`]: its own time, counted on the boot clock
+//! from the system time it started at, slewed toward the system clock (1%) while the
+//! two agree within [`STEP_TOLERANCE_MS`]. A step of the system clock beyond that (an
+//! NTP correction, someone setting the date) is taken only once that same step has
+//! lasted [`SMALL_STEP_ADOPTED_AFTER`] (a step of at most [`SMALL_STEP_MS`] either way:
+//! a resumed VM catching up) or [`STEP_ADOPTED_AFTER`] (a larger one).
 //! A clock that jumped days ahead for seconds (an outside test, 2026-12-05) made
 //! retention delete the bookings of slots still to come and forget request records (a
 //! retry then booked twice), and one stepped back lengthened every hold by the step.
@@ -82,6 +82,8 @@ pub struct Steady {
     /// Unix ms when it started, corrected by every step taken: the time is
     /// `offset + ms since started`.
     offset_ms: AtomicI64,
+    /// Ms since started when it last slewed toward the system clock.
+    slewed_at_ms: AtomicI64,
     /// Whether `pending` holds a step (read without its lock).
     stepped: AtomicBool,
     pending: Mutex<Option<Step>>,
@@ -94,16 +96,22 @@ struct Step {
     size_ms: i64,
 }
 
-/// Steps up to this far ahead (a VM resumed, a suspend the boot clock missed) are taken
-/// after [`SMALL_STEP_ADOPTED_AFTER`].
-pub const SMALL_STEP_AHEAD_MS: i64 = 300_000;
-pub const SMALL_STEP_ADOPTED_AFTER: Duration = Duration::from_secs(10);
+/// Steps up to this far either way (a VM resumed, a suspend the boot clock missed) are
+/// taken after [`SMALL_STEP_ADOPTED_AFTER`]: long enough for a bad answer of a time
+/// source to be corrected first.
+pub const SMALL_STEP_MS: i64 = 300_000;
+pub const SMALL_STEP_ADOPTED_AFTER: Duration = Duration::from_secs(60);
+
+/// Within the tolerance, its time moves toward the system clock's by 1 ms per this
+/// many ms elapsed.
+pub const SLEW_EVERY_MS: i64 = 100;
 
 impl Steady {
     pub fn new(now_unix_ms: i64) -> Self {
         Self {
             started_ms: boot_ms(),
             offset_ms: AtomicI64::new(now_unix_ms),
+            slewed_at_ms: AtomicI64::new(0),
             stepped: AtomicBool::new(false),
             pending: Mutex::new(None),
         }
@@ -115,21 +123,42 @@ impl Steady {
     }
 
     /// [`Steady::now_unix_ms`] `elapsed_ms` after it started (tests pass both times).
-    /// Within [`STEP_TOLERANCE_MS`] the system clock is followed at once.
+    /// Within [`STEP_TOLERANCE_MS`] it slews toward the system clock ([`Steady::slew`]).
     pub fn at(&self, elapsed_ms: i64, system_unix_ms: i64) -> i64 {
         let step = system_unix_ms - (self.offset_ms.load(Ordering::Acquire) + elapsed_ms);
         if step.abs() > STEP_TOLERANCE_MS {
             return self.stepped(elapsed_ms, system_unix_ms, step);
         }
-        if step.abs() > 100 {
-            self.offset_ms
-                .store(system_unix_ms - elapsed_ms, Ordering::Release);
-        }
+        let steady = system_unix_ms - step;
+        self.slew(elapsed_ms, step);
         if self.stepped.load(Ordering::Acquire) {
             *self.lock_pending() = None;
             self.stepped.store(false, Ordering::Release);
         }
-        system_unix_ms
+        steady
+    }
+
+    /// Moves its time toward the system clock's by at most 1 ms per [`SLEW_EVERY_MS`]
+    /// elapsed (1%): small corrections are followed, and a clock moved in small steps
+    /// soon lies beyond the tolerance, where it counts as a step.
+    fn slew(&self, elapsed_ms: i64, step: i64) {
+        let last = self.slewed_at_ms.load(Ordering::Acquire);
+        let since = elapsed_ms - last;
+        if step == 0 || since < SLEW_EVERY_MS {
+            return;
+        }
+        let claimed = self.slewed_at_ms.compare_exchange(
+            last,
+            elapsed_ms,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if claimed.is_ok() {
+            // Unread for long, it does not catch up at once: at most 10 ms per read.
+            let most = since.min(1_000) / SLEW_EVERY_MS;
+            self.offset_ms
+                .fetch_add(step.clamp(-most, most), Ordering::AcqRel);
+        }
     }
 
     /// The system clock is `step` ms away: keeps its own time until that same step has
@@ -139,7 +168,7 @@ impl Steady {
         let steady = system_unix_ms - step;
         match *pending {
             Some(seen) if (step - seen.size_ms).abs() <= STEP_TOLERANCE_MS => {
-                let wait = match step > 0 && step <= SMALL_STEP_AHEAD_MS {
+                let wait = match step.abs() <= SMALL_STEP_MS {
                     true => SMALL_STEP_ADOPTED_AFTER,
                     false => STEP_ADOPTED_AFTER,
                 };
@@ -231,30 +260,57 @@ mod tests {
     }
 
     #[test]
-    fn small_corrections_are_followed_and_a_growing_step_restarts_the_wait() {
+    fn small_corrections_are_slewed_and_a_growing_step_restarts_the_wait() {
         let start = 1_800_000_000_000;
         let steady = Steady::new(start);
-        // 1.5 s ahead: followed at once, and kept.
-        assert_eq!(steady.at(1_000, start + 2_500), start + 2_500);
-        assert_eq!(steady.at(2_000, start + 3_500), start + 3_500);
+        // 1.5 s ahead: its own time, slewed 1 ms per 100 ms toward the system's.
+        assert_eq!(steady.at(1_000, start + 2_500), start + 1_000);
+        for s in 2..=150 {
+            let at = s * 1_000;
+            assert_eq!(steady.at(at, start + at + 1_500), start + at + (s - 1) * 10);
+        }
+        let own = |at: i64| start + 1_500 + at;
+        assert_eq!(steady.at(200_100, own(200_100)), own(200_100), "caught up");
         // +1 h, then +5 days, then +500 days, each seen for less than 10 minutes.
         let adopt = STEP_ADOPTED_AFTER.as_millis() as i64;
         let (hour, day) = (3_600_000, 86_400_000);
-        let own = |at: i64| start + 1_500 + at;
-        assert_eq!(steady.at(10_000, own(10_000) + hour), own(10_000));
-        let half = 10_000 + adopt / 2;
+        let t = 300_000;
+        assert_eq!(steady.at(t, own(t) + hour), own(t));
+        let half = t + adopt / 2;
         assert_eq!(steady.at(half, own(half) + 5 * day), own(half));
-        let late = 10_000 + adopt + 1;
+        let late = t + adopt + 1;
         assert_eq!(
             steady.at(late, own(late) + 500 * day),
             own(late),
             "taken too soon"
         );
-        // A minute ahead (a resumed VM): taken after 10 s.
-        let minute = 60_000;
-        assert_eq!(steady.at(late + 1, own(late + 1) + minute), own(late + 1));
-        let small = late + 1 + SMALL_STEP_ADOPTED_AFTER.as_millis() as i64;
-        assert_eq!(steady.at(small, own(small) + minute), own(small) + minute);
+        // A minute either way (a resumed VM; a bad answer corrected): taken after 60 s.
+        let wait = SMALL_STEP_ADOPTED_AFTER.as_millis() as i64;
+        let mut seen = late + 1;
+        for minute in [60_000, -60_000] {
+            assert_eq!(steady.at(seen, own(seen) + minute), own(seen));
+            let glitch = seen + wait / 2;
+            assert_eq!(
+                steady.at(glitch, own(glitch) + minute),
+                own(glitch),
+                "a glitch"
+            );
+            let small = seen + wait;
+            assert_eq!(steady.at(small, own(small) + minute), own(small) + minute);
+            // Back where it was: that is a step again, waited out the same way.
+            assert_eq!(
+                steady.at(small + 1, own(small + 1)),
+                own(small + 1) + minute
+            );
+            let back = small + 1 + wait;
+            assert_eq!(steady.at(back, own(back)), own(back));
+            seen = back + 1;
+        }
+        // Moved back 1.5 s at a time: slewed 10 ms, then the second move is a step.
+        let creep = seen;
+        assert_eq!(steady.at(creep, own(creep) - 1_500), own(creep));
+        let next = creep + 100;
+        assert_eq!(steady.at(next, own(next) - 3_000), own(next) - 10);
     }
 
     #[test]
