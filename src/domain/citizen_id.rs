@@ -19,6 +19,16 @@ pub enum IdScheme {
     ItFiscalCode,
 }
 
+impl IdScheme {
+    /// As `[citizens] id_scheme` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            IdScheme::Opaque => "opaque",
+            IdScheme::ItFiscalCode => "it-fiscal-code",
+        }
+    }
+}
+
 /// How citizen ids are read: the scheme and the longest id accepted as sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CitizenIds {

@@ -92,6 +92,7 @@ impl Engine {
         clock: Clock,
     ) -> Result<Self, ServiceError> {
         let key = citizen_hash_key(config, &store)?;
+        check_id_scheme(config, &store)?;
         let event_log_id = event_log_id(&store)?;
         let catalog = Catalog::default();
         let board = catalog.board();
@@ -191,6 +192,25 @@ fn event_log_id(store: &Store) -> Result<String, ServiceError> {
         }
     };
     Ok(id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Refuses a store whose citizen ids were read under another `[citizens] id_scheme`:
+/// the same citizen would hash differently, find none of its bookings and could book
+/// again. A store without the record (new, or older than it) takes the configured one.
+fn check_id_scheme(config: &Config, store: &Store) -> Result<(), ServiceError> {
+    let configured = config.citizen_id_scheme.name();
+    match store.id_scheme()? {
+        None => Ok(store.put_id_scheme(configured)?),
+        Some(stored) if stored == configured.as_bytes() => Ok(()),
+        Some(stored) => Err(ServiceError::Recovery(format!(
+            "the store in {} was written with [citizens] id_scheme = {:?}, the \
+             configuration says {configured:?}: its citizens would no longer find their \
+             bookings and could book again. Set id_scheme back; another scheme needs a \
+             new data dir",
+            store.data_dir().display(),
+            String::from_utf8_lossy(&stored)
+        ))),
+    }
 }
 
 /// The configured key, or the data dir's key file (created for a new store only),

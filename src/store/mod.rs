@@ -583,6 +583,19 @@ impl Store {
         }
     }
 
+    /// The citizen id scheme the store was written under (`None`: not recorded yet).
+    pub fn id_scheme(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.db.get(records::ID_SCHEME_KEY) {
+            Ok(value) => Ok(value.map(|value| value.to_vec())),
+            Err(e) => Err(StoreError::Io(format!("reading the id scheme: {e}"))),
+        }
+    }
+
+    /// Stores the id scheme durably. At open only, before anything else writes.
+    pub fn put_id_scheme(&self, name: &str) -> Result<(), StoreError> {
+        self.write_at_open(records::ID_SCHEME_KEY, name.as_bytes(), "the id scheme")
+    }
+
     /// Stores the key check value durably. At open only, before anything else writes.
     pub fn put_key_check(&self, check: &[u8]) -> Result<(), StoreError> {
         self.write_at_open(records::KEY_CHECK_KEY, check, "the key check")

@@ -59,6 +59,9 @@ pub const KEY_CHECK_KEY: &[u8] = b"Kcheck";
 /// The id of this store's event log (16 random bytes, raw): made with the store, made
 /// anew by a restore, so a gateway can tell a log that was rewound from its own.
 pub const EVENT_LOG_KEY: &[u8] = b"Kevents";
+/// The `[citizens] id_scheme` the store's citizen ids were read under (its name, raw):
+/// another scheme would hash the same citizen differently.
+pub const ID_SCHEME_KEY: &[u8] = b"Kscheme";
 /// How many group commits the embedded store has made (u64, big-endian), written by
 /// each one: `store::watermark` compares it with the count kept beside the store.
 pub const COMMITS_KEY: &[u8] = b"Kcommits";

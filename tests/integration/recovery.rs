@@ -484,3 +484,22 @@ async fn a_site_id_over_a_lowered_id_length_max_is_named_in_the_log() {
     let named = named.unwrap_or_else(|| panic!("no warning in {logged}"));
     assert!(named.contains("broken"), "{named}");
 }
+
+/// A store written under `id_scheme = "opaque"` opened under `"it-fiscal-code"`: its
+/// citizens would hash differently (an outside test: one citizen, two active bookings),
+/// so the start is refused, naming both schemes; opened as written, it starts.
+#[tokio::test]
+async fn a_store_opened_under_another_citizen_id_scheme_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 2, vec![booking(1, 1)]).await;
+    drop(open(dir.path()).expect("the store's first start records its scheme"));
+    let fiscal = Config {
+        citizen_id_scheme: prenota::domain::citizen_id::IdScheme::ItFiscalCode,
+        ..Config::default()
+    };
+    let refused = Engine::open(dir.path(), &fiscal, Clock::system()).err();
+    let said = refused.expect("opened under another scheme").to_string();
+    assert!(said.contains("id_scheme = \"opaque\""), "{said}");
+    assert!(said.contains("\"it-fiscal-code\""), "{said}");
+    assert!(open(dir.path()).is_ok(), "opened as written");
+}
