@@ -65,6 +65,15 @@ pub fn check(data_dir: &Path, stored: u64) -> Result<(), StoreError> {
              files were put back from a copy on purpose, remove {dir}/{FILE_NAME} first",
             dir = data_dir.display()
         ))),
+        None if stored > 0 => {
+            tracing::warn!(
+                dir = %data_dir.display(),
+                "no {FILE_NAME} file beside a store that holds commits (its first start \
+                 on this build, or the file removed): this start cannot tell a store cut \
+                 short; the count is kept from now on"
+            );
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -101,6 +110,11 @@ impl Keeper {
     pub fn start(data_dir: &Path, db: &sled::Db) -> Result<Self, StoreError> {
         let stored = stored(db)?;
         check(data_dir, stored)?;
+        // At once, not a second later: a kill in the first second must not leave a
+        // store with commits and no file (the count is durable: `open_db_file`).
+        if let Err(error) = write(data_dir, stored) {
+            tracing::warn!(%error, "could not keep the commit count beside the store");
+        }
         let commits = Arc::new(AtomicU64::new(stored));
         let (stop, stopped) = mpsc::channel();
         let (dir, durable) = (data_dir.to_path_buf(), Arc::clone(&commits));
@@ -172,6 +186,19 @@ mod tests {
         );
         std::fs::write(dir.path().join(FILE_NAME), "forty-two\n").unwrap();
         assert!(read(dir.path()).is_err());
+    }
+
+    #[test]
+    fn the_file_is_written_as_soon_as_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        db.insert(records::COMMITS_KEY, &records::encode_commits(7))
+            .unwrap();
+        let mut kept = Keeper::start(dir.path(), &db).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Some(7));
+        kept.commits().store(9, Ordering::Release);
+        kept.finish();
+        assert_eq!(read(dir.path()).unwrap(), Some(9));
     }
 
     #[test]
