@@ -5,8 +5,8 @@
 //! the rest: a flipped byte, a zeroed page or a truncated `db` file opened as a store
 //! that had lost most of its bookings, and served it (an outside test, 2026-12-05).
 //! So every group commit on sled also writes its number in the store
-//! ([`records::COMMITS_KEY`]), and a thread writes the number last made durable to this
-//! file each second while serving, and at a clean stop. A store whose number is below
+//! ([`records::COMMITS_KEY`]), and the number last made durable is written to this
+//! file at open, each second while serving (a thread of its own), and at a clean stop. A store whose number is below
 //! the file's lost commits that were durable: [`check`] refuses it.
 //!
 //! The file is only ever behind the store (it is written after the commits it names
@@ -91,8 +91,7 @@ pub fn write(data_dir: &Path, commits: u64) -> std::io::Result<()> {
         .open(&temporary)?;
     writeln!(file, "{commits}")?;
     file.sync_all()?;
-    std::fs::rename(&temporary, &path)?;
-    std::fs::File::open(data_dir)?.sync_all()
+    crate::store::rename_durably(&temporary, &path)
 }
 
 /// Keeps the file of a store being served: checks the store against it at open,
@@ -112,15 +111,13 @@ impl Keeper {
         check(data_dir, stored)?;
         // At once, not a second later: a kill in the first second must not leave a
         // store with commits and no file (the count is durable: `open_db_file`).
-        if let Err(error) = write(data_dir, stored) {
-            tracing::warn!(%error, "could not keep the commit count beside the store");
-        }
+        let written = write_logged(data_dir, stored, false).then_some(stored);
         let commits = Arc::new(AtomicU64::new(stored));
         let (stop, stopped) = mpsc::channel();
         let (dir, durable) = (data_dir.to_path_buf(), Arc::clone(&commits));
         let thread = std::thread::Builder::new()
             .name("prenota-watermark".into())
-            .spawn(move || keep(&dir, &durable, &stopped))
+            .spawn(move || keep(&dir, &durable, &stopped, written))
             .map_err(|e| StoreError::Io(format!("starting the commit count's thread: {e}")))?;
         Ok(Self {
             data_dir: data_dir.to_path_buf(),
@@ -140,29 +137,33 @@ impl Keeper {
         };
         drop(stop);
         let _ = thread.join();
-        if let Err(error) = write(&self.data_dir, self.commits.load(Ordering::Acquire)) {
-            tracing::warn!(%error, "could not keep the commit count beside the store");
+        write_logged(&self.data_dir, self.commits.load(Ordering::Acquire), false);
+    }
+}
+
+/// Writes the file each [`INTERVAL`] while `durable` moves from what was `written`,
+/// until `stop` is dropped. A failure is logged once until a write succeeds.
+fn keep(data_dir: &Path, durable: &AtomicU64, stop: &mpsc::Receiver<()>, mut written: Option<u64>) {
+    let mut failing = written.is_none();
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(INTERVAL) {
+        let commits = durable.load(Ordering::Acquire);
+        if written != Some(commits) {
+            let wrote = write_logged(data_dir, commits, failing);
+            (written, failing) = (wrote.then_some(commits).or(written), !wrote);
         }
     }
 }
 
-/// Writes the file each [`INTERVAL`] while `durable` moves, until `stop` is dropped. A
-/// failed write is logged (once until one succeeds), nothing else: the file only
-/// guards the next start.
-fn keep(data_dir: &Path, durable: &AtomicU64, stop: &mpsc::Receiver<()>) {
-    let (mut written, mut failing) = (None, false);
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(INTERVAL) {
-        let commits = durable.load(Ordering::Acquire);
-        if written == Some(commits) {
-            continue;
-        }
-        match write(data_dir, commits) {
-            Ok(()) => (written, failing) = (Some(commits), false),
-            Err(error) if !failing => {
-                failing = true;
+/// [`write`], a failure logged unless `quiet`: the file only guards the next start, so
+/// nothing else comes of it. Whether it was written.
+fn write_logged(data_dir: &Path, commits: u64, quiet: bool) -> bool {
+    match write(data_dir, commits) {
+        Ok(()) => true,
+        Err(error) => {
+            if !quiet {
                 tracing::warn!(%error, "could not keep the commit count beside the store");
             }
-            Err(_) => {}
+            false
         }
     }
 }
