@@ -577,18 +577,12 @@ impl Store {
     /// The check value of the key this store was written with (`None`: a new store, or
     /// one written before check values existed).
     pub fn key_check(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.db.get(records::KEY_CHECK_KEY) {
-            Ok(value) => Ok(value.map(|value| value.to_vec())),
-            Err(e) => Err(StoreError::Io(format!("reading the key check: {e}"))),
-        }
+        self.read_at_open(records::KEY_CHECK_KEY, "the key check")
     }
 
     /// The citizen id scheme the store was written under (`None`: not recorded yet).
     pub fn id_scheme(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.db.get(records::ID_SCHEME_KEY) {
-            Ok(value) => Ok(value.map(|value| value.to_vec())),
-            Err(e) => Err(StoreError::Io(format!("reading the id scheme: {e}"))),
-        }
+        self.read_at_open(records::ID_SCHEME_KEY, "the id scheme")
     }
 
     /// Stores the id scheme durably. At open only, before anything else writes.
@@ -603,16 +597,21 @@ impl Store {
 
     /// The id of this store's event log (`None`: not made yet).
     pub fn event_log_id(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.db.get(records::EVENT_LOG_KEY) {
-            Ok(value) => Ok(value.map(|value| value.to_vec())),
-            Err(e) => Err(StoreError::Io(format!("reading the event log id: {e}"))),
-        }
+        self.read_at_open(records::EVENT_LOG_KEY, "the event log id")
     }
 
     /// Stores a new event log id durably. At open or in a restore only, before anything
     /// else writes.
     pub fn put_event_log_id(&self, id: &[u8]) -> Result<(), StoreError> {
         self.write_at_open(records::EVENT_LOG_KEY, id, "the event log id")
+    }
+
+    /// One raw record the store keeps about itself (`K…`), as `write_at_open` wrote it.
+    fn read_at_open(&self, key: &[u8], what: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.db.get(key) {
+            Ok(value) => Ok(value.map(|value| value.to_vec())),
+            Err(e) => Err(StoreError::Io(format!("reading {what}: {e}"))),
+        }
     }
 
     /// One record written durably while the store opens (not from an async task): on
