@@ -24,6 +24,16 @@ pub const STEP_TOLERANCE_MS: i64 = 2_000;
 /// How long a step must last before [`Steady`] takes it.
 pub const STEP_ADOPTED_AFTER: Duration = Duration::from_secs(600);
 
+/// Steps up to this far either way (a VM resumed, a suspend the boot clock missed) are
+/// taken after [`SMALL_STEP_ADOPTED_AFTER`]: long enough for a bad answer of a time
+/// source to be corrected first.
+pub const SMALL_STEP_MS: i64 = 300_000;
+pub const SMALL_STEP_ADOPTED_AFTER: Duration = Duration::from_secs(60);
+
+/// Within the tolerance, its time moves toward the system clock's by 1 ms per this
+/// many ms elapsed.
+pub const SLEW_EVERY_MS: i64 = 100;
+
 /// Cheap to clone: clones share one time source, so a test that advances its clock
 /// moves the engine's (and the sweeper's) too.
 #[derive(Clone, Debug, Default)]
@@ -95,16 +105,6 @@ struct Step {
     since_ms: i64,
     size_ms: i64,
 }
-
-/// Steps up to this far either way (a VM resumed, a suspend the boot clock missed) are
-/// taken after [`SMALL_STEP_ADOPTED_AFTER`]: long enough for a bad answer of a time
-/// source to be corrected first.
-pub const SMALL_STEP_MS: i64 = 300_000;
-pub const SMALL_STEP_ADOPTED_AFTER: Duration = Duration::from_secs(60);
-
-/// Within the tolerance, its time moves toward the system clock's by 1 ms per this
-/// many ms elapsed.
-pub const SLEW_EVERY_MS: i64 = 100;
 
 impl Steady {
     pub fn new(now_unix_ms: i64) -> Self {
