@@ -47,6 +47,15 @@ fn shared_config_and_url(dir: &Path) -> Option<(PathBuf, String)> {
     Some((config, url))
 }
 
+/// Appends `options` (URL-encoded `-c name=value` settings) to the `options` of the
+/// config's PostgreSQL URL, as a role's or database's defaults would set them.
+fn add_url_options(config: &Path, options: &str) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let changed = text.replace("\"\nlease_ttl_ms", &format!("{options}\"\nlease_ttl_ms"));
+    assert_ne!(changed, text);
+    std::fs::write(config, changed).unwrap();
+}
+
 /// A node with its own data dir (its local copy) under `dir`; answers at once.
 fn node(dir: &Path, config: &Path, name: &str) -> ChildServer {
     let options = ChildOptions {
@@ -135,13 +144,7 @@ async fn commits_wait_for_the_flush_whatever_the_url_asks() {
     let Some((config, url)) = shared_config_and_url(dir.path()) else {
         return;
     };
-    let text = std::fs::read_to_string(&config).unwrap();
-    let lowered = text.replace(
-        "\"\nlease_ttl_ms",
-        "%20-csynchronous_commit%3Dremote_write\"\nlease_ttl_ms",
-    );
-    assert_ne!(lowered, text);
-    std::fs::write(&config, lowered).unwrap();
+    add_url_options(&config, "%20-csynchronous_commit%3Dremote_write");
     let mut active = node(dir.path(), &config, "a");
     active.wait_serving();
     let watch = "CREATE TABLE seen (level text);
@@ -168,11 +171,10 @@ async fn a_quiet_node_keeps_its_sessions_whatever_timeouts_the_role_sets() {
     let Some((config, url)) = shared_config_and_url(dir.path()) else {
         return;
     };
-    let text = std::fs::read_to_string(&config).unwrap();
-    let timeouts = "%20-cidle_session_timeout%3D1000%20-cstatement_timeout%3D30000";
-    let strict = text.replace("\"\nlease_ttl_ms", &format!("{timeouts}\"\nlease_ttl_ms"));
-    assert_ne!(strict, text);
-    std::fs::write(&config, strict).unwrap();
+    add_url_options(
+        &config,
+        "%20-cidle_session_timeout%3D1000%20-cstatement_timeout%3D30000",
+    );
     let mut active = node(dir.path(), &config, "a");
     active.wait_serving();
     let watch = "CREATE TABLE seen (statement text, idle text);

@@ -67,6 +67,14 @@ async fn store_with(dir: &std::path::Path, capacity: u32, bookings: Vec<Write>) 
     store.shutdown().expect("a clean shutdown");
 }
 
+/// The line of the server's log at `log` that contains `needle` (the test fails without).
+fn logged_line(log: &std::path::Path, needle: &str) -> String {
+    let logged = std::fs::read_to_string(log).unwrap();
+    let line = logged.lines().find(|line| line.contains(needle));
+    line.unwrap_or_else(|| panic!("no {needle:?} in {logged}"))
+        .to_string()
+}
+
 fn open(dir: &std::path::Path) -> Result<Engine, ServiceError> {
     Engine::open(dir, &Config::default(), Clock::system())
 }
@@ -399,11 +407,7 @@ async fn a_confirmed_booking_in_a_closed_slot_is_named_and_can_be_cancelled() {
     let line = "prenota_recovered_records{kind=\"confirmed_in_closed_slots\"} 1";
     assert!(metrics.lines().any(|l| l == line), "{metrics}");
     server.terminate();
-    let logged = std::fs::read_to_string(&log).unwrap();
-    let named = logged
-        .lines()
-        .find(|l| l.contains("confirmed bookings in closed slots"));
-    let named = named.unwrap_or_else(|| panic!("no warning in {logged}"));
+    let named = logged_line(&log, "confirmed bookings in closed slots");
     assert!(
         named.contains("broken/vax/4102444800 (1 confirmed; reopen at capacity 1)"),
         "{named}"
@@ -477,11 +481,7 @@ async fn a_site_id_over_a_lowered_id_length_max_is_named_in_the_log() {
     let mut server = ChildServer::start_recovering(dir.path(), options);
     server.wait_serving();
     server.terminate();
-    let logged = std::fs::read_to_string(&log).unwrap();
-    let named = logged
-        .lines()
-        .find(|l| l.contains("longer than limits.id_length_max"));
-    let named = named.unwrap_or_else(|| panic!("no warning in {logged}"));
+    let named = logged_line(&log, "longer than limits.id_length_max");
     assert!(named.contains("broken"), "{named}");
 }
 
