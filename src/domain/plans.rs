@@ -16,7 +16,7 @@ use crate::domain::error::{DomainError, Missing};
 use crate::domain::event::{Event, HOLD_TIMED_OUT};
 use crate::domain::hold::{held_max, Hold, HoldState, NotConfirmable};
 use crate::domain::ids::{BookingId, ChannelId, CitizenKey, ReleaseId, ServiceId, SlotKey};
-use crate::domain::release::{self, Gate, Ticket};
+use crate::domain::release::{self, Gate, Passed, Ticket};
 use crate::domain::series::{check_interval, Placed, Series};
 
 /// The cancel reason of a booking moved by a reschedule.
@@ -73,6 +73,10 @@ pub enum Take {
     /// booking or hold of this channel (a reserve of another channel may be out of
     /// its reach).
     Place(SlotKey, ChannelId),
+    /// One place of the slot out of this channel's own reserve's unused ones (one CAS
+    /// under its release's take lock), else `NotAdmitted`: a `Place` that passed a
+    /// queued release's gate without a ticket (`Passed::OwnReserve`).
+    ReservedPlace(SlotKey, ChannelId),
     /// No place (it is already held), but counted pending until the write settles, so
     /// a closure waits for it.
     Admission(SlotKey),
@@ -168,7 +172,7 @@ impl<T> Plan<T> {
         let taken = self
             .take
             .iter()
-            .filter(|t| matches!(t, Take::Place(..)))
+            .filter(|t| matches!(t, Take::Place(..) | Take::ReservedPlace(..)))
             .count() as i64;
         let freed = self
             .free
@@ -189,15 +193,30 @@ pub fn check_not_started(slot: &SlotKey, now_unix_ms: i64) -> Result<(), DomainE
 }
 
 /// Passes the slot's release gate (see `release::pass`); a ticket it uses is written
-/// with the command and counted used once durable.
+/// with the command and counted used once durable. Passed without a ticket, the place
+/// the plan takes in the slot becomes one of the channel's own reserve.
 fn pass_gate<T>(slot: &SlotView, plan: &mut Plan<T>, now_unix_ms: i64) -> Result<(), DomainError> {
-    if let Some(ticket) = release::pass(&slot.gate, now_unix_ms)? {
-        plan.take.push(Take::Ticket {
-            release_id: ticket.release_id.clone(),
-            citizen: ticket.citizen,
-        });
-        plan.writes.push(Record::Ticket(ticket.clone()));
-        plan.free.push(Free::TicketUsed(ticket));
+    match release::pass(&slot.gate, now_unix_ms)? {
+        Passed::Freely => {}
+        Passed::Ticket(ticket) => {
+            plan.take.push(Take::Ticket {
+                release_id: ticket.release_id.clone(),
+                citizen: ticket.citizen,
+            });
+            plan.writes.push(Record::Ticket(ticket.clone()));
+            plan.free.push(Free::TicketUsed(ticket));
+        }
+        Passed::OwnReserve => {
+            // The last place taken in the slot is this booking's or hold's (a group
+            // passes member by member); a confirmed hold's place is taken already.
+            let place = plan.take.iter_mut().rev().find(
+                |take| matches!(take, Take::Place(key, channel) if *key == slot.key && *channel == slot.channel),
+            );
+            let Some(place) = place else {
+                return Err(DomainError::NotAdmitted);
+            };
+            *place = Take::ReservedPlace(slot.key.clone(), slot.channel.clone());
+        }
     }
     Ok(())
 }
@@ -1690,6 +1709,7 @@ mod tests {
             gate: Gate::Queue {
                 ticket,
                 release_at_unix_ms: 0,
+                channel_reserve: false,
             },
             ..at.clone()
         };
@@ -1724,6 +1744,34 @@ mod tests {
             .filter(|free| matches!(free, Free::TicketUsed(_)))
             .count();
         assert_eq!(used, 2);
+        // Through a channel with a reserve, a member without a ticket takes a place of
+        // that reserve; one with a ticket uses it and takes any place.
+        let reserving = |ticket: Option<Ticket>| SlotView {
+            gate: Gate::Queue {
+                ticket,
+                release_at_unix_ms: 0,
+                channel_reserve: true,
+            },
+            ..at.clone()
+        };
+        let members = [
+            (reserving(None), ALICE, new(1)),
+            (reserving(Some(admitted(BOB))), BOB, new(2)),
+        ];
+        let plan = book_group(&members, request(1), NOW).unwrap();
+        plan.assert_balanced();
+        let places: Vec<&Take> = plan
+            .take
+            .iter()
+            .filter(|take| matches!(take, Take::Place(..) | Take::ReservedPlace(..)))
+            .collect();
+        assert_eq!(
+            places,
+            [
+                &Take::ReservedPlace(at.key.clone(), ChannelId::web()),
+                &Take::Place(at.key.clone(), ChannelId::web())
+            ]
+        );
     }
 
     #[test]

@@ -177,6 +177,14 @@ pub fn held_back(release: &Release, reserved: &[u32], used: &[u32], channel: &Ch
         .sum()
 }
 
+/// The unused places of `channel`'s own reserve in a slot (0 if it has none), given
+/// what each reserve holds back (`reserved`) and has used (`used`), in reserve order.
+pub fn own_unused(release: &Release, reserved: &[u32], used: &[u32], channel: &ChannelId) -> u32 {
+    release
+        .reserve_of(channel)
+        .map_or(0, |index| reserved[index].saturating_sub(used[index]))
+}
+
 /// The active bookings and live holds of every channel but the default one, per slot:
 /// what channel reserves count against. Kept for every slot, whatever release covers
 /// it (now or later); rebuilt by recovery from the stored bookings and holds.
@@ -283,10 +291,15 @@ pub enum Gate {
     Open,
     /// Nobody before `release_at`.
     NotYet { release_at_unix_ms: i64 },
-    /// Queued: admitted citizens only (the citizen's ticket, if it has one).
+    /// Queued: admitted citizens only (the citizen's ticket, if it has one), and the
+    /// channels the release reserves places for, within their own reserve.
     Queue {
         ticket: Option<Ticket>,
         release_at_unix_ms: i64,
+        /// The channel asking has a reserve in the release: without an admitted
+        /// ticket it may still take one of its reserve's unused places (the queue
+        /// admits to the common places only, so the reserve would otherwise idle).
+        channel_reserve: bool,
     },
     /// A campaign's slot outside its last-minute window: booked only through an offer.
     OfferRequired,
@@ -313,13 +326,23 @@ impl Gate {
     }
 }
 
+/// How a new booking or hold passed its slot's gate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Passed {
+    Freely,
+    /// With this admitted ticket, marked used: written with the command.
+    Ticket(Ticket),
+    /// Without a ticket, so only into an unused place of its channel's own reserve
+    /// (the engine checks that under the release's take lock).
+    OwnReserve,
+}
+
 /// Lets a new booking or hold through the gate, or refuses it. An admitted ticket
-/// admits one booking or hold, within its window: returns it marked used, to write with
-/// the command. (Moving a booking within its release is not a new place: the engine
-/// opens the gate for it.)
-pub fn pass(gate: &Gate, now_unix_ms: i64) -> Result<Option<Ticket>, DomainError> {
+/// admits one booking or hold, within its window. (Moving a booking within its release
+/// is not a new place: the engine opens the gate for it.)
+pub fn pass(gate: &Gate, now_unix_ms: i64) -> Result<Passed, DomainError> {
     match gate {
-        Gate::Open => Ok(None),
+        Gate::Open => Ok(Passed::Freely),
         Gate::NotYet { release_at_unix_ms } => Err(DomainError::SlotNotReleased {
             release_at_unix_ms: *release_at_unix_ms,
             retry_after_ms: release_at_unix_ms.saturating_sub(now_unix_ms).max(1),
@@ -332,11 +355,15 @@ pub fn pass(gate: &Gate, now_unix_ms: i64) -> Result<Option<Ticket>, DomainError
                 .admitted
                 .is_some_and(|admitted| now_unix_ms < admitted.until_unix_ms) =>
         {
-            Ok(Some(Ticket {
+            Ok(Passed::Ticket(Ticket {
                 used: true,
                 ..ticket.clone()
             }))
         }
+        Gate::Queue {
+            channel_reserve: true,
+            ..
+        } => Ok(Passed::OwnReserve),
         Gate::Queue { .. } => Err(DomainError::NotAdmitted),
         Gate::OfferRequired => Err(DomainError::OfferRequired),
     }
@@ -1045,8 +1072,11 @@ mod tests {
         let gate = |ticket: Option<Ticket>| Gate::Queue {
             ticket,
             release_at_unix_ms: 1_000,
+            channel_reserve: false,
         };
-        let used = pass(&gate(admitted.clone()), 2_000).unwrap().unwrap();
+        let Ok(Passed::Ticket(used)) = pass(&gate(admitted.clone()), 2_000) else {
+            panic!("an admitted ticket passes");
+        };
         assert!(used.used);
         // A ticket admits one booking or hold.
         assert_eq!(
@@ -1056,9 +1086,21 @@ mod tests {
         assert_eq!(pass(&gate(waiting), 2_000), Err(DomainError::NotAdmitted));
         assert_eq!(pass(&gate(None), 2_000), Err(DomainError::NotAdmitted));
         assert_eq!(
-            pass(&gate(admitted), 1_000 + 600_000),
+            pass(&gate(admitted.clone()), 1_000 + 600_000),
             Err(DomainError::NotAdmitted)
         );
+        // A channel with a reserve passes without a ticket, into its reserve only; a
+        // ticket it has is used first.
+        let reserving = |ticket: Option<Ticket>| Gate::Queue {
+            ticket,
+            release_at_unix_ms: 1_000,
+            channel_reserve: true,
+        };
+        assert_eq!(pass(&reserving(None), 2_000), Ok(Passed::OwnReserve));
+        assert!(matches!(
+            pass(&reserving(admitted), 2_000),
+            Ok(Passed::Ticket(_))
+        ));
         assert_eq!(
             pass(
                 &Gate::NotYet {
@@ -1141,6 +1183,19 @@ mod reserve_tests {
         // More bookings than its reserve hold nothing more back.
         assert_eq!(
             held_back(&release, &reserved, &[5, 0], &channel("phone")),
+            0
+        );
+        // What a channel may still take of its own reserve.
+        assert_eq!(
+            own_unused(&release, &reserved, &[0, 3], &channel("phone")),
+            4
+        );
+        assert_eq!(
+            own_unused(&release, &reserved, &[5, 0], &channel("desk")),
+            0
+        );
+        assert_eq!(
+            own_unused(&release, &reserved, &[0, 0], &ChannelId::web()),
             0
         );
         assert_eq!(

@@ -44,7 +44,9 @@ impl Engine {
         // A campaign's slot is reached through its offers, whatever release covers it.
         let gate = match self.campaign_gate(&region, key, now_unix_ms) {
             Gate::OfferRequired => Gate::OfferRequired,
-            _ => self.releases.gate(&region, key, citizen, now_unix_ms),
+            _ => self
+                .releases
+                .gate((&region, key), (citizen, channel), now_unix_ms),
         };
         Ok(SlotView {
             key: slot.key(),
@@ -196,7 +198,11 @@ impl Engine {
                 to,
             } => self.move_entry(*citizen, service, *from, *to),
             Take::Place(key, channel) => self
-                .take_place(key, channel)
+                .take_place(key, channel, false)
+                .map(Some)
+                .map_err(ServiceError::from),
+            Take::ReservedPlace(key, channel) => self
+                .take_place(key, channel, true)
                 .map(Some)
                 .map_err(ServiceError::from),
             Take::Admission(key) => self
@@ -304,7 +310,9 @@ impl Engine {
                 } => {
                     self.citizens.replace(*citizen, service, *to, *from);
                 }
-                Take::Place(key, channel) => self.return_place(key, channel),
+                Take::Place(key, channel) | Take::ReservedPlace(key, channel) => {
+                    self.return_place(key, channel)
+                }
                 // The admission settles when its guard drops; a check takes nothing.
                 Take::Admission(_) | Take::SameRegistration { .. } => {}
                 Take::HeldShare { slot, .. } => self.live_holds().release_share(slot),

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use crate::domain::catalog::{Admission, Catalog, Site, Slot};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::ids::{ChannelId, CitizenKey, RegionId, ReleaseId, RequestKey, SlotKey};
-use crate::domain::release::{Join, Release, ReleaseScope, TicketView};
+use crate::domain::release::{own_unused, Join, Release, ReleaseScope, TicketView};
 use crate::service::actor::Actor;
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
@@ -203,14 +203,20 @@ impl Engine {
 
     /// Takes one place of slot `key` for a booking or hold made through `channel`: one
     /// CAS, under its release's reserve rule if it has reserves (the rule's share is
-    /// computed from the capacity the CAS sees), and counted as `channel`'s.
+    /// computed from the capacity the CAS sees), and counted as `channel`'s. With
+    /// `own_reserve_only` (a queued release's gate passed without a ticket) only one of
+    /// the channel's own reserve's unused places, else `NotAdmitted`.
     pub(super) fn take_place(
         &self,
         key: &SlotKey,
         channel: &ChannelId,
+        own_reserve_only: bool,
     ) -> Result<Admission, DomainError> {
         let (region, slot) = self.slot_in_region(key)?;
         let Some(entry) = self.reserving(&region, key) else {
+            if own_reserve_only {
+                return Err(DomainError::NotAdmitted);
+            }
             let admission = slot.try_take().map_err(|refusal| refused(refusal, key))?;
             self.releases.channel_took(key, channel);
             return Ok(admission);
@@ -223,9 +229,21 @@ impl Engine {
             .channel_use()
             .used(key, &entry.definition.reserves);
         let now = self.now_unix_ms();
+        let release = &entry.definition;
+        let own_left = |capacity: u32| {
+            release
+                .reserved_places(capacity, key.start_unix_s, now)
+                .map_or(0, |reserved| own_unused(release, &reserved, &used, channel))
+        };
+        let reserve_gone = |capacity| own_reserve_only && own_left(capacity) == 0;
+        if reserve_gone(slot.counter.snapshot().capacity) {
+            return Err(DomainError::NotAdmitted);
+        }
         let admission = slot
-            .try_take_leaving(|capacity| {
-                entry.held_back((key, capacity), &used, Some(channel), now)
+            .try_take_leaving(|capacity| match reserve_gone(capacity) {
+                // The capacity fell since the check: its reserve has nothing left.
+                true => capacity,
+                false => entry.held_back((key, capacity), &used, Some(channel), now),
             })
             .map_err(|refusal| refused(refusal, key))?;
         self.releases.channel_took(key, channel);

@@ -409,3 +409,72 @@ async fn a_booking_made_before_its_release_counts_against_the_reserve() {
     assert_eq!(release.places_remaining, 2, "common places only");
     server.stop().await;
 }
+
+/// A queued release admits tickets to its common places; a channel's reserve is the
+/// channel's to take without a ticket (the phone line books for callers who never
+/// joined the web queue), up to the reserve and no further, across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_queued_release_a_reserve_is_taken_without_a_ticket_by_its_channel_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, clock, mut ops) = one_slot_on_a_manual_clock(dir.path(), 4).await;
+    let now_s = clock.now_unix_ms() / 1_000;
+    ops.create_release(proto::CreateReleaseRequest {
+        release: Some(proto::Release {
+            queue_opens_at: at_s(now_s),
+            admissions_per_minute: 60,
+            ..reserving_release(now_s, &[("phone", 50)])
+        }),
+        request_id: String::new(),
+    })
+    .await
+    .expect("created");
+    clock.advance(Duration::from_secs(2));
+    let (mut web, mut phone) = (booking(&server, WEB).await, booking(&server, PHONE).await);
+    let slot_id = first_slot(&mut phone).await;
+    assert_eq!(
+        book(&mut web, &slot_id, "w1").await,
+        Err("NOT_ADMITTED".into())
+    );
+    book(&mut phone, &slot_id, "caller-1")
+        .await
+        .expect("the phone line's reserve");
+    let held = phone
+        .hold_slot(proto::HoldSlotRequest {
+            slot_id: slot_id.clone(),
+            citizen_id: "caller-2".into(),
+            request_id: "hold-caller-2".into(),
+            ttl_seconds: 300,
+        })
+        .await
+        .expect("a hold of the reserve's last place");
+    assert!(held.into_inner().hold.is_some());
+    assert_eq!(
+        book(&mut phone, &slot_id, "caller-3").await,
+        Err("NOT_ADMITTED".into()),
+        "the reserve is used up: the common places are the queue's"
+    );
+    let places_remaining =
+        |release: proto::GetReleaseResponse| release.release.expect("the release").places_remaining;
+    let get = proto::GetReleaseRequest {
+        release_id: "phone-half".into(),
+    };
+    let release = ops.get_release(get.clone()).await.expect("release");
+    assert_eq!(
+        places_remaining(release.into_inner()),
+        2,
+        "common places kept"
+    );
+
+    // A restart counts the reserve's places as used again.
+    server.stop().await;
+    let server = TestServer::start_with_clock(dir.path(), config(), clock.clone()).await;
+    let mut phone = booking(&server, PHONE).await;
+    assert_eq!(
+        book(&mut phone, &slot_id, "caller-3").await,
+        Err("NOT_ADMITTED".into())
+    );
+    let mut ops = capacity(&server).await;
+    let release = ops.get_release(get).await.expect("release");
+    assert_eq!(places_remaining(release.into_inner()), 2);
+    server.stop().await;
+}

@@ -96,7 +96,12 @@ impl ReleaseEntry {
         }
     }
 
-    pub(in crate::service) fn gate(&self, citizen: &CitizenKey, now_unix_ms: i64) -> Gate {
+    /// What a booking or hold by `citizen` through `channel` on its slots must pass.
+    pub(in crate::service) fn gate(
+        &self,
+        (citizen, channel): (&CitizenKey, &ChannelId),
+        now_unix_ms: i64,
+    ) -> Gate {
         let release = &self.definition;
         let release_at_unix_ms = release.release_at_unix_ms;
         if now_unix_ms < release_at_unix_ms {
@@ -108,6 +113,7 @@ impl ReleaseEntry {
         Gate::Queue {
             ticket: self.lock().queue.ticket(&release.release_id, citizen),
             release_at_unix_ms,
+            channel_reserve: release.reserve_of(channel).is_some(),
         }
     }
 }
@@ -193,10 +199,15 @@ impl Releases {
             .cloned()
     }
 
-    /// What a booking or hold by `citizen` on the slot must pass now.
-    pub fn gate(&self, region: &RegionId, key: &SlotKey, citizen: &CitizenKey, now: i64) -> Gate {
+    /// What a booking or hold by `asking` (citizen, channel) on the slot must pass now.
+    pub fn gate(
+        &self,
+        (region, key): (&RegionId, &SlotKey),
+        asking: (&CitizenKey, &ChannelId),
+        now: i64,
+    ) -> Gate {
         match self.covering(region, key) {
-            Some(entry) => entry.gate(citizen, now),
+            Some(entry) => entry.gate(asking, now),
             None => Gate::Open,
         }
     }
