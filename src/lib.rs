@@ -38,6 +38,8 @@ pub mod dev_assertion;
 pub mod domain;
 pub mod grpc;
 pub mod limits;
+pub mod metrics_listener;
+pub mod open_files;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -283,6 +283,12 @@ pub struct Limits {
     /// for their clients; behind a NAT or a balancer without the PROXY protocol, raise it
     /// or set 0 (off).
     pub connections_per_peer_max: usize,
+    /// Connections the metrics port holds at once (it needs no token); past it a new
+    /// one is closed at accept. A scraper needs one.
+    pub metrics_connections_max: usize,
+    /// A metrics connection is closed this long after it was accepted, whatever it is
+    /// doing (a scraper connects again for its next scrape).
+    pub metrics_connection_timeout_ms: u64,
     /// How many peers' caps every IPv6 /64 of one /48 may hold together, under each
     /// per-peer cap above (`connections_per_peer_max`, `receiving_bytes_per_peer_max`,
     /// `health_watches_per_peer_max`): a /48 holds 65,536 /64s, and whoever holds one
@@ -421,6 +427,8 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     health_watches_per_peer_max: 8,
     connections_max: 4_096,
     connections_per_peer_max: 256,
+    metrics_connections_max: 16,
+    metrics_connection_timeout_ms: 10_000,
     peer_shares_per_ipv6_48_max: 8,
     connection_age_max_ms: 30 * 60 * 1_000,
     connection_age_grace_ms: 5 * 60 * 1_000,
@@ -713,6 +721,10 @@ impl Limits {
         need(
             l.local_reset_streams_max >= 1 && l.connections_max >= 1,
             "local_reset_streams_max and connections_max must be at least 1",
+        );
+        need(
+            l.metrics_connections_max >= 1 && l.metrics_connection_timeout_ms >= 100,
+            "metrics_connections_max must be at least 1, metrics_connection_timeout_ms at least 100",
         );
         need(
             l.reflection_streams_max >= 1 && l.health_watches_max >= 1,

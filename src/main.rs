@@ -460,13 +460,24 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(warning) = check_plaintext_tokens(listen, tokens_set, tls, plaintext)? {
         tracing::warn!("{warning}");
     }
+    let open_files = prenota::open_files::raise_to_hard_limit();
+    if let Some(warning) = prenota::open_files::fit_connections(&mut config.limits, open_files)? {
+        tracing::warn!("{warning}");
+    }
     let metrics_listen = server.metrics_listen()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
     if let Some(metrics_listen) = metrics_listen {
-        let metrics = prenota::telemetry::serve_metrics(metrics_listen)?;
+        let limits = &config.limits;
+        let bounds = prenota::metrics_listener::Bounds {
+            connections_max: limits.metrics_connections_max,
+            connection_timeout: std::time::Duration::from_millis(
+                limits.metrics_connection_timeout_ms,
+            ),
+        };
+        let metrics = prenota::telemetry::serve_metrics(metrics_listen, bounds)?;
         if !metrics.ip().is_loopback() {
             tracing::warn!(%metrics, "metrics are served unauthenticated beyond loopback");
         }

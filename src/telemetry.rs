@@ -146,25 +146,26 @@ fn builder() -> Result<PrometheusBuilder, String> {
 }
 
 /// Installs the process-wide recorder and serves `GET /metrics` on `listen` (port 0
-/// picks a free port). Returns the address served. Must run inside the tokio runtime.
-pub fn serve_metrics(listen: SocketAddr) -> Result<SocketAddr, String> {
-    // The exporter binds by itself and cannot report the port it got: resolve port 0
-    // here first (the port is free again for the microseconds until the exporter binds).
-    let address = std::net::TcpListener::bind(listen)
-        .and_then(|probe| probe.local_addr())
-        .map_err(|e| format!("cannot serve metrics on {listen}: {e}"))?;
-    let (recorder, exporter) = builder()?
-        .with_http_listener(address)
-        .build()
-        .map_err(|e| format!("cannot serve metrics on {address}: {e}"))?;
+/// picks a free port) within `bounds` (`metrics_listener`). Returns the address served.
+/// Must run inside the tokio runtime.
+pub fn serve_metrics(
+    listen: SocketAddr,
+    bounds: crate::metrics_listener::Bounds,
+) -> Result<SocketAddr, String> {
+    let cannot = |e: std::io::Error| format!("cannot serve metrics on {listen}: {e}");
+    let listener = std::net::TcpListener::bind(listen).map_err(cannot)?;
+    listener.set_nonblocking(true).map_err(cannot)?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(cannot)?;
+    let address = listener.local_addr().map_err(cannot)?;
+    let recorder = builder()?.build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|_| "a metrics recorder is already installed".to_string())?;
-    tokio::spawn(async move {
-        if let Err(error) = exporter.await {
-            tracing::error!(?error, "the metrics listener stopped");
-        }
-    });
+    tokio::spawn(crate::metrics_listener::serve(
+        listener,
+        handle.clone(),
+        bounds,
+    ));
     spawn_upkeep(handle);
     describe();
     register_rare_counters();

@@ -283,6 +283,69 @@ async fn connections_past_the_cap_are_closed_at_once_and_idle_ones_time_out() {
     still_healthy(&server).await;
 }
 
+/// The metrics port (no token) took every idle connection offered: 20,000 of them
+/// used every file descriptor, its accept loop then logged "Too many open files" in a
+/// tight loop, and the next group commit failed, the store with it. Now it holds at
+/// most `metrics_connections_max` (the rest closed at accept), closes each after
+/// `metrics_connection_timeout_ms`, answers junk without a log line, and scrapes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_holds_few_connections_briefly_and_logs_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let env = [
+        ("METRICS_CONNECTIONS_MAX", "3"),
+        ("METRICS_CONNECTION_TIMEOUT_MS", "1000"),
+    ];
+    let options = ChildOptions {
+        env: env
+            .iter()
+            .map(|(name, value)| (format!("PRENOTA_LIMITS_{name}"), value.to_string()))
+            .collect(),
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        rust_log: Some("info".into()),
+        ..ChildOptions::default()
+    };
+    let data = dir.path().join("data");
+    let mut server = ChildServer::start_recovering(&data, options);
+    server.wait_serving();
+    let logged_at_start = std::fs::read_to_string(&log).unwrap().len();
+    let host = server.metrics_url["http://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let held: Vec<_> = (0..3)
+        .map(|_| (Instant::now(), TcpStream::connect(&host).unwrap()))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200)); // all accepted
+    for _ in 0..5 {
+        let mut extra = TcpStream::connect(&host).unwrap();
+        let closed = closed_within(&mut extra, Duration::from_millis(500));
+        assert!(
+            closed.is_some(),
+            "a metrics connection past the cap stayed open"
+        );
+    }
+    for (connected, mut socket) in held {
+        let closed = closed_within(&mut socket, Duration::from_secs(5));
+        assert!(closed.is_some(), "an idle metrics connection stayed open");
+        assert!(connected.elapsed() >= Duration::from_millis(900));
+    }
+    for junk in [&b"GARBAGE\r\n\r\n"[..], &[b'x'; 20_000][..]] {
+        let mut socket = TcpStream::connect(&host).unwrap();
+        let _ = socket.write_all(junk);
+        assert!(closed_within(&mut socket, Duration::from_secs(5)).is_some());
+    }
+    assert!(http_get(&server.metrics_url).contains("prenota_holds_expired_total"));
+    let logs = std::fs::read_to_string(&log).unwrap();
+    let warnings: Vec<&str> = logs[logged_at_start..]
+        .lines()
+        .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    still_healthy(&server).await;
+}
+
 /// One machine could hold every connection (`connections_max`) and so shut everyone
 /// else out. Now a peer (an IPv4 address; an IPv6 /64) has at most
 /// `connections_per_peer_max` open: its next one is closed at accept, while another

@@ -1,0 +1,86 @@
+//! The process's open-file limit. Every connection is a file descriptor, and so are the
+//! store's files and the directory listing each group commit reads: a server whose
+//! connections took every descriptor could not commit (the store would fail). So `serve`
+//! raises the soft limit to the hard one, keeps `FILES_RESERVED` for everything but
+//! connections, and fits the connection caps under the rest.
+
+use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+use crate::config::Limits;
+
+/// Descriptors kept for everything but connections: the store's files and its blob
+/// directory listing, the commits file, backups, PostgreSQL sessions, TLS files.
+pub const FILES_RESERVED: u64 = 256;
+
+/// The fewest gRPC connections worth serving: below them, `serve` refuses to start.
+const CONNECTIONS_MIN: u64 = 64;
+
+/// Raises the soft limit on open files to the hard one (as far as allowed); returns the
+/// soft limit now (`None`: unlimited).
+pub fn raise_to_hard_limit() -> Option<u64> {
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        // Refused (a platform cap below the hard limit): the soft limit stays.
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+/// Fits `connections_max` (and so the per-peer cap) under `open_files` descriptors,
+/// with the metrics port's and `FILES_RESERVED` kept: returns a warning when it lowered
+/// it, an error when too few are left to serve.
+pub fn fit_connections(
+    limits: &mut Limits,
+    open_files: Option<u64>,
+) -> Result<Option<String>, String> {
+    let Some(open_files) = open_files else {
+        return Ok(None);
+    };
+    let kept = FILES_RESERVED + limits.metrics_connections_max as u64;
+    let room = open_files.saturating_sub(kept);
+    if room < CONNECTIONS_MIN {
+        return Err(format!(
+            "the open-file limit ({open_files}) leaves {room} connections after the {kept} \
+             descriptors kept for the store and the metrics port; raise it (ulimit -n, \
+             systemd LimitNOFILE) to at least {}",
+            kept + CONNECTIONS_MIN
+        ));
+    }
+    let wanted = limits.connections_max as u64;
+    if wanted <= room {
+        return Ok(None);
+    }
+    limits.connections_max = room as usize;
+    limits.connections_per_peer_max = limits.connections_per_peer_max.min(room as usize);
+    Ok(Some(format!(
+        "connections_max lowered from {wanted} to {room} to fit the open-file limit \
+         ({open_files}, {kept} kept for the store and the metrics port); raise the limit \
+         (ulimit -n, systemd LimitNOFILE) to at least {} to keep it",
+        wanted + kept
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_fit_under_the_open_file_limit_or_the_server_refuses_to_start() {
+        let mut limits = Limits::default();
+        assert_eq!(fit_connections(&mut limits, None), Ok(None));
+        assert_eq!(fit_connections(&mut limits, Some(1 << 20)), Ok(None));
+        assert_eq!(limits.connections_max, 4_096);
+        let lowered = fit_connections(&mut limits, Some(1_024)).unwrap();
+        assert!(lowered.unwrap().contains("lowered from 4096 to 752"));
+        assert_eq!(limits.connections_max, 1_024 - 256 - 16);
+        assert_eq!(limits.connections_per_peer_max, 256);
+        let refused = fit_connections(&mut limits, Some(300)).unwrap_err();
+        assert!(refused.contains("at least 336"), "{refused}");
+    }
+}
