@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&file_descriptors),
     )?;
     tonic_prost_build::configure()
+        // Requests that are not protobuf answer INVALID_ARGUMENT (`grpc::codec`).
+        .codec_path("crate::grpc::codec::Codec")
         .file_descriptor_set_path(&descriptor_path)
         .compile_fds(file_descriptors)?;
     Ok(())

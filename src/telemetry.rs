@@ -366,10 +366,16 @@ fn colour_on_stderr() -> bool {
     std::io::stderr().is_terminal() && !no_color
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+/// What is logged when `RUST_LOG` is unset: `info`, but h2's warnings only at `error`
+/// (each is one connection's protocol fault, which a hostile client causes at will: one
+/// line per connection would let it fill the log).
+pub const DEFAULT_LOG_FILTER: &str = "info,h2=error";
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `DEFAULT_LOG_FILTER`).
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour_on_stderr())

@@ -5,6 +5,7 @@ pub mod assertion;
 pub mod auth;
 pub mod booking_service;
 pub mod capacity_service;
+pub mod codec;
 pub mod connections;
 pub mod convert;
 pub mod convert_campaign;
