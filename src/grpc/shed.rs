@@ -333,7 +333,10 @@ impl http_body::Body for Counted {
 
 /// A reply stream that ends with UNAVAILABLE / SHUTTING_DOWN once shutdown begins: at
 /// once when it has nothing ready, else after the one message it had (a health watch's
-/// NOT_SERVING). As a request stream, it just ends.
+/// NOT_SERVING). A reply whose producer stopped for the shutdown first ends OK by
+/// itself: that end is replaced too, so a reader never takes a stream cut short for a
+/// whole one (a complete export ending at that instant is read again: safe). As a
+/// request stream, it just ends.
 struct EndedAtShutdown {
     inner: tonic::body::Body,
     closing: Option<BoxFuture<(), std::convert::Infallible>>,
@@ -399,6 +402,14 @@ impl EndedAtShutdown {
     }
 }
 
+/// Whether `frame` is the trailers of a reply that ended OK.
+fn ends_ok<T>(frame: &http_body::Frame<T>) -> bool {
+    frame
+        .trailers_ref()
+        .and_then(|trailers| trailers.get("grpc-status"))
+        .is_some_and(|status| status == "0")
+}
+
 fn shutting_down_trailers() -> http::HeaderMap {
     let status = tonic::Status::from(crate::service::error::ServiceError::from(
         crate::store::StoreError::Closed,
@@ -428,6 +439,7 @@ impl http_body::Body for EndedAtShutdown {
                 self.state = Ending::Closing;
                 Poll::Ready(Some(Ok(frame)))
             }
+            Poll::Ready(Some(Ok(frame))) if closed && ends_ok(&frame) => self.end(),
             Poll::Pending if closed => self.end(),
             Poll::Ready(None) => {
                 self.state = Ending::Ended;
@@ -485,6 +497,49 @@ mod tests {
             self.free_while_served.store(free, Ordering::SeqCst);
             ready(Ok(http::Response::new(tonic::body::Body::empty())))
         }
+    }
+
+    /// The frames `body` yields until it ends.
+    async fn frames(mut body: EndedAtShutdown) -> Vec<http_body::Frame<Bytes>> {
+        let mut frames = Vec::new();
+        use http_body::Body as _;
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            frames.push(frame.expect("a frame"));
+        }
+        frames
+    }
+
+    /// A reply whose producer stopped for the shutdown (its messages all read, its
+    /// stream ended, so tonic ends it OK) ends UNAVAILABLE / SHUTTING_DOWN; the same
+    /// reply before shutdown ends OK, and one that ended with an error keeps it.
+    #[tokio::test]
+    async fn a_reply_cut_short_by_the_shutdown_never_ends_ok() {
+        let reply = |status: &'static str| {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static(status));
+            let frames: Vec<Result<_, tonic::Status>> =
+                vec![Ok(http_body::Frame::<Bytes>::trailers(trailers))];
+            let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+            tonic::body::Body::new(body)
+        };
+        let status_of = |frames: &[http_body::Frame<Bytes>]| {
+            let trailers = frames
+                .last()
+                .and_then(|f| f.trailers_ref())
+                .expect("trailers");
+            let status = trailers["grpc-status"].to_str().unwrap().to_string();
+            (frames.len(), status)
+        };
+        let (_keep, open) = watch::channel(false);
+        let served = frames(EndedAtShutdown::reply(reply("0"), open)).await;
+        assert_eq!(status_of(&served), (1, "0".to_string()));
+        let (_keep, closing) = watch::channel(true);
+        let cut = frames(EndedAtShutdown::reply(reply("0"), closing.clone())).await;
+        let unavailable = (tonic::Code::Unavailable as i32).to_string();
+        assert_eq!(status_of(&cut), (1, unavailable));
+        let failed = frames(EndedAtShutdown::reply(reply("9"), closing)).await;
+        assert_eq!(status_of(&failed), (1, "9".to_string()));
     }
 
     fn call_to(path: &str) -> http::Request<http_body_util::Full<Bytes>> {
