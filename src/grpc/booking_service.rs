@@ -341,7 +341,7 @@ impl BookingService for BookingApi {
         let allowed = self.bookable_for(&request).await?;
         let caller = Caller::of(&request)?;
         let engine = Arc::clone(&self.engine);
-        let command = convert::group_from_proto(
+        let mut command = convert::group_from_proto(
             request.into_inner(),
             engine.limits(),
             engine.citizen_ids(),
@@ -351,6 +351,8 @@ impl BookingService for BookingApi {
             if command.citizen_ids.iter().any(|id| !allowed.contains(id)) {
                 return Err(ServiceError::CitizenMismatch.into());
             }
+            // The subject asks, for itself or its dependants.
+            command.asking = allowed.into_iter().next();
         }
         let result = detached(async move { engine.book_group(command).await }).await?;
         let bookings = counted(Command::Book, result)?;

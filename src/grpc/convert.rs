@@ -464,6 +464,7 @@ pub fn group_from_proto(
     Ok(GroupCommand {
         slot,
         citizen_ids,
+        asking: None,
         request,
         channel: caller.channel(),
     })

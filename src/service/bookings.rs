@@ -28,8 +28,11 @@ pub struct BookCommand {
 /// BookGroup: one place each for a household, all or none.
 pub struct GroupCommand {
     pub slot: SlotKey,
-    /// Canonical, distinct, at least one; the first is the one asking.
+    /// Canonical, distinct, at least one.
     pub citizen_ids: Vec<String>,
+    /// The citizen asking (canonical), whose rate limit and request-id scope the
+    /// command takes: the assertion's `sub` (a member or not); `None`: the first member.
+    pub asking: Option<String>,
     pub request: RequestKey,
     pub channel: ChannelId,
 }
@@ -108,10 +111,14 @@ impl Engine {
             .iter()
             .map(|id| self.hasher.hash(id))
             .collect();
-        let asking = *members.first().ok_or(DomainError::invalid(
+        let first = *members.first().ok_or(DomainError::invalid(
             "citizen_ids",
             "must name at least one citizen",
         ))?;
+        let asking = command
+            .asking
+            .as_ref()
+            .map_or(first, |asking| self.hasher.hash(asking));
         let slot_text = command.slot.to_string();
         let mut parts: Vec<&[u8]> = vec![b"book-group", slot_text.as_bytes()];
         parts.extend(members.iter().map(|member| &member.0[..]));

@@ -444,3 +444,61 @@ async fn a_household_is_the_subject_and_its_dependants() {
     assert_eq!(booked.len(), 3);
     server.stop().await;
 }
+
+/// A parent booking for its children only asks as itself: its request id is its own,
+/// not its first child's (a child's own request of that id was refused as
+/// REQUEST_ID_REUSED, and the parent's rate limit was the child's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_household_booked_for_dependants_is_the_subjects_request() {
+    let keys = keys();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path(), config(&keys)).await;
+    let slot = one_slot_site(&server, "household", 5).await;
+    let mut parent = claims("spid", "ALICE");
+    parent["dependants"] = json!(["KID1", "KID2"]);
+    let parent = sign(&keys.spid_old, Algorithm::EdDSA, parent);
+    let kid = sign(&keys.spid_old, Algorithm::EdDSA, claims("spid", "KID1"));
+    let group = |citizens: &[&str]| proto::BookGroupRequest {
+        slot_id: slot.clone(),
+        citizen_ids: citizens.iter().map(|c| c.to_string()).collect(),
+        request_id: "family-visit".into(),
+    };
+    let mut client = server.booking().await;
+    let kids = client
+        .book_group(with_assertion(group(&["KID1", "KID2"]), &parent))
+        .await
+        .expect("the dependants, without the subject")
+        .into_inner()
+        .bookings;
+    // KID1, grown up, cancels its place and books again with the same request id.
+    client
+        .cancel_booking(with_assertion(
+            proto::CancelBookingRequest {
+                booking_id: kids[0].booking_id.clone(),
+                citizen_id: "KID1".into(),
+                request_id: "kid1-cancel".into(),
+            },
+            &kid,
+        ))
+        .await
+        .expect("cancelled by its owner");
+    let own = client
+        .book_group(with_assertion(group(&["KID1"]), &kid))
+        .await
+        .expect("KID1's own request, not its parent's")
+        .into_inner()
+        .bookings;
+    assert_ne!(own[0].booking_id, kids[0].booking_id);
+    // The parent's retry still answers the first outcome.
+    let again = client
+        .book_group(with_assertion(group(&["KID1", "KID2"]), &parent))
+        .await
+        .expect("the parent's retry")
+        .into_inner()
+        .bookings;
+    let ids = |bookings: &[proto::Booking]| -> Vec<String> {
+        bookings.iter().map(|b| b.booking_id.clone()).collect()
+    };
+    assert_eq!(ids(&again), ids(&kids));
+    server.stop().await;
+}
