@@ -339,7 +339,12 @@ impl http_body::Body for Counted {
 /// request stream, it just ends.
 struct EndedAtShutdown {
     inner: tonic::body::Body,
+    /// Wakes the stream when shutdown begins.
     closing: Option<BoxFuture<(), std::convert::Infallible>>,
+    /// Whether it has begun, read directly: `send_replace` stores the value before it
+    /// wakes the waits one notify shard after another, so a producer woken first may
+    /// end the stream while this one's wait still polls Pending.
+    closing_now: watch::Receiver<bool>,
     state: Ending,
     /// A reply ends with the trailers; a request without.
     reply: bool,
@@ -363,6 +368,7 @@ impl EndedAtShutdown {
     }
 
     fn new(inner: tonic::body::Body, mut closing: watch::Receiver<bool>, reply: bool) -> Self {
+        let closing_now = closing.clone();
         let closing: BoxFuture<(), std::convert::Infallible> = Box::pin(async move {
             // An error: the sender is gone, so is the server.
             let _ = closing.wait_for(|closing| *closing).await;
@@ -371,6 +377,7 @@ impl EndedAtShutdown {
         Self {
             inner,
             closing: Some(closing),
+            closing_now,
             state: Ending::Open,
             reply,
         }
@@ -394,11 +401,15 @@ impl EndedAtShutdown {
         let Some(closing) = self.closing.as_mut() else {
             return true;
         };
-        if closing.as_mut().poll(cx).is_pending() {
+        if closing.as_mut().poll(cx).is_pending() && !self.closing_now() {
             return false;
         }
         self.closing = None;
         true
+    }
+
+    fn closing_now(&self) -> bool {
+        *self.closing_now.borrow()
     }
 }
 
@@ -439,7 +450,10 @@ impl http_body::Body for EndedAtShutdown {
                 self.state = Ending::Closing;
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Ok(frame))) if closed && ends_ok(&frame) => self.end(),
+            // Its producer ended it because shutdown began (stored before any wake).
+            Poll::Ready(Some(Ok(frame))) if ends_ok(&frame) && (closed || self.closing_now()) => {
+                self.end()
+            }
             Poll::Pending if closed => self.end(),
             Poll::Ready(None) => {
                 self.state = Ending::Ended;
@@ -538,8 +552,19 @@ mod tests {
         let cut = frames(EndedAtShutdown::reply(reply("0"), closing.clone())).await;
         let unavailable = (tonic::Code::Unavailable as i32).to_string();
         assert_eq!(status_of(&cut), (1, unavailable));
-        let failed = frames(EndedAtShutdown::reply(reply("9"), closing)).await;
+        let failed = frames(EndedAtShutdown::reply(reply("9"), closing.clone())).await;
         assert_eq!(status_of(&failed), (1, "9".to_string()));
+        // Shutdown began, but this stream's wait has not been woken yet (tokio wakes
+        // the waits shard by shard, a producer's first): the value decides.
+        let not_yet_woken = EndedAtShutdown {
+            closing: Some(Box::pin(std::future::pending())),
+            ..EndedAtShutdown::reply(reply("0"), closing)
+        };
+        let cut = frames(not_yet_woken).await;
+        assert_eq!(
+            status_of(&cut),
+            (1, (tonic::Code::Unavailable as i32).to_string())
+        );
     }
 
     fn call_to(path: &str) -> http::Request<http_body_util::Full<Bytes>> {
