@@ -1,13 +1,15 @@
 //! The metrics port: `GET /metrics` in Prometheus' text format. It needs no token, so
 //! it is bounded like the gRPC port: at most `metrics_connections_max` connections at
 //! once (more are closed at accept), each closed `metrics_connection_timeout_ms` after
-//! it was accepted whatever it is doing, HTTP/1.1 with a small request buffer; a failed
+//! it was accepted whatever it is doing, HTTP/1.1 with a small request buffer and one
+//! request per connection; the page is rendered at most once per `RENDERED_FOR` and
+//! shared (pipelined scrapes rendered a page each, starving the bookings); a failed
 //! accept (no file descriptor left) waits instead of spinning. Nothing is logged per
 //! connection or bad request.
 
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -24,6 +26,31 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// The most bytes of a request kept (hyper's smallest buffer): a scrape is one line.
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
 
+/// How long a rendered page is served before it is rendered again.
+const RENDERED_FOR: Duration = Duration::from_secs(1);
+
+/// The last page rendered, and when.
+struct Page {
+    handle: PrometheusHandle,
+    last: Mutex<Option<(Instant, Bytes)>>,
+}
+
+impl Page {
+    /// The page, rendered again if older than `RENDERED_FOR`.
+    fn current(&self) -> Bytes {
+        // A poisoned lock holds a whole page or none.
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some((at, page)) if at.elapsed() < RENDERED_FOR => page.clone(),
+            _ => {
+                let page = Bytes::from(self.handle.render());
+                *last = Some((Instant::now(), page.clone()));
+                page
+            }
+        }
+    }
+}
+
 /// The metrics port's caps.
 #[derive(Clone, Copy, Debug)]
 pub struct Bounds {
@@ -34,6 +61,10 @@ pub struct Bounds {
 /// Answers scrapes on `listener` with what `handle` renders, forever.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, bounds: Bounds) {
     let places = Arc::new(Semaphore::new(bounds.connections_max));
+    let page = Arc::new(Page {
+        handle,
+        last: Mutex::new(None),
+    });
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -47,13 +78,14 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, bounds: Boun
         let Ok(place) = Arc::clone(&places).try_acquire_owned() else {
             continue;
         };
-        let handle = handle.clone();
+        let page = Arc::clone(&page);
         tokio::spawn(async move {
             let _place = place;
             let answer = hyper::service::service_fn(move |request| {
-                std::future::ready(Ok::<_, Infallible>(answer(&request, &handle)))
+                std::future::ready(Ok::<_, Infallible>(answer(&request, &page)))
             });
             let connection = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
                 .timer(TokioTimer::new())
                 .header_read_timeout(bounds.connection_timeout)
                 .max_buf_size(REQUEST_BYTES_MAX)
@@ -65,25 +97,25 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, bounds: Boun
 }
 
 /// `GET /metrics`: the metrics; anything else: a short refusal.
-fn answer(request: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
+fn answer(request: &Request<Incoming>, page: &Page) -> Response<Full<Bytes>> {
     let (status, body, kind) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
-            handle.render(),
+            page.current(),
             "text/plain; version=0.0.4; charset=utf-8",
         ),
         (_, "/metrics") => (
             StatusCode::METHOD_NOT_ALLOWED,
-            "GET only\n".to_string(),
+            Bytes::from_static(b"GET only\n"),
             "text/plain",
         ),
         _ => (
             StatusCode::NOT_FOUND,
-            "GET /metrics\n".to_string(),
+            Bytes::from_static(b"GET /metrics\n"),
             "text/plain",
         ),
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     response
         .headers_mut()
