@@ -28,7 +28,11 @@ pub enum DomainError {
     #[error("slot {0} has no remaining capacity")]
     SlotFull(SlotKey),
     #[error("the citizen already has the maximum number of active bookings for this service")]
-    CitizenAlreadyBooked { booking_id: BookingId },
+    CitizenAlreadyBooked {
+        booking_id: BookingId,
+        /// In a group, the position of the member already booked (in `citizen_ids`).
+        member: Option<usize>,
+    },
     #[error("{0:?} not found")]
     NotFound(Missing),
     #[error("slot {0} is closed")]

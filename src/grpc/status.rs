@@ -148,8 +148,12 @@ fn classify(error: &ServiceError) -> Answer {
             }
             // No booking id: it would tell whoever knows a citizen's id where they are
             // booked (ListCitizenBookings, as the citizen, finds it).
-            DomainError::CitizenAlreadyBooked { .. } => {
-                Answer::new(AlreadyExists, "CITIZEN_ALREADY_BOOKED")
+            DomainError::CitizenAlreadyBooked { member, .. } => {
+                let answer = Answer::new(AlreadyExists, "CITIZEN_ALREADY_BOOKED");
+                match member {
+                    Some(index) => answer.with("citizen_index", index),
+                    None => answer,
+                }
             }
             DomainError::NotFound(Missing::Site) => Answer::new(NotFound, "SITE_NOT_FOUND"),
             DomainError::NotFound(Missing::Slot) => Answer::new(NotFound, "SLOT_NOT_FOUND"),

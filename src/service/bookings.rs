@@ -157,7 +157,25 @@ impl Engine {
         let plan = plans::book_group(&group, request, now_ms)?;
         let written = self.execute(plan, || {}).await;
         minted.into_iter().for_each(|codes| codes.settle(&written));
-        written
+        written.map_err(|error| self.naming_the_member(error, members, &command.slot))
+    }
+
+    /// A member already booked: named by its position, so the household knows who.
+    fn naming_the_member(
+        &self,
+        error: ServiceError,
+        members: &[CitizenKey],
+        slot: &SlotKey,
+    ) -> ServiceError {
+        let ServiceError::Domain(DomainError::CitizenAlreadyBooked { booking_id, .. }) = error
+        else {
+            return error;
+        };
+        let service = &slot.service_id;
+        let member = members
+            .iter()
+            .position(|member| self.citizens.is_active(*member, service, booking_id));
+        DomainError::CitizenAlreadyBooked { booking_id, member }.into()
     }
 
     /// The bookings of a finished group request whose outcome (any member's booking)

@@ -182,6 +182,7 @@ impl Engine {
                 .map_err(|existing| {
                     DomainError::CitizenAlreadyBooked {
                         booking_id: existing,
+                        member: None,
                     }
                     .into()
                 }),

@@ -56,7 +56,8 @@ async fn a_household_books_together_or_not_at_all() {
     };
     assert_eq!(ids(&again), ids(&booked));
 
-    // One member already booked: nobody is.
+    // One member already booked: nobody is, and the answer says which (its place in
+    // citizen_ids), never the booking.
     let status = client
         .book_group(group(&slot, &["GRANDMA", "KID"], "g2"))
         .await
@@ -65,6 +66,8 @@ async fn a_household_books_together_or_not_at_all() {
         (status.code(), reason(&status).as_deref()),
         (Code::AlreadyExists, Some("CITIZEN_ALREADY_BOOKED"))
     );
+    assert_eq!(metadata(&status, "citizen_index").as_deref(), Some("1"));
+    assert!(!status.message().contains(&booked[2].booking_id));
     // More members than places left: nobody is.
     let status = client
         .book_group(group(&slot, &["A", "B", "C"], "g3"))
