@@ -123,6 +123,18 @@ impl Engine {
         let mut parts: Vec<&[u8]> = vec![b"book-group", slot_text.as_bytes()];
         parts.extend(members.iter().map(|member| &member.0[..]));
         let fingerprint = RequestFingerprint::of(&parts);
+        // Made before the subject asked for itself (under its first member's scope):
+        // a retry gets that first outcome.
+        let earlier = (asking != first)
+            .then(|| {
+                let scope = command.request.for_citizen(&first);
+                self.requests.finished(&scope, fingerprint)
+            })
+            .flatten();
+        if let Some(id) = earlier {
+            let bookings = self.group_bookings(&members, id)?;
+            return bookings.into_iter().map(|b| self.view(b)).collect();
+        }
         let key = command.request.for_citizen(&asking);
         let bookings = self
             .once_per_request(
@@ -406,8 +418,16 @@ impl Engine {
             // campaign's gate stays: its slots are reached through offers). Before
             // `release_at` nobody moves in: a booking made before the release was
             // announced must not pick its slots before everyone else.
-            let queued = matches!(view.gate, Gate::Queue { .. });
-            if queued && self.in_same_release(&old.slot, &view.key) {
+            // A booking its channel's reserve let in without a ticket moves within that
+            // reserve only (else a move would trade a reserved place for a common one,
+            // and free the reserve for the next caller).
+            let admitted = match &view.gate {
+                Gate::Queue { ticket, .. } => Some(ticket.as_ref().is_some_and(|t| t.used)),
+                _ => None,
+            };
+            let in_release = admitted.is_some() && self.in_same_release(&old.slot, &view.key);
+            if in_release && (admitted == Some(true) || !self.reserves_for(&old.slot, &old.channel))
+            {
                 view.gate = Gate::Open;
             }
         }

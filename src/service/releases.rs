@@ -300,6 +300,15 @@ impl Engine {
         reserved
     }
 
+    /// Whether the release of slot `key` reserves places for `channel`.
+    pub(super) fn reserves_for(&self, key: &SlotKey, channel: &ChannelId) -> bool {
+        let Some(site) = self.site(&key.site_id) else {
+            return false;
+        };
+        self.reserving(&site.region_id, key)
+            .is_some_and(|entry| entry.definition.reserve_of(channel).is_some())
+    }
+
     /// Whether both slots are in one release.
     pub(super) fn in_same_release(&self, a: &SlotKey, b: &SlotKey) -> bool {
         if self.releases.is_empty() {

@@ -86,6 +86,13 @@ impl RequestRegistry {
         }))
     }
 
+    /// The booking a finished request `key` made, if it was this request (`fingerprint`).
+    pub fn finished(&self, key: &RequestKey, fingerprint: RequestFingerprint) -> Option<BookingId> {
+        let shard = self.shard(key);
+        let done = shard.done.get(key)?;
+        (done.fingerprint == fingerprint).then_some(done.booking_id)
+    }
+
     /// Recovery only: a stored mutation made at `at_unix_ms`, and its outcome. Of two
     /// records of one key (a key reused after its first use was forgotten; or the
     /// members of one household booking, made at the same time) the later is kept, and

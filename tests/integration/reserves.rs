@@ -435,7 +435,7 @@ async fn in_a_queued_release_a_reserve_is_taken_without_a_ticket_by_its_channel_
         book(&mut web, &slot_id, "w1").await,
         Err("NOT_ADMITTED".into())
     );
-    book(&mut phone, &slot_id, "caller-1")
+    let caller_1 = book(&mut phone, &slot_id, "caller-1")
         .await
         .expect("the phone line's reserve");
     let held = phone
@@ -476,5 +476,44 @@ async fn in_a_queued_release_a_reserve_is_taken_without_a_ticket_by_its_channel_
     let mut ops = capacity(&server).await;
     let release = ops.get_release(get).await.expect("release");
     assert_eq!(places_remaining(release.into_inner()), 2);
+
+    // A booking the reserve let in moves within a reserve only: not through the web
+    // (into a common place, freeing the reserve for the next caller).
+    let day = day_ahead(11);
+    let later = publish_request("r-site", "vax", (&day, &day), ("10:00", "10:30"), 30, 4);
+    ops.publish_schedule(later).await.expect("a second slot");
+    let now = clock.now_unix_ms() / 1_000;
+    let second = phone
+        .search_slots(proto::SearchSlotsRequest {
+            scope: Some(Scope::SiteId("r-site".into())),
+            service_id: "vax".into(),
+            from: at_s(now),
+            to: at_s(now + 60 * 86_400),
+            ..Default::default()
+        })
+        .await
+        .expect("search")
+        .into_inner()
+        .slots
+        .into_iter()
+        .find(|slot| slot.slot_id != slot_id)
+        .expect("the second slot")
+        .slot_id;
+    let move_to = |request_id: &str| proto::RescheduleBookingRequest {
+        booking_id: caller_1.clone(),
+        citizen_id: "caller-1".into(),
+        new_slot_id: second.clone(),
+        request_id: request_id.into(),
+    };
+    let mut web = booking(&server, WEB).await;
+    let refused = web
+        .reschedule_booking(move_to("move-web"))
+        .await
+        .expect_err("no ticket, no reserve for the web");
+    assert_eq!(reason(&refused).as_deref(), Some("NOT_ADMITTED"));
+    phone
+        .reschedule_booking(move_to("move-phone"))
+        .await
+        .expect("into the phone line's reserve of the second slot");
     server.stop().await;
 }
