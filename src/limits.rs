@@ -723,8 +723,9 @@ impl Limits {
             "local_reset_streams_max and connections_max must be at least 1",
         );
         need(
-            l.metrics_connections_max >= 1 && l.metrics_connection_timeout_ms >= 100,
-            "metrics_connections_max must be at least 1, metrics_connection_timeout_ms at least 100",
+            (1..=1_024).contains(&l.metrics_connections_max)
+                && l.metrics_connection_timeout_ms >= 100,
+            "metrics_connections_max must be 1 to 1024, metrics_connection_timeout_ms at least 100",
         );
         need(
             l.reflection_streams_max >= 1 && l.health_watches_max >= 1,

@@ -460,11 +460,14 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(warning) = check_plaintext_tokens(listen, tokens_set, tls, plaintext)? {
         tracing::warn!("{warning}");
     }
+    let metrics_listen = server.metrics_listen()?;
     let open_files = prenota::open_files::raise_to_hard_limit();
-    if let Some(warning) = prenota::open_files::fit_connections(&mut config.limits, open_files)? {
+    let metrics = metrics_listen.is_some();
+    if let Some(warning) =
+        prenota::open_files::fit_connections(&mut config.limits, open_files, metrics)?
+    {
         tracing::warn!("{warning}");
     }
-    let metrics_listen = server.metrics_listen()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

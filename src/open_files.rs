@@ -12,6 +12,10 @@ use crate::config::Limits;
 /// directory listing, the commits file, backups, PostgreSQL sessions, TLS files.
 pub const FILES_RESERVED: u64 = 256;
 
+/// What the soft limit is raised to when the hard limit cannot be taken (macOS's
+/// `OPEN_MAX`).
+const PLATFORM_CAP: u64 = 10_240;
+
 /// The fewest gRPC connections worth serving: below them, `serve` refuses to start.
 const CONNECTIONS_MIN: u64 = 64;
 
@@ -20,29 +24,36 @@ const CONNECTIONS_MIN: u64 = 64;
 pub fn raise_to_hard_limit() -> Option<u64> {
     let limit = getrlimit(Resource::Nofile);
     if limit.current != limit.maximum {
-        // Refused (a platform cap below the hard limit): the soft limit stays.
-        let _ = setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: limit.maximum,
-                maximum: limit.maximum,
-            },
-        );
+        let to = |current| Rlimit {
+            current,
+            maximum: limit.maximum,
+        };
+        // Refused where the platform caps it below an unlimited hard limit (macOS:
+        // OPEN_MAX): then as many as that cap usually allows.
+        if setrlimit(Resource::Nofile, to(limit.maximum)).is_err() {
+            let _ = setrlimit(Resource::Nofile, to(Some(PLATFORM_CAP)));
+        }
     }
     getrlimit(Resource::Nofile).current
 }
 
 /// Fits `connections_max` (and so the per-peer cap) under `open_files` descriptors,
-/// with the metrics port's and `FILES_RESERVED` kept: returns a warning when it lowered
-/// it, an error when too few are left to serve.
+/// with `FILES_RESERVED` and the metrics port's (if `metrics` is served) kept: returns
+/// a warning when it lowered it, an error when too few are left to serve.
 pub fn fit_connections(
     limits: &mut Limits,
     open_files: Option<u64>,
+    metrics: bool,
 ) -> Result<Option<String>, String> {
     let Some(open_files) = open_files else {
         return Ok(None);
     };
-    let kept = FILES_RESERVED + limits.metrics_connections_max as u64;
+    let metrics_connections = if metrics {
+        limits.metrics_connections_max
+    } else {
+        0
+    };
+    let kept = FILES_RESERVED + metrics_connections as u64;
     let room = open_files.saturating_sub(kept);
     if room < CONNECTIONS_MIN {
         return Err(format!(
@@ -73,14 +84,16 @@ mod tests {
     #[test]
     fn connections_fit_under_the_open_file_limit_or_the_server_refuses_to_start() {
         let mut limits = Limits::default();
-        assert_eq!(fit_connections(&mut limits, None), Ok(None));
-        assert_eq!(fit_connections(&mut limits, Some(1 << 20)), Ok(None));
+        assert_eq!(fit_connections(&mut limits, None, true), Ok(None));
+        assert_eq!(fit_connections(&mut limits, Some(1 << 20), true), Ok(None));
         assert_eq!(limits.connections_max, 4_096);
-        let lowered = fit_connections(&mut limits, Some(1_024)).unwrap();
+        let lowered = fit_connections(&mut limits, Some(1_024), true).unwrap();
         assert!(lowered.unwrap().contains("lowered from 4096 to 752"));
         assert_eq!(limits.connections_max, 1_024 - 256 - 16);
         assert_eq!(limits.connections_per_peer_max, 256);
-        let refused = fit_connections(&mut limits, Some(300)).unwrap_err();
+        let refused = fit_connections(&mut limits, Some(300), true).unwrap_err();
         assert!(refused.contains("at least 336"), "{refused}");
+        // Without a metrics port, its descriptors are not kept.
+        assert!(fit_connections(&mut limits, Some(330), false).is_ok());
     }
 }
