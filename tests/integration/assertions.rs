@@ -401,16 +401,23 @@ async fn a_campaign_takes_birth_year_and_groups_from_the_assertion() {
     server.stop().await;
 }
 
+/// A server with one 5-place slot (its id), and ALICE's assertion naming KID1 and KID2
+/// as her dependants.
+async fn household(dir: &std::path::Path, keys: &Keys) -> (TestServer, String, String) {
+    let server = TestServer::start_with(dir, config(keys)).await;
+    let slot = one_slot_site(&server, "household", 5).await;
+    let mut parent = claims("spid", "ALICE");
+    parent["dependants"] = json!(["KID1", "KID2"]);
+    let assertion = sign(&keys.spid_old, Algorithm::EdDSA, parent);
+    (server, slot, assertion)
+}
+
 /// An asserted caller books a household only of its `sub` and `dependants`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_household_is_the_subject_and_its_dependants() {
     let keys = keys();
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(dir.path(), config(&keys)).await;
-    let slot = one_slot_site(&server, "household", 5).await;
-    let mut parent = claims("spid", "ALICE");
-    parent["dependants"] = json!(["KID1", "KID2"]);
-    let assertion = sign(&keys.spid_old, Algorithm::EdDSA, parent);
+    let (server, slot, assertion) = household(dir.path(), &keys).await;
     let group = |citizens: &[&str], request_id: &str| proto::BookGroupRequest {
         slot_id: slot.clone(),
         citizen_ids: citizens.iter().map(|c| c.to_string()).collect(),
@@ -452,11 +459,7 @@ async fn a_household_is_the_subject_and_its_dependants() {
 async fn a_household_booked_for_dependants_is_the_subjects_request() {
     let keys = keys();
     let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(dir.path(), config(&keys)).await;
-    let slot = one_slot_site(&server, "household", 5).await;
-    let mut parent = claims("spid", "ALICE");
-    parent["dependants"] = json!(["KID1", "KID2"]);
-    let parent = sign(&keys.spid_old, Algorithm::EdDSA, parent);
+    let (server, slot, parent) = household(dir.path(), &keys).await;
     let kid = sign(&keys.spid_old, Algorithm::EdDSA, claims("spid", "KID1"));
     let group = |citizens: &[&str]| proto::BookGroupRequest {
         slot_id: slot.clone(),

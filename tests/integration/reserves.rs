@@ -60,10 +60,9 @@ async fn capacity(server: &TestServer) -> Capacity {
     CapacityServiceClient::with_interceptor(server.channel().await, Bearer(Some(OPS)))
 }
 
-/// The one slot's id.
-async fn first_slot(client: &mut Booking) -> String {
-    let now = chrono::Utc::now().timestamp();
-    client
+/// The ids of `r-site`'s `vax` slots in the 60 days from `now` (unix seconds).
+async fn slot_ids(client: &mut Booking, now: i64) -> Vec<String> {
+    let slots = client
         .search_slots(proto::SearchSlotsRequest {
             scope: Some(Scope::SiteId("r-site".into())),
             service_id: "vax".into(),
@@ -74,9 +73,13 @@ async fn first_slot(client: &mut Booking) -> String {
         .await
         .expect("search")
         .into_inner()
-        .slots[0]
-        .slot_id
-        .clone()
+        .slots;
+    slots.into_iter().map(|slot| slot.slot_id).collect()
+}
+
+/// The one slot's id.
+async fn first_slot(client: &mut Booking) -> String {
+    slot_ids(client, chrono::Utc::now().timestamp()).await[0].clone()
 }
 
 /// The one slot's `remaining` as `client`'s channel sees it (0 when a search for free
@@ -483,22 +486,11 @@ async fn in_a_queued_release_a_reserve_is_taken_without_a_ticket_by_its_channel_
     let later = publish_request("r-site", "vax", (&day, &day), ("10:00", "10:30"), 30, 4);
     ops.publish_schedule(later).await.expect("a second slot");
     let now = clock.now_unix_ms() / 1_000;
-    let second = phone
-        .search_slots(proto::SearchSlotsRequest {
-            scope: Some(Scope::SiteId("r-site".into())),
-            service_id: "vax".into(),
-            from: at_s(now),
-            to: at_s(now + 60 * 86_400),
-            ..Default::default()
-        })
+    let second = slot_ids(&mut phone, now)
         .await
-        .expect("search")
-        .into_inner()
-        .slots
         .into_iter()
-        .find(|slot| slot.slot_id != slot_id)
-        .expect("the second slot")
-        .slot_id;
+        .find(|id| *id != slot_id)
+        .expect("the second slot");
     let move_to = |request_id: &str| proto::RescheduleBookingRequest {
         booking_id: caller_1.clone(),
         citizen_id: "caller-1".into(),
