@@ -123,29 +123,28 @@ impl Engine {
         let mut parts: Vec<&[u8]> = vec![b"book-group", slot_text.as_bytes()];
         parts.extend(members.iter().map(|member| &member.0[..]));
         let fingerprint = RequestFingerprint::of(&parts);
-        // Made before the subject asked for itself (under its first member's scope):
-        // a retry gets that first outcome.
-        let earlier = (asking != first)
-            .then(|| {
-                let scope = command.request.for_citizen(&first);
-                self.requests.finished(&scope, fingerprint)
-            })
-            .flatten();
-        if let Some(id) = earlier {
-            let bookings = self.group_bookings(&members, id)?;
-            return bookings.into_iter().map(|b| self.view(b)).collect();
-        }
-        let key = command.request.for_citizen(&asking);
-        let bookings = self
-            .once_per_request(
-                (key, fingerprint),
-                // One attempt of the one asking (as the README says), like a Book.
-                Attempt::On(&asking, &command.slot),
-                |request| self.group_and_commit(&command, &members, request),
-                |bookings: &Vec<Booking>| bookings[0].booking_id,
-                |id| self.group_bookings(&members, id),
-            )
-            .await?;
+        let earlier = match asking == first {
+            true => None,
+            // Sent before the subject asked for itself (under its first member's
+            // scope): a retry gets that first outcome.
+            false => self
+                .requests
+                .finished(&command.request.for_citizen(&first), fingerprint),
+        };
+        let bookings = match earlier {
+            Some(id) => self.group_bookings(&members, id)?,
+            None => {
+                self.once_per_request(
+                    (command.request.for_citizen(&asking), fingerprint),
+                    // One attempt of the one asking (as the README says), like a Book.
+                    Attempt::On(&asking, &command.slot),
+                    |request| self.group_and_commit(&command, &members, request),
+                    |bookings: &Vec<Booking>| bookings[0].booking_id,
+                    |id| self.group_bookings(&members, id),
+                )
+                .await?
+            }
+        };
         bookings
             .into_iter()
             .map(|booking| self.view(booking))
@@ -421,12 +420,11 @@ impl Engine {
             // A booking its channel's reserve let in without a ticket moves within that
             // reserve only (else a move would trade a reserved place for a common one,
             // and free the reserve for the next caller).
-            let admitted = match &view.gate {
-                Gate::Queue { ticket, .. } => Some(ticket.as_ref().is_some_and(|t| t.used)),
-                _ => None,
-            };
-            let in_release = admitted.is_some() && self.in_same_release(&old.slot, &view.key);
-            if in_release && (admitted == Some(true) || !self.reserves_for(&old.slot, &old.channel))
+            let queued = matches!(view.gate, Gate::Queue { .. });
+            let admitted = matches!(&view.gate, Gate::Queue { ticket: Some(t), .. } if t.used);
+            if queued
+                && self.in_same_release(&old.slot, &view.key)
+                && (admitted || !self.reserves_for(&old.slot, &old.channel))
             {
                 view.gate = Gate::Open;
             }

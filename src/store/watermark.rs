@@ -6,8 +6,9 @@
 //! that had lost most of its bookings, and served it (an outside test, 2026-12-05).
 //! So every group commit on sled also writes its number in the store
 //! ([`records::COMMITS_KEY`]), and the number last made durable is written to this
-//! file at open, each second while serving (a thread of its own), and at a clean stop. A store whose number is below
-//! the file's lost commits that were durable: [`check`] refuses it.
+//! file at open, each second while serving (a thread of its own), and at a clean stop.
+//! A store whose number is below the file's lost commits that were durable: [`check`]
+//! refuses it.
 //!
 //! The file is only ever behind the store (it is written after the commits it names
 //! were synced), so a crash never makes a sound store fail the check. It is not in the
