@@ -286,6 +286,10 @@ pub struct Limits {
     /// Connections the metrics port holds at once (it needs no token); past it a new
     /// one is closed at accept. A scraper needs one.
     pub metrics_connections_max: usize,
+    /// Of them, those one peer (an IPv4 address, an IPv6 /64; every /64 of one /48
+    /// together under `peer_shares_per_ipv6_48_max`) may hold, so one host holding its
+    /// share round after round cannot keep the scraper out; 0: off.
+    pub metrics_connections_per_peer_max: usize,
     /// A metrics connection is closed this long after it was accepted, whatever it is
     /// doing (a scraper connects again for its next scrape).
     pub metrics_connection_timeout_ms: u64,
@@ -428,6 +432,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     connections_max: 4_096,
     connections_per_peer_max: 256,
     metrics_connections_max: 16,
+    metrics_connections_per_peer_max: 4,
     metrics_connection_timeout_ms: 10_000,
     peer_shares_per_ipv6_48_max: 8,
     connection_age_max_ms: 30 * 60 * 1_000,

@@ -476,6 +476,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         let limits = &config.limits;
         let bounds = prenota::metrics_listener::Bounds {
             connections_max: limits.metrics_connections_max,
+            per_peer: prenota::grpc::peers::PeerCaps {
+                per_peer_max: limits.metrics_connections_per_peer_max,
+                shares_per_ipv6_48: limits.peer_shares_per_ipv6_48_max,
+            },
             connection_timeout: std::time::Duration::from_millis(
                 limits.metrics_connection_timeout_ms,
             ),

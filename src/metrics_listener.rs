@@ -1,6 +1,7 @@
 //! The metrics port: `GET /metrics` in Prometheus' text format. It needs no token, so
 //! it is bounded like the gRPC port: at most `metrics_connections_max` connections at
-//! once (more are closed at accept), each closed `metrics_connection_timeout_ms` after
+//! once, `metrics_connections_per_peer_max` of them from one peer (more are closed at
+//! accept), each closed `metrics_connection_timeout_ms` after
 //! it was accepted whatever it is doing, HTTP/1.1 with a small request buffer and one
 //! request per connection; the page is rendered at most once per `RENDERED_FOR` and
 //! shared (pipelined scrapes rendered a page each, starving the bookings); a failed
@@ -19,6 +20,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+use crate::grpc::peers::{PeerCaps, Peers};
 
 /// How long a failed accept waits before the next.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -55,32 +58,41 @@ impl Page {
 #[derive(Clone, Copy, Debug)]
 pub struct Bounds {
     pub connections_max: usize,
+    pub per_peer: PeerCaps,
     pub connection_timeout: Duration,
 }
 
 /// Answers scrapes on `listener` with what `handle` renders, forever.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, bounds: Bounds) {
     let places = Arc::new(Semaphore::new(bounds.connections_max));
+    let peers = bounds.per_peer.peers();
     let page = Arc::new(Page {
         handle,
         last: Mutex::new(None),
     });
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(error) => {
                 tracing::debug!(%error, "metrics: accept failed");
                 tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;
             }
         };
-        // Past the cap: dropped, so closed at once.
+        // Past a cap: dropped, so closed at once.
+        let peer_place = match &peers {
+            Some(peers) => match Peers::enter(peers, peer.ip()) {
+                Ok(place) => Some(place),
+                Err(_) => continue,
+            },
+            None => None,
+        };
         let Ok(place) = Arc::clone(&places).try_acquire_owned() else {
             continue;
         };
         let page = Arc::clone(&page);
         tokio::spawn(async move {
-            let _place = place;
+            let _places = (place, peer_place);
             let answer = hyper::service::service_fn(move |request| {
                 std::future::ready(Ok::<_, Infallible>(answer(&request, &page)))
             });

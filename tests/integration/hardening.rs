@@ -5,7 +5,7 @@
 use crate::common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::child::{http_get, serve_until_exit, ChildOptions, ChildServer};
@@ -361,6 +361,52 @@ async fn the_metrics_port_holds_few_connections_briefly_and_logs_none() {
     still_healthy(&server).await;
 }
 
+/// One host could hold every place of the metrics port round after round (idle
+/// connections, each closed after `metrics_connection_timeout_ms`, opened again at
+/// once), so the scraper never got one. Now a peer holds at most
+/// `metrics_connections_per_peer_max`: its next connection is closed at accept while
+/// another peer (127.0.0.2) still scrapes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_take_every_metrics_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("METRICS_CONNECTIONS_MAX", "6"),
+        ("METRICS_CONNECTIONS_PER_PEER_MAX", "2"),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let host: std::net::SocketAddr = server.metrics_url["http://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let from = |source: [u8; 4]| async move {
+        let stream = tcp_between(source, host).await.into_std().unwrap();
+        stream.set_nonblocking(false).unwrap();
+        stream
+    };
+    let _held = [from([127, 0, 0, 1]).await, from([127, 0, 0, 1]).await];
+    tokio::time::sleep(Duration::from_millis(200)).await; // both accepted
+    let mut third = from([127, 0, 0, 1]).await;
+    let closed = closed_within(&mut third, Duration::from_millis(500));
+    assert!(
+        closed.is_some(),
+        "a third connection of one peer stayed open"
+    );
+    let mut other = from([127, 0, 0, 2]).await;
+    other
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = other.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.200}");
+    assert!(answer.contains("prenota_holds_expired_total"));
+}
+
 /// One machine could hold every connection (`connections_max`) and so shut everyone
 /// else out. Now a peer (an IPv4 address; an IPv6 /64) has at most
 /// `connections_per_peer_max` open: its next one is closed at accept, while another
@@ -625,14 +671,14 @@ impl Drop for HeldStream {
 
 /// A TCP connection to `server` from `source` (any 127.x.y.z reaches it on Linux).
 async fn tcp_from(source: [u8; 4], server: &ChildServer) -> tokio::net::TcpStream {
+    tcp_between(source, address(server).parse().unwrap()).await
+}
+
+/// A TCP connection from `source` to `to`.
+async fn tcp_between(source: [u8; 4], to: std::net::SocketAddr) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket
-        .bind((std::net::Ipv4Addr::from(source), 0).into())
-        .unwrap();
-    socket
-        .connect(address(server).parse().unwrap())
-        .await
-        .unwrap()
+    socket.bind((Ipv4Addr::from(source), 0).into()).unwrap();
+    socket.connect(to).await.unwrap()
 }
 
 /// A raw connection to `server` from `source`, which has sent `says`.
