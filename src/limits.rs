@@ -118,6 +118,12 @@ pub struct Limits {
     /// Most slots one `WatchAvailability` may watch (its memory is bounded by its slots);
     /// a wider request is refused: narrow the range or pick a site.
     pub watch_slots_max: usize,
+    /// Slots the snapshots of one token's new `WatchAvailability` streams may hold per
+    /// second (all of them in a burst; each new watch is first sent every slot of its
+    /// range), so one frontend opening and closing watches cannot spend the CPU the
+    /// bookings need; past it RESOURCE_EXHAUSTED / RATE_LIMITED with the wait. 0: off;
+    /// else at least `watch_slots_max`.
+    pub watch_snapshot_slots_per_token_per_s: u32,
     /// Releases (`CreateRelease`) the server holds; the next one is refused with
     /// RESOURCE_EXHAUSTED / RELEASES_EXHAUSTED.
     pub releases_max: usize,
@@ -378,6 +384,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     watch_subscribers_per_token_max: 5_000,
     watch_coalesce_ms: 200,
     watch_slots_max: 5_000,
+    watch_snapshot_slots_per_token_per_s: 50_000,
     releases_max: 1_000,
     release_sites_max: 1_000,
     queue_tickets_max: 5_000_000,
@@ -595,6 +602,11 @@ impl Limits {
                 && l.watch_slots_max >= 1,
             "watch_subscribers_max, watch_subscribers_per_token_max and watch_slots_max must be \
              at least 1",
+        );
+        need(
+            l.watch_snapshot_slots_per_token_per_s == 0
+                || l.watch_snapshot_slots_per_token_per_s as usize >= l.watch_slots_max,
+            "watch_snapshot_slots_per_token_per_s must be 0 (off) or at least watch_slots_max",
         );
         need(
             l.watch_coalesce_ms >= 10,

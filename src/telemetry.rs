@@ -207,7 +207,14 @@ fn register_rare_counters() {
     ] {
         metrics::counter!(CONNECTIONS_REFUSED, "limit" => limit).increment(0);
     }
-    for limiter in ["token", "citizen", "citizen_reads", "anonymous", "check_in"] {
+    for limiter in [
+        "token",
+        "citizen",
+        "citizen_reads",
+        "anonymous",
+        "check_in",
+        "watch_snapshot",
+    ] {
         metrics::counter!(RATE_LIMITED, "limiter" => limiter).increment(0);
     }
     for kind in RETENTION_KINDS {

@@ -71,9 +71,9 @@ impl Drop for Registration {
 impl Engine {
     /// Starts a watch of the slots `query` covers (its scope, service and range) for
     /// `token`: the slots first, then their changes. Refused at once past
-    /// `watch_subscribers_max` or the token's `watch_subscribers_per_token_max`, or when
-    /// the range holds more than `watch_slots_max` slots. Keep the permit with the
-    /// stream.
+    /// `watch_subscribers_max` or the token's `watch_subscribers_per_token_max`, when
+    /// the range holds more than `watch_slots_max` slots, or when the token's snapshots
+    /// pass `watch_snapshot_slots_per_token_per_s`. Keep the permit with the stream.
     pub fn watch_availability(
         self: &Arc<Self>,
         (query, token): (&SearchQuery, &str),
@@ -85,6 +85,9 @@ impl Engine {
         // Filed before the snapshot: a change made meanwhile is sent again, never lost.
         let registration = self.file_watcher(query);
         let snapshot = self.slots_watched(query)?;
+        (self.watchers.snapshots)
+            .take(token, snapshot.len())
+            .map_err(|wait| ServiceError::rate_limited("watch_snapshot", wait))?;
         let (sender, receiver) = mpsc::channel(SLOTS_BUFFERED);
         let engine = Arc::clone(self);
         tokio::spawn(async move {

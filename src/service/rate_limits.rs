@@ -1,7 +1,8 @@
 //! Per-citizen booking attempts (governor, keyed by the citizen's HMAC), bounded in
 //! memory: `retain` (run on a timer by the server) forgets every citizen whose quota
 //! has fully refilled, so a flood of made-up citizen ids costs memory only until the
-//! next tick.
+//! next tick. And the slots each token's new watches are sent first (`TokenSlots`,
+//! keyed by the token's name: a set fixed by the config).
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -53,6 +54,41 @@ impl CitizenLimiter {
     }
 }
 
+/// What the snapshots of one token's new watches may hold: `per_s` slots a second,
+/// all of them in a burst.
+pub struct TokenSlots {
+    limiter: Option<DefaultKeyedRateLimiter<String>>,
+    clock: DefaultClock,
+}
+
+impl TokenSlots {
+    /// 0: no limit.
+    pub fn new(per_s: u32) -> Self {
+        Self {
+            limiter: NonZeroU32::new(per_s)
+                .map(|n| RateLimiter::keyed(Quota::per_second(n).allow_burst(n))),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// `Err(wait)` when `token` must wait that long before a snapshot of `slots`
+    /// (nothing taken then). An empty snapshot counts as one slot.
+    pub fn take(&self, token: &str, slots: usize) -> Result<(), Duration> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        let slots =
+            NonZeroU32::new(u32::try_from(slots).unwrap_or(u32::MAX).max(1)).expect("at least 1");
+        match limiter.check_key_n(&token.to_string(), slots) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.clock.now())),
+            // More than a whole second's worth: the config check keeps the quota at
+            // `watch_slots_max` or more, and a wider watch is refused before.
+            Err(_) => Err(Duration::from_secs(1)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +107,23 @@ mod tests {
         );
         assert_eq!(limiter.check(&CitizenKey([2; 16])), Ok(()));
         assert_eq!(CitizenLimiter::new(0).check(&citizen), Ok(()));
+    }
+
+    #[test]
+    fn a_token_past_its_snapshot_slots_waits_and_other_tokens_do_not() {
+        let slots = TokenSlots::new(100);
+        assert_eq!(slots.take("frontend-a", 60), Ok(()));
+        assert_eq!(slots.take("frontend-a", 0), Ok(()));
+        let wait = slots.take("frontend-a", 60).unwrap_err();
+        assert!(wait > Duration::from_millis(100) && wait <= Duration::from_millis(210));
+        assert_eq!(
+            slots.take("frontend-a", 39),
+            Ok(()),
+            "nothing taken when refused"
+        );
+        assert_eq!(slots.take("frontend-b", 100), Ok(()));
+        assert!(slots.take("frontend-b", 101).is_err());
+        assert_eq!(TokenSlots::new(0).take("frontend-a", 1_000_000), Ok(()));
     }
 
     #[test]

@@ -130,6 +130,7 @@ impl Engine {
                         config.limits.watch_subscribers_max,
                         config.limits.watch_subscribers_per_token_max,
                     ),
+                    config.limits.watch_snapshot_slots_per_token_per_s,
                 ),
                 board,
             ),

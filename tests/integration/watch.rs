@@ -261,3 +261,38 @@ async fn watches_are_bounded_in_number_and_in_slots() {
     assert!(reopened, "a closed watch gives its place back");
     server.stop().await;
 }
+
+/// Every new watch is first sent every slot of its range: opening and closing
+/// thousands of them a second (within a token's watch places) took the CPU the
+/// bookings needed (Book p99 250–500 ms on this machine). Now a token's snapshots hold
+/// at most `watch_snapshot_slots_per_token_per_s` slots a second: past it RATE_LIMITED
+/// with the wait, after which it watches again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_opening_watches_past_its_snapshot_slots_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.limits.watch_slots_max = 3;
+    config.limits.watch_snapshot_slots_per_token_per_s = 6;
+    let server = TestServer::start_with(dir.path(), config).await;
+    upsert_site(&mut server.capacity().await, "small", "r", "Etc/UTC").await;
+    publish(&server, "small", ("09:00", "10:30"), 5).await;
+    let mut client = server.booking().await;
+
+    let _first = watch(&mut client, "small").await;
+    let _second = watch(&mut client, "small").await;
+    let status = client
+        .watch_availability(availability_watch_request("small"))
+        .await
+        .expect_err("9 slots in a burst is over 6 a second");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status).as_deref(), Some("RATE_LIMITED"));
+    let wait = retry_delay(&status);
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_millis(500),
+        "{wait:?}"
+    );
+    tokio::time::sleep(wait).await;
+    let mut third = watch(&mut client, "small").await;
+    assert_eq!(next_watched_slot(&mut third).await.site_id, "small");
+    server.stop().await;
+}

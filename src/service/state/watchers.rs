@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use crate::domain::catalog::{ChangeBoard, Site, Slot};
 use crate::domain::ids::{RegionId, ServiceId, SiteId, SlotKey};
 use crate::service::exports::Exports;
+use crate::service::rate_limits::TokenSlots;
 
 /// A slot with its site, as a watcher is sent it.
 pub type SlotView = (Arc<Site>, Arc<Slot>);
@@ -42,6 +43,9 @@ pub(in crate::service) enum Filed {
 pub struct Watchers {
     /// Places: `watch_subscribers_max` in all, `watch_subscribers_per_token_max` per token.
     pub(in crate::service) places: Exports,
+    /// The slots each token's new watches may be sent first, per second
+    /// (`watch_snapshot_slots_per_token_per_s`).
+    pub(in crate::service) snapshots: TokenSlots,
     /// Also serialises turning the board on (first watch) and off (last one gone).
     pub(in crate::service) filed: Mutex<HashMap<Filed, Vec<Arc<Subscriber>>>>,
     pub(in crate::service) count: AtomicUsize,
@@ -49,11 +53,16 @@ pub struct Watchers {
 }
 
 impl Watchers {
-    /// At most `max` watches, `per_token_max` of one token, of the catalog whose change
+    /// At most `max` watches, `per_token_max` of one token, their snapshots at most
+    /// `snapshot_slots_per_s` slots a second per token, of the catalog whose change
     /// `board` this is.
-    pub fn new((max, per_token_max): (usize, usize), board: Arc<ChangeBoard>) -> Self {
+    pub fn new(
+        (max, per_token_max, snapshot_slots_per_s): (usize, usize, u32),
+        board: Arc<ChangeBoard>,
+    ) -> Self {
         Self {
             places: Exports::new(max, per_token_max),
+            snapshots: TokenSlots::new(snapshot_slots_per_s),
             filed: Mutex::default(),
             count: AtomicUsize::new(0),
             board,
