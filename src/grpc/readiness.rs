@@ -2,7 +2,10 @@
 //! memory from the store. Until the engine is ready, health says NOT_SERVING and
 //! prenota's services answer at once with UNAVAILABLE / RECOVERING and a RetryInfo,
 //! instead of leaving clients on a silent port. A standby (PostgreSQL, another node
-//! holds the lease) answers UNAVAILABLE / NOT_ACTIVE until it takes over.
+//! holds the lease) answers UNAVAILABLE / NOT_ACTIVE until it takes over; the active
+//! node answers it instead of any reply it computed once its lease is no longer fresh
+//! (`store::lease_freshness`): resumed after a pause, it would otherwise answer the calls
+//! queued meanwhile from memory a new active node has moved past.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -63,7 +66,19 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         match self.inner.get() {
-            Some(service) => Box::pin(service.clone().call(request)),
+            Some(service) => {
+                let reply = service.clone().call(request);
+                let standby = Arc::clone(&self.standby);
+                Box::pin(async move {
+                    let reply = reply.await?;
+                    match standby.lease.fresh() {
+                        true => Ok(reply),
+                        false => Ok(
+                            Status::from(ServiceError::Store(StoreError::NotActive)).into_http()
+                        ),
+                    }
+                })
+            }
             None => {
                 let refusal = match self.standby.waiting.load(Ordering::Acquire) {
                     true => ServiceError::Store(StoreError::NotActive),

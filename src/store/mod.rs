@@ -15,6 +15,7 @@ pub mod booking_index;
 pub mod committer;
 pub mod error;
 pub mod key_file;
+pub mod lease_freshness;
 pub mod postgres;
 pub mod postgres_tls;
 pub mod records;

@@ -22,11 +22,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Statement};
@@ -34,6 +34,7 @@ use postgres::{Client, Statement};
 pub use crate::config::PostgresSettings;
 use crate::store::committer::{self, sled_batch, CommitterState, Durability};
 use crate::store::error::StoreError;
+use crate::store::lease_freshness::LeaseFreshness;
 use crate::store::records::{Change, KEY_CHECK_KEY};
 
 /// Advisory lock classes (the second key is the schema's hash).
@@ -174,6 +175,8 @@ pub struct Standby {
     pub give_up: AtomicBool,
     /// Set by `Lease::acquire` when it stopped because of `give_up`.
     pub gave_up: AtomicBool,
+    /// Once the lease is held: whether this node may still answer from memory.
+    pub lease: Arc<LeaseFreshness>,
 }
 
 impl Standby {
@@ -194,6 +197,7 @@ pub struct Lease {
     pub epoch: i64,
     /// The session holding the advisory lock; renews the lease row.
     session: Client,
+    freshness: Arc<LeaseFreshness>,
 }
 
 impl Lease {
@@ -228,7 +232,7 @@ impl Lease {
                     Err(first) if !connected => return Err(first),
                     Err(problem) => Err(problem),
                 },
-                Some(client) => match try_take(client, &node, settings.lease_ttl) {
+                Some(client) => match take_timed(client, (&node, settings.lease_ttl), standby) {
                     Ok(Some(epoch)) => {
                         tracing::info!(epoch, node, "took the lease: this node is active");
                         let session = session.expect("a session took the lease");
@@ -237,6 +241,7 @@ impl Lease {
                             node,
                             epoch,
                             session,
+                            freshness: Arc::clone(&standby.lease),
                         });
                     }
                     Ok(None) => {
@@ -281,13 +286,11 @@ impl Lease {
         state: Arc<CommitterState>,
         stop: mpsc::Receiver<()>,
     ) -> std::io::Result<JoinHandle<()>> {
-        let started = Instant::now();
-        let renewed_ms = Arc::new(AtomicU64::new(0));
         let (watch_stop, watch_stopped) = mpsc::channel::<()>();
         let watchdog = watch_renewals(
             Arc::clone(&state),
-            Arc::clone(&renewed_ms),
-            (started, self.settings.lease_ttl),
+            Arc::clone(&self.freshness),
+            self.settings.lease_ttl,
             watch_stopped,
         )?;
         std::thread::Builder::new()
@@ -301,12 +304,13 @@ impl Lease {
                         tracing::warn!("the store failed: letting the lease go to a standby");
                         break;
                     }
+                    let sent_ms = self.freshness.now_ms();
                     if let Err(error) = self.renew() {
                         tracing::error!(%error, "lost the lease");
                         committer::fail_stop(&state, &StoreError::NotActive);
                         break;
                     }
-                    renewed_ms.store(started.elapsed().as_millis() as u64, Ordering::Release);
+                    self.freshness.renewed(sent_ms);
                 }
                 drop(watch_stop);
                 let _ = watchdog.join();
@@ -375,6 +379,20 @@ fn open_session(url: &str, node: &str) -> Result<Client, StoreError> {
     Ok(session)
 }
 
+/// `try_take`, and once taken, the lease's freshness timed from before the try.
+fn take_timed(
+    session: &mut Client,
+    (node, lease_ttl): (&str, Duration),
+    standby: &Standby,
+) -> Result<Option<i64>, StoreError> {
+    let sent_ms = standby.lease.now_ms();
+    let taken = try_take(session, node, lease_ttl)?;
+    if taken.is_some() {
+        standby.lease.held(sent_ms, lease_ttl);
+    }
+    Ok(taken)
+}
+
 /// One try: the new epoch if this node now holds the lease. Without the lock, ends the
 /// holder's sessions if it stopped renewing, so a later try gets the lock.
 fn try_take(
@@ -429,26 +447,26 @@ fn try_take(
     Ok(Some(epoch))
 }
 
-/// Fails the store (NOT_ACTIVE) once the last renewal (`renewed_ms` after `started`)
-/// is older than three quarters of `lease_ttl` (half of it after the renewal that was
-/// due: a margin for a slow round trip on a loaded machine); ends when `stop` is dropped.
+/// Fails the store (NOT_ACTIVE) once the last renewal that got through (`freshness`,
+/// timed from before it was sent) is older than three quarters of `lease_ttl` (half of
+/// it after the renewal that was due: a margin for a slow round trip on a loaded
+/// machine); ends when `stop` is dropped.
 fn watch_renewals(
     state: Arc<CommitterState>,
-    renewed_ms: Arc<AtomicU64>,
-    (started, lease_ttl): (Instant, Duration),
+    freshness: Arc<LeaseFreshness>,
+    lease_ttl: Duration,
     stop: mpsc::Receiver<()>,
 ) -> std::io::Result<JoinHandle<()>> {
-    let limit_ms = (lease_ttl * 3 / 4).as_millis() as u64;
     std::thread::Builder::new()
         .name("prenota-lease-watch".into())
         .spawn(move || {
             while let Err(mpsc::RecvTimeoutError::Timeout) =
                 stop.recv_timeout(poll_interval(lease_ttl))
             {
-                // Read the renewal first: the clock read after it is never earlier.
-                let renewed = renewed_ms.load(Ordering::Acquire);
-                let silent_ms = (started.elapsed().as_millis() as u64).saturating_sub(renewed);
-                if silent_ms > limit_ms && !state.failed.load(Ordering::Acquire) {
+                let Some(silent_ms) = freshness.overdue_ms() else {
+                    continue;
+                };
+                if !state.failed.load(Ordering::Acquire) {
                     tracing::error!(silent_ms, "no lease renewal got through: standing down");
                     committer::fail_stop(&state, &StoreError::NotActive);
                     return;

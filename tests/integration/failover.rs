@@ -336,6 +336,73 @@ async fn a_paused_active_node_cannot_commit_once_a_standby_took_over() {
     );
 }
 
+/// Resumed after a pause that cost it the lease, a node answered the calls queued
+/// meanwhile from its memory before its watchdog ran: SLOT_FULL for a slot the new
+/// active node had freed, CITIZEN_ALREADY_BOOKED for a citizen whose booking it had
+/// cancelled (an outside test's Jepsen run). Now a reply computed once the lease is no
+/// longer fresh is NOT_ACTIVE instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_node_that_lost_the_lease_refuses_nothing_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = shared_config(dir.path()) else {
+        return;
+    };
+    let mut old = node(dir.path(), &config, "a");
+    old.wait_serving();
+    let standby = node(dir.path(), &config, "b");
+    wait_standing_by(&standby.url).await;
+    let slot_ids = ten_minute_slots(connect(&old.url).await, ("stale", day_ahead(40)), 2, 1).await;
+    let mut on_old = BookingServiceClient::new(connect(&old.url).await);
+    let booked = book_ok(&mut on_old, book_request(&slot_ids[0], "citizen-x", "x-1")).await;
+
+    signal(&old, "-STOP");
+    let (new, _) = serving_after(standby).await;
+    let cancel = prenota::proto::CancelBookingRequest {
+        booking_id: booked.booking_id,
+        citizen_id: "citizen-x".into(),
+        request_id: "x-cancel".into(),
+    };
+    let mut on_new = BookingServiceClient::new(connect(&new.url).await);
+    on_new
+        .cancel_booking(cancel)
+        .await
+        .expect("cancelled on the new node");
+    // Queued on the paused node: its memory says slot 0 is full and citizen-x booked.
+    let queued: Vec<_> = (0..20)
+        .map(|n| {
+            let mut client = on_old.clone();
+            let (slot, citizen) = match n % 2 {
+                0 => (&slot_ids[0], format!("citizen-{n}")),
+                _ => (&slot_ids[1], "citizen-x".to_string()),
+            };
+            let request = book_request(slot, &citizen, &format!("late-{n}"));
+            tokio::spawn(async move { client.book(request).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&old, "-CONT");
+    for answer in queued {
+        let refused = answer
+            .await
+            .unwrap()
+            .expect_err("a node that lost the lease commits nothing");
+        // NOT_ACTIVE, or the node already draining or gone: never a refusal from memory.
+        let reason = reason(&refused);
+        assert!(
+            matches!(
+                reason.as_deref(),
+                None | Some("NOT_ACTIVE" | "SHUTTING_DOWN")
+            ),
+            "{refused:?}"
+        );
+        assert!(
+            ![Code::FailedPrecondition, Code::AlreadyExists].contains(&refused.code()),
+            "{refused:?}"
+        );
+    }
+    assert_exits_no_longer_active(old).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_after_the_epoch_moved_on_is_refused_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();

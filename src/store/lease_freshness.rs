@@ -1,0 +1,89 @@
+//! How fresh this node's hold on the PostgreSQL lease is, for answers given from
+//! memory. A standby takes over once the holder's last renewal is a whole `lease_ttl`
+//! old; the holder answers nothing (`Ready` turns each reply into NOT_ACTIVE) once the
+//! last renewal that got through, timed from before it was sent, is three quarters of
+//! that old. The watchdog fails the store at the same point, but a node resumed after
+//! a pause (SIGSTOP, a VM frozen) may answer the calls queued meanwhile before the
+//! watchdog's thread runs: without this check it told citizens SLOT_FULL or
+//! CITIZEN_ALREADY_BOOKED from memory the new active node had moved past.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct LeaseFreshness {
+    base: Instant,
+    /// When the last renewal that got through (or the take) was sent, in ms from `base`.
+    sent_ms: AtomicU64,
+    /// How old that may be; 0 while no lease is held (sled; a standby's gates answer
+    /// NOT_ACTIVE on their own).
+    limit_ms: AtomicU64,
+}
+
+impl Default for LeaseFreshness {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            sent_ms: AtomicU64::new(0),
+            limit_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LeaseFreshness {
+    /// Now, as `held` and `renewed` take it: read it before sending the statement.
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The lease was taken by a statement sent at `sent_ms`; it lasts `lease_ttl`.
+    pub fn held(&self, sent_ms: u64, lease_ttl: Duration) {
+        let limit_ms = u64::try_from((lease_ttl * 3 / 4).as_millis()).unwrap_or(u64::MAX);
+        self.sent_ms.store(sent_ms, Ordering::Release);
+        self.limit_ms.store(limit_ms.max(1), Ordering::Release);
+    }
+
+    /// A renewal sent at `sent_ms` got through.
+    pub fn renewed(&self, sent_ms: u64) {
+        self.sent_ms.fetch_max(sent_ms, Ordering::AcqRel);
+    }
+
+    /// How long since the last renewal that got through was sent, past its limit;
+    /// `None` while fresh (or while no lease is held).
+    pub fn overdue_ms(&self) -> Option<u64> {
+        let limit_ms = self.limit_ms.load(Ordering::Acquire);
+        // Read the renewal first: the clock read after it is never earlier.
+        let sent_ms = self.sent_ms.load(Ordering::Acquire);
+        let silent_ms = self.now_ms().saturating_sub(sent_ms);
+        (limit_ms > 0 && silent_ms > limit_ms).then_some(silent_ms)
+    }
+
+    /// Whether this node may answer from memory: no lease is held (sled), or it is fresh.
+    pub fn fresh(&self) -> bool {
+        self.overdue_ms().is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_until_three_quarters_of_the_lease_after_the_last_renewal_was_sent() {
+        let freshness = LeaseFreshness::default();
+        assert!(freshness.fresh(), "no lease held (sled): always answers");
+        let sent = freshness.now_ms();
+        freshness.held(sent, Duration::from_millis(80));
+        assert!(freshness.fresh());
+        std::thread::sleep(Duration::from_millis(70));
+        assert!(
+            !freshness.fresh(),
+            "60 ms (3/4 of 80) after the take was sent"
+        );
+        assert!(freshness.overdue_ms().unwrap() >= 60);
+        freshness.renewed(freshness.now_ms());
+        assert!(freshness.fresh());
+        freshness.renewed(sent);
+        assert!(freshness.fresh(), "an older renewal never moves it back");
+    }
+}
