@@ -719,7 +719,8 @@ impl Engine {
     }
 
     /// The campaign's slots with places free to the default channel that an offer made
-    /// now could be accepted for (starting after a whole offer's time, released),
+    /// now could be accepted for (starting after a whole offer's time, released, not
+    /// a queued release's in the last-minute window: `offerable`),
     /// earliest first, with their local start. Reads the days with free places, not
     /// every slot of the region.
     fn campaign_free_slots(&self, campaign: &Campaign, now: i64) -> Vec<FreeSlot> {
@@ -732,10 +733,8 @@ impl Engine {
             let slots = catalog.slots_with_places(&site.site_id, &campaign.service_id, from_s);
             for slot in slots {
                 let places = self.remaining_for(&site, &slot, Some(&web));
-                let unreleased = self
-                    .release_at(&site, &slot.key())
-                    .is_some_and(|release_at| now < release_at);
-                if places == 0 || unreleased {
+                let last_minute = campaign.is_last_minute(slot.key().start_unix_s, now);
+                if places == 0 || !self.offerable(&site, &slot.key(), last_minute, now) {
                     continue;
                 }
                 let Some(local) = chrono::DateTime::from_timestamp(slot.key().start_unix_s, 0)

@@ -130,6 +130,20 @@ impl Engine {
         self.releases.release_at(&site.region_id, key)
     }
 
+    /// Whether a campaign may offer a place of the slot now: in no release, or in one
+    /// released by now, and never a queued release's place inside the campaign's
+    /// `last_minute` window (its `places_remaining` counts those for the tickets it
+    /// admits: an offer taking one left an admitted citizen nothing).
+    pub fn offerable(&self, site: &Site, key: &SlotKey, last_minute: bool, now: i64) -> bool {
+        match self.releases.covering(&site.region_id, key) {
+            None => true,
+            Some(entry) => {
+                let release = &entry.definition;
+                now >= release.release_at_unix_ms && !(last_minute && release.queue.is_some())
+            }
+        }
+    }
+
     /// What a caller of `channel` is shown of a slot beyond the slot itself: its
     /// release's `release_at` and the free places it may take (`None`: all of them).
     pub fn slot_shown(

@@ -1248,3 +1248,80 @@ async fn a_hold_taken_before_the_campaign_needs_an_offer_to_be_confirmed() {
     assert_eq!(reason(&refused).as_deref(), Some("OFFER_REQUIRED"));
     server.stop().await;
 }
+
+/// A queued release admits a ticket only for a place left (`places_remaining`, which
+/// counts a campaign's slots in its last-minute window), but the campaign's matcher
+/// offered those same places: three admitted citizens found every slot full (an
+/// outside test). Now a queued release's places in the last-minute window are never
+/// offered; the admitted book them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_never_take_the_places_a_queued_release_admitted_tickets_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let clock = Clock::manual(now);
+    let server = TestServer::start_with_clock(dir.path(), Config::default(), clock.clone()).await;
+    let channel = server.channel().await;
+    utc_site_on(
+        channel.clone(),
+        ("q-site", "umbria"),
+        2,
+        ("09:00", "10:30"),
+        1,
+    )
+    .await;
+    let mut last_minute = campaign("q", "umbria", vec![wave("all", now + 120_000, &[])]);
+    (last_minute.last_minute_hours, last_minute.offer_ttl_seconds) = (7 * 24, 600);
+    upsert(&channel, last_minute).await.expect("campaign");
+    for citizen in ["r1", "r2", "r3"] {
+        register(&channel, register_request("q", citizen, &[])).await;
+    }
+    let window = |s: i64| {
+        Some(Timestamp {
+            seconds: s,
+            nanos: 0,
+        })
+    };
+    let release = proto::Release {
+        release_id: "q-release".into(),
+        region_id: "umbria".into(),
+        service_id: "vax".into(),
+        from: window(now / 1_000),
+        to: window(now / 1_000 + 30 * 86_400),
+        release_at: at_ms(now + 60_000),
+        queue_opens_at: at_ms(now),
+        ..Default::default()
+    };
+    let mut capacity = CapacityServiceClient::new(channel.clone());
+    capacity
+        .create_release(proto::CreateReleaseRequest {
+            release: Some(release),
+            request_id: String::new(),
+        })
+        .await
+        .expect("release");
+    let mut booking = server.booking().await;
+    for citizen in ["t1", "t2", "t3"] {
+        booking
+            .join_queue(proto::JoinQueueRequest {
+                release_id: "q-release".into(),
+                citizen_id: citizen.into(),
+                request_id: format!("join-{citizen}"),
+            })
+            .await
+            .expect("joined");
+    }
+    clock.advance(Duration::from_secs(61));
+    server.advance_releases().await;
+    clock.advance(Duration::from_secs(60)); // the wave opens
+    assert_eq!(
+        server.match_campaigns().await,
+        0,
+        "no offer of an admitted place"
+    );
+    let slots = search_all(&mut booking, "q-site", "vax").await;
+    assert_eq!(slots.len(), 3);
+    for (slot, citizen) in slots.iter().zip(["t1", "t2", "t3"]) {
+        let request = book_request(&slot.slot_id, citizen, &format!("book-{citizen}"));
+        book_ok(&mut booking, request).await;
+    }
+}
