@@ -255,9 +255,18 @@ impl CapacityService for CapacityApi {
                 engine.create_release(release, &actor).await
             })
             .await?;
+        // With its counts, as GetRelease answers (places_remaining read 0 here); the
+        // definition alone only if the release is already gone again.
         let now = self.engine.clock().now_unix_ms();
+        let answer = match self
+            .engine
+            .release_status(&release.release_id, &caller.authority())
+        {
+            Ok(status) => convert_release::release_status_to_proto(&status, now),
+            Err(_) => convert_release::release_to_proto(&release, now),
+        };
         Ok(Response::new(proto::CreateReleaseResponse {
-            release: Some(convert_release::release_to_proto(&release, now)),
+            release: Some(answer),
         }))
     }
 

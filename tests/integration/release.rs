@@ -190,7 +190,12 @@ async fn booking_before_release_at_is_refused_with_the_time_to_retry() {
         release("r1", "test-region", release_at, None),
     )
     .await;
-    assert_eq!(again.expect("same release").release_id, "r1");
+    let again = again.expect("same release");
+    assert_eq!(again.release_id, "r1");
+    // Answered with its counts, as GetRelease (places_remaining read 0 here).
+    let status = get_release(&mut capacity, "r1").await;
+    assert_eq!(again.places_remaining, status.places_remaining);
+    assert!(again.places_remaining > 0);
     let changed = create(
         &mut capacity,
         release("r1", "test-region", release_at + 1, None),
