@@ -478,7 +478,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             connections_max: limits.metrics_connections_max,
             per_peer: prenota::grpc::peers::PeerCaps {
                 per_peer_max: limits.metrics_connections_per_peer_max,
-                shares_per_ipv6_48: limits.peer_shares_per_ipv6_48_max,
+                // Its 16 places are few: one /48's /64s together hold one peer's.
+                shares_per_ipv6_48: limits.peer_shares_per_ipv6_48_max.min(1),
             },
             connection_timeout: std::time::Duration::from_millis(
                 limits.metrics_connection_timeout_ms,

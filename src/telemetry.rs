@@ -34,7 +34,8 @@ pub const HOLDS_LIVE: &str = "prenota_holds_live";
 pub const CHECK_IN_CODES_WRONG: &str = "prenota_check_in_codes_wrong_total";
 /// Booking references drawn again because the first draw was in use.
 pub const REFERENCE_COLLISIONS: &str = "prenota_reference_collisions_total";
-/// Requests refused by a rate limiter, by `limiter` (`citizen`, `citizen_reads`, `token`, `anonymous`).
+/// Requests refused by a rate limiter, by `limiter` (`citizen`, `citizen_reads`, `token`,
+/// `anonymous`, `check_in`, `watch_snapshot`).
 pub const RATE_LIMITED: &str = "prenota_rate_limited_total";
 /// Keys a rate limiter tracks, by `limiter`.
 pub const RATE_LIMITER_KEYS: &str = "prenota_rate_limiter_keys";

@@ -1,13 +1,15 @@
 //! How fresh this node's hold on the PostgreSQL lease is, for answers given from
-//! memory. A standby takes over once the holder's last renewal is a whole `lease_ttl`
-//! old; the holder answers nothing (`Ready` turns each reply into NOT_ACTIVE) once the
-//! last renewal that got through, timed from before it was sent, is three quarters of
-//! that old. The watchdog fails the store at the same point, but a node resumed after
-//! a pause (SIGSTOP, a VM frozen) may answer the calls queued meanwhile before the
-//! watchdog's thread runs: without this check it told citizens SLOT_FULL or
-//! CITIZEN_ALREADY_BOOKED from memory the new active node had moved past.
+//! memory. A standby takes over a holder that still lives once its last renewal is a
+//! whole `lease_ttl` old (or at once when its session is gone); the holder answers
+//! nothing (`Ready` turns each one-reply answer and each stream's start into
+//! NOT_ACTIVE) once a renewal failed or the last one that got through, timed from just
+//! before it was sent, is three quarters of that old. The watchdog fails the store at
+//! the same point, but a node resumed after a pause (SIGSTOP) may answer the calls
+//! queued meanwhile before the watchdog's thread runs: without this check it told
+//! citizens SLOT_FULL or CITIZEN_ALREADY_BOOKED from memory the new active node had
+//! moved past. A hypervisor pause stops the monotonic clock too, so is not seen here.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Debug)]
@@ -18,6 +20,8 @@ pub struct LeaseFreshness {
     /// How old that may be; 0 while no lease is held (sled; a standby's gates answer
     /// NOT_ACTIVE on their own).
     limit_ms: AtomicU64,
+    /// Set for good once a renewal failed, the watchdog fired or the store failed.
+    lost: AtomicBool,
 }
 
 impl Default for LeaseFreshness {
@@ -26,6 +30,7 @@ impl Default for LeaseFreshness {
             base: Instant::now(),
             sent_ms: AtomicU64::new(0),
             limit_ms: AtomicU64::new(0),
+            lost: AtomicBool::new(false),
         }
     }
 }
@@ -48,9 +53,23 @@ impl LeaseFreshness {
         self.sent_ms.fetch_max(sent_ms, Ordering::AcqRel);
     }
 
+    /// When the last renewal that got through (or the take) was sent.
+    pub fn sent_ms(&self) -> u64 {
+        self.sent_ms.load(Ordering::Acquire)
+    }
+
+    /// The lease is gone (a renewal failed, the watchdog fired, the store failed): no
+    /// answer from memory from now on.
+    pub fn lost(&self) {
+        self.lost.store(true, Ordering::Release);
+    }
+
     /// How long since the last renewal that got through was sent, past its limit;
     /// `None` while fresh (or while no lease is held).
     pub fn overdue_ms(&self) -> Option<u64> {
+        if self.lost.load(Ordering::Acquire) {
+            return Some(u64::MAX);
+        }
         let limit_ms = self.limit_ms.load(Ordering::Acquire);
         // Read the renewal first: the clock read after it is never earlier.
         let sent_ms = self.sent_ms.load(Ordering::Acquire);
@@ -85,5 +104,9 @@ mod tests {
         assert!(freshness.fresh());
         freshness.renewed(sent);
         assert!(freshness.fresh(), "an older renewal never moves it back");
+        freshness.lost();
+        assert!(!freshness.fresh(), "lost for good");
+        freshness.renewed(freshness.now_ms());
+        assert!(!freshness.fresh());
     }
 }

@@ -232,7 +232,8 @@ impl Lease {
                     Err(first) if !connected => return Err(first),
                     Err(problem) => Err(problem),
                 },
-                Some(client) => match take_timed(client, (&node, settings.lease_ttl), standby) {
+                Some(client) => match try_take(client, (&node, settings.lease_ttl), &standby.lease)
+                {
                     Ok(Some(epoch)) => {
                         tracing::info!(epoch, node, "took the lease: this node is active");
                         let session = session.expect("a session took the lease");
@@ -297,17 +298,20 @@ impl Lease {
             .name("prenota-lease".into())
             .spawn(move || {
                 // Until shut down (`stop` dropped): closing the session frees the lock.
-                while let Err(mpsc::RecvTimeoutError::Timeout) =
-                    stop.recv_timeout(self.settings.lease_ttl / 4)
+                // Each renewal is due a quarter of the lease after the last one was
+                // sent (freshness counts from there, however long its round trip).
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(self.until_due())
                 {
                     if state.failed.load(Ordering::Acquire) {
                         tracing::warn!("the store failed: letting the lease go to a standby");
+                        self.freshness.lost();
                         break;
                     }
                     let sent_ms = self.freshness.now_ms();
                     if let Err(error) = self.renew() {
                         tracing::error!(%error, "lost the lease");
                         committer::fail_stop(&state, &StoreError::NotActive);
+                        self.freshness.lost();
                         break;
                     }
                     self.freshness.renewed(sent_ms);
@@ -315,6 +319,16 @@ impl Lease {
                 drop(watch_stop);
                 let _ = watchdog.join();
             })
+    }
+
+    /// How long until the next renewal is due.
+    fn until_due(&self) -> Duration {
+        let period = self.settings.lease_ttl / 4;
+        let since_sent = self
+            .freshness
+            .now_ms()
+            .saturating_sub(self.freshness.sent_ms());
+        period.saturating_sub(Duration::from_millis(since_sent))
     }
 
     fn renew(&mut self) -> Result<(), StoreError> {
@@ -379,26 +393,13 @@ fn open_session(url: &str, node: &str) -> Result<Client, StoreError> {
     Ok(session)
 }
 
-/// `try_take`, and once taken, the lease's freshness timed from before the try.
-fn take_timed(
-    session: &mut Client,
-    (node, lease_ttl): (&str, Duration),
-    standby: &Standby,
-) -> Result<Option<i64>, StoreError> {
-    let sent_ms = standby.lease.now_ms();
-    let taken = try_take(session, node, lease_ttl)?;
-    if taken.is_some() {
-        standby.lease.held(sent_ms, lease_ttl);
-    }
-    Ok(taken)
-}
-
-/// One try: the new epoch if this node now holds the lease. Without the lock, ends the
-/// holder's sessions if it stopped renewing, so a later try gets the lock.
+/// One try: the new epoch if this node now holds the lease (`freshness` then timed
+/// from just before the statement that starts the lease's clock). Without the lock,
+/// ends the holder's sessions if it stopped renewing, so a later try gets the lock.
 fn try_take(
     session: &mut Client,
-    node: &str,
-    lease_ttl: Duration,
+    (node, lease_ttl): (&str, Duration),
+    freshness: &LeaseFreshness,
 ) -> Result<Option<i64>, StoreError> {
     let error = pg_error("taking the lease");
     let locked: bool = session
@@ -437,6 +438,7 @@ fn try_take(
         )
         .map_err(&error)?
         .get(0);
+    let sent_ms = freshness.now_ms();
     tx.execute(
         "UPDATE prenota_lease_holder SET epoch = $1, holder = $2, \
          renewed_at = clock_timestamp() WHERE id = 1",
@@ -444,13 +446,14 @@ fn try_take(
     )
     .map_err(&error)?;
     tx.commit().map_err(&error)?;
+    freshness.held(sent_ms, lease_ttl);
     Ok(Some(epoch))
 }
 
 /// Fails the store (NOT_ACTIVE) once the last renewal that got through (`freshness`,
 /// timed from before it was sent) is older than three quarters of `lease_ttl` (half of
-/// it after the renewal that was due: a margin for a slow round trip on a loaded
-/// machine); ends when `stop` is dropped.
+/// it after the next one was due: a margin for a slow round trip on a loaded machine);
+/// ends when `stop` is dropped.
 fn watch_renewals(
     state: Arc<CommitterState>,
     freshness: Arc<LeaseFreshness>,
@@ -466,6 +469,7 @@ fn watch_renewals(
                 let Some(silent_ms) = freshness.overdue_ms() else {
                     continue;
                 };
+                freshness.lost();
                 if !state.failed.load(Ordering::Acquire) {
                     tracing::error!(silent_ms, "no lease renewal got through: standing down");
                     committer::fail_stop(&state, &StoreError::NotActive);
