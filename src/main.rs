@@ -473,18 +473,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
     if let Some(metrics_listen) = metrics_listen {
-        let limits = &config.limits;
-        let bounds = prenota::metrics_listener::Bounds {
-            connections_max: limits.metrics_connections_max,
-            per_peer: prenota::grpc::peers::PeerCaps {
-                per_peer_max: limits.metrics_connections_per_peer_max,
-                // Its 16 places are few: one /48's /64s together hold one peer's.
-                shares_per_ipv6_48: limits.peer_shares_per_ipv6_48_max.min(1),
-            },
-            connection_timeout: std::time::Duration::from_millis(
-                limits.metrics_connection_timeout_ms,
-            ),
-        };
+        let bounds = prenota::metrics_listener::Bounds::of(&config.limits);
         let metrics = prenota::telemetry::serve_metrics(metrics_listen, bounds)?;
         if !metrics.ip().is_loopback() {
             tracing::warn!(%metrics, "metrics are served unauthenticated beyond loopback");

@@ -62,6 +62,21 @@ pub struct Bounds {
     pub connection_timeout: Duration,
 }
 
+impl Bounds {
+    /// The `metrics_*` limits.
+    pub fn of(limits: &crate::config::Limits) -> Self {
+        Self {
+            connections_max: limits.metrics_connections_max,
+            per_peer: PeerCaps {
+                per_peer_max: limits.metrics_connections_per_peer_max,
+                // Its 16 places are few: one /48's /64s together hold one peer's.
+                shares_per_ipv6_48: limits.peer_shares_per_ipv6_48_max.min(1),
+            },
+            connection_timeout: Duration::from_millis(limits.metrics_connection_timeout_ms),
+        }
+    }
+}
+
 /// Answers scrapes on `listener` with what `handle` renders, forever.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, bounds: Bounds) {
     let places = Arc::new(Semaphore::new(bounds.connections_max));
