@@ -3,9 +3,10 @@
 //! prenota's services answer at once with UNAVAILABLE / RECOVERING and a RetryInfo,
 //! instead of leaving clients on a silent port. A standby (PostgreSQL, another node
 //! holds the lease) answers UNAVAILABLE / NOT_ACTIVE until it takes over; the active
-//! node answers it instead of any reply it computed once its lease is no longer fresh
-//! (`store::lease_freshness`): resumed after a pause, it would otherwise answer the calls
-//! queued meanwhile from memory a new active node has moved past.
+//! node answers it instead of a one-reply answer (or a stream's start) it computed once
+//! its lease is no longer fresh (`store::lease_freshness`): resumed after a pause, it
+//! would otherwise answer the calls queued meanwhile from memory a new active node has
+//! moved past. A stream already open goes on until the node stands down.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
