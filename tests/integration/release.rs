@@ -912,8 +912,11 @@ async fn a_queue_admits_to_a_campaigns_slots_only_in_their_last_minute_window() 
     assert_ne!(both.phase(), ReleasePhase::SoldOut, "its places are coming");
     let state = ticket(&mut booking, "both", "a").await.state();
     assert_eq!(state, QueueTicketState::Waiting);
-    // 29 days on, the slot (30 days ahead, 10:00 UTC) is within the last 24 hours.
-    clock.advance(Duration::from_secs(29 * 86_400));
+    // 12 hours before the slot (30 days ahead), it is within the last 24 hours (a fixed
+    // 29 days on was within them only after 10:00 UTC: the test failed before).
+    let start_s: i64 = slot.rsplit('/').next().unwrap().parse().unwrap();
+    let until = start_s * 1_000 - 12 * 3_600_000 - clock.now_unix_ms();
+    clock.advance(Duration::from_millis(until.try_into().unwrap()));
     server.advance_releases().await;
     assert_eq!(
         ticket(&mut booking, "both", "a").await.state(),
