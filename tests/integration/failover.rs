@@ -65,6 +65,15 @@ fn node(dir: &Path, config: &Path, name: &str) -> ChildServer {
     ChildServer::start_recovering(&dir.join(name), options)
 }
 
+/// Node "a", serving, then node "b", standing by.
+async fn active_and_standby(dir: &Path, config: &Path) -> (ChildServer, ChildServer) {
+    let mut active = node(dir, config, "a");
+    active.wait_serving();
+    let standby = node(dir, config, "b");
+    wait_standing_by(&standby.url).await;
+    (active, standby)
+}
+
 /// Waits until `url` answers prenota's RPCs with NOT_ACTIVE (it stands by).
 async fn wait_standing_by(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -201,10 +210,7 @@ async fn kill_9_of_the_active_node_fails_over_within_10_s_losing_nothing() {
     let Some(config) = shared_config(dir.path()) else {
         return;
     };
-    let mut active = node(dir.path(), &config, "a");
-    active.wait_serving();
-    let standby = node(dir.path(), &config, "b");
-    wait_standing_by(&standby.url).await;
+    let (active, standby) = active_and_standby(dir.path(), &config).await;
     let slot_ids = ten_minute_slots(
         connect(&active.url).await,
         ("fo", day_ahead(40)),
@@ -281,10 +287,7 @@ async fn a_paused_active_node_cannot_commit_once_a_standby_took_over() {
     let Some(config) = shared_config(dir.path()) else {
         return;
     };
-    let mut old = node(dir.path(), &config, "a");
-    old.wait_serving();
-    let standby = node(dir.path(), &config, "b");
-    wait_standing_by(&standby.url).await;
+    let (old, standby) = active_and_standby(dir.path(), &config).await;
     let slot_ids = ten_minute_slots(connect(&old.url).await, ("fence", day_ahead(40)), 1, 10).await;
     let mut on_old = BookingServiceClient::new(connect(&old.url).await);
     let before = book_ok(
@@ -347,10 +350,7 @@ async fn a_resumed_node_that_lost_the_lease_refuses_nothing_from_memory() {
     let Some(config) = shared_config(dir.path()) else {
         return;
     };
-    let mut old = node(dir.path(), &config, "a");
-    old.wait_serving();
-    let standby = node(dir.path(), &config, "b");
-    wait_standing_by(&standby.url).await;
+    let (old, standby) = active_and_standby(dir.path(), &config).await;
     let slot_ids = ten_minute_slots(connect(&old.url).await, ("stale", day_ahead(40)), 2, 1).await;
     let mut on_old = BookingServiceClient::new(connect(&old.url).await);
     let booked = book_ok(&mut on_old, book_request(&slot_ids[0], "citizen-x", "x-1")).await;
@@ -481,10 +481,7 @@ async fn a_standby_shuts_down_cleanly_while_it_waits() {
     let Some(config) = shared_config(dir.path()) else {
         return;
     };
-    let mut active = node(dir.path(), &config, "a");
-    active.wait_serving();
-    let standby = node(dir.path(), &config, "b");
-    wait_standing_by(&standby.url).await;
+    let (active, standby) = active_and_standby(dir.path(), &config).await;
     let started = Instant::now();
     tokio::task::spawn_blocking(move || standby.terminate())
         .await
