@@ -501,7 +501,7 @@ async fn start_serving(
 ) -> Result<(Arc<Engine>, Tasks, tokio::sync::oneshot::Sender<()>), ServeError> {
     let engine = match start {
         Start::Recovered(engine) => engine,
-        Start::Recover(options) => match recover(*options, standby).await {
+        Start::Recover(options) => match recover(*options, Arc::clone(&standby)).await {
             Ok(engine) => engine,
             Err(error) => {
                 let _ = stop.send(());
@@ -509,11 +509,32 @@ async fn start_serving(
             }
         },
     };
+    wait_out_previous_holder(&standby).await;
     open_services(&engine, services, settings);
     set_health(health, ServingStatus::Serving).await;
     // Started after SERVING: the health mirror turns it back if the store already failed.
     let tasks = Tasks::start(&engine, health, store_failed);
     Ok((engine, tasks, stop))
+}
+
+/// PostgreSQL, after taking the lease over from a holder that may still live: health
+/// stays NOT_SERVING and the services RECOVERING until that holder surely stopped
+/// answering from memory (`LeaseFreshness::previous_left`), or until shutdown begins.
+/// Recovery ran meanwhile, so a large store waits no longer than it took.
+async fn wait_out_previous_holder(standby: &Standby) {
+    let left = standby.lease.previous_left();
+    if left.is_zero() {
+        return;
+    }
+    tracing::info!(
+        wait_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+        "waiting for the previous lease holder to stop answering before serving"
+    );
+    while !standby.lease.previous_left().is_zero()
+        && !standby.give_up.load(std::sync::atomic::Ordering::Acquire)
+    {
+        tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+    }
 }
 
 /// `serving`, which once `closing` turns true waits for its connections to finish what

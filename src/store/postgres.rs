@@ -300,24 +300,32 @@ impl Lease {
                 // Until shut down (`stop` dropped): closing the session frees the lock.
                 // Each renewal is due a quarter of the lease after the last one was
                 // sent (freshness counts from there, however long its round trip).
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(self.until_due())
-                {
+                let shut_down = loop {
+                    if !matches!(
+                        stop.recv_timeout(self.until_due()),
+                        Err(mpsc::RecvTimeoutError::Timeout)
+                    ) {
+                        break true;
+                    }
                     if state.failed.load(Ordering::Acquire) {
                         tracing::warn!("the store failed: letting the lease go to a standby");
                         self.freshness.lost();
-                        break;
+                        break false;
                     }
                     let sent_ms = self.freshness.now_ms();
                     if let Err(error) = self.renew() {
                         tracing::error!(%error, "lost the lease");
                         committer::fail_stop(&state, &StoreError::NotActive);
                         self.freshness.lost();
-                        break;
+                        break false;
                     }
                     self.freshness.renewed(sent_ms);
-                }
+                };
                 drop(watch_stop);
                 let _ = watchdog.join();
+                if shut_down && self.freshness.fresh() {
+                    self.let_go();
+                }
             })
     }
 
@@ -329,6 +337,19 @@ impl Lease {
             .now_ms()
             .saturating_sub(self.freshness.sent_ms());
         period.saturating_sub(Duration::from_millis(since_sent))
+    }
+
+    /// Shut down (every answer given, the store closed): says so, so the next node
+    /// need not wait out this one's last renewal (`previous_holder`). Best effort: if
+    /// it fails, the next node waits.
+    fn let_go(&mut self) {
+        let let_go = self.session.execute(
+            "UPDATE prenota_lease_holder SET holder = '' WHERE id = 1 AND epoch = $1",
+            &[&self.epoch],
+        );
+        if let Err(error) = let_go {
+            tracing::debug!(%error, "could not mark the lease let go");
+        }
     }
 
     fn renew(&mut self) -> Result<(), StoreError> {
@@ -415,10 +436,7 @@ fn try_take(
     }
     // The previous holder's lock is gone, but a session of it may remain (paused in a
     // commit, holding the epoch row): end it, so the update below need not wait.
-    let previous: String = session
-        .query_one("SELECT holder FROM prenota_lease_holder WHERE id = 1", &[])
-        .map_err(&error)?
-        .get(0);
+    let (previous, previous_left) = previous_holder(session, lease_ttl)?;
     if !previous.is_empty() && previous != node {
         end_sessions_of(session, &previous)?;
     }
@@ -446,8 +464,36 @@ fn try_take(
     )
     .map_err(&error)?;
     tx.commit().map_err(&error)?;
-    freshness.held(sent_ms, lease_ttl);
+    freshness.held(sent_ms, lease_ttl, previous_left);
     Ok(Some(epoch))
+}
+
+/// The previous holder (empty if none, or if it let the lease go when it stopped) and
+/// how long it may still answer from memory: until three quarters of the lease after
+/// its last renewal (which it timed from before sending it, so before PostgreSQL
+/// stamped it), plus a twentieth for clocks that run at slightly different rates.
+/// Read once the lock is held: no renewal of that holder can land after it.
+fn previous_holder(
+    session: &mut Client,
+    lease_ttl: Duration,
+) -> Result<(String, Duration), StoreError> {
+    let answers_for = LeaseFreshness::limit(lease_ttl) + lease_ttl / 20;
+    let row = session
+        .query_one(
+            "SELECT holder, greatest(0, extract(epoch FROM renewed_at - clock_timestamp())::float8 \
+             * 1000 + $1) FROM prenota_lease_holder WHERE id = 1",
+            &[&(answers_for.as_secs_f64() * 1000.0)],
+        )
+        .map_err(pg_error("taking the lease"))?;
+    let (holder, left_ms): (String, f64) = (row.get(0), row.get(1));
+    let left = match holder.is_empty() {
+        true => Duration::ZERO,
+        false => {
+            let left_ms = left_ms.clamp(0.0, answers_for.as_secs_f64() * 1000.0);
+            Duration::from_secs_f64(left_ms / 1000.0)
+        }
+    };
+    Ok((holder, left))
 }
 
 /// Fails the store (NOT_ACTIVE) once the last renewal that got through (`freshness`,

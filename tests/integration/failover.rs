@@ -403,6 +403,97 @@ async fn a_resumed_node_that_lost_the_lease_refuses_nothing_from_memory() {
     assert_exits_no_longer_active(old).await;
 }
 
+/// The holder's PostgreSQL sessions end while it lives (a dropped connection,
+/// `pg_terminate_backend`): the standby gets the lock at once, but the holder may answer
+/// from memory until three quarters of the lease after its last renewal. The new node
+/// serves only after that (an outside test saw both answer at once), and never while
+/// the old one still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_taking_over_a_live_holder_serves_only_once_it_stopped_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((config, url)) = shared_config_and_url(dir.path()) else {
+        return;
+    };
+    let (old, standby) = active_and_standby(dir.path(), &config).await;
+    let slot_ids = ten_minute_slots(connect(&old.url).await, ("live", day_ahead(40)), 1, 10).await;
+    let mut on_old = BookingServiceClient::new(connect(&old.url).await);
+    let booked = book_ok(&mut on_old, book_request(&slot_ids[0], "citizen-x", "x-1")).await;
+    let mut on_new = BookingServiceClient::new(connect(&standby.url).await);
+
+    let renewal_age_ms = common::postgres::query_i64(
+        &url,
+        "SELECT (extract(epoch FROM clock_timestamp() - renewed_at) * 1000)::bigint \
+         FROM prenota_lease_holder",
+    );
+    let cut_off = Instant::now();
+    let ended = common::postgres::query_i64(
+        &url,
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = (SELECT holder FROM prenota_lease_holder)",
+    );
+    assert!(ended > 0, "no session of the holder ended");
+    // The old node's own limit: three quarters of the lease after its last renewal.
+    let old_limit = cut_off + Duration::from_millis(LEASE_TTL_MS * 3 / 4)
+        - Duration::from_millis(u64::try_from(renewal_age_ms).unwrap());
+    let read = prenota::proto::GetBookingRequest {
+        booking_id: booked.booking_id,
+        citizen_id: "citizen-x".into(),
+    };
+    let (mut old_last_answer, mut new_first_answer) = (None, None);
+    while new_first_answer.is_none() {
+        assert!(cut_off.elapsed() < FAILOVER_MAX, "the standby never served");
+        if on_old.get_booking(read.clone()).await.is_ok() {
+            old_last_answer = Some(Instant::now());
+        }
+        if on_new.get_booking(read.clone()).await.is_ok() {
+            new_first_answer = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let new_first_answer = new_first_answer.unwrap();
+    assert!(
+        old_last_answer.is_none_or(|last| last < new_first_answer),
+        "both nodes answered at once"
+    );
+    assert!(
+        new_first_answer >= old_limit,
+        "the new node answered {:?} before the old one's limit",
+        old_limit - new_first_answer
+    );
+    assert_exits_no_longer_active(old).await;
+    drop(standby);
+}
+
+/// A node shut down cleanly says it let the lease go: the standby need not wait out its
+/// last renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_taking_over_a_cleanly_stopped_one_does_not_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = shared_config(dir.path()) else {
+        return;
+    };
+    let mut active = node(dir.path(), &config, "a");
+    active.wait_serving();
+    let log = dir.path().join("standby.log");
+    let options = ChildOptions {
+        args: vec!["--config".into(), config.display().to_string()],
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        rust_log: Some("info".into()),
+        ..ChildOptions::default()
+    };
+    let standby = ChildServer::start_recovering(&dir.path().join("b"), options);
+    wait_standing_by(&standby.url).await;
+    active.terminate();
+    let (standby, _) = serving_after(standby).await;
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("took the lease"), "{said}");
+    assert!(
+        !said.contains("waiting for the previous lease holder"),
+        "{said}"
+    );
+    drop(standby);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_after_the_epoch_moved_on_is_refused_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
