@@ -332,9 +332,16 @@ impl Engine {
         };
         // Refused (closing) or never queued: the hold goes back to the live set, where
         // a closure or the sweeper takes it.
-        let written = self
+        let written = match self
             .execute(plan, || self.live_holds().insert(hold.clone()))
-            .await;
+            .await
+        {
+            // Its own new entry, claimed by nothing else: not expected.
+            Err(ServiceError::Overtaken { id, .. }) => {
+                Err(DomainError::BookingNotActive(id).into())
+            }
+            written => written,
+        };
         codes.settle(&written);
         written
     }
@@ -344,10 +351,11 @@ impl Engine {
         let citizen = self.hasher.hash(&command.citizen_id);
         let booking_text = command.booking_id.to_string();
         let fingerprint = RequestFingerprint::of(&[b"cancel", booking_text.as_bytes(), &citizen.0]);
+        let command = &command;
         self.once_per_booking_request(
             (command.request.for_citizen(&citizen), fingerprint),
             Attempt::No,
-            |request| self.cancel_and_commit(&command, citizen, request),
+            |request| self.replanned(move || self.cancel_and_commit(command, citizen, request)),
         )
         .await
     }
@@ -369,6 +377,10 @@ impl Engine {
         };
         let registration = self.campaigns.booked_with(command.booking_id);
         let now_ms = self.now_unix_ms();
+        let doses: Vec<_> = later
+            .iter()
+            .map(|d| (d.slot.clone(), d.booking_id))
+            .collect();
         let plan = plans::cancel(
             (stored, later),
             citizen,
@@ -376,7 +388,7 @@ impl Engine {
             request,
             now_ms,
         )?;
-        self.execute(plan, || {}).await
+        overtaken_by_closure(self.execute(plan, || {}).await, citizen, &doses)
     }
 
     /// Moves a booking to another slot of the same service in one atomic write: the
@@ -394,10 +406,11 @@ impl Engine {
             &citizen.0,
             slot_text.as_bytes(),
         ]);
+        let command = &command;
         self.once_per_booking_request(
             (command.request.for_citizen(&citizen), fingerprint),
             Attempt::On(&citizen, &command.new_slot),
-            |request| self.reschedule_and_commit(&command, citizen, request),
+            |request| self.replanned(move || self.reschedule_and_commit(command, citizen, request)),
         )
         .await
     }
@@ -436,6 +449,7 @@ impl Engine {
             Some(old) if old.citizen == citizen => self.neighbours_of(old, &command.new_slot)?,
             _ => None,
         };
+        let held_still = neighbours.as_ref().map(|n| n.confirmed.clone());
         let plan = plans::reschedule(
             (stored, registration.as_ref(), neighbours),
             citizen,
@@ -445,6 +459,7 @@ impl Engine {
             now_ms,
         )?;
         let written = self.execute(plan, || {}).await;
+        let written = overtaken_by_closure(written, citizen, &held_still.unwrap_or_default());
         codes.settle(&written);
         written
     }
@@ -494,5 +509,26 @@ impl Engine {
             page.next_after = page.bookings.last().map(|view| order(&view.booking));
         }
         Ok(page)
+    }
+}
+
+/// A plan refused because the slot of one of `others` (another of the citizen's
+/// bookings it holds still, or cancels with it: a series' other doses) is closing: that
+/// closure is cancelling the booking, so the plan is made again once it has
+/// (`Engine::replanned`) instead of answering SLOT_CLOSED for a slot the request never
+/// named.
+fn overtaken_by_closure(
+    written: Result<Booking, ServiceError>,
+    citizen: CitizenKey,
+    others: &[(SlotKey, BookingId)],
+) -> Result<Booking, ServiceError> {
+    match written {
+        Err(ServiceError::Domain(DomainError::SlotClosed(slot))) => {
+            match others.iter().find(|(other, _)| *other == slot) {
+                Some((_, id)) => Err(ServiceError::Overtaken { citizen, id: *id }),
+                None => Err(DomainError::SlotClosed(slot).into()),
+            }
+        }
+        written => written,
     }
 }

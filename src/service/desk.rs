@@ -5,11 +5,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::domain::booking::{Booking, BookingState, Reference};
+use crate::domain::booking::{Booking, Reference};
 use crate::domain::error::{DomainError, Missing};
-use crate::domain::ids::{BookingId, SiteId, SlotKey};
+use crate::domain::ids::{SiteId, SlotKey};
 use crate::domain::plans::{self, DeskChange};
-use crate::service::engine::{BookingView, Engine, LANDING_POLL};
+use crate::service::engine::{BookingView, Engine};
 use crate::service::error::ServiceError;
 use crate::service::references::CodeLimits;
 
@@ -111,8 +111,12 @@ impl Engine {
             }
             Ok(()) => {}
         }
-        let attended = |state: &BookingState| matches!(state, BookingState::Attended { .. });
-        self.desk_commit(planned?, reference, attended).await
+        let first = planned?;
+        self.desk_commit(first, || {
+            let booking = self.desk_booking(desk, reference)?;
+            Ok(plans::check_in(booking, code, window, self.now_unix_ms())?)
+        })
+        .await
     }
 
     /// Marks the booking a no-show, once its slot has ended.
@@ -121,10 +125,11 @@ impl Engine {
         desk: &Desk,
         reference: Reference,
     ) -> Result<BookingView, ServiceError> {
-        let booking = self.desk_booking(desk, reference)?;
-        let change = plans::mark_no_show(booking, self.now_unix_ms())?;
-        let missed = |state: &BookingState| matches!(state, BookingState::NoShow { .. });
-        self.desk_commit(change, reference, missed).await
+        let replan = || {
+            let booking = self.desk_booking(desk, reference)?;
+            Ok(plans::mark_no_show(booking, self.now_unix_ms())?)
+        };
+        self.desk_commit(replan()?, replan).await
     }
 
     /// The booking with this reference, if it is at one of the desk's sites: another
@@ -136,52 +141,29 @@ impl Engine {
             .ok_or(DomainError::NotFound(Missing::Booking).into())
     }
 
-    /// Writes the desk's change. Found done, or refused because the same change landed
-    /// first (a double tap at the desk), it answers the booking as that change left
-    /// it, once that change is durable.
+    /// Writes the desk's change (`first`, made from the booking as first read). A
+    /// double tap at the desk, or a citizen's cancel or move of this or another dose
+    /// in flight, overtakes that read: the change is made again (`replan`) once that
+    /// write let go, so the desk sees the booking as it left it (done already:
+    /// answered as it is, once durable).
     async fn desk_commit(
         &self,
-        change: DeskChange,
-        reference: Reference,
-        done: fn(&BookingState) -> bool,
+        first: DeskChange,
+        replan: impl Fn() -> Result<DeskChange, ServiceError>,
     ) -> Result<BookingView, ServiceError> {
-        let landed = match change {
-            DeskChange::AlreadyDone(booking) => booking,
-            DeskChange::Write(plan) => match self.execute(plan, || {}).await {
-                Err(ServiceError::Domain(DomainError::BookingNotActive(id))) => {
-                    self.landed_first(reference, done, id).await?
+        let mut first = Some(first);
+        self.replanned(|| {
+            let change = first.take().map_or_else(&replan, Ok);
+            async move {
+                match change? {
+                    DeskChange::AlreadyDone(booking) => {
+                        self.store.settled().await?; // the change that landed first
+                        self.view(booking)
+                    }
+                    DeskChange::Write(plan) => self.view(self.execute(plan, || {}).await?),
                 }
-                written => return self.view(written?),
-            },
-        };
-        self.store.settled().await?; // the change that landed first
-        self.view(landed)
-    }
-
-    /// The booking as the write that claimed it before this tap left it, if that write
-    /// made it `done`: waited for while the claim lasts (the claim comes before the
-    /// write reaches the store), until `landing_deadline`.
-    async fn landed_first(
-        &self,
-        reference: Reference,
-        done: fn(&BookingState) -> bool,
-        id: BookingId,
-    ) -> Result<Booking, ServiceError> {
-        let deadline = self.landing_deadline();
-        let not_active = || ServiceError::from(DomainError::BookingNotActive(id));
-        let read = || self.store.booking_by_reference(reference);
-        let citizen = read()?.ok_or_else(not_active)?.citizen;
-        loop {
-            // Looked at before the read: a write that has let go has landed by then.
-            let writing = self.citizens.is_claimed(citizen, id);
-            let booking = read()?.ok_or_else(not_active)?;
-            if done(&booking.state) {
-                return Ok(booking);
             }
-            if !writing || tokio::time::Instant::now() >= deadline {
-                return Err(not_active());
-            }
-            tokio::time::sleep(LANDING_POLL).await;
-        }
+        })
+        .await
     }
 }

@@ -26,6 +26,14 @@ pub enum ServiceError {
     /// for admissions whose writes a stalled disk holds up); nothing was changed.
     #[error("busy: {0}")]
     Busy(&'static str),
+    /// Another write overtook the read a plan was made from: it had claimed (or had
+    /// changed) the citizen's booking `id` the plan needed. `Engine::replanned` makes
+    /// the plan again once that write let go; never a client's answer.
+    #[error("another change of the citizen's booking {id} was in flight; retry")]
+    Overtaken {
+        citizen: crate::domain::ids::CitizenKey,
+        id: crate::domain::ids::BookingId,
+    },
     #[error("send a valid x-citizen-assertion from a configured identity gateway")]
     CitizenAssertionInvalid,
     #[error("citizen_id names another citizen than the assertion")]

@@ -12,7 +12,7 @@ use crate::domain::ids::{BookingId, ChannelId, CitizenKey, ServiceId, SlotKey};
 use crate::domain::plans::{Free, Plan, SlotView, Take};
 use crate::domain::release::Gate;
 use crate::domain::slot_counter::Refused;
-use crate::service::engine::{undo_if_never_written, Engine};
+use crate::service::engine::{undo_if_never_written, Engine, LANDING_POLL};
 use crate::service::error::ServiceError;
 use crate::store::records::Write;
 
@@ -95,6 +95,39 @@ impl Engine {
         // Last: a closure waiting for these admissions sees everything they did.
         drop(taken.admissions);
         Ok(answer)
+    }
+
+    /// Runs `attempt` (reads, a plan made from them, its execution) again while another
+    /// write overtook those reads (`ServiceError::Overtaken`), once that write let go of
+    /// the booking: a cancel of dose 1 racing a move of dose 2 (which holds dose 1 still
+    /// while it checks the interval), or a check-in racing either, then answers as if it
+    /// came just after, never BOOKING_NOT_ACTIVE for a booking still confirmed. Past
+    /// the landing deadline (half the request timeout), OVERLOADED with a RetryInfo.
+    pub(super) async fn replanned<T, Attempt>(
+        &self,
+        mut attempt: impl FnMut() -> Attempt,
+    ) -> Result<T, ServiceError>
+    where
+        Attempt: std::future::Future<Output = Result<T, ServiceError>>,
+    {
+        let deadline = self.landing_deadline();
+        loop {
+            let (citizen, id) = match attempt().await {
+                Err(ServiceError::Overtaken { citizen, id }) => (citizen, id),
+                answered => return answered,
+            };
+            loop {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ServiceError::Busy(
+                        "another change of the citizen's bookings is in flight; retry",
+                    ));
+                }
+                tokio::time::sleep(LANDING_POLL).await;
+                if !self.citizens.is_claimed(citizen, id) {
+                    break;
+                }
+            }
+        }
     }
 
     /// A hold is written live once, when it is made: its id must seal the second it
@@ -241,7 +274,9 @@ impl Engine {
     }
 
     /// `Take::Claim`: claims `citizen`'s entry `id`, whose stored booking must still be
-    /// `unchanged` (if given); undone if not.
+    /// `unchanged` (if given); undone if not. Refused as `Overtaken`: the entry was
+    /// claimed by a write in flight, or ended, or its booking changed since the plan's
+    /// read.
     fn claim(
         &self,
         citizen: CitizenKey,
@@ -250,17 +285,17 @@ impl Engine {
         unchanged: Option<&BookingState>,
     ) -> Result<Option<Admission>, ServiceError> {
         if !self.citizens.claim(citizen, service, id) {
-            return Err(DomainError::BookingNotActive(id).into());
+            return Err(ServiceError::Overtaken { citizen, id });
         }
         let still = match unchanged {
             Some(state) => self.stored_state_is(citizen, id, |s| s == state),
             None => Ok(true),
         };
-        unless_changed(still, id, || self.citizens.unclaim(citizen, id))
+        unless_changed(still, (citizen, id), || self.citizens.unclaim(citizen, id))
     }
 
     /// `Take::Move`: `citizen`'s entry moves from booking `from` to `to`; undone unless
-    /// `from` is still confirmed.
+    /// `from` is still confirmed. Refused as `Overtaken`, as `claim`.
     fn move_entry(
         &self,
         citizen: CitizenKey,
@@ -269,12 +304,12 @@ impl Engine {
         to: BookingId,
     ) -> Result<Option<Admission>, ServiceError> {
         if !self.citizens.replace(citizen, service, from, to) {
-            return Err(DomainError::BookingNotActive(from).into());
+            return Err(ServiceError::Overtaken { citizen, id: from });
         }
         // The moved booking must still be confirmed (a check-in may have overtaken the
         // read the plan was made from).
         let still = self.stored_state_is(citizen, from, |s| matches!(s, BookingState::Confirmed));
-        unless_changed(still, from, || {
+        unless_changed(still, (citizen, from), || {
             self.citizens.replace(citizen, service, to, from);
         })
     }
@@ -347,10 +382,10 @@ impl Engine {
 
 /// After claiming booking `id`'s entry: nothing more to take if the stored booking is
 /// still as the plan read it (`still`); otherwise `undo` gives the claim back and the
-/// answer is the store's error or BOOKING_NOT_ACTIVE.
+/// answer is the store's error or `Overtaken`.
 fn unless_changed(
     still: Result<bool, ServiceError>,
-    id: BookingId,
+    (citizen, id): (CitizenKey, BookingId),
     undo: impl FnOnce(),
 ) -> Result<Option<Admission>, ServiceError> {
     match still {
@@ -359,7 +394,7 @@ fn unless_changed(
             undo();
             Err(still
                 .err()
-                .unwrap_or(DomainError::BookingNotActive(id).into()))
+                .unwrap_or(ServiceError::Overtaken { citizen, id }))
         }
     }
 }
