@@ -158,6 +158,16 @@ fn code_name(code: Code) -> String {
     name
 }
 
+/// `explain`, for a command that only reads (export, open data, audit, backup): an
+/// unclear answer changed nothing, so it says so instead of an unknown outcome.
+pub(crate) fn explain_read(status: &Status) -> String {
+    let text = explain(status);
+    match text.split_once("; the outcome is unknown") {
+        Some((head, _)) => format!("{head}; nothing was changed (it only reads): run it again"),
+        None => text,
+    }
+}
+
 /// Explains a refused call in one style for every command: the server's message, its
 /// code and reason, and each bad field (of an import: by line and column). An
 /// UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED, UNKNOWN or INTERNAL without a reason did
@@ -574,14 +584,18 @@ pub async fn export(
     let mut stream = client
         .export_bookings(proto::ExportBookingsRequest { scope })
         .await
-        .map_err(|status| explain(&status))?
+        .map_err(|status| explain_read(&status))?
         .into_inner();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let write_error = |e: std::io::Error| format!("cannot write the export: {e}");
     writeln!(out, "{}", EXPORT_COLUMNS.join(",")).map_err(write_error)?;
     let mut count = 0u64;
-    while let Some(message) = stream.message().await.map_err(|status| explain(&status))? {
+    while let Some(message) = stream
+        .message()
+        .await
+        .map_err(|status| explain_read(&status))?
+    {
         let Some(b) = message.booking else { continue };
         let state = match proto::BookingState::try_from(b.state) {
             Ok(proto::BookingState::Confirmed) => "CONFIRMED",
@@ -681,7 +695,7 @@ pub async fn open_data(
         let page = client
             .get_availability_summary(request.clone())
             .await
-            .map_err(|status| explain(&status))?
+            .map_err(|status| explain_read(&status))?
             .into_inner();
         for row in page.rows {
             let fields = open_data_fields(row);
@@ -735,13 +749,17 @@ pub async fn audit(target: &Target<'_>) -> Result<(), String> {
     let mut stream = client
         .export_audit_log(proto::ExportAuditLogRequest {})
         .await
-        .map_err(|status| explain(&status))?
+        .map_err(|status| explain_read(&status))?
         .into_inner();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let write_error = |e: std::io::Error| format!("cannot write the audit log: {e}");
     writeln!(out, "at,actor,action,detail").map_err(write_error)?;
-    while let Some(message) = stream.message().await.map_err(|status| explain(&status))? {
+    while let Some(message) = stream
+        .message()
+        .await
+        .map_err(|status| explain_read(&status))?
+    {
         let Some(entry) = message.entry else { continue };
         let fields = [
             rfc3339(entry.at.as_ref()),
@@ -812,7 +830,7 @@ pub async fn backup_from_server(
     let mut stream = client
         .export_backup(proto::ExportBackupRequest {})
         .await
-        .map_err(|status| explain(&status))?
+        .map_err(|status| explain_read(&status))?
         .into_inner();
     // Chunks are written by a thread as they come (at most 8 wait in memory); the file
     // is synced, checked and renamed once the stream ended well.
@@ -835,7 +853,7 @@ pub async fn backup_from_server(
     });
     // `Err(None)`: the writer stopped, and says why itself (the file exists, …).
     let streamed = async {
-        while let Some(message) = stream.message().await.map_err(|s| Some(explain(&s)))? {
+        while let Some(message) = stream.message().await.map_err(|s| Some(explain_read(&s)))? {
             received += message.data.len();
             if received - reported >= 64 << 20 {
                 reported = received;
@@ -1043,6 +1061,12 @@ mod tests {
             );
             assert!(text.contains("outcome is unknown") && text.contains(status.message()));
         }
+        let read = explain_read(&Status::unavailable("down"));
+        assert!(
+            read.starts_with("no clear answer from the server (UNAVAILABLE): down")
+                && read.ends_with("nothing was changed (it only reads): run it again"),
+            "{read}"
+        );
         let denied = explain(&Status::permission_denied("not yours"));
         assert!(
             denied.starts_with("the server refused it (PERMISSION_DENIED)"),

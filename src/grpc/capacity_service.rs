@@ -46,6 +46,19 @@ impl CapacityApi {
     }
 }
 
+/// A client that went away mid-import (killed, its connection reset) is a client's
+/// stream error: CANCELLED at debug level, not an UNKNOWN server failure logged as a
+/// warning. Nothing was applied.
+fn broken_stream(status: Status) -> Status {
+    match status.code() {
+        tonic::Code::Unknown => Status::cancelled(format!(
+            "the import's stream broke before its end (nothing was applied): {}",
+            status.message()
+        )),
+        _ => status,
+    }
+}
+
 /// An import stream as received: its valid rows, and the violations of the others.
 struct ReceivedImport {
     rows: Vec<ImportRow>,
@@ -70,7 +83,7 @@ impl ReceivedImport {
             errors: 0,
             violations: Vec::new(),
         };
-        while let Some(message) = stream.message().await? {
+        while let Some(message) = stream.message().await.map_err(broken_stream)? {
             import.dry_run |= message.dry_run;
             for row in message.rows {
                 import.received += 1;

@@ -425,3 +425,63 @@ async fn rare_counters_start_at_zero_and_piped_logs_have_no_colour() {
         "colour codes in a log file: {logs:?}"
     );
 }
+
+/// A client killed in the middle of an import (its connection reset) made a stream
+/// error the server counted and logged as UNKNOWN, the code of a server failure an
+/// alert fires on (an outside test). Now it is CANCELLED, and nothing is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_whose_client_dies_midway_is_cancelled_not_a_server_failure() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(&dir.path().join("data"));
+    let file = dir.path().join("many.csv");
+    let mut csv = String::from(
+        "site_id,name,region_id,time_zone,service_id,first_day,last_day,weekdays,opens,\
+         closes,slot_minutes,capacity_per_slot\n",
+    );
+    for n in 0..200_000 {
+        csv.push_str(&format!(
+            "site-{n},Site {n},r,Etc/UTC,svc,2027-03-01,2027-03-01,1-7,08:00,09:00,60,1\n"
+        ));
+    }
+    std::fs::write(&file, csv).unwrap();
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .arg("import")
+        .arg(&file)
+        .args(["--server", &server.url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first progress line: a tenth of the rows sent, the rest not yet.
+    let mut progress = String::new();
+    std::io::BufReader::new(cli.stderr.take().unwrap())
+        .read_line(&mut progress)
+        .unwrap();
+    assert!(progress.starts_with("sending rows: "), "{progress}");
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+
+    let import = |code| {
+        let metrics = parse(&http_get(&server.metrics_url));
+        let labels = [("grpc_method", "ImportCapacity"), ("grpc_code", code)];
+        value(&metrics, "grpc_server_handled_total", &labels)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while import("CANCELLED").is_none() {
+        assert!(Instant::now() < deadline, "never counted CANCELLED");
+        assert_eq!(import("UNKNOWN"), None);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(import("UNKNOWN"), None);
+    let first_site = BookingServiceClient::new(connect(&server.url).await)
+        .search_slots(proto::SearchSlotsRequest {
+            scope: Some(proto::search_slots_request::Scope::SiteId("site-0".into())),
+            service_id: "svc".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("nothing of the import applied");
+    assert_eq!(reason(&first_site).as_deref(), Some("SITE_NOT_FOUND"));
+    server.terminate();
+}
