@@ -161,11 +161,7 @@ fn code_name(code: Code) -> String {
 /// `explain`, for a command that only reads (export, open data, audit, backup): an
 /// unclear answer changed nothing, so it says so instead of an unknown outcome.
 pub(crate) fn explain_read(status: &Status) -> String {
-    let text = explain(status);
-    match text.split_once("; the outcome is unknown") {
-        Some((head, _)) => format!("{head}; nothing was changed (it only reads): run it again"),
-        None => text,
-    }
+    explanation(status, true)
 }
 
 /// Explains a refused call in one style for every command: the server's message, its
@@ -175,6 +171,10 @@ pub(crate) fn explain_read(status: &Status) -> String {
 /// proxy): its outcome is unknown (or, for a request the server did not fully receive,
 /// nothing was applied: sending again is safe either way).
 pub(crate) fn explain(status: &Status) -> String {
+    explanation(status, false)
+}
+
+fn explanation(status: &Status, only_reads: bool) -> String {
     let info = status.get_details_error_info();
     let unclear = [
         Code::Unavailable,
@@ -184,10 +184,18 @@ pub(crate) fn explain(status: &Status) -> String {
         Code::Internal,
     ];
     if info.is_none() && unclear.contains(&status.code()) {
+        let then = match only_reads {
+            true => {
+                "nothing was changed (it only reads), but what it wrote so far is \
+                     incomplete: run it again"
+            }
+            false => {
+                "the outcome is unknown: what was sent may have been applied, in \
+                      whole or in part; send it again (the same request or file) to find out"
+            }
+        };
         return format!(
-            "no clear answer from the server ({}): {}; the outcome is unknown: what was \
-             sent may have been applied, in whole or in part; send it again (the same \
-             request or file) to find out",
+            "no clear answer from the server ({}): {}; {then}",
             code_name(status.code()),
             causes_after(status.message(), status)
         );
@@ -1064,7 +1072,7 @@ mod tests {
         let read = explain_read(&Status::unavailable("down"));
         assert!(
             read.starts_with("no clear answer from the server (UNAVAILABLE): down")
-                && read.ends_with("nothing was changed (it only reads): run it again"),
+                && read.ends_with("what it wrote so far is incomplete: run it again"),
             "{read}"
         );
         let denied = explain(&Status::permission_denied("not yours"));

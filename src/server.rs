@@ -478,7 +478,8 @@ async fn ended(
                 (false, Ok(())) => Ok(()),
             }
         }
-        // Shut down while standing by: nothing was opened.
+        // Shut down while standing by (nothing was opened), or while waiting out the
+        // previous holder (closed already, nothing served).
         Err(ServeError::Service(ServiceError::Store(StoreError::Closed)))
             if standby.gave_up.load(std::sync::atomic::Ordering::Acquire) =>
         {
@@ -509,7 +510,14 @@ async fn start_serving(
             }
         },
     };
-    wait_out_previous_holder(&standby).await;
+    if !waited_out_previous_holder(&standby).await {
+        // Shut down during the wait: nothing served, no background task started.
+        let _ = close(engine).await;
+        standby
+            .gave_up
+            .store(true, std::sync::atomic::Ordering::Release);
+        return Err(ServeError::Service(ServiceError::Store(StoreError::Closed)));
+    }
     open_services(&engine, services, settings);
     set_health(health, ServingStatus::Serving).await;
     // Started after SERVING: the health mirror turns it back if the store already failed.
@@ -520,21 +528,24 @@ async fn start_serving(
 /// PostgreSQL, after taking the lease over from a holder that may still live: health
 /// stays NOT_SERVING and the services RECOVERING until that holder surely stopped
 /// answering from memory (`LeaseFreshness::previous_left`), or until shutdown begins.
-/// Recovery ran meanwhile, so a large store waits no longer than it took.
-async fn wait_out_previous_holder(standby: &Standby) {
+/// Recovery ran meanwhile, so a large store waits no longer than it took. False if
+/// shutdown began first.
+async fn waited_out_previous_holder(standby: &Standby) -> bool {
     let left = standby.lease.previous_left();
     if left.is_zero() {
-        return;
+        return true;
     }
     tracing::info!(
         wait_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
         "waiting for the previous lease holder to stop answering before serving"
     );
-    while !standby.lease.previous_left().is_zero()
-        && !standby.give_up.load(std::sync::atomic::Ordering::Acquire)
-    {
+    while !standby.lease.previous_left().is_zero() {
+        if standby.give_up.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
         tokio::time::sleep(left.min(Duration::from_millis(50))).await;
     }
+    true
 }
 
 /// `serving`, which once `closing` turns true waits for its connections to finish what

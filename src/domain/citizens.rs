@@ -191,7 +191,10 @@ impl CitizenIndex {
     }
 
     /// Swaps `old` for `new` in one step, so the citizen is never seen with zero or two
-    /// bookings (a reschedule). False when `old` was not active: someone else won it.
+    /// bookings (a reschedule), and claims `old` until the move's write settled
+    /// (`unclaim`; `unreplace` if it never happened): a cancel or check-in of `old`
+    /// meanwhile waits for the move instead of deciding on a read it is about to change.
+    /// False when `old` was not active or was claimed: someone else won it.
     pub fn replace(
         &self,
         citizen: CitizenKey,
@@ -213,9 +216,33 @@ impl CitizenIndex {
         match slot {
             Some(id) => {
                 *id = new;
+                shard.claimed.insert(old);
                 true
             }
             None => false,
+        }
+    }
+
+    /// Undoes `replace(old, new)` whose write never happened: `old` active again in
+    /// `new`'s place, and unclaimed.
+    pub fn unreplace(
+        &self,
+        citizen: CitizenKey,
+        service: &ServiceId,
+        old: BookingId,
+        new: BookingId,
+    ) {
+        let mut shard = self.shard(&citizen);
+        shard.claimed.remove(&old);
+        let Some(active) = shard.active.get_mut(&(citizen, service.clone())) else {
+            return;
+        };
+        let slot = match active {
+            Active::One(id) => (*id == new).then_some(id),
+            Active::Many(ids) => ids.iter_mut().find(|id| **id == new),
+        };
+        if let Some(id) = slot {
+            *id = old;
         }
     }
 
@@ -311,11 +338,28 @@ mod tests {
         index.reserve(citizen, &service(), BookingId(1), 1).unwrap();
         assert!(index.replace(citizen, &service(), BookingId(1), BookingId(2)));
         assert!(!index.replace(citizen, &service(), BookingId(1), BookingId(3)));
+        assert!(
+            index.is_claimed(citizen, BookingId(1)),
+            "the old booking stays claimed while the move is written"
+        );
         assert_eq!(
             index.reserve(citizen, &service(), BookingId(4), 1),
             Err(BookingId(2))
         );
+        index.unclaim(citizen, BookingId(1));
         assert!(index.release(citizen, &service(), BookingId(2)));
+    }
+
+    #[test]
+    fn unreplace_puts_the_old_booking_back_unclaimed() {
+        let index = CitizenIndex::default();
+        let citizen = CitizenKey([4; 16]);
+        index.reserve(citizen, &service(), BookingId(1), 1).unwrap();
+        assert!(index.replace(citizen, &service(), BookingId(1), BookingId(2)));
+        index.unreplace(citizen, &service(), BookingId(1), BookingId(2));
+        assert!(!index.is_claimed(citizen, BookingId(1)));
+        assert!(index.is_active(citizen, &service(), BookingId(1)));
+        assert!(!index.is_active(citizen, &service(), BookingId(2)));
     }
 
     #[test]

@@ -811,10 +811,14 @@ pub fn reschedule(
             },
             Take::Place(new_slot.key.clone(), new_slot.channel.clone()),
         ],
-        free: vec![Free::Place(
-            cancelled.slot.clone(),
-            cancelled.channel.clone(),
-        )],
+        free: vec![
+            Free::Place(cancelled.slot.clone(), cancelled.channel.clone()),
+            // `Take::Move` claimed the old booking until now.
+            Free::Unclaim {
+                citizen,
+                id: cancelled.booking_id,
+            },
+        ],
         writes: vec![
             Record::Event(Event::rescheduled(
                 cancelled.booking_id,
@@ -1480,7 +1484,16 @@ mod tests {
                 Take::Place(..)
             ] if *old == at.key
         ));
-        assert_eq!(plan.free, [Free::Place(at.key.clone(), ChannelId::web())]);
+        assert_eq!(
+            plan.free,
+            [
+                Free::Place(at.key.clone(), ChannelId::web()),
+                Free::Unclaim {
+                    citizen: ALICE,
+                    id: BookingId(7)
+                }
+            ]
+        );
         assert_eq!(plan.writes.len(), 3);
         // One event says both: the new booking, and which one it replaced.
         let Record::Event(event) = &plan.writes[0] else {

@@ -269,7 +269,9 @@ fn classify(error: &ServiceError) -> Answer {
             Answer::new(Code::Unauthenticated, "CITIZEN_ASSERTION_INVALID")
         }
         ServiceError::CitizenMismatch => Answer::new(Code::PermissionDenied, "CITIZEN_MISMATCH"),
-        ServiceError::Busy(_) | ServiceError::Overtaken { .. } => {
+        ServiceError::Busy(_)
+        | ServiceError::Overtaken { .. }
+        | ServiceError::NeighbourClosing(_) => {
             Answer::new(Unavailable, "OVERLOADED").retry_after(RECOVERING_RETRY_DELAY)
         }
         ServiceError::ExportsInProgress => {

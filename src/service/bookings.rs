@@ -377,10 +377,7 @@ impl Engine {
         };
         let registration = self.campaigns.booked_with(command.booking_id);
         let now_ms = self.now_unix_ms();
-        let doses: Vec<_> = later
-            .iter()
-            .map(|d| (d.slot.clone(), d.booking_id))
-            .collect();
+        let doses: Vec<SlotKey> = later.iter().map(|dose| dose.slot.clone()).collect();
         let plan = plans::cancel(
             (stored, later),
             citizen,
@@ -388,7 +385,7 @@ impl Engine {
             request,
             now_ms,
         )?;
-        overtaken_by_closure(self.execute(plan, || {}).await, citizen, &doses)
+        neighbour_closing(self.execute(plan, || {}).await, &doses)
     }
 
     /// Moves a booking to another slot of the same service in one atomic write: the
@@ -449,7 +446,10 @@ impl Engine {
             Some(old) if old.citizen == citizen => self.neighbours_of(old, &command.new_slot)?,
             _ => None,
         };
-        let held_still = neighbours.as_ref().map(|n| n.confirmed.clone());
+        let held_still: Vec<SlotKey> = neighbours
+            .iter()
+            .flat_map(|n| n.confirmed.iter().map(|(slot, _)| slot.clone()))
+            .collect();
         let plan = plans::reschedule(
             (stored, registration.as_ref(), neighbours),
             citizen,
@@ -459,7 +459,7 @@ impl Engine {
             now_ms,
         )?;
         let written = self.execute(plan, || {}).await;
-        let written = overtaken_by_closure(written, citizen, &held_still.unwrap_or_default());
+        let written = neighbour_closing(written, &held_still);
         codes.settle(&written);
         written
     }
@@ -512,22 +512,18 @@ impl Engine {
     }
 }
 
-/// A plan refused because the slot of one of `others` (another of the citizen's
-/// bookings it holds still, or cancels with it: a series' other doses) is closing: that
-/// closure is cancelling the booking, so the plan is made again once it has
+/// A plan refused because the slot of one of `neighbours` (another of the citizen's
+/// bookings it holds still, or cancels with it: a series' other doses) is closed: a
+/// closure is cancelling that booking, so the plan is made again once it has
 /// (`Engine::replanned`) instead of answering SLOT_CLOSED for a slot the request never
 /// named.
-fn overtaken_by_closure(
+fn neighbour_closing(
     written: Result<Booking, ServiceError>,
-    citizen: CitizenKey,
-    others: &[(SlotKey, BookingId)],
+    neighbours: &[SlotKey],
 ) -> Result<Booking, ServiceError> {
     match written {
-        Err(ServiceError::Domain(DomainError::SlotClosed(slot))) => {
-            match others.iter().find(|(other, _)| *other == slot) {
-                Some((_, id)) => Err(ServiceError::Overtaken { citizen, id: *id }),
-                None => Err(DomainError::SlotClosed(slot).into()),
-            }
+        Err(ServiceError::Domain(DomainError::SlotClosed(slot))) if neighbours.contains(&slot) => {
+            Err(ServiceError::NeighbourClosing(slot))
         }
         written => written,
     }

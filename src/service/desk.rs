@@ -153,7 +153,10 @@ impl Engine {
     ) -> Result<BookingView, ServiceError> {
         let mut first = Some(first);
         self.replanned(|| {
-            let change = first.take().map_or_else(&replan, Ok);
+            let change = match first.take() {
+                Some(first) => Ok(first),
+                None => replan(),
+            };
             async move {
                 match change? {
                     DeskChange::AlreadyDone(booking) => {

@@ -34,6 +34,12 @@ pub enum ServiceError {
         citizen: crate::domain::ids::CitizenKey,
         id: crate::domain::ids::BookingId,
     },
+    /// A plan refused because the slot of another of the citizen's bookings it holds
+    /// still or ends with it (a series' other dose) is closed: a closure under way is
+    /// cancelling that booking. `Engine::replanned` waits for it once; never a
+    /// client's answer.
+    #[error("the slot {0} of another of the citizen's bookings is closing; retry")]
+    NeighbourClosing(crate::domain::ids::SlotKey),
     #[error("send a valid x-citizen-assertion from a configured identity gateway")]
     CitizenAssertionInvalid,
     #[error("citizen_id names another citizen than the assertion")]

@@ -97,12 +97,18 @@ impl Engine {
         Ok(answer)
     }
 
-    /// Runs `attempt` (reads, a plan made from them, its execution) again while another
-    /// write overtook those reads (`ServiceError::Overtaken`), once that write let go of
-    /// the booking: a cancel of dose 1 racing a move of dose 2 (which holds dose 1 still
-    /// while it checks the interval), or a check-in racing either, then answers as if it
-    /// came just after, never BOOKING_NOT_ACTIVE for a booking still confirmed. Past
-    /// the landing deadline (half the request timeout), OVERLOADED with a RetryInfo.
+    /// Runs `attempt` (reads, a plan made from them, its execution) again once the write
+    /// that overtook those reads has landed: a cancel of dose 1 racing a move of dose 2
+    /// (which claims dose 1 while it checks the interval), a second move or a check-in
+    /// racing a move, then answers as if it came just after, never BOOKING_NOT_ACTIVE
+    /// for a booking still confirmed.
+    /// - `Overtaken`: waits until the booking's claim is let go (every write that
+    ///   claims, moves or ends a booking holds its claim until it is durable), then
+    ///   plans again; past the landing deadline (half the request timeout), OVERLOADED.
+    /// - `NeighbourClosing`: waits once for the authority write under way (the closure
+    ///   cancelling that booking holds the authority lock until it has), then plans
+    ///   again; refused so a second time, SLOT_CLOSED (an older store may hold a
+    ///   confirmed booking in a closed slot: recovery warns of it).
     pub(super) async fn replanned<T, Attempt>(
         &self,
         mut attempt: impl FnMut() -> Attempt,
@@ -111,23 +117,42 @@ impl Engine {
         Attempt: std::future::Future<Output = Result<T, ServiceError>>,
     {
         let deadline = self.landing_deadline();
+        let mut waited_for_closure = false;
         loop {
-            let (citizen, id) = match attempt().await {
-                Err(ServiceError::Overtaken { citizen, id }) => (citizen, id),
+            match attempt().await {
+                Err(ServiceError::Overtaken { citizen, id }) => {
+                    self.until_unclaimed(citizen, id, deadline).await?;
+                }
+                Err(ServiceError::NeighbourClosing(slot)) if waited_for_closure => {
+                    return Err(DomainError::SlotClosed(slot).into());
+                }
+                Err(ServiceError::NeighbourClosing(_)) => {
+                    waited_for_closure = true;
+                    let closure = self.authority_writes.lock();
+                    let _ = tokio::time::timeout_at(deadline, closure).await;
+                }
                 answered => return answered,
-            };
-            loop {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(ServiceError::Busy(
-                        "another change of the citizen's bookings is in flight; retry",
-                    ));
-                }
-                tokio::time::sleep(LANDING_POLL).await;
-                if !self.citizens.is_claimed(citizen, id) {
-                    break;
-                }
             }
         }
+    }
+
+    /// Waits until no write claims the citizen's booking `id`; OVERLOADED (retry) if one
+    /// still does at `deadline`.
+    async fn until_unclaimed(
+        &self,
+        citizen: CitizenKey,
+        id: BookingId,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ServiceError> {
+        while self.citizens.is_claimed(citizen, id) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ServiceError::Busy(
+                    "another change of the citizen's bookings is in flight; retry",
+                ));
+            }
+            tokio::time::sleep(LANDING_POLL).await;
+        }
+        Ok(())
     }
 
     /// A hold is written live once, when it is made: its id must seal the second it
@@ -310,7 +335,7 @@ impl Engine {
         // read the plan was made from).
         let still = self.stored_state_is(citizen, from, |s| matches!(s, BookingState::Confirmed));
         unless_changed(still, (citizen, from), || {
-            self.citizens.replace(citizen, service, to, from);
+            self.citizens.unreplace(citizen, service, from, to);
         })
     }
 
@@ -344,7 +369,7 @@ impl Engine {
                     from,
                     to,
                 } => {
-                    self.citizens.replace(*citizen, service, *to, *from);
+                    self.citizens.unreplace(*citizen, service, *from, *to);
                 }
                 Take::Place(key, channel) | Take::ReservedPlace(key, channel) => {
                     self.return_place(key, channel)

@@ -84,7 +84,15 @@ impl Minted<'_> {
     /// a reference kept for nothing costs a few bytes, one shared would be a bug.
     pub fn settle<T>(mut self, outcome: &Result<T, ServiceError>) {
         self.kept = match outcome {
-            Ok(_) | Err(ServiceError::Domain(_)) => false,
+            // Refused by the domain, or before its write (another write overtook the
+            // plan's read; a wait that ran out).
+            Ok(_)
+            | Err(
+                ServiceError::Domain(_)
+                | ServiceError::Overtaken { .. }
+                | ServiceError::NeighbourClosing(_)
+                | ServiceError::Busy(_),
+            ) => false,
             Err(ServiceError::Store(error)) => !error.never_written(),
             Err(_) => true,
         };

@@ -868,7 +868,9 @@ impl Store {
         }
         // After the last commit: a standby may take over once the lease is let go.
         if let Some((stop, keeper)) = self.lease_keeper.take() {
-            drop(stop);
+            // Every answer was given (the engine is released): the next node need not
+            // wait out this one's last renewal.
+            let _ = stop.send(());
             if keeper.join().is_err() {
                 tracing::error!("the lease thread panicked");
             }

@@ -276,7 +276,8 @@ impl Lease {
         Err(StoreError::Closed)
     }
 
-    /// Renews the lease every quarter of its lifetime until `stop` is dropped. Stops
+    /// Renews the lease every quarter of its lifetime until `stop` is sent (a clean
+    /// shutdown: the lease is then marked let go, `let_go`) or dropped. Stops
     /// renewing once the store failed (a standby then takes over, since a failed store
     /// refuses every write until restart); on a failed renewal (the epoch moved on, the
     /// session was ended) fails the store: health turns NOT_SERVING. A watchdog fails it
@@ -297,15 +298,16 @@ impl Lease {
         std::thread::Builder::new()
             .name("prenota-lease".into())
             .spawn(move || {
-                // Until shut down (`stop` dropped): closing the session frees the lock.
-                // Each renewal is due a quarter of the lease after the last one was
-                // sent (freshness counts from there, however long its round trip).
+                // Until stopped: closing the session frees the lock. Each renewal is
+                // due a quarter of the lease after the last one was sent (freshness
+                // counts from there, however long its round trip).
                 let shut_down = loop {
-                    if !matches!(
-                        stop.recv_timeout(self.until_due()),
-                        Err(mpsc::RecvTimeoutError::Timeout)
-                    ) {
-                        break true;
+                    match stop.recv_timeout(self.until_due()) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        // Sent by `Store::shutdown`, once every answer was given.
+                        Ok(()) => break true,
+                        // Dropped without it (a start that failed): no promise made.
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break false,
                     }
                     if state.failed.load(Ordering::Acquire) {
                         tracing::warn!("the store failed: letting the lease go to a standby");
@@ -323,7 +325,8 @@ impl Lease {
                 };
                 drop(watch_stop);
                 let _ = watchdog.join();
-                if shut_down && self.freshness.fresh() {
+                if shut_down && !state.failed.load(Ordering::Acquire) && self.freshness.fresh() {
+                    self.freshness.lost();
                     self.let_go();
                 }
             })

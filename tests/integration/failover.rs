@@ -464,6 +464,53 @@ async fn a_node_taking_over_a_live_holder_serves_only_once_it_stopped_answering(
     drop(standby);
 }
 
+/// Shut down while it waits out a holder it cut off, a node never serves: no SERVING,
+/// no background writes (a review found it opened its services once the wait ended
+/// early); it closes its store and exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shut_down_while_it_waits_out_the_previous_holder_never_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((config, url)) = shared_config_and_url(dir.path()) else {
+        return;
+    };
+    let mut old = node(dir.path(), &config, "a");
+    old.wait_serving();
+    let log = dir.path().join("standby.log");
+    let options = ChildOptions {
+        args: vec!["--config".into(), config.display().to_string()],
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        rust_log: Some("info".into()),
+        ..ChildOptions::default()
+    };
+    let mut standby = ChildServer::start_recovering(&dir.path().join("b"), options);
+    wait_standing_by(&standby.url).await;
+    common::postgres::query_i64(
+        &url,
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE application_name = (SELECT holder FROM prenota_lease_holder)",
+    );
+    let deadline = Instant::now() + FAILOVER_MAX;
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("waiting for the previous lease holder")
+    {
+        assert!(Instant::now() < deadline, "never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&standby, "-TERM");
+    let said_listening = tokio::task::spawn_blocking(move || {
+        let status = standby.child_wait();
+        (status, standby.said_listening())
+    })
+    .await
+    .unwrap();
+    assert!(said_listening.0.success(), "{}", said_listening.0);
+    assert!(!said_listening.1, "it served after shutdown began");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("store closed cleanly"), "{said}");
+    drop(old);
+}
+
 /// A node shut down cleanly says it let the lease go: the standby need not wait out its
 /// last renewal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

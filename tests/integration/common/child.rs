@@ -102,6 +102,19 @@ impl ChildServer {
             .expect("the listening line");
     }
 
+    /// Waits for its exit (already signalled).
+    pub fn child_wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait")
+    }
+
+    /// After it exited: whether the rest of its stdout says it served.
+    pub fn said_listening(&mut self) -> bool {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut self.stdout, &mut rest);
+        rest.lines()
+            .any(|line| line.starts_with("prenota listening on "))
+    }
+
     /// The rest of the next stdout line, which must start with `prefix`; `None` at EOF.
     fn read_line(&mut self, prefix: &str) -> Option<String> {
         let mut line = String::new();
