@@ -74,6 +74,25 @@ async fn active_and_standby(dir: &Path, config: &Path) -> (ChildServer, ChildSer
     (active, standby)
 }
 
+/// `active_and_standby`, with the standby's log (at info) in `dir/standby.log`.
+async fn active_and_logged_standby(
+    dir: &Path,
+    config: &Path,
+) -> (ChildServer, ChildServer, PathBuf) {
+    let mut active = node(dir, config, "a");
+    active.wait_serving();
+    let log = dir.join("standby.log");
+    let options = ChildOptions {
+        args: vec!["--config".into(), config.display().to_string()],
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        rust_log: Some("info".into()),
+        ..ChildOptions::default()
+    };
+    let standby = ChildServer::start_recovering(&dir.join("b"), options);
+    wait_standing_by(&standby.url).await;
+    (active, standby, log)
+}
+
 /// Waits until `url` answers prenota's RPCs with NOT_ACTIVE (it stands by).
 async fn wait_standing_by(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -125,16 +144,7 @@ async fn a_standby_never_takes_over_a_store_a_newer_prenota_migrated() {
     let Some((config, url)) = shared_config_and_url(dir.path()) else {
         return;
     };
-    let mut active = node(dir.path(), &config, "a");
-    active.wait_serving();
-    let log = dir.path().join("standby.log");
-    let options = ChildOptions {
-        args: vec!["--config".into(), config.display().to_string()],
-        stderr: Some(std::fs::File::create(&log).unwrap()),
-        ..ChildOptions::default()
-    };
-    let standby = ChildServer::start_recovering(&dir.path().join("b"), options);
-    wait_standing_by(&standby.url).await;
+    let (active, standby, log) = active_and_logged_standby(dir.path(), &config).await;
     let newer = "WITH v AS (INSERT INTO prenota_schema VALUES (99) RETURNING 1) \
                  SELECT count(*) FROM v";
     assert_eq!(common::postgres::query_i64(&url, newer), 1);
@@ -473,17 +483,7 @@ async fn a_node_shut_down_while_it_waits_out_the_previous_holder_never_serves() 
     let Some((config, url)) = shared_config_and_url(dir.path()) else {
         return;
     };
-    let mut old = node(dir.path(), &config, "a");
-    old.wait_serving();
-    let log = dir.path().join("standby.log");
-    let options = ChildOptions {
-        args: vec!["--config".into(), config.display().to_string()],
-        stderr: Some(std::fs::File::create(&log).unwrap()),
-        rust_log: Some("info".into()),
-        ..ChildOptions::default()
-    };
-    let mut standby = ChildServer::start_recovering(&dir.path().join("b"), options);
-    wait_standing_by(&standby.url).await;
+    let (old, mut standby, log) = active_and_logged_standby(dir.path(), &config).await;
     common::postgres::query_i64(
         &url,
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
@@ -519,17 +519,7 @@ async fn a_node_taking_over_a_cleanly_stopped_one_does_not_wait() {
     let Some(config) = shared_config(dir.path()) else {
         return;
     };
-    let mut active = node(dir.path(), &config, "a");
-    active.wait_serving();
-    let log = dir.path().join("standby.log");
-    let options = ChildOptions {
-        args: vec!["--config".into(), config.display().to_string()],
-        stderr: Some(std::fs::File::create(&log).unwrap()),
-        rust_log: Some("info".into()),
-        ..ChildOptions::default()
-    };
-    let standby = ChildServer::start_recovering(&dir.path().join("b"), options);
-    wait_standing_by(&standby.url).await;
+    let (active, standby, log) = active_and_logged_standby(dir.path(), &config).await;
     active.terminate();
     let (standby, _) = serving_after(standby).await;
     let said = std::fs::read_to_string(&log).unwrap();
