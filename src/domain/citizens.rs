@@ -60,6 +60,21 @@ impl Active {
         }
     }
 
+    /// Puts `to` in `from`'s place; false when `from` was not there.
+    fn swap(&mut self, from: BookingId, to: BookingId) -> bool {
+        let place = match self {
+            Active::One(id) => (*id == from).then_some(id),
+            Active::Many(ids) => ids.iter_mut().find(|id| **id == from),
+        };
+        match place {
+            Some(id) => {
+                *id = to;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Removes `booking_id`; `None` when it was not there, `Some(empty)` when nothing is left.
     fn remove(&mut self, booking_id: BookingId) -> Option<bool> {
         match self {
@@ -206,21 +221,14 @@ impl CitizenIndex {
         if shard.claimed.contains(&old) {
             return false;
         }
-        let Some(active) = shard.active.get_mut(&(citizen, service.clone())) else {
-            return false;
-        };
-        let slot = match active {
-            Active::One(id) => (*id == old).then_some(id),
-            Active::Many(ids) => ids.iter_mut().find(|id| **id == old),
-        };
-        match slot {
-            Some(id) => {
-                *id = new;
-                shard.claimed.insert(old);
-                true
-            }
-            None => false,
+        let swapped = shard
+            .active
+            .get_mut(&(citizen, service.clone()))
+            .is_some_and(|active| active.swap(old, new));
+        if swapped {
+            shard.claimed.insert(old);
         }
+        swapped
     }
 
     /// Undoes `replace(old, new)` whose write never happened: `old` active again in
@@ -234,15 +242,8 @@ impl CitizenIndex {
     ) {
         let mut shard = self.shard(&citizen);
         shard.claimed.remove(&old);
-        let Some(active) = shard.active.get_mut(&(citizen, service.clone())) else {
-            return;
-        };
-        let slot = match active {
-            Active::One(id) => (*id == new).then_some(id),
-            Active::Many(ids) => ids.iter_mut().find(|id| **id == new),
-        };
-        if let Some(id) = slot {
-            *id = old;
+        if let Some(active) = shard.active.get_mut(&(citizen, service.clone())) {
+            active.swap(new, old);
         }
     }
 
