@@ -80,6 +80,11 @@ pub enum Take {
     /// No place (it is already held), but counted pending until the write settles, so
     /// a closure waits for it.
     Admission(SlotKey),
+    /// `Admission` in the slot of another of the citizen's bookings the plan holds
+    /// still or ends with it (a series' other dose). Refused there as closed, a closure
+    /// is cancelling that booking: the plan is made again (`Engine::replanned`) rather
+    /// than answer SLOT_CLOSED for a slot the request never named.
+    NeighbourAdmission(SlotKey),
     /// One of the `max` places of the slot that may be held at once (anti-hoarding).
     HeldShare { slot: SlotKey, max: u32 },
     /// The citizen's admitted queue ticket of the release, for this write alone (a
@@ -744,7 +749,8 @@ fn cancel_later_dose(plan: &mut Plan<Booking>, dose: Booking, now_unix_ms: i64) 
     };
     // Counted pending in its slot: a closure of that slot waits for this write
     // rather than skip the dose for a claim that might be given back.
-    plan.take.push(Take::Admission(cancelled.slot.clone()));
+    plan.take
+        .push(Take::NeighbourAdmission(cancelled.slot.clone()));
     plan.take.push(Take::Claim {
         citizen,
         service: service.clone(),
@@ -847,7 +853,7 @@ fn claim_neighbours(plan: &mut Plan<Booking>, neighbours: Vec<(SlotKey, BookingI
     for (slot, id) in neighbours {
         // Counted pending in the neighbour's slot: a closure of it waits for this write
         // (or refuses it), and never skips the neighbour for a claim given back.
-        plan.take.push(Take::Admission(slot.clone()));
+        plan.take.push(Take::NeighbourAdmission(slot.clone()));
         plan.take.push(Take::Claim {
             citizen,
             service: slot.service_id,

@@ -377,7 +377,6 @@ impl Engine {
         };
         let registration = self.campaigns.booked_with(command.booking_id);
         let now_ms = self.now_unix_ms();
-        let doses: Vec<SlotKey> = later.iter().map(|dose| dose.slot.clone()).collect();
         let plan = plans::cancel(
             (stored, later),
             citizen,
@@ -385,7 +384,7 @@ impl Engine {
             request,
             now_ms,
         )?;
-        neighbour_closing(self.execute(plan, || {}).await, &doses)
+        self.execute(plan, || {}).await
     }
 
     /// Moves a booking to another slot of the same service in one atomic write: the
@@ -446,10 +445,6 @@ impl Engine {
             Some(old) if old.citizen == citizen => self.neighbours_of(old, &command.new_slot)?,
             _ => None,
         };
-        let held_still: Vec<SlotKey> = neighbours
-            .iter()
-            .flat_map(|n| n.confirmed.iter().map(|(slot, _)| slot.clone()))
-            .collect();
         let plan = plans::reschedule(
             (stored, registration.as_ref(), neighbours),
             citizen,
@@ -459,7 +454,6 @@ impl Engine {
             now_ms,
         )?;
         let written = self.execute(plan, || {}).await;
-        let written = neighbour_closing(written, &held_still);
         codes.settle(&written);
         written
     }
@@ -509,22 +503,5 @@ impl Engine {
             page.next_after = page.bookings.last().map(|view| order(&view.booking));
         }
         Ok(page)
-    }
-}
-
-/// A plan refused because the slot of one of `neighbours` (another of the citizen's
-/// bookings it holds still, or cancels with it: a series' other doses) is closed: a
-/// closure is cancelling that booking, so the plan is made again once it has
-/// (`Engine::replanned`) instead of answering SLOT_CLOSED for a slot the request never
-/// named.
-fn neighbour_closing(
-    written: Result<Booking, ServiceError>,
-    neighbours: &[SlotKey],
-) -> Result<Booking, ServiceError> {
-    match written {
-        Err(ServiceError::Domain(DomainError::SlotClosed(slot))) if neighbours.contains(&slot) => {
-            Err(ServiceError::NeighbourClosing(slot))
-        }
-        written => written,
     }
 }

@@ -269,6 +269,15 @@ impl Engine {
                 .enter()
                 .map(Some)
                 .map_err(|refusal| refused(refusal, key).into()),
+            Take::NeighbourAdmission(key) => {
+                self.slot(key)?
+                    .enter()
+                    .map(Some)
+                    .map_err(|refusal| match refusal {
+                        Refused::Closed => ServiceError::NeighbourClosing(key.clone()),
+                        Refused::Full => refused(refusal, key).into(),
+                    })
+            }
             Take::HeldShare { slot, max } => {
                 let reserved = self.live_holds().reserve_share(slot, *max);
                 match reserved {
@@ -375,7 +384,9 @@ impl Engine {
                     self.return_place(key, channel)
                 }
                 // The admission settles when its guard drops; a check takes nothing.
-                Take::Admission(_) | Take::SameRegistration { .. } => {}
+                Take::Admission(_)
+                | Take::NeighbourAdmission(_)
+                | Take::SameRegistration { .. } => {}
                 Take::HeldShare { slot, .. } => self.live_holds().release_share(slot),
                 Take::Ticket {
                     release_id,
