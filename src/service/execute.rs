@@ -264,20 +264,8 @@ impl Engine {
                 .take_place(key, channel, true)
                 .map(Some)
                 .map_err(ServiceError::from),
-            Take::Admission(key) => self
-                .slot(key)?
-                .enter()
-                .map(Some)
-                .map_err(|refusal| refused(refusal, key).into()),
-            Take::NeighbourAdmission(key) => {
-                self.slot(key)?
-                    .enter()
-                    .map(Some)
-                    .map_err(|refusal| match refusal {
-                        Refused::Closed => ServiceError::NeighbourClosing(key.clone()),
-                        Refused::Full => refused(refusal, key).into(),
-                    })
-            }
+            Take::Admission(key) => self.admit(key, false).map(Some),
+            Take::NeighbourAdmission(key) => self.admit(key, true).map(Some),
             Take::HeldShare { slot, max } => {
                 let reserved = self.live_holds().reserve_share(slot, *max);
                 match reserved {
@@ -305,6 +293,16 @@ impl Engine {
                 false => Err(DomainError::NotAdmitted.into()),
             },
         }
+    }
+
+    /// `Take::Admission` / `Take::NeighbourAdmission`: one admission to `key`. A
+    /// series neighbour's slot found closing answers `NeighbourClosing`, which the
+    /// caller waits out once (the closure may be about to land), not SLOT_CLOSED.
+    fn admit(&self, key: &SlotKey, neighbour: bool) -> Result<Admission, ServiceError> {
+        self.slot(key)?.enter().map_err(|refusal| match refusal {
+            Refused::Closed if neighbour => ServiceError::NeighbourClosing(key.clone()),
+            refusal => refused(refusal, key).into(),
+        })
     }
 
     /// `Take::Claim`: claims `citizen`'s entry `id`, whose stored booking must still be
