@@ -414,3 +414,84 @@ async fn a_citizen_moved_again_and_again_is_listed_with_exactly_one_confirmed_bo
     }
     server.stop().await;
 }
+
+/// A cancel and a move of the same booking sent at once: exactly one of them wins (the
+/// other is refused BOOKING_NOT_ACTIVE), never both (a place kept by a cancelled
+/// booking's move) nor neither, and every place comes back or stays taken to match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_racing_a_move_of_the_same_booking_lets_exactly_one_win() {
+    const ROUNDS: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let slots = ten_minute_slots(server.channel().await, ("race", day_ahead(3)), 2, 100).await;
+    let client = server.booking().await;
+    let mut moved = 0;
+    for n in 0..ROUNDS {
+        let citizen = format!("racer-{n}");
+        let booked = book_ok(
+            &mut client.clone(),
+            book_request(&slots[0], &citizen, &format!("b{n}")),
+        )
+        .await;
+        let cancel = proto::CancelBookingRequest {
+            booking_id: booked.booking_id.clone(),
+            citizen_id: citizen.clone(),
+            request_id: format!("c{n}"),
+        };
+        let mv = proto::RescheduleBookingRequest {
+            booking_id: booked.booking_id.clone(),
+            citizen_id: citizen.clone(),
+            new_slot_id: slots[1].clone(),
+            request_id: format!("m{n}"),
+        };
+        let (mut a, mut b) = (client.clone(), client.clone());
+        let (cancelled, rescheduled) = tokio::join!(
+            tokio::spawn(async move { a.cancel_booking(cancel).await }),
+            tokio::spawn(async move { b.reschedule_booking(mv).await })
+        );
+        let (cancelled, rescheduled) = (cancelled.unwrap(), rescheduled.unwrap());
+        let loser = match (&cancelled, &rescheduled) {
+            (Ok(_), Err(status)) => status,
+            (Err(status), Ok(_)) => {
+                moved += 1;
+                status
+            }
+            both => panic!("round {n}: exactly one may win: {both:?}"),
+        };
+        assert_eq!(
+            reason(loser).as_deref(),
+            Some("BOOKING_NOT_ACTIVE"),
+            "{loser:?}"
+        );
+        let listed = client
+            .clone()
+            .list_citizen_bookings(proto::ListCitizenBookingsRequest {
+                citizen_id: citizen.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .bookings;
+        let confirmed: Vec<_> = listed
+            .iter()
+            .filter(|b| b.state == proto::BookingState::Confirmed as i32)
+            .collect();
+        match rescheduled.is_ok() {
+            true => assert!(confirmed.len() == 1 && confirmed[0].slot_id == slots[1]),
+            false => assert!(confirmed.is_empty(), "{listed:?}"),
+        }
+    }
+    let remaining: Vec<u32> = search_all(&mut client.clone(), "race", "vax")
+        .await
+        .iter()
+        .map(|slot| slot.remaining)
+        .collect();
+    assert_eq!(
+        remaining,
+        vec![100, 100 - moved],
+        "places match the winners"
+    );
+    eprintln!("the move won {moved} of {ROUNDS} rounds");
+    server.stop().await;
+}
