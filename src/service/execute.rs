@@ -105,10 +105,15 @@ impl Engine {
     /// - `Overtaken`: waits until the booking's claim is let go (every write that
     ///   claims, moves or ends a booking holds its claim until it is durable), then
     ///   plans again; past the landing deadline (half the request timeout), OVERLOADED.
-    /// - `NeighbourClosing`: waits once for the authority write under way (the closure
+    /// - `NeighbourClosing`: waits for the authority write under way (the closure
     ///   cancelling that booking holds the authority lock until it has), then plans
-    ///   again; refused so a second time, SLOT_CLOSED (an older store may hold a
-    ///   confirmed booking in a closed slot: recovery warns of it).
+    ///   again; the same slot refused so after that wait, SLOT_CLOSED (an older store
+    ///   may hold a confirmed booking in a closed slot: recovery warns of it); the
+    ///   closure still under way at the deadline, OVERLOADED.
+    ///
+    /// A refusal is answered once what it read is durable (like every read): a cancel
+    /// that read a booking another write has ended is not told so before that write
+    /// could be lost to a crash.
     pub(super) async fn replanned<T, Attempt>(
         &self,
         mut attempt: impl FnMut() -> Attempt,
@@ -117,42 +122,53 @@ impl Engine {
         Attempt: std::future::Future<Output = Result<T, ServiceError>>,
     {
         let deadline = self.landing_deadline();
-        let mut waited_for_closure = false;
+        let mut waited_for: Option<SlotKey> = None;
         loop {
             match attempt().await {
                 Err(ServiceError::Overtaken { citizen, id }) => {
                     self.until_unclaimed(citizen, id, deadline).await?;
                 }
-                Err(ServiceError::NeighbourClosing(slot)) if waited_for_closure => {
+                Err(ServiceError::NeighbourClosing(slot)) if waited_for.as_ref() == Some(&slot) => {
                     return Err(DomainError::SlotClosed(slot).into());
                 }
-                Err(ServiceError::NeighbourClosing(_)) => {
-                    waited_for_closure = true;
+                Err(ServiceError::NeighbourClosing(slot)) => {
                     let closure = self.authority_writes.lock();
-                    let _ = tokio::time::timeout_at(deadline, closure).await;
+                    if tokio::time::timeout_at(deadline, closure).await.is_err() {
+                        return Err(ServiceError::Busy(
+                            "a closure of another dose's slot is under way; retry",
+                        ));
+                    }
+                    waited_for = Some(slot);
+                }
+                refused @ Err(ServiceError::Domain(_)) => {
+                    self.store.settled().await?;
+                    return refused;
                 }
                 answered => return answered,
             }
         }
     }
 
-    /// Waits until no write claims the citizen's booking `id`; OVERLOADED (retry) if one
-    /// still does at `deadline`.
+    /// Waits until no write claims the citizen's booking `id`, at least one
+    /// `LANDING_POLL` (two writes that overtook each other and let go do not retry in
+    /// lockstep); OVERLOADED (retry) if one still does at `deadline`.
     async fn until_unclaimed(
         &self,
         citizen: CitizenKey,
         id: BookingId,
         deadline: tokio::time::Instant,
     ) -> Result<(), ServiceError> {
-        while self.citizens.is_claimed(citizen, id) {
+        loop {
             if tokio::time::Instant::now() >= deadline {
                 return Err(ServiceError::Busy(
                     "another change of the citizen's bookings is in flight; retry",
                 ));
             }
             tokio::time::sleep(LANDING_POLL).await;
+            if !self.citizens.is_claimed(citizen, id) {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     /// A hold is written live once, when it is made: its id must seal the second it

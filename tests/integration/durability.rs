@@ -11,10 +11,12 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::child::{build_shim, http_get, ChildServer};
+use common::child::{
+    fdatasync_gate, http_get, start_with_shim, start_with_shim_and, wait_for_held_fdatasync,
+    ChildServer,
+};
 use common::*;
 use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
@@ -22,46 +24,6 @@ use prenota::proto::site_service_client::SiteServiceClient;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
-
-/// The fdatasync gate shim, built in `dir`, and the folder whose files control it.
-fn fdatasync_gate(dir: &Path) -> (PathBuf, PathBuf) {
-    let library = build_shim(dir, "fdatasync_gate");
-    let control = dir.join("control");
-    std::fs::create_dir_all(&control).unwrap();
-    (library, control)
-}
-
-/// A child server whose fdatasync is controlled through files in `control`.
-fn start_with_shim(data_dir: &Path, library: &Path, control: &Path) -> ChildServer {
-    start_with_shim_and(data_dir, library, control, Vec::new())
-}
-
-/// `start_with_shim`, with more environment variables (e.g. limits).
-fn start_with_shim_and(
-    data_dir: &Path,
-    library: &Path,
-    control: &Path,
-    mut env: Vec<(String, String)>,
-) -> ChildServer {
-    env.push(("LD_PRELOAD".into(), library.display().to_string()));
-    env.push((
-        "PRENOTA_FSYNC_SHIM_DIR".into(),
-        control.display().to_string(),
-    ));
-    ChildServer::with_env(data_dir, env)
-}
-
-/// Waits (bounded) until a commit is inside the held fdatasync.
-async fn wait_for_held_fdatasync(control: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !control.join("waiting").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the commit never reached fdatasync"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 async fn health(server: &ChildServer) -> ServingStatus {
     health_of(connect(&server.url).await, "prenota.v1.BookingService").await

@@ -716,3 +716,77 @@ async fn a_check_in_racing_a_move_of_the_next_dose_both_succeed() {
     }
     server.stop().await;
 }
+
+/// A cancel of dose 1 while the closure of dose 2's slot is under way past the
+/// cancel's wait (half of `request_timeout_ms`; here the closure waits for a booking in
+/// that slot stuck in its fdatasync): OVERLOADED, to retry, not SLOT_CLOSED for a slot
+/// whose closure might still fail (a review: the wait's timeout was ignored and the
+/// next refusal answered SLOT_CLOSED). Once the closure landed, the retried cancel
+/// succeeds and dose 2 carries the closure's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_behind_a_closure_stuck_past_its_wait_is_told_to_retry() {
+    use common::child::{fdatasync_gate, start_with_shim_and, wait_for_held_fdatasync};
+    let dir = tempfile::tempdir().unwrap();
+    let (library, control) = fdatasync_gate(dir.path());
+    let env = ["REQUEST_TIMEOUT_MS", "MESSAGE_RECEIVE_TIMEOUT_MS"]
+        .map(|limit| (format!("PRENOTA_LIMITS_{limit}"), "2000".to_string()))
+        .to_vec();
+    let server = start_with_shim_and(&dir.path().join("data"), &library, &control, env);
+    let channel = connect(&server.url).await;
+    publish(channel.clone(), "dose1", (10, 10), 10).await;
+    publish(channel.clone(), "dose2", (40, 40), 10).await;
+    let mut capacity = CapacityServiceClient::new(channel.clone());
+    capacity
+        .upsert_series(series(28, 42))
+        .await
+        .expect("series");
+    let mut client = BookingServiceClient::new(channel);
+    let dose2 = slot("dose2", 40);
+    let request = book_series("STUCK", &[slot("dose1", 10), dose2.clone()], "s");
+    let doses = client
+        .book_series(request)
+        .await
+        .expect("booked")
+        .into_inner();
+    let start: i64 = dose2.rsplit('/').next().unwrap().parse().unwrap();
+    let close = proto::CloseSlotsRequest {
+        site_id: "hub".into(),
+        service_id: Some("dose2".into()),
+        from: at_s(start),
+        to: at_s(start + 1_800),
+        reason: "flooded".into(),
+        request_id: "x".into(),
+    };
+    std::fs::write(control.join("gate"), b"").unwrap();
+    let mut other = client.clone();
+    let stuck = tokio::spawn(async move { other.book(book_request(&dose2, "OTHER", "o")).await });
+    wait_for_held_fdatasync(&control).await;
+    let closing = tokio::spawn(async move { capacity.close_slots(close).await });
+    while !search_all(&mut client, "hub", "dose2").await[0].closed {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cancel = proto::CancelBookingRequest {
+        booking_id: doses.bookings[0].booking_id.clone(),
+        citizen_id: "STUCK".into(),
+        request_id: "c".into(),
+    };
+    let refused = client.cancel_booking(cancel.clone()).await.unwrap_err();
+    assert_eq!(
+        reason(&refused).as_deref(),
+        Some("OVERLOADED"),
+        "{refused:?}"
+    );
+    std::fs::remove_file(control.join("gate")).unwrap();
+    stuck.await.unwrap().expect("booked before the closure");
+    closing.await.unwrap().expect("closed");
+    client
+        .cancel_booking(cancel)
+        .await
+        .expect("cancelled once the closure landed");
+    let left = doses_of(&mut client, "STUCK").await;
+    assert_eq!(left[1].cancel_reason, "flooded", "{left:?}");
+    assert!(left
+        .iter()
+        .all(|b| state(b) == proto::BookingState::Cancelled));
+    server.terminate();
+}

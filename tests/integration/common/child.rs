@@ -3,8 +3,9 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub struct ChildServer {
     child: Child,
@@ -284,4 +285,45 @@ pub fn build_shim(dir: &Path, name: &str) -> std::path::PathBuf {
         .expect("a C compiler (cc) builds the shim");
     assert!(status.success(), "cc failed on {}", source.display());
     library
+}
+
+/// The fdatasync gate shim (`tests/shim/fdatasync_gate.c`), built in `dir`, and the
+/// folder whose files control it.
+pub fn fdatasync_gate(dir: &Path) -> (PathBuf, PathBuf) {
+    let library = build_shim(dir, "fdatasync_gate");
+    let control = dir.join("control");
+    std::fs::create_dir_all(&control).unwrap();
+    (library, control)
+}
+
+/// A child server whose fdatasync is controlled through files in `control`.
+pub fn start_with_shim(data_dir: &Path, library: &Path, control: &Path) -> ChildServer {
+    start_with_shim_and(data_dir, library, control, Vec::new())
+}
+
+/// `start_with_shim`, with more environment variables (e.g. limits).
+pub fn start_with_shim_and(
+    data_dir: &Path,
+    library: &Path,
+    control: &Path,
+    mut env: Vec<(String, String)>,
+) -> ChildServer {
+    env.push(("LD_PRELOAD".into(), library.display().to_string()));
+    env.push((
+        "PRENOTA_FSYNC_SHIM_DIR".into(),
+        control.display().to_string(),
+    ));
+    ChildServer::with_env(data_dir, env)
+}
+
+/// Waits (bounded) until a commit is inside the held fdatasync.
+pub async fn wait_for_held_fdatasync(control: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !control.join("waiting").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the commit never reached fdatasync"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
