@@ -790,9 +790,12 @@ async fn sweep_holds(engine: Arc<Engine>) {
 }
 
 /// One step of the hold sweeper: expires the holds due at the engine clock's `now`,
-/// counts them, and returns how many. Tests on a manual clock call it directly.
+/// counts them, and returns how many; bookings checked in early whose slot has ended
+/// leave their citizens' limits. Tests on a manual clock call it directly.
 pub async fn sweep_holds_once(engine: &Engine) -> Result<usize, ServiceError> {
-    let expired = engine.expire_holds(engine.clock().now_unix_ms()).await?;
+    let now_unix_ms = engine.clock().now_unix_ms();
+    engine.release_ended_attendances(now_unix_ms);
+    let expired = engine.expire_holds(now_unix_ms).await?;
     if expired > 0 {
         metrics::counter!(telemetry::HOLDS_EXPIRED).increment(expired as u64);
         tracing::debug!(expired, "holds expired");

@@ -11,7 +11,8 @@
 //! limit, even after a crash at any instant.
 
 use foldhash::{HashMap, HashSet};
-use std::sync::MutexGuard;
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::domain::ids::{BookingId, CitizenKey, ServiceId};
 use crate::domain::shards::{Shards, SHARD_COUNT};
@@ -98,6 +99,9 @@ impl Active {
 #[derive(Default)]
 pub struct CitizenIndex {
     shards: Shards<Shard>,
+    /// Entries of bookings checked in before their slot ended, by (slot end, id): they
+    /// keep counting until then (`keep_until`, `release_ended`). Few at any time.
+    counted_until: Mutex<BTreeMap<(i64, BookingId), (CitizenKey, ServiceId)>>,
 }
 
 impl CitizenIndex {
@@ -247,6 +251,41 @@ impl CitizenIndex {
         }
     }
 
+    /// The entry of `booking_id` (a booking checked in before its slot ended at
+    /// `end_unix_s`) stays counting against the citizen's limit until then, and its
+    /// claim ends: checked in a day early, a citizen could otherwise book again at once,
+    /// and again after each early check-in (an outside test).
+    pub fn keep_until(
+        &self,
+        citizen: CitizenKey,
+        service: &ServiceId,
+        booking_id: BookingId,
+        end_unix_s: i64,
+    ) {
+        self.unclaim(citizen, booking_id);
+        let mut until = self.counted_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.insert((end_unix_s, booking_id), (citizen, service.clone()));
+    }
+
+    /// Releases the entries kept until a slot end at or before `now_unix_s`; how many.
+    pub fn release_ended(&self, now_unix_s: i64) -> usize {
+        let ended = {
+            let mut until = self.counted_until.lock().unwrap_or_else(|p| p.into_inner());
+            match until.keys().next() {
+                Some((end, _)) if *end <= now_unix_s => {
+                    let later = until.split_off(&(now_unix_s.saturating_add(1), BookingId(0)));
+                    std::mem::replace(&mut *until, later)
+                }
+                _ => return 0,
+            }
+        };
+        for ((_, booking_id), (citizen, service)) in &ended {
+            let released = self.release(*citizen, service, *booking_id);
+            debug_assert!(released, "a kept entry is released once");
+        }
+        ended.len()
+    }
+
     /// Recovery only: records an active booking without the limit check and returns
     /// how many the citizen holds (recovery checks the count itself).
     pub fn insert(&self, citizen: CitizenKey, service: &ServiceId, booking_id: BookingId) -> usize {
@@ -286,6 +325,30 @@ mod tests {
         assert!(index.release(citizen, &service(), BookingId(1)));
         assert!(!index.release(citizen, &service(), BookingId(1)));
         assert_eq!(index.reserve(citizen, &service(), BookingId(2), 1), Ok(()));
+    }
+
+    #[test]
+    fn an_entry_kept_until_its_slot_ends_counts_until_then() {
+        let index = CitizenIndex::default();
+        let (citizen, other) = (CitizenKey([3; 16]), CitizenKey([4; 16]));
+        assert_eq!(index.reserve(citizen, &service(), BookingId(1), 1), Ok(()));
+        assert_eq!(index.reserve(other, &service(), BookingId(2), 1), Ok(()));
+        assert!(index.claim(citizen, &service(), BookingId(1)));
+        index.keep_until(citizen, &service(), BookingId(1), 1_000);
+        index.keep_until(other, &service(), BookingId(2), 2_000);
+        assert!(!index.is_claimed(citizen, BookingId(1)), "the claim ends");
+        assert_eq!(index.release_ended(999), 0);
+        assert_eq!(
+            index.reserve(citizen, &service(), BookingId(3), 1),
+            Err(BookingId(1)),
+            "still counted before its slot ends"
+        );
+        assert_eq!(index.release_ended(1_000), 1);
+        assert_eq!(index.release_ended(1_000), 0, "released once");
+        assert_eq!(index.reserve(citizen, &service(), BookingId(3), 1), Ok(()));
+        assert_eq!(index.active_count(other, &service()), 1);
+        assert_eq!(index.release_ended(5_000), 1);
+        assert_eq!(index.active_count(other, &service()), 0);
     }
 
     #[test]

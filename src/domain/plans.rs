@@ -113,6 +113,13 @@ pub enum Free {
         service: ServiceId,
         id: BookingId,
     },
+    /// The entry's claim ends; it leaves the citizen's limit once its slot ended.
+    EntryUntil {
+        citizen: CitizenKey,
+        service: ServiceId,
+        id: BookingId,
+        end_unix_s: i64,
+    },
     /// One place returns to the slot, from a booking or hold of this channel.
     Place(SlotKey, ChannelId),
     /// The hold joins the live set (before its admission settles).
@@ -625,11 +632,12 @@ pub fn mark_no_show(booking: Booking, now_unix_ms: i64) -> Result<DeskChange, Do
 
 /// `booking` in its new desk `state`, with its event; the place stays. A confirmed
 /// booking's citizen entry is claimed while the write is in flight (no cancel or move
-/// ends it in between) and leaves the citizen's limit once it is durable: the
-/// appointment is over, so the citizen may book the service again. A no-show being
-/// checked in holds no entry any more.
+/// ends it in between) and leaves the citizen's limit once it is durable and the slot
+/// has ended: the appointment is over, so the citizen may book the service again (not
+/// before: checked in a day early, a citizen could book again, and again). A no-show
+/// being checked in holds no entry any more.
 fn desk_write(booking: Booking, state: BookingState, now_unix_ms: i64) -> Plan<Booking> {
-    let (citizen, id) = (booking.citizen, booking.booking_id);
+    let (citizen, id, end_unix_s) = (booking.citizen, booking.booking_id, booking.end_unix_s);
     let service = booking.slot.service_id.clone();
     let was_confirmed = booking.is_confirmed();
     let changed = Booking { state, ..booking };
@@ -653,11 +661,20 @@ fn desk_write(booking: Booking, state: BookingState, now_unix_ms: i64) -> Plan<B
             id,
             unchanged: Some(BookingState::Confirmed),
         });
-        plan.free.push(Free::Entry {
-            citizen,
-            service,
-            id,
-        });
+        plan.free
+            .push(match now_unix_ms < end_unix_s.saturating_mul(1_000) {
+                true => Free::EntryUntil {
+                    citizen,
+                    service,
+                    id,
+                    end_unix_s,
+                },
+                false => Free::Entry {
+                    citizen,
+                    service,
+                    id,
+                },
+            });
     }
     plan
 }
@@ -1347,6 +1364,14 @@ mod tests {
                 }
             ] if *slot == plan.answer.slot
         ));
+        // Before its slot ended the entry keeps counting until then; after, it leaves.
+        let end = plan.answer.end_unix_s;
+        assert!(
+            matches!(&plan.free[..], [Free::EntryUntil { end_unix_s, .. }] if *end_unix_s == end)
+        );
+        let Ok(DeskChange::Write(plan)) = check(mine(), code, end * 1_000) else {
+            panic!("a check-in as the slot ends is written");
+        };
         assert!(matches!(&plan.free[..], [Free::Entry { .. }]));
         // A late arrival after a no-show: no entry left to claim or free.
         let missed = Booking {

@@ -132,6 +132,12 @@ impl Engine {
         self.desk_commit(replan()?, replan).await
     }
 
+    /// Bookings checked in before their slot ended leave their citizens' limits once it
+    /// has (at `now_unix_ms`); how many did. The hold sweeper's tick calls it.
+    pub fn release_ended_attendances(&self, now_unix_ms: i64) -> usize {
+        self.citizens.release_ended(now_unix_ms.div_euclid(1_000))
+    }
+
     /// The booking with this reference, if it is at one of the desk's sites: another
     /// site's is unknown, as if there were none (a desk learns nothing of other sites).
     fn desk_booking(&self, desk: &Desk, reference: Reference) -> Result<Booking, ServiceError> {

@@ -419,6 +419,12 @@ impl Engine {
             } => {
                 self.citizens.release(citizen, &service, id);
             }
+            Free::EntryUntil {
+                citizen,
+                service,
+                id,
+                end_unix_s,
+            } => self.citizens.keep_until(citizen, &service, id, end_unix_s),
             Free::Place(key, channel) => self.return_place(&key, &channel),
             Free::LiveHold(hold) => self.live_holds().insert_reserved(hold),
             Free::TicketUsed(ticket) => {

@@ -18,7 +18,7 @@ use crate::domain::catalog::{Catalog, NewSlot, Site, Slot};
 use crate::domain::citizens::CitizenIndex;
 use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{HoldState, LiveHolds};
-use crate::domain::ids::{BookingId, RegionId, ServiceId, SiteId, SlotKey};
+use crate::domain::ids::{BookingId, CitizenKey, RegionId, ServiceId, SiteId, SlotKey};
 use crate::domain::release::ChannelUse;
 use crate::domain::retention::{self, Cutoffs};
 use crate::domain::text::display_text;
@@ -279,14 +279,16 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         catalog,
         max_active,
     )?;
-    let (confirmed, cancelled, in_closed_slots) = restore_bookings(
+    let now_unix_s = engine.clock.now_unix_ms().div_euclid(1_000);
+    let (confirmed, cancelled, in_closed_slots, counted_until) = restore_bookings(
         &engine.store,
         &requests,
         (&engine.citizens, &mut channel_use),
         catalog,
-        max_active,
+        (max_active, now_unix_s),
     )?;
     drop(channel_use);
+    keep_counting(&engine.citizens, counted_until);
     check_capacities(catalog)?;
     in_closed_slots.warn(catalog);
     warn_of_ids_over_the_limit(catalog, engine.limits.id_length_max);
@@ -519,7 +521,8 @@ impl InClosedSlots {
 }
 
 /// Rebuilds counters, citizen limits and request records from every booking; returns
-/// how many are confirmed, how many cancelled, and those found in closed slots. The
+/// how many are confirmed, how many cancelled, those found in closed slots, and the
+/// attended bookings whose slot has not ended at `now_unix_s` (`keep_counting`). The
 /// bookings are read in `REBUILD_THREADS` parts, each by a thread of its own that hands
 /// chunks of records to a thread of its own which decodes them and rebuilds; every index
 /// the rebuilding threads share is sharded, atomic or entered a chunk per lock, and what
@@ -529,14 +532,15 @@ fn restore_bookings(
     requests: &Requests,
     (citizens, channel_use): (&CitizenIndex, &mut ChannelUse),
     catalog: &Catalog,
-    max_active: usize,
-) -> Result<(u64, u64, InClosedSlots), ServiceError> {
+    (max_active, now_unix_s): (usize, i64),
+) -> Result<(u64, u64, InClosedSlots, Vec<CountedUntil>), ServiceError> {
     let shared = Rebuild {
         index: store.booking_index(),
         catalog,
         citizens,
         requests,
         max_active,
+        now_unix_s,
         failed: AtomicBool::new(false),
     };
     let mut total = Rebuilt::default();
@@ -570,7 +574,27 @@ fn restore_bookings(
     })?;
     channel_use.merge(total.channel_use);
     shared.index.sort_rosters();
-    Ok((total.confirmed, total.cancelled, total.in_closed_slots))
+    let counted = total.counted_until;
+    Ok((
+        total.confirmed,
+        total.cancelled,
+        total.in_closed_slots,
+        counted,
+    ))
+}
+
+/// An attended booking whose slot has not ended: its citizen, service, id and end.
+type CountedUntil = (CitizenKey, ServiceId, BookingId, i64);
+
+/// Bookings checked in before their slot ended count against their citizen's limit
+/// until it has (`CitizenIndex::keep_until`). Entered after every confirmed booking,
+/// without the limit check: a store written before this rule may hold a citizen's
+/// booking made after such a check-in.
+fn keep_counting(citizens: &CitizenIndex, counted_until: Vec<CountedUntil>) {
+    for (citizen, service, id, end_unix_s) in counted_until {
+        citizens.insert(citizen, &service, id);
+        citizens.keep_until(citizen, &service, id, end_unix_s);
+    }
 }
 
 /// What the rebuild threads share.
@@ -580,6 +604,7 @@ struct Rebuild<'a> {
     citizens: &'a CitizenIndex,
     requests: &'a Requests<'a>,
     max_active: usize,
+    now_unix_s: i64,
     /// Set by a thread that found an error: the readers stop.
     failed: AtomicBool,
 }
@@ -592,6 +617,7 @@ struct Rebuilt {
     in_closed_slots: InClosedSlots,
     /// Places taken per slot by channels other than the default.
     channel_use: ChannelUse,
+    counted_until: Vec<CountedUntil>,
 }
 
 impl Rebuilt {
@@ -600,6 +626,7 @@ impl Rebuilt {
         self.cancelled += other.cancelled;
         self.in_closed_slots.add(other.in_closed_slots);
         self.channel_use.merge(other.channel_use);
+        self.counted_until.extend(other.counted_until);
     }
 }
 
@@ -686,6 +713,14 @@ impl<'a> Rebuild<'a> {
                 let closed = slot.is_some_and(|s| s.counter.snapshot().closed);
                 if closed && booking.is_confirmed() {
                     rebuilt.in_closed_slots.note(&booking.slot);
+                }
+                let attended = matches!(booking.state, BookingState::Attended { .. });
+                if attended && booking.end_unix_s > self.now_unix_s {
+                    let service = booking.slot.service_id.clone();
+                    let (citizen, id) = (booking.citizen, booking.booking_id);
+                    rebuilt
+                        .counted_until
+                        .push((citizen, service, id, booking.end_unix_s));
                 }
             }
             false => rebuilt.cancelled += 1,

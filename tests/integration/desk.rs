@@ -670,3 +670,58 @@ async fn a_campaign_booking_checked_in_survives_a_restart() {
     assert_eq!((stats.booked, stats.attended, stats.no_shows), (2, 1, 1));
     server.stop().await;
 }
+
+/// Checked in an hour before the slot, a citizen could book the same service again at
+/// once, and again after each early check-in (an outside test). Now the attended
+/// booking counts against the citizen's limit until its slot ends, across a restart,
+/// and leaves it then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booking_checked_in_early_counts_against_the_limit_until_its_slot_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "early", 5).await;
+    utc_site_on(
+        server.channel().await,
+        ("later", "r"),
+        32,
+        ("10:00", "10:30"),
+        5,
+    )
+    .await;
+    let later = search_all(&mut server.booking().await, "later", "vax").await[0]
+        .slot_id
+        .clone();
+    let mut client = server.booking().await;
+    let anna = book_ok(&mut client, book_request(&slot, "ANNA", "b1")).await;
+    to_an_hour_before(&clock, &slot);
+    SiteServiceClient::new(server.channel().await)
+        .check_in(check_in(&anna.reference, &anna.check_in_code))
+        .await
+        .expect("checked in");
+    server.sweep_holds().await;
+    for (slot_id, request_id) in [(&slot, "b2"), (&later, "b3")] {
+        let refused = client
+            .book(book_request(slot_id, "ANNA", request_id))
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&refused).as_deref(), Some("CITIZEN_ALREADY_BOOKED"));
+    }
+    server.stop().await;
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let mut client = server.booking().await;
+    let refused = client
+        .book(book_request(&later, "ANNA", "b4"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&refused).as_deref(),
+        Some("CITIZEN_ALREADY_BOOKED"),
+        "still counted after a restart"
+    );
+    clock.advance(Duration::from_secs(2 * 3_600));
+    server.sweep_holds().await;
+    book_ok(&mut client, book_request(&later, "ANNA", "b5")).await;
+    assert_eq!(site_stats(&server, "early").await.booked, 1);
+    server.stop().await;
+}
