@@ -388,6 +388,8 @@ pub struct TicketView {
     pub estimated_admission_at_unix_ms: Option<i64>,
     pub admitted_until_unix_ms: Option<i64>,
     pub joined_at_unix_ms: i64,
+    /// A booking or hold went through with it: it admits nothing more.
+    pub used: bool,
 }
 
 /// A ticket in memory: the stored fields but the ids (the map's key and the queue's).
@@ -753,6 +755,7 @@ impl Queue {
             estimated_admission_at_unix_ms: None,
             admitted_until_unix_ms: entry.admitted.map(|a| a.until_unix_ms),
             joined_at_unix_ms: entry.joined_at_unix_ms,
+            used: entry.used,
         };
         if let Some(admitted) = entry.admitted {
             view.state = match now_unix_ms < admitted.until_unix_ms {

@@ -322,5 +322,6 @@ pub fn ticket_to_proto(release_id: &ReleaseId, view: &TicketView) -> proto::Queu
         estimated_admission_at: view.estimated_admission_at_unix_ms.map(timestamp_ms),
         admitted_until: view.admitted_until_unix_ms.map(timestamp_ms),
         joined_at: Some(timestamp_ms(view.joined_at_unix_ms)),
+        used: view.used,
     }
 }

@@ -810,6 +810,7 @@ async fn one_ticket_admits_one_write_however_many_are_sent_at_once() {
     server.advance_releases().await;
     assert_eq!(get_release(&mut capacity, "t").await.tickets_admitted, 6);
     for citizen in citizens {
+        assert!(!ticket(&mut booking, "t", citizen).await.used);
         let (mut one, mut other) = (booking.clone(), booking.clone());
         let (first, second) = tokio::join!(
             one.book(book_request(&slots[0].slot_id, citizen, "1")),
@@ -820,6 +821,9 @@ async fn one_ticket_admits_one_write_however_many_are_sent_at_once() {
             (first, second) => panic!("{citizen}: {first:?} / {second:?}"),
         };
         assert_eq!(reason(&refused).as_deref(), Some("NOT_ADMITTED"));
+        // The ticket says so (it read ADMITTED alone, as if it still admitted).
+        let spent = ticket(&mut booking, "t", citizen).await;
+        assert!(spent.used && spent.state == proto::QueueTicketState::Admitted as i32);
     }
     server.stop().await;
 }
