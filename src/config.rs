@@ -550,6 +550,49 @@ pub struct ConfigFile {
 }
 
 impl ConfigFile {
+    /// What `prenota config check` warns of in a valid file: settings that do nothing
+    /// or less than they seem to (an outside test).
+    pub fn doubts(&self) -> Vec<String> {
+        let empty = hex::encode(token_sha256(""));
+        let mut doubts = Vec::new();
+        for token in &self.tokens {
+            if token.sha256.eq_ignore_ascii_case(&empty) {
+                doubts.push(format!(
+                    "token {:?}: sha256 is that of an empty token, which no caller can send \
+                     (hash the token itself with `prenota config hash-token`)",
+                    token.name
+                ));
+            }
+            if token.channel.is_some() && matches!(token.role, Role::Authority | Role::Site) {
+                doubts.push(format!(
+                    "token {:?}: channel does nothing on an authority or site token, which \
+                     books nothing",
+                    token.name
+                ));
+            }
+        }
+        let keys: Vec<(&str, Option<Vec<u8>>)> = (self.citizen_issuers.iter())
+            .map(|issuer| {
+                (
+                    issuer.name.as_str(),
+                    single_public_key(&issuer.public_key_pem).ok(),
+                )
+            })
+            .collect();
+        for (at, (name, key)) in keys.iter().enumerate() {
+            let shared = keys[..at]
+                .iter()
+                .find(|(_, other)| key.is_some() && other == key);
+            if let Some((first, _)) = shared.filter(|(first, _)| first != name) {
+                doubts.push(format!(
+                    "citizen_issuers {first:?} and {name:?} have the same public key: each \
+                     gateway can sign as the other"
+                ));
+            }
+        }
+        doubts
+    }
+
     pub fn read(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;

@@ -229,7 +229,11 @@ struct BackupArgs {
     config: Option<PathBuf>,
     /// The backup key file: seals and authenticates a --data-dir backup; with
     /// --server, checks the received file's MAC too.
-    #[arg(long, env = "PRENOTA_BACKUP_KEY_FILE")]
+    #[arg(
+        long,
+        visible_alias = "backup-key-file",
+        env = "PRENOTA_BACKUP_KEY_FILE"
+    )]
     backup_key: Option<PathBuf>,
     #[command(flatten)]
     server: ServerArgs,
@@ -247,7 +251,11 @@ struct RestoreArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// The backup key file the backup was made with.
-    #[arg(long, env = "PRENOTA_BACKUP_KEY_FILE")]
+    #[arg(
+        long,
+        visible_alias = "backup-key-file",
+        env = "PRENOTA_BACKUP_KEY_FILE"
+    )]
     backup_key: Option<PathBuf>,
     /// Accept a backup made before backups were authenticated (format 1 or 2), which
     /// nothing proves unaltered: only for a file you trust.
@@ -468,6 +476,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     {
         tracing::warn!("{warning}");
     }
+    if data_dir.exists() && !data_dir.is_dir() {
+        return Err(format!("data dir {}: not a directory", data_dir.display()));
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -571,6 +582,9 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
         .server
         .metrics_listen()
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    for doubt in file.doubts() {
+        eprintln!("warning: {doubt}");
+    }
     let stops = serve_would_stop(&file, &effective.server);
     if !stops.is_empty() {
         let path = path.display();

@@ -409,6 +409,66 @@ fn with_tokens_a_public_address_needs_tls() {
     );
 }
 
+/// `config check` warns of settings that do nothing or less than they seem to (an
+/// outside test): a token hashed from nothing, a channel on a token that books nothing,
+/// two identity gateways with one key. And `serve` names a data dir that is a file as
+/// such (it said "the stored state breaks an invariant").
+#[test]
+fn config_check_warns_of_settings_that_do_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prenota.toml");
+    let key = "-----BEGIN PUBLIC KEY-----\n\
+               MCowBQYDK2VwAyEA2AZkfgg9XSxlfwfckkeFFDb3WeFndQbL7T/4u3hL5w4=\n\
+               -----END PUBLIC KEY-----\n";
+    let issuer = |name: &str| {
+        format!("[[citizen_issuers]]\nname = \"{name}\"\naudience = \"prenota\"\npublic_key_pem = \"\"\"\n{key}\"\"\"\n\n")
+    };
+    let token = |name: &str, token: &str, role: &str, more: &str| {
+        let sha256 = hex::encode(token_sha256(token));
+        format!("[[tokens]]\nname = \"{name}\"\nsha256 = \"{sha256}\"\nrole = \"{role}\"\n{more}\n")
+    };
+    let text = [
+        token("blank", "", "frontend", ""),
+        token(
+            "region",
+            LAZIO,
+            "authority",
+            "regions = [\"lazio\"]\nchannel = \"phone\"",
+        ),
+        token("ok", ADMIN, "admin", ""),
+        issuer("spid"),
+        issuer("cie"),
+    ]
+    .concat();
+    std::fs::write(&file, text).unwrap();
+    let (_, stderr) = config_check(&file, true);
+    for said in [
+        "token \"blank\": sha256 is that of an empty token",
+        "token \"region\": channel does nothing",
+        "citizen_issuers \"spid\" and \"cie\" have the same public key",
+    ] {
+        assert!(stderr.contains(said), "{said}: {stderr}");
+    }
+    assert_eq!(stderr.matches("warning:").count(), 3, "{stderr}");
+    let plain_file = dir.path().join("a-file");
+    std::fs::write(&plain_file, "").unwrap();
+    let served = Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args([
+            "serve",
+            "--metrics-listen",
+            "off",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&plain_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&served.stderr);
+    assert!(!served.status.success());
+    assert!(stderr.contains("a-file: not a directory"), "{stderr}");
+}
+
 #[test]
 fn without_tokens_a_public_address_is_refused() {
     let dir = tempfile::tempdir().unwrap();
