@@ -6,6 +6,7 @@
 //! Must not import tonic or sled.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::RangeInclusive;
 
 use chrono::NaiveDate;
 
@@ -32,7 +33,7 @@ pub type PlannedGroups = BTreeMap<(SiteId, ServiceId), Vec<PlannedSlot>>;
 pub struct ImportCheck<'a> {
     limits: &'a Limits,
     /// The last day a schedule may reach (`schedule_days_ahead_max` from today).
-    last_day_max: NaiveDate,
+    last_days: RangeInclusive<NaiveDate>,
     violations: Violations,
     errors: usize,
     /// Each site with the line that first described it.
@@ -51,11 +52,11 @@ impl<'a> ImportCheck<'a> {
         rows: &'a [ImportRow],
         catalog: &Catalog,
         limits: &'a Limits,
-        last_day_max: NaiveDate,
+        last_days: RangeInclusive<NaiveDate>,
     ) -> Result<(Vec<Site>, PlannedGroups), DomainError> {
         let mut check = Self {
             limits,
-            last_day_max,
+            last_days,
             violations: Violations::default(),
             errors: 0,
             sites: BTreeMap::new(),
@@ -114,7 +115,7 @@ impl<'a> ImportCheck<'a> {
 
     /// The row's slots, or `None` with its violations reported.
     fn schedule(&mut self, row: &ImportRow) -> Result<Option<Vec<PlannedSlot>>, DomainError> {
-        if let Err(violation) = row.schedule.check_horizon(self.last_day_max) {
+        if let Err(violation) = row.schedule.check_horizon(&self.last_days) {
             self.report(row.line, &violation.field, violation.description);
             return Ok(None);
         }
