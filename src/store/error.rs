@@ -23,8 +23,9 @@ pub enum StoreError {
     Overloaded,
     #[error("the store is shutting down")]
     Closed,
-    /// PostgreSQL backend: this node does not hold the lease (another node is active).
-    #[error("this node is not the active one: another node holds the lease")]
+    /// PostgreSQL backend: this node does not hold the lease (another node is active, or
+    /// none is yet: a standby takes it over within moments).
+    #[error("this node is not the active one: it does not hold the lease (another node does, or none does yet)")]
     NotActive,
     #[error("another backup is running")]
     BackupRunning,
