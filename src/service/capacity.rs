@@ -447,7 +447,7 @@ impl Engine {
         let plan = {
             let catalog = self.catalog();
             let site = actor.check_site(catalog.site(site_id))?;
-            let horizon = schedule.check_horizon(&self.schedule_last_days());
+            let horizon = schedule.check_horizon(self.last_day_max());
             horizon.map_err(|violation| DomainError::Invalid(vec![violation]))?;
             let planned = schedule.plan(site.time_zone, self.limits.publish_slots_max)?;
             let mut plan = catalog.plan_publish(site_id, service_id, &planned)?;
@@ -482,8 +482,8 @@ impl Engine {
         for row in rows {
             actor.check_upsert(&row.site, self.site(&row.site.site_id).as_ref())?;
         }
-        let last_days = self.schedule_last_days();
-        let (sites, groups) = ImportCheck::run(rows, &self.catalog(), &self.limits, last_days)?;
+        let last_day_max = self.last_day_max();
+        let (sites, groups) = ImportCheck::run(rows, &self.catalog(), &self.limits, last_day_max)?;
         let plans: Vec<PublishPlan> = {
             let catalog = self.catalog();
             groups
@@ -502,18 +502,15 @@ impl Engine {
             .await
     }
 
-    /// The days a schedule's last day may be: from yesterday (UTC: today in the zones
-    /// behind it) to `schedule_days_ahead_max` after today (plus one day for the zones
-    /// ahead of it).
-    fn schedule_last_days(&self) -> std::ops::RangeInclusive<chrono::NaiveDate> {
+    /// The last day a schedule may reach: `schedule_days_ahead_max` after today (UTC,
+    /// plus one day for the zones ahead of it).
+    fn last_day_max(&self) -> chrono::NaiveDate {
         let today = chrono::DateTime::from_timestamp_millis(self.now_unix_ms())
             .map_or(chrono::NaiveDate::MIN, |now| now.date_naive());
         let ahead = u64::from(self.limits.schedule_days_ahead_max) + 1;
-        let last =
-            (today.checked_add_days(chrono::Days::new(ahead))).unwrap_or(chrono::NaiveDate::MAX);
-        let first =
-            (today.checked_sub_days(chrono::Days::new(1))).unwrap_or(chrono::NaiveDate::MIN);
-        first..=last
+        today
+            .checked_add_days(chrono::Days::new(ahead))
+            .unwrap_or(chrono::NaiveDate::MAX)
     }
 
     /// Refuses plans that would take a region past `slots_per_region_max` slots.

@@ -6,7 +6,6 @@
 //! Must not import tonic or sled.
 
 use std::collections::{BTreeMap, HashMap};
-use std::ops::RangeInclusive;
 
 use chrono::NaiveDate;
 
@@ -33,7 +32,7 @@ pub type PlannedGroups = BTreeMap<(SiteId, ServiceId), Vec<PlannedSlot>>;
 pub struct ImportCheck<'a> {
     limits: &'a Limits,
     /// The last day a schedule may reach (`schedule_days_ahead_max` from today).
-    last_days: RangeInclusive<NaiveDate>,
+    last_day_max: NaiveDate,
     violations: Violations,
     errors: usize,
     /// Each site with the line that first described it.
@@ -52,11 +51,11 @@ impl<'a> ImportCheck<'a> {
         rows: &'a [ImportRow],
         catalog: &Catalog,
         limits: &'a Limits,
-        last_days: RangeInclusive<NaiveDate>,
+        last_day_max: NaiveDate,
     ) -> Result<(Vec<Site>, PlannedGroups), DomainError> {
         let mut check = Self {
             limits,
-            last_days,
+            last_day_max,
             violations: Violations::default(),
             errors: 0,
             sites: BTreeMap::new(),
@@ -115,7 +114,7 @@ impl<'a> ImportCheck<'a> {
 
     /// The row's slots, or `None` with its violations reported.
     fn schedule(&mut self, row: &ImportRow) -> Result<Option<Vec<PlannedSlot>>, DomainError> {
-        if let Err(violation) = row.schedule.check_horizon(&self.last_days) {
+        if let Err(violation) = row.schedule.check_horizon(self.last_day_max) {
             self.report(row.line, &violation.field, violation.description);
             return Ok(None);
         }
