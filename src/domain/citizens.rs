@@ -22,6 +22,10 @@ struct Shard {
     active: HashMap<(CitizenKey, ServiceId), Active>,
     /// Entries whose ending write is in flight (few at any time).
     claimed: HashSet<BookingId>,
+    /// Entries kept until their slot ends (`keep_until`): no write may claim or move
+    /// them (a write planned from a read before the check-in would, then undo itself,
+    /// and put back an entry nothing releases any more).
+    kept: HashSet<BookingId>,
 }
 
 /// A citizen's active bookings for one service: almost always exactly one, kept inline
@@ -177,7 +181,7 @@ impl CitizenIndex {
             .active
             .get(&(citizen, service.clone()))
             .is_some_and(|active| active.contains(booking_id));
-        active && shard.claimed.insert(booking_id)
+        active && !shard.kept.contains(&booking_id) && shard.claimed.insert(booking_id)
     }
 
     /// Whether a write that ends or changes `booking_id` has claimed it and not settled.
@@ -194,6 +198,7 @@ impl CitizenIndex {
     pub fn release(&self, citizen: CitizenKey, service: &ServiceId, booking_id: BookingId) -> bool {
         let mut shard = self.shard(&citizen);
         shard.claimed.remove(&booking_id);
+        shard.kept.remove(&booking_id);
         let key = (citizen, service.clone());
         let Some(active) = shard.active.get_mut(&key) else {
             return false;
@@ -222,7 +227,7 @@ impl CitizenIndex {
         new: BookingId,
     ) -> bool {
         let mut shard = self.shard(&citizen);
-        if shard.claimed.contains(&old) {
+        if shard.claimed.contains(&old) || shard.kept.contains(&old) {
             return false;
         }
         let swapped = shard
@@ -262,7 +267,11 @@ impl CitizenIndex {
         booking_id: BookingId,
         end_unix_s: i64,
     ) {
-        self.unclaim(citizen, booking_id);
+        {
+            let mut shard = self.shard(&citizen);
+            shard.claimed.remove(&booking_id);
+            shard.kept.insert(booking_id);
+        }
         let mut until = self.counted_until.lock().unwrap_or_else(|p| p.into_inner());
         until.insert((end_unix_s, booking_id), (citizen, service.clone()));
     }
@@ -280,8 +289,7 @@ impl CitizenIndex {
             }
         };
         for ((_, booking_id), (citizen, service)) in &ended {
-            let released = self.release(*citizen, service, *booking_id);
-            debug_assert!(released, "a kept entry is released once");
+            self.release(*citizen, service, *booking_id);
         }
         ended.len()
     }
@@ -337,6 +345,11 @@ mod tests {
         index.keep_until(citizen, &service(), BookingId(1), 1_000);
         index.keep_until(other, &service(), BookingId(2), 2_000);
         assert!(!index.is_claimed(citizen, BookingId(1)), "the claim ends");
+        assert!(
+            !index.claim(citizen, &service(), BookingId(1)),
+            "kept: not claimable"
+        );
+        assert!(!index.replace(citizen, &service(), BookingId(1), BookingId(9)));
         assert_eq!(index.release_ended(999), 0);
         assert_eq!(
             index.reserve(citizen, &service(), BookingId(3), 1),

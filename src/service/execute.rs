@@ -135,7 +135,7 @@ impl Engine {
                     let closure = self.authority_writes.lock();
                     if tokio::time::timeout_at(deadline, closure).await.is_err() {
                         return Err(ServiceError::Busy(
-                            "a closure of another dose's slot is under way; retry",
+                            "an authority write (a closure, an import) is under way; retry",
                         ));
                     }
                     waited_for = Some(slot);

@@ -729,7 +729,7 @@ async fn a_cancel_behind_a_closure_stuck_past_its_wait_is_told_to_retry() {
     let dir = tempfile::tempdir().unwrap();
     let (library, control) = fdatasync_gate(dir.path());
     let env = ["REQUEST_TIMEOUT_MS", "MESSAGE_RECEIVE_TIMEOUT_MS"]
-        .map(|limit| (format!("PRENOTA_LIMITS_{limit}"), "2000".to_string()))
+        .map(|limit| (format!("PRENOTA_LIMITS_{limit}"), "6000".to_string()))
         .to_vec();
     let server = start_with_shim_and(&dir.path().join("data"), &library, &control, env);
     let channel = connect(&server.url).await;
