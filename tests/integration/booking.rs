@@ -463,16 +463,7 @@ async fn a_cancel_racing_a_move_of_the_same_booking_lets_exactly_one_win() {
             Some("BOOKING_NOT_ACTIVE"),
             "{loser:?}"
         );
-        let listed = client
-            .clone()
-            .list_citizen_bookings(proto::ListCitizenBookingsRequest {
-                citizen_id: citizen.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .bookings;
+        let listed = citizen_bookings(&mut client.clone(), &citizen).await;
         let confirmed: Vec<_> = listed
             .iter()
             .filter(|b| b.state == proto::BookingState::Confirmed as i32)

@@ -51,6 +51,37 @@ async fn publish(channel: Channel, service: &str, (first, last): (i64, i64), cap
         .expect("publish");
 }
 
+/// The hub with `dose1` and `dose2` slots on these days ahead (`publish`), of these
+/// places each, and the series `primary` (dose 2 `interval` days after dose 1).
+async fn series_hub(
+    channel: Channel,
+    days: [(i64, i64); 2],
+    places: [u32; 2],
+    (min, max): (u32, u32),
+) -> CapacityServiceClient<Channel> {
+    publish(channel.clone(), "dose1", days[0], places[0]).await;
+    publish(channel.clone(), "dose2", days[1], places[1]).await;
+    let mut capacity = CapacityServiceClient::new(channel);
+    capacity
+        .upsert_series(series(min, max))
+        .await
+        .expect("series");
+    capacity
+}
+
+/// Closes the hub's 30-minute `dose2` slot `slot_id` with the reason "flooded".
+fn flooding(slot_id: &str, request_id: String) -> proto::CloseSlotsRequest {
+    let start: i64 = slot_id.rsplit('/').next().unwrap().parse().unwrap();
+    proto::CloseSlotsRequest {
+        site_id: "hub".into(),
+        service_id: Some("dose2".into()),
+        from: at_s(start),
+        to: at_s(start + 1_800),
+        reason: "flooded".into(),
+        request_id,
+    }
+}
+
 /// The slot of `service` on the day `days` ahead.
 fn slot(service: &str, days: i64) -> String {
     let day = chrono::NaiveDate::parse_from_str(&day_ahead(days), "%Y-%m-%d").unwrap();
@@ -67,23 +98,6 @@ fn book_series(citizen: &str, slots: &[String], request_id: &str) -> proto::Book
     }
 }
 
-async fn doses_of(
-    client: &mut BookingServiceClient<Channel>,
-    citizen: &str,
-) -> Vec<proto::Booking> {
-    let mut bookings = client
-        .list_citizen_bookings(proto::ListCitizenBookingsRequest {
-            citizen_id: citizen.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .bookings;
-    bookings.sort_by_key(|b| (b.dose, b.created_at.map(|t| t.seconds)));
-    bookings
-}
-
 fn state(booking: &proto::Booking) -> proto::BookingState {
     proto::BookingState::try_from(booking.state).unwrap()
 }
@@ -92,13 +106,13 @@ fn state(booking: &proto::Booking) -> proto::BookingState {
 async fn a_series_books_every_dose_within_its_interval_or_none() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    publish(server.channel().await, "dose1", (10, 10), 3).await;
-    publish(server.channel().await, "dose2", (37, 53), 1).await;
-    let mut capacity = server.capacity().await;
-    capacity
-        .upsert_series(series(28, 42))
-        .await
-        .expect("series");
+    series_hub(
+        server.channel().await,
+        [(10, 10), (37, 53)],
+        [3, 1],
+        (28, 42),
+    )
+    .await;
     let mut client = server.booking().await;
 
     // 27 and 43 days after dose 1 are refused with the allowed local days; 28 and 42
@@ -180,7 +194,7 @@ async fn a_series_books_every_dose_within_its_interval_or_none() {
         .await
         .unwrap_err();
     assert_eq!(reason(&status).as_deref(), Some("SLOT_FULL"));
-    assert!(doses_of(&mut client, "CARLA").await.is_empty());
+    assert!(citizen_bookings(&mut client, "CARLA").await.is_empty());
     assert_eq!(site_stats(&server, "hub").await.booked, 4);
     // Slots of the wrong service, or too few, are named.
     let status = client
@@ -207,7 +221,7 @@ async fn a_series_books_every_dose_within_its_interval_or_none() {
         })
         .await
         .expect("cancelled");
-    let doses = doses_of(&mut client, "ANNA").await;
+    let doses = citizen_bookings(&mut client, "ANNA").await;
     assert_eq!(
         doses.iter().map(state).collect::<Vec<_>>(),
         [
@@ -233,13 +247,13 @@ async fn a_series_books_every_dose_within_its_interval_or_none() {
 async fn a_dose_moves_within_its_neighbours_intervals_and_a_changed_series_keeps_bookings() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    publish(server.channel().await, "dose1", (10, 14), 2).await;
-    publish(server.channel().await, "dose2", (36, 45), 2).await;
-    let mut capacity = server.capacity().await;
-    capacity
-        .upsert_series(series(28, 42))
-        .await
-        .expect("series");
+    let mut capacity = series_hub(
+        server.channel().await,
+        [(10, 14), (36, 45)],
+        [2, 2],
+        (28, 42),
+    )
+    .await;
     let mut client = server.booking().await;
     let booked = client
         .book_series(book_series(
@@ -279,7 +293,7 @@ async fn a_dose_moves_within_its_neighbours_intervals_and_a_changed_series_keeps
         .upsert_series(series(30, 42))
         .await
         .expect("changed");
-    let doses = doses_of(&mut client, "ANNA").await;
+    let doses = citizen_bookings(&mut client, "ANNA").await;
     let confirmed: Vec<&proto::Booking> = doses
         .iter()
         .filter(|b| state(b) == proto::BookingState::Confirmed)
@@ -306,12 +320,13 @@ async fn kill_9_during_cancels_never_leaves_half_a_series() {
     let dir = tempfile::tempdir().unwrap();
     let server = ChildServer::start(dir.path());
     let channel = connect(&server.url).await;
-    publish(channel.clone(), "dose1", (10, 10), CITIZENS as u32).await;
-    publish(channel.clone(), "dose2", (40, 40), CITIZENS as u32).await;
-    CapacityServiceClient::new(channel.clone())
-        .upsert_series(series(28, 42))
-        .await
-        .expect("series");
+    series_hub(
+        channel.clone(),
+        [(10, 10), (40, 40)],
+        [CITIZENS as u32, CITIZENS as u32],
+        (28, 42),
+    )
+    .await;
     let mut client = BookingServiceClient::new(channel);
     let mut first_doses = Vec::new();
     for index in 0..CITIZENS {
@@ -373,7 +388,7 @@ async fn kill_9_during_cancels_never_leaves_half_a_series() {
     let mut client = BookingServiceClient::new(connect(&server.url).await);
     let mut whole_cancels = 0;
     for (citizen, _) in &first_doses {
-        let states: Vec<_> = doses_of(&mut client, citizen)
+        let states: Vec<_> = citizen_bookings(&mut client, citizen)
             .await
             .iter()
             .map(state)
@@ -524,13 +539,13 @@ async fn intervals_count_local_days_across_dst_and_month_ends_in_two_zones() {
 async fn a_cancel_racing_a_move_of_another_dose_takes_every_dose() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    publish(server.channel().await, "dose1", (10, 10), 100).await;
-    publish(server.channel().await, "dose2", (38, 42), 100).await;
-    let mut capacity = server.capacity().await;
-    capacity
-        .upsert_series(series(28, 42))
-        .await
-        .expect("series");
+    series_hub(
+        server.channel().await,
+        [(10, 10), (38, 42)],
+        [100, 100],
+        (28, 42),
+    )
+    .await;
     let client = server.booking().await;
     let mut moved_first = 0;
     for n in 0..30 {
@@ -573,7 +588,7 @@ async fn a_cancel_racing_a_move_of_another_dose_takes_every_dose() {
                 "{status:?}"
             ),
         }
-        let left = doses_of(&mut client.clone(), &citizen).await;
+        let left = citizen_bookings(&mut client.clone(), &citizen).await;
         assert!(
             left.iter()
                 .all(|b| state(b) == proto::BookingState::Cancelled),
@@ -591,13 +606,13 @@ async fn a_cancel_racing_a_move_of_another_dose_takes_every_dose() {
 async fn a_cancel_racing_the_closure_of_another_doses_slot_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
-    publish(server.channel().await, "dose1", (10, 10), 100).await;
-    publish(server.channel().await, "dose2", (31, 60), 100).await;
-    let mut capacity = server.capacity().await;
-    capacity
-        .upsert_series(series(21, 50))
-        .await
-        .expect("series");
+    let capacity = series_hub(
+        server.channel().await,
+        [(10, 10), (31, 60)],
+        [100, 100],
+        (21, 50),
+    )
+    .await;
     let client = server.booking().await;
     for n in 0..30 {
         let citizen = format!("CLOSED{n}");
@@ -611,21 +626,13 @@ async fn a_cancel_racing_the_closure_of_another_doses_slot_succeeds() {
             ))
             .await
             .expect("booked");
-        let doses = doses_of(&mut client.clone(), &citizen).await;
+        let doses = citizen_bookings(&mut client.clone(), &citizen).await;
         let cancel = proto::CancelBookingRequest {
             booking_id: doses[0].booking_id.clone(),
             citizen_id: citizen.clone(),
             request_id: format!("c{n}"),
         };
-        let start: i64 = dose2.rsplit('/').next().unwrap().parse().unwrap();
-        let close = proto::CloseSlotsRequest {
-            site_id: "hub".into(),
-            service_id: Some("dose2".into()),
-            from: at_s(start),
-            to: at_s(start + 1_800),
-            reason: "flooded".into(),
-            request_id: format!("x{n}"),
-        };
+        let close = flooding(&dose2, format!("x{n}"));
         let (mut a, mut b) = (client.clone(), capacity.clone());
         let (cancelled, closed) = tokio::join!(
             tokio::spawn(async move { a.cancel_booking(cancel).await }),
@@ -635,7 +642,7 @@ async fn a_cancel_racing_the_closure_of_another_doses_slot_succeeds() {
         cancelled
             .unwrap()
             .expect("dose 1 is confirmed: its cancel succeeds");
-        let left = doses_of(&mut client.clone(), &citizen).await;
+        let left = citizen_bookings(&mut client.clone(), &citizen).await;
         assert!(
             left.iter()
                 .all(|b| state(b) == proto::BookingState::Cancelled),
@@ -655,13 +662,13 @@ async fn a_check_in_racing_a_move_of_the_next_dose_both_succeed() {
     let dir = tempfile::tempdir().unwrap();
     let clock = prenota::service::Clock::manual_from_now();
     let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
-    publish(server.channel().await, "dose1", (10, 10), 100).await;
-    publish(server.channel().await, "dose2", (38, 42), 100).await;
-    let mut capacity = server.capacity().await;
-    capacity
-        .upsert_series(series(28, 42))
-        .await
-        .expect("series");
+    series_hub(
+        server.channel().await,
+        [(10, 10), (38, 42)],
+        [100, 100],
+        (28, 42),
+    )
+    .await;
     let client = server.booking().await;
     let mut booked = Vec::new();
     for n in 0..20 {
@@ -733,13 +740,7 @@ async fn a_cancel_behind_a_closure_stuck_past_its_wait_is_told_to_retry() {
         .to_vec();
     let server = start_with_shim_and(&dir.path().join("data"), &library, &control, env);
     let channel = connect(&server.url).await;
-    publish(channel.clone(), "dose1", (10, 10), 10).await;
-    publish(channel.clone(), "dose2", (40, 40), 10).await;
-    let mut capacity = CapacityServiceClient::new(channel.clone());
-    capacity
-        .upsert_series(series(28, 42))
-        .await
-        .expect("series");
+    let mut capacity = series_hub(channel.clone(), [(10, 10), (40, 40)], [10, 10], (28, 42)).await;
     let mut client = BookingServiceClient::new(channel);
     let dose2 = slot("dose2", 40);
     let request = book_series("STUCK", &[slot("dose1", 10), dose2.clone()], "s");
@@ -748,15 +749,7 @@ async fn a_cancel_behind_a_closure_stuck_past_its_wait_is_told_to_retry() {
         .await
         .expect("booked")
         .into_inner();
-    let start: i64 = dose2.rsplit('/').next().unwrap().parse().unwrap();
-    let close = proto::CloseSlotsRequest {
-        site_id: "hub".into(),
-        service_id: Some("dose2".into()),
-        from: at_s(start),
-        to: at_s(start + 1_800),
-        reason: "flooded".into(),
-        request_id: "x".into(),
-    };
+    let close = flooding(&dose2, "x".into());
     std::fs::write(control.join("gate"), b"").unwrap();
     let mut other = client.clone();
     let stuck = tokio::spawn(async move { other.book(book_request(&dose2, "OTHER", "o")).await });
@@ -783,7 +776,7 @@ async fn a_cancel_behind_a_closure_stuck_past_its_wait_is_told_to_retry() {
         .cancel_booking(cancel)
         .await
         .expect("cancelled once the closure landed");
-    let left = doses_of(&mut client, "STUCK").await;
+    let left = citizen_bookings(&mut client, "STUCK").await;
     assert_eq!(left[1].cancel_reason, "flooded", "{left:?}");
     assert!(left
         .iter()

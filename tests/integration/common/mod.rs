@@ -329,6 +329,25 @@ pub async fn book_ok(
         .expect("the response carries the booking")
 }
 
+/// The citizen's bookings in every state (its first page), by series dose, then by
+/// when they were made.
+pub async fn citizen_bookings(
+    client: &mut BookingServiceClient<Channel>,
+    citizen: &str,
+) -> Vec<proto::Booking> {
+    let mut bookings = client
+        .list_citizen_bookings(proto::ListCitizenBookingsRequest {
+            citizen_id: citizen.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .bookings;
+    bookings.sort_by_key(|b| (b.dose, b.created_at.map(|t| t.seconds)));
+    bookings
+}
+
 pub async fn site_stats(server: &TestServer, site_id: &str) -> proto::GetSiteStatsResponse {
     server
         .capacity()
