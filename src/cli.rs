@@ -292,8 +292,12 @@ pub async fn import(file: &Path, target: &Target<'_>, dry_run: bool) -> Result<(
     create_releases(&mut client, releases, dry_run).await?;
     let summary = send_rows(&mut client, rows, dry_run, "sending rows").await?;
     let verb = if dry_run { "would import" } else { "imported" };
+    let past = match summary.slots_past {
+        0 => String::new(),
+        n => format!(" ({n} slots had started: left out)"),
+    };
     print_out(&format!(
-        "{verb} {} rows: {} sites, {} slots created, {} slots updated, total capacity {}{}",
+        "{verb} {} rows: {} sites, {} slots created, {} slots updated, total capacity {}{past}{}",
         summary.rows,
         summary.sites_upserted,
         summary.slots_created,

@@ -546,6 +546,8 @@ pub struct PublishPlan {
     /// Existing slots with their new end and capacity.
     pub updated: Vec<(Arc<Slot>, i64, u32)>,
     pub total_capacity: u64,
+    /// Planned slots that had started by `now`: neither created nor changed.
+    pub past: u32,
 }
 
 #[derive(Default)]
@@ -734,12 +736,15 @@ impl Catalog {
     /// Compares planned slots with the slots that already exist (none, for a site
     /// not created yet). Closed slots stay closed and are left out. A planned slot whose
     /// time overlaps an open slot at another start (a schedule republished with another
-    /// slot length) is refused: the two would offer one hour's desks twice.
+    /// slot length) is refused: the two would offer one hour's desks twice. Planned slots
+    /// that start at or before `now_unix_s` are only counted (`past`): a slot nobody can
+    /// book is not created, and one a retention deleted is not created again by a
+    /// cumulative file re-imported.
     pub fn plan_publish(
         &self,
-        site_id: &SiteId,
-        service_id: &ServiceId,
+        (site_id, service_id): (&SiteId, &ServiceId),
         planned: &[PlannedSlot],
+        now_unix_s: i64,
     ) -> Result<PublishPlan, DomainError> {
         let existing = self
             .sites
@@ -749,6 +754,7 @@ impl Catalog {
             created: Vec::new(),
             updated: Vec::new(),
             total_capacity: 0,
+            past: 0,
         };
         let ends: BTreeMap<i64, i64> = planned
             .iter()
@@ -757,6 +763,10 @@ impl Catalog {
         let ours = |slot: &Slot| planned_as(slot, &ends, existing);
         for slot in planned {
             plan.total_capacity += u64::from(slot.capacity);
+            if slot.start_unix_s <= now_unix_s {
+                plan.past += 1;
+                continue;
+            }
             let time = (slot.start_unix_s, slot.end_unix_s);
             if let Some(other) = existing.and_then(|starts| starts.overlapping(time, ours)) {
                 return Err(overlap(site_id, service_id, (time, other)));
@@ -1605,7 +1615,7 @@ mod tests {
             capacity: 1,
         });
         let (site, service) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
-        match catalog.plan_publish(&site, &service, &planned) {
+        match catalog.plan_publish((&site, &service), &planned, i64::MIN) {
             Err(DomainError::Invalid(violations)) => {
                 assert_eq!(violations[0].field, "slot_minutes");
                 assert!(
@@ -1620,7 +1630,9 @@ mod tests {
             let (_, slot) = catalog.slot(&take_key(start)).unwrap();
             slot.counter.close();
         }
-        let plan = catalog.plan_publish(&site, &service, &planned).unwrap();
+        let plan = catalog
+            .plan_publish((&site, &service), &planned, i64::MIN)
+            .unwrap();
         assert_eq!(plan.created.len(), 1, "900");
         assert_eq!(plan.updated.len(), 1, "0 ends later");
     }
@@ -1636,7 +1648,9 @@ mod tests {
             capacity: 1,
         });
         let (site, service) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
-        let plan = catalog.plan_publish(&site, &service, &planned).unwrap();
+        let plan = catalog
+            .plan_publish((&site, &service), &planned, i64::MIN)
+            .unwrap();
         assert_eq!((plan.created.len(), plan.updated.len()), (0, 0));
     }
 
@@ -1651,7 +1665,9 @@ mod tests {
             capacity: 1,
         });
         let (site, service) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
-        let plan = catalog.plan_publish(&site, &service, &planned).unwrap();
+        let plan = catalog
+            .plan_publish((&site, &service), &planned, i64::MIN)
+            .unwrap();
         let updated: Vec<(i64, i64)> = (plan.updated.iter())
             .map(|(slot, end, _)| (slot.start_unix_s(), *end))
             .collect();
@@ -1670,7 +1686,9 @@ mod tests {
             capacity: 1,
         });
         let (site, service) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
-        assert!(catalog.plan_publish(&site, &service, &planned).is_err());
+        assert!(catalog
+            .plan_publish((&site, &service), &planned, i64::MIN)
+            .is_err());
     }
 
     #[test]
@@ -1681,15 +1699,35 @@ mod tests {
             end_unix_s: start + 600,
             capacity: 1,
         });
-        let plan = catalog
-            .plan_publish(
-                &id(SiteId::parse, "a"),
-                &id(ServiceId::parse, "vax"),
-                &planned,
-            )
-            .unwrap();
+        let (site, service) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
+        let plan = (catalog.plan_publish((&site, &service), &planned, i64::MIN)).unwrap();
         assert_eq!(plan.created.len(), 1);
         assert_eq!(plan.updated.len(), 0);
         assert_eq!(plan.total_capacity, 3);
+    }
+
+    /// Slots that have started are neither created nor changed, nor compared with the
+    /// slots already there (a past slot of another length is no overlap): only counted.
+    #[test]
+    fn slots_that_have_started_are_counted_and_left_out() {
+        let catalog = catalog_with_slots(&["a"], &[100, 700]);
+        let planned = [(0, 900), (700, 1_300), (1_300, 1_900), (1_900, 2_500)];
+        let planned = planned.map(|(start, end)| PlannedSlot {
+            start_unix_s: start,
+            end_unix_s: end,
+            capacity: 5,
+        });
+        let (site, service) = (id(SiteId::parse, "a"), id(ServiceId::parse, "vax"));
+        let plan = (catalog.plan_publish((&site, &service), &planned, 700)).unwrap();
+        assert_eq!(plan.past, 2);
+        let created: Vec<i64> = plan.created.iter().map(|s| s.key.start_unix_s).collect();
+        assert_eq!(created, [1_300, 1_900]);
+        assert!(plan.updated.is_empty(), "700 (started) keeps its capacity");
+        assert_eq!(plan.total_capacity, 20, "every slot the schedule describes");
+        let refused = catalog.plan_publish((&site, &service), &planned, -1).err();
+        assert!(
+            matches!(refused, Some(DomainError::Invalid(_))),
+            "0..900 overlaps"
+        );
     }
 }

@@ -178,6 +178,7 @@ impl CapacityService for CapacityApi {
             slots_created: outcome.slots_created,
             slots_updated: outcome.slots_updated,
             total_capacity: outcome.total_capacity,
+            slots_past: outcome.slots_past,
         }))
     }
 
@@ -206,6 +207,7 @@ impl CapacityService for CapacityApi {
             slots_created: outcome.slots_created,
             slots_updated: outcome.slots_updated,
             total_capacity: outcome.total_capacity,
+            slots_past: outcome.slots_past,
         }))
     }
 

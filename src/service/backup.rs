@@ -127,6 +127,9 @@ pub fn restore(
             path.display()
         )
     })?;
+    if data_dir.exists() && !data_dir.is_dir() {
+        return Err(format!("data dir {}: not a directory", data_dir.display()));
+    }
     if let Ok(mut entries) = std::fs::read_dir(data_dir) {
         if entries.next().is_some() {
             return Err(format!(

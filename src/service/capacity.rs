@@ -41,6 +41,8 @@ pub struct PublishOutcome {
     pub slots_created: u32,
     pub slots_updated: u32,
     pub total_capacity: u64,
+    /// The schedule's slots that had started: neither created nor changed.
+    pub slots_past: u32,
 }
 
 pub struct CloseCommand {
@@ -252,6 +254,7 @@ fn dry_run_outcome(sites: usize, plans: &[PublishPlan]) -> Result<PublishOutcome
         outcome.slots_created += plan.created.len() as u32;
         outcome.slots_updated += plan.updated.len() as u32;
         outcome.total_capacity += plan.total_capacity;
+        outcome.slots_past += plan.past;
     }
     Ok(outcome)
 }
@@ -450,7 +453,8 @@ impl Engine {
             let horizon = schedule.check_horizon(self.last_day_max());
             horizon.map_err(|violation| DomainError::Invalid(vec![violation]))?;
             let planned = schedule.plan(site.time_zone, self.limits.publish_slots_max)?;
-            let mut plan = catalog.plan_publish(site_id, service_id, &planned)?;
+            let now = self.now_unix_ms().div_euclid(1_000);
+            let mut plan = catalog.plan_publish((site_id, service_id), &planned, now)?;
             if existing == Existing::Keep {
                 plan.updated.clear();
             }
@@ -485,11 +489,10 @@ impl Engine {
         let last_day_max = self.last_day_max();
         let (sites, groups) = ImportCheck::run(rows, &self.catalog(), &self.limits, last_day_max)?;
         let plans: Vec<PublishPlan> = {
-            let catalog = self.catalog();
-            groups
-                .iter()
-                .map(|((site_id, service_id), planned)| {
-                    catalog.plan_publish(site_id, service_id, planned)
+            let (catalog, now) = (self.catalog(), self.now_unix_ms().div_euclid(1_000));
+            (groups.iter())
+                .map(|((site, service), planned)| {
+                    catalog.plan_publish((site, service), planned, now)
                 })
                 .collect::<Result<_, _>>()?
         };
@@ -610,6 +613,7 @@ impl Engine {
             outcome.slots_created += plan.created.len() as u32;
             outcome.slots_updated += plan.updated.len() as u32;
             outcome.total_capacity += plan.total_capacity;
+            outcome.slots_past += plan.past;
             for (slot, end, capacity) in plan.updated {
                 slot.set_end_unix_s(end);
                 if capacity > slot.counter.snapshot().capacity {

@@ -246,6 +246,74 @@ async fn the_cli_imports_the_example_file_and_exports_bookings_as_csv() {
     server.stop().await;
 }
 
+/// A file from yesterday to tomorrow (hourly, UTC): the slots that have started are
+/// left out and said so, only the others are created; the same file again (a cumulative
+/// file re-imported) creates nothing and brings no started slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_leaves_out_the_slots_that_have_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let file = dir.path().join("week.csv");
+    let row = |site: &str, first: i64, last: i64| {
+        format!(
+            "{site},{site},lazio,UTC,vax,{},{},1-7,00:00,23:00,60,3\n",
+            day_ahead(first),
+            day_ahead(last)
+        )
+    };
+    let header = "site_id,name,region_id,time_zone,service_id,first_day,last_day,weekdays,\
+                  opens,closes,slot_minutes,capacity_per_slot\n";
+    let csv = format!("{header}{}{}", row("week", -1, 1), row("gone", -3, -2));
+    std::fs::write(&file, csv).unwrap();
+    let import = || {
+        let args = ["import", file.to_str().unwrap(), "--server", &server.url()];
+        let output = Command::new(env!("CARGO_BIN_EXE_prenota"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(output.status.success(), "{stdout} {output:?}");
+        stdout
+    };
+    let before = chrono::Utc::now().timestamp();
+    let first = import();
+    let after = chrono::Utc::now().timestamp();
+    // 23 slots a day: yesterday's, the hours of today begun, and the other site's two days.
+    let begun = |now: i64| 23 + (now.rem_euclid(86_400) / 3_600).min(22) + 1 + 46;
+    let past: i64 = (first.split(" (").nth(1).and_then(|s| s.split(' ').next()))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no started slots counted: {first}"));
+    assert!((begun(before)..=begun(after)).contains(&past), "{first}");
+    assert!(first.contains("slots had started: left out"), "{first}");
+    let created = site_stats(&server, "week").await.slots;
+    assert_eq!(i64::from(created) + past - 46, 3 * 23, "{first}");
+    assert!(
+        first.contains(&format!("{created} slots created")),
+        "{first}"
+    );
+    assert_eq!(site_stats(&server, "gone").await.slots, 0);
+    let mut booking = server.booking().await;
+    let slots = search_range(
+        &mut booking,
+        "week",
+        "vax",
+        before - 2 * 86_400,
+        after + 2 * 86_400,
+    )
+    .await;
+    assert!(slots
+        .iter()
+        .all(|slot| slot.start.unwrap().seconds > before));
+
+    let again = import();
+    assert!(
+        again.contains(" 0 slots created, 0 slots updated"),
+        "{again}"
+    );
+    assert_eq!(site_stats(&server, "week").await.slots, created);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capacity_is_never_set_below_what_is_booked_and_held() {
     let dir = tempfile::tempdir().unwrap();
