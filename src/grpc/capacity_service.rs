@@ -12,6 +12,7 @@ use crate::domain::error::{DomainError, FieldViolation};
 use crate::grpc::auth::Caller;
 use crate::grpc::connections::{close_on_idle, holding};
 use crate::grpc::detached::detached;
+use crate::grpc::stream_end::StreamEnd;
 use crate::grpc::{convert, convert_campaign, convert_release, convert_series};
 use crate::limits::Limits;
 use crate::proto;
@@ -188,7 +189,13 @@ impl CapacityService for CapacityApi {
     ) -> Result<Response<proto::ImportCapacityResponse>, Status> {
         let caller = Caller::of(&request)?;
         let limits = self.engine.limits();
+        let end = StreamEnd::of(&request);
         let import = ReceivedImport::read(request.into_inner(), limits).await?;
+        if end.is_some_and(|end| end.broken()) {
+            return Err(Status::cancelled(
+                "the import's stream was cancelled before its end (nothing was applied)",
+            ));
+        }
         import.check(limits)?;
         let ReceivedImport {
             rows,

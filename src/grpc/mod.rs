@@ -22,6 +22,7 @@ pub mod shed;
 pub mod signature_batch;
 pub mod site_service;
 pub mod status;
+pub mod stream_end;
 
 pub use booking_service::BookingApi;
 pub use capacity_service::CapacityApi;

@@ -25,6 +25,7 @@ use crate::grpc::auth::Caller;
 use crate::grpc::connections;
 use crate::grpc::peers::{PeerCaps, PeerPlace, Peers};
 use crate::grpc::receiving::{self, Receiving};
+use crate::grpc::stream_end;
 use crate::service::exports::{ExportKind, ExportPermit, Exports};
 
 /// The methods whose reply is a stream the client may keep open.
@@ -190,6 +191,10 @@ where
             false => None,
         };
         let request = request.map(tonic::body::Body::new);
+        let request = match streamed {
+            true => stream_end::watched(request),
+            false => request,
+        };
         // A stream both ways (reflection) ends once its request stream does.
         let request = match (&closing, streamed) {
             (Some(closing), true) => request.map(|inner| {

@@ -50,6 +50,45 @@ async fn import(
         .map(|response| response.into_inner())
 }
 
+/// An upload the client cancels (or whose deadline passes: the same RST_STREAM CANCEL)
+/// before its end applies nothing, though tonic reads such a cancel as the stream's end;
+/// the same rows sent to the end are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_cancelled_before_its_end_applies_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let messages = |sites: [&str; 2]| {
+        sites.map(|site| proto::ImportCapacityRequest {
+            rows: vec![row(2, site, "Europe/Rome", "2027-03-29")],
+            ..Default::default()
+        })
+    };
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    for message in messages(["first", "second"]) {
+        sender.send(message).await.unwrap();
+    }
+    let mut client = server.capacity().await;
+    let upload = tokio_stream::wrappers::ReceiverStream::new(receiver);
+    let call = tokio::spawn(async move { client.import_capacity(upload).await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    call.abort(); // the rest of the file never comes: the client resets the stream
+    assert!(call.await.unwrap_err().is_cancelled());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for site in ["first", "second"] {
+        let request = proto::GetSiteStatsRequest {
+            site_id: site.into(),
+        };
+        let status = (server.capacity().await.get_site_stats(request).await).unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{site}: {status:?}");
+    }
+    let whole = tokio_stream::iter(messages(["first", "second"]));
+    let imported = server.capacity().await.import_capacity(whole).await;
+    assert_eq!(imported.expect("the whole file").into_inner().rows, 2);
+    assert_eq!(site_stats(&server, "second").await.slots, 6);
+    drop(sender);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_with_one_bad_row_applies_nothing_and_names_the_row() {
     let dir = tempfile::tempdir().unwrap();
