@@ -404,7 +404,12 @@ async fn run(
                     proxies,
                     health_checkers,
                 },
-                Duration::from_millis(limits.connection_opening_timeout_ms),
+                (
+                    Duration::from_millis(limits.connection_opening_timeout_ms),
+                    Duration::from_millis(
+                        limits.connection_age_max_ms + limits.connection_age_grace_ms,
+                    ),
+                ),
             ),
             async move {
                 tokio::select! {
@@ -663,8 +668,9 @@ fn transport(
         .http2_max_local_error_reset_streams(Some(limits.local_reset_streams_max))
         .http2_keepalive_interval(Some(ms(limits.keepalive_interval_ms)))
         .http2_keepalive_timeout(Some(ms(limits.keepalive_timeout_ms)))
+        // GOAWAY at the age; `connections` closes the connection after the grace
+        // (tonic's own grace closes it at age + grace without sending any GOAWAY).
         .max_connection_age(ms(limits.connection_age_max_ms))
-        .max_connection_age_grace(ms(limits.connection_age_grace_ms))
         .timeout(ms(limits.request_timeout_ms));
     let Some(tls) = tls else {
         return Ok(builder);

@@ -5,6 +5,9 @@
 //! - at most `connections_per_peer_max` of them from one peer, and a few peers' worth
 //!   from one IPv6 /48 (`grpc::peers`), so one machine cannot take every place;
 //! - a new connection must send its first bytes within `connection_opening_timeout_ms`;
+//! - a connection is closed `connection_age_max_ms` + `connection_age_grace_ms` after it
+//!   is admitted, whatever its streams are doing (tonic sends the GOAWAY at the age; its
+//!   own grace would close the connection at the end without any GOAWAY first);
 //! - a listed load balancer's connection (`proxy_protocol_from`) must first send a PROXY
 //!   protocol header (`grpc::proxy_protocol`), and counts for the client it names;
 //! - a listed health checker's connection (`health_checks_from`: the peer, or the client
@@ -112,6 +115,8 @@ pub struct Counted {
     /// Until its first `OPENING_BYTES` arrive.
     opening: Option<Pin<Box<Sleep>>>,
     received: usize,
+    /// When it is closed, whatever its streams are doing (its age and grace passed).
+    ends: Pin<Box<Sleep>>,
     /// Last, so dropped last: its places are given back before the peer sees it close.
     stream: TcpStream,
 }
@@ -130,7 +135,7 @@ pub struct Caps {
 /// The accepted connections of `listener` (TCP_NODELAY on), within `caps`, each closed if
 /// it sends nothing within `opening_timeout` (a listed proxy's: its header, then the
 /// rest of its opening).
-pub fn capped(listener: TcpListener, caps: Caps, opening_timeout: Duration) -> Accepting {
+pub fn capped(listener: TcpListener, caps: Caps, (opening_timeout, lifetime): Times) -> Accepting {
     assert!(caps.max >= 1, "connections_max is checked at start-up");
     Accepting {
         // Without TCP_NODELAY, small responses wait on Nagle + delayed ACK (~40 ms).
@@ -140,9 +145,14 @@ pub fn capped(listener: TcpListener, caps: Caps, opening_timeout: Duration) -> A
         proxies: caps.proxies,
         health_checkers: caps.health_checkers,
         opening_timeout,
+        lifetime,
         reading: JoinSet::new(),
     }
 }
+
+/// How long a connection has to open (`connection_opening_timeout_ms`), and to live
+/// (`connection_age_max_ms` + `connection_age_grace_ms`).
+pub type Times = (Duration, Duration);
 
 /// The listener's connections, each counted under the caps once its client is known:
 /// at once, or, for a listed proxy's, once its PROXY header has been read (in a task of
@@ -155,6 +165,7 @@ pub struct Accepting {
     proxies: Vec<IpNet>,
     health_checkers: Vec<IpNet>,
     opening_timeout: Duration,
+    lifetime: Duration,
     /// The headers being read; dropped with the listener (their tasks abort).
     reading: JoinSet<Option<Opened>>,
 }
@@ -246,6 +257,7 @@ impl Accepting {
             closer: Closer::default(),
             opening: Some(opened.opening),
             received: 0,
+            ends: Box::pin(tokio::time::sleep(self.lifetime)),
         })
     }
 
@@ -332,6 +344,11 @@ impl AsyncRead for Counted {
         self.closer.0.reader.register(cx.waker());
         if self.closer.is_closed() {
             return Poll::Ready(Err(closed()));
+        }
+        // Before reading: a client that keeps sending must meet it too.
+        if self.ends.as_mut().poll(cx).is_ready() {
+            let old = "connection_age_max_ms + connection_age_grace_ms passed";
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, old)));
         }
         if !self.replay.is_empty() && buf.remaining() > 0 {
             let replayed = buf.remaining().min(self.replay.len());

@@ -13,11 +13,14 @@ use common::*;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const SETTINGS: u8 = 0x4;
 const GOAWAY: u8 = 0x7;
 const WINDOW_UPDATE: u8 = 0x8;
+const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
+const NO_ERROR: u32 = 0x0;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
@@ -281,6 +284,45 @@ async fn connections_past_the_cap_are_closed_at_once_and_idle_ones_time_out() {
         }
     }
     still_healthy(&server).await;
+}
+
+/// A connection past `connection_age_max_ms` was closed at age + grace without a GOAWAY
+/// first (tonic's grace skips it), cutting its calls with no answer. Now it gets a GOAWAY
+/// at its age, a stream still open on it (a health watch) may go on through the grace,
+/// and then the connection is closed.
+#[test]
+fn a_connection_past_its_age_gets_goaway_then_is_closed_after_its_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("CONNECTION_AGE_MAX_MS", "2000"),
+        ("CONNECTION_AGE_GRACE_MS", "1500"),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let mut socket = TcpStream::connect(address(&server)).unwrap();
+    let connected = Instant::now();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    let watch = grpc_request_headers("/grpc.health.v1.Health/Watch");
+    hello.extend(frame(HEADERS, END_HEADERS, 1, &watch));
+    hello.extend(frame(DATA, END_STREAM, 1, &[0; 5])); // an empty HealthCheckRequest
+    socket.write_all(&hello).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (_, code) = goaway(&mut socket).expect("a GOAWAY before the connection closes");
+    let asked = connected.elapsed();
+    assert_eq!(code, NO_ERROR);
+    assert!(
+        (Duration::from_millis(1_500)..Duration::from_millis(3_300)).contains(&asked),
+        "GOAWAY at {asked:?}"
+    );
+    closed_within(&mut socket, Duration::from_secs(10)).expect("closed after the grace");
+    let lived = connected.elapsed();
+    assert!(
+        lived >= Duration::from_millis(3_200),
+        "closed at {lived:?}, in the grace"
+    );
+    assert!(lived < Duration::from_millis(6_000), "closed at {lived:?}");
 }
 
 /// The metrics port (no token) took every idle connection offered: 20,000 of them
