@@ -304,6 +304,7 @@ async fn run(
         ),
         (limits.probe_message_size_bytes_max, &health_receiving),
     )
+    .apart_for_checkers(Arc::new(Semaphore::new(limits.health_watches_max)))
     .ending_streams_on(closing_seen.clone());
 
     // PostgreSQL: while another node holds the lease the gates say NOT_ACTIVE.

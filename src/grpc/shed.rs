@@ -78,6 +78,10 @@ pub struct Shed<S> {
     streamed: Option<Arc<Exports>>,
     /// When set, turns true when shutdown begins: reply streams end then.
     closing: Option<watch::Receiver<bool>>,
+    /// When set, a listed load balancer's own connection's streams, and a listed health
+    /// checker's (`connections::checks_apart`), take these instead of `permits`, and no
+    /// peer's place: others filling `permits` never shed the health watches they rely on.
+    apart: Option<Arc<Semaphore>>,
 }
 
 /// What a counted call holds until its reply is ready (or its reply stream ends).
@@ -114,6 +118,7 @@ impl<S> Shed<S> {
             peers: None,
             streamed: None,
             closing: None,
+            apart: None,
         }
     }
 
@@ -141,6 +146,15 @@ impl<S> Shed<S> {
             peers: per_peer.peers(),
             streamed: None,
             closing: None,
+            apart: None,
+        }
+    }
+
+    /// Listed balancers' and checkers' streams take `permits` instead (see `apart`).
+    pub fn apart_for_checkers(self, permits: Arc<Semaphore>) -> Self {
+        Self {
+            apart: Some(permits),
+            ..self
         }
     }
 
@@ -272,6 +286,10 @@ impl<S: Routes> Shed<S> {
     /// gate recorded) and a permit; `None` when one is full (or its address is gone: a
     /// dead socket).
     fn place_from_headers(&self, extensions: &http::Extensions, streamed: bool) -> Option<Place> {
+        if let Some(apart) = (self.apart.as_ref()).filter(|_| connections::checks_apart(extensions))
+        {
+            return Some(Place::of(Arc::clone(apart).try_acquire_owned().ok()?));
+        }
         let peer = match &self.peers {
             None => None,
             Some(peers) => Some(Peers::enter(peers, connections::peer_address(extensions)?).ok()?),

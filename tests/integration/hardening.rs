@@ -662,6 +662,30 @@ async fn one_peer_cannot_take_every_health_watch() {
     }
 }
 
+/// Eight IPv4 peers (or the /64s of one /48) could take every health watch, and a
+/// listed load balancer's own watch and a listed checker's (gRPC client-side health
+/// checking watches) were then shed: the node taken for down. They now have a pool of
+/// their own, as their checks have a budget of their own; a stranger is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listed_balancers_and_checkers_health_watches_are_admitted_when_others_fill_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkers = "health_checks_from = [\"127.0.0.60\"]";
+    let limits = "health_watches_max = 4\nhealth_watches_per_peer_max = 2\n";
+    let server = behind_a_listed_balancer(dir.path(), (checkers, limits));
+    let _first = watches_admitted([127, 0, 0, 2], 2, &server).await;
+    let _second = watches_admitted([127, 0, 0, 3], 2, &server).await;
+    let (code, _) = health_watch_from([127, 0, 0, 4], &server).await;
+    assert_eq!(code, Some(UNAVAILABLE), "a stranger's watch past the pool");
+    let (code, _checker) = health_watch_from([127, 0, 0, 60], &server).await;
+    assert_eq!(code, None, "the listed checker's watch");
+    let mut own = tcp_from([127, 0, 0, 1], &server).await;
+    tokio::io::AsyncWriteExt::write_all(&mut own, V2_LOCAL)
+        .await
+        .unwrap();
+    let (code, _own) = health_watch_over(own, &server).await;
+    assert_eq!(code, None, "the balancer's own watch");
+}
+
 /// `count` health watches from `source`, each admitted, held open.
 async fn watches_admitted(source: [u8; 4], count: usize, server: &ChildServer) -> Vec<HeldStream> {
     let mut held = Vec::new();
@@ -676,7 +700,14 @@ async fn watches_admitted(source: [u8; 4], count: usize, server: &ChildServer) -
 /// What a health Watch from `source` got, on a connection of its own: `None` while its
 /// stream is open, or the code it was refused with; and the stream, held open.
 async fn health_watch_from(source: [u8; 4], server: &ChildServer) -> (Option<u32>, HeldStream) {
-    let stream = tcp_from(source, server).await;
+    health_watch_over(tcp_from(source, server).await, server).await
+}
+
+/// `health_watch_from`, on a connection already open (and started, if it must be).
+async fn health_watch_over(
+    stream: tokio::net::TcpStream,
+    server: &ChildServer,
+) -> (Option<u32>, HeldStream) {
     let (mut client, connection) = h2::client::handshake(stream).await.unwrap();
     let connection = tokio::spawn(connection);
     let uri = format!("http://{}/grpc.health.v1.Health/Watch", address(server));
