@@ -381,6 +381,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// One of `serve`'s status lines on stdout: a reader gone (`serve | head -1`, a log
+/// pipe that died) never stops the server, which goes on without them.
+fn status_line(text: &str) {
+    if let Err(error) = prenota::cli::write_out(text) {
+        tracing::warn!(%error, "a status line could not be written");
+    }
+}
+
 /// `prenota backup`: of a stopped data dir, or from a running server.
 fn backup(args: &BackupArgs, runtime: &tokio::runtime::Runtime) -> Result<(), String> {
     match &args.data_dir {
@@ -489,11 +497,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         if !metrics.ip().is_loopback() {
             tracing::warn!(%metrics, "metrics are served unauthenticated beyond loopback");
         }
-        println!("prenota metrics on http://{metrics}/metrics");
+        status_line(&format!("prenota metrics on http://{metrics}/metrics"));
     }
     let (tokens, tls) = (config.tokens.len(), config.tls.is_some());
     // Health answers NOT_SERVING (and prenota's services RECOVERING) from here on.
-    println!("prenota recovering on {address}");
+    status_line(&format!("prenota recovering on {address}"));
     tracing::info!(%address, data_dir = %data_dir.display(), "recovering the store");
     let options = ServeOptions {
         data_dir: data_dir.clone(),
@@ -503,7 +511,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     prenota::server::recover_and_serve(options, listener, shutdown_signal(), || {
         // Tests and scripts wait for this exact line before sending requests.
-        println!("prenota listening on {address}");
+        status_line(&format!("prenota listening on {address}"));
         tracing::info!(%address, tokens, tls, "serving prenota.v1");
     })
     .await

@@ -485,3 +485,52 @@ async fn an_import_whose_client_dies_midway_is_cancelled_not_a_server_failure() 
     assert_eq!(reason(&first_site).as_deref(), Some("SITE_NOT_FOUND"));
     server.terminate();
 }
+
+/// `prenota serve … | head -1`: once the reader of its status lines was gone, the
+/// server panicked at its next line (exit 101) before it ever served. It now serves on
+/// without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_stdout_reader_is_gone_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args([
+            "serve",
+            "--listen",
+            &address,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn prenota serve");
+    drop(child.stdout.take()); // every status line meets a closed pipe
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{address}"));
+        let channel = channel.unwrap();
+        let serving = match channel.connect().await {
+            Ok(channel) => health_of(channel, "").await == ServingStatus::Serving,
+            Err(_) => false,
+        };
+        if serving {
+            break;
+        }
+        let exited = child.try_wait().unwrap();
+        assert!(exited.is_none(), "the server exited: {exited:?}");
+        assert!(Instant::now() < deadline, "never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(child.try_wait().unwrap().is_none(), "still serving");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
