@@ -219,7 +219,14 @@ fn explanation(status: &Status, only_reads: bool) -> String {
         if let Some(bad) = status.get_details_bad_request() {
             let count = bad.field_violations.len();
             let problems = if count == 1 { "problem" } else { "problems" };
-            text = format!("the server refused it; nothing was applied ({count} {problems}):");
+            let cut = (bad.field_violations.iter()).any(|v| {
+                v.description.contains("not listed") || v.description.contains("are listed")
+            });
+            let count = match cut {
+                true => "more problems than listed".to_string(),
+                false => format!("{count} {problems}"),
+            };
+            text = format!("the server refused it; nothing was applied ({count}):");
             for violation in &bad.field_violations {
                 text.push_str(&format!(
                     "\n  {}: {}",
@@ -552,8 +559,9 @@ async fn create_releases(
             .map_err(|status| {
                 let said = explain(&status).replacen("; nothing was applied", "", 1);
                 format!(
-                    "release {id} (line {line}) was not created: {said}\nno slot was imported; \
-                     the file's sites are registered (empty): mend the file and send it again"
+                    "release {id} (line {line}) was not created: {said}\nno slot of the file \
+                     was imported (its sites are registered, with the slots they had): mend \
+                     the file and send it again"
                 )
             })?;
         print_out(&format!("release {id} over {sites} sites: announced"))?;

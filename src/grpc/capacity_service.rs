@@ -120,16 +120,18 @@ impl ReceivedImport {
         if self.errors == 0 {
             return Ok(());
         }
-        let mut violations = self.violations.clone();
+        let mut violations = Vec::with_capacity(self.violations.len() + 1);
+        // First: the answer keeps only its first 4 KiB of violations.
         if self.errors > limits.import_errors_reported_max {
             violations.push(FieldViolation::new(
                 "rows",
                 format!(
-                    "{} rows have errors; only the first {} are listed",
+                    "{} rows have errors; only those of the first {} are listed",
                     self.errors, limits.import_errors_reported_max
                 ),
             ));
         }
+        violations.extend(self.violations.iter().cloned());
         Err(DomainError::Invalid(violations))
     }
 }

@@ -566,25 +566,21 @@ impl Engine {
         (actor, action, what): (&str, &str, String),
     ) -> Result<PublishOutcome, ServiceError> {
         let lowered = lower_capacities(&plans)?;
+        let changed = self.changed_sites(&sites);
         let mut writes = publish_writes(&sites, &plans, self.now_unix_ms());
         if !writes.is_empty() {
             let created: usize = plans.iter().map(|plan| plan.created.len()).sum();
             let updated: usize = plans.iter().map(|plan| plan.updated.len()).sum();
+            let mut detail = match sites.len() {
+                0 => format!("{what}: {created} slots created, {updated} updated"),
+                n => format!("{what}: {n} sites, {created} slots created, {updated} updated"),
+            };
+            if !changed.is_empty() {
+                detail.push_str(&format!("; sites changed: {}", changed.join(", ")));
+            }
             // First: a chunked write's first chunk says who asked for it, so every part
             // of it applied (before a crash, or in an online backup) is audited.
-            writes.insert(
-                0,
-                self.audit(
-                    actor,
-                    action,
-                    match sites.len() {
-                        0 => format!("{what}: {created} slots created, {updated} updated"),
-                        n => {
-                            format!("{what}: {n} sites, {created} slots created, {updated} updated")
-                        }
-                    },
-                ),
-            );
+            writes.insert(0, self.audit(actor, action, detail));
         }
         undo_if_never_written(self.commit_in_chunks(writes).await, || {
             restore_capacities(lowered)
@@ -593,6 +589,22 @@ impl Engine {
         // After the slots are in memory: a matching step that hears of them finds them.
         self.campaigns.place_returned();
         published
+    }
+
+    /// What `sites` change of the sites already there (name, region), as the audit says.
+    fn changed_sites(&self, sites: &[Site]) -> Vec<String> {
+        let catalog = self.catalog();
+        let was = |site: &Site| catalog.site(&site.site_id).cloned();
+        (sites.iter())
+            .filter_map(|site| Some((site, was(site)?)))
+            .filter(|(site, old)| site.name != old.name || site.region_id != old.region_id)
+            .map(|(site, old)| {
+                format!(
+                    "{} {:?} in region {} (was {:?} in region {})",
+                    site.site_id, site.name, site.region_id, old.name, old.region_id
+                )
+            })
+            .collect()
     }
 
     /// After the durable write: the sites, new slots, new ends and raised capacities.

@@ -89,6 +89,60 @@ async fn an_import_cancelled_before_its_end_applies_nothing() {
     server.stop().await;
 }
 
+/// 300 bad rows: the answer keeps 4 KiB of violations, and the count of rows with errors
+/// came last, so it was cut off (the CLI then said "78 problems"). It comes first now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_with_many_bad_rows_says_first_how_many_have_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let rows = (0..300)
+        .map(|n| row(n + 2, &format!("bad-{n}"), "Europe/Atlantis", "2027-03-29"))
+        .collect();
+    let status = import(&mut server.capacity().await, rows, false)
+        .await
+        .unwrap_err();
+    let fields = violated_fields(&status);
+    assert!(fields.len() < 101, "cut at 4 KiB: {}", fields.len());
+    let bad = tonic_types::StatusExt::get_details_bad_request(&status).unwrap();
+    let first = &bad.field_violations[0];
+    assert_eq!(first.field, "rows");
+    assert!(
+        first.description.starts_with("300 rows have errors"),
+        "{first:?}"
+    );
+    server.stop().await;
+}
+
+/// An import that moved a site to another region was audited as "1 rows: 1 sites, 0
+/// slots created, 0 updated" (UpsertSite says where a site goes): it now says what
+/// changed, and what it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_that_moves_or_renames_a_site_says_so_in_the_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut client = server.capacity().await;
+    let first = row(2, "moving", "Europe/Rome", "2027-03-29");
+    import(&mut client, vec![first.clone()], false)
+        .await
+        .unwrap();
+    let mut moved = first;
+    let site = moved.site.as_mut().unwrap();
+    (site.region_id, site.name) = ("veneto".into(), "Moved".into());
+    import(&mut client, vec![moved], false).await.unwrap();
+    let request = proto::ExportAuditLogRequest {};
+    let mut log = client.export_audit_log(request).await.unwrap().into_inner();
+    let mut details = Vec::new();
+    while let Some(item) = log.message().await.unwrap() {
+        details.push(item.entry.unwrap().detail);
+    }
+    let last = details.last().unwrap();
+    let said =
+        "sites changed: moving \"Moved\" in region veneto (was \"Site moving\" in region lazio)";
+    assert!(last.contains(said), "{details:?}");
+    assert!(!details[0].contains("sites changed"), "{details:?}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_with_one_bad_row_applies_nothing_and_names_the_row() {
     let dir = tempfile::tempdir().unwrap();
