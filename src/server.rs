@@ -408,7 +408,8 @@ async fn run(
                 (
                     Duration::from_millis(limits.connection_opening_timeout_ms),
                     Duration::from_millis(
-                        limits.connection_age_max_ms + limits.connection_age_grace_ms,
+                        (limits.connection_age_max_ms)
+                            .saturating_add(limits.connection_age_grace_ms),
                     ),
                 ),
             ),

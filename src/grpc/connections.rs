@@ -346,9 +346,8 @@ impl AsyncRead for Counted {
             return Poll::Ready(Err(closed()));
         }
         // Before reading: a client that keeps sending must meet it too.
-        if self.ends.as_mut().poll(cx).is_ready() {
-            let old = "connection_age_max_ms + connection_age_grace_ms passed";
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, old)));
+        if self.ended(cx) {
+            return Poll::Ready(Err(too_old()));
         }
         if !self.replay.is_empty() && buf.remaining() > 0 {
             let replayed = buf.remaining().min(self.replay.len());
@@ -376,7 +375,20 @@ impl AsyncRead for Counted {
     }
 }
 
+/// The error a connection past its age and grace meets.
+fn too_old() -> io::Error {
+    let old = "connection_age_max_ms + connection_age_grace_ms passed";
+    io::Error::new(io::ErrorKind::TimedOut, old)
+}
+
 impl Counted {
+    /// Whether its age and grace have passed. Asked on writes too: a transport that
+    /// cannot write (a client that reads nothing, its socket's buffer full) reads no
+    /// more, but keeps trying to write.
+    fn ended(&mut self, cx: &mut Context<'_>) -> bool {
+        self.ends.as_mut().poll(cx).is_ready()
+    }
+
     fn count_received(&mut self, bytes: usize) {
         self.received += bytes;
         if self.received >= OPENING_BYTES {
@@ -394,10 +406,16 @@ impl AsyncWrite for Counted {
         if self.closer.is_closed() {
             return Poll::Ready(Err(closed()));
         }
+        if self.ended(cx) {
+            return Poll::Ready(Err(too_old()));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.ended(cx) {
+            return Poll::Ready(Err(too_old()));
+        }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
@@ -412,6 +430,9 @@ impl AsyncWrite for Counted {
     ) -> Poll<io::Result<usize>> {
         if self.closer.is_closed() {
             return Poll::Ready(Err(closed()));
+        }
+        if self.ended(cx) {
+            return Poll::Ready(Err(too_old()));
         }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }

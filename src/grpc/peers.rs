@@ -147,6 +147,19 @@ impl PeerPlace {
     }
 }
 
+impl PeerPlace {
+    /// `units` more, past the caps if need be: the places asked next are refused until
+    /// they are given back.
+    pub fn grow_past(&mut self, units: usize) {
+        let peers = &self.peers;
+        let mut held = peers.held.lock().unwrap_or_else(|p| p.into_inner());
+        for (holder, _, _) in peers.caps_of(self.peer) {
+            *held.entry(holder).or_insert(0) += units;
+        }
+        self.units += units;
+    }
+}
+
 impl Drop for PeerPlace {
     fn drop(&mut self) {
         if self.units == 0 {

@@ -11,7 +11,9 @@
 //! `receiving_bytes_max` in all and from its peer's `receiving_bytes_per_peer_max` (an
 //! IPv4 address, an IPv6 /64). A call that would pass either is shed at once
 //! (UNAVAILABLE / OVERLOADED with a RetryInfo) and gives back what it held; a call
-//! received gives it back once its reply is ready. The budgets count the message as it
+//! received holds it, and its reply's message too, until the transport has taken the
+//! reply ([`held_until_sent`]; a streaming reply gives it back once its headers are
+//! ready). The budgets count the message as it
 //! was sent, so they bound memory closely, not exactly: tonic copies the message once
 //! more to decode it, the decoded message may be larger, and a buffer that grows holds
 //! its old and new copies for a moment.
@@ -43,7 +45,7 @@ const GRPC_FRAME_PREFIX_BYTES: usize = 5;
 
 /// The budgets calls reserve from until answered, shared by every service they wrap.
 pub struct Receiving {
-    total: Budget,
+    total: Arc<Budget>,
     /// `None`: no cap per peer.
     peers: Option<Arc<Peers>>,
     /// How long a message may take to arrive, from the call's headers (`None`: until
@@ -53,7 +55,7 @@ pub struct Receiving {
     /// health checker's, if apart: a budget of their own, as large as the total, so
     /// others filling the total never shed them (health checks: the checker would take
     /// the node for down).
-    checkers: Option<Budget>,
+    checkers: Option<Arc<Budget>>,
 }
 
 /// Bytes taken of `max`; nothing ever waits for them: a take past `max` fails at once
@@ -83,12 +85,13 @@ impl Budget {
 const MESSAGE_START_BYTES: usize = 1024;
 
 /// What one call holds of the budgets; given back when dropped.
-pub struct Reserved<'a> {
-    receiving: &'a Receiving,
+pub struct Reserved {
+    /// How long its message may take to arrive (`Receiving::within`).
+    within: Option<Duration>,
     /// Taken of `budget` and of the peer's, in `peer`.
     bytes: usize,
     /// The total, or the checkers' own budget.
-    budget: &'a Budget,
+    budget: Arc<Budget>,
     peer: Option<PeerPlace>,
     /// Reserved, not yet grown into.
     spare: usize,
@@ -99,10 +102,10 @@ impl Receiving {
     pub fn new(total_max: usize, per_peer: PeerCaps) -> Self {
         assert!(total_max >= 1, "receiving_bytes_max is checked at start-up");
         Self {
-            total: Budget {
+            total: Arc::new(Budget {
                 taken: AtomicUsize::new(0),
                 max: total_max,
-            },
+            }),
             peers: per_peer.peers(),
             within: None,
             checkers: None,
@@ -120,17 +123,17 @@ impl Receiving {
     /// listed health checker's: `ConnectionInfo::checks_apart`) take a budget of their
     /// own, as large as the total (and their peer's share), not the total.
     pub fn with_checkers_apart(self) -> Self {
-        let checkers = Some(Budget {
+        let checkers = Some(Arc::new(Budget {
             taken: AtomicUsize::new(0),
             max: self.total.max,
-        });
+        }));
         Self { checkers, ..self }
     }
 
     /// The reservation of a call starting with `parts` (and the start of its message);
     /// `None` when a budget is spent (or, with a cap per peer, its peer's address is
     /// gone: a dead socket).
-    pub fn reserve(&self, parts: &http::request::Parts) -> Option<Reserved<'_>> {
+    pub fn reserve(&self, parts: &http::request::Parts) -> Option<Reserved> {
         let bytes = call_bytes(parts) + MESSAGE_START_BYTES;
         let peer = match &self.peers {
             None => None,
@@ -148,9 +151,9 @@ impl Receiving {
         }
         let spare = MESSAGE_START_BYTES;
         Some(Reserved {
-            receiving: self,
+            within: self.within,
             bytes,
-            budget,
+            budget: Arc::clone(budget),
             peer,
             spare,
         })
@@ -158,11 +161,11 @@ impl Receiving {
 
     /// Bytes free in the total budget.
     pub fn available(&self) -> usize {
-        self.total.max - self.total.taken.load(Ordering::Acquire)
+        (self.total.max).saturating_sub(self.total.taken.load(Ordering::Acquire))
     }
 }
 
-impl Reserved<'_> {
+impl Reserved {
     /// `bytes` more (of the message's buffer): from the spare first; `false`, nothing
     /// more taken, when a budget would be passed.
     fn grow(&mut self, bytes: usize) -> bool {
@@ -185,7 +188,20 @@ impl Reserved<'_> {
     }
 }
 
-impl Drop for Reserved<'_> {
+impl Reserved {
+    /// `bytes` more, past the budgets if need be (a reply already made, waiting for its
+    /// client to read it): the calls that come next are shed until it is given back.
+    pub fn hold_past(&mut self, bytes: usize) {
+        let more = bytes.saturating_sub(std::mem::take(&mut self.spare));
+        self.budget.taken.fetch_add(more, Ordering::AcqRel);
+        if let Some(peer) = &mut self.peer {
+            peer.grow_past(more);
+        }
+        self.bytes += more;
+    }
+}
+
+impl Drop for Reserved {
     fn drop(&mut self) {
         self.budget.give(self.bytes);
     }
@@ -212,13 +228,13 @@ fn call_bytes(parts: &http::request::Parts) -> usize {
 /// stream; DEADLINE_EXCEEDED if it has not all come within the deadline.
 pub async fn receive(
     body: tonic::body::Body,
-    message_bytes_max: usize,
-    reserved: &mut Reserved<'_>,
+    largest: MessageLimit,
+    reserved: &mut Reserved,
 ) -> Result<Bytes, Status> {
-    let Some(within) = reserved.receiving.within else {
-        return receive_whole(body, message_bytes_max, reserved).await;
+    let Some(within) = reserved.within else {
+        return receive_whole(body, largest, reserved).await;
     };
-    let received = receive_whole(body, message_bytes_max, reserved);
+    let received = receive_whole(body, largest, reserved);
     tokio::time::timeout(within, received)
         .await
         .unwrap_or_else(|_| {
@@ -229,15 +245,19 @@ pub async fn receive(
         })
 }
 
+/// The largest message a call may send, and the limit's name (said to a client that
+/// sends more): `message_size_bytes_max`, or for health `probe_message_size_bytes_max`.
+pub type MessageLimit = (usize, &'static str);
+
 /// [`receive`] without its deadline.
 async fn receive_whole(
     mut body: tonic::body::Body,
-    message_bytes_max: usize,
-    reserved: &mut Reserved<'_>,
+    (message_bytes_max, limit): MessageLimit,
+    reserved: &mut Reserved,
 ) -> Result<Bytes, Status> {
     let too_large = || {
         Status::out_of_range(format!(
-            "the message is too large: at most {message_bytes_max} bytes (message_size_bytes_max)"
+            "the message is too large: at most {message_bytes_max} bytes ({limit})"
         ))
     };
     let after_it =
@@ -297,6 +317,66 @@ fn make_room(
     true
 }
 
+/// `reply`, whose body holds `reserved`, grown by its message, until the transport
+/// takes what follows the message (its trailers): a client that keeps its window shut
+/// never does, so the replies it leaves unread count against its peer's share and the
+/// total like messages half-sent, and its next calls are shed, rather than each of its
+/// streams holding a reply (a page of slots: 45 KB) for as long as its connection lives.
+/// A reply the transport takes at once (an open window) gives it back at once.
+pub fn held_until_sent(
+    reply: http::Response<tonic::body::Body>,
+    reserved: Reserved,
+) -> http::Response<tonic::body::Body> {
+    reply.map(|inner| {
+        tonic::body::Body::new(Unsent {
+            inner,
+            reserved: Some(reserved),
+            taken: false,
+        })
+    })
+}
+
+struct Unsent {
+    inner: tonic::body::Body,
+    /// Given back once the message has gone and something else is asked for.
+    reserved: Option<Reserved>,
+    /// Whether the message has been taken (and `reserved` grown by it).
+    taken: bool,
+}
+
+impl http_body::Body for Unsent {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        // The first message only: a reply that streams (a watch) gives it back as soon
+        // as the transport asks for its next one.
+        let this = &mut *self;
+        if let std::task::Poll::Ready(frame) = &polled {
+            match (frame, this.reserved.as_mut(), this.taken) {
+                (Some(Ok(frame)), Some(reserved), false) if frame.is_data() => {
+                    reserved.hold_past(frame.data_ref().map_or(0, |data| data.len()));
+                    this.taken = true;
+                }
+                _ => this.reserved = None,
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// UNAVAILABLE / OVERLOADED, counted as shed.
 pub fn shed() -> Status {
     metrics::counter!(crate::telemetry::SHED).increment(1);
@@ -339,7 +419,7 @@ mod tests {
     }
 
     /// A call from each of three peers.
-    fn fill_from_three_peers(receiving: &Receiving) -> Vec<Reserved<'_>> {
+    fn fill_from_three_peers(receiving: &Receiving) -> Vec<Reserved> {
         let peers = ["192.0.2.1:1", "192.0.2.2:1", "192.0.2.3:1"];
         let parts = peers.map(parts_from);
         parts
@@ -452,12 +532,31 @@ mod tests {
         assert_eq!(receiving.available(), 10_000);
     }
 
+    /// A health check's message past its limit was told of `message_size_bytes_max`, a
+    /// limit it does not meet: the refusal names the limit the call has.
+    #[tokio::test]
+    async fn a_message_too_large_is_told_the_limit_it_passed() {
+        let receiving = Receiving::new(1 << 20, PeerCaps::NONE);
+        let mut reserved = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
+        let mut message = vec![0u8; GRPC_FRAME_PREFIX_BYTES];
+        message[1..].copy_from_slice(&100u32.to_be_bytes());
+        let body = tonic::body::Body::new(http_body_util::Full::new(Bytes::from(message)));
+        let limit = (10, "probe_message_size_bytes_max");
+        let refused = receive(body, limit, &mut reserved).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::OutOfRange);
+        let text = refused.message();
+        assert!(
+            text.contains("at most 10 bytes (probe_message_size_bytes_max)"),
+            "{text}"
+        );
+    }
+
     /// How `receive` answers `message` sent whole, with `total` bytes of budget.
     async fn received(message: Vec<u8>, total: usize) -> Result<Bytes, tonic::Code> {
         let receiving = Receiving::new(total, PeerCaps::NONE);
         let mut reserved = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
         let body = tonic::body::Body::new(http_body_util::Full::new(Bytes::from(message)));
-        let received = receive(body, 100_000, &mut reserved).await;
+        let received = receive(body, (100_000, "message_size_bytes_max"), &mut reserved).await;
         received.map_err(|status| status.code())
     }
 

@@ -68,7 +68,7 @@ pub struct Shed<S> {
     unary_counted: bool,
     /// A one-message call's message is received, under `receiving`'s budgets, before the
     /// call is served: at most this many bytes.
-    message_bytes_max: usize,
+    message_bytes_max: receiving::MessageLimit,
     receiving: Arc<Receiving>,
     /// When set, a peer's streams hold at most so many of the permits.
     peers: Option<Arc<Peers>>,
@@ -113,7 +113,7 @@ impl<S> Shed<S> {
             inner,
             permits,
             unary_counted: true,
-            message_bytes_max,
+            message_bytes_max: (message_bytes_max, "message_size_bytes_max"),
             receiving: Arc::clone(receiving),
             peers: None,
             streamed: None,
@@ -141,7 +141,7 @@ impl<S> Shed<S> {
             inner,
             permits,
             unary_counted: false,
-            message_bytes_max,
+            message_bytes_max: (message_bytes_max, "probe_message_size_bytes_max"),
             receiving: Arc::clone(receiving),
             peers: per_peer.peers(),
             streamed: None,
@@ -233,7 +233,8 @@ where
 
 impl<S: Routes> Shed<S> {
     /// A call with one request message: it is received (at most `message_bytes_max`,
-    /// under `receiving`'s budgets, which it holds until its reply is ready) before the
+    /// under `receiving`'s budgets, which it holds until its reply has gone to the
+    /// transport: `receiving::held_until_sent`) before the
     /// call takes a place (when one-reply calls are counted, or it is `streaming`),
     /// which it holds until its reply is ready, or, when `streaming`, until its reply
     /// stream ends.
@@ -254,15 +255,20 @@ impl<S: Routes> Shed<S> {
             };
             let body = tonic::body::Body::new(http_body_util::Full::new(received));
             let request = http::Request::from_parts(parts, body);
-            let Some(permits) = permits else {
-                return inner.call(request).await; // `reserved` held until the reply
-            };
-            let Ok(permit) = permits.try_acquire_owned() else {
-                return Ok(shed());
+            let permit = match permits.map(Semaphore::try_acquire_owned) {
+                None => None,
+                Some(Ok(permit)) => Some(permit),
+                Some(Err(_)) => return Ok(shed()),
             };
             let response = inner.call(request).await?;
-            drop(reserved); // the reply is ready (or, streaming, its headers are)
-            Ok(counted(response, Place::of(permit), streaming))
+            let response = match streaming {
+                false => receiving::held_until_sent(response, reserved),
+                true => response, // `reserved` given back: its headers are ready
+            };
+            Ok(match permit {
+                Some(permit) => counted(response, Place::of(permit), streaming),
+                None => response,
+            })
         })
     }
 

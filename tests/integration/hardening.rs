@@ -16,6 +16,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const WINDOW_UPDATE: u8 = 0x8;
 const END_STREAM: u8 = 0x1;
@@ -323,6 +324,47 @@ fn a_connection_past_its_age_gets_goaway_then_is_closed_after_its_grace() {
         "closed at {lived:?}, in the grace"
     );
     assert!(lived < Duration::from_millis(6_000), "closed at {lived:?}");
+}
+
+/// A client that floods PINGs and reads nothing fills the server's socket buffer: the
+/// transport, unable to write its answers (the GOAWAY too), reads no more, so a close
+/// checked on reads only never came. The connection is closed at age + grace all the
+/// same.
+#[test]
+fn a_connection_whose_client_reads_nothing_is_closed_after_its_age_and_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("CONNECTION_AGE_MAX_MS", "1500"),
+        ("CONNECTION_AGE_GRACE_MS", "1000"),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let mut socket = TcpStream::connect(address(&server)).unwrap();
+    let connected = Instant::now();
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    socket.write_all(&hello).unwrap();
+    socket
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let pings: Vec<u8> = (0..1_000)
+        .flat_map(|_| frame(PING, 0, 0, &[7; 8]))
+        .collect();
+    let ended = loop {
+        match socket.write(&pings) {
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) => break error,
+        }
+        assert!(
+            connected.elapsed() < Duration::from_secs(15),
+            "still open after 15 s"
+        );
+    };
+    let lived = connected.elapsed();
+    assert!(
+        lived >= Duration::from_millis(2_000),
+        "closed at {lived:?}: {ended}"
+    );
 }
 
 /// The metrics port (no token) took every idle connection offered: 20,000 of them
@@ -717,9 +759,9 @@ async fn health_watch_over(
         .body(())
         .unwrap();
     let (response, mut body) = client.send_request(request, false).unwrap();
-    // An empty HealthCheckRequest (the whole server): a 5-byte frame of length 0.
-    body.send_data(bytes::Bytes::from_static(&[0; 5]), true)
-        .unwrap();
+    // An empty HealthCheckRequest (the whole server): a 5-byte frame of length 0. A
+    // watch refused at its headers may have ended already: its answer says so.
+    let _ = body.send_data(bytes::Bytes::from_static(&[0; 5]), true);
     let (code, response) = refusal_of(response).await;
     let held = HeldStream {
         _client: client,
@@ -1379,6 +1421,48 @@ async fn codes_within(calls: Vec<h2::client::ResponseFuture>, wait: Duration) ->
             .flatten()
     });
     futures::future::join_all(within).await
+}
+
+/// A client that keeps its window shut and sends call after call left a reply on each
+/// stream for as long as its connection lived (45 KB a page of slots: 42 MB a connection,
+/// with nothing shed). A reply now holds its call's share of what its peer may hold
+/// until the client takes it, so past its share the peer's next calls are shed, another
+/// peer is answered, and the share comes back with the connection's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_a_client_leaves_unread_count_against_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = 96 * 1024; // about 16 checks' worth
+    let total = (32 * share).to_string();
+    let server = ChildServer::with_limits(dir.path(), &[("HEALTH_RECEIVING_BYTES_MAX", &total)]);
+    let stream = tcp_from([127, 0, 0, 2], &server).await;
+    let mut shut = h2::client::Builder::new();
+    let (client, connection) = (shut.initial_window_size(0).handshake(stream).await).unwrap();
+    let connection = tokio::spawn(connection);
+    let mut calls = Vec::new();
+    for _ in 0..60 {
+        calls.push(send_call(&client, HEALTH_CHECK, Some(grpc_frame(&[])), true).await);
+    }
+    let (unread, shed) = held_and_shed(&codes_within(calls, Duration::from_secs(3)).await);
+    assert!(
+        (8..=24).contains(&unread),
+        "{unread} replies held, {shed} shed"
+    );
+    assert_eq!(unread + shed, 60);
+    let (other, _other_connection) = h2_client_from([127, 0, 0, 3], &server).await;
+    let check = send_call(&other, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+    assert_eq!(grpc_status_of(check).await, Some(0), "another peer's check");
+    connection.abort();
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (again, _connection) = h2_client_from([127, 0, 0, 2], &server).await;
+        let check = send_call(&again, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+        match grpc_status_of(check).await {
+            Some(0) => break,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("the share never came back: {other:?}"),
+        }
+    }
 }
 
 /// An HTTP/2 client on its own connection to `server` from `source`; and the

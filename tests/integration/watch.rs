@@ -296,3 +296,31 @@ async fn a_token_opening_watches_past_its_snapshot_slots_waits() {
     assert_eq!(next_watched_slot(&mut third).await.site_id, "small");
     server.stop().await;
 }
+
+/// A watch streams its reply: what its call holds of the receiving budgets goes back
+/// once its first message is taken, so a long watch's messages never add up against its
+/// peer's share (a frontend watching a few thousand slots would have had every call
+/// after it shed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_watch_holds_nothing_of_its_peers_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.limits.message_size_bytes_max = 64 * 1024;
+    config.limits.receiving_bytes_per_peer_max = 128 * 1024;
+    let server = TestServer::start_with(dir.path(), config).await;
+    upsert_site(&mut server.capacity().await, "busy", "r", "Etc/UTC").await;
+    let day = day_ahead(30);
+    let request = publish_request("busy", "vax", (&day, &day), ("00:00", "23:59"), 1, 5);
+    let mut capacity = server.capacity().await;
+    capacity.publish_schedule(request).await.unwrap();
+    let mut client = server.booking().await;
+    let mut stream = watch(&mut client, "busy").await;
+    for _ in 0..1_439 {
+        next_watched_slot(&mut stream).await; // some 200 KB of messages
+    }
+    for _ in 0..20 {
+        // search_all pages through every slot: 15 calls, each answered (or it panics).
+        assert_eq!(search_all(&mut client, "busy", "vax").await.len(), 1_439);
+    }
+    server.stop().await;
+}
