@@ -484,9 +484,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     {
         tracing::warn!("{warning}");
     }
-    if data_dir.exists() && !data_dir.is_dir() {
-        return Err(format!("data dir {}: not a directory", data_dir.display()));
-    }
+    prenota::store::refuse_a_file(&data_dir)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

@@ -342,12 +342,9 @@ impl AsyncRead for Counted {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         self.closer.0.reader.register(cx.waker());
-        if self.closer.is_closed() {
-            return Poll::Ready(Err(closed()));
-        }
-        // Before reading: a client that keeps sending must meet it too.
-        if self.ended(cx) {
-            return Poll::Ready(Err(too_old()));
+        // Before reading: a client that keeps sending must meet them too.
+        if let Some(shut) = self.shut(cx) {
+            return Poll::Ready(Err(shut));
         }
         if !self.replay.is_empty() && buf.remaining() > 0 {
             let replayed = buf.remaining().min(self.replay.len());
@@ -389,6 +386,15 @@ impl Counted {
         self.ends.as_mut().poll(cx).is_ready()
     }
 
+    /// Why its next read or write must fail, if it must: closed by a request, or past
+    /// its age and grace.
+    fn shut(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        match self.closer.is_closed() {
+            true => Some(closed()),
+            false => self.ended(cx).then(too_old),
+        }
+    }
+
     fn count_received(&mut self, bytes: usize) {
         self.received += bytes;
         if self.received >= OPENING_BYTES {
@@ -403,11 +409,8 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.closer.is_closed() {
-            return Poll::Ready(Err(closed()));
-        }
-        if self.ended(cx) {
-            return Poll::Ready(Err(too_old()));
+        if let Some(shut) = self.shut(cx) {
+            return Poll::Ready(Err(shut));
         }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
@@ -428,11 +431,8 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.closer.is_closed() {
-            return Poll::Ready(Err(closed()));
-        }
-        if self.ended(cx) {
-            return Poll::Ready(Err(too_old()));
+        if let Some(shut) = self.shut(cx) {
+            return Poll::Ready(Err(shut));
         }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }

@@ -128,15 +128,29 @@ impl PeerPlace {
     /// `units` more for this holder; refused (nothing taken) when its peer, or its IPv6
     /// /48, would pass its cap.
     pub fn grow(&mut self, units: usize) -> Result<(), Cap> {
+        self.add(units, true)
+    }
+
+    /// `units` more, past the caps if need be: the places asked next are refused until
+    /// they are given back.
+    pub fn grow_past(&mut self, units: usize) {
+        let added = self.add(units, false);
+        debug_assert!(added.is_ok(), "only a capped add is refused");
+    }
+
+    /// `units` more, checked against the caps first when `capped` (under one lock).
+    fn add(&mut self, units: usize, capped: bool) -> Result<(), Cap> {
         if units == 0 {
             return Ok(());
         }
         let peers = &self.peers;
         let mut held = peers.held.lock().unwrap_or_else(|p| p.into_inner());
-        for (holder, max, cap) in peers.caps_of(self.peer) {
-            let now = held.get(&holder).copied().unwrap_or(0);
-            if now.checked_add(units).is_none_or(|grown| grown > max) {
-                return Err(cap);
+        if capped {
+            for (holder, max, cap) in peers.caps_of(self.peer) {
+                let now = held.get(&holder).copied().unwrap_or(0);
+                if now.checked_add(units).is_none_or(|grown| grown > max) {
+                    return Err(cap);
+                }
             }
         }
         for (holder, _, _) in peers.caps_of(self.peer) {
@@ -144,19 +158,6 @@ impl PeerPlace {
         }
         self.units += units;
         Ok(())
-    }
-}
-
-impl PeerPlace {
-    /// `units` more, past the caps if need be: the places asked next are refused until
-    /// they are given back.
-    pub fn grow_past(&mut self, units: usize) {
-        let peers = &self.peers;
-        let mut held = peers.held.lock().unwrap_or_else(|p| p.into_inner());
-        for (holder, _, _) in peers.caps_of(self.peer) {
-            *held.entry(holder).or_insert(0) += units;
-        }
-        self.units += units;
     }
 }
 

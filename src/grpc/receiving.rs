@@ -186,18 +186,19 @@ impl Reserved {
         self.spare -= from_spare;
         true
     }
-}
 
-impl Reserved {
     /// `bytes` more, past the budgets if need be (a reply already made, waiting for its
-    /// client to read it): the calls that come next are shed until it is given back.
+    /// client to read it): from the spare first, like `grow`; the calls that come next
+    /// are shed until it is given back.
     pub fn hold_past(&mut self, bytes: usize) {
-        let more = bytes.saturating_sub(std::mem::take(&mut self.spare));
+        let from_spare = bytes.min(self.spare);
+        let more = bytes - from_spare;
         self.budget.taken.fetch_add(more, Ordering::AcqRel);
         if let Some(peer) = &mut self.peer {
             peer.grow_past(more);
         }
         self.bytes += more;
+        self.spare -= from_spare;
     }
 }
 

@@ -127,9 +127,7 @@ pub fn restore(
             path.display()
         )
     })?;
-    if data_dir.exists() && !data_dir.is_dir() {
-        return Err(format!("data dir {}: not a directory", data_dir.display()));
-    }
+    crate::store::refuse_a_file(data_dir)?;
     if let Ok(mut entries) = std::fs::read_dir(data_dir) {
         if entries.next().is_some() {
             return Err(format!(

@@ -45,6 +45,23 @@ pub struct PublishOutcome {
     pub slots_past: u32,
 }
 
+impl PublishOutcome {
+    /// What upserting `sites` sites and applying `plans` does.
+    fn of(sites: usize, plans: &[PublishPlan]) -> Self {
+        let mut outcome = PublishOutcome {
+            sites_upserted: sites as u32,
+            ..PublishOutcome::default()
+        };
+        for plan in plans {
+            outcome.slots_created += plan.created.len() as u32;
+            outcome.slots_updated += plan.updated.len() as u32;
+            outcome.total_capacity += plan.total_capacity;
+            outcome.slots_past += plan.past;
+        }
+        outcome
+    }
+}
+
 pub struct CloseCommand {
     pub site_id: SiteId,
     /// All services when `None`.
@@ -235,10 +252,6 @@ fn publish_writes(sites: &[Site], plans: &[PublishPlan], now_ms: i64) -> Vec<Wri
 /// What an import would change, refusing now what the real import would refuse:
 /// capacity below what is taken.
 fn dry_run_outcome(sites: usize, plans: &[PublishPlan]) -> Result<PublishOutcome, ServiceError> {
-    let mut outcome = PublishOutcome {
-        sites_upserted: sites as u32,
-        ..PublishOutcome::default()
-    };
     for plan in plans {
         for (slot, _, capacity) in &plan.updated {
             let taken = slot.counter.snapshot().taken;
@@ -251,12 +264,8 @@ fn dry_run_outcome(sites: usize, plans: &[PublishPlan]) -> Result<PublishOutcome
                 .into());
             }
         }
-        outcome.slots_created += plan.created.len() as u32;
-        outcome.slots_updated += plan.updated.len() as u32;
-        outcome.total_capacity += plan.total_capacity;
-        outcome.slots_past += plan.past;
     }
-    Ok(outcome)
+    Ok(PublishOutcome::of(sites, plans))
 }
 
 /// A closure's request id with the fingerprint of what it asks, if it has one.
@@ -453,7 +462,7 @@ impl Engine {
             let horizon = schedule.check_horizon(self.last_day_max());
             horizon.map_err(|violation| DomainError::Invalid(vec![violation]))?;
             let planned = schedule.plan(site.time_zone, self.limits.publish_slots_max)?;
-            let now = self.now_unix_ms().div_euclid(1_000);
+            let now = self.now_unix_s();
             let mut plan = catalog.plan_publish((site_id, service_id), &planned, now)?;
             if existing == Existing::Keep {
                 plan.updated.clear();
@@ -489,7 +498,7 @@ impl Engine {
         let last_day_max = self.last_day_max();
         let (sites, groups) = ImportCheck::run(rows, &self.catalog(), &self.limits, last_day_max)?;
         let plans: Vec<PublishPlan> = {
-            let (catalog, now) = (self.catalog(), self.now_unix_ms().div_euclid(1_000));
+            let (catalog, now) = (self.catalog(), self.now_unix_s());
             (groups.iter())
                 .map(|((site, service), planned)| {
                     catalog.plan_publish((site, service), planned, now)
@@ -567,10 +576,10 @@ impl Engine {
     ) -> Result<PublishOutcome, ServiceError> {
         let lowered = lower_capacities(&plans)?;
         let changed = self.changed_sites(&sites);
+        let outcome = PublishOutcome::of(sites.len(), &plans);
         let mut writes = publish_writes(&sites, &plans, self.now_unix_ms());
         if !writes.is_empty() {
-            let created: usize = plans.iter().map(|plan| plan.created.len()).sum();
-            let updated: usize = plans.iter().map(|plan| plan.updated.len()).sum();
+            let (created, updated) = (outcome.slots_created, outcome.slots_updated);
             let mut detail = match sites.len() {
                 0 => format!("{what}: {created} slots created, {updated} updated"),
                 n => format!("{what}: {n} sites, {created} slots created, {updated} updated"),
@@ -588,7 +597,7 @@ impl Engine {
         let published = self.publish_in_memory(sites, plans);
         // After the slots are in memory: a matching step that hears of them finds them.
         self.campaigns.place_returned();
-        published
+        published.map(|()| outcome)
     }
 
     /// What `sites` change of the sites already there (name, region), as the audit says.
@@ -612,20 +621,12 @@ impl Engine {
         &self,
         sites: Vec<Site>,
         plans: Vec<PublishPlan>,
-    ) -> Result<PublishOutcome, ServiceError> {
-        let mut outcome = PublishOutcome {
-            sites_upserted: sites.len() as u32,
-            ..PublishOutcome::default()
-        };
+    ) -> Result<(), ServiceError> {
         let mut catalog = self.catalog_mut();
         for site in sites {
             catalog.upsert_site(site);
         }
         for plan in plans {
-            outcome.slots_created += plan.created.len() as u32;
-            outcome.slots_updated += plan.updated.len() as u32;
-            outcome.total_capacity += plan.total_capacity;
-            outcome.slots_past += plan.past;
             for (slot, end, capacity) in plan.updated {
                 slot.set_end_unix_s(end);
                 if capacity > slot.counter.snapshot().capacity {
@@ -636,7 +637,7 @@ impl Engine {
             }
             catalog.insert_slots(plan.created)?;
         }
-        Ok(outcome)
+        Ok(())
     }
 
     /// Commits authority writes in chunks of `commit_batch_writes_max`: one huge batch

@@ -204,6 +204,10 @@ impl Engine {
         self.clock.now_unix_ms()
     }
 
+    pub(super) fn now_unix_s(&self) -> i64 {
+        self.now_unix_ms().div_euclid(1_000)
+    }
+
     /// The store's size on disk, in bytes.
     pub fn store_disk_bytes(&self) -> Result<u64, ServiceError> {
         Ok(self.store.size_on_disk()?)

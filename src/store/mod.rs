@@ -919,6 +919,15 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
 }
 
+/// Refuses a data dir that exists and is not a directory (a file named by mistake)
+/// before anything opens it: opening it would fail with a message that says less.
+pub fn refuse_a_file(data_dir: &Path) -> Result<(), String> {
+    match data_dir.exists() && !data_dir.is_dir() {
+        true => Err(format!("data dir {}: not a directory", data_dir.display())),
+        false => Ok(()),
+    }
+}
+
 /// Renames `from` to `to` and syncs the directory holding `to`, so the rename itself
 /// survives a power loss (the classic write-temp, fsync, rename, fsync-dir sequence).
 pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {

@@ -26,6 +26,13 @@ const ENHANCE_YOUR_CALM: u32 = 0xb;
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 const REFLECTION: &str = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
 
+/// What an HTTP/2 client first sends: the preface and an empty SETTINGS frame.
+fn hello() -> Vec<u8> {
+    let mut hello = PREFACE.to_vec();
+    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    hello
+}
+
 /// One raw HTTP/2 frame.
 fn frame(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(9 + payload.len());
@@ -97,8 +104,7 @@ async fn a_client_that_makes_the_server_reset_streams_gets_goaway() {
         .unwrap();
     let mut writer = socket.try_clone().unwrap();
     let attack = std::thread::spawn(move || {
-        let mut hello = PREFACE.to_vec();
-        hello.extend(frame(SETTINGS, 0, 0, &[]));
+        let hello = hello();
         writer.write_all(&hello).unwrap();
         for index in 0..2_000u32 {
             let stream_id = 2 * index + 1;
@@ -259,8 +265,7 @@ async fn connections_past_the_cap_are_closed_at_once_and_idle_ones_time_out() {
     };
     // Half are idle HTTP/2 clients; of the others, some never say a word, some send
     // one byte of the preface and stop.
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    let hello = hello();
     let silent: Vec<_> = (0..10).map(|n| open(&PREFACE[..n % 2])).collect();
     let talkers: Vec<_> = (0..10).map(|_| open(&hello)).collect();
     std::thread::sleep(Duration::from_millis(200)); // all accepted
@@ -301,8 +306,7 @@ fn a_connection_past_its_age_gets_goaway_then_is_closed_after_its_grace() {
     let server = ChildServer::with_limits(dir.path(), &limits);
     let mut socket = TcpStream::connect(address(&server)).unwrap();
     let connected = Instant::now();
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    let mut hello = hello();
     let watch = grpc_request_headers("/grpc.health.v1.Health/Watch");
     hello.extend(frame(HEADERS, END_HEADERS, 1, &watch));
     hello.extend(frame(DATA, END_STREAM, 1, &[0; 5])); // an empty HealthCheckRequest
@@ -340,8 +344,7 @@ fn a_connection_whose_client_reads_nothing_is_closed_after_its_age_and_grace() {
     let server = ChildServer::with_limits(dir.path(), &limits);
     let mut socket = TcpStream::connect(address(&server)).unwrap();
     let connected = Instant::now();
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    let hello = hello();
     socket.write_all(&hello).unwrap();
     socket
         .set_write_timeout(Some(Duration::from_millis(200)))
@@ -500,8 +503,7 @@ async fn one_peer_cannot_take_every_connection() {
     let dir = tempfile::tempdir().unwrap();
     let limits = [("CONNECTIONS_MAX", "20"), ("CONNECTIONS_PER_PEER_MAX", "5")];
     let server = ChildServer::with_limits(dir.path(), &limits);
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    let hello = hello();
     let mut held = Vec::new();
     for _ in 0..5 {
         held.push(connect_from([127, 0, 0, 1], &server, &hello).await);
@@ -545,8 +547,7 @@ async fn a_listed_load_balancers_connections_count_for_the_clients_its_headers_n
     let dir = tempfile::tempdir().unwrap();
     let limits = "connections_per_peer_max = 2\n";
     let server = behind_a_listed_balancer(dir.path(), ("", limits));
-    let mut hello = PREFACE.to_vec();
-    hello.extend(frame(SETTINGS, 0, 0, &[]));
+    let hello = hello();
     let from = |header: &[u8]| [header, &hello].concat();
     let v1 = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 50000 50051\r\n");
     let closed = |socket: &mut TcpStream| closed_within(socket, Duration::from_secs(10));
