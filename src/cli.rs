@@ -340,6 +340,7 @@ async fn send_rows(
                 rows: chunk,
                 dry_run,
                 request_id: request_id.clone(),
+                rows_total: Some(total as u64),
             };
             if sender.send(message).await.is_err() {
                 return; // the call ended early; its status says why
@@ -655,7 +656,7 @@ pub async fn export(
 }
 
 /// The columns of `prenota open-data`, in order (the JSON objects' keys too).
-const OPEN_DATA_COLUMNS: [&str; 12] = [
+const OPEN_DATA_COLUMNS: [&str; 13] = [
     "site_id",
     "site_name",
     "region_id",
@@ -667,7 +668,19 @@ const OPEN_DATA_COLUMNS: [&str; 12] = [
     "held",
     "remaining",
     "slots_closed",
+    "reserved",
     "as_of",
+];
+
+/// The columns of `prenota open-data` that are counts (numbers in JSON).
+const OPEN_DATA_COUNTS: [&str; 7] = [
+    "slots",
+    "capacity",
+    "booked",
+    "held",
+    "remaining",
+    "slots_closed",
+    "reserved",
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -677,7 +690,7 @@ pub enum OpenDataFormat {
     Json,
 }
 
-fn open_data_fields(row: proto::AvailabilityRow) -> [String; 12] {
+fn open_data_fields(row: proto::AvailabilityRow) -> [String; 13] {
     [
         row.site_id,
         row.site_name,
@@ -690,6 +703,7 @@ fn open_data_fields(row: proto::AvailabilityRow) -> [String; 12] {
         row.held.to_string(),
         row.remaining.to_string(),
         row.slots_closed.to_string(),
+        row.reserved.to_string(),
         rfc3339(row.as_of.as_ref()),
     ]
 }
@@ -741,26 +755,19 @@ pub async fn open_data(
 }
 
 /// One row as a JSON object; counts are numbers, the rest strings.
-fn json_object(fields: &[String; 12]) -> String {
+fn json_object(fields: &[String; 13]) -> String {
     let object: serde_json::Map<String, serde_json::Value> = OPEN_DATA_COLUMNS
         .iter()
         .zip(fields)
         .map(|(column, value)| {
             let value = match value.parse::<u64>() {
-                Ok(number) if (5..=10).contains(&column_index(column)) => number.into(),
+                Ok(number) if OPEN_DATA_COUNTS.contains(column) => number.into(),
                 _ => value.clone().into(),
             };
             (column.to_string(), value)
         })
         .collect();
     serde_json::Value::Object(object).to_string()
-}
-
-fn column_index(column: &str) -> usize {
-    OPEN_DATA_COLUMNS
-        .iter()
-        .position(|c| *c == column)
-        .unwrap_or(usize::MAX)
 }
 
 /// `prenota audit --server URL [--token T]`: the audit log as CSV on stdout.

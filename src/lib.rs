@@ -44,6 +44,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod tls_expiry;
 
 /// Generated from `proto/prenota/v1/*.proto`.
 pub mod proto {

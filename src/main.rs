@@ -467,6 +467,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     )?;
     config.backup_key = read_backup_key(server.backup_key_file.as_deref())?;
     config.citizen_hash_key = read_hash_key(file.citizens.hash_key_file.as_deref())?;
+    prenota::tls_expiry::warn_of_doubts(&server);
     let tokens_set = !config.tokens.is_empty();
     if let Some(warning) = check_listen(listen, tokens_set, server.insecure_no_auth)? {
         tracing::warn!("{warning}");
@@ -495,6 +496,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         if !metrics.ip().is_loopback() {
             tracing::warn!(%metrics, "metrics are served unauthenticated beyond loopback");
         }
+        prenota::tls_expiry::export_end(&server);
         status_line(&format!("prenota metrics on http://{metrics}/metrics"));
     }
     let (tokens, tls) = (config.tokens.len(), config.tls.is_some());
@@ -588,7 +590,9 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
         .server
         .metrics_listen()
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    for doubt in file.doubts() {
+    let now = std::time::SystemTime::now();
+    let certificates = prenota::tls_expiry::doubts(&effective.server, now);
+    for doubt in file.doubts().into_iter().chain(certificates) {
         eprintln!("warning: {doubt}");
     }
     let stops = serve_would_stop(&file, &effective.server);

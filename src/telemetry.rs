@@ -101,6 +101,7 @@ pub const SITE_BOOKED: &str = "prenota_site_booked";
 pub const SITE_HELD: &str = "prenota_site_held";
 /// Sites in the catalog (all of them, also those beyond `metrics_site_gauges_max`).
 pub const SITES: &str = "prenota_sites";
+pub const TLS_CERTIFICATE_EXPIRY: &str = "prenota_tls_certificate_expiry_timestamp_seconds";
 
 /// Latency buckets (seconds) of request handling.
 const REQUEST_SECONDS_BUCKETS: &[f64] = &[
@@ -355,6 +356,11 @@ fn describe_sites() {
     describe_gauge!(SITE_BOOKED, "confirmed bookings per site");
     describe_gauge!(SITE_HELD, "live holds per site");
     describe_gauge!(SITES, "sites in the catalog");
+    describe_gauge!(
+        TLS_CERTIFICATE_EXPIRY,
+        Unit::Seconds,
+        "when the first of the server's TLS certificates (tls_cert's chain) ends, in Unix seconds (absent without TLS)"
+    );
 }
 
 /// How log lines are written to stderr.
@@ -384,10 +390,14 @@ pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    // A log line that cannot be written (stderr on a full disk, a log shipper gone) is
+    // dropped: tracing-subscriber's own report of it is an `eprintln!`, which panics, so
+    // the thread logging died (the store's committer, hanging every write unreported).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour_on_stderr())
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
@@ -437,6 +447,7 @@ pub const ALL: &[&str] = &[
     SITE_BOOKED,
     SITE_HELD,
     SITES,
+    TLS_CERTIFICATE_EXPIRY,
 ];
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::Instant;
 use prenota::config::Config;
 use prenota::domain::booking::{Booking, BookingState, RequestRecord};
 use prenota::domain::catalog::{Catalog, NewSlot, Site};
-use prenota::domain::citizens::CitizenIndex;
+use prenota::domain::citizens::{CitizenIndex, Entry};
 use prenota::domain::ids::{
     BookingId, CitizenKey, RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey,
 };
@@ -117,7 +117,8 @@ pub fn bookings(count: u64) -> Result<(f64, CitizenIndex, RequestRegistry), Stri
     let requests = RequestRegistry::default();
     for index in 0..count {
         let citizen: [u8; 16] = rand_bytes(index);
-        citizens.insert(CitizenKey(citizen), &service, BookingId(u128::from(index)));
+        let entry = Entry::new(BookingId(u128::from(index)), i64::MAX);
+        citizens.insert(CitizenKey(citizen), &service, entry, 0);
         requests.insert_recovered(
             RequestKey(citizen),
             RequestFingerprint([1; 16]),

@@ -475,7 +475,7 @@ pub struct Totals {
     pub booked: u64,
     /// Live holds.
     pub held: u64,
-    /// Free places held back now for channel reserves (site statistics only).
+    /// Free places held back now for channel reserves (site statistics and open data).
     pub reserved: u64,
     /// Bookings the desk checked in, and marked no-shows (site statistics only; they
     /// are among `booked`: they keep their places).
@@ -506,6 +506,9 @@ pub struct DayTotals {
     pub totals: Totals,
     /// Free places: capacity - booked - held of the open slots.
     pub remaining: u64,
+    /// The slots added up start in `[from_unix_s, to_unix_s)` (the local day).
+    pub from_unix_s: i64,
+    pub to_unix_s: i64,
 }
 
 /// Which of a site's days [`Catalog::day_totals`] adds up.
@@ -1083,6 +1086,8 @@ impl Catalog {
             day,
             totals,
             remaining,
+            from_unix_s: start,
+            to_unix_s: end,
         }
     }
 

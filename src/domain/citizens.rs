@@ -9,6 +9,11 @@
 //! counting against the limit while the write is in flight, and `release` removes it
 //! once durable. So the disk never holds more active bookings for a citizen than the
 //! limit, even after a crash at any instant.
+//!
+//! A booking is active until its slot ends: each entry carries that end, and only
+//! entries whose end is still ahead count (an appointment that is over, checked in or
+//! not, no longer stops its citizen from booking the service again). Ended entries stay
+//! until the write that ends them (a no-show, retention), so every claim finds them.
 
 use foldhash::{HashMap, HashSet};
 use std::collections::BTreeMap;
@@ -28,66 +33,77 @@ struct Shard {
     kept: HashSet<BookingId>,
 }
 
-/// A citizen's active bookings for one service: almost always exactly one, kept inline
-/// so millions of citizens cost no extra allocation each.
+/// One booking (or hold) of a citizen for a service, and when its slot ends: it counts
+/// against the limit until then. The id is kept as two words so that an entry is 24
+/// bytes (a `u128` would align it to 16, and every citizen's entry would grow by 16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    id: [u64; 2],
+    until_unix_s: i64,
+}
+
+impl Entry {
+    pub fn new(id: BookingId, until_unix_s: i64) -> Self {
+        let id = [(id.0 >> 64) as u64, id.0 as u64];
+        Self { id, until_unix_s }
+    }
+
+    pub fn id(&self) -> BookingId {
+        BookingId((u128::from(self.id[0]) << 64) | u128::from(self.id[1]))
+    }
+}
+
+/// A citizen's bookings for one service: almost always exactly one, kept inline so
+/// millions of citizens cost no extra allocation each.
 #[derive(Debug)]
 enum Active {
-    One(BookingId),
-    Many(Vec<BookingId>),
+    One(Entry),
+    Many(Vec<Entry>),
 }
 
 impl Active {
-    fn len(&self) -> usize {
+    fn entries(&self) -> &[Entry] {
         match self {
-            Active::One(_) => 1,
-            Active::Many(ids) => ids.len(),
+            Active::One(entry) => std::slice::from_ref(entry),
+            Active::Many(entries) => entries,
         }
     }
 
-    fn first(&self) -> Option<BookingId> {
-        match self {
-            Active::One(id) => Some(*id),
-            Active::Many(ids) => ids.first().copied(),
-        }
+    /// The entries that count at `now_unix_s` (their slot has not ended).
+    fn counting(&self, now_unix_s: i64) -> impl Iterator<Item = &Entry> {
+        self.entries()
+            .iter()
+            .filter(move |entry| entry.until_unix_s > now_unix_s)
     }
 
     fn contains(&self, booking_id: BookingId) -> bool {
+        self.entries().iter().any(|entry| entry.id() == booking_id)
+    }
+
+    fn push(&mut self, entry: Entry) {
         match self {
-            Active::One(id) => *id == booking_id,
-            Active::Many(ids) => ids.contains(&booking_id),
+            Active::One(first) => *self = Active::Many(vec![*first, entry]),
+            Active::Many(entries) => entries.push(entry),
         }
     }
 
-    fn push(&mut self, booking_id: BookingId) {
-        match self {
-            Active::One(id) => *self = Active::Many(vec![*id, booking_id]),
-            Active::Many(ids) => ids.push(booking_id),
-        }
-    }
-
-    /// Puts `to` in `from`'s place; false when `from` was not there.
-    fn swap(&mut self, from: BookingId, to: BookingId) -> bool {
+    /// Puts `to` in the place of entry `from`; the entry it replaced, if it was there.
+    fn swap(&mut self, from: BookingId, to: Entry) -> Option<Entry> {
         let place = match self {
-            Active::One(id) => (*id == from).then_some(id),
-            Active::Many(ids) => ids.iter_mut().find(|id| **id == from),
-        };
-        match place {
-            Some(id) => {
-                *id = to;
-                true
-            }
-            None => false,
-        }
+            Active::One(entry) => (entry.id() == from).then_some(entry),
+            Active::Many(entries) => entries.iter_mut().find(|entry| entry.id() == from),
+        }?;
+        Some(std::mem::replace(place, to))
     }
 
     /// Removes `booking_id`; `None` when it was not there, `Some(empty)` when nothing is left.
     fn remove(&mut self, booking_id: BookingId) -> Option<bool> {
         match self {
-            Active::One(id) => (*id == booking_id).then_some(true),
-            Active::Many(ids) => {
-                let position = ids.iter().position(|id| *id == booking_id)?;
-                ids.swap_remove(position);
-                match ids.as_slice() {
+            Active::One(entry) => (entry.id() == booking_id).then_some(true),
+            Active::Many(entries) => {
+                let position = entries.iter().position(|entry| entry.id() == booking_id)?;
+                entries.swap_remove(position);
+                match entries.as_slice() {
                     [] => Some(true),
                     [only] => {
                         *self = Active::One(*only);
@@ -126,12 +142,13 @@ impl CitizenIndex {
         self.shards.of(citizen.0[0])
     }
 
-    /// How many active entries (bookings and holds) the citizen has for the service.
-    pub fn active_count(&self, citizen: CitizenKey, service: &ServiceId) -> usize {
+    /// How many entries (bookings and holds) of the citizen for the service count at
+    /// `now_unix_s` (their slot has not ended).
+    pub fn active_count(&self, citizen: CitizenKey, service: &ServiceId, now_unix_s: i64) -> usize {
         self.shard(&citizen)
             .active
             .get(&(citizen, service.clone()))
-            .map_or(0, Active::len)
+            .map_or(0, |active| active.counting(now_unix_s).count())
     }
 
     /// Whether `booking_id` (a booking or hold) is one of the citizen's active entries.
@@ -147,29 +164,32 @@ impl CitizenIndex {
             .is_some_and(|active| active.contains(booking_id))
     }
 
-    /// Records `booking_id` as active unless the citizen already holds `max` bookings
-    /// for the service; then returns the oldest of those.
+    /// Records `entry` unless `max` of the citizen's entries for the service count at
+    /// `now_unix_s` (their slot has not ended); then returns the first of those.
     pub fn reserve(
         &self,
         citizen: CitizenKey,
         service: &ServiceId,
-        booking_id: BookingId,
-        max: u32,
+        entry: Entry,
+        (max, now_unix_s): (u32, i64),
     ) -> Result<(), BookingId> {
         let mut shard = self.shard(&citizen);
         match shard.active.get_mut(&(citizen, service.clone())) {
             None if max >= 1 => {
                 shard
                     .active
-                    .insert((citizen, service.clone()), Active::One(booking_id));
+                    .insert((citizen, service.clone()), Active::One(entry));
                 Ok(())
             }
-            Some(active) if active.len() < max as usize => {
-                active.push(booking_id);
+            Some(active) if active.counting(now_unix_s).count() < max as usize => {
+                active.push(entry);
                 Ok(())
             }
-            Some(active) => Err(active.first().unwrap_or(booking_id)),
-            None => Err(booking_id),
+            Some(active) => Err(active
+                .counting(now_unix_s)
+                .next()
+                .map_or(entry.id(), Entry::id)),
+            None => Err(entry.id()),
         }
     }
 
@@ -224,7 +244,7 @@ impl CitizenIndex {
         citizen: CitizenKey,
         service: &ServiceId,
         old: BookingId,
-        new: BookingId,
+        new: Entry,
     ) -> bool {
         let mut shard = self.shard(&citizen);
         if shard.claimed.contains(&old) || shard.kept.contains(&old) {
@@ -233,7 +253,7 @@ impl CitizenIndex {
         let swapped = shard
             .active
             .get_mut(&(citizen, service.clone()))
-            .is_some_and(|active| active.swap(old, new));
+            .is_some_and(|active| active.swap(old, new).is_some());
         if swapped {
             shard.claimed.insert(old);
         }
@@ -242,15 +262,9 @@ impl CitizenIndex {
 
     /// Undoes `replace(old, new)` whose write never happened: `old` active again in
     /// `new`'s place, and unclaimed.
-    pub fn unreplace(
-        &self,
-        citizen: CitizenKey,
-        service: &ServiceId,
-        old: BookingId,
-        new: BookingId,
-    ) {
+    pub fn unreplace(&self, citizen: CitizenKey, service: &ServiceId, old: Entry, new: BookingId) {
         let mut shard = self.shard(&citizen);
-        shard.claimed.remove(&old);
+        shard.claimed.remove(&old.id());
         if let Some(active) = shard.active.get_mut(&(citizen, service.clone())) {
             active.swap(new, old);
         }
@@ -294,22 +308,20 @@ impl CitizenIndex {
         ended.len()
     }
 
-    /// Recovery only: records an active booking without the limit check and returns
-    /// how many the citizen holds (recovery checks the count itself).
-    pub fn insert(&self, citizen: CitizenKey, service: &ServiceId, booking_id: BookingId) -> usize {
+    /// Recovery only: records an entry without the limit check and returns how many of
+    /// the citizen's count at `now_unix_s` (recovery checks the count itself).
+    pub fn insert(
+        &self,
+        citizen: CitizenKey,
+        service: &ServiceId,
+        entry: Entry,
+        now_unix_s: i64,
+    ) -> usize {
         let mut shard = self.shard(&citizen);
-        match shard.active.get_mut(&(citizen, service.clone())) {
-            Some(active) => {
-                active.push(booking_id);
-                active.len()
-            }
-            None => {
-                shard
-                    .active
-                    .insert((citizen, service.clone()), Active::One(booking_id));
-                1
-            }
-        }
+        let active = (shard.active.entry((citizen, service.clone())))
+            .and_modify(|active| active.push(entry))
+            .or_insert(Active::One(entry));
+        active.counting(now_unix_s).count()
     }
 }
 
@@ -321,26 +333,33 @@ mod tests {
         ServiceId::parse("s", "covid19-dose1", 64).unwrap()
     }
 
+    const NOW: i64 = 0;
+
+    /// An entry whose slot ends long after `NOW`.
+    fn e(id: u128) -> Entry {
+        Entry::new(BookingId(id), i64::MAX)
+    }
+
     #[test]
     fn limit_holds_and_release_frees_it() {
         let index = CitizenIndex::default();
         let citizen = CitizenKey([7; 16]);
-        assert_eq!(index.reserve(citizen, &service(), BookingId(1), 1), Ok(()));
+        assert_eq!(index.reserve(citizen, &service(), e(1), (1, NOW)), Ok(()));
         assert_eq!(
-            index.reserve(citizen, &service(), BookingId(2), 1),
+            index.reserve(citizen, &service(), e(2), (1, NOW)),
             Err(BookingId(1))
         );
         assert!(index.release(citizen, &service(), BookingId(1)));
         assert!(!index.release(citizen, &service(), BookingId(1)));
-        assert_eq!(index.reserve(citizen, &service(), BookingId(2), 1), Ok(()));
+        assert_eq!(index.reserve(citizen, &service(), e(2), (1, NOW)), Ok(()));
     }
 
     #[test]
     fn an_entry_kept_until_its_slot_ends_counts_until_then() {
         let index = CitizenIndex::default();
         let (citizen, other) = (CitizenKey([3; 16]), CitizenKey([4; 16]));
-        assert_eq!(index.reserve(citizen, &service(), BookingId(1), 1), Ok(()));
-        assert_eq!(index.reserve(other, &service(), BookingId(2), 1), Ok(()));
+        assert_eq!(index.reserve(citizen, &service(), e(1), (1, NOW)), Ok(()));
+        assert_eq!(index.reserve(other, &service(), e(2), (1, NOW)), Ok(()));
         assert!(index.claim(citizen, &service(), BookingId(1)));
         index.keep_until(citizen, &service(), BookingId(1), 1_000);
         index.keep_until(other, &service(), BookingId(2), 2_000);
@@ -349,19 +368,19 @@ mod tests {
             !index.claim(citizen, &service(), BookingId(1)),
             "kept: not claimable"
         );
-        assert!(!index.replace(citizen, &service(), BookingId(1), BookingId(9)));
+        assert!(!index.replace(citizen, &service(), BookingId(1), e(9)));
         assert_eq!(index.release_ended(999), 0);
         assert_eq!(
-            index.reserve(citizen, &service(), BookingId(3), 1),
+            index.reserve(citizen, &service(), e(3), (1, NOW)),
             Err(BookingId(1)),
             "still counted before its slot ends"
         );
         assert_eq!(index.release_ended(1_000), 1);
         assert_eq!(index.release_ended(1_000), 0, "released once");
-        assert_eq!(index.reserve(citizen, &service(), BookingId(3), 1), Ok(()));
-        assert_eq!(index.active_count(other, &service()), 1);
+        assert_eq!(index.reserve(citizen, &service(), e(3), (1, NOW)), Ok(()));
+        assert_eq!(index.active_count(other, &service(), NOW), 1);
         assert_eq!(index.release_ended(5_000), 1);
-        assert_eq!(index.active_count(other, &service()), 0);
+        assert_eq!(index.active_count(other, &service(), NOW), 0);
     }
 
     #[test]
@@ -369,20 +388,20 @@ mod tests {
         let index = CitizenIndex::default();
         let citizen = CitizenKey([9; 16]);
         for id in 1..=3 {
-            assert_eq!(index.reserve(citizen, &service(), BookingId(id), 3), Ok(()));
+            assert_eq!(index.reserve(citizen, &service(), e(id), (3, NOW)), Ok(()));
         }
         assert_eq!(
-            index.reserve(citizen, &service(), BookingId(4), 3),
+            index.reserve(citizen, &service(), e(4), (3, NOW)),
             Err(BookingId(1))
         );
         assert!(index.release(citizen, &service(), BookingId(2)));
         assert!(!index.release(citizen, &service(), BookingId(2)));
-        assert_eq!(index.reserve(citizen, &service(), BookingId(4), 3), Ok(()));
+        assert_eq!(index.reserve(citizen, &service(), e(4), (3, NOW)), Ok(()));
         for id in [1, 3, 4] {
             assert!(index.release(citizen, &service(), BookingId(id)));
         }
         assert_eq!(
-            index.insert(citizen, &service(), BookingId(5)),
+            index.insert(citizen, &service(), e(5), NOW),
             1,
             "nothing left behind"
         );
@@ -392,12 +411,12 @@ mod tests {
     fn a_claim_keeps_counting_and_has_one_winner() {
         let index = CitizenIndex::default();
         let citizen = CitizenKey([5; 16]);
-        index.reserve(citizen, &service(), BookingId(1), 1).unwrap();
+        index.reserve(citizen, &service(), e(1), (1, NOW)).unwrap();
         assert!(index.claim(citizen, &service(), BookingId(1)));
         assert!(!index.claim(citizen, &service(), BookingId(1)));
-        assert!(!index.replace(citizen, &service(), BookingId(1), BookingId(9)));
+        assert!(!index.replace(citizen, &service(), BookingId(1), e(9)));
         assert_eq!(
-            index.reserve(citizen, &service(), BookingId(2), 1),
+            index.reserve(citizen, &service(), e(2), (1, NOW)),
             Err(BookingId(1)),
             "a claimed entry still counts"
         );
@@ -405,22 +424,22 @@ mod tests {
         assert!(index.claim(citizen, &service(), BookingId(1)));
         assert!(index.release(citizen, &service(), BookingId(1)));
         assert!(!index.claim(citizen, &service(), BookingId(1)));
-        assert_eq!(index.reserve(citizen, &service(), BookingId(2), 1), Ok(()));
+        assert_eq!(index.reserve(citizen, &service(), e(2), (1, NOW)), Ok(()));
     }
 
     #[test]
     fn replace_swaps_in_one_step_and_only_once() {
         let index = CitizenIndex::default();
         let citizen = CitizenKey([3; 16]);
-        index.reserve(citizen, &service(), BookingId(1), 1).unwrap();
-        assert!(index.replace(citizen, &service(), BookingId(1), BookingId(2)));
-        assert!(!index.replace(citizen, &service(), BookingId(1), BookingId(3)));
+        index.reserve(citizen, &service(), e(1), (1, NOW)).unwrap();
+        assert!(index.replace(citizen, &service(), BookingId(1), e(2)));
+        assert!(!index.replace(citizen, &service(), BookingId(1), e(3)));
         assert!(
             index.is_claimed(citizen, BookingId(1)),
             "the old booking stays claimed while the move is written"
         );
         assert_eq!(
-            index.reserve(citizen, &service(), BookingId(4), 1),
+            index.reserve(citizen, &service(), e(4), (1, NOW)),
             Err(BookingId(2))
         );
         index.unclaim(citizen, BookingId(1));
@@ -431,9 +450,9 @@ mod tests {
     fn unreplace_puts_the_old_booking_back_unclaimed() {
         let index = CitizenIndex::default();
         let citizen = CitizenKey([4; 16]);
-        index.reserve(citizen, &service(), BookingId(1), 1).unwrap();
-        assert!(index.replace(citizen, &service(), BookingId(1), BookingId(2)));
-        index.unreplace(citizen, &service(), BookingId(1), BookingId(2));
+        index.reserve(citizen, &service(), e(1), (1, NOW)).unwrap();
+        assert!(index.replace(citizen, &service(), BookingId(1), e(2)));
+        index.unreplace(citizen, &service(), e(1), BookingId(2));
         assert!(!index.is_claimed(citizen, BookingId(1)));
         assert!(index.is_active(citizen, &service(), BookingId(1)));
         assert!(!index.is_active(citizen, &service(), BookingId(2)));
@@ -444,13 +463,53 @@ mod tests {
         let index = CitizenIndex::default();
         let other = ServiceId::parse("s", "identity-card", 64).unwrap();
         assert!(index
-            .reserve(CitizenKey([1; 16]), &service(), BookingId(1), 1)
+            .reserve(CitizenKey([1; 16]), &service(), e(1), (1, NOW))
             .is_ok());
         assert!(index
-            .reserve(CitizenKey([1; 16]), &other, BookingId(2), 1)
+            .reserve(CitizenKey([1; 16]), &other, e(2), (1, NOW))
             .is_ok());
         assert!(index
-            .reserve(CitizenKey([2; 16]), &service(), BookingId(3), 1)
+            .reserve(CitizenKey([2; 16]), &service(), e(3), (1, NOW))
             .is_ok());
+    }
+
+    /// An appointment that is over (its slot ended, checked in or not) no longer counts:
+    /// the citizen may book the service again, and the ended entry stays (a no-show or
+    /// retention ends it) without counting.
+    #[test]
+    fn an_entry_whose_slot_ended_no_longer_counts() {
+        let index = CitizenIndex::default();
+        let citizen = CitizenKey([6; 16]);
+        let ending = |id, until_unix_s| Entry::new(BookingId(id), until_unix_s);
+        assert_eq!(
+            index.reserve(citizen, &service(), ending(1, 1_000), (1, 500)),
+            Ok(())
+        );
+        assert_eq!(
+            index.reserve(citizen, &service(), ending(2, 2_000), (1, 999)),
+            Err(BookingId(1))
+        );
+        assert_eq!(
+            index.reserve(citizen, &service(), ending(2, 2_000), (1, 1_000)),
+            Ok(())
+        );
+        assert_eq!(index.active_count(citizen, &service(), 1_000), 1);
+        assert!(
+            index.is_active(citizen, &service(), BookingId(1)),
+            "still there"
+        );
+        assert_eq!(
+            index.reserve(citizen, &service(), ending(3, 3_000), (1, 1_500)),
+            Err(BookingId(2)),
+            "the first that counts is named"
+        );
+        assert_eq!(index.insert(citizen, &service(), ending(4, 900), 1_000), 1);
+        assert!(
+            index.claim(citizen, &service(), BookingId(1)),
+            "an ended entry may be claimed"
+        );
+        let far = Entry::new(BookingId(u128::MAX - 5), -7);
+        assert_eq!((far.id(), far.until_unix_s), (BookingId(u128::MAX - 5), -7));
+        assert!(std::mem::size_of::<Active>() <= 32, "as with one u128 id");
     }
 }

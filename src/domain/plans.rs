@@ -46,11 +46,13 @@ pub struct SlotView {
 /// Taken before the write, in order; a refusal undoes the ones before it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Take {
-    /// A new entry `id` under the citizen's limit for the service.
+    /// A new entry `id` under the citizen's limit for the service, counting until
+    /// its slot ends (`until_unix_s`).
     Entry {
         citizen: CitizenKey,
         service: ServiceId,
         id: BookingId,
+        until_unix_s: i64,
     },
     /// The citizen's active entry `id`, for the write that ends or changes it: exactly
     /// one of cancel, reschedule, closure and the desk wins it. With `unchanged`, the
@@ -63,11 +65,13 @@ pub enum Take {
         unchanged: Option<BookingState>,
     },
     /// The citizen's entry moves from `from` to `to` in one step: never zero, never two.
+    /// `until`: when the slots of `from` and of `to` end (each counts until then).
     Move {
         citizen: CitizenKey,
         service: ServiceId,
         from: BookingId,
         to: BookingId,
+        until: (i64, i64),
     },
     /// One place of the slot (one CAS), counted pending until the write settles, for a
     /// booking or hold of this channel (a reserve of another channel may be out of
@@ -248,6 +252,7 @@ fn admission(slot: &SlotView, citizen: CitizenKey, id: BookingId) -> [Take; 2] {
             citizen,
             service: slot.key.service_id.clone(),
             id,
+            until_unix_s: slot.end_unix_s,
         },
         Take::Place(slot.key.clone(), slot.channel.clone()),
     ]
@@ -827,6 +832,7 @@ pub fn reschedule(
                 service: new_slot.key.service_id.clone(),
                 from: cancelled.booking_id,
                 to: new_id,
+                until: (cancelled.end_unix_s, new_slot.end_unix_s),
             },
             Take::SameRegistration {
                 booking: cancelled.booking_id,
@@ -1257,7 +1263,8 @@ mod tests {
                 Take::Entry {
                     citizen: ALICE,
                     service: at.key.service_id.clone(),
-                    id: BookingId(9)
+                    id: BookingId(9),
+                    until_unix_s: at.end_unix_s,
                 },
                 Take::Place(at.key.clone(), ChannelId::web())
             ]

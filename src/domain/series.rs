@@ -80,17 +80,20 @@ impl Series {
     }
 }
 
-/// Where and on which local day a dose is (or would be).
+/// Where, when and on which local day a dose is (or would be).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placed {
     pub site_id: SiteId,
+    pub start_unix_s: i64,
     pub local_date: NaiveDate,
 }
 
 /// Whether dose `dose` (from 2) at `this` keeps its interval from the previous dose at
 /// `previous`: `SERIES_INTERVAL` with the dose and its allowed local dates if not, an
 /// invalid argument on the request's `field` (its slot) if it must be at the previous
-/// dose's site and is not.
+/// dose's site and is not, or does not start after it (doses come in order: with
+/// `min_days_after_previous` 0, dose 2 at 09:00 with dose 1 at 15:00 the same day was
+/// accepted).
 pub fn check_interval(
     series: &Series,
     dose: u8,
@@ -105,6 +108,12 @@ pub fn check_interval(
         return Err(DomainError::invalid(
             field,
             format!("dose {dose} must be at the site of dose {}", dose - 1),
+        ));
+    }
+    if this.start_unix_s <= previous.start_unix_s {
+        return Err(DomainError::invalid(
+            field,
+            format!("dose {dose} must start after dose {}", dose - 1),
         ));
     }
     let days = |n: u32| Duration::days(i64::from(n));
@@ -158,6 +167,7 @@ mod tests {
         let instant = chrono::DateTime::parse_from_rfc3339(utc).unwrap();
         Placed {
             site_id: id(SiteId::parse, site),
+            start_unix_s: instant.timestamp(),
             local_date: zone.from_utc_datetime(&instant.naive_utc()).date_naive(),
         }
     }
@@ -223,10 +233,12 @@ mod tests {
         let series = two_doses(28, 28, false);
         let previous = Placed {
             site_id: id(SiteId::parse, "hub"),
+            start_unix_s: 0,
             local_date: date("2027-01-31"),
         };
         let at = |day: &str| Placed {
             site_id: id(SiteId::parse, "hub"),
+            start_unix_s: 1,
             local_date: date(day),
         };
         assert!(check_interval(&series, 2, (&previous, &at("2027-02-28")), "slot_ids").is_ok());
@@ -254,17 +266,40 @@ mod tests {
         let series = two_doses(0, 10, true);
         let previous = Placed {
             site_id: id(SiteId::parse, "hub"),
+            start_unix_s: 100,
             local_date: date("2027-05-03"),
         };
         let elsewhere = Placed {
             site_id: id(SiteId::parse, "clinic"),
+            start_unix_s: 200,
             local_date: date("2027-05-03"),
         };
         assert!(matches!(
             check_interval(&series, 2, (&previous, &elsewhere), "slot_ids"),
             Err(DomainError::Invalid(_))
         ));
-        assert!(check_interval(&series, 2, (&previous, &previous), "slot_ids").is_ok());
+        let later = Placed {
+            start_unix_s: 200,
+            ..previous.clone()
+        };
+        assert!(check_interval(&series, 2, (&previous, &later), "slot_ids").is_ok());
+    }
+
+    /// With min_days_after_previous 0, the same day is allowed, but dose 2 must still
+    /// come after dose 1: earlier that day (or in the same slot) is refused.
+    #[test]
+    fn a_dose_must_start_after_the_previous_one() {
+        let series = two_doses(0, 10, false);
+        let zone = chrono_tz::Europe::Rome;
+        let afternoon = local(zone, "hub", "2027-05-03T13:00:00Z");
+        let morning = local(zone, "hub", "2027-05-03T07:00:00Z");
+        for this in [&morning, &afternoon] {
+            assert!(matches!(
+                check_interval(&series, 2, (&afternoon, this), "slot_ids[1]"),
+                Err(DomainError::Invalid(_))
+            ));
+        }
+        assert!(check_interval(&series, 2, (&morning, &afternoon), "slot_ids[1]").is_ok());
     }
 
     #[test]

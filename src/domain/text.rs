@@ -36,3 +36,24 @@ pub fn display_text(
         Ok(text.to_string())
     }
 }
+
+/// `unix_s` as an RFC 3339 UTC time to the second ("2027-03-29T08:00:00Z"), for audit
+/// lines a person reads (raw Unix seconds told them nothing).
+pub fn utc_text(unix_s: i64) -> String {
+    use chrono::{SecondsFormat, TimeZone, Utc};
+    match Utc.timestamp_opt(unix_s, 0).single() {
+        Some(time) => time.to_rfc3339_opts(SecondsFormat::Secs, true),
+        None => format!("{unix_s} (Unix seconds)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_times_read_as_utc_dates() {
+        assert_eq!(utc_text(1_806_307_200), "2027-03-29T08:00:00Z");
+        assert_eq!(utc_text(i64::MAX), format!("{} (Unix seconds)", i64::MAX));
+    }
+}

@@ -64,6 +64,8 @@ fn broken_stream(status: Status) -> Status {
 struct ReceivedImport {
     rows: Vec<ImportRow>,
     received: u64,
+    /// The rows the client says the whole import carries, if it says.
+    rows_total: Option<u64>,
     /// Any message asking for a dry run makes the whole import one.
     dry_run: bool,
     /// Rows with errors, and the violations of the first `import_errors_reported_max`.
@@ -80,23 +82,20 @@ impl ReceivedImport {
         let mut import = Self {
             rows: Vec::new(),
             received: 0,
+            rows_total: None,
             dry_run: false,
             errors: 0,
             violations: Vec::new(),
         };
         while let Some(message) = stream.message().await.map_err(broken_stream)? {
             import.dry_run |= message.dry_run;
+            if let Some(total) = message.rows_total {
+                import.note_total(total, limits)?;
+            }
             for row in message.rows {
                 import.received += 1;
                 if import.received as usize > limits.import_rows_max {
-                    return Err(DomainError::invalid(
-                        "rows",
-                        format!(
-                            "an import holds at most {} rows; split the file",
-                            limits.import_rows_max
-                        ),
-                    )
-                    .into());
+                    return Err(too_many_rows(limits).into());
                 }
                 match convert::import_row(row, limits) {
                     Ok(row) => import.rows.push(row),
@@ -112,8 +111,37 @@ impl ReceivedImport {
         Ok(import)
     }
 
-    /// Refuses an empty import, or one with any bad row (listing the first ones).
+    /// Keeps the `rows_total` a message announced: every message saying it must agree,
+    /// and an import announced past `import_rows_max` is refused before its rows come.
+    fn note_total(&mut self, total: u64, limits: &Limits) -> Result<(), DomainError> {
+        if *self.rows_total.get_or_insert(total) != total {
+            return Err(DomainError::invalid(
+                "rows_total",
+                format!(
+                    "the import's messages disagree: rows_total {} then {total}",
+                    self.rows_total.unwrap_or_default()
+                ),
+            ));
+        }
+        if total > limits.import_rows_max as u64 {
+            return Err(too_many_rows(limits));
+        }
+        Ok(())
+    }
+
+    /// Refuses a stream cut short (fewer or more rows than its `rows_total`), an empty
+    /// import, or one with any bad row (listing the first ones).
     fn check(&self, limits: &Limits) -> Result<(), DomainError> {
+        if let Some(total) = self.rows_total.filter(|total| *total != self.received) {
+            return Err(DomainError::invalid(
+                "rows_total",
+                format!(
+                    "the import's stream carried {} rows, not the {total} it announced: \
+                     it was cut short (nothing was applied); send the whole file again",
+                    self.received
+                ),
+            ));
+        }
         if self.received == 0 {
             return Err(DomainError::invalid("rows", "the import holds no rows"));
         }
@@ -134,6 +162,16 @@ impl ReceivedImport {
         violations.extend(self.violations.iter().cloned());
         Err(DomainError::Invalid(violations))
     }
+}
+
+fn too_many_rows(limits: &Limits) -> DomainError {
+    DomainError::invalid(
+        "rows",
+        format!(
+            "an import holds at most {} rows; split the file",
+            limits.import_rows_max
+        ),
+    )
 }
 
 type AuditStream =

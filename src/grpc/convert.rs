@@ -964,6 +964,7 @@ pub fn summary_to_proto(page: &SummaryPage) -> proto::GetAvailabilitySummaryResp
                 as_of: Some(as_of),
                 held: totals.held,
                 slots_closed: totals.slots_closed,
+                reserved: totals.reserved,
             }
         })
         .collect();

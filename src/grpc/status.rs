@@ -256,7 +256,7 @@ fn classify(error: &ServiceError) -> Answer {
         ServiceError::Recovery(_) => Answer::new(Internal, "RECOVERY_FAILED"),
         // Safe to retry with the same request_id: at most one booking results.
         ServiceError::Abandoned => Answer::new(Aborted, "REQUEST_ABANDONED"),
-        ServiceError::RateLimited { retry_after } => {
+        ServiceError::RateLimited { retry_after, .. } => {
             Answer::new(ResourceExhausted, "RATE_LIMITED").retry_after(*retry_after)
         }
         ServiceError::Shed => {

@@ -650,7 +650,10 @@ impl Engine {
             let waiting = registrations
                 .waiting(campaign, now)
                 .take(self.limits.campaign_scan_per_step_max)
-                .filter(|r| self.citizens.active_count(r.citizen, service) < max_active);
+                .filter(|r| {
+                    let now_s = now.div_euclid(1_000);
+                    self.citizens.active_count(r.citizen, service, now_s) < max_active
+                });
             let chosen: Vec<(CitizenKey, usize)> = pick(waiting, &mut free, max)
                 .into_iter()
                 .map(|(registration, index)| (registration.citizen, index))

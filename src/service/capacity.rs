@@ -17,6 +17,7 @@ use crate::domain::event::Event;
 use crate::domain::hold::{Hold, HoldState};
 use crate::domain::ids::{RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::Schedule;
+use crate::domain::text::utc_text;
 use crate::service::actor::Actor;
 use crate::service::engine::{undo_if_never_written, Engine};
 use crate::service::error::ServiceError;
@@ -298,8 +299,8 @@ fn close_detail(command: &CloseCommand, outcome: CloseOutcome) -> String {
             .service_id
             .as_ref()
             .map_or("(all)".to_string(), ToString::to_string),
-        command.from_unix_s,
-        command.to_unix_s,
+        utc_text(command.from_unix_s),
+        utc_text(command.to_unix_s),
         outcome.slots_closed,
         outcome.cancelled_bookings,
         outcome.expired_holds,
@@ -600,18 +601,28 @@ impl Engine {
         published.map(|()| outcome)
     }
 
-    /// What `sites` change of the sites already there (name, region), as the audit says.
+    /// What `sites` change of the sites already there (name, region, time zone: a site
+    /// with no slot may change zone), as the audit says.
     fn changed_sites(&self, sites: &[Site]) -> Vec<String> {
         let catalog = self.catalog();
         let was = |site: &Site| catalog.site(&site.site_id).cloned();
+        let described = |site: &Site, zone: bool| match zone {
+            true => format!(
+                "{:?} in region {}, zone {}",
+                site.name, site.region_id, site.time_zone
+            ),
+            false => format!("{:?} in region {}", site.name, site.region_id),
+        };
         (sites.iter())
             .filter_map(|site| Some((site, was(site)?)))
-            .filter(|(site, old)| site.name != old.name || site.region_id != old.region_id)
+            .filter(|(site, old)| {
+                (&site.name, &site.region_id, site.time_zone)
+                    != (&old.name, &old.region_id, old.time_zone)
+            })
             .map(|(site, old)| {
-                format!(
-                    "{} {:?} in region {} (was {:?} in region {})",
-                    site.site_id, site.name, site.region_id, old.name, old.region_id
-                )
+                let zone = site.time_zone != old.time_zone;
+                let (now, then) = (described(site, zone), described(&old, zone));
+                format!("{} {now} (was {then})", site.site_id)
             })
             .collect()
     }
@@ -1052,31 +1063,29 @@ impl Engine {
         let reserved = self.reserved_by_slot(&site, &catalog);
         let mut stats = catalog.site_stats(site_id, &held, &reserved)?;
         drop(catalog);
-        self.add_attendance(&site, &mut stats)?;
+        add_attendance(&site, self.store.site_attendance(site_id), &mut stats);
         Ok((site, stats))
     }
+}
 
-    /// Counts the site's attended and no-show bookings, per local day of their slot
-    /// (read from the site's rosters: one pass over its bookings).
-    fn add_attendance(&self, site: &Site, stats: &mut SiteStats) -> Result<(), ServiceError> {
-        for booking in self.store.site_roster(&site.site_id) {
-            let booking = booking?;
-            let count = |totals: &mut Totals| match booking.state {
-                BookingState::Attended { .. } => totals.attended += 1,
-                BookingState::NoShow { .. } => totals.no_shows += 1,
-                _ => {}
-            };
-            let day = site
-                .time_zone
-                .timestamp_opt(booking.slot.start_unix_s, 0)
-                .single()
-                .map(|local| local.date_naive());
-            count(&mut stats.totals);
-            if let Some((_, totals)) = stats.by_day.iter_mut().find(|(d, _)| Some(*d) == day) {
-                count(totals);
-            }
+/// Adds the site's attended and no-show bookings (`by_slot`: per slot with bookings) to
+/// its totals and to those of each local day of their slot (`by_day`, in day order).
+fn add_attendance(site: &Site, by_slot: Vec<(SlotKey, (u32, u32))>, stats: &mut SiteStats) {
+    for (slot, (attended, no_shows)) in by_slot {
+        let count = |totals: &mut Totals| {
+            totals.attended += u64::from(attended);
+            totals.no_shows += u64::from(no_shows);
+        };
+        count(&mut stats.totals);
+        let day = site
+            .time_zone
+            .timestamp_opt(slot.start_unix_s, 0)
+            .single()
+            .map(|local| local.date_naive());
+        let by_day = &mut stats.by_day;
+        if let Some(at) = day.and_then(|day| by_day.binary_search_by_key(&day, |(d, _)| *d).ok()) {
+            count(&mut by_day[at].1);
         }
-        Ok(())
     }
 }
 

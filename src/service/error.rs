@@ -16,8 +16,11 @@ pub enum ServiceError {
     Recovery(String),
     #[error("the request was abandoned before it finished")]
     Abandoned,
-    #[error("too many attempts: retry in {} ms", .retry_after.as_millis())]
-    RateLimited { retry_after: std::time::Duration },
+    #[error("{}: retry in {} ms", rate_limit_named(limiter), .retry_after.as_millis())]
+    RateLimited {
+        limiter: &'static str,
+        retry_after: std::time::Duration,
+    },
     #[error("the server is at its limit of requests in flight (or of what they may hold)")]
     Shed,
     #[error("the server is starting: it is rebuilding its state from the store")]
@@ -81,7 +84,29 @@ impl ServiceError {
         let millis = wait.as_nanos().div_ceil(1_000_000).max(1);
         let retry_after =
             std::time::Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX));
-        ServiceError::RateLimited { retry_after }
+        ServiceError::RateLimited {
+            limiter,
+            retry_after,
+        }
+    }
+}
+
+/// What a limiter counts, and the limit that set it (a client told "too many attempts"
+/// for its token's request rate looked for the wrong cause).
+fn rate_limit_named(limiter: &str) -> &'static str {
+    match limiter {
+        "citizen" => "too many attempts for this citizen (rate_citizen_attempts_per_min)",
+        "citizen_reads" => "too many reads of this citizen's bookings (rate_citizen_reads_per_min)",
+        "token" => "too many requests from this token (rate_token_requests_per_s)",
+        "anonymous" => {
+            "too many requests without a token (open_data_anonymous_requests_per_s, shared by \
+             every anonymous caller)"
+        }
+        "check_in" => "too many wrong check-in codes for this reference (check_in_tries_max)",
+        "watch_snapshot" => {
+            "too many slots in this token's new watches (watch_snapshot_slots_per_token_per_s)"
+        }
+        _ => "too many requests",
     }
 }
 
@@ -94,7 +119,7 @@ mod tests {
     #[test]
     fn a_rate_limit_waits_whole_milliseconds_never_zero() {
         let waited = |wait| match ServiceError::rate_limited("anonymous", wait) {
-            ServiceError::RateLimited { retry_after } => retry_after,
+            ServiceError::RateLimited { retry_after, .. } => retry_after,
             other => panic!("{other:?}"),
         };
         assert_eq!(waited(Duration::ZERO), Duration::from_millis(1));
@@ -104,5 +129,14 @@ mod tests {
             Duration::from_millis(2)
         );
         assert_eq!(waited(Duration::from_secs(3)), Duration::from_secs(3));
+    }
+
+    /// Each limiter's refusal names what it counts and its limit.
+    #[test]
+    fn a_rate_limit_says_which_limit() {
+        let said = |limiter| ServiceError::rate_limited(limiter, Duration::ZERO).to_string();
+        assert!(said("token").starts_with("too many requests from this token"));
+        assert!(said("citizen").contains("rate_citizen_attempts_per_min"));
+        assert!(said("check_in").contains("check_in_tries_max"));
     }
 }

@@ -6,6 +6,7 @@
 
 use crate::domain::booking::BookingState;
 use crate::domain::catalog::Admission;
+use crate::domain::citizens::Entry;
 use crate::domain::error::DomainError;
 use crate::domain::hold::{hold_second, HoldState};
 use crate::domain::ids::{BookingId, ChannelId, CitizenKey, ServiceId, SlotKey};
@@ -75,6 +76,14 @@ impl Engine {
             free,
             answer,
         } = plan;
+        // A failed store refuses before anything is taken: the entries and places of its
+        // failed batch stay taken until the restart (their outcome is unknown), and a
+        // retry meeting them answered CITIZEN_ALREADY_BOOKED, or a cancel waited 15 s
+        // for a claim no write would ever settle (an outside test).
+        if let Some(refusal) = self.store.refusing() {
+            restore();
+            return Err(refusal.into());
+        }
         let taken = match self.take_all(take) {
             Ok(taken) => taken,
             Err(refusal) => {
@@ -190,6 +199,9 @@ impl Engine {
         plans: Vec<Plan<T>>,
         dropped: impl Fn(&T),
     ) -> Result<usize, ServiceError> {
+        if let Some(refusal) = self.store.refusing() {
+            return Err(refusal.into()); // as `execute`
+        }
         let mut done = Vec::with_capacity(plans.len());
         let mut writes = Vec::new();
         for plan in plans {
@@ -249,17 +261,8 @@ impl Engine {
                 citizen,
                 service,
                 id,
-            } => self
-                .citizens
-                .reserve(*citizen, service, *id, self.limits.max_active_per_citizen)
-                .map(|()| None)
-                .map_err(|existing| {
-                    DomainError::CitizenAlreadyBooked {
-                        booking_id: existing,
-                        member: None,
-                    }
-                    .into()
-                }),
+                until_unix_s,
+            } => self.take_entry(*citizen, service, Entry::new(*id, *until_unix_s)),
             Take::Claim {
                 citizen,
                 service,
@@ -271,7 +274,8 @@ impl Engine {
                 service,
                 from,
                 to,
-            } => self.move_entry(*citizen, service, *from, *to),
+                until,
+            } => self.move_entry(*citizen, service, (*from, *to), *until),
             Take::Place(key, channel) => self
                 .take_place(key, channel, false)
                 .map(Some)
@@ -342,22 +346,44 @@ impl Engine {
         unless_changed(still, (citizen, id), || self.citizens.unclaim(citizen, id))
     }
 
+    /// `Take::Entry`: the citizen's new entry, under its limit as it stands now.
+    fn take_entry(
+        &self,
+        citizen: CitizenKey,
+        service: &ServiceId,
+        entry: Entry,
+    ) -> Result<Option<Admission>, ServiceError> {
+        let limit = (self.limits.max_active_per_citizen, self.now_unix_s());
+        match self.citizens.reserve(citizen, service, entry, limit) {
+            Ok(()) => Ok(None),
+            Err(existing) => Err(DomainError::CitizenAlreadyBooked {
+                booking_id: existing,
+                member: None,
+            }
+            .into()),
+        }
+    }
+
     /// `Take::Move`: `citizen`'s entry moves from booking `from` to `to`; undone unless
     /// `from` is still confirmed. Refused as `Overtaken`, as `claim`.
     fn move_entry(
         &self,
         citizen: CitizenKey,
         service: &ServiceId,
-        from: BookingId,
-        to: BookingId,
+        (from, to): (BookingId, BookingId),
+        (from_until, to_until): (i64, i64),
     ) -> Result<Option<Admission>, ServiceError> {
-        if !self.citizens.replace(citizen, service, from, to) {
+        if !self
+            .citizens
+            .replace(citizen, service, from, Entry::new(to, to_until))
+        {
             return Err(ServiceError::Overtaken { citizen, id: from });
         }
         // The moved booking must still be confirmed (a check-in may have overtaken the
         // read the plan was made from).
         let still = self.stored_state_is(citizen, from, |s| matches!(s, BookingState::Confirmed));
         unless_changed(still, (citizen, from), || {
+            let from = Entry::new(from, from_until);
             self.citizens.unreplace(citizen, service, from, to);
         })
     }
@@ -382,6 +408,7 @@ impl Engine {
                     citizen,
                     service,
                     id,
+                    ..
                 } => {
                     self.citizens.release(*citizen, service, *id);
                 }
@@ -391,8 +418,10 @@ impl Engine {
                     service,
                     from,
                     to,
+                    until: (from_until, _),
                 } => {
-                    self.citizens.unreplace(*citizen, service, *from, *to);
+                    let from = Entry::new(*from, *from_until);
+                    self.citizens.unreplace(*citizen, service, from, *to);
                 }
                 Take::Place(key, channel) | Take::ReservedPlace(key, channel) => {
                     self.return_place(key, channel)

@@ -122,6 +122,16 @@ impl<'a> ImportCheck<'a> {
             .schedule
             .plan(row.site.time_zone, self.limits.publish_slots_max)
         {
+            // A row that makes nothing is a mistake (weekdays none of its days fall on,
+            // hours inside a daylight-saving gap), not an import that did its part.
+            Ok(planned) if planned.is_empty() => {
+                let description = "the row makes no slot: none of its days from first_day \
+                                   to last_day falls on its weekdays, or its hours all fall \
+                                   in a daylight-saving gap"
+                    .to_string();
+                self.report(row.line, "weekdays", description);
+                Ok(None)
+            }
             Ok(planned) => Ok(Some(planned)),
             Err(DomainError::Invalid(found)) => {
                 for violation in found {

@@ -91,11 +91,13 @@ impl Engine {
                     day,
                 });
             }
-            page.rows
-                .extend(found.rows.into_iter().map(|totals| SummaryRow {
+            page.rows.extend(found.rows.into_iter().map(|mut totals| {
+                totals.totals.reserved = self.reserved_on_day(&catalog, &site, &totals);
+                SummaryRow {
                     site: Arc::clone(&site),
                     totals,
-                }));
+                }
+            }));
             // A full page goes on after its last row; an exhausted budget after the last
             // entry looked at (this site's or, at a site's start, the one before).
             if page.rows.len() == query.page_size {

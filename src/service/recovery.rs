@@ -15,7 +15,7 @@ use chrono_tz::Tz;
 use crate::config::{Config, StoreBackend};
 use crate::domain::booking::{Booking, BookingState, RequestRecord};
 use crate::domain::catalog::{Catalog, NewSlot, Site, Slot};
-use crate::domain::citizens::CitizenIndex;
+use crate::domain::citizens::{CitizenIndex, Entry};
 use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{HoldState, LiveHolds};
 use crate::domain::ids::{BookingId, CitizenKey, RegionId, ServiceId, SiteId, SlotKey};
@@ -271,15 +271,15 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     };
     let live = engine.holds.get_mut().unwrap_or_else(|p| p.into_inner());
     let mut channel_use = engine.releases.channel_use();
+    let now_unix_s = engine.clock.now_unix_ms().div_euclid(1_000);
     let live_holds = restore_holds(
         &engine.store,
         &requests,
         (&engine.citizens, &mut channel_use),
         live,
         catalog,
-        max_active,
+        (max_active, now_unix_s),
     )?;
-    let now_unix_s = engine.clock.now_unix_ms().div_euclid(1_000);
     let (confirmed, cancelled, in_closed_slots, counted_until) = restore_bookings(
         &engine.store,
         &requests,
@@ -288,7 +288,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         (max_active, now_unix_s),
     )?;
     drop(channel_use);
-    keep_counting(&engine.citizens, counted_until);
+    keep_counting(&engine.citizens, counted_until, now_unix_s);
     check_capacities(catalog)?;
     in_closed_slots.warn(catalog);
     warn_of_ids_over_the_limit(catalog, engine.limits.id_length_max);
@@ -590,9 +590,9 @@ type CountedUntil = (CitizenKey, ServiceId, BookingId, i64);
 /// until it has (`CitizenIndex::keep_until`). Entered after every confirmed booking,
 /// without the limit check: a store written before this rule may hold a citizen's
 /// booking made after such a check-in.
-fn keep_counting(citizens: &CitizenIndex, counted_until: Vec<CountedUntil>) {
+fn keep_counting(citizens: &CitizenIndex, counted_until: Vec<CountedUntil>, now_unix_s: i64) {
     for (citizen, service, id, end_unix_s) in counted_until {
-        citizens.insert(citizen, &service, id);
+        citizens.insert(citizen, &service, Entry::new(id, end_unix_s), now_unix_s);
         citizens.keep_until(citizen, &service, id, end_unix_s);
     }
 }
@@ -706,7 +706,8 @@ impl<'a> Rebuild<'a> {
         rebuilt: &mut Rebuilt,
     ) -> Result<(), ServiceError> {
         let (citizens, requests) = (self.citizens, self.requests);
-        match restore_booking(slot, citizens, requests, booking, self.max_active)? {
+        let counted = (self.max_active, self.now_unix_s);
+        match restore_booking(slot, citizens, requests, booking, counted)? {
             true => {
                 rebuilt.channel_use.add(&booking.slot, &booking.channel);
                 rebuilt.confirmed += 1;
@@ -795,7 +796,7 @@ fn restore_holds(
     (citizens, channel_use): (&CitizenIndex, &mut ChannelUse),
     live: &mut LiveHolds,
     catalog: &Catalog,
-    max_active: usize,
+    (max_active, now_unix_s): (usize, i64),
 ) -> Result<usize, ServiceError> {
     for hold in store.holds() {
         let mut hold = hold?;
@@ -813,7 +814,8 @@ fn restore_holds(
             ServiceError::Recovery(format!("slot {} has too many holds", hold.slot))
         })?;
         hold.slot = slot.key(); // the catalog's ids, as for bookings
-        let held = citizens.insert(hold.citizen, &hold.slot.service_id, hold.hold_id);
+        let entry = Entry::new(hold.hold_id, slot.end_unix_s());
+        let held = citizens.insert(hold.citizen, &hold.slot.service_id, entry, now_unix_s);
         if held > max_active {
             return Err(ServiceError::Recovery(format!(
                 "a citizen holds {held} active bookings and holds for service {} \
@@ -845,7 +847,7 @@ fn restore_booking(
     citizens: &CitizenIndex,
     requests: &Requests,
     booking: &Booking,
-    max_active: usize,
+    (max_active, now_unix_s): (usize, i64),
 ) -> Result<bool, ServiceError> {
     for (request, at_unix_ms) in retention::booking_requests(booking) {
         requests.restore(request, booking.booking_id, at_unix_ms);
@@ -873,11 +875,9 @@ fn restore_booking(
                 // Attended or no-show: the place stays, the citizen's entry is gone.
                 return Ok(true);
             }
-            let held = citizens.insert(
-                booking.citizen,
-                &booking.slot.service_id,
-                booking.booking_id,
-            );
+            let entry = Entry::new(booking.booking_id, booking.end_unix_s);
+            let service = &booking.slot.service_id;
+            let held = citizens.insert(booking.citizen, service, entry, now_unix_s);
             if held > max_active {
                 return Err(ServiceError::Recovery(format!(
                     "a citizen holds {held} active bookings for service {} (limit {max_active}), \

@@ -14,10 +14,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::domain::catalog::{Admission, Catalog, Site, Slot};
+use crate::domain::catalog::{Admission, Catalog, DayTotals, Site, Slot};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::ids::{ChannelId, CitizenKey, RegionId, ReleaseId, RequestKey, SlotKey};
 use crate::domain::release::{own_unused, Join, Release, ReleaseScope, TicketView};
+use crate::domain::text::utc_text;
 use crate::service::actor::Actor;
 use crate::service::engine::Engine;
 use crate::service::error::ServiceError;
@@ -312,6 +313,25 @@ impl Engine {
             }
         }
         reserved
+    }
+
+    /// Free places held back now for channel reserves among the slots one open data row
+    /// adds up (one service's local day at `site`; none at once without releases).
+    pub(super) fn reserved_on_day(&self, catalog: &Catalog, site: &Site, day: &DayTotals) -> u64 {
+        if self.releases.is_empty() {
+            return 0;
+        }
+        let now = self.now_unix_ms();
+        let (from, to) = (day.from_unix_s, day.to_unix_s);
+        let slots = catalog
+            .slots_in_range(&site.site_id, Some(&day.service_id), from, to)
+            .unwrap_or_default();
+        let held_back = |slot: &Arc<Slot>| {
+            let entry = self.reserving(&site.region_id, &slot.key())?;
+            let held = self.held_back_now(&entry, slot, None, now);
+            Some(u64::from(held.min(slot.counter.snapshot().remaining())))
+        };
+        slots.iter().filter_map(held_back).sum()
     }
 
     /// Whether the release of slot `key` reserves places for `channel`.
@@ -890,17 +910,19 @@ fn release_detail(release: &Release) -> String {
         ReleaseScope::Sites(sites) => format!("{} sites", sites.len()),
     };
     format!(
-        "release {} of {} at {}: slots from {} to {}, release_at {} ms, {}",
+        "release {} of {} at {}: slots from {} to {}, release_at {}, {}",
         release.release_id,
         release.service_id,
         scope,
-        release.from_unix_s,
-        release.to_unix_s,
-        release.release_at_unix_ms,
+        utc_text(release.from_unix_s),
+        utc_text(release.to_unix_s),
+        utc_text(release.release_at_unix_ms.div_euclid(1_000)),
         match &release.queue {
             Some(q) => format!(
-                "queue opens at {} ms, {} admissions/min, admission {} s",
-                q.opens_at_unix_ms, q.admissions_per_minute, q.admission_ttl_seconds
+                "queue opens at {}, {} admissions/min, admission {} s",
+                utc_text(q.opens_at_unix_ms.div_euclid(1_000)),
+                q.admissions_per_minute,
+                q.admission_ttl_seconds
             ),
             None => "no queue".to_string(),
         }

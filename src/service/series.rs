@@ -164,6 +164,7 @@ impl Engine {
             .ok_or(DomainError::NotFound(Missing::Slot))?;
         Ok(Placed {
             site_id: slot.site_id.clone(),
+            start_unix_s: slot.start_unix_s,
             local_date: local.date_naive(),
         })
     }

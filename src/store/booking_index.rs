@@ -17,7 +17,7 @@ use std::collections::hash_map::Entry;
 use foldhash::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::domain::booking::{Booking, Reference};
+use crate::domain::booking::{Booking, BookingState, Reference};
 use crate::domain::ids::{SiteId, SlotKey};
 use crate::store::error::StoreError;
 use crate::store::records::{self, booking_key};
@@ -52,28 +52,84 @@ struct Inner {
 /// by default), so a booking's insert moves a few pages at most; recovery appends (its
 /// threads in no order) and sorts each roster once at the end.
 #[derive(Default)]
-struct Roster(Vec<Reference>);
+struct Roster(Vec<Marked>);
+
+/// A reference (40 bits) shifted left by two, and in the low two bits its booking's
+/// [`Attendance`]: sorted as the references are, and a site's attendance is counted
+/// from memory (it was one store read per booking of the site).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Marked(u64);
+
+/// What the desk marked of a booking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attendance {
+    None = 0,
+    Attended = 1,
+    NoShow = 2,
+}
+
+impl Attendance {
+    fn of(booking: &Booking) -> Self {
+        match booking.state {
+            BookingState::Attended { .. } => Attendance::Attended,
+            BookingState::NoShow { .. } => Attendance::NoShow,
+            BookingState::Confirmed | BookingState::Cancelled { .. } => Attendance::None,
+        }
+    }
+}
+
+impl Marked {
+    fn new(reference: Reference, attendance: Attendance) -> Self {
+        Self((reference.bits() << 2) | attendance as u64)
+    }
+
+    fn reference(self) -> Reference {
+        Reference::from_bits(self.0 >> 2)
+    }
+
+    fn attendance(self) -> Attendance {
+        match self.0 & 3 {
+            1 => Attendance::Attended,
+            2 => Attendance::NoShow,
+            _ => Attendance::None,
+        }
+    }
+}
 
 impl Roster {
-    fn insert(&mut self, reference: Reference) {
-        if let Err(at) = self.0.binary_search(&reference) {
-            self.0.insert(at, reference);
+    fn find(&self, reference: Reference) -> Result<usize, usize> {
+        self.0
+            .binary_search_by_key(&reference, |marked| marked.reference())
+    }
+
+    /// Enters `marked`, or marks the reference already there as it says (a later state).
+    fn insert(&mut self, marked: Marked) {
+        match self.find(marked.reference()) {
+            Ok(at) => self.0[at] = marked,
+            Err(at) => self.0.insert(at, marked),
         }
     }
 
     fn remove(&mut self, reference: Reference) {
-        if let Ok(at) = self.0.binary_search(&reference) {
+        if let Ok(at) = self.find(reference) {
             self.0.remove(at);
         }
     }
 
     /// The references after `after` (all of them for `None`), in order.
-    fn after(&self, after: Option<Reference>) -> &[Reference] {
-        let from = after.map_or(0, |after| match self.0.binary_search(&after) {
+    fn after(&self, after: Option<Reference>) -> impl Iterator<Item = Reference> + '_ {
+        let from = after.map_or(0, |after| match self.find(after) {
             Ok(at) => at + 1,
             Err(at) => at,
         });
-        &self.0[from..]
+        self.0[from..].iter().map(|marked| marked.reference())
+    }
+
+    /// How many of its bookings were checked in, and marked no-shows.
+    fn attendance(&self) -> (u32, u32) {
+        let count = |wanted| self.0.iter().filter(|m| m.attendance() == wanted).count();
+        let (attended, no_shows) = (count(Attendance::Attended), count(Attendance::NoShow));
+        (attended as u32, no_shows as u32)
     }
 }
 
@@ -115,10 +171,8 @@ impl BookingIndex {
     ) -> Result<(), (usize, BookingKey)> {
         let mut inner = self.lock();
         for (at, booking) in bookings.into_iter().enumerate() {
-            Self::enter_locked(&mut inner, booking, |roster, reference| {
-                roster.0.push(reference)
-            })
-            .map_err(|other| (at, other))?;
+            Self::enter_locked(&mut inner, booking, |roster, marked| roster.0.push(marked))
+                .map_err(|other| (at, other))?;
         }
         Ok(())
     }
@@ -135,22 +189,30 @@ impl BookingIndex {
         }
     }
 
-    fn enter(&self, booking: &Booking, add: fn(&mut Roster, Reference)) -> Result<(), BookingKey> {
+    fn enter(&self, booking: &Booking, add: fn(&mut Roster, Marked)) -> Result<(), BookingKey> {
         Self::enter_locked(&mut self.lock(), booking, add)
     }
 
     fn enter_locked(
         inner: &mut Inner,
         booking: &Booking,
-        add: fn(&mut Roster, Reference),
+        add: fn(&mut Roster, Marked),
     ) -> Result<(), BookingKey> {
         let key = booking_key(booking.citizen.tag(), booking.booking_id);
         let Some(codes) = booking.codes else {
             inner.outside_rosters.insert(key);
             return Ok(());
         };
+        let marked = Marked::new(codes.reference, Attendance::of(booking));
         match inner.by_reference.entry(codes.reference) {
-            Entry::Occupied(entered) if *entered.get() == key => return Ok(()), // a later state
+            Entry::Occupied(entered) if *entered.get() == key => {
+                // A later state: its attendance, where the roster has it.
+                let site = inner.rosters.get_mut(&booking.slot.site_id);
+                if let Some(roster) = site.and_then(|site| site.get_mut(&booking.slot)) {
+                    roster.insert(marked);
+                }
+                return Ok(());
+            }
             Entry::Occupied(entered) => {
                 let other = *entered.get();
                 inner.outside_rosters.insert(key);
@@ -163,10 +225,7 @@ impl BookingIndex {
             .rosters
             .entry(booking.slot.site_id.clone())
             .or_default();
-        add(
-            site.entry(booking.slot.clone()).or_default(),
-            codes.reference,
-        );
+        add(site.entry(booking.slot.clone()).or_default(), marked);
         Ok(())
     }
 
@@ -219,9 +278,20 @@ impl BookingIndex {
         };
         roster
             .after(after)
-            .iter()
             .take(limit)
-            .filter_map(|&reference| Some((reference, *inner.by_reference.get(&reference)?)))
+            .filter_map(|reference| Some((reference, *inner.by_reference.get(&reference)?)))
+            .collect()
+    }
+
+    /// Each of the site's slots with bookings, and how many of those were checked in
+    /// and marked no-shows (from memory: no store read).
+    pub fn site_attendance(&self, site_id: &SiteId) -> Vec<(SlotKey, (u32, u32))> {
+        let inner = self.lock();
+        let Some(site) = inner.rosters.get(site_id) else {
+            return Vec::new();
+        };
+        site.iter()
+            .map(|(slot, roster)| (slot.clone(), roster.attendance()))
             .collect()
     }
 
@@ -399,6 +469,38 @@ mod tests {
         assert!(index.rosters_hold_every_booking());
         index.remove(&unreferenced);
         assert!(index.rosters_hold_every_booking());
+    }
+
+    /// A site's attendance is counted from the rosters' marks, which follow each later
+    /// state of a booking (a no-show checked in late is attended), in reference order.
+    #[test]
+    fn rosters_count_attendance_from_each_bookings_latest_state() {
+        let index = BookingIndex::default();
+        let a = slot("marks", 1_000);
+        let mut bookings: Vec<Booking> = (1..=4)
+            .map(|id| booking(id, a.clone(), Some(100 - id as u64)))
+            .collect();
+        for booking in &bookings {
+            index.insert(booking).unwrap();
+        }
+        let site = a.site_id.clone();
+        assert_eq!(index.site_attendance(&site), [(a.clone(), (0, 0))]);
+        bookings[0].state = BookingState::Attended { at_unix_ms: 1 };
+        bookings[1].state = BookingState::NoShow { at_unix_ms: 1 };
+        bookings[2].state = BookingState::NoShow { at_unix_ms: 1 };
+        for booking in &bookings[..3] {
+            index.insert(booking).unwrap();
+        }
+        assert_eq!(index.site_attendance(&site), [(a.clone(), (1, 2))]);
+        bookings[2].state = BookingState::Attended { at_unix_ms: 2 };
+        index.insert(&bookings[2]).unwrap();
+        assert_eq!(index.site_attendance(&site), [(a.clone(), (2, 1))]);
+        index.remove(&bookings[0]);
+        assert_eq!(index.site_attendance(&site), [(a.clone(), (1, 1))]);
+        let references: Vec<u64> = (index.roster(&a, None, 10).iter())
+            .map(|(reference, _)| reference.bits())
+            .collect();
+        assert_eq!(references, [96, 97, 98], "still in reference order");
     }
 
     #[test]

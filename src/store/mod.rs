@@ -300,9 +300,14 @@ impl Store {
         Ok((changes, events))
     }
 
+    /// Why every write is refused now, once the store failed (until a restart).
+    pub fn refusing(&self) -> Option<StoreError> {
+        (self.state.failed.load(Ordering::Acquire)).then(|| self.state.refusal())
+    }
+
     async fn commit_when(&self, writes: &[Write], when_full: WhenFull) -> Result<(), StoreError> {
-        if self.state.failed.load(Ordering::Acquire) {
-            return Err(self.state.refusal());
+        if let Some(refusal) = self.refusing() {
+            return Err(refusal);
         }
         // An error here comes after the caller's in-memory changes and is not `Overloaded`,
         // so they are kept (never overbook): the store fails, as after a failed commit,
@@ -474,12 +479,13 @@ impl Store {
         Ok(bookings)
     }
 
-    /// Every booking of the site's slots (with a reference), slot by slot.
-    pub fn site_roster(
+    /// Each of the site's slots with bookings (with a reference), and how many of those
+    /// were checked in and marked no-shows: from memory.
+    pub fn site_attendance(
         &self,
         site_id: &crate::domain::ids::SiteId,
-    ) -> impl Iterator<Item = Result<Booking, StoreError>> + '_ {
-        self.rostered(self.index.site_slots(site_id))
+    ) -> Vec<(SlotKey, (u32, u32))> {
+        self.index.site_attendance(site_id)
     }
 
     /// Every booking of these slots, read from their rosters; `None` while a booking

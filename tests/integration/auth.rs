@@ -233,7 +233,7 @@ async fn tokens_decide_services_and_regions() {
             .import_capacity(tokio_stream::iter(vec![proto::ImportCapacityRequest {
                 rows,
                 dry_run: false,
-                request_id: String::new(),
+                ..Default::default()
             }]))
             .await,
     );
@@ -724,7 +724,7 @@ async fn another_regions_site_and_an_unknown_one_look_the_same() {
         let import = proto::ImportCapacityRequest {
             rows: vec![row],
             dry_run: true,
-            request_id: String::new(),
+            ..Default::default()
         };
         let imported = lazio
             .import_capacity(tokio_stream::iter([import]))

@@ -725,3 +725,46 @@ async fn a_booking_checked_in_early_counts_against_the_limit_until_its_slot_ends
     assert_eq!(site_stats(&server, "early").await.booked, 1);
     server.stop().await;
 }
+
+/// A booking nobody checked in (an office that does not use the desk) counted against
+/// its citizen's limit until retention deleted it, 400 days on: the citizen could not
+/// book the service again. It counts until its slot ends, a restart agrees, and it stays
+/// a confirmed booking the desk may still mark a no-show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booking_never_checked_in_stops_counting_when_its_slot_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "office", 5).await;
+    let hours = ("10:00", "11:00");
+    utc_site_on(server.channel().await, ("later", "r"), 32, hours, 5).await;
+    let later = search_all(&mut server.booking().await, "later", "vax").await;
+    let mut client = server.booking().await;
+    let anna = book_ok(&mut client, book_request(&slot, "ANNA", "b1")).await;
+    let refused = client
+        .book(book_request(&later[0].slot_id, "ANNA", "b2"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&refused).as_deref(), Some("CITIZEN_ALREADY_BOOKED"));
+    to_an_hour_before(&clock, &slot);
+    clock.advance(Duration::from_secs(2 * 3_600)); // the slot ended at 10:30
+    book_ok(&mut client, book_request(&later[0].slot_id, "ANNA", "b3")).await;
+    server.stop().await;
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let refused = (server.booking().await)
+        .book(book_request(&later[1].slot_id, "ANNA", "b4"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&refused).as_deref(),
+        Some("CITIZEN_ALREADY_BOOKED"),
+        "the new booking counts, after a restart too"
+    );
+    let marked = SiteServiceClient::new(server.channel().await)
+        .mark_no_show(no_show(&anna.reference))
+        .await
+        .expect("the ended booking is still confirmed")
+        .into_inner();
+    assert_eq!(state(&marked.booking.unwrap()), proto::BookingState::NoShow);
+    server.stop().await;
+}

@@ -261,6 +261,7 @@ async fn the_summary_adds_up_what_site_stats_counts_and_names_no_one() {
                 serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
             assert_eq!(first["site_id"], "od-a");
             assert!(first["capacity"].is_u64(), "{first}");
+            assert!(first["reserved"].is_u64(), "{first}");
         }
     }
     server.stop().await;

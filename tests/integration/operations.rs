@@ -486,6 +486,31 @@ async fn an_import_whose_client_dies_midway_is_cancelled_not_a_server_failure() 
     server.terminate();
 }
 
+/// A server whose log cannot be written (stderr on a full disk: `/dev/full`) exited 101
+/// at its first log line, and a failing store's committer, logging its error, died
+/// there and hung every write unreported (an outside test). It now serves, books and
+/// stops cleanly, its log lines dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_log_cannot_be_written_serves_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let options = ChildOptions {
+        stderr: Some(full),
+        rust_log: Some("debug".into()),
+        ..ChildOptions::default()
+    };
+    let mut server = ChildServer::start_recovering(&dir.path().join("data"), options);
+    server.wait_serving();
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "logless", "r", 2).await;
+    let mut booking = BookingServiceClient::new(channel);
+    book_ok(&mut booking, book_request(&slot_id, "citizen", "book-1")).await;
+    server.terminate();
+}
+
 /// `prenota serve … | head -1`: once the reader of its status lines was gone, the
 /// server panicked at its next line (exit 101) before it ever served. It now serves on
 /// without them.

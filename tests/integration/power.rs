@@ -375,6 +375,7 @@ fn import_rows(day: &str, service: &str) -> proto::ImportCapacityRequest {
         }],
         dry_run: false,
         request_id: format!("import-{service}"),
+        rows_total: Some(1),
     }
 }
 

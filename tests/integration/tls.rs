@@ -5,6 +5,7 @@ use crate::common;
 
 use std::time::Duration;
 
+use common::child::{http_get, ChildOptions, ChildServer};
 use common::*;
 use prenota::config::{Config, TlsPem};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -370,4 +371,66 @@ fn unusable_tls_files_are_refused_by_config_check_and_serve_naming_them() {
         assert!(said.contains(why), "case {number}: {said}");
         assert!(!said.contains("transport error"), "case {number}: {said}");
     }
+}
+
+/// A certificate that parses but has ended: every client refuses the handshake, and
+/// nothing said so until the first one failed. `config check` and `serve` warn, naming
+/// the file and when it ended (or ends, within 14 days), and `serve` exports the end as
+/// a gauge for alerts.
+#[test]
+fn a_certificate_past_or_near_its_end_is_warned_of_and_its_end_exported() {
+    use chrono::Datelike;
+    let dir = tempfile::tempdir().unwrap();
+    let soon = chrono::Utc::now().date_naive() + chrono::Days::new(3);
+    let ends = [
+        ("ended", rcgen::date_time_ymd(2021, 1, 1)),
+        (
+            "soon",
+            rcgen::date_time_ymd(soon.year(), soon.month() as u8, soon.day() as u8),
+        ),
+    ];
+    let mut files = Vec::new();
+    for (name, not_after) in ends {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        (params.not_before, params.not_after) = (rcgen::date_time_ymd(2020, 1, 1), not_after);
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (
+            dir.path().join(name),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let file = dir.path().join(format!("{name}.toml"));
+        let text = format!("[server]\ntls_cert = {cert_path:?}\ntls_key = {key_path:?}\n");
+        std::fs::write(&file, text).unwrap();
+        files.push(file);
+    }
+    let (_, said) = config_check(&files[0], true);
+    assert!(
+        said.contains("certificate 1 (CN=rcgen self signed cert) expired at 2021-01-01T00:00:00Z"),
+        "{said}"
+    );
+    let (_, said) = config_check(&files[1], true);
+    assert!(
+        said.contains("expires at") && said.contains("days: renew it"),
+        "{said}"
+    );
+    let log_path = dir.path().join("stderr.log");
+    let options = ChildOptions {
+        args: vec!["--config".into(), files[0].display().to_string()],
+        stderr: Some(std::fs::File::create(&log_path).unwrap()),
+        rust_log: Some("warn".into()),
+        ..ChildOptions::default()
+    };
+    let mut server = ChildServer::start_recovering(&dir.path().join("data"), options);
+    server.wait_serving();
+    let metrics = http_get(&server.metrics_url);
+    let gauge = "prenota_tls_certificate_expiry_timestamp_seconds 1609459200";
+    assert!(metrics.contains(gauge), "{metrics}");
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        logged.contains("expired at 2021-01-01T00:00:00Z"),
+        "{logged}"
+    );
 }
