@@ -668,20 +668,24 @@ const OPEN_DATA_COLUMNS: [&str; 13] = [
     "held",
     "remaining",
     "slots_closed",
-    "reserved",
     "as_of",
+    // Added after the others: appended, so a reader by position is not misled.
+    "reserved",
 ];
 
-/// The columns of `prenota open-data` that are counts (numbers in JSON).
-const OPEN_DATA_COUNTS: [&str; 7] = [
-    "slots",
-    "capacity",
-    "booked",
-    "held",
-    "remaining",
-    "slots_closed",
-    "reserved",
-];
+/// Whether a column of `prenota open-data` is a count (a number in JSON): all but the
+/// names, the day and `as_of`.
+fn is_count(column: &str) -> bool {
+    let texts = [
+        "site_id",
+        "site_name",
+        "region_id",
+        "service_id",
+        "day",
+        "as_of",
+    ];
+    !texts.contains(&column)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OpenDataFormat {
@@ -703,8 +707,8 @@ fn open_data_fields(row: proto::AvailabilityRow) -> [String; 13] {
         row.held.to_string(),
         row.remaining.to_string(),
         row.slots_closed.to_string(),
-        row.reserved.to_string(),
         rfc3339(row.as_of.as_ref()),
+        row.reserved.to_string(),
     ]
 }
 
@@ -761,7 +765,7 @@ fn json_object(fields: &[String; 13]) -> String {
         .zip(fields)
         .map(|(column, value)| {
             let value = match value.parse::<u64>() {
-                Ok(number) if OPEN_DATA_COUNTS.contains(column) => number.into(),
+                Ok(number) if is_count(column) => number.into(),
                 _ => value.clone().into(),
             };
             (column.to_string(), value)

@@ -812,7 +812,7 @@ pub fn reschedule(
 ) -> Result<Plan<Booking>, DomainError> {
     let old = own_confirmed(stored, citizen)?;
     let new_slot = new_slot.ok_or(DomainError::NotFound(Missing::Slot))?;
-    check_move(&old.slot, &new_slot.key, now_unix_ms)?;
+    check_move(&old, &new_slot.key, now_unix_ms)?;
     let neighbour_claims = match neighbours {
         Some(neighbours) => neighbours.check().map(|()| neighbours.confirmed)?,
         None => Vec::new(),
@@ -922,9 +922,15 @@ fn rescheduled(old: Booking, now_unix_ms: i64) -> Booking {
     }
 }
 
-/// A booking in slot `from` may move to slot `to`: of the same service, another slot,
-/// not started.
-fn check_move(from: &SlotKey, to: &SlotKey, now_unix_ms: i64) -> Result<(), DomainError> {
+/// Booking `old` may move to slot `to`: of the same service, another slot, not started;
+/// and `old`'s own slot has not ended. An ended booking no longer counts against its
+/// citizen's limit: moved to a slot ahead it would count again beside the booking made
+/// since, one more than the limit (and a start would then refuse the store).
+fn check_move(old: &Booking, to: &SlotKey, now_unix_ms: i64) -> Result<(), DomainError> {
+    let from = &old.slot;
+    if old.end_unix_s <= now_unix_ms.div_euclid(1_000) {
+        return Err(DomainError::BookingNotActive(old.booking_id));
+    }
     if to.service_id != from.service_id {
         return Err(DomainError::invalid(
             "new_slot_id",
@@ -1470,6 +1476,22 @@ mod tests {
             (plan(&at), "INVALID is the booking's current slot"),
             (plan(&slot("vax", NOW / 1_000 - 60)), "SlotStarted"),
             (plan(&slot("vax", NOW + 900)), "OK"),
+            (
+                // An appointment that is over is not moved (it no longer counts).
+                reason(reschedule(
+                    (
+                        Some(booking_of(ALICE, &slot("vax", NOW / 1_000 - 7_200))),
+                        None,
+                        None,
+                    ),
+                    ALICE,
+                    Some(&slot("vax", NOW + 900)),
+                    new(8),
+                    request(3),
+                    NOW,
+                )),
+                "BookingNotActive",
+            ),
             (
                 reason(reschedule(
                     (None, None, None),

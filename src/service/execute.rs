@@ -200,6 +200,7 @@ impl Engine {
         dropped: impl Fn(&T),
     ) -> Result<usize, ServiceError> {
         if let Some(refusal) = self.store.refusing() {
+            plans.iter().for_each(|plan| dropped(&plan.answer)); // as a failed commit
             return Err(refusal.into()); // as `execute`
         }
         let mut done = Vec::with_capacity(plans.len());

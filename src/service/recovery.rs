@@ -278,7 +278,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
         (&engine.citizens, &mut channel_use),
         live,
         catalog,
-        (max_active, now_unix_s),
+        (max_active, now_unix_s + LIMIT_CHECK_CLOCK_SKEW_S),
     )?;
     let (confirmed, cancelled, in_closed_slots, counted_until) = restore_bookings(
         &engine.store,
@@ -583,6 +583,12 @@ fn restore_bookings(
     ))
 }
 
+/// Recovery checks the citizen limit as of this long after its clock's now: entries
+/// ending sooner are not counted in the check. A booking made just after another one
+/// ended must not refuse a start whose clock is behind (a standby's, or after an NTP
+/// step back); admission itself counts at the exact now.
+const LIMIT_CHECK_CLOCK_SKEW_S: i64 = 3_600;
+
 /// An attended booking whose slot has not ended: its citizen, service, id and end.
 type CountedUntil = (CitizenKey, ServiceId, BookingId, i64);
 
@@ -706,7 +712,7 @@ impl<'a> Rebuild<'a> {
         rebuilt: &mut Rebuilt,
     ) -> Result<(), ServiceError> {
         let (citizens, requests) = (self.citizens, self.requests);
-        let counted = (self.max_active, self.now_unix_s);
+        let counted = (self.max_active, self.now_unix_s + LIMIT_CHECK_CLOCK_SKEW_S);
         match restore_booking(slot, citizens, requests, booking, counted)? {
             true => {
                 rebuilt.channel_use.add(&booking.slot, &booking.channel);

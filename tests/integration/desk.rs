@@ -749,6 +749,17 @@ async fn a_booking_never_checked_in_stops_counting_when_its_slot_ends() {
     to_an_hour_before(&clock, &slot);
     clock.advance(Duration::from_secs(2 * 3_600)); // the slot ended at 10:30
     book_ok(&mut client, book_request(&later[0].slot_id, "ANNA", "b3")).await;
+    // Moved to a slot ahead, the ended booking would count again beside the new one.
+    let moved = client
+        .reschedule_booking(proto::RescheduleBookingRequest {
+            booking_id: anna.booking_id.clone(),
+            citizen_id: "ANNA".into(),
+            new_slot_id: later[1].slot_id.clone(),
+            request_id: "m1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&moved).as_deref(), Some("BOOKING_NOT_ACTIVE"));
     server.stop().await;
     let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
     let refused = (server.booking().await)
