@@ -20,6 +20,7 @@ use tonic::{Request, Status};
 use crate::config::{token_sha256, CitizenTrust, Role, Token};
 use crate::domain::catalog::Site;
 use crate::domain::ids::{ChannelId, RegionId, SiteId};
+use crate::service::error::Limiter;
 use crate::service::{Actor, Regions, ServiceError};
 
 /// The service a gate stands in front of.
@@ -201,7 +202,7 @@ impl Gate {
         };
         limiter.check_key(name).map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
-            Status::from(ServiceError::rate_limited("token", wait))
+            Status::from(ServiceError::rate_limited(Limiter::Token, wait))
         })
     }
 
@@ -213,7 +214,7 @@ impl Gate {
         if anonymous && self.service == (Service::OpenData { public: true }) {
             self.anonymous.check().map_err(|not_until| {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                Status::from(ServiceError::rate_limited("anonymous", wait))
+                Status::from(ServiceError::rate_limited(Limiter::Anonymous, wait))
             })?;
             return Ok(Caller::Open);
         }

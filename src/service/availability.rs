@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::domain::catalog::{SearchQuery, SearchScope, Site};
 use crate::domain::error::DomainError;
 use crate::service::engine::Engine;
-use crate::service::error::ServiceError;
+use crate::service::error::{Limiter, ServiceError};
 use crate::service::exports::{send_within, ExportKind, ExportPermit, OnIdle, Sent};
 pub use crate::service::state::watchers::SlotView;
 use crate::service::state::watchers::{Filed, Subscriber};
@@ -87,7 +87,7 @@ impl Engine {
         let snapshot = self.slots_watched(query)?;
         (self.watchers.snapshots)
             .take(token, snapshot.len())
-            .map_err(|wait| ServiceError::rate_limited("watch_snapshot", wait))?;
+            .map_err(|wait| ServiceError::rate_limited(Limiter::WatchSnapshot, wait))?;
         let (sender, receiver) = mpsc::channel(SLOTS_BUFFERED);
         let engine = Arc::clone(self);
         tokio::spawn(async move {

@@ -647,13 +647,11 @@ impl Engine {
             let service = &campaign.service_id;
             // Bounded work under the lock; a citizen who holds a booking or hold of the
             // service already (a last-minute booking) waits without taking a place.
+            let now_s = now.div_euclid(1_000);
             let waiting = registrations
                 .waiting(campaign, now)
                 .take(self.limits.campaign_scan_per_step_max)
-                .filter(|r| {
-                    let now_s = now.div_euclid(1_000);
-                    self.citizens.active_count(r.citizen, service, now_s) < max_active
-                });
+                .filter(|r| self.citizens.active_count(r.citizen, service, now_s) < max_active);
             let chosen: Vec<(CitizenKey, usize)> = pick(waiting, &mut free, max)
                 .into_iter()
                 .map(|(registration, index)| (registration.citizen, index))

@@ -10,7 +10,7 @@ use crate::domain::error::{DomainError, Missing};
 use crate::domain::ids::{SiteId, SlotKey};
 use crate::domain::plans::{self, DeskChange};
 use crate::service::engine::{BookingView, Engine};
-use crate::service::error::ServiceError;
+use crate::service::error::{Limiter, ServiceError};
 use crate::service::references::CodeLimits;
 
 /// The sites whose desk a caller may work.
@@ -104,7 +104,7 @@ impl Engine {
             forget_after: Duration::from_secs((u64::from(window) * 4 + 48) * 3_600),
         };
         match self.references.try_code(reference, wrong, now_ms, limits) {
-            Err(Some(wait)) => return Err(ServiceError::rate_limited("check_in", wait)),
+            Err(Some(wait)) => return Err(ServiceError::rate_limited(Limiter::CheckIn, wait)),
             Err(None) => {
                 metrics::counter!(crate::telemetry::CHECK_IN_CODES_WRONG).increment(1);
                 return Err(DomainError::CheckInCodeWrong.into());

@@ -27,7 +27,7 @@ use crate::domain::ids::{
 };
 use crate::service::citizen_hasher::{BookingIds, CitizenHasher};
 use crate::service::clock::Clock;
-use crate::service::error::ServiceError;
+use crate::service::error::{Limiter, ServiceError};
 use crate::service::exports::{ExportKind, ExportPermit, Exports, FedStream, Feed, OnIdle};
 use crate::service::rate_limits;
 use crate::service::requests::{self, Begin, RequestRegistry};
@@ -149,7 +149,7 @@ impl Engine {
     pub(super) fn count_attempt(&self, citizen: &CitizenKey) -> Result<(), ServiceError> {
         self.attempts
             .check(citizen)
-            .map_err(|wait| ServiceError::rate_limited("citizen", wait))
+            .map_err(|wait| ServiceError::rate_limited(Limiter::Citizen, wait))
     }
 
     /// Counts `attempt`; one on a slot only if the slot exists: a made-up slot id cannot
@@ -169,7 +169,7 @@ impl Engine {
     pub(super) fn count_read(&self, citizen: &CitizenKey) -> Result<(), ServiceError> {
         self.reads
             .check(citizen)
-            .map_err(|wait| ServiceError::rate_limited("citizen_reads", wait))
+            .map_err(|wait| ServiceError::rate_limited(Limiter::CitizenReads, wait))
     }
 
     /// Forgets citizens whose quotas have refilled; returns how many are still tracked.

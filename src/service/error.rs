@@ -16,9 +16,9 @@ pub enum ServiceError {
     Recovery(String),
     #[error("the request was abandoned before it finished")]
     Abandoned,
-    #[error("{}: retry in {} ms", rate_limit_named(limiter), .retry_after.as_millis())]
+    #[error("{}: retry in {} ms", .limiter.described(), .retry_after.as_millis())]
     RateLimited {
-        limiter: &'static str,
+        limiter: Limiter,
         retry_after: std::time::Duration,
     },
     #[error("the server is at its limit of requests in flight (or of what they may hold)")]
@@ -79,8 +79,9 @@ pub enum ServiceError {
 impl ServiceError {
     /// `RATE_LIMITED` by `limiter` (counted in `prenota_rate_limited_total`), waiting
     /// `wait` rounded up to a whole millisecond: never "retry in 0 ms".
-    pub fn rate_limited(limiter: &'static str, wait: std::time::Duration) -> Self {
-        metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => limiter).increment(1);
+    pub fn rate_limited(limiter: Limiter, wait: std::time::Duration) -> Self {
+        let label = limiter.label();
+        metrics::counter!(crate::telemetry::RATE_LIMITED, "limiter" => label).increment(1);
         let millis = wait.as_nanos().div_ceil(1_000_000).max(1);
         let retry_after =
             std::time::Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX));
@@ -91,22 +92,52 @@ impl ServiceError {
     }
 }
 
-/// What a limiter counts, and the limit that set it (a client told "too many attempts"
-/// for its token's request rate looked for the wrong cause).
-fn rate_limit_named(limiter: &str) -> &'static str {
-    match limiter {
-        "citizen" => "too many attempts for this citizen (rate_citizen_attempts_per_min)",
-        "citizen_reads" => "too many reads of this citizen's bookings (rate_citizen_reads_per_min)",
-        "token" => "too many requests from this token (rate_token_requests_per_s)",
-        "anonymous" => {
-            "too many requests without a token (open_data_anonymous_requests_per_s, shared by \
-             every anonymous caller)"
+/// The rate limiter that refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limiter {
+    Citizen,
+    CitizenReads,
+    Token,
+    Anonymous,
+    CheckIn,
+    WatchSnapshot,
+}
+
+impl Limiter {
+    /// Its `limiter` label on `prenota_rate_limited_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limiter::Citizen => "citizen",
+            Limiter::CitizenReads => "citizen_reads",
+            Limiter::Token => "token",
+            Limiter::Anonymous => "anonymous",
+            Limiter::CheckIn => "check_in",
+            Limiter::WatchSnapshot => "watch_snapshot",
         }
-        "check_in" => "too many wrong check-in codes for this reference (check_in_tries_max)",
-        "watch_snapshot" => {
-            "too many slots in this token's new watches (watch_snapshot_slots_per_token_per_s)"
+    }
+
+    /// What it counts, and the limit that set it (a client told "too many attempts"
+    /// for its token's request rate looked for the wrong cause).
+    fn described(self) -> &'static str {
+        match self {
+            Limiter::Citizen => {
+                "too many attempts for this citizen (rate_citizen_attempts_per_min)"
+            }
+            Limiter::CitizenReads => {
+                "too many reads of this citizen's bookings (rate_citizen_reads_per_min)"
+            }
+            Limiter::Token => "too many requests from this token (rate_token_requests_per_s)",
+            Limiter::Anonymous => {
+                "too many requests without a token (open_data_anonymous_requests_per_s, shared \
+                 by every anonymous caller)"
+            }
+            Limiter::CheckIn => {
+                "too many wrong check-in codes for this reference (check_in_tries_max)"
+            }
+            Limiter::WatchSnapshot => {
+                "too many slots in this token's new watches (watch_snapshot_slots_per_token_per_s)"
+            }
         }
-        _ => "too many requests",
     }
 }
 
@@ -118,7 +149,7 @@ mod tests {
     /// A wait under a millisecond once answered "retry in 0 ms" with a zero RetryInfo.
     #[test]
     fn a_rate_limit_waits_whole_milliseconds_never_zero() {
-        let waited = |wait| match ServiceError::rate_limited("anonymous", wait) {
+        let waited = |wait| match ServiceError::rate_limited(Limiter::Anonymous, wait) {
             ServiceError::RateLimited { retry_after, .. } => retry_after,
             other => panic!("{other:?}"),
         };
@@ -135,8 +166,8 @@ mod tests {
     #[test]
     fn a_rate_limit_says_which_limit() {
         let said = |limiter| ServiceError::rate_limited(limiter, Duration::ZERO).to_string();
-        assert!(said("token").starts_with("too many requests from this token"));
-        assert!(said("citizen").contains("rate_citizen_attempts_per_min"));
-        assert!(said("check_in").contains("check_in_tries_max"));
+        assert!(said(Limiter::Token).starts_with("too many requests from this token"));
+        assert!(said(Limiter::Citizen).contains("rate_citizen_attempts_per_min"));
+        assert!(said(Limiter::CheckIn).contains("check_in_tries_max"));
     }
 }
