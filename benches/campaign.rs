@@ -37,6 +37,7 @@ fn campaign() -> Campaign {
         ],
         seed: [7; 32],
         created_at_unix_ms: 0,
+        ends_at_unix_ms: None,
     }
 }
 

@@ -5,8 +5,11 @@
 //! - [`config`]: `prenota.toml`, tokens, flag precedence and defaults.
 //! - [`domain`]: pure and synchronous: ids, slot counters (one CAS per admission),
 //!   citizen limits, schedules and local-time rules. Knows nothing of tokio, tonic or sled.
-//! - [`store`]: sled records and keys, the group committer (flush + fdatasync per
-//!   batch) and the scans start-up recovery reads.
+//! - [`store`]: records and keys (versioned disk forms), the group committer (flush +
+//!   fdatasync per batch), the scans start-up recovery reads, backups, and the
+//!   PostgreSQL backend (lease, fencing, migrations).
+//! - [`metrics_listener`]: the bounded `/metrics` port; [`open_files`]: the open-file
+//!   limit; [`tls_expiry`]: certificates past or near their end.
 //! - [`service`]: the transport-free engine wiring domain and store: book, cancel,
 //!   publish, with idempotency, and start-up recovery (`service::recovery`). Knows
 //!   nothing of tonic.

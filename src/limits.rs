@@ -28,6 +28,15 @@ pub const RECEIVING_HEADROOM_BYTES: usize = 64 * 1024;
 /// A peer holds at most this fraction (1/N) of `health_receiving_bytes_max`.
 pub const HEALTH_RECEIVING_PEER_SHARES: usize = 32;
 
+/// Largest citizen assertion read (a JWS is a few hundred bytes).
+pub const ASSERTION_BYTES_MAX: usize = 8 * 1024;
+/// Largest citizen assertion remembered once verified (`citizen_assertions_remembered_max`
+/// of them): a larger one (many groups or dependants) is verified at each call, so each
+/// remembered one holds at most this (128 MiB at the default 65,536).
+pub const ASSERTION_REMEMBERED_BYTES_MAX: usize = 2 * 1024;
+/// Future `iat` tolerated in a citizen assertion, for clocks that disagree a little.
+pub const ASSERTION_CLOCK_SKEW_S: i64 = 60;
+
 /// Upper bounds on everything a client can make the server hold, scan or write.
 /// In `prenota.toml` under `[limits]`; a missing key keeps its default.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,9 +241,9 @@ pub struct Limits {
     /// Verified assertions remembered until they expire (one signature check per
     /// assertion, not per call); 0 verifies every call.
     pub citizen_assertions_remembered_max: usize,
-    /// Reads of a citizen's bookings and queue ticket (GetBooking, ListCitizenBookings,
-    /// GetQueueTicket) one citizen may
-    /// make per minute, in a burst or spread out; 0 turns the limit off.
+    /// Reads of a citizen's bookings, queue ticket and registrations (GetBooking,
+    /// ListCitizenBookings, GetBookingByReference, GetQueueTicket, GetRegistration) one
+    /// citizen may make per minute, in a burst or spread out; 0 turns the limit off.
     pub rate_citizen_reads_per_min: u32,
     /// Requests one token may make per second (burst the same); 0 turns the limit off.
     pub rate_token_requests_per_s: u32,

@@ -79,7 +79,7 @@ pub const RECOVERED_RECORDS: &str = "prenota_recovered_records";
 /// Records retention forgot or deleted, by kind.
 pub const RETENTION_DELETED: &str = "prenota_retention_deleted_total";
 /// The `kind` labels of `RETENTION_DELETED`.
-pub const RETENTION_KINDS: [&str; 9] = [
+pub const RETENTION_KINDS: [&str; 11] = [
     "request_records",
     "holds",
     "bookings",
@@ -89,6 +89,8 @@ pub const RETENTION_KINDS: [&str; 9] = [
     "events",
     "releases",
     "tickets",
+    "campaigns",
+    "registrations",
 ];
 /// Finished requests remembered for idempotency.
 pub const REQUEST_RECORDS: &str = "prenota_request_records";

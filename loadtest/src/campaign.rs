@@ -225,6 +225,7 @@ async fn upsert_campaign(
                     wave(2, "everyone", 0),
                 ],
                 created_at: None,
+                ends_at: None,
             }),
             request_id: String::new(),
         })

@@ -73,6 +73,10 @@ pub struct Campaign {
     /// Seeds the draw among early registrants; never shown to anyone.
     pub seed: [u8; 32],
     pub created_at_unix_ms: i64,
+    /// When it ends (`None`: not yet set): from then on no offer is made, no citizen
+    /// pre-registers, and its slots are booked directly; offers made before stand until
+    /// they expire. Its registrations are deleted `records_retained_days` later.
+    pub ends_at_unix_ms: Option<i64>,
 }
 
 /// Whether a slot starting at `start_unix_s` is within `last_minute_hours` of `now`:
@@ -83,6 +87,12 @@ pub fn is_last_minute(last_minute_hours: u32, start_unix_s: i64, now_unix_ms: i6
 }
 
 impl Campaign {
+    /// Whether it has ended at `now_unix_ms`.
+    pub fn has_ended(&self, now_unix_ms: i64) -> bool {
+        self.ends_at_unix_ms
+            .is_some_and(|ends_at| now_unix_ms >= ends_at)
+    }
+
     /// Whether the slot `key` of a site in `region` is one of this campaign's.
     pub fn covers(&self, region: &RegionId, key: &SlotKey) -> bool {
         key.service_id == self.service_id && *region == self.region_id
@@ -722,6 +732,7 @@ mod tests {
             waves,
             seed: [7; 32],
             created_at_unix_ms: 0,
+            ends_at_unix_ms: None,
         }
     }
 

@@ -92,6 +92,8 @@ pub enum DomainError {
     CampaignsExhausted,
     #[error("the server holds as many registrations as it allows (registrations_max)")]
     RegistrationsFull,
+    #[error("the campaign has ended: its slots are booked directly")]
+    CampaignEnded,
     #[error("the check-in code is wrong")]
     CheckInCodeWrong,
     #[error("the booking's slot has not ended yet: a no-show is marked after its end")]

@@ -1,11 +1,13 @@
 //! Events: what changed for a booking, a hold or a slot, as reminder and closure-notice
 //! gateways read it (`WatchEvents`). Each is written in the same atomic commit as its
 //! change (an outbox); the store numbers them in commit order. Never carries who: no
-//! citizen id, hash or request.
+//! citizen id, hash, request or check-in code. A booking's reference and series dose
+//! are carried, as the desk's roster and the authority's export show them: what a
+//! reminder gateway quotes to the citizen.
 
-use crate::domain::booking::{Booking, BookingState};
+use crate::domain::booking::{Booking, BookingState, Reference};
 use crate::domain::hold::Hold;
-use crate::domain::ids::{BookingId, SlotKey};
+use crate::domain::ids::{BookingId, SeriesId, SlotKey};
 
 /// The reason on a hold that timed out.
 pub const HOLD_TIMED_OUT: &str = "hold expired";
@@ -36,6 +38,12 @@ pub struct EventBooking {
     pub created_at_unix_ms: i64,
     /// Set when the event cancelled it; the reason is the event's.
     pub cancelled_at_unix_ms: Option<i64>,
+    /// `None` for bookings made before references, and in events stored before events
+    /// carried it.
+    pub reference: Option<Reference>,
+    /// The series and dose (from 1) of a `BookSeries` booking; `None` also in events
+    /// stored before events carried it.
+    pub series: Option<(SeriesId, u8)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +98,8 @@ impl Event {
                 end_unix_s: booking.end_unix_s,
                 created_at_unix_ms: booking.created_at_unix_ms,
                 cancelled_at_unix_ms: cancelled_at,
+                reference: booking.codes.map(|codes| codes.reference),
+                series: (booking.series.as_ref()).map(|s| (s.series_id.clone(), s.dose)),
             }),
             reason,
             ..Self::of_slot(kind, &booking.slot, at_unix_ms)

@@ -1656,6 +1656,7 @@ mod tests {
             waves: Vec::new(),
             seed: [0; 32],
             created_at_unix_ms: 0,
+            ends_at_unix_ms: None,
         };
         let registration = Registration {
             registration_id: BookingId(1),

@@ -50,6 +50,12 @@ impl Cutoffs {
         at_unix_ms >= self.requests_before_unix_ms
     }
 
+    /// A campaign that ends at `ends_at_unix_ms` (`None`: not set) is still kept, with
+    /// its registrations: like a slot, until `records_retained_days` after its end.
+    pub fn keeps_campaign(&self, ends_at_unix_ms: Option<i64>) -> bool {
+        ends_at_unix_ms.is_none_or(|ends_at| self.keeps_slot(ends_at.div_euclid(1_000)))
+    }
+
     /// A slot that ends at `end_unix_s` is still kept, with its bookings and holds.
     pub fn keeps_slot(&self, end_unix_s: i64) -> bool {
         end_unix_s >= self.slots_ended_before_unix_s
@@ -150,6 +156,11 @@ mod tests {
         let ended = NOW_MS / 1_000 - 400 * 86_400;
         assert!(cutoffs.keeps_slot(ended));
         assert!(!cutoffs.keeps_slot(ended - 1));
+        // A campaign like a slot ending when it does; one without an end, for good.
+        assert!(cutoffs.keeps_campaign(Some(ended * 1_000)));
+        assert!(!cutoffs.keeps_campaign(Some(ended * 1_000 - 1_000)));
+        assert!(cutoffs.keeps_campaign(None));
+        assert!(Cutoffs::at(NOW_MS, (0, 0, 0)).keeps_campaign(Some(i64::MIN + 1)));
     }
 
     #[test]

@@ -30,11 +30,7 @@ use crate::grpc::signature_batch::{Check, SignatureBatches};
 /// The metadata key that carries the assertion.
 pub const ASSERTION_HEADER: &str = "x-citizen-assertion";
 
-/// Largest assertion read (a JWS is a few hundred bytes).
-const ASSERTION_BYTES_MAX: usize = 8 * 1024;
-
-/// Future `iat` tolerated, for clocks that disagree a little.
-const CLOCK_SKEW_S: i64 = 60;
+use crate::limits::{ASSERTION_BYTES_MAX, ASSERTION_CLOCK_SKEW_S, ASSERTION_REMEMBERED_BYTES_MAX};
 
 /// Who an assertion says the caller acts for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,7 +215,9 @@ impl Assertions {
             groups: claims.groups,
             dependants: claims.dependants,
         };
-        self.remember(digest, &citizen, claims.exp, now_unix_s);
+        if token.len() <= ASSERTION_REMEMBERED_BYTES_MAX {
+            self.remember(digest, &citizen, claims.exp, now_unix_s);
+        }
         Ok(citizen)
     }
 
@@ -248,13 +246,13 @@ impl Assertions {
         }
         if claims
             .nbf
-            .is_some_and(|nbf| nbf > now_unix_s + CLOCK_SKEW_S)
+            .is_some_and(|nbf| nbf > now_unix_s + ASSERTION_CLOCK_SKEW_S)
         {
             return Err("the assertion is not valid yet".into());
         }
         let lifetime = claims.exp.checked_sub(claims.iat);
         let lifetime_ok = lifetime.is_some_and(|s| (0..=self.lifetime_max_s).contains(&s));
-        if claims.iat > now_unix_s + CLOCK_SKEW_S || !lifetime_ok {
+        if claims.iat > now_unix_s + ASSERTION_CLOCK_SKEW_S || !lifetime_ok {
             return Err("the assertion's iat or lifetime is out of bounds".into());
         }
         if claims.sub.is_empty() {
@@ -411,5 +409,32 @@ mod tests {
             assertions.verify(&metadata, now + 10).await.unwrap();
             assert!(assertions.verified_count() <= 2);
         }
+    }
+
+    /// An assertion of more than `ASSERTION_REMEMBERED_BYTES_MAX` (many groups) is
+    /// verified, but not remembered: the remembered ones stay small.
+    #[tokio::test]
+    async fn a_large_assertion_is_verified_each_time_not_remembered() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let now = 1_800_000_000;
+        let assertions = assertions(&key, 8);
+        let groups: Vec<String> = (0..100).map(|i| format!("group-number-{i}")).collect();
+        let claims = serde_json::json!({
+            "iss": "gw", "aud": "prenota", "sub": "ALICE", "iat": now, "exp": now + 600,
+            "groups": groups,
+        });
+        let large = token(&key, Header::new(Algorithm::EdDSA), &claims);
+        assert!(large.len() > ASSERTION_REMEMBERED_BYTES_MAX);
+        assert!(large.len() <= ASSERTION_BYTES_MAX);
+        for _ in 0..2 {
+            let citizen = assertions.verify(&carrying(&large), now).await.unwrap();
+            assert_eq!(citizen.groups.len(), 100);
+        }
+        assert_eq!(assertions.verified_count(), 0);
+        assertions
+            .verify(&signed(&key, "BOB", now), now)
+            .await
+            .unwrap();
+        assert_eq!(assertions.verified_count(), 1);
     }
 }

@@ -225,9 +225,10 @@ impl Gate {
             .get("authorization")
             .and_then(|value| value.to_str().ok())
             .ok_or_else(unauthenticated)?;
-        let presented = header
-            .strip_prefix("Bearer ")
-            .map(str::trim)
+        // The scheme's name is case-insensitive (RFC 9110 11.1).
+        let presented = (header.get(..7))
+            .filter(|scheme| scheme.eq_ignore_ascii_case("Bearer "))
+            .map(|_| header[7..].trim())
             .filter(|token| !token.is_empty())
             .ok_or_else(unauthenticated)?;
         let hash = token_sha256(presented);

@@ -113,8 +113,12 @@ impl BookingApi {
             .map_err(|_| ServiceError::CitizenAssertionInvalid)?;
         let mut body = request.into_inner();
         let sent = body.citizen_id();
-        if !sent.is_empty() && ids.canonical(sent).ok().as_deref() != Some(sub.as_str()) {
-            return Err(ServiceError::CitizenMismatch.into());
+        if !sent.is_empty() {
+            // A malformed id is the caller's field error, not another citizen.
+            let canonical = ids.canonical(sent).map_err(DomainError::from)?;
+            if canonical != sub {
+                return Err(ServiceError::CitizenMismatch.into());
+            }
         }
         *sent = sub;
         Ok((caller, body, Some(asserted)))

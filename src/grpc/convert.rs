@@ -13,6 +13,7 @@ use crate::domain::booking::BookingState as DomainBookingState;
 use crate::domain::catalog::{SearchPage, SearchQuery, SearchScope, Site, Slot};
 use crate::domain::citizen_id::CitizenIds;
 use crate::domain::error::{AllValid, DomainError, FieldViolation};
+use crate::domain::event::{Event, EventBooking};
 use crate::domain::hold::Hold;
 use crate::domain::ids::{BookingId, ChannelId, RegionId, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::{Schedule, ScheduleInput};
@@ -804,35 +805,8 @@ pub fn event_to_proto(view: &EventView) -> proto::Event {
         EventKind::NoShow => proto::EventKind::NoShow,
     };
     let slot = &event.slot;
-    let booking = event.booking.as_ref().map(|booking| {
-        let state = match (event.kind, booking.cancelled_at_unix_ms) {
-            (EventKind::CheckedIn, _) => proto::BookingState::Attended,
-            (EventKind::NoShow, _) => proto::BookingState::NoShow,
-            (_, None) => proto::BookingState::Confirmed,
-            (_, Some(_)) => proto::BookingState::Cancelled,
-        };
-        proto::Booking {
-            booking_id: booking.booking_id.to_string(),
-            slot_id: slot.to_string(),
-            site_id: slot.site_id.to_string(),
-            service_id: slot.service_id.to_string(),
-            start: Some(timestamp(slot.start_unix_s)),
-            end: Some(timestamp(booking.end_unix_s)),
-            local_start: local_rfc3339(slot.start_unix_s, site.time_zone),
-            state: state as i32,
-            created_at: Some(timestamp_ms(booking.created_at_unix_ms)),
-            time_zone: site.time_zone.name().to_string(),
-            cancelled_at: booking.cancelled_at_unix_ms.map(timestamp_ms),
-            cancel_reason: match booking.cancelled_at_unix_ms {
-                Some(_) => event.reason.clone(),
-                None => String::new(),
-            },
-            attendance_at: matches!(event.kind, EventKind::CheckedIn | EventKind::NoShow)
-                .then(|| timestamp_ms(event.at_unix_ms)),
-            // Events never say who: no reference, no code.
-            ..Default::default()
-        }
-    });
+    let booking =
+        (event.booking.as_ref()).map(|booking| event_booking_to_proto(event, booking, site));
     let id = |id: Option<BookingId>| id.map(|id| id.to_string()).unwrap_or_default();
     proto::Event {
         sequence: *sequence,
@@ -846,6 +820,46 @@ pub fn event_to_proto(view: &EventView) -> proto::Event {
         hold_id: id(event.hold_id),
         previous_booking_id: id(event.previous_booking_id),
         capacity: event.capacity.unwrap_or_default(),
+    }
+}
+
+/// The booking of a `Booking*`, `CheckedIn` or `NoShow` event, as the event left it.
+fn event_booking_to_proto(event: &Event, booking: &EventBooking, site: &Site) -> proto::Booking {
+    use crate::domain::event::EventKind;
+    let slot = &event.slot;
+    let state = match (event.kind, booking.cancelled_at_unix_ms) {
+        (EventKind::CheckedIn, _) => proto::BookingState::Attended,
+        (EventKind::NoShow, _) => proto::BookingState::NoShow,
+        (_, None) => proto::BookingState::Confirmed,
+        (_, Some(_)) => proto::BookingState::Cancelled,
+    };
+    proto::Booking {
+        booking_id: booking.booking_id.to_string(),
+        slot_id: slot.to_string(),
+        site_id: slot.site_id.to_string(),
+        service_id: slot.service_id.to_string(),
+        start: Some(timestamp(slot.start_unix_s)),
+        end: Some(timestamp(booking.end_unix_s)),
+        local_start: local_rfc3339(slot.start_unix_s, site.time_zone),
+        state: state as i32,
+        created_at: Some(timestamp_ms(booking.created_at_unix_ms)),
+        time_zone: site.time_zone.name().to_string(),
+        cancelled_at: booking.cancelled_at_unix_ms.map(timestamp_ms),
+        cancel_reason: match booking.cancelled_at_unix_ms {
+            Some(_) => event.reason.clone(),
+            None => String::new(),
+        },
+        attendance_at: matches!(event.kind, EventKind::CheckedIn | EventKind::NoShow)
+            .then(|| timestamp_ms(event.at_unix_ms)),
+        reference: (booking.reference.map(|r| r.to_string())).unwrap_or_default(),
+        series_id: (booking.series.as_ref())
+            .map_or_else(String::new, |(series_id, _)| series_id.to_string()),
+        dose: booking
+            .series
+            .as_ref()
+            .map_or(0, |(_, dose)| u32::from(*dose)),
+        // Events never say who: no citizen id, and never the check-in code.
+        ..Default::default()
     }
 }
 

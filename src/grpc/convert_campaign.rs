@@ -160,7 +160,9 @@ pub fn upsert_campaign_from_proto(
     let Some(campaign) = request.campaign else {
         return Err(DomainError::invalid("campaign", "is required"));
     };
-    let (id, service, region, (ttl, declined_max, last_minute), waves, _request) = (
+    let ends_at =
+        (campaign.ends_at.is_some()).then(|| unix_ms("campaign.ends_at", &campaign.ends_at));
+    let (id, service, region, (ttl, declined_max, last_minute), (waves, ends_at), _request) = (
         campaign_id("campaign.campaign_id", &campaign.campaign_id, limits),
         service_id("campaign.service_id", &campaign.service_id, limits),
         region_id("campaign.region_id", &campaign.region_id, limits),
@@ -185,7 +187,7 @@ pub fn upsert_campaign_from_proto(
             ),
         )
             .checked(),
-        waves(&campaign, limits),
+        (waves(&campaign, limits), ends_at.transpose()).checked(),
         optional_request_key(&request.request_id, limits, caller),
     )
         .all_valid()?;
@@ -199,6 +201,7 @@ pub fn upsert_campaign_from_proto(
         waves,
         seed: [0; 32],
         created_at_unix_ms: 0,
+        ends_at_unix_ms: ends_at,
     })
 }
 
@@ -222,6 +225,7 @@ pub fn campaign_to_proto(campaign: &Campaign) -> proto::Campaign {
             })
             .collect(),
         created_at: Some(timestamp_ms(campaign.created_at_unix_ms)),
+        ends_at: campaign.ends_at_unix_ms.map(timestamp_ms),
     }
 }
 
@@ -490,5 +494,6 @@ pub fn registration_to_proto(view: &RegistrationView) -> proto::Registration {
         booking_id,
         registered_at: Some(timestamp_ms(registration.registered_at_unix_ms)),
         offers_declined: registration.declines,
+        campaign_ends_at: view.campaign_ends_at_unix_ms.map(timestamp_ms),
     }
 }

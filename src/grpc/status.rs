@@ -231,8 +231,10 @@ fn classify(error: &ServiceError) -> Answer {
             DomainError::CampaignsExhausted => {
                 Answer::new(ResourceExhausted, "CAMPAIGNS_EXHAUSTED")
             }
-            DomainError::RegistrationsFull => Answer::new(ResourceExhausted, "REGISTRATIONS_FULL")
-                .retry_after(EXPORTS_RETRY_DELAY),
+            // No retry hint: registrations free up only when retention deletes an ended
+            // campaign's, days later.
+            DomainError::RegistrationsFull => Answer::new(ResourceExhausted, "REGISTRATIONS_FULL"),
+            DomainError::CampaignEnded => Answer::new(FailedPrecondition, "CAMPAIGN_ENDED"),
         },
         ServiceError::Store(store) => match store {
             StoreError::Overloaded => {

@@ -64,6 +64,8 @@ pub struct RegistrationView {
     pub wave_id: Option<WaveId>,
     /// The offered slot and its site.
     pub offer_slot: Option<(Arc<Site>, Arc<Slot>)>,
+    /// When its campaign ends, if set.
+    pub campaign_ends_at_unix_ms: Option<i64>,
 }
 
 pub struct PreRegisterCommand {
@@ -121,16 +123,25 @@ impl Engine {
                 if current == unchanged {
                     return Ok(current);
                 }
+                // Ended for good: another campaign may cover its slots since.
+                if current.has_ended(self.now_unix_ms()) {
+                    return Err(DomainError::CampaignEnded.into());
+                }
                 campaign.seed = current.seed;
                 campaign.created_at_unix_ms = current.created_at_unix_ms;
             }
             None => {
-                self.check_campaign_is_alone(&campaign)?;
+                let now = self.now_unix_ms();
+                if campaign.has_ended(now) {
+                    let ahead = "must be ahead: a campaign cannot be created ended";
+                    return Err(DomainError::invalid("campaign.ends_at", ahead).into());
+                }
+                self.check_campaign_is_alone(&campaign, now)?;
                 if self.campaigns.len() >= self.limits.campaigns_max {
                     return Err(DomainError::CampaignsExhausted.into());
                 }
                 campaign.seed = rand::random();
-                campaign.created_at_unix_ms = self.now_unix_ms();
+                campaign.created_at_unix_ms = now;
             }
         }
         let advice = "fewer waves, or fewer or shorter priority groups";
@@ -139,6 +150,12 @@ impl Engine {
         self.store
             .commit(&[Write::Campaign(campaign.clone()), audit])
             .await?;
+        self.settle_campaign(existing, &campaign);
+        Ok(campaign)
+    }
+
+    /// The write of `campaign` is durable: memory takes it (`existing`: its entry).
+    fn settle_campaign(&self, existing: Option<Arc<CampaignEntry>>, campaign: &Campaign) {
         match existing {
             Some(entry) => {
                 let mut state = entry.lock();
@@ -151,22 +168,26 @@ impl Engine {
                 entry
                     .last_minute_hours
                     .store(campaign.last_minute_hours, Ordering::Relaxed);
+                let ends_at = campaign.ends_at_unix_ms.unwrap_or(i64::MAX);
+                entry.ends_at_unix_ms.store(ends_at, Ordering::Release);
                 entry.dirty.store(true, Ordering::Release);
             }
             None => self
                 .campaigns
                 .insert(Arc::new(CampaignEntry::new(campaign.clone()))),
         }
-        Ok(campaign)
     }
 
-    /// One campaign per service and region: a slot is booked through one waitlist.
-    fn check_campaign_is_alone(&self, campaign: &Campaign) -> Result<(), DomainError> {
+    /// One campaign per service and region at a time (ended ones aside): a slot is
+    /// booked through one waitlist.
+    fn check_campaign_is_alone(&self, campaign: &Campaign, now: i64) -> Result<(), DomainError> {
         let index = self.campaigns.read();
         let other = index
             .by_service
             .get(&campaign.service_id)
-            .and_then(|entries| entries.iter().find(|e| e.region_id == campaign.region_id));
+            .and_then(|entries| {
+                (entries.iter()).find(|e| e.region_id == campaign.region_id && !e.has_ended(now))
+            });
         match other {
             Some(other) => Err(DomainError::invalid(
                 "campaign.campaign_id",
@@ -254,6 +275,7 @@ impl Engine {
             registration,
             shown,
             offer_slot,
+            campaign_ends_at_unix_ms: campaign.ends_at_unix_ms,
         }
     }
 
@@ -265,6 +287,9 @@ impl Engine {
     ) -> Result<RegistrationView, ServiceError> {
         let citizen = self.hasher.hash(&command.citizen_id);
         let entry = self.campaign_entry(&command.campaign_id)?;
+        if entry.has_ended(self.now_unix_ms()) {
+            return self.registered_before_the_end(&entry, &citizen);
+        }
         self.count_attempt(&citizen)?;
         self.check_preferred_sites(&entry, &command.preferences)?;
         // Registering is idempotent by (campaign, citizen): the request id needs no record.
@@ -272,7 +297,7 @@ impl Engine {
         // Bound first: the state's lock ends with this statement (a `match` on it would
         // hold it through the arms, and `registration_view` locks it again).
         let begin = entry.lock().registrations.begin(citizen);
-        let begun = match begin {
+        let (arrival, replaces) = match begin {
             Begin::New { arrival, replaces } => (arrival, replaces),
             Begin::Existing(registration) => {
                 return Ok(self.registration_view(&entry, *registration))
@@ -283,7 +308,6 @@ impl Engine {
                 ))
             }
         };
-        let (arrival, replaces) = begun;
         // A withdrawn registration's place in memory is reused: only new ones count.
         let counted = replaces.is_none();
         if counted && !self.count_registration() {
@@ -326,6 +350,23 @@ impl Engine {
         }
         self.campaigns.settle(registration.clone());
         Ok(self.registration_view(&entry, registration))
+    }
+
+    /// PreRegister to an ended campaign: a retry is answered with the registration;
+    /// nobody registers anew.
+    fn registered_before_the_end(
+        &self,
+        entry: &CampaignEntry,
+        citizen: &CitizenKey,
+    ) -> Result<RegistrationView, ServiceError> {
+        match entry.registration(citizen) {
+            Ok(registration)
+                if !matches!(registration.state, RegistrationState::Withdrawn { .. }) =>
+            {
+                Ok(self.registration_view(entry, registration))
+            }
+            _ => Err(DomainError::CampaignEnded.into()),
+        }
     }
 
     /// One more registration in all the campaigns, if `registrations_max` allows it.
@@ -614,7 +655,7 @@ impl Engine {
         let returned = self.campaigns.places_returned.load(Ordering::Acquire);
         let mut made = 0;
         for entry in self.campaigns.all() {
-            if !entry.due(now, returned) {
+            if entry.has_ended(now) || !entry.due(now, returned) {
                 continue;
             }
             match self.match_campaign(&entry, now).await {
@@ -770,15 +811,11 @@ impl Engine {
         let mut count = 0;
         for registration in self.store.registrations() {
             let registration = registration?;
-            let entry = self
-                .campaigns
-                .get(&registration.campaign_id)
-                .ok_or_else(|| {
-                    ServiceError::Recovery(format!(
-                        "a registration of unknown campaign {}",
-                        registration.campaign_id
-                    ))
-                })?;
+            let Some(entry) = self.campaigns.get(&registration.campaign_id) else {
+                // Retention deleted its campaign as it was written: deleted in turn.
+                self.campaigns.orphan(&registration.campaign_id);
+                continue;
+            };
             self.check_registration(&entry, &registration)?;
             for (request, at_unix_ms) in &registration.requests {
                 restore_request(*request, registration.registration_id, *at_unix_ms);
@@ -788,6 +825,64 @@ impl Engine {
         }
         self.campaigns.registrations.store(count, Ordering::Release);
         Ok(())
+    }
+
+    /// Retention: each campaign that ended before the records' cut-off, with its
+    /// registrations (`retention_batch_records` per commit, then the campaign's record),
+    /// and the registrations of campaigns recovery found gone. Memory forgets a
+    /// campaign first (no gate, no matching, no registration found from then on); the
+    /// authority lock is held throughout, so no campaign of the same id is made while
+    /// its registrations are deleted. Returns (campaigns, registrations) deleted.
+    pub(super) async fn delete_campaigns(
+        &self,
+        cutoffs: &crate::domain::retention::Cutoffs,
+    ) -> Result<(u64, u64), ServiceError> {
+        let _authority = self.authority_writes.lock().await;
+        let (mut campaigns, mut registrations) = (0, 0);
+        for id in self.campaigns.take_orphaned() {
+            if self.campaigns.get(&id).is_none() {
+                registrations += self.delete_registrations_of(&id).await?;
+            }
+        }
+        for entry in self.campaigns.all() {
+            if cutoffs.keeps_campaign(entry.campaign().ends_at_unix_ms) {
+                continue;
+            }
+            let id = &entry.campaign_id;
+            self.campaigns.remove(id);
+            registrations += self.delete_registrations_of(id).await?;
+            let key = crate::store::records::campaign_key(id);
+            self.store.commit(&[Write::Delete(key)]).await?;
+            tracing::info!(campaign = %id, "retention deleted an ended campaign");
+            campaigns += 1;
+        }
+        Ok((campaigns, registrations))
+    }
+
+    /// Deletes every stored registration of campaign `id`, `retention_batch_records`
+    /// per commit.
+    async fn delete_registrations_of(&self, id: &CampaignId) -> Result<u64, ServiceError> {
+        use crate::store::records::{registration_key, REGISTRATION_PREFIX};
+        let from = registration_key(id, &CitizenKey([0; 16]));
+        let mut deleted = 0;
+        loop {
+            let batch: Vec<(Vec<u8>, Registration)> = self.store.records_from(
+                REGISTRATION_PREFIX,
+                &from,
+                self.limits.retention_batch_records,
+            )?;
+            let keys: Vec<Write> = batch
+                .into_iter()
+                .take_while(|(_, registration)| registration.campaign_id == *id)
+                .map(|(key, _)| Write::Delete(key))
+                .collect();
+            if keys.is_empty() {
+                return Ok(deleted);
+            }
+            deleted += keys.len() as u64;
+            self.store.commit(&keys).await?;
+            tokio::task::yield_now().await;
+        }
     }
 
     fn check_registration(
@@ -842,8 +937,15 @@ fn campaign_detail(campaign: &Campaign) -> String {
         .iter()
         .map(|wave| format!("{} at {} ms", wave.wave_id, wave.opens_at_unix_ms))
         .collect();
+    let ends = match campaign.ends_at_unix_ms {
+        Some(at) => format!(
+            "; ends {}",
+            crate::domain::text::utc_text(at.div_euclid(1_000))
+        ),
+        None => String::new(),
+    };
     format!(
-        "campaign {} of {} in region {}: offers of {} s, {} declines, last minute {} h; waves {}",
+        "campaign {} of {} in region {}: offers of {} s, {} declines, last minute {} h; waves {}{ends}",
         campaign.campaign_id,
         campaign.service_id,
         campaign.region_id,

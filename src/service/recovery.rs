@@ -32,7 +32,7 @@ use crate::service::rate_limits;
 use crate::service::requests::RequestRegistry;
 use crate::store::booking_index::BookingIndex;
 use crate::store::key_file;
-use crate::store::postgres::{Lease, Standby};
+use crate::store::postgres::{Lease, Standby, StoreIdentity};
 use crate::store::records::{self, Record, SiteRecord};
 use crate::store::size_hint::IndexSizes;
 use crate::store::{DataDirLock, Store, StoreError};
@@ -73,7 +73,11 @@ impl Engine {
                 })?;
                 // Before standing by: a second node on this data dir refuses at once.
                 let lock = DataDirLock::take(data_dir, &config.limits)?;
-                let lease = Lease::acquire(settings, standby, &key_file::check_value(&key))?;
+                let identity = StoreIdentity {
+                    key_check: key_file::check_value(&key).to_vec(),
+                    id_scheme: config.citizen_id_scheme.name(),
+                };
+                let lease = Lease::acquire(settings, standby, &identity)?;
                 standby.waiting.store(false, Ordering::Release);
                 if standby.giving_up() {
                     return Err(StoreError::Closed.into()); // dropped: the lease goes

@@ -99,7 +99,7 @@ impl Engine {
                 let key = slot.key();
                 let campaign = campaigns.entry(key.site_id.clone()).or_insert_with(|| {
                     let site = catalog.site(&key.site_id)?;
-                    self.campaigns.covering(&site.region_id, &key)
+                    self.campaigns.covering(&site.region_id, &key, now)
                 });
                 !campaign
                     .as_ref()

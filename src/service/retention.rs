@@ -11,7 +11,9 @@
 //! slot itself (recovery refuses a booking of an unknown slot), and a confirmed
 //! booking's citizen entry is claimed before its record is deleted and released after,
 //! like a cancel, so no cancel can write it back in between. An ended release's tickets go
-//! before the release (`service::releases`).
+//! before the release (`service::releases`), an ended campaign's registrations before the
+//! campaign (`service::campaigns`; one written meanwhile is found by the next recovery
+//! and deleted then).
 
 use std::collections::HashSet;
 
@@ -40,6 +42,9 @@ pub struct Retained {
     /// Releases whose slots all ended before the window, and their queue tickets.
     pub releases: u64,
     pub tickets: u64,
+    /// Campaigns that ended before the window, and their registrations.
+    pub campaigns: u64,
+    pub registrations: u64,
     /// Hold records the pass read (kept ones too): not a deletion. Holds made after
     /// `Cutoffs::keeps_holds_from_second` are not read.
     pub holds_read: u64,
@@ -60,7 +65,7 @@ impl Retained {
     }
 
     /// Each count with its `kind` label (`telemetry::RETENTION_KINDS`, in that order).
-    fn count(&self) -> [(&'static str, u64); 9] {
+    fn count(&self) -> [(&'static str, u64); 11] {
         let counts = [
             self.request_records,
             self.holds,
@@ -71,6 +76,8 @@ impl Retained {
             self.events,
             self.releases,
             self.tickets,
+            self.campaigns,
+            self.registrations,
         ];
         std::array::from_fn(|i| (telemetry::RETENTION_KINDS[i], counts[i]))
     }
@@ -111,6 +118,7 @@ impl Engine {
         retained.authority_requests = self.delete_authority_requests(&cutoffs).await?;
         retained.events = self.delete_events(&cutoffs).await?;
         (retained.releases, retained.tickets) = self.delete_releases(&cutoffs).await?;
+        (retained.campaigns, retained.registrations) = self.delete_campaigns(&cutoffs).await?;
         for (kind, count) in retained.count() {
             metrics::counter!(telemetry::RETENTION_DELETED, "kind" => kind).increment(count);
         }

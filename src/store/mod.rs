@@ -1418,7 +1418,7 @@ mod tests {
         {
             let db = sled::open(dir.path().join("sled")).unwrap();
             for sequence in 1..=2 {
-                let value = records::encode_event(&event(sequence as i64)).unwrap();
+                let value = records::encode_event_format_1(&event(sequence as i64)).unwrap();
                 db.insert(records::event_key(sequence), value).unwrap();
             }
             db.flush().unwrap();

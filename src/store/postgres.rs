@@ -35,7 +35,7 @@ pub use crate::config::PostgresSettings;
 use crate::store::committer::{self, sled_batch, CommitterState, Durability};
 use crate::store::error::StoreError;
 use crate::store::lease_freshness::LeaseFreshness;
-use crate::store::records::{Change, KEY_CHECK_KEY};
+use crate::store::records::{Change, ID_SCHEME_KEY, KEY_CHECK_KEY};
 
 /// Advisory lock classes (the second key is the schema's hash).
 const LEASE_LOCK_CLASS: i32 = 0x7072_6e74; // "prnt"
@@ -70,6 +70,9 @@ const MIGRATIONS: &[&str] = &[
     // Holds keyed by the second they were made (`O`): a build before it would not see
     // them (the live holds this build made would stop counting), so it must refuse.
     "COMMENT ON TABLE prenota_kv IS 'prenota records; holds in time order since schema 4'",
+    // Events of format 2 (their booking's reference and series dose): a build before it
+    // would find the event log corrupt, so it must refuse the schema instead.
+    "COMMENT ON TABLE prenota_kv IS 'prenota records; events of format 2 since schema 5'",
 ];
 
 /// Rows copied into the local store per sled batch at start-up.
@@ -204,12 +207,14 @@ impl Lease {
     /// Blocks until this node holds the lease (`standby.waiting` set while another node
     /// does), or until `standby.give_up` (`StoreError::Closed`). Migrates the schema
     /// first. Lost connections are retried: a standby outlives a PostgreSQL restart.
-    /// A store written with another citizen hash key than the one `key_check` names is
-    /// refused at once, before standing by.
+    /// A store written with another citizen hash key than the one `identity.key_check`
+    /// names, or under another id scheme, is refused at once, before standing by, and
+    /// while standing by (the active node may write them after this node started): a
+    /// standby that could never take over says so now, not at the failover.
     pub fn acquire(
         settings: &PostgresSettings,
         standby: &Standby,
-        key_check: &[u8],
+        identity: &StoreIdentity,
     ) -> Result<Self, StoreError> {
         let node = node_name();
         let mut session: Option<Client> = None;
@@ -220,7 +225,7 @@ impl Lease {
             let attempt = match session.as_mut() {
                 None => match open_session(&settings.url, &node) {
                     Ok(mut client) if !connected => {
-                        refuse_another_key(&mut client, key_check)?;
+                        identity.refuse_another(&mut client)?;
                         session = Some(client);
                         connected = true;
                         Ok(())
@@ -250,7 +255,7 @@ impl Lease {
                             tracing::info!("another node holds the lease: standing by");
                         }
                         std::thread::sleep(poll_interval(settings.lease_ttl));
-                        Ok(())
+                        identity.refuse_another(client)
                     }
                     Err(problem) => Err(problem),
                 },
@@ -373,18 +378,45 @@ impl Lease {
 
 /// Refuses a store whose key check value is not `key_check` (recovery checks it
 /// again; here a node with the wrong key file fails before it stands by).
-fn refuse_another_key(session: &mut Client, key_check: &[u8]) -> Result<(), StoreError> {
-    let stored = session
-        .query_opt("SELECT v FROM prenota_kv WHERE k = $1", &[&KEY_CHECK_KEY])
-        .map_err(pg_error("reading the key check"))?;
-    match stored.map(|row| row.get::<_, Vec<u8>>(0)) {
-        Some(stored) if stored != key_check => Err(StoreError::Misconfigured(
-            "[citizens] hash_key_file is not the key this PostgreSQL store was written \
-             with: with it no stored booking could be found. Give every node the store's \
-             own key file"
-                .into(),
-        )),
-        _ => Ok(()),
+/// What a node hashes citizens with: the check value of its `[citizens]` key
+/// (`key_file::check_value`) and its id scheme's name. The store records both.
+pub struct StoreIdentity {
+    pub key_check: Vec<u8>,
+    pub id_scheme: &'static str,
+}
+
+impl StoreIdentity {
+    /// Refuses (`Misconfigured`) a store that recorded another key or id scheme.
+    fn refuse_another(&self, session: &mut Client) -> Result<(), StoreError> {
+        let keys: [&[u8]; 2] = [KEY_CHECK_KEY, ID_SCHEME_KEY];
+        let rows = session
+            .query(
+                "SELECT k, v FROM prenota_kv WHERE k = ANY($1)",
+                &[&&keys[..]],
+            )
+            .map_err(pg_error("reading the key check and id scheme"))?;
+        for row in rows {
+            let (key, stored): (Vec<u8>, Vec<u8>) = (row.get(0), row.get(1));
+            if key == KEY_CHECK_KEY && stored != self.key_check {
+                return Err(StoreError::Misconfigured(
+                    "[citizens] hash_key_file is not the key this PostgreSQL store was \
+                     written with: with it no stored booking could be found. Give every \
+                     node the store's own key file"
+                        .into(),
+                ));
+            }
+            if key == ID_SCHEME_KEY && stored != self.id_scheme.as_bytes() {
+                return Err(StoreError::Misconfigured(format!(
+                    "the PostgreSQL store was written with [citizens] id_scheme = {:?}, \
+                     this node's configuration says {:?}: its citizens would no longer \
+                     find their bookings and could book again. Give every node the \
+                     store's id scheme",
+                    String::from_utf8_lossy(&stored),
+                    self.id_scheme
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -502,7 +534,8 @@ fn previous_holder(
 /// Fails the store (NOT_ACTIVE) once the last renewal that got through (`freshness`,
 /// timed from before it was sent) is older than three quarters of `lease_ttl` (half of
 /// it after the next one was due: a margin for a slow round trip on a loaded machine);
-/// ends when `stop` is dropped.
+/// marks the lease lost as soon as the store failed otherwise (a commit); ends when
+/// `stop` is dropped.
 fn watch_renewals(
     state: Arc<CommitterState>,
     freshness: Arc<LeaseFreshness>,
@@ -515,6 +548,12 @@ fn watch_renewals(
             while let Err(mpsc::RecvTimeoutError::Timeout) =
                 stop.recv_timeout(poll_interval(lease_ttl))
             {
+                if state.failed.load(Ordering::Acquire) {
+                    // The store failed (a commit): no more answers from memory either,
+                    // without waiting for the next renewal to notice.
+                    freshness.lost();
+                    return;
+                }
                 let Some(silent_ms) = freshness.overdue_ms() else {
                     continue;
                 };

@@ -16,8 +16,9 @@
 //! and withdraw requests they answered), whose v2 is v1 followed by the new fields;
 //! bookings have a v3 (v2, then reference and check-in code, the desk's
 //! attendance and the series dose). Events are written as runs (format 2: the events of
-//! one group commit under the first one's sequence, each item an event's format-1
-//! value); a format-1 event record is one event. The reference and roster indexes live in memory
+//! one group commit under the first one's sequence, each item an event's value: format
+//! 2 since events carry their booking's reference and series dose, format 1 before); a
+//! format-1 event record is one event. The reference and roster indexes live in memory
 //! (`store::booking_index`); stores from before issue #19 had them as `N` and `W` keys,
 //! removed when such a store is opened. The golden-bytes tests
 //! below pin every record kind and version.
@@ -530,10 +531,21 @@ mod v2 {
     use serde::{Deserialize, Serialize};
 
     /// Events committed together, under the first one's sequence; each item is an
-    /// event's format-1 value (version byte included).
+    /// event's value (version byte included: format 1 or 2).
     #[derive(Serialize, Deserialize)]
     pub struct EventRun {
         pub events: Vec<Vec<u8>>,
+    }
+
+    /// Format 1, then its booking's reference (40 bits) and series dose (series id,
+    /// dose from 1).
+    #[derive(Serialize, Deserialize)]
+    pub struct Event<'a> {
+        #[serde(borrow)]
+        pub v1: super::v1::Event<'a>,
+        pub reference: Option<u64>,
+        #[serde(borrow)]
+        pub series: Option<(&'a str, u8)>,
     }
 
     #[derive(Serialize, Deserialize)]
@@ -567,6 +579,14 @@ mod v2 {
         #[serde(borrow)]
         pub v1: super::v1::Registration<'a>,
         pub requests: Vec<(super::v1::Request, i64)>,
+    }
+
+    /// Format 1, then when it ends.
+    #[derive(Serialize, Deserialize)]
+    pub struct Campaign<'a> {
+        #[serde(borrow)]
+        pub v1: super::v1::Campaign<'a>,
+        pub ends_at_unix_ms: Option<i64>,
     }
 
     /// Format 1, then the channel reserves: (channel, percent), and when they end.
@@ -604,6 +624,8 @@ enum V2Rest<'a> {
     Reserves(Vec<(&'a str, u32)>, u32),
     /// A registration's answered requests (none in format 1).
     Requests(Vec<(v1::Request, i64)>),
+    /// When a campaign ends (never, in format 1).
+    EndsAt(Option<i64>),
 }
 
 /// A stored channel (empty or absent in format 1: `web`).
@@ -1083,9 +1105,30 @@ fn event_kind_from_v1(kind: v1::EventKind) -> EventKind {
     }
 }
 
-/// An event's value (its key, the sequence, comes from the committer).
+/// An event's value, format 2 (its key, the sequence, comes from the committer): an
+/// item of a run (`event_runs`), never a record of its own.
 pub fn encode_event(event: &Event) -> Result<Vec<u8>, StoreError> {
-    encode_v1(&v1::Event {
+    let booking = event.booking.as_ref();
+    let reference = booking.and_then(|b| b.reference).map(Reference::bits);
+    let series = booking.and_then(|b| b.series.as_ref());
+    let series = series.map(|(series_id, dose)| (series_id.as_str(), *dose));
+    let v2 = v2::Event {
+        v1: event_v1(event),
+        reference,
+        series,
+    };
+    encode_as(FORMAT_V2, &v2)
+}
+
+/// An event's value as builds before format 2 wrote it (alone, as its own record, or in
+/// a run), for tests of the stores they left.
+#[cfg(test)]
+pub fn encode_event_format_1(event: &Event) -> Result<Vec<u8>, StoreError> {
+    encode_v1(&event_v1(event))
+}
+
+fn event_v1(event: &Event) -> v1::Event<'_> {
+    v1::Event {
         kind: event_kind_v1(event.kind),
         at_unix_ms: event.at_unix_ms,
         slot: slot_key_v1(&event.slot),
@@ -1099,7 +1142,7 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, StoreError> {
         previous_booking_id: event.previous_booking_id.map(|id| id.0),
         reason: &event.reason,
         capacity: event.capacity,
-    })
+    }
 }
 
 /// The most bytes one stored record (key and value) may take. sled 0.34 writes a node
@@ -1175,9 +1218,21 @@ pub fn decode_event_record(key: &[u8], value: &[u8]) -> Result<Vec<SequencedEven
     }
 }
 
-/// One event's format-1 value (a record of its own, or an item of a run).
+/// One event's value of format 1 or 2 (a record of its own, or an item of a run).
 fn decode_event(key: &[u8], sequence: u64, value: &[u8]) -> Result<SequencedEvent, StoreError> {
-    let event: v1::Event = decode_v1(key, value)?;
+    let (event, rest) = match value.split_first() {
+        Some((&FORMAT_VERSION, body)) => (decode_body::<v1::Event>(key, body)?, None),
+        Some((&FORMAT_V2, body)) => {
+            let event: v2::Event = decode_body(key, body)?;
+            (event.v1, Some((event.reference, event.series)))
+        }
+        _ => return Err(corrupt(key, "holds an event of an unknown format version")),
+    };
+    let (reference, series) = rest.unwrap_or_default();
+    let (reference, series) = event_booking_more(key, reference, series)?;
+    if (reference.is_some() || series.is_some()) && event.booking.is_none() {
+        return Err(corrupt(key, "holds a reference or dose without a booking"));
+    }
     // Sent to gateways as it is: the rule every reason passed when it was written.
     if !event.reason.is_empty() {
         let length_max = crate::limits::STORED_TEXT_LENGTH_MAX;
@@ -1195,6 +1250,8 @@ fn decode_event(key: &[u8], sequence: u64, value: &[u8]) -> Result<SequencedEven
                 end_unix_s: booking.end_unix_s,
                 created_at_unix_ms: booking.created_at_unix_ms,
                 cancelled_at_unix_ms: booking.cancelled_at_unix_ms,
+                reference,
+                series,
             }),
             hold_id: event.hold_id.map(BookingId),
             previous_booking_id: event.previous_booking_id.map(BookingId),
@@ -1202,6 +1259,29 @@ fn decode_event(key: &[u8], sequence: u64, value: &[u8]) -> Result<SequencedEven
             capacity: event.capacity,
         },
     })
+}
+
+/// What format 2 of events adds to a booking event: its reference and series dose.
+type EventBookingMore = (Option<Reference>, Option<(SeriesId, u8)>);
+
+/// `EventBookingMore` as stored, checked.
+fn event_booking_more(
+    key: &[u8],
+    reference: Option<u64>,
+    series: Option<(&str, u8)>,
+) -> Result<EventBookingMore, StoreError> {
+    if reference.is_some_and(|bits| bits >> Reference::BITS != 0) {
+        return Err(corrupt(key, "holds an event with a bad reference"));
+    }
+    let series = match series {
+        Some((_, 0)) => return Err(corrupt(key, "holds an event of dose 0")),
+        Some((series_id, dose)) => Some((
+            stored(key, SeriesId::parse("series_id", series_id, usize::MAX))?,
+            dose,
+        )),
+        None => None,
+    };
+    Ok((reference.map(Reference::from_bits), series))
 }
 
 impl Record for Release {
@@ -1397,7 +1477,7 @@ impl Record for Campaign {
                 priority_groups: wave.priority_groups.iter().map(String::as_str).collect(),
             })
             .collect();
-        encode_v1(&v1::Campaign {
+        let v1 = v1::Campaign {
             campaign_id: self.campaign_id.as_str(),
             service_id: self.service_id.as_str(),
             region_id: self.region_id.as_str(),
@@ -1407,11 +1487,25 @@ impl Record for Campaign {
             waves,
             seed: self.seed,
             created_at_unix_ms: self.created_at_unix_ms,
-        })
+        };
+        let ends_at_unix_ms = self.ends_at_unix_ms;
+        encode_as(
+            FORMAT_V2,
+            &v2::Campaign {
+                v1,
+                ends_at_unix_ms,
+            },
+        )
     }
 
     fn decode_value(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
-        let campaign: v1::Campaign = decode_v1(key, value)?;
+        let (campaign, rest) = decode_v1_or_v2(key, value, |c: v2::Campaign| {
+            (c.v1, Some(V2Rest::EndsAt(c.ends_at_unix_ms)))
+        })?;
+        let ends_at_unix_ms = match rest {
+            Some(V2Rest::EndsAt(ends_at)) => ends_at,
+            _ => None,
+        };
         let mut waves = Vec::with_capacity(campaign.waves.len());
         for wave in campaign.waves {
             waves.push(Wave {
@@ -1445,6 +1539,7 @@ impl Record for Campaign {
             waves,
             seed: campaign.seed,
             created_at_unix_ms: campaign.created_at_unix_ms,
+            ends_at_unix_ms,
         })
     }
 }
@@ -2024,6 +2119,8 @@ mod golden {
                         end_unix_s: 1_800_001_800,
                         created_at_unix_ms: 1_799_000_000_000,
                         cancelled_at_unix_ms: None,
+                        reference: Some(Reference::from_bits(0x9a_b3_c4_d5_e6)),
+                        series: Some((SeriesId::parse("s", "covid19-primary", 64).unwrap(), 2)),
                     }),
                     hold_id: None,
                     previous_booking_id: Some(BookingId(0xaabb)),
@@ -2143,6 +2240,7 @@ mod golden {
             ],
             seed: [0x5f; 32],
             created_at_unix_ms: 1_798_000_000_000,
+            ends_at_unix_ms: Some(1_801_000_000_000),
         }
     }
 
@@ -2247,13 +2345,13 @@ mod golden {
     ("authority-closed", "5250505050505050505050505050505050", "0250505050505050505050505050505050515151515151515151515151515151510003c8010180988cccdb68"),
     ("authority-capacity", "5252525252525252525252525252525252", "0252525252525252525252525252525252535353535353535353535353535353530180988cccdb68"),
     ("audit", "41800001a2dcc18600", "0180988cccdb680c6c617a696f2d6865616c74680a436c6f7365536c6f7473117369746520726f6d652d7465726d696e69"),
-    ("event-rescheduled", "450000000000000007", "010280988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d01909eb8e8c0e1828589909cb0d080c181820290e4ceb40d80988cccdb68000001bbd5020b72657363686564756c656400"),
-    ("event-capacity", "450000000000000007", "010580988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d0000000001ac02"),
+    ("event-rescheduled", "450000000000000007", "020280988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d01909eb8e8c0e1828589909cb0d080c181820290e4ceb40d80988cccdb68000001bbd5020b72657363686564756c65640001e6ab939eab13010f636f76696431392d7072696d61727902"),
+    ("event-capacity", "450000000000000007", "020580988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d0000000001ac020000"),
     ("release-sites", "50646f7365312d6f7665723830", "020c646f7365312d6f7665723830010208726f6d652d6575720c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d80b298b50d80988cccdb680080f0b592d468000000"),
     ("release-queued", "50646f7365312d6f7665723830", "020c646f7365312d6f766572383000056c617a696f0d636f76696431392d646f73653180c8ceb40d80b298b50d80988cccdb680180bec7c2db68f02ed8045e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e80f0b592d46801c086faccdb68010570686f6e651e18"),
     ("ticket-waiting", "54646f7365312d6f766572383000c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3", "010c646f7365312d6f7665723830c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c380eba9c7db6800f0a2040000"),
     ("ticket-admitted", "54646f7365312d6f766572383000c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3", "010c646f7365312d6f7665723830c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c380eba9c7db6801f0a2040180b7d5ccdb6880d69ecddb6801"),
-    ("campaign", "43636f7669642d32303237", "010a636f7669642d323032370d636f76696431392d646f736531056c617a696f901c031802066f766572383080988cccdb680001b61e00046361726580b0a688e06801bc1e00020d6865616c74682d776f726b65720563617265725f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f80f0b592d468"),
+    ("campaign", "43636f7669642d32303237", "020a636f7669642d323032370d636f76696431392d646f736531056c617a696f901c031802066f766572383080988cccdb680001b61e00046361726580b0a688e06801bc1e00020d6865616c74682d776f726b65720563617265725f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f80f0b592d4680180e8b8bfea68"),
     ("registration-active", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "02909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd76829010000"),
     ("registration-offered", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "02909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290101bbd5020c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d80988cccdb6880d2c3cfdb6800"),
     ("registration-booked", "47636f7669642d3230323700c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4", "02909eb8e8c0e1828589909cb0d080c18182020a636f7669642d32303237c4c4c4c4c4c4c4c4c4c4c4c4c4c4c4c401aa1e01056361726572010c726f6d652d7465726d696e690192ab5a01ceab5a030103050190fd0101c8df028084a1efd768290102bbd50200"),
@@ -2292,7 +2390,7 @@ mod golden {
             Write::AuthorityRequest(r) => AuthorityRequest::decode_value(key, value).unwrap() == *r,
             Write::Audit(r) => AuditEntry::decode_value(key, value).unwrap() == *r,
             Write::Event(r) => {
-                let events = decode_event_record(&event_key(7), value).unwrap();
+                let events = read_in_a_run(value).unwrap();
                 events.len() == 1 && events[0].sequence == 7 && events[0].event == *r
             }
             Write::Release(r) => Release::decode_value(key, value).unwrap() == *r,
@@ -2328,19 +2426,13 @@ mod golden {
         assert!(read.iter().map(|e| &e.event).eq(&events));
     }
 
-    const EVENT_RUN_GOLDEN: &str = "020259010280988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d01909eb8e8c0e1828589909cb0d080c181820290e4ceb40d80988cccdb68000001bbd5020b72657363686564756c6564002f010580988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d0000000001ac02";
+    const EVENT_RUN_GOLDEN: &str = "020272020280988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d01909eb8e8c0e1828589909cb0d080c181820290e4ceb40d80988cccdb68000001bbd5020b72657363686564756c65640001e6ab939eab13010f636f76696431392d7072696d6172790231020580988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d0000000001ac020000";
 
     /// A run holds at most `EVENT_RUN_BYTES_MAX` bytes of events (one larger event alone),
     /// each run keyed by its first sequence, the sequences contiguous across runs.
     #[test]
     fn events_beyond_a_runs_bytes_start_a_new_run() {
-        let event = every_kind()
-            .into_iter()
-            .find_map(|(_, write)| match write {
-                Write::Event(event) => Some(event),
-                _ => None,
-            })
-            .unwrap();
+        let event = every_kind_event(|_| {});
         let value = encode_event(&event).unwrap();
         let per_run = EVENT_RUN_BYTES_MAX / value.len();
         let records = event_runs(100, vec![value.clone(); per_run * 2 + 1]).unwrap();
@@ -2364,6 +2456,110 @@ mod golden {
         let big = vec![0u8; EVENT_RUN_BYTES_MAX + 1];
         assert_eq!(event_runs(1, vec![big.clone(), big]).unwrap().len(), 2);
         assert!(event_runs(1, Vec::new()).unwrap().is_empty());
+    }
+
+    /// Events of format 1 (before events carried a booking's reference and dose), alone
+    /// and in a run, read with neither; a reference or dose without a booking, a dose 0
+    /// or a reference over 40 bits is refused.
+    #[test]
+    fn events_of_format_1_read_without_reference_or_dose() {
+        const FORMAT_1: &str = "010280988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d01909eb8e8c0e1828589909cb0d080c181820290e4ceb40d80988cccdb68000001bbd5020b72657363686564756c656400";
+        const RUN_OF_FORMAT_1: &str = "020259010280988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d01909eb8e8c0e1828589909cb0d080c181820290e4ceb40d80988cccdb68000001bbd5020b72657363686564756c6564002f010580988cccdb680c726f6d652d7465726d696e690d636f76696431392d646f73653180c8ceb40d0000000001ac02";
+        let mut expected: Vec<Event> = every_kind()
+            .into_iter()
+            .filter_map(|(_, write)| match write {
+                Write::Event(event) => Some(event),
+                _ => None,
+            })
+            .collect();
+        let booking = expected[0].booking.as_mut().unwrap();
+        (booking.reference, booking.series) = (None, None);
+        let key = event_key(7);
+        let alone = decode_event_record(&key, &unhex(FORMAT_1)).unwrap();
+        assert_eq!(alone.len(), 1);
+        assert_eq!(alone[0].event, expected[0]);
+        let run = decode_event_record(&key, &unhex(RUN_OF_FORMAT_1)).unwrap();
+        assert!(run.iter().map(|e| &e.event).eq(&expected));
+
+        let bad = |event: &Event, reference: Option<u64>, series: Option<(&str, u8)>| {
+            let v1 = super::v1::Event {
+                kind: event_kind_v1(event.kind),
+                at_unix_ms: event.at_unix_ms,
+                slot: slot_key_v1(&event.slot),
+                booking: None,
+                hold_id: None,
+                previous_booking_id: None,
+                reason: "",
+                capacity: event.capacity,
+            };
+            let value = encode_as(
+                FORMAT_V2,
+                &super::v2::Event {
+                    v1,
+                    reference,
+                    series,
+                },
+            );
+            read_in_a_run(&value.unwrap()).is_err()
+        };
+        let no_booking = &expected[1];
+        assert!(!bad(no_booking, None, None));
+        assert!(bad(no_booking, Some(1), None));
+        assert!(bad(no_booking, None, Some(("covid19-primary", 1))));
+        let value = encode_event(&every_kind_event(|b| b.series.as_mut().unwrap().1 = 0));
+        assert!(read_in_a_run(&value.unwrap()).is_err());
+        let value = encode_event(&every_kind_event(|b| {
+            b.reference = Some(Reference::from_bits(1));
+        }));
+        let mut value = value.unwrap();
+        assert!(read_in_a_run(&value).is_ok());
+        // The reference (Some, then the varint 1) comes before the series: Some, the
+        // id's length and bytes, the dose. Made 2^40, one bit too many, it is refused.
+        let at = value.len() - 2 - (1 + 1 + "covid19-primary".len() + 1);
+        assert_eq!(value[at..at + 2], [1, 1]);
+        value.splice(at + 1..at + 2, [0x80, 0x80, 0x80, 0x80, 0x80, 0x20]);
+        assert!(read_in_a_run(&value).is_err());
+    }
+
+    /// The events of a run holding the one event `value` (the 7th of the log).
+    fn read_in_a_run(value: &[u8]) -> Result<Vec<SequencedEvent>, StoreError> {
+        let records = event_runs(7, vec![value.to_vec()])?;
+        let [(key, Some(run))] = records.as_slice() else {
+            panic!("one event makes one run");
+        };
+        decode_event_record(key, run)
+    }
+
+    /// The booking event of `every_kind`, changed by `change`.
+    fn every_kind_event(change: impl FnOnce(&mut EventBooking)) -> Event {
+        let mut event = every_kind()
+            .into_iter()
+            .find_map(|(_, write)| match write {
+                Write::Event(event) => Some(event),
+                _ => None,
+            })
+            .unwrap();
+        change(event.booking.as_mut().unwrap());
+        event
+    }
+
+    fn unhex(value: &str) -> Vec<u8> {
+        (0..value.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&value[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Campaigns of format 1 (before they could end) read as never ending.
+    #[test]
+    fn campaigns_of_format_1_read_as_never_ending() {
+        const FORMAT_1: &str = "010a636f7669642d323032370d636f76696431392d646f736531056c617a696f901c031802066f766572383080988cccdb680001b61e00046361726580b0a688e06801bc1e00020d6865616c74682d776f726b65720563617265725f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f5f80f0b592d468";
+        let read = Campaign::decode_value(b"C", &unhex(FORMAT_1)).unwrap();
+        let expected = Campaign {
+            ends_at_unix_ms: None,
+            ..campaign()
+        };
+        assert_eq!(read, expected);
     }
 
     /// Authority requests of format 1 (before they had a time) read with time 0.

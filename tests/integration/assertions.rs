@@ -189,6 +189,16 @@ async fn bad_assertions_are_refused_and_a_mismatch_is_denied() {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(reason(&status).as_deref(), Some("CITIZEN_MISMATCH"));
+    // A malformed id is a field error, not another citizen.
+    let status = client
+        .book(with_assertion(
+            book_request(&slot, "AL\u{7}ICE", "z"),
+            &alice,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(violated_fields(&status), ["citizen_id"]);
     assert_eq!(site_stats(&server, "guarded").await.booked, 0);
     server.stop().await;
 }

@@ -116,6 +116,27 @@ async fn tokens_decide_services_and_regions() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
+    // The scheme's name in any case; a token glued to it, or another scheme, is not one
+    // (a site not made yet: NOT_FOUND once authenticated).
+    let mut raw = CapacityServiceClient::new(server.channel().await);
+    for (header, authenticated) in [
+        (format!("bearer {ADMIN}"), true),
+        (format!("BEARER  {ADMIN} "), true),
+        (format!("Bearer{ADMIN}"), false),
+        (format!("Basic {ADMIN}"), false),
+    ] {
+        let mut request = tonic::Request::new(proto::GetSiteStatsRequest {
+            site_id: "ostia".into(),
+        });
+        let value = header.parse().unwrap();
+        request.metadata_mut().insert("authorization", value);
+        let status = raw.get_site_stats(request).await.unwrap_err();
+        let expected = match authenticated {
+            true => Code::NotFound,
+            false => Code::Unauthenticated,
+        };
+        assert_eq!(status.code(), expected, "{header}: {status:?}");
+    }
 
     // A frontend books, an authority manages its region, neither does the other's job.
     // An admin registers a new site to its region; its authority then manages it.

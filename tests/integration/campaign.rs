@@ -1325,3 +1325,126 @@ async fn offers_never_take_the_places_a_queued_release_admitted_tickets_for() {
         book_ok(&mut booking, request).await;
     }
 }
+
+/// A campaign that ends (`ends_at`): offers made before stand, no new offer is made,
+/// nobody pre-registers (a retry gets its registration), its slots are booked
+/// directly, it cannot be changed, and another campaign may cover its service and
+/// region. `records_retained_days` after its end, retention deletes it with its
+/// registrations, which then no longer count against `registrations_max`; restarts in
+/// between and after recover each state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_campaign_books_directly_and_retention_deletes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let mut config = by_hand();
+    config.limits.records_retained_days = 2;
+    config.limits.request_records_retained_hours = 24;
+    config.limits.registrations_max = 3;
+    let server = TestServer::start_with_clock(dir.path(), config.clone(), clock.clone()).await;
+    let channel = server.channel().await;
+    utc_site_on(
+        channel.clone(),
+        ("e-site", "marche"),
+        10,
+        ("09:00", "09:30"),
+        2,
+    )
+    .await;
+    let slot = search_all(&mut server.booking().await, "e-site", "vax")
+        .await
+        .remove(0);
+    let now = clock.now_unix_ms();
+    let ends_at = now + 3_600_000;
+    let ending = |ends_at_ms: i64| proto::Campaign {
+        offer_ttl_seconds: 7 * 86_400,
+        ends_at: at_ms(ends_at_ms),
+        ..campaign("e", "marche", vec![wave("all", now - 1_000, &[])])
+    };
+    let refused = upsert(&channel, ending(now - 1_000)).await.unwrap_err();
+    assert_eq!(violated_fields(&refused), ["campaign.ends_at"]);
+    upsert(&channel, ending(ends_at)).await.expect("campaign");
+    for citizen in ["E-A", "E-B", "E-C"] {
+        let registered = register(&channel, register_request("e", citizen, &[])).await;
+        assert_eq!(registered.campaign_ends_at, at_ms(ends_at));
+    }
+    let direct = |citizen: &str| book_request(&slot.slot_id, citizen, &format!("{citizen}-1"));
+    let mut booking = server.booking().await;
+    let refused = booking.book(direct("E-D")).await.unwrap_err();
+    assert_eq!(reason(&refused).as_deref(), Some("OFFER_REQUIRED"));
+    server.match_campaigns().await;
+    let states = |channel: Channel| async move {
+        let citizens = ["E-A", "E-B", "E-C"].map(String::from);
+        state_of(&registrations(&channel, "e", &citizens).await)
+    };
+    use RegistrationState::{Booked, Offered, Waiting};
+    assert_eq!(states(channel.clone()).await, [Offered, Offered, Waiting]);
+
+    // It ends (a restart in between): offers stand, a declined place is not offered
+    // again but booked directly, nobody registers anew.
+    clock.advance(Duration::from_secs(7_200));
+    server.stop().await;
+    let server = TestServer::start_with_clock(dir.path(), config.clone(), clock.clone()).await;
+    let channel = server.channel().await;
+    accept(&channel, "e", "E-A")
+        .await
+        .expect("an offer made before the end stands");
+    decline(&channel, "e", "E-B", 1).await;
+    server.match_campaigns().await;
+    assert_eq!(states(channel.clone()).await, [Booked, Waiting, Waiting]);
+    let mut booking = server.booking().await;
+    book_ok(&mut booking, book_request(&slot.slot_id, "E-D", "E-D-2")).await;
+    let refused = booking
+        .pre_register(register_request("e", "E-E", &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), reason(&refused).as_deref()),
+        (Code::FailedPrecondition, Some("CAMPAIGN_ENDED"))
+    );
+    let again = register(&channel, register_request("e", "E-C", &[])).await;
+    assert_eq!(again.state(), Waiting, "a retry is answered");
+    // Unchanged, it is answered; changed, refused: it ended.
+    upsert(&channel, ending(ends_at))
+        .await
+        .expect("the same campaign");
+    let refused = upsert(&channel, ending(ends_at + 1_000)).await.unwrap_err();
+    assert_eq!(reason(&refused).as_deref(), Some("CAMPAIGN_ENDED"));
+    // Another campaign covers the service and region now: it gates the slot again,
+    // and the registrations kept for the ended one fill `registrations_max`.
+    let next = proto::Campaign {
+        ends_at: None,
+        ..campaign("e2", "marche", vec![wave("all", now - 1_000, &[])])
+    };
+    upsert(&channel, next).await.expect("a successor");
+    let refused = booking.book(direct("E-F")).await.unwrap_err();
+    assert_eq!(reason(&refused).as_deref(), Some("OFFER_REQUIRED"));
+    let full = booking
+        .pre_register(register_request("e2", "E-F", &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&full).as_deref(), Some("REGISTRATIONS_FULL"));
+    let retry = tonic_types::StatusExt::get_details_retry_info(&full);
+    assert!(retry.is_none(), "no retry helps: {full:?}");
+
+    // Two days after its end retention deletes it and its registrations; the booking
+    // made through it stays, and a restart recovers without it.
+    assert_eq!(server.retain().await.campaigns, 0);
+    clock.advance(Duration::from_secs(2 * 86_400));
+    let retained = server.retain().await;
+    assert_eq!((retained.campaigns, retained.registrations), (1, 3));
+    let gone = CapacityServiceClient::new(channel.clone())
+        .get_campaign_stats(proto::GetCampaignStatsRequest {
+            campaign_id: "e".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&gone).as_deref(), Some("CAMPAIGN_NOT_FOUND"));
+    register(&channel, register_request("e2", "E-F", &[])).await;
+    assert_eq!(citizen_bookings(&mut booking, "E-A").await.len(), 1);
+    server.stop().await;
+    let server = TestServer::start_with_clock(dir.path(), config, clock.clone()).await;
+    let channel = server.channel().await;
+    assert_eq!(counts(&stats(&channel, "e2").await).waiting, 1);
+    assert_eq!(site_stats(&server, "e-site").await.booked, 2);
+    server.stop().await;
+}

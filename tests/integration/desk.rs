@@ -16,7 +16,6 @@ use prenota::proto::booking_service_client::BookingServiceClient;
 use prenota::proto::capacity_service_client::CapacityServiceClient;
 use prenota::proto::site_service_client::SiteServiceClient;
 use prenota::service::Clock;
-use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -225,26 +224,8 @@ async fn the_desk_checks_citizens_in_and_marks_no_shows_after_the_slot() {
     let stats = site_stats(&server, "desk").await;
     assert_eq!((stats.booked, stats.attended, stats.no_shows), (3, 1, 1));
     assert_eq!((stats.by_day[0].attended, stats.by_day[0].no_shows), (1, 1));
-    let mut events = server
-        .capacity()
-        .await
-        .watch_events(proto::WatchEventsRequest {
-            scope: None,
-            after_sequence: 0,
-            log_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut kinds = Vec::new();
-    while kinds.len() < 5 {
-        let next = tokio::time::timeout(Duration::from_secs(10), events.next())
-            .await
-            .expect("the events come")
-            .unwrap()
-            .unwrap();
-        kinds.push(next.event.unwrap().kind);
-    }
+    let events = first_events(&server, 5).await;
+    let kinds: Vec<i32> = events.iter().map(|event| event.kind).collect();
     assert_eq!(
         &kinds[3..],
         [
@@ -252,7 +233,14 @@ async fn the_desk_checks_citizens_in_and_marks_no_shows_after_the_slot() {
             proto::EventKind::NoShow as i32
         ]
     );
-    drop(events);
+    // Events carry the references the citizens were given, never a code.
+    let references: Vec<&str> = (events.iter())
+        .map(|event| event.booking.as_ref().unwrap().reference.as_str())
+        .collect();
+    assert_eq!(references[3..], [&anna.reference, &bruno.reference]);
+    assert!(events
+        .iter()
+        .all(|event| event.booking.as_ref().unwrap().check_in_code.is_empty()));
 
     // After a restart: the same states, places, references and roster.
     server.stop().await;

@@ -719,6 +719,18 @@ async fn a_node_with_another_hash_key_is_refused_before_it_stands_by() {
     let said = refused_start(other_config.with_extension("data"), other_config).await;
     assert!(said.contains("hash_key_file is not the key"), "{said}");
     assert!(started.elapsed() < Duration::from_secs(10));
+    // The same key under another id scheme: refused too, not at the failover.
+    let scheme_config = dir.path().join("scheme.toml");
+    let with_scheme = text.replace(
+        "[citizens]\n",
+        "[citizens]\nid_scheme = \"it-fiscal-code\"\n",
+    );
+    assert_ne!(with_scheme, text);
+    std::fs::write(&scheme_config, with_scheme).unwrap();
+    let started = Instant::now();
+    let said = refused_start(scheme_config.with_extension("data"), scheme_config).await;
+    assert!(said.contains("id_scheme = \"opaque\""), "{said}");
+    assert!(started.elapsed() < Duration::from_secs(10));
     drop(active);
 }
 

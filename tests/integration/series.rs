@@ -231,6 +231,22 @@ async fn a_series_books_every_dose_within_its_interval_or_none() {
     );
     assert_eq!(doses[1].cancel_reason, "cancelled with an earlier dose");
     assert_eq!(site_stats(&server, "hub").await.booked, 2);
+    // Every booking event of ANNA's doses (two made, two cancelled) carries the
+    // booking's reference, series and dose, as the bookings did.
+    let anna = |booking: &proto::Booking| {
+        let made = booked.iter().find(|b| b.booking_id == booking.booking_id);
+        made.map(|made| (&made.reference, &made.series_id, made.dose))
+    };
+    let events = first_events(&server, 6).await;
+    let carried: Vec<_> = (events.iter())
+        .filter_map(|event| event.booking.as_ref())
+        .filter_map(|booking| {
+            let made = anna(booking)?;
+            Some((made, (&booking.reference, &booking.series_id, booking.dose)))
+        })
+        .collect();
+    assert_eq!(carried.len(), 4, "{events:?}");
+    assert!(carried.iter().all(|(made, event)| made == event));
     // Unknown series.
     let status = client
         .book_series(proto::BookSeriesRequest {

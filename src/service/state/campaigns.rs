@@ -2,7 +2,7 @@
 //! theirs (`service::campaigns` has the commands and the matcher).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::domain::campaign::{
@@ -25,6 +25,8 @@ pub struct CampaignEntry {
     pub(in crate::service) region_id: RegionId,
     /// Read by every booking of the service (its last-minute window).
     pub(in crate::service) last_minute_hours: AtomicU32,
+    /// When it ends (unix ms; `i64::MAX`: not set), read by every booking too.
+    pub(in crate::service) ends_at_unix_ms: AtomicI64,
     pub(in crate::service) state: Mutex<CampaignState>,
     /// Something changed that the matcher should look at (a registration waits).
     pub(in crate::service) dirty: AtomicBool,
@@ -45,6 +47,7 @@ impl CampaignEntry {
             service_id: campaign.service_id.clone(),
             region_id: campaign.region_id.clone(),
             last_minute_hours: AtomicU32::new(campaign.last_minute_hours),
+            ends_at_unix_ms: AtomicI64::new(campaign.ends_at_unix_ms.unwrap_or(i64::MAX)),
             state: Mutex::new(CampaignState {
                 campaign,
                 registrations: Registrations::default(),
@@ -86,7 +89,12 @@ impl CampaignEntry {
     /// Whether a booking or hold of a slot starting at `start_unix_s` needs an offer.
     pub(in crate::service) fn requires_offer(&self, start_unix_s: i64, now_unix_ms: i64) -> bool {
         let hours = self.last_minute_hours.load(Ordering::Relaxed);
-        !campaign::is_last_minute(hours, start_unix_s, now_unix_ms)
+        !self.has_ended(now_unix_ms) && !campaign::is_last_minute(hours, start_unix_s, now_unix_ms)
+    }
+
+    /// Whether it has ended at `now_unix_ms` (`Campaign::has_ended`, without the lock).
+    pub(in crate::service) fn has_ended(&self, now_unix_ms: i64) -> bool {
+        now_unix_ms >= self.ends_at_unix_ms.load(Ordering::Acquire)
     }
 
     /// Whether the matcher should look now (and, if so, notes that it does).
@@ -125,6 +133,9 @@ pub struct Campaigns {
     pub(in crate::service) returned_since: AtomicU64,
     /// Registrations by what they hold: an offer's hold, a booking.
     pub(in crate::service) holders: Mutex<Holders>,
+    /// Campaigns recovery found registrations of but no record (a registration
+    /// written as retention deleted its campaign): retention deletes them.
+    pub(in crate::service) orphaned: Mutex<Vec<CampaignId>>,
 }
 
 #[derive(Debug, Default)]
@@ -172,25 +183,69 @@ impl Campaigns {
         self.read().by_id.values().cloned().collect()
     }
 
-    /// The campaign covering the slot `key` of a site in `region`, if any.
+    /// The campaign covering the slot `key` of a site in `region` at `now`, if any: one
+    /// not ended (one that ended may still be kept beside its successor).
     pub(in crate::service) fn covering(
         &self,
         region: &RegionId,
         key: &SlotKey,
+        now: i64,
     ) -> Option<Arc<CampaignEntry>> {
         let index = self.read();
         index
             .by_service
             .get(&key.service_id)?
             .iter()
-            .find(|entry| entry.region_id == *region)
+            .find(|entry| entry.region_id == *region && !entry.has_ended(now))
             .cloned()
     }
 
     /// Whether a booking or hold of the slot at `now` needs a campaign's offer.
     pub fn requires_offer(&self, region: &RegionId, key: &SlotKey, now: i64) -> bool {
-        self.covering(region, key)
+        self.covering(region, key, now)
             .is_some_and(|entry| entry.requires_offer(key.start_unix_s, now))
+    }
+
+    /// Notes that recovery found registrations of campaign `id` but no campaign.
+    pub(in crate::service) fn orphan(&self, id: &CampaignId) {
+        let mut orphaned = self.orphaned.lock().unwrap_or_else(|p| p.into_inner());
+        if !orphaned.contains(id) {
+            tracing::warn!(campaign = %id, "registrations of a deleted campaign: deleting them");
+            orphaned.push(id.clone());
+        }
+    }
+
+    /// The campaigns `orphan` noted, forgotten here (retention deletes their
+    /// registrations; a failed deletion is found again by the next recovery).
+    pub(in crate::service) fn take_orphaned(&self) -> Vec<CampaignId> {
+        let mut orphaned = self.orphaned.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *orphaned)
+    }
+
+    /// Forgets the campaign `id` (retention deleted it): no gate, no matching, and its
+    /// offers and bookings belong to no registration. Returns how many registrations it
+    /// had (no longer counted against `registrations_max`).
+    pub(in crate::service) fn remove(&self, id: &CampaignId) -> usize {
+        let mut index = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = index.by_id.remove(id) else {
+            return 0;
+        };
+        if let Some(entries) = index.by_service.get_mut(&entry.service_id) {
+            entries.retain(|other| !Arc::ptr_eq(other, &entry));
+        }
+        drop(index);
+        let mut holders = self.holders();
+        holders
+            .offers
+            .retain(|_, (holder, _)| !Arc::ptr_eq(holder, &entry));
+        holders
+            .bookings
+            .retain(|_, (holder, _)| !Arc::ptr_eq(holder, &entry));
+        drop(holders);
+        let count = entry.lock().registrations.len();
+        let less = |counted: usize| Some(counted.saturating_sub(count));
+        let _ = (self.registrations).fetch_update(Ordering::AcqRel, Ordering::Acquire, less);
+        count
     }
 
     /// A place came back somewhere, or capacity changed: the matcher looks again. Call

@@ -360,6 +360,30 @@ pub async fn site_stats(server: &TestServer, site_id: &str) -> proto::GetSiteSta
         .into_inner()
 }
 
+/// The first `count` events of the whole log (every site), or a panic after 10 s.
+pub async fn first_events(server: &TestServer, count: usize) -> Vec<proto::Event> {
+    use tokio_stream::StreamExt;
+    let request = proto::WatchEventsRequest {
+        scope: None,
+        after_sequence: 0,
+        log_id: String::new(),
+    };
+    let capacity = server.capacity().await;
+    let mut stream = { capacity }
+        .watch_events(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while events.len() < count {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {count} events came", events.len()));
+        events.push(next.expect("the stream goes on").unwrap().event.unwrap());
+    }
+    events
+}
+
 pub async fn export_all(channel: Channel) -> Vec<proto::Booking> {
     let mut stream = CapacityServiceClient::new(channel)
         .export_bookings(proto::ExportBookingsRequest { scope: None })
