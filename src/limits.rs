@@ -31,9 +31,11 @@ pub const HEALTH_RECEIVING_PEER_SHARES: usize = 32;
 /// Largest citizen assertion read (a JWS is a few hundred bytes).
 pub const ASSERTION_BYTES_MAX: usize = 8 * 1024;
 /// Largest citizen assertion remembered once verified (`citizen_assertions_remembered_max`
-/// of them): a larger one (many groups or dependants) is verified at each call, so each
-/// remembered one holds at most this (128 MiB at the default 65,536).
+/// of them), and the most groups and dependants it may name: a larger one is verified at
+/// each call, so each remembered one holds at most about 4 KiB in memory (its texts and
+/// their allocations: under 300 MiB at the default 65,536).
 pub const ASSERTION_REMEMBERED_BYTES_MAX: usize = 2 * 1024;
+pub const ASSERTION_REMEMBERED_NAMES_MAX: usize = 32;
 /// Future `iat` tolerated in a citizen assertion, for clocks that disagree a little.
 pub const ASSERTION_CLOCK_SKEW_S: i64 = 60;
 

@@ -30,7 +30,10 @@ use crate::grpc::signature_batch::{Check, SignatureBatches};
 /// The metadata key that carries the assertion.
 pub const ASSERTION_HEADER: &str = "x-citizen-assertion";
 
-use crate::limits::{ASSERTION_BYTES_MAX, ASSERTION_CLOCK_SKEW_S, ASSERTION_REMEMBERED_BYTES_MAX};
+use crate::limits::{
+    ASSERTION_BYTES_MAX, ASSERTION_CLOCK_SKEW_S, ASSERTION_REMEMBERED_BYTES_MAX,
+    ASSERTION_REMEMBERED_NAMES_MAX,
+};
 
 /// Who an assertion says the caller acts for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -215,7 +218,9 @@ impl Assertions {
             groups: claims.groups,
             dependants: claims.dependants,
         };
-        if token.len() <= ASSERTION_REMEMBERED_BYTES_MAX {
+        let names = citizen.groups.len() + citizen.dependants.len();
+        if token.len() <= ASSERTION_REMEMBERED_BYTES_MAX && names <= ASSERTION_REMEMBERED_NAMES_MAX
+        {
             self.remember(digest, &citizen, claims.exp, now_unix_s);
         }
         Ok(citizen)
@@ -411,7 +416,8 @@ mod tests {
         }
     }
 
-    /// An assertion of more than `ASSERTION_REMEMBERED_BYTES_MAX` (many groups) is
+    /// An assertion of more than `ASSERTION_REMEMBERED_BYTES_MAX` (long groups), or
+    /// naming more than `ASSERTION_REMEMBERED_NAMES_MAX` groups (short ones), is
     /// verified, but not remembered: the remembered ones stay small.
     #[tokio::test]
     async fn a_large_assertion_is_verified_each_time_not_remembered() {
@@ -430,6 +436,15 @@ mod tests {
             let citizen = assertions.verify(&carrying(&large), now).await.unwrap();
             assert_eq!(citizen.groups.len(), 100);
         }
+        assert_eq!(assertions.verified_count(), 0);
+        let short: Vec<String> = (0..40).map(|i| format!("g{i}")).collect();
+        let claims = serde_json::json!({
+            "iss": "gw", "aud": "prenota", "sub": "CAROL", "iat": now, "exp": now + 600,
+            "groups": short,
+        });
+        let many = token(&key, Header::new(Algorithm::EdDSA), &claims);
+        assert!(many.len() <= ASSERTION_REMEMBERED_BYTES_MAX);
+        assertions.verify(&carrying(&many), now).await.unwrap();
         assert_eq!(assertions.verified_count(), 0);
         assertions
             .verify(&signed(&key, "BOB", now), now)

@@ -124,9 +124,12 @@ impl Engine {
                     return Ok(current);
                 }
                 // Ended for good: another campaign may cover its slots since.
-                if current.has_ended(self.now_unix_ms()) {
+                let now = self.now_unix_ms();
+                if current.has_ended(now) {
                     return Err(DomainError::CampaignEnded.into());
                 }
+                // An end in the past ends it now (retention counts from then).
+                campaign.ends_at_unix_ms = campaign.ends_at_unix_ms.map(|at| at.max(now));
                 campaign.seed = current.seed;
                 campaign.created_at_unix_ms = current.created_at_unix_ms;
             }
@@ -140,6 +143,9 @@ impl Engine {
                 if self.campaigns.len() >= self.limits.campaigns_max {
                     return Err(DomainError::CampaignsExhausted.into());
                 }
+                // Registrations an earlier campaign of this id left (deleted by retention
+                // as one was written) must not join the new one.
+                self.delete_registrations_of(&campaign.campaign_id).await?;
                 campaign.seed = rand::random();
                 campaign.created_at_unix_ms = now;
             }
@@ -352,13 +358,14 @@ impl Engine {
         Ok(self.registration_view(&entry, registration))
     }
 
-    /// PreRegister to an ended campaign: a retry is answered with the registration;
-    /// nobody registers anew.
+    /// PreRegister to an ended campaign: a retry is answered with the registration (a
+    /// read, counted as one); nobody registers anew.
     fn registered_before_the_end(
         &self,
         entry: &CampaignEntry,
         citizen: &CitizenKey,
     ) -> Result<RegistrationView, ServiceError> {
+        self.count_read(citizen)?;
         match entry.registration(citizen) {
             Ok(registration)
                 if !matches!(registration.state, RegistrationState::Withdrawn { .. }) =>
@@ -713,6 +720,13 @@ impl Engine {
             }
         }
         let full_step = offers.len() >= self.limits.campaign_offers_per_step_max;
+        // Ended while this step picked (its end came, or an authority set it): no offer.
+        if entry.has_ended(self.now_unix_ms()) {
+            for plan in &offers {
+                self.campaigns.abandon(entry, &plan.answer.citizen);
+            }
+            return Ok(0);
+        }
         let made = self
             .execute_each(offers, |hold: &Hold| {
                 self.campaigns.abandon(entry, &hold.citizen)
@@ -813,6 +827,13 @@ impl Engine {
             let registration = registration?;
             let Some(entry) = self.campaigns.get(&registration.campaign_id) else {
                 // Retention deleted its campaign as it was written: deleted in turn.
+                // Without retention no campaign is ever deleted: the store is damaged.
+                if self.limits.records_retained_days == 0 {
+                    return Err(ServiceError::Recovery(format!(
+                        "a registration of unknown campaign {}",
+                        registration.campaign_id
+                    )));
+                }
                 self.campaigns.orphan(&registration.campaign_id);
                 continue;
             };
@@ -827,62 +848,85 @@ impl Engine {
         Ok(())
     }
 
-    /// Retention: each campaign that ended before the records' cut-off, with its
-    /// registrations (`retention_batch_records` per commit, then the campaign's record),
-    /// and the registrations of campaigns recovery found gone. Memory forgets a
-    /// campaign first (no gate, no matching, no registration found from then on); the
-    /// authority lock is held throughout, so no campaign of the same id is made while
-    /// its registrations are deleted. Returns (campaigns, registrations) deleted.
+    /// Retention: each campaign that ended before the records' cut-off and holds no
+    /// live offer (those stand until they expire), with its registrations, and the
+    /// registrations of campaigns recovery found gone. Memory forgets a campaign first
+    /// (no gate, no matching, no registration found from then on), then
+    /// `delete_leftovers`. Returns (campaigns, registrations) deleted.
     pub(super) async fn delete_campaigns(
         &self,
         cutoffs: &crate::domain::retention::Cutoffs,
     ) -> Result<(u64, u64), ServiceError> {
-        let _authority = self.authority_writes.lock().await;
         let (mut campaigns, mut registrations) = (0, 0);
         for id in self.campaigns.take_orphaned() {
-            if self.campaigns.get(&id).is_none() {
-                registrations += self.delete_registrations_of(&id).await?;
-            }
+            registrations += self.delete_leftovers(&id).await?;
         }
         for entry in self.campaigns.all() {
-            if cutoffs.keeps_campaign(entry.campaign().ends_at_unix_ms) {
+            let ends_at = entry.campaign().ends_at_unix_ms;
+            if cutoffs.keeps_campaign(ends_at) || self.campaigns.has_offers(&entry) {
                 continue;
             }
             let id = &entry.campaign_id;
-            self.campaigns.remove(id);
-            registrations += self.delete_registrations_of(id).await?;
-            let key = crate::store::records::campaign_key(id);
-            self.store.commit(&[Write::Delete(key)]).await?;
+            {
+                let _authority = self.authority_writes.lock().await;
+                self.campaigns.remove(id);
+            }
+            registrations += self.delete_leftovers(id).await?;
             tracing::info!(campaign = %id, "retention deleted an ended campaign");
             campaigns += 1;
         }
         Ok((campaigns, registrations))
     }
 
-    /// Deletes every stored registration of campaign `id`, `retention_batch_records`
-    /// per commit.
-    async fn delete_registrations_of(&self, id: &CampaignId) -> Result<u64, ServiceError> {
-        use crate::store::records::{registration_key, REGISTRATION_PREFIX};
-        let from = registration_key(id, &CitizenKey([0; 16]));
+    /// Deletes the registrations, then the record, of campaign `id`, which memory no
+    /// longer has: `retention_batch_records` per commit, each under the authority lock
+    /// (taken per batch: other authority writes go on between). Stops if a campaign of
+    /// that id is made meanwhile: making it deleted what was left.
+    async fn delete_leftovers(&self, id: &CampaignId) -> Result<u64, ServiceError> {
         let mut deleted = 0;
         loop {
-            let batch: Vec<(Vec<u8>, Registration)> = self.store.records_from(
-                REGISTRATION_PREFIX,
-                &from,
-                self.limits.retention_batch_records,
-            )?;
-            let keys: Vec<Write> = batch
-                .into_iter()
-                .take_while(|(_, registration)| registration.campaign_id == *id)
-                .map(|(key, _)| Write::Delete(key))
-                .collect();
-            if keys.is_empty() {
+            let _authority = self.authority_writes.lock().await;
+            if self.campaigns.get(id).is_some() {
                 return Ok(deleted);
             }
-            deleted += keys.len() as u64;
-            self.store.commit(&keys).await?;
-            tokio::task::yield_now().await;
+            let batch = self.registration_batch(id)?;
+            if batch.is_empty() {
+                let key = crate::store::records::campaign_key(id);
+                self.store.commit(&[Write::Delete(key)]).await?;
+                return Ok(deleted);
+            }
+            deleted += batch.len() as u64;
+            self.store.commit(&batch).await?;
         }
+    }
+
+    /// Deletes every stored registration of campaign `id`, `retention_batch_records`
+    /// per commit. The caller holds the authority lock.
+    async fn delete_registrations_of(&self, id: &CampaignId) -> Result<u64, ServiceError> {
+        let mut deleted = 0;
+        loop {
+            let batch = self.registration_batch(id)?;
+            if batch.is_empty() {
+                return Ok(deleted);
+            }
+            deleted += batch.len() as u64;
+            self.store.commit(&batch).await?;
+        }
+    }
+
+    /// The deletions of the next `retention_batch_records` stored registrations of
+    /// campaign `id`.
+    fn registration_batch(&self, id: &CampaignId) -> Result<Vec<Write>, ServiceError> {
+        use crate::store::records::{registration_key, REGISTRATION_PREFIX};
+        let from = registration_key(id, &CitizenKey([0; 16]));
+        let limit = self.limits.retention_batch_records;
+        let batch: Vec<(Vec<u8>, Registration)> =
+            self.store.records_from(REGISTRATION_PREFIX, &from, limit)?;
+        Ok(batch
+            .into_iter()
+            .take_while(|(_, registration)| registration.campaign_id == *id)
+            .map(|(key, _)| Write::Delete(key))
+            .collect())
     }
 
     fn check_registration(

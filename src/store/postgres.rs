@@ -70,8 +70,9 @@ const MIGRATIONS: &[&str] = &[
     // Holds keyed by the second they were made (`O`): a build before it would not see
     // them (the live holds this build made would stop counting), so it must refuse.
     "COMMENT ON TABLE prenota_kv IS 'prenota records; holds in time order since schema 4'",
-    // Events of format 2 (their booking's reference and series dose): a build before it
-    // would find the event log corrupt, so it must refuse the schema instead.
+    // Events of format 2 (their booking's reference and series dose) and campaigns of
+    // format 2 (their end): a build before it would find them corrupt, so it must
+    // refuse the schema instead.
     "COMMENT ON TABLE prenota_kv IS 'prenota records; events of format 2 since schema 5'",
 ];
 

@@ -1329,9 +1329,10 @@ async fn offers_never_take_the_places_a_queued_release_admitted_tickets_for() {
 /// A campaign that ends (`ends_at`): offers made before stand, no new offer is made,
 /// nobody pre-registers (a retry gets its registration), its slots are booked
 /// directly, it cannot be changed, and another campaign may cover its service and
-/// region. `records_retained_days` after its end, retention deletes it with its
-/// registrations, which then no longer count against `registrations_max`; restarts in
-/// between and after recover each state.
+/// region. `records_retained_days` after its end, once no offer of it is live,
+/// retention deletes it with its registrations, which then no longer count against
+/// `registrations_max`; restarts in between and after recover each state. An end sent
+/// in the past ends a campaign now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ended_campaign_books_directly_and_retention_deletes_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -1339,7 +1340,7 @@ async fn an_ended_campaign_books_directly_and_retention_deletes_it() {
     let mut config = by_hand();
     config.limits.records_retained_days = 2;
     config.limits.request_records_retained_hours = 24;
-    config.limits.registrations_max = 3;
+    config.limits.registrations_max = 4;
     let server = TestServer::start_with_clock(dir.path(), config.clone(), clock.clone()).await;
     let channel = server.channel().await;
     utc_site_on(
@@ -1347,7 +1348,7 @@ async fn an_ended_campaign_books_directly_and_retention_deletes_it() {
         ("e-site", "marche"),
         10,
         ("09:00", "09:30"),
-        2,
+        3,
     )
     .await;
     let slot = search_all(&mut server.booking().await, "e-site", "vax")
@@ -1363,21 +1364,25 @@ async fn an_ended_campaign_books_directly_and_retention_deletes_it() {
     let refused = upsert(&channel, ending(now - 1_000)).await.unwrap_err();
     assert_eq!(violated_fields(&refused), ["campaign.ends_at"]);
     upsert(&channel, ending(ends_at)).await.expect("campaign");
-    for citizen in ["E-A", "E-B", "E-C"] {
+    let citizens = ["E-A", "E-B", "E-C", "E-W"];
+    for citizen in citizens {
         let registered = register(&channel, register_request("e", citizen, &[])).await;
         assert_eq!(registered.campaign_ends_at, at_ms(ends_at));
     }
-    let direct = |citizen: &str| book_request(&slot.slot_id, citizen, &format!("{citizen}-1"));
+    let direct =
+        |citizen: &str, n: u32| book_request(&slot.slot_id, citizen, &format!("{citizen}-{n}"));
     let mut booking = server.booking().await;
-    let refused = booking.book(direct("E-D")).await.unwrap_err();
+    let refused = booking.book(direct("E-D", 1)).await.unwrap_err();
     assert_eq!(reason(&refused).as_deref(), Some("OFFER_REQUIRED"));
     server.match_campaigns().await;
     let states = |channel: Channel| async move {
-        let citizens = ["E-A", "E-B", "E-C"].map(String::from);
-        state_of(&registrations(&channel, "e", &citizens).await)
+        state_of(&registrations(&channel, "e", &citizens.map(String::from)).await)
     };
     use RegistrationState::{Booked, Offered, Waiting};
-    assert_eq!(states(channel.clone()).await, [Offered, Offered, Waiting]);
+    assert_eq!(
+        states(channel.clone()).await,
+        [Offered, Offered, Offered, Waiting]
+    );
 
     // It ends (a restart in between): offers stand, a declined place is not offered
     // again but booked directly, nobody registers anew.
@@ -1390,9 +1395,12 @@ async fn an_ended_campaign_books_directly_and_retention_deletes_it() {
         .expect("an offer made before the end stands");
     decline(&channel, "e", "E-B", 1).await;
     server.match_campaigns().await;
-    assert_eq!(states(channel.clone()).await, [Booked, Waiting, Waiting]);
+    assert_eq!(
+        states(channel.clone()).await,
+        [Booked, Waiting, Offered, Waiting]
+    );
     let mut booking = server.booking().await;
-    book_ok(&mut booking, book_request(&slot.slot_id, "E-D", "E-D-2")).await;
+    book_ok(&mut booking, direct("E-D", 2)).await;
     let refused = booking
         .pre_register(register_request("e", "E-E", &[]))
         .await
@@ -1401,7 +1409,7 @@ async fn an_ended_campaign_books_directly_and_retention_deletes_it() {
         (refused.code(), reason(&refused).as_deref()),
         (Code::FailedPrecondition, Some("CAMPAIGN_ENDED"))
     );
-    let again = register(&channel, register_request("e", "E-C", &[])).await;
+    let again = register(&channel, register_request("e", "E-W", &[])).await;
     assert_eq!(again.state(), Waiting, "a retry is answered");
     // Unchanged, it is answered; changed, refused: it ended.
     upsert(&channel, ending(ends_at))
@@ -1411,12 +1419,9 @@ async fn an_ended_campaign_books_directly_and_retention_deletes_it() {
     assert_eq!(reason(&refused).as_deref(), Some("CAMPAIGN_ENDED"));
     // Another campaign covers the service and region now: it gates the slot again,
     // and the registrations kept for the ended one fill `registrations_max`.
-    let next = proto::Campaign {
-        ends_at: None,
-        ..campaign("e2", "marche", vec![wave("all", now - 1_000, &[])])
-    };
-    upsert(&channel, next).await.expect("a successor");
-    let refused = booking.book(direct("E-F")).await.unwrap_err();
+    let next = campaign("e2", "marche", vec![wave("all", now - 1_000, &[])]);
+    upsert(&channel, next.clone()).await.expect("a successor");
+    let refused = booking.book(direct("E-F", 1)).await.unwrap_err();
     assert_eq!(reason(&refused).as_deref(), Some("OFFER_REQUIRED"));
     let full = booking
         .pre_register(register_request("e2", "E-F", &[]))
@@ -1426,12 +1431,16 @@ async fn an_ended_campaign_books_directly_and_retention_deletes_it() {
     let retry = tonic_types::StatusExt::get_details_retry_info(&full);
     assert!(retry.is_none(), "no retry helps: {full:?}");
 
-    // Two days after its end retention deletes it and its registrations; the booking
-    // made through it stays, and a restart recovers without it.
+    // Two days after its end it is kept while E-C's offer is live; once that expired,
+    // retention deletes it and its registrations; the booking made through it stays,
+    // and a restart recovers without it.
     assert_eq!(server.retain().await.campaigns, 0);
     clock.advance(Duration::from_secs(2 * 86_400));
+    assert_eq!(server.retain().await.campaigns, 0, "an offer is live");
+    clock.advance(Duration::from_secs(5 * 86_400));
+    server.sweep_holds().await;
     let retained = server.retain().await;
-    assert_eq!((retained.campaigns, retained.registrations), (1, 3));
+    assert_eq!((retained.campaigns, retained.registrations), (1, 4));
     let gone = CapacityServiceClient::new(channel.clone())
         .get_campaign_stats(proto::GetCampaignStatsRequest {
             campaign_id: "e".into(),
@@ -1441,6 +1450,18 @@ async fn an_ended_campaign_books_directly_and_retention_deletes_it() {
     assert_eq!(reason(&gone).as_deref(), Some("CAMPAIGN_NOT_FOUND"));
     register(&channel, register_request("e2", "E-F", &[])).await;
     assert_eq!(citizen_bookings(&mut booking, "E-A").await.len(), 1);
+    // An end sent in the past ends the successor now.
+    let ended = upsert(
+        &channel,
+        proto::Campaign {
+            ends_at: at_ms(0),
+            ..next
+        },
+    )
+    .await
+    .expect("ended");
+    let ended_at = ended.ends_at.expect("an end").seconds;
+    assert_eq!(ended_at, clock.now_unix_ms().div_euclid(1_000));
     server.stop().await;
     let server = TestServer::start_with_clock(dir.path(), config, clock.clone()).await;
     let channel = server.channel().await;

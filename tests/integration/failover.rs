@@ -734,6 +734,25 @@ async fn a_node_with_another_hash_key_is_refused_before_it_stands_by() {
     drop(active);
 }
 
+/// A standby checks the store's key and id scheme at each look at the lease, not only
+/// when it connects: one the store no longer matches (here its recorded scheme changed
+/// under it) stops now, with the reason, instead of failing at the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_the_store_no_longer_matches_stops_while_standing_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((config, url)) = shared_config_and_url(dir.path()) else {
+        return;
+    };
+    let (active, standby) = active_and_standby(dir.path(), &config).await;
+    common::postgres::execute(
+        &url,
+        "UPDATE prenota_kv SET v = 'it-fiscal-code'::bytea WHERE k = 'Kscheme'::bytea",
+    );
+    let status = standby.wait_exit(Duration::from_secs(10));
+    assert!(!status.success(), "{status:?}");
+    drop(active);
+}
+
 /// A second node started on the active node's data dir refuses (the data dir's lock)
 /// instead of standing by for the lease, where taking over would then fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

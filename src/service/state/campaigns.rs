@@ -206,6 +206,12 @@ impl Campaigns {
             .is_some_and(|entry| entry.requires_offer(key.start_unix_s, now))
     }
 
+    /// Whether any registration of `entry` holds an offer (a live hold).
+    pub(in crate::service) fn has_offers(&self, entry: &Arc<CampaignEntry>) -> bool {
+        let holders = self.holders();
+        (holders.offers.values()).any(|(holder, _)| Arc::ptr_eq(holder, entry))
+    }
+
     /// Notes that recovery found registrations of campaign `id` but no campaign.
     pub(in crate::service) fn orphan(&self, id: &CampaignId) {
         let mut orphaned = self.orphaned.lock().unwrap_or_else(|p| p.into_inner());
