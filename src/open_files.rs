@@ -37,7 +37,8 @@ pub fn raise_to_hard_limit() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
-/// Fits `connections_max` (and so the per-peer cap) under `open_files` descriptors,
+/// Fits `connections_max` (and the per-peer cap, kept the same share of it) under
+/// `open_files` descriptors,
 /// with `FILES_RESERVED` and the metrics port's (if `metrics` is served) kept: returns
 /// a warning when it lowered it, an error when too few are left to serve.
 pub fn fit_connections(
@@ -68,11 +69,16 @@ pub fn fit_connections(
         return Ok(None);
     }
     limits.connections_max = room as usize;
-    limits.connections_per_peer_max = limits.connections_per_peer_max.min(room as usize);
+    // One peer keeps the share of the places it had (0 stays off), so one host still
+    // cannot take every connection.
+    let per_peer = limits.connections_per_peer_max as u64;
+    let shared = (per_peer * room / wanted).max(1).min(per_peer) as usize;
+    limits.connections_per_peer_max = shared;
     Ok(Some(format!(
-        "connections_max lowered from {wanted} to {room} to fit the open-file limit \
-         ({open_files}, {kept} kept for the store and the metrics port); raise the limit \
-         (ulimit -n, systemd LimitNOFILE) to at least {} to keep it",
+        "connections_max lowered from {wanted} to {room} (connections_per_peer_max from \
+         {per_peer} to {shared}) to fit the open-file limit ({open_files}, {kept} kept for \
+         the store and the metrics port); raise the limit (ulimit -n, systemd \
+         LimitNOFILE) to at least {} to keep them",
         wanted + kept
     )))
 }
@@ -90,7 +96,14 @@ mod tests {
         let lowered = fit_connections(&mut limits, Some(1_024), true).unwrap();
         assert!(lowered.unwrap().contains("lowered from 4096 to 752"));
         assert_eq!(limits.connections_max, 1_024 - 256 - 16);
-        assert_eq!(limits.connections_per_peer_max, 256);
+        // The same share of the places as before: 256 of 4,096, 47 of 752.
+        assert_eq!(limits.connections_per_peer_max, 47);
+        let mut off = Limits {
+            connections_per_peer_max: 0,
+            ..Limits::default()
+        };
+        fit_connections(&mut off, Some(1_024), true).unwrap();
+        assert_eq!(off.connections_per_peer_max, 0, "off stays off");
         let refused = fit_connections(&mut limits, Some(300), true).unwrap_err();
         assert!(refused.contains("at least 336"), "{refused}");
         // Without a metrics port, its descriptors are not kept.

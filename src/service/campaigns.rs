@@ -105,33 +105,9 @@ impl Engine {
         let existing = self.campaigns.get(&campaign.campaign_id);
         match &existing {
             Some(entry) => {
-                let current = entry.campaign();
-                if (&current.service_id, &current.region_id)
-                    != (&campaign.service_id, &campaign.region_id)
-                {
-                    return Err(DomainError::invalid(
-                        "campaign.service_id",
-                        "a campaign's service and region cannot change: create another campaign",
-                    )
-                    .into());
+                if let Some(unchanged) = self.changed_campaign(entry, &mut campaign)? {
+                    return Ok(unchanged);
                 }
-                let unchanged = Campaign {
-                    seed: current.seed,
-                    created_at_unix_ms: current.created_at_unix_ms,
-                    ..campaign.clone()
-                };
-                if current == unchanged {
-                    return Ok(current);
-                }
-                // Ended for good: another campaign may cover its slots since.
-                let now = self.now_unix_ms();
-                if current.has_ended(now) {
-                    return Err(DomainError::CampaignEnded.into());
-                }
-                // An end in the past ends it now (retention counts from then).
-                campaign.ends_at_unix_ms = campaign.ends_at_unix_ms.map(|at| at.max(now));
-                campaign.seed = current.seed;
-                campaign.created_at_unix_ms = current.created_at_unix_ms;
             }
             None => {
                 let now = self.now_unix_ms();
@@ -158,6 +134,52 @@ impl Engine {
             .await?;
         self.settle_campaign(existing, &campaign);
         Ok(campaign)
+    }
+
+    /// `UpsertCampaign` of the existing campaign `entry`: `Some(current)` when it
+    /// changes nothing (answered as it is; so is asking again for an end in effect, a
+    /// retried ending), else `campaign` made ready to store (its seed and creation
+    /// kept). An end in the past ends it now: set in memory before the write, under
+    /// the campaign's lock, where PreRegister reads the end and its own time, so no
+    /// registration is made after the end.
+    fn changed_campaign(
+        &self,
+        entry: &CampaignEntry,
+        campaign: &mut Campaign,
+    ) -> Result<Option<Campaign>, ServiceError> {
+        let current = entry.campaign();
+        if (&current.service_id, &current.region_id) != (&campaign.service_id, &campaign.region_id)
+        {
+            let fixed = "a campaign's service and region cannot change: create another campaign";
+            return Err(DomainError::invalid("campaign.service_id", fixed).into());
+        }
+        let now = self.now_unix_ms();
+        let asked_end = match (campaign.ends_at_unix_ms, current.ends_at_unix_ms) {
+            (Some(asked), Some(ended)) if asked <= ended && current.has_ended(now) => Some(ended),
+            (asked, _) => asked,
+        };
+        let unchanged = Campaign {
+            seed: current.seed,
+            created_at_unix_ms: current.created_at_unix_ms,
+            ends_at_unix_ms: asked_end,
+            ..campaign.clone()
+        };
+        if current == unchanged {
+            return Ok(Some(current));
+        }
+        // Ended for good: another campaign may cover its slots since.
+        if current.has_ended(now) {
+            return Err(DomainError::CampaignEnded.into());
+        }
+        campaign.seed = current.seed;
+        campaign.created_at_unix_ms = current.created_at_unix_ms;
+        if campaign.ends_at_unix_ms.is_some_and(|at| at <= now) {
+            let _registering = entry.lock();
+            let now = self.now_unix_ms();
+            campaign.ends_at_unix_ms = Some(now);
+            entry.ends_at_unix_ms.store(now, Ordering::Release);
+        }
+        Ok(None)
     }
 
     /// The write of `campaign` is durable: memory takes it (`existing`: its entry).
@@ -300,9 +322,17 @@ impl Engine {
         self.check_preferred_sites(&entry, &command.preferences)?;
         // Registering is idempotent by (campaign, citizen): the request id needs no record.
         let _ = command.request;
-        // Bound first: the state's lock ends with this statement (a `match` on it would
-        // hold it through the arms, and `registration_view` locks it again).
-        let begin = entry.lock().registrations.begin(citizen);
+        // Bound first: the state's lock ends with this block (a `match` on it would hold
+        // it through the arms, and `registration_view` locks it again). The end and the
+        // registration's time are read under it, as an ending update sets the end.
+        let begin = {
+            let mut state = entry.lock();
+            let now = self.now_unix_ms();
+            (!entry.has_ended(now)).then(|| (state.registrations.begin(citizen), now))
+        };
+        let Some((begin, registered_at)) = begin else {
+            return self.registered_before_the_end(&entry, &citizen);
+        };
         let (arrival, replaces) = match begin {
             Begin::New { arrival, replaces } => (arrival, replaces),
             Begin::Existing(registration) => {
@@ -320,29 +350,13 @@ impl Engine {
             self.campaigns.abandon(&entry, &citizen);
             return Err(DomainError::RegistrationsFull.into());
         }
-        // Registering anew resets nothing: a citizen cannot launder its declines (one
-        // that has used them up is exhausted at once), and a retried
-        // WithdrawRegistration must not withdraw the new one.
-        let declines = replaces.as_ref().map_or(0, |withdrawn| withdrawn.declines);
-        let state = match declines >= entry.campaign().offers_declined_max {
-            true => RegistrationState::Exhausted,
-            false => RegistrationState::Active,
-        };
-        let registration = Registration {
-            registration_id: self.ids.mint(citizen),
-            campaign_id: command.campaign_id,
+        let declines_max = entry.campaign().offers_declined_max;
+        let registration = self.new_registration(
+            command,
             citizen,
-            birth_year: command.birth_year,
-            groups: command.groups,
-            preferences: command.preferences,
-            registered_at_unix_ms: self.now_unix_ms(),
-            arrival,
-            declines,
-            state,
-            requests: replaces
-                .map(|withdrawn| withdrawn.requests)
-                .unwrap_or_default(),
-        };
+            (arrival, replaces),
+            (registered_at, declines_max),
+        );
         if let Err(error) = self
             .store
             .commit(&[Write::Registration(registration.clone())])
@@ -356,6 +370,40 @@ impl Engine {
         }
         self.campaigns.settle(registration.clone());
         Ok(self.registration_view(&entry, registration))
+    }
+
+    /// The registration `command` makes at `registered_at`, `arrival`-th in line, in place
+    /// of the withdrawn one it `replaces`, if any. Registering anew resets nothing: a
+    /// citizen cannot launder its declines (one that has used up `declines_max` is
+    /// exhausted at once), and a retried WithdrawRegistration must not withdraw the new
+    /// one (the answered requests are kept).
+    fn new_registration(
+        &self,
+        command: PreRegisterCommand,
+        citizen: CitizenKey,
+        (arrival, replaces): (u64, Option<Box<Registration>>),
+        (registered_at, declines_max): (i64, u32),
+    ) -> Registration {
+        let declines = replaces.as_ref().map_or(0, |withdrawn| withdrawn.declines);
+        let state = match declines >= declines_max {
+            true => RegistrationState::Exhausted,
+            false => RegistrationState::Active,
+        };
+        Registration {
+            registration_id: self.ids.mint(citizen),
+            campaign_id: command.campaign_id,
+            citizen,
+            birth_year: command.birth_year,
+            groups: command.groups,
+            preferences: command.preferences,
+            registered_at_unix_ms: registered_at,
+            arrival,
+            declines,
+            state,
+            requests: replaces
+                .map(|withdrawn| withdrawn.requests)
+                .unwrap_or_default(),
+        }
     }
 
     /// PreRegister to an ended campaign: a retry is answered with the registration (a

@@ -789,8 +789,9 @@ fn warn_of_interrupted_write(store: &Store) -> Result<(), ServiceError> {
             tracing::warn!(
                 started_at_unix_ms = journal.started_at_unix_ms,
                 writes = journal.writes,
-                "an import or schedule publication was interrupted by a crash: part of it \
-                 may be applied. Re-run the same import (imports are idempotent) to complete it"
+                "an import or schedule publication was interrupted (a crash, or a storage \
+                 failure such as a full disk): part of it may be applied. Re-run the same \
+                 import (imports are idempotent) to complete it"
             );
         }
     }

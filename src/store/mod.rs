@@ -1069,11 +1069,13 @@ const DATA_DIR_LOCK_FILE: &str = "lock";
 
 /// Opens sled's store in `sled_dir`; if sled finds a file torn (it reads `conf` before
 /// its lock, and snapshots only once it holds it), mends it and opens again, once.
+/// Only a store it cannot open after that is called damaged (a torn snapshot is what a
+/// start or a kill on a full disk leaves: mended, nothing is lost).
 fn open_sled_mending(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
-    match open_sled(sled_dir, limits) {
+    let opened = match open_sled(sled_dir, limits) {
         Err(refused @ StoreError::Corrupt(_)) => match mend_torn_sled_files(sled_dir) {
             Ok(true) => {
-                tracing::warn!(%refused, "sled refused the store; mended, opening again");
+                tracing::warn!(%refused, "sled found a torn file (left by a crash or a full disk); mended, opening again");
                 open_sled(sled_dir, limits)
             }
             Ok(false) => Err(refused),
@@ -1083,7 +1085,14 @@ fn open_sled_mending(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, Store
             }
         },
         opened => opened,
-    }
+    };
+    opened.map_err(|error| match error {
+        StoreError::Corrupt(what) => StoreError::Corrupt(format!(
+            "{what} (the store's files are damaged: restore the latest backup, `prenota \
+             restore`)"
+        )),
+        other => other,
+    })
 }
 
 /// sled's log file, synced: a previous run killed between a commit's flush and its
@@ -1151,10 +1160,7 @@ fn open_sled(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, StoreError> {
             }
             Err(corrupt @ sled::Error::Corruption { .. }) => {
                 let at = sled_dir.display();
-                return Err(StoreError::Corrupt(format!(
-                    "opening {at}: {corrupt} (the store's files are damaged: restore the \
-                     latest backup, `prenota restore`)"
-                )));
+                return Err(StoreError::Corrupt(format!("opening {at}: {corrupt}")));
             }
             Err(other) => {
                 return Err(StoreError::Io(format!(

@@ -1455,17 +1455,86 @@ async fn an_ended_campaign_books_directly_and_retention_deletes_it() {
         &channel,
         proto::Campaign {
             ends_at: at_ms(0),
-            ..next
+            ..next.clone()
         },
     )
     .await
     .expect("ended");
     let ended_at = ended.ends_at.expect("an end").seconds;
     assert_eq!(ended_at, clock.now_unix_ms().div_euclid(1_000));
+    // Its retry (the answer lost) is answered with the campaign, not CAMPAIGN_ENDED.
+    clock.advance(Duration::from_secs(1));
+    let again = upsert(
+        &channel,
+        proto::Campaign {
+            ends_at: at_ms(0),
+            ..next.clone()
+        },
+    )
+    .await
+    .expect("a retried ending is answered");
+    assert_eq!(again.ends_at, ended.ends_at);
     server.stop().await;
     let server = TestServer::start_with_clock(dir.path(), config, clock.clone()).await;
     let channel = server.channel().await;
     assert_eq!(counts(&stats(&channel, "e2").await).waiting, 1);
     assert_eq!(site_stats(&server, "e-site").await.booked, 2);
+    server.stop().await;
+}
+
+/// Citizens pre-registering while an authority ends the campaign (an end sent in the
+/// past): each is registered before the end or refused, never registered after it (an
+/// outside test saw registrations a few ms after the stored end). Four rounds, each a
+/// campaign of its own over the same slots (the one before has ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_registration_is_made_after_an_ending_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let channel = server.channel().await;
+    utc_site_on(
+        channel.clone(),
+        ("r-site", "liguria"),
+        10,
+        ("09:00", "09:30"),
+        1,
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let millis = |at: Timestamp| at.seconds * 1_000 + i64::from(at.nanos / 1_000_000);
+    for round in 0..4u64 {
+        let id = format!("r{round}");
+        let open = campaign(&id, "liguria", vec![wave("all", now + 3_600_000, &[])]);
+        upsert(&channel, open.clone()).await.expect("campaign");
+        // 200 citizens over 20 ms, the ending sent in their midst.
+        let registering: Vec<_> = (0..200u64)
+            .map(|i| {
+                let channel = channel.clone();
+                let request = register_request(&id, &format!("R-{round}-{i}"), &[]);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_micros(100 * i)).await;
+                    BookingServiceClient::new(channel)
+                        .pre_register(request)
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(8 + round)).await;
+        let ending = proto::Campaign {
+            ends_at: at_ms(0),
+            ..open
+        };
+        let ended = upsert(&channel, ending).await.expect("ended");
+        let end_ms = millis(ended.ends_at.expect("an end"));
+        for call in registering {
+            match call.await.unwrap() {
+                Ok(answer) => {
+                    let registration = answer.into_inner().registration.unwrap();
+                    let at_ms = millis(registration.registered_at.unwrap());
+                    assert!(at_ms <= end_ms, "registered at {at_ms}, ended at {end_ms}");
+                }
+                Err(status) => assert_eq!(reason(&status).as_deref(), Some("CAMPAIGN_ENDED")),
+            }
+        }
+    }
     server.stop().await;
 }
