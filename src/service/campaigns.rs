@@ -128,6 +128,9 @@ impl Engine {
         }
         let advice = "fewer waves, or fewer or shorter priority groups";
         self.check_storable(&Write::Campaign(campaign.clone()), "campaign.waves", advice)?;
+        if let Some(entry) = &existing {
+            self.end_now_if_asked(entry, &mut campaign);
+        }
         let audit = self.audit(&actor.name, "UpsertCampaign", campaign_detail(&campaign));
         self.store
             .commit(&[Write::Campaign(campaign.clone()), audit])
@@ -139,9 +142,7 @@ impl Engine {
     /// `UpsertCampaign` of the existing campaign `entry`: `Some(current)` when it
     /// changes nothing (answered as it is; so is asking again for an end in effect, a
     /// retried ending), else `campaign` made ready to store (its seed and creation
-    /// kept). An end in the past ends it now: set in memory before the write, under
-    /// the campaign's lock, where PreRegister reads the end and its own time, so no
-    /// registration is made after the end.
+    /// kept; an end in the past made now: see `end_now_if_asked`).
     fn changed_campaign(
         &self,
         entry: &CampaignEntry,
@@ -173,13 +174,24 @@ impl Engine {
         }
         campaign.seed = current.seed;
         campaign.created_at_unix_ms = current.created_at_unix_ms;
-        if campaign.ends_at_unix_ms.is_some_and(|at| at <= now) {
+        campaign.ends_at_unix_ms = campaign.ends_at_unix_ms.map(|at| at.max(now));
+        Ok(None)
+    }
+
+    /// An update of `entry` that ends it now (`ends_at` not ahead), about to be written
+    /// (nothing left to refuse it): the end is set in memory first, under the campaign's
+    /// lock, where PreRegister reads the end and its own time, so no registration is
+    /// made after the end.
+    fn end_now_if_asked(&self, entry: &CampaignEntry, campaign: &mut Campaign) {
+        if campaign
+            .ends_at_unix_ms
+            .is_some_and(|at| at <= self.now_unix_ms())
+        {
             let _registering = entry.lock();
             let now = self.now_unix_ms();
             campaign.ends_at_unix_ms = Some(now);
             entry.ends_at_unix_ms.store(now, Ordering::Release);
         }
-        Ok(None)
     }
 
     /// The write of `campaign` is durable: memory takes it (`existing`: its entry).

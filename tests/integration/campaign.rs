@@ -1538,3 +1538,47 @@ async fn no_registration_is_made_after_an_ending_update() {
     }
     server.stop().await;
 }
+
+/// An update that would end a campaign but is refused (its record too large) ends
+/// nothing: the campaign still gates its slots and takes registrations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_ending_update_ends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let channel = server.channel().await;
+    utc_site_on(
+        channel.clone(),
+        ("x-site", "sardegna"),
+        10,
+        ("09:00", "09:30"),
+        1,
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let open = campaign("x", "sardegna", vec![wave("all", now + 3_600_000, &[])]);
+    upsert(&channel, open.clone()).await.expect("campaign");
+    let groups: Vec<String> = (0..16).map(|g| format!("{g:0>60}")).collect();
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+    let huge = proto::Campaign {
+        ends_at: at_ms(0),
+        waves: (0..32)
+            .map(|w| wave(&format!("w{w}"), now + 3_600_000, &groups))
+            .collect(),
+        ..open
+    };
+    let refused = upsert(&channel, huge).await.unwrap_err();
+    assert_eq!(violated_fields(&refused), ["campaign.waves"], "{refused:?}");
+    let registered = register(&channel, register_request("x", "X-1", &[])).await;
+    assert_eq!(registered.campaign_ends_at, None);
+    let slot = search_all(&mut server.booking().await, "x-site", "vax")
+        .await
+        .remove(0);
+    let gated = server
+        .booking()
+        .await
+        .book(book_request(&slot.slot_id, "X-2", "x-2"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&gated).as_deref(), Some("OFFER_REQUIRED"));
+    server.stop().await;
+}
