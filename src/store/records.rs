@@ -2576,10 +2576,7 @@ mod golden {
                 _ => None,
             });
         for (value, request) in v1.iter().zip(current) {
-            let bytes: Vec<u8> = (0..value.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&value[i..i + 2], 16).unwrap())
-                .collect();
+            let bytes = unhex(value);
             let read = AuthorityRequest::decode_value(b"R", &bytes).unwrap();
             assert_eq!(read.at_unix_ms, 0);
             assert_eq!(
@@ -2597,10 +2594,7 @@ mod golden {
     fn records_written_by_earlier_builds_still_read() {
         for ((kind, write), (golden_kind, _, value)) in every_kind().iter().zip(GOLDEN) {
             assert_eq!(kind, golden_kind);
-            let bytes: Vec<u8> = (0..value.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&value[i..i + 2], 16).unwrap())
-                .collect();
+            let bytes = unhex(value);
             assert!(
                 reads_back_as(write, &bytes),
                 "{kind} reads back differently"
@@ -2647,10 +2641,7 @@ mod golden {
                 .find(|(k, _)| k == kind)
                 .map(|(_, w)| web(w.clone()))
                 .unwrap();
-            let bytes: Vec<u8> = (0..value.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&value[i..i + 2], 16).unwrap())
-                .collect();
+            let bytes = unhex(value);
             assert_eq!(bytes[0], 1, "{kind} is a format-1 value");
             assert!(
                 reads_back_as(&write, &bytes),
@@ -2673,10 +2664,7 @@ mod golden {
             let Some((_, Write::Booking(booking))) = kinds.iter().find(|(k, _)| k == kind) else {
                 panic!("{kind} is not a booking kind");
             };
-            let bytes: Vec<u8> = (0..value.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&value[i..i + 2], 16).unwrap())
-                .collect();
+            let bytes = unhex(value);
             assert_eq!(bytes[0], 2, "{kind} is a format-2 value");
             let read = Booking::decode_value(b"B", &bytes).unwrap();
             let expected = Booking {
@@ -2706,10 +2694,7 @@ mod golden {
             else {
                 panic!("{kind} is not a registration kind");
             };
-            let bytes: Vec<u8> = (0..value.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&value[i..i + 2], 16).unwrap())
-                .collect();
+            let bytes = unhex(value);
             assert_eq!(bytes[0], 1, "{kind} is a format-1 value");
             let read = Registration::decode_value(b"G", &bytes).unwrap();
             assert!(read.requests.is_empty(), "{kind}");
