@@ -805,7 +805,8 @@ pub async fn audit(target: &Target<'_>) -> Result<(), String> {
 }
 
 /// Writes a backup file: bytes go to `<to>.partial`, which is synced, verified (checksum,
-/// every frame) and only then renamed to `to`. An existing `to` is never overwritten.
+/// every frame) and only then renamed to `to`. A `to` that exists when it starts is never
+/// overwritten (one made while it runs would be: the rename replaces it).
 fn write_backup_file(
     to: &Path,
     trust: Trust<'_>,

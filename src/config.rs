@@ -709,6 +709,7 @@ impl ConfigFile {
             backup_key: None, // read by `prenota serve`
             proxy_protocol_from,
             health_checks_from,
+            offline: false,
         })
     }
 
@@ -954,6 +955,11 @@ pub struct Config {
     pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// `[server] health_checks_from`: health checks from these have a budget apart.
     pub health_checks_from: Vec<ipnet::IpNet>,
+    /// Set by the commands that open a stopped store to copy or check it (`backup
+    /// --data-dir`, `restore`, `migrate`): they record nothing of this configuration in
+    /// it. A store without a recorded id scheme keeps none until a server starts on it
+    /// (such a command may run without the server's `--config`).
+    pub offline: bool,
 }
 
 impl Config {

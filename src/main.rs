@@ -521,14 +521,15 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     })
 }
 
-/// The configuration of a command that opens a data dir itself (limits only).
-/// The configuration of a command that opens a data dir, with its backup key.
+/// The configuration of a command that opens a stopped data dir (backup, restore): its
+/// limits and id scheme, with the backup key.
 fn offline_config(
     path: Option<&std::path::Path>,
     backup_key: Option<&std::path::Path>,
 ) -> Result<prenota::config::Config, String> {
     let mut config = checked(&read_config(path)?)?;
     config.backup_key = read_backup_key(backup_key)?;
+    config.offline = true;
     Ok(config)
 }
 
@@ -545,6 +546,7 @@ fn migrate(args: &MigrateArgs) -> Result<(), String> {
     let mut config = checked(&file)?;
     config.store = prenota::config::StoreBackend::Sled;
     config.citizen_hash_key = read_hash_key(file.citizens.hash_key_file.as_deref())?;
+    config.offline = true;
     prenota::cli::migrate_from_sled(&args.from_sled, &args.to, &config)
 }
 

@@ -88,9 +88,11 @@ impl Cutoffs {
     }
 
     /// A booking's record is kept while its slot is (the slot's end if the slot exists,
-    /// else the end the booking was made for).
+    /// else the end the booking was made for), and while a request it answered is
+    /// remembered: a cancel made after its slot ended is answered again when retried.
     pub fn keeps_booking(&self, booking: &Booking, slot_end_unix_s: Option<i64>) -> bool {
         self.keeps_slot(slot_end_unix_s.unwrap_or(booking.end_unix_s))
+            || booking_requests(booking).any(|(_, at_unix_ms)| self.keeps_request(at_unix_ms))
     }
 }
 

@@ -277,7 +277,10 @@ impl Engine {
         let engine = Arc::clone(self);
         let (campaign, now) = (entry.campaign(), self.now_unix_ms());
         tokio::task::spawn_blocking(move || {
-            for item in engine.store.registrations_of(&entry.campaign_id) {
+            let stored = engine.store.registrations_of(&entry.campaign_id);
+            // An earlier campaign's of this id (left by a late write) is not this one's.
+            let of_this = stored.filter(|item| !item.as_ref().is_ok_and(|r| entry.is_earlier(r)));
+            for item in of_this {
                 let item = item
                     .map(|registration| engine.view_at(&campaign, now, registration))
                     .map_err(ServiceError::from);
@@ -886,17 +889,17 @@ impl Engine {
         for registration in self.store.registrations() {
             let registration = registration?;
             let Some(entry) = self.campaigns.get(&registration.campaign_id) else {
-                // Retention deleted its campaign as it was written: deleted in turn.
-                // Without retention no campaign is ever deleted: the store is damaged.
-                if self.limits.records_retained_days == 0 {
-                    return Err(ServiceError::Recovery(format!(
-                        "a registration of unknown campaign {}",
-                        registration.campaign_id
-                    )));
+                // Left by retention deleting its campaign (a pass cut short, or a write
+                // as it went): not loaded; the next pass deletes it.
+                if self.campaigns.orphan(&registration.campaign_id) {
+                    let id = &registration.campaign_id;
+                    tracing::warn!(campaign = %id, "registrations of a deleted campaign: retention deletes them");
                 }
-                self.campaigns.orphan(&registration.campaign_id);
                 continue;
             };
+            if entry.is_earlier(&registration) {
+                continue; // an earlier campaign's of this id: deleted with this one
+            }
             self.check_registration(&entry, &registration)?;
             for (request, at_unix_ms) in &registration.requests {
                 restore_request(*request, registration.registration_id, *at_unix_ms);
@@ -908,40 +911,54 @@ impl Engine {
         Ok(())
     }
 
-    /// Retention: each campaign that ended before the records' cut-off and holds no
-    /// live offer (those stand until they expire), with its registrations, and the
-    /// registrations of campaigns recovery found gone. Memory forgets a campaign first
-    /// (no gate, no matching, no registration found from then on), then
-    /// `delete_leftovers`. Returns (campaigns, registrations) deleted.
+    /// Retention: each campaign that ended before the records' cut-off, holds no live
+    /// offer (those stand until they expire) and answered no request still remembered
+    /// (a retried WithdrawRegistration finds its answer), with its registrations; and
+    /// the registrations of campaigns already gone. Returns (campaigns, registrations)
+    /// deleted.
     pub(super) async fn delete_campaigns(
         &self,
         cutoffs: &crate::domain::retention::Cutoffs,
     ) -> Result<(u64, u64), ServiceError> {
         let (mut campaigns, mut registrations) = (0, 0);
-        for id in self.campaigns.take_orphaned() {
-            registrations += self.delete_leftovers(&id).await?;
-        }
         for entry in self.campaigns.all() {
             let ends_at = entry.campaign().ends_at_unix_ms;
-            if cutoffs.keeps_campaign(ends_at) || self.campaigns.has_offers(&entry) {
+            if cutoffs.keeps_campaign(ends_at)
+                || self.campaigns.has_offers(&entry)
+                || entry.answered_since(cutoffs.requests_before_unix_ms)
+            {
                 continue;
             }
-            let id = &entry.campaign_id;
-            {
-                let _authority = self.authority_writes.lock().await;
-                self.campaigns.remove(id);
-            }
-            registrations += self.delete_leftovers(id).await?;
-            tracing::info!(campaign = %id, "retention deleted an ended campaign");
+            self.forget_campaign(&entry.campaign_id).await?;
+            tracing::info!(campaign = %entry.campaign_id, "retention deleted an ended campaign");
             campaigns += 1;
+        }
+        while let Some(id) = self.campaigns.next_orphaned() {
+            registrations += self.delete_leftovers(&id).await?;
         }
         Ok((campaigns, registrations))
     }
 
-    /// Deletes the registrations, then the record, of campaign `id`, which memory no
-    /// longer has: `retention_batch_records` per commit, each under the authority lock
-    /// (taken per batch: other authority writes go on between). Stops if a campaign of
-    /// that id is made meanwhile: making it deleted what was left.
+    /// Deletes campaign `id`'s record and forgets it in memory (no gate, no matching,
+    /// no registration found from then on), under the authority lock; its
+    /// registrations are left to `delete_leftovers`. The record goes first: a pass cut
+    /// short after it (a full write queue, a kill) leaves registrations of no campaign,
+    /// which a start accepts and the next pass deletes, whatever was written to them
+    /// meanwhile (a cancel of a booking one of them holds no longer updates it).
+    async fn forget_campaign(&self, id: &CampaignId) -> Result<(), ServiceError> {
+        let _authority = self.authority_writes.lock().await;
+        let key = crate::store::records::campaign_key(id);
+        self.store.commit(&[Write::Delete(key)]).await?;
+        self.campaigns.remove(id);
+        self.campaigns.orphan(id);
+        Ok(())
+    }
+
+    /// Deletes the registrations of campaign `id`, whose record is gone:
+    /// `retention_batch_records` per commit, each under the authority lock (taken per
+    /// batch: other authority writes go on between). Stops if a campaign of that id is
+    /// made meanwhile: making it deleted what was left. Cut short by a failed commit,
+    /// `id` is left for the next pass.
     async fn delete_leftovers(&self, id: &CampaignId) -> Result<u64, ServiceError> {
         let mut deleted = 0;
         loop {
@@ -951,12 +968,13 @@ impl Engine {
             }
             let batch = self.registration_batch(id)?;
             if batch.is_empty() {
-                let key = crate::store::records::campaign_key(id);
-                self.store.commit(&[Write::Delete(key)]).await?;
                 return Ok(deleted);
             }
+            if let Err(error) = self.store.commit(&batch).await {
+                self.campaigns.orphan(id);
+                return Err(error.into());
+            }
             deleted += batch.len() as u64;
-            self.store.commit(&batch).await?;
         }
     }
 

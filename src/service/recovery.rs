@@ -201,17 +201,22 @@ fn event_log_id(store: &Store) -> Result<String, ServiceError> {
 
 /// Refuses a store whose citizen ids were read under another `[citizens] id_scheme`:
 /// the same citizen would hash differently, find none of its bookings and could book
-/// again. A store without the record (new, or older than it) takes the configured one.
+/// again. A store without the record (new, or older than it) takes the configured one
+/// when a server opens it (an offline command's may be a default it was not told).
 fn check_id_scheme(config: &Config, store: &Store) -> Result<(), ServiceError> {
     let configured = config.citizen_id_scheme.name();
+    let fix = match config.offline {
+        true => "Give this command the server's configuration (--config)",
+        false => "Set id_scheme back; another scheme needs a new data dir",
+    };
     match store.id_scheme()? {
+        None if config.offline => Ok(()),
         None => Ok(store.put_id_scheme(configured)?),
         Some(stored) if stored == configured.as_bytes() => Ok(()),
         Some(stored) => Err(ServiceError::Recovery(format!(
             "the store in {} was written with [citizens] id_scheme = {:?}, the \
              configuration says {configured:?}: its citizens would no longer find their \
-             bookings and could book again. Set id_scheme back; another scheme needs a \
-             new data dir",
+             bookings and could book again. {fix}",
             store.data_dir().display(),
             String::from_utf8_lossy(&stored)
         ))),

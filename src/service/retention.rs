@@ -11,9 +11,10 @@
 //! slot itself (recovery refuses a booking of an unknown slot), and a confirmed
 //! booking's citizen entry is claimed before its record is deleted and released after,
 //! like a cancel, so no cancel can write it back in between. An ended release's tickets go
-//! before the release (`service::releases`), an ended campaign's registrations before the
-//! campaign (`service::campaigns`; one written meanwhile is found by the next recovery
-//! and deleted then).
+//! before the release (`service::releases`). An ended campaign's record goes first, and
+//! memory forgets it at once (`service::campaigns`): its registrations are then of no campaign, which
+//! recovery leaves unchecked and the next pass deletes, so a pass cut short or a write to
+//! one meanwhile leaves a store that starts.
 
 use std::collections::HashSet;
 
@@ -260,6 +261,7 @@ impl Engine {
         let mut doomed = Vec::new();
         for (key, booking) in batch {
             if cutoffs.keeps_booking(&booking, self.slot_end(&booking.slot)) {
+                pinned.insert(booking.slot); // its slot too, if only for its requests
                 continue;
             }
             // A confirmed booking's entry is claimed like a cancel's, so no cancel
@@ -288,12 +290,16 @@ impl Engine {
         let (citizen, id) = (booking.citizen, booking.booking_id);
         if booking.is_confirmed() {
             match deleted {
-                true => self.free_entry_and_place((citizen, &booking.channel), &booking.slot, id),
+                true => {
+                    // A place of a slot long ended: nothing for the campaigns' matcher.
+                    self.citizens.release(citizen, &booking.slot.service_id, id);
+                    self.return_place_to_counter(&booking.slot, &booking.channel);
+                }
                 false => self.citizens.unclaim(citizen, id),
             }
         } else if booking.holds_place() && deleted {
             // Attended or no-show: its place, no entry.
-            self.return_place(&booking.slot, &booking.channel);
+            self.return_place_to_counter(&booking.slot, &booking.channel);
         }
         if deleted {
             for (request, _) in retention::booking_requests(booking) {
@@ -371,12 +377,25 @@ impl Engine {
             let Some(batch) = self.next_batch::<AuthorityRequest>(prefix, &mut cursor)? else {
                 return Ok(deleted);
             };
-            let keys = batch
-                .into_iter()
-                .filter(|(_, request)| !cutoffs.keeps_request(self.answered_at(request)))
-                .map(|(key, _)| key)
-                .collect();
-            deleted += self.delete_keys(keys).await?;
+            let mut writes = Vec::new();
+            for (key, request) in batch {
+                let at_unix_ms = self.answered_at(&request);
+                if !cutoffs.keeps_request(at_unix_ms) {
+                    writes.push(Write::Delete(key));
+                    deleted += 1;
+                } else if request.at_unix_ms == 0 {
+                    // Kept with the time it counts from, so a later start does not
+                    // move it on again (it would never go on a node restarted often).
+                    let dated = AuthorityRequest {
+                        at_unix_ms,
+                        ..request
+                    };
+                    writes.push(Write::AuthorityRequest(dated));
+                }
+            }
+            if !writes.is_empty() {
+                self.store.commit(&writes).await?;
+            }
         }
     }
 

@@ -9,7 +9,8 @@
 //! store is exactly the store as of one moment between two group commits, which is after
 //! every write acknowledged before the backup began.
 //!
-//! File format (version 3): the magic `PRENOTA-BACKUP\0\x03`, then frames of a 4-byte
+//! File format (version 4, laid out as version 3): the magic `PRENOTA-BACKUP\0\x04`
+//! (`\x03` for version 3), then frames of a 4-byte
 //! little-endian length and a postcard-encoded [`Frame`]: one `SealedHeader`, any number
 //! of `Records` (the scan) and `Changes` (the teed batches), and a `SealedEnd` carrying
 //! the record count and an HMAC-SHA256 of every byte before it, keyed by the backup key
@@ -32,8 +33,12 @@ use crate::store::committer::Tee;
 use crate::store::records::Change;
 use crate::store::{Store, StoreError};
 
-/// Version 3: authenticated and sealed with a backup key. Written by this build.
-pub const MAGIC: &[u8; 16] = b"PRENOTA-BACKUP\x00\x03";
+/// Version 4: version 3's layout, of a store whose records a version-3 reader (the
+/// builds of 2026-12-01 and 02) would misread rather than refuse (holds kept in time
+/// order, events in runs): that reader refuses this magic. Written by this build.
+pub const MAGIC: &[u8; 16] = b"PRENOTA-BACKUP\x00\x04";
+/// Version 3: authenticated and sealed with a backup key; read as version 4.
+const MAGIC_V3: &[u8; 16] = b"PRENOTA-BACKUP\x00\x03";
 /// Version 2: may hold `Changes` frames (removals); a plain checksum.
 const MAGIC_V2: &[u8; 16] = b"PRENOTA-BACKUP\x00\x02";
 /// Version 1: `Records` frames only; a plain checksum.
@@ -135,7 +140,7 @@ struct Writer<W: Write> {
 }
 
 impl<W: Write> Writer<W> {
-    /// A version 3 file authenticated with `key`.
+    /// A version 4 file authenticated with `key`.
     fn new(out: W, key: &BackupKey) -> std::io::Result<Self> {
         Self::with_magic(out, MAGIC, Integrity::Mac(key.mac()))
     }
@@ -317,7 +322,7 @@ impl<R: Read> Reader<R> {
         input
             .read_exact(&mut magic)
             .map_err(|e| format!("not a prenota backup (reading its header: {e})"))?;
-        let sealed = &magic == MAGIC;
+        let sealed = &magic == MAGIC || &magic == MAGIC_V3;
         let mut integrity = if sealed {
             trust.key.map(|key| Integrity::Mac(key.mac()))
         } else if &magic == MAGIC_V2 || &magic == MAGIC_V1 {
@@ -527,11 +532,41 @@ mod tests {
         Writer::new(&mut current, &key).unwrap().finish().unwrap();
         assert!(current.starts_with(MAGIC));
         let mut other = current.clone();
-        other[15] = 4;
+        other[15] = 5;
         assert!(
             Reader::new(other.as_slice(), TRUSTED).is_err(),
             "a newer version is refused"
         );
+    }
+
+    /// A version-3 file (the same layout under the older magic) still reads, checked
+    /// with its backup key.
+    #[test]
+    fn version_3_backups_read_with_their_key() {
+        let key = backup_key();
+        let mut bytes = Vec::new();
+        let mut writer =
+            Writer::with_magic(&mut bytes, MAGIC_V3, Integrity::Mac(key.mac())).unwrap();
+        let (nonce, sealed_citizen_hash_key) = key.seal(&[7; 32]);
+        writer
+            .frame(&Frame::SealedHeader {
+                created_at_unix_ms: 1,
+                backup_key_id: key.id(),
+                nonce,
+                sealed_citizen_hash_key,
+            })
+            .unwrap();
+        writer
+            .frame(&Frame::Records(vec![(b"Sx".to_vec(), b"v".to_vec())]))
+            .unwrap();
+        writer.finish().unwrap();
+        assert!(bytes.starts_with(MAGIC_V3));
+        let mut reader = Reader::new(bytes.as_slice(), keyed(&key)).unwrap();
+        let mut changes = Vec::new();
+        while let Some(frame) = reader.next_frame().unwrap() {
+            changes.extend(frame.into_changes().unwrap_or_default());
+        }
+        assert_eq!(changes, vec![(b"Sx".to_vec(), Some(b"v".to_vec()))]);
     }
 
     /// A version 3 file with a plain header (a key in clear, readable without the

@@ -137,9 +137,16 @@ fn unset_session_timeouts(client: &mut Client) -> Result<(), postgres::Error> {
 
 /// Brings the schema up to date (once, under a lock, if several nodes start together).
 /// Refuses a schema from a newer prenota.
-pub fn migrate(client: &mut Client) -> Result<(), StoreError> {
+fn migrate(client: &mut Client) -> Result<(), StoreError> {
     let error = pg_error("migrating the schema");
     let mut tx = client.transaction().map_err(&error)?;
+    migrate_in(&mut tx)?;
+    tx.commit().map_err(&error)
+}
+
+/// `migrate` inside `tx`: the steps are made (and kept) only if `tx` commits.
+fn migrate_in(tx: &mut postgres::Transaction<'_>) -> Result<(), StoreError> {
+    let error = pg_error("migrating the schema");
     tx.execute(
         "SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))",
         &[&MIGRATION_LOCK_CLASS],
@@ -147,7 +154,7 @@ pub fn migrate(client: &mut Client) -> Result<(), StoreError> {
     .map_err(&error)?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS prenota_schema (version int NOT NULL)")
         .map_err(&error)?;
-    let version = known_schema_version(&mut tx).map_err(&error)??;
+    let version = known_schema_version(tx).map_err(&error)??;
     for (step, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.batch_execute(sql).map_err(&error)?;
         tx.execute(
@@ -157,7 +164,13 @@ pub fn migrate(client: &mut Client) -> Result<(), StoreError> {
         .map_err(&error)?;
         tracing::info!(version = step + 1, "PostgreSQL schema migrated");
     }
-    tx.commit().map_err(&error)
+    Ok(())
+}
+
+/// Whether the store's tables were made (by a first node or `prenota migrate`).
+fn has_records_table(client: &mut Client) -> Result<bool, postgres::Error> {
+    let row = client.query_one("SELECT to_regclass('prenota_kv') IS NOT NULL", &[])?;
+    Ok(row.get(0))
 }
 
 /// This node's name in `pg_stat_activity`: unique per process.
@@ -207,7 +220,7 @@ pub struct Lease {
 impl Lease {
     /// Blocks until this node holds the lease (`standby.waiting` set while another node
     /// does), or until `standby.give_up` (`StoreError::Closed`). Migrates the schema
-    /// first. Lost connections are retried: a standby outlives a PostgreSQL restart.
+    /// first, once the store is known to be this node's. Lost connections are retried: a standby outlives a PostgreSQL restart.
     /// A store written with another citizen hash key than the one `identity.key_check`
     /// names, or under another id scheme, is refused at once, before standing by, and
     /// while standing by (the active node may write them after this node started): a
@@ -224,14 +237,9 @@ impl Lease {
         let mut connected = false;
         while !standby.giving_up() {
             let attempt = match session.as_mut() {
-                None => match open_session(&settings.url, &node) {
-                    Ok(mut client) if !connected => {
-                        identity.refuse_another(&mut client)?;
-                        session = Some(client);
-                        connected = true;
-                        Ok(())
-                    }
+                None => match open_session(&settings.url, &node, identity) {
                     Ok(client) => {
+                        connected = true;
                         session = Some(client);
                         Ok(())
                     }
@@ -390,12 +398,16 @@ impl StoreIdentity {
     /// Refuses (`Misconfigured`) a store that recorded another key or id scheme.
     fn refuse_another(&self, session: &mut Client) -> Result<(), StoreError> {
         let keys: [&[u8]; 2] = [KEY_CHECK_KEY, ID_SCHEME_KEY];
+        let error = pg_error("reading the key check and id scheme");
+        if !has_records_table(session).map_err(&error)? {
+            return Ok(()); // a new store: the first node writes them
+        }
         let rows = session
             .query(
                 "SELECT k, v FROM prenota_kv WHERE k = ANY($1)",
                 &[&&keys[..]],
             )
-            .map_err(pg_error("reading the key check and id scheme"))?;
+            .map_err(&error)?;
         for row in rows {
             let (key, stored): (Vec<u8>, Vec<u8>) = (row.get(0), row.get(1));
             if key == KEY_CHECK_KEY && stored != self.key_check {
@@ -438,9 +450,13 @@ fn known_schema_version(
     })
 }
 
-/// A session for the lease, with the schema brought up to date.
-fn open_session(url: &str, node: &str) -> Result<Client, StoreError> {
+/// A session for the lease, with the schema brought up to date once the store is
+/// known to be this node's (`identity`): a node refused for another key file or id
+/// scheme changes nothing, not even the schema (an older standby could no longer
+/// take over a store migrated past it).
+fn open_session(url: &str, node: &str, identity: &StoreIdentity) -> Result<Client, StoreError> {
     let mut session = connect(url, node)?;
+    identity.refuse_another(&mut session)?;
     migrate(&mut session)?;
     // A takeover waits this long at most for a commit in flight (which holds the
     // epoch row); then it lets go of the lock and tries again.
@@ -636,8 +652,9 @@ pub fn load(client: &mut Client, local: &sled::Db) -> Result<u64, StoreError> {
 }
 
 /// Copies `records` (a stopped sled store's, every one) into the empty PostgreSQL store
-/// at `url`, in one transaction: all or nothing. Holds the lease's lock meanwhile, and
-/// refuses a store a node holds or one that has records. `progress(copied)` after
+/// at `url`, in one transaction with the schema's migration: all or nothing (a refused
+/// or failed copy leaves even the schema as it was). Holds the lease's lock meanwhile,
+/// and refuses a store a node holds or one that has records. `progress(copied)` after
 /// each chunk.
 pub fn copy_into(
     records: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>>,
@@ -645,7 +662,7 @@ pub fn copy_into(
     mut progress: impl FnMut(u64),
 ) -> Result<u64, StoreError> {
     let node = node_name();
-    let mut session = open_session(url, &node)?;
+    let mut session = connect(url, &node)?;
     let error = pg_error("copying the records");
     let locked: bool = session
         .query_one(
@@ -659,10 +676,13 @@ pub fn copy_into(
             "a prenota node holds the lease on this PostgreSQL store: stop every node first".into(),
         ));
     }
-    let present: i64 = session
-        .query_one("SELECT count(*) FROM prenota_kv", &[])
-        .map_err(&error)?
-        .get(0);
+    let present: i64 = match has_records_table(&mut session).map_err(&error)? {
+        true => session
+            .query_one("SELECT count(*) FROM prenota_kv", &[])
+            .map_err(&error)?
+            .get(0),
+        false => 0,
+    };
     if present > 0 {
         return Err(StoreError::Io(format!(
             "the PostgreSQL store already holds {present} records: migrate into an empty \
@@ -671,6 +691,7 @@ pub fn copy_into(
     }
     pin_synchronous_commit(&mut session).map_err(&error)?;
     let mut tx = session.transaction().map_err(&error)?;
+    migrate_in(&mut tx)?;
     let insert = tx
         .prepare("INSERT INTO prenota_kv (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[])")
         .map_err(&error)?;

@@ -663,10 +663,13 @@ async fn migrate_moves_a_sled_data_dir_into_postgres_whole() {
     let said = String::from_utf8_lossy(&output.stderr).to_string();
     assert!(output.status.success(), "{said}");
     assert!(said.contains("records copied and committed"), "{said}");
-    // Into a store that has records: refused, nothing changed.
+    // Into a store that has records: refused, nothing changed, not even the schema of
+    // a store an older prenota made (here: its last version row taken away).
+    roll_schema_back(&url);
     let again = migrate(&url);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds"));
+    assert_eq!(schema_version(&url), SCHEMA_ROLLED_BACK);
 
     // The nodes hash citizens with the data dir's key.
     let key = sled_dir.join("citizen-hash.key");
@@ -698,11 +701,14 @@ async fn migrate_moves_a_sled_data_dir_into_postgres_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_another_hash_key_is_refused_before_it_stands_by() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(config) = shared_config(dir.path()) else {
+    let Some((config, url)) = shared_config_and_url(dir.path()) else {
         return;
     };
     let mut active = node(dir.path(), &config, "a");
     active.wait_serving();
+    // As if an older prenota ran the store: the refused nodes below must not migrate
+    // it (its standbys could no longer take over).
+    roll_schema_back(&url);
     let other_key = dir.path().join("other.key");
     std::fs::write(&other_key, [7u8; 32]).unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -731,7 +737,25 @@ async fn a_node_with_another_hash_key_is_refused_before_it_stands_by() {
     let said = refused_start(scheme_config.with_extension("data"), scheme_config).await;
     assert!(said.contains("id_scheme = \"opaque\""), "{said}");
     assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(schema_version(&url), SCHEMA_ROLLED_BACK);
     drop(active);
+}
+
+/// The schema version `roll_schema_back` leaves: the one before this build's.
+const SCHEMA_ROLLED_BACK: i64 = 4;
+
+/// Takes the store's last schema version row away, as if an older prenota had made it.
+fn roll_schema_back(url: &str) {
+    let gone = "WITH v AS (DELETE FROM prenota_schema WHERE version > 4 RETURNING 1) \
+                SELECT count(*) FROM v";
+    assert_eq!(common::postgres::query_i64(url, gone), 1);
+    assert_eq!(schema_version(url), SCHEMA_ROLLED_BACK);
+}
+
+/// The store's schema version.
+fn schema_version(url: &str) -> i64 {
+    let version = "SELECT coalesce(max(version), 0)::bigint FROM prenota_schema";
+    common::postgres::query_i64(url, version)
 }
 
 /// A standby checks the store's key and id scheme at each look at the lease, not only

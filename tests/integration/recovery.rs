@@ -503,3 +503,27 @@ async fn a_store_opened_under_another_citizen_id_scheme_refuses_to_start() {
     assert!(said.contains("\"it-fiscal-code\""), "{said}");
     assert!(open(dir.path()).is_ok(), "opened as written");
 }
+
+/// An offline command (backup --data-dir, restore, migrate) run without the server's
+/// configuration on a store that records no id scheme (older than the record) records
+/// none: the server's own scheme (here `it-fiscal-code`) is recorded by its first start,
+/// not refused as another.
+#[tokio::test]
+async fn an_offline_command_records_no_id_scheme() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 2, vec![booking(1, 1)]).await;
+    let offline = Config {
+        offline: true,
+        ..Config::default()
+    };
+    drop(Engine::open(dir.path(), &offline, Clock::system()).expect("opened offline"));
+    let fiscal = Config {
+        citizen_id_scheme: prenota::domain::citizen_id::IdScheme::ItFiscalCode,
+        ..Config::default()
+    };
+    drop(Engine::open(dir.path(), &fiscal, Clock::system()).expect("the server's scheme"));
+    let refused = Engine::open(dir.path(), &offline, Clock::system()).err();
+    let said = refused.expect("the recorded scheme is kept").to_string();
+    assert!(said.contains("id_scheme = \"it-fiscal-code\""), "{said}");
+    assert!(said.contains("(--config)"), "{said}");
+}

@@ -308,3 +308,79 @@ async fn records_of_long_ended_slots_are_deleted_and_the_store_still_recovers() 
     book_ok(&mut client, book_request(&slots[0].slot_id, "alice", "a2")).await;
     server.stop().await;
 }
+
+/// A booking cancelled after its slot ended more than `records_retained_days` ago (a
+/// cancel has no deadline) is kept while the cancel's request is remembered: its retry
+/// is answered as the cancel was, not BOOKING_NOT_FOUND. Once the request is forgotten,
+/// the booking and its slot go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_booking_is_kept_while_its_cancel_is_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "late-site", 5).await;
+    let mut client = server.booking().await;
+    let booked = book_ok(&mut client, book_request(&slot, "carol", "c1")).await;
+    // The slot is 30 days ahead: 431 days from now it ended 401 days ago.
+    clock.advance(431 * DAY);
+    let cancel = proto::CancelBookingRequest {
+        booking_id: booked.booking_id.clone(),
+        citizen_id: "carol".into(),
+        request_id: "c-cancel".into(),
+    };
+    let cancelled = client
+        .cancel_booking(cancel.clone())
+        .await
+        .expect("a cancel after the slot ended")
+        .into_inner();
+    let retained = server.retain().await;
+    assert_eq!((retained.bookings, retained.slots), (0, 0), "{retained:?}");
+    let again = client
+        .cancel_booking(cancel.clone())
+        .await
+        .expect("a retried cancel is answered")
+        .into_inner();
+    assert_eq!(again, cancelled);
+    // request_records_retained_hours (72) later the request is forgotten: both go.
+    clock.advance(73 * HOUR);
+    let retained = server.retain().await;
+    assert_eq!((retained.bookings, retained.slots), (1, 1), "{retained:?}");
+    server.stop().await;
+}
+
+/// An authority request stored before requests had a time (format 1, read with time 0)
+/// counts as answered at the first start that keeps it, and keeps that time: a later
+/// start does not move it on, so it goes one window after that first start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undated_authority_request_goes_one_window_after_the_first_start() {
+    use prenota::store::records::{AuthorityOutcome, AuthorityRequest, Write};
+    if common::postgres::asked() {
+        return; // a record put into sled by hand
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let start = || TestServer::start_with_clock(dir.path(), by_hand(), clock.clone());
+    start().await.stop().await;
+    let mut store = Store::open(dir.path(), &Config::default().limits).expect("store opens");
+    let undated = AuthorityRequest {
+        key: prenota::domain::ids::RequestKey([9; 16]),
+        fingerprint: prenota::domain::ids::RequestFingerprint([1; 16]),
+        outcome: AuthorityOutcome::CapacitySet,
+        at_unix_ms: 0,
+    };
+    let write = Write::AuthorityRequest(undated);
+    store.commit(&[write]).await.expect("stored");
+    store.shutdown().expect("a clean shutdown");
+    drop(store);
+
+    let server = start().await;
+    assert_eq!(server.retain().await.authority_requests, 0);
+    server.stop().await;
+    clock.advance(71 * HOUR);
+    let server = start().await;
+    assert_eq!(server.retain().await.authority_requests, 0);
+    clock.advance(2 * HOUR);
+    let retained = server.retain().await;
+    assert_eq!(retained.authority_requests, 1, "72 h after the first start");
+    server.stop().await;
+}

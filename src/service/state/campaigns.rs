@@ -16,6 +16,10 @@ use crate::domain::ids::{BookingId, CampaignId, CitizenKey, RegionId, ServiceId,
 /// it was told of (a release's slots opening at release_at).
 pub(in crate::service) const MATCH_AT_LEAST_EVERY_MS: i64 = 10_000;
 
+/// How much earlier than a campaign's creation a registration of an earlier campaign
+/// of its id was made, at least (`CampaignEntry::is_earlier`).
+const EARLIER_BY_MS: i64 = 86_400_000;
+
 /// One campaign in memory.
 #[derive(Debug)]
 pub struct CampaignEntry {
@@ -95,6 +99,25 @@ impl CampaignEntry {
     /// Whether it has ended at `now_unix_ms` (`Campaign::has_ended`, without the lock).
     pub(in crate::service) fn has_ended(&self, now_unix_ms: i64) -> bool {
         now_unix_ms >= self.ends_at_unix_ms.load(Ordering::Acquire)
+    }
+
+    /// Whether `registration` is an earlier campaign's of this id (retention deleted
+    /// that one, and a write to it landed as this one was made): registered more than
+    /// a day before this one was created. An earlier campaign ended, and took no more
+    /// registrations, at least `records_retained_days` (1 or more) before its deletion,
+    /// which came before this creation; this campaign's own registrations are never
+    /// older than it.
+    pub(in crate::service) fn is_earlier(&self, registration: &Registration) -> bool {
+        let created_at = self.lock().campaign.created_at_unix_ms;
+        created_at > 0 && registration.registered_at_unix_ms < created_at - EARLIER_BY_MS
+    }
+
+    /// Whether a registration answered a request at or after `since_unix_ms` (its
+    /// record is still remembered: a retry must find it).
+    pub(in crate::service) fn answered_since(&self, since_unix_ms: i64) -> bool {
+        let state = self.lock();
+        let mut times = state.registrations.all().flat_map(|r| &r.requests);
+        times.any(|(_, at_unix_ms)| *at_unix_ms >= since_unix_ms)
     }
 
     /// Whether the matcher should look now (and, if so, notes that it does).
@@ -212,20 +235,22 @@ impl Campaigns {
         (holders.offers.values()).any(|(holder, _)| Arc::ptr_eq(holder, entry))
     }
 
-    /// Notes that recovery found registrations of campaign `id` but no campaign.
-    pub(in crate::service) fn orphan(&self, id: &CampaignId) {
+    /// Notes that campaign `id` has no record (retention deleted it) but may still have
+    /// registrations stored: retention deletes them. Whether it was not noted yet.
+    pub(in crate::service) fn orphan(&self, id: &CampaignId) -> bool {
         let mut orphaned = self.orphaned.lock().unwrap_or_else(|p| p.into_inner());
-        if !orphaned.contains(id) {
-            tracing::warn!(campaign = %id, "registrations of a deleted campaign: deleting them");
+        let new = !orphaned.contains(id);
+        if new {
             orphaned.push(id.clone());
         }
+        new
     }
 
-    /// The campaigns `orphan` noted, forgotten here (retention deletes their
-    /// registrations; a failed deletion is found again by the next recovery).
-    pub(in crate::service) fn take_orphaned(&self) -> Vec<CampaignId> {
+    /// One campaign `orphan` noted, forgotten here (retention then deletes its
+    /// registrations, or notes it again).
+    pub(in crate::service) fn next_orphaned(&self) -> Option<CampaignId> {
         let mut orphaned = self.orphaned.lock().unwrap_or_else(|p| p.into_inner());
-        std::mem::take(&mut *orphaned)
+        orphaned.pop()
     }
 
     /// Forgets the campaign `id` (retention deleted it): no gate, no matching, and its
@@ -314,9 +339,14 @@ impl Campaigns {
     /// The write of `registration` is durable: memory takes it.
     pub fn settle(&self, registration: Registration) {
         let Some(entry) = self.get(&registration.campaign_id) else {
-            tracing::error!(campaign = %registration.campaign_id, "a registration of no campaign");
+            // Written as retention deleted its campaign: deleted in turn.
+            tracing::debug!(campaign = %registration.campaign_id, "a registration of no campaign");
             return;
         };
+        if entry.is_earlier(&registration) {
+            tracing::debug!(campaign = %registration.campaign_id, "an earlier campaign's registration");
+            return;
+        }
         let citizen = registration.citizen;
         let mut state = entry.lock();
         let previous = state.registrations.get(&citizen).map(|r| r.state.clone());
