@@ -88,11 +88,23 @@ impl Cutoffs {
     }
 
     /// A booking's record is kept while its slot is (the slot's end if the slot exists,
-    /// else the end the booking was made for), and while a request it answered is
-    /// remembered: a cancel made after its slot ended is answered again when retried.
+    /// else the end the booking was made for), and while the request that cancelled it
+    /// is remembered for a while (`keeps_answer_to`): a cancel made after its slot
+    /// ended is answered again when retried.
     pub fn keeps_booking(&self, booking: &Booking, slot_end_unix_s: Option<i64>) -> bool {
+        let cancel_at = booking_requests(booking)
+            .nth(1)
+            .map(|(_, at_unix_ms)| at_unix_ms);
         self.keeps_slot(slot_end_unix_s.unwrap_or(booking.end_unix_s))
-            || booking_requests(booking).any(|(_, at_unix_ms)| self.keeps_request(at_unix_ms))
+            || cancel_at.is_some_and(|at_unix_ms| self.keeps_answer_to(at_unix_ms))
+    }
+
+    /// Whether a record that answered a request made at `at_unix_ms` must outlive its
+    /// own window for the request's retry: while the request is remembered, if requests
+    /// are forgotten at all (with `request_records_retained_hours = 0` they never are,
+    /// and the records' own window decides).
+    pub fn keeps_answer_to(&self, at_unix_ms: i64) -> bool {
+        self.requests_before_unix_ms != i64::MIN && self.keeps_request(at_unix_ms)
     }
 }
 
@@ -163,6 +175,16 @@ mod tests {
         assert!(!cutoffs.keeps_campaign(Some(ended * 1_000 - 1_000)));
         assert!(cutoffs.keeps_campaign(None));
         assert!(Cutoffs::at(NOW_MS, (0, 0, 0)).keeps_campaign(Some(i64::MIN + 1)));
+    }
+
+    /// An answer outlives its record's window only while requests are forgotten at
+    /// all: with `request_records_retained_hours = 0` (kept for good) nothing would go.
+    #[test]
+    fn an_answer_is_kept_for_a_retry_only_while_requests_are_forgotten() {
+        let recent = NOW_MS - HOUR_MS;
+        assert!(Cutoffs::at(NOW_MS, (72, 400, 168)).keeps_answer_to(recent));
+        assert!(!Cutoffs::at(NOW_MS, (72, 400, 168)).keeps_answer_to(NOW_MS - 73 * HOUR_MS));
+        assert!(!Cutoffs::at(NOW_MS, (0, 400, 168)).keeps_answer_to(recent));
     }
 
     #[test]

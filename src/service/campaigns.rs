@@ -40,6 +40,7 @@ use crate::domain::ids::{
 };
 use crate::domain::plans::{self, SlotView};
 use crate::domain::release::Gate;
+use crate::domain::retention::Cutoffs;
 use crate::service::actor::Actor;
 use crate::service::engine::{Attempt, BookingView, Engine, LANDING_POLL};
 use crate::service::error::ServiceError;
@@ -277,10 +278,7 @@ impl Engine {
         let engine = Arc::clone(self);
         let (campaign, now) = (entry.campaign(), self.now_unix_ms());
         tokio::task::spawn_blocking(move || {
-            let stored = engine.store.registrations_of(&entry.campaign_id);
-            // An earlier campaign's of this id (left by a late write) is not this one's.
-            let of_this = stored.filter(|item| !item.as_ref().is_ok_and(|r| entry.is_earlier(r)));
-            for item in of_this {
+            for item in engine.store.registrations_of(&entry.campaign_id) {
                 let item = item
                     .map(|registration| engine.view_at(&campaign, now, registration))
                     .map_err(ServiceError::from);
@@ -889,17 +887,9 @@ impl Engine {
         for registration in self.store.registrations() {
             let registration = registration?;
             let Some(entry) = self.campaigns.get(&registration.campaign_id) else {
-                // Left by retention deleting its campaign (a pass cut short, or a write
-                // as it went): not loaded; the next pass deletes it.
-                if self.campaigns.orphan(&registration.campaign_id) {
-                    let id = &registration.campaign_id;
-                    tracing::warn!(campaign = %id, "registrations of a deleted campaign: retention deletes them");
-                }
+                self.orphaned_at_start(&registration.campaign_id);
                 continue;
             };
-            if entry.is_earlier(&registration) {
-                continue; // an earlier campaign's of this id: deleted with this one
-            }
             self.check_registration(&entry, &registration)?;
             for (request, at_unix_ms) in &registration.requests {
                 restore_request(*request, registration.registration_id, *at_unix_ms);
@@ -911,27 +901,33 @@ impl Engine {
         Ok(())
     }
 
+    /// Registrations of campaign `id`, which has no record, found at start-up: left by
+    /// retention deleting it (a pass cut short, or a write as it went), not loaded; the
+    /// next pass deletes them. With retention off no campaign is deleted: the store
+    /// lost the record, and they are kept for a person to look at.
+    fn orphaned_at_start(&self, id: &CampaignId) {
+        if self.limits.records_retained_days == 0 {
+            tracing::warn!(campaign = %id, "registrations of a campaign the store does not have (kept, not loaded)");
+        } else if self.campaigns.orphan(id) {
+            tracing::warn!(campaign = %id, "registrations of a deleted campaign: retention deletes them");
+        }
+    }
+
     /// Retention: each campaign that ended before the records' cut-off, holds no live
-    /// offer (those stand until they expire) and answered no request still remembered
-    /// (a retried WithdrawRegistration finds its answer), with its registrations; and
-    /// the registrations of campaigns already gone. Returns (campaigns, registrations)
-    /// deleted.
+    /// offer (those stand until they expire) and answered no request retention must
+    /// still answer (a retried WithdrawRegistration finds its answer), with its
+    /// registrations; and the registrations of campaigns already gone. Returns
+    /// (campaigns, registrations) deleted.
     pub(super) async fn delete_campaigns(
         &self,
-        cutoffs: &crate::domain::retention::Cutoffs,
+        cutoffs: &Cutoffs,
     ) -> Result<(u64, u64), ServiceError> {
         let (mut campaigns, mut registrations) = (0, 0);
         for entry in self.campaigns.all() {
-            let ends_at = entry.campaign().ends_at_unix_ms;
-            if cutoffs.keeps_campaign(ends_at)
-                || self.campaigns.has_offers(&entry)
-                || entry.answered_since(cutoffs.requests_before_unix_ms)
-            {
-                continue;
+            if self.forget_campaign(&entry, cutoffs).await? {
+                tracing::info!(campaign = %entry.campaign_id, "retention deleted an ended campaign");
+                campaigns += 1;
             }
-            self.forget_campaign(&entry.campaign_id).await?;
-            tracing::info!(campaign = %entry.campaign_id, "retention deleted an ended campaign");
-            campaigns += 1;
         }
         while let Some(id) = self.campaigns.next_orphaned() {
             registrations += self.delete_leftovers(&id).await?;
@@ -939,19 +935,35 @@ impl Engine {
         Ok((campaigns, registrations))
     }
 
-    /// Deletes campaign `id`'s record and forgets it in memory (no gate, no matching,
-    /// no registration found from then on), under the authority lock; its
-    /// registrations are left to `delete_leftovers`. The record goes first: a pass cut
-    /// short after it (a full write queue, a kill) leaves registrations of no campaign,
-    /// which a start accepts and the next pass deletes, whatever was written to them
-    /// meanwhile (a cancel of a booking one of them holds no longer updates it).
-    async fn forget_campaign(&self, id: &CampaignId) -> Result<(), ServiceError> {
+    /// Whether retention may delete `entry` now (see `delete_campaigns`).
+    fn is_done_with(&self, entry: &Arc<CampaignEntry>, cutoffs: &Cutoffs) -> bool {
+        !cutoffs.keeps_campaign(entry.campaign().ends_at_unix_ms)
+            && !self.campaigns.has_offers(entry)
+            && !entry.answers_kept(cutoffs)
+    }
+
+    /// Deletes campaign `entry`'s record and forgets it in memory (no gate, no
+    /// matching, no registration found from then on), under the authority lock, if
+    /// retention is done with it (checked under the lock); its registrations are left
+    /// to `delete_leftovers`. The record goes first: a pass cut short after it (a full
+    /// write queue, a kill) leaves registrations of no campaign, which a start accepts
+    /// and the next pass deletes, whatever was written to them meanwhile (a cancel of a
+    /// booking one of them holds no longer updates it).
+    async fn forget_campaign(
+        &self,
+        entry: &Arc<CampaignEntry>,
+        cutoffs: &Cutoffs,
+    ) -> Result<bool, ServiceError> {
         let _authority = self.authority_writes.lock().await;
+        if !self.is_done_with(entry, cutoffs) {
+            return Ok(false);
+        }
+        let id = &entry.campaign_id;
         let key = crate::store::records::campaign_key(id);
         self.store.commit(&[Write::Delete(key)]).await?;
         self.campaigns.remove(id);
         self.campaigns.orphan(id);
-        Ok(())
+        Ok(true)
     }
 
     /// Deletes the registrations of campaign `id`, whose record is gone:
@@ -966,16 +978,22 @@ impl Engine {
             if self.campaigns.get(id).is_some() {
                 return Ok(deleted);
             }
-            let batch = self.registration_batch(id)?;
-            if batch.is_empty() {
-                return Ok(deleted);
-            }
+            let batch = match self.registration_batch(id) {
+                Ok(batch) if batch.is_empty() => return Ok(deleted),
+                Ok(batch) => batch,
+                Err(error) => return Err(self.left_for_next_pass(id, error)),
+            };
             if let Err(error) = self.store.commit(&batch).await {
-                self.campaigns.orphan(id);
-                return Err(error.into());
+                return Err(self.left_for_next_pass(id, error.into()));
             }
             deleted += batch.len() as u64;
         }
+    }
+
+    /// `delete_leftovers` of `id` failed with `error`: the next pass goes on.
+    fn left_for_next_pass(&self, id: &CampaignId, error: ServiceError) -> ServiceError {
+        self.campaigns.orphan(id);
+        error
     }
 
     /// Deletes every stored registration of campaign `id`, `retention_batch_records`

@@ -167,10 +167,12 @@ fn migrate_in(tx: &mut postgres::Transaction<'_>) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Whether the store's tables were made (by a first node or `prenota migrate`).
+/// Whether the store's tables were made (by a first node or `prenota migrate`) in the
+/// schema `migrate` makes them in (`current_schema()`, not any later one of the
+/// `search_path`).
 fn has_records_table(client: &mut Client) -> Result<bool, postgres::Error> {
-    let row = client.query_one("SELECT to_regclass('prenota_kv') IS NOT NULL", &[])?;
-    Ok(row.get(0))
+    let made = "SELECT to_regclass(quote_ident(current_schema()) || '.prenota_kv') IS NOT NULL";
+    Ok(client.query_one(made, &[])?.get(0))
 }
 
 /// This node's name in `pg_stat_activity`: unique per process.

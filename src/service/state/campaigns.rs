@@ -11,14 +11,11 @@ use crate::domain::campaign::{
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::hold::HoldId;
 use crate::domain::ids::{BookingId, CampaignId, CitizenKey, RegionId, ServiceId, SlotKey};
+use crate::domain::retention::Cutoffs;
 
 /// The matcher looks at a campaign at least this often, even when nothing changed that
 /// it was told of (a release's slots opening at release_at).
 pub(in crate::service) const MATCH_AT_LEAST_EVERY_MS: i64 = 10_000;
-
-/// How much earlier than a campaign's creation a registration of an earlier campaign
-/// of its id was made, at least (`CampaignEntry::is_earlier`).
-const EARLIER_BY_MS: i64 = 86_400_000;
 
 /// One campaign in memory.
 #[derive(Debug)]
@@ -101,23 +98,12 @@ impl CampaignEntry {
         now_unix_ms >= self.ends_at_unix_ms.load(Ordering::Acquire)
     }
 
-    /// Whether `registration` is an earlier campaign's of this id (retention deleted
-    /// that one, and a write to it landed as this one was made): registered more than
-    /// a day before this one was created. An earlier campaign ended, and took no more
-    /// registrations, at least `records_retained_days` (1 or more) before its deletion,
-    /// which came before this creation; this campaign's own registrations are never
-    /// older than it.
-    pub(in crate::service) fn is_earlier(&self, registration: &Registration) -> bool {
-        let created_at = self.lock().campaign.created_at_unix_ms;
-        created_at > 0 && registration.registered_at_unix_ms < created_at - EARLIER_BY_MS
-    }
-
-    /// Whether a registration answered a request at or after `since_unix_ms` (its
-    /// record is still remembered: a retry must find it).
-    pub(in crate::service) fn answered_since(&self, since_unix_ms: i64) -> bool {
+    /// Whether a registration answered a request retention must still answer
+    /// (`Cutoffs::keeps_answer_to`: a retry must find it).
+    pub(in crate::service) fn answers_kept(&self, cutoffs: &Cutoffs) -> bool {
         let state = self.lock();
         let mut times = state.registrations.all().flat_map(|r| &r.requests);
-        times.any(|(_, at_unix_ms)| *at_unix_ms >= since_unix_ms)
+        times.any(|(_, at_unix_ms)| cutoffs.keeps_answer_to(*at_unix_ms))
     }
 
     /// Whether the matcher should look now (and, if so, notes that it does).
@@ -343,10 +329,6 @@ impl Campaigns {
             tracing::debug!(campaign = %registration.campaign_id, "a registration of no campaign");
             return;
         };
-        if entry.is_earlier(&registration) {
-            tracing::debug!(campaign = %registration.campaign_id, "an earlier campaign's registration");
-            return;
-        }
         let citizen = registration.citizen;
         let mut state = entry.lock();
         let previous = state.registrations.get(&citizen).map(|r| r.state.clone());
