@@ -142,8 +142,9 @@ pub struct Campaigns {
     pub(in crate::service) returned_since: AtomicU64,
     /// Registrations by what they hold: an offer's hold, a booking.
     pub(in crate::service) holders: Mutex<Holders>,
-    /// Campaigns recovery found registrations of but no record (a registration
-    /// written as retention deleted its campaign): retention deletes them.
+    /// Campaigns whose record retention deleted, or recovery found registrations of
+    /// but no record (a pass cut short, a write as it went): retention deletes their
+    /// registrations.
     pub(in crate::service) orphaned: Mutex<Vec<CampaignId>>,
 }
 
