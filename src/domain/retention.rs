@@ -92,11 +92,9 @@ impl Cutoffs {
     /// is remembered for a while (`keeps_answer_to`): a cancel made after its slot
     /// ended is answered again when retried.
     pub fn keeps_booking(&self, booking: &Booking, slot_end_unix_s: Option<i64>) -> bool {
-        let cancel_at = booking_requests(booking)
-            .nth(1)
-            .map(|(_, at_unix_ms)| at_unix_ms);
         self.keeps_slot(slot_end_unix_s.unwrap_or(booking.end_unix_s))
-            || cancel_at.is_some_and(|at_unix_ms| self.keeps_answer_to(at_unix_ms))
+            || cancel_request(booking)
+                .is_some_and(|(_, at_unix_ms)| self.keeps_answer_to(at_unix_ms))
     }
 
     /// Whether a record that answered a request made at `at_unix_ms` must outlive its
@@ -113,15 +111,19 @@ impl Cutoffs {
 pub fn booking_requests(
     booking: &Booking,
 ) -> impl Iterator<Item = (crate::domain::booking::RequestRecord, i64)> {
-    let cancel = match &booking.state {
+    std::iter::once((booking.request, booking.created_at_unix_ms)).chain(cancel_request(booking))
+}
+
+/// The request that cancelled a booking, with its time, if a request did.
+fn cancel_request(booking: &Booking) -> Option<(crate::domain::booking::RequestRecord, i64)> {
+    match &booking.state {
         BookingState::Cancelled {
             at_unix_ms,
             request: Some(request),
             ..
         } => Some((*request, *at_unix_ms)),
         _ => None,
-    };
-    std::iter::once((booking.request, booking.created_at_unix_ms)).chain(cancel)
+    }
 }
 
 #[cfg(test)]

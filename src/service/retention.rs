@@ -12,9 +12,9 @@
 //! booking's citizen entry is claimed before its record is deleted and released after,
 //! like a cancel, so no cancel can write it back in between. An ended release's tickets go
 //! before the release (`service::releases`). An ended campaign's record goes first, and
-//! memory forgets it at once (`service::campaigns`): its registrations are then of no campaign, which
-//! recovery leaves unchecked and the next pass deletes, so a pass cut short or a write to
-//! one meanwhile leaves a store that starts.
+//! memory forgets it at once (`service::campaigns`): its registrations are then of no
+//! campaign, which recovery leaves unchecked and the next pass deletes, so a pass cut
+//! short or a write to one meanwhile leaves a store that starts.
 
 use std::collections::HashSet;
 
@@ -396,6 +396,7 @@ impl Engine {
             if !writes.is_empty() {
                 self.store.commit(&writes).await?;
             }
+            tokio::task::yield_now().await; // as `delete_keys` does between batches
         }
     }
 

@@ -495,6 +495,16 @@ mod tests {
         BackupKey::from_secret(&[5; 32])
     }
 
+    /// Every change a whole, valid backup file holds, in order.
+    fn changes_read(bytes: &[u8], trust: Trust<'_>) -> Vec<Change> {
+        let mut reader = Reader::new(bytes, trust).unwrap();
+        let mut changes = Vec::new();
+        while let Some(frame) = reader.next_frame().unwrap() {
+            changes.extend(frame.into_changes().unwrap_or_default());
+        }
+        changes
+    }
+
     fn keyed(key: &BackupKey) -> Trust<'_> {
         Trust {
             key: Some(key),
@@ -521,12 +531,10 @@ mod tests {
         writer.finish().unwrap();
         let key = backup_key();
         assert!(Reader::new(bytes.as_slice(), keyed(&key)).is_err());
-        let mut reader = Reader::new(bytes.as_slice(), TRUSTED).unwrap();
-        let mut changes = Vec::new();
-        while let Some(frame) = reader.next_frame().unwrap() {
-            changes.extend(frame.into_changes().unwrap_or_default());
-        }
-        assert_eq!(changes, vec![(b"Sx".to_vec(), Some(b"v".to_vec()))]);
+        assert_eq!(
+            changes_read(&bytes, TRUSTED),
+            vec![(b"Sx".to_vec(), Some(b"v".to_vec()))]
+        );
 
         let mut current = Vec::new();
         Writer::new(&mut current, &key).unwrap().finish().unwrap();
@@ -561,11 +569,7 @@ mod tests {
             .unwrap();
         writer.finish().unwrap();
         assert!(bytes.starts_with(MAGIC_V3));
-        let mut reader = Reader::new(bytes.as_slice(), keyed(&key)).unwrap();
-        let mut changes = Vec::new();
-        while let Some(frame) = reader.next_frame().unwrap() {
-            changes.extend(frame.into_changes().unwrap_or_default());
-        }
+        let changes = changes_read(&bytes, keyed(&key));
         assert_eq!(changes, vec![(b"Sx".to_vec(), Some(b"v".to_vec()))]);
     }
 

@@ -222,7 +222,8 @@ pub struct Lease {
 impl Lease {
     /// Blocks until this node holds the lease (`standby.waiting` set while another node
     /// does), or until `standby.give_up` (`StoreError::Closed`). Migrates the schema
-    /// first, once the store is known to be this node's. Lost connections are retried: a standby outlives a PostgreSQL restart.
+    /// first, once the store is known to be this node's. Lost connections are retried:
+    /// a standby outlives a PostgreSQL restart.
     /// A store written with another citizen hash key than the one `identity.key_check`
     /// names, or under another id scheme, is refused at once, before standing by, and
     /// while standing by (the active node may write them after this node started): a
