@@ -326,8 +326,10 @@ impl Campaigns {
     /// The write of `registration` is durable: memory takes it.
     pub fn settle(&self, registration: Registration) {
         let Some(entry) = self.get(&registration.campaign_id) else {
-            // Written as retention deleted its campaign: deleted in turn.
+            // Written as retention deleted its campaign (after it looked for the
+            // campaign's registrations, maybe): the next pass deletes it.
             tracing::debug!(campaign = %registration.campaign_id, "a registration of no campaign");
+            self.orphan(&registration.campaign_id);
             return;
         };
         let citizen = registration.citizen;
@@ -383,4 +385,32 @@ pub(in crate::service) fn monotonic_ns() -> u64 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let epoch = EPOCH.get_or_init(std::time::Instant::now);
     epoch.elapsed().as_nanos() as u64 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::campaign::Preferences;
+
+    #[test]
+    fn a_registration_written_after_its_campaign_was_forgotten_is_left_to_retention() {
+        let campaigns = Campaigns::default();
+        let id = CampaignId::parse("f", "gone", 64).unwrap();
+        assert_eq!(campaigns.next_orphaned(), None);
+        campaigns.settle(Registration {
+            registration_id: BookingId(1),
+            campaign_id: id.clone(),
+            citizen: CitizenKey([1; 16]),
+            birth_year: None,
+            groups: Vec::new(),
+            preferences: Preferences::default(),
+            registered_at_unix_ms: 0,
+            arrival: 0,
+            declines: 0,
+            state: RegistrationState::Withdrawn { at_unix_ms: 1 },
+            requests: Vec::new(),
+        });
+        assert_eq!(campaigns.next_orphaned(), Some(id));
+        assert_eq!(campaigns.next_orphaned(), None);
+    }
 }
