@@ -358,11 +358,14 @@ async fn send_rows(
 }
 
 /// The rows of capacity file `file` and their releases, or every error found (up to
-/// `import_errors_reported_max`) as one message.
+/// `import_errors_reported_max`) as one message. The limits are the defaults with the
+/// `PRENOTA_LIMITS_*` overrides, as a server given the same environment has them.
 fn read_capacity_file(
     file: &Path,
 ) -> Result<(Vec<proto::CapacityRow>, Vec<capacity_file::RowRelease>), String> {
-    let limits = Limits::default();
+    let mut config = crate::config::ConfigFile::default();
+    config.apply_env(std::env::vars())?;
+    let limits = config.limits;
     let opened =
         std::fs::File::open(file).map_err(|e| format!("cannot open {}: {e}", file.display()))?;
     let parsed = capacity_file::parse(

@@ -704,10 +704,11 @@ impl Limits {
         );
         need(
             l.records_retained_days == 0
-                || u64::from(l.records_retained_days) * 24
-                    >= u64::from(l.request_records_retained_hours),
+                || (l.request_records_retained_hours != 0
+                    && u64::from(l.records_retained_days) * 24
+                        >= u64::from(l.request_records_retained_hours)),
             "records_retained_days must cover request_records_retained_hours (a retried \
-             request must find its record)",
+             request must find its record; 0, kept for good, needs records_retained_days 0)",
         );
         need(
             l.store_gc_interval_ms >= 10,
@@ -801,7 +802,91 @@ impl Limits {
             "health_receiving_bytes_max must be at least 32 × (probe_message_size_bytes_max + \
              65536)",
         );
+        Self::edge_problems(l, &mut need);
         problems
+    }
+
+    /// The upper bounds (and the floors below which a protection is silently off):
+    /// past them a value panics (a semaphore, sled's cache, a buffer reserved whole) or
+    /// defeats what its key is for (a timeout of a day). One flat list again: long, but
+    /// read at a glance.
+    fn edge_problems(l: &Limits, need: &mut impl FnMut(bool, &str)) {
+        need(
+            (1..=4 * 1024 * 1024).contains(&l.backup_changes_buffered_max),
+            "backup_changes_buffered_max must be between 1 and 4194304 (reserved whole by \
+             each backup)",
+        );
+        need(
+            (10..=1_000).contains(&l.hold_sweep_interval_ms),
+            "hold_sweep_interval_ms must be between 10 and 1000 (an expired hold's place comes \
+             back within it)",
+        );
+        need(
+            (1..=86_400).contains(&l.check_in_lock_seconds),
+            "check_in_lock_seconds must be between 1 and 86400 (0 would never lock a \
+             reference against guessed codes)",
+        );
+        need(
+            (1..=1_024).contains(&l.pending_reset_streams_max),
+            "pending_reset_streams_max must be between 1 and 1024 (0 ends a connection at its \
+             first cancelled call; more lets rapid resets through)",
+        );
+        need(
+            l.store_cache_bytes >= 1024 * 1024,
+            "store_cache_bytes must be at least 1048576",
+        );
+        need(
+            (7..=1_000).contains(&l.opening_hours_per_schedule_max),
+            "opening_hours_per_schedule_max must be between 7 (one interval a weekday) and 1000",
+        );
+        need(
+            l.open_data_anonymous_requests_per_s >= 1,
+            "open_data_anonymous_requests_per_s must be at least 1",
+        );
+        need(
+            l.search_range_days_max <= 3_660,
+            "search_range_days_max must be at most 3660 (ten years)",
+        );
+        let counts = [
+            l.in_flight_requests_max,
+            l.reflection_streams_max,
+            l.health_watches_max,
+            l.commit_queue_depth,
+            l.export_channel_depth,
+        ];
+        need(
+            counts.iter().all(|&count| count <= 1 << 32),
+            "in_flight_requests_max, reflection_streams_max, health_watches_max, \
+             commit_queue_depth and export_channel_depth must be at most 4294967296",
+        );
+        let timeouts = [
+            l.request_timeout_ms,
+            l.export_idle_timeout_ms,
+            l.metrics_connection_timeout_ms,
+            l.connection_opening_timeout_ms,
+            l.tls_handshake_timeout_ms,
+            l.keepalive_timeout_ms,
+            l.close_settle_wait_ms,
+            l.rate_limiter_retain_interval_ms,
+            l.watch_coalesce_ms,
+            l.store_gc_interval_ms,
+        ];
+        need(
+            timeouts.iter().all(|&ms| ms <= 3_600_000),
+            "request_timeout_ms, export_idle_timeout_ms, metrics_connection_timeout_ms, \
+             connection_opening_timeout_ms, tls_handshake_timeout_ms, keepalive_timeout_ms, \
+             close_settle_wait_ms, rate_limiter_retain_interval_ms, watch_coalesce_ms and \
+             store_gc_interval_ms must be at most 3600000 (an hour)",
+        );
+        need(
+            l.retention_interval_ms <= 86_400_000 && l.connection_age_grace_ms >= 1_000,
+            "retention_interval_ms must be at most 86400000 (a day), connection_age_grace_ms \
+             at least 1000",
+        );
+        need(
+            l.citizen_assertion_lifetime_seconds_max <= 86_400,
+            "citizen_assertion_lifetime_seconds_max must be at most 86400 (a day)",
+        );
     }
 }
 
@@ -835,5 +920,61 @@ mod tests {
             );
         }
         assert!(Limits::default().problems().is_empty());
+    }
+
+    /// Values `config check` accepted that panicked (a semaphore past tokio's permits,
+    /// sled's cache under 256 bytes, a backup's buffer reserved whole) or silently
+    /// switched a protection off.
+    #[test]
+    fn limits_at_the_edges_are_refused() {
+        type Edge = (&'static str, fn(&mut Limits));
+        let edges: [Edge; 13] = [
+            ("backup_changes_buffered_max", |l| {
+                l.backup_changes_buffered_max = 100_000_000
+            }),
+            ("hold_sweep_interval_ms", |l| {
+                l.hold_sweep_interval_ms = 3_600_000
+            }),
+            ("check_in_lock_seconds", |l| l.check_in_lock_seconds = 0),
+            ("pending_reset_streams_max", |l| {
+                l.pending_reset_streams_max = 0
+            }),
+            ("store_cache_bytes", |l| l.store_cache_bytes = 255),
+            ("opening_hours_per_schedule_max", |l| {
+                l.opening_hours_per_schedule_max = 0
+            }),
+            ("open_data_anonymous_requests_per_s", |l| {
+                l.open_data_anonymous_requests_per_s = 0
+            }),
+            ("search_range_days_max", |l| {
+                l.search_range_days_max = 100_000_000
+            }),
+            ("commit_queue_depth", |l| l.commit_queue_depth = 1 << 62),
+            ("export_idle_timeout_ms", |l| {
+                l.export_idle_timeout_ms = u64::MAX / 2
+            }),
+            ("connection_age_grace_ms", |l| l.connection_age_grace_ms = 0),
+            ("citizen_assertion_lifetime_seconds_max", |l| {
+                l.citizen_assertion_lifetime_seconds_max = u32::MAX
+            }),
+            ("request_records_retained_hours", |l| {
+                l.request_records_retained_hours = 0
+            }),
+        ];
+        for (name, set) in edges {
+            let mut limits = Limits::default();
+            set(&mut limits);
+            let problems = limits.problems();
+            assert!(
+                problems.iter().any(|p| p.contains(name)),
+                "{name} not refused: {problems:?}"
+            );
+        }
+        let kept_for_good = Limits {
+            request_records_retained_hours: 0,
+            records_retained_days: 0,
+            ..Limits::default()
+        };
+        assert!(kept_for_good.problems().is_empty());
     }
 }

@@ -72,7 +72,9 @@ pub fn fit_connections(
     // One peer keeps the share of the places it had (0 stays off), so one host still
     // cannot take every connection.
     let per_peer = limits.connections_per_peer_max as u64;
-    let shared = (per_peer * room / wanted).max(1).min(per_peer) as usize;
+    // In u128: a per-peer cap set near u64::MAX (meaning "no cap") must not wrap.
+    let scaled = u128::from(per_peer) * u128::from(room) / u128::from(wanted);
+    let shared = (scaled as u64).max(1).min(per_peer) as usize;
     limits.connections_per_peer_max = shared;
     Ok(Some(format!(
         "connections_max lowered from {wanted} to {room} (connections_per_peer_max from \
@@ -104,6 +106,13 @@ mod tests {
         };
         fit_connections(&mut off, Some(1_024), true).unwrap();
         assert_eq!(off.connections_per_peer_max, 0, "off stays off");
+        // A cap set near the top (meaning none) is scaled without wrapping.
+        let mut huge = Limits {
+            connections_per_peer_max: 1 << 62,
+            ..Limits::default()
+        };
+        fit_connections(&mut huge, Some(1_024), true).unwrap();
+        assert!(huge.connections_per_peer_max >= huge.connections_max);
         let refused = fit_connections(&mut limits, Some(300), true).unwrap_err();
         assert!(refused.contains("at least 336"), "{refused}");
         // Without a metrics port, its descriptors are not kept.

@@ -914,7 +914,9 @@ fn day_range(
 ) -> Result<(NaiveDate, NaiveDate), FieldViolation> {
     let first = day_or("first_day", first, today)?;
     let default_days = u64::from(limits.search_range_days_default.max(1) - 1);
-    let last = day_or("last_day", last, first + chrono::Days::new(default_days))?;
+    let default_last = (first.checked_add_days(chrono::Days::new(default_days)))
+        .ok_or_else(|| FieldViolation::new("first_day", "is too far ahead"))?;
+    let last = day_or("last_day", last, default_last)?;
     let days = (last - first).num_days() + 1;
     if days < 1 {
         return Err(FieldViolation::new(
