@@ -224,8 +224,10 @@ struct BackupArgs {
     /// it, the backup is taken through the running server given by --server.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Limits for opening --data-dir (its cache size).
-    #[arg(long, requires = "data_dir")]
+    /// The server's configuration, for --data-dir: its id scheme, `[citizens]
+    /// hash_key_file` (else the data dir's key file is used) and limits. Not read with
+    /// --server.
+    #[arg(long, env = "PRENOTA_CONFIG")]
     config: Option<PathBuf>,
     /// The backup key file: seals and authenticates a --data-dir backup; with
     /// --server, checks the received file's MAC too.
@@ -247,8 +249,9 @@ struct RestoreArgs {
     /// The data dir to create; it must not exist or be empty.
     #[arg(long)]
     data_dir: PathBuf,
-    /// Limits for the check that runs on the restored store.
-    #[arg(long)]
+    /// The configuration the restored store will be served with: its id scheme,
+    /// `[citizens] hash_key_file` and limits, checked on the restored store.
+    #[arg(long, env = "PRENOTA_CONFIG")]
     config: Option<PathBuf>,
     /// The backup key file the backup was made with.
     #[arg(
@@ -522,12 +525,14 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 }
 
 /// The configuration of a command that opens a stopped data dir (backup, restore): its
-/// limits and id scheme, with the backup key.
+/// limits, id scheme and hash key, with the backup key.
 fn offline_config(
     path: Option<&std::path::Path>,
     backup_key: Option<&std::path::Path>,
 ) -> Result<prenota::config::Config, String> {
-    let mut config = checked(&read_config(path)?)?;
+    let file = read_config(path)?;
+    let mut config = checked(&file)?;
+    config.citizen_hash_key = read_hash_key(file.citizens.hash_key_file.as_deref())?;
     config.backup_key = read_backup_key(backup_key)?;
     config.offline = true;
     Ok(config)

@@ -149,8 +149,14 @@ pub fn restore(
     }
     let restored = build(path, &staging, &key, config, trust).and_then(|()| {
         if data_dir.exists() {
-            std::fs::remove_dir(data_dir)
-                .map_err(|e| format!("removing the empty {}: {e}", data_dir.display()))?;
+            std::fs::remove_dir(data_dir).map_err(|e| match e.kind() {
+                std::io::ErrorKind::DirectoryNotEmpty => format!(
+                    "{} is no longer empty (did a server start on it meanwhile?): \
+                         nothing was restored into it",
+                    data_dir.display()
+                ),
+                _ => format!("removing the empty {}: {e}", data_dir.display()),
+            })?;
         }
         crate::store::rename_durably(&staging, data_dir).map_err(|e| {
             format!(

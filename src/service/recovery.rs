@@ -41,7 +41,8 @@ use crate::telemetry;
 /// Said when a citizen has more active entries than `max_active_per_citizen`: the
 /// store was valid under the value it was written with.
 const LOWERED: &str = "; if max_active_per_citizen was lowered since, start with the \
-                       value these were made under until they end";
+                       value these were made under until they end (an offline command: \
+                       give it the server's configuration, --config)";
 
 impl Engine {
     /// Opens the store in `data_dir` and rebuilds memory from it, checking invariants.

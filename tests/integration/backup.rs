@@ -482,3 +482,114 @@ async fn a_server_without_a_backup_key_makes_no_backups() {
     );
     server.stop().await;
 }
+
+/// A server given its hash key by `[citizens] hash_key_file` keeps none in its data dir:
+/// an offline backup reads the key from `--config` (it was refused, "no
+/// citizen-hash.key"), a restore checks the configured key against the backup's (a
+/// restore with another key passed and the server then refused the store), and both
+/// read `PRENOTA_CONFIG` as `serve` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_a_hash_key_file_is_backed_up_and_restored_with_its_config() {
+    if common::postgres::sled_only(
+        "a_server_with_a_hash_key_file_is_backed_up_and_restored_with_its_config",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config_with = |name: &str, key: [u8; 32]| {
+        let key_path = dir.path().join(format!("{name}.key"));
+        std::fs::write(&key_path, key).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = dir.path().join(format!("{name}.toml"));
+        let text = format!("[citizens]\nhash_key_file = \"{}\"\n", key_path.display());
+        std::fs::write(&config, text).unwrap();
+        config
+    };
+    let (own, other) = (config_with("own", [3; 32]), config_with("other", [4; 32]));
+    let live = dir.path().join("live");
+    let server = TestServer::start_with(
+        &live,
+        prenota::config::Config {
+            citizen_hash_key: Some([3; 32]),
+            ..keyed_config()
+        },
+    )
+    .await;
+    let slots = site_with_slots(&server, "keyed-site").await;
+    let mut client = server.booking().await;
+    for (n, slot) in slots.iter().take(3).enumerate() {
+        book_ok(
+            &mut client,
+            book_request(slot, &format!("k{n}"), &format!("kr{n}")),
+        )
+        .await;
+    }
+    let original = export_all(server.channel().await).await;
+    server.stop().await;
+    assert!(!live.join("citizen-hash.key").exists());
+
+    let file = dir.path().join("keyed.backup");
+    let output = prenota(&[
+        "backup",
+        "--data-dir",
+        path(&live),
+        "--config",
+        path(&own),
+        "--to",
+        path(&file),
+    ]);
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{said}");
+    let target = dir.path().join("other-key");
+    let output = prenota(&[
+        "restore",
+        "--from",
+        path(&file),
+        "--data-dir",
+        path(&target),
+        "--config",
+        path(&other),
+    ]);
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && said.contains("hash_key_file"),
+        "{said}"
+    );
+    assert!(!target.exists());
+
+    let restored_dir = dir.path().join("restored");
+    let output = Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args([
+            "restore",
+            "--from",
+            path(&file),
+            "--data-dir",
+            path(&restored_dir),
+        ])
+        .env("RUST_LOG", "warn")
+        .env("PRENOTA_BACKUP_KEY_FILE", backup_key_file())
+        .env("PRENOTA_CONFIG", &own)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let restored = TestServer::start_with(
+        &restored_dir,
+        prenota::config::Config {
+            citizen_hash_key: Some([3; 32]),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut exported = export_all(restored.channel().await).await;
+    let mut original = original;
+    exported.sort_by(|a, b| a.booking_id.cmp(&b.booking_id));
+    original.sort_by(|a, b| a.booking_id.cmp(&b.booking_id));
+    assert_eq!(exported.len(), 3);
+    assert_eq!(exported, original);
+    restored.stop().await;
+}
