@@ -842,7 +842,7 @@ fn write_backup_file(
         })
         .and_then(|()| crate::service::backup::verify_backup(&partial, trust))
         .and_then(|(_, records)| {
-            crate::store::rename_durably(&partial, to)
+            crate::store::files::rename_durably(&partial, to)
                 .map_err(|e| format!("renaming {}: {e}", partial.display()))?;
             Ok(records)
         });

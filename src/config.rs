@@ -1,5 +1,5 @@
-//! Every limit and tunable of prenota in one place, with units in the names, and the
-//! `prenota.toml` file that sets them (with the access tokens).
+//! The `prenota.toml` file: the limits it sets (`limits.rs`, re-exported here), the
+//! access tokens, the other sections, and flag precedence.
 //!
 //! Must not import tonic or sled: each layer reads the numbers it needs from here.
 //! [`schedule_bounds`] gives `domain::schedule`, which knows no config, its bounds.

@@ -1,4 +1,5 @@
-//! The `prenota` binary: parses flags and hands over to [`prenota::server`].
+//! The `prenota` binary: parses flags and dispatches: `serve` to [`prenota::server`],
+//! the other commands to `cli`, `cli_call` and `dev_assertion`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

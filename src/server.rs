@@ -7,7 +7,8 @@
 //! SERVING. Tests use two steps instead: [`Server::open`] recovers, [`Server::serve`]
 //! serves. Both answer until `shutdown` resolves, then drain in-flight requests and let
 //! the committer make queued writes durable. Every request passes the observe layer
-//! (RED metrics, request logs); background tasks sweep holds, retain rate limiters and
+//! (RED metrics, request logs); background tasks sweep holds, fan availability out to
+//! watchers, step releases and campaigns, run retention, retain rate limiters and
 //! refresh the gauges.
 
 use std::future::Future;

@@ -1,8 +1,10 @@
 //! What retention forgets, and when: pure rules over stored records and the time now.
 //!
-//! Two windows (PRODUCT.md A): records of finished requests are kept
-//! `request_records_retained_hours`, and everything about a slot (its bookings, holds,
-//! the slot itself) until `records_retained_days` after it ended. 0 keeps for good.
+//! Three windows (PRODUCT.md A): records of finished requests are kept
+//! `request_records_retained_hours`, everything about a slot (its bookings, holds, the
+//! slot itself) until `records_retained_days` after it ended, and events
+//! `events_retained_hours`. 0 keeps for good. A finished hold goes at whichever of its
+//! request's and its slot's windows passes first.
 
 use crate::domain::booking::{Booking, BookingState};
 use crate::domain::hold::{Hold, HoldState};
@@ -10,7 +12,7 @@ use crate::domain::hold::{Hold, HoldState};
 const MS_PER_HOUR: i64 = 3_600_000;
 const S_PER_DAY: i64 = 86_400;
 
-/// The two retention windows as cut-off times, fixed for one pass.
+/// The three retention windows as cut-off times, fixed for one pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cutoffs {
     /// Request records made before this are forgotten (`i64::MIN`: none are).

@@ -1,4 +1,4 @@
-//! Proto ↔ domain conversions and request validation. Proto types stop here.
+//! Proto ↔ domain conversions and request validation (proto types stop in `grpc`).
 //!
 //! Every `*_from_proto` collects all field violations of a request before refusing it.
 

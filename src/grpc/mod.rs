@@ -1,5 +1,5 @@
 //! The gRPC edge: tonic handlers, proto ↔ domain conversions, and the one
-//! error → `Status` mapping. The only layer that sees proto types.
+//! error → `Status` mapping. Proto types stop here (and at `server` and the clients).
 
 pub mod assertion;
 pub mod auth;

@@ -158,7 +158,7 @@ pub fn restore(
                 _ => format!("removing the empty {}: {e}", data_dir.display()),
             })?;
         }
-        crate::store::rename_durably(&staging, data_dir).map_err(|e| {
+        crate::store::files::rename_durably(&staging, data_dir).map_err(|e| {
             format!(
                 "renaming {} to {}: {e}",
                 staging.display(),

@@ -1,6 +1,6 @@
 //! The engine: the state every command works on (catalog, citizen index, live holds,
 //! request registry, store, clock) and the steps commands share. The commands themselves
-//! are in `bookings`, `holds` and `capacity`; opening (recovery) is in `recovery`.
+//! are in the feature modules (see `service`); opening (recovery) is in `recovery`.
 //!
 //! Must not import tonic. Reads the clock here and passes `now` into the domain.
 //!
@@ -392,7 +392,7 @@ impl Engine {
         self.exports.admit(token, kind)
     }
 
-    /// A feed for an export's stream (`export_channel_depth` items buffered, the idle
+    /// A feed for an export's stream (`depth` items buffered, the idle
     /// timeout of the limits).
     pub fn export_feed<T: Send + 'static>(
         &self,

@@ -1,6 +1,6 @@
 //! Fair release: authorities announce openings (`CreateRelease`), citizens join a queued
 //! release's waiting room (`JoinQueue`) and read their ticket (`GetQueueTicket`), and
-//! the admission step (run by the server every `release_tick_ms`) draws, admits in rank
+//! the admission step (run by the server every `release_step_interval_ms`) draws, admits in rank
 //! order within the free places, and declares a queued release sold out. The rules are
 //! in `domain::release`; the releases in memory are `service::state::releases`; this
 //! file changes them and writes them.

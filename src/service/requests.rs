@@ -1,7 +1,7 @@
 //! Idempotency: a `request_id` maps to the first outcome of its request.
 //!
 //! Successful mutations are remembered for `request_records_retained_hours` (rebuilt
-//! from stored bookings and holds at start-up, then pruned by retention). A request still in flight makes its duplicates wait for its outcome, so
+//! from stored bookings, holds and registrations at start-up, then pruned by retention). A request still in flight makes its duplicates wait for its outcome, so
 //! two copies of one request racing each other book once. A refused request (slot full,
 //! bad input) is forgotten: retrying it is evaluated afresh and can still book at most once.
 

@@ -13,8 +13,9 @@
 //! like a cancel, so no cancel can write it back in between. An ended release's tickets go
 //! before the release (`service::releases`). An ended campaign's record goes first, and
 //! memory forgets it at once (`service::campaigns`): its registrations are then of no
-//! campaign, which recovery leaves unchecked and the next pass deletes, so a pass cut
-//! short or a write to one meanwhile leaves a store that starts.
+//! campaign, which recovery leaves unchecked and this pass then deletes (the next, if
+//! this one is cut short), so a pass cut short or a write to one meanwhile leaves a
+//! store that starts.
 
 use std::collections::HashSet;
 

@@ -98,5 +98,5 @@ pub fn write_new(data_dir: &Path, key: &[u8; KEY_LENGTH]) -> Result<(), StoreErr
     let mut file = options.open(&temporary).map_err(|e| io("creating", e))?;
     file.write_all(key).map_err(|e| io("writing", e))?;
     file.sync_all().map_err(|e| io("syncing", e))?;
-    crate::store::rename_durably(&temporary, &path).map_err(|e| io("renaming", e))
+    crate::store::files::rename_durably(&temporary, &path).map_err(|e| io("renaming", e))
 }

@@ -11,7 +11,7 @@
 //!
 //! The other side of the same rule: a node that takes the lease over from a holder that
 //! may still live (its PostgreSQL session ended, the holder did not) answers nothing
-//! until that holder's own limit has surely passed (`previous_until`): until then the
+//! until that holder's own limit has surely passed (`previous_until_ms`): until then the
 //! two could answer at once, one from memory the other has moved past.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

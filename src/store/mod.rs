@@ -14,6 +14,7 @@ pub mod backup_key;
 pub mod booking_index;
 pub mod committer;
 pub mod error;
+pub mod files;
 pub mod key_file;
 pub mod lease_freshness;
 pub mod postgres;
@@ -349,7 +350,8 @@ impl Store {
         outcome.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// The in-memory booking index (recovery fills it, retention removes from it).
+    /// The in-memory booking index (recovery fills it, each commit enters its bookings,
+    /// retention removes them).
     pub fn booking_index(&self) -> &booking_index::BookingIndex {
         &self.index
     }
@@ -829,7 +831,6 @@ impl Store {
         self.scan(records::SERIES_PREFIX)
     }
 
-    /// Every booking, all states, in booking-id order.
     /// Every record, in key order (what `prenota migrate` copies).
     pub fn every_record(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> {
         self.db.iter().map(|record| {
@@ -839,6 +840,7 @@ impl Store {
         })
     }
 
+    /// Every booking, all states, in key order (citizen tag, then booking id).
     pub fn bookings(&self) -> impl Iterator<Item = Result<Booking, StoreError>> {
         self.scan(records::BOOKING_PREFIX)
     }
@@ -888,8 +890,6 @@ impl Store {
     }
 }
 
-/// Makes the entries of `dir` (files created, renamed or removed in it) survive a
-/// power loss.
 /// The data dir 0700, and sled's directories 0700 and files 0600: the store holds
 /// hashed citizen ids. The key file is left alone: one others could read is refused at
 /// load. (`prenota` also sets its umask to 077, so files sled creates later get the
@@ -921,26 +921,12 @@ fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// With PostgreSQL: where a node keeps its local read copy, under the data dir.
 pub const POSTGRES_LOCAL_COPY_DIR: &str = "postgres-copy";
 
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir).and_then(|d| d.sync_all())
-}
-
 /// Refuses a data dir that exists and is not a directory (a file named by mistake)
 /// before anything opens it: opening it would fail with a message that says less.
 pub fn refuse_a_file(data_dir: &Path) -> Result<(), String> {
     match data_dir.exists() && !data_dir.is_dir() {
         true => Err(format!("data dir {}: not a directory", data_dir.display())),
         false => Ok(()),
-    }
-}
-
-/// Renames `from` to `to` and syncs the directory holding `to`, so the rename itself
-/// survives a power loss (the classic write-temp, fsync, rename, fsync-dir sequence).
-pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::rename(from, to)?;
-    match to.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => sync_dir(parent),
-        None => sync_dir(Path::new(".")),
     }
 }
 
@@ -1002,7 +988,7 @@ fn mend_torn_sled_files(sled_dir: &Path) -> Result<bool, StoreError> {
         }
     }
     if !torn.is_empty() {
-        sync_dir(sled_dir).map_err(io)?;
+        files::sync_dir(sled_dir).map_err(io)?;
     }
     Ok(!torn.is_empty())
 }
@@ -1118,7 +1104,8 @@ fn sync_sled_files(data_dir: &Path, sled_dir: &Path) -> Result<(), StoreError> {
         .and_then(|file| file.sync_all())
         .map_err(|e| StoreError::Io(format!("syncing {}: {e}", conf.display())))?;
     for dir in [sled_dir, data_dir] {
-        sync_dir(dir).map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
+        files::sync_dir(dir)
+            .map_err(|e| StoreError::Io(format!("syncing {}: {e}", dir.display())))?;
     }
     Ok(())
 }

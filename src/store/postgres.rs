@@ -17,7 +17,8 @@
 //! - A node that loses the lease fails stop: every write is refused with NOT_ACTIVE until
 //!   a restart, and the keeper stops renewing and closes its session, letting the lock go.
 //!
-//! Tables live in the schema the connection's `search_path` names (default `public`);
+//! Tables live in the connection's `current_schema()` (the first existing schema of its
+//! `search_path`, by default `public`);
 //! the locks are scoped to it, so several stores can share one database.
 
 use std::collections::BTreeMap;

@@ -22,6 +22,22 @@
 //! (`store::booking_index`); stores from before issue #19 had them as `N` and `W` keys,
 //! removed when such a store is opened. The golden-bytes tests
 //! below pin every record kind and version.
+//!
+//! | Key | Record |
+//! |-----|--------|
+//! | `S` site | site |
+//! | `L` site 0 service 0 start | slot |
+//! | `B` citizen tag, booking id | booking |
+//! | `O` second made, hold id | hold (`H` hold id: older holds) |
+//! | `A` time, random | audit entry |
+//! | `R` request digest | authority request outcome |
+//! | `E` first sequence | run of events |
+//! | `P` release / `T` release 0 citizen | release / queue ticket |
+//! | `C` campaign / `G` campaign 0 citizen | campaign / registration |
+//! | `D` series id | dose series |
+//! | `Japply`, `Kcheck`, `Kevents`, `Kcommits`, `Kscheme` | import journal, key check, event log id, group commits made (u64 big-endian, `store::watermark`), citizen id scheme (the `K` values are raw bytes) |
+//!
+//! Retired: `N`, `W` (deleted when an older store opens).
 
 use serde::{Deserialize, Serialize};
 

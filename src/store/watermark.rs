@@ -92,7 +92,7 @@ pub fn write(data_dir: &Path, commits: u64) -> std::io::Result<()> {
         .open(&temporary)?;
     writeln!(file, "{commits}")?;
     file.sync_all()?;
-    crate::store::rename_durably(&temporary, &path)
+    crate::store::files::rename_durably(&temporary, &path)
 }
 
 /// Keeps the file of a store being served: checks the store against it at open,

@@ -256,7 +256,10 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
                     .into_iter()
                     .map(|(_, path)| path)
             });
-            let named = named_paths(module, code).into_iter().chain(relative);
+            let children = child_paths(module, code, &modules);
+            let named = (named_paths(module, code).into_iter())
+                .chain(relative)
+                .chain(children);
             let targets = named
                 .filter_map(|path| target_of(&path))
                 .filter(|target| target != module && !target.is_empty())
@@ -264,6 +267,29 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
             (module.clone(), targets)
         })
         .collect()
+}
+
+/// The child modules `module`'s code names by a bare path (`watermark::Keeper` in
+/// `store/mod.rs`), as absolute paths.
+fn child_paths(module: &str, code: &str, modules: &BTreeSet<String>) -> Vec<String> {
+    let prefix = match module {
+        "" => String::new(),
+        module => format!("{module}::"),
+    };
+    let children = (modules.iter())
+        .filter_map(|m| m.strip_prefix(prefix.as_str()))
+        .filter(|child| !child.is_empty() && !child.contains("::"));
+    let mut paths = Vec::new();
+    for child in children {
+        let bare = code.match_indices(&format!("{child}::")).any(|(at, _)| {
+            let before = code[..at].chars().next_back();
+            !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+        });
+        if bare {
+            paths.push(format!("{prefix}{child}"));
+        }
+    }
+    paths
 }
 
 /// A loop of imports starting and ending at `start`, if there is one.
