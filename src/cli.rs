@@ -933,11 +933,16 @@ pub fn backup_data_dir(data_dir: &Path, to: &Path, config: &Config) -> Result<()
     holds_a_sled_store(data_dir)?;
     let engine = crate::service::Engine::open(data_dir, config, crate::service::Clock::system())
         .map_err(|e| {
-            format!(
-                "cannot open {}: {e}. If a server is running on it, take the backup through \
-             the server: prenota backup --server URL --token ADMIN_TOKEN --to FILE",
-                data_dir.display()
-            )
+            let said = e.to_string();
+            // Only a held lock means a server runs on it; other refusals stand alone.
+            let hint = match said.contains("in use by another prenota process") {
+                true => {
+                    ". Take the backup through the server: prenota backup --server URL \
+                         --token ADMIN_TOKEN --to FILE"
+                }
+                false => "",
+            };
+            format!("cannot open {}: {said}{hint}", data_dir.display())
         })?;
     let records = write_backup_file(to, trust, |file| {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);

@@ -644,8 +644,6 @@ impl ConfigFile {
         Ok(())
     }
 
-    /// Checks everything and builds the runtime configuration; lists every problem.
-    /// Every issuer key, checked (problems are added to `problems`).
     /// A token's sites: required for a `site` token, refused on any other.
     fn token_sites(
         &self,
@@ -664,6 +662,7 @@ impl ConfigFile {
         id_set(&entry.sites, parse, (at, "site"), problems)
     }
 
+    /// Every issuer key, checked (problems are added to `problems`).
     fn citizen_issuers(&self, problems: &mut Vec<String>) -> Vec<CitizenIssuer> {
         let mut issuers = Vec::new();
         for (index, entry) in self.citizen_issuers.iter().enumerate() {
@@ -675,6 +674,7 @@ impl ConfigFile {
         issuers
     }
 
+    /// Checks everything and builds the runtime configuration; lists every problem.
     pub fn check(&self) -> Result<Config, Vec<String>> {
         let mut problems = self.limits.problems();
         let citizen_issuers = self.citizen_issuers(&mut problems);

@@ -209,7 +209,8 @@ pub struct Limits {
     /// batches (BENCHMARKS.md, "Many holds expiring at once").
     pub hold_sweep_interval_ms: u64,
     /// How long a finished request is remembered (a retry within it gets the first
-    /// outcome; after it, it is a new request), in memory and on disk; 0 keeps for good.
+    /// outcome; after it, it is a new request), in memory and on disk; 0 keeps for good
+    /// (then `records_retained_days` must be 0 too: nothing is ever deleted).
     pub request_records_retained_hours: u32,
     /// How long after a slot ended its bookings, holds and the slot itself are kept
     /// (audit entries: this long after they were written); 0 keeps everything.
@@ -708,7 +709,9 @@ impl Limits {
                     && u64::from(l.records_retained_days) * 24
                         >= u64::from(l.request_records_retained_hours)),
             "records_retained_days must cover request_records_retained_hours (a retried \
-             request must find its record; 0, kept for good, needs records_retained_days 0)",
+             request must find its record); request_records_retained_hours = 0 (kept for \
+             good) needs records_retained_days = 0: else set it to at most \
+             records_retained_days × 24",
         );
         need(
             l.store_gc_interval_ms >= 10,
@@ -853,11 +856,13 @@ impl Limits {
             l.health_watches_max,
             l.commit_queue_depth,
             l.export_channel_depth,
+            l.connections_max,
         ];
         need(
-            counts.iter().all(|&count| count <= 1 << 32),
+            counts.iter().all(|&count| count as u64 <= 1 << 32),
             "in_flight_requests_max, reflection_streams_max, health_watches_max, \
-             commit_queue_depth and export_channel_depth must be at most 4294967296",
+             commit_queue_depth, export_channel_depth and connections_max must be at most \
+             4294967296",
         );
         let timeouts = [
             l.request_timeout_ms,
@@ -870,18 +875,24 @@ impl Limits {
             l.rate_limiter_retain_interval_ms,
             l.watch_coalesce_ms,
             l.store_gc_interval_ms,
+            l.keepalive_interval_ms,
+            l.data_dir_lock_wait_ms,
+            l.metrics_refresh_interval_ms,
         ];
         need(
             timeouts.iter().all(|&ms| ms <= 3_600_000),
             "request_timeout_ms, export_idle_timeout_ms, metrics_connection_timeout_ms, \
              connection_opening_timeout_ms, tls_handshake_timeout_ms, keepalive_timeout_ms, \
-             close_settle_wait_ms, rate_limiter_retain_interval_ms, watch_coalesce_ms and \
-             store_gc_interval_ms must be at most 3600000 (an hour)",
+             close_settle_wait_ms, rate_limiter_retain_interval_ms, watch_coalesce_ms, \
+             store_gc_interval_ms, keepalive_interval_ms, data_dir_lock_wait_ms and \
+             metrics_refresh_interval_ms must be at most 3600000 (an hour)",
         );
         need(
-            l.retention_interval_ms <= 86_400_000 && l.connection_age_grace_ms >= 1_000,
-            "retention_interval_ms must be at most 86400000 (a day), connection_age_grace_ms \
-             at least 1000",
+            l.retention_interval_ms <= 86_400_000
+                && l.connection_age_max_ms <= 86_400_000
+                && l.connection_age_grace_ms >= 1_000,
+            "retention_interval_ms and connection_age_max_ms must be at most 86400000 (a day), \
+             connection_age_grace_ms at least 1000",
         );
         need(
             l.citizen_assertion_lifetime_seconds_max <= 86_400,

@@ -358,11 +358,7 @@ fn main() -> ExitCode {
             ))
         }),
         Command::Backup(args) => backup(&args, &runtime),
-        Command::Restore(args) => {
-            offline_config(args.config.as_deref(), args.backup_key.as_deref()).and_then(|config| {
-                prenota::cli::restore(&args.from, &args.data_dir, &config, args.unauthenticated)
-            })
-        }
+        Command::Restore(args) => restore(&args),
         Command::Migrate(args) => migrate(&args),
         Command::BackupKey => print_out(&prenota::store::backup_key::BackupKey::generate_hex()),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
@@ -396,8 +392,11 @@ fn status_line(text: &str) {
 /// `prenota backup`: of a stopped data dir, or from a running server.
 fn backup(args: &BackupArgs, runtime: &tokio::runtime::Runtime) -> Result<(), String> {
     match &args.data_dir {
-        Some(data_dir) => offline_config(args.config.as_deref(), args.backup_key.as_deref())
-            .and_then(|config| prenota::cli::backup_data_dir(data_dir, &args.to, &config)),
+        Some(data_dir) => offline_config(
+            &read_config(args.config.as_deref())?,
+            args.backup_key.as_deref(),
+        )
+        .and_then(|config| prenota::cli::backup_data_dir(data_dir, &args.to, &config)),
         None => read_backup_key(args.backup_key.as_deref()).and_then(|key| {
             runtime.block_on(prenota::cli::backup_from_server(
                 &args.server.target(),
@@ -526,17 +525,36 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 }
 
 /// The configuration of a command that opens a stopped data dir (backup, restore): its
-/// limits, id scheme and hash key, with the backup key.
+/// limits, id scheme and hash key, with the backup key (the flag's, else the file's
+/// `[server] backup_key_file`).
 fn offline_config(
-    path: Option<&std::path::Path>,
+    file: &ConfigFile,
     backup_key: Option<&std::path::Path>,
 ) -> Result<prenota::config::Config, String> {
-    let file = read_config(path)?;
-    let mut config = checked(&file)?;
+    let mut config = checked(file)?;
     config.citizen_hash_key = read_hash_key(file.citizens.hash_key_file.as_deref())?;
-    config.backup_key = read_backup_key(backup_key)?;
+    config.backup_key = read_backup_key(backup_key.or(file.server.backup_key_file.as_deref()))?;
     config.offline = true;
     Ok(config)
+}
+
+/// `prenota restore`. A configured `hash_key_file` that does not exist (a host being
+/// rebuilt from its backup) is not made anew, which could never match: the backup's
+/// key is restored into the data dir, and the operator is told where it belongs.
+fn restore(args: &RestoreArgs) -> Result<(), String> {
+    let mut file = read_config(args.config.as_deref())?;
+    let missing = (file.citizens.hash_key_file).take_if(|path| !path.exists());
+    let config = offline_config(&file, args.backup_key.as_deref())?;
+    prenota::cli::restore(&args.from, &args.data_dir, &config, args.unauthenticated)?;
+    if let Some(path) = missing {
+        eprintln!(
+            "prenota restore: [citizens] hash_key_file {} does not exist: the backup's key is \
+             in {}; move it there (mode 0600) before serving",
+            path.display(),
+            args.data_dir.join("citizen-hash.key").display()
+        );
+    }
+    Ok(())
 }
 
 fn read_backup_key(

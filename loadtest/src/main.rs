@@ -182,7 +182,8 @@ enum ScenarioArgs {
         /// The server's `hold_sweep_batch_max` (default: its own default).
         #[arg(long)]
         sweep_batch: Option<usize>,
-        /// The server's `hold_sweep_interval_ms` (default: its own default; at least 10).
+        /// The server's `hold_sweep_interval_ms` (default: its own default; a server's
+        /// configuration takes 10 to 1000).
         #[arg(long)]
         sweep_interval_ms: Option<u64>,
     },

@@ -127,6 +127,7 @@ pub fn restore(
             path.display()
         )
     })?;
+    refuse_another_hash_key(config, &key, path)?;
     crate::store::refuse_a_file(data_dir)?;
     if let Ok(mut entries) = std::fs::read_dir(data_dir) {
         if entries.next().is_some() {
@@ -176,7 +177,24 @@ pub fn restore(
     })
 }
 
-/// Writes the key and the records into `staging`, then recovers it once.
+/// A restore for a server whose hash key is `[citizens] hash_key_file` must be of a
+/// backup made with that key: compared here, as a restored store that never recorded
+/// its key's check (older stores) would take the configured one as its own.
+fn refuse_another_hash_key(config: &Config, key: &[u8; 32], path: &Path) -> Result<(), String> {
+    use subtle::ConstantTimeEq;
+    match &config.citizen_hash_key {
+        Some(configured) if !bool::from(configured.ct_eq(key)) => Err(format!(
+            "the key of [citizens] hash_key_file is not the citizen-hash key {} was made \
+             with: with it no restored booking could be found. Restore with the \
+             configuration of the server the backup was taken from",
+            path.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Writes the key (unless the server's comes from `hash_key_file`) and the records into
+/// `staging`, then recovers it once.
 fn build(
     path: &Path,
     staging: &Path,
@@ -185,7 +203,9 @@ fn build(
     trust: Trust<'_>,
 ) -> Result<(), String> {
     std::fs::create_dir_all(staging).map_err(|e| format!("creating {}: {e}", staging.display()))?;
-    key_file::write_new(staging, key).map_err(|e| e.to_string())?;
+    if config.citizen_hash_key.is_none() {
+        key_file::write_new(staging, key).map_err(|e| e.to_string())?;
+    }
     {
         let mut store = Store::open(staging, &config.limits).map_err(|e| e.to_string())?;
         let mut reader = open_backup(path, trust)?;

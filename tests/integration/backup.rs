@@ -54,6 +54,7 @@ fn prenota(args: &[&str]) -> Output {
         .args(args)
         .env("RUST_LOG", "warn")
         .env("PRENOTA_BACKUP_KEY_FILE", backup_key_file())
+        .env_remove("PRENOTA_CONFIG")
         .output()
         .expect("run prenota")
 }
@@ -486,8 +487,10 @@ async fn a_server_without_a_backup_key_makes_no_backups() {
 /// A server given its hash key by `[citizens] hash_key_file` keeps none in its data dir:
 /// an offline backup reads the key from `--config` (it was refused, "no
 /// citizen-hash.key"), a restore checks the configured key against the backup's (a
-/// restore with another key passed and the server then refused the store), and both
-/// read `PRENOTA_CONFIG` as `serve` does.
+/// restore with another key passed and the server then refused the store) and writes
+/// no key into the data dir, both read `PRENOTA_CONFIG` as `serve` does and the file's
+/// `backup_key_file`; a configured key file that is gone (a host rebuilt) is not made
+/// anew: the backup's key is restored into the data dir, and the restore says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_with_a_hash_key_file_is_backed_up_and_restored_with_its_config() {
     if common::postgres::sled_only(
@@ -530,15 +533,19 @@ async fn a_server_with_a_hash_key_file_is_backed_up_and_restored_with_its_config
     assert!(!live.join("citizen-hash.key").exists());
 
     let file = dir.path().join("keyed.backup");
-    let output = prenota(&[
-        "backup",
-        "--data-dir",
-        path(&live),
-        "--config",
-        path(&own),
-        "--to",
-        path(&file),
-    ]);
+    let mut text = std::fs::read_to_string(&own).unwrap();
+    text.push_str(&format!(
+        "[server]\nbackup_key_file = \"{}\"\n",
+        backup_key_file().display()
+    ));
+    std::fs::write(&own, text).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .args(["backup", "--data-dir", path(&live), "--config", path(&own)])
+        .args(["--to", path(&file)])
+        .env("RUST_LOG", "warn")
+        .env_remove("PRENOTA_BACKUP_KEY_FILE")
+        .output()
+        .unwrap();
     let said = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{said}");
     let target = dir.path().join("other-key");
@@ -577,6 +584,29 @@ async fn a_server_with_a_hash_key_file_is_backed_up_and_restored_with_its_config
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    assert!(!restored_dir.join("citizen-hash.key").exists());
+    let rebuilt = dir.path().join("rebuilt");
+    let gone = dir.path().join("gone.toml");
+    std::fs::write(
+        &gone,
+        "[citizens]\nhash_key_file = \"/nonexistent/hash.key\"\n",
+    )
+    .unwrap();
+    let output = prenota(&[
+        "restore",
+        "--from",
+        path(&file),
+        "--data-dir",
+        path(&rebuilt),
+        "--config",
+        path(&gone),
+    ]);
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && said.contains("does not exist"),
+        "{said}"
+    );
+    assert!(rebuilt.join("citizen-hash.key").exists());
     let restored = TestServer::start_with(
         &restored_dir,
         prenota::config::Config {
