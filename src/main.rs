@@ -549,9 +549,10 @@ fn restore(args: &RestoreArgs) -> Result<(), String> {
     if let Some(path) = missing {
         eprintln!(
             "prenota restore: [citizens] hash_key_file {} does not exist: the backup's key is \
-             in {}; move it there (mode 0600) before serving",
+             in {}; move it to {} (mode 0600) before serving",
             path.display(),
-            args.data_dir.join("citizen-hash.key").display()
+            args.data_dir.join("citizen-hash.key").display(),
+            path.display()
         );
     }
     Ok(())
