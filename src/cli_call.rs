@@ -129,7 +129,11 @@ pub async fn call(
     for header in headers {
         let (key, value) = header
             .split_once(':')
-            .ok_or_else(|| format!("header {header:?} is not `name: value`"))?;
+            // Only the start: a header without its colon may hold a token.
+            .ok_or_else(|| {
+                let name = header.split_whitespace().next().unwrap_or("");
+                format!("header {name:?}… is not `name: value`")
+            })?;
         let key = MetadataKey::from_str(key.trim()).map_err(|e| format!("{key}: {e}"))?;
         // Not the value itself: it may be a token or an assertion.
         let value = MetadataValue::try_from(value.trim())

@@ -189,8 +189,15 @@ impl fmt::Display for BookingId {
 }
 
 /// A keyed hash (HMAC) of a citizen id: the only form in which a citizen is kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CitizenKey(pub [u8; 16]);
+
+/// Not its bytes: a printed struct (a log, a panic) names no citizen.
+impl std::fmt::Debug for CitizenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CitizenKey(..)")
+    }
+}
 
 impl CitizenKey {
     /// The first 8 bytes: groups a citizen's bookings in the store and is sealed into
@@ -280,6 +287,25 @@ fn digest16(parts: &[&[u8]]) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A struct printed in a log or a panic names no citizen and gives no check-in code.
+    #[test]
+    fn a_citizen_key_and_a_check_in_code_do_not_print() {
+        let printed = format!("{:?}", CitizenKey(*b"RSSMRA80A01H501U"));
+        assert!(
+            !printed.contains("82") && !printed.contains("RSSMRA"),
+            "{printed}"
+        );
+        let codes = crate::domain::booking::BookingCodes {
+            reference: crate::domain::booking::Reference::from_bits(42),
+            check_in_code: 4_711,
+        };
+        let printed = format!("{codes:?}");
+        assert!(
+            printed.contains("reference") && !printed.contains("4711"),
+            "{printed}"
+        );
+    }
 
     #[test]
     fn name_ids_are_checked() {

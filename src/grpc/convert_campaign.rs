@@ -375,7 +375,7 @@ pub fn claims(
     limits: &Limits,
 ) -> Result<Claims, String> {
     if birth_year.is_some_and(|year| !BIRTH_YEARS.contains(&year)) {
-        return Err(format!("its birth_year {birth_year:?} is out of range"));
+        return Err("its birth_year is out of range".into());
     }
     let mut kept: Vec<String> = Vec::new();
     for group in asserted_groups {

@@ -704,11 +704,9 @@ impl<'a> Rebuild<'a> {
             .insert_all_unordered(bookings.iter().map(|(booking, _)| booking))
             .map_err(|(at, other)| {
                 let booking = &bookings[at].0;
-                let reference = booking.codes.map(|codes| codes.reference.to_string());
                 ServiceError::Recovery(format!(
-                    "booking {} has the reference {} of booking {}",
+                    "booking {} has the reference of booking {}",
                     booking.booking_id,
-                    reference.unwrap_or_default(),
                     records::booking_id_of_key(&other)
                 ))
             })

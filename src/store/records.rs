@@ -670,8 +670,10 @@ fn encode_as<T: Serialize>(version: u8, disk_form: &T) -> Result<Vec<u8>, StoreE
         .map_err(|e| StoreError::Corrupt(format!("cannot encode record: {e}")))
 }
 
+/// Names the record by its kind and size only: keys hold citizen tags and keys.
 fn corrupt(key: &[u8], what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("record {} {what}", String::from_utf8_lossy(key)))
+    let kind = key.first().map_or('?', |&byte| char::from(byte));
+    StoreError::Corrupt(format!("a {kind} record ({} key bytes) {what}", key.len()))
 }
 
 /// The version-1 disk form in `value`, for kinds that have no other version.
@@ -1889,6 +1891,16 @@ impl Write {
 mod tests {
     use super::*;
     use crate::domain::ids::{CitizenKey, ServiceId};
+
+    /// A damaged record is named by its kind and size: its key holds a citizen's tag.
+    #[test]
+    fn a_damaged_record_is_named_without_its_key() {
+        let tag = CitizenKey(*b"RSSMRA80A01H501U").tag();
+        let key = booking_key(tag, BookingId(7));
+        let said = corrupt(&key, "does not decode").to_string();
+        assert!(said.contains("a B record (25 key bytes)"), "{said}");
+        assert!(!said.contains("RSSMRA"), "{said}");
+    }
 
     fn slot(site: &str, service: &str, start: i64) -> Vec<u8> {
         slot_key(&SlotKey {
