@@ -397,6 +397,20 @@ fn backup(args: &BackupArgs, runtime: &tokio::runtime::Runtime) -> Result<(), St
             args.backup_key.as_deref(),
         )
         .and_then(|config| prenota::cli::backup_data_dir(data_dir, &args.to, &config)),
+        // `--config` given on the command line (not by PRENOTA_CONFIG, which must not
+        // break a backup through the server) would be ignored: said instead.
+        None if args.config.is_some()
+            && args.config.as_deref()
+                != std::env::var_os("PRENOTA_CONFIG")
+                    .as_deref()
+                    .map(std::path::Path::new) =>
+        {
+            Err(
+                "--config is read only with --data-dir: a backup through the server (--server) \
+                 uses the server's own configuration"
+                    .into(),
+            )
+        }
         None => read_backup_key(args.backup_key.as_deref()).and_then(|key| {
             runtime.block_on(prenota::cli::backup_from_server(
                 &args.server.target(),

@@ -623,3 +623,31 @@ async fn a_server_with_a_hash_key_file_is_backed_up_and_restored_with_its_config
     assert_eq!(exported, original);
     restored.stop().await;
 }
+
+/// `--config` is read by offline commands only: given on the command line to a backup
+/// through the server, it is refused rather than ignored; from `PRENOTA_CONFIG` (set
+/// for `serve` in the same environment) it is no obstacle to one.
+#[test]
+fn a_backup_through_the_server_refuses_a_config_flag_but_not_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("never.backup");
+    let server = ["--server", "http://127.0.0.1:1", "--to", path(&to)];
+    let flagged = prenota(&[&["backup", "--config", "/dev/null"][..], &server].concat());
+    let said = String::from_utf8_lossy(&flagged.stderr);
+    assert!(
+        !flagged.status.success() && said.contains("only with --data-dir"),
+        "{said}"
+    );
+    let variable = Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .arg("backup")
+        .args(server)
+        .env("PRENOTA_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&variable.stderr);
+    assert!(
+        !said.contains("only with --data-dir") && said.contains("127.0.0.1:1"),
+        "{said}"
+    );
+    assert!(!to.exists());
+}

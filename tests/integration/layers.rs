@@ -269,8 +269,9 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
         .collect()
 }
 
-/// The child modules `module`'s code names by a bare path (`watermark::Keeper` in
-/// `store/mod.rs`), as absolute paths.
+/// The paths into child modules `module`'s code names bare (`watermark::Keeper` in
+/// `store/mod.rs`), made absolute: the whole path, so `state::campaigns::X` in
+/// `service/mod.rs` is resolved to the deepest module it names.
 fn child_paths(module: &str, code: &str, modules: &BTreeSet<String>) -> Vec<String> {
     let prefix = match module {
         "" => String::new(),
@@ -279,14 +280,17 @@ fn child_paths(module: &str, code: &str, modules: &BTreeSet<String>) -> Vec<Stri
     let children = (modules.iter())
         .filter_map(|m| m.strip_prefix(prefix.as_str()))
         .filter(|child| !child.is_empty() && !child.contains("::"));
+    let is_path = |c: char| c.is_alphanumeric() || c == '_' || c == ':';
     let mut paths = Vec::new();
     for child in children {
-        let bare = code.match_indices(&format!("{child}::")).any(|(at, _)| {
-            let before = code[..at].chars().next_back();
-            !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
-        });
-        if bare {
-            paths.push(format!("{prefix}{child}"));
+        for (at, _) in code.match_indices(&format!("{child}::")) {
+            if code[..at].chars().next_back().is_some_and(is_path) {
+                continue;
+            }
+            let end = code[at..]
+                .find(|c: char| !is_path(c))
+                .map_or(code.len(), |n| at + n);
+            paths.push(format!("{prefix}{}", code[at..end].trim_end_matches(':')));
         }
     }
     paths
