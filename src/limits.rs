@@ -684,10 +684,6 @@ impl Limits {
             "metrics_refresh_interval_ms must be at least 100",
         );
         need(
-            l.backup_changes_buffered_max >= 1,
-            "backup_changes_buffered_max must be at least 1",
-        );
-        need(
             l.backup_changes_buffered_bytes_max >= 1024 * 1024,
             "backup_changes_buffered_bytes_max must be at least 1048576",
         );
@@ -698,10 +694,6 @@ impl Limits {
         need(
             l.hold_ttl_seconds_default >= 1 && l.hold_ttl_seconds_default <= l.hold_ttl_seconds_max,
             "hold_ttl_seconds_default must be between 1 and hold_ttl_seconds_max",
-        );
-        need(
-            l.hold_sweep_interval_ms >= 10,
-            "hold_sweep_interval_ms must be at least 10",
         );
         need(
             l.records_retained_days == 0

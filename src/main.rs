@@ -392,7 +392,7 @@ fn status_line(text: &str) {
 /// `prenota backup`: of a stopped data dir, or from a running server.
 fn backup(args: &BackupArgs, runtime: &tokio::runtime::Runtime) -> Result<(), String> {
     match &args.data_dir {
-        Some(data_dir) => offline_config(
+        Some(data_dir) => backup_config(
             &read_config(args.config.as_deref())?,
             args.backup_key.as_deref(),
         )
@@ -538,17 +538,23 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     })
 }
 
-/// The configuration of a command that opens a stopped data dir (backup, restore): its
-/// limits, id scheme and hash key, with the backup key (the flag's, else the file's
-/// `[server] backup_key_file`).
-fn offline_config(
+/// The configuration of a command that opens a stopped data dir (backup, restore,
+/// migrate): its limits, id scheme and hash key.
+fn offline_config(file: &ConfigFile) -> Result<prenota::config::Config, String> {
+    let mut config = checked(file)?;
+    config.citizen_hash_key = read_hash_key(file.citizens.hash_key_file.as_deref())?;
+    config.offline = true;
+    Ok(config)
+}
+
+/// `offline_config` with the backup key (the flag's, else the file's `[server]
+/// backup_key_file`): backup and restore.
+fn backup_config(
     file: &ConfigFile,
     backup_key: Option<&std::path::Path>,
 ) -> Result<prenota::config::Config, String> {
-    let mut config = checked(file)?;
-    config.citizen_hash_key = read_hash_key(file.citizens.hash_key_file.as_deref())?;
+    let mut config = offline_config(file)?;
     config.backup_key = read_backup_key(backup_key.or(file.server.backup_key_file.as_deref()))?;
-    config.offline = true;
     Ok(config)
 }
 
@@ -558,7 +564,7 @@ fn offline_config(
 fn restore(args: &RestoreArgs) -> Result<(), String> {
     let mut file = read_config(args.config.as_deref())?;
     let missing = (file.citizens.hash_key_file).take_if(|path| !path.exists());
-    let config = offline_config(&file, args.backup_key.as_deref())?;
+    let config = backup_config(&file, args.backup_key.as_deref())?;
     prenota::cli::restore(&args.from, &args.data_dir, &config, args.unauthenticated)?;
     if let Some(path) = missing {
         eprintln!(
@@ -581,11 +587,8 @@ fn read_backup_key(
 
 /// `prenota migrate`: with the file's limits and hash key (never its `[store]`).
 fn migrate(args: &MigrateArgs) -> Result<(), String> {
-    let file = read_config(args.config.as_deref())?;
-    let mut config = checked(&file)?;
+    let mut config = offline_config(&read_config(args.config.as_deref())?)?;
     config.store = prenota::config::StoreBackend::Sled;
-    config.citizen_hash_key = read_hash_key(file.citizens.hash_key_file.as_deref())?;
-    config.offline = true;
     prenota::cli::migrate_from_sled(&args.from_sled, &args.to, &config)
 }
 
