@@ -450,8 +450,9 @@ pub enum BackendName {
     Postgres,
 }
 
-/// `[store]` in `prenota.toml`: where durable records live.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `[store]` in `prenota.toml`: where durable records live. Its `Debug` leaves the
+/// PostgreSQL URL out (it may hold a password).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
     pub backend: BackendName,
@@ -466,6 +467,16 @@ pub struct StoreSection {
 }
 
 pub const DEFAULT_LEASE_TTL_MS: u64 = 5_000;
+
+impl std::fmt::Debug for StoreSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreSection")
+            .field("backend", &self.backend)
+            .field("postgres_url", &self.postgres_url.as_ref().map(|_| "…"))
+            .field("lease_ttl_ms", &self.lease_ttl_ms)
+            .finish()
+    }
+}
 
 impl Default for StoreSection {
     fn default() -> Self {
@@ -851,13 +862,24 @@ pub fn check_plaintext_tokens(
     }
 }
 
-/// TLS material, read from the files `[server]` names.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// TLS material, read from the files `[server]` names. Its `Debug` leaves the
+/// private key out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct TlsPem {
     pub cert: Vec<u8>,
     pub key: Vec<u8>,
     /// Client certificates must be signed by one of these (mTLS).
     pub client_ca: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsPem")
+            .field("cert_bytes", &self.cert.len())
+            .field("key", &"…")
+            .field("client_ca_bytes", &self.client_ca.as_ref().map(Vec::len))
+            .finish()
+    }
 }
 
 impl TlsPem {
@@ -928,8 +950,9 @@ fn read_client_ca(path: &Path) -> Result<Vec<u8>, String> {
     Ok(pem)
 }
 
-/// Server configuration, checked: limits, tokens and TLS.
-#[derive(Clone, Debug, Default)]
+/// Server configuration, checked: limits, tokens and TLS. Its `Debug` leaves the
+/// citizen hash key out (`TlsPem`'s and `StoreBackend`'s leave theirs out too).
+#[derive(Clone, Default)]
 pub struct Config {
     pub limits: Limits,
     /// How citizen ids are read (`[citizens] id_scheme`).
@@ -960,6 +983,26 @@ pub struct Config {
     /// it. A store without a recorded id scheme keeps none until a server starts on it
     /// (such a command may run without the server's `--config`).
     pub offline: bool,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("limits", &self.limits)
+            .field("citizen_id_scheme", &self.citizen_id_scheme)
+            .field("citizen_hash_key", &self.citizen_hash_key.map(|_| "…"))
+            .field("store", &self.store)
+            .field("tokens", &self.tokens)
+            .field("citizen_issuers", &self.citizen_issuers)
+            .field("tls", &self.tls)
+            .field("reflection", &self.reflection)
+            .field("open_data", &self.open_data)
+            .field("backup_key", &self.backup_key)
+            .field("proxy_protocol_from", &self.proxy_protocol_from)
+            .field("health_checks_from", &self.health_checks_from)
+            .field("offline", &self.offline)
+            .finish()
+    }
 }
 
 impl Config {
@@ -1298,5 +1341,35 @@ regions = ["no such"]
             .unwrap_err();
         assert_eq!(problems.len(), 7, "{problems:#?}");
         assert!(toml::from_str::<ConfigFile>("[limits]\nnot_a_limit = 1").is_err());
+    }
+
+    #[test]
+    fn debug_output_leaves_secrets_out() {
+        let file: ConfigFile = toml::from_str(
+            r#"
+[store]
+backend = "postgres"
+postgres_url = "postgres://prenota:hunter2@db/prenota"
+"#,
+        )
+        .unwrap();
+        assert!(!format!("{file:?}").contains("hunter2"));
+        let config = Config {
+            citizen_hash_key: Some([0xab; 32]),
+            store: StoreBackend::Postgres(PostgresSettings {
+                url: "postgres://prenota:hunter2@db/prenota".into(),
+                lease_ttl: std::time::Duration::from_secs(5),
+            }),
+            tls: Some(TlsPem {
+                cert: b"CERTIFICATE".to_vec(),
+                key: b"PRIVATE KEY hunter2".to_vec(),
+                client_ca: None,
+            }),
+            ..Config::default()
+        };
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(!printed.contains("171, 171"), "the hash key: {printed}");
+        assert!(printed.contains("citizen_hash_key: Some"), "{printed}");
     }
 }
