@@ -113,6 +113,7 @@ impl Store {
         let data_dir_lock = DataDirLock::take(data_dir, limits)?;
         let sled_dir = data_dir.join("sled");
         let db = open_sled_mending(&sled_dir, limits)?;
+        let stored_format = refuse_a_newer_format(&db)?;
         let removed = booking_index::remove_stored_index(&db)?;
         if removed > 0 {
             tracing::info!(
@@ -159,7 +160,7 @@ impl Store {
         };
         let committer =
             committer.map_err(|e| StoreError::Io(format!("starting the committer thread: {e}")))?;
-        Ok(Self {
+        let store = Self {
             db,
             gate,
             state,
@@ -170,7 +171,18 @@ impl Store {
             watermark,
             data_dir_lock,
             old_holds: AtomicBool::new(old_holds),
-        })
+        };
+        store.record_format(stored_format)?;
+        Ok(store)
+    }
+
+    /// Records this build's layout, if the store has another (an older one's) or none.
+    fn record_format(&self, stored: Option<u32>) -> Result<(), StoreError> {
+        if stored == Some(records::STORE_FORMAT) {
+            return Ok(());
+        }
+        let format = records::encode_store_format(records::STORE_FORMAT);
+        self.write_at_open(records::STORE_FORMAT_KEY, &format, "the store format")
     }
 
     /// Opens the PostgreSQL backend for the node holding `lease`: copies every record
@@ -578,9 +590,14 @@ impl Store {
         Ok(())
     }
 
-    /// Whether the store holds no record at all (a new data dir).
+    /// Whether the store holds no record but its format (a new data dir).
     pub fn is_empty(&self) -> bool {
-        self.db.is_empty()
+        let mut keys = self.db.iter().keys();
+        match keys.next() {
+            None => true,
+            Some(Ok(key)) if key == records::STORE_FORMAT_KEY => keys.next().is_none(),
+            Some(_) => false,
+        }
     }
 
     /// The check value of the key this store was written with (`None`: a new store, or
@@ -1079,6 +1096,27 @@ fn open_sled_mending(sled_dir: &Path, limits: &Limits) -> Result<sled::Db, Store
         )),
         other => other,
     })
+}
+
+/// The store's recorded layout (`None`: a new store, or one from before the record),
+/// refused if a newer prenota wrote it: this build would misread or miss its records.
+fn refuse_a_newer_format(db: &sled::Db) -> Result<Option<u32>, StoreError> {
+    let stored = db
+        .get(records::STORE_FORMAT_KEY)
+        .map_err(|e| StoreError::Io(format!("reading the store format: {e}")))?;
+    let Some(stored) = stored else {
+        return Ok(None);
+    };
+    let format = records::decode_store_format(&stored)?;
+    if format > records::STORE_FORMAT {
+        return Err(StoreError::Misconfigured(format!(
+            "the store was written by a newer prenota (store format {format}; this build \
+             knows {}): run that build or a newer one, or restore with this build the backup \
+             taken before the upgrade",
+            records::STORE_FORMAT
+        )));
+    }
+    Ok(Some(format))
 }
 
 /// sled's log file, synced: a previous run killed between a commit's flush and its

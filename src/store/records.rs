@@ -35,7 +35,7 @@
 //! | `P` release / `T` release 0 citizen | release / queue ticket |
 //! | `C` campaign / `G` campaign 0 citizen | campaign / registration |
 //! | `D` series id | dose series |
-//! | `Japply`, `Kcheck`, `Kevents`, `Kcommits`, `Kscheme` | import journal, key check, event log id, group commits made (u64 big-endian, `store::watermark`), citizen id scheme (the `K` values are raw bytes) |
+//! | `Japply`, `Kcheck`, `Kevents`, `Kcommits`, `Kscheme`, `Kformat` | import journal, key check, event log id, group commits made (u64 big-endian, `store::watermark`), citizen id scheme, store layout (u32 big-endian, [`STORE_FORMAT`]) (the `K` values are raw bytes) |
 //!
 //! Retired: `N`, `W` (deleted when an older store opens).
 
@@ -82,6 +82,25 @@ pub const ID_SCHEME_KEY: &[u8] = b"Kscheme";
 /// How many group commits the embedded store has made (u64, big-endian), written by
 /// each one: `store::watermark` compares it with the count kept beside the store.
 pub const COMMITS_KEY: &[u8] = b"Kcommits";
+/// The layout of the embedded store's records (u32, big-endian), written at each open:
+/// a build refuses a store written in a layout newer than its own (it would misread or
+/// miss records), as a PostgreSQL schema newer than its migrations.
+pub const STORE_FORMAT_KEY: &[u8] = b"Kformat";
+/// This build's store layout. Bump it with every change an older build would misread:
+/// a record's new format version, a new key layout, a kind it would not see. 1: holds
+/// in time order (`O`), events of format 2 in runs, bookings v3, campaigns v2.
+pub const STORE_FORMAT: u32 = 1;
+
+pub fn encode_store_format(format: u32) -> [u8; 4] {
+    format.to_be_bytes()
+}
+
+pub fn decode_store_format(value: &[u8]) -> Result<u32, StoreError> {
+    let bytes: [u8; 4] = value
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("a store format of the wrong length".into()))?;
+    Ok(u32::from_be_bytes(bytes))
+}
 
 /// The stored commit count.
 pub fn encode_commits(commits: u64) -> [u8; 8] {
@@ -1900,6 +1919,16 @@ mod tests {
         let said = corrupt(&key, "does not decode").to_string();
         assert!(said.contains("a B record (25 key bytes)"), "{said}");
         assert!(!said.contains("RSSMRA"), "{said}");
+    }
+
+    /// The store format's key and bytes are pinned: a build that read them otherwise
+    /// could not tell a newer store from its own.
+    #[test]
+    fn the_store_format_record_is_pinned() {
+        assert_eq!(STORE_FORMAT_KEY, b"Kformat");
+        assert_eq!(encode_store_format(1), [0, 0, 0, 1]);
+        assert_eq!(decode_store_format(&[0, 0, 1, 2]).unwrap(), 258);
+        assert!(decode_store_format(&[0, 1]).is_err());
     }
 
     fn slot(site: &str, service: &str, start: i64) -> Vec<u8> {

@@ -141,6 +141,32 @@ async fn a_shared_reference_refuses_to_start() {
     }
 }
 
+/// A store records its layout at each open; one a newer prenota wrote (a higher
+/// format) is refused, not misread, and left as it was.
+#[tokio::test]
+async fn a_store_of_a_newer_format_is_refused() {
+    use prenota::store::records::{STORE_FORMAT, STORE_FORMAT_KEY};
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 10, vec![booking(1, 1)]).await;
+    let newer = (STORE_FORMAT + 1).to_be_bytes();
+    {
+        let db = common::open_stopped_sled(&dir.path().join("sled"));
+        let stored = db.get(STORE_FORMAT_KEY).unwrap().expect("recorded at open");
+        assert_eq!(stored.as_ref(), STORE_FORMAT.to_be_bytes());
+        db.insert(STORE_FORMAT_KEY, &newer[..]).unwrap();
+        db.flush().unwrap();
+    }
+    match open(dir.path()) {
+        Err(error) => assert!(
+            error.to_string().contains("written by a newer prenota"),
+            "{error}"
+        ),
+        Ok(_) => panic!("a store of a newer format opened"),
+    }
+    let db = common::open_stopped_sled(&dir.path().join("sled"));
+    assert_eq!(db.get(STORE_FORMAT_KEY).unwrap().unwrap().as_ref(), newer);
+}
+
 /// The reference and roster indexes are rebuilt from the bookings at every start, and
 /// the `N` / `W` index keys of a store written before they moved to memory are removed
 /// (the index they held is rebuilt, not read).
