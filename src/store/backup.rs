@@ -651,8 +651,9 @@ mod tests {
             .unwrap();
         assert_eq!(summary.batches_during_scan, 1);
         // 9,999 scanned (s09998 was gone before the scan reached it), the commit count
-        // (`records::COMMITS_KEY`) + 3 changes.
-        assert_eq!(summary.records, 10_003);
+        // (`records::COMMITS_KEY`), the store format (`records::STORE_FORMAT_KEY`) + 3
+        // changes.
+        assert_eq!(summary.records, 10_004);
         let bytes = output.out;
 
         let restored = Store::open(&dir.path().join("restored"), &limits).unwrap();
