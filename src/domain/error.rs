@@ -75,7 +75,10 @@ pub enum DomainError {
     ReleaseNotQueued,
     #[error("every slot of the release has started: its queue is closed")]
     ReleaseEnded,
-    #[error("the release's queue is full")]
+    #[error(
+        "the waiting rooms of the releases not ended hold as many tickets as the server \
+         allows together (queue_tickets_max)"
+    )]
     QueueFull,
     #[error("the server holds as many releases as it allows (releases_max)")]
     ReleasesExhausted,

@@ -444,6 +444,17 @@ pub struct Queue {
     /// Admitted tickets not used whose admission is not over.
     unused: usize,
     next_arrival: u64,
+    /// Where the pace counts from once recovery rebuilt a release already opening:
+    /// the restart, not `release_at`, so a restart does not admit at once every ticket
+    /// the pace would have admitted while the server was down (an outside test).
+    pace_from: Option<PaceFrom>,
+}
+
+/// The pace's origin: `admitted` tickets were admitted by `at_unix_ms`.
+#[derive(Clone, Copy, Debug)]
+struct PaceFrom {
+    at_unix_ms: i64,
+    admitted: usize,
 }
 
 /// The draw's sort key of a ticket: a keyed hash of the citizen under the release's
@@ -619,7 +630,33 @@ impl Queue {
         }
     }
 
-    /// How many tickets may be admitted now: at the release's pace since `release_at`,
+    /// The pace's origin: `release_at`, or the restart that rebuilt the queue after it.
+    fn pace_from(&self, release: &Release) -> PaceFrom {
+        self.pace_from.unwrap_or(PaceFrom {
+            at_unix_ms: release.release_at_unix_ms,
+            admitted: 0,
+        })
+    }
+
+    /// When the ticket of `rank` (0-based) should be admitted at the release's pace.
+    fn estimate(&self, release: &Release, rank: usize, now_unix_ms: i64) -> i64 {
+        let per_minute = release
+            .queue
+            .as_ref()
+            .map_or(0, |q| q.admissions_per_minute);
+        let from = self.pace_from(release);
+        let paced = match per_minute {
+            0 => from.at_unix_ms,
+            n => {
+                let ahead = rank.saturating_sub(from.admitted) as i64;
+                from.at_unix_ms + ahead.saturating_mul(60_000) / i64::from(n)
+            }
+        };
+        paced.max(now_unix_ms)
+    }
+
+    /// How many tickets may be admitted now: at the release's pace since `release_at`
+    /// (or since the restart that rebuilt the queue after it),
     /// and never more admitted-and-unused than `free_places`; at most `step_max`.
     /// `unused` is [`Queue::unused`] read before `free_places` was counted (a booking
     /// takes its place before its ticket counts as used: that order never overcounts).
@@ -640,8 +677,9 @@ impl Queue {
         let paced = match rules.admissions_per_minute {
             0 => u64::MAX,
             per_minute => {
-                let elapsed_ms = (now_unix_ms - release.release_at_unix_ms) as u64;
-                1 + u64::from(per_minute).saturating_mul(elapsed_ms) / 60_000
+                let from = self.pace_from(release);
+                let elapsed_ms = (now_unix_ms - from.at_unix_ms).max(0) as u64;
+                from.admitted as u64 + 1 + u64::from(per_minute).saturating_mul(elapsed_ms) / 60_000
             }
         };
         let by_pace = paced.saturating_sub(self.admitted as u64);
@@ -776,7 +814,7 @@ impl Queue {
         };
         if let Some(rank) = rank {
             view.position = (rank.saturating_sub(self.admitted) + 1) as u64;
-            view.estimated_admission_at_unix_ms = Some(estimate(release, rank, now_unix_ms));
+            view.estimated_admission_at_unix_ms = Some(self.estimate(release, rank, now_unix_ms));
         }
         view
     }
@@ -837,20 +875,11 @@ impl Queue {
             .count();
         self.expired_upto = 0;
         self.expire(now_unix_ms);
+        self.pace_from = (now_unix_ms > release.release_at_unix_ms).then_some(PaceFrom {
+            at_unix_ms: now_unix_ms,
+            admitted: self.admitted,
+        });
     }
-}
-
-/// When the ticket of `rank` (0-based) should be admitted at the release's pace.
-fn estimate(release: &Release, rank: usize, now_unix_ms: i64) -> i64 {
-    let per_minute = release
-        .queue
-        .as_ref()
-        .map_or(0, |q| q.admissions_per_minute);
-    let paced = match per_minute {
-        0 => release.release_at_unix_ms,
-        n => release.release_at_unix_ms + (rank as i64).saturating_mul(60_000) / i64::from(n),
-    };
-    paced.max(now_unix_ms)
 }
 
 fn ticket_of(release_id: &ReleaseId, citizen: CitizenKey, entry: &Entry) -> Ticket {
@@ -1061,6 +1090,31 @@ mod tests {
             view.estimated_admission_at_unix_ms,
             Some(60_000 + 50 * 1_000)
         );
+    }
+
+    /// A restart resumes the pace from where it was: the tickets the pace would have
+    /// admitted while the server was down are not admitted at once.
+    #[test]
+    fn a_restart_resumes_the_pace_without_a_burst() {
+        let release = release(60_000, 60, 3);
+        let mut first = joined(&release, 100);
+        first.draw(&release.queue.as_ref().unwrap().seed);
+        assert_eq!(admit(&mut first, &release, 1_000, 70_000).len(), 11);
+        let mut again = Queue::default();
+        for i in 0..100 {
+            again.restore(&first.ticket(&release.release_id, &citizen(i)).unwrap());
+        }
+        // Down for a minute: the pace alone would now allow 60 more.
+        again.rebuild(&release, 130_000);
+        again.check().unwrap();
+        assert_eq!(admit(&mut again, &release, 1_000, 130_000).len(), 1);
+        let waiting = again.order[50];
+        let view = again.view(&release, &waiting, 130_000).unwrap();
+        assert_eq!(
+            view.estimated_admission_at_unix_ms,
+            Some(130_000 + (50 - 11) * 1_000)
+        );
+        assert_eq!(admit(&mut again, &release, 1_000, 140_000).len(), 10);
     }
 
     #[test]
