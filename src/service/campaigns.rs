@@ -42,7 +42,7 @@ use crate::domain::plans::{self, SlotView};
 use crate::domain::release::Gate;
 use crate::domain::retention::Cutoffs;
 use crate::service::actor::Actor;
-use crate::service::engine::{Attempt, BookingView, Engine, LANDING_POLL};
+use crate::service::engine::{undo_if_never_written, Attempt, BookingView, Engine, LANDING_POLL};
 use crate::service::error::ServiceError;
 use crate::service::exports::OnIdle;
 use crate::service::state::campaigns::CampaignState;
@@ -129,13 +129,18 @@ impl Engine {
         }
         let advice = "fewer waves, or fewer or shorter priority groups";
         self.check_storable(&Write::Campaign(campaign.clone()), "campaign.waves", advice)?;
-        if let Some(entry) = &existing {
-            self.end_now_if_asked(entry, &mut campaign);
-        }
+        let ended =
+            (existing.as_ref()).and_then(|entry| self.end_now_if_asked(entry, &mut campaign));
         let audit = self.audit(&actor.name, "UpsertCampaign", campaign_detail(&campaign));
-        self.store
+        let written = (self.store)
             .commit(&[Write::Campaign(campaign.clone()), audit])
-            .await?;
+            .await;
+        undo_if_never_written(written, || {
+            if let (Some(entry), Some(before)) = (&existing, ended) {
+                let _registering = entry.lock();
+                entry.ends_at_unix_ms.store(before, Ordering::Release);
+            }
+        })?;
         self.settle_campaign(existing, &campaign);
         Ok(campaign)
     }
@@ -182,17 +187,19 @@ impl Engine {
     /// An update of `entry` that ends it now (`ends_at` not ahead), about to be written
     /// (nothing left to refuse it): the end is set in memory first, under the campaign's
     /// lock, where PreRegister reads the end and its own time, so no registration is
-    /// made after the end.
-    fn end_now_if_asked(&self, entry: &CampaignEntry, campaign: &mut Campaign) {
+    /// made after the end. Returns the end it replaced, for the undo of a write never
+    /// made (otherwise the campaign would read ended, gating nothing, until a restart).
+    fn end_now_if_asked(&self, entry: &CampaignEntry, campaign: &mut Campaign) -> Option<i64> {
         if campaign
             .ends_at_unix_ms
-            .is_some_and(|at| at <= self.now_unix_ms())
+            .is_none_or(|at| at > self.now_unix_ms())
         {
-            let _registering = entry.lock();
-            let now = self.now_unix_ms();
-            campaign.ends_at_unix_ms = Some(now);
-            entry.ends_at_unix_ms.store(now, Ordering::Release);
+            return None;
         }
+        let _registering = entry.lock();
+        let now = self.now_unix_ms();
+        campaign.ends_at_unix_ms = Some(now);
+        Some(entry.ends_at_unix_ms.swap(now, Ordering::AcqRel))
     }
 
     /// The write of `campaign` is durable: memory takes it (`existing`: its entry).

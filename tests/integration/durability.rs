@@ -20,6 +20,7 @@ use common::child::{
 use common::*;
 use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
+use prenota::proto::capacity_service_client::CapacityServiceClient;
 use prenota::proto::site_service_client::SiteServiceClient;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -332,4 +333,60 @@ async fn reads_do_not_show_a_booking_before_its_fdatasync_returns() {
     assert_eq!(listed.bookings[0].booking_id, booking_id);
     assert_eq!(exported.booking.unwrap().booking_id, booking_id);
     server.terminate();
+}
+
+/// An `UpsertCampaign` ending a campaign sets its end in memory before the write (so
+/// no registration is made after it); a write never made puts the end back. Before,
+/// the campaign read ended until a restart: it gated nothing, and another campaign of
+/// its service and region could be created beside it (a review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ending_never_written_leaves_the_campaign_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (library, control) = fdatasync_gate(dir.path());
+    let server = start_with_shim(&dir.path().join("data"), &library, &control);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "durable", "r", 10).await;
+    let mut capacity = CapacityServiceClient::new(channel.clone());
+    let campaign = |id: &str, ends_at_s: Option<i64>| proto::UpsertCampaignRequest {
+        campaign: Some(proto::Campaign {
+            campaign_id: id.into(),
+            service_id: "vax".into(),
+            region_id: "elsewhere".into(),
+            ends_at: ends_at_s.map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
+            waves: vec![proto::Wave {
+                wave_id: "all".into(),
+                opens_at: Some(prost_types::Timestamp::default()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    };
+    capacity
+        .upsert_campaign(campaign("c1", None))
+        .await
+        .unwrap();
+
+    // The store fails (a booking's fdatasync); every later write is never made.
+    std::fs::write(control.join("fail"), b"").unwrap();
+    let mut client = BookingServiceClient::new(channel.clone());
+    let failed = client
+        .book(book_request(&slot_id, "citizen", "failed"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&failed).as_deref(), Some("STORAGE_FAILED"));
+    let ending = capacity
+        .upsert_campaign(campaign("c1", Some(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&ending).as_deref(), Some("STORAGE_FAILED"));
+
+    // c1 still covers its service and region: a second campaign is refused for it.
+    let second = capacity
+        .upsert_campaign(campaign("c2", None))
+        .await
+        .unwrap_err();
+    assert_eq!(second.code(), Code::InvalidArgument, "{second:?}");
+    assert!(second.message().contains("c1"), "{second:?}");
+    server.kill_9();
 }
