@@ -49,6 +49,9 @@ const BOOKING_SERVICE_NAME: &str = "prenota.v1.BookingService";
 const CAPACITY_SERVICE_NAME: &str = "prenota.v1.CapacityService";
 const OPEN_DATA_SERVICE_NAME: &str = "prenota.v1.OpenDataService";
 const SITE_SERVICE_NAME: &str = "prenota.v1.SiteService";
+/// How long shutdown waits for the connections it closed past its drain to end.
+const CLOSED_CONNECTIONS_WAIT: Duration = Duration::from_secs(1);
+
 /// How long shutdown waits for detached request tasks to let go of the engine.
 const ENGINE_RELEASE_WAIT: Duration = Duration::from_secs(10);
 
@@ -368,6 +371,22 @@ async fn run(
         &receiving,
         Some(&imports),
     );
+    let accepting = connections::capped(
+        listener,
+        connections::Caps {
+            max: limits.connections_max,
+            per_peer: peer_caps(&limits, limits.connections_per_peer_max),
+            proxies,
+            health_checkers,
+        },
+        (
+            Duration::from_millis(limits.connection_opening_timeout_ms),
+            Duration::from_millis(
+                (limits.connection_age_max_ms).saturating_add(limits.connection_age_grace_ms),
+            ),
+        ),
+    );
+    let open = accepting.open_connections();
     let serving = transport(tls.as_ref(), &limits)?
         .layer(ObserveLayer)
         .add_service(health_service)
@@ -397,42 +416,24 @@ async fn run(
             &gate(auth::Service::Site),
             &closing_seen,
         ))
-        .serve_with_incoming_shutdown(
-            connections::capped(
-                listener,
-                connections::Caps {
-                    max: limits.connections_max,
-                    per_peer: peer_caps(&limits, limits.connections_per_peer_max),
-                    proxies,
-                    health_checkers,
-                },
-                (
-                    Duration::from_millis(limits.connection_opening_timeout_ms),
-                    Duration::from_millis(
-                        (limits.connection_age_max_ms)
-                            .saturating_add(limits.connection_age_grace_ms),
-                    ),
-                ),
-            ),
-            async move {
-                tokio::select! {
-                    _ = shutdown => {}
-                    _ = stopped => {}
-                    _ = failed_seen.notified(), if stop_when_store_fails => {
-                        ended_by_failure.store(true, std::sync::atomic::Ordering::Release);
-                    }
+        .serve_with_incoming_shutdown(accepting, async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = stopped => {}
+                _ = failed_seen.notified(), if stop_when_store_fails => {
+                    ended_by_failure.store(true, std::sync::atomic::Ordering::Release);
                 }
-                // Balancers watching health see it first, then every stream ends.
-                set_health(&health_at_shutdown, ServingStatus::NotServing).await;
-                closing.send_replace(true);
-                // A standby stops waiting for the lease.
-                giving_up
-                    .give_up
-                    .store(true, std::sync::atomic::Ordering::Release);
-            },
-        );
+            }
+            // Balancers watching health see it first, then every stream ends.
+            set_health(&health_at_shutdown, ServingStatus::NotServing).await;
+            closing.send_replace(true);
+            // A standby stops waiting for the lease.
+            giving_up
+                .give_up
+                .store(true, std::sync::atomic::Ordering::Release);
+        });
     let drain_bound = Duration::from_millis(limits.request_timeout_ms);
-    let serving = drained_within(serving, closing_seen.clone(), drain_bound);
+    let serving = drained_within(serving, closing_seen.clone(), (drain_bound, open));
     let services = ServiceSlots {
         booking: booking_slot.as_ref(),
         capacity: capacity_slot.as_ref(),
@@ -560,13 +561,14 @@ async fn waited_out_previous_holder(standby: &Standby) -> bool {
 /// they were doing, for at most `bound` (every request is answered by then, every reply
 /// stream was told to end, a watch that stopped reading was cut off): past it, a
 /// connection that still lingers (a client ignoring GOAWAY) keeps the rest from exiting
-/// no longer. Its task still holds the engine, so the store then does not close cleanly
-/// (`close` waits `ENGINE_RELEASE_WAIT`, then leaves it to the OS; every acknowledged
-/// write is durable already).
+/// no longer: the connections still open are closed (a client that never answers the
+/// GOAWAY's ping, even on an idle connection, would hold its task, and with it the
+/// engine, so the store could not close cleanly), and their tasks are given
+/// `CLOSED_CONNECTIONS_WAIT` to end.
 async fn drained_within(
     serving: impl Future<Output = Result<(), tonic::transport::Error>>,
     mut closing: tokio::sync::watch::Receiver<bool>,
-    bound: Duration,
+    (bound, open): (Duration, connections::OpenConnections),
 ) -> Result<(), tonic::transport::Error> {
     tokio::pin!(serving);
     tokio::select! {
@@ -574,16 +576,18 @@ async fn drained_within(
         // An error: the sender is gone, so shutdown began.
         _ = closing.wait_for(|closing| *closing) => {}
     }
-    match tokio::time::timeout(bound, serving).await {
+    if let Ok(served) = tokio::time::timeout(bound, &mut serving).await {
+        return served;
+    }
+    let closed = open.close_all();
+    tracing::warn!(
+        bound_ms = bound.as_millis() as u64,
+        closed,
+        "connections still open request_timeout_ms after shutdown began; closing them"
+    );
+    match tokio::time::timeout(CLOSED_CONNECTIONS_WAIT, serving).await {
         Ok(served) => served,
-        Err(_) => {
-            tracing::warn!(
-                bound_ms = bound.as_millis() as u64,
-                "connections still open request_timeout_ms after shutdown began; not waiting \
-                 for them"
-            );
-            Ok(())
-        }
+        Err(_) => Ok(()),
     }
 }
 

@@ -14,7 +14,10 @@
 //!   a header names) is marked so its health checks take a budget apart;
 //! - a request may close its own connection ([`Closer`]): an export whose client stopped
 //!   reading does, since no stream of a connection whose window stays shut can be ended
-//!   any other way (the transport stops polling its body).
+//!   any other way (the transport stops polling its body);
+//! - shutdown closes every connection still open once its drain is over
+//!   ([`OpenConnections`]): a client that never answers the GOAWAY's ping (an idle
+//!   HTTP/2 connection is enough) would otherwise hold the engine past it.
 
 use std::future::Future;
 use std::io;
@@ -57,6 +60,65 @@ impl Closer {
 
     fn is_closed(&self) -> bool {
         self.0.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Every open connection's [`Closer`], so shutdown can close those still open when its
+/// drain is over; one closed later than that is closed as it opens.
+#[derive(Clone, Debug, Default)]
+pub struct OpenConnections(Arc<std::sync::Mutex<OpenState>>);
+
+#[derive(Debug, Default)]
+struct OpenState {
+    next: u64,
+    closers: std::collections::HashMap<u64, Closer>,
+    all_closed: bool,
+}
+
+impl OpenConnections {
+    fn enter(&self) -> OpenPlace {
+        let mut state = self.lock();
+        let id = state.next;
+        state.next += 1;
+        let closer = Closer::default();
+        if state.all_closed {
+            closer.close();
+        }
+        state.closers.insert(id, closer.clone());
+        OpenPlace {
+            id,
+            closer,
+            open: self.clone(),
+        }
+    }
+
+    /// Closes every open connection (their next read or write fails); how many.
+    pub fn close_all(&self) -> usize {
+        let mut state = self.lock();
+        state.all_closed = true;
+        state.closers.values().for_each(Closer::close);
+        state.closers.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenState> {
+        // Each critical section is one map operation: a poisoned lock guards sound data.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A connection's entry in [`OpenConnections`], removed when it is dropped.
+#[derive(Debug)]
+struct OpenPlace {
+    id: u64,
+    closer: Closer,
+    open: OpenConnections,
+}
+
+impl Drop for OpenPlace {
+    fn drop(&mut self) {
+        self.open.lock().closers.remove(&self.id);
     }
 }
 
@@ -111,7 +173,8 @@ pub struct Counted {
     checks_apart: bool,
     _permit: OwnedSemaphorePermit,
     _peer_place: Option<PeerPlace>,
-    closer: Closer,
+    /// Its closer, listed among the open connections.
+    open: OpenPlace,
     /// Until its first `OPENING_BYTES` arrive.
     opening: Option<Pin<Box<Sleep>>>,
     received: usize,
@@ -147,6 +210,7 @@ pub fn capped(listener: TcpListener, caps: Caps, (opening_timeout, lifetime): Ti
         opening_timeout,
         lifetime,
         reading: JoinSet::new(),
+        open: OpenConnections::default(),
     }
 }
 
@@ -168,6 +232,7 @@ pub struct Accepting {
     lifetime: Duration,
     /// The headers being read; dropped with the listener (their tasks abort).
     reading: JoinSet<Option<Opened>>,
+    open: OpenConnections,
 }
 
 /// A connection with its place under `connections_max`, whose client is known (a
@@ -218,6 +283,11 @@ impl Stream for Accepting {
 }
 
 impl Accepting {
+    /// The connections it admitted that are still open.
+    pub fn open_connections(&self) -> OpenConnections {
+        self.open.clone()
+    }
+
     /// A connection just accepted: counted, or being read (a listed proxy's), or closed.
     fn accepted(&mut self, stream: TcpStream) -> Option<Counted> {
         let peer = stream.peer_addr().ok()?; // an error: the peer is gone
@@ -254,7 +324,7 @@ impl Accepting {
             checks_apart: opened.checks_apart || checker,
             _permit: opened.permit,
             _peer_place: peer_place,
-            closer: Closer::default(),
+            open: self.open.enter(),
             opening: Some(opened.opening),
             received: 0,
             ends: Box::pin(tokio::time::sleep(self.lifetime)),
@@ -325,7 +395,7 @@ impl Connected for Counted {
         };
         ConnectionInfo {
             tcp,
-            closer: self.closer.clone(),
+            closer: self.open.closer.clone(),
             checks_apart: self.checks_apart,
         }
     }
@@ -341,7 +411,7 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.closer.0.reader.register(cx.waker());
+        self.open.closer.0.reader.register(cx.waker());
         // Before reading: a client that keeps sending must meet them too.
         if let Some(shut) = self.shut(cx) {
             return Poll::Ready(Err(shut));
@@ -389,7 +459,7 @@ impl Counted {
     /// Why its next read or write must fail, if it must: closed by a request, or past
     /// its age and grace.
     fn shut(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        match self.closer.is_closed() {
+        match self.open.closer.is_closed() {
             true => Some(closed()),
             false => self.ended(cx).then(too_old),
         }

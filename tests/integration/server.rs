@@ -321,6 +321,46 @@ async fn a_watch_that_stopped_reading_does_not_hold_up_shutdown() {
     assert!(logs.contains("store closed cleanly"), "{logs}");
 }
 
+/// SIGTERM with an idle HTTP/2 connection whose client never answers (it sent its
+/// preface and SETTINGS, then nothing): the graceful drain waits for the GOAWAY's ping
+/// to be answered, which never comes. Past `request_timeout_ms` the connection is now
+/// closed, so its task lets go of the engine and the store closes cleanly; before, the
+/// server waited 10 s more and left the store to the OS (an outside test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_http2_client_does_not_keep_the_store_from_closing() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let options = common::child::ChildOptions {
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        rust_log: Some("info".into()),
+        env: vec![
+            ("PRENOTA_LIMITS_REQUEST_TIMEOUT_MS".into(), "1000".into()),
+            (
+                "PRENOTA_LIMITS_MESSAGE_RECEIVE_TIMEOUT_MS".into(),
+                "1000".into(),
+            ),
+        ],
+        ..Default::default()
+    };
+    let mut server =
+        common::child::ChildServer::start_recovering(&dir.path().join("data"), options);
+    server.wait_serving();
+    let address = server.url.trim_start_matches("http://");
+    let mut silent = std::net::TcpStream::connect(address).unwrap();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .unwrap();
+    silent.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap(); // an empty SETTINGS frame
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    exits_within_10_s_on_sigterm(server).await;
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("closing them") && logs.contains("closed=1"), "{logs}");
+    assert!(logs.contains("store closed cleanly"), "{logs}");
+    drop(silent);
+}
+
 /// A `prenota serve` child logging at info into the returned file, serving.
 fn logged_child(dir: &std::path::Path) -> (common::child::ChildServer, std::path::PathBuf) {
     let log = dir.join("stderr.log");
