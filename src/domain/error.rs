@@ -27,7 +27,7 @@ pub enum DomainError {
     Invalid(Vec<FieldViolation>),
     #[error("slot {0} has no remaining capacity")]
     SlotFull(SlotKey),
-    #[error("the citizen already has the maximum number of active bookings for this service (a booking checked in counts until its slot ends)")]
+    #[error("the citizen already has the maximum number of active bookings for this service (a live hold counts too, until it is confirmed or expires; a booking checked in counts until its slot ends)")]
     CitizenAlreadyBooked {
         booking_id: BookingId,
         /// In a group, the position of the member already booked (in `citizen_ids`).

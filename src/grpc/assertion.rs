@@ -192,11 +192,14 @@ impl Assertions {
         metadata: &MetadataMap,
         now_unix_s: i64,
     ) -> Result<AssertedCitizen, String> {
-        let token = metadata
-            .get(ASSERTION_HEADER)
-            .ok_or("no x-citizen-assertion")?
-            .to_str()
-            .map_err(|_| "the assertion is not ASCII")?;
+        let mut sent = metadata.get_all(ASSERTION_HEADER).iter();
+        let token = sent.next().ok_or("no x-citizen-assertion")?;
+        // Which of two would name the citizen is anyone's guess (a frontend appending its
+        // own to one a client sent): none does (an outside test).
+        if sent.next().is_some() {
+            return Err("more than one x-citizen-assertion".into());
+        }
+        let token = token.to_str().map_err(|_| "the assertion is not ASCII")?;
         if token.len() > ASSERTION_BYTES_MAX {
             return Err("the assertion is too long".into());
         }
@@ -319,6 +322,20 @@ mod tests {
         let mut metadata = MetadataMap::new();
         metadata.insert(ASSERTION_HEADER, token.parse().unwrap());
         metadata
+    }
+
+    #[tokio::test]
+    async fn two_assertions_in_one_call_are_refused() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let now = 1_800_000_000;
+        let assertions = assertions(&key, 0);
+        let mut both = signed(&key, "BOT", now);
+        let victim = signed(&key, "ALICE", now);
+        let second = victim.get(ASSERTION_HEADER).unwrap().clone();
+        both.append(ASSERTION_HEADER, second);
+        let refused = assertions.verify(&both, now).await.unwrap_err();
+        assert!(refused.contains("more than one"), "{refused}");
+        assert!(assertions.verify(&victim, now).await.is_ok());
     }
 
     #[tokio::test]

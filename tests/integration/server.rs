@@ -356,7 +356,10 @@ async fn a_silent_http2_client_does_not_keep_the_store_from_closing() {
 
     exits_within_10_s_on_sigterm(server).await;
     let logs = std::fs::read_to_string(&log).unwrap();
-    assert!(logs.contains("closing them") && logs.contains("closed=1"), "{logs}");
+    assert!(
+        logs.contains("closing them") && logs.contains("closed=1"),
+        "{logs}"
+    );
     assert!(logs.contains("store closed cleanly"), "{logs}");
     drop(silent);
 }
