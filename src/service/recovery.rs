@@ -99,6 +99,8 @@ impl Engine {
         let key = citizen_hash_key(config, &store)?;
         check_id_scheme(config, &store)?;
         let event_log_id = event_log_id(&store)?;
+        // New entries sort after the stored ones, even on a clock that is behind now.
+        let last_audit = store.last_audit_unix_ms()?.unwrap_or(i64::MIN);
         let catalog = Catalog::default();
         let board = catalog.board();
         let share = |total, share| crate::config::per_token_share(&config.tokens, total, share);
@@ -154,7 +156,7 @@ impl Engine {
             series: crate::service::series::SeriesBook::default(),
             opened_at_unix_ms: clock.now_unix_ms(),
             clock,
-            last_audit_unix_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+            last_audit_unix_ms: std::sync::atomic::AtomicI64::new(last_audit),
         };
         rebuild(&mut engine)?;
         Ok(engine)

@@ -702,6 +702,18 @@ impl Store {
         self.scan(records::AUDIT_PREFIX)
     }
 
+    /// When the newest audit entry was stamped (`None`: the log is empty).
+    pub fn last_audit_unix_ms(&self) -> Result<Option<i64>, StoreError> {
+        match self.db.scan_prefix([records::AUDIT_PREFIX]).next_back() {
+            None => Ok(None),
+            Some(Ok((key, value))) => {
+                let entry = records::AuditEntry::decode_value(&key, &value)?;
+                Ok(Some(entry.at_unix_ms))
+            }
+            Some(Err(e)) => Err(StoreError::Io(format!("reading the last audit entry: {e}"))),
+        }
+    }
+
     /// Every hold, all states: those under their old keys, then the others in the
     /// order they were made.
     pub fn holds(&self) -> impl Iterator<Item = Result<Hold, StoreError>> {

@@ -228,6 +228,50 @@ async fn a_closure_cancels_a_booking_stored_before_references() {
     assert_eq!(outcome.cancelled_bookings, 2, "the old booking too");
 }
 
+/// Audit entries are stamped after the newest stored one, also after a restart on a
+/// clock that is behind (a failover onto another node's clock): the log, oldest first,
+/// stays in the order of the changes. The last stamp was not rebuilt before (a review).
+#[tokio::test]
+async fn audit_entries_after_a_restart_on_a_clock_behind_come_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let stored_at = 1_800_000_000_000;
+    let stored = prenota::store::records::AuditEntry {
+        at_unix_ms: stored_at,
+        actor: "before".into(),
+        action: "UpsertSite".into(),
+        detail: "stored before the restart".into(),
+    };
+    store_with(dir.path(), 10, vec![Write::Audit(stored)]).await;
+    let behind = Clock::manual(stored_at - 3_600_000);
+    let engine = Engine::open(dir.path(), &Config::default(), behind).unwrap();
+    let engine = std::sync::Arc::new(engine);
+    let close = CloseCommand {
+        site_id: slot_key().site_id,
+        service_id: None,
+        from_unix_s: slot_key().start_unix_s,
+        to_unix_s: slot_key().start_unix_s + 1,
+        reason: "flooded".into(),
+        request: None,
+    };
+    engine
+        .close_slots(close, &Actor::everywhere("after"))
+        .await
+        .unwrap();
+    let mut log = engine.audit_log(None);
+    let mut actors = Vec::new();
+    while let Some(entry) = futures::StreamExt::next(&mut log).await {
+        let entry = entry.unwrap();
+        actors.push((entry.actor, entry.at_unix_ms));
+    }
+    assert_eq!(
+        actors,
+        [
+            ("before".to_string(), stored_at),
+            ("after".into(), stored_at + 1)
+        ]
+    );
+}
+
 /// Retention reads the rosters of slots that started before its cut-off, but a booking
 /// stored before references existed is in no roster: while one may be stored, the pass
 /// reads every booking, so it still deletes it with its slot.
