@@ -1020,7 +1020,11 @@ pub fn migrate_from_sled(data_dir: &Path, url: &str, config: &Config) -> Result<
         .map_err(|e| format!("{}: {e}", data_dir.display()))?;
     eprintln!("prenota migrate: copying into PostgreSQL (one transaction)");
     let mut last_said = std::time::Instant::now();
-    let copied = crate::store::postgres::copy_into(engine.stored_records(), url, |copied| {
+    // The embedded store's own format record stays behind: PostgreSQL has its schema.
+    let records = engine.stored_records().filter(|record| {
+        !matches!(record, Ok((key, _)) if key.as_slice() == crate::store::records::STORE_FORMAT_KEY)
+    });
+    let copied = crate::store::postgres::copy_into(records, url, |copied| {
         if last_said.elapsed() >= std::time::Duration::from_secs(1) {
             eprintln!("prenota migrate: {copied} records copied");
             last_said = std::time::Instant::now();

@@ -450,7 +450,8 @@ pub struct Queue {
     pace_from: Option<PaceFrom>,
 }
 
-/// The pace's origin: `admitted` tickets were admitted by `at_unix_ms`.
+/// The pace's origin: `admitted` tickets were admitted before `at_unix_ms`, and one
+/// more may be at it.
 #[derive(Clone, Copy, Debug)]
 struct PaceFrom {
     at_unix_ms: i64,
@@ -875,9 +876,10 @@ impl Queue {
             .count();
         self.expired_upto = 0;
         self.expire(now_unix_ms);
+        // One fewer than admitted: the pace's first admission (at its origin) was made.
         self.pace_from = (now_unix_ms > release.release_at_unix_ms).then_some(PaceFrom {
             at_unix_ms: now_unix_ms,
-            admitted: self.admitted,
+            admitted: self.admitted.saturating_sub(1),
         });
     }
 }
@@ -1107,12 +1109,12 @@ mod tests {
         // Down for a minute: the pace alone would now allow 60 more.
         again.rebuild(&release, 130_000);
         again.check().unwrap();
-        assert_eq!(admit(&mut again, &release, 1_000, 130_000).len(), 1);
+        assert_eq!(admit(&mut again, &release, 1_000, 130_000).len(), 0);
         let waiting = again.order[50];
         let view = again.view(&release, &waiting, 130_000).unwrap();
         assert_eq!(
             view.estimated_admission_at_unix_ms,
-            Some(130_000 + (50 - 11) * 1_000)
+            Some(130_000 + (50 - 10) * 1_000)
         );
         assert_eq!(admit(&mut again, &release, 1_000, 140_000).len(), 10);
     }

@@ -702,14 +702,17 @@ impl Store {
         self.scan(records::AUDIT_PREFIX)
     }
 
-    /// When the newest audit entry was stamped (`None`: the log is empty).
+    /// When the newest audit entry was stamped, read from its key (`None`: the log is
+    /// empty): a damaged entry is `prenota audit`'s concern, not the start's.
     pub fn last_audit_unix_ms(&self) -> Result<Option<i64>, StoreError> {
-        match self.db.scan_prefix([records::AUDIT_PREFIX]).next_back() {
+        match self
+            .db
+            .scan_prefix([records::AUDIT_PREFIX])
+            .keys()
+            .next_back()
+        {
             None => Ok(None),
-            Some(Ok((key, value))) => {
-                let entry = records::AuditEntry::decode_value(&key, &value)?;
-                Ok(Some(entry.at_unix_ms))
-            }
+            Some(Ok(key)) => Ok(records::audit_key_time(&key)),
             Some(Err(e)) => Err(StoreError::Io(format!("reading the last audit entry: {e}"))),
         }
     }

@@ -87,7 +87,8 @@ pub const COMMITS_KEY: &[u8] = b"Kcommits";
 /// miss records), as a PostgreSQL schema newer than its migrations.
 pub const STORE_FORMAT_KEY: &[u8] = b"Kformat";
 /// This build's store layout. Bump it with every change an older build would misread:
-/// a record's new format version, a new key layout, a kind it would not see. 1: holds
+/// a record's new format version, a new key layout, a kind it would not see (and add a
+/// PostgreSQL migration for it too: that backend refuses by its schema version). 1: holds
 /// in time order (`O`), events of format 2 in runs, bookings v3, campaigns v2.
 pub const STORE_FORMAT: u32 = 1;
 
@@ -1833,6 +1834,12 @@ fn audit_key(at_unix_ms: i64) -> Vec<u8> {
     key
 }
 
+/// When an audit entry was stamped, read from its key (`None`: not an audit key).
+pub fn audit_key_time(key: &[u8]) -> Option<i64> {
+    let time: [u8; 8] = key.get(1..9)?.try_into().ok()?;
+    (key[0] == AUDIT_PREFIX).then(|| (u64::from_be_bytes(time) ^ (1 << 63)) as i64)
+}
+
 /// The first audit key at or after `at_unix_ms`: entries before it sort before it.
 pub fn audit_key_from(at_unix_ms: i64) -> [u8; 9] {
     let mut key = [0u8; 9];
@@ -1923,6 +1930,18 @@ mod tests {
 
     /// The store format's key and bytes are pinned: a build that read them otherwise
     /// could not tell a newer store from its own.
+    #[test]
+    fn an_audit_key_gives_its_time_back() {
+        for at in [i64::MIN, -1, 0, 1_800_000_000_000, i64::MAX] {
+            assert_eq!(audit_key_time(&audit_key(at)), Some(at));
+        }
+        assert_eq!(audit_key_time(b"A1"), None);
+        assert_eq!(
+            audit_key_time(&site_key(&SiteId::parse("s", "x", 64).unwrap())),
+            None
+        );
+    }
+
     #[test]
     fn the_store_format_record_is_pinned() {
         assert_eq!(STORE_FORMAT_KEY, b"Kformat");

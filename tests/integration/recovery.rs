@@ -75,6 +75,18 @@ fn logged_line(log: &std::path::Path, needle: &str) -> String {
         .to_string()
 }
 
+/// Closes `slot_key()`, whatever its service.
+fn closing_the_slot() -> CloseCommand {
+    CloseCommand {
+        site_id: slot_key().site_id,
+        service_id: None,
+        from_unix_s: slot_key().start_unix_s,
+        to_unix_s: slot_key().start_unix_s + 1,
+        reason: "flooded".into(),
+        request: None,
+    }
+}
+
 fn open(dir: &std::path::Path) -> Result<Engine, ServiceError> {
     Engine::open(dir, &Config::default(), Clock::system())
 }
@@ -213,14 +225,7 @@ async fn a_closure_cancels_a_booking_stored_before_references() {
     let old = Booking { codes: None, ..old };
     store_with(dir.path(), 10, vec![booking(1, 1), Write::Booking(old)]).await;
     let engine = std::sync::Arc::new(open(dir.path()).unwrap());
-    let close = CloseCommand {
-        site_id: slot_key().site_id,
-        service_id: None,
-        from_unix_s: slot_key().start_unix_s,
-        to_unix_s: slot_key().start_unix_s + 1,
-        reason: "flooded".into(),
-        request: None,
-    };
+    let close = closing_the_slot();
     let outcome = engine
         .close_slots(close, &Actor::everywhere("test"))
         .await
@@ -245,14 +250,7 @@ async fn audit_entries_after_a_restart_on_a_clock_behind_come_last() {
     let behind = Clock::manual(stored_at - 3_600_000);
     let engine = Engine::open(dir.path(), &Config::default(), behind).unwrap();
     let engine = std::sync::Arc::new(engine);
-    let close = CloseCommand {
-        site_id: slot_key().site_id,
-        service_id: None,
-        from_unix_s: slot_key().start_unix_s,
-        to_unix_s: slot_key().start_unix_s + 1,
-        reason: "flooded".into(),
-        request: None,
-    };
+    let close = closing_the_slot();
     engine
         .close_slots(close, &Actor::everywhere("after"))
         .await
