@@ -1777,6 +1777,11 @@ fn sortable(value: i64) -> [u8; 8] {
     ((value as u64) ^ (1 << 63)).to_be_bytes()
 }
 
+/// The i64 that [`sortable`] mapped to `bytes`.
+fn from_sortable(bytes: [u8; 8]) -> i64 {
+    (u64::from_be_bytes(bytes) ^ (1 << 63)) as i64
+}
+
 pub fn site_key(site_id: &SiteId) -> Vec<u8> {
     id_key(SITE_PREFIX, site_id.as_str())
 }
@@ -1837,7 +1842,7 @@ fn audit_key(at_unix_ms: i64) -> Vec<u8> {
 /// When an audit entry was stamped, read from its key (`None`: not an audit key).
 pub fn audit_key_time(key: &[u8]) -> Option<i64> {
     let time: [u8; 8] = key.get(1..9)?.try_into().ok()?;
-    (key[0] == AUDIT_PREFIX).then(|| (u64::from_be_bytes(time) ^ (1 << 63)) as i64)
+    (key[0] == AUDIT_PREFIX).then(|| from_sortable(time))
 }
 
 /// The first audit key at or after `at_unix_ms`: entries before it sort before it.
@@ -1928,8 +1933,6 @@ mod tests {
         assert!(!said.contains("RSSMRA"), "{said}");
     }
 
-    /// The store format's key and bytes are pinned: a build that read them otherwise
-    /// could not tell a newer store from its own.
     #[test]
     fn an_audit_key_gives_its_time_back() {
         for at in [i64::MIN, -1, 0, 1_800_000_000_000, i64::MAX] {
@@ -1942,6 +1945,8 @@ mod tests {
         );
     }
 
+    /// The store format's key and bytes are pinned: a build that read them otherwise
+    /// could not tell a newer store from its own.
     #[test]
     fn the_store_format_record_is_pinned() {
         assert_eq!(STORE_FORMAT_KEY, b"Kformat");

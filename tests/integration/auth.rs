@@ -868,17 +868,7 @@ async fn a_campaigns_stats_and_registrations_are_for_its_regions_authorities() {
     let (_, mut web) = clients(&server, Some(FRONTEND)).await;
     admin
         .upsert_campaign(proto::UpsertCampaignRequest {
-            campaign: Some(proto::Campaign {
-                campaign_id: "veneto-vax".into(),
-                service_id: "vax".into(),
-                region_id: "veneto".into(),
-                waves: vec![proto::Wave {
-                    wave_id: "all".into(),
-                    opens_at: Some(prost_types::Timestamp::default()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
+            campaign: Some(open_campaign("veneto-vax", "veneto")),
             request_id: String::new(),
         })
         .await

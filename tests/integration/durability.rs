@@ -349,16 +349,8 @@ async fn an_ending_never_written_leaves_the_campaign_running() {
     let mut capacity = CapacityServiceClient::new(channel.clone());
     let campaign = |id: &str, ends_at_s: Option<i64>| proto::UpsertCampaignRequest {
         campaign: Some(proto::Campaign {
-            campaign_id: id.into(),
-            service_id: "vax".into(),
-            region_id: "elsewhere".into(),
             ends_at: ends_at_s.map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }),
-            waves: vec![proto::Wave {
-                wave_id: "all".into(),
-                opens_at: Some(prost_types::Timestamp::default()),
-                ..Default::default()
-            }],
-            ..Default::default()
+            ..open_campaign(id, "elsewhere")
         }),
         request_id: String::new(),
     };

@@ -330,22 +330,16 @@ async fn a_watch_that_stopped_reading_does_not_hold_up_shutdown() {
 async fn a_silent_http2_client_does_not_keep_the_store_from_closing() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("stderr.log");
-    let options = common::child::ChildOptions {
-        stderr: Some(std::fs::File::create(&log).unwrap()),
-        rust_log: Some("info".into()),
-        env: vec![
+    let (server, log) = logged_child_with(
+        dir.path(),
+        vec![
             ("PRENOTA_LIMITS_REQUEST_TIMEOUT_MS".into(), "1000".into()),
             (
                 "PRENOTA_LIMITS_MESSAGE_RECEIVE_TIMEOUT_MS".into(),
                 "1000".into(),
             ),
         ],
-        ..Default::default()
-    };
-    let mut server =
-        common::child::ChildServer::start_recovering(&dir.path().join("data"), options);
-    server.wait_serving();
+    );
     let address = server.url.trim_start_matches("http://");
     let mut silent = std::net::TcpStream::connect(address).unwrap();
     silent
@@ -366,10 +360,19 @@ async fn a_silent_http2_client_does_not_keep_the_store_from_closing() {
 
 /// A `prenota serve` child logging at info into the returned file, serving.
 fn logged_child(dir: &std::path::Path) -> (common::child::ChildServer, std::path::PathBuf) {
+    logged_child_with(dir, Vec::new())
+}
+
+/// `logged_child` with `env` (`PRENOTA_LIMITS_*`, ...).
+fn logged_child_with(
+    dir: &std::path::Path,
+    env: Vec<(String, String)>,
+) -> (common::child::ChildServer, std::path::PathBuf) {
     let log = dir.join("stderr.log");
     let options = common::child::ChildOptions {
         stderr: Some(std::fs::File::create(&log).unwrap()),
         rust_log: Some("info".into()),
+        env,
         ..Default::default()
     };
     let mut server = common::child::ChildServer::start_recovering(&dir.join("data"), options);

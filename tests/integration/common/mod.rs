@@ -306,6 +306,21 @@ pub async fn search_range(
     }
 }
 
+/// A `vax` campaign of `region_id` with one wave, open to everyone since 1970.
+pub fn open_campaign(campaign_id: &str, region_id: &str) -> proto::Campaign {
+    proto::Campaign {
+        campaign_id: campaign_id.into(),
+        service_id: "vax".into(),
+        region_id: region_id.into(),
+        waves: vec![proto::Wave {
+            wave_id: "all".into(),
+            opens_at: Some(prost_types::Timestamp::default()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 pub fn book_request(slot_id: &str, citizen_id: &str, request_id: &str) -> proto::BookRequest {
     proto::BookRequest {
         slot_id: slot_id.into(),
