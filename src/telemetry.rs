@@ -78,6 +78,9 @@ pub const RECOVERY_SECONDS: &str = "prenota_recovery_seconds";
 pub const RECOVERED_RECORDS: &str = "prenota_recovered_records";
 /// Records retention forgot or deleted, by kind.
 pub const RETENTION_DELETED: &str = "prenota_retention_deleted_total";
+/// How far retention's time is behind the clock (after a start on a clock ahead of the
+/// store's newest write, or a clock set ahead: `domain::retention::retention_time`).
+pub const RETENTION_BEHIND_CLOCK_SECONDS: &str = "prenota_retention_behind_clock_seconds";
 /// The `kind` labels of `RETENTION_DELETED`.
 pub const RETENTION_KINDS: [&str; 11] = [
     "request_records",
@@ -345,6 +348,11 @@ fn describe_store() {
         "records retention forgot (request_records) or deleted, by kind"
     );
     describe_gauge!(
+        RETENTION_BEHIND_CLOCK_SECONDS,
+        Unit::Seconds,
+        "how far retention's time is behind the clock (it gains one second per second)"
+    );
+    describe_gauge!(
         REQUEST_RECORDS,
         "finished requests remembered for idempotency (until request_records_retained_hours)"
     );
@@ -442,6 +450,7 @@ pub const ALL: &[&str] = &[
     RECOVERY_SECONDS,
     RECOVERED_RECORDS,
     RETENTION_DELETED,
+    RETENTION_BEHIND_CLOCK_SECONDS,
     REQUEST_RECORDS,
     SITE_SLOTS,
     SITE_SLOTS_CLOSED,

@@ -12,6 +12,27 @@ use crate::domain::hold::{Hold, HoldState};
 const MS_PER_HOUR: i64 = 3_600_000;
 const S_PER_DAY: i64 = 86_400;
 
+/// Retention's time runs at most this many times as fast as time passes: a clock set
+/// wrong ahead (or one far ahead of the store at a start) deletes nothing early, and a
+/// gap between the two is caught up in as long as the gap.
+pub const RETENTION_TIME_PACE: i64 = 2;
+
+/// The time retention's windows count from (`Cutoffs::at`), `elapsed_ms` of passing time
+/// after it was `previous_ms`, on a clock that says `now_ms`: the clock's time, but never
+/// more than [`RETENTION_TIME_PACE`] × `elapsed_ms` past `previous_ms`. A clock set back
+/// is followed at once (that deletes later, never earlier).
+pub fn retention_time(previous_ms: i64, elapsed_ms: i64, now_ms: i64) -> i64 {
+    let paced = elapsed_ms.max(0).saturating_mul(RETENTION_TIME_PACE);
+    now_ms.min(previous_ms.saturating_add(paced))
+}
+
+/// Where retention's time starts when the store opens: at the newest time the store
+/// wrote (`newest_write_ms`) if the clock says later, so a clock far ahead at a start
+/// (or a long stop) deletes nothing at once; at the clock's time otherwise.
+pub fn retention_start(now_ms: i64, newest_write_ms: Option<i64>) -> i64 {
+    newest_write_ms.map_or(now_ms, |newest| newest.min(now_ms))
+}
+
 /// The three retention windows as cut-off times, fixed for one pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cutoffs {
@@ -230,5 +251,31 @@ mod tests {
             assert!(gone, "{windows:?}");
         }
         assert_eq!(Cutoffs::at(NOW_MS, (0, 0, 0)).keeps_holds_from_second(), 0);
+    }
+
+    #[test]
+    fn retention_time_follows_the_clock_but_gains_at_most_the_pace() {
+        const YEAR_MS: i64 = 365 * 24 * HOUR_MS;
+        // In step with the clock, it is the clock.
+        assert_eq!(
+            retention_time(NOW_MS, 1_000, NOW_MS + 1_000),
+            NOW_MS + 1_000
+        );
+        // A clock set a year ahead: a second later, retention is two seconds on.
+        assert_eq!(
+            retention_time(NOW_MS, 1_000, NOW_MS + YEAR_MS),
+            NOW_MS + 2_000
+        );
+        // A clock set back is followed at once; elapsed time never runs backward.
+        assert_eq!(
+            retention_time(NOW_MS, 1_000, NOW_MS - HOUR_MS),
+            NOW_MS - HOUR_MS
+        );
+        assert_eq!(retention_time(NOW_MS, -5_000, NOW_MS + HOUR_MS), NOW_MS);
+        assert_eq!(retention_time(NOW_MS, i64::MAX, i64::MAX), i64::MAX);
+        // At a start: from the store's newest write, if the clock is later.
+        assert_eq!(retention_start(NOW_MS + YEAR_MS, Some(NOW_MS)), NOW_MS);
+        assert_eq!(retention_start(NOW_MS, Some(NOW_MS + HOUR_MS)), NOW_MS);
+        assert_eq!(retention_start(NOW_MS, None), NOW_MS);
     }
 }

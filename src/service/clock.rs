@@ -38,8 +38,17 @@ pub const SLEW_EVERY_MS: i64 = 100;
 /// moves the engine's (and the sweeper's) too.
 #[derive(Clone, Debug, Default)]
 pub struct Clock {
-    manual: Option<Arc<AtomicI64>>,
+    manual: Option<Arc<Manual>>,
     steady: Option<Arc<Steady>>,
+}
+
+/// A manual clock's time, and the time that passed by it (what the boot clock counts
+/// for the system clock): [`Clock::advance`] moves both, [`Clock::set_wrong_by`] only
+/// the first.
+#[derive(Debug)]
+struct Manual {
+    now_unix_ms: AtomicI64,
+    elapsed_ms: AtomicI64,
 }
 
 impl Clock {
@@ -54,7 +63,10 @@ impl Clock {
     /// A clock that stands still at `now_unix_ms` until [`Clock::advance`] moves it.
     pub fn manual(now_unix_ms: i64) -> Self {
         Self {
-            manual: Some(Arc::new(AtomicI64::new(now_unix_ms))),
+            manual: Some(Arc::new(Manual {
+                now_unix_ms: AtomicI64::new(now_unix_ms),
+                elapsed_ms: AtomicI64::new(0),
+            })),
             steady: None,
         }
     }
@@ -67,19 +79,39 @@ impl Clock {
     /// Milliseconds since the Unix epoch.
     pub fn now_unix_ms(&self) -> i64 {
         match (&self.manual, &self.steady) {
-            (Some(now), _) => now.load(Ordering::Acquire),
+            (Some(manual), _) => manual.now_unix_ms.load(Ordering::Acquire),
             (None, Some(steady)) => steady.now_unix_ms(system_now_unix_ms()),
             (None, None) => system_now_unix_ms(),
         }
     }
 
+    /// Milliseconds that passed, from an arbitrary origin, whatever the time says: the
+    /// boot clock (a manual clock's: what [`Clock::advance`] moved). Only differences
+    /// mean anything.
+    pub fn elapsed_ms(&self) -> i64 {
+        match &self.manual {
+            Some(manual) => manual.elapsed_ms.load(Ordering::Acquire),
+            None => boot_ms(),
+        }
+    }
+
     /// Moves a manual clock forward. The system clock cannot be moved: asking is a bug.
     pub fn advance(&self, by: Duration) {
-        let Some(now) = &self.manual else {
+        let Some(manual) = &self.manual else {
             panic!("only a manual clock can be advanced");
         };
         let by_ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
-        now.fetch_add(by_ms, Ordering::AcqRel);
+        manual.now_unix_ms.fetch_add(by_ms, Ordering::AcqRel);
+        manual.elapsed_ms.fetch_add(by_ms, Ordering::AcqRel);
+    }
+
+    /// Moves a manual clock's time by `by_ms` (either way) with no time passing: a
+    /// clock set wrong, as a test plays it.
+    pub fn set_wrong_by(&self, by_ms: i64) {
+        let Some(manual) = &self.manual else {
+            panic!("only a manual clock can be set wrong");
+        };
+        manual.now_unix_ms.fetch_add(by_ms, Ordering::AcqRel);
     }
 }
 
@@ -233,6 +265,9 @@ mod tests {
         assert_eq!(clock.now_unix_ms(), 1_000);
         shared.advance(Duration::from_secs(2));
         assert_eq!(clock.now_unix_ms(), 3_000);
+        assert_eq!(clock.elapsed_ms(), 2_000);
+        shared.set_wrong_by(-5_000);
+        assert_eq!((clock.now_unix_ms(), clock.elapsed_ms()), (-2_000, 2_000));
     }
 
     #[test]

@@ -99,6 +99,9 @@ pub struct Engine {
     pub(super) opened_at_unix_ms: i64,
     /// The last audit entry's time, so the log's key order is the order of the changes.
     pub(super) last_audit_unix_ms: std::sync::atomic::AtomicI64,
+    /// Retention's time when last read, and the clock's elapsed ms then
+    /// (`domain::retention::retention_time`).
+    pub(super) retention_time: Mutex<(i64, i64)>,
 }
 
 /// Whose booking attempt a request is, counted against the citizen's per-minute quota

@@ -101,6 +101,7 @@ impl Engine {
         let event_log_id = event_log_id(&store)?;
         // New entries sort after the stored ones, even on a clock that is behind now.
         let last_audit = store.last_audit_unix_ms()?.unwrap_or(i64::MIN);
+        let retention_time = retention_start(&store, &clock)?;
         let catalog = Catalog::default();
         let board = catalog.board();
         let share = |total, share| crate::config::per_token_share(&config.tokens, total, share);
@@ -111,12 +112,8 @@ impl Engine {
             citizens: CitizenIndex::default(),
             requests: RequestRegistry::default(),
             holds: Mutex::new(LiveHolds::default()),
-            hasher: CitizenHasher::new(&key).map_err(|e| {
-                ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
-            })?,
-            ids: BookingIds::new(&key).map_err(|e| {
-                ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
-            })?,
+            hasher: CitizenHasher::new(&key).map_err(unusable_key)?,
+            ids: BookingIds::new(&key).map_err(unusable_key)?,
             references: crate::service::references::References::default(),
             citizen_hash_key: key,
             backup_key: config.backup_key.clone(),
@@ -155,12 +152,45 @@ impl Engine {
             campaigns: crate::service::state::campaigns::Campaigns::default(),
             series: crate::service::series::SeriesBook::default(),
             opened_at_unix_ms: clock.now_unix_ms(),
+            retention_time: Mutex::new(retention_time),
             clock,
             last_audit_unix_ms: std::sync::atomic::AtomicI64::new(last_audit),
         };
         rebuild(&mut engine)?;
         Ok(engine)
     }
+}
+
+fn unusable_key(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::Recovery(format!("the citizen hash key is unusable: {e}"))
+}
+
+/// Where retention's time starts (`domain::retention::retention_start`), with the
+/// clock's elapsed ms. A clock an hour or more after the store's newest write (a long
+/// stop, or a clock set ahead), or a minute or more before it (a clock set back), is
+/// said in the log: the start takes the clock's time for everything else.
+fn retention_start(store: &Store, clock: &Clock) -> Result<(i64, i64), ServiceError> {
+    let now = clock.now_unix_ms();
+    let newest = store.newest_write_unix_ms()?;
+    let start = retention::retention_start(now, newest);
+    let ahead_s = newest.map_or(0, |newest| (now - newest) / 1_000);
+    if ahead_s >= 3_600 {
+        tracing::warn!(
+            ahead_s,
+            "the clock is this far after the store's newest write: retention counts from \
+             that write and catches up at one second per second (a clock set wrong ahead \
+             deletes nothing early)"
+        );
+    } else if ahead_s <= -60 {
+        tracing::warn!(
+            behind_s = -ahead_s,
+            "the clock is this far before the store's newest write: if it is wrong, holds \
+             last longer and slots that ended look open until it is set right"
+        );
+    }
+    metrics::gauge!(telemetry::RETENTION_BEHIND_CLOCK_SECONDS)
+        .set(now.saturating_sub(start) as f64 / 1_000.0);
+    Ok((start, clock.elapsed_ms()))
 }
 
 /// The key file is made after a new store's files (and their directory entries are

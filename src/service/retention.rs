@@ -89,17 +89,33 @@ impl Retained {
 type KeyedRecords<T> = Vec<(Vec<u8>, T)>;
 
 impl Engine {
-    /// The retention windows as of now.
+    /// The retention windows as of retention's time now.
     pub(super) fn retention_cutoffs(&self) -> Cutoffs {
         let limits = &self.limits;
         Cutoffs::at(
-            self.now_unix_ms(),
+            self.retention_now_unix_ms(),
             (
                 limits.request_records_retained_hours,
                 limits.records_retained_days,
                 limits.events_retained_hours,
             ),
         )
+    }
+
+    /// Retention's time now: the clock's, gaining on the time that passed at most
+    /// `RETENTION_TIME_PACE` times over (`domain::retention::retention_time`), from where
+    /// it started at open (the store's newest write, if the clock was later).
+    pub(super) fn retention_now_unix_ms(&self) -> i64 {
+        let (now, elapsed) = (self.now_unix_ms(), self.clock.elapsed_ms());
+        let mut last = self
+            .retention_time
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let time = retention::retention_time(last.0, elapsed - last.1, now);
+        *last = (time, elapsed);
+        metrics::gauge!(telemetry::RETENTION_BEHIND_CLOCK_SECONDS)
+            .set(now.saturating_sub(time) as f64 / 1_000.0);
+        time
     }
 
     /// One retention pass over memory and the store, in bounded steps. The server

@@ -717,6 +717,33 @@ impl Store {
         }
     }
 
+    /// The newest time this store's records say something was written (`None`: none
+    /// says): the latest of the last audit entry, the last event and the last hold made
+    /// (each kept in time or sequence order, so three reads). Retention counts from it
+    /// after a start on a clock that is later (`domain::retention::retention_start`).
+    pub fn newest_write_unix_ms(&self) -> Result<Option<i64>, StoreError> {
+        let io =
+            |what: &str, e: sled::Error| StoreError::Io(format!("reading the last {what}: {e}"));
+        let last = |prefix: u8, what: &str| match self.db.scan_prefix([prefix]).next_back() {
+            None => Ok(None),
+            Some(Ok((key, value))) => Ok(Some((key, value))),
+            Some(Err(e)) => Err(io(what, e)),
+        };
+        let event = match last(records::EVENT_PREFIX, "event")? {
+            None => None,
+            Some((key, value)) => records::decode_event_record(&key, &value)?
+                .last()
+                .map(|sequenced| sequenced.event.at_unix_ms),
+        };
+        let hold = last(records::HOLD_PREFIX, "hold")?
+            .and_then(|(key, _)| records::second_of_hold_key(&key))
+            .map(|second| i64::from(second) * 1_000);
+        Ok([self.last_audit_unix_ms()?, event, hold]
+            .into_iter()
+            .flatten()
+            .max())
+    }
+
     /// Every hold, all states: those under their old keys, then the others in the
     /// order they were made.
     pub fn holds(&self) -> impl Iterator<Item = Result<Hold, StoreError>> {

@@ -1864,6 +1864,14 @@ pub fn hold_key(second: u32, hold_id: HoldId) -> [u8; 21] {
     key
 }
 
+/// The second a `hold_key` starts with (`None`: not a hold key).
+pub fn second_of_hold_key(key: &[u8]) -> Option<u32> {
+    match (key.len(), key.first()) {
+        (21, Some(&HOLD_PREFIX)) => Some(u32::from_be_bytes(key[1..5].try_into().ok()?)),
+        _ => None,
+    }
+}
+
 /// Where a hold written before `hold_key` is (`OLD_HOLD_PREFIX`).
 pub fn old_hold_key(hold_id: HoldId) -> [u8; 17] {
     let mut key = [0u8; 17];
@@ -1943,6 +1951,16 @@ mod tests {
             audit_key_time(&site_key(&SiteId::parse("s", "x", 64).unwrap())),
             None
         );
+    }
+
+    #[test]
+    fn a_hold_key_gives_its_second_back() {
+        for second in [0, 1, 1_800_000_000, u32::MAX] {
+            let key = hold_key(second, BookingId(9));
+            assert_eq!(second_of_hold_key(&key), Some(second));
+        }
+        assert_eq!(second_of_hold_key(&old_hold_key(BookingId(7))), None);
+        assert_eq!(second_of_hold_key(&audit_key(0)), None);
     }
 
     /// The store format's key and bytes are pinned: a build that read them otherwise

@@ -309,6 +309,52 @@ async fn records_of_long_ended_slots_are_deleted_and_the_store_still_recovers() 
     server.stop().await;
 }
 
+/// A start on a clock set far ahead (431 days: a slot 30 days ahead then ended over
+/// `records_retained_days` ago) deletes nothing and forgets no request: retention counts
+/// from the store's newest write and gains at most one second per second that passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_on_a_clock_set_far_ahead_deletes_nothing_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "ahead", 5).await;
+    let mut client = server.booking().await;
+    let booked = book_ok(&mut client, book_request(&slot, "alice", "a1")).await;
+    server.stop().await;
+
+    clock.set_wrong_by(431 * 86_400_000);
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    assert_eq!(
+        server.request_records(),
+        1,
+        "the booking's request is remembered"
+    );
+    let retained = server.retain().await;
+    assert!(retained.is_empty(), "{retained:?}");
+    let mut client = server.booking().await;
+    let mine = proto::GetBookingRequest {
+        booking_id: booked.booking_id.clone(),
+        citizen_id: "alice".into(),
+    };
+    client.get_booking(mine.clone()).await.expect("kept");
+
+    // Time passing catches up twice as fast: 214 days on, retention's time is 428 days
+    // on and the slot ended less than 400 days before; two days more and it goes.
+    clock.advance(214 * DAY);
+    let retained = server.retain().await;
+    assert_eq!((retained.bookings, retained.slots), (0, 0), "{retained:?}");
+    assert_eq!(
+        retained.request_records, 1,
+        "72 hours passed for retention too"
+    );
+    clock.advance(2 * DAY);
+    let retained = server.retain().await;
+    assert_eq!((retained.bookings, retained.slots), (1, 1), "{retained:?}");
+    let gone = client.get_booking(mine).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    server.stop().await;
+}
+
 /// A booking cancelled after its slot ended more than `records_retained_days` ago (a
 /// cancel has no deadline) is kept while the cancel's request is remembered: its retry
 /// is answered as the cancel was, not BOOKING_NOT_FOUND. Once the request is forgotten,
