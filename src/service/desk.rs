@@ -85,6 +85,26 @@ impl Engine {
         reference: Reference,
         code: u16,
     ) -> Result<BookingView, ServiceError> {
+        let window = self.limits.check_in_window_hours;
+        let first = match self.check_in_plan(desk, reference, code) {
+            Ok(first) => first,
+            // Answered once what it read is durable (a cancel still syncing).
+            Err(refused) => return self.once_settled(Err(refused)).await,
+        };
+        self.desk_commit(first, || {
+            let booking = self.desk_booking(desk, reference)?;
+            Ok(plans::check_in(booking, code, window, self.now_unix_ms())?)
+        })
+        .await
+    }
+
+    /// The check-in as first planned, counting a wrong code against the reference.
+    fn check_in_plan(
+        &self,
+        desk: &Desk,
+        reference: Reference,
+        code: u16,
+    ) -> Result<DeskChange, ServiceError> {
         let booking = self.desk_booking(desk, reference)?;
         let now_ms = self.now_unix_ms();
         let window = self.limits.check_in_window_hours;
@@ -111,12 +131,7 @@ impl Engine {
             }
             Ok(()) => {}
         }
-        let first = planned?;
-        self.desk_commit(first, || {
-            let booking = self.desk_booking(desk, reference)?;
-            Ok(plans::check_in(booking, code, window, self.now_unix_ms())?)
-        })
-        .await
+        Ok(planned?)
     }
 
     /// Marks the booking a no-show, once its slot has ended.
@@ -129,7 +144,10 @@ impl Engine {
             let booking = self.desk_booking(desk, reference)?;
             Ok(plans::mark_no_show(booking, self.now_unix_ms())?)
         };
-        self.desk_commit(replan()?, replan).await
+        match replan() {
+            Ok(first) => self.desk_commit(first, replan).await,
+            Err(refused) => self.once_settled(Err(refused)).await,
+        }
     }
 
     /// Bookings checked in before their slot ended leave their citizens' limits once it

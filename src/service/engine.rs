@@ -347,8 +347,20 @@ impl Engine {
         self.view(booking)
     }
 
+    /// `answer`, made from what was just read, once that is durable (`Store::settled`),
+    /// like every read a client sees: a retry must not show a later change (a cancel)
+    /// before its write could still be lost to a crash, nor anything after the store
+    /// failed.
+    pub(super) async fn once_settled<T>(
+        &self,
+        answer: Result<T, ServiceError>,
+    ) -> Result<T, ServiceError> {
+        self.store.settled().await?;
+        answer
+    }
+
     /// Runs `work` once per `request_id`: a retry gets the first outcome back (through
-    /// `fetch`), a copy in flight waits for the first one's outcome, a different request
+    /// `fetch`, answered once durable), a copy in flight waits for the first one's outcome, a different request
     /// is refused. The registry keeps only the outcome's id; the fingerprint names the
     /// command, so an id is always fetched as the kind of thing it was created as.
     /// `attempt` is counted only when `work` runs: a retry is no new attempt.
@@ -367,8 +379,11 @@ impl Engine {
             .requests
             .begin(request, fingerprint, self.now_unix_ms())?
         {
-            Begin::Done(id) => return fetch(id),
-            Begin::Wait(outcome) => return fetch(requests::wait(outcome).await?),
+            Begin::Done(id) => return self.once_settled(fetch(id)).await,
+            Begin::Wait(outcome) => {
+                let id = requests::wait(outcome).await?;
+                return self.once_settled(fetch(id)).await;
+            }
             Begin::Fresh(guard) => guard,
         };
         if let Err(refused) = self.count(attempt) {

@@ -335,6 +335,94 @@ async fn reads_do_not_show_a_booking_before_its_fdatasync_returns() {
     server.terminate();
 }
 
+/// A retried Book is answered from the booking as it is now: not before a cancel of it
+/// still waiting for its fdatasync is durable (the cancel could be lost to a crash, and
+/// the citizen would skip a kept appointment), and not at all once that write failed
+/// (a review: the retry read the applied record and answered CANCELLED at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_shows_a_later_cancel_only_once_it_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (library, control) = fdatasync_gate(dir.path());
+    let server = start_with_shim(&dir.path().join("data"), &library, &control);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "retry", "r", 10).await;
+    let mut client = BookingServiceClient::new(channel.clone());
+    let booked = client
+        .book(book_request(&slot_id, "ana", "b"))
+        .await
+        .unwrap();
+    let booked = booked.into_inner().booking.unwrap();
+    let booking_id = booked.booking_id.clone();
+    let cancel = |citizen: &str, id: &str| proto::CancelBookingRequest {
+        booking_id: id.into(),
+        citizen_id: citizen.into(),
+        request_id: format!("cancel-{citizen}"),
+    };
+
+    // Held: the retry waits for the cancel's fdatasync, then shows it.
+    std::fs::write(control.join("gate"), b"").unwrap();
+    let mut canceller = client.clone();
+    let request = cancel("ana", &booking_id);
+    let cancelled = tokio::spawn(async move { canceller.cancel_booking(request).await });
+    wait_for_held_fdatasync(&control).await;
+    let mut retrier = client.clone();
+    let slot = slot_id.clone();
+    let retried = tokio::spawn(async move { retrier.book(book_request(&slot, "ana", "b")).await });
+    // The desk's refusal waits too (the slot is days ahead: CHECK_IN_CLOSED).
+    let mut desk = SiteServiceClient::new(channel.clone());
+    let check_in = proto::CheckInRequest {
+        reference: booked.reference.clone(),
+        check_in_code: booked.check_in_code.clone(),
+    };
+    let checked = tokio::spawn(async move { desk.check_in(check_in).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !retried.is_finished(),
+        "answered while the cancel was not durable"
+    );
+    assert!(
+        !checked.is_finished(),
+        "the desk was answered before it too"
+    );
+    std::fs::remove_file(control.join("gate")).unwrap();
+    let within = Duration::from_secs(10);
+    tokio::time::timeout(within, cancelled)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let retried = tokio::time::timeout(within, retried)
+        .await
+        .unwrap()
+        .unwrap();
+    let shown = retried.unwrap().into_inner().booking.unwrap();
+    assert_eq!(shown.state(), proto::BookingState::Cancelled);
+    let checked = tokio::time::timeout(within, checked)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(checked.is_err());
+
+    // Failed: a retry of a booking whose cancel failed is refused like every read.
+    let rebooked = client
+        .book(book_request(&slot_id, "bea", "b2"))
+        .await
+        .unwrap();
+    let rebooked_id = rebooked.into_inner().booking.unwrap().booking_id;
+    std::fs::write(control.join("fail"), b"").unwrap();
+    let failed = client
+        .cancel_booking(cancel("bea", &rebooked_id))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&failed).as_deref(), Some("STORAGE_FAILED"));
+    let retried = client
+        .book(book_request(&slot_id, "bea", "b2"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&retried).as_deref(), Some("STORAGE_FAILED"));
+    assert!(!server.stop().success(), "a failed store exits non-zero");
+}
+
 /// An `UpsertCampaign` ending a campaign sets its end in memory before the write (so
 /// no registration is made after it); a write never made puts the end back. Before,
 /// the campaign read ended until a restart: it gated nothing, and another campaign of
