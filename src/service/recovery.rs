@@ -290,6 +290,9 @@ fn citizen_hash_key(config: &Config, store: &Store) -> Result<[u8; 32], ServiceE
                 data_dir.display()
             )));
         }
+        // An offline command's key may be one it was wrongly given (a wrong --config):
+        // the server's first start records its own.
+        None if config.offline => {}
         // A new store, or one written before check values: this key is its key.
         None => store.put_key_check(&check)?,
     }

@@ -595,3 +595,20 @@ async fn an_offline_command_records_no_id_scheme() {
     assert!(said.contains("id_scheme = \"it-fiscal-code\""), "{said}");
     assert!(said.contains("(--config)"), "{said}");
 }
+
+/// Likewise the key check (a review): an offline command given a wrong key
+/// (`hash_key_file` of another configuration) on a store written before check values
+/// records nothing, and the server then starts with the store's own key file.
+#[tokio::test]
+async fn an_offline_command_records_no_key_check() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 2, vec![booking(1, 1)]).await;
+    let offline = Config {
+        offline: true,
+        citizen_hash_key: Some([7; 32]),
+        ..Config::default()
+    };
+    drop(Engine::open(dir.path(), &offline, Clock::system()).expect("opened offline"));
+    let server = Engine::open(dir.path(), &Config::default(), Clock::system());
+    assert!(server.is_ok(), "refused: {:?}", server.err());
+}
