@@ -14,6 +14,7 @@ use crate::domain::booking::{Booking, BookingState};
 use crate::domain::catalog::{PublishPlan, Site, SiteStats, Slot, Totals};
 use crate::domain::error::{DomainError, Missing};
 use crate::domain::event::Event;
+use crate::domain::field_violation::FieldViolation;
 use crate::domain::hold::{Hold, HoldState};
 use crate::domain::ids::{RegionId, RequestFingerprint, RequestKey, ServiceId, SiteId, SlotKey};
 use crate::domain::schedule::Schedule;
@@ -463,6 +464,16 @@ impl Engine {
             let horizon = schedule.check_horizon(self.last_day_max());
             horizon.map_err(|violation| DomainError::Invalid(vec![violation]))?;
             let planned = schedule.plan(site.time_zone, self.limits.publish_slots_max)?;
+            if planned.is_empty() {
+                // A mistake, as an import's row that makes nothing is (`import_check`).
+                return Err(DomainError::Invalid(vec![FieldViolation::new(
+                    "opening_hours",
+                    "the schedule makes no slot: none of its days from first_day to \
+                     last_day falls on its weekdays, or its hours all fall in a \
+                     daylight-saving gap",
+                )])
+                .into());
+            }
             let now = self.now_unix_s();
             let mut plan = catalog.plan_publish((site_id, service_id), &planned, now)?;
             if existing == Existing::Keep {

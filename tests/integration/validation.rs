@@ -8,6 +8,11 @@ use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sites_and_schedules_are_refused_field_by_field() {
+    let other_weekday = |day: &str| {
+        use chrono::Datelike;
+        let date = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").unwrap();
+        date.weekday().number_from_monday() % 7 + 1
+    };
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
     let mut capacity = server.capacity().await;
@@ -114,6 +119,19 @@ async fn bad_sites_and_schedules_are_refused_field_by_field() {
         (
             proto::PublishScheduleRequest {
                 opening_hours: vec![],
+                ..good.clone()
+            },
+            "opening_hours",
+        ),
+        // Valid hours that make no slot (the day is not their weekday): a mistake, as
+        // an import's row that makes nothing is (an outside test: answered OK before).
+        (
+            proto::PublishScheduleRequest {
+                opening_hours: vec![proto::OpeningHours {
+                    weekday: other_weekday(&day),
+                    opens: "09:00".into(),
+                    closes: "12:00".into(),
+                }],
                 ..good.clone()
             },
             "opening_hours",
