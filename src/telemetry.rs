@@ -350,7 +350,7 @@ fn describe_store() {
     describe_gauge!(
         RETENTION_BEHIND_CLOCK_SECONDS,
         Unit::Seconds,
-        "how far retention's time is behind the clock (it gains one second per second)"
+        "how far retention's time is behind the clock (it runs at most twice as fast as time passes)"
     );
     describe_gauge!(
         REQUEST_RECORDS,

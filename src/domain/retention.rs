@@ -13,8 +13,9 @@ const MS_PER_HOUR: i64 = 3_600_000;
 const S_PER_DAY: i64 = 86_400;
 
 /// Retention's time runs at most this many times as fast as time passes: a clock set
-/// wrong ahead (or one far ahead of the store at a start) deletes nothing early, and a
-/// gap between the two is caught up in as long as the gap.
+/// wrong ahead (or one far ahead of the store at a start) deletes nothing at once, and
+/// early only by as long as it has run wrong; a gap between the two (a long stop) is
+/// caught up in as long as the gap.
 pub const RETENTION_TIME_PACE: i64 = 2;
 
 /// The time retention's windows count from (`Cutoffs::at`), `elapsed_ms` of passing time
@@ -26,11 +27,12 @@ pub fn retention_time(previous_ms: i64, elapsed_ms: i64, now_ms: i64) -> i64 {
     now_ms.min(previous_ms.saturating_add(paced))
 }
 
-/// Where retention's time starts when the store opens: at the newest time the store
-/// wrote (`newest_write_ms`) if the clock says later, so a clock far ahead at a start
-/// (or a long stop) deletes nothing at once; at the clock's time otherwise.
-pub fn retention_start(now_ms: i64, newest_write_ms: Option<i64>) -> i64 {
-    newest_write_ms.map_or(now_ms, |newest| newest.min(now_ms))
+/// Where retention's time starts when the store opens: at `stored_ms` (the time its
+/// last pass stored, else the store's newest write) if the clock says later, so a clock
+/// far ahead at a start (or a long stop) deletes nothing at once; at the clock's time
+/// otherwise.
+pub fn retention_start(now_ms: i64, stored_ms: Option<i64>) -> i64 {
+    stored_ms.map_or(now_ms, |stored| stored.min(now_ms))
 }
 
 /// The three retention windows as cut-off times, fixed for one pass.

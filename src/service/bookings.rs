@@ -132,7 +132,7 @@ impl Engine {
                 .finished(&command.request.for_citizen(&first), fingerprint),
         };
         let bookings = match earlier {
-            Some(id) => self.group_bookings(&members, id)?,
+            Some(id) => self.once_settled(self.group_bookings(&members, id)).await?,
             None => {
                 self.once_per_request(
                     (command.request.for_citizen(&asking), fingerprint),
@@ -311,7 +311,8 @@ impl Engine {
                 let closed = self.slot(slot_key)?.counter.snapshot().closed;
                 let on = (citizen, &slot.key);
                 let why = plans::not_confirmable(why, stored.as_ref(), on, (now_ms, closed));
-                return Err(why.into());
+                // Read from a hold record perhaps still syncing: answered once durable.
+                return self.once_settled(Err(why.into())).await;
             }
         };
         let offer_of = self.campaigns.offer_of(hold_id);

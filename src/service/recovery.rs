@@ -101,7 +101,7 @@ impl Engine {
         let event_log_id = event_log_id(&store)?;
         // New entries sort after the stored ones, even on a clock that is behind now.
         let last_audit = store.last_audit_unix_ms()?.unwrap_or(i64::MIN);
-        let retention_time = retention_start(&store, &clock)?;
+        let retention_time = retention_start(&store, &clock, config.limits.retention_interval_ms)?;
         let catalog = Catalog::default();
         let board = catalog.board();
         let share = |total, share| crate::config::per_token_share(&config.tokens, total, share);
@@ -166,24 +166,34 @@ fn unusable_key(e: impl std::fmt::Display) -> ServiceError {
 }
 
 /// Where retention's time starts (`domain::retention::retention_start`), with the
-/// clock's elapsed ms. A clock an hour or more after the store's newest write (a long
-/// stop, or a clock set ahead), or a minute or more before it (a clock set back), is
-/// said in the log: the start takes the clock's time for everything else.
-fn retention_start(store: &Store, clock: &Clock) -> Result<(i64, i64), ServiceError> {
+/// clock's elapsed ms: at the time its last pass stored, else (no pass stored one yet)
+/// the store's newest write. A clock an hour or more after that beyond
+/// `retention_interval_ms` (a long stop, or a clock set ahead), or a minute or more
+/// before it (a clock set back), is said in the log: the start takes the clock's time
+/// for everything else.
+fn retention_start(
+    store: &Store,
+    clock: &Clock,
+    interval_ms: u64,
+) -> Result<(i64, i64), ServiceError> {
     let now = clock.now_unix_ms();
-    let newest = store.newest_write_unix_ms()?;
-    let start = retention::retention_start(now, newest);
-    let ahead_s = newest.map_or(0, |newest| (now - newest) / 1_000);
-    if ahead_s >= 3_600 {
+    let from = match store.retention_time_ms()? {
+        Some(stored) => Some(stored),
+        None => store.newest_write_unix_ms()?,
+    };
+    let start = retention::retention_start(now, from);
+    let ahead_ms = from.map_or(0, |from| now.saturating_sub(from));
+    let interval_ms = i64::try_from(interval_ms).unwrap_or(i64::MAX);
+    if ahead_ms >= interval_ms.saturating_add(3_600_000) {
         tracing::warn!(
-            ahead_s,
-            "the clock is this far after the store's newest write: retention counts from \
-             that write and catches up at one second per second (a clock set wrong ahead \
-             deletes nothing early)"
+            ahead_s = ahead_ms / 1_000,
+            "the clock is this far after retention's last time (its last pass, or the \
+             store's newest write): retention counts from there and catches up at one \
+             second per second (a clock set wrong ahead deletes nothing at once)"
         );
-    } else if ahead_s <= -60 {
+    } else if ahead_ms <= -60_000 {
         tracing::warn!(
-            behind_s = -ahead_s,
+            behind_s = -ahead_ms / 1_000,
             "the clock is this far before the store's newest write: if it is wrong, holds \
              last longer and slots that ended look open until it is set right"
         );
@@ -290,9 +300,10 @@ fn citizen_hash_key(config: &Config, store: &Store) -> Result<[u8; 32], ServiceE
                 data_dir.display()
             )));
         }
-        // An offline command's key may be one it was wrongly given (a wrong --config):
-        // the server's first start records its own.
-        None if config.offline => {}
+        // An offline command given a key (a wrong --config's hash_key_file, perhaps)
+        // records nothing: the server's first start records its own. The data dir's
+        // own key file is the store's key: recorded (migrate carries it to PostgreSQL).
+        None if config.offline && config.citizen_hash_key.is_some() => {}
         // A new store, or one written before check values: this key is its key.
         None => store.put_key_check(&check)?,
     }

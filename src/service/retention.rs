@@ -91,9 +91,14 @@ type KeyedRecords<T> = Vec<(Vec<u8>, T)>;
 impl Engine {
     /// The retention windows as of retention's time now.
     pub(super) fn retention_cutoffs(&self) -> Cutoffs {
+        self.cutoffs_at(self.retention_now_unix_ms())
+    }
+
+    /// The retention windows as of retention's time `time`.
+    fn cutoffs_at(&self, time: i64) -> Cutoffs {
         let limits = &self.limits;
         Cutoffs::at(
-            self.retention_now_unix_ms(),
+            time,
             (
                 limits.request_records_retained_hours,
                 limits.records_retained_days,
@@ -106,11 +111,12 @@ impl Engine {
     /// `RETENTION_TIME_PACE` times over (`domain::retention::retention_time`), from where
     /// it started at open (the store's newest write, if the clock was later).
     pub(super) fn retention_now_unix_ms(&self) -> i64 {
-        let (now, elapsed) = (self.now_unix_ms(), self.clock.elapsed_ms());
         let mut last = self
             .retention_time
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        // Read under the lock: an older reading must not move the last one back.
+        let (now, elapsed) = (self.now_unix_ms(), self.clock.elapsed_ms());
         let time = retention::retention_time(last.0, elapsed - last.1, now);
         *last = (time, elapsed);
         metrics::gauge!(telemetry::RETENTION_BEHIND_CLOCK_SECONDS)
@@ -121,7 +127,8 @@ impl Engine {
     /// One retention pass over memory and the store, in bounded steps. The server
     /// runs one every `retention_interval_ms`; tests call it directly.
     pub async fn retain(&self) -> Result<Retained, ServiceError> {
-        let cutoffs = self.retention_cutoffs();
+        let time = self.retention_now_unix_ms();
+        let cutoffs = self.cutoffs_at(time);
         let mut retained = Retained {
             request_records: self.requests.prune(cutoffs.requests_before_unix_ms) as u64,
             ..Retained::default()
@@ -137,6 +144,9 @@ impl Engine {
         retained.events = self.delete_events(&cutoffs).await?;
         (retained.releases, retained.tickets) = self.delete_releases(&cutoffs).await?;
         (retained.campaigns, retained.registrations) = self.delete_campaigns(&cutoffs).await?;
+        // Where the next start's retention time begins (a clock still wrong then must
+        // not move it to the stamps of writes made meanwhile).
+        self.store.commit(&[Write::RetentionTime(time)]).await?;
         for (kind, count) in retained.count() {
             metrics::counter!(telemetry::RETENTION_DELETED, "kind" => kind).increment(count);
         }

@@ -717,6 +717,13 @@ impl Store {
         }
     }
 
+    /// Retention's time as its last pass stored it (`None`: no pass stored one yet).
+    pub fn retention_time_ms(&self) -> Result<Option<i64>, StoreError> {
+        self.read_at_open(records::RETENTION_TIME_KEY, "the retention time")?
+            .map(|value| records::decode_retention_time(&value))
+            .transpose()
+    }
+
     /// The newest time this store's records say something was written (`None`: none
     /// says): the latest of the last audit entry, the last event and the last hold made
     /// (each kept in time or sequence order, so three reads). Retention counts from it

@@ -86,6 +86,17 @@ pub const COMMITS_KEY: &[u8] = b"Kcommits";
 /// a build refuses a store written in a layout newer than its own (it would misread or
 /// miss records), as a PostgreSQL schema newer than its migrations.
 pub const STORE_FORMAT_KEY: &[u8] = b"Kformat";
+/// Retention's own time (`domain::retention::retention_time`) as its last pass counted
+/// on it, i64 ms big-endian: where the next start's retention time begins.
+pub const RETENTION_TIME_KEY: &[u8] = b"Kretention";
+
+pub fn decode_retention_time(value: &[u8]) -> Result<i64, StoreError> {
+    let bytes: [u8; 8] = value
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("a retention time of the wrong length".into()))?;
+    Ok(i64::from_be_bytes(bytes))
+}
+
 /// This build's store layout. Bump it with every change an older build would misread:
 /// a record's new format version, a new key layout, a kind it would not see (and add a
 /// PostgreSQL migration for it too: that backend refuses by its schema version). 1: holds
@@ -223,6 +234,8 @@ pub fn authority_request_key(key: RequestKey) -> [u8; 17] {
 pub enum Write {
     /// Retention only: the record under this key is forgotten.
     Delete(Vec<u8>),
+    /// Retention only: the time its pass counted on (`RETENTION_TIME_KEY`).
+    RetentionTime(i64),
     Site(SiteRecord),
     Slot(SlotRecord),
     Booking(Booking),
@@ -1887,6 +1900,10 @@ impl Write {
         Ok(Encoded::Change(match self {
             Write::Event(event) => return Ok(Encoded::Event(encode_event(event)?)),
             Write::Delete(key) => (key.clone(), None),
+            Write::RetentionTime(at_unix_ms) => (
+                RETENTION_TIME_KEY.to_vec(),
+                Some(at_unix_ms.to_be_bytes().to_vec()),
+            ),
             Write::Site(site) => (site_key(&site.site_id), Some(site.encode_value()?)),
             Write::Slot(slot) => (slot_key(&slot.key), Some(slot.encode_value()?)),
             Write::Booking(booking) => (
@@ -1971,6 +1988,22 @@ mod tests {
         assert_eq!(encode_store_format(1), [0, 0, 0, 1]);
         assert_eq!(decode_store_format(&[0, 0, 1, 2]).unwrap(), 258);
         assert!(decode_store_format(&[0, 1]).is_err());
+    }
+
+    /// Retention's time is pinned too: read otherwise, a start could count from a time
+    /// far ahead and delete early.
+    #[test]
+    fn the_retention_time_record_is_pinned() {
+        assert_eq!(RETENTION_TIME_KEY, b"Kretention");
+        let Ok(Encoded::Change((key, Some(value)))) = Write::RetentionTime(258).encode() else {
+            panic!("a change");
+        };
+        assert_eq!(
+            (&key[..], &value[..]),
+            (RETENTION_TIME_KEY, &[0, 0, 0, 0, 0, 0, 1, 2][..])
+        );
+        assert_eq!(decode_retention_time(&value).unwrap(), 258);
+        assert!(decode_retention_time(&[0, 1]).is_err());
     }
 
     fn slot(site: &str, service: &str, start: i64) -> Vec<u8> {
@@ -2497,7 +2530,7 @@ mod golden {
             Write::Campaign(r) => Campaign::decode_value(key, value).unwrap() == *r,
             Write::Registration(r) => Registration::decode_value(key, value).unwrap() == *r,
             Write::Series(r) => Series::decode_value(key, value).unwrap() == *r,
-            Write::Delete(_) => unreachable!("not a record"),
+            Write::Delete(_) | Write::RetentionTime(_) => unreachable!("not a record"),
         }
     }
 

@@ -338,6 +338,16 @@ async fn a_start_on_a_clock_set_far_ahead_deletes_nothing_early() {
     };
     client.get_booking(mine.clone()).await.expect("kept");
 
+    // Writes on the wrong clock (a site's audit entry, stamped 431 days on) do not move the next start's retention time there: the
+    // pass stored its own (a review: one restart undid the protection).
+    upsert_site(&mut server.capacity().await, "later", "r", "Europe/Rome").await;
+    server.stop().await;
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let retained = server.retain().await;
+    assert!(retained.is_empty(), "{retained:?}");
+    let mut client = server.booking().await;
+    client.get_booking(mine.clone()).await.expect("still kept");
+
     // Time passing catches up twice as fast: 214 days on, retention's time is 428 days
     // on and the slot ended less than 400 days before; two days more and it goes.
     clock.advance(214 * DAY);
@@ -424,6 +434,10 @@ async fn an_undated_authority_request_goes_one_window_after_the_first_start() {
     server.stop().await;
     clock.advance(71 * HOUR);
     let server = start().await;
+    assert_eq!(server.retain().await.authority_requests, 0);
+    // Retention's time starts where the first start's pass left it and gains two hours
+    // an hour: 35 h on it is 70 h after the first start, 37 h on 74 h.
+    clock.advance(35 * HOUR);
     assert_eq!(server.retain().await.authority_requests, 0);
     clock.advance(2 * HOUR);
     let retained = server.retain().await;
