@@ -880,6 +880,11 @@ pub async fn retain_once(engine: &Engine) -> Result<crate::service::Retained, Se
             slots = retained.slots,
             audit_entries = retained.audit_entries,
             authority_requests = retained.authority_requests,
+            events = retained.events,
+            releases = retained.releases,
+            tickets = retained.tickets,
+            campaigns = retained.campaigns,
+            registrations = retained.registrations,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "retention forgot old records"
         );

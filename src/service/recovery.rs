@@ -101,7 +101,7 @@ impl Engine {
         let event_log_id = event_log_id(&store)?;
         // New entries sort after the stored ones, even on a clock that is behind now.
         let last_audit = store.last_audit_unix_ms()?.unwrap_or(i64::MIN);
-        let retention_time = retention_start(&store, &clock, config.limits.retention_interval_ms)?;
+        let retention_time = retention_start(&store, &clock, config)?;
         let catalog = Catalog::default();
         let board = catalog.board();
         let share = |total, share| crate::config::per_token_share(&config.tokens, total, share);
@@ -174,14 +174,21 @@ fn unusable_key(e: impl std::fmt::Display) -> ServiceError {
 fn retention_start(
     store: &Store,
     clock: &Clock,
-    interval_ms: u64,
+    config: &Config,
 ) -> Result<(i64, i64), ServiceError> {
+    let (interval_ms, offline) = (config.limits.retention_interval_ms, config.offline);
     let now = clock.now_unix_ms();
-    let from = match store.retention_time_ms()? {
+    let stored = store.retention_time_ms()?;
+    let from = match stored {
         Some(stored) => Some(stored),
         None => store.newest_write_unix_ms()?,
     };
     let start = retention::retention_start(now, from);
+    // Stored now, not only by the first pass: a run shorter than a pass on a clock
+    // set ahead must not leave its writes' stamps to the next start.
+    if stored != Some(start) && !offline {
+        store.put_retention_time(start)?;
+    }
     let ahead_ms = from.map_or(0, |from| now.saturating_sub(from));
     let interval_ms = i64::try_from(interval_ms).unwrap_or(i64::MAX);
     if ahead_ms >= interval_ms.saturating_add(3_600_000) {

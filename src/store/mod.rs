@@ -724,6 +724,13 @@ impl Store {
             .transpose()
     }
 
+    /// Stores retention's time durably. At open only, before anything else writes
+    /// (retention passes store theirs with their last commit).
+    pub fn put_retention_time(&self, at_unix_ms: i64) -> Result<(), StoreError> {
+        let value = at_unix_ms.to_be_bytes();
+        self.write_at_open(records::RETENTION_TIME_KEY, &value, "the retention time")
+    }
+
     /// The newest time this store's records say something was written (`None`: none
     /// says): the latest of the last audit entry, the last event and the last hold made
     /// (each kept in time or sequence order, so three reads). Retention counts from it
