@@ -281,6 +281,12 @@ pub async fn run(
         server_cpu: None,
     }
     .print();
+    // A last pass, as a clean stop's would come: recovery counts from the retention time
+    // the last pass stored (up to an interval older than now), so it is judged on this.
+    engine
+        .retain()
+        .await
+        .map_err(|e| format!("the last retention pass: {e}"))?;
     let last = Sample::take(&engine, started_ms, made.load(Ordering::Relaxed));
     drop(engine);
     // Records wait up to one retention interval for their pass, and samples come
