@@ -727,7 +727,7 @@ impl Store {
     /// Stores retention's time durably. At open only, before anything else writes
     /// (retention passes store theirs with their last commit).
     pub fn put_retention_time(&self, at_unix_ms: i64) -> Result<(), StoreError> {
-        let value = at_unix_ms.to_be_bytes();
+        let value = records::encode_retention_time(at_unix_ms);
         self.write_at_open(records::RETENTION_TIME_KEY, &value, "the retention time")
     }
 
@@ -738,10 +738,9 @@ impl Store {
     pub fn newest_write_unix_ms(&self) -> Result<Option<i64>, StoreError> {
         let io =
             |what: &str, e: sled::Error| StoreError::Io(format!("reading the last {what}: {e}"));
-        let last = |prefix: u8, what: &str| match self.db.scan_prefix([prefix]).next_back() {
-            None => Ok(None),
-            Some(Ok((key, value))) => Ok(Some((key, value))),
-            Some(Err(e)) => Err(io(what, e)),
+        let last = |prefix: u8, what: &str| {
+            let last = self.db.scan_prefix([prefix]).next_back().transpose();
+            last.map_err(|e| io(what, e))
         };
         let event = match last(records::EVENT_PREFIX, "event")? {
             None => None,

@@ -90,6 +90,10 @@ pub const STORE_FORMAT_KEY: &[u8] = b"Kformat";
 /// on it, i64 ms big-endian: where the next start's retention time begins.
 pub const RETENTION_TIME_KEY: &[u8] = b"Kretention";
 
+pub fn encode_retention_time(at_unix_ms: i64) -> [u8; 8] {
+    at_unix_ms.to_be_bytes()
+}
+
 pub fn decode_retention_time(value: &[u8]) -> Result<i64, StoreError> {
     let bytes: [u8; 8] = value
         .try_into()
@@ -1902,7 +1906,7 @@ impl Write {
             Write::Delete(key) => (key.clone(), None),
             Write::RetentionTime(at_unix_ms) => (
                 RETENTION_TIME_KEY.to_vec(),
-                Some(at_unix_ms.to_be_bytes().to_vec()),
+                Some(encode_retention_time(*at_unix_ms).to_vec()),
             ),
             Write::Site(site) => (site_key(&site.site_id), Some(site.encode_value()?)),
             Write::Slot(slot) => (slot_key(&slot.key), Some(slot.encode_value()?)),
