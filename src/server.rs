@@ -479,6 +479,7 @@ async fn ended(
     match started {
         Ok((engine, tasks, _stop)) => {
             tasks.stop().await;
+            engine.keep_retention_time().await;
             let closed = close(engine).await;
             served.map_err(ServeError::from)?;
             match (no_longer_active, closed) {

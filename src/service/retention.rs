@@ -124,6 +124,16 @@ impl Engine {
         time
     }
 
+    /// Stores retention's time as of now (a clean stop), so the next start continues
+    /// from here rather than from the last pass, up to `retention_interval_ms` earlier.
+    /// Only a head start: a store that fails is logged at debug, nothing else.
+    pub async fn keep_retention_time(&self) {
+        let time = self.retention_now_unix_ms();
+        if let Err(error) = self.store.commit(&[Write::RetentionTime(time)]).await {
+            tracing::debug!(%error, "retention's time was not stored at the stop");
+        }
+    }
+
     /// One retention pass over memory and the store, in bounded steps. The server
     /// runs one every `retention_interval_ms`; tests call it directly.
     pub async fn retain(&self) -> Result<Retained, ServiceError> {

@@ -369,6 +369,29 @@ async fn a_start_on_a_clock_set_far_ahead_deletes_nothing_early() {
     server.stop().await;
 }
 
+/// A clean stop stores retention's time: the next start continues from the stop, not
+/// from the start or last pass before it (71 h run, then 2 h: the request made at the
+/// start goes after 73 h, where counting from the start would give 4 h).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_keeps_retention_time_for_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "stop-site", 5).await;
+    book_ok(
+        &mut server.booking().await,
+        book_request(&slot, "dan", "d1"),
+    )
+    .await;
+    clock.advance(71 * HOUR);
+    server.stop().await;
+    let server = TestServer::start_with_clock(dir.path(), by_hand(), clock.clone()).await;
+    clock.advance(2 * HOUR);
+    let retained = server.retain().await;
+    assert_eq!(retained.request_records, 1, "{retained:?}");
+    server.stop().await;
+}
+
 /// A booking cancelled after its slot ended more than `records_retained_days` ago (a
 /// cancel has no deadline) is kept while the cancel's request is remembered: its retry
 /// is answered as the cancel was, not BOOKING_NOT_FOUND. Once the request is forgotten,
