@@ -7,19 +7,24 @@
 //!   hour produces no second slot (wall-clock times are visited once each);
 //! - a slot ends `slot_minutes` of real time after it starts.
 
-use chrono::{Datelike, Duration, LocalResult, NaiveDate, NaiveTime, TimeZone, Weekday};
+use chrono::{Datelike, Duration, LocalResult, NaiveDate, NaiveTime, TimeZone, Timelike, Weekday};
 use chrono_tz::Tz;
 
 use crate::domain::error::{DomainError, Violations};
 use crate::domain::field_violation::FieldViolation;
 
-/// One weekday's opening interval, in local wall-clock time.
+/// One weekday's opening interval, in local wall-clock time: minutes after the day's
+/// local midnight, `opens` 0..=1439 and `closes` after it, up to 1440 ("24:00": the slot
+/// ending at midnight).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpeningHours {
     pub weekday: Weekday,
-    pub opens: NaiveTime,
-    pub closes: NaiveTime,
+    pub opens: u32,
+    pub closes: u32,
 }
+
+/// Minutes in a day: `closes` "24:00".
+const MINUTES_PER_DAY: u32 = 1_440;
 
 /// A validated weekly schedule over an inclusive range of local days.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,12 +79,27 @@ fn parse_day(violations: &mut Violations, field: &str, text: &str) -> Option<Nai
     parsed
 }
 
-fn parse_clock(violations: &mut Violations, field: &str, text: &str) -> Option<NaiveTime> {
-    let parsed = (text.len() == 5)
-        .then(|| NaiveTime::parse_from_str(text, "%H:%M").ok())
-        .flatten();
+/// A local time `HH:MM` as minutes after midnight; "24:00" (1440) only where
+/// `midnight_after` (a closing time).
+fn parse_clock(
+    violations: &mut Violations,
+    field: &str,
+    text: &str,
+    midnight_after: bool,
+) -> Option<u32> {
+    let parsed = match text {
+        "24:00" if midnight_after => Some(MINUTES_PER_DAY),
+        _ => (text.len() == 5)
+            .then(|| NaiveTime::parse_from_str(text, "%H:%M").ok())
+            .flatten()
+            .map(|time| time.hour() * 60 + time.minute()),
+    };
     if parsed.is_none() {
-        violations.push(field, "must be a local time HH:MM (00:00 to 23:59)");
+        let range = match midnight_after {
+            true => "00:01 to 24:00",
+            false => "00:00 to 23:59",
+        };
+        violations.push(field, format!("must be a local time HH:MM ({range})"));
     }
     parsed
 }
@@ -145,11 +165,17 @@ fn parse_hours(
             "must be an ISO weekday 1 (Monday) to 7 (Sunday)",
         );
     }
-    let opens = parse_clock(violations, &format!("opening_hours[{index}].opens"), opens);
+    let opens = parse_clock(
+        violations,
+        &format!("opening_hours[{index}].opens"),
+        opens,
+        false,
+    );
     let closes = parse_clock(
         violations,
         &format!("opening_hours[{index}].closes"),
         closes,
+        true,
     );
     if let (Some(opens), Some(closes)) = (opens, closes) {
         if closes <= opens {
@@ -228,8 +254,9 @@ impl Schedule {
                 .collect();
             intervals.sort_by_key(|h| h.opens);
             for hours in intervals {
-                let mut wall = day.and_time(hours.opens);
-                let closes = day.and_time(hours.closes);
+                let midnight = day.and_time(NaiveTime::MIN);
+                let mut wall = midnight + Duration::minutes(i64::from(hours.opens));
+                let closes = midnight + Duration::minutes(i64::from(hours.closes));
                 while wall + step <= closes {
                     let start = match zone.from_local_datetime(&wall) {
                         LocalResult::Single(instant) => Some(instant),
@@ -364,6 +391,33 @@ mod tests {
         );
     }
 
+    /// `closes` "24:00": the last slot ends at the next day's midnight (a day's last
+    /// hour could not be opened before), and a day ending at 24:00 does not overlap the
+    /// next day's interval from 00:00.
+    #[test]
+    fn a_day_can_close_at_midnight() {
+        let starts = local_starts(&rome_schedule("2027-03-01", "23:00", "24:00", 1));
+        assert_eq!(
+            starts,
+            ["2027-03-01T23:00:00+01:00", "2027-03-01T23:30:00+01:00"]
+        );
+        let schedule = Schedule::parse(
+            &ScheduleInput {
+                first_day: "2027-03-01",
+                last_day: "2027-03-02",
+                opening_hours: vec![(1, "22:00", "24:00"), (2, "00:00", "01:00")],
+                slot_minutes: 60,
+                capacity_per_slot: 1,
+            },
+            &BOUNDS,
+        )
+        .expect("disjoint");
+        let plan = schedule.plan(chrono_tz::Europe::Rome, 10).unwrap();
+        let lengths: Vec<i64> = plan.iter().map(|s| s.end_unix_s - s.start_unix_s).collect();
+        assert_eq!(lengths, [3_600; 3]);
+        assert_eq!(plan[1].end_unix_s, plan[2].start_unix_s, "midnight");
+    }
+
     #[test]
     fn slot_end_is_real_time_after_start() {
         let plan = rome_schedule("2027-10-31", "02:30", "03:00", 7)
@@ -405,6 +459,9 @@ mod tests {
             (hours(&[(1, "12:00", "09:00")]), "opening_hours[0].closes"),
             (hours(&[(8, "09:00", "12:00")]), "opening_hours[0].weekday"),
             (hours(&[(1, "9:00", "12:00")]), "opening_hours[0].opens"),
+            (hours(&[(1, "24:00", "24:00")]), "opening_hours[0].opens"),
+            (hours(&[(1, "23:00", "24:01")]), "opening_hours[0].closes"),
+            (hours(&[(1, "23:00", "00:00")]), "opening_hours[0].closes"),
             (
                 ScheduleInput {
                     slot_minutes: 0,

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use chrono::{Duration, NaiveTime, Utc, Weekday};
+use chrono::{Duration, Utc, Weekday};
 use prenota::config::Config;
 use prenota::domain::catalog::{SearchQuery, SearchScope, Site};
 use prenota::domain::error::{DomainError, Missing};
@@ -196,7 +196,7 @@ impl Harness {
             .await
             .unwrap();
         let day = (Utc::now() + Duration::days(30)).date_naive();
-        let hours = |h: u32, m: u32| NaiveTime::from_hms_opt(h, m, 0).unwrap();
+        let minute_of_day = |h: u32, m: u32| h * 60 + m;
         let schedule = Schedule {
             first_day: day,
             last_day: day,
@@ -212,8 +212,8 @@ impl Harness {
             .into_iter()
             .map(|weekday| OpeningHours {
                 weekday,
-                opens: hours(10, 0),
-                closes: hours(11, 30),
+                opens: minute_of_day(10, 0),
+                closes: minute_of_day(11, 30),
             })
             .collect(),
             slot_minutes: 30,
