@@ -69,14 +69,28 @@ pub struct PlannedSlot {
     pub capacity: u32,
 }
 
-fn parse_day(violations: &mut Violations, field: &str, text: &str) -> Option<NaiveDate> {
-    let parsed = (text.len() == 10)
-        .then(|| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
-        .flatten();
-    if parsed.is_none() {
-        violations.push(field, "must be a date YYYY-MM-DD");
+/// A local day `YYYY-MM-DD`; one of that shape the calendar lacks (2027-02-29) is
+/// told so, not asked for the shape it has.
+pub fn local_day(field: &str, text: &str) -> Result<NaiveDate, FieldViolation> {
+    let shaped = text.len() == 10
+        && text.bytes().enumerate().all(|(at, byte)| match at {
+            4 | 7 => byte == b'-',
+            _ => byte.is_ascii_digit(),
+        });
+    match NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        Ok(day) if shaped => Ok(day),
+        _ if shaped => Err(FieldViolation::new(
+            field,
+            format!("is not a day of the calendar ({text} does not exist)"),
+        )),
+        _ => Err(FieldViolation::new(field, "must be a date YYYY-MM-DD")),
     }
-    parsed
+}
+
+fn parse_day(violations: &mut Violations, field: &str, text: &str) -> Option<NaiveDate> {
+    local_day(field, text)
+        .map_err(|violation| violations.push(field, violation.description))
+        .ok()
 }
 
 /// A local time `HH:MM` as minutes after midnight; "24:00" (1440) only where
@@ -425,6 +439,32 @@ mod tests {
             .unwrap();
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].end_unix_s - plan[0].start_unix_s, 30 * 60);
+    }
+
+    /// A day of the right shape that the calendar lacks is told so; others are asked
+    /// for the shape.
+    #[test]
+    fn a_day_that_does_not_exist_is_told_so() {
+        let refused = |text: &str| local_day("first_day", text).unwrap_err().description;
+        assert_eq!(
+            refused("2027-02-29"),
+            "is not a day of the calendar (2027-02-29 does not exist)"
+        );
+        assert!(refused("2027-13-01").starts_with("is not a day of the calendar"));
+        for bad in [
+            "2027-2-28",
+            "27-02-28",
+            "2027/02/28",
+            "+2027-02-1",
+            "２０２７-02-28",
+            "",
+        ] {
+            assert_eq!(refused(bad), "must be a date YYYY-MM-DD", "{bad}");
+        }
+        assert_eq!(
+            local_day("first_day", "2028-02-29").map(|d| d.to_string()),
+            Ok("2028-02-29".to_string())
+        );
     }
 
     /// A table of bad schedules, one case per field: each changes one thing of a good one.

@@ -100,7 +100,15 @@ pub fn time_zone(field: &str, name: &str) -> Result<Tz, FieldViolation> {
         return Err(FieldViolation::new(field, "must not be empty"));
     }
     Tz::from_str(name).map_err(|_| {
-        FieldViolation::new(field, "is not an IANA time zone name such as Europe/Rome")
+        // Names are matched as spelled; one that differs only in case gets its spelling.
+        let spelled = chrono_tz::TZ_VARIANTS
+            .iter()
+            .find(|zone| zone.name().eq_ignore_ascii_case(name));
+        let description = match spelled {
+            Some(zone) => format!("is not an IANA time zone name: spell it {}", zone.name()),
+            None => "is not an IANA time zone name such as Europe/Rome".to_string(),
+        };
+        FieldViolation::new(field, description)
     })
 }
 
@@ -879,10 +887,7 @@ fn day_or(field: &str, text: &str, default: NaiveDate) -> Result<NaiveDate, Fiel
     if text.is_empty() {
         return Ok(default);
     }
-    (text.len() == 10)
-        .then(|| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok())
-        .flatten()
-        .ok_or_else(|| FieldViolation::new(field, "must be a date YYYY-MM-DD"))
+    crate::domain::schedule::local_day(field, text)
 }
 
 /// A summary's `page_token`: `site_id/service_id/YYYY-MM-DD` of the last row sent
@@ -1111,6 +1116,17 @@ mod tests {
             fields(search_from_proto(request, &DEFAULT_LIMITS, 0).unwrap_err()),
             ["to"]
         );
+    }
+
+    /// A zone named in the wrong case is refused with its spelling; an unknown one with
+    /// an example.
+    #[test]
+    fn a_miscased_zone_is_told_its_spelling() {
+        let refused = |name: &str| time_zone("time_zone", name).unwrap_err().description;
+        assert!(refused("europe/rome").ends_with("spell it Europe/Rome"));
+        assert!(refused("AMERICA/PORT-AU-PRINCE").ends_with("spell it America/Port-au-Prince"));
+        assert!(refused("Europe/Rom").ends_with("such as Europe/Rome"));
+        assert_eq!(time_zone("time_zone", "Europe/Rome"), Ok(Tz::Europe__Rome));
     }
 
     #[test]

@@ -273,9 +273,7 @@ pub fn campaign_stats_to_proto(
 fn day(field: &str, text: &str) -> Result<Option<NaiveDate>, FieldViolation> {
     match text {
         "" => Ok(None),
-        text => NaiveDate::parse_from_str(text, "%Y-%m-%d")
-            .map(Some)
-            .map_err(|_| FieldViolation::new(field, "must be a date YYYY-MM-DD")),
+        text => crate::domain::schedule::local_day(field, text).map(Some),
     }
 }
 
