@@ -212,8 +212,13 @@ fn explanation(status: &Status, only_reads: bool) -> String {
         text.push_str(" (nothing was applied: send it again in a moment)");
     }
     if reason == ", STORAGE_FAILED" {
-        text = text.replacen("the server refused it", "the server's storage failed", 1);
-        text.push_str(" (once the server is restarted, send it again)");
+        // Not the server's own advice (a request_id, which these commands do not take).
+        text = format!(
+            "the server's storage failed ({}{reason}): what was sent may have been \
+             applied in part or not at all; the server's log has the details (once the \
+             server is restarted, send it again)",
+            code_name(status.code())
+        );
     }
     if status.code() == Code::InvalidArgument {
         if let Some(bad) = status.get_details_bad_request() {
@@ -271,13 +276,14 @@ impl Progress {
     fn update(&mut self, sent: usize) {
         let (doing, percent) = (self.doing, sent * 100 / self.total.max(1));
         if self.terminal {
-            eprint!("\r{doing}: {sent}/{} ({percent}%)", self.total);
+            let line = format!("\r{doing}: {sent}/{} ({percent}%)", self.total);
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             if sent == self.total {
-                eprintln!();
+                crate::say!();
             }
         } else if percent / 10 > self.shown_tenths || sent == self.total {
             self.shown_tenths = percent / 10;
-            eprintln!("{doing}: {sent}/{} ({percent}%)", self.total);
+            crate::say!("{doing}: {sent}/{} ({percent}%)", self.total);
         }
     }
 }
@@ -612,6 +618,28 @@ pub async fn export(
         .into_inner();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    match write_export(&mut out, &mut stream).await {
+        Ok(count) => {
+            out.flush()
+                .map_err(|e| format!("cannot write the export: {e}"))?;
+            crate::say!("exported {count} bookings");
+            Ok(())
+        }
+        Err(error) => {
+            // What is still buffered is dropped, not written: an export that fails
+            // early leaves no header-only file that reads as an empty export (the exit
+            // status says whether an export is whole).
+            drop(out.into_parts());
+            Err(error)
+        }
+    }
+}
+
+/// The export's header and rows into `out` (buffered); how many rows.
+async fn write_export(
+    out: &mut impl std::io::Write,
+    stream: &mut tonic::Streaming<proto::ExportBookingsResponse>,
+) -> Result<u64, String> {
     let write_error = |e: std::io::Error| format!("cannot write the export: {e}");
     writeln!(out, "{}", EXPORT_COLUMNS.join(",")).map_err(write_error)?;
     let mut count = 0u64;
@@ -621,41 +649,44 @@ pub async fn export(
         .map_err(|status| explain_read(&status))?
     {
         let Some(b) = message.booking else { continue };
-        let state = match proto::BookingState::try_from(b.state) {
-            Ok(proto::BookingState::Confirmed) => "CONFIRMED",
-            Ok(proto::BookingState::Cancelled) => "CANCELLED",
-            Ok(proto::BookingState::Attended) => "ATTENDED",
-            Ok(proto::BookingState::NoShow) => "NO_SHOW",
-            _ => "UNSPECIFIED",
-        };
-        let fields = [
-            b.booking_id.clone(),
-            b.slot_id.clone(),
-            b.site_id.clone(),
-            b.service_id.clone(),
-            rfc3339(b.start.as_ref()),
-            rfc3339(b.end.as_ref()),
-            b.local_start.clone(),
-            b.time_zone.clone(),
-            state.to_string(),
-            rfc3339(b.created_at.as_ref()),
-            rfc3339(b.cancelled_at.as_ref()),
-            b.cancel_reason.clone(),
-            b.reference.clone(),
-            b.series_id.clone(),
-            match b.dose {
-                0 => String::new(),
-                dose => dose.to_string(),
-            },
-            rfc3339(b.attendance_at.as_ref()),
-        ];
-        let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
-        writeln!(out, "{}", line.join(",")).map_err(write_error)?;
+        writeln!(out, "{}", export_row(&b)).map_err(write_error)?;
         count += 1;
     }
-    out.flush().map_err(write_error)?;
-    eprintln!("exported {count} bookings");
-    Ok(())
+    Ok(count)
+}
+
+/// One booking as a CSV line (no newline), in `EXPORT_COLUMNS` order.
+fn export_row(b: &proto::Booking) -> String {
+    let state = match proto::BookingState::try_from(b.state) {
+        Ok(proto::BookingState::Confirmed) => "CONFIRMED",
+        Ok(proto::BookingState::Cancelled) => "CANCELLED",
+        Ok(proto::BookingState::Attended) => "ATTENDED",
+        Ok(proto::BookingState::NoShow) => "NO_SHOW",
+        _ => "UNSPECIFIED",
+    };
+    let fields = [
+        b.booking_id.clone(),
+        b.slot_id.clone(),
+        b.site_id.clone(),
+        b.service_id.clone(),
+        rfc3339(b.start.as_ref()),
+        rfc3339(b.end.as_ref()),
+        b.local_start.clone(),
+        b.time_zone.clone(),
+        state.to_string(),
+        rfc3339(b.created_at.as_ref()),
+        rfc3339(b.cancelled_at.as_ref()),
+        b.cancel_reason.clone(),
+        b.reference.clone(),
+        b.series_id.clone(),
+        match b.dose {
+            0 => String::new(),
+            dose => dose.to_string(),
+        },
+        rfc3339(b.attendance_at.as_ref()),
+    ];
+    let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
+    line.join(",")
 }
 
 /// The columns of `prenota open-data`, in order (the JSON objects' keys too).
@@ -757,7 +788,7 @@ pub async fn open_data(
         request.page_token = page.next_page_token;
     }
     out.flush().map_err(write_error)?;
-    eprintln!("wrote {count} rows");
+    crate::say!("wrote {count} rows");
     Ok(())
 }
 
@@ -892,7 +923,7 @@ pub async fn backup_from_server(
             received += message.data.len();
             if received - reported >= 64 << 20 {
                 reported = received;
-                eprintln!("prenota backup: {} MiB received", received >> 20);
+                crate::say!("prenota backup: {} MiB received", received >> 20);
             }
             if tx.send(message.data).is_err() {
                 return Err(None);
@@ -909,7 +940,7 @@ pub async fn backup_from_server(
         Err(Some(refused)) => return Err(refused),
         Err(None) | Ok(()) => written?,
     };
-    eprintln!(
+    crate::say!(
         "prenota backup: {} ({records} records, {:.1} MiB) written in {:.1} s",
         to.display(),
         received as f64 / (1 << 20) as f64,
@@ -949,7 +980,7 @@ pub fn backup_data_dir(data_dir: &Path, to: &Path, config: &Config) -> Result<()
         engine.backup(&mut out).map_err(|e| e.to_string())?;
         out.flush().map_err(|e| format!("writing the backup: {e}"))
     })?;
-    eprintln!(
+    crate::say!(
         "prenota backup: {} ({records} records) written in {:.1} s",
         to.display(),
         started.elapsed().as_secs_f64()
@@ -991,13 +1022,13 @@ pub fn restore(
         unauthenticated,
     };
     let started = std::time::Instant::now();
-    eprintln!(
+    crate::say!(
         "prenota restore: checking {}, then restoring into {}",
         from.display(),
         data_dir.display()
     );
     let summary = crate::service::backup::restore(from, data_dir, config, trust)?;
-    eprintln!(
+    crate::say!(
         "prenota restore: {} records restored into {} and recovered with every invariant \
          checked, in {:.1} s",
         summary.records,
@@ -1013,12 +1044,12 @@ pub fn restore(
 pub fn migrate_from_sled(data_dir: &Path, url: &str, config: &Config) -> Result<(), String> {
     let started = std::time::Instant::now();
     holds_a_sled_store(data_dir)?;
-    eprintln!("prenota migrate: checking {}", data_dir.display());
+    crate::say!("prenota migrate: checking {}", data_dir.display());
     // Kept open (and the data dir locked) through the copy: no server can start on it
     // between the check and the copy.
     let engine = crate::service::Engine::open(data_dir, config, crate::service::Clock::system())
         .map_err(|e| format!("{}: {e}", data_dir.display()))?;
-    eprintln!("prenota migrate: copying into PostgreSQL (one transaction)");
+    crate::say!("prenota migrate: copying into PostgreSQL (one transaction)");
     let mut last_said = std::time::Instant::now();
     // The embedded store's own format record stays behind: PostgreSQL has its schema.
     let records = engine.stored_records().filter(|record| {
@@ -1026,7 +1057,7 @@ pub fn migrate_from_sled(data_dir: &Path, url: &str, config: &Config) -> Result<
     });
     let copied = crate::store::postgres::copy_into(records, url, |copied| {
         if last_said.elapsed() >= std::time::Duration::from_secs(1) {
-            eprintln!("prenota migrate: {copied} records copied");
+            crate::say!("prenota migrate: {copied} records copied");
             last_said = std::time::Instant::now();
         }
     })
@@ -1040,7 +1071,7 @@ pub fn migrate_from_sled(data_dir: &Path, url: &str, config: &Config) -> Result<
                 .display()
         ),
     };
-    eprintln!(
+    crate::say!(
         "prenota migrate: {copied} records copied and committed in {:.1} s. Give every node \
          [store] backend = \"postgres\" with this postgres_url, and [citizens] hash_key_file = \
          {key}",
@@ -1087,6 +1118,7 @@ mod tests {
                 "{text}"
             );
             assert!(!text.contains("disk full"), "{text}");
+            assert!(!text.contains("request_id"), "{text}");
         }
     }
 

@@ -31,6 +31,17 @@
 // again deadlocks (PreRegister of a registered citizen froze the server that way).
 #![warn(clippy::significant_drop_in_scrutinee)]
 
+/// `eprintln!` that never panics: a line stderr cannot take (a full disk, a pipe gone)
+/// is dropped, where `eprintln!` panics and turns exit status 1 into 101 (an outside
+/// test with stderr on a full disk). Every message the commands print to stderr uses it.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod allocator;
 pub mod capacity_file;
 pub mod cli;

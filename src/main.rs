@@ -342,7 +342,7 @@ fn main() -> ExitCode {
     let runtime = match prenota::server::runtime("prenota-server") {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("prenota: cannot start the async runtime: {error}");
+            prenota::say!("prenota: cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
@@ -375,7 +375,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("prenota: {message}");
+            prenota::say!("prenota: {message}");
             ExitCode::FAILURE
         }
     }
@@ -567,7 +567,7 @@ fn restore(args: &RestoreArgs) -> Result<(), String> {
     let config = backup_config(&file, args.backup_key.as_deref())?;
     prenota::cli::restore(&args.from, &args.data_dir, &config, args.unauthenticated)?;
     if let Some(path) = missing {
-        eprintln!(
+        prenota::say!(
             "prenota restore: [citizens] hash_key_file {} does not exist: the backup's key is \
              in {}; move it to {} (mode 0600) before serving",
             path.display(),
@@ -637,7 +637,7 @@ fn config_check(path: &std::path::Path) -> Result<(), String> {
     let now = std::time::SystemTime::now();
     let certificates = prenota::tls_expiry::doubts(&effective.server, now);
     for doubt in file.doubts().into_iter().chain(certificates) {
-        eprintln!("warning: {doubt}");
+        prenota::say!("warning: {doubt}");
     }
     let stops = serve_would_stop(&file, &effective.server);
     if !stops.is_empty() {
@@ -682,8 +682,8 @@ fn serve_would_stop(file: &ConfigFile, server: &prenota::config::ServerSection) 
     for checked in checks {
         match checked {
             Ok(None) => {}
-            Ok(Some(warning)) => eprintln!("warning: {warning}"),
-            Err(refusal) => eprintln!(
+            Ok(Some(warning)) => prenota::say!("warning: {warning}"),
+            Err(refusal) => prenota::say!(
                 "warning: prenota serve would stop unless its flags say otherwise: {refusal}"
             ),
         }

@@ -1053,7 +1053,7 @@ fn mend_torn_sled_files(sled_dir: &Path) -> Result<bool, StoreError> {
         }
     }
     for path in &torn {
-        tracing::warn!(path = %path.display(), "removing a torn sled file (a kill or power cut while it was written)");
+        tracing::warn!(path = %path.display(), "removing a torn sled file (left by a kill, a power cut or a full disk while it was written)");
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
             _ => {}

@@ -104,6 +104,38 @@ async fn bookings_refused_after_a_storage_failure_take_no_place_and_book_no_citi
     assert!(!server.stop().success(), "a failed store closed cleanly");
 }
 
+/// `prenota export` from a server whose store failed exits 1 and writes nothing: it
+/// left a header-only CSV that read as an empty export (an outside test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_from_a_failed_store_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (library, control) = fdatasync_gate(dir.path());
+    let server = start_with_shim(&dir.path().join("data"), &library, &control);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "exported", "r", 3).await;
+    let mut client = BookingServiceClient::new(channel);
+    book_ok(&mut client, book_request(&slot_id, "c1", "b1")).await;
+    std::fs::write(control.join("fail"), b"").unwrap();
+    let failed = client
+        .book(book_request(&slot_id, "c2", "b2"))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&failed).as_deref(), Some("STORAGE_FAILED"));
+    let url = server.url.clone();
+    let export = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+            .args(["export", "--server", &url])
+            .output()
+            .unwrap()
+    });
+    let export = export.await.unwrap();
+    let stderr = String::from_utf8_lossy(&export.stderr);
+    assert_eq!(export.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("STORAGE_FAILED"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&export.stdout), "");
+    assert!(!server.stop().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_fdatasync_stops_writes_and_turns_health_not_serving() {
     let dir = tempfile::tempdir().unwrap();

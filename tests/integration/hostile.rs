@@ -436,6 +436,28 @@ fn the_import_cli_refuses_a_sparse_1_gib_file_at_once_without_a_server() {
     assert!(stderr.contains("longer than"), "{stderr}");
 }
 
+/// A refusal printed to a stderr that cannot take it (a log file on a full disk) still
+/// exits 1: `eprintln!` panicked there and exited 101 (an outside test).
+#[test]
+fn a_refusal_on_a_full_stderr_still_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let commands: [&[&str]; 2] = [
+        &["config", "check", "/nonexistent/prenota.toml"],
+        &["serve", "--data-dir", not_a_dir.to_str().unwrap()],
+    ];
+    for args in commands {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full");
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+            .args(args)
+            .stderr(full.unwrap())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(1), "{args:?}");
+    }
+}
+
 /// `prenota call` streaming a watch into a reader that went away (`| head`) once went
 /// on reading the stream for ever, holding the server's watcher place: it now ends at
 /// the first answer it cannot write.
