@@ -616,30 +616,7 @@ pub async fn export(
         .await
         .map_err(|status| explain_read(&status))?
         .into_inner();
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    match write_export(&mut out, &mut stream).await {
-        Ok(count) => {
-            out.flush()
-                .map_err(|e| format!("cannot write the export: {e}"))?;
-            crate::say!("exported {count} bookings");
-            Ok(())
-        }
-        Err(error) => {
-            // What is still buffered is dropped, not written: an export that fails
-            // early leaves no header-only file that reads as an empty export (the exit
-            // status says whether an export is whole).
-            drop(out.into_parts());
-            Err(error)
-        }
-    }
-}
-
-/// The export's header and rows into `out` (buffered); how many rows.
-async fn write_export(
-    out: &mut impl std::io::Write,
-    stream: &mut tonic::Streaming<proto::ExportBookingsResponse>,
-) -> Result<u64, String> {
+    let mut out = RowsOut::new();
     let write_error = |e: std::io::Error| format!("cannot write the export: {e}");
     writeln!(out, "{}", EXPORT_COLUMNS.join(",")).map_err(write_error)?;
     let mut count = 0u64;
@@ -652,7 +629,46 @@ async fn write_export(
         writeln!(out, "{}", export_row(&b)).map_err(write_error)?;
         count += 1;
     }
-    Ok(count)
+    out.finish().map_err(write_error)?;
+    crate::say!("exported {count} bookings");
+    Ok(())
+}
+
+/// Buffered stdout for a command's rows. `finish` writes out what is buffered; dropped
+/// without it (the command failed), the buffer is discarded, so a failure before the
+/// first 8 KiB leaves no header-only output that reads as a whole, empty one (an
+/// outside test). Only exit status 0 says the rows are all there.
+struct RowsOut(Option<std::io::BufWriter<std::io::StdoutLock<'static>>>);
+
+impl RowsOut {
+    fn new() -> Self {
+        Self(Some(std::io::BufWriter::new(std::io::stdout().lock())))
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        self.0.take().map_or(Ok(()), |mut out| out.flush())
+    }
+}
+
+impl std::io::Write for RowsOut {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        match self.0.as_mut() {
+            Some(out) => out.write(bytes),
+            None => Err(std::io::Error::other("written after finish")),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(()) // only `finish` writes out
+    }
+}
+
+impl Drop for RowsOut {
+    fn drop(&mut self) {
+        if let Some(out) = self.0.take() {
+            drop(out.into_parts()); // not written: the command failed
+        }
+    }
 }
 
 /// One booking as a CSV line (no newline), in `EXPORT_COLUMNS` order.
@@ -756,8 +772,7 @@ pub async fn open_data(
 ) -> Result<(), String> {
     use crate::proto::open_data_service_client::OpenDataServiceClient;
     let mut client = OpenDataServiceClient::new(authorized_channel(target).await?);
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut out = RowsOut::new();
     let write_error = |e: std::io::Error| format!("cannot write the rows: {e}");
     if format == OpenDataFormat::Csv {
         writeln!(out, "{}", OPEN_DATA_COLUMNS.join(",")).map_err(write_error)?;
@@ -787,7 +802,7 @@ pub async fn open_data(
         }
         request.page_token = page.next_page_token;
     }
-    out.flush().map_err(write_error)?;
+    out.finish().map_err(write_error)?;
     crate::say!("wrote {count} rows");
     Ok(())
 }
@@ -816,8 +831,7 @@ pub async fn audit(target: &Target<'_>) -> Result<(), String> {
         .await
         .map_err(|status| explain_read(&status))?
         .into_inner();
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut out = RowsOut::new();
     let write_error = |e: std::io::Error| format!("cannot write the audit log: {e}");
     writeln!(out, "at,actor,action,detail").map_err(write_error)?;
     while let Some(message) = stream
@@ -835,7 +849,7 @@ pub async fn audit(target: &Target<'_>) -> Result<(), String> {
         let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
         writeln!(out, "{}", line.join(",")).map_err(write_error)?;
     }
-    out.flush().map_err(write_error)
+    out.finish().map_err(write_error)
 }
 
 /// Writes a backup file: bytes go to `<to>.partial`, which is synced, verified (checksum,
