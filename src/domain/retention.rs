@@ -35,17 +35,6 @@ pub fn retention_start(now_ms: i64, stored_ms: Option<i64>) -> i64 {
     stored_ms.map_or(now_ms, |stored| stored.min(now_ms))
 }
 
-/// An event as retention sees it (`Cutoffs::event_age`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventAge {
-    /// Stamped before the events' cut-off: it goes.
-    Old,
-    /// Stamped at or after the cut-off, and not after now: it and every later one stay.
-    Kept,
-    /// Stamped after now (a clock that was ahead): it goes once a later event is old.
-    Ahead,
-}
-
 /// The three retention windows as cut-off times, fixed for one pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cutoffs {
@@ -79,17 +68,6 @@ impl Cutoffs {
     /// An event written at `at_unix_ms` is still kept.
     pub fn keeps_event(&self, at_unix_ms: i64) -> bool {
         at_unix_ms >= self.events_before_unix_ms
-    }
-
-    /// How an event stamped `at_unix_ms` stands at `now_unix_ms` (the clock's time, not
-    /// retention's): one stamped after now was written on a clock that was ahead, and
-    /// its stamp says nothing (a later event's stamp bounds it: it was written before).
-    pub fn event_age(&self, at_unix_ms: i64, now_unix_ms: i64) -> EventAge {
-        match at_unix_ms {
-            at if at > now_unix_ms => EventAge::Ahead,
-            at if self.keeps_event(at) => EventAge::Kept,
-            _ => EventAge::Old,
-        }
     }
 
     /// A request made at `at_unix_ms` is still remembered.

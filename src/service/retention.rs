@@ -442,16 +442,12 @@ impl Engine {
     /// restarts): the log stays one contiguous run of sequences, so `oldest_event` tells
     /// a resuming reader what it missed. A run straddling the window's start stays whole.
     async fn delete_events(&self, cutoffs: &Cutoffs) -> Result<u64, ServiceError> {
-        if cutoffs.events_before_unix_ms == i64::MIN {
-            return Ok(0); // events_retained_hours = 0: every event is kept
-        }
         let batch = self.limits.retention_batch_records;
+        let old = |event: &SequencedEvent| !cutoffs.keeps_event(event.event.at_unix_ms);
         let mut deleted = 0;
         loop {
-            let now = self.now_unix_ms();
-            let age = |event: &SequencedEvent| cutoffs.event_age(event.event.at_unix_ms, now);
             let last = *self.store.last_event().borrow();
-            let (keys, events) = self.store.old_event_records(last, age, batch)?;
+            let (keys, events) = self.store.old_event_records(last, old, batch)?;
             if keys.is_empty() {
                 return Ok(deleted);
             }

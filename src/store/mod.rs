@@ -37,7 +37,6 @@ use crate::domain::booking::{Booking, Reference};
 use crate::domain::event::SequencedEvent;
 use crate::domain::hold::{Hold, HoldId};
 use crate::domain::ids::{BookingId, CitizenTag, RequestKey, SlotKey};
-use crate::domain::retention::EventAge;
 pub use committer::UnsyncedForBenchmarks;
 use committer::{
     ApplyGate, BlobFiles, CommitRequest, CommitterState, SledDurability, SledUnsynced,
@@ -423,41 +422,26 @@ impl Store {
         }
     }
 
-    /// The keys of the oldest event records, in order, up to the last record before
-    /// `last` (the record holding `last` is never among them) whose last event is
-    /// `EventAge::Old` and before the first record with a `Kept` event, at most `limit`
-    /// keys, and how many events they hold: what retention may delete. Records stamped
-    /// `Ahead` are read past: an old event after them bounds their time (events are
-    /// written in sequence order), so a run on a clock set ahead holds nothing back.
+    /// The keys of the oldest event records, in order, while every event of the record
+    /// is `old` and before `last` (the record holding `last` is never among them), at
+    /// most `limit` keys, and how many events they hold: what retention may delete.
     pub fn old_event_records(
         &self,
         last: u64,
-        age: impl Fn(&SequencedEvent) -> EventAge,
+        old: impl Fn(&SequencedEvent) -> bool,
         limit: usize,
     ) -> Result<(Vec<Vec<u8>>, u64), StoreError> {
-        // `old`: what may go; `waiting`: read after it, going if an old event follows.
-        let (mut old, mut waiting) = ((Vec::new(), 0), (Vec::new(), 0));
-        for item in self.db.scan_prefix([records::EVENT_PREFIX]) {
+        let (mut keys, mut events) = (Vec::new(), 0);
+        for item in self.db.scan_prefix([records::EVENT_PREFIX]).take(limit) {
             let (key, value) = scanned(item)?;
             let run = records::decode_event_record(&key, &value)?;
-            let kept =
-                |event: &SequencedEvent| event.sequence >= last || age(event) == EventAge::Kept;
-            if run.iter().any(kept) {
+            if !run.iter().all(|event| event.sequence < last && old(event)) {
                 break;
             }
-            if old.0.len() + waiting.0.len() < limit {
-                waiting.0.push(key.to_vec());
-                waiting.1 += run.len() as u64;
-            }
-            if run.last().is_some_and(|event| age(event) == EventAge::Old) {
-                old.0.append(&mut waiting.0);
-                old.1 += std::mem::take(&mut waiting.1);
-                if old.0.len() >= limit {
-                    break;
-                }
-            }
+            keys.push(key.to_vec());
+            events += run.len() as u64;
         }
-        Ok(old)
+        Ok((keys, events))
     }
 
     /// The booking with this id among the bookings of citizens with this tag.
@@ -1494,45 +1478,6 @@ mod tests {
         events.iter().map(|e| e.sequence).collect()
     }
 
-    /// Events stamped ahead of the clock (a run on a clock set wrong) are read past, and
-    /// go once an event after them is old; an ahead one with no old one after it stays,
-    /// as does everything from the first kept one; `limit` keys at most either way.
-    #[test]
-    fn events_stamped_ahead_go_with_the_old_ones_after_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let store = Store::open(dir.path(), &Limits::default()).unwrap();
-        // One event per commit (one record each): stamps 1 old, 2 ahead, 3 and 4 ahead,
-        // 5 old, 6 ahead, 7 kept, 8 old (after a kept one), 9 the last.
-        let (old, kept, ahead) = (10, 100, 1_000);
-        for at in [old, ahead, ahead, ahead, old, ahead, kept, old, old] {
-            runtime
-                .block_on(store.commit(&[Write::Event(event(at))]))
-                .unwrap();
-        }
-        let age = |e: &SequencedEvent| match e.event.at_unix_ms {
-            10 => EventAge::Old,
-            100 => EventAge::Kept,
-            _ => EventAge::Ahead,
-        };
-        let keys = |limit| store.old_event_records(9, age, limit).unwrap();
-        let through = |sequence: u64| -> Vec<Vec<u8>> {
-            (1..=sequence)
-                .map(|s| records::event_key(s).to_vec())
-                .collect()
-        };
-        assert_eq!(keys(1_000), (through(5), 5), "6 waits, 7 is kept");
-        assert_eq!(keys(3), (through(3), 3), "bounded, read past the limit");
-        assert_eq!(keys(1), (through(1), 1));
-        // With 5 gone, 6 has no old event before the kept one: nothing goes.
-        let deletes: Vec<Write> = through(5).into_iter().map(Write::Delete).collect();
-        runtime.block_on(store.commit(&deletes)).unwrap();
-        assert_eq!(keys(1_000), (Vec::new(), 0));
-    }
-
     /// (first, last) sequence of every event record, in key order.
     fn records_of(store: &Store) -> Vec<(u64, u64)> {
         let scan = store.db.scan_prefix([records::EVENT_PREFIX]);
@@ -1607,10 +1552,7 @@ mod tests {
         // last at the end of the log or inside it: whole records only, all before it.
         let cuts = ends.iter().flat_map(|&end| [end - 1, end, end + 1]);
         for (cut, last) in cuts.flat_map(|cut| [(cut, 202), (cut, 100)]) {
-            let old = |e: &SequencedEvent| match e.sequence <= cut {
-                true => EventAge::Old,
-                false => EventAge::Kept,
-            };
+            let old = |e: &SequencedEvent| e.sequence <= cut;
             let (keys, events) = store.old_event_records(last, old, 1_000).unwrap();
             let whole: Vec<&(u64, u64)> = (records.iter())
                 .take_while(|r| r.1 <= cut && r.1 < last)
@@ -1625,16 +1567,12 @@ mod tests {
                 "cut {cut}, last {last}"
             );
         }
-        let old = |_: &SequencedEvent| EventAge::Old;
+        let old = |_: &SequencedEvent| true;
         assert_eq!(store.old_event_records(202, old, 1).unwrap().1, 1);
 
         // Deleting the first records moves the oldest event to the next record's first.
         let (keys, _) = store
-            .old_event_records(
-                202,
-                |e| [EventAge::Kept, EventAge::Old][usize::from(e.sequence <= 3)],
-                1_000,
-            )
+            .old_event_records(202, |e| e.sequence <= 3, 1_000)
             .unwrap();
         let deletes: Vec<Write> = keys.into_iter().map(Write::Delete).collect();
         runtime.block_on(store.commit(&deletes)).unwrap();
