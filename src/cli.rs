@@ -146,6 +146,15 @@ pub fn print_out(text: &str) -> Result<(), String> {
     write_out(text).map(drop)
 }
 
+/// [`write_out`] for an answer that cannot be had again (a new random key): a reader
+/// gone is a failure, so a script does not go on without it.
+pub fn print_needed(text: &str) -> Result<(), String> {
+    match write_out(text)? {
+        true => Ok(()),
+        false => Err("stdout closed before the answer was written; nothing kept".into()),
+    }
+}
+
 /// `NotFound` → `NOT_FOUND`, as gRPC names codes.
 fn code_name(code: Code) -> String {
     let mut name = String::new();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use prenota::cli::{print_out, Target};
+use prenota::cli::{print_needed, print_out, Target};
 use prenota::config::{
     check_listen, check_plaintext_tokens, token_sha256, ConfigFile, ServerSection, TlsPem,
 };
@@ -360,7 +360,7 @@ fn main() -> ExitCode {
         Command::Backup(args) => backup(&args, &runtime),
         Command::Restore(args) => restore(&args),
         Command::Migrate(args) => migrate(&args),
-        Command::BackupKey => print_out(&prenota::store::backup_key::BackupKey::generate_hex()),
+        Command::BackupKey => print_needed(&prenota::store::backup_key::BackupKey::generate_hex()),
         Command::Config(ConfigCommand::Check { file }) => config_check(&file),
         Command::Config(ConfigCommand::HashToken) => hash_token(),
         Command::DevAssertion(args) => dev_assertion(&args),

@@ -268,6 +268,8 @@ impl Schedule {
                 .collect();
             intervals.sort_by_key(|h| h.opens);
             for hours in intervals {
+                // `parse` keeps these; a schedule built by hand must too.
+                debug_assert!(hours.opens < hours.closes && hours.closes <= MINUTES_PER_DAY);
                 let midnight = day.and_time(NaiveTime::MIN);
                 let mut wall = midnight + Duration::minutes(i64::from(hours.opens));
                 let closes = midnight + Duration::minutes(i64::from(hours.closes));

@@ -458,6 +458,21 @@ fn a_refusal_on_a_full_stderr_still_exits_1() {
     }
 }
 
+/// `prenota backup-key` into a reader already gone fails: the new key was never seen
+/// by anyone (it exited 0, and a script went on without its key).
+#[test]
+fn a_backup_key_nobody_read_is_a_failure() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_prenota"))
+        .arg("backup-key")
+        .stdout(writer)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+}
+
 /// `prenota call` streaming a watch into a reader that went away (`| head`) once went
 /// on reading the stream for ever, holding the server's watcher place: it now ends at
 /// the first answer it cannot write.
