@@ -7,7 +7,7 @@
 
 use crate::domain::booking::RequestRecord;
 use crate::domain::error::DomainError;
-use crate::domain::hold::{hold_second, Hold, HoldId};
+use crate::domain::hold::{hold_second, Hold, HoldId, HoldState};
 use crate::domain::ids::{ChannelId, CitizenKey, RequestFingerprint, RequestKey, SlotKey};
 use crate::domain::plans;
 use crate::service::engine::{Attempt, Engine};
@@ -44,10 +44,18 @@ impl Engine {
         .await
     }
 
+    /// A retried HoldSlot's answer: the hold as it is now. One that ended before its
+    /// time (its slot closed, or it became a booking) shows when it ended, a time
+    /// passed, not a place it no longer holds.
     fn stored_hold(&self, hold_id: HoldId) -> Result<Hold, ServiceError> {
-        Ok(self
+        let mut hold = self
             .hold_record(hold_id)?
-            .ok_or(DomainError::NotFound(crate::domain::error::Missing::Hold))?)
+            .ok_or(DomainError::NotFound(crate::domain::error::Missing::Hold))?;
+        if let HoldState::Expired { at_unix_ms } | HoldState::Confirmed { at_unix_ms } = hold.state
+        {
+            hold.expires_at_unix_ms = hold.expires_at_unix_ms.min(at_unix_ms);
+        }
+        Ok(hold)
     }
 
     /// The id of a hold of `citizen` made at `now_ms`. Within one process hold ids
