@@ -285,8 +285,11 @@ impl Progress {
     fn update(&mut self, sent: usize) {
         let (doing, percent) = (self.doing, sent * 100 / self.total.max(1));
         if self.terminal {
-            let line = format!("\r{doing}: {sent}/{} ({percent}%)", self.total);
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            let _ = write!(
+                std::io::stderr(),
+                "\r{doing}: {sent}/{} ({percent}%)",
+                self.total
+            );
             if sent == self.total {
                 crate::say!();
             }

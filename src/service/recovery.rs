@@ -166,8 +166,8 @@ fn unusable_key(e: impl std::fmt::Display) -> ServiceError {
 }
 
 /// Where retention's time starts (`domain::retention::retention_start`), with the
-/// clock's elapsed ms: at the time its last pass stored, else (no pass stored one yet)
-/// the store's newest write. A clock an hour or more after that beyond
+/// clock's elapsed ms: at the time a start, a pass or a clean stop last stored, else
+/// (none stored one yet) the store's newest write. A clock an hour or more after that beyond
 /// `retention_interval_ms` (a long stop, or a clock set ahead), or a minute or more
 /// before it (a clock set back), is said in the log: the start takes the clock's time
 /// for everything else.

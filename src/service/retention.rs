@@ -109,7 +109,8 @@ impl Engine {
 
     /// Retention's time now: the clock's, gaining on the time that passed at most
     /// `RETENTION_TIME_PACE` times over (`domain::retention::retention_time`), from where
-    /// it started at open (the store's newest write, if the clock was later).
+    /// it started at open (the stored retention time, else the store's newest write, if
+    /// the clock was later).
     pub(super) fn retention_now_unix_ms(&self) -> i64 {
         let mut last = self
             .retention_time

@@ -717,7 +717,8 @@ impl Store {
         }
     }
 
-    /// Retention's time as its last pass stored it (`None`: no pass stored one yet).
+    /// Retention's time as a start, a pass or a clean stop last stored it (`None`: none
+    /// stored one yet).
     pub fn retention_time_ms(&self) -> Result<Option<i64>, StoreError> {
         self.read_at_open(records::RETENTION_TIME_KEY, "the retention time")?
             .map(|value| records::decode_retention_time(&value))
@@ -725,7 +726,7 @@ impl Store {
     }
 
     /// Stores retention's time durably. At open only, before anything else writes
-    /// (retention passes store theirs with their last commit).
+    /// (retention passes and a clean stop store theirs as a `Write::RetentionTime`).
     pub fn put_retention_time(&self, at_unix_ms: i64) -> Result<(), StoreError> {
         let value = records::encode_retention_time(at_unix_ms);
         self.write_at_open(records::RETENTION_TIME_KEY, &value, "the retention time")

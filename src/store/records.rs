@@ -86,8 +86,9 @@ pub const COMMITS_KEY: &[u8] = b"Kcommits";
 /// a build refuses a store written in a layout newer than its own (it would misread or
 /// miss records), as a PostgreSQL schema newer than its migrations.
 pub const STORE_FORMAT_KEY: &[u8] = b"Kformat";
-/// Retention's own time (`domain::retention::retention_time`) as its last pass counted
-/// on it, i64 ms big-endian: where the next start's retention time begins.
+/// Retention's own time (`domain::retention::retention_time`) as a start, a pass or a
+/// clean stop last stored it, i64 ms big-endian: where the next start's retention time
+/// begins.
 pub const RETENTION_TIME_KEY: &[u8] = b"Kretention";
 
 pub fn encode_retention_time(at_unix_ms: i64) -> [u8; 8] {
@@ -95,10 +96,14 @@ pub fn encode_retention_time(at_unix_ms: i64) -> [u8; 8] {
 }
 
 pub fn decode_retention_time(value: &[u8]) -> Result<i64, StoreError> {
-    let bytes: [u8; 8] = value
+    fixed_width(value, "a retention time").map(i64::from_be_bytes)
+}
+
+/// A fixed-width value's bytes; `what` names it when the length is wrong.
+fn fixed_width<const N: usize>(value: &[u8], what: &str) -> Result<[u8; N], StoreError> {
+    value
         .try_into()
-        .map_err(|_| StoreError::Corrupt("a retention time of the wrong length".into()))?;
-    Ok(i64::from_be_bytes(bytes))
+        .map_err(|_| StoreError::Corrupt(format!("{what} of the wrong length")))
 }
 
 /// This build's store layout. Bump it with every change an older build would misread:
@@ -112,10 +117,7 @@ pub fn encode_store_format(format: u32) -> [u8; 4] {
 }
 
 pub fn decode_store_format(value: &[u8]) -> Result<u32, StoreError> {
-    let bytes: [u8; 4] = value
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("a store format of the wrong length".into()))?;
-    Ok(u32::from_be_bytes(bytes))
+    fixed_width(value, "a store format").map(u32::from_be_bytes)
 }
 
 /// The stored commit count.
@@ -124,10 +126,7 @@ pub fn encode_commits(commits: u64) -> [u8; 8] {
 }
 
 pub fn decode_commits(value: &[u8]) -> Result<u64, StoreError> {
-    let bytes: [u8; 8] = value
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("a commit count of the wrong length".into()))?;
-    Ok(u64::from_be_bytes(bytes))
+    fixed_width(value, "a commit count").map(u64::from_be_bytes)
 }
 /// `A` + time (sortable) + 8 random bytes: the audit log of capacity changes, in time order.
 pub const AUDIT_PREFIX: u8 = b'A';
@@ -238,7 +237,7 @@ pub fn authority_request_key(key: RequestKey) -> [u8; 17] {
 pub enum Write {
     /// Retention only: the record under this key is forgotten.
     Delete(Vec<u8>),
-    /// Retention only: the time its pass counted on (`RETENTION_TIME_KEY`).
+    /// Retention's time as a pass or a clean stop counted on it (`RETENTION_TIME_KEY`).
     RetentionTime(i64),
     Site(SiteRecord),
     Slot(SlotRecord),
