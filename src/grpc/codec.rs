@@ -4,6 +4,13 @@
 //! logs a warning per request: a flood of junk would flood the log). The generated
 //! clients share the codec: a reply they cannot decode stays prost's `INTERNAL` (the
 //! outcome is unknown, not refused).
+//!
+//! The same goes for a request tonic cannot read because of how it is framed (no
+//! message, a message or its prefix cut short, a compressed flag with no
+//! `grpc-encoding`, a flag that is neither 0 nor 1): tonic answers `INTERNAL`, as gRPC's
+//! own servers do, which a client could cause at will to page whoever watches the
+//! server's failures and write a warning per request. `grpc::observe` restates those
+//! answers with [`clients_framing_mistake`].
 
 use prost::Message;
 use tonic::codec::{BufferSettings, Codec as TonicCodec, DecodeBuf, Decoder as TonicDecoder};
@@ -69,6 +76,50 @@ fn malformed(status: &Status) -> Status {
     )
 }
 
+/// The start of tonic's message for each request it cannot read as framed, and what it
+/// means. The gRPC compression doc asks `INTERNAL` for a compressed flag with no
+/// `grpc-encoding`; prenota counts a client's mistake as the client's, as it does a
+/// message that is not protobuf. Pinned by
+/// `hardening::a_badly_framed_request_is_the_clients_mistake_not_a_server_failure`.
+const TONIC_FRAMING_ERRORS: [(&str, &str); 4] = [
+    (
+        "Missing request message",
+        "the call ended before its message",
+    ),
+    (
+        "Unexpected EOF decoding stream",
+        "the call ended inside its message",
+    ),
+    (
+        "protocol error: received message with compressed-flag but no grpc-encoding",
+        "a message flagged compressed came without grpc-encoding",
+    ),
+    (
+        "protocol error: received message with invalid compression flag",
+        "a message's compressed flag is neither 0 nor 1",
+    ),
+];
+
+/// What a client is answered instead of tonic's `INTERNAL` (`message`: tonic's) when
+/// that was tonic's answer to a request it could not read as framed: INVALID_ARGUMENT
+/// (a BadRequest violation of the whole message, field ""), or CANCELLED for a stream
+/// the client broke (an h2 error while the request was read). `None`: anything else,
+/// the server's own failures included, stays as it is.
+pub fn clients_framing_mistake(message: &str) -> Option<Status> {
+    if message.starts_with("h2 protocol error") {
+        let broke = format!("the client broke the request's stream: {message}");
+        return Some(Status::cancelled(broke));
+    }
+    let (_, why) = TONIC_FRAMING_ERRORS
+        .iter()
+        .find(|(tonic, _)| message.starts_with(tonic))?;
+    Some(Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid request: {why}"),
+        ErrorDetails::with_bad_request(vec![FieldViolation::new("", *why)]),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +132,19 @@ mod tests {
         assert!(!decodes_a_request::<proto::BookResponse>());
         assert!(!decodes_a_request::<proto::ExportBookingsResponse>());
         assert!(!decodes_a_request::<proto::Event>());
+    }
+
+    #[test]
+    fn only_tonics_framing_errors_are_restated_as_the_clients() {
+        let restated = clients_framing_mistake("Missing request message.").unwrap();
+        assert_eq!(restated.code(), Code::InvalidArgument);
+        assert_eq!(
+            restated.message(),
+            "invalid request: the call ended before its message"
+        );
+        let broken = clients_framing_mistake("h2 protocol error: stream reset").unwrap();
+        assert_eq!(broken.code(), Code::Cancelled);
+        assert!(clients_framing_mistake("the store failed").is_none());
+        assert!(clients_framing_mistake("").is_none());
     }
 }

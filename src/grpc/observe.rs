@@ -4,6 +4,9 @@
 //! The status code is read where gRPC puts it: in the response headers for an
 //! immediate error ("trailers-only"), otherwise in the trailers at the end of the body.
 //! The request is counted when its response ends (or is dropped: `CANCELLED`).
+//! tonic's `INTERNAL` for a request it could not read as framed is restated first as
+//! the client's mistake (`codec::clients_framing_mistake`): answered, counted and
+//! logged as such.
 //! Logs carry service, method, code and latency: never headers (the `authorization`
 //! token) and never a message (citizen ids).
 
@@ -19,6 +22,7 @@ use tonic::codegen::{http, BoxFuture, Service};
 use tonic::Code;
 use tracing::Instrument;
 
+use crate::grpc::codec;
 use crate::telemetry;
 
 /// The layer for `Server::builder().layer(..)`.
@@ -146,14 +150,14 @@ where
         );
         let response = self.inner.call(request).instrument(span.clone());
         Box::pin(async move {
-            let response = response.await?;
+            let mut response = response.await?;
             let mut outcome = Outcome {
                 metrics,
                 started,
                 span,
                 recorded: false,
             };
-            if let Some(code) = grpc_status(response.headers()) {
+            if let Some(code) = restated(response.headers_mut()) {
                 outcome.record(code); // trailers-only: an immediate error
             }
             Ok(response.map(|body| Observed {
@@ -168,6 +172,26 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
     let value = headers.get("grpc-status")?;
     let number: i32 = value.to_str().ok()?.parse().ok()?;
     Some(Code::from_i32(number))
+}
+
+/// The status code of `headers` (a trailers-only answer, or trailers), once a client's
+/// framing mistake in them is restated as such (see `codec::clients_framing_mistake`).
+fn restated(headers: &mut http::HeaderMap) -> Option<Code> {
+    let code = grpc_status(headers)?;
+    if code != Code::Internal {
+        return Some(code);
+    }
+    let message = headers.get("grpc-message").map(|value| {
+        percent_encoding::percent_decode(value.as_bytes())
+            .decode_utf8_lossy()
+            .into_owned()
+    });
+    let Some(status) = codec::clients_framing_mistake(message.as_deref().unwrap_or("")) else {
+        return Some(code);
+    };
+    let written = status.add_header(headers);
+    debug_assert!(written.is_ok(), "a restated status is a valid header");
+    Some(status.code())
 }
 
 /// Counts one request, once.
@@ -213,10 +237,10 @@ impl Body for Observed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                if let Some(code) = frame.trailers_mut().and_then(restated) {
                     self.outcome.record(code);
                 }
             }

@@ -145,7 +145,7 @@ fn grpc_frame(message: &[u8]) -> bytes::Bytes {
 }
 
 /// Sends a gRPC request for `path` on `client`: `framed` if any, then the end of the
-/// request when `ends`. The request's body is never sent more (a stream left half open
+/// request when `ends` (with the headers when there is nothing to send). The request's body is never sent more (a stream left half open
 /// stays so); the reply is the caller's to read or not.
 async fn send_call(
     client: &h2::client::SendRequest<bytes::Bytes>,
@@ -159,7 +159,8 @@ async fn send_call(
         .body(())
         .unwrap();
     let mut client = client.clone().ready().await.unwrap();
-    let (response, mut body) = client.send_request(request, false).unwrap();
+    let headers_only = framed.is_none() && ends;
+    let (response, mut body) = client.send_request(request, headers_only).unwrap();
     if let Some(framed) = framed {
         // A call shed at its headers may be reset before its message goes: its answer
         // says so.
@@ -1505,4 +1506,69 @@ async fn a_message_that_stalls_is_cut_off_at_the_receive_deadline() {
         );
     }
     assert_eq!(counter(&server, "prenota_messages_late_total"), 2);
+}
+
+/// A request the server cannot read because of how the client framed it (no message, a
+/// message cut short, a compressed flag with no `grpc-encoding`, a flag that is not one)
+/// was answered, counted and logged as a server failure (tonic's `INTERNAL`, a warning
+/// per request, also on Health without a token): a client could fill the log and page
+/// whoever watches INTERNAL. Now it is the client's mistake (`INVALID_ARGUMENT`, at
+/// debug), like bytes that are not protobuf, on one-message calls and on an import's
+/// stream; a stream the client resets before its message counts as `CANCELLED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_badly_framed_request_is_the_clients_mistake_not_a_server_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let options = ChildOptions {
+        stderr: Some(std::fs::File::create(&log).unwrap()),
+        rust_log: Some("info".into()),
+        ..ChildOptions::default()
+    };
+    let mut server = ChildServer::start_recovering(&dir.path().join("data"), options);
+    server.wait_serving();
+    let (client, _connection) = h2_client(&server, None).await;
+    let framings: [(&str, Option<&[u8]>); 5] = [
+        ("headers only", None),
+        ("a message cut short", Some(&[0, 0, 0, 0, 10, 8, 1])),
+        ("a prefix cut short", Some(&[0, 0, 0])),
+        ("compressed, no grpc-encoding", Some(&[1, 0, 0, 0, 0])),
+        ("a flag that is not one", Some(&[2, 0, 0, 0, 0])),
+    ];
+    let import = "/prenota.v1.CapacityService/ImportCapacity";
+    for path in [HEALTH_CHECK, BOOK, import] {
+        for (framing, bytes) in framings {
+            let framed = bytes.map(bytes::Bytes::copy_from_slice);
+            let answer = send_call(&client, path, framed, true).await;
+            let status = tokio::time::timeout(Duration::from_secs(10), grpc_status_of(answer));
+            let status = status.await.expect("an answer within 10 s");
+            assert_eq!(status, Some(3), "{framing} on {path}");
+        }
+    }
+    // Reset by the client before its message.
+    let request = http::Request::post(format!("http://localhost{BOOK}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut ready = client.clone().ready().await.unwrap();
+    let (_answer, mut body) = ready.send_request(request, false).unwrap();
+    body.send_reset(h2::Reason::CANCEL);
+    still_healthy(&server).await;
+
+    let metrics = http_get(&server.metrics_url);
+    let handled = |code: &str| {
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("grpc_server_handled_total{"))
+            .filter(|line| line.contains(&format!("grpc_code=\"{code}\"")))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+    };
+    assert_eq!(handled("INTERNAL"), 0, "{metrics}");
+    assert_eq!(handled("INVALID_ARGUMENT"), 15, "{metrics}");
+    assert_eq!(handled("CANCELLED"), 1, "{metrics}");
+    server.terminate();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("OPEN MODE"), "the log was read: {logged}");
+    assert!(!logged.contains("request failed"), "{logged}");
 }
