@@ -6,7 +6,8 @@
 //! request per connection; the page is rendered at most once per `RENDERED_FOR` and
 //! shared (pipelined scrapes rendered a page each, starving the bookings); a failed
 //! accept (no file descriptor left) waits instead of spinning. Nothing is logged per
-//! connection or bad request.
+//! connection or bad request. The page is the recorder's, then the per-site gauges
+//! (`telemetry::site_gauges`).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -46,7 +47,9 @@ impl Page {
         match &*last {
             Some((at, page)) if at.elapsed() < RENDERED_FOR => page.clone(),
             _ => {
-                let page = Bytes::from(self.handle.render());
+                let mut page = self.handle.render();
+                page.push_str(&crate::telemetry::site_gauges());
+                let page = Bytes::from(page);
                 *last = Some((Instant::now(), page.clone()));
                 page
             }

@@ -929,18 +929,7 @@ async fn refresh_gauges(engine: Arc<Engine>) {
             let limit = engine.limits().metrics_site_gauges_max;
             let (sites, totals) = engine.site_totals(limit);
             metrics::gauge!(telemetry::SITES).set(sites as f64);
-            for (site, totals) in totals {
-                let labels = [
-                    ("site_id", site.site_id.to_string()),
-                    ("region_id", site.region_id.to_string()),
-                ];
-                metrics::gauge!(telemetry::SITE_SLOTS, &labels).set(f64::from(totals.slots));
-                metrics::gauge!(telemetry::SITE_SLOTS_CLOSED, &labels)
-                    .set(f64::from(totals.slots_closed));
-                metrics::gauge!(telemetry::SITE_CAPACITY, &labels).set(totals.capacity as f64);
-                metrics::gauge!(telemetry::SITE_BOOKED, &labels).set(totals.booked as f64);
-                metrics::gauge!(telemetry::SITE_HELD, &labels).set(totals.held as f64);
-            }
+            telemetry::set_site_gauges(&totals);
             metrics::gauge!(telemetry::HOLDS_LIVE).set(engine.live_hold_count() as f64);
             metrics_process::Collector::default().collect();
             metrics::gauge!(telemetry::REQUEST_RECORDS).set(engine.request_record_count() as f64);

@@ -4,11 +4,20 @@
 //! Labels are bounded: gRPC service/method/code, outcome reasons, limiter names and
 //! site/region ids (at most `metrics_site_gauges_max` sites). Never a citizen, a token or
 //! a booking id.
+//!
+//! The per-site gauges are rendered here rather than recorded: the recorder can drop no
+//! series, so a site past `metrics_site_gauges_max`, or its old `region_id` after it
+//! moved, stayed on the page with its last values. [`set_site_gauges`] replaces them
+//! at each refresh, and the metrics port appends [`site_gauges`] to the recorder's page.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::domain::catalog::{Site, Totals};
 
 /// Requests answered, by `grpc_service`, `grpc_method`, `grpc_code`.
 pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
@@ -98,7 +107,7 @@ pub const RETENTION_KINDS: [&str; 11] = [
 /// Finished requests remembered for idempotency.
 pub const REQUEST_RECORDS: &str = "prenota_request_records";
 /// Per site, by `site_id` and `region_id`: slots, closed slots, open capacity,
-/// confirmed bookings and live holds.
+/// bookings taking a place and live holds (rendered by [`site_gauges`]).
 pub const SITE_SLOTS: &str = "prenota_site_slots";
 pub const SITE_SLOTS_CLOSED: &str = "prenota_site_slots_closed";
 pub const SITE_CAPACITY: &str = "prenota_site_capacity";
@@ -358,13 +367,73 @@ fn describe_store() {
     );
 }
 
-/// The catalog, per site.
+/// The per-site gauges: name, help, and the value of a site's totals.
+type SiteGauge = (&'static str, &'static str, fn(&Totals) -> u64);
+const SITE_GAUGES: [SiteGauge; 5] = [
+    (SITE_SLOTS, "slots per site", |t| u64::from(t.slots)),
+    (SITE_SLOTS_CLOSED, "closed slots per site", |t| {
+        u64::from(t.slots_closed)
+    }),
+    (SITE_CAPACITY, "capacity of the open slots per site", |t| {
+        t.capacity
+    }),
+    (SITE_BOOKED, "bookings taking a place per site", |t| {
+        t.booked
+    }),
+    (SITE_HELD, "live holds per site", |t| t.held),
+];
+
+/// The per-site gauges' part of the page, as of the last refresh.
+static SITE_GAUGES_TEXT: Mutex<String> = Mutex::new(String::new());
+
+/// Replaces the per-site gauges with `sites`' (the first `metrics_site_gauges_max`).
+pub fn set_site_gauges(sites: &[(Arc<Site>, Totals)]) {
+    let text = site_gauges_text(sites);
+    *SITE_GAUGES_TEXT
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = text;
+}
+
+/// The per-site gauges in Prometheus' text format (nothing before the first refresh).
+pub fn site_gauges() -> String {
+    SITE_GAUGES_TEXT
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
+
+fn site_gauges_text(sites: &[(Arc<Site>, Totals)]) -> String {
+    let mut text = String::new();
+    if sites.is_empty() {
+        return text; // a family without samples is left out, as the recorder does
+    }
+    for (name, help, value) in SITE_GAUGES {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (site, totals) in sites {
+            let (site_id, region_id) = (site.site_id.as_str(), site.region_id.as_str());
+            let _ = writeln!(
+                text,
+                "{name}{{site_id=\"{}\",region_id=\"{}\"}} {}",
+                label_value(site_id),
+                label_value(region_id),
+                value(totals)
+            );
+        }
+        text.push('\n');
+    }
+    text
+}
+
+/// `value` escaped for a label of the text format (ids cannot hold these: a safeguard).
+fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The catalog.
 fn describe_sites() {
-    describe_gauge!(SITE_SLOTS, "slots per site");
-    describe_gauge!(SITE_SLOTS_CLOSED, "closed slots per site");
-    describe_gauge!(SITE_CAPACITY, "capacity of the open slots per site");
-    describe_gauge!(SITE_BOOKED, "confirmed bookings per site");
-    describe_gauge!(SITE_HELD, "live holds per site");
     describe_gauge!(SITES, "sites in the catalog");
     describe_gauge!(
         TLS_CERTIFICATE_EXPIRY,
@@ -464,6 +533,37 @@ pub const ALL: &[&str] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ids::{RegionId, SiteId};
+
+    #[test]
+    fn site_gauges_are_one_family_each_with_every_site() {
+        assert_eq!(site_gauges_text(&[]), "", "no family without samples");
+        let site = |id: &str, region: &str| {
+            Arc::new(Site {
+                site_id: SiteId::parse("s", id, 64).unwrap(),
+                name: String::new(),
+                region_id: RegionId::parse("r", region, 64).unwrap(),
+                time_zone: chrono_tz::UTC,
+            })
+        };
+        let totals = Totals {
+            slots: 3,
+            capacity: 7,
+            ..Totals::default()
+        };
+        let text = site_gauges_text(&[
+            (site("a", "r1"), totals.clone()),
+            (site("b", "r2"), Totals::default()),
+        ]);
+        let capacity = "# HELP prenota_site_capacity capacity of the open slots per site\n\
+            # TYPE prenota_site_capacity gauge\n\
+            prenota_site_capacity{site_id=\"a\",region_id=\"r1\"} 7\n\
+            prenota_site_capacity{site_id=\"b\",region_id=\"r2\"} 0\n\n";
+        assert!(text.contains(capacity), "{text}");
+        assert_eq!(text.matches("# TYPE").count(), 5);
+        assert_eq!(text.lines().filter(|l| l.contains("site_id=")).count(), 10);
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 
     #[test]
     fn the_dashboard_and_the_readme_name_only_metrics_that_exist() {

@@ -198,6 +198,83 @@ async fn metrics_count_requests_outcomes_commits_and_sites() {
     server.terminate();
 }
 
+/// The page's samples once `ready` holds of them (refreshed every 100 ms here).
+async fn samples_once(server: &ChildServer, ready: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let samples = parse(&http_get(&server.metrics_url));
+        if ready(&samples) {
+            return samples;
+        }
+        assert!(Instant::now() < deadline, "the gauges never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The regions `site`'s capacity gauge is on the page with.
+fn capacity_regions(samples: &[Sample], site: &str) -> Vec<String> {
+    let of_site = samples.iter().filter(|s| s.name == "prenota_site_capacity");
+    of_site
+        .filter(|s| s.labels.get("site_id").map(String::as_str) == Some(site))
+        .map(|s| s.labels["region_id"].clone())
+        .collect()
+}
+
+/// Per-site gauges are the catalog's as of the last refresh: a site that moves to
+/// another region, or falls past the first `metrics_site_gauges_max` (2 here), leaves
+/// the page. The recorder kept both on it with their last values until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_gauges_follow_a_site_that_moves_or_falls_past_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("METRICS_REFRESH_INTERVAL_MS", "100"),
+        ("METRICS_SITE_GAUGES_MAX", "2"),
+    ];
+    let env = limits.map(|(name, value)| (format!("PRENOTA_LIMITS_{name}"), value.to_string()));
+    let options = ChildOptions {
+        env: env.to_vec(),
+        ..ChildOptions::default()
+    };
+    let mut server = ChildServer::start_recovering(dir.path(), options);
+    server.wait_serving();
+    let channel = connect(&server.url).await;
+    one_slot_site_on(channel.clone(), "b-site", "r1", 3).await;
+    one_slot_site_on(channel.clone(), "c-site", "r1", 4).await;
+    samples_once(&server, |s| capacity_regions(s, "c-site") == ["r1"]).await;
+
+    let moved = proto::UpsertSiteRequest {
+        site: Some(proto::Site {
+            site_id: "c-site".into(),
+            name: "Site c-site".into(),
+            region_id: "r2".into(),
+            time_zone: "Etc/UTC".into(),
+        }),
+        request_id: "move-c-site".into(),
+    };
+    let mut capacity = CapacityServiceClient::new(channel.clone());
+    capacity.upsert_site(moved).await.expect("moved");
+    let samples = samples_once(&server, |s| capacity_regions(s, "c-site") != ["r1"]).await;
+    assert_eq!(
+        capacity_regions(&samples, "c-site"),
+        ["r2"],
+        "only its new region"
+    );
+
+    // "a-site" sorts first: the first two are now a-site and b-site.
+    one_slot_site_on(channel.clone(), "a-site", "r1", 5).await;
+    let samples = samples_once(&server, |s| !capacity_regions(s, "a-site").is_empty()).await;
+    assert!(
+        capacity_regions(&samples, "c-site").is_empty(),
+        "c-site stayed"
+    );
+    assert_eq!(capacity_regions(&samples, "b-site"), ["r1"]);
+    assert_eq!(value(&samples, "prenota_sites", &[]), Some(3.0));
+    let site = [("site_id", "a-site"), ("region_id", "r1")];
+    assert_eq!(value(&samples, "prenota_site_capacity", &site), Some(5.0));
+    assert_eq!(value(&samples, "prenota_site_slots", &site), Some(1.0));
+    server.terminate();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_not_serving_while_a_large_store_recovers_then_serving() {
     if common::postgres::sled_only(
