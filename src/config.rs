@@ -1343,6 +1343,28 @@ regions = ["no such"]
         assert!(toml::from_str::<ConfigFile>("[limits]\nnot_a_limit = 1").is_err());
     }
 
+    /// Every `toml` example of the README is a file `serve` reads (unknown keys are
+    /// refused), and an issuer's key string holds its PEM block alone (a comment once sat
+    /// inside it, and the example was refused).
+    #[test]
+    fn the_readmes_toml_examples_are_config_files() {
+        let readme = include_str!("../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|rest| rest.split("```").next().unwrap())
+            .collect();
+        assert!(blocks.len() >= 3, "{} toml examples", blocks.len());
+        for block in blocks {
+            let file: ConfigFile = toml::from_str(block).unwrap_or_else(|e| panic!("{e}"));
+            for issuer in &file.citizen_issuers {
+                let key = issuer.public_key_pem.trim();
+                assert!(key.starts_with("-----BEGIN PUBLIC KEY-----"), "{key}");
+                assert!(key.ends_with("-----END PUBLIC KEY-----"), "{key}");
+            }
+        }
+    }
+
     #[test]
     fn debug_output_leaves_secrets_out() {
         let file: ConfigFile = toml::from_str(

@@ -61,7 +61,8 @@ pub struct Limits {
     /// Largest span `to - from` of one search.
     pub search_range_days_max: u32,
     /// Most slots one search visits (sold-out days are skipped without visiting their
-    /// slots); past it the page ends early, with a `next_page_token` to go on from.
+    /// slots); past it the page ends early, with a `next_page_token` to go on from. Open
+    /// data spends the same budget per (service, day) of a site it summarises.
     pub search_slots_scanned_max: usize,
     /// Largest span `last_day - first_day + 1` of one published schedule.
     pub publish_days_max: u32,
