@@ -6,8 +6,8 @@
 //! request per connection; the page is rendered at most once per `RENDERED_FOR` and
 //! shared (pipelined scrapes rendered a page each, starving the bookings); a failed
 //! accept (no file descriptor left) waits instead of spinning. Nothing is logged per
-//! connection or bad request. The page is the recorder's, then the per-site gauges
-//! (`telemetry::site_gauges`).
+//! connection or bad request. The page is the recorder's, then what `more` renders (the
+//! per-site gauges: `telemetry::site_gauges`).
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,7 @@ const RENDERED_FOR: Duration = Duration::from_secs(1);
 /// The last page rendered, and when.
 struct Page {
     handle: PrometheusHandle,
+    more: fn() -> String,
     last: Mutex<Option<(Instant, Bytes)>>,
 }
 
@@ -48,7 +49,7 @@ impl Page {
             Some((at, page)) if at.elapsed() < RENDERED_FOR => page.clone(),
             _ => {
                 let mut page = self.handle.render();
-                page.push_str(&crate::telemetry::site_gauges());
+                page.push_str(&(self.more)());
                 let page = Bytes::from(page);
                 *last = Some((Instant::now(), page.clone()));
                 page
@@ -80,12 +81,17 @@ impl Bounds {
     }
 }
 
-/// Answers scrapes on `listener` with what `handle` renders, forever.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, bounds: Bounds) {
+/// Answers scrapes on `listener` with what `handle` renders, then `more`, forever.
+pub async fn serve(
+    listener: TcpListener,
+    (handle, more): (PrometheusHandle, fn() -> String),
+    bounds: Bounds,
+) {
     let places = Arc::new(Semaphore::new(bounds.connections_max));
     let peers = bounds.per_peer.peers();
     let page = Arc::new(Page {
         handle,
+        more,
         last: Mutex::new(None),
     });
     loop {

@@ -179,7 +179,7 @@ pub fn serve_metrics(
         .map_err(|_| "a metrics recorder is already installed".to_string())?;
     tokio::spawn(crate::metrics_listener::serve(
         listener,
-        handle.clone(),
+        (handle.clone(), site_gauges),
         bounds,
     ));
     spawn_upkeep(handle);
