@@ -23,10 +23,10 @@ use crate::domain::catalog::{Site, Totals};
 pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
 /// Time from a request's arrival to the end of its response, by `grpc_service`, `grpc_method`.
 pub const GRPC_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
-/// Book, CancelBooking and RescheduleBooking by `command` and `outcome`
-/// (`OK` or the `ErrorInfo` reason).
+/// Book, CancelBooking and RescheduleBooking by `command` and `outcome` (`OK`, the
+/// `ErrorInfo` reason, or `REPLAYED`: answered with an earlier outcome).
 pub const BOOKINGS: &str = "prenota_bookings_total";
-/// HoldSlot by `outcome` (`OK` or the `ErrorInfo` reason).
+/// HoldSlot by `outcome` (as above).
 pub const HOLDS: &str = "prenota_holds_total";
 /// Holds expired by the sweeper.
 pub const HOLDS_EXPIRED: &str = "prenota_holds_expired_total";
@@ -271,9 +271,12 @@ fn describe_requests() {
     );
     describe_counter!(
         BOOKINGS,
-        "Book, CancelBooking and RescheduleBooking by command and outcome (OK or the error reason)"
+        "Book, CancelBooking and RescheduleBooking by command and outcome (OK, the error reason, or REPLAYED: a retry answered with the first outcome)"
     );
-    describe_counter!(HOLDS, "HoldSlot by outcome (OK or the error reason)");
+    describe_counter!(
+        HOLDS,
+        "HoldSlot by outcome (OK, the error reason, or REPLAYED)"
+    );
     describe_counter!(HOLDS_EXPIRED, "holds expired by the sweeper");
     describe_counter!(
         QUEUE_ADMISSIONS,

@@ -17,7 +17,7 @@ use crate::grpc::detached::detached;
 use crate::grpc::{convert, convert_campaign, convert_release, convert_series, status};
 use crate::proto;
 use crate::proto::booking_service_server::BookingService;
-use crate::service::{Engine, RegistrationCommand, ServiceError};
+use crate::service::{requests, Engine, RegistrationCommand, ServiceError};
 use crate::telemetry;
 
 pub struct BookingApi {
@@ -213,11 +213,18 @@ fn named_offer(hold_id: &str) -> Result<Option<BookingId>, Status> {
     }
 }
 
-/// Counts the outcome of `command` and passes `result` on.
-fn counted<T>(command: Command, result: Result<T, ServiceError>) -> Result<T, Status> {
-    let outcome = match &result {
-        Ok(_) => "OK",
-        Err(error) => status::reason(error),
+/// Runs `work` (the engine's `command`) detached, counts its outcome and passes it on.
+/// An outcome answered again (a retry, or a copy of a request in flight) is counted as
+/// `REPLAYED`, not as a new booking or refusal.
+async fn detached_counted<T: Send + 'static>(
+    command: Command,
+    work: impl std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
+) -> Result<T, Status> {
+    let (result, replayed) = detached(requests::noting_replays(work)).await?;
+    let outcome = match (&result, replayed) {
+        (_, true) => "REPLAYED",
+        (Ok(_), false) => "OK",
+        (Err(error), false) => status::reason(error),
     };
     count_outcome(command, outcome);
     Ok(result?)
@@ -241,10 +248,7 @@ impl BookingApi {
         let (caller, body) = self.acting(request).await?;
         let ids = self.engine.citizen_ids();
         let converted = convert(body, self.engine.limits(), ids, &caller)?;
-        counted(
-            command,
-            detached(work(Arc::clone(&self.engine), converted)).await?,
-        )
+        detached_counted(command, work(Arc::clone(&self.engine), converted)).await
     }
 }
 
@@ -331,8 +335,8 @@ impl BookingService for BookingApi {
             &caller,
             caller.channel(),
         )?;
-        let result = detached(async move { engine.book_series(command).await }).await?;
-        let bookings = counted(Command::Book, result)?;
+        let series = async move { engine.book_series(command).await };
+        let bookings = detached_counted(Command::Book, series).await?;
         Ok(Response::new(proto::BookSeriesResponse {
             bookings: bookings.iter().map(convert::booking_to_proto).collect(),
         }))
@@ -358,8 +362,8 @@ impl BookingService for BookingApi {
             // The subject asks, for itself or its dependants.
             command.asking = allowed.into_iter().next();
         }
-        let result = detached(async move { engine.book_group(command).await }).await?;
-        let bookings = counted(Command::Book, result)?;
+        let group = async move { engine.book_group(command).await };
+        let bookings = detached_counted(Command::Book, group).await?;
         Ok(Response::new(proto::BookGroupResponse {
             bookings: bookings.iter().map(convert::booking_to_proto).collect(),
         }))
@@ -534,12 +538,9 @@ impl BookingService for BookingApi {
     ) -> Result<Response<proto::AcceptOfferResponse>, Status> {
         let offer = named_offer(&request.get_ref().hold_id)?;
         let command = self.registration_command(request).await?;
-        let result = detached({
-            let engine = Arc::clone(&self.engine);
-            async move { engine.accept_offer(command, offer).await }
-        })
-        .await?;
-        let booking = counted(Command::Book, result)?;
+        let engine = Arc::clone(&self.engine);
+        let accept = async move { engine.accept_offer(command, offer).await };
+        let booking = detached_counted(Command::Book, accept).await?;
         Ok(Response::new(proto::AcceptOfferResponse {
             booking: Some(convert::booking_to_proto(&booking)),
         }))

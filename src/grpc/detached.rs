@@ -7,14 +7,12 @@ use std::future::Future;
 
 use tonic::Status;
 
-use crate::service::ServiceError;
-
 /// The engine's outcome of `work`; `Err(Status)` only if the task itself failed (a panic
 /// in the engine: nothing half-applied is acknowledged, and a retry with the same
 /// `request_id` is answered at most once).
 pub async fn detached<T: Send + 'static>(
-    work: impl Future<Output = Result<T, ServiceError>> + Send + 'static,
-) -> Result<Result<T, ServiceError>, Status> {
+    work: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Status> {
     tokio::spawn(work).await.map_err(|join_error| {
         tracing::error!(%join_error, "a mutation task failed");
         Status::internal(

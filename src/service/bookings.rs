@@ -132,7 +132,10 @@ impl Engine {
                 .finished(&command.request.for_citizen(&first), fingerprint),
         };
         let bookings = match earlier {
-            Some(id) => self.once_settled(self.group_bookings(&members, id)).await?,
+            Some(id) => {
+                super::requests::note_replay();
+                self.once_settled(self.group_bookings(&members, id)).await?
+            }
             None => {
                 self.once_per_request(
                     (command.request.for_citizen(&asking), fingerprint),

@@ -6,7 +6,9 @@
 //! bad input) is forgotten: retrying it is evaluated afresh and can still book at most once.
 
 use foldhash::HashMap;
+use std::cell::Cell;
 use std::collections::hash_map::Entry;
+use std::future::Future;
 use std::sync::MutexGuard;
 
 use tokio::sync::watch;
@@ -163,6 +165,29 @@ impl RequestRegistry {
     pub fn remembered(&self) -> usize {
         self.shards.each().map(|shard| shard.done.len()).sum()
     }
+}
+
+tokio::task_local! {
+    /// Whether the request this task runs was answered with an earlier outcome (a
+    /// retry, or a copy that waited for the first): set by `Engine::once_per_request`,
+    /// and read only by [`noting_replays`], which the gRPC handlers run the counted
+    /// booking commands in, so that a replay is not counted as a new outcome.
+    static REPLAYED: Cell<bool>;
+}
+
+/// Runs `work`, and says whether its request was answered with an earlier outcome.
+pub async fn noting_replays<F: Future>(work: F) -> (F::Output, bool) {
+    let noted = async move {
+        let output = work.await;
+        (output, REPLAYED.with(Cell::get))
+    };
+    REPLAYED.scope(Cell::new(false), noted).await
+}
+
+/// Notes that the running request is answered with an earlier outcome (nothing
+/// outside [`noting_replays`]: nobody asks there).
+pub(super) fn note_replay() {
+    let _ = REPLAYED.try_with(|replayed| replayed.set(true));
 }
 
 /// Waits for the outcome of a copy of this request that is in flight.

@@ -198,6 +198,59 @@ async fn metrics_count_requests_outcomes_commits_and_sites() {
     server.terminate();
 }
 
+/// A retry (same `request_id`), or a copy racing the first, is answered with the first
+/// outcome: counted as `REPLAYED`, not as one more booking or hold (the booking metrics
+/// counted each again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_request_is_not_counted_as_a_new_booking() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ChildServer::start_recovering(dir.path(), ChildOptions::default());
+    server.wait_serving();
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "replay-site", "r", 5).await;
+    let booking = BookingServiceClient::new(channel.clone());
+    let copies = (0..8).map(|_| {
+        let mut booking = booking.clone();
+        let request = book_request(&slot_id, "citizen-1", "book-once");
+        tokio::spawn(async move { booking.book(request).await })
+    });
+    let mut ids = Vec::new();
+    for copy in copies.collect::<Vec<_>>() {
+        ids.push(
+            copy.await
+                .unwrap()
+                .expect("booked")
+                .into_inner()
+                .booking
+                .unwrap()
+                .booking_id,
+        );
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one booking for eight copies");
+    let hold = proto::HoldSlotRequest {
+        slot_id: slot_id.clone(),
+        citizen_id: "citizen-2".into(),
+        request_id: "hold-once".into(),
+        ttl_seconds: 300,
+    };
+    for _ in 0..3 {
+        booking.clone().hold_slot(hold.clone()).await.expect("held");
+    }
+
+    let samples = parse(&http_get(&server.metrics_url));
+    let booked = |outcome: &str| {
+        let labels = [("command", "book"), ("outcome", outcome)];
+        value(&samples, "prenota_bookings_total", &labels)
+    };
+    assert_eq!(booked("OK"), Some(1.0));
+    assert_eq!(booked("REPLAYED"), Some(7.0));
+    let held = |outcome: &str| value(&samples, "prenota_holds_total", &[("outcome", outcome)]);
+    assert_eq!(held("OK"), Some(1.0));
+    assert_eq!(held("REPLAYED"), Some(2.0));
+    server.terminate();
+}
+
 /// The page's samples once `ready` holds of them (refreshed every 100 ms here).
 async fn samples_once(server: &ChildServer, ready: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
     let deadline = Instant::now() + Duration::from_secs(10);
