@@ -36,7 +36,7 @@ const RENDERED_FOR: Duration = Duration::from_secs(1);
 /// The last page rendered, and when.
 struct Page {
     handle: PrometheusHandle,
-    more: fn() -> String,
+    more: fn() -> Arc<str>,
     last: Mutex<Option<(Instant, Bytes)>>,
 }
 
@@ -48,8 +48,9 @@ impl Page {
         match &*last {
             Some((at, page)) if at.elapsed() < RENDERED_FOR => page.clone(),
             _ => {
-                let mut page = self.handle.render();
-                page.push_str(&(self.more)());
+                let (mut page, more) = (self.handle.render(), (self.more)());
+                page.reserve_exact(more.len());
+                page.push_str(&more);
                 let page = Bytes::from(page);
                 *last = Some((Instant::now(), page.clone()));
                 page
@@ -84,7 +85,7 @@ impl Bounds {
 /// Answers scrapes on `listener` with what `handle` renders, then `more`, forever.
 pub async fn serve(
     listener: TcpListener,
-    (handle, more): (PrometheusHandle, fn() -> String),
+    (handle, more): (PrometheusHandle, fn() -> Arc<str>),
     bounds: Bounds,
 ) {
     let places = Arc::new(Semaphore::new(bounds.connections_max));

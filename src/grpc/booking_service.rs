@@ -213,21 +213,25 @@ fn named_offer(hold_id: &str) -> Result<Option<BookingId>, Status> {
     }
 }
 
-/// Runs `work` (the engine's `command`) detached, counts its outcome and passes it on.
-/// An outcome answered again (a retry, or a copy of a request in flight) is counted as
+/// Runs `work` (the engine's `command`) detached, counts its outcome there (also when
+/// the call is gone: past its deadline, the work still ends) and passes it on. An
+/// outcome answered again (a retry, or a copy of a request in flight) is counted as
 /// `REPLAYED`, not as a new booking or refusal.
 async fn detached_counted<T: Send + 'static>(
     command: Command,
     work: impl std::future::Future<Output = Result<T, ServiceError>> + Send + 'static,
 ) -> Result<T, Status> {
-    let (result, replayed) = detached(requests::noting_replays(work)).await?;
-    let outcome = match (&result, replayed) {
-        (_, true) => "REPLAYED",
-        (Ok(_), false) => "OK",
-        (Err(error), false) => status::reason(error),
+    let counted = async move {
+        let (result, replayed) = requests::noting_replays(work).await;
+        let outcome = match (&result, replayed) {
+            (_, true) => "REPLAYED",
+            (Ok(_), false) => "OK",
+            (Err(error), false) => status::reason(error),
+        };
+        count_outcome(command, outcome);
+        result
     };
-    count_outcome(command, outcome);
-    Ok(result?)
+    Ok(detached(counted).await??)
 }
 
 impl BookingApi {

@@ -149,14 +149,15 @@ where
             grpc.method = metrics.method
         );
         let response = self.inner.call(request).instrument(span.clone());
+        let mut outcome = Outcome {
+            metrics,
+            started,
+            span,
+            recorded: false,
+        };
         Box::pin(async move {
+            // Dropped before its response (the client reset the stream): CANCELLED.
             let mut response = response.await?;
-            let mut outcome = Outcome {
-                metrics,
-                started,
-                span,
-                recorded: false,
-            };
             if let Some(code) = restated(response.headers_mut()) {
                 outcome.record(code); // trailers-only: an immediate error
             }
@@ -194,7 +195,8 @@ fn restated(headers: &mut http::HeaderMap) -> Option<Code> {
     Some(status.code())
 }
 
-/// Counts one request, once.
+/// Counts one request, once: `CANCELLED` if it is dropped uncounted (the client went
+/// away before the response, or before it ended).
 struct Outcome {
     metrics: &'static MethodMetrics,
     started: Instant,
@@ -263,10 +265,9 @@ impl Body for Observed {
     }
 }
 
-impl Drop for Observed {
+impl Drop for Outcome {
     fn drop(&mut self) {
-        // The client went away before the response ended.
-        self.outcome.record(Code::Cancelled);
+        self.record(Code::Cancelled);
     }
 }
 

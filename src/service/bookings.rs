@@ -133,8 +133,8 @@ impl Engine {
         };
         let bookings = match earlier {
             Some(id) => {
-                super::requests::note_replay();
-                self.once_settled(self.group_bookings(&members, id)).await?
+                let read = self.once_settled(self.group_bookings(&members, id)).await;
+                super::requests::replayed(read)?
             }
             None => {
                 self.once_per_request(

@@ -363,8 +363,8 @@ impl Engine {
     /// `fetch`, answered once durable), a copy in flight waits for the first one's outcome, a different request
     /// is refused. The registry keeps only the outcome's id; the fingerprint names the
     /// command, so an id is always fetched as the kind of thing it was created as.
-    /// `attempt` is counted only when `work` runs: a retry is no new attempt, and it is
-    /// noted as a replay (`requests::noting_replays`).
+    /// `attempt` is counted only when `work` runs: a retry is no new attempt, and the
+    /// first outcome answered again is noted as a replay (`requests::noting_replays`).
     pub(super) async fn once_per_request<T, Work>(
         &self,
         (request, fingerprint): (RequestKey, RequestFingerprint),
@@ -380,14 +380,18 @@ impl Engine {
             .requests
             .begin(request, fingerprint, self.now_unix_ms())?
         {
-            Begin::Done(id) => {
-                requests::note_replay();
-                return self.once_settled(fetch(id)).await;
-            }
+            Begin::Done(id) => return requests::replayed(self.once_settled(fetch(id)).await),
             Begin::Wait(outcome) => {
-                requests::note_replay();
-                let id = requests::wait(outcome).await?;
-                return self.once_settled(fetch(id)).await;
+                let id = match requests::wait(outcome).await {
+                    Ok(id) => id,
+                    // The first copy went away: nothing to answer again.
+                    Err(ServiceError::Abandoned) => return Err(ServiceError::Abandoned),
+                    Err(refused) => {
+                        requests::note_replay(); // the first copy's refusal, heard again
+                        return Err(refused);
+                    }
+                };
+                return requests::replayed(self.once_settled(fetch(id)).await);
             }
             Begin::Fresh(guard) => guard,
         };

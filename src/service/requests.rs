@@ -184,10 +184,19 @@ pub async fn noting_replays<F: Future>(work: F) -> (F::Output, bool) {
     REPLAYED.scope(Cell::new(false), noted).await
 }
 
-/// Notes that the running request is answered with an earlier outcome (nothing
+/// Notes that the running request is answered with the first outcome again (nothing
 /// outside [`noting_replays`]: nobody asks there).
 pub(super) fn note_replay() {
     let _ = REPLAYED.try_with(|replayed| replayed.set(true));
+}
+
+/// `answer` (an earlier outcome read back), noted as a replay if it could be read: one
+/// that failed on its own (the store failed, the record is gone) is not one.
+pub(super) fn replayed<T>(answer: Result<T, ServiceError>) -> Result<T, ServiceError> {
+    if answer.is_ok() {
+        note_replay();
+    }
+    answer
 }
 
 /// Waits for the outcome of a copy of this request that is in flight.

@@ -7,7 +7,9 @@ use crate::common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::child::{http_get, ChildOptions, ChildServer};
+use common::child::{
+    fdatasync_gate, http_get, start_with_shim, wait_for_held_fdatasync, ChildOptions, ChildServer,
+};
 use common::*;
 use prenota::proto;
 use prenota::proto::booking_service_client::BookingServiceClient;
@@ -237,17 +239,92 @@ async fn a_replayed_request_is_not_counted_as_a_new_booking() {
     for _ in 0..3 {
         booking.clone().hold_slot(hold.clone()).await.expect("held");
     }
+    let group = proto::BookGroupRequest {
+        slot_id: slot_id.clone(),
+        citizen_ids: vec!["citizen-3".into(), "citizen-4".into()],
+        request_id: "group-once".into(),
+    };
+    for _ in 0..2 {
+        booking
+            .clone()
+            .book_group(group.clone())
+            .await
+            .expect("booked");
+    }
+    let cancel = proto::CancelBookingRequest {
+        booking_id: ids[0].clone(),
+        citizen_id: "citizen-1".into(),
+        request_id: "cancel-once".into(),
+    };
+    for _ in 0..2 {
+        booking
+            .clone()
+            .cancel_booking(cancel.clone())
+            .await
+            .expect("cancelled");
+    }
 
     let samples = parse(&http_get(&server.metrics_url));
     let booked = |outcome: &str| {
         let labels = [("command", "book"), ("outcome", outcome)];
         value(&samples, "prenota_bookings_total", &labels)
     };
-    assert_eq!(booked("OK"), Some(1.0));
-    assert_eq!(booked("REPLAYED"), Some(7.0));
+    assert_eq!(booked("OK"), Some(2.0), "the Book and the BookGroup");
+    assert_eq!(booked("REPLAYED"), Some(8.0));
+    let cancelled = |outcome: &str| {
+        let labels = [("command", "cancel"), ("outcome", outcome)];
+        value(&samples, "prenota_bookings_total", &labels)
+    };
+    assert_eq!(cancelled("OK"), Some(1.0));
+    assert_eq!(cancelled("REPLAYED"), Some(1.0));
     let held = |outcome: &str| value(&samples, "prenota_holds_total", &[("outcome", outcome)]);
     assert_eq!(held("OK"), Some(1.0));
     assert_eq!(held("REPLAYED"), Some(2.0));
+    server.terminate();
+}
+
+/// A Book whose client goes away while its write waits for the disk still books (its
+/// work runs on): the call is counted CANCELLED and the booking OK. Neither was counted
+/// before (the request's future was dropped before either count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_abandoned_while_its_write_waits_is_counted_and_so_is_its_booking() {
+    let dir = tempfile::tempdir().unwrap();
+    let (library, control) = fdatasync_gate(dir.path());
+    let server = start_with_shim(&dir.path().join("data"), &library, &control);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "gone-site", "r", 5).await;
+    std::fs::write(control.join("gate"), b"").unwrap();
+    let mut client = BookingServiceClient::new(channel.clone());
+    let request = book_request(&slot_id, "citizen-gone", "gone-1");
+    let call = tokio::spawn(async move { client.book(request).await });
+    wait_for_held_fdatasync(&control).await;
+    call.abort(); // the client resets the stream
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::remove_file(control.join("gate")).unwrap();
+
+    let booked = [("command", "book"), ("outcome", "OK")];
+    let cancelled = [
+        ("grpc_service", BOOKING),
+        ("grpc_method", "Book"),
+        ("grpc_code", "CANCELLED"),
+    ];
+    samples_once(&server, |samples| {
+        value(samples, "prenota_bookings_total", &booked) == Some(1.0)
+            && value(samples, "grpc_server_handled_total", &cancelled) == Some(1.0)
+    })
+    .await;
+    let listed = BookingServiceClient::new(channel)
+        .list_citizen_bookings(proto::ListCitizenBookingsRequest {
+            citizen_id: "citizen-gone".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.into_inner().bookings.len(),
+        1,
+        "the booking was made"
+    );
     server.terminate();
 }
 
