@@ -285,7 +285,9 @@ async fn a_replayed_request_is_not_counted_as_a_new_booking() {
 
 /// A Book whose client goes away while its write waits for the disk still books (its
 /// work runs on): the call is counted CANCELLED and the booking OK. Neither was counted
-/// before (the request's future was dropped before either count).
+/// before (the request's future was dropped before either count). One whose deadline
+/// passes meanwhile is answered at its deadline (tonic's CANCELLED "Timeout expired",
+/// as the README says), and books too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_abandoned_while_its_write_waits_is_counted_and_so_is_its_booking() {
     let dir = tempfile::tempdir().unwrap();
@@ -299,7 +301,12 @@ async fn a_call_abandoned_while_its_write_waits_is_counted_and_so_is_its_booking
     let call = tokio::spawn(async move { client.book(request).await });
     wait_for_held_fdatasync(&control).await;
     call.abort(); // the client resets the stream
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut late = tonic::Request::new(book_request(&slot_id, "citizen-late", "late-1"));
+    late.set_timeout(Duration::from_millis(300)); // grpc-timeout: the server's to keep
+    let late = BookingServiceClient::new(channel.clone()).book(late).await;
+    let late = late.unwrap_err();
+    assert_eq!(late.code(), Code::Cancelled, "{late:?}");
+    assert_eq!(late.message(), "Timeout expired");
     std::fs::remove_file(control.join("gate")).unwrap();
 
     let booked = [("command", "book"), ("outcome", "OK")];
@@ -309,8 +316,8 @@ async fn a_call_abandoned_while_its_write_waits_is_counted_and_so_is_its_booking
         ("grpc_code", "CANCELLED"),
     ];
     samples_once(&server, |samples| {
-        value(samples, "prenota_bookings_total", &booked) == Some(1.0)
-            && value(samples, "grpc_server_handled_total", &cancelled) == Some(1.0)
+        value(samples, "prenota_bookings_total", &booked) == Some(2.0)
+            && value(samples, "grpc_server_handled_total", &cancelled) == Some(2.0)
     })
     .await;
     let listed = BookingServiceClient::new(channel)
