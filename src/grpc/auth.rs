@@ -220,11 +220,14 @@ impl Gate {
         }
         let unauthenticated =
             || Status::unauthenticated("send a valid token as `authorization: Bearer <token>`");
-        let header = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .ok_or_else(unauthenticated)?;
+        // Exactly one: of two, which one a proxy or a client library keeps is anyone's
+        // guess (the first used to win silently), as for `x-citizen-assertion`.
+        let mut sent = request.metadata().get_all("authorization").iter();
+        let header = match (sent.next(), sent.next()) {
+            (Some(one), None) => one.to_str().ok(),
+            _ => None,
+        }
+        .ok_or_else(unauthenticated)?;
         // The scheme's name is case-insensitive (RFC 9110 11.1).
         let presented = (header.get(..7))
             .filter(|scheme| scheme.eq_ignore_ascii_case("Bearer "))

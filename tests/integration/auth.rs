@@ -137,6 +137,19 @@ async fn tokens_decide_services_and_regions() {
         };
         assert_eq!(status.code(), expected, "{header}: {status:?}");
     }
+    // Two authorization headers: refused, whichever comes first (the first used to win
+    // silently: an admin's before a frontend's acted as the admin).
+    for pair in [[ADMIN, FRONTEND], [FRONTEND, ADMIN], [ADMIN, ADMIN]] {
+        let mut request = tonic::Request::new(proto::GetSiteStatsRequest {
+            site_id: "ostia".into(),
+        });
+        for token in pair {
+            let value = format!("Bearer {token}").parse().unwrap();
+            request.metadata_mut().append("authorization", value);
+        }
+        let status = raw.get_site_stats(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{pair:?}: {status:?}");
+    }
 
     // A frontend books, an authority manages its region, neither does the other's job.
     // An admin registers a new site to its region; its authority then manages it.
