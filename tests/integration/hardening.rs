@@ -144,6 +144,15 @@ fn grpc_frame(message: &[u8]) -> bytes::Bytes {
     framed.into()
 }
 
+/// The headers of a gRPC call of `path`.
+fn grpc_request(path: &str) -> http::Request<()> {
+    http::Request::post(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
 /// Sends a gRPC request for `path` on `client`: `framed` if any, then the end of the
 /// request when `ends` (with the headers when there is nothing to send). The request's body is never sent more (a stream left half open
 /// stays so); the reply is the caller's to read or not.
@@ -153,11 +162,7 @@ async fn send_call(
     framed: Option<bytes::Bytes>,
     ends: bool,
 ) -> h2::client::ResponseFuture {
-    let request = http::Request::post(format!("http://localhost{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+    let request = grpc_request(path);
     let mut client = client.clone().ready().await.unwrap();
     let headers_only = framed.is_none() && ends;
     let (response, mut body) = client.send_request(request, headers_only).unwrap();
@@ -1516,11 +1521,7 @@ async fn reset_call(
     data: Option<bytes::Bytes>,
     reason: h2::Reason,
 ) {
-    let request = http::Request::post(format!("http://localhost{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+    let request = grpc_request(path);
     let mut ready = client.clone().ready().await.unwrap();
     let (_answer, mut body) = ready.send_request(request, false).unwrap();
     if let Some(data) = data {
