@@ -206,8 +206,7 @@ async fn metrics_count_requests_outcomes_commits_and_sites() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_request_is_not_counted_as_a_new_booking() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = ChildServer::start_recovering(dir.path(), ChildOptions::default());
-    server.wait_serving();
+    let server = ChildServer::start(dir.path());
     let channel = connect(&server.url).await;
     let slot_id = one_slot_site_on(channel.clone(), "replay-site", "r", 5).await;
     let booking = BookingServiceClient::new(channel.clone());
@@ -265,18 +264,18 @@ async fn a_replayed_request_is_not_counted_as_a_new_booking() {
     }
 
     let samples = parse(&http_get(&server.metrics_url));
-    let booked = |outcome: &str| {
-        let labels = [("command", "book"), ("outcome", outcome)];
+    let counted = |command: &str, outcome: &str| {
+        let labels = [("command", command), ("outcome", outcome)];
         value(&samples, "prenota_bookings_total", &labels)
     };
-    assert_eq!(booked("OK"), Some(2.0), "the Book and the BookGroup");
-    assert_eq!(booked("REPLAYED"), Some(8.0));
-    let cancelled = |outcome: &str| {
-        let labels = [("command", "cancel"), ("outcome", outcome)];
-        value(&samples, "prenota_bookings_total", &labels)
-    };
-    assert_eq!(cancelled("OK"), Some(1.0));
-    assert_eq!(cancelled("REPLAYED"), Some(1.0));
+    assert_eq!(
+        counted("book", "OK"),
+        Some(2.0),
+        "the Book and the BookGroup"
+    );
+    assert_eq!(counted("book", "REPLAYED"), Some(8.0));
+    assert_eq!(counted("cancel", "OK"), Some(1.0));
+    assert_eq!(counted("cancel", "REPLAYED"), Some(1.0));
     let held = |outcome: &str| value(&samples, "prenota_holds_total", &[("outcome", outcome)]);
     assert_eq!(held("OK"), Some(1.0));
     assert_eq!(held("REPLAYED"), Some(2.0));
@@ -320,18 +319,8 @@ async fn a_call_abandoned_while_its_write_waits_is_counted_and_so_is_its_booking
             && value(samples, "grpc_server_handled_total", &cancelled) == Some(2.0)
     })
     .await;
-    let listed = BookingServiceClient::new(channel)
-        .list_citizen_bookings(proto::ListCitizenBookingsRequest {
-            citizen_id: "citizen-gone".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        listed.into_inner().bookings.len(),
-        1,
-        "the booking was made"
-    );
+    let listed = citizen_bookings(&mut BookingServiceClient::new(channel), "citizen-gone").await;
+    assert_eq!(listed.len(), 1, "the booking was made");
     server.terminate();
 }
 
@@ -367,13 +356,7 @@ async fn site_gauges_follow_a_site_that_moves_or_falls_past_the_cap() {
         ("METRICS_REFRESH_INTERVAL_MS", "100"),
         ("METRICS_SITE_GAUGES_MAX", "2"),
     ];
-    let env = limits.map(|(name, value)| (format!("PRENOTA_LIMITS_{name}"), value.to_string()));
-    let options = ChildOptions {
-        env: env.to_vec(),
-        ..ChildOptions::default()
-    };
-    let mut server = ChildServer::start_recovering(dir.path(), options);
-    server.wait_serving();
+    let server = ChildServer::with_limits(dir.path(), &limits);
     let channel = connect(&server.url).await;
     one_slot_site_on(channel.clone(), "b-site", "r1", 3).await;
     one_slot_site_on(channel.clone(), "c-site", "r1", 4).await;
