@@ -388,7 +388,9 @@ async fn run(
     );
     let open = accepting.open_connections();
     let serving = transport(tls.as_ref(), &limits)?
-        .layer(ObserveLayer)
+        .layer(ObserveLayer {
+            request_timeout: Duration::from_millis(limits.request_timeout_ms),
+        })
         .add_service(health_service)
         .add_optional_service(reflection_v1)
         .add_optional_service(reflection_v1alpha)

@@ -11,6 +11,7 @@ pub mod convert;
 pub mod convert_campaign;
 pub mod convert_release;
 pub mod convert_series;
+pub mod deadline;
 pub mod detached;
 pub mod observe;
 pub mod open_data_service;

@@ -7,39 +7,49 @@
 //! tonic's `INTERNAL` for a request it could not read as framed is restated first as
 //! the client's mistake (`codec::clients_framing_mistake`): answered, counted and
 //! logged as such.
+//! It keeps each call's deadline (`deadline`): one past it is answered, or its stream
+//! ended, `DEADLINE_EXCEEDED`.
 //! Logs carry service, method, code and latency: never headers (the `authorization`
 //! token) and never a message (citizen ids).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http_body::{Body, Frame, SizeHint};
 use prost::Message;
-use tonic::codegen::{http, BoxFuture, Service};
+use tonic::codegen::{http, BoxFuture, Bytes, Service};
 use tonic::Code;
 use tracing::Instrument;
 
-use crate::grpc::codec;
+use crate::grpc::{codec, deadline};
 use crate::telemetry;
 
-/// The layer for `Server::builder().layer(..)`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ObserveLayer;
+/// The layer for `Server::builder().layer(..)`: `request_timeout` bounds every call's
+/// answer (`request_timeout_ms`).
+#[derive(Clone, Copy, Debug)]
+pub struct ObserveLayer {
+    pub request_timeout: Duration,
+}
 
 impl<S> tower_layer::Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Observe { inner }
+        Observe {
+            inner,
+            request_timeout: self.request_timeout,
+        }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct Observe<S> {
     inner: S,
+    request_timeout: Duration,
 }
 
 /// The metric handles of one method, registered once: recording a request is then a
@@ -142,6 +152,12 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let started = Instant::now();
+        // Taken before tonic's timeout layer takes its own (see `deadline`).
+        let deadlines = deadline::of_call(
+            request.headers(),
+            self.request_timeout,
+            tokio::time::Instant::now(),
+        );
         let metrics = method_metrics(request.uri().path());
         let span = tracing::debug_span!(
             "request",
@@ -157,13 +173,20 @@ where
         };
         Box::pin(async move {
             // Dropped before its response (the client reset the stream): CANCELLED.
-            let mut response = response.await?;
-            if let Some(code) = restated(response.headers_mut()) {
+            let mut response = match tokio::time::timeout_at(deadlines.answer_by, response).await {
+                Ok(response) => response?,
+                Err(_elapsed) => deadline::passed_before_answer().into_http(),
+            };
+            let ended = restated(response.headers_mut());
+            if let Some(code) = ended {
                 outcome.record(code); // trailers-only: an immediate error
             }
+            let end_by = deadlines.stream_by.filter(|_| ended.is_none());
             Ok(response.map(|body| Observed {
                 inner: body,
                 outcome,
+                end_by: end_by.map(|end_by| Box::pin(tokio::time::sleep_until(end_by))),
+                ended: false,
             }))
         })
     }
@@ -226,9 +249,28 @@ impl Outcome {
 }
 
 /// The response body, passed through untouched; reads the status from the trailers.
+/// Ended `DEADLINE_EXCEEDED` if it runs past `end_by` (the client's deadline).
 pub struct Observed {
     inner: tonic::body::Body,
     outcome: Outcome,
+    end_by: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Its end was sent: nothing more is polled from `inner`.
+    ended: bool,
+}
+
+impl Observed {
+    /// The end of a stream past its deadline, if it is: trailers saying so.
+    fn past_deadline(&mut self, cx: &mut Context<'_>) -> Option<Frame<Bytes>> {
+        let end_by = self.end_by.as_mut()?;
+        end_by.as_mut().poll(cx).is_ready().then(|| {
+            let status = deadline::passed_before_end();
+            self.outcome.record(status.code());
+            let mut trailers = http::HeaderMap::new();
+            let written = status.add_header(&mut trailers);
+            debug_assert!(written.is_ok(), "a deadline's status is a valid header");
+            Frame::trailers(trailers)
+        })
+    }
 }
 
 impl Body for Observed {
@@ -239,11 +281,15 @@ impl Body for Observed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
         let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(code) = frame.trailers_mut().and_then(restated) {
                     self.outcome.record(code);
+                    self.ended = true;
                 }
             }
             // A transport error on the stream: the client reset it or broke the
@@ -251,13 +297,18 @@ impl Body for Observed {
             Poll::Ready(Some(Err(_))) => self.outcome.record(Code::Cancelled),
             // Ended without a status: gRPC clients read that as UNKNOWN.
             Poll::Ready(None) => self.outcome.record(Code::Unknown),
-            Poll::Pending => {}
+            Poll::Pending => {
+                if let Some(trailers) = self.past_deadline(cx) {
+                    self.ended = true;
+                    return Poll::Ready(Some(Ok(trailers)));
+                }
+            }
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

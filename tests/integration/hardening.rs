@@ -1601,3 +1601,70 @@ async fn a_badly_framed_request_is_the_clients_mistake_not_a_server_failure() {
     assert!(logged.contains("OPEN MODE"), "the log was read: {logged}");
     assert!(!logged.contains("request failed"), "{logged}");
 }
+
+/// Starts a call of `path` with `grpc-timeout: timeout` on `client`: `framed` if any,
+/// the end of the request when `ends` (see `send_call`).
+async fn call_with_timeout(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    (path, timeout): (&str, &str),
+    framed: Option<bytes::Bytes>,
+    ends: bool,
+) -> h2::client::ResponseFuture {
+    let mut request = grpc_request(path);
+    let value = http::HeaderValue::from_str(timeout).unwrap();
+    request.headers_mut().insert("grpc-timeout", value);
+    let mut client = client.clone().ready().await.unwrap();
+    let headers_only = framed.is_none() && ends;
+    let (response, mut body) = client.send_request(request, headers_only).unwrap();
+    if let Some(framed) = framed {
+        body.send_data(framed, ends).unwrap();
+    }
+    std::mem::forget(body);
+    response
+}
+
+/// A call's deadline (its `grpc-timeout`) is kept by prenota, as gRPC asks: an import
+/// whose rows never come is answered DEADLINE_EXCEEDED at its deadline (tonic's own
+/// timeout answered CANCELLED "Timeout expired"), and a stream still open at its
+/// deadline (a health watch) is ended DEADLINE_EXCEEDED (it ran on until its client
+/// left); both counted so. A malformed `grpc-timeout` is no deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_its_grpc_timeout_ends_deadline_exceeded() {
+    const IMPORT: &str = "/prenota.v1.CapacityService/ImportCapacity";
+    const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+    const DEADLINE_EXCEEDED: u32 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::start(dir.path());
+    let (client, _connection) = h2_client(&server, None).await;
+    let started = Instant::now();
+    let import = call_with_timeout(&client, (IMPORT, "300m"), None, false).await;
+    let watch = call_with_timeout(&client, (HEALTH_WATCH, "400m"), Some(grpc_frame(&[])), true);
+    let watch = watch.await;
+    let unbounded = call_with_timeout(&client, (HEALTH_WATCH, "soon"), Some(grpc_frame(&[])), true);
+    let unbounded = unbounded.await;
+    let ended = |call| tokio::time::timeout(Duration::from_secs(10), grpc_status_of(call));
+    assert_eq!(ended(import).await.ok(), Some(Some(DEADLINE_EXCEEDED)));
+    assert_eq!(ended(watch).await.ok(), Some(Some(DEADLINE_EXCEEDED)));
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_millis(390)..Duration::from_secs(5)).contains(&waited),
+        "ended at the watch's deadline: {waited:?}"
+    );
+    let still_open = tokio::time::timeout(Duration::from_secs(1), grpc_status_of(unbounded));
+    assert!(
+        still_open.await.is_err(),
+        "a malformed grpc-timeout is no deadline"
+    );
+    let metrics = http_get(&server.metrics_url);
+    for method in ["ImportCapacity", "Watch"] {
+        let counted = metrics.lines().find(|line| {
+            line.starts_with("grpc_server_handled_total{")
+                && line.contains(&format!("grpc_method=\"{method}\""))
+                && line.contains("grpc_code=\"DEADLINE_EXCEEDED\"")
+        });
+        assert!(
+            counted.is_some_and(|line| line.ends_with(" 1")),
+            "{method}: {metrics}"
+        );
+    }
+}

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::child::{
-    fdatasync_gate, http_get, start_with_shim, wait_for_held_fdatasync, ChildOptions, ChildServer,
+    fdatasync_gate, http_get, start_with_shim_and, wait_for_held_fdatasync, ChildOptions,
+    ChildServer,
 };
 use common::*;
 use prenota::proto;
@@ -285,13 +286,16 @@ async fn a_replayed_request_is_not_counted_as_a_new_booking() {
 /// A Book whose client goes away while its write waits for the disk still books (its
 /// work runs on): the call is counted CANCELLED and the booking OK. Neither was counted
 /// before (the request's future was dropped before either count). One whose deadline
-/// passes meanwhile is answered at its deadline (tonic's CANCELLED "Timeout expired",
-/// as the README says), and books too.
+/// (`request_timeout_ms`, 300 ms here) passes meanwhile is answered and counted
+/// DEADLINE_EXCEEDED at its deadline, as gRPC asks (tonic's own timeout answered
+/// CANCELLED "Timeout expired"), and books too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_abandoned_while_its_write_waits_is_counted_and_so_is_its_booking() {
     let dir = tempfile::tempdir().unwrap();
     let (library, control) = fdatasync_gate(dir.path());
-    let server = start_with_shim(&dir.path().join("data"), &library, &control);
+    let limits = ["REQUEST_TIMEOUT_MS", "MESSAGE_RECEIVE_TIMEOUT_MS"]
+        .map(|name| (format!("PRENOTA_LIMITS_{name}"), "300".to_string()));
+    let server = start_with_shim_and(&dir.path().join("data"), &library, &control, limits.into());
     let channel = connect(&server.url).await;
     let slot_id = one_slot_site_on(channel.clone(), "gone-site", "r", 5).await;
     std::fs::write(control.join("gate"), b"").unwrap();
@@ -300,12 +304,17 @@ async fn a_call_abandoned_while_its_write_waits_is_counted_and_so_is_its_booking
     let call = tokio::spawn(async move { client.book(request).await });
     wait_for_held_fdatasync(&control).await;
     call.abort(); // the client resets the stream
-    let mut late = tonic::Request::new(book_request(&slot_id, "citizen-late", "late-1"));
-    late.set_timeout(Duration::from_millis(300)); // grpc-timeout: the server's to keep
+    let late = book_request(&slot_id, "citizen-late", "late-1");
+    let asked = Instant::now();
     let late = BookingServiceClient::new(channel.clone()).book(late).await;
     let late = late.unwrap_err();
-    assert_eq!(late.code(), Code::Cancelled, "{late:?}");
-    assert_eq!(late.message(), "Timeout expired");
+    assert_eq!(late.code(), Code::DeadlineExceeded, "{late:?}");
+    assert!(late.message().contains("same request_id"), "{late:?}");
+    let waited = asked.elapsed();
+    assert!(
+        (Duration::from_millis(290)..Duration::from_secs(5)).contains(&waited),
+        "answered at its deadline: {waited:?}"
+    );
     std::fs::remove_file(control.join("gate")).unwrap();
 
     let booked = [("command", "book"), ("outcome", "OK")];
@@ -314,9 +323,15 @@ async fn a_call_abandoned_while_its_write_waits_is_counted_and_so_is_its_booking
         ("grpc_method", "Book"),
         ("grpc_code", "CANCELLED"),
     ];
+    let past_deadline = [
+        ("grpc_service", BOOKING),
+        ("grpc_method", "Book"),
+        ("grpc_code", "DEADLINE_EXCEEDED"),
+    ];
     samples_once(&server, |samples| {
         value(samples, "prenota_bookings_total", &booked) == Some(2.0)
-            && value(samples, "grpc_server_handled_total", &cancelled) == Some(2.0)
+            && value(samples, "grpc_server_handled_total", &cancelled) == Some(1.0)
+            && value(samples, "grpc_server_handled_total", &past_deadline) == Some(1.0)
     })
     .await;
     let listed = citizen_bookings(&mut BookingServiceClient::new(channel), "citizen-gone").await;
