@@ -80,6 +80,11 @@ impl Audience {
     }
 }
 
+/// Why an assertion was refused: the message of CITIZEN_ASSERTION_INVALID. It says what
+/// is wrong with what the client sent (never a value from it), so an integrator can
+/// tell an expired assertion from a wrong audience without the server's logs.
+pub type Refusal = &'static str;
+
 /// A compact JWS taken apart, nothing of it verified yet.
 struct Jws<'a> {
     header: Header,
@@ -91,18 +96,18 @@ struct Jws<'a> {
 }
 
 impl<'a> Jws<'a> {
-    fn parse(token: &'a str) -> Result<Self, String> {
+    fn parse(token: &'a str) -> Result<Self, Refusal> {
         let parts: Vec<&str> = token.split('.').collect();
         let [header, payload, signature] = parts[..] else {
-            return Err("the assertion is not a compact JWS (three parts)".into());
+            return Err("the assertion is not a compact JWS (three parts)");
         };
         let signing_input = &token[..header.len() + 1 + payload.len()];
-        // jsonwebtoken reads the same two parts.
+        // jsonwebtoken reads the same two parts; it knows no `alg` "none".
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| format!("the assertion's header does not decode: {e}"))?;
+            .map_err(|_| "the assertion's header does not decode as a JWS header")?;
         // No extension is understood, so none that must be (RFC 7515 4.1.11) is accepted.
         if header.crit.is_some() {
-            return Err("the assertion's header has crit parameters".into());
+            return Err("the assertion's header has crit parameters");
         }
         let claims = jsonwebtoken::dangerous::insecure_decode_claims(token)
             // Not the decoder's words: they quote the value (a citizen id, a birth year).
@@ -185,23 +190,24 @@ impl Assertions {
         remembered.insert(digest, (citizen.clone(), exp));
     }
 
-    /// The citizen the request's assertion names, or why there is none valid (for the
-    /// logs: the client only learns CITIZEN_ASSERTION_INVALID).
+    /// The citizen the request's assertion names, or why there is none valid (the
+    /// message of its CITIZEN_ASSERTION_INVALID).
     pub async fn verify(
         &self,
         metadata: &MetadataMap,
         now_unix_s: i64,
-    ) -> Result<AssertedCitizen, String> {
+    ) -> Result<AssertedCitizen, Refusal> {
         let mut sent = metadata.get_all(ASSERTION_HEADER).iter();
-        let token = sent.next().ok_or("no x-citizen-assertion")?;
+        let token = sent.next().ok_or("no x-citizen-assertion was sent")?;
         // Which of two would name the citizen is anyone's guess (a frontend appending its
         // own to one a client sent): none does (an outside test).
         if sent.next().is_some() {
-            return Err("more than one x-citizen-assertion".into());
+            return Err("more than one x-citizen-assertion was sent");
         }
         let token = token.to_str().map_err(|_| "the assertion is not ASCII")?;
         if token.len() > ASSERTION_BYTES_MAX {
-            return Err("the assertion is too long".into());
+            const _: () = assert!(ASSERTION_BYTES_MAX == 8 * 1024, "the message says 8 KiB");
+            return Err("the assertion is longer than 8 KiB");
         }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(citizen) = self.recall(&digest, now_unix_s) {
@@ -212,7 +218,7 @@ impl Assertions {
         self.check_times(&jws.claims, now_unix_s)?;
         let signer = self.signer(&jws, &keys).await;
         let Some(signer) = signer else {
-            return Err("the assertion's signature does not verify".into());
+            return Err("the assertion's signature does not verify with its issuer's keys");
         };
         self.last_verified[signer].store(now_unix_s, Ordering::Relaxed);
         let claims = jws.claims;
@@ -232,7 +238,10 @@ impl Assertions {
 
     /// The configured keys (indexes in `issuers`) that may have signed `jws`: its
     /// issuer's, for its algorithm and one of its audiences; the last to verify first.
-    fn keys_for(&self, jws: &Jws<'_>) -> Result<Vec<usize>, String> {
+    fn keys_for(&self, jws: &Jws<'_>) -> Result<Vec<usize>, Refusal> {
+        if ![Algorithm::EdDSA, Algorithm::ES256].contains(&jws.header.alg) {
+            return Err("the assertion's alg is neither EdDSA nor ES256");
+        }
         let mut keys: Vec<usize> = (0..self.issuers.len())
             .filter(|&i| self.issuers[i].name == jws.claims.iss)
             .filter(|&i| self.issuers[i].algorithm == jws.header.alg)
@@ -240,32 +249,31 @@ impl Assertions {
             .collect();
         keys.sort_by_key(|&i| std::cmp::Reverse(self.last_verified[i].load(Ordering::Relaxed)));
         if keys.is_empty() {
-            return Err(format!(
-                "no {:?} key of issuer {:?} for the assertion's audience",
-                jws.header.alg, jws.claims.iss
-            ));
+            return Err(
+                "no configured issuer has a key for the assertion's iss, alg and aud together",
+            );
         }
         Ok(keys)
     }
 
     /// `exp`, `nbf`, `iat` and the lifetime against `now_unix_s`; a named citizen.
-    fn check_times(&self, claims: &Claims, now_unix_s: i64) -> Result<(), String> {
+    fn check_times(&self, claims: &Claims, now_unix_s: i64) -> Result<(), Refusal> {
         if claims.exp <= now_unix_s {
-            return Err("the assertion has expired".into());
+            return Err("the assertion has expired (exp)");
         }
         if claims
             .nbf
             .is_some_and(|nbf| nbf > now_unix_s + ASSERTION_CLOCK_SKEW_S)
         {
-            return Err("the assertion is not valid yet".into());
+            return Err("the assertion is not valid yet (nbf)");
         }
         let lifetime = claims.exp.checked_sub(claims.iat);
         let lifetime_ok = lifetime.is_some_and(|s| (0..=self.lifetime_max_s).contains(&s));
         if claims.iat > now_unix_s + ASSERTION_CLOCK_SKEW_S || !lifetime_ok {
-            return Err("the assertion's iat or lifetime is out of bounds".into());
+            return Err("the assertion's iat is in the future or exp - iat is over citizen_assertion_lifetime_seconds_max");
         }
         if claims.sub.is_empty() {
-            return Err("the assertion names no citizen".into());
+            return Err("the assertion names no citizen (sub)");
         }
         Ok(())
     }

@@ -20,6 +20,9 @@ use crate::proto::booking_service_server::BookingService;
 use crate::service::{requests, Engine, RegistrationCommand, ServiceError};
 use crate::telemetry;
 
+/// CITIZEN_ASSERTION_INVALID's message when the `sub` is not an id of the id scheme.
+const SUB_NOT_AN_ID: &str = "the assertion's sub is not a citizen id of the server's id scheme";
+
 pub struct BookingApi {
     engine: Arc<Engine>,
     /// Verifies the citizen assertions of `asserted` callers.
@@ -57,7 +60,7 @@ impl BookingApi {
             .await
             .map_err(|why| {
                 tracing::debug!(%why, "citizen assertion refused");
-                ServiceError::CitizenAssertionInvalid
+                ServiceError::CitizenAssertionInvalid(why)
             })?;
         Ok(Some(asserted))
     }
@@ -71,7 +74,7 @@ impl BookingApi {
         let ids = self.engine.citizen_ids();
         let sub = ids
             .canonical(&asserted.sub)
-            .map_err(|_| ServiceError::CitizenAssertionInvalid)?;
+            .map_err(|_| ServiceError::CitizenAssertionInvalid(SUB_NOT_AN_ID))?;
         let mut allowed = vec![sub];
         allowed.extend(
             asserted
@@ -110,7 +113,7 @@ impl BookingApi {
         let ids = self.engine.citizen_ids();
         let sub = ids
             .canonical(&asserted.sub)
-            .map_err(|_| ServiceError::CitizenAssertionInvalid)?;
+            .map_err(|_| ServiceError::CitizenAssertionInvalid(SUB_NOT_AN_ID))?;
         let mut body = request.into_inner();
         let sent = body.citizen_id();
         if !sent.is_empty() {
@@ -502,7 +505,7 @@ impl BookingService for BookingApi {
             .transpose()
             .map_err(|why| {
                 tracing::debug!(%why, "citizen assertion refused");
-                ServiceError::CitizenAssertionInvalid
+                ServiceError::CitizenAssertionInvalid(why)
             })?;
         let command = convert_campaign::pre_register_from_proto(
             body,

@@ -371,9 +371,9 @@ pub fn claims(
     birth_year: Option<i32>,
     asserted_groups: Vec<String>,
     limits: &Limits,
-) -> Result<Claims, String> {
+) -> Result<Claims, &'static str> {
     if birth_year.is_some_and(|year| !BIRTH_YEARS.contains(&year)) {
-        return Err("its birth_year is out of range".into());
+        return Err("the assertion's birth_year is out of range");
     }
     let mut kept: Vec<String> = Vec::new();
     for group in asserted_groups {
@@ -383,10 +383,8 @@ pub fn claims(
         }
     }
     if kept.len() > GROUPS_MAX {
-        return Err(format!(
-            "it asserts {} groups; at most {GROUPS_MAX}",
-            kept.len()
-        ));
+        const _: () = assert!(GROUPS_MAX == 16, "the message says 16");
+        return Err("the assertion names more than 16 groups a wave could name");
     }
     Ok((birth_year, kept))
 }

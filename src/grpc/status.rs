@@ -267,7 +267,7 @@ fn classify(error: &ServiceError) -> Answer {
         ServiceError::Recovering => {
             Answer::new(Unavailable, "RECOVERING").retry_after(RECOVERING_RETRY_DELAY)
         }
-        ServiceError::CitizenAssertionInvalid => {
+        ServiceError::CitizenAssertionInvalid(_) => {
             Answer::new(Code::Unauthenticated, "CITIZEN_ASSERTION_INVALID")
         }
         ServiceError::CitizenMismatch => Answer::new(Code::PermissionDenied, "CITIZEN_MISMATCH"),

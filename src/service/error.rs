@@ -43,8 +43,9 @@ pub enum ServiceError {
     /// client's answer.
     #[error("the slot {0} of another of the citizen's bookings is closing; retry")]
     NeighbourClosing(crate::domain::ids::SlotKey),
-    #[error("send a valid x-citizen-assertion from a configured identity gateway")]
-    CitizenAssertionInvalid,
+    /// With what is wrong with the assertion sent (`grpc::assertion::Refusal`).
+    #[error("send a valid x-citizen-assertion from a configured identity gateway: {0}")]
+    CitizenAssertionInvalid(&'static str),
     #[error("citizen_id names another citizen than the assertion")]
     CitizenMismatch,
     #[error("too many exports in progress (exports_max, or exports_per_token_max for this token)")]

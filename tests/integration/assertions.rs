@@ -76,12 +76,14 @@ fn with_assertion<T>(message: T, assertion: &str) -> Request<T> {
     request
 }
 
-fn invalid(status: Status) {
+/// `status` is CITIZEN_ASSERTION_INVALID and its message names the `cause`.
+fn invalid(status: Status, cause: &str) {
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert_eq!(
         reason(&status).as_deref(),
         Some("CITIZEN_ASSERTION_INVALID")
     );
+    assert!(status.message().contains(cause), "{cause}: {status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,35 +142,43 @@ async fn bad_assertions_are_refused_and_a_mismatch_is_denied() {
         }
     };
 
-    invalid(client.book(book(None)).await.unwrap_err());
+    let refused = client.book(book(None)).await.unwrap_err();
+    invalid(refused, "no x-citizen-assertion was sent");
     let forged = sign(&keys.stranger, Algorithm::EdDSA, claims("spid", "ALICE"));
-    invalid(client.book(book(Some(&forged))).await.unwrap_err());
+    let refused = client.book(book(Some(&forged))).await.unwrap_err();
+    invalid(refused, "signature does not verify");
     let mut expired = claims("spid", "ALICE");
     expired["iat"] = json!(now() - 1_000);
     expired["exp"] = json!(now() - 10);
     let expired = sign(&keys.spid_old, Algorithm::EdDSA, expired);
-    invalid(client.book(book(Some(&expired))).await.unwrap_err());
+    let refused = client.book(book(Some(&expired))).await.unwrap_err();
+    invalid(refused, "has expired (exp)");
     let mut too_long = claims("spid", "ALICE");
     too_long["exp"] = json!(now() + 901);
     let too_long = sign(&keys.spid_old, Algorithm::EdDSA, too_long);
-    invalid(client.book(book(Some(&too_long))).await.unwrap_err());
+    let refused = client.book(book(Some(&too_long))).await.unwrap_err();
+    invalid(refused, "exp - iat is over");
     let mut early = claims("spid", "ALICE");
     early["nbf"] = json!(now() + 3_600);
     let early = sign(&keys.spid_old, Algorithm::EdDSA, early);
-    invalid(client.book(book(Some(&early))).await.unwrap_err());
+    let refused = client.book(book(Some(&early))).await.unwrap_err();
+    invalid(refused, "not valid yet (nbf)");
     let mut elsewhere = claims("spid", "ALICE");
     elsewhere["aud"] = json!("another-service");
     let elsewhere = sign(&keys.spid_old, Algorithm::EdDSA, elsewhere);
-    invalid(client.book(book(Some(&elsewhere))).await.unwrap_err());
+    let refused = client.book(book(Some(&elsewhere))).await.unwrap_err();
+    invalid(refused, "iss, alg and aud");
     let unknown = sign(&keys.spid_old, Algorithm::EdDSA, claims("nobody", "ALICE"));
-    invalid(client.book(book(Some(&unknown))).await.unwrap_err());
+    let refused = client.book(book(Some(&unknown))).await.unwrap_err();
+    invalid(refused, "iss, alg and aud");
     let hmac = encode(
         &Header::new(Algorithm::HS256),
         &claims("spid", "ALICE"),
         &EncodingKey::from_secret(b"guessable-secret-of-32-bytes-long").unwrap(),
     )
     .unwrap();
-    invalid(client.book(book(Some(&hmac))).await.unwrap_err());
+    let refused = client.book(book(Some(&hmac))).await.unwrap_err();
+    invalid(refused, "neither EdDSA nor ES256");
     // `alg: none`: a header and claims with an empty signature.
     let part = |value: serde_json::Value| {
         use base64::Engine;
@@ -179,7 +189,15 @@ async fn bad_assertions_are_refused_and_a_mismatch_is_denied() {
         part(json!({"alg": "none", "typ": "JWT"})),
         part(claims("spid", "ALICE"))
     );
-    invalid(client.book(book(Some(&unsigned))).await.unwrap_err());
+    let refused = client.book(book(Some(&unsigned))).await.unwrap_err();
+    invalid(refused, "header does not decode");
+    let not_an_id = sign(
+        &keys.spid_old,
+        Algorithm::EdDSA,
+        claims("spid", "AL\u{7}ICE"),
+    );
+    let refused = client.book(book(Some(&not_an_id))).await.unwrap_err();
+    invalid(refused, "sub is not a citizen id");
 
     // A valid assertion for ALICE cannot act for BOB.
     let alice = sign(&keys.spid_old, Algorithm::EdDSA, claims("spid", "ALICE"));
@@ -230,7 +248,7 @@ async fn assertions_checked_together_are_judged_each_on_its_own() {
     for book in books.collect::<Vec<_>>() {
         let (i, outcome) = book.await.unwrap();
         if i % 10 == 3 {
-            invalid(outcome.unwrap_err());
+            invalid(outcome.unwrap_err(), "signature does not verify");
             forged += 1;
         } else {
             outcome.unwrap_or_else(|status| panic!("citizen {i}: {status:?}"));
@@ -382,14 +400,22 @@ async fn a_campaign_takes_birth_year_and_groups_from_the_assertion() {
         })
         .await
         .unwrap_err();
-    invalid(status);
+    invalid(status, "no x-citizen-assertion was sent");
     // Claims a registration cannot keep whole refuse the assertion: dropping some would
     // cost the citizen the wave they are entitled to (here `carers`, the 17th group).
     let mut seventeen: Vec<String> = (0..16).map(|n| format!("g{n}")).collect();
     seventeen.push("carer".into());
-    for (citizen, claimed) in [
-        ("ERIN", json!({"birth_year": 1990, "groups": seventeen})),
-        ("FRANK", json!({"birth_year": -5})),
+    for (citizen, claimed, cause) in [
+        (
+            "ERIN",
+            json!({"birth_year": 1990, "groups": seventeen}),
+            "more than 16 groups",
+        ),
+        (
+            "FRANK",
+            json!({"birth_year": -5}),
+            "birth_year is out of range",
+        ),
     ] {
         let mut all = claims("spid", citizen);
         for (key, value) in claimed.as_object().unwrap() {
@@ -406,7 +432,7 @@ async fn a_campaign_takes_birth_year_and_groups_from_the_assertion() {
             .pre_register(with_assertion(request, &assertion))
             .await
             .expect_err(citizen);
-        invalid(refused);
+        invalid(refused, cause);
     }
     server.stop().await;
 }
@@ -448,6 +474,7 @@ async fn a_household_is_the_subject_and_its_dependants() {
             .book_group(group(&["ALICE", "KID1"], "h2"))
             .await
             .unwrap_err(),
+        "no x-citizen-assertion was sent",
     );
     let booked = client
         .book_group(with_assertion(
