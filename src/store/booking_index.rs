@@ -358,6 +358,10 @@ pub fn remove_stored_index(db: &sled::Db) -> Result<u64, StoreError> {
     if removed > 0 {
         db.flush()
             .map_err(|e| StoreError::Io(format!("removing the old index: {e}")))?;
+        tracing::info!(
+            removed,
+            "removed the stored booking index (now kept in memory)"
+        );
     }
     Ok(removed)
 }

@@ -19,6 +19,7 @@ pub mod key_file;
 pub mod lease_freshness;
 pub mod postgres;
 pub mod postgres_tls;
+pub mod read_only;
 pub mod records;
 pub mod size_hint;
 pub mod watermark;
@@ -67,6 +68,8 @@ pub struct Store {
     lease_keeper: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
     /// On sled, durable: the commit count kept beside the store (`watermark`).
     watermark: Option<watermark::Keeper>,
+    /// On sled, durable: fails the store once its filesystem turns read-only.
+    read_only_watch: Option<read_only::Watch>,
     /// `DATA_DIR/lock`, locked while this store is open (released last, on drop).
     data_dir_lock: DataDirLock,
     /// Whether holds may still be under their old keys (`OLD_HOLD_PREFIX`): found at
@@ -114,27 +117,22 @@ impl Store {
         let sled_dir = data_dir.join("sled");
         let db = open_sled_mending(&sled_dir, limits)?;
         let stored_format = refuse_a_newer_format(&db)?;
-        let removed = booking_index::remove_stored_index(&db)?;
-        if removed > 0 {
-            tracing::info!(
-                removed,
-                "removed the stored booking index (now kept in memory)"
-            );
-        }
-        make_private(data_dir, &sled_dir)
-            .map_err(|e| StoreError::Io(format!("restricting {}: {e}", data_dir.display())))?;
-        let db_file = open_db_file(&sled_dir)?;
-        sync_sled_files(data_dir, &sled_dir)?;
-        let blobs = BlobFiles::sync_all(&sled_dir)
-            .map_err(|e| StoreError::Io(format!("syncing sled's blob files: {e}")))?;
+        booking_index::remove_stored_index(&db)?;
+        let (db_file, blobs) = private_synced_files(data_dir, &sled_dir)?;
         let old_holds = has_old_holds(&db)?;
         let state = Arc::new(CommitterState::new(last_event_sequence(&db)?));
         let (sender, receiver) = mpsc::channel(limits.commit_queue_depth);
         let batch_writes_max = limits.commit_batch_writes_max;
         let gate = ApplyGate::default();
-        let (watermark, committer) = match unsynced {
+        let (watermark, committer, read_only_watch) = match unsynced {
             None => {
                 let kept = watermark::Keeper::start(data_dir, &db)?;
+                let watch = read_only::Watch::start(
+                    &sled_dir,
+                    Arc::clone(&state),
+                    read_only::mounted_read_only,
+                    read_only::INTERVAL,
+                )?;
                 let durability = SledDurability {
                     db: db.clone(),
                     gate: gate.clone(),
@@ -144,7 +142,7 @@ impl Store {
                 };
                 let spawned =
                     committer::spawn(durability, receiver, Arc::clone(&state), batch_writes_max);
-                (Some(kept), spawned)
+                (Some(kept), spawned, Some(watch))
             }
             // A crash may lose unsynced commits: no count is kept beside the store.
             Some(mode) => {
@@ -155,7 +153,7 @@ impl Store {
                 };
                 let spawned =
                     committer::spawn(durability, receiver, Arc::clone(&state), batch_writes_max);
-                (None, spawned)
+                (None, spawned, None)
             }
         };
         let committer =
@@ -169,6 +167,7 @@ impl Store {
             index: booking_index::BookingIndex::default(),
             lease_keeper: None,
             watermark,
+            read_only_watch,
             data_dir_lock,
             old_holds: AtomicBool::new(old_holds),
         };
@@ -240,6 +239,7 @@ impl Store {
             index: booking_index::BookingIndex::default(),
             lease_keeper,
             watermark: None,
+            read_only_watch: None,
             data_dir_lock,
             old_holds: AtomicBool::new(old_holds),
         })
@@ -938,6 +938,7 @@ impl Store {
     /// flushed and synced as usual) and waits for it. An error if the store had failed
     /// (every write refused since; what is on disk is what the next start recovers).
     pub fn shutdown(&mut self) -> Result<(), StoreError> {
+        self.read_only_watch = None;
         self.requests = None;
         if let Some(thread) = self.committer.take() {
             if thread.join().is_err() {
@@ -961,6 +962,18 @@ impl Store {
             false => Ok(()),
         }
     }
+}
+
+/// sled's files made private and synced before the committer starts; its `db` file
+/// (each commit's fdatasync) and blob files.
+fn private_synced_files(data_dir: &Path, sled_dir: &Path) -> Result<(File, BlobFiles), StoreError> {
+    make_private(data_dir, sled_dir)
+        .map_err(|e| StoreError::Io(format!("restricting {}: {e}", data_dir.display())))?;
+    let db_file = open_db_file(sled_dir)?;
+    sync_sled_files(data_dir, sled_dir)?;
+    let blobs = BlobFiles::sync_all(sled_dir)
+        .map_err(|e| StoreError::Io(format!("syncing sled's blob files: {e}")))?;
+    Ok((db_file, blobs))
 }
 
 /// The data dir 0700, and sled's directories 0700 and files 0600: the store holds
