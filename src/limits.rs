@@ -333,7 +333,8 @@ pub struct Limits {
     pub connection_opening_timeout_ms: u64,
     /// Longest a TLS handshake may take before the connection is closed.
     pub tls_handshake_timeout_ms: u64,
-    /// Longest time a request may take before it is cancelled (tonic answers CANCELLED).
+    /// Longest a call may take to be answered (a shorter `grpc-timeout` wins): past it
+    /// the call is answered DEADLINE_EXCEEDED (`grpc::deadline`). Not a stream's length.
     pub request_timeout_ms: u64,
     /// Longest a one-message call's message may take to arrive after its headers (a
     /// stalled one then holds what it reserved no longer: `grpc::receiving`); past it

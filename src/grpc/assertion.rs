@@ -270,7 +270,10 @@ impl Assertions {
         let lifetime = claims.exp.checked_sub(claims.iat);
         let lifetime_ok = lifetime.is_some_and(|s| (0..=self.lifetime_max_s).contains(&s));
         if claims.iat > now_unix_s + ASSERTION_CLOCK_SKEW_S || !lifetime_ok {
-            return Err("the assertion's iat is in the future or exp - iat is over citizen_assertion_lifetime_seconds_max");
+            return Err(
+                "the assertion's iat is in the future, or exp - iat is negative or over \
+                 citizen_assertion_lifetime_seconds_max",
+            );
         }
         if claims.sub.is_empty() {
             return Err("the assertion names no citizen (sub)");

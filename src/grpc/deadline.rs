@@ -1,15 +1,18 @@
 //! A call's deadline, kept by prenota's outermost layer (`observe`) so that a call past
 //! it is answered `DEADLINE_EXCEEDED`, as gRPC asks, and counted so.
 //!
-//! tonic's own timeout layer (`Server::timeout`, set to `request_timeout_ms`) wraps the
-//! application's layers and answers `CANCELLED` "Timeout expired". It makes its timer
-//! after `observe` saw the call, and polls `observe` first: a deadline taken here is
-//! never later than tonic's, so this one answers and tonic's stays a backstop.
+//! tonic's own timeout layer (`Server::timeout`, set to `request_timeout_ms`, and the
+//! client's `grpc-timeout`) wraps the application's layers and answers `CANCELLED`
+//! "Timeout expired". It makes its timer after `observe` saw the call and polls
+//! `observe` first, and both read `grpc-timeout` alike: the deadline taken here is
+//! never later than tonic's, so this one answers (tonic's is a backstop; were it ever
+//! first, the call would be answered and counted `CANCELLED`, nothing else).
 //!
 //! Two deadlines: the answer's (the response headers), the shorter of the client's
-//! `grpc-timeout` and `request_timeout_ms`; and a stream's end, the client's
+//! `grpc-timeout` and `request_timeout_ms`; and a response stream's end, the client's
 //! `grpc-timeout` alone (a watch or an export may rightly outlive `request_timeout_ms`;
-//! tonic bounded neither by the client's deadline once the headers were sent).
+//! tonic bounded neither by the client's deadline once the headers were sent). A call
+//! whose deadline passed before it began (nanoseconds) is not run.
 
 use std::time::Duration;
 
@@ -38,14 +41,15 @@ pub fn of_call(headers: &HeaderMap, request_timeout: Duration, now: Instant) -> 
     }
 }
 
-/// The client's `grpc-timeout`, read as gRPC over HTTP/2 defines it: at most 8 digits
-/// and a unit (`H`, `M`, `S`, `m`, `u`, `n`). A malformed one is ignored, as tonic
-/// ignores it.
+/// The client's `grpc-timeout`, read as gRPC over HTTP/2 defines it (at most 8 digits
+/// and a unit: `H`, `M`, `S`, `m`, `u`, `n`) and exactly as tonic's timeout layer reads
+/// it (which also takes a leading `+`), so no header makes tonic's deadline the
+/// earlier. A malformed one is ignored, as tonic ignores it.
 pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     let text = headers.get("grpc-timeout")?.to_str().ok()?;
     let split = text.len().checked_sub(1)?;
     let (digits, unit) = text.split_at(split);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if digits.len() > 8 {
         return None;
     }
     let value: u64 = digits.parse().ok()?;
@@ -64,8 +68,9 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 pub fn passed_before_answer() -> Status {
     Status::deadline_exceeded(
         "the call's deadline (its grpc-timeout, or request_timeout_ms) passed before its \
-         answer: a change it began still completes; send it again with the same \
-         request_id to learn its outcome",
+         answer: a change it asked for may or may not have been made (one begun is \
+         finished); a call that records its request_id answers its outcome when sent \
+         again with it",
     )
 }
 
@@ -95,7 +100,22 @@ mod tests {
         assert_eq!(read("300m"), Some(Duration::from_millis(300)));
         assert_eq!(read("99999999u"), Some(Duration::from_micros(99_999_999)));
         assert_eq!(read("0n"), Some(Duration::ZERO));
-        for malformed in ["", "S", "5", "5s", "-5S", "+5S", "123456789S", "5 S", "5SS"] {
+        assert_eq!(
+            read("+5S"),
+            Some(Duration::from_secs(5)),
+            "as tonic reads it"
+        );
+        for malformed in [
+            "",
+            "S",
+            "5",
+            "5s",
+            "-5S",
+            "123456789S",
+            "5 S",
+            "5SS",
+            "1.5S",
+        ] {
             assert_eq!(read(malformed), None, "{malformed:?}");
         }
         assert_eq!(grpc_timeout(&HeaderMap::new()), None);

@@ -13,16 +13,15 @@
 //! token) and never a message (citizen ids).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::pin::Pin;
-use std::sync::OnceLock;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use http_body::{Body, Frame, SizeHint};
 use prost::Message;
 use tonic::codegen::{http, BoxFuture, Bytes, Service};
-use tonic::Code;
+use tonic::{Code, Status};
 use tracing::Instrument;
 
 use crate::grpc::{codec, deadline};
@@ -60,13 +59,16 @@ struct MethodMetrics {
     handling: metrics::Histogram,
     /// By code number (0..=16), registered the first time a code is seen.
     handled: [OnceLock<metrics::Counter>; 17],
+    /// Whether the method answers with a stream (which its deadline may end).
+    streams: bool,
 }
 
 impl MethodMetrics {
-    fn new(service: &'static str, method: &'static str) -> Self {
+    fn new(service: &'static str, method: &'static str, streams: bool) -> Self {
         Self {
             service,
             method,
+            streams,
             handling: metrics::histogram!(telemetry::GRPC_HANDLING_SECONDS,
                 "grpc_service" => service, "grpc_method" => method),
             handled: std::array::from_fn(|_| OnceLock::new()),
@@ -91,7 +93,7 @@ fn method_metrics(path: &str) -> &'static MethodMetrics {
     KNOWN
         .get_or_init(known_methods)
         .get(path)
-        .unwrap_or_else(|| UNKNOWN.get_or_init(|| MethodMetrics::new("unknown", "unknown")))
+        .unwrap_or_else(|| UNKNOWN.get_or_init(|| MethodMetrics::new("unknown", "unknown", false)))
 }
 
 #[cfg(test)]
@@ -103,12 +105,12 @@ fn labels(path: &str) -> (&'static str, &'static str) {
 /// Every method of prenota's protos, of health and of reflection, by request path.
 fn known_methods() -> HashMap<String, MethodMetrics> {
     let mut known = HashMap::new();
-    let mut add = |service: &str, method: &str| {
+    let mut add = |service: &str, method: &str, streams: bool| {
         let service: &'static str = Box::leak(service.to_string().into_boxed_str());
         let method: &'static str = Box::leak(method.to_string().into_boxed_str());
         known.insert(
             format!("/{service}/{method}"),
-            MethodMetrics::new(service, method),
+            MethodMetrics::new(service, method, streams),
         );
     };
     for encoded in [
@@ -122,7 +124,7 @@ fn known_methods() -> HashMap<String, MethodMetrics> {
             for service in &file.service {
                 let service_name = format!("{}.{}", file.package(), service.name());
                 for method in &service.method {
-                    add(&service_name, method.name());
+                    add(&service_name, method.name(), method.server_streaming());
                 }
             }
         }
@@ -131,7 +133,7 @@ fn known_methods() -> HashMap<String, MethodMetrics> {
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     ] {
-        add(reflection, "ServerReflectionInfo");
+        add(reflection, "ServerReflectionInfo", true);
     }
     known
 }
@@ -164,6 +166,7 @@ where
             grpc.service = metrics.service,
             grpc.method = metrics.method
         );
+        let streams = metrics.streams;
         let response = self.inner.call(request).instrument(span.clone());
         let mut outcome = Outcome {
             metrics,
@@ -172,6 +175,14 @@ where
             recorded: false,
         };
         Box::pin(async move {
+            // Begun past its deadline (a grpc-timeout of nanoseconds): not run at all.
+            if tokio::time::Instant::now() >= deadlines.answer_by {
+                drop(response);
+                let status = deadline::passed_before_answer();
+                outcome.record(status.code());
+                let refused = status.into_http::<tonic::body::Body>();
+                return Ok(refused.map(|body| Observed::new(Answering::new(body, outcome), None)));
+            }
             // Dropped before its response (the client reset the stream): CANCELLED.
             let mut response = match tokio::time::timeout_at(deadlines.answer_by, response).await {
                 Ok(response) => response?,
@@ -181,13 +192,8 @@ where
             if let Some(code) = ended {
                 outcome.record(code); // trailers-only: an immediate error
             }
-            let end_by = deadlines.stream_by.filter(|_| ended.is_none());
-            Ok(response.map(|body| Observed {
-                inner: body,
-                outcome,
-                end_by: end_by.map(|end_by| Box::pin(tokio::time::sleep_until(end_by))),
-                ended: false,
-            }))
+            let end_by = deadlines.stream_by.filter(|_| streams && ended.is_none());
+            Ok(response.map(|body| Observed::new(Answering::new(body, outcome), end_by)))
         })
     }
 }
@@ -249,42 +255,90 @@ impl Outcome {
 }
 
 /// The response body, passed through untouched; reads the status from the trailers.
-/// Ended `DEADLINE_EXCEEDED` if it runs past `end_by` (the client's deadline).
+/// A response stream with a deadline (its client's `grpc-timeout`) is ended at it, by a
+/// task of its own even while the client reads nothing (see `Answering::end_at_deadline`).
 pub struct Observed {
-    inner: tonic::body::Body,
-    outcome: Outcome,
-    end_by: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Its end was sent: nothing more is polled from `inner`.
-    ended: bool,
+    body: ObservedBody,
+}
+
+enum ObservedBody {
+    Own(Answering),
+    /// Shared with the task that ends it at `end_by`; dropping `_ended` stops that task.
+    Bounded {
+        answering: Arc<Mutex<Answering>>,
+        end_by: tokio::time::Instant,
+        _ended: tokio::sync::oneshot::Sender<()>,
+    },
 }
 
 impl Observed {
-    /// The end of a stream past its deadline, if it is: trailers saying so.
-    fn past_deadline(&mut self, cx: &mut Context<'_>) -> Option<Frame<Bytes>> {
-        let end_by = self.end_by.as_mut()?;
-        end_by.as_mut().poll(cx).is_ready().then(|| {
-            let status = deadline::passed_before_end();
-            self.outcome.record(status.code());
-            let mut trailers = http::HeaderMap::new();
-            let written = status.add_header(&mut trailers);
-            debug_assert!(written.is_ok(), "a deadline's status is a valid header");
-            Frame::trailers(trailers)
-        })
+    /// `answering`, ended at `end_by` if there is one.
+    fn new(answering: Answering, end_by: Option<tokio::time::Instant>) -> Self {
+        let Some(end_by) = end_by else {
+            return Self {
+                body: ObservedBody::Own(answering),
+            };
+        };
+        let answering = Arc::new(Mutex::new(answering));
+        let (ended, stopped) = tokio::sync::oneshot::channel::<()>();
+        let at_deadline = Arc::clone(&answering);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep_until(end_by) => lock(&at_deadline).end_at_deadline(),
+                _ = stopped => {}
+            }
+        });
+        Self {
+            body: ObservedBody::Bounded {
+                answering,
+                end_by,
+                _ended: ended,
+            },
+        }
     }
 }
 
-impl Body for Observed {
-    type Data = <tonic::body::Body as Body>::Data;
-    type Error = <tonic::body::Body as Body>::Error;
+/// A body's state; each critical section is one poll or one flag: a poisoned lock is sound.
+fn lock(answering: &Mutex<Answering>) -> std::sync::MutexGuard<'_, Answering> {
+    answering
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+/// A response's body and how its call is counted.
+struct Answering {
+    /// `None` once the stream was ended at its deadline.
+    inner: Option<tonic::body::Body>,
+    outcome: Outcome,
+    /// Its end was sent: nothing more is polled.
+    ended: bool,
+    /// The last poll's, woken when the deadline ends the stream.
+    waker: Option<Waker>,
+}
+
+impl Answering {
+    fn new(inner: tonic::body::Body, outcome: Outcome) -> Self {
+        Self {
+            inner: Some(inner),
+            outcome,
+            ended: false,
+            waker: None,
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         if self.ended {
             return Poll::Ready(None);
         }
-        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            // Ended at its deadline (counted then): its trailers follow what was sent.
+            self.ended = true;
+            let mut trailers = http::HeaderMap::new();
+            let written = deadline::passed_before_end().add_header(&mut trailers);
+            debug_assert!(written.is_ok(), "a deadline's status is a valid header");
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        };
+        let mut polled = Pin::new(inner).poll_frame(cx);
         match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(code) = frame.trailers_mut().and_then(restated) {
@@ -297,22 +351,76 @@ impl Body for Observed {
             Poll::Ready(Some(Err(_))) => self.outcome.record(Code::Cancelled),
             // Ended without a status: gRPC clients read that as UNKNOWN.
             Poll::Ready(None) => self.outcome.record(Code::Unknown),
-            Poll::Pending => {
-                if let Some(trailers) = self.past_deadline(cx) {
-                    self.ended = true;
-                    return Poll::Ready(Some(Ok(trailers)));
-                }
-            }
+            Poll::Pending => {}
         }
         polled
     }
 
+    /// At the stream's deadline, unless it ended: its body is dropped, so what it holds
+    /// (a place in a pool, the task producing it) is given back now, even if its client
+    /// keeps its window shut and the transport polls it no more; counted
+    /// DEADLINE_EXCEEDED; its trailers go when it is next polled.
+    fn end_at_deadline(&mut self) {
+        if self.ended || self.inner.take().is_none() {
+            return;
+        }
+        self.outcome.record(Code::DeadlineExceeded);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
     fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
+        self.ended || self.inner.as_ref().is_some_and(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map(Body::size_hint).unwrap_or_default()
+    }
+}
+
+impl Body for Observed {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match &mut self.get_mut().body {
+            ObservedBody::Own(answering) => answering.poll_frame(cx),
+            ObservedBody::Bounded {
+                answering, end_by, ..
+            } => {
+                let mut answering = lock(answering);
+                // A body always ready is ended here, the task may not have run yet.
+                if tokio::time::Instant::now() >= *end_by {
+                    answering.end_at_deadline();
+                }
+                if !answering
+                    .waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    answering.waker = Some(cx.waker().clone());
+                }
+                answering.poll_frame(cx)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.body {
+            ObservedBody::Own(answering) => answering.is_end_stream(),
+            ObservedBody::Bounded { answering, .. } => lock(answering).is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.body {
+            ObservedBody::Own(answering) => answering.size_hint(),
+            ObservedBody::Bounded { answering, .. } => lock(answering).size_hint(),
+        }
     }
 }
 

@@ -157,7 +157,7 @@ async fn bad_assertions_are_refused_and_a_mismatch_is_denied() {
     too_long["exp"] = json!(now() + 901);
     let too_long = sign(&keys.spid_old, Algorithm::EdDSA, too_long);
     let refused = client.book(book(Some(&too_long))).await.unwrap_err();
-    invalid(refused, "exp - iat is over");
+    invalid(refused, "exp - iat is negative or over");
     let mut early = claims("spid", "ALICE");
     early["nbf"] = json!(now() + 3_600);
     let early = sign(&keys.spid_old, Algorithm::EdDSA, early);

@@ -1627,7 +1627,8 @@ async fn call_with_timeout(
 /// whose rows never come is answered DEADLINE_EXCEEDED at its deadline (tonic's own
 /// timeout answered CANCELLED "Timeout expired"), and a stream still open at its
 /// deadline (a health watch) is ended DEADLINE_EXCEEDED (it ran on until its client
-/// left); both counted so. A malformed `grpc-timeout` is no deadline.
+/// left); both counted so. A call whose deadline passed before it began (`0n`) is not
+/// run (a health check was answered SERVING). A malformed `grpc-timeout` is no deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_past_its_grpc_timeout_ends_deadline_exceeded() {
     const IMPORT: &str = "/prenota.v1.CapacityService/ImportCapacity";
@@ -1643,6 +1644,8 @@ async fn a_call_past_its_grpc_timeout_ends_deadline_exceeded() {
     let unbounded = call_with_timeout(&client, (HEALTH_WATCH, "soon"), Some(grpc_frame(&[])), true);
     let unbounded = unbounded.await;
     let ended = |call| tokio::time::timeout(Duration::from_secs(10), grpc_status_of(call));
+    let check = call_with_timeout(&client, (HEALTH_CHECK, "0n"), Some(grpc_frame(&[])), true);
+    assert_eq!(ended(check.await).await.ok(), Some(Some(DEADLINE_EXCEEDED)));
     assert_eq!(ended(import).await.ok(), Some(Some(DEADLINE_EXCEEDED)));
     assert_eq!(ended(watch).await.ok(), Some(Some(DEADLINE_EXCEEDED)));
     let waited = started.elapsed();
@@ -1656,7 +1659,7 @@ async fn a_call_past_its_grpc_timeout_ends_deadline_exceeded() {
         "a malformed grpc-timeout is no deadline"
     );
     let metrics = http_get(&server.metrics_url);
-    for method in ["ImportCapacity", "Watch"] {
+    for method in ["ImportCapacity", "Watch", "Check"] {
         let counted = metrics.lines().find(|line| {
             line.starts_with("grpc_server_handled_total{")
                 && line.contains(&format!("grpc_method=\"{method}\""))
@@ -1667,4 +1670,61 @@ async fn a_call_past_its_grpc_timeout_ends_deadline_exceeded() {
             "{method}: {metrics}"
         );
     }
+}
+
+/// A response stream whose client reads nothing (its window shut) is ended at its
+/// deadline all the same: its place among `event_streams_max` comes back then and it is
+/// counted DEADLINE_EXCEEDED. It kept its place until `export_idle_timeout_ms` (30 s)
+/// closed its connection, and was counted CANCELLED (an outside test's M1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_reads_nothing_gives_its_place_back_at_its_deadline() {
+    const WATCH_EVENTS: &str = "/prenota.v1.CapacityService/WatchEvents";
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("EVENT_STREAMS_MAX", "1"),
+        ("EVENT_STREAMS_PER_TOKEN_MAX", "1"),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let channel = connect(&server.url).await;
+    let slot_id = one_slot_site_on(channel.clone(), "watched", "r", 5).await;
+    let mut booking =
+        prenota::proto::booking_service_client::BookingServiceClient::new(channel.clone());
+    booking
+        .book(book_request(&slot_id, "citizen-1", "r-1"))
+        .await
+        .unwrap(); // an event to send
+    let capacity = prenota::proto::capacity_service_client::CapacityServiceClient::new(channel);
+    let watch = || {
+        let mut capacity = capacity.clone();
+        async move {
+            let request = prenota::proto::WatchEventsRequest::default();
+            capacity.watch_events(request).await
+        }
+    };
+    let (shut, _connection) = h2_client(&server, Some(0)).await;
+    let stalled = call_with_timeout(&shut, (WATCH_EVENTS, "500m"), Some(grpc_frame(&[])), true);
+    let started = Instant::now();
+    let stalled = stalled.await.await.unwrap(); // admitted: its headers came
+    assert!(
+        stalled.headers().get("grpc-status").is_none(),
+        "{stalled:?}"
+    );
+    let refused = watch().await.unwrap_err();
+    assert_eq!(reason(&refused).as_deref(), Some("WATCHERS_EXHAUSTED"));
+    tokio::time::sleep(Duration::from_millis(700).saturating_sub(started.elapsed())).await;
+    let _admitted = watch().await.expect("the stalled stream's place came back");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not at the idle timeout"
+    );
+    let metrics = http_get(&server.metrics_url);
+    let counted = metrics.lines().find(|line| {
+        line.starts_with("grpc_server_handled_total{")
+            && line.contains("grpc_method=\"WatchEvents\"")
+            && line.contains("grpc_code=\"DEADLINE_EXCEEDED\"")
+    });
+    assert!(
+        counted.is_some_and(|line| line.ends_with(" 1")),
+        "{metrics}"
+    );
 }

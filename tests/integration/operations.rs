@@ -286,7 +286,7 @@ async fn a_replayed_request_is_not_counted_as_a_new_booking() {
 /// A Book whose client goes away while its write waits for the disk still books (its
 /// work runs on): the call is counted CANCELLED and the booking OK. Neither was counted
 /// before (the request's future was dropped before either count). One whose deadline
-/// (`request_timeout_ms`, 300 ms here) passes meanwhile is answered and counted
+/// (`request_timeout_ms`, 1 s here) passes meanwhile is answered and counted
 /// DEADLINE_EXCEEDED at its deadline, as gRPC asks (tonic's own timeout answered
 /// CANCELLED "Timeout expired"), and books too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,7 +294,7 @@ async fn a_call_abandoned_while_its_write_waits_is_counted_and_so_is_its_booking
     let dir = tempfile::tempdir().unwrap();
     let (library, control) = fdatasync_gate(dir.path());
     let limits = ["REQUEST_TIMEOUT_MS", "MESSAGE_RECEIVE_TIMEOUT_MS"]
-        .map(|name| (format!("PRENOTA_LIMITS_{name}"), "300".to_string()));
+        .map(|name| (format!("PRENOTA_LIMITS_{name}"), "1000".to_string()));
     let server = start_with_shim_and(&dir.path().join("data"), &library, &control, limits.into());
     let channel = connect(&server.url).await;
     let slot_id = one_slot_site_on(channel.clone(), "gone-site", "r", 5).await;
@@ -309,10 +309,10 @@ async fn a_call_abandoned_while_its_write_waits_is_counted_and_so_is_its_booking
     let late = BookingServiceClient::new(channel.clone()).book(late).await;
     let late = late.unwrap_err();
     assert_eq!(late.code(), Code::DeadlineExceeded, "{late:?}");
-    assert!(late.message().contains("same request_id"), "{late:?}");
+    assert!(late.message().contains("sent again with it"), "{late:?}");
     let waited = asked.elapsed();
     assert!(
-        (Duration::from_millis(290)..Duration::from_secs(5)).contains(&waited),
+        (Duration::from_millis(990)..Duration::from_secs(5)).contains(&waited),
         "answered at its deadline: {waited:?}"
     );
     std::fs::remove_file(control.join("gate")).unwrap();
