@@ -1658,18 +1658,20 @@ async fn a_call_past_its_grpc_timeout_ends_deadline_exceeded() {
         still_open.await.is_err(),
         "a malformed grpc-timeout is no deadline"
     );
-    let metrics = http_get(&server.metrics_url);
     for method in ["ImportCapacity", "Watch", "Check"] {
-        let counted = metrics.lines().find(|line| {
-            line.starts_with("grpc_server_handled_total{")
-                && line.contains(&format!("grpc_method=\"{method}\""))
-                && line.contains("grpc_code=\"DEADLINE_EXCEEDED\"")
-        });
-        assert!(
-            counted.is_some_and(|line| line.ends_with(" 1")),
-            "{method}: {metrics}"
-        );
+        assert_eq!(past_deadline(&server, method), Some(1), "{method}");
     }
+}
+
+/// `grpc_server_handled_total` of `method`'s calls answered DEADLINE_EXCEEDED.
+fn past_deadline(server: &ChildServer, method: &str) -> Option<u64> {
+    let metrics = http_get(&server.metrics_url);
+    let counted = metrics.lines().find(|line| {
+        line.starts_with("grpc_server_handled_total{")
+            && line.contains(&format!("grpc_method=\"{method}\""))
+            && line.contains("grpc_code=\"DEADLINE_EXCEEDED\"")
+    });
+    counted?.rsplit(' ').next()?.parse().ok()
 }
 
 /// A response stream whose client reads nothing (its window shut) is ended at its
@@ -1717,14 +1719,5 @@ async fn a_stream_whose_client_reads_nothing_gives_its_place_back_at_its_deadlin
         started.elapsed() < Duration::from_secs(10),
         "not at the idle timeout"
     );
-    let metrics = http_get(&server.metrics_url);
-    let counted = metrics.lines().find(|line| {
-        line.starts_with("grpc_server_handled_total{")
-            && line.contains("grpc_method=\"WatchEvents\"")
-            && line.contains("grpc_code=\"DEADLINE_EXCEEDED\"")
-    });
-    assert!(
-        counted.is_some_and(|line| line.ends_with(" 1")),
-        "{metrics}"
-    );
+    assert_eq!(past_deadline(&server, "WatchEvents"), Some(1));
 }
