@@ -38,6 +38,10 @@ pub const ASSERTION_REMEMBERED_BYTES_MAX: usize = 2 * 1024;
 pub const ASSERTION_REMEMBERED_NAMES_MAX: usize = 32;
 /// Future `iat` tolerated in a citizen assertion, for clocks that disagree a little.
 pub const ASSERTION_CLOCK_SKEW_S: i64 = 60;
+/// How long after its deadline a response stream's end may wait for its client's
+/// window before its connection is closed (the only way to end a stream whose client
+/// reads nothing): a reader drains one chunk well within it.
+pub const STREAM_END_TAKEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Upper bounds on everything a client can make the server hold, scan or write.
 /// In `prenota.toml` under `[limits]`; a missing key keeps its default.

@@ -142,6 +142,12 @@ fn connection<'a>(
     plain.or_else(|| tls.map(TlsConnectInfo::get_ref))
 }
 
+/// The closer of the connection an HTTP request came on (plain or TLS).
+pub fn closer_of_call(extensions: &tonic::codegen::http::Extensions) -> Option<Closer> {
+    let info = connection(extensions.get(), extensions.get())?;
+    Some(info.closer.clone())
+}
+
 /// The closer of the connection `extensions` came on (plain or TLS).
 pub fn closer_of(extensions: &tonic::Extensions) -> Option<Closer> {
     let info = connection(extensions.get(), extensions.get())?;

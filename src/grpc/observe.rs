@@ -24,7 +24,9 @@ use tonic::codegen::{http, BoxFuture, Bytes, Service};
 use tonic::{Code, Status};
 use tracing::Instrument;
 
+use crate::grpc::connections::{self, Closer};
 use crate::grpc::{codec, deadline};
+use crate::limits::STREAM_END_TAKEN_WITHIN;
 use crate::telemetry;
 
 /// The layer for `Server::builder().layer(..)`: `request_timeout` bounds every call's
@@ -167,6 +169,7 @@ where
             grpc.method = metrics.method
         );
         let streams = metrics.streams;
+        let closer = connections::closer_of_call(request.extensions()).filter(|_| streams);
         let response = self.inner.call(request).instrument(span.clone());
         let mut outcome = Outcome {
             metrics,
@@ -176,12 +179,15 @@ where
         };
         Box::pin(async move {
             // Begun past its deadline (a grpc-timeout of nanoseconds): not run at all.
+            // Nothing inside has run yet either: tonic's router calls the services
+            // (shedding, budgets, authentication) when this future is first polled.
             if tokio::time::Instant::now() >= deadlines.answer_by {
                 drop(response);
                 let status = deadline::passed_before_answer();
                 outcome.record(status.code());
                 let refused = status.into_http::<tonic::body::Body>();
-                return Ok(refused.map(|body| Observed::new(Answering::new(body, outcome), None)));
+                let answered = |body| Observed::new(Answering::new(body, outcome), None, None);
+                return Ok(refused.map(answered));
             }
             // Dropped before its response (the client reset the stream): CANCELLED.
             let mut response = match tokio::time::timeout_at(deadlines.answer_by, response).await {
@@ -193,7 +199,8 @@ where
                 outcome.record(code); // trailers-only: an immediate error
             }
             let end_by = deadlines.stream_by.filter(|_| streams && ended.is_none());
-            Ok(response.map(|body| Observed::new(Answering::new(body, outcome), end_by)))
+            let closer = end_by.and(closer);
+            Ok(response.map(|body| Observed::new(Answering::new(body, outcome), end_by, closer)))
         })
     }
 }
@@ -272,8 +279,14 @@ enum ObservedBody {
 }
 
 impl Observed {
-    /// `answering`, ended at `end_by` if there is one.
-    fn new(answering: Answering, end_by: Option<tokio::time::Instant>) -> Self {
+    /// `answering`, ended at `end_by` if there is one; then, if its end is not taken
+    /// within `STREAM_END_TAKEN_WITHIN` (its client keeps its window shut), its
+    /// connection closed by `closer`.
+    fn new(
+        answering: Answering,
+        end_by: Option<tokio::time::Instant>,
+        closer: Option<Closer>,
+    ) -> Self {
         let Some(end_by) = end_by else {
             return Self {
                 body: ObservedBody::Own(answering),
@@ -281,10 +294,28 @@ impl Observed {
         };
         let answering = Arc::new(Mutex::new(answering));
         let (ended, stopped) = tokio::sync::oneshot::channel::<()>();
-        let at_deadline = Arc::clone(&answering);
+        // Weak: a stream that ends or is dropped gives back what it holds at once.
+        let at_deadline = Arc::downgrade(&answering);
         tokio::spawn(async move {
+            tokio::pin!(stopped);
             tokio::select! {
-                () = tokio::time::sleep_until(end_by) => lock(&at_deadline).end_at_deadline(),
+                () = tokio::time::sleep_until(end_by) => {}
+                _ = &mut stopped => return,
+            }
+            let Some(answering) = at_deadline.upgrade() else {
+                return;
+            };
+            let waker = lock(&answering).end_at_deadline();
+            drop(answering);
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+            tokio::select! {
+                () = tokio::time::sleep(STREAM_END_TAKEN_WITHIN) => {
+                    if let Some(closer) = closer {
+                        closer.close();
+                    }
+                }
                 _ = stopped => {}
             }
         });
@@ -348,26 +379,32 @@ impl Answering {
             }
             // A transport error on the stream: the client reset it or broke the
             // protocol. Its doing, not the server's: counted and logged as CANCELLED.
-            Poll::Ready(Some(Err(_))) => self.outcome.record(Code::Cancelled),
+            Poll::Ready(Some(Err(_))) => {
+                self.outcome.record(Code::Cancelled);
+                self.ended = true;
+            }
             // Ended without a status: gRPC clients read that as UNKNOWN.
-            Poll::Ready(None) => self.outcome.record(Code::Unknown),
+            Poll::Ready(None) => {
+                self.outcome.record(Code::Unknown);
+                self.ended = true;
+            }
             Poll::Pending => {}
         }
         polled
     }
 
-    /// At the stream's deadline, unless it ended: its body is dropped, so what it holds
-    /// (a place in a pool, the task producing it) is given back now, even if its client
-    /// keeps its window shut and the transport polls it no more; counted
-    /// DEADLINE_EXCEEDED; its trailers go when it is next polled.
-    fn end_at_deadline(&mut self) {
-        if self.ended || self.inner.take().is_none() {
-            return;
+    /// At the stream's deadline, unless it ended: counted DEADLINE_EXCEEDED, then its
+    /// body is dropped, so what it holds (a place in a pool, the task producing it) is
+    /// given back now, even if its client keeps its window shut and the transport polls
+    /// it no more; its trailers go when it is next polled. The waker to wake (once the
+    /// lock is let go) so that it is.
+    fn end_at_deadline(&mut self) -> Option<Waker> {
+        if self.ended || self.inner.is_none() {
+            return None;
         }
         self.outcome.record(Code::DeadlineExceeded);
-        if let Some(waker) = self.waker.take() {
-            waker.wake();
-        }
+        drop(self.inner.take());
+        self.waker.take()
     }
 
     fn is_end_stream(&self) -> bool {
@@ -395,7 +432,7 @@ impl Body for Observed {
                 let mut answering = lock(answering);
                 // A body always ready is ended here, the task may not have run yet.
                 if tokio::time::Instant::now() >= *end_by {
-                    answering.end_at_deadline();
+                    let _polling_now = answering.end_at_deadline();
                 }
                 if !answering
                     .waker
