@@ -181,18 +181,17 @@ where
             // Begun past its deadline (a grpc-timeout of nanoseconds): not run at all.
             // Nothing inside has run yet either: tonic's router calls the services
             // (shedding, budgets, authentication) when this future is first polled.
-            if tokio::time::Instant::now() >= deadlines.answer_by {
-                drop(response);
-                let status = deadline::passed_before_answer();
-                outcome.record(status.code());
-                let refused = status.into_http::<tonic::body::Body>();
-                let answered = |body| Observed::new(Answering::new(body, outcome), None, None);
-                return Ok(refused.map(answered));
-            }
-            // Dropped before its response (the client reset the stream): CANCELLED.
-            let mut response = match tokio::time::timeout_at(deadlines.answer_by, response).await {
-                Ok(response) => response?,
-                Err(_elapsed) => deadline::passed_before_answer().into_http(),
+            let begun_late = tokio::time::Instant::now() >= deadlines.answer_by;
+            let answered = match begun_late {
+                true => None,
+                // Dropped before its response (the client reset the stream): CANCELLED.
+                false => tokio::time::timeout_at(deadlines.answer_by, response)
+                    .await
+                    .ok(),
+            };
+            let mut response = match answered {
+                Some(response) => response?,
+                None => deadline::passed_before_answer().into_http(),
             };
             let ended = restated(response.headers_mut());
             if let Some(code) = ended {
