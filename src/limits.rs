@@ -262,8 +262,9 @@ pub struct Limits {
     pub in_flight_requests_max: usize,
     /// HTTP/2 streams one connection may have open at once.
     pub streams_per_connection_max: u32,
-    /// Bytes one-message calls may hold in all until their reply is ready (their
-    /// headers, their state, their message as it arrives: `grpc::receiving`); past it a
+    /// Bytes one-message calls may hold in all until their reply is written (their
+    /// headers, their state, their message as it arrives, their reply's message:
+    /// `grpc::receiving`); past it a
     /// call is shed (UNAVAILABLE / OVERLOADED), so headers and half-sent messages hold
     /// about this much memory at most (the message is counted as sent: tonic's decoding
     /// copy and the decoded message come on top).

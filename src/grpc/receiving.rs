@@ -1,4 +1,4 @@
-//! What one-message calls hold until their reply is ready. Such a call is received
+//! What one-message calls hold until their reply is written. Such a call is received
 //! whole before it takes its place (`grpc::shed`), so no count of places bounds what it
 //! holds meanwhile: its stream and headers, then its message (up to
 //! `message_size_bytes_max`). Without a bound, headers and half-sent messages on every
@@ -11,9 +11,9 @@
 //! `receiving_bytes_max` in all and from its peer's `receiving_bytes_per_peer_max` (an
 //! IPv4 address, an IPv6 /64). A call that would pass either is shed at once
 //! (UNAVAILABLE / OVERLOADED with a RetryInfo) and gives back what it held; a call
-//! received holds it, and its reply's message too, until the transport has taken the
-//! reply ([`held_until_sent`]; a streaming reply gives it back once its headers are
-//! ready). The budgets count the message as it
+//! received holds it, and its reply's message too, until the transport has written
+//! the message or dropped it ([`held_until_sent`]; a streaming reply gives it back once
+//! its headers are ready). The budgets count the message as it
 //! was sent, so they bound memory closely, not exactly: tonic copies the message once
 //! more to decode it, the decoded message may be larger, and a buffer that grows holds
 //! its old and new copies for a moment.
@@ -318,12 +318,14 @@ fn make_room(
     true
 }
 
-/// `reply`, whose body holds `reserved`, grown by its message, until the transport
-/// takes what follows the message (its trailers): a client that keeps its window shut
-/// never does, so the replies it leaves unread count against its peer's share and the
-/// total like messages half-sent, and its next calls are shed, rather than each of its
-/// streams holding a reply (a page of slots: 45 KB) for as long as its connection lives.
-/// A reply the transport takes at once (an open window) gives it back at once.
+/// `reply`, whose body holds `reserved`, grown by its message, until the transport has
+/// written the message or dropped it: the reservation goes inside the message's bytes
+/// ([`Sending`]), which hyper and h2 keep until then. A client that keeps its window
+/// shut, or open by one byte (hyper 1.12 hands the whole message to h2 once the window
+/// has a byte, and asks for the trailers at once), so leaves its replies unsent, has
+/// them count against its peer's share and the total like messages half-sent, and its
+/// next calls are shed, rather than each of its streams holding a reply (a page of
+/// slots: 36 KB; 64,000 of them held 2.5 GB) for as long as its connection lives.
 pub fn held_until_sent(
     reply: http::Response<tonic::body::Body>,
     reserved: Reserved,
@@ -332,17 +334,15 @@ pub fn held_until_sent(
         tonic::body::Body::new(Unsent {
             inner,
             reserved: Some(reserved),
-            taken: false,
         })
     })
 }
 
 struct Unsent {
     inner: tonic::body::Body,
-    /// Given back once the message has gone and something else is asked for.
+    /// Until the first message is taken: then it goes with it ([`Sending`]); a reply
+    /// without one (an error's trailers) gives it back when they are taken.
     reserved: Option<Reserved>,
-    /// Whether the message has been taken (and `reserved` grown by it).
-    taken: bool,
 }
 
 impl http_body::Body for Unsent {
@@ -354,19 +354,31 @@ impl http_body::Body for Unsent {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        // The first message only: a reply that streams (a watch) gives it back as soon
-        // as the transport asks for its next one.
+        // The first message only: a reply that streams (a watch) holds it until its
+        // first message is written.
         let this = &mut *self;
-        if let std::task::Poll::Ready(frame) = &polled {
-            match (frame, this.reserved.as_mut(), this.taken) {
-                (Some(Ok(frame)), Some(reserved), false) if frame.is_data() => {
-                    reserved.hold_past(frame.data_ref().map_or(0, |data| data.len()));
-                    this.taken = true;
-                }
-                _ => this.reserved = None,
+        let std::task::Poll::Ready(Some(Ok(frame))) = polled else {
+            this.reserved = None;
+            return polled;
+        };
+        let message = match frame.into_data() {
+            Ok(message) => message,
+            Err(other) => {
+                this.reserved = None;
+                return std::task::Poll::Ready(Some(Ok(other)));
             }
-        }
-        polled
+        };
+        let message = match this.reserved.take() {
+            Some(mut reserved) => {
+                reserved.hold_past(message.len());
+                Bytes::from_owner(Sending {
+                    message,
+                    _reserved: reserved,
+                })
+            }
+            None => message,
+        };
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(message))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -375,6 +387,19 @@ impl http_body::Body for Unsent {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A reply's message with what its call holds: given back when the transport drops it,
+/// written or not (a stream reset, a connection closed).
+struct Sending {
+    message: Bytes,
+    _reserved: Reserved,
+}
+
+impl AsRef<[u8]> for Sending {
+    fn as_ref(&self) -> &[u8] {
+        &self.message
     }
 }
 
@@ -492,6 +517,33 @@ mod tests {
         );
         drop(reserved);
         assert_eq!(receiving.available(), 1 << 20);
+    }
+
+    /// The reply's message carries what the call holds: asking for the trailers gives
+    /// nothing back (hyper asks once it has handed h2 the message, sent or not); the
+    /// message's bytes do when the last of them is dropped (written, or the stream gone).
+    #[tokio::test]
+    async fn a_reply_holds_its_share_until_its_message_is_dropped() {
+        let receiving = Receiving::new(1 << 20, PeerCaps::NONE);
+        let reserved = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
+        let call = (1 << 20) - receiving.available();
+        let reply = http_body_util::Full::new(Bytes::from(vec![7u8; 3_000]));
+        let reply = http::Response::new(tonic::body::Body::new(reply));
+        let mut body = held_until_sent(reply, reserved).into_body();
+        let message = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        let held = receiving.available();
+        assert_eq!(
+            held,
+            (1 << 20) - call - (3_000 - MESSAGE_START_BYTES),
+            "grown"
+        );
+        assert!(body.frame().await.is_none(), "the reply's end");
+        drop(body);
+        let part = message.slice(2_000..); // as h2 keeps what it has yet to write
+        drop(message);
+        assert_eq!(receiving.available(), held, "still held");
+        drop(part);
+        assert_eq!(receiving.available(), 1 << 20, "given back");
     }
 
     #[test]

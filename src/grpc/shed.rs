@@ -233,8 +233,8 @@ where
 
 impl<S: Routes> Shed<S> {
     /// A call with one request message: it is received (at most `message_bytes_max`,
-    /// under `receiving`'s budgets, which it holds until its reply has gone to the
-    /// transport: `receiving::held_until_sent`) before the
+    /// under `receiving`'s budgets, which it holds until its reply's message has been
+    /// written: `receiving::held_until_sent`) before the
     /// call takes a place (when one-reply calls are counted, or it is `streaming`),
     /// which it holds until its reply is ready, or, when `streaming`, until its reply
     /// stream ends.

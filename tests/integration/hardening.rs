@@ -1434,35 +1434,49 @@ async fn codes_within(calls: Vec<h2::client::ResponseFuture>, wait: Duration) ->
 /// stream for as long as its connection lived (45 KB a page of slots: 42 MB a connection,
 /// with nothing shed). A reply now holds its call's share of what its peer may hold
 /// until the client takes it, so past its share the peer's next calls are shed, another
-/// peer is answered, and the share comes back with the connection's end.
+/// peer is answered, and the share comes back with the connection's end. A window open
+/// by one byte too: hyper hands h2 the whole reply then and asks for the trailers, so
+/// the share went back at once while h2 kept the reply (2.5 GB from one peer's 64,000
+/// pages of slots); now it is held until h2 drops the reply's bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_a_client_leaves_unread_count_against_its_share() {
     let dir = tempfile::tempdir().unwrap();
     let share = 96 * 1024; // about 16 checks' worth
     let total = (32 * share).to_string();
     let server = ChildServer::with_limits(dir.path(), &[("HEALTH_RECEIVING_BYTES_MAX", &total)]);
-    let stream = tcp_from([127, 0, 0, 2], &server).await;
-    let mut shut = h2::client::Builder::new();
-    let (client, connection) = (shut.initial_window_size(0).handshake(stream).await).unwrap();
-    let connection = tokio::spawn(connection);
-    let mut calls = Vec::new();
-    for _ in 0..60 {
-        calls.push(send_call(&client, HEALTH_CHECK, Some(grpc_frame(&[])), true).await);
+    for (window, source) in [(0, 2), (1, 4)] {
+        unread_replies_are_held_to_a_share(&server, window, [127, 0, 0, source]).await;
     }
-    let (unread, shed) = held_and_shed(&codes_within(calls, Duration::from_secs(3)).await);
+}
+
+/// `replies_a_client_leaves_unread_count_against_its_share` from `source`, its stream
+/// windows at `window` bytes.
+async fn unread_replies_are_held_to_a_share(server: &ChildServer, window: u32, source: [u8; 4]) {
+    let stream = tcp_from(source, server).await;
+    let mut shut = h2::client::Builder::new();
+    let (client, connection) = (shut.initial_window_size(window).handshake(stream).await).unwrap();
+    let connection = tokio::spawn(connection);
+    let (mut codes, mut replies) = (Vec::new(), Vec::new());
+    for _ in 0..60 {
+        let call = send_call(&client, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+        let (code, reply) = refusal_of(call).await; // its headers: its body is never read
+        codes.push(code);
+        replies.push(reply);
+    }
+    let (unread, shed) = held_and_shed(&codes);
     assert!(
         (8..=24).contains(&unread),
-        "{unread} replies held, {shed} shed"
+        "window {window}: {unread} replies held, {shed} shed"
     );
     assert_eq!(unread + shed, 60);
-    let (other, _other_connection) = h2_client_from([127, 0, 0, 3], &server).await;
+    let (other, _other_connection) = h2_client_from([127, 0, 0, 3], server).await;
     let check = send_call(&other, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
     assert_eq!(grpc_status_of(check).await, Some(0), "another peer's check");
     connection.abort();
-    drop(client);
+    drop((client, replies));
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (again, _connection) = h2_client_from([127, 0, 0, 2], &server).await;
+        let (again, _connection) = h2_client_from(source, server).await;
         let check = send_call(&again, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
         match grpc_status_of(check).await {
             Some(0) => break,
