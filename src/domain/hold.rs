@@ -52,6 +52,9 @@ pub struct LiveHolds {
     /// Per slot: live holds plus holds being written (reserved, not yet live). Bounds
     /// how many places of a slot may be held at once (anti-hoarding).
     held_by_slot: HashMap<SlotKey, u32>,
+    /// Per citizen, their live holds (a few at most: each counts against their limit),
+    /// so a citizen can be shown what they hold.
+    by_citizen: HashMap<CitizenKey, Vec<HoldId>>,
 }
 
 /// The second a hold made at `created_at_unix_ms` belongs to, modulo 2^32 (wraps in
@@ -95,7 +98,41 @@ impl LiveHolds {
             .is_some_and(|held| *held >= 1));
         self.by_expiry
             .insert((hold.expires_at_unix_ms, hold.hold_id));
-        self.by_id.insert(hold.hold_id, hold);
+        self.by_citizen
+            .entry(hold.citizen)
+            .or_default()
+            .push(hold.hold_id);
+        let replaced = self.by_id.insert(hold.hold_id, hold);
+        debug_assert!(replaced.is_none(), "a hold id is live once");
+    }
+
+    /// The citizen's live holds, soonest to expire first.
+    pub fn of_citizen(&self, citizen: CitizenKey) -> Vec<&Hold> {
+        let ids = self.by_citizen.get(&citizen).map_or(&[][..], Vec::as_slice);
+        let mut holds: Vec<&Hold> = ids.iter().filter_map(|id| self.by_id.get(id)).collect();
+        debug_assert_eq!(holds.len(), ids.len(), "the citizen index lists live holds");
+        holds.sort_by_key(|hold| (hold.expires_at_unix_ms, hold.hold_id));
+        holds
+    }
+
+    /// Whether the per-citizen index lists exactly the live holds, each under its
+    /// citizen (recovery checks what it rebuilt).
+    pub fn check_citizen_index(&self) -> Result<(), String> {
+        let listed: usize = self.by_citizen.values().map(Vec::len).sum();
+        let misplaced = self.by_citizen.iter().find(|(citizen, ids)| {
+            ids.iter().any(|id| {
+                self.by_id
+                    .get(id)
+                    .is_none_or(|hold| hold.citizen != **citizen)
+            })
+        });
+        match (listed == self.by_id.len(), misplaced) {
+            (true, None) => Ok(()),
+            _ => Err(format!(
+                "the citizen index of live holds lists {listed} holds of {}",
+                self.by_id.len()
+            )),
+        }
     }
 
     /// Reserves one of the `max` places of `slot` that may be held at once; false when
@@ -123,7 +160,19 @@ impl LiveHolds {
         let hold = self.by_id.remove(&hold_id)?;
         self.by_expiry.remove(&(hold.expires_at_unix_ms, hold_id));
         self.release_share(&hold.slot);
+        self.forget_of_citizen(hold.citizen, hold_id);
         Some(hold)
+    }
+
+    fn forget_of_citizen(&mut self, citizen: CitizenKey, hold_id: HoldId) {
+        let ids = self.by_citizen.get_mut(&citizen);
+        debug_assert!(ids.is_some(), "a live hold is listed under its citizen");
+        if let Some(ids) = ids {
+            ids.retain(|id| *id != hold_id);
+            if ids.is_empty() {
+                self.by_citizen.remove(&citizen);
+            }
+        }
     }
 
     /// Takes the hold for confirmation if it is this citizen's hold on this slot and
@@ -234,6 +283,31 @@ pub(crate) fn test_hold(id: u128, citizen: u8, expires: i64) -> Hold {
 mod tests {
     use super::test_hold as hold;
     use super::*;
+
+    #[test]
+    fn a_citizens_live_holds_are_listed_until_they_leave() {
+        let mut live = LiveHolds::default();
+        for (id, citizen, expires) in [(1, 7, 900), (2, 8, 500), (3, 7, 300), (4, 7, 600)] {
+            live.insert(hold(id, citizen, expires));
+        }
+        let ids = |live: &LiveHolds, citizen| -> Vec<u128> {
+            let holds = live.of_citizen(CitizenKey([citizen; 16]));
+            holds.iter().map(|hold| hold.hold_id.0).collect()
+        };
+        assert_eq!(ids(&live, 7), [3, 4, 1], "soonest to expire first");
+        assert_eq!(ids(&live, 8), [2]);
+        assert_eq!(live.take_expired(400, 10).len(), 1);
+        let slot = hold(4, 7, 600).slot;
+        live.take_for_confirm(BookingId(4), CitizenKey([7; 16]), &slot, 450)
+            .unwrap();
+        assert_eq!(ids(&live, 7), [1], "expired and confirmed ones leave");
+        assert_eq!(live.take_where(|_| true).len(), 2);
+        assert!(ids(&live, 7).is_empty() && ids(&live, 8).is_empty());
+        assert_eq!(live.check_citizen_index(), Ok(()));
+        live.by_citizen
+            .insert(CitizenKey([9; 16]), vec![BookingId(1)]);
+        assert!(live.check_citizen_index().is_err(), "a hold not live");
+    }
 
     #[test]
     fn only_the_holder_confirms_and_only_in_time() {

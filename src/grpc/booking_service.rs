@@ -605,6 +605,7 @@ impl BookingService for BookingApi {
                 .next_after
                 .map(convert::booking_page_token_of)
                 .unwrap_or_default(),
+            holds: page.holds.iter().map(convert::hold_to_proto).collect(),
         }))
     }
 }

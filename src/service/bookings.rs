@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::domain::booking::{Booking, RequestRecord};
 use crate::domain::error::{DomainError, Missing};
-use crate::domain::hold::{HoldId, NotConfirmable};
+use crate::domain::hold::{Hold, HoldId, NotConfirmable};
 use crate::domain::ids::{
     BookingId, ChannelId, CitizenKey, RequestFingerprint, RequestKey, ServiceId, SlotKey,
 };
@@ -62,6 +62,8 @@ pub struct CitizenBookingsQuery {
 
 pub struct CitizenBookingsPage {
     pub bookings: Vec<BookingView>,
+    /// The citizen's live holds (of the service asked for), on the first page only.
+    pub holds: Vec<Hold>,
     /// The (slot start, booking) of the last one, when more follow.
     pub next_after: Option<(i64, BookingId)>,
 }
@@ -497,6 +499,10 @@ impl Engine {
             .peekable();
         let mut page = CitizenBookingsPage {
             bookings: Vec::new(),
+            holds: match query.after {
+                None => self.live_holds_of(citizen, query.service_id.as_ref()),
+                Some(_) => Vec::new(),
+            },
             next_after: None,
         };
         while page.bookings.len() < query.page_size {
@@ -507,5 +513,16 @@ impl Engine {
             page.next_after = page.bookings.last().map(|view| order(&view.booking));
         }
         Ok(page)
+    }
+
+    /// The citizen's live holds (of `service` if given) whose time is not up.
+    fn live_holds_of(&self, citizen: CitizenKey, service: Option<&ServiceId>) -> Vec<Hold> {
+        let now_unix_ms = self.clock.now_unix_ms();
+        let live = self.live_holds();
+        let holds = live.of_citizen(citizen).into_iter().filter(|hold| {
+            hold.expires_at_unix_ms > now_unix_ms
+                && service.is_none_or(|service| *service == hold.slot.service_id)
+        });
+        holds.cloned().collect()
     }
 }

@@ -353,6 +353,7 @@ fn rebuild(engine: &mut Engine) -> Result<(), ServiceError> {
     drop(channel_use);
     keep_counting(&engine.citizens, counted_until, now_unix_s);
     check_capacities(catalog)?;
+    live.check_citizen_index().map_err(ServiceError::Recovery)?;
     in_closed_slots.warn(catalog);
     warn_of_ids_over_the_limit(catalog, engine.limits.id_length_max);
     warn_of_interrupted_write(&engine.store)?;

@@ -146,6 +146,62 @@ async fn an_expired_hold_returns_its_place() {
     server.stop().await;
 }
 
+/// A citizen's list, first page (of `service_id` if given).
+async fn list_of(
+    client: &mut prenota::proto::booking_service_client::BookingServiceClient<
+        tonic::transport::Channel,
+    >,
+    citizen_id: &str,
+    service_id: Option<&str>,
+) -> proto::ListCitizenBookingsResponse {
+    let request = proto::ListCitizenBookingsRequest {
+        citizen_id: citizen_id.into(),
+        service_id: service_id.map(Into::into),
+        page_size: 10,
+        page_token: String::new(),
+    };
+    let listed = client.list_citizen_bookings(request).await;
+    listed.expect("a list").into_inner()
+}
+
+/// A citizen who left a hold behind (their app closed) could not find it: it counts
+/// against their limit (CITIZEN_ALREADY_BOOKED) but their list showed nothing. Now the
+/// list's first page carries their live holds, of the service asked for, until they
+/// are confirmed or their time is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_citizen_finds_their_live_hold_in_their_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::manual_from_now();
+    let server = TestServer::start_with_clock(dir.path(), swept_by_hand(), clock.clone()).await;
+    let slot = one_slot_site(&server, "listed-hold", 4).await;
+    let mut client = server.booking().await;
+    let held = hold_ok(&mut client, hold_request(&slot, "alice", "h1", 60)).await;
+    let other = hold_ok(&mut client, hold_request(&slot, "bob", "h2", 60)).await;
+    let listed = list_of(&mut client, "alice", None).await;
+    assert_eq!(
+        (listed.holds, listed.bookings),
+        (vec![held.clone()], vec![])
+    );
+    let listed = list_of(&mut client, "alice", Some("vax")).await;
+    assert_eq!(listed.holds, std::slice::from_ref(&held));
+    let listed = list_of(&mut client, "alice", Some("other-service")).await;
+    assert!(listed.holds.is_empty(), "of the service asked for");
+    assert!(list_of(&mut client, "carol", None).await.holds.is_empty());
+
+    let mut confirm = book_request(&slot, "alice", "a1");
+    confirm.hold_id = Some(held.hold_id.clone());
+    book_ok(&mut client, confirm).await;
+    let listed = list_of(&mut client, "alice", None).await;
+    assert!(listed.holds.is_empty(), "confirmed: a booking now");
+    assert_eq!(listed.bookings[0].booking_id, held.hold_id);
+
+    assert_eq!(list_of(&mut client, "bob", None).await.holds, [other]);
+    clock.advance(Duration::from_secs(60));
+    let listed = list_of(&mut client, "bob", None).await;
+    assert!(listed.holds.is_empty(), "its time is up, swept or not");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_hold_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -162,6 +218,12 @@ async fn a_live_hold_survives_a_restart() {
     let stats = site_stats(&server, "durable-hold").await;
     assert_eq!((stats.booked, stats.held), (0, 1));
     let mut client = server.booking().await;
+    let listed = list_of(&mut client, "alice", None).await;
+    assert_eq!(
+        listed.holds,
+        std::slice::from_ref(&hold),
+        "listed after the restart"
+    );
     let retried = hold_ok(&mut client, hold_request(&slot, "alice", "h1", 300)).await;
     assert_eq!(
         retried, hold,
