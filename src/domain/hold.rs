@@ -128,8 +128,13 @@ impl LiveHolds {
         });
         match (listed == self.by_id.len(), misplaced) {
             (true, None) => Ok(()),
-            _ => Err(format!(
-                "the citizen index of live holds lists {listed} holds of {}",
+            (_, Some((_, ids))) => Err(format!(
+                "the citizen index of live holds lists a hold not live or of another \
+                 citizen among {ids:?}"
+            )),
+            (false, None) => Err(format!(
+                "the citizen index of live holds lists {listed} holds of {} (a hold id \
+                 twice)",
                 self.by_id.len()
             )),
         }

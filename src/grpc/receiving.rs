@@ -12,8 +12,9 @@
 //! IPv4 address, an IPv6 /64). A call that would pass either is shed at once
 //! (UNAVAILABLE / OVERLOADED with a RetryInfo) and gives back what it held; a call
 //! received holds it, and its reply's message too, until the transport has written
-//! the message or dropped it ([`held_until_sent`]; a streaming reply gives it back once
-//! its headers are ready). The budgets count the message as it
+//! the message or dropped it ([`held_until_sent`]: a watch of slots or events until its
+//! first message is written; the streaming replies of `shed::STREAMING_REPLIES` give it
+//! back once their headers are ready, their own pools bound them). The budgets count the message as it
 //! was sent, so they bound memory closely, not exactly: tonic copies the message once
 //! more to decode it, the decoded message may be larger, and a buffer that grows holds
 //! its old and new copies for a moment.
@@ -353,13 +354,16 @@ impl http_body::Body for Unsent {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        // The first message only: a reply that streams (a watch) holds it until its
-        // first message is written.
+        // Held while the reply is being made; a reply that streams (a watch) holds it
+        // until its first message is written, as a one-reply call does its one.
+        let std::task::Poll::Ready(polled) = std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        else {
+            return std::task::Poll::Pending;
+        };
         let this = &mut *self;
-        let std::task::Poll::Ready(Some(Ok(frame))) = polled else {
+        let Some(Ok(frame)) = polled else {
             this.reserved = None;
-            return polled;
+            return std::task::Poll::Ready(polled);
         };
         let message = match frame.into_data() {
             Ok(message) => message,
@@ -370,7 +374,7 @@ impl http_body::Body for Unsent {
         };
         let message = match this.reserved.take() {
             Some(mut reserved) => {
-                reserved.hold_past(message.len());
+                reserved.hold_past(held_by(&message));
                 Bytes::from_owner(Sending {
                     message,
                     _reserved: reserved,
@@ -389,6 +393,18 @@ impl http_body::Body for Unsent {
         self.inner.size_hint()
     }
 }
+
+/// What a reply's `message` holds: tonic encodes into a buffer of 8 KiB that doubles as
+/// it grows, and the message's bytes keep all of it, so its length rounded up so.
+fn held_by(message: &Bytes) -> usize {
+    message
+        .len()
+        .max(TONIC_ENCODE_BUFFER_BYTES)
+        .next_power_of_two()
+}
+
+/// tonic's encoding buffer to start with (`BufferSettings`' default).
+const TONIC_ENCODE_BUFFER_BYTES: usize = 8 * 1024;
 
 /// A reply's message with what its call holds: given back when the transport drops it,
 /// written or not (a stream reset, a connection closed).
@@ -519,30 +535,42 @@ mod tests {
         assert_eq!(receiving.available(), 1 << 20);
     }
 
-    /// The reply's message carries what the call holds: asking for the trailers gives
-    /// nothing back (hyper asks once it has handed h2 the message, sent or not); the
-    /// message's bytes do when the last of them is dropped (written, or the stream gone).
+    /// The reply's message carries what the call holds: a reply not yet made holds it
+    /// (a watch's first poll is pending), asking for the trailers gives nothing back
+    /// (hyper asks once it has handed h2 the message, sent or not); the message's bytes
+    /// do when the last of them is dropped (written, or the stream gone). The message
+    /// counts as tonic's 8 KiB buffer it keeps.
     #[tokio::test]
     async fn a_reply_holds_its_share_until_its_message_is_dropped() {
+        use bytes::Buf as _;
         let receiving = Receiving::new(1 << 20, PeerCaps::NONE);
         let reserved = receiving.reserve(&parts_from("192.0.2.1:4000")).unwrap();
         let call = (1 << 20) - receiving.available();
-        let reply = http_body_util::Full::new(Bytes::from(vec![7u8; 3_000]));
+        let (send, frames) = tokio::sync::mpsc::channel(1);
+        let reply =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(frames));
         let reply = http::Response::new(tonic::body::Body::new(reply));
         let mut body = held_until_sent(reply, reserved).into_body();
-        let message = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        let held = receiving.available();
+        let mut waiting = std::task::Context::from_waker(std::task::Waker::noop());
+        let polled = http_body::Body::poll_frame(std::pin::Pin::new(&mut body), &mut waiting);
+        assert!(polled.is_pending());
         assert_eq!(
-            held,
-            (1 << 20) - call - (3_000 - MESSAGE_START_BYTES),
-            "grown"
+            receiving.available(),
+            (1 << 20) - call,
+            "held while pending"
         );
+        let data = http_body::Frame::data(Bytes::from(vec![7u8; 3_000]));
+        send.send(Ok::<_, Status>(data)).await.unwrap();
+        let mut message = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        let held = receiving.available();
+        let grown = 8 * 1024 - MESSAGE_START_BYTES;
+        assert_eq!(held, (1 << 20) - call - grown, "grown by tonic's buffer");
+        drop(send);
         assert!(body.frame().await.is_none(), "the reply's end");
         drop(body);
-        let part = message.slice(2_000..); // as h2 keeps what it has yet to write
-        drop(message);
+        message.advance(2_000); // as h2 keeps what it has yet to write
         assert_eq!(receiving.available(), held, "still held");
-        drop(part);
+        drop(message);
         assert_eq!(receiving.available(), 1 << 20, "given back");
     }
 

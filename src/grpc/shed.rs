@@ -603,7 +603,7 @@ mod tests {
     }
 
     /// A call holds its reservation until its reply is ready, counted or not (a
-    /// health check), and gives it all back then.
+    /// health check), and gives it all back once its reply is gone (here: dropped).
     #[tokio::test]
     async fn a_call_holds_what_it_reserved_until_its_reply_is_ready() {
         const TOTAL: usize = 1 << 20;

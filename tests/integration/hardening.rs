@@ -1449,6 +1449,25 @@ async fn replies_a_client_leaves_unread_count_against_its_share() {
     }
 }
 
+/// A reply's share comes back once the reply is written, not when its connection goes:
+/// forty searches of 30 slots one after another on one connection, far more than the
+/// peer's share together (each counts ~14 KB of 128 KiB), are all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_written_reply_gives_its_share_back_on_a_connection_left_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        ("MESSAGE_SIZE_BYTES_MAX", "65536"),
+        ("RECEIVING_BYTES_PER_PEER_MAX", "131072"),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let channel = connect(&server.url).await;
+    ten_minute_slots(channel.clone(), ("paged", day_ahead(2)), 30, 5).await;
+    let mut booking = prenota::proto::booking_service_client::BookingServiceClient::new(channel);
+    for _ in 0..40 {
+        assert_eq!(search_all(&mut booking, "paged", "vax").await.len(), 30);
+    }
+}
+
 /// `replies_a_client_leaves_unread_count_against_its_share` from `source`, its stream
 /// windows at `window` bytes.
 async fn unread_replies_are_held_to_a_share(server: &ChildServer, window: u32, source: [u8; 4]) {
