@@ -329,6 +329,11 @@ pub struct Limits {
     pub connection_age_max_ms: u64,
     /// How long a connection past its age may finish its streams before it is closed.
     pub connection_age_grace_ms: u64,
+    /// After SIGTERM, how long the server keeps accepting and serving with health
+    /// NOT_SERVING before it stops accepting and drains, so balancers that watch health
+    /// move clients off first (Kubernetes: a few seconds, inside the pod's
+    /// `terminationGracePeriodSeconds`); 0: stop accepting at once.
+    pub shutdown_drain_delay_ms: u64,
     /// Interval of HTTP/2 keepalive pings; a peer that does not answer one within
     /// `keepalive_timeout_ms` is disconnected.
     pub keepalive_interval_ms: u64,
@@ -463,6 +468,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     peer_shares_per_ipv6_48_max: 8,
     connection_age_max_ms: 30 * 60 * 1_000,
     connection_age_grace_ms: 5 * 60 * 1_000,
+    shutdown_drain_delay_ms: 0,
     keepalive_interval_ms: 60_000,
     keepalive_timeout_ms: 20_000,
     tls_handshake_timeout_ms: 10_000,
@@ -887,6 +893,10 @@ impl Limits {
              metrics_refresh_interval_ms must be at most 3600000 (an hour)",
         );
         need(
+            l.shutdown_drain_delay_ms <= 300_000,
+            "shutdown_drain_delay_ms must be at most 300000 (five minutes)",
+        );
+        need(
             l.retention_interval_ms <= 86_400_000
                 && l.connection_age_max_ms <= 86_400_000
                 && l.connection_age_grace_ms >= 1_000,
@@ -938,7 +948,7 @@ mod tests {
     #[test]
     fn limits_at_the_edges_are_refused() {
         type Edge = (&'static str, fn(&mut Limits));
-        let edges: [Edge; 13] = [
+        let edges: [Edge; 14] = [
             ("backup_changes_buffered_max", |l| {
                 l.backup_changes_buffered_max = 100_000_000
             }),
@@ -964,6 +974,9 @@ mod tests {
                 l.export_idle_timeout_ms = u64::MAX / 2
             }),
             ("connection_age_grace_ms", |l| l.connection_age_grace_ms = 0),
+            ("shutdown_drain_delay_ms", |l| {
+                l.shutdown_drain_delay_ms = 300_001
+            }),
             ("citizen_assertion_lifetime_seconds_max", |l| {
                 l.citizen_assertion_lifetime_seconds_max = u32::MAX
             }),

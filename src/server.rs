@@ -360,6 +360,7 @@ async fn run(
     let ended_by_failure = Arc::clone(&no_longer_active);
     // A failed recovery stops the server; kept alive (unsent) while serving.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let drain_delay = Duration::from_millis(limits.shutdown_drain_delay_ms);
     // Imports count from their headers: their own pool bounds how many places they hold.
     let imports = Arc::new(Exports::new(
         limits.imports_max,
@@ -419,15 +420,19 @@ async fn run(
             &closing_seen,
         ))
         .serve_with_incoming_shutdown(accepting, async move {
-            tokio::select! {
-                _ = shutdown => {}
-                _ = stopped => {}
+            let signalled = tokio::select! {
+                _ = shutdown => true,
+                _ = stopped => false,
                 _ = failed_seen.notified(), if stop_when_store_fails => {
                     ended_by_failure.store(true, std::sync::atomic::Ordering::Release);
+                    false
                 }
-            }
+            };
             // Balancers watching health see it first, then every stream ends.
             set_health(&health_at_shutdown, ServingStatus::NotServing).await;
+            if signalled {
+                serve_on_while_balancers_move_off(drain_delay).await;
+            }
             closing.send_replace(true);
             // A standby stops waiting for the lease.
             giving_up
@@ -592,6 +597,20 @@ async fn drained_within(
         Ok(served) => served,
         Err(_) => Ok(()),
     }
+}
+
+/// After SIGTERM, with health NOT_SERVING, keeps serving for `shutdown_drain_delay_ms`:
+/// a balancer that watches health takes the node out meanwhile, so no client meets a
+/// closed port, then the node stops accepting and drains.
+async fn serve_on_while_balancers_move_off(delay: Duration) {
+    if delay.is_zero() {
+        return;
+    }
+    tracing::info!(
+        delay_ms = delay.as_millis() as u64,
+        "stopping: health NOT_SERVING, still serving for shutdown_drain_delay_ms"
+    );
+    tokio::time::sleep(delay).await;
 }
 
 /// Ends the engine's watch streams once `closing` turns true (shutdown began): they

@@ -380,6 +380,60 @@ fn logged_child_with(
     (server, log)
 }
 
+/// On SIGTERM with `shutdown_drain_delay_ms` set, health turns NOT_SERVING at once, yet
+/// the node still accepts connections and answers for the delay (a balancer watching
+/// health moves its clients off meanwhile), then stops and exits, its store closed. It
+/// stopped accepting at once before, so a client the balancer had not yet moved met a
+/// closed port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_serves_on_through_the_drain_delay_with_health_not_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let delay = (
+        "PRENOTA_LIMITS_SHUTDOWN_DRAIN_DELAY_MS".into(),
+        "3000".into(),
+    );
+    let (server, log) = logged_child_with(dir.path(), vec![delay]);
+    let url = server.url.clone();
+    let started = std::time::Instant::now();
+    let pid = server.pid().to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(term.unwrap().success());
+    let exit =
+        tokio::task::spawn_blocking(move || server.wait_exit(std::time::Duration::from_secs(15)));
+    while health_of(connect(&url).await, "").await != ServingStatus::NotServing {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "NOT_SERVING at once"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut capacity = prenota::proto::capacity_service_client::CapacityServiceClient::new(
+        connect(&url).await, // a new connection, accepted
+    );
+    let request = prenota::proto::GetSiteStatsRequest {
+        site_id: "nowhere".into(),
+    };
+    let answer = capacity.get_site_stats(request).await.unwrap_err();
+    assert_eq!(reason(&answer).as_deref(), Some("SITE_NOT_FOUND"), "served");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "within the delay"
+    );
+    assert!(exit.await.unwrap().success());
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(3),
+        "not before it"
+    );
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.contains("still serving for shutdown_drain_delay_ms"),
+        "{logs}"
+    );
+    assert!(logs.contains("store closed cleanly"), "{logs}");
+}
+
 /// SIGTERM, then the child must exit successfully within 10 s.
 async fn exits_within_10_s_on_sigterm(server: common::child::ChildServer) {
     let pid = server.pid().to_string();
