@@ -395,13 +395,7 @@ async fn sigterm_serves_on_through_the_drain_delay_with_health_not_serving() {
     let (server, log) = logged_child_with(dir.path(), vec![delay]);
     let url = server.url.clone();
     let started = std::time::Instant::now();
-    let pid = server.pid().to_string();
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status();
-    assert!(term.unwrap().success());
-    let exit =
-        tokio::task::spawn_blocking(move || server.wait_exit(std::time::Duration::from_secs(15)));
+    let exit = sigterm(server, std::time::Duration::from_secs(15));
     while health_of(connect(&url).await, "").await != ServingStatus::NotServing {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(2),
@@ -436,12 +430,19 @@ async fn sigterm_serves_on_through_the_drain_delay_with_health_not_serving() {
 
 /// SIGTERM, then the child must exit successfully within 10 s.
 async fn exits_within_10_s_on_sigterm(server: common::child::ChildServer) {
+    let exit = sigterm(server, std::time::Duration::from_secs(10));
+    assert!(exit.await.unwrap().success());
+}
+
+/// Sends SIGTERM; the task waiting for the exit (the test fails past `within`).
+fn sigterm(
+    server: common::child::ChildServer,
+    within: std::time::Duration,
+) -> tokio::task::JoinHandle<std::process::ExitStatus> {
     let pid = server.pid().to_string();
     let term = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status();
     assert!(term.unwrap().success());
-    let exit =
-        tokio::task::spawn_blocking(move || server.wait_exit(std::time::Duration::from_secs(10)));
-    assert!(exit.await.unwrap().success());
+    tokio::task::spawn_blocking(move || server.wait_exit(within))
 }
