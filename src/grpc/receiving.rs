@@ -374,7 +374,8 @@ impl http_body::Body for Unsent {
         };
         let message = match this.reserved.take() {
             Some(mut reserved) => {
-                reserved.hold_past(held_by(&message));
+                let (message, held) = compacted(message);
+                reserved.hold_past(held);
                 Bytes::from_owner(Sending {
                     message,
                     _reserved: reserved,
@@ -394,14 +395,27 @@ impl http_body::Body for Unsent {
     }
 }
 
-/// What a reply's `message` holds: tonic encodes into a buffer of 8 KiB that doubles as
-/// it grows, and the message's bytes keep all of it, so its length rounded up so.
-fn held_by(message: &Bytes) -> usize {
-    message
-        .len()
-        .max(TONIC_ENCODE_BUFFER_BYTES)
-        .next_power_of_two()
+/// A reply's `message` as it will be held, and what it holds: tonic encodes into a
+/// buffer of 8 KiB that doubles as it grows, and the message's bytes keep all of it, so
+/// a small one (a booking, a health check) is copied out and holds its length, a large
+/// one keeps the buffer and holds its length rounded up so.
+fn compacted(message: Bytes) -> (Bytes, usize) {
+    match message.len() <= COPIED_REPLY_BYTES_MAX {
+        true => {
+            let copy = Bytes::copy_from_slice(&message);
+            let held = copy.len();
+            (copy, held)
+        }
+        false => {
+            let held = message.len().max(TONIC_ENCODE_BUFFER_BYTES);
+            (message, held.next_power_of_two())
+        }
+    }
 }
+
+/// Replies up to this long are copied out of tonic's buffer (a copy costs less than
+/// the 8 KiB it would keep).
+const COPIED_REPLY_BYTES_MAX: usize = 2 * 1024;
 
 /// tonic's encoding buffer to start with (`BufferSettings`' default).
 const TONIC_ENCODE_BUFFER_BYTES: usize = 8 * 1024;
@@ -572,6 +586,18 @@ mod tests {
         assert_eq!(receiving.available(), held, "still held");
         drop(message);
         assert_eq!(receiving.available(), 1 << 20, "given back");
+    }
+
+    #[test]
+    fn a_small_reply_is_copied_out_of_tonics_buffer_and_a_large_one_counts_it() {
+        let mut buffer = bytes::BytesMut::with_capacity(TONIC_ENCODE_BUFFER_BYTES);
+        buffer.extend_from_slice(&[1; 7]);
+        let (small, held) = compacted(buffer.split_to(7).freeze());
+        assert_eq!((&small[..], held), (&[1u8; 7][..], 7));
+        let (_, held) = compacted(Bytes::from(vec![0; 3_000]));
+        assert_eq!(held, 8 * 1024, "tonic's first buffer");
+        let (_, held) = compacted(Bytes::from(vec![0; 36_000]));
+        assert_eq!(held, 64 * 1024, "doubled up to it");
     }
 
     #[test]
