@@ -34,6 +34,14 @@ pub struct Hold {
     pub channel: ChannelId,
 }
 
+impl Hold {
+    /// Whether its time is up at `now_unix_ms`: from then on it cannot be confirmed,
+    /// and the sweeper gives its place back.
+    pub fn time_is_up(&self, now_unix_ms: i64) -> bool {
+        self.expires_at_unix_ms <= now_unix_ms
+    }
+}
+
 /// Why a hold cannot be confirmed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NotConfirmable {
@@ -191,7 +199,7 @@ impl LiveHolds {
     ) -> Result<Hold, NotConfirmable> {
         match self.by_id.get(&hold_id) {
             Some(hold) if hold.citizen == citizen && hold.slot == *slot => {
-                if hold.expires_at_unix_ms <= now_unix_ms {
+                if hold.time_is_up(now_unix_ms) {
                     return Err(NotConfirmable::Expired);
                 }
             }

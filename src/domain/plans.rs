@@ -492,9 +492,7 @@ pub fn not_confirmable(
     }
     let expired = match (why, state) {
         (NotConfirmable::Expired, _) | (_, Some(HoldState::Expired { .. })) => true,
-        (_, Some(HoldState::Live)) => {
-            theirs.is_some_and(|hold| hold.expires_at_unix_ms <= now_unix_ms)
-        }
+        (_, Some(HoldState::Live)) => theirs.is_some_and(|hold| hold.time_is_up(now_unix_ms)),
         _ => false,
     };
     if expired {
@@ -981,7 +979,7 @@ pub fn expire(due: &[Hold], offers: &[(Registration, OfferEnd)], now_unix_ms: i6
         answer: due.len(),
     };
     for hold in due {
-        debug_assert!(hold.expires_at_unix_ms <= now_unix_ms && hold.state == HoldState::Live);
+        debug_assert!(hold.time_is_up(now_unix_ms) && hold.state == HoldState::Live);
         plan.writes.push(Record::Hold(Hold {
             state: HoldState::Expired {
                 at_unix_ms: now_unix_ms,

@@ -14,10 +14,10 @@
 //! received holds it, and its reply's message too, until the transport has written
 //! the message or dropped it ([`held_until_sent`]: a watch of slots or events until its
 //! first message is written; the streaming replies of `shed::STREAMING_REPLIES` give it
-//! back once their headers are ready, their own pools bound them). The budgets count the message as it
-//! was sent, so they bound memory closely, not exactly: tonic copies the message once
-//! more to decode it, the decoded message may be larger, and a buffer that grows holds
-//! its old and new copies for a moment.
+//! back once their headers are ready, their own pools bound them). The budgets count
+//! the message as it was sent, so they bound memory closely, not exactly: tonic copies
+//! the message once more to decode it, the decoded message may be larger, and a buffer
+//! that grows holds its old and new copies for a moment.
 //! Health checks have budgets of their own (`health_receiving_bytes_max`), so calls that
 //! fill these never shed a health check, nor the reverse; and a listed load balancer's
 //! own checks (v2 `LOCAL`, `grpc::proxy_protocol`) and a listed health checker's

@@ -517,10 +517,10 @@ impl Engine {
 
     /// The citizen's live holds (of `service` if given) whose time is not up.
     fn live_holds_of(&self, citizen: CitizenKey, service: Option<&ServiceId>) -> Vec<Hold> {
-        let now_unix_ms = self.clock.now_unix_ms();
+        let now_unix_ms = self.now_unix_ms();
         let live = self.live_holds();
         let holds = live.of_citizen(citizen).into_iter().filter(|hold| {
-            hold.expires_at_unix_ms > now_unix_ms
+            !hold.time_is_up(now_unix_ms)
                 && service.is_none_or(|service| *service == hold.slot.service_id)
         });
         holds.cloned().collect()
