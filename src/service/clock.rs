@@ -126,6 +126,8 @@ pub struct Steady {
     offset_ms: AtomicI64,
     /// Ms since started when it last slewed toward the system clock.
     slewed_at_ms: AtomicI64,
+    /// The latest time it read: a slew back is not read as time going back.
+    latest_ms: AtomicI64,
     /// Whether `pending` holds a step (read without its lock).
     stepped: AtomicBool,
     pending: Mutex<Option<Step>>,
@@ -144,6 +146,7 @@ impl Steady {
             started_ms: boot_ms(),
             offset_ms: AtomicI64::new(now_unix_ms),
             slewed_at_ms: AtomicI64::new(0),
+            latest_ms: AtomicI64::new(now_unix_ms),
             stepped: AtomicBool::new(false),
             pending: Mutex::new(None),
         }
@@ -155,8 +158,38 @@ impl Steady {
     }
 
     /// [`Steady::now_unix_ms`] `elapsed_ms` after it started (tests pass both times).
-    /// Within [`STEP_TOLERANCE_MS`] it slews toward the system clock ([`Steady::slew`]).
+    /// Within [`STEP_TOLERANCE_MS`] it slews toward the system clock ([`Steady::slew`]);
+    /// a slew back never reads earlier than a read before it ([`Steady::never_back`]).
     pub fn at(&self, elapsed_ms: i64, system_unix_ms: i64) -> i64 {
+        self.never_back(self.unheld_at(elapsed_ms, system_unix_ms))
+    }
+
+    /// The latest of `now_unix_ms` and every read before it, unless `now_unix_ms` is
+    /// more than [`STEP_TOLERANCE_MS`] earlier: then a step back was taken, and time
+    /// must not stand still for as long as the step. A slew moves the offset by up to
+    /// 10 ms at once, so without this a read could precede one made just before it (on
+    /// another thread, or the same): a registration stamped after the campaign's end it
+    /// followed (a CI failure, 2026-12-06).
+    fn never_back(&self, now_unix_ms: i64) -> i64 {
+        let mut latest = self.latest_ms.load(Ordering::Acquire);
+        loop {
+            if now_unix_ms <= latest && latest - now_unix_ms <= STEP_TOLERANCE_MS {
+                return latest;
+            }
+            match self.latest_ms.compare_exchange_weak(
+                latest,
+                now_unix_ms,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return now_unix_ms,
+                Err(moved) => latest = moved,
+            }
+        }
+    }
+
+    /// [`Steady::at`] before [`Steady::never_back`].
+    fn unheld_at(&self, elapsed_ms: i64, system_unix_ms: i64) -> i64 {
         let step = system_unix_ms - (self.offset_ms.load(Ordering::Acquire) + elapsed_ms);
         if step.abs() > STEP_TOLERANCE_MS {
             return self.stepped(elapsed_ms, system_unix_ms, step);
@@ -346,6 +379,22 @@ mod tests {
         assert_eq!(steady.at(creep, own(creep) - 1_500), own(creep));
         let next = creep + 100;
         assert_eq!(steady.at(next, own(next) - 3_000), own(next) - 10);
+    }
+
+    #[test]
+    fn a_slew_back_never_reads_earlier_than_a_read_before_it() {
+        let start = 1_800_000_000_000;
+        let steady = Steady::new(start);
+        // The system clock 1.5 s behind: this read slews the offset back 10 ms.
+        assert_eq!(steady.at(1_000, start + 1_000 - 1_500), start + 1_000);
+        for at in [1_001, 1_005, 1_009, 1_010] {
+            assert_eq!(
+                steady.at(at, start + at - 1_500),
+                start + 1_000,
+                "read back"
+            );
+        }
+        assert_eq!(steady.at(1_011, start + 1_011 - 1_500), start + 1_001);
     }
 
     #[test]
