@@ -260,7 +260,9 @@ pub struct Limits {
     /// Requests being served at once, over every connection; beyond it requests are
     /// refused at once with UNAVAILABLE / OVERLOADED (health checks are not counted).
     pub in_flight_requests_max: usize,
-    /// HTTP/2 streams one connection may have open at once.
+    /// HTTP/2 streams one connection may have open at once. A connection keeps h2's
+    /// stream tables at their largest (about 1.1 KB a stream, counted in no budget)
+    /// until it closes: `connections_max` × this × 1.1 KB is the most they hold.
     pub streams_per_connection_max: u32,
     /// Bytes one-message calls may hold in all until their reply is written (their
     /// headers, their state, their message as it arrives, their reply's message:
@@ -450,7 +452,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     rate_token_requests_per_s: 0,
     rate_limiter_retain_interval_ms: 10_000,
     in_flight_requests_max: 4_096,
-    streams_per_connection_max: 1_024,
+    streams_per_connection_max: 256,
     receiving_bytes_max: 512 * 1024 * 1024,
     receiving_bytes_per_peer_max: 32 * 1024 * 1024,
     pending_reset_streams_max: 64,
