@@ -483,7 +483,8 @@ async fn run_on_system_clock(
                 watchers,
                 watch_slots: watch_slots.max(1),
             };
-            let watch_channels = connect(&target.url, 4).await?;
+            // 200 watches a connection, under the server's 256 streams.
+            let watch_channels = connect(&target.url, watchers.div_ceil(200).max(4)).await?;
             let (ok, report) =
                 watchers::run(channels, &watch_channels, cli.in_flight, &args, &progress).await?;
             write_json(&cli.json, report)?;
