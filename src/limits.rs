@@ -105,7 +105,8 @@ pub struct Limits {
     /// Exports one token may have streaming at once.
     pub exports_per_token_max: usize,
     /// Longest an export waits for its client to read before it stops (the stream then
-    /// ends with DEADLINE_EXCEEDED / EXPORT_IDLE).
+    /// ends with DEADLINE_EXCEEDED / EXPORT_IDLE); and longest a one-message call's reply
+    /// may wait unwritten before its connection is closed (`grpc::connections`).
     pub export_idle_timeout_ms: u64,
     /// How long events (`WatchEvents`) are kept after they were written; older ones are
     /// deleted oldest first (the last one always stays) and a resume from before them

@@ -440,7 +440,15 @@ async fn run(
                 .store(true, std::sync::atomic::Ordering::Release);
         });
     let drain_bound = Duration::from_millis(limits.request_timeout_ms);
+    let idle = Duration::from_millis(limits.export_idle_timeout_ms);
+    let stalled = connections::close_stalled_replies(open.clone(), idle);
     let serving = drained_within(serving, closing_seen.clone(), (drain_bound, open));
+    let serving = async move {
+        tokio::select! {
+            served = serving => served,
+            never = stalled => match never {},
+        }
+    };
     let services = ServiceSlots {
         booking: booking_slot.as_ref(),
         capacity: capacity_slot.as_ref(),

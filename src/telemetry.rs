@@ -60,6 +60,9 @@ pub const MESSAGES_LATE: &str = "prenota_messages_late_total";
 /// `peer_shares_per_ipv6_48_max` (its IPv6 /48's share was open) or `proxy_protocol` (a
 /// listed load balancer's connection with a bad PROXY header).
 pub const CONNECTIONS_REFUSED: &str = "prenota_connections_refused_total";
+/// Connections closed because a reply on them waited unwritten for
+/// `export_idle_timeout_ms` (a client that grants no window or reads nothing).
+pub const CONNECTIONS_STALLED: &str = "prenota_connections_stalled_total";
 /// Writes in one group commit.
 pub const COMMIT_BATCH_WRITES: &str = "prenota_commit_batch_writes";
 /// Client requests (callers) in one group commit.
@@ -212,6 +215,7 @@ fn register_rare_counters() {
         CAMPAIGN_OFFERS,
         CHECK_IN_CODES_WRONG,
         REFERENCE_COLLISIONS,
+        CONNECTIONS_STALLED,
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -316,6 +320,10 @@ fn describe_requests() {
     describe_counter!(
         CONNECTIONS_REFUSED,
         "connections closed at accept, by the limit that refused them"
+    );
+    describe_counter!(
+        CONNECTIONS_STALLED,
+        "connections closed because a reply on them waited unwritten for export_idle_timeout_ms"
     );
     describe_histogram!(
         ASSERTION_BATCH_SIGNATURES,
@@ -510,6 +518,7 @@ pub const ALL: &[&str] = &[
     SHED,
     MESSAGES_LATE,
     CONNECTIONS_REFUSED,
+    CONNECTIONS_STALLED,
     COMMIT_BATCH_WRITES,
     COMMIT_BATCH_REQUESTS,
     ASSERTION_BATCH_SIGNATURES,

@@ -15,16 +15,21 @@
 //! - a request may close its own connection ([`Closer`]): an export whose client stopped
 //!   reading does, since no stream of a connection whose window stays shut can be ended
 //!   any other way (the transport stops polling its body);
+//! - a connection on which a reply has waited unwritten for `export_idle_timeout_ms`
+//!   (its client answers pings but grants no window, or reads nothing) is closed
+//!   ([`close_stalled_replies`]): the reply holds its share until it is written, and
+//!   closing is the only way to end its stream;
 //! - shutdown closes every connection still open once its drain is over
 //!   ([`OpenConnections`]): a client that never answers the GOAWAY's ping (an idle
 //!   HTTP/2 connection is enough) would otherwise hold the engine past it.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -50,6 +55,9 @@ pub struct Closer(Arc<CloserState>);
 struct CloserState {
     closed: AtomicBool,
     reader: AtomicWaker,
+    /// When each reply handed to the transport and not yet written began to wait (ms
+    /// since the process started): at most one per stream.
+    replies_waiting: Mutex<slab::Slab<u64>>,
 }
 
 impl Closer {
@@ -60,6 +68,69 @@ impl Closer {
 
     fn is_closed(&self) -> bool {
         self.0.closed.load(Ordering::Acquire)
+    }
+
+    /// A reply handed to the transport: it waits until the guard is dropped (the
+    /// transport wrote the reply, or dropped it).
+    pub fn reply_waiting(&self) -> ReplyWaiting {
+        let key = self.replies_waiting().insert(since_start_ms());
+        ReplyWaiting {
+            closer: self.clone(),
+            key,
+        }
+    }
+
+    /// Whether a reply has waited `timeout_ms` or more at `now_ms`.
+    fn stalled(&self, now_ms: u64, timeout_ms: u64) -> bool {
+        let waiting = self.replies_waiting();
+        waiting
+            .iter()
+            .any(|(_, &since)| now_ms.saturating_sub(since) >= timeout_ms)
+    }
+
+    fn replies_waiting(&self) -> MutexGuard<'_, slab::Slab<u64>> {
+        // One insert, remove or scan at a time: a poisoned lock guards sound data.
+        self.0
+            .replies_waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A reply that waits to be written, on its connection's [`Closer`].
+#[derive(Debug)]
+pub struct ReplyWaiting {
+    closer: Closer,
+    key: usize,
+}
+
+impl Drop for ReplyWaiting {
+    fn drop(&mut self) {
+        self.closer.replies_waiting().remove(self.key);
+    }
+}
+
+/// Milliseconds since the process first asked.
+fn since_start_ms() -> u64 {
+    static START: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    START.elapsed().as_millis() as u64
+}
+
+/// Every `timeout / 4` (at least 100 ms), closes each open connection on which a reply
+/// has waited unwritten for `timeout`: its client answers pings (so keepalive keeps
+/// it) but grants no window, or reads nothing. Until then the reply holds its share of
+/// what calls may hold (`grpc::receiving`), which would last the connection's age.
+pub async fn close_stalled_replies(open: OpenConnections, timeout: Duration) -> Infallible {
+    let every = (timeout / 4).max(Duration::from_millis(100));
+    let timeout_ms = timeout.as_millis() as u64;
+    loop {
+        tokio::time::sleep(every).await;
+        let closed = open.close_stalled(since_start_ms(), timeout_ms);
+        if closed > 0 {
+            metrics::counter!(crate::telemetry::CONNECTIONS_STALLED).increment(closed as u64);
+            tracing::debug!(closed, "closed connections whose replies waited unwritten");
+        }
     }
 }
 
@@ -100,11 +171,20 @@ impl OpenConnections {
         state.closers.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, OpenState> {
+    /// Closes every open connection on which a reply has waited `timeout_ms` at
+    /// `now_ms`; how many.
+    fn close_stalled(&self, now_ms: u64, timeout_ms: u64) -> usize {
+        let stalled: Vec<Closer> = (self.lock().closers.values())
+            .filter(|closer| !closer.is_closed() && closer.stalled(now_ms, timeout_ms))
+            .cloned()
+            .collect();
+        stalled.iter().for_each(Closer::close);
+        stalled.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OpenState> {
         // Each critical section is one map operation: a poisoned lock guards sound data.
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -536,4 +616,25 @@ pub fn holding<S: tokio_stream::Stream, P: Send>(
         let _held = &permit;
         item
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_is_stalled_while_a_reply_has_waited_past_the_timeout() {
+        let open = OpenConnections::default();
+        let (first, second) = (open.enter(), open.enter());
+        let now = since_start_ms();
+        let waiting = first.closer.reply_waiting();
+        let written = second.closer.reply_waiting();
+        drop(written);
+        assert_eq!(open.close_stalled(now + 999, 1_000), 0, "not yet");
+        assert_eq!(open.close_stalled(now + 60_000, 1_000), 1, "the first only");
+        assert!(first.closer.is_closed() && !second.closer.is_closed());
+        drop(waiting);
+        assert_eq!(open.close_stalled(now + 60_000, 1_000), 0, "closed once");
+        assert!(!second.closer.stalled(now + 60_000, 1_000));
+    }
 }

@@ -32,7 +32,7 @@ use http_body_util::BodyExt as _;
 use tonic::codegen::{http, Bytes};
 use tonic::Status;
 
-use crate::grpc::connections;
+use crate::grpc::connections::{self, Closer, ReplyWaiting};
 use crate::grpc::peers::{PeerCaps, PeerPlace, Peers};
 use crate::service::ServiceError;
 
@@ -327,14 +327,18 @@ fn make_room(
 /// them count against its peer's share and the total like messages half-sent, and its
 /// next calls are shed, rather than each of its streams holding a reply (a page of
 /// slots: 36 KB; 64,000 of them held 2.5 GB) for as long as its connection lives.
+/// The message also waits on its connection's `closer`, which closes the connection
+/// once it has waited `export_idle_timeout_ms` (`connections::close_stalled_replies`).
 pub fn held_until_sent(
     reply: http::Response<tonic::body::Body>,
     reserved: Reserved,
+    closer: Option<Closer>,
 ) -> http::Response<tonic::body::Body> {
     reply.map(|inner| {
         tonic::body::Body::new(Unsent {
             inner,
             reserved: Some(reserved),
+            closer,
         })
     })
 }
@@ -344,6 +348,7 @@ struct Unsent {
     /// Until the first message is taken: then it goes with it ([`Sending`]); a reply
     /// without one (an error's trailers) gives it back when they are taken.
     reserved: Option<Reserved>,
+    closer: Option<Closer>,
 }
 
 impl http_body::Body for Unsent {
@@ -379,6 +384,7 @@ impl http_body::Body for Unsent {
                 Bytes::from_owner(Sending {
                     message,
                     _reserved: reserved,
+                    _waiting: this.closer.take().map(|closer| closer.reply_waiting()),
                 })
             }
             None => message,
@@ -425,6 +431,7 @@ const TONIC_ENCODE_BUFFER_BYTES: usize = 8 * 1024;
 struct Sending {
     message: Bytes,
     _reserved: Reserved,
+    _waiting: Option<ReplyWaiting>,
 }
 
 impl AsRef<[u8]> for Sending {
@@ -564,7 +571,7 @@ mod tests {
         let reply =
             http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(frames));
         let reply = http::Response::new(tonic::body::Body::new(reply));
-        let mut body = held_until_sent(reply, reserved).into_body();
+        let mut body = held_until_sent(reply, reserved, None).into_body();
         let mut waiting = std::task::Context::from_waker(std::task::Waker::noop());
         let polled = http_body::Body::poll_frame(std::pin::Pin::new(&mut body), &mut waiting);
         assert!(polled.is_pending());

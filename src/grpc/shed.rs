@@ -246,6 +246,7 @@ impl<S: Routes> Shed<S> {
         let (message_bytes_max, receiving) = (self.message_bytes_max, Arc::clone(&self.receiving));
         Box::pin(async move {
             let (parts, body) = request.into_parts();
+            let closer = connections::closer_of_call(&parts.extensions);
             let Some(mut reserved) = receiving.reserve(&parts) else {
                 return Ok(shed());
             };
@@ -262,7 +263,7 @@ impl<S: Routes> Shed<S> {
             };
             let response = inner.call(request).await?;
             let response = match streaming {
-                false => receiving::held_until_sent(response, reserved),
+                false => receiving::held_until_sent(response, reserved, closer),
                 true => response, // `reserved` given back: its headers are ready
             };
             Ok(match permit {

@@ -1468,6 +1468,43 @@ async fn a_written_reply_gives_its_share_back_on_a_connection_left_open() {
     }
 }
 
+/// A reply whose client answers pings but grants no window held its share until the
+/// connection's age (35 min), so 16 addresses could fill `receiving_bytes_max` for that
+/// long (an outside test, 2026-12-06). Now a connection on which a reply has waited
+/// unwritten for `export_idle_timeout_ms` is closed, and its share comes back; one
+/// whose replies are written stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_reply_waits_unwritten_is_closed_at_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ChildServer::with_limits(dir.path(), &[("EXPORT_IDLE_TIMEOUT_MS", "1000")]);
+    let stream = tcp_from([127, 0, 0, 6], &server).await;
+    let mut shut = h2::client::Builder::new();
+    let (client, connection) = (shut.initial_window_size(0).handshake(stream).await).unwrap();
+    let connection = tokio::spawn(connection);
+    let (written, _written_connection) = h2_client_from([127, 0, 0, 7], &server).await;
+    let check = send_call(&written, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+    assert_eq!(grpc_status_of(check).await, Some(0));
+    let started = Instant::now();
+    let call = send_call(&client, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+    let (code, _unread) = refusal_of(call).await;
+    assert_eq!(code, None, "answered with a reply, left unwritten");
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(closed.is_ok(), "the connection was not closed");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
+    assert_eq!(counter(&server, "prenota_connections_stalled_total"), 1);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let again = send_call(&written, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
+    assert_eq!(
+        grpc_status_of(again).await,
+        Some(0),
+        "a connection left open"
+    );
+}
+
 /// A connection keeps h2's stream tables at their largest (about 1.1 KB a stream) until
 /// it closes, counted in no budget: at 1,024 streams a connection, 1,000 calls at once
 /// kept 1.1 MB on each connection, and `connections_max` of them could keep 4.5 GB (an
