@@ -105,8 +105,7 @@ pub struct Limits {
     /// Exports one token may have streaming at once.
     pub exports_per_token_max: usize,
     /// Longest an export waits for its client to read before it stops (the stream then
-    /// ends with DEADLINE_EXCEEDED / EXPORT_IDLE); and longest a one-message call's reply
-    /// may wait unwritten before its connection is closed (`grpc::connections`).
+    /// ends with DEADLINE_EXCEEDED / EXPORT_IDLE).
     pub export_idle_timeout_ms: u64,
     /// How long events (`WatchEvents`) are kept after they were written; older ones are
     /// deleted oldest first (the last one always stays) and a resume from before them
@@ -263,7 +262,7 @@ pub struct Limits {
     pub in_flight_requests_max: usize,
     /// HTTP/2 streams one connection may have open at once. A connection keeps h2's
     /// stream tables at their largest (about 1.1 KB a stream, counted in no budget)
-    /// until it closes: `connections_max` × this × 1.1 KB is the most they hold.
+    /// until it closes: about 350 KB a connection at 256, 1.4 GB at 4,096 connections.
     pub streams_per_connection_max: u32,
     /// Bytes one-message calls may hold in all until their reply is written (their
     /// headers, their state, their message as it arrives, their reply's message:
@@ -353,6 +352,12 @@ pub struct Limits {
     /// stalled one then holds what it reserved no longer: `grpc::receiving`); past it
     /// DEADLINE_EXCEEDED. 10 s takes a 4 MiB message at 3.4 Mbit/s.
     pub message_receive_timeout_ms: u64,
+    /// Longest a one-message call's reply may wait to be written (a client that grants
+    /// no window or reads nothing: the reply holds its share until then) before its
+    /// connection is closed, every call on it with it (`grpc::connections`); 0 never.
+    /// Behind a proxy that shares one connection among clients, a proxy buffer smaller
+    /// than a reply lets one slow client stall it.
+    pub reply_write_timeout_ms: u64,
     /// How often the gauges (per site, live holds, store size) are refreshed.
     pub metrics_refresh_interval_ms: u64,
     /// Sites with their own gauges (in site-id order); bounds the metrics' label set.
@@ -478,6 +483,7 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     connection_opening_timeout_ms: 10_000,
     request_timeout_ms: 30_000,
     message_receive_timeout_ms: 10_000,
+    reply_write_timeout_ms: 30_000,
     metrics_refresh_interval_ms: 5_000,
     metrics_site_gauges_max: 10_000,
     backup_changes_buffered_max: 65_536,
@@ -794,6 +800,10 @@ impl Limits {
             "request_timeout_ms must be at least 100, message_receive_timeout_ms between 100 \
              and request_timeout_ms",
         );
+        need(
+            l.reply_write_timeout_ms == 0 || (100..=3_600_000).contains(&l.reply_write_timeout_ms),
+            "reply_write_timeout_ms must be 0 (never) or 100 to 3600000 (an hour)",
+        );
         // A call of the largest message (and the largest header list) must fit.
         let largest_call = l
             .message_size_bytes_max
@@ -951,7 +961,7 @@ mod tests {
     #[test]
     fn limits_at_the_edges_are_refused() {
         type Edge = (&'static str, fn(&mut Limits));
-        let edges: [Edge; 14] = [
+        let edges: [Edge; 15] = [
             ("backup_changes_buffered_max", |l| {
                 l.backup_changes_buffered_max = 100_000_000
             }),
@@ -977,6 +987,7 @@ mod tests {
                 l.export_idle_timeout_ms = u64::MAX / 2
             }),
             ("connection_age_grace_ms", |l| l.connection_age_grace_ms = 0),
+            ("reply_write_timeout_ms", |l| l.reply_write_timeout_ms = 99),
             ("shutdown_drain_delay_ms", |l| {
                 l.shutdown_drain_delay_ms = 300_001
             }),

@@ -440,8 +440,8 @@ async fn run(
                 .store(true, std::sync::atomic::Ordering::Release);
         });
     let drain_bound = Duration::from_millis(limits.request_timeout_ms);
-    let idle = Duration::from_millis(limits.export_idle_timeout_ms);
-    let stalled = connections::close_stalled_replies(open.clone(), idle);
+    let unwritten = Duration::from_millis(limits.reply_write_timeout_ms);
+    let stalled = connections::close_stalled_replies(open.clone(), unwritten);
     let serving = drained_within(serving, closing_seen.clone(), (drain_bound, open));
     let serving = async move {
         tokio::select! {

@@ -61,7 +61,7 @@ pub const MESSAGES_LATE: &str = "prenota_messages_late_total";
 /// listed load balancer's connection with a bad PROXY header).
 pub const CONNECTIONS_REFUSED: &str = "prenota_connections_refused_total";
 /// Connections closed because a reply on them waited unwritten for
-/// `export_idle_timeout_ms` (a client that grants no window or reads nothing).
+/// `reply_write_timeout_ms` (a client that grants no window or reads nothing).
 pub const CONNECTIONS_STALLED: &str = "prenota_connections_stalled_total";
 /// Writes in one group commit.
 pub const COMMIT_BATCH_WRITES: &str = "prenota_commit_batch_writes";
@@ -323,7 +323,7 @@ fn describe_requests() {
     );
     describe_counter!(
         CONNECTIONS_STALLED,
-        "connections closed because a reply on them waited unwritten for export_idle_timeout_ms"
+        "connections closed because a reply on them waited unwritten for reply_write_timeout_ms"
     );
     describe_histogram!(
         ASSERTION_BATCH_SIGNATURES,

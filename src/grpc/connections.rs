@@ -15,7 +15,7 @@
 //! - a request may close its own connection ([`Closer`]): an export whose client stopped
 //!   reading does, since no stream of a connection whose window stays shut can be ended
 //!   any other way (the transport stops polling its body);
-//! - a connection on which a reply has waited unwritten for `export_idle_timeout_ms`
+//! - a connection on which a reply has waited unwritten for `reply_write_timeout_ms`
 //!   (its client answers pings but grants no window, or reads nothing) is closed
 //!   ([`close_stalled_replies`]): the reply holds its share until it is written, and
 //!   closing is the only way to end its stream;
@@ -70,14 +70,11 @@ impl Closer {
         self.0.closed.load(Ordering::Acquire)
     }
 
-    /// A reply handed to the transport: it waits until the guard is dropped (the
+    /// A reply ready for the transport: it waits until the guard is dropped (the
     /// transport wrote the reply, or dropped it).
-    pub fn reply_waiting(&self) -> ReplyWaiting {
+    pub fn reply_waiting(self) -> ReplyWaiting {
         let key = self.replies_waiting().insert(since_start_ms());
-        ReplyWaiting {
-            closer: self.clone(),
-            key,
-        }
+        ReplyWaiting { closer: self, key }
     }
 
     /// Whether a reply has waited `timeout_ms` or more at `now_ms`.
@@ -86,6 +83,12 @@ impl Closer {
         waiting
             .iter()
             .any(|(_, &since)| now_ms.saturating_sub(since) >= timeout_ms)
+    }
+
+    /// How many of its replies wait to be written.
+    #[cfg(test)]
+    pub fn replies_waiting_now(&self) -> usize {
+        self.replies_waiting().len()
     }
 
     fn replies_waiting(&self) -> MutexGuard<'_, slab::Slab<u64>> {
@@ -118,17 +121,20 @@ fn since_start_ms() -> u64 {
 }
 
 /// Every `timeout / 4` (at least 100 ms), closes each open connection on which a reply
-/// has waited unwritten for `timeout`: its client answers pings (so keepalive keeps
-/// it) but grants no window, or reads nothing. Until then the reply holds its share of
-/// what calls may hold (`grpc::receiving`), which would last the connection's age.
+/// has waited unwritten for `timeout` (so within a quarter more): its client answers
+/// pings (so keepalive keeps it) but grants no window, or reads nothing. Until then the
+/// reply holds its share of what calls may hold (`grpc::receiving`), which would last
+/// the connection's age. A zero `timeout`: never.
 pub async fn close_stalled_replies(open: OpenConnections, timeout: Duration) -> Infallible {
+    if timeout.is_zero() {
+        return std::future::pending().await;
+    }
     let every = (timeout / 4).max(Duration::from_millis(100));
     let timeout_ms = timeout.as_millis() as u64;
     loop {
         tokio::time::sleep(every).await;
         let closed = open.close_stalled(since_start_ms(), timeout_ms);
         if closed > 0 {
-            metrics::counter!(crate::telemetry::CONNECTIONS_STALLED).increment(closed as u64);
             tracing::debug!(closed, "closed connections whose replies waited unwritten");
         }
     }
@@ -173,11 +179,13 @@ impl OpenConnections {
 
     /// Closes every open connection on which a reply has waited `timeout_ms` at
     /// `now_ms`; how many.
+    /// Counted before they close: whoever sees one closed finds it counted.
     fn close_stalled(&self, now_ms: u64, timeout_ms: u64) -> usize {
-        let stalled: Vec<Closer> = (self.lock().closers.values())
+        let open: Vec<Closer> = self.lock().closers.values().cloned().collect();
+        let stalled: Vec<Closer> = (open.into_iter())
             .filter(|closer| !closer.is_closed() && closer.stalled(now_ms, timeout_ms))
-            .cloned()
             .collect();
+        metrics::counter!(crate::telemetry::CONNECTIONS_STALLED).increment(stalled.len() as u64);
         stalled.iter().for_each(Closer::close);
         stalled.len()
     }
@@ -627,8 +635,8 @@ mod tests {
         let open = OpenConnections::default();
         let (first, second) = (open.enter(), open.enter());
         let now = since_start_ms();
-        let waiting = first.closer.reply_waiting();
-        let written = second.closer.reply_waiting();
+        let waiting = first.closer.clone().reply_waiting();
+        let written = second.closer.clone().reply_waiting();
         drop(written);
         assert_eq!(open.close_stalled(now + 999, 1_000), 0, "not yet");
         assert_eq!(open.close_stalled(now + 60_000, 1_000), 1, "the first only");

@@ -327,8 +327,9 @@ fn make_room(
 /// them count against its peer's share and the total like messages half-sent, and its
 /// next calls are shed, rather than each of its streams holding a reply (a page of
 /// slots: 36 KB; 64,000 of them held 2.5 GB) for as long as its connection lives.
-/// The message also waits on its connection's `closer`, which closes the connection
-/// once it has waited `export_idle_timeout_ms` (`connections::close_stalled_replies`).
+/// From now, the reply also waits on its connection's `closer`, which closes the
+/// connection once it has waited `reply_write_timeout_ms`
+/// (`connections::close_stalled_replies`), whenever hyper first polls it.
 pub fn held_until_sent(
     reply: http::Response<tonic::body::Body>,
     reserved: Reserved,
@@ -337,18 +338,16 @@ pub fn held_until_sent(
     reply.map(|inner| {
         tonic::body::Body::new(Unsent {
             inner,
-            reserved: Some(reserved),
-            closer,
+            reserved: Some((reserved, closer.map(Closer::reply_waiting))),
         })
     })
 }
 
 struct Unsent {
     inner: tonic::body::Body,
-    /// Until the first message is taken: then it goes with it ([`Sending`]); a reply
-    /// without one (an error's trailers) gives it back when they are taken.
-    reserved: Option<Reserved>,
-    closer: Option<Closer>,
+    /// Until the first message is taken: then they go with it ([`Sending`]); a reply
+    /// without one (an error's trailers) gives them back when they are taken.
+    reserved: Option<(Reserved, Option<ReplyWaiting>)>,
 }
 
 impl http_body::Body for Unsent {
@@ -378,13 +377,13 @@ impl http_body::Body for Unsent {
             }
         };
         let message = match this.reserved.take() {
-            Some(mut reserved) => {
+            Some((mut reserved, waiting)) => {
                 let (message, held) = compacted(message);
                 reserved.hold_past(held);
                 Bytes::from_owner(Sending {
                     message,
                     _reserved: reserved,
-                    _waiting: this.closer.take().map(|closer| closer.reply_waiting()),
+                    _waiting: waiting,
                 })
             }
             None => message,
@@ -571,7 +570,13 @@ mod tests {
         let reply =
             http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(frames));
         let reply = http::Response::new(tonic::body::Body::new(reply));
-        let mut body = held_until_sent(reply, reserved, None).into_body();
+        let closer = Closer::default();
+        let mut body = held_until_sent(reply, reserved, Some(closer.clone())).into_body();
+        assert_eq!(
+            closer.replies_waiting_now(),
+            1,
+            "waiting once ready, before a poll"
+        );
         let mut waiting = std::task::Context::from_waker(std::task::Waker::noop());
         let polled = http_body::Body::poll_frame(std::pin::Pin::new(&mut body), &mut waiting);
         assert!(polled.is_pending());
@@ -591,8 +596,10 @@ mod tests {
         drop(body);
         message.advance(2_000); // as h2 keeps what it has yet to write
         assert_eq!(receiving.available(), held, "still held");
+        assert_eq!(closer.replies_waiting_now(), 1, "still waiting");
         drop(message);
         assert_eq!(receiving.available(), 1 << 20, "given back");
+        assert_eq!(closer.replies_waiting_now(), 0, "written");
     }
 
     #[test]
