@@ -45,6 +45,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnec
 
 use crate::grpc::peers::{Cap, PeerCaps, PeerPlace, Peers};
 use crate::grpc::proxy_protocol;
+use crate::service::clock::boot_ms;
 
 /// Closes one connection: its next read or write fails, and the transport drops it
 /// with every stream on it.
@@ -56,8 +57,8 @@ struct CloserState {
     closed: AtomicBool,
     reader: AtomicWaker,
     /// When each reply handed to the transport and not yet written began to wait (ms
-    /// since the process started): at most one per stream.
-    replies_waiting: Mutex<slab::Slab<u64>>,
+    /// since boot, `clock::boot_ms`): at most one per stream.
+    replies_waiting: Mutex<slab::Slab<i64>>,
 }
 
 impl Closer {
@@ -73,16 +74,16 @@ impl Closer {
     /// A reply ready for the transport: it waits until the guard is dropped (the
     /// transport wrote the reply, or dropped it).
     pub fn reply_waiting(self) -> ReplyWaiting {
-        let key = self.replies_waiting().insert(since_start_ms());
+        let key = self.replies_waiting().insert(boot_ms());
         ReplyWaiting { closer: self, key }
     }
 
     /// Whether a reply has waited `timeout_ms` or more at `now_ms`.
-    fn stalled(&self, now_ms: u64, timeout_ms: u64) -> bool {
+    fn stalled(&self, now_ms: i64, timeout_ms: i64) -> bool {
         let waiting = self.replies_waiting();
         waiting
             .iter()
-            .any(|(_, &since)| now_ms.saturating_sub(since) >= timeout_ms)
+            .any(|(_, &since)| now_ms - since >= timeout_ms)
     }
 
     /// How many of its replies wait to be written.
@@ -91,7 +92,7 @@ impl Closer {
         self.replies_waiting().len()
     }
 
-    fn replies_waiting(&self) -> MutexGuard<'_, slab::Slab<u64>> {
+    fn replies_waiting(&self) -> MutexGuard<'_, slab::Slab<i64>> {
         // One insert, remove or scan at a time: a poisoned lock guards sound data.
         self.0
             .replies_waiting
@@ -113,13 +114,6 @@ impl Drop for ReplyWaiting {
     }
 }
 
-/// Milliseconds since the process first asked.
-fn since_start_ms() -> u64 {
-    static START: std::sync::LazyLock<std::time::Instant> =
-        std::sync::LazyLock::new(std::time::Instant::now);
-    START.elapsed().as_millis() as u64
-}
-
 /// Every `timeout / 4` (at least 100 ms), closes each open connection on which a reply
 /// has waited unwritten for `timeout` (so within a quarter more): its client answers
 /// pings (so keepalive keeps it) but grants no window, or reads nothing. Until then the
@@ -130,10 +124,10 @@ pub async fn close_stalled_replies(open: OpenConnections, timeout: Duration) -> 
         return std::future::pending().await;
     }
     let every = (timeout / 4).max(Duration::from_millis(100));
-    let timeout_ms = timeout.as_millis() as u64;
+    let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
     loop {
         tokio::time::sleep(every).await;
-        let closed = open.close_stalled(since_start_ms(), timeout_ms);
+        let closed = open.close_stalled(boot_ms(), timeout_ms);
         if closed > 0 {
             tracing::debug!(closed, "closed connections whose replies waited unwritten");
         }
@@ -180,7 +174,7 @@ impl OpenConnections {
     /// Closes every open connection on which a reply has waited `timeout_ms` at
     /// `now_ms`; how many.
     /// Counted before they close: whoever sees one closed finds it counted.
-    fn close_stalled(&self, now_ms: u64, timeout_ms: u64) -> usize {
+    fn close_stalled(&self, now_ms: i64, timeout_ms: i64) -> usize {
         let open: Vec<Closer> = self.lock().closers.values().cloned().collect();
         let stalled: Vec<Closer> = (open.into_iter())
             .filter(|closer| !closer.is_closed() && closer.stalled(now_ms, timeout_ms))
@@ -634,7 +628,7 @@ mod tests {
     fn a_connection_is_stalled_while_a_reply_has_waited_past_the_timeout() {
         let open = OpenConnections::default();
         let (first, second) = (open.enter(), open.enter());
-        let now = since_start_ms();
+        let now = boot_ms();
         let waiting = first.closer.clone().reply_waiting();
         let written = second.closer.clone().reply_waiting();
         drop(written);

@@ -327,9 +327,9 @@ fn make_room(
 /// them count against its peer's share and the total like messages half-sent, and its
 /// next calls are shed, rather than each of its streams holding a reply (a page of
 /// slots: 36 KB; 64,000 of them held 2.5 GB) for as long as its connection lives.
-/// From now, the reply also waits on its connection's `closer`, which closes the
-/// connection once it has waited `reply_write_timeout_ms`
-/// (`connections::close_stalled_replies`), whenever hyper first polls it.
+/// From now (ready, polled or not), the reply also waits on its connection's `closer`,
+/// which closes the connection once it has waited `reply_write_timeout_ms`
+/// (`connections::close_stalled_replies`).
 pub fn held_until_sent(
     reply: http::Response<tonic::body::Body>,
     reserved: Reserved,

@@ -275,7 +275,7 @@ impl Steady {
 
 /// Ms since boot, suspend included (`CLOCK_BOOTTIME`; a paused VM's guest may still
 /// miss the pause: then the system clock's correction is a step, taken as above).
-fn boot_ms() -> i64 {
+pub fn boot_ms() -> i64 {
     let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
     now.tv_sec.saturating_mul(1_000) + now.tv_nsec / 1_000_000
 }

@@ -757,8 +757,7 @@ async fn health_watch_over(
     stream: tokio::net::TcpStream,
     server: &ChildServer,
 ) -> (Option<u32>, HeldStream) {
-    let (mut client, connection) = client_like().handshake(stream).await.unwrap();
-    let connection = tokio::spawn(connection);
+    let (mut client, connection) = h2_over(stream, None).await;
     let uri = format!("http://{}/grpc.health.v1.Health/Watch", address(server));
     let request = http::Request::post(uri)
         .header("content-type", "application/grpc")
@@ -1484,13 +1483,10 @@ async fn a_written_reply_gives_its_share_back_on_a_connection_left_open() {
 /// unwritten for `reply_write_timeout_ms` is closed, and its share comes back; one
 /// whose replies are written stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_whose_reply_waits_unwritten_is_closed_at_the_idle_timeout() {
+async fn a_connection_whose_reply_waits_unwritten_is_closed_at_the_reply_write_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let server = ChildServer::with_limits(dir.path(), &[("REPLY_WRITE_TIMEOUT_MS", "1000")]);
-    let stream = tcp_from([127, 0, 0, 6], &server).await;
-    let mut shut = client_like();
-    let (client, connection) = (shut.initial_window_size(0).handshake(stream).await).unwrap();
-    let connection = tokio::spawn(connection);
+    let (client, connection) = h2_over(tcp_from([127, 0, 0, 6], &server).await, Some(0)).await;
     let (written, _written_connection) = h2_client_from([127, 0, 0, 7], &server).await;
     let check = send_call(&written, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
     assert_eq!(grpc_status_of(check).await, Some(0));
@@ -1555,9 +1551,7 @@ async fn unknown_calls(client: &h2::client::SendRequest<bytes::Bytes>, count: us
 /// windows at `window` bytes.
 async fn unread_replies_are_held_to_a_share(server: &ChildServer, window: u32, source: [u8; 4]) {
     let stream = tcp_from(source, server).await;
-    let mut shut = client_like();
-    let (client, connection) = (shut.initial_window_size(window).handshake(stream).await).unwrap();
-    let connection = tokio::spawn(connection);
+    let (client, connection) = h2_over(stream, Some(window)).await;
     let (mut codes, mut replies) = (Vec::new(), Vec::new());
     for _ in 0..60 {
         let call = send_call(&client, HEALTH_CHECK, Some(grpc_frame(&[])), true).await;
@@ -1597,9 +1591,7 @@ async fn h2_client_from(
     h2::client::SendRequest<bytes::Bytes>,
     tokio::task::JoinHandle<Result<(), h2::Error>>,
 ) {
-    let stream = tcp_from(source, server).await;
-    let (client, connection) = client_like().handshake(stream).await.unwrap();
-    (client, tokio::spawn(connection))
+    h2_over(tcp_from(source, server).await, None).await
 }
 
 /// A message that stalls half-sent held its reservation until `request_timeout_ms`
