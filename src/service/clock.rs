@@ -14,7 +14,7 @@
 //! Must not import tonic or sled. The domain never reads a clock: the engine reads this
 //! one and passes `now` in.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -126,8 +126,9 @@ pub struct Steady {
     offset_ms: AtomicI64,
     /// Ms since started when it last slewed toward the system clock.
     slewed_at_ms: AtomicI64,
-    /// The latest time it read: a slew back is not read as time going back.
-    latest_ms: AtomicI64,
+    /// The latest time it read, packed with the generation of the offset it was read
+    /// with ([`Latest`]): a slew back is not read as time going back, a step taken is.
+    latest: AtomicU64,
     /// Whether `pending` holds a step (read without its lock).
     stepped: AtomicBool,
     pending: Mutex<Option<Step>>,
@@ -146,7 +147,7 @@ impl Steady {
             started_ms: boot_ms(),
             offset_ms: AtomicI64::new(now_unix_ms),
             slewed_at_ms: AtomicI64::new(0),
-            latest_ms: AtomicI64::new(now_unix_ms),
+            latest: AtomicU64::new(Latest::new(0, now_unix_ms).0),
             stepped: AtomicBool::new(false),
             pending: Mutex::new(None),
         }
@@ -161,31 +162,39 @@ impl Steady {
     /// Within [`STEP_TOLERANCE_MS`] it slews toward the system clock ([`Steady::slew`]);
     /// a slew back never reads earlier than a read before it ([`Steady::never_back`]).
     pub fn at(&self, elapsed_ms: i64, system_unix_ms: i64) -> i64 {
-        self.never_back(self.unheld_at(elapsed_ms, system_unix_ms))
+        let generation = self.latest().generation();
+        self.never_back(generation, self.unheld_at(elapsed_ms, system_unix_ms))
     }
 
-    /// The latest of `now_unix_ms` and every read before it, unless `now_unix_ms` is
-    /// more than [`STEP_TOLERANCE_MS`] earlier: then a step back was taken, and time
-    /// must not stand still for as long as the step. A slew moves the offset by up to
-    /// 10 ms at once, so without this a read could precede one made just before it (on
-    /// another thread, or the same): a registration stamped after the campaign's end it
-    /// followed (a CI failure, 2026-12-06).
-    fn never_back(&self, now_unix_ms: i64) -> i64 {
-        let mut latest = self.latest_ms.load(Ordering::Acquire);
+    /// The latest of `now_unix_ms` and every read before it. A slew moves the offset by
+    /// up to 10 ms at once, so without this a read could precede one made just before it
+    /// (on another thread, or the same): a registration stamped after the campaign's end
+    /// it followed (a CI failure, 2026-12-06). Time goes back only when a step back is
+    /// taken ([`Steady::stepped`] starts a new generation): a read computed with the
+    /// offset before it (`generation` older) answers the new generation's latest and is
+    /// not kept, however late it comes (a reader paused between its boot-clock read and
+    /// here: a stalled VM, SIGSTOP).
+    fn never_back(&self, generation: u16, now_unix_ms: i64) -> i64 {
+        let mut latest = self.latest();
         loop {
-            if now_unix_ms <= latest && latest - now_unix_ms <= STEP_TOLERANCE_MS {
-                return latest;
+            if latest.generation() != generation || now_unix_ms <= latest.ms() {
+                return latest.ms();
             }
-            match self.latest_ms.compare_exchange_weak(
-                latest,
-                now_unix_ms,
+            let read = Latest::new(generation, now_unix_ms);
+            match self.latest.compare_exchange_weak(
+                latest.0,
+                read.0,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return now_unix_ms,
-                Err(moved) => latest = moved,
+                Ok(_) => return read.ms(),
+                Err(moved) => latest = Latest(moved),
             }
         }
+    }
+
+    fn latest(&self) -> Latest {
+        Latest(self.latest.load(Ordering::Acquire))
     }
 
     /// [`Steady::at`] before [`Steady::never_back`].
@@ -242,6 +251,10 @@ impl Steady {
                 }
                 self.offset_ms
                     .store(system_unix_ms - elapsed_ms, Ordering::Release);
+                // After the offset: a reader of the new generation reads the new offset.
+                let next = self.latest().generation().wrapping_add(1);
+                let taken = Latest::new(next, system_unix_ms);
+                self.latest.store(taken.0, Ordering::Release);
                 *pending = None;
                 self.stepped.store(false, Ordering::Release);
                 tracing::warn!(
@@ -270,6 +283,31 @@ impl Steady {
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, Option<Step>> {
         // One assignment per critical section: a poisoned lock is still consistent.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A time in ms (48 bits: until the year 10889) and the generation of the offset it was
+/// read with (16 bits), in one word so that one compare-and-swap moves both. A read
+/// would have to last 65,536 steps taken for its generation to come round again.
+#[derive(Clone, Copy, Debug)]
+struct Latest(u64);
+
+impl Latest {
+    const MS_BITS: u32 = 48;
+    const MS_MAX: i64 = (1 << Self::MS_BITS) - 1;
+
+    fn new(generation: u16, ms: i64) -> Self {
+        // A system clock before 1970 reads 0 (`system_now_unix_ms`).
+        let ms = ms.clamp(0, Self::MS_MAX) as u64;
+        Self(u64::from(generation) << Self::MS_BITS | ms)
+    }
+
+    fn generation(self) -> u16 {
+        (self.0 >> Self::MS_BITS) as u16
+    }
+
+    fn ms(self) -> i64 {
+        (self.0 & Self::MS_MAX as u64) as i64
     }
 }
 
@@ -395,6 +433,36 @@ mod tests {
             );
         }
         assert_eq!(steady.at(1_011, start + 1_011 - 1_500), start + 1_001);
+    }
+
+    #[test]
+    fn a_late_read_never_moves_time_back_and_a_taken_step_back_does() {
+        let start = 1_800_000_000_000;
+        let steady = Steady::new(start);
+        assert_eq!(steady.at(10_000, start + 10_000), start + 10_000);
+        // A reader that read the boot clock 5 s ago and was paused since.
+        assert_eq!(
+            steady.at(5_000, start + 10_000),
+            start + 10_000,
+            "read back"
+        );
+        assert_eq!(steady.at(10_001, start + 10_001), start + 10_001);
+        // An hour back, taken after ten minutes: later reads follow it.
+        let back = 3_600_000;
+        let adopt = STEP_ADOPTED_AFTER.as_millis() as i64;
+        let seen = 20_000;
+        assert_eq!(steady.at(seen, start + seen - back), start + seen);
+        let before = steady.latest().generation();
+        let taken = seen + adopt;
+        assert_eq!(steady.at(taken, start + taken - back), start + taken - back);
+        // A read computed with the offset before the step, kept after it: answered the
+        // new time and not kept, so the next read does not stand still for an hour.
+        assert_eq!(
+            steady.never_back(before, start + taken),
+            start + taken - back
+        );
+        let next = taken + 3;
+        assert_eq!(steady.at(next, start + next - back), start + next - back);
     }
 
     #[test]
