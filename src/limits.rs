@@ -28,6 +28,15 @@ pub const RECEIVING_HEADROOM_BYTES: usize = 64 * 1024;
 /// A peer holds at most this fraction (1/N) of `health_receiving_bytes_max`.
 pub const HEALTH_RECEIVING_PEER_SHARES: usize = 32;
 
+/// The last 1/N of `receiving_bytes_max` (and of `health_receiving_bytes_max`) is kept
+/// for the calls of light peers, those holding at most 1/[`RECEIVING_LIGHT_PEER_PARTS`]
+/// of their peer's share (by default 512 KiB, about 80 calls whose replies are 1 KiB;
+/// health: 16 KiB, two checks): peers holding more fill the rest, so a few hosts each
+/// holding its share cannot shed everyone else (it takes 12 of them and 256 more holding
+/// 512 KiB each, not 17). Only with per-peer shares (`receiving_bytes_per_peer_max`).
+pub const RECEIVING_LIGHT_PEERS_RESERVE_PARTS: usize = 4;
+pub const RECEIVING_LIGHT_PEER_PARTS: usize = 64;
+
 /// Largest citizen assertion read (a JWS is a few hundred bytes).
 pub const ASSERTION_BYTES_MAX: usize = 8 * 1024;
 /// Largest citizen assertion remembered once verified (`citizen_assertions_remembered_max`
@@ -269,7 +278,8 @@ pub struct Limits {
     /// `grpc::receiving`); past it a
     /// call is shed (UNAVAILABLE / OVERLOADED), so headers and half-sent messages hold
     /// about this much memory at most (the message is counted as sent: tonic's decoding
-    /// copy and the decoded message come on top).
+    /// copy and the decoded message come on top). Its last quarter is for light peers
+    /// ([`RECEIVING_LIGHT_PEERS_RESERVE_PARTS`]).
     pub receiving_bytes_max: usize,
     /// Of them, what the calls of one peer (an IPv4 address, an IPv6 /64) may hold, so
     /// one host cannot take it all (a call holds ~5 KB and its message: the default

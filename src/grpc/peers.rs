@@ -89,13 +89,18 @@ impl Peers {
     /// `units` for a holder from `address`; refused (nothing taken) when its peer, or its
     /// IPv6 /48, would pass its cap.
     pub fn take(peers: &Arc<Peers>, address: IpAddr, units: usize) -> Result<PeerPlace, Cap> {
-        let mut place = PeerPlace {
+        let mut place = Self::place(peers, address);
+        place.grow(units)?;
+        Ok(place)
+    }
+
+    /// A holder from `address` holding nothing yet.
+    pub fn place(peers: &Arc<Peers>, address: IpAddr) -> PeerPlace {
+        PeerPlace {
             peers: Arc::clone(peers),
             peer: peer_of(address),
             units: 0,
-        };
-        place.grow(units)?;
-        Ok(place)
+        }
     }
 
     /// The counts a holder from `peer` is under, each with its cap.
@@ -126,23 +131,24 @@ impl Peers {
 
 impl PeerPlace {
     /// `units` more for this holder; refused (nothing taken) when its peer, or its IPv6
-    /// /48, would pass its cap.
-    pub fn grow(&mut self, units: usize) -> Result<(), Cap> {
+    /// /48, would pass its cap. Answers what its peer holds now, with them.
+    pub fn grow(&mut self, units: usize) -> Result<usize, Cap> {
         self.add(units, true)
     }
 
     /// `units` more, past the caps if need be: the places asked next are refused until
     /// they are given back.
     pub fn grow_past(&mut self, units: usize) {
-        let added = self.add(units, false);
-        debug_assert!(added.is_ok(), "only a capped add is refused");
+        if units > 0 {
+            let added = self.add(units, false);
+            debug_assert!(added.is_ok(), "only a capped add is refused");
+        }
     }
 
-    /// `units` more, checked against the caps first when `capped` (under one lock).
-    fn add(&mut self, units: usize, capped: bool) -> Result<(), Cap> {
-        if units == 0 {
-            return Ok(());
-        }
+    /// `units` more, checked against the caps first when `capped` (under one lock);
+    /// what its peer holds now.
+    fn add(&mut self, units: usize, capped: bool) -> Result<usize, Cap> {
+        debug_assert!(units > 0, "nothing to add is not asked for");
         let peers = &self.peers;
         let mut held = peers.held.lock().unwrap_or_else(|p| p.into_inner());
         if capped {
@@ -157,13 +163,16 @@ impl PeerPlace {
             *held.entry(holder).or_insert(0) += units;
         }
         self.units += units;
-        Ok(())
+        Ok(held.get(&Holder::Peer(self.peer)).copied().unwrap_or(0))
     }
-}
 
-impl Drop for PeerPlace {
-    fn drop(&mut self) {
-        if self.units == 0 {
+    /// Gives back `units` of what this holder holds (a grow that another budget refused).
+    pub fn give(&mut self, units: usize) {
+        assert!(
+            units <= self.units,
+            "a holder gives back at most what it holds"
+        );
+        if units == 0 {
             return;
         }
         let peers = &self.peers;
@@ -173,12 +182,19 @@ impl Drop for PeerPlace {
                 debug_assert!(false, "a place's counts are kept while it holds units");
                 continue;
             };
-            debug_assert!(*count >= self.units, "a count holds what its holders hold");
-            *count -= self.units;
+            debug_assert!(*count >= units, "a count holds what its holders hold");
+            *count -= units;
             if *count == 0 {
                 held.remove(&holder);
             }
         }
+        self.units -= units;
+    }
+}
+
+impl Drop for PeerPlace {
+    fn drop(&mut self) {
+        self.give(self.units);
     }
 }
 

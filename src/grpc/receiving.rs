@@ -47,6 +47,13 @@ const GRPC_FRAME_PREFIX_BYTES: usize = 5;
 /// The budgets calls reserve from until answered, shared by every service they wrap.
 pub struct Receiving {
     total: Arc<Budget>,
+    /// With peers counted, the last part of the total, kept for light peers: what a
+    /// call of a peer holding little takes once `total` is spent
+    /// ([`crate::limits::RECEIVING_LIGHT_PEERS_RESERVE_PARTS`]). Peers each holding
+    /// their share (replies left unread and taken just before `reply_write_timeout_ms`:
+    /// 17 addresses shed 94% of others' calls, an outside test, 2026-12-07) fill
+    /// `total`, and their admitted calls' replies held past it never take this.
+    light: Option<Arc<Budget>>,
     /// `None`: no cap per peer.
     peers: Option<Arc<Peers>>,
     /// How long a message may take to arrive, from the call's headers (`None`: until
@@ -60,15 +67,33 @@ pub struct Receiving {
 }
 
 /// Bytes taken of `max`; nothing ever waits for them: a take past `max` fails at once
-/// (a plain atomic: cheaper than a semaphore, whose release takes a lock).
+/// (a plain atomic: cheaper than a semaphore, whose release takes a lock). Only calls
+/// whose peer holds at most `peer_holds_max` take it (the reserve for light peers).
 struct Budget {
     taken: AtomicUsize,
     max: usize,
+    peer_holds_max: usize,
 }
 
 impl Budget {
-    fn take(&self, bytes: usize) -> bool {
-        let within = |taken: usize| taken.checked_add(bytes).filter(|&sum| sum <= self.max);
+    fn new(max: usize, peer_holds_max: usize) -> Self {
+        let taken = AtomicUsize::new(0);
+        Self {
+            taken,
+            max,
+            peer_holds_max,
+        }
+    }
+
+    /// `bytes` more, for a call whose peer holds `peer_holds` with them (`None`: no
+    /// peers counted); refused (nothing taken) past the budget, or for a peer holding
+    /// too much to take it.
+    fn take(&self, bytes: usize, peer_holds: Option<usize>) -> bool {
+        if peer_holds.is_some_and(|holds| holds > self.peer_holds_max) {
+            return false;
+        }
+        let max = self.max;
+        let within = |taken: usize| taken.checked_add(bytes).filter(|&sum| sum <= max);
         let update = self
             .taken
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, within);
@@ -101,12 +126,21 @@ pub struct Reserved {
 impl Receiving {
     /// `total_max` bytes in all, `per_peer` per peer (and IPv6 /48).
     pub fn new(total_max: usize, per_peer: PeerCaps) -> Self {
+        use crate::limits::{RECEIVING_LIGHT_PEERS_RESERVE_PARTS, RECEIVING_LIGHT_PEER_PARTS};
         assert!(total_max >= 1, "receiving_bytes_max is checked at start-up");
+        // No reserve where a light peer could not hold even one call.
+        let light_peer_max = per_peer.per_peer_max / RECEIVING_LIGHT_PEER_PARTS;
+        let (total, light) = match light_peer_max < CALL_STATE_BYTES + MESSAGE_START_BYTES {
+            true => (total_max, None),
+            false => {
+                let reserve = total_max / RECEIVING_LIGHT_PEERS_RESERVE_PARTS;
+                let light = Budget::new(reserve, light_peer_max);
+                (total_max - reserve, Some(Arc::new(light)))
+            }
+        };
         Self {
-            total: Arc::new(Budget {
-                taken: AtomicUsize::new(0),
-                max: total_max,
-            }),
+            total: Arc::new(Budget::new(total, usize::MAX)),
+            light,
             peers: per_peer.peers(),
             within: None,
             checkers: None,
@@ -124,10 +158,8 @@ impl Receiving {
     /// listed health checker's: `ConnectionInfo::checks_apart`) take a budget of their
     /// own, as large as the total (and their peer's share), not the total.
     pub fn with_checkers_apart(self) -> Self {
-        let checkers = Some(Arc::new(Budget {
-            taken: AtomicUsize::new(0),
-            max: self.total.max,
-        }));
+        let max = self.total.max + self.light.as_ref().map_or(0, |light| light.max);
+        let checkers = Some(Arc::new(Budget::new(max, usize::MAX)));
         Self { checkers, ..self }
     }
 
@@ -136,33 +168,54 @@ impl Receiving {
     /// gone: a dead socket).
     pub fn reserve(&self, parts: &http::request::Parts) -> Option<Reserved> {
         let bytes = call_bytes(parts) + MESSAGE_START_BYTES;
-        let peer = match &self.peers {
-            None => None,
+        let (peer, peer_holds) = match &self.peers {
+            None => (None, None),
             Some(peers) => {
                 let address = connections::peer_address(&parts.extensions)?;
-                Some(Peers::take(peers, address, bytes).ok()?)
+                let mut place = Peers::place(peers, address);
+                let holds = place.grow(bytes).ok()?;
+                (Some(place), Some(holds))
             }
         };
-        let budget = match &self.checkers {
-            Some(own) if connections::checks_apart(&parts.extensions) => own,
-            _ => &self.total,
-        };
-        if !budget.take(bytes) {
-            return None; // `peer` gives its bytes back as it drops
-        }
-        let spare = MESSAGE_START_BYTES;
+        // `None`: `peer` gives its bytes back as it drops.
+        let budget = self.budget_taking(&parts.extensions, bytes, peer_holds)?;
         Some(Reserved {
             within: self.within,
             bytes,
             budget: Arc::clone(budget),
             peer,
-            spare,
+            spare: MESSAGE_START_BYTES,
         })
     }
 
-    /// Bytes free in the total budget.
+    /// The budget `bytes` were taken of for a call whose peer holds `peer_holds` with
+    /// them: a listed checker's own, else the total, else (a light peer's call) the
+    /// reserve for light peers; `None` when none had room.
+    fn budget_taking(
+        &self,
+        extensions: &http::Extensions,
+        bytes: usize,
+        peer_holds: Option<usize>,
+    ) -> Option<&Arc<Budget>> {
+        if let Some(own) = &self.checkers {
+            if connections::checks_apart(extensions) {
+                return own.take(bytes, peer_holds).then_some(own);
+            }
+        }
+        let budgets = std::iter::once(&self.total).chain(&self.light);
+        budgets
+            .into_iter()
+            .find(|budget| budget.take(bytes, peer_holds))
+    }
+
+    /// Bytes free in the total budget (and the reserve for light peers).
     pub fn available(&self) -> usize {
-        (self.total.max).saturating_sub(self.total.taken.load(Ordering::Acquire))
+        let free = |budget: &Budget| {
+            budget
+                .max
+                .saturating_sub(budget.taken.load(Ordering::Acquire))
+        };
+        free(&self.total) + self.light.as_deref().map_or(0, free)
     }
 }
 
@@ -173,14 +226,18 @@ impl Reserved {
         let from_spare = bytes.min(self.spare);
         let more = bytes - from_spare;
         if more > 0 {
-            if !self.budget.take(more) {
-                return false;
-            }
-            if let Some(peer) = &mut self.peer {
-                if peer.grow(more).is_err() {
-                    self.budget.give(more);
-                    return false;
+            let peer_holds = match &mut self.peer {
+                None => None,
+                Some(peer) => match peer.grow(more) {
+                    Ok(holds) => Some(holds),
+                    Err(_) => return false,
+                },
+            };
+            if !self.budget.take(more, peer_holds) {
+                if let Some(peer) = &mut self.peer {
+                    peer.give(more);
                 }
+                return false;
             }
             self.bytes += more;
         }
@@ -499,6 +556,7 @@ mod tests {
             per_peer_max: 2 * call,
             shares_per_ipv6_48: 0,
         };
+        // No reserve for light peers: a share's 64th holds no call.
         let apart = Receiving::new(3 * call, caps).with_checkers_apart();
         let _others = fill_from_three_peers(&apart);
         assert_eq!(apart.available(), 0, "the total filled by others");
@@ -528,6 +586,37 @@ mod tests {
             3,
             "without shares, the checkers' own budget bounds them"
         );
+    }
+
+    #[test]
+    fn the_last_quarter_of_a_budget_is_kept_for_peers_holding_little() {
+        let headers = "content-type".len() + "application/grpc".len() + 32;
+        let path = "/prenota.v1.BookingService/Book".len();
+        let call = CALL_STATE_BYTES + path + headers + MESSAGE_START_BYTES;
+        // A peer holding one call is light, two heavy.
+        let caps = PeerCaps {
+            per_peer_max: crate::limits::RECEIVING_LIGHT_PEER_PARTS * call,
+            shares_per_ipv6_48: 0,
+        };
+        let receiving = Receiving::new(8 * call, caps);
+        let heavy = parts_from("192.0.2.1:1");
+        let held: Vec<_> = (0..8).map_while(|_| receiving.reserve(&heavy)).collect();
+        assert_eq!(held.len(), 6, "a heavy peer fills three quarters");
+        let light = parts_from("192.0.2.2:1");
+        let first = receiving.reserve(&light).expect("a light peer's call");
+        assert!(
+            receiving.reserve(&light).is_none(),
+            "its second makes it heavy"
+        );
+        let other = receiving.reserve(&parts_from("192.0.2.3:1"));
+        assert!(other.is_some(), "another light peer's call");
+        assert_eq!(receiving.available(), 0);
+        drop((held, first, other));
+        assert_eq!(receiving.available(), 8 * call, "everything is given back");
+        // Without shares per peer, nothing is kept: one client fills it all.
+        let unshared = Receiving::new(8 * call, PeerCaps::NONE);
+        let all: Vec<_> = (0..9).map_while(|_| unshared.reserve(&heavy)).collect();
+        assert_eq!(all.len(), 8);
     }
 
     #[test]

@@ -1296,6 +1296,41 @@ async fn calls_being_received_hold_at_most_receiving_bytes_max_in_all() {
     }
 }
 
+/// A few peers each holding its share filled `receiving_bytes_max` and every other
+/// peer was shed (17 addresses, each leaving replies unread and taking them just before
+/// `reply_write_timeout_ms`, shed 94% of others' calls: an outside test, 2026-12-07).
+/// Now peers holding more than a 64th of their share fill at most three quarters of
+/// it; the rest is for peers holding little. Here a share is 768 KiB (about 130 calls
+/// of headers only, 12 KiB light), the total two shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_holding_their_shares_leave_room_for_peers_holding_little() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = 768 * 1024;
+    let (share_text, total) = (share.to_string(), (2 * share).to_string());
+    let limits = [
+        ("MESSAGE_SIZE_BYTES_MAX", "65536"),
+        ("RECEIVING_BYTES_PER_PEER_MAX", share_text.as_str()),
+        ("RECEIVING_BYTES_MAX", total.as_str()),
+    ];
+    let server = ChildServer::with_limits(dir.path(), &limits);
+    let (first, _first_connection) = headers_only_calls([127, 0, 0, 1], BOOK, 300, &server).await;
+    let (second, _second_connection) = headers_only_calls([127, 0, 0, 2], BOOK, 300, &server).await;
+    let (held_first, held_second) = (held_and_shed(&first).0, held_and_shed(&second).0);
+    assert!(
+        (100..=140).contains(&held_first),
+        "held {held_first} of 300"
+    );
+    let half = held_first / 2;
+    assert!(
+        (half - 10..=half + 10).contains(&held_second),
+        "the second held {held_second}: three quarters of the total are two shares' 1.5"
+    );
+    let (light, _light_connection) = h2_client_from([127, 0, 0, 3], &server).await;
+    let call = send_call(&light, BOOK, Some(grpc_frame(&[])), true).await;
+    let code = grpc_status_of(call).await;
+    assert!(code.is_some_and(|code| code != UNAVAILABLE), "{code:?}");
+}
+
 /// Health needs no token: what its checks hold has budgets of their own, and one peer
 /// holds a 32nd of them (80 KiB of 2.5 MiB here: about 14 checks of headers only); its
 /// next check is shed, another peer's is answered.
