@@ -252,9 +252,21 @@ impl Steady {
                 self.offset_ms
                     .store(system_unix_ms - elapsed_ms, Ordering::Release);
                 // After the offset: a reader of the new generation reads the new offset.
-                let next = self.latest().generation().wrapping_add(1);
-                let taken = Latest::new(next, system_unix_ms);
-                self.latest.store(taken.0, Ordering::Release);
+                // A reader between the two stores reads the new offset in the old
+                // generation, perhaps past `system_unix_ms` (read before the lock): a
+                // step forward keeps what it handed out.
+                let adopt = |current: u64| {
+                    let current = Latest(current);
+                    let ms = match step > 0 {
+                        true => current.ms().max(system_unix_ms),
+                        false => system_unix_ms,
+                    };
+                    Some(Latest::new(current.generation().wrapping_add(1), ms).0)
+                };
+                let adopted = self
+                    .latest
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, adopt);
+                debug_assert!(adopted.is_ok(), "the update always answers a value");
                 *pending = None;
                 self.stepped.store(false, Ordering::Release);
                 tracing::warn!(
@@ -463,6 +475,17 @@ mod tests {
         );
         let next = taken + 3;
         assert_eq!(steady.at(next, start + next - back), start + next - back);
+        // An hour ahead, taken while another reader, between the offset's store and the
+        // generation's, handed out 5 ms past the step: the step does not undo that.
+        let own = |at: i64| start + at - back;
+        let seen = next + 1;
+        assert_eq!(steady.at(seen, own(seen) + back), own(seen));
+        let taken = seen + adopt;
+        let generation = steady.latest().generation();
+        let handed = Latest::new(generation, own(taken) + back + 5);
+        steady.latest.store(handed.0, Ordering::Release);
+        assert_eq!(steady.at(taken, own(taken) + back), own(taken) + back + 5);
+        assert_eq!(steady.latest().generation(), generation.wrapping_add(1));
     }
 
     #[test]
