@@ -33,7 +33,10 @@ pub const HEALTH_RECEIVING_PEER_SHARES: usize = 32;
 /// of their peer's share (by default 512 KiB, about 80 calls whose replies are 1 KiB;
 /// health: 16 KiB, two checks): peers holding more fill the rest, so a few hosts each
 /// holding its share cannot shed everyone else (it takes 12 of them and 256 more holding
-/// 512 KiB each, not 17). Only with per-peer shares (`receiving_bytes_per_peer_max`).
+/// 512 KiB each, not 17). A reply that makes its light peer heavy is counted past the
+/// rest, not in the reserve; the /64s of an IPv6 /48 count together, scaled to one
+/// peer's share (`grpc::peers`). Only with per-peer shares (`receiving_bytes_per_peer_max`),
+/// and at most what leaves a peer its whole share (`grpc::receiving`).
 pub const RECEIVING_LIGHT_PEERS_RESERVE_PARTS: usize = 4;
 pub const RECEIVING_LIGHT_PEER_PARTS: usize = 64;
 

@@ -136,17 +136,18 @@ impl PeerPlace {
         self.add(units, true)
     }
 
-    /// `units` more, past the caps if need be: the places asked next are refused until
-    /// they are given back.
-    pub fn grow_past(&mut self, units: usize) {
-        if units > 0 {
-            let added = self.add(units, false);
-            debug_assert!(added.is_ok(), "only a capped add is refused");
-        }
+    /// `units` more (at least 1), past the caps if need be: the places asked next are
+    /// refused until they are given back. Answers what its peer holds now, as `grow`.
+    pub fn grow_past(&mut self, units: usize) -> usize {
+        let added = self.add(units, false);
+        debug_assert!(added.is_ok(), "only a capped add is refused");
+        added.unwrap_or(usize::MAX)
     }
 
-    /// `units` more, checked against the caps first when `capped` (under one lock);
-    /// what its peer holds now.
+    /// `units` more, checked against the caps first when `capped` (under one lock).
+    /// Answers what its peer holds now, in one peer's cap: the larger of its own count
+    /// and its IPv6 /48's scaled to one peer's cap (the /48 holding a 64th of its cap is
+    /// as light as a peer holding a 64th of its own).
     fn add(&mut self, units: usize, capped: bool) -> Result<usize, Cap> {
         debug_assert!(units > 0, "nothing to add is not asked for");
         let peers = &self.peers;
@@ -163,7 +164,11 @@ impl PeerPlace {
             *held.entry(holder).or_insert(0) += units;
         }
         self.units += units;
-        Ok(held.get(&Holder::Peer(self.peer)).copied().unwrap_or(0))
+        let scaled = peers.caps_of(self.peer).map(|(holder, max, _)| {
+            let count = held.get(&holder).copied().unwrap_or(0) as u128;
+            (count * peers.max as u128 / max as u128) as usize
+        });
+        Ok(scaled.max().unwrap_or(0))
     }
 
     /// Gives back `units` of what this holder holds (a grow that another budget refused).

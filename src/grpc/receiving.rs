@@ -76,6 +76,11 @@ struct Budget {
 }
 
 impl Budget {
+    /// Whether a call whose peer holds `peer_holds` may take it.
+    fn admits(&self, peer_holds: Option<usize>) -> bool {
+        peer_holds.is_none_or(|holds| holds <= self.peer_holds_max)
+    }
+
     fn new(max: usize, peer_holds_max: usize) -> Self {
         let taken = AtomicUsize::new(0);
         Self {
@@ -89,7 +94,7 @@ impl Budget {
     /// peers counted); refused (nothing taken) past the budget, or for a peer holding
     /// too much to take it.
     fn take(&self, bytes: usize, peer_holds: Option<usize>) -> bool {
-        if peer_holds.is_some_and(|holds| holds > self.peer_holds_max) {
+        if !self.admits(peer_holds) {
             return false;
         }
         let max = self.max;
@@ -116,11 +121,16 @@ pub struct Reserved {
     within: Option<Duration>,
     /// Taken of `budget` and of the peer's, in `peer`.
     bytes: usize,
-    /// The total, or the checkers' own budget.
+    /// The total, or the checkers' own budget, or the reserve for light peers.
     budget: Arc<Budget>,
     peer: Option<PeerPlace>,
     /// Reserved, not yet grown into.
     spare: usize,
+    /// Taken of the reserve: the total, which its reply takes, past it, once its peer
+    /// holds too much for the reserve (`spilled` bytes), so that replies left unread do
+    /// not fill the reserve.
+    spill: Option<Arc<Budget>>,
+    spilled: usize,
 }
 
 impl Receiving {
@@ -128,12 +138,16 @@ impl Receiving {
     pub fn new(total_max: usize, per_peer: PeerCaps) -> Self {
         use crate::limits::{RECEIVING_LIGHT_PEERS_RESERVE_PARTS, RECEIVING_LIGHT_PEER_PARTS};
         assert!(total_max >= 1, "receiving_bytes_max is checked at start-up");
-        // No reserve where a light peer could not hold even one call.
+        // No reserve where a light peer could not hold even one call (with 1 KiB of
+        // headers), and none that would keep a peer from holding its whole share (its
+        // largest message: `limits` checks the share holds it).
         let light_peer_max = per_peer.per_peer_max / RECEIVING_LIGHT_PEER_PARTS;
-        let (total, light) = match light_peer_max < CALL_STATE_BYTES + MESSAGE_START_BYTES {
+        let reserve = (total_max / RECEIVING_LIGHT_PEERS_RESERVE_PARTS)
+            .min(total_max.saturating_sub(per_peer.per_peer_max));
+        let smallest_call = CALL_STATE_BYTES + MESSAGE_START_BYTES + 1024;
+        let (total, light) = match light_peer_max < smallest_call || reserve == 0 {
             true => (total_max, None),
             false => {
-                let reserve = total_max / RECEIVING_LIGHT_PEERS_RESERVE_PARTS;
                 let light = Budget::new(reserve, light_peer_max);
                 (total_max - reserve, Some(Arc::new(light)))
             }
@@ -179,12 +193,15 @@ impl Receiving {
         };
         // `None`: `peer` gives its bytes back as it drops.
         let budget = self.budget_taking(&parts.extensions, bytes, peer_holds)?;
+        let of_reserve = self.light.as_ref().is_some_and(|l| Arc::ptr_eq(l, budget));
         Some(Reserved {
             within: self.within,
             bytes,
             budget: Arc::clone(budget),
             peer,
             spare: MESSAGE_START_BYTES,
+            spill: of_reserve.then(|| Arc::clone(&self.total)),
+            spilled: 0,
         })
     }
 
@@ -251,18 +268,30 @@ impl Reserved {
     pub fn hold_past(&mut self, bytes: usize) {
         let from_spare = bytes.min(self.spare);
         let more = bytes - from_spare;
-        self.budget.taken.fetch_add(more, Ordering::AcqRel);
-        if let Some(peer) = &mut self.peer {
-            peer.grow_past(more);
-        }
-        self.bytes += more;
         self.spare -= from_spare;
+        if more == 0 {
+            return;
+        }
+        let peer_holds = self.peer.as_mut().map(|peer| peer.grow_past(more));
+        match &self.spill {
+            Some(total) if !self.budget.admits(peer_holds) => {
+                total.taken.fetch_add(more, Ordering::AcqRel);
+                self.spilled += more;
+            }
+            _ => {
+                self.budget.taken.fetch_add(more, Ordering::AcqRel);
+                self.bytes += more;
+            }
+        }
     }
 }
 
 impl Drop for Reserved {
     fn drop(&mut self) {
         self.budget.give(self.bytes);
+        if let Some(total) = &self.spill {
+            total.give(self.spilled);
+        }
     }
 }
 
@@ -588,35 +617,73 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_last_quarter_of_a_budget_is_kept_for_peers_holding_little() {
+    /// The size of a call of [`parts_from`]'s, and caps of 128 such calls a peer (so a
+    /// peer holding two calls is light, three heavy), 8 peers' for an IPv6 /48.
+    fn call_and_caps() -> (usize, PeerCaps) {
         let headers = "content-type".len() + "application/grpc".len() + 32;
         let path = "/prenota.v1.BookingService/Book".len();
         let call = CALL_STATE_BYTES + path + headers + MESSAGE_START_BYTES;
-        // A peer holding one call is light, two heavy.
         let caps = PeerCaps {
-            per_peer_max: crate::limits::RECEIVING_LIGHT_PEER_PARTS * call,
-            shares_per_ipv6_48: 0,
+            per_peer_max: crate::limits::RECEIVING_LIGHT_PEER_PARTS * 2 * call,
+            shares_per_ipv6_48: 8,
         };
-        let receiving = Receiving::new(8 * call, caps);
-        let heavy = parts_from("192.0.2.1:1");
-        let held: Vec<_> = (0..8).map_while(|_| receiving.reserve(&heavy)).collect();
-        assert_eq!(held.len(), 6, "a heavy peer fills three quarters");
-        let light = parts_from("192.0.2.2:1");
-        let first = receiving.reserve(&light).expect("a light peer's call");
-        assert!(
-            receiving.reserve(&light).is_none(),
-            "its second makes it heavy"
-        );
-        let other = receiving.reserve(&parts_from("192.0.2.3:1"));
+        (call, caps)
+    }
+
+    /// Three heavy peers' calls filling the total but its reserve (3 × 128 calls of 512).
+    fn filled_but_the_reserve(receiving: &Receiving) -> Vec<Reserved> {
+        let heavy = ["192.0.2.1:1", "192.0.2.2:1", "192.0.2.3:1"].map(parts_from);
+        let held: Vec<_> = heavy
+            .iter()
+            .flat_map(|parts| (0..140).map_while(|_| receiving.reserve(parts)))
+            .collect();
+        assert_eq!(held.len(), 384, "heavy peers fill three quarters");
+        held
+    }
+
+    #[test]
+    fn the_last_quarter_of_a_budget_is_kept_for_peers_holding_little() {
+        let (call, caps) = call_and_caps();
+        let receiving = Receiving::new(512 * call, caps);
+        let held = filled_but_the_reserve(&receiving);
+        let light = parts_from("192.0.2.9:1");
+        let mut first = receiving.reserve(&light).expect("a light peer's call");
+        let second = receiving.reserve(&light).expect("its second");
+        let third = receiving.reserve(&light);
+        assert!(third.is_none(), "its third makes it heavy");
+        assert!(!first.grow(3 * call), "nor may its message make it heavy");
+        let other = receiving.reserve(&parts_from("192.0.2.10:1"));
         assert!(other.is_some(), "another light peer's call");
-        assert_eq!(receiving.available(), 0);
-        drop((held, first, other));
-        assert_eq!(receiving.available(), 8 * call, "everything is given back");
+        assert_eq!(receiving.available(), 125 * call);
+        // A reply that makes its peer heavy is held past the total, not the reserve.
+        first.hold_past(10 * call);
+        assert_eq!(receiving.available(), 125 * call, "the reserve untouched");
+        drop((held, first, second, other));
+        let all = 512 * call;
+        assert_eq!(receiving.available(), all, "everything is given back");
         // Without shares per peer, nothing is kept: one client fills it all.
         let unshared = Receiving::new(8 * call, PeerCaps::NONE);
+        let heavy = parts_from("192.0.2.1:1");
         let all: Vec<_> = (0..9).map_while(|_| unshared.reserve(&heavy)).collect();
         assert_eq!(all.len(), 8);
+        // Nor where it would keep a peer from its whole share.
+        let small = Receiving::new(128 * call, caps);
+        let all: Vec<_> = (0..140).map_while(|_| small.reserve(&heavy)).collect();
+        assert_eq!(all.len(), 128);
+    }
+
+    /// Each /64 of an IPv6 /48 is a peer, and every one holding one call is light: the
+    /// /48 takes of the reserve only as one light peer scaled to its 8 peers' caps.
+    #[test]
+    fn the_slash_64s_of_one_slash_48_share_one_light_peers_room_in_the_reserve() {
+        let (call, caps) = call_and_caps();
+        let receiving = Receiving::new(512 * call, caps);
+        let _held = filled_but_the_reserve(&receiving);
+        let slash_64s = (1..=30).map(|n| parts_from(&format!("[2001:db8:0:{n:x}::1]:1")));
+        let admitted: Vec<_> = slash_64s.map_while(|p| receiving.reserve(&p)).collect();
+        assert_eq!(admitted.len(), 16, "8 light peers' calls of the /48");
+        let other = receiving.reserve(&parts_from("[2001:db8:1::1]:1"));
+        assert!(other.is_some(), "another /48's");
     }
 
     #[test]
