@@ -90,7 +90,9 @@ impl Peers {
     /// IPv6 /48, would pass its cap.
     pub fn take(peers: &Arc<Peers>, address: IpAddr, units: usize) -> Result<PeerPlace, Cap> {
         let mut place = Self::place(peers, address);
-        place.grow(units)?;
+        if units > 0 {
+            place.grow(units)?;
+        }
         Ok(place)
     }
 
