@@ -13,7 +13,9 @@
 //! ([`turn_off_transparent_huge_pages`]).
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::cell::Cell;
 use std::ffi::c_void;
+use std::time::{Duration, Instant};
 
 use mimalloc::MiMalloc;
 
@@ -65,6 +67,34 @@ unsafe impl GlobalAlloc for Mimalloc {
             unsafe { MiMalloc.realloc(ptr, layout, new_size) }
         }
     }
+}
+
+/// How often a runtime thread going idle gives back what its heap freed
+/// ([`collect_when_idle`]).
+pub const COLLECT_EVERY: Duration = Duration::from_secs(1);
+
+/// Gives back to the system the memory this thread's mimalloc heap has freed, at most
+/// once per [`COLLECT_EVERY`]. mimalloc gives freed pages back `purge_delay` after they
+/// were freed, but only when the thread that owns them calls into it again: a worker
+/// that went idle after a burst kept them. Measured (an outside test's fill: 17
+/// addresses × 500 unread searches, then closed): the server's RSS stayed at 273 MB 20 s
+/// later, 30 MB (its baseline 28) with this called as the runtime's workers park.
+pub fn collect_when_idle() {
+    thread_local! {
+        static COLLECTED: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    COLLECTED.with(|collected| {
+        let now = Instant::now();
+        if collected
+            .get()
+            .is_some_and(|at| now.duration_since(at) < COLLECT_EVERY)
+        {
+            return;
+        }
+        collected.set(Some(now));
+        // SAFETY: mimalloc's C API: collects the calling thread's own heap.
+        unsafe { libmimalloc_sys::mi_collect(false) };
+    });
 }
 
 /// Turns transparent huge pages off for this whole process (Linux; elsewhere it does

@@ -149,6 +149,8 @@ impl Server {
 pub fn runtime(thread_name: &str) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name(thread_name);
+    // A worker going idle gives back what it freed (`allocator::collect_when_idle`).
+    builder.on_thread_park(crate::allocator::collect_when_idle);
     #[cfg(tokio_unstable)]
     builder.disable_lifo_slot();
     builder.build()
