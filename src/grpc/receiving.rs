@@ -119,7 +119,7 @@ const MESSAGE_START_BYTES: usize = 1024;
 pub struct Reserved {
     /// How long its message may take to arrive (`Receiving::within`).
     within: Option<Duration>,
-    /// Taken of `budget` and of the peer's, in `peer`.
+    /// Taken of `budget`, and of the peer's in `peer` (with `spilled`).
     bytes: usize,
     /// The total, or the checkers' own budget, or the reserve for light peers.
     budget: Arc<Budget>,
